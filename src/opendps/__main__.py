@@ -1,0 +1,3 @@
+from opendps.cli import run
+
+run()

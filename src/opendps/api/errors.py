@@ -1,0 +1,50 @@
+"""Azure-style error bodies: ``{"errorCode", "trackingId", "message", "timestampUtc", "info"}``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from opendps.errors import OpenDPSError
+
+log = logging.getLogger("opendps.api")
+
+
+def error_response(status: int, error_code: int, message: str, info: dict | None = None) -> web.Response:
+    body = {
+        "errorCode": error_code,
+        "trackingId": str(uuid.uuid4()),
+        "message": message,
+        "timestampUtc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "info": info or {},
+    }
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
+                        headers={"x-ms-error-code": str(error_code)})
+
+
+def from_exception(exc: OpenDPSError) -> web.Response:
+    return error_response(exc.status, exc.error_code, exc.message, exc.info)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN201
+    try:
+        return await handler(request)
+    except OpenDPSError as exc:
+        return from_exception(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.status * 1000 + 1
+        reason = {404: f"no route for {request.method} {request.path}",
+                  405: f"method {request.method} is not allowed on {request.path}",
+                  413: "request body is too large"}.get(exc.status, exc.reason)
+        return error_response(exc.status, code, reason)
+    except Exception:
+        tracking = str(uuid.uuid4())
+        log.exception("internal error handling %s %s (trackingId %s)", request.method, request.path, tracking)
+        return error_response(500, 500000, f"internal server error (trackingId {tracking})")

@@ -1,0 +1,171 @@
+"""Wire models of the management API (pydantic). Field names are Azure's camelCase."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- DPS CA certificates ----
+class CertificateBodyProperties(_In):
+    certificate: StrictStr
+
+
+class CertificateBody(_In):
+    """Upload body: ``{"properties": {"certificate": PEM|base64 DER}}`` (top-level ``certificate`` also accepted)."""
+
+    properties: CertificateBodyProperties | None = None
+    certificate: StrictStr | None = None
+
+
+class VerificationBody(_In):
+    certificate: StrictStr
+
+
+class CertificateProperties(_Out):
+    subject: str
+    expiry: str
+    thumbprint: str
+    sha256Thumbprint: str
+    isVerified: bool
+    created: str
+    updated: str
+    certificate: str
+    verificationCode: str | None = None
+
+
+class CertificateResponse(_Out):
+    name: str
+    etag: str
+    type: str = "Microsoft.Devices/provisioningServices/Certificates"
+    properties: CertificateProperties
+
+
+# ---- ADR ----
+class NamespaceBodyProperties(_In):
+    policyName: StrictStr = "default"
+    validityPeriodInDays: StrictInt = 30
+
+
+class NamespaceBody(_In):
+    properties: NamespaceBodyProperties = NamespaceBodyProperties()
+
+
+class CredentialSummary(_Out):
+    name: str
+    subject: str
+    thumbprint: str
+    notBefore: str
+    notAfter: str
+
+
+class NamespaceProperties(_Out):
+    provisioningState: Literal["Succeeded"] = "Succeeded"
+    createdAt: str
+    credential: CredentialSummary
+    policies: list[str]
+
+
+class NamespaceResponse(_Out):
+    name: str
+    etag: str
+    properties: NamespaceProperties
+
+
+class CredentialProperties(_Out):
+    subject: str
+    thumbprint: str
+    serialNumber: str
+    notBefore: str
+    notAfter: str
+    keyType: Literal["ECC"] = "ECC"
+    curve: str
+    certificate: str
+
+
+class CredentialResponse(_Out):
+    name: str
+    properties: CredentialProperties
+
+
+class CaConfigurationIn(_In):
+    keyType: Literal["ECC"] = "ECC"
+
+
+class LeafConfigurationIn(_In):
+    validityPeriodInDays: StrictInt | None = None
+    allowP256: StrictBool | None = None
+
+
+class PolicyCertificateIn(_In):
+    certificateAuthorityConfiguration: CaConfigurationIn | None = None
+    leafCertificateConfiguration: LeafConfigurationIn | None = None
+
+
+class PolicyBodyProperties(_In):
+    certificate: PolicyCertificateIn | None = None
+
+
+class PolicyBody(_In):
+    properties: PolicyBodyProperties | None = None
+
+
+class CaConfigurationOut(_Out):
+    keyType: Literal["ECC"] = "ECC"
+    curve: str
+    subject: str
+    thumbprint: str
+    notBefore: str
+    notAfter: str
+    certificate: str
+
+
+class LeafConfigurationOut(_Out):
+    validityPeriodInDays: int
+    allowP256: bool
+
+
+class PolicyCertificateOut(_Out):
+    certificateAuthorityConfiguration: CaConfigurationOut
+    leafCertificateConfiguration: LeafConfigurationOut
+
+
+class PolicyProperties(_Out):
+    certificate: PolicyCertificateOut
+    createdAt: str
+    updatedAt: str
+
+
+class PolicyResponse(_Out):
+    name: str
+    etag: str
+    properties: PolicyProperties
+
+
+class ErrorBody(_Out):
+    errorCode: int
+    trackingId: str
+    message: str
+    timestampUtc: str
+    info: dict[str, str] = {}
+
+
+class CertificateList(_Out):
+    value: list[CertificateResponse]
+
+
+class NamespaceList(_Out):
+    value: list[NamespaceResponse]
+
+
+class PolicyList(_Out):
+    value: list[PolicyResponse]

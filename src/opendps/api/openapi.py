@@ -1,0 +1,78 @@
+"""The OpenAPI 3.1 document of the management API, served at ``/openapi.json``.
+
+Schemas come from the pydantic wire models, so the document cannot drift from what is parsed
+and returned; the path table below is the one place that lists operations.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from opendps import __version__
+from opendps.api import models as m
+
+_IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+_IF_MATCH_REQUIRED = {**_IF_MATCH, "required": True}
+_API_VERSION = {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"}}
+
+# (method, path, summary, request model, response model, success status, extra parameters)
+OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list]] = [
+    ("put", "/certificates/{name}", "Upload a CA certificate (If-Match to replace)", m.CertificateBody,
+     m.CertificateResponse, 201, [_IF_MATCH]),
+    ("get", "/certificates", "List CA certificates", None, m.CertificateList, 200, []),
+    ("get", "/certificates/{name}", "Show a CA certificate", None, m.CertificateResponse, 200, []),
+    ("delete", "/certificates/{name}", "Delete a CA certificate", None, None, 204, [_IF_MATCH]),
+    ("post", "/certificates/{name}/generateVerificationCode", "Generate a proof-of-possession code", None,
+     m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    ("post", "/certificates/{name}/verify", "Verify possession with a certificate whose CN is the code",
+     m.VerificationBody, m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    ("put", "/namespaces/{ns}", "Create a namespace with its root CA and first policy", m.NamespaceBody,
+     m.NamespaceResponse, 201, []),
+    ("get", "/namespaces", "List namespaces", None, m.NamespaceList, 200, []),
+    ("get", "/namespaces/{ns}", "Show a namespace", None, m.NamespaceResponse, 200, []),
+    ("delete", "/namespaces/{ns}", "Delete a namespace and its PKI", None, None, 204, []),
+    ("get", "/namespaces/{ns}/credentials/default", "Show the namespace credential (root CA)", None,
+     m.CredentialResponse, 200, []),
+    ("put", "/namespaces/{ns}/credentials/default/policies/{policy}", "Create or update a policy",
+     m.PolicyBody, m.PolicyResponse, 201, [_IF_MATCH]),
+    ("get", "/namespaces/{ns}/credentials/default/policies", "List policies", None, m.PolicyList, 200, []),
+    ("get", "/namespaces/{ns}/credentials/default/policies/{policy}", "Show a policy", None, m.PolicyResponse,
+     200, []),
+    ("delete", "/namespaces/{ns}/credentials/default/policies/{policy}", "Delete a policy", None, None, 204,
+     [_IF_MATCH]),
+]
+
+
+def build_openapi() -> dict:
+    models = {op[3] for op in OPERATIONS if op[3]} | {op[4] for op in OPERATIONS if op[4]} | {m.ErrorBody}
+    _, defs = models_json_schema([(model, "validation") for model in sorted(models, key=lambda c: c.__name__)],
+                                 ref_template="#/components/schemas/{model}")
+    schemas = defs.get("$defs", {})
+    ref = lambda model: {"$ref": f"#/components/schemas/{model.__name__}"}  # noqa: E731
+    paths: dict = {}
+    for method, path, summary, req, resp, status, params in OPERATIONS:
+        path_params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+                       for p in path.split("/") if p.startswith("{")]
+        op: dict = {"summary": summary, "parameters": path_params + params + [_API_VERSION],
+                    "security": [{"sas": []}],
+                    "responses": {str(status): {"description": "success"},
+                                  "default": {"description": "error",
+                                              "content": {"application/json": {"schema": ref(m.ErrorBody)}}}}}
+        if resp is not None:
+            op["responses"][str(status)]["content"] = {"application/json": {"schema": ref(resp)}}
+        if req is not None:
+            op["requestBody"] = {"required": method == "post" or path.startswith("/certificates"),
+                                 "content": {"application/json": {"schema": ref(req)}}}
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "opendps management API (DPS service + ADR)", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"sas": {
+                "type": "apiKey", "in": "header", "name": "Authorization",
+                "description": "SharedAccessSignature sr=<host>&sig=<HMAC>&se=<expiry>&skn=provisioningserviceowner"}},
+        },
+    }

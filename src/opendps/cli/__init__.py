@@ -1,0 +1,156 @@
+"""The ``opendps`` command: ``serve``, ``init``, ``info``, ``db upgrade`` and az-style management verbs.
+
+Management verbs are clients of the REST API (cli/management.py); only the local verbs here open
+the data directory directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from opendps.errors import ConfigurationError, OpenDPSError
+
+OUTPUT_OPTION = click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="json",
+                             show_default=True, help="Output format.")
+
+
+class CliError(click.ClickException):
+    """One-line error and exit code 1."""
+
+    def show(self, file=None) -> None:  # noqa: ANN001
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def data_dir_option(f):  # noqa: ANN001, ANN201
+    return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                        help="Data directory (default ./.opendps or $OPENDPS_DATA_DIR).")(f)
+
+
+def _settings(data_dir: Path | None, **overrides):  # noqa: ANN003, ANN202
+    from opendps.instance import Settings
+
+    return Settings.load(data_dir, **overrides)
+
+
+def server_options(f):  # noqa: ANN001, ANN201
+    f = click.option("--db", default=None, help="Database URL, e.g. postgresql+psycopg://user@host/db "
+                     "(default SQLite in the data directory; $OPENDPS_DB).")(f)
+    f = click.option("--host", default=None, help="Bind address (default 127.0.0.1).")(f)
+    f = click.option("--hostname", default=None, help="Public host name put in server certificates "
+                     "and connection strings (default localhost).")(f)
+    f = click.option("--https-port", type=int, default=None, help="HTTPS port (default 8443).")(f)
+    f = click.option("--mqtt-port", type=int, default=None, help="MQTT port (default 8883).")(f)
+    f = click.option("--no-lint", is_flag=True, default=False,
+                     help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
+    return data_dir_option(f)
+
+
+def _open(settings, create: bool = True):  # noqa: ANN001, ANN202
+    from opendps.instance import open_instance
+
+    try:
+        # read-only verbs do not migrate: they must not change a database another version serves
+        return open_instance(settings, create=create, migrate=create)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="opendps")
+def main() -> None:
+    """opendps: self-hosted IoT Device Provisioning Service with a managed X.509 PKI."""
+
+
+@main.command()
+@server_options
+def init(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None:  # noqa: ANN001
+    """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
+    settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
+                         mqtt_port=mqtt_port, lint=False if no_lint else None)
+    inst = _open(settings)
+    click.echo(f"initialised {settings.data_dir.resolve()}")
+    click.echo(f"ID scope: {inst.id_scope}")
+    click.echo(f"trust this server CA: {inst.server_ca_path.resolve()}")
+    click.echo(f"owner connection string: {inst.owner_connection_string()}")
+    inst.close()
+
+
+@main.command()
+@server_options
+def serve(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None:  # noqa: ANN001
+    """Start the server (initialising the data directory on first run)."""
+    from opendps.server import run
+
+    settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
+                         mqtt_port=mqtt_port, lint=False if no_lint else None)
+    inst = _open(settings)
+    try:
+        run(inst)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {settings.host}:{settings.https_port}: {exc.strerror or exc}") from exc
+    finally:
+        inst.close()
+
+
+@main.command()
+@data_dir_option
+@OUTPUT_OPTION
+def info(data_dir, output) -> None:  # noqa: ANN001
+    """Endpoints, ID scope, server CA path and owner connection strings (for scripts: -o json)."""
+    settings = _settings(data_dir)
+    inst = _open(settings, create=False)
+    data = inst.info()
+    inst.close()
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from opendps.cli.output import print_table
+
+        flat = {"idScope": data["idScope"], "https": data["endpoints"]["https"]["url"],
+                "mqtt": f'{data["endpoints"]["mqtt"]["hostName"]}:{data["endpoints"]["mqtt"]["port"]}',
+                "serverCaCertificate": data["serverCaCertificate"], "database": data["database"],
+                "dataDir": data["dataDir"]}
+        print_table([flat])
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@data_dir_option
+@click.option("--db", "db_url", default=None, help="Database URL (default from the data directory / $OPENDPS_DB).")
+def db_upgrade(data_dir, db_url) -> None:  # noqa: ANN001
+    """Apply database migrations."""
+    from opendps.store import Store
+
+    settings = _settings(data_dir, db=db_url)
+    store = Store(settings.db_url)
+    try:
+        store.upgrade()
+        click.echo(f"database at revision {store.current_revision()}")
+    except Exception as exc:  # noqa: BLE001
+        raise CliError(f"migration failed: {exc}") from exc
+    finally:
+        store.dispose()
+
+
+try:
+    from opendps.cli.management import register as _register_management
+except ImportError:  # pragma: no cover - during bootstrap of the package only
+    _register_management = None
+if _register_management is not None:
+    _register_management(main)
+
+
+def run() -> None:
+    try:
+        main(standalone_mode=True)
+    except OpenDPSError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)

@@ -1,0 +1,355 @@
+"""az-style management verbs (``opendps adr ...``, ``opendps dps ...``): thin clients of the REST API.
+
+They mirror ``az iot adr`` / ``az iot dps`` verbs and flags so scripts port over; all logic stays on the
+server, the CLI only maps flags to requests (docs/api.md) and prints answers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from opendps.cli import OUTPUT_OPTION, CliError
+from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
+from opendps.cli.output import emit
+
+CERT_COLUMNS = ["name", "properties.subject", "properties.isVerified", "properties.expiry", "etag"]
+NS_COLUMNS = ["name", "properties.credential.subject", "properties.policies"]
+POLICY_COLUMNS = ["name", "properties.certificate.leafCertificateConfiguration.validityPeriodInDays",
+                  "properties.certificate.certificateAuthorityConfiguration.subject", "etag"]
+CREDENTIAL_COLUMNS = ["name", "properties.subject", "properties.thumbprint", "properties.notBefore",
+                      "properties.notAfter", "properties.curve"]
+OWNER_POLICY = "provisioningserviceowner"
+DEFAULT_VALIDITY_DAYS = 30
+
+VALIDITY = click.IntRange(1, 90)
+
+
+def api_command(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared connection and output options; call ``f(client, ...)`` with a ready Client."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None,
+                **kwargs: Any) -> Any:
+        client = Client(resolve_connection(login, data_dir, ca_file))
+        try:
+            return f(client, *args, **kwargs)
+        finally:
+            client.close()
+
+    options = [  # help lists them in this order, after the command's own options
+        click.option("--login", "-l", default=None, metavar="CONNECTION_STRING",
+                     help="Service connection string 'HostName=...;SharedAccessKeyName=...;"
+                          "SharedAccessKey=...' (default $OPENDPS_CONNECTION_STRING, else the local "
+                          "data directory)."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Data directory to take the connection from "
+                          "(default $OPENDPS_DATA_DIR or ./.opendps)."),
+        click.option("--ca-file", type=click.Path(path_type=Path), default=None,
+                     help="PEM CA certificate to trust for the server (default $OPENDPS_CA_FILE, else the "
+                          "data directory's tls/server-ca.pem, else the system store)."),
+        OUTPUT_OPTION,
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _list(client: Client, path: str) -> list[Any]:
+    """List endpoints answer ``{"value": [...]}``; print just the list, as az does."""
+    body = client.request("GET", path) or {}
+    return body.get("value", []) if isinstance(body, dict) else body
+
+
+def _exists(client: Client, path: str) -> dict[str, Any] | None:
+    """The resource at ``path``, or None on 404 (other errors propagate)."""
+    try:
+        return client.request("GET", path)
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _ns_path(namespace: str, *rest: str) -> str:
+    return api_path("namespaces", namespace, *rest)
+
+
+def _policy_path(namespace: str, *rest: str) -> str:
+    return _ns_path(namespace, "credentials", "default", "policies", *rest)
+
+
+def _policy_body(validity_days: int, allow_p256: bool) -> dict[str, Any]:
+    return {"properties": {"certificate": {
+        "certificateAuthorityConfiguration": {"keyType": "ECC"},
+        "leafCertificateConfiguration": {"validityPeriodInDays": validity_days, "allowP256": allow_p256}}}}
+
+
+NS_NAME = click.option("--name", "-n", "--ns", "--namespace", "name", required=True, help="Namespace name.")
+NAMESPACE = click.option("--namespace", "--ns", "namespace", required=True, help="Namespace name.")
+POLICY_NAME = click.option("--name", "-n", "name", required=True, help="Credential policy name.")
+CERT_NAME = click.option("--certificate-name", "--name", "-n", "name", required=True,
+                         help="Name of the CA certificate in the service.")
+CERT_PATH = click.option("--path", "-p", "path", required=True,
+                         help="Certificate file (.pem or .cer: PEM or DER).")
+VALIDITY_OPTION = click.option("--cert-validity-days", "validity", type=VALIDITY, default=None,
+                               help="Validity of issued leaf certificates in days (1-90).")
+ALLOW_P256 = click.option("--allow-p256/--no-allow-p256", "allow_p256", default=None,
+                          help="Accept device CSRs with P-256 keys (default: P-384 only).")
+
+
+def etag_option(required: bool, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--etag", "-e", "etag", required=required, default=None, help=help_text)
+
+
+def register(main: click.Group) -> None:
+    """Attach the ``adr`` and ``dps`` groups to the ``opendps`` command."""
+    main.add_command(adr)
+    main.add_command(dps)
+
+
+# ---------------------------------------------------------------- adr
+
+
+@click.group()
+def adr() -> None:
+    """Device registry namespaces, their root CA credential and certificate policies (az iot adr)."""
+
+
+@adr.group("ns")
+def ns() -> None:
+    """Namespaces."""
+
+
+@ns.command("create")
+@NS_NAME
+@click.option("--policy-name", default="default", show_default=True,
+              help="Name of the initial credential policy.")
+@VALIDITY_OPTION
+@api_command
+def ns_create(client: Client, output: str, name: str, policy_name: str, validity: int | None) -> None:
+    """Create a namespace with its root CA and a first policy (issuing CA)."""
+    props: dict[str, Any] = {"policyName": policy_name}
+    if validity is not None:
+        props["validityPeriodInDays"] = validity
+    emit(client.request("PUT", _ns_path(name), json={"properties": props}), output, NS_COLUMNS)
+
+
+@ns.command("show")
+@NS_NAME
+@api_command
+def ns_show(client: Client, output: str, name: str) -> None:
+    """Show a namespace."""
+    emit(client.request("GET", _ns_path(name)), output, NS_COLUMNS)
+
+
+@ns.command("list")
+@api_command
+def ns_list(client: Client, output: str) -> None:
+    """List namespaces."""
+    emit(_list(client, api_path("namespaces")), output, NS_COLUMNS)
+
+
+@ns.command("delete")
+@NS_NAME
+@api_command
+def ns_delete(client: Client, output: str, name: str) -> None:
+    """Delete a namespace (refused while an enrollment uses one of its policies)."""
+    client.request("DELETE", _ns_path(name))
+
+
+@ns.group("credential")
+def credential() -> None:
+    """The namespace credential (root CA)."""
+
+
+@credential.command("show")
+@NAMESPACE
+@click.option("--pem", is_flag=True, default=False, help="Print only the root CA certificate (PEM).")
+@api_command
+def credential_show(client: Client, output: str, namespace: str, pem: bool) -> None:
+    """Show the namespace root CA (trust anchor for devices' issued certificates)."""
+    body = client.request("GET", _ns_path(namespace, "credentials", "default"))
+    if pem:
+        text = ((body or {}).get("properties") or {}).get("certificate")
+        if not text:
+            raise CliError(f"namespace {namespace!r} credential has no certificate")
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    emit(body, output, CREDENTIAL_COLUMNS)
+
+
+@ns.group("policy")
+def policy() -> None:
+    """Credential policies: an issuing CA plus leaf certificate settings."""
+
+
+@policy.command("create")
+@NAMESPACE
+@POLICY_NAME
+@VALIDITY_OPTION
+@ALLOW_P256
+@api_command
+def policy_create(client: Client, output: str, namespace: str, name: str, validity: int | None,
+                  allow_p256: bool | None) -> None:
+    """Create a policy (a new issuing CA under the namespace root); fails if it exists."""
+    path = _policy_path(namespace, name)
+    if _exists(client, path) is not None:  # the API has no If-None-Match; PUT would silently update
+        raise CliError(f"policy {name!r} already exists in namespace {namespace!r} (use 'policy update')")
+    body = _policy_body(DEFAULT_VALIDITY_DAYS if validity is None else validity, bool(allow_p256))
+    emit(client.request("PUT", path, json=body), output, POLICY_COLUMNS)
+
+
+@policy.command("update")
+@NAMESPACE
+@POLICY_NAME
+@VALIDITY_OPTION
+@ALLOW_P256
+@etag_option(False, "Only update if the policy still has this ETag.")
+@api_command
+def policy_update(client: Client, output: str, namespace: str, name: str, validity: int | None,
+                  allow_p256: bool | None, etag: str | None) -> None:
+    """Change leaf validity / P-256 acceptance for future issuance; fails if the policy does not exist."""
+    if validity is None and allow_p256 is None:
+        raise CliError("nothing to update: pass --cert-validity-days and/or --allow-p256/--no-allow-p256")
+    path = _policy_path(namespace, name)
+    current = _exists(client, path)
+    if current is None:
+        raise CliError(f"policy {name!r} does not exist in namespace {namespace!r} (use 'policy create')")
+    leaf = (((current.get("properties") or {}).get("certificate") or {})
+            .get("leafCertificateConfiguration") or {})
+    if validity is None:
+        validity = leaf.get("validityPeriodInDays", DEFAULT_VALIDITY_DAYS)
+    if allow_p256 is None:
+        allow_p256 = bool(leaf.get("allowP256", False))
+    body = _policy_body(validity, allow_p256)
+    emit(client.request("PUT", path, json=body, if_match=etag), output, POLICY_COLUMNS)
+
+
+@policy.command("show")
+@NAMESPACE
+@POLICY_NAME
+@api_command
+def policy_show(client: Client, output: str, namespace: str, name: str) -> None:
+    """Show a policy, including its issuing CA certificate."""
+    emit(client.request("GET", _policy_path(namespace, name)), output, POLICY_COLUMNS)
+
+
+@policy.command("list")
+@NAMESPACE
+@api_command
+def policy_list(client: Client, output: str, namespace: str) -> None:
+    """List a namespace's policies."""
+    emit(_list(client, _policy_path(namespace)), output, POLICY_COLUMNS)
+
+
+@policy.command("delete")
+@NAMESPACE
+@POLICY_NAME
+@etag_option(False, "Only delete if the policy still has this ETag.")
+@api_command
+def policy_delete(client: Client, output: str, namespace: str, name: str, etag: str | None) -> None:
+    """Delete a policy (refused while an enrollment references it)."""
+    client.request("DELETE", _policy_path(namespace, name), if_match=etag)
+
+
+# ---------------------------------------------------------------- dps
+
+
+@click.group()
+def dps() -> None:
+    """Device Provisioning Service management (az iot dps)."""
+
+
+@dps.group("certificate")
+def certificate() -> None:
+    """CA certificates verified by proof of possession."""
+
+
+@certificate.command("create")
+@CERT_NAME
+@CERT_PATH
+@api_command
+def certificate_create(client: Client, output: str, name: str, path: str) -> None:
+    """Upload a new CA certificate (unverified until 'verify')."""
+    body = {"properties": {"certificate": read_certificate_file(path)}}
+    emit(client.request("PUT", api_path("certificates", name), json=body), output, CERT_COLUMNS)
+
+
+@certificate.command("update")
+@CERT_NAME
+@CERT_PATH
+@etag_option(True, "ETag of the certificate being replaced.")
+@api_command
+def certificate_update(client: Client, output: str, name: str, path: str, etag: str) -> None:
+    """Replace an existing CA certificate (resets verification)."""
+    body = {"properties": {"certificate": read_certificate_file(path)}}
+    emit(client.request("PUT", api_path("certificates", name), json=body, if_match=etag),
+         output, CERT_COLUMNS)
+
+
+@certificate.command("show")
+@CERT_NAME
+@api_command
+def certificate_show(client: Client, output: str, name: str) -> None:
+    """Show a CA certificate."""
+    emit(client.request("GET", api_path("certificates", name)), output, CERT_COLUMNS)
+
+
+@certificate.command("list")
+@api_command
+def certificate_list(client: Client, output: str) -> None:
+    """List CA certificates."""
+    emit(_list(client, api_path("certificates")), output, CERT_COLUMNS)
+
+
+@certificate.command("delete")
+@CERT_NAME
+@etag_option(False, "Only delete if the certificate still has this ETag.")
+@api_command
+def certificate_delete(client: Client, output: str, name: str, etag: str | None) -> None:
+    """Delete a CA certificate."""
+    client.request("DELETE", api_path("certificates", name), if_match=etag)
+
+
+@certificate.command("generate-verification-code")
+@CERT_NAME
+@etag_option(True, "Current ETag of the certificate.")
+@api_command
+def certificate_generate_code(client: Client, output: str, name: str, etag: str) -> None:
+    """Get a verification code: sign a certificate with this CN to prove key possession."""
+    path = api_path("certificates", name, "generateVerificationCode")
+    emit(client.request("POST", path, if_match=etag), output, CERT_COLUMNS + ["properties.verificationCode"])
+
+
+@certificate.command("verify")
+@CERT_NAME
+@CERT_PATH
+@etag_option(True, "ETag returned by generate-verification-code.")
+@api_command
+def certificate_verify(client: Client, output: str, name: str, path: str, etag: str) -> None:
+    """Verify possession with the certificate signed by the CA whose CN is the verification code."""
+    body = {"certificate": read_certificate_file(path)}
+    emit(client.request("POST", api_path("certificates", name, "verify"), json=body, if_match=etag),
+         output, CERT_COLUMNS)
+
+
+@dps.group("connection-string")
+def connection_string() -> None:
+    """Service connection strings."""
+
+
+@connection_string.command("show")
+@click.option("--policy-name", "--pn", default=OWNER_POLICY, show_default=True, help="Shared access policy.")
+@api_command
+def connection_string_show(client: Client, output: str, policy_name: str) -> None:
+    """Print the service connection string in use (the only command that prints a key)."""
+    conn = client.connection
+    if policy_name != conn.key_name:
+        raise CliError(f"no connection string for policy {policy_name!r}: the connection from "
+                       f"{conn.source} is for {conn.key_name!r}")
+    emit({"connectionString": conn.connection_string}, output, ["connectionString"])

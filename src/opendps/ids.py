@@ -1,0 +1,37 @@
+"""Identifiers shared by the domain packages: etags and resource-name rules."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+
+from opendps.errors import InvalidInput
+
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+def new_etag() -> str:
+    """Opaque version tag in Azure's style (base64 of 8 random bytes, e.g. ``AAAAAExpNs=``)."""
+    return base64.b64encode(secrets.token_bytes(8)).decode()
+
+
+def check_resource_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _RESOURCE_NAME.match(name):
+        raise InvalidInput(
+            f"{kind} name {name!r} is invalid: use 1-63 letters, digits and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def etag_matches(if_match: str | None, etag: str) -> bool:
+    """RFC 7232 If-Match: ``*`` or the etag, quoted or not (several may be listed)."""
+    if if_match is None:
+        return True
+    for candidate in if_match.split(","):
+        candidate = candidate.strip()
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate == "*" or candidate.strip('"') == etag:
+            return True
+    return False

@@ -1,0 +1,321 @@
+"""One opendps installation: its data directory, database, master key, ID scope, owner credentials
+and local TLS material. ``opendps init`` creates it; ``serve``, ``info`` and the CLI open it.
+
+Data directory (default ``./.opendps``)::
+
+    config.json      last-used endpoints and database URL (no secrets)
+    master.key       0600, base64 of 32 bytes; encrypts CA keys at rest (or OPENDPS_MASTER_KEY)
+    opendps.db       SQLite database (unless a PostgreSQL URL is given)
+    tls/server-ca.pem  the local server CA clients must trust
+    tls/server.pem, tls/server.key (0600)  this node's TLS server certificate (P-256)
+
+Facts every node must share (ID scope, access policy keys wrapped by the master key, the server
+CA) live in the database, so several nodes on one PostgreSQL agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy.engine import make_url
+
+from opendps.errors import ConfigurationError
+from opendps.pki import IssuanceEngine, KeyStore, load_master_key, root_ca, sign_builder
+from opendps.pki.profiles import BACKDATE, random_serial
+from opendps.provisioning import CaCertificates
+from opendps.registry import Registry
+from opendps.store import AccessPolicy, InstanceSetting, Store, sqlite_url
+from opendps.transport import sas
+
+DATA_DIR_ENV = "OPENDPS_DATA_DIR"
+DB_ENV = "OPENDPS_DB"
+DEFAULT_DATA_DIR = ".opendps"
+OWNER_POLICY = "provisioningserviceowner"
+OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"
+SERVER_CERT_DAYS = 365
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+@dataclass
+class Settings:
+    """Where the instance lives and how it is reached; persisted in config.json minus overrides."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    db: str | None = None
+    host: str = "127.0.0.1"
+    hostname: str = "localhost"
+    https_port: int = 8443
+    mqtt_port: int = 8883
+    lint: bool = True
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "config.json"
+
+    @property
+    def db_url(self) -> str:
+        return self.db or sqlite_url((self.data_dir / "opendps.db").resolve())
+
+    @property
+    def service_host(self) -> str:
+        """HostName of the service API as used in connection strings and SAS ``sr``."""
+        return self.hostname if self.https_port == 443 else f"{self.hostname}:{self.https_port}"
+
+    @classmethod
+    def load(cls, data_dir: Path | None = None, **overrides) -> Settings:  # noqa: ANN003
+        """Settings from config.json (if any), then OPENDPS_DB, then explicit non-None overrides."""
+        data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        values: dict = {}
+        cfg = data_dir / "config.json"
+        if cfg.exists():
+            try:
+                values = json.loads(cfg.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigurationError(f"cannot read {cfg}: {exc}") from exc
+        if os.environ.get(DB_ENV):
+            values["db"] = os.environ[DB_ENV]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f for f in cls.__dataclass_fields__ if f != "data_dir"}
+        return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})
+
+    def save(self) -> None:
+        data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "lint")}
+        if data["db"] and not data["db"].startswith("sqlite"):
+            url = make_url(data["db"])
+            if url.password:  # never write a database password in clear into the data directory
+                data["db"] = None
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.config_path)
+
+
+def redacted_db_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _setting(store: Store, name: str) -> str | None:
+    with store.session() as s:
+        row = s.get(InstanceSetting, name)
+        return row.value if row else None
+
+
+def _set_if_absent(store: Store, name: str, value: str) -> str:
+    """Insert-if-missing; a concurrent node may win, so the stored value is returned."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with store.session() as s:
+            if s.get(InstanceSetting, name) is None:
+                s.add(InstanceSetting(name=name, value=value))
+    except IntegrityError:
+        pass
+    stored = _setting(store, name)
+    assert stored is not None
+    return stored
+
+
+class Instance:
+    """The opened installation and its domain services."""
+
+    def __init__(self, settings: Settings, store: Store, keys: KeyStore):
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self.registry = Registry(store, keys, lint=settings.lint)
+        self.ca_certificates = CaCertificates(store)
+        self.issuance = IssuanceEngine(store, keys, lint=settings.lint)
+        self.id_scope = _setting(store, "id_scope") or ""
+        self._policy_keys: dict[str, tuple[str, str]] = {}
+
+    # ---- paths ----
+    @property
+    def tls_dir(self) -> Path:
+        return self.settings.data_dir / "tls"
+
+    @property
+    def server_ca_path(self) -> Path:
+        return self.tls_dir / "server-ca.pem"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.tls_dir / "server.pem"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.tls_dir / "server.key"
+
+    # ---- credentials ----
+    def access_policy_keys(self, name: str) -> tuple[str, str]:
+        """(primary, secondary) base64 keys of a shared access policy."""
+        if name not in self._policy_keys:
+            with self.store.session() as s:
+                row = s.get(AccessPolicy, name)
+                if row is None:
+                    raise KeyError(name)
+                keys = (self.keys.unwrap(row.primary_key, f"access-policy:{name}:primary").decode(),
+                        self.keys.unwrap(row.secondary_key, f"access-policy:{name}:secondary").decode())
+            self._policy_keys[name] = keys
+        return self._policy_keys[name]
+
+    def owner_connection_string(self, *, secondary: bool = False) -> str:
+        primary, second = self.access_policy_keys(OWNER_POLICY)
+        return sas.connection_string(self.settings.service_host, OWNER_POLICY, second if secondary else primary)
+
+    def info(self) -> dict:
+        st = self.settings
+        return {
+            "dataDir": str(st.data_dir.resolve()),
+            "database": redacted_db_url(st.db_url),
+            "idScope": self.id_scope,
+            "serverCaCertificate": str(self.server_ca_path.resolve()),
+            "endpoints": {
+                "bindAddress": st.host,
+                "https": {"hostName": st.hostname, "port": st.https_port,
+                          "url": f"https://{st.service_host}"},
+                "mqtt": {"hostName": st.hostname, "port": st.mqtt_port},
+                "deviceProvisioningHost": st.hostname,
+            },
+            "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
+        }
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def _ensure_access_policy(store: Store, keys: KeyStore, name: str, rights: str) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with store.session() as s:
+            if s.get(AccessPolicy, name) is None:
+                primary = base64.b64encode(secrets.token_bytes(32))
+                secondary = base64.b64encode(secrets.token_bytes(32))
+                s.add(AccessPolicy(name=name, rights=rights,
+                                   primary_key=keys.wrap(primary, f"access-policy:{name}:primary"),
+                                   secondary_key=keys.wrap(secondary, f"access-policy:{name}:secondary"),
+                                   created_at=datetime.now(UTC)))
+    except IntegrityError:
+        pass  # another node created it first
+
+
+def _ensure_server_ca(inst: Instance) -> x509.Certificate:
+    store, keys = inst.store, inst.keys
+    der_b64 = _setting(store, "server_ca_der")
+    if der_b64 is None:
+        with store.session() as s:
+            signer = keys.generate(s, "server-ca")
+            cert = root_ca(signer, f"opendps server CA {inst.id_scope}", lint=inst.settings.lint)
+            s.add(InstanceSetting(name="server_ca_key_id", value=signer.key_id))
+            s.add(InstanceSetting(name="server_ca_der", value=base64.b64encode(cert.public_bytes(Encoding.DER)).decode()))
+        der_b64 = _setting(store, "server_ca_der")
+    cert = x509.load_der_x509_certificate(base64.b64decode(der_b64))
+    pem = cert.public_bytes(Encoding.PEM)
+    if not inst.server_ca_path.exists() or inst.server_ca_path.read_bytes() != pem:
+        inst.server_ca_path.write_bytes(pem)
+    return cert
+
+
+def _san_entries(names: list[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for n in dict.fromkeys(names):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            out.append(x509.DNSName(n))
+    return out
+
+
+def _server_cert_ok(path: Path, ca: x509.Certificate, names: list[str]) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    if cert.issuer != ca.subject or cert.not_valid_after_utc - datetime.now(UTC) < timedelta(days=30):
+        return False
+    try:
+        sans = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return False
+    return set(_san_entries(names)) <= sans
+
+
+def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = None) -> None:
+    """(Re)issue this node's P-256 TLS certificate when missing, expiring, or not covering the names."""
+    ca = _ensure_server_ca(inst)
+    names = [inst.settings.hostname, "localhost", "127.0.0.1", *(extra_names or [])]
+    if _server_cert_ok(inst.server_cert_path, ca, names) and inst.server_key_path.exists():
+        return
+    signer = inst.keys.signer(_setting(inst.store, "server_ca_key_id") or "")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, inst.settings.hostname)]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(random_serial())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + timedelta(days=SERVER_CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+    )
+    # not linted: pkilint rejects the single-label "localhost" SAN that local clients need
+    cert = sign_builder(builder, signer, lint=False)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    tmp_key = inst.server_key_path.with_name("server.key.tmp")
+    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_pem)
+    tmp_cert = inst.server_cert_path.with_name("server.pem.tmp")
+    tmp_cert.write_bytes(cert.public_bytes(Encoding.PEM) + ca.public_bytes(Encoding.PEM))
+    tmp_key.replace(inst.server_key_path)
+    tmp_cert.replace(inst.server_cert_path)
+
+
+def open_instance(settings: Settings, *, create: bool = True, migrate: bool = True) -> Instance:
+    """Open (and with ``create``, initialise) the installation described by ``settings``."""
+    d = settings.data_dir
+    if not d.exists():
+        if not create:
+            raise ConfigurationError(f"data directory {d} does not exist: run 'opendps init' first")
+        d.mkdir(parents=True, mode=0o700)
+    (d / "tls").mkdir(exist_ok=True, mode=0o700)
+    master = load_master_key(d / "master.key", create=create)
+    store = Store(settings.db_url)
+    try:
+        if migrate:
+            store.upgrade()
+        elif store.current_revision() is None:
+            raise ConfigurationError(f"database {redacted_db_url(settings.db_url)} is not initialised")
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"cannot open database {redacted_db_url(settings.db_url)}: {exc}") from exc
+    keys = KeyStore(store, master)
+    keys.check_master_key()
+    _set_if_absent(store, "id_scope", "0ne" + secrets.token_hex(4).upper())
+    _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
+    inst = Instance(settings, store, keys)
+    if create:
+        ensure_server_certificate(inst)
+        settings.save()
+    return inst

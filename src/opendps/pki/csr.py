@@ -1,0 +1,102 @@
+"""CSR validation: the CA's own check of what a device asks for, whatever the RA decided.
+
+Nothing from the CSR is copied into the certificate except the public key; the subject CN must
+already equal the registration id, so it is re-created, not copied.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from opendps.errors import InvalidInput, PayloadTooLarge
+
+MAX_CSR_BYTES = 8 * 1024
+MAX_CN_LENGTH = 64
+# error codes (Azure uses 400004 invalid argument / 400037 backend CSR validation for the hub path)
+CSR_INVALID = 400037
+
+
+class CsrRejected(InvalidInput):
+    error_code = CSR_INVALID
+
+
+@dataclass(frozen=True)
+class ValidatedCsr:
+    csr: x509.CertificateSigningRequest
+    public_key: ec.EllipticCurvePublicKey
+    curve: str
+
+
+def decode_csr_text(value: str) -> bytes:
+    """The wire form: base64 DER without PEM armour (PEM text accepted too)."""
+    value = value.strip()
+    if value.startswith("-----BEGIN"):
+        return value.encode()
+    if len(value) > MAX_CSR_BYTES * 2:
+        raise PayloadTooLarge(f"CSR is larger than {MAX_CSR_BYTES} bytes", error_code=413001)
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError as exc:
+        raise CsrRejected("CSR is not valid base64 (expected base64 DER PKCS#10 without PEM headers)") from exc
+
+
+def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False) -> ValidatedCsr:
+    """Parse and check a CSR (DER or PEM); raise CsrRejected naming the first problem found."""
+    if not 1 <= len(registration_id) <= MAX_CN_LENGTH:
+        raise CsrRejected(f"registration id is {len(registration_id)} characters; a certificate CN holds "
+                          f"1-{MAX_CN_LENGTH} (RFC 5280 ub-common-name)")
+    if len(data) > MAX_CSR_BYTES + (MAX_CSR_BYTES // 2 if data.lstrip().startswith(b"-----BEGIN") else 0):
+        raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
+    try:
+        is_pem = data.lstrip().startswith(b"-----BEGIN")
+        csr = x509.load_pem_x509_csr(data) if is_pem else x509.load_der_x509_csr(data)
+    except ValueError as exc:
+        raise CsrRejected("CSR cannot be parsed as PKCS#10 (DER or PEM)") from exc
+    if len(csr.public_bytes(Encoding.DER)) > MAX_CSR_BYTES:
+        raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:
+        raise CsrRejected("CSR public key is of an unsupported type") from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        raise CsrRejected(f"CSR key is RSA-{key.key_size}; operational certificates need an EC P-384 key")
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CsrRejected("CSR key is not an EC key; operational certificates need an EC P-384 key")
+    curve = key.curve.name
+    allowed = {"secp384r1"} | ({"secp256r1"} if allow_p256 else set())
+    if curve not in allowed:
+        names = {"secp384r1": "P-384", "secp256r1": "P-256", "secp521r1": "P-521"}
+        wanted = " or ".join(sorted(names[c] for c in allowed))
+        raise CsrRejected(f"CSR key curve {names.get(curve, curve)} is not allowed by the policy (needs {wanted})")
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithm
+        signature_ok = False
+    if not signature_ok:
+        raise CsrRejected("CSR signature does not verify (no proof of possession of the private key)")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise CsrRejected(f"CSR subject must have exactly one CN, found {len(cns)}")
+    cn = cns[0].value
+    if cn != registration_id:
+        raise CsrRejected(f"CSR subject CN {cn!r} does not match the registration id {registration_id!r}")
+    try:
+        bc = csr.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        bc = None
+    except ValueError as exc:
+        raise CsrRejected("CSR extension request cannot be parsed") from exc
+    if bc is not None and bc.value.ca:
+        raise CsrRejected("CSR requests a CA certificate (basicConstraints CA:TRUE); only end-entity is issued")
+    return ValidatedCsr(csr, key, curve)
+
+
+
+
+

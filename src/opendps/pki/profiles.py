@@ -1,0 +1,152 @@
+"""Certificate profiles and the sign-after-lint assembly used for every certificate we make.
+
+Assembly: build the certificate with a throw-away P-384 key (its TBS then carries
+ecdsa-with-SHA384 and every field of the final certificate), lint that pre-certificate, then
+have the CA's :class:`~opendps.pki.keys.Signer` sign the TBS bytes and wrap TBS, algorithm and
+signature into the final DER. The CA key is never handed to ``cryptography``'s builder, which is
+what lets an HSM-backed signer slot in.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from opendps.pki.keys import Signer
+from opendps.pki.lint import lint_certificate
+
+ROOT_VALIDITY = timedelta(days=365 * 25)
+ISSUING_VALIDITY = timedelta(days=365 * 5)
+BACKDATE = timedelta(minutes=5)
+# DER AlgorithmIdentifier for ecdsa-with-SHA384 (1.2.840.10045.4.3.3), parameters absent
+_ECDSA_SHA384_ALGID = bytes.fromhex("300a06082a8648ce3d040303")
+
+
+class LintRefused(Exception):
+    """Pre-issuance lint found a WARNING or worse; the certificate was not signed."""
+
+    def __init__(self, findings):  # noqa: ANN001
+        self.findings = findings
+        super().__init__("pre-issuance lint refused the certificate: " + "; ".join(str(f) for f in findings))
+
+
+@lru_cache(maxsize=1)
+def _throwaway_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def random_serial() -> int:
+    """A 128-bit random positive serial (top bit set, so always 16 significant octets)."""
+    return secrets.randbits(128) | (1 << 127)
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _assemble(tbs: bytes, signature: bytes) -> bytes:
+    bitstring = b"\x03" + _der_len(len(signature) + 1) + b"\x00" + signature
+    body = tbs + _ECDSA_SHA384_ALGID + bitstring
+    return b"\x30" + _der_len(len(body)) + body
+
+
+def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool = True) -> x509.Certificate:
+    """Lint the builder's certificate, then sign it with ``signer`` and verify the result."""
+    pre = builder.sign(_throwaway_key(), hashes.SHA384())
+    if lint:
+        findings = lint_certificate(pre.public_bytes(Encoding.DER))
+        if findings:
+            raise LintRefused(findings)
+    tbs = pre.tbs_certificate_bytes
+    cert = x509.load_der_x509_certificate(_assemble(tbs, signer.sign(tbs)))
+    # a wrong key or a broken signer must never produce a certificate
+    signer.public_key().verify(cert.signature, tbs, ec.ECDSA(hashes.SHA384()))
+    return cert
+
+
+
+
+def _name(common_name: str, organization: str | None = "opendps") -> x509.Name:
+    attrs = []
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                         encipher_only=False, decipher_only=False)
+
+
+def root_ca(signer: Signer, common_name: str, *, now: datetime | None = None, lint: bool = True) -> x509.Certificate:
+    """Self-signed namespace root: P-384, pathlen 1, long-lived."""
+    now = now or datetime.now(UTC)
+    subject = _name(common_name)
+    pub = signer.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(pub)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject).public_key(pub)
+        .serial_number(random_serial())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + ROOT_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    )
+    return sign_builder(builder, signer, lint=lint)
+
+
+def issuing_ca(signer: Signer, parent: x509.Certificate, parent_signer: Signer, common_name: str, *,
+               now: datetime | None = None, lint: bool = True) -> x509.Certificate:
+    """Issuing CA under a namespace root: pathlen 0, ends no later than the root."""
+    now = now or datetime.now(UTC)
+    pub = signer.public_key()
+    not_after = min(now + ISSUING_VALIDITY, parent.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name)).issuer_name(parent.subject).public_key(pub)
+        .serial_number(random_serial())
+        .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_signer.public_key()),
+                       critical=False)
+    )
+    return sign_builder(builder, parent_signer, lint=lint)
+
+
+def leaf_builder(public_key: ec.EllipticCurvePublicKey, registration_id: str, issuer: x509.Certificate,
+                 issuer_public_key: ec.EllipticCurvePublicKey, validity_days: int, *,
+                 now: datetime | None = None) -> x509.CertificateBuilder:
+    """Operational certificate profile (see docs/architecture.md, "Leaf profile")."""
+    now = now or datetime.now(UTC)
+    not_before = now - BACKDATE
+    not_after = min(not_before + timedelta(days=validity_days), issuer.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)]))
+        .issuer_name(issuer.subject).public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key), critical=False)
+    )

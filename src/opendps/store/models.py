@@ -1,0 +1,158 @@
+"""Tables. Names follow the domain (see docs/architecture.md, "Data model")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _ts() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class InstanceSetting(Base):
+    """Key/value facts of this installation shared by every node (ID scope, key check value)."""
+
+    __tablename__ = "instance_settings"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class AccessPolicy(Base):
+    """Shared access policies (e.g. provisioningserviceowner); keys are wrapped by the master key."""
+
+    __tablename__ = "access_policies"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rights: Mapped[str] = mapped_column(String(200), nullable=False)
+    primary_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    secondary_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _ts()
+
+
+class WrappedKey(Base):
+    """A CA private key encrypted at rest (AES-256-GCM under a key derived from the master key)."""
+
+    __tablename__ = "wrapped_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(32), nullable=False)  # "software" (pkcs11 later)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)  # e.g. "EC-P384"
+    blob: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # nonce || ciphertext+tag
+    public_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # SubjectPublicKeyInfo DER
+    created_at: Mapped[datetime] = _ts()
+
+
+class Namespace(Base):
+    """An ADR namespace: owns exactly one credential (root CA) and its policies."""
+
+    __tablename__ = "namespaces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+
+
+class CertificateAuthority(Base):
+    """A managed CA certificate: a namespace root (credential) or a policy's issuing CA.
+
+    Rotation adds a new active row and retires the old one, so history stays.
+    """
+
+    __tablename__ = "certificate_authorities"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "root" | "issuing"
+    # the policy an issuing CA belongs to (None for the root); the active one signs
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id", ondelete="SET NULL"), nullable=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("certificate_authorities.id"), nullable=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("wrapped_keys.id"), nullable=False)
+    der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    serial: Mapped[str] = mapped_column(String(64), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    not_before: Mapped[datetime] = _ts()
+    not_after: Mapped[datetime] = _ts()
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")  # active | retired
+    created_at: Mapped[datetime] = _ts()
+
+
+class Policy(Base):
+    """A credential policy: an issuing CA plus the leaf profile knobs (validity, allowed curves)."""
+
+    __tablename__ = "policies"
+    __table_args__ = (UniqueConstraint("namespace_id", "name", name="uq_policy_namespace_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    validity_days: Mapped[int] = mapped_column(Integer, nullable=False)
+    allow_p256: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
+class IssuedCertificate(Base):
+    """Every operational certificate, committed before it leaves the CA."""
+
+    __tablename__ = "issued_certificates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)  # hex, lower
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)  # hex, lower
+    der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id", ondelete="SET NULL"), nullable=True)
+    issuing_ca_id: Mapped[int] = mapped_column(
+        ForeignKey("certificate_authorities.id", ondelete="CASCADE"), nullable=False
+    )
+    registration_id: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    not_before: Mapped[datetime] = _ts()
+    not_after: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = _ts()
+
+
+class DpsCertificate(Base):
+    """An owner's CA certificate uploaded to DPS, verified by proof of possession."""
+
+    __tablename__ = "dps_certificates"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    sha1: Mapped[str] = mapped_column(String(40), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    not_after: Mapped[datetime] = _ts()
+    is_verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    verification_code: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
+class Enrollment(Base):
+    """Individual enrollment or enrollment group; the full Azure document is in ``document``."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (UniqueConstraint("kind", "enrollment_id", name="uq_enrollment_kind_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "individual" | "group"
+    enrollment_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    attestation_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), nullable=True)
+    provisioning_status: Mapped[str] = mapped_column(String(16), nullable=False, default="enabled")
+    document: Mapped[dict] = mapped_column(JSON, nullable=False)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()

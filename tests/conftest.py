@@ -1,0 +1,205 @@
+"""Shared fixtures. Every store-backed test runs on SQLite and on PostgreSQL.
+
+PostgreSQL comes from OPENDPS_TEST_PG (default: the CI machine's 127.0.0.1:5432 database ``test``);
+each test gets its own schema. Without a reachable server the PostgreSQL variants skip, unless
+OPENDPS_REQUIRE_SERVICES=1 (set by .ci/run), which turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from opendps.pki import IssuanceEngine, KeyStore
+from opendps.provisioning import CaCertificates
+from opendps.registry import Registry
+from opendps.store import Store
+
+PG_URL = os.environ.get("OPENDPS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQUIRE_SERVICES = os.environ.get("OPENDPS_REQUIRE_SERVICES") == "1"
+
+
+def service_missing(reason: str) -> None:
+    """Skip locally; fail where services are mandatory (CI)."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def _pg_admin():
+    import psycopg
+
+    dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=3)
+
+
+@contextmanager
+def database(kind: str, directory: Path):
+    """A fresh empty database: a SQLite file in ``directory`` or a new PostgreSQL schema."""
+    if kind == "sqlite":
+        yield f"sqlite+pysqlite:///{directory / 'opendps.db'}"
+        return
+    try:
+        admin = _pg_admin()
+    except Exception as exc:  # noqa: BLE001
+        service_missing(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+    schema = f"t_{secrets.token_hex(6)}"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    with database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def store(db_url) -> Store:
+    s = Store(db_url)
+    s.upgrade()
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def master_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@pytest.fixture
+def keys(store, master_key) -> KeyStore:
+    k = KeyStore(store, master_key)
+    k.check_master_key()
+    return k
+
+
+@pytest.fixture
+def registry(store, keys) -> Registry:
+    return Registry(store, keys)
+
+
+@pytest.fixture
+def engine(store, keys) -> IssuanceEngine:
+    return IssuanceEngine(store, keys)
+
+
+@pytest.fixture
+def ca_certificates(store) -> CaCertificates:
+    return CaCertificates(store)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real openssl CLI; fail the test with its stderr if it fails."""
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"openssl {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@dataclass
+class RunningServer:
+    db_url: str
+    data_dir: Path
+    url: str
+    connection_string: str
+    ca_file: Path
+    env: dict
+    proc: subprocess.Popen
+
+    def cli(self, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run the ``opendps`` command (in-process, see :func:`invoke_cli`) against this server."""
+        proc = invoke_cli(env or self.env, *args)
+        if check and proc.returncode != 0:
+            pytest.fail(f"opendps {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+
+def invoke_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the real click command tree in this process with ``env`` as the environment.
+
+    In-process because a fresh interpreter costs seconds of imports on a loaded 2-core machine;
+    test_console_entry_point proves the installed entry point itself with one real subprocess.
+    """
+    from click.testing import CliRunner
+
+    from opendps.cli import main
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["opendps", *args], result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> RunningServer:
+    """``opendps serve`` in a subprocess on free ports, with its own data directory and database.
+
+    Module-scoped (startup costs seconds): tests sharing it use distinct resource names.
+    """
+    tmp_path = tmp_path_factory.mktemp(f"server-{request.param}")
+    with database(request.param, tmp_path) as db_url:
+        yield from _run_server(db_url, tmp_path)
+
+
+def _run_server(db_url: str, tmp_path: Path):
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
+    env.pop("OPENDPS_CONNECTION_STRING", None)
+    env.pop("OPENDPS_MASTER_KEY", None)
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
+         "--mqtt-port", str(free_port())], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start listening within 180 s")
+    info = invoke_cli(env, "info", "-o", "json")
+    assert info.returncode == 0, info.stderr
+    import json
+
+    data = json.loads(info.stdout)
+    yield RunningServer(db_url, data_dir, data["endpoints"]["https"]["url"],
+                        data["connectionStrings"]["provisioningServiceOwner"], Path(data["serverCaCertificate"]),
+                        env, proc)
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -1,0 +1,351 @@
+"""The management CLI without a server: connection resolution, error lines, If-Match, request shapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from opendps.cli import CliError, main, management
+from opendps.cli import _client as client_mod
+from opendps.cli._client import (
+    NO_CONNECTION,
+    ApiError,
+    Client,
+    Connection,
+    api_path,
+    format_error,
+    if_match_value,
+    parse_login,
+    read_certificate_file,
+    resolve_connection,
+)
+from opendps.transport import sas
+
+KEY = base64.b64encode(b"k" * 32).decode()
+LOGIN = f"HostName=localhost:8443;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={KEY}"
+OTHER = f"HostName=env.example:9443;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={KEY}"
+
+
+def _no_local(_: Path) -> None:
+    return None
+
+
+# ---------------------------------------------------------------- connection resolution
+
+
+def test_login_wins_over_env_and_data_dir(tmp_path: Path) -> None:
+    def local(_: Path) -> tuple[str, Path]:
+        raise AssertionError("the data directory must not be opened when --login is given")
+
+    conn = resolve_connection(LOGIN, tmp_path, env={"OPENDPS_CONNECTION_STRING": OTHER}, load_local=local)
+    assert (conn.host, conn.key_name, conn.key) == ("localhost:8443", "provisioningserviceowner", KEY)
+    assert conn.base_url == "https://localhost:8443"
+    assert conn.source == "--login"
+    assert conn.connection_string == LOGIN
+
+
+def test_env_connection_string_before_data_dir(tmp_path: Path) -> None:
+    conn = resolve_connection(env={"OPENDPS_CONNECTION_STRING": OTHER, "OPENDPS_DATA_DIR": str(tmp_path)},
+                              load_local=_no_local)
+    assert conn.host == "env.example:9443"
+    assert conn.source == "OPENDPS_CONNECTION_STRING"
+
+
+def test_data_dir_default_order(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def local(d: Path) -> tuple[str, Path]:
+        seen.append(d)
+        return LOGIN, d / "tls" / "server-ca.pem"
+
+    resolve_connection(data_dir=tmp_path / "explicit", env={"OPENDPS_DATA_DIR": "envdir"}, load_local=local)
+    resolve_connection(env={"OPENDPS_DATA_DIR": "envdir", "OPENDPS_CONNECTION_STRING": ""}, load_local=local)
+    resolve_connection(env={}, load_local=local)
+    assert seen == [tmp_path / "explicit", Path("envdir"), Path(".opendps")]
+
+
+def test_nothing_found_is_one_clear_error() -> None:
+    with pytest.raises(CliError) as err:
+        resolve_connection(env={}, load_local=_no_local)
+    assert err.value.format_message() == NO_CONNECTION
+
+
+def test_trust_order(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    local_ca = tmp_path / "tls" / "server-ca.pem"
+    local_ca.write_text("pem")
+    explicit, from_env = tmp_path / "a.pem", tmp_path / "b.pem"
+    explicit.write_text("pem")
+    from_env.write_text("pem")
+    env = {"OPENDPS_CA_FILE": str(from_env)}
+    assert resolve_connection(LOGIN, tmp_path, explicit, env=env).ca_file == explicit
+    assert resolve_connection(LOGIN, tmp_path, env=env).ca_file == from_env
+    # with --login the data directory still supplies the CA to trust, if it has one
+    assert resolve_connection(LOGIN, tmp_path, env={}).ca_file == local_ca
+    assert resolve_connection(LOGIN, tmp_path / "none", env={}).ca_file is None
+
+
+def test_missing_ca_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="CA file .*nope.pem does not exist"):
+        resolve_connection(LOGIN, tmp_path, tmp_path / "nope.pem", env={})
+
+
+def test_local_data_dir_end_to_end(tmp_path: Path) -> None:
+    from opendps.instance import Settings, open_instance
+
+    data = tmp_path / "data"
+    open_instance(Settings(data_dir=data, lint=False, https_port=18443)).close()
+    conn = resolve_connection(env={"OPENDPS_DATA_DIR": str(data)})
+    assert conn.host == "localhost:18443"
+    assert conn.key_name == "provisioningserviceowner"
+    assert conn.ca_file == data / "tls" / "server-ca.pem"
+    assert conn.source == f"data directory {data}"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("HostName=h;SharedAccessKeyName=p", "lacks SharedAccessKey"),
+    ("garbage", "malformed connection string"),
+    (f"HostName=h;SharedAccessKeyName=p;SharedAccessKey={KEY};{KEY[:10]}", "malformed connection string"),
+    ("HostName=h;SharedAccessKeyName=p;SharedAccessKey=not base64!", "not valid base64"),
+    ("HostName=;SharedAccessKeyName=p;SharedAccessKey=" + KEY, "empty HostName"),
+])
+def test_bad_connection_strings_never_echo_the_key(value: str, expected: str) -> None:
+    with pytest.raises(CliError) as err:
+        parse_login(value)
+    message = err.value.format_message()
+    assert expected in message
+    assert KEY[:10] not in message and "not base64!" not in message
+
+
+def test_connection_repr_hides_key() -> None:
+    assert KEY not in repr(Connection("h", "p", KEY))
+
+
+# ---------------------------------------------------------------- errors, If-Match, files
+
+
+def test_format_error_azure_body() -> None:
+    body = json.dumps({"errorCode": 412001, "trackingId": "t", "message": "etag mismatch",
+                       "timestampUtc": "2026-11-27T08:00:00.000000Z", "info": {}}).encode()
+    assert format_error(412, body, "412001") == "etag mismatch (HTTP 412, code 412001)"
+
+
+def test_format_error_fallbacks() -> None:
+    multiline = json.dumps({"message": "a\n  b"}).encode()
+    assert format_error(404, multiline, "404001") == "a b (HTTP 404, code 404001)"
+    assert format_error(502, b"<html>bad gateway</html>") == "<html>bad gateway</html> (HTTP 502)"
+    assert format_error(503, b"") == "Service Unavailable (HTTP 503)"
+    assert format_error(500, b'{"unexpected": 1}') == "Internal Server Error (HTTP 500)"
+
+
+@pytest.mark.parametrize("etag, header", [
+    (None, None),
+    ("AAAAAB3x9k8=", '"AAAAAB3x9k8="'),
+    (' "AAAAAB3x9k8=" ', '"AAAAAB3x9k8="'),
+    ('W/"x"', 'W/"x"'),
+    ("*", "*"),
+])
+def test_if_match_value(etag: str | None, header: str | None) -> None:
+    assert if_match_value(etag) == header
+
+
+def test_if_match_empty_is_refused() -> None:
+    with pytest.raises(CliError, match="--etag"):
+        if_match_value("  ")
+
+
+def test_read_certificate_file(tmp_path: Path) -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    (tmp_path / "c.pem").write_text(pem)
+    (tmp_path / "c.der").write_bytes(b"\x30\x82\x01\xff\x80")
+    assert read_certificate_file(tmp_path / "c.pem") == pem
+    assert read_certificate_file(tmp_path / "c.der") == base64.b64encode(b"\x30\x82\x01\xff\x80").decode()
+    with pytest.raises(CliError, match="missing.pem"):
+        read_certificate_file(tmp_path / "missing.pem")
+    (tmp_path / "empty.pem").write_text("\n")
+    with pytest.raises(CliError, match="empty.pem is empty"):
+        read_certificate_file(tmp_path / "empty.pem")
+
+
+def test_api_path_encodes_segments() -> None:
+    assert api_path("namespaces", "ns1", "credentials", "default") == "/namespaces/ns1/credentials/default"
+    assert api_path("certificates", "../x?y") == "/certificates/..%2Fx%3Fy"
+
+
+# ---------------------------------------------------------------- the client against a mock transport
+
+
+def _client(handler) -> Client:  # noqa: ANN001
+    return Client(Connection("localhost:8443", "provisioningserviceowner", KEY),
+                  transport=httpx.MockTransport(handler))
+
+
+def test_request_is_signed_and_versioned() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"name": "root"})
+
+    assert _client(handler).request("POST", "/certificates/root/verify", json={"certificate": "x"},
+                                    if_match="AAA=") == {"name": "root"}
+    req = seen[0]
+    assert str(req.url) == "https://localhost:8443/certificates/root/verify?api-version=2025-07-01-preview"
+    assert req.headers["If-Match"] == '"AAA="'
+    assert json.loads(req.content) == {"certificate": "x"}
+    token = sas.parse(req.headers["Authorization"])
+    assert token.resource == "localhost:8443" and token.key_name == "provisioningserviceowner"
+    sas.verify(token, KEY)
+
+
+def test_request_without_etag_sends_no_if_match() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert "If-Match" not in request.headers
+        return httpx.Response(204)
+
+    assert _client(handler).request("DELETE", "/certificates/root") is None
+
+
+def test_error_response_becomes_api_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(412, json={"errorCode": 412001, "message": "precondition failed: etag"},
+                              headers={"x-ms-error-code": "412001"})
+
+    with pytest.raises(ApiError) as err:
+        _client(handler).request("DELETE", "/certificates/root", if_match="old")
+    assert err.value.status == 412
+    assert err.value.format_message() == "precondition failed: etag (HTTP 412, code 412001)"
+
+
+def test_connection_failure_names_url() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(CliError, match=r"cannot reach https://localhost:8443/namespaces: connection refused"):
+        _client(handler).request("GET", "/namespaces")
+
+
+# ---------------------------------------------------------------- commands (mock transport, no server)
+
+
+class FakeServer:
+    """Routes requests to canned answers and records them."""
+
+    def __init__(self, routes: dict[tuple[str, str], httpx.Response]):
+        self.routes = routes
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        resp = self.routes.get((request.method, request.url.path))
+        return resp if resp is not None else httpx.Response(
+            404, json={"errorCode": 404001, "message": f"{request.url.path} not found"})
+
+
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    monkeypatch.delenv("OPENDPS_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("OPENDPS_CA_FILE", raising=False)
+
+    def invoke(server: FakeServer, *args: str):  # noqa: ANN202
+        monkeypatch.setattr(management, "Client",
+                            lambda conn: client_mod.Client(conn, transport=httpx.MockTransport(server)))
+        return CliRunner().invoke(main, [*args, "--login", LOGIN], catch_exceptions=False)
+
+    return invoke
+
+
+POLICY = {"name": "p1", "etag": "E1", "properties": {"certificate": {
+    "certificateAuthorityConfiguration": {"keyType": "ECC", "subject": "CN=p1"},
+    "leafCertificateConfiguration": {"validityPeriodInDays": 45, "allowP256": True}}}}
+P1 = "/namespaces/ns1/credentials/default/policies/p1"
+
+
+def test_policy_create_refuses_existing(run) -> None:  # noqa: ANN001
+    server = FakeServer({("GET", P1): httpx.Response(200, json=POLICY)})
+    result = run(server, "adr", "ns", "policy", "create", "--ns", "ns1", "-n", "p1")
+    assert result.exit_code == 1
+    assert "error: policy 'p1' already exists in namespace 'ns1'" in result.stderr
+    assert [r.method for r in server.requests] == ["GET"]
+
+
+def test_policy_create_sends_defaults(run) -> None:  # noqa: ANN001
+    server = FakeServer({("PUT", P1): httpx.Response(201, json=POLICY)})
+    result = run(server, "adr", "ns", "policy", "create", "--namespace", "ns1", "--name", "p1")
+    assert result.exit_code == 0, result.output
+    body = json.loads(server.requests[-1].content)
+    assert body["properties"]["certificate"]["leafCertificateConfiguration"] == {
+        "validityPeriodInDays": 30, "allowP256": False}
+    assert json.loads(result.stdout)["name"] == "p1"
+
+
+def test_policy_update_keeps_unchanged_settings(run) -> None:  # noqa: ANN001
+    server = FakeServer({("GET", P1): httpx.Response(200, json=POLICY),
+                         ("PUT", P1): httpx.Response(200, json=POLICY)})
+    result = run(server, "adr", "ns", "policy", "update", "--ns", "ns1", "-n", "p1",
+                 "--cert-validity-days", "10", "-e", "E1")
+    assert result.exit_code == 0, result.output
+    put = server.requests[-1]
+    assert put.headers["If-Match"] == '"E1"'
+    assert json.loads(put.content)["properties"]["certificate"]["leafCertificateConfiguration"] == {
+        "validityPeriodInDays": 10, "allowP256": True}
+
+
+def test_policy_update_missing(run) -> None:  # noqa: ANN001
+    result = run(FakeServer({}), "adr", "ns", "policy", "update", "--ns", "ns1", "-n", "p1",
+                 "--no-allow-p256")
+    assert result.exit_code == 1
+    assert "policy 'p1' does not exist in namespace 'ns1'" in result.stderr
+
+
+def test_server_error_is_one_line(run) -> None:  # noqa: ANN001
+    result = run(FakeServer({}), "adr", "ns", "show", "--namespace", "nope")
+    assert result.exit_code == 1
+    assert result.stderr == "error: /namespaces/nope not found (HTTP 404, code 404001)\n"
+
+
+def test_list_prints_the_value_array(run) -> None:  # noqa: ANN001
+    cert = {"name": "root", "etag": "E", "properties": {"subject": "CN=r", "isVerified": False}}
+    server = FakeServer({("GET", "/certificates"): httpx.Response(200, json={"value": [cert]})})
+    assert json.loads(run(server, "dps", "certificate", "list").stdout) == [cert]
+    table = run(server, "dps", "certificate", "list", "-o", "table").stdout
+    assert "root" in table and "CN=r" in table and "isVerified" in table
+
+
+def test_certificate_create_uploads_file(run, tmp_path: Path) -> None:  # noqa: ANN001
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    (tmp_path / "root.pem").write_text(pem)
+    server = FakeServer({("PUT", "/certificates/root"): httpx.Response(201, json={"name": "root"})})
+    result = run(server, "dps", "certificate", "create", "--certificate-name", "root", "-p",
+                 str(tmp_path / "root.pem"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(server.requests[0].content) == {"properties": {"certificate": pem}}
+    assert "If-Match" not in server.requests[0].headers
+
+
+def test_certificate_create_missing_file(run, tmp_path: Path) -> None:  # noqa: ANN001
+    server = FakeServer({})
+    result = run(server, "dps", "certificate", "create", "-n", "root", "--path", str(tmp_path / "x.pem"))
+    assert result.exit_code == 1
+    assert "x.pem" in result.stderr and not server.requests
+
+
+def test_credential_show_pem(run) -> None:  # noqa: ANN001
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    server = FakeServer({("GET", "/namespaces/ns1/credentials/default"): httpx.Response(
+        200, json={"name": "default", "properties": {"certificate": pem}})})
+    assert run(server, "adr", "ns", "credential", "show", "--ns", "ns1", "--pem").stdout == pem
+
+
+def test_connection_string_show(run) -> None:  # noqa: ANN001
+    server = FakeServer({})
+    result = run(server, "dps", "connection-string", "show")
+    assert json.loads(result.stdout) == {"connectionString": LOGIN}
+    assert not server.requests
+    other = run(server, "dps", "connection-string", "show", "--policy-name", "enrollmentread")
+    assert other.exit_code == 1 and KEY not in other.stderr

@@ -149,7 +149,7 @@ def invoke_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     os.environ.clear()
     os.environ.update(env)
     try:
-        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        result = CliRunner().invoke(main, list(args), prog_name="opendps", catch_exceptions=False)
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from datetime import UTC, datetime
 
@@ -13,11 +14,14 @@ from opendps.store import Enrollment, Store
 from opendps.transport import sas
 
 
+def _trust(server) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=server.ca_file)
+
 def _client(server, *, token: str | None = None) -> httpx.Client:
     conn = sas.parse_connection_string(server.connection_string)
     if token is None:
         token = sas.generate(conn["HostName"], conn["SharedAccessKey"], key_name=conn["SharedAccessKeyName"])
-    return httpx.Client(base_url=server.url, verify=str(server.ca_file), headers={"Authorization": token},
+    return httpx.Client(base_url=server.url, verify=_trust(server), headers={"Authorization": token},
                         timeout=60)
 
 
@@ -38,7 +42,7 @@ def _assert_error(resp: httpx.Response, status: int, code: int | None = None, wo
 
 
 def test_openapi_is_published_without_auth(server):
-    resp = httpx.get(f"{server.url}/openapi.json", verify=str(server.ca_file))
+    resp = httpx.get(f"{server.url}/openapi.json", verify=_trust(server))
     assert resp.status_code == 200
     doc = resp.json()
     assert doc["openapi"].startswith("3.")
@@ -62,7 +66,7 @@ def test_bad_signatures_get_401(server, case):
         "wrong-policy": {"Authorization": sas.generate(host, key, key_name="registryRead")},
         "wrong-key": {"Authorization": sas.generate(host, "QUJDRA==", key_name=name)},
     }[case]
-    resp = httpx.get(f"{server.url}/namespaces", headers=headers, verify=str(server.ca_file))
+    resp = httpx.get(f"{server.url}/namespaces", headers=headers, verify=_trust(server))
     _assert_error(resp, 401, 401002)
     # and the same signature, made correctly, is accepted: the refusals are about the token
     with _client(server) as c:
@@ -73,7 +77,7 @@ def test_expired_signature_message_names_expiry(server):
     conn = _conn(server)
     token = sas.generate(conn["HostName"], conn["SharedAccessKey"], key_name=conn["SharedAccessKeyName"],
                          now=time.time() - 7200)
-    resp = httpx.get(f"{server.url}/namespaces", headers={"Authorization": token}, verify=str(server.ca_file))
+    resp = httpx.get(f"{server.url}/namespaces", headers={"Authorization": token}, verify=_trust(server))
     _assert_error(resp, 401, 401002, "expired")
 
 

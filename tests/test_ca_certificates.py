@@ -737,11 +737,7 @@ def test_pending_code_is_not_shown_by_get_or_list(ca_certificates, pki):
     assert [(v.verification_code, v.etag) for v in cas.list()] == [(None, etag)]
 
 
-def test_timestamps_are_timezone_aware_on_every_backend(ca_certificates, pki, db_url, request):
-    if db_url.startswith("sqlite"):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG: SQLite returns naive created_at/updated_at from get()/list() "
-                                "(DateTime(timezone=True) is not honoured by SQLite)"))
+def test_timestamps_are_timezone_aware_on_every_backend(ca_certificates, pki):
     uploaded, _ = ca_certificates.upload(ROOT_NAME, pki.root_pem.read_text())
     assert uploaded.created_at.tzinfo is not None
     for view in (ca_certificates.get(ROOT_NAME), *ca_certificates.list()):

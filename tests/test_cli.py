@@ -46,7 +46,7 @@ def test_adr_namespace_and_policy_verbs(server, tmp_path):
     for args, words in [
         (["adr", "ns", "policy", "create", "--namespace", "cli-ns", "--name", "line-b"], "already exists"),
         (["adr", "ns", "policy", "update", "--namespace", "cli-ns", "--name", "line-a", "--cert-validity-days",
-          "91"], "validityPeriodInDays"),
+          "91"], "--cert-validity-days"),
         (["adr", "ns", "policy", "show", "--namespace", "cli-ns", "--name", "nope"], "nope"),
         (["adr", "ns", "create", "--name", "cli-ns"], "already exists"),
     ]:

@@ -59,7 +59,34 @@ def _open(settings, create: bool = True):  # noqa: ANN001, ANN202
         raise CliError(str(exc)) from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Every failure, usage errors included, is one ``error: ...`` line on stderr and a non-zero exit.
+
+    Scripts and the tests read stderr; click's default multi-line usage banner hides the cause.
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except OpenDPSError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="opendps")
 def main() -> None:
     """opendps: self-hosted IoT Device Provisioning Service with a managed X.509 PKI."""
@@ -149,8 +176,4 @@ if _register_management is not None:
 
 
 def run() -> None:
-    try:
-        main(standalone_mode=True)
-    except OpenDPSError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(1)
+    main()

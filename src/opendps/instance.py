@@ -32,10 +32,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy.engine import make_url
 
 from opendps.errors import ConfigurationError
+from opendps.hub import Hubs
+from opendps.hub.registry import DEFAULT_HUB
 from opendps.pki import IssuanceEngine, KeyStore, load_master_key, root_ca, sign_builder
 from opendps.pki.profiles import BACKDATE, random_serial
 from opendps.provisioning import CaCertificates
+from opendps.provisioning.enrollments import Enrollments
+from opendps.provisioning.registration import Provisioning
 from opendps.registry import Registry
+from opendps.registry.devices import DeviceRegistry
 from opendps.store import AccessPolicy, InstanceSetting, Store, sqlite_url
 from opendps.transport import sas
 
@@ -140,6 +145,10 @@ class Instance:
         self.ca_certificates = CaCertificates(store)
         self.issuance = IssuanceEngine(store, keys, lint=settings.lint)
         self.id_scope = _setting(store, "id_scope") or ""
+        self.enrollments = Enrollments(store, keys)
+        self.hubs = Hubs(store, keys)
+        self.devices = DeviceRegistry(store)
+        self.provisioning = Provisioning(store, self.enrollments, self.hubs, self.issuance, self.id_scope)
         self._policy_keys: dict[str, tuple[str, str]] = {}
 
     # ---- paths ----
@@ -316,6 +325,7 @@ def open_instance(settings: Settings, *, create: bool = True, migrate: bool = Tr
     _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
     inst = Instance(settings, store, keys)
     if create:
-        ensure_server_certificate(inst)
+        inst.hubs.ensure(DEFAULT_HUB, settings.hostname)
+        ensure_server_certificate(inst, [h.host_name for h in inst.hubs.list()])
         settings.save()
     return inst

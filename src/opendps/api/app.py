@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from opendps.api.auth import make_sas_middleware
+from opendps.api.device import PollThrottle
+from opendps.api.device import routes as device_routes
+from opendps.api.enrollments import routes as enrollment_routes
 from opendps.api.errors import error_middleware
 from opendps.api.openapi import build_openapi
 from opendps.api.service import routes as service_routes
@@ -51,6 +54,9 @@ def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.In
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/healthz", health)
     app.add_routes(service_routes)
+    app.add_routes(enrollment_routes)
+    app.add_routes(device_routes)  # last: its paths start with a variable ID scope
+    app["poll_throttle"] = PollThrottle()
 
     async def _close(app: web.Application) -> None:
         app["domain"].close()

@@ -15,6 +15,7 @@ from opendps.errors import Unauthorized
 from opendps.transport import sas
 
 OPEN_PATHS = {"/openapi.json", "/healthz"}
+DEVICE_ROUTE_PREFIX = "device:"
 
 
 def make_sas_middleware(service_hosts: set[str], policy_keys: Callable[[str], tuple[str, str]],
@@ -23,8 +24,9 @@ def make_sas_middleware(service_hosts: set[str], policy_keys: Callable[[str], tu
 
     @web.middleware
     async def sas_middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
-        if request.path in OPEN_PATHS:
-            return await handler(request)
+        route_name = request.match_info.route.name or ""
+        if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
+            return await handler(request)  # open, or the device API (attestation authenticates it)
         header = request.headers.get("Authorization")
         if not header:
             raise Unauthorized("missing Authorization header: a SharedAccessSignature is required",

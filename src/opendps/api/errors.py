@@ -14,7 +14,8 @@ from opendps.errors import OpenDPSError
 log = logging.getLogger("opendps.api")
 
 
-def error_response(status: int, error_code: int, message: str, info: dict | None = None) -> web.Response:
+def error_response(status: int, error_code: int, message: str, info: dict | None = None,
+                   headers: dict | None = None) -> web.Response:
     body = {
         "errorCode": error_code,
         "trackingId": str(uuid.uuid4()),
@@ -23,11 +24,12 @@ def error_response(status: int, error_code: int, message: str, info: dict | None
         "info": info or {},
     }
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers={"x-ms-error-code": str(error_code)})
+                        headers={"x-ms-error-code": str(error_code), **(headers or {})})
 
 
 def from_exception(exc: OpenDPSError) -> web.Response:
-    return error_response(exc.status, exc.error_code, exc.message, exc.info)
+    headers = {"Retry-After": exc.info["retryAfter"]} if "retryAfter" in exc.info else None
+    return error_response(exc.status, exc.error_code, exc.message, exc.info, headers)
 
 
 @web.middleware

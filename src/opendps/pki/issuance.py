@@ -82,8 +82,17 @@ class IssuanceEngine:
             return _PolicyMaterial(policy.id, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
                                    x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root.der))
 
-    def issue(self, policy_id: int, csr: bytes, registration_id: str, *, now: datetime | None = None) -> IssuedChain:
-        """Validate ``csr`` (DER or PEM), sign a leaf under the policy, store it, return the chain."""
+    def check(self, policy_id: int, csr: bytes, registration_id: str) -> None:
+        """Validate ``csr`` against the policy without signing (the RA's early refusal)."""
+        validate_csr(csr, registration_id, allow_p256=self._material(policy_id).allow_p256)
+
+    def issue(self, policy_id: int, csr: bytes, registration_id: str, *, now: datetime | None = None,
+              session=None) -> IssuedChain:  # noqa: ANN001 - sqlalchemy Session
+        """Validate ``csr`` (DER or PEM), sign a leaf under the policy, store it, return the chain.
+
+        With ``session`` the certificate row joins the caller's transaction (provisioning commits it
+        together with the device and registration, so a failure leaves none of them behind).
+        """
         now = now or datetime.now(UTC)
         m = self._material(policy_id)
         checked = validate_csr(csr, registration_id, allow_p256=m.allow_p256)
@@ -97,10 +106,15 @@ class IssuanceEngine:
         except LintRefused as exc:
             raise IssuanceRefused(str(exc)) from exc
         der = leaf.public_bytes(Encoding.DER)
-        with self.store.session() as s:
-            s.add(IssuedCertificate(
-                serial=format(leaf.serial_number, "x"), sha256=hashlib.sha256(der).hexdigest(), der=der,
-                policy_id=m.policy_id, issuing_ca_id=m.issuing_ca_id, registration_id=registration_id,
-                not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc, created_at=now,
-            ))
+        row = IssuedCertificate(
+            serial=format(leaf.serial_number, "x"), sha256=hashlib.sha256(der).hexdigest(), der=der,
+            policy_id=m.policy_id, issuing_ca_id=m.issuing_ca_id, registration_id=registration_id,
+            not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc, created_at=now,
+        )
+        if session is not None:
+            session.add(row)
+            session.flush()
+        else:
+            with self.store.session() as s:
+                s.add(row)
         return IssuedChain(leaf, m.issuing_ca, m.root)

@@ -4,6 +4,7 @@ The registry decides lifecycle (names, limits, references); :mod:`opendps.pki` m
 certificates; :mod:`opendps.store` keeps them.
 """
 
+from opendps.registry.devices import DeviceRecordView, DeviceRegistry
 from opendps.registry.namespaces import (
     MAX_VALIDITY_DAYS,
     MIN_VALIDITY_DAYS,
@@ -13,4 +14,13 @@ from opendps.registry.namespaces import (
     Registry,
 )
 
-__all__ = ["MAX_VALIDITY_DAYS", "MIN_VALIDITY_DAYS", "CredentialView", "NamespaceView", "PolicyView", "Registry"]
+__all__ = [
+    "DeviceRecordView",
+    "DeviceRegistry",
+    "MAX_VALIDITY_DAYS",
+    "MIN_VALIDITY_DAYS",
+    "CredentialView",
+    "NamespaceView",
+    "PolicyView",
+    "Registry",
+]

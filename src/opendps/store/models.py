@@ -177,7 +177,100 @@ class Enrollment(Base):
     attestation_type: Mapped[str] = mapped_column(String(32), nullable=False)
     policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), nullable=True)
     provisioning_status: Mapped[str] = mapped_column(String(16), nullable=False, default="enabled")
-    document: Mapped[dict] = mapped_column(JSON, nullable=False)
+    document: Mapped[dict] = mapped_column(JSON, nullable=False)  # never holds symmetric keys
+    # symmetric keys {"primaryKey", "secondaryKey"} as JSON, wrapped by the master key
+    secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts()
+
+
+class LinkedHub(Base):
+    """A logical IoT hub served by this installation: a host name and its own device registry."""
+
+    __tablename__ = "linked_hubs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    host_name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    allocation_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    apply_allocation_policy: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+
+
+class HubDevice(Base):
+    """A device identity in a hub's registry, with its twin."""
+
+    __tablename__ = "hub_devices"
+    __table_args__ = (UniqueConstraint("hub_id", "device_key", name="uq_hub_device"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    device_key: Mapped[str] = mapped_column(String(128), nullable=False)  # device id lower-cased (ids are case-insensitive)
+    auth_type: Mapped[str] = mapped_column(String(32), nullable=False)  # sas | selfSigned | certificateAuthority
+    primary_thumbprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    secondary_thumbprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # wrapped SAS keys
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="enabled")
+    generation_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    twin_tags: Mapped[dict] = mapped_column(JSON, nullable=False)
+    twin_desired: Mapped[dict] = mapped_column(JSON, nullable=False)
+    twin_reported: Mapped[dict] = mapped_column(JSON, nullable=False)
+    desired_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    reported_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
+class DeviceRecord(Base):
+    """A device in a namespace's device registry (ADR): where it lives and its current certificate."""
+
+    __tablename__ = "device_records"
+    __table_args__ = (UniqueConstraint("namespace_id", "device_key", name="uq_device_record"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"), nullable=False)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    device_key: Mapped[str] = mapped_column(String(128), nullable=False)
+    registration_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    hub_host_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id", ondelete="SET NULL"), nullable=True)
+    certificate_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    certificate_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    certificate_not_after: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
+class Registration(Base):
+    """DPS registration state of one registration id (the latest outcome)."""
+
+    __tablename__ = "registrations"
+    registration_key: Mapped[str] = mapped_column(String(128), primary_key=True)  # lower-cased id
+    registration_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    enrollment_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    enrollment_id: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    attestation_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    assigned_hub: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    substatus: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    payload: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    certificate_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
+class Operation(Base):
+    """A register operation and its final result, so polling survives a restart."""
+
+    __tablename__ = "operations"
+    operation_id: Mapped[str] = mapped_column(String(96), primary_key=True)
+    registration_key: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    result: Mapped[dict] = mapped_column(JSON, nullable=False)  # RegistrationOperationStatus as sent
+    created_at: Mapped[datetime] = _ts()

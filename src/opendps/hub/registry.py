@@ -1,0 +1,277 @@
+"""Logical IoT hubs: a host name plus a device registry with twins, and the CAs each hub trusts.
+
+Trust ("CA sync") is derived, not copied: a hub trusts every issuing CA (active, or retired but not
+yet expired) of every policy that an enrollment allocating to that hub links to. Because it is
+computed from the store on each call, a policy created, linked or rotated is trusted at once, on
+every node, with nothing to synchronise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import func, select
+
+from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from opendps.ids import check_resource_name, etag_matches, new_etag
+from opendps.pki.keys import KeyStore
+from opendps.store import CertificateAuthority, Enrollment, HubDevice, LinkedHub, Namespace, Policy, Store
+
+DEFAULT_HUB = "default"
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+class HubNotFound(NotFound):
+    error_code = 404001
+
+
+@dataclass(frozen=True)
+class HubView:
+    id: int
+    name: str
+    host_name: str
+    allocation_weight: int
+    apply_allocation_policy: bool
+    etag: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    hub_name: str
+    hub_host_name: str
+    device_id: str
+    auth_type: str
+    primary_thumbprint: str | None
+    secondary_thumbprint: str | None
+    status: str
+    generation_id: str
+    etag: str
+    tags: dict
+    desired: dict
+    reported: dict
+    desired_version: int
+    reported_version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def twin(self) -> dict[str, Any]:
+        """The twin document in Azure's shape."""
+        return {
+            "deviceId": self.device_id, "etag": self.etag, "status": self.status,
+            "authenticationType": self.auth_type,
+            "tags": self.tags,
+            "properties": {"desired": {**self.desired, "$version": self.desired_version},
+                           "reported": {**self.reported, "$version": self.reported_version}},
+        }
+
+
+@dataclass(frozen=True)
+class TrustedCa:
+    certificate: x509.Certificate
+    namespace: str
+    policy: str
+    status: str  # active | retired
+    enrollments: list[str] = field(default_factory=list)
+
+
+def check_host_name(value: str) -> str:
+    if not isinstance(value, str) or not _HOST.match(value):
+        raise InvalidInput(f"hub host name {value!r} is not a valid DNS name")
+    return value.lower()
+
+
+def _view(h: LinkedHub) -> HubView:
+    return HubView(h.id, h.name, h.host_name, h.allocation_weight, h.apply_allocation_policy, h.etag, h.created_at)
+
+
+def _identity(hub: LinkedHub, d: HubDevice) -> DeviceIdentity:
+    return DeviceIdentity(hub.name, hub.host_name, d.device_id, d.auth_type, d.primary_thumbprint, d.secondary_thumbprint,
+                          d.status, d.generation_id, d.etag, d.twin_tags, d.twin_desired, d.twin_reported,
+                          d.desired_version, d.reported_version, d.created_at, d.updated_at)
+
+
+def enrollment_hubs(document: dict) -> list[str]:
+    """Host names an enrollment allocates to (empty: every hub that applies allocation policy)."""
+    hubs = document.get("iotHubs") or []
+    if not hubs and document.get("iotHubHostName"):
+        hubs = [document["iotHubHostName"]]
+    return [h.lower() for h in hubs]
+
+
+class Hubs:
+    def __init__(self, store: Store, keys: KeyStore):
+        self.store = store
+        self.keys = keys
+
+    # ---- hubs ----
+    @staticmethod
+    def _hub(s, name: str) -> LinkedHub:  # noqa: ANN001
+        row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
+        if row is None:
+            raise HubNotFound(f"linked hub {name!r} does not exist")
+        return row
+
+    def create(self, name: str, host_name: str, *, allocation_weight: int = 1,
+               apply_allocation_policy: bool = True) -> HubView:
+        check_resource_name("linked hub", name)
+        host = check_host_name(host_name)
+        if not isinstance(allocation_weight, int) or isinstance(allocation_weight, bool) or not 0 <= allocation_weight <= 1000:
+            raise InvalidInput("allocationWeight must be an integer from 0 to 1000")
+        with self.store.session() as s:
+            if s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first() is not None:
+                raise Conflict(f"linked hub {name!r} already exists")
+            if s.scalars(select(LinkedHub).where(LinkedHub.host_name == host)).first() is not None:
+                raise Conflict(f"a linked hub with host name {host!r} already exists")
+            row = LinkedHub(name=name, host_name=host, allocation_weight=allocation_weight,
+                            apply_allocation_policy=apply_allocation_policy, etag=new_etag(),
+                            created_at=datetime.now(UTC))
+            s.add(row)
+            s.flush()
+            return _view(row)
+
+    def ensure(self, name: str, host_name: str) -> HubView:
+        """The hub ``name``, created if missing (the default hub made at init)."""
+        with self.store.session() as s:
+            row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
+            if row is not None:
+                return _view(row)
+        try:
+            return self.create(name, host_name)
+        except Conflict:  # another node created it first
+            return self.get(name)
+
+    def get(self, name: str) -> HubView:
+        with self.store.session() as s:
+            return _view(self._hub(s, name))
+
+    def by_host(self, host_name: str) -> HubView | None:
+        with self.store.session() as s:
+            row = s.scalars(select(LinkedHub).where(LinkedHub.host_name == host_name.lower())).first()
+            return _view(row) if row else None
+
+    def list(self) -> list[HubView]:
+        with self.store.session() as s:
+            return [_view(h) for h in s.scalars(select(LinkedHub).order_by(LinkedHub.name))]
+
+    def delete(self, name: str, *, if_match: str | None = None) -> None:
+        """Unlink a hub (its device registry goes with it); refused while an enrollment names it."""
+        with self.store.session() as s:
+            row = self._hub(s, name)
+            if not etag_matches(if_match, row.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match linked hub {name!r}, as per RFC7232")
+            users = [e.enrollment_id for e in s.scalars(select(Enrollment))
+                     if row.host_name in enrollment_hubs(e.document)]
+            if users:
+                raise Conflict(f"linked hub {name!r} is used by enrollment(s) {', '.join(sorted(users)[:5])}; "
+                               "remove it from their iotHubs first", error_code=409002)
+            s.delete(row)
+
+    # ---- device identities (provisioning calls these inside its own transaction) ----
+    def put_device(self, s, hub: LinkedHub, device_id: str, *, auth_type: str,  # noqa: ANN001 - Session
+                   thumbprints: tuple[str | None, str | None] = (None, None),
+                   keys: tuple[str, str] | None = None, initial_twin: dict | None = None,
+                   reset_twin: bool = False, migrate_from: HubDevice | None = None) -> HubDevice:
+        """Create or update ``device_id`` in ``hub``; twin per reprovisioning rules.
+
+        A new identity gets ``migrate_from``'s twin when data is migrated, else the initial twin.
+        ``reset_twin`` replaces an existing twin by the initial twin (deviceDataReset).
+        """
+        now = datetime.now(UTC)
+        key = device_id.lower()
+        row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id, HubDevice.device_key == key)).first()
+        tags, desired = _initial(initial_twin)
+        if row is None:
+            row = HubDevice(hub_id=hub.id, device_id=device_id, device_key=key, generation_id=secrets.token_hex(8),
+                            status="enabled", created_at=now, twin_reported={}, desired_version=1, reported_version=1)
+            if migrate_from is not None:
+                row.twin_tags = copy.deepcopy(migrate_from.twin_tags)
+                row.twin_desired = copy.deepcopy(migrate_from.twin_desired)
+                row.twin_reported = copy.deepcopy(migrate_from.twin_reported)
+                row.desired_version = migrate_from.desired_version
+                row.reported_version = migrate_from.reported_version
+            else:
+                row.twin_tags, row.twin_desired = tags, desired
+            s.add(row)
+        elif reset_twin:
+            row.twin_tags, row.twin_desired, row.twin_reported = tags, desired, {}
+            row.desired_version += 1
+            row.reported_version += 1
+        row.auth_type = auth_type
+        row.primary_thumbprint, row.secondary_thumbprint = thumbprints
+        row.secret = self.keys.wrap(json.dumps(list(keys)).encode(), f"hub-device:{hub.id}:{key}") if keys else None
+        row.etag = new_etag()
+        row.updated_at = now
+        s.flush()
+        return row
+
+    @staticmethod
+    def find_device(s, hub: LinkedHub, device_id: str) -> HubDevice | None:  # noqa: ANN001
+        return s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id,
+                                                 HubDevice.device_key == device_id.lower())).first()
+
+    def device_keys(self, hub_id: int, device: HubDevice) -> tuple[str, str] | None:
+        if device.secret is None:
+            return None
+        primary, secondary = json.loads(self.keys.unwrap(device.secret, f"hub-device:{hub_id}:{device.device_key}"))
+        return primary, secondary
+
+    def get_device(self, hub_name: str, device_id: str) -> DeviceIdentity:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            row = self.find_device(s, hub, device_id)
+            if row is None:
+                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+            return _identity(hub, row)
+
+    def list_devices(self, hub_name: str) -> list[DeviceIdentity]:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key))
+            return [_identity(hub, r) for r in rows]
+
+    def count_devices(self, hub_name: str) -> int:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            return s.scalar(select(func.count()).select_from(HubDevice).where(HubDevice.hub_id == hub.id)) or 0
+
+    # ---- trust ----
+    def trusted_cas(self, hub_name: str, *, now: datetime | None = None) -> list[TrustedCa]:
+        """Issuing CAs this hub trusts for operational certificates (see the module docstring)."""
+        now = now or datetime.now(UTC)
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            users: dict[int, list[str]] = {}
+            for e in s.scalars(select(Enrollment).where(Enrollment.policy_id.is_not(None))):
+                hubs = enrollment_hubs(e.document)
+                if (hubs and hub.host_name in hubs) or (not hubs and hub.apply_allocation_policy):
+                    users.setdefault(e.policy_id, []).append(e.enrollment_id)
+            if not users:
+                return []
+            rows = s.execute(
+                select(CertificateAuthority, Policy.name, Namespace.name)
+                .join(Policy, CertificateAuthority.policy_id == Policy.id)
+                .join(Namespace, Policy.namespace_id == Namespace.id)
+                .where(CertificateAuthority.kind == "issuing", CertificateAuthority.policy_id.in_(list(users)),
+                       CertificateAuthority.not_after > now)
+                .order_by(CertificateAuthority.id)
+            ).all()
+            return [TrustedCa(x509.load_der_x509_certificate(ca.der), ns, pol, ca.status, sorted(users[ca.policy_id]))
+                    for ca, pol, ns in rows]
+
+
+def _initial(initial_twin: dict | None) -> tuple[dict, dict]:
+    twin = initial_twin or {}
+    tags = copy.deepcopy(twin.get("tags") or {})
+    desired = copy.deepcopy(((twin.get("properties") or {}).get("desired")) or {})
+    for meta in ("$metadata", "$version"):
+        tags.pop(meta, None)
+        desired.pop(meta, None)
+    return tags, desired

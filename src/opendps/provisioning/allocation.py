@@ -1,0 +1,85 @@
+"""Hub allocation: hashed (weighted rendezvous hashing), static, and custom (a webhook).
+
+Rendezvous hashing is deterministic per registration id, spreads evenly by weight, and moves only
+the devices of a hub that is added or removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from opendps.hub import HubView
+
+DEFAULT_WEBHOOK_TIMEOUT = 10.0
+MAX_WEBHOOK_RESPONSE = 64 * 1024
+
+
+class AllocationFailed(Exception):
+    """The registration fails with this message (stored as a failed operation, not an HTTP error)."""
+
+    def __init__(self, message: str, error_code: int = 400208):
+        super().__init__(message)
+        self.message = message
+        self.error_code = error_code
+
+
+@dataclass(frozen=True)
+class Allocation:
+    hub: HubView
+    initial_twin: dict | None = None  # the webhook may replace the enrollment's initial twin
+    payload: Any = None  # returned to the device in registrationState.payload
+
+
+def candidates(document: dict, hubs: list[HubView]) -> list[HubView]:
+    """The enrollment's hubs, or every hub that applies allocation policy when it lists none."""
+    listed = document.get("iotHubs") or []
+    if listed:
+        by_host = {h.host_name: h for h in hubs}
+        return [by_host[h] for h in listed if h in by_host]
+    return [h for h in hubs if h.apply_allocation_policy and h.allocation_weight > 0]
+
+
+def hashed(registration_id: str, hubs: list[HubView]) -> HubView:
+    """Weighted rendezvous hashing over the registration id (case-insensitive, like the id)."""
+    def score(h: HubView) -> float:
+        digest = hashlib.sha256(f"{registration_id.lower()}\0{h.host_name}".encode()).digest()
+        u = (int.from_bytes(digest[:8], "big") + 1) / (2**64 + 1)  # (0, 1)
+        return -max(h.allocation_weight, 1) / math.log(u)
+    return max(hubs, key=score)
+
+
+def custom(url: str, request_body: dict, hubs: list[HubView], *, timeout: float, verify: Any = True) -> Allocation:
+    """POST Azure's AllocationRequest to the webhook; validate its answer."""
+    try:
+        with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client:
+            resp = client.post(url, json=request_body)
+    except httpx.TimeoutException as exc:
+        raise AllocationFailed(f"custom allocation webhook did not answer within {timeout:g} s") from exc
+    except httpx.HTTPError as exc:
+        raise AllocationFailed(f"custom allocation webhook could not be reached: {exc}") from exc
+    if not 200 <= resp.status_code < 300:
+        raise AllocationFailed(f"custom allocation webhook returned HTTP {resp.status_code}")
+    if len(resp.content) > MAX_WEBHOOK_RESPONSE:
+        raise AllocationFailed(f"custom allocation webhook response is larger than {MAX_WEBHOOK_RESPONSE} bytes")
+    try:
+        answer = json.loads(resp.content)
+    except ValueError as exc:
+        raise AllocationFailed("custom allocation webhook returned a body that is not JSON") from exc
+    if not isinstance(answer, dict):
+        raise AllocationFailed("custom allocation webhook returned JSON that is not an object")
+    host = answer.get("iotHubHostName")
+    if not isinstance(host, str) or not host:
+        raise AllocationFailed("custom allocation webhook response lacks iotHubHostName")
+    hub = next((h for h in hubs if h.host_name == host.lower()), None)
+    if hub is None:
+        raise AllocationFailed(f"custom allocation webhook chose {host!r}, which is not one of the enrollment's linked hubs")
+    twin = answer.get("initialTwin")
+    if twin is not None and not isinstance(twin, dict):
+        raise AllocationFailed("custom allocation webhook returned an initialTwin that is not an object")
+    return Allocation(hub, twin, answer.get("payload"))

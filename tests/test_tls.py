@@ -1,0 +1,634 @@
+"""Device-plane TLS layer (opendps.transport.tls) over real loopback sockets.
+
+The server runs in a background thread with its own event loop; clients are stdlib ``ssl`` +
+``http.client`` and the real ``openssl s_client``. Certificates are throwaway ones made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from opendps.transport.tls import TlsTransport, device_tls_context, start_aiohttp_site, start_tls_server
+
+BIG_RESPONSE = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)  # 5 MiB, not compressible to zero
+BIG_REQUEST = bytes(range(256)) * (2 * 1024 * 1024 // 256)  # 2 MiB
+
+
+# --- throwaway PKI ----------------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, days: tuple[int, int] = (-1, 2),
+          san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now + timedelta(days=days[0])).not_valid_after(now + timedelta(days=days[1]))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass
+class Identity:
+    """A client identity: PEM files for stdlib (leaf+chain in one file) and for s_client (split)."""
+
+    subjects: list[str]  # what the server must report, leaf first
+    bundle: Path  # leaf + intermediates
+    leaf: Path
+    chain: Path | None  # intermediates only
+    key: Path
+
+
+@dataclass
+class Pki:
+    server_root: Path
+    server_chain: Path
+    server_key: Path
+    client_root: x509.Certificate
+    ids: dict[str, Identity]
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    d = tmp_path_factory.mktemp("tls-pki")
+    # server: P-256 root -> P-256 intermediate -> P-256 leaf (localhost, 127.0.0.1); file = leaf + intermediate
+    s_root_key, s_ica_key, s_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    s_root = _cert("Test Server Root", s_root_key, "Test Server Root", s_root_key, ca=True)
+    s_ica = _cert("Test Server ICA", s_ica_key, "Test Server Root", s_root_key, ca=True)
+    s_leaf = _cert("localhost", s_key, "Test Server ICA", s_ica_key, ca=False,
+                   san=[x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))])
+    (d / "server-root.pem").write_bytes(_pem(s_root))
+    (d / "server.pem").write_bytes(_pem(s_leaf, s_ica))
+    (d / "server.key").write_bytes(_key_pem(s_key))
+
+    # clients: P-384 root -> P-384 intermediate -> leaves
+    c_root_key, c_ica_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    c_root = _cert("Test Client Root", c_root_key, "Test Client Root", c_root_key, ca=True)
+    c_ica = _cert("Test Client ICA", c_ica_key, "Test Client Root", c_root_key, ca=True)
+    ids: dict[str, Identity] = {}
+
+    def add(label: str, leaf: x509.Certificate, key, intermediates: list[x509.Certificate]) -> None:
+        (d / f"{label}.bundle.pem").write_bytes(_pem(leaf, *intermediates))
+        (d / f"{label}.leaf.pem").write_bytes(_pem(leaf))
+        chain = None
+        if intermediates:
+            chain = d / f"{label}.chain.pem"
+            chain.write_bytes(_pem(*intermediates))
+        (d / f"{label}.key").write_bytes(_key_pem(key))
+        subjects = [c.subject.rfc4514_string() for c in (leaf, *intermediates)]
+        ids[label] = Identity(subjects, d / f"{label}.bundle.pem", d / f"{label}.leaf.pem", chain, d / f"{label}.key")
+
+    k = ec.generate_private_key(ec.SECP384R1())
+    add("chained", _cert("device-chained", k, "Test Client ICA", c_ica_key, ca=False), k, [c_ica])
+    k = ec.generate_private_key(ec.SECP384R1())
+    add("selfsigned", _cert("device-selfsigned", k, "device-selfsigned", k, ca=False), k, [])
+    k = ec.generate_private_key(ec.SECP384R1())
+    add("expired", _cert("device-expired", k, "Test Client ICA", c_ica_key, ca=False, days=(-30, -1)), k, [c_ica])
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    add("rsa", _cert("device-rsa", k, "Test Client ICA", c_ica_key, ca=False), k, [c_ica])
+    return Pki(d / "server-root.pem", d / "server.pem", d / "server.key", c_root, ids)
+
+
+# --- server in a background thread ------------------------------------------------------------
+
+
+def _subjects(request: web.Request) -> list[str]:
+    transport = request.transport
+    assert isinstance(transport, TlsTransport)
+    return [c.subject.rfc4514_string() for c in transport.get_extra_info("peer_certificate_chain")]
+
+
+async def _whoami(request: web.Request) -> web.Response:
+    t = request.transport
+    assert t is not None
+    return web.json_response({
+        "chain": _subjects(request),
+        "tls_version": t.get_extra_info("tls_version"),
+        "cipher": t.get_extra_info("cipher"),
+        "alpn": t.get_extra_info("alpn_protocol"),
+        "peer_port": t.get_extra_info("peername")[1],
+        "scheme": request.scheme,
+    })
+
+
+async def _big(request: web.Request) -> web.Response:
+    return web.Response(body=BIG_RESPONSE, content_type="application/octet-stream")
+
+
+async def _upload(request: web.Request) -> web.Response:
+    transport = request.transport
+    assert transport is not None
+    await asyncio.sleep(0.2)  # let the body pile up: aiohttp must pause reading on our transport
+    paused = not transport.is_reading()
+    body = await request.read()
+    return web.json_response({"length": len(body), "sha256": hashlib.sha256(body).hexdigest(), "paused": paused})
+
+
+class ServerThread:
+    """An event loop in a daemon thread; ``call`` runs a coroutine there and waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tls-test-loop", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class AiohttpServer(ServerThread):
+    def __init__(self, context: SSL.Context, **kw: Any) -> None:
+        super().__init__()
+        self.runner: web.AppRunner | None = None
+        self.server: asyncio.Server | None = None
+        self.port = self.call(self._start(context, kw))
+
+    async def _start(self, context: SSL.Context, kw: dict) -> int:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_get("/whoami", _whoami)
+        app.router.add_get("/big", _big)
+        app.router.add_post("/upload", _upload)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.server = await start_aiohttp_site(self.runner, "127.0.0.1", 0, context, **kw)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self.runner is not None and self.server is not None
+        await self.runner.cleanup()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def stop(self) -> float:
+        """Graceful shutdown; returns how long it took."""
+        start = time.monotonic()
+        self.call(self._stop(), timeout=30)
+        elapsed = time.monotonic() - start
+        self.close()
+        return elapsed
+
+
+@pytest.fixture(scope="module")
+def server(pki) -> AiohttpServer:
+    ctx = device_tls_context(pki.server_chain, pki.server_key, alpn=[b"http/1.1"])
+    srv = AiohttpServer(ctx)
+    yield srv
+    srv.stop()
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+
+def _client_ctx(pki: Pki, identity: Identity | None = None, version: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.server_root))
+    if identity is not None:
+        ctx.load_cert_chain(str(identity.bundle), str(identity.key))
+    if version == "1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    elif version == "1.3":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+def _get_json(port: int, ctx: ssl.SSLContext, path: str = "/whoami") -> dict:
+    conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _s_client(port: int, pki: Pki, *args: str, identity: Identity | None = None, request: bytes | None = None,
+              quiet: bool = True) -> bytes:
+    """Run ``openssl s_client``; with ``request``, send it and read until the server closes."""
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+           "-CAfile", str(pki.server_root), "-verify_return_error", *args]
+    if quiet:
+        cmd.append("-quiet")
+    if identity is not None:
+        cmd += ["-cert", str(identity.leaf), "-key", str(identity.key)]
+        if identity.chain is not None:
+            cmd += ["-cert_chain", str(identity.chain)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killer = threading.Timer(10, proc.kill)
+    killer.start()
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        if request is not None:
+            proc.stdin.write(request)
+            proc.stdin.flush()
+            out = proc.stdout.read()  # the server closes after the response (Connection: close)
+            proc.stdin.close()
+        else:
+            out, _ = proc.communicate(b"")
+        proc.wait(10)
+    finally:
+        killer.cancel()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    return out
+
+
+def _http_body(raw: bytes) -> dict:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:200]
+    return json.loads(body)
+
+
+def _wait_closed(sock: socket.socket, timeout: float = 5.0) -> float:
+    """Read until the peer closes; returns the time that took."""
+    start = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+# --- tests: chains --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_no_client_certificate_gives_empty_chain(server, pki, version):
+    got = _get_json(server.port, _client_ctx(pki, None, version))
+    assert got["chain"] == []
+    assert got["tls_version"] == f"TLSv{version}"
+    assert got["scheme"] == "https"
+    assert got["alpn"] == "http/1.1"  # server preference, though the client offered h2 first
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize("label", ["chained", "selfsigned", "expired", "rsa"])
+def test_any_client_chain_is_accepted_and_reported_as_sent(server, pki, label, version):
+    identity = pki.ids[label]
+    got = _get_json(server.port, _client_ctx(pki, identity, version))
+    assert got["chain"] == identity.subjects
+    assert got["tls_version"] == f"TLSv{version}"
+    name, proto, bits = got["cipher"]
+    assert proto == f"TLSv{version}" and bits >= 128 and name
+
+
+def test_chain_order_is_leaf_first(pki, server):
+    got = _get_json(server.port, _client_ctx(pki, pki.ids["chained"], "1.3"))
+    assert got["chain"] == ["CN=device-chained", "CN=Test Client ICA"]
+
+
+@pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("label", [None, "chained", "expired"])
+def test_openssl_s_client(server, pki, flag, label):
+    identity = pki.ids[label] if label else None
+    raw = _s_client(server.port, pki, flag, identity=identity,
+                    request=b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    got = _http_body(raw)
+    assert got["chain"] == (identity.subjects if identity else [])
+    assert got["tls_version"] == {"-tls1_2": "TLSv1.2", "-tls1_3": "TLSv1.3"}[flag]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_no_session_resumption_so_every_connection_shows_its_chain(server, pki, version):
+    ctx = _client_ctx(pki, pki.ids["chained"], version)
+    ctx.set_alpn_protocols(["http/1.1"])
+    session = None
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert not s.session_reused
+            assert _http_body(data)["chain"] == pki.ids["chained"].subjects
+            session = s.session
+            assert session is not None
+            # TLS 1.3: OpenSSL still issues (stateful) tickets with OP_NO_TICKET; the client offers one on the
+            # second connection and the server, with its session cache off, must answer with a full handshake.
+            assert session.has_ticket == (version == "1.3"), (session.has_ticket, session.id)
+
+
+def test_acceptable_ca_names_empty_by_default_and_configurable(server, pki):
+    out = _s_client(server.port, pki, "-tls1_2", quiet=False).decode()
+    assert "No client certificate CA names sent" in out
+    ctx = device_tls_context(pki.server_chain, pki.server_key, client_ca_certs=[pki.client_root])
+    other = AiohttpServer(ctx)
+    try:
+        for flag in ("-tls1_2", "-tls1_3"):
+            out = _s_client(other.port, pki, flag, quiet=False).decode()
+            assert "Acceptable client certificate CA names\nCN = Test Client Root\n" in out, out
+    finally:
+        other.stop()
+
+
+# --- tests: HTTP behaviour over the layer -------------------------------------------------------
+
+
+def test_keep_alive_two_requests_on_one_connection(server, pki):
+    conn = http.client.HTTPSConnection("localhost", server.port, context=_client_ctx(pki, pki.ids["rsa"]), timeout=10)
+    try:
+        answers = []
+        for _ in range(2):
+            conn.request("GET", "/whoami")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            answers.append(json.loads(resp.read()))
+            sock = conn.sock
+        assert conn.sock is sock  # http.client did not reconnect
+        assert answers[0] == answers[1]
+        assert answers[0]["peer_port"] == sock.getsockname()[1]
+        assert answers[0]["chain"] == pki.ids["rsa"].subjects
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_large_bodies_arrive_intact(server, pki, version):
+    conn = http.client.HTTPSConnection("localhost", server.port, context=_client_ctx(pki, pki.ids["chained"], version),
+                                       timeout=10)
+    try:
+        conn.request("GET", "/big")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200
+        assert len(body) == len(BIG_RESPONSE)
+        assert hashlib.sha256(body).digest() == hashlib.sha256(BIG_RESPONSE).digest()
+        # same connection: a 2 MiB upload, read by the server through pause/resume_reading
+        conn.request("POST", "/upload", body=BIG_REQUEST, headers={"Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.read()) == {"length": len(BIG_REQUEST), "sha256": hashlib.sha256(BIG_REQUEST).hexdigest(),
+                                           "paused": True}
+    finally:
+        conn.close()
+
+
+# --- tests: failures ----------------------------------------------------------------------------
+
+
+def _tls_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "opendps.tls"]
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"\x16\x03\x01\x00\x30" + bytes(range(0x30)),  # a handshake record holding nonsense
+    b"\x16\x03\x01\x00\x05",  # a truncated record header, then EOF
+], ids=["plain-http", "bad-clienthello", "truncated"])
+def test_garbage_closes_only_that_connection_and_logs_one_line(server, pki, caplog, garbage):
+    caplog.set_level(logging.DEBUG, logger="opendps.tls")
+    good = http.client.HTTPSConnection("localhost", server.port, context=_client_ctx(pki, pki.ids["chained"]), timeout=10)
+    try:
+        good.request("GET", "/whoami")
+        assert json.loads(good.getresponse().read())["chain"] == pki.ids["chained"].subjects
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as bad:
+            bad_port = bad.getsockname()[1]
+            bad.sendall(garbage)
+            if garbage.endswith(b"\x00\x05"):
+                bad.shutdown(socket.SHUT_WR)
+            assert _wait_closed(bad) < 4
+        # the connection opened before keeps working, and so does a new one
+        good.request("GET", "/whoami")
+        assert json.loads(good.getresponse().read())["chain"] == pki.ids["chained"].subjects
+        assert _get_json(server.port, _client_ctx(pki, pki.ids["selfsigned"]))["chain"] == ["CN=device-selfsigned"]
+    finally:
+        good.close()
+    time.sleep(0.1)  # let the server notice the closed bad socket (it must not log again)
+    records = _tls_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert f"127.0.0.1:{bad_port}" in message and "handshake" in message
+    assert records[0].levelno in (logging.INFO, logging.WARNING)
+    assert records[0].exc_info is None and "Traceback" not in message and "\n" not in message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_corrupted_record_after_handshake_closes_with_one_line(server, pki, caplog):
+    caplog.set_level(logging.DEBUG, logger="opendps.tls")
+    ctx = _client_ctx(pki, pki.ids["chained"], "1.3")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        port = raw.getsockname()[1]
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        # bypass TLS: an application-data record whose authentication tag cannot be right
+        socket.socket.sendall(s, b"\x17\x03\x03\x00\x40" + os.urandom(0x40))
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            while s.recv(65536):
+                pass
+    time.sleep(0.1)
+    records = _tls_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert f"127.0.0.1:{port}" in records[0].getMessage()
+    assert _get_json(server.port, _client_ctx(pki))["chain"] == []
+
+
+def test_silent_client_is_closed_after_handshake_timeout(pki, caplog):
+    caplog.set_level(logging.DEBUG, logger="opendps.tls")
+    srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key), handshake_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as idle:
+            port = idle.getsockname()[1]
+            waited = _wait_closed(idle)
+        assert 0.4 <= waited < 3
+        records = _tls_records(caplog)
+        assert len(records) == 1
+        assert f"127.0.0.1:{port}" in records[0].getMessage() and "timed out" in records[0].getMessage()
+        # a client that completes the handshake in time is served
+        assert _get_json(srv.port, _client_ctx(pki, pki.ids["expired"]))["chain"] == pki.ids["expired"].subjects
+    finally:
+        srv.stop()
+
+
+def test_shutdown_with_idle_keep_alive_connection_is_prompt(pki):
+    srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key))
+    closed = False
+    try:
+        ctx = _client_ctx(pki, pki.ids["chained"])
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head, _, body = s.recv(65536).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head  # kept alive, now idle
+        assert json.loads(body)["chain"] == pki.ids["chained"].subjects
+        elapsed = srv.stop()
+        closed = True
+        assert elapsed < 3
+        # the client got close_notify then FIN: a clean EOF, not a reset
+        s.settimeout(5)
+        assert s.recv(65536) == b""
+        s.close()
+    finally:
+        if not closed:
+            srv.stop()
+
+
+# --- tests: the raw layer with a non-aiohttp inner protocol -----------------------------------
+
+
+class Recorder(asyncio.Protocol):
+    """Inner protocol that records what it sees and echoes data upper-cased."""
+
+    def __init__(self, events: list, done: threading.Event) -> None:
+        self.events, self.done = events, done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        chain = transport.get_extra_info("peer_certificate_chain")
+        self.events.append(("made", [c.subject.rfc4514_string() for c in chain], transport.get_extra_info("tls_version"),
+                            transport.get_extra_info("socket") is not None, transport.can_write_eof()))
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(("data", data))
+        assert self.transport is not None
+        self.transport.write(data.upper())
+
+    def eof_received(self) -> None:
+        self.events.append(("eof",))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("lost", exc))
+        self.done.set()
+
+
+def test_raw_layer_close_notify_reaches_inner_protocol(pki):
+    loop_thread = ServerThread()
+    events: list = []
+    done = threading.Event()
+    factory: Callable[[], asyncio.Protocol] = lambda: Recorder(events, done)  # noqa: E731
+    ctx = device_tls_context(pki.server_chain, pki.server_key)
+    server = loop_thread.call(start_tls_server(factory, "127.0.0.1", 0, ctx, handshake_timeout=2))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = _client_ctx(pki, pki.ids["selfsigned"], "1.3")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            s = client.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(b"hello")
+            assert s.recv(100) == b"HELLO"
+            s.unwrap()  # sends close_notify and waits for the server's: eof_received -> close
+        assert done.wait(5)
+        assert events == [("made", ["CN=device-selfsigned"], "TLSv1.3", True, False), ("data", b"hello"), ("eof",),
+                          ("lost", None)]
+    finally:
+        server.close()
+        loop_thread.call(server.wait_closed())
+        loop_thread.close()
+
+
+class FlowProbe(asyncio.Protocol):
+    """Writes BIG_RESPONSE at once (the socket must push back), then pauses reading for a while."""
+
+    def __init__(self, events: list, done: threading.Event) -> None:
+        self.events, self.done = events, done
+        self.transport: asyncio.Transport | None = None
+        self.paused_reading = False
+        self.received = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(BIG_RESPONSE)
+        self.events.append(("wrote", transport.get_write_buffer_size() > 0))
+
+    def pause_writing(self) -> None:
+        self.events.append(("pause_writing",))
+
+    def resume_writing(self) -> None:
+        self.events.append(("resume_writing",))
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.paused_reading:
+            self.events.append(("data while paused", len(data)))
+        if not self.received:  # first bytes: hold the sender back for 0.3 s
+            self.transport.pause_reading()
+            self.paused_reading = True
+            self.events.append(("pause_reading", self.transport.is_reading()))
+            asyncio.get_running_loop().call_later(0.3, self._resume)
+        self.received += data
+        if len(self.received) == len(BIG_REQUEST):
+            self.transport.write(hashlib.sha256(self.received).hexdigest().encode())
+
+    def _resume(self) -> None:
+        assert self.transport is not None
+        self.paused_reading = False
+        self.transport.resume_reading()
+        self.events.append(("resume_reading", self.transport.is_reading()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("lost", exc))
+        self.done.set()
+
+
+def test_raw_layer_flow_control_both_directions(pki):
+    loop_thread = ServerThread()
+    events: list = []
+    done = threading.Event()
+    factory: Callable[[], asyncio.Protocol] = lambda: FlowProbe(events, done)  # noqa: E731
+    server = loop_thread.call(start_tls_server(factory, "127.0.0.1", 0, device_tls_context(pki.server_chain, pki.server_key)))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a slow reader's small window
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", port))
+        with _client_ctx(pki, None, "1.3").wrap_socket(raw, server_hostname="localhost") as s:
+            time.sleep(0.3)  # not reading: the server's socket buffer fills up
+            got = bytearray()
+            while len(got) < len(BIG_RESPONSE):
+                got += s.recv(1 << 20)
+            assert got == BIG_RESPONSE
+            s.sendall(BIG_REQUEST)  # blocks while the server holds reading paused
+            assert s.recv(100) == hashlib.sha256(BIG_REQUEST).hexdigest().encode()
+        assert done.wait(5)
+        # pause_writing comes from inside write(): the socket transport's buffer passed its high-water mark
+        assert events == [("pause_writing",), ("wrote", True), ("resume_writing",), ("pause_reading", False),
+                          ("resume_reading", True), ("lost", None)]
+    finally:
+        server.close()
+        loop_thread.call(server.wait_closed())
+        loop_thread.close()

@@ -255,22 +255,23 @@ def _s_client(port: int, pki: Pki, *args: str, identity: Identity | None = None,
         cmd += ["-cert", str(identity.leaf), "-key", str(identity.key)]
         if identity.chain is not None:
             cmd += ["-cert_chain", str(identity.chain)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    killer = threading.Timer(10, proc.kill)
-    killer.start()
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        if request is not None:
-            proc.stdin.write(request)
-            proc.stdin.flush()
-            out = proc.stdout.read()  # the server closes after the response (Connection: close)
-            proc.stdin.close()
-        else:
-            out, _ = proc.communicate(b"")
-        proc.wait(10)
-    finally:
-        killer.cancel()
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        killer = threading.Timer(10, proc.kill)
+        killer.start()
+        try:
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            if request is not None:
+                proc.stdin.write(request)
+                proc.stdin.flush()
+                out = proc.stdout.read()  # the server closes after the response (Connection: close)
+                proc.stdin.close()
+                err = proc.stderr.read()
+            else:
+                out, err = proc.communicate(b"")
+            proc.wait(10)
+        finally:
+            killer.cancel()
+    assert proc.returncode == 0, err
     return out
 
 
@@ -452,12 +453,12 @@ def test_corrupted_record_after_handshake_closes_with_one_line(server, pki, capl
     ctx = _client_ctx(pki, pki.ids["chained"], "1.3")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         port = raw.getsockname()[1]
-        s = ctx.wrap_socket(raw, server_hostname="localhost")
-        # bypass TLS: an application-data record whose authentication tag cannot be right
-        socket.socket.sendall(s, b"\x17\x03\x03\x00\x40" + os.urandom(0x40))
-        with pytest.raises((ssl.SSLError, ConnectionResetError)):
-            while s.recv(65536):
-                pass
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            # bypass TLS: an application-data record whose authentication tag cannot be right
+            socket.socket.sendall(s, b"\x17\x03\x03\x00\x40" + os.urandom(0x40))
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                while s.recv(65536):
+                    pass
     time.sleep(0.1)
     records = _tls_records(caplog)
     assert len(records) == 1, [r.getMessage() for r in records]
@@ -482,26 +483,40 @@ def test_silent_client_is_closed_after_handshake_timeout(pki, caplog):
         srv.stop()
 
 
+def _read_response(s: ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with Content-Length from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head, body
+
+
 def test_shutdown_with_idle_keep_alive_connection_is_prompt(pki):
     srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key))
-    closed = False
+    stopped = False
     try:
         ctx = _client_ctx(pki, pki.ids["chained"])
-        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-        s = ctx.wrap_socket(raw, server_hostname="localhost")
-        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        head, _, body = s.recv(65536).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head  # kept alive, now idle
-        assert json.loads(body)["chain"] == pki.ids["chained"].subjects
-        elapsed = srv.stop()
-        closed = True
-        assert elapsed < 3
-        # the client got close_notify then FIN: a clean EOF, not a reset
-        s.settimeout(5)
-        assert s.recv(65536) == b""
-        s.close()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as s:
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head, body = _read_response(s)
+            assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head  # kept alive, now idle
+            assert json.loads(body)["chain"] == pki.ids["chained"].subjects
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as half:
+                half.sendall(b"\x16\x03\x01")  # a handshake that has started but will not finish
+                time.sleep(0.1)
+                elapsed = srv.stop()
+                stopped = True
+                assert elapsed < 3
+                assert _wait_closed(half) < 2  # aborted by the shutdown, not by the 10 s handshake timeout
+            # close_notify, then FIN: a clean EOF (a bare FIN would raise SSLEOFError here)
+            assert s.recv(65536) == b""
     finally:
-        if not closed:
+        if not stopped:
             srv.stop()
 
 
@@ -545,11 +560,11 @@ def test_raw_layer_close_notify_reaches_inner_protocol(pki):
     try:
         port = server.sockets[0].getsockname()[1]
         client = _client_ctx(pki, pki.ids["selfsigned"], "1.3")
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            s = client.wrap_socket(raw, server_hostname="localhost")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                client.wrap_socket(raw, server_hostname="localhost") as s:
             s.sendall(b"hello")
             assert s.recv(100) == b"HELLO"
-            s.unwrap()  # sends close_notify and waits for the server's: eof_received -> close
+            s.unwrap().close()  # sends close_notify and waits for the server's: eof_received -> close
         assert done.wait(5)
         assert events == [("made", ["CN=device-selfsigned"], "TLSv1.3", True, False), ("data", b"hello"), ("eof",),
                           ("lost", None)]

@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 
 from opendps.api import make_app
-from opendps.transport.tls import server_context
+from opendps.transport.tls import device_tls_context, start_aiohttp_site
 
 log = logging.getLogger("opendps")
 
@@ -21,9 +21,10 @@ async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noq
     app = make_app(instance)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    ctx = server_context(instance.server_cert_path, instance.server_key_path)
-    site = web.TCPSite(runner, st.host, st.https_port, ssl_context=ctx, reuse_address=True, backlog=1024)
-    await site.start()
+    # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
+    # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
+    ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
+    await start_aiohttp_site(runner, st.host, st.https_port, ctx)
     print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
     print(f"  ID scope:           {instance.id_scope}", flush=True)
     print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)

@@ -1,15 +1,67 @@
-"""TLS server contexts for every listener.
+"""TLS for every listener.
 
-Choice (see docs/architecture.md, "TLS"): the management and device HTTPS listener use the
-stdlib ``ssl`` module with a P-256 server certificate, TLS 1.2 minimum. Device-plane listeners
-that must accept any client chain and leave the decision to attestation code (issue 3/4) add a
-pyOpenSSL layer here; front ends only ever call the functions of this module.
+Choice (see docs/architecture.md, "TLS"): the management HTTPS listener uses the stdlib ``ssl``
+module (:func:`server_context`) with a P-256 server certificate, TLS 1.2 minimum.
+
+Device-plane listeners (DPS device API over HTTPS, MQTT on 8883) must *request* but not *require* a
+client certificate, accept any chain the client sends (expired, self-signed, unknown CA) and hand it
+to the application exactly as sent, because attestation code decides at run time and answers with a
+protocol-level error (HTTP 401, CONNACK refusal) rather than a failed handshake. Stdlib ``ssl`` cannot
+do that (CERT_OPTIONAL still aborts on an unverifiable chain and has no verify callback), so this
+module drives pyOpenSSL (OpenSSL bundled with ``cryptography``) over memory BIOs from an asyncio
+protocol:
+
+* :func:`device_tls_context` builds the pyOpenSSL context;
+* :class:`TlsProtocol` sits between the socket transport and an inner protocol (aiohttp's request
+  handler, the MQTT session) and gives the inner protocol a :class:`TlsTransport`; the inner
+  protocol sees ``connection_made`` only after the handshake, so
+  ``transport.get_extra_info("peer_certificate_chain")`` is valid from the first byte;
+* :func:`start_tls_server` and :func:`start_aiohttp_site` open listeners.
+
+Session resumption is disabled on device contexts: a resumed session carries no certificate chain,
+and attestation needs the chain on every connection.
+
+Front ends only ever call the functions of this module.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
 import ssl
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from OpenSSL import SSL
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = [
+    "TlsProtocol",
+    "TlsTransport",
+    "client_context",
+    "device_tls_context",
+    "server_context",
+    "start_aiohttp_site",
+    "start_tls_server",
+]
+
+log = logging.getLogger("opendps.tls")
+
+_RECV_SIZE = 65536  # plaintext per SSL_read call (a record holds at most 16 KiB)
+_BIO_READ_SIZE = 262144  # ciphertext per read from the outgoing memory BIO
+_SEND_CHUNK = 262144  # plaintext per SSL_write; the BIO is flushed between chunks to bound memory
+_SESSION_ID_CONTEXT = b"opendps-device"
+
+
+# --- stdlib contexts (management listener, clients) -------------------------------------------
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -26,3 +78,680 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+# --- device-plane context ---------------------------------------------------------------------
+
+
+def _accept_any_chain(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+    """Verify callback: never fail the handshake; attestation judges the chain afterwards."""
+    return True
+
+
+def _alpn_selector(ours: Sequence[bytes]) -> Callable[[SSL.Connection, list[bytes]], Any]:
+    """Server-preference ALPN; no overlap continues without ALPN instead of failing (lenient devices)."""
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> Any:
+        for proto in ours:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def device_tls_context(
+    cert_file: Path,
+    key_file: Path,
+    *,
+    alpn: list[bytes] | None = None,
+    client_ca_certs: Iterable[x509.Certificate] = (),
+) -> SSL.Context:
+    """pyOpenSSL server context for device listeners: request any client chain, never reject it.
+
+    ``cert_file`` is PEM, leaf first, optionally followed by intermediates. The client certificate is
+    requested (VERIFY_PEER) but not required (no FAIL_IF_NO_PEER_CERT), and the verify callback
+    accepts everything. ``client_ca_certs`` only fills the CertificateRequest's list of acceptable CA
+    names (a hint for clients holding several identities); by default that list is empty. TLS 1.2
+    is the minimum; renegotiation and session resumption are disabled so every connection shows
+    its full chain.
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    ctx.set_options(options)
+    ctx.use_certificate_chain_file(str(cert_file))
+    ctx.use_privatekey_file(str(key_file))
+    ctx.check_privatekey()
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any_chain)
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    for ca in client_ca_certs:
+        ctx.add_client_ca(ca)
+    if alpn:
+        ctx.set_alpn_select_callback(_alpn_selector(list(alpn)))
+    return ctx
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _format_peer(peername: Any) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername) if peername else "unknown peer"
+
+
+def _describe(exc: BaseException) -> str:
+    """One-line, key-free description of a pyOpenSSL (or OS) error."""
+    if isinstance(exc, SSL.ZeroReturnError):
+        return "close_notify received during handshake"
+    if isinstance(exc, SSL.SysCallError):
+        code, text = (exc.args + (None, None))[:2]
+        if code == -1:
+            return "unexpected EOF"
+        return f"{text or 'socket error'} (errno {code})"
+    if isinstance(exc, SSL.Error):
+        reasons: list[str] = []
+        if exc.args and isinstance(exc.args[0], list):
+            for entry in exc.args[0]:
+                reason = entry[2] if isinstance(entry, tuple) and len(entry) >= 3 else str(entry)
+                if reason and reason not in reasons:
+                    reasons.append(str(reason))
+        return "; ".join(reasons) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
+    """The chain exactly as the client sent it, leaf first.
+
+    Server side, OpenSSL's SSL_get_peer_cert_chain() leaves out the leaf; it comes from
+    SSL_get_peer_certificate().
+    """
+    try:
+        leaf = conn.get_peer_certificate(as_cryptography=True)
+        rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+    except TypeError:  # pyOpenSSL without ``as_cryptography``
+        old_leaf = conn.get_peer_certificate()
+        leaf = old_leaf.to_cryptography() if old_leaf is not None else None
+        rest = [c.to_cryptography() for c in conn.get_peer_cert_chain() or []]
+    if leaf is None:
+        return []
+    if rest and rest[0] == leaf:  # some OpenSSL builds include it
+        rest = rest[1:]
+    return [leaf, *rest]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"  # close_notify queued or failure; waiting for the socket to close
+    CLOSED = "closed"
+
+
+# --- transport presented to the inner protocol ------------------------------------------------
+
+
+class TlsTransport(asyncio.Transport):
+    """What the inner protocol sees: plaintext in and out, TLS details via ``get_extra_info``.
+
+    Extra info: ``peer_certificate_chain`` (list of ``cryptography`` certificates, leaf first, ``[]``
+    without a client certificate), ``ssl_object`` (the pyOpenSSL Connection), ``sslcontext`` (the
+    pyOpenSSL Context), ``cipher`` ((name, protocol, secret bits) like stdlib ``ssl``),
+    ``tls_version`` (e.g. ``"TLSv1.3"``), ``alpn_protocol``; everything else (``peername``,
+    ``sockname``, ``socket``) comes from the socket transport.
+    """
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls: TlsProtocol) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls._extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls._inner = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._tls._inner
+
+    def is_closing(self) -> bool:
+        return self._tls._is_closing()
+
+    def close(self) -> None:
+        """Send close_notify, then close the socket once its buffer is flushed."""
+        self._tls._start_close()
+
+    def abort(self) -> None:
+        """Close the socket at once, dropping buffered data (no close_notify)."""
+        self._tls._abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expecting a bytes-like instance, got {type(data).__name__}")
+        self._tls._write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS connections cannot half-close; use close()")
+
+    def pause_reading(self) -> None:
+        self._tls._pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls._resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tls._is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        raw = self._tls._raw
+        if raw is not None:
+            raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls._write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        raw = self._tls._raw
+        if raw is None:
+            return (0, 0)
+        return raw.get_write_buffer_limits()
+
+    def __repr__(self) -> str:
+        return f"<TlsTransport {self._tls._peer} {self._tls._state.value}>"
+
+
+# --- protocol on the socket -------------------------------------------------------------------
+
+
+class TlsProtocol(asyncio.Protocol):
+    """Server-side TLS over memory BIOs between a socket transport and ``inner``.
+
+    Why hand-written: stdlib ``ssl`` (and so asyncio's sslproto) cannot accept an unverifiable
+    client chain. State machine: HANDSHAKE until pyOpenSSL's do_handshake succeeds (the inner
+    protocol is connected only then), OPEN while application data flows, CLOSING after close() or a
+    failure, CLOSED once the socket is gone. Every call into pyOpenSSL is followed by a flush of the
+    outgoing BIO (handshake flights, TLS 1.3 post-handshake messages, alerts, close_notify).
+
+    A failed or timed-out handshake closes this connection only and logs one line on
+    ``opendps.tls``.
+    """
+
+    def __init__(
+        self,
+        inner: asyncio.Protocol,
+        context: SSL.Context,
+        *,
+        handshake_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        if handshake_timeout <= 0 or close_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self._inner = inner
+        self._context = context
+        self._handshake_timeout = handshake_timeout
+        self._close_timeout = close_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._raw: asyncio.Transport | None = None
+        self._conn: SSL.Connection | None = None
+        self._app_transport = TlsTransport(self)
+        self._state = _State.NEW
+        self._peer = "unknown peer"
+        self._timer: asyncio.TimerHandle | None = None
+        self._received_bytes = False
+        self._failure_logged = False
+        self._inner_connected = False  # connection_made delivered, connection_lost not yet
+        self._eof_delivered = False
+        self._reading_paused = False
+        self._raw_writing_paused = False
+        self._inner_writing_paused = False
+        self._backlog: list[bytes] = []  # plaintext SSL_write could not take yet (WantRead)
+        self._backlog_size = 0
+        self._chain: list[x509.Certificate] = []
+
+    def __repr__(self) -> str:
+        return f"<TlsProtocol {self._peer} {self._state.value}>"
+
+    # socket-transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._loop = asyncio.get_running_loop()
+        self._raw = transport
+        self._peer = _format_peer(transport.get_extra_info("peername"))
+        conn = SSL.Connection(self._context, None)
+        conn.set_accept_state()
+        self._conn = conn
+        self._state = _State.HANDSHAKE
+        self._timer = self._loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state is _State.HANDSHAKE:
+            self._received_bytes = True
+            if self._feed(data):
+                self._do_handshake()
+        elif self._state is _State.OPEN and self._feed(data):
+            self._do_read()
+        # CLOSING/CLOSED: the socket is being closed; late bytes are irrelevant.
+
+    def eof_received(self) -> bool | None:
+        if self._state is _State.HANDSHAKE:
+            if self._received_bytes:
+                self._handshake_failed("connection closed by peer")
+            else:  # port probes and load-balancer health checks: not worth an INFO line
+                self._handshake_failed("connection closed before any byte", level=logging.DEBUG)
+            return True
+        if self._state is _State.OPEN:
+            # TCP FIN (with or without close_notify): nothing more will arrive; all records were
+            # already drained, since reading pauses at the socket when the inner protocol pauses.
+            if not self._eof_delivered:
+                self._deliver_eof()
+            return True  # keep the socket for writing if the inner protocol wants it; else closed
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self._state
+        self._state = _State.CLOSED
+        self._cancel_timer()
+        self._backlog.clear()
+        self._backlog_size = 0
+        if previous is _State.HANDSHAKE and not self._failure_logged:
+            self._failure_logged = True
+            reason = _describe(exc) if exc is not None else "connection closed"
+            log.info("TLS handshake with %s failed: %s", self._peer, reason)
+        if self._inner_connected:
+            self._inner_connected = False
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._raw_writing_paused = True
+        if self._inner_connected and not self._inner_writing_paused:
+            self._inner_writing_paused = True
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._raw_writing_paused = False
+        if self._inner_connected and self._inner_writing_paused:
+            self._inner_writing_paused = False
+            self._inner.resume_writing()
+
+    # handshake
+
+    def _do_handshake(self) -> None:
+        assert self._conn is not None
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return
+        except SSL.Error as exc:
+            self._handshake_failed(_describe(exc))
+            return
+        self._flush()
+        self._handshake_done()
+
+    def _handshake_done(self) -> None:
+        assert self._conn is not None
+        self._cancel_timer()
+        self._state = _State.OPEN
+        self._chain = _peer_chain(self._conn)
+        self._inner_connected = True
+        self._inner.connection_made(self._app_transport)
+        if self._raw_writing_paused and self._inner_connected and not self._inner_writing_paused:
+            self._inner_writing_paused = True
+            self._inner.pause_writing()
+        # A TLS 1.3 client may send application data in the same flight as its Finished.
+        self._do_read()
+
+    def _handshake_failed(self, reason: str, level: int = logging.INFO) -> None:
+        self._cancel_timer()
+        self._state = _State.CLOSING
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.log(level, "TLS handshake with %s failed: %s", self._peer, reason)
+        self._flush()  # the alert, if OpenSSL produced one
+        assert self._raw is not None
+        self._raw.close()
+        self._arm_close_timer()
+
+    def _on_handshake_timeout(self) -> None:
+        self._timer = None
+        if self._state is not _State.HANDSHAKE:
+            return
+        self._state = _State.CLOSING
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.info("TLS handshake with %s failed: timed out after %g s", self._peer, self._handshake_timeout)
+        assert self._raw is not None
+        self._raw.abort()
+
+    # reading
+
+    def _feed(self, data: bytes) -> bool:
+        assert self._conn is not None
+        try:
+            self._conn.bio_write(data)
+        except SSL.Error as exc:  # memory BIOs only fail on allocation
+            self._fail(exc)
+            return False
+        return True
+
+    def _do_read(self) -> None:
+        if self._state is not _State.OPEN or self._reading_paused:
+            return
+        conn = self._conn
+        assert conn is not None
+        chunks: list[bytes] = []
+        eof = False
+        failure: SSL.Error | None = None
+        while True:
+            try:
+                chunk = conn.recv(_RECV_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # close_notify
+                eof = True
+                break
+            except SSL.Error as exc:
+                failure = exc
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self._flush()
+        if chunks:
+            self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if failure is not None:
+            self._fail(failure)
+            return
+        if eof and not self._eof_delivered and self._state is _State.OPEN:
+            self._deliver_eof()
+        if self._backlog and self._state is _State.OPEN:
+            self._retry_backlog()
+
+    def _deliver_eof(self) -> None:
+        self._eof_delivered = True
+        keep_open = self._inner.eof_received()
+        if not keep_open:
+            self._start_close()
+
+    def _pause_reading(self) -> None:
+        if self._reading_paused:
+            return
+        self._reading_paused = True
+        if self._raw is not None and self._state is _State.OPEN:
+            self._raw.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._raw is not None and self._state is _State.OPEN:
+            self._raw.resume_reading()
+            assert self._loop is not None
+            self._loop.call_soon(self._do_read)  # records may wait inside the SSL object
+
+    def _is_reading(self) -> bool:
+        return self._state is _State.OPEN and not self._reading_paused
+
+    # writing
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state is not _State.OPEN or not data:
+            return  # like asyncio's transports: writes after close are dropped
+        if self._backlog:
+            chunk = bytes(data)
+            self._backlog.append(chunk)
+            self._backlog_size += len(chunk)
+            return
+        self._encrypt(memoryview(data).cast("B"))
+        self._flush()
+
+    def _encrypt(self, view: memoryview) -> None:
+        conn = self._conn
+        assert conn is not None
+        offset, total = 0, len(view)
+        while offset < total:
+            try:
+                offset += conn.send(view[offset : offset + _SEND_CHUNK])
+            except SSL.WantReadError:  # not expected without renegotiation; retried on next read
+                rest = bytes(view[offset:])
+                self._backlog.append(rest)
+                self._backlog_size += len(rest)
+                return
+            except SSL.Error as exc:
+                self._fail(exc)
+                return
+            if offset < total:
+                self._flush()
+
+    def _retry_backlog(self) -> None:
+        pending, self._backlog, self._backlog_size = self._backlog, [], 0
+        for i, chunk in enumerate(pending):
+            self._encrypt(memoryview(chunk))
+            if self._backlog or self._state is not _State.OPEN:
+                rest = pending[i + 1 :]
+                self._backlog.extend(rest)
+                self._backlog_size += sum(len(c) for c in rest)
+                break
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move everything OpenSSL produced from the outgoing BIO to the socket."""
+        conn, raw = self._conn, self._raw
+        if conn is None or raw is None:
+            return
+        out: list[bytes] = []
+        while True:
+            try:
+                data = conn.bio_read(_BIO_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.Error:
+                break
+            if not data:
+                break
+            out.append(data)
+        if out and not raw.is_closing():
+            raw.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write_buffer_size(self) -> int:
+        raw_size = self._raw.get_write_buffer_size() if self._raw is not None else 0
+        return raw_size + self._backlog_size
+
+    # closing
+
+    def _start_close(self) -> None:
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.CLOSING
+        assert self._conn is not None and self._raw is not None
+        with contextlib.suppress(SSL.Error):
+            self._conn.shutdown()  # queues close_notify; we do not wait for the peer's
+        self._flush()
+        self._raw.close()
+        self._arm_close_timer()
+
+    def _abort(self) -> None:
+        if self._state is _State.CLOSED or self._raw is None:
+            return
+        self._state = _State.CLOSING
+        self._cancel_timer()
+        self._raw.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Fatal TLS error after the handshake: one log line, send the alert, close."""
+        if self._state in (_State.CLOSING, _State.CLOSED):
+            return
+        self._state = _State.CLOSING
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.info("TLS error on connection from %s: %s", self._peer, _describe(exc))
+        self._flush()
+        assert self._raw is not None
+        self._raw.close()
+        self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        """Bound the wait for a peer that does not read our last bytes."""
+        self._cancel_timer()
+        raw = self._raw
+        if raw is not None and self._loop is not None and raw.get_write_buffer_size():
+            self._timer = self._loop.call_later(self._close_timeout, raw.abort)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _is_closing(self) -> bool:
+        return self._state is not _State.OPEN or self._raw is None or self._raw.is_closing()
+
+    # extra info
+
+    def _extra_info(self, name: str, default: Any) -> Any:
+        conn = self._conn
+        established = conn is not None and self._state is not _State.HANDSHAKE and self._state is not _State.NEW
+        if name == "peer_certificate_chain":
+            return list(self._chain)
+        if name == "ssl_object":
+            return conn if conn is not None else default
+        if name == "sslcontext":
+            return self._context
+        if name == "cipher":
+            if not established or conn.get_cipher_name() is None:
+                return default
+            return (conn.get_cipher_name(), conn.get_cipher_version(), conn.get_cipher_bits())
+        if name == "tls_version":
+            return conn.get_protocol_version_name() if established else default
+        if name == "alpn_protocol":
+            if not established:
+                return default
+            proto = conn.get_alpn_proto_negotiated()
+            return proto.decode("ascii", "replace") if proto else None
+        if self._raw is not None:
+            return self._raw.get_extra_info(name, default)
+        return default
+
+
+# --- listeners --------------------------------------------------------------------------------
+
+
+async def start_tls_server(
+    protocol_factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    context: SSL.Context,
+    *,
+    handshake_timeout: float = 10.0,
+    close_timeout: float = 10.0,
+    backlog: int = 1024,
+) -> asyncio.Server:
+    """Listen on ``host:port``; every connection gets a :class:`TlsProtocol` around a new inner protocol."""
+    return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None)
+
+
+async def _listen(
+    protocol_factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    context: SSL.Context,
+    handshake_timeout: float,
+    close_timeout: float,
+    backlog: int,
+    track: weakref.WeakSet[TlsProtocol] | None,
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+
+    def factory() -> TlsProtocol:
+        proto = TlsProtocol(protocol_factory(), context, handshake_timeout=handshake_timeout, close_timeout=close_timeout)
+        if track is not None:
+            track.add(proto)
+        return proto
+
+    return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
+
+
+@functools.cache
+def _aiohttp_site_class() -> type:
+    """Defined lazily so that importing this module does not import aiohttp (MQTT-only users)."""
+    from aiohttp import web
+    from yarl import URL
+
+    class DeviceTlsSite(web.BaseSite):
+        """An aiohttp site served through :class:`TlsProtocol`; runner.cleanup() stops it like TCPSite.
+
+        Stopping also aborts connections still in their handshake: otherwise one completing after
+        runner.cleanup() would reach request handlers of an application already cleaned up.
+        """
+
+        __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols")
+
+        def __init__(
+            self,
+            runner: web.BaseRunner,
+            host: str,
+            port: int,
+            context: SSL.Context,
+            *,
+            handshake_timeout: float = 10.0,
+            close_timeout: float = 10.0,
+            backlog: int = 1024,
+        ) -> None:
+            super().__init__(runner, backlog=backlog)
+            self._host, self._port, self._context = host, port, context
+            self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
+            self._protocols: weakref.WeakSet[TlsProtocol] = weakref.WeakSet()
+
+        @property
+        def name(self) -> str:
+            return str(URL.build(scheme="https", host=self._host or "0.0.0.0", port=self._port))
+
+        async def start(self) -> None:
+            await super().start()
+            server = self._runner.server
+            assert server is not None
+            self._server = await _listen(server, self._host, self._port, self._context, self._handshake_timeout,
+                                         self._close_timeout, self._backlog, self._protocols)
+
+        async def stop(self) -> None:
+            await super().stop()
+            for proto in list(self._protocols):
+                if proto._state in (_State.NEW, _State.HANDSHAKE):
+                    proto._abort()
+
+    return DeviceTlsSite
+
+
+async def start_aiohttp_site(
+    runner: web.BaseRunner,
+    host: str,
+    port: int,
+    context: SSL.Context,
+    **kw: Any,
+) -> asyncio.Server:
+    """Serve an aiohttp runner over the device TLS layer; handlers read the client chain from
+    ``request.transport.get_extra_info("peer_certificate_chain")``.
+
+    The listener is registered as a site of ``runner``, so ``runner.cleanup()`` stops it and closes
+    open keep-alive connections (sending close_notify); closing the returned server afterwards is
+    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog`` as for
+    :func:`start_tls_server`. Calls ``runner.setup()`` if that has not happened yet.
+    """
+    if runner.server is None:
+        await runner.setup()
+    site = _aiohttp_site_class()(runner, host, port, context, **kw)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.Server)
+    return server

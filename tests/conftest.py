@@ -126,6 +126,7 @@ class RunningServer:
     ca_file: Path
     env: dict
     proc: subprocess.Popen
+    id_scope: str = ""
 
     def cli(self, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the ``opendps`` command (in-process, see :func:`invoke_cli`) against this server."""
@@ -196,7 +197,7 @@ def _run_server(db_url: str, tmp_path: Path):
     data = json.loads(info.stdout)
     yield RunningServer(db_url, data_dir, data["endpoints"]["https"]["url"],
                         data["connectionStrings"]["provisioningServiceOwner"], Path(data["serverCaCertificate"]),
-                        env, proc)
+                        env, proc, data["idScope"])
     proc.terminate()
     try:
         proc.wait(timeout=15)

@@ -670,3 +670,102 @@ def test_operation_survives_restart(tmp_path):
         next(gen2, None)
     assert g.status_code == 200 and g.json()["status"] == "assigned"
     assert g.json()["registrationState"]["deviceId"] == "restarting"
+
+
+def test_individual_wins_and_the_nearest_group_decides(server, tmp_path):
+    root = make_ca("order-root")
+    ica = make_ca("order-ica", root)
+    with svc(server) as c:
+        upload_verified(server, c, "order-root", root)
+        upload_verified(server, c, "order-ica", ica)
+        put(c, "/enrollmentGroups/order-near", {"provisioningStatus": "disabled", "attestation": {
+            "type": "x509", "x509": {"caReferences": {"primary": "order-ica"}}}})
+        put(c, "/enrollmentGroups/order-far", {"attestation": {"type": "x509", "x509": {"caReferences": {
+            "primary": "order-root"}}}})
+        pinned, pinned_key = make_leaf("order-pinned", ica)
+        put(c, "/enrollments/order-pinned", {"attestation": {"type": "x509", "x509": {"clientCertificates": {
+            "primary": {"certificate": base64.b64encode(pinned.public_bytes(serialization.Encoding.DER)).decode()}}}}})
+    # the disabled group on the nearest CA decides, although the root's group is enabled
+    leaf, key = make_leaf("order-grouped", ica)
+    f, k = write_identity(tmp_path, "grouped", [leaf, ica.cert], key)
+    with device(server, f, k) as d:
+        r, _ = register(server, d, "order-grouped")
+    assert_azure_error(r, 403, "order-near")
+    assert_nothing_left(server, "order-grouped")
+    # an individual enrollment wins over any group
+    f, k = write_identity(tmp_path, "pinned", [pinned, ica.cert], pinned_key)
+    with device(server, f, k) as d:
+        _, result = register(server, d, "order-pinned")
+    assert result["status"] == "assigned" and "enrollmentGroupId" not in result["registrationState"]["x509"]
+    with svc(server) as c:
+        near = c.get("/enrollmentGroups/order-near").json()
+        near["provisioningStatus"] = "enabled"
+        assert c.put("/enrollmentGroups/order-near", json=near).status_code == 200
+    with device(server, *write_identity(tmp_path, "grouped", [leaf, ica.cert], key)) as d:
+        _, result = register(server, d, "order-grouped")
+    assert result["registrationState"]["x509"]["enrollmentGroupId"] == "order-near"
+
+
+def test_hub_trust_follows_policy_links_and_rotation(server, tmp_path):
+    with svc(server) as c:
+        namespace(c, "sync-ns", "sync-p")
+        assert c.put("/linkedHubs/sync-hub", json={"properties": {"hostName": "sync-hub.localhost",
+                                                                   "applyAllocationPolicy": False}}).status_code == 201
+
+        def trusted() -> list[x509.Certificate]:
+            return [x509.load_pem_x509_certificate(t["properties"]["certificate"].encode())
+                    for t in c.get("/linkedHubs/sync-hub/certificates").json()["value"]]
+
+        first = x509.load_pem_x509_certificate(c.get("/namespaces/sync-ns/credentials/default/policies/sync-p").json()[
+            "properties"]["certificate"]["certificateAuthorityConfiguration"]["certificate"].encode())
+        assert first not in trusted()
+        key = sym_key(c, "/enrollments/sync-dev", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": "sync-p",
+                                                   "iotHubs": ["sync-hub"]})
+        assert trusted() == [first]
+        r = c.post("/namespaces/sync-ns/credentials/default/policies/sync-p/rotate")
+        assert r.status_code == 200, r.text
+        second = x509.load_pem_x509_certificate(
+            r.json()["properties"]["certificate"]["certificateAuthorityConfiguration"]["certificate"].encode())
+        assert second != first and set(trusted()) == {first, second}
+        assert first not in [x509.load_pem_x509_certificate(t["properties"]["certificate"].encode())
+                             for t in c.get("/linkedHubs/default/certificates").json()["value"]]
+    with device(server) as d:
+        _, result = register(server, d, "sync-dev", headers={"Authorization": device_sas(server.id_scope, "sync-dev", key)},
+                             body={"csr": csr_b64(tmp_path, "sync-dev")})
+    chain = chain_from(result["registrationState"])
+    assert result["registrationState"]["assignedHub"] == "sync-hub.localhost" and chain[1] == second
+    openssl_verify_chain(tmp_path, chain)
+
+
+def test_enrollment_validation_and_post_preview_policy_reference(server):
+    with svc(server) as c:
+        namespace(c, "triple-ns", "triple-p")
+        doc = put(c, "/enrollments/triple", {"attestation": {"type": "symmetricKey"}, "namespaceName": "triple-ns",
+                                             "certificateAuthorityName": "triple-p", "certificatePolicyName": "triple-p"})
+        assert (doc["credentialPolicyName"], doc["namespaceName"]) == ("triple-p", "triple-ns")
+        for body, words in [
+            ({"attestation": {"type": "symmetricKey"}, "namespaceName": "triple-ns", "certificatePolicyName": "triple-p"},
+             "partial reference"),
+            ({"attestation": {"type": "symmetricKey"}, "credentialPolicyName": "nope"}, "does not exist"),
+            ({"attestation": {"type": "tpm"}}, "not supported"),
+            ({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "short"}}}, "base64"),
+            ({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "static"}, "exactly one hub"),
+            ({"attestation": {"type": "symmetricKey"}, "iotHubs": ["nowhere.example"]}, "not a linked hub"),
+            ({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"}, "webhookUrl"),
+            ({"attestation": {"type": "symmetricKey"}, "provisioningStatus": "paused"}, "provisioningStatus"),
+            ({"attestation": {"type": "x509", "x509": {}}}, "clientCertificates.primary"),
+        ]:
+            assert_azure_error(c.put("/enrollments/invalid-one", json=body), 400, words)
+        assert c.get("/enrollments/invalid-one").status_code == 404
+        assert_azure_error(c.put("/enrollments/" + "a" * 129, json={"attestation": {"type": "symmetricKey"}}), 400, "invalid")
+        unverified = make_ca("never-verified")
+        assert c.put("/certificates/never-verified", json={"certificate": unverified.pem}).status_code == 201
+        assert_azure_error(c.put("/enrollmentGroups/on-unverified", json={"attestation": {"type": "x509", "x509": {
+            "caReferences": {"primary": "never-verified"}}}}), 400, "not verified", code=400012)
+        listed = c.post("/enrollments/query", json={"query": "*"}, headers={"x-ms-max-item-count": "1"})
+        assert listed.status_code == 200 and len(listed.json()) == 1 and listed.headers["x-ms-continuation"] == "1"
+    with device(server) as d:
+        rid = "r" * 129
+        r, _ = register(server, d, rid, headers={"Authorization": device_sas(server.id_scope, rid, base64.b64encode(
+            b"k" * 32).decode())})
+    assert_azure_error(r, 400, "invalid")

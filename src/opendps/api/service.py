@@ -191,6 +191,13 @@ async def put_policy(request: web.Request) -> web.Response:
     return reply(policy_response(v), 201 if created else 200, v.etag)
 
 
+@routes.post("/namespaces/{ns}/credentials/default/policies/{policy}/rotate")
+async def rotate_policy(request: web.Request) -> web.Response:
+    v = await run(request, request.app["instance"].registry.rotate_policy, request.match_info["ns"],
+                  request.match_info["policy"], if_match=request.headers.get("If-Match"))
+    return reply(policy_response(v), etag=v.etag)
+
+
 @routes.get("/namespaces/{ns}/credentials/default/policies")
 async def list_policies(request: web.Request) -> web.Response:
     views = await run(request, request.app["instance"].registry.list_policies, request.match_info["ns"])

@@ -232,6 +232,30 @@ class Registry:
         except IntegrityError as exc:
             raise Conflict(f"policy {name!r} was created concurrently; retry", error_code=409001) from exc
 
+    def rotate_policy(self, namespace: str, name: str, *, if_match: str | None = None) -> PolicyView:
+        """New issuing CA for the policy; the old one is retired (still trusted by hubs until it expires,
+        so devices holding certificates from it keep connecting until they renew)."""
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            ns = self._namespace(s, namespace)
+            policy = self._policy(s, ns, name)
+            if not etag_matches(if_match, policy.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
+            generation = 1 + (s.scalar(select(func.count()).select_from(CertificateAuthority)
+                                       .where(CertificateAuthority.policy_id == policy.id)) or 0)
+            for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
+                                                                   CertificateAuthority.status == "active")):
+                ca.status = "retired"
+            root = self._root(s, ns)
+            signer = self.keys.generate(s, "ica")
+            cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), self.keys.signer(root.key_id),
+                              f"{ns.name} {name} Issuing CA G{generation}", now=now, lint=self.lint)
+            s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
+            policy.etag = new_etag()
+            policy.updated_at = now
+            s.flush()
+            return self._policy_view(s, ns, policy)
+
     def get_policy(self, namespace: str, name: str) -> PolicyView:
         with self.store.session() as s:
             ns = self._namespace(s, namespace)

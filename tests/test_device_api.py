@@ -429,8 +429,11 @@ def test_x509_refusals(server, tmp_path):
         ("disabled-01", make_leaf("disabled-01", disabled_root), 403, "disabled"),
         ("cn-mismatch-01", make_leaf("someone-else", root), 401, "does not match registration id"),
     ]
+    impostor = Ca(make_ca("refusal-root").cert, ec.generate_private_key(ec.SECP256R1()))  # same name, another key
+    cases.append(("forged-01", make_leaf("forged-01", impostor), 401, "does not validate"))
     for rid, (cert, key), status, words in cases:
-        f, k = write_identity(tmp_path, rid, [cert], key)
+        sent = [cert, root.cert] if rid == "forged-01" else [cert]  # the real CA certificate is public
+        f, k = write_identity(tmp_path, rid, sent, key)
         with device(server, f, k) as d:
             r, _ = register(server, d, rid, body={"csr": csr_b64(tmp_path, rid)})
         assert_azure_error(r, status, words)

@@ -772,3 +772,29 @@ def test_enrollment_validation_and_post_preview_policy_reference(server):
         r, _ = register(server, d, rid, headers={"Authorization": device_sas(server.id_scope, rid, base64.b64encode(
             b"k" * 32).decode())})
     assert_azure_error(r, 400, "invalid")
+
+
+def test_concurrent_registrations_of_one_device_leave_one_identity(server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with svc(server) as c:
+        namespace(c, "race-ns", "race-p")
+        key = sym_key(c, "/enrollments/racer", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": "race-p"})
+    auth = {"Authorization": device_sas(server.id_scope, "racer", key)}
+    csrs = [csr_b64(tmp_path / str(i), "racer") for i in range(6)]
+
+    def one(csr: str) -> int:
+        with device(server) as d:
+            r = d.put(f"/{server.id_scope}/registrations/racer/register", params={"api-version": PREVIEW},
+                      json={"csr": csr}, headers=auth)
+            return r.status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(one, csrs))
+    assert set(statuses) <= {202, 409} and 202 in statuses, statuses
+    with svc(server) as c:
+        devices = [x["deviceId"] for x in c.get("/linkedHubs/default/devices").json()["value"]]
+        assert devices.count("racer") == 1
+        assert [d["name"] for d in c.get("/namespaces/race-ns/devices").json()["value"]] == ["racer"]
+        assert c.get("/registrations/racer").json()["status"] == "assigned"
+    assert issued_count(server, "racer") == statuses.count(202)

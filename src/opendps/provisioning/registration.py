@@ -20,8 +20,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from opendps.errors import InvalidInput, NotFound, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
 from opendps.pki import IssuanceEngine
@@ -129,7 +130,14 @@ class Provisioning:
         except allocation.AllocationFailed as exc:
             self._store_failure(operation_id, identity, exc, now)
             return Accepted(operation_id)
-        self._commit(operation_id, identity, alloc, csr_der, now)
+        for attempt in range(3):  # a concurrent registration of the same id may win the insert race
+            try:
+                self._commit(operation_id, identity, alloc, csr_der, now)
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise Conflict(f"registration {identity.registration_id!r} is being processed concurrently; retry",
+                                   error_code=409005) from None
         return Accepted(operation_id)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:

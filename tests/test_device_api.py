@@ -527,7 +527,8 @@ def test_reregistration_with_new_csr_gives_new_certificate_and_one_device(server
 def test_hashed_allocation_and_reprovisioning(server):
     with svc(server) as c:
         for name in ("hash-a", "hash-b"):
-            r = c.put(f"/linkedHubs/{name}", json={"properties": {"hostName": f"{name}.localhost"}})
+            r = c.put(f"/linkedHubs/{name}", json={"properties": {"hostName": f"{name}.localhost",
+                                                                  "applyAllocationPolicy": False}})
             assert r.status_code == 201, r.text
         key = sym_key(c, "/enrollmentGroups/hashing", {"attestation": {"type": "symmetricKey"},
                                                    "iotHubs": ["hash-a.localhost", "hash-b.localhost"],

@@ -218,13 +218,21 @@ class Client:
 
     def request(self, method: str, path: str, json: Any = None, if_match: str | None = None) -> Any:
         """Send one request; return the decoded JSON body (None when empty) or raise CliError."""
+        return self.exchange(method, path, json=json, if_match=if_match)[0]
+
+    def exchange(self, method: str, path: str, json: Any = None, if_match: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> tuple[Any, httpx.Headers]:
+        """Like :meth:`request`, with extra request headers and the response headers returned too.
+
+        Azure's query paging travels in headers (``x-ms-max-item-count``, ``x-ms-continuation``).
+        """
         http = self._client()
-        headers = {}
+        sent = dict(headers or {})
         if (value := if_match_value(if_match)) is not None:
-            headers["If-Match"] = value
+            sent["If-Match"] = value
         url = self.connection.base_url + path
         try:
-            resp = http.request(method, path, json=json, headers=headers)
+            resp = http.request(method, path, json=json, headers=sent)
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             hint = " (trust the server CA with --ca-file)" if "CERTIFICATE_VERIFY_FAILED" in reason else ""
@@ -233,9 +241,9 @@ class Client:
             raise ApiError(resp.status_code, format_error(resp.status_code, resp.content,
                                                          resp.headers.get("x-ms-error-code")))
         if not resp.content.strip():
-            return None
+            return None, resp.headers
         try:
-            return resp.json()
+            return resp.json(), resp.headers
         except ValueError as exc:
             raise CliError(f"{method} {url} answered with a non-JSON body (HTTP {resp.status_code})") from exc
 

@@ -29,19 +29,9 @@ DEFAULT_VALIDITY_DAYS = 30
 VALIDITY = click.IntRange(1, 90)
 
 
-def api_command(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the shared connection and output options; call ``f(client, ...)`` with a ready Client."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None,
-                **kwargs: Any) -> Any:
-        client = Client(resolve_connection(login, data_dir, ca_file))
-        try:
-            return f(client, *args, **kwargs)
-        finally:
-            client.close()
-
-    options = [  # help lists them in this order, after the command's own options
+def _connection_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """The shared connection and output options, in the order help lists them (after the command's own)."""
+    return [
         click.option("--login", "-l", default=None, metavar="CONNECTION_STRING",
                      help="Service connection string 'HostName=...;SharedAccessKeyName=...;"
                           "SharedAccessKey=...' (default $OPENDPS_CONNECTION_STRING, else the local "
@@ -54,9 +44,50 @@ def api_command(f: Callable[..., Any]) -> Callable[..., Any]:
                           "data directory's tls/server-ca.pem, else the system store)."),
         OUTPUT_OPTION,
     ]
-    for option in reversed(options):
+
+
+def _with_connection_options(wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_connection_options()):
         wrapper = option(wrapper)
     return wrapper
+
+
+def api_command(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared connection and output options; call ``f(client, ...)`` with a ready Client."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None,
+                **kwargs: Any) -> Any:
+        client = Client(resolve_connection(login, data_dir, ca_file))
+        try:
+            return f(client, *args, **kwargs)
+        finally:
+            client.close()
+
+    return _with_connection_options(wrapper)
+
+
+def lazy_api_command(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Like :func:`api_command`, but ``f(connect, ...)`` gets a factory: verbs that may work offline
+    (e.g. computing a device key from a given group key) must not fail for want of a connection."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None,
+                **kwargs: Any) -> Any:
+        clients: list[Client] = []
+
+        def connect() -> Client:
+            if not clients:
+                clients.append(Client(resolve_connection(login, data_dir, ca_file)))
+            return clients[0]
+
+        try:
+            return f(connect, *args, **kwargs)
+        finally:
+            for client in clients:
+                client.close()
+
+    return _with_connection_options(wrapper)
 
 
 def _list(client: Client, path: str) -> list[Any]:
@@ -108,8 +139,11 @@ def etag_option(required: bool, help_text: str) -> Callable[[Callable[..., Any]]
 
 def register(main: click.Group) -> None:
     """Attach the ``adr`` and ``dps`` groups to the ``opendps`` command."""
+    from opendps.cli.enrollments import register as register_enrollments  # it imports this module
+
     main.add_command(adr)
     main.add_command(dps)
+    register_enrollments(dps)
 
 
 # ---------------------------------------------------------------- adr

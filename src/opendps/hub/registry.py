@@ -125,6 +125,8 @@ class Hubs:
         host = check_host_name(host_name)
         if not isinstance(allocation_weight, int) or isinstance(allocation_weight, bool) or not 0 <= allocation_weight <= 1000:
             raise InvalidInput("allocationWeight must be an integer from 0 to 1000")
+        if not isinstance(apply_allocation_policy, bool):
+            raise InvalidInput("applyAllocationPolicy must be true or false")
         with self.store.session() as s:
             if s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first() is not None:
                 raise Conflict(f"linked hub {name!r} already exists")

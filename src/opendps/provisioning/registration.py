@@ -163,10 +163,10 @@ class Provisioning:
             return registration_state(reg)
 
     def list_registrations(self, enrollment_group_id: str) -> list[dict[str, Any]]:
-        self.enrollments.get(GROUP, enrollment_group_id)  # 404 for an unknown group
+        group = self.enrollments.get(GROUP, enrollment_group_id)  # 404 for an unknown group; ids are case-insensitive
         with self.store.session() as s:
             rows = s.scalars(select(Registration).where(Registration.enrollment_kind == GROUP,
-                                                        Registration.enrollment_id == enrollment_group_id)
+                                                        Registration.enrollment_id == group.enrollment_id)
                              .order_by(Registration.registration_key))
             return [registration_state(r) for r in rows]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
 from opendps.pki import IssuanceEngine
@@ -40,6 +41,7 @@ from opendps.provisioning.attestation.x509 import X509Attestation
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
 from opendps.store import DeviceRecord, LinkedHub, Operation, Policy, Registration, Store
 
+log = logging.getLogger("opendps.provisioning")
 RETRY_AFTER_SECONDS = 2
 CSR_API_VERSION = "2025-07-01-preview"
 REGISTRATION_NOT_FOUND = 404201
@@ -109,6 +111,14 @@ class Provisioning:
 
     def register(self, credentials: DeviceCredentials, *, payload: Any = None, csr: str | None = None,
                  api_version: str | None = None) -> Accepted:
+        try:
+            return self._register(credentials, payload, csr, api_version)
+        except OpenDPSError as exc:
+            log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
+            raise
+
+    def _register(self, credentials: DeviceCredentials, payload: Any, csr: str | None,
+                  api_version: str | None) -> Accepted:
         now = datetime.now(UTC)
         identity = self.attest(credentials, now=now)
         enrollment = identity.enrollment
@@ -128,6 +138,7 @@ class Provisioning:
         try:
             alloc = self._allocate(identity, payload)
         except allocation.AllocationFailed as exc:
+            log.info("registration %r failed: %s", identity.registration_id, exc.message)
             self._store_failure(operation_id, identity, exc, now)
             return Accepted(operation_id)
         for attempt in range(3):  # a concurrent registration of the same id may win the insert race
@@ -138,6 +149,8 @@ class Provisioning:
                 if attempt == 2:
                     raise Conflict(f"registration {identity.registration_id!r} is being processed concurrently; retry",
                                    error_code=409005) from None
+        log.info("registration %r assigned to %s via %s %r%s", identity.registration_id, alloc.hub.host_name,
+                 enrollment.kind, enrollment.enrollment_id, " with a new certificate" if csr_der else "")
         return Accepted(operation_id)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:

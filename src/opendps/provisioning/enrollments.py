@@ -382,6 +382,11 @@ class Enrollments:
                 raise InvalidInput("allocationPolicy 'custom' needs customAllocationDefinition.webhookUrl (an http(s) URL)")
             api_version = cad.get("apiVersion") or "2019-03-31"
             doc["customAllocationDefinition"] = {"webhookUrl": url, "apiVersion": str(api_version)}
+            timeout = cad.get("timeoutInSeconds")  # opendps extension; Azure's own limit is not configurable
+            if timeout is not None:
+                if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 60:
+                    raise InvalidInput("customAllocationDefinition.timeoutInSeconds must be a number from 1 to 60")
+                doc["customAllocationDefinition"]["timeoutInSeconds"] = timeout
 
 
 def _ca_names(document: dict) -> list[str]:

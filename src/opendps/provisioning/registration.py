@@ -203,9 +203,9 @@ class Provisioning:
         if policy == "static":
             return allocation.Allocation(cands[0], payload=None)
         if policy == "custom":
-            return allocation.custom(doc["customAllocationDefinition"]["webhookUrl"],
-                                     self._webhook_request(identity, payload, cands), cands,
-                                     timeout=self.webhook_timeout, verify=self.webhook_verify)
+            cad = doc["customAllocationDefinition"]
+            return allocation.custom(cad["webhookUrl"], self._webhook_request(identity, payload, cands), cands,
+                                     timeout=cad.get("timeoutInSeconds", self.webhook_timeout), verify=self.webhook_verify)
         return allocation.Allocation(allocation.hashed(identity.registration_id, cands))  # hashed, geoLatency
 
     def _webhook_request(self, identity: AttestedIdentity, payload: Any, cands: list) -> dict[str, Any]:

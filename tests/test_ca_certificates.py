@@ -28,30 +28,12 @@ from cryptography.x509.oid import NameOID
 from conftest import run_openssl
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.provisioning import CaCertificates
+from seed import DEVICE_EXT, INTERMEDIATE_EXT, REGISTRATION_ID
 
 pytestmark = pytest.mark.timeout(120, func_only=True)
 
-# Seed step 1: $unique = "dev001"; $registrationId = "$unique-skittlesorter"
-REGISTRATION_ID = "dev001-skittlesorter"
 ROOT_NAME = f"{REGISTRATION_ID}-root"  # $rootCertName
 INTERMEDIATE_NAME = f"{REGISTRATION_ID}-intermediate"  # $caCertName
-
-# Seed step 2, intermediate-ext.cnf
-INTERMEDIATE_EXT = """[ v3_intermediate ]
-basicConstraints = critical,CA:true,pathlen:0
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always,issuer
-"""
-
-# Seed step 6, device-ext.cnf
-DEVICE_EXT = f"""[ v3_req ]
-basicConstraints = CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = clientAuth
-subjectAltName = DNS:{REGISTRATION_ID}
-authorityKeyIdentifier = keyid:always,issuer
-"""
 
 VERIFICATION_FAILED = 400011
 

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import func, select
 from tests.conftest import _run_server, database, invoke_cli, run_openssl
+from tests.seed import DEVICE_EXT, INTERMEDIATE_EXT
+from tests.seed import REGISTRATION_ID as SEED_ID
 
 from opendps.store import IssuedCertificate, Store
 from opendps.transport import sas
@@ -212,20 +214,6 @@ def openssl_verify_chain(directory: Path, chain: list[x509.Certificate]) -> None
 
 
 # ---------------------------------------------------------------- the seed's PKI (openssl, as printed in the seed)
-SEED_ID = "dev001-skittlesorter"
-INTERMEDIATE_EXT = """[ v3_intermediate ]
-basicConstraints = critical,CA:true,pathlen:0
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always,issuer
-"""
-DEVICE_EXT = f"""[ v3_req ]
-basicConstraints = CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = clientAuth
-subjectAltName = DNS:{SEED_ID}
-authorityKeyIdentifier = keyid:always,issuer
-"""
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ from sqlalchemy.engine import make_url
 
 from opendps.errors import ConfigurationError
 from opendps.hub import Hubs
+from opendps.hub.messaging import CloudToDevice
 from opendps.hub.registry import DEFAULT_HUB
+from opendps.hub.telemetry import TelemetrySink
 from opendps.pki import IssuanceEngine, KeyStore, load_master_key, root_ca, sign_builder
 from opendps.pki.profiles import BACKDATE, random_serial
 from opendps.provisioning import CaCertificates
@@ -148,6 +150,8 @@ class Instance:
         self.enrollments = Enrollments(store, keys)
         self.hubs = Hubs(store, keys)
         self.devices = DeviceRegistry(store)
+        self.telemetry = TelemetrySink(store)
+        self.c2d = CloudToDevice(store)
         self.provisioning = Provisioning(store, self.enrollments, self.hubs, self.issuance, self.id_scope)
         self._policy_keys: dict[str, tuple[str, str]] = {}
 

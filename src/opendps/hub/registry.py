@@ -8,6 +8,7 @@ every node, with nothing to synchronise.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -19,7 +20,7 @@ from typing import Any
 from cryptography import x509
 from sqlalchemy import func, select
 
-from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki.keys import KeyStore
 from opendps.store import CertificateAuthority, Enrollment, HubDevice, LinkedHub, Namespace, Policy, Store
@@ -244,6 +245,89 @@ class Hubs:
             hub = self._hub(s, hub_name)
             return s.scalar(select(func.count()).select_from(HubDevice).where(HubDevice.hub_id == hub.id)) or 0
 
+    # ---- twins ----
+    def _device_row(self, s, hub_name: str, device_id: str) -> tuple[LinkedHub, HubDevice]:  # noqa: ANN001
+        hub = self._hub(s, hub_name)
+        row = self.find_device(s, hub, device_id)
+        if row is None:
+            raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+        return hub, row
+
+    def patch_reported(self, hub_id: int, device_id: str, patch: object) -> int:
+        """Device side: JSON merge patch of reported properties; returns the new reported version."""
+        with self.store.session() as s:
+            row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
+                                                    HubDevice.device_key == device_id.lower())).first()
+            if row is None:
+                raise NotFound(f"device {device_id!r} no longer exists", error_code=404001)
+            row.twin_reported = merge_patch(row.twin_reported, patch, "reported properties")
+            row.reported_version += 1
+            row.etag = new_etag()
+            row.updated_at = datetime.now(UTC)
+            return row.reported_version
+
+    def update_twin(self, hub_name: str, device_id: str, *, desired: object = None, tags: object = None,
+                    if_match: str | None = None) -> DeviceIdentity:
+        """Service side: merge-patch desired properties and/or tags (twin PATCH)."""
+        with self.store.session() as s:
+            hub, row = self._device_row(s, hub_name, device_id)
+            if not etag_matches(if_match, row.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match the twin of {device_id!r}, as per RFC7232")
+            if tags is not None:
+                row.twin_tags = merge_patch(row.twin_tags, tags, "tags", limit=MAX_TAGS_BYTES)
+            if desired is not None:
+                row.twin_desired = merge_patch(row.twin_desired, desired, "desired properties")
+                row.desired_version += 1
+            row.etag = new_etag()
+            row.updated_at = datetime.now(UTC)
+            s.flush()
+            return _identity(hub, row)
+
+    # ---- device identities (service side) ----
+    def create_device(self, hub_name: str, device_id: str, *, auth_type: str = "sas", keys: tuple[str, str] | None = None,
+                      thumbprints: tuple[str | None, str | None] = (None, None), status: str = "enabled",
+                      if_match: str | None = None) -> tuple[DeviceIdentity, bool]:
+        """Create or update a device identity (hub service API ``PUT /devices/{id}``); returns (identity, created)."""
+        if auth_type not in ("sas", "selfSigned", "certificateAuthority"):
+            raise InvalidInput("authentication.type must be sas, selfSigned or certificateAuthority")
+        if status not in ("enabled", "disabled"):
+            raise InvalidInput("status must be enabled or disabled")
+        if auth_type == "selfSigned" and not thumbprints[0]:
+            raise InvalidInput("a selfSigned device needs x509Thumbprint.primaryThumbprint")
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            existing = self.find_device(s, hub, device_id)
+            if existing is not None and not etag_matches(if_match, existing.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match device {device_id!r}, as per RFC7232")
+            if existing is None and if_match not in (None, "*"):
+                raise PreconditionFailed(f"device {device_id!r} does not exist, so If-Match cannot match")
+            if auth_type == "sas" and keys is None:
+                keys = self.device_keys(hub.id, existing) if existing is not None else None
+                keys = keys or (_new_device_key(), _new_device_key())
+            row = self.put_device(s, hub, device_id, auth_type=auth_type, thumbprints=(
+                _thumb(thumbprints[0]), _thumb(thumbprints[1])), keys=keys if auth_type == "sas" else None)
+            row.status = status
+            s.flush()
+            return _identity(hub, row), existing is None
+
+    def set_status(self, hub_name: str, device_id: str, status: str) -> DeviceIdentity:
+        if status not in ("enabled", "disabled"):
+            raise InvalidInput("status must be enabled or disabled")
+        with self.store.session() as s:
+            hub, row = self._device_row(s, hub_name, device_id)
+            row.status = status
+            row.etag = new_etag()
+            row.updated_at = datetime.now(UTC)
+            s.flush()
+            return _identity(hub, row)
+
+    def delete_device(self, hub_name: str, device_id: str, *, if_match: str | None = None) -> None:
+        with self.store.session() as s:
+            _, row = self._device_row(s, hub_name, device_id)
+            if not etag_matches(if_match, row.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match device {device_id!r}, as per RFC7232")
+            s.delete(row)
+
     # ---- trust ----
     def trusted_cas(self, hub_name: str, *, now: datetime | None = None) -> list[TrustedCa]:
         """Issuing CAs this hub trusts for operational certificates (see the module docstring)."""
@@ -267,6 +351,42 @@ class Hubs:
             ).all()
             return [TrustedCa(x509.load_der_x509_certificate(ca.der), ns, pol, ca.status, sorted(users[ca.policy_id]))
                     for ca, pol, ns in rows]
+
+
+MAX_TWIN_BYTES = 32 * 1024
+MAX_TAGS_BYTES = 8 * 1024
+
+
+def merge_patch(target: dict, patch: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict:
+    """RFC 7396 JSON merge patch (``null`` deletes); keys starting with ``$`` are reserved."""
+    if not isinstance(patch, dict):
+        raise InvalidInput(f"{what} patch must be a JSON object")
+
+    def merge(base: dict, change: dict) -> dict:
+        out = dict(base)
+        for key, value in change.items():
+            if not isinstance(key, str) or key.startswith("$"):
+                raise InvalidInput(f"{what}: property name {key!r} is reserved or invalid")
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict):
+                out[key] = merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+            else:
+                out[key] = value
+        return out
+
+    result = merge(target or {}, patch)
+    if len(json.dumps(result)) > limit:
+        raise PayloadTooLarge(f"{what} would exceed {limit} bytes")
+    return result
+
+
+def _new_device_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _thumb(value: str | None) -> str | None:
+    return value.replace(":", "").upper() if value else None
 
 
 def _initial(initial_twin: dict | None) -> tuple[dict, dict]:

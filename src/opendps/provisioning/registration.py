@@ -167,6 +167,27 @@ class Provisioning:
         self.attest(credentials)
         return self.get_registration(credentials.registration_id)
 
+    def renew_through_hub(self, hub_host: str, device_id: str, csr: bytes):  # noqa: ANN201 - IssuedChain
+        """Renewal over the hub's ``$iothub/credentials`` topic: same policy, same checks, same records."""
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            reg = s.scalars(select(Registration).where(Registration.assigned_hub == hub_host.lower(),
+                                                       Registration.status == "assigned")
+                            .where(Registration.device_id == device_id)).first()
+            if reg is None:
+                raise InvalidInput(f"device {device_id!r} was not provisioned to this hub by DPS", error_code=400006)
+            enrollment = self.enrollments.find(reg.enrollment_kind, reg.enrollment_id)
+            if enrollment is None or enrollment.policy_id is None:
+                raise InvalidInput(f"device {device_id!r} has no credential policy to issue from", error_code=400006)
+            if not enrollment.enabled:
+                raise InvalidInput(f"the enrollment of device {device_id!r} is disabled", error_code=400006)
+            chain = self.engine.issue(enrollment.policy_id, csr, reg.registration_id, now=now, session=s)
+            self._record_device(s, enrollment.policy_id, device_id, reg.registration_id, hub_host, chain, now)
+            reg.certificate_serial = format(chain.leaf.serial_number, "x")
+            reg.updated_at = now
+        log.info("device %r renewed its certificate through hub %s", device_id, hub_host)
+        return chain
+
     # ---- service side ----
     def get_registration(self, registration_id: str) -> dict[str, Any]:
         with self.store.session() as s:

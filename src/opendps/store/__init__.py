@@ -18,6 +18,7 @@ from opendps.store.models import (
     AccessPolicy,
     Base,
     CertificateAuthority,
+    CloudToDeviceMessage,
     DeviceRecord,
     DpsCertificate,
     Enrollment,
@@ -29,6 +30,7 @@ from opendps.store.models import (
     Operation,
     Policy,
     Registration,
+    TelemetryEvent,
     WrappedKey,
 )
 
@@ -36,6 +38,7 @@ __all__ = [
     "AccessPolicy",
     "Base",
     "CertificateAuthority",
+    "CloudToDeviceMessage",
     "DeviceRecord",
     "DpsCertificate",
     "Enrollment",
@@ -48,6 +51,7 @@ __all__ = [
     "Policy",
     "Registration",
     "Store",
+    "TelemetryEvent",
     "WrappedKey",
     "sqlite_url",
 ]

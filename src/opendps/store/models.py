@@ -6,9 +6,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -273,4 +275,34 @@ class Operation(Base):
     registration_key: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
     result: Mapped[dict] = mapped_column(JSON, nullable=False)  # RegistrationOperationStatus as sent
+    created_at: Mapped[datetime] = _ts()
+
+
+class TelemetryEvent(Base):
+    """Device-to-cloud messages kept by the durable sink; ``id`` is the position consumers read from."""
+
+    __tablename__ = "telemetry_events"
+    __table_args__ = (Index("ix_telemetry_hub_position", "hub_id", "id"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    system_properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    enqueued_at: Mapped[datetime] = _ts()
+
+
+class CloudToDeviceMessage(Base):
+    """A cloud-to-device message waiting for the device's PUBACK (bounded per device, with expiry)."""
+
+    __tablename__ = "c2d_messages"
+    __table_args__ = (Index("ix_c2d_device", "hub_id", "device_key", "id"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    device_key: Mapped[str] = mapped_column(String(128), nullable=False)
+    message_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    system_properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    expires_at: Mapped[datetime] = _ts()
     created_at: Mapped[datetime] = _ts()

@@ -1,0 +1,97 @@
+"""Cloud-to-device messages: queued in the store until the device PUBACKs them.
+
+Bounded like IoT Hub (50 pending per device) and with an expiry (default 1 hour, at most 2 days);
+a message is deleted on PUBACK, so MQTT's at-least-once delivery holds across reconnects and restarts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
+
+from sqlalchemy import delete, func, select
+
+from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge
+from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store
+
+MAX_C2D_BYTES = 64 * 1024
+MAX_PENDING = 50
+DEFAULT_TTL = timedelta(hours=1)
+MAX_TTL = timedelta(days=2)
+
+
+class QueueFull(OpenDPSError):
+    error_code = 403004
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    pk: int
+    message_id: str
+    system: dict
+    properties: dict
+    body: bytes
+
+    def topic(self, device_id: str) -> str:
+        """``devices/{id}/messages/devicebound/{bag}`` as the Azure SDKs parse it (wire spec §6.3)."""
+        parts = [f"%24.mid={quote(self.message_id, safe='')}",
+                 f"%24.to={quote(f'/devices/{device_id}/messages/deviceBound', safe='')}"]
+        for key, name in (("correlation-id", "cid"), ("user-id", "uid"), ("content-type", "ct"),
+                          ("content-encoding", "ce"), ("absolute-expiry-time", "exp")):
+            if self.system.get(key) is not None:
+                parts.append(f"%24.{name}={quote(str(self.system[key]), safe='')}")
+        if self.system.get("ack"):
+            parts.append(f"iothub-ack={quote(str(self.system['ack']), safe='')}")
+        for key, value in self.properties.items():
+            parts.append(quote(key, safe="") if value is None else f"{quote(key, safe='')}={quote(str(value), safe='')}")
+        return f"devices/{device_id}/messages/devicebound/" + "&".join(parts)
+
+
+class CloudToDevice:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def enqueue(self, hub_name: str, device_id: str, body: bytes, *, properties: dict | None = None,
+                system: dict | None = None, ttl: timedelta | None = None) -> PendingMessage:
+        if len(body) > MAX_C2D_BYTES:
+            raise PayloadTooLarge(f"cloud-to-device message is larger than {MAX_C2D_BYTES} bytes")
+        ttl = ttl or DEFAULT_TTL
+        if not timedelta(seconds=1) <= ttl <= MAX_TTL:
+            raise InvalidInput("message time-to-live must be 1 second to 2 days")
+        props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+        sysprops = {str(k): str(v) for k, v in (system or {}).items() if v is not None}
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            hub = s.scalars(select(LinkedHub).where(LinkedHub.name == hub_name)).first()
+            if hub is None:
+                raise NotFound(f"linked hub {hub_name!r} does not exist", error_code=404001)
+            device = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id,
+                                                       HubDevice.device_key == device_id.lower())).first()
+            if device is None:
+                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+            s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.expires_at <= now))
+            pending = s.scalar(select(func.count()).select_from(CloudToDeviceMessage).where(
+                CloudToDeviceMessage.hub_id == hub.id, CloudToDeviceMessage.device_key == device.device_key)) or 0
+            if pending >= MAX_PENDING:
+                raise QueueFull(f"device {device_id!r} already has {MAX_PENDING} pending cloud-to-device messages")
+            message_id = sysprops.pop("message-id", None) or str(uuid.uuid4())
+            row = CloudToDeviceMessage(hub_id=hub.id, device_key=device.device_key, message_id=message_id,
+                                       system_properties=sysprops, properties=props, body=body,
+                                       expires_at=now + ttl, created_at=now)
+            s.add(row)
+            s.flush()
+            return PendingMessage(row.id, message_id, sysprops, props, body)
+
+    def pending(self, hub_id: int, device_key: str) -> list[PendingMessage]:
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            rows = s.scalars(select(CloudToDeviceMessage).where(
+                CloudToDeviceMessage.hub_id == hub_id, CloudToDeviceMessage.device_key == device_key,
+                CloudToDeviceMessage.expires_at > now).order_by(CloudToDeviceMessage.id)).all()
+            return [PendingMessage(r.id, r.message_id, r.system_properties, r.properties, r.body) for r in rows]
+
+    def complete(self, pk: int) -> None:
+        with self.store.session() as s:
+            s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.id == pk))

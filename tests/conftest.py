@@ -127,6 +127,7 @@ class RunningServer:
     env: dict
     proc: subprocess.Popen
     id_scope: str = ""
+    mqtt_port: int = 0
 
     def cli(self, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the ``opendps`` command (in-process, see :func:`invoke_cli`) against this server."""
@@ -175,19 +176,21 @@ def _run_server(db_url: str, tmp_path: Path):
     env.pop("OPENDPS_CONNECTION_STRING", None)
     env.pop("OPENDPS_MASTER_KEY", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    mqtt_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
-         "--mqtt-port", str(free_port())], env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--mqtt-port", str(mqtt_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    while time.time() < deadline:
+    waiting = [port, mqtt_port]
+    while waiting and time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
+            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
+                waiting.pop(0)
         except OSError:
             time.sleep(0.1)
-    else:
+    if waiting:
         proc.kill()
         pytest.fail("server did not start listening within 180 s")
     info = invoke_cli(env, "info", "-o", "json")
@@ -197,7 +200,7 @@ def _run_server(db_url: str, tmp_path: Path):
     data = json.loads(info.stdout)
     yield RunningServer(db_url, data_dir, data["endpoints"]["https"]["url"],
                         data["connectionStrings"]["provisioningServiceOwner"], Path(data["serverCaCertificate"]),
-                        env, proc, data["idScope"])
+                        env, proc, data["idScope"], data["endpoints"]["mqtt"]["port"])
     proc.terminate()
     try:
         proc.wait(timeout=15)

@@ -51,6 +51,8 @@ DB_ENV = "OPENDPS_DB"
 DEFAULT_DATA_DIR = ".opendps"
 OWNER_POLICY = "provisioningserviceowner"
 OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"
+HUB_OWNER_POLICY = "iothubowner"
+HUB_OWNER_RIGHTS = "RegistryWrite, ServiceConnect, DeviceConnect"
 SERVER_CERT_DAYS = 365
 
 
@@ -189,6 +191,13 @@ class Instance:
         primary, second = self.access_policy_keys(OWNER_POLICY)
         return sas.connection_string(self.settings.service_host, OWNER_POLICY, second if secondary else primary)
 
+    def hub_connection_string(self, hub_host: str) -> str:
+        """The hub owner connection string (for azure-iot-hub's registry manager): the hub's host on the HTTPS port."""
+        primary, _ = self.access_policy_keys(HUB_OWNER_POLICY)
+        port = self.settings.https_port
+        host = hub_host if port == 443 else f"{hub_host}:{port}"
+        return sas.connection_string(host, HUB_OWNER_POLICY, primary)
+
     def info(self) -> dict:
         st = self.settings
         return {
@@ -204,6 +213,8 @@ class Instance:
                 "deviceProvisioningHost": st.hostname,
             },
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
+            "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.host_name)}
+                     for h in self.hubs.list()],
         }
 
     def close(self) -> None:
@@ -327,6 +338,7 @@ def open_instance(settings: Settings, *, create: bool = True, migrate: bool = Tr
     keys.check_master_key()
     _set_if_absent(store, "id_scope", "0ne" + secrets.token_hex(4).upper())
     _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
+    _ensure_access_policy(store, keys, HUB_OWNER_POLICY, HUB_OWNER_RIGHTS)
     inst = Instance(settings, store, keys)
     if create:
         inst.hubs.ensure(DEFAULT_HUB, settings.hostname)

@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 
 from opendps.api import make_app
-from opendps.transport.tls import device_tls_context, start_aiohttp_site
+from opendps.transport.tls import device_tls_context, start_aiohttp_site, start_tls_server
 
 log = logging.getLogger("opendps")
 
@@ -25,7 +25,11 @@ async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noq
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
     await start_aiohttp_site(runner, st.host, st.https_port, ctx)
+    # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
+    mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
+    app["mqtt"].add_listener(await start_tls_server(app["mqtt"].protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
     print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
+    print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
     print(f"  ID scope:           {instance.id_scope}", flush=True)
     print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
     print(f"  owner connection:   {instance.owner_connection_string()}", flush=True)
@@ -41,7 +45,7 @@ async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noq
         await stop.wait()
     finally:
         print("opendps shutting down", flush=True)
-        await runner.cleanup()
+        await runner.cleanup()  # the app's cleanup closes the MQTT listener and sessions too
 
 
 def run(instance) -> None:  # noqa: ANN001

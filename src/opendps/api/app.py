@@ -14,10 +14,26 @@ from opendps.api.device import PollThrottle
 from opendps.api.device import routes as device_routes
 from opendps.api.enrollments import routes as enrollment_routes
 from opendps.api.errors import error_middleware
+from opendps.api.hub_service import routes as hub_routes
+from opendps.api.mqtt import make_authenticator
 from opendps.api.openapi import build_openapi
 from opendps.api.service import routes as service_routes
+from opendps.hub.endpoint import HubEndpoint
+from opendps.hub.telemetry import TelemetryBus
+from opendps.transport.mqtt.server import MqttServer
 
 MAX_BODY = 1024 * 1024
+
+
+async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
+    """MQTT over WebSockets (``/$iothub/websocket``, subprotocol ``mqtt``), as the Azure SDKs use with websockets=True."""
+    ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=0)
+    await ws.prepare(request)
+    transport = request.transport
+    chain = (transport.get_extra_info("peer_certificate_chain") if transport is not None else None) or []
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    await request.app["mqtt"].serve_websocket(ws, peer_certificate_chain=list(chain), peername=peer)
+    return ws
 
 
 class DomainRunner:
@@ -34,15 +50,23 @@ class DomainRunner:
 
 
 def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.Instance
-    """The HTTPS application: service API + ADR endpoints + /openapi.json."""
-    from opendps.instance import OWNER_POLICY
-
+    """The HTTPS application (management, hub service and device APIs, MQTT over WebSockets), and in
+    ``app["mqtt"]`` the MQTT server that ``opendps serve`` also puts on the MQTT port."""
     st = instance.settings
-    hosts = {st.service_host, st.hostname}
-    sas_mw = make_sas_middleware(hosts, instance.access_policy_keys, {OWNER_POLICY})
+    domain = DomainRunner()
+
+    async def hub_by_host(host: str) -> str | None:
+        hub = await domain.run(instance.hubs.by_host, host)
+        return hub.name if hub is not None else None
+
+    sas_mw = make_sas_middleware({st.service_host, st.hostname}, instance.access_policy_keys, hub_by_host)
     app = web.Application(middlewares=[error_middleware, sas_mw], client_max_size=MAX_BODY)
     app["instance"] = instance
-    app["domain"] = DomainRunner()
+    app["domain"] = domain
+    app["poll_throttle"] = PollThrottle()
+    app["telemetry_bus"] = TelemetryBus()
+    app["hub_endpoint"] = HubEndpoint(instance, domain, app["telemetry_bus"])
+    app["mqtt"] = MqttServer(make_authenticator(instance, domain, app["hub_endpoint"], app["poll_throttle"]))
     openapi = json.dumps(build_openapi())
 
     async def openapi_handler(_request: web.Request) -> web.Response:
@@ -53,12 +77,14 @@ def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.In
 
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/$iothub/websocket", mqtt_over_websocket, name="device:mqtt-websocket")
     app.add_routes(service_routes)
     app.add_routes(enrollment_routes)
+    app.add_routes(hub_routes)
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
-    app["poll_throttle"] = PollThrottle()
 
     async def _close(app: web.Application) -> None:
+        await app["mqtt"].close()
         app["domain"].close()
 
     app.on_cleanup.append(_close)

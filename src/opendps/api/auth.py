@@ -1,26 +1,41 @@
-"""Service-API authentication by shared access signature of an access policy (e.g. provisioningserviceowner).
+"""Service-API authentication by shared access signature of an access policy.
 
-``sr`` must name this service's host (with or without the port, case-insensitive); the HMAC is
-checked against the policy's primary then secondary key.
+Two policies: ``provisioningserviceowner`` (audience: this service's host, with or without the port)
+may call every management route; ``iothubowner`` (audience: a linked hub's host name, any port) may
+call only the hub service routes (named ``hub:*``), and only for the hub its audience names. The HMAC
+is checked against the policy's primary then secondary key. Device routes (``device:*``) and a few
+open paths skip this: attestation or nothing authenticates them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from opendps.errors import Unauthorized
+from opendps.errors import Forbidden, Unauthorized
 from opendps.transport import sas
 
 OPEN_PATHS = {"/openapi.json", "/healthz"}
 DEVICE_ROUTE_PREFIX = "device:"
+HUB_ROUTE_PREFIX = "hub:"
+SERVICE_POLICY = "provisioningserviceowner"
+HUB_POLICY = "iothubowner"
+
+
+def _host(audience: str) -> str:
+    """``host[:port][/]`` → host, lower-cased."""
+    host = audience.lower().rstrip("/")
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host
 
 
 def make_sas_middleware(service_hosts: set[str], policy_keys: Callable[[str], tuple[str, str]],
-                        allowed_policies: set[str]):  # noqa: ANN201
-    hosts = {h.lower() for h in service_hosts}
+                        hub_by_host: Callable[[str], Awaitable[str | None]]):  # noqa: ANN201
+    """``hub_by_host(host)`` returns the name of the linked hub with that host name, or None."""
+    hosts = {_host(h) for h in service_hosts}
 
     @web.middleware
     async def sas_middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
@@ -35,10 +50,21 @@ def make_sas_middleware(service_hosts: set[str], policy_keys: Callable[[str], tu
             token = sas.parse(header)
         except sas.SasError as exc:
             raise Unauthorized(f"invalid SharedAccessSignature: {exc}", error_code=401002) from exc
-        if unquote(token.raw_resource).lower().rstrip("/") not in hosts:
-            raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not this service",
-                               error_code=401002)
-        if token.key_name not in allowed_policies:
+        audience = _host(unquote(token.raw_resource))
+        if token.key_name == SERVICE_POLICY:
+            if audience not in hosts:
+                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not this service",
+                                   error_code=401002)
+            request["sas_hub"] = None  # may address any hub (?hub=)
+        elif token.key_name == HUB_POLICY:
+            hub = await hub_by_host(audience)
+            if hub is None:
+                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not a hub of this service",
+                                   error_code=401002)
+            if not route_name.startswith(HUB_ROUTE_PREFIX):
+                raise Forbidden(f"policy {HUB_POLICY!r} may only use the hub service API", error_code=403002)
+            request["sas_hub"] = hub
+        else:
             raise Unauthorized(f"SharedAccessSignature policy {token.key_name!r} is not authorised here",
                                error_code=401002)
         try:

@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from datetime import UTC, datetime
 
 from aiohttp import web
 
 from opendps.errors import OpenDPSError
+from opendps.transport.wire import error_body
 
 log = logging.getLogger("opendps.api")
 
 
 def error_response(status: int, error_code: int, message: str, info: dict | None = None,
                    headers: dict | None = None) -> web.Response:
-    body = {
-        "errorCode": error_code,
-        "trackingId": str(uuid.uuid4()),
-        "message": message,
-        "timestampUtc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "info": info or {},
-    }
+    body = error_body(error_code, message, info)
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
                         headers={"x-ms-error-code": str(error_code), **(headers or {})})
 

@@ -118,7 +118,8 @@ def serve(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None:
     try:
         run(inst)
     except OSError as exc:
-        raise CliError(f"cannot listen on {settings.host}:{settings.https_port}: {exc.strerror or exc}") from exc
+        raise CliError(f"cannot listen on {settings.host} (HTTPS port {settings.https_port}, MQTT port "
+                       f"{settings.mqtt_port}): {exc.strerror or exc}") from exc
     finally:
         inst.close()
 

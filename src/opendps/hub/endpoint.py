@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
 
 from opendps.errors import OpenDPSError
 from opendps.hub.auth import AuthenticatedDevice, HubAuthenticator, HubAuthFailed
@@ -27,6 +26,7 @@ from opendps.hub.registry import HubView
 from opendps.hub.telemetry import TelemetryBus, parse_property_bag
 from opendps.pki.csr import decode_csr_text
 from opendps.transport.mqtt.server import ConnectRequest, Session, SessionClosed
+from opendps.transport.wire import error_body, topic_query
 
 log = logging.getLogger("opendps.hub")
 REFUSE = 0x80
@@ -42,14 +42,9 @@ class MethodTimeout(OpenDPSError):
     error_code = 504101
 
 
-def _query(topic: str) -> dict[str, str]:
-    _, _, qs = topic.partition("?")
-    return {k: v[0] for k, v in parse_qs(qs, keep_blank_values=True).items()}
-
-
-def _error_body(exc: OpenDPSError) -> bytes:
-    return json.dumps({"errorCode": exc.error_code, "message": exc.message, "trackingId": str(uuid.uuid4()),
-                       "timestampUtc": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "info": exc.info}).encode()
+def error_payload(exc: OpenDPSError) -> bytes:
+    """An Azure error body as an MQTT payload."""
+    return json.dumps(error_body(exc.error_code, exc.message, exc.info)).encode()
 
 
 @dataclass
@@ -66,8 +61,8 @@ class DeviceSession:
     persistent = False
 
     @property
-    def key(self) -> tuple[int, str]:
-        return (self.device.hub_id, self.device.device_key)
+    def key(self) -> tuple[str, str]:
+        return (self.device.hub_name, self.device.device_key)
 
     @property
     def session_key(self) -> str:
@@ -100,14 +95,14 @@ class DeviceSession:
         if topic.startswith(events) or topic == events.rstrip("/"):
             await self.endpoint.telemetry(self.device, topic[len(events):], payload)
         elif topic.startswith("$iothub/twin/GET/"):
-            await self._twin_get(_query(topic).get("$rid"))
+            await self._twin_get(topic_query(topic).get("$rid"))
         elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
-            await self._twin_reported(_query(topic).get("$rid"), payload)
+            await self._twin_reported(topic_query(topic).get("$rid"), payload)
         elif topic.startswith("$iothub/methods/res/"):
             status = topic[len("$iothub/methods/res/"):].split("/", 1)[0]
-            self.endpoint.method_answered(self.key, _query(topic).get("$rid"), status, payload)
+            self.endpoint.method_answered(self.key, topic_query(topic).get("$rid"), status, payload)
         elif topic.startswith("$iothub/credentials/POST/issueCertificate/"):
-            await self._issue_certificate(_query(topic).get("$rid"), payload)
+            await self._issue_certificate(topic_query(topic).get("$rid"), payload)
         else:
             log.info("device %r published to %r, which is not one of its topics: connection closed", d, topic)
             session.close(f"publish to a topic outside the device's own: {topic!r}")
@@ -130,7 +125,7 @@ class DeviceSession:
         try:
             ident = await self.endpoint.run(self.endpoint.hubs.get_device, self.device.hub_name, self.device.device_id)
         except OpenDPSError as exc:
-            await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", _error_body(exc))
+            await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", error_payload(exc))
             return
         twin = ident.twin()["properties"]
         await self._reply(f"$iothub/twin/res/200/?$rid={rid}", json.dumps(twin).encode())
@@ -145,7 +140,7 @@ class DeviceSession:
                                               patch)
         except OpenDPSError as exc:
             if rid is not None:
-                await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", _error_body(exc))
+                await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", error_payload(exc))
             return
         if rid is not None:
             await self._reply(f"$iothub/twin/res/204/?$rid={rid}&$version={version}")
@@ -174,7 +169,7 @@ class DeviceSession:
             csr = decode_csr_text(body["csr"]) if isinstance(body["csr"], str) else b""
             self.renewing = True
         except OpenDPSError as exc:
-            await self._reply(f"{base}/{exc.status}/?$rid={rid}", _error_body(exc))
+            await self._reply(f"{base}/{exc.status}/?$rid={rid}", error_payload(exc))
             return
         correlation = str(uuid.uuid4())
         expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
@@ -185,7 +180,7 @@ class DeviceSession:
             await self._reply(f"{base}/200/?$rid={rid}", json.dumps({"correlationId": correlation, "certificates": [
                 base64.b64encode(d).decode() for d in chain.der_chain()]}).encode())
         except OpenDPSError as exc:
-            await self._reply(f"{base}/{exc.status}/?$rid={rid}", _error_body(exc))
+            await self._reply(f"{base}/{exc.status}/?$rid={rid}", error_payload(exc))
         finally:
             self.renewing = False
 
@@ -197,10 +192,10 @@ class HubEndpoint:
         self.domain = domain
         self.bus = bus
         self.auth = HubAuthenticator(instance.store, instance.hubs)
-        self.live: dict[tuple[int, str], DeviceSession] = {}
-        self._methods: dict[tuple[tuple[int, str], str], asyncio.Future] = {}
+        self.live: dict[tuple[str, str], DeviceSession] = {}
+        self._methods: dict[tuple[tuple[str, str], str], asyncio.Future] = {}
         self._rids = itertools.count(1)
-        self._c2d_busy: set[tuple[int, str]] = set()
+        self._c2d_busy: set[tuple[str, str]] = set()
 
     async def run(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
         return await self.domain.run(fn, *args, **kwargs)
@@ -225,12 +220,12 @@ class HubEndpoint:
             return
         self.bus.notify()
 
-    def method_answered(self, key: tuple[int, str], rid: str | None, status: str, payload: bytes) -> None:
+    def method_answered(self, key: tuple[str, str], rid: str | None, status: str, payload: bytes) -> None:
         future = self._methods.pop((key, rid or ""), None)
         if future is not None and not future.done():
             future.set_result((status, payload))
 
-    def fail_methods(self, key: tuple[int, str]) -> None:
+    def fail_methods(self, key: tuple[str, str]) -> None:
         for (k, rid), future in list(self._methods.items()):
             if k == key and not future.done():
                 future.set_exception(DeviceOffline("device disconnected before answering the method"))
@@ -242,13 +237,15 @@ class HubEndpoint:
 
     # ---- cloud → device ----
     def _live(self, hub_name: str, device_id: str) -> DeviceSession | None:
-        hub = self.hubs.get(hub_name)
-        return self.live.get((hub.id, device_id.lower()))
+        return self.live.get((hub_name, device_id.lower()))
+
+    def is_connected(self, hub_name: str, device_id: str) -> bool:
+        return self._live(hub_name, device_id) is not None
 
     async def invoke_method(self, hub_name: str, device_id: str, method: str, payload: Any, *,
                             timeout: float = 30.0) -> tuple[int, Any]:
         """Direct method: (status, payload) from the device; DeviceOffline (404) or MethodTimeout (504)."""
-        ds = await self.run(self._live, hub_name, device_id)
+        ds = self._live(hub_name, device_id)
         if ds is None or ds.session is None or "$iothub/methods/POST/#" not in ds.filters:
             raise DeviceOffline(f"device {device_id!r} is not connected and subscribed to methods")
         rid = str(next(self._rids))
@@ -274,26 +271,26 @@ class HubEndpoint:
         return code, answer
 
     async def push_desired(self, hub_name: str, device_id: str, desired: dict, version: int) -> None:
-        ds = await self.run(self._live, hub_name, device_id)
+        ds = self._live(hub_name, device_id)
         if ds is None or ds.session is None or "$iothub/twin/PATCH/properties/desired/#" not in ds.filters:
             return  # only sent while connected
         with contextlib.suppress(SessionClosed):
             await ds.session.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}",
                                      json.dumps({**desired, "$version": version}).encode(), qos=0)
 
-    def schedule_c2d(self, key: tuple[int, str]) -> None:
+    def schedule_c2d(self, key: tuple[str, str]) -> None:
         if key not in self._c2d_busy:
             self._c2d_busy.add(key)
             asyncio.get_running_loop().create_task(self._deliver_c2d(key))
 
-    async def _deliver_c2d(self, key: tuple[int, str]) -> None:
+    async def _deliver_c2d(self, key: tuple[str, str]) -> None:
         try:
             ds = self.live.get(key)
             if ds is None or ds.session is None:
                 return
             if not any(f.startswith("devices/") for f in ds.filters):
                 return
-            for message in await self.run(self.instance.c2d.pending, key[0], key[1]):
+            for message in await self.run(self.instance.c2d.pending, ds.device.hub_id, key[1]):
                 if message.pk in ds.sent:
                     continue
                 ds.sent.add(message.pk)
@@ -312,11 +309,10 @@ class HubEndpoint:
         return done
 
     async def notify_c2d(self, hub_name: str, device_id: str) -> None:
-        hub = await self.run(self.hubs.get, hub_name)
-        self.schedule_c2d((hub.id, device_id.lower()))
+        self.schedule_c2d((hub_name, device_id.lower()))
 
     async def drop(self, hub_name: str, device_id: str, reason: str) -> None:
         """Disconnect a device now (disabled or deleted by the service)."""
-        ds = await self.run(self._live, hub_name, device_id)
+        ds = self._live(hub_name, device_id)
         if ds is not None and ds.session is not None:
             ds.session.close(reason)

@@ -234,6 +234,12 @@ class Hubs:
                 raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
             return _identity(hub, row)
 
+    def device_credentials(self, hub_name: str, device_id: str) -> tuple[DeviceIdentity, tuple[str, str] | None]:
+        """The identity and its SAS keys (the service API shows them, as IoT Hub's does)."""
+        with self.store.session() as s:
+            hub, row = self._device_row(s, hub_name, device_id)
+            return _identity(hub, row), self.device_keys(hub.id, row)
+
     def list_devices(self, hub_name: str) -> list[DeviceIdentity]:
         with self.store.session() as s:
             hub = self._hub(s, hub_name)

@@ -1,0 +1,204 @@
+"""IoT hub service API in Azure's REST shapes (wire spec §6.7): device identities, twins, direct
+methods, plus C2D send and a telemetry stream (opendps' own; Azure uses AMQP and Event Hubs there).
+
+The hub is the one an ``iothubowner`` token's audience names, or ``?hub=<name>`` (default ``default``)
+for the DPS owner. Routes are named ``hub:*`` (see :mod:`opendps.api.auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from opendps.api.enrollments import json_body, send
+from opendps.api.service import run
+from opendps.errors import InvalidInput
+from opendps.hub.registry import DEFAULT_HUB, DeviceIdentity
+
+routes = web.RouteTableDef()
+MAX_METHOD_TIMEOUT = 300
+C2D_HEADERS = {"iothub-messageid": "message-id", "iothub-correlationid": "correlation-id", "iothub-userid": "user-id",
+               "iothub-ack": "ack", "content-type": "content-type", "content-encoding": "content-encoding"}
+
+
+def hub_name(request: web.Request) -> str:
+    forced = request.get("sas_hub")
+    asked = request.query.get("hub")
+    if forced is not None:
+        if asked is not None and asked != forced:
+            raise InvalidInput(f"this token is for hub {forced!r}, not {asked!r}")
+        return forced
+    return asked or DEFAULT_HUB
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def device_wire(d: DeviceIdentity, keys: tuple[str, str] | None, connected: bool) -> dict[str, Any]:
+    auth: dict[str, Any] = {"type": d.auth_type, "symmetricKey": {"primaryKey": keys[0] if keys else None,
+                                                                 "secondaryKey": keys[1] if keys else None},
+                            "x509Thumbprint": {"primaryThumbprint": d.primary_thumbprint,
+                                               "secondaryThumbprint": d.secondary_thumbprint}}
+    return {"deviceId": d.device_id, "generationId": d.generation_id, "etag": d.etag, "status": d.status,
+            "statusReason": None, "connectionState": "Connected" if connected else "Disconnected",
+            "lastActivityTime": _iso(d.updated_at), "cloudToDeviceMessageCount": 0, "authentication": auth,
+            "capabilities": {"iotEdge": False}}
+
+
+def twin_wire(d: DeviceIdentity, connected: bool) -> dict[str, Any]:
+    twin = d.twin()
+    return {"deviceId": d.device_id, "etag": d.etag, "deviceEtag": d.etag, "version": d.desired_version + d.reported_version,
+            "status": d.status, "connectionState": "Connected" if connected else "Disconnected",
+            "authenticationType": d.auth_type, "tags": twin["tags"], "properties": twin["properties"],
+            "x509Thumbprint": {"primaryThumbprint": d.primary_thumbprint, "secondaryThumbprint": d.secondary_thumbprint},
+            "capabilities": {"iotEdge": False}}
+
+
+def _connected(request: web.Request, d: DeviceIdentity) -> bool:
+    endpoint = request.app.get("hub_endpoint")
+    return endpoint is not None and endpoint.is_connected(d.hub_name, d.device_id)
+
+
+@routes.put("/devices/{id}", name="hub:device-put")
+async def put_device(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a Device JSON object")
+    device_id = request.match_info["id"]
+    if body.get("deviceId") not in (None, device_id):
+        raise InvalidInput(f"deviceId {body.get('deviceId')!r} in the body does not match {device_id!r} in the path")
+    auth = body.get("authentication") or {}
+    sym = auth.get("symmetricKey") or {}
+    thumbs = auth.get("x509Thumbprint") or {}
+    keys = (sym["primaryKey"], sym["secondaryKey"]) if sym.get("primaryKey") and sym.get("secondaryKey") else None
+    hub = hub_name(request)
+    ident, _ = await run(request, request.app["instance"].hubs.create_device, hub, device_id,
+                         auth_type=auth.get("type") or "sas", keys=keys,
+                         thumbprints=(thumbs.get("primaryThumbprint"), thumbs.get("secondaryThumbprint")),
+                         status=body.get("status") or "enabled", if_match=request.headers.get("If-Match"))
+    if ident.status != "enabled":
+        await _drop(request, hub, device_id, "device disabled by the service")
+    return await _device_reply(request, hub, device_id)
+
+
+async def _device_reply(request: web.Request, hub: str, device_id: str) -> web.Response:
+    ident, keys = await run(request, request.app["instance"].hubs.device_credentials, hub, device_id)
+    return send(device_wire(ident, keys, _connected(request, ident)), etag=ident.etag)
+
+
+async def _drop(request: web.Request, hub: str, device_id: str, reason: str) -> None:
+    endpoint = request.app.get("hub_endpoint")
+    if endpoint is not None:
+        await endpoint.drop(hub, device_id, reason)
+
+
+@routes.get("/devices/{id}", name="hub:device-get")
+async def get_device(request: web.Request) -> web.Response:
+    return await _device_reply(request, hub_name(request), request.match_info["id"])
+
+
+@routes.get("/devices", name="hub:device-list")
+async def list_devices(request: web.Request) -> web.Response:
+    devices = await run(request, request.app["instance"].hubs.list_devices, hub_name(request))
+    return send([device_wire(d, None, _connected(request, d)) for d in devices])
+
+
+@routes.delete("/devices/{id}", name="hub:device-delete")
+async def delete_device(request: web.Request) -> web.Response:
+    hub, device_id = hub_name(request), request.match_info["id"]
+    await run(request, request.app["instance"].hubs.delete_device, hub, device_id, if_match=request.headers.get("If-Match"))
+    await _drop(request, hub, device_id, "device deleted by the service")
+    return web.Response(status=204)
+
+
+@routes.get("/twins/{id}", name="hub:twin-get")
+async def get_twin(request: web.Request) -> web.Response:
+    ident = await run(request, request.app["instance"].hubs.get_device, hub_name(request), request.match_info["id"])
+    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+
+
+@routes.patch("/twins/{id}", name="hub:twin-patch")
+async def patch_twin(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a twin patch object")
+    desired = (body.get("properties") or {}).get("desired")
+    hub, device_id = hub_name(request), request.match_info["id"]
+    ident = await run(request, request.app["instance"].hubs.update_twin, hub, device_id, desired=desired,
+                      tags=body.get("tags"), if_match=request.headers.get("If-Match"))
+    if desired is not None and request.app.get("hub_endpoint") is not None:
+        await request.app["hub_endpoint"].push_desired(hub, device_id, desired, ident.desired_version)
+    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+
+
+@routes.post("/twins/{id}/methods", name="hub:method")
+async def invoke_method(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("methodName"), str) or not body["methodName"]:
+        raise InvalidInput("request body needs methodName")
+    timeout = body.get("responseTimeoutInSeconds", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= MAX_METHOD_TIMEOUT:
+        raise InvalidInput(f"responseTimeoutInSeconds must be 1-{MAX_METHOD_TIMEOUT}")
+    status, payload = await request.app["hub_endpoint"].invoke_method(
+        hub_name(request), request.match_info["id"], body["methodName"], body.get("payload"), timeout=float(timeout))
+    return send({"status": status, "payload": payload})
+
+
+@routes.post("/devices/{id}/messages/deviceBound", name="hub:c2d-send")
+async def send_c2d(request: web.Request) -> web.Response:
+    """Body = the message; ``iothub-*`` headers and ``iothub-app-<name>`` for properties; ``iothub-ttl`` seconds."""
+    hub, device_id = hub_name(request), request.match_info["id"]
+    data = await request.read()
+    system = {name: request.headers[h] for h, name in C2D_HEADERS.items() if h in request.headers}
+    props = {h[len("iothub-app-"):]: v for h, v in request.headers.items() if h.lower().startswith("iothub-app-")}
+    try:
+        ttl = timedelta(seconds=float(request.headers.get("iothub-ttl", 3600)))
+    except ValueError as exc:
+        raise InvalidInput("iothub-ttl must be a number of seconds") from exc
+    message = await run(request, request.app["instance"].c2d.enqueue, hub, device_id, data, properties=props,
+                        system=system, ttl=ttl)
+    if request.app.get("hub_endpoint") is not None:
+        await request.app["hub_endpoint"].notify_c2d(hub, device_id)
+    return send({"messageId": message.message_id}, 202)
+
+
+@routes.get("/events", name="hub:events")
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """Telemetry as NDJSON, from a position (``from=<n>``, ``earliest`` or ``latest`` = only new), live until
+    ``timeout`` seconds pass without a message (0 = follow forever) or ``count`` events were sent."""
+    hub = hub_name(request)
+    sink = request.app["instance"].telemetry
+    device_id = request.query.get("deviceId") or None
+    start = request.query.get("from", "latest")
+    try:
+        timeout = float(request.query.get("timeout", "0"))
+        count = int(request.query.get("count", "0"))
+        position = (0 if start == "earliest" else await run(request, sink.last_position, hub) if start == "latest"
+                    else int(start))
+    except ValueError as exc:
+        raise InvalidInput("from must be earliest, latest or a position; timeout and count numbers") from exc
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    bus = request.app["telemetry_bus"]
+    sent = 0
+    idle_since = asyncio.get_running_loop().time()
+    while True:
+        events = await run(request, sink.read, hub, after=position, device_id=device_id, limit=200)
+        for event in events:
+            await response.write((json.dumps(event.to_wire()) + "\n").encode())
+            position = event.position
+            sent += 1
+            if count and sent >= count:
+                return response
+        now = asyncio.get_running_loop().time()
+        if events:
+            idle_since = now
+        elif timeout and now - idle_since >= timeout:
+            return response
+        if not events:
+            await bus.wait(min(1.0, timeout - (now - idle_since)) if timeout else 1.0)

@@ -1,0 +1,426 @@
+"""DPS over MQTT and the hub's device endpoint (issue 4), with real clients against ``opendps serve``.
+
+paho-mqtt (not the project's code) provisions over MQTT with X.509 and with a symmetric key, sends a
+CSR, then connects to the hub with the issued operational chain and exercises telemetry, twin,
+methods and C2D; mosquitto_pub publishes telemetry with the operational certificate; the hub's
+refusals are checked at CONNECT.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import func, select
+from tests.conftest import REQUIRE_SERVICES, run_openssl
+from tests.test_device_api import (
+    PREVIEW,
+    csr_b64,
+    device_sas,
+    make_ca,
+    make_leaf,
+    namespace,
+    put,
+    svc,
+    sym_key,
+    upload_verified,
+    write_identity,
+)
+
+from opendps.store import CloudToDeviceMessage, Store
+from opendps.transport import sas
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+HUB = "localhost"
+# MQTT 5 reason code → the MQTT 3.1.1 CONNACK return code the server sent
+V311_RC = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+class Client:
+    """A paho-mqtt 3.1.1 client with a queue of received messages."""
+
+    def __init__(self, server, client_id: str, username: str, *, password: str | None = None,  # noqa: ANN001
+                 cert: Path | None = None, key: Path | None = None, clean_session: bool = False):
+        self.messages: queue.Queue = queue.Queue()
+        self.connack = threading.Event()
+        self.rc: int | None = None
+        self.session_present: bool | None = None
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                             protocol=mqtt.MQTTv311)
+        self.c.username_pw_set(username, password)
+        self.c.tls_set(ca_certs=str(server.ca_file), certfile=str(cert) if cert else None,
+                       keyfile=str(key) if key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.c.connect("localhost", server.mqtt_port, keepalive=30)
+        self.c.loop_start()
+        assert self.connack.wait(30), "no CONNACK"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.rc = V311_RC.get(reason_code.value, reason_code.value)  # paho 2 reports MQTT 5 reason codes
+        self.session_present = bool(flags.session_present)
+        self.connack.set()
+
+    def subscribe(self, *filters: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.subscribe([(f, 1) for f in filters])
+        assert done.wait(30), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 1) -> None:
+        self.c.publish(topic, payload, qos=qos).wait_for_publish(30)
+
+    def expect(self, prefix: str, timeout: float = 30) -> tuple[str, bytes]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                topic, payload = self.messages.get(timeout=max(0.05, deadline - time.time()))
+            except queue.Empty:
+                break
+            if topic.startswith(prefix):
+                return topic, payload
+        pytest.fail(f"no message on {prefix!r} within {timeout} s")
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def dps_username(server, rid: str) -> str:  # noqa: ANN001
+    return f"{server.id_scope}/registrations/{rid}/api-version={PREVIEW}&ClientVersion=tests"
+
+
+def hub_username(device_id: str) -> str:
+    return f"{HUB}/{device_id}/?api-version=2021-04-12"
+
+
+def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict, Path, Path]:  # noqa: ANN001, ANN003
+    """Register with a CSR over MQTT; return (registrationState, chain file, operational key file)."""
+    c = Client(server, rid, dps_username(server, rid), **auth)
+    assert c.rc == 0
+    c.subscribe("$dps/registrations/res/#")
+    csr = csr_b64(tmp_path, rid)
+    c.publish("$dps/registrations/PUT/iotdps-register/?$rid=r1", json.dumps({"registrationId": rid, "csr": csr}))
+    topic, payload = c.expect("$dps/registrations/res/")
+    assert topic.startswith("$dps/registrations/res/202/?$rid=r1&retry-after="), (topic, payload)
+    op = json.loads(payload)["operationId"]
+    c.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid=r2&operationId={op}", " ")
+    topic, payload = c.expect("$dps/registrations/res/")
+    c.close()
+    assert topic == "$dps/registrations/res/200/?$rid=r2", (topic, payload)
+    result = json.loads(payload)
+    assert result["status"] == "assigned"
+    state = result["registrationState"]
+    chain = [x509.load_der_x509_certificate(base64.b64decode(d)) for d in state["issuedCertificateChain"]]
+    chain_file = tmp_path / f"{rid}-chain.pem"
+    chain_file.write_bytes(b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain[:2]))
+    return state, chain_file, tmp_path / f"{rid}-op.key"
+
+
+def events(server, device_id: str, count: int, timeout: float = 10) -> list[dict]:  # noqa: ANN001
+    with svc(server) as c:
+        r = c.get("/events", params={"from": "earliest", "deviceId": device_id, "count": count, "timeout": timeout})
+        assert r.status_code == 200, r.text
+        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def pending_c2d(server) -> int:  # noqa: ANN001
+    store = Store(server.db_url)
+    try:
+        with store.session() as s:
+            return s.scalar(select(func.count()).select_from(CloudToDeviceMessage)) or 0
+    finally:
+        store.dispose()
+
+
+def exercise_hub(server, device_id: str, **auth) -> None:  # noqa: ANN001, ANN003
+    """Telemetry, twin, a direct method and C2D (with offline queueing) for a connected device."""
+    d = Client(server, device_id, hub_username(device_id), **auth)
+    assert d.rc == 0
+    d.subscribe(f"devices/{device_id}/messages/devicebound/#", "$iothub/methods/POST/#", "$iothub/twin/res/#",
+                "$iothub/twin/PATCH/properties/desired/#")
+    # telemetry with system and application properties, seen by a consumer
+    d.publish(f"devices/{device_id}/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&line=a%20b",
+              json.dumps({"temperature": 21.5}))
+    [event] = events(server, device_id, 1)
+    assert event["event"]["payload"] == {"temperature": 21.5}
+    assert event["event"]["properties"]["application"] == {"line": "a b"}
+    system = event["event"]["properties"]["system"]
+    assert (system["message-id"], system["content-type"], system["iothub-connection-device-id"]) == (
+        "m-1", "application/json", device_id)
+    # twin: get, reported patch, desired push
+    d.publish("$iothub/twin/GET/?$rid=t1", " ")
+    topic, payload = d.expect("$iothub/twin/res/")
+    assert topic == "$iothub/twin/res/200/?$rid=t1"
+    twin = json.loads(payload)
+    assert twin["desired"]["$version"] >= 1 and twin["reported"] == {"$version": 1}
+    d.publish("$iothub/twin/PATCH/properties/reported/?$rid=t2", json.dumps({"firmware": "1.2", "certificate": {
+        "validUntil": "x"}}))
+    topic, _ = d.expect("$iothub/twin/res/")
+    assert topic == "$iothub/twin/res/204/?$rid=t2&$version=2"
+    with svc(server) as c:
+        assert c.get(f"/twins/{device_id}").json()["properties"]["reported"]["firmware"] == "1.2"
+        r = c.patch(f"/twins/{device_id}", json={"properties": {"desired": {"interval": 5}}})
+        assert r.status_code == 200, r.text
+        version = r.json()["properties"]["desired"]["$version"]
+    topic, payload = d.expect("$iothub/twin/PATCH/properties/desired/")
+    assert topic == f"$iothub/twin/PATCH/properties/desired/?$version={version}"
+    assert json.loads(payload) == {"interval": 5, "$version": version}
+
+    # direct method round trip: the device answers from its message loop
+    def answer() -> None:
+        topic, payload = d.expect("$iothub/methods/POST/")
+        name, _, query = topic[len("$iothub/methods/POST/"):].partition("/?$rid=")
+        d.publish(f"$iothub/methods/res/201/?$rid={query}", json.dumps({"method": name, "got": json.loads(payload)}))
+
+    t = threading.Thread(target=answer)
+    t.start()
+    with svc(server) as c:
+        r = c.post(f"/twins/{device_id}/methods", json={"methodName": "reboot", "payload": {"delay": 5},
+                                                        "responseTimeoutInSeconds": 20})
+    t.join(30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": 201, "payload": {"method": "reboot", "got": {"delay": 5}}}
+    # C2D while offline: queued, delivered on connect, removed on PUBACK
+    d.close()
+    with svc(server) as c:
+        r = c.post(f"/devices/{device_id}/messages/deviceBound", content=b"hello device",
+                   headers={"iothub-messageid": "c2d-1", "iothub-app-color": "blue"})
+        assert r.status_code == 202, r.text
+        r = c.post(f"/twins/{device_id}/methods", json={"methodName": "ping", "responseTimeoutInSeconds": 5})
+        assert r.status_code == 404 and r.json()["errorCode"] // 1000 == 404
+    assert pending_c2d(server) >= 1
+    d = Client(server, device_id, hub_username(device_id), **auth)
+    d.subscribe(f"devices/{device_id}/messages/devicebound/#")
+    topic, payload = d.expect(f"devices/{device_id}/messages/devicebound/")
+    assert payload == b"hello device"
+    assert "%24.mid=c2d-1" in topic and "color=blue" in topic
+    deadline = time.time() + 10
+    while pending_c2d(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert pending_c2d(server) == 0
+    d.close()
+
+
+def test_x509_device_provisions_over_mqtt_and_uses_the_hub(server, tmp_path):
+    root = make_ca("mqtt-x509-root")
+    with svc(server) as c:
+        upload_verified(server, c, "mqtt-x509-root", root)
+        namespace(c, "mqtt-ns", "mqtt-p")
+        put(c, "/enrollmentGroups/mqtt-x509", {"credentialPolicyName": "mqtt-p", "initialTwin": {
+            "properties": {"desired": {"interval": 60}}}, "attestation": {"type": "x509", "x509": {
+                "caReferences": {"primary": "mqtt-x509-root"}}}})
+    leaf, key = make_leaf("mqtt-x509-dev", root)
+    boot_cert, boot_key = write_identity(tmp_path, "boot", [leaf], key)
+    state, chain, op_key = provision_over_mqtt(server, "mqtt-x509-dev", tmp_path, cert=boot_cert, key=boot_key)
+    assert state["assignedHub"] == HUB and state["x509"]["enrollmentGroupId"] == "mqtt-x509"
+    # the bootstrap certificate does not open the hub: its CA is not one the hub trusts
+    refused = Client(server, "mqtt-x509-dev", hub_username("mqtt-x509-dev"), cert=boot_cert, key=boot_key)
+    assert refused.rc == 5
+    refused.close()
+    exercise_hub(server, "mqtt-x509-dev", cert=chain, key=op_key)
+
+
+def test_symmetric_key_device_provisions_over_mqtt_and_uses_the_hub(server, tmp_path):
+    with svc(server) as c:
+        namespace(c, "mqtt-sym-ns", "mqtt-sym-p")
+        key = sym_key(c, "/enrollments/mqtt-sym-dev", {"attestation": {"type": "symmetricKey"},
+                                                        "credentialPolicyName": "mqtt-sym-p"})
+    # a bad SAS is answered on the response topic, as every DPS error is
+    bad = Client(server, "mqtt-sym-dev", dps_username(server, "mqtt-sym-dev"),
+                 password=device_sas(server.id_scope, "mqtt-sym-dev", base64.b64encode(b"k" * 32).decode()))
+    bad.subscribe("$dps/registrations/res/#")
+    bad.publish("$dps/registrations/PUT/iotdps-register/?$rid=x1", json.dumps({"registrationId": "mqtt-sym-dev"}))
+    topic, payload = bad.expect("$dps/registrations/res/")
+    bad.close()
+    assert topic == "$dps/registrations/res/401/?$rid=x1" and json.loads(payload)["errorCode"] == 401002
+    state, chain, op_key = provision_over_mqtt(server, "mqtt-sym-dev", tmp_path,
+                                               password=device_sas(server.id_scope, "mqtt-sym-dev", key))
+    assert state["symmetricKey"] == {}
+    exercise_hub(server, "mqtt-sym-dev", cert=chain, key=op_key)
+
+
+def test_sas_device_and_hub_refusals(server, tmp_path):
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/sas-hub-dev", {"attestation": {"type": "symmetricKey"}})
+        namespace(c, "other-ns", "other-p")
+        # other-p is linked to the hub too, so its issuing CA is trusted: only the per-device check refuses
+        sym_key(c, "/enrollments/other-linker", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": "other-p"})
+        namespace(c, "refuse-ns", "refuse-p")
+        rkey = sym_key(c, "/enrollments/refuse-dev", {"attestation": {"type": "symmetricKey"},
+                                                       "credentialPolicyName": "refuse-p"})
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
+        r = d.put(f"/{server.id_scope}/registrations/sas-hub-dev/register", params={"api-version": PREVIEW}, json={},
+                  headers={"Authorization": device_sas(server.id_scope, "sas-hub-dev", key)})
+        assert r.status_code == 202
+    hub_sas = sas.generate(f"{HUB}/devices/sas-hub-dev", key)
+    ok = Client(server, "sas-hub-dev", hub_username("sas-hub-dev"), password=hub_sas)
+    assert ok.rc == 0
+    ok.close()
+    wrong = sas.generate(f"{HUB}/devices/sas-hub-dev", base64.b64encode(b"w" * 32).decode())
+    for client_id, username, password, code in [
+        ("sas-hub-dev", hub_username("sas-hub-dev"), wrong, 4),  # bad SAS
+        ("someone-else", hub_username("sas-hub-dev"), hub_sas, 2),  # client id is not the device
+        ("sas-hub-dev", "nohub.example/sas-hub-dev/?api-version=2021-04-12", hub_sas, 5),  # unknown hub
+        ("ghost", hub_username("ghost"), hub_sas, 5),  # no such device
+    ]:
+        c = Client(server, client_id, username, password=password)
+        assert c.rc == code, (client_id, username, c.rc)
+        c.close()
+    state, chain, op_key = provision_over_mqtt(server, "refuse-dev", tmp_path,
+                                               password=device_sas(server.id_scope, "refuse-dev", rkey))
+    # a certificate from another namespace, with the right CN
+    other = tmp_path / "other"
+    other_csr = csr_b64(other, "refuse-dev")
+    from opendps.instance import Settings, open_instance
+
+    inst = open_instance(Settings.load(server.data_dir, db=server.db_url, lint=False), create=False, migrate=False)
+    try:
+        policy_id = inst.registry.find_policy_id("other-ns", "other-p")
+        foreign = inst.issuance.issue(policy_id, base64.b64decode(other_csr), "refuse-dev")
+        past = datetime.now(UTC) - timedelta(days=30)
+        expired = inst.issuance.issue(inst.registry.find_policy_id("refuse-ns", "refuse-p"),
+                                      base64.b64decode(csr_b64(tmp_path / "old", "refuse-dev")), "refuse-dev", now=past)
+    finally:
+        inst.close()
+    foreign_file = write_pem(tmp_path / "foreign.pem", foreign.certificates[:2])
+    expired_file = write_pem(tmp_path / "expired.pem", expired.certificates[:2])
+    for cert, key_file in [(foreign_file, other / "refuse-dev-op.key"),
+                           (expired_file, tmp_path / "old" / "refuse-dev-op.key")]:
+        c = Client(server, "refuse-dev", hub_username("refuse-dev"), cert=cert, key=key_file)
+        assert c.rc == 5, cert
+        c.close()
+    # disabled: refused at CONNECT, and a live session is dropped within a second
+    live = Client(server, "refuse-dev", hub_username("refuse-dev"), cert=chain, key=op_key)
+    assert live.rc == 0
+    gone = threading.Event()
+    live.c.on_disconnect = lambda *a: gone.set()
+    with svc(server) as c:
+        dev = c.get("/devices/refuse-dev").json()
+        dev["status"] = "disabled"
+        assert c.put("/devices/refuse-dev", json=dev, headers={"If-Match": "*"}).status_code == 200
+    assert gone.wait(1.5), "disabled device still connected"
+    live.c.loop_stop()
+    again = Client(server, "refuse-dev", hub_username("refuse-dev"), cert=chain, key=op_key)
+    assert again.rc == 5
+    again.close()
+
+
+def write_pem(path: Path, certs: list[x509.Certificate]) -> Path:
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    return path
+
+
+def test_mosquitto_clients_publish_telemetry_with_the_operational_certificate(server, tmp_path):
+    if shutil.which("mosquitto_pub") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("mosquitto_pub is not installed (apt-get install mosquitto-clients)")
+        pytest.skip("mosquitto_pub is not installed (apt-get install mosquitto-clients)")
+    with svc(server) as c:
+        namespace(c, "mosq-ns", "mosq-p")
+        key = sym_key(c, "/enrollments/mosq-dev", {"attestation": {"type": "symmetricKey"},
+                                                    "credentialPolicyName": "mosq-p"})
+    _, chain, op_key = provision_over_mqtt(server, "mosq-dev", tmp_path,
+                                           password=device_sas(server.id_scope, "mosq-dev", key))
+    proc = subprocess.run(
+        ["mosquitto_pub", "-h", "localhost", "-p", str(server.mqtt_port), "--cafile", str(server.ca_file),
+         "--cert", str(chain), "--key", str(op_key), "-i", "mosq-dev", "-u", hub_username("mosq-dev"), "-q", "1",
+         "-V", "mqttv311", "-t", "devices/mosq-dev/messages/events/source=mosquitto", "-m", '{"from": "mosquitto"}'],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [event] = events(server, "mosq-dev", 1)
+    assert event["event"]["payload"] == {"from": "mosquitto"}
+    assert event["event"]["properties"]["application"] == {"source": "mosquitto"}
+    # mosquitto_sub receives a C2D message with the same credentials
+    with svc(server) as c:
+        assert c.post("/devices/mosq-dev/messages/deviceBound", content=b"to-mosquitto").status_code == 202
+    sub = subprocess.run(
+        ["mosquitto_sub", "-h", "localhost", "-p", str(server.mqtt_port), "--cafile", str(server.ca_file),
+         "--cert", str(chain), "--key", str(op_key), "-i", "mosq-dev", "-u", hub_username("mosq-dev"), "-q", "1",
+         "-V", "mqttv311", "-t", "devices/mosq-dev/messages/devicebound/#", "-C", "1", "-W", "20"],
+        capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0 and sub.stdout.strip() == "to-mosquitto", (sub.returncode, sub.stdout, sub.stderr)
+
+
+def test_renewal_through_the_hub_credentials_topic(server, tmp_path):
+    with svc(server) as c:
+        namespace(c, "renew-hub-ns", "renew-hub-p")
+        key = sym_key(c, "/enrollments/renew-hub-dev", {"attestation": {"type": "symmetricKey"},
+                                                         "credentialPolicyName": "renew-hub-p"})
+    state, chain, op_key = provision_over_mqtt(server, "renew-hub-dev", tmp_path,
+                                               password=device_sas(server.id_scope, "renew-hub-dev", key))
+    first = x509.load_der_x509_certificate(base64.b64decode(state["issuedCertificateChain"][0]))
+    d = Client(server, "renew-hub-dev", hub_username("renew-hub-dev"), cert=chain, key=op_key)
+    d.subscribe("$iothub/credentials/res/#")
+    new_csr = csr_b64(tmp_path / "new", "renew-hub-dev")
+    d.publish("$iothub/credentials/POST/issueCertificate/?$rid=req-0001",
+              json.dumps({"id": "renew-hub-dev", "csr": new_csr}))
+    topic, payload = d.expect("$iothub/credentials/res/")
+    assert topic == "$iothub/credentials/res/202/?$rid=req-0001" and "correlationId" in json.loads(payload)
+    topic, payload = d.expect("$iothub/credentials/res/")
+    assert topic == "$iothub/credentials/res/200/?$rid=req-0001", payload
+    certs = [x509.load_der_x509_certificate(base64.b64decode(b)) for b in json.loads(payload)["certificates"]]
+    assert certs[0].serial_number != first.serial_number and certs[0].subject == first.subject
+    d.publish("$iothub/credentials/POST/issueCertificate/?$rid=req-0002", json.dumps({"id": "not-me", "csr": new_csr}))
+    topic, payload = d.expect("$iothub/credentials/res/")
+    assert topic == "$iothub/credentials/res/400/?$rid=req-0002" and json.loads(payload)["errorCode"] == 400006
+    d.close()
+    for n, cert in enumerate(certs):
+        (tmp_path / f"c{n}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    run_openssl("verify", "-CAfile", str(tmp_path / "c2.pem"), "-untrusted", str(tmp_path / "c1.pem"),
+                str(tmp_path / "c0.pem"))
+    renewed = write_pem(tmp_path / "renewed.pem", certs[:2])
+    d = Client(server, "renew-hub-dev", hub_username("renew-hub-dev"), cert=renewed,
+               key=tmp_path / "new" / "renew-hub-dev-op.key")
+    assert d.rc == 0
+    d.close()
+
+
+def test_publishing_outside_own_topics_closes_the_session(server, tmp_path):
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/nosy-dev", {"attestation": {"type": "symmetricKey"}})
+        sym_key(c, "/enrollments/victim-dev", {"attestation": {"type": "symmetricKey"}})
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
+        assert d.put(f"/{server.id_scope}/registrations/nosy-dev/register", params={"api-version": PREVIEW}, json={},
+                     headers={"Authorization": device_sas(server.id_scope, "nosy-dev", key)}).status_code == 202
+    c = Client(server, "nosy-dev", hub_username("nosy-dev"), password=sas.generate(f"{HUB}/devices/nosy-dev", key))
+    gone = threading.Event()
+    c.c.on_disconnect = lambda *a: gone.set()
+    c.c.publish("devices/victim-dev/messages/events/", b"spoofed", qos=1)
+    assert gone.wait(10)
+    c.c.loop_stop()
+    assert events(server, "victim-dev", 1, timeout=1) == []
+
+
+def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(server, tmp_path):
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/cohab-dev", {"attestation": {"type": "symmetricKey"}})
+    dps = Client(server, "cohab-dev", dps_username(server, "cohab-dev"),
+                 password=device_sas(server.id_scope, "cohab-dev", key))
+    dps.subscribe("$dps/registrations/res/#")
+    dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", json.dumps({"registrationId": "cohab-dev"}))
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/")
+    hub = Client(server, "cohab-dev", hub_username("cohab-dev"), password=sas.generate(f"{HUB}/devices/cohab-dev", key))
+    assert hub.rc == 0 and hub.session_present is False
+    hub.subscribe("$iothub/twin/res/#")
+    hub.close()
+    again = Client(server, "cohab-dev", hub_username("cohab-dev"), password=sas.generate(f"{HUB}/devices/cohab-dev", key))
+    assert again.rc == 0 and again.session_present is False  # clean_session=0, but hubs keep state in the store
+    # the DPS session was not taken over by the hub sessions of the same client id
+    dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=2", json.dumps({"registrationId": "cohab-dev"}))
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/?$rid=2")
+    again.close()
+    dps.close()

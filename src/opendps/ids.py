@@ -30,8 +30,9 @@ def etag_matches(if_match: str | None, etag: str) -> bool:
         return True
     for candidate in if_match.split(","):
         candidate = candidate.strip()
-        if candidate.startswith("W/"):
-            candidate = candidate[2:]
         if candidate == "*" or candidate.strip('"') == etag:
+            return True
+        # a weak validator W/"x"; checked second, since an unquoted base64 etag may itself begin with "W/"
+        if candidate.startswith("W/") and candidate[2:].strip('"') == etag:
             return True
     return False

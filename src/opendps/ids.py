@@ -33,6 +33,6 @@ def etag_matches(if_match: str | None, etag: str) -> bool:
         if candidate == "*" or candidate.strip('"') == etag:
             return True
         # a weak validator W/"x"; checked second, since an unquoted base64 etag may itself begin with "W/"
-        if candidate.startswith("W/") and candidate[2:].strip('"') == etag:
+        if candidate.startswith('W/"') and candidate[2:].strip('"') == etag:
             return True
     return False

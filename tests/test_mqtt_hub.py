@@ -53,19 +53,23 @@ class Client:
     """A paho-mqtt 3.1.1 client with a queue of received messages."""
 
     def __init__(self, server, client_id: str, username: str, *, password: str | None = None,  # noqa: ANN001
-                 cert: Path | None = None, key: Path | None = None, clean_session: bool = False):
+                 cert: Path | None = None, key: Path | None = None, clean_session: bool = False,
+                 websocket: bool = False):
         self.messages: queue.Queue = queue.Queue()
         self.connack = threading.Event()
         self.rc: int | None = None
         self.session_present: bool | None = None
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                             protocol=mqtt.MQTTv311)
+                             protocol=mqtt.MQTTv311, transport="websockets" if websocket else "tcp")
+        if websocket:
+            self.c.ws_set_options(path="/$iothub/websocket")
         self.c.username_pw_set(username, password)
         self.c.tls_set(ca_certs=str(server.ca_file), certfile=str(cert) if cert else None,
                        keyfile=str(key) if key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.c.on_connect = self._on_connect
         self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
-        self.c.connect("localhost", server.mqtt_port, keepalive=30)
+        port = int(server.url.rsplit(":", 1)[1]) if websocket else server.mqtt_port
+        self.c.connect("localhost", port, keepalive=30)
         self.c.loop_start()
         assert self.connack.wait(30), "no CONNACK"
 
@@ -424,3 +428,22 @@ def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(
     assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/?$rid=2")
     again.close()
     dps.close()
+
+
+def test_mqtt_over_websockets_on_the_https_listener(server, tmp_path):
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/ws-dev", {"attestation": {"type": "symmetricKey"}})
+    dps = Client(server, "ws-dev", dps_username(server, "ws-dev"), password=device_sas(server.id_scope, "ws-dev", key),
+                 websocket=True)
+    assert dps.rc == 0
+    dps.subscribe("$dps/registrations/res/#")
+    dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=w1", json.dumps({"registrationId": "ws-dev"}))
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/?$rid=w1")
+    dps.close()
+    hub = Client(server, "ws-dev", hub_username("ws-dev"), password=sas.generate(f"{HUB}/devices/ws-dev", key),
+                 websocket=True)
+    assert hub.rc == 0
+    hub.publish("devices/ws-dev/messages/events/via=ws", b"over websockets")
+    [event] = events(server, "ws-dev", 1)
+    assert event["event"]["payload"] == "over websockets" and event["event"]["properties"]["application"] == {"via": "ws"}
+    hub.close()

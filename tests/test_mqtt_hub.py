@@ -307,6 +307,10 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
         c = Client(server, "refuse-dev", hub_username("refuse-dev"), cert=cert, key=key_file)
         assert c.rc == 5, cert
         c.close()
+    # the operational certificate with a client id that is not its CN
+    c = Client(server, "not-the-cn", hub_username("refuse-dev"), cert=chain, key=op_key)
+    assert c.rc == 2
+    c.close()
     # disabled: refused at CONNECT, and a live session is dropped within a second
     live = Client(server, "refuse-dev", hub_username("refuse-dev"), cert=chain, key=op_key)
     assert live.rc == 0
@@ -447,3 +451,27 @@ def test_mqtt_over_websockets_on_the_https_listener(server, tmp_path):
     [event] = events(server, "ws-dev", 1)
     assert event["event"]["payload"] == "over websockets" and event["event"]["properties"]["application"] == {"via": "ws"}
     hub.close()
+
+
+def test_c2d_queue_is_bounded_and_messages_expire(server, tmp_path):
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/c2d-bound-dev", {"attestation": {"type": "symmetricKey"}})
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
+        assert d.put(f"/{server.id_scope}/registrations/c2d-bound-dev/register", params={"api-version": PREVIEW},
+                     json={}, headers={"Authorization": device_sas(server.id_scope, "c2d-bound-dev", key)}).status_code == 202
+    with svc(server) as c:
+        r = c.post("/devices/c2d-bound-dev/messages/deviceBound", content=b"short-lived", headers={"iothub-ttl": "1"})
+        assert r.status_code == 202
+        time.sleep(1.5)
+        for n in range(50):
+            r = c.post("/devices/c2d-bound-dev/messages/deviceBound", content=f"m{n}".encode())
+            assert r.status_code == 202, (n, r.text)
+        r = c.post("/devices/c2d-bound-dev/messages/deviceBound", content=b"one too many")
+        assert r.status_code == 403 and r.json()["errorCode"] == 403004
+        assert c.post("/devices/nobody/messages/deviceBound", content=b"x").status_code == 404
+    d = Client(server, "c2d-bound-dev", hub_username("c2d-bound-dev"),
+               password=sas.generate(f"{HUB}/devices/c2d-bound-dev", key))
+    d.subscribe("devices/c2d-bound-dev/messages/devicebound/#")
+    received = [d.expect("devices/c2d-bound-dev/messages/devicebound/")[1] for _ in range(50)]
+    d.close()
+    assert received == [f"m{n}".encode() for n in range(50)]  # in order, the expired one never delivered

@@ -21,6 +21,7 @@ from opendps.hub.registry import DEFAULT_HUB, DeviceIdentity
 
 routes = web.RouteTableDef()
 MAX_METHOD_TIMEOUT = 300
+HEARTBEAT = 15.0
 C2D_HEADERS = {"iothub-messageid": "message-id", "iothub-correlationid": "correlation-id", "iothub-userid": "user-id",
                "iothub-ack": "ack", "content-type": "content-type", "content-encoding": "content-encoding"}
 
@@ -75,7 +76,9 @@ async def put_device(request: web.Request) -> web.Response:
     auth = body.get("authentication") or {}
     sym = auth.get("symmetricKey") or {}
     thumbs = auth.get("x509Thumbprint") or {}
-    keys = (sym["primaryKey"], sym["secondaryKey"]) if sym.get("primaryKey") and sym.get("secondaryKey") else None
+    if bool(sym.get("primaryKey")) != bool(sym.get("secondaryKey")):
+        raise InvalidInput("authentication.symmetricKey needs both primaryKey and secondaryKey, or neither (generated)")
+    keys = (sym["primaryKey"], sym["secondaryKey"]) if sym.get("primaryKey") else None
     hub = hub_name(request)
     ident, _ = await run(request, request.app["instance"].hubs.create_device, hub, device_id,
                          auth_type=auth.get("type") or "sas", keys=keys,
@@ -186,8 +189,10 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     bus = request.app["telemetry_bus"]
     sent = 0
-    idle_since = asyncio.get_running_loop().time()
+    idle_since = last_write = asyncio.get_running_loop().time()
     while True:
+        if request.transport is None or request.transport.is_closing():
+            return response  # the consumer went away
         events = await run(request, sink.read, hub, after=position, device_id=device_id, limit=200)
         for event in events:
             await response.write((json.dumps(event.to_wire()) + "\n").encode())
@@ -201,4 +206,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         elif timeout and now - idle_since >= timeout:
             return response
         if not events:
+            if now - last_write >= HEARTBEAT:  # a blank line: lets a proxy, and us, notice a dead consumer
+                await response.write(b"\n")
+                last_write = now
             await bus.wait(min(1.0, timeout - (now - idle_since)) if timeout else 1.0)
+        else:
+            last_write = now

@@ -10,7 +10,8 @@ import base64
 import json
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,25 +222,23 @@ class Client:
         return self.exchange(method, path, json=json, if_match=if_match)[0]
 
     def exchange(self, method: str, path: str, json: Any = None, if_match: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> tuple[Any, httpx.Headers]:
+                 headers: Mapping[str, str] | None = None, *, params: Mapping[str, str] | None = None,
+                 content: bytes | None = None, timeout: float | None = None) -> tuple[Any, httpx.Headers]:
         """Like :meth:`request`, with extra request headers and the response headers returned too.
 
-        Azure's query paging travels in headers (``x-ms-max-item-count``, ``x-ms-continuation``).
+        Azure's query paging travels in headers (``x-ms-max-item-count``, ``x-ms-continuation``); the hub
+        API also takes query parameters (``?hub=``), raw bodies (C2D messages) and long waits (methods).
         """
         http = self._client()
-        sent = dict(headers or {})
-        if (value := if_match_value(if_match)) is not None:
-            sent["If-Match"] = value
+        sent = self._headers(headers, if_match)
         url = self.connection.base_url + path
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            resp = http.request(method, path, json=json, headers=sent)
+            resp = http.request(method, path, json=json, content=content, headers=sent, params=params, **extra)
         except httpx.TransportError as exc:
-            reason = str(exc) or type(exc).__name__
-            hint = " (trust the server CA with --ca-file)" if "CERTIFICATE_VERIFY_FAILED" in reason else ""
-            raise CliError(f"cannot reach {url}: {reason}{hint}") from exc
+            raise _unreachable(url, exc) from exc
         if not resp.is_success:
-            raise ApiError(resp.status_code, format_error(resp.status_code, resp.content,
-                                                         resp.headers.get("x-ms-error-code")))
+            raise _api_error(resp)
         if not resp.content.strip():
             return None, resp.headers
         try:
@@ -247,8 +246,44 @@ class Client:
         except ValueError as exc:
             raise CliError(f"{method} {url} answered with a non-JSON body (HTTP {resp.status_code})") from exc
 
+    @contextmanager
+    def stream(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+               headers: Mapping[str, str] | None = None) -> Iterator[httpx.Response]:
+        """A streamed answer (e.g. NDJSON telemetry) whose reads never time out: the stream may idle for long.
+
+        Errors are raised, as by :meth:`request`, before the caller reads anything.
+        """
+        http = self._client()
+        url = self.connection.base_url + path
+        timeout = httpx.Timeout(self._timeout, read=None)
+        try:
+            with http.stream(method, path, params=params, headers=self._headers(headers, None),
+                             timeout=timeout) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _api_error(resp)
+                yield resp
+        except httpx.TransportError as exc:
+            raise _unreachable(url, exc) from exc
+
+    @staticmethod
+    def _headers(headers: Mapping[str, str] | None, if_match: str | None) -> dict[str, str]:
+        sent = dict(headers or {})
+        if (value := if_match_value(if_match)) is not None:
+            sent["If-Match"] = value
+        return sent
+
     def close(self) -> None:
         if self._http is not None:
             self._http.close()
             self._http = None
 
+
+def _unreachable(url: str, exc: httpx.TransportError) -> CliError:
+    reason = str(exc) or type(exc).__name__
+    hint = " (trust the server CA with --ca-file)" if "CERTIFICATE_VERIFY_FAILED" in reason else ""
+    return CliError(f"cannot reach {url}: {reason}{hint}")
+
+
+def _api_error(resp: httpx.Response) -> ApiError:
+    return ApiError(resp.status_code, format_error(resp.status_code, resp.content, resp.headers.get("x-ms-error-code")))

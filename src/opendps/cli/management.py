@@ -138,12 +138,14 @@ def etag_option(required: bool, help_text: str) -> Callable[[Callable[..., Any]]
 
 
 def register(main: click.Group) -> None:
-    """Attach the ``adr`` and ``dps`` groups to the ``opendps`` command."""
-    from opendps.cli.enrollments import register as register_enrollments  # it imports this module
+    """Attach the ``adr``, ``dps`` and ``hub`` groups to the ``opendps`` command."""
+    from opendps.cli.enrollments import register as register_enrollments  # they import this module
+    from opendps.cli.hub import register as register_hub
 
     main.add_command(adr)
     main.add_command(dps)
     register_enrollments(dps)
+    register_hub(main)
 
 
 # ---------------------------------------------------------------- adr

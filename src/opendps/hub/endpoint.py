@@ -295,7 +295,7 @@ class HubEndpoint:
                     continue
                 ds.sent.add(message.pk)
                 await ds.session.publish(message.topic(ds.device.device_id), message.body, qos=1,
-                                         on_ack=self._completer(message.pk))
+                                         on_ack=self._completer(ds, message.pk))
         except SessionClosed:
             pass
         except Exception:  # noqa: BLE001 - a delivery failure must not kill the loop; the message stays queued
@@ -303,9 +303,11 @@ class HubEndpoint:
         finally:
             self._c2d_busy.discard(key)
 
-    def _completer(self, pk: int):  # noqa: ANN202
+    def _completer(self, ds: DeviceSession, pk: int):  # noqa: ANN202
         async def done() -> None:
             await self.run(self.instance.c2d.complete, pk)
+            ds.sent.discard(pk)
+            self.schedule_c2d(ds.key)  # anything queued meanwhile goes out now
         return done
 
     async def notify_c2d(self, hub_name: str, device_id: str) -> None:

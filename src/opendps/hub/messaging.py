@@ -57,7 +57,7 @@ class CloudToDevice:
                 system: dict | None = None, ttl: timedelta | None = None) -> PendingMessage:
         if len(body) > MAX_C2D_BYTES:
             raise PayloadTooLarge(f"cloud-to-device message is larger than {MAX_C2D_BYTES} bytes")
-        ttl = ttl or DEFAULT_TTL
+        ttl = DEFAULT_TTL if ttl is None else ttl
         if not timedelta(seconds=1) <= ttl <= MAX_TTL:
             raise InvalidInput("message time-to-live must be 1 second to 2 days")
         props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}

@@ -300,6 +300,12 @@ class Hubs:
             raise InvalidInput("status must be enabled or disabled")
         if auth_type == "selfSigned" and not thumbprints[0]:
             raise InvalidInput("a selfSigned device needs x509Thumbprint.primaryThumbprint")
+        for name, value in zip(("primaryThumbprint", "secondaryThumbprint"), thumbprints, strict=True):
+            if value and not _THUMBPRINT.match(value.replace(":", "")):
+                raise InvalidInput(f"x509Thumbprint.{name} must be 40 (SHA-1) or 64 (SHA-256) hex digits")
+        if keys is not None:
+            for name, value in zip(("primaryKey", "secondaryKey"), keys, strict=True):
+                _check_device_key(value, f"symmetricKey.{name}")
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
             existing = self.find_device(s, hub, device_id)
@@ -359,7 +365,17 @@ class Hubs:
                     for ca, pol, ns in rows]
 
 
+_THUMBPRINT = re.compile(r"^(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$")
 MAX_TWIN_BYTES = 32 * 1024
+
+
+def _check_device_key(value: object, where: str) -> None:
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{where} is not valid base64") from exc
+    if not 16 <= len(raw) <= 64:
+        raise InvalidInput(f"{where} must be base64 of 16-64 bytes")
 MAX_TAGS_BYTES = 8 * 1024
 
 

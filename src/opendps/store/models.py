@@ -282,7 +282,8 @@ class TelemetryEvent(Base):
     """Device-to-cloud messages kept by the durable sink; ``id`` is the position consumers read from."""
 
     __tablename__ = "telemetry_events"
-    __table_args__ = (Index("ix_telemetry_hub_position", "hub_id", "id"),)
+    # AUTOINCREMENT on SQLite: a position is never reused, even after rows are deleted
+    __table_args__ = (Index("ix_telemetry_hub_position", "hub_id", "id"), {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
     device_id: Mapped[str] = mapped_column(String(128), nullable=False)
@@ -296,7 +297,7 @@ class CloudToDeviceMessage(Base):
     """A cloud-to-device message waiting for the device's PUBACK (bounded per device, with expiry)."""
 
     __tablename__ = "c2d_messages"
-    __table_args__ = (Index("ix_c2d_device", "hub_id", "device_key", "id"),)
+    __table_args__ = (Index("ix_c2d_device", "hub_id", "device_key", "id"), {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
     device_key: Mapped[str] = mapped_column(String(128), nullable=False)

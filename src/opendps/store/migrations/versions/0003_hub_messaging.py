@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["hub_id"], ["linked_hubs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("c2d_messages", schema=None) as batch_op:
         batch_op.create_index("ix_c2d_device", ["hub_id", "device_key", "id"], unique=False)
@@ -44,6 +45,7 @@ def upgrade() -> None:
         sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["hub_id"], ["linked_hubs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("telemetry_events", schema=None) as batch_op:
         batch_op.create_index("ix_telemetry_hub_position", ["hub_id", "id"], unique=False)

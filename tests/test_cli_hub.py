@@ -1,0 +1,351 @@
+"""``opendps hub ...`` (az iot hub's verbs) against a real ``opendps serve``, on SQLite and PostgreSQL.
+
+Devices are real paho-mqtt clients (tests/test_mqtt_hub.py's helper) authenticating with the SAS keys the
+CLI created, so telemetry, direct methods, desired pushes and C2D go end to end. Every refusal must be one
+``error:`` line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from tests.conftest import _run_server, database
+from tests.test_mqtt_hub import HUB, hub_username
+from tests.test_mqtt_hub import Client as Device
+
+from opendps.transport import sas
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+THUMBPRINT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def ok(proc: subprocess.CompletedProcess) -> Any:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """The single ``error:`` line of a failed command; it must contain ``words``."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def sas_device(server, device_id: str) -> str:  # noqa: ANN001
+    """Create a SAS device with server-generated keys; return its primary key."""
+    created = ok(server.cli("hub", "device-identity", "create", "--device-id", device_id))
+    return created["authentication"]["symmetricKey"]["primaryKey"]
+
+
+def connect(server, device_id: str, key: str, *topics: str) -> Device:  # noqa: ANN001
+    d = Device(server, device_id, hub_username(device_id), password=sas.generate(f"{HUB}/devices/{device_id}", key))
+    assert d.rc == 0
+    if topics:
+        d.subscribe(*topics)
+    return d
+
+
+def wait_connection_state(server, device_id: str, state: str) -> None:  # noqa: ANN001
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if ok(server.cli("hub", "device-identity", "show", "-d", device_id))["connectionState"] == state:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{device_id} did not become {state}")
+
+
+def test_device_identity_verbs(server):
+    created = ok(server.cli("hub", "device-identity", "create", "--device-id", "cli-id-sas"))
+    keys = created["authentication"]["symmetricKey"]
+    assert (created["deviceId"], created["status"], created["authentication"]["type"]) == ("cli-id-sas", "enabled", "sas")
+    assert len(keys["primaryKey"]) == 44 and len(keys["secondaryKey"]) == 44 and keys["primaryKey"] != keys["secondaryKey"]
+    shown = ok(server.cli("hub", "device-identity", "show", "-d", "cli-id-sas"))
+    assert shown["authentication"]["symmetricKey"] == keys and shown["connectionState"] == "Disconnected"
+
+    thumb = ok(server.cli("hub", "device-identity", "create", "-d", "cli-id-x509", "--am", "x509_thumbprint",
+                          "--ptp", THUMBPRINT, "--sta", "disabled"))
+    assert thumb["authentication"]["type"] == "selfSigned" and thumb["status"] == "disabled"
+    assert thumb["authentication"]["x509Thumbprint"] == {"primaryThumbprint": THUMBPRINT.upper(),
+                                                         "secondaryThumbprint": None}
+    ca = ok(server.cli("hub", "device-identity", "create", "-d", "cli-id-ca", "--auth-method", "x509_ca"))
+    assert ca["authentication"]["type"] == "certificateAuthority"
+    given = ok(server.cli("hub", "device-identity", "create", "-d", "cli-id-keys", "--pk", "cHJpbWFyeS1rZXktMDEyMzQ1Njc4OQ==",
+                          "--sk", "c2Vjb25kYXJ5LWtleS0wMTIzNDU2Nzg5"))
+    assert given["authentication"]["symmetricKey"] == {"primaryKey": "cHJpbWFyeS1rZXktMDEyMzQ1Njc4OQ==",
+                                                       "secondaryKey": "c2Vjb25kYXJ5LWtleS0wMTIzNDU2Nzg5"}
+
+    assert refused(server.cli("hub", "device-identity", "create", "-d", "cli-id-sas")) == (
+        "error: device 'cli-id-sas' already exists in hub 'default' (use 'device-identity update')")
+    refused(server.cli("hub", "device-identity", "create", "-d", "cli-id-bad", "--am", "x509_thumbprint"),
+            "--primary-thumbprint")
+    refused(server.cli("hub", "device-identity", "create", "-d", "cli-id-bad", "--am", "x509_ca", "--pk", "a2V5"),
+            "--auth-method shared_private_key")
+    refused(server.cli("hub", "device-identity", "create", "-d", "cli-id-bad", "--pk", "a2V5"), "--secondary-key")
+    refused(server.cli("hub", "device-identity", "show", "-d", "cli-id-bad"), "does not exist", "HTTP 404")
+
+    listed = {d["deviceId"]: d for d in ok(server.cli("hub", "device-identity", "list"))}
+    assert {"cli-id-sas", "cli-id-x509", "cli-id-ca", "cli-id-keys"} <= set(listed)
+    assert listed["cli-id-x509"]["status"] == "disabled" and listed["cli-id-ca"]["authentication"]["type"] == (
+        "certificateAuthority")
+    assert listed["cli-id-sas"]["authentication"]["symmetricKey"]["primaryKey"] is None  # a list shows no keys
+    assert len(ok(server.cli("hub", "device-identity", "list", "--top", "2"))) == 2
+    table = server.cli("hub", "device-identity", "list", "-o", "table")
+    assert table.returncode == 0, table.stderr
+    assert all(c in table.stdout for c in ("deviceId", "status", "authentication.type", "connectionState"))
+    [row] = [line for line in table.stdout.splitlines() if " cli-id-x509 " in line]
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == ["cli-id-x509", "disabled", "selfSigned",
+                                                                     "Disconnected"]
+
+    disabled = ok(server.cli("hub", "device-identity", "update", "-d", "cli-id-sas", "--status", "disabled"))
+    assert disabled["status"] == "disabled" and disabled["authentication"]["symmetricKey"] == keys
+    assert disabled["etag"] != created["etag"]
+    rekeyed = ok(server.cli("hub", "device-identity", "update", "-d", "cli-id-sas", "--pk", "bmV3LWtleS0wMTIzNDU2Nzg5YWI=",
+                            "--etag", disabled["etag"]))
+    assert rekeyed["authentication"]["symmetricKey"] == {"primaryKey": "bmV3LWtleS0wMTIzNDU2Nzg5YWI=",
+                                                         "secondaryKey": keys["secondaryKey"]}
+    assert rekeyed["status"] == "disabled"
+    refused(server.cli("hub", "device-identity", "update", "-d", "cli-id-sas", "--sta", "enabled", "--etag",
+                       disabled["etag"]), "HTTP 412")
+    refused(server.cli("hub", "device-identity", "update", "-d", "cli-id-sas"), "nothing to update")
+    refused(server.cli("hub", "device-identity", "update", "-d", "cli-id-none", "--sta", "enabled"),
+            "'cli-id-none' does not exist")
+
+    refused(server.cli("hub", "device-identity", "delete", "-d", "cli-id-sas", "--etag", created["etag"]),
+            "does not match", "HTTP 412")
+    assert ok(server.cli("hub", "device-identity", "show", "-d", "cli-id-sas"))["etag"] == rekeyed["etag"]
+    deleted = server.cli("hub", "device-identity", "delete", "-d", "cli-id-sas", "--etag", rekeyed["etag"])
+    assert deleted.returncode == 0 and deleted.stdout == "", deleted.stderr
+    refused(server.cli("hub", "device-identity", "show", "-d", "cli-id-sas"), "HTTP 404")
+    assert server.cli("hub", "device-identity", "delete", "-d", "cli-id-ca").returncode == 0
+    refused(server.cli("hub", "device-identity", "list", "-n", "no-such-hub"), "no-such-hub")
+
+
+def test_device_twin_update_and_show(server, tmp_path):
+    sas_device(server, "cli-twin")
+    before = ok(server.cli("hub", "device-twin", "show", "--device-id", "cli-twin"))
+    assert before["tags"] == {} and before["properties"]["desired"] == {"$version": 1}
+    tags_file = tmp_path / "tags.json"
+    tags_file.write_text('{"site": "berlin", "floor": 3}')
+    updated = ok(server.cli("hub", "device-twin", "update", "-d", "cli-twin", "--desired",
+                            '{"interval": 5, "mode": {"eco": true}}', "--tags", str(tags_file)))
+    assert updated["properties"]["desired"] == {"interval": 5, "mode": {"eco": True}, "$version": 2}
+    shown = ok(server.cli("hub", "device-twin", "show", "-d", "cli-twin"))
+    assert shown["tags"] == {"site": "berlin", "floor": 3}
+    assert shown["properties"]["desired"] == {"interval": 5, "mode": {"eco": True}, "$version": 2}
+    assert shown["version"] == before["version"] + 1 and shown["etag"] == updated["etag"] != before["etag"]
+    # a merge patch: null deletes, other keys stay; tags alone do not bump the desired version
+    ok(server.cli("hub", "device-twin", "update", "-d", "cli-twin", "--desired", '{"mode": null}', "--etag",
+                  updated["etag"]))
+    tagged = ok(server.cli("hub", "device-twin", "update", "-d", "cli-twin", "--tags", '{"floor": null}'))
+    assert tagged["tags"] == {"site": "berlin"} and tagged["properties"]["desired"] == {"interval": 5, "$version": 3}
+    refused(server.cli("hub", "device-twin", "update", "-d", "cli-twin", "--tags", "{}", "--etag", updated["etag"]),
+            "HTTP 412")
+    refused(server.cli("hub", "device-twin", "update", "-d", "cli-twin", "--desired", "[1]"), "must be a JSON object")
+    refused(server.cli("hub", "device-twin", "update", "-d", "cli-twin"), "nothing to update")
+    refused(server.cli("hub", "device-twin", "show", "-d", "cli-twin-none"), "HTTP 404")
+
+
+def test_c2d_message_send(server):
+    key = sas_device(server, "cli-c2d")
+    d = connect(server, "cli-c2d", key, "devices/cli-c2d/messages/devicebound/#")
+    try:
+        sent = ok(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d", "--data", "hello device", "--props",
+                             "color=blue;size=L", "--message-id", "cli-c2d-1", "--correlation-id", "corr-7", "--ct",
+                             "text/plain", "--ce", "utf-8", "--ack", "full", "--ttl", "60"))
+        assert sent == {"messageId": "cli-c2d-1"}
+        topic, payload = d.expect("devices/cli-c2d/messages/devicebound/")
+        assert payload == b"hello device"
+        assert topic == ("devices/cli-c2d/messages/devicebound/%24.mid=cli-c2d-1"
+                         "&%24.to=%2Fdevices%2Fcli-c2d%2Fmessages%2FdeviceBound&%24.cid=corr-7&%24.ct=text%2Fplain"
+                         "&%24.ce=utf-8&iothub-ack=full&color=blue&size=L")
+    finally:
+        d.close()
+    queued = ok(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d"))  # offline: queued, id generated
+    assert str(uuid.UUID(queued["messageId"])) == queued["messageId"]
+    refused(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d-none", "--data", "x"),
+            "'cli-c2d-none' does not exist", "HTTP 404")
+    refused(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d", "--props", "novalue"), "name=value")
+    refused(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d", "--ttl", "0"), "--ttl")
+
+
+def test_consecutive_c2d_messages_reach_a_connected_device(server):
+    key = sas_device(server, "cli-c2d-seq")
+    d = connect(server, "cli-c2d-seq", key, "devices/cli-c2d-seq/messages/devicebound/#")
+    try:
+        for n in range(3):
+            assert ok(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d-seq", "--da", f"m{n}", "--mid",
+                                 f"seq-{n}")) == {"messageId": f"seq-{n}"}
+            _, payload = d.expect("devices/cli-c2d-seq/messages/devicebound/", timeout=3)
+            assert payload == f"m{n}".encode()
+    finally:
+        d.close()
+
+
+def test_monitor_events(server):
+    key = sas_device(server, "cli-mon")
+    d = connect(server, "cli-mon", key)
+    try:
+        d.publish("devices/cli-mon/messages/events/%24.mid=t-1&%24.ct=application%2Fjson&line=a%20b",
+                  json.dumps({"temperature": 21.5}))
+        d.publish("devices/cli-mon/messages/events/seq=2", "plain text")
+    finally:
+        d.close()
+    out = server.cli("hub", "monitor-events", "--device-id", "cli-mon", "--from", "earliest", "--count", "1",
+                     "--timeout", "10")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('{\n  "event": {\n')  # pretty, as az prints
+    first = json.loads(out.stdout)
+    event = first["event"]
+    assert (event["origin"], event["payload"], event["properties"]["application"]) == (
+        "cli-mon", {"temperature": 21.5}, {"line": "a b"})
+    system = event["properties"]["system"]
+    assert (system["message-id"], system["content-type"], system["iothub-connection-device-id"]) == (
+        "t-1", "application/json", "cli-mon")
+    # resume after the first one's position, one compact line per event; then nothing is left
+    rest = server.cli("hub", "monitor-events", "-d", "cli-mon", "--from", str(first["position"]), "--timeout", "1",
+                      "-o", "jsonl")
+    assert rest.returncode == 0, rest.stderr
+    [line] = rest.stdout.splitlines()
+    second = json.loads(line)
+    assert (second["event"]["payload"], second["event"]["properties"]["application"]) == ("plain text", {"seq": "2"})
+    assert second["position"] > first["position"]
+    done = server.cli("hub", "monitor-events", "-d", "cli-mon", "--from", str(second["position"]), "--to", "1")
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    refused(server.cli("hub", "monitor-events", "--from", "yesterday"), "--from")
+
+
+def interrupt_monitor(env: dict, *args: str) -> tuple[int, str, str]:
+    """Run ``opendps hub monitor-events`` in a real process, press Ctrl-C once the stream is open."""
+    proc = subprocess.Popen([sys.executable, "-m", "opendps", "hub", "monitor-events", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we ignore it
+    try:
+        banner = proc.stderr.readline()
+        assert banner.startswith("Starting event monitor on all devices"), banner  # the stream is open
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
+def test_monitor_events_stops_quietly_on_ctrl_c(server):
+    assert interrupt_monitor(server.env, "--timeout", "5") == (0, "", "")
+
+
+def test_abandoned_follow_stream_does_not_outlive_its_client(tmp_path):
+    with database("sqlite", tmp_path) as db_url:
+        run = _run_server(db_url, tmp_path)
+        own = next(run)
+        try:
+            assert interrupt_monitor(own.env, "--timeout", "0") == (0, "", "")
+            own.proc.terminate()
+            own.proc.wait(timeout=5)  # an idle server stops in well under a second
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not stop within 5 s of SIGTERM: the abandoned event stream still runs")
+        finally:
+            if own.proc.poll() is None:
+                own.proc.kill()
+            next(run, None)  # the fixture's own teardown (log file)
+
+
+def test_invoke_device_method_and_desired_push(server):
+    key = sas_device(server, "cli-method")
+    d = connect(server, "cli-method", key, "$iothub/methods/POST/#", "$iothub/twin/PATCH/properties/desired/#")
+    try:
+        wait_connection_state(server, "cli-method", "Connected")
+        updated = ok(server.cli("hub", "device-twin", "update", "-d", "cli-method", "--desired", '{"interval": 7}'))
+        topic, payload = d.expect("$iothub/twin/PATCH/properties/desired/")
+        assert updated["properties"]["desired"] == {"interval": 7, "$version": 2}
+        assert topic == "$iothub/twin/PATCH/properties/desired/?$version=2"
+        assert json.loads(payload) == {"interval": 7, "$version": 2}
+
+        def answer() -> None:
+            topic, payload = d.expect("$iothub/methods/POST/")
+            name, _, rid = topic[len("$iothub/methods/POST/"):].partition("/?$rid=")
+            d.publish(f"$iothub/methods/res/201/?$rid={rid}", json.dumps({"method": name, "got": json.loads(payload)}))
+
+        t = threading.Thread(target=answer)
+        t.start()
+        result = server.cli("hub", "invoke-device-method", "-d", "cli-method", "--method-name", "reboot",
+                            "--method-payload", '{"delay": 5}', "--timeout", "20")
+        t.join(30)
+        assert ok(result) == {"status": 201, "payload": {"method": "reboot", "got": {"delay": 5}}}
+        # nobody answers: the server's 504 comes back before the CLI's own HTTP timeout
+        late = server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "ignored", "--to", "1")
+        refused(late, "HTTP 504")
+        d.expect("$iothub/methods/POST/ignored/")
+    finally:
+        d.close()
+    wait_connection_state(server, "cli-method", "Disconnected")
+    refused(server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "reboot", "--to", "5"),
+            "not connected", "HTTP 404")
+    refused(server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "x", "--mp", "{bad"),
+            "--method-payload is not valid JSON")
+
+
+def test_hub_connection_string_and_login(server):
+    info = ok(server.cli("info", "-o", "json"))
+    [default] = [h for h in info["hubs"] if h["name"] == "default"]
+    shown = ok(server.cli("hub", "connection-string", "show"))
+    port = urlsplit(server.url).port
+    conn = shown["connectionString"]
+    assert conn == default["connectionString"]
+    assert conn.startswith(f"HostName=localhost:{port};SharedAccessKeyName=iothubowner;SharedAccessKey=")
+    secondary = ok(server.cli("hub", "connection-string", "show", "--hub-name", "default", "--key-type",
+                              "secondary"))["connectionString"]
+    assert secondary != conn and secondary.startswith(f"HostName=localhost:{port};SharedAccessKeyName=iothubowner;")
+    refused(server.cli("hub", "connection-string", "show", "-n", "no-such-hub"), "no hub named 'no-such-hub'")
+    refused(server.cli("hub", "connection-string", "show", "--policy-name", "registryRead"), "registryRead")
+
+    # the hub owner connection string works for the hub service API (its token names the hub) ...
+    created = ok(server.cli("hub", "device-identity", "create", "-d", "cli-login-dev", "--login", conn))
+    for login in (conn, secondary):
+        listed = ok(server.cli("hub", "device-identity", "list", "--login", login))
+        assert "cli-login-dev" in [d["deviceId"] for d in listed]
+    assert ok(server.cli("hub", "device-identity", "show", "-d", "cli-login-dev", "-n", "default", "--login", conn)
+              )["etag"] == created["etag"]
+    refused(server.cli("hub", "device-identity", "list", "--login", conn, "-n", "other"), "not 'other'", "HTTP 400")
+    # ... and for nothing else
+    refused(server.cli("adr", "ns", "list", "--login", conn), "iothubowner", "HTTP 403")
+    refused(server.cli("dps", "enrollment", "list", "--login", conn), "HTTP 403")
+
+
+def test_certificate_list_after_an_enrollment_with_a_credential_policy(server):
+    ok(server.cli("adr", "ns", "create", "--name", "cli-hubca-ns", "--policy-name", "cli-hubca-p"))
+    policy = ok(server.cli("adr", "ns", "policy", "show", "--namespace", "cli-hubca-ns", "--name", "cli-hubca-p"))
+    assert "cli-hubca-ns-cli-hubca-p" not in [c["name"] for c in ok(server.cli("hub", "certificate", "list"))]
+    ok(server.cli("dps", "enrollment", "create", "--enrollment-id", "cli-hubca-dev", "--attestation-type",
+                  "symmetrickey", "--credential-policy", "cli-hubca-p"))
+    listed = {c["name"]: c for c in ok(server.cli("hub", "certificate", "list", "--hub-name", "default"))}
+    ca = listed["cli-hubca-ns-cli-hubca-p"]["properties"]
+    issuing = policy["properties"]["certificate"]["certificateAuthorityConfiguration"]
+    assert (ca["subject"], ca["namespace"], ca["policy"], ca["enrollments"]) == (
+        issuing["subject"], "cli-hubca-ns", "cli-hubca-p", ["cli-hubca-dev"])
+    assert ca["certificate"] == issuing["certificate"]
+    table = server.cli("hub", "certificate", "list", "-o", "table")
+    assert table.returncode == 0 and "cli-hubca-ns-cli-hubca-p" in table.stdout, table.stderr
+    refused(server.cli("hub", "certificate", "list", "-n", "no-such-hub"), "HTTP 404")
+
+
+def test_device_identity_create_refuses_non_base64_keys(server):
+    refused(server.cli("hub", "device-identity", "create", "-d", "cli-bug-key", "--pk", "not base64!",
+                       "--sk", "also not"), "HTTP 400")
+
+
+def test_device_identity_create_refuses_malformed_thumbprints(server):
+    refused(server.cli("hub", "device-identity", "create", "-d", "cli-bug-thumb", "--am", "x509_thumbprint",
+                       "--ptp", "aa:bb"), "HTTP 400")

@@ -274,6 +274,19 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
     ok = Client(server, "sas-hub-dev", hub_username("sas-hub-dev"), password=hub_sas)
     assert ok.rc == 0
     ok.close()
+    # deleting a connected device drops its session within a second
+    with svc(server) as c:
+        assert c.put("/devices/deleted-dev", json={"deviceId": "deleted-dev"}).status_code == 200
+        dkey = c.get("/devices/deleted-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+    doomed = Client(server, "deleted-dev", hub_username("deleted-dev"),
+                    password=sas.generate(f"{HUB}/devices/deleted-dev", dkey))
+    assert doomed.rc == 0
+    dropped = threading.Event()
+    doomed.c.on_disconnect = lambda *a: dropped.set()
+    with svc(server) as c:
+        assert c.delete("/devices/deleted-dev").status_code == 204
+    assert dropped.wait(1.5), "deleted device still connected"
+    doomed.c.loop_stop()
     wrong = sas.generate(f"{HUB}/devices/sas-hub-dev", base64.b64encode(b"w" * 32).decode())
     for client_id, username, password, code in [
         ("sas-hub-dev", hub_username("sas-hub-dev"), wrong, 4),  # bad SAS

@@ -349,3 +349,26 @@ def test_device_identity_create_refuses_non_base64_keys(server):
 def test_device_identity_create_refuses_malformed_thumbprints(server):
     refused(server.cli("hub", "device-identity", "create", "-d", "cli-bug-thumb", "--am", "x509_thumbprint",
                        "--ptp", "aa:bb"), "HTTP 400")
+
+
+def test_hub_certificate_proof_of_possession_verbs(server, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from tests.test_device_api import make_ca, make_leaf
+
+    own = make_ca("cli-hub-own")
+    (tmp_path / "own.pem").write_text(own.pem)
+    created = ok(server.cli("hub", "certificate", "create", "--name", "cli-own", "--path", str(tmp_path / "own.pem")))
+    assert created["properties"]["isVerified"] is False
+    refused(server.cli("hub", "certificate", "generate-verification-code", "--name", "cli-own", "--etag", "stale"), "412")
+    code = ok(server.cli("hub", "certificate", "generate-verification-code", "--name", "cli-own", "--etag",
+                         created["etag"]))
+    proof, _ = make_leaf(code["properties"]["verificationCode"], own)
+    (tmp_path / "proof.pem").write_bytes(proof.public_bytes(serialization.Encoding.PEM))
+    verified = ok(server.cli("hub", "certificate", "verify", "--name", "cli-own", "--path", str(tmp_path / "proof.pem"),
+                             "--etag", code["etag"]))
+    assert verified["properties"]["isVerified"] is True
+    assert ok(server.cli("hub", "certificate", "show", "--name", "cli-own"))["properties"]["isVerified"] is True
+    listed = ok(server.cli("hub", "certificate", "list"))
+    assert [c["properties"]["source"] for c in listed if c["name"] == "cli-own"] == ["uploaded"]
+    assert server.cli("hub", "certificate", "delete", "--name", "cli-own").returncode == 0
+    refused(server.cli("hub", "certificate", "show", "--name", "cli-own"), "404")

@@ -488,3 +488,29 @@ def test_c2d_queue_is_bounded_and_messages_expire(server, tmp_path):
     received = [d.expect("devices/c2d-bound-dev/messages/devicebound/")[1] for _ in range(50)]
     d.close()
     assert received == [f"m{n}".encode() for n in range(50)]  # in order, the expired one never delivered
+
+
+def test_devices_of_a_ca_uploaded_to_the_hub(server, tmp_path):
+    own = make_ca("hub-own-root")
+    leaf, key = make_leaf("own-ca-dev", own)
+    cert_file, key_file = write_identity(tmp_path, "own", [leaf], key)
+    with svc(server) as c:
+        assert c.put("/devices/own-ca-dev", json={"authentication": {"type": "certificateAuthority"}}).status_code == 200
+        r = c.put("/linkedHubs/default/certificates/own-root", json={"properties": {"certificate": own.pem}})
+        assert r.status_code == 201 and r.json()["properties"]["isVerified"] is False
+        etag = r.json()["etag"]
+    unverified = Client(server, "own-ca-dev", hub_username("own-ca-dev"), cert=cert_file, key=key_file)
+    assert unverified.rc == 5  # uploaded but not proven: not trusted
+    unverified.close()
+    with svc(server) as c:
+        r = c.post("/linkedHubs/default/certificates/own-root/generateVerificationCode", headers={"If-Match": etag})
+        proof, _ = make_leaf(r.json()["properties"]["verificationCode"], own)
+        r = c.post("/linkedHubs/default/certificates/own-root/verify", headers={"If-Match": r.json()["etag"]},
+                   json={"certificate": proof.public_bytes(serialization.Encoding.PEM).decode()})
+        assert r.json()["properties"]["isVerified"] is True, r.text
+        listed = {v["name"]: v["properties"]["source"] for v in c.get("/linkedHubs/default/certificates").json()["value"]}
+        assert listed["own-root"] == "uploaded"
+        assert c.get("/certificates/own-root").status_code == 404  # a hub CA is not a DPS CA
+    trusted = Client(server, "own-ca-dev", hub_username("own-ca-dev"), cert=cert_file, key=key_file)
+    assert trusted.rc == 0
+    trusted.close()

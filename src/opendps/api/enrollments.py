@@ -12,9 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from opendps.api.service import pem, run
+from opendps.api import models as m
+from opendps.api.service import body, certificate_response, pem, reply, run
 from opendps.errors import InvalidInput
+from opendps.provisioning.ca_certificates import CaCertificates
 from opendps.provisioning.enrollments import GROUP, INDIVIDUAL
+from opendps.store import HubCertificate
 
 routes = web.RouteTableDef()
 MAX_PAGE = 1000
@@ -180,13 +183,65 @@ async def get_hub_device(request: web.Request) -> web.Response:
 
 @routes.get("/linkedHubs/{name}/certificates")
 async def list_hub_certificates(request: web.Request) -> web.Response:
+    """What the hub trusts: issuing CAs synced from linked policies, then CAs uploaded to the hub."""
     cas = await run(request, request.app["instance"].hubs.trusted_cas, request.match_info["name"])
-    return send({"value": [{
-        "name": f"{t.namespace}-{t.policy}", "properties": {
-            "subject": t.certificate.subject.rfc4514_string(), "namespace": t.namespace, "policy": t.policy,
-            "status": t.status, "enrollments": t.enrollments,
-            "expiry": t.certificate.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
-            "isVerified": True, "certificate": pem(t.certificate)}} for t in cas]})
+    uploaded = await run(request, (await hub_certificates(request)).list)
+    synced = [{"name": f"{t.namespace}-{t.policy}", "properties": {
+        "source": "policy", "subject": t.certificate.subject.rfc4514_string(), "namespace": t.namespace,
+        "policy": t.policy, "status": t.status, "enrollments": t.enrollments,
+        "expiry": t.certificate.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "isVerified": True, "certificate": pem(t.certificate)}} for t in cas]
+    own = []
+    for v in uploaded:
+        item = certificate_response(v).model_dump(exclude_none=True)
+        item["properties"].update(source="uploaded", status="active" if v.is_verified else "unverified")
+        own.append(item)
+    return send({"value": synced + own})
+
+
+async def hub_certificates(request: web.Request) -> CaCertificates:
+    """The CA certificates uploaded to the hub in the path (``az iot hub certificate``)."""
+    hub = await run(request, request.app["instance"].hubs.get, request.match_info["name"])
+    return CaCertificates(request.app["instance"].store, model=HubCertificate, scope={"hub_id": hub.id})
+
+
+@routes.put("/linkedHubs/{name}/certificates/{cert}")
+async def put_hub_certificate(request: web.Request) -> web.Response:
+    b = await body(request, m.CertificateBody)
+    text = b.properties.certificate if b.properties else b.certificate
+    if not text:
+        raise InvalidInput("request body needs properties.certificate (PEM or base64 DER)")
+    view, created = await run(request, (await hub_certificates(request)).upload, request.match_info["cert"], text,
+                              if_match=request.headers.get("If-Match"))
+    return reply(certificate_response(view), 201 if created else 200, view.etag)
+
+
+@routes.get("/linkedHubs/{name}/certificates/{cert}")
+async def get_hub_certificate(request: web.Request) -> web.Response:
+    v = await run(request, (await hub_certificates(request)).get, request.match_info["cert"])
+    return reply(certificate_response(v), etag=v.etag)
+
+
+@routes.delete("/linkedHubs/{name}/certificates/{cert}")
+async def delete_hub_certificate(request: web.Request) -> web.Response:
+    await run(request, (await hub_certificates(request)).delete, request.match_info["cert"],
+              if_match=request.headers.get("If-Match"))
+    return web.Response(status=204)
+
+
+@routes.post("/linkedHubs/{name}/certificates/{cert}/generateVerificationCode")
+async def hub_certificate_code(request: web.Request) -> web.Response:
+    v = await run(request, (await hub_certificates(request)).generate_verification_code, request.match_info["cert"],
+                  if_match=request.headers.get("If-Match"))
+    return reply(certificate_response(v), etag=v.etag)
+
+
+@routes.post("/linkedHubs/{name}/certificates/{cert}/verify")
+async def verify_hub_certificate(request: web.Request) -> web.Response:
+    b = await body(request, m.VerificationBody)
+    v = await run(request, (await hub_certificates(request)).verify, request.match_info["cert"], b.certificate,
+                  if_match=request.headers.get("If-Match"))
+    return reply(certificate_response(v), etag=v.etag)
 
 
 # ---- ADR device registry ----

@@ -68,7 +68,16 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("delete", "/linkedHubs/{name}", "Unlink a hub (refused while an enrollment names it)", None, None, 204, [_IF_MATCH]),
     ("get", "/linkedHubs/{name}/devices", "List a hub's device identities with twins", None, None, 200, []),
     ("get", "/linkedHubs/{name}/devices/{deviceId}", "Show a device identity and twin", None, None, 200, []),
-    ("get", "/linkedHubs/{name}/certificates", "CAs the hub trusts (synced issuing CAs)", None, None, 200, []),
+    ("get", "/linkedHubs/{name}/certificates", "CAs the hub trusts: synced issuing CAs, then uploaded ones", None, None,
+     200, []),
+    ("put", "/linkedHubs/{name}/certificates/{cert}", "Upload a CA certificate to the hub (If-Match to replace)",
+     m.CertificateBody, m.CertificateResponse, 201, [_IF_MATCH]),
+    ("get", "/linkedHubs/{name}/certificates/{cert}", "Show a hub CA certificate", None, m.CertificateResponse, 200, []),
+    ("delete", "/linkedHubs/{name}/certificates/{cert}", "Delete a hub CA certificate", None, None, 204, [_IF_MATCH]),
+    ("post", "/linkedHubs/{name}/certificates/{cert}/generateVerificationCode", "Proof-of-possession code", None,
+     m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    ("post", "/linkedHubs/{name}/certificates/{cert}/verify", "Verify possession of the hub CA's key",
+     m.VerificationBody, m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
 ]
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import click
 
 from opendps.cli import OUTPUT_OPTION, CliError
-from opendps.cli._client import ApiError, Client, api_path, resolve_connection
+from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
 from opendps.cli.enrollments import _top, parse_json_object
-from opendps.cli.management import _connection_options, api_command
+from opendps.cli.management import CERT_COLUMNS, CERT_PATH, _connection_options, api_command, etag_option
 from opendps.cli.output import emit
 
 DEFAULT_HUB = "default"
@@ -472,9 +472,65 @@ def certificate() -> None:
 @certificate.command("list")
 @hub_command
 def certificate_list(hub: HubClient, output: str) -> None:
-    """List the issuing CAs the hub trusts (synced from the policies of enrollments that allocate to it)."""
-    body = hub.client.request("GET", api_path("linkedHubs", hub.name or DEFAULT_HUB, "certificates")) or {}
+    """List the CAs the hub trusts: issuing CAs synced from linked policies, then CAs uploaded to the hub."""
+    body = hub.client.request("GET", _hub_cert_path(hub)) or {}
     emit(body.get("value", []) if isinstance(body, dict) else body, output, HUB_CA_COLUMNS)
+
+
+# as az iot hub certificate's --name, without -n (here -n is the hub)
+CERT_NAME = click.option("--certificate-name", "--name", "name", required=True, help="Name of the CA certificate in the hub.")
+
+
+def _hub_cert_path(hub: HubClient, *rest: str) -> str:
+    return api_path("linkedHubs", hub.name or DEFAULT_HUB, "certificates", *rest)
+
+
+@certificate.command("create")
+@CERT_NAME
+@CERT_PATH
+@hub_command
+def certificate_create(hub: HubClient, output: str, name: str, path: str) -> None:
+    """Upload your own CA certificate to the hub (trusted once verified), as az iot hub certificate create."""
+    body = {"properties": {"certificate": read_certificate_file(path)}}
+    emit(hub.client.request("PUT", _hub_cert_path(hub, name), json=body), output, CERT_COLUMNS)
+
+
+@certificate.command("show")
+@CERT_NAME
+@hub_command
+def certificate_show(hub: HubClient, output: str, name: str) -> None:
+    """Show a CA certificate uploaded to the hub."""
+    emit(hub.client.request("GET", _hub_cert_path(hub, name)), output, CERT_COLUMNS)
+
+
+@certificate.command("delete")
+@CERT_NAME
+@etag_option(False, "Only delete if the certificate still has this ETag.")
+@hub_command
+def certificate_delete(hub: HubClient, output: str, name: str, etag: str | None) -> None:
+    """Delete a CA certificate uploaded to the hub."""
+    hub.client.request("DELETE", _hub_cert_path(hub, name), if_match=etag)
+
+
+@certificate.command("generate-verification-code")
+@CERT_NAME
+@etag_option(True, "Current ETag of the certificate.")
+@hub_command
+def certificate_generate_code(hub: HubClient, output: str, name: str, etag: str) -> None:
+    """Get a verification code: sign a certificate with this CN to prove key possession."""
+    emit(hub.client.request("POST", _hub_cert_path(hub, name, "generateVerificationCode"), if_match=etag), output,
+         CERT_COLUMNS + ["properties.verificationCode"])
+
+
+@certificate.command("verify")
+@CERT_NAME
+@CERT_PATH
+@etag_option(True, "ETag returned by generate-verification-code.")
+@hub_command
+def certificate_verify(hub: HubClient, output: str, name: str, path: str, etag: str) -> None:
+    """Verify possession with the certificate signed by the CA whose CN is the verification code."""
+    body = {"certificate": read_certificate_file(path)}
+    emit(hub.client.request("POST", _hub_cert_path(hub, name, "verify"), json=body, if_match=etag), output, CERT_COLUMNS)
 
 
 # ---------------------------------------------------------------- connection-string

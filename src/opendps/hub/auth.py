@@ -115,17 +115,19 @@ class HubAuthenticator:
             return found
         if device.auth_type != "certificateAuthority":
             raise HubAuthFailed(f"device {device.device_id!r} does not use X.509 authentication")
-        anchors = [t.certificate for t in self.hubs.trusted_cas(device.hub_name, now=now)]
-        if not anchors:
+        synced = [t.certificate for t in self.hubs.trusted_cas(device.hub_name, now=now)]
+        uploaded = self.hubs.uploaded_cas(device.hub_id, now=now)
+        if not synced and not uploaded:
             raise HubAuthFailed(f"hub {device.hub_name!r} trusts no CA")
-        verifier = (PolicyBuilder().store(Store(anchors)).time(now)
+        verifier = (PolicyBuilder().store(Store(synced + uploaded)).time(now)
                     .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY)
                     .build_client_verifier())
         try:
-            verifier.verify(leaf, chain[1:])
+            verified = verifier.verify(leaf, chain[1:])
         except VerificationError as exc:
             raise HubAuthFailed(f"device certificate is not issued by a CA this hub trusts: {exc}") from exc
-        self._issued_for_device(device, leaf)
+        if verified.chain[-1] not in uploaded:  # an operational certificate of ours: it must be this device's
+            self._issued_for_device(device, leaf)
         return found
 
     def _issued_for_device(self, device: AuthenticatedDevice, leaf: x509.Certificate) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki.keys import KeyStore
-from opendps.store import CertificateAuthority, Enrollment, HubDevice, LinkedHub, Namespace, Policy, Store
+from opendps.store import CertificateAuthority, Enrollment, HubCertificate, HubDevice, LinkedHub, Namespace, Policy, Store
 
 DEFAULT_HUB = "default"
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -341,6 +341,14 @@ class Hubs:
             s.delete(row)
 
     # ---- trust ----
+    def uploaded_cas(self, hub_id: int, *, now: datetime | None = None) -> list[x509.Certificate]:
+        """The owner's CA certificates uploaded to this hub and proven by proof of possession."""
+        now = now or datetime.now(UTC)
+        with self.store.session() as s:
+            rows = s.scalars(select(HubCertificate).where(HubCertificate.hub_id == hub_id, HubCertificate.is_verified.is_(True),
+                                                          HubCertificate.not_after > now).order_by(HubCertificate.name))
+            return [x509.load_der_x509_certificate(r.der) for r in rows]
+
     def trusted_cas(self, hub_name: str, *, now: datetime | None = None) -> list[TrustedCa]:
         """Issuing CAs this hub trusts for operational certificates (see the module docstring)."""
         now = now or datetime.now(UTC)

@@ -68,7 +68,7 @@ def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509
         raise InvalidInput(f"{what} cannot be parsed as an X.509 certificate") from exc
 
 
-def _view(row: DpsCertificate, code: str | None = None) -> DpsCertificateView:
+def _view(row, code: str | None = None) -> DpsCertificateView:  # noqa: ANN001 - DpsCertificate | HubCertificate
     return DpsCertificateView(row.name, row.etag, x509.load_der_x509_certificate(row.der), row.subject, row.sha1,
                               row.sha256, row.is_verified, row.created_at, row.updated_at, code)
 
@@ -93,12 +93,27 @@ def _check_name(name: str) -> str:
 
 
 class CaCertificates:
-    def __init__(self, store: Store):
-        self.store = store
+    """The CA certificates of one owner: DPS (the default) or one hub (``model=HubCertificate, scope={"hub_id": n}``).
 
-    @staticmethod
-    def _get(s, name: str) -> DpsCertificate:  # noqa: ANN001
-        row = s.get(DpsCertificate, name)
+    Both follow the same proof-of-possession rules; only the table and its scoping column differ.
+    """
+
+    def __init__(self, store: Store, *, model: type = DpsCertificate, scope: dict | None = None):
+        self.store = store
+        self.model = model
+        self.scope = dict(scope or {})
+
+    def _select(self):  # noqa: ANN202
+        q = select(self.model)
+        for column, value in self.scope.items():
+            q = q.where(getattr(self.model, column) == value)
+        return q
+
+    def _find(self, s, name: str):  # noqa: ANN001, ANN202
+        return s.scalars(self._select().where(self.model.name == name)).first()
+
+    def _get(self, s, name: str):  # noqa: ANN001, ANN202
+        row = self._find(s, name)
         if row is None:
             raise NotFound(f"certificate {name!r} does not exist", error_code=404001)
         return row
@@ -111,12 +126,12 @@ class CaCertificates:
         _check_ca(cert, now)
         der = cert.public_bytes(Encoding.DER)
         with self.store.session() as s:
-            row = s.get(DpsCertificate, name)
+            row = self._find(s, name)
             created = row is None
             if row is None:
                 if if_match not in (None, "*"):
                     raise PreconditionFailed(f"certificate {name!r} does not exist, so If-Match cannot match")
-                row = DpsCertificate(name=name, created_at=now)
+                row = self.model(name=name, created_at=now, **self.scope)
                 s.add(row)
             elif if_match is None:
                 raise Conflict(f"certificate {name!r} already exists; pass its etag (If-Match) to replace it",
@@ -141,7 +156,7 @@ class CaCertificates:
 
     def list(self) -> list[DpsCertificateView]:
         with self.store.session() as s:
-            return [_view(r) for r in s.scalars(select(DpsCertificate).order_by(DpsCertificate.name))]
+            return [_view(r) for r in s.scalars(self._select().order_by(self.model.name))]
 
     def delete(self, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:

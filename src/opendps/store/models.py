@@ -307,3 +307,27 @@ class CloudToDeviceMessage(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     expires_at: Mapped[datetime] = _ts()
     created_at: Mapped[datetime] = _ts()
+
+
+class HubCertificate(Base):
+    """A CA certificate uploaded to one hub (``az iot hub certificate``), verified by proof of possession.
+
+    Devices whose chains reach a verified hub CA authenticate as ``certificateAuthority`` devices;
+    these are the owner's own CAs, next to the issuing CAs synced from linked policies.
+    """
+
+    __tablename__ = "hub_certificates"
+    __table_args__ = (UniqueConstraint("hub_id", "name", name="uq_hub_certificate"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(256), nullable=False)
+    der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    sha1: Mapped[str] = mapped_column(String(40), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    not_after: Mapped[datetime] = _ts()
+    is_verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    verification_code: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()

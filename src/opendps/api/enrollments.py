@@ -12,8 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from opendps.api import models as m
-from opendps.api.service import body, certificate_response, pem, reply, run
+from opendps.api.service import certificate_response, certificate_routes, pem, run
 from opendps.errors import InvalidInput
 from opendps.provisioning.ca_certificates import CaCertificates
 from opendps.provisioning.enrollments import GROUP, INDIVIDUAL
@@ -205,43 +204,7 @@ async def hub_certificates(request: web.Request) -> CaCertificates:
     return CaCertificates(request.app["instance"].store, model=HubCertificate, scope={"hub_id": hub.id})
 
 
-@routes.put("/linkedHubs/{name}/certificates/{cert}")
-async def put_hub_certificate(request: web.Request) -> web.Response:
-    b = await body(request, m.CertificateBody)
-    text = b.properties.certificate if b.properties else b.certificate
-    if not text:
-        raise InvalidInput("request body needs properties.certificate (PEM or base64 DER)")
-    view, created = await run(request, (await hub_certificates(request)).upload, request.match_info["cert"], text,
-                              if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(view), 201 if created else 200, view.etag)
-
-
-@routes.get("/linkedHubs/{name}/certificates/{cert}")
-async def get_hub_certificate(request: web.Request) -> web.Response:
-    v = await run(request, (await hub_certificates(request)).get, request.match_info["cert"])
-    return reply(certificate_response(v), etag=v.etag)
-
-
-@routes.delete("/linkedHubs/{name}/certificates/{cert}")
-async def delete_hub_certificate(request: web.Request) -> web.Response:
-    await run(request, (await hub_certificates(request)).delete, request.match_info["cert"],
-              if_match=request.headers.get("If-Match"))
-    return web.Response(status=204)
-
-
-@routes.post("/linkedHubs/{name}/certificates/{cert}/generateVerificationCode")
-async def hub_certificate_code(request: web.Request) -> web.Response:
-    v = await run(request, (await hub_certificates(request)).generate_verification_code, request.match_info["cert"],
-                  if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(v), etag=v.etag)
-
-
-@routes.post("/linkedHubs/{name}/certificates/{cert}/verify")
-async def verify_hub_certificate(request: web.Request) -> web.Response:
-    b = await body(request, m.VerificationBody)
-    v = await run(request, (await hub_certificates(request)).verify, request.match_info["cert"], b.certificate,
-                  if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(v), etag=v.etag)
+certificate_routes(routes, "/linkedHubs/{name}/certificates", hub_certificates, list_route=False)
 
 
 # ---- ADR device registry ----

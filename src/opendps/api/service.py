@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from opendps.api import models as m
 from opendps.errors import InvalidInput
-from opendps.provisioning import DpsCertificateView
+from opendps.provisioning import CaCertificates, DpsCertificateView
 from opendps.registry import NamespaceView, PolicyView
 
 routes = web.RouteTableDef()
@@ -78,49 +79,60 @@ def certificate_response(v: DpsCertificateView) -> m.CertificateResponse:
         updated=rfc1123(v.updated_at), certificate=pem(v.certificate), verificationCode=v.verification_code))
 
 
-@routes.put("/certificates/{name}")
-async def put_certificate(request: web.Request) -> web.Response:
-    b = await body(request, m.CertificateBody)
-    text = b.properties.certificate if b.properties else b.certificate
-    if not text:
-        raise InvalidInput("request body needs properties.certificate (PEM or base64 DER)")
-    view, created = await run(request, request.app["instance"].ca_certificates.upload, request.match_info["name"],
-                              text, if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(view), 201 if created else 200, view.etag)
+OwnerLookup = Callable[[web.Request], Awaitable[CaCertificates]]
 
 
-@routes.get("/certificates")
-async def list_certificates(request: web.Request) -> web.Response:
-    views = await run(request, request.app["instance"].ca_certificates.list)
-    return reply(m.CertificateList(value=[certificate_response(v) for v in views]))
+def certificate_routes(table: web.RouteTableDef, base: str, owner: OwnerLookup, *, list_route: bool = True) -> None:
+    """Proof-of-possession CA certificate routes under ``base`` (``{base}/{cert}``, ``.../generateVerificationCode``,
+    ``.../verify``) for the owner ``owner(request)`` returns: DPS, or one hub. Same rules for both."""
+
+    async def put_one(request: web.Request) -> web.Response:
+        b = await body(request, m.CertificateBody)
+        text = b.properties.certificate if b.properties else b.certificate
+        if not text:
+            raise InvalidInput("request body needs properties.certificate (PEM or base64 DER)")
+        view, created = await run(request, (await owner(request)).upload, request.match_info["cert"], text,
+                                  if_match=request.headers.get("If-Match"))
+        return reply(certificate_response(view), 201 if created else 200, view.etag)
+
+    async def get_one(request: web.Request) -> web.Response:
+        v = await run(request, (await owner(request)).get, request.match_info["cert"])
+        return reply(certificate_response(v), etag=v.etag)
+
+    async def delete_one(request: web.Request) -> web.Response:
+        await run(request, (await owner(request)).delete, request.match_info["cert"],
+                  if_match=request.headers.get("If-Match"))
+        return web.Response(status=204)
+
+    async def generate_code(request: web.Request) -> web.Response:
+        v = await run(request, (await owner(request)).generate_verification_code, request.match_info["cert"],
+                      if_match=request.headers.get("If-Match"))
+        return reply(certificate_response(v), etag=v.etag)
+
+    async def verify(request: web.Request) -> web.Response:
+        b = await body(request, m.VerificationBody)
+        v = await run(request, (await owner(request)).verify, request.match_info["cert"], b.certificate,
+                      if_match=request.headers.get("If-Match"))
+        return reply(certificate_response(v), etag=v.etag)
+
+    async def list_all(request: web.Request) -> web.Response:
+        views = await run(request, (await owner(request)).list)
+        return reply(m.CertificateList(value=[certificate_response(v) for v in views]))
+
+    if list_route:
+        table.get(base)(list_all)
+    table.put(base + "/{cert}")(put_one)
+    table.get(base + "/{cert}")(get_one)
+    table.delete(base + "/{cert}")(delete_one)
+    table.post(base + "/{cert}/generateVerificationCode")(generate_code)
+    table.post(base + "/{cert}/verify")(verify)
 
 
-@routes.get("/certificates/{name}")
-async def get_certificate(request: web.Request) -> web.Response:
-    v = await run(request, request.app["instance"].ca_certificates.get, request.match_info["name"])
-    return reply(certificate_response(v), etag=v.etag)
+async def _dps_certificates(request: web.Request) -> CaCertificates:
+    return request.app["instance"].ca_certificates
 
 
-@routes.delete("/certificates/{name}")
-async def delete_certificate(request: web.Request) -> web.Response:
-    await run(request, request.app["instance"].ca_certificates.delete, request.match_info["name"],
-              if_match=request.headers.get("If-Match"))
-    return web.Response(status=204)
-
-
-@routes.post("/certificates/{name}/generateVerificationCode")
-async def generate_verification_code(request: web.Request) -> web.Response:
-    v = await run(request, request.app["instance"].ca_certificates.generate_verification_code,
-                  request.match_info["name"], if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(v), etag=v.etag)
-
-
-@routes.post("/certificates/{name}/verify")
-async def verify_certificate(request: web.Request) -> web.Response:
-    b = await body(request, m.VerificationBody)
-    v = await run(request, request.app["instance"].ca_certificates.verify, request.match_info["name"],
-                  b.certificate, if_match=request.headers.get("If-Match"))
-    return reply(certificate_response(v), etag=v.etag)
+certificate_routes(routes, "/certificates", _dps_certificates)
 
 
 # ---- ADR ----

@@ -151,11 +151,10 @@ class IssuedCertificate(Base):
     created_at: Mapped[datetime] = _ts()
 
 
-class DpsCertificate(Base):
-    """An owner's CA certificate uploaded to DPS, verified by proof of possession."""
+class _ProvenCaCertificate:
+    """Columns of an owner's CA certificate proven by proof of possession (DPS or one hub)."""
 
-    __tablename__ = "dps_certificates"
-    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), nullable=False)
     der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     subject: Mapped[str] = mapped_column(String(512), nullable=False)
     sha1: Mapped[str] = mapped_column(String(40), nullable=False)
@@ -166,6 +165,13 @@ class DpsCertificate(Base):
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts()
+
+
+class DpsCertificate(_ProvenCaCertificate, Base):
+    """An owner's CA certificate uploaded to DPS, verified by proof of possession."""
+
+    __tablename__ = "dps_certificates"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
 
 
 class Enrollment(Base):
@@ -309,7 +315,7 @@ class CloudToDeviceMessage(Base):
     created_at: Mapped[datetime] = _ts()
 
 
-class HubCertificate(Base):
+class HubCertificate(_ProvenCaCertificate, Base):
     """A CA certificate uploaded to one hub (``az iot hub certificate``), verified by proof of possession.
 
     Devices whose chains reach a verified hub CA authenticate as ``certificateAuthority`` devices;
@@ -320,14 +326,3 @@ class HubCertificate(Base):
     __table_args__ = (UniqueConstraint("hub_id", "name", name="uq_hub_certificate"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
-    name: Mapped[str] = mapped_column(String(256), nullable=False)
-    der: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
-    subject: Mapped[str] = mapped_column(String(512), nullable=False)
-    sha1: Mapped[str] = mapped_column(String(40), nullable=False)
-    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    not_after: Mapped[datetime] = _ts()
-    is_verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    verification_code: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    etag: Mapped[str] = mapped_column(String(64), nullable=False)
-    created_at: Mapped[datetime] = _ts()
-    updated_at: Mapped[datetime] = _ts()

@@ -1,0 +1,178 @@
+"""On-disk operational credentials with a safe switch-over: the new set is only trusted once it worked.
+
+Layout of ``directory``::
+
+    device.key      operational private key (0600)
+    device.pem      leaf certificate
+    chain.pem       leaf + issuing CA: what a TLS client presents to the hub
+    fullchain.pem   leaf + issuing CA + root, as issued
+    previous/       the last set that connected, kept until :meth:`CertificateStore.confirm`
+
+Every file is written atomically (temporary file in the same directory, fsync, ``os.replace``, then
+the directory is fsynced), so a crash or power cut leaves either the old or the new file, never a
+partial one. A renewal writes all new temporary files first and only then replaces them, keeping the
+window in which key and certificate disagree to a few renames; :meth:`current` refuses such a set
+(:class:`StoreError`) rather than handing a TLS stack a key that does not match its certificate.
+
+``previous/`` always holds the last *confirmed* set: saving twice before a confirmation (a retried
+renewal) keeps the known-good one, and :meth:`rollback` restores it when the new certificate cannot
+connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from opendps.device.keys import key_to_pem, load_private_key, public_keys_match
+
+__all__ = ["CertificateStore", "StoreError", "StoredCredentials"]
+
+KEY, LEAF, CHAIN, FULLCHAIN = "device.key", "device.pem", "chain.pem", "fullchain.pem"
+FILES = (KEY, LEAF, CHAIN, FULLCHAIN)
+PREVIOUS = "previous"
+
+
+class StoreError(Exception):
+    """The stored set is missing, inconsistent, or there is nothing to roll back to."""
+
+
+@dataclass(frozen=True)
+class StoredCredentials:
+    """Paths of the current set plus its parsed leaf (for expiry checks and twin reports)."""
+
+    directory: Path
+    key_file: Path
+    cert_file: Path
+    chain_file: Path
+    fullchain_file: Path
+    certificate: x509.Certificate
+
+    @property
+    def tls_identity(self) -> tuple[Path, Path]:
+        """``(chain file, key file)``, the ``x509=`` argument of the hub and provisioning clients."""
+        return self.chain_file, self.key_file
+
+
+def _pem(certs: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, name: str, data: bytes, mode: int) -> Path:
+    """A fully written, fsynced temporary file next to its final name (same file system for os.replace)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _replace_all(directory: Path, contents: dict[str, tuple[bytes, int]]) -> None:
+    """Write every temporary file first, then rename them in ``contents`` order, then fsync the directory."""
+    temps: dict[str, Path] = {}
+    try:
+        for name, (data, mode) in contents.items():
+            temps[name] = _write_temp(directory, name, data, mode)
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    _fsync_dir(directory)
+
+
+class CertificateStore:
+    """The device's operational key and chain in ``directory`` (created 0700 if missing)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @property
+    def previous_dir(self) -> Path:
+        return self.directory / PREVIOUS
+
+    @property
+    def pending(self) -> bool:
+        """True between :meth:`save` over an existing set and :meth:`confirm` (or :meth:`rollback`)."""
+        return (self.previous_dir / KEY).exists()
+
+    def save(self, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> StoredCredentials:
+        """Store a newly issued chain [leaf, issuing CA, root...] for ``key``; the old set moves to ``previous/``."""
+        if len(chain) < 2:
+            raise ValueError("an issued chain holds at least the leaf and its issuing CA")
+        if not public_keys_match(key, chain[0]):
+            raise ValueError("the issued leaf does not certify this key")
+        if not self.pending and (self.directory / KEY).exists():
+            self._copy_set(self.directory, self.previous_dir)
+        _replace_all(self.directory, {
+            LEAF: (_pem(chain[:1]), 0o644),
+            CHAIN: (_pem(chain[:2]), 0o644),
+            FULLCHAIN: (_pem(chain), 0o644),
+            KEY: (key_to_pem(key), 0o600),
+        })
+        result = self.current()
+        assert result is not None
+        return result
+
+    def current(self) -> StoredCredentials | None:
+        """The current set, or None when nothing was stored yet; StoreError if it is incomplete or mismatched."""
+        present = [name for name in FILES if (self.directory / name).exists()]
+        if not present:
+            return None
+        if len(present) != len(FILES):
+            raise StoreError(f"{self.directory}: incomplete credential set (have {', '.join(present)})")
+        certificate = x509.load_pem_x509_certificate((self.directory / LEAF).read_bytes())
+        key = load_private_key(self.directory / KEY)
+        if not public_keys_match(key, certificate):
+            raise StoreError(f"{self.directory}: {KEY} does not match {LEAF} (interrupted renewal?); use rollback()")
+        return StoredCredentials(self.directory, self.directory / KEY, self.directory / LEAF, self.directory / CHAIN,
+                                 self.directory / FULLCHAIN, certificate)
+
+    def confirm(self) -> None:
+        """The current set connected to the hub: forget the previous one."""
+        if self.previous_dir.exists():
+            shutil.rmtree(self.previous_dir)
+            _fsync_dir(self.directory)
+
+    def rollback(self) -> StoredCredentials:
+        """Put the previous (last confirmed) set back, e.g. when the new certificate is refused by the hub."""
+        if not self.pending:
+            raise StoreError(f"{self.directory}: no previous credential set to roll back to")
+        self._copy_set(self.previous_dir, self.directory)
+        shutil.rmtree(self.previous_dir)
+        _fsync_dir(self.directory)
+        result = self.current()
+        assert result is not None
+        return result
+
+    @staticmethod
+    def _copy_set(source: Path, target: Path) -> None:
+        target.mkdir(mode=0o700, exist_ok=True)
+        # the key goes last: previous/device.key is the marker of a complete, pending previous set
+        names = [name for name in FILES if name != KEY] + [KEY]
+        _replace_all(target, {name: ((source / name).read_bytes(), 0o600 if name == KEY else 0o644) for name in names})

@@ -1,0 +1,637 @@
+"""The long-running device agent: onboard once, stay connected, renew the operational certificate in time.
+
+What a device runs as its main loop (the seed's "Certificate Renewal": the device watches ``validUntil``
+itself, the service sends no reminder). :class:`DeviceAgent` ties the SDK together:
+
+1. **Onboarding** — if the :class:`~opendps.device.store.CertificateStore` holds no usable set, register
+   with DPS using the bootstrap credential (X.509, symmetric key or group key) and a CSR for a fresh
+   P-384 key; the issued chain is stored and the assignment (hub, device id) kept in ``agent.json`` next
+   to it.
+2. **Operation** — connect to the assigned hub with the operational chain, report the certificate summary
+   in the twin (``{"certificate": {...}}``), answer methods / desired / C2D through the user's callbacks
+   and send telemetry at an interval.
+3. **Renewal** — at the renewal time (see :func:`renewal_due_time`, minus a per-certificate random
+   jitter so a fleet issued at once does not renew at once): new key + CSR, a new chain from DPS
+   (``renewal_method="dps"``, the seed's method) or from the hub's ``$iothub/credentials`` topic
+   (``"hub"``), ``save`` (the previous set is kept), ``switch_credentials`` on the live hub client
+   (queued telemetry stays queued), then ``confirm`` — or ``rollback`` if the hub refuses the new
+   certificate. Failures keep the old certificate and retry with exponential backoff and jitter;
+   :attr:`DeviceAgent.status` says what happened (last renewal, next renewal, last error).
+
+Clocks: the schedule is kept in the issuer's time. Devices without a battery-backed clock boot in
+1970, and tests move a fake clock: when a certificate arrives and the local clock is not within
+``clock_tolerance`` after its notBefore (the issuer's "now" minus its small backdating), the difference
+is taken as the offset between the two clocks, so a fresh certificate is never "already due".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509 as cx509
+
+from opendps.device.hub import C2dCallback, DesiredCallback, HubClient, MethodHandler
+from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, public_keys_match
+from opendps.device.mqtt import ConnectRefused, MqttError
+from opendps.device.provisioning import ProvisioningClient
+from opendps.device.store import CertificateStore, StoredCredentials, StoreError
+
+__all__ = [
+    "AgentConfig",
+    "AgentError",
+    "AgentStatus",
+    "DeviceAgent",
+    "renewal_due_time",
+]
+
+log = logging.getLogger("opendps.device.agent")
+
+STATE_FILE = "agent.json"
+RenewalMethod = Literal["dps", "hub"]
+EventCallback = Callable[[str, "AgentStatus"], None]
+TelemetrySource = Callable[[int], Any]
+
+
+class AgentError(Exception):
+    """The agent cannot go on as configured (e.g. DPS assigned no certificate chain)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def renewal_due_time(cert: cx509.Certificate, renew_before: timedelta = timedelta(days=7),
+                     at_fraction: float = 0.8) -> datetime:
+    """When a certificate is due for renewal, in the issuer's time (before any jitter).
+
+    ``renew_before`` notAfter (the seed recommends 7 days), but never later than ``at_fraction`` of the
+    lifetime. ``renew_before`` only counts when the certificate lives at least twice as long: for
+    short-lived certificates (a 1-day policy) "7 days before" would fall before issuance and the
+    device would renew in a loop, so they renew at ``at_fraction`` alone (1 day → 19.2 h).
+    """
+    if not 0 < at_fraction <= 1:
+        raise ValueError("at_fraction must be in (0, 1]")
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    lifetime = end - start
+    due = start + lifetime * at_fraction
+    if renew_before * 2 <= lifetime:
+        due = min(due, end - renew_before)
+    return due
+
+
+@dataclass
+class AgentConfig:
+    """Everything the agent needs; exactly one onboarding credential (X.509 files, symmetric key or group key)."""
+
+    dps_host: str
+    id_scope: str
+    registration_id: str
+    store_dir: str | Path
+    https_port: int = 443
+    mqtt_port: int = 8883
+    ca_file: str | Path | None = None
+    x509_cert_file: str | Path | None = None  # bootstrap chain (leaf first) presented to DPS
+    x509_key_file: str | Path | None = None
+    symmetric_key: str | None = None
+    group_key: str | None = None
+    transport: Literal["https", "mqtt"] = "https"  # for DPS registration
+    hub_port: int | None = None  # default: mqtt_port (opendps serves DPS and hub MQTT on one port)
+    hub_address: str | None = None  # where to dial when the hub name does not resolve
+    renewal_method: RenewalMethod = "dps"
+    renew_before: timedelta = timedelta(days=7)
+    renew_at_fraction: float = 0.8
+    jitter_fraction: float = 0.1  # renew up to this share of the lifetime before the due time
+    retry_base: float = 60.0  # seconds; doubled per consecutive failure
+    retry_max: float = 3600.0
+    check_interval: float = 3600.0  # re-check the schedule at least this often (clock jumps)
+    telemetry_interval: float | None = None  # seconds; None = no periodic telemetry
+    curve: Curve = "P-384"
+    payload: Any = None  # registration payload sent to DPS
+    clock_tolerance: timedelta = timedelta(hours=1)
+    provisioning_options: dict[str, Any] = field(default_factory=dict)  # extra ProvisioningClient keywords
+    hub_options: dict[str, Any] = field(default_factory=dict)  # extra HubClient keywords
+
+    def __post_init__(self) -> None:
+        if (self.x509_cert_file is None) != (self.x509_key_file is None):
+            raise ValueError("give both x509_cert_file and x509_key_file, or neither")
+        given = sum(x is not None for x in (self.x509_cert_file, self.symmetric_key, self.group_key))
+        if given != 1:
+            raise ValueError("give exactly one onboarding credential: x509_cert_file/x509_key_file, symmetric_key or "
+                             "group_key")
+        if self.renewal_method not in ("dps", "hub"):
+            raise ValueError(f"renewal_method must be 'dps' or 'hub', got {self.renewal_method!r}")
+        if self.transport not in ("https", "mqtt"):
+            raise ValueError(f"transport must be 'https' or 'mqtt', got {self.transport!r}")
+        if not 0 < self.renew_at_fraction <= 1:
+            raise ValueError("renew_at_fraction must be in (0, 1]")
+        if not 0 <= self.jitter_fraction < self.renew_at_fraction:
+            raise ValueError("jitter_fraction must be in [0, renew_at_fraction)")
+        if self.retry_base <= 0 or self.retry_max < self.retry_base:
+            raise ValueError("need 0 < retry_base <= retry_max")
+        if self.check_interval <= 0:
+            raise ValueError("check_interval must be positive")
+        if self.telemetry_interval is not None and self.telemetry_interval <= 0:
+            raise ValueError("telemetry_interval must be positive")
+        self.store_dir = Path(self.store_dir)
+
+
+@dataclass
+class AgentStatus:
+    """What the agent is doing, for the CLI and for monitoring (times are the device's clock, UTC)."""
+
+    registration_id: str
+    renewal_method: str
+    state: str = "stopped"  # starting | provisioning | connecting | connected | renewing | stopped
+    device_id: str | None = None
+    assigned_hub: str | None = None
+    certificate: dict[str, str] | None = None  # certificate_summary() of the certificate in use
+    connected: bool = False
+    last_renewal: datetime | None = None
+    next_renewal: datetime | None = None
+    renewals: int = 0
+    failures: int = 0  # consecutive failed renewal (or onboarding) attempts
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    last_check: datetime | None = None  # when the serving loop last looked at the schedule (liveness)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (ISO 8601 times) for ``-o json`` output."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("last_renewal", "next_renewal", "last_error_at", "last_check"):
+            doc[name] = _iso(doc[name])
+        return doc
+
+
+class DeviceAgent:
+    """Runs one device: onboarding, hub connection, telemetry, callbacks and certificate renewal.
+
+    ``clock`` and ``sleep`` are injected so tests (and simulators) can move time without waiting;
+    ``rng`` draws the renewal jitter and the retry backoff, so a seeded one gives a reproducible schedule.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], datetime] = _utcnow,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rng: random.Random | None = None,
+                 methods: Mapping[str | None, MethodHandler] | None = None, on_desired: DesiredCallback | None = None,
+                 on_c2d: C2dCallback | None = None, telemetry: TelemetrySource | None = None,
+                 on_event: EventCallback | None = None) -> None:
+        self.config = config
+        self.store = CertificateStore(config.store_dir)
+        self._status = AgentStatus(config.registration_id, config.renewal_method)
+        self.hub: HubClient | None = None
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._methods = dict(methods or {})
+        self._on_desired = on_desired
+        self._on_c2d = on_c2d
+        self._telemetry = telemetry
+        self._on_event = on_event
+        self._credentials: StoredCredentials | None = None
+        self._offset = timedelta(0)  # device clock minus issuer clock
+        self._renew_at: datetime | None = None  # device clock
+        self._report_pending = False
+        self._forced: list[asyncio.Future] = []
+        self._wake = asyncio.Event()  # renew_now() or stop()
+        self._stop_event = asyncio.Event()
+        self._stopping = False
+        self._running = False
+        self._ready = asyncio.Event()
+        self._done = asyncio.Event()
+        self._telemetry_seq = 0
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def status(self) -> AgentStatus:
+        """The live status (``connected`` is read from the hub client now)."""
+        self._status.connected = self.hub is not None and self.hub.connected
+        return self._status
+
+    @property
+    def credentials(self) -> StoredCredentials | None:
+        """The credential set the hub connection uses."""
+        return self._credentials
+
+    async def run(self) -> None:
+        """Onboard if needed, connect, then serve until :meth:`stop` (renewing when due)."""
+        if self._running:
+            raise RuntimeError("the agent is already running")
+        self._running, self._stopping = True, False
+        self._stop_event.clear()
+        self._done.clear()
+        telemetry_task: asyncio.Task | None = None
+        try:
+            self._set_state("starting")
+            if not await self._start():
+                return
+            if self.config.telemetry_interval is not None:
+                telemetry_task = asyncio.get_running_loop().create_task(self._telemetry_loop(),
+                                                                        name=f"agent-telemetry:{self.config.registration_id}")
+            self._ready.set()
+            await self._serve()
+        finally:
+            if telemetry_task is not None:
+                telemetry_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await telemetry_task
+            for future in self._forced:
+                if not future.done():
+                    future.set_exception(AgentError("the agent stopped before the renewal"))
+            self._forced.clear()
+            if self.hub is not None:
+                await self.hub.disconnect()
+            self._ready.clear()
+            self._running = False
+            self._set_state("stopped")
+            self._done.set()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the agent is connected to its hub (the certificate report is sent, or retried if that failed)."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def renew_now(self) -> dict[str, str]:
+        """Renew at once (CLI ``--renew-now``, quickstart); returns the new certificate summary or raises the error.
+
+        Needs a running :meth:`run`; called before it got connected, the renewal happens as soon as it is.
+        A failed forced renewal does not move an existing schedule forward.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._forced.append(future)
+        self._wake.set()
+        return await future
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop serving: give queued telemetry up to ``drain_timeout`` s to be acknowledged, then disconnect."""
+        if self.hub is not None and drain_timeout > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_timeout
+            while self.hub.pending_telemetry and self.hub.connected and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        self._stopping = True
+        self._wake.set()
+        self._stop_event.set()
+        if self._running:
+            await self._done.wait()
+
+    def queue_telemetry(self, body: bytes | str | dict | list, properties: dict[str, Any] | None = None,
+                        **options: Any) -> asyncio.Future:
+        """Queue a message on the hub connection (kept across reconnects and certificate switches)."""
+        if self.hub is None:
+            raise RuntimeError("the agent is not connected to a hub yet (await wait_ready())")
+        return self.hub.queue_telemetry(body, properties, **options)
+
+    # ---------------------------------------------------------------- start-up
+    async def _start(self) -> bool:
+        """Load or obtain credentials and connect; False when stopped meanwhile."""
+        creds, assignment = self._load()
+        if creds is None or assignment is None:
+            result = await self._onboard()
+            if result is None:
+                return False
+            creds, assignment = result
+        while not self._stopping:
+            try:
+                await self._connect(creds, assignment)
+                return True
+            except ConnectRefused as exc:
+                # the hub no longer takes this set: back to the confirmed one, else (after a pause) onboard again
+                self._record_error(f"hub {assignment[0]} refused the certificate (CONNACK {exc.return_code})")
+                if self.store.pending:
+                    creds = self.store.rollback()
+                    self._emit("rolled-back")
+                    continue
+                await self._stoppable_sleep(self._backoff())
+                result = await self._onboard()
+                if result is None:
+                    return False
+                creds, assignment = result
+            except (MqttError, OSError, TimeoutError) as exc:
+                self._record_error(f"cannot reach hub {assignment[0]}: {type(exc).__name__}: {exc}")
+                await self._stoppable_sleep(self._backoff())
+        return False
+
+    def _load(self) -> tuple[StoredCredentials | None, tuple[str, str] | None]:
+        """The stored set and assignment if usable: complete, matching, and not expired."""
+        try:
+            creds = self.store.current()
+        except StoreError as exc:
+            log.warning("%s", exc)
+            if not self.store.pending:
+                return None, None
+            creds = self.store.rollback()  # an interrupted renewal: the confirmed set is the one to use
+        state = self._read_state()
+        if creds is None or state is None:
+            return creds, None
+        # after a restart the device clock is trusted unless it is before the certificate's issuance (no RTC, 1970):
+        # then assume the certificate is as fresh as possible rather than never renewing it
+        issued = creds.certificate.not_valid_before_utc
+        now = self._clock()
+        self._offset = now - issued if now < issued else timedelta(0)
+        if self._issuer_now() >= creds.certificate.not_valid_after_utc:
+            log.info("%s: stored certificate expired; onboarding again", self.config.registration_id)
+            return None, None
+        return creds, (state["assignedHub"], state["deviceId"])
+
+    async def _onboard(self) -> tuple[StoredCredentials, tuple[str, str]] | None:
+        """Register with DPS (fresh key + CSR) until it works or the agent stops; failures back off."""
+        self._set_state("provisioning")
+        while not self._stopping:
+            try:
+                creds, assignment = await self._register()
+            except Exception as exc:  # noqa: BLE001 - a daemon keeps trying (the operator may fix the enrollment)
+                log.warning("%s: provisioning failed: %s", self.config.registration_id, exc)
+                self._record_error(f"provisioning failed: {type(exc).__name__}: {exc}")
+                await self._stoppable_sleep(self._backoff())
+                continue
+            self._emit("provisioned")
+            return creds, assignment
+        return None
+
+    async def _register(self) -> tuple[StoredCredentials, tuple[str, str]]:
+        key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
+        result = await self._provisioning_client().register(csr, self.config.payload)
+        if not result.issued_chain or not result.assigned_hub or not result.device_id:
+            raise AgentError("DPS assigned the device without an operational certificate chain (does the enrollment "
+                             "have a credentialPolicyName?)")
+        if not public_keys_match(key, result.issued_chain[0]):
+            raise AgentError("DPS returned a certificate for another key")
+        creds = self.store.save(key, result.issued_chain)
+        self._adopt(creds.certificate)
+        assignment = (result.assigned_hub, result.device_id)
+        self._write_state(assignment)
+        return creds, assignment
+
+    def _provisioning_client(self) -> ProvisioningClient:
+        c = self.config
+        credential: dict[str, Any]
+        if c.x509_cert_file is not None:
+            credential = {"x509": (c.x509_cert_file, c.x509_key_file)}
+        elif c.symmetric_key is not None:
+            credential = {"symmetric_key": c.symmetric_key}
+        else:
+            credential = {"group_key": c.group_key}
+        return ProvisioningClient(c.dps_host, c.id_scope, c.registration_id, https_port=c.https_port,
+                                  mqtt_port=c.mqtt_port, ca_file=c.ca_file, transport=c.transport,
+                                  **credential, **c.provisioning_options)
+
+    def _new_hub(self, creds: StoredCredentials, assignment: tuple[str, str]) -> HubClient:
+        c = self.config
+        hub = HubClient(assignment[0], assignment[1], port=c.hub_port or c.mqtt_port, ca_file=c.ca_file,
+                        x509=creds.tls_identity, address=c.hub_address, **c.hub_options)
+        for name, handler in self._methods.items():
+            hub.on_method(name, handler)
+        if self._on_desired is not None:
+            hub.on_desired(self._on_desired)
+        if self._on_c2d is not None:
+            hub.on_c2d(self._on_c2d)
+        return hub
+
+    async def _connect(self, creds: StoredCredentials, assignment: tuple[str, str]) -> None:
+        self._set_state("connecting")
+        if self.hub is not None:
+            await self.hub.disconnect()
+        self.hub = self._new_hub(creds, assignment)
+        await self.hub.connect()
+        self.store.confirm()  # this set connected: it is the known-good one now
+        self._credentials = creds
+        self._status.device_id, self._status.assigned_hub = assignment[1], assignment[0]
+        self._status.failures = 0
+        self._adopt(creds.certificate, fresh=False)
+        self._report_pending = True
+        await self._report()
+        self._set_state("connected")
+        self._emit("connected")
+
+    # ---------------------------------------------------------------- main loop
+    async def _serve(self) -> None:
+        while not self._stopping:
+            if self._report_pending:
+                await self._report()
+            now = self._clock()
+            self._status.last_check = now
+            forced, self._forced = self._forced, []
+            due = self._renew_at is not None and now >= self._renew_at
+            if forced or due:
+                await self._renew_and_record(forced, due)
+                continue
+            delay = self.config.check_interval
+            if self._renew_at is not None:
+                delay = min(delay, (self._renew_at - now).total_seconds())
+            await self._interruptible_sleep(delay)
+
+    async def _renew_and_record(self, forced: list[asyncio.Future], due: bool) -> None:
+        try:
+            summary = await self._renew()
+        except Exception as exc:  # noqa: BLE001 - every failure is reported and retried, the agent goes on
+            log.warning("%s: certificate renewal failed: %s", self.config.registration_id, exc)
+            self._record_error(f"{self._method()} renewal failed: {type(exc).__name__}: {exc}")
+            if due or self._status.failures > 1:
+                self._renew_at = self._clock() + timedelta(seconds=self._backoff())
+                self._status.next_renewal = self._renew_at
+            self._set_state("connected")
+            self._emit("renewal-failed")
+            for future in forced:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future in forced:
+            if not future.done():
+                future.set_result(summary)
+
+    def _method(self) -> RenewalMethod:
+        """Hub renewal needs a live connection: an expired certificate can only be replaced through DPS."""
+        creds = self._credentials
+        if creds is not None and self._issuer_now() >= creds.certificate.not_valid_after_utc:
+            return "dps"
+        return self.config.renewal_method
+
+    async def _renew(self) -> dict[str, str]:
+        assert self.hub is not None and self._credentials is not None
+        self._set_state("renewing")
+        method = self._method()
+        key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
+        assignment = (self.hub.hub_host, self.hub.device_id)
+        if method == "dps":
+            result = await self._provisioning_client().register(csr, self.config.payload)
+            if not result.issued_chain or not result.assigned_hub or not result.device_id:
+                raise AgentError("DPS answered without an operational certificate chain")
+            chain = result.issued_chain
+            assignment = (result.assigned_hub, result.device_id)
+        else:
+            chain = await self.hub.renew_certificate(csr)
+        if not public_keys_match(key, chain[0]):
+            raise AgentError(f"{'DPS' if method == 'dps' else 'the hub'} returned a certificate for another key")
+        new = self.store.save(key, chain)  # the confirmed set moves to previous/
+        self._emit("switching")
+        try:
+            await self._switch(new, assignment)
+        except BaseException as exc:
+            self.store.rollback()
+            self._emit("rolled-back")
+            if isinstance(exc, ConnectRefused):
+                raise AgentError(f"the hub refused the renewed certificate (CONNACK {exc.return_code}); "
+                                 "kept the previous one") from exc
+            raise
+        self.store.confirm()
+        self._credentials = new
+        if assignment != (self._status.assigned_hub, self._status.device_id):
+            self._status.assigned_hub, self._status.device_id = assignment
+        self._adopt(new.certificate)
+        self._write_state(assignment)
+        self._status.renewals += 1
+        self._status.last_renewal = self._clock()
+        self._status.failures = 0
+        self._report_pending = True
+        await self._report()
+        self._set_state("connected")
+        self._emit("renewed")
+        return certificate_summary(new.certificate)
+
+    async def _switch(self, new: StoredCredentials, assignment: tuple[str, str]) -> None:
+        """Move the live connection to the new set; a changed hub or device id gets a new client."""
+        hub = self.hub
+        assert hub is not None
+        if assignment == (hub.hub_host, hub.device_id):
+            await hub.switch_credentials(x509=new.tls_identity)
+            return
+        replacement = self._new_hub(new, assignment)
+        await replacement.connect()  # raises (old client untouched) if the new hub refuses
+        if hub.pending_telemetry:
+            log.warning("%s: %d queued messages were for device %r on %s and are dropped", self.config.registration_id,
+                        hub.pending_telemetry, hub.device_id, hub.hub_host)
+        await hub.disconnect()
+        self.hub = replacement
+
+    async def _report(self) -> None:
+        """Twin reported ``certificate`` = the summary of the certificate in use; retried later if offline."""
+        if self.hub is None or self._credentials is None:
+            return
+        try:
+            await self.hub.report_certificate(self._credentials.certificate)
+        except Exception as exc:  # noqa: BLE001 - retried on the next wake-up
+            log.info("%s: could not report the certificate yet: %s", self.config.registration_id, exc)
+            return
+        self._report_pending = False
+
+    async def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry_interval
+        assert interval is not None
+        while True:
+            await self._sleep(interval)
+            if self.hub is None:
+                continue
+            self._telemetry_seq += 1
+            seq = self._telemetry_seq
+            body = self._telemetry(seq) if self._telemetry is not None else {"seq": seq}
+            if inspect.isawaitable(body):
+                body = await body
+            if body is None:
+                continue
+            self.hub.queue_telemetry(body, message_id=f"{self.config.registration_id}-{seq}")
+
+    # ---------------------------------------------------------------- scheduling
+    def _issuer_now(self) -> datetime:
+        return self._clock() - self._offset
+
+    def _adopt(self, cert: cx509.Certificate, *, fresh: bool = True) -> None:
+        """Schedule the renewal of ``cert``; a fresh one also measures the device/issuer clock offset."""
+        now = self._clock()
+        if fresh:
+            issued = cert.not_valid_before_utc
+            inside = issued <= now <= issued + self.config.clock_tolerance
+            self._offset = timedelta(0) if inside else now - issued
+        if self._credentials is not None and self._renew_at is not None and not fresh \
+                and self._status.certificate == certificate_summary(cert):
+            return  # the same certificate, already scheduled (a reconnect)
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        due = renewal_due_time(cert, self.config.renew_before, self.config.renew_at_fraction)
+        jitter = lifetime * self.config.jitter_fraction * self._rng.random()
+        self._renew_at = max(cert.not_valid_before_utc, due - jitter) + self._offset
+        self._status.next_renewal = self._renew_at
+        self._status.certificate = certificate_summary(cert)
+
+    def _backoff(self) -> float:
+        """Exponential in the consecutive failures, with jitter: a fleet refused at once retries spread out."""
+        ceiling = min(self.config.retry_max, self.config.retry_base * 2 ** max(self._status.failures - 1, 0))
+        return ceiling * (0.5 + 0.5 * self._rng.random())
+
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        """The injected sleep, cut short by :meth:`renew_now` and :meth:`stop` (the serving loop)."""
+        if self._stopping or self._forced:
+            return
+        await self._sleep_until(seconds, self._wake)
+
+    async def _stoppable_sleep(self, seconds: float) -> None:
+        """The injected sleep, cut short only by :meth:`stop` (start-up retries)."""
+        if not self._stopping:
+            await self._sleep_until(seconds, self._stop_event)
+
+    async def _sleep_until(self, seconds: float, event: asyncio.Event) -> None:
+        sleeper = asyncio.ensure_future(self._sleep(max(seconds, 0.0)))
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self._wake.clear()
+
+    # ---------------------------------------------------------------- status and state file
+    def _set_state(self, state: str) -> None:
+        self._status.state = state
+
+    def _record_error(self, message: str) -> None:
+        self._status.failures += 1
+        self._status.last_error = message
+        self._status.last_error_at = self._clock()
+
+    def _emit(self, event: str) -> None:
+        log.info("%s: %s (next renewal %s)", self.config.registration_id, event, _iso(self._status.next_renewal))
+        if self._on_event is not None:
+            try:
+                self._on_event(event, self.status)
+            except Exception:
+                log.exception("%s: event callback failed", self.config.registration_id)
+
+    def _read_state(self) -> dict[str, Any] | None:
+        path = Path(self.config.store_dir) / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(state, dict) or not state.get("assignedHub") or not state.get("deviceId"):
+            return None
+        return state
+
+    def _write_state(self, assignment: tuple[str, str]) -> None:
+        """``agent.json``: the assignment (hub, device id), written atomically next to the certificates."""
+        directory = Path(self.config.store_dir)
+        data = json.dumps({"assignedHub": assignment[0], "deviceId": assignment[1]}, indent=2).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / STATE_FILE)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

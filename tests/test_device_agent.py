@@ -1,0 +1,409 @@
+"""The device agent (``opendps.device.agent``) against a real ``opendps serve`` (SQLite and PostgreSQL), no mocks.
+
+The server issues real 1-day certificates with its real clock; the agent runs on a :class:`FakeClock`
+the test moves (its ``sleep`` waits for the test to move time past the deadline), so "19 hours later"
+takes milliseconds. Times are computed from the issued notBefore, and jitter from a seeded rng.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from tests.test_device_api import make_ca, namespace, put, svc
+from tests.test_mqtt_hub import events
+
+from opendps.device import agent as agent_module
+from opendps.device.agent import AgentConfig, AgentStatus, DeviceAgent, renewal_due_time
+from opendps.device.hub import HubClient, HubError
+from opendps.device.keys import certificate_summary
+from opendps.device.provisioning import ProvisioningClient
+
+pytestmark = pytest.mark.timeout(120, func_only=True)
+HUB = "localhost"
+FAST = {"min_wait": 0.0, "max_wait": 0.05}
+DAY = timedelta(days=1)
+SEED = 20251101
+
+
+class FakeClock:
+    """``clock()`` and ``sleep()`` for the agent: sleeping waits until :meth:`set` moves time past the deadline."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+        self._waiters: list[tuple[datetime, asyncio.Future]] = []
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = self.now + timedelta(seconds=seconds)
+        if deadline <= self.now:
+            await asyncio.sleep(0)
+            return
+        entry = (deadline, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._waiters.remove(entry)
+
+    def deadlines(self) -> list[datetime]:
+        """When the sleepers wake up (the agent's loop and its telemetry timer)."""
+        return sorted(deadline for deadline, _ in self._waiters)
+
+    def set(self, when: datetime) -> None:
+        self.now = when
+        for deadline, future in list(self._waiters):
+            if deadline <= when and not future.done():
+                future.set_result(None)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def settle(agent: DeviceAgent, clock: FakeClock) -> None:
+    """Wait until the agent's loop has looked at the schedule at the clock's current time."""
+    await wait_for(lambda: agent.status.last_check == clock.now and agent.status.state == "connected")
+
+
+def enroll(server, tmp: str, *, days: int = 1) -> tuple[str, dict]:  # noqa: ANN001
+    """Namespace + policy (``days`` validity) and an individual symmetric-key enrollment linked to it."""
+    with svc(server) as c:
+        namespace(c, f"{tmp}-ns", f"{tmp}-p", days=days)
+        doc = put(c, f"/enrollments/{tmp}-dev", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": f"{tmp}-p"})
+    return f"{tmp}-dev", doc
+
+
+def update_enrollment(server, rid: str, doc: dict, **changes) -> None:  # noqa: ANN001, ANN003
+    """PUT the enrollment again with the same keys; ``None`` drops a field."""
+    body = {"attestation": doc["attestation"], "credentialPolicyName": doc["credentialPolicyName"],
+            "provisioningStatus": "enabled"}
+    body.update(changes)
+    with svc(server) as c:
+        put(c, f"/enrollments/{rid}", {k: v for k, v in body.items() if v is not None}, status=200)
+
+
+def config(server, tmp_path: Path, rid: str, doc: dict, **overrides) -> AgentConfig:  # noqa: ANN001, ANN003
+    options = {"dps_host": HUB, "id_scope": server.id_scope, "registration_id": rid, "store_dir": tmp_path / "creds",
+               "https_port": int(server.url.rsplit(":", 1)[1]), "mqtt_port": server.mqtt_port, "ca_file": server.ca_file,
+               "symmetric_key": doc["attestation"]["symmetricKey"]["primaryKey"], "provisioning_options": FAST,
+               "hub_options": {"backoff_base": 0.05, "backoff_max": 0.2}, "retry_base": 300.0, "retry_max": 3600.0}
+    options.update(overrides)
+    return AgentConfig(**options)
+
+
+def reported_certificate(server, device_id: str) -> dict:  # noqa: ANN001
+    with svc(server) as c:
+        return c.get(f"/twins/{device_id}").json()["properties"]["reported"].get("certificate")
+
+
+def public_key(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def first_renewal_time(cert: x509.Certificate, rng: random.Random) -> datetime:
+    """The agent's schedule for a certificate issued while the device clock agreed with the server: 80 % - jitter."""
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_before_utc + lifetime * 0.8 - lifetime * 0.1 * rng.random()
+
+
+# ---------------------------------------------------------------- no server
+def test_renewal_threshold_and_config_validation(tmp_path):
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    class Cert:  # renewal_due_time reads only the validity
+        def __init__(self, days: float) -> None:
+            self.not_valid_before_utc, self.not_valid_after_utc = start, start + timedelta(days=days)
+
+    due = {days: renewal_due_time(Cert(days)) - start for days in (1, 10, 14, 30, 90)}  # type: ignore[arg-type]
+    # 1 day: 80 % = 19.2 h; 7 days before expiry once the certificate lives >= 14 days; never after 80 %
+    assert due == {1: timedelta(hours=19, minutes=12), 10: timedelta(days=8), 14: timedelta(days=7),
+                   30: timedelta(days=23), 90: timedelta(days=72)}
+    base = {"dps_host": "h", "id_scope": "s", "registration_id": "r", "store_dir": tmp_path}
+    with pytest.raises(ValueError, match="exactly one onboarding credential"):
+        AgentConfig(**base, symmetric_key="a", group_key="b")
+    with pytest.raises(ValueError, match="both x509_cert_file and x509_key_file"):
+        AgentConfig(**base, x509_cert_file="boot.pem")
+    with pytest.raises(ValueError, match="renewal_method"):
+        AgentConfig(**base, symmetric_key="a", renewal_method="email")  # type: ignore[arg-type]
+    status = AgentStatus("r", "dps", next_renewal=start)
+    assert status.to_dict()["next_renewal"] == "2026-01-01T00:00:00Z" and status.to_dict()["last_error"] is None
+
+
+# ---------------------------------------------------------------- against the server
+def test_dps_renewal_at_80_percent_switches_live_without_losing_telemetry(server, tmp_path):
+    rid, doc = enroll(server, "agent-dps")
+    clock = FakeClock(datetime.now(UTC))
+    seen: list[str] = []
+    pending: list[asyncio.Future] = []
+    agent: DeviceAgent
+
+    def on_event(event: str, status: AgentStatus) -> None:
+        seen.append(event)
+        if event == "switching":  # messages queued while the connection moves to the new certificate
+            pending.extend(agent.queue_telemetry({"n": n}, message_id=f"switch-{n}") for n in range(3))
+
+    async def scenario() -> tuple[x509.Certificate, x509.Certificate]:
+        nonlocal agent
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, telemetry_interval=600), clock=clock, sleep=clock.sleep,
+                            rng=random.Random(SEED), on_event=on_event)
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        expected_rng = random.Random(SEED)
+        first = agent.credentials.certificate
+        assert first.not_valid_after_utc - first.not_valid_before_utc == DAY
+        assert agent.store.current().certificate == first and not agent.store.pending
+        renew_at = first_renewal_time(first, expected_rng)
+        status = agent.status
+        assert (status.state, status.connected, status.device_id, status.next_renewal) == ("connected", True, rid, renew_at)
+        assert reported_certificate(server, rid) == certificate_summary(first) == status.certificate
+        pending.extend(agent.queue_telemetry({"n": n}, message_id=f"before-{n}") for n in range(3))
+
+        for when in (first.not_valid_before_utc + DAY / 2, renew_at - timedelta(seconds=1)):  # 50 %, just before
+            clock.set(when)
+            await settle(agent, clock)
+            assert agent.status.renewals == 0 and agent.store.current().certificate == first
+        pending.append(agent.queue_telemetry({"n": 3}, message_id="before-3"))
+
+        clock.set(renew_at)
+        await wait_for(lambda: agent.status.renewals == 1 and agent.status.state == "connected")
+        new = agent.credentials.certificate
+        assert new.serial_number != first.serial_number and public_key(new) != public_key(first)
+        assert agent.store.current().certificate == new and not agent.store.pending
+        assert agent.hub.connected
+        status = agent.status
+        assert (status.last_renewal, status.failures, status.last_error, status.certificate) == (
+            renew_at, 0, None, certificate_summary(new))
+        # the device clock is ~19 h ahead of the issuer now: the next renewal is ~80 % of a day away, not "due"
+        lifetime = new.not_valid_after_utc - new.not_valid_before_utc
+        assert status.next_renewal == (new.not_valid_before_utc + lifetime * 0.8 - lifetime * 0.1 * expected_rng.random()
+                                       + (renew_at - new.not_valid_before_utc))
+        await settle(agent, clock)
+        assert agent.status.renewals == 1
+        pending.extend(agent.queue_telemetry({"n": n}, message_id=f"after-{n}") for n in range(2))
+        await asyncio.wait_for(asyncio.gather(*pending), 15)
+        reported = reported_certificate(server, rid)
+        assert reported["serialNumber"] == f"{new.serial_number:X}"
+        assert reported["validUntil"] == new.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert reported == certificate_summary(new)
+        await agent.stop()
+        await asyncio.wait_for(task, 10)
+        assert agent.status.state == "stopped" and not agent.status.connected
+        return first, new
+
+    first, new = asyncio.run(scenario())
+    assert seen == ["provisioned", "connected", "switching", "renewed"]
+    got = events(server, rid, 100, timeout=1)
+    ids = [e["event"]["properties"]["system"]["message-id"] for e in got]
+    explicit = [i for i in ids if not i.startswith(rid)]
+    expected = [f"before-{n}" for n in range(4)] + [f"switch-{n}" for n in range(3)] + [f"after-{n}" for n in range(2)]
+    assert sorted(set(explicit)) == sorted(expected), ids  # none missing (delivery is at least once)
+    assert [i for i in dict.fromkeys(explicit)] == expected  # and in the order they were queued
+    periodic = [int(i.rsplit("-", 1)[1]) for i in dict.fromkeys(ids) if i.startswith(rid)]
+    assert periodic and periodic == list(range(1, len(periodic) + 1))  # the interval telemetry: a gap-free sequence
+    with svc(server) as c:
+        record = c.get(f"/namespaces/agent-dps-ns/devices/{rid}").json()["properties"]["operationalCertificate"]
+    assert int(record["serialNumber"], 16) == new.serial_number != first.serial_number
+
+
+def test_hub_topic_renewal_and_renew_now(server, tmp_path, monkeypatch):
+    rid, doc = enroll(server, "agent-hub")
+    registrations: list[str] = []
+    real_register = ProvisioningClient.register
+
+    async def counting_register(self, csr_b64=None, payload=None):  # noqa: ANN001, ANN202
+        registrations.append(self.registration_id)
+        return await real_register(self, csr_b64, payload)
+
+    monkeypatch.setattr(ProvisioningClient, "register", counting_register)
+    clock = FakeClock(datetime.now(UTC))
+
+    async def method(name: str, payload: object) -> tuple[int, dict]:
+        return 200, {"echo": payload}
+
+    async def scenario() -> list[x509.Certificate]:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, renewal_method="hub"), clock=clock, sleep=clock.sleep,
+                            rng=random.Random(SEED), methods={"ping": method})
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        certs = [agent.credentials.certificate]
+        renew_at = first_renewal_time(certs[0], random.Random(SEED))
+        clock.set(renew_at - timedelta(seconds=1))
+        await settle(agent, clock)
+        assert agent.status.renewals == 0
+        clock.set(renew_at)
+        await wait_for(lambda: agent.status.renewals == 1 and agent.status.state == "connected")
+        certs.append(agent.credentials.certificate)
+        summary = await asyncio.wait_for(agent.renew_now(), 30)  # forced, long before the next due time
+        certs.append(agent.credentials.certificate)
+        assert summary == certificate_summary(certs[2]) == reported_certificate(server, rid)
+        assert agent.status.renewals == 2 and agent.hub.connected and not agent.store.pending
+
+        def invoke() -> dict:
+            with svc(server) as c:
+                return c.post(f"/twins/{rid}/methods", json={"methodName": "ping", "payload": [1],
+                                                             "responseTimeoutInSeconds": 10}).json()
+
+        assert await asyncio.to_thread(invoke) == {"status": 200, "payload": {"echo": [1]}}  # on the renewed connection
+        await agent.stop()
+        await task
+        return certs
+
+    certs = asyncio.run(scenario())
+    assert registrations == [rid]  # onboarding only: both renewals went through $iothub/credentials
+    assert len({c.serial_number for c in certs}) == 3 and len({public_key(c) for c in certs}) == 3
+    assert all(c.not_valid_after_utc - c.not_valid_before_utc == DAY for c in certs)
+
+    # a restart uses the stored set (no new registration) and reports it
+    async def restart() -> x509.Certificate:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, renewal_method="hub"), rng=random.Random(SEED))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        cert = agent.credentials.certificate
+        await agent.stop()
+        await task
+        return cert
+
+    assert asyncio.run(restart()) == certs[2] and registrations == [rid]
+
+
+def test_dps_renewal_refused_for_a_disabled_enrollment_keeps_the_certificate_and_backs_off(server, tmp_path):
+    rid, doc = enroll(server, "agent-off")
+    clock = FakeClock(datetime.now(UTC))
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc), clock=clock, sleep=clock.sleep, rng=random.Random(SEED))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        expected_rng = random.Random(SEED)
+        first = agent.credentials.certificate
+        renew_at = first_renewal_time(first, expected_rng)
+        update_enrollment(server, rid, doc, provisioningStatus="disabled")
+
+        clock.set(renew_at)
+        await wait_for(lambda: agent.status.failures == 1 and agent.status.state == "connected")
+        status = agent.status
+        assert status.last_error.startswith("dps renewal failed: ProvisioningError: 403 403003")
+        assert "disabled" in status.last_error and status.last_error_at == renew_at
+        assert status.renewals == 0 and status.last_renewal is None
+        assert status.next_renewal == renew_at + timedelta(seconds=300 * (0.5 + 0.5 * expected_rng.random()))
+        assert agent.store.current().certificate == first and not agent.store.pending
+        assert agent.credentials.certificate == first and agent.hub.connected and status.connected
+        await asyncio.wait_for(agent.queue_telemetry("still connected", message_id="after-403"), 10)
+        assert reported_certificate(server, rid)["serialNumber"] == f"{first.serial_number:X}"
+
+        # the second attempt waits twice as long (exponential backoff), then the operator re-enables the device
+        retry_at = status.next_renewal
+        await wait_for(lambda: retry_at in clock.deadlines())  # the loop sleeps exactly until the retry
+        clock.set(retry_at - timedelta(seconds=1))
+        await asyncio.sleep(0.1)
+        assert agent.status.failures == 1
+        clock.set(retry_at)
+        await wait_for(lambda: agent.status.failures == 2 and agent.status.state == "connected")
+        assert agent.status.next_renewal == retry_at + timedelta(seconds=600 * (0.5 + 0.5 * expected_rng.random()))
+        assert agent.store.current().certificate == first
+        update_enrollment(server, rid, doc)
+        clock.set(agent.status.next_renewal)
+        await wait_for(lambda: agent.status.renewals == 1 and agent.status.state == "connected")
+        assert agent.status.failures == 0 and agent.credentials.certificate.serial_number != first.serial_number
+        assert "403" in agent.status.last_error  # the last error stays visible, with its time
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    [event] = events(server, rid, 1)
+    assert event["event"]["payload"] == "still connected"
+
+
+def test_hub_renewal_refused_without_a_credential_policy_keeps_the_certificate(server, tmp_path):
+    rid, doc = enroll(server, "agent-nopolicy")
+    clock = FakeClock(datetime.now(UTC))
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, renewal_method="hub"), clock=clock, sleep=clock.sleep,
+                            rng=random.Random(SEED))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        first = agent.credentials.certificate
+        update_enrollment(server, rid, doc, credentialPolicyName=None)
+
+        with pytest.raises(HubError) as info:  # forced: the caller (CLI) gets the hub's error
+            await asyncio.wait_for(agent.renew_now(), 30)
+        assert info.value.status == 400 and info.value.error_code == 400006
+        assert "no credential policy" in info.value.message
+        status = agent.status
+        assert status.failures == 1 and "400 400006" in status.last_error and "no credential policy" in status.last_error
+        assert status.next_renewal == first_renewal_time(first, random.Random(SEED))  # a forced failure keeps the plan
+        clock.set(status.next_renewal)
+        await wait_for(lambda: agent.status.failures == 2 and agent.status.state == "connected")
+        assert agent.status.last_error.startswith("hub renewal failed: HubError: 400 400006")
+        assert agent.store.current().certificate == first and not agent.store.pending
+        assert agent.hub.connected and agent.status.renewals == 0
+        await asyncio.wait_for(agent.queue_telemetry("still here", message_id="after-400"), 10)
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert [e["event"]["payload"] for e in events(server, rid, 1)] == ["still here"]
+
+
+def test_new_certificate_refused_by_the_hub_is_rolled_back(server, tmp_path, monkeypatch):
+    """The hub really refuses (CONNACK 5) a certificate it does not trust: the agent goes back to the old set."""
+    rid, doc = enroll(server, "agent-rogue")
+    rogue = make_ca("agent-rogue-ca")
+
+    async def rogue_renewal(self, csr_b64: str, *, replace: str | None = None) -> list[x509.Certificate]:  # noqa: ARG001
+        csr = x509.load_der_x509_csr(base64.b64decode(csr_b64))
+        now = datetime.now(UTC)
+        leaf = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(rogue.cert.subject)
+                .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + DAY).sign(rogue.key, hashes.SHA256()))
+        return [leaf, rogue.cert, rogue.cert]
+
+    monkeypatch.setattr(HubClient, "renew_certificate", rogue_renewal)  # the issuer lies; the hub is real
+    seen: list[str] = []
+    pending: list[asyncio.Future] = []
+    agent: DeviceAgent
+
+    def on_event(event: str, status: AgentStatus) -> None:
+        seen.append(event)
+        if event == "switching":
+            pending.append(agent.queue_telemetry("during the refused switch", message_id="switch-0"))
+
+    async def scenario() -> None:
+        nonlocal agent
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, renewal_method="hub"), rng=random.Random(SEED),
+                            on_event=on_event)
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        first = agent.credentials.certificate
+        with pytest.raises(Exception, match=r"refused the renewed certificate \(CONNACK 5\)"):
+            await asyncio.wait_for(agent.renew_now(), 30)
+        assert agent.store.current().certificate == first == agent.credentials.certificate
+        assert not agent.store.pending and agent.hub.connected
+        assert agent.status.failures == 1 and "CONNACK 5" in agent.status.last_error and agent.status.renewals == 0
+        await asyncio.wait_for(asyncio.gather(*pending), 10)
+        assert reported_certificate(server, rid)["serialNumber"] == f"{first.serial_number:X}"
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert seen == ["provisioned", "connected", "switching", "rolled-back", "renewal-failed"]
+    assert [e["event"]["payload"] for e in events(server, rid, 1)] == ["during the refused switch"]
+
+
+def test_module_exports():
+    assert set(agent_module.__all__) == {"AgentConfig", "AgentError", "AgentStatus", "DeviceAgent", "renewal_due_time"}

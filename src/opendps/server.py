@@ -15,7 +15,7 @@ from opendps.transport.tls import device_tls_context, start_aiohttp_site, start_
 log = logging.getLogger("opendps")
 
 
-async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noqa: ANN001
+async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:  # noqa: ANN001
     """Run the HTTPS listener until cancelled or signalled."""
     st = instance.settings
     app = make_app(instance)
@@ -28,12 +28,13 @@ async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noq
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     app["mqtt"].add_listener(await start_tls_server(app["mqtt"].protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
-    print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
-    print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
-    print(f"  ID scope:           {instance.id_scope}", flush=True)
-    print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
-    print(f"  owner connection:   {instance.owner_connection_string()}", flush=True)
-    print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
+    if banner:
+        print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
+        print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
+        print(f"  ID scope:           {instance.id_scope}", flush=True)
+        print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
+        print(f"  owner connection:   {instance.owner_connection_string()}", flush=True)
+        print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -44,7 +45,8 @@ async def serve(instance, *, ready: asyncio.Event | None = None) -> None:  # noq
     try:
         await stop.wait()
     finally:
-        print("opendps shutting down", flush=True)
+        if banner:
+            print("opendps shutting down", flush=True)
         await runner.cleanup()  # the app's cleanup closes the MQTT listener and sessions too
 
 

@@ -174,6 +174,9 @@ except ImportError:  # pragma: no cover - during bootstrap of the package only
     _register_management = None
 if _register_management is not None:
     _register_management(main)
+    from opendps.cli.quickstart import register as _register_quickstart
+
+    _register_quickstart(main)
 
 
 def run() -> None:

@@ -1,0 +1,309 @@
+"""``opendps quickstart``: the whole seed in one command, against an embedded server or a running one.
+
+Namespace + policy, the seed's bootstrap CA chain (uploaded and proven), an enrollment group on the
+intermediate, one device onboarded over MQTT with its X.509 bootstrap certificate and one over HTTPS
+with a symmetric key — both with CSRs — both connected to the hub with their operational certificates,
+telemetry flowing, certificate dates in the twin, and a forced renewal. Every step is checked from the
+service side; the command exits 0 only if all of them succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from opendps.cli import CliError, data_dir_option
+from opendps.cli._client import Client, api_path, resolve_connection
+
+NAMESPACE = "quickstart"
+POLICY = "quickstart-policy"
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Run:
+    steps: list[Step] = field(default_factory=list)
+    quiet: bool = False
+
+    def step(self, name: str, fn: Callable[[], str]) -> None:
+        """Run one step; record its outcome (the flow stops at the first failure)."""
+        started = time.monotonic()
+        try:
+            detail = fn()
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - every failure is reported as the step's outcome
+            detail, ok = f"{type(exc).__name__}: {exc}", False
+        self.steps.append(Step(name, ok, detail, time.monotonic() - started))
+        if not self.quiet:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", err=True)
+        if not ok:
+            raise _Stop
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.steps) and all(s.ok for s in self.steps)
+
+
+class _Stop(Exception):
+    pass
+
+
+class EmbeddedServer:
+    """``opendps serve`` in a background thread (its own event loop), stopped on exit."""
+
+    def __init__(self, instance) -> None:  # noqa: ANN001 - Instance
+        self.instance = instance
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="opendps-embedded", daemon=True)
+
+    def _main(self) -> None:
+        from opendps.server import serve
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            ready = asyncio.Event()
+            self._task = asyncio.create_task(serve(self.instance, ready=ready, banner=False))
+            waiter = asyncio.create_task(ready.wait())
+            await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if self._task.done() and self._task.exception() is not None:
+                raise self._task.exception()
+            self._ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> EmbeddedServer:
+        self._thread.start()
+        self._ready.wait(120)
+        if self._error is not None:
+            raise CliError(f"the embedded server did not start: {self._error}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(30)
+
+
+@contextlib.contextmanager
+def _server(data_dir: Path | None, https_port: int | None, mqtt_port: int | None
+            ) -> Iterator[tuple[Client, dict[str, Any]]]:
+    """Start the embedded server; yield a management client of it and its ``info()`` (scope, ports, CA)."""
+    from opendps.errors import ConfigurationError
+    from opendps.instance import Settings, open_instance
+
+    settings = Settings.load(data_dir, https_port=https_port, mqtt_port=mqtt_port)
+    try:
+        instance = open_instance(settings)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    try:
+        with EmbeddedServer(instance):
+            info = instance.info()
+            client = Client(resolve_connection(None, settings.data_dir, None))
+            try:
+                yield client, info
+            finally:
+                client.close()
+    finally:
+        instance.close()
+
+
+def _find_event(client: Client, device_id: str, nonce: str, timeout: float = 15) -> dict[str, Any]:
+    """The device's telemetry message carrying ``nonce``, read from the hub's durable event stream."""
+    params = {"from": "earliest", "deviceId": device_id, "timeout": str(timeout)}
+    with client.stream("GET", "/events", params=params) as resp:
+        for line in resp.iter_lines():
+            if line.strip():
+                event = json.loads(line)
+                payload = event["event"]["payload"]
+                if isinstance(payload, dict) and payload.get("run") == nonce:
+                    return event
+    raise RuntimeError(f"no telemetry from {device_id} within {timeout:g} s")
+
+
+def _twin_certificate(client: Client, device_id: str, serial: str, timeout: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        reported = (client.request("GET", api_path("twins", device_id)) or {}).get("properties", {}).get("reported", {})
+        cert = reported.get("certificate") or {}
+        if cert.get("serialNumber") == serial or time.monotonic() > deadline:
+            if cert.get("serialNumber") != serial:
+                raise RuntimeError(f"the twin of {device_id} reports {cert.get('serialNumber')!r}, not {serial!r}")
+            return cert
+        time.sleep(0.2)
+
+
+def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: str, validity: int) -> None:  # noqa: C901
+    from opendps.cli.bootstrap import build_pki, ensure_group, ensure_policy, upload_and_verify
+    from opendps.device.agent import AgentConfig, DeviceAgent
+
+    x509_id, sas_id = f"{prefix}-x509", f"{prefix}-symkey"
+    cert_dir = work / "certs"
+    mqtt = info.get("endpoints", {}).get("mqtt", {})
+    https = info.get("endpoints", {}).get("https", {})
+    host = https.get("hostName", "localhost")
+    ca_file = info.get("serverCaCertificate")
+    scope = info["idScope"]
+
+    def namespace() -> str:
+        ensure_policy(client, NAMESPACE, POLICY)
+        client.request("PUT", api_path("namespaces", NAMESPACE, "credentials", "default", "policies", POLICY),
+                       json={"properties": {"certificate": {"leafCertificateConfiguration": {
+                           "validityPeriodInDays": validity}}}}, if_match="*")
+        return f"namespace {NAMESPACE!r}, policy {POLICY!r}: P-384 issuing CA, {validity}-day leaves"
+
+    pki_box: dict[str, Any] = {}
+
+    def bootstrap_pki() -> str:
+        pki = build_pki(x509_id, cert_dir, force=False)
+        pki_box["pki"] = pki
+        return f"RSA-4096 root + intermediate, RSA-2048 bootstrap certificate for {x509_id!r} in {cert_dir}"
+
+    def prove() -> str:
+        pki = pki_box["pki"]
+        for which, cert, key in (("root", pki.root, pki.root_key), ("intermediate", pki.intermediate, pki.intermediate_key)):
+            upload_and_verify(client, f"{x509_id}-{which}", cert, key)
+        return "root and intermediate uploaded and verified by proof of possession"
+
+    def group() -> str:
+        ensure_group(client, f"{x509_id}-group", f"{x509_id}-intermediate", POLICY, NAMESPACE)
+        return f"enrollment group {x509_id}-group on the intermediate, credential policy {POLICY!r}"
+
+    keys: dict[str, str] = {}
+
+    def symmetric_enrollment() -> str:
+        doc = client.request("PUT", api_path("enrollments", sas_id), json={
+            "registrationId": sas_id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY,
+            "namespaceName": NAMESPACE})
+        keys["sas"] = doc["attestation"]["symmetricKey"]["primaryKey"]
+        return f"individual symmetric-key enrollment {sas_id!r}"
+
+    for name, fn in (("namespace and policy", namespace), ("bootstrap CA chain", bootstrap_pki),
+                     ("proof of possession", prove), ("enrollment group", group),
+                     ("symmetric-key enrollment", symmetric_enrollment)):
+        run.step(name, fn)
+
+    common = {"dps_host": host, "id_scope": scope, "https_port": int(https.get("port", 8443)),
+              "mqtt_port": int(mqtt.get("port", 8883)), "ca_file": ca_file, "retry_base": 1.0, "retry_max": 5.0}
+    agents = {
+        x509_id: DeviceAgent(AgentConfig(registration_id=x509_id, store_dir=work / "devices" / x509_id, transport="mqtt",
+                                         x509_cert_file=cert_dir / "device" / "device-full-chain.pem",
+                                         x509_key_file=cert_dir / "device" / "device.key", renewal_method="hub", **common)),
+        sas_id: DeviceAgent(AgentConfig(registration_id=sas_id, store_dir=work / "devices" / sas_id, transport="https",
+                                        symmetric_key=keys["sas"], renewal_method="dps", **common)),
+    }
+    loop = asyncio.new_event_loop()
+    tasks = {rid: loop.create_task(a.run()) for rid, a in agents.items()}
+    try:
+        for rid, transport in ((x509_id, "MQTT, X.509 bootstrap"), (sas_id, "HTTPS, symmetric key")):
+            def provisioned(rid: str = rid, transport: str = transport) -> str:
+                loop.run_until_complete(asyncio.wait_for(agents[rid].wait_ready(), 120))
+                st = agents[rid].status
+                cert = st.certificate or {}
+                return (f"{rid} via {transport}: hub {st.assigned_hub}, certificate {cert.get('serialNumber')} "
+                        f"valid {cert.get('validFrom')} .. {cert.get('validUntil')}")
+            run.step(f"provision and connect {rid}", provisioned)
+
+        def blocking(fn: Callable[..., Any], *args: Any) -> Any:
+            """Service-side checks block; run them in a thread so the devices' event loop keeps running."""
+            return loop.run_until_complete(asyncio.to_thread(fn, *args))
+
+        def telemetry() -> str:
+            nonce = uuid.uuid4().hex
+
+            async def send() -> None:
+                for rid, agent in agents.items():
+                    agent.queue_telemetry({"temperature": 21.5, "device": rid, "run": nonce}, {"source": "quickstart"})
+            loop.run_until_complete(send())
+            for rid in agents:
+                blocking(_find_event, client, rid, nonce)
+            return "one message from each device, read back from the hub's event stream"
+
+        def twins() -> str:
+            for rid, agent in agents.items():
+                blocking(_twin_certificate, client, rid, (agent.status.certificate or {}).get("serialNumber", ""))
+            return "both twins report their certificate's validFrom/validUntil/serialNumber/thumbprint"
+
+        def renewal() -> str:
+            before = (agents[x509_id].status.certificate or {}).get("serialNumber")
+            after = loop.run_until_complete(asyncio.wait_for(agents[x509_id].renew_now(), 120))
+            if after.get("serialNumber") == before:
+                raise RuntimeError("renewal returned the same certificate")
+            blocking(_twin_certificate, client, x509_id, after["serialNumber"])
+            return (f"{x509_id} renewed through the hub: serial {before} -> {after['serialNumber']}, "
+                    f"valid until {after['validUntil']}; the hub accepted it and the twin shows it")
+
+        for name, fn in (("telemetry", telemetry), ("twin reporting", twins), ("forced renewal", renewal)):
+            run.step(name, fn)
+    finally:
+        for agent in agents.values():
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(agent.stop(), 15))
+        for task in tasks.values():
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks.values(), return_exceptions=True))
+        loop.close()
+
+
+def register(main: click.Group) -> None:
+    main.add_command(quickstart)
+
+
+@click.command()
+@data_dir_option
+@click.option("--https-port", type=int, default=None, help="HTTPS port of the embedded server (default 8443).")
+@click.option("--mqtt-port", type=int, default=None, help="MQTT port of the embedded server (default 8883).")
+@click.option("--prefix", default="quickstart", show_default=True, help="Prefix of the two devices' registration ids.")
+@click.option("--cert-validity-days", "validity", type=click.IntRange(1, 90), default=30, show_default=True,
+              help="Leaf validity of the quickstart policy.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def quickstart(data_dir: Path | None, https_port: int | None, mqtt_port: int | None, prefix: str, validity: int,
+               output: str) -> None:
+    """Run the seed end to end against an embedded server; exit 0 only if every step succeeded."""
+    run = Run(quiet=output == "json")
+    with _server(data_dir, https_port, mqtt_port) as (client, info):
+        work = Path(info["dataDir"]) / "quickstart"
+        with contextlib.suppress(_Stop):
+            _flow(run, client, info, work, prefix, validity)
+    if output == "json":
+        click.echo(json.dumps({"ok": run.ok, "steps": [s.__dict__ for s in run.steps]}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="opendps quickstart")
+        for col in ("step", "result", "detail", "seconds"):
+            table.add_column(col)
+        for s in run.steps:
+            table.add_row(s.name, "ok" if s.ok else "FAILED", s.detail, f"{s.seconds:.1f}")
+        Console().print(table)
+    if not run.ok:
+        sys.exit(1)

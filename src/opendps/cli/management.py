@@ -138,7 +138,9 @@ def etag_option(required: bool, help_text: str) -> Callable[[Callable[..., Any]]
 
 
 def register(main: click.Group) -> None:
-    """Attach the ``adr``, ``dps`` and ``hub`` groups to the ``opendps`` command."""
+    """Attach the ``adr``, ``dps``, ``hub`` and ``device`` groups and ``bootstrap`` to the ``opendps`` command."""
+    from opendps.cli.bootstrap import register as register_bootstrap
+    from opendps.cli.device import register as register_device
     from opendps.cli.enrollments import register as register_enrollments  # they import this module
     from opendps.cli.hub import register as register_hub
 
@@ -146,6 +148,8 @@ def register(main: click.Group) -> None:
     main.add_command(dps)
     register_enrollments(dps)
     register_hub(main)
+    register_bootstrap(main)
+    register_device(main)
 
 
 # ---------------------------------------------------------------- adr

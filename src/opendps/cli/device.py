@@ -1,0 +1,525 @@
+"""``opendps device``: the device side from the command line, built on the device SDK (:mod:`opendps.device`).
+
+``provision`` onboards one device the way the seed's device application does (bootstrap credential +
+CSR for a key made here, operational chain kept in a :class:`~opendps.device.store.CertificateStore`);
+``simulate`` onboards a fleet in one asyncio loop and connects each device to its hub once, to try a
+server (or an enrollment group) under load. Both are clients of the *device* endpoints only: they need
+no service credentials, just the ID scope and the server CA to trust, which default to the local data
+directory's so that ``opendps serve`` + ``opendps device ...`` work on one machine without flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import functools
+import json
+import math
+import os
+import ssl
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from opendps.cli import OUTPUT_OPTION, CliError
+
+DEFAULT_HOST = "localhost"
+DEFAULT_HTTPS_PORT = 8443
+DEFAULT_MQTT_PORT = 8883
+DATA_DIR_ENV = "OPENDPS_DATA_DIR"
+CA_FILE_ENV = "OPENDPS_CA_FILE"
+DEFAULT_DATA_DIR = ".opendps"
+PROVISION_COLUMNS = ["registrationId", "assignedHub", "deviceId", "certificate.serialNumber", "certificate.validFrom",
+                     "certificate.validUntil", "files.directory"]
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------- where the DPS is
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Everything a device needs to reach DPS and its hub (no service credentials)."""
+
+    host: str
+    id_scope: str
+    https_port: int
+    mqtt_port: int
+    ca_file: Path | None
+    transport: str
+    hub_address: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Keywords for :class:`~opendps.device.provisioning.ProvisioningClient`."""
+        return {"https_port": self.https_port, "mqtt_port": self.mqtt_port, "transport": self.transport}
+
+
+@dataclass(frozen=True)
+class LocalInstallation:
+    """What the data directory of a server on this machine says about reaching it."""
+
+    directory: Path
+    hostname: str
+    https_port: int
+    mqtt_port: int
+    server_ca: Path | None
+
+
+def local_installation(data_dir: Path | None) -> LocalInstallation | None:
+    """The local server's settings (config.json), or None when there is no data directory to default from."""
+    directory = Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    if not (directory / "config.json").is_file():
+        if data_dir is not None:
+            raise CliError(f"{directory} is not an opendps data directory (no config.json)")
+        return None
+    from opendps.errors import ConfigurationError
+    from opendps.instance import Settings
+
+    try:
+        settings = Settings.load(directory)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    ca = directory / "tls" / "server-ca.pem"
+    return LocalInstallation(directory, settings.hostname, settings.https_port, settings.mqtt_port,
+                             ca if ca.is_file() else None)
+
+
+def local_id_scope(local: LocalInstallation) -> str:
+    """The ID scope stored in the local installation's database (what ``opendps info`` prints)."""
+    from opendps.errors import ConfigurationError
+    from opendps.instance import Settings, open_instance
+
+    try:
+        inst = open_instance(Settings.load(local.directory), create=False, migrate=False)
+    except ConfigurationError as exc:
+        raise CliError(f"no --id-scope given and cannot read it from {local.directory}: {_one_line(exc)}") from exc
+    try:
+        return inst.id_scope
+    finally:
+        inst.close()
+
+
+def resolve_endpoint(*, id_scope: str | None, host: str | None, https_port: int | None, mqtt_port: int | None,
+                     ca_file: Path | None, transport: str, data_dir: Path | None,
+                     hub_address: str | None = None) -> Endpoint:
+    """Flags first, then the local data directory, then the defaults (localhost, 8443, 8883, system trust store)."""
+    local = local_installation(data_dir)
+    if not id_scope:
+        if local is None:
+            raise CliError(f"--id-scope is required (no local data directory at "
+                           f"{os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR} to take it from)")
+        id_scope = local_id_scope(local)
+    explicit_ca = ca_file or (Path(os.environ[CA_FILE_ENV]) if os.environ.get(CA_FILE_ENV) else None)
+    if explicit_ca is not None and not explicit_ca.is_file():
+        raise CliError(f"CA file {explicit_ca} does not exist")
+    return Endpoint(
+        host=host or (local.hostname if local else DEFAULT_HOST),
+        id_scope=id_scope,
+        https_port=https_port or (local.https_port if local else DEFAULT_HTTPS_PORT),
+        mqtt_port=mqtt_port or (local.mqtt_port if local else DEFAULT_MQTT_PORT),
+        ca_file=explicit_ca or (local.server_ca if local else None),
+        transport=transport,
+        hub_address=hub_address,
+    )
+
+
+def endpoint_options(*, hub: bool) -> Decorator:
+    """Connection flags shared by the device verbs (``provision``, ``simulate``, the agent's ``run``).
+
+    The command gets one ``endpoint`` keyword instead of the flags; ``hub`` adds ``--hub-address`` for
+    verbs that connect to the assigned hub after provisioning.
+    """
+    options: list[Decorator] = [
+        click.option("--id-scope", "--scope", "id_scope", default=None,
+                     help="DPS ID scope (default: the local data directory's, as 'opendps info' shows it)."),
+        click.option("--provisioning-host", "--host", "host", default=None,
+                     help=f"DPS host name (default: the local data directory's, else {DEFAULT_HOST})."),
+        click.option("--https-port", type=click.IntRange(1, 65535), default=None,
+                     help=f"DPS HTTPS port (default: the local data directory's, else {DEFAULT_HTTPS_PORT})."),
+        click.option("--mqtt-port", type=click.IntRange(1, 65535), default=None,
+                     help=f"DPS and hub MQTT port (default: the local data directory's, else {DEFAULT_MQTT_PORT})."),
+        click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Server CA to trust (default $OPENDPS_CA_FILE, else the data directory's tls/server-ca.pem, "
+                          "else the system store)."),
+        click.option("--transport", type=click.Choice(["https", "mqtt"]), default="https", show_default=True,
+                     help="Provisioning protocol."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Local data directory to take defaults from (default $OPENDPS_DATA_DIR or ./.opendps)."),
+    ]
+    if hub:
+        options.append(click.option("--hub-address", default=None,
+                                    help="Network address to reach the assigned hub at (default: its host name; TLS "
+                                         "still checks the host name)."))
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)  # keeps the options already attached below this decorator
+        def wrapper(*args: Any, id_scope: str | None, host: str | None, https_port: int | None, mqtt_port: int | None,
+                    ca_file: Path | None, transport: str, data_dir: Path | None, hub_address: str | None = None,
+                    **kwargs: Any) -> Any:
+            endpoint = resolve_endpoint(id_scope=id_scope, host=host, https_port=https_port, mqtt_port=mqtt_port,
+                                        ca_file=ca_file, transport=transport, data_dir=data_dir, hub_address=hub_address)
+            return f(*args, endpoint=endpoint, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _base64_key(value: str | None, flag: str) -> str | None:
+    """Refuse a key that is not base64 before any network traffic (one line, without echoing the secret)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        if not base64.b64decode(value, validate=True):
+            raise ValueError("empty")
+    except (binascii.Error, ValueError) as exc:
+        raise CliError(f"{flag} is not a valid base64 key") from exc
+    return value
+
+
+def _provisioning_error(registration_id: str, exc: Exception) -> CliError:
+    from opendps.device.provisioning import ProvisioningError
+
+    if isinstance(exc, ProvisioningError):
+        code = f", code {exc.error_code}" if exc.error_code else ""
+        return CliError(f"registration of {registration_id!r} failed: {_one_line(exc.message)} (status {exc.status}{code})")
+    return CliError(f"registration of {registration_id!r} failed: {type(exc).__name__}: {_one_line(exc)}")
+
+
+# ---------------------------------------------------------------- provision
+
+
+@click.group("device")
+def device() -> None:
+    """Device side: onboard with DPS using the device SDK, simulate fleets."""
+
+
+@device.command("provision")
+@click.option("--registration-id", "--rid", "registration_id", required=True, help="The device's registration id.")
+@click.option("--certificate-file", "--cert", "certificate_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="X.509 bootstrap chain, leaf first (e.g. the seed's device-full-chain.pem).")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Private key of --certificate-file (e.g. the seed's device.key).")
+@click.option("--symmetric-key", "--key", "symmetric_key", default=None, help="Individual enrollment key (base64).")
+@click.option("--group-key", default=None,
+              help="Symmetric-key enrollment group key (base64); the device key is derived for --registration-id.")
+@click.option("--store-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the operational key and chain go (default ./device-<registration-id>).")
+@click.option("--curve", type=click.Choice(["P-384", "P-256"]), default="P-384", show_default=True,
+              help="Curve of the new operational key (P-256 only if the policy allows it).")
+@click.option("--retries", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Retries of throttled (429), failing (5xx) or unreachable requests, with backoff.")
+@endpoint_options(hub=False)
+@OUTPUT_OPTION
+def provision(endpoint: Endpoint, output: str, registration_id: str, certificate_file: Path | None,
+              key_file: Path | None, symmetric_key: str | None, group_key: str | None, store_dir: Path | None,
+              curve: str, retries: int) -> None:
+    """Register once with a CSR for a key made here, and keep the issued operational chain in --store-dir."""
+    from opendps.device.keys import certificate_summary, new_key_and_csr
+    from opendps.device.provisioning import ProvisioningClient, ProvisioningError
+    from opendps.device.store import CertificateStore, StoreError
+
+    credential: dict[str, Any] = {}
+    if certificate_file is not None or key_file is not None:
+        if certificate_file is None or key_file is None:
+            raise CliError("--certificate-file and --key-file go together")
+        credential["x509"] = (certificate_file, key_file)
+    if symmetric_key is not None:
+        credential["symmetric_key"] = _base64_key(symmetric_key, "--symmetric-key")
+    if group_key is not None:
+        credential["group_key"] = _base64_key(group_key, "--group-key")
+    if len(credential) != 1:
+        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key "
+                       "or --group-key")
+    store_dir = store_dir or Path(f"device-{registration_id}")
+    try:
+        client = ProvisioningClient(endpoint.host, endpoint.id_scope, registration_id, ca_file=endpoint.ca_file,
+                                    max_retries=retries, **endpoint.client_options(), **credential)
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(str(p) for p in (endpoint.ca_file, certificate_file, key_file) if p is not None)
+        raise CliError(f"cannot load TLS files ({files}): {_one_line(getattr(exc, 'strerror', None) or exc)}") from exc
+    key, csr = new_key_and_csr(registration_id, curve)  # type: ignore[arg-type]
+    try:
+        result = asyncio.run(client.register(csr))
+    except (ProvisioningError, OSError, ssl.SSLError) as exc:
+        raise _provisioning_error(registration_id, exc) from exc
+    doc: dict[str, Any] = {"registrationId": registration_id, "status": result.status, "assignedHub": result.assigned_hub,
+                           "deviceId": result.device_id, "substatus": result.substatus, "transport": endpoint.transport,
+                           "certificate": None, "files": None}
+    if not result.issued_chain:
+        click.echo(f"warning: {registration_id!r} was assigned but no operational certificate was issued "
+                   "(the enrollment has no credential policy); nothing stored", err=True)
+    else:
+        try:
+            stored = CertificateStore(store_dir).save(key, result.issued_chain)
+        except (OSError, ValueError, StoreError) as exc:
+            raise CliError(f"cannot store the issued certificate in {store_dir}: {_one_line(exc)}") from exc
+        leaf = stored.certificate
+        doc["certificate"] = {"subject": leaf.subject.rfc4514_string(), **certificate_summary(leaf)}
+        doc["files"] = {"directory": str(stored.directory), "key": str(stored.key_file), "certificate": str(stored.cert_file),
+                        "chain": str(stored.chain_file), "fullChain": str(stored.fullchain_file)}
+    from opendps.cli.output import emit
+
+    emit(doc, output, PROVISION_COLUMNS)
+
+
+# ---------------------------------------------------------------- simulate
+
+
+@dataclass
+class Outcome:
+    """One simulated device: what it reached and how long each phase took."""
+
+    registration_id: str
+    provisioned: bool = False
+    connected: bool = False
+    provision_seconds: float | None = None
+    connect_seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class FleetReport:
+    """The outcomes of a run and its wall-clock time."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile (an actual observed latency, no interpolation); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _generic(message: str, registration_id: str) -> str:
+    """The error without the device's id, so that a fleet's identical failures are counted as one kind."""
+    return message.replace(registration_id, "<id>")
+
+
+def _hub_context(ca_pem: str | None, chain_file: Path, key_file: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(chain_file), str(key_file))
+    return ctx
+
+
+async def simulate_fleet(endpoint: Endpoint, group_key: str, registration_ids: list[str], *, concurrency: int,
+                         connect: bool, work_dir: Path, keep: bool = False,
+                         on_event: Callable[[str, Outcome], None] | None = None, retries: int = 5,
+                         timeout: float = 60.0) -> FleetReport:
+    """Provision every id with a CSR (group-derived keys), then connect it to its hub and send one message.
+
+    At most ``concurrency`` devices are in flight; each honours the service's Retry-After and backs off
+    on 429/5xx like a real device would. ``on_event("provisioned"|"connected"|"failed", outcome)``
+    drives a progress display. Credentials go to ``work_dir/<id>`` when connecting or with ``keep``.
+    Failures are recorded per device, never raised.
+    """
+    from opendps.device.hub import HubClient
+    from opendps.device.keys import new_key_and_csr
+    from opendps.device.mqtt import client_ssl_context
+    from opendps.device.provisioning import ProvisioningClient, ProvisioningError
+    from opendps.device.store import CertificateStore
+
+    dps_context = client_ssl_context(endpoint.ca_file)  # one context for all: no client certificate with a group key
+    ca_pem = endpoint.ca_file.read_text(encoding="ascii") if endpoint.ca_file else None
+    slots = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    notify = on_event or (lambda _event, _outcome: None)
+
+    async def one(registration_id: str) -> Outcome:
+        outcome = Outcome(registration_id)
+        async with slots:
+            try:
+                started = loop.time()
+                key, csr = new_key_and_csr(registration_id)
+                client = ProvisioningClient(endpoint.host, endpoint.id_scope, registration_id, group_key=group_key,
+                                            ssl_context=dps_context, max_retries=retries, timeout=timeout,
+                                            **endpoint.client_options())
+                result = await client.register(csr)
+                outcome.provision_seconds = loop.time() - started
+                if not result.issued_chain:
+                    raise RuntimeError("assigned without an operational certificate (no credential policy?)")
+                outcome.provisioned = True
+                notify("provisioned", outcome)
+                if connect or keep:
+                    stored = await asyncio.to_thread(CertificateStore(work_dir / registration_id).save, key,
+                                                     result.issued_chain)
+                if connect:
+                    started = loop.time()
+                    ctx = _hub_context(ca_pem, stored.chain_file, stored.key_file)
+                    hub = HubClient(result.assigned_hub or endpoint.host, result.device_id or registration_id,
+                                    port=endpoint.mqtt_port, ssl_context=ctx, x509=stored.tls_identity,
+                                    address=endpoint.hub_address, reconnect=False, timeout=timeout)
+                    try:
+                        await hub.connect()
+                        await hub.send_telemetry({"simulated": True, "registrationId": registration_id},
+                                                 message_id=f"{registration_id}-1", timeout=timeout)
+                    finally:
+                        await hub.disconnect()
+                    outcome.connect_seconds = loop.time() - started
+                    outcome.connected = True
+                    notify("connected", outcome)
+            except ProvisioningError as exc:
+                code = f" {exc.error_code}" if exc.error_code else ""
+                outcome.error = _generic(f"provisioning: {exc.status}{code} {_one_line(exc.message)}", registration_id)
+            except Exception as exc:  # noqa: BLE001 - one device's failure must not stop the fleet
+                phase = "hub" if outcome.provisioned else "provisioning"
+                outcome.error = _generic(f"{phase}: {type(exc).__name__}: {_one_line(exc) or 'no detail'}", registration_id)
+            if outcome.error is not None:
+                notify("failed", outcome)
+        return outcome
+
+    begin = time.perf_counter()
+    outcomes = await asyncio.gather(*(one(rid) for rid in registration_ids))
+    return FleetReport(list(outcomes), time.perf_counter() - begin)
+
+
+def fleet_summary(report: FleetReport, *, transport: str, concurrency: int, connect: bool) -> dict[str, Any]:
+    """Counts, latency percentiles (seconds) and the distinct errors, for JSON or the table."""
+    outcomes = report.outcomes
+    provision_times = [o.provision_seconds for o in outcomes if o.provisioned and o.provision_seconds is not None]
+    connect_times = [o.connect_seconds for o in outcomes if o.connected and o.connect_seconds is not None]
+    errors = Counter(o.error for o in outcomes if o.error)
+    example = {o.error: o.registration_id for o in reversed(outcomes) if o.error}
+
+    def stats(values: list[float]) -> dict[str, float | None]:
+        return {name: None if (v := percentile(values, q)) is None else round(v, 3)
+                for name, q in (("p50", 0.50), ("p95", 0.95), ("max", 1.0))}
+
+    total = report.total_seconds
+    return {
+        "count": len(outcomes),
+        "transport": transport,
+        "concurrency": concurrency,
+        "provisioned": sum(o.provisioned for o in outcomes),
+        "connected": sum(o.connected for o in outcomes) if connect else None,
+        "failed": sum(o.error is not None for o in outcomes),
+        "latencySeconds": {"provisioning": stats(provision_times), "hub": stats(connect_times) if connect else None},
+        "totalSeconds": round(total, 3),
+        "devicesPerSecond": round(len(outcomes) / total, 2) if total > 0 else None,
+        "errors": [{"message": message, "count": count, "example": example[message]}
+                   for message, count in errors.most_common(10)],
+    }
+
+
+def _print_fleet_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    latency = summary["latencySeconds"]
+    table = Table(title="device simulate", show_header=True, header_style="bold", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    rows = [("devices", summary["count"]), ("transport", summary["transport"]), ("concurrency", summary["concurrency"]),
+            ("provisioned", summary["provisioned"]),
+            ("connected", "-" if summary["connected"] is None else summary["connected"]),
+            ("failed", summary["failed"]),
+            ("provisioning p50 / p95", f"{ms(latency['provisioning']['p50'])} / {ms(latency['provisioning']['p95'])}")]
+    if latency["hub"] is not None:
+        rows.append(("hub connect + send p50 / p95", f"{ms(latency['hub']['p50'])} / {ms(latency['hub']['p95'])}"))
+    rows += [("total time", f"{summary['totalSeconds']:.2f} s"), ("devices / s", summary["devicesPerSecond"])]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console = Console(width=200)
+    console.print(table)
+    for error in summary["errors"]:
+        console.print(f"[red]{error['count']} ×[/red] {error['message']} (e.g. {error['example']})", highlight=False)
+
+
+@device.command("simulate")
+@click.option("--count", "-n", type=click.IntRange(1, 100_000), default=10, show_default=True,
+              help="Number of devices.")
+@click.option("--group-key", required=True,
+              help="Key of a symmetric-key enrollment group with a credential policy (base64); device keys are derived.")
+@click.option("--prefix", default="sim", show_default=True, help="Registration ids are '<prefix>-<i>', i = 0..count-1.")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), default=32, show_default=True,
+              help="Devices in flight at once.")
+@click.option("--connect/--no-connect", "connect", default=True, show_default=True,
+              help="Connect each provisioned device to its hub with its new certificate and send one telemetry message.")
+@click.option("--store-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keep each device's operational credentials in <store-dir>/<registration id> (default: a temporary "
+                   "directory, removed afterwards).")
+@click.option("--retries", type=click.IntRange(0, 20), default=5, show_default=True,
+              help="Per-request retries on 429/5xx/unreachable, with backoff and jitter.")
+@endpoint_options(hub=True)
+@click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="table", show_default=True,
+              help="Output format of the summary.")
+def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix: str, concurrency: int, connect: bool,
+             store_dir: Path | None, retries: int) -> None:
+    """Provision --count devices concurrently with CSRs, connect each to its hub once; non-zero exit if any failed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    key = _base64_key(group_key, "--group-key")
+    assert key is not None
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    with contextlib.ExitStack() as stack:
+        if store_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="opendps-simulate-")))
+        else:
+            work_dir = store_dir
+            work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        console = Console(stderr=True)  # stdout carries only the summary; off a terminal stderr only the error
+        bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                           TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
+                                           console=console, transient=output == "json", disable=not console.is_terminal))
+        provisioning = bar.add_task("provisioned", total=count, failed=0)
+        hub_task = bar.add_task("connected", total=count, failed=0) if connect else None
+        failed = 0
+
+        def on_event(event: str, outcome: Outcome) -> None:
+            nonlocal failed
+            if event == "provisioned":
+                bar.advance(provisioning)
+            elif event == "connected" and hub_task is not None:
+                bar.advance(hub_task)
+            elif event == "failed":
+                failed += 1
+                bar.update(provisioning, failed=failed)
+
+        report = asyncio.run(simulate_fleet(endpoint, key, ids, concurrency=concurrency, connect=connect,
+                                            work_dir=work_dir, keep=store_dir is not None, on_event=on_event,
+                                            retries=retries))
+    summary = fleet_summary(report, transport=endpoint.transport, concurrency=concurrency, connect=connect)
+    if output == "json":
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_fleet_summary(summary)
+    if summary["failed"]:
+        first = summary["errors"][0]["message"].replace("<id>", summary["errors"][0]["example"])
+        raise CliError(f"{summary['failed']} of {summary['count']} devices failed (first: {first})")
+
+
+# ---------------------------------------------------------------- run
+# ``opendps device run`` (the long-running agent: provision, connect, renew, report) is built on
+# opendps.device.agent by another change. Attach it here as ``@device.command("run")`` decorated with
+# ``@endpoint_options(hub=True)`` and the same onboarding credential flags as ``provision``, so every device verb
+# shares one set of connection flags and defaults.
+
+
+def register(main: click.Group) -> None:
+    """Attach ``opendps device``."""
+    main.add_command(device)

@@ -1,0 +1,210 @@
+"""``opendps device provision`` and ``device simulate`` against a real server (SQLite and PostgreSQL).
+
+The device verbs use only the device endpoints: the tests create enrollments with the service API and
+then onboard through the CLI exactly as an operator would, checking the stored credentials with openssl.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tests.conftest import run_openssl
+from tests.test_device_api import namespace, put, svc, sym_key
+
+from opendps.cli.device import percentile
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+
+NS, POLICY = "clidev-ns", "clidev-policy"
+GROUP_KEY = base64.b64encode(bytes(range(7, 71))).decode()
+FLEET = 200
+
+
+def _json(proc) -> dict:  # noqa: ANN001
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _fails(proc, *words: str) -> str:  # noqa: ANN001
+    """Non-zero exit with exactly one ``error:`` line on stderr containing ``words``."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _https_port(server) -> str:  # noqa: ANN001
+    return server.url.rsplit(":", 1)[1]
+
+
+def _no_data_dir_env(server) -> dict:  # noqa: ANN001
+    return {k: v for k, v in server.env.items() if not k.startswith("OPENDPS_")}
+
+
+@pytest.fixture(scope="module")
+def setup(server) -> dict:
+    """A namespace + policy; an individual enrollment per transport; a symmetric-key group for the fleets."""
+    with svc(server) as c:
+        namespace(c, NS, POLICY)
+        keys = {t: sym_key(c, f"/enrollments/clidev-{t}", {"attestation": {"type": "symmetricKey"},
+                                                         "credentialPolicyName": POLICY}) for t in ("https", "mqtt")}
+        put(c, "/enrollmentGroups/clidev-fleet", {
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+            "credentialPolicyName": POLICY})
+        policy = c.get(f"/namespaces/{NS}/credentials/default/policies/{POLICY}").json()
+        credential = c.get(f"/namespaces/{NS}/credentials/default").json()
+    ica = policy["properties"]["certificate"]["certificateAuthorityConfiguration"]["certificate"]
+    return {"keys": keys, "ica": x509.load_pem_x509_certificate(ica.encode()),
+            "root": x509.load_pem_x509_certificate(credential["properties"]["certificate"].encode())}
+
+
+def _check_store(store: Path, rid: str, doc: dict, setup: dict) -> None:
+    names = sorted(p.name for p in store.iterdir())
+    assert names == ["chain.pem", "device.key", "device.pem", "fullchain.pem"]
+    assert stat.S_IMODE((store / "device.key").stat().st_mode) == 0o600
+    leaf, ica, root = x509.load_pem_x509_certificates((store / "fullchain.pem").read_bytes())
+    assert [ica, root] == [setup["ica"], setup["root"]]
+    assert leaf.subject.rfc4514_string() == f"CN={rid}"
+    key = serialization.load_pem_private_key((store / "device.key").read_bytes(), password=None)
+    assert key.curve.name == "secp384r1"  # type: ignore[union-attr]
+    assert key.public_key().public_numbers() == leaf.public_key().public_numbers()  # type: ignore[union-attr]
+    assert doc["certificate"] == {
+        "subject": f"CN={rid}", "serialNumber": f"{leaf.serial_number:X}",
+        "validFrom": leaf.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "validUntil": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "thumbprint": doc["certificate"]["thumbprint"], "issuer": ica.subject.rfc4514_string()}
+    assert doc["files"] == {"directory": str(store), "key": str(store / "device.key"), "certificate": str(store / "device.pem"),
+                            "chain": str(store / "chain.pem"), "fullChain": str(store / "fullchain.pem")}
+    (store.parent / f"{rid}-root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    out = run_openssl("verify", "-CAfile", str(store.parent / f"{rid}-root.pem"), "-untrusted", str(store / "chain.pem"),
+                      str(store / "device.pem"))
+    assert out.stdout.strip() == f"{store / 'device.pem'}: OK"
+
+
+def test_provision_symmetric_key_https_with_data_dir_defaults(server, setup, tmp_path):
+    rid = "clidev-https"
+    store = tmp_path / "store"
+    doc = _json(server.cli("device", "provision", "--registration-id", rid, "--symmetric-key", setup["keys"]["https"],
+                           "--store-dir", str(store)))
+    assert {k: doc[k] for k in ("registrationId", "status", "assignedHub", "deviceId", "substatus", "transport")} == {
+        "registrationId": rid, "status": "assigned", "assignedHub": "localhost", "deviceId": rid,
+        "substatus": "initialAssignment", "transport": "https"}
+    _check_store(store, rid, doc, setup)
+
+
+def test_provision_symmetric_key_mqtt_with_explicit_flags(server, setup, tmp_path):
+    """No data directory to default from: every connection flag given, as on a real device."""
+    rid = "clidev-mqtt"
+    store = tmp_path / "store"
+    args = ["device", "provision", "--registration-id", rid, "--symmetric-key", setup["keys"]["mqtt"],
+            "--transport", "mqtt", "--id-scope", server.id_scope, "--provisioning-host", "localhost",
+            "--https-port", "1", "--mqtt-port", str(server.mqtt_port), "--ca-file", str(server.ca_file),
+            "--store-dir", str(store)]
+    doc = _json(server.cli(*args, env=_no_data_dir_env(server)))
+    assert [doc["registrationId"], doc["status"], doc["assignedHub"], doc["deviceId"], doc["transport"]] == [
+        rid, "assigned", "localhost", rid, "mqtt"]
+    _check_store(store, rid, doc, setup)
+    first = (store / "device.pem").read_bytes()
+    # again, as a table: a new key and certificate; the previous set is kept until the agent confirms the new one
+    table = server.cli(*args, "-o", "table", env=_no_data_dir_env(server))
+    assert table.returncode == 0, table.stderr
+    assert rid in table.stdout and "localhost" in table.stdout
+    assert (store / "device.pem").read_bytes() != first
+    assert (store / "previous" / "device.pem").read_bytes() == first
+
+
+def test_provision_errors_are_one_line(server, setup, tmp_path):
+    rid = "clidev-https"
+    store = tmp_path / "never"
+    wrong = base64.b64encode(b"w" * 32).decode()
+    line = _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", wrong, "--store-dir", str(store)),
+                  f"registration of {rid!r} failed", "status 401")
+    assert wrong not in line
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", wrong, "--transport", "mqtt",
+                      "--store-dir", str(store)), f"registration of {rid!r} failed", "status 401")
+    _fails(server.cli("device", "provision", "--rid", "clidev-nobody", "--symmetric-key", wrong, "--store-dir", str(store)),
+           "registration of 'clidev-nobody' failed", "status 401")
+    assert not store.exists()
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", "not base64!"),
+           "--symmetric-key is not a valid base64 key")
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", wrong, "--group-key", wrong),
+           "exactly one onboarding credential")
+    _fails(server.cli("device", "provision", "--rid", rid), "exactly one onboarding credential")
+    _fails(server.cli("device", "provision", "--rid", rid, "--certificate-file", str(tmp_path / "x.pem")),
+           "--certificate-file and --key-file go together")
+    _fails(server.cli("device", "provision", "--rid", rid, "--certificate-file", str(tmp_path / "x.pem"),
+                      "--key-file", str(tmp_path / "x.key")), "cannot load TLS files")
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", wrong, env=_no_data_dir_env(server)),
+           "--id-scope is required")
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", setup["keys"]["https"], "--https-port",
+                      str(server.mqtt_port), "--retries", "0"), f"registration of {rid!r} failed")
+
+
+def _simulate(server, transport: str, prefix: str) -> tuple[dict, float]:  # noqa: ANN001
+    started = time.monotonic()
+    proc = server.cli("device", "simulate", "--count", str(FLEET), "--group-key", GROUP_KEY, "--prefix", prefix,
+                      "--transport", transport, "-o", "json")
+    elapsed = time.monotonic() - started
+    summary = _json(proc)
+    print(f"simulate {FLEET} over {transport}: {elapsed:.1f} s {summary['latencySeconds']}")
+    return summary, elapsed
+
+
+@pytest.mark.parametrize("transport", ["https", "mqtt"])
+def test_simulate_fleet_provisions_and_connects_every_device(server, setup, transport):
+    prefix = f"fleet-{transport}"
+    summary, elapsed = _simulate(server, transport, prefix)
+    assert {k: summary[k] for k in ("count", "transport", "concurrency", "provisioned", "connected", "failed", "errors")} == {
+        "count": FLEET, "transport": transport, "concurrency": 32, "provisioned": FLEET, "connected": FLEET,
+        "failed": 0, "errors": []}
+    latency = summary["latencySeconds"]
+    for phase in ("provisioning", "hub"):
+        assert 0 < latency[phase]["p50"] <= latency[phase]["p95"] <= latency[phase]["max"]
+    assert summary["totalSeconds"] <= elapsed
+    states = _json(server.cli("dps", "registration", "list", "--enrollment-id", "clidev-fleet"))
+    mine = sorted(s["registrationId"] for s in states if s["registrationId"].startswith(prefix + "-"))
+    assert mine == sorted(f"{prefix}-{i}" for i in range(FLEET))
+    assert {s["status"] for s in states if s["registrationId"].startswith(prefix + "-")} == {"assigned"}
+    devices = _json(server.cli("dps", "linked-hub", "device-list", "--hub-name", "default"))
+    assert sum(d["deviceId"].startswith(prefix + "-") for d in devices) == FLEET
+
+
+def test_simulate_reports_failures_and_exits_non_zero(server, setup, tmp_path):
+    wrong = base64.b64encode(b"x" * 64).decode()
+    proc = server.cli("device", "simulate", "--count", "3", "--group-key", wrong, "--prefix", "fleet-bad", "-o", "json",
+                      "--no-connect")
+    line = _fails(proc, "3 of 3 devices failed", "provisioning: 401")
+    assert wrong not in line
+    summary = json.loads(proc.stdout)
+    assert [summary["provisioned"], summary["connected"], summary["failed"]] == [0, None, 3]
+    assert summary["errors"] == [{"message": "provisioning: 401 401002 no symmetric-key enrollment or group accepts this "
+                                             "signature for '<id>'", "count": 3, "example": "fleet-bad-0"}]
+    assert line == ("error: 3 of 3 devices failed (first: provisioning: 401 401002 no symmetric-key enrollment or group "
+                    "accepts this signature for 'fleet-bad-0')")
+    # --no-connect with --store-dir: provisioned only, credentials kept per device
+    ok = _json(server.cli("device", "simulate", "--count", "2", "--group-key", GROUP_KEY, "--prefix", "fleet-kept",
+                          "--no-connect", "--store-dir", str(tmp_path / "kept"), "-o", "json"))
+    assert [ok["provisioned"], ok["connected"], ok["failed"], ok["latencySeconds"]["hub"]] == [2, None, 0, None]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["fleet-kept-0", "fleet-kept-1"]
+    table = server.cli("device", "simulate", "--count", "2", "--group-key", GROUP_KEY, "--prefix", "fleet-table",
+                       "--store-dir", str(tmp_path / "kept"), "--hub-address", "127.0.0.1", "--transport", "mqtt")
+    assert table.returncode == 0, table.stderr
+    assert "provisioned" in table.stdout and "p50 / p95" in table.stdout
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["fleet-kept-0", "fleet-kept-1", "fleet-table-0",
+                                                                      "fleet-table-1"]
+    assert stat.S_IMODE((tmp_path / "kept" / "fleet-table-0" / "device.key").stat().st_mode) == 0o600
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert [percentile(values, 0.5), percentile(values, 0.95), percentile(values, 1.0)] == [50.0, 95.0, 100.0]
+    assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None

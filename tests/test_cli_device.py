@@ -208,3 +208,22 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert [percentile(values, 0.5), percentile(values, 0.95), percentile(values, 1.0)] == [50.0, 95.0, 100.0]
     assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None
+
+
+def test_device_run_provisions_connects_sends_and_renews(server, setup, tmp_path):
+    rid = "clidev-run"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
+    out = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", key, "--store-dir", str(tmp_path / "s"),
+                     "--renewal", "hub", "--renew-now", "--telemetry-interval", "0.2", "--duration", "2")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert events[:2] == ["provisioned", "connected"] and "renewed" in events, events
+    renewed = lines[events.index("renewed")]
+    assert renewed["renewals"] == 1 and renewed["certificate"]["serialNumber"] != lines[0]["certificate"]["serialNumber"]
+    with svc(server) as c:
+        reported = c.get(f"/twins/{rid}").json()["properties"]["reported"]["certificate"]
+        assert reported["serialNumber"] == renewed["certificate"]["serialNumber"]
+        sent = c.get("/events", params={"from": "earliest", "deviceId": rid, "count": 2, "timeout": 5}).text
+    assert len([line for line in sent.splitlines() if line.strip()]) == 2

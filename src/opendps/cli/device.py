@@ -514,10 +514,76 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
 
 
 # ---------------------------------------------------------------- run
-# ``opendps device run`` (the long-running agent: provision, connect, renew, report) is built on
-# opendps.device.agent by another change. Attach it here as ``@device.command("run")`` decorated with
-# ``@endpoint_options(hub=True)`` and the same onboarding credential flags as ``provision``, so every device verb
-# shares one set of connection flags and defaults.
+
+
+@device.command("run")
+@click.option("--registration-id", "--rid", "registration_id", required=True, help="The device's registration id.")
+@click.option("--certificate-file", "--cert", "certificate_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="X.509 bootstrap chain, leaf first (e.g. the seed's device-full-chain.pem).")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Private key of --certificate-file (e.g. the seed's device.key).")
+@click.option("--symmetric-key", "--key", "symmetric_key", default=None, help="Individual enrollment key (base64).")
+@click.option("--group-key", default=None, help="Symmetric-key group key (base64); the device key is derived.")
+@click.option("--store-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Operational key and chain (default ./device-<registration-id>); reused across restarts.")
+@click.option("--renewal", "renewal_method", type=click.Choice(["dps", "hub"]), default="dps", show_default=True,
+              help="Renew by re-registering with DPS (the seed's method) or through the hub's $iothub/credentials topic.")
+@click.option("--telemetry-interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds between telemetry messages.")
+@click.option("--renew-now", is_flag=True, default=False, help="Renew once right after connecting (e.g. to test it).")
+@click.option("--duration", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Stop after this many seconds (0: run until interrupted).")
+@endpoint_options(hub=True)
+def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path | None, key_file: Path | None,
+              symmetric_key: str | None, group_key: str | None, store_dir: Path | None, renewal_method: str,
+              telemetry_interval: float, renew_now: bool, duration: float) -> None:
+    """The long-running device agent: provision if needed, connect, send telemetry, answer methods, renew in time.
+
+    Prints one JSON line per event (provisioned, connected, renewed, renewal-failed...) with the agent's status.
+    """
+    from opendps.device.agent import AgentConfig, DeviceAgent
+
+    credential: dict[str, Any] = {}
+    if certificate_file is not None or key_file is not None:
+        if certificate_file is None or key_file is None:
+            raise CliError("--certificate-file and --key-file go together")
+        credential = {"x509_cert_file": certificate_file, "x509_key_file": key_file}
+    if symmetric_key is not None:
+        credential["symmetric_key"] = _base64_key(symmetric_key, "--symmetric-key")
+    if group_key is not None:
+        credential["group_key"] = _base64_key(group_key, "--group-key")
+    if len([k for k in credential if k != "x509_key_file"]) != 1:
+        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key "
+                       "or --group-key")
+    hub_options = {"address": endpoint.hub_address} if endpoint.hub_address else {}
+    config = AgentConfig(dps_host=endpoint.host, id_scope=endpoint.id_scope, registration_id=registration_id,
+                         store_dir=store_dir or Path(f"device-{registration_id}"), https_port=endpoint.https_port,
+                         mqtt_port=endpoint.mqtt_port, ca_file=endpoint.ca_file, transport=endpoint.transport,
+                         renewal_method=renewal_method, telemetry_interval=telemetry_interval, hub_options=hub_options,
+                         **credential)
+
+    def on_event(name: str, status: Any) -> None:
+        click.echo(json.dumps({"event": name, **status.to_dict()}), nl=True)
+
+    async def main() -> None:
+        agent = DeviceAgent(config, on_event=on_event)
+        task = asyncio.create_task(agent.run())
+        try:
+            if renew_now:
+                await agent.wait_ready()
+                await agent.renew_now()
+            if duration:
+                await asyncio.wait({task}, timeout=duration)
+            else:
+                await task
+        finally:
+            await agent.stop()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
 
 
 def register(main: click.Group) -> None:

@@ -169,14 +169,15 @@ def server(request, tmp_path_factory) -> RunningServer:
         yield from _run_server(db_url, tmp_path)
 
 
-def _run_server(db_url: str, tmp_path: Path):
+def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None):
+    """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883 and 443)."""
     data_dir = tmp_path / "data"
-    port = free_port()
+    port = https_port or free_port()
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
     env.pop("OPENDPS_CONNECTION_STRING", None)
     env.pop("OPENDPS_MASTER_KEY", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    mqtt_port = free_port()
+    mqtt_port = mqtt_port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
          "--mqtt-port", str(mqtt_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -207,3 +208,8 @@ def _run_server(db_url: str, tmp_path: Path):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+# The Azure SDK compat suite's fixtures (tests/compat/azure_sdk.py). They are registered here, not in a
+# tests/compat/conftest.py: a second conftest module would shadow this one for `from conftest import ...`.
+from tests.compat.azure_sdk import azure_python, compat_server  # noqa: E402, F401

@@ -13,6 +13,11 @@ def test_etags_match_quoted_weak_listed_and_star():
     assert not etag_matches("", "AAAAAExpNs=")
 
 
+def test_a_quoted_star_matches_any_etag_as_azure_iot_hub_sends_it():
+    # IoTHubRegistryManager.update_device_with_sas(etag="*") / update_twin() send If-Match: "*"
+    assert etag_matches('"*"', "AAAAAExpNs=")
+
+
 def test_a_base64_etag_that_begins_with_w_slash_matches_itself():
     # 1 etag in 4096 starts with "W/": it used to be taken for a weak validator and never matched
     assert etag_matches("W/x9k8AB3=", "W/x9k8AB3=")

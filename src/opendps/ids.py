@@ -25,12 +25,15 @@ def check_resource_name(kind: str, name: str) -> str:
 
 
 def etag_matches(if_match: str | None, etag: str) -> bool:
-    """RFC 7232 If-Match: ``*`` or the etag, quoted or not (several may be listed)."""
+    """RFC 7232 If-Match: ``*`` or the etag, quoted or not (several may be listed).
+
+    ``"*"`` (quoted) also means any: azure-iot-hub's registry manager quotes every etag it sends, ``*`` included.
+    """
     if if_match is None:
         return True
     for candidate in if_match.split(","):
         candidate = candidate.strip()
-        if candidate == "*" or candidate.strip('"') == etag:
+        if candidate in ("*", '"*"') or candidate.strip('"') == etag:
             return True
         # a weak validator W/"x"; checked second, since an unquoted base64 etag may itself begin with "W/"
         if candidate.startswith('W/"') and candidate[2:].strip('"') == etag:

@@ -166,18 +166,18 @@ class Enrollments:
             row = self._row(s, kind, enrollment_id)
             return self._view(row) if row else None
 
-    def list(self, kind: str) -> list[EnrollmentView]:
+    def list(self, kind: str, attestation_type: str | None = None) -> list[EnrollmentView]:
+        """Enrollments of ``kind`` in creation order; ``attestation_type`` filters in SQL (attestation hot paths
+        must not unwrap the keys of groups they cannot match)."""
+        q = select(Enrollment).where(Enrollment.kind == kind)
+        if attestation_type is not None:
+            q = q.where(Enrollment.attestation_type == attestation_type)
         with self.store.session() as s:
-            rows = s.scalars(select(Enrollment).where(Enrollment.kind == kind).order_by(Enrollment.id))
-            return [self._view(r) for r in rows]
+            return [self._view(r) for r in s.scalars(q.order_by(Enrollment.id))]
 
     def groups_on_certificate(self, dps_certificate_name: str) -> list[EnrollmentView]:
         """X.509 groups that reference ``dps_certificate_name`` (caReferences)."""
-        out = []
-        for v in self.list(GROUP):
-            if v.attestation_type == "x509" and dps_certificate_name in _ca_names(v.document):
-                out.append(v)
-        return out
+        return [v for v in self.list(GROUP, "x509") if dps_certificate_name in _ca_names(v.document)]
 
     # ---- writing ----
     def put(self, kind: str, enrollment_id: str, document: dict, *, if_match: str | None = None) -> tuple[EnrollmentView, bool]:

@@ -55,8 +55,8 @@ class SymmetricKeyAttestation:
                 raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
             return AttestedIdentity(rid, "symmetricKey", individual, "sas", device_keys=individual.keys,
                                     details={"symmetricKey": {}})
-        for group in self.enrollments.list(GROUP):
-            if group.attestation_type != "symmetricKey" or not group.keys:
+        for group in self.enrollments.list(GROUP, "symmetricKey"):
+            if not group.keys:
                 continue
             derived = (derive_device_key(group.keys[0], rid), derive_device_key(group.keys[1], rid))
             if self._matches(token, derived):

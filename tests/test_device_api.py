@@ -791,3 +791,21 @@ def test_concurrent_registrations_of_one_device_leave_one_identity(server, tmp_p
         assert [d["name"] for d in c.get("/namespaces/race-ns/devices").json()["value"]] == ["racer"]
         assert c.get("/registrations/racer").json()["status"] == "assigned"
     assert issued_count(server, "racer") == statuses.count(202)
+
+
+def test_old_operation_results_are_swept(tmp_path):
+    from opendps.instance import Settings, open_instance
+    from opendps.provisioning.registration import OPERATION_TTL
+    from opendps.store import Operation
+
+    inst = open_instance(Settings.load(tmp_path / "data", lint=False))
+    try:
+        now = datetime.now(UTC)
+        with inst.store.session() as s:
+            for op_id, age in (("old", OPERATION_TTL + timedelta(minutes=1)), ("fresh", OPERATION_TTL - timedelta(minutes=1))):
+                s.add(Operation(operation_id=op_id, registration_key="r", status="assigned", result={}, created_at=now - age))
+        assert inst.provisioning.sweep_operations(now) == 1
+        with inst.store.session() as s:
+            assert [o.operation_id for o in s.scalars(select(Operation))] == ["fresh"]
+    finally:
+        inst.close()

@@ -16,11 +16,11 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
@@ -43,6 +43,8 @@ from opendps.store import DeviceRecord, LinkedHub, Operation, Policy, Registrati
 
 log = logging.getLogger("opendps.provisioning")
 RETRY_AFTER_SECONDS = 2
+OPERATION_TTL = timedelta(hours=24)  # how long a poll can still fetch an operation's result
+SWEEP_EVERY = timedelta(minutes=10)
 CSR_API_VERSION = "2025-07-01-preview"
 REGISTRATION_NOT_FOUND = 404201
 OPERATION_NOT_FOUND = 404203
@@ -96,6 +98,7 @@ class Provisioning:
         self.webhook_timeout = webhook_timeout
         self.webhook_verify = webhook_verify
         self.mechanisms: list[Mechanism] = [SymmetricKeyAttestation(enrollments), X509Attestation(enrollments, store)]
+        self._last_sweep = datetime.min.replace(tzinfo=UTC)
 
     # ---- device side ----
     def attest(self, credentials: DeviceCredentials, *, now: datetime | None = None) -> AttestedIdentity:
@@ -117,9 +120,18 @@ class Provisioning:
             log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
             raise
 
+    def sweep_operations(self, now: datetime | None = None) -> int:
+        """Forget operation results older than OPERATION_TTL (the table would otherwise grow forever)."""
+        now = now or datetime.now(UTC)
+        self._last_sweep = now
+        with self.store.session() as s:
+            return s.execute(delete(Operation).where(Operation.created_at < now - OPERATION_TTL)).rowcount or 0
+
     def _register(self, credentials: DeviceCredentials, payload: Any, csr: str | None,
                   api_version: str | None) -> Accepted:
         now = datetime.now(UTC)
+        if now - self._last_sweep > SWEEP_EVERY:
+            self.sweep_operations(now)
         identity = self.attest(credentials, now=now)
         enrollment = identity.enrollment
         csr_der = None

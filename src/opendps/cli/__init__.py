@@ -177,6 +177,9 @@ if _register_management is not None:
     from opendps.cli.quickstart import register as _register_quickstart
 
     _register_quickstart(main)
+    from opendps.cli.bench import register as _register_bench
+
+    _register_bench(main)
 
 
 def run() -> None:

@@ -1,0 +1,54 @@
+"""Smoke test of ``opendps bench``: it runs end to end and its JSON has every field with sane types.
+
+No timed assertions: the numbers depend on the machine; only their shape and consistency are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120, func_only=True)
+
+FIELDS = {"scenario": str, "concurrency": int, "count": int, "ok": int, "errors": int, "wall_seconds": float,
+          "throughput": float, "latency": dict, "server_cpu_seconds": float, "cpu_seconds_per_op": float,
+          "peak_rss_bytes": int, "ops_per_cpu_second": float, "error_samples": list}
+
+
+def test_bench_quick_provision_https_reports_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "provision-https",
+                           "--count", "20", "--json", str(out), "-o", "json"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == report
+    assert report["settings"]["quick"] is True and report["settings"]["database"] == "sqlite"
+    assert report["machine"]["cpus"] >= 1
+    rows = report["results"]
+    assert [(r["scenario"], r["transport"], r["concurrency"]) for r in rows] == [
+        ("provision-https", "https", 8), ("provision-https", "https", 32)]
+    for r in rows:
+        for name, kind in FIELDS.items():
+            assert isinstance(r[name], kind), (name, r[name])
+        assert r["count"] == r["ok"] == 20 and r["errors"] == 0 and r["error_samples"] == []
+        assert r["throughput"] > 0 and r["wall_seconds"] > 0
+        lat = r["latency"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+        assert r["server_cpu_seconds"] > 0 and r["cpu_seconds_per_op"] > 0 and r["ops_per_cpu_second"] > 0
+        assert r["peak_rss_bytes"] > 10 * 2**20
+        assert r["ceiling_ratio"] is None  # no crypto-ceiling scenario in this run
+
+
+def test_bench_help_lists_scenarios() -> None:
+    from click.testing import CliRunner
+
+    from opendps.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--help"])
+    assert result.exit_code == 0
+    for name in ("crypto-ceiling", "provision-https", "provision-mqtt", "--quick", "--json", "--db"):
+        assert name in result.output

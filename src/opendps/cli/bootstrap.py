@@ -20,7 +20,6 @@ because openssl adds issuer and serial only when no key id is available):
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import stat
@@ -42,9 +41,16 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from opendps.cli import OUTPUT_OPTION, CliError
-from opendps.cli._client import Client, api_path, resolve_connection
-from opendps.cli.management import DEFAULT_VALIDITY_DAYS, _connection_options, _exists, _ns_path, _policy_body, _policy_path
+from opendps.cli import CliError
+from opendps.cli._client import Client, api_path
+from opendps.cli.management import (
+    DEFAULT_VALIDITY_DAYS,
+    _exists,
+    _ns_path,
+    _policy_body,
+    _policy_path,
+    lazy_api_command,
+)
 
 ROOT_DAYS, INTERMEDIATE_DAYS, DEVICE_DAYS, VERIFICATION_DAYS = 3650, 1825, 365, 1
 CA_KEY_BITS, DEVICE_KEY_BITS, VERIFICATION_KEY_BITS = 4096, 2048, 2048
@@ -430,31 +436,6 @@ _OUTPUT = click.option("-o", "--output", "output", type=click.Choice(["json", "t
                        show_default=True, help="Output format of the summary.")
 
 
-def lazy_connection(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Like :func:`~opendps.cli.management.lazy_api_command` (``--skip-upload`` needs no server), but the
-    summary is a table by default: this is a person's setup step, not a script's query."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None, **kwargs: Any) -> Any:
-        clients: list[Client] = []
-
-        def connect() -> Client:
-            if not clients:
-                clients.append(Client(resolve_connection(login, data_dir, ca_file)))
-            return clients[0]
-
-        try:
-            return f(connect, *args, **kwargs)
-        finally:
-            for client in clients:
-                client.close()
-
-    options = [o for o in _connection_options() if o is not OUTPUT_OPTION] + [_OUTPUT]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
 @click.command("bootstrap")
 @click.option("--registration-id", "--rid", "registration_id", required=True,
               help="Device registration id: CN of the device certificate, prefix of the CA names.")
@@ -469,7 +450,7 @@ def lazy_connection(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--skip-upload", is_flag=True, default=False, help="Only write the files; no server needed.")
 @click.option("--force", is_flag=True, default=False,
               help="Regenerate every key and certificate even if files exist (devices holding the old ones stop working).")
-@lazy_connection
+@lazy_api_command(output=_OUTPUT)  # a person's setup step: a table by default
 def bootstrap(connect: Callable[[], Client], registration_id: str, group_name: str | None, cert_dir: Path,
               credential_policy: str, namespace: str, skip_upload: bool, force: bool, output: str) -> None:
     """Set up X.509 onboarding like the seed's script: CA chain, device certificate, verified CAs, enrollment group."""

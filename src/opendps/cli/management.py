@@ -46,8 +46,10 @@ def _connection_options() -> list[Callable[[Callable[..., Any]], Callable[..., A
     ]
 
 
-def _with_connection_options(wrapper: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_connection_options()):
+def _with_connection_options(wrapper: Callable[..., Any], output: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """Attach the connection options; ``output`` replaces the default ``-o`` option (e.g. a table default)."""
+    options = [output if (o is OUTPUT_OPTION and output is not None) else o for o in _connection_options()]
+    for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
 
@@ -67,9 +69,12 @@ def api_command(f: Callable[..., Any]) -> Callable[..., Any]:
     return _with_connection_options(wrapper)
 
 
-def lazy_api_command(f: Callable[..., Any]) -> Callable[..., Any]:
+def lazy_api_command(f: Callable[..., Any] | None = None, *, output: Callable[..., Any] | None = None) -> Any:
     """Like :func:`api_command`, but ``f(connect, ...)`` gets a factory: verbs that may work offline
-    (e.g. computing a device key from a given group key) must not fail for want of a connection."""
+    (e.g. computing a device key from a given group key) must not fail for want of a connection.
+    ``@lazy_api_command(output=...)`` swaps the ``-o`` option."""
+    if f is None:
+        return functools.partial(lazy_api_command, output=output)
 
     @functools.wraps(f)
     def wrapper(*args: Any, login: str | None, data_dir: Path | None, ca_file: Path | None,
@@ -87,7 +92,7 @@ def lazy_api_command(f: Callable[..., Any]) -> Callable[..., Any]:
             for client in clients:
                 client.close()
 
-    return _with_connection_options(wrapper)
+    return _with_connection_options(wrapper, output)
 
 
 def _list(client: Client, path: str) -> list[Any]:

@@ -29,8 +29,8 @@ def test_bench_quick_provision_https_reports_every_field(tmp_path: Path) -> None
     assert report["settings"]["quick"] is True and report["settings"]["database"] == "sqlite"
     assert report["machine"]["cpus"] >= 1
     rows = report["results"]
-    assert [(r["scenario"], r["transport"], r["concurrency"]) for r in rows] == [
-        ("provision-https", "https", 8), ("provision-https", "https", 32)]
+    assert [(r["scenario"], r["system"], r["transport"], r["concurrency"]) for r in rows] == [
+        ("provision-https", "opendps", "https", 32)]
     for r in rows:
         for name, kind in FIELDS.items():
             assert isinstance(r[name], kind), (name, r[name])
@@ -40,7 +40,24 @@ def test_bench_quick_provision_https_reports_every_field(tmp_path: Path) -> None
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
         assert r["server_cpu_seconds"] > 0 and r["cpu_seconds_per_op"] > 0 and r["ops_per_cpu_second"] > 0
         assert r["peak_rss_bytes"] > 10 * 2**20
-        assert r["ceiling_ratio"] is None  # no crypto-ceiling scenario in this run
+        assert r["ceiling_ratio"] is None and r["ratios"] == {}  # no ceiling or peer scenario in this run
+
+
+
+def test_bench_quick_x509_over_mqtt_is_related_to_the_crypto_ceiling(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "crypto-ceiling",
+                           "--scenario", "provision-mqtt-x509", "--count", "10", "-o", "json"],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["results"]
+    assert [(r["scenario"], r["system"], r["transport"]) for r in rows] == [
+        ("crypto-ceiling", "cryptography", "csr-issue"), ("crypto-ceiling", "cryptography", "mtls-handshake"),
+        ("provision-mqtt-x509", "opendps", "mqtt")]
+    ceiling, _handshake, x509 = rows
+    assert ceiling["ok"] == ceiling["count"] == 10 and ceiling["ops_per_cpu_second"] > 0
+    assert x509["ok"] == 10 and x509["errors"] == 0 and x509["extra"]["attestation"] == "x509"
+    # the ratio is what the two rows say, not a constant
+    assert x509["ceiling_ratio"] == round(x509["ops_per_cpu_second"] / ceiling["ops_per_cpu_second"], 4)
 
 
 def test_bench_help_lists_scenarios() -> None:
@@ -50,5 +67,6 @@ def test_bench_help_lists_scenarios() -> None:
 
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0
-    for name in ("crypto-ceiling", "provision-https", "provision-mqtt", "--quick", "--json", "--db"):
+    for name in ("crypto-ceiling", "provision-https", "provision-mqtt", "provision-https-x509", "peer-cfssl",
+                 "hub-connect", "hub-idle", "hub-telemetry", "store-scale", "--quick", "--json", "--db"):
         assert name in result.output

@@ -1,0 +1,320 @@
+"""What every scenario shares: result rows, percentiles, the server under test, the ready/go load runner.
+
+Why it is built this way:
+
+* every scenario gets a fresh ``opendps serve`` subprocess (free ports, temporary data directory, a new
+  PostgreSQL schema with ``--db``), so one scenario's data never slows the next and the server's CPU
+  time can be read from its own ``/proc/<pid>/stat`` (utime + stime) and its peak RSS from ``VmHWM``;
+* set-up (enrollments, keys, certificates, CSRs) happens before the clock starts;
+* the load runs in a separate spawned process that builds everything, says "ready", and starts on "go";
+  the server's CPU counters are read around the load only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUICK_LEVELS, FULL_LEVELS = (32,), (1, 8, 32, 128)
+QUICK_COUNT, FULL_COUNT = 64, 1000
+
+
+class BenchError(Exception):
+    """A scenario could not run (set-up failed, a peer would not start); the message says why."""
+
+
+@dataclass
+class Result:
+    """One row of the report: a system under one scenario at one load (None where a metric does not apply).
+
+    ``system`` is what was measured: ``opendps``, or a peer (``cryptography`` for the in-process ceiling,
+    ``cfssl``, ``mosquitto``). ``ratios`` holds opendps ÷ peer figures (computed by the scenario or by
+    :func:`opendps.bench.run_bench`); ``extra`` holds scenario-specific figures (bytes per connection, ...).
+    """
+
+    scenario: str
+    transport: str | None
+    concurrency: int | None
+    count: int
+    ok: int
+    errors: int
+    wall_seconds: float
+    throughput: float  # operations per wall-clock second
+    latency: dict[str, float]  # p50/p95/p99 seconds per operation
+    server_cpu_seconds: float | None
+    cpu_seconds_per_op: float  # server CPU per operation (in-process CPU for the crypto ceiling)
+    peak_rss_bytes: int | None  # the server's VmHWM (the bench process's for in-process scenarios)
+    ops_per_cpu_second: float
+    system: str = "opendps"
+    ceiling_ratio: float | None = None  # ops_per_cpu_second / the crypto ceiling's
+    ratios: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    error_samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    quick: bool
+    db_url: str | None
+    lint: bool
+    count: int | None = None
+    levels: tuple[int, ...] | None = None
+
+    @property
+    def device_count(self) -> int:
+        return self.count or (QUICK_COUNT if self.quick else FULL_COUNT)
+
+    @property
+    def concurrency_levels(self) -> tuple[int, ...]:
+        return self.levels or (QUICK_LEVELS if self.quick else FULL_LEVELS)
+
+    def count_at(self, level: int) -> int:
+        """Operations at one concurrency level: ``--count``, or in full runs about 15 per slot (20 to 1000).
+
+        Registration latency is bounded below by the server's Retry-After (2 s), so a closed loop at
+        concurrency c completes about c / 2.3 s registrations per second; 15 per slot keeps every level
+        near half a minute instead of 40 minutes at c = 1.
+        """
+        if self.count or self.quick:
+            return self.device_count
+        return max(20, min(FULL_COUNT, level * 15))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (an observed value); 0 for no values so the JSON keeps its types."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def latency_summary(values: list[float]) -> dict[str, float]:
+    return {name: round(percentile(values, q), 4) for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))}
+
+
+def error_samples(errors: list[str]) -> list[dict[str, Any]]:
+    from collections import Counter
+
+    return [{"message": m, "count": n} for m, n in Counter(errors).most_common(5)]
+
+
+def load_row(scenario: str, transport: str | None, concurrency: int | None, count: int, outcome: dict[str, Any],
+             cpu: float, pid: int, system: str = "opendps", **extra: Any) -> Result:
+    """A row from a load outcome (``{"wall", "latencies", "errors"}``) and the server CPU spent during it."""
+    ok, wall = len(outcome["latencies"]), outcome["wall"]
+    per_op = cpu / ok if ok else 0.0
+    return Result(scenario=scenario, transport=transport, concurrency=concurrency, count=count, ok=ok,
+                  errors=len(outcome["errors"]), wall_seconds=round(wall, 3),
+                  throughput=round(ok / wall, 3) if wall > 0 else 0.0, latency=latency_summary(outcome["latencies"]),
+                  server_cpu_seconds=round(cpu, 3), cpu_seconds_per_op=round(per_op, 6),
+                  peak_rss_bytes=proc_peak_rss(pid), ops_per_cpu_second=round(1 / per_op, 2) if per_op else 0.0,
+                  system=system, extra=extra, error_samples=error_samples(outcome["errors"]))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (fields 14 and 15 of /proc/<pid>/stat; the name may contain spaces)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_peak_rss(pid: int) -> int:
+    """VmHWM (peak resident set) of ``pid`` in bytes."""
+    return _status_kib(pid, "VmHWM:") * 1024
+
+
+def proc_rss(pid: int) -> int:
+    """VmRSS (current resident set) of ``pid`` in bytes."""
+    return _status_kib(pid, "VmRSS:") * 1024
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_listening(proc: subprocess.Popen, ports: tuple[int, ...], log: Path, timeout: float = 120) -> None:
+    """Until every port accepts a TCP connection; a clear error if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    waiting = list(ports)
+    while waiting:
+        if proc.poll() is not None:
+            raise BenchError(f"{Path(str(proc.args[0])).name} exited {proc.returncode}: "
+                             f"{log.read_text(errors='replace')[-2000:]}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing listened on {waiting} within {timeout:g} s")
+        try:
+            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
+                waiting.pop(0)
+        except OSError:
+            time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------- the server under test
+
+
+@contextlib.contextmanager
+def fresh_database(db_url: str | None, directory: Path) -> Iterator[str]:
+    """SQLite in ``directory``, or a new schema in the given PostgreSQL database (dropped afterwards)."""
+    if not db_url:
+        yield f"sqlite+pysqlite:///{directory / 'opendps.db'}"
+        return
+    import psycopg
+
+    admin = psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True, connect_timeout=5)
+    schema = f"bench_{secrets.token_hex(6)}"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{db_url}{'&' if '?' in db_url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@dataclass
+class Server:
+    """A running ``opendps serve`` and what devices and the bench need to reach it."""
+
+    proc: subprocess.Popen
+    https_port: int
+    mqtt_port: int
+    id_scope: str
+    ca_file: Path
+    url: str
+    owner_connection_string: str
+    env: dict[str, str]  # OPENDPS_DATA_DIR / OPENDPS_DB for ``opendps`` commands against the same instance
+    workdir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextlib.contextmanager
+def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[str, str]], None] | None = None,
+                   ) -> Iterator[Server]:
+    """Start ``opendps serve`` on free ports with a throw-away data directory; stop and remove it on exit.
+
+    ``before_start(env)`` runs after ``opendps init`` and before the server starts (e.g. bulk seeding).
+    """
+    work = Path(tempfile.mkdtemp(prefix="opendps-bench-"))
+    try:
+        with fresh_database(db_url, work) as url:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OPENDPS_")}
+            env.update(OPENDPS_DATA_DIR=str(work / "data"), OPENDPS_DB=url)
+            https_port, mqtt_port = free_port(), free_port()
+            ports = ["--host", "127.0.0.1", "--https-port", str(https_port), "--mqtt-port", str(mqtt_port),
+                     *([] if lint else ["--no-lint"])]
+            if before_start is not None:
+                init = subprocess.run([sys.executable, "-m", "opendps", "init", *ports], env=env, capture_output=True,
+                                      text=True, check=False)
+                if init.returncode != 0:
+                    raise BenchError(f"opendps init failed: {init.stderr.strip()[-500:]}")
+                before_start(env)
+            with open(work / "server.log", "wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "opendps", "serve", *ports], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT)
+            try:
+                wait_listening(proc, (https_port, mqtt_port), work / "server.log")
+                info = subprocess.run([sys.executable, "-m", "opendps", "info", "-o", "json"], env=env,
+                                      capture_output=True, text=True, check=False)
+                if info.returncode != 0:
+                    raise BenchError(f"opendps info failed: {info.stderr.strip()}")
+                data = json.loads(info.stdout)
+                yield Server(proc, https_port, mqtt_port, data["idScope"], Path(data["serverCaCertificate"]),
+                             data["endpoints"]["https"]["url"], data["connectionStrings"]["provisioningServiceOwner"],
+                             env, work)
+            finally:
+                stop_process(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def service_client(server: Server) -> Any:
+    """An httpx client for the management API with a fresh owner SAS."""
+    import ssl
+
+    import httpx
+
+    from opendps.transport import sas
+
+    conn = sas.parse_connection_string(server.owner_connection_string)
+    token = sas.generate(conn["HostName"], conn["SharedAccessKey"], key_name=conn["SharedAccessKeyName"])
+    return httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file),
+                        headers={"Authorization": token}, timeout=60)
+
+
+def put_all(server: Server, documents: list[tuple[str, dict[str, Any]]]) -> None:
+    """PUT each (path, document) to the management API; a clear error on the first refusal."""
+    with service_client(server) as c:
+        for path, doc in documents:
+            r = c.put(path, json=doc)
+            if r.status_code not in (200, 201):
+                raise BenchError(f"set-up PUT {path} failed: {r.status_code} {r.text[:300]}")
+
+
+# ---------------------------------------------------------------- the load generator (its own process)
+
+
+def run_load(worker: Callable[[Any, dict[str, Any]], None], spec: dict[str, Any], measured_pid: int,
+             timeout: float = 3600) -> tuple[Any, float]:
+    """Run ``worker(conn, spec)`` in a fresh spawned process with the ready/go handshake.
+
+    The worker builds everything, sends ``"ready"``, waits for ``"go"``, runs, and sends its outcome.
+    Returns the outcome and the CPU seconds ``measured_pid`` spent between "go" and the outcome.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no inherited state, no fork of the bench's threads
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(child, spec), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(300):
+            raise BenchError("the load generator did not get ready within 300 s")
+        if (msg := parent.recv()) != "ready":
+            raise BenchError(f"the load generator failed to start: {msg}")
+        cpu_before = proc_cpu_seconds(measured_pid)
+        parent.send("go")
+        if not parent.poll(timeout):
+            raise BenchError(f"the load did not finish within {timeout:g} s")
+        outcome = parent.recv()
+        cpu = proc_cpu_seconds(measured_pid) - cpu_before
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    return outcome, cpu

@@ -1,0 +1,49 @@
+"""The report as a rich table (the JSON is the report itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}" if seconds >= 0.01 else f"{seconds * 1000:.2f}"
+
+
+def _ratios(r: dict[str, Any]) -> str:
+    parts = [] if r["ceiling_ratio"] is None else [f"ceiling {r['ceiling_ratio']:.0%}"]
+    parts += [f"{peer} {ratio:.2f}×" for peer, ratio in r["ratios"].items()]
+    return ", ".join(parts) or "-"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["settings"]
+    table = Table(title=f"opendps bench ({s['database']}, lint {'on' if s['lint'] else 'off'}, "
+                        f"{report['machine']['cpus']} CPUs)", title_justify="left")
+    for col in ("scenario", "system", "kind", "conc.", "ok/n", "err", "ops/s", "p50 ms", "p95 ms", "p99 ms",
+                "CPU ms/op", "ops/CPU-s", "ratios", "peak RSS MB"):
+        table.add_column(col, justify="left" if col in ("scenario", "system", "kind", "ratios") else "right")
+    for r in report["results"]:
+        lat = r["latency"]
+        conc = r["concurrency"] if r["concurrency"] else (f"{r['extra']['offered_rate']:g}/s" if "offered_rate" in
+                                                           r["extra"] else "-")
+        table.add_row(r["scenario"], r["system"], r["transport"] or "-", str(conc), f"{r['ok']}/{r['count']}",
+                      str(r["errors"]), f"{r['throughput']:.1f}", *(_ms(lat[q]) for q in ("p50", "p95", "p99")),
+                      f"{r['cpu_seconds_per_op'] * 1000:.2f}", f"{r['ops_per_cpu_second']:.0f}", _ratios(r),
+                      "-" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f}")
+    console = Console(width=200)
+    console.print(table)
+    for r in report["results"]:
+        notes = {k: v for k, v in r["extra"].items() if k not in ("offered_rate", "attestation")}
+        if notes:
+            console.print(f"{r['scenario']} ({r['system']}, {r['transport'] or '-'}): "
+                          + ", ".join(f"{k} = {v}" for k, v in notes.items()), highlight=False)
+    console.print("Provisioning latency includes the server's Retry-After: 2 s poll wait, honoured by the SDK; "
+                  "CPU ms/op is the server process's own CPU per operation and does not depend on it. "
+                  "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography).", highlight=False)
+    for r in report["results"]:
+        for e in r["error_samples"]:
+            console.print(f"[red]{r['scenario']} c={r['concurrency']}: {e['count']} ×[/red] {e['message']}",
+                          highlight=False)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from opendps.bench._harness import BenchError, Options, Result
+from opendps.bench._harness import BenchError, Options, Result, top_costs
 
 __all__ = ["SCENARIOS", "BenchError", "Options", "Result", "run_bench"]
 
@@ -72,6 +72,8 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
         "settings": {"quick": opts.quick, "database": "postgresql" if opts.db_url else "sqlite", "lint": opts.lint,
                      "count": opts.device_count, "concurrency": list(opts.concurrency_levels), "scenarios": names},
         "results": [asdict(r) for r in rows],
+        **({"profiles": {f.stem: top_costs(f) for f in sorted(opts.profile_dir.glob("*.txt"))}}
+           if opts.profile_dir else {}),
     }
 
 

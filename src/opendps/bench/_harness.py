@@ -74,6 +74,10 @@ class Options:
     lint: bool
     count: int | None = None
     levels: tuple[int, ...] | None = None
+    profile_dir: Path | None = None  # py-spy samples of every opendps server, one collapsed-stack file each
+
+    def profile(self, label: str) -> Path | None:
+        return None if self.profile_dir is None else self.profile_dir / f"{label}.txt"
 
     @property
     def device_count(self) -> int:
@@ -227,14 +231,15 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[str, str]], None] | None = None,
-                   ) -> Iterator[Server]:
+                   profile: Path | None = None) -> Iterator[Server]:
     """Start ``opendps serve`` on free ports with a throw-away data directory; stop and remove it on exit.
 
     ``before_start(env)`` runs after ``opendps init`` and before the server starts (e.g. bulk seeding).
+    ``profile``: sample the server with py-spy for its whole life into this collapsed-stack file.
     """
     work = Path(tempfile.mkdtemp(prefix="opendps-bench-"))
     try:
-        with fresh_database(db_url, work) as url:
+        with fresh_database(db_url, work) as url, contextlib.ExitStack() as stack:
             env = {k: v for k, v in os.environ.items() if not k.startswith("OPENDPS_")}
             env.update(OPENDPS_DATA_DIR=str(work / "data"), OPENDPS_DB=url)
             https_port, mqtt_port = free_port(), free_port()
@@ -256,6 +261,7 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                 if info.returncode != 0:
                     raise BenchError(f"opendps info failed: {info.stderr.strip()}")
                 data = json.loads(info.stdout)
+                stack.enter_context(sampled(proc.pid, profile))
                 yield Server(proc, https_port, mqtt_port, data["idScope"], Path(data["serverCaCertificate"]),
                              data["endpoints"]["https"]["url"], data["connectionStrings"]["provisioningServiceOwner"],
                              env, work)
@@ -263,6 +269,53 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                 stop_process(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sampled(pid: int, output: Path | None) -> Iterator[None]:
+    """py-spy (``pip install py-spy``) samples ``pid`` from outside, without pausing it, until the block ends."""
+    if output is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise BenchError("--profile needs py-spy (pip install py-spy)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw",
+                             "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(2)  # SIGINT: py-spy writes the file and exits
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def top_costs(collapsed: Path, limit: int = 12) -> list[tuple[str, float]]:
+    """(function, share of on-CPU samples spent in it or below) from a py-spy raw file, biggest first.
+
+    Idle samples (the event loop waiting in ``select``/``epoll``) are left out, so the shares are of
+    the server's busy time.
+    """
+    inclusive: dict[str, int] = {}
+    busy = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if any(f.startswith(("select (", "poll (", "_run_once (")) and f is frames[-1] for f in frames[-1:]):
+            continue
+        busy += int(count)
+        for name in {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else f
+                     for f in frames}:
+            inclusive[name] = inclusive.get(name, 0) + int(count)
+    if not busy:
+        return []
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])
+    return [(name, round(n / busy, 3)) for name, n in ranked if n < busy][:limit]
 
 
 def service_client(server: Server) -> Any:

@@ -212,7 +212,7 @@ def provisioning(transport: str, attestation: str) -> Callable[[Options], list[R
         import tempfile
 
         rows: list[Result] = []
-        with running_server(opts.db_url, opts.lint) as server, tempfile.TemporaryDirectory() as tmp:
+        with running_server(opts.db_url, opts.lint, profile=opts.profile(name)) as server, tempfile.TemporaryDirectory() as tmp:
             credential: Any = create_symmetric_group(server) if attestation == "symmetric-key" else create_x509_group(
                 server)
             base = {"ca_file": str(server.ca_file), "id_scope": server.id_scope, "https_port": server.https_port,

@@ -293,29 +293,53 @@ def sampled(pid: int, output: Path | None) -> Iterator[None]:
             proc.kill()
 
 
-def top_costs(collapsed: Path, limit: int = 12) -> list[tuple[str, float]]:
-    """(function, share of on-CPU samples spent in it or below) from a py-spy raw file, biggest first.
+#: where a sample's innermost Python frame lives → what the time is spent on (first match wins)
+COMPONENTS = (
+    (("sqlalchemy/", "sqlite3/", "psycopg/", "opendps/store/"), "store (SQLAlchemy + driver)"),
+    (("pkilint/", "pyasn1"), "pre-issuance lint (pkilint)"),
+    (("cryptography/", "opendps/pki/csr.py", "opendps/pki/keys.py", "hmac.py", "opendps/transport/sas.py"),
+     "cryptography (CSR verify, signing, HMAC)"),
+    (("OpenSSL/", "opendps/transport/tls.py", "ssl.py"), "TLS"),
+    (("aiohttp/", "multidict/", "yarl/", "json/"), "HTTP + JSON (aiohttp)"),
+    (("opendps/transport/mqtt/",), "MQTT"),
+    (("asyncio/", "selectors.py", "concurrent/futures/", "threading.py"), "event loop + worker threads"),
+    (("opendps/",), "opendps domain code"),
+)
+#: innermost frames that are waiting, not working: the selector, idle worker threads blocked on their queue
+IDLE = ("(selectors.py:", "(threading.py:", "_worker (concurrent/futures/thread.py:")
 
-    Idle samples (the event loop waiting in ``select``/``epoll``) are left out, so the shares are of
-    the server's busy time.
+
+def top_costs(collapsed: Path, limit: int = 10) -> dict[str, Any]:
+    """What a py-spy raw file says the server was busy with.
+
+    ``components``: share of busy samples by where the innermost Python frame is (time in C and Rust
+    extensions counts for the Python function that called them). ``functions``: opendps functions by
+    inclusive share (them and everything below). Idle samples (the event loop waiting in ``select``,
+    idle worker threads) are left out, so shares are of busy time.
     """
-    inclusive: dict[str, int] = {}
+    components: dict[str, int] = {}
+    functions: dict[str, int] = {}
     busy = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        if any(f.startswith(("select (", "poll (", "_run_once (")) and f is frames[-1] for f in frames[-1:]):
+        if any(x in frames[-1] for x in IDLE):
             continue
-        busy += int(count)
-        for name in {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else f
-                     for f in frames}:
-            inclusive[name] = inclusive.get(name, 0) + int(count)
+        n = int(count)
+        busy += n
+        leaf = frames[-1]
+        kind = next((name for needles, name in COMPONENTS if any(x in leaf for x in needles)), "other Python")
+        components[kind] = components.get(kind, 0) + n
+        for name in {f.split(":")[0] + ")" for f in frames if "opendps/" in f and "opendps/cli/" not in f
+                     and "opendps/server.py" not in f and "opendps/__main__" not in f}:
+            functions[name] = functions.get(name, 0) + n
     if not busy:
-        return []
-    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])
-    return [(name, round(n / busy, 3)) for name, n in ranked if n < busy][:limit]
+        return {"busy_samples": 0, "components": {}, "functions": {}}
+    return {"busy_samples": busy,
+            "components": {k: round(v / busy, 3) for k, v in sorted(components.items(), key=lambda kv: -kv[1])},
+            "functions": {k: round(v / busy, 3) for k, v in sorted(functions.items(), key=lambda kv: -kv[1])[:limit]}}
 
 
 def service_client(server: Server) -> Any:

@@ -44,8 +44,10 @@ def print_report(report: dict[str, Any]) -> None:
                   "CPU ms/op is the server process's own CPU per operation and does not depend on it. "
                   "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography).", highlight=False)
     for label, costs in report.get("profiles", {}).items():
-        console.print(f"profile of {label} (share of busy samples, inclusive): "
-                      + "; ".join(f"{name} {share:.0%}" for name, share in costs), highlight=False)
+        console.print(f"profile of {label} ({costs['busy_samples']} busy samples): "
+                      + "; ".join(f"{name} {share:.0%}" for name, share in costs["components"].items()), highlight=False)
+        console.print("  top opendps functions (inclusive): "
+                      + "; ".join(f"{name} {share:.0%}" for name, share in costs["functions"].items()), highlight=False)
     for r in report["results"]:
         for e in r["error_samples"]:
             console.print(f"[red]{r['scenario']} c={r['concurrency']}: {e['count']} ×[/red] {e['message']}",

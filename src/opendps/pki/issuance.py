@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from opendps.errors import InvalidInput, NotFound
-from opendps.pki.csr import validate_csr
+from opendps.pki.csr import ValidatedCsr, validate_csr
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import LintRefused, leaf_builder, sign_builder
 from opendps.store import CertificateAuthority, IssuedCertificate, Policy, Store
@@ -82,20 +82,23 @@ class IssuanceEngine:
             return _PolicyMaterial(policy.id, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
                                    x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root.der))
 
-    def check(self, policy_id: int, csr: bytes, registration_id: str) -> None:
+    def check(self, policy_id: int, csr: bytes, registration_id: str) -> ValidatedCsr:
         """Validate ``csr`` against the policy without signing (the RA's early refusal)."""
-        validate_csr(csr, registration_id, allow_p256=self._material(policy_id).allow_p256)
+        return validate_csr(csr, registration_id, allow_p256=self._material(policy_id).allow_p256)
 
     def issue(self, policy_id: int, csr: bytes, registration_id: str, *, now: datetime | None = None,
-              session=None) -> IssuedChain:  # noqa: ANN001 - sqlalchemy Session
+              session=None, checked: ValidatedCsr | None = None) -> IssuedChain:  # noqa: ANN001 - sqlalchemy Session
         """Validate ``csr`` (DER or PEM), sign a leaf under the policy, store it, return the chain.
 
         With ``session`` the certificate row joins the caller's transaction (provisioning commits it
         together with the device and registration, so a failure leaves none of them behind).
+        ``checked``: what :meth:`check` returned for this same ``csr`` and registration id moments ago;
+        its signature and subject are not verified twice, but its curve is held to the policy as it is now.
         """
         now = now or datetime.now(UTC)
         m = self._material(policy_id)
-        checked = validate_csr(csr, registration_id, allow_p256=m.allow_p256)
+        if checked is None or checked.curve != "secp384r1" and not (m.allow_p256 and checked.curve == "secp256r1"):
+            checked = validate_csr(csr, registration_id, allow_p256=m.allow_p256)
         if m.issuing_ca.not_valid_after_utc <= now:
             raise IssuanceRefused("the policy's issuing CA has expired")
         signer = self.keys.signer(m.issuing_key_id)

@@ -27,7 +27,7 @@ from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, Preco
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
 from opendps.pki import IssuanceEngine
-from opendps.pki.csr import decode_csr_text
+from opendps.pki.csr import ValidatedCsr, decode_csr_text
 from opendps.provisioning import allocation
 from opendps.provisioning.attestation import (
     AttestationFailed,
@@ -134,7 +134,7 @@ class Provisioning:
             self.sweep_operations(now)
         identity = self.attest(credentials, now=now)
         enrollment = identity.enrollment
-        csr_der = None
+        csr_der, checked = None, None
         if csr is not None:
             if not csr_supported(api_version):
                 raise InvalidInput(f"'csr' needs api-version {CSR_API_VERSION} or later (got {api_version!r})")
@@ -145,7 +145,7 @@ class Provisioning:
                 raise InvalidInput(f"{what} {enrollment.enrollment_id!r} has no credentialPolicyName, so no operational "
                                    "certificate can be issued for a CSR")
             csr_der = decode_csr_text(csr)
-            self.engine.check(enrollment.policy_id, csr_der, identity.registration_id)
+            checked = self.engine.check(enrollment.policy_id, csr_der, identity.registration_id)
         operation_id = new_operation_id()
         try:
             alloc = self._allocate(identity, payload)
@@ -155,7 +155,7 @@ class Provisioning:
             return Accepted(operation_id)
         for attempt in range(3):  # a concurrent registration of the same id may win the insert race
             try:
-                self._commit(operation_id, identity, alloc, csr_der, now)
+                self._commit(operation_id, identity, alloc, csr_der, now, checked)
                 break
             except IntegrityError:
                 if attempt == 2:
@@ -264,7 +264,7 @@ class Provisioning:
                             created_at=now))
 
     def _commit(self, operation_id: str, identity: AttestedIdentity, alloc: allocation.Allocation,
-                csr_der: bytes | None, now: datetime) -> None:
+                csr_der: bytes | None, now: datetime, checked: ValidatedCsr | None = None) -> None:
         e = identity.enrollment
         rid = identity.registration_id
         device_id = e.document.get("deviceId") or rid
@@ -290,7 +290,7 @@ class Provisioning:
                     substatus, reset = "deviceDataReset", True
             chain = None
             if csr_der is not None:
-                chain = self.engine.issue(e.policy_id, csr_der, rid, now=now, session=s)
+                chain = self.engine.issue(e.policy_id, csr_der, rid, now=now, session=s, checked=checked)
             if chain is not None:
                 auth, keys, prints = "certificateAuthority", None, (None, None)
             else:

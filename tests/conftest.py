@@ -128,6 +128,7 @@ class RunningServer:
     proc: subprocess.Popen
     id_scope: str = ""
     mqtt_port: int = 0
+    amqp_port: int = 0
 
     def cli(self, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the ``opendps`` command (in-process, see :func:`invoke_cli`) against this server."""
@@ -169,8 +170,9 @@ def server(request, tmp_path_factory) -> RunningServer:
         yield from _run_server(db_url, tmp_path)
 
 
-def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None):
-    """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883 and 443)."""
+def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None,
+                amqp_port: int | None = None):
+    """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
     data_dir = tmp_path / "data"
     port = https_port or free_port()
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
@@ -178,11 +180,12 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     env.pop("OPENDPS_MASTER_KEY", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
     mqtt_port = mqtt_port or free_port()
+    amqp_port = amqp_port or free_port()  # never the default 5671: servers of several tests run side by side
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
-         "--mqtt-port", str(mqtt_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    waiting = [port, mqtt_port]
+    waiting = [port, mqtt_port, amqp_port]
     while waiting and time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
@@ -201,7 +204,7 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     data = json.loads(info.stdout)
     yield RunningServer(db_url, data_dir, data["endpoints"]["https"]["url"],
                         data["connectionStrings"]["provisioningServiceOwner"], Path(data["serverCaCertificate"]),
-                        env, proc, data["idScope"], data["endpoints"]["mqtt"]["port"])
+                        env, proc, data["idScope"], data["endpoints"]["mqtt"]["port"], data["endpoints"]["amqp"]["port"])
     proc.terminate()
     try:
         proc.wait(timeout=15)

@@ -15,7 +15,8 @@ STEPS = ["namespace and policy", "bootstrap CA chain", "proof of possession", "e
 
 def quickstart(tmp_path, *extra: str) -> tuple[int, dict]:  # noqa: ANN001
     proc = subprocess.run([sys.executable, "-m", "opendps", "quickstart", "--data-dir", str(tmp_path / "data"),
-                           "--https-port", str(free_port()), "--mqtt-port", str(free_port()), "-o", "json", *extra],
+                           "--https-port", str(free_port()), "--mqtt-port", str(free_port()),
+                           "--amqp-port", str(free_port()), "-o", "json", *extra],
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, json.loads(proc.stdout)
 

@@ -70,6 +70,7 @@ class Settings:
     hostname: str = "localhost"
     https_port: int = 8443
     mqtt_port: int = 8883
+    amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
     lint: bool = True
 
     @property
@@ -210,6 +211,7 @@ class Instance:
                 "https": {"hostName": st.hostname, "port": st.https_port,
                           "url": f"https://{st.service_host}"},
                 "mqtt": {"hostName": st.hostname, "port": st.mqtt_port},
+                "amqp": {"hostName": st.hostname, "port": st.amqp_port},
                 "deviceProvisioningHost": st.hostname,
             },
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},

@@ -16,7 +16,7 @@ log = logging.getLogger("opendps")
 
 
 async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:  # noqa: ANN001
-    """Run the HTTPS listener until cancelled or signalled."""
+    """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled or signalled."""
     st = instance.settings
     app = make_app(instance)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -28,9 +28,15 @@ async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = 
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     app["mqtt"].add_listener(await start_tls_server(app["mqtt"].protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
+    # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
+    if st.amqp_port:
+        amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
+        app["amqp"].add_listener(await start_tls_server(app["amqp"].protocol_factory, st.host, st.amqp_port, amqp_ctx))
     if banner:
         print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
         print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
+        if st.amqp_port:
+            print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
         print(f"  ID scope:           {instance.id_scope}", flush=True)
         print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
         print(f"  owner connection:   {instance.owner_connection_string()}", flush=True)
@@ -47,7 +53,7 @@ async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = 
     finally:
         if banner:
             print("opendps shutting down", flush=True)
-        await runner.cleanup()  # the app's cleanup closes the MQTT listener and sessions too
+        await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
 
 
 def run(instance) -> None:  # noqa: ANN001

@@ -3,7 +3,8 @@
 azure-iot-device 2.14.0 pins paho-mqtt < 2 and azure-iot-hub needs uamqp, so the SDKs live in their own
 virtualenv (``tests/compat/.venv-azure``, created from PyPI once and reused) and run in subprocesses
 (``azure_sdk_driver.py``) that print JSON. The server listens where the SDK insists: MQTT on 8883, MQTT over
-WebSockets on 443 (the HTTPS listener). Locally a missing venv or a taken port skips with the reason; under
+WebSockets on 443 (the HTTPS listener), AMQP (service-side C2D) on 5671. Locally a missing venv or a taken port
+skips with the reason; under
 OPENDPS_REQUIRE_SERVICES=1 (CI) it fails.
 """
 
@@ -77,6 +78,7 @@ class CompatServer:
     ca_pem: str
     hub_connection_string: str
     websockets: str | None  # None when MQTT over WebSockets (443) is available, else why not
+    amqp: str | None = None  # None when the AMQP listener is on 5671 (where uamqp connects), else why not
 
     def __getattr__(self, name: str):  # noqa: ANN204 - the helpers of tests/test_device_api.py take a RunningServer
         return getattr(self.server, name)
@@ -85,22 +87,28 @@ class CompatServer:
         if self.websockets:
             pytest.skip(f"MQTT over WebSockets needs the HTTPS listener on 443: {self.websockets}")
 
+    def require_amqp(self) -> None:
+        if self.amqp:
+            from tests.conftest import service_missing
+            service_missing(f"IoTHubRegistryManager.send_c2d_message always connects AMQP to 5671: {self.amqp}")
+
 
 @pytest.fixture(scope="module")
 def compat_server(tmp_path_factory) -> CompatServer:
-    """``opendps serve`` on SQLite with MQTT on 8883 and, when it can be bound, HTTPS on 443."""
+    """``opendps serve`` on SQLite with MQTT on 8883 and, when they can be bound, HTTPS on 443 and AMQP on 5671."""
     from tests.conftest import _run_server, database, service_missing
     why = _bindable(8883)
     if why:
         service_missing(f"the Azure device SDK always connects MQTT to 8883; {why}")
-    ws_why = _bindable(443)
+    ws_why, amqp_why = _bindable(443), _bindable(5671)
     tmp_path = tmp_path_factory.mktemp("compat")
     with database("sqlite", tmp_path) as db_url:
-        for running in _run_server(db_url, tmp_path, https_port=None if ws_why else 443, mqtt_port=8883):
+        for running in _run_server(db_url, tmp_path, https_port=None if ws_why else 443, mqtt_port=8883,
+                                   amqp_port=None if amqp_why else 5671):
             out = running.cli("hub", "connection-string", "show", check=True)
             cs = json.loads(out.stdout)
             cs = cs["connectionString"] if isinstance(cs, dict) else cs
-            yield CompatServer(running, running.ca_file.read_text(), cs, ws_why)
+            yield CompatServer(running, running.ca_file.read_text(), cs, ws_why, amqp_why)
 
 
 @dataclass

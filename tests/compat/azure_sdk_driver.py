@@ -6,7 +6,8 @@ the result. Commands:
 * ``provision`` — ProvisioningDeviceClient.register() (symmetric key or X.509).
 * ``device`` — IoTHubDeviceClient: telemetry, twin get + reported patch, then prints ``ready`` and waits for the
   desired patches, direct methods and C2D messages named in ``expect`` (the test sends them from the service side).
-* ``registry`` — IoTHubRegistryManager: a list of ``[method name, kwargs]`` calls, each result as a dict.
+* ``registry`` — IoTHubRegistryManager: a list of ``[method name, kwargs]`` calls, each result as a dict
+  (``send_c2d_message`` over AMQP on 5671, trusting ``ca_file`` as its root).
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def registry(args: dict) -> dict:
     from azure.iot.hub import IoTHubRegistryManager
     from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 
+    if args.get("ca_file"):
+        # The "trusted root" change: send_c2d_message goes over AMQP (uamqp), which trusts certifi.where() when no
+        # `verify` is given and offers no other hook; point it at the opendps server CA (REST trusts it through
+        # REQUESTS_CA_BUNDLE, set by the test). Patched before the manager creates its AMQP client.
+        import certifi
+
+        certifi.where = lambda: args["ca_file"]
     manager = IoTHubRegistryManager.from_connection_string(args["connection_string"])
     results = []
     for name, kwargs in args["calls"]:

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from opendps.api.auth import make_sas_middleware
+from opendps.api.amqp import AmqpFrontEnd
+from opendps.api.auth import SasAuthenticator, make_sas_middleware
 from opendps.api.device import PollThrottle
 from opendps.api.device import routes as device_routes
 from opendps.api.enrollments import routes as enrollment_routes
@@ -51,7 +52,8 @@ class DomainRunner:
 
 def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.Instance
     """The HTTPS application (management, hub service and device APIs, MQTT over WebSockets), and in
-    ``app["mqtt"]`` the MQTT server that ``opendps serve`` also puts on the MQTT port."""
+    ``app["mqtt"]`` / ``app["amqp"]`` the MQTT server and the hubs' AMQP front end that ``opendps serve``
+    also puts on their ports."""
     st = instance.settings
     domain = DomainRunner()
 
@@ -59,7 +61,8 @@ def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.In
         hub = await domain.run(instance.hubs.by_host, host)
         return hub.name if hub is not None else None
 
-    sas_mw = make_sas_middleware({st.service_host, st.hostname}, instance.access_policy_keys, hub_by_host)
+    authenticator = SasAuthenticator({st.service_host, st.hostname}, instance.access_policy_keys, hub_by_host)
+    sas_mw = make_sas_middleware(authenticator)
     app = web.Application(middlewares=[error_middleware, sas_mw], client_max_size=MAX_BODY)
     app["instance"] = instance
     app["domain"] = domain
@@ -67,6 +70,7 @@ def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.In
     app["telemetry_bus"] = TelemetryBus()
     app["hub_endpoint"] = HubEndpoint(instance, domain, app["telemetry_bus"])
     app["mqtt"] = MqttServer(make_authenticator(instance, domain, app["hub_endpoint"], app["poll_throttle"]))
+    app["amqp"] = AmqpFrontEnd(app, authenticator)  # service-side C2D over AMQP; `serve` puts it on --amqp-port
     openapi = json.dumps(build_openapi())
 
     async def openapi_handler(_request: web.Request) -> web.Response:
@@ -84,6 +88,7 @@ def make_app(instance) -> web.Application:  # noqa: ANN001 - opendps.instance.In
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
 
     async def _close(app: web.Application) -> None:
+        await app["amqp"].close()
         await app["mqtt"].close()
         app["domain"].close()
 

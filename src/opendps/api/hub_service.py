@@ -1,5 +1,6 @@
 """IoT hub service API in Azure's REST shapes (wire spec §6.7): device identities, twins, direct
-methods, plus C2D send and a telemetry stream (opendps' own; Azure uses AMQP and Event Hubs there).
+methods, plus C2D send and a telemetry stream (opendps' own; Azure uses AMQP — also served, by
+:mod:`opendps.api.amqp` — and Event Hubs there).
 
 The hub is the one an ``iothubowner`` token's audience names, or ``?hub=<name>`` (default ``default``)
 for the DPS owner. Routes are named ``hub:*`` (see :mod:`opendps.api.auth`).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +19,7 @@ from aiohttp import web
 from opendps.api.enrollments import json_body, send
 from opendps.api.service import run
 from opendps.errors import InvalidInput
+from opendps.hub.messaging import PendingMessage
 from opendps.hub.registry import DEFAULT_HUB, DeviceIdentity
 
 routes = web.RouteTableDef()
@@ -152,6 +155,18 @@ async def invoke_method(request: web.Request) -> web.Response:
     return send({"status": status, "payload": payload})
 
 
+async def queue_c2d(app: Mapping[str, Any], hub: str, device_id: str, body: bytes, *, system: dict[str, str],
+                    properties: dict[str, str | None], ttl: timedelta | None) -> PendingMessage:
+    """The one path from a front end (REST here, AMQP in :mod:`opendps.api.amqp`) to the C2D queue: enqueue
+    durably in the domain thread pool, then wake the device's live session. ``system`` uses the queue's
+    names (``message-id``, ``correlation-id``, ``user-id``, ``ack``, ``content-type``, ``content-encoding``)."""
+    message = await app["domain"].run(app["instance"].c2d.enqueue, hub, device_id, body, properties=properties,
+                                      system=system, ttl=ttl)
+    if app.get("hub_endpoint") is not None:
+        await app["hub_endpoint"].notify_c2d(hub, device_id)
+    return message
+
+
 @routes.post("/devices/{id}/messages/deviceBound", name="hub:c2d-send")
 async def send_c2d(request: web.Request) -> web.Response:
     """Body = the message; ``iothub-*`` headers and ``iothub-app-<name>`` for properties; ``iothub-ttl`` seconds."""
@@ -163,10 +178,7 @@ async def send_c2d(request: web.Request) -> web.Response:
         ttl = timedelta(seconds=float(request.headers.get("iothub-ttl", 3600)))
     except ValueError as exc:
         raise InvalidInput("iothub-ttl must be a number of seconds") from exc
-    message = await run(request, request.app["instance"].c2d.enqueue, hub, device_id, data, properties=props,
-                        system=system, ttl=ttl)
-    if request.app.get("hub_endpoint") is not None:
-        await request.app["hub_endpoint"].notify_c2d(hub, device_id)
+    message = await queue_c2d(request.app, hub, device_id, data, system=system, properties=props, ttl=ttl)
     return send({"messageId": message.message_id}, 202)
 
 

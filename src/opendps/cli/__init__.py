@@ -44,6 +44,8 @@ def server_options(f):  # noqa: ANN001, ANN201
                      "and connection strings (default localhost).")(f)
     f = click.option("--https-port", type=int, default=None, help="HTTPS port (default 8443).")(f)
     f = click.option("--mqtt-port", type=int, default=None, help="MQTT port (default 8883).")(f)
+    f = click.option("--amqp-port", type=int, default=None,
+                     help="AMQP port for service-side C2D, as azure-iot-hub sends it (default 5671; 0 = off).")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
     return data_dir_option(f)
@@ -94,10 +96,10 @@ def main() -> None:
 
 @main.command()
 @server_options
-def init(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None:  # noqa: ANN001
+def init(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lint) -> None:  # noqa: ANN001
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, lint=False if no_lint else None)
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
     inst = _open(settings)
     click.echo(f"initialised {settings.data_dir.resolve()}")
     click.echo(f"ID scope: {inst.id_scope}")
@@ -108,18 +110,18 @@ def init(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None: 
 
 @main.command()
 @server_options
-def serve(data_dir, db, host, hostname, https_port, mqtt_port, no_lint) -> None:  # noqa: ANN001
+def serve(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lint) -> None:  # noqa: ANN001
     """Start the server (initialising the data directory on first run)."""
     from opendps.server import run
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, lint=False if no_lint else None)
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
     inst = _open(settings)
     try:
         run(inst)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.host} (HTTPS port {settings.https_port}, MQTT port "
-                       f"{settings.mqtt_port}): {exc.strerror or exc}") from exc
+                       f"{settings.mqtt_port}, AMQP port {settings.amqp_port}): {exc.strerror or exc}") from exc
     finally:
         inst.close()
 

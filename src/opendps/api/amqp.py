@@ -1,0 +1,290 @@
+"""The hubs' AMQP front end: service-side cloud-to-device messages as IoT Hub takes them over AMQP 1.0.
+
+What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, and what this answers:
+
+1. TLS to port 5671 (``--amqp-port``), SASL ANONYMOUS (the engine, :mod:`opendps.transport.amqp`).
+2. Claims-based security: a link pair on ``$cbs`` and a ``put-token`` request (application properties
+   ``operation``, ``type``, ``name``; body = ``SharedAccessSignature sr=...``). The token is checked by
+   :class:`opendps.api.auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for
+   the hub its audience names, or ``provisioningserviceowner`` for the default hub. The answer carries
+   ``status-code`` (int, 200 or 401) and ``status-description``, correlated to the request's message id.
+   The authorisation lasts until the token's ``se`` (plus the same clock skew the HTTP check allows); a
+   later put-token renews it; when it lapses, devicebound links are detached with
+   ``amqp:unauthorized-access``.
+3. A link to ``/messages/devicebound`` (also as ``amqps://{host}/messages/devicebound``); each message's
+   ``to`` is ``/devices/{id}/messages/devicebound``. It is accepted once it is in the durable C2D queue
+   (:func:`opendps.api.hub_service.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
+   ``amqp:not-found`` (unknown device), ``amqp:resource-limit-exceeded`` (50 pending),
+   ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``.
+
+Not served: the feedback receiver (``/messages/servicebound/feedback``), file upload notifications and
+AMQP over WebSockets — attaches to other nodes are refused with ``amqp:not-found``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from opendps.api.auth import SasAuthenticator, SasPrincipal
+from opendps.api.hub_service import queue_c2d
+from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge, Unauthorized
+from opendps.hub.messaging import QueueFull
+from opendps.hub.registry import DEFAULT_HUB
+from opendps.transport import sas
+from opendps.transport.amqp import (
+    INTERNAL_ERROR,
+    INVALID_FIELD,
+    MESSAGE_SIZE_EXCEEDED,
+    NOT_FOUND,
+    RESOURCE_LIMIT,
+    UNAUTHORIZED,
+    AmqpConnection,
+    AmqpError,
+    AmqpLimits,
+    AmqpLink,
+    Message,
+    int32,
+)
+
+log = logging.getLogger("opendps.amqp")
+
+CBS_NODE = "$cbs"
+DEVICEBOUND = "/messages/devicebound"
+FORCED = "amqp:connection:forced"
+SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
+ACK_PROPERTY = "iothub-ack"
+
+
+def node(address: str | None) -> str:
+    """A link address reduced to its node: ``amqps://host:5671/messages/devicebound`` → ``/messages/devicebound``."""
+    if not address:
+        return ""
+    if "://" in address:
+        address = urlsplit(address).path
+    return address.rstrip("/").lower() if address != CBS_NODE else address
+
+
+def device_of(to: str | None) -> str:
+    """``/devices/{id}/messages/devicebound`` → id; InvalidInput otherwise."""
+    parts = (to or "").split("/")
+    if len(parts) != 5 or parts[0] or parts[1] != "devices" or not parts[2] or parts[3:] != ["messages", "devicebound"]:
+        raise InvalidInput(f"message 'to' must be /devices/{{deviceId}}/messages/devicebound, not {to!r}")
+    return parts[2]
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def c2d_fields(message: Message) -> tuple[bytes, dict[str, str], dict[str, str | None], timedelta | None]:
+    """AMQP message → (body, system properties in the queue's names, application properties, ttl)."""
+    body = message.body
+    if body is None:
+        data = b""
+    elif isinstance(body, bytes | memoryview | bytearray):
+        data = bytes(body)
+    elif isinstance(body, str):
+        data = body.encode()
+    else:
+        raise InvalidInput("the message body must be binary data or a string")
+    system: dict[str, str] = {}
+    for name, value in (("message-id", message.id), ("correlation-id", message.correlation_id),
+                        ("user-id", message.user_id or None), ("content-type", message.content_type),
+                        ("content-encoding", message.content_encoding)):
+        text = _text(value)
+        if text:
+            system[name] = text
+    properties: dict[str, str | None] = {}
+    for key, value in (message.properties or {}).items():
+        if str(key).lower() == ACK_PROPERTY:
+            if value is not None:
+                system["ack"] = str(value)
+        else:
+            properties[str(key)] = _text(value)
+    ttl = None
+    if message.expiry_time:  # absolute-expiry-time, seconds since the epoch
+        ttl = timedelta(seconds=message.expiry_time - time.time())
+    return data, system, properties, ttl
+
+
+def amqp_error(exc: OpenDPSError) -> AmqpError:
+    """A domain refusal as the AMQP error condition a sender sees in the rejected outcome."""
+    if isinstance(exc, NotFound):
+        condition = NOT_FOUND
+    elif isinstance(exc, QueueFull):
+        condition = RESOURCE_LIMIT
+    elif isinstance(exc, PayloadTooLarge):
+        condition = MESSAGE_SIZE_EXCEEDED
+    elif isinstance(exc, InvalidInput):
+        condition = INVALID_FIELD
+    elif exc.status in (401, 403):
+        condition = UNAUTHORIZED
+    else:
+        condition = INTERNAL_ERROR
+    return AmqpError(condition, f"{exc.message} ({exc.error_code})")
+
+
+class HubConnection:
+    """One AMQP connection's state: its CBS authorisation and its links (an :class:`AmqpHandler`)."""
+
+    def __init__(self, front: AmqpFrontEnd, conn: AmqpConnection) -> None:
+        self.front = front
+        self.conn = conn
+        self.principal: SasPrincipal | None = None
+        self.valid_until = 0.0  # unix time
+        self.links: list[AmqpLink] = []
+        self._expiry: asyncio.TimerHandle | None = None
+
+    # --- AmqpHandler --------------------------------------------------------------------------------
+
+    def attach(self, link: AmqpLink) -> AmqpError | None:
+        target = node(link.address)
+        if target == CBS_NODE:
+            self.links.append(link)
+            return None
+        if link.incoming and target == DEVICEBOUND:
+            if not self.authorised():
+                return AmqpError(UNAUTHORIZED, "no valid token: put a SharedAccessSignature on $cbs first")
+            self.links.append(link)
+            return None
+        return AmqpError(NOT_FOUND, f"node {link.address!r} is not served: opendps takes only $cbs and "
+                                    f"{DEVICEBOUND} (no feedback, file notifications or other nodes)")
+
+    async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:
+        if node(link.address) == CBS_NODE:
+            await self._cbs(link, message)
+            return None
+        return await self._c2d(message)
+
+    def closed(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.links.clear()
+
+    # --- CBS -------------------------------------------------------------------------------------
+
+    def authorised(self) -> bool:
+        return self.principal is not None and time.time() < self.valid_until
+
+    async def _cbs(self, link: AmqpLink, request: Message) -> None:
+        props = request.properties or {}
+        operation, token_type = props.get("operation"), props.get("type")
+        if operation != "put-token":
+            status, description = 400, f"unsupported CBS operation {operation!r}: only put-token"
+        elif token_type not in SAS_TOKEN_TYPES:
+            status, description = 400, f"unsupported token type {token_type!r}: a SharedAccessSignature is required"
+        else:
+            token = _text(request.body)
+            try:
+                principal = await self.front.authenticator.authenticate(token)
+            except Unauthorized as exc:
+                status, description = 401, exc.message
+                log.info("AMQP put-token from %s refused: %s", self.conn.peer, exc.message)
+            else:
+                status, description = 200, "OK"
+                self._grant(principal)
+        self._reply(link, request, status, description)
+
+    def _grant(self, principal: SasPrincipal) -> None:
+        self.principal = principal
+        self.valid_until = principal.expiry + sas.DEFAULT_SKEW_SECONDS  # the HTTP check's tolerance too
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, self.valid_until - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """The token lapsed: devicebound links go; $cbs stays open for a new put-token."""
+        self._expiry = None
+        if self.authorised():
+            return
+        for link in [lk for lk in self.links if node(lk.address) == DEVICEBOUND]:
+            self.links.remove(link)
+            link.close(AmqpError(UNAUTHORIZED, "the SharedAccessSignature expired"))
+
+    def _reply(self, request_link: AmqpLink, request: Message, status: int, description: str) -> None:
+        """Answer on the peer's receiving ``$cbs`` link: ``reply-to`` if it names one, else the one in this session."""
+        outgoing = [lk for lk in self.links if not lk.incoming and lk.open and node(lk.address) == CBS_NODE]
+        chosen = next((lk for lk in outgoing if request.reply_to and lk.target == request.reply_to), None)
+        chosen = chosen or next((lk for lk in outgoing if lk.session == request_link.session), None)
+        if chosen is None:
+            log.info("AMQP put-token from %s has no receiving $cbs link to answer on", self.conn.peer)
+            return
+        response = Message(correlation_id=request.id, address=request.reply_to,
+                           properties={"status-code": int32(status), "status-description": description})
+        chosen.send(response)
+
+    # --- C2D -------------------------------------------------------------------------------------
+
+    async def _c2d(self, message: Message) -> AmqpError | None:
+        if not self.authorised():
+            return AmqpError(UNAUTHORIZED, "the SharedAccessSignature expired or was never given")
+        assert self.principal is not None
+        hub = self.principal.hub or DEFAULT_HUB  # the DPS owner speaks for the default hub, as over REST
+        try:
+            device_id = device_of(message.address)
+            data, system, properties, ttl = c2d_fields(message)
+            queued = await queue_c2d(self.front.app, hub, device_id, data, system=system, properties=properties, ttl=ttl)
+        except OpenDPSError as exc:
+            return amqp_error(exc)
+        except Exception:  # noqa: BLE001 - the sender gets a rejection; the log has the cause
+            log.exception("AMQP C2D message from %s failed", self.conn.peer)
+            return AmqpError(INTERNAL_ERROR, "the message could not be queued")
+        log.debug("AMQP C2D message %s queued for %s/%s", queued.message_id, hub, device_id)
+        return None
+
+
+class AmqpFrontEnd:
+    """Every hub's AMQP endpoint: one listener (``--amqp-port``), connections tracked for shutdown.
+
+    ``app`` is the HTTPS application's mapping (``instance``, ``domain``, ``hub_endpoint``): both front ends
+    reach the C2D queue through the same :func:`~opendps.api.hub_service.queue_c2d`.
+    """
+
+    def __init__(self, app: Mapping[str, Any], authenticator: SasAuthenticator, limits: AmqpLimits | None = None) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.limits = limits or AmqpLimits()
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._connections: set[AmqpConnection] = set()
+        self._closing = False
+
+    def protocol_factory(self) -> AmqpConnection:
+        """One engine per connection, for :func:`opendps.transport.tls.start_tls_server`."""
+        return AmqpConnection(self._handler, self.limits, tracker=self._connections)
+
+    def _handler(self, conn: AmqpConnection) -> HubConnection:
+        if self._closing:  # its TLS handshake finished during shutdown
+            asyncio.get_running_loop().call_soon(conn.close, AmqpError(FORCED, "server shutting down"))
+        return HubConnection(self, conn)
+
+    def add_listener(self, listener: asyncio.AbstractServer) -> None:
+        self._listeners.append(listener)
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Stop listening, close every connection (amqp:connection:forced), abort those that linger."""
+        self._closing = True
+        for listener in self._listeners:
+            listener.close()
+        for conn in list(self._connections):
+            conn.close(AmqpError(FORCED, "server shutting down"))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            conn.abort()
+        for listener in self._listeners:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.wait_closed(), 1.0)
+        self._listeners.clear()

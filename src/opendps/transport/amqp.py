@@ -1,0 +1,644 @@
+"""AMQP 1.0 server engine: python-qpid-proton driven sans-IO under an asyncio protocol.
+
+Why proton, and why sans-IO: AMQP 1.0 (framing, SASL, sessions, flow control, settlement) is too large
+to hand-write like our MQTT codec, and python-qpid-proton is the one maintained AMQP 1.0 library we
+keep. We use only its protocol engine (``Transport`` + ``Connection`` + ``Collector``): bytes are pushed
+in and popped out by :class:`AmqpConnection`, an asyncio protocol that runs over our one TLS layer
+(:func:`opendps.transport.tls.start_tls_server`). Proton's Container/reactor and its SSL are never used,
+so there is one TLS implementation (with its handshake timeout and logging) and one event loop.
+
+The engine decides nothing about messages: an application supplies a :class:`AmqpHandler` per
+connection that accepts or refuses link attaches and accepts or rejects each message. Handler calls of
+one connection run one at a time, in arrival order (a CBS ``put-token`` is answered before a later
+attach is judged). Limits: frame size, sessions, links, message size, session window (bytes buffered),
+link credit, a deadline to finish SASL and the AMQP open, and the AMQP idle timeout (proton's ``tick``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proton import (
+    Collector,
+    Condition,
+    Connection,
+    Data,
+    Delivery,
+    Endpoint,
+    Event,
+    Link,
+    Message,
+    Transport,
+    int32,
+    symbol,
+    ulong,
+)
+from proton import SessionException as _SessionException
+from proton import TransportException as _TransportException
+
+__all__ = [
+    "AmqpConnection",
+    "AmqpError",
+    "AmqpHandler",
+    "AmqpLimits",
+    "AmqpLink",
+    "Message",
+    "int32",
+    "symbol",
+    "ulong",
+]
+
+log = logging.getLogger("opendps.amqp")
+
+# AMQP 1.0 error conditions used by applications (spec part 2.8.15 and 2.8.16)
+UNAUTHORIZED = "amqp:unauthorized-access"
+NOT_FOUND = "amqp:not-found"
+NOT_ALLOWED = "amqp:not-allowed"
+INVALID_FIELD = "amqp:invalid-field"
+DECODE_ERROR = "amqp:decode-error"
+RESOURCE_LIMIT = "amqp:resource-limit-exceeded"
+INTERNAL_ERROR = "amqp:internal-error"
+MESSAGE_SIZE_EXCEEDED = "amqp:link:message-size-exceeded"
+
+SASL_HEADER = b"AMQP\x03\x01\x00\x00"
+SASL_MECHANISMS = ("MSSBCBS", "ANONYMOUS")  # MSSBCBS: what uamqp (azure-iot-hub) asks for; both carry no credential
+_MAX_SASL_FRAME = 4096
+_SASL_INIT, _SASL_MECHANISMS_CODE, _SASL_OUTCOME = 0x41, 0x40, 0x44
+
+
+def _sasl_frame(code: int, fields: Callable[[Data], None]) -> bytes:
+    """A SASL frame (type 1, channel 0) whose body is the described list ``code`` filled by ``fields``."""
+    data = Data()
+    data.put_described()
+    data.enter()
+    data.put_ulong(code)
+    data.put_list()
+    data.enter()
+    fields(data)
+    data.exit()
+    data.exit()
+    body = bytes(data.encode())
+    return (8 + len(body)).to_bytes(4, "big") + b"\x02\x01\x00\x00" + body
+
+
+def _put_mechanisms(data: Data) -> None:
+    data.put_array(False, Data.SYMBOL)
+    data.enter()
+    for mech in SASL_MECHANISMS:
+        data.put_symbol(symbol(mech))
+    data.exit()
+
+
+class _SaslServer:
+    """The SASL exchange before AMQP, done here because proton's built-in server SASL offers no MSSBCBS.
+
+    Neither mechanism authenticates anyone (the application does, e.g. CBS): the exchange is header,
+    sasl-mechanisms, sasl-init, sasl-outcome. Bytes after the sasl-init belong to AMQP proper.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.header_seen = False
+        self.mechanism: str | None = None
+
+    def feed(self, data: bytes) -> tuple[bytes, bool | None, bytes]:
+        """→ (bytes to send, outcome: None = need more / True = done / False = refused, AMQP bytes left over)."""
+        self.buffer += data
+        out = b""
+        if not self.header_seen:
+            if len(self.buffer) < 8:
+                return out, (False if not SASL_HEADER.startswith(bytes(self.buffer)) else None), b""
+            if bytes(self.buffer[:8]) != SASL_HEADER:
+                return SASL_HEADER, False, b""  # spec: answer with the header we speak, then close
+            del self.buffer[:8]
+            self.header_seen = True
+            out = SASL_HEADER + _sasl_frame(_SASL_MECHANISMS_CODE, _put_mechanisms)
+        if len(self.buffer) < 8:
+            return out, None, b""
+        size = int.from_bytes(self.buffer[:4], "big")
+        doff, ftype = self.buffer[4], self.buffer[5]
+        if size > _MAX_SASL_FRAME or size < 8 or doff < 2 or ftype != 1:
+            return out, False, b""
+        if len(self.buffer) < size:
+            return out, None, b""
+        body, rest = bytes(self.buffer[doff * 4:size]), bytes(self.buffer[size:])
+        self.buffer.clear()
+        try:
+            frame = Data()
+            frame.decode(body)
+            frame.rewind()
+            frame.next()
+            init = frame.get_object()
+            code, fields = int(init.descriptor), list(init.value)
+        except Exception:  # noqa: BLE001 - any decoding failure is a refusal
+            return out, False, b""
+        mech = str(fields[0]) if code == _SASL_INIT and fields and fields[0] else None
+        ok = mech in SASL_MECHANISMS
+        self.mechanism = mech
+        out += _sasl_frame(_SASL_OUTCOME, lambda d: d.put_ubyte(0 if ok else 1))  # ok / auth
+        return out, ok, rest
+
+
+@dataclass(frozen=True)
+class AmqpError:
+    """An AMQP error: a condition symbol (``amqp:not-found``) and a human-readable description."""
+
+    condition: str
+    description: str
+
+
+@dataclass(frozen=True)
+class AmqpLimits:
+    idle_timeout: float = 60.0  # seconds without a frame from the peer before the connection closes
+    open_timeout: float = 10.0  # seconds to finish SASL and the AMQP open after the TLS handshake
+    max_frame_size: int = 65536
+    channel_max: int = 7  # at most 8 sessions per connection
+    max_links: int = 32
+    max_message_size: int = 256 * 1024  # one message, all its transfer frames together
+    session_capacity: int = 1024 * 1024  # bytes one session may buffer (sets the incoming window)
+    link_credit: int = 10  # deliveries one incoming link may have in flight
+
+
+class AmqpLink:
+    """One attached link as the application sees it.
+
+    ``incoming`` links carry messages from the peer to us (the peer's sender; ``address`` is the
+    target it names); outgoing links carry messages to the peer (``address`` is the source it
+    names). ``session`` identifies the session, so a request/response pair of links can be matched.
+    """
+
+    __slots__ = ("_conn", "_link", "_outbox", "name", "incoming", "address", "source", "target", "session")
+
+    def __init__(self, conn: AmqpConnection, link: Link) -> None:
+        self._conn = conn
+        self._link = link
+        self._outbox: deque[bytes] = deque()
+        self.name: str = link.name
+        self.incoming = link.is_receiver
+        self.source: str | None = link.remote_source.address
+        self.target: str | None = link.remote_target.address
+        self.address = self.target if self.incoming else self.source
+        self.session = hash(link.session)  # proton wrappers hash by the C object
+
+    @property
+    def open(self) -> bool:
+        return not (self._link.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED))
+
+    def send(self, message: Message) -> None:
+        """Queue a message on an outgoing link; it leaves as the peer grants credit."""
+        if self.incoming:
+            raise ValueError("cannot send on an incoming link")
+        self._outbox.append(message.encode())
+        # sent on the next loop turn: after the delivery being handled is settled (a CBS client wants the
+        # disposition of its request before the response)
+        self._conn._schedule_drain(self)
+
+    def close(self, error: AmqpError | None = None) -> None:
+        """Detach (closing) this link, with an error when given."""
+        self._conn._close_link(self._link, error)
+        self._conn._pump()
+
+
+class AmqpHandler(Protocol):
+    """What an application implements for one connection (one handler per connection)."""
+
+    def attach(self, link: AmqpLink) -> AmqpError | None:
+        """Accept (None) or refuse (an error: the link is attached then detached with it). Synchronous, so
+        the attach is answered at once (uamqp transfers as soon as its attach is out); still in order with
+        messages: an attach that arrives while a message is being handled waits for it."""
+
+    async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:
+        """A complete message on an incoming link: accept (None) or reject with an error."""
+
+    def closed(self) -> None:
+        """The connection is gone (called once)."""
+
+
+def _condition(error: AmqpError) -> Condition:
+    return Condition(error.condition, error.description)
+
+
+class AmqpConnection(asyncio.Protocol):
+    """One AMQP 1.0 connection: socket bytes ↔ proton engine ↔ :class:`AmqpHandler` calls.
+
+    ``handler_factory(connection)`` is called once the transport is up (after the TLS handshake when
+    run under :func:`opendps.transport.tls.start_tls_server`). SASL offers MSSBCBS and ANONYMOUS, neither
+    of which carries a credential: the application authenticates later (for IoT hub: claims-based security,
+    a ``put-token`` on ``$cbs``).
+    """
+
+    def __init__(self, handler_factory: Callable[[AmqpConnection], AmqpHandler], limits: AmqpLimits | None = None,
+                 tracker: set[AmqpConnection] | None = None) -> None:
+        self.limits = limits or AmqpLimits()
+        self._handler_factory = handler_factory
+        self._tracker = tracker  # holds this connection from connection_made to connection_lost
+        self._handler: AmqpHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket: asyncio.Transport | None = None
+        self._peer = "unknown peer"
+        self._transport = Transport(Transport.SERVER)
+        self._transport.max_frame_size = self.limits.max_frame_size
+        self._transport.channel_max = self.limits.channel_max
+        self._transport.idle_timeout = self.limits.idle_timeout
+        self._sasl: _SaslServer | None = _SaslServer()  # None once SASL succeeded; proton sees plain AMQP after it
+        self._connection = Connection()
+        self._connection.container = "opendps"
+        self._collector = Collector()
+        self._connection.collect(self._collector)
+        self._transport.bind(self._connection)
+        self._links: dict[Link, AmqpLink] = {}  # attached links (proton wrappers compare by the C object)
+        self._work: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
+        self._tags = itertools.count(1)
+        self._opened = False
+        self._gone = False
+        self._gone_input = False
+        self._busy = False  # a handler call is running
+        self.close_reason: str | None = None
+
+    # --- public ----------------------------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._socket.get_extra_info(name, default) if self._socket is not None else default
+
+    def close(self, error: AmqpError | None = None) -> None:
+        """Close the AMQP connection (with an error when given), then the socket."""
+        if self._gone:
+            return
+        if self.close_reason is None:
+            self.close_reason = error.description if error else "closed by the server"
+        if error is not None and self._connection.condition is None:
+            self._connection.condition = _condition(error)
+        if not self._connection.state & Endpoint.LOCAL_CLOSED:
+            self._connection.close()
+        self._pump()
+        # a peer that does not answer our close within a few seconds is cut off
+        if self._loop is not None and self._socket is not None:
+            self._loop.call_later(5.0, self.abort)
+
+    def abort(self) -> None:
+        """Drop the socket now (no AMQP close)."""
+        if self._socket is not None and not self._gone:
+            self._socket.abort()
+
+    # --- asyncio protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._loop = asyncio.get_running_loop()
+        self._socket = transport
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        if self._tracker is not None:
+            self._tracker.add(self)
+        self._handler = self._handler_factory(self)
+        self._worker = self._loop.create_task(self._work_loop())
+        self._open_timer = self._loop.call_later(self.limits.open_timeout, self._on_open_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sasl is not None:
+            if self._gone or self._socket is None:
+                return
+            out, outcome, data = self._sasl.feed(data)
+            if out:
+                self._socket.write(out)
+            if outcome is None:
+                return
+            if outcome is False:
+                self.close_reason = "SASL refused"
+                log.info("AMQP connection from %s: SASL refused (mechanism %r)", self._peer, self._sasl.mechanism)
+                self._socket.close()
+                self._sasl = None
+                self._gone_input = True
+                return
+            self._sasl = None
+        if self._gone_input:
+            return
+        view = memoryview(data)
+        while view and not self._gone:
+            try:
+                capacity = self._transport.capacity()
+            except _TransportException:
+                capacity = -1
+            if capacity < 0:
+                break  # input closed (protocol error or close): the rest is irrelevant
+            if capacity == 0:
+                self._fail("input buffer full")
+                return
+            n = min(capacity, len(view))
+            try:
+                self._transport.push(bytes(view[:n]))
+            except (_TransportException, _SessionException) as exc:
+                log.info("AMQP connection from %s: %s", self._peer, exc)
+            view = view[n:]
+            self._process()
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        if self._sasl is not None or self._gone_input:
+            return False  # nothing of AMQP started: close
+        with contextlib.suppress(_TransportException):
+            self._transport.close_tail()
+        self._process()
+        self._pump()
+        return True  # we close the socket once our output is written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self._socket = None
+        for timer in (self._tick_timer, self._open_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+        with contextlib.suppress(_TransportException):
+            self._transport.close_tail()
+        with contextlib.suppress(_TransportException):
+            self._transport.close_head()
+        self._links.clear()
+        if self._handler is not None:
+            try:
+                self._handler.closed()
+            except Exception:  # noqa: BLE001 - a handler bug must not break the loop
+                log.exception("AMQP handler failed on close")
+        if self._tracker is not None:
+            self._tracker.discard(self)
+
+    # --- engine ----------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Dispatch every proton event collected so far."""
+        while True:
+            event = self._collector.peek()
+            if event is None:
+                break
+            try:
+                self._dispatch(event)
+            finally:
+                self._collector.pop()
+
+    def _dispatch(self, event: Event) -> None:
+        t = event.type
+        if t == Event.CONNECTION_REMOTE_OPEN:
+            self._opened = True
+            if self._open_timer is not None:
+                self._open_timer.cancel()
+                self._open_timer = None
+            if not self._connection.state & Endpoint.LOCAL_ACTIVE and not self._connection.state & Endpoint.LOCAL_CLOSED:
+                self._connection.open()
+        elif t == Event.SESSION_REMOTE_OPEN:
+            session = event.session
+            if session.state & Endpoint.LOCAL_UNINIT:
+                session.incoming_capacity = self.limits.session_capacity
+                session.open()
+        elif t == Event.LINK_REMOTE_OPEN:
+            self._remote_attach(event.link)
+        elif t == Event.LINK_FLOW:
+            link = self._links.get(event.link)
+            if link is not None and not link.incoming:
+                self._drain(link)
+        elif t == Event.DELIVERY:
+            self._delivery(event.delivery)
+        elif t == Event.LINK_REMOTE_CLOSE:
+            link = event.link
+            self._links.pop(link, None)
+            if not link.state & Endpoint.LOCAL_CLOSED:
+                link.close()
+        elif t == Event.SESSION_REMOTE_CLOSE:
+            session = event.session
+            for key, link in list(self._links.items()):
+                if link.session == hash(session):
+                    del self._links[key]
+            if not session.state & Endpoint.LOCAL_CLOSED:
+                session.close()
+        elif t == Event.CONNECTION_REMOTE_CLOSE:
+            if self.close_reason is None:
+                self.close_reason = "closed by the peer"
+            if not self._connection.state & Endpoint.LOCAL_CLOSED:
+                self._connection.close()
+        elif t == Event.TRANSPORT_ERROR:
+            cond = self._transport.condition
+            if self.close_reason is None:
+                self.close_reason = f"{cond.name}: {cond.description}" if cond else "transport error"
+            # a peer that just drops the socket (uamqp does) is routine; anything else is worth a line
+            level = logging.DEBUG if cond is not None and cond.description == "connection aborted" else logging.INFO
+            log.log(level, "AMQP connection from %s failed: %s", self._peer, self.close_reason)
+
+    def _remote_attach(self, link: Link) -> None:
+        if not link.state & Endpoint.LOCAL_UNINIT:
+            return
+        if len(self._links) >= self.limits.max_links:
+            self._refuse(link, AmqpError(RESOURCE_LIMIT, f"at most {self.limits.max_links} links per connection"))
+            return
+        if self._busy or not self._work.empty():
+            self._work.put_nowait(("attach", link))
+        else:
+            self._run_attach(link)
+
+    def _refuse(self, link: Link, error: AmqpError) -> None:
+        """Attach with a null terminus then detach with ``error`` (AMQP 1.0 part 2.6.3)."""
+        if link.state & Endpoint.LOCAL_UNINIT:
+            link.open()
+        self._close_link(link, error)
+
+    def _close_link(self, link: Link, error: AmqpError | None) -> None:
+        self._links.pop(link, None)
+        if link.state & Endpoint.LOCAL_CLOSED:
+            return
+        if error is not None:
+            link.condition = _condition(error)
+        link.close()
+
+    def _accept_attach(self, wrapped: AmqpLink) -> None:
+        link = wrapped._link
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = Link.RCV_FIRST
+        if link.is_receiver:
+            link.max_message_size = self.limits.max_message_size
+        link.open()
+        if link.is_receiver:
+            link.flow(self.limits.link_credit)
+        self._links[link] = wrapped
+
+    def _delivery(self, delivery: Delivery) -> None:
+        link = delivery.link
+        wrapped = self._links.get(link)
+        if link.is_sender:
+            if delivery.updated and not delivery.settled:
+                delivery.settle()  # the peer settled or set its outcome: we are done with it
+            return
+        if wrapped is None or link.state & Endpoint.LOCAL_CLOSED:
+            delivery.settle()
+            return
+        if delivery.pending > self.limits.max_message_size:
+            self._close_link(link, AmqpError(MESSAGE_SIZE_EXCEEDED,
+                                             f"message larger than {self.limits.max_message_size} bytes"))
+            return
+        if not delivery.readable or delivery.partial:
+            return  # more transfer frames to come
+        data = link.recv(delivery.pending)
+        link.advance()
+        if delivery.aborted:
+            delivery.settle()
+            link.flow(1)
+            return
+        message = Message()
+        try:
+            message.decode(data or b"")
+        except Exception as exc:  # noqa: BLE001 - proton raises its own MessageException and others
+            self._settle(delivery, AmqpError(DECODE_ERROR, f"message does not decode: {exc}"))
+            link.flow(1)
+            return
+        self._work.put_nowait(("message", (wrapped, delivery, message)))
+
+    def _settle(self, delivery: Delivery, error: AmqpError | None) -> None:
+        if delivery.settled:
+            return
+        if not delivery.remote_state and not delivery.link.state & Endpoint.LOCAL_CLOSED:
+            if error is None:
+                delivery.update(Delivery.ACCEPTED)
+            else:
+                delivery.local.condition = _condition(error)
+                delivery.update(Delivery.REJECTED)
+        delivery.settle()
+
+    def _drain(self, link: AmqpLink) -> None:
+        """Send queued messages of an outgoing link while the peer gives credit."""
+        sender = link._link
+        while link._outbox and sender.credit > 0 and link.open:
+            data = link._outbox.popleft()
+            delivery = sender.delivery(str(next(self._tags)).encode())
+            sender.send(data)
+            sender.advance()
+            if sender.snd_settle_mode == Link.SND_SETTLED:
+                delivery.settle()
+
+    # --- handler calls, one at a time ------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        assert self._handler is not None
+        while True:
+            kind, item = await self._work.get()
+            self._busy = True
+            try:
+                if kind == "attach":
+                    self._run_attach(item)
+                else:
+                    await self._run_message(*item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad call closes this connection, not the server
+                log.exception("AMQP handler failed; closing the connection from %s", self._peer)
+                self.close(AmqpError(INTERNAL_ERROR, "internal error"))
+                return
+            finally:
+                self._busy = False
+            self._process()
+            self._pump()
+
+    def _schedule_drain(self, link: AmqpLink) -> None:
+        if self._loop is not None and not self._gone:
+            self._loop.call_soon(self._drain_and_pump, link)
+
+    def _drain_and_pump(self, link: AmqpLink) -> None:
+        if not self._gone:
+            self._drain(link)
+            self._pump()
+
+    def _run_attach(self, link: Link) -> None:
+        if self._gone or link.state & Endpoint.REMOTE_CLOSED:
+            return
+        assert self._handler is not None
+        wrapped = AmqpLink(self, link)
+        error = self._handler.attach(wrapped)
+        if self._gone or link.state & Endpoint.REMOTE_CLOSED:
+            return
+        if error is not None:
+            log.info("AMQP link %r on %r from %s refused: %s", wrapped.name, wrapped.address, self._peer, error.condition)
+            self._refuse(link, error)
+        else:
+            self._accept_attach(wrapped)
+            self._drain(wrapped)
+
+    async def _run_message(self, link: AmqpLink, delivery: Delivery, message: Message) -> None:
+        assert self._handler is not None
+        if self._gone or not link.open:
+            return
+        error = await self._handler.message(link, message)
+        if self._gone:
+            return
+        self._settle(delivery, error)
+        if link.open:
+            link._link.flow(1)
+
+    # --- output, timers, closing -----------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Write proton's output to the socket, re-arm the idle timer; close the socket at EOS."""
+        if self._gone or self._socket is None:
+            return
+        if self._loop is not None:
+            try:
+                deadline = self._transport.tick(self._loop.time())
+            except _TransportException:
+                deadline = 0.0
+            self._process()
+            self._arm_tick(deadline)
+        chunks: list[bytes] = []
+        while True:
+            try:
+                pending = self._transport.pending()
+            except _TransportException:
+                pending = -1
+            if pending > 0:
+                chunk = self._transport.peek(pending)
+                self._transport.pop(pending)
+                if chunk:
+                    chunks.append(chunk)
+                continue
+            break
+        if chunks:
+            self._socket.write(b"".join(chunks))
+        if pending < 0:  # proton wrote its last frame (close or error): done with this socket
+            self._socket.close()
+
+    def _arm_tick(self, deadline: float) -> None:
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+            self._tick_timer = None
+        if deadline and self._loop is not None:
+            self._tick_timer = self._loop.call_at(deadline, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick_timer = None
+        self._pump()  # proton sends heartbeats, or closes with resource-limit-exceeded after the idle timeout
+
+    def _on_open_timeout(self) -> None:
+        self._open_timer = None
+        if not self._opened and not self._gone:
+            log.info("AMQP connection from %s did not finish SASL and open within %g s", self._peer,
+                     self.limits.open_timeout)
+            self.close_reason = "no AMQP open in time"
+            self.abort()
+
+    def _fail(self, reason: str) -> None:
+        log.info("AMQP connection from %s: %s", self._peer, reason)
+        self.close_reason = reason
+        self.abort()

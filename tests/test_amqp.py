@@ -1,0 +1,284 @@
+"""Service-side C2D over AMQP 1.0 (the path azure-iot-hub's send_c2d_message takes), with a real client.
+
+python-qpid-proton's own blocking client (not opendps code) connects over TLS trusting the server CA, uses
+SASL ANONYMOUS and does claims-based security by hand (a ``$cbs`` link pair and a ``put-token`` request),
+then sends to ``/messages/devicebound``. What it sends must be in the store with its properties and reach
+a device connected over MQTT (paho); every refusal must be an AMQP error with nothing queued.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from urllib.parse import unquote
+
+import pytest
+from proton import Delivery, Message, SSLDomain, int32, ulong
+from proton.utils import BlockingConnection, LinkDetached
+from sqlalchemy import func, select
+from tests.test_device_api import svc
+from tests.test_mqtt_hub import HUB, Client, hub_username
+
+from opendps.store import CloudToDeviceMessage, Store
+from opendps.transport import sas
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+SAS_TYPE = "servicebus.windows.net:sastoken"
+
+
+class Amqp:
+    """A proton BlockingConnection to the AMQP listener, with CBS put-token and C2D sends made by hand."""
+
+    def __init__(self, server, timeout: float = 20):  # noqa: ANN001
+        domain = SSLDomain(SSLDomain.MODE_CLIENT)
+        domain.set_trusted_ca_db(str(server.ca_file))
+        domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+        self.conn = BlockingConnection(f"amqps://localhost:{server.amqp_port}", ssl_domain=domain,
+                                       allowed_mechs="ANONYMOUS", timeout=timeout)
+        self.next_id = 1
+        self.cbs = None
+
+    def put_token(self, token: str, audience: str = "https://localhost") -> tuple[int, str]:
+        """One put-token request; (status-code, status-description) of the answer."""
+        if self.cbs is None:
+            self.cbs = (self.conn.create_sender("$cbs"), self.conn.create_receiver("$cbs"))
+        sender, receiver = self.cbs
+        request_id = ulong(self.next_id)
+        self.next_id += 1
+        sender.send(Message(id=request_id, body=token, properties={
+            "operation": "put-token", "type": SAS_TYPE, "name": audience, "expiration": int(time.time()) + 3600}))
+        answer = receiver.receive(timeout=20)
+        receiver.accept()
+        assert answer.correlation_id == request_id, answer
+        # uamqp reads the status with amqpvalue_get_int: an AMQP int (int32), not a long
+        assert isinstance(answer.properties["status-code"], int32), type(answer.properties["status-code"])
+        return answer.properties["status-code"], answer.properties["status-description"]
+
+    def devicebound(self, address: str = "/messages/devicebound"):  # noqa: ANN201
+        return self.conn.create_sender(address)
+
+    def send(self, sender, message: Message) -> tuple[int, str | None, str | None]:  # noqa: ANN001
+        """Send unsettled and wait for the outcome: (state, error condition, description)."""
+        delivery = sender.link.send(message)
+        self.conn.wait(lambda: delivery.remote_state in (Delivery.ACCEPTED, Delivery.REJECTED, Delivery.RELEASED,
+                                                         Delivery.MODIFIED) or delivery.settled,
+                       timeout=20, msg="no outcome for the C2D message")
+        cond = delivery.remote.condition
+        delivery.settle()
+        return delivery.remote_state, cond.name if cond else None, cond.description if cond else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def hub_owner_token(server, host: str = "localhost", *, key: str | None = None, ttl: int = 3600) -> str:  # noqa: ANN001
+    """iothubowner's token as azure-iot-hub makes it (sr = the HostName of the hub connection string)."""
+    out = server.cli("hub", "connection-string", "show", check=True)
+    cs = json.loads(out.stdout)
+    cs = sas.parse_connection_string(cs["connectionString"] if isinstance(cs, dict) else cs)
+    return sas.generate(cs["HostName"].replace("localhost", host, 1), key or cs["SharedAccessKey"], "iothubowner", ttl=ttl)
+
+
+def dps_owner_token(server) -> str:  # noqa: ANN001
+    cs = sas.parse_connection_string(server.connection_string)
+    return sas.generate(cs["HostName"], cs["SharedAccessKey"], cs["SharedAccessKeyName"])
+
+
+def c2d(device_id: str, body: bytes = b"hello", **fields) -> Message:  # noqa: ANN003
+    return Message(address=f"/devices/{device_id}/messages/devicebound", body=body, **fields)
+
+
+def queued(server, device_id: str) -> list[CloudToDeviceMessage]:  # noqa: ANN001
+    store = Store(server.db_url)
+    try:
+        with store.session() as s:
+            rows = s.scalars(select(CloudToDeviceMessage).where(CloudToDeviceMessage.device_key == device_id.lower())
+                             .order_by(CloudToDeviceMessage.id)).all()
+            s.expunge_all()
+            return list(rows)
+    finally:
+        store.dispose()
+
+
+def pending_total(server) -> int:  # noqa: ANN001
+    store = Store(server.db_url)
+    try:
+        with store.session() as s:
+            return s.scalar(select(func.count()).select_from(CloudToDeviceMessage)) or 0
+    finally:
+        store.dispose()
+
+
+def sas_device(server, device_id: str) -> str:  # noqa: ANN001
+    """A SAS device in the default hub; its primary key."""
+    with svc(server) as c:
+        r = c.put(f"/devices/{device_id}", json={"deviceId": device_id})
+        assert r.status_code == 200, r.text
+        return r.json()["authentication"]["symmetricKey"]["primaryKey"]
+
+
+def topic_properties(topic: str) -> dict[str, str | None]:
+    bag = topic.split("/messages/devicebound/", 1)[1]
+    out: dict[str, str | None] = {}
+    for part in bag.split("&"):
+        name, sep, value = part.partition("=")
+        out[unquote(name)] = unquote(value) if sep else None
+    return out
+
+
+def test_c2d_over_amqp_is_queued_with_its_properties_and_delivered_over_mqtt(server):
+    key = sas_device(server, "amqp-dev")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server)) == (200, "OK")
+        # the SDK's address form: amqps://{HostName}/messages/devicebound
+        sender = client.devicebound(f"amqps://localhost:{server.url.rsplit(':', 1)[1]}/messages/devicebound")
+        state, cond, _ = client.send(sender, c2d("amqp-dev", b'{"led": "on"}', id="amqp-m1", correlation_id="corr-1",
+                                                 content_type="application/json", content_encoding="utf-8",
+                                                 properties={"color": "blue green", "iothub-ack": "full"}))
+        assert (state, cond) == (Delivery.ACCEPTED, None)
+        # accepted = durably queued, with every property mapped as the REST route maps its headers
+        [row] = queued(server, "amqp-dev")
+        assert row.message_id == "amqp-m1" and row.body == b'{"led": "on"}'
+        assert row.system_properties == {"correlation-id": "corr-1", "content-type": "application/json",
+                                         "content-encoding": "utf-8", "ack": "full"}
+        assert row.properties == {"color": "blue green"}
+
+        device = Client(server, "amqp-dev", hub_username("amqp-dev"), password=sas.generate(f"{HUB}/devices/amqp-dev", key))
+        try:
+            assert device.rc == 0
+            device.subscribe("devices/amqp-dev/messages/devicebound/#")
+            topic, payload = device.expect("devices/amqp-dev/messages/devicebound/")
+            assert payload == b'{"led": "on"}'
+            props = topic_properties(topic)
+            assert {k: props.get(k) for k in ("$.mid", "$.cid", "$.ct", "$.ce", "iothub-ack", "color")} == {
+                "$.mid": "amqp-m1", "$.cid": "corr-1", "$.ct": "application/json", "$.ce": "utf-8",
+                "iothub-ack": "full", "color": "blue green"}
+            # the DPS owner's token speaks for the default hub; a message sent while the device is online is pushed
+            other = Amqp(server)
+            try:
+                assert other.put_token(dps_owner_token(server))[0] == 200
+                state, cond, _ = other.send(other.devicebound(), c2d("amqp-dev", b"live", id="amqp-m2"))
+                assert (state, cond) == (Delivery.ACCEPTED, None)
+            finally:
+                other.close()
+            topic, payload = device.expect("devices/amqp-dev/messages/devicebound/")
+            assert payload == b"live" and topic_properties(topic)["$.mid"] == "amqp-m2"
+            deadline = time.time() + 10
+            while queued(server, "amqp-dev") and time.time() < deadline:  # deleted on PUBACK
+                time.sleep(0.1)
+            assert queued(server, "amqp-dev") == []
+        finally:
+            device.close()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", ["no-token", "bad-signature", "expired", "foreign-audience", "unknown-policy"])
+def test_without_a_valid_token_the_devicebound_link_is_refused(server, case):
+    sas_device(server, f"amqp-refused-{case}")
+    before = pending_total(server)
+    client = Amqp(server)
+    try:
+        if case != "no-token":
+            token = {"bad-signature": lambda: hub_owner_token(server, key="d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkh"),
+                     "expired": lambda: hub_owner_token(server, ttl=-3600),
+                     "foreign-audience": lambda: hub_owner_token(server, host="hub.example.com"),
+                     "unknown-policy": lambda: dps_owner_token(server).replace("skn=provisioningserviceowner",
+                                                                                "skn=registryRead")}[case]()
+            status, description = client.put_token(token)
+            assert status == 401, description
+        with pytest.raises(LinkDetached) as refused:
+            client.devicebound()
+        assert "amqp:unauthorized-access" in str(refused.value)
+        # the CBS links stay usable; the connection is still open for a good token
+        assert client.put_token(hub_owner_token(server))[0] == 200
+    finally:
+        client.close()
+    assert pending_total(server) == before
+
+
+def test_a_token_for_another_linked_hub_sends_to_that_hub_only(server):
+    sas_device(server, "amqp-hub-a-dev")
+    with svc(server) as c:
+        r = c.put("/linkedHubs/amqp-other", json={"properties": {"hostName": "amqp-other.localhost"}})
+        assert r.status_code in (200, 201), r.text
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server, host="amqp-other.localhost"))[0] == 200
+        state, cond, description = client.send(client.devicebound(), c2d("amqp-hub-a-dev"))
+        assert (state, cond) == (Delivery.REJECTED, "amqp:not-found"), description
+        assert "amqp-other" in description
+    finally:
+        client.close()
+    assert queued(server, "amqp-hub-a-dev") == []
+
+
+def test_unknown_device_bad_address_and_a_full_queue_are_rejected(server):
+    sas_device(server, "amqp-full-dev")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        sender = client.devicebound()
+        before = pending_total(server)
+        state, cond, description = client.send(sender, c2d("amqp-nobody"))
+        assert (state, cond) == (Delivery.REJECTED, "amqp:not-found") and "amqp-nobody" in description
+        bad = Message(address="/devices/amqp-full-dev/messages/events", body=b"x")
+        assert client.send(sender, bad)[:2] == (Delivery.REJECTED, "amqp:invalid-field")
+        assert pending_total(server) == before
+        for n in range(50):
+            assert client.send(sender, c2d("amqp-full-dev", f"m{n}".encode()))[:2] == (Delivery.ACCEPTED, None), n
+        state, cond, description = client.send(sender, c2d("amqp-full-dev", b"one too many"))
+        assert (state, cond) == (Delivery.REJECTED, "amqp:resource-limit-exceeded"), description
+        assert [r.body for r in queued(server, "amqp-full-dev")] == [f"m{n}".encode() for n in range(50)]
+        # other nodes (the feedback receiver) are not served
+        with pytest.raises(LinkDetached) as refused:
+            client.conn.create_receiver("/messages/servicebound/feedback")
+        assert "amqp:not-found" in str(refused.value)
+    finally:
+        client.close()
+
+
+def _tls(server) -> ssl.SSLSocket:  # noqa: ANN001
+    ctx = ssl.create_default_context(cafile=str(server.ca_file))
+    sock = socket.create_connection(("127.0.0.1", server.amqp_port), timeout=30)
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes the connection (EOF or reset) within ``seconds``; reads what it sends."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        sock.settimeout(max(0.1, deadline - time.time()))
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except (ConnectionResetError, ssl.SSLError, ssl.SSLEOFError):
+            return True
+    return False
+
+
+def test_garbage_and_silent_clients_are_disconnected(server):
+    with _tls(server) as s:  # not AMQP inside TLS
+        s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _closed_within(s, 10)
+    with _tls(server) as s:  # the SASL header, then a frame over the 64 KiB frame limit
+        s.sendall(b"AMQP\x03\x01\x00\x00" + (1 << 20).to_bytes(4, "big") + b"\x02\x01\x00\x00" + b"\x00" * 4096)
+        assert _closed_within(s, 5)
+    with socket.create_connection(("127.0.0.1", server.amqp_port), timeout=30) as s:  # no TLS at all
+        s.sendall(b"AMQP\x00\x01\x00\x00")
+        assert _closed_within(s, 15)
+    with _tls(server) as s:  # TLS, then silence: SASL never finishes
+        started = time.time()
+        assert _closed_within(s, 20)
+        assert time.time() - started >= 5  # closed by the open deadline, not at once
+    # the listener still serves a well-behaved client
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+    finally:
+        client.close()

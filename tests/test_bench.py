@@ -70,3 +70,49 @@ def test_bench_help_lists_scenarios() -> None:
     for name in ("crypto-ceiling", "provision-https", "provision-mqtt", "provision-https-x509", "peer-cfssl",
                  "hub-connect", "hub-idle", "hub-telemetry", "store-scale", "--quick", "--json", "--db"):
         assert name in result.output
+
+
+def test_bench_quick_peer_cfssl_and_store_scale(tmp_path: Path) -> None:
+    import shutil
+
+    from opendps.bench import Result, _relate
+    from opendps.bench.peer import SKIPPED, skipped_row
+    from opendps.bench.report import print_report
+
+    # without cfssl the scenario is one zero row with a note: no ratio from it, and the table still prints
+    fake = Result(scenario="provision-https", transport="https", concurrency=None, count=1, ok=1, errors=0,
+                  wall_seconds=1.0, throughput=1.0, latency={"p50": 1.0, "p95": 1.0, "p99": 1.0},
+                  server_cpu_seconds=0.1, cpu_seconds_per_op=0.1, peak_rss_bytes=1, ops_per_cpu_second=10.0)
+    skipped = skipped_row()
+    _relate([skipped, fake])
+    assert fake.ratios == {} and skipped.extra == {"skipped": SKIPPED}
+    from dataclasses import asdict
+
+    print_report({"settings": {"database": "sqlite", "lint": True}, "machine": {"cpus": 1},
+                  "results": [asdict(skipped), asdict(fake)]})
+
+    if shutil.which("cfssl") is None:
+        pytest.skip("cfssl is not installed (apt-get install golang-cfssl); peer-cfssl would only report 'skipped'")
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "peer-cfssl",
+                           "--scenario", "store-scale", "-o", "json"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["results"]
+    cfssl = [r for r in rows if r["scenario"] == "peer-cfssl"]
+    assert [(r["system"], r["transport"], r["concurrency"]) for r in cfssl] == [("cfssl", "https", 32)]
+    store = [r for r in rows if r["scenario"] == "store-scale"]
+    assert [(r["extra"]["existing"], r["extra"]["registration"]) for r in store] == [
+        (1000, "new"), (1000, "re-register"), (20000, "new"), (20000, "re-register")]
+    for r in rows:
+        for name, kind in FIELDS.items():
+            assert isinstance(r[name], kind), (r["scenario"], name, r[name])
+        assert r["errors"] == 0 and r["ok"] == r["count"] > 0 and r["error_samples"] == [], r
+        assert r["server_cpu_seconds"] > 0 and r["ops_per_cpu_second"] > 0
+    assert cfssl[0]["extra"]["csr"] == "P-384" and cfssl[0]["ratios"] == {}  # ratios go on provisioning rows
+    for r in store:
+        assert r["extra"]["seed_seconds"] >= 0 and r["system"] == "opendps"
+    small, large = store[:2], store[2:]
+    for lo, hi in zip(small, large, strict=True):
+        assert lo["ratios"] == {}
+        # the ratio is what the two rows say, not a constant
+        assert hi["ratios"]["1k"] == round(hi["ops_per_cpu_second"] / lo["ops_per_cpu_second"], 4)
+        assert hi["extra"]["p50_ratio"] == round(hi["latency"]["p50"] / lo["latency"]["p50"], 4)

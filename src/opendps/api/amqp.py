@@ -2,7 +2,8 @@
 
 What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, and what this answers:
 
-1. TLS to port 5671 (``--amqp-port``), SASL ANONYMOUS (the engine, :mod:`opendps.transport.amqp`).
+1. TLS to port 5671 (``--amqp-port``), SASL ``MSSBCBS`` (what uamqp asks for) or ``ANONYMOUS`` — neither
+   carries a credential (the engine, :mod:`opendps.transport.amqp`).
 2. Claims-based security: a link pair on ``$cbs`` and a ``put-token`` request (application properties
    ``operation``, ``type``, ``name``; body = ``SharedAccessSignature sr=...``). The token is checked by
    :class:`opendps.api.auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for

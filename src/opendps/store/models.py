@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -49,8 +50,8 @@ class Base(DeclarativeBase):
     pass
 
 
-def _ts() -> Mapped[datetime]:
-    return mapped_column(UtcDateTime(), nullable=False)
+def _ts(*, index: bool = False) -> Mapped[datetime]:
+    return mapped_column(UtcDateTime(), nullable=False, index=index)
 
 
 class InstanceSetting(Base):
@@ -178,7 +179,9 @@ class Enrollment(Base):
     """Individual enrollment or enrollment group; the full Azure document is in ``document``."""
 
     __tablename__ = "enrollments"
-    __table_args__ = (UniqueConstraint("kind", "enrollment_id", name="uq_enrollment_kind_id"),)
+    # ids match case-insensitively (lower(enrollment_id)), so lookups need the expression index, not the constraint
+    __table_args__ = (UniqueConstraint("kind", "enrollment_id", name="uq_enrollment_kind_id"),
+                      Index("ix_enrollments_kind_lower_id", "kind", text("lower(enrollment_id)")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "individual" | "group"
     enrollment_id: Mapped[str] = mapped_column(String(128), nullable=False)
@@ -255,6 +258,8 @@ class Registration(Base):
     """DPS registration state of one registration id (the latest outcome)."""
 
     __tablename__ = "registrations"
+    # renewal through the hub finds the registration by (device id, hub) without a full scan
+    __table_args__ = (Index("ix_registrations_device_hub", "device_id", "assigned_hub"),)
     registration_key: Mapped[str] = mapped_column(String(128), primary_key=True)  # lower-cased id
     registration_id: Mapped[str] = mapped_column(String(128), nullable=False)
     enrollment_kind: Mapped[str] = mapped_column(String(16), nullable=False)
@@ -281,7 +286,7 @@ class Operation(Base):
     registration_key: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
     result: Mapped[dict] = mapped_column(JSON, nullable=False)  # RegistrationOperationStatus as sent
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = _ts(index=True)  # the 24 h sweep deletes by age
 
 
 class TelemetryEvent(Base):

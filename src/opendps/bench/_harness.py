@@ -146,6 +146,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU of every ``postgres`` process on this machine (backends, checkpointer, WAL writer).
+
+    With ``--db`` the queries run there, not in the server process; a benchmark runs alone, so the delta
+    over a load is that load's database cost.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1:text.rindex(")")] == "postgres":
+            fields = text[text.rindex(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def proc_peak_rss(pid: int) -> int:
     """VmHWM (peak resident set) of ``pid`` in bytes."""
     return _status_kib(pid, "VmHWM:") * 1024
@@ -223,10 +241,15 @@ class Server:
     owner_connection_string: str
     env: dict[str, str]  # OPENDPS_DATA_DIR / OPENDPS_DB for ``opendps`` commands against the same instance
     workdir: Path
+    postgres: bool = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU, plus PostgreSQL's when the store is there (SQLite's work is in-process already)."""
+        return proc_cpu_seconds(self.pid) + (postgres_cpu_seconds() if self.postgres else 0.0)
 
 
 @contextlib.contextmanager
@@ -264,7 +287,7 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                 stack.enter_context(sampled(proc.pid, profile))
                 yield Server(proc, https_port, mqtt_port, data["idScope"], Path(data["serverCaCertificate"]),
                              data["endpoints"]["https"]["url"], data["connectionStrings"]["provisioningServiceOwner"],
-                             env, work)
+                             env, work, postgres=bool(db_url))
             finally:
                 stop_process(proc)
     finally:
@@ -368,13 +391,15 @@ def put_all(server: Server, documents: list[tuple[str, dict[str, Any]]]) -> None
 # ---------------------------------------------------------------- the load generator (its own process)
 
 
-def run_load(worker: Callable[[Any, dict[str, Any]], None], spec: dict[str, Any], measured_pid: int,
-             timeout: float = 3600) -> tuple[Any, float]:
+def run_load(worker: Callable[[Any, dict[str, Any]], None], spec: dict[str, Any],
+             measured: int | Callable[[], float], timeout: float = 3600) -> tuple[Any, float]:
     """Run ``worker(conn, spec)`` in a fresh spawned process with the ready/go handshake.
 
     The worker builds everything, sends ``"ready"``, waits for ``"go"``, runs, and sends its outcome.
-    Returns the outcome and the CPU seconds ``measured_pid`` spent between "go" and the outcome.
+    Returns the outcome and the CPU seconds ``measured`` (a pid, or a reader such as
+    :meth:`Server.cpu_seconds`) spent between "go" and the outcome.
     """
+    cpu_seconds = measured if callable(measured) else (lambda: proc_cpu_seconds(measured))
     ctx = multiprocessing.get_context("spawn")  # no inherited state, no fork of the bench's threads
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(child, spec), daemon=True)
@@ -384,12 +409,12 @@ def run_load(worker: Callable[[Any, dict[str, Any]], None], spec: dict[str, Any]
             raise BenchError("the load generator did not get ready within 300 s")
         if (msg := parent.recv()) != "ready":
             raise BenchError(f"the load generator failed to start: {msg}")
-        cpu_before = proc_cpu_seconds(measured_pid)
+        cpu_before = cpu_seconds()
         parent.send("go")
         if not parent.poll(timeout):
             raise BenchError(f"the load did not finish within {timeout:g} s")
         outcome = parent.recv()
-        cpu = proc_cpu_seconds(measured_pid) - cpu_before
+        cpu = cpu_seconds() - cpu_before
     finally:
         proc.join(30)
         if proc.is_alive():

@@ -69,7 +69,7 @@ def store_scale(opts: Options) -> list[Result]:
             for kind, devices in (
                     ("new", prepare_devices(group_key, f"new{existing}", new, Path(tmp))),
                     ("re-register", _spread(group_key, existing, min(again, existing)))):
-                outcome, cpu = run_load(_load_worker, {**base, "devices": devices}, server.pid)
+                outcome, cpu = run_load(_load_worker, {**base, "devices": devices}, server.cpu_seconds)
                 rows.append(load_row(SCENARIO, "https", level, len(devices), outcome, cpu, server.pid,
                                      existing=existing, registration=kind, **seeded))
     _ratios(rows, sizes)

@@ -116,3 +116,43 @@ def test_bench_quick_peer_cfssl_and_store_scale(tmp_path: Path) -> None:
         # the ratio is what the two rows say, not a constant
         assert hi["ratios"]["1k"] == round(hi["ops_per_cpu_second"] / lo["ops_per_cpu_second"], 4)
         assert hi["extra"]["p50_ratio"] == round(hi["latency"]["p50"] / lo["latency"]["p50"], 4)
+
+
+def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
+    import shutil
+
+    mosquitto = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "hub-connect",
+                           "--scenario", "hub-idle", "--scenario", "hub-telemetry", "--count", "40", "-o", "json"],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["results"]
+    systems = ["opendps", "mosquitto"] if mosquitto else ["opendps"]
+    assert [(r["scenario"], r["system"]) for r in rows] == [
+        (name, system) for name in ("hub-connect", "hub-idle", "hub-telemetry") for system in systems]
+    for r in rows:
+        for name, kind in FIELDS.items():
+            assert isinstance(r[name], kind), (r["scenario"], r["system"], name, r[name])
+        assert r["transport"] == "mqtt"
+        assert r["errors"] == 0 and r["ok"] == r["count"] == 40 and r["error_samples"] == [], r
+        assert r["throughput"] > 0 and r["cpu_seconds_per_op"] > 0 and r["ops_per_cpu_second"] > 0
+        assert 0 < r["latency"]["p50"] <= r["latency"]["p95"] <= r["latency"]["p99"]
+        assert r["ceiling_ratio"] is None  # no crypto-ceiling in this run
+    by = {(r["scenario"], r["system"]): r for r in rows}
+    idle = by["hub-idle", "opendps"]
+    assert idle["extra"]["devices"] == 40 and idle["extra"]["bytes_per_connection"] > 0
+    assert idle["extra"]["rss_after"] > idle["extra"]["rss_before"] > 0
+    assert by["hub-telemetry", "opendps"]["extra"]["devices"] == 40  # --count 40: 40 devices × 1 message
+    if not mosquitto:
+        assert all(r["ratios"] == {} and "mosquitto" in r["extra"] for r in rows)
+        return
+    for name in ("hub-connect", "hub-telemetry"):
+        ours, peer = by[name, "opendps"], by[name, "mosquitto"]
+        assert peer["ratios"] == {} and peer["extra"]["version"]
+        # the ratio is what the two rows say, not a constant
+        assert ours["ratios"]["mosquitto"] == round(ours["ops_per_cpu_second"] / peer["ops_per_cpu_second"], 4)
+    peer = by["hub-idle", "mosquitto"]
+    assert peer["extra"]["bytes_per_connection"] > 0
+    # memory is inverted so that below 1 still means opendps is worse
+    assert idle["ratios"]["mosquitto"] == round(peer["extra"]["bytes_per_connection"]
+                                                / idle["extra"]["bytes_per_connection"], 4)

@@ -405,8 +405,12 @@ def run_load(worker: Callable[[Any, dict[str, Any]], None], spec: dict[str, Any]
     proc = ctx.Process(target=worker, args=(child, spec), daemon=True)
     proc.start()
     try:
-        if not parent.poll(300):
-            raise BenchError("the load generator did not get ready within 300 s")
+        deadline = time.monotonic() + 300
+        while not parent.poll(0.5):  # a worker that died (bad spawn, import error) is reported at once
+            if not proc.is_alive():
+                raise BenchError(f"the load generator exited ({proc.exitcode}) before it was ready")
+            if time.monotonic() > deadline:
+                raise BenchError("the load generator did not get ready within 300 s")
         if (msg := parent.recv()) != "ready":
             raise BenchError(f"the load generator failed to start: {msg}")
         cpu_before = cpu_seconds()

@@ -23,7 +23,7 @@ from typing import Any
 from opendps.errors import OpenDPSError
 from opendps.hub.auth import AuthenticatedDevice, HubAuthenticator, HubAuthFailed
 from opendps.hub.registry import HubView
-from opendps.hub.telemetry import TelemetryBus, parse_property_bag
+from opendps.hub.telemetry import GroupCommit, TelemetryBus, parse_property_bag
 from opendps.pki.csr import decode_csr_text
 from opendps.transport.mqtt.server import ConnectRequest, Session, SessionClosed
 from opendps.transport.wire import error_body, topic_query
@@ -192,6 +192,7 @@ class HubEndpoint:
         self.domain = domain
         self.bus = bus
         self.auth = HubAuthenticator(instance.store, instance.hubs)
+        self.telemetry_writer = GroupCommit(instance.telemetry, self.run)
         self.live: dict[tuple[str, str], DeviceSession] = {}
         self._methods: dict[tuple[tuple[str, str], str], asyncio.Future] = {}
         self._rids = itertools.count(1)
@@ -214,7 +215,7 @@ class HubEndpoint:
     async def telemetry(self, device: AuthenticatedDevice, bag: str, payload: bytes) -> None:
         system, application = parse_property_bag(bag)
         try:
-            await self.run(self.instance.telemetry.append, device.hub_id, device.device_id, system, application, payload)
+            await self.telemetry_writer.append(device.hub_id, device.device_id, system, application, payload)
         except OpenDPSError as exc:
             log.info("telemetry of %r dropped: %s", device.device_id, exc.message)
             return

@@ -1,0 +1,76 @@
+"""Telemetry group commit: concurrent publishes share transactions, each caller learns its own position only
+after its message is stored, and one oversized message fails only its own caller (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import event, func, select
+
+from opendps.errors import PayloadTooLarge
+from opendps.hub.telemetry import MAX_MESSAGE_BYTES, GroupCommit, TelemetrySink
+from opendps.store import LinkedHub, TelemetryEvent
+
+
+def _hub(store) -> int:  # noqa: ANN001
+    with store.session() as s:
+        hub = LinkedHub(name="default", host_name="hub.example", etag="e", created_at=datetime.now(UTC))
+        s.add(hub)
+        s.flush()
+        return hub.id
+
+
+def test_concurrent_publishes_share_transactions_and_keep_their_positions(store):
+    hub_id = _hub(store)
+    sink = TelemetrySink(store)
+    commits = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+
+    async def main() -> list[int | BaseException]:
+        loop = asyncio.get_running_loop()
+        writer = GroupCommit(sink, lambda fn, *a: loop.run_in_executor(None, fn, *a), max_batch=64)
+        bodies = [f"m{i}".encode() for i in range(300)]
+        bodies[17] = b"x" * (MAX_MESSAGE_BYTES + 1)
+        return await asyncio.gather(*(writer.append(hub_id, f"dev-{i % 7}", {"message-id": str(i)}, {"i": str(i)}, b)
+                                      for i, b in enumerate(bodies)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[17], PayloadTooLarge)
+    positions = [r for i, r in enumerate(results) if i != 17]
+    assert all(isinstance(p, int) for p in positions)
+    assert positions == sorted(positions) and len(set(positions)) == 299  # publish order = position order
+    assert len(commits) <= 10, len(commits)  # 299 messages in batches of at most 64, not one commit each
+    with store.session() as s:
+        stored = {r.id: r for r in s.scalars(select(TelemetryEvent))}
+        assert s.scalar(select(func.count()).select_from(TelemetryEvent)) == 299
+    for i, position in enumerate(results):
+        if i != 17:  # each caller's position is its own message
+            assert stored[position].body == f"m{i}".encode() and stored[position].properties == {"i": str(i)}
+
+
+def test_a_failed_transaction_fails_every_caller_in_it_and_the_writer_goes_on(store):
+    hub_id = _hub(store)
+    sink = TelemetrySink(store)
+
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        writer = GroupCommit(sink, lambda fn, *a: loop.run_in_executor(None, fn, *a))
+        # a hub id that does not exist violates the foreign key: the whole transaction is refused
+        bad = await asyncio.gather(writer.append(hub_id, "a", {}, {}, b"1"), writer.append(hub_id + 999, "b", {}, {}, b"2"),
+                                   return_exceptions=True)
+        good = await asyncio.gather(*(writer.append(hub_id, "c", {}, {}, b"3") for _ in range(5)))
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    assert all(isinstance(r, Exception) for r in bad), bad
+    assert len(set(good)) == 5
+    with store.session() as s:
+        assert s.scalars(select(TelemetryEvent.body)).all() == [b"3"] * 5  # nothing of the failed batch
+
+
+@pytest.mark.parametrize("size", [0, MAX_MESSAGE_BYTES])
+def test_sizes_at_the_limits_are_stored(store, size):
+    hub_id = _hub(store)
+    assert TelemetrySink(store).append(hub_id, "d", {}, {}, b"y" * size) > 0

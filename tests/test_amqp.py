@@ -17,9 +17,9 @@ from urllib.parse import unquote
 import pytest
 from proton import Delivery, Message, SSLDomain, int32, ulong
 from proton.utils import BlockingConnection, LinkDetached
-from sqlalchemy import func, select
+from sqlalchemy import select
 from tests.test_device_api import svc
-from tests.test_mqtt_hub import HUB, Client, hub_username
+from tests.test_mqtt_hub import HUB, Client, hub_username, pending_c2d
 
 from opendps.store import CloudToDeviceMessage, Store
 from opendps.transport import sas
@@ -102,15 +102,6 @@ def queued(server, device_id: str) -> list[CloudToDeviceMessage]:  # noqa: ANN00
         store.dispose()
 
 
-def pending_total(server) -> int:  # noqa: ANN001
-    store = Store(server.db_url)
-    try:
-        with store.session() as s:
-            return s.scalar(select(func.count()).select_from(CloudToDeviceMessage)) or 0
-    finally:
-        store.dispose()
-
-
 def sas_device(server, device_id: str) -> str:  # noqa: ANN001
     """A SAS device in the default hub; its primary key."""
     with svc(server) as c:
@@ -179,7 +170,7 @@ def test_c2d_over_amqp_is_queued_with_its_properties_and_delivered_over_mqtt(ser
 @pytest.mark.parametrize("case", ["no-token", "bad-signature", "expired", "foreign-audience", "unknown-policy"])
 def test_without_a_valid_token_the_devicebound_link_is_refused(server, case):
     sas_device(server, f"amqp-refused-{case}")
-    before = pending_total(server)
+    before = pending_c2d(server)
     client = Amqp(server)
     try:
         if case != "no-token":
@@ -197,7 +188,7 @@ def test_without_a_valid_token_the_devicebound_link_is_refused(server, case):
         assert client.put_token(hub_owner_token(server))[0] == 200
     finally:
         client.close()
-    assert pending_total(server) == before
+    assert pending_c2d(server) == before
 
 
 def test_a_token_for_another_linked_hub_sends_to_that_hub_only(server):
@@ -222,12 +213,12 @@ def test_unknown_device_bad_address_and_a_full_queue_are_rejected(server):
     try:
         assert client.put_token(hub_owner_token(server))[0] == 200
         sender = client.devicebound()
-        before = pending_total(server)
+        before = pending_c2d(server)
         state, cond, description = client.send(sender, c2d("amqp-nobody"))
         assert (state, cond) == (Delivery.REJECTED, "amqp:not-found") and "amqp-nobody" in description
         bad = Message(address="/devices/amqp-full-dev/messages/events", body=b"x")
         assert client.send(sender, bad)[:2] == (Delivery.REJECTED, "amqp:invalid-field")
-        assert pending_total(server) == before
+        assert pending_c2d(server) == before
         for n in range(50):
             assert client.send(sender, c2d("amqp-full-dev", f"m{n}".encode()))[:2] == (Delivery.ACCEPTED, None), n
         state, cond, description = client.send(sender, c2d("amqp-full-dev", b"one too many"))

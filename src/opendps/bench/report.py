@@ -35,11 +35,14 @@ def print_report(report: dict[str, Any]) -> None:
                       "-" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f}")
     console = Console(width=200)
     console.print(table)
+    printed = set()
     for r in report["results"]:
         notes = {k: v for k, v in r["extra"].items() if k not in ("offered_rate", "attestation")}
-        if notes:
-            console.print(f"{r['scenario']} ({r['system']}, {r['transport'] or '-'}): "
-                          + ", ".join(f"{k} = {v}" for k, v in notes.items()), highlight=False)
+        line = f"{r['scenario']} ({r['system']}, {r['transport'] or '-'}): " + ", ".join(
+            f"{k} = {v}" for k, v in notes.items())
+        if notes and line not in printed:  # the same notes on every level of a scenario are said once
+            printed.add(line)
+            console.print(line, highlight=False)
     console.print("Provisioning latency includes the server's Retry-After: 2 s poll wait, honoured by the SDK; "
                   "CPU ms/op is the server process's own CPU per operation and does not depend on it. "
                   "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography).", highlight=False)

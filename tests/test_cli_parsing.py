@@ -349,3 +349,13 @@ def test_connection_string_show(run) -> None:  # noqa: ANN001
     assert not server.requests
     other = run(server, "dps", "connection-string", "show", "--policy-name", "enrollmentread")
     assert other.exit_code == 1 and KEY not in other.stderr
+
+
+@pytest.mark.parametrize("port, shown", [("0", "off"), ("15671", "localhost:15671")])
+def test_info_table_shows_the_amqp_endpoint(tmp_path: Path, port: str, shown: str) -> None:
+    data = str(tmp_path / "data")
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", "--data-dir", data, "--no-lint", "--amqp-port", port]).exit_code == 0
+    result = runner.invoke(main, ["info", "--data-dir", data, "-o", "table"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "amqp" in result.output and shown in result.output, result.output

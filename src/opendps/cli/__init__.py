@@ -142,6 +142,8 @@ def info(data_dir, output) -> None:  # noqa: ANN001
 
         flat = {"idScope": data["idScope"], "https": data["endpoints"]["https"]["url"],
                 "mqtt": f'{data["endpoints"]["mqtt"]["hostName"]}:{data["endpoints"]["mqtt"]["port"]}',
+                "amqp": (f'{data["endpoints"]["amqp"]["hostName"]}:{data["endpoints"]["amqp"]["port"]}'
+                         if data["endpoints"]["amqp"]["port"] else "off"),
                 "serverCaCertificate": data["serverCaCertificate"], "database": data["database"],
                 "dataDir": data["dataDir"]}
         print_table([flat])

@@ -73,4 +73,13 @@ def test_a_failed_transaction_fails_every_caller_in_it_and_the_writer_goes_on(st
 @pytest.mark.parametrize("size", [0, MAX_MESSAGE_BYTES])
 def test_sizes_at_the_limits_are_stored(store, size):
     hub_id = _hub(store)
-    assert TelemetrySink(store).append(hub_id, "d", {}, {}, b"y" * size) > 0
+    [position] = TelemetrySink(store).append_many([(hub_id, "d", {}, {}, b"y" * size)])
+    assert position > 0
+
+
+def test_an_oversized_message_stores_nothing_of_its_batch(store):
+    hub_id = _hub(store)
+    with pytest.raises(PayloadTooLarge):
+        TelemetrySink(store).append_many([(hub_id, "d", {}, {}, b"ok"), (hub_id, "d", {}, {}, b"y" * (MAX_MESSAGE_BYTES + 1))])
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(TelemetryEvent)) == 0

@@ -57,7 +57,6 @@ from opendps.bench._harness import (
     stop_process,
     wait_listening,
 )
-from opendps.bench.provisioning import NAMESPACE, POLICY, SYMMETRIC_GROUP
 
 CONNECT, IDLE, TELEMETRY = "hub-connect", "hub-idle", "hub-telemetry"
 API_VERSION = "2021-04-12"
@@ -198,39 +197,18 @@ def seed(env: dict[str, str], count: int, directory: Path, *, lint: bool) -> dic
     the issuing CA: what a provisioned device presents to the hub (``chain.pem``).
     """
     from cryptography.hazmat.primitives import serialization
-    from sqlalchemy import select
 
-    from opendps.hub.registry import DEFAULT_HUB
-    from opendps.instance import Settings, open_instance
-    from opendps.provisioning.enrollments import GROUP
-    from opendps.store import CertificateAuthority, LinkedHub, Policy, WrappedKey
+    from opendps.bench.store_scale import seeded_fleet
+    from opendps.store import WrappedKey
 
     started = time.perf_counter()
-    settings = Settings.load(Path(env["OPENDPS_DATA_DIR"]), db=env["OPENDPS_DB"], lint=lint)
-    inst = open_instance(settings, create=False)
-    try:
-        inst.registry.create_namespace(NAMESPACE, POLICY)
-        group_key = base64.b64encode(secrets.token_bytes(64)).decode()
-        # the group links the policy to the hub: the hub then trusts the policy's issuing CA
-        inst.enrollments.put(GROUP, SYMMETRIC_GROUP, {
-            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}},
-            "credentialPolicyName": POLICY})
+    with seeded_fleet(env, base64.b64encode(secrets.token_bytes(64)).decode(), lint=lint) as (inst, t):
         with inst.store.session() as s:
-            policy = s.scalars(select(Policy).where(Policy.name == POLICY)).one()
-            issuing = s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
-                                                                   CertificateAuthority.status == "active")).one()
-            root = s.get(CertificateAuthority, issuing.parent_id)
-            hub = s.scalars(select(LinkedHub).where(LinkedHub.name == DEFAULT_HUB)).one()
-            blob = s.get(WrappedKey, issuing.key_id).blob
-            t = {"policy_id": policy.id, "namespace_id": policy.namespace_id, "issuing_ca_id": issuing.id,
-                 "hub_id": hub.id, "hub_host": hub.host_name, "days": policy.validity_days,
-                 "issuing_der": issuing.der, "root_der": root.der}
+            blob = s.get(WrappedKey, t["issuing_key_id"]).blob
         # the CA key through the key store's own unwrap: one signature per leaf, not lint + sign + verify
-        ca_key = serialization.load_der_private_key(inst.keys.unwrap(blob, issuing.key_id), password=None)
+        ca_key = serialization.load_der_private_key(inst.keys.unwrap(blob, t["issuing_key_id"]), password=None)
         devices, rows = _issue(t, ca_key, count, directory, sqlite=inst.store.engine.dialect.name == "sqlite")
         _insert(inst.store.engine, rows)
-    finally:
-        inst.close()
     from cryptography import x509
 
     ca_chain = b"".join(x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
@@ -246,7 +224,7 @@ def _issue(t: dict[str, Any], ca_key: Any, count: int, directory: Path, *,
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from opendps.bench.store_scale import COLUMNS
+    from opendps.bench.store_scale import COLUMNS, registered_device
     from opendps.pki.profiles import leaf_builder
 
     issuing = x509.load_der_x509_certificate(t["issuing_der"])
@@ -272,15 +250,13 @@ def _issue(t: dict[str, Any], ca_key: Any, count: int, directory: Path, *,
                          + leaf.public_bytes(serialization.Encoding.PEM) + issuing_pem)
         devices.append((device_id, str(path)))
         e = base64.b64encode(os.urandom(24)).decode()
-        etags = (e[:12], e[12:24], e[24:])
-        rows["registrations"].append((device_id, device_id, "group", SYMMETRIC_GROUP, "symmetricKey", device_id,
-                                      t["hub_host"], "assigned", "initialAssignment", serial, etags[0], c, c))
-        rows["hub_devices"].append((t["hub_id"], device_id, device_id, "certificateAuthority", "enabled",
-                                    secrets.token_hex(8), etags[1], "{}", "{}", "{}", 1, 1, c, c))
-        rows["device_records"].append((t["namespace_id"], device_id, device_id, device_id, t["hub_host"], t["policy_id"],
-                                       serial, sha, ts(leaf.not_valid_after_utc), etags[2], c, c))
-        rows["issued_certificates"].append((serial, sha, der, t["policy_id"], t["issuing_ca_id"], device_id,
-                                            ts(leaf.not_valid_before_utc), ts(leaf.not_valid_after_utc), c))
+        for table, row in zip(("registrations", "hub_devices", "device_records", "issued_certificates"),
+                              registered_device(t, device_id, serial=serial, sha256=sha, der=der,
+                                                not_before=ts(leaf.not_valid_before_utc),
+                                                not_after=ts(leaf.not_valid_after_utc), created=c,
+                                                etags=(e[:12], e[12:24], e[24:]), generation=secrets.token_hex(8)),
+                              strict=True):
+            rows[table].append(row)
     return devices, rows
 
 

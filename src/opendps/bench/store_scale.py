@@ -20,6 +20,7 @@ paths: existing registration, identity and record), each over HTTPS with a P-384
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -107,13 +108,17 @@ def _label(n: int) -> str:
 # ---------------------------------------------------------------- seeding
 
 
-def seed(env: dict[str, str], existing: int, group_key: str, *, lint: bool) -> dict[str, Any]:
-    """Namespace, policy and group through the domain code, then ``existing`` registered devices in bulk.
+@contextlib.contextmanager
+def seeded_fleet(env: dict[str, str], group_key: str, *, lint: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Open the instance ``opendps init`` made, create the fleet through the domain code (namespace, policy,
+    symmetric-key group on it — which also makes the default hub trust the policy's issuing CA), and yield
+    (instance, the ids and CA material the bulk rows refer to). Shared by every scenario that seeds."""
+    from sqlalchemy import select
 
-    Returns what the row reports: seconds spent inserting, and how many operations were seeded.
-    """
+    from opendps.hub.registry import DEFAULT_HUB
     from opendps.instance import Settings, open_instance
     from opendps.provisioning.enrollments import GROUP
+    from opendps.store import CertificateAuthority, LinkedHub, Policy
 
     settings = Settings.load(Path(env["OPENDPS_DATA_DIR"]), db=env["OPENDPS_DB"], lint=lint)
     inst = open_instance(settings, create=False)
@@ -122,31 +127,36 @@ def seed(env: dict[str, str], existing: int, group_key: str, *, lint: bool) -> d
         inst.enrollments.put(GROUP, SYMMETRIC_GROUP, {
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}},
             "credentialPolicyName": POLICY})
-        template = _template(inst)
-        started = time.perf_counter()
-        operations = _insert_all(inst.store.engine, template, existing)
-        return {"seed_seconds": round(time.perf_counter() - started, 2), "seeded_operations": operations}
+        with inst.store.session() as s:
+            policy = s.scalars(select(Policy).where(Policy.name == POLICY)).one()
+            issuing = s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
+                                                                   CertificateAuthority.status == "active")).one()
+            root = s.get(CertificateAuthority, issuing.parent_id)
+            hub = s.scalars(select(LinkedHub).where(LinkedHub.name == DEFAULT_HUB)).one()
+            ids = {"policy_id": policy.id, "namespace_id": policy.namespace_id, "issuing_ca_id": issuing.id,
+                   "issuing_key_id": issuing.key_id, "issuing_der": issuing.der, "root_der": root.der,
+                   "days": policy.validity_days, "hub_id": hub.id, "hub_host": hub.host_name}
+        yield inst, ids
     finally:
         inst.close()
 
 
-def _template(inst: Any) -> dict[str, Any]:
-    """Ids the seeded rows refer to, and one real leaf (signed by the policy's issuing CA) whose DER they reuse."""
+def seed(env: dict[str, str], existing: int, group_key: str, *, lint: bool) -> dict[str, Any]:
+    """The fleet, then ``existing`` registered devices in bulk; what the row reports (seconds, operations)."""
+    with seeded_fleet(env, group_key, lint=lint) as (inst, ids):
+        template = _template(inst, ids)
+        started = time.perf_counter()
+        operations = _insert_all(inst.store.engine, template, existing)
+        return {"seed_seconds": round(time.perf_counter() - started, 2), "seeded_operations": operations}
+
+
+def _template(inst: Any, ids: dict[str, Any]) -> dict[str, Any]:
+    """The fleet's ids plus one real leaf (signed by the policy's issuing CA) whose DER the seeded rows reuse."""
     from cryptography.hazmat.primitives.serialization import Encoding
-    from sqlalchemy import select
 
     from opendps.device.keys import csr_b64, generate_key, make_csr
-    from opendps.hub.registry import DEFAULT_HUB
     from opendps.pki import IssuanceEngine
-    from opendps.store import CertificateAuthority, LinkedHub, Policy
 
-    with inst.store.session() as s:
-        policy = s.scalars(select(Policy).where(Policy.name == POLICY)).one()
-        issuing = s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
-                                                               CertificateAuthority.status == "active")).one()
-        hub = s.scalars(select(LinkedHub).where(LinkedHub.name == DEFAULT_HUB)).one()
-        ids = {"policy_id": policy.id, "namespace_id": policy.namespace_id, "issuing_ca_id": issuing.id,
-               "hub_id": hub.id, "hub_host": hub.host_name}
     rid = "seed-template"
     chain = IssuanceEngine(inst.store, inst.keys, lint=False).issue(
         ids["policy_id"], base64.b64decode(csr_b64(make_csr(generate_key("P-384"), rid))), rid)
@@ -219,6 +229,22 @@ def _etags(count: int) -> Iterator[str]:
     return (base64.b64encode(blob[i:i + 8]).decode() for i in range(0, len(blob), 8))
 
 
+def registered_device(t: dict[str, Any], rid: str, *, serial: str, sha256: str, der: bytes, not_before: Any,
+                      not_after: Any, created: Any, etags: tuple[str, str, str], generation: str,
+                      reported: str = "{}") -> tuple[tuple[Any, ...], ...]:
+    """The rows one group registration with an issued certificate leaves (``Provisioning._commit``), in
+    :data:`COLUMNS` order: registration, hub identity with its twin, ADR record, issued certificate.
+    Timestamps already in the driver's form."""
+    host = t["hub_host"]
+    return ((rid, rid, "group", SYMMETRIC_GROUP, "symmetricKey", rid, host, "assigned", "initialAssignment", serial,
+             etags[0], created, created),
+            (t["hub_id"], rid, rid, "certificateAuthority", "enabled", generation, etags[1], "{}", "{}", reported,
+             1, 2 if reported != "{}" else 1, created, created),
+            (t["namespace_id"], rid, rid, rid, host, t["policy_id"], serial, sha256, not_after, etags[2], created,
+             created),
+            (serial, sha256, der, t["policy_id"], t["issuing_ca_id"], rid, not_before, not_after, created))
+
+
 def _device_rows(t: dict[str, Any], start: int, stop: int, existing: int, *,
                  sqlite: bool) -> dict[str, list[tuple[Any, ...]]]:
     """Rows of devices ``start`` … ``stop - 1`` per table, as one registration writes them."""
@@ -229,21 +255,19 @@ def _device_rows(t: dict[str, Any], start: int, stop: int, existing: int, *,
     serials, digests, generations, etags = _hex(count, 16), _hex(count, 32), _hex(count, 8), _etags(3 * count)
     # SQLite: SQLAlchemy's DATETIME text format, in UTC; PostgreSQL: aware datetimes for COPY
     ts = (lambda d: d.strftime("%Y-%m-%d %H:%M:%S.%f")) if sqlite else (lambda d: d)
-    empty, reported = "{}", json.dumps({"firmwareVersion": "1.4.2", "telemetryIntervalSeconds": 60})
-    hub_id, host, ns_id, policy_id, ca_id, der = (t["hub_id"], t["hub_host"], t["namespace_id"], t["policy_id"],
-                                                   t["issuing_ca_id"], t["der"])
+    reported = json.dumps({"firmwareVersion": "1.4.2", "telemetryIntervalSeconds": 60})
     for i in range(start, stop):
         rid = f"{SEED_PREFIX}-{i}"
         created = now - SPREAD * (existing - i) / existing
-        c, not_before, not_after = ts(created), ts(created - dt.timedelta(minutes=5)), ts(created + dt.timedelta(days=30))
-        serial = format(int(next(serials), 16) | 1 << 127, "x")
-        sha = next(digests)
-        regs.append((rid, rid, "group", SYMMETRIC_GROUP, "symmetricKey", rid, host, "assigned", "initialAssignment",
-                     serial, next(etags), c, c))
-        devices.append((hub_id, rid, rid, "certificateAuthority", "enabled", next(generations), next(etags), empty,
-                        empty, reported, 1, 2, c, c))
-        records.append((ns_id, rid, rid, rid, host, policy_id, serial, sha, not_after, next(etags), c, c))
-        certs.append((serial, sha, der, policy_id, ca_id, rid, not_before, not_after, c))
+        c = ts(created)
+        reg, device, record, cert = registered_device(
+            t, rid, serial=format(int(next(serials), 16) | 1 << 127, "x"), sha256=next(digests), der=t["der"],
+            not_before=ts(created - dt.timedelta(minutes=5)), not_after=ts(created + dt.timedelta(days=30)),
+            created=c, etags=(next(etags), next(etags), next(etags)), generation=next(generations), reported=reported)
+        regs.append(reg)
+        devices.append(device)
+        records.append(record)
+        certs.append(cert)
         if now - created <= RECENT:
             ops.append(_operation(t, rid, created, c))
     return rows

@@ -101,9 +101,6 @@ class TelemetrySink:
     def __init__(self, store: Store):
         self.store = store
 
-    def append(self, hub_id: int, device_id: str, system: dict, application: dict, body: bytes) -> int:
-        return self.append_many([(hub_id, device_id, system, application, body)])[0]
-
     def append_many(self, messages: list[tuple[int, str, dict, dict, bytes]]) -> list[int]:
         """Append (hub id, device id, system, application, body) messages in one transaction; their positions
         in the order given. Either all are stored or none."""
@@ -116,7 +113,6 @@ class TelemetrySink:
             s.add_all(rows)
             s.flush()
             return [row.id for row in rows]
-
 
     def read(self, hub_name: str, *, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[Event]:
         with self.store.session() as s:

@@ -46,6 +46,11 @@ def decode_csr_text(value: str) -> bytes:
         raise CsrRejected("CSR is not valid base64 (expected base64 DER PKCS#10 without PEM headers)") from exc
 
 
+def allowed_curves(allow_p256: bool) -> set[str]:
+    """The curves a policy accepts for operational keys: P-384, and P-256 where the policy allows it."""
+    return {"secp384r1"} | ({"secp256r1"} if allow_p256 else set())
+
+
 def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False) -> ValidatedCsr:
     """Parse and check a CSR (DER or PEM); raise CsrRejected naming the first problem found."""
     if not 1 <= len(registration_id) <= MAX_CN_LENGTH:
@@ -69,7 +74,7 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CsrRejected("CSR key is not an EC key; operational certificates need an EC P-384 key")
     curve = key.curve.name
-    allowed = {"secp384r1"} | ({"secp256r1"} if allow_p256 else set())
+    allowed = allowed_curves(allow_p256)
     if curve not in allowed:
         names = {"secp384r1": "P-384", "secp256r1": "P-256", "secp521r1": "P-521"}
         wanted = " or ".join(sorted(names[c] for c in allowed))

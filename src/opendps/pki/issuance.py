@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from opendps.errors import InvalidInput, NotFound
-from opendps.pki.csr import ValidatedCsr, validate_csr
+from opendps.pki.csr import ValidatedCsr, allowed_curves, validate_csr
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import LintRefused, leaf_builder, sign_builder
 from opendps.store import CertificateAuthority, IssuedCertificate, Policy, Store
@@ -97,7 +97,7 @@ class IssuanceEngine:
         """
         now = now or datetime.now(UTC)
         m = self._material(policy_id)
-        if checked is None or checked.curve != "secp384r1" and not (m.allow_p256 and checked.curve == "secp256r1"):
+        if checked is None or checked.curve not in allowed_curves(m.allow_p256):
             checked = validate_csr(csr, registration_id, allow_p256=m.allow_p256)
         if m.issuing_ca.not_valid_after_utc <= now:
             raise IssuanceRefused("the policy's issuing CA has expired")

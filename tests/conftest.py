@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from opendps.pki import IssuanceEngine, KeyStore
-from opendps.provisioning import CaCertificates
+from opendps.pki import CaCertificates, IssuanceEngine, KeyStore
 from opendps.registry import Registry
+from opendps.services import Services, wire
 from opendps.store import Store
 
 PG_URL = os.environ.get("OPENDPS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -88,25 +88,54 @@ def keys(store, master_key) -> KeyStore:
     return k
 
 
-@pytest.fixture
-def registry(store, keys) -> Registry:
-    return Registry(store, keys)
+TEST_ID_SCOPE = "0ne00TEST01"
+
+
+DEFAULT_HUB_HOST = "default.hubs.test"
+
+
+def installation(store: Store, keys: KeyStore, id_scope: str = TEST_ID_SCOPE) -> Services:
+    """Every domain service wired in-process on ``store``, with the default hub an installation starts with."""
+    services = wire(store, keys, id_scope=id_scope, hub_domain="hubs.test")
+    services.hubs.ensure("default", DEFAULT_HUB_HOST)
+    return services
 
 
 @pytest.fixture
-def engine(store, keys) -> IssuanceEngine:
-    return IssuanceEngine(store, keys)
+def services(store, keys) -> Services:
+    """The domain services in this process on the test's store (no server, no sockets)."""
+    return installation(store, keys)
 
 
 @pytest.fixture
-def ca_certificates(store) -> CaCertificates:
-    return CaCertificates(store)
+def registry(services) -> Registry:
+    return services.registry
+
+
+@pytest.fixture
+def engine(services) -> IssuanceEngine:
+    return services.issuance
+
+
+@pytest.fixture
+def ca_certificates(services) -> CaCertificates:
+    return services.ca_certificates
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all bound at once while chosen, so two never coincide)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def run_openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -174,13 +203,14 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
                 amqp_port: int | None = None):
     """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
     data_dir = tmp_path / "data"
-    port = https_port or free_port()
+    spare = free_ports(3)
+    port = https_port or spare[0]
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
     env.pop("OPENDPS_CONNECTION_STRING", None)
     env.pop("OPENDPS_MASTER_KEY", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    mqtt_port = mqtt_port or free_port()
-    amqp_port = amqp_port or free_port()  # never the default 5671: servers of several tests run side by side
+    mqtt_port = mqtt_port or spare[1]
+    amqp_port = amqp_port or spare[2]  # never the default 5671: servers of several tests run side by side
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
          "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port)], env=env, stdout=log, stderr=subprocess.STDOUT)

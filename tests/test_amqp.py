@@ -31,7 +31,7 @@ SAS_TYPE = "servicebus.windows.net:sastoken"
 class Amqp:
     """A proton BlockingConnection to the AMQP listener, with CBS put-token and C2D sends made by hand."""
 
-    def __init__(self, server, timeout: float = 20):  # noqa: ANN001
+    def __init__(self, server, timeout: float = 20):
         domain = SSLDomain(SSLDomain.MODE_CLIENT)
         domain.set_trusted_ca_db(str(server.ca_file))
         domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
@@ -56,10 +56,10 @@ class Amqp:
         assert isinstance(answer.properties["status-code"], int32), type(answer.properties["status-code"])
         return answer.properties["status-code"], answer.properties["status-description"]
 
-    def devicebound(self, address: str = "/messages/devicebound"):  # noqa: ANN201
+    def devicebound(self, address: str = "/messages/devicebound"):
         return self.conn.create_sender(address)
 
-    def send(self, sender, message: Message) -> tuple[int, str | None, str | None]:  # noqa: ANN001
+    def send(self, sender, message: Message) -> tuple[int, str | None, str | None]:
         """Send unsettled and wait for the outcome: (state, error condition, description)."""
         delivery = sender.link.send(message)
         self.conn.wait(lambda: delivery.remote_state in (Delivery.ACCEPTED, Delivery.REJECTED, Delivery.RELEASED,
@@ -73,7 +73,7 @@ class Amqp:
         self.conn.close()
 
 
-def hub_owner_token(server, host: str = "localhost", *, key: str | None = None, ttl: int = 3600) -> str:  # noqa: ANN001
+def hub_owner_token(server, host: str = "localhost", *, key: str | None = None, ttl: int = 3600) -> str:
     """iothubowner's token as azure-iot-hub makes it (sr = the HostName of the hub connection string)."""
     out = server.cli("hub", "connection-string", "show", check=True)
     cs = json.loads(out.stdout)
@@ -81,16 +81,16 @@ def hub_owner_token(server, host: str = "localhost", *, key: str | None = None, 
     return sas.generate(cs["HostName"].replace("localhost", host, 1), key or cs["SharedAccessKey"], "iothubowner", ttl=ttl)
 
 
-def dps_owner_token(server) -> str:  # noqa: ANN001
+def dps_owner_token(server) -> str:
     cs = sas.parse_connection_string(server.connection_string)
     return sas.generate(cs["HostName"], cs["SharedAccessKey"], cs["SharedAccessKeyName"])
 
 
-def c2d(device_id: str, body: bytes = b"hello", **fields) -> Message:  # noqa: ANN003
+def c2d(device_id: str, body: bytes = b"hello", **fields) -> Message:
     return Message(address=f"/devices/{device_id}/messages/devicebound", body=body, **fields)
 
 
-def queued(server, device_id: str) -> list[CloudToDeviceMessage]:  # noqa: ANN001
+def queued(server, device_id: str) -> list[CloudToDeviceMessage]:
     store = Store(server.db_url)
     try:
         with store.session() as s:
@@ -102,7 +102,7 @@ def queued(server, device_id: str) -> list[CloudToDeviceMessage]:  # noqa: ANN00
         store.dispose()
 
 
-def sas_device(server, device_id: str) -> str:  # noqa: ANN001
+def sas_device(server, device_id: str) -> str:
     """A SAS device in the default hub; its primary key."""
     with svc(server) as c:
         r = c.put(f"/devices/{device_id}", json={"deviceId": device_id})
@@ -232,7 +232,7 @@ def test_unknown_device_bad_address_and_a_full_queue_are_rejected(server):
         client.close()
 
 
-def _tls(server) -> ssl.SSLSocket:  # noqa: ANN001
+def _tls(server) -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=str(server.ca_file))
     sock = socket.create_connection(("127.0.0.1", server.amqp_port), timeout=30)
     return ctx.wrap_socket(sock, server_hostname="localhost")

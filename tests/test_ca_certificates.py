@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from conftest import run_openssl
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
-from opendps.provisioning import CaCertificates
+from opendps.pki import CaCertificates
 from seed import DEVICE_EXT, INTERMEDIATE_EXT, REGISTRATION_ID
 
 pytestmark = pytest.mark.timeout(120, func_only=True)

@@ -7,7 +7,7 @@ import json
 from tests.conftest import run_openssl
 
 
-def _json(proc) -> object:  # noqa: ANN001
+def _json(proc) -> object:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -93,7 +93,7 @@ def test_dps_certificate_proof_of_possession_with_cli(server, tmp_path):
 def test_login_flag_and_env_connection(server, tmp_path):
     env = {k: v for k, v in server.env.items() if k != "OPENDPS_DATA_DIR"}
     env["OPENDPS_DATA_DIR"] = str(tmp_path / "nowhere")
-    def run(*args: str, extra: dict | None = None):  # noqa: ANN202
+    def run(*args: str, extra: dict | None = None):
         return server.cli(*args, env={**env, **(extra or {})})
 
     r = run("adr", "ns", "list")

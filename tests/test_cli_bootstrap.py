@@ -45,12 +45,12 @@ class Run:
     seconds: float
 
 
-def _json(proc) -> dict:  # noqa: ANN001
+def _json(proc) -> dict:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def _fails(proc, *words: str) -> str:  # noqa: ANN001
+def _fails(proc, *words: str) -> str:
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -341,7 +341,7 @@ def test_keys_are_written_0600_before_they_get_their_name(tmp_path, monkeypatch)
     seen: list[tuple[str, int]] = []
     real_replace = os.replace
 
-    def replace(src, dst):  # noqa: ANN001, ANN202
+    def replace(src, dst):
         assert Path(src).parent == Path(dst).parent
         seen.append((Path(dst).name, stat.S_IMODE(os.stat(src).st_mode)))
         return real_replace(src, dst)

@@ -24,15 +24,15 @@ pytestmark = pytest.mark.timeout(300, func_only=True)
 
 NS, POLICY = "clidev-ns", "clidev-policy"
 GROUP_KEY = base64.b64encode(bytes(range(7, 71))).decode()
-FLEET = 200
+FLEET = 64  # two waves at the default concurrency (32)
 
 
-def _json(proc) -> dict:  # noqa: ANN001
+def _json(proc) -> dict:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def _fails(proc, *words: str) -> str:  # noqa: ANN001
+def _fails(proc, *words: str) -> str:
     """Non-zero exit with exactly one ``error:`` line on stderr containing ``words``."""
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -42,11 +42,11 @@ def _fails(proc, *words: str) -> str:  # noqa: ANN001
     return lines[0]
 
 
-def _https_port(server) -> str:  # noqa: ANN001
+def _https_port(server) -> str:
     return server.url.rsplit(":", 1)[1]
 
 
-def _no_data_dir_env(server) -> dict:  # noqa: ANN001
+def _no_data_dir_env(server) -> dict:
     return {k: v for k, v in server.env.items() if not k.startswith("OPENDPS_")}
 
 
@@ -149,7 +149,7 @@ def test_provision_errors_are_one_line(server, setup, tmp_path):
                       str(server.mqtt_port), "--retries", "0"), f"registration of {rid!r} failed")
 
 
-def _simulate(server, transport: str, prefix: str) -> tuple[dict, float]:  # noqa: ANN001
+def _simulate(server, transport: str, prefix: str) -> tuple[dict, float]:
     started = time.monotonic()
     proc = server.cli("device", "simulate", "--count", str(FLEET), "--group-key", GROUP_KEY, "--prefix", prefix,
                       "--transport", transport, "-o", "json")

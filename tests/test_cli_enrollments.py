@@ -24,12 +24,12 @@ KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(100, 148))).decode()
 
 
-def _json(proc) -> object:  # noqa: ANN001
+def _json(proc) -> object:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def _fails(proc, *words: str) -> str:  # noqa: ANN001
+def _fails(proc, *words: str) -> str:
     """The command failed with exactly one ``error:`` line on stderr containing ``words``."""
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -62,12 +62,12 @@ def _ca(tmp_path: Path, name: str) -> Path:
     return tmp_path / f"{name}.pem"
 
 
-def _client(server) -> Client:  # noqa: ANN001
+def _client(server) -> Client:
     """The CLI's own REST client, for what the verbs do not expose (paging size, raw bodies)."""
     return Client(resolve_connection(server.connection_string, None, server.ca_file, env={}))
 
 
-def _service_host(server) -> str:  # noqa: ANN001
+def _service_host(server) -> str:
     return sas.parse_connection_string(server.connection_string)["HostName"].split(":")[0]
 
 
@@ -267,7 +267,7 @@ def test_x509_group_on_verified_and_unverified_ca(server, tmp_path):
     assert "x509" in row and "disabled" in row
 
 
-def _register(server, registration_id: str, device_key: str) -> dict:  # noqa: ANN001
+def _register(server, registration_id: str, device_key: str) -> dict:
     """Register over the device API with a SAS token signed by ``device_key`` (proves the key is right)."""
     scope = _json(server.cli("info", "-o", "json"))["idScope"]
     token = sas.generate(f"{scope}/registrations/{registration_id}", device_key, key_name="registration")

@@ -43,13 +43,13 @@ def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
-def sas_device(server, device_id: str) -> str:  # noqa: ANN001
+def sas_device(server, device_id: str) -> str:
     """Create a SAS device with server-generated keys; return its primary key."""
     created = ok(server.cli("hub", "device-identity", "create", "--device-id", device_id))
     return created["authentication"]["symmetricKey"]["primaryKey"]
 
 
-def connect(server, device_id: str, key: str, *topics: str) -> Device:  # noqa: ANN001
+def connect(server, device_id: str, key: str, *topics: str) -> Device:
     d = Device(server, device_id, hub_username(device_id), password=sas.generate(f"{HUB}/devices/{device_id}", key))
     assert d.rc == 0
     if topics:
@@ -57,7 +57,7 @@ def connect(server, device_id: str, key: str, *topics: str) -> Device:  # noqa: 
     return d
 
 
-def wait_connection_state(server, device_id: str, state: str) -> None:  # noqa: ANN001
+def wait_connection_state(server, device_id: str, state: str) -> None:
     deadline = time.time() + 10
     while time.time() < deadline:
         if ok(server.cli("hub", "device-identity", "show", "-d", device_id))["connectionState"] == state:

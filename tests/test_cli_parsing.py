@@ -180,7 +180,7 @@ def test_api_path_encodes_segments() -> None:
 # ---------------------------------------------------------------- the client against a mock transport
 
 
-def _client(handler) -> Client:  # noqa: ANN001
+def _client(handler) -> Client:
     return Client(Connection("localhost:8443", "provisioningserviceowner", KEY),
                   transport=httpx.MockTransport(handler))
 
@@ -248,11 +248,11 @@ class FakeServer:
 
 
 @pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def run(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("OPENDPS_CONNECTION_STRING", raising=False)
     monkeypatch.delenv("OPENDPS_CA_FILE", raising=False)
 
-    def invoke(server: FakeServer, *args: str):  # noqa: ANN202
+    def invoke(server: FakeServer, *args: str):
         monkeypatch.setattr(management, "Client",
                             lambda conn: client_mod.Client(conn, transport=httpx.MockTransport(server)))
         return CliRunner().invoke(main, [*args, "--login", LOGIN], catch_exceptions=False)
@@ -266,7 +266,7 @@ POLICY = {"name": "p1", "etag": "E1", "properties": {"certificate": {
 P1 = "/namespaces/ns1/credentials/default/policies/p1"
 
 
-def test_policy_create_refuses_existing(run) -> None:  # noqa: ANN001
+def test_policy_create_refuses_existing(run) -> None:
     server = FakeServer({("GET", P1): httpx.Response(200, json=POLICY)})
     result = run(server, "adr", "ns", "policy", "create", "--ns", "ns1", "-n", "p1")
     assert result.exit_code == 1
@@ -274,7 +274,7 @@ def test_policy_create_refuses_existing(run) -> None:  # noqa: ANN001
     assert [r.method for r in server.requests] == ["GET"]
 
 
-def test_policy_create_sends_defaults(run) -> None:  # noqa: ANN001
+def test_policy_create_sends_defaults(run) -> None:
     server = FakeServer({("PUT", P1): httpx.Response(201, json=POLICY)})
     result = run(server, "adr", "ns", "policy", "create", "--namespace", "ns1", "--name", "p1")
     assert result.exit_code == 0, result.output
@@ -284,7 +284,7 @@ def test_policy_create_sends_defaults(run) -> None:  # noqa: ANN001
     assert json.loads(result.stdout)["name"] == "p1"
 
 
-def test_policy_update_keeps_unchanged_settings(run) -> None:  # noqa: ANN001
+def test_policy_update_keeps_unchanged_settings(run) -> None:
     server = FakeServer({("GET", P1): httpx.Response(200, json=POLICY),
                          ("PUT", P1): httpx.Response(200, json=POLICY)})
     result = run(server, "adr", "ns", "policy", "update", "--ns", "ns1", "-n", "p1",
@@ -296,20 +296,20 @@ def test_policy_update_keeps_unchanged_settings(run) -> None:  # noqa: ANN001
         "validityPeriodInDays": 10, "allowP256": True}
 
 
-def test_policy_update_missing(run) -> None:  # noqa: ANN001
+def test_policy_update_missing(run) -> None:
     result = run(FakeServer({}), "adr", "ns", "policy", "update", "--ns", "ns1", "-n", "p1",
                  "--no-allow-p256")
     assert result.exit_code == 1
     assert "policy 'p1' does not exist in namespace 'ns1'" in result.stderr
 
 
-def test_server_error_is_one_line(run) -> None:  # noqa: ANN001
+def test_server_error_is_one_line(run) -> None:
     result = run(FakeServer({}), "adr", "ns", "show", "--namespace", "nope")
     assert result.exit_code == 1
     assert result.stderr == "error: /namespaces/nope not found (HTTP 404, code 404001)\n"
 
 
-def test_list_prints_the_value_array(run) -> None:  # noqa: ANN001
+def test_list_prints_the_value_array(run) -> None:
     cert = {"name": "root", "etag": "E", "properties": {"subject": "CN=r", "isVerified": False}}
     server = FakeServer({("GET", "/certificates"): httpx.Response(200, json={"value": [cert]})})
     assert json.loads(run(server, "dps", "certificate", "list").stdout) == [cert]
@@ -317,7 +317,7 @@ def test_list_prints_the_value_array(run) -> None:  # noqa: ANN001
     assert "root" in table and "CN=r" in table and "isVerified" in table
 
 
-def test_certificate_create_uploads_file(run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_certificate_create_uploads_file(run, tmp_path: Path) -> None:
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     (tmp_path / "root.pem").write_text(pem)
     server = FakeServer({("PUT", "/certificates/root"): httpx.Response(201, json={"name": "root"})})
@@ -328,21 +328,21 @@ def test_certificate_create_uploads_file(run, tmp_path: Path) -> None:  # noqa: 
     assert "If-Match" not in server.requests[0].headers
 
 
-def test_certificate_create_missing_file(run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_certificate_create_missing_file(run, tmp_path: Path) -> None:
     server = FakeServer({})
     result = run(server, "dps", "certificate", "create", "-n", "root", "--path", str(tmp_path / "x.pem"))
     assert result.exit_code == 1
     assert "x.pem" in result.stderr and not server.requests
 
 
-def test_credential_show_pem(run) -> None:  # noqa: ANN001
+def test_credential_show_pem(run) -> None:
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     server = FakeServer({("GET", "/namespaces/ns1/credentials/default"): httpx.Response(
         200, json={"name": "default", "properties": {"certificate": pem}})})
     assert run(server, "adr", "ns", "credential", "show", "--ns", "ns1", "--pem").stdout == pem
 
 
-def test_connection_string_show(run) -> None:  # noqa: ANN001
+def test_connection_string_show(run) -> None:
     server = FakeServer({})
     result = run(server, "dps", "connection-string", "show")
     assert json.loads(result.stdout) == {"connectionString": LOGIN}

@@ -79,7 +79,7 @@ async def settle(agent: DeviceAgent, clock: FakeClock) -> None:
     await wait_for(lambda: agent.status.last_check == clock.now and agent.status.state == "connected")
 
 
-def enroll(server, tmp: str, *, days: int = 1) -> tuple[str, dict]:  # noqa: ANN001
+def enroll(server, tmp: str, *, days: int = 1) -> tuple[str, dict]:
     """Namespace + policy (``days`` validity) and an individual symmetric-key enrollment linked to it."""
     with svc(server) as c:
         namespace(c, f"{tmp}-ns", f"{tmp}-p", days=days)
@@ -87,7 +87,7 @@ def enroll(server, tmp: str, *, days: int = 1) -> tuple[str, dict]:  # noqa: ANN
     return f"{tmp}-dev", doc
 
 
-def update_enrollment(server, rid: str, doc: dict, **changes) -> None:  # noqa: ANN001, ANN003
+def update_enrollment(server, rid: str, doc: dict, **changes) -> None:
     """PUT the enrollment again with the same keys; ``None`` drops a field."""
     body = {"attestation": doc["attestation"], "credentialPolicyName": doc["credentialPolicyName"],
             "provisioningStatus": "enabled"}
@@ -96,7 +96,7 @@ def update_enrollment(server, rid: str, doc: dict, **changes) -> None:  # noqa: 
         put(c, f"/enrollments/{rid}", {k: v for k, v in body.items() if v is not None}, status=200)
 
 
-def config(server, tmp_path: Path, rid: str, doc: dict, **overrides) -> AgentConfig:  # noqa: ANN001, ANN003
+def config(server, tmp_path: Path, rid: str, doc: dict, **overrides) -> AgentConfig:
     options = {"dps_host": HUB, "id_scope": server.id_scope, "registration_id": rid, "store_dir": tmp_path / "creds",
                "https_port": int(server.url.rsplit(":", 1)[1]), "mqtt_port": server.mqtt_port, "ca_file": server.ca_file,
                "symmetric_key": doc["attestation"]["symmetricKey"]["primaryKey"], "provisioning_options": FAST,
@@ -105,7 +105,7 @@ def config(server, tmp_path: Path, rid: str, doc: dict, **overrides) -> AgentCon
     return AgentConfig(**options)
 
 
-def reported_certificate(server, device_id: str) -> dict:  # noqa: ANN001
+def reported_certificate(server, device_id: str) -> dict:
     with svc(server) as c:
         return c.get(f"/twins/{device_id}").json()["properties"]["reported"].get("certificate")
 
@@ -224,7 +224,7 @@ def test_hub_topic_renewal_and_renew_now(server, tmp_path, monkeypatch):
     registrations: list[str] = []
     real_register = ProvisioningClient.register
 
-    async def counting_register(self, csr_b64=None, payload=None):  # noqa: ANN001, ANN202
+    async def counting_register(self, csr_b64=None, payload=None):
         registrations.append(self.registration_id)
         return await real_register(self, csr_b64, payload)
 
@@ -365,7 +365,7 @@ def test_new_certificate_refused_by_the_hub_is_rolled_back(server, tmp_path, mon
     rid, doc = enroll(server, "agent-rogue")
     rogue = make_ca("agent-rogue-ca")
 
-    async def rogue_renewal(self, csr_b64: str, *, replace: str | None = None) -> list[x509.Certificate]:  # noqa: ARG001
+    async def rogue_renewal(self, csr_b64: str, *, replace: str | None = None) -> list[x509.Certificate]:
         csr = x509.load_der_x509_csr(base64.b64decode(csr_b64))
         now = datetime.now(UTC)
         leaf = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(rogue.cert.subject)

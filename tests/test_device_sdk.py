@@ -39,22 +39,22 @@ HUB = "localhost"
 FAST = {"min_wait": 0.0, "max_wait": 0.05}  # honour Retry-After, but shrunk for tests
 
 
-def https_port(server) -> int:  # noqa: ANN001
+def https_port(server) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
-def client(server, rid: str, transport: str = "https", **credential) -> ProvisioningClient:  # noqa: ANN001, ANN003
+def client(server, rid: str, transport: str = "https", **credential) -> ProvisioningClient:
     return ProvisioningClient(HUB, server.id_scope, rid, https_port=https_port(server), mqtt_port=server.mqtt_port,
                               ca_file=server.ca_file, transport=transport, **FAST, **credential)
 
 
-def policy_ica(c, ns: str, policy: str) -> x509.Certificate:  # noqa: ANN001
+def policy_ica(c, ns: str, policy: str) -> x509.Certificate:
     doc = c.get(f"/namespaces/{ns}/credentials/default/policies/{policy}").json()
     return x509.load_pem_x509_certificate(
         doc["properties"]["certificate"]["certificateAuthorityConfiguration"]["certificate"].encode())
 
 
-def check_issued(result: RegistrationResult, key, rid: str, ica: x509.Certificate, directory: Path) -> None:  # noqa: ANN001
+def check_issued(result: RegistrationResult, key, rid: str, ica: x509.Certificate, directory: Path) -> None:
     chain = result.issued_chain
     assert [result.status, result.device_id, result.assigned_hub] == ["assigned", rid, HUB]
     assert len(chain) == 3
@@ -71,7 +71,8 @@ def check_issued(result: RegistrationResult, key, rid: str, ica: x509.Certificat
 def test_package_imports_without_server_code():
     code = """
 import sys
-BLOCKED = ("opendps.api", "opendps.hub", "opendps.provisioning", "opendps.store", "opendps.pki", "opendps.registry",
+BLOCKED = ("opendps.frontends", "opendps.services", "opendps.hub", "opendps.provisioning", "opendps.store",
+           "opendps.pki", "opendps.registry",
            "opendps.instance", "opendps.server", "opendps.cli", "opendps.transport.tls", "opendps.transport.mqtt.server",
            "sqlalchemy", "aiohttp", "OpenSSL")
 class Block:
@@ -88,7 +89,7 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith("opendps"))))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == sorted([
         "opendps", "opendps.device", "opendps.device.hub", "opendps.device.keys", "opendps.device.mqtt",
-        "opendps.device.provisioning", "opendps.device.store", "opendps.device.sync", "opendps.transport",
+        "opendps.device.provisioning", "opendps.device.store", "opendps.device.sync", "opendps.files", "opendps.transport",
         "opendps.transport.mqtt", "opendps.transport.mqtt.codec", "opendps.transport.sas"])
 
 
@@ -122,7 +123,7 @@ def test_keys_csr_and_summary():
                                                              {"line": "a b", "flag": None})
 
 
-def _issued(ca, key, cn: str) -> list[x509.Certificate]:  # noqa: ANN001
+def _issued(ca, key, cn: str) -> list[x509.Certificate]:
     """A chain [leaf for ``key``, CA] like the one DPS returns (the store only needs leaf + issuer)."""
     now = datetime.now(UTC)
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -172,16 +173,16 @@ def test_certificate_store_atomic_writes_previous_confirm_and_rollback(tmp_path,
     # rollback() restores the confirmed one; the failed write leaves no temporary file
     real_replace = os.replace
 
-    def crash_on_chain(src, dst):  # noqa: ANN001, ANN202
+    def crash_on_chain(src, dst):
         if Path(dst) == tmp_path / "creds" / "chain.pem":
             raise OSError("power cut")
         return real_replace(src, dst)
 
-    monkeypatch.setattr("opendps.device.store.os.replace", crash_on_chain)
+    monkeypatch.setattr("opendps.files.os.replace", crash_on_chain)
     k4 = keys.generate_key()
     with pytest.raises(OSError, match="power cut"):
         store.save(k4, _issued(ca, k4, "store-dev"))
-    monkeypatch.setattr("opendps.device.store.os.replace", real_replace)
+    monkeypatch.setattr("opendps.files.os.replace", real_replace)
     assert not [p for p in (tmp_path / "creds").rglob("*") if p.name.endswith(".tmp")]
     with pytest.raises(StoreError, match="does not match"):
         store.current()
@@ -277,7 +278,7 @@ def test_throttling_is_retried_after_retry_after(server, transport):
 
 
 # ---------------------------------------------------------------- hub
-async def _wait_for(predicate, timeout: float = 10) -> None:  # noqa: ANN001
+async def _wait_for(predicate, timeout: float = 10) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:

@@ -52,7 +52,7 @@ V311_RC = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 class Client:
     """A paho-mqtt 3.1.1 client with a queue of received messages."""
 
-    def __init__(self, server, client_id: str, username: str, *, password: str | None = None,  # noqa: ANN001
+    def __init__(self, server, client_id: str, username: str, *, password: str | None = None,
                  cert: Path | None = None, key: Path | None = None, clean_session: bool = False,
                  websocket: bool = False):
         self.messages: queue.Queue = queue.Queue()
@@ -73,7 +73,7 @@ class Client:
         self.c.loop_start()
         assert self.connack.wait(30), "no CONNACK"
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.rc = V311_RC.get(reason_code.value, reason_code.value)  # paho 2 reports MQTT 5 reason codes
         self.session_present = bool(flags.session_present)
         self.connack.set()
@@ -103,7 +103,7 @@ class Client:
         self.c.loop_stop()
 
 
-def dps_username(server, rid: str) -> str:  # noqa: ANN001
+def dps_username(server, rid: str) -> str:
     return f"{server.id_scope}/registrations/{rid}/api-version={PREVIEW}&ClientVersion=tests"
 
 
@@ -111,7 +111,7 @@ def hub_username(device_id: str) -> str:
     return f"{HUB}/{device_id}/?api-version=2021-04-12"
 
 
-def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict, Path, Path]:  # noqa: ANN001, ANN003
+def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict, Path, Path]:
     """Register with a CSR over MQTT; return (registrationState, chain file, operational key file)."""
     c = Client(server, rid, dps_username(server, rid), **auth)
     assert c.rc == 0
@@ -134,14 +134,14 @@ def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict,
     return state, chain_file, tmp_path / f"{rid}-op.key"
 
 
-def events(server, device_id: str, count: int, timeout: float = 10) -> list[dict]:  # noqa: ANN001
+def events(server, device_id: str, count: int, timeout: float = 10) -> list[dict]:
     with svc(server) as c:
         r = c.get("/events", params={"from": "earliest", "deviceId": device_id, "count": count, "timeout": timeout})
         assert r.status_code == 200, r.text
         return [json.loads(line) for line in r.text.splitlines() if line.strip()]
 
 
-def pending_c2d(server) -> int:  # noqa: ANN001
+def pending_c2d(server) -> int:
     store = Store(server.db_url)
     try:
         with store.session() as s:
@@ -150,7 +150,7 @@ def pending_c2d(server) -> int:  # noqa: ANN001
         store.dispose()
 
 
-def exercise_hub(server, device_id: str, **auth) -> None:  # noqa: ANN001, ANN003
+def exercise_hub(server, device_id: str, **auth) -> None:
     """Telemetry, twin, a direct method and C2D (with offline queueing) for a connected device."""
     d = Client(server, device_id, hub_username(device_id), **auth)
     assert d.rc == 0
@@ -306,11 +306,12 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
 
     inst = open_instance(Settings.load(server.data_dir, db=server.db_url, lint=False), create=False, migrate=False)
     try:
-        policy_id = inst.registry.find_policy_id("other-ns", "other-p")
-        foreign = inst.issuance.issue(policy_id, base64.b64decode(other_csr), "refuse-dev")
+        registry, issuance = inst.services.registry, inst.services.issuance
+        foreign = issuance.issue(registry.issuer(registry.find_policy("other-p", "other-ns").policy_id),
+                                 base64.b64decode(other_csr), "refuse-dev")
         past = datetime.now(UTC) - timedelta(days=30)
-        expired = inst.issuance.issue(inst.registry.find_policy_id("refuse-ns", "refuse-p"),
-                                      base64.b64decode(csr_b64(tmp_path / "old", "refuse-dev")), "refuse-dev", now=past)
+        expired = issuance.issue(registry.issuer(registry.find_policy("refuse-p", "refuse-ns").policy_id),
+                                 base64.b64decode(csr_b64(tmp_path / "old", "refuse-dev")), "refuse-dev", now=past)
     finally:
         inst.close()
     foreign_file = write_pem(tmp_path / "foreign.pem", foreign.certificates[:2])

@@ -155,10 +155,16 @@ class Ns:
 
 
 @pytest.fixture
+def issue(engine, registry):
+    """Issue under a policy as it is now: the RA's two steps (load the policy's issuer, call the CA once)."""
+    return lambda policy_id, csr, rid, **kw: engine.issue(registry.issuer(policy_id), csr, rid, **kw)
+
+
+@pytest.fixture
 def ns(registry) -> Ns:
     """A namespace whose first policy issues 7-day leaves."""
     registry.create_namespace("acme", "default", validity_days=7)
-    return Ns("acme", "default", registry.find_policy_id("acme", "default"))
+    return Ns("acme", "default", registry.find_policy("default", "acme").policy_id)
 
 
 # ---------------------------------------------------------------- 1. happy path with openssl
@@ -169,9 +175,9 @@ def _write_chain(directory: Path, chain, prefix: str) -> None:
         (directory / f"{prefix}{name}.pem").write_bytes(cert.public_bytes(Encoding.PEM))
 
 
-def test_issue_openssl_csr_pem_and_der_and_openssl_verifies_chain(engine, registry, ns, tmp_path):
+def test_issue_openssl_csr_pem_and_der_and_openssl_verifies_chain(issue, registry, ns, tmp_path):
     csr_path = _openssl_csr(tmp_path, "dev", newkey=P384, subj=f"/CN={REG_ID}")
-    chain = engine.issue(ns.policy_id, csr_path.read_bytes(), REG_ID)
+    chain = issue(ns.policy_id, csr_path.read_bytes(), REG_ID)
 
     assert chain.root == registry.credential(ns.name).certificate
     assert chain.issuing_ca == registry.get_policy(ns.name, ns.policy).issuing_ca
@@ -203,7 +209,7 @@ def test_issue_openssl_csr_pem_and_der_and_openssl_verifies_chain(engine, regist
     run_openssl("req", "-in", "dev.csr", "-outform", "DER", "-out", "dev.der", cwd=tmp_path)
     der = (tmp_path / "dev.der").read_bytes()
     assert der[0] == 0x30 and not der.startswith(b"-----")
-    from_der = engine.issue(ns.policy_id, der, REG_ID)
+    from_der = issue(ns.policy_id, der, REG_ID)
     assert from_der.leaf.public_key() == device_key.public_key()
     assert from_der.leaf.serial_number != chain.leaf.serial_number
     _write_chain(tmp_path, from_der, "der-")
@@ -215,9 +221,9 @@ def test_issue_openssl_csr_pem_and_der_and_openssl_verifies_chain(engine, regist
 # ---------------------------------------------------------------- 2. exact profiles
 
 
-def test_leaf_profile(engine, ns, corpus):
+def test_leaf_profile(issue, ns, corpus):
     before = datetime.now(UTC)
-    chain = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+    chain = issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
     after = datetime.now(UTC)
     leaf, ica = chain.leaf, chain.issuing_ca
 
@@ -259,12 +265,12 @@ def test_leaf_profile(engine, ns, corpus):
         leaf.verify_directly_issued_by(chain.root)
 
     # a second certificate gets a different serial
-    other = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
+    other = issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
     assert other.serial_number != leaf.serial_number
     assert 2**127 <= other.serial_number < 2**128
 
 
-def test_ca_profiles_and_lint_clean_chain(engine, registry, ns, corpus):
+def test_ca_profiles_and_lint_clean_chain(issue, registry, ns, corpus):
     root = registry.credential(ns.name).certificate
     ica = registry.get_policy(ns.name, ns.policy).issuing_ca
 
@@ -297,7 +303,7 @@ def test_ca_profiles_and_lint_clean_chain(engine, registry, ns, corpus):
     assert ica.public_key() != root.public_key()
     assert ica.not_valid_after_utc <= root.not_valid_after_utc
     # the chain an issuance returns is exactly these
-    chain = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+    chain = issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
     assert chain.root == root and chain.issuing_ca == ica
 
     # pkilint: nothing at WARNING or worse for leaf, ICA and root
@@ -309,13 +315,13 @@ def test_ca_profiles_and_lint_clean_chain(engine, registry, ns, corpus):
         assert {f.severity for f in everything} <= {"INFO", "NOTICE", "DEBUG"}
 
 
-def test_validity_follows_policy_and_policy_updates(engine, registry, ns, corpus):
+def test_validity_follows_policy_and_policy_updates(issue, registry, ns, corpus):
     registry.put_policy(ns.name, "short", validity_days=1)
-    short_id = registry.find_policy_id(ns.name, "short")
+    short_id = registry.find_policy("short", ns.name).policy_id
     assert short_id != ns.policy_id
 
-    week = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
-    day = engine.issue(short_id, corpus.csrs["p384"], REG_ID)
+    week = issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
+    day = issue(short_id, corpus.csrs["p384"], REG_ID)
     assert week.not_valid_after_utc - week.not_valid_before_utc == timedelta(days=7)
     assert day.leaf.not_valid_after_utc - day.leaf.not_valid_before_utc == timedelta(days=1)
     # each policy signs with its own issuing CA
@@ -327,19 +333,19 @@ def test_validity_follows_policy_and_policy_updates(engine, registry, ns, corpus
     ica_before = registry.get_policy(ns.name, ns.policy).issuing_ca
     view, created = registry.put_policy(ns.name, ns.policy, validity_days=3)
     assert not created and view.validity_days == 3
-    after = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+    after = issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
     assert after.leaf.not_valid_after_utc - after.leaf.not_valid_before_utc == timedelta(days=3)
     assert after.issuing_ca == ica_before
     registry.put_policy(ns.name, ns.policy, validity_days=90)
-    longest = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
+    longest = issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
     assert longest.not_valid_after_utc - longest.not_valid_before_utc == timedelta(days=90)
 
 
-def test_leaf_never_outlives_issuing_ca(engine, store, ns, corpus):
-    ica = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID).issuing_ca
+def test_leaf_never_outlives_issuing_ca(issue, store, ns, corpus):
+    ica = issue(ns.policy_id, corpus.csrs["p384"], REG_ID).issuing_ca
     end = ica.not_valid_after_utc
     # two days before the ICA expires, a 7-day policy is cut to the ICA's notAfter
-    late = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID, now=end - timedelta(days=2)).leaf
+    late = issue(ns.policy_id, corpus.csrs["p384"], REG_ID, now=end - timedelta(days=2)).leaf
     assert late.not_valid_after_utc == end
     assert end - timedelta(days=2, minutes=5) - SLACK <= late.not_valid_before_utc <= end - timedelta(days=2)
     assert late.not_valid_after_utc - late.not_valid_before_utc < timedelta(days=7)
@@ -347,7 +353,7 @@ def test_leaf_never_outlives_issuing_ca(engine, store, ns, corpus):
     # once the ICA has expired, nothing is signed
     count = _issued_count(store)
     with pytest.raises(IssuanceRefused, match="expired"):
-        engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID, now=end + timedelta(seconds=1))
+        issue(ns.policy_id, corpus.csrs["p384"], REG_ID, now=end + timedelta(seconds=1))
     assert _issued_count(store) == count
 
 
@@ -399,7 +405,7 @@ LINT_INJECTIONS = [
 ]
 
 
-def test_engine_refuses_when_lint_finds_something(engine, store, keys, ns, corpus, monkeypatch, subtests):
+def test_engine_refuses_when_lint_finds_something(issue, registry, store, keys, ns, corpus, monkeypatch, subtests):
     real = issuance_module.leaf_builder
     for label, extension, code in LINT_INJECTIONS:
         with subtests.test(msg=label):
@@ -409,12 +415,12 @@ def test_engine_refuses_when_lint_finds_something(engine, store, keys, ns, corpu
             monkeypatch.setattr(issuance_module, "leaf_builder", tampered)
             before = _issued_count(store)
             with pytest.raises(IssuanceRefused) as exc_info:
-                engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+                issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
             assert code in str(exc_info.value)
             assert "lint" in str(exc_info.value)
             assert _issued_count(store) == before
             # control: without lint the tampered profile would have been signed
-            unlinted = IssuanceEngine(store, keys, lint=False).issue(ns.policy_id, corpus.csrs["p384"],
+            unlinted = IssuanceEngine(store, keys, lint=False).issue(registry.issuer(ns.policy_id), corpus.csrs["p384"],
                                                                      REG_ID)
             assert unlinted.leaf.extensions.get_extension_for_oid(extension.oid).critical
 
@@ -439,12 +445,12 @@ BAD_CSRS = [
 ]
 
 
-def test_bad_csrs_rejected_and_nothing_stored(engine, store, ns, corpus, subtests):
+def test_bad_csrs_rejected_and_nothing_stored(issue, store, ns, corpus, subtests):
     for entry, registration_id, words in BAD_CSRS:
         with subtests.test(msg=entry):
             before = _issued_count(store)
             with pytest.raises(OpenDPSError) as exc_info:
-                engine.issue(ns.policy_id, corpus.csrs[entry], registration_id)
+                issue(ns.policy_id, corpus.csrs[entry], registration_id)
             err = exc_info.value
             assert err.status == 400
             for word in words:
@@ -455,41 +461,41 @@ def test_bad_csrs_rejected_and_nothing_stored(engine, store, ns, corpus, subtest
 
 
 @pytest.mark.filterwarnings("ignore:Attribute's length must be:UserWarning")
-def test_overlong_registration_id_gets_a_clear_error(engine, store, ns):
+def test_overlong_registration_id_gets_a_clear_error(issue, store, ns):
     registration_id = "d" * 65  # Azure DPS registration ids may be up to 128 characters
     key = ec.generate_private_key(ec.SECP384R1())
     with pytest.warns(UserWarning):  # cryptography itself says the CN is too long
         cn = x509.NameAttribute(NameOID.COMMON_NAME, registration_id, _validate=False)
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([cn])).sign(key, hashes.SHA384())
     with pytest.raises(OpenDPSError) as exc_info:
-        engine.issue(ns.policy_id, csr.public_bytes(Encoding.DER), registration_id)
+        issue(ns.policy_id, csr.public_bytes(Encoding.DER), registration_id)
     assert "64" in exc_info.value.message
     assert _issued_count(store) == 0
 
 
-def test_p256_only_when_policy_allows(engine, registry, store, ns, corpus):
+def test_p256_only_when_policy_allows(issue, registry, store, ns, corpus):
     with pytest.raises(OpenDPSError, match="P-256"):
-        engine.issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
+        issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
     assert _issued_count(store) == 0
 
     registry.put_policy(ns.name, ns.policy, allow_p256=True)
-    chain = engine.issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
+    chain = issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
     assert chain.leaf.public_key().curve.name == "secp256r1"
     assert chain.leaf.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA384
     chain.leaf.verify_directly_issued_by(chain.issuing_ca)
     assert lint_certificate(_der(chain.leaf)) == []
     # P-521 stays refused even then
     with pytest.raises(OpenDPSError, match="P-521"):
-        engine.issue(ns.policy_id, corpus.csrs["p521"], REG_ID)
+        issue(ns.policy_id, corpus.csrs["p521"], REG_ID)
     assert _issued_count(store) == 1
 
     registry.put_policy(ns.name, ns.policy, allow_p256=False)
     with pytest.raises(OpenDPSError, match="P-256"):
-        engine.issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
+        issue(ns.policy_id, corpus.csrs["p256"], REG_ID)
     assert _issued_count(store) == 1
 
 
-def test_csr_extensions_and_subject_are_not_copied(engine, ns, corpus):
+def test_csr_extensions_and_subject_are_not_copied(issue, ns, corpus):
     requested = x509.load_pem_x509_csr(corpus.csrs["ext_request"])
     # the CSR really asks for these (so the test can fail)
     assert _ext(requested, x509.KeyUsage).value.key_cert_sign
@@ -497,7 +503,7 @@ def test_csr_extensions_and_subject_are_not_copied(engine, ns, corpus):
     assert san.get_values_for_type(x509.DNSName) == ["evil.example"]
     assert list(_ext(requested, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
 
-    leaf = engine.issue(ns.policy_id, corpus.csrs["ext_request"], REG_ID).leaf
+    leaf = issue(ns.policy_id, corpus.csrs["ext_request"], REG_ID).leaf
     assert {e.oid for e in leaf.extensions} == LEAF_EXTENSIONS
     ku = _ext(leaf, x509.KeyUsage).value
     assert ku.digital_signature and not ku.key_cert_sign and not ku.crl_sign
@@ -509,19 +515,19 @@ def test_csr_extensions_and_subject_are_not_copied(engine, ns, corpus):
     # extra subject attributes in the CSR do not reach the certificate either
     requested = x509.load_pem_x509_csr(corpus.csrs["extra_subject"])
     assert requested.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    leaf = engine.issue(ns.policy_id, corpus.csrs["extra_subject"], REG_ID).leaf
+    leaf = issue(ns.policy_id, corpus.csrs["extra_subject"], REG_ID).leaf
     assert leaf.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, REG_ID)])
 
 
-def test_issue_for_unknown_or_deleted_policy_refused(engine, registry, store, ns, corpus):
+def test_issue_for_unknown_or_deleted_policy_refused(issue, registry, store, ns, corpus):
     with pytest.raises(OpenDPSError, match="does not exist"):
-        engine.issue(ns.policy_id + 1000, corpus.csrs["p384"], REG_ID)
+        issue(ns.policy_id + 1000, corpus.csrs["p384"], REG_ID)
     registry.put_policy(ns.name, "doomed", validity_days=5)
-    doomed = registry.find_policy_id(ns.name, "doomed")
-    engine.issue(doomed, corpus.csrs["p384"], REG_ID)
+    doomed = registry.find_policy("doomed", ns.name).policy_id
+    issue(doomed, corpus.csrs["p384"], REG_ID)
     registry.delete_policy(ns.name, "doomed")
     with pytest.raises(OpenDPSError):
-        engine.issue(doomed, corpus.csrs["p384"], REG_ID)
+        issue(doomed, corpus.csrs["p384"], REG_ID)
     assert _issued_count(store) == 1
 
 
@@ -586,7 +592,7 @@ def test_ca_private_keys_never_stored_in_clear(store, keys, master_key, db_url, 
         assert fresh._key.private_numbers() == private.private_numbers()
 
 
-def test_wrong_master_key_cannot_unwrap_and_changes_nothing(store, keys, ns, corpus):
+def test_wrong_master_key_cannot_unwrap_and_changes_nothing(registry, store, keys, ns, corpus):
     before = _wrapped_rows(store)
     other = KeyStore(store, secrets.token_bytes(32))
     for key_id in _ca_key_ids(store):
@@ -595,12 +601,12 @@ def test_wrong_master_key_cannot_unwrap_and_changes_nothing(store, keys, ns, cor
     with pytest.raises(ConfigurationError, match="master key"):
         other.check_master_key()
     with pytest.raises(ConfigurationError, match="master key"):
-        IssuanceEngine(store, other).issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+        IssuanceEngine(store, other).issue(registry.issuer(ns.policy_id), corpus.csrs["p384"], REG_ID)
     assert _issued_count(store) == 0
     assert _wrapped_rows(store) == before
     # the right key still works
     keys.check_master_key()
-    IssuanceEngine(store, keys).issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+    IssuanceEngine(store, keys).issue(registry.issuer(ns.policy_id), corpus.csrs["p384"], REG_ID)
 
 
 def test_wrapped_blob_bound_to_its_key_id(store, keys, master_key, ns):
@@ -618,8 +624,8 @@ def test_wrapped_blob_bound_to_its_key_id(store, keys, master_key, ns):
 # ---------------------------------------------------------------- 6. stored before returned
 
 
-def test_issued_certificate_is_stored(engine, store, ns, corpus):
-    chain = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
+def test_issued_certificate_is_stored(issue, store, ns, corpus):
+    chain = issue(ns.policy_id, corpus.csrs["p384"], REG_ID)
     leaf = chain.leaf
     with store.session() as s:
         row = s.scalars(select(IssuedCertificate).where(
@@ -636,14 +642,14 @@ def test_issued_certificate_is_stored(engine, store, ns, corpus):
     assert _issued_count(store) == 1
 
 
-def test_issue_fails_if_the_certificate_cannot_be_stored(engine, store, ns, corpus, monkeypatch):
+def test_issue_fails_if_the_certificate_cannot_be_stored(issue, store, ns, corpus, monkeypatch):
     serial = (1 << 127) | secrets.randbits(64)
     monkeypatch.setattr(profiles_module, "random_serial", lambda: serial)
-    first = engine.issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
+    first = issue(ns.policy_id, corpus.csrs["p384"], REG_ID).leaf
     assert first.serial_number == serial
     # a second certificate with the same serial cannot be recorded, so it must not be returned
     with pytest.raises((IntegrityError, OpenDPSError)):
-        engine.issue(ns.policy_id, corpus.csrs["p384"], "dev-1")
+        issue(ns.policy_id, corpus.csrs["p384"], "dev-1")
     with store.session() as s:
         rows = s.scalars(select(IssuedCertificate)).all()
     assert [bytes(r.der) for r in rows] == [_der(first)]

@@ -6,17 +6,18 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 STEPS = ["namespace and policy", "bootstrap CA chain", "proof of possession", "enrollment group",
          "symmetric-key enrollment", "provision and connect quickstart-x509", "provision and connect quickstart-symkey",
          "telemetry", "twin reporting", "forced renewal"]
 
 
-def quickstart(tmp_path, *extra: str) -> tuple[int, dict]:  # noqa: ANN001
+def quickstart(tmp_path, *extra: str) -> tuple[int, dict]:
+    ports = free_ports(3)
     proc = subprocess.run([sys.executable, "-m", "opendps", "quickstart", "--data-dir", str(tmp_path / "data"),
-                           "--https-port", str(free_port()), "--mqtt-port", str(free_port()),
-                           "--amqp-port", str(free_port()), "-o", "json", *extra],
+                           "--https-port", str(ports[0]), "--mqtt-port", str(ports[1]),
+                           "--amqp-port", str(ports[2]), "-o", "json", *extra],
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, json.loads(proc.stdout)
 

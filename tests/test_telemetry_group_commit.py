@@ -14,7 +14,7 @@ from opendps.hub.telemetry import MAX_MESSAGE_BYTES, GroupCommit, TelemetrySink
 from opendps.store import LinkedHub, TelemetryEvent
 
 
-def _hub(store) -> int:  # noqa: ANN001
+def _hub(store) -> int:
     with store.session() as s:
         hub = LinkedHub(name="default", host_name="hub.example", etag="e", created_at=datetime.now(UTC))
         s.add(hub)

@@ -1,19 +1,27 @@
-"""Domain errors, shared by every layer.
+"""The one error convention of opendps (Boulder's ``BoulderError`` + WFE mapping, in Azure's numbers).
 
-Each error carries Azure's six-digit ``error_code``: its first three digits are the HTTP status
-(401002 -> 401), so front ends translate an error without knowing the domain, and domain code
-never imports HTTP. The message always names the problem: it reaches users verbatim.
+Domain code raises an :class:`OpenDPSError` of a typed kind (the subclasses below); each kind carries
+Azure's six-digit ``error_code``, whose first three digits are the HTTP status (401002 -> 401). Front
+ends map kinds to their wire and nothing else: HTTP status + Azure error body, MQTT ``res/{status}``
+topics or CONNACK return codes, AMQP error conditions. Domain code never imports a front end. A more
+specific Azure code is given with ``error_code=`` (or by a subclass in the package that owns it,
+e.g. ``EnrollmentDisabled``) only when it differs from the kind's default. The message always names
+the problem: it reaches users verbatim.
+
+Anything else that escapes a front end is a bug or an operator problem: the caller gets a 500 with
+a tracking id and the log gets the traceback. :class:`ConfigurationError` is the operator's kind:
+the server cannot start or go on as configured (wrong master key, unreadable data directory).
 """
 
 from __future__ import annotations
 
 
 class OpenDPSError(Exception):
-    """Base of every error that is the caller's to fix (bad input, conflicts, auth)."""
+    """Base of every error that is the caller's to fix (bad input, conflicts, authentication)."""
 
     error_code: int = 400004
 
-    def __init__(self, message: str, *, error_code: int | None = None, info: dict[str, str] | None = None):
+    def __init__(self, message: str, *, error_code: int | None = None, info: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if error_code is not None:
@@ -27,11 +35,19 @@ class OpenDPSError(Exception):
 
 
 class InvalidInput(OpenDPSError):
+    """The request is malformed or breaks a rule (MQTT CONNECT: identifier rejected)."""
+
     error_code = 400004
 
 
 class Unauthorized(OpenDPSError):
+    """The caller did not prove who it is, or is not allowed to connect (MQTT CONNECT: not authorized)."""
+
     error_code = 401002
+
+
+class InvalidCredentials(Unauthorized):
+    """The credential itself is missing, malformed, expired or does not verify (MQTT CONNECT: bad credentials)."""
 
 
 class Forbidden(OpenDPSError):
@@ -57,8 +73,16 @@ class PayloadTooLarge(OpenDPSError):
 
 
 class Throttled(OpenDPSError):
+    """Too many requests; ``info["retryAfter"]`` says when to come back (seconds)."""
+
     error_code = 429001
 
 
+class GatewayTimeout(OpenDPSError):
+    """Someone else (a device answering a method) did not answer in time."""
+
+    error_code = 504101
+
+
 class ConfigurationError(Exception):
-    """The server cannot start as configured (wrong master key, unreadable data directory...)."""
+    """The server cannot start or go on as configured (wrong master key, unreadable data directory...)."""

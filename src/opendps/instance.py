@@ -10,7 +10,9 @@ Data directory (default ``./.opendps``)::
     tls/server.pem, tls/server.key (0600)  this node's TLS server certificate (P-256)
 
 Facts every node must share (ID scope, access policy keys wrapped by the master key, the server
-CA) live in the database, so several nodes on one PostgreSQL agree.
+CA) live in the database, so several nodes on one PostgreSQL agree. The domain services of the
+installation are wired once (:mod:`opendps.services`) and reached as ``instance.services``.
+Owns ``access_policies``.
 """
 
 from __future__ import annotations
@@ -30,20 +32,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from opendps.errors import ConfigurationError
-from opendps.hub import Hubs
-from opendps.hub.messaging import CloudToDevice
-from opendps.hub.registry import DEFAULT_HUB
-from opendps.hub.telemetry import TelemetrySink
-from opendps.pki import IssuanceEngine, KeyStore, load_master_key, root_ca, sign_builder
+from opendps.files import replace_all, write_atomic
+from opendps.hub import DEFAULT_HUB
+from opendps.pki import KeyStore, load_master_key, root_ca, sign_builder
 from opendps.pki.profiles import BACKDATE, random_serial
-from opendps.provisioning import CaCertificates
-from opendps.provisioning.enrollments import Enrollments
-from opendps.provisioning.registration import Provisioning
-from opendps.registry import Registry
-from opendps.registry.devices import DeviceRegistry
-from opendps.store import AccessPolicy, InstanceSetting, Store, sqlite_url
+from opendps.services import Services, wire
+from opendps.store import AccessPolicy, Store, add_setting, sqlite_url
 from opendps.transport import sas
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
@@ -87,10 +84,10 @@ class Settings:
         return self.hostname if self.https_port == 443 else f"{self.hostname}:{self.https_port}"
 
     @classmethod
-    def load(cls, data_dir: Path | None = None, **overrides) -> Settings:  # noqa: ANN003
+    def load(cls, data_dir: Path | None = None, **overrides: str | int | bool | None) -> Settings:
         """Settings from config.json (if any), then OPENDPS_DB, then explicit non-None overrides."""
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-        values: dict = {}
+        values: dict[str, object] = {}
         cfg = data_dir / "config.json"
         if cfg.exists():
             try:
@@ -101,7 +98,7 @@ class Settings:
             values["db"] = os.environ[DB_ENV]
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f for f in cls.__dataclass_fields__ if f != "data_dir"}
-        return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})
+        return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
 
     def save(self) -> None:
         data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "lint")}
@@ -109,53 +106,23 @@ class Settings:
             url = make_url(data["db"])
             if url.password:  # never write a database password in clear into the data directory
                 data["db"] = None
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.config_path)
+        write_atomic(self.config_path, (json.dumps(data, indent=2) + "\n").encode(), 0o644)
 
 
 def redacted_db_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _setting(store: Store, name: str) -> str | None:
-    with store.session() as s:
-        row = s.get(InstanceSetting, name)
-        return row.value if row else None
-
-
-def _set_if_absent(store: Store, name: str, value: str) -> str:
-    """Insert-if-missing; a concurrent node may win, so the stored value is returned."""
-    from sqlalchemy.exc import IntegrityError
-
-    try:
-        with store.session() as s:
-            if s.get(InstanceSetting, name) is None:
-                s.add(InstanceSetting(name=name, value=value))
-    except IntegrityError:
-        pass
-    stored = _setting(store, name)
-    assert stored is not None
-    return stored
-
-
 class Instance:
     """The opened installation and its domain services."""
 
-    def __init__(self, settings: Settings, store: Store, keys: KeyStore):
+    def __init__(self, settings: Settings, store: Store, keys: KeyStore) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
-        self.registry = Registry(store, keys, lint=settings.lint)
-        self.ca_certificates = CaCertificates(store)
-        self.issuance = IssuanceEngine(store, keys, lint=settings.lint)
-        self.id_scope = _setting(store, "id_scope") or ""
-        self.enrollments = Enrollments(store, keys)
-        self.hubs = Hubs(store, keys)
-        self.devices = DeviceRegistry(store)
-        self.telemetry = TelemetrySink(store)
-        self.c2d = CloudToDevice(store)
-        self.provisioning = Provisioning(store, self.enrollments, self.hubs, self.issuance, self.id_scope)
+        self.id_scope = store.setting("id_scope") or ""
+        self.services: Services = wire(store, keys, id_scope=self.id_scope, hub_domain=settings.hostname,
+                                       lint=settings.lint)
         self._policy_keys: dict[str, tuple[str, str]] = {}
 
     # ---- paths ----
@@ -199,7 +166,7 @@ class Instance:
         host = hub_host if port == 443 else f"{hub_host}:{port}"
         return sas.connection_string(host, HUB_OWNER_POLICY, primary)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, object]:
         st = self.settings
         return {
             "dataDir": str(st.data_dir.resolve()),
@@ -216,7 +183,7 @@ class Instance:
             },
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
             "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.host_name)}
-                     for h in self.hubs.list()],
+                     for h in self.services.hubs.list()],
         }
 
     def close(self) -> None:
@@ -224,8 +191,6 @@ class Instance:
 
 
 def _ensure_access_policy(store: Store, keys: KeyStore, name: str, rights: str) -> None:
-    from sqlalchemy.exc import IntegrityError
-
     try:
         with store.session() as s:
             if s.get(AccessPolicy, name) is None:
@@ -241,18 +206,22 @@ def _ensure_access_policy(store: Store, keys: KeyStore, name: str, rights: str) 
 
 def _ensure_server_ca(inst: Instance) -> x509.Certificate:
     store, keys = inst.store, inst.keys
-    der_b64 = _setting(store, "server_ca_der")
+    der_b64 = store.setting("server_ca_der")
     if der_b64 is None:
-        with store.session() as s:
-            signer = keys.generate(s, "server-ca")
-            cert = root_ca(signer, f"opendps server CA {inst.id_scope}", lint=inst.settings.lint)
-            s.add(InstanceSetting(name="server_ca_key_id", value=signer.key_id))
-            s.add(InstanceSetting(name="server_ca_der", value=base64.b64encode(cert.public_bytes(Encoding.DER)).decode()))
-        der_b64 = _setting(store, "server_ca_der")
+        try:
+            with store.session() as s:
+                signer = keys.generate(s, "server-ca")
+                cert = root_ca(signer, f"opendps server CA {inst.id_scope}", lint=inst.settings.lint)
+                add_setting(s, "server_ca_key_id", signer.key_id)
+                add_setting(s, "server_ca_der", base64.b64encode(cert.public_bytes(Encoding.DER)).decode())
+        except IntegrityError:
+            pass  # another node made it first
+        der_b64 = store.setting("server_ca_der")
+        assert der_b64 is not None
     cert = x509.load_der_x509_certificate(base64.b64decode(der_b64))
     pem = cert.public_bytes(Encoding.PEM)
     if not inst.server_ca_path.exists() or inst.server_ca_path.read_bytes() != pem:
-        inst.server_ca_path.write_bytes(pem)
+        write_atomic(inst.server_ca_path, pem, 0o644)
     return cert
 
 
@@ -286,7 +255,7 @@ def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = No
     names = [inst.settings.hostname, "localhost", "127.0.0.1", *(extra_names or [])]
     if _server_cert_ok(inst.server_cert_path, ca, names) and inst.server_key_path.exists():
         return
-    signer = inst.keys.signer(_setting(inst.store, "server_ca_key_id") or "")
+    signer = inst.keys.signer(inst.store.setting("server_ca_key_id") or "")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     builder = (
@@ -307,14 +276,9 @@ def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = No
     cert = sign_builder(builder, signer, lint=False)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    tmp_key = inst.server_key_path.with_name("server.key.tmp")
-    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key_pem)
-    tmp_cert = inst.server_cert_path.with_name("server.pem.tmp")
-    tmp_cert.write_bytes(cert.public_bytes(Encoding.PEM) + ca.public_bytes(Encoding.PEM))
-    tmp_key.replace(inst.server_key_path)
-    tmp_cert.replace(inst.server_cert_path)
+    replace_all(inst.tls_dir, {inst.server_key_path.name: (key_pem, 0o600),
+                               inst.server_cert_path.name: (cert.public_bytes(Encoding.PEM) + ca.public_bytes(Encoding.PEM),
+                                                            0o644)})
 
 
 def open_instance(settings: Settings, *, create: bool = True, migrate: bool = True) -> Instance:
@@ -338,12 +302,12 @@ def open_instance(settings: Settings, *, create: bool = True, migrate: bool = Tr
         raise ConfigurationError(f"cannot open database {redacted_db_url(settings.db_url)}: {exc}") from exc
     keys = KeyStore(store, master)
     keys.check_master_key()
-    _set_if_absent(store, "id_scope", "0ne" + secrets.token_hex(4).upper())
+    store.set_setting_if_absent("id_scope", "0ne" + secrets.token_hex(4).upper())
     _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
     _ensure_access_policy(store, keys, HUB_OWNER_POLICY, HUB_OWNER_RIGHTS)
     inst = Instance(settings, store, keys)
     if create:
-        inst.hubs.ensure(DEFAULT_HUB, settings.hostname)
-        ensure_server_certificate(inst, [h.host_name for h in inst.hubs.list()])
+        inst.services.hubs.ensure(DEFAULT_HUB, settings.hostname)
+        ensure_server_certificate(inst, [h.host_name for h in inst.services.hubs.list()])
         settings.save()
     return inst

@@ -9,17 +9,25 @@ import signal
 
 from aiohttp import web
 
-from opendps.api import make_app
+from opendps.frontends import FrontEnds, build
+from opendps.instance import Instance
 from opendps.transport.tls import device_tls_context, start_aiohttp_site, start_tls_server
 
 log = logging.getLogger("opendps")
 
 
-async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:  # noqa: ANN001
+def front_ends(instance: Instance) -> FrontEnds:
+    """The front ends of ``instance`` (service tokens are accepted for its host name, with or without port)."""
+    st = instance.settings
+    return build(instance.services, service_hosts={st.service_host, st.hostname},
+                 policy_keys=instance.access_policy_keys)
+
+
+async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:
     """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled or signalled."""
     st = instance.settings
-    app = make_app(instance)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    fe = front_ends(instance)
+    runner = web.AppRunner(fe.http, access_log=None, handle_signals=False)
     await runner.setup()
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
@@ -27,11 +35,11 @@ async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = 
     await start_aiohttp_site(runner, st.host, st.https_port, ctx)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
-    app["mqtt"].add_listener(await start_tls_server(app["mqtt"].protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
+    fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
-        app["amqp"].add_listener(await start_tls_server(app["amqp"].protocol_factory, st.host, st.amqp_port, amqp_ctx))
+        fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx))
     if banner:
         print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
         print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
@@ -56,6 +64,6 @@ async def serve(instance, *, ready: asyncio.Event | None = None, banner: bool = 
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
 
 
-def run(instance) -> None:  # noqa: ANN001
+def run(instance: Instance) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(instance))

@@ -80,7 +80,7 @@ class CompatServer:
     websockets: str | None  # None when MQTT over WebSockets (443) is available, else why not
     amqp: str | None = None  # None when the AMQP listener is on 5671 (where uamqp connects), else why not
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - the helpers of tests/test_device_api.py take a RunningServer
+    def __getattr__(self, name: str):
         return getattr(self.server, name)
 
     def require_websockets(self) -> None:

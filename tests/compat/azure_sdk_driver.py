@@ -38,7 +38,7 @@ def describe(exc: BaseException) -> dict:
     return out
 
 
-def x509_of(args: dict):  # noqa: ANN201
+def x509_of(args: dict):
     from azure.iot.device import X509
 
     return X509(cert_file=args["cert"], key_file=args["keyfile"])
@@ -79,12 +79,12 @@ def device(args: dict) -> dict:
     def on_desired(patch: dict) -> None:
         received.put(("desired", {"patch": patch}))
 
-    def on_method(request) -> None:  # noqa: ANN001
+    def on_method(request) -> None:
         client.send_method_response(MethodResponse.create_from_method_request(
             request, 200, {"method": request.name, "got": request.payload}))
         received.put(("method", {"name": request.name, "payload": request.payload, "request_id": request.request_id}))
 
-    def on_message(message) -> None:  # noqa: ANN001
+    def on_message(message) -> None:
         data = message.data.decode() if isinstance(message.data, bytes) else message.data
         received.put(("c2d", {"data": data, "message_id": message.message_id, "correlation_id": message.correlation_id,
                               "content_type": message.content_type, "content_encoding": message.content_encoding,

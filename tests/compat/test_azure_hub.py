@@ -22,7 +22,7 @@ from tests.test_mqtt_hub import events, pending_c2d
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
 
-def provision_sas(python, srv, rid: str, websockets: bool = False) -> str:  # noqa: ANN001
+def provision_sas(python, srv, rid: str, websockets: bool = False) -> str:
     """An individual symmetric-key enrollment provisioned with the SDK; returns the device's key."""
     with svc(srv) as c:
         key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"},
@@ -33,7 +33,7 @@ def provision_sas(python, srv, rid: str, websockets: bool = False) -> str:  # no
     return key
 
 
-def exercise(python, srv, device_id: str, **auth) -> None:  # noqa: ANN001, ANN003
+def exercise(python, srv, device_id: str, **auth) -> None:
     """Telemetry with properties, twin get/reported/desired, a direct method and a C2D message through the SDK."""
     sdk = start_sdk(python, "device", {
         "hostname": "localhost", "device_id": device_id, "ca": srv.ca_pem, **auth,

@@ -31,7 +31,7 @@ from tests.test_device_api import (
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
 
-def provision(python, srv, rid: str, **auth) -> dict:  # noqa: ANN001, ANN003
+def provision(python, srv, rid: str, **auth) -> dict:
     return run_sdk(python, "provision", {"rid": rid, "scope": srv.id_scope, "ca": srv.ca_pem, **auth})
 
 
@@ -40,7 +40,7 @@ def assert_assigned(result: dict, rid: str) -> None:
     assert (result["status"], result["assigned_hub"], result["device_id"]) == ("assigned", "localhost", rid), result
 
 
-def server_state(srv, rid: str) -> tuple[dict, dict]:  # noqa: ANN001
+def server_state(srv, rid: str) -> tuple[dict, dict]:
     """(registration state, hub twin) as the service API shows them."""
     with svc(srv) as c:
         reg = c.get(f"/registrations/{rid}")

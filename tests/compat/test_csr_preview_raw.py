@@ -53,7 +53,7 @@ def check_chain(directory: Path, state: dict, rid: str, key_file: Path) -> None:
                 str(directory / "leaf.pem"))
 
 
-def enrollment(server, rid: str) -> str:  # noqa: ANN001
+def enrollment(server, rid: str) -> str:
     with svc(server) as c:
         namespace(c, f"{rid}-ns", f"{rid}-p")
         return sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": f"{rid}-p"})

@@ -119,8 +119,14 @@ def error_samples(errors: list[str]) -> list[dict[str, Any]]:
 
 def load_row(scenario: str, transport: str | None, concurrency: int | None, count: int, outcome: dict[str, Any],
              cpu: float, pid: int, system: str = "opendps", **extra: Any) -> Result:
-    """A row from a load outcome (``{"wall", "latencies", "errors"}``) and the server CPU spent during it."""
+    """A row from a load outcome (``{"wall", "latencies", "errors"}``) and the server CPU spent during it.
+
+    CPU comes from /proc in clock ticks (10 ms): a load that cost the server less than one tick reads as 0 and is
+    marked ``extra["cpu_below_resolution"]`` (its per-op figures are 0, not a measurement; use a larger --count).
+    """
     ok, wall = len(outcome["latencies"]), outcome["wall"]
+    if cpu * CLK_TCK < 1:
+        extra = {**extra, "cpu_below_resolution": True}
     per_op = cpu / ok if ok else 0.0
     return Result(scenario=scenario, transport=transport, concurrency=concurrency, count=count, ok=ok,
                   errors=len(outcome["errors"]), wall_seconds=round(wall, 3),

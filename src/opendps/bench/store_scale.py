@@ -113,29 +113,27 @@ def seeded_fleet(env: dict[str, str], group_key: str, *, lint: bool) -> Iterator
     """Open the instance ``opendps init`` made, create the fleet through the domain code (namespace, policy,
     symmetric-key group on it — which also makes the default hub trust the policy's issuing CA), and yield
     (instance, the ids and CA material the bulk rows refer to). Shared by every scenario that seeds."""
-    from sqlalchemy import select
+    from cryptography.hazmat.primitives.serialization import Encoding
 
-    from opendps.hub.registry import DEFAULT_HUB
+    from opendps.hub import DEFAULT_HUB
     from opendps.instance import Settings, open_instance
     from opendps.provisioning.enrollments import GROUP
-    from opendps.store import CertificateAuthority, LinkedHub, Policy
 
     settings = Settings.load(Path(env["OPENDPS_DATA_DIR"]), db=env["OPENDPS_DB"], lint=lint)
     inst = open_instance(settings, create=False)
+    services = inst.services
     try:
-        inst.registry.create_namespace(NAMESPACE, POLICY)
-        inst.enrollments.put(GROUP, SYMMETRIC_GROUP, {
+        services.registry.create_namespace(NAMESPACE, POLICY)
+        view, _ = services.enrollments.put(GROUP, SYMMETRIC_GROUP, {
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}},
             "credentialPolicyName": POLICY})
-        with inst.store.session() as s:
-            policy = s.scalars(select(Policy).where(Policy.name == POLICY)).one()
-            issuing = s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
-                                                                   CertificateAuthority.status == "active")).one()
-            root = s.get(CertificateAuthority, issuing.parent_id)
-            hub = s.scalars(select(LinkedHub).where(LinkedHub.name == DEFAULT_HUB)).one()
-            ids = {"policy_id": policy.id, "namespace_id": policy.namespace_id, "issuing_ca_id": issuing.id,
-                   "issuing_key_id": issuing.key_id, "issuing_der": issuing.der, "root_der": root.der,
-                   "days": policy.validity_days, "hub_id": hub.id, "hub_host": hub.host_name}
+        assert view.policy_id is not None
+        issuer = services.registry.issuer(view.policy_id)
+        hub = services.hubs.get(DEFAULT_HUB)
+        ids = {"policy_id": issuer.policy_id, "namespace_id": services.registry.namespace_of(issuer.policy_id),
+               "issuing_ca_id": issuer.ca_id, "issuing_key_id": issuer.key_id,
+               "issuing_der": issuer.certificate.public_bytes(Encoding.DER), "root_der": issuer.root.public_bytes(Encoding.DER),
+               "days": issuer.validity_days, "hub_id": hub.id, "hub_host": hub.host_name, "issuer": issuer}
         yield inst, ids
     finally:
         inst.close()
@@ -159,7 +157,7 @@ def _template(inst: Any, ids: dict[str, Any]) -> dict[str, Any]:
 
     rid = "seed-template"
     chain = IssuanceEngine(inst.store, inst.keys, lint=False).issue(
-        ids["policy_id"], base64.b64decode(csr_b64(make_csr(generate_key("P-384"), rid))), rid)
+        ids["issuer"], base64.b64decode(csr_b64(make_csr(generate_key("P-384"), rid))), rid)
     return {**ids, "der": chain.leaf.public_bytes(Encoding.DER),
             "chain_b64": [base64.b64encode(d).decode() for d in chain.der_chain()]}
 
@@ -277,9 +275,10 @@ def _operation(t: dict[str, Any], rid: str, created: dt.datetime, stamp: Any) ->
     """An ``operations`` row as ``Provisioning._commit`` stores it (the poll's answer, with the issued chain)."""
     from opendps.ids import new_etag
     from opendps.provisioning.registration import new_operation_id
+    from opendps.transport.wire import iso8601
 
     op = new_operation_id()
-    iso = created.isoformat().replace("+00:00", "Z")
+    iso = iso8601(created)
     state = {"registrationId": rid, "createdDateTimeUtc": iso, "assignedHub": t["hub_host"], "deviceId": rid,
              "status": "assigned", "substatus": "initialAssignment", "lastUpdatedDateTimeUtc": iso,
              "etag": new_etag(), "symmetricKey": {"enrollmentGroupId": SYMMETRIC_GROUP},

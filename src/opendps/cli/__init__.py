@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from opendps.errors import ConfigurationError, OpenDPSError
+
+if TYPE_CHECKING:
+    from opendps.instance import Instance, Settings
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 OUTPUT_OPTION = click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="json",
                              show_default=True, help="Output format.")
@@ -21,22 +28,22 @@ OUTPUT_OPTION = click.option("-o", "--output", "output", type=click.Choice(["jso
 class CliError(click.ClickException):
     """One-line error and exit code 1."""
 
-    def show(self, file=None) -> None:  # noqa: ANN001
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def data_dir_option(f):  # noqa: ANN001, ANN201
+def data_dir_option(f: _F) -> _F:
     return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                         help="Data directory (default ./.opendps or $OPENDPS_DATA_DIR).")(f)
 
 
-def _settings(data_dir: Path | None, **overrides):  # noqa: ANN003, ANN202
+def _settings(data_dir: Path | None, **overrides: str | int | bool | None) -> Settings:
     from opendps.instance import Settings
 
     return Settings.load(data_dir, **overrides)
 
 
-def server_options(f):  # noqa: ANN001, ANN201
+def server_options(f: _F) -> _F:
     f = click.option("--db", default=None, help="Database URL, e.g. postgresql+psycopg://user@host/db "
                      "(default SQLite in the data directory; $OPENDPS_DB).")(f)
     f = click.option("--host", default=None, help="Bind address (default 127.0.0.1).")(f)
@@ -51,7 +58,7 @@ def server_options(f):  # noqa: ANN001, ANN201
     return data_dir_option(f)
 
 
-def _open(settings, create: bool = True):  # noqa: ANN001, ANN202
+def _open(settings: Settings, create: bool = True) -> Instance:
     from opendps.instance import open_instance
 
     try:
@@ -67,7 +74,7 @@ class _OneLineErrors(click.Group):
     Scripts and the tests read stderr; click's default multi-line usage banner hides the cause.
     """
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
@@ -96,7 +103,8 @@ def main() -> None:
 
 @main.command()
 @server_options
-def init(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lint) -> None:  # noqa: ANN001
+def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
+         mqtt_port: int | None, amqp_port: int | None, no_lint: bool) -> None:
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
@@ -110,7 +118,8 @@ def init(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lint
 
 @main.command()
 @server_options
-def serve(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lint) -> None:  # noqa: ANN001
+def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
+          mqtt_port: int | None, amqp_port: int | None, no_lint: bool) -> None:
     """Start the server (initialising the data directory on first run)."""
     from opendps.server import run
 
@@ -129,7 +138,7 @@ def serve(data_dir, db, host, hostname, https_port, mqtt_port, amqp_port, no_lin
 @main.command()
 @data_dir_option
 @OUTPUT_OPTION
-def info(data_dir, output) -> None:  # noqa: ANN001
+def info(data_dir: Path | None, output: str) -> None:
     """Endpoints, ID scope, server CA path and owner connection strings (for scripts: -o json)."""
     settings = _settings(data_dir)
     inst = _open(settings, create=False)
@@ -157,7 +166,7 @@ def db() -> None:
 @db.command("upgrade")
 @data_dir_option
 @click.option("--db", "db_url", default=None, help="Database URL (default from the data directory / $OPENDPS_DB).")
-def db_upgrade(data_dir, db_url) -> None:  # noqa: ANN001
+def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
     """Apply database migrations."""
     from opendps.store import Store
 
@@ -166,7 +175,7 @@ def db_upgrade(data_dir, db_url) -> None:  # noqa: ANN001
     try:
         store.upgrade()
         click.echo(f"database at revision {store.current_revision()}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # re-raised as one line: alembic and the drivers raise many kinds
         raise CliError(f"migration failed: {exc}") from exc
     finally:
         store.dispose()

@@ -184,7 +184,7 @@ def api_path(*segments: str) -> str:
 class ApiError(CliError):
     """A non-2xx answer; ``status`` lets callers treat e.g. 404 as "absent"."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
@@ -193,7 +193,7 @@ class Client:
     """One SAS-signed httpx client per command invocation."""
 
     def __init__(self, connection: Connection, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.connection = connection
         self._timeout = timeout
         self._transport = transport

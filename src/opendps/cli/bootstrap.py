@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ from opendps.cli.management import (
     _policy_path,
     lazy_api_command,
 )
+from opendps.files import write_atomic
+from opendps.pki.certificates import thumbprint
 
 ROOT_DAYS, INTERMEDIATE_DAYS, DEVICE_DAYS, VERIFICATION_DAYS = 3650, 1825, 365, 1
 CA_KEY_BITS, DEVICE_KEY_BITS, VERIFICATION_KEY_BITS = 4096, 2048, 2048
@@ -69,23 +70,6 @@ LAYOUT = {
 }
 
 # ---------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a same-directory temporary file created 0600 and renamed: never partial, a key never readable by others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _pem(*certs: x509.Certificate) -> bytes:
@@ -302,10 +286,6 @@ def build_pki(registration_id: str, cert_dir: Path, *, force: bool, progress: Ca
 # ---------------------------------------------------------------- the server side (seed steps 4, 5, 7)
 
 
-def _thumbprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex().upper()
-
-
 def upload_and_verify(client: Client, name: str, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> dict[str, Any]:
     """Upload a CA certificate (replacing a different one of that name) and prove possession of its key.
 
@@ -318,7 +298,7 @@ def upload_and_verify(client: Client, name: str, cert: x509.Certificate, key: rs
     if current is None:
         current = client.request("PUT", path, json={"properties": {"certificate": pem}})
         action = "uploaded"
-    elif (current.get("properties") or {}).get("sha256Thumbprint", "").upper() != _thumbprint(cert):
+    elif (current.get("properties") or {}).get("sha256Thumbprint", "").upper() != thumbprint(cert):
         current = client.request("PUT", path, json={"properties": {"certificate": pem}}, if_match=current.get("etag"))
         action = "replaced"
     if not (current.get("properties") or {}).get("isVerified"):

@@ -116,28 +116,8 @@ def apply_settings(doc: dict[str, Any], flags: dict[str, Any]) -> None:
     if flags["iot_hubs"]:  # an explicit empty value clears the list (every hub that applies allocation policy)
         doc["iotHubs"] = split_hubs(flags["iot_hubs"])
         doc.pop("iotHubHostName", None)
-    webhook, api_version = flags["webhook_url"], flags["api_version"]
-    if webhook is not None or api_version is not None:
-        if doc.get("allocationPolicy") != "custom":
-            raise CliError("--webhook-url/--api-version apply only with --allocation-policy custom")
-        cad = dict(doc.get("customAllocationDefinition") or {})
-        if webhook is not None:
-            cad["webhookUrl"] = webhook
-        if api_version is not None:
-            cad["apiVersion"] = api_version
-        doc["customAllocationDefinition"] = cad
-    if doc.get("allocationPolicy") == "custom" and not (doc.get("customAllocationDefinition") or {}).get("webhookUrl"):
-        raise CliError("--allocation-policy custom needs --webhook-url")
-    props, tags = flags["initial_twin_properties"], flags["initial_twin_tags"]
-    if props is not None or tags is not None:
-        twin = doc.get("initialTwin") or {}
-        new_tags = twin.get("tags") or {}
-        desired = (twin.get("properties") or {}).get("desired") or {}
-        if tags is not None:
-            new_tags = parse_json_object(tags, "--initial-twin-tags")
-        if props is not None:
-            desired = parse_json_object(props, "--initial-twin-properties")
-        doc["initialTwin"] = {"tags": new_tags, "properties": {"desired": desired}}
+    _apply_custom_allocation(doc, flags["webhook_url"], flags["api_version"])
+    _apply_initial_twin(doc, flags["initial_twin_properties"], flags["initial_twin_tags"])
     if flags["reprovision_policy"] is not None:
         update, migrate = REPROVISION_POLICIES[flags["reprovision_policy"]]
         doc["reprovisionPolicy"] = {"updateHubAssignment": update, "migrateDeviceData": migrate}
@@ -154,6 +134,34 @@ def apply_settings(doc: dict[str, Any], flags: dict[str, Any]) -> None:
         if not doc.get("credentialPolicyName"):
             raise CliError("--namespace only disambiguates --credential-policy; give the policy too")
         doc["namespaceName"] = flags["namespace"]
+
+
+def _apply_custom_allocation(doc: dict[str, Any], webhook: str | None, api_version: str | None) -> None:
+    """``--webhook-url``/``--api-version`` into ``customAllocationDefinition``; a custom policy needs a webhook."""
+    if webhook is not None or api_version is not None:
+        if doc.get("allocationPolicy") != "custom":
+            raise CliError("--webhook-url/--api-version apply only with --allocation-policy custom")
+        cad = dict(doc.get("customAllocationDefinition") or {})
+        if webhook is not None:
+            cad["webhookUrl"] = webhook
+        if api_version is not None:
+            cad["apiVersion"] = api_version
+        doc["customAllocationDefinition"] = cad
+    if doc.get("allocationPolicy") == "custom" and not (doc.get("customAllocationDefinition") or {}).get("webhookUrl"):
+        raise CliError("--allocation-policy custom needs --webhook-url")
+
+
+def _apply_initial_twin(doc: dict[str, Any], props: str | None, tags: str | None) -> None:
+    """``--initial-twin-properties``/``--initial-twin-tags``: each given one replaces its part of ``initialTwin``."""
+    if props is not None or tags is not None:
+        twin = doc.get("initialTwin") or {}
+        new_tags = twin.get("tags") or {}
+        desired = (twin.get("properties") or {}).get("desired") or {}
+        if tags is not None:
+            new_tags = parse_json_object(tags, "--initial-twin-tags")
+        if props is not None:
+            desired = parse_json_object(props, "--initial-twin-properties")
+        doc["initialTwin"] = {"tags": new_tags, "properties": {"desired": desired}}
 
 
 def _keys_given(flags: dict[str, Any]) -> bool:
@@ -487,7 +495,7 @@ def group_delete(client: Client, output: str, enrollment_id: str, etag: str | No
 def group_compute_device_key(connect: Callable[[], Client], output: str, registration_id: str, key: str | None,
                              enrollment_id: str | None) -> None:
     """Print a member device's key: base64(HMAC-SHA256(group key, registration id))."""
-    from opendps.provisioning.enrollments import derive_device_key
+    from opendps.transport.sas import derive_device_key
 
     if (key is None) == (enrollment_id is None):
         raise CliError("give exactly one of --key (the group key) or --enrollment-id (fetch the group's key)")

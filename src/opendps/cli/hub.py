@@ -51,7 +51,7 @@ class HubClient:
     (and the server refuses a name that is not the token's).
     """
 
-    def __init__(self, client: Client, hub_name: str | None):
+    def __init__(self, client: Client, hub_name: str | None) -> None:
         self.client = client
         if hub_name is None and client.connection.key_name != HUB_OWNER_POLICY:
             hub_name = DEFAULT_HUB
@@ -565,7 +565,7 @@ def connection_string_show(hub_name: str, policy_name: str, key_type: str, data_
     except ConfigurationError as exc:
         raise CliError(f"cannot read the local installation: {exc}") from exc
     try:
-        hubs = {h.name: h for h in inst.hubs.list()}
+        hubs = {h.name: h for h in inst.services.hubs.list()}
         if hub_name not in hubs:
             raise CliError(f"no hub named {hub_name!r} in {settings.data_dir} (hubs: {', '.join(sorted(hubs)) or 'none'})")
         value = inst.hub_connection_string(hubs[hub_name].host_name)

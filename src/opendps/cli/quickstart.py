@@ -19,12 +19,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from opendps.cli import CliError, data_dir_option
 from opendps.cli._client import Client, api_path, resolve_connection
+
+if TYPE_CHECKING:
+    from opendps.device.agent import DeviceAgent
+    from opendps.instance import Instance
 
 NAMESPACE = "quickstart"
 POLICY = "quickstart-policy"
@@ -69,7 +73,7 @@ class _Stop(Exception):
 class EmbeddedServer:
     """``opendps serve`` in a background thread (its own event loop), stopped on exit."""
 
-    def __init__(self, instance) -> None:  # noqa: ANN001 - Instance
+    def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -161,8 +165,7 @@ def _twin_certificate(client: Client, device_id: str, serial: str, timeout: floa
         time.sleep(0.2)
 
 
-def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: str, validity: int) -> None:  # noqa: C901
-    from opendps.cli.bootstrap import build_pki, ensure_group, ensure_policy, upload_and_verify
+def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: str, validity: int) -> None:
     from opendps.device.agent import AgentConfig, DeviceAgent
 
     x509_id, sas_id = f"{prefix}-x509", f"{prefix}-symkey"
@@ -172,6 +175,24 @@ def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: st
     host = https.get("hostName", "localhost")
     ca_file = info.get("serverCaCertificate")
     scope = info["idScope"]
+
+    sas_key = _service_side_steps(run, client, x509_id, sas_id, cert_dir, validity)
+
+    common = {"dps_host": host, "id_scope": scope, "https_port": int(https.get("port", 8443)),
+              "mqtt_port": int(mqtt.get("port", 8883)), "ca_file": ca_file, "retry_base": 1.0, "retry_max": 5.0}
+    agents = {
+        x509_id: DeviceAgent(AgentConfig(registration_id=x509_id, store_dir=work / "devices" / x509_id, transport="mqtt",
+                                         x509_cert_file=cert_dir / "device" / "device-full-chain.pem",
+                                         x509_key_file=cert_dir / "device" / "device.key", renewal_method="hub", **common)),
+        sas_id: DeviceAgent(AgentConfig(registration_id=sas_id, store_dir=work / "devices" / sas_id, transport="https",
+                                        symmetric_key=sas_key, renewal_method="dps", **common)),
+    }
+    _device_steps(run, client, agents, x509_id, sas_id)
+
+
+def _service_side_steps(run: Run, client: Client, x509_id: str, sas_id: str, cert_dir: Path, validity: int) -> str:
+    """Namespace and policy, the bootstrap CA chain proven, the two enrollments; → the symmetric key."""
+    from opendps.cli.bootstrap import build_pki, ensure_group, ensure_policy, upload_and_verify
 
     def namespace() -> str:
         ensure_policy(client, NAMESPACE, POLICY)
@@ -210,16 +231,11 @@ def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: st
                      ("proof of possession", prove), ("enrollment group", group),
                      ("symmetric-key enrollment", symmetric_enrollment)):
         run.step(name, fn)
+    return keys["sas"]
 
-    common = {"dps_host": host, "id_scope": scope, "https_port": int(https.get("port", 8443)),
-              "mqtt_port": int(mqtt.get("port", 8883)), "ca_file": ca_file, "retry_base": 1.0, "retry_max": 5.0}
-    agents = {
-        x509_id: DeviceAgent(AgentConfig(registration_id=x509_id, store_dir=work / "devices" / x509_id, transport="mqtt",
-                                         x509_cert_file=cert_dir / "device" / "device-full-chain.pem",
-                                         x509_key_file=cert_dir / "device" / "device.key", renewal_method="hub", **common)),
-        sas_id: DeviceAgent(AgentConfig(registration_id=sas_id, store_dir=work / "devices" / sas_id, transport="https",
-                                        symmetric_key=keys["sas"], renewal_method="dps", **common)),
-    }
+
+def _device_steps(run: Run, client: Client, agents: dict[str, DeviceAgent], x509_id: str, sas_id: str) -> None:
+    """Both devices provisioned and connected, telemetry, twin reporting and a forced renewal, on one event loop."""
     loop = asyncio.new_event_loop()
     tasks = {rid: loop.create_task(a.run()) for rid, a in agents.items()}
     try:

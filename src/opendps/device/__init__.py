@@ -13,7 +13,7 @@ and :mod:`.sync` (blocking wrappers). The API is asyncio first.
 
 Import rule: this package runs on devices, without the server. It imports only
 :mod:`opendps.transport.mqtt.codec`, :mod:`opendps.transport.sas` and third-party libraries
-(``cryptography``, ``httpx``) — never ``opendps.api``, ``hub``, ``provisioning``, ``store``, ``pki``,
+(``cryptography``, ``httpx``) — never ``opendps.frontends``, ``hub``, ``provisioning``, ``store``, ``pki``,
 ``registry`` or ``instance``. A test imports it with those packages blocked.
 """
 

@@ -31,9 +31,7 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -47,6 +45,7 @@ from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, pub
 from opendps.device.mqtt import ConnectRefused, MqttError
 from opendps.device.provisioning import ProvisioningClient
 from opendps.device.store import CertificateStore, StoredCredentials, StoreError
+from opendps.files import write_atomic
 
 __all__ = [
     "AgentConfig",
@@ -625,13 +624,4 @@ class DeviceAgent:
         """``agent.json``: the assignment (hub, device id), written atomically next to the certificates."""
         directory = Path(self.config.store_dir)
         data = json.dumps({"assignedHub": assignment[0], "deviceId": assignment[1]}, indent=2).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, directory / STATE_FILE)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_atomic(directory / STATE_FILE, data)

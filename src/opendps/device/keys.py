@@ -9,8 +9,6 @@ without PEM armour.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -19,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from opendps.transport.sas import derive_device_key  # the SDK's name for it, kept
 
 __all__ = [
     "Curve",
@@ -121,12 +121,3 @@ def renewal_time(cert: x509.Certificate, at_fraction: float = 0.8) -> datetime:
 def renewal_due(cert: x509.Certificate, at_fraction: float = 0.8, now: datetime | None = None) -> bool:
     """Whether :func:`renewal_time` has passed (checked periodically by the device)."""
     return (now or datetime.now(UTC)) >= renewal_time(cert, at_fraction)
-
-
-def derive_device_key(group_key_b64: str, registration_id: str) -> str:
-    """Group-derived device key (wire spec §3.2): base64(HMAC-SHA256(b64decode(group key), registration id))."""
-    try:
-        group_key = base64.b64decode(group_key_b64, validate=True)
-    except ValueError as exc:
-        raise ValueError("group key is not valid base64") from exc
-    return base64.b64encode(hmac.new(group_key, registration_id.encode("utf-8"), hashlib.sha256).digest()).decode()

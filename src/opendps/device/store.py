@@ -21,10 +21,7 @@ connect.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from opendps.device.keys import key_to_pem, load_private_key, public_keys_match
+from opendps.files import fsync_dir, replace_all
 
 __all__ = ["CertificateStore", "StoreError", "StoredCredentials"]
 
@@ -66,45 +64,6 @@ def _pem(certs: list[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(directory: Path, name: str, data: bytes, mode: int) -> Path:
-    """A fully written, fsynced temporary file next to its final name (same file system for os.replace)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _replace_all(directory: Path, contents: dict[str, tuple[bytes, int]]) -> None:
-    """Write every temporary file first, then rename them in ``contents`` order, then fsync the directory."""
-    temps: dict[str, Path] = {}
-    try:
-        for name, (data, mode) in contents.items():
-            temps[name] = _write_temp(directory, name, data, mode)
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-    finally:
-        for tmp in temps.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    _fsync_dir(directory)
-
-
 class CertificateStore:
     """The device's operational key and chain in ``directory`` (created 0700 if missing)."""
 
@@ -129,7 +88,7 @@ class CertificateStore:
             raise ValueError("the issued leaf does not certify this key")
         if not self.pending and (self.directory / KEY).exists():
             self._copy_set(self.directory, self.previous_dir)
-        _replace_all(self.directory, {
+        replace_all(self.directory, {
             LEAF: (_pem(chain[:1]), 0o644),
             CHAIN: (_pem(chain[:2]), 0o644),
             FULLCHAIN: (_pem(chain), 0o644),
@@ -157,7 +116,7 @@ class CertificateStore:
         """The current set connected to the hub: forget the previous one."""
         if self.previous_dir.exists():
             shutil.rmtree(self.previous_dir)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def rollback(self) -> StoredCredentials:
         """Put the previous (last confirmed) set back, e.g. when the new certificate is refused by the hub."""
@@ -165,7 +124,7 @@ class CertificateStore:
             raise StoreError(f"{self.directory}: no previous credential set to roll back to")
         self._copy_set(self.previous_dir, self.directory)
         shutil.rmtree(self.previous_dir)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         result = self.current()
         assert result is not None
         return result
@@ -175,4 +134,4 @@ class CertificateStore:
         target.mkdir(mode=0o700, exist_ok=True)
         # the key goes last: previous/device.key is the marker of a complete, pending previous set
         names = [name for name in FILES if name != KEY] + [KEY]
-        _replace_all(target, {name: ((source / name).read_bytes(), 0o600 if name == KEY else 0o644) for name in names})
+        replace_all(target, {name: ((source / name).read_bytes(), 0o600 if name == KEY else 0o644) for name in names})

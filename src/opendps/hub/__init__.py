@@ -1,9 +1,45 @@
-"""The IoT hub side: logical hubs, their device registries, twins and trusted CAs.
+"""The IoT hub side: logical hubs, their device registries, twins and trusted CAs (:mod:`.registry`), device
+authentication at CONNECT (:mod:`.auth`), live sessions of this process (:mod:`.live`), telemetry
+(:mod:`.telemetry`) and the cloud-to-device queue (:mod:`.messaging`).
 
-Provisioning uses only the identity API of :class:`Hubs` (create or move a device, apply a twin);
-the device-facing MQTT endpoint comes with issue 4.
+Provisioning places devices with :meth:`Hubs.place_device`; front ends (MQTT for devices, REST and AMQP for
+the service side) translate to these calls.
 """
 
-from opendps.hub.registry import DeviceIdentity, HubNotFound, Hubs, HubView, TrustedCa
+from opendps.hub.auth import AuthenticatedDevice, HubAuthenticator
+from opendps.hub.live import DeviceLink, DeviceOffline, LiveSessions, MethodTimeout
+from opendps.hub.messaging import CloudToDevice, PendingMessage, QueueFull
+from opendps.hub.registry import (
+    DEFAULT_HUB,
+    DeviceCredential,
+    DeviceIdentity,
+    EnrollmentLinks,
+    Hubs,
+    HubView,
+    TrustedCa,
+    TwinAction,
+)
+from opendps.hub.telemetry import GroupCommit, TelemetryBus, TelemetrySink
 
-__all__ = ["DeviceIdentity", "HubNotFound", "HubView", "Hubs", "TrustedCa"]
+__all__ = [
+    "DEFAULT_HUB",
+    "AuthenticatedDevice",
+    "CloudToDevice",
+    "DeviceCredential",
+    "DeviceIdentity",
+    "DeviceLink",
+    "DeviceOffline",
+    "EnrollmentLinks",
+    "GroupCommit",
+    "HubAuthenticator",
+    "HubView",
+    "Hubs",
+    "LiveSessions",
+    "MethodTimeout",
+    "PendingMessage",
+    "QueueFull",
+    "TelemetryBus",
+    "TelemetrySink",
+    "TrustedCa",
+    "TwinAction",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import delete, func, select
@@ -30,8 +31,8 @@ class QueueFull(OpenDPSError):
 class PendingMessage:
     pk: int
     message_id: str
-    system: dict
-    properties: dict
+    system: dict[str, Any]
+    properties: dict[str, Any]
     body: bytes
 
     def topic(self, device_id: str) -> str:
@@ -50,11 +51,11 @@ class PendingMessage:
 
 
 class CloudToDevice:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def enqueue(self, hub_name: str, device_id: str, body: bytes, *, properties: dict | None = None,
-                system: dict | None = None, ttl: timedelta | None = None) -> PendingMessage:
+    def enqueue(self, hub_name: str, device_id: str, body: bytes, *, properties: dict[str, Any] | None = None,
+                system: dict[str, Any] | None = None, ttl: timedelta | None = None) -> PendingMessage:
         if len(body) > MAX_C2D_BYTES:
             raise PayloadTooLarge(f"cloud-to-device message is larger than {MAX_C2D_BYTES} bytes")
         ttl = DEFAULT_TTL if ttl is None else ttl
@@ -66,11 +67,11 @@ class CloudToDevice:
         with self.store.session() as s:
             hub = s.scalars(select(LinkedHub).where(LinkedHub.name == hub_name)).first()
             if hub is None:
-                raise NotFound(f"linked hub {hub_name!r} does not exist", error_code=404001)
+                raise NotFound(f"linked hub {hub_name!r} does not exist")
             device = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id,
                                                        HubDevice.device_key == device_id.lower())).first()
             if device is None:
-                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
             s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.expires_at <= now))
             pending = s.scalar(select(func.count()).select_from(CloudToDeviceMessage).where(
                 CloudToDeviceMessage.hub_id == hub.id, CloudToDeviceMessage.device_key == device.device_key)) or 0

@@ -3,34 +3,38 @@
 Trust ("CA sync") is derived, not copied: a hub trusts every issuing CA (active, or retired but not
 yet expired) of every policy that an enrollment allocating to that hub links to. Because it is
 computed from the store on each call, a policy created, linked or rotated is trusted at once, on
-every node, with nothing to synchronise.
+every node, with nothing to synchronise. Enrollments belong to provisioning, above this package:
+the hub asks them through the :class:`EnrollmentLinks` the service wiring binds.
+
+Owns ``linked_hubs``, ``hub_devices`` and ``hub_certificates``.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import copy
 import json
 import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from sqlalchemy import func, select
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki.keys import KeyStore
-from opendps.store import CertificateAuthority, Enrollment, HubCertificate, HubDevice, LinkedHub, Namespace, Policy, Store
+from opendps.pki import CaCertificates, KeyStore
+from opendps.registry import Registry
+from opendps.store import HubCertificate, HubDevice, LinkedHub, Store
 
 DEFAULT_HUB = "default"
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-
-
-class HubNotFound(NotFound):
-    error_code = 404001
+AUTH_TYPES = ("sas", "selfSigned", "certificateAuthority")
+TwinAction = Literal["keep", "reset", "migrate"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,9 @@ class DeviceIdentity:
     status: str
     generation_id: str
     etag: str
-    tags: dict
-    desired: dict
-    reported: dict
+    tags: dict[str, Any]
+    desired: dict[str, Any]
+    reported: dict[str, Any]
     desired_version: int
     reported_version: int
     created_at: datetime
@@ -72,6 +76,36 @@ class DeviceIdentity:
             "properties": {"desired": {**self.desired, "$version": self.desired_version},
                            "reported": {**self.reported, "$version": self.reported_version}},
         }
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """How the hub authenticates a device: SAS keys, a self-signed certificate's thumbprints, or a chain to a CA
+    the hub trusts (``certificateAuthority``, the operational certificates opendps issues)."""
+
+    auth_type: str
+    keys: tuple[str, str] | None = None
+    thumbprints: tuple[str | None, str | None] = (None, None)
+
+
+class EnrollmentLinks(Protocol):
+    """What the hub asks of the enrollments (owned by provisioning) that allocate devices to it."""
+
+    def enrollments_using_hub(self, host_name: str) -> list[str]:
+        """Ids of the enrollments that name the hub (they block unlinking it)."""
+        ...
+
+    def policies_for_hub(self, host_name: str, apply_allocation_policy: bool) -> dict[int, list[str]]:
+        """Credential policy id -> the enrollments that allocate to this hub with that policy."""
+        ...
+
+
+class _Unbound:
+    def enrollments_using_hub(self, host_name: str) -> list[str]:
+        raise RuntimeError("Hubs.enrollments is not bound: build the services with opendps.services.wire")
+
+    def policies_for_hub(self, host_name: str, apply_allocation_policy: bool) -> dict[int, list[str]]:
+        raise RuntimeError("Hubs.enrollments is not bound: build the services with opendps.services.wire")
 
 
 @dataclass(frozen=True)
@@ -94,36 +128,41 @@ def _view(h: LinkedHub) -> HubView:
 
 
 def _identity(hub: LinkedHub, d: HubDevice) -> DeviceIdentity:
-    return DeviceIdentity(hub.name, hub.host_name, d.device_id, d.auth_type, d.primary_thumbprint, d.secondary_thumbprint,
+    return _identity_of(hub.name, hub.host_name, d)
+
+
+def _identity_of(hub_name: str, hub_host: str, d: HubDevice) -> DeviceIdentity:
+    return DeviceIdentity(hub_name, hub_host, d.device_id, d.auth_type, d.primary_thumbprint, d.secondary_thumbprint,
                           d.status, d.generation_id, d.etag, d.twin_tags, d.twin_desired, d.twin_reported,
                           d.desired_version, d.reported_version, d.created_at, d.updated_at)
 
 
-def enrollment_hubs(document: dict) -> list[str]:
-    """Host names an enrollment allocates to (empty: every hub that applies allocation policy)."""
-    hubs = document.get("iotHubs") or []
-    if not hubs and document.get("iotHubHostName"):
-        hubs = [document["iotHubHostName"]]
-    return [h.lower() for h in hubs]
-
-
 class Hubs:
-    def __init__(self, store: Store, keys: KeyStore):
+    """Linked hubs, their device identities and twins, and the CAs each trusts.
+
+    ``domain``: new hubs without a host name get ``{name}.{domain}`` (the service's own host name).
+    """
+
+    def __init__(self, store: Store, keys: KeyStore, registry: Registry, *, domain: str = "localhost") -> None:
         self.store = store
         self.keys = keys
+        self.registry = registry
+        self.domain = domain
+        self.enrollments: EnrollmentLinks = _Unbound()  # bound by opendps.services.wire
 
     # ---- hubs ----
     @staticmethod
-    def _hub(s, name: str) -> LinkedHub:  # noqa: ANN001
+    def _hub(s: Session, name: str) -> LinkedHub:
         row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
         if row is None:
-            raise HubNotFound(f"linked hub {name!r} does not exist")
+            raise NotFound(f"linked hub {name!r} does not exist")
         return row
 
-    def create(self, name: str, host_name: str, *, allocation_weight: int = 1,
+    def create(self, name: str, host_name: str | None = None, *, allocation_weight: int = 1,
                apply_allocation_policy: bool = True) -> HubView:
+        """Link a hub; its host name defaults to ``{name}.{domain}``."""
         check_resource_name("linked hub", name)
-        host = check_host_name(host_name)
+        host = check_host_name(host_name or f"{name}.{self.domain}")
         if not isinstance(allocation_weight, int) or isinstance(allocation_weight, bool) or not 0 <= allocation_weight <= 1000:
             raise InvalidInput("allocationWeight must be an integer from 0 to 1000")
         if not isinstance(apply_allocation_policy, bool):
@@ -140,7 +179,7 @@ class Hubs:
             s.flush()
             return _view(row)
 
-    def ensure(self, name: str, host_name: str) -> HubView:
+    def ensure(self, name: str, host_name: str | None = None) -> HubView:
         """The hub ``name``, created if missing (the default hub made at init)."""
         with self.store.session() as s:
             row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
@@ -155,10 +194,13 @@ class Hubs:
         with self.store.session() as s:
             return _view(self._hub(s, name))
 
-    def by_host(self, host_name: str) -> HubView | None:
-        with self.store.session() as s:
-            row = s.scalars(select(LinkedHub).where(LinkedHub.host_name == host_name.lower())).first()
+    def by_host(self, host_name: str, *, session: Session | None = None) -> HubView | None:
+        """The hub with this host name; with ``session``, read in the caller's transaction."""
+        if session is not None:
+            row = session.scalars(select(LinkedHub).where(LinkedHub.host_name == host_name.lower())).first()
             return _view(row) if row else None
+        with self.store.session() as s:
+            return self.by_host(host_name, session=s)
 
     def list(self) -> list[HubView]:
         with self.store.session() as s:
@@ -166,30 +208,41 @@ class Hubs:
 
     def delete(self, name: str, *, if_match: str | None = None) -> None:
         """Unlink a hub (its device registry goes with it); refused while an enrollment names it."""
+        hub = self.get(name)
+        if not etag_matches(if_match, hub.etag):
+            raise PreconditionFailed(f"ETag {if_match} does not match linked hub {name!r}, as per RFC7232")
+        users = self.enrollments.enrollments_using_hub(hub.host_name)
+        if users:
+            raise Conflict(f"linked hub {name!r} is used by enrollment(s) {', '.join(sorted(users)[:5])}; "
+                           "remove it from their iotHubs first", error_code=409002)
         with self.store.session() as s:
-            row = self._hub(s, name)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match linked hub {name!r}, as per RFC7232")
-            users = [e.enrollment_id for e in s.scalars(select(Enrollment))
-                     if row.host_name in enrollment_hubs(e.document)]
-            if users:
-                raise Conflict(f"linked hub {name!r} is used by enrollment(s) {', '.join(sorted(users)[:5])}; "
-                               "remove it from their iotHubs first", error_code=409002)
-            s.delete(row)
+            s.delete(self._hub(s, name))
 
-    # ---- device identities (provisioning calls these inside its own transaction) ----
-    def put_device(self, s, hub: LinkedHub, device_id: str, *, auth_type: str,  # noqa: ANN001 - Session
-                   thumbprints: tuple[str | None, str | None] = (None, None),
-                   keys: tuple[str, str] | None = None, initial_twin: dict | None = None,
-                   reset_twin: bool = False, migrate_from: HubDevice | None = None) -> HubDevice:
-        """Create or update ``device_id`` in ``hub``; twin per reprovisioning rules.
+    # ---- device identities (provisioning places devices inside its own transaction) ----
+    def place_device(self, session: Session, hub: HubView, device_id: str, credential: DeviceCredential, *,
+                     initial_twin: dict[str, Any] | None = None, twin: TwinAction = "keep",
+                     previous: tuple[HubView, str] | None = None) -> None:
+        """Create or update ``device_id`` in ``hub`` within the caller's transaction, as a registration decided.
 
-        A new identity gets ``migrate_from``'s twin when data is migrated, else the initial twin.
-        ``reset_twin`` replaces an existing twin by the initial twin (deviceDataReset).
+        ``previous`` = (hub, device id) of the device's last assignment. A new identity gets the initial twin,
+        or with ``twin="migrate"`` the previous identity's twin; ``twin="reset"`` replaces an existing twin by the
+        initial one. When the device moved to another hub, its previous identity is deleted.
         """
+        target = session.get(LinkedHub, hub.id)
+        if target is None:
+            raise InvalidInput(f"linked hub {hub.name!r} was removed during registration; retry")
+        old = self._find(session, previous[0].id, previous[1]) if previous is not None else None
+        row = self._put_device(session, target, device_id, credential, initial_twin=initial_twin,
+                               reset_twin=twin == "reset", migrate_from=old if twin == "migrate" else None)
+        if old is not None and previous is not None and previous[0].id != target.id and old is not row:
+            session.delete(old)
+
+    def _put_device(self, s: Session, hub: LinkedHub, device_id: str, credential: DeviceCredential, *,
+                    initial_twin: dict[str, Any] | None = None, reset_twin: bool = False,
+                    migrate_from: HubDevice | None = None) -> HubDevice:
         now = datetime.now(UTC)
         key = device_id.lower()
-        row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id, HubDevice.device_key == key)).first()
+        row = self._find(s, hub.id, device_id)
         tags, desired = _initial(initial_twin)
         if row is None:
             row = HubDevice(hub_id=hub.id, device_id=device_id, device_key=key, generation_id=secrets.token_hex(8),
@@ -207,8 +260,9 @@ class Hubs:
             row.twin_tags, row.twin_desired, row.twin_reported = tags, desired, {}
             row.desired_version += 1
             row.reported_version += 1
-        row.auth_type = auth_type
-        row.primary_thumbprint, row.secondary_thumbprint = thumbprints
+        row.auth_type = credential.auth_type
+        row.primary_thumbprint, row.secondary_thumbprint = credential.thumbprints
+        keys = credential.keys
         row.secret = self.keys.wrap(json.dumps(list(keys)).encode(), f"hub-device:{hub.id}:{key}") if keys else None
         row.etag = new_etag()
         row.updated_at = now
@@ -216,11 +270,11 @@ class Hubs:
         return row
 
     @staticmethod
-    def find_device(s, hub: LinkedHub, device_id: str) -> HubDevice | None:  # noqa: ANN001
-        return s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id,
+    def _find(s: Session, hub_id: int, device_id: str) -> HubDevice | None:
+        return s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
                                                  HubDevice.device_key == device_id.lower())).first()
 
-    def device_keys(self, hub_id: int, device: HubDevice) -> tuple[str, str] | None:
+    def _keys(self, hub_id: int, device: HubDevice) -> tuple[str, str] | None:
         if device.secret is None:
             return None
         primary, secondary = json.loads(self.keys.unwrap(device.secret, f"hub-device:{hub_id}:{device.device_key}"))
@@ -229,34 +283,37 @@ class Hubs:
     def get_device(self, hub_name: str, device_id: str) -> DeviceIdentity:
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
-            row = self.find_device(s, hub, device_id)
+            row = self._find(s, hub.id, device_id)
             if row is None:
-                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
             return _identity(hub, row)
 
     def device_credentials(self, hub_name: str, device_id: str) -> tuple[DeviceIdentity, tuple[str, str] | None]:
         """The identity and its SAS keys (the service API shows them, as IoT Hub's does)."""
         with self.store.session() as s:
             hub, row = self._device_row(s, hub_name, device_id)
-            return _identity(hub, row), self.device_keys(hub.id, row)
+            return _identity(hub, row), self._keys(hub.id, row)
 
-    def list_devices(self, hub_name: str) -> list[DeviceIdentity]:
+    def list_devices(self, hub_name: str) -> builtins.list[DeviceIdentity]:
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
             rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key))
             return [_identity(hub, r) for r in rows]
 
-    def count_devices(self, hub_name: str) -> int:
+    def identity(self, hub: HubView, device_id: str) -> tuple[DeviceIdentity, tuple[str, str] | None] | None:
+        """The device's identity in ``hub`` and its SAS keys (None: no such device); what CONNECT checks."""
         with self.store.session() as s:
-            hub = self._hub(s, hub_name)
-            return s.scalar(select(func.count()).select_from(HubDevice).where(HubDevice.hub_id == hub.id)) or 0
+            row = self._find(s, hub.id, device_id)
+            if row is None:
+                return None
+            return _identity_of(hub.name, hub.host_name, row), self._keys(hub.id, row)
 
     # ---- twins ----
-    def _device_row(self, s, hub_name: str, device_id: str) -> tuple[LinkedHub, HubDevice]:  # noqa: ANN001
+    def _device_row(self, s: Session, hub_name: str, device_id: str) -> tuple[LinkedHub, HubDevice]:
         hub = self._hub(s, hub_name)
-        row = self.find_device(s, hub, device_id)
+        row = self._find(s, hub.id, device_id)
         if row is None:
-            raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}", error_code=404001)
+            raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
         return hub, row
 
     def patch_reported(self, hub_id: int, device_id: str, patch: object) -> int:
@@ -265,7 +322,7 @@ class Hubs:
             row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
                                                     HubDevice.device_key == device_id.lower())).first()
             if row is None:
-                raise NotFound(f"device {device_id!r} no longer exists", error_code=404001)
+                raise NotFound(f"device {device_id!r} no longer exists")
             row.twin_reported = merge_patch(row.twin_reported, patch, "reported properties")
             row.reported_version += 1
             row.etag = new_etag()
@@ -294,7 +351,7 @@ class Hubs:
                       thumbprints: tuple[str | None, str | None] = (None, None), status: str = "enabled",
                       if_match: str | None = None) -> tuple[DeviceIdentity, bool]:
         """Create or update a device identity (hub service API ``PUT /devices/{id}``); returns (identity, created)."""
-        if auth_type not in ("sas", "selfSigned", "certificateAuthority"):
+        if auth_type not in AUTH_TYPES:
             raise InvalidInput("authentication.type must be sas, selfSigned or certificateAuthority")
         if status not in ("enabled", "disabled"):
             raise InvalidInput("status must be enabled or disabled")
@@ -308,30 +365,20 @@ class Hubs:
                 _check_device_key(value, f"symmetricKey.{name}")
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
-            existing = self.find_device(s, hub, device_id)
+            existing = self._find(s, hub.id, device_id)
             if existing is not None and not etag_matches(if_match, existing.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match device {device_id!r}, as per RFC7232")
             if existing is None and if_match not in (None, "*"):
                 raise PreconditionFailed(f"device {device_id!r} does not exist, so If-Match cannot match")
             if auth_type == "sas" and keys is None:
-                keys = self.device_keys(hub.id, existing) if existing is not None else None
+                keys = self._keys(hub.id, existing) if existing is not None else None
                 keys = keys or (_new_device_key(), _new_device_key())
-            row = self.put_device(s, hub, device_id, auth_type=auth_type, thumbprints=(
-                _thumb(thumbprints[0]), _thumb(thumbprints[1])), keys=keys if auth_type == "sas" else None)
+            credential = DeviceCredential(auth_type, keys if auth_type == "sas" else None,
+                                          (_thumb(thumbprints[0]), _thumb(thumbprints[1])))
+            row = self._put_device(s, hub, device_id, credential)
             row.status = status
             s.flush()
             return _identity(hub, row), existing is None
-
-    def set_status(self, hub_name: str, device_id: str, status: str) -> DeviceIdentity:
-        if status not in ("enabled", "disabled"):
-            raise InvalidInput("status must be enabled or disabled")
-        with self.store.session() as s:
-            hub, row = self._device_row(s, hub_name, device_id)
-            row.status = status
-            row.etag = new_etag()
-            row.updated_at = datetime.now(UTC)
-            s.flush()
-            return _identity(hub, row)
 
     def delete_device(self, hub_name: str, device_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
@@ -341,36 +388,22 @@ class Hubs:
             s.delete(row)
 
     # ---- trust ----
-    def uploaded_cas(self, hub_id: int, *, now: datetime | None = None) -> list[x509.Certificate]:
-        """The owner's CA certificates uploaded to this hub and proven by proof of possession."""
-        now = now or datetime.now(UTC)
-        with self.store.session() as s:
-            rows = s.scalars(select(HubCertificate).where(HubCertificate.hub_id == hub_id, HubCertificate.is_verified.is_(True),
-                                                          HubCertificate.not_after > now).order_by(HubCertificate.name))
-            return [x509.load_der_x509_certificate(r.der) for r in rows]
+    def certificates(self, hub_name: str) -> CaCertificates:
+        """The CA certificates the owner uploaded to this hub (``az iot hub certificate``), proof of possession."""
+        return CaCertificates(self.store, HubCertificate, {"hub_id": self.get(hub_name).id})
 
-    def trusted_cas(self, hub_name: str, *, now: datetime | None = None) -> list[TrustedCa]:
-        """Issuing CAs this hub trusts for operational certificates (see the module docstring)."""
+    def uploaded_cas(self, hub: HubView, *, now: datetime | None = None) -> builtins.list[x509.Certificate]:
+        """The owner's CA certificates uploaded to this hub, proven by proof of possession and still valid."""
+        scoped = CaCertificates(self.store, HubCertificate, {"hub_id": hub.id})
+        return [v.certificate for v in scoped.verified(now=now or datetime.now(UTC))]
+
+    def trusted_cas(self, hub: str | HubView, *, now: datetime | None = None) -> builtins.list[TrustedCa]:
+        """Issuing CAs this hub (a name or a view) trusts for operational certificates (see the module docstring)."""
         now = now or datetime.now(UTC)
-        with self.store.session() as s:
-            hub = self._hub(s, hub_name)
-            users: dict[int, list[str]] = {}
-            for e in s.scalars(select(Enrollment).where(Enrollment.policy_id.is_not(None))):
-                hubs = enrollment_hubs(e.document)
-                if (hubs and hub.host_name in hubs) or (not hubs and hub.apply_allocation_policy):
-                    users.setdefault(e.policy_id, []).append(e.enrollment_id)
-            if not users:
-                return []
-            rows = s.execute(
-                select(CertificateAuthority, Policy.name, Namespace.name)
-                .join(Policy, CertificateAuthority.policy_id == Policy.id)
-                .join(Namespace, Policy.namespace_id == Namespace.id)
-                .where(CertificateAuthority.kind == "issuing", CertificateAuthority.policy_id.in_(list(users)),
-                       CertificateAuthority.not_after > now)
-                .order_by(CertificateAuthority.id)
-            ).all()
-            return [TrustedCa(x509.load_der_x509_certificate(ca.der), ns, pol, ca.status, sorted(users[ca.policy_id]))
-                    for ca, pol, ns in rows]
+        hub = self.get(hub) if isinstance(hub, str) else hub
+        users = self.enrollments.policies_for_hub(hub.host_name, hub.apply_allocation_policy)
+        return [TrustedCa(ca.certificate, ca.namespace, ca.policy, ca.status, sorted(users[ca.policy_id]))
+                for ca in self.registry.issuing_cas(users, now=now)]
 
 
 _THUMBPRINT = re.compile(r"^(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$")
@@ -387,12 +420,12 @@ def _check_device_key(value: object, where: str) -> None:
 MAX_TAGS_BYTES = 8 * 1024
 
 
-def merge_patch(target: dict, patch: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict:
+def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict[str, Any]:
     """RFC 7396 JSON merge patch (``null`` deletes); keys starting with ``$`` are reserved."""
     if not isinstance(patch, dict):
         raise InvalidInput(f"{what} patch must be a JSON object")
 
-    def merge(base: dict, change: dict) -> dict:
+    def merge(base: dict[str, Any], change: dict[Any, Any]) -> dict[str, Any]:
         out = dict(base)
         for key, value in change.items():
             if not isinstance(key, str) or key.startswith("$"):
@@ -400,7 +433,8 @@ def merge_patch(target: dict, patch: object, what: str, *, limit: int = MAX_TWIN
             if value is None:
                 out.pop(key, None)
             elif isinstance(value, dict):
-                out[key] = merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+                current = out.get(key)
+                out[key] = merge(current if isinstance(current, dict) else {}, value)
             else:
                 out[key] = value
         return out
@@ -419,7 +453,7 @@ def _thumb(value: str | None) -> str | None:
     return value.replace(":", "").upper() if value else None
 
 
-def _initial(initial_twin: dict | None) -> tuple[dict, dict]:
+def _initial(initial_twin: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     twin = initial_twin or {}
     tags = copy.deepcopy(twin.get("tags") or {})
     desired = copy.deepcopy(((twin.get("properties") or {}).get("desired")) or {})

@@ -27,10 +27,10 @@ SYSTEM_PROPERTIES = {"$.mid": "message-id", "$.cid": "correlation-id", "$.uid": 
                      "$.ifid": "dt-interface-id", "$.sub": "dt-subject"}
 
 
-def parse_property_bag(bag: str) -> tuple[dict[str, str], dict[str, str]]:
+def parse_property_bag(bag: str) -> tuple[dict[str, str], dict[str, str | None]]:
     """``k=v&$.mid=..`` (keys and values URL-encoded; ``k`` alone means null) → (system, application)."""
     system: dict[str, str] = {}
-    application: dict[str, str] = {}
+    application: dict[str, str | None] = {}
     for part in bag.split("&"):
         if not part:
             continue
@@ -40,7 +40,7 @@ def parse_property_bag(bag: str) -> tuple[dict[str, str], dict[str, str]]:
         if key.startswith("$."):
             system[SYSTEM_PROPERTIES.get(key, key[2:])] = val if val is not None else ""
         else:
-            application[key] = val  # type: ignore[assignment]
+            application[key] = val
     return system, application
 
 
@@ -98,10 +98,10 @@ def check_size(body: bytes) -> None:
 
 
 class TelemetrySink:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def append_many(self, messages: list[tuple[int, str, dict, dict, bytes]]) -> list[int]:
+    def append_many(self, messages: list[tuple[int, str, dict[str, Any], dict[str, Any], bytes]]) -> list[int]:
         """Append (hub id, device id, system, application, body) messages in one transaction; their positions
         in the order given. Either all are stored or none."""
         for message in messages:
@@ -148,10 +148,10 @@ class GroupCommit:
         self.sink = sink
         self.run = run  # runs a blocking callable off the event loop (the domain's thread pool)
         self.max_batch = max_batch
-        self._pending: list[tuple[tuple[int, str, dict, dict, bytes], asyncio.Future[int]]] = []
+        self._pending: list[tuple[tuple[int, str, dict[str, Any], dict[str, Any], bytes], asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def append(self, hub_id: int, device_id: str, system: dict, application: dict, body: bytes) -> int:
+    async def append(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any], body: bytes) -> int:
         check_size(body)  # one oversized message must not fail the others' transaction
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append(((hub_id, device_id, system, application, body), future))

@@ -1,32 +1,44 @@
-"""The CA side: key custody, certificate profiles, CSR validation, pre-issuance lint, issuance.
+"""The CA side: key custody, certificate profiles, CSR validation, pre-issuance lint, issuance, and the
+certificate helpers every package shares (reading, thumbprints, device chain validation, proof of possession).
 
-Public surface: :class:`KeyStore` / :class:`Signer` (custody), :class:`IssuanceEngine` (issue a leaf),
-:func:`validate_csr`, the profile builders :func:`root_ca` / :func:`issuing_ca`, :func:`lint_certificate`.
+Public surface: :class:`KeyStore` / :class:`Signer` (custody), :class:`IssuanceEngine` + :class:`Issuer`
+(issue a leaf), :func:`validate_csr`, the profile builders :func:`root_ca` / :func:`issuing_ca`,
+:func:`lint_certificate`, :class:`CaCertificates` (uploaded CA certificates proven by proof of possession).
+pki owns ``wrapped_keys`` and ``issued_certificates``.
 """
 
+from opendps.pki.certificates import device_chain_verifier, issued_by, load_certificate_text, thumbprint
 from opendps.pki.csr import CsrRejected, ValidatedCsr, decode_csr_text, validate_csr
-from opendps.pki.issuance import IssuanceEngine, IssuanceRefused, IssuedChain, active_issuing_ca
+from opendps.pki.issuance import IssuanceEngine, IssuedChain, IssuedRecord, Issuer
 from opendps.pki.keys import KeyStore, Signer, SoftwareSigner, load_master_key
 from opendps.pki.lint import LintFinding, lint_certificate
-from opendps.pki.profiles import LintRefused, issuing_ca, root_ca, sign_builder
+from opendps.pki.possession import CaCertificates, CaCertificateView
+from opendps.pki.profiles import IssuanceRefused, LintRefused, issuing_ca, root_ca, sign_builder
 
 __all__ = [
+    "CaCertificateView",
+    "CaCertificates",
     "CsrRejected",
     "IssuanceEngine",
     "IssuanceRefused",
     "IssuedChain",
+    "IssuedRecord",
+    "Issuer",
     "KeyStore",
     "LintFinding",
     "LintRefused",
     "Signer",
     "SoftwareSigner",
     "ValidatedCsr",
-    "active_issuing_ca",
     "decode_csr_text",
+    "device_chain_verifier",
+    "issued_by",
     "issuing_ca",
     "lint_certificate",
+    "load_certificate_text",
     "load_master_key",
     "root_ca",
     "sign_builder",
+    "thumbprint",
     "validate_csr",
 ]

@@ -28,9 +28,12 @@ class CsrRejected(InvalidInput):
 
 @dataclass(frozen=True)
 class ValidatedCsr:
+    """A CSR that passed :func:`validate_csr` for ``registration_id``: only that function makes one."""
+
     csr: x509.CertificateSigningRequest
     public_key: ec.EllipticCurvePublicKey
     curve: str
+    registration_id: str
 
 
 def decode_csr_text(value: str) -> bytes:
@@ -39,7 +42,7 @@ def decode_csr_text(value: str) -> bytes:
     if value.startswith("-----BEGIN"):
         return value.encode()
     if len(value) > MAX_CSR_BYTES * 2:
-        raise PayloadTooLarge(f"CSR is larger than {MAX_CSR_BYTES} bytes", error_code=413001)
+        raise PayloadTooLarge(f"CSR is larger than {MAX_CSR_BYTES} bytes")
     try:
         return base64.b64decode(value, validate=True)
     except ValueError as exc:
@@ -49,6 +52,15 @@ def decode_csr_text(value: str) -> bytes:
 def allowed_curves(allow_p256: bool) -> set[str]:
     """The curves a policy accepts for operational keys: P-384, and P-256 where the policy allows it."""
     return {"secp384r1"} | ({"secp256r1"} if allow_p256 else set())
+
+
+def check_curve(curve: str, *, allow_p256: bool) -> None:
+    """Refuse an operational key on a curve the policy does not accept."""
+    allowed = allowed_curves(allow_p256)
+    if curve not in allowed:
+        names = {"secp384r1": "P-384", "secp256r1": "P-256", "secp521r1": "P-521"}
+        wanted = " or ".join(sorted(names[c] for c in allowed))
+        raise CsrRejected(f"CSR key curve {names.get(curve, curve)} is not allowed by the policy (needs {wanted})")
 
 
 def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False) -> ValidatedCsr:
@@ -74,14 +86,10 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CsrRejected("CSR key is not an EC key; operational certificates need an EC P-384 key")
     curve = key.curve.name
-    allowed = allowed_curves(allow_p256)
-    if curve not in allowed:
-        names = {"secp384r1": "P-384", "secp256r1": "P-256", "secp521r1": "P-521"}
-        wanted = " or ".join(sorted(names[c] for c in allowed))
-        raise CsrRejected(f"CSR key curve {names.get(curve, curve)} is not allowed by the policy (needs {wanted})")
+    check_curve(curve, allow_p256=allow_p256)
     try:
         signature_ok = csr.is_signature_valid
-    except Exception:  # unsupported signature algorithm
+    except Exception:  # noqa: BLE001 - unsupported signature algorithm
         signature_ok = False
     if not signature_ok:
         raise CsrRejected("CSR signature does not verify (no proof of possession of the private key)")
@@ -99,7 +107,7 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
         raise CsrRejected("CSR extension request cannot be parsed") from exc
     if bc is not None and bc.value.ca:
         raise CsrRejected("CSR requests a CA certificate (basicConstraints CA:TRUE); only end-entity is issued")
-    return ValidatedCsr(csr, key, curve)
+    return ValidatedCsr(csr, key, curve, registration_id)
 
 
 

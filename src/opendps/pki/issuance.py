@@ -1,8 +1,10 @@
-"""The issuance engine: the "PKI" box of the seed's diagram.
+"""The issuance engine: the "PKI" box of the seed's diagram (Boulder's CA).
 
-``issue(policy_id, csr, registration_id)`` re-checks the CSR, builds the leaf with the policy's
-profile, lints it, signs it with the policy's active issuing CA and commits the certificate to the
-store before returning the chain [leaf, issuing CA, root].
+The RA (provisioning) loads the policy's :class:`Issuer` from the registry and validates the CSR once;
+``issue(issuer, csr, registration_id)`` re-holds that CSR to the issuer's policy, builds the leaf with
+the policy's profile, lints it, signs it with the issuing CA's key and records the certificate in
+``issued_certificates`` before returning the chain [leaf, issuing CA, root]. The engine reads no
+policy or CA rows itself: what to sign with is handed to it.
 """
 
 from __future__ import annotations
@@ -14,18 +16,12 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from opendps.errors import InvalidInput, NotFound
-from opendps.pki.csr import ValidatedCsr, allowed_curves, validate_csr
+from opendps.pki.csr import CsrRejected, ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
-from opendps.pki.profiles import LintRefused, leaf_builder, sign_builder
-from opendps.store import CertificateAuthority, IssuedCertificate, Policy, Store
-
-
-class IssuanceRefused(InvalidInput):
-    """The engine will not sign (lint finding, CA expired...)."""
-
-    error_code = 400037
+from opendps.pki.profiles import IssuanceRefused, leaf_builder, sign_builder
+from opendps.store import IssuedCertificate, Store
 
 
 @dataclass(frozen=True)
@@ -45,73 +41,71 @@ class IssuedChain:
         return "".join(c.public_bytes(Encoding.PEM).decode() for c in self.certificates)
 
 
-@dataclass
-class _PolicyMaterial:
+@dataclass(frozen=True)
+class Issuer:
+    """What a policy signs with, as the registry hands it to the CA: leaf settings and the active issuing CA."""
+
     policy_id: int
+    policy_name: str
     validity_days: int
     allow_p256: bool
-    issuing_ca_id: int
-    issuing_key_id: str
-    issuing_ca: x509.Certificate
+    ca_id: int
+    key_id: str
+    certificate: x509.Certificate
     root: x509.Certificate
 
+    @property
+    def curves(self) -> set[str]:
+        return allowed_curves(self.allow_p256)
 
-def active_issuing_ca(session, policy_id: int) -> CertificateAuthority | None:  # noqa: ANN001
-    return session.scalars(
-        select(CertificateAuthority)
-        .where(CertificateAuthority.policy_id == policy_id, CertificateAuthority.status == "active")
-        .order_by(CertificateAuthority.id.desc())
-    ).first()
+    def validate(self, csr: bytes, registration_id: str) -> ValidatedCsr:
+        """The RA's check of a CSR against this policy (no signature is made)."""
+        return validate_csr(csr, registration_id, allow_p256=self.allow_p256)
+
+
+@dataclass(frozen=True)
+class IssuedRecord:
+    """An issued certificate as recorded: who it was issued to, under which policy."""
+
+    serial: str
+    policy_id: int | None
+    registration_id: str
+    not_after: datetime
 
 
 class IssuanceEngine:
-    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True):
+    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True) -> None:
         self.store = store
         self.keys = keys
         self.lint = lint
 
-    def _material(self, policy_id: int) -> _PolicyMaterial:
-        with self.store.session() as s:
-            policy = s.get(Policy, policy_id)
-            if policy is None:
-                raise NotFound(f"policy {policy_id} does not exist", error_code=404001)
-            ica = active_issuing_ca(s, policy_id)
-            if ica is None:
-                raise IssuanceRefused(f"policy {policy.name!r} has no active issuing CA")
-            root = s.get(CertificateAuthority, ica.parent_id)
-            return _PolicyMaterial(policy.id, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
-                                   x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root.der))
+    def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
+              session: Session | None = None) -> IssuedChain:
+        """Sign a leaf for ``registration_id`` under ``issuer``, record it, return the chain.
 
-    def check(self, policy_id: int, csr: bytes, registration_id: str) -> ValidatedCsr:
-        """Validate ``csr`` against the policy without signing (the RA's early refusal)."""
-        return validate_csr(csr, registration_id, allow_p256=self._material(policy_id).allow_p256)
-
-    def issue(self, policy_id: int, csr: bytes, registration_id: str, *, now: datetime | None = None,
-              session=None, checked: ValidatedCsr | None = None) -> IssuedChain:  # noqa: ANN001 - sqlalchemy Session
-        """Validate ``csr`` (DER or PEM), sign a leaf under the policy, store it, return the chain.
-
-        With ``session`` the certificate row joins the caller's transaction (provisioning commits it
+        ``csr``: DER/PEM bytes (validated here), or what :meth:`Issuer.validate` returned for this registration
+        moments ago — its signature is not verified twice, but its subject and curve are held to ``issuer`` as
+        it is now. With ``session`` the certificate row joins the caller's transaction (provisioning commits it
         together with the device and registration, so a failure leaves none of them behind).
-        ``checked``: what :meth:`check` returned for this same ``csr`` and registration id moments ago;
-        its signature and subject are not verified twice, but its curve is held to the policy as it is now.
         """
         now = now or datetime.now(UTC)
-        m = self._material(policy_id)
-        if checked is None or checked.curve not in allowed_curves(m.allow_p256):
-            checked = validate_csr(csr, registration_id, allow_p256=m.allow_p256)
-        if m.issuing_ca.not_valid_after_utc <= now:
-            raise IssuanceRefused("the policy's issuing CA has expired")
-        signer = self.keys.signer(m.issuing_key_id)
-        builder = leaf_builder(checked.public_key, registration_id, m.issuing_ca, signer.public_key(),
-                               m.validity_days, now=now)
-        try:
-            leaf = sign_builder(builder, signer, lint=self.lint)
-        except LintRefused as exc:
-            raise IssuanceRefused(str(exc)) from exc
+        if isinstance(csr, bytes):
+            checked = issuer.validate(csr, registration_id)
+        else:
+            checked = csr
+            if checked.registration_id != registration_id:
+                raise CsrRejected(f"CSR was validated for {checked.registration_id!r}, not {registration_id!r}")
+            check_curve(checked.curve, allow_p256=issuer.allow_p256)
+        if issuer.certificate.not_valid_after_utc <= now:
+            raise IssuanceRefused(f"the issuing CA of policy {issuer.policy_name!r} has expired")
+        signer = self.keys.signer(issuer.key_id)
+        builder = leaf_builder(checked.public_key, registration_id, issuer.certificate, signer.public_key(),
+                               issuer.validity_days, now=now)
+        leaf = sign_builder(builder, signer, lint=self.lint)
         der = leaf.public_bytes(Encoding.DER)
         row = IssuedCertificate(
             serial=format(leaf.serial_number, "x"), sha256=hashlib.sha256(der).hexdigest(), der=der,
-            policy_id=m.policy_id, issuing_ca_id=m.issuing_ca_id, registration_id=registration_id,
+            policy_id=issuer.policy_id, issuing_ca_id=issuer.ca_id, registration_id=registration_id,
             not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc, created_at=now,
         )
         if session is not None:
@@ -120,4 +114,11 @@ class IssuanceEngine:
         else:
             with self.store.session() as s:
                 s.add(row)
-        return IssuedChain(leaf, m.issuing_ca, m.root)
+        return IssuedChain(leaf, issuer.certificate, issuer.root)
+
+    def find(self, certificate: x509.Certificate) -> IssuedRecord | None:
+        """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case)."""
+        sha = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+        with self.store.session() as s:
+            row = s.scalars(select(IssuedCertificate).where(IssuedCertificate.sha256 == sha)).first()
+            return IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after) if row else None

@@ -21,9 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from opendps.errors import ConfigurationError
-from opendps.store import InstanceSetting, Store, WrappedKey
+from opendps.store import Store, WrappedKey
 
 MASTER_KEY_ENV = "OPENDPS_MASTER_KEY"
 MASTER_KEY_BYTES = 32
@@ -45,7 +47,7 @@ class Signer(Protocol):
 class SoftwareSigner:
     """A P-384 key held in process memory after unwrapping."""
 
-    def __init__(self, key_id: str, private_key: ec.EllipticCurvePrivateKey):
+    def __init__(self, key_id: str, private_key: ec.EllipticCurvePrivateKey) -> None:
         self.key_id = key_id
         self._key = private_key
 
@@ -98,7 +100,7 @@ class KeyStore:
 
     backend = "software"
 
-    def __init__(self, store: Store, master_key: bytes):
+    def __init__(self, store: Store, master_key: bytes) -> None:
         if len(master_key) != MASTER_KEY_BYTES:
             raise ConfigurationError("master key must be 32 bytes")
         kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"opendps key-wrap v1").derive(master_key)
@@ -122,13 +124,8 @@ class KeyStore:
 
     def check_master_key(self) -> None:
         """Create the key check value on first use; afterwards refuse a different master key."""
-        with self._store.session() as s:
-            row = s.get(InstanceSetting, _CHECK_SETTING)
-            if row is None:
-                blob = self.wrap(_CHECK_PLAINTEXT, _CHECK_SETTING)
-                s.add(InstanceSetting(name=_CHECK_SETTING, value=base64.b64encode(blob).decode()))
-                return
-            blob = base64.b64decode(row.value)
+        fresh = base64.b64encode(self.wrap(_CHECK_PLAINTEXT, _CHECK_SETTING)).decode()
+        blob = base64.b64decode(self._store.set_setting_if_absent(_CHECK_SETTING, fresh))
         try:
             ok = self.unwrap(blob, _CHECK_SETTING) == _CHECK_PLAINTEXT
         except ConfigurationError:
@@ -140,7 +137,7 @@ class KeyStore:
             )
 
     # -- CA keys --
-    def generate(self, session, label: str) -> Signer:  # noqa: ANN001 - sqlalchemy Session
+    def generate(self, session: Session, label: str) -> Signer:
         """Make a new P-384 key, add its wrapped form to ``session`` and return its signer."""
         key = ec.generate_private_key(ec.SECP384R1())
         key_id = f"{label}-{secrets.token_hex(8)}"
@@ -157,8 +154,9 @@ class KeyStore:
             self._signers[key_id] = signer
         return signer
 
-    def forget(self, key_ids: list[str]) -> None:
-        """Drop cached signers of deleted keys."""
+    def destroy(self, session: Session, key_ids: list[str]) -> None:
+        """Delete keys in the caller's transaction (their CA certificates are gone) and forget their signers."""
+        session.execute(delete(WrappedKey).where(WrappedKey.id.in_(key_ids)))
         with self._lock:
             for key_id in key_ids:
                 self._signers.pop(key_id, None)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pkilint ships no type information; this names what _validator builds
+    from pkilint.validation import ValidatorContainer
 
 _BLOCKING = {"WARNING", "ERROR", "FATAL"}
 
@@ -25,7 +29,7 @@ class LintFinding:
 
 
 @lru_cache(maxsize=1)
-def _validator():
+def _validator() -> ValidatorContainer:
     # imported on first use: pkilint's ASN.1 tables take a while to load and most commands never lint
     from pkilint.pkix import certificate, extension, name
 

@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from opendps.errors import InvalidInput
 from opendps.pki.keys import Signer
-from opendps.pki.lint import lint_certificate
+from opendps.pki.lint import LintFinding, lint_certificate
 
 ROOT_VALIDITY = timedelta(days=365 * 25)
 ISSUING_VALIDITY = timedelta(days=365 * 5)
@@ -29,10 +30,16 @@ BACKDATE = timedelta(minutes=5)
 _ECDSA_SHA384_ALGID = bytes.fromhex("300a06082a8648ce3d040303")
 
 
-class LintRefused(Exception):
+class IssuanceRefused(InvalidInput):
+    """The CA will not sign (lint finding, CA expired, policy without an issuing CA...)."""
+
+    error_code = 400037
+
+
+class LintRefused(IssuanceRefused):
     """Pre-issuance lint found a WARNING or worse; the certificate was not signed."""
 
-    def __init__(self, findings):  # noqa: ANN001
+    def __init__(self, findings: list[LintFinding]) -> None:
         self.findings = findings
         super().__init__("pre-issuance lint refused the certificate: " + "; ".join(str(f) for f in findings))
 

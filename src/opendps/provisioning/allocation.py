@@ -14,29 +14,28 @@ from typing import Any
 
 import httpx
 
+from opendps.errors import InvalidInput
 from opendps.hub import HubView
 
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 MAX_WEBHOOK_RESPONSE = 64 * 1024
 
 
-class AllocationFailed(Exception):
-    """The registration fails with this message (stored as a failed operation, not an HTTP error)."""
+class AllocationFailed(InvalidInput):
+    """No hub could be chosen. Not sent as an HTTP error: the registration ends as a *failed operation*
+    carrying this code and message, which the device reads when it polls."""
 
-    def __init__(self, message: str, error_code: int = 400208):
-        super().__init__(message)
-        self.message = message
-        self.error_code = error_code
+    error_code = 400208
 
 
 @dataclass(frozen=True)
 class Allocation:
     hub: HubView
-    initial_twin: dict | None = None  # the webhook may replace the enrollment's initial twin
+    initial_twin: dict[str, Any] | None = None  # the webhook may replace the enrollment's initial twin
     payload: Any = None  # returned to the device in registrationState.payload
 
 
-def candidates(document: dict, hubs: list[HubView]) -> list[HubView]:
+def candidates(document: dict[str, Any], hubs: list[HubView]) -> list[HubView]:
     """The enrollment's hubs, or every hub that applies allocation policy when it lists none."""
     listed = document.get("iotHubs") or []
     if listed:
@@ -54,7 +53,7 @@ def hashed(registration_id: str, hubs: list[HubView]) -> HubView:
     return max(hubs, key=score)
 
 
-def custom(url: str, request_body: dict, hubs: list[HubView], *, timeout: float, verify: Any = True) -> Allocation:
+def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeout: float, verify: Any = True) -> Allocation:
     """POST Azure's AllocationRequest to the webhook; validate its answer."""
     try:
         with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client:

@@ -2,37 +2,42 @@
 
 The stored ``document`` is the normalised Azure document without symmetric keys; keys are wrapped
 by the master key in ``secret``. PUT without If-Match upserts (what Azure's SDKs expect, see the
-wire spec §5.3); with If-Match the etag must match.
+wire spec §5.3); with If-Match the etag must match. The ``attestation`` member is validated by the
+mechanism of its type (:mod:`opendps.provisioning.attestation`); the rest here. Owns ``enrollments``,
+and answers the registry and the hubs which enrollments name a policy or a hub.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
+import builtins
+import copy
 import json
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
-from opendps.errors import InvalidInput, NotFound, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
-from opendps.pki.keys import KeyStore
-from opendps.provisioning.ca_certificates import load_certificate_text
-from opendps.store import DpsCertificate, Enrollment, LinkedHub, Namespace, Policy, Registration, Store
+from opendps.pki import CaCertificates, KeyStore, thumbprint
+from opendps.provisioning import attestation
+from opendps.registry import Registry
+from opendps.store import Enrollment, Registration, Store
+from opendps.transport.wire import iso8601
 
 INDIVIDUAL = "individual"
 GROUP = "group"
-ATTESTATION_TYPES = ("x509", "symmetricKey")
+ENROLLMENT_NOT_FOUND = 404201
 ALLOCATION_POLICIES = ("hashed", "geoLatency", "static", "custom")
 # Azure registration ids: alphanumerics and - . _ : ; last character alphanumeric or '-'; case-insensitive
 REGISTRATION_ID = re.compile(r"^[A-Za-z0-9\-._:]{0,127}[A-Za-z0-9\-]$")
@@ -46,21 +51,15 @@ def check_registration_id(value: object, what: str = "registration id") -> str:
     return value
 
 
-def derive_device_key(group_key: str, registration_id: str) -> str:
-    """Device key of a symmetric-key group member: base64(HMAC-SHA256(b64decode(group key), registration id))."""
-    return base64.b64encode(hmac.new(base64.b64decode(group_key), registration_id.encode(), hashlib.sha256).digest()).decode()
-
-
 def certificate_info(cert: x509.Certificate) -> dict[str, Any]:
     """``X509CertificateInfo`` as Azure shows it."""
-    der = cert.public_bytes(Encoding.DER)
     return {
         "subjectName": cert.subject.rfc4514_string(),
-        "sha1Thumbprint": hashlib.sha1(der).hexdigest().upper(),  # noqa: S324 - a thumbprint, as Azure shows it
-        "sha256Thumbprint": hashlib.sha256(der).hexdigest().upper(),
+        "sha1Thumbprint": thumbprint(cert, "sha1"),
+        "sha256Thumbprint": thumbprint(cert),
         "issuerName": cert.issuer.rfc4514_string(),
-        "notBeforeUtc": cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
-        "notAfterUtc": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "notBeforeUtc": iso8601(cert.not_valid_before_utc),
+        "notAfterUtc": iso8601(cert.not_valid_after_utc),
         "serialNumber": format(cert.serial_number, "X"),
         "version": cert.version.value + 1,
     }
@@ -71,7 +70,7 @@ class EnrollmentView:
     kind: str
     enrollment_id: str
     attestation_type: str
-    document: dict  # normalised, without keys
+    document: dict[str, Any]  # normalised, without keys
     keys: tuple[str, str] | None
     policy_id: int | None
     etag: str
@@ -80,26 +79,33 @@ class EnrollmentView:
 
     @property
     def enabled(self) -> bool:
-        return self.document.get("provisioningStatus", "enabled") == "enabled"
+        status: str = self.document.get("provisioningStatus", "enabled")  # "enabled" | "disabled" (_normalise)
+        return status == "enabled"
 
     def to_wire(self, *, include_keys: bool = False) -> dict[str, Any]:
-        doc = json.loads(json.dumps(self.document))
+        doc = copy.deepcopy(self.document)
         if include_keys and self.keys:
             doc["attestation"]["symmetricKey"] = {"primaryKey": self.keys[0], "secondaryKey": self.keys[1]}
         doc["etag"] = self.etag
-        doc["createdDateTimeUtc"] = _iso(self.created_at)
-        doc["lastUpdatedDateTimeUtc"] = _iso(self.updated_at)
+        doc["createdDateTimeUtc"] = iso8601(self.created_at)
+        doc["lastUpdatedDateTimeUtc"] = iso8601(self.updated_at)
         return doc
 
     def attestation_mechanism(self) -> dict[str, Any]:
-        return self.to_wire(include_keys=True)["attestation"]
+        mechanism: dict[str, Any] = self.to_wire(include_keys=True)["attestation"]  # a JSON object (_normalise)
+        return mechanism
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def hub_hosts(document: dict[str, Any]) -> list[str]:
+    """Host names an enrollment allocates to (empty: every hub that applies allocation policy)."""
+    hubs = document.get("iotHubs") or []
+    if not hubs and document.get("iotHubHostName"):
+        hubs = [document["iotHubHostName"]]
+    return [h.lower() for h in hubs]
 
 
-def _obj(value: object, where: str) -> dict:
+def json_object(value: object, where: str) -> dict[str, Any]:
+    """A member that must be a JSON object (absent: empty)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -107,7 +113,7 @@ def _obj(value: object, where: str) -> dict:
     return value
 
 
-def _bool(value: object, where: str, default: bool) -> bool:
+def json_bool(value: object, where: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -115,7 +121,8 @@ def _bool(value: object, where: str, default: bool) -> bool:
     return value
 
 
-def _key(value: object, where: str) -> str:
+def check_key(value: object, where: str) -> str:
+    """A symmetric key: base64 of 16-64 bytes."""
     if not isinstance(value, str):
         raise InvalidInput(f"{where} must be a base64 string")
     try:
@@ -127,14 +134,18 @@ def _key(value: object, where: str) -> str:
     return value
 
 
-def _new_key() -> str:
+def new_key() -> str:
     return base64.b64encode(secrets.token_bytes(MAX_KEY_BYTES)).decode()
 
 
 class Enrollments:
-    def __init__(self, store: Store, keys: KeyStore):
+    def __init__(self, store: Store, keys: KeyStore, registry: Registry, hubs: Hubs,
+                 ca_certificates: CaCertificates) -> None:
         self.store = store
         self.keys = keys
+        self.registry = registry
+        self.hubs = hubs
+        self.ca_certificates = ca_certificates
 
     # ---- reading ----
     def _view(self, row: Enrollment) -> EnrollmentView:
@@ -149,7 +160,7 @@ class Enrollments:
         return f"enrollment:{kind}:{enrollment_id.lower()}"
 
     @staticmethod
-    def _row(s, kind: str, enrollment_id: str) -> Enrollment | None:  # noqa: ANN001
+    def _row(s: Session, kind: str, enrollment_id: str) -> Enrollment | None:
         return s.scalars(select(Enrollment).where(Enrollment.kind == kind,
                                                   func.lower(Enrollment.enrollment_id) == enrollment_id.lower())).first()
 
@@ -158,7 +169,7 @@ class Enrollments:
             row = self._row(s, kind, enrollment_id)
             if row is None:
                 what = "enrollment group" if kind == GROUP else "enrollment"
-                raise NotFound(f"{what} {enrollment_id!r} does not exist", error_code=404201)
+                raise NotFound(f"{what} {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
             return self._view(row)
 
     def find(self, kind: str, enrollment_id: str) -> EnrollmentView | None:
@@ -175,25 +186,53 @@ class Enrollments:
         with self.store.session() as s:
             return [self._view(r) for r in s.scalars(q.order_by(Enrollment.id))]
 
-    def groups_on_certificate(self, dps_certificate_name: str) -> list[EnrollmentView]:
+    def groups_on_certificate(self, dps_certificate_name: str) -> builtins.list[EnrollmentView]:
         """X.509 groups that reference ``dps_certificate_name`` (caReferences)."""
         return [v for v in self.list(GROUP, "x509") if dps_certificate_name in _ca_names(v.document)]
 
+    # ---- who names a policy or a hub (the registry's and the hubs' referential checks) ----
+    def enrollments_using_policies(self, policy_ids: Collection[int]) -> tuple[int, builtins.list[str]]:
+        if not policy_ids:
+            return 0, []
+        where = Enrollment.policy_id.in_(list(policy_ids))
+        with self.store.session() as s:
+            first = list(s.scalars(select(Enrollment.enrollment_id).where(where).order_by(Enrollment.id).limit(5)))
+            count = s.scalar(select(func.count()).select_from(Enrollment).where(where)) if first else 0
+        return count or 0, first
+
+    def enrollments_using_hub(self, host_name: str) -> builtins.list[str]:
+        with self.store.session() as s:
+            rows = s.execute(select(Enrollment.enrollment_id, Enrollment.document)).all()
+        return [eid for eid, doc in rows if host_name.lower() in hub_hosts(doc)]
+
+    def policies_for_hub(self, host_name: str, apply_allocation_policy: bool) -> dict[int, builtins.list[str]]:
+        with self.store.session() as s:
+            rows = s.execute(select(Enrollment.policy_id, Enrollment.enrollment_id, Enrollment.document)
+                             .where(Enrollment.policy_id.is_not(None))).all()
+        users: dict[int, list[str]] = {}
+        for policy_id, eid, doc in rows:
+            hosts = hub_hosts(doc)
+            if (hosts and host_name.lower() in hosts) or (not hosts and apply_allocation_policy):
+                users.setdefault(policy_id, []).append(eid)
+        return users
+
     # ---- writing ----
-    def put(self, kind: str, enrollment_id: str, document: dict, *, if_match: str | None = None) -> tuple[EnrollmentView, bool]:
+    def put(self, kind: str, enrollment_id: str, document: dict[str, Any], *,
+            if_match: str | None = None) -> tuple[EnrollmentView, bool]:
         """Create or replace; returns (view, created)."""
         check_registration_id(enrollment_id, "enrollment group id" if kind == GROUP else "registration id")
         if not isinstance(document, dict):
             raise InvalidInput("request body must be a JSON object")
+        previous = self.find(kind, enrollment_id)
+        self._check_if_match(previous, enrollment_id, if_match)
+        # validated before the write transaction opens: it asks the registry, the hubs and the mechanisms
+        doc, att_type, keys, policy_id = self._normalise(kind, enrollment_id, document,
+                                                         previous.keys if previous else None)
         now = datetime.now(UTC)
         with self.store.session() as s:
             row = self._row(s, kind, enrollment_id)
-            if row is None and if_match not in (None, "*"):
-                raise PreconditionFailed(f"enrollment {enrollment_id!r} does not exist, so If-Match cannot match")
-            if row is not None and not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
-            old_keys = self._view(row).keys if row is not None else None
-            doc, att_type, keys, policy_id = self._normalise(s, kind, enrollment_id, document, old_keys)
+            if (row.etag if row else None) != (previous.etag if previous else None):
+                raise Conflict(f"enrollment {enrollment_id!r} was changed concurrently; retry")
             created = row is None
             if row is None:
                 row = Enrollment(kind=kind, enrollment_id=enrollment_id, created_at=now)
@@ -208,11 +247,18 @@ class Enrollments:
             s.flush()
             return self._view(row), created
 
+    @staticmethod
+    def _check_if_match(previous: EnrollmentView | None, enrollment_id: str, if_match: str | None) -> None:
+        if previous is None and if_match not in (None, "*"):
+            raise PreconditionFailed(f"enrollment {enrollment_id!r} does not exist, so If-Match cannot match")
+        if previous is not None and not etag_matches(if_match, previous.etag):
+            raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
+
     def delete(self, kind: str, enrollment_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             row = self._row(s, kind, enrollment_id)
             if row is None:
-                raise NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=404201)
+                raise NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
             if not etag_matches(if_match, row.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
             if kind == INDIVIDUAL:  # its registration state goes with it, as in Azure
@@ -221,8 +267,8 @@ class Enrollments:
             s.delete(row)
 
     # ---- validation ----
-    def _normalise(self, s, kind: str, enrollment_id: str, body: dict,  # noqa: ANN001, C901
-                   old_keys: tuple[str, str] | None) -> tuple[dict, str, tuple[str, str] | None, int | None]:
+    def _normalise(self, kind: str, enrollment_id: str, body: dict[str, Any],
+                   old_keys: tuple[str, str] | None) -> tuple[dict[str, Any], str, tuple[str, str] | None, int | None]:
         id_field = "enrollmentGroupId" if kind == GROUP else "registrationId"
         given = body.get(id_field)
         if given is not None and str(given).lower() != enrollment_id.lower():
@@ -232,92 +278,36 @@ class Enrollments:
             device_id = body.get("deviceId")
             if device_id is not None:
                 doc["deviceId"] = check_registration_id(device_id, "deviceId")
-        att = _obj(body.get("attestation"), "attestation")
+        att = json_object(body.get("attestation"), "attestation")
         att_type = att.get("type")
-        if att_type == "tpm":
-            raise InvalidInput("attestation type 'tpm' is not supported yet; use 'x509' or 'symmetricKey'")
-        if att_type not in ATTESTATION_TYPES:
-            raise InvalidInput(f"attestation.type must be one of {', '.join(ATTESTATION_TYPES)} (got {att_type!r})")
-        keys = None
-        if att_type == "symmetricKey":
-            sk = _obj(att.get("symmetricKey"), "attestation.symmetricKey")
-            primary, secondary = sk.get("primaryKey"), sk.get("secondaryKey")
-            if primary is None and secondary is None and old_keys:
-                keys = old_keys
-            else:
-                keys = (_key(primary, "attestation.symmetricKey.primaryKey") if primary is not None else _new_key(),
-                        _key(secondary, "attestation.symmetricKey.secondaryKey") if secondary is not None else _new_key())
-            doc["attestation"] = {"type": "symmetricKey", "symmetricKey": {}}
-        else:
-            doc["attestation"] = {"type": "x509", "x509": self._x509(s, kind, enrollment_id, _obj(att.get("x509"),
-                                                                                                  "attestation.x509"))}
+        mechanisms = attestation.mechanisms()
+        if not isinstance(att_type, str) or (mechanism := mechanisms.get(att_type)) is None:
+            raise InvalidInput(f"attestation.type must be one of {', '.join(mechanisms)} (got {att_type!r})")
+        doc["attestation"], keys = mechanism.enrollment(kind, enrollment_id, att, old_keys,
+                                                        attestation.Context(self, self.ca_certificates))
         status = body.get("provisioningStatus", "enabled")
         if status not in ("enabled", "disabled"):
             raise InvalidInput(f"provisioningStatus must be 'enabled' or 'disabled' (got {status!r})")
         doc["provisioningStatus"] = status
-        policy_id = self._policy(s, body, doc)
-        self._allocation(s, body, doc)
-        rp = _obj(body.get("reprovisionPolicy"), "reprovisionPolicy")
+        policy_id = self._policy(body, doc)
+        self._allocation(body, doc)
+        rp = json_object(body.get("reprovisionPolicy"), "reprovisionPolicy")
         doc["reprovisionPolicy"] = {
-            "updateHubAssignment": _bool(rp.get("updateHubAssignment"), "reprovisionPolicy.updateHubAssignment", True),
-            "migrateDeviceData": _bool(rp.get("migrateDeviceData"), "reprovisionPolicy.migrateDeviceData", True)}
-        twin = _obj(body.get("initialTwin"), "initialTwin")
+            "updateHubAssignment": json_bool(rp.get("updateHubAssignment"), "reprovisionPolicy.updateHubAssignment", True),
+            "migrateDeviceData": json_bool(rp.get("migrateDeviceData"), "reprovisionPolicy.migrateDeviceData", True)}
+        twin = json_object(body.get("initialTwin"), "initialTwin")
         if twin:
-            tags = _obj(twin.get("tags"), "initialTwin.tags")
-            desired = _obj(_obj(twin.get("properties"), "initialTwin.properties").get("desired"),
-                           "initialTwin.properties.desired")
+            tags = json_object(twin.get("tags"), "initialTwin.tags")
+            desired = json_object(json_object(twin.get("properties"), "initialTwin.properties").get("desired"),
+                                  "initialTwin.properties.desired")
             doc["initialTwin"] = {"tags": tags, "properties": {"desired": desired}}
-        caps = _obj(body.get("capabilities"), "capabilities")
-        doc["capabilities"] = {"iotEdge": _bool(caps.get("iotEdge"), "capabilities.iotEdge", False)}
+        caps = json_object(body.get("capabilities"), "capabilities")
+        doc["capabilities"] = {"iotEdge": json_bool(caps.get("iotEdge"), "capabilities.iotEdge", False)}
         if kind == INDIVIDUAL and body.get("optionalDeviceInformation") is not None:
-            doc["optionalDeviceInformation"] = _obj(body["optionalDeviceInformation"], "optionalDeviceInformation")
+            doc["optionalDeviceInformation"] = json_object(body["optionalDeviceInformation"], "optionalDeviceInformation")
         return doc, att_type, keys, policy_id
 
-    def _x509(self, s, kind: str, enrollment_id: str, x: dict) -> dict:  # noqa: ANN001
-        if kind == INDIVIDUAL:
-            certs = _obj(x.get("clientCertificates"), "attestation.x509.clientCertificates")
-            out: dict[str, Any] = {}
-            for slot in ("primary", "secondary"):
-                entry = _obj(certs.get(slot), f"attestation.x509.clientCertificates.{slot}")
-                if not entry:
-                    continue
-                cert = load_certificate_text(entry.get("certificate") or "", f"clientCertificates.{slot}.certificate")
-                cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-                if cns != [enrollment_id] and (not cns or cns[0].lower() != enrollment_id.lower()):
-                    raise InvalidInput(f"clientCertificates.{slot} has CN {cns[0] if cns else '(none)'!r}; an individual "
-                                       f"X.509 enrollment's certificate CN must equal its registration id {enrollment_id!r}")
-                out[slot] = {"certificate": cert.public_bytes(Encoding.PEM).decode(), "info": certificate_info(cert)}
-            if "primary" not in out:
-                raise InvalidInput("an individual X.509 enrollment needs attestation.x509.clientCertificates.primary")
-            return {"clientCertificates": out}
-        refs = _obj(x.get("caReferences"), "attestation.x509.caReferences")
-        names = {slot: refs[slot] for slot in ("primary", "secondary") if refs.get(slot)}
-        signing = _obj(x.get("signingCertificates"), "attestation.x509.signingCertificates")
-        for slot in ("primary", "secondary"):  # an uploaded certificate given inline must be a verified DPS certificate
-            entry = _obj(signing.get(slot), f"attestation.x509.signingCertificates.{slot}")
-            if entry and slot not in names:
-                cert = load_certificate_text(entry.get("certificate") or "", f"signingCertificates.{slot}.certificate")
-                sha = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest().upper()
-                row = s.scalars(select(DpsCertificate).where(DpsCertificate.sha256 == sha)).first()
-                if row is None:
-                    raise InvalidInput(f"signingCertificates.{slot} is not an uploaded DPS CA certificate: upload and "
-                                       "verify it (dps certificate create/verify), then reference it with --ca-name")
-                names[slot] = row.name
-        if "primary" not in names:
-            raise InvalidInput("an X.509 enrollment group needs attestation.x509.caReferences.primary (--ca-name)")
-        for slot, name in names.items():
-            if not isinstance(name, str):
-                raise InvalidInput(f"caReferences.{slot} must be a certificate name")
-            row = s.get(DpsCertificate, name)
-            if row is None:
-                raise InvalidInput(f"CA certificate {name!r} (caReferences.{slot}) does not exist in this DPS")
-            if not row.is_verified:
-                raise InvalidInput(f"CA certificate {name!r} is not verified: prove possession of its key first "
-                                   "(dps certificate generate-verification-code / verify)", error_code=400012)
-        return {"caReferences": names}
-
-    @staticmethod
-    def _policy(s, body: dict, doc: dict) -> int | None:  # noqa: ANN001
+    def _policy(self, body: dict[str, Any], doc: dict[str, Any]) -> int | None:
         name = body.get("credentialPolicyName")
         namespace = body.get("namespaceName")
         post_preview = body.get("certificatePolicyName"), body.get("certificateAuthorityName")
@@ -333,33 +323,21 @@ class Enrollments:
             name = post_preview[0]
         if name is None:
             return None
-        if not isinstance(name, str) or not name:
-            raise InvalidInput("credentialPolicyName must be a policy name")
-        q = select(Policy, Namespace.name).join(Namespace, Policy.namespace_id == Namespace.id).where(Policy.name == name)
-        if namespace is not None:
-            q = q.where(Namespace.name == namespace)
-        rows = s.execute(q).all()
-        if not rows:
-            where = f" in namespace {namespace!r}" if namespace else ""
-            raise InvalidInput(f"credential policy {name!r}{where} does not exist")
-        if len(rows) > 1:
-            raise InvalidInput(f"credential policy {name!r} exists in several namespaces "
-                               f"({', '.join(sorted(n for _, n in rows))}); also give namespaceName")
-        policy, ns = rows[0]
-        doc["credentialPolicyName"] = name
-        doc["namespaceName"] = ns
-        return policy.id
+        ref = self.registry.find_policy(name, namespace)
+        doc["credentialPolicyName"] = ref.name
+        doc["namespaceName"] = ref.namespace
+        return ref.policy_id
 
-    @staticmethod
-    def _allocation(s, body: dict, doc: dict) -> None:  # noqa: ANN001
+    def _allocation(self, body: dict[str, Any], doc: dict[str, Any]) -> None:
         hubs = body.get("iotHubs")
         if hubs is None and body.get("iotHubHostName"):
             hubs = [body["iotHubHostName"]]
         hubs = hubs or []
         if not isinstance(hubs, list) or not all(isinstance(h, str) for h in hubs):
             raise InvalidInput("iotHubs must be a list of hub host names")
-        linked = {h.host_name: h.host_name for h in s.scalars(select(LinkedHub))}
-        linked_names = {h.name: h.host_name for h in s.scalars(select(LinkedHub))}
+        hubs_now = self.hubs.list()
+        linked = {h.host_name: h.host_name for h in hubs_now}
+        linked_names = {h.name: h.host_name for h in hubs_now}
         resolved = []
         for h in hubs:
             host = linked.get(h.lower()) or linked_names.get(h)
@@ -375,7 +353,7 @@ class Enrollments:
         doc["allocationPolicy"] = policy
         doc["iotHubs"] = resolved
         if policy == "custom":
-            cad = _obj(body.get("customAllocationDefinition"), "customAllocationDefinition")
+            cad = json_object(body.get("customAllocationDefinition"), "customAllocationDefinition")
             url = cad.get("webhookUrl")
             parsed = urlparse(url) if isinstance(url, str) else None
             if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -389,6 +367,6 @@ class Enrollments:
                 doc["customAllocationDefinition"]["timeoutInSeconds"] = timeout
 
 
-def _ca_names(document: dict) -> list[str]:
+def _ca_names(document: dict[str, Any]) -> list[str]:
     refs = ((document.get("attestation") or {}).get("x509") or {}).get("caReferences") or {}
     return [refs[s] for s in ("primary", "secondary") if refs.get(s)]

@@ -1,45 +1,46 @@
-"""Registration: the registration authority of the seed's diagram (steps 2-6).
+"""Registration: the registration authority of the seed's diagram (steps 2-6), as decide -> issue -> assign.
 
-``register`` attests the device, validates any CSR against the enrollment's policy, allocates a
-hub, and then, in ONE transaction, issues the operational certificate, creates or moves the hub
-device identity, records the device in the namespace's device registry, updates the registration
-state and stores the operation's final result. A refusal (401/403/400) raises before anything is
-written; a failed allocation (e.g. the custom webhook) is a *failed operation* the device reads
-when it polls, never a 5xx, and writes no device, registration or certificate.
+- **decide** (provisioning): attest the device (the mechanism registry), load the policy's issuer once
+  and validate any CSR against it, allocate a hub. A refusal (401/403/400) raises here, before
+  anything is written; a failed allocation (e.g. the custom webhook) is a *failed operation* the
+  device reads when it polls, never a 5xx, and writes no device, registration or certificate.
+- **issue** (pki): the CA signs the leaf and records it — called once, in the transaction below.
+- **assign** (hub, registry, provisioning), in that ONE transaction: place the device in its hub
+  (reprovisioning rules), record it in the namespace's device registry, store the registration state
+  and the operation's final result. Any failure rolls all of it back, certificate record included.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
-from opendps.hub import Hubs
+from opendps.hub import DeviceCredential, Hubs
 from opendps.ids import etag_matches, new_etag
-from opendps.pki import IssuanceEngine
-from opendps.pki.csr import ValidatedCsr, decode_csr_text
-from opendps.provisioning import allocation
+from opendps.pki import CaCertificates, IssuanceEngine, IssuedChain, Issuer, ValidatedCsr, decode_csr_text
+from opendps.provisioning import allocation, attestation, reprovisioning
 from opendps.provisioning.attestation import (
     AttestationFailed,
     AttestedIdentity,
+    Challenge,
     DeviceCredentials,
-    Mechanism,
-    require_enabled,
+    EnrollmentDisabled,
 )
-from opendps.provisioning.attestation.symmetric_key import SymmetricKeyAttestation
-from opendps.provisioning.attestation.x509 import X509Attestation
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
-from opendps.store import DeviceRecord, LinkedHub, Operation, Policy, Registration, Store
+from opendps.provisioning.throttle import PollThrottle
+from opendps.registry import DeviceRegistry, Registry
+from opendps.store import Operation, Registration, Store
+from opendps.transport.wire import iso8601
 
 log = logging.getLogger("opendps.provisioning")
 RETRY_AFTER_SECONDS = 2
@@ -52,11 +53,9 @@ OPERATION_NOT_FOUND = 404203
 
 def csr_supported(api_version: str | None) -> bool:
     """``csr`` is a 2025-07-01-preview field; later dated versions keep it (e.g. 2026-11-01)."""
-    return bool(api_version) and api_version[:10] >= CSR_API_VERSION[:10]
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if not api_version:
+        return False
+    return api_version[:10] >= CSR_API_VERSION[:10]
 
 
 def new_operation_id() -> str:
@@ -76,9 +75,9 @@ class Accepted:
 def registration_state(reg: Registration) -> dict[str, Any]:
     """``DeviceRegistrationResult`` / ``DeviceRegistrationState`` of a stored registration."""
     state: dict[str, Any] = {
-        "registrationId": reg.registration_id, "createdDateTimeUtc": _iso(reg.created_at),
+        "registrationId": reg.registration_id, "createdDateTimeUtc": iso8601(reg.created_at),
         "assignedHub": reg.assigned_hub, "deviceId": reg.device_id, "status": reg.status,
-        "substatus": reg.substatus, "lastUpdatedDateTimeUtc": _iso(reg.updated_at), "etag": reg.etag,
+        "substatus": reg.substatus, "lastUpdatedDateTimeUtc": iso8601(reg.updated_at), "etag": reg.etag,
     }
     if reg.error_code is not None:
         state["errorCode"], state["errorMessage"] = reg.error_code, reg.error_message
@@ -87,86 +86,96 @@ def registration_state(reg: Registration) -> dict[str, Any]:
     return {k: v for k, v in state.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What the RA decided for one register request, before anything is written."""
+
+    identity: AttestedIdentity
+    allocation: allocation.Allocation
+    issuer: Issuer | None = None  # with a CSR: the policy's issuer, loaded once
+    csr: ValidatedCsr | None = None
+
+
 class Provisioning:
-    def __init__(self, store: Store, enrollments: Enrollments, hubs: Hubs, engine: IssuanceEngine, id_scope: str, *,
-                 webhook_timeout: float = allocation.DEFAULT_WEBHOOK_TIMEOUT, webhook_verify: Any = True):
+    def __init__(self, store: Store, *, enrollments: Enrollments, ca_certificates: CaCertificates, registry: Registry,
+                 devices: DeviceRegistry, hubs: Hubs, issuance: IssuanceEngine, id_scope: str,
+                 webhook_timeout: float = allocation.DEFAULT_WEBHOOK_TIMEOUT, webhook_verify: Any = True) -> None:
         self.store = store
         self.enrollments = enrollments
+        self.registry = registry
+        self.devices = devices
         self.hubs = hubs
-        self.engine = engine
+        self.issuance = issuance
         self.id_scope = id_scope
         self.webhook_timeout = webhook_timeout
         self.webhook_verify = webhook_verify
-        self.mechanisms: list[Mechanism] = [SymmetricKeyAttestation(enrollments), X509Attestation(enrollments, store)]
+        self.mechanisms = attestation.mechanisms()
+        self.context = attestation.Context(enrollments, ca_certificates)
+        self.throttle = PollThrottle()
         self._last_sweep = datetime.min.replace(tzinfo=UTC)
 
     # ---- device side ----
-    def attest(self, credentials: DeviceCredentials, *, now: datetime | None = None) -> AttestedIdentity:
+    def attest(self, credentials: DeviceCredentials, *, now: datetime | None = None) -> AttestedIdentity | Challenge:
+        """The enrollment the device proves it belongs to (enabled), or the challenge its mechanism asks it to answer."""
         now = now or datetime.now(UTC)
         if credentials.id_scope.lower() != self.id_scope.lower():
             raise AttestationFailed(f"unknown ID scope {credentials.id_scope!r}")
         check_registration_id(credentials.registration_id)
-        for mechanism in self.mechanisms:
-            if mechanism.applies(credentials):
-                return require_enabled(mechanism.authenticate(credentials, now=now))
+        for mechanism in self.mechanisms.values():
+            if not mechanism.presented(credentials):
+                continue
+            if credentials.transport not in mechanism.transports:
+                raise AttestationFailed(f"{mechanism.name} attestation is not supported over "
+                                        f"{credentials.transport.upper()}; use {' or '.join(sorted(mechanism.transports))}")
+            result = mechanism.authenticate(credentials, self.context, now=now)
+            if isinstance(result, AttestedIdentity) and not result.enrollment.enabled:
+                e = result.enrollment
+                what = "enrollment group" if e.kind == GROUP else "enrollment"
+                raise EnrollmentDisabled(f"{what} {e.enrollment_id!r} is disabled: registration refused")
+            return result
         raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake or an "
                                 "Authorization: SharedAccessSignature header", error_code=401000)
 
+    def _identity(self, credentials: DeviceCredentials) -> AttestedIdentity:
+        """Attestation for requests after the register (poll, status): a challenge is not an answer there."""
+        result = self.attest(credentials)
+        if isinstance(result, Challenge):
+            raise AttestationFailed("attestation is not complete: answer the challenge of the register request first")
+        return result
+
     def register(self, credentials: DeviceCredentials, *, payload: Any = None, csr: str | None = None,
-                 api_version: str | None = None) -> Accepted:
-        try:
-            return self._register(credentials, payload, csr, api_version)
-        except OpenDPSError as exc:
-            log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
-            raise
-
-    def sweep_operations(self, now: datetime | None = None) -> int:
-        """Forget operation results older than OPERATION_TTL (the table would otherwise grow forever)."""
-        now = now or datetime.now(UTC)
-        self._last_sweep = now
-        with self.store.session() as s:
-            return s.execute(delete(Operation).where(Operation.created_at < now - OPERATION_TTL)).rowcount or 0
-
-    def _register(self, credentials: DeviceCredentials, payload: Any, csr: str | None,
-                  api_version: str | None) -> Accepted:
+                 api_version: str | None = None) -> Accepted | Challenge:
         now = datetime.now(UTC)
         if now - self._last_sweep > SWEEP_EVERY:
             self.sweep_operations(now)
-        identity = self.attest(credentials, now=now)
-        enrollment = identity.enrollment
-        csr_der, checked = None, None
-        if csr is not None:
-            if not csr_supported(api_version):
-                raise InvalidInput(f"'csr' needs api-version {CSR_API_VERSION} or later (got {api_version!r})")
-            if not isinstance(csr, str):
-                raise InvalidInput("csr must be a base64 DER PKCS#10 string")
-            if enrollment.policy_id is None:
-                what = "enrollment group" if enrollment.kind == GROUP else "enrollment"
-                raise InvalidInput(f"{what} {enrollment.enrollment_id!r} has no credentialPolicyName, so no operational "
-                                   "certificate can be issued for a CSR")
-            csr_der = decode_csr_text(csr)
-            checked = self.engine.check(enrollment.policy_id, csr_der, identity.registration_id)
         operation_id = new_operation_id()
         try:
-            alloc = self._allocate(identity, payload)
+            decision = self._decide(credentials, payload, csr, api_version, now)
         except allocation.AllocationFailed as exc:
-            log.info("registration %r failed: %s", identity.registration_id, exc.message)
-            self._store_failure(operation_id, identity, exc, now)
+            log.info("registration %r failed: %s", credentials.registration_id, exc.message)
+            self._store_failure(operation_id, credentials.registration_id, exc, now)
             return Accepted(operation_id)
+        except OpenDPSError as exc:
+            log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
+            raise
+        if isinstance(decision, Challenge):
+            return decision
         for attempt in range(3):  # a concurrent registration of the same id may win the insert race
             try:
-                self._commit(operation_id, identity, alloc, csr_der, now, checked)
+                self._issue_and_assign(operation_id, decision, now)
                 break
             except IntegrityError:
                 if attempt == 2:
-                    raise Conflict(f"registration {identity.registration_id!r} is being processed concurrently; retry",
-                                   error_code=409005) from None
-        log.info("registration %r assigned to %s via %s %r%s", identity.registration_id, alloc.hub.host_name,
-                 enrollment.kind, enrollment.enrollment_id, " with a new certificate" if csr_der else "")
+                    raise Conflict(f"registration {credentials.registration_id!r} is being processed concurrently; "
+                                   "retry", error_code=409005) from None
+        e = decision.identity.enrollment
+        log.info("registration %r assigned to %s via %s %r%s", credentials.registration_id,
+                 decision.allocation.hub.host_name, e.kind, e.enrollment_id, " with a new certificate" if decision.csr else "")
         return Accepted(operation_id)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:
-        self.attest(credentials)
+        self.throttle.check(credentials.registration_id)
+        self._identity(credentials)
         with self.store.session() as s:
             op = s.get(Operation, operation_id)
             if op is None or op.registration_key != credentials.registration_id.lower():
@@ -176,10 +185,11 @@ class Provisioning:
 
     def status(self, credentials: DeviceCredentials) -> dict[str, Any]:
         """Registration status lookup (POST /{idScope}/registrations/{id}): no certificate chain."""
-        self.attest(credentials)
+        self.throttle.check(credentials.registration_id)
+        self._identity(credentials)
         return self.get_registration(credentials.registration_id)
 
-    def renew_through_hub(self, hub_host: str, device_id: str, csr: bytes):  # noqa: ANN201 - IssuedChain
+    def renew_through_hub(self, hub_host: str, device_id: str, csr: bytes) -> IssuedChain:
         """Renewal over the hub's ``$iothub/credentials`` topic: same policy, same checks, same records."""
         now = datetime.now(UTC)
         with self.store.session() as s:
@@ -188,17 +198,33 @@ class Provisioning:
                             .where(Registration.device_id == device_id)).first()
             if reg is None:
                 raise InvalidInput(f"device {device_id!r} was not provisioned to this hub by DPS", error_code=400006)
-            enrollment = self.enrollments.find(reg.enrollment_kind, reg.enrollment_id)
-            if enrollment is None or enrollment.policy_id is None:
-                raise InvalidInput(f"device {device_id!r} has no credential policy to issue from", error_code=400006)
-            if not enrollment.enabled:
-                raise InvalidInput(f"the enrollment of device {device_id!r} is disabled", error_code=400006)
-            chain = self.engine.issue(enrollment.policy_id, csr, reg.registration_id, now=now, session=s)
-            self._record_device(s, enrollment.policy_id, device_id, reg.registration_id, hub_host, chain, now)
-            reg.certificate_serial = format(chain.leaf.serial_number, "x")
-            reg.updated_at = now
+            registration_id, kind, enrollment_id = reg.registration_id, reg.enrollment_kind, reg.enrollment_id
+        enrollment = self.enrollments.find(kind, enrollment_id)
+        if enrollment is None or enrollment.policy_id is None:
+            raise InvalidInput(f"device {device_id!r} has no credential policy to issue from", error_code=400006)
+        if not enrollment.enabled:
+            raise InvalidInput(f"the enrollment of device {device_id!r} is disabled", error_code=400006)
+        issuer = self.registry.issuer(enrollment.policy_id)
+        checked = issuer.validate(csr, registration_id)
+        with self.store.session() as s:
+            chain = self.issuance.issue(issuer, checked, registration_id, now=now, session=s)
+            self.devices.record(s, policy_id=issuer.policy_id, device_id=device_id, registration_id=registration_id,
+                                hub_host=hub_host, certificate=chain.leaf, now=now)
+            reg = s.get(Registration, registration_id.lower())
+            if reg is not None:
+                reg.certificate_serial = format(chain.leaf.serial_number, "x")
+                reg.updated_at = now
         log.info("device %r renewed its certificate through hub %s", device_id, hub_host)
         return chain
+
+    def sweep_operations(self, now: datetime | None = None) -> int:
+        """Forget operation results older than OPERATION_TTL (the table would otherwise grow forever)."""
+        now = now or datetime.now(UTC)
+        self._last_sweep = now
+        with self.store.session() as s:
+            # a DML statement's result is a CursorResult (Session.execute is typed with the general Result)
+            result = cast(CursorResult[Any], s.execute(delete(Operation).where(Operation.created_at < now - OPERATION_TTL)))
+            return result.rowcount or 0
 
     # ---- service side ----
     def get_registration(self, registration_id: str) -> dict[str, Any]:
@@ -226,12 +252,35 @@ class Provisioning:
                 raise PreconditionFailed(f"ETag {if_match} does not match registration {registration_id!r}, as per RFC7232")
             s.delete(reg)
 
-    # ---- steps ----
+    # ---- decide ----
+    def _decide(self, credentials: DeviceCredentials, payload: Any, csr: str | None, api_version: str | None,
+                now: datetime) -> Decision | Challenge:
+        identity = self.attest(credentials, now=now)
+        if isinstance(identity, Challenge):
+            return identity
+        issuer, checked = None, None
+        if csr is not None:
+            issuer, checked = self._check_csr(identity, csr, api_version)
+        return Decision(identity, self._allocate(identity, payload), issuer, checked)
+
+    def _check_csr(self, identity: AttestedIdentity, csr: str, api_version: str | None) -> tuple[Issuer, ValidatedCsr]:
+        enrollment = identity.enrollment
+        if not csr_supported(api_version):
+            raise InvalidInput(f"'csr' needs api-version {CSR_API_VERSION} or later (got {api_version!r})")
+        if not isinstance(csr, str):
+            raise InvalidInput("csr must be a base64 DER PKCS#10 string")
+        if enrollment.policy_id is None:
+            what = "enrollment group" if enrollment.kind == GROUP else "enrollment"
+            raise InvalidInput(f"{what} {enrollment.enrollment_id!r} has no credentialPolicyName, so no operational "
+                               "certificate can be issued for a CSR")
+        issuer = self.registry.issuer(enrollment.policy_id)
+        return issuer, issuer.validate(decode_csr_text(csr), identity.registration_id)
+
     def _allocate(self, identity: AttestedIdentity, payload: Any) -> allocation.Allocation:
         doc = identity.enrollment.document
         cands = allocation.candidates(doc, self.hubs.list())
         if not cands:
-            raise allocation.AllocationFailed("no linked hub is available to this enrollment", error_code=400208)
+            raise allocation.AllocationFailed("no linked hub is available to this enrollment")
         policy = doc.get("allocationPolicy", "hashed")
         if policy == "static":
             return allocation.Allocation(cands[0], payload=None)
@@ -241,7 +290,7 @@ class Provisioning:
                                      timeout=cad.get("timeoutInSeconds", self.webhook_timeout), verify=self.webhook_verify)
         return allocation.Allocation(allocation.hashed(identity.registration_id, cands))  # hashed, geoLatency
 
-    def _webhook_request(self, identity: AttestedIdentity, payload: Any, cands: list) -> dict[str, Any]:
+    def _webhook_request(self, identity: AttestedIdentity, payload: Any, cands: list[Any]) -> dict[str, Any]:
         e = identity.enrollment
         with self.store.session() as s:
             reg = s.get(Registration, identity.registration_id.lower())
@@ -253,93 +302,66 @@ class Provisioning:
         return {key: e.to_wire(), "deviceRuntimeContext": {k: v for k, v in context.items() if v is not None},
                 "linkedHubs": [h.host_name for h in cands]}
 
-    def _store_failure(self, operation_id: str, identity: AttestedIdentity, exc: allocation.AllocationFailed,
+    def _store_failure(self, operation_id: str, registration_id: str, exc: allocation.AllocationFailed,
                        now: datetime) -> None:
-        state = {"registrationId": identity.registration_id, "createdDateTimeUtc": _iso(now), "status": "failed",
-                 "errorCode": exc.error_code, "errorMessage": exc.message, "lastUpdatedDateTimeUtc": _iso(now),
+        state = {"registrationId": registration_id, "createdDateTimeUtc": iso8601(now), "status": "failed",
+                 "errorCode": exc.error_code, "errorMessage": exc.message, "lastUpdatedDateTimeUtc": iso8601(now),
                  "etag": new_etag()}
         with self.store.session() as s:
-            s.add(Operation(operation_id=operation_id, registration_key=identity.registration_id.lower(), status="failed",
+            s.add(Operation(operation_id=operation_id, registration_key=registration_id.lower(), status="failed",
                             result={"operationId": operation_id, "status": "failed", "registrationState": state},
                             created_at=now))
 
-    def _commit(self, operation_id: str, identity: AttestedIdentity, alloc: allocation.Allocation,
-                csr_der: bytes | None, now: datetime, checked: ValidatedCsr | None = None) -> None:
-        e = identity.enrollment
+    # ---- issue + assign: one transaction ----
+    def _issue_and_assign(self, operation_id: str, decision: Decision, now: datetime) -> None:
+        identity, e = decision.identity, decision.identity.enrollment
         rid = identity.registration_id
         device_id = e.document.get("deviceId") or rid
-        rp = e.document.get("reprovisionPolicy") or {}
-        twin = alloc.initial_twin if alloc.initial_twin is not None else e.document.get("initialTwin")
+        twin = decision.allocation.initial_twin
+        if twin is None:
+            twin = e.document.get("initialTwin")
         with self.store.session() as s:
-            target = s.get(LinkedHub, alloc.hub.id)
-            if target is None:
-                raise InvalidInput(f"linked hub {alloc.hub.name!r} was removed during registration; retry")
             reg = s.get(Registration, rid.lower())
             previous = None
             if reg is not None and reg.status == "assigned" and reg.assigned_hub:
-                previous = s.scalars(select(LinkedHub).where(LinkedHub.host_name == reg.assigned_hub)).first()
-            substatus, reset, migrate_from, old_device = "initialAssignment", False, None, None
-            if previous is not None:
-                old_device = self.hubs.find_device(s, previous, reg.device_id or device_id)
-                if not rp.get("updateHubAssignment", True):
-                    target = previous
-                elif rp.get("migrateDeviceData", True):
-                    if previous.id != target.id:
-                        substatus, migrate_from = "deviceDataMigrated", old_device
-                else:
-                    substatus, reset = "deviceDataReset", True
+                previous = self.hubs.by_host(reg.assigned_hub, session=s)
+            placement = reprovisioning.place(decision.allocation.hub, previous, e.document.get("reprovisionPolicy") or {})
             chain = None
-            if csr_der is not None:
-                chain = self.engine.issue(e.policy_id, csr_der, rid, now=now, session=s, checked=checked)
-            if chain is not None:
-                auth, keys, prints = "certificateAuthority", None, (None, None)
-            else:
-                auth, keys, prints = identity.hub_auth_type, identity.device_keys, identity.thumbprints
-            self.hubs.put_device(s, target, device_id, auth_type=auth, thumbprints=prints, keys=keys,
-                                 initial_twin=twin, reset_twin=reset, migrate_from=migrate_from)
-            if old_device is not None and previous is not None and previous.id != target.id:
-                s.delete(old_device)
+            if decision.issuer is not None and decision.csr is not None:
+                chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
+            credential = DeviceCredential("certificateAuthority") if chain else identity.hub_credential
+            self.hubs.place_device(s, placement.hub, device_id, credential, initial_twin=twin, twin=placement.twin,
+                                   previous=(previous, (reg.device_id if reg else None) or device_id) if previous else None)
             if e.policy_id is not None:
-                self._record_device(s, e.policy_id, device_id, rid, target.host_name, chain, now)
-            if reg is None:
-                reg = Registration(registration_key=rid.lower(), created_at=now)
-                s.add(reg)
-            reg.registration_id = rid
-            reg.enrollment_kind, reg.enrollment_id, reg.attestation_type = e.kind, e.enrollment_id, identity.attestation_type
-            reg.device_id, reg.assigned_hub, reg.status, reg.substatus = device_id, target.host_name, "assigned", substatus
-            reg.error_code = reg.error_message = None
-            reg.payload = alloc.payload
-            reg.certificate_serial = format(chain.leaf.serial_number, "x") if chain else None
-            reg.etag = new_etag()
-            reg.updated_at = now
-            s.flush()
-            state = registration_state(reg)
-            state.update(identity.details)
-            if chain is not None:
-                state["issuedCertificateChain"] = [base64.b64encode(d).decode() for d in chain.der_chain()]
-            s.add(Operation(operation_id=operation_id, registration_key=rid.lower(), status="assigned",
-                            result={"operationId": operation_id, "status": "assigned", "registrationState": state},
-                            created_at=now))
+                self.devices.record(s, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
+                                    hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
+            self._record_assignment(s, operation_id, decision, reg, device_id, placement, chain, now)
 
     @staticmethod
-    def _record_device(s, policy_id: int, device_id: str, registration_id: str, hub_host: str, chain,  # noqa: ANN001
-                       now: datetime) -> None:
-        policy = s.get(Policy, policy_id)
-        if policy is None:
-            return
-        rec = s.scalars(select(DeviceRecord).where(DeviceRecord.namespace_id == policy.namespace_id,
-                                                   DeviceRecord.device_key == device_id.lower())).first()
-        if rec is None:
-            rec = DeviceRecord(namespace_id=policy.namespace_id, device_id=device_id, device_key=device_id.lower(),
-                               created_at=now)
-            s.add(rec)
-        rec.registration_id, rec.hub_host_name, rec.policy_id = registration_id, hub_host, policy_id
+    def _record_assignment(s: Session, operation_id: str, decision: Decision, reg: Registration | None, device_id: str,
+                           placement: reprovisioning.Placement, chain: IssuedChain | None, now: datetime) -> None:
+        identity, e = decision.identity, decision.identity.enrollment
+        rid = identity.registration_id
+        if reg is None:
+            reg = Registration(registration_key=rid.lower(), created_at=now)
+            s.add(reg)
+        reg.registration_id = rid
+        reg.enrollment_kind, reg.enrollment_id, reg.attestation_type = e.kind, e.enrollment_id, identity.attestation_type
+        reg.device_id, reg.assigned_hub, reg.status = device_id, placement.hub.host_name, "assigned"
+        reg.substatus = placement.substatus
+        reg.error_code = reg.error_message = None
+        reg.payload = decision.allocation.payload
+        reg.certificate_serial = format(chain.leaf.serial_number, "x") if chain else None
+        reg.etag = new_etag()
+        reg.updated_at = now
+        s.flush()
+        state = registration_state(reg)
+        state.update(identity.details)
         if chain is not None:
-            rec.certificate_serial = format(chain.leaf.serial_number, "x")
-            rec.certificate_sha256 = hashlib.sha256(chain.leaf.public_bytes(Encoding.DER)).hexdigest()
-            rec.certificate_not_after = chain.leaf.not_valid_after_utc
-        rec.etag = new_etag()
-        rec.updated_at = now
+            state["issuedCertificateChain"] = [base64.b64encode(d).decode() for d in chain.der_chain()]
+        s.add(Operation(operation_id=operation_id, registration_key=rid.lower(), status="assigned",
+                        result={"operationId": operation_id, "status": "assigned", "registrationState": state},
+                        created_at=now))
 
 
-__all__ = ["Accepted", "Provisioning", "csr_supported", "registration_state"]
+__all__ = ["Accepted", "Decision", "Provisioning", "csr_supported", "registration_state"]

@@ -1,7 +1,9 @@
-"""ADR (device registry): namespaces, their credential (root CA) and policies (issuing CAs).
+"""ADR (Azure Device Registry): namespaces, their credential (root CA) and policies (issuing CAs), and the
+device registry of each namespace.
 
 The registry decides lifecycle (names, limits, references); :mod:`opendps.pki` makes the keys and
-certificates; :mod:`opendps.store` keeps them.
+certificates; :mod:`opendps.store` keeps them. Owns ``namespaces``, ``policies``,
+``certificate_authorities`` and ``device_records``.
 """
 
 from opendps.registry.devices import DeviceRecordView, DeviceRegistry
@@ -9,18 +11,24 @@ from opendps.registry.namespaces import (
     MAX_VALIDITY_DAYS,
     MIN_VALIDITY_DAYS,
     CredentialView,
+    IssuingCa,
     NamespaceView,
+    PolicyRef,
+    PolicyReferrers,
     PolicyView,
     Registry,
 )
 
 __all__ = [
-    "DeviceRecordView",
-    "DeviceRegistry",
     "MAX_VALIDITY_DAYS",
     "MIN_VALIDITY_DAYS",
     "CredentialView",
+    "DeviceRecordView",
+    "DeviceRegistry",
+    "IssuingCa",
     "NamespaceView",
+    "PolicyRef",
+    "PolicyReferrers",
     "PolicyView",
     "Registry",
 ]

@@ -1,15 +1,24 @@
-"""The namespace's device registry (ADR): one record per provisioned device with its current certificate."""
+"""The namespace's device registry (ADR): one record per provisioned device with its current certificate.
+
+Provisioning writes a record in the transaction of each registration or renewal (:meth:`DeviceRegistry.record`);
+the hub asks who a certificate's device is (:meth:`DeviceRegistry.registration_id`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from opendps.errors import NotFound
+from opendps.ids import new_etag
+from opendps.pki import thumbprint
 from opendps.store import DeviceRecord, Namespace, Policy, Store
+from opendps.transport.wire import iso8601
 
 
 @dataclass(frozen=True)
@@ -27,25 +36,24 @@ class DeviceRecordView:
     updated_at: datetime
 
     def to_wire(self) -> dict[str, Any]:
-        def iso(dt: datetime | None) -> str | None:
-            return dt.astimezone(UTC).isoformat().replace("+00:00", "Z") if dt else None
         cert = None
         if self.certificate_serial:
             cert = {"serialNumber": self.certificate_serial, "sha256Thumbprint": (self.certificate_sha256 or "").upper(),
-                    "notAfter": iso(self.certificate_not_after), "policy": self.policy}
+                    "notAfter": iso8601(self.certificate_not_after) if self.certificate_not_after else None,
+                    "policy": self.policy}
         return {"name": self.device_id, "etag": self.etag, "properties": {
             "registrationId": self.registration_id, "iotHubHostName": self.hub_host_name, "policy": self.policy,
-            "operationalCertificate": cert, "createdAt": iso(self.created_at), "updatedAt": iso(self.updated_at)}}
+            "operationalCertificate": cert, "createdAt": iso8601(self.created_at), "updatedAt": iso8601(self.updated_at)}}
 
 
 class DeviceRegistry:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _rows(self, s, namespace: str, device_id: str | None = None):  # noqa: ANN001, ANN202
+    def _rows(self, s: Session, namespace: str, device_id: str | None = None) -> list[DeviceRecordView]:
         ns = s.scalars(select(Namespace).where(Namespace.name == namespace)).first()
         if ns is None:
-            raise NotFound(f"namespace {namespace!r} does not exist", error_code=404001)
+            raise NotFound(f"namespace {namespace!r} does not exist")
         q = (select(DeviceRecord, Policy.name).outerjoin(Policy, DeviceRecord.policy_id == Policy.id)
              .where(DeviceRecord.namespace_id == ns.id).order_by(DeviceRecord.device_key))
         if device_id is not None:
@@ -62,6 +70,33 @@ class DeviceRegistry:
         with self.store.session() as s:
             rows = self._rows(s, namespace, device_id)
             if not rows:
-                raise NotFound(f"device {device_id!r} is not in the device registry of namespace {namespace!r}",
-                               error_code=404001)
+                raise NotFound(f"device {device_id!r} is not in the device registry of namespace {namespace!r}")
             return rows[0]
+
+    def record(self, session: Session, *, policy_id: int, device_id: str, registration_id: str, hub_host: str,
+               certificate: x509.Certificate | None, now: datetime) -> None:
+        """Create or update the device's record in the namespace of ``policy_id``, in the caller's transaction;
+        ``certificate`` (when one was issued) becomes the device's current operational certificate."""
+        namespace_id = session.scalar(select(Policy.namespace_id).where(Policy.id == policy_id))
+        if namespace_id is None:
+            return  # the policy was deleted meanwhile: nothing to record it in
+        rec = session.scalars(select(DeviceRecord).where(DeviceRecord.namespace_id == namespace_id,
+                                                         DeviceRecord.device_key == device_id.lower())).first()
+        if rec is None:
+            rec = DeviceRecord(namespace_id=namespace_id, device_id=device_id, device_key=device_id.lower(),
+                               created_at=now)
+            session.add(rec)
+        rec.registration_id, rec.hub_host_name, rec.policy_id = registration_id, hub_host, policy_id
+        if certificate is not None:
+            rec.certificate_serial = format(certificate.serial_number, "x")
+            rec.certificate_sha256 = thumbprint(certificate).lower()
+            rec.certificate_not_after = certificate.not_valid_after_utc
+        rec.etag = new_etag()
+        rec.updated_at = now
+
+    def registration_id(self, policy_id: int, device_id: str) -> str | None:
+        """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record)."""
+        with self.store.session() as s:
+            return s.scalar(select(DeviceRecord.registration_id)
+                            .join(Policy, Policy.namespace_id == DeviceRecord.namespace_id)
+                            .where(Policy.id == policy_id, DeviceRecord.device_key == device_id.lower()))

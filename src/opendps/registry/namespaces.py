@@ -1,28 +1,28 @@
-"""Namespaces, credential and policies."""
+"""Namespaces, their credential (root CA) and policies (issuing CA + leaf settings).
+
+The registry owns ``namespaces``, ``policies`` and ``certificate_authorities``: it decides lifecycle (names,
+limits, rotation, references) and hands the CA what a policy signs with (:meth:`Registry.issuer`).
+Enrollments live in provisioning, above this package; they block deleting the policies they name
+through the :class:`PolicyReferrers` the service wiring binds.
+"""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki import KeyStore, active_issuing_ca, issuing_ca, root_ca
-from opendps.store import (
-    CertificateAuthority,
-    Enrollment,
-    IssuedCertificate,
-    Namespace,
-    Policy,
-    Store,
-    WrappedKey,
-)
+from opendps.pki import IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, thumbprint
+from opendps.store import CertificateAuthority, Namespace, Policy, Store
 
 MIN_VALIDITY_DAYS = 1
 MAX_VALIDITY_DAYS = 90
@@ -51,6 +51,39 @@ class PolicyView:
 
 
 @dataclass(frozen=True)
+class PolicyRef:
+    """A policy found by name, as an enrollment records it."""
+
+    policy_id: int
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class IssuingCa:
+    """An issuing CA a hub may trust: its certificate, whose policy it serves, and whether it still signs."""
+
+    certificate: x509.Certificate
+    namespace: str
+    policy: str
+    policy_id: int
+    status: str  # active | retired
+
+
+class PolicyReferrers(Protocol):
+    """Who still names a policy (the enrollments, owned by provisioning)."""
+
+    def enrollments_using_policies(self, policy_ids: Collection[int]) -> tuple[int, list[str]]:
+        """(how many enrollments name one of ``policy_ids``, the ids of the first few)."""
+        ...
+
+
+class _Unbound:
+    def enrollments_using_policies(self, policy_ids: Collection[int]) -> tuple[int, list[str]]:
+        raise RuntimeError("Registry.referrers is not bound: build the services with opendps.services.wire")
+
+
+@dataclass(frozen=True)
 class NamespaceView:
     name: str
     etag: str
@@ -75,44 +108,55 @@ def _ca_row(namespace_id: int, kind: str, cert: x509.Certificate, key_id: str, *
     return CertificateAuthority(
         namespace_id=namespace_id, kind=kind, parent_id=parent_id, policy_id=policy_id, key_id=key_id, der=der,
         subject=cert.subject.rfc4514_string(), serial=format(cert.serial_number, "x"),
-        sha256=hashlib.sha256(der).hexdigest(), not_before=cert.not_valid_before_utc,
+        sha256=thumbprint(cert).lower(), not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc, status="active", created_at=now,
     )
 
 
+def _active_issuing_ca(s: Session, policy_id: int) -> CertificateAuthority | None:
+    return s.scalars(
+        select(CertificateAuthority)
+        .where(CertificateAuthority.policy_id == policy_id, CertificateAuthority.status == "active")
+        .order_by(CertificateAuthority.id.desc())
+    ).first()
+
+
 class Registry:
-    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True):
+    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True) -> None:
         self.store = store
         self.keys = keys
         self.lint = lint
+        self.referrers: PolicyReferrers = _Unbound()  # bound by opendps.services.wire
 
     # ---- helpers ----
     @staticmethod
-    def _namespace(s, name: str) -> Namespace:  # noqa: ANN001
+    def _namespace(s: Session, name: str) -> Namespace:
         ns = s.scalars(select(Namespace).where(Namespace.name == name)).first()
         if ns is None:
-            raise NotFound(f"namespace {name!r} does not exist", error_code=404001)
+            raise NotFound(f"namespace {name!r} does not exist")
         return ns
 
     @staticmethod
-    def _root(s, ns: Namespace) -> CertificateAuthority:  # noqa: ANN001
+    def _root(s: Session, ns: Namespace) -> CertificateAuthority:
         return s.scalars(select(CertificateAuthority).where(
             CertificateAuthority.namespace_id == ns.id, CertificateAuthority.kind == "root",
             CertificateAuthority.status == "active")).one()
 
     @staticmethod
-    def _policy(s, ns: Namespace, name: str) -> Policy:  # noqa: ANN001
+    def _policy(s: Session, ns: Namespace, name: str) -> Policy:
         p = s.scalars(select(Policy).where(Policy.namespace_id == ns.id, Policy.name == name)).first()
         if p is None:
-            raise NotFound(f"policy {name!r} does not exist in namespace {ns.name!r}", error_code=404001)
+            raise NotFound(f"policy {name!r} does not exist in namespace {ns.name!r}")
         return p
 
-    def _policy_view(self, s, ns: Namespace, p: Policy) -> PolicyView:  # noqa: ANN001
-        ica = active_issuing_ca(s, p.id)
+    def _policy_view(self, s: Session, ns: Namespace, p: Policy) -> PolicyView:
+        ica = _active_issuing_ca(s, p.id)
+        if ica is None:
+            raise IssuanceRefused(f"policy {p.name!r} has no active issuing CA")
         return PolicyView(ns.name, p.name, p.validity_days, p.allow_p256, p.etag, p.created_at, p.updated_at,
                           x509.load_der_x509_certificate(ica.der), p.id)
 
-    def _add_policy(self, s, ns: Namespace, root: CertificateAuthority, name: str, validity_days: int,  # noqa: ANN001
+    def _add_policy(self, s: Session, ns: Namespace, root: CertificateAuthority, name: str, validity_days: int,
                     allow_p256: bool, now: datetime) -> Policy:
         policy = Policy(namespace_id=ns.id, name=name, validity_days=validity_days, allow_p256=allow_p256,
                         etag=new_etag(), created_at=now, updated_at=now)
@@ -136,7 +180,7 @@ class Registry:
         try:
             with self.store.session() as s:
                 if s.scalars(select(Namespace.id).where(Namespace.name == name)).first() is not None:
-                    raise Conflict(f"namespace {name!r} already exists", error_code=409001)
+                    raise Conflict(f"namespace {name!r} already exists")
                 ns = Namespace(name=name, etag=new_etag(), created_at=now)
                 s.add(ns)
                 s.flush()
@@ -150,7 +194,7 @@ class Registry:
             with self.store.session() as s:
                 if s.scalars(select(Namespace.id).where(Namespace.name == name)).first() is None:
                     raise
-            raise Conflict(f"namespace {name!r} already exists", error_code=409001) from exc
+            raise Conflict(f"namespace {name!r} already exists") from exc
         return self.get_namespace(name)
 
     def get_namespace(self, name: str) -> NamespaceView:
@@ -158,7 +202,7 @@ class Registry:
             ns = self._namespace(s, name)
             return self._ns_view(s, ns)
 
-    def _ns_view(self, s, ns: Namespace) -> NamespaceView:  # noqa: ANN001
+    def _ns_view(self, s: Session, ns: Namespace) -> NamespaceView:
         root = self._root(s, ns)
         policies = list(s.scalars(select(Policy.name).where(Policy.namespace_id == ns.id).order_by(Policy.name)))
         return NamespaceView(ns.name, ns.etag, ns.created_at, x509.load_der_x509_certificate(root.der), policies)
@@ -169,23 +213,26 @@ class Registry:
 
     def delete_namespace(self, name: str) -> None:
         with self.store.session() as s:
-            ns = self._namespace(s, name)
-            refs = s.scalars(select(Enrollment.enrollment_id).join(Policy, Enrollment.policy_id == Policy.id)
-                             .where(Policy.namespace_id == ns.id).limit(5)).all()
-            if refs:
-                raise Conflict(f"namespace {name!r} has policies referenced by enrollments ({', '.join(refs)}); "
-                               "delete or relink those enrollments first", error_code=409002)
-            # the namespace's PKI goes with it: issued-certificate records, CA certificates, wrapped keys
-            cas = s.scalars(select(CertificateAuthority).where(CertificateAuthority.namespace_id == ns.id)).all()
-            ca_ids = [ca.id for ca in cas]
-            key_ids = [ca.key_id for ca in cas]
-            s.execute(delete(IssuedCertificate).where(IssuedCertificate.issuing_ca_id.in_(ca_ids)))
-            s.execute(update(CertificateAuthority).where(CertificateAuthority.id.in_(ca_ids)).values(parent_id=None))
-            s.execute(delete(CertificateAuthority).where(CertificateAuthority.id.in_(ca_ids)))
-            s.execute(delete(Policy).where(Policy.namespace_id == ns.id))
-            s.execute(delete(WrappedKey).where(WrappedKey.id.in_(key_ids)))
-            s.delete(ns)
-        self.keys.forget(key_ids)
+            policy_ids = list(s.scalars(select(Policy.id).where(Policy.namespace_id == self._namespace(s, name).id)))
+        _, refs = self.referrers.enrollments_using_policies(policy_ids)
+        if refs:
+            raise Conflict(f"namespace {name!r} has policies referenced by enrollments ({', '.join(refs)}); "
+                           "delete or relink those enrollments first", error_code=409002)
+        try:
+            with self.store.session() as s:
+                ns = self._namespace(s, name)
+                # the namespace's PKI goes with it: CA certificates (their issued-certificate records cascade), keys
+                cas = s.scalars(select(CertificateAuthority).where(CertificateAuthority.namespace_id == ns.id)).all()
+                ca_ids = [ca.id for ca in cas]
+                key_ids = [ca.key_id for ca in cas]
+                s.execute(update(CertificateAuthority).where(CertificateAuthority.id.in_(ca_ids)).values(parent_id=None))
+                s.execute(delete(CertificateAuthority).where(CertificateAuthority.id.in_(ca_ids)))
+                s.execute(delete(Policy).where(Policy.namespace_id == ns.id))
+                self.keys.destroy(s, key_ids)
+                s.delete(ns)
+        except IntegrityError as exc:  # an enrollment linked one of its policies meanwhile (foreign key)
+            raise Conflict(f"namespace {name!r} has policies referenced by enrollments; delete or relink those "
+                           "enrollments first", error_code=409002) from exc
 
     def credential(self, namespace: str) -> CredentialView:
         with self.store.session() as s:
@@ -230,7 +277,7 @@ class Registry:
                 s.flush()
                 return self._policy_view(s, ns, policy), created
         except IntegrityError as exc:
-            raise Conflict(f"policy {name!r} was created concurrently; retry", error_code=409001) from exc
+            raise Conflict(f"policy {name!r} was created concurrently; retry") from exc
 
     def rotate_policy(self, namespace: str, name: str, *, if_match: str | None = None) -> PolicyView:
         """New issuing CA for the policy; the old one is retired (still trusted by hubs until it expires,
@@ -269,30 +316,83 @@ class Registry:
 
     def delete_policy(self, namespace: str, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
-            ns = self._namespace(s, namespace)
-            policy = self._policy(s, ns, name)
+            policy = self._policy(s, self._namespace(s, namespace), name)
             if not etag_matches(if_match, policy.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
-            refs = s.scalars(select(Enrollment.enrollment_id).where(Enrollment.policy_id == policy.id).limit(5)).all()
-            if refs:
-                count = s.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.policy_id == policy.id))
-                raise Conflict(f"policy {name!r} is referenced by {count} enrollment(s) ({', '.join(refs)}); "
-                               "delete or relink them first", error_code=409002)
-            # the issuing CA is retired, not deleted: issued certificates keep their issuer on record
-            for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)):
-                ca.status = "retired"
-            s.flush()
-            s.delete(policy)
+            policy_id = policy.id
+        count, refs = self.referrers.enrollments_using_policies([policy_id])
+        if refs:
+            raise Conflict(f"policy {name!r} is referenced by {count} enrollment(s) ({', '.join(refs)}); "
+                           "delete or relink them first", error_code=409002)
+        try:
+            with self.store.session() as s:
+                policy = self._policy(s, self._namespace(s, namespace), name)
+                # the issuing CA is retired, not deleted: issued certificates keep their issuer on record
+                for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)):
+                    ca.status = "retired"
+                s.flush()
+                s.delete(policy)
+        except IntegrityError as exc:  # an enrollment linked it meanwhile (foreign key)
+            raise Conflict(f"policy {name!r} is referenced by an enrollment; delete or relink it first",
+                           error_code=409002) from exc
 
-    def find_policy_id(self, namespace: str | None, name: str) -> int:
-        """Resolve a credential policy name (in ``namespace`` or, if None, the only one so named)."""
+    # ---- what other packages ask of policies ----
+    def find_policy(self, name: str, namespace: str | None = None) -> PolicyRef:
+        """A credential policy by name (in ``namespace``, or the only one so named); InvalidInput otherwise."""
+        if not isinstance(name, str) or not name:
+            raise InvalidInput("credentialPolicyName must be a policy name")
         with self.store.session() as s:
-            q = select(Policy.id).where(Policy.name == name)
+            q = select(Policy.id, Namespace.name).join(Namespace, Policy.namespace_id == Namespace.id)
+            q = q.where(Policy.name == name)
             if namespace is not None:
-                q = q.join(Namespace, Namespace.id == Policy.namespace_id).where(Namespace.name == namespace)
-            ids = s.scalars(q).all()
-        if not ids:
-            raise NotFound(f"credential policy {name!r} does not exist", error_code=404001)
-        if len(ids) > 1:
-            raise InvalidInput(f"credential policy name {name!r} is ambiguous: give the namespace too")
-        return ids[0]
+                q = q.where(Namespace.name == namespace)
+            rows = s.execute(q).all()
+        if not rows:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            raise InvalidInput(f"credential policy {name!r}{where} does not exist")
+        if len(rows) > 1:
+            raise InvalidInput(f"credential policy {name!r} exists in several namespaces "
+                               f"({', '.join(sorted(n for _, n in rows))}); also give namespaceName")
+        policy_id, ns = rows[0]
+        return PolicyRef(policy_id, ns, name)
+
+    def issuer(self, policy_id: int) -> Issuer:
+        """What the policy signs with now: its leaf settings, active issuing CA and root, in one query."""
+        root = aliased(CertificateAuthority)
+        with self.store.session() as s:
+            row = s.execute(
+                select(Policy, CertificateAuthority, root)
+                .outerjoin(CertificateAuthority, (CertificateAuthority.policy_id == Policy.id)
+                           & (CertificateAuthority.status == "active"))
+                .outerjoin(root, root.id == CertificateAuthority.parent_id)
+                .where(Policy.id == policy_id).order_by(CertificateAuthority.id.desc()).limit(1)).first()
+        if row is None:
+            raise NotFound(f"policy {policy_id} does not exist")
+        policy, ica, root_ca_row = row
+        if ica is None or root_ca_row is None:
+            raise IssuanceRefused(f"policy {policy.name!r} has no active issuing CA")
+        return Issuer(policy.id, policy.name, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
+                      x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root_ca_row.der))
+
+    def namespace_of(self, policy_id: int) -> int | None:
+        """The id of the namespace a policy belongs to (None once the policy is gone)."""
+        with self.store.session() as s:
+            return s.scalar(select(Policy.namespace_id).where(Policy.id == policy_id))
+
+    def issuing_cas(self, policy_ids: Collection[int], *, now: datetime) -> list[IssuingCa]:
+        """Issuing CAs of ``policy_ids`` still valid at ``now``, active or retired (their certificates stay in use
+        until the devices renew), oldest first."""
+        if not policy_ids:
+            return []
+        with self.store.session() as s:
+            rows = s.execute(
+                # Policy.id rather than the CA's nullable policy_id: the inner join makes them equal
+                select(CertificateAuthority, Policy.id, Policy.name, Namespace.name)
+                .join(Policy, CertificateAuthority.policy_id == Policy.id)
+                .join(Namespace, Policy.namespace_id == Namespace.id)
+                .where(CertificateAuthority.kind == "issuing", CertificateAuthority.policy_id.in_(list(policy_ids)),
+                       CertificateAuthority.not_after > now)
+                .order_by(CertificateAuthority.id)
+            ).all()
+            return [IssuingCa(x509.load_der_x509_certificate(ca.der), ns, pol, policy_id, ca.status)
+                    for ca, policy_id, pol, ns in rows]

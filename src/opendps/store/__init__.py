@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from opendps.store.models import (
     AccessPolicy,
@@ -30,6 +34,7 @@ from opendps.store.models import (
     Namespace,
     Operation,
     Policy,
+    ProvenCaCertificate,
     Registration,
     TelemetryEvent,
     WrappedKey,
@@ -51,10 +56,12 @@ __all__ = [
     "Namespace",
     "Operation",
     "Policy",
+    "ProvenCaCertificate",
     "Registration",
     "Store",
     "TelemetryEvent",
     "WrappedKey",
+    "add_setting",
     "sqlite_url",
 ]
 
@@ -65,7 +72,7 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
@@ -74,12 +81,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connec
     cur.close()
 
 
+def add_setting(session: Session, name: str, value: str) -> None:
+    """Add an instance setting inside a caller's transaction (with the rows it describes)."""
+    session.add(InstanceSetting(name=name, value=value))
+
+
 class Store:
     """Engine + session factory for one database URL."""
 
-    def __init__(self, url: str, *, echo: bool = False):
+    def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
-        kwargs: dict = {"echo": echo, "future": True}
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:
@@ -107,6 +119,24 @@ class Store:
         finally:
             s.close()
 
+    # ---- instance settings: facts of the installation every node shares (ID scope, key check value...) ----
+    def setting(self, name: str) -> str | None:
+        with self.session() as s:
+            row = s.get(InstanceSetting, name)
+            return row.value if row else None
+
+    def set_setting_if_absent(self, name: str, value: str) -> str:
+        """Insert-if-missing; a concurrent node may win, so the stored value is returned."""
+        try:
+            with self.session() as s:
+                if s.get(InstanceSetting, name) is None:
+                    add_setting(s, name, value)
+        except IntegrityError:
+            pass  # another node stored it first
+        stored = self.setting(name)
+        assert stored is not None
+        return stored
+
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to ``revision``."""
         from alembic import command
@@ -122,7 +152,7 @@ class Store:
         with self.engine.connect() as conn:
             try:
                 return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-            except Exception:  # table missing: never migrated
+            except Exception:  # noqa: BLE001 - table missing: never migrated
                 return None
 
     def dispose(self) -> None:

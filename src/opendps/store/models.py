@@ -1,8 +1,15 @@
-"""Tables. Names follow the domain (see docs/architecture.md, "Data model")."""
+"""Tables. Names follow the domain (see docs/architecture.md, "Data model").
+
+Every table has one owner: the package that decides about its rows and the only one that imports its
+model (:data:`OWNERS`, checked by ``tests/test_architecture.py``). Other packages go through the owner's
+typed calls; a registration that must write several owners' tables at once passes one SQLAlchemy
+``Session`` (the transaction) to each owner's call, never a row.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -18,11 +25,12 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 
-class UtcDateTime(TypeDecorator):
+class UtcDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend.
 
     SQLite has no timezone type and hands back naive values; certificate validity and etag
@@ -33,14 +41,14 @@ class UtcDateTime(TypeDecorator):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the store; use timezone-aware UTC values")
         return value.astimezone(UTC)
 
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -152,7 +160,7 @@ class IssuedCertificate(Base):
     created_at: Mapped[datetime] = _ts()
 
 
-class _ProvenCaCertificate:
+class ProvenCaCertificate:
     """Columns of an owner's CA certificate proven by proof of possession (DPS or one hub)."""
 
     name: Mapped[str] = mapped_column(String(256), nullable=False)
@@ -167,8 +175,12 @@ class _ProvenCaCertificate:
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts()
 
+    if TYPE_CHECKING:
+        # the mixin is only used with ``Base``, whose constructor takes the mapped columns as keywords
+        def __init__(self, **kw: Any) -> None: ...
 
-class DpsCertificate(_ProvenCaCertificate, Base):
+
+class DpsCertificate(ProvenCaCertificate, Base):
     """An owner's CA certificate uploaded to DPS, verified by proof of possession."""
 
     __tablename__ = "dps_certificates"
@@ -188,7 +200,7 @@ class Enrollment(Base):
     attestation_type: Mapped[str] = mapped_column(String(32), nullable=False)
     policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), nullable=True)
     provisioning_status: Mapped[str] = mapped_column(String(16), nullable=False, default="enabled")
-    document: Mapped[dict] = mapped_column(JSON, nullable=False)  # never holds symmetric keys
+    document: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # never holds symmetric keys
     # symmetric keys {"primaryKey", "secondaryKey"} as JSON, wrapped by the master key
     secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -225,9 +237,9 @@ class HubDevice(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="enabled")
     generation_id: Mapped[str] = mapped_column(String(32), nullable=False)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
-    twin_tags: Mapped[dict] = mapped_column(JSON, nullable=False)
-    twin_desired: Mapped[dict] = mapped_column(JSON, nullable=False)
-    twin_reported: Mapped[dict] = mapped_column(JSON, nullable=False)
+    twin_tags: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    twin_desired: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    twin_reported: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     desired_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     reported_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[datetime] = _ts()
@@ -271,7 +283,7 @@ class Registration(Base):
     substatus: Mapped[str | None] = mapped_column(String(48), nullable=True)
     error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    payload: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     certificate_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = _ts()
@@ -285,7 +297,7 @@ class Operation(Base):
     operation_id: Mapped[str] = mapped_column(String(96), primary_key=True)
     registration_key: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
-    result: Mapped[dict] = mapped_column(JSON, nullable=False)  # RegistrationOperationStatus as sent
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # RegistrationOperationStatus as sent
     created_at: Mapped[datetime] = _ts(index=True)  # the 24 h sweep deletes by age
 
 
@@ -298,8 +310,8 @@ class TelemetryEvent(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
     device_id: Mapped[str] = mapped_column(String(128), nullable=False)
-    system_properties: Mapped[dict] = mapped_column(JSON, nullable=False)
-    properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    system_properties: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     enqueued_at: Mapped[datetime] = _ts()
 
@@ -313,14 +325,14 @@ class CloudToDeviceMessage(Base):
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
     device_key: Mapped[str] = mapped_column(String(128), nullable=False)
     message_id: Mapped[str] = mapped_column(String(128), nullable=False)
-    system_properties: Mapped[dict] = mapped_column(JSON, nullable=False)
-    properties: Mapped[dict] = mapped_column(JSON, nullable=False)
+    system_properties: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     expires_at: Mapped[datetime] = _ts()
     created_at: Mapped[datetime] = _ts()
 
 
-class HubCertificate(_ProvenCaCertificate, Base):
+class HubCertificate(ProvenCaCertificate, Base):
     """A CA certificate uploaded to one hub (``az iot hub certificate``), verified by proof of possession.
 
     Devices whose chains reach a verified hub CA authenticate as ``certificateAuthority`` devices;
@@ -331,3 +343,25 @@ class HubCertificate(_ProvenCaCertificate, Base):
     __table_args__ = (UniqueConstraint("hub_id", "name", name="uq_hub_certificate"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+
+
+#: model -> the package (or module) that owns its table; ``store`` itself owns only the installation settings
+OWNERS: dict[type[Base], str] = {
+    InstanceSetting: "opendps.store",
+    AccessPolicy: "opendps.instance",
+    WrappedKey: "opendps.pki",
+    IssuedCertificate: "opendps.pki",
+    Namespace: "opendps.registry",
+    Policy: "opendps.registry",
+    CertificateAuthority: "opendps.registry",
+    DeviceRecord: "opendps.registry",
+    DpsCertificate: "opendps.provisioning",
+    Enrollment: "opendps.provisioning",
+    Registration: "opendps.provisioning",
+    Operation: "opendps.provisioning",
+    LinkedHub: "opendps.hub",
+    HubDevice: "opendps.hub",
+    HubCertificate: "opendps.hub",
+    TelemetryEvent: "opendps.hub",
+    CloudToDeviceMessage: "opendps.hub",
+}

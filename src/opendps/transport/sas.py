@@ -44,6 +44,16 @@ def sign(key_b64: str, string_to_sign: str) -> str:
     return base64.b64encode(hmac.new(key, string_to_sign.encode(), hashlib.sha256).digest()).decode()
 
 
+def derive_device_key(group_key_b64: str, registration_id: str) -> str:
+    """Device key of a symmetric-key enrollment group member (wire spec §3.2):
+    base64(HMAC-SHA256(b64decode(group key), registration id)). The device SDK and DPS both use this one."""
+    try:
+        group_key = base64.b64decode(group_key_b64, validate=True)
+    except ValueError as exc:
+        raise ValueError("group key is not valid base64") from exc
+    return base64.b64encode(hmac.new(group_key, registration_id.encode("utf-8"), hashlib.sha256).digest()).decode()
+
+
 def generate(resource: str, key_b64: str, key_name: str | None = None, ttl: int = 3600,
              now: float | None = None) -> str:
     """Make a token for ``resource`` (given unencoded; encoded here with ``quote(safe='')``)."""

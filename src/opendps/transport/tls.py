@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 from OpenSSL import SSL
 
+from opendps.transport import format_peer
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -134,13 +136,6 @@ def device_tls_context(
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _format_peer(peername: Any) -> str:
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = peername[0], peername[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peername) if peername else "unknown peer"
 
 
 def _describe(exc: BaseException) -> str:
@@ -328,7 +323,7 @@ class TlsProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._loop = asyncio.get_running_loop()
         self._raw = transport
-        self._peer = _format_peer(transport.get_extra_info("peername"))
+        self._peer = format_peer(transport.get_extra_info("peername"))
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()
         self._conn = conn

@@ -4,39 +4,60 @@ The HMAC is over ``sr`` exactly as received (upper- or lower-case percent-encodi
 ``sr`` must name this ID scope and this registration. An individual enrollment for the
 registration id wins; otherwise each symmetric-key group is tried with the derived device key
 base64(HMAC-SHA256(group key, registrationId)). ``skn`` (``registration``) is optional.
+Enrollments hold a primary and a secondary key (64 random bytes each when not given), wrapped at rest.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from urllib.parse import unquote
 
-from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity, DeviceCredentials
-from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, Enrollments, derive_device_key
+from opendps.hub import DeviceCredential
+from opendps.provisioning.attestation.mechanism import (
+    HTTPS,
+    MQTT,
+    AttestationFailed,
+    AttestedIdentity,
+    Context,
+    DeviceCredentials,
+)
+from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, check_key, json_object, new_key
 from opendps.transport import sas
+
+
+def _matches(token: sas.SasToken, keys: tuple[str, str]) -> bool:
+    for key in keys:
+        try:
+            sas.verify(token, key, skew=10**9)  # expiry is checked once, by the caller
+            return True
+        except sas.SasError:
+            continue
+    return False
 
 
 class SymmetricKeyAttestation:
     name = "symmetricKey"
+    transports = frozenset({HTTPS, MQTT})
 
-    def __init__(self, enrollments: Enrollments, *, skew_seconds: int = sas.DEFAULT_SKEW_SECONDS):
-        self.enrollments = enrollments
+    def __init__(self, *, skew_seconds: int = sas.DEFAULT_SKEW_SECONDS) -> None:
         self.skew = skew_seconds
 
-    def applies(self, credentials: DeviceCredentials) -> bool:
+    def enrollment(self, kind: str, enrollment_id: str, attestation: dict[str, Any],
+                   previous_keys: tuple[str, str] | None, context: Context) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        sk = json_object(attestation.get("symmetricKey"), "attestation.symmetricKey")
+        primary, secondary = sk.get("primaryKey"), sk.get("secondaryKey")
+        if primary is None and secondary is None and previous_keys:
+            keys = previous_keys  # a PUT without keys keeps the enrollment's keys
+        else:
+            keys = (check_key(primary, "attestation.symmetricKey.primaryKey") if primary is not None else new_key(),
+                    check_key(secondary, "attestation.symmetricKey.secondaryKey") if secondary is not None else new_key())
+        return {"type": self.name, "symmetricKey": {}}, keys
+
+    def presented(self, credentials: DeviceCredentials) -> bool:
         return credentials.authorization is not None
 
-    @staticmethod
-    def _matches(token: sas.SasToken, keys: tuple[str, str]) -> bool:
-        for key in keys:
-            try:
-                sas.verify(token, key, skew=10**9)  # expiry is checked once, below
-                return True
-            except sas.SasError:
-                continue
-        return False
-
-    def authenticate(self, credentials: DeviceCredentials, *, now: datetime) -> AttestedIdentity:
+    def authenticate(self, credentials: DeviceCredentials, context: Context, *, now: datetime) -> AttestedIdentity:
         try:
             token = sas.parse(credentials.authorization or "")
         except sas.SasError as exc:
@@ -47,19 +68,22 @@ class SymmetricKeyAttestation:
         if token.expiry + self.skew < now.timestamp():
             raise AttestationFailed("SharedAccessSignature has expired")
         rid = credentials.registration_id
-        individual = self.enrollments.find(INDIVIDUAL, rid)
+        individual = context.enrollments.find(INDIVIDUAL, rid)
         if individual is not None:
-            if individual.attestation_type != "symmetricKey" or not individual.keys:
+            if individual.attestation_type != self.name or not individual.keys:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation")
-            if not self._matches(token, individual.keys):
+            if not _matches(token, individual.keys):
                 raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
-            return AttestedIdentity(rid, "symmetricKey", individual, "sas", device_keys=individual.keys,
+            return AttestedIdentity(rid, self.name, individual, DeviceCredential("sas", keys=individual.keys),
                                     details={"symmetricKey": {}})
-        for group in self.enrollments.list(GROUP, "symmetricKey"):
+        for group in context.enrollments.list(GROUP, self.name):
             if not group.keys:
                 continue
-            derived = (derive_device_key(group.keys[0], rid), derive_device_key(group.keys[1], rid))
-            if self._matches(token, derived):
-                return AttestedIdentity(rid, "symmetricKey", group, "sas", device_keys=derived,
+            derived = (sas.derive_device_key(group.keys[0], rid), sas.derive_device_key(group.keys[1], rid))
+            if _matches(token, derived):
+                return AttestedIdentity(rid, self.name, group, DeviceCredential("sas", keys=derived),
                                         details={"symmetricKey": {"enrollmentGroupId": group.enrollment_id}})
         raise AttestationFailed(f"no symmetric-key enrollment or group accepts this signature for {rid!r}")
+
+
+MECHANISM = SymmetricKeyAttestation()

@@ -6,43 +6,37 @@ device certificate (primary or secondary, by SHA-256). Otherwise the enrollment 
 nearest CA first decides: the sent intermediates in order, then verified DPS CA certificates that
 issued the last one, up to a root. The chain is then path-validated (cryptography's verifier,
 RFC 5280) from the leaf to that group's CA as the only trust anchor.
+
+Enrollments: an individual one pins ``clientCertificates`` (CN = registration id); a group references
+verified DPS CA certificates by name (``caReferences``) or gives one inline (``signingCertificates``).
 """
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
-from sqlalchemy import select
 
-from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity, DeviceCredentials
-from opendps.provisioning.enrollments import INDIVIDUAL, Enrollments, certificate_info
-from opendps.store import DpsCertificate
-from opendps.store import Store as DataStore
+from opendps.errors import InvalidInput, NotFound
+from opendps.hub import DeviceCredential
+from opendps.pki import device_chain_verifier, issued_by, load_certificate_text, thumbprint
+from opendps.pki.certificates import VerificationError
+from opendps.provisioning.attestation.mechanism import (
+    HTTPS,
+    MQTT,
+    AttestationFailed,
+    AttestedIdentity,
+    Context,
+    DeviceCredentials,
+)
+from opendps.provisioning.enrollments import INDIVIDUAL, certificate_info, json_object
 
 MAX_CN = 64
 MAX_DEPTH = 6
-# device certificates carry no SAN (the CN is the identity): relax only that rule of the EE profile
-_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-
-
-def sha256(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest().upper()
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    if child.issuer != parent.subject:
-        return False
-    try:
-        child.verify_directly_issued_by(parent)
-        return True
-    except (ValueError, TypeError, InvalidSignature):
-        return False
+CA_NOT_VERIFIED = 400012
 
 
 def check_client_certificate(leaf: x509.Certificate, registration_id: str, now: datetime) -> None:
@@ -74,56 +68,107 @@ def check_client_certificate(leaf: x509.Certificate, registration_id: str, now: 
 
 class X509Attestation:
     name = "x509"
+    transports = frozenset({HTTPS, MQTT})
 
-    def __init__(self, enrollments: Enrollments, store: DataStore):
-        self.enrollments = enrollments
-        self.store = store
+    # ---- enrollments ----
+    def enrollment(self, kind: str, enrollment_id: str, attestation: dict[str, Any],
+                   previous_keys: tuple[str, str] | None, context: Context) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        body = json_object(attestation.get("x509"), "attestation.x509")
+        if kind == INDIVIDUAL:
+            return {"type": self.name, "x509": self._client_certificates(enrollment_id, body)}, None
+        return {"type": self.name, "x509": self._ca_references(body, context)}, None
 
-    def applies(self, credentials: DeviceCredentials) -> bool:
+    @staticmethod
+    def _client_certificates(enrollment_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        certs = json_object(body.get("clientCertificates"), "attestation.x509.clientCertificates")
+        out: dict[str, Any] = {}
+        for slot in ("primary", "secondary"):
+            entry = json_object(certs.get(slot), f"attestation.x509.clientCertificates.{slot}")
+            if not entry:
+                continue
+            cert = load_certificate_text(entry.get("certificate") or "", f"clientCertificates.{slot}.certificate")
+            cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+            if cns != [enrollment_id] and (not cns or cns[0].lower() != enrollment_id.lower()):
+                raise InvalidInput(f"clientCertificates.{slot} has CN {cns[0] if cns else '(none)'!r}; an individual "
+                                   f"X.509 enrollment's certificate CN must equal its registration id {enrollment_id!r}")
+            out[slot] = {"certificate": cert.public_bytes(Encoding.PEM).decode(), "info": certificate_info(cert)}
+        if "primary" not in out:
+            raise InvalidInput("an individual X.509 enrollment needs attestation.x509.clientCertificates.primary")
+        return {"clientCertificates": out}
+
+    @staticmethod
+    def _ca_references(body: dict[str, Any], context: Context) -> dict[str, Any]:
+        refs = json_object(body.get("caReferences"), "attestation.x509.caReferences")
+        names = {slot: refs[slot] for slot in ("primary", "secondary") if refs.get(slot)}
+        signing = json_object(body.get("signingCertificates"), "attestation.x509.signingCertificates")
+        for slot in ("primary", "secondary"):  # an uploaded certificate given inline must be a verified DPS certificate
+            entry = json_object(signing.get(slot), f"attestation.x509.signingCertificates.{slot}")
+            if entry and slot not in names:
+                cert = load_certificate_text(entry.get("certificate") or "", f"signingCertificates.{slot}.certificate")
+                found = context.ca_certificates.find_by_thumbprint(thumbprint(cert))
+                if found is None:
+                    raise InvalidInput(f"signingCertificates.{slot} is not an uploaded DPS CA certificate: upload and "
+                                       "verify it (dps certificate create/verify), then reference it with --ca-name")
+                names[slot] = found.name
+        if "primary" not in names:
+            raise InvalidInput("an X.509 enrollment group needs attestation.x509.caReferences.primary (--ca-name)")
+        for slot, name in names.items():
+            if not isinstance(name, str):
+                raise InvalidInput(f"caReferences.{slot} must be a certificate name")
+            try:
+                view = context.ca_certificates.get(name)
+            except NotFound:
+                raise InvalidInput(f"CA certificate {name!r} (caReferences.{slot}) does not exist in this DPS") from None
+            if not view.is_verified:
+                raise InvalidInput(f"CA certificate {name!r} is not verified: prove possession of its key first "
+                                   "(dps certificate generate-verification-code / verify)", error_code=CA_NOT_VERIFIED)
+        return {"caReferences": names}
+
+    # ---- devices ----
+    def presented(self, credentials: DeviceCredentials) -> bool:
         return bool(credentials.client_chain)
 
-    def authenticate(self, credentials: DeviceCredentials, *, now: datetime) -> AttestedIdentity:
-        chain = credentials.client_chain
+    def authenticate(self, credentials: DeviceCredentials, context: Context, *, now: datetime) -> AttestedIdentity:
+        chain = list(credentials.client_chain)
         leaf = chain[0]
         rid = credentials.registration_id
         check_client_certificate(leaf, rid, now)
         info = certificate_info(leaf)
-        individual = self.enrollments.find(INDIVIDUAL, rid)
+        individual = context.enrollments.find(INDIVIDUAL, rid)
         if individual is not None:
-            if individual.attestation_type != "x509":
+            if individual.attestation_type != self.name:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use X.509 attestation")
             pinned = individual.document["attestation"]["x509"]["clientCertificates"]
-            prints = tuple(pinned[s]["info"]["sha256Thumbprint"] if s in pinned else None for s in ("primary", "secondary"))
+            prints = (pinned["primary"]["info"]["sha256Thumbprint"] if "primary" in pinned else None,
+                      pinned["secondary"]["info"]["sha256Thumbprint"] if "secondary" in pinned else None)
             if info["sha256Thumbprint"] not in prints:
                 raise AttestationFailed(f"device certificate is not the one enrolled for {individual.enrollment_id!r}")
-            return AttestedIdentity(rid, "x509", individual, "selfSigned", thumbprints=prints,
+            return AttestedIdentity(rid, self.name, individual, DeviceCredential("selfSigned", thumbprints=prints),
                                     details={"x509": {"certificateInfo": info}})
-        return self._group(chain, rid, info, now)
+        return self._group(chain, rid, info, context, now)
 
-    def _group(self, chain: list[x509.Certificate], rid: str, info: dict, now: datetime) -> AttestedIdentity:
-        with self.store.session() as s:
-            verified = list(s.scalars(select(DpsCertificate).where(DpsCertificate.is_verified.is_(True))))
-        by_sha = {}
-        for row in verified:
-            by_sha.setdefault(row.sha256, []).append(row)
-        loaded = {row.name: x509.load_der_x509_certificate(row.der) for row in verified}
+    def _group(self, chain: list[x509.Certificate], rid: str, info: dict[str, Any], context: Context,
+               now: datetime) -> AttestedIdentity:
+        verified = context.ca_certificates.verified()
+        by_sha: dict[str, list[str]] = {}
+        for v in verified:
+            by_sha.setdefault(v.sha256, []).append(v.name)
         path = list(chain[1:MAX_DEPTH])
         top = path[-1] if path else chain[0]
         while len(path) < MAX_DEPTH and top.issuer != top.subject:
-            parent = next((loaded[r.name] for r in verified if _issued_by(top, loaded[r.name])), None)
+            parent = next((v.certificate for v in verified if issued_by(top, v.certificate)), None)
             if parent is None:
                 break
             path.append(parent)
             top = parent
         for position, ca in enumerate(path):
-            rows = by_sha.get(sha256(ca), [])
-            for row in rows:
-                groups = self.enrollments.groups_on_certificate(row.name)
+            for name in by_sha.get(thumbprint(ca), []):
+                groups = context.enrollments.groups_on_certificate(name)
                 if not groups:
                     continue
                 group = groups[0]
-                self._verify_path(chain[0], chain[1:position + 1], ca, row.name, now)
-                return AttestedIdentity(rid, "x509", group, "certificateAuthority", details={"x509": {
+                self._verify_path(chain[0], chain[1:position + 1], ca, name, now)
+                return AttestedIdentity(rid, self.name, group, DeviceCredential("certificateAuthority"), details={"x509": {
                     "certificateInfo": info, "enrollmentGroupId": group.enrollment_id,
                     "signingCertificateInfo": certificate_info(ca)}})
         raise AttestationFailed("device certificate does not chain to a verified CA certificate of any enrollment group, "
@@ -132,10 +177,10 @@ class X509Attestation:
     @staticmethod
     def _verify_path(leaf: x509.Certificate, intermediates: list[x509.Certificate], anchor: x509.Certificate,
                      name: str, now: datetime) -> None:
-        verifier = (PolicyBuilder().store(Store([anchor])).time(now)
-                    .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY)
-                    .build_client_verifier())
         try:
-            verifier.verify(leaf, intermediates)
+            device_chain_verifier([anchor], now).verify(leaf, intermediates)
         except VerificationError as exc:
             raise AttestationFailed(f"device certificate chain does not validate to CA certificate {name!r}: {exc}") from exc
+
+
+MECHANISM = X509Attestation()

@@ -10,6 +10,8 @@ if connection is None:  # pragma: no cover - only `alembic` CLI use by developer
     from sqlalchemy import create_engine
 
     url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("set sqlalchemy.url in the Alembic configuration to run migrations from the alembic CLI")
     connection = create_engine(url).connect()
 
 context.configure(

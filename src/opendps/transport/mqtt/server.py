@@ -57,6 +57,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opendps.transport import format_peer
+
 from .codec import (
     CONNACK_IDENTIFIER_REJECTED,
     CONNACK_NOT_AUTHORIZED,
@@ -77,7 +79,6 @@ from .codec import (
     Unsuback,
     Unsubscribe,
     encode,
-    topic_matches,
 )
 
 if TYPE_CHECKING:
@@ -170,13 +171,6 @@ class _StoredSession:
     timer: asyncio.TimerHandle | None = None
 
 
-def _format_peer(peername: Any) -> str:
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = peername[0], peername[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peername) if peername else "unknown peer"
-
-
 def _cost(packet: Packet) -> int:
     if type(packet) is Publish:
         return _PACKET_COST + len(packet.payload) + len(packet.topic)
@@ -200,10 +194,6 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id!r} {self._conn._peer}{' closed' if self.closed else ''}>"
-
-    def is_subscribed(self, topic: str) -> bool:
-        """Whether any granted filter matches ``topic`` (the application decides whether to publish)."""
-        return any(topic_matches(f, topic) for f in self.subscriptions)
 
     async def publish(self, topic: str, payload: bytes, qos: int = 0, *, on_ack: Callable[[], Any] | None = None) -> None:
         """Send a PUBLISH (QoS 0 or 1) to the client; returns once it is handed to the transport.
@@ -282,7 +272,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop = asyncio.get_running_loop()
         self._transport = transport
         self._peername = transport.get_extra_info("peername")
-        self._peer = _format_peer(self._peername)
+        self._peer = format_peer(self._peername)
         self.closed = loop.create_future()
         self.gone = loop.create_future()
         server = self._server
@@ -333,6 +323,10 @@ class _Connection(asyncio.Protocol):
             cost = _cost(packet)
             self._queue.append((packet, cost))
             self._queued_bytes += cost
+        self._after_input(error)
+
+    def _after_input(self, error: MqttProtocolError | None) -> None:
+        """End of one ``data_received``: fail on a decoding error or too much input, else wake the reader."""
         if error is not None and not self._disconnect_seen:
             self._fail(str(error))  # what came after a DISCONNECT does not count
         if self._close_reason is not None:
@@ -481,24 +475,15 @@ class _Connection(asyncio.Protocol):
             return
         if self._close_reason is not None:
             return
-        if isinstance(result, int):
-            code = result
-            if not 1 <= code <= 5:
-                log.error("MQTT authenticator returned CONNACK code %r for client %s; refusing with 5",
-                          code, _short(client_id))
-                code = CONNACK_NOT_AUTHORIZED
-            self._refuse(code, "refused by the authenticator")
+        handler = self._handler_or_refuse(result, client_id)
+        if handler is None:
             return
-        if result is None:
-            log.error("MQTT authenticator returned None for client %s; refusing with 3", _short(client_id))
-            self._refuse(CONNACK_SERVER_UNAVAILABLE, "no handler")
-            return
-        self._handler = result
+        self._handler = handler
         # A handler may key its sessions apart from others that share the client id (DPS and a hub do)
         # and may opt out of MQTT-level persistence when it keeps its own state (``persistent = False``).
-        key = getattr(result, "session_key", None) or client_id
+        key = getattr(handler, "session_key", None) or client_id
         self._key = key
-        self._clean = connect.clean_session or not getattr(result, "persistent", True)
+        self._clean = connect.clean_session or not getattr(handler, "persistent", True)
         self._keepalive = connect.keepalive
 
         old = server._live.get(key)
@@ -514,11 +499,7 @@ class _Connection(asyncio.Protocol):
                 return
 
         # From here to _open nothing awaits: the CONNACK, the redelivery and the state change are atomic.
-        stored = server._stored.pop(key, None)
-        if stored is not None and stored.timer is not None:
-            stored.timer.cancel()
-        if self._clean:
-            stored = None
+        stored = self._take_stored(key)
         session = Session(self, client_id, request)
         self._session = session
         self._write(encode(Connack(stored is not None, 0)))
@@ -533,7 +514,7 @@ class _Connection(asyncio.Protocol):
         log.debug("MQTT client %s connected from %s (clean session %d, keepalive %d, session present %d)",
                   _short(client_id), self._peer, connect.clean_session, connect.keepalive, stored is not None)
         try:
-            await result.on_connected(session)
+            await handler.on_connected(session)
         except MqttRefused as exc:
             self._close_with_line(f"refused after connect: {exc}")
         except SessionClosed:
@@ -541,6 +522,31 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("MQTT on_connected failed for client %s", _short(client_id))
             self._terminate("on_connected failed", abort=False)
+
+    def _take_stored(self, key: str) -> _StoredSession | None:
+        """The session stored for ``key``, taken out with its expiry cancelled; None with a clean session."""
+        stored = self._server._stored.pop(key, None)
+        if stored is not None and stored.timer is not None:
+            stored.timer.cancel()
+        if self._clean:
+            stored = None
+        return stored
+
+    def _handler_or_refuse(self, result: SessionHandler | int | None, client_id: str) -> SessionHandler | None:
+        """The authenticator's handler, or None once the connection is refused (a CONNACK code, or wrongly None)."""
+        if isinstance(result, int):
+            code = result
+            if not 1 <= code <= 5:
+                log.error("MQTT authenticator returned CONNACK code %r for client %s; refusing with 5",
+                          code, _short(client_id))
+                code = CONNACK_NOT_AUTHORIZED
+            self._refuse(code, "refused by the authenticator")
+            return None
+        if result is None:
+            log.error("MQTT authenticator returned None for client %s; refusing with 3", _short(client_id))
+            self._refuse(CONNACK_SERVER_UNAVAILABLE, "no handler")
+            return None
+        return result
 
     def _refuse(self, code: int, why: str) -> None:
         log.info("MQTT connection from %s%s refused with CONNACK %d (%s): %s",
@@ -877,7 +883,7 @@ class _WebSocketTransport(asyncio.Transport):
                         self._protocol.resume_writing()
                 if self._closing:
                     break
-        except Exception as exc:  # the peer went away under us
+        except Exception as exc:  # noqa: BLE001 - the peer went away under us (aiohttp raises several kinds)
             log.debug("MQTT WebSocket send failed: %s", exc)
         finally:
             self._closing = True
@@ -974,7 +980,7 @@ class MqttServer:
                     conn._fail("text WebSocket message (MQTT needs binary messages)")
                 elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection; connection_lost gets the cause
             error = exc
         finally:
             transport.close()

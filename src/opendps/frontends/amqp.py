@@ -6,7 +6,7 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    carries a credential (the engine, :mod:`opendps.transport.amqp`).
 2. Claims-based security: a link pair on ``$cbs`` and a ``put-token`` request (application properties
    ``operation``, ``type``, ``name``; body = ``SharedAccessSignature sr=...``). The token is checked by
-   :class:`opendps.api.auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for
+   :class:`opendps.frontends.service_auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for
    the hub its audience names, or ``provisioningserviceowner`` for the default hub. The answer carries
    ``status-code`` (int, 200 or 401) and ``status-description``, correlated to the request's message id.
    The authorisation lasts until the token's ``se`` (plus the same clock skew the HTTP check allows); a
@@ -14,7 +14,7 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    ``amqp:unauthorized-access``.
 3. A link to ``/messages/devicebound`` (also as ``amqps://{host}/messages/devicebound``); each message's
    ``to`` is ``/devices/{id}/messages/devicebound``. It is accepted once it is in the durable C2D queue
-   (:func:`opendps.api.hub_service.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
+   (:meth:`opendps.frontends.runtime.Runtime.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
    ``amqp:not-found`` (unknown device), ``amqp:resource-limit-exceeded`` (50 pending),
    ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``.
 
@@ -28,16 +28,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from opendps.api.auth import SasAuthenticator, SasPrincipal
-from opendps.api.hub_service import queue_c2d
 from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge, Unauthorized
-from opendps.hub.messaging import QueueFull
-from opendps.hub.registry import DEFAULT_HUB
+from opendps.frontends.runtime import Runtime
+from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal
+from opendps.hub import DEFAULT_HUB, QueueFull
 from opendps.transport import sas
 from opendps.transport.amqp import (
     INTERNAL_ERROR,
@@ -236,10 +234,11 @@ class HubConnection:
         try:
             device_id = device_of(message.address)
             data, system, properties, ttl = c2d_fields(message)
-            queued = await queue_c2d(self.front.app, hub, device_id, data, system=system, properties=properties, ttl=ttl)
+            queued = await self.front.runtime.queue_c2d(hub, device_id, data, system=system, properties=properties,
+                                                        ttl=ttl)
         except OpenDPSError as exc:
             return amqp_error(exc)
-        except Exception:  # noqa: BLE001 - the sender gets a rejection; the log has the cause
+        except Exception:  # the sender gets a rejection; the log has the cause
             log.exception("AMQP C2D message from %s failed", self.conn.peer)
             return AmqpError(INTERNAL_ERROR, "the message could not be queued")
         log.debug("AMQP C2D message %s queued for %s/%s", queued.message_id, hub, device_id)
@@ -247,14 +246,10 @@ class HubConnection:
 
 
 class AmqpFrontEnd:
-    """Every hub's AMQP endpoint: one listener (``--amqp-port``), connections tracked for shutdown.
+    """Every hub's AMQP endpoint: one listener (``--amqp-port``), connections tracked for shutdown."""
 
-    ``app`` is the HTTPS application's mapping (``instance``, ``domain``, ``hub_endpoint``): both front ends
-    reach the C2D queue through the same :func:`~opendps.api.hub_service.queue_c2d`.
-    """
-
-    def __init__(self, app: Mapping[str, Any], authenticator: SasAuthenticator, limits: AmqpLimits | None = None) -> None:
-        self.app = app
+    def __init__(self, runtime: Runtime, authenticator: SasAuthenticator, limits: AmqpLimits | None = None) -> None:
+        self.runtime = runtime
         self.authenticator = authenticator
         self.limits = limits or AmqpLimits()
         self._listeners: list[asyncio.AbstractServer] = []

@@ -1,4 +1,5 @@
-"""CA certificates uploaded to DPS and proven by proof of possession (seed steps 4-5).
+"""CA certificates an owner uploads and proves by proof of possession (seed steps 4-5): to DPS, where
+enrollment groups reference them, or to one hub, which then trusts devices they issued.
 
 Flow: upload (etag, unverified) -> generate a verification code (needs the current etag) ->
 the owner signs a certificate whose CN is that code with the CA's key -> verify (needs the etag).
@@ -7,30 +8,30 @@ Only the most recent code is accepted, and only once; every step changes the eta
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
+import builtins
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import etag_matches, new_etag
-from opendps.store import DpsCertificate, Store
+from opendps.pki.certificates import load_certificate_text, thumbprint
+from opendps.store import ProvenCaCertificate, Store
 
-MAX_CERTIFICATE_TEXT = 64 * 1024
 # Azure-style codes: 400004 invalid argument, 400011 bad verification certificate (unconfirmed numbering)
 VERIFICATION_FAILED = 400011
 
 
 @dataclass(frozen=True)
-class DpsCertificateView:
+class CaCertificateView:
     name: str
     etag: str
     certificate: x509.Certificate
@@ -43,33 +44,8 @@ class DpsCertificateView:
     verification_code: str | None = None
 
 
-def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:
-    """A certificate given as PEM text, base64 DER, or raw DER bytes."""
-    if isinstance(value, str):
-        if len(value) > MAX_CERTIFICATE_TEXT:
-            raise InvalidInput(f"{what} is larger than {MAX_CERTIFICATE_TEXT} bytes")
-        text = value.strip()
-        if not text:
-            raise InvalidInput(f"{what} is empty")
-        if text.startswith("-----BEGIN"):
-            data = text.encode()
-        else:
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise InvalidInput(f"{what} is neither PEM nor base64 DER") from exc
-    else:
-        data = value
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise InvalidInput(f"{what} cannot be parsed as an X.509 certificate") from exc
-
-
-def _view(row, code: str | None = None) -> DpsCertificateView:  # noqa: ANN001 - DpsCertificate | HubCertificate
-    return DpsCertificateView(row.name, row.etag, x509.load_der_x509_certificate(row.der), row.subject, row.sha1,
+def _view(row: ProvenCaCertificate, code: str | None = None) -> CaCertificateView:
+    return CaCertificateView(row.name, row.etag, x509.load_der_x509_certificate(row.der), row.subject, row.sha1,
                               row.sha256, row.is_verified, row.created_at, row.updated_at, code)
 
 
@@ -93,32 +69,33 @@ def _check_name(name: str) -> str:
 
 
 class CaCertificates:
-    """The CA certificates of one owner: DPS (the default) or one hub (``model=HubCertificate, scope={"hub_id": n}``).
-
-    Both follow the same proof-of-possession rules; only the table and its scoping column differ.
+    """The CA certificates of one owner, kept in the owner's table: DPS (``dps_certificates``, owned by
+    provisioning) or one hub (``hub_certificates`` scoped by ``{"hub_id": n}``, owned by hub). Both follow
+    the same proof-of-possession rules; only the table and its scoping column differ, and the owner
+    package is the one that builds this object.
     """
 
-    def __init__(self, store: Store, *, model: type = DpsCertificate, scope: dict | None = None):
+    def __init__(self, store: Store, model: type[ProvenCaCertificate], scope: dict[str, Any] | None = None) -> None:
         self.store = store
         self.model = model
         self.scope = dict(scope or {})
 
-    def _select(self):  # noqa: ANN202
+    def _select(self) -> Select[ProvenCaCertificate]:
         q = select(self.model)
         for column, value in self.scope.items():
             q = q.where(getattr(self.model, column) == value)
         return q
 
-    def _find(self, s, name: str):  # noqa: ANN001, ANN202
+    def _find(self, s: Session, name: str) -> ProvenCaCertificate | None:
         return s.scalars(self._select().where(self.model.name == name)).first()
 
-    def _get(self, s, name: str):  # noqa: ANN001, ANN202
+    def _get(self, s: Session, name: str) -> ProvenCaCertificate:
         row = self._find(s, name)
         if row is None:
-            raise NotFound(f"certificate {name!r} does not exist", error_code=404001)
+            raise NotFound(f"certificate {name!r} does not exist")
         return row
 
-    def upload(self, name: str, certificate: str | bytes, *, if_match: str | None = None) -> tuple[DpsCertificateView, bool]:
+    def upload(self, name: str, certificate: str | bytes, *, if_match: str | None = None) -> tuple[CaCertificateView, bool]:
         """Upload (or, with a matching If-Match, replace) a CA certificate; returns (view, created)."""
         _check_name(name)
         cert = load_certificate_text(certificate)
@@ -134,14 +111,13 @@ class CaCertificates:
                 row = self.model(name=name, created_at=now, **self.scope)
                 s.add(row)
             elif if_match is None:
-                raise Conflict(f"certificate {name!r} already exists; pass its etag (If-Match) to replace it",
-                               error_code=409001)
+                raise Conflict(f"certificate {name!r} already exists; pass its etag (If-Match) to replace it")
             elif not etag_matches(if_match, row.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
             row.der = der
             row.subject = cert.subject.rfc4514_string()
-            row.sha1 = hashlib.sha1(der).hexdigest().upper()  # noqa: S324 - a thumbprint, as Azure shows it
-            row.sha256 = hashlib.sha256(der).hexdigest().upper()
+            row.sha1 = thumbprint(cert, "sha1")
+            row.sha256 = thumbprint(cert)
             row.not_after = cert.not_valid_after_utc
             row.is_verified = False
             row.verification_code = None
@@ -150,13 +126,27 @@ class CaCertificates:
             s.flush()
             return _view(row), created
 
-    def get(self, name: str) -> DpsCertificateView:
+    def get(self, name: str) -> CaCertificateView:
         with self.store.session() as s:
             return _view(self._get(s, name))
 
-    def list(self) -> list[DpsCertificateView]:
+    def list(self) -> list[CaCertificateView]:
         with self.store.session() as s:
             return [_view(r) for r in s.scalars(self._select().order_by(self.model.name))]
+
+    def find_by_thumbprint(self, sha256: str) -> CaCertificateView | None:
+        """The certificate with this SHA-256 thumbprint (upper-case hex, as :func:`~opendps.pki.thumbprint` gives)."""
+        with self.store.session() as s:
+            row = s.scalars(self._select().where(self.model.sha256 == sha256.upper())).first()
+            return _view(row) if row else None
+
+    def verified(self, *, now: datetime | None = None) -> builtins.list[CaCertificateView]:
+        """The proven certificates (still valid at ``now`` when given), by name: what attestation and hubs trust."""
+        q = self._select().where(self.model.is_verified.is_(True))
+        if now is not None:
+            q = q.where(self.model.not_after > now)
+        with self.store.session() as s:
+            return [_view(r) for r in s.scalars(q.order_by(self.model.name))]
 
     def delete(self, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
@@ -165,7 +155,7 @@ class CaCertificates:
                 raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
             s.delete(row)
 
-    def generate_verification_code(self, name: str, *, if_match: str | None) -> DpsCertificateView:
+    def generate_verification_code(self, name: str, *, if_match: str | None) -> CaCertificateView:
         """A fresh code (the previous one stops working); needs the current etag."""
         if not if_match:
             raise PreconditionFailed("generating a verification code needs the certificate's etag (If-Match)")
@@ -180,7 +170,7 @@ class CaCertificates:
             s.flush()
             return _view(row, code)
 
-    def verify(self, name: str, verification_certificate: str | bytes, *, if_match: str | None) -> DpsCertificateView:
+    def verify(self, name: str, verification_certificate: str | bytes, *, if_match: str | None) -> CaCertificateView:
         """Proof of possession: a certificate with CN = current code, signed by the uploaded CA's key."""
         if not if_match:
             raise PreconditionFailed("verifying a certificate needs its etag (If-Match)")

@@ -1,28 +1,28 @@
 """IoT hub service API in Azure's REST shapes (wire spec §6.7): device identities, twins, direct
 methods, plus C2D send and a telemetry stream (opendps' own; Azure uses AMQP — also served, by
-:mod:`opendps.api.amqp` — and Event Hubs there).
+:mod:`opendps.frontends.amqp` — and Event Hubs there).
 
 The hub is the one an ``iothubowner`` token's audience names, or ``?hub=<name>`` (default ``default``)
-for the DPS owner. Routes are named ``hub:*`` (see :mod:`opendps.api.auth`).
+for the DPS owner. Routes are named ``hub:*`` (the SAS middleware lets ``iothubowner`` call only these).
+What needs a connected device goes through the process's live sessions (:class:`opendps.hub.LiveSessions`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
-from opendps.api.enrollments import json_body, send
-from opendps.api.service import run
 from opendps.errors import InvalidInput
-from opendps.hub.messaging import PendingMessage
-from opendps.hub.registry import DEFAULT_HUB, DeviceIdentity
+from opendps.frontends.http.wire import if_match, json_body, json_object_body, run, runtime, send, services
+from opendps.hub import DEFAULT_HUB, DeviceIdentity
+from opendps.transport.wire import iso8601
 
 routes = web.RouteTableDef()
+HUB_ROUTE_PREFIX = "hub:"
 MAX_METHOD_TIMEOUT = 300
 HEARTBEAT = 15.0
 C2D_HEADERS = {"iothub-messageid": "message-id", "iothub-correlationid": "correlation-id", "iothub-userid": "user-id",
@@ -39,10 +39,6 @@ def hub_name(request: web.Request) -> str:
     return asked or DEFAULT_HUB
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def device_wire(d: DeviceIdentity, keys: tuple[str, str] | None, connected: bool) -> dict[str, Any]:
     auth: dict[str, Any] = {"type": d.auth_type, "symmetricKey": {"primaryKey": keys[0] if keys else None,
                                                                  "secondaryKey": keys[1] if keys else None},
@@ -50,7 +46,7 @@ def device_wire(d: DeviceIdentity, keys: tuple[str, str] | None, connected: bool
                                                "secondaryThumbprint": d.secondary_thumbprint}}
     return {"deviceId": d.device_id, "generationId": d.generation_id, "etag": d.etag, "status": d.status,
             "statusReason": None, "connectionState": "Connected" if connected else "Disconnected",
-            "lastActivityTime": _iso(d.updated_at), "cloudToDeviceMessageCount": 0, "authentication": auth,
+            "lastActivityTime": iso8601(d.updated_at), "cloudToDeviceMessageCount": 0, "authentication": auth,
             "capabilities": {"iotEdge": False}}
 
 
@@ -64,15 +60,12 @@ def twin_wire(d: DeviceIdentity, connected: bool) -> dict[str, Any]:
 
 
 def _connected(request: web.Request, d: DeviceIdentity) -> bool:
-    endpoint = request.app.get("hub_endpoint")
-    return endpoint is not None and endpoint.is_connected(d.hub_name, d.device_id)
+    return runtime(request).live.is_connected(d.hub_name, d.device_id)
 
 
-@routes.put("/devices/{id}", name="hub:device-put")
+@routes.put("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-put")
 async def put_device(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a Device JSON object")
+    body = await json_object_body(request, "request body (a Device)")
     device_id = request.match_info["id"]
     if body.get("deviceId") not in (None, device_id):
         raise InvalidInput(f"deviceId {body.get('deviceId')!r} in the body does not match {device_id!r} in the path")
@@ -83,66 +76,58 @@ async def put_device(request: web.Request) -> web.Response:
         raise InvalidInput("authentication.symmetricKey needs both primaryKey and secondaryKey, or neither (generated)")
     keys = (sym["primaryKey"], sym["secondaryKey"]) if sym.get("primaryKey") else None
     hub = hub_name(request)
-    ident, _ = await run(request, request.app["instance"].hubs.create_device, hub, device_id,
+    ident, _ = await run(request, services(request).hubs.create_device, hub, device_id,
                          auth_type=auth.get("type") or "sas", keys=keys,
                          thumbprints=(thumbs.get("primaryThumbprint"), thumbs.get("secondaryThumbprint")),
-                         status=body.get("status") or "enabled", if_match=request.headers.get("If-Match"))
+                         status=body.get("status") or "enabled", if_match=if_match(request))
     if ident.status != "enabled":
-        await _drop(request, hub, device_id, "device disabled by the service")
+        runtime(request).live.drop(hub, device_id, "device disabled by the service")
     return await _device_reply(request, hub, device_id)
 
 
 async def _device_reply(request: web.Request, hub: str, device_id: str) -> web.Response:
-    ident, keys = await run(request, request.app["instance"].hubs.device_credentials, hub, device_id)
+    ident, keys = await run(request, services(request).hubs.device_credentials, hub, device_id)
     return send(device_wire(ident, keys, _connected(request, ident)), etag=ident.etag)
 
 
-async def _drop(request: web.Request, hub: str, device_id: str, reason: str) -> None:
-    endpoint = request.app.get("hub_endpoint")
-    if endpoint is not None:
-        await endpoint.drop(hub, device_id, reason)
-
-
-@routes.get("/devices/{id}", name="hub:device-get")
+@routes.get("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-get")
 async def get_device(request: web.Request) -> web.Response:
     return await _device_reply(request, hub_name(request), request.match_info["id"])
 
 
-@routes.get("/devices", name="hub:device-list")
+@routes.get("/devices", name=HUB_ROUTE_PREFIX + "device-list")
 async def list_devices(request: web.Request) -> web.Response:
-    devices = await run(request, request.app["instance"].hubs.list_devices, hub_name(request))
+    devices = await run(request, services(request).hubs.list_devices, hub_name(request))
     return send([device_wire(d, None, _connected(request, d)) for d in devices])
 
 
-@routes.delete("/devices/{id}", name="hub:device-delete")
+@routes.delete("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-delete")
 async def delete_device(request: web.Request) -> web.Response:
     hub, device_id = hub_name(request), request.match_info["id"]
-    await run(request, request.app["instance"].hubs.delete_device, hub, device_id, if_match=request.headers.get("If-Match"))
-    await _drop(request, hub, device_id, "device deleted by the service")
+    await run(request, services(request).hubs.delete_device, hub, device_id, if_match=if_match(request))
+    runtime(request).live.drop(hub, device_id, "device deleted by the service")
     return web.Response(status=204)
 
 
-@routes.get("/twins/{id}", name="hub:twin-get")
+@routes.get("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-get")
 async def get_twin(request: web.Request) -> web.Response:
-    ident = await run(request, request.app["instance"].hubs.get_device, hub_name(request), request.match_info["id"])
+    ident = await run(request, services(request).hubs.get_device, hub_name(request), request.match_info["id"])
     return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
 
 
-@routes.patch("/twins/{id}", name="hub:twin-patch")
+@routes.patch("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-patch")
 async def patch_twin(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a twin patch object")
+    body = await json_object_body(request, "request body (a twin patch)")
     desired = (body.get("properties") or {}).get("desired")
     hub, device_id = hub_name(request), request.match_info["id"]
-    ident = await run(request, request.app["instance"].hubs.update_twin, hub, device_id, desired=desired,
-                      tags=body.get("tags"), if_match=request.headers.get("If-Match"))
-    if desired is not None and request.app.get("hub_endpoint") is not None:
-        await request.app["hub_endpoint"].push_desired(hub, device_id, desired, ident.desired_version)
+    ident = await run(request, services(request).hubs.update_twin, hub, device_id, desired=desired,
+                      tags=body.get("tags"), if_match=if_match(request))
+    if desired is not None:
+        await runtime(request).live.push_desired(hub, device_id, desired, ident.desired_version)
     return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
 
 
-@routes.post("/twins/{id}/methods", name="hub:method")
+@routes.post("/twins/{id}/methods", name=HUB_ROUTE_PREFIX + "method")
 async def invoke_method(request: web.Request) -> web.Response:
     body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("methodName"), str) or not body["methodName"]:
@@ -150,24 +135,12 @@ async def invoke_method(request: web.Request) -> web.Response:
     timeout = body.get("responseTimeoutInSeconds", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= MAX_METHOD_TIMEOUT:
         raise InvalidInput(f"responseTimeoutInSeconds must be 1-{MAX_METHOD_TIMEOUT}")
-    status, payload = await request.app["hub_endpoint"].invoke_method(
+    status, payload = await runtime(request).live.invoke_method(
         hub_name(request), request.match_info["id"], body["methodName"], body.get("payload"), timeout=float(timeout))
     return send({"status": status, "payload": payload})
 
 
-async def queue_c2d(app: Mapping[str, Any], hub: str, device_id: str, body: bytes, *, system: dict[str, str],
-                    properties: dict[str, str | None], ttl: timedelta | None) -> PendingMessage:
-    """The one path from a front end (REST here, AMQP in :mod:`opendps.api.amqp`) to the C2D queue: enqueue
-    durably in the domain thread pool, then wake the device's live session. ``system`` uses the queue's
-    names (``message-id``, ``correlation-id``, ``user-id``, ``ack``, ``content-type``, ``content-encoding``)."""
-    message = await app["domain"].run(app["instance"].c2d.enqueue, hub, device_id, body, properties=properties,
-                                      system=system, ttl=ttl)
-    if app.get("hub_endpoint") is not None:
-        await app["hub_endpoint"].notify_c2d(hub, device_id)
-    return message
-
-
-@routes.post("/devices/{id}/messages/deviceBound", name="hub:c2d-send")
+@routes.post("/devices/{id}/messages/deviceBound", name=HUB_ROUTE_PREFIX + "c2d-send")
 async def send_c2d(request: web.Request) -> web.Response:
     """Body = the message; ``iothub-*`` headers and ``iothub-app-<name>`` for properties; ``iothub-ttl`` seconds."""
     hub, device_id = hub_name(request), request.match_info["id"]
@@ -178,16 +151,16 @@ async def send_c2d(request: web.Request) -> web.Response:
         ttl = timedelta(seconds=float(request.headers.get("iothub-ttl", 3600)))
     except ValueError as exc:
         raise InvalidInput("iothub-ttl must be a number of seconds") from exc
-    message = await queue_c2d(request.app, hub, device_id, data, system=system, properties=props, ttl=ttl)
+    message = await runtime(request).queue_c2d(hub, device_id, data, system=system, properties=props, ttl=ttl)
     return send({"messageId": message.message_id}, 202)
 
 
-@routes.get("/events", name="hub:events")
+@routes.get("/events", name=HUB_ROUTE_PREFIX + "events")
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """Telemetry as NDJSON, from a position (``from=<n>``, ``earliest`` or ``latest`` = only new), live until
     ``timeout`` seconds pass without a message (0 = follow forever) or ``count`` events were sent."""
     hub = hub_name(request)
-    sink = request.app["instance"].telemetry
+    sink = services(request).telemetry
     device_id = request.query.get("deviceId") or None
     start = request.query.get("from", "latest")
     try:
@@ -199,7 +172,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         raise InvalidInput("from must be earliest, latest or a position; timeout and count numbers") from exc
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    bus = request.app["telemetry_bus"]
+    bus = runtime(request).telemetry_bus
     sent = 0
     idle_since = last_write = asyncio.get_running_loop().time()
     while True:

@@ -6,18 +6,20 @@ and returned; the path table below is the one place that lists operations.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from opendps import __version__
-from opendps.api import models as m
+from opendps.frontends.http import models as m
 
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
 _IF_MATCH_REQUIRED = {**_IF_MATCH, "required": True}
 _API_VERSION = {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"}}
 
 # (method, path, summary, request model, response model, success status, extra parameters)
-OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list]] = [
+OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list[dict[str, Any]]]] = [
     ("put", "/certificates/{name}", "Upload a CA certificate (If-Match to replace)", m.CertificateBody,
      m.CertificateResponse, 201, [_IF_MATCH]),
     ("get", "/certificates", "List CA certificates", None, m.CertificateList, 200, []),
@@ -78,7 +80,30 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
     ("post", "/linkedHubs/{name}/certificates/{cert}/verify", "Verify possession of the hub CA's key",
      m.VerificationBody, m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    # the hub service API (iothubowner of the hub its audience names, or provisioningserviceowner with ?hub=)
+    ("put", "/devices/{id}", "Create or update a device identity (authentication, status)", None, None, 200, [_IF_MATCH]),
+    ("get", "/devices/{id}", "Show a device identity with its keys", None, None, 200, []),
+    ("get", "/devices", "List device identities", None, None, 200, []),
+    ("delete", "/devices/{id}", "Delete a device identity (a connected device is dropped)", None, None, 204, [_IF_MATCH]),
+    ("get", "/twins/{id}", "Show a device twin", None, None, 200, []),
+    ("patch", "/twins/{id}", "Merge-patch desired properties and tags (pushed to a connected device)", None, None, 200,
+     [_IF_MATCH]),
+    ("post", "/twins/{id}/methods", "Invoke a direct method (methodName, payload, responseTimeoutInSeconds)", None,
+     None, 200, []),
+    ("post", "/devices/{id}/messages/deviceBound", "Send a cloud-to-device message (iothub-* headers)", None, None, 202,
+     []),
+    ("get", "/events", "Telemetry as NDJSON from a position (from, deviceId, timeout, count)", None, None, 200, []),
+    # the DPS device API (attestation authenticates: the TLS client chain or a device SAS token)
+    ("put", "/{idScope}/registrations/{registrationId}/register", "Register a device (DeviceRegistration, csr)", None,
+     None, 202, []),
+    ("get", "/{idScope}/registrations/{registrationId}/operations/{operationId}", "Poll a registration operation", None,
+     None, 200, []),
+    ("post", "/{idScope}/registrations/{registrationId}", "Registration status lookup", None, None, 200, []),
+    ("get", "/$iothub/websocket", "MQTT over WebSockets (subprotocol mqtt): DPS and hub device sessions", None, None,
+     101, []),
 ]
+# paths a device calls: no service token (attestation, or the MQTT CONNECT, authenticates)
+_DEVICE_PATHS = ("/{idScope}/", "/$iothub/")
 
 
 def build_openapi() -> dict:
@@ -92,7 +117,7 @@ def build_openapi() -> dict:
         path_params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
                        for p in path.split("/") if p.startswith("{")]
         op: dict = {"summary": summary, "parameters": path_params + params + [_API_VERSION],
-                    "security": [{"sas": []}],
+                    "security": [] if path.startswith(_DEVICE_PATHS) else [{"sas": []}],
                     "responses": {str(status): {"description": "success"},
                                   "default": {"description": "error",
                                               "content": {"application/json": {"schema": ref(m.ErrorBody)}}}}}
@@ -104,7 +129,7 @@ def build_openapi() -> dict:
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "opendps management API (DPS service + ADR)", "version": __version__},
+        "info": {"title": "opendps HTTPS API (DPS service, ADR, hub service, DPS device API)", "version": __version__},
         "paths": paths,
         "components": {
             "schemas": schemas,

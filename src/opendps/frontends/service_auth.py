@@ -1,11 +1,11 @@
-"""Service-API authentication by shared access signature of an access policy.
+"""Service-side authentication by shared access signature of an access policy (the owners' API, not devices).
 
 Two policies: ``provisioningserviceowner`` (audience: this service's host, with or without the port)
 may call every management route; ``iothubowner`` (audience: a linked hub's host name, any port) may
-call only the hub service routes (named ``hub:*``), and only for the hub its audience names. The HMAC
-is checked against the policy's primary then secondary key. Device routes (``device:*``) and a few
-open paths skip this: attestation or nothing authenticates them. :class:`SasAuthenticator` is the one
-token check; the HTTP middleware and the AMQP CBS ``put-token`` handler (:mod:`opendps.api.amqp`) use it.
+call only the hub service routes, and only for the hub its audience names. The HMAC is checked
+against the policy's primary then secondary key. :class:`SasAuthenticator` is the one token check;
+the HTTP middleware (:mod:`opendps.frontends.http.app`) and the AMQP CBS ``put-token`` handler
+(:mod:`opendps.frontends.amqp`) use it.
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from aiohttp import web
-
-from opendps.errors import Forbidden, Unauthorized
+from opendps.errors import Unauthorized
 from opendps.transport import sas
 
-OPEN_PATHS = {"/openapi.json", "/healthz"}
-DEVICE_ROUTE_PREFIX = "device:"
-HUB_ROUTE_PREFIX = "hub:"
 SERVICE_POLICY = "provisioningserviceowner"
 HUB_POLICY = "iothubowner"
 
@@ -64,33 +59,29 @@ class SasAuthenticator:
         what this caller does not allow (the middleware's route check). Raises Unauthorized (401002).
         """
         if not header:
-            raise Unauthorized("missing Authorization header: a SharedAccessSignature is required",
-                               error_code=401002)
+            raise Unauthorized("missing Authorization header: a SharedAccessSignature is required")
         try:
             token = sas.parse(header)
         except sas.SasError as exc:
-            raise Unauthorized(f"invalid SharedAccessSignature: {exc}", error_code=401002) from exc
+            raise Unauthorized(f"invalid SharedAccessSignature: {exc}") from exc
         audience = _host(unquote(token.raw_resource))
         if token.key_name == SERVICE_POLICY:
             if audience not in self.hosts:
-                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not this service",
-                                   error_code=401002)
+                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not this service")
             principal = SasPrincipal(SERVICE_POLICY, None, token.expiry)  # may address any hub
         elif token.key_name == HUB_POLICY:
             hub = await self.hub_by_host(audience)
             if hub is None:
-                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not a hub of this service",
-                                   error_code=401002)
+                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not a hub of this service")
             principal = SasPrincipal(HUB_POLICY, hub, token.expiry)
         else:
-            raise Unauthorized(f"SharedAccessSignature policy {token.key_name!r} is not authorised here",
-                               error_code=401002)
+            raise Unauthorized(f"SharedAccessSignature policy {token.key_name!r} is not authorised here")
         if permit is not None:
             permit(principal)
         try:
             primary, secondary = self.policy_keys(token.key_name)
         except KeyError as exc:
-            raise Unauthorized(f"unknown access policy {token.key_name!r}", error_code=401002) from exc
+            raise Unauthorized(f"unknown access policy {token.key_name!r}") from exc
         try:
             try:
                 sas.verify(token, primary)
@@ -99,25 +90,5 @@ class SasAuthenticator:
                     raise
                 sas.verify(token, secondary)
         except sas.SasError as exc:
-            raise Unauthorized(f"unauthorized: {exc}", error_code=401002) from exc
+            raise Unauthorized(f"unauthorized: {exc}") from exc
         return principal
-
-
-def make_sas_middleware(authenticator: SasAuthenticator):  # noqa: ANN201
-    """The aiohttp middleware: open and device routes pass; others need a token; ``iothubowner`` only ``hub:*``."""
-
-    @web.middleware
-    async def sas_middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
-        route_name = request.match_info.route.name or ""
-        if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
-            return await handler(request)  # open, or the device API (attestation authenticates it)
-
-        def permit(principal: SasPrincipal) -> None:
-            if principal.policy == HUB_POLICY and not route_name.startswith(HUB_ROUTE_PREFIX):
-                raise Forbidden(f"policy {HUB_POLICY!r} may only use the hub service API", error_code=403002)
-
-        principal = await authenticator.authenticate(request.headers.get("Authorization"), permit)
-        request["sas_hub"] = principal.hub
-        return await handler(request)
-
-    return sas_middleware

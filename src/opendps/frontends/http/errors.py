@@ -1,4 +1,6 @@
-"""Azure-style error bodies: ``{"errorCode", "trackingId", "message", "timestampUtc", "info"}``."""
+"""The HTTP side of the one error convention: an :class:`~opendps.errors.OpenDPSError` becomes its status and
+an Azure error body ``{"errorCode", "trackingId", "message", "timestampUtc", "info"}``; anything else a 500
+with a tracking id (and the traceback in the log)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 import uuid
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from opendps.errors import OpenDPSError
 from opendps.transport.wire import error_body
@@ -14,8 +17,8 @@ from opendps.transport.wire import error_body
 log = logging.getLogger("opendps.api")
 
 
-def error_response(status: int, error_code: int, message: str, info: dict | None = None,
-                   headers: dict | None = None) -> web.Response:
+def error_response(status: int, error_code: int, message: str, info: dict[str, str] | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     body = error_body(error_code, message, info)
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
                         headers={"x-ms-error-code": str(error_code), **(headers or {})})
@@ -27,7 +30,7 @@ def from_exception(exc: OpenDPSError) -> web.Response:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN201
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except OpenDPSError as exc:

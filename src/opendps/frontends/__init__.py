@@ -1,0 +1,63 @@
+"""Front ends: they translate a wire to domain calls and back, and decide nothing.
+
+- :mod:`.http` — the HTTPS listener (aiohttp): management API, hub service API, DPS device API, MQTT over WebSockets;
+- :mod:`.mqtt` — the MQTT listener: DPS and every hub's device endpoint, routed at CONNECT;
+- :mod:`.amqp` — the hubs' AMQP listener (service-side cloud-to-device);
+- :mod:`.device_request` — the DPS registration request, parsed once for HTTPS and MQTT;
+- :mod:`.service_auth` — the service SAS check shared by HTTP and AMQP;
+- :mod:`.runtime` — what they share in one process: the services, the domain thread pool, live hub state.
+
+No domain package imports this package (``tests/test_architecture.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from opendps.frontends.amqp import AmqpFrontEnd
+from opendps.frontends.http import make_app
+from opendps.frontends.mqtt.router import make_router
+from opendps.frontends.runtime import DomainRunner, Runtime
+from opendps.frontends.service_auth import SasAuthenticator
+from opendps.services import Services
+from opendps.transport.mqtt.server import MqttServer
+
+
+@dataclass
+class FrontEnds:
+    """Every front end of one process over one :class:`Runtime`; ``opendps serve`` puts them on their ports."""
+
+    runtime: Runtime
+    http: web.Application
+    mqtt: MqttServer
+    amqp: AmqpFrontEnd
+
+
+def build(services: Services, *, service_hosts: set[str],
+          policy_keys: Callable[[str], tuple[str, str]]) -> FrontEnds:
+    """The front ends of one process. ``service_hosts``: the names service tokens may be issued for;
+    ``policy_keys(name)``: an access policy's (primary, secondary) keys."""
+    runtime = Runtime(services, DomainRunner())
+
+    async def hub_by_host(host: str) -> str | None:
+        hub = await runtime.domain.run(services.hubs.by_host, host)
+        return hub.name if hub is not None else None
+
+    authenticator = SasAuthenticator(service_hosts, policy_keys, hub_by_host)
+    mqtt = MqttServer(make_router(runtime))
+    amqp = AmqpFrontEnd(runtime, authenticator)
+    http = make_app(runtime, authenticator, mqtt)
+
+    async def close(_app: web.Application) -> None:
+        await amqp.close()
+        await mqtt.close()
+        runtime.domain.close()
+
+    http.on_cleanup.append(close)  # the HTTPS runner's cleanup closes the other listeners and the thread pool
+    return FrontEnds(runtime, http, mqtt, amqp)
+
+
+__all__ = ["FrontEnds", "Runtime", "build"]

@@ -1,0 +1,81 @@
+"""The aiohttp application of the HTTPS listener: management API, hub service API, DPS device API, MQTT over
+WebSockets, ``/openapi.json`` and ``/healthz``."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from opendps.errors import Forbidden
+from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
+from opendps.frontends.http.device import routes as device_routes
+from opendps.frontends.http.enrollments import routes as enrollment_routes
+from opendps.frontends.http.errors import error_middleware
+from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
+from opendps.frontends.http.hub_service import routes as hub_routes
+from opendps.frontends.http.openapi import build_openapi
+from opendps.frontends.http.service import routes as service_routes
+from opendps.frontends.http.wire import RUNTIME
+from opendps.frontends.runtime import Runtime
+from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator, SasPrincipal
+from opendps.transport.mqtt.server import MqttServer
+
+MAX_BODY = 1024 * 1024
+OPEN_PATHS = {"/openapi.json", "/healthz"}
+MQTT_SERVER = web.AppKey("mqtt", MqttServer)
+
+
+def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
+    """Open and device routes pass; others need a service token; ``iothubowner`` only ``hub:*`` routes."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_name = request.match_info.route.name or ""
+        if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
+            return await handler(request)  # open, or the device API (attestation authenticates it)
+
+        def permit(principal: SasPrincipal) -> None:
+            if principal.policy == HUB_POLICY and not route_name.startswith(HUB_ROUTE_PREFIX):
+                raise Forbidden(f"policy {HUB_POLICY!r} may only use the hub service API", error_code=403002)
+
+        principal = await authenticator.authenticate(request.headers.get("Authorization"), permit)
+        request["sas_hub"] = principal.hub
+        return await handler(request)
+
+    return middleware
+
+
+async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
+    """MQTT over WebSockets (``/$iothub/websocket``, subprotocol ``mqtt``), as the Azure SDKs use with websockets=True."""
+    ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=0)
+    await ws.prepare(request)
+    transport = request.transport
+    chain = (transport.get_extra_info("peer_certificate_chain") if transport is not None else None) or []
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    await request.app[MQTT_SERVER].serve_websocket(ws, peer_certificate_chain=list(chain), peername=peer)
+    return ws
+
+
+def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer) -> web.Application:
+    """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket`` (the same server as the MQTT port)."""
+    app = web.Application(middlewares=[error_middleware, sas_middleware(authenticator)], client_max_size=MAX_BODY)
+    app[RUNTIME] = runtime
+    app[MQTT_SERVER] = mqtt
+    openapi = json.dumps(build_openapi())
+
+    async def openapi_handler(_request: web.Request) -> web.Response:
+        return web.Response(text=openapi, content_type="application/json")
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/$iothub/websocket", mqtt_over_websocket, name=DEVICE_ROUTE_PREFIX + "mqtt-websocket")
+    app.add_routes(service_routes)
+    app.add_routes(enrollment_routes)
+    app.add_routes(hub_routes)
+    app.add_routes(device_routes)  # last: its paths start with a variable ID scope
+    return app

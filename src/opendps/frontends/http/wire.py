@@ -1,0 +1,102 @@
+"""Request and response plumbing shared by the HTTP route modules: the runtime, bodies, responses, paging.
+
+Every response body goes through :func:`send` (a pydantic wire model or plain JSON-able data); every domain
+call through :func:`run` (the domain thread pool).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from opendps.errors import InvalidInput
+from opendps.frontends.runtime import Runtime
+from opendps.services import Services
+
+RUNTIME = web.AppKey("runtime", Runtime)
+MAX_PAGE = 1000
+P = ParamSpec("P")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def runtime(request: web.Request) -> Runtime:
+    return request.app[RUNTIME]
+
+
+def services(request: web.Request) -> Services:
+    return request.app[RUNTIME].services
+
+
+async def run(request: web.Request, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run blocking domain code in the app's thread pool (never on the event loop)."""
+    return await request.app[RUNTIME].domain.run(fn, *args, **kwargs)
+
+
+@overload
+async def json_body(request: web.Request) -> Any: ...
+@overload
+async def json_body(request: web.Request, model: type[M], *, required: bool = True) -> M: ...
+async def json_body(request: web.Request, model: type[M] | None = None, *, required: bool = True) -> Any:
+    """The JSON request body, validated by ``model`` when given (absent and not ``required``: ``model()``)."""
+    raw = await request.read()
+    if not raw.strip():
+        if required or model is None:
+            raise InvalidInput(f"request body is required{f' ({model.__name__})' if model else ''}")
+        return model()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"invalid request body: {where}: {first['msg']}") from exc
+
+
+async def json_object_body(request: web.Request, what: str = "request body", *, required: bool = True) -> dict[str, Any]:
+    """A JSON object body (absent and not ``required``: ``{}``)."""
+    if not required and not (await request.read()).strip():
+        return {}
+    data = await json_body(request)
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return data
+
+
+def send(data: BaseModel | Any, status: int = 200, etag: str | None = None,
+         headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response: a pydantic wire model (``None`` fields left out) or JSON-able data; ``etag`` quoted."""
+    h = dict(headers or {})
+    if etag:
+        h["ETag"] = f'"{etag}"'
+    text = data.model_dump_json(exclude_none=True) if isinstance(data, BaseModel) else json.dumps(data)
+    return web.Response(status=status, text=text, content_type="application/json", headers=h)
+
+
+def page(request: web.Request, items: list[Any], item_type: str) -> web.Response:
+    """Azure's query paging: x-ms-max-item-count in, x-ms-continuation in and out."""
+    try:
+        size = int(request.headers.get("x-ms-max-item-count") or MAX_PAGE)
+        start = int(request.headers.get("x-ms-continuation") or 0)
+    except ValueError as exc:
+        raise InvalidInput("x-ms-max-item-count and x-ms-continuation must be integers") from exc
+    if not 1 <= size <= MAX_PAGE or start < 0:
+        raise InvalidInput(f"x-ms-max-item-count must be 1-{MAX_PAGE} and x-ms-continuation >= 0")
+    chunk = items[start:start + size]
+    headers = {"x-ms-item-type": item_type, "x-ms-max-item-count": str(size)}
+    if start + size < len(items):
+        headers["x-ms-continuation"] = str(start + size)
+    return send(chunk, headers=headers)
+
+
+def if_match(request: web.Request) -> str | None:
+    return request.headers.get("If-Match")

@@ -1,0 +1,89 @@
+"""DPS over MQTT (wire spec §2): one device's registration conversation.
+
+Topics are translated to the same :class:`~opendps.provisioning.registration.Provisioning` calls as the HTTPS
+device API; attestation happens per request (the CONNECT credentials are kept as sent), answers go to
+``$dps/registrations/res/{status}/?$rid=...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from opendps.errors import OpenDPSError
+from opendps.frontends.device_request import parse_registration_body
+from opendps.frontends.mqtt import error_payload
+from opendps.frontends.runtime import Runtime
+from opendps.provisioning.attestation import Challenge, DeviceCredentials
+from opendps.transport.mqtt.server import Session, SessionClosed
+from opendps.transport.wire import topic_query
+
+log = logging.getLogger("opendps.dps")
+REFUSE = 0x80
+RESPONSE = "$dps/registrations/res"
+
+Answer = tuple[int, bytes, str | None]  # status, body, retry-after
+
+
+@dataclass
+class DpsSession:
+    """One device's DPS conversation (a :class:`~opendps.transport.mqtt.server.SessionHandler`)."""
+
+    runtime: Runtime
+    credentials: DeviceCredentials
+    api_version: str | None
+    session: Session | None = None
+    persistent = False  # DPS never persists sessions (it ignores CleanSession)
+
+    @property
+    def session_key(self) -> str:
+        return f"dps:{self.credentials.registration_id.lower()}"
+
+    async def on_connected(self, session: Session) -> None:
+        self.session = session
+
+    async def on_subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
+        return min(qos, 1) if topic_filter == f"{RESPONSE}/#" else REFUSE
+
+    async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        query = topic_query(topic)
+        rid = query.get("$rid")
+        if topic.startswith("$dps/registrations/PUT/iotdps-register/"):
+            await self._answer(rid, lambda: self._register(payload))
+        elif topic.startswith("$dps/registrations/GET/iotdps-get-operationstatus/"):
+            await self._answer(rid, lambda: self._poll(query.get("operationId") or ""))
+        else:
+            log.info("DPS client %r published to %r: connection closed", self.credentials.registration_id, topic)
+            session.close(f"publish to an unknown DPS topic: {topic!r}")
+
+    async def on_disconnected(self, session: Session, reason: str) -> None:
+        self.session = None
+
+    async def _answer(self, rid: str | None, step: Callable[[], Awaitable[Answer]]) -> None:
+        if rid is None:
+            return  # nowhere to answer, as in DPS
+        try:
+            status, body, retry = await step()
+        except OpenDPSError as exc:
+            status, body, retry = exc.status, error_payload(exc), exc.info.get("retryAfter")
+        topic = f"{RESPONSE}/{status}/?$rid={rid}" + (f"&retry-after={retry}" if retry else "")
+        if self.session is not None:
+            with contextlib.suppress(SessionClosed):
+                await self.session.publish(topic, body, qos=0)
+
+    async def _register(self, payload: bytes) -> Answer:
+        body = parse_registration_body(payload, self.credentials.registration_id)
+        credentials = replace(self.credentials, evidence=body.evidence)
+        result = await self.runtime.domain.run(self.runtime.services.provisioning.register, credentials,
+                                               payload=body.payload, csr=body.csr, api_version=self.api_version)
+        if isinstance(result, Challenge):
+            return result.status, json.dumps(result.body).encode(), None
+        return 202, json.dumps(result.to_wire()).encode(), str(result.retry_after)
+
+    async def _poll(self, operation_id: str) -> Answer:
+        result = await self.runtime.domain.run(self.runtime.services.provisioning.operation, self.credentials,
+                                               operation_id)
+        return (202 if result.get("status") == "assigning" else 200), json.dumps(result).encode(), None

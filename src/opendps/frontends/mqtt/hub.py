@@ -1,0 +1,248 @@
+"""The hub's device endpoint over MQTT (wire spec §6): telemetry, twin, direct methods, C2D and certificate
+renewal, for devices the hub authenticated at CONNECT (:class:`opendps.hub.HubAuthenticator`).
+
+One :class:`HubSession` per connected device: it is the MQTT session's handler (topics in) and the device's
+:class:`~opendps.hub.DeviceLink` in the process's live sessions (methods, desired pushes, C2D and drops out).
+Topic handlers translate and call domain code in the thread pool; they decide nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opendps.errors import Conflict, InvalidInput, OpenDPSError
+from opendps.frontends.mqtt import error_payload
+from opendps.frontends.runtime import Runtime
+from opendps.hub import AuthenticatedDevice, DeviceOffline
+from opendps.hub.live import C2D, DESIRED, METHODS
+from opendps.hub.telemetry import parse_property_bag
+from opendps.pki import decode_csr_text
+from opendps.transport.mqtt.server import Session, SessionClosed
+from opendps.transport.wire import iso8601, topic_query
+
+log = logging.getLogger("opendps.hub")
+REFUSE = 0x80
+MAX_SUBSCRIPTIONS = 5
+_RID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{2,34}[A-Za-z0-9])?$")
+CREDENTIALS_RESPONSE = "$iothub/credentials/res"
+FEATURES = {METHODS: "$iothub/methods/POST/#", DESIRED: "$iothub/twin/PATCH/properties/desired/#"}
+
+
+@dataclass
+class HubSession:
+    """One connected device: the MQTT session handler and the device's link in the live sessions."""
+
+    runtime: Runtime
+    device: AuthenticatedDevice
+    session: Session | None = None
+    filters: set[str] = field(default_factory=set)
+    renewing: bool = False
+    sent: set[int] = field(default_factory=set)  # C2D messages published on this connection, awaiting PUBACK
+    delivering: bool = False
+    # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
+    persistent = False
+
+    @property
+    def session_key(self) -> str:
+        """Hub sessions are keyed apart from DPS sessions that may use the same client id."""
+        return f"hub:{self.device.hub_host}/{self.device.device_id}"
+
+    # ---- MQTT session handler ----
+    async def on_connected(self, session: Session) -> None:
+        self.session = session
+        self.runtime.live.attach(self)
+        log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type)
+
+    async def on_subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
+        d = self.device.device_id
+        allowed = {f"devices/{d}/messages/devicebound/#", "$iothub/methods/POST/#", "$iothub/twin/res/#",
+                   "$iothub/twin/PATCH/properties/desired/#", f"{CREDENTIALS_RESPONSE}/#", f"devices/{d}/messages/devicebound"}
+        if topic_filter not in allowed or (topic_filter not in self.filters and len(self.filters) >= MAX_SUBSCRIPTIONS):
+            log.info("device %r: subscription to %r refused", d, topic_filter)
+            return REFUSE
+        self.filters.add(topic_filter)
+        if topic_filter.startswith("devices/"):
+            asyncio.get_running_loop().call_soon(self.wake_c2d)
+        return min(qos, 1)
+
+    async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        d = self.device.device_id
+        events = f"devices/{d}/messages/events/"
+        if topic.startswith(events) or topic == events.rstrip("/"):
+            await self._telemetry(topic[len(events):], payload)
+        elif topic.startswith("$iothub/twin/GET/"):
+            await self._twin_get(topic_query(topic).get("$rid"))
+        elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
+            await self._twin_reported(topic_query(topic).get("$rid"), payload)
+        elif topic.startswith("$iothub/methods/res/"):
+            self._method_answered(topic, payload)
+        elif topic.startswith("$iothub/credentials/POST/issueCertificate/"):
+            await self._issue_certificate(topic_query(topic).get("$rid"), payload)
+        else:
+            log.info("device %r published to %r, which is not one of its topics: connection closed", d, topic)
+            session.close(f"publish to a topic outside the device's own: {topic!r}")
+
+    async def on_disconnected(self, session: Session, reason: str) -> None:
+        self.runtime.live.detach(self)
+        log.info("device %r disconnected from hub %s: %s", self.device.device_id, self.device.hub_host, reason)
+
+    # ---- device link (the service side, through the live sessions) ----
+    def subscribed(self, feature: str) -> bool:
+        if feature == C2D:
+            return any(f.startswith("devices/") for f in self.filters)
+        return FEATURES.get(feature) in self.filters
+
+    async def send_method(self, method: str, request_id: str, payload: Any) -> None:
+        if self.session is None:
+            raise DeviceOffline(f"device {self.device.device_id!r} disconnected")
+        try:
+            await self.session.publish(f"$iothub/methods/POST/{method}/?$rid={request_id}", json.dumps(payload).encode(),
+                                       qos=0)
+        except SessionClosed as exc:
+            raise DeviceOffline(f"device {self.device.device_id!r} disconnected") from exc
+
+    async def send_desired(self, desired: dict[str, Any], version: int) -> None:
+        await self._reply(f"$iothub/twin/PATCH/properties/desired/?$version={version}",
+                          json.dumps({**desired, "$version": version}).encode())
+
+    def wake_c2d(self) -> None:
+        if not self.delivering:
+            self.delivering = True
+            asyncio.get_running_loop().create_task(self._deliver_c2d())
+
+    def close(self, reason: str) -> None:
+        if self.session is not None:
+            self.session.close(reason)
+
+    # ---- device → cloud ----
+    async def _telemetry(self, bag: str, payload: bytes) -> None:
+        system, application = parse_property_bag(bag)
+        try:
+            await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system, application,
+                                                       payload)
+        except OpenDPSError as exc:
+            log.info("telemetry of %r dropped: %s", self.device.device_id, exc.message)
+            return
+        self.runtime.telemetry_bus.notify()
+
+    def _method_answered(self, topic: str, payload: bytes) -> None:
+        status = topic[len("$iothub/methods/res/"):].split("/", 1)[0]
+        try:
+            answer: Any = json.loads(payload) if payload.strip() else None
+        except ValueError:
+            answer = payload.decode("utf-8", "replace")
+        try:
+            code = int(status)
+        except ValueError:
+            code = 500
+        self.runtime.live.method_answered(self, topic_query(topic).get("$rid"), code, answer)
+
+    # ---- twin ----
+    async def _reply(self, topic: str, body: bytes = b"") -> None:
+        if self.session is not None:
+            with contextlib.suppress(SessionClosed):
+                await self.session.publish(topic, body, qos=0)
+
+    async def _twin_get(self, rid: str | None) -> None:
+        if rid is None:
+            return
+        try:
+            ident = await self.runtime.domain.run(self.runtime.services.hubs.get_device, self.device.hub_name,
+                                                  self.device.device_id)
+        except OpenDPSError as exc:
+            await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", error_payload(exc))
+            return
+        twin = ident.twin()["properties"]
+        await self._reply(f"$iothub/twin/res/200/?$rid={rid}", json.dumps(twin).encode())
+
+    async def _twin_reported(self, rid: str | None, payload: bytes) -> None:
+        try:
+            try:
+                patch = json.loads(payload or b"null")
+            except ValueError as exc:
+                raise InvalidInput(f"reported properties patch is not JSON: {exc}") from exc
+            version = await self.runtime.domain.run(self.runtime.services.hubs.patch_reported, self.device.hub_id,
+                                                    self.device.device_id, patch)
+        except OpenDPSError as exc:
+            if rid is not None:
+                await self._reply(f"$iothub/twin/res/{exc.status}/?$rid={rid}", error_payload(exc))
+            return
+        if rid is not None:
+            await self._reply(f"$iothub/twin/res/204/?$rid={rid}&$version={version}")
+
+    # ---- certificate renewal through the hub (preview, wire spec §6.6) ----
+    def _renewal_request(self, rid: str, payload: bytes) -> bytes:
+        """The CSR of an ``issueCertificate`` request, or the refusal the device gets instead."""
+        if not _RID.match(rid):
+            raise InvalidInput("request id must be 4-36 letters, digits or '-', not starting or ending with '-'")
+        try:
+            body = json.loads(payload)
+        except ValueError as exc:
+            raise InvalidInput("issueCertificate body is not JSON") from exc
+        if not isinstance(body, dict) or set(body) - {"id", "csr", "replace"} or not {"id", "csr"} <= set(body):
+            raise InvalidInput("issueCertificate body must hold id and csr (and optionally replace) only")
+        if body["id"] != self.device.device_id:
+            raise InvalidInput(f"id {body['id']!r} is not the authenticated device", error_code=400006)
+        if self.renewing:
+            raise Conflict("another certificate request of this device is active", error_code=409004,
+                           info={"requestId": rid})
+        return decode_csr_text(body["csr"]) if isinstance(body["csr"], str) else b""
+
+    async def _issue_certificate(self, rid: str | None, payload: bytes) -> None:
+        if rid is None or f"{CREDENTIALS_RESPONSE}/#" not in self.filters:
+            return  # no subscription or no $rid: no response, as in IoT Hub
+        try:
+            csr = self._renewal_request(rid, payload)
+        except OpenDPSError as exc:
+            await self._reply(f"{CREDENTIALS_RESPONSE}/{exc.status}/?$rid={rid}", error_payload(exc))
+            return
+        self.renewing = True
+        correlation = str(uuid.uuid4())
+        expires = iso8601(datetime.now(UTC) + timedelta(minutes=5))
+        await self._reply(f"{CREDENTIALS_RESPONSE}/202/?$rid={rid}", json.dumps({"correlationId": correlation,
+                                                                                 "operationExpires": expires}).encode())
+        try:
+            chain = await self.runtime.domain.run(self.runtime.services.provisioning.renew_through_hub,
+                                                  self.device.hub_host, self.device.device_id, csr)
+            await self._reply(f"{CREDENTIALS_RESPONSE}/200/?$rid={rid}", json.dumps({"correlationId": correlation,
+                              "certificates": [base64.b64encode(d).decode() for d in chain.der_chain()]}).encode())
+        except OpenDPSError as exc:
+            await self._reply(f"{CREDENTIALS_RESPONSE}/{exc.status}/?$rid={rid}", error_payload(exc))
+        finally:
+            self.renewing = False
+
+    # ---- cloud → device ----
+    async def _deliver_c2d(self) -> None:
+        rt = self.runtime
+        try:
+            if self.session is None or not self.subscribed(C2D):
+                return
+            for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key):
+                if message.pk in self.sent:
+                    continue
+                self.sent.add(message.pk)
+                await self.session.publish(message.topic(self.device.device_id), message.body, qos=1,
+                                           on_ack=self._completer(message.pk))
+        except SessionClosed:
+            pass
+        except Exception:  # a delivery failure must not kill the loop; the message stays queued
+            log.exception("cloud-to-device delivery to %r failed", self.device.device_id)
+        finally:
+            self.delivering = False
+
+    def _completer(self, pk: int) -> Callable[[], Awaitable[None]]:
+        async def done() -> None:
+            await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
+            self.sent.discard(pk)
+            self.wake_c2d()  # anything queued meanwhile goes out now
+        return done

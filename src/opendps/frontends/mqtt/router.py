@@ -1,0 +1,72 @@
+"""The MQTT CONNECT router: one listener serves DPS and every logical hub; the CONNECT username decides.
+
+``{idScope}/registrations/{registrationId}/api-version=...`` goes to DPS (:class:`.dps.DpsSession`),
+``{hubHost}/{deviceId}/?api-version=...`` to that hub, whose authenticator decides
+(:class:`opendps.hub.HubAuthenticator`); its refusals become CONNACK return codes here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from urllib.parse import parse_qs
+
+from opendps.errors import InvalidCredentials, InvalidInput, OpenDPSError
+from opendps.frontends.mqtt.dps import DpsSession
+from opendps.frontends.mqtt.hub import HubSession
+from opendps.frontends.runtime import Runtime
+from opendps.provisioning.attestation import MQTT, DeviceCredentials
+from opendps.transport.mqtt.server import ConnectRequest, SessionHandler
+
+log = logging.getLogger("opendps.mqtt")
+# CONNACK return codes (MQTT 3.1.1 §3.2.2.3)
+IDENTIFIER_REJECTED = 2
+BAD_CREDENTIALS = 4
+NOT_AUTHORIZED = 5
+
+Authenticator = Callable[[ConnectRequest], Awaitable[SessionHandler | int]]
+
+
+def connack_code(exc: OpenDPSError) -> int:
+    """An error kind as the CONNACK return code a device sees."""
+    if isinstance(exc, InvalidInput):
+        return IDENTIFIER_REJECTED
+    if isinstance(exc, InvalidCredentials):
+        return BAD_CREDENTIALS
+    return NOT_AUTHORIZED
+
+
+def make_router(runtime: Runtime) -> Authenticator:
+    """The authenticator the MQTT server calls for every CONNECT (see the module docstring)."""
+    services = runtime.services
+
+    async def route(request: ConnectRequest) -> SessionHandler | int:
+        username = request.username or ""
+        parts = username.split("/", 3)
+        if len(parts) >= 3 and parts[1] == "registrations":
+            scope, rid = parts[0], parts[2]
+            if scope.lower() != services.id_scope.lower():
+                log.info("MQTT CONNECT for unknown ID scope %r refused", scope)
+                return NOT_AUTHORIZED
+            if request.client_id != rid:
+                return IDENTIFIER_REJECTED
+            versions = parse_qs(parts[3] if len(parts) > 3 else "").get("api-version")
+            password = request.password.decode("utf-8", "replace") if request.password is not None else None
+            creds = DeviceCredentials(scope, rid, password, tuple(request.peer_certificate_chain), transport=MQTT)
+            return DpsSession(runtime, creds, versions[0] if versions else None)
+        host, _, rest = username.partition("/")
+        device_id = rest.split("/", 1)[0]
+        hub = await runtime.domain.run(services.hubs.by_host, host) if host and device_id else None
+        if hub is None:
+            log.info("MQTT CONNECT for unknown hub or username %r refused", username[:200])
+            return NOT_AUTHORIZED
+        try:
+            device = await runtime.domain.run(services.hub_auth.authenticate, hub, device_id, request.client_id,
+                                              request.password, list(request.peer_certificate_chain), datetime.now(UTC))
+        except OpenDPSError as exc:
+            log.info("hub %s refused device %r: %s", hub.host_name, device_id, exc.message)
+            return connack_code(exc)
+        return HubSession(runtime, device)
+
+    return route

@@ -1,0 +1,60 @@
+"""What the front ends of one process share: the domain services, the one bridge from the event loop to
+them, and the live hub state of this process.
+
+Domain code is synchronous (SQLAlchemy sessions, ``cryptography``); front ends are asyncio. Every domain
+call from a front end goes through :class:`DomainRunner`, a bounded thread pool, never onto the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import ParamSpec, TypeVar
+
+from opendps.hub import GroupCommit, LiveSessions, PendingMessage, TelemetryBus
+from opendps.services import Services
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class DomainRunner:
+    """The one bridge from the event loop to synchronous domain code: a bounded thread pool."""
+
+    def __init__(self, workers: int = 8) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opendps-domain")
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Runtime:
+    """Built once per process by :func:`opendps.frontends.build`; every front end gets this, typed."""
+
+    services: Services
+    domain: DomainRunner = field(default_factory=DomainRunner)
+    live: LiveSessions = field(default_factory=LiveSessions)
+    telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
+    telemetry_writer: GroupCommit = field(init=False)
+
+    def __post_init__(self) -> None:
+        # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads
+        self.telemetry_writer = GroupCommit(self.services.telemetry, self.domain.run)
+
+    async def queue_c2d(self, hub: str, device_id: str, body: bytes, *, system: dict[str, str],
+                        properties: dict[str, str | None], ttl: timedelta | None) -> PendingMessage:
+        """The one path from a front end (REST or AMQP) to the C2D queue: enqueue durably in the domain thread pool,
+        then wake the device's live session. ``system`` uses the queue's names (``message-id``, ``correlation-id``,
+        ``user-id``, ``ack``, ``content-type``, ``content-encoding``)."""
+        message = await self.domain.run(self.services.c2d.enqueue, hub, device_id, body, properties=properties,
+                                        system=system, ttl=ttl)
+        self.live.notify_c2d(hub, device_id)
+        return message

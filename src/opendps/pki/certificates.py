@@ -1,0 +1,85 @@
+"""Certificate helpers every package shares: reading what users send, thumbprints, and the one
+RFC 5280 path validation used for device chains (DPS attestation and hub CONNECT)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import (
+    ClientVerifier,
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from opendps.errors import InvalidInput
+
+MAX_CERTIFICATE_TEXT = 64 * 1024
+# device certificates carry no SAN (the CN is the identity): relax only that rule of the EE profile
+_DEVICE_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.SubjectAlternativeName,
+                                                                         Criticality.AGNOSTIC, None)
+
+__all__ = ["MAX_CERTIFICATE_TEXT", "VerificationError", "device_chain_verifier", "issued_by", "load_certificate_text",
+           "thumbprint"]
+
+
+def thumbprint(cert: x509.Certificate, algorithm: str = "sha256") -> str:
+    """Hex digest of the DER certificate in upper case, as Azure shows thumbprints (``sha1`` or ``sha256``).
+
+    Tables that key on a digest store it lower-cased (``issued_certificates.sha256``...); they say so."""
+    return hashlib.new(algorithm, cert.public_bytes(Encoding.DER)).hexdigest().upper()
+
+
+def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:
+    """A certificate given as PEM text, base64 DER, or raw DER bytes."""
+    if isinstance(value, str):
+        if len(value) > MAX_CERTIFICATE_TEXT:
+            raise InvalidInput(f"{what} is larger than {MAX_CERTIFICATE_TEXT} bytes")
+        text = value.strip()
+        if not text:
+            raise InvalidInput(f"{what} is empty")
+        if text.startswith("-----BEGIN"):
+            data = text.encode()
+        else:
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInput(f"{what} is neither PEM nor base64 DER") from exc
+    else:
+        data = value
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise InvalidInput(f"{what} cannot be parsed as an X.509 certificate") from exc
+
+
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent``'s key signed ``child`` (names match and the signature verifies)."""
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def device_chain_verifier(anchors: Sequence[x509.Certificate], now: datetime) -> ClientVerifier:
+    """RFC 5280 path validation of a device's TLS client chain to ``anchors`` (cryptography's verifier, web PKI
+    CA profile; the end-entity profile allows a certificate without SAN, since the CN is the device's identity).
+
+    ``verify(leaf, intermediates)`` raises :class:`VerificationError` naming what failed."""
+    return (PolicyBuilder().store(Store(list(anchors))).time(now)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_DEVICE_EE_POLICY)
+            .build_client_verifier())

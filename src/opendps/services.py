@@ -1,0 +1,57 @@
+"""The domain services of one installation, wired once and handed to front ends as one typed object.
+
+Dependencies point down: provisioning -> hub -> registry -> pki -> store. Two questions go up, and are
+answered through protocols bound here rather than imports: the registry and the hubs ask the
+enrollments (provisioning) which of them name a policy or a hub
+(:class:`~opendps.registry.PolicyReferrers`, :class:`~opendps.hub.EnrollmentLinks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetrySink
+from opendps.pki import CaCertificates, IssuanceEngine, KeyStore
+from opendps.provisioning import dps_certificates
+from opendps.provisioning.enrollments import Enrollments
+from opendps.provisioning.registration import Provisioning
+from opendps.registry import DeviceRegistry, Registry
+from opendps.store import Store
+
+
+@dataclass(frozen=True)
+class Services:
+    store: Store
+    keys: KeyStore
+    issuance: IssuanceEngine  # pki: the CA
+    registry: Registry  # ADR: namespaces, credentials, policies
+    devices: DeviceRegistry  # ADR: the namespaces' device registries
+    hubs: Hubs
+    hub_auth: HubAuthenticator
+    telemetry: TelemetrySink
+    c2d: CloudToDevice
+    ca_certificates: CaCertificates  # DPS CA certificates (proof of possession)
+    enrollments: Enrollments
+    provisioning: Provisioning  # the RA
+
+    @property
+    def id_scope(self) -> str:
+        return self.provisioning.id_scope
+
+
+def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "localhost", lint: bool = True) -> Services:
+    """Build every domain service on ``store`` (``hub_domain``: the suffix of new hubs' default host names)."""
+    issuance = IssuanceEngine(store, keys, lint=lint)
+    registry = Registry(store, keys, lint=lint)
+    devices = DeviceRegistry(store)
+    hubs = Hubs(store, keys, registry, domain=hub_domain)
+    ca_certificates = dps_certificates(store)
+    enrollments = Enrollments(store, keys, registry, hubs, ca_certificates)
+    registry.referrers = enrollments
+    hubs.enrollments = enrollments
+    provisioning = Provisioning(store, enrollments=enrollments, ca_certificates=ca_certificates, registry=registry,
+                                devices=devices, hubs=hubs, issuance=issuance, id_scope=id_scope)
+    return Services(store=store, keys=keys, issuance=issuance, registry=registry, devices=devices, hubs=hubs,
+                    hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
+                    c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,
+                    provisioning=provisioning)

@@ -1,0 +1,121 @@
+"""Hub rules in-process: host names, unlinking, the CAs a hub trusts, and who may open a device session."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from tests.unit.conftest import creds, register, symmetric_group
+from tests.x509_helpers import make_ca, make_leaf, p384_csr
+
+from opendps.errors import Conflict, InvalidCredentials, InvalidInput, Unauthorized
+from opendps.pki import thumbprint
+from opendps.transport import sas
+from opendps.transport.sas import derive_device_key
+
+PREVIEW = "2025-07-01-preview"
+
+
+def test_a_hub_without_a_host_name_gets_one_under_the_service_domain(services):
+    assert services.hubs.create("east").host_name == "east.hubs.test"
+    with pytest.raises(Conflict, match="already exists"):
+        services.hubs.create("east", "other.hubs.test")
+
+
+def test_a_hub_named_by_an_enrollment_cannot_be_unlinked(services):
+    services.hubs.create("east")
+    symmetric_group(services, "uses-east", iotHubs=["east"])
+    with pytest.raises(Conflict, match="used by enrollment.s. uses-east") as info:
+        services.hubs.delete("east")
+    assert info.value.error_code == 409002
+    services.enrollments.delete("group", "uses-east")
+    services.hubs.delete("east")
+    assert [h.name for h in services.hubs.list()] == ["default"]
+
+
+def test_trust_follows_policy_links_and_rotation(services):
+    services.registry.create_namespace("sync-ns", "sync-p")
+    services.hubs.create("sync", apply_allocation_policy=False)
+    first = services.registry.get_policy("sync-ns", "sync-p").issuing_ca
+    assert services.hubs.trusted_cas("sync") == []
+    symmetric_group(services, "sync-group", credentialPolicyName="sync-p", iotHubs=["sync"])
+    assert [t.certificate for t in services.hubs.trusted_cas("sync")] == [first]
+    second = services.registry.rotate_policy("sync-ns", "sync-p").issuing_ca
+    trusted = services.hubs.trusted_cas("sync")
+    assert [(t.certificate, t.status, t.enrollments) for t in trusted] == [
+        (first, "retired", ["sync-group"]), (second, "active", ["sync-group"])]
+    assert services.hubs.trusted_cas("default") == []  # the group names only "sync"
+    symmetric_group(services, "everywhere", credentialPolicyName="sync-p")  # no hubs: every hub that applies allocation
+    assert [t.certificate for t in services.hubs.trusted_cas("default")] == [first, second]
+    assert services.hubs.trusted_cas("sync")[0].enrollments == ["sync-group"]
+
+
+@pytest.fixture
+def provisioned(services):
+    """Two devices of one group, each with an operational certificate from the group's policy."""
+    services.registry.create_namespace("hub-ns", "ops")
+    key = symmetric_group(services, "hub-group", credentialPolicyName="ops")
+    chains = {}
+    for rid in ("dev-h1", "dev-h2"):
+        state = register(services, creds(rid, key=derive_device_key(key, rid)), csr=base64.b64encode(p384_csr(rid)).decode(),
+                         api_version=PREVIEW)["registrationState"]
+        chains[rid] = [x509.load_der_x509_certificate(base64.b64decode(d)) for d in state["issuedCertificateChain"]]
+    return services.hubs.get("default"), chains
+
+
+def _auth(services, hub, device_id, *, password=None, chain=(), client_id=None, now=None):
+    return services.hub_auth.authenticate(hub, device_id, client_id or device_id, password, list(chain),
+                                          now or datetime.now(UTC))
+
+
+def test_an_operational_certificate_opens_only_its_own_device(services, provisioned):
+    hub, chains = provisioned
+    device = _auth(services, hub, "dev-h1", chain=chains["dev-h1"][:2])
+    assert (device.device_id, device.auth_type, device.certificate) == ("dev-h1", "certificateAuthority",
+                                                                        chains["dev-h1"][0])
+    with pytest.raises(Unauthorized, match="certificate CN 'dev-h2' is not the device id 'dev-h1'"):
+        _auth(services, hub, "dev-h1", chain=chains["dev-h2"][:2])
+    with pytest.raises(Unauthorized, match="expired or not yet valid"):
+        _auth(services, hub, "dev-h1", chain=chains["dev-h1"][:2], now=datetime.now(UTC) + timedelta(days=365))
+    with pytest.raises(InvalidInput, match="client id 'other' is not the device id"):
+        _auth(services, hub, "dev-h1", chain=chains["dev-h1"][:2], client_id="other")
+    stranger = make_ca("stranger")
+    leaf, _ = make_leaf("dev-h1", stranger)
+    with pytest.raises(Unauthorized, match="not issued by a CA this hub trusts"):
+        _auth(services, hub, "dev-h1", chain=[leaf, stranger.cert])
+    with pytest.raises(InvalidCredentials, match="no credential"):
+        _auth(services, hub, "dev-h1")
+
+
+def test_a_disabled_or_unknown_device_is_refused(services, provisioned):
+    hub, chains = provisioned
+    services.hubs.create_device("default", "dev-h1", auth_type="certificateAuthority", status="disabled")
+    with pytest.raises(Unauthorized, match="is disabled"):
+        _auth(services, hub, "dev-h1", chain=chains["dev-h1"][:2])
+    with pytest.raises(Unauthorized, match="does not exist in hub 'default'"):
+        _auth(services, hub, "nobody", chain=chains["dev-h2"][:2])
+
+
+def test_sas_and_self_signed_devices(services):
+    hub = services.hubs.get("default")
+    ident, _ = services.hubs.create_device("default", "sas-dev")
+    _, keys = services.hubs.device_credentials("default", "sas-dev")
+    token = sas.generate(f"{hub.host_name}/devices/sas-dev", keys[1])
+    assert _auth(services, hub, "sas-dev", password=token.encode()).auth_type == "sas"
+    for bad, words in ((sas.generate(f"{hub.host_name}/devices/other", keys[0]), "does not name"),
+                       (sas.generate(f"{hub.host_name}/devices/sas-dev", keys[0], ttl=-3600), "expired"),
+                       (sas.generate(f"{hub.host_name}/devices/sas-dev", base64.b64encode(b"k" * 32).decode()),
+                        "does not verify"), ("garbage", "invalid SharedAccessSignature")):
+        with pytest.raises(InvalidCredentials, match=words):
+            _auth(services, hub, "sas-dev", password=bad.encode())
+    cert, _ = make_leaf("self-dev", None)
+    services.hubs.create_device("default", "self-dev", auth_type="selfSigned",
+                                thumbprints=(thumbprint(cert, "sha1"), None))
+    assert _auth(services, hub, "self-dev", chain=[cert]).auth_type == "selfSigned"
+    other, _ = make_leaf("self-dev", None)
+    with pytest.raises(Unauthorized, match="thumbprint does not match"):
+        _auth(services, hub, "self-dev", chain=[other])
+    with pytest.raises(InvalidCredentials, match="does not use SAS"):
+        _auth(services, hub, "self-dev", password=token.encode())

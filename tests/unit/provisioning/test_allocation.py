@@ -1,0 +1,122 @@
+"""Allocation: weighted rendezvous hashing, static, and the custom webhook (a real HTTP server on loopback)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import func, select
+from tests.unit.conftest import creds, register, symmetric_group
+
+from opendps.hub import HubView
+from opendps.provisioning import allocation
+from opendps.store import HubDevice, Registration
+from opendps.transport.sas import derive_device_key
+
+
+def _hub(n: int, weight: int = 1, applies: bool = True) -> HubView:
+    return HubView(n, f"hub{n}", f"hub{n}.test", weight, applies, "etag", datetime.now(UTC))
+
+
+def test_hashing_is_deterministic_and_case_insensitive():
+    hubs = [_hub(1), _hub(2), _hub(3)]
+    assert allocation.hashed("Device-A", hubs) == allocation.hashed("device-a", list(reversed(hubs)))
+
+
+def test_weights_share_devices_in_proportion():
+    hubs = [_hub(1, weight=1), _hub(2, weight=3)]
+    counts = Counter(allocation.hashed(f"dev-{i}", hubs).id for i in range(4000))
+    assert 0.70 < counts[2] / 4000 < 0.80
+
+
+def test_adding_a_hub_moves_only_the_devices_it_takes():
+    before, after = [_hub(1), _hub(2)], [_hub(1), _hub(2), _hub(3)]
+    moved = [i for i in range(2000) if allocation.hashed(f"d{i}", before).id != allocation.hashed(f"d{i}", after).id]
+    assert moved and all(allocation.hashed(f"d{i}", after).id == 3 for i in moved)
+    assert 0.25 < len(moved) / 2000 < 0.42
+
+
+def test_candidates_are_the_listed_hubs_or_those_that_apply_allocation_policy():
+    hubs = [_hub(1), _hub(2, weight=0), _hub(3, applies=False)]
+    assert allocation.candidates({}, hubs) == [hubs[0]]
+    assert allocation.candidates({"iotHubs": ["hub3.test", "gone.test"]}, hubs) == [hubs[2]]
+
+
+@contextmanager
+def webhook(answer: object, status: int = 200) -> Iterator[tuple[str, list[dict]]]:
+    """A real webhook on loopback that records the AllocationRequests it receives."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = (answer if isinstance(answer, bytes) else json.dumps(answer).encode())
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/allocate", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _custom_group(services, url: str) -> str:
+    services.hubs.create("east", "east.hubs.test")
+    return symmetric_group(services, "custom", allocationPolicy="custom", iotHubs=["east", "default"],
+                           customAllocationDefinition={"webhookUrl": url, "apiVersion": "2021-10-01",
+                                                       "timeoutInSeconds": 2})
+
+
+def test_the_webhook_chooses_the_hub_the_twin_and_the_payload(services):
+    answer = {"iotHubHostName": "east.hubs.test", "initialTwin": {"tags": {"by": "webhook"}}, "payload": {"ok": 1}}
+    with webhook(answer) as (url, seen):
+        key = _custom_group(services, url)
+        state = register(services, creds("dev-w1", key=derive_device_key(key, "dev-w1")),
+                         payload={"model": "x"})["registrationState"]
+    assert (state["assignedHub"], state["payload"]) == ("east.hubs.test", {"ok": 1})
+    assert services.hubs.get_device("east", "dev-w1").tags == {"by": "webhook"}
+    request = seen[0]
+    assert request["deviceRuntimeContext"]["payload"] == {"model": "x"}
+    assert request["enrollmentGroup"]["enrollmentGroupId"] == "custom"
+    assert sorted(request["linkedHubs"]) == ["default.hubs.test", "east.hubs.test"]
+
+
+@pytest.mark.parametrize(("answer", "status", "words"), [
+    ({"iotHubHostName": "nowhere.test"}, 200, "not one of the enrollment's linked hubs"),
+    ({}, 200, "lacks iotHubHostName"),
+    (b"not json", 200, "not JSON"),
+    ({"iotHubHostName": "east.hubs.test"}, 500, "returned HTTP 500"),
+])
+def test_a_failing_webhook_is_a_failed_operation_that_writes_nothing(services, answer, status, words):
+    with webhook(answer, status) as (url, _):
+        key = _custom_group(services, url)
+        result = register(services, creds("dev-w2", key=derive_device_key(key, "dev-w2")))
+    assert result["status"] == "failed"
+    assert result["registrationState"]["errorCode"] == 400208 and words in result["registrationState"]["errorMessage"]
+    with services.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Registration)) == 0
+        assert s.scalar(select(func.count()).select_from(HubDevice)) == 0
+
+
+def test_no_available_hub_fails_the_operation(services):
+    services.hubs.create("idle", "idle.hubs.test", allocation_weight=0)
+    key = symmetric_group(services, "nowhere", iotHubs=[])
+    services.hubs.delete("default")
+    result = register(services, creds("dev-w3", key=derive_device_key(key, "dev-w3")))
+    assert result["status"] == "failed" and "no linked hub" in result["registrationState"]["errorMessage"]

@@ -1,0 +1,157 @@
+"""Registration as decide -> issue -> assign, in-process on both stores: what is written, and what is not."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from cryptography import x509
+from sqlalchemy import func, select
+from tests.unit.conftest import creds, register, symmetric_group
+from tests.x509_helpers import p384_csr
+
+from opendps.errors import InvalidInput, NotFound
+from opendps.pki import CsrRejected
+from opendps.provisioning.attestation import AttestationFailed, EnrollmentDisabled
+from opendps.store import DeviceRecord, HubDevice, IssuedCertificate, Registration
+from opendps.transport.sas import derive_device_key
+
+PREVIEW = "2025-07-01-preview"
+
+
+@pytest.fixture
+def fleet(services):
+    """A namespace with a policy, and a symmetric-key group issuing under it; returns the group key."""
+    services.registry.create_namespace("fleet", "ops", validity_days=3)
+    return symmetric_group(services, "sensors", credentialPolicyName="ops")
+
+
+def _b64(der: bytes) -> str:
+    return base64.b64encode(der).decode()
+
+
+def _counts(services, rid: str) -> tuple[int, int, int, int]:
+    with services.store.session() as s:
+        return tuple(s.scalar(select(func.count()).select_from(model).where(column == value)) or 0 for model, column, value in (
+            (Registration, Registration.registration_key, rid.lower()), (HubDevice, HubDevice.device_key, rid.lower()),
+            (DeviceRecord, DeviceRecord.device_key, rid.lower()),
+            (IssuedCertificate, IssuedCertificate.registration_id, rid)))
+
+
+def test_a_csr_registration_issues_once_and_records_everything(services, fleet):
+    rid = "dev-001"
+    result = register(services, creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(p384_csr(rid)),
+                      api_version=PREVIEW)
+    state = result["registrationState"]
+    assert result["status"] == "assigned" and state["substatus"] == "initialAssignment"
+    assert state["symmetricKey"] == {"enrollmentGroupId": "sensors"}
+    leaf, ica, root = (x509.load_der_x509_certificate(base64.b64decode(d)) for d in state["issuedCertificateChain"])
+    leaf.verify_directly_issued_by(ica)
+    ica.verify_directly_issued_by(root)
+    assert leaf.subject.rfc4514_string() == f"CN={rid}"
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 3
+    assert _counts(services, rid) == (1, 1, 1, 1)
+    identity, keys = services.hubs.identity(services.hubs.get("default"), rid)
+    assert identity.auth_type == "certificateAuthority" and keys is None  # the certificate replaces the SAS key
+    record = services.devices.get("fleet", rid)
+    assert record.certificate_serial == format(leaf.serial_number, "x") and record.hub_host_name == state["assignedHub"]
+    assert services.provisioning.get_registration(rid)["etag"] == state["etag"]
+
+
+def test_without_a_csr_the_device_keeps_its_attestation_credential_at_the_hub(services, fleet):
+    rid = "dev-002"
+    device_key = derive_device_key(fleet, rid)
+    state = register(services, creds(rid, key=device_key))["registrationState"]
+    assert "issuedCertificateChain" not in state
+    identity, keys = services.hubs.identity(services.hubs.get("default"), rid)
+    assert identity.auth_type == "sas" and keys[0] == device_key
+    assert _counts(services, rid) == (1, 1, 1, 0)  # recorded in the namespace of the group's policy, no certificate
+
+
+@pytest.mark.parametrize(("csr", "api_version", "error", "words"), [
+    (lambda rid: p384_csr("someone-else"), PREVIEW, CsrRejected, "does not match the registration id"),
+    (lambda rid: b"not a csr", PREVIEW, CsrRejected, "cannot be parsed"),
+    (lambda rid: p384_csr(rid), "2021-06-01", InvalidInput, "needs api-version 2025-07-01-preview"),
+])
+def test_a_refused_registration_writes_nothing(services, fleet, csr, api_version, error, words):
+    rid = "dev-003"
+    with pytest.raises(error, match=words):
+        services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(csr(rid)),
+                                       api_version=api_version)
+    assert _counts(services, rid) == (0, 0, 0, 0)
+
+
+def test_a_csr_needs_an_enrollment_with_a_policy(services):
+    key = symmetric_group(services, "no-policy")
+    with pytest.raises(InvalidInput, match="has no credentialPolicyName"):
+        services.provisioning.register(creds("dev-004", key=derive_device_key(key, "dev-004")),
+                                       csr=_b64(p384_csr("dev-004")), api_version=PREVIEW)
+
+
+def test_refusals_before_anything_is_read(services, fleet):
+    with pytest.raises(AttestationFailed, match="unknown ID scope"):
+        services.provisioning.register(creds("dev-005", key=fleet, scope="0ne00OTHER1"))
+    with pytest.raises(AttestationFailed, match="no credential presented") as info:
+        services.provisioning.register(creds("dev-005"))
+    assert info.value.error_code == 401000
+    with pytest.raises(InvalidInput, match="registration id"):
+        services.provisioning.register(creds("bad id!", key=fleet))
+    services.enrollments.put("group", "sensors", {"attestation": {"type": "symmetricKey"},
+                                                  "credentialPolicyName": "ops", "provisioningStatus": "disabled"})
+    with pytest.raises(EnrollmentDisabled, match="enrollment group 'sensors' is disabled") as info:
+        services.provisioning.register(creds("dev-005", key=derive_device_key(fleet, "dev-005")))
+    assert info.value.status == 403
+
+
+def test_a_poll_is_answered_only_for_its_own_registration(services, fleet):
+    a, b = creds("dev-006", key=derive_device_key(fleet, "dev-006")), creds("dev-007", key=derive_device_key(fleet, "dev-007"))
+    accepted = services.provisioning.register(a)
+    services.provisioning.register(b)
+    with pytest.raises(NotFound, match="does not exist for registration 'dev-007'"):
+        services.provisioning.operation(b, accepted.operation_id)
+    with pytest.raises(AttestationFailed):
+        services.provisioning.operation(creds("dev-006", key=fleet), accepted.operation_id)  # the group key itself
+
+
+def test_renewal_through_the_hub_issues_under_the_same_policy_and_updates_the_records(services, fleet):
+    rid = "dev-008"
+    state = register(services, creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(p384_csr(rid)),
+                     api_version=PREVIEW)["registrationState"]
+    first = x509.load_der_x509_certificate(base64.b64decode(state["issuedCertificateChain"][0]))
+    chain = services.provisioning.renew_through_hub(state["assignedHub"], rid, p384_csr(rid))
+    assert chain.leaf.serial_number != first.serial_number and chain.issuing_ca.subject == first.issuer
+    assert services.devices.get("fleet", rid).certificate_serial == format(chain.leaf.serial_number, "x")
+    with services.store.session() as s:
+        assert s.get(Registration, rid).certificate_serial == format(chain.leaf.serial_number, "x")
+    assert _counts(services, rid)[3] == 2
+    with pytest.raises(CsrRejected, match="does not match the registration id"):
+        services.provisioning.renew_through_hub(state["assignedHub"], rid, p384_csr("other"))
+
+
+def test_renewal_decisions_refuse_devices_dps_did_not_provision_here(services, fleet):
+    rid = "dev-009"
+    state = register(services, creds(rid, key=derive_device_key(fleet, rid)))["registrationState"]
+    with pytest.raises(InvalidInput, match="was not provisioned to this hub by DPS") as info:
+        services.provisioning.renew_through_hub("elsewhere.hubs.test", rid, p384_csr(rid))
+    assert info.value.error_code == 400006
+    services.enrollments.put("group", "sensors", {"attestation": {"type": "symmetricKey"},
+                                                  "credentialPolicyName": "ops", "provisioningStatus": "disabled"})
+    with pytest.raises(InvalidInput, match="enrollment of device 'dev-009' is disabled"):
+        services.provisioning.renew_through_hub(state["assignedHub"], rid, p384_csr(rid))
+    symmetric_group(services, "plain")
+    rid = "dev-010"
+    plain_key = services.enrollments.get("group", "plain").keys[0]
+    state = register(services, creds(rid, key=derive_device_key(plain_key, rid)))["registrationState"]
+    with pytest.raises(InvalidInput, match="has no credential policy"):
+        services.provisioning.renew_through_hub(state["assignedHub"], rid, p384_csr(rid))
+
+
+def test_deleting_the_registration_state_makes_the_next_one_initial_again(services, fleet):
+    rid = "dev-011"
+    c = creds(rid, key=derive_device_key(fleet, rid))
+    register(services, c)
+    services.provisioning.delete_registration(rid)
+    with pytest.raises(NotFound):
+        services.provisioning.get_registration(rid)
+    assert register(services, c)["registrationState"]["substatus"] == "initialAssignment"
+    assert services.provisioning.list_registrations("SENSORS")[0]["registrationId"] == rid  # ids case-insensitive

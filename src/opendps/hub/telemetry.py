@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.store import LinkedHub, Store, TelemetryEvent
+from opendps.transport.wire import iso8601
 
 MAX_MESSAGE_BYTES = 256 * 1024
 # system property names of the MQTT property bag ($.x) and their names in an event
@@ -65,7 +66,7 @@ class Event:
         except UnicodeDecodeError:
             payload = {"base64": base64.b64encode(self.body).decode()}
         system = {**self.system, "iothub-connection-device-id": self.device_id,
-                  "iothub-enqueuedtime": self.enqueued_at.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+                  "iothub-enqueuedtime": iso8601(self.enqueued_at)}
         return {"event": {"origin": self.device_id, "module": "", "payload": payload,
                           "properties": {"system": system, "application": self.application}},
                 "position": self.position, "hub": self.hub}

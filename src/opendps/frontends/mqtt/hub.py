@@ -49,6 +49,7 @@ class HubSession:
     renewing: bool = False
     sent: set[int] = field(default_factory=set)  # C2D messages published on this connection, awaiting PUBACK
     delivering: bool = False
+    _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
     persistent = False
 
@@ -118,7 +119,7 @@ class HubSession:
     def wake_c2d(self) -> None:
         if not self.delivering:
             self.delivering = True
-            asyncio.get_running_loop().create_task(self._deliver_c2d())
+            self._delivery = asyncio.get_running_loop().create_task(self._deliver_c2d())
 
     def close(self, reason: str) -> None:
         if self.session is not None:

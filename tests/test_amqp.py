@@ -254,6 +254,8 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def test_garbage_and_silent_clients_are_disconnected(server):
+    if server.db_url.startswith("postgresql"):
+        pytest.skip("the listener's deadlines do not touch the store: checked once, on the SQLite server")
     with _tls(server) as s:  # not AMQP inside TLS
         s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert _closed_within(s, 10)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ssl
 import time
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 from tests.conftest import run_openssl
 
-from opendps.store import Enrollment, Store
 from opendps.transport import sas
 
 
@@ -148,36 +146,6 @@ def test_malformed_bodies_and_names(server):
                       words="certificate")
         _assert_error(c.get("/no/such/route"), 404)
         assert c.get("/certificates/c1").status_code == 404
-
-
-def test_deleting_policy_referenced_by_enrollment_is_refused(server):
-    with _client(server) as c:
-        assert c.put("/namespaces/ref-ns", json={"properties": {"policyName": "used"}}).status_code == 201
-    store = Store(server.db_url)
-    try:
-        from sqlalchemy import select
-
-        from opendps.store import Policy
-
-        with store.session() as s:
-            policy_id = s.scalars(select(Policy.id).where(Policy.name == "used")).one()
-            now = datetime.now(UTC)
-            s.add(Enrollment(kind="group", enrollment_id="factory-line-1", attestation_type="x509",
-                             policy_id=policy_id, provisioning_status="enabled", document={}, etag="e1",
-                             created_at=now, updated_at=now))
-        with _client(server) as c:
-            body = _assert_error(c.delete("/namespaces/ref-ns/credentials/default/policies/used"), 409,
-                                 words="factory-line-1")
-            assert "referenced" in body["message"]
-            assert c.get("/namespaces/ref-ns/credentials/default/policies/used").status_code == 200
-            _assert_error(c.delete("/namespaces/ref-ns"), 409, words="referenced")
-            assert c.get("/namespaces/ref-ns").status_code == 200
-        with store.session() as s:
-            s.query(Enrollment).filter_by(enrollment_id="factory-line-1").delete()
-        with _client(server) as c:
-            assert c.delete("/namespaces/ref-ns/credentials/default/policies/used").status_code == 204
-    finally:
-        store.dispose()
 
 
 def test_certificate_proof_of_possession_over_api(server, tmp_path):

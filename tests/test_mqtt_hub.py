@@ -243,14 +243,23 @@ def test_symmetric_key_device_provisions_over_mqtt_and_uses_the_hub(server, tmp_
         namespace(c, "mqtt-sym-ns", "mqtt-sym-p")
         key = sym_key(c, "/enrollments/mqtt-sym-dev", {"attestation": {"type": "symmetricKey"},
                                                         "credentialPolicyName": "mqtt-sym-p"})
-    # a bad SAS is answered on the response topic, as every DPS error is
+    # the credential is checked at CONNECT: a bad SAS, or none, never opens a DPS session (CONNACK 5)
     bad = Client(server, "mqtt-sym-dev", dps_username(server, "mqtt-sym-dev"),
                  password=device_sas(server.id_scope, "mqtt-sym-dev", base64.b64encode(b"k" * 32).decode()))
-    bad.subscribe("$dps/registrations/res/#")
-    bad.publish("$dps/registrations/PUT/iotdps-register/?$rid=x1", json.dumps({"registrationId": "mqtt-sym-dev"}))
-    topic, payload = bad.expect("$dps/registrations/res/")
+    assert bad.rc == 5
     bad.close()
-    assert topic == "$dps/registrations/res/401/?$rid=x1" and json.loads(payload)["errorCode"] == 401002
+    # ... so nobody can take over a device's authenticated session
+    good = Client(server, "mqtt-sym-dev", dps_username(server, "mqtt-sym-dev"),
+                  password=device_sas(server.id_scope, "mqtt-sym-dev", key))
+    assert good.rc == 0
+    good.subscribe("$dps/registrations/res/#")
+    intruder = Client(server, "mqtt-sym-dev", dps_username(server, "mqtt-sym-dev"))
+    assert intruder.rc == 5
+    intruder.close()
+    good.publish("$dps/registrations/PUT/iotdps-register/?$rid=x1", json.dumps({"registrationId": "mqtt-sym-dev"}))
+    topic, _ = good.expect("$dps/registrations/res/")
+    good.close()
+    assert topic.startswith("$dps/registrations/res/202/?$rid=x1"), topic
     state, chain, op_key = provision_over_mqtt(server, "mqtt-sym-dev", tmp_path,
                                                password=device_sas(server.id_scope, "mqtt-sym-dev", key))
     assert state["symmetricKey"] == {}

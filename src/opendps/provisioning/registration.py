@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import secrets
 import uuid
@@ -135,6 +136,13 @@ class Provisioning:
             return result
         raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake or an "
                                 "Authorization: SharedAccessSignature header", error_code=401000)
+
+    def authenticate_connection(self, credentials: DeviceCredentials) -> None:
+        """A device opening a DPS connection (MQTT CONNECT) must prove its credential now, so that nobody can open,
+        or take over, a registration's session without it. A disabled enrollment does not refuse the connection:
+        the credential is proven, and each request is answered 403 as over HTTPS."""
+        with contextlib.suppress(EnrollmentDisabled):
+            self.attest(credentials)
 
     def _identity(self, credentials: DeviceCredentials) -> AttestedIdentity:
         """Attestation for requests after the register (poll, status): a challenge is not an answer there."""

@@ -1,8 +1,9 @@
 """The MQTT CONNECT router: one listener serves DPS and every logical hub; the CONNECT username decides.
 
-``{idScope}/registrations/{registrationId}/api-version=...`` goes to DPS (:class:`.dps.DpsSession`),
-``{hubHost}/{deviceId}/?api-version=...`` to that hub, whose authenticator decides
-(:class:`opendps.hub.HubAuthenticator`); its refusals become CONNACK return codes here.
+``{idScope}/registrations/{registrationId}/api-version=...`` goes to DPS (:class:`.dps.DpsSession`) once the
+device proved its credential (:meth:`Provisioning.authenticate_connection`: a session without one could take
+over the registration's), ``{hubHost}/{deviceId}/?api-version=...`` to that hub, whose authenticator decides
+(:class:`opendps.hub.HubAuthenticator`). Refusals become CONNACK return codes here.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def make_router(runtime: Runtime) -> Authenticator:
             versions = parse_qs(parts[3] if len(parts) > 3 else "").get("api-version")
             password = request.password.decode("utf-8", "replace") if request.password is not None else None
             creds = DeviceCredentials(scope, rid, password, tuple(request.peer_certificate_chain), transport=MQTT)
+            try:
+                await runtime.domain.run(services.provisioning.authenticate_connection, creds)
+            except OpenDPSError as exc:
+                log.info("DPS refused the MQTT connection of %r: %s", rid, exc.message)
+                return connack_code(exc)
             return DpsSession(runtime, creds, versions[0] if versions else None)
         host, _, rest = username.partition("/")
         device_id = rest.split("/", 1)[0]

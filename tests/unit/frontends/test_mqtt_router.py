@@ -1,0 +1,59 @@
+"""The MQTT CONNECT router, in-process: which CONNECTs open a DPS session (issue 12: an unauthenticated CONNECT
+must never open, or take over, a registration's session)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tests.conftest import TEST_ID_SCOPE
+from tests.unit.conftest import device_sas, new_key, symmetric_group
+
+from opendps.frontends.mqtt.dps import DpsSession
+from opendps.frontends.mqtt.router import BAD_CREDENTIALS, IDENTIFIER_REJECTED, NOT_AUTHORIZED, make_router
+from opendps.frontends.runtime import Runtime
+from opendps.transport.mqtt.server import ConnectRequest
+from opendps.transport.sas import derive_device_key
+
+
+def _connect(services, rid: str, password: str | None, *, client_id: str | None = None, scope: str = TEST_ID_SCOPE):
+    runtime = Runtime(services)
+    request = ConnectRequest(client_id=rid if client_id is None else client_id,
+                             username=f"{scope}/registrations/{rid}/api-version=2025-07-01-preview",
+                             password=password.encode() if password is not None else None, clean_session=True,
+                             keepalive=60, peer_certificate_chain=[], peername=("127.0.0.1", 1))
+    try:
+        return asyncio.run(make_router(runtime)(request))
+    finally:
+        runtime.domain.close()
+
+
+@pytest.fixture
+def group_key(services):
+    return symmetric_group(services, "mqtt-group")
+
+
+def test_a_proven_credential_opens_a_dps_session(services, group_key):
+    session = _connect(services, "dev-m1", device_sas("dev-m1", derive_device_key(group_key, "dev-m1")))
+    assert isinstance(session, DpsSession) and session.session_key == "dps:dev-m1"
+
+
+@pytest.mark.parametrize(("password", "code"), [(None, NOT_AUTHORIZED), ("not a token", NOT_AUTHORIZED),
+                                                ("wrong key", NOT_AUTHORIZED)])
+def test_no_or_a_wrong_credential_is_refused_at_connect(services, group_key, password, code):
+    if password == "wrong key":
+        password = device_sas("dev-m2", new_key())
+    assert _connect(services, "dev-m2", password) == code != BAD_CREDENTIALS
+
+
+def test_identifiers_and_scope(services, group_key):
+    token = device_sas("dev-m3", derive_device_key(group_key, "dev-m3"))
+    assert _connect(services, "dev-m3", token, client_id="someone-else") == IDENTIFIER_REJECTED
+    assert _connect(services, "dev-m3", token, scope="0ne00OTHER1") == NOT_AUTHORIZED
+
+
+def test_a_disabled_enrollment_still_connects_and_is_answered_per_request(services, group_key):
+    services.enrollments.put("group", "mqtt-group", {"attestation": {"type": "symmetricKey"},
+                                                     "provisioningStatus": "disabled"})
+    session = _connect(services, "dev-m4", device_sas("dev-m4", derive_device_key(group_key, "dev-m4")))
+    assert isinstance(session, DpsSession)

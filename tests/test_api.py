@@ -178,3 +178,28 @@ def test_certificate_proof_of_possession_over_api(server, tmp_path):
         assert [x["name"] for x in listed if x["name"] == "api-pop"] == ["api-pop"]
         _assert_error(c.delete("/certificates/api-pop", headers={"If-Match": "wrong"}), 412)
         assert c.delete("/certificates/api-pop", headers={"If-Match": r.json()["etag"]}).status_code == 204
+
+
+def test_deep_json_and_huge_numbers_are_400s_not_500s(server):
+    """Issue 12.5: nesting the parser cannot follow, and numbers that overflow, are refused by name on every route."""
+    deep = b"[" * 30000 + b"]" * 30000
+    with _client(server) as c:
+        _assert_error(c.put("/enrollments/deep", content=deep), 400, 400004, "nested more than 32 levels")
+        _assert_error(c.put("/namespaces/deep", content=deep), 400, 400004, "nested more than")
+        assert c.put("/devices/deep-dev", json={"deviceId": "deep-dev"}).status_code == 200
+        _assert_error(c.patch("/twins/deep-dev", content=deep), 400, 400004, "nested more than")
+        patch = '{"a":' * 975 + "{}" + "}" * 975  # valid JSON, 976 levels: deeper than any twin may be
+        _assert_error(c.patch("/twins/deep-dev", content=f'{{"properties": {{"desired": {patch}}}}}'.encode()),
+                      400, 400004, "nested more than")
+        nested_ok = {"a": {"b": {"c": 1}}}
+        assert c.patch("/twins/deep-dev", json={"properties": {"desired": nested_ok}}).status_code == 200
+        for ttl in ("9" * 400, "inf", "nan", "-5", "1e400"):
+            _assert_error(c.post("/devices/deep-dev/messages/deviceBound", content=b"x", headers={"iothub-ttl": ttl}),
+                          400, 400004, "time-to-live")
+    with httpx.Client(base_url=server.url, verify=_trust(server), timeout=60) as d:
+        _assert_error(d.put(f"/{server.id_scope}/registrations/deep-dev/register", content=deep), 413, 413001,
+                      "registration body is larger than")  # the device API's 32 KiB limit comes first
+        _assert_error(d.put(f"/{server.id_scope}/registrations/deep-dev/register", content=deep[:10000] + deep[-10000:]),
+                      400, 400004, "registration body is nested more than")
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log and "RecursionError" not in log and "OverflowError" not in log

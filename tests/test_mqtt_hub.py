@@ -524,3 +524,27 @@ def test_devices_of_a_ca_uploaded_to_the_hub(server, tmp_path):
     trusted = Client(server, "own-ca-dev", hub_username("own-ca-dev"), cert=cert_file, key=key_file)
     assert trusted.rc == 0
     trusted.close()
+
+
+def test_deep_json_over_mqtt_is_answered_not_logged_as_a_traceback(server):
+    """Issue 12.5 over MQTT: a reported patch or a renewal request the parser cannot follow gets a 400 answer."""
+    with svc(server) as c:
+        assert c.put("/devices/deep-mqtt", json={"deviceId": "deep-mqtt"}).status_code == 200
+        key = c.get("/devices/deep-mqtt").json()["authentication"]["symmetricKey"]["primaryKey"]
+    d = Client(server, "deep-mqtt", hub_username("deep-mqtt"), password=sas.generate(f"{HUB}/devices/deep-mqtt", key))
+    assert d.rc == 0
+    d.subscribe("$iothub/twin/res/#", "$iothub/credentials/res/#")
+    deep = "[" * 30000 + "]" * 30000
+    d.publish("$iothub/twin/PATCH/properties/reported/?$rid=deep1", deep)
+    topic, payload = d.expect("$iothub/twin/res/")
+    assert topic == "$iothub/twin/res/400/?$rid=deep1" and "nested more than" in json.loads(payload)["message"]
+    eleven = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": {"k": 1}}}}}}}}}}}
+    d.publish("$iothub/twin/PATCH/properties/reported/?$rid=deep2", json.dumps(eleven))
+    topic, payload = d.expect("$iothub/twin/res/")
+    assert topic == "$iothub/twin/res/400/?$rid=deep2" and "more than 10 levels" in json.loads(payload)["message"]
+    d.publish("$iothub/credentials/POST/issueCertificate/?$rid=deep3", deep)
+    topic, payload = d.expect("$iothub/credentials/res/")
+    assert topic == "$iothub/credentials/res/400/?$rid=deep3"
+    d.close()
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log and "RecursionError" not in log

@@ -36,6 +36,7 @@ from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal
 from opendps.hub import DEFAULT_HUB, QueueFull
+from opendps.hub.messaging import time_to_live
 from opendps.transport import sas
 from opendps.transport.amqp import (
     INTERNAL_ERROR,
@@ -113,7 +114,7 @@ def c2d_fields(message: Message) -> tuple[bytes, dict[str, str], dict[str, str |
             properties[str(key)] = _text(value)
     ttl = None
     if message.expiry_time:  # absolute-expiry-time, seconds since the epoch
-        ttl = timedelta(seconds=message.expiry_time - time.time())
+        ttl = time_to_live(message.expiry_time - time.time())
     return data, system, properties, ttl
 
 

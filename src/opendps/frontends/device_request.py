@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from opendps.errors import InvalidInput, PayloadTooLarge
+from opendps.transport.wire import parse_json
 
 MAX_DEVICE_BODY = 32 * 1024
 _OWN_MEMBERS = ("registrationId", "payload", "csr")
@@ -30,10 +30,7 @@ def parse_registration_body(raw: bytes, registration_id: str) -> RegistrationBod
         raise PayloadTooLarge(f"registration body is larger than {MAX_DEVICE_BODY} bytes")
     if not raw.strip():
         return RegistrationBody()
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"registration body is not valid JSON: {exc}") from exc
+    body = parse_json(raw, "registration body")
     if not isinstance(body, dict):
         raise InvalidInput("registration body must be a JSON object (DeviceRegistration)")
     given = body.get("registrationId")

@@ -6,6 +6,7 @@ a message is deleted on PUBACK, so MQTT's at-least-once delivery holds across re
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,15 @@ MAX_C2D_BYTES = 64 * 1024
 MAX_PENDING = 50
 DEFAULT_TTL = timedelta(hours=1)
 MAX_TTL = timedelta(days=2)
+MIN_TTL = timedelta(seconds=1)
+
+
+def time_to_live(seconds: float) -> timedelta:
+    """A message's time-to-live given in seconds (a header, an AMQP expiry): 1 second to 2 days, else InvalidInput
+    (a non-finite or huge number is refused here rather than overflowing)."""
+    if not math.isfinite(seconds) or not MIN_TTL.total_seconds() <= seconds <= MAX_TTL.total_seconds():
+        raise InvalidInput("message time-to-live must be 1 second to 2 days")
+    return timedelta(seconds=seconds)
 
 
 class QueueFull(OpenDPSError):
@@ -59,7 +69,7 @@ class CloudToDevice:
         if len(body) > MAX_C2D_BYTES:
             raise PayloadTooLarge(f"cloud-to-device message is larger than {MAX_C2D_BYTES} bytes")
         ttl = DEFAULT_TTL if ttl is None else ttl
-        if not timedelta(seconds=1) <= ttl <= MAX_TTL:
+        if not MIN_TTL <= ttl <= MAX_TTL:
             raise InvalidInput("message time-to-live must be 1 second to 2 days")
         props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
         sysprops = {str(k): str(v) for k, v in (system or {}).items() if v is not None}

@@ -30,6 +30,7 @@ from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore
 from opendps.registry import Registry
 from opendps.store import HubCertificate, HubDevice, LinkedHub, Store
+from opendps.transport.wire import json_depth
 
 DEFAULT_HUB = "default"
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -408,6 +409,7 @@ class Hubs:
 
 _THUMBPRINT = re.compile(r"^(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$")
 MAX_TWIN_BYTES = 32 * 1024
+MAX_TWIN_DEPTH = 10  # IoT Hub's limit for tags, desired and reported properties
 
 
 def _check_device_key(value: object, where: str) -> None:
@@ -421,9 +423,12 @@ MAX_TAGS_BYTES = 8 * 1024
 
 
 def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict[str, Any]:
-    """RFC 7396 JSON merge patch (``null`` deletes); keys starting with ``$`` are reserved."""
+    """RFC 7396 JSON merge patch (``null`` deletes); keys starting with ``$`` are reserved; at most
+    :data:`MAX_TWIN_DEPTH` levels of objects, as in IoT Hub."""
     if not isinstance(patch, dict):
         raise InvalidInput(f"{what} patch must be a JSON object")
+    if json_depth(patch) > MAX_TWIN_DEPTH:
+        raise InvalidInput(f"{what} patch is nested more than {MAX_TWIN_DEPTH} levels deep")
 
     def merge(base: dict[str, Any], change: dict[Any, Any]) -> dict[str, Any]:
         out = dict(base)

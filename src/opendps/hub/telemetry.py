@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +18,7 @@ from sqlalchemy import func, select
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.store import LinkedHub, Store, TelemetryEvent
-from opendps.transport.wire import iso8601
+from opendps.transport.wire import iso8601, parse_json
 
 MAX_MESSAGE_BYTES = 256 * 1024
 # system property names of the MQTT property bag ($.x) and their names in an event
@@ -60,9 +59,9 @@ class Event:
         try:
             text = self.body.decode("utf-8")
             try:
-                payload: Any = json.loads(text)
-            except ValueError:
-                payload = text
+                payload: Any = parse_json(text, "payload")
+            except InvalidInput:
+                payload = text  # not JSON (or too deep to decode): shown as the text it is
         except UnicodeDecodeError:
             payload = {"base64": base64.b64encode(self.body).decode()}
         system = {**self.system, "iothub-connection-device-id": self.device_id,

@@ -7,7 +7,6 @@ the devices of a hub that is added or removed.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ import httpx
 
 from opendps.errors import InvalidInput
 from opendps.hub import HubView
+from opendps.transport.wire import parse_json
 
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 MAX_WEBHOOK_RESPONSE = 64 * 1024
@@ -67,9 +67,9 @@ def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeo
     if len(resp.content) > MAX_WEBHOOK_RESPONSE:
         raise AllocationFailed(f"custom allocation webhook response is larger than {MAX_WEBHOOK_RESPONSE} bytes")
     try:
-        answer = json.loads(resp.content)
-    except ValueError as exc:
-        raise AllocationFailed("custom allocation webhook returned a body that is not JSON") from exc
+        answer = parse_json(resp.content, "custom allocation webhook's answer")
+    except InvalidInput as exc:
+        raise AllocationFailed(exc.message) from exc
     if not isinstance(answer, dict):
         raise AllocationFailed("custom allocation webhook returned JSON that is not an object")
     host = answer.get("iotHubHostName")

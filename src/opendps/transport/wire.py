@@ -3,17 +3,48 @@ queries and timestamps."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qs
 
+from opendps.errors import InvalidInput
+
 
 def error_body(error_code: int, message: str, info: dict | None = None) -> dict[str, Any]:
     """``{"errorCode", "trackingId", "message", "timestampUtc", "info"}`` (wire spec §1.7)."""
     return {"errorCode": error_code, "trackingId": str(uuid.uuid4()), "message": message,
             "timestampUtc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "info": info or {}}
+
+
+MAX_JSON_DEPTH = 32  # nesting levels of any JSON document opendps reads (Azure's own limits are lower)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` or ``{}`` is 1), without recursion."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            depth = max(depth, level + 1)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def parse_json(data: bytes | str, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse untrusted JSON: invalid text or nesting deeper than ``max_depth`` raise InvalidInput naming ``what``
+    (never RecursionError, which the standard parser raises for deep input)."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested more than {max_depth} levels deep") from None
+    except ValueError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+    if json_depth(value) > max_depth:
+        raise InvalidInput(f"{what} is nested more than {max_depth} levels deep")
+    return value
 
 
 def topic_query(topic: str) -> dict[str, str]:

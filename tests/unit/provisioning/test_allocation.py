@@ -100,7 +100,8 @@ def test_the_webhook_chooses_the_hub_the_twin_and_the_payload(services):
 @pytest.mark.parametrize(("answer", "status", "words"), [
     ({"iotHubHostName": "nowhere.test"}, 200, "not one of the enrollment's linked hubs"),
     ({}, 200, "lacks iotHubHostName"),
-    (b"not json", 200, "not JSON"),
+    (b"not json", 200, "answer is not valid JSON"),
+    (b"[" * 5000 + b"]" * 5000, 200, "answer is nested more than 32 levels deep"),
     ({"iotHubHostName": "east.hubs.test"}, 500, "returned HTTP 500"),
 ])
 def test_a_failing_webhook_is_a_failed_operation_that_writes_nothing(services, answer, status, words):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +18,7 @@ from aiohttp import web
 from opendps.errors import InvalidInput
 from opendps.frontends.http.wire import if_match, json_body, json_object_body, run, runtime, send, services
 from opendps.hub import DEFAULT_HUB, DeviceIdentity
+from opendps.hub.messaging import time_to_live
 from opendps.transport.wire import iso8601
 
 routes = web.RouteTableDef()
@@ -148,9 +148,10 @@ async def send_c2d(request: web.Request) -> web.Response:
     system = {name: request.headers[h] for h, name in C2D_HEADERS.items() if h in request.headers}
     props = {h[len("iothub-app-"):]: v for h, v in request.headers.items() if h.lower().startswith("iothub-app-")}
     try:
-        ttl = timedelta(seconds=float(request.headers.get("iothub-ttl", 3600)))
+        seconds = float(request.headers.get("iothub-ttl", 3600))
     except ValueError as exc:
         raise InvalidInput("iothub-ttl must be a number of seconds") from exc
+    ttl = time_to_live(seconds)
     message = await runtime(request).queue_c2d(hub, device_id, data, system=system, properties=props, ttl=ttl)
     return send({"messageId": message.message_id}, 202)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from opendps.errors import InvalidInput
 from opendps.frontends.runtime import Runtime
 from opendps.services import Services
+from opendps.transport.wire import parse_json
 
 RUNTIME = web.AppKey("runtime", Runtime)
 MAX_PAGE = 1000
@@ -48,10 +49,7 @@ async def json_body(request: web.Request, model: type[M] | None = None, *, requi
         if required or model is None:
             raise InvalidInput(f"request body is required{f' ({model.__name__})' if model else ''}")
         return model()
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    data = parse_json(raw, "request body")
     if model is None:
         return data
     try:

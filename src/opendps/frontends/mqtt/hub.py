@@ -28,7 +28,7 @@ from opendps.hub.live import C2D, DESIRED, METHODS
 from opendps.hub.telemetry import parse_property_bag
 from opendps.pki import decode_csr_text
 from opendps.transport.mqtt.server import Session, SessionClosed
-from opendps.transport.wire import iso8601, topic_query
+from opendps.transport.wire import iso8601, parse_json, topic_query
 
 log = logging.getLogger("opendps.hub")
 REFUSE = 0x80
@@ -139,8 +139,8 @@ class HubSession:
     def _method_answered(self, topic: str, payload: bytes) -> None:
         status = topic[len("$iothub/methods/res/"):].split("/", 1)[0]
         try:
-            answer: Any = json.loads(payload) if payload.strip() else None
-        except ValueError:
+            answer: Any = parse_json(payload, "method response") if payload.strip() else None
+        except InvalidInput:
             answer = payload.decode("utf-8", "replace")
         try:
             code = int(status)
@@ -168,10 +168,7 @@ class HubSession:
 
     async def _twin_reported(self, rid: str | None, payload: bytes) -> None:
         try:
-            try:
-                patch = json.loads(payload or b"null")
-            except ValueError as exc:
-                raise InvalidInput(f"reported properties patch is not JSON: {exc}") from exc
+            patch = parse_json(payload or b"null", "reported properties patch")
             version = await self.runtime.domain.run(self.runtime.services.hubs.patch_reported, self.device.hub_id,
                                                     self.device.device_id, patch)
         except OpenDPSError as exc:
@@ -186,10 +183,7 @@ class HubSession:
         """The CSR of an ``issueCertificate`` request, or the refusal the device gets instead."""
         if not _RID.match(rid):
             raise InvalidInput("request id must be 4-36 letters, digits or '-', not starting or ending with '-'")
-        try:
-            body = json.loads(payload)
-        except ValueError as exc:
-            raise InvalidInput("issueCertificate body is not JSON") from exc
+        body = parse_json(payload, "issueCertificate body")
         if not isinstance(body, dict) or set(body) - {"id", "csr", "replace"} or not {"id", "csr"} <= set(body):
             raise InvalidInput("issueCertificate body must hold id and csr (and optionally replace) only")
         if body["id"] != self.device.device_id:

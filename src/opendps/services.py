@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetrySink
-from opendps.pki import CaCertificates, IssuanceEngine, KeyStore
-from opendps.provisioning import dps_certificates
+from opendps.pki import IssuanceEngine, KeyStore
+from opendps.provisioning import DpsCertificates
 from opendps.provisioning.enrollments import Enrollments
 from opendps.provisioning.registration import Provisioning
 from opendps.registry import DeviceRegistry, Registry
@@ -30,7 +30,7 @@ class Services:
     hub_auth: HubAuthenticator
     telemetry: TelemetrySink
     c2d: CloudToDevice
-    ca_certificates: CaCertificates  # DPS CA certificates (proof of possession)
+    ca_certificates: DpsCertificates  # DPS CA certificates (proof of possession)
     enrollments: Enrollments
     provisioning: Provisioning  # the RA
 
@@ -45,7 +45,7 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
     registry = Registry(store, keys, lint=lint)
     devices = DeviceRegistry(store)
     hubs = Hubs(store, keys, registry, domain=hub_domain)
-    ca_certificates = dps_certificates(store)
+    ca_certificates = DpsCertificates(store)
     enrollments = Enrollments(store, keys, registry, hubs, ca_certificates)
     registry.referrers = enrollments
     hubs.enrollments = enrollments

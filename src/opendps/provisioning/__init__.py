@@ -5,13 +5,6 @@ and :class:`Enrollments`; they decide.
 Owns ``dps_certificates``, ``enrollments``, ``registrations`` and ``operations``.
 """
 
-from opendps.pki import CaCertificates
-from opendps.store import DpsCertificate, Store
+from opendps.provisioning.ca_certificates import DpsCertificates
 
-
-def dps_certificates(store: Store) -> CaCertificates:
-    """The owner's CA certificates uploaded to DPS (seed steps 4-5), which X.509 enrollment groups reference."""
-    return CaCertificates(store, DpsCertificate)
-
-
-__all__ = ["dps_certificates"]
+__all__ = ["DpsCertificates"]

@@ -188,7 +188,7 @@ class Enrollments:
 
     def groups_on_certificate(self, dps_certificate_name: str) -> builtins.list[EnrollmentView]:
         """X.509 groups that reference ``dps_certificate_name`` (caReferences)."""
-        return [v for v in self.list(GROUP, "x509") if dps_certificate_name in _ca_names(v.document)]
+        return [v for v in self.list(GROUP, "x509") if dps_certificate_name in ca_names(v.document)]
 
     # ---- who names a policy or a hub (the registry's and the hubs' referential checks) ----
     def enrollments_using_policies(self, policy_ids: Collection[int]) -> tuple[int, builtins.list[str]]:
@@ -367,6 +367,7 @@ class Enrollments:
                 doc["customAllocationDefinition"]["timeoutInSeconds"] = timeout
 
 
-def _ca_names(document: dict[str, Any]) -> list[str]:
+def ca_names(document: dict[str, Any]) -> list[str]:
+    """The DPS CA certificate names an X.509 group's document references (caReferences)."""
     refs = ((document.get("attestation") or {}).get("x509") or {}).get("caReferences") or {}
     return [refs[s] for s in ("primary", "secondary") if refs.get(s)]

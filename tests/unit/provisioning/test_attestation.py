@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.unit.conftest import creds, symmetric_group
 from tests.x509_helpers import Ca, make_ca, make_leaf
 
+from opendps.errors import Conflict
 from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity
 from opendps.transport.sas import derive_device_key
 
@@ -114,3 +115,15 @@ def test_symmetric_key_groups_are_tried_in_creation_order_and_individuals_win(se
         services.provisioning.attest(creds("dev-s1", key=key))  # the individual decides, even though a group would accept
     own = services.enrollments.get("individual", "dev-s1").keys[1]  # the secondary key works too
     assert services.provisioning.attest(creds("dev-s1", key=own)).enrollment.kind == "individual"
+
+
+def test_a_ca_certificate_a_group_references_cannot_be_deleted(services, hierarchy):
+    """Issue 12.7: deleting it would leave the group stuck (not even disabling it would pass validation)."""
+    with pytest.raises(Conflict, match="referenced by enrollment group.s. on-intermediate") as info:
+        services.ca_certificates.delete("intermediate")
+    assert info.value.error_code == 409002
+    services.enrollments.put("group", "on-intermediate", {"attestation": {"type": "x509", "x509": {
+        "caReferences": {"primary": "intermediate"}}}, "provisioningStatus": "disabled"})  # still valid: it exists
+    services.enrollments.delete("group", "on-intermediate")
+    services.ca_certificates.delete("intermediate")
+    assert [v.name for v in services.ca_certificates.list()] == ["root"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 
@@ -37,6 +38,13 @@ def _assert_error(resp: httpx.Response, status: int, code: int | None = None, wo
     assert resp.headers["x-ms-error-code"] == str(body["errorCode"])
     assert words.lower() in body["message"].lower(), body["message"]
     return body
+
+
+def test_no_secret_in_the_server_log(server):
+    """Issue 12.13: the banner points to the connection string instead of printing the owner key."""
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "opendps dps connection-string show" in log
+    assert _conn(server)["SharedAccessKey"] not in log
 
 
 def test_openapi_is_published_without_auth(server):
@@ -203,3 +211,24 @@ def test_deep_json_and_huge_numbers_are_400s_not_500s(server):
                       400, 400004, "registration body is nested more than")
     log = (server.data_dir.parent / "server.log").read_text()
     assert "Traceback" not in log and "RecursionError" not in log and "OverflowError" not in log
+
+
+def test_sdk_spellings_and_unmatched_paths(server):
+    """Issue 12.21/22: collection names lower-cased and trailing slashes are served; an unmatched path is a 404
+    before any credential is looked at (not 403 'may only use the hub service API')."""
+    out = server.cli("hub", "connection-string", "show", check=True)
+    cs = out.stdout.strip()
+    cs = sas.parse_connection_string(json.loads(cs)["connectionString"] if cs.startswith("{") else cs)
+    hub_token = sas.generate(cs["HostName"], cs["SharedAccessKey"], "iothubowner")
+    with _client(server) as c:
+        r = c.put("/enrollmentgroups/spelled-group", json={"attestation": {"type": "symmetricKey"}})
+        assert r.status_code == 201, r.text
+        mech = c.post("/enrollmentgroups/spelled-group/attestationmechanism")
+        assert mech.status_code == 200 and mech.json()["symmetricKey"]["primaryKey"]
+        assert c.get("/enrollmentGroups/spelled-group").status_code == 200
+    with _client(server, token=hub_token) as hub:
+        assert hub.get("/devices/").status_code == 200 and isinstance(hub.get("/devices/").json(), list)
+        _assert_error(hub.get("/no/such/path"), 404, 404001)
+        _assert_error(hub.get("/enrollments/spelled-group"), 403, 403002, "may only use the hub service API")
+    with httpx.Client(base_url=server.url, verify=_trust(server), timeout=60) as anonymous:
+        _assert_error(anonymous.get("/no/such/path"), 404, 404001)

@@ -55,6 +55,8 @@ def test_init_creates_data_directory_and_info_reports_it(env, tmp_path):
     assert doc["idScope"].startswith("0ne") and len(doc["idScope"]) == 11
     cs = doc["connectionStrings"]["provisioningServiceOwner"]
     assert cs.startswith("HostName=dps.example.test:9443;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=")
+    # issue 12.13: init says where the secret is, and does not print it
+    assert cs.split("SharedAccessKey=")[1] not in r.stdout and "opendps dps connection-string show" in r.stdout
     # the server certificate names the public host and chains to the CA clients are told to trust
     ca = x509.load_pem_x509_certificate(Path(doc["serverCaCertificate"]).read_bytes())
     leaf = x509.load_pem_x509_certificate((data / "tls" / "server.pem").read_bytes())

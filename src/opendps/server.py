@@ -47,7 +47,8 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
             print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
         print(f"  ID scope:           {instance.id_scope}", flush=True)
         print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
-        print(f"  owner connection:   {instance.owner_connection_string()}", flush=True)
+        # secrets never go to the console or the log: say where to get them
+        print("  owner connection:   opendps dps connection-string show", flush=True)
         print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -112,7 +112,7 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
     click.echo(f"initialised {settings.data_dir.resolve()}")
     click.echo(f"ID scope: {inst.id_scope}")
     click.echo(f"trust this server CA: {inst.server_ca_path.resolve()}")
-    click.echo(f"owner connection string: {inst.owner_connection_string()}")
+    click.echo("owner connection string: opendps dps connection-string show  (a secret: it is never printed unasked)")
     inst.close()
 
 

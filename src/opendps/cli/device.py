@@ -541,7 +541,11 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
 
     Prints one JSON line per event (provisioned, connected, renewed, renewal-failed...) with the agent's status.
     """
-    from opendps.device.agent import AgentConfig, DeviceAgent
+    from opendps.device.agent import AgentConfig, AgentError, DeviceAgent
+    from opendps.device.hub import HubError
+    from opendps.device.mqtt import MqttError
+    from opendps.device.provisioning import ProvisioningError
+    from opendps.device.store import StoreError
 
     credential: dict[str, Any] = {}
     if certificate_file is not None or key_file is not None:
@@ -571,7 +575,10 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
         try:
             if renew_now:
                 await agent.wait_ready()
-                await agent.renew_now()
+                try:
+                    await agent.renew_now()
+                except (AgentError, ProvisioningError, HubError, MqttError, StoreError, OSError) as exc:
+                    raise CliError(f"renewal of {registration_id!r} failed: {exc}") from exc
             if duration:
                 await asyncio.wait({task}, timeout=duration)
             else:

@@ -35,6 +35,8 @@ from opendps.transport.wire import json_depth
 DEFAULT_HUB = "default"
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 AUTH_TYPES = ("sas", "selfSigned", "certificateAuthority")
+# IoT Hub device ids: up to 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}$")
 TwinAction = Literal["keep", "reset", "migrate"]
 
 
@@ -116,6 +118,14 @@ class TrustedCa:
     policy: str
     status: str  # active | retired
     enrollments: list[str] = field(default_factory=list)
+
+
+def check_device_id(value: object) -> str:
+    """A device id IoT Hub would accept (ids are matched case-insensitively here)."""
+    if not isinstance(value, str) or not _DEVICE_ID.match(value):
+        raise InvalidInput(f"device id {value!r} is invalid: use 1-128 ASCII letters, digits and "
+                           "- : . + % _ # * ? ! ( ) , = @ ; $ '")
+    return value
 
 
 def check_host_name(value: str) -> str:
@@ -229,6 +239,7 @@ class Hubs:
         or with ``twin="migrate"`` the previous identity's twin; ``twin="reset"`` replaces an existing twin by the
         initial one. When the device moved to another hub, its previous identity is deleted.
         """
+        check_device_id(device_id)
         target = session.get(LinkedHub, hub.id)
         if target is None:
             raise InvalidInput(f"linked hub {hub.name!r} was removed during registration; retry")
@@ -261,6 +272,7 @@ class Hubs:
             row.twin_tags, row.twin_desired, row.twin_reported = tags, desired, {}
             row.desired_version += 1
             row.reported_version += 1
+        row.device_id = device_id  # ids match case-insensitively: the identity takes the spelling it is given now
         row.auth_type = credential.auth_type
         row.primary_thumbprint, row.secondary_thumbprint = credential.thumbprints
         keys = credential.keys
@@ -352,6 +364,7 @@ class Hubs:
                       thumbprints: tuple[str | None, str | None] = (None, None), status: str = "enabled",
                       if_match: str | None = None) -> tuple[DeviceIdentity, bool]:
         """Create or update a device identity (hub service API ``PUT /devices/{id}``); returns (identity, created)."""
+        check_device_id(device_id)
         if auth_type not in AUTH_TYPES:
             raise InvalidInput("authentication.type must be sas, selfSigned or certificateAuthority")
         if status not in ("enabled", "disabled"):

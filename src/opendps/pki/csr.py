@@ -97,7 +97,7 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
     if len(cns) != 1:
         raise CsrRejected(f"CSR subject must have exactly one CN, found {len(cns)}")
     cn = cns[0].value
-    if cn != registration_id:
+    if cn.lower() != registration_id.lower():  # registration ids are case-insensitive; the leaf gets the canonical one
         raise CsrRejected(f"CSR subject CN {cn!r} does not match the registration id {registration_id!r}")
     try:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -57,6 +57,11 @@ def csr_supported(api_version: str | None) -> bool:
     if not api_version:
         return False
     return api_version[:10] >= CSR_API_VERSION[:10]
+
+
+def canonical_registration_id(registration_id: str) -> str:
+    """Registration ids are case-insensitive (as in Azure DPS); opendps records and issues the lower-cased one."""
+    return registration_id.lower()
 
 
 def new_operation_id() -> str:
@@ -129,11 +134,15 @@ class Provisioning:
                 raise AttestationFailed(f"{mechanism.name} attestation is not supported over "
                                         f"{credentials.transport.upper()}; use {' or '.join(sorted(mechanism.transports))}")
             result = mechanism.authenticate(credentials, self.context, now=now)
-            if isinstance(result, AttestedIdentity) and not result.enrollment.enabled:
+            if isinstance(result, Challenge):
+                return result
+            if not result.enrollment.enabled:
                 e = result.enrollment
                 what = "enrollment group" if e.kind == GROUP else "enrollment"
                 raise EnrollmentDisabled(f"{what} {e.enrollment_id!r} is disabled: registration refused")
-            return result
+            # registration ids are case-insensitive: from here on (state, device id, certificate CN) the canonical,
+            # lower-cased one; the mechanism checked the credential against the id as the device sent it
+            return replace(result, registration_id=canonical_registration_id(result.registration_id))
         raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake or an "
                                 "Authorization: SharedAccessSignature header", error_code=401000)
 

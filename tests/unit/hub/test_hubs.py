@@ -119,3 +119,17 @@ def test_sas_and_self_signed_devices(services):
         _auth(services, hub, "self-dev", chain=[other])
     with pytest.raises(InvalidCredentials, match="does not use SAS"):
         _auth(services, hub, "self-dev", password=token.encode())
+
+
+@pytest.mark.parametrize("bad", ["bad id!", "ünïcode", "a" * 129, "a/b", "../x", "", "tab\tid"])
+def test_device_ids_follow_iot_hub_rules(services, bad):
+    """Issue 12.8: IoT Hub's device-id alphabet, 1-128 characters."""
+    with pytest.raises(InvalidInput, match="device id .* is invalid"):
+        services.hubs.create_device("default", bad)
+    assert services.hubs.list_devices("default") == []
+
+
+def test_device_ids_may_use_every_character_iot_hub_allows(services):
+    device_id = "Dev-1:.+%_#*?!(),=@;$'" + "x" * 106
+    ident, created = services.hubs.create_device("default", device_id)
+    assert created and ident.device_id == device_id and len(device_id) == 128

@@ -155,3 +155,24 @@ def test_deleting_the_registration_state_makes_the_next_one_initial_again(servic
         services.provisioning.get_registration(rid)
     assert register(services, c)["registrationState"]["substatus"] == "initialAssignment"
     assert services.provisioning.list_registrations("SENSORS")[0]["registrationId"] == rid  # ids case-insensitive
+
+
+def test_registration_ids_are_case_insensitive_and_recorded_lower_cased(services, fleet):
+    """Issue 12.6: Upper-1 then upper-1 is one device, whose identity, certificate and state agree."""
+    from datetime import UTC, datetime
+
+    states = []
+    for sent in ("Upper-1", "upper-1"):
+        key = derive_device_key(fleet, sent)  # the device derives its key from the id as it sends it
+        states.append(register(services, creds(sent, key=key), csr=_b64(p384_csr(sent)),
+                               api_version=PREVIEW)["registrationState"])
+    for state in states:
+        leaf = x509.load_der_x509_certificate(base64.b64decode(state["issuedCertificateChain"][0]))
+        assert (state["registrationId"], state["deviceId"], leaf.subject.rfc4514_string()) == (
+            "upper-1", "upper-1", "CN=upper-1")
+    hub = services.hubs.get("default")
+    assert [d.device_id for d in services.hubs.list_devices("default")] == ["upper-1"]
+    chain = [x509.load_der_x509_certificate(base64.b64decode(d)) for d in states[1]["issuedCertificateChain"]]
+    device = services.hub_auth.authenticate(hub, "upper-1", "upper-1", None, chain[:2], datetime.now(UTC))
+    assert device.device_id == "upper-1"
+    assert _counts(services, "upper-1") == (1, 1, 1, 2)

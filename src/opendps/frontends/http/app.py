@@ -33,6 +33,8 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_name = request.match_info.route.name or ""
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # no such route (404/405): said before any credential is looked at
         if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
             return await handler(request)  # open, or the device API (attestation authenticates it)
 
@@ -78,4 +80,23 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
+    _add_spellings(app)
     return app
+
+
+ALIAS = ".spelling"  # route names of the spellings below end with it and a number
+
+
+def _add_spellings(app: web.Application) -> None:
+    """Azure's front end matches collection names case-insensitively and tolerates a trailing slash, and SDKs
+    rely on it (Node sends ``/enrollmentgroups/...``; ``GET /devices/``): every route is also served with its
+    static segments lower-cased and with a trailing slash, under the same route-name prefix."""
+    for route in list(app.router.routes()):
+        if route.method == "HEAD" or route.resource is None or route.resource.canonical in OPEN_PATHS:
+            continue
+        path = route.resource.canonical
+        lowered = "/".join(part if part.startswith("{") else part.lower() for part in path.split("/"))
+        spellings = {lowered, path + "/", lowered + "/"} - {path}
+        for n, spelling in enumerate(sorted(spellings)):
+            app.router.add_route(route.method, spelling, route.handler,
+                                 name=f"{route.name}{ALIAS}{n}" if route.name else None)

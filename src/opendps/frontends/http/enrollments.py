@@ -23,7 +23,7 @@ routes = web.RouteTableDef()
 
 
 def _kind(request: web.Request) -> str:
-    return GROUP if request.path.startswith("/enrollmentGroups") else INDIVIDUAL
+    return GROUP if request.path.lower().startswith("/enrollmentgroups") else INDIVIDUAL
 
 
 # ---- enrollments and enrollment groups ----

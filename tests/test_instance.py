@@ -146,3 +146,85 @@ def test_db_upgrade_and_data_dir_keys_unreadable(env, db_url, tmp_path):
             if path.is_file():
                 raw = path.read_bytes()
                 assert scalar not in raw and pkcs8 not in raw, path
+
+
+# ---------------------------------------------------------------- first contact (issue 12.9-12.12)
+
+
+def _one_line(r: subprocess.CompletedProcess, words: str) -> None:
+    assert r.returncode != 0, r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["serve", "--https-port", "99999"], "--https-port"), (["serve", "--https-port", "-5"], "--https-port"),
+    (["init", "--mqtt-port", "0"], "--mqtt-port"), (["init", "--db", "garbage"], "is not a database URL"),
+    (["init", "--db", "mysql://user@localhost/db"], "database 'mysql' is not supported"),
+])
+def test_bad_options_are_one_line_errors_and_write_nothing(env, tmp_path, args, words):
+    _one_line(_cli(env, *args), words)
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_impossible_data_directory_is_one_line(env):
+    _one_line(_cli(env, "init", "--data-dir", "/etc/passwd/x"), "cannot create data directory /etc/passwd/x")
+
+
+def test_a_failed_init_leaves_no_half_made_directory(env, tmp_path):
+    unreachable = {**env, "OPENDPS_DB": "postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2"}
+    _one_line(_cli(unreachable, "init"), "cannot open database")
+    assert not (tmp_path / "data").exists()
+
+
+def test_init_twice_says_so(env):
+    assert _cli(env, "init").stdout.startswith("initialised ")
+    again = _cli(env, "init")
+    assert again.returncode == 0 and again.stdout.startswith("already initialised ")
+
+
+def test_a_failed_serve_persists_no_options(env, tmp_path):
+    import socket
+
+    assert _cli(env, "init", "--https-port", "8443").returncode == 0
+    config = (tmp_path / "data" / "config.json").read_text()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _one_line(_cli(env, "serve", "--https-port", str(port), "--mqtt-port", str(port), "--amqp-port", "0"),
+                  "cannot listen")
+    assert (tmp_path / "data" / "config.json").read_text() == config
+
+
+def test_a_missing_master_key_is_named_and_none_is_written(env, tmp_path):
+    assert _cli(env, "init").returncode == 0
+    key = tmp_path / "data" / "master.key"
+    key.unlink()
+    for verb in (["serve", "--https-port", "1"], ["init"], ["info"]):
+        _one_line(_cli(env, *verb), "master.key")
+        assert not key.exists(), verb
+
+
+def test_a_readable_master_key_is_warned_about_and_the_database_is_private(env, db_url, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    assert _cli(env, "init").returncode == 0
+    if db_url.startswith("sqlite"):
+        for name in ("opendps.db", "opendps.db-wal", "opendps.db-shm"):
+            if (data / name).exists():
+                assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    (data / "master.key").chmod(0o644)
+    r = _cli(env, "info")
+    assert r.returncode == 0 and "warning: " in r.stderr and "readable by other users" in r.stderr
+
+
+def test_a_database_password_is_never_written_but_the_database_is_kept(env, tmp_path):
+    from opendps.instance import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", db="postgresql+psycopg://app:s3cret@db.example:5432/opendps")
+    (tmp_path / "data").mkdir()
+    assert settings.save() is True
+    saved = json.loads((tmp_path / "data" / "config.json").read_text())
+    assert saved["db"] == "postgresql+psycopg://app@db.example:5432/opendps" and "s3cret" not in json.dumps(saved)

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +39,7 @@ from opendps.errors import ConfigurationError
 from opendps.files import replace_all, write_atomic
 from opendps.hub import DEFAULT_HUB
 from opendps.pki import KeyStore, load_master_key, root_ca, sign_builder
+from opendps.pki.keys import MASTER_KEY_CHECK, MASTER_KEY_ENV
 from opendps.pki.profiles import BACKDATE, random_serial
 from opendps.services import Services, wire
 from opendps.store import AccessPolicy, Store, add_setting, sqlite_url
@@ -69,6 +71,8 @@ class Settings:
     mqtt_port: int = 8883
     amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
     lint: bool = True
+    # what opening found worth telling the operator (not errors); the CLI prints them, serve logs them
+    warnings: list[str] = field(default_factory=list, compare=False)
 
     @property
     def config_path(self) -> Path:
@@ -97,16 +101,45 @@ class Settings:
         if os.environ.get(DB_ENV):
             values["db"] = os.environ[DB_ENV]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f for f in cls.__dataclass_fields__ if f != "data_dir"}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("data_dir", "warnings")}
         return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
 
-    def save(self) -> None:
-        data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "lint")}
-        if data["db"] and not data["db"].startswith("sqlite"):
+    def check(self) -> None:
+        """Refuse what cannot work before anything is opened or written: ports, the database URL."""
+        for name in ("https_port", "mqtt_port", "amqp_port"):
+            port = getattr(self, name)
+            low = 0 if name == "amqp_port" else 1
+            if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+                raise ConfigurationError(f"{name.replace('_', ' ')} {port!r} is out of range {low}-65535")
+        if self.db is not None:
+            check_db_url(self.db)
+
+    def save(self) -> bool:
+        """Write config.json; returns whether a database password was left out of it (it is never written)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "lint", "warnings")}
+        stripped = False
+        if data["db"]:
             url = make_url(data["db"])
-            if url.password:  # never write a database password in clear into the data directory
-                data["db"] = None
+            if url.password:  # the URL stays, its password does not: PGPASSWORD, ~/.pgpass or OPENDPS_DB give it
+                data["db"] = url._replace(password=None).render_as_string(hide_password=False)
+                stripped = True
         write_atomic(self.config_path, (json.dumps(data, indent=2) + "\n").encode(), 0o644)
+        return stripped
+
+
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
+
+
+def check_db_url(url: str) -> None:
+    """A database opendps runs on: SQLite or PostgreSQL (``postgresql+psycopg://user@host/db``)."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception as exc:
+        raise ConfigurationError(f"{url!r} is not a database URL: use postgresql+psycopg://user@host/db "
+                                 "(or nothing, for SQLite in the data directory)") from exc
+    if backend not in SUPPORTED_DATABASES:
+        raise ConfigurationError(f"database {backend!r} is not supported: opendps runs on SQLite (the default) or "
+                                 "PostgreSQL (postgresql+psycopg://user@host/db)")
 
 
 def redacted_db_url(url: str) -> str:
@@ -281,33 +314,98 @@ def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = No
                                                             0o644)})
 
 
-def open_instance(settings: Settings, *, create: bool = True, migrate: bool = True) -> Instance:
-    """Open (and with ``create``, initialise) the installation described by ``settings``."""
+def open_instance(settings: Settings, *, create: bool = True, migrate: bool = True,
+                  persist: bool = True) -> Instance:
+    """Open (and with ``create``, initialise) the installation described by ``settings``.
+
+    Nothing is left half-made: a data directory this call created is removed again when opening fails.
+    ``persist=False`` leaves config.json alone (``serve`` writes it once it is listening).
+    """
+    settings.check()
     d = settings.data_dir
-    if not d.exists():
-        if not create:
-            raise ConfigurationError(f"data directory {d} does not exist: run 'opendps init' first")
-        d.mkdir(parents=True, mode=0o700)
-    (d / "tls").mkdir(exist_ok=True, mode=0o700)
-    master = load_master_key(d / "master.key", create=create)
-    store = Store(settings.db_url)
+    created = False
+    try:
+        if not d.exists():
+            if not create:
+                raise ConfigurationError(f"data directory {d} does not exist: run 'opendps init' first")
+            d.mkdir(parents=True, mode=0o700)
+            created = True
+        elif not d.is_dir():
+            raise ConfigurationError(f"data directory {d} is not a directory")
+        if create:
+            (d / "tls").mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create data directory {d}: {exc.strerror or exc}") from exc
+    try:
+        return _open(settings, create=create, migrate=migrate, persist=persist)
+    except BaseException:
+        if created:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _open_store(settings: Settings, *, create: bool, migrate: bool) -> Store:
+    url = settings.db_url
+    if create and url.startswith("sqlite"):
+        db_file = settings.data_dir / "opendps.db"
+        if not db_file.exists():  # SQLite gives its -wal and -shm files the database file's mode
+            os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        store = Store(url)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {exc}") from exc
     try:
         if migrate:
             store.upgrade()
         elif store.current_revision() is None:
-            raise ConfigurationError(f"database {redacted_db_url(settings.db_url)} is not initialised")
+            raise ConfigurationError(f"database {redacted_db_url(url)} is not initialised")
     except ConfigurationError:
+        store.dispose()
         raise
     except Exception as exc:
-        raise ConfigurationError(f"cannot open database {redacted_db_url(settings.db_url)}: {exc}") from exc
-    keys = KeyStore(store, master)
-    keys.check_master_key()
-    store.set_setting_if_absent("id_scope", "0ne" + secrets.token_hex(4).upper())
-    _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
-    _ensure_access_policy(store, keys, HUB_OWNER_POLICY, HUB_OWNER_RIGHTS)
-    inst = Instance(settings, store, keys)
-    if create:
-        inst.services.hubs.ensure(DEFAULT_HUB, settings.hostname)
-        ensure_server_certificate(inst, [h.host_name for h in inst.services.hubs.list()])
-        settings.save()
+        store.dispose()
+        raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {_one_line(exc)}") from exc
+    return store
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver's error as one line: the driver's own message (not SQLAlchemy's wrapper and link)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _master_key(settings: Settings, store: Store, *, create: bool) -> bytes:
+    path = settings.data_dir / "master.key"
+    if not os.environ.get(MASTER_KEY_ENV) and not path.exists() and store.setting(MASTER_KEY_CHECK) is not None:
+        raise ConfigurationError(f"{path} is missing and {MASTER_KEY_ENV} is not set, but this database's CA keys "
+                                 "are encrypted with a master key: restore master.key (a new key could not decrypt "
+                                 "them; nothing was written)")
+    key = load_master_key(path, create=create)
+    if path.exists() and path.stat().st_mode & 0o077:
+        settings.warnings.append(f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}): "
+                                 f"chmod 600 {path}")
+    return key
+
+
+def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> Instance:
+    store = _open_store(settings, create=create, migrate=migrate)
+    try:
+        keys = KeyStore(store, _master_key(settings, store, create=create))
+        keys.check_master_key()
+        store.set_setting_if_absent("id_scope", "0ne" + secrets.token_hex(4).upper())
+        _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
+        _ensure_access_policy(store, keys, HUB_OWNER_POLICY, HUB_OWNER_RIGHTS)
+        inst = Instance(settings, store, keys)
+        if create:
+            inst.services.hubs.ensure(DEFAULT_HUB, settings.hostname)
+            ensure_server_certificate(inst, [h.host_name for h in inst.services.hubs.list()])
+            if persist and settings.save():
+                settings.warnings.append(DB_PASSWORD_NOT_SAVED)
+    except BaseException:
+        store.dispose()
+        raise
     return inst
+
+
+DB_PASSWORD_NOT_SAVED = ("the database password is not written to config.json: give it next time with PGPASSWORD, "
+                         "~/.pgpass, a libpq service file, or the whole URL in OPENDPS_DB")

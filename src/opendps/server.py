@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 
 from opendps.frontends import FrontEnds, build
-from opendps.instance import Instance
+from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance
 from opendps.transport.tls import device_tls_context, start_aiohttp_site, start_tls_server
 
 log = logging.getLogger("opendps")
@@ -40,6 +40,11 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx))
+    # listening: now the options that worked are worth remembering (a failed start wrote nothing)
+    if st.save():
+        log.warning("%s", DB_PASSWORD_NOT_SAVED)
+    for warning in st.warnings:
+        log.warning("%s", warning)
     if banner:
         print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
         print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)

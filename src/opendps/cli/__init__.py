@@ -40,7 +40,10 @@ def data_dir_option(f: _F) -> _F:
 def _settings(data_dir: Path | None, **overrides: str | int | bool | None) -> Settings:
     from opendps.instance import Settings
 
-    return Settings.load(data_dir, **overrides)
+    try:
+        return Settings.load(data_dir, **overrides)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def server_options(f: _F) -> _F:
@@ -49,23 +52,26 @@ def server_options(f: _F) -> _F:
     f = click.option("--host", default=None, help="Bind address (default 127.0.0.1).")(f)
     f = click.option("--hostname", default=None, help="Public host name put in server certificates "
                      "and connection strings (default localhost).")(f)
-    f = click.option("--https-port", type=int, default=None, help="HTTPS port (default 8443).")(f)
-    f = click.option("--mqtt-port", type=int, default=None, help="MQTT port (default 8883).")(f)
-    f = click.option("--amqp-port", type=int, default=None,
+    f = click.option("--https-port", type=click.IntRange(1, 65535), default=None, help="HTTPS port (default 8443).")(f)
+    f = click.option("--mqtt-port", type=click.IntRange(1, 65535), default=None, help="MQTT port (default 8883).")(f)
+    f = click.option("--amqp-port", type=click.IntRange(0, 65535), default=None,
                      help="AMQP port for service-side C2D, as azure-iot-hub sends it (default 5671; 0 = off).")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
     return data_dir_option(f)
 
 
-def _open(settings: Settings, create: bool = True) -> Instance:
+def _open(settings: Settings, create: bool = True, persist: bool = True) -> Instance:
     from opendps.instance import open_instance
 
     try:
         # read-only verbs do not migrate: they must not change a database another version serves
-        return open_instance(settings, create=create, migrate=create)
+        inst = open_instance(settings, create=create, migrate=create, persist=persist)
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
+    for warning in settings.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return inst
 
 
 class _OneLineErrors(click.Group):
@@ -108,8 +114,9 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
+    existed = settings.config_path.exists()
     inst = _open(settings)
-    click.echo(f"initialised {settings.data_dir.resolve()}")
+    click.echo(f"{'already initialised' if existed else 'initialised'} {settings.data_dir.resolve()}")
     click.echo(f"ID scope: {inst.id_scope}")
     click.echo(f"trust this server CA: {inst.server_ca_path.resolve()}")
     click.echo("owner connection string: opendps dps connection-string show  (a secret: it is never printed unasked)")
@@ -125,7 +132,7 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
-    inst = _open(settings)
+    inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)
     except OSError as exc:

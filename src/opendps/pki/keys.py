@@ -29,7 +29,7 @@ from opendps.store import Store, WrappedKey
 
 MASTER_KEY_ENV = "OPENDPS_MASTER_KEY"
 MASTER_KEY_BYTES = 32
-_CHECK_SETTING = "master_key_check"
+MASTER_KEY_CHECK = "master_key_check"
 _CHECK_PLAINTEXT = b"opendps master key check v1"
 
 
@@ -124,10 +124,10 @@ class KeyStore:
 
     def check_master_key(self) -> None:
         """Create the key check value on first use; afterwards refuse a different master key."""
-        fresh = base64.b64encode(self.wrap(_CHECK_PLAINTEXT, _CHECK_SETTING)).decode()
-        blob = base64.b64decode(self._store.set_setting_if_absent(_CHECK_SETTING, fresh))
+        fresh = base64.b64encode(self.wrap(_CHECK_PLAINTEXT, MASTER_KEY_CHECK)).decode()
+        blob = base64.b64decode(self._store.set_setting_if_absent(MASTER_KEY_CHECK, fresh))
         try:
-            ok = self.unwrap(blob, _CHECK_SETTING) == _CHECK_PLAINTEXT
+            ok = self.unwrap(blob, MASTER_KEY_CHECK) == _CHECK_PLAINTEXT
         except ConfigurationError:
             ok = False
         if not ok:

@@ -228,3 +228,21 @@ def test_device_run_provisions_connects_sends_and_renews(server, setup, tmp_path
         assert reported["serialNumber"] == renewed["certificate"]["serialNumber"]
         sent = c.get("/events", params={"from": "earliest", "deviceId": rid, "count": 2, "timeout": 5}).text
     assert len([line for line in sent.splitlines() if line.strip()]) == 2
+
+
+def test_device_run_with_a_refused_renewal_is_one_line(server, setup, tmp_path):
+    """Issue 12.11: a renewal the service refuses ends `device run --renew-now` with one error line."""
+    rid = "clidev-refused"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
+    store = str(tmp_path / "s")
+    first = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", key, "--store-dir", store,
+                       "--duration", "0.5")
+    assert first.returncode == 0, first.stderr
+    with svc(server) as c:
+        put(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY,
+                                       "provisioningStatus": "disabled"}, status=200)
+    out = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", key, "--store-dir", store,
+                     "--renewal", "hub", "--renew-now", "--duration", "5")
+    line = _fails(out, f"renewal of {rid!r} failed")
+    assert "disabled" in line and "Traceback" not in out.stderr

@@ -232,3 +232,26 @@ def test_sdk_spellings_and_unmatched_paths(server):
         _assert_error(hub.get("/enrollments/spelled-group"), 403, 403002, "may only use the hub service API")
     with httpx.Client(base_url=server.url, verify=_trust(server), timeout=60) as anonymous:
         _assert_error(anonymous.get("/no/such/path"), 404, 404001)
+
+
+def test_malformed_http_is_one_info_line_not_an_error_traceback(server):
+    """Issue 12.14: expected client behaviour (a bad header, an overlong line) logs one INFO line."""
+    import socket
+
+    for payload in (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000 + b"\r\n\r\n"):
+        port = int(server.url.rsplit(":", 1)[1])
+        with _trust(server).wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
+            s.sendall(payload)
+            head = b""
+            while b"\r\n" not in head and (chunk := s.recv(64)):
+                head += chunk
+            assert head.split(b" ")[1] == b"400", head
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        log = (server.data_dir.parent / "server.log").read_text()
+        if log.count("malformed request, answered 400") >= 2:
+            break
+        time.sleep(0.1)
+    assert log.count("malformed request, answered 400") >= 2, log[-2000:]
+    assert "ERROR aiohttp.server" not in log and "Traceback" not in log

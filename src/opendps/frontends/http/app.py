@@ -12,7 +12,7 @@ from opendps.errors import Forbidden
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
-from opendps.frontends.http.errors import error_middleware
+from opendps.frontends.http.errors import error_middleware, quiet_client_errors
 from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
@@ -62,6 +62,7 @@ async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
 
 def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer) -> web.Application:
     """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket`` (the same server as the MQTT port)."""
+    quiet_client_errors()
     app = web.Application(middlewares=[error_middleware, sas_middleware(authenticator)], client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
     app[MQTT_SERVER] = mqtt

@@ -9,6 +9,7 @@ import logging
 import uuid
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from opendps.errors import OpenDPSError
@@ -35,6 +36,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except OpenDPSError as exc:
         return from_exception(exc)
+    except ConnectionResetError:  # the client went away mid-request (aiohttp's ClientConnectionResetError is one)
+        log.info("client went away during %s %s", request.method, request.path)
+        raise  # aiohttp drops the response quietly
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -47,3 +51,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         tracking = str(uuid.uuid4())
         log.exception("internal error handling %s %s (trackingId %s)", request.method, request.path, tracking)
         return error_response(500, 500000, f"internal server error (trackingId {tracking})")
+
+
+class ClientErrorsAreNotServerErrors(logging.Filter):
+    """aiohttp logs a malformed request (bad header, line too long, garbage) at ERROR with a traceback, as if the
+    server had failed. It is expected client behaviour: one INFO line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            detail = " ".join(str(exc.message or type(exc).__name__).split())[:200]
+            record.msg = f"{record.getMessage()}: malformed request, answered {exc.code}: {detail}"
+            record.args = ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install :class:`ClientErrorsAreNotServerErrors` on aiohttp's server logger (once)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrorsAreNotServerErrors) for f in logger.filters):
+        logger.addFilter(ClientErrorsAreNotServerErrors())

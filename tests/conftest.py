@@ -200,7 +200,7 @@ def server(request, tmp_path_factory) -> RunningServer:
 
 
 def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None,
-                amqp_port: int | None = None):
+                amqp_port: int | None = None, extra_args: tuple[str, ...] = (), max_open_files: int | None = None):
     """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
     data_dir = tmp_path / "data"
     spare = free_ports(3)
@@ -211,9 +211,16 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
     mqtt_port = mqtt_port or spare[1]
     amqp_port = amqp_port or spare[2]  # never the default 5671: servers of several tests run side by side
+
+    def limit_files() -> None:  # a lowered descriptor limit (soft and hard) for the connection-limit tests
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
-         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), *extra_args], env=env, stdout=log,
+        stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None)
     deadline = time.time() + 180
     waiting = [port, mqtt_port, amqp_port]
     while waiting and time.time() < deadline:

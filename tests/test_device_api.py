@@ -725,7 +725,8 @@ def test_concurrent_registrations_of_one_device_leave_one_identity(server, tmp_p
 
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(one, csrs))
-    assert set(statuses) <= {202, 409} and 202 in statuses, statuses
+    # 409: lost the race; 429: over the 5 attested registrations per minute one registration id may make
+    assert set(statuses) <= {202, 409, 429} and 202 in statuses, statuses
     with svc(server) as c:
         devices = [x["deviceId"] for x in c.get("/linkedHubs/default/devices").json()["value"]]
         assert devices.count("racer") == 1

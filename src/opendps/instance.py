@@ -71,6 +71,7 @@ class Settings:
     mqtt_port: int = 8883
     amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
     lint: bool = True
+    client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
     # what opening found worth telling the operator (not errors); the CLI prints them, serve logs them
     warnings: list[str] = field(default_factory=list, compare=False)
 
@@ -113,6 +114,9 @@ class Settings:
                 raise ConfigurationError(f"{name.replace('_', ' ')} {port!r} is out of range {low}-65535")
         if self.db is not None:
             check_db_url(self.db)
+        if isinstance(self.client_timeout, bool) or not isinstance(self.client_timeout, int | float) \
+                or not 1 <= self.client_timeout <= 3600:
+            raise ConfigurationError(f"client timeout {self.client_timeout!r} is out of range 1-3600 seconds")
 
     def save(self) -> bool:
         """Write config.json; returns whether a database password was left out of it (it is never written)."""

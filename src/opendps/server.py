@@ -11,7 +11,14 @@ from aiohttp import web
 
 from opendps.frontends import FrontEnds, build
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance
-from opendps.transport.tls import device_tls_context, start_aiohttp_site, start_tls_server
+from opendps.transport.tls import (
+    ConnectionGate,
+    connection_budget,
+    device_tls_context,
+    raise_descriptor_limit,
+    start_aiohttp_site,
+    start_tls_server,
+)
 
 log = logging.getLogger("opendps")
 
@@ -20,26 +27,33 @@ def front_ends(instance: Instance) -> FrontEnds:
     """The front ends of ``instance`` (service tokens are accepted for its host name, with or without port)."""
     st = instance.settings
     return build(instance.services, service_hosts={st.service_host, st.hostname},
-                 policy_keys=instance.access_policy_keys)
+                 policy_keys=instance.access_policy_keys, client_timeout=st.client_timeout)
 
 
 async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:
     """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled or signalled."""
     st = instance.settings
     fe = front_ends(instance)
-    runner = web.AppRunner(fe.http, access_log=None, handle_signals=False)
+    # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
+    raise_descriptor_limit()
+    budget = connection_budget(3 if st.amqp_port else 2)
+    # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at
+    # connect and after each response), so idle and slow-header connections are closed
+    runner = web.AppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
     await runner.setup()
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
-    await start_aiohttp_site(runner, st.host, st.https_port, ctx)
+    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget))
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
-    fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx))
+    fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx,
+                                                gate=ConnectionGate("MQTT", budget)))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
-        fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx))
+        fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
+                                                    gate=ConnectionGate("AMQP", budget)))
     # listening: now the options that worked are worth remembering (a failed start wrote nothing)
     if st.save():
         log.warning("%s", DB_PASSWORD_NOT_SAVED)

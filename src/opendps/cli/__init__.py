@@ -56,6 +56,9 @@ def server_options(f: _F) -> _F:
     f = click.option("--mqtt-port", type=click.IntRange(1, 65535), default=None, help="MQTT port (default 8883).")(f)
     f = click.option("--amqp-port", type=click.IntRange(0, 65535), default=None,
                      help="AMQP port for service-side C2D, as azure-iot-hub sends it (default 5671; 0 = off).")(f)
+    f = click.option("--client-timeout", type=click.FloatRange(1, 3600), default=None,
+                     help="Seconds a client may stay silent: between HTTPS requests (or sending one's header), or "
+                          "on a DPS MQTT session (default 60).")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
     return data_dir_option(f)
@@ -110,10 +113,11 @@ def main() -> None:
 @main.command()
 @server_options
 def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-         mqtt_port: int | None, amqp_port: int | None, no_lint: bool) -> None:
+         mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool) -> None:
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
+                         lint=False if no_lint else None)
     existed = settings.config_path.exists()
     inst = _open(settings)
     click.echo(f"{'already initialised' if existed else 'initialised'} {settings.data_dir.resolve()}")
@@ -126,12 +130,13 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
 @main.command()
 @server_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-          mqtt_port: int | None, amqp_port: int | None, no_lint: bool) -> None:
+          mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool) -> None:
     """Start the server (initialising the data directory on first run)."""
     from opendps.server import run
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, amqp_port=amqp_port, lint=False if no_lint else None)
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
+                         lint=False if no_lint else None)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)

@@ -36,11 +36,11 @@ class FrontEnds:
     amqp: AmqpFrontEnd
 
 
-def build(services: Services, *, service_hosts: set[str],
-          policy_keys: Callable[[str], tuple[str, str]]) -> FrontEnds:
+def build(services: Services, *, service_hosts: set[str], policy_keys: Callable[[str], tuple[str, str]],
+          client_timeout: float = 60.0) -> FrontEnds:
     """The front ends of one process. ``service_hosts``: the names service tokens may be issued for;
-    ``policy_keys(name)``: an access policy's (primary, secondary) keys."""
-    runtime = Runtime(services, DomainRunner())
+    ``policy_keys(name)``: an access policy's (primary, secondary) keys; ``client_timeout``: see :class:`Runtime`."""
+    runtime = Runtime(services, DomainRunner(), client_timeout=client_timeout)
 
     async def hub_by_host(host: str) -> str | None:
         hub = await runtime.domain.run(services.hubs.by_host, host)

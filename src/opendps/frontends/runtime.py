@@ -41,6 +41,9 @@ class Runtime:
 
     services: Services
     domain: DomainRunner = field(default_factory=DomainRunner)
+    # seconds a client may stay silent: an HTTPS connection between requests (or sending a request header), a DPS
+    # MQTT session (its keepalive is bounded by it, "none" included)
+    client_timeout: float = 60.0
     live: LiveSessions = field(default_factory=LiveSessions)
     telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
     telemetry_writer: GroupCommit = field(init=False)

@@ -38,7 +38,7 @@ from opendps.provisioning.attestation import (
     EnrollmentDisabled,
 )
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
-from opendps.provisioning.throttle import PollThrottle
+from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
 from opendps.store import Operation, Registration, Store
 from opendps.transport.wire import iso8601
@@ -118,6 +118,8 @@ class Provisioning:
         self.mechanisms = attestation.mechanisms()
         self.context = attestation.Context(enrollments, ca_certificates)
         self.throttle = PollThrottle()
+        self.registration_limit = RegistrationLimit()
+        self.service_limit = ServiceLimit()
         self._last_sweep = datetime.min.replace(tzinfo=UTC)
 
     # ---- device side ----
@@ -167,6 +169,7 @@ class Provisioning:
             self.sweep_operations(now)
         operation_id = new_operation_id()
         try:
+            self.service_limit.take()
             decision = self._decide(credentials, payload, csr, api_version, now)
         except allocation.AllocationFailed as exc:
             log.info("registration %r failed: %s", credentials.registration_id, exc.message)
@@ -275,6 +278,7 @@ class Provisioning:
         identity = self.attest(credentials, now=now)
         if isinstance(identity, Challenge):
             return identity
+        self.registration_limit.check(identity.registration_id)  # counted once the credential is proven
         issuer, checked = None, None
         if csr is not None:
             issuer, checked = self._check_csr(identity, csr, api_version)

@@ -32,6 +32,7 @@ import enum
 import functools
 import logging
 import ssl
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -269,6 +270,62 @@ class TlsTransport(asyncio.Transport):
 # --- protocol on the socket -------------------------------------------------------------------
 
 
+class ConnectionGate:
+    """At most ``limit`` connections on one listener. Over it, a new connection is closed at once — accepted and
+    aborted, so its descriptor is free again — and counted; one log line a minute says how many were refused.
+
+    Why: every connection holds a file descriptor; a listener without a cap lets idle or slow clients use them
+    all, and then every listener of the process fails to accept (and asyncio logs each failed accept()).
+    """
+
+    REPORT_EVERY = 60.0
+
+    def __init__(self, name: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a listener needs room for one connection at least")
+        self.name, self.limit = name, limit
+        self.active = 0
+        self.refused = 0  # since the last report
+        self._reported_at = -self.REPORT_EVERY
+
+    def admit(self) -> bool:
+        if self.active < self.limit:
+            self.active += 1
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._reported_at >= self.REPORT_EVERY:
+            log.warning("%s listener is at its limit of %d connections: refused %d new ones since the last report",
+                        self.name, self.limit, self.refused)
+            self._reported_at, self.refused = now, 0
+        return False
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit of open files to the hard limit (where allowed); the soft limit after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_budget(listeners: int, *, reserve: int = 128) -> int:
+    """Connections each of ``listeners`` may hold so that together they stay below the descriptor limit, with
+    ``reserve`` descriptors left for the database, files and the process itself."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(1, (soft - reserve) // max(1, listeners))
+
+
 class TlsProtocol(asyncio.Protocol):
     """Server-side TLS over memory BIOs between a socket transport and ``inner``.
 
@@ -289,9 +346,12 @@ class TlsProtocol(asyncio.Protocol):
         *,
         handshake_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        gate: ConnectionGate | None = None,
     ) -> None:
         if handshake_timeout <= 0 or close_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        self._gate = gate
+        self._admitted = False
         self._inner = inner
         self._context = context
         self._handshake_timeout = handshake_timeout
@@ -321,6 +381,12 @@ class TlsProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self._gate is not None:
+            if not self._gate.admit():
+                self._state = _State.CLOSED
+                transport.abort()
+                return
+            self._admitted = True
         self._loop = asyncio.get_running_loop()
         self._raw = transport
         self._peer = format_peer(transport.get_extra_info("peername"))
@@ -355,6 +421,9 @@ class TlsProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted and self._gate is not None:
+            self._admitted = False
+            self._gate.release()
         previous = self._state
         self._state = _State.CLOSED
         self._cancel_timer()
@@ -651,9 +720,11 @@ async def start_tls_server(
     handshake_timeout: float = 10.0,
     close_timeout: float = 10.0,
     backlog: int = 1024,
+    gate: ConnectionGate | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; every connection gets a :class:`TlsProtocol` around a new inner protocol."""
-    return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None)
+    """Listen on ``host:port``; every connection gets a :class:`TlsProtocol` around a new inner protocol
+    (at most ``gate.limit`` at a time when a gate is given)."""
+    return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None, gate)
 
 
 async def _listen(
@@ -665,11 +736,13 @@ async def _listen(
     close_timeout: float,
     backlog: int,
     track: weakref.WeakSet[TlsProtocol] | None,
+    gate: ConnectionGate | None = None,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
     def factory() -> TlsProtocol:
-        proto = TlsProtocol(protocol_factory(), context, handshake_timeout=handshake_timeout, close_timeout=close_timeout)
+        proto = TlsProtocol(protocol_factory(), context, handshake_timeout=handshake_timeout, close_timeout=close_timeout,
+                            gate=gate)
         if track is not None:
             track.add(proto)
         return proto
@@ -690,7 +763,7 @@ def _aiohttp_site_class() -> type:
         runner.cleanup() would reach request handlers of an application already cleaned up.
         """
 
-        __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols")
+        __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols", "_gate")
 
         def __init__(
             self,
@@ -702,8 +775,10 @@ def _aiohttp_site_class() -> type:
             handshake_timeout: float = 10.0,
             close_timeout: float = 10.0,
             backlog: int = 1024,
+            gate: ConnectionGate | None = None,
         ) -> None:
             super().__init__(runner, backlog=backlog)
+            self._gate = gate
             self._host, self._port, self._context = host, port, context
             self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
             self._protocols: weakref.WeakSet[TlsProtocol] = weakref.WeakSet()
@@ -717,7 +792,7 @@ def _aiohttp_site_class() -> type:
             server = self._runner.server
             assert server is not None
             self._server = await _listen(server, self._host, self._port, self._context, self._handshake_timeout,
-                                         self._close_timeout, self._backlog, self._protocols)
+                                         self._close_timeout, self._backlog, self._protocols, self._gate)
 
         async def stop(self) -> None:
             await super().stop()
@@ -740,7 +815,7 @@ async def start_aiohttp_site(
 
     The listener is registered as a site of ``runner``, so ``runner.cleanup()`` stops it and closes
     open keep-alive connections (sending close_notify); closing the returned server afterwards is
-    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog`` as for
+    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog``, ``gate`` as for
     :func:`start_tls_server`. Calls ``runner.setup()`` if that has not happened yet.
     """
     if runner.server is None:

@@ -7,7 +7,7 @@ import base64
 import pytest
 from cryptography import x509
 from sqlalchemy import func, select
-from tests.unit.conftest import creds, register, symmetric_group
+from tests.unit.conftest import creds, new_key, register, symmetric_group
 from tests.x509_helpers import p384_csr
 
 from opendps.errors import InvalidInput, NotFound
@@ -176,3 +176,36 @@ def test_registration_ids_are_case_insensitive_and_recorded_lower_cased(services
     device = services.hub_auth.authenticate(hub, "upper-1", "upper-1", None, chain[:2], datetime.now(UTC))
     assert device.device_id == "upper-1"
     assert _counts(services, "upper-1") == (1, 1, 1, 2)
+
+
+def test_registrations_are_limited_per_device_after_attestation(services, fleet):
+    """Issue 12.4: one registration id cannot get certificate after certificate (5 a minute, then 429)."""
+    from opendps.errors import Throttled
+
+    rid, bad = "looper", creds("looper", key=new_key())
+    for _ in range(8):  # without the credential nobody uses up the device's allowance
+        with pytest.raises(AttestationFailed):
+            services.provisioning.register(bad)
+    good = creds(rid, key=derive_device_key(fleet, rid))
+    for _ in range(5):
+        services.provisioning.register(good, csr=_b64(p384_csr(rid)), api_version=PREVIEW)
+    with pytest.raises(Throttled, match="at most 5 per 60 s") as info:
+        services.provisioning.register(good, csr=_b64(p384_csr(rid)), api_version=PREVIEW)
+    assert info.value.status == 429 and int(info.value.info["retryAfter"]) >= 1
+    assert _counts(services, rid)[3] == 5
+    for i in range(40):  # a factory burst of distinct devices is not hurt
+        other = f"burst-{i}"
+        services.provisioning.register(creds(other, key=derive_device_key(fleet, other)))
+
+
+def test_the_service_limit_is_a_token_bucket():
+    from opendps.errors import Throttled
+    from opendps.provisioning.throttle import ServiceLimit
+
+    limit = ServiceLimit(rate=10, burst=3)
+    for _ in range(3):
+        limit.take(now=100.0)
+    with pytest.raises(Throttled, match="more than 10 registrations per second") as info:
+        limit.take(now=100.0)
+    assert info.value.info["retryAfter"] == "1"
+    limit.take(now=100.2)  # tokens come back at the rate (1/rate seconds each)

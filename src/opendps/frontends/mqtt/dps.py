@@ -39,6 +39,12 @@ class DpsSession:
     persistent = False  # DPS never persists sessions (it ignores CleanSession)
 
     @property
+    def max_keepalive(self) -> int:
+        """A registration conversation is short: silence longer than the client timeout (keepalive 0 included)
+        ends it, so idle DPS connections cannot pile up."""
+        return max(1, int(self.runtime.client_timeout))
+
+    @property
     def session_key(self) -> str:
         return f"dps:{self.credentials.registration_id.lower()}"
 

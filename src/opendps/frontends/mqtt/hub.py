@@ -52,6 +52,7 @@ class HubSession:
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
     persistent = False
+    max_keepalive = 1767  # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
 
     @property
     def session_key(self) -> str:

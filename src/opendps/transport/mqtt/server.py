@@ -130,7 +130,8 @@ class SessionHandler(Protocol):
 
     Optional attributes: ``session_key`` (str) keys the session instead of the client id, so that two
     applications on one listener (DPS and a hub) can see the same client id without taking each other
-    over; ``persistent = False`` treats every connection as clean (the application keeps its own state).
+    over; ``persistent = False`` treats every connection as clean (the application keeps its own state);
+    ``max_keepalive`` (seconds) bounds the client's keepalive, 0 ("none") included.
     """
 
     async def on_connected(self, session: Session) -> None:
@@ -484,7 +485,10 @@ class _Connection(asyncio.Protocol):
         key = getattr(handler, "session_key", None) or client_id
         self._key = key
         self._clean = connect.clean_session or not getattr(handler, "persistent", True)
-        self._keepalive = connect.keepalive
+        # a handler may bound the keepalive (``max_keepalive``): a client asking for none (0) or for more gets
+        # the bound, so a silent connection cannot hold its descriptor forever
+        bound = getattr(handler, "max_keepalive", None)
+        self._keepalive = connect.keepalive if not bound else min(connect.keepalive or bound, bound)
 
         old = server._live.get(key)
         server._live[key] = self

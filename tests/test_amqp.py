@@ -196,9 +196,10 @@ def test_a_token_for_another_linked_hub_sends_to_that_hub_only(server):
     with svc(server) as c:
         r = c.put("/linkedHubs/amqp-other", json={"properties": {"hostName": "amqp-other.localhost"}})
         assert r.status_code in (200, 201), r.text
+        other_key = c.get("/linkedHubs/amqp-other/keys").json()["primaryKey"]  # each hub signs with its own key
     client = Amqp(server)
     try:
-        assert client.put_token(hub_owner_token(server, host="amqp-other.localhost"))[0] == 200
+        assert client.put_token(hub_owner_token(server, host="amqp-other.localhost", key=other_key))[0] == 200
         state, cond, description = client.send(client.devicebound(), c2d("amqp-hub-a-dev"))
         assert (state, cond) == (Delivery.REJECTED, "amqp:not-found"), description
         assert "amqp-other" in description
@@ -275,3 +276,31 @@ def test_garbage_and_silent_clients_are_disconnected(server):
         assert client.put_token(hub_owner_token(server))[0] == 200
     finally:
         client.close()
+
+
+def test_one_hubs_key_does_not_sign_for_another_hub(server):
+    """Issue 12.3: each hub has its own iothubowner keys, checked on REST and on AMQP CBS alike."""
+    with svc(server) as c:
+        assert c.put("/linkedHubs/keyed-hub", json={}).status_code == 201
+        keys = c.get("/linkedHubs/keyed-hub/keys").json()
+    port = server.url.rsplit(":", 1)[1]
+    default_key = sas.parse_connection_string(json.loads(server.cli("hub", "connection-string", "show",
+                                                                     check=True).stdout)["connectionString"])
+    borrowed = sas.generate(f"keyed-hub.localhost:{port}", default_key["SharedAccessKey"], "iothubowner")
+    own = sas.generate(f"keyed-hub.localhost:{port}", keys["primaryKey"], "iothubowner")
+    import httpx
+
+    verify = ssl.create_default_context(cafile=server.ca_file)
+    assert httpx.get(f"{server.url}/devices", headers={"Authorization": borrowed}, verify=verify).status_code == 401
+    assert httpx.get(f"{server.url}/devices", headers={"Authorization": own}, verify=verify).status_code == 200
+    client = Amqp(server)
+    try:
+        assert client.put_token(borrowed)[0] == 401
+        assert client.put_token(own)[0] == 200
+    finally:
+        client.close()
+    # renewing the key retires the old one at once
+    with svc(server) as c:
+        renewed = c.post("/linkedHubs/keyed-hub/keys/renew", json={"renewKey": "primary"}).json()
+    assert renewed["primaryKey"] != keys["primaryKey"] and renewed["secondaryKey"] == keys["secondaryKey"]
+    assert httpx.get(f"{server.url}/devices", headers={"Authorization": own}, verify=verify).status_code == 401

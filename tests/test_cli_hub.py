@@ -372,3 +372,14 @@ def test_hub_certificate_proof_of_possession_verbs(server, tmp_path):
     assert [c["properties"]["source"] for c in listed if c["name"] == "cli-own"] == ["uploaded"]
     assert server.cli("hub", "certificate", "delete", "--name", "cli-own").returncode == 0
     refused(server.cli("hub", "certificate", "show", "--name", "cli-own"), "404")
+
+
+def test_hub_policy_renew_key(server):
+    """Issue 12.3: az iot hub policy renew-key; the connection string shows the new key."""
+    before = ok(server.cli("hub", "connection-string", "show", "--key-type", "secondary"))["connectionString"]
+    renewed = ok(server.cli("hub", "policy", "renew-key", "--renew-key", "secondary"))
+    assert renewed["keyName"] == "iothubowner" and renewed["secondaryKey"] not in before
+    after = ok(server.cli("hub", "connection-string", "show", "--key-type", "secondary"))["connectionString"]
+    assert after.endswith(f"SharedAccessKey={renewed['secondaryKey']}")
+    refused(server.cli("hub", "policy", "renew-key", "--renew-key", "secondary", "--policy-name", "registryRead"),
+            "hubs have only 'iothubowner'")

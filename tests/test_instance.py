@@ -228,3 +228,25 @@ def test_a_database_password_is_never_written_but_the_database_is_kept(env, tmp_
     assert settings.save() is True
     saved = json.loads((tmp_path / "data" / "config.json").read_text())
     assert saved["db"] == "postgresql+psycopg://app@db.example:5432/opendps" and "s3cret" not in json.dumps(saved)
+
+
+def test_hubs_made_before_per_hub_keys_get_their_own_and_the_default_keeps_the_old_pair(env, db_url, tmp_path):
+    """Store migration 0006: an installation with one shared iothubowner pair keeps it for its default hub only."""
+    from sqlalchemy import update
+
+    from opendps.instance import HUB_OWNER_POLICY, Settings, _ensure_access_policy, open_instance
+    from opendps.store import LinkedHub
+
+    inst = open_instance(Settings.load(tmp_path / "data", db=db_url))
+    inst.services.hubs.create("east")
+    _ensure_access_policy(inst.store, inst.keys, HUB_OWNER_POLICY, "RegistryWrite")  # what older versions made
+    shared = inst.access_policy_keys(HUB_OWNER_POLICY)
+    with inst.store.session() as s:  # as an upgraded database has them: no hub has keys of its own
+        s.execute(update(LinkedHub).values(owner_keys=None))
+    inst.close()
+    inst = open_instance(Settings.load(tmp_path / "data", db=db_url))
+    try:
+        assert inst.services.hubs.owner_keys("default") == shared
+        assert set(inst.services.hubs.owner_keys("east")).isdisjoint(shared)
+    finally:
+        inst.close()

@@ -50,8 +50,8 @@ DB_ENV = "OPENDPS_DB"
 DEFAULT_DATA_DIR = ".opendps"
 OWNER_POLICY = "provisioningserviceowner"
 OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"
-HUB_OWNER_POLICY = "iothubowner"
-HUB_OWNER_RIGHTS = "RegistryWrite, ServiceConnect, DeviceConnect"
+HUB_OWNER_POLICY = "iothubowner"  # each hub's own pair (Hubs.owner_keys); an older installation's shared one is
+# adopted by its default hub and then unused
 SERVER_CERT_DAYS = 365
 
 
@@ -196,12 +196,14 @@ class Instance:
         primary, second = self.access_policy_keys(OWNER_POLICY)
         return sas.connection_string(self.settings.service_host, OWNER_POLICY, second if secondary else primary)
 
-    def hub_connection_string(self, hub_host: str) -> str:
-        """The hub owner connection string (for azure-iot-hub's registry manager): the hub's host on the HTTPS port."""
-        primary, _ = self.access_policy_keys(HUB_OWNER_POLICY)
+    def hub_connection_string(self, hub_name: str, *, secondary: bool = False) -> str:
+        """A hub's owner connection string (for azure-iot-hub's registry manager): the hub's host on the HTTPS port,
+        signed with that hub's own key."""
+        hub = self.services.hubs.get(hub_name)
+        primary, second = self.services.hubs.owner_keys(hub_name)
         port = self.settings.https_port
-        host = hub_host if port == 443 else f"{hub_host}:{port}"
-        return sas.connection_string(host, HUB_OWNER_POLICY, primary)
+        host = hub.host_name if port == 443 else f"{hub.host_name}:{port}"
+        return sas.connection_string(host, HUB_OWNER_POLICY, second if secondary else primary)
 
     def info(self) -> dict[str, object]:
         st = self.settings
@@ -219,7 +221,7 @@ class Instance:
                 "deviceProvisioningHost": st.hostname,
             },
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
-            "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.host_name)}
+            "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.name)}
                      for h in self.services.hubs.list()],
         }
 
@@ -239,6 +241,18 @@ def _ensure_access_policy(store: Store, keys: KeyStore, name: str, rights: str) 
                                    created_at=datetime.now(UTC)))
     except IntegrityError:
         pass  # another node created it first
+
+
+def _give_hubs_their_own_keys(inst: Instance) -> None:
+    """Hubs made before each hub had its own owner keys get them (store migration 0006). The default hub adopts
+    the installation's former shared ``iothubowner`` pair, so the connection strings users hold keep working for
+    it — and only for it."""
+    try:
+        shared: tuple[str, str] | None = inst.access_policy_keys(HUB_OWNER_POLICY)
+    except KeyError:
+        shared = None
+    for hub in inst.services.hubs.list():
+        inst.services.hubs.owner_keys(hub.name, initial=shared if hub.name == DEFAULT_HUB else None)
 
 
 def _ensure_server_ca(inst: Instance) -> x509.Certificate:
@@ -398,10 +412,10 @@ def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> 
         keys.check_master_key()
         store.set_setting_if_absent("id_scope", "0ne" + secrets.token_hex(4).upper())
         _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
-        _ensure_access_policy(store, keys, HUB_OWNER_POLICY, HUB_OWNER_RIGHTS)
         inst = Instance(settings, store, keys)
         if create:
             inst.services.hubs.ensure(DEFAULT_HUB, settings.hostname)
+            _give_hubs_their_own_keys(inst)
             ensure_server_certificate(inst, [h.host_name for h in inst.services.hubs.list()])
             if persist and settings.save():
                 settings.warnings.append(DB_PASSWORD_NOT_SAVED)

@@ -536,6 +536,25 @@ def certificate_verify(hub: HubClient, output: str, name: str, path: str, etag: 
 # ---------------------------------------------------------------- connection-string
 
 
+@hub.group("policy")
+def policy() -> None:
+    """The hub's shared access policy (iothubowner): each hub has its own keys."""
+
+
+@policy.command("renew-key")
+@click.option("--renew-key", "--rk", "renew_key", type=click.Choice(["primary", "secondary", "swap"]), required=True,
+              help="Which key to regenerate (swap: exchange primary and secondary).")
+@click.option("--policy-name", "--pn", "policy_name", default=HUB_OWNER_POLICY, show_default=True,
+              help="Shared access policy (hubs have only iothubowner).")
+@hub_command
+def policy_renew_key(hub: HubClient, output: str, renew_key: str, policy_name: str) -> None:
+    """Regenerate a key of the hub's owner policy, as az iot hub policy renew-key (needs the DPS owner)."""
+    if policy_name != HUB_OWNER_POLICY:
+        raise CliError(f"no policy {policy_name!r}: hubs have only {HUB_OWNER_POLICY!r}")
+    path = api_path("linkedHubs", hub.name or DEFAULT_HUB, "keys", "renew")
+    emit(hub.client.request("POST", path, json={"renewKey": renew_key}), output, ["keyName", "primaryKey", "secondaryKey"])
+
+
 @hub.group("connection-string")
 def connection_string() -> None:
     """Hub connection strings."""
@@ -555,7 +574,6 @@ def connection_string_show(hub_name: str, policy_name: str, key_type: str, data_
     """Print a hub's owner connection string (read from the local data directory, as 'opendps info' does)."""
     from opendps.errors import ConfigurationError
     from opendps.instance import Settings, open_instance
-    from opendps.transport import sas
 
     if policy_name != HUB_OWNER_POLICY:
         raise CliError(f"no connection string for policy {policy_name!r}: hubs have only {HUB_OWNER_POLICY!r}")
@@ -568,13 +586,7 @@ def connection_string_show(hub_name: str, policy_name: str, key_type: str, data_
         hubs = {h.name: h for h in inst.services.hubs.list()}
         if hub_name not in hubs:
             raise CliError(f"no hub named {hub_name!r} in {settings.data_dir} (hubs: {', '.join(sorted(hubs)) or 'none'})")
-        value = inst.hub_connection_string(hubs[hub_name].host_name)
-        if key_type == "secondary":
-            host = sas.parse_connection_string(value)["HostName"]
-            value = sas.connection_string(host, HUB_OWNER_POLICY, inst.access_policy_keys(HUB_OWNER_POLICY)[1])
-    except KeyError as exc:
-        raise CliError(f"data directory {settings.data_dir} has no {HUB_OWNER_POLICY!r} access policy: "
-                       "run 'opendps init'") from exc
+        value = inst.hub_connection_string(hub_name, secondary=key_type == "secondary")
     finally:
         inst.close()
     emit({"connectionString": value}, output, ["connectionString"])

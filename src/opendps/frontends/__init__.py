@@ -46,7 +46,10 @@ def build(services: Services, *, service_hosts: set[str], policy_keys: Callable[
         hub = await runtime.domain.run(services.hubs.by_host, host)
         return hub.name if hub is not None else None
 
-    authenticator = SasAuthenticator(service_hosts, policy_keys, hub_by_host)
+    async def hub_keys(hub: str) -> tuple[str, str]:
+        return await runtime.domain.run(services.hubs.owner_keys, hub)
+
+    authenticator = SasAuthenticator(service_hosts, policy_keys, hub_by_host, hub_keys)
     mqtt = MqttServer(make_router(runtime))
     amqp = AmqpFrontEnd(runtime, authenticator)
     http = make_app(runtime, authenticator, mqtt)

@@ -42,14 +42,18 @@ class SasPrincipal:
 class SasAuthenticator:
     """The one check of service tokens, shared by the HTTP middleware and the AMQP CBS handler.
 
-    ``hub_by_host(host)`` returns the name of the linked hub with that host name, or None.
+    ``policy_keys(name)``: the keys of the service's own access policy; ``hub_by_host(host)``: the name of the
+    linked hub with that host name, or None; ``hub_keys(hub)``: that hub's own ``iothubowner`` keys — a token
+    names its hub in ``sr`` and must be signed with that hub's key, never another's.
     """
 
     def __init__(self, service_hosts: set[str], policy_keys: Callable[[str], tuple[str, str]],
-                 hub_by_host: Callable[[str], Awaitable[str | None]]) -> None:
+                 hub_by_host: Callable[[str], Awaitable[str | None]],
+                 hub_keys: Callable[[str], Awaitable[tuple[str, str]]]) -> None:
         self.hosts = {_host(h) for h in service_hosts}
         self.policy_keys = policy_keys
         self.hub_by_host = hub_by_host
+        self.hub_keys = hub_keys
 
     async def authenticate(self, header: str | None,
                            permit: Callable[[SasPrincipal], None] | None = None) -> SasPrincipal:
@@ -79,7 +83,10 @@ class SasAuthenticator:
         if permit is not None:
             permit(principal)
         try:
-            primary, secondary = self.policy_keys(token.key_name)
+            if principal.hub is not None:
+                primary, secondary = await self.hub_keys(principal.hub)
+            else:
+                primary, secondary = self.policy_keys(token.key_name)
         except KeyError as exc:
             raise Unauthorized(f"unknown access policy {token.key_name!r}") from exc
         try:

@@ -188,7 +188,41 @@ class Hubs:
                             created_at=datetime.now(UTC))
             s.add(row)
             s.flush()
+            self._new_owner_keys(row)  # wrapped with the row's id as associated data
             return _view(row)
+
+    # ---- the hub's own owner keys (iothubowner) ----
+    @staticmethod
+    def _owner_label(hub_id: int) -> str:
+        return f"hub-owner:{hub_id}"
+
+    def _new_owner_keys(self, hub: LinkedHub, keys: tuple[str, str] | None = None) -> tuple[str, str]:
+        keys = keys or (_new_device_key(), _new_device_key())
+        hub.owner_keys = self.keys.wrap(json.dumps(list(keys)).encode(), self._owner_label(hub.id))
+        return keys
+
+    def owner_keys(self, hub_name: str, *, initial: tuple[str, str] | None = None) -> tuple[str, str]:
+        """The hub's (primary, secondary) ``iothubowner`` keys: its own, never another hub's. A hub made before
+        hubs had their own gets a pair on first use (``initial``: the pair to adopt, e.g. the old shared one)."""
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            if hub.owner_keys is None:
+                return self._new_owner_keys(hub, initial)
+            primary, secondary = json.loads(self.keys.unwrap(hub.owner_keys, self._owner_label(hub.id)))
+            return primary, secondary
+
+    def renew_owner_key(self, hub_name: str, which: str) -> tuple[str, str]:
+        """``az iot hub policy renew-key``: a new ``primary`` or ``secondary`` key, or ``swap`` the two."""
+        if which not in ("primary", "secondary", "swap"):
+            raise InvalidInput(f"renewKey must be primary, secondary or swap (got {which!r})")
+        primary, secondary = self.owner_keys(hub_name)
+        renewed = {"primary": (_new_device_key(), secondary), "secondary": (primary, _new_device_key()),
+                   "swap": (secondary, primary)}[which]
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            self._new_owner_keys(hub, renewed)
+            hub.etag = new_etag()
+        return renewed
 
     def ensure(self, name: str, host_name: str | None = None) -> HubView:
         """The hub ``name``, created if missing (the default hub made at init)."""

@@ -219,6 +219,8 @@ class LinkedHub(Base):
     apply_allocation_policy: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = _ts()
+    # the hub's own iothubowner key pair, [primary, secondary] as JSON, wrapped by the master key
+    owner_keys: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class HubDevice(Base):

@@ -133,3 +133,40 @@ def test_device_ids_may_use_every_character_iot_hub_allows(services):
     device_id = "Dev-1:.+%_#*?!(),=@;$'" + "x" * 106
     ident, created = services.hubs.create_device("default", device_id)
     assert created and ident.device_id == device_id and len(device_id) == 128
+
+
+def test_each_hub_has_its_own_owner_keys_and_renews_them(services):
+    """Issue 12.3: one hub's key never signs for another; keys renew like az iot hub policy renew-key."""
+    services.hubs.create("east")
+    default, east = services.hubs.owner_keys("default"), services.hubs.owner_keys("east")
+    assert len(set(default + east)) == 4
+    assert services.hubs.owner_keys("east") == east  # stable
+    renewed = services.hubs.renew_owner_key("east", "primary")
+    assert renewed[0] not in east and renewed[1] == east[1]
+    assert services.hubs.renew_owner_key("east", "swap") == (renewed[1], renewed[0])
+    assert services.hubs.owner_keys("east") == (renewed[1], renewed[0])
+    with pytest.raises(InvalidInput, match="renewKey must be primary, secondary or swap"):
+        services.hubs.renew_owner_key("east", "both")
+
+
+def test_a_hub_token_verifies_only_with_its_own_hub_key(services):
+    import asyncio
+
+    from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator
+
+    services.hubs.create("east")
+
+    async def by_host(host: str):
+        hub = services.hubs.by_host(host)
+        return hub.name if hub else None
+
+    async def keys(hub: str):
+        return services.hubs.owner_keys(hub)
+
+    auth = SasAuthenticator({"dps.test"}, lambda name: ("", ""), by_host, keys)
+    east_host = services.hubs.get("east").host_name
+    own = sas.generate(east_host, services.hubs.owner_keys("east")[1], HUB_POLICY)
+    assert asyncio.run(auth.authenticate(own)).hub == "east"
+    borrowed = sas.generate(east_host, services.hubs.owner_keys("default")[0], HUB_POLICY)
+    with pytest.raises(Unauthorized, match="signature"):
+        asyncio.run(auth.authenticate(borrowed))

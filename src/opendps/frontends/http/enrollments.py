@@ -155,6 +155,25 @@ async def list_hub_certificates(request: web.Request) -> web.Response:
     return send({"value": synced + own})
 
 
+def _owner_keys_wire(keys: tuple[str, str]) -> dict[str, Any]:
+    return {"keyName": "iothubowner", "rights": "RegistryWrite, ServiceConnect, DeviceConnect",
+            "primaryKey": keys[0], "secondaryKey": keys[1]}
+
+
+@routes.get("/linkedHubs/{name}/keys")
+async def get_hub_keys(request: web.Request) -> web.Response:
+    """The hub's own iothubowner keys (DPS owner only: not a hub: route)."""
+    return send(_owner_keys_wire(await run(request, services(request).hubs.owner_keys, request.match_info["name"])))
+
+
+@routes.post("/linkedHubs/{name}/keys/renew")
+async def renew_hub_key(request: web.Request) -> web.Response:
+    """``{"renewKey": "primary" | "secondary" | "swap"}``, as ``az iot hub policy renew-key``."""
+    body = await json_object_body(request)
+    keys = await run(request, services(request).hubs.renew_owner_key, request.match_info["name"], body.get("renewKey"))
+    return send(_owner_keys_wire(keys))
+
+
 async def hub_certificates(request: web.Request) -> CaCertificates:
     """The CA certificates uploaded to the hub in the path (``az iot hub certificate``)."""
     return await run(request, services(request).hubs.certificates, request.match_info["name"])

@@ -304,3 +304,25 @@ def test_one_hubs_key_does_not_sign_for_another_hub(server):
         renewed = c.post("/linkedHubs/keyed-hub/keys/renew", json={"renewKey": "primary"}).json()
     assert renewed["primaryKey"] != keys["primaryKey"] and renewed["secondaryKey"] == keys["secondaryKey"]
     assert httpx.get(f"{server.url}/devices", headers={"Authorization": own}, verify=verify).status_code == 401
+
+
+def test_a_client_without_sasl_is_served_and_cbs_still_decides(server):
+    """Issue 12.20: the plain AMQP header (no SASL layer, as Microsoft's Node service SDK sends) is accepted;
+    CBS put-token still authorises every devicebound link."""
+    domain = SSLDomain(SSLDomain.MODE_CLIENT)
+    domain.set_trusted_ca_db(str(server.ca_file))
+    domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+    client = Amqp.__new__(Amqp)
+    client.conn = BlockingConnection(f"amqps://localhost:{server.amqp_port}", ssl_domain=domain, sasl_enabled=False,
+                                     timeout=20)
+    client.next_id, client.cbs = 1, None
+    try:
+        with pytest.raises(LinkDetached):  # no token yet: the devicebound link is refused
+            client.devicebound()
+        assert client.put_token("SharedAccessSignature sr=localhost&sig=bad&se=1&skn=iothubowner")[0] == 401
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        sas_device(server, "amqp-nosasl-dev")
+        state, cond, description = client.send(client.devicebound(), c2d("amqp-nosasl-dev"))
+        assert state == Delivery.ACCEPTED, (cond, description)
+    finally:
+        client.close()

@@ -68,6 +68,7 @@ INTERNAL_ERROR = "amqp:internal-error"
 MESSAGE_SIZE_EXCEEDED = "amqp:link:message-size-exceeded"
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
+AMQP_HEADER = b"AMQP\x00\x01\x00\x00"  # no SASL layer: Microsoft's Node service SDK, authorised by CBS alone
 SASL_MECHANISMS = ("MSSBCBS", "ANONYMOUS")  # MSSBCBS: what uamqp (azure-iot-hub) asks for; both carry no credential
 _MAX_SASL_FRAME = 4096
 _SASL_INIT, _SASL_MECHANISMS_CODE, _SASL_OUTCOME = 0x41, 0x40, 0x44
@@ -100,7 +101,9 @@ class _SaslServer:
     """The SASL exchange before AMQP, done here because proton's built-in server SASL offers no MSSBCBS.
 
     Neither mechanism authenticates anyone (the application does, e.g. CBS): the exchange is header,
-    sasl-mechanisms, sasl-init, sasl-outcome. Bytes after the sasl-init belong to AMQP proper.
+    sasl-mechanisms, sasl-init, sasl-outcome. Bytes after the sasl-init belong to AMQP proper. A client that
+    opens with the plain AMQP header skips SASL altogether (as Azure's front end allows): since SASL proves
+    nothing here, that changes nothing about who may do what.
     """
 
     def __init__(self) -> None:
@@ -114,7 +117,10 @@ class _SaslServer:
         out = b""
         if not self.header_seen:
             if len(self.buffer) < 8:
-                return out, (False if not SASL_HEADER.startswith(bytes(self.buffer)) else None), b""
+                known = SASL_HEADER.startswith(bytes(self.buffer)) or AMQP_HEADER.startswith(bytes(self.buffer))
+                return out, (None if known else False), b""
+            if bytes(self.buffer[:8]) == AMQP_HEADER:
+                return out, True, bytes(self.buffer)  # no SASL: every byte, header included, is AMQP's
             if bytes(self.buffer[:8]) != SASL_HEADER:
                 return SASL_HEADER, False, b""  # spec: answer with the header we speak, then close
             del self.buffer[:8]

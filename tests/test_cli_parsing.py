@@ -359,3 +359,12 @@ def test_info_table_shows_the_amqp_endpoint(tmp_path: Path, port: str, shown: st
     result = runner.invoke(main, ["info", "--data-dir", data, "-o", "table"], terminal_width=400)
     assert result.exit_code == 0, result.output
     assert "amqp" in result.output and shown in result.output, result.output
+
+
+def test_tables_print_lists_as_items(capsys):
+    """Issue 12.19: a list in a table cell is its items, not Python's repr."""
+    from opendps.cli.output import emit
+
+    emit([{"name": "ns", "properties": {"policies": ["default", "extra"]}}], "table", ["name", "properties.policies"])
+    out = capsys.readouterr().out
+    assert "default, extra" in out and "['default'" not in out

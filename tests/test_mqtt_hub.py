@@ -119,12 +119,15 @@ def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict,
     csr = csr_b64(tmp_path, rid)
     c.publish("$dps/registrations/PUT/iotdps-register/?$rid=r1", json.dumps({"registrationId": rid, "csr": csr}))
     topic, payload = c.expect("$dps/registrations/res/")
-    assert topic.startswith("$dps/registrations/res/202/?$rid=r1&retry-after="), (topic, payload)
-    op = json.loads(payload)["operationId"]
+    # assigned at once: the register is answered with the final state, no retry-after (issue 13) ...
+    assert topic == "$dps/registrations/res/200/?$rid=r1", (topic, payload)
+    answered = json.loads(payload)
+    op = answered["operationId"]
     c.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid=r2&operationId={op}", " ")
     topic, payload = c.expect("$dps/registrations/res/")
     c.close()
-    assert topic == "$dps/registrations/res/200/?$rid=r2", (topic, payload)
+    # ... and the operation stays pollable with the same answer
+    assert topic == "$dps/registrations/res/200/?$rid=r2" and json.loads(payload) == answered, (topic, payload)
     result = json.loads(payload)
     assert result["status"] == "assigned"
     state = result["registrationState"]
@@ -259,7 +262,7 @@ def test_symmetric_key_device_provisions_over_mqtt_and_uses_the_hub(server, tmp_
     good.publish("$dps/registrations/PUT/iotdps-register/?$rid=x1", json.dumps({"registrationId": "mqtt-sym-dev"}))
     topic, _ = good.expect("$dps/registrations/res/")
     good.close()
-    assert topic.startswith("$dps/registrations/res/202/?$rid=x1"), topic
+    assert topic.startswith("$dps/registrations/res/200/?$rid=x1"), topic
     state, chain, op_key = provision_over_mqtt(server, "mqtt-sym-dev", tmp_path,
                                                password=device_sas(server.id_scope, "mqtt-sym-dev", key))
     assert state["symmetricKey"] == {}
@@ -278,7 +281,7 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         r = d.put(f"/{server.id_scope}/registrations/sas-hub-dev/register", params={"api-version": PREVIEW}, json={},
                   headers={"Authorization": device_sas(server.id_scope, "sas-hub-dev", key)})
-        assert r.status_code == 202
+        assert r.status_code == 200
     hub_sas = sas.generate(f"{HUB}/devices/sas-hub-dev", key)
     ok = Client(server, "sas-hub-dev", hub_username("sas-hub-dev"), password=hub_sas)
     assert ok.rc == 0
@@ -426,7 +429,7 @@ def test_publishing_outside_own_topics_closes_the_session(server, tmp_path):
         sym_key(c, "/enrollments/victim-dev", {"attestation": {"type": "symmetricKey"}})
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         assert d.put(f"/{server.id_scope}/registrations/nosy-dev/register", params={"api-version": PREVIEW}, json={},
-                     headers={"Authorization": device_sas(server.id_scope, "nosy-dev", key)}).status_code == 202
+                     headers={"Authorization": device_sas(server.id_scope, "nosy-dev", key)}).status_code == 200
     c = Client(server, "nosy-dev", hub_username("nosy-dev"), password=sas.generate(f"{HUB}/devices/nosy-dev", key))
     gone = threading.Event()
     c.c.on_disconnect = lambda *a: gone.set()
@@ -443,7 +446,7 @@ def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(
                  password=device_sas(server.id_scope, "cohab-dev", key))
     dps.subscribe("$dps/registrations/res/#")
     dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", json.dumps({"registrationId": "cohab-dev"}))
-    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/")
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/200/")
     hub = Client(server, "cohab-dev", hub_username("cohab-dev"), password=sas.generate(f"{HUB}/devices/cohab-dev", key))
     assert hub.rc == 0 and hub.session_present is False
     hub.subscribe("$iothub/twin/res/#")
@@ -452,7 +455,7 @@ def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(
     assert again.rc == 0 and again.session_present is False  # clean_session=0, but hubs keep state in the store
     # the DPS session was not taken over by the hub sessions of the same client id
     dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=2", json.dumps({"registrationId": "cohab-dev"}))
-    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/?$rid=2")
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/200/?$rid=2")
     again.close()
     dps.close()
 
@@ -465,7 +468,7 @@ def test_mqtt_over_websockets_on_the_https_listener(server, tmp_path):
     assert dps.rc == 0
     dps.subscribe("$dps/registrations/res/#")
     dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=w1", json.dumps({"registrationId": "ws-dev"}))
-    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/202/?$rid=w1")
+    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/200/?$rid=w1")
     dps.close()
     hub = Client(server, "ws-dev", hub_username("ws-dev"), password=sas.generate(f"{HUB}/devices/ws-dev", key),
                  websocket=True)
@@ -481,7 +484,7 @@ def test_c2d_queue_is_bounded_and_messages_expire(server, tmp_path):
         key = sym_key(c, "/enrollments/c2d-bound-dev", {"attestation": {"type": "symmetricKey"}})
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         assert d.put(f"/{server.id_scope}/registrations/c2d-bound-dev/register", params={"api-version": PREVIEW},
-                     json={}, headers={"Authorization": device_sas(server.id_scope, "c2d-bound-dev", key)}).status_code == 202
+                     json={}, headers={"Authorization": device_sas(server.id_scope, "c2d-bound-dev", key)}).status_code == 200
     with svc(server) as c:
         r = c.post("/devices/c2d-bound-dev/messages/deviceBound", content=b"short-lived", headers={"iothub-ttl": "1"})
         assert r.status_code == 202

@@ -34,6 +34,8 @@ def test_quickstart_runs_the_seed_and_can_run_again(tmp_path):
     assert keys and all(k.stat().st_mode & 0o077 == 0 for k in keys)
     code, again = quickstart(tmp_path)  # the files, enrollments and devices are reused
     assert code == 0 and again["ok"] is True, again
+    code, other = quickstart(tmp_path, "--prefix", "qs2")  # issue 12.16: another prefix after a default run
+    assert code == 0 and other["ok"] is True, other
 
 
 def test_quickstart_exits_non_zero_when_a_step_fails(tmp_path):
@@ -41,3 +43,4 @@ def test_quickstart_exits_non_zero_when_a_step_fails(tmp_path):
     assert code == 1 and report["ok"] is False
     failed = [s for s in report["steps"] if not s["ok"]]
     assert len(failed) == 1 and report["steps"][-1] is not None and failed[0] == report["steps"][-1]
+    assert not failed[0]["detail"].startswith(("CliError", "ApiError")), failed[0]  # the message, not a class name

@@ -32,6 +32,15 @@ def _flatten(row: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _cell(value: Any) -> str:
+    """A table cell: nothing for None, lists as comma-separated items (not Python's ['a', 'b'])."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -39,5 +48,5 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
     for c in columns:
         table.add_column(c.split(".")[-1] if c.count(".") > 1 else c, overflow="fold")
     for r in rows:
-        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
+        table.add_row(*[_cell(r.get(c)) for c in columns])
     Console(width=200).print(table)

@@ -42,6 +42,9 @@ class Step:
     seconds: float
 
 
+DEFAULT_PREFIX = "quickstart"
+
+
 @dataclass
 class Run:
     steps: list[Step] = field(default_factory=list)
@@ -53,6 +56,8 @@ class Run:
         try:
             detail = fn()
             ok = True
+        except click.ClickException as exc:  # our own one-line errors (CliError, ApiError): the message is the detail
+            detail, ok = exc.format_message(), False
         except Exception as exc:  # noqa: BLE001 - every failure is reported as the step's outcome
             detail, ok = f"{type(exc).__name__}: {exc}", False
         self.steps.append(Step(name, ok, detail, time.monotonic() - started))
@@ -169,7 +174,8 @@ def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: st
     from opendps.device.agent import AgentConfig, DeviceAgent
 
     x509_id, sas_id = f"{prefix}-x509", f"{prefix}-symkey"
-    cert_dir = work / "certs"
+    # each prefix its own bootstrap chain (another prefix's files are never reused or in the way)
+    cert_dir = work / "certs" if prefix == DEFAULT_PREFIX else work / f"certs-{prefix}"
     mqtt = info.get("endpoints", {}).get("mqtt", {})
     https = info.get("endpoints", {}).get("https", {})
     host = https.get("hostName", "localhost")
@@ -298,7 +304,8 @@ def register(main: click.Group) -> None:
 @click.option("--https-port", type=int, default=None, help="HTTPS port of the embedded server (default 8443).")
 @click.option("--mqtt-port", type=int, default=None, help="MQTT port of the embedded server (default 8883).")
 @click.option("--amqp-port", type=int, default=None, help="AMQP port of the embedded server (default 5671; 0 = off).")
-@click.option("--prefix", default="quickstart", show_default=True, help="Prefix of the two devices' registration ids.")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+              help="Prefix of the two devices' registration ids.")
 @click.option("--cert-validity-days", "validity", type=click.IntRange(1, 90), default=30, show_default=True,
               help="Leaf validity of the quickstart policy.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)

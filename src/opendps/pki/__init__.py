@@ -7,7 +7,7 @@ Public surface: :class:`KeyStore` / :class:`Signer` (custody), :class:`IssuanceE
 pki owns ``wrapped_keys`` and ``issued_certificates``.
 """
 
-from opendps.pki.certificates import device_chain_verifier, issued_by, load_certificate_text, thumbprint
+from opendps.pki.certificates import device_chain_verifier, issued_by, load_certificate_text, serial_hex, thumbprint
 from opendps.pki.csr import CsrRejected, ValidatedCsr, decode_csr_text, validate_csr
 from opendps.pki.issuance import IssuanceEngine, IssuedChain, IssuedRecord, Issuer
 from opendps.pki.keys import KeyStore, Signer, SoftwareSigner, load_master_key
@@ -38,6 +38,7 @@ __all__ = [
     "load_certificate_text",
     "load_master_key",
     "root_ca",
+    "serial_hex",
     "sign_builder",
     "thumbprint",
     "validate_csr",

@@ -29,7 +29,7 @@ _DEVICE_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.Sub
                                                                          Criticality.AGNOSTIC, None)
 
 __all__ = ["MAX_CERTIFICATE_TEXT", "VerificationError", "device_chain_verifier", "issued_by", "load_certificate_text",
-           "thumbprint"]
+           "serial_hex", "thumbprint"]
 
 
 def thumbprint(cert: x509.Certificate, algorithm: str = "sha256") -> str:
@@ -37,6 +37,13 @@ def thumbprint(cert: x509.Certificate, algorithm: str = "sha256") -> str:
 
     Tables that key on a digest store it lower-cased (``issued_certificates.sha256``...); they say so."""
     return hashlib.new(algorithm, cert.public_bytes(Encoding.DER)).hexdigest().upper()
+
+
+def serial_hex(serial: x509.Certificate | int) -> str:
+    """A certificate's serial number (or the number) as Azure shows it: upper-case hex of whole octets (a leading
+    zero kept). Tables store serials lower-case without padding (``issued_certificates.serial``)."""
+    n = serial.serial_number if isinstance(serial, x509.Certificate) else serial
+    return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big").hex().upper()
 
 
 def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
-from opendps.pki import CaCertificates, KeyStore, thumbprint
+from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
 from opendps.store import Enrollment, Registration, Store
@@ -60,7 +60,7 @@ def certificate_info(cert: x509.Certificate) -> dict[str, Any]:
         "issuerName": cert.issuer.rfc4514_string(),
         "notBeforeUtc": iso8601(cert.not_valid_before_utc),
         "notAfterUtc": iso8601(cert.not_valid_after_utc),
-        "serialNumber": format(cert.serial_number, "X"),
+        "serialNumber": serial_hex(cert),
         "version": cert.version.value + 1,
     }
 

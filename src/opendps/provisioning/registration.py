@@ -45,6 +45,9 @@ from opendps.transport.wire import iso8601
 
 log = logging.getLogger("opendps.provisioning")
 RETRY_AFTER_SECONDS = 2
+# a registration complete within this is answered in the register response itself; slower ones (a slow custom
+# allocation webhook) keep the 202 + poll path, so a device never waits on one open request
+ANSWER_WITHIN = timedelta(seconds=1)
 OPERATION_TTL = timedelta(hours=24)  # how long a poll can still fetch an operation's result
 SWEEP_EVERY = timedelta(minutes=10)
 CSR_API_VERSION = "2025-07-01-preview"
@@ -71,11 +74,19 @@ def new_operation_id() -> str:
 
 @dataclass(frozen=True)
 class Accepted:
+    """A register request's answer: the final result when the registration was assigned within
+    :data:`ANSWER_WITHIN` (HTTP 200, as Azure's protocol allows), else the operation to poll (202 + Retry-After)."""
+
     operation_id: str
     retry_after: int = RETRY_AFTER_SECONDS
+    result: dict[str, Any] | None = None  # RegistrationOperationStatus, status "assigned"
 
-    def to_wire(self) -> dict[str, str]:
-        return {"operationId": self.operation_id, "status": "assigning"}
+    @property
+    def status(self) -> int:
+        return 200 if self.result is not None else 202
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.result if self.result is not None else {"operationId": self.operation_id, "status": "assigning"}
 
 
 def registration_state(reg: Registration) -> dict[str, Any]:
@@ -182,7 +193,7 @@ class Provisioning:
             return decision
         for attempt in range(3):  # a concurrent registration of the same id may win the insert race
             try:
-                self._issue_and_assign(operation_id, decision, now)
+                result = self._issue_and_assign(operation_id, decision, now)
                 break
             except IntegrityError:
                 if attempt == 2:
@@ -191,7 +202,7 @@ class Provisioning:
         e = decision.identity.enrollment
         log.info("registration %r assigned to %s via %s %r%s", credentials.registration_id,
                  decision.allocation.hub.host_name, e.kind, e.enrollment_id, " with a new certificate" if decision.csr else "")
-        return Accepted(operation_id)
+        return Accepted(operation_id, result=result if datetime.now(UTC) - now <= ANSWER_WITHIN else None)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:
         self.throttle.check(credentials.registration_id)
@@ -334,7 +345,8 @@ class Provisioning:
                             created_at=now))
 
     # ---- issue + assign: one transaction ----
-    def _issue_and_assign(self, operation_id: str, decision: Decision, now: datetime) -> None:
+    def _issue_and_assign(self, operation_id: str, decision: Decision, now: datetime) -> dict[str, Any]:
+        """Issue and assign in one transaction; the operation's final result (what a poll returns)."""
         identity, e = decision.identity, decision.identity.enrollment
         rid = identity.registration_id
         device_id = e.document.get("deviceId") or rid
@@ -356,11 +368,11 @@ class Provisioning:
             if e.policy_id is not None:
                 self.devices.record(s, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
                                     hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
-            self._record_assignment(s, operation_id, decision, reg, device_id, placement, chain, now)
+            return self._record_assignment(s, operation_id, decision, reg, device_id, placement, chain, now)
 
     @staticmethod
     def _record_assignment(s: Session, operation_id: str, decision: Decision, reg: Registration | None, device_id: str,
-                           placement: reprovisioning.Placement, chain: IssuedChain | None, now: datetime) -> None:
+                           placement: reprovisioning.Placement, chain: IssuedChain | None, now: datetime) -> dict[str, Any]:
         identity, e = decision.identity, decision.identity.enrollment
         rid = identity.registration_id
         if reg is None:
@@ -380,9 +392,10 @@ class Provisioning:
         state.update(identity.details)
         if chain is not None:
             state["issuedCertificateChain"] = [base64.b64encode(d).decode() for d in chain.der_chain()]
-        s.add(Operation(operation_id=operation_id, registration_key=rid.lower(), status="assigned",
-                        result={"operationId": operation_id, "status": "assigned", "registrationState": state},
+        result = {"operationId": operation_id, "status": "assigned", "registrationState": state}
+        s.add(Operation(operation_id=operation_id, registration_key=rid.lower(), status="assigned", result=result,
                         created_at=now))
+        return result
 
 
 __all__ = ["Accepted", "Decision", "Provisioning", "csr_supported", "registration_state"]

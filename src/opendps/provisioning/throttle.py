@@ -2,7 +2,7 @@
 not records; each is safe to call from the domain's threads.
 
 - :class:`PollThrottle`: 5 polls or status lookups per 10 s per registration id;
-- :class:`RegistrationLimit`: 5 *attested* registrations per minute per registration id — counted after the
+- :class:`RegistrationLimit`: 10 *attested* registrations per minute per registration id — counted after the
   credential is proven, so nobody can use up a device's allowance without its credential, and a device that
   loops cannot get certificate after certificate;
 - :class:`ServiceLimit`: every register request of the service, a token bucket sized far above a factory
@@ -19,7 +19,7 @@ from opendps.errors import Throttled
 
 POLL_LIMIT = 5
 POLL_WINDOW = 10.0
-REGISTRATION_LIMIT = 5
+REGISTRATION_LIMIT = 10
 REGISTRATION_WINDOW = 60.0
 SERVICE_RATE = 1000.0  # register requests per second, sustained
 SERVICE_BURST = 1000

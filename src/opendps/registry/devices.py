@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from opendps.errors import NotFound
 from opendps.ids import new_etag
-from opendps.pki import thumbprint
+from opendps.pki import serial_hex, thumbprint
 from opendps.store import DeviceRecord, Namespace, Policy, Store
 from opendps.transport.wire import iso8601
 
@@ -38,7 +38,8 @@ class DeviceRecordView:
     def to_wire(self) -> dict[str, Any]:
         cert = None
         if self.certificate_serial:
-            cert = {"serialNumber": self.certificate_serial, "sha256Thumbprint": (self.certificate_sha256 or "").upper(),
+            cert = {"serialNumber": serial_hex(int(self.certificate_serial, 16)),
+                    "sha256Thumbprint": (self.certificate_sha256 or "").upper(),
                     "notAfter": iso8601(self.certificate_not_after) if self.certificate_not_after else None,
                     "policy": self.policy}
         return {"name": self.device_id, "etag": self.etag, "properties": {

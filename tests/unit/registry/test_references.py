@@ -61,3 +61,11 @@ def test_the_issuer_follows_rotation(used):
     assert after.certificate != before.certificate and after.root == before.root and after.ca_id != before.ca_id
     chain = used.issuance.issue(after, p384_csr("dev-r2"), "dev-r2")
     assert chain.issuing_ca == after.certificate
+
+
+def test_serials_are_shown_as_azure_shows_them():
+    """Issue 12.19: upper-case hex of whole octets, a leading zero kept, in every document."""
+    from opendps.pki import serial_hex
+
+    assert serial_hex(0x0ABC) == "0ABC" and serial_hex(0xABC) == "0ABC" and serial_hex(1 << 127) == "80" + "00" * 15
+    assert serial_hex(0) == "00"

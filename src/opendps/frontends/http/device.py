@@ -36,12 +36,15 @@ async def registration_body(request: web.Request) -> RegistrationBody:
 
 @routes.put("/{idScope}/registrations/{registrationId}/register", name=DEVICE_ROUTE_PREFIX + "register")
 async def register(request: web.Request) -> web.Response:
-    """Register (wire spec §1.2): 202 with the operation, or the mechanism's challenge."""
+    """Register (wire spec §1.2): 200 with the final state when the registration was assigned at once, else 202 with
+    the operation to poll; or the mechanism's challenge."""
     body = await registration_body(request)
     result = await run(request, services(request).provisioning.register, credentials(request, body),
                        payload=body.payload, csr=body.csr, api_version=request.query.get("api-version"))
     if isinstance(result, Challenge):
         return send(result.body, result.status)
+    if result.status == 200:
+        return send(result.to_wire())
     return send(result.to_wire(), 202, headers={"Retry-After": str(result.retry_after)})
 
 

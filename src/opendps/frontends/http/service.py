@@ -8,7 +8,7 @@ from cryptography import x509
 from opendps.frontends.http import models as m
 from opendps.frontends.http.certificates import certificate_routes, pem
 from opendps.frontends.http.wire import if_match, json_body, run, send, services
-from opendps.pki import CaCertificates, thumbprint
+from opendps.pki import CaCertificates, serial_hex, thumbprint
 from opendps.registry import NamespaceView, PolicyView
 from opendps.transport.wire import iso8601
 
@@ -80,7 +80,7 @@ async def get_credential(request: web.Request) -> web.Response:
     v = await run(request, services(request).registry.credential, request.match_info["ns"])
     c = v.certificate
     return send(m.CredentialResponse(name=v.name, properties=m.CredentialProperties(
-        subject=c.subject.rfc4514_string(), thumbprint=thumbprint(c), serialNumber=format(c.serial_number, "X"),
+        subject=c.subject.rfc4514_string(), thumbprint=thumbprint(c), serialNumber=serial_hex(c),
         notBefore=iso8601(c.not_valid_before_utc), notAfter=iso8601(c.not_valid_after_utc), curve=curve_name(c),
         certificate=pem(c))))
 

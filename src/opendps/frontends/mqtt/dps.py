@@ -87,7 +87,8 @@ class DpsSession:
                                                payload=body.payload, csr=body.csr, api_version=self.api_version)
         if isinstance(result, Challenge):
             return result.status, json.dumps(result.body).encode(), None
-        return 202, json.dumps(result.to_wire()).encode(), str(result.retry_after)
+        retry = str(result.retry_after) if result.status == 202 else None
+        return result.status, json.dumps(result.to_wire()).encode(), retry
 
     async def _poll(self, operation_id: str) -> Answer:
         result = await self.runtime.domain.run(self.runtime.services.provisioning.operation, self.credentials,

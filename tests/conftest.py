@@ -200,9 +200,10 @@ def server(request, tmp_path_factory) -> RunningServer:
 
 
 def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None,
-                amqp_port: int | None = None, extra_args: tuple[str, ...] = (), max_open_files: int | None = None):
+                amqp_port: int | None = None, extra_args: tuple[str, ...] = (), max_open_files: int | None = None,
+                data_dir: Path | None = None):
     """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
-    data_dir = tmp_path / "data"
+    data_dir = data_dir or tmp_path / "data"
     spare = free_ports(3)
     port = https_port or spare[0]
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
+import signal
 import stat
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +74,8 @@ def setup(server) -> dict:
 
 def _check_store(store: Path, rid: str, doc: dict, setup: dict) -> None:
     names = sorted(p.name for p in store.iterdir())
-    assert names == ["chain.pem", "device.key", "device.pem", "fullchain.pem"]
+    assert names == ["agent.json", "chain.pem", "device.key", "device.pem", "fullchain.pem"]
+    assert json.loads((store / "agent.json").read_text()) == {"assignedHub": doc["assignedHub"], "deviceId": rid}
     assert stat.S_IMODE((store / "device.key").stat().st_mode) == 0o600
     leaf, ica, root = x509.load_pem_x509_certificates((store / "fullchain.pem").read_bytes())
     assert [ica, root] == [setup["ica"], setup["root"]]
@@ -83,7 +89,8 @@ def _check_store(store: Path, rid: str, doc: dict, setup: dict) -> None:
         "validUntil": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "thumbprint": doc["certificate"]["thumbprint"], "issuer": ica.subject.rfc4514_string()}
     assert doc["files"] == {"directory": str(store), "key": str(store / "device.key"), "certificate": str(store / "device.pem"),
-                            "chain": str(store / "chain.pem"), "fullChain": str(store / "fullchain.pem")}
+                            "chain": str(store / "chain.pem"), "fullChain": str(store / "fullchain.pem"),
+                            "assignment": str(store / "agent.json")}
     (store.parent / f"{rid}-root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
     out = run_openssl("verify", "-CAfile", str(store.parent / f"{rid}-root.pem"), "-untrusted", str(store / "chain.pem"),
                       str(store / "device.pem"))
@@ -246,3 +253,44 @@ def test_device_run_with_a_refused_renewal_is_one_line(server, setup, tmp_path):
                      "--renewal", "hub", "--renew-now", "--duration", "5")
     line = _fails(out, f"renewal of {rid!r} failed")
     assert "disabled" in line and "Traceback" not in out.stderr
+
+
+def test_device_run_reuses_what_provision_stored_and_prints_traffic(server, setup, tmp_path):
+    """Issue 12.15: `device provision` then `device run` connects with the stored set (no second certificate), and
+    the running agent answers direct methods and prints one line for each method call and C2D message."""
+    rid = "clidev-follow"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
+    store = str(tmp_path / "s")
+    provisioned = _json(server.cli("device", "provision", "--rid", rid, "--symmetric-key", key, "--store-dir", store))
+    agent = subprocess.Popen([sys.executable, "-m", "opendps", "device", "run", "--rid", rid, "--symmetric-key", key,
+                              "--store-dir", store, "--duration", "120"], env=server.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(json.loads(line)) for line in agent.stdout], daemon=True).start()
+
+    def next_line() -> dict:
+        try:
+            return lines.get(timeout=60)
+        except queue.Empty:
+            agent.kill()
+            pytest.fail(f"device run printed nothing more: {agent.stderr.read()}")
+
+    try:
+        connected = next_line()
+        assert connected["event"] == "connected", connected  # not "provisioned": the stored set is used
+        assert connected["certificate"]["serialNumber"] == provisioned["certificate"]["serialNumber"]
+        with svc(server) as c:
+            answer = c.post(f"/twins/{rid}/methods", json={"methodName": "getStatus", "responseTimeoutInSeconds": 10})
+            assert answer.json()["status"] == 200 and answer.json()["payload"]["device_id"] == rid
+            assert c.post(f"/devices/{rid}/messages/deviceBound", content=b"open the valve",
+                          headers={"iothub-messageid": "cli-c2d-1"}).status_code == 202
+        method, c2d = next_line(), next_line()
+        assert {k: method[k] for k in ("event", "deviceId", "method", "status")} == {
+            "event": "method", "deviceId": rid, "method": "getStatus", "status": 200}
+        assert {k: c2d[k] for k in ("event", "messageId", "body")} == {
+            "event": "c2d", "messageId": "cli-c2d-1", "body": "open the valve"}
+    finally:
+        agent.send_signal(signal.SIGINT)
+        agent.wait(30)
+    assert agent.returncode == 0 and "Traceback" not in agent.stderr.read()

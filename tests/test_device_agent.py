@@ -24,6 +24,7 @@ from opendps.device import agent as agent_module
 from opendps.device.agent import AgentConfig, AgentStatus, DeviceAgent, renewal_due_time
 from opendps.device.hub import HubClient, HubError
 from opendps.device.keys import certificate_summary
+from opendps.device.mqtt import ConnectionLost
 from opendps.device.provisioning import ProvisioningClient
 
 pytestmark = pytest.mark.timeout(120, func_only=True)
@@ -151,7 +152,7 @@ def test_dps_renewal_at_80_percent_switches_live_without_losing_telemetry(server
     pending: list[asyncio.Future] = []
     agent: DeviceAgent
 
-    def on_event(event: str, status: AgentStatus) -> None:
+    def on_event(event: str, status: AgentStatus, details: dict) -> None:
         seen.append(event)
         if event == "switching":  # messages queued while the connection moves to the new certificate
             pending.extend(agent.queue_telemetry({"n": n}, message_id=f"switch-{n}") for n in range(3))
@@ -378,7 +379,7 @@ def test_new_certificate_refused_by_the_hub_is_rolled_back(server, tmp_path, mon
     pending: list[asyncio.Future] = []
     agent: DeviceAgent
 
-    def on_event(event: str, status: AgentStatus) -> None:
+    def on_event(event: str, status: AgentStatus, details: dict) -> None:
         seen.append(event)
         if event == "switching":
             pending.append(agent.queue_telemetry("during the refused switch", message_id="switch-0"))
@@ -407,3 +408,67 @@ def test_new_certificate_refused_by_the_hub_is_rolled_back(server, tmp_path, mon
 
 def test_module_exports():
     assert set(agent_module.__all__) == {"AgentConfig", "AgentError", "AgentStatus", "DeviceAgent", "renewal_due_time"}
+
+
+def test_the_agent_answers_methods_and_reports_what_arrives(server, tmp_path):
+    """Issue 12.15: methods are answered (built-in and the user's), and C2D, desired patches, a lost connection and
+    the reconnect each come out as an event an operator can follow."""
+    rid, doc = enroll(server, "agent-traffic")
+    seen: list[tuple[str, dict]] = []
+
+    def on_event(event: str, status: AgentStatus, details: dict) -> None:
+        seen.append((event, details))
+
+    def invoke(method: str, payload=None) -> dict:
+        with svc(server) as c:
+            return c.post(f"/twins/{rid}/methods", json={"methodName": method, "payload": payload,
+                                                         "responseTimeoutInSeconds": 10}).json()
+
+    def traffic(kind: str) -> list[dict]:
+        return [details for event, details in seen if event == kind]
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, renewal_method="hub"), on_event=on_event,
+                            methods={"reboot": lambda name, request: (200, {"rebooting": request})})
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        first = agent.credentials.certificate
+
+        status = await asyncio.to_thread(invoke, "getStatus")
+        assert status["status"] == 200
+        assert status["payload"]["state"] == "connected" and status["payload"]["registration_id"] == rid
+        assert await asyncio.to_thread(invoke, "reboot", {"delay": 3}) == {"status": 200,
+                                                                           "payload": {"rebooting": {"delay": 3}}}
+        unknown = await asyncio.to_thread(invoke, "selfdestruct")
+        assert unknown["status"] == 404
+        assert "getStatus, reboot, renewCertificate" in unknown["payload"]["message"]
+
+        renewal = await asyncio.to_thread(invoke, "renewCertificate")
+        assert renewal["status"] == 202 and renewal["payload"]["certificate"] == certificate_summary(first)
+        await wait_for(lambda: any(event == "renewed" for event, _ in seen), 30)
+        assert agent.credentials.certificate.serial_number != first.serial_number
+        assert reported_certificate(server, rid) == certificate_summary(agent.credentials.certificate)
+        assert [(m["method"], m["status"]) for m in traffic("method")] == [
+            ("getStatus", 200), ("reboot", 200), ("selfdestruct", 404), ("renewCertificate", 202)]
+        assert traffic("method")[1]["request"] == {"delay": 3}
+
+        def send() -> tuple[int, int]:
+            with svc(server) as c:
+                sent = c.post(f"/devices/{rid}/messages/deviceBound", content=b"hello device",
+                              headers={"iothub-messageid": "c2d-7", "iothub-app-color": "blue"}).status_code
+                patched = c.patch(f"/twins/{rid}", json={"properties": {"desired": {"interval": 5}}}).status_code
+            return sent, patched
+
+        assert await asyncio.to_thread(send) == (202, 200)
+        await wait_for(lambda: traffic("c2d") and traffic("desired"))
+        assert traffic("c2d") == [{"messageId": "c2d-7", "body": "hello device", "properties": {"color": "blue"}}]
+        assert traffic("desired")[0]["patch"]["interval"] == 5
+
+        await agent.hub._client.close(ConnectionLost("network cut (test)"))
+        await wait_for(lambda: traffic("reconnected"))
+        assert "network cut (test)" in traffic("disconnected")[0]["reason"]
+        assert traffic("reconnected") == [{"reconnects": 1}] and agent.status.connected
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())

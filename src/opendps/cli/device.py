@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -267,13 +268,17 @@ def provision(endpoint: Endpoint, output: str, registration_id: str, certificate
                    "(the enrollment has no credential policy); nothing stored", err=True)
     else:
         try:
-            stored = CertificateStore(store_dir).save(key, result.issued_chain)
+            store = CertificateStore(store_dir)
+            stored = store.save(key, result.issued_chain)
+            if result.assigned_hub and result.device_id:
+                store.save_assignment(result.assigned_hub, result.device_id)  # what `device run` connects with
         except (OSError, ValueError, StoreError) as exc:
             raise CliError(f"cannot store the issued certificate in {store_dir}: {_one_line(exc)}") from exc
         leaf = stored.certificate
         doc["certificate"] = {"subject": leaf.subject.rfc4514_string(), **certificate_summary(leaf)}
         doc["files"] = {"directory": str(stored.directory), "key": str(stored.key_file), "certificate": str(stored.cert_file),
-                        "chain": str(stored.chain_file), "fullChain": str(stored.fullchain_file)}
+                        "chain": str(stored.chain_file), "fullChain": str(stored.fullchain_file),
+                        "assignment": str(store.assignment_file)}
     from opendps.cli.output import emit
 
     emit(doc, output, PROVISION_COLUMNS)
@@ -539,7 +544,10 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
               telemetry_interval: float, renew_now: bool, duration: float) -> None:
     """The long-running device agent: provision if needed, connect, send telemetry, answer methods, renew in time.
 
-    Prints one JSON line per event (provisioned, connected, renewed, renewal-failed...) with the agent's status.
+    Reuses the set `device provision` stored in --store-dir. Answers the direct methods getStatus and
+    renewCertificate (202: the renewal follows). Prints one JSON line per event: lifecycle events (provisioned,
+    connected, switching, renewed, rolled-back, renewal-failed) with the agent's status, and traffic events
+    (method, c2d, desired, disconnected, reconnected) with what arrived.
     """
     from opendps.device.agent import AgentConfig, AgentError, DeviceAgent
     from opendps.device.hub import HubError
@@ -566,8 +574,13 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
                          renewal_method=renewal_method, telemetry_interval=telemetry_interval, hub_options=hub_options,
                          **credential)
 
-    def on_event(name: str, status: Any) -> None:
-        click.echo(json.dumps({"event": name, **status.to_dict()}), nl=True)
+    def on_event(name: str, status: Any, details: dict[str, Any]) -> None:
+        if details:  # a traffic event
+            line = {"event": name, "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                    "deviceId": status.device_id, **details}
+        else:
+            line = {"event": name, **status.to_dict()}
+        click.echo(json.dumps(line, default=str))
 
     async def main() -> None:
         agent = DeviceAgent(config, on_event=on_event)

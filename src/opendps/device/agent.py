@@ -9,7 +9,10 @@ itself, the service sends no reminder). :class:`DeviceAgent` ties the SDK togeth
    to it.
 2. **Operation** — connect to the assigned hub with the operational chain, report the certificate summary
    in the twin (``{"certificate": {...}}``), answer methods / desired / C2D through the user's callbacks
-   and send telemetry at an interval.
+   and send telemetry at an interval. The agent answers two methods of its own, ``getStatus`` (its
+   :class:`AgentStatus`) and ``renewCertificate`` (starts a renewal and answers 202 at once: the renewal
+   reconnects, and a hub fails a method whose device disconnects before answering); the user's methods
+   of the same name take precedence.
 3. **Renewal** — at the renewal time (see :func:`renewal_due_time`, minus a per-certificate random
    jitter so a fleet issued at once does not renew at once): new key + CSR, a new chain from DPS
    (``renewal_method="dps"``, the seed's method) or from the hub's ``$iothub/credentials`` topic
@@ -27,9 +30,9 @@ is taken as the offset between the two clocks, so a fresh certificate is never "
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,12 +43,11 @@ from typing import Any, Literal
 
 from cryptography import x509 as cx509
 
-from opendps.device.hub import C2dCallback, DesiredCallback, HubClient, MethodHandler
+from opendps.device.hub import C2dCallback, C2dMessage, DesiredCallback, HubClient, MethodHandler, _call
 from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, public_keys_match
 from opendps.device.mqtt import ConnectRefused, MqttError
 from opendps.device.provisioning import ProvisioningClient
 from opendps.device.store import CertificateStore, StoredCredentials, StoreError
-from opendps.files import write_atomic
 
 __all__ = [
     "AgentConfig",
@@ -57,9 +59,11 @@ __all__ = [
 
 log = logging.getLogger("opendps.device.agent")
 
-STATE_FILE = "agent.json"
 RenewalMethod = Literal["dps", "hub"]
-EventCallback = Callable[[str, "AgentStatus"], None]
+EventCallback = Callable[[str, "AgentStatus", dict[str, Any]], None]
+"""``(event, status, details)``. Lifecycle events (provisioned, connected, switching, renewed, rolled-back,
+renewal-failed) have empty details; traffic events say what happened: ``method`` (method, request, status),
+``c2d`` (messageId, body, properties), ``desired`` (patch), ``disconnected`` (reason), ``reconnected`` (reconnects so far)."""
 TelemetrySource = Callable[[int], Any]
 
 
@@ -196,7 +200,9 @@ class DeviceAgent:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
-        self._methods = dict(methods or {})
+        self._methods: dict[str | None, MethodHandler] = {"getStatus": self._get_status,
+                                                          "renewCertificate": self._renew_certificate,
+                                                          None: self._no_such_method, **(methods or {})}
         self._on_desired = on_desired
         self._on_c2d = on_c2d
         self._telemetry = telemetry
@@ -213,6 +219,7 @@ class DeviceAgent:
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
         self._telemetry_seq = 0
+        self._background: set[asyncio.Future[Any]] = set()  # renewals started by the renewCertificate method
 
     # ---------------------------------------------------------------- public API
     @property
@@ -333,8 +340,8 @@ class DeviceAgent:
             if not self.store.pending:
                 return None, None
             creds = self.store.rollback()  # an interrupted renewal: the confirmed set is the one to use
-        state = self._read_state()
-        if creds is None or state is None:
+        assignment = self.store.assignment()
+        if creds is None or assignment is None:
             return creds, None
         # after a restart the device clock is trusted unless it is before the certificate's issuance (no RTC, 1970):
         # then assume the certificate is as fresh as possible rather than never renewing it
@@ -344,7 +351,7 @@ class DeviceAgent:
         if self._issuer_now() >= creds.certificate.not_valid_after_utc:
             log.info("%s: stored certificate expired; onboarding again", self.config.registration_id)
             return None, None
-        return creds, (state["assignedHub"], state["deviceId"])
+        return creds, assignment
 
     async def _onboard(self) -> tuple[StoredCredentials, tuple[str, str]] | None:
         """Register with DPS (fresh key + CSR) until it works or the agent stops; failures back off."""
@@ -372,7 +379,7 @@ class DeviceAgent:
         creds = self.store.save(key, result.issued_chain)
         self._adopt(creds.certificate)
         assignment = (result.assigned_hub, result.device_id)
-        self._write_state(assignment)
+        self.store.save_assignment(*assignment)
         return creds, assignment
 
     def _provisioning_client(self) -> ProvisioningClient:
@@ -389,16 +396,70 @@ class DeviceAgent:
                                   **credential, **c.provisioning_options)
 
     def _new_hub(self, creds: StoredCredentials, assignment: tuple[str, str]) -> HubClient:
+        """A hub client whose every callback also reports a traffic event (what an operator follows)."""
         c = self.config
         hub = HubClient(assignment[0], assignment[1], port=c.hub_port or c.mqtt_port, ca_file=c.ca_file,
                         x509=creds.tls_identity, address=c.hub_address, **c.hub_options)
         for name, handler in self._methods.items():
-            hub.on_method(name, handler)
-        if self._on_desired is not None:
-            hub.on_desired(self._on_desired)
-        if self._on_c2d is not None:
-            hub.on_c2d(self._on_c2d)
+            hub.on_method(name, self._reported_method(handler))
+        if self._on_desired is not None or self._on_event is not None:
+            hub.on_desired(self._desired_arrived)
+        if self._on_c2d is not None or self._on_event is not None:
+            hub.on_c2d(self._c2d_arrived)
+        hub.on_connection(self._connection_changed)
         return hub
+
+    # ---------------------------------------------------------------- traffic (methods, desired, C2D)
+    def _reported_method(self, handler: MethodHandler) -> MethodHandler:
+        async def answer(name: str, request: Any) -> tuple[int, Any]:
+            try:
+                status, response = await _call(handler, name, request)
+            except Exception as exc:  # re-raised: the hub client answers 500; the operator sees why here too
+                self._emit("method", method=name, request=request, status=500, error=f"{type(exc).__name__}: {exc}")
+                raise
+            self._emit("method", method=name, request=request, status=status)
+            return status, response
+        return answer
+
+    def _get_status(self, _name: str, _request: Any) -> tuple[int, Any]:
+        return 200, self.status.to_dict()
+
+    def _renew_certificate(self, _name: str, _request: Any) -> tuple[int, Any]:
+        """Start a renewal; its outcome comes as the renewed / renewal-failed event and in the twin."""
+        future = asyncio.ensure_future(self.renew_now())
+        self._background.add(future)
+        future.add_done_callback(self._renewal_finished)
+        return 202, {"message": "renewal started; the twin's reported certificate changes when it is done",
+                     "certificate": self._status.certificate}
+
+    def _renewal_finished(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled():
+            future.exception()  # already recorded and reported as renewal-failed
+
+    def _no_such_method(self, name: str, _request: Any) -> tuple[int, Any]:
+        known = sorted(n for n in self._methods if n is not None)
+        return 404, {"message": f"method {name!r} is not implemented by this device (it answers {', '.join(known)})"}
+
+    async def _desired_arrived(self, patch: dict[str, Any]) -> None:
+        self._emit("desired", patch=patch)
+        if self._on_desired is not None:
+            await _call(self._on_desired, patch)
+
+    async def _c2d_arrived(self, message: C2dMessage) -> None:
+        try:
+            body: Any = message.body.decode()
+        except UnicodeDecodeError:
+            body = {"base64": base64.b64encode(message.body).decode()}
+        self._emit("c2d", messageId=message.message_id, body=body, properties=message.properties)
+        if self._on_c2d is not None:
+            await _call(self._on_c2d, message)
+
+    def _connection_changed(self, connected: bool, reason: str | None) -> None:
+        if connected:
+            self._emit("reconnected", reconnects=self.hub.reconnects if self.hub is not None else 0)
+        else:
+            self._emit("disconnected", reason=reason)
 
     async def _connect(self, creds: StoredCredentials, assignment: tuple[str, str]) -> None:
         self._set_state("connecting")
@@ -491,7 +552,7 @@ class DeviceAgent:
         if assignment != (self._status.assigned_hub, self._status.device_id):
             self._status.assigned_hub, self._status.device_id = assignment
         self._adopt(new.certificate)
-        self._write_state(assignment)
+        self.store.save_assignment(*assignment)
         self._status.renewals += 1
         self._status.last_renewal = self._clock()
         self._status.failures = 0
@@ -602,26 +663,13 @@ class DeviceAgent:
         self._status.last_error = message
         self._status.last_error_at = self._clock()
 
-    def _emit(self, event: str) -> None:
-        log.info("%s: %s (next renewal %s)", self.config.registration_id, event, _iso(self._status.next_renewal))
+    def _emit(self, event: str, **details: Any) -> None:
+        if details:
+            log.info("%s: %s %s", self.config.registration_id, event, details)
+        else:
+            log.info("%s: %s (next renewal %s)", self.config.registration_id, event, _iso(self._status.next_renewal))
         if self._on_event is not None:
             try:
-                self._on_event(event, self.status)
+                self._on_event(event, self.status, details)
             except Exception:
                 log.exception("%s: event callback failed", self.config.registration_id)
-
-    def _read_state(self) -> dict[str, Any] | None:
-        path = Path(self.config.store_dir) / STATE_FILE
-        try:
-            state = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        if not isinstance(state, dict) or not state.get("assignedHub") or not state.get("deviceId"):
-            return None
-        return state
-
-    def _write_state(self, assignment: tuple[str, str]) -> None:
-        """``agent.json``: the assignment (hub, device id), written atomically next to the certificates."""
-        directory = Path(self.config.store_dir)
-        data = json.dumps({"assignedHub": assignment[0], "deviceId": assignment[1]}, indent=2).encode()
-        write_atomic(directory / STATE_FILE, data)

@@ -51,6 +51,7 @@ CREDENTIALS_RES = "$iothub/credentials/res/"
 MethodHandler = Callable[[str, Any], "tuple[int, Any] | Awaitable[tuple[int, Any]]"]
 DesiredCallback = Callable[[dict], "Awaitable[None] | None"]
 C2dCallback = Callable[["C2dMessage"], "Awaitable[None] | None"]
+ConnectionCallback = Callable[[bool, "str | None"], None]  # (connected, why it was lost)
 
 
 class HubError(Exception):
@@ -187,6 +188,7 @@ class HubClient:
         self._desired: list[DesiredCallback] = []
         self._methods: dict[str | None, MethodHandler] = {}
         self._c2d: C2dCallback | None = None
+        self._connection: list[ConnectionCallback] = []
         self._jobs: asyncio.Queue = asyncio.Queue()
         self._worker_task: asyncio.Task | None = None
         self._filters: set[str] = {TWIN_RES + "#"}
@@ -285,9 +287,18 @@ class HubClient:
                 future.set_exception(lost)
         for queue in self._credential_waiting.values():
             queue.put_nowait(lost)
-        if error is not None and not self._closing and not self._switching and self.reconnect:
-            log.info("%s: connection lost (%s); reconnecting", self.device_id, error)
-            self._schedule_reconnect()
+        if error is not None and not self._closing and not self._switching:
+            self._notify_connection(False, str(error))
+            if self.reconnect:
+                log.info("%s: connection lost (%s); reconnecting", self.device_id, error)
+                self._schedule_reconnect()
+
+    def _notify_connection(self, connected: bool, reason: str | None) -> None:
+        for callback in list(self._connection):
+            try:
+                callback(connected, reason)
+            except Exception:
+                log.exception("%s: connection callback failed", self.device_id)
 
     def _schedule_reconnect(self) -> None:
         if self._reconnect_task is None or self._reconnect_task.done():
@@ -309,6 +320,7 @@ class HubClient:
                 attempt += 1
                 continue
             self.reconnects += 1
+            self._notify_connection(True, None)
             return
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -422,6 +434,13 @@ class HubClient:
         """Answer direct method ``name`` (None = any other) with ``handler(name, payload) -> (status, payload)``."""
         self._methods[name] = handler
         self._ensure_filter(METHODS + "#")
+
+    def on_connection(self, callback: ConnectionCallback) -> None:
+        """Call ``callback(False, reason)`` when the connection is lost and ``callback(True, None)`` when it is back.
+
+        Only unplanned changes: :meth:`connect`, :meth:`disconnect` and :meth:`switch_credentials` say nothing.
+        """
+        self._connection.append(callback)
 
     def on_c2d(self, callback: C2dCallback) -> None:
         """Receive cloud-to-device messages; a message is acknowledged (removed at the hub) after the callback."""

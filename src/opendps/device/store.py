@@ -7,6 +7,8 @@ Layout of ``directory``::
     chain.pem       leaf + issuing CA: what a TLS client presents to the hub
     fullchain.pem   leaf + issuing CA + root, as issued
     previous/       the last set that connected, kept until :meth:`CertificateStore.confirm`
+    agent.json      the assignment (hub, device id) the set was issued for: ``device provision`` writes
+                    it, so a later ``device run`` connects with the set instead of registering again
 
 Every file is written atomically (temporary file in the same directory, fsync, ``os.replace``, then
 the directory is fsynced), so a crash or power cut leaves either the old or the new file, never a
@@ -21,6 +23,7 @@ connect.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +33,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from opendps.device.keys import key_to_pem, load_private_key, public_keys_match
-from opendps.files import fsync_dir, replace_all
+from opendps.files import fsync_dir, replace_all, write_atomic
 
 __all__ = ["CertificateStore", "StoreError", "StoredCredentials"]
 
 KEY, LEAF, CHAIN, FULLCHAIN = "device.key", "device.pem", "chain.pem", "fullchain.pem"
 FILES = (KEY, LEAF, CHAIN, FULLCHAIN)
 PREVIOUS = "previous"
+ASSIGNMENT = "agent.json"
 
 
 class StoreError(Exception):
@@ -128,6 +132,28 @@ class CertificateStore:
         result = self.current()
         assert result is not None
         return result
+
+    @property
+    def assignment_file(self) -> Path:
+        return self.directory / ASSIGNMENT
+
+    def save_assignment(self, hub: str, device_id: str) -> None:
+        """Remember where DPS assigned the device (written atomically next to the certificates)."""
+        data = json.dumps({"assignedHub": hub, "deviceId": device_id}, indent=2).encode()
+        write_atomic(self.assignment_file, data)
+
+    def assignment(self) -> tuple[str, str] | None:
+        """``(assigned hub, device id)`` as last saved, or None when missing or unreadable."""
+        try:
+            state = json.loads(self.assignment_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict):
+            return None
+        hub, device_id = state.get("assignedHub"), state.get("deviceId")
+        if not isinstance(hub, str) or not isinstance(device_id, str) or not hub or not device_id:
+            return None
+        return hub, device_id
 
     @staticmethod
     def _copy_set(source: Path, target: Path) -> None:

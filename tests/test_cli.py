@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from tests.conftest import run_openssl
+from tests.test_mqtt_hub import Client as Device
+from tests.test_mqtt_hub import hub_username
+
+from opendps.transport import sas
 
 
 def _json(proc) -> object:
@@ -106,3 +111,101 @@ def test_login_flag_and_env_connection(server, tmp_path):
     bad = server.connection_string.split(";SharedAccessKey=")[0] + ";SharedAccessKey=QUJDRA=="
     r = run("adr", "ns", "list", "--login", bad, "--ca-file", str(server.ca_file))
     assert r.returncode != 0 and "401" in r.stderr
+
+
+def _one_error_line(proc, *words: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_output_formats_and_query_as_az(server):
+    """Issue 12.18: -o tsv / yaml / none and --query (JMESPath) on every verb, as az has them."""
+    for name in ("fmt-a", "fmt-b"):
+        assert server.cli("adr", "ns", "create", "--name", name, "--policy-name", f"{name}-p").returncode == 0
+    listed = _json(server.cli("adr", "ns", "list"))
+    names = server.cli("adr", "ns", "list", "--query", "[].name", "-o", "tsv")
+    assert names.returncode == 0 and names.stdout.splitlines() == [n["name"] for n in listed]
+    one = server.cli("adr", "ns", "show", "--name", "fmt-a", "--query", "{name: name, etag: etag}", "-o", "tsv")
+    assert one.stdout == f"fmt-a\t{listed[[n['name'] for n in listed].index('fmt-a')]['etag']}\n"
+    as_yaml = server.cli("adr", "ns", "show", "--name", "fmt-b", "-o", "yaml")
+    assert yaml.safe_load(as_yaml.stdout) == _json(server.cli("adr", "ns", "show", "--name", "fmt-b"))
+    filtered = _json(server.cli("adr", "ns", "list", "--query", "[?starts_with(name, 'fmt-')].properties.policies[0]"))
+    assert filtered == ["fmt-a-p", "fmt-b-p"]
+    table = server.cli("adr", "ns", "list", "--query", "[].{ns: name}", "-o", "table")
+    assert table.returncode == 0 and " ns " in table.stdout and "fmt-b" in table.stdout
+    quiet = server.cli("adr", "ns", "show", "--name", "fmt-a", "-o", "none")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    info = server.cli("info", "--query", "idScope", "-o", "tsv")
+    assert info.stdout.strip() == server.id_scope
+
+    _one_error_line(server.cli("adr", "ns", "list", "--query", "[?name=="), "--query", "JMESPath")
+    _one_error_line(server.cli("adr", "ns", "list", "--query", "length(@[0].name) + `1`"), "--query")
+    _one_error_line(server.cli("adr", "ns", "list", "--query", "abs(@)"), "--query failed")
+    _one_error_line(server.cli("adr", "ns", "list", "-o", "xml"), "'xml' is not one of")
+
+
+def test_policy_rotate_and_namespace_devices(server):
+    ns = _json(server.cli("adr", "ns", "create", "--name", "rot-ns", "--policy-name", "rot-p"))
+    before = _json(server.cli("adr", "ns", "policy", "show", "--namespace", "rot-ns", "--name", "rot-p"))
+    rotated = _json(server.cli("adr", "ns", "policy", "rotate", "--namespace", "rot-ns", "--name", "rot-p",
+                               "--etag", before["etag"]))
+    ca = ["properties", "certificate", "certificateAuthorityConfiguration", "certificate"]
+
+    def dig(doc: dict) -> str:
+        for key in ca:
+            doc = doc[key]
+        return doc  # type: ignore[return-value]
+
+    assert dig(rotated) != dig(before) and rotated["etag"] != before["etag"]
+    assert dig(_json(server.cli("adr", "ns", "policy", "show", "--namespace", "rot-ns", "--name", "rot-p"))) == dig(rotated)
+    _one_error_line(server.cli("adr", "ns", "policy", "rotate", "--namespace", "rot-ns", "--name", "rot-p",
+                               "--etag", before["etag"]), "ETag", "412")
+    _one_error_line(server.cli("adr", "ns", "policy", "rotate", "--namespace", "rot-ns", "--name", "nope"), "nope")
+    assert _json(server.cli("adr", "ns", "device", "list", "--namespace", "rot-ns")) == []
+    _one_error_line(server.cli("adr", "ns", "device", "show", "--namespace", "rot-ns", "-d", "ghost"), "ghost")
+    _one_error_line(server.cli("adr", "ns", "device", "list", "--namespace", "no-such-ns"), "no-such-ns")
+    assert ns["name"] == "rot-ns"
+
+
+def test_device_identity_connection_string_and_renew_key(server):
+    created = _json(server.cli("hub", "device-identity", "create", "-d", "cs-dev"))
+    keys = created["authentication"]["symmetricKey"]
+
+    def connection_string(*extra: str) -> dict[str, str]:
+        shown = _json(server.cli("hub", "device-identity", "connection-string", "show", "-d", "cs-dev", *extra))
+        return dict(part.split("=", 1) for part in shown["connectionString"].split(";"))
+
+    def connects(key: str) -> bool:
+        device = Device(server, "cs-dev", hub_username("cs-dev"), password=sas.generate("localhost/devices/cs-dev", key))
+        device.c.disconnect()
+        device.c.loop_stop()
+        return device.rc == 0
+
+    primary = connection_string()
+    assert primary == {"HostName": "localhost", "DeviceId": "cs-dev", "SharedAccessKey": keys["primaryKey"]}
+    assert connection_string("--key-type", "secondary")["SharedAccessKey"] == keys["secondaryKey"]
+    assert connects(primary["SharedAccessKey"])
+
+    renewed = _json(server.cli("hub", "device-identity", "renew-key", "-d", "cs-dev", "--key-type", "primary"))
+    new = renewed["authentication"]["symmetricKey"]
+    assert new["primaryKey"] != keys["primaryKey"] and new["secondaryKey"] == keys["secondaryKey"]
+    assert connection_string()["SharedAccessKey"] == new["primaryKey"]
+    assert not connects(keys["primaryKey"]) and connects(new["primaryKey"])
+    swapped = _json(server.cli("hub", "device-identity", "renew-key", "-d", "cs-dev", "--kt", "swap"))
+    assert swapped["authentication"]["symmetricKey"] == {"primaryKey": new["secondaryKey"],
+                                                         "secondaryKey": new["primaryKey"]}
+    both = _json(server.cli("hub", "device-identity", "renew-key", "-d", "cs-dev", "--kt", "both"))
+    assert set(both["authentication"]["symmetricKey"].values()).isdisjoint(new.values())
+    _one_error_line(server.cli("hub", "device-identity", "renew-key", "-d", "cs-dev", "--kt", "primary", "--etag",
+                               created["etag"]), "ETag", "412")
+
+    assert server.cli("hub", "device-identity", "create", "-d", "cs-ca", "--am", "x509_ca").returncode == 0
+    x509 = _json(server.cli("hub", "device-identity", "connection-string", "show", "-d", "cs-ca"))
+    assert x509["connectionString"] == "HostName=localhost;DeviceId=cs-ca;x509=true"
+    _one_error_line(server.cli("hub", "device-identity", "renew-key", "-d", "cs-ca", "--kt", "primary"),
+                    "not symmetric keys")
+    _one_error_line(server.cli("hub", "device-identity", "connection-string", "show", "-d", "ghost"), "ghost")

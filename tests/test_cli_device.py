@@ -263,6 +263,11 @@ def test_device_run_reuses_what_provision_stored_and_prints_traffic(server, setu
         key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
     store = str(tmp_path / "s")
     provisioned = _json(server.cli("device", "provision", "--rid", rid, "--symmetric-key", key, "--store-dir", store))
+    serials = server.cli("adr", "ns", "device", "list", "--namespace", NS, "--query",
+                         f"[?name=='{rid}'].properties.operationalCertificate.serialNumber", "-o", "tsv")
+    assert serials.stdout.split() == [provisioned["certificate"]["serialNumber"]]  # the namespace's device registry
+    record = _json(server.cli("adr", "ns", "device", "show", "--namespace", NS, "-d", rid))
+    assert record["properties"]["registrationId"] == rid
     agent = subprocess.Popen([sys.executable, "-m", "opendps", "device", "run", "--rid", rid, "--symmetric-key", key,
                               "--store-dir", store, "--duration", "120"], env=server.env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,6 @@ the data directory directly.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +20,34 @@ if TYPE_CHECKING:
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-OUTPUT_OPTION = click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="json",
-                             show_default=True, help="Output format.")
+OUTPUT_FORMATS = ("json", "table", "tsv", "yaml", "none")  # az's, less its colourised variants
+QUERY_META = "opendps.query"  # click context meta key: the compiled --query of the running command
+
+
+def _remember_query(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Compile ``--query`` while parsing (a syntax error is a usage error) and keep it for :func:`output.emit`."""
+    if value is not None:
+        from opendps.cli.output import compile_query
+
+        ctx.meta[QUERY_META] = compile_query(value)
+
+
+def output_option(default: str = "json") -> Callable[[_F], _F]:
+    """``-o/--output`` and ``--query`` as az has them; the verb passes its result to :func:`output.emit`."""
+    fmt = click.option("-o", "--output", "output", type=click.Choice(OUTPUT_FORMATS), default=default,
+                       show_default=True, help="Output format: json, table, tsv (tab-separated values, for shell "
+                       "scripts), yaml or none.")
+    query = click.option("--query", metavar="JMESPATH", expose_value=False, callback=_remember_query,
+                         help="JMESPath query applied to the result before it is printed (as az's --query), "
+                         "e.g. \"[].deviceId\".")
+
+    def apply(f: _F) -> _F:
+        return fmt(query(f))
+
+    return apply
+
+
+OUTPUT_OPTION = output_option()
 
 
 class CliError(click.ClickException):
@@ -156,8 +181,10 @@ def info(data_dir: Path | None, output: str) -> None:
     inst = _open(settings, create=False)
     data = inst.info()
     inst.close()
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
+    if output != "table":
+        from opendps.cli.output import emit
+
+        emit(data, output)
     else:
         from opendps.cli.output import print_table
 

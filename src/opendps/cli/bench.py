@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from opendps.bench import SCENARIOS, BenchError, Options, run_bench
-from opendps.cli import CliError
+from opendps.cli import CliError, output_option
+from opendps.cli.output import emit
 
 
 @click.command("bench")
@@ -26,7 +27,7 @@ from opendps.cli import CliError
 @click.option("--no-lint", is_flag=True, default=False, help="Start the servers with --no-lint (pre-issuance checks off).")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Sample every opendps server with py-spy into this directory and report its top costs.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@output_option(default="table")
 def bench(quick: bool, json_path: Path | None, db_url: str | None, scenarios: tuple[str, ...], count: int | None,
           levels: tuple[int, ...], no_lint: bool, profile_dir: Path | None, output: str) -> None:
     """Benchmark opendps against fresh local servers and peers; exit 1 if any operation failed."""
@@ -40,8 +41,8 @@ def bench(quick: bool, json_path: Path | None, db_url: str | None, scenarios: tu
         raise CliError(str(exc)) from exc
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-    if output == "json":
-        click.echo(json.dumps(report, indent=2))
+    if output != "table":
+        emit(report, output)
     else:
         from opendps.bench.report import print_report
 

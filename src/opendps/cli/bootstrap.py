@@ -20,7 +20,6 @@ because openssl adds issuer and serial only when no key id is available):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -40,7 +39,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from opendps.cli import CliError
+from opendps.cli import CliError, output_option
 from opendps.cli._client import Client, api_path
 from opendps.cli.management import (
     DEFAULT_VALIDITY_DAYS,
@@ -50,6 +49,7 @@ from opendps.cli.management import (
     _policy_path,
     lazy_api_command,
 )
+from opendps.cli.output import emit
 from opendps.files import write_atomic
 from opendps.pki.certificates import thumbprint
 
@@ -412,8 +412,7 @@ def _progress(enabled: bool) -> Iterator[tuple[Callable[[str], None], Callable[[
         yield done, working
 
 
-_OUTPUT = click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="table",
-                       show_default=True, help="Output format of the summary.")
+_OUTPUT = output_option(default="table")
 
 
 @click.command("bootstrap")
@@ -463,8 +462,8 @@ def bootstrap(connect: Callable[[], Client], registration_id: str, group_name: s
         raise CliError(f"cannot write certificates: {exc.strerror or exc}"
                        + (f" ({exc.filename})" if exc.filename else "")) from exc
     summary["files"] = _file_rows(cert_dir)
-    if output == "json":
-        click.echo(json.dumps(summary, indent=2))
+    if output != "table":
+        emit(summary, output)
     else:
         _print_summary(summary)
 

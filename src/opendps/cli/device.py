@@ -30,7 +30,8 @@ from typing import Any
 
 import click
 
-from opendps.cli import OUTPUT_OPTION, CliError
+from opendps.cli import OUTPUT_OPTION, CliError, output_option
+from opendps.cli.output import emit
 
 DEFAULT_HOST = "localhost"
 DEFAULT_HTTPS_PORT = 8443
@@ -470,8 +471,7 @@ def _print_fleet_summary(summary: dict[str, Any]) -> None:
 @click.option("--retries", type=click.IntRange(0, 20), default=5, show_default=True,
               help="Per-request retries on 429/5xx/unreachable, with backoff and jitter.")
 @endpoint_options(hub=True)
-@click.option("-o", "--output", "output", type=click.Choice(["json", "table"]), default="table", show_default=True,
-              help="Output format of the summary.")
+@output_option(default="table")
 def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix: str, concurrency: int, connect: bool,
              store_dir: Path | None, retries: int) -> None:
     """Provision --count devices concurrently with CSRs, connect each to its hub once; non-zero exit if any failed."""
@@ -490,7 +490,7 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
         console = Console(stderr=True)  # stdout carries only the summary; off a terminal stderr only the error
         bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                                           console=console, transient=output == "json", disable=not console.is_terminal))
+                                           console=console, transient=output != "table", disable=not console.is_terminal))
         provisioning = bar.add_task("provisioned", total=count, failed=0)
         hub_task = bar.add_task("connected", total=count, failed=0) if connect else None
         failed = 0
@@ -509,8 +509,8 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
                                             work_dir=work_dir, keep=store_dir is not None, on_event=on_event,
                                             retries=retries))
     summary = fleet_summary(report, transport=endpoint.transport, concurrency=concurrency, connect=connect)
-    if output == "json":
-        click.echo(json.dumps(summary, indent=2))
+    if output != "table":
+        emit(summary, output)
     else:
         _print_fleet_summary(summary)
     if summary["failed"]:

@@ -293,6 +293,71 @@ def identity_delete(hub: HubClient, output: str, device_id: str, etag: str | Non
     hub.request("DELETE", _device_path(device_id), if_match=etag)
 
 
+def _symmetric_keys(device: dict[str, Any], device_id: str, verb: str) -> dict[str, str]:
+    """The device's symmetric keys; a one-line error for a device that authenticates by certificate."""
+    auth = device.get("authentication") or {}
+    keys = auth.get("symmetricKey") or {}
+    if auth.get("type") != "sas" or not keys.get("primaryKey"):
+        raise CliError(f"device {device_id!r} authenticates with {auth.get('type') or 'no'} credentials, not "
+                       f"symmetric keys: there is no key to {verb}")
+    return {"primaryKey": keys["primaryKey"], "secondaryKey": keys.get("secondaryKey") or ""}
+
+
+def _hub_host(hub: HubClient) -> str:
+    """The hub's host name, as devices address it: a hub connection string names it, else the linked hub says."""
+    if hub.client.connection.key_name == HUB_OWNER_POLICY and hub.name is None:
+        return hub.client.connection.host.split(":", 1)[0]
+    linked = hub.client.request("GET", api_path("linkedHubs", hub.name or DEFAULT_HUB)) or {}
+    return str((linked.get("properties") or {}).get("hostName") or "")
+
+
+@device_identity.group("connection-string")
+def identity_connection_string() -> None:
+    """Device connection strings."""
+
+
+@identity_connection_string.command("show")
+@DEVICE_ID
+@click.option("--key-type", "--kt", "key_type", type=click.Choice(["primary", "secondary"]), default="primary",
+              show_default=True, help="Which of the device's keys to use.")
+@hub_command
+def identity_connection_string_show(hub: HubClient, output: str, device_id: str, key_type: str) -> None:
+    """Show a device's connection string (what the Azure device SDKs' create_from_connection_string take)."""
+    device = hub.request("GET", _device_path(device_id)) or {}
+    host = _hub_host(hub)
+    canonical = device.get("deviceId", device_id)
+    if (device.get("authentication") or {}).get("type") == "sas":
+        key = _symmetric_keys(device, device_id, "show")[f"{key_type}Key"]
+        value = f"HostName={host};DeviceId={canonical};SharedAccessKey={key}"
+    else:
+        value = f"HostName={host};DeviceId={canonical};x509=true"
+    emit({"connectionString": value}, output, ["connectionString"])
+
+
+@device_identity.command("renew-key")
+@DEVICE_ID
+@click.option("--key-type", "--kt", "key_type", type=click.Choice(["primary", "secondary", "swap", "both"]),
+              required=True, help="Which key to regenerate (swap exchanges them).")
+@click.option("--etag", "-e", "etag", default=None, help="Only renew if the device still has this ETag.")
+@hub_command
+def identity_renew_key(hub: HubClient, output: str, device_id: str, key_type: str, etag: str | None) -> None:
+    """Regenerate a device's symmetric key(s); connections signed with an old key are refused from now on."""
+    import base64
+    import secrets
+
+    path = _device_path(device_id)
+    device = hub.request("GET", path) or {}
+    keys = _symmetric_keys(device, device_id, "renew")
+    if key_type == "swap":
+        keys = {"primaryKey": keys["secondaryKey"], "secondaryKey": keys["primaryKey"]}
+    for which in (("primary", "secondary") if key_type == "both" else (key_type,)):
+        if which in ("primary", "secondary"):
+            keys[f"{which}Key"] = base64.b64encode(secrets.token_bytes(32)).decode()
+    body = {"deviceId": device.get("deviceId", device_id), "status": device.get("status", "enabled"),
+            "authentication": {"type": "sas", "symmetricKey": keys}}
+    emit(hub.request("PUT", path, json=body, if_match=etag or device.get("etag") or "*"), output, DEVICE_COLUMNS)
+
+
 # ---------------------------------------------------------------- device-twin
 
 

@@ -21,6 +21,8 @@ CERT_COLUMNS = ["name", "properties.subject", "properties.isVerified", "properti
 NS_COLUMNS = ["name", "properties.credential.subject", "properties.policies"]
 POLICY_COLUMNS = ["name", "properties.certificate.leafCertificateConfiguration.validityPeriodInDays",
                   "properties.certificate.certificateAuthorityConfiguration.subject", "etag"]
+DEVICE_RECORD_COLUMNS = ["name", "properties.registrationId", "properties.iotHubHostName", "properties.policy",
+                         "properties.operationalCertificate.serialNumber", "properties.operationalCertificate.notAfter"]
 CREDENTIAL_COLUMNS = ["name", "properties.subject", "properties.thumbprint", "properties.notBefore",
                       "properties.notAfter", "properties.curve"]
 OWNER_POLICY = "provisioningserviceowner"
@@ -300,6 +302,39 @@ def policy_list(client: Client, output: str, namespace: str) -> None:
 def policy_delete(client: Client, output: str, namespace: str, name: str, etag: str | None) -> None:
     """Delete a policy (refused while an enrollment references it)."""
     client.request("DELETE", _policy_path(namespace, name), if_match=etag)
+
+
+@policy.command("rotate")
+@NAMESPACE
+@POLICY_NAME
+@etag_option(False, "Only rotate if the policy still has this ETag.")
+@api_command
+def policy_rotate(client: Client, output: str, namespace: str, name: str, etag: str | None) -> None:
+    """Give the policy a new issuing CA: devices get certificates from it when they next renew; hubs keep
+    trusting the old one until it expires, so devices that have not renewed yet still connect."""
+    emit(client.request("POST", _policy_path(namespace, name, "rotate"), if_match=etag), output, POLICY_COLUMNS)
+
+
+@ns.group("device")
+def ns_device() -> None:
+    """The namespace's device registry: each provisioned device and its current operational certificate."""
+
+
+@ns_device.command("list")
+@NAMESPACE
+@api_command
+def ns_device_list(client: Client, output: str, namespace: str) -> None:
+    """List the devices provisioned into a namespace."""
+    emit(_list(client, _ns_path(namespace, "devices")), output, DEVICE_RECORD_COLUMNS)
+
+
+@ns_device.command("show")
+@NAMESPACE
+@click.option("--device-id", "-d", "device_id", required=True, help="Device id.")
+@api_command
+def ns_device_show(client: Client, output: str, namespace: str, device_id: str) -> None:
+    """Show one device record."""
+    emit(client.request("GET", _ns_path(namespace, "devices", device_id)), output, DEVICE_RECORD_COLUMNS)
 
 
 # ---------------------------------------------------------------- dps

@@ -1,4 +1,8 @@
-"""Output helpers shared by CLI verbs: JSON (default) and rich tables."""
+"""How CLI verbs print their result: az's output formats (json, table, tsv, yaml, none) after ``--query``.
+
+The verb hands :func:`emit` the service's JSON answer; ``--query`` (JMESPath, as az) runs first, so scripts
+written for az (``--query "[].deviceId" -o tsv``) port over.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,82 @@ import json
 from typing import Any
 
 import click
+import jmespath
+import yaml
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
 from rich.console import Console
 from rich.table import Table
 
+__all__ = ["compile_query", "emit", "print_table", "tsv_lines"]
+
+
+def compile_query(expression: str) -> ParsedResult:
+    """A JMESPath expression, compiled once; a syntax error is a usage error naming the problem."""
+    try:
+        return jmespath.compile(expression)
+    except JMESPathError as exc:
+        message = " ".join(str(exc).split())
+        raise click.BadParameter(f"not a valid JMESPath expression: {message}", param_hint="'--query'") from exc
+
+
+def _query(data: Any) -> tuple[Any, bool]:
+    """``data`` after the running command's ``--query`` (if any), and whether one was applied."""
+    from opendps.cli import QUERY_META
+
+    ctx = click.get_current_context(silent=True)
+    compiled = ctx.meta.get(QUERY_META) if ctx is not None else None
+    if compiled is None:
+        return data, False
+    try:
+        return compiled.search(data), True
+    except JMESPathError as exc:  # e.g. a function applied to the wrong type
+        from opendps.cli import CliError
+
+        raise CliError(f"--query failed on this result: {' '.join(str(exc).split())}") from exc
+
 
 def emit(data: Any, output: str, columns: list[str] | None = None) -> None:
-    """Print ``data`` (a dict or list of dicts) as JSON or as a table of ``columns``."""
+    """Print ``data`` (the answer: a dict, a list or a scalar) in ``output`` format after ``--query``.
+
+    ``columns`` choose the table's columns; after a ``--query`` the table shows what the query kept.
+    """
+    data, queried = _query(data)
+    if output == "none":
+        return
     if output == "json":
         click.echo(json.dumps(data, indent=2))
-        return
-    rows = data if isinstance(data, list) else [data]
-    print_table([_flatten(r) for r in rows], columns)
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False), nl=False)
+    elif output == "tsv":
+        for line in tsv_lines(data):
+            click.echo(line)
+    else:
+        rows = data if isinstance(data, list) else [data]
+        print_table([_flatten(r) for r in rows], None if queried else columns)
+
+
+def _tsv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)  # True/False, as az prints them
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+def tsv_lines(data: Any) -> list[str]:
+    """az's tsv: one line per list item, an object's scalar values tab-separated in order (nested objects and
+    lists are left out), a list of scalars one per line, a scalar alone."""
+    items = data if isinstance(data, list) else [data]
+    lines = []
+    for item in items:
+        if isinstance(item, dict):
+            lines.append("\t".join(_tsv_value(v) for v in item.values() if not isinstance(v, dict | list)))
+        elif isinstance(item, list):
+            lines.append("\t".join(_tsv_value(v) for v in item if not isinstance(v, dict | list)))
+        else:
+            lines.append(_tsv_value(item))
+    return lines
 
 
 def _flatten(row: Any, prefix: str = "") -> dict[str, Any]:

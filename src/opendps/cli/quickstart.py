@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from opendps.cli import CliError, data_dir_option
+from opendps.cli import CliError, data_dir_option, output_option
 from opendps.cli._client import Client, api_path, resolve_connection
+from opendps.cli.output import emit
 
 if TYPE_CHECKING:
     from opendps.device.agent import DeviceAgent
@@ -308,17 +309,17 @@ def register(main: click.Group) -> None:
               help="Prefix of the two devices' registration ids.")
 @click.option("--cert-validity-days", "validity", type=click.IntRange(1, 90), default=30, show_default=True,
               help="Leaf validity of the quickstart policy.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@output_option(default="table")
 def quickstart(data_dir: Path | None, https_port: int | None, mqtt_port: int | None, amqp_port: int | None,
                prefix: str, validity: int, output: str) -> None:
     """Run the seed end to end against an embedded server; exit 0 only if every step succeeded."""
-    run = Run(quiet=output == "json")
+    run = Run(quiet=output != "table")
     with _server(data_dir, https_port, mqtt_port, amqp_port) as (client, info):
         work = Path(info["dataDir"]) / "quickstart"
         with contextlib.suppress(_Stop):
             _flow(run, client, info, work, prefix, validity)
-    if output == "json":
-        click.echo(json.dumps({"ok": run.ok, "steps": [s.__dict__ for s in run.steps]}, indent=2))
+    if output != "table":
+        emit({"ok": run.ok, "steps": [s.__dict__ for s in run.steps]}, output)
     else:
         from rich.console import Console
         from rich.table import Table

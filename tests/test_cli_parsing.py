@@ -159,6 +159,22 @@ def test_if_match_empty_is_refused() -> None:
         if_match_value("  ")
 
 
+def test_a_non_ascii_etag_is_refused_before_sending() -> None:
+    with pytest.raises(CliError, match="printable ASCII"):
+        if_match_value("\u00fc")
+
+
+def test_usage_errors_are_one_line(tmp_path: Path) -> None:
+    """click lists a Choice's values on lines of their own; opendps prints every error on one line."""
+    missing = CliRunner().invoke(main, ["hub", "policy", "renew-key", "--login", LOGIN])
+    assert missing.exit_code == 2
+    assert len(missing.stderr.splitlines()) == 1 and "Choose from: primary, secondary, swap" in missing.stderr
+    bad_id = CliRunner().invoke(main, ["bootstrap", "--rid", "d\u00fcse", "--skip-upload", "--cert-dir", str(tmp_path)])
+    assert bad_id.exit_code == 1 and len(bad_id.stderr.splitlines()) == 1
+    assert bad_id.stderr.startswith("error: --registration-id 'd\u00fcse' is invalid")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_read_certificate_file(tmp_path: Path) -> None:
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     (tmp_path / "c.pem").write_text(pem)

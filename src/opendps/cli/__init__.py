@@ -50,6 +50,11 @@ def output_option(default: str = "json") -> Callable[[_F], _F]:
 OUTPUT_OPTION = output_option()
 
 
+def _one_line(message: str) -> str:
+    """Errors are one line (click lists a Choice's values on lines of their own)."""
+    return " ".join(message.split())
+
+
 class CliError(click.ClickException):
     """One-line error and exit code 1."""
 
@@ -116,10 +121,10 @@ class _OneLineErrors(click.Group):
             sys.exit(1)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except OpenDPSError as exc:
             click.echo(f"error: {exc.message}", err=True)

@@ -135,6 +135,8 @@ def if_match_value(etag: str | None) -> str | None:
     etag = etag.strip()
     if not etag:
         raise CliError("--etag must not be empty")
+    if not etag.isascii() or not etag.isprintable():
+        raise CliError(f"--etag {etag!r} is not an ETag: ETags are printable ASCII, as the service returns them")
     if etag == "*" or etag.startswith(('"', 'W/"')):
         return etag
     return f'"{etag}"'

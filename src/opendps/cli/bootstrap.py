@@ -433,9 +433,14 @@ _OUTPUT = output_option(default="table")
 def bootstrap(connect: Callable[[], Client], registration_id: str, group_name: str | None, cert_dir: Path,
               credential_policy: str, namespace: str, skip_upload: bool, force: bool, output: str) -> None:
     """Set up X.509 onboarding like the seed's script: CA chain, device certificate, verified CAs, enrollment group."""
+    from opendps.errors import InvalidInput
+    from opendps.provisioning.enrollments import check_registration_id
+
     rid = registration_id.strip()
-    if not rid:
-        raise CliError("--registration-id must not be empty")
+    try:  # the certificate's CN and DNS name: what DPS will accept as this device's registration id
+        check_registration_id(rid, "--registration-id")
+    except InvalidInput as exc:
+        raise CliError(exc.message) from exc
     group_name = group_name or f"{rid}-group"
     summary: dict[str, Any] = {"registrationId": rid, "certDir": str(cert_dir), "created": [], "files": [],
                                "certificates": [], "credentialPolicy": None, "enrollmentGroup": None}

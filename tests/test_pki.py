@@ -10,7 +10,7 @@ import base64
 import hashlib
 import secrets
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import opendps.pki.profiles as profiles_module
 from conftest import run_openssl
 from opendps.errors import ConfigurationError, OpenDPSError
 from opendps.pki import IssuanceEngine, IssuanceRefused, KeyStore, lint_certificate
+from opendps.pki.csr import CsrRejected, ValidatedCsr
 from opendps.store import Base, CertificateAuthority, InstanceSetting, IssuedCertificate, WrappedKey
 
 REG_ID = "dev-1"
@@ -458,6 +459,30 @@ def test_bad_csrs_rejected_and_nothing_stored(issue, store, ns, corpus, subtests
             assert err.message == str(err)
             assert _issued_count(store) == before
     assert _issued_count(store) == 0
+
+
+def test_the_ca_signs_only_the_check_result_made_for_that_csr(engine, registry, store, ns, corpus):
+    """Issue 13.4: `issue` does not take the RA's check result on trust. A result made for another CSR, another
+    registration id, with another key swapped in, or assembled by hand gets no certificate; the real one does."""
+    issuer = registry.issuer(ns.policy_id)
+    checked = issuer.validate(corpus.csrs["p384"], REG_ID)
+    other_csr = issuer.validate(corpus.csrs["extra_subject"], REG_ID)
+    stranger = ec.generate_private_key(ec.SECP384R1()).public_key()
+    forged = [
+        ("another registration id", replace(checked, registration_id="dev-2"), "dev-2"),
+        ("another CSR's seal", replace(checked, seal=other_csr.seal), REG_ID),
+        ("another key", replace(checked, public_key=stranger), REG_ID),
+        ("another CSR, same key", replace(other_csr, csr=checked.csr, public_key=checked.public_key), REG_ID),
+        ("assembled by hand", ValidatedCsr(checked.csr, stranger, "secp384r1", REG_ID), REG_ID),
+    ]
+    for label, result, rid in forged:
+        with pytest.raises(CsrRejected):
+            engine.issue(issuer, result, rid)
+        assert _issued_count(store) == 0, label
+    with pytest.raises(CsrRejected, match="validated for"):
+        engine.issue(issuer, checked, "dev-2")  # the right result, presented for another device
+    chain = engine.issue(issuer, checked, REG_ID)
+    assert chain.leaf.public_key() == checked.csr.public_key() and _issued_count(store) == 1
 
 
 @pytest.mark.filterwarnings("ignore:Attribute's length must be:UserWarning")

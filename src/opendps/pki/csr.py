@@ -7,7 +7,10 @@ already equal the registration id, so it is re-created, not copied.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -26,14 +29,41 @@ class CsrRejected(InvalidInput):
     error_code = CSR_INVALID
 
 
+# Seals a check result to the CSR it was made for. Per process: the RA's check and the CA's signature happen in
+# the same process moments apart, and a seal must never outlive it (nothing persists or ships a ValidatedCsr).
+_SEAL_KEY = secrets.token_bytes(32)
+
+
+def _seal(der: bytes, registration_id: str, curve: str) -> bytes:
+    message = b"\0".join((hashlib.sha256(der).digest(), registration_id.encode(), curve.encode()))
+    return hmac.new(_SEAL_KEY, message, hashlib.sha256).digest()
+
+
 @dataclass(frozen=True)
 class ValidatedCsr:
-    """A CSR that passed :func:`validate_csr` for ``registration_id``: only that function makes one."""
+    """A CSR that passed :func:`validate_csr` for ``registration_id``.
+
+    The CA does not take the RA's word for it (Boulder's CA re-checks what the RA sends): :meth:`confirm` holds
+    the seal :func:`validate_csr` put over the CSR's bytes, the registration id and the curve against the fields,
+    and the key against the CSR's own — so a check result made for another CSR, another device, or assembled by
+    hand gets no signature, while the costly signature verification is not repeated.
+    """
 
     csr: x509.CertificateSigningRequest
     public_key: ec.EllipticCurvePublicKey
     curve: str
     registration_id: str
+    seal: bytes = field(default=b"", repr=False)
+
+    def confirm(self, registration_id: str) -> None:
+        """Raise CsrRejected unless this is :func:`validate_csr`'s own result for this CSR and ``registration_id``."""
+        if self.registration_id != registration_id:
+            raise CsrRejected(f"CSR was validated for {self.registration_id!r}, not {registration_id!r}")
+        expected = _seal(self.csr.public_bytes(Encoding.DER), registration_id, self.curve)
+        if not hmac.compare_digest(self.seal, expected):
+            raise CsrRejected("the CSR check result does not belong to this CSR and registration id")
+        if self.public_key != self.csr.public_key() or self.public_key.curve.name != self.curve:
+            raise CsrRejected("the CSR check result names another key than the CSR's")
 
 
 def decode_csr_text(value: str) -> bytes:
@@ -107,7 +137,7 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
         raise CsrRejected("CSR extension request cannot be parsed") from exc
     if bc is not None and bc.value.ca:
         raise CsrRejected("CSR requests a CA certificate (basicConstraints CA:TRUE); only end-entity is issued")
-    return ValidatedCsr(csr, key, curve, registration_id)
+    return ValidatedCsr(csr, key, curve, registration_id, _seal(csr.public_bytes(Encoding.DER), registration_id, curve))
 
 
 

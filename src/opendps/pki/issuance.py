@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from opendps.pki.csr import CsrRejected, ValidatedCsr, allowed_curves, check_curve, validate_csr
+from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, leaf_builder, sign_builder
 from opendps.store import IssuedCertificate, Store
@@ -84,17 +84,17 @@ class IssuanceEngine:
         """Sign a leaf for ``registration_id`` under ``issuer``, record it, return the chain.
 
         ``csr``: DER/PEM bytes (validated here), or what :meth:`Issuer.validate` returned for this registration
-        moments ago — its signature is not verified twice, but its subject and curve are held to ``issuer`` as
-        it is now. With ``session`` the certificate row joins the caller's transaction (provisioning commits it
-        together with the device and registration, so a failure leaves none of them behind).
+        moments ago — confirmed to be that check of this CSR (:meth:`ValidatedCsr.confirm`) and its curve held to
+        ``issuer`` as it is now; its signature is not verified twice. With ``session`` the certificate row joins
+        the caller's transaction (provisioning commits it together with the device and registration, so a failure
+        leaves none of them behind).
         """
         now = now or datetime.now(UTC)
         if isinstance(csr, bytes):
             checked = issuer.validate(csr, registration_id)
         else:
             checked = csr
-            if checked.registration_id != registration_id:
-                raise CsrRejected(f"CSR was validated for {checked.registration_id!r}, not {registration_id!r}")
+            checked.confirm(registration_id)
             check_curve(checked.curve, allow_p256=issuer.allow_p256)
         if issuer.certificate.not_valid_after_utc <= now:
             raise IssuanceRefused(f"the issuing CA of policy {issuer.policy_name!r} has expired")

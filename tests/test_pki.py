@@ -426,6 +426,80 @@ def test_engine_refuses_when_lint_finds_something(issue, registry, store, keys, 
             assert unlinted.leaf.extensions.get_extension_for_oid(extension.oid).critical
 
 
+def _csr(registration_id: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA384()).public_bytes(Encoding.DER)
+
+
+def test_pkilint_runs_once_per_leaf_shape_and_again_when_the_profile_changes(engine, registry, store, ns, corpus,
+                                                                                monkeypatch):
+    """Issue 13.3: the first leaf of each shape is linted in full, later ones of the same shape are not; a profile
+    change is a new shape, so a profile pkilint rejects still stops issuance after clean leaves were cached."""
+    linted: list[bytes] = []
+    real_lint = profiles_module.lint_certificate
+
+    def counting(der: bytes, **kw):
+        linted.append(der)
+        return real_lint(der, **kw)
+
+    monkeypatch.setattr(profiles_module, "lint_certificate", counting)
+    issuer = registry.issuer(ns.policy_id)
+    for rid in ("dev-1", "dev-2", "dev-3", "DEV-4"):  # same CN length: one shape
+        engine.issue(issuer, _csr(rid), rid)
+    assert len(linted) == 1
+    engine.issue(issuer, _csr("device-10"), "device-10")  # another CN length: another shape, linted once
+    engine.issue(issuer, _csr("device-11"), "device-11")
+    assert len(linted) == 2 and _issued_count(store) == 6
+
+    real_builder = issuance_module.leaf_builder
+    monkeypatch.setattr(issuance_module, "leaf_builder", lambda *a, **kw: real_builder(*a, **kw).add_extension(
+        x509.IssuerAlternativeName([x509.DNSName("ca.example")]), critical=True))
+    with pytest.raises(IssuanceRefused, match="pkix.issuer_alt_name_extension_critical"):
+        engine.issue(issuer, _csr("dev-5"), "dev-5")
+    assert len(linted) == 3 and _issued_count(store) == 6
+
+
+def test_every_leaf_gets_the_value_checks_its_shape_cannot_vouch_for(engine, registry, store, ns, monkeypatch):
+    """A leaf whose shape is known but whose validity is empty is refused, though pkilint is not asked again."""
+    issuer = registry.issuer(ns.policy_id)
+    engine.issue(issuer, _csr("dev-1"), "dev-1")
+    real_builder = issuance_module.leaf_builder
+
+    def empty_validity(public_key, registration_id, issuer_cert, issuer_key, days, *, now=None):
+        good = real_builder(public_key, registration_id, issuer_cert, issuer_key, days, now=now)
+        pre = good.sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384())
+        builder = (x509.CertificateBuilder().subject_name(pre.subject).issuer_name(pre.issuer).public_key(public_key)
+                   .serial_number(pre.serial_number).not_valid_before(pre.not_valid_before_utc)
+                   .not_valid_after(pre.not_valid_before_utc))  # the builder refuses reversed dates, not equal ones
+        for extension in pre.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        return builder
+
+    monkeypatch.setattr(issuance_module, "leaf_builder", empty_validity)
+    with pytest.raises(IssuanceRefused, match="notAfter is not after notBefore"):
+        engine.issue(issuer, _csr("dev-2"), "dev-2")
+    assert _issued_count(store) == 1
+
+
+def test_a_skeleton_blanks_only_the_per_leaf_values(engine, registry, ns):
+    issuer = registry.issuer(ns.policy_id)
+    later = datetime.now(UTC) + timedelta(days=3)
+
+    def shape(rid: str, ca=issuer.certificate, **kw) -> bytes:
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        builder = profiles_module.leaf_builder(key, rid, ca, ca.public_key(), 7, **kw)
+        shaped = profiles_module.skeleton(builder.sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()))
+        assert shaped is not None
+        return shaped
+
+    assert shape("dev-1") == shape("dev-9") == shape("DEV-7", now=later)  # other serial, key, dates, CN
+    assert shape("dev-1") != shape("dev-10")  # another CN length
+    assert shape("dev-1", ca=issuer.root) != shape("dev-1", ca=issuer.root, now=datetime(2049, 12, 30, tzinfo=UTC))
+    # ^ notAfter in 2050 is a GeneralizedTime (the root lives 25 years, long enough to issue under it then)
+    assert shape("dev-1") != profiles_module.skeleton(issuer.certificate)  # another profile altogether
+
+
 # ---------------------------------------------------------------- 4. bad CSRs
 
 BAD_CSRS = [

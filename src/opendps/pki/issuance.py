@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
-from opendps.pki.profiles import IssuanceRefused, leaf_builder, sign_builder
+from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
 from opendps.store import IssuedCertificate, Store
 
 
@@ -78,6 +78,7 @@ class IssuanceEngine:
         self.store = store
         self.keys = keys
         self.lint = lint
+        self.linted = LintedShapes()  # leaf shapes pkilint passed: the first leaf of each is linted in full
 
     def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
               session: Session | None = None) -> IssuedChain:
@@ -101,7 +102,7 @@ class IssuanceEngine:
         signer = self.keys.signer(issuer.key_id)
         builder = leaf_builder(checked.public_key, registration_id, issuer.certificate, signer.public_key(),
                                issuer.validity_days, now=now)
-        leaf = sign_builder(builder, signer, lint=self.lint)
+        leaf = sign_builder(builder, signer, lint=self.lint, shapes=self.linted)
         der = leaf.public_bytes(Encoding.DER)
         row = IssuedCertificate(
             serial=format(leaf.serial_number, "x"), sha256=hashlib.sha256(der).hexdigest(), der=der,

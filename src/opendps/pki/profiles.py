@@ -5,18 +5,27 @@ ecdsa-with-SHA384 and every field of the final certificate), lint that pre-certi
 have the CA's :class:`~opendps.pki.keys.Signer` sign the TBS bytes and wrap TBS, algorithm and
 signature into the final DER. The CA key is never handed to ``cryptography``'s builder, which is
 what lets an HSM-backed signer slot in.
+
+Lint at the right cost: leaves of one profile differ only in their serial, dates, CN, key and key
+identifier. :func:`skeleton` blanks exactly those values in the TBS; pkilint runs on the first leaf of
+each skeleton (a profile change, another issuer, another CN length or time encoding is a new one) and
+:class:`LintedShapes` remembers the clean ones. Every leaf still gets the cheap checks pkilint's verdict
+on its skeleton cannot cover (the values themselves: dates in order, inside the issuer's, CN bounds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import threading
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from opendps.errors import InvalidInput
@@ -67,13 +76,98 @@ def _assemble(tbs: bytes, signature: bytes) -> bytes:
     return b"\x30" + _der_len(len(body)) + body
 
 
-def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool = True) -> x509.Certificate:
-    """Lint the builder's certificate, then sign it with ``signer`` and verify the result."""
+def _time_encoding(when: datetime) -> bytes:
+    """The DER content of a certificate time: UTCTime before 2050, GeneralizedTime from then (RFC 5280 4.1.2.5)."""
+    return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ").encode()
+
+
+def skeleton(pre: x509.Certificate) -> bytes | None:
+    """SHA-256 of ``pre``'s TBS with its per-leaf values blanked (serial, dates, CN, public key, key identifier).
+
+    Values are found in TBS order, each after the previous one, so a blank lands in its own field; their
+    lengths and tags stay, so a skeleton covers one CN length and one time encoding. None when a value is
+    not where the profile puts it (then the leaf is linted in full).
+    """
+    tbs = bytearray(pre.tbs_certificate_bytes)
+    key = pre.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None
+    try:
+        ski = pre.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        cns = pre.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except x509.ExtensionNotFound:
+        return None
+    if len(cns) != 1:
+        return None
+    serial = pre.serial_number.to_bytes((pre.serial_number.bit_length() + 7) // 8, "big")
+    values = [serial, _time_encoding(pre.not_valid_before_utc), _time_encoding(pre.not_valid_after_utc),
+              str(cns[0].value).encode(), key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint), ski]
+    position = 0
+    for value in values:
+        at = tbs.find(value, position)
+        if at < 0:
+            return None
+        tbs[at:at + len(value)] = bytes(len(value))
+        position = at + len(value)
+    return hashlib.sha256(bytes(tbs)).digest()
+
+
+class LintedShapes:
+    """Skeletons whose leaf pkilint passed (bounded, per process; thread-safe: issuance runs in worker threads)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._clean: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, shape: object) -> bool:
+        with self._lock:
+            if shape not in self._clean:
+                return False
+            self._clean.move_to_end(shape)  # type: ignore[arg-type]
+            return True
+
+    def add(self, shape: bytes) -> None:
+        with self._lock:
+            self._clean[shape] = None
+            while len(self._clean) > self.capacity:
+                self._clean.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._clean)
+
+
+def _check_values(pre: x509.Certificate) -> None:
+    """What a skeleton cannot vouch for: the values pkilint would have judged in this very certificate."""
+    problems = []
+    if not pre.not_valid_before_utc < pre.not_valid_after_utc:
+        problems.append("notAfter is not after notBefore")
+    if not 0 < pre.serial_number < 1 << 159:
+        problems.append("serial number is not a positive integer of at most 20 octets")
+    for cn in pre.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        if not 1 <= len(str(cn.value)) <= 64:
+            problems.append("subject CN is empty or longer than 64 characters (ub-common-name)")
+    if problems:
+        raise IssuanceRefused("pre-issuance check refused the certificate: " + "; ".join(problems))
+
+
+def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool = True,
+                 shapes: LintedShapes | None = None) -> x509.Certificate:
+    """Lint the builder's certificate, then sign it with ``signer`` and verify the result.
+
+    With ``shapes``, pkilint runs once per :func:`skeleton` (the profile's first leaf of that shape) and every
+    leaf gets :func:`_check_values`; without, every certificate is linted in full (CA certificates: rare).
+    """
     pre = builder.sign(_throwaway_key(), hashes.SHA384())
     if lint:
-        findings = lint_certificate(pre.public_bytes(Encoding.DER))
-        if findings:
-            raise LintRefused(findings)
+        _check_values(pre)
+        shape = skeleton(pre) if shapes is not None else None
+        if shapes is None or shape is None or shape not in shapes:
+            findings = lint_certificate(pre.public_bytes(Encoding.DER))
+            if findings:
+                raise LintRefused(findings)
+            if shapes is not None and shape is not None:
+                shapes.add(shape)
     tbs = pre.tbs_certificate_bytes
     cert = x509.load_der_x509_certificate(_assemble(tbs, signer.sign(tbs)))
     # a wrong key or a broken signer must never produce a certificate

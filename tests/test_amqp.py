@@ -306,6 +306,22 @@ def test_one_hubs_key_does_not_sign_for_another_hub(server):
     assert httpx.get(f"{server.url}/devices", headers={"Authorization": own}, verify=verify).status_code == 401
 
 
+def test_only_the_dps_owner_policy_speaks_for_a_hub_over_cbs(server):
+    """Issue 12.18: another DPS access policy, even one with ServiceConfig, is refused at put-token (as on the
+    REST hub routes); the owner policy still speaks for the default hub."""
+    with svc(server) as c:
+        assert c.put("/accessPolicies/amqp-config", json={"rights": "ServiceConfig"}).status_code == 201
+        key = c.get("/accessPolicies/amqp-config/keys").json()["primaryKey"]
+    host = sas.parse_connection_string(server.connection_string)["HostName"]
+    client = Amqp(server)
+    try:
+        status, description = client.put_token(sas.generate(host, key, "amqp-config"))
+        assert status == 401 and "may not use the hub service API" in description, description
+        assert client.put_token(dps_owner_token(server))[0] == 200
+    finally:
+        client.close()
+
+
 def test_a_client_without_sasl_is_served_and_cbs_still_decides(server):
     """Issue 12.20: the plain AMQP header (no SASL layer, as Microsoft's Node service SDK sends) is accepted;
     CBS put-token still authorises every devicebound link."""

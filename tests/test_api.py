@@ -255,3 +255,98 @@ def test_malformed_http_is_one_info_line_not_an_error_traceback(server):
         time.sleep(0.1)
     assert log.count("malformed request, answered 400") >= 2, log[-2000:]
     assert "ERROR aiohttp.server" not in log and "Traceback" not in log
+
+
+def _policy_token(server, name: str, key: str) -> str:
+    return sas.generate(_conn(server)["HostName"], key, key_name=name)
+
+
+def test_access_policy_rights_decide_the_routes(server):
+    """Issue 12.18: a policy's rights, per route: enrollments read/write, registration states read/write, and
+    ServiceConfig for the rest (certificates, access policies); the hub service API is not theirs."""
+    tokens = {}
+    with _client(server) as owner:
+        for name, rights in (("api-enr-read", "EnrollmentRead"), ("api-reg-read", ["RegistrationStatusRead"]),
+                             ("api-reg-write", "RegistrationStatusWrite")):
+            r = owner.put(f"/accessPolicies/{name}", json={"rights": rights})
+            assert r.status_code == 201, r.text
+            assert r.json() == {"keyName": name, "rights": rights if isinstance(rights, str) else rights[0]}
+            keys = owner.get(f"/accessPolicies/{name}/keys").json()
+            assert keys["keyName"] == name and keys["primaryKey"] != keys["secondaryKey"]
+            tokens[name] = _policy_token(server, name, keys["primaryKey"])
+        listed = owner.get("/accessPolicies").json()["value"]
+        assert {"keyName": "provisioningserviceowner", "rights": "ServiceConfig, DeviceConnect, EnrollmentWrite"} \
+            in listed and all(set(p) == {"keyName", "rights"} for p in listed)  # keys only on the keys routes
+        assert owner.put("/enrollments/api-rights-dev", json={"attestation": {"type": "symmetricKey"}}
+                         ).status_code == 201
+    with _client(server, token=tokens["api-enr-read"]) as reader:
+        assert reader.get("/enrollments/api-rights-dev").status_code == 200
+        assert reader.post("/enrollments/query", json={"query": "*"}).status_code == 200
+        _assert_error(reader.put("/enrollments/api-rights-dev", json={"attestation": {"type": "symmetricKey"}}),
+                      401, 401002, "lacks the EnrollmentWrite right")
+        _assert_error(reader.delete("/enrollments/api-rights-dev"), 401, 401002, "EnrollmentWrite")
+        _assert_error(reader.get("/certificates"), 401, 401002, "lacks the ServiceConfig right")
+        _assert_error(reader.put("/certificates/api-x", json={"certificate": "x"}), 401, 401002, "ServiceConfig")
+        _assert_error(reader.get("/accessPolicies"), 401, 401002, "ServiceConfig")
+        _assert_error(reader.get("/devices"), 401, 401002, "may not use the hub service API")
+    with _client(server, token=tokens["api-reg-read"]) as status_reader:
+        _assert_error(status_reader.get("/registrations/api-rights-dev"), 404)  # let through: there is none yet
+        _assert_error(status_reader.delete("/registrations/api-rights-dev"), 401, 401002,
+                      "lacks the RegistrationStatusWrite right")
+        _assert_error(status_reader.get("/enrollments/api-rights-dev"), 401, 401002, "EnrollmentRead")
+    with _client(server, token=tokens["api-reg-write"]) as status_writer:
+        _assert_error(status_writer.delete("/registrations/api-rights-dev"), 404)  # let through
+        _assert_error(status_writer.get("/registrations/api-rights-dev"), 404)  # Write implies Read
+        _assert_error(status_writer.put("/enrollments/api-rights-dev", json={}), 401, 401002, "EnrollmentWrite")
+
+
+def test_access_policy_keys_renewal_deletion_and_refusals(server):
+    """Issue 12.18: a renewed key stops the old token at once and the new one works; a deleted policy's token is
+    refused; the owner cannot be deleted; bad input is a 4xx with Azure's body, never a 500."""
+    with _client(server) as owner:
+        assert owner.put("/accessPolicies/api-rotate", json={"rights": "ServiceConfig"},
+                         headers={"If-None-Match": "*"}).status_code == 201
+        keys = owner.get("/accessPolicies/api-rotate/keys").json()
+        old, secondary = (_policy_token(server, "api-rotate", keys[k]) for k in ("primaryKey", "secondaryKey"))
+        with _client(server, token=old) as c:
+            assert c.get("/accessPolicies/api-rotate").json() == {"keyName": "api-rotate", "rights": "ServiceConfig"}
+        renewed = owner.post("/accessPolicies/api-rotate/keys/renew", json={"renewKey": "primary"})
+        assert renewed.status_code == 200, renewed.text
+        new = renewed.json()
+        assert new["primaryKey"] != keys["primaryKey"] and new["secondaryKey"] == keys["secondaryKey"]
+        with _client(server, token=old) as c:
+            _assert_error(c.get("/accessPolicies"), 401, 401002, "signature does not verify")
+        for token in (_policy_token(server, "api-rotate", new["primaryKey"]), secondary):
+            with _client(server, token=token) as c:
+                assert c.get("/accessPolicies").status_code == 200
+        swapped = owner.post("/accessPolicies/api-rotate/keys/renew", json={"renewKey": "swap"}).json()
+        assert (swapped["primaryKey"], swapped["secondaryKey"]) == (new["secondaryKey"], new["primaryKey"])
+
+        assert owner.delete("/accessPolicies/api-rotate").status_code == 204
+        with _client(server, token=secondary) as c:
+            _assert_error(c.get("/accessPolicies"), 401, 401002, "not an access policy")
+        _assert_error(owner.get("/accessPolicies/api-rotate"), 404, words="no access policy")
+
+        _assert_error(owner.delete("/accessPolicies/provisioningserviceowner"), 409, 409002, "cannot be deleted")
+        _assert_error(owner.put("/accessPolicies/provisioningserviceowner", json={"rights": "EnrollmentWrite"}),
+                      409, words="only one with ServiceConfig")
+        for path, body, headers, status, words in [
+            ("/accessPolicies/api-bad", {"rights": "ServiceConfig, RegistryWrite"}, {}, 400, "unknown right"),
+            ("/accessPolicies/api-bad", {"rights": ""}, {}, 400, "at least one right"),
+            ("/accessPolicies/api-bad", {"rights": 5}, {}, 400, "rights"),
+            ("/accessPolicies/api-bad", {}, {}, 400, "rights"),
+            ("/accessPolicies/api%20bad", {"rights": "ServiceConfig"}, {}, 400, "is invalid"),
+            ("/accessPolicies/iothubowner", {"rights": "ServiceConfig"}, {}, 400, "reserved"),
+            ("/accessPolicies/api-bad", {"rights": "ServiceConfig", "primaryKey": "%%"}, {}, 400, "base64"),
+            ("/accessPolicies/provisioningserviceowner", {"rights": "ServiceConfig"}, {"If-None-Match": "*"}, 409,
+             "already exists"),
+            ("/accessPolicies/api-bad", {"rights": "ServiceConfig"}, {"If-Match": "*"}, 404, "no access policy"),
+        ]:
+            _assert_error(owner.put(path, json=body, headers=headers), status, words=words)
+        _assert_error(owner.post("/accessPolicies/provisioningserviceowner/keys/renew", json={"renewKey": "third"}),
+                      400, words="primary, secondary or swap")
+        _assert_error(owner.post("/accessPolicies/provisioningserviceowner/keys/renew"), 400, words="required")
+        _assert_error(owner.get("/accessPolicies/api-bad/keys"), 404)
+        assert owner.get("/accessPolicies").status_code == 200  # the owner's own token still works
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log and keys["primaryKey"] not in log and new["primaryKey"] not in log

@@ -209,3 +209,59 @@ def test_device_identity_connection_string_and_renew_key(server):
     _one_error_line(server.cli("hub", "device-identity", "renew-key", "-d", "cs-ca", "--kt", "primary"),
                     "not symmetric keys")
     _one_error_line(server.cli("hub", "device-identity", "connection-string", "show", "-d", "ghost"), "ghost")
+
+
+def test_dps_policy_verbs_as_az(server):
+    """Issue 12.18: az iot dps policy create|list|show|update|delete (+ renew-key), and the policy's connection
+    string working for exactly what its rights allow."""
+    created = _json(server.cli("dps", "policy", "create", "--pn", "cli-pol", "-r", "EnrollmentRead",
+                               "RegistrationStatusRead"))  # az's space-separated list
+    assert created == {"keyName": "cli-pol", "rights": "EnrollmentRead, RegistrationStatusRead"}
+    assert _json(server.cli("dps", "policy", "show", "--policy-name", "cli-pol")) == created
+    listed = _json(server.cli("dps", "policy", "list"))
+    assert [p["keyName"] for p in listed][:1] == ["provisioningserviceowner"] and created in listed
+    table = server.cli("dps", "policy", "list", "-o", "table")
+    assert table.returncode == 0 and "cli-pol" in table.stdout and "EnrollmentRead, RegistrationStatusRead" in table.stdout
+
+    conn = _json(server.cli("dps", "connection-string", "show", "--pn", "cli-pol"))["connectionString"]
+    assert ";SharedAccessKeyName=cli-pol;SharedAccessKey=" in conn
+    second = _json(server.cli("dps", "connection-string", "show", "--pn", "cli-pol", "--key-type", "secondary"))
+    assert second["connectionString"] != conn
+    assert server.cli("dps", "enrollment", "create", "--enrollment-id", "cli-pol-dev", "--attestation-type",
+                      "symmetrickey").returncode == 0
+    assert "cli-pol-dev" in [e["registrationId"] for e in _json(server.cli("dps", "enrollment", "list",
+                                                                           "--login", conn))]
+    _one_error_line(server.cli("dps", "enrollment", "delete", "--enrollment-id", "cli-pol-dev", "--login", conn),
+                    "EnrollmentWrite", "HTTP 401")
+    _one_error_line(server.cli("adr", "ns", "list", "--login", conn), "ServiceConfig", "HTTP 401")
+    assert _json(server.cli("dps", "connection-string", "show", "--login", conn))["connectionString"] == conn
+
+    updated = _json(server.cli("dps", "policy", "update", "--pn", "cli-pol", "--rights", "EnrollmentWrite"))
+    assert updated == {"keyName": "cli-pol", "rights": "EnrollmentWrite"}
+    renewed = _json(server.cli("dps", "policy", "renew-key", "--pn", "cli-pol", "--rk", "primary"))
+    assert renewed["keyName"] == "cli-pol" and renewed["primaryKey"] not in conn
+    _one_error_line(server.cli("dps", "enrollment", "list", "--login", conn), "HTTP 401")  # the old key: refused
+    fresh = _json(server.cli("dps", "connection-string", "show", "--pn", "cli-pol"))["connectionString"]
+    assert fresh.endswith(f"SharedAccessKey={renewed['primaryKey']}")
+    assert server.cli("dps", "enrollment", "delete", "--enrollment-id", "cli-pol-dev", "--login", fresh
+                      ).returncode == 0  # EnrollmentWrite now
+    assert _json(server.cli("dps", "policy", "update", "--pn", "cli-pol", "--secondary-key",
+                            renewed["primaryKey"]))["rights"] == "EnrollmentWrite"  # rights kept
+
+    for args, words in [
+        (["dps", "policy", "create", "--pn", "cli-bad", "-r", "ServiceConfig", "Superuser"], "unknown right 'Superuser'"),
+        (["dps", "policy", "create", "--pn", "cli-bad"], "--rights is required"),
+        (["dps", "policy", "create", "--pn", "cli-pol", "-r", "ServiceConfig"], "already exists"),
+        (["dps", "policy", "create", "--pn", "cli bad", "-r", "ServiceConfig"], "is invalid"),
+        (["dps", "policy", "update", "--pn", "cli-pol"], "nothing to update"),
+        (["dps", "policy", "update", "--pn", "cli-nope", "-r", "ServiceConfig"], "no access policy named 'cli-nope'"),
+        (["dps", "policy", "show", "--pn", "cli-nope"], "HTTP 404"),
+        (["dps", "policy", "delete", "--pn", "provisioningserviceowner"], "cannot be deleted"),
+        (["dps", "policy", "renew-key", "--pn", "cli-pol", "--rk", "tertiary"], "tertiary"),
+        (["dps", "connection-string", "show", "--pn", "cli-nope"], "HTTP 404"),
+    ]:
+        _one_error_line(server.cli(*args), words)
+
+    assert server.cli("dps", "policy", "delete", "--pn", "cli-pol").returncode == 0
+    _one_error_line(server.cli("dps", "enrollment", "list", "--login", fresh), "not an access policy", "HTTP 401")
+    _one_error_line(server.cli("dps", "policy", "show", "--pn", "cli-pol"), "HTTP 404")

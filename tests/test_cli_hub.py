@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from tests.conftest import _run_server, database
+from tests.test_api import _assert_error
+from tests.test_device_api import svc
 from tests.test_mqtt_hub import HUB, hub_username
 from tests.test_mqtt_hub import Client as Device
 
@@ -383,3 +385,152 @@ def test_hub_policy_renew_key(server):
     assert after.endswith(f"SharedAccessKey={renewed['secondaryKey']}")
     refused(server.cli("hub", "policy", "renew-key", "--renew-key", "secondary", "--policy-name", "registryRead"),
             "hubs have only 'iothubowner'")
+
+
+def test_device_twin_replace(server, tmp_path):
+    """Issue 12.18: az iot hub device-twin replace; tags and desired replaced wholesale, the change pushed."""
+    key = sas_device(server, "cli-rep")
+    before = ok(server.cli("hub", "device-twin", "update", "-d", "cli-rep", "--tags", '{"site": "lab", "old": 1}',
+                           "--desired", '{"interval": 5, "mode": {"eco": true, "level": 2}}'))
+    assert before["properties"]["desired"]["$version"] == 2
+    d = connect(server, "cli-rep", key, "$iothub/twin/PATCH/properties/desired/#")
+    try:
+        wait_connection_state(server, "cli-rep", "Connected")
+        twin_file = tmp_path / "twin.json"
+        twin_file.write_text(json.dumps({"deviceId": "cli-rep", "etag": "ignored", "tags": {"site": "plant"},
+                                         "properties": {"desired": {"mode": {"eco": True}, "rate": 9, "$version": 1},
+                                                        "reported": {"forged": 1}}}))
+        replaced = ok(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "--json", str(twin_file)))
+        assert replaced["tags"] == {"site": "plant"}  # "old" is gone: replaced, not merged
+        assert replaced["properties"]["desired"] == {"mode": {"eco": True}, "rate": 9, "$version": 3}
+        assert replaced["properties"]["reported"] == {"$version": 1}  # reported properties in the body are ignored
+        assert replaced["etag"] != before["etag"] and replaced["connectionState"] == "Connected"
+        # the device gets the merge patch that turns its old desired properties into the new ones
+        topic, payload = d.expect("$iothub/twin/PATCH/properties/desired/")
+        assert topic == "$iothub/twin/PATCH/properties/desired/?$version=3"
+        assert json.loads(payload) == {"interval": None, "mode": {"level": None}, "rate": 9, "$version": 3}
+    finally:
+        d.close()
+    refused(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "--json", "{}", "--etag", before["etag"]),
+            "does not match", "HTTP 412")
+    inline = ok(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "-j", '{"tags": {"x": 1}}', "--etag",
+                           replaced["etag"]))
+    assert inline["tags"] == {"x": 1} and inline["properties"]["desired"] == {"$version": 4}  # left out: emptied
+    assert ok(server.cli("hub", "device-twin", "show", "-d", "cli-rep"))["etag"] == inline["etag"]
+    refused(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "--json", "[1]"), "must be a JSON object")
+    refused(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "--json", "{bad"), "--json is not valid JSON")
+    refused(server.cli("hub", "device-twin", "replace", "-d", "cli-rep-none", "--json", "{}"), "HTTP 404")
+    refused(server.cli("hub", "device-twin", "replace", "-d", "cli-rep", "--json", '{"tags": {"$x": 1}}'),
+            "reserved or invalid", "HTTP 400")
+
+    deep: dict = {"leaf": 1}
+    for _ in range(10):
+        deep = {"n": deep}
+    with svc(server) as c:
+        for body, words in (({"tags": [1]}, "tags must be a JSON object"),
+                            ({"properties": [1]}, "properties must be a JSON object"),
+                            ({"properties": {"desired": "x"}}, "desired properties must be a JSON object"),
+                            ({"properties": {"desired": deep}}, "nested more than 10 levels"),
+                            ({"deviceId": "someone-else"}, "does not match 'cli-rep'")):
+            _assert_error(c.put("/twins/cli-rep", json=body), 400, 400004, words)
+        _assert_error(c.patch("/twins/cli-rep", json={"properties": "x"}), 400, 400004, "properties must be")
+        _assert_error(c.put("/twins/cli-rep", content=b"[1]"), 400, 400004, "must be a JSON object")
+        _assert_error(c.put("/twins/cli-rep", content=b""), 400, 400004, "request body is required")
+        _assert_error(c.put("/twins/cli-rep", json={"tags": {"big": "x" * 9000}}), 413, 413001, "tags would exceed")
+        _assert_error(c.put("/twins/cli-rep", json={}, headers={"If-Match": '"stale"'}), 412, 412001, "does not match")
+        r = c.put("/twins/cli-rep", json={"tags": {"y": 2}}, headers={"If-Match": '"*"'})  # the Azure SDK's quoting
+        assert r.status_code == 200, r.text
+        assert r.headers["ETag"] == f'"{r.json()["etag"]}"' and r.json()["tags"] == {"y": 2}
+        assert c.get("/twins/cli-rep").json()["properties"]["desired"] == {"$version": 5}
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log
+
+
+def report(device: Device, rid: str, patch: dict) -> None:
+    device.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", json.dumps(patch))
+    topic, _ = device.expect("$iothub/twin/res/")
+    assert topic.startswith(f"$iothub/twin/res/204/?$rid={rid}"), topic
+
+
+def test_hub_query(server):
+    """Issue 12.18: az iot hub query and POST /devices/query: WHERE on tags and reported properties, COUNT,
+    projections, paging with x-ms-max-item-count and x-ms-continuation, refusals as 400s."""
+    ids = [f"cli-q-{n}" for n in range(5)]
+    keys = {}
+    for n, device_id in enumerate(ids):
+        keys[device_id] = sas_device(server, device_id)
+        ok(server.cli("hub", "device-twin", "update", "-d", device_id, "--tags",
+                      json.dumps({"suite": "cli-q", "site": "lab" if n % 2 == 0 else "plant", "n": n})))
+    mine = "tags.suite = 'cli-q'"
+    hot = connect(server, "cli-q-3", keys["cli-q-3"], "$iothub/twin/res/#")
+    try:
+        report(hot, "r1", {"temp": 31.5, "fw": "2.0"})
+        cold = connect(server, "cli-q-1", keys["cli-q-1"], "$iothub/twin/res/#")
+        report(cold, "r2", {"temp": 12})
+        cold.close()
+        wait_connection_state(server, "cli-q-1", "Disconnected")
+        wait_connection_state(server, "cli-q-3", "Connected")
+
+        twins = ok(server.cli("hub", "query", "-q", f"SELECT * FROM devices WHERE {mine}"))
+        assert [t["deviceId"] for t in twins] == ids  # device id order
+        assert twins[3]["properties"]["reported"]["temp"] == 31.5 and twins[3]["tags"]["site"] == "plant"
+        hot_rows = ok(server.cli("hub", "query", "--query-command",
+                                 f"select deviceId, tags.n, properties.reported.temp AS t from devices "
+                                 f"where {mine} and properties.reported.temp > 20"))
+        assert hot_rows == [{"deviceId": "cli-q-3", "n": 3, "t": 31.5}]
+        connected = ok(server.cli("hub", "query", "-q",
+                                  f"SELECT deviceId FROM devices WHERE {mine} AND connectionState = 'Connected'"))
+        assert connected == [{"deviceId": "cli-q-3"}]
+    finally:
+        hot.close()
+    lab = ok(server.cli("hub", "query", "-q", f"SELECT deviceId FROM devices WHERE {mine} AND tags.site IN ['lab'] "
+                                               "AND NOT IS_DEFINED(properties.reported.temp)"))
+    assert lab == [{"deviceId": "cli-q-0"}, {"deviceId": "cli-q-2"}, {"deviceId": "cli-q-4"}]
+    assert ok(server.cli("hub", "query", "-q", f"SELECT COUNT() AS n FROM devices WHERE {mine} AND tags.site = 'lab'")
+              ) == [{"n": 3}]
+    top = ok(server.cli("hub", "query", "-q", f"SELECT * FROM devices WHERE {mine}", "--top", "2"))
+    assert [t["deviceId"] for t in top] == ids[:2]
+    assert ok(server.cli("hub", "query", "-q", f"SELECT * FROM devices WHERE {mine}", "--query", "[].tags.n")
+              ) == [0, 1, 2, 3, 4]  # -q is the hub query, --query the JMESPath on its answer (as az)
+    table = server.cli("hub", "query", "-q", f"SELECT * FROM devices WHERE {mine}", "-o", "table")
+    assert table.returncode == 0 and "connectionState" in table.stdout and "cli-q-4" in table.stdout, table.stderr
+    conn = ok(server.cli("hub", "connection-string", "show"))["connectionString"]
+    assert len(ok(server.cli("hub", "query", "-q", f"SELECT * FROM devices WHERE {mine}", "--login", conn))) == 5
+    refused(server.cli("hub", "query", "-q", "SELECT * FROM devices.modules"), "FROM devices.modules is not supported",
+            "HTTP 400")
+    refused(server.cli("hub", "query", "-q", "SELECT * FROM devices", "--top", "0"), "--top")
+    refused(server.cli("hub", "query", "-q", "SELECT * FROM devices", "-n", "no-such-hub"), "no-such-hub", "HTTP 404")
+
+    query = {"query": f"SELECT * FROM devices WHERE {mine}"}
+    with svc(server) as c:
+        seen, token, pages = [], None, 0
+        while True:
+            headers = {"x-ms-max-item-count": "2", **({"x-ms-continuation": token} if token else {})}
+            r = c.post("/devices/query", json=query, headers=headers)
+            assert r.status_code == 200, r.text
+            assert (r.headers["x-ms-item-type"], r.headers["x-ms-max-item-count"]) == ("twin", "2")
+            seen += [t["deviceId"] for t in r.json()]
+            pages += 1
+            token = r.headers.get("x-ms-continuation")
+            if token is None:
+                break
+        assert (seen, pages) == (ids, 3)
+        first = c.post("/devices/query", json=query, headers={"x-ms-max-item-count": "2"})
+        raw = c.post("/devices/query/", json={"query": f"SELECT COUNT() FROM devices WHERE {mine}"})  # a spelling
+        assert (raw.status_code, raw.json(), raw.headers["x-ms-item-type"]) == (200, [{"$1": 5}], "raw")
+        assert "x-ms-continuation" not in raw.headers
+        for body, headers, words in (
+                ({"query": "SELECT * FROM devices GROUP BY tags.site"}, {}, "GROUP BY is not supported"),
+                ({"query": "SELECT * FROM devices WHERE tags.x = 'open"}, {}, "unterminated string"),
+                ({"query": "SELECT * FROM devices WHERE tags.x + 1 = 2"}, {}, "arithmetic"),
+                ({}, {}, 'needs "query"'),
+                ({"query": 7}, {}, 'needs "query"'),
+                (query, {"x-ms-max-item-count": "0"}, "x-ms-max-item-count must be"),
+                (query, {"x-ms-max-item-count": "many"}, "x-ms-max-item-count must be"),
+                (query, {"x-ms-continuation": "garbage"}, "not a continuation token"),
+                ({"query": "SELECT deviceId FROM devices"}, {"x-ms-continuation": first.headers["x-ms-continuation"]},
+                 "belongs to another query")):
+            _assert_error(c.post("/devices/query", json=body, headers=headers), 400, 400004, words)
+        _assert_error(c.post("/devices/query", content=b"SELECT * FROM devices"), 400, 400004, "not valid JSON")
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log

@@ -11,8 +11,8 @@ Data directory (default ``./.opendps``)::
 
 Facts every node must share (ID scope, access policy keys wrapped by the master key, the server
 CA) live in the database, so several nodes on one PostgreSQL agree. The domain services of the
-installation are wired once (:mod:`opendps.services`) and reached as ``instance.services``.
-Owns ``access_policies``.
+installation are wired once (:mod:`opendps.services`) and reached as ``instance.services``; the access
+policies are :class:`opendps.provisioning.AccessPolicies`' (init makes the owner's).
 """
 
 from __future__ import annotations
@@ -35,23 +35,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from opendps.errors import ConfigurationError
+from opendps.errors import ConfigurationError, NotFound
 from opendps.files import replace_all, write_atomic
 from opendps.hub import DEFAULT_HUB
 from opendps.pki import KeyStore, load_master_key, root_ca, sign_builder
 from opendps.pki.keys import MASTER_KEY_CHECK, MASTER_KEY_ENV
 from opendps.pki.profiles import BACKDATE, random_serial
+from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # each hub's own (Hubs.owner_keys)
+from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
+from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
-from opendps.store import AccessPolicy, Store, add_setting, sqlite_url
+from opendps.store import Store, add_setting, sqlite_url
 from opendps.transport import sas
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
 DEFAULT_DATA_DIR = ".opendps"
-OWNER_POLICY = "provisioningserviceowner"
-OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"
-HUB_OWNER_POLICY = "iothubowner"  # each hub's own pair (Hubs.owner_keys); an older installation's shared one is
-# adopted by its default hub and then unused
 SERVER_CERT_DAYS = 365
 
 
@@ -160,7 +159,6 @@ class Instance:
         self.id_scope = store.setting("id_scope") or ""
         self.services: Services = wire(store, keys, id_scope=self.id_scope, hub_domain=settings.hostname,
                                        lint=settings.lint)
-        self._policy_keys: dict[str, tuple[str, str]] = {}
 
     # ---- paths ----
     @property
@@ -181,16 +179,17 @@ class Instance:
 
     # ---- credentials ----
     def access_policy_keys(self, name: str) -> tuple[str, str]:
-        """(primary, secondary) base64 keys of a shared access policy."""
-        if name not in self._policy_keys:
-            with self.store.session() as s:
-                row = s.get(AccessPolicy, name)
-                if row is None:
-                    raise KeyError(name)
-                keys = (self.keys.unwrap(row.primary_key, f"access-policy:{name}:primary").decode(),
-                        self.keys.unwrap(row.secondary_key, f"access-policy:{name}:secondary").decode())
-            self._policy_keys[name] = keys
-        return self._policy_keys[name]
+        """(primary, secondary) base64 keys of a shared access policy (``iothubowner``: an older installation's
+        shared hub pair); KeyError when there is none."""
+        if name == HUB_OWNER_POLICY:
+            former = self.services.access_policies.former_hub_owner_keys()
+            if former is None:
+                raise KeyError(name)
+            return former
+        try:
+            return self.services.access_policies.keys_of(name)
+        except NotFound as exc:
+            raise KeyError(name) from exc
 
     def owner_connection_string(self, *, secondary: bool = False) -> str:
         primary, second = self.access_policy_keys(OWNER_POLICY)
@@ -230,27 +229,15 @@ class Instance:
 
 
 def _ensure_access_policy(store: Store, keys: KeyStore, name: str, rights: str) -> None:
-    try:
-        with store.session() as s:
-            if s.get(AccessPolicy, name) is None:
-                primary = base64.b64encode(secrets.token_bytes(32))
-                secondary = base64.b64encode(secrets.token_bytes(32))
-                s.add(AccessPolicy(name=name, rights=rights,
-                                   primary_key=keys.wrap(primary, f"access-policy:{name}:primary"),
-                                   secondary_key=keys.wrap(secondary, f"access-policy:{name}:secondary"),
-                                   created_at=datetime.now(UTC)))
-    except IntegrityError:
-        pass  # another node created it first
+    """The access policy ``name`` exists (init makes the owner's; the owner of the table decides how)."""
+    AccessPolicies(store, keys).ensure(name, rights)
 
 
 def _give_hubs_their_own_keys(inst: Instance) -> None:
     """Hubs made before each hub had its own owner keys get them (store migration 0006). The default hub adopts
     the installation's former shared ``iothubowner`` pair, so the connection strings users hold keep working for
     it — and only for it."""
-    try:
-        shared: tuple[str, str] | None = inst.access_policy_keys(HUB_OWNER_POLICY)
-    except KeyError:
-        shared = None
+    shared = inst.services.access_policies.former_hub_owner_keys()
     for hub in inst.services.hubs.list():
         inst.services.hubs.owner_keys(hub.name, initial=shared if hub.name == DEFAULT_HUB else None)
 

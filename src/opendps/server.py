@@ -26,8 +26,7 @@ log = logging.getLogger("opendps")
 def front_ends(instance: Instance) -> FrontEnds:
     """The front ends of ``instance`` (service tokens are accepted for its host name, with or without port)."""
     st = instance.settings
-    return build(instance.services, service_hosts={st.service_host, st.hostname},
-                 policy_keys=instance.access_policy_keys, client_timeout=st.client_timeout)
+    return build(instance.services, service_hosts={st.service_host, st.hostname}, client_timeout=st.client_timeout)
 
 
 async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:

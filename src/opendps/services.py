@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetrySink
 from opendps.pki import IssuanceEngine, KeyStore
-from opendps.provisioning import DpsCertificates
+from opendps.provisioning import AccessPolicies, DpsCertificates
 from opendps.provisioning.enrollments import Enrollments
 from opendps.provisioning.registration import Provisioning
 from opendps.registry import DeviceRegistry, Registry
@@ -33,6 +33,7 @@ class Services:
     ca_certificates: DpsCertificates  # DPS CA certificates (proof of possession)
     enrollments: Enrollments
     provisioning: Provisioning  # the RA
+    access_policies: AccessPolicies  # who may call the service API (shared access policies and their rights)
 
     @property
     def id_scope(self) -> str:
@@ -54,4 +55,4 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
     return Services(store=store, keys=keys, issuance=issuance, registry=registry, devices=devices, hubs=hubs,
                     hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
                     c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,
-                    provisioning=provisioning)
+                    provisioning=provisioning, access_policies=AccessPolicies(store, keys))

@@ -13,7 +13,7 @@ def _shape(path: str) -> str:
 
 
 def test_every_route_is_in_the_openapi_document_and_nothing_else(services):
-    app = build(services, service_hosts={"localhost"}, policy_keys=lambda name: ("", "")).http
+    app = build(services, service_hosts={"localhost"}).http
     canonical = {_shape(path) for path in build_openapi()["paths"]} | {"/openapi.json", "/healthz"}
     routes = {(r.method.lower(), _shape(r.resource.canonical)) for r in app.router.routes()
               if r.method != "HEAD" and r.resource is not None and _shape(r.resource.canonical) in canonical}
@@ -26,7 +26,7 @@ def test_every_route_is_in_the_openapi_document_and_nothing_else(services):
 
 def test_every_route_answers_to_the_spellings_sdks_use(services):
     """Issue 12.21/22: collection names case-insensitively (lower-cased), and a trailing slash."""
-    app = build(services, service_hosts={"localhost"}, policy_keys=lambda name: ("", "")).http
+    app = build(services, service_hosts={"localhost"}).http
     paths = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
     for method, path in [("POST", "/enrollmentgroups/{id}/attestationmechanism"), ("GET", "/devices/"),
                          ("PUT", "/enrollmentgroups/{id}"), ("GET", "/linkedhubs/{name}/certificates/"),

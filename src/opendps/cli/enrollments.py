@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,8 +241,10 @@ def _writable(doc: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- shared verbs
 
 
-def query_all(client: Client, path: str, top: int | None, body: Any = None, *, page_size: int = MAX_PAGE) -> list[Any]:
-    """Every item of an Azure query, following ``x-ms-continuation`` until exhausted (or ``top`` items)."""
+def query_all(client: Client, path: str, top: int | None, body: Any = None, *, page_size: int = MAX_PAGE,
+              params: Mapping[str, str] | None = None) -> list[Any]:
+    """Every item of an Azure query, following ``x-ms-continuation`` until exhausted (or ``top`` items);
+    ``params``: query parameters sent with each page (the hub verbs' ``?hub=``)."""
     items: list[Any] = []
     token: str | None = None
     seen: set[str] = set()
@@ -251,7 +253,7 @@ def query_all(client: Client, path: str, top: int | None, body: Any = None, *, p
         headers = {"x-ms-max-item-count": str(size)}
         if token is not None:
             headers["x-ms-continuation"] = token
-        page, answer = client.exchange("POST", path, json=body, headers=headers)
+        page, answer = client.exchange("POST", path, json=body, headers=headers, params=params)
         if not isinstance(page, list):
             raise CliError(f"POST {path} did not answer with a list")
         items.extend(page)

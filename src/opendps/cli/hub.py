@@ -1,6 +1,6 @@
 """az-style IoT hub verbs (``opendps hub ...``): thin clients of the hub service API (docs/api.md).
 
-They mirror ``az iot hub`` verbs and flags (device-identity, device-twin, invoke-device-method,
+They mirror ``az iot hub`` verbs and flags (device-identity, device-twin, query, invoke-device-method,
 c2d-message, monitor-events, certificate, connection-string) so scripts port over. The hub is chosen
 with ``--hub-name`` (sent as ``?hub=`` with the DPS owner connection) or by a hub connection string
 given to ``--login``, whose token names its hub. Attached to ``opendps`` by
@@ -24,7 +24,7 @@ import click
 
 from opendps.cli import OUTPUT_OPTION, CliError
 from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
-from opendps.cli.enrollments import _top, parse_json_object
+from opendps.cli.enrollments import _top, parse_json_object, query_all
 from opendps.cli.management import CERT_COLUMNS, CERT_PATH, _connection_options, api_command, etag_option
 from opendps.cli.output import emit
 
@@ -38,6 +38,7 @@ HUB_CA_COLUMNS = ["name", "properties.subject", "properties.status", "properties
 MAX_METHOD_TIMEOUT = 300
 HTTP_MARGIN = 15.0  # seconds the HTTP read waits beyond a method's own timeout, so the server's 504 arrives
 DEFAULT_C2D_DATA = "Ping from opendps CLI"
+SELECT_STAR = re.compile(r"^\s*select\s+(?:top\s+\d+\s+)?\*", re.IGNORECASE)  # twins: the twin table's columns
 PROPERTY_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header token: it travels as iothub-app-<name>
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -166,7 +167,7 @@ def register(main: click.Group) -> None:
 
 @click.group()
 def hub() -> None:
-    """IoT hub service: device identities, twins, direct methods, C2D messages, telemetry (az iot hub)."""
+    """IoT hub service: device identities, twins and twin queries, direct methods, C2D messages, telemetry (az iot hub)."""
 
 
 # ---------------------------------------------------------------- device-identity
@@ -392,6 +393,35 @@ def twin_update(hub: HubClient, output: str, device_id: str, desired: str | None
     if desired is not None:
         body["properties"] = {"desired": parse_json_object(desired, "--desired")}
     emit(hub.request("PATCH", api_path("twins", device_id), json=body, if_match=etag), output, TWIN_COLUMNS)
+
+
+@device_twin.command("replace")
+@DEVICE_ID
+@click.option("--json", "-j", "twin_json", required=True,
+              help="The new twin: a JSON object or the path of a JSON file; its tags and properties.desired replace "
+              "the current ones (a member left out is emptied; reported properties are ignored).")
+@click.option("--etag", "-e", "etag", default=None, help="Only replace if the twin still has this ETag.")
+@hub_command
+def twin_replace(hub: HubClient, output: str, device_id: str, twin_json: str, etag: str | None) -> None:
+    """Replace tags and desired properties wholesale (a connected device gets the desired change at once)."""
+    body = parse_json_object(twin_json, "--json")
+    emit(hub.request("PUT", api_path("twins", device_id), json=body, if_match=etag), output, TWIN_COLUMNS)
+
+
+# ---------------------------------------------------------------- query
+
+
+@hub.command("query")
+@click.option("--query-command", "-q", "query_command", required=True,
+              help="IoT Hub query, e.g. \"SELECT * FROM devices WHERE tags.site = 'lab'\" (docs/api.md lists what "
+              "is supported).")
+@click.option("--top", "top", type=int, default=None, callback=_top,
+              help="Maximum number of results (-1 or omitted: all, following every page).")
+@hub_command
+def hub_query(hub: HubClient, output: str, query_command: str, top: int | None) -> None:
+    """Query device twins with the IoT Hub query language (az iot hub query)."""
+    rows = query_all(hub.client, "/devices/query", top, {"query": query_command}, params=hub.params)
+    emit(rows, output, TWIN_COLUMNS if SELECT_STAR.match(query_command) else None)
 
 
 # ---------------------------------------------------------------- invoke-device-method

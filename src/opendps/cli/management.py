@@ -16,6 +16,7 @@ import click
 from opendps.cli import OUTPUT_OPTION, CliError
 from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
 from opendps.cli.output import emit
+from opendps.transport import sas
 
 CERT_COLUMNS = ["name", "properties.subject", "properties.isVerified", "properties.expiry", "etag"]
 NS_COLUMNS = ["name", "properties.credential.subject", "properties.policies"]
@@ -25,7 +26,6 @@ DEVICE_RECORD_COLUMNS = ["name", "properties.registrationId", "properties.iotHub
                          "properties.operationalCertificate.serialNumber", "properties.operationalCertificate.notAfter"]
 CREDENTIAL_COLUMNS = ["name", "properties.subject", "properties.thumbprint", "properties.notBefore",
                       "properties.notAfter", "properties.curve"]
-OWNER_POLICY = "provisioningserviceowner"
 DEFAULT_VALIDITY_DAYS = 30
 
 VALIDITY = click.IntRange(1, 90)
@@ -148,12 +148,14 @@ def register(main: click.Group) -> None:
     """Attach the ``adr``, ``dps``, ``hub`` and ``device`` groups and ``bootstrap`` to the ``opendps`` command."""
     from opendps.cli.bootstrap import register as register_bootstrap
     from opendps.cli.device import register as register_device
+    from opendps.cli.dps_policy import register as register_dps_policy
     from opendps.cli.enrollments import register as register_enrollments  # they import this module
     from opendps.cli.hub import register as register_hub
 
     main.add_command(adr)
     main.add_command(dps)
     register_enrollments(dps)
+    register_dps_policy(dps)
     register_hub(main)
     register_bootstrap(main)
     register_device(main)
@@ -424,12 +426,20 @@ def connection_string() -> None:
 
 
 @connection_string.command("show")
-@click.option("--policy-name", "--pn", default=OWNER_POLICY, show_default=True, help="Shared access policy.")
+@click.option("--policy-name", "--pn", default=None,
+              help="Shared access policy (default: the connection in use's, e.g. provisioningserviceowner).")
+@click.option("--key-type", "--kt", "key_type", type=click.Choice(["primary", "secondary"]), default=None,
+              help="Which of the policy's keys to use (default primary; without it and --policy-name, the "
+                   "connection in use).")
 @api_command
-def connection_string_show(client: Client, output: str, policy_name: str) -> None:
-    """Print the service connection string in use (the only command that prints a key)."""
+def connection_string_show(client: Client, output: str, policy_name: str | None, key_type: str | None) -> None:
+    """Print a service connection string: the one in use, or another policy's (read with the connection in use,
+    which needs ServiceConfig); 'dps policy list|show' never print keys."""
     conn = client.connection
-    if policy_name != conn.key_name:
-        raise CliError(f"no connection string for policy {policy_name!r}: the connection from "
-                       f"{conn.source} is for {conn.key_name!r}")
-    emit({"connectionString": conn.connection_string}, output, ["connectionString"])
+    if key_type is None and policy_name in (None, conn.key_name):
+        emit({"connectionString": conn.connection_string}, output, ["connectionString"])
+        return
+    name = policy_name or conn.key_name
+    keys = client.request("GET", api_path("accessPolicies", name, "keys"))
+    key = keys["secondaryKey"] if key_type == "secondary" else keys["primaryKey"]
+    emit({"connectionString": sas.connection_string(conn.host, keys["keyName"], key)}, output, ["connectionString"])

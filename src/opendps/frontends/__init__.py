@@ -12,7 +12,6 @@ No domain package imports this package (``tests/test_architecture.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from opendps.frontends.http import make_app
 from opendps.frontends.mqtt.router import make_router
 from opendps.frontends.runtime import DomainRunner, Runtime
 from opendps.frontends.service_auth import SasAuthenticator
+from opendps.provisioning.access import PolicyCredentials
 from opendps.services import Services
 from opendps.transport.mqtt.server import MqttServer
 
@@ -36,11 +36,17 @@ class FrontEnds:
     amqp: AmqpFrontEnd
 
 
-def build(services: Services, *, service_hosts: set[str], policy_keys: Callable[[str], tuple[str, str]],
-          client_timeout: float = 60.0) -> FrontEnds:
+def build(services: Services, *, service_hosts: set[str], client_timeout: float = 60.0) -> FrontEnds:
     """The front ends of one process. ``service_hosts``: the names service tokens may be issued for;
-    ``policy_keys(name)``: an access policy's (primary, secondary) keys; ``client_timeout``: see :class:`Runtime`."""
+    ``client_timeout``: see :class:`Runtime`."""
     runtime = Runtime(services, DomainRunner(), client_timeout=client_timeout)
+
+    async def policy(name: str) -> PolicyCredentials | None:
+        """A fresh cached answer on the loop; a miss (every few seconds per name) in the domain thread pool."""
+        hit, credentials = services.access_policies.cached_credentials(name)
+        if hit:
+            return credentials
+        return await runtime.domain.run(services.access_policies.credentials, name)
 
     async def hub_by_host(host: str) -> str | None:
         hub = await runtime.domain.run(services.hubs.by_host, host)
@@ -49,7 +55,7 @@ def build(services: Services, *, service_hosts: set[str], policy_keys: Callable[
     async def hub_keys(hub: str) -> tuple[str, str]:
         return await runtime.domain.run(services.hubs.owner_keys, hub)
 
-    authenticator = SasAuthenticator(service_hosts, policy_keys, hub_by_host, hub_keys)
+    authenticator = SasAuthenticator(service_hosts, policy, hub_by_host, hub_keys)
     mqtt = MqttServer(make_router(runtime))
     amqp = AmqpFrontEnd(runtime, authenticator)
     http = make_app(runtime, authenticator, mqtt)

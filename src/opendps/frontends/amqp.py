@@ -7,7 +7,8 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
 2. Claims-based security: a link pair on ``$cbs`` and a ``put-token`` request (application properties
    ``operation``, ``type``, ``name``; body = ``SharedAccessSignature sr=...``). The token is checked by
    :class:`opendps.frontends.service_auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for
-   the hub its audience names, or ``provisioningserviceowner`` for the default hub. The answer carries
+   the hub its audience names, or ``provisioningserviceowner`` for the default hub (other DPS access policies are
+   refused whatever their rights: :func:`~opendps.frontends.service_auth.hub_service_only`). The answer carries
    ``status-code`` (int, 200 or 401) and ``status-description``, correlated to the request's message id.
    The authorisation lasts until the token's ``se`` (plus the same clock skew the HTTP check allows); a
    later put-token renews it; when it lapses, devicebound links are detached with
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 
 from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge, Unauthorized
 from opendps.frontends.runtime import Runtime
-from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal
+from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.hub import DEFAULT_HUB, QueueFull
 from opendps.hub.messaging import time_to_live
 from opendps.transport import sas
@@ -187,7 +188,7 @@ class HubConnection:
         else:
             token = _text(request.body)
             try:
-                principal = await self.front.authenticator.authenticate(token)
+                principal = await self.front.authenticator.authenticate(token, hub_service_only)
             except Unauthorized as exc:
                 status, description = 401, exc.message
                 log.info("AMQP put-token from %s refused: %s", self.conn.peer, exc.message)

@@ -1,6 +1,6 @@
 """The IoT hub side: logical hubs, their device registries, twins and trusted CAs (:mod:`.registry`), device
 authentication at CONNECT (:mod:`.auth`), live sessions of this process (:mod:`.live`), telemetry
-(:mod:`.telemetry`) and the cloud-to-device queue (:mod:`.messaging`).
+(:mod:`.telemetry`), the cloud-to-device queue (:mod:`.messaging`) and the twin query language (:mod:`.query`).
 
 Provisioning places devices with :meth:`Hubs.place_device`; front ends (MQTT for devices, REST and AMQP for
 the service side) translate to these calls.
@@ -16,6 +16,7 @@ from opendps.hub.registry import (
     EnrollmentLinks,
     Hubs,
     HubView,
+    QueryPage,
     TrustedCa,
     TwinAction,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "LiveSessions",
     "MethodTimeout",
     "PendingMessage",
+    "QueryPage",
     "QueueFull",
     "TelemetryBus",
     "TelemetrySink",

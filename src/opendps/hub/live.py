@@ -103,6 +103,11 @@ class LiveSessions:
     def is_connected(self, hub_name: str, device_id: str) -> bool:
         return self.link(hub_name, device_id) is not None
 
+    def connected(self, hub_name: str) -> frozenset[str]:
+        """Lower-cased ids of the hub's devices connected to this process: a snapshot taken on the loop, for work
+        (a query) that runs in the domain thread pool, where this map must not be read."""
+        return frozenset(device for hub, device in self._links if hub == hub_name)
+
     async def invoke_method(self, hub_name: str, device_id: str, method: str, payload: Any, *,
                             timeout: float = 30.0) -> tuple[int, Any]:
         """Direct method: (status, payload) from the device; DeviceOffline (404) or MethodTimeout (504)."""

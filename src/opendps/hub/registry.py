@@ -17,6 +17,7 @@ import copy
 import json
 import re
 import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -26,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
+from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore
 from opendps.registry import Registry
@@ -38,6 +40,7 @@ AUTH_TYPES = ("sas", "selfSigned", "certificateAuthority")
 # IoT Hub device ids: up to 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}$")
 TwinAction = Literal["keep", "reset", "migrate"]
+QUERY_BATCH = 500  # twins read per transaction while a query scans a hub
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,15 @@ class DeviceIdentity:
             "properties": {"desired": {**self.desired, "$version": self.desired_version},
                            "reported": {**self.reported, "$version": self.reported_version}},
         }
+
+
+@dataclass(frozen=True)
+class QueryPage:
+    """One page of a hub query: rows, the token for the next page (None: the last), Azure's item type."""
+
+    items: list[dict[str, Any]]
+    continuation: str | None
+    item_type: str
 
 
 @dataclass(frozen=True)
@@ -393,6 +405,74 @@ class Hubs:
             s.flush()
             return _identity(hub, row)
 
+    def replace_twin(self, hub_name: str, device_id: str, *, tags: object = None, desired: object = None,
+                     if_match: str | None = None) -> tuple[DeviceIdentity, dict[str, Any]]:
+        """Service side: replace tags and desired properties wholesale (twin PUT; absent or null = empty).
+
+        Returns the twin and the desired change as a merge patch from the old desired properties to the new
+        ones (removed names are ``null``): what a connected device is sent, so it ends with exactly the new set.
+        """
+        new_tags = replacement(tags, "tags", limit=MAX_TAGS_BYTES)
+        new_desired = replacement(desired, "desired properties")
+        with self.store.session() as s:
+            hub, row = self._device_row(s, hub_name, device_id)
+            if not etag_matches(if_match, row.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match the twin of {device_id!r}, as per RFC7232")
+            change = merge_diff(row.twin_desired, new_desired)
+            row.twin_tags, row.twin_desired = new_tags, new_desired
+            row.desired_version += 1
+            row.etag = new_etag()
+            row.updated_at = datetime.now(UTC)
+            s.flush()
+            return _identity(hub, row), change
+
+    # ---- queries ----
+    def query(self, hub_name: str, text: str, document: Callable[[DeviceIdentity], dict[str, Any]], *,
+              page_size: int, continuation: str | None = None) -> QueryPage:
+        """One page of an IoT Hub query (:mod:`.query`) over the hub's twins, in device id order.
+
+        ``document`` makes the twin document the query sees and returns (the front end's wire shape, with the
+        connection state it knows). Twins are read in batches by device key (keyset), so memory stays bounded
+        whatever the hub's size; the filter runs here, not in SQL, so a page with a rare match may scan far.
+        """
+        q = parse_query(text)
+        after, returned = read_continuation(q, continuation) if continuation else ("", 0)
+        if q.count is not None:
+            total = sum(1 for d in self._scan(hub_name, "") if q.matches(document(d)))
+            return QueryPage([{q.count: total}], None, q.item_type)
+        limit = page_size if q.top is None else min(page_size, q.top - returned)
+        items: builtins.list[dict[str, Any]] = []
+        if limit <= 0:
+            return QueryPage(items, None, q.item_type)
+        last = after
+        for ident in self._scan(hub_name, after):
+            doc = document(ident)
+            if not q.matches(doc):
+                continue
+            if len(items) == limit:  # the page is full and another match follows
+                done = q.top is not None and returned + len(items) >= q.top
+                return QueryPage(items, None if done else continuation_token(q, last, returned + len(items)),
+                                 q.item_type)
+            items.append(q.project(doc))
+            last = ident.device_id.lower()
+        return QueryPage(items, None, q.item_type)
+
+    def _scan(self, hub_name: str, after: str) -> Iterator[DeviceIdentity]:
+        """The hub's identities with a device key after ``after``, in key order, read :data:`QUERY_BATCH` at a time
+        (one short transaction per batch)."""
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            hub_id, name, host = hub.id, hub.name, hub.host_name
+        while True:
+            with self.store.session() as s:
+                rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id, HubDevice.device_key > after)
+                                 .order_by(HubDevice.device_key).limit(QUERY_BATCH)).all()
+                batch = [_identity_of(name, host, r) for r in rows]
+                after = rows[-1].device_key if rows else after
+            yield from batch
+            if len(batch) < QUERY_BATCH:
+                return
+
     # ---- device identities (service side) ----
     def create_device(self, hub_name: str, device_id: str, *, auth_type: str = "sas", keys: tuple[str, str] | None = None,
                       thumbprints: tuple[str | None, str | None] = (None, None), status: str = "enabled",
@@ -472,10 +552,7 @@ MAX_TAGS_BYTES = 8 * 1024
 def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict[str, Any]:
     """RFC 7396 JSON merge patch (``null`` deletes); keys starting with ``$`` are reserved; at most
     :data:`MAX_TWIN_DEPTH` levels of objects, as in IoT Hub."""
-    if not isinstance(patch, dict):
-        raise InvalidInput(f"{what} patch must be a JSON object")
-    if json_depth(patch) > MAX_TWIN_DEPTH:
-        raise InvalidInput(f"{what} patch is nested more than {MAX_TWIN_DEPTH} levels deep")
+    patch = _twin_object(patch, f"{what} patch")
 
     def merge(base: dict[str, Any], change: dict[Any, Any]) -> dict[str, Any]:
         out = dict(base)
@@ -495,6 +572,39 @@ def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int 
     if len(json.dumps(result)) > limit:
         raise PayloadTooLarge(f"{what} would exceed {limit} bytes")
     return result
+
+
+def _twin_object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    if json_depth(value) > MAX_TWIN_DEPTH:
+        raise InvalidInput(f"{what} is nested more than {MAX_TWIN_DEPTH} levels deep")
+    return value
+
+
+def replacement(value: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dict[str, Any]:
+    """A whole new tags or desired-properties object (twin PUT): absent or null is empty; ``$metadata`` and
+    ``$version`` at the top (as a twin read shows them) are ignored; the rules of :func:`merge_patch` hold
+    (null members are dropped, other ``$`` names refused, depth and size limits)."""
+    if value is None:
+        return {}
+    given = {k: v for k, v in _twin_object(value, what).items() if k not in ("$metadata", "$version")}
+    return merge_patch({}, given, what, limit=limit)
+
+
+def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7396) that turns ``old`` into ``new``: changed and added members, removed ones
+    as ``null``, nested objects diffed member by member."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if key in old and json.dumps(before, sort_keys=True) == json.dumps(value, sort_keys=True):
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = merge_diff(before, value)
+        else:
+            patch[key] = copy.deepcopy(value)
+    return patch
 
 
 def _new_device_key() -> str:

@@ -71,7 +71,8 @@ class InstanceSetting(Base):
 
 
 class AccessPolicy(Base):
-    """Shared access policies (e.g. provisioningserviceowner); keys are wrapped by the master key."""
+    """DPS shared access policies (provisioningserviceowner and the owner's own): rights (Azure's names, comma-separated)
+    and keys wrapped by the master key (``opendps.provisioning.access``)."""
 
     __tablename__ = "access_policies"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -350,7 +351,7 @@ class HubCertificate(ProvenCaCertificate, Base):
 #: model -> the package (or module) that owns its table; ``store`` itself owns only the installation settings
 OWNERS: dict[type[Base], str] = {
     InstanceSetting: "opendps.store",
-    AccessPolicy: "opendps.instance",
+    AccessPolicy: "opendps.provisioning",
     WrappedKey: "opendps.pki",
     IssuedCertificate: "opendps.pki",
     Namespace: "opendps.registry",

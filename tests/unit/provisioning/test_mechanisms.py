@@ -79,7 +79,7 @@ def test_a_mechanism_refuses_the_transports_it_does_not_name(with_demo):
 def test_the_https_front_end_carries_evidence_and_challenges_unchanged(with_demo):
     """The real device route on a loopback socket: body members reach the mechanism, a Challenge is a 401 body."""
     secret = _enroll(with_demo, "d-4")
-    front = build(with_demo, service_hosts={"localhost"}, policy_keys=lambda name: ("", ""))
+    front = build(with_demo, service_hosts={"localhost"})
 
     async def conversation() -> tuple[int, dict, int, dict]:
         server = TestServer(front.http, host="127.0.0.1")

@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from opendps.errors import Forbidden
+from opendps.errors import Forbidden, Unauthorized
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
@@ -17,9 +17,16 @@ from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
 from opendps.frontends.http.service import routes as service_routes
-from opendps.frontends.http.wire import RUNTIME
+from opendps.frontends.http.wire import RUNTIME, TOKEN_HUB
 from opendps.frontends.runtime import Runtime
-from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator, SasPrincipal
+from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator, SasPrincipal, hub_service_only
+from opendps.provisioning.access import (
+    ENROLLMENT_READ,
+    ENROLLMENT_WRITE,
+    REGISTRATION_STATUS_READ,
+    REGISTRATION_STATUS_WRITE,
+    SERVICE_CONFIG,
+)
 from opendps.transport.mqtt.server import MqttServer
 
 MAX_BODY = 1024 * 1024
@@ -27,23 +34,55 @@ OPEN_PATHS = {"/openapi.json", "/healthz"}
 MQTT_SERVER = web.AppKey("mqtt", MqttServer)
 
 
+def required_right(method: str, path: str) -> str:
+    """The access right a DPS policy needs for a management route (``path``: the route's canonical path, in any of
+    its spellings). Enrollments and groups: reading them (GET, their query and attestation mechanism) needs
+    EnrollmentRead, anything else (PUT, DELETE, a bulk operation) EnrollmentWrite; registration states: DELETE needs
+    RegistrationStatusWrite, reading them RegistrationStatusRead; every other route — certificates, linked hubs and
+    their keys, ADR namespaces and policies, the access policies themselves, and any route added later — needs
+    ServiceConfig."""
+    segments = [s for s in path.lower().split("/") if s]
+    head = segments[0] if segments else ""
+    reading = method.upper() in ("GET", "HEAD")
+    if head in ("enrollments", "enrollmentgroups"):
+        if reading or (method.upper() == "POST" and len(segments) > 1
+                       and segments[-1] in ("query", "attestationmechanism")):
+            return ENROLLMENT_READ
+        return ENROLLMENT_WRITE
+    if head == "registrations":
+        return REGISTRATION_STATUS_WRITE if method.upper() == "DELETE" else REGISTRATION_STATUS_READ
+    return SERVICE_CONFIG
+
+
 def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
-    """Open and device routes pass; others need a service token; ``iothubowner`` only ``hub:*`` routes."""
+    """Open and device routes pass; others need a verified service token: ``hub:*`` routes a hub's ``iothubowner``
+    or the DPS owner (:func:`hub_service_only`), the rest a DPS access policy holding the route's right
+    (:func:`required_right`; missing: 401 naming it) — ``iothubowner`` there is 403."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route_name = request.match_info.route.name or ""
+        route = request.match_info.route
+        route_name = route.name or ""
         if request.match_info.http_exception is not None:
             return await handler(request)  # no such route (404/405): said before any credential is looked at
         if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
             return await handler(request)  # open, or the device API (attestation authenticates it)
 
         def permit(principal: SasPrincipal) -> None:
-            if principal.policy == HUB_POLICY and not route_name.startswith(HUB_ROUTE_PREFIX):
+            if route_name.startswith(HUB_ROUTE_PREFIX):
+                hub_service_only(principal)
+                return
+            if principal.hub is not None:
                 raise Forbidden(f"policy {HUB_POLICY!r} may only use the hub service API", error_code=403002)
+            canonical = route.resource.canonical if route.resource is not None else request.path
+            need = required_right(request.method, canonical)
+            if need not in principal.rights:
+                raise Unauthorized(f"access policy {principal.policy!r} lacks the {need} right needed for "
+                                   f"{request.method} {canonical}")
 
         principal = await authenticator.authenticate(request.headers.get("Authorization"), permit)
-        request["sas_hub"] = principal.hub
+        if principal.hub is not None:
+            request[TOKEN_HUB] = principal.hub
         return await handler(request)
 
     return middleware

@@ -16,7 +16,17 @@ from typing import Any
 from aiohttp import web
 
 from opendps.errors import InvalidInput
-from opendps.frontends.http.wire import if_match, json_body, json_object_body, run, runtime, send, services
+from opendps.frontends.http.wire import (
+    TOKEN_HUB,
+    if_match,
+    json_body,
+    json_object_body,
+    max_item_count,
+    run,
+    runtime,
+    send,
+    services,
+)
 from opendps.hub import DEFAULT_HUB, DeviceIdentity
 from opendps.hub.messaging import time_to_live
 from opendps.transport.wire import iso8601
@@ -24,13 +34,14 @@ from opendps.transport.wire import iso8601
 routes = web.RouteTableDef()
 HUB_ROUTE_PREFIX = "hub:"
 MAX_METHOD_TIMEOUT = 300
+DEFAULT_QUERY_PAGE = 100  # rows per query page when x-ms-max-item-count is not sent, as IoT Hub
 HEARTBEAT = 15.0
 C2D_HEADERS = {"iothub-messageid": "message-id", "iothub-correlationid": "correlation-id", "iothub-userid": "user-id",
                "iothub-ack": "ack", "content-type": "content-type", "content-encoding": "content-encoding"}
 
 
 def hub_name(request: web.Request) -> str:
-    forced = request.get("sas_hub")
+    forced = request.get(TOKEN_HUB)
     asked = request.query.get("hub")
     if forced is not None:
         if asked is not None and asked != forced:
@@ -101,6 +112,28 @@ async def list_devices(request: web.Request) -> web.Response:
     return send([device_wire(d, None, _connected(request, d)) for d in devices])
 
 
+@routes.post("/devices/query", name=HUB_ROUTE_PREFIX + "query")
+async def query_devices(request: web.Request) -> web.Response:
+    """Azure's Query IoT Hub over twins (the subset :mod:`opendps.hub.query` supports), paged in device id order:
+    ``x-ms-max-item-count`` in, ``x-ms-continuation`` in and out (an opaque token bound to the query)."""
+    body = await json_object_body(request, "request body (a QuerySpecification)")
+    if not isinstance(body.get("query"), str):
+        raise InvalidInput('request body needs "query": the query text, e.g. "SELECT * FROM devices"')
+    size = max_item_count(request, DEFAULT_QUERY_PAGE)
+    hub = hub_name(request)
+    connected = runtime(request).live.connected(hub)  # read on the loop; the query runs in the thread pool
+
+    def document(d: DeviceIdentity) -> dict[str, Any]:
+        return twin_wire(d, d.device_id.lower() in connected)
+
+    result = await run(request, services(request).hubs.query, hub, body["query"], document, page_size=size,
+                       continuation=request.headers.get("x-ms-continuation") or None)
+    headers = {"x-ms-item-type": result.item_type, "x-ms-max-item-count": str(size)}
+    if result.continuation is not None:
+        headers["x-ms-continuation"] = result.continuation
+    return send(result.items, headers=headers)
+
+
 @routes.delete("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-delete")
 async def delete_device(request: web.Request) -> web.Response:
     hub, device_id = hub_name(request), request.match_info["id"]
@@ -115,16 +148,43 @@ async def get_twin(request: web.Request) -> web.Response:
     return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
 
 
+def _desired(body: dict[str, Any]) -> Any:
+    """``properties.desired`` of a twin body (None when absent); ``properties`` must be an object."""
+    properties = body.get("properties")
+    if properties is None:
+        return None
+    if not isinstance(properties, dict):
+        raise InvalidInput("properties must be a JSON object")
+    return properties.get("desired")
+
+
+async def _twin_written(request: web.Request, ident: DeviceIdentity, desired_change: dict[str, Any] | None) -> web.Response:
+    """The answer to a twin write (PATCH or PUT); a desired change goes to the device now if it is connected."""
+    if desired_change is not None:
+        await runtime(request).live.push_desired(ident.hub_name, ident.device_id, desired_change, ident.desired_version)
+    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+
+
 @routes.patch("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-patch")
 async def patch_twin(request: web.Request) -> web.Response:
     body = await json_object_body(request, "request body (a twin patch)")
-    desired = (body.get("properties") or {}).get("desired")
-    hub, device_id = hub_name(request), request.match_info["id"]
-    ident = await run(request, services(request).hubs.update_twin, hub, device_id, desired=desired,
-                      tags=body.get("tags"), if_match=if_match(request))
-    if desired is not None:
-        await runtime(request).live.push_desired(hub, device_id, desired, ident.desired_version)
-    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+    desired = _desired(body)
+    ident = await run(request, services(request).hubs.update_twin, hub_name(request), request.match_info["id"],
+                      desired=desired, tags=body.get("tags"), if_match=if_match(request))
+    return await _twin_written(request, ident, desired)
+
+
+@routes.put("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-replace")
+async def replace_twin(request: web.Request) -> web.Response:
+    """Azure's Replace Twin: tags and desired properties replaced wholesale (reported ones in the body ignored);
+    the device is sent the merge patch from its old desired properties to the new ones."""
+    body = await json_object_body(request, "request body (a twin)")
+    device_id = request.match_info["id"]
+    if body.get("deviceId") not in (None, device_id):
+        raise InvalidInput(f"deviceId {body.get('deviceId')!r} in the body does not match {device_id!r} in the path")
+    ident, change = await run(request, services(request).hubs.replace_twin, hub_name(request), device_id,
+                              tags=body.get("tags"), desired=_desired(body), if_match=if_match(request))
+    return await _twin_written(request, ident, change)
 
 
 @routes.post("/twins/{id}/methods", name=HUB_ROUTE_PREFIX + "method")

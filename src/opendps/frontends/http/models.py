@@ -169,3 +169,34 @@ class NamespaceList(_Out):
 
 class PolicyList(_Out):
     value: list[PolicyResponse]
+
+
+# ---- DPS shared access policies (az iot dps policy) ----
+class AccessPolicyBody(_In):
+    """``{"rights": "EnrollmentRead, RegistrationStatusRead"}`` (or a list); keys are generated unless given."""
+
+    rights: StrictStr | list[StrictStr]
+    primaryKey: StrictStr | None = None
+    secondaryKey: StrictStr | None = None
+
+
+class AccessPolicyResponse(_Out):
+    """A policy as list and show give it: never its keys."""
+
+    keyName: str
+    rights: str
+
+
+class AccessPolicyList(_Out):
+    value: list[AccessPolicyResponse]
+
+
+class AccessPolicyKeys(_Out):
+    keyName: str
+    rights: str
+    primaryKey: str
+    secondaryKey: str
+
+
+class RenewKeyBody(_In):
+    renewKey: StrictStr  # primary | secondary | swap (the domain says which are allowed)

@@ -16,7 +16,10 @@ from opendps.frontends.http import models as m
 
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
 _IF_MATCH_REQUIRED = {**_IF_MATCH, "required": True}
+_IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
 _API_VERSION = {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"}}
+_MAX_ITEM_COUNT = {"name": "x-ms-max-item-count", "in": "header", "required": False, "schema": {"type": "integer"}}
+_CONTINUATION = {"name": "x-ms-continuation", "in": "header", "required": False, "schema": {"type": "string"}}
 
 # (method, path, summary, request model, response model, success status, extra parameters)
 OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list[dict[str, Any]]]] = [
@@ -29,6 +32,16 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
     ("post", "/certificates/{name}/verify", "Verify possession with a certificate whose CN is the code",
      m.VerificationBody, m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    ("get", "/accessPolicies", "List the shared access policies (without keys)", None, m.AccessPolicyList, 200, []),
+    ("get", "/accessPolicies/{name}", "Show a shared access policy (without keys)", None, m.AccessPolicyResponse, 200,
+     []),
+    ("put", "/accessPolicies/{name}", "Create (201) or update (200) a shared access policy: rights, optional keys "
+     "(If-None-Match: * creates only)", m.AccessPolicyBody, m.AccessPolicyResponse, 201, [_IF_NONE_MATCH]),
+    ("delete", "/accessPolicies/{name}", "Delete a shared access policy (never provisioningserviceowner, never the "
+     "last with ServiceConfig)", None, None, 204, []),
+    ("get", "/accessPolicies/{name}/keys", "A shared access policy's keys", None, m.AccessPolicyKeys, 200, []),
+    ("post", "/accessPolicies/{name}/keys/renew", "Renew the policy's primary or secondary key, or swap them",
+     m.RenewKeyBody, m.AccessPolicyKeys, 200, []),
     ("put", "/namespaces/{ns}", "Create a namespace with its root CA and first policy", m.NamespaceBody,
      m.NamespaceResponse, 201, []),
     ("get", "/namespaces", "List namespaces", None, m.NamespaceList, 200, []),
@@ -87,10 +100,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("put", "/devices/{id}", "Create or update a device identity (authentication, status)", None, None, 200, [_IF_MATCH]),
     ("get", "/devices/{id}", "Show a device identity with its keys", None, None, 200, []),
     ("get", "/devices", "List device identities", None, None, 200, []),
+    ("post", "/devices/query", "Query twins: {\"query\": \"SELECT ... FROM devices [WHERE ...]\"} (x-ms-continuation paging)",
+     None, None, 200, [_MAX_ITEM_COUNT, _CONTINUATION]),
     ("delete", "/devices/{id}", "Delete a device identity (a connected device is dropped)", None, None, 204, [_IF_MATCH]),
     ("get", "/twins/{id}", "Show a device twin", None, None, 200, []),
     ("patch", "/twins/{id}", "Merge-patch desired properties and tags (pushed to a connected device)", None, None, 200,
      [_IF_MATCH]),
+    ("put", "/twins/{id}", "Replace tags and desired properties (the change is pushed to a connected device)", None,
+     None, 200, [_IF_MATCH]),
     ("post", "/twins/{id}/methods", "Invoke a direct method (methodName, payload, responseTimeoutInSeconds)", None,
      None, 200, []),
     ("post", "/devices/{id}/messages/deviceBound", "Send a cloud-to-device message (iothub-* headers)", None, None, 202,
@@ -127,7 +144,7 @@ def build_openapi() -> dict:
         if resp is not None:
             op["responses"][str(status)]["content"] = {"application/json": {"schema": ref(resp)}}
         if req is not None:
-            op["requestBody"] = {"required": method == "post" or path.startswith("/certificates"),
+            op["requestBody"] = {"required": method == "post" or path.startswith(("/certificates", "/accessPolicies")),
                                  "content": {"application/json": {"schema": ref(req)}}}
         paths.setdefault(path, {})[method] = op
     return {
@@ -138,6 +155,7 @@ def build_openapi() -> dict:
             "schemas": schemas,
             "securitySchemes": {"sas": {
                 "type": "apiKey", "in": "header", "name": "Authorization",
-                "description": "SharedAccessSignature sr=<host>&sig=<HMAC>&se=<expiry>&skn=provisioningserviceowner"}},
+                "description": "SharedAccessSignature sr=<host>&sig=<HMAC>&se=<expiry>&skn=<access policy> (its rights "
+                               "decide the routes: docs/api.md), or skn=iothubowner for a hub's service API"}},
         },
     }

@@ -1,14 +1,17 @@
-"""DPS service API (CA certificates with proof of possession) and ADR endpoints (namespaces, policies)."""
+"""DPS service API (CA certificates with proof of possession, shared access policies) and ADR endpoints
+(namespaces, policies)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from cryptography import x509
 
+from opendps.errors import InvalidInput
 from opendps.frontends.http import models as m
 from opendps.frontends.http.certificates import certificate_routes, pem
 from opendps.frontends.http.wire import if_match, json_body, run, send, services
 from opendps.pki import CaCertificates, serial_hex, thumbprint
+from opendps.provisioning.access import AccessPolicyView
 from opendps.registry import NamespaceView, PolicyView
 from opendps.transport.wire import iso8601
 
@@ -21,6 +24,67 @@ async def _dps_certificates(request: web.Request) -> CaCertificates:
 
 
 certificate_routes(routes, "/certificates", _dps_certificates)
+
+
+# ---- DPS shared access policies (az iot dps policy); keys only on the keys routes ----
+def access_policy_response(v: AccessPolicyView) -> m.AccessPolicyResponse:
+    return m.AccessPolicyResponse(keyName=v.name, rights=v.rights_text)
+
+
+async def _access_policy_keys(request: web.Request, keys: tuple[str, str]) -> web.Response:
+    v = await run(request, services(request).access_policies.get, request.match_info["name"])
+    return send(m.AccessPolicyKeys(keyName=v.name, rights=v.rights_text, primaryKey=keys[0], secondaryKey=keys[1]))
+
+
+@routes.get("/accessPolicies")
+async def list_access_policies(request: web.Request) -> web.Response:
+    views = await run(request, services(request).access_policies.list)
+    return send(m.AccessPolicyList(value=[access_policy_response(v) for v in views]))
+
+
+@routes.get("/accessPolicies/{name}")
+async def get_access_policy(request: web.Request) -> web.Response:
+    v = await run(request, services(request).access_policies.get, request.match_info["name"])
+    return send(access_policy_response(v))
+
+
+@routes.put("/accessPolicies/{name}")
+async def put_access_policy(request: web.Request) -> web.Response:
+    """Create (201) or update (200) rights, and the keys given; ``If-None-Match: *`` creates only (409 if it
+    exists), ``If-Match: *`` updates only (404 if it does not)."""
+    b = await json_body(request, m.AccessPolicyBody)
+    exists: bool | None = None
+    if request.headers.get("If-None-Match") is not None:
+        if request.headers["If-None-Match"].strip() != "*":
+            raise InvalidInput("If-None-Match takes only * here (create only)")
+        exists = False
+    if (match := if_match(request)) is not None:
+        if match.strip().strip('"') != "*":
+            raise InvalidInput("If-Match takes only * here (update only): access policies have no etag")
+        exists = True
+    v, created = await run(request, services(request).access_policies.put, request.match_info["name"], b.rights,
+                           primary_key=b.primaryKey, secondary_key=b.secondaryKey, exists=exists)
+    return send(access_policy_response(v), 201 if created else 200)
+
+
+@routes.delete("/accessPolicies/{name}")
+async def delete_access_policy(request: web.Request) -> web.Response:
+    await run(request, services(request).access_policies.delete, request.match_info["name"])
+    return web.Response(status=204)
+
+
+@routes.get("/accessPolicies/{name}/keys")
+async def get_access_policy_keys(request: web.Request) -> web.Response:
+    keys = await run(request, services(request).access_policies.keys_of, request.match_info["name"])
+    return await _access_policy_keys(request, keys)
+
+
+@routes.post("/accessPolicies/{name}/keys/renew")
+async def renew_access_policy_key(request: web.Request) -> web.Response:
+    """``{"renewKey": "primary" | "secondary" | "swap"}``; tokens signed with a replaced key stop working."""
+    b = await json_body(request, m.RenewKeyBody)
+    keys = await run(request, services(request).access_policies.renew_key, request.match_info["name"], b.renewKey)
+    return await _access_policy_keys(request, keys)
 
 
 # ---- ADR ----

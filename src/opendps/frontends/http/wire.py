@@ -19,6 +19,7 @@ from opendps.services import Services
 from opendps.transport.wire import parse_json
 
 RUNTIME = web.AppKey("runtime", Runtime)
+TOKEN_HUB = web.RequestKey("sas_hub", str)  # the hub a verified iothubowner token is bound to (absent: any)
 MAX_PAGE = 1000
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -94,6 +95,18 @@ def page(request: web.Request, items: list[Any], item_type: str) -> web.Response
     if start + size < len(items):
         headers["x-ms-continuation"] = str(start + size)
     return send(chunk, headers=headers)
+
+
+def max_item_count(request: web.Request, default: int = MAX_PAGE) -> int:
+    """The page size a query asks for with ``x-ms-max-item-count`` (1-:data:`MAX_PAGE`; ``default`` when absent)."""
+    raw = request.headers.get("x-ms-max-item-count")
+    try:
+        size = int(raw) if raw else default
+    except ValueError as exc:
+        raise InvalidInput(f"x-ms-max-item-count must be an integer from 1 to {MAX_PAGE}") from exc
+    if not 1 <= size <= MAX_PAGE:
+        raise InvalidInput(f"x-ms-max-item-count must be an integer from 1 to {MAX_PAGE}")
+    return size
 
 
 def if_match(request: web.Request) -> str | None:

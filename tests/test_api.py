@@ -350,3 +350,42 @@ def test_access_policy_keys_renewal_deletion_and_refusals(server):
         assert owner.get("/accessPolicies").status_code == 200  # the owner's own token still works
     log = (server.data_dir.parent / "server.log").read_text()
     assert "Traceback" not in log and keys["primaryKey"] not in log and new["primaryKey"] not in log
+
+
+def test_what_other_sdks_send_to_the_service_api(server):
+    """Siblings of issue 12.21/22 found by reading Microsoft's Node, C#, C and Java SDKs (docs/sdk-compat-audit.md):
+    bulk enrollment operations (all four, Node and C with a trailing slash), enrollment queries written in SQL
+    (Java, C# samples), a twin PATCH sent as POST + X-HTTP-Method-Override (Java's service SDK)."""
+    sym = {"attestation": {"type": "symmetricKey"}}
+    with _client(server) as c:
+        r = c.post("/enrollments/", json={"mode": "create", "enrollments": [
+            {**sym, "registrationId": "sdk-bulk-1"}, {**sym, "registrationId": "sdk-bulk-2"}]})
+        assert r.status_code == 200 and r.json() == {"isSuccessful": True, "errors": []}, r.text
+        r = c.post("/enrollments", json={"mode": "create", "enrollments": [{**sym, "registrationId": "sdk-bulk-1"}]})
+        assert r.status_code == 200 and not r.json()["isSuccessful"]
+        [error] = r.json()["errors"]
+        assert error["registrationId"] == "sdk-bulk-1" and error["errorCode"] // 1000 == 409 and error["errorStatus"]
+        r = c.post("/enrollmentGroups", json={"mode": "update", "enrollmentGroups": [
+            {**sym, "enrollmentGroupId": "sdk-bulk-group"}]})
+        assert r.json() == {"isSuccessful": True, "errors": []}
+        assert c.get("/enrollmentGroups/sdk-bulk-group").status_code == 200
+        _assert_error(c.post("/enrollments", json={"mode": "merge", "enrollments": []}), 400, 400004, "mode must be")
+        r = c.post("/enrollments", json={"mode": "delete", "enrollments": [{"registrationId": "sdk-bulk-2"}]})
+        assert r.json()["isSuccessful"] and c.get("/enrollments/sdk-bulk-2").status_code == 404
+
+        for query, path in [("select * from enrollments", "/enrollments/query"),
+                            ("SELECT * FROM enrollmentGroups", "/enrollmentGroups/query"),
+                            ("  *  ", "/enrollments/query")]:
+            r = c.post(path, json={"query": query})
+            assert r.status_code == 200 and isinstance(r.json(), list), (query, r.text)
+        _assert_error(c.post("/enrollments/query", json={"query": "SELECT * FROM enrollments WHERE x = 1"}), 400,
+                      400004, "without WHERE")
+
+        assert c.put("/devices/sdk-java-twin", json={"deviceId": "sdk-java-twin"}).status_code == 200
+        r = c.post("/twins/sdk-java-twin", json={"tags": {"site": "lab"}}, headers={"X-HTTP-Method-Override": "PATCH"})
+        assert r.status_code == 200 and r.json()["tags"] == {"site": "lab"}, r.text
+        r = c.post("/twins/sdk-java-twin", json={"tags": {"line": "b"}}, headers={"X-HTTP-Method-Override": "put"})
+        assert r.status_code == 200 and r.json()["tags"] == {"line": "b"}, r.text
+        _assert_error(c.post("/twins/sdk-java-twin", json={"tags": {}}), 405, 405001, "method POST is not allowed")
+        page = c.post("/devices/query", json={"query": "SELECT * FROM devices WHERE tags.line = 'b'"})
+        assert page.headers["x-ms-item-type"] == "Twin" and [t["deviceId"] for t in page.json()] == ["sdk-java-twin"]

@@ -508,7 +508,7 @@ def test_hub_query(server):
             headers = {"x-ms-max-item-count": "2", **({"x-ms-continuation": token} if token else {})}
             r = c.post("/devices/query", json=query, headers=headers)
             assert r.status_code == 200, r.text
-            assert (r.headers["x-ms-item-type"], r.headers["x-ms-max-item-count"]) == ("twin", "2")
+            assert (r.headers["x-ms-item-type"], r.headers["x-ms-max-item-count"]) == ("Twin", "2")
             seen += [t["deviceId"] for t in r.json()]
             pages += 1
             token = r.headers.get("x-ms-continuation")
@@ -517,7 +517,7 @@ def test_hub_query(server):
         assert (seen, pages) == (ids, 3)
         first = c.post("/devices/query", json=query, headers={"x-ms-max-item-count": "2"})
         raw = c.post("/devices/query/", json={"query": f"SELECT COUNT() FROM devices WHERE {mine}"})  # a spelling
-        assert (raw.status_code, raw.json(), raw.headers["x-ms-item-type"]) == (200, [{"$1": 5}], "raw")
+        assert (raw.status_code, raw.json(), raw.headers["x-ms-item-type"]) == (200, [{"$1": 5}], "Raw")
         assert "x-ms-continuation" not in raw.headers
         for body, headers, words in (
                 ({"query": "SELECT * FROM devices GROUP BY tags.site"}, {}, "GROUP BY is not supported"),

@@ -354,7 +354,7 @@ class Query:
     @property
     def item_type(self) -> str:
         """Azure's ``x-ms-item-type``: twin documents for ``SELECT *``, anything else raw."""
-        return "twin" if self.star else "raw"
+        return "Twin" if self.star else "Raw"  # C#'s QueryResultType is parsed case-sensitively
 
     @property
     def fingerprint(self) -> str:

@@ -26,7 +26,7 @@ from cryptography import x509
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
@@ -42,6 +42,8 @@ ALLOCATION_POLICIES = ("hashed", "geoLatency", "static", "custom")
 # Azure registration ids: alphanumerics and - . _ : ; last character alphanumeric or '-'; case-insensitive
 REGISTRATION_ID = re.compile(r"^[A-Za-z0-9\-._:]{0,127}[A-Za-z0-9\-]$")
 MAX_KEY_BYTES = 64
+BULK_MODES = ("create", "update", "updateIfMatchETag", "delete")
+MAX_BULK = 10  # Azure's limit per bulk operation
 
 
 def check_registration_id(value: object, what: str = "registration id") -> str:
@@ -136,6 +138,15 @@ def check_key(value: object, where: str) -> str:
 
 def new_key() -> str:
     return base64.b64encode(secrets.token_bytes(MAX_KEY_BYTES)).decode()
+
+
+@dataclass(frozen=True)
+class BulkError:
+    """One enrollment a bulk operation could not apply: Azure's ``{registrationId, errorCode, errorStatus}``."""
+
+    enrollment_id: str
+    error_code: int
+    error_status: str
 
 
 class Enrollments:
@@ -253,6 +264,46 @@ class Enrollments:
             raise PreconditionFailed(f"enrollment {enrollment_id!r} does not exist, so If-Match cannot match")
         if previous is not None and not etag_matches(if_match, previous.etag):
             raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
+
+    def bulk(self, kind: str, mode: object, documents: object) -> builtins.list[BulkError]:
+        """Azure's bulk enrollment operation: up to :data:`MAX_BULK` enrollments, each created, updated (created if
+        missing), updated only if its ``etag`` matches, or deleted on its own — one refused item does not undo
+        the others (as in Azure); the refusals come back per item."""
+        if mode not in BULK_MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(BULK_MODES)}, not {mode!r}")
+        what = "enrollmentGroups" if kind == GROUP else "enrollments"
+        if not isinstance(documents, list) or not documents:
+            raise InvalidInput(f"{what} must be a non-empty JSON array")
+        if len(documents) > MAX_BULK:
+            raise InvalidInput(f"a bulk operation takes at most {MAX_BULK} {what}, not {len(documents)}")
+        id_field = "enrollmentGroupId" if kind == GROUP else "registrationId"
+        errors: builtins.list[BulkError] = []
+        for document in documents:
+            enrollment_id = document.get(id_field) if isinstance(document, dict) else None
+            try:
+                if not isinstance(document, dict) or not isinstance(enrollment_id, str):
+                    raise InvalidInput(f"each item must be a JSON object with a string {id_field}")
+                self._bulk_one(kind, mode, enrollment_id, document)
+            except OpenDPSError as exc:
+                errors.append(BulkError(enrollment_id if isinstance(enrollment_id, str) else "", exc.error_code,
+                                        exc.message))
+        return errors
+
+    def _bulk_one(self, kind: str, mode: str, enrollment_id: str, document: dict[str, Any]) -> None:
+        etag = document.get("etag")
+        if mode == "delete":
+            self.delete(kind, enrollment_id, if_match=etag if isinstance(etag, str) else None)
+        elif mode == "create":
+            if self.find(kind, enrollment_id) is not None:
+                what = "enrollment group" if kind == GROUP else "enrollment"
+                raise Conflict(f"{what} {enrollment_id!r} already exists")
+            self.put(kind, enrollment_id, document)
+        elif mode == "updateIfMatchETag":
+            if not isinstance(etag, str) or not etag:
+                raise PreconditionFailed(f"mode updateIfMatchETag needs the etag of {enrollment_id!r}")
+            self.put(kind, enrollment_id, document, if_match=etag)
+        else:
+            self.put(kind, enrollment_id, document)
 
     def delete(self, kind: str, enrollment_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:

@@ -48,7 +48,7 @@ def refusal(text: str) -> str:
 
 def test_select_star_returns_the_documents_and_is_a_twin_query():
     q = parse_query("SELECT * FROM devices")
-    assert q.star and q.item_type == "twin" and q.condition is None and q.top is None
+    assert q.star and q.item_type == "Twin" and q.condition is None and q.top is None
     assert all(q.matches(t) and q.project(t) is t for t in TWINS)
 
 
@@ -151,14 +151,14 @@ def test_strings_take_escapes_and_either_quote():
 
 def test_count_with_and_without_alias():
     q = parse_query("SELECT COUNT() AS n FROM devices WHERE status = 'enabled'")
-    assert (q.count, q.star, q.item_type) == ("n", False, "raw")
+    assert (q.count, q.star, q.item_type) == ("n", False, "Raw")
     assert sum(q.matches(t) for t in TWINS) == 3
     assert parse_query("select count() from devices").count == "$1"
 
 
 def test_projection_names_columns_by_alias_or_last_name_and_leaves_out_missing_values():
     q = parse_query("SELECT deviceId, tags.site, properties.reported.temp AS t, tags.owner FROM devices")
-    assert q.item_type == "raw"
+    assert q.item_type == "Raw"
     assert [q.project(t) for t in TWINS] == [
         {"deviceId": "a", "site": "lab", "t": 21.5, "owner": {"team": "ops"}},
         {"deviceId": "b", "site": "plant", "t": 30},

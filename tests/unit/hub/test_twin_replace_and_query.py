@@ -99,13 +99,13 @@ def test_query_pages_in_device_id_order_across_scan_batches(services, monkeypatc
     assert rows == [{"deviceId": f"{'Q' if n % 2 else 'q'}-{n:02d}", "n": n} for n in (1, 2, 4, 5, 7, 8)]
     assert len(tokens) == 2  # 2 + 2 + 2: the last page says there is no more
     first = services.hubs.query("q-hub", text, twin_of, page_size=4)
-    assert (len(first.items), first.item_type) == (4, "raw") and first.continuation is not None
+    assert (len(first.items), first.item_type) == (4, "Raw") and first.continuation is not None
     rest = services.hubs.query("q-hub", text, twin_of, page_size=4, continuation=first.continuation)
     assert [r["n"] for r in rest.items] == [7, 8] and rest.continuation is None
 
     star = services.hubs.query("q-hub", "SELECT * FROM devices WHERE properties.reported.temp >= 27", twin_of,
                                page_size=100)
-    assert star.item_type == "twin" and [t["deviceId"] for t in star.items] == ["Q-07", "q-08"]
+    assert star.item_type == "Twin" and [t["deviceId"] for t in star.items] == ["Q-07", "q-08"]
     assert star.items[0]["tags"] == {"site": "lab", "n": 7}
 
 
@@ -116,7 +116,7 @@ def test_query_top_count_and_refusals(services, monkeypatch):
     assert [r["deviceId"] for r in rows] == ["q-00", "Q-01", "q-02", "Q-03", "q-04"] and len(tokens) == 2
     count = services.hubs.query("q-hub", "SELECT COUNT() AS n FROM devices WHERE tags.site = 'plant'", twin_of,
                                 page_size=1)
-    assert (count.items, count.continuation, count.item_type) == ([{"n": 3}], None, "raw")
+    assert (count.items, count.continuation, count.item_type) == ([{"n": 3}], None, "Raw")
     assert services.hubs.query("q-hub", "SELECT COUNT() FROM devices", twin_of, page_size=1).items == [{"$1": 9}]
     assert services.hubs.query("q-hub", "SELECT * FROM devices WHERE tags.site = 'moon'", twin_of,
                                page_size=5).items == []

@@ -77,3 +77,37 @@ def test_a_concurrent_change_between_read_and_write_is_a_conflict(services, monk
     with pytest.raises(Conflict, match="changed concurrently; retry"):
         services.enrollments.put("individual", "raced", SYM)
     assert not services.enrollments.get("individual", "raced").enabled
+
+
+def test_bulk_operations_apply_each_item_on_its_own_and_report_the_refused(services):
+    """Azure's bulk enrollment operation (every SDK has it): create, update, updateIfMatchETag, delete."""
+    bulk = services.enrollments.bulk
+    docs = [{**SYM, "registrationId": f"bulk-{n}"} for n in range(3)]
+    assert bulk("individual", "create", docs) == []
+    etags = {n: services.enrollments.get("individual", f"bulk-{n}").etag for n in range(3)}
+
+    again = bulk("individual", "create", [docs[0], {**SYM, "registrationId": "bulk-3"}])
+    assert [(e.enrollment_id, e.error_code // 1000) for e in again] == [("bulk-0", 409)]
+    assert services.enrollments.find("individual", "bulk-3") is not None  # the other item was applied
+
+    assert bulk("individual", "update", [{**SYM, "registrationId": "bulk-1", "provisioningStatus": "disabled"}]) == []
+    assert not services.enrollments.get("individual", "bulk-1").enabled
+    stale = bulk("individual", "updateIfMatchETag", [{**SYM, "registrationId": "bulk-1", "etag": etags[1]},
+                                                     {**SYM, "registrationId": "bulk-2", "etag": etags[2]},
+                                                     {**SYM, "registrationId": "bulk-0"}])
+    assert [(e.enrollment_id, e.error_code // 1000) for e in stale] == [("bulk-1", 412), ("bulk-0", 412)]
+    assert services.enrollments.get("individual", "bulk-2").etag != etags[2]
+
+    gone = bulk("individual", "delete", [{"registrationId": "bulk-0"}, {"registrationId": "nobody"}, "junk"])
+    assert [(e.enrollment_id, e.error_code // 1000) for e in gone] == [("nobody", 404), ("", 400)]
+    assert services.enrollments.find("individual", "bulk-0") is None
+
+    bad = {**SYM, "registrationId": "bulk-bad", "allocationPolicy": "static"}
+    refused = bulk("individual", "create", [bad])
+    assert refused[0].enrollment_id == "bulk-bad" and "exactly one hub" in refused[0].error_status
+    assert bulk("group", "create", [{**SYM, "enrollmentGroupId": "bulk-group"}]) == []
+    assert services.enrollments.find("group", "bulk-group") is not None
+    for mode, items, words in [("upsert", docs, "mode must be one of"), ("create", [], "non-empty"),
+                               ("create", [docs[0]] * 11, "at most 10"), ("delete", {"registrationId": "x"}, "array")]:
+        with pytest.raises(InvalidInput, match=words):
+            bulk("individual", mode, items)

@@ -7,6 +7,7 @@ opendps' own (documented in docs/api.md). Routes only translate: the domain vali
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -50,17 +51,35 @@ async def attestation_mechanism(request: web.Request) -> web.Response:
     return send(v.attestation_mechanism())
 
 
+# what SDKs send: "*" (Node, C), "select * from enrollments" (Java), "SELECT * FROM enrollmentGroups" (C# samples)
+_SELECT_ALL = re.compile(r"\s*(\*|select\s+\*\s+from\s+(enrollments|enrollmentgroups))\s*", re.IGNORECASE)
+
+
 async def query_enrollments(request: web.Request) -> web.Response:
     if (await request.read()).strip():
         q = await json_body(request)
-        if not isinstance(q, dict) or q.get("query", "*") not in ("*", "SELECT * FROM enrollments"):
-            raise InvalidInput('only the query "*" is supported')
+        text = q.get("query", "*") if isinstance(q, dict) else None
+        if not isinstance(text, str) or not _SELECT_ALL.fullmatch(text):
+            raise InvalidInput(f"query {text!r} is not supported: only \"*\" or SELECT * FROM enrollments | "
+                               "enrollmentGroups, without WHERE")
     kind = _kind(request)
     views = await run(request, services(request).enrollments.list, kind)
     return page(request, [v.to_wire() for v in views], "EnrollmentGroup" if kind == GROUP else "Enrollment")
 
 
+async def bulk_enrollments(request: web.Request) -> web.Response:
+    """Azure's bulk operation (``POST /enrollments`` with ``{"mode", "enrollments": [...]}``; groups under
+    ``enrollmentGroups``): 200 with ``isSuccessful`` and the items refused."""
+    kind = _kind(request)
+    body = await json_object_body(request)
+    items, id_field = ("enrollmentGroups", "enrollmentGroupId") if kind == GROUP else ("enrollments", "registrationId")
+    errors = await run(request, services(request).enrollments.bulk, kind, body.get("mode"), body.get(items))
+    return send({"isSuccessful": not errors, "errors": [
+        {id_field: e.enrollment_id, "errorCode": e.error_code, "errorStatus": e.error_status} for e in errors]})
+
+
 for base in ("/enrollments", "/enrollmentGroups"):
+    routes.post(base)(bulk_enrollments)
     routes.put(base + "/{id}")(put_enrollment)
     routes.get(base + "/{id}")(get_enrollment)
     routes.delete(base + "/{id}")(delete_enrollment)

@@ -187,6 +187,18 @@ async def replace_twin(request: web.Request) -> web.Response:
     return await _twin_written(request, ident, change)
 
 
+@routes.post("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-override")
+async def overridden_twin_method(request: web.Request) -> web.Response:
+    """``POST`` + ``X-HTTP-Method-Override: PATCH``: how Java's service SDK patches a twin (its HttpURLConnection
+    cannot send PATCH). Any other POST to a twin is 405, as before."""
+    override = request.headers.get("X-HTTP-Method-Override", "").strip().upper()
+    if override == "PATCH":
+        return await patch_twin(request)
+    if override == "PUT":
+        return await replace_twin(request)
+    raise web.HTTPMethodNotAllowed("POST", ["GET", "PATCH", "PUT"])
+
+
 @routes.post("/twins/{id}/methods", name=HUB_ROUTE_PREFIX + "method")
 async def invoke_method(request: web.Request) -> web.Response:
     body = await json_body(request)

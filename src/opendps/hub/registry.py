@@ -31,7 +31,7 @@ from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore
 from opendps.registry import Registry
-from opendps.store import HubCertificate, HubDevice, LinkedHub, Store
+from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store
 from opendps.transport.wire import json_depth
 
 DEFAULT_HUB = "default"
@@ -172,6 +172,7 @@ class Hubs:
         self.registry = registry
         self.domain = domain
         self.enrollments: EnrollmentLinks = _Unbound()  # bound by opendps.services.wire
+        self._linked: ConfigCache[str, builtins.list[HubView]] = ConfigCache(store, capacity=1)
 
     # ---- hubs ----
     @staticmethod
@@ -259,7 +260,11 @@ class Hubs:
         with self.store.session() as s:
             return self.by_host(host_name, session=s)
 
-    def list(self) -> list[HubView]:
+    def list(self) -> builtins.list[HubView]:
+        """The linked hubs by name (from the configuration cache: allocation reads them on every registration)."""
+        return self._linked.get("all", self._load_list)
+
+    def _load_list(self) -> builtins.list[HubView]:
         with self.store.session() as s:
             return [_view(h) for h in s.scalars(select(LinkedHub).order_by(LinkedHub.name))]
 

@@ -32,7 +32,7 @@ from opendps.ids import etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
-from opendps.store import Enrollment, Registration, Store
+from opendps.store import ConfigCache, Enrollment, Registration, Store
 from opendps.transport.wire import iso8601
 
 INDIVIDUAL = "individual"
@@ -44,6 +44,7 @@ REGISTRATION_ID = re.compile(r"^[A-Za-z0-9\-._:]{0,127}[A-Za-z0-9\-]$")
 MAX_KEY_BYTES = 64
 BULK_MODES = ("create", "update", "updateIfMatchETag", "delete")
 MAX_BULK = 10  # Azure's limit per bulk operation
+ID_INDEX_LIMIT = 200_000  # enrollment ids held in memory per process for attestation's "has it one?" question
 
 
 def check_registration_id(value: object, what: str = "registration id") -> str:
@@ -157,6 +158,8 @@ class Enrollments:
         self.registry = registry
         self.hubs = hubs
         self.ca_certificates = ca_certificates
+        # attestation's reads (every register and poll): views with unwrapped keys, while the configuration is unchanged
+        self._lookups: ConfigCache[tuple[str, str, str], Any] = ConfigCache(store, capacity=100_000)
 
     # ---- reading ----
     def _view(self, row: Enrollment) -> EnrollmentView:
@@ -196,6 +199,32 @@ class Enrollments:
             q = q.where(Enrollment.attestation_type == attestation_type)
         with self.store.session() as s:
             return [self._view(r) for r in s.scalars(q.order_by(Enrollment.id))]
+
+    def lookup(self, kind: str, enrollment_id: str) -> EnrollmentView | None:
+        """:meth:`find` for attestation, from the configuration cache (a change on any node is seen at once).
+
+        Most registrations are of devices without an individual enrollment (they come through a group): the ids
+        that have one are kept as a set, so those cost no query at all (up to :data:`ID_INDEX_LIMIT` ids).
+        """
+        key = enrollment_id.lower()
+        known: frozenset[str] | None = self._lookups.get(("ids", kind, ""), lambda: self._ids(kind))
+        if known is not None and key not in known:
+            return None
+        view: EnrollmentView | None = self._lookups.get(("one", kind, key), lambda: self.find(kind, enrollment_id))
+        return view
+
+    def _ids(self, kind: str) -> frozenset[str] | None:
+        """Lower-cased ids of every enrollment of ``kind``; None when there are more than the index holds."""
+        with self.store.session() as s:
+            ids = s.scalars(select(func.lower(Enrollment.enrollment_id)).where(Enrollment.kind == kind)
+                            .limit(ID_INDEX_LIMIT + 1)).all()
+        return frozenset(ids) if len(ids) <= ID_INDEX_LIMIT else None
+
+    def lookup_all(self, kind: str, attestation_type: str) -> builtins.list[EnrollmentView]:
+        """:meth:`list` for attestation, from the configuration cache."""
+        views: builtins.list[EnrollmentView] = self._lookups.get(("all", kind, attestation_type),
+                                                                 lambda: self.list(kind, attestation_type))
+        return views
 
     def groups_on_certificate(self, dps_certificate_name: str) -> builtins.list[EnrollmentView]:
         """X.509 groups that reference ``dps_certificate_name`` (caReferences)."""

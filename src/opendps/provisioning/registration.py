@@ -75,7 +75,8 @@ def new_operation_id() -> str:
 @dataclass(frozen=True)
 class Accepted:
     """A register request's answer: the final result when the registration was assigned within
-    :data:`ANSWER_WITHIN` (HTTP 200, as Azure's protocol allows), else the operation to poll (202 + Retry-After)."""
+    :data:`ANSWER_WITHIN`, else the operation to poll (+ Retry-After). ``status`` is the MQTT answer's
+    (``res/200`` for a final result); HTTPS answers 202 either way, the only status the C# SDK takes."""
 
     operation_id: str
     retry_after: int = RETRY_AFTER_SECONDS
@@ -181,7 +182,8 @@ class Provisioning:
         operation_id = new_operation_id()
         try:
             self.service_limit.take()
-            decision = self._decide(credentials, payload, csr, api_version, now)
+            with self.store.config_snapshot():  # enrollments, issuer, hubs: one read of the configuration counter
+                decision = self._decide(credentials, payload, csr, api_version, now)
         except allocation.AllocationFailed as exc:
             log.info("registration %r failed: %s", credentials.registration_id, exc.message)
             self._store_failure(operation_id, credentials.registration_id, exc, now)
@@ -206,7 +208,8 @@ class Provisioning:
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:
         self.throttle.check(credentials.registration_id)
-        self._identity(credentials)
+        with self.store.config_snapshot():
+            self._identity(credentials)
         with self.store.session() as s:
             op = s.get(Operation, operation_id)
             if op is None or op.registration_key != credentials.registration_id.lower():
@@ -217,7 +220,8 @@ class Provisioning:
     def status(self, credentials: DeviceCredentials) -> dict[str, Any]:
         """Registration status lookup (POST /{idScope}/registrations/{id}): no certificate chain."""
         self.throttle.check(credentials.registration_id)
-        self._identity(credentials)
+        with self.store.config_snapshot():
+            self._identity(credentials)
         return self.get_registration(credentials.registration_id)
 
     def renew_through_hub(self, hub_host: str, device_id: str, csr: bytes) -> IssuedChain:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, aliased
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, thumbprint
-from opendps.store import CertificateAuthority, Namespace, Policy, Store
+from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
 
 MIN_VALIDITY_DAYS = 1
 MAX_VALIDITY_DAYS = 90
@@ -127,6 +127,7 @@ class Registry:
         self.keys = keys
         self.lint = lint
         self.referrers: PolicyReferrers = _Unbound()  # bound by opendps.services.wire
+        self._issuers: ConfigCache[int, Issuer] = ConfigCache(store, capacity=1024)  # parsed, per policy
 
     # ---- helpers ----
     @staticmethod
@@ -357,7 +358,12 @@ class Registry:
         return PolicyRef(policy_id, ns, name)
 
     def issuer(self, policy_id: int) -> Issuer:
-        """What the policy signs with now: its leaf settings, active issuing CA and root, in one query."""
+        """What the policy signs with now: its leaf settings, active issuing CA and root — from the configuration
+        cache, so a rotation or policy update made on any node is used by the next registration."""
+        return self._issuers.get(policy_id, lambda: self._load_issuer(policy_id))
+
+    def _load_issuer(self, policy_id: int) -> Issuer:
+        """The issuer as stored, in one query."""
         root = aliased(CertificateAuthority)
         with self.store.session() as s:
             row = s.execute(

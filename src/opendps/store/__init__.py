@@ -2,27 +2,37 @@
 
 SQLite (WAL) is the embedded default; PostgreSQL is chosen by URL for several nodes. Domain code
 is synchronous and uses :meth:`Store.session`; async front ends run it in a thread pool.
+
+Configuration caching: every change to a row of :data:`CONFIG_MODELS` (enrollments, policies, CAs, hubs...)
+bumps one counter in the same transaction — by a session hook, so no write path can forget it, ORM or bulk.
+:class:`ConfigCache` keeps values derived from those rows while the counter a request reads is unchanged: a
+change made on any node is seen by the next request on every node, for the price of reading one row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from opendps.store.models import (
+    CONFIG_MODELS,
     AccessPolicy,
     Base,
     CertificateAuthority,
     CloudToDeviceMessage,
+    ConfigGeneration,
     DeviceRecord,
     DpsCertificate,
     Enrollment,
@@ -45,6 +55,8 @@ __all__ = [
     "Base",
     "CertificateAuthority",
     "CloudToDeviceMessage",
+    "ConfigCache",
+    "ConfigGeneration",
     "DeviceRecord",
     "DpsCertificate",
     "Enrollment",
@@ -81,6 +93,37 @@ def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -
     cur.close()
 
 
+_CONFIG_TABLES = frozenset(model.__table__.name for model in CONFIG_MODELS)  # type: ignore[attr-defined]
+_BUMPED = "opendps.config_bumped"
+_GENERATION: ContextVar[int | None] = ContextVar("opendps_config_generation", default=None)
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def _bump(session: Session) -> None:
+    """Count a configuration change, once per transaction, inside it (rolled back with it)."""
+    if session.info.get(_BUMPED):
+        return
+    session.info[_BUMPED] = True
+    session.execute(update(ConfigGeneration).where(ConfigGeneration.id == 1).values(value=ConfigGeneration.value + 1))
+
+
+def _bump_on_flush(session: Session, _context: Any, _instances: Any) -> None:
+    if any(type(o) in CONFIG_MODELS for o in (*session.new, *session.dirty, *session.deleted)):
+        _bump(session)
+
+
+def _bump_on_bulk(state: ORMExecuteState) -> None:
+    """``update(Policy)`` / ``delete(CertificateAuthority)`` statements bypass the flush."""
+    if (state.is_update or state.is_delete) and getattr(state.statement, "table", None) is not None \
+            and state.statement.table.name in _CONFIG_TABLES:  # type: ignore[attr-defined]
+        _bump(state.session)
+
+
+def _transaction_ended(session: Session, _transaction: Any) -> None:
+    session.info.pop(_BUMPED, None)
+
+
 def add_setting(session: Session, name: str, value: str) -> None:
     """Add an instance setting inside a caller's transaction (with the rows it describes)."""
     session.add(InstanceSetting(name=name, value=value))
@@ -101,6 +144,31 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _bump_on_flush)
+        event.listen(self._sessions, "do_orm_execute", _bump_on_bulk)
+        event.listen(self._sessions, "after_transaction_end", _transaction_ended)
+
+    def config_generation(self) -> int:
+        """The configuration counter: as read once for the current request inside :meth:`config_snapshot`, else
+        read now."""
+        memo = _GENERATION.get()
+        if memo is not None:
+            return memo
+        with self.engine.connect() as conn:
+            value = conn.execute(select(ConfigGeneration.value).where(ConfigGeneration.id == 1)).scalar()
+        return int(value or 0)
+
+    @contextmanager
+    def config_snapshot(self) -> Iterator[int]:
+        """Read the counter once for a whole request (a registration makes several cached lookups)."""
+        if _GENERATION.get() is not None:
+            yield self.config_generation()
+            return
+        token = _GENERATION.set(self.config_generation())
+        try:
+            yield self.config_generation()
+        finally:
+            _GENERATION.reset(token)
 
     @property
     def dialect(self) -> str:
@@ -157,3 +225,35 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class ConfigCache(Generic[K, V]):
+    """Values derived from configuration rows (parsed certificates, unwrapped keys, enrollment views), kept while
+    :meth:`Store.config_generation` is unchanged; bounded, least recently used first out; thread-safe.
+
+    The counter is read before the value is loaded, so a change landing in between only costs a reload.
+    """
+
+    def __init__(self, store: Store, capacity: int = 10_000) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._entries: OrderedDict[K, tuple[int, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K, load: Callable[[], V]) -> V:
+        generation = self.store.config_generation()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] == generation:
+                self._entries.move_to_end(key)
+                return hit[1]
+        value = load()
+        with self._lock:
+            self._entries[key] = (generation, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -349,8 +349,19 @@ class HubCertificate(ProvenCaCertificate, Base):
 
 
 #: model -> the package (or module) that owns its table; ``store`` itself owns only the installation settings
+class ConfigGeneration(Base):
+    """One counter, bumped in the same transaction as any change to the configuration rows below
+    (:data:`CONFIG_MODELS`): processes cache what they derive from those rows and keep it while the counter
+    they read is unchanged (:class:`opendps.store.ConfigCache`)."""
+
+    __tablename__ = "config_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 OWNERS: dict[type[Base], str] = {
     InstanceSetting: "opendps.store",
+    ConfigGeneration: "opendps.store",
     AccessPolicy: "opendps.provisioning",
     WrappedKey: "opendps.pki",
     IssuedCertificate: "opendps.pki",
@@ -368,3 +379,7 @@ OWNERS: dict[type[Base], str] = {
     TelemetryEvent: "opendps.hub",
     CloudToDeviceMessage: "opendps.hub",
 }
+
+# What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.
+CONFIG_MODELS: frozenset[type[Base]] = frozenset({Namespace, Policy, CertificateAuthority, DpsCertificate, Enrollment,
+                                                   LinkedHub, HubCertificate})

@@ -29,6 +29,8 @@ NOT_SERVICE_CONFIG = {
     ("POST", "/enrollmentGroups/{id}/attestationmechanism"): "EnrollmentRead",
     ("PUT", "/enrollmentGroups/{id}"): "EnrollmentWrite",
     ("DELETE", "/enrollmentGroups/{id}"): "EnrollmentWrite",
+    ("POST", "/enrollments"): "EnrollmentWrite",  # bulk operations
+    ("POST", "/enrollmentGroups"): "EnrollmentWrite",
     ("GET", "/registrations/{id}"): "RegistrationStatusRead",
     ("POST", "/registrations/{id}/query"): "RegistrationStatusRead",
     ("DELETE", "/registrations/{id}"): "RegistrationStatusWrite",

@@ -68,7 +68,7 @@ class SymmetricKeyAttestation:
         if token.expiry + self.skew < now.timestamp():
             raise AttestationFailed("SharedAccessSignature has expired")
         rid = credentials.registration_id
-        individual = context.enrollments.find(INDIVIDUAL, rid)
+        individual = context.enrollments.lookup(INDIVIDUAL, rid)
         if individual is not None:
             if individual.attestation_type != self.name or not individual.keys:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation")
@@ -76,7 +76,7 @@ class SymmetricKeyAttestation:
                 raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
             return AttestedIdentity(rid, self.name, individual, DeviceCredential("sas", keys=individual.keys),
                                     details={"symmetricKey": {}})
-        for group in context.enrollments.list(GROUP, self.name):
+        for group in context.enrollments.lookup_all(GROUP, self.name):
             if not group.keys:
                 continue
             derived = (sas.derive_device_key(group.keys[0], rid), sas.derive_device_key(group.keys[1], rid))

@@ -32,7 +32,7 @@ from opendps.provisioning.attestation.mechanism import (
     Context,
     DeviceCredentials,
 )
-from opendps.provisioning.enrollments import INDIVIDUAL, certificate_info, json_object
+from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, ca_names, certificate_info, json_object
 
 MAX_CN = 64
 MAX_DEPTH = 6
@@ -134,7 +134,7 @@ class X509Attestation:
         rid = credentials.registration_id
         check_client_certificate(leaf, rid, now)
         info = certificate_info(leaf)
-        individual = context.enrollments.find(INDIVIDUAL, rid)
+        individual = context.enrollments.lookup(INDIVIDUAL, rid)
         if individual is not None:
             if individual.attestation_type != self.name:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use X.509 attestation")
@@ -163,7 +163,7 @@ class X509Attestation:
             top = parent
         for position, ca in enumerate(path):
             for name in by_sha.get(thumbprint(ca), []):
-                groups = context.enrollments.groups_on_certificate(name)
+                groups = [g for g in context.enrollments.lookup_all(GROUP, self.name) if name in ca_names(g.document)]
                 if not groups:
                     continue
                 group = groups[0]

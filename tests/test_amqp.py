@@ -3,7 +3,9 @@
 python-qpid-proton's own blocking client (not opendps code) connects over TLS trusting the server CA, uses
 SASL ANONYMOUS and does claims-based security by hand (a ``$cbs`` link pair and a ``put-token`` request),
 then sends to ``/messages/devicebound``. What it sends must be in the store with its properties and reach
-a device connected over MQTT (paho); every refusal must be an AMQP error with nothing queued.
+a device connected over MQTT (paho); every refusal must be an AMQP error with nothing queued. The other
+SDKs' shapes are replayed too: C# and C (``to`` spelled ``deviceBound``, URL-encoded ids, the feedback
+receiver ``OpenAsync`` and ``IoTHubMessaging_LL_Open`` attach) and C's SASL PLAIN instead of CBS.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import json
 import socket
 import ssl
 import time
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
-from proton import Delivery, Message, SSLDomain, int32, ulong
+from proton import ConnectionException, Data, Delivery, Message, SSLDomain, Timeout, int32, symbol, ulong
 from proton.utils import BlockingConnection, LinkDetached
 from sqlalchemy import select
 from tests.test_device_api import svc
@@ -29,14 +31,18 @@ SAS_TYPE = "servicebus.windows.net:sastoken"
 
 
 class Amqp:
-    """A proton BlockingConnection to the AMQP listener, with CBS put-token and C2D sends made by hand."""
+    """A proton BlockingConnection to the AMQP listener, with CBS put-token and C2D sends made by hand.
 
-    def __init__(self, server, timeout: float = 20):
+    ``plain=(user, password)`` authenticates with SASL PLAIN, as the C service SDK does, instead of ANONYMOUS."""
+
+    def __init__(self, server, timeout: float = 20, plain: tuple[str, str] | None = None):
         domain = SSLDomain(SSLDomain.MODE_CLIENT)
         domain.set_trusted_ca_db(str(server.ca_file))
         domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
-        self.conn = BlockingConnection(f"amqps://localhost:{server.amqp_port}", ssl_domain=domain,
-                                       allowed_mechs="ANONYMOUS", timeout=timeout)
+        sasl = {"allowed_mechs": "PLAIN", "user": plain[0], "password": plain[1]} if plain else {
+            "allowed_mechs": "ANONYMOUS"}
+        self.conn = BlockingConnection(f"amqps://localhost:{server.amqp_port}", ssl_domain=domain, timeout=timeout,
+                                       **sasl)
         self.next_id = 1
         self.cbs = None
 
@@ -225,12 +231,185 @@ def test_unknown_device_bad_address_and_a_full_queue_are_rejected(server):
         state, cond, description = client.send(sender, c2d("amqp-full-dev", b"one too many"))
         assert (state, cond) == (Delivery.REJECTED, "amqp:resource-limit-exceeded"), description
         assert [r.body for r in queued(server, "amqp-full-dev")] == [f"m{n}".encode() for n in range(50)]
-        # other nodes (the feedback receiver) are not served
-        with pytest.raises(LinkDetached) as refused:
-            client.conn.create_receiver("/messages/servicebound/feedback")
-        assert "amqp:not-found" in str(refused.value)
     finally:
         client.close()
+
+
+def device_with_id(server, device_id: str) -> None:
+    """A SAS device whose id needs URL-encoding in a path."""
+    with svc(server) as c:
+        r = c.put(f"/devices/{quote(device_id, safe='')}", json={"deviceId": device_id})
+        assert r.status_code == 200, r.text
+
+
+def test_every_sdks_to_address_reaches_the_device(server):
+    """Bug 4: C# and C write ``messages/deviceBound``; Node and C# URL-encode the id; Java and C send it raw."""
+    device_id = "amqp:enc@dev+1$,x"
+    device_with_id(server, device_id)
+    encoded = quote(device_id, safe="")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        sender = client.devicebound("/messages/deviceBound")  # C#'s link target spelling
+        sent = {"csharp": f"/devices/{encoded}/messages/deviceBound",  # WebUtility.UrlEncode(id)
+                "node": f"/devices/{encoded}/messages/devicebound",  # encodeURIComponent(id)
+                "c": f"/devices/{device_id}/messages/deviceBound"}  # "/devices/%s/messages/deviceBound"
+        for sdk, to in sent.items():
+            state, cond, description = client.send(sender, Message(address=to, id=f"enc-{sdk}", body=sdk.encode()))
+            assert (state, cond) == (Delivery.ACCEPTED, None), (sdk, description)
+        assert [r.message_id for r in queued(server, device_id)] == ["enc-csharp", "enc-node", "enc-c"]
+        # decoded, the id is still held to the device id rule; the path must still be messages/devicebound
+        before = pending_c2d(server)
+        for to in ("/devices/amqp%2Fx/messages/devicebound", f"/devices/{encoded}/messages/deviceBound/x",
+                   f"/devices/{encoded}/Messages/Events", "/devices/%20/messages/devicebound"):
+            assert client.send(sender, Message(address=to, body=b"x"))[:2] == (Delivery.REJECTED,
+                                                                                "amqp:invalid-field"), to
+        assert pending_c2d(server) == before
+    finally:
+        client.close()
+
+
+def test_feedback_and_file_notification_receivers_attach_once_authorised_and_stay_idle(server):
+    """Bug 5: C#'s ServiceClient.OpenAsync and C's IoTHubMessaging_LL_Open attach the feedback receiver before
+    sending; refusing it broke both. Served idle (no feedback is recorded); other nodes are still refused."""
+    sas_device(server, "amqp-feedback-dev")
+    port = server.url.rsplit(":", 1)[1]
+    client = Amqp(server)
+    try:
+        with pytest.raises(LinkDetached) as refused:  # not before a token
+            client.conn.create_receiver("/messages/serviceBound/feedback")
+        assert "amqp:unauthorized-access" in str(refused.value)
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        feedback = client.conn.create_receiver("/messages/serviceBound/feedback")  # C#
+        c_feedback = client.conn.create_receiver(f"amqps://localhost:{port}/messages/servicebound/feedback")  # C
+        notifications = client.conn.create_receiver("/messages/serviceBound/filenotifications")  # Java
+        state, cond, _ = client.send(client.devicebound(), c2d("amqp-feedback-dev", properties={"iothub-ack": "full"}))
+        assert (state, cond) == (Delivery.ACCEPTED, None)
+        for receiver in (feedback, c_feedback, notifications):
+            with pytest.raises(Timeout):
+                receiver.receive(timeout=0.5)
+        for attach, address in ((client.conn.create_receiver, "/messages/serviceBound/other"),
+                                (client.conn.create_receiver, "/messages/devicebound"),
+                                (client.conn.create_sender, "/messages/serviceBound/feedback")):
+            with pytest.raises(LinkDetached) as refused:
+                attach(address)
+            assert "amqp:not-found" in str(refused.value), address
+    finally:
+        client.close()
+
+
+# the C service SDK's SASL PLAIN authcid: {keyName}@sas.root.{hubName} (the host name's first label)
+C_SDK_USER = "iothubowner@sas.root.localhost"
+
+
+def test_sasl_plain_authorises_the_connection_as_a_put_token_does(server):
+    """Bug 6: the C service SDK's whole flow — SASL PLAIN with a SAS token (no CBS), the feedback receiver, then
+    a message to ``deviceBound``. The DPS owner's token speaks for the default hub here too."""
+    sas_device(server, "amqp-plain-dev")
+    for token in (hub_owner_token(server), dps_owner_token(server)):
+        client = Amqp(server, plain=(C_SDK_USER, token))
+        try:
+            client.conn.create_receiver("amqps://localhost/messages/servicebound/feedback")
+            sender = client.devicebound("amqps://localhost/messages/deviceBound")
+            state, cond, description = client.send(sender, Message(
+                address="/devices/amqp-plain-dev/messages/deviceBound", body=b"from C"))
+            assert (state, cond) == (Delivery.ACCEPTED, None), description
+            assert client.put_token(hub_owner_token(server))[0] == 200  # CBS still renews on such a connection
+        finally:
+            client.close()
+    assert [r.body for r in queued(server, "amqp-plain-dev")] == [b"from C", b"from C"]
+
+
+def _server_log(server) -> str:
+    return (server.data_dir.parent / "server.log").read_text(errors="replace")
+
+
+@pytest.mark.parametrize("case", ["bad-signature", "expired", "foreign-audience", "other-dps-policy", "malformed"])
+def test_a_refused_sasl_plain_token_closes_the_connection_and_is_not_logged(server, case):
+    secret = f"amqp-plain-secret-{case}"
+    if case == "other-dps-policy":  # hub_service_only, as for a put-token
+        with svc(server) as c:
+            r = c.put(f"/accessPolicies/amqp-plain-{case}", json={"rights": "ServiceConfig"})
+            assert r.status_code in (200, 201), r.text
+            key = c.get(f"/accessPolicies/amqp-plain-{case}/keys").json()["primaryKey"]
+        host = sas.parse_connection_string(server.connection_string)["HostName"]
+        token = sas.generate(host, key, f"amqp-plain-{case}")
+    elif case == "malformed":
+        token = f"SharedAccessSignature sr=localhost&{secret}&se=1&skn=iothubowner"
+    else:
+        token = {"bad-signature": lambda: hub_owner_token(server, key="d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkh"),
+                 "expired": lambda: hub_owner_token(server, ttl=-3600),
+                 "foreign-audience": lambda: hub_owner_token(server, host="hub.example.com")}[case]()
+    before = pending_c2d(server)
+    with pytest.raises(ConnectionException) as refused:
+        Amqp(server, plain=(C_SDK_USER, token), timeout=10)
+    assert "unauthorized-access" in str(refused.value) or "Authentication failed" in str(refused.value)
+    assert pending_c2d(server) == before
+    log = _server_log(server)
+    assert "SASL PLAIN from" in log
+    signature = sas.parse(token).signature if case != "malformed" else secret
+    assert signature not in log and quote(signature, safe="") not in log and secret not in log
+
+
+def _sasl_frame(code: int, fields) -> bytes:
+    """A SASL frame as a client writes it (encoded with proton's Data, independently of the server's code)."""
+    data = Data()
+    data.put_described()
+    data.enter()
+    data.put_ulong(code)
+    data.put_list()
+    data.enter()
+    fields(data)
+    data.exit()
+    data.exit()
+    body = bytes(data.encode())
+    return (8 + len(body)).to_bytes(4, "big") + b"\x02\x01\x00\x00" + body
+
+
+def _read(sock: ssl.SSLSocket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"closed after {out!r}"
+        out += chunk
+    return out
+
+
+def _read_sasl_frame(sock: ssl.SSLSocket) -> tuple[int, list]:
+    size = int.from_bytes(_read(sock, 4), "big")
+    rest = _read(sock, size - 4)
+    data = Data()
+    data.decode(rest[rest[0] * 4 - 4:])
+    data.rewind()
+    data.next()
+    frame = data.get_object()
+    return int(frame.descriptor), list(frame.value)
+
+
+def _plain_init(user: str, password: str):
+    def fields(data: Data) -> None:
+        data.put_symbol(symbol("PLAIN"))
+        data.put_binary(b"\0" + user.encode() + b"\0" + password.encode())
+    return fields
+
+
+@pytest.mark.parametrize("good", [False, True])
+def test_sasl_plain_on_the_wire(server, good):
+    """The mechanisms offered, the outcome code (1 = auth) and the close, seen as raw frames; an accepted
+    client may pipeline its AMQP header behind the sasl-init (held until the token is judged)."""
+    token = hub_owner_token(server) if good else hub_owner_token(server, ttl=-3600)
+    with _tls(server) as s:
+        s.sendall(b"AMQP\x03\x01\x00\x00")
+        assert _read(s, 8) == b"AMQP\x03\x01\x00\x00"
+        code, fields = _read_sasl_frame(s)
+        assert code == 0x40 and list(fields[0].elements) == [symbol("MSSBCBS"), symbol("PLAIN"), symbol("ANONYMOUS")]
+        s.sendall(_sasl_frame(0x41, _plain_init(C_SDK_USER, token)) + b"AMQP\x00\x01\x00\x00")
+        code, fields = _read_sasl_frame(s)
+        assert code == 0x44 and fields[0] == (0 if good else 1)
+        if good:
+            assert _read(s, 8) == b"AMQP\x00\x01\x00\x00"  # AMQP proper follows
+        else:
+            assert _closed_within(s, 5)
 
 
 def _tls(server) -> ssl.SSLSocket:

@@ -274,7 +274,7 @@ def _register(server, registration_id: str, device_key: str) -> dict:
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=str(server.ca_file)),
                       headers={"Authorization": token}, params={"api-version": "2021-06-01"}, timeout=60) as http:
         accepted = http.put(f"/{scope}/registrations/{registration_id}/register", json={"registrationId": registration_id})
-        assert accepted.status_code == 200 and accepted.json()["status"] == "assigned", accepted.text
+        assert accepted.status_code == 202 and accepted.json()["status"] == "assigned", accepted.text
         return accepted.json()
 
 

@@ -87,14 +87,16 @@ def register(server, client: httpx.Client, rid: str, *, headers: dict | None = N
              api_version: str = PREVIEW) -> tuple[httpx.Response, dict | None]:
     """PUT register (and poll once when answered 202); returns (PUT response, final operation status or None).
 
-    A registration complete at once is answered 200 with its final state (issue 13); a slower one 202 + poll."""
+    The answer is always 202 (the C# SDK refuses anything else): a registration complete at once carries its final
+    state in that body without Retry-After (issue 13); a slower one is ``assigning`` + Retry-After, then polled."""
     r = client.put(f"/{server.id_scope}/registrations/{rid}/register", params={"api-version": api_version},
                    json=body if body is not None else {"registrationId": rid, "payload": None}, headers=headers)
-    if r.status_code == 200:  # (that the operation stays pollable is checked over MQTT and by the raw-client test)
-        assert r.json()["status"] == "assigned" and "Retry-After" not in r.headers, r.text
-        return r, r.json()
+    assert r.status_code != 200, "register is answered 202, never 200 (C# SDK RuntimeRegistration.RegisterDevice)"
     if r.status_code != 202:
         return r, None
+    if r.json()["status"] != "assigning":  # (that the operation stays pollable: MQTT and the raw-client test)
+        assert r.json()["status"] == "assigned" and "Retry-After" not in r.headers, r.text
+        return r, r.json()
     assert r.headers["Retry-After"] == "2"
     assert r.json()["status"] == "assigning"
     op = r.json()["operationId"]
@@ -568,12 +570,13 @@ def test_custom_allocation_webhook(server):
                 assert result["registrationState"]["errorCode"] // 1000 == 400
                 assert_nothing_left(server, "custom-dev")
             r, result = register(server, d, "custom-dev", headers=auth, body={"payload": {"model": "x1"}})
-            assert r.status_code == 200  # assigned at once: the answer is the final state
+            # assigned at once: 202 (all C# accepts) whose body is the final state, without Retry-After
+            assert r.status_code == 202 and "Retry-After" not in r.headers
             assert result["status"] == "assigned" and result["registrationState"]["payload"] == {"site": "b7"}
             # a registration that takes longer than the register answer waits for keeps the 202 + poll path
             r, slow = register(server, d, "custom-dev", headers=auth, body={"payload": {"model": "x1"}})
-            assert r.status_code == 202 and slow["status"] == "assigned" and slow["registrationState"]["payload"] == {
-                "site": "b8"}
+            assert r.status_code == 202 and r.json()["status"] == "assigning" and r.headers["Retry-After"] == "2"
+            assert slow["status"] == "assigned" and slow["registrationState"]["payload"] == {"site": "b8"}
         sent = _Webhook.requests[-2]
         assert sent["deviceRuntimeContext"]["registrationId"] == "custom-dev"
         assert sent["deviceRuntimeContext"]["payload"] == {"model": "x1"}
@@ -622,7 +625,7 @@ def test_operation_survives_restart(tmp_path):
         with device(first) as d:
             r = d.put(f"/{first.id_scope}/registrations/restarting/register", params={"api-version": PREVIEW},
                       json={}, headers=auth)
-        assert r.status_code == 200 and r.json()["status"] == "assigned"
+        assert r.status_code == 202 and r.json()["status"] == "assigned"
         op = r.json()["operationId"]
         next(gen, None)  # runs the fixture's teardown: the server stops
         gen2 = _run_server(db_url, tmp_path)
@@ -739,14 +742,14 @@ def test_concurrent_registrations_of_one_device_leave_one_identity(server, tmp_p
 
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(one, csrs))
-    # 200: assigned (answered at once), 202: assigned after the answer; 409: lost the race
-    assert set(statuses) <= {200, 202, 409} and {200, 202} & set(statuses), statuses
+    # 202: assigned (at once or after the answer); 409: lost the race
+    assert set(statuses) <= {202, 409} and 202 in statuses, statuses
     with svc(server) as c:
         devices = [x["deviceId"] for x in c.get("/linkedHubs/default/devices").json()["value"]]
         assert devices.count("racer") == 1
         assert [d["name"] for d in c.get("/namespaces/race-ns/devices").json()["value"]] == ["racer"]
         assert c.get("/registrations/racer").json()["status"] == "assigned"
-    assert issued_count(server, "racer") == statuses.count(200) + statuses.count(202)
+    assert issued_count(server, "racer") == statuses.count(202)
 
 
 def test_old_operation_results_are_swept(tmp_path):

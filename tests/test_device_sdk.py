@@ -242,6 +242,32 @@ def test_provisioning_with_csr_for_every_bootstrap_credential(server, tmp_path, 
     assert again.status == "assigned" and again.issued_chain == []
 
 
+@pytest.mark.parametrize("transport", ["https", "mqtt"])
+def test_a_final_answer_to_register_is_taken_without_polling(server, transport, monkeypatch):
+    """HTTPS answers register with 202 (all C# accepts), MQTT with res/200: either way a body whose status is final
+    ends the registration; only ``assigning``/``unassigned`` is polled."""
+    rid = f"sdk-no-poll-{transport}"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}})
+    firsts: list[dict] = []
+    fetched: list[str] = []
+    original = ProvisioningClient._poll
+
+    async def spy(self, first, retry_after, fetch):
+        firsts.append(first)
+
+        async def counted(operation_id: str):
+            fetched.append(operation_id)
+            return await fetch(operation_id)
+
+        return await original(self, first, retry_after, counted)
+
+    monkeypatch.setattr(ProvisioningClient, "_poll", spy)
+    result = asyncio.run(client(server, rid, transport, symmetric_key=key).register())
+    assert result.status == "assigned" and result.device_id == rid
+    assert [f["status"] for f in firsts] == ["assigned"] and fetched == []
+
+
 def test_refusals_raise_provisioning_error_with_the_service_code(server):
     with svc(server) as c:
         sym_key(c, "/enrollments/sdk-bad-key-dev", {"attestation": {"type": "symmetricKey"}})

@@ -159,6 +159,13 @@ def test_other_protocol_levels_still_decode():
     assert (c5.protocol_name, c5.protocol_level, c5.keepalive) == ("MQTT", 5, 60)
 
 
+def test_puback_with_packet_id_0_decodes_for_the_receiver_to_ignore():
+    # The C# DPS client (DotNetty) PUBACKs every response, QoS 0 ones with id 0: not a reason to drop the device.
+    assert Decoder().feed(b"\x40\x02\x00\x00" + encode(Pingreq())) == [Puback(0), Pingreq()]
+    with pytest.raises(ValueError):
+        encode(Puback(0))  # never sent
+
+
 def test_second_connect_is_left_to_the_session_layer():
     # The decoder is stateless about sessions; MqttServer closes on the second CONNECT (tested there).
     wire = encode(Connect("a")) * 2
@@ -217,7 +224,8 @@ MALFORMED = [
     ("SUBSCRIBE reserved bits", _subscribe(_s(b"a") + b"\x04"), "SUBSCRIBE: reserved bits set in requested QoS"),
     ("QoS 1 without packet id", _publish(b"a", first=0x32), "PUBLISH: truncated packet identifier"),
     ("QoS 1 packet id 0", _publish(b"a", b"\x00\x00", first=0x32), "PUBLISH: packet identifier 0"),
-    ("PUBACK packet id 0", b"\x40\x02\x00\x00", "PUBACK: packet identifier 0"),
+    ("UNSUBACK packet id 0", b"\xb0\x02\x00\x00", "UNSUBACK: packet identifier 0"),
+    ("PUBREC packet id 0", b"\x50\x02\x00\x00", "PUBREC: packet identifier 0"),
     ("SUBSCRIBE packet id 0", _frame(0x82, b"\x00\x00" + _s(b"a") + b"\x00"), "SUBSCRIBE: packet identifier 0"),
     ("DUP on QoS 0", _publish(b"a", first=0x38), "PUBLISH: DUP flag set on a QoS 0 message"),
     ("protocol name", _connect(0x02, _s(b"c"), name=b"MQTX"), "CONNECT: unsupported protocol name"),

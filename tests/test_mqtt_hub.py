@@ -8,17 +8,21 @@ refusals are checked at CONNECT.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import queue
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
 import time
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
@@ -42,6 +46,20 @@ from tests.test_device_api import (
 
 from opendps.store import CloudToDeviceMessage, Store
 from opendps.transport import sas
+from opendps.transport.mqtt.codec import (
+    Connack,
+    Connect,
+    Decoder,
+    Disconnect,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(300, func_only=True)
 HUB = "localhost"
@@ -54,7 +72,7 @@ class Client:
 
     def __init__(self, server, client_id: str, username: str, *, password: str | None = None,
                  cert: Path | None = None, key: Path | None = None, clean_session: bool = False,
-                 websocket: bool = False):
+                 websocket: bool = False, ws_path: str = "/$iothub/websocket"):
         self.messages: queue.Queue = queue.Queue()
         self.connack = threading.Event()
         self.rc: int | None = None
@@ -62,7 +80,7 @@ class Client:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                              protocol=mqtt.MQTTv311, transport="websockets" if websocket else "tcp")
         if websocket:
-            self.c.ws_set_options(path="/$iothub/websocket")
+            self.c.ws_set_options(path=ws_path)
         self.c.username_pw_set(username, password)
         self.c.tls_set(ca_certs=str(server.ca_file), certfile=str(cert) if cert else None,
                        keyfile=str(key) if key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -83,6 +101,12 @@ class Client:
         self.c.on_subscribe = lambda *a: done.set()
         self.c.subscribe([(f, 1) for f in filters])
         assert done.wait(30), "no SUBACK"
+
+    def unsubscribe(self, *filters: str) -> None:
+        done = threading.Event()
+        self.c.on_unsubscribe = lambda *a: done.set()
+        self.c.unsubscribe(list(filters))
+        assert done.wait(30), "no UNSUBACK"
 
     def publish(self, topic: str, payload: bytes | str = b"", qos: int = 1) -> None:
         self.c.publish(topic, payload, qos=qos).wait_for_publish(30)
@@ -281,7 +305,7 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         r = d.put(f"/{server.id_scope}/registrations/sas-hub-dev/register", params={"api-version": PREVIEW}, json={},
                   headers={"Authorization": device_sas(server.id_scope, "sas-hub-dev", key)})
-        assert r.status_code == 200
+        assert r.status_code == 202 and r.json()["status"] == "assigned"
     hub_sas = sas.generate(f"{HUB}/devices/sas-hub-dev", key)
     ok = Client(server, "sas-hub-dev", hub_username("sas-hub-dev"), password=hub_sas)
     assert ok.rc == 0
@@ -429,7 +453,7 @@ def test_publishing_outside_own_topics_closes_the_session(server, tmp_path):
         sym_key(c, "/enrollments/victim-dev", {"attestation": {"type": "symmetricKey"}})
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         assert d.put(f"/{server.id_scope}/registrations/nosy-dev/register", params={"api-version": PREVIEW}, json={},
-                     headers={"Authorization": device_sas(server.id_scope, "nosy-dev", key)}).status_code == 200
+                     headers={"Authorization": device_sas(server.id_scope, "nosy-dev", key)}).status_code == 202
     c = Client(server, "nosy-dev", hub_username("nosy-dev"), password=sas.generate(f"{HUB}/devices/nosy-dev", key))
     gone = threading.Event()
     c.c.on_disconnect = lambda *a: gone.set()
@@ -463,13 +487,32 @@ def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(
 def test_mqtt_over_websockets_on_the_https_listener(server, tmp_path):
     with svc(server) as c:
         key = sym_key(c, "/enrollments/ws-dev", {"attestation": {"type": "symmetricKey"}})
-    dps = Client(server, "ws-dev", dps_username(server, "ws-dev"), password=device_sas(server.id_scope, "ws-dev", key),
-                 websocket=True)
-    assert dps.rc == 0
-    dps.subscribe("$dps/registrations/res/#")
-    dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=w1", json.dumps({"registrationId": "ws-dev"}))
-    assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/200/?$rid=w1")
-    dps.close()
+    # /$iothub/websocket (every SDK's hub path, Node and C DPS), / (C# DPS: wss://host:443/), /mqtt (Java DPS: Paho's default)
+    for n, path in enumerate(("/$iothub/websocket", "/", "/mqtt")):
+        dps = Client(server, "ws-dev", dps_username(server, "ws-dev"), password=device_sas(server.id_scope, "ws-dev", key),
+                     websocket=True, ws_path=path)
+        assert dps.rc == 0, path
+        dps.subscribe("$dps/registrations/res/#")
+        dps.publish(f"$dps/registrations/PUT/iotdps-register/?$rid=w{n}", json.dumps({"registrationId": "ws-dev"}))
+        assert dps.expect("$dps/registrations/res/")[0].startswith(f"$dps/registrations/res/200/?$rid=w{n}"), path
+        dps.close()
+    # / and /mqtt are MQTT only for a WebSocket upgrade: a plain request there is still a 404
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as h:
+        for path in ("/", "/mqtt"):
+            r = h.get(path)
+            assert r.status_code == 404 and r.json()["errorCode"] == 404001, (path, r.text)
+
+    async def upper_case_subprotocol() -> tuple[str | None, Packet]:
+        """The C SDK asks for subprotocol "MQTT": the server agrees to that spelling and speaks MQTT."""
+        ctx = ssl.create_default_context(cafile=str(server.ca_file))
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.url.replace('https://', 'wss://')}/$iothub/websocket", protocols=("MQTT",), ssl=ctx) as ws:
+            password = device_sas(server.id_scope, "ws-dev", key).encode()
+            await ws.send_bytes(encode(Connect("ws-dev", True, 30, dps_username(server, "ws-dev"), password)))
+            msg = await ws.receive(timeout=30)
+            return ws.protocol, Decoder().feed(msg.data)[0]
+
+    assert asyncio.run(upper_case_subprotocol()) == ("MQTT", Connack(False, 0))
     hub = Client(server, "ws-dev", hub_username("ws-dev"), password=sas.generate(f"{HUB}/devices/ws-dev", key),
                  websocket=True)
     assert hub.rc == 0
@@ -484,7 +527,7 @@ def test_c2d_queue_is_bounded_and_messages_expire(server, tmp_path):
         key = sym_key(c, "/enrollments/c2d-bound-dev", {"attestation": {"type": "symmetricKey"}})
     with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
         assert d.put(f"/{server.id_scope}/registrations/c2d-bound-dev/register", params={"api-version": PREVIEW},
-                     json={}, headers={"Authorization": device_sas(server.id_scope, "c2d-bound-dev", key)}).status_code == 200
+                     json={}, headers={"Authorization": device_sas(server.id_scope, "c2d-bound-dev", key)}).status_code == 202
     with svc(server) as c:
         r = c.post("/devices/c2d-bound-dev/messages/deviceBound", content=b"short-lived", headers={"iothub-ttl": "1"})
         assert r.status_code == 202
@@ -551,3 +594,101 @@ def test_deep_json_over_mqtt_is_answered_not_logged_as_a_traceback(server):
     d.close()
     log = (server.data_dir.parent / "server.log").read_text()
     assert "Traceback" not in log and "RecursionError" not in log
+
+
+class RawMqtt:
+    """A blocking MQTT client over TLS built on the codec, for what paho hides: granted and sent QoS, packet ids,
+    acknowledging (or not) as a particular SDK does."""
+
+    def __init__(self, server) -> None:
+        ctx = ssl.create_default_context(cafile=str(server.ca_file))
+        self.sock = ctx.wrap_socket(socket.create_connection(("localhost", server.mqtt_port), timeout=30),
+                                    server_hostname="localhost")
+        self.decoder = Decoder()
+        self.packets: deque[Packet] = deque()
+
+    def send(self, *items: Packet | bytes) -> None:
+        self.sock.sendall(b"".join(i if isinstance(i, bytes) else encode(i) for i in items))
+
+    def recv(self) -> Packet:
+        while not self.packets:
+            data = self.sock.recv(65536)
+            assert data, "connection closed by the server"
+            self.packets.extend(self.decoder.feed(data))
+        return self.packets.popleft()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_dps_answers_at_the_granted_qos_and_a_puback_0_is_ignored(server):
+    """Azure answers DPS at the QoS granted to $dps/registrations/res/# (1 for every SDK). The C# SDK PUBACKs every
+    answer, QoS 0 ones with packet id 0 (DotNetty writes it unchecked): that must not cost it the connection."""
+    rid = "dps-qos-dev"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}})
+    for granted in (1, 0):
+        raw = RawMqtt(server)
+        try:
+            raw.send(Connect(rid, True, 60, dps_username(server, rid), device_sas(server.id_scope, rid, key).encode()))
+            assert raw.recv() == Connack(False, 0)
+            raw.send(Subscribe(1, [("$dps/registrations/res/#", granted)]))
+            assert raw.recv() == Suback(1, [granted])
+            raw.send(Publish("$dps/registrations/PUT/iotdps-register/?$rid=1",
+                             json.dumps({"registrationId": rid}).encode(), 1, packet_id=2))
+            answer = raw.recv()  # published by the handler before the request's PUBACK
+            assert isinstance(answer, Publish) and answer.topic == "$dps/registrations/res/200/?$rid=1", answer
+            assert answer.qos == granted and (answer.packet_id is not None) == bool(granted)
+            assert raw.recv() == Puback(2)
+            # as C# does: PUBACK with the answer's packet id, which is 0 for a QoS 0 answer
+            raw.send(b"\x40\x02" + (answer.packet_id or 0).to_bytes(2, "big"))
+            if granted:
+                raw.send(b"\x40\x02\x00\x00")  # a stray PUBACK 0 is ignored too
+            op = json.loads(answer.payload)["operationId"]
+            raw.send(Publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={op}", b" ", 1,
+                             packet_id=3))
+            polled = raw.recv()
+            assert isinstance(polled, Publish) and polled.topic == "$dps/registrations/res/200/?$rid=2", polled
+            assert polled.qos == granted and json.loads(polled.payload)["status"] == "assigned"
+            assert raw.recv() == Puback(3)
+            raw.send(Pingreq())  # the connection is still open
+            assert raw.recv() == Pingresp()
+            raw.send(Disconnect())
+        finally:
+            raw.close()
+
+
+def test_unsubscribe_stops_deliveries_and_a_trailing_slash_is_not_part_of_a_property(server):
+    with svc(server) as c:
+        assert c.put("/devices/unsub-dev", json={"deviceId": "unsub-dev"}).status_code == 200
+        dkey = c.get("/devices/unsub-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+    d = Client(server, "unsub-dev", hub_username("unsub-dev"), password=sas.generate(f"{HUB}/devices/unsub-dev", dkey))
+    assert d.rc == 0
+    try:
+        # the C# SDK ends the telemetry topic with '/' after a property bag
+        d.publish("devices/unsub-dev/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8&k=v/", b'{"t": 1}')
+        [event] = events(server, "unsub-dev", 1)
+        props = event["event"]["properties"]
+        assert props["application"] == {"k": "v"} and props["system"]["content-encoding"] == "utf-8", props
+        c2d = "devices/unsub-dev/messages/devicebound/#"
+        desired = "$iothub/twin/PATCH/properties/desired/#"
+        d.subscribe(c2d, desired, "$iothub/methods/POST/#")
+        with svc(server) as c:
+            assert c.post("/devices/unsub-dev/messages/deviceBound", content=b"first").status_code == 202
+            assert d.expect("devices/unsub-dev/messages/devicebound/")[1] == b"first"
+            assert c.patch("/twins/unsub-dev", json={"properties": {"desired": {"n": 1}}}).status_code == 200
+            d.expect("$iothub/twin/PATCH/properties/desired/")
+        # Node disableC2D / disableTwinDesiredPropertiesUpdates / disableMethods: UNSUBSCRIBE, then nothing more
+        d.unsubscribe(c2d, desired, "$iothub/methods/POST/#")
+        with svc(server) as c:
+            assert c.post("/devices/unsub-dev/messages/deviceBound", content=b"second").status_code == 202
+            assert c.patch("/twins/unsub-dev", json={"properties": {"desired": {"n": 2}}}).status_code == 200
+            r = c.post("/twins/unsub-dev/methods", json={"methodName": "ping", "responseTimeoutInSeconds": 5})
+            assert r.status_code == 404 and r.json()["errorCode"] // 1000 == 404, r.text
+        time.sleep(1)
+        assert d.messages.empty(), d.messages.get_nowait()
+        # the message stayed queued (not marked delivered): it comes once the device subscribes again
+        d.subscribe(c2d)
+        assert d.expect("devices/unsub-dev/messages/devicebound/")[1] == b"second"
+    finally:
+        d.close()

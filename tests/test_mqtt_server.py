@@ -190,6 +190,9 @@ class App:
         self.events.append(("subscribe", session.client_id, topic_filter, qos))
         return 0x80 if topic_filter.startswith("forbidden") else qos
 
+    async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        self.events.append(("unsubscribe", session.client_id, topic_filter, topic_filter in session.subscriptions))
+
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.events.append(("publish", session.client_id, topic, payload, qos, retain))
         if topic.startswith("echo/"):
@@ -569,6 +572,8 @@ def test_max_subscriptions_and_unsubscribe(env: Env) -> None:
     assert subs is not None and len(subs) == 50 and subs["m/0"] == 0 and "m/extra" not in subs
     raw.send(Unsubscribe(3, ["m/0", "not/there"]))
     assert raw.recv() == Unsuback(3)
+    # the handler heard of each filter before the UNSUBACK, once it had left the session's subscriptions
+    assert env.app.of("unsubscribe", cid) == [("unsubscribe", cid, "m/0", False), ("unsubscribe", cid, "not/there", False)]
     raw.send(Subscribe(4, [("m/extra", 1)]))
     assert raw.recv() == Suback(4, [1])
     assert len(env.subscriptions(cid) or {}) == 50
@@ -645,6 +650,7 @@ def test_inflight_window_and_unknown_puback(env: Env) -> None:
     assert raw.nothing_for(0.3)
     assert env.app.progress[tag] == 64  # the 65th publish() is waiting for a slot
     raw.send(Puback(60000))  # unknown id: ignored
+    raw.send(b"\x40\x02\x00\x00")  # PUBACK 0, as the C# DPS client acknowledges a QoS 0 message: ignored, no close
     assert raw.nothing_for(0.2)
     raw.send(Puback(1))
     nxt = raw.recv()

@@ -3,7 +3,11 @@
 What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, and what this answers:
 
 1. TLS to port 5671 (``--amqp-port``), SASL ``MSSBCBS`` (what uamqp asks for) or ``ANONYMOUS`` — neither
-   carries a credential (the engine, :mod:`opendps.transport.amqp`).
+   carries a credential (the engine, :mod:`opendps.transport.amqp`) — or no SASL layer at all (Node). The C
+   service SDK uses SASL ``PLAIN`` instead of CBS: authcid ``{keyName}@sas.root.{hubName}``, password = a
+   SharedAccessSignature, checked exactly as a put-token's (below; the authcid decides nothing, the token's
+   audience picks the hub) and granting the same authorisation; a refused token gets the SASL outcome ``auth``
+   and the connection closes.
 2. Claims-based security: a link pair on ``$cbs`` and a ``put-token`` request (application properties
    ``operation``, ``type``, ``name``; body = ``SharedAccessSignature sr=...``). The token is checked by
    :class:`opendps.frontends.service_auth.SasAuthenticator`, the same code as the HTTP middleware: ``iothubowner`` for
@@ -13,14 +17,19 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    The authorisation lasts until the token's ``se`` (plus the same clock skew the HTTP check allows); a
    later put-token renews it; when it lapses, devicebound links are detached with
    ``amqp:unauthorized-access``.
-3. A link to ``/messages/devicebound`` (also as ``amqps://{host}/messages/devicebound``); each message's
-   ``to`` is ``/devices/{id}/messages/devicebound``. It is accepted once it is in the durable C2D queue
+3. A link to ``/messages/devicebound`` (also as ``amqps://{host}/messages/devicebound``; node names match
+   case-insensitively, as Azure's); each message's ``to`` is ``/devices/{id}/messages/devicebound`` (C# and C
+   spell it ``deviceBound``; Node and C# URL-encode the id). It is accepted once it is in the durable C2D queue
    (:meth:`opendps.frontends.runtime.Runtime.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
    ``amqp:not-found`` (unknown device), ``amqp:resource-limit-exceeded`` (50 pending),
    ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``.
 
-Not served: the feedback receiver (``/messages/servicebound/feedback``), file upload notifications and
-AMQP over WebSockets — attaches to other nodes are refused with ``amqp:not-found``.
+4. Receiver links on ``/messages/servicebound/feedback`` (C#'s ``ServiceClient.OpenAsync`` and C's
+   ``IoTHubMessaging_LL_Open`` always attach it) and ``/messages/servicebound/filenotifications`` are accepted
+   once authorised and stay idle: the queue deletes a message on the device's PUBACK and keeps no delivery
+   outcome to report, and there is no file upload. A feedback receive therefore times out empty.
+
+Not served: AMQP over WebSockets and device AMQP — attaches to other nodes are refused with ``amqp:not-found``.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import logging
 import time
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge, Unauthorized
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.hub import DEFAULT_HUB, QueueFull
 from opendps.hub.messaging import time_to_live
+from opendps.hub.registry import check_device_id
 from opendps.transport import sas
 from opendps.transport.amqp import (
     INTERNAL_ERROR,
@@ -51,6 +61,7 @@ from opendps.transport.amqp import (
     AmqpLimits,
     AmqpLink,
     Message,
+    PlainCredentials,
     int32,
 )
 
@@ -58,6 +69,8 @@ log = logging.getLogger("opendps.amqp")
 
 CBS_NODE = "$cbs"
 DEVICEBOUND = "/messages/devicebound"
+# receivers the SDKs open alongside C2D sends; served idle (no feedback is recorded, no file upload exists)
+IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filenotifications")
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
 ACK_PROPERTY = "iothub-ack"
@@ -73,11 +86,16 @@ def node(address: str | None) -> str:
 
 
 def device_of(to: str | None) -> str:
-    """``/devices/{id}/messages/devicebound`` → id; InvalidInput otherwise."""
+    """``/devices/{id}/messages/devicebound`` → id; InvalidInput otherwise.
+
+    ``messages/deviceBound`` matches in any case (C# and C send it so) and the id is URL-decoded (Node's
+    ``encodeURIComponent``, C#'s ``WebUtility.UrlEncode``; Java and C send it raw), then held to the registry's
+    device id rule."""
     parts = (to or "").split("/")
-    if len(parts) != 5 or parts[0] or parts[1] != "devices" or not parts[2] or parts[3:] != ["messages", "devicebound"]:
+    if (len(parts) != 5 or parts[0] or parts[1] != "devices" or not parts[2]
+            or [p.lower() for p in parts[3:]] != ["messages", "devicebound"]):
         raise InvalidInput(f"message 'to' must be /devices/{{deviceId}}/messages/devicebound, not {to!r}")
-    return parts[2]
+    return check_device_id(unquote(parts[2]))
 
 
 def _text(value: Any) -> str | None:
@@ -154,19 +172,30 @@ class HubConnection:
         if target == CBS_NODE:
             self.links.append(link)
             return None
-        if link.incoming and target == DEVICEBOUND:
+        if (link.incoming and target == DEVICEBOUND) or (not link.incoming and target in IDLE_SOURCES):
             if not self.authorised():
                 return AmqpError(UNAUTHORIZED, "no valid token: put a SharedAccessSignature on $cbs first")
             self.links.append(link)
             return None
-        return AmqpError(NOT_FOUND, f"node {link.address!r} is not served: opendps takes only $cbs and "
-                                    f"{DEVICEBOUND} (no feedback, file notifications or other nodes)")
+        return AmqpError(NOT_FOUND, f"node {link.address!r} is not served: opendps takes $cbs, {DEVICEBOUND} "
+                                    f"(to send) and {', '.join(IDLE_SOURCES)} (to receive)")
 
     async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:
         if node(link.address) == CBS_NODE:
             await self._cbs(link, message)
             return None
         return await self._c2d(message)
+
+    async def sasl_plain(self, credentials: PlainCredentials) -> bool:
+        """SASL PLAIN (the C service SDK): the password is judged as a CBS put-token's body is, so both ways in
+        grant the same thing. Only the check's own reason is logged, never the password."""
+        try:
+            principal = await self.front.authenticator.authenticate(credentials.password, hub_service_only)
+        except Unauthorized as exc:
+            log.info("AMQP SASL PLAIN from %s refused: %s", self.conn.peer, exc.message)
+            return False
+        self._grant(principal)
+        return True
 
     def closed(self) -> None:
         if self._expiry is not None:
@@ -206,11 +235,11 @@ class HubConnection:
         self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:
-        """The token lapsed: devicebound links go; $cbs stays open for a new put-token."""
+        """The token lapsed: every link it authorised goes; $cbs stays open for a new put-token."""
         self._expiry = None
         if self.authorised():
             return
-        for link in [lk for lk in self.links if node(lk.address) == DEVICEBOUND]:
+        for link in [lk for lk in self.links if node(lk.address) != CBS_NODE]:
             self.links.remove(link)
             link.close(AmqpError(UNAUTHORIZED, "the SharedAccessSignature expired"))
 

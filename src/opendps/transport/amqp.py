@@ -22,7 +22,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proton import (
@@ -69,9 +69,13 @@ MESSAGE_SIZE_EXCEEDED = "amqp:link:message-size-exceeded"
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"  # no SASL layer: Microsoft's Node service SDK, authorised by CBS alone
-SASL_MECHANISMS = ("MSSBCBS", "ANONYMOUS")  # MSSBCBS: what uamqp (azure-iot-hub) asks for; both carry no credential
+# MSSBCBS: what uamqp (azure-iot-hub) asks for, ANONYMOUS: Java and proton clients; neither carries a credential.
+# PLAIN: the C service SDK's (authcid ``{keyName}@sas.root.{hub}``, password = a SAS token), checked by the handler.
+SASL_MECHANISMS = ("MSSBCBS", "PLAIN", "ANONYMOUS")
+PLAIN = "PLAIN"
 _MAX_SASL_FRAME = 4096
 _SASL_INIT, _SASL_MECHANISMS_CODE, _SASL_OUTCOME = 0x41, 0x40, 0x44
+SASL_OK, SASL_AUTH = 0, 1  # sasl-outcome codes (AMQP 1.0 part 5.3.3.6)
 
 
 def _sasl_frame(code: int, fields: Callable[[Data], None]) -> bytes:
@@ -97,43 +101,60 @@ def _put_mechanisms(data: Data) -> None:
     data.exit()
 
 
+def sasl_outcome(code: int) -> bytes:
+    """The sasl-outcome frame: ``SASL_OK`` or ``SASL_AUTH`` (authentication failed)."""
+    return _sasl_frame(_SASL_OUTCOME, lambda d: d.put_ubyte(code))
+
+
+@dataclass(frozen=True)
+class PlainCredentials:
+    """What a SASL PLAIN client sent (RFC 4616: ``[authzid] NUL authcid NUL passwd``). ``repr`` hides the
+    password, so a log line or a traceback never carries it."""
+
+    authcid: str
+    password: str = field(repr=False)
+
+
 class _SaslServer:
     """The SASL exchange before AMQP, done here because proton's built-in server SASL offers no MSSBCBS.
 
-    Neither mechanism authenticates anyone (the application does, e.g. CBS): the exchange is header,
-    sasl-mechanisms, sasl-init, sasl-outcome. Bytes after the sasl-init belong to AMQP proper. A client that
-    opens with the plain AMQP header skips SASL altogether (as Azure's front end allows): since SASL proves
-    nothing here, that changes nothing about who may do what.
+    MSSBCBS and ANONYMOUS authenticate no one (the application does, e.g. CBS): header, sasl-mechanisms,
+    sasl-init, sasl-outcome. PLAIN carries a credential that only the application can judge, so the exchange
+    stops at ``"verify"`` with :attr:`plain` set until the caller sends :func:`sasl_outcome`. Bytes after the
+    sasl-init belong to AMQP proper. A client that opens with the plain AMQP header skips SASL altogether (as
+    Azure's front end allows): it must then authorise by CBS like an ANONYMOUS one.
     """
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.header_seen = False
         self.mechanism: str | None = None
+        self.plain: PlainCredentials | None = None
 
-    def feed(self, data: bytes) -> tuple[bytes, bool | None, bytes]:
-        """→ (bytes to send, outcome: None = need more / True = done / False = refused, AMQP bytes left over)."""
+    def feed(self, data: bytes) -> tuple[bytes, str, bytes]:
+        """→ (bytes to send, state, AMQP bytes left over); state: ``more`` (need more bytes), ``done``,
+        ``refused`` (outcome sent if any, close), ``verify`` (PLAIN: the application decides)."""
         self.buffer += data
         out = b""
         if not self.header_seen:
             if len(self.buffer) < 8:
                 known = SASL_HEADER.startswith(bytes(self.buffer)) or AMQP_HEADER.startswith(bytes(self.buffer))
-                return out, (None if known else False), b""
+                return out, ("more" if known else "refused"), b""
             if bytes(self.buffer[:8]) == AMQP_HEADER:
-                return out, True, bytes(self.buffer)  # no SASL: every byte, header included, is AMQP's
+                return out, "done", bytes(self.buffer)  # no SASL: every byte, header included, is AMQP's
             if bytes(self.buffer[:8]) != SASL_HEADER:
-                return SASL_HEADER, False, b""  # spec: answer with the header we speak, then close
+                return SASL_HEADER, "refused", b""  # spec: answer with the header we speak, then close
             del self.buffer[:8]
             self.header_seen = True
             out = SASL_HEADER + _sasl_frame(_SASL_MECHANISMS_CODE, _put_mechanisms)
         if len(self.buffer) < 8:
-            return out, None, b""
+            return out, "more", b""
         size = int.from_bytes(self.buffer[:4], "big")
         doff, ftype = self.buffer[4], self.buffer[5]
         if size > _MAX_SASL_FRAME or size < 8 or doff < 2 or ftype != 1:
-            return out, False, b""
+            return out, "refused", b""
         if len(self.buffer) < size:
-            return out, None, b""
+            return out, "more", b""
         body, rest = bytes(self.buffer[doff * 4:size]), bytes(self.buffer[size:])
         self.buffer.clear()
         try:
@@ -144,12 +165,30 @@ class _SaslServer:
             init = frame.get_object()
             code, fields = int(init.descriptor), list(init.value)
         except Exception:  # noqa: BLE001 - any decoding failure is a refusal
-            return out, False, b""
+            return out, "refused", b""
         mech = str(fields[0]) if code == _SASL_INIT and fields and fields[0] else None
-        ok = mech in SASL_MECHANISMS
         self.mechanism = mech
-        out += _sasl_frame(_SASL_OUTCOME, lambda d: d.put_ubyte(0 if ok else 1))  # ok / auth
-        return out, ok, rest
+        if mech == PLAIN:
+            self.plain = _plain(fields[1] if len(fields) > 1 else None)
+            if self.plain is not None:
+                return out, "verify", rest
+        ok = mech in SASL_MECHANISMS and mech != PLAIN
+        return out + sasl_outcome(SASL_OK if ok else SASL_AUTH), ("done" if ok else "refused"), rest
+
+
+def _plain(response: Any) -> PlainCredentials | None:
+    """The sasl-init initial-response of PLAIN → its credentials; None when it is not ``[authzid] NUL authcid NUL
+    passwd`` in UTF-8."""
+    if not isinstance(response, bytes | bytearray | memoryview):
+        return None
+    parts = bytes(response).split(b"\0")
+    if len(parts) != 3:
+        return None
+    try:
+        authcid, password = parts[1].decode(), parts[2].decode()
+    except UnicodeDecodeError:
+        return None
+    return PlainCredentials(authcid, password)
 
 
 @dataclass(frozen=True)
@@ -223,6 +262,10 @@ class AmqpHandler(Protocol):
     async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:
         """A complete message on an incoming link: accept (None) or reject with an error."""
 
+    async def sasl_plain(self, credentials: PlainCredentials) -> bool:
+        """SASL PLAIN: True authorises the connection (sasl-outcome ok), False refuses it (outcome auth, then the
+        connection closes). Runs before any AMQP frame, in the same one-at-a-time order as the other calls."""
+
     def closed(self) -> None:
         """The connection is gone (called once)."""
 
@@ -236,8 +279,9 @@ class AmqpConnection(asyncio.Protocol):
 
     ``handler_factory(connection)`` is called once the transport is up (after the TLS handshake when
     run under :func:`opendps.transport.tls.start_tls_server`). SASL offers MSSBCBS and ANONYMOUS, neither
-    of which carries a credential: the application authenticates later (for IoT hub: claims-based security,
-    a ``put-token`` on ``$cbs``).
+    of which carries a credential (the application authenticates later; for IoT hub: claims-based security,
+    a ``put-token`` on ``$cbs``), and PLAIN, whose credential goes to :meth:`AmqpHandler.sasl_plain` before
+    the outcome is sent; bytes that arrive meanwhile wait.
     """
 
     def __init__(self, handler_factory: Callable[[AmqpConnection], AmqpHandler], limits: AmqpLimits | None = None,
@@ -254,6 +298,7 @@ class AmqpConnection(asyncio.Protocol):
         self._transport.channel_max = self.limits.channel_max
         self._transport.idle_timeout = self.limits.idle_timeout
         self._sasl: _SaslServer | None = _SaslServer()  # None once SASL succeeded; proton sees plain AMQP after it
+        self._sasl_held: bytearray | None = None  # bytes received while the handler judges a PLAIN credential
         self._connection = Connection()
         self._connection.container = "opendps"
         self._collector = Collector()
@@ -286,6 +331,9 @@ class AmqpConnection(asyncio.Protocol):
             return
         if self.close_reason is None:
             self.close_reason = error.description if error else "closed by the server"
+        if self._sasl is not None or self._gone_input:  # no AMQP under way: nothing to close politely
+            self.abort()
+            return
         if error is not None and self._connection.condition is None:
             self._connection.condition = _condition(error)
         if not self._connection.state & Endpoint.LOCAL_CLOSED:
@@ -315,20 +363,26 @@ class AmqpConnection(asyncio.Protocol):
         self._open_timer = self._loop.call_later(self.limits.open_timeout, self._on_open_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._sasl_held is not None:
+            if len(self._sasl_held) + len(data) > self.limits.max_frame_size:  # a client may pipeline its AMQP
+                self._fail("too much data before the SASL outcome")  # header and open, not flood
+                return
+            self._sasl_held += data
+            return
         if self._sasl is not None:
             if self._gone or self._socket is None:
                 return
-            out, outcome, data = self._sasl.feed(data)
+            out, state, data = self._sasl.feed(data)
             if out:
                 self._socket.write(out)
-            if outcome is None:
+            if state == "more":
                 return
-            if outcome is False:
-                self.close_reason = "SASL refused"
-                log.info("AMQP connection from %s: SASL refused (mechanism %r)", self._peer, self._sasl.mechanism)
-                self._socket.close()
-                self._sasl = None
-                self._gone_input = True
+            if state == "verify":
+                self._sasl_held = bytearray(data)
+                self._work.put_nowait(("sasl", self._sasl.plain))
+                return
+            if state == "refused":
+                self._sasl_refused()
                 return
             self._sasl = None
         if self._gone_input:
@@ -354,7 +408,7 @@ class AmqpConnection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
-        if self._sasl is not None or self._gone_input:
+        if self._sasl is not None or self._sasl_held is not None or self._gone_input:
             return False  # nothing of AMQP started: close
         with contextlib.suppress(_TransportException):
             self._transport.close_tail()
@@ -546,6 +600,8 @@ class AmqpConnection(asyncio.Protocol):
             try:
                 if kind == "attach":
                     self._run_attach(item)
+                elif kind == "sasl":
+                    await self._run_sasl(item)
                 else:
                     await self._run_message(*item)
             except asyncio.CancelledError:
@@ -567,6 +623,34 @@ class AmqpConnection(asyncio.Protocol):
         if not self._gone:
             self._drain(link)
             self._pump()
+
+    def _sasl_refused(self) -> None:
+        """The outcome (if any) is written: close without AMQP."""
+        assert self._socket is not None and self._sasl is not None
+        self.close_reason = "SASL refused"
+        log.info("AMQP connection from %s: SASL refused (mechanism %r)", self._peer, self._sasl.mechanism)
+        self._socket.close()
+        self._sasl = None
+        self._sasl_held = None
+        self._gone_input = True
+
+    async def _run_sasl(self, credentials: PlainCredentials) -> None:
+        """Ask the handler about a PLAIN credential, send the outcome, then let the held bytes through."""
+        assert self._handler is not None
+        try:
+            ok = await self._handler.sasl_plain(credentials)
+        except Exception:  # a refusal, not a broken server (logged with its traceback, which holds no password)
+            log.exception("AMQP SASL PLAIN check failed for %s", self._peer)
+            ok = False
+        if self._gone or self._socket is None or self._sasl is None:
+            return
+        self._socket.write(sasl_outcome(SASL_OK if ok else SASL_AUTH))
+        if not ok:
+            self._sasl_refused()
+            return
+        held, self._sasl, self._sasl_held = bytes(self._sasl_held or b""), None, None
+        if held:
+            self.data_received(held)
 
     def _run_attach(self, link: Link) -> None:
         if self._gone or link.state & Endpoint.REMOTE_CLOSED:
@@ -598,8 +682,8 @@ class AmqpConnection(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Write proton's output to the socket, re-arm the idle timer; close the socket at EOS."""
-        if self._gone or self._socket is None:
-            return
+        if self._gone or self._socket is None or self._sasl is not None or self._gone_input:
+            return  # proton has no say before SASL is done, nor after it failed
         if self._loop is not None:
             try:
                 deadline = self._transport.tick(self._loop.time())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 PREFIX = "SharedAccessSignature "
+_FIELDS = ("sr", "sig", "se", "skn")  # the names a token may carry (others are ignored)
 DEFAULT_SKEW_SECONDS = 300
 
 
@@ -73,10 +74,11 @@ def parse(header: str) -> SasToken:
     fields: dict[str, str] = {}
     for part in header[len(PREFIX):].strip().split("&"):
         name, sep, value = part.partition("=")
-        if not sep or not name:
-            raise SasError(f"malformed SharedAccessSignature field {part!r}")
+        if not sep or not name:  # the field is not echoed: it may be a pasted key or signature, and this is logged
+            raise SasError("malformed SharedAccessSignature: every field must be name=value")
         if name in fields:
-            raise SasError(f"SharedAccessSignature field {name!r} given twice")
+            raise SasError(f"SharedAccessSignature field {name!r} given twice" if name in _FIELDS
+                           else "a SharedAccessSignature field is given twice")
         fields[name] = value
     for required in ("sr", "sig", "se"):
         if required not in fields:

@@ -88,9 +88,17 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
     return middleware
 
 
+# where the SDKs open MQTT over WebSockets besides /$iothub/websocket: C# DPS (``wss://host:443/``) and Java DPS
+# (Paho's default path) — served only to a WebSocket upgrade, so a plain GET there stays a 404
+WEBSOCKET_ONLY_PATHS = ("/", "/mqtt")
+
+
 async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
-    """MQTT over WebSockets (``/$iothub/websocket``, subprotocol ``mqtt``), as the Azure SDKs use with websockets=True."""
-    ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=0)
+    """MQTT over WebSockets (``/$iothub/websocket``, and ``/`` or ``/mqtt`` for an upgrade), as the Azure SDKs use
+    with websockets=True; subprotocol ``mqtt`` or ``MQTT`` (the C SDK's spelling; aiohttp compares exactly)."""
+    if request.path in WEBSOCKET_ONLY_PATHS and request.headers.get("Upgrade", "").lower() != "websocket":
+        raise web.HTTPNotFound()
+    ws = web.WebSocketResponse(protocols=("mqtt", "MQTT"), max_msg_size=0)
     await ws.prepare(request)
     transport = request.transport
     chain = (transport.get_extra_info("peer_certificate_chain") if transport is not None else None) or []
@@ -100,7 +108,8 @@ async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer) -> web.Application:
-    """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket`` (the same server as the MQTT port)."""
+    """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket``, ``/`` and ``/mqtt`` (the same server as the MQTT
+    port)."""
     quiet_client_errors()
     app = web.Application(middlewares=[error_middleware, sas_middleware(authenticator)], client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
@@ -121,6 +130,9 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(hub_routes)
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
     _add_spellings(app)
+    for n, path in enumerate(WEBSOCKET_ONLY_PATHS):  # after the spellings: "/" has none ("//" is no path)
+        app.router.add_get(path, mqtt_over_websocket, name=f"{DEVICE_ROUTE_PREFIX}mqtt-websocket.path{n}",
+                           allow_head=False)
     return app
 
 

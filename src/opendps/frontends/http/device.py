@@ -36,16 +36,19 @@ async def registration_body(request: web.Request) -> RegistrationBody:
 
 @routes.put("/{idScope}/registrations/{registrationId}/register", name=DEVICE_ROUTE_PREFIX + "register")
 async def register(request: web.Request) -> web.Response:
-    """Register (wire spec §1.2): 200 with the final state when the registration was assigned at once, else 202 with
-    the operation to poll; or the mechanism's challenge."""
+    """Register (wire spec §1.2): always 202, as Azure answers, because the C# SDK refuses any other status (it throws
+    on 200). A registration assigned at once carries its final state in that body (every SDK reads the body's status
+    and polls only on ``assigning``/``unassigned``); otherwise the body is the operation to poll, with Retry-After.
+    Or the mechanism's challenge."""
     body = await registration_body(request)
     result = await run(request, services(request).provisioning.register, credentials(request, body),
                        payload=body.payload, csr=body.csr, api_version=request.query.get("api-version"))
     if isinstance(result, Challenge):
         return send(result.body, result.status)
-    if result.status == 200:
-        return send(result.to_wire())
-    return send(result.to_wire(), 202, headers={"Retry-After": str(result.retry_after)})
+    wire = result.to_wire()
+    if wire.get("status") in ("assigning", "unassigned"):
+        return send(wire, 202, headers={"Retry-After": str(result.retry_after)})
+    return send(wire, 202)
 
 
 @routes.get("/{idScope}/registrations/{registrationId}/operations/{operationId}", name=DEVICE_ROUTE_PREFIX + "operation")

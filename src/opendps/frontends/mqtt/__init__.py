@@ -1,4 +1,4 @@
-"""The MQTT front end: one listener (and ``/$iothub/websocket``) for DPS and every hub, routed at CONNECT
+"""The MQTT front end: one listener (and MQTT over WebSockets) for DPS and every hub, routed at CONNECT
 (:mod:`.router`) to a DPS session (:mod:`.dps`) or a hub device session (:mod:`.hub`). The MQTT 3.1.1
 server core itself is in :mod:`opendps.transport.mqtt`."""
 

@@ -77,8 +77,11 @@ class DpsSession:
             status, body, retry = exc.status, error_payload(exc), exc.info.get("retryAfter")
         topic = f"{RESPONSE}/{status}/?$rid={rid}" + (f"&retry-after={retry}" if retry else "")
         if self.session is not None:
+            # at the QoS granted for the response filter (1 for every SDK, as Azure answers): the C# SDK PUBACKs every
+            # response, and a QoS 0 one would make it acknowledge packet id 0; the core tracks the QoS 1 in-flight
+            qos = self.session.subscriptions.get(f"{RESPONSE}/#", 0)
             with contextlib.suppress(SessionClosed):
-                await self.session.publish(topic, body, qos=0)
+                await self.session.publish(topic, body, qos=qos)
 
     async def _register(self, payload: bytes) -> Answer:
         body = parse_registration_body(payload, self.credentials.registration_id)

@@ -77,6 +77,11 @@ class HubSession:
             asyncio.get_running_loop().call_soon(self.wake_c2d)
         return min(qos, 1)
 
+    async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        """Forget the filter, so C2D, desired pushes and method calls stop (``subscribed`` reads ``filters``): SDKs
+        unsubscribe to turn a feature off (Node ``disableC2D``, ``disableTwinDesiredPropertiesUpdates``)."""
+        self.filters.discard(topic_filter)
+
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         d = self.device.device_id
         events = f"devices/{d}/messages/events/"
@@ -128,7 +133,8 @@ class HubSession:
 
     # ---- device → cloud ----
     async def _telemetry(self, bag: str, payload: bytes) -> None:
-        system, application = parse_property_bag(bag)
+        # the C# SDK ends the topic with '/' after a property bag (and Java module telemetry): not part of the last value
+        system, application = parse_property_bag(bag.removesuffix("/"))
         try:
             await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system, application,
                                                        payload)

@@ -15,6 +15,10 @@ and may not repeat, and which packet types a server (or client) may receive at a
 CONNECT with a protocol level other than 4 still decodes (name, level, flags, keepalive; its
 payload is not interpreted because MQTT 5 lays it out differently), so a server can answer with
 CONNACK return code 1 as the specification requires.
+
+One deliberate leniency: PUBACK with packet identifier 0 decodes (as ``Puback(0)``). The C# DPS client
+(DotNetty) acknowledges every response it receives, QoS 0 ones with id 0; that acknowledges nothing, so the
+receiver ignores it rather than dropping a device over it. It is never encoded.
 """
 
 from __future__ import annotations
@@ -455,9 +459,9 @@ class _Reader:
             raise MqttProtocolError(f"{self._name}: U+0000 in {what}")
         return value
 
-    def packet_id(self) -> int:
+    def packet_id(self, *, allow_zero: bool = False) -> int:
         pid = self.u16("packet identifier")
-        if pid == 0:
+        if pid == 0 and not allow_zero:
             raise MqttProtocolError(f"{self._name}: packet identifier 0")
         return pid
 
@@ -575,9 +579,9 @@ def _decode_unsubscribe(r: _Reader) -> Unsubscribe:
     return Unsubscribe(pid, topics)
 
 
-def _id_only(cls: type) -> object:
+def _id_only(cls: type, *, allow_zero: bool = False) -> object:
     def decode(r: _Reader) -> object:
-        pid = r.packet_id()
+        pid = r.packet_id(allow_zero=allow_zero)
         r.end()
         return cls(pid)
 
@@ -595,7 +599,7 @@ def _empty(cls: type) -> object:
 _DECODERS = {
     1: _decode_connect,
     2: _decode_connack,
-    4: _id_only(Puback),
+    4: _id_only(Puback, allow_zero=True),  # see the module docstring (C# PUBACK 0)
     5: _id_only(Pubrec),
     6: _id_only(Pubrel),
     7: _id_only(Pubcomp),

@@ -33,6 +33,9 @@ Behaviour and the decisions behind it:
 * When the client ends the connection, PUBLISH packets it sent before are still handed to
   ``on_publish`` (a QoS 0 message followed by DISCONNECT must not be lost); when the server ends
   it, queued input is dropped.
+* UNSUBSCRIBE removes the filters from the session and tells the handler (``on_unsubscribe``, optional)
+  before the UNSUBACK. A PUBACK with packet id 0 (the C# DPS client acknowledges every message it gets,
+  QoS 0 ones with id 0) acknowledges nothing: ignored, logged at DEBUG, not a protocol error.
 * Wills are decoded and ignored: IoT Hub does not publish wills, and a hub has no other subscribers.
 * Persistent sessions (clean session 0) keep their subscriptions and unacknowledged outbound QoS 1
   messages in memory for ``session_expiry`` seconds; a reconnect gets ``session_present=1`` and the
@@ -131,7 +134,10 @@ class SessionHandler(Protocol):
     Optional attributes: ``session_key`` (str) keys the session instead of the client id, so that two
     applications on one listener (DPS and a hub) can see the same client id without taking each other
     over; ``persistent = False`` treats every connection as clean (the application keeps its own state);
-    ``max_keepalive`` (seconds) bounds the client's keepalive, 0 ("none") included.
+    ``max_keepalive`` (seconds) bounds the client's keepalive, 0 ("none") included;
+    ``async on_unsubscribe(session, topic_filter)`` hears of each filter of an UNSUBSCRIBE once it left
+    ``session.subscriptions`` (also one that was not subscribed), before the UNSUBACK, so that an application
+    which decides by its own record of subscriptions stops sending.
     """
 
     async def on_connected(self, session: Session) -> None:
@@ -433,10 +439,7 @@ class _Connection(asyncio.Protocol):
         elif kind is Subscribe:
             await self._handle_subscribe(packet)  # type: ignore[arg-type]
         elif kind is Unsubscribe:
-            assert self._session is not None
-            for topic_filter in packet.topics:  # type: ignore[union-attr]
-                self._session.subscriptions.pop(topic_filter, None)
-            self._write(encode(Unsuback(packet.packet_id)))  # type: ignore[union-attr]
+            await self._handle_unsubscribe(packet)  # type: ignore[arg-type]
         elif kind is Pingreq:
             self._write(_PINGRESP)
         elif kind is Disconnect:
@@ -614,7 +617,32 @@ class _Connection(asyncio.Protocol):
             codes.append(code)
         self._write(encode(Suback(subscribe.packet_id, codes)))
 
+    async def _handle_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
+        handler, session = self._handler, self._session
+        assert handler is not None and session is not None
+        hook = getattr(handler, "on_unsubscribe", None)
+        for topic_filter in unsubscribe.topics:
+            session.subscriptions.pop(topic_filter, None)
+            if hook is None:
+                continue
+            try:
+                await hook(session, topic_filter)
+            except MqttRefused as exc:
+                self._close_with_line(f"UNSUBSCRIBE from {_short(topic_filter)} refused: {exc}")
+                return
+            except SessionClosed:
+                return
+            except Exception:  # the filter is gone from the session either way; a bug, not the client's fault
+                log.exception("MQTT on_unsubscribe failed for client %s, filter %s",
+                              _short(session.client_id), _short(topic_filter))
+            if self._close_reason is not None:
+                return
+        self._write(encode(Unsuback(unsubscribe.packet_id)))
+
     def _on_puback(self, packet_id: int) -> None:
+        if packet_id == 0:  # the C# DPS client acknowledges QoS 0 messages with id 0: nothing to release
+            log.debug("MQTT client %s sent PUBACK with packet id 0; ignored", _short(self._client_id or ""))
+            return
         out = self._inflight.pop(packet_id, None)
         if out is None:
             log.debug("MQTT client %s acknowledged unknown packet id %d", _short(self._client_id or ""), packet_id)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import Row, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
@@ -31,8 +31,18 @@ from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore
 from opendps.registry import Registry
-from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store
+from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
 from opendps.transport.wire import json_depth
+
+# the registration path reads and writes identities with prepared SQL statements (bound parameters: SQLAlchemy
+# compiles each once), not the ORM's unit of work
+_DEVICES = table_of(HubDevice)
+_DEVICE_BY_KEY = select(_DEVICES).where(_DEVICES.c.hub_id == bindparam("b_hub"),
+                                        _DEVICES.c.device_key == bindparam("b_key"))
+_DEVICE_ID_BY_KEY = select(_DEVICES.c.id).where(_DEVICES.c.hub_id == bindparam("b_hub"),
+                                                _DEVICES.c.device_key == bindparam("b_key"))
+_INSERT_DEVICE = insert(_DEVICES)
+_UPDATE_DEVICE = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"))
 
 DEFAULT_HUB = "default"
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -253,12 +263,13 @@ class Hubs:
             return _view(self._hub(s, name))
 
     def by_host(self, host_name: str, *, session: Session | None = None) -> HubView | None:
-        """The hub with this host name; with ``session``, read in the caller's transaction."""
+        """The hub with this host name; with ``session``, read in the caller's transaction, else from the
+        configuration cache (:meth:`list`)."""
         if session is not None:
             row = session.scalars(select(LinkedHub).where(LinkedHub.host_name == host_name.lower())).first()
             return _view(row) if row else None
-        with self.store.session() as s:
-            return self.by_host(host_name, session=s)
+        host = host_name.lower()
+        return next((h for h in self.list() if h.host_name == host), None)
 
     def list(self) -> builtins.list[HubView]:
         """The linked hubs by name (from the configuration cache: allocation reads them on every registration)."""
@@ -291,47 +302,58 @@ class Hubs:
         initial one. When the device moved to another hub, its previous identity is deleted.
         """
         check_device_id(device_id)
-        target = session.get(LinkedHub, hub.id)
-        if target is None:
-            raise InvalidInput(f"linked hub {hub.name!r} was removed during registration; retry")
-        old = self._find(session, previous[0].id, previous[1]) if previous is not None else None
-        row = self._put_device(session, target, device_id, credential, initial_twin=initial_twin,
-                               reset_twin=twin == "reset", migrate_from=old if twin == "migrate" else None)
-        if old is not None and previous is not None and previous[0].id != target.id and old is not row:
-            session.delete(old)
+        # SQL statements on the transaction's connection, not the ORM unit of work: this runs in every registration.
+        # No read of the hub row: a hub unlinked meanwhile fails the insert on its foreign key (IntegrityError), and
+        # the caller's transaction rolls back.
+        conn = session.connection()
+        old = None
+        if previous is not None and (previous[0].id, previous[1].lower()) != (hub.id, device_id.lower()):
+            old = conn.execute(_DEVICE_BY_KEY, {"b_hub": previous[0].id, "b_key": previous[1].lower()}).first()
+        row_id = self._put_device(session, hub.id, device_id, credential, initial_twin=initial_twin,
+                                  reset_twin=twin == "reset", migrate_from=old if twin == "migrate" else None)
+        if old is not None and previous is not None and previous[0].id != hub.id and old.id != row_id:
+            conn.execute(delete(_DEVICES).where(_DEVICES.c.id == old.id))
 
-    def _put_device(self, s: Session, hub: LinkedHub, device_id: str, credential: DeviceCredential, *,
+    def _put_device(self, s: Session, hub_id: int, device_id: str, credential: DeviceCredential, *,
                     initial_twin: dict[str, Any] | None = None, reset_twin: bool = False,
-                    migrate_from: HubDevice | None = None) -> HubDevice:
+                    migrate_from: Row[Any] | None = None, status: str | None = None) -> int:
+        """Create or update the identity in the caller's transaction; its row id. ``status``: set it (a new
+        identity is enabled unless told otherwise)."""
+        conn = s.connection()
         now = datetime.now(UTC)
         key = device_id.lower()
-        row = self._find(s, hub.id, device_id)
-        tags, desired = _initial(initial_twin)
-        if row is None:
-            row = HubDevice(hub_id=hub.id, device_id=device_id, device_key=key, generation_id=secrets.token_hex(8),
-                            status="enabled", created_at=now, twin_reported={}, desired_version=1, reported_version=1)
-            if migrate_from is not None:
-                row.twin_tags = copy.deepcopy(migrate_from.twin_tags)
-                row.twin_desired = copy.deepcopy(migrate_from.twin_desired)
-                row.twin_reported = copy.deepcopy(migrate_from.twin_reported)
-                row.desired_version = migrate_from.desired_version
-                row.reported_version = migrate_from.reported_version
-            else:
-                row.twin_tags, row.twin_desired = tags, desired
-            s.add(row)
-        elif reset_twin:
-            row.twin_tags, row.twin_desired, row.twin_reported = tags, desired, {}
-            row.desired_version += 1
-            row.reported_version += 1
-        row.device_id = device_id  # ids match case-insensitively: the identity takes the spelling it is given now
-        row.auth_type = credential.auth_type
-        row.primary_thumbprint, row.secondary_thumbprint = credential.thumbprints
+        found = conn.execute(_DEVICE_ID_BY_KEY, {"b_hub": hub_id, "b_key": key}).first()
         keys = credential.keys
-        row.secret = self.keys.wrap(json.dumps(list(keys)).encode(), f"hub-device:{hub.id}:{key}") if keys else None
-        row.etag = new_etag()
-        row.updated_at = now
-        s.flush()
-        return row
+        values: dict[str, Any] = {
+            # ids match case-insensitively: the identity takes the spelling it is given now
+            "device_id": device_id, "auth_type": credential.auth_type,
+            "primary_thumbprint": credential.thumbprints[0], "secondary_thumbprint": credential.thumbprints[1],
+            "secret": self.keys.wrap(json.dumps(list(keys)).encode(), f"hub-device:{hub_id}:{key}") if keys else None,
+            "etag": new_etag(), "updated_at": now}
+        if status is not None:
+            values["status"] = status
+        if found is None:
+            tags, desired = _initial(initial_twin)
+            values.update(hub_id=hub_id, device_key=key, generation_id=secrets.token_hex(8), created_at=now,
+                          twin_tags=tags, twin_desired=desired, twin_reported={}, desired_version=1,
+                          reported_version=1)
+            values.setdefault("status", "enabled")
+            if migrate_from is not None:
+                values.update(twin_tags=copy.deepcopy(migrate_from.twin_tags),
+                              twin_desired=copy.deepcopy(migrate_from.twin_desired),
+                              twin_reported=copy.deepcopy(migrate_from.twin_reported),
+                              desired_version=migrate_from.desired_version,
+                              reported_version=migrate_from.reported_version)
+            inserted = conn.execute(_INSERT_DEVICE, values).inserted_primary_key
+            assert inserted is not None
+            return int(inserted[0])
+        if reset_twin:  # rare (a reprovisioning policy that resets the twin): its own statement
+            tags, desired = _initial(initial_twin)
+            conn.execute(update(_DEVICES).where(_DEVICES.c.id == found.id).values(
+                twin_tags=tags, twin_desired=desired, twin_reported={}, desired_version=_DEVICES.c.desired_version + 1,
+                reported_version=_DEVICES.c.reported_version + 1))
+        conn.execute(_UPDATE_DEVICE, {"b_id": found.id, **values})
+        return int(found.id)
 
     @staticmethod
     def _find(s: Session, hub_id: int, device_id: str) -> HubDevice | None:
@@ -508,9 +530,9 @@ class Hubs:
                 keys = keys or (_new_device_key(), _new_device_key())
             credential = DeviceCredential(auth_type, keys if auth_type == "sas" else None,
                                           (_thumb(thumbprints[0]), _thumb(thumbprints[1])))
-            row = self._put_device(s, hub, device_id, credential)
-            row.status = status
-            s.flush()
+            row_id = self._put_device(s, hub.id, device_id, credential, status=status)
+            row = s.get(HubDevice, row_id, populate_existing=True)  # the row as written (the update bypassed the ORM)
+            assert row is not None
             return _identity(hub, row), existing is None
 
     def delete_device(self, hub_name: str, device_id: str, *, if_match: str | None = None) -> None:

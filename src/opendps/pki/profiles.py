@@ -55,7 +55,9 @@ class LintRefused(IssuanceRefused):
 
 @lru_cache(maxsize=1)
 def _throwaway_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP384R1())
+    """Signs the to-be-signed copy that is linted; only its TBS bytes are kept. An EC key with SHA-384 gives the
+    same TBS (signature algorithm ecdsa-with-SHA384) whatever its curve, and P-256 signs ~8x faster than P-384."""
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 def random_serial() -> int:

@@ -17,13 +17,13 @@ import contextlib
 import logging
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import Connection, CursorResult, Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import DeviceCredential, Hubs
@@ -40,7 +40,7 @@ from opendps.provisioning.attestation import (
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
 from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
-from opendps.store import Operation, Registration, Store
+from opendps.store import Operation, Registration, Store, table_of
 from opendps.transport.wire import iso8601
 
 log = logging.getLogger("opendps.provisioning")
@@ -90,18 +90,29 @@ class Accepted:
         return self.result if self.result is not None else {"operationId": self.operation_id, "status": "assigning"}
 
 
-def registration_state(reg: Registration) -> dict[str, Any]:
-    """``DeviceRegistrationResult`` / ``DeviceRegistrationState`` of a stored registration."""
+def registration_state(reg: Registration | Mapping[str, Any]) -> dict[str, Any]:
+    """``DeviceRegistrationResult`` / ``DeviceRegistrationState`` of a stored registration (a row, or its values)."""
+    v: Mapping[str, Any] = reg if isinstance(reg, Mapping) else {k: getattr(reg, k) for k in _STATE_COLUMNS}
     state: dict[str, Any] = {
-        "registrationId": reg.registration_id, "createdDateTimeUtc": iso8601(reg.created_at),
-        "assignedHub": reg.assigned_hub, "deviceId": reg.device_id, "status": reg.status,
-        "substatus": reg.substatus, "lastUpdatedDateTimeUtc": iso8601(reg.updated_at), "etag": reg.etag,
+        "registrationId": v["registration_id"], "createdDateTimeUtc": iso8601(v["created_at"]),
+        "assignedHub": v["assigned_hub"], "deviceId": v["device_id"], "status": v["status"],
+        "substatus": v["substatus"], "lastUpdatedDateTimeUtc": iso8601(v["updated_at"]), "etag": v["etag"],
     }
-    if reg.error_code is not None:
-        state["errorCode"], state["errorMessage"] = reg.error_code, reg.error_message
-    if reg.payload is not None:
-        state["payload"] = reg.payload
-    return {k: v for k, v in state.items() if v is not None}
+    if v["error_code"] is not None:
+        state["errorCode"], state["errorMessage"] = v["error_code"], v["error_message"]
+    if v["payload"] is not None:
+        state["payload"] = v["payload"]
+    return {k: val for k, val in state.items() if val is not None}
+
+
+_STATE_COLUMNS = ("registration_id", "created_at", "assigned_hub", "device_id", "status", "substatus", "updated_at",
+                  "etag", "error_code", "error_message", "payload")
+# the registration's own rows, read and written with prepared statements (compiled once) in its transaction
+_REGISTRATIONS = table_of(Registration)
+_REGISTRATION_BY_KEY = select(_REGISTRATIONS).where(_REGISTRATIONS.c.registration_key == bindparam("b_key"))
+_INSERT_REGISTRATION = insert(_REGISTRATIONS)
+_UPDATE_REGISTRATION = update(_REGISTRATIONS).where(_REGISTRATIONS.c.registration_key == bindparam("b_key"))
+_INSERT_OPERATION = insert(table_of(Operation))
 
 
 @dataclass(frozen=True)
@@ -180,27 +191,27 @@ class Provisioning:
         if now - self._last_sweep > SWEEP_EVERY:
             self.sweep_operations(now)
         operation_id = new_operation_id()
-        try:
-            self.service_limit.take()
-            with self.store.config_snapshot():  # enrollments, issuer, hubs: one read of the configuration counter
-                decision = self._decide(credentials, payload, csr, api_version, now)
-        except allocation.AllocationFailed as exc:
-            log.info("registration %r failed: %s", credentials.registration_id, exc.message)
-            self._store_failure(operation_id, credentials.registration_id, exc, now)
-            return Accepted(operation_id)
-        except OpenDPSError as exc:
-            log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
-            raise
-        if isinstance(decision, Challenge):
-            return decision
-        for attempt in range(3):  # a concurrent registration of the same id may win the insert race
+        with self.store.config_snapshot():  # enrollments, issuer, hubs: one read of the configuration counter
             try:
-                result = self._issue_and_assign(operation_id, decision, now)
-                break
-            except IntegrityError:
-                if attempt == 2:
-                    raise Conflict(f"registration {credentials.registration_id!r} is being processed concurrently; "
-                                   "retry", error_code=409005) from None
+                self.service_limit.take()
+                decision = self._decide(credentials, payload, csr, api_version, now)
+            except allocation.AllocationFailed as exc:
+                log.info("registration %r failed: %s", credentials.registration_id, exc.message)
+                self._store_failure(operation_id, credentials.registration_id, exc, now)
+                return Accepted(operation_id)
+            except OpenDPSError as exc:
+                log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
+                raise
+            if isinstance(decision, Challenge):
+                return decision
+            for attempt in range(3):  # a concurrent registration of the same id may win the insert race
+                try:
+                    result = self._issue_and_assign(operation_id, decision, now)
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise Conflict(f"registration {credentials.registration_id!r} is being processed concurrently "
+                                       "(or its hub was unlinked meanwhile); retry", error_code=409005) from None
         e = decision.identity.enrollment
         log.info("registration %r assigned to %s via %s %r%s", credentials.registration_id,
                  decision.allocation.hub.host_name, e.kind, e.enrollment_id, " with a new certificate" if decision.csr else "")
@@ -357,11 +368,15 @@ class Provisioning:
         twin = decision.allocation.initial_twin
         if twin is None:
             twin = e.document.get("initialTwin")
+        # SQL statements on one transaction's connection: the ORM's unit of work costs more than it gives here, on
+        # every registration (the rows' owners write them: hubs the identity, devices the record, the CA its
+        # certificate). Reads first, then the writes; a failure rolls all of them back.
         with self.store.session() as s:
-            reg = s.get(Registration, rid.lower())
+            conn = s.connection()
+            reg = conn.execute(_REGISTRATION_BY_KEY, {"b_key": rid.lower()}).first()
             previous = None
             if reg is not None and reg.status == "assigned" and reg.assigned_hub:
-                previous = self.hubs.by_host(reg.assigned_hub, session=s)
+                previous = self.hubs.by_host(reg.assigned_hub)  # from the configuration snapshot
             placement = reprovisioning.place(decision.allocation.hub, previous, e.document.get("reprovisionPolicy") or {})
             chain = None
             if decision.issuer is not None and decision.csr is not None:
@@ -372,33 +387,34 @@ class Provisioning:
             if e.policy_id is not None:
                 self.devices.record(s, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
                                     hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
-            return self._record_assignment(s, operation_id, decision, reg, device_id, placement, chain, now)
+            return self._record_assignment(conn, operation_id, decision, reg, device_id, placement, chain, now)
 
     @staticmethod
-    def _record_assignment(s: Session, operation_id: str, decision: Decision, reg: Registration | None, device_id: str,
-                           placement: reprovisioning.Placement, chain: IssuedChain | None, now: datetime) -> dict[str, Any]:
+    def _record_assignment(conn: Connection, operation_id: str, decision: Decision, reg: Row[Any] | None,
+                           device_id: str, placement: reprovisioning.Placement, chain: IssuedChain | None,
+                           now: datetime) -> dict[str, Any]:
         identity, e = decision.identity, decision.identity.enrollment
-        rid = identity.registration_id
+        key = identity.registration_id.lower()
+        values: dict[str, Any] = {
+            "registration_id": identity.registration_id, "enrollment_kind": e.kind, "enrollment_id": e.enrollment_id,
+            "attestation_type": identity.attestation_type, "device_id": device_id,
+            "assigned_hub": placement.hub.host_name, "status": "assigned", "substatus": placement.substatus,
+            "error_code": None, "error_message": None, "payload": decision.allocation.payload,
+            "certificate_serial": format(chain.leaf.serial_number, "x") if chain else None, "etag": new_etag(),
+            "updated_at": now}
         if reg is None:
-            reg = Registration(registration_key=rid.lower(), created_at=now)
-            s.add(reg)
-        reg.registration_id = rid
-        reg.enrollment_kind, reg.enrollment_id, reg.attestation_type = e.kind, e.enrollment_id, identity.attestation_type
-        reg.device_id, reg.assigned_hub, reg.status = device_id, placement.hub.host_name, "assigned"
-        reg.substatus = placement.substatus
-        reg.error_code = reg.error_message = None
-        reg.payload = decision.allocation.payload
-        reg.certificate_serial = format(chain.leaf.serial_number, "x") if chain else None
-        reg.etag = new_etag()
-        reg.updated_at = now
-        s.flush()
-        state = registration_state(reg)
+            values.update(registration_key=key, created_at=now)
+            conn.execute(_INSERT_REGISTRATION, values)
+        else:
+            conn.execute(_UPDATE_REGISTRATION, {"b_key": key, **values})
+            values["created_at"] = reg.created_at
+        state = registration_state(values)
         state.update(identity.details)
         if chain is not None:
             state["issuedCertificateChain"] = [base64.b64encode(d).decode() for d in chain.der_chain()]
         result = {"operationId": operation_id, "status": "assigned", "registrationState": state}
-        s.add(Operation(operation_id=operation_id, registration_key=rid.lower(), status="assigned", result=result,
-                        created_at=now))
+        conn.execute(_INSERT_OPERATION, {"operation_id": operation_id, "registration_key": key, "status": "assigned",
+                                         "result": result, "created_at": now})
         return result
 
 

@@ -11,14 +11,21 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps.errors import NotFound
 from opendps.ids import new_etag
 from opendps.pki import serial_hex, thumbprint
-from opendps.store import DeviceRecord, Namespace, Policy, Store
+from opendps.store import ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
 from opendps.transport.wire import iso8601
+
+# every registration writes a record: prepared statements (compiled once), not the ORM's unit of work
+_RECORDS = table_of(DeviceRecord)
+_RECORD_ID_BY_KEY = select(_RECORDS.c.id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
+                                                _RECORDS.c.device_key == bindparam("b_key"))
+_INSERT_RECORD = insert(_RECORDS)
+_UPDATE_RECORD = update(_RECORDS).where(_RECORDS.c.id == bindparam("b_id"))
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,12 @@ class DeviceRecordView:
 class DeviceRegistry:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._namespaces: ConfigCache[int, int | None] = ConfigCache(store)  # policy id -> its namespace's id
+
+    def _namespace_of(self, session: Session, policy_id: int) -> int | None:
+        """From the configuration cache: every registration records a device and policies change rarely."""
+        return self._namespaces.get(policy_id, lambda: session.scalar(
+            select(Policy.namespace_id).where(Policy.id == policy_id)))
 
     def _rows(self, s: Session, namespace: str, device_id: str | None = None) -> list[DeviceRecordView]:
         ns = s.scalars(select(Namespace).where(Namespace.name == namespace)).first()
@@ -78,22 +91,24 @@ class DeviceRegistry:
                certificate: x509.Certificate | None, now: datetime) -> None:
         """Create or update the device's record in the namespace of ``policy_id``, in the caller's transaction;
         ``certificate`` (when one was issued) becomes the device's current operational certificate."""
-        namespace_id = session.scalar(select(Policy.namespace_id).where(Policy.id == policy_id))
+        namespace_id = self._namespace_of(session, policy_id)
         if namespace_id is None:
             return  # the policy was deleted meanwhile: nothing to record it in
-        rec = session.scalars(select(DeviceRecord).where(DeviceRecord.namespace_id == namespace_id,
-                                                         DeviceRecord.device_key == device_id.lower())).first()
-        if rec is None:
-            rec = DeviceRecord(namespace_id=namespace_id, device_id=device_id, device_key=device_id.lower(),
-                               created_at=now)
-            session.add(rec)
-        rec.registration_id, rec.hub_host_name, rec.policy_id = registration_id, hub_host, policy_id
+        # SQL statements on the transaction's connection, not the ORM unit of work: this runs in every registration
+        conn = session.connection()
+        key = device_id.lower()
+        found = conn.execute(_RECORD_ID_BY_KEY, {"b_ns": namespace_id, "b_key": key}).first()
+        values: dict[str, Any] = {"registration_id": registration_id, "hub_host_name": hub_host, "policy_id": policy_id,
+                                  "etag": new_etag(), "updated_at": now}
         if certificate is not None:
-            rec.certificate_serial = format(certificate.serial_number, "x")
-            rec.certificate_sha256 = thumbprint(certificate).lower()
-            rec.certificate_not_after = certificate.not_valid_after_utc
-        rec.etag = new_etag()
-        rec.updated_at = now
+            values.update(certificate_serial=format(certificate.serial_number, "x"),
+                          certificate_sha256=thumbprint(certificate).lower(),
+                          certificate_not_after=certificate.not_valid_after_utc)
+        if found is None:
+            conn.execute(_INSERT_RECORD, {"namespace_id": namespace_id, "device_id": device_id, "device_key": key,
+                                          "created_at": now, **values})
+        else:
+            conn.execute(_UPDATE_RECORD, {"b_id": found.id, **values})
 
     def registration_id(self, policy_id: int, device_id: str) -> str | None:
         """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record)."""

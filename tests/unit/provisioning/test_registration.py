@@ -6,11 +6,11 @@ import base64
 
 import pytest
 from cryptography import x509
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from tests.unit.conftest import creds, new_key, register, symmetric_group
 from tests.x509_helpers import p384_csr
 
-from opendps.errors import InvalidInput, NotFound
+from opendps.errors import Conflict, InvalidInput, NotFound
 from opendps.pki import CsrRejected
 from opendps.provisioning.attestation import AttestationFailed, EnrollmentDisabled
 from opendps.store import DeviceRecord, HubDevice, IssuedCertificate, Registration
@@ -58,6 +58,33 @@ def test_a_csr_registration_issues_once_and_records_everything(services, fleet):
     assert services.provisioning.get_registration(rid)["etag"] == state["etag"]
 
 
+def test_a_csr_registration_is_one_transaction_of_few_statements(services, fleet):
+    """Issue 13: reads first, then one row per table; the configuration comes from the per-process cache."""
+    rid = "dev-lean"
+    services.provisioning.register(creds("warm-up", key=derive_device_key(fleet, "warm-up")),
+                                   csr=_b64(p384_csr("warm-up")), api_version=PREVIEW)
+    statements: list[str] = []
+
+    def seen(conn, cursor, sql, *args) -> None:
+        statements.append(sql.split()[0].upper())
+
+    event.listen(services.store.engine, "before_cursor_execute", seen)
+    try:
+        rounds = []
+        for _ in range(2):  # a new device, then the same device re-registering (updates instead of inserts)
+            accepted = services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)),
+                                                      csr=_b64(p384_csr(rid)), api_version=PREVIEW)
+            assert accepted.result is not None and accepted.result["status"] == "assigned"
+            rounds.append(statements[:])
+            statements.clear()
+    finally:
+        event.remove(services.store.engine, "before_cursor_execute", seen)
+    first, second = rounds
+    assert sorted(first) == ["INSERT"] * 5 + ["SELECT"] * 3, first  # registration, identity, record; 5 rows
+    assert sorted(second) == ["INSERT"] * 2 + ["SELECT"] * 3 + ["UPDATE"] * 3, second  # certificate + operation new
+    assert _counts(services, rid) == (1, 1, 1, 2)
+
+
 def test_without_a_csr_the_device_keeps_its_attestation_credential_at_the_hub(services, fleet):
     rid = "dev-002"
     device_key = derive_device_key(fleet, rid)
@@ -78,6 +105,19 @@ def test_a_refused_registration_writes_nothing(services, fleet, csr, api_version
     with pytest.raises(error, match=words):
         services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(csr(rid)),
                                        api_version=api_version)
+    assert _counts(services, rid) == (0, 0, 0, 0)
+
+
+def test_a_hub_unlinked_after_the_decision_fails_the_write_and_leaves_nothing(services, fleet, monkeypatch):
+    """The write transaction does not re-read the allocated hub: its foreign key refuses the identity instead."""
+    gone = services.hubs.create("gone", "gone.hubs.test")
+    services.hubs.delete("gone")
+    monkeypatch.setattr(services.hubs, "list", lambda: [gone])  # the allocation saw the hub before it was unlinked
+    rid = "dev-unlinked"
+    with pytest.raises(Conflict, match="hub was unlinked") as info:
+        services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(p384_csr(rid)),
+                                       api_version=PREVIEW)
+    assert info.value.status == 409
     assert _counts(services, rid) == (0, 0, 0, 0)
 
 

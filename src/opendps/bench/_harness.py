@@ -125,7 +125,7 @@ def load_row(scenario: str, transport: str | None, concurrency: int | None, coun
     marked ``extra["cpu_below_resolution"]`` (its per-op figures are 0, not a measurement; use a larger --count).
     """
     ok, wall = len(outcome["latencies"]), outcome["wall"]
-    if cpu * CLK_TCK < 1:
+    if round(cpu * CLK_TCK) < 1:  # a difference of two tick counts read as floats: 0.53 - 0.52 may be 0.0099...
         extra = {**extra, "cpu_below_resolution": True}
     per_op = cpu / ok if ok else 0.0
     return Result(scenario=scenario, transport=transport, concurrency=concurrency, count=count, ok=ok,

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import etag_matches, new_etag
 from opendps.pki.certificates import load_certificate_text, thumbprint
-from opendps.store import ProvenCaCertificate, Store
+from opendps.store import ConfigCache, ProvenCaCertificate, Store
 
 # Azure-style codes: 400004 invalid argument, 400011 bad verification certificate (unconfirmed numbering)
 VERIFICATION_FAILED = 400011
@@ -79,6 +79,8 @@ class CaCertificates:
         self.store = store
         self.model = model
         self.scope = dict(scope or {})
+        # the proven certificates, parsed: every X.509 registration asks for them (CA rows are configuration)
+        self._verified: ConfigCache[str, builtins.list[CaCertificateView]] = ConfigCache(store, capacity=1)
 
     def _select(self) -> Select[ProvenCaCertificate]:
         q = select(self.model)
@@ -142,11 +144,13 @@ class CaCertificates:
 
     def verified(self, *, now: datetime | None = None) -> builtins.list[CaCertificateView]:
         """The proven certificates (still valid at ``now`` when given), by name: what attestation and hubs trust."""
-        q = self._select().where(self.model.is_verified.is_(True))
-        if now is not None:
-            q = q.where(self.model.not_after > now)
+        proven = self._verified.get("proven", self._load_verified)
+        return proven if now is None else [v for v in proven if v.certificate.not_valid_after_utc > now]
+
+    def _load_verified(self) -> builtins.list[CaCertificateView]:
         with self.store.session() as s:
-            return [_view(r) for r in s.scalars(q.order_by(self.model.name))]
+            q = self._select().where(self.model.is_verified.is_(True)).order_by(self.model.name)
+            return [_view(r) for r in s.scalars(q)]
 
     def delete(self, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:

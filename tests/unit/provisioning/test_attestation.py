@@ -127,3 +127,26 @@ def test_a_ca_certificate_a_group_references_cannot_be_deleted(services, hierarc
     services.enrollments.delete("group", "on-intermediate")
     services.ca_certificates.delete("intermediate")
     assert [v.name for v in services.ca_certificates.list()] == ["root"]
+
+
+def test_proven_cas_are_read_from_the_configuration_cache_and_a_deletion_is_seen_at_once(services, hierarchy):
+    from sqlalchemy import event
+    root, intermediate = hierarchy
+    leaf, _ = make_leaf("dev-cached", intermediate)
+    _attest(services, "dev-cached", [leaf, intermediate.cert])  # fills the cache
+    statements: list[str] = []
+
+    def seen(conn, cursor, sql, *args) -> None:
+        statements.append(sql)
+
+    event.listen(services.store.engine, "before_cursor_execute", seen)
+    try:
+        with services.store.config_snapshot():
+            assert _attest(services, "dev-cached", [leaf, intermediate.cert]).enrollment.enrollment_id == "on-intermediate"
+    finally:
+        event.remove(services.store.engine, "before_cursor_execute", seen)
+    assert not [s for s in statements if "dps_certificates" in s], statements
+    services.enrollments.delete("group", "on-intermediate")
+    services.ca_certificates.delete("intermediate")
+    # the next registration sees the deletion: the device now proves the root's group through its chain
+    assert _attest(services, "dev-cached", [leaf, intermediate.cert]).enrollment.enrollment_id == "on-root"

@@ -17,10 +17,11 @@ from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from sqlalchemy.orm import Session
 
 from opendps.errors import InvalidCredentials, InvalidInput, Unauthorized
 from opendps.hub.registry import Hubs, HubView
-from opendps.pki import IssuanceEngine, device_chain_verifier, thumbprint
+from opendps.pki import IssuanceEngine, thumbprint
 from opendps.pki.certificates import VerificationError
 from opendps.registry import DeviceRegistry
 from opendps.transport import sas
@@ -38,30 +39,44 @@ class AuthenticatedDevice:
 
 
 class HubAuthenticator:
-    """Decides whether a CONNECT may open a device session; the front end only translates."""
+    """Decides whether a CONNECT may open a device session; the front end only translates.
+
+    One step per CONNECT (:meth:`connect`): the hub and what it trusts come from the configuration cache (one read
+    of the configuration counter), then at most three prepared statements in one transaction: the identity, and
+    for one of our certificates, its issuance record and the device's ADR record. Nothing it does grows with the
+    number of enrollments, devices or hubs.
+    """
 
     def __init__(self, hubs: Hubs, issuance: IssuanceEngine, devices: DeviceRegistry) -> None:
         self.hubs = hubs
         self.issuance = issuance
         self.devices = devices
 
+    def connect(self, host: str, device_id: str, client_id: str, password: bytes | None,
+                chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
+        """A CONNECT to the hub named by ``host`` (the user name's first part)."""
+        with self.hubs.store.config_snapshot():
+            hub = self.hubs.by_host(host)
+            if hub is None:
+                raise Unauthorized(f"no linked hub has the host name {host!r}")
+            return self.authenticate(hub, device_id, client_id, password, chain, now)
+
     def authenticate(self, hub: HubView, device_id: str, client_id: str, password: bytes | None,
                      chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         if client_id != device_id:
             raise InvalidInput(f"client id {client_id!r} is not the device id {device_id!r} of the username")
-        found = self.hubs.identity(hub, device_id)
-        if found is None:
-            raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}")
-        identity, keys = found
-        if identity.status != "enabled":
-            raise Unauthorized(f"device {device_id!r} is disabled")
-        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id, identity.device_id.lower(),
-                                     identity.auth_type)
-        if password is not None:
-            return self._sas(device, password, keys, now)
-        if chain:
-            prints = {p for p in (identity.primary_thumbprint, identity.secondary_thumbprint) if p}
-            return self._x509(hub, device, chain, prints, now)
+        with self.hubs.store.session() as s:
+            identity = self.hubs.connect_identity(s, hub, device_id)
+            if identity is None:
+                raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}")
+            if identity.status != "enabled":
+                raise Unauthorized(f"device {device_id!r} is disabled")
+            device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
+                                         identity.device_id.lower(), identity.auth_type)
+            if password is not None:
+                return self._sas(device, password, identity.keys, now)
+            if chain:
+                return self._x509(s, hub, device, chain, identity.thumbprints, now)
         raise InvalidCredentials("no credential: send a SAS token as the password or a client certificate")
 
     @staticmethod
@@ -85,8 +100,8 @@ class HubAuthenticator:
                     raise InvalidCredentials("SharedAccessSignature has expired") from exc
         raise InvalidCredentials("SharedAccessSignature signature does not verify")
 
-    def _x509(self, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate], prints: set[str],
-              now: datetime) -> AuthenticatedDevice:
+    def _x509(self, s: Session, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate],
+              prints: frozenset[str], now: datetime) -> AuthenticatedDevice:
         leaf = chain[0]
         cns = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if cns != [device.device_id]:
@@ -100,23 +115,23 @@ class HubAuthenticator:
             return found
         if device.auth_type != "certificateAuthority":
             raise Unauthorized(f"device {device.device_id!r} does not use X.509 authentication")
-        synced = [t.certificate for t in self.hubs.trusted_cas(hub, now=now)]
-        uploaded = self.hubs.uploaded_cas(hub, now=now)
-        if not synced and not uploaded:
+        trust = self.hubs.trust(hub)
+        verifier = trust.verifier(now)
+        if verifier is None:
             raise Unauthorized(f"hub {hub.name!r} trusts no CA")
         try:
-            verified = device_chain_verifier(synced + uploaded, now).verify(leaf, chain[1:])
+            verified = verifier.verify(leaf, chain[1:])
         except VerificationError as exc:
             raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}") from exc
-        if verified.chain[-1] not in uploaded:  # an operational certificate of ours: it must be this device's
-            self._issued_for_device(device, leaf)
+        if not trust.is_uploaded(verified.chain[-1]):  # an operational certificate of ours: it must be this device's
+            self._issued_for_device(s, device, leaf)
         return found
 
-    def _issued_for_device(self, device: AuthenticatedDevice, leaf: x509.Certificate) -> None:
-        issued = self.issuance.find(leaf)
+    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, leaf: x509.Certificate) -> None:
+        issued = self.issuance.find(leaf, session=s)
         if issued is None:
             raise Unauthorized("device certificate was not issued by this service")
-        holder = self.devices.registration_id(issued.policy_id, device.device_id) if issued.policy_id else None
+        holder = self.devices.registration_id(issued.policy_id, device.device_id, session=s) if issued.policy_id else None
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "
                                f"{device.device_id!r}")

@@ -17,19 +17,22 @@ import copy
 import json
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import ClientVerifier
 from sqlalchemy import Row, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki import CaCertificates, KeyStore
+from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.registry import Registry
 from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
 from opendps.transport.wire import json_depth
@@ -42,6 +45,9 @@ _DEVICE_BY_KEY = select(_DEVICES).where(_DEVICES.c.hub_id == bindparam("b_hub"),
 _DEVICE_ID_BY_KEY = select(_DEVICES.c.id).where(_DEVICES.c.hub_id == bindparam("b_hub"),
                                                 _DEVICES.c.device_key == bindparam("b_key"))
 _INSERT_DEVICE = insert(_DEVICES)
+_CONNECT_IDENTITY = select(_DEVICES.c.device_id, _DEVICES.c.device_key, _DEVICES.c.status, _DEVICES.c.auth_type,
+                           _DEVICES.c.primary_thumbprint, _DEVICES.c.secondary_thumbprint, _DEVICES.c.secret).where(
+    _DEVICES.c.hub_id == bindparam("b_hub"), _DEVICES.c.device_key == bindparam("b_key"))
 _UPDATE_DEVICE = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"))
 
 DEFAULT_HUB = "default"
@@ -142,6 +148,46 @@ class TrustedCa:
     enrollments: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ConnectIdentity:
+    """What a CONNECT needs of a device identity: no twin, the SAS keys unwrapped only for SAS devices."""
+
+    device_id: str
+    status: str
+    auth_type: str
+    thumbprints: frozenset[str]
+    keys: tuple[str, str] | None
+
+
+class HubTrust:
+    """The CAs one hub trusts (issuing CAs of the policies its enrollments use, and the owner's uploaded, proven
+    CAs), parsed once per configuration change, with a chain verifier rebuilt at most once a second."""
+
+    def __init__(self, synced: builtins.list[x509.Certificate], uploaded: builtins.list[x509.Certificate]) -> None:
+        self.synced = synced
+        self.uploaded = uploaded
+        self._uploaded_der = frozenset(c.public_bytes(Encoding.DER) for c in uploaded)
+        self._verifier: tuple[int, ClientVerifier | None] = (-1, None)
+        self._lock = threading.Lock()
+
+    def verifier(self, now: datetime) -> ClientVerifier | None:
+        """A verifier over the CAs still valid at ``now`` (None: no CA at all), its time truncated to the second."""
+        second = int(now.timestamp())
+        with self._lock:
+            at, verifier = self._verifier
+            if at == second:
+                return verifier
+        moment = datetime.fromtimestamp(second, UTC)
+        anchors = [c for c in (*self.synced, *self.uploaded) if c.not_valid_after_utc > moment]
+        verifier = device_chain_verifier(anchors, moment) if anchors else None
+        with self._lock:
+            self._verifier = (second, verifier)
+        return verifier
+
+    def is_uploaded(self, certificate: x509.Certificate) -> bool:
+        return certificate.public_bytes(Encoding.DER) in self._uploaded_der
+
+
 def check_device_id(value: object) -> str:
     """A device id IoT Hub would accept (ids are matched case-insensitively here)."""
     if not isinstance(value, str) or not _DEVICE_ID.match(value):
@@ -183,6 +229,7 @@ class Hubs:
         self.domain = domain
         self.enrollments: EnrollmentLinks = _Unbound()  # bound by opendps.services.wire
         self._linked: ConfigCache[str, builtins.list[HubView]] = ConfigCache(store, capacity=1)
+        self._trust: ConfigCache[int, HubTrust] = ConfigCache(store)  # hub id -> what it trusts (CONNECT)
 
     # ---- hubs ----
     @staticmethod
@@ -385,6 +432,28 @@ class Hubs:
             hub = self._hub(s, hub_name)
             rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key))
             return [_identity(hub, r) for r in rows]
+
+    def connect_identity(self, session: Session, hub: HubView, device_id: str) -> ConnectIdentity | None:
+        """The identity a CONNECT checks, in one prepared statement on the caller's transaction (None: no such
+        device); read on every CONNECT, so a disabled or deleted device is refused at once."""
+        row = session.connection().execute(_CONNECT_IDENTITY, {"b_hub": hub.id, "b_key": device_id.lower()}).first()
+        if row is None:
+            return None
+        keys = None
+        if row.secret is not None:
+            primary, secondary = json.loads(self.keys.unwrap(row.secret, f"hub-device:{hub.id}:{row.device_key}"))
+            keys = (primary, secondary)
+        prints = frozenset(p for p in (row.primary_thumbprint, row.secondary_thumbprint) if p)
+        return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, keys)
+
+    def trust(self, hub: HubView) -> HubTrust:
+        """What ``hub`` trusts for CA-signed devices, from the configuration cache: a CA synced, rotated, uploaded or
+        removed on any node is in force at the next CONNECT everywhere."""
+        return self._trust.get(hub.id, lambda: self._load_trust(hub))
+
+    def _load_trust(self, hub: HubView) -> HubTrust:
+        now = datetime.now(UTC)  # CAs expired now are left out; the verifier drops the others as they expire
+        return HubTrust([t.certificate for t in self.trusted_cas(hub, now=now)], self.uploaded_cas(hub, now=now))
 
     def identity(self, hub: HubView, device_id: str) -> tuple[DeviceIdentity, tuple[str, str] | None] | None:
         """The device's identity in ``hub`` and its SAS keys (None: no such device); what CONNECT checks."""

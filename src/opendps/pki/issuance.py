@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
@@ -24,7 +24,10 @@ from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
 from opendps.store import IssuedCertificate, Store, table_of
 
-_INSERT_CERTIFICATE = insert(table_of(IssuedCertificate))  # prepared once: one row per issuance
+_ISSUED = table_of(IssuedCertificate)
+_INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
+_ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after).where(
+    _ISSUED.c.sha256 == bindparam("b_sha"))
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,10 @@ class IssuanceEngine:
             s.connection().execute(_INSERT_CERTIFICATE, row)
         return IssuedChain(leaf, issuer.certificate, issuer.root)
 
-    def find(self, certificate: x509.Certificate) -> IssuedRecord | None:
-        """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case)."""
+    def find(self, certificate: x509.Certificate, *, session: Session | None = None) -> IssuedRecord | None:
+        """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case); one prepared
+        statement, in ``session``'s transaction when given (the hub asks on every CONNECT)."""
         sha = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
-        with self.store.session() as s:
-            row = s.scalars(select(IssuedCertificate).where(IssuedCertificate.sha256 == sha)).first()
-            return IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after) if row else None
+        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
+            row = s.connection().execute(_ISSUED_BY_SHA256, {"b_sha": sha}).first()
+        return IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after) if row else None

@@ -6,6 +6,7 @@ the hub asks who a certificate's device is (:meth:`DeviceRegistry.registration_i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,8 @@ _RECORDS = table_of(DeviceRecord)
 _RECORD_ID_BY_KEY = select(_RECORDS.c.id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
                                                 _RECORDS.c.device_key == bindparam("b_key"))
 _INSERT_RECORD = insert(_RECORDS)
+_REGISTRATION_OF = select(_RECORDS.c.registration_id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
+                                                             _RECORDS.c.device_key == bindparam("b_key"))
 _UPDATE_RECORD = update(_RECORDS).where(_RECORDS.c.id == bindparam("b_id"))
 
 
@@ -110,9 +113,11 @@ class DeviceRegistry:
         else:
             conn.execute(_UPDATE_RECORD, {"b_id": found.id, **values})
 
-    def registration_id(self, policy_id: int, device_id: str) -> str | None:
-        """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record)."""
-        with self.store.session() as s:
-            return s.scalar(select(DeviceRecord.registration_id)
-                            .join(Policy, Policy.namespace_id == DeviceRecord.namespace_id)
-                            .where(Policy.id == policy_id, DeviceRecord.device_key == device_id.lower()))
+    def registration_id(self, policy_id: int, device_id: str, *, session: Session | None = None) -> str | None:
+        """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record); one
+        prepared statement, in ``session``'s transaction when given (the hub asks on every CONNECT)."""
+        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
+            namespace_id = self._namespace_of(s, policy_id)
+            if namespace_id is None:
+                return None
+            return s.connection().execute(_REGISTRATION_OF, {"b_ns": namespace_id, "b_key": device_id.lower()}).scalar()

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from tests.unit.conftest import creds, register, symmetric_group
 from tests.x509_helpers import make_ca, make_leaf, p384_csr
 
@@ -173,3 +174,72 @@ def test_a_hub_token_verifies_only_with_its_own_hub_key(services):
     borrowed = sas.generate(east_host, services.hubs.owner_keys("default")[0], HUB_POLICY)
     with pytest.raises(Unauthorized, match="signature"):
         asyncio.run(auth.authenticate(borrowed))
+
+
+def _connect(services, device_id, *, chain=(), password=None, host="default.hubs.test"):
+    return services.hub_auth.connect(host, device_id, device_id, password, list(chain), datetime.now(UTC))
+
+
+def _statements(services):
+    from sqlalchemy import event
+    seen: list[str] = []
+
+    def record(conn, cursor, sql, *args) -> None:
+        seen.append(" ".join(sql.split()))
+
+    event.listen(services.store.engine, "before_cursor_execute", record)
+    return seen, lambda: event.remove(services.store.engine, "before_cursor_execute", record)
+
+
+def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(services, provisioned):
+    """Issue 14: the hub and its trust from the configuration cache; the identity, the issuance record and the
+    ADR record in three prepared statements; no enrollment, policy, CA or hub row read."""
+    _, chains = provisioned
+    _connect(services, "dev-h1", chain=chains["dev-h1"][:2])  # fills the caches
+    for i in range(30):  # more enrollments do not add work to a CONNECT
+        symmetric_group(services, f"more-{i}", credentialPolicyName="ops")
+    _connect(services, "dev-h1", chain=chains["dev-h1"][:2])
+    seen, stop = _statements(services)
+    try:
+        assert _connect(services, "dev-h1", chain=chains["dev-h1"][:2]).device_id == "dev-h1"
+    finally:
+        stop()
+    assert len(seen) == 3, seen
+    assert [s.split(" FROM ")[1].split()[0] for s in seen] == ["hub_devices", "issued_certificates", "device_records"]
+    with pytest.raises(Unauthorized, match="no linked hub has the host name 'nowhere.test'"):
+        _connect(services, "dev-h1", chain=chains["dev-h1"][:2], host="nowhere.test")
+
+
+def test_trust_changes_are_in_force_at_the_next_connect(services, provisioned):
+    """Cached trust is keyed on the configuration counter: rotation, a new hub CA and a disabled device need no
+    restart and no wait."""
+    hub, chains = provisioned
+    assert _connect(services, "dev-h1", chain=chains["dev-h1"][:2]).device_id == "dev-h1"
+    # the policy's issuing CA is rotated: a certificate from the new one is trusted at once (the old one too)
+    services.registry.rotate_policy("hub-ns", "ops")
+    key = symmetric_group(services, "hub-group-2", credentialPolicyName="ops")
+    state = register(services, creds("dev-h3", key=derive_device_key(key, "dev-h3")),
+                     csr=base64.b64encode(p384_csr("dev-h3")).decode(), api_version=PREVIEW)["registrationState"]
+    rotated = [x509.load_der_x509_certificate(base64.b64decode(d)) for d in state["issuedCertificateChain"]]
+    assert rotated[1] != chains["dev-h1"][1]
+    assert _connect(services, "dev-h3", chain=rotated[:2]).device_id == "dev-h3"
+    assert _connect(services, "dev-h1", chain=chains["dev-h1"][:2]).device_id == "dev-h1"
+    # an owner CA uploaded to the hub and proven: its devices connect at once
+    owner = make_ca("owner ca")
+    device, _ = make_leaf("owned-1", owner)
+    services.hubs.create_device("default", "owned-1", auth_type="certificateAuthority")
+    with pytest.raises(Unauthorized, match="not issued by a CA this hub trusts"):
+        _connect(services, "owned-1", chain=[device, owner.cert])
+    certificates = services.hubs.certificates("default")
+    view, _ = certificates.upload("owner", owner.pem)
+    view = certificates.generate_verification_code("owner", if_match=view.etag)
+    proof, _ = make_leaf(view.verification_code, owner)
+    view = certificates.verify("owner", proof.public_bytes(Encoding.PEM), if_match=view.etag)
+    assert _connect(services, "owned-1", chain=[device, owner.cert]).device_id == "owned-1"
+    certificates.delete("owner", if_match=view.etag)
+    with pytest.raises(Unauthorized, match="not issued by a CA this hub trusts"):
+        _connect(services, "owned-1", chain=[device, owner.cert])
+    # a device disabled after it connected is refused at its next CONNECT
+    services.hubs.create_device("default", "dev-h1", auth_type="certificateAuthority", status="disabled")
+    with pytest.raises(Unauthorized, match="is disabled"):
+        _connect(services, "dev-h1", chain=chains["dev-h1"][:2])

@@ -63,15 +63,14 @@ def make_router(runtime: Runtime) -> Authenticator:
             return DpsSession(runtime, creds, versions[0] if versions else None)
         host, _, rest = username.partition("/")
         device_id = rest.split("/", 1)[0]
-        hub = await runtime.domain.run(services.hubs.by_host, host) if host and device_id else None
-        if hub is None:
-            log.info("MQTT CONNECT for unknown hub or username %r refused", username[:200])
+        if not host or not device_id:
+            log.info("MQTT CONNECT with a username that names no hub and device (%r) refused", username[:200])
             return NOT_AUTHORIZED
-        try:
-            device = await runtime.domain.run(services.hub_auth.authenticate, hub, device_id, request.client_id,
+        try:  # one step in the domain: the hub by host, the device, its credential
+            device = await runtime.domain.run(services.hub_auth.connect, host, device_id, request.client_id,
                                               request.password, list(request.peer_certificate_chain), datetime.now(UTC))
         except OpenDPSError as exc:
-            log.info("hub %s refused device %r: %s", hub.host_name, device_id, exc.message)
+            log.info("hub %s refused device %r: %s", host[:255], device_id[:128], exc.message)
             return connack_code(exc)
         return HubSession(runtime, device)
 

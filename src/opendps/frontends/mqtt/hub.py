@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from opendps.errors import Conflict, InvalidInput, OpenDPSError
 from opendps.frontends.mqtt import error_payload
@@ -38,7 +38,7 @@ CREDENTIALS_RESPONSE = "$iothub/credentials/res"
 FEATURES = {METHODS: "$iothub/methods/POST/#", DESIRED: "$iothub/twin/PATCH/properties/desired/#"}
 
 
-@dataclass
+@dataclass(slots=True)
 class HubSession:
     """One connected device: the MQTT session handler and the device's link in the live sessions."""
 
@@ -51,8 +51,9 @@ class HubSession:
     delivering: bool = False
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
-    persistent = False
-    max_keepalive = 1767  # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
+    persistent: ClassVar[bool] = False
+    # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
+    max_keepalive: ClassVar[int] = 1767
 
     @property
     def session_key(self) -> str:

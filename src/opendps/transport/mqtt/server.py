@@ -235,6 +235,16 @@ class Session:
 class _Connection(asyncio.Protocol):
     """One client connection: decoding, the ordered packet queue, timers, session state."""
 
+    # thousands live at once (one per connection): no per-object __dict__
+    __slots__ = (
+        "__weakref__",
+        "_server", "_loop", "_transport", "_peername", "_peer", "_decoder", "_queue", "_queued_bytes", "_wakeup",
+        "_task", "_connect_timer", "_keepalive_timer", "_close_timer", "_last_rx", "_keepalive", "_connect_seen",
+        "_disconnect_seen", "_client_id", "_key", "_session", "_handler", "_clean", "_open", "_inflight",
+        "_next_pid", "_publish_lock", "_slot_waiter", "_drain_waiters", "_write_paused", "_reading_paused",
+        "_close_reason", "_peer_closed", "_lost", "closed", "gone"
+    )
+
     def __init__(self, server: MqttServer) -> None:
         self._server = server
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in connection_made

@@ -463,6 +463,25 @@ def test_publishing_outside_own_topics_closes_the_session(server, tmp_path):
     assert events(server, "victim-dev", 1, timeout=1) == []
 
 
+def test_telemetry_that_is_not_stored_is_not_acknowledged(server, tmp_path):
+    """A message over IoT Hub's 256 KB is refused: no PUBACK, the connection closes (the device redelivers or
+    learns), nothing stored — never an acknowledgement for a message that is not durable."""
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/big-dev", {"attestation": {"type": "symmetricKey"}})
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=server.ca_file), timeout=30) as d:
+        assert d.put(f"/{server.id_scope}/registrations/big-dev/register", params={"api-version": PREVIEW}, json={},
+                     headers={"Authorization": device_sas(server.id_scope, "big-dev", key)}).status_code == 202
+    c = Client(server, "big-dev", hub_username("big-dev"), password=sas.generate(f"{HUB}/devices/big-dev", key))
+    gone, acked = threading.Event(), threading.Event()
+    c.c.on_disconnect = lambda *a: gone.set()
+    c.c.on_publish = lambda *a: acked.set()
+    c.c.publish("devices/big-dev/messages/events/", b"x" * (256 * 1024 + 1), qos=1)
+    assert gone.wait(10)
+    c.c.loop_stop()
+    assert not acked.is_set()
+    assert events(server, "big-dev", 1, timeout=1) == []
+
+
 def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(server, tmp_path):
     with svc(server) as c:
         key = sym_key(c, "/enrollments/cohab-dev", {"attestation": {"type": "symmetricKey"}})

@@ -83,3 +83,34 @@ def test_an_oversized_message_stores_nothing_of_its_batch(store):
         TelemetrySink(store).append_many([(hub_id, "d", {}, {}, b"ok"), (hub_id, "d", {}, {}, b"y" * (MAX_MESSAGE_BYTES + 1))])
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(TelemetryEvent)) == 0
+
+
+def test_a_stalled_store_slows_publishers_instead_of_queueing_without_bound(store):
+    """Issue 14: at most max_pending_bytes wait for the store; the next publisher waits for room, and goes on once
+    the store has caught up — nothing is lost, nothing answered before it is stored."""
+    hub_id = _hub(store)
+    sink = TelemetrySink(store)
+    body = b"z" * 100_000
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+
+        async def stalled(fn, *args):
+            await gate.wait()  # the store is stuck until the gate opens
+            return await loop.run_in_executor(None, fn, *args)
+
+        writer = GroupCommit(sink, stalled, max_batch=4, max_pending_bytes=MAX_MESSAGE_BYTES + 100_000)
+        tasks = [asyncio.create_task(writer.append(hub_id, f"dev-{i}", {}, {}, body)) for i in range(20)]
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert writer.pending_bytes <= writer.max_pending_bytes  # bounded, though 20 publishers wait
+        assert writer.pending_bytes == 3 * len(body)  # 3 fit (358,144 bytes), the other 17 wait for room
+        assert not any(t.done() for t in tasks)  # none acknowledged: nothing is stored yet
+        gate.set()
+        positions = await asyncio.gather(*tasks)
+        assert len(set(positions)) == 20 and writer.pending_bytes == 0
+
+    asyncio.run(main())
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(TelemetryEvent)) == 20

@@ -14,13 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from opendps.errors import InvalidInput, PayloadTooLarge
-from opendps.store import LinkedHub, Store, TelemetryEvent
+from opendps.store import LinkedHub, Store, TelemetryEvent, table_of
 from opendps.transport.wire import iso8601, parse_json
 
 MAX_MESSAGE_BYTES = 256 * 1024
+_EVENTS = table_of(TelemetryEvent)
+_APPEND = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
 # system property names of the MQTT property bag ($.x) and their names in an event
 SYSTEM_PROPERTIES = {"$.mid": "message-id", "$.cid": "correlation-id", "$.uid": "user-id", "$.ct": "content-type",
                      "$.ce": "content-encoding", "$.exp": "absolute-expiry-time", "$.on": "output-name",
@@ -103,16 +105,15 @@ class TelemetrySink:
 
     def append_many(self, messages: list[tuple[int, str, dict[str, Any], dict[str, Any], bytes]]) -> list[int]:
         """Append (hub id, device id, system, application, body) messages in one transaction; their positions
-        in the order given. Either all are stored or none."""
+        in the order given. Either all are stored or none. One multi-row INSERT ... RETURNING (SQLAlchemy Core's
+        insertmanyvalues on SQLite and PostgreSQL), no ORM object per message."""
         for message in messages:
             check_size(message[4])
         now = datetime.now(UTC)
+        rows = [{"hub_id": hub_id, "device_id": device_id, "system_properties": system, "properties": application,
+                 "body": body, "enqueued_at": now} for hub_id, device_id, system, application, body in messages]
         with self.store.session() as s:
-            rows = [TelemetryEvent(hub_id=hub_id, device_id=device_id, system_properties=system, properties=application,
-                                   body=body, enqueued_at=now) for hub_id, device_id, system, application, body in messages]
-            s.add_all(rows)
-            s.flush()
-            return [row.id for row in rows]
+            return list(s.connection().execute(_APPEND, rows).scalars())
 
     def read(self, hub_name: str, *, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[Event]:
         with self.store.session() as s:
@@ -142,17 +143,37 @@ class GroupCommit:
     QoS 1 publish. Durability is unchanged — each caller's ``append`` returns (and its PUBACK goes out) only
     after the transaction holding its message committed; if that transaction fails, every caller in it
     gets the error, as it would have alone.
+
+    Backpressure: at most ``max_pending_bytes`` of message bodies wait for the store. Beyond that ``append``
+    waits for room before it queues its message, so a session whose PUBLISH is waiting reads nothing more
+    (the MQTT core handles a session's packets in order and pauses the socket when its queue fills): when the
+    store falls behind, devices are slowed down by TCP, and memory stays bounded.
     """
 
-    def __init__(self, sink: TelemetrySink, run: Any, max_batch: int = 256) -> None:
+    def __init__(self, sink: TelemetrySink, run: Any, max_batch: int = 256,
+                 max_pending_bytes: int = 16 * 1024 * 1024) -> None:
         self.sink = sink
         self.run = run  # runs a blocking callable off the event loop (the domain's thread pool)
         self.max_batch = max_batch
+        self.max_pending_bytes = max(max_pending_bytes, MAX_MESSAGE_BYTES)  # one largest message always fits
         self._pending: list[tuple[tuple[int, str, dict[str, Any], dict[str, Any], bytes], asyncio.Future[int]]] = []
+        self._pending_bytes = 0  # bodies queued or being written
+        self._room: asyncio.Condition | None = None
         self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
 
     async def append(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any], body: bytes) -> int:
         check_size(body)  # one oversized message must not fail the others' transaction
+        size = len(body)
+        if self._room is None:
+            self._room = asyncio.Condition()
+        if self._pending_bytes + size > self.max_pending_bytes:
+            async with self._room:
+                await self._room.wait_for(lambda: self._pending_bytes + size <= self.max_pending_bytes)
+        self._pending_bytes += size
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append(((hub_id, device_id, system, application, body), future))
         if self._writer is None or self._writer.done():
@@ -168,7 +189,17 @@ class GroupCommit:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
+                positions = None
+            finally:
+                await self._release(sum(len(message[4]) for message, _ in batch))
+            if positions is None:
                 continue
             for (_, future), position in zip(batch, positions, strict=True):
                 if not future.done():  # the session may have gone (cancelled) meanwhile
                     future.set_result(position)
+
+    async def _release(self, size: int) -> None:
+        self._pending_bytes -= size
+        if self._room is not None:
+            async with self._room:
+                self._room.notify_all()

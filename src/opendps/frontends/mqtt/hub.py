@@ -27,7 +27,7 @@ from opendps.hub import AuthenticatedDevice, DeviceOffline
 from opendps.hub.live import C2D, DESIRED, METHODS
 from opendps.hub.telemetry import parse_property_bag
 from opendps.pki import decode_csr_text
-from opendps.transport.mqtt.server import Session, SessionClosed
+from opendps.transport.mqtt.server import MqttRefused, Session, SessionClosed
 from opendps.transport.wire import iso8601, parse_json, topic_query
 
 log = logging.getLogger("opendps.hub")
@@ -139,9 +139,8 @@ class HubSession:
         try:
             await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system, application,
                                                        payload)
-        except OpenDPSError as exc:
-            log.info("telemetry of %r dropped: %s", self.device.device_id, exc.message)
-            return
+        except OpenDPSError as exc:  # not stored, so not acknowledged: the connection closes, as IoT Hub does
+            raise MqttRefused(f"telemetry of {self.device.device_id!r} not accepted: {exc.message}") from exc
         self.runtime.telemetry_bus.notify()
 
     def _method_answered(self, topic: str, payload: bytes) -> None:

@@ -78,6 +78,12 @@ class Throttled(OpenDPSError):
     error_code = 429001
 
 
+class ServiceUnavailable(OpenDPSError):
+    """A service opendps depends on (a telemetry route's NATS server) did not take the work; retry later."""
+
+    error_code = 503001
+
+
 class GatewayTimeout(OpenDPSError):
     """Someone else (a device answering a method) did not answer in time."""
 

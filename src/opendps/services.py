@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetrySink
+from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetryRoutes, TelemetrySink
 from opendps.pki import IssuanceEngine, KeyStore
 from opendps.provisioning import AccessPolicies, DpsCertificates
 from opendps.provisioning.enrollments import Enrollments
@@ -29,6 +29,7 @@ class Services:
     hubs: Hubs
     hub_auth: HubAuthenticator
     telemetry: TelemetrySink
+    routes: TelemetryRoutes  # where each hub also sends its telemetry (NATS)
     c2d: CloudToDevice
     ca_certificates: DpsCertificates  # DPS CA certificates (proof of possession)
     enrollments: Enrollments
@@ -54,5 +55,6 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
                                 devices=devices, hubs=hubs, issuance=issuance, id_scope=id_scope)
     return Services(store=store, keys=keys, issuance=issuance, registry=registry, devices=devices, hubs=hubs,
                     hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
+                    routes=TelemetryRoutes(store),
                     c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,
                     provisioning=provisioning, access_policies=AccessPolicies(store, keys))

@@ -54,9 +54,11 @@ from opendps.bench._harness import (
     proc_rss,
     run_load,
     running_server,
+    service_client,
     stop_process,
     wait_listening,
 )
+from opendps.hub import DEFAULT_HUB
 
 if TYPE_CHECKING:
     from opendps.pki import Signer
@@ -136,12 +138,61 @@ def telemetry(opts: Options) -> list[Result]:
                         system=system, devices=devices, messages_per_device=per_device, qos=1, window=WINDOW,
                         payload_bytes=len(PAYLOAD % 0), durability=store, **extra)
 
-    rows = _pair(opts, TELEMETRY, devices, spec, row)
+    def routed(server: Server, base: dict[str, Any]) -> list[Result]:
+        """The same load again with a durable NATS JetStream route on the hub (the local nats-server)."""
+        stream = f"OPENDPSBENCH{secrets.token_hex(4).upper()}"
+        prefix = stream.lower()
+        problem = _jetstream(lambda js: js.add_stream(name=stream, subjects=[f"{prefix}.>"]))
+        if problem:
+            return [Result(scenario=TELEMETRY, transport="mqtt", concurrency=devices, count=0, ok=0, errors=0,
+                           wall_seconds=0.0, throughput=0.0, latency={}, server_cpu_seconds=None, cpu_seconds_per_op=0.0,
+                           peak_rss_bytes=0, ops_per_cpu_second=0.0, system=ROUTED, extra={"skipped": problem})]
+        try:
+            with service_client(server) as c:
+                r = c.put(f"/linkedHubs/{DEFAULT_HUB}/routes/bench", json={"properties": {
+                    "endpointType": "nats", "url": NATS_URL, "subject": prefix, "durable": True}})
+                if r.status_code not in (200, 201):
+                    raise BenchError(f"route create failed: {r.status_code} {r.text[:200]}")
+            outcome = _load({**base, "port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
+                            server.pid)
+            result = row(ROUTED, outcome, server.pid, {"route": f"JetStream stream {stream}, acknowledged before PUBACK"})
+            result.extra["durability"] += "; then published to NATS JetStream and acknowledged by the stream before the PUBACK"
+            return [result]
+        finally:
+            _jetstream(lambda js: js.delete_stream(stream))
+
+    rows = _pair(opts, TELEMETRY, devices, spec, row, also=routed)
     _ratio(rows, lambda r: r.ops_per_cpu_second, higher_is_better=True)
+    _ratio(rows, lambda r: r.ops_per_cpu_second, higher_is_better=True, ours_system=ROUTED)
     return rows
 
 
-def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: Any) -> list[Result]:
+ROUTED = "opendps+nats"  # the telemetry row with a durable JetStream route
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _jetstream(action: Any) -> str | None:
+    """Run ``action(jetstream)`` on the local NATS server; a reason when there is none (or no JetStream)."""
+    async def main() -> str | None:
+        try:
+            import nats
+
+            nc = await nats.connect(NATS_URL, connect_timeout=3, allow_reconnect=False)
+        except Exception as exc:  # noqa: BLE001 - no NATS here: the routed row is skipped, with the reason
+            return f"no NATS server at {NATS_URL}: {exc}"
+        try:
+            await action(nc.jetstream())
+            return None
+        except Exception as exc:  # noqa: BLE001
+            return f"JetStream at {NATS_URL}: {type(exc).__name__}: {exc}"
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: Any,
+          also: Any = None) -> list[Result]:
     """One fresh opendps seeded with ``devices`` (+ warm-up) devices, the load against it, then against Mosquitto."""
     _raise_nofile()  # the server and Mosquitto inherit it
     mosquitto = _mosquitto_binary()
@@ -157,6 +208,8 @@ def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: An
             outcome = _load({**base, "port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
                             server.pid)
             rows = [row("opendps", outcome, server.pid, {"seed_seconds": fleet["seed_seconds"]})]
+            if also is not None:  # another opendps configuration on the same server and fleet
+                rows.extend(also(server, base))
             if mosquitto is None:
                 rows[0].extra["mosquitto"] = MOSQUITTO_SKIPPED
                 return rows
@@ -171,9 +224,9 @@ def _load(spec: dict[str, Any], pid: int) -> dict[str, Any]:
     return outcome
 
 
-def _ratio(rows: list[Result], metric: Any, *, higher_is_better: bool) -> None:
+def _ratio(rows: list[Result], metric: Any, *, higher_is_better: bool, ours_system: str = "opendps") -> None:
     """``ratios["mosquitto"]`` on the opendps row, oriented so that below 1 means opendps is worse."""
-    ours = next((r for r in rows if r.system == "opendps"), None)
+    ours = next((r for r in rows if r.system == ours_system and r.count), None)
     peer = next((r for r in rows if r.system == "mosquitto"), None)
     if ours is None or peer is None or any(r.extra.get("cpu_below_resolution") for r in (ours, peer)):
         return  # no ratio from a figure the clock could not measure

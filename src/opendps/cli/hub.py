@@ -628,6 +628,67 @@ def certificate_verify(hub: HubClient, output: str, name: str, path: str, etag: 
     emit(hub.client.request("POST", _hub_cert_path(hub, name, "verify"), json=body, if_match=etag), output, CERT_COLUMNS)
 
 
+# ---------------------------------------------------------------- route (telemetry to NATS)
+
+
+@hub.group("route")
+def route() -> None:
+    """Telemetry routes: the hub's device messages also go to NATS (JetStream), after the store."""
+
+
+ROUTE_NAME = click.option("--route-name", "--rn", "name", required=True, help="Name of the route in the hub.")
+ROUTE_COLUMNS = ["name", "properties.url", "properties.subject", "properties.durable", "properties.isEnabled"]
+
+
+def _route_path(hub: HubClient, *rest: str) -> str:
+    return api_path("linkedHubs", hub.name or DEFAULT_HUB, "routes", *rest)
+
+
+@route.command("create")
+@ROUTE_NAME
+@click.option("--nats-url", "url", required=True, help="NATS server URL, e.g. nats://127.0.0.1:4222 (comma-separated "
+              "for several).")
+@click.option("--subject", default="opendps.telemetry", show_default=True,
+              help="Subject prefix: messages go to {subject}.{hub}.{device}.")
+@click.option("--durable/--no-durable", default=True, show_default=True,
+              help="Wait for JetStream's acknowledgement before the device's PUBACK (a stream must capture the subject); "
+              "--no-durable: plain NATS publish, at most once.")
+@click.option("--enabled/--disabled", default=True, show_default=True, help="Whether the route is in use.")
+@etag_option(False, "Replace the route only if it still has this ETag.")
+@hub_command
+def route_create(hub: HubClient, output: str, name: str, url: str, subject: str, durable: bool, enabled: bool,
+                 etag: str | None) -> None:
+    """Create or replace a telemetry route of the hub."""
+    body = {"properties": {"endpointType": "nats", "url": url, "subject": subject, "durable": durable,
+                           "isEnabled": enabled}}
+    emit(hub.client.request("PUT", _route_path(hub, name), json=body, if_match=etag), output, ROUTE_COLUMNS)
+
+
+@route.command("list")
+@hub_command
+def route_list(hub: HubClient, output: str) -> None:
+    """List the hub's telemetry routes."""
+    body = hub.client.request("GET", _route_path(hub)) or {}
+    emit(body.get("value", []) if isinstance(body, dict) else body, output, ROUTE_COLUMNS)
+
+
+@route.command("show")
+@ROUTE_NAME
+@hub_command
+def route_show(hub: HubClient, output: str, name: str) -> None:
+    """Show a telemetry route."""
+    emit(hub.client.request("GET", _route_path(hub, name)), output, ROUTE_COLUMNS)
+
+
+@route.command("delete")
+@ROUTE_NAME
+@etag_option(False, "Only delete if the route still has this ETag.")
+@hub_command
+def route_delete(hub: HubClient, output: str, name: str, etag: str | None) -> None:
+    """Delete a telemetry route (the store keeps every message either way)."""
+    hub.client.request("DELETE", _route_path(hub, name), if_match=etag)
+
+
 # ---------------------------------------------------------------- connection-string
 
 

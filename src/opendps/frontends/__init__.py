@@ -63,6 +63,7 @@ def build(services: Services, *, service_hosts: set[str], client_timeout: float 
     async def close(_app: web.Application) -> None:
         await amqp.close()
         await mqtt.close()
+        await runtime.telemetry_router.close()
         runtime.domain.close()
 
     http.on_cleanup.append(close)  # the HTTPS runner's cleanup closes the other listeners and the thread pool

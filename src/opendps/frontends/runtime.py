@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import ParamSpec, TypeVar
 
-from opendps.hub import GroupCommit, LiveSessions, PendingMessage, TelemetryBus
+from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
 from opendps.services import Services
 
 P = ParamSpec("P")
@@ -47,10 +47,12 @@ class Runtime:
     live: LiveSessions = field(default_factory=LiveSessions)
     telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
     telemetry_writer: GroupCommit = field(init=False)
+    telemetry_router: NatsRouter = field(init=False)
 
     def __post_init__(self) -> None:
         # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads
         self.telemetry_writer = GroupCommit(self.services.telemetry, self.domain.run)
+        self.telemetry_router = NatsRouter(self.services.routes, self.domain.run)
 
     async def queue_c2d(self, hub: str, device_id: str, body: bytes, *, system: dict[str, str],
                         properties: dict[str, str | None], ttl: timedelta | None) -> PendingMessage:

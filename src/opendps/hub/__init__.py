@@ -1,6 +1,7 @@
 """The IoT hub side: logical hubs, their device registries, twins and trusted CAs (:mod:`.registry`), device
 authentication at CONNECT (:mod:`.auth`), live sessions of this process (:mod:`.live`), telemetry
-(:mod:`.telemetry`), the cloud-to-device queue (:mod:`.messaging`) and the twin query language (:mod:`.query`).
+(:mod:`.telemetry`) and its routes to NATS (:mod:`.routing`), the cloud-to-device queue (:mod:`.messaging`)
+and the twin query language (:mod:`.query`).
 
 Provisioning places devices with :meth:`Hubs.place_device`; front ends (MQTT for devices, REST and AMQP for
 the service side) translate to these calls.
@@ -20,6 +21,7 @@ from opendps.hub.registry import (
     TrustedCa,
     TwinAction,
 )
+from opendps.hub.routing import NatsRouter, RouteView, TelemetryRoutes
 from opendps.hub.telemetry import GroupCommit, TelemetryBus, TelemetrySink
 
 __all__ = [
@@ -37,10 +39,13 @@ __all__ = [
     "Hubs",
     "LiveSessions",
     "MethodTimeout",
+    "NatsRouter",
     "PendingMessage",
     "QueryPage",
     "QueueFull",
+    "RouteView",
     "TelemetryBus",
+    "TelemetryRoutes",
     "TelemetrySink",
     "TrustedCa",
     "TwinAction",

@@ -47,6 +47,7 @@ from opendps.store.models import (
     ProvenCaCertificate,
     Registration,
     TelemetryEvent,
+    TelemetryRoute,
     WrappedKey,
 )
 
@@ -72,6 +73,7 @@ __all__ = [
     "Registration",
     "Store",
     "TelemetryEvent",
+    "TelemetryRoute",
     "WrappedKey",
     "add_setting",
     "sqlite_url",

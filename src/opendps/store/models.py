@@ -348,6 +348,25 @@ class HubCertificate(ProvenCaCertificate, Base):
     hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
 
 
+class TelemetryRoute(Base):
+    """Where a hub also sends its devices' telemetry (``opendps hub route``, in the spirit of IoT Hub message
+    routing): a NATS subject, with JetStream's acknowledgement before the device's PUBACK when ``durable``."""
+
+    __tablename__ = "telemetry_routes"
+    __table_args__ = (UniqueConstraint("hub_id", "name", name="uq_telemetry_route"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # nats
+    url: Mapped[str] = mapped_column(String(512), nullable=False)
+    subject: Mapped[str] = mapped_column(String(255), nullable=False)  # prefix: {subject}.{hub}.{device}
+    durable: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    etag: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()
+
+
 #: model -> the package (or module) that owns its table; ``store`` itself owns only the installation settings
 class ConfigGeneration(Base):
     """One counter, bumped in the same transaction as any change to the configuration rows below
@@ -378,8 +397,9 @@ OWNERS: dict[type[Base], str] = {
     HubCertificate: "opendps.hub",
     TelemetryEvent: "opendps.hub",
     CloudToDeviceMessage: "opendps.hub",
+    TelemetryRoute: "opendps.hub",
 }
 
 # What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.
 CONFIG_MODELS: frozenset[type[Base]] = frozenset({Namespace, Policy, CertificateAuthority, DpsCertificate, Enrollment,
-                                                   LinkedHub, HubCertificate})
+                                                   LinkedHub, HubCertificate, TelemetryRoute})

@@ -212,3 +212,31 @@ async def list_namespace_devices(request: web.Request) -> web.Response:
 async def get_namespace_device(request: web.Request) -> web.Response:
     v = await run(request, services(request).devices.get, request.match_info["ns"], request.match_info["deviceId"])
     return send(v.to_wire(), etag=v.etag)
+
+
+# ---- telemetry routes of a hub (NATS; opendps' own, in the spirit of IoT Hub message routing) ----
+@routes.put("/linkedHubs/{name}/routes/{route}")
+async def put_route(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    v, created = await run(request, services(request).routes.put, request.match_info["name"], request.match_info["route"],
+                           body, if_match=if_match(request))
+    return send(v.to_wire(), 201 if created else 200, v.etag)
+
+
+@routes.get("/linkedHubs/{name}/routes")
+async def list_routes(request: web.Request) -> web.Response:
+    found = await run(request, services(request).routes.list, request.match_info["name"])
+    return send({"value": [v.to_wire() for v in found]})
+
+
+@routes.get("/linkedHubs/{name}/routes/{route}")
+async def get_route(request: web.Request) -> web.Response:
+    v = await run(request, services(request).routes.get, request.match_info["name"], request.match_info["route"])
+    return send(v.to_wire(), etag=v.etag)
+
+
+@routes.delete("/linkedHubs/{name}/routes/{route}")
+async def delete_route(request: web.Request) -> web.Response:
+    await run(request, services(request).routes.delete, request.match_info["name"], request.match_info["route"],
+              if_match=if_match(request))
+    return web.Response(status=204)

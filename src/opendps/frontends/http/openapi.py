@@ -88,6 +88,11 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("get", "/linkedHubs/{name}/devices/{deviceId}", "Show a device identity and twin", None, None, 200, []),
     ("get", "/linkedHubs/{name}/certificates", "CAs the hub trusts: synced issuing CAs, then uploaded ones", None, None,
      200, []),
+    ("put", "/linkedHubs/{name}/routes/{route}", "Route the hub's telemetry to NATS (properties.url, subject, durable, "
+     "isEnabled; If-Match to replace)", None, None, 201, [_IF_MATCH]),
+    ("get", "/linkedHubs/{name}/routes", "List the hub's telemetry routes", None, None, 200, []),
+    ("get", "/linkedHubs/{name}/routes/{route}", "Show a telemetry route", None, None, 200, []),
+    ("delete", "/linkedHubs/{name}/routes/{route}", "Delete a telemetry route", None, None, 204, [_IF_MATCH]),
     ("get", "/linkedHubs/{name}/keys", "The hub's own iothubowner keys", None, None, 200, []),
     ("post", "/linkedHubs/{name}/keys/renew", "Renew the hub's primary or secondary iothubowner key, or swap them",
      None, None, 200, []),

@@ -136,12 +136,14 @@ class HubSession:
     async def _telemetry(self, bag: str, payload: bytes) -> None:
         # the C# SDK ends the topic with '/' after a property bag (and Java module telemetry): not part of the last value
         system, application = parse_property_bag(bag.removesuffix("/"))
-        try:
-            await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system, application,
-                                                       payload)
-        except OpenDPSError as exc:  # not stored, so not acknowledged: the connection closes, as IoT Hub does
+        try:  # stored, then routed (a durable route acknowledges before the PUBACK)
+            position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
+                                                                  application, payload)
+            self.runtime.telemetry_bus.notify()
+            await self.runtime.telemetry_router.deliver(self.device.hub_id, self.device.device_id, system, application,
+                                                        payload, position)
+        except OpenDPSError as exc:  # not durable, so not acknowledged: the connection closes, as IoT Hub does
             raise MqttRefused(f"telemetry of {self.device.device_id!r} not accepted: {exc.message}") from exc
-        self.runtime.telemetry_bus.notify()
 
     def _method_answered(self, topic: str, payload: bytes) -> None:
         status = topic[len("$iothub/methods/res/"):].split("/", 1)[0]

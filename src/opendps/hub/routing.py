@@ -1,0 +1,254 @@
+"""Telemetry routes: a hub's device-to-cloud messages also go to a streaming engine the user already runs.
+
+In the spirit of IoT Hub message routing (``az iot hub message-route``), with NATS as the endpoint: every
+telemetry message of the hub is published to ``{subject}.{hub}.{device}`` with its application and system
+properties as NATS headers. A *durable* route publishes through JetStream and waits for the stream's
+acknowledgement before the device's PUBACK (a stream must capture the subject: without one, or with NATS down,
+the message is refused — no PUBACK, the connection closes and the device sends it again). A non-durable route
+is plain NATS publish (at most once). The store stays the default sink: messages are stored first (so
+``monitor-events`` keeps working), then routed.
+
+:class:`TelemetryRoutes` owns the routes (configuration rows, cached per process); :class:`NatsRouter` is the
+asyncio side that holds one NATS connection per server URL and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed, ServiceUnavailable
+from opendps.ids import check_resource_name, etag_matches, new_etag
+from opendps.store import ConfigCache, LinkedHub, Store, TelemetryRoute
+from opendps.transport.wire import iso8601
+
+log = logging.getLogger(__name__)
+
+# NATS subject tokens: no whitespace, no '.', and the wildcards '*' and '>' only as whole tokens
+_SUBJECT = re.compile(r"^[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*$")
+ROUTE_REFRESH = 2.0  # seconds a process keeps a hub's routes before asking the store again
+PUBLISH_TIMEOUT = 5.0  # seconds a durable route waits for JetStream's acknowledgement
+
+
+@dataclass(frozen=True)
+class RouteView:
+    hub_id: int
+    hub: str
+    name: str
+    kind: str
+    url: str
+    subject: str
+    durable: bool
+    enabled: bool
+    etag: str
+    created_at: datetime
+    updated_at: datetime
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "etag": self.etag, "properties": {
+            "hub": self.hub, "endpointType": self.kind, "url": self.url, "subject": self.subject,
+            "durable": self.durable, "isEnabled": self.enabled, "createdAt": iso8601(self.created_at),
+            "updatedAt": iso8601(self.updated_at)}}
+
+
+def _view(hub: LinkedHub, r: TelemetryRoute) -> RouteView:
+    return RouteView(hub.id, hub.name, r.name, r.kind, r.url, r.subject, r.durable, r.enabled, r.etag, r.created_at,
+                     r.updated_at)
+
+
+def check_nats_url(value: object) -> str:
+    """``nats://host:port`` or ``tls://host:port`` (several servers comma-separated, as nats-py takes them)."""
+    if not isinstance(value, str) or not value or len(value) > 512:
+        raise InvalidInput("url must be a NATS server URL such as nats://127.0.0.1:4222")
+    for server in value.split(","):
+        parts = urlsplit(server.strip())
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise InvalidInput(f"url {server.strip()!r} is not a NATS server URL (nats://host:port or tls://host:port)")
+        try:
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError as exc:
+            raise InvalidInput(f"url {server.strip()!r} has an invalid port") from exc
+    return value
+
+
+def check_subject(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 200 or not _SUBJECT.match(value):
+        raise InvalidInput("subject must be a NATS subject prefix of letters, digits, '-', '_' and '$' tokens "
+                           "separated by '.', without wildcards (e.g. opendps.telemetry)")
+    return value
+
+
+def subject_token(value: str) -> str:
+    """A hub name or device id as one NATS subject token: what NATS reserves is percent-encoded ('.' too)."""
+    return quote(value, safe="-_$").replace(".", "%2E")
+
+
+class TelemetryRoutes:
+    """The routes of each hub (create, replace, list, delete), and the enabled ones a hub's telemetry takes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._enabled: ConfigCache[int, builtins.list[RouteView]] = ConfigCache(store)
+
+    @staticmethod
+    def _hub(s: Session, hub_name: str) -> LinkedHub:
+        hub = s.scalars(select(LinkedHub).where(LinkedHub.name == hub_name)).first()
+        if hub is None:
+            raise NotFound(f"linked hub {hub_name!r} does not exist")
+        return hub
+
+    def put(self, hub_name: str, name: str, body: object, *, if_match: str | None = None) -> tuple[RouteView, bool]:
+        """Create or replace route ``name`` of the hub from ``{"properties": {"endpointType": "nats", "url",
+        "subject", "durable", "isEnabled"}}``; returns (route, created)."""
+        check_resource_name("route", name)
+        props = body.get("properties") if isinstance(body, dict) else None
+        if not isinstance(props, dict):
+            raise InvalidInput("request body must be an object with 'properties'")
+        kind = props.get("endpointType", "nats")
+        if kind != "nats":
+            raise InvalidInput(f"endpointType {kind!r} is not supported; use 'nats'")
+        url = check_nats_url(props.get("url"))
+        subject = check_subject(props.get("subject", "opendps.telemetry"))
+        durable, enabled = props.get("durable", True), props.get("isEnabled", True)
+        for flag, value in (("durable", durable), ("isEnabled", enabled)):
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{flag} must be true or false")
+        now = datetime.now(UTC)
+        try:
+            with self.store.session() as s:
+                hub = self._hub(s, hub_name)
+                row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
+                                                             TelemetryRoute.name == name)).first()
+                if row is not None and not etag_matches(if_match, row.etag):
+                    raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
+                if row is None and if_match not in (None, "*"):
+                    raise PreconditionFailed(f"route {name!r} does not exist, so If-Match cannot match")
+                created = row is None
+                if row is None:
+                    row = TelemetryRoute(hub_id=hub.id, name=name, created_at=now)
+                    s.add(row)
+                row.kind, row.url, row.subject, row.durable, row.enabled = kind, url, subject, durable, enabled
+                row.etag, row.updated_at = new_etag(), now
+                s.flush()
+                return _view(hub, row), created
+        except IntegrityError as exc:
+            raise Conflict(f"route {name!r} of hub {hub_name!r} was created concurrently; retry") from exc
+
+    def get(self, hub_name: str, name: str) -> RouteView:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
+                                                         TelemetryRoute.name == name)).first()
+            if row is None:
+                raise NotFound(f"route {name!r} of hub {hub_name!r} does not exist")
+            return _view(hub, row)
+
+    def list(self, hub_name: str) -> builtins.list[RouteView]:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            rows = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id).order_by(TelemetryRoute.name))
+            return [_view(hub, r) for r in rows]
+
+    def delete(self, hub_name: str, name: str, *, if_match: str | None = None) -> None:
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
+                                                         TelemetryRoute.name == name)).first()
+            if row is None:
+                raise NotFound(f"route {name!r} of hub {hub_name!r} does not exist")
+            if not etag_matches(if_match, row.etag):
+                raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
+            s.delete(row)
+
+    def enabled(self, hub_id: int) -> builtins.list[RouteView]:
+        """The hub's enabled routes, from the configuration cache."""
+        return self._enabled.get(hub_id, lambda: self._load_enabled(hub_id))
+
+    def _load_enabled(self, hub_id: int) -> builtins.list[RouteView]:
+        with self.store.session() as s:
+            rows = s.execute(select(LinkedHub, TelemetryRoute).join(TelemetryRoute, TelemetryRoute.hub_id == LinkedHub.id)
+                             .where(LinkedHub.id == hub_id, TelemetryRoute.enabled.is_(True))
+                             .order_by(TelemetryRoute.name)).all()
+            return [_view(hub, route) for hub, route in rows]
+
+
+class NatsRouter:
+    """Publishes routed telemetry (asyncio): one NATS connection per server URL, made on first use and kept
+    (nats-py reconnects by itself); a hub's routes are asked of the store at most every ``ROUTE_REFRESH`` s."""
+
+    def __init__(self, routes: TelemetryRoutes, run: Any) -> None:
+        self.routes = routes
+        self.run = run  # runs a blocking callable in the domain's thread pool
+        self._known: dict[int, tuple[float, builtins.list[RouteView]]] = {}
+        self._connections: dict[str, Any] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    async def _routes(self, hub_id: int) -> builtins.list[RouteView]:
+        known = self._known.get(hub_id)
+        if known is not None and time.monotonic() < known[0]:
+            return known[1]
+        found: builtins.list[RouteView] = await self.run(self.routes.enabled, hub_id)
+        self._known[hub_id] = (time.monotonic() + ROUTE_REFRESH, found)
+        return found
+
+    async def _connection(self, url: str) -> Any:
+        nc = self._connections.get(url)
+        if nc is not None and not nc.is_closed:
+            return nc
+        lock = self._connecting.setdefault(url, asyncio.Lock())
+        async with lock:
+            nc = self._connections.get(url)
+            if nc is not None and not nc.is_closed:
+                return nc
+            import nats  # imported on first use: only installations with a route need it
+
+            async def quiet(exc: Exception) -> None:
+                log.info("NATS connection to %s: %s", url, exc)
+
+            nc = await nats.connect(servers=[u.strip() for u in url.split(",")], connect_timeout=PUBLISH_TIMEOUT,
+                                    allow_reconnect=True, max_reconnect_attempts=-1, error_cb=quiet,
+                                    name="opendps")
+            self._connections[url] = nc
+            return nc
+
+    async def deliver(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
+                      body: bytes, position: int) -> None:
+        """Send one stored message along every enabled route of its hub; raises ServiceUnavailable when a durable
+        route could not get JetStream's acknowledgement (the caller then withholds the PUBACK)."""
+        for route in await self._routes(hub_id):
+            subject = f"{route.subject}.{subject_token(route.hub)}.{subject_token(device_id)}"
+            headers = {str(k): "" if v is None else str(v) for k, v in application.items()}
+            headers.update({str(k): str(v) for k, v in system.items()})
+            headers.update({"iothub-connection-device-id": device_id, "iothub-hub-name": route.hub,
+                            "iothub-message-source": "Telemetry", "iothub-enqueuedtime": iso8601(datetime.now(UTC)),
+                            "opendps-position": str(position)})
+            try:
+                nc = await self._connection(route.url)
+                if route.durable:
+                    await nc.jetstream().publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT)
+                else:
+                    await nc.publish(subject, body, headers=headers)
+            except Exception as exc:
+                if route.durable:
+                    raise ServiceUnavailable(f"route {route.name!r} ({route.url}, {subject}) did not acknowledge: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+                log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)
+
+    async def close(self) -> None:
+        for nc in list(self._connections.values()):
+            try:
+                await nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await nc.close()
+        self._connections.clear()

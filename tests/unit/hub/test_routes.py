@@ -1,0 +1,65 @@
+"""Telemetry routes as configuration: validation, If-Match, and the per-process cache of a hub's enabled routes."""
+
+from __future__ import annotations
+
+import pytest
+
+from opendps.errors import InvalidInput, NotFound, PreconditionFailed
+from opendps.hub.routing import subject_token
+
+
+def _body(**props):
+    return {"properties": {"endpointType": "nats", "url": "nats://127.0.0.1:4222", "subject": "fleet.telemetry", **props}}
+
+
+def test_a_route_is_created_replaced_listed_and_deleted(services):
+    routes = services.routes
+    view, created = routes.put("default", "to-nats", _body())
+    assert created and view.durable and view.enabled and view.subject == "fleet.telemetry"
+    with pytest.raises(PreconditionFailed):
+        routes.put("default", "to-nats", _body(durable=False), if_match="stale")
+    replaced, created = routes.put("default", "to-nats", _body(durable=False), if_match=view.etag)
+    assert not created and not replaced.durable and replaced.etag != view.etag
+    assert [r.name for r in routes.list("default")] == ["to-nats"]
+    assert routes.get("default", "to-nats").to_wire()["properties"]["durable"] is False
+    routes.delete("default", "to-nats", if_match=replaced.etag)
+    assert routes.list("default") == []
+    with pytest.raises(NotFound, match="route 'to-nats' of hub 'default' does not exist"):
+        routes.get("default", "to-nats")
+    with pytest.raises(NotFound, match="linked hub 'nowhere' does not exist"):
+        routes.put("nowhere", "r", _body())
+
+
+@pytest.mark.parametrize(("props", "words"), [
+    ({"url": "http://127.0.0.1:4222"}, "not a NATS server URL"),
+    ({"url": ""}, "must be a NATS server URL"),
+    ({"url": "nats://127.0.0.1:99999"}, "invalid port"),
+    ({"subject": "fleet.*"}, "without wildcards"),
+    ({"subject": "fleet..x"}, "NATS subject prefix"),
+    ({"subject": "has space"}, "NATS subject prefix"),
+    ({"endpointType": "kafka"}, "endpointType 'kafka' is not supported"),
+    ({"durable": "yes"}, "durable must be true or false"),
+])
+def test_bad_routes_are_refused_naming_the_problem(services, props, words):
+    with pytest.raises(InvalidInput, match=words):
+        services.routes.put("default", "bad", _body(**props))
+    assert services.routes.list("default") == []
+
+
+def test_the_enabled_routes_of_a_hub_follow_every_change_at_once(services):
+    hub = services.hubs.get("default")
+    assert services.routes.enabled(hub.id) == []
+    view, _ = services.routes.put("default", "a", _body())
+    assert [r.name for r in services.routes.enabled(hub.id)] == ["a"]
+    services.routes.put("default", "a", _body(isEnabled=False), if_match=view.etag)
+    assert services.routes.enabled(hub.id) == []  # cached per configuration counter: the change is seen at once
+    services.hubs.create("east")
+    services.routes.put("east", "b", _body())
+    services.hubs.delete("east")  # its routes go with it
+    assert services.routes.enabled(hub.id) == []
+
+
+def test_hub_names_and_device_ids_become_single_subject_tokens():
+    assert subject_token("dev-1_a") == "dev-1_a"
+    assert subject_token("a.b*c>d e") == "a%2Eb%2Ac%3Ed%20e"
+    assert "." not in subject_token("x.y.z")

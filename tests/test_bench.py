@@ -171,3 +171,17 @@ def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
     # memory is inverted so that below 1 still means opendps is worse
     assert idle["ratios"]["mosquitto"] == round(peer["extra"]["bytes_per_connection"]
                                                 / idle["extra"]["bytes_per_connection"], 4)
+
+
+def test_bench_hub_connect_at_scale_compares_a_small_and_a_large_store() -> None:
+    """Issue 14: the same CONNECT load against a store with 20k more devices and 2k more enrollments (quick)."""
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "hub-connect-scale",
+                           "--count", "20", "-o", "json"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    small, large = json.loads(proc.stdout)["results"]
+    assert small["scenario"] == large["scenario"] == "hub-connect-scale"
+    assert small["ok"] == large["ok"] == 20 and small["errors"] == large["errors"] == 0
+    assert small["extra"]["devices"] == 20 + 4 and small["extra"]["enrollments"] == 1
+    assert large["extra"]["devices"] == 20 + 4 + 20_000 and large["extra"]["enrollments"] == 2_001
+    if small["ops_per_cpu_second"] and large["ops_per_cpu_second"]:
+        assert large["ratios"]["small store"] == round(large["ops_per_cpu_second"] / small["ops_per_cpu_second"], 4)

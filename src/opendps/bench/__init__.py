@@ -29,6 +29,7 @@ SCENARIOS: dict[str, str] = {
     "provision-mqtt-x509": "provisioning:mqtt_x509",
     "peer-cfssl": "peer:cfssl",
     "hub-connect": "hub:connects",
+    "hub-connect-scale": "hub:connects_at_scale",
     "hub-idle": "hub:idle",
     "hub-telemetry": "hub:telemetry",
     "store-scale": "store_scale:store_scale",

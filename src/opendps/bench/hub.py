@@ -99,6 +99,42 @@ def connects(opts: Options) -> list[Result]:
     return rows
 
 
+CONNECT_SCALE = "hub-connect-scale"
+QUICK_FLEETS, FULL_FLEETS = ((0, 0), (20_000, 2_000)), ((0, 0), (100_000, 10_000))  # (extra devices, enrollments)
+SCALE_CONNECTS = 400
+
+
+def connects_at_scale(opts: Options) -> list[Result]:
+    """The same CONNECT load against a small store and against one that also holds 100k more registered devices
+    and 10k more enrollments (issue 14: CONNECT cost must not grow with the fleet); the large row gets
+    ``ratios["small store"]`` = its connects per CPU second ÷ the small store's (below 1: a CONNECT costs more)."""
+    count = opts.count or (QUICK_CONNECTS if opts.quick else SCALE_CONNECTS)
+    level = opts.levels[0] if opts.levels else CONCURRENCY
+    rows: list[Result] = []
+    for extra_devices, enrollments in (QUICK_FLEETS if opts.quick else FULL_FLEETS):
+        with tempfile.TemporaryDirectory(prefix="opendps-bench-hub-") as tmp:
+            fleet: dict[str, Any] = {}
+
+            def seed_fleet(env: dict[str, str], n: int = extra_devices, e: int = enrollments,
+                           out: dict[str, Any] = fleet, where: str = tmp) -> None:
+                out.update(seed(env, count + WARM_UP, Path(where), lint=opts.lint, extra_devices=n, enrollments=e))
+
+            with running_server(opts.db_url, opts.lint, before_start=seed_fleet,
+                                profile=opts.profile(f"{CONNECT_SCALE}-{extra_devices}")) as server:
+                spec = {"mode": "connect", "count": count, "concurrency": level, "host": "127.0.0.1",
+                        "server_hostname": "localhost", "ca_file": str(server.ca_file), "hub_host": fleet["hub_host"],
+                        "devices": fleet["devices"], "warm_up": WARM_UP, "port": server.mqtt_port, "pid": server.pid,
+                        "postgres": server.postgres}
+                outcome = _load(spec, server.pid)
+                rows.append(load_row(CONNECT_SCALE, "mqtt", level, count, outcome, outcome["server_cpu"], server.pid,
+                                     devices=count + WARM_UP + extra_devices, enrollments=enrollments + 1,
+                                     seed_seconds=fleet["seed_seconds"]))
+    small, large = rows[0], rows[-1]
+    if small.ops_per_cpu_second and large.ops_per_cpu_second:
+        large.ratios["small store"] = round(large.ops_per_cpu_second / small.ops_per_cpu_second, 4)
+    return rows
+
+
 def idle(opts: Options) -> list[Result]:
     """Per fleet size: hold that many connections and divide the server's RSS growth by it."""
     sizes = (opts.count,) if opts.count else (QUICK_IDLE if opts.quick else FULL_IDLE)
@@ -245,7 +281,8 @@ def _raise_nofile() -> None:
 # ---------------------------------------------------------------- seeding (before the server starts)
 
 
-def seed(env: dict[str, str], count: int, directory: Path, *, lint: bool) -> dict[str, Any]:
+def seed(env: dict[str, str], count: int, directory: Path, *, lint: bool, extra_devices: int = 0,
+         enrollments: int = 0) -> dict[str, Any]:
     """Namespace, policy and group through the domain code; ``count`` devices with operational certificates in bulk.
 
     Returns the hub host, the device list ``[(device id, PEM file)]`` for the load generator, the issuing
@@ -262,6 +299,12 @@ def seed(env: dict[str, str], count: int, directory: Path, *, lint: bool) -> dic
         signer = inst.keys.signer(t["issuing_key_id"])
         devices, rows = _issue(t, signer, count, directory, sqlite=inst.store.engine.dialect.name == "sqlite")
         _insert(inst.store.engine, rows)
+        if extra_devices:  # registered devices that never connect: store_scale's bulk rows (one shared leaf DER)
+            from opendps.bench.store_scale import _insert_all, _template
+
+            _insert_all(inst.store.engine, _template(inst, t), extra_devices)
+        if enrollments:
+            _enrollments(inst.store.engine, t, enrollments)
     from cryptography import x509
 
     ca_chain = b"".join(x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
@@ -311,6 +354,26 @@ def _issue(t: dict[str, Any], signer: Signer, count: int, directory: Path, *,
                               strict=True):
             rows[table].append(row)
     return devices, rows
+
+
+def _enrollments(engine: Any, t: dict[str, Any], count: int) -> None:
+    """``count`` individual enrollments on the fleet's policy (X.509 with a pinned thumbprint; none connects)."""
+    from sqlalchemy import insert
+
+    from opendps.bench.provisioning import POLICY
+    from opendps.store import Enrollment
+
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for i in range(count):
+        rid = f"enrolled-{i:06d}"
+        doc = {"registrationId": rid, "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {
+            "info": {"sha256Thumbprint": secrets.token_hex(32).upper()}}}}}, "credentialPolicyName": POLICY}
+        rows.append({"kind": "individual", "enrollment_id": rid, "attestation_type": "x509", "policy_id": t["policy_id"],
+                     "provisioning_status": "enabled", "document": doc, "secret": None, "etag": secrets.token_hex(6),
+                     "created_at": now, "updated_at": now})
+    with engine.connect() as conn, conn.begin():
+        conn.execute(insert(Enrollment), rows)
 
 
 def _insert(engine: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:

@@ -34,11 +34,13 @@ import logging
 import ssl
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from opendps.transport import format_peer
@@ -179,7 +181,25 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
         return []
     if rest and rest[0] == leaf:  # some OpenSSL builds include it
         rest = rest[1:]
-    return [leaf, *rest]
+    return [leaf, *(_interned(c) for c in rest)]
+
+
+_CA_OBJECTS: OrderedDict[bytes, x509.Certificate] = OrderedDict()
+_CA_OBJECTS_MAX = 512
+
+
+def _interned(certificate: x509.Certificate) -> x509.Certificate:
+    """One object per distinct CA certificate: a fleet's devices send the same issuing CA, and each connection
+    keeps its peer chain for its whole life (~1.5 KB per parsed copy). Event-loop thread only."""
+    der = certificate.public_bytes(Encoding.DER)
+    known = _CA_OBJECTS.get(der)
+    if known is not None:
+        _CA_OBJECTS.move_to_end(der)
+        return known
+    _CA_OBJECTS[der] = certificate
+    if len(_CA_OBJECTS) > _CA_OBJECTS_MAX:
+        _CA_OBJECTS.popitem(last=False)
+    return certificate
 
 
 class _State(enum.Enum):

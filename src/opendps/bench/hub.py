@@ -358,10 +358,15 @@ def _issue(t: dict[str, Any], signer: Signer, count: int, directory: Path, *,
 
 def _enrollments(engine: Any, t: dict[str, Any], count: int) -> None:
     """``count`` individual enrollments on the fleet's policy (X.509 with a pinned thumbprint; none connects)."""
-    from sqlalchemy import insert
+    from sqlalchemy import JSON, DateTime, column, insert, table
 
     from opendps.bench.provisioning import POLICY
-    from opendps.store import Enrollment
+
+    # the table by name, as store_scale's bulk rows: the bench seeds rows, it does not own them
+    enrollments = table("enrollments", column("kind"), column("enrollment_id"), column("attestation_type"),
+                        column("policy_id"), column("provisioning_status"), column("document", JSON), column("secret"),
+                        column("etag"), column("created_at", DateTime(timezone=True)),
+                        column("updated_at", DateTime(timezone=True)))
 
     now = dt.datetime.now(dt.UTC)
     rows = []
@@ -373,7 +378,7 @@ def _enrollments(engine: Any, t: dict[str, Any], count: int) -> None:
                      "provisioning_status": "enabled", "document": doc, "secret": None, "etag": secrets.token_hex(6),
                      "created_at": now, "updated_at": now})
     with engine.connect() as conn, conn.begin():
-        conn.execute(insert(Enrollment), rows)
+        conn.execute(insert(enrollments), rows)
 
 
 def _insert(engine: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:

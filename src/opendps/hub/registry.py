@@ -188,6 +188,14 @@ class HubTrust:
         return certificate.public_bytes(Encoding.DER) in self._uploaded_der
 
 
+def hub_row(s: Session, name: str) -> LinkedHub:
+    """The linked hub named ``name`` in the caller's transaction (NotFound otherwise)."""
+    row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
+    if row is None:
+        raise NotFound(f"linked hub {name!r} does not exist")
+    return row
+
+
 def check_device_id(value: object) -> str:
     """A device id IoT Hub would accept (ids are matched case-insensitively here)."""
     if not isinstance(value, str) or not _DEVICE_ID.match(value):
@@ -234,10 +242,7 @@ class Hubs:
     # ---- hubs ----
     @staticmethod
     def _hub(s: Session, name: str) -> LinkedHub:
-        row = s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first()
-        if row is None:
-            raise NotFound(f"linked hub {name!r} does not exist")
-        return row
+        return hub_row(s, name)
 
     def create(self, name: str, host_name: str | None = None, *, allocation_weight: int = 1,
                apply_allocation_policy: bool = True) -> HubView:

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed, ServiceUnavailable
+from opendps.hub.registry import hub_row
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.store import ConfigCache, LinkedHub, Store, TelemetryRoute
 from opendps.transport.wire import iso8601
@@ -102,11 +103,12 @@ class TelemetryRoutes:
         self._enabled: ConfigCache[int, builtins.list[RouteView]] = ConfigCache(store)
 
     @staticmethod
-    def _hub(s: Session, hub_name: str) -> LinkedHub:
-        hub = s.scalars(select(LinkedHub).where(LinkedHub.name == hub_name)).first()
-        if hub is None:
-            raise NotFound(f"linked hub {hub_name!r} does not exist")
-        return hub
+    def _route(s: Session, hub_name: str, name: str) -> tuple[LinkedHub, TelemetryRoute]:
+        hub = hub_row(s, hub_name)
+        row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id, TelemetryRoute.name == name)).first()
+        if row is None:
+            raise NotFound(f"route {name!r} of hub {hub_name!r} does not exist")
+        return hub, row
 
     def put(self, hub_name: str, name: str, body: object, *, if_match: str | None = None) -> tuple[RouteView, bool]:
         """Create or replace route ``name`` of the hub from ``{"properties": {"endpointType": "nats", "url",
@@ -127,7 +129,7 @@ class TelemetryRoutes:
         now = datetime.now(UTC)
         try:
             with self.store.session() as s:
-                hub = self._hub(s, hub_name)
+                hub = hub_row(s, hub_name)
                 row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
                                                              TelemetryRoute.name == name)).first()
                 if row is not None and not etag_matches(if_match, row.etag):
@@ -147,26 +149,17 @@ class TelemetryRoutes:
 
     def get(self, hub_name: str, name: str) -> RouteView:
         with self.store.session() as s:
-            hub = self._hub(s, hub_name)
-            row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
-                                                         TelemetryRoute.name == name)).first()
-            if row is None:
-                raise NotFound(f"route {name!r} of hub {hub_name!r} does not exist")
-            return _view(hub, row)
+            return _view(*self._route(s, hub_name, name))
 
     def list(self, hub_name: str) -> builtins.list[RouteView]:
         with self.store.session() as s:
-            hub = self._hub(s, hub_name)
+            hub = hub_row(s, hub_name)
             rows = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id).order_by(TelemetryRoute.name))
             return [_view(hub, r) for r in rows]
 
     def delete(self, hub_name: str, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
-            hub = self._hub(s, hub_name)
-            row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
-                                                         TelemetryRoute.name == name)).first()
-            if row is None:
-                raise NotFound(f"route {name!r} of hub {hub_name!r} does not exist")
+            _, row = self._route(s, hub_name, name)
             if not etag_matches(if_match, row.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
             s.delete(row)

@@ -218,6 +218,11 @@ def server(pki) -> AiohttpServer:
     srv.stop()
 
 
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
 # --- clients ----------------------------------------------------------------------------------
 
 
@@ -569,8 +574,7 @@ def test_raw_layer_close_notify_reaches_inner_protocol(pki):
         assert events == [("made", ["CN=device-selfsigned"], "TLSv1.3", True, False), ("data", b"hello"), ("eof",),
                           ("lost", None)]
     finally:
-        server.close()
-        loop_thread.call(server.wait_closed())
+        loop_thread.call(_close_server(server))  # on its loop: asyncio.Server is not thread-safe
         loop_thread.close()
 
 
@@ -644,6 +648,5 @@ def test_raw_layer_flow_control_both_directions(pki):
         assert events == [("pause_writing",), ("wrote", True), ("resume_writing",), ("pause_reading", False),
                           ("resume_reading", True), ("lost", None)]
     finally:
-        server.close()
-        loop_thread.call(server.wait_closed())
+        loop_thread.call(_close_server(server))  # on its loop: asyncio.Server is not thread-safe
         loop_thread.close()

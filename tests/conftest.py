@@ -221,7 +221,8 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
          "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), *extra_args], env=env, stdout=log,
-        stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None)
+        stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None,
+        start_new_session=True)  # its own process group: only this fixture's terminate() stops it
     deadline = time.time() + 180
     waiting = [port, mqtt_port, amqp_port]
     while waiting and time.time() < deadline:

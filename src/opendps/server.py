@@ -69,17 +69,23 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         print("  owner connection:   opendps dps connection-string show", flush=True)
         print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
     stop = asyncio.Event()
+    received: list[str] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread / Windows
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig.name)
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
         if banner:
-            print("opendps shutting down", flush=True)
+            print(f"opendps shutting down{f' ({received[0]})' if received else ''}", flush=True)
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
 
 

@@ -58,6 +58,16 @@ def _path(name: str, *rest: str) -> str:
     return api_path("accessPolicies", name, *rest)
 
 
+def _body(rights: str, primary_key: str | None, secondary_key: str | None) -> dict[str, object]:
+    """The AccessPolicy body: the rights, and the keys that were given (the others stay or are generated)."""
+    body: dict[str, object] = {"rights": rights}
+    if primary_key is not None:
+        body["primaryKey"] = primary_key
+    if secondary_key is not None:
+        body["secondaryKey"] = secondary_key
+    return body
+
+
 @click.group()
 def policy() -> None:
     """The service's shared access policies and their rights (az iot dps policy)."""
@@ -91,11 +101,7 @@ def policy_create(client: Client, output: str, policy_name: str, rights: tuple[s
     chosen = split_rights(rights, more_rights)
     if not chosen:
         raise CliError("--rights is required: give at least one right")
-    body: dict[str, object] = {"rights": ", ".join(chosen)}
-    if primary_key is not None:
-        body["primaryKey"] = primary_key
-    if secondary_key is not None:
-        body["secondaryKey"] = secondary_key
+    body = _body(", ".join(chosen), primary_key, secondary_key)
     answer, _ = client.exchange("PUT", _path(policy_name), json=body, headers={"If-None-Match": "*"})
     emit(answer, output, POLICY_COLUMNS)
 
@@ -114,11 +120,7 @@ def policy_update(client: Client, output: str, policy_name: str, rights: tuple[s
     if not chosen and primary_key is None and secondary_key is None:
         raise CliError("nothing to update: give --rights, --primary-key or --secondary-key")
     current = client.request("GET", _path(policy_name))
-    body: dict[str, object] = {"rights": ", ".join(chosen) if chosen else current["rights"]}
-    if primary_key is not None:
-        body["primaryKey"] = primary_key
-    if secondary_key is not None:
-        body["secondaryKey"] = secondary_key
+    body = _body(", ".join(chosen) if chosen else current["rights"], primary_key, secondary_key)
     emit(client.request("PUT", _path(policy_name), json=body, if_match="*"), output, POLICY_COLUMNS)
 
 

@@ -412,7 +412,8 @@ class Hubs:
         return s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
                                                  HubDevice.device_key == device_id.lower())).first()
 
-    def _keys(self, hub_id: int, device: HubDevice) -> tuple[str, str] | None:
+    def _keys(self, hub_id: int, device: Any) -> tuple[str, str] | None:
+        """The identity's SAS keys, unwrapped (an ORM row or a statement's row: both name ``secret``, ``device_key``)."""
         if device.secret is None:
             return None
         primary, secondary = json.loads(self.keys.unwrap(device.secret, f"hub-device:{hub_id}:{device.device_key}"))
@@ -444,12 +445,8 @@ class Hubs:
         row = session.connection().execute(_CONNECT_IDENTITY, {"b_hub": hub.id, "b_key": device_id.lower()}).first()
         if row is None:
             return None
-        keys = None
-        if row.secret is not None:
-            primary, secondary = json.loads(self.keys.unwrap(row.secret, f"hub-device:{hub.id}:{row.device_key}"))
-            keys = (primary, secondary)
         prints = frozenset(p for p in (row.primary_thumbprint, row.secondary_thumbprint) if p)
-        return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, keys)
+        return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, self._keys(hub.id, row))
 
     def trust(self, hub: HubView) -> HubTrust:
         """What ``hub`` trusts for CA-signed devices, from the configuration cache: a CA synced, rotated, uploaded or

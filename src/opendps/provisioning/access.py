@@ -25,7 +25,6 @@ Owns ``access_policies``.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 import secrets
 import threading
@@ -40,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound
 from opendps.pki import KeyStore
+from opendps.provisioning.enrollments import check_key
 from opendps.store import AccessPolicy, Store
 
 OWNER_POLICY = "provisioningserviceowner"
@@ -64,7 +64,6 @@ RENEW_KEYS = ("primary", "secondary", "swap")
 CACHE_SECONDS = 5.0
 CACHE_SIZE = 1024  # names kept at most (then the cache starts over): garbage names cannot grow it without bound
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # Azure's policy names: letters, digits, '.', '_', '-'; 1-64
-_KEY_BYTES = (16, 64)
 
 
 def effective_rights(rights: Iterable[str]) -> frozenset[str]:
@@ -104,19 +103,6 @@ def check_policy_name(name: object) -> str:
     if name.lower() == HUB_OWNER_POLICY:
         raise InvalidInput(f"{HUB_OWNER_POLICY!r} is reserved for linked hubs' own keys (opendps hub policy)")
     return name
-
-
-def _check_key(value: object, where: str) -> str:
-    """A given key: base64 of 16-64 bytes, as Azure's policy keys."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{where} must be a base64 string")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"{where} is not valid base64") from exc
-    if not _KEY_BYTES[0] <= len(raw) <= _KEY_BYTES[1]:
-        raise InvalidInput(f"{where} must decode to {_KEY_BYTES[0]}-{_KEY_BYTES[1]} bytes (got {len(raw)})")
-    return value
 
 
 def new_key() -> str:
@@ -244,8 +230,8 @@ class AccessPolicies:
         created). ``exists``: True = update only (404 if absent), False = create only (409 if present)."""
         check_policy_name(name)
         chosen = parse_rights(rights)
-        primary = _check_key(primary_key, "primaryKey") if primary_key is not None else None
-        secondary = _check_key(secondary_key, "secondaryKey") if secondary_key is not None else None
+        primary = check_key(primary_key, "primaryKey") if primary_key is not None else None
+        secondary = check_key(secondary_key, "secondaryKey") if secondary_key is not None else None
         try:
             with self.store.session() as s:
                 rows = self._lock_all(s)

@@ -39,11 +39,23 @@ def test_a_route_is_created_replaced_listed_and_deleted(services):
     ({"subject": "has space"}, "NATS subject prefix"),
     ({"endpointType": "kafka"}, "endpointType 'kafka' is not supported"),
     ({"durable": "yes"}, "durable must be true or false"),
+    ({"isEnabled": 1}, "isEnabled must be true or false"),
+    ({"url": "nats://a:4222,ftp://b:21"}, "'ftp://b:21' is not a NATS server URL"),
+    ({"url": 4222}, "must be a NATS server URL"),
 ])
 def test_bad_routes_are_refused_naming_the_problem(services, props, words):
     with pytest.raises(InvalidInput, match=words):
         services.routes.put("default", "bad", _body(**props))
     assert services.routes.list("default") == []
+
+
+def test_a_body_without_properties_or_with_a_bad_name_is_refused(services):
+    with pytest.raises(InvalidInput, match="object with 'properties'"):
+        services.routes.put("default", "r", {"url": "nats://127.0.0.1:4222"})
+    with pytest.raises(InvalidInput, match="route name 'has space' is invalid"):
+        services.routes.put("default", "has space", _body())
+    view, _ = services.routes.put("default", "several", _body(url="nats://a:4222, tls://b:4443"))
+    assert view.url == "nats://a:4222, tls://b:4443"
 
 
 def test_the_enabled_routes_of_a_hub_follow_every_change_at_once(services):
@@ -53,10 +65,13 @@ def test_the_enabled_routes_of_a_hub_follow_every_change_at_once(services):
     assert [r.name for r in services.routes.enabled(hub.id)] == ["a"]
     services.routes.put("default", "a", _body(isEnabled=False), if_match=view.etag)
     assert services.routes.enabled(hub.id) == []  # cached per configuration counter: the change is seen at once
-    services.hubs.create("east")
+    east = services.hubs.create("east")
     services.routes.put("east", "b", _body())
+    assert [r.name for r in services.routes.enabled(east.id)] == ["b"] and services.routes.enabled(hub.id) == []
     services.hubs.delete("east")  # its routes go with it
-    assert services.routes.enabled(hub.id) == []
+    assert services.routes.enabled(east.id) == []
+    with pytest.raises(NotFound, match="linked hub 'east' does not exist"):
+        services.routes.list("east")
 
 
 def test_hub_names_and_device_ids_become_single_subject_tokens():

@@ -367,6 +367,48 @@ class TelemetryRoute(Base):
     updated_at: Mapped[datetime] = _ts()
 
 
+class ClusterNode(Base):
+    """A running server process — one worker of one host — that live hub state can be routed to by id.
+
+    Every node heartbeats its row; a node whose heartbeat is older than the cluster's timeout is dead, and
+    whoever notices deletes its row (its presence rows go by cascade). ``opendps info`` lists them.
+    """
+
+    __tablename__ = "cluster_nodes"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)  # the machine's host name
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    worker: Mapped[int] = mapped_column(Integer, nullable=False)  # index among the host's workers (0 alone)
+    endpoints: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # bind address and ports
+    started_at: Mapped[datetime] = _ts()
+    heartbeat_at: Mapped[datetime] = _ts(index=True)
+
+
+class LiveMessage(Base):
+    """A message between nodes carried by the store: every message where the bus is the table (SQLite with
+    several workers), and on PostgreSQL the bodies too large for a NOTIFY payload (the NOTIFY carries the id).
+    Deleted after a minute."""
+
+    __tablename__ = "live_messages"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    target: Mapped[str | None] = mapped_column(String(36), nullable=True)  # a node id; NULL = every node
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _ts(index=True)
+
+
+class HubConnection(Base):
+    """Presence: which node holds a device's live hub session now (one row per device; the newest
+    connection wins, as MQTT's one-session rule). Gone with the node's row when the node dies."""
+
+    __tablename__ = "hub_connections"
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), primary_key=True)
+    device_key: Mapped[str] = mapped_column(String(128), primary_key=True)  # lower-cased device id
+    node_id: Mapped[str] = mapped_column(ForeignKey("cluster_nodes.id", ondelete="CASCADE"), nullable=False, index=True)
+    session: Mapped[str] = mapped_column(String(36), nullable=False)
+    connected_at: Mapped[datetime] = _ts()
+
+
 #: model -> the package (or module) that owns its table; ``store`` itself owns only the installation settings
 class ConfigGeneration(Base):
     """One counter, bumped in the same transaction as any change to the configuration rows below
@@ -398,6 +440,9 @@ OWNERS: dict[type[Base], str] = {
     TelemetryEvent: "opendps.hub",
     CloudToDeviceMessage: "opendps.hub",
     TelemetryRoute: "opendps.hub",
+    HubConnection: "opendps.hub",
+    ClusterNode: "opendps.cluster",
+    LiveMessage: "opendps.cluster",
 }
 
 # What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.

@@ -8,6 +8,7 @@ Data directory (default ``./.opendps``)::
     opendps.db       SQLite database (unless a PostgreSQL URL is given)
     tls/server-ca.pem  the local server CA clients must trust
     tls/server.pem, tls/server.key (0600)  this node's TLS server certificate (P-256)
+    tls/server.lock    held (flock) while the server.pem/server.key pair is checked or replaced
 
 Facts every node must share (ID scope, access policy keys wrapped by the master key, the server
 CA) live in the database, so several nodes on one PostgreSQL agree. The domain services of the
@@ -18,11 +19,14 @@ policies are :class:`opendps.provisioning.AccessPolicies`' (init makes the owner
 from __future__ import annotations
 
 import base64
+import fcntl
 import ipaddress
 import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +56,7 @@ DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
 DEFAULT_DATA_DIR = ".opendps"
 SERVER_CERT_DAYS = 365
+SERVER_CERT_RENEW_BEFORE = timedelta(days=30)  # re-issued when it expires within this
 
 
 def default_data_dir() -> Path:
@@ -263,7 +268,7 @@ def _ensure_server_ca(inst: Instance) -> x509.Certificate:
     return cert
 
 
-def _san_entries(names: list[str]) -> list[x509.GeneralName]:
+def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for n in dict.fromkeys(names):
         try:
@@ -273,26 +278,87 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _server_cert_ok(path: Path, ca: x509.Certificate, names: list[str]) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    if cert.issuer != ca.subject or cert.not_valid_after_utc - datetime.now(UTC) < timedelta(days=30):
-        return False
-    try:
-        sans = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        return False
-    return set(_san_entries(names)) <= sans
+def server_names(inst: Instance, extra_names: Iterable[str] = ()) -> list[str]:
+    """The names this node's server certificate must carry: ``--hostname``, localhost, 127.0.0.1 and ``extra_names``
+    (every linked hub's host name)."""
+    return list(dict.fromkeys([inst.settings.hostname, "localhost", "127.0.0.1", *extra_names]))
 
 
-def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = None) -> None:
-    """(Re)issue this node's P-256 TLS certificate when missing, expiring, or not covering the names."""
+@dataclass(frozen=True)
+class ServerCertificate:
+    """This node's TLS server certificate as served: ``chain`` is [leaf, server CA] (the server.pem order)."""
+
+    chain: tuple[x509.Certificate, ...]
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def fresh(self, now: datetime | None = None) -> bool:
+        """Not about to expire (within :data:`SERVER_CERT_RENEW_BEFORE` it is re-issued)."""
+        return self.leaf.not_valid_after_utc - (now or datetime.now(UTC)) >= SERVER_CERT_RENEW_BEFORE
+
+    def serves(self, names: Iterable[str], *, now: datetime | None = None) -> bool:
+        """Whether it is :meth:`fresh` and carries every one of ``names``."""
+        if not self.fresh(now):
+            return False
+        try:
+            sans = set(self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            return False
+        return set(_san_entries(names)) <= sans
+
+
+def _read_server_certificate(inst: Instance, ca: x509.Certificate) -> ServerCertificate | None:
+    """The pair on disk, if it is one: the certificate issued by the server CA, the key its own."""
+    try:
+        chain = x509.load_pem_x509_certificates(inst.server_cert_path.read_bytes())
+        key = serialization.load_pem_private_key(inst.server_key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or chain[0].issuer != ca.subject \
+            or chain[0].public_key() != key.public_key():
+        return None
+    return ServerCertificate(tuple(chain), key)
+
+
+@contextmanager
+def _server_tls_lock(tls_dir: Path) -> Iterator[None]:
+    """Exclusive hold of this data directory's server.pem/server.key pair: ``serve --workers N`` shares one data
+    directory, and each process checks and may replace the pair (a flock per open file, so threads exclude each
+    other too; released when the file is closed, also by a crash)."""
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(tls_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_server_certificate(inst: Instance, extra_names: Iterable[str] | None = None) -> ServerCertificate:
+    """This node's P-256 TLS certificate, covering :func:`server_names` (with ``extra_names``, the linked hubs' host
+    names): the pair in the data directory when it does, else a new one, issued by the server CA (whose key is in
+    the database) and written to server.pem/server.key. The check and the write happen under the data directory's
+    lock, so processes sharing it never write at once, and the pair on disk always belongs together; a process
+    that finds a pair another one just wrote uses it instead of issuing its own. Blocking: not on an event loop."""
     ca = _ensure_server_ca(inst)
-    names = [inst.settings.hostname, "localhost", "127.0.0.1", *(extra_names or [])]
-    if _server_cert_ok(inst.server_cert_path, ca, names) and inst.server_key_path.exists():
-        return
+    names = server_names(inst, extra_names or ())
+    with _server_tls_lock(inst.tls_dir):
+        current = _read_server_certificate(inst, ca)
+        if current is not None and current.serves(names):
+            return current
+        issued = _issue_server_certificate(inst, ca, names)
+        key_pem = issued.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+        replace_all(inst.tls_dir, {inst.server_key_path.name: (key_pem, 0o600),
+                                   inst.server_cert_path.name: (b"".join(c.public_bytes(Encoding.PEM) for c in issued.chain),
+                                                                0o644)})
+        return issued
+
+
+def _issue_server_certificate(inst: Instance, ca: x509.Certificate, names: list[str]) -> ServerCertificate:
     signer = inst.keys.signer(inst.store.setting("server_ca_key_id") or "")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -311,12 +377,7 @@ def ensure_server_certificate(inst: Instance, extra_names: list[str] | None = No
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
     )
     # not linted: pkilint rejects the single-label "localhost" SAN that local clients need
-    cert = sign_builder(builder, signer, lint=False)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    replace_all(inst.tls_dir, {inst.server_key_path.name: (key_pem, 0o600),
-                               inst.server_cert_path.name: (cert.public_bytes(Encoding.PEM) + ca.public_bytes(Encoding.PEM),
-                                                            0o644)})
+    return ServerCertificate((sign_builder(builder, signer, lint=False), ca), key)
 
 
 def open_instance(settings: Settings, *, create: bool = True, migrate: bool = True,

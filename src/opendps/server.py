@@ -11,6 +11,7 @@ from aiohttp import web
 
 from opendps.frontends import FrontEnds, build
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance
+from opendps.server_tls import keep_server_certificate
 from opendps.transport.tls import (
     ConnectionGate,
     connection_budget,
@@ -79,11 +80,17 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread / Windows
             loop.add_signal_handler(sig, on_signal, sig.name)
+    # a hub linked or re-named while serving gets its host name into the certificate (docs/architecture.md, "TLS")
+    tls_contexts = [ctx, mqtt_ctx, *([amqp_ctx] if st.amqp_port else [])]
+    certificate_keeper = asyncio.create_task(keep_server_certificate(instance, tls_contexts))
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
+        certificate_keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await certificate_keeper
         if banner:
             print(f"opendps shutting down{f' ({received[0]})' if received else ''}", flush=True)
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too

@@ -16,7 +16,9 @@ protocol:
   handler, the MQTT session) and gives the inner protocol a :class:`TlsTransport`; the inner
   protocol sees ``connection_made`` only after the handshake, so
   ``transport.get_extra_info("peer_certificate_chain")`` is valid from the first byte;
-* :func:`start_tls_server` and :func:`start_aiohttp_site` open listeners.
+* :func:`start_tls_server` and :func:`start_aiohttp_site` open listeners;
+* :func:`context_serving` and :func:`replace_context` change the certificate new connections get, while the
+  listeners run (see :func:`replace_context` for why a new context instead of changing the old one).
 
 Session resumption is disabled on device contexts: a resumed session carries no certificate chain,
 and attestation needs the chain on every connection.
@@ -52,7 +54,9 @@ __all__ = [
     "TlsProtocol",
     "TlsTransport",
     "client_context",
+    "context_serving",
     "device_tls_context",
+    "replace_context",
     "server_context",
     "start_aiohttp_site",
     "start_tls_server",
@@ -121,13 +125,21 @@ def device_tls_context(
     is the minimum; renegotiation and session resumption are disabled so every connection shows
     its full chain.
     """
+    recipe = functools.partial(_device_context, list(alpn) if alpn else None, tuple(client_ca_certs))
+    ctx = recipe()
+    ctx.use_certificate_chain_file(str(cert_file))
+    ctx.use_privatekey_file(str(key_file))
+    ctx.check_privatekey()
+    _RECIPES[ctx] = recipe
+    return ctx
+
+
+def _device_context(alpn: list[bytes] | None, client_ca_certs: tuple[x509.Certificate, ...]) -> SSL.Context:
+    """Everything of a device context but its certificate and key."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
     ctx.set_options(options)
-    ctx.use_certificate_chain_file(str(cert_file))
-    ctx.use_privatekey_file(str(key_file))
-    ctx.check_privatekey()
     ctx.set_verify(SSL.VERIFY_PEER, _accept_any_chain)
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -139,6 +151,53 @@ def device_tls_context(
     if alpn:
         ctx.set_alpn_select_callback(_alpn_selector(list(alpn)))
     return ctx
+
+
+# how each device context was made (to make another like it), and the context that replaces a listener's
+_RECIPES: weakref.WeakKeyDictionary[SSL.Context, Callable[[], SSL.Context]] = weakref.WeakKeyDictionary()
+_SUCCESSORS: weakref.WeakKeyDictionary[SSL.Context, SSL.Context] = weakref.WeakKeyDictionary()
+
+
+def context_serving(context: SSL.Context, chain: Sequence[x509.Certificate], key: Any) -> SSL.Context:
+    """A new device context made like ``context`` (a :func:`device_tls_context`: same ALPN, client CA names,
+    options) that serves ``chain`` (leaf first, then its issuers, as in a certificate file) with ``key`` (the
+    leaf's private key, a ``cryptography`` object). Touches nothing shared: any thread may call it (~0.5 ms)."""
+    recipe = _RECIPES.get(context)
+    if recipe is None:
+        raise ValueError("not a context made by device_tls_context")
+    if not chain:
+        raise ValueError("a server certificate chain needs its leaf")
+    fresh = recipe()
+    fresh.use_certificate(chain[0])
+    for issuer in chain[1:]:
+        fresh.add_extra_chain_cert(issuer)
+    fresh.use_privatekey(key)
+    fresh.check_privatekey()  # a key that is not the leaf's fails here, never in a handshake
+    _RECIPES[fresh] = recipe
+    return fresh
+
+
+def replace_context(context: SSL.Context, successor: SSL.Context) -> None:
+    """From now on, connections accepted by listeners started with ``context`` use ``successor`` (made by
+    :func:`context_serving`); connections already accepted, handshaking or not, keep the context they were made
+    with. Call it on the listeners' event loop.
+
+    Why a new context and not a new certificate in the old one: pyOpenSSL refuses to change a context that has
+    made a connection (``use_certificate`` raises ValueError once the context is used), and changing an SSL_CTX
+    under live connections is what OpenSSL leaves undefined. A servername (SNI) callback switching contexts would
+    reach only clients that send SNI (a client connecting to an IP address sends none, so an expired certificate
+    would never be replaced for it), and ``SSL_set_SSL_CTX`` copies only part of a context. So a listener keeps
+    its original context as a name, and :class:`TlsProtocol` takes that name's newest successor when a
+    connection arrives: one dictionary lookup per connection, ~0.5 ms per replacement, nothing dropped.
+    """
+    if context not in _RECIPES or successor not in _RECIPES:
+        raise ValueError("not a context made by device_tls_context")
+    _SUCCESSORS[context] = successor
+
+
+def current_context(context: SSL.Context) -> SSL.Context:
+    """The context a new connection on a listener started with ``context`` uses."""
+    return _SUCCESSORS.get(context, context)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -422,6 +481,7 @@ class TlsProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._raw = transport
         self._peer = format_peer(transport.get_extra_info("peername"))
+        self._context = current_context(self._context)  # a replaced server certificate (replace_context)
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()
         self._conn = conn

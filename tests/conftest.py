@@ -233,9 +233,13 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
                 waiting.pop(0)
         except OSError:
             time.sleep(0.1)
-    if waiting:
+    # the banner comes after config.json is written (a copied data directory holds another node's ports until then)
+    while waiting == [] and "opendps listening on" not in (tmp_path / "server.log").read_text() \
+            and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    if waiting or proc.poll() is not None:
         proc.kill()
-        pytest.fail("server did not start listening within 180 s")
+        pytest.fail(f"server did not start listening within 180 s: {(tmp_path / 'server.log').read_text()}")
     info = invoke_cli(env, "info", "-o", "json")
     assert info.returncode == 0, info.stderr
     import json

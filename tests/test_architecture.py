@@ -18,7 +18,7 @@ PACKAGE = SRC / "opendps"
 # the domain, bottom to top: each may import only those before it
 DOMAIN = ("opendps.pki", "opendps.registry", "opendps.hub", "opendps.provisioning")
 OUTSIDE_THE_DOMAIN = ("opendps.frontends", "opendps.services", "opendps.instance", "opendps.server", "opendps.cli",
-                      "opendps.bench")
+                      "opendps.bench", "opendps.cluster", "opendps.workers", "opendps.server_tls")
 MODELS = {model.__name__: owner for model, owner in OWNERS.items()}
 
 
@@ -70,6 +70,15 @@ def test_a_domain_package_imports_no_front_end_and_nothing_above_it(layer):
 def test_store_imports_no_other_opendps_package():
     wrong = sorted({f"{module} -> {imported}" for module, imports in SOURCES.items() if _within(module, "opendps.store")
                     for imported, _ in imports if imported.startswith("opendps") and not _within(imported, "opendps.store")})
+    assert wrong == []
+
+
+def test_cluster_imports_only_the_store():
+    """The cluster carries messages between nodes; what they mean is the hub's (``hub.live``)."""
+    wrong = sorted({f"{module} -> {imported}" for module, imports in SOURCES.items()
+                    if _within(module, "opendps.cluster") for imported, _ in imports
+                    if imported.startswith("opendps") and not _within(imported, "opendps.cluster")
+                    and not _within(imported, "opendps.store")})
     assert wrong == []
 
 

@@ -54,6 +54,8 @@ from opendps.transport import sas
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
+BUS_ENV = "OPENDPS_BUS"
+MAX_WORKERS = 256
 DEFAULT_DATA_DIR = ".opendps"
 SERVER_CERT_DAYS = 365
 SERVER_CERT_RENEW_BEFORE = timedelta(days=30)  # re-issued when it expires within this
@@ -76,6 +78,8 @@ class Settings:
     amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
     lint: bool = True
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
+    workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
+    bus: str | None = None  # NATS server carrying live state between nodes (default: the store's own, opendps.cluster)
     # what opening found worth telling the operator (not errors); the CLI prints them, serve logs them
     warnings: list[str] = field(default_factory=list, compare=False)
 
@@ -105,6 +109,8 @@ class Settings:
                 raise ConfigurationError(f"cannot read {cfg}: {exc}") from exc
         if os.environ.get(DB_ENV):
             values["db"] = os.environ[DB_ENV]
+        if os.environ.get(BUS_ENV):
+            values["bus"] = os.environ[BUS_ENV]
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f for f in cls.__dataclass_fields__ if f not in ("data_dir", "warnings")}
         return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
@@ -121,6 +127,11 @@ class Settings:
         if isinstance(self.client_timeout, bool) or not isinstance(self.client_timeout, int | float) \
                 or not 1 <= self.client_timeout <= 3600:
             raise ConfigurationError(f"client timeout {self.client_timeout!r} is out of range 1-3600 seconds")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigurationError(f"workers {self.workers!r} is out of range 0-{MAX_WORKERS} (0: one per core on "
+                                     "PostgreSQL, one on SQLite)")
+        if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
+            raise ConfigurationError(f"bus {self.bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
 
     def save(self) -> bool:
         """Write config.json; returns whether a database password was left out of it (it is never written)."""
@@ -131,6 +142,9 @@ class Settings:
             if url.password:  # the URL stays, its password does not: PGPASSWORD, ~/.pgpass or OPENDPS_DB give it
                 data["db"] = url._replace(password=None).render_as_string(hide_password=False)
                 stripped = True
+        if data["bus"] and "@" in data["bus"]:  # NATS credentials in the URL: kept out like the database password
+            data["bus"] = None
+            stripped = True
         write_atomic(self.config_path, (json.dumps(data, indent=2) + "\n").encode(), 0o644)
         return stripped
 
@@ -227,7 +241,18 @@ class Instance:
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
             "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.name)}
                      for h in self.services.hubs.list()],
+            "workers": st.workers or None,
+            "nodes": self.nodes(),
         }
+
+    def nodes(self) -> list[dict[str, object]]:
+        """The server processes alive now, on every host (``cluster_nodes``; empty before a migration)."""
+        from opendps.cluster import NODE_TIMEOUT, Nodes
+
+        try:
+            return [n.to_wire() for n in Nodes(self.store).alive(NODE_TIMEOUT)]
+        except Exception:  # noqa: BLE001 - a database this version has not migrated: no cluster table yet
+            return []
 
     def close(self) -> None:
         self.store.dispose()
@@ -474,4 +499,5 @@ def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> 
 
 
 DB_PASSWORD_NOT_SAVED = ("the database password is not written to config.json: give it next time with PGPASSWORD, "
-                         "~/.pgpass, a libpq service file, or the whole URL in OPENDPS_DB")
+                         "~/.pgpass, a libpq service file, or the whole URL in OPENDPS_DB (a NATS bus URL with "
+                         "credentials: in OPENDPS_BUS)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -30,10 +32,28 @@ def front_ends(instance: Instance) -> FrontEnds:
     return build(instance.services, service_hosts={st.service_host, st.hostname}, client_timeout=st.client_timeout)
 
 
-async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True) -> None:
-    """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled or signalled."""
+def print_banner(instance: Instance) -> None:
+    st = instance.settings
+    print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
+    print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
+    if st.amqp_port:
+        print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
+    print(f"  ID scope:           {instance.id_scope}", flush=True)
+    print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
+    # secrets never go to the console or the log: say where to get them
+    print("  owner connection:   opendps dps connection-string show", flush=True)
+    print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
+
+
+async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True, worker: int = 0,
+                workers: int = 1, on_ready: Callable[[], None] | None = None,
+                stop_when: asyncio.Event | None = None) -> None:
+    """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled, signalled or
+    ``stop_when`` is set. As one of ``workers`` processes (``opendps.workers``) the listeners use SO_REUSEPORT.
+    The process is a node of the cluster (``opendps.cluster``) from the moment it listens."""
     st = instance.settings
     fe = front_ends(instance)
+    shared = workers > 1
     # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
     raise_descriptor_limit()
     budget = connection_budget(3 if st.amqp_port else 2)
@@ -44,31 +64,29 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
-    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget))
+    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget), reuse_port=shared)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx,
-                                                gate=ConnectionGate("MQTT", budget)))
+                                                gate=ConnectionGate("MQTT", budget), reuse_port=shared))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
-                                                    gate=ConnectionGate("AMQP", budget)))
-    # listening: now the options that worked are worth remembering (a failed start wrote nothing)
-    if st.save():
-        log.warning("%s", DB_PASSWORD_NOT_SAVED)
-    for warning in st.warnings:
-        log.warning("%s", warning)
+                                                    gate=ConnectionGate("AMQP", budget), reuse_port=shared))
+    # a node of the service from now on: live hub state reaches devices here from any process or node
+    await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
+        "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port})
+    # listening: now the options that worked are worth remembering (a failed start wrote nothing); a worker's
+    # supervisor does that once for all of them
+    if not shared:
+        if st.save():
+            log.warning("%s", DB_PASSWORD_NOT_SAVED)
+        for warning in st.warnings:
+            log.warning("%s", warning)
     if banner:
-        print(f"opendps listening on https://{st.host}:{st.https_port} (public name {st.service_host})", flush=True)
-        print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
-        if st.amqp_port:
-            print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
-        print(f"  ID scope:           {instance.id_scope}", flush=True)
-        print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
-        # secrets never go to the console or the log: say where to get them
-        print("  owner connection:   opendps dps connection-string show", flush=True)
-        print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
+        print_banner(instance)
+    log.info("listening%s (pid %d)", f" as worker {worker} of {workers}" if shared else "", os.getpid())
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()
@@ -77,14 +95,20 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         received.append(name)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # a worker leaves Ctrl-C (sent to the whole process group) to its supervisor, which stops it with SIGTERM
+    for sig in (signal.SIGTERM,) if shared else (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # non-main thread / Windows
             loop.add_signal_handler(sig, on_signal, sig.name)
     # a hub linked or re-named while serving gets its host name into the certificate (docs/architecture.md, "TLS")
     tls_contexts = [ctx, mqtt_ctx, *([amqp_ctx] if st.amqp_port else [])]
     certificate_keeper = asyncio.create_task(keep_server_certificate(instance, tls_contexts))
+    orphan_watch = loop.create_task(stop_when.wait()) if stop_when is not None else None  # held: tasks are weak
+    if orphan_watch is not None:
+        orphan_watch.add_done_callback(lambda _t: stop.set())
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
@@ -93,9 +117,17 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
             await certificate_keeper
         if banner:
             print(f"opendps shutting down{f' ({received[0]})' if received else ''}", flush=True)
+        await fe.runtime.leave_cluster()  # first: the others stop routing here
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
 
 
 def run(instance: Instance) -> None:
+    """``opendps serve``: one process, or a supervisor of ``--workers N`` (``opendps.workers``)."""
+    from opendps.workers import default_workers, run_workers
+
+    count = instance.settings.workers or default_workers(instance.settings.db_url)
+    if count > 1:
+        run_workers(instance, count)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(instance))

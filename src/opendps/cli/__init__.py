@@ -91,6 +91,11 @@ def server_options(f: _F) -> _F:
                           "on a DPS MQTT session (default 60).")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
+    f = click.option("--workers", type=click.IntRange(0, 256), default=None,
+                     help="Server processes on this host, on the same ports (default 0: one per core on PostgreSQL, "
+                          "one on SQLite).")(f)
+    f = click.option("--bus", default=None, help="NATS server carrying live hub state between processes and nodes, "
+                     "e.g. nats://127.0.0.1:4222 (default: the database's own: LISTEN/NOTIFY on PostgreSQL; $OPENDPS_BUS).")(f)
     return data_dir_option(f)
 
 
@@ -143,11 +148,12 @@ def main() -> None:
 @main.command()
 @server_options
 def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-         mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool) -> None:
+         mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool,
+         workers: int | None, bus: str | None) -> None:
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
-                         lint=False if no_lint else None)
+                         lint=False if no_lint else None, workers=workers, bus=bus)
     existed = settings.config_path.exists()
     inst = _open(settings)
     click.echo(f"{'already initialised' if existed else 'initialised'} {settings.data_dir.resolve()}")
@@ -160,13 +166,15 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
 @main.command()
 @server_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-          mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool) -> None:
-    """Start the server (initialising the data directory on first run)."""
+          mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool,
+          workers: int | None, bus: str | None) -> None:
+    """Start the server (initialising the data directory on first run); with several workers, this process
+    supervises them."""
     from opendps.server import run
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
-                         lint=False if no_lint else None)
+                         lint=False if no_lint else None, workers=workers, bus=bus)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)
@@ -200,6 +208,13 @@ def info(data_dir: Path | None, output: str) -> None:
                 "serverCaCertificate": data["serverCaCertificate"], "database": data["database"],
                 "dataDir": data["dataDir"]}
         print_table([flat])
+        nodes = data["nodes"]
+        if nodes:
+            click.echo(f"{len(nodes)} server process(es) running:")
+            print_table([{"host": n["host"], "worker": n["worker"], "pid": n["pid"], "startedAt": n["startedAt"],
+                          "heartbeatAt": n["heartbeatAt"], "id": n["id"]} for n in nodes])
+        else:
+            click.echo("no server process is running")
 
 
 @main.group()

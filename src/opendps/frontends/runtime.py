@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import ParamSpec, TypeVar
 
+from opendps.cluster import Cluster, choose_bus
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
+from opendps.hub.presence import Presence
 from opendps.services import Services
 
 P = ParamSpec("P")
@@ -48,6 +50,7 @@ class Runtime:
     telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
     telemetry_writer: GroupCommit = field(init=False)
     telemetry_router: NatsRouter = field(init=False)
+    cluster: Cluster | None = None  # this process as a node of the service (None: alone, e.g. in-process tests)
 
     def __post_init__(self) -> None:
         # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads
@@ -61,5 +64,23 @@ class Runtime:
         ``user-id``, ``ack``, ``content-type``, ``content-encoding``)."""
         message = await self.domain.run(self.services.c2d.enqueue, hub, device_id, body, properties=properties,
                                         system=system, ttl=ttl)
-        self.live.notify_c2d(hub, device_id)
+        await self.live.notify_c2d(hub, device_id)
         return message
+
+    async def join_cluster(self, *, bus_url: str | None = None, worker: int = 0,
+                           endpoints: dict[str, object] | None = None) -> Cluster:
+        """Become a node: recorded in ``cluster_nodes``, heartbeating, live sessions routed over the store's bus (or
+        NATS at ``bus_url``) to and from the other processes and nodes."""
+        store = self.services.store
+        bus = choose_bus(store, self.domain.run, self.services.id_scope, bus_url)
+        cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
+        self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run)
+        cluster.on_rejoin = self.live.rejoin
+        await cluster.start(self.live.on_peer_message)
+        self.cluster = cluster
+        return cluster
+
+    async def leave_cluster(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None

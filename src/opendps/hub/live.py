@@ -1,10 +1,12 @@
-"""Live hub state of this process: which device is connected here, and the direct-method calls waiting for
-its answer. The service side (REST and AMQP front ends) reaches a connected device only through this map.
+"""Live hub state: which device is connected to this process, the direct-method calls waiting for its answer,
+and — through :class:`Peers` — the devices connected to other processes and nodes. The service side (REST and
+AMQP front ends) reaches a connected device only through :class:`LiveSessions`, wherever the device is.
 
 A front end (MQTT today) attaches a :class:`DeviceLink` per connected device and detaches it when the
-connection ends; the link turns the calls below into its wire (publishes on the device's topics). The
-map is per process and lives on the event loop: it is the one piece of hub state that is not in the
-store, so several processes or nodes need it routed (a later change; see docs/architecture.md).
+connection ends; the link turns the calls below into its wire (publishes on the device's topics). The local
+map lives on the event loop. Each attach and detach is recorded as presence (``hub.presence``: which node holds
+the device, written in batches after the CONNACK); a call for a device that is not here goes to the node that
+presence names, over the cluster's bus (``opendps.cluster``), and comes back the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from opendps.errors import GatewayTimeout, NotFound
 from opendps.hub.auth import AuthenticatedDevice
+from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
 
 log = logging.getLogger("opendps.hub")
 METHODS = "methods"
@@ -57,33 +62,76 @@ class DeviceLink(Protocol):
         ...
 
 
+class Peers(Protocol):
+    """The other server processes and nodes, as live sessions reach them (:class:`opendps.cluster.Cluster`)."""
+
+    node_id: str
+
+    async def alive(self, node_id: str) -> bool:
+        ...
+
+    async def send(self, message: dict[str, Any], to: str | None = None) -> None:
+        """To node ``to``, or to every other node (None); never raises."""
+        ...
+
+
 def _key(hub_name: str, device_id: str) -> tuple[str, str]:
     return hub_name, device_id.lower()
 
 
 class LiveSessions:
-    """Connected devices by (hub, device id) and pending direct-method calls; one per process."""
+    """Connected devices by (hub, device id) and pending direct-method calls; one per process. Without
+    :meth:`join` it knows only this process (tests, a single embedded server)."""
 
     def __init__(self) -> None:
-        self._links: dict[tuple[str, str], DeviceLink] = {}
+        self._links: dict[tuple[str, str], tuple[DeviceLink, str]] = {}  # key -> (link, session id)
         # pending direct methods: (device key, request id) -> (the answer, the link the request went out on)
         self._methods: dict[tuple[tuple[str, str], str], tuple[asyncio.Future[tuple[int, Any]], DeviceLink]] = {}
         self._request_ids = itertools.count(1)
+        self.peers: Peers | None = None
+        self.presence: Presence | None = None
+        self._writer: PresenceWriter | None = None
+        self._run: Callable[..., Awaitable[Any]] | None = None
+        self._remote: dict[str, asyncio.Future[tuple[int, Any]]] = {}  # our method calls out on other nodes
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]]) -> None:
+        """Take part in the cluster: record presence, reach devices on other nodes through ``peers``."""
+        self.peers, self.presence, self._run = peers, presence, run
+        self._writer = PresenceWriter(presence, peers.node_id, run, self._displaced)
+
+    async def flush(self) -> None:
+        """Presence recorded so far is in the store (tests; a clean stop)."""
+        if self._writer is not None:
+            await self._writer.flush()
+
+    async def rejoin(self) -> None:
+        """Our node row was swept (a long stall): record every local session again."""
+        if self._writer is not None:
+            for (_hub, _device), (link, session) in list(self._links.items()):
+                self._writer.add(Change(link.device.hub_id, link.device.device_key.lower(), session, True))
 
     # ---- front end side ----
     def attach(self, link: DeviceLink) -> None:
-        """``link`` is the device's connection from now on; an older one of the same device is closed."""
+        """``link`` is the device's connection from now on; an older one of the same device is closed, here or on
+        another node."""
         key = _key(link.device.hub_name, link.device.device_id)
         old = self._links.get(key)
-        self._links[key] = link
-        if old is not None and old is not link:
-            old.close("taken over by a new connection of the same device")
+        session = uuid.uuid4().hex
+        self._links[key] = (link, session)
+        if old is not None and old[0] is not link:
+            old[0].close("taken over by a new connection of the same device")
+        if self._writer is not None:
+            self._writer.add(Change(link.device.hub_id, key[1], session, True))
 
     def detach(self, link: DeviceLink) -> None:
         """The connection ended: forget it, and fail the method calls it will never answer."""
         key = _key(link.device.hub_name, link.device.device_id)
-        if self._links.get(key) is link:
+        current = self._links.get(key)
+        if current is not None and current[0] is link:
             del self._links[key]
+            if self._writer is not None:
+                self._writer.add(Change(link.device.hub_id, key[1], current[1], False))
         for pending, (future, sent_on) in list(self._methods.items()):
             if sent_on is link:
                 self._methods.pop(pending, None)
@@ -98,9 +146,12 @@ class LiveSessions:
 
     # ---- service side ----
     def link(self, hub_name: str, device_id: str) -> DeviceLink | None:
-        return self._links.get(_key(hub_name, device_id))
+        """The device's connection to this process, if any."""
+        current = self._links.get(_key(hub_name, device_id))
+        return current[0] if current is not None else None
 
     def is_connected(self, hub_name: str, device_id: str) -> bool:
+        """Connected to this process (see :meth:`connected_anywhere` for the whole service)."""
         return self.link(hub_name, device_id) is not None
 
     def connected(self, hub_name: str) -> frozenset[str]:
@@ -108,9 +159,40 @@ class LiveSessions:
         (a query) that runs in the domain thread pool, where this map must not be read."""
         return frozenset(device for hub, device in self._links if hub == hub_name)
 
+    async def connected_anywhere(self, hub_name: str, device_ids: list[str] | None = None) -> frozenset[str]:
+        """Lower-cased ids of the hub's devices (of ``device_ids``) connected to any process or node."""
+        here = self.connected(hub_name)
+        if device_ids is not None:
+            wanted = {d.lower() for d in device_ids}
+            here = here & wanted
+            if here == wanted or self.presence is None:
+                return here
+        if self.presence is None or self._run is None:
+            return here
+        found: frozenset[str] = await self._run(self.presence.connected, hub_name, device_ids)
+        return here | found
+
+    async def _locate(self, hub_name: str, device_id: str) -> str | None:
+        """The live node, other than this one, that holds the device's session."""
+        if self.presence is None or self._run is None or self.peers is None:
+            return None
+        found = await self._run(self.presence.locate, hub_name, device_id)
+        if found is None or found[0] == self.peers.node_id or not await self.peers.alive(found[0]):
+            return None
+        return str(found[0])
+
     async def invoke_method(self, hub_name: str, device_id: str, method: str, payload: Any, *,
                             timeout: float = 30.0) -> tuple[int, Any]:
-        """Direct method: (status, payload) from the device; DeviceOffline (404) or MethodTimeout (504)."""
+        """Direct method: (status, payload) from the device, wherever it is connected; DeviceOffline (404) or
+        MethodTimeout (504)."""
+        if self.link(hub_name, device_id) is None:
+            node = await self._locate(hub_name, device_id)
+            if node is not None:
+                return await self._invoke_remote(node, hub_name, device_id, method, payload, timeout)
+        return await self._invoke_here(hub_name, device_id, method, payload, timeout)
+
+    async def _invoke_here(self, hub_name: str, device_id: str, method: str, payload: Any,
+                           timeout: float) -> tuple[int, Any]:
         link = self.link(hub_name, device_id)
         if link is None or not link.subscribed(METHODS):
             raise DeviceOffline(f"device {device_id!r} is not connected and subscribed to methods")
@@ -126,20 +208,112 @@ class LiveSessions:
         finally:
             self._methods.pop((key, rid), None)
 
+    async def _invoke_remote(self, node: str, hub_name: str, device_id: str, method: str, payload: Any,
+                             timeout: float) -> tuple[int, Any]:
+        assert self.peers is not None
+        call = uuid.uuid4().hex
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        self._remote[call] = future
+        try:
+            await self.peers.send({"op": "method", "call": call, "reply": self.peers.node_id, "hub": hub_name,
+                                   "device": device_id, "method": method, "payload": payload, "timeout": timeout}, node)
+            # the other node times the device out; the margin covers the bus, and a node that died meanwhile
+            return await asyncio.wait_for(future, timeout + 2.0)
+        except TimeoutError as exc:
+            raise MethodTimeout(f"device {device_id!r} did not answer method {method!r} within {timeout:g} s") from exc
+        finally:
+            self._remote.pop(call, None)
+
     async def push_desired(self, hub_name: str, device_id: str, desired: dict[str, Any], version: int) -> None:
         """Desired properties changed: a connected, subscribed device hears of it now (others read the twin)."""
         link = self.link(hub_name, device_id)
-        if link is not None and link.subscribed(DESIRED):
+        if link is None:
+            node = await self._locate(hub_name, device_id)
+            if node is not None and self.peers is not None:
+                await self.peers.send({"op": "desired", "hub": hub_name, "device": device_id, "desired": desired,
+                                       "version": version}, node)
+            return
+        if link.subscribed(DESIRED):
             await link.send_desired(desired, version)
 
-    def notify_c2d(self, hub_name: str, device_id: str) -> None:
+    async def notify_c2d(self, hub_name: str, device_id: str) -> None:
         """A cloud-to-device message was queued: a connected device gets it now, others at their next connect."""
         link = self.link(hub_name, device_id)
         if link is not None:
             link.wake_c2d()
+            return
+        node = await self._locate(hub_name, device_id)
+        if node is not None and self.peers is not None:
+            await self.peers.send({"op": "c2d", "hub": hub_name, "device": device_id}, node)
 
-    def drop(self, hub_name: str, device_id: str, reason: str) -> None:
-        """Disconnect a device now (disabled or deleted by the service)."""
-        link = self.link(hub_name, device_id)
-        if link is not None:
-            link.close(reason)
+    async def drop(self, hub_name: str, device_id: str, reason: str) -> None:
+        """Disconnect a device now (disabled or deleted by the service), on whichever node holds it: told to every
+        node, so a session whose presence is not recorded yet goes too."""
+        self._drop_here(hub_name, device_id, reason, None)
+        if self.peers is not None:
+            await self.peers.send({"op": "drop", "hub": hub_name, "device": device_id, "reason": reason})
+
+    def _drop_here(self, hub_name: str, device_id: str, reason: str, session: str | None) -> None:
+        current = self._links.get(_key(hub_name, device_id))
+        if current is not None and (session is None or current[1] == session):
+            current[0].close(reason)
+
+    # ---- from other nodes ----
+    async def _displaced(self, displaced: list[Displaced]) -> None:
+        """Sessions on other nodes that a connection here replaced: tell their nodes to close them."""
+        if self.peers is None:
+            return
+        names = {link.device.hub_id: link.device.hub_name for link, _ in self._links.values()}
+        for d in displaced:
+            if d.hub_id in names and await self.peers.alive(d.node_id):
+                await self.peers.send({"op": "displace", "hub": names[d.hub_id], "device": d.device_key,
+                                       "session": d.session}, d.node_id)
+
+    def on_peer_message(self, message: dict[str, Any]) -> None:
+        """A message from another node (on the event loop)."""
+        op, hub, device = message.get("op"), str(message.get("hub", "")), str(message.get("device", ""))
+        if op == "drop":
+            self._drop_here(hub, device, str(message.get("reason") or "dropped by the service"), None)
+        elif op == "displace":
+            self._drop_here(hub, device, "taken over by a new connection of the same device on another node",
+                            str(message.get("session")))
+        elif op == "c2d":
+            link = self.link(hub, device)
+            if link is not None:
+                link.wake_c2d()
+        elif op == "desired":
+            link = self.link(hub, device)
+            if link is not None and link.subscribed(DESIRED) and isinstance(message.get("desired"), dict):
+                self._spawn(link.send_desired(message["desired"], int(message.get("version") or 0)))
+        elif op == "method":
+            self._spawn(self._serve_method(message))
+        elif op == "method-result":
+            future = self._remote.get(str(message.get("call")))
+            if future is not None and not future.done():
+                error = message.get("error")
+                if error == "offline":
+                    future.set_exception(DeviceOffline(str(message.get("message"))))
+                elif error == "timeout":
+                    future.set_exception(MethodTimeout(str(message.get("message"))))
+                else:
+                    future.set_result((int(message.get("status") or 0), message.get("payload")))
+
+    async def _serve_method(self, message: dict[str, Any]) -> None:
+        """Another node's direct-method call for a device connected here."""
+        reply: dict[str, Any] = {"op": "method-result", "call": message.get("call")}
+        try:
+            status, payload = await self._invoke_here(
+                str(message.get("hub")), str(message.get("device")), str(message.get("method")),
+                message.get("payload"), float(message.get("timeout") or 30.0))
+            reply.update(status=status, payload=payload)
+        except MethodTimeout as exc:
+            reply.update(error="timeout", message=exc.message)
+        except DeviceOffline as exc:
+            reply.update(error="offline", message=exc.message)
+        if self.peers is not None:
+            await self.peers.send(reply, str(message.get("reply")))
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

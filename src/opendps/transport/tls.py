@@ -813,10 +813,13 @@ async def start_tls_server(
     close_timeout: float = 10.0,
     backlog: int = 1024,
     gate: ConnectionGate | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     """Listen on ``host:port``; every connection gets a :class:`TlsProtocol` around a new inner protocol
-    (at most ``gate.limit`` at a time when a gate is given)."""
-    return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None, gate)
+    (at most ``gate.limit`` at a time when a gate is given). ``reuse_port``: SO_REUSEPORT, so that each of
+    several worker processes has its own listening socket on the port and the kernel spreads connections."""
+    return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None, gate,
+                         reuse_port)
 
 
 async def _listen(
@@ -829,6 +832,7 @@ async def _listen(
     backlog: int,
     track: weakref.WeakSet[TlsProtocol] | None,
     gate: ConnectionGate | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
@@ -839,7 +843,8 @@ async def _listen(
             track.add(proto)
         return proto
 
-    return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
+    return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
+                                    reuse_port=reuse_port or None)
 
 
 @functools.cache
@@ -855,7 +860,8 @@ def _aiohttp_site_class() -> type:
         runner.cleanup() would reach request handlers of an application already cleaned up.
         """
 
-        __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols", "_gate")
+        __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols", "_gate",
+                     "_reuse_port")
 
         def __init__(
             self,
@@ -868,9 +874,11 @@ def _aiohttp_site_class() -> type:
             close_timeout: float = 10.0,
             backlog: int = 1024,
             gate: ConnectionGate | None = None,
+            reuse_port: bool = False,
         ) -> None:
             super().__init__(runner, backlog=backlog)
             self._gate = gate
+            self._reuse_port = reuse_port
             self._host, self._port, self._context = host, port, context
             self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
             self._protocols: weakref.WeakSet[TlsProtocol] = weakref.WeakSet()
@@ -884,7 +892,8 @@ def _aiohttp_site_class() -> type:
             server = self._runner.server
             assert server is not None
             self._server = await _listen(server, self._host, self._port, self._context, self._handshake_timeout,
-                                         self._close_timeout, self._backlog, self._protocols, self._gate)
+                                         self._close_timeout, self._backlog, self._protocols, self._gate,
+                                         self._reuse_port)
 
         async def stop(self) -> None:
             await super().stop()
@@ -907,7 +916,7 @@ async def start_aiohttp_site(
 
     The listener is registered as a site of ``runner``, so ``runner.cleanup()`` stops it and closes
     open keep-alive connections (sending close_notify); closing the returned server afterwards is
-    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog``, ``gate`` as for
+    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog``, ``gate``, ``reuse_port`` as for
     :func:`start_tls_server`. Calls ``runner.setup()`` if that has not happened yet.
     """
     if runner.server is None:

@@ -4,7 +4,8 @@ methods, plus C2D send and a telemetry stream (opendps' own; Azure uses AMQP —
 
 The hub is the one an ``iothubowner`` token's audience names, or ``?hub=<name>`` (default ``default``)
 for the DPS owner. Routes are named ``hub:*`` (the SAS middleware lets ``iothubowner`` call only these).
-What needs a connected device goes through the process's live sessions (:class:`opendps.hub.LiveSessions`).
+What needs a connected device goes through the live sessions (:class:`opendps.hub.LiveSessions`), which reach it on
+whichever process or node holds it.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def twin_wire(d: DeviceIdentity, connected: bool) -> dict[str, Any]:
             "capabilities": {"iotEdge": False}}
 
 
-def _connected(request: web.Request, d: DeviceIdentity) -> bool:
-    return runtime(request).live.is_connected(d.hub_name, d.device_id)
+async def _connected(request: web.Request, d: DeviceIdentity) -> bool:
+    """Connected to any process or node of the service (presence), or to this one."""
+    return bool(await runtime(request).live.connected_anywhere(d.hub_name, [d.device_id]))
 
 
 @routes.put("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-put")
@@ -92,13 +94,13 @@ async def put_device(request: web.Request) -> web.Response:
                          thumbprints=(thumbs.get("primaryThumbprint"), thumbs.get("secondaryThumbprint")),
                          status=body.get("status") or "enabled", if_match=if_match(request))
     if ident.status != "enabled":
-        runtime(request).live.drop(hub, device_id, "device disabled by the service")
+        await runtime(request).live.drop(hub, device_id, "device disabled by the service")
     return await _device_reply(request, hub, device_id)
 
 
 async def _device_reply(request: web.Request, hub: str, device_id: str) -> web.Response:
     ident, keys = await run(request, services(request).hubs.device_credentials, hub, device_id)
-    return send(device_wire(ident, keys, _connected(request, ident)), etag=ident.etag)
+    return send(device_wire(ident, keys, await _connected(request, ident)), etag=ident.etag)
 
 
 @routes.get("/devices/{id}", name=HUB_ROUTE_PREFIX + "device-get")
@@ -109,7 +111,8 @@ async def get_device(request: web.Request) -> web.Response:
 @routes.get("/devices", name=HUB_ROUTE_PREFIX + "device-list")
 async def list_devices(request: web.Request) -> web.Response:
     devices = await run(request, services(request).hubs.list_devices, hub_name(request))
-    return send([device_wire(d, None, _connected(request, d)) for d in devices])
+    connected = await runtime(request).live.connected_anywhere(hub_name(request))
+    return send([device_wire(d, None, d.device_id.lower() in connected) for d in devices])
 
 
 @routes.post("/devices/query", name=HUB_ROUTE_PREFIX + "query")
@@ -121,7 +124,7 @@ async def query_devices(request: web.Request) -> web.Response:
         raise InvalidInput('request body needs "query": the query text, e.g. "SELECT * FROM devices"')
     size = max_item_count(request, DEFAULT_QUERY_PAGE)
     hub = hub_name(request)
-    connected = runtime(request).live.connected(hub)  # read on the loop; the query runs in the thread pool
+    connected = await runtime(request).live.connected_anywhere(hub)  # read before: the query runs in the thread pool
 
     def document(d: DeviceIdentity) -> dict[str, Any]:
         return twin_wire(d, d.device_id.lower() in connected)
@@ -138,14 +141,14 @@ async def query_devices(request: web.Request) -> web.Response:
 async def delete_device(request: web.Request) -> web.Response:
     hub, device_id = hub_name(request), request.match_info["id"]
     await run(request, services(request).hubs.delete_device, hub, device_id, if_match=if_match(request))
-    runtime(request).live.drop(hub, device_id, "device deleted by the service")
+    await runtime(request).live.drop(hub, device_id, "device deleted by the service")
     return web.Response(status=204)
 
 
 @routes.get("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-get")
 async def get_twin(request: web.Request) -> web.Response:
     ident = await run(request, services(request).hubs.get_device, hub_name(request), request.match_info["id"])
-    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+    return send(twin_wire(ident, await _connected(request, ident)), etag=ident.etag)
 
 
 def _desired(body: dict[str, Any]) -> Any:
@@ -162,7 +165,7 @@ async def _twin_written(request: web.Request, ident: DeviceIdentity, desired_cha
     """The answer to a twin write (PATCH or PUT); a desired change goes to the device now if it is connected."""
     if desired_change is not None:
         await runtime(request).live.push_desired(ident.hub_name, ident.device_id, desired_change, ident.desired_version)
-    return send(twin_wire(ident, _connected(request, ident)), etag=ident.etag)
+    return send(twin_wire(ident, await _connected(request, ident)), etag=ident.etag)
 
 
 @routes.patch("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-patch")

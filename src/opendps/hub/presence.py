@@ -1,0 +1,185 @@
+"""Presence: which server process (node) holds each connected device's hub session.
+
+A device's live session is a socket on one process. Everything else about the device is in the store; this table
+is how another process or node finds that socket: a direct method, a C2D wake-up or a desired push made on node
+B for a device connected to node A goes to A (``opendps.cluster`` carries it), and a device that connects to B
+while an old session is still on A displaces it (MQTT's one-session rule, across nodes).
+
+Rows are written by :class:`PresenceWriter` in batches after the CONNACK (a CONNECT does not wait for them) and
+belong to the node's row in ``cluster_nodes``: when a node dies, its rows go with its row (foreign key cascade)
+once another node has seen its heartbeat stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+
+from opendps.hub.registry import Hubs
+from opendps.store import HubConnection, Store, table_of
+
+log = logging.getLogger("opendps.hub")
+_CONNECTIONS = table_of(HubConnection)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One session attached to (``attached``) or detached from this node."""
+
+    hub_id: int
+    device_key: str  # lower-cased device id
+    session: str
+    attached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Displaced:
+    """A session on another node that a newer connection of the same device replaced."""
+
+    node_id: str
+    hub_id: int
+    device_key: str
+    session: str
+
+
+class Presence:
+    """The ``hub_connections`` table: one row per connected device, the newest connection's."""
+
+    def __init__(self, store: Store, hubs: Hubs) -> None:
+        self.store = store
+        self.hubs = hubs
+        module = postgresql if store.dialect == "postgresql" else sqlite
+        self._insert: Any = module.insert(_CONNECTIONS)
+
+    def record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
+        """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions of other nodes that the
+        attaches displaced."""
+        attached = [c for c in changes if c.attached]
+        displaced: list[Displaced] = []
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            conn = s.connection()
+            if attached:
+                keys = list(dict.fromkeys((c.hub_id, c.device_key) for c in attached))
+                q = select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.node_id,
+                           _CONNECTIONS.c.session).where(tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key).in_(keys))
+                if self.store.dialect == "postgresql":
+                    q = q.with_for_update()  # a concurrent attach of the same device on another node waits
+                for hub_id, device_key, node, session in conn.execute(q):
+                    if node != node_id:
+                        displaced.append(Displaced(node, hub_id, device_key, session))
+            for c in changes:  # in order: a session may attach and detach within one batch
+                if c.attached:
+                    stmt = self._insert.values(hub_id=c.hub_id, device_key=c.device_key, node_id=node_id,
+                                               session=c.session, connected_at=now)
+                    conn.execute(stmt.on_conflict_do_update(
+                        index_elements=[_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key],
+                        set_={"node_id": node_id, "session": c.session, "connected_at": now}))
+                else:
+                    conn.execute(delete(_CONNECTIONS).where(
+                        _CONNECTIONS.c.hub_id == c.hub_id, _CONNECTIONS.c.device_key == c.device_key,
+                        _CONNECTIONS.c.node_id == node_id, _CONNECTIONS.c.session == c.session))
+        return displaced
+
+    def locate(self, hub_name: str, device_id: str) -> tuple[str, str] | None:
+        """(node id, session) of the device's live session, if any node recorded one."""
+        hub = self._hub_id(hub_name)
+        if hub is None:
+            return None
+        with self.store.session() as s:
+            row = s.connection().execute(
+                select(_CONNECTIONS.c.node_id, _CONNECTIONS.c.session).where(
+                    _CONNECTIONS.c.hub_id == hub, _CONNECTIONS.c.device_key == device_id.lower())).first()
+        return (row[0], row[1]) if row else None
+
+    def connected(self, hub_name: str, device_ids: Iterable[str] | None = None) -> frozenset[str]:
+        """Lower-cased ids of the hub's devices connected to any node (of ``device_ids``, when given)."""
+        hub = self._hub_id(hub_name)
+        if hub is None:
+            return frozenset()
+        q = select(_CONNECTIONS.c.device_key).where(_CONNECTIONS.c.hub_id == hub)
+        if device_ids is not None:
+            wanted = sorted({d.lower() for d in device_ids})
+            if not wanted:
+                return frozenset()
+            q = q.where(_CONNECTIONS.c.device_key.in_(wanted))
+        with self.store.session() as s:
+            return frozenset(s.connection().execute(q).scalars())
+
+    def sessions_of(self, node_id: str) -> list[tuple[int, str, str]]:
+        """(hub id, device key, session) recorded for ``node_id``."""
+        with self.store.session() as s:
+            return [(h, d, ses) for h, d, ses in s.connection().execute(
+                select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.session)
+                .where(_CONNECTIONS.c.node_id == node_id))]
+
+    def forget(self, node_id: str, keep: Iterable[tuple[int, str, str]] = ()) -> None:
+        """Delete ``node_id``'s rows except the sessions in ``keep`` (a node that lost its rows re-records)."""
+        kept = list(keep)
+        with self.store.session() as s:
+            q = delete(_CONNECTIONS).where(_CONNECTIONS.c.node_id == node_id)
+            if kept:
+                q = q.where(~or_(*(and_(_CONNECTIONS.c.hub_id == h, _CONNECTIONS.c.device_key == d,
+                                        _CONNECTIONS.c.session == ses) for h, d, ses in kept)))
+            s.connection().execute(q)
+
+    def _hub_id(self, hub_name: str) -> int | None:
+        return next((h.id for h in self.hubs.list() if h.name == hub_name), None)
+
+
+class PresenceWriter:
+    """Batches presence changes, like the telemetry group commit: the first change is written at once, what arrives
+    meanwhile goes in the next transaction. A CONNECT never waits for it; a failed write is retried with the next
+    batch (the changes are kept, in order), so presence catches up after a store outage.
+
+    ``on_displaced`` hears of sessions on other nodes that a new connection here replaced.
+    """
+
+    def __init__(self, presence: Presence, node_id: str, run: Callable[..., Awaitable[Any]],
+                 on_displaced: Callable[[list[Displaced]], Awaitable[None]] | None = None, max_batch: int = 1000) -> None:
+        self.presence = presence
+        self.node_id = node_id
+        self.run = run
+        self.on_displaced = on_displaced
+        self.max_batch = max_batch
+        self._pending: list[Change] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, change: Change) -> None:
+        self._pending.append(change)
+        self._idle.clear()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def flush(self) -> None:
+        """Wait until every change made so far is written (or failed once)."""
+        await self._idle.wait()
+
+    async def _write(self) -> None:
+        failures = 0
+        try:
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                try:
+                    displaced = await self.run(self.presence.record, self.node_id, batch)
+                except Exception as exc:  # noqa: BLE001 - kept and retried: presence must catch up
+                    failures += 1
+                    log.warning("presence of %d session(s) not recorded (%s); retrying", len(batch), exc)
+                    await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                    continue
+                failures = 0
+                del self._pending[:len(batch)]
+                if displaced and self.on_displaced is not None:
+                    await self.on_displaced(displaced)
+        finally:
+            if not self._pending:
+                self._idle.set()

@@ -1,0 +1,231 @@
+"""``opendps serve --workers N``: N server processes on the same ports, kept running by this one.
+
+Why processes: domain work (attestation, signing, the store) holds Python's GIL, so one process uses one core.
+Each worker is a whole server — every listener, its own event loop, domain thread pool and store connections —
+and a node of the cluster (``opendps.cluster``): live hub state reaches a device on whichever worker holds it.
+
+Why SO_REUSEPORT (each worker binds its own listening sockets) and not one socket shared by all: the kernel
+spreads new connections evenly over the workers by their address hash, where a shared socket lets the first
+worker to wake take a whole burst of connects (asyncio accepts up to its backlog per wake-up) — and hub
+connections stay for days. Before starting workers the supervisor binds each port once *without* SO_REUSEPORT
+and closes it: a port held by another program, or by another opendps, fails the start with a clear message
+instead of being shared. A restarted worker binds afresh; connections queued on a dead worker's socket are
+refused and the clients retry.
+
+The supervisor opens the installation first (migrations, the server certificate), so workers only open it. It
+restarts a worker that exits unexpectedly (after 1 s, doubling up to 30 s while it keeps dying within 10 s of
+its start), and on SIGTERM or SIGINT stops them all (SIGTERM, then SIGKILL after 15 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from opendps.errors import ConfigurationError
+from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
+
+log = logging.getLogger("opendps")
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 15.0
+QUICK_DEATH = 10.0  # a worker that dies this soon after its start is restarted with a growing delay
+
+
+def default_workers(db_url: str) -> int:
+    """One per core on PostgreSQL; one on SQLite (docs/architecture.md, "Process model": SQLite has one writer
+    and workers would contend for its lock; ``--workers N`` still runs N on SQLite when asked)."""
+    if not db_url.startswith("postgresql"):
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _log_format(worker: int | None) -> str:
+    who = "supervisor" if worker is None else f"worker {worker}"
+    return f"%(asctime)s %(levelname)s [{who} %(process)d] %(name)s: %(message)s"
+
+
+def probe_ports(st: Settings) -> None:
+    """Bind each port once without SO_REUSEPORT: an OSError names a port that is taken (or a bad address)."""
+    ports = [("HTTPS", st.https_port), ("MQTT", st.mqtt_port)] + ([("AMQP", st.amqp_port)] if st.amqp_port else [])
+    for name, port in ports:
+        infos = socket.getaddrinfo(st.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{name} port {port}: {exc.strerror}") from exc
+
+
+def _worker_main(settings: Settings, index: int, count: int, parent: Connection) -> None:
+    """A worker process: open the installation, serve until SIGTERM or until the supervisor is gone."""
+    import asyncio
+
+    from opendps.instance import open_instance
+    from opendps.server import serve
+
+    logging.basicConfig(level=logging.INFO, format=_log_format(index))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+    try:
+        inst = open_instance(settings, create=False, migrate=False, persist=False)
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line
+        parent.send(("failed", index, str(exc)))
+        sys.exit(1)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        orphaned = asyncio.Event()
+
+        def parent_gone() -> None:
+            loop.remove_reader(parent.fileno())
+            orphaned.set()
+
+        loop.add_reader(parent.fileno(), parent_gone)  # the pipe ends when the supervisor dies (even by kill -9)
+
+        def ready() -> None:
+            parent.send(("ready", index, os.getpid()))
+
+        await serve(inst, banner=False, worker=index, workers=count, on_ready=ready, stop_when=orphaned)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            parent.send(("failed", index, f"cannot listen: {exc.strerror or exc}"))
+        sys.exit(1)
+    finally:
+        inst.close()
+
+
+class Supervisor:
+    """Starts, watches and stops the workers."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self.context = multiprocessing.get_context("spawn")  # no fork of a process with an engine and threads
+        self.procs: dict[int, Any] = {}
+        self.pipes: dict[int, Connection] = {}
+        self.started: dict[int, float] = {}
+        self.deaths: dict[int, int] = {}
+        self.stopping: str | None = None
+
+    def _start(self, index: int) -> None:
+        ours, theirs = self.context.Pipe(duplex=False)
+        proc = self.context.Process(target=_worker_main, args=(self.settings, index, self.count, theirs),
+                                    name=f"opendps-worker-{index}", daemon=False)
+        proc.start()
+        theirs.close()
+        self.procs[index], self.pipes[index], self.started[index] = proc, ours, time.monotonic()
+
+    def _await_ready(self, indexes: list[int]) -> list[int]:
+        """Wait until the workers say they listen; their pids. ConfigurationError when one cannot start."""
+        pids: dict[int, int] = {}
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(pids) < len(indexes):
+            pending = [self.pipes[i] for i in indexes if i not in pids]
+            if self.stopping or time.monotonic() > deadline:
+                raise ConfigurationError("the workers did not start within "
+                                         f"{START_TIMEOUT:g} s" if not self.stopping else "stopped while starting")
+            for conn in wait(pending, timeout=0.5):
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    index = next(i for i, c in self.pipes.items() if c is conn)
+                    raise ConfigurationError(f"worker {index} exited while starting (see the log above)") from None
+                if message[0] == "failed":
+                    raise ConfigurationError(f"worker {message[1]}: {message[2]}")
+                pids[message[1]] = message[2]
+        return [pids[i] for i in indexes]
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stopping = signal.Signals(signum).name
+
+    def run(self, instance: Instance, *, banner: bool = True) -> None:
+        st = self.settings
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        try:
+            for i in range(self.count):
+                self._start(i)
+            pids = self._await_ready(list(range(self.count)))
+        except BaseException:
+            self._stop_all()
+            raise
+        if st.save():
+            log.warning("%s", DB_PASSWORD_NOT_SAVED)
+        for warning in st.warnings:
+            log.warning("%s", warning)
+        if banner:
+            from opendps.server import print_banner
+
+            print_banner(instance)
+            print(f"  workers:            {self.count} (pids {', '.join(map(str, pids))}; supervisor {os.getpid()})",
+                  flush=True)
+        try:
+            self._watch()
+        finally:
+            if banner:
+                print(f"opendps shutting down{f' ({self.stopping})' if self.stopping else ''}", flush=True)
+            self._stop_all()
+
+    def _watch(self) -> None:
+        """Restart a worker that exits while we are not stopping."""
+        restart_at: dict[int, float] = {}
+        while not self.stopping:
+            sentinels = {self.procs[i].sentinel: i for i in self.procs if i not in restart_at}
+            wait(list(sentinels), timeout=0.5)
+            now = time.monotonic()
+            for i, proc in list(self.procs.items()):
+                if i in restart_at or proc.is_alive() or self.stopping:
+                    continue
+                self.pipes[i].close()
+                quick = now - self.started[i] < QUICK_DEATH
+                self.deaths[i] = self.deaths.get(i, 0) + 1 if quick else 0
+                delay = min(30.0, 2 ** self.deaths[i] / 2) if quick else 0.0
+                log.warning("worker %d (pid %s) exited with %s; restarting it in %g s", i, proc.pid, proc.exitcode, delay)
+                restart_at[i] = now + delay
+            for i, at in list(restart_at.items()):
+                if now >= at and not self.stopping:
+                    del restart_at[i]
+                    self._start(i)
+                    try:
+                        pid = self._await_ready([i])[0]
+                        log.info("worker %d restarted (pid %d)", i, pid)
+                    except ConfigurationError as exc:
+                        log.warning("worker %d did not restart: %s", i, exc)
+
+    def _stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker pid %s did not stop within %g s: killed", proc.pid, STOP_TIMEOUT)
+                proc.kill()
+                proc.join(5)
+        for conn in self.pipes.values():
+            conn.close()
+
+
+def run_workers(instance: Instance, count: int) -> None:
+    """Serve with ``count`` worker processes until SIGTERM/SIGINT (the calling process supervises)."""
+    logging.basicConfig(level=logging.INFO, format=_log_format(None))
+    probe_ports(instance.settings)
+    settings = instance.settings
+    Supervisor(settings, count).run(instance)

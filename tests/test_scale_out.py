@@ -1,0 +1,385 @@
+"""Several nodes on one PostgreSQL database, and ``--workers 2`` on SQLite and PostgreSQL (issue 15): live hub
+state reaches a device on whichever process holds it.
+
+Real processes, real clients: ``opendps serve`` nodes with their own ports (node B's data directory is a copy of
+node A's: same master key), paho-mqtt devices connected to one node, the service API (REST, AMQP) called on the
+other. The last test of each module kills a process with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from proton import Delivery
+from tests.conftest import _run_server, database
+from tests.test_amqp import Amqp, c2d, hub_owner_token
+from tests.test_device_api import namespace, svc, sym_key
+from tests.test_mqtt_hub import HUB, Client, hub_username, provision_over_mqtt
+
+from opendps.store import HubConnection, Store
+from opendps.transport import sas
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+
+
+# ---- helpers ----
+def sas_device(node, device_id: str) -> str:
+    """A SAS device in the default hub, made through ``node``; its primary key."""
+    with svc(node) as c:
+        r = c.put(f"/devices/{device_id}", json={"deviceId": device_id})
+        assert r.status_code == 200, r.text
+        return r.json()["authentication"]["symmetricKey"]["primaryKey"]
+
+
+def connect(node, device_id: str, key: str) -> Client:
+    """A paho device connected to ``node``; it never reconnects by itself (a test decides where it goes)."""
+    client = Client(node, device_id, hub_username(device_id), password=sas.generate(f"{HUB}/devices/{device_id}", key))
+    assert client.rc == 0
+    client.c.reconnect_delay_set(min_delay=600, max_delay=600)
+    client.dropped = threading.Event()
+    client.c.on_disconnect = lambda *a: client.dropped.set()
+    return client
+
+
+def answer_methods(client: Client, device_id: str) -> None:
+    """The device answers every direct method with 200 and ``{"echo": <method name>, "payload": ...}``."""
+    client.subscribe("$iothub/methods/POST/#")
+    queued = client.c.on_message
+
+    def on_message(c, userdata, message) -> None:
+        if message.topic.startswith("$iothub/methods/POST/"):
+            name, _, query = message.topic[len("$iothub/methods/POST/"):].partition("/?$rid=")
+            if name != "silent":
+                answer = json.dumps({"echo": name, "payload": json.loads(message.payload or b"null")})
+                c.publish(f"$iothub/methods/res/200/?$rid={query}", answer, qos=0)
+            return
+        queued(c, userdata, message)
+
+    client.c.on_message = on_message
+
+
+def receive(client: Client, *prefixes: str, timeout: float = 5) -> dict[str, bytes]:
+    """The first message of each topic prefix, in whatever order they come (a C2D wake-up reads the store first,
+    a desired push does not)."""
+    got: dict[str, bytes] = {}
+    deadline = time.time() + timeout
+    while len(got) < len(prefixes) and time.time() < deadline:
+        with contextlib.suppress(queue.Empty):
+            topic, payload = client.messages.get(timeout=0.1)
+            for prefix in prefixes:
+                if topic.startswith(prefix) and prefix not in got:
+                    got[prefix] = payload
+    assert set(got) == set(prefixes), f"within {timeout} s only {sorted(got)}"
+    return got
+
+
+def presence(node) -> dict[str, tuple[str, str]]:
+    """device id -> (node id, session), as recorded."""
+    store = Store(node.db_url)
+    try:
+        with store.session() as s:
+            return {r.device_key: (r.node_id, r.session) for r in s.query(HubConnection).all()}
+    finally:
+        store.dispose()
+
+
+def wait_connected(node, device_id: str, state: str = "Connected", timeout: float = 10) -> None:
+    """The device's connectionState as ``node`` answers it (presence, across nodes)."""
+    deadline = time.time() + timeout
+    with svc(node) as c:
+        while True:
+            got = c.get(f"/devices/{device_id}").json()["connectionState"]
+            if got == state or time.time() > deadline:
+                assert got == state, f"{device_id} is {got} on {node.url}"
+                return
+            time.sleep(0.05)
+
+
+def invoke(node, device_id: str, method: str, payload=None, timeout: int = 5) -> httpx.Response:
+    with svc(node) as c:
+        return c.post(f"/twins/{device_id}/methods", json={"methodName": method, "payload": payload,
+                                                           "responseTimeoutInSeconds": timeout})
+
+
+def nodes_of(node) -> list[dict]:
+    out = node.cli("info", "-o", "json", check=True)
+    return json.loads(out.stdout)["nodes"]
+
+
+def events(node, device_id: str) -> list[dict]:
+    with svc(node) as c:
+        r = c.get("/events", params={"from": "earliest", "timeout": "1", "deviceId": device_id})
+        assert r.status_code == 200, r.text
+        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def disable(node, device_id: str) -> None:
+    with svc(node) as c:
+        dev = c.get(f"/devices/{device_id}").json()
+        dev["status"] = "disabled"
+        assert c.put(f"/devices/{device_id}", json=dev, headers={"If-Match": "*"}).status_code == 200
+
+
+# ---- two nodes on one PostgreSQL database ----
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Node A (initialises) and node B (a copy of A's data directory: the same master key), one database."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    with database("postgresql", tmp) as db_url, contextlib.ExitStack() as stack:
+        a = stack.enter_context(contextlib.contextmanager(_run_server)(
+            db_url, tmp / "a", extra_args=("--workers", "1"), data_dir=tmp / "a" / "data"))
+        shutil.copytree(tmp / "a" / "data", tmp / "b" / "data")
+        b = stack.enter_context(contextlib.contextmanager(_run_server)(
+            db_url, tmp / "b", extra_args=("--workers", "1"), data_dir=tmp / "b" / "data"))
+        yield a, b
+
+
+def test_two_nodes_are_one_service(two_nodes):
+    a, b = two_nodes
+    assert a.id_scope == b.id_scope and a.url != b.url
+    listed = nodes_of(a)
+    assert len(listed) == 2 and {n["endpoints"]["https"] for n in listed} == {int(a.url.rsplit(":", 1)[1]),
+                                                                              int(b.url.rsplit(":", 1)[1])}
+    with svc(a) as c:
+        sym_key(c, "/enrollments/made-on-a", {"attestation": {"type": "symmetricKey"}})
+    with svc(b) as c:
+        assert c.get("/enrollments/made-on-a").status_code == 200
+
+
+def test_methods_c2d_desired_and_state_reach_a_device_on_the_other_node(two_nodes):
+    a, b = two_nodes
+    key = sas_device(b, "roamer")
+    device = connect(a, "roamer", key)
+    try:
+        answer_methods(device, "roamer")
+        device.subscribe("devices/roamer/messages/devicebound/#", "$iothub/twin/PATCH/properties/desired/#")
+        wait_connected(b, "roamer")  # B sees the device A holds
+        # direct method through B, answered by the device on A
+        r = invoke(b, "roamer", "reboot", {"delay": 3})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": 200, "payload": {"echo": "reboot", "payload": {"delay": 3}}}
+        # 504 when the device does not answer in time (the method times out on A; B reports it)
+        r = invoke(b, "roamer", "silent", timeout=1)
+        assert r.status_code == 504 and r.json()["errorCode"] == 504101, r.text
+        # C2D over REST on B is pushed at once to the device on A
+        with svc(b) as c:
+            assert c.post("/devices/roamer/messages/deviceBound", content=b"via-b").status_code == 202
+        _, payload = device.expect("devices/roamer/messages/devicebound/", timeout=5)
+        assert payload == b"via-b"
+        # ... and over AMQP on B
+        amqp = Amqp(b)
+        try:
+            assert amqp.put_token(hub_owner_token(b))[0] == 200
+            state, cond, _ = amqp.send(amqp.devicebound(), c2d("roamer", b"via-b-amqp", id="m-amqp"))
+            assert (state, cond) == (Delivery.ACCEPTED, None)
+        finally:
+            amqp.close()
+        _, payload = device.expect("devices/roamer/messages/devicebound/", timeout=5)
+        assert payload == b"via-b-amqp"
+        # a desired-property change made on B is pushed to the device on A
+        with svc(b) as c:
+            assert c.patch("/twins/roamer", json={"properties": {"desired": {"fw": "2.1"}}}).status_code == 200
+        topic, payload = device.expect("$iothub/twin/PATCH/properties/desired/", timeout=5)
+        assert json.loads(payload)["fw"] == "2.1"
+        # the device query on B counts it connected
+        with svc(b) as c:
+            r = c.post("/devices/query", json={"query": "SELECT * FROM devices WHERE connectionState = 'Connected'"})
+            assert "roamer" in {d["deviceId"] for d in r.json()}
+    finally:
+        device.close()
+    wait_connected(b, "roamer", "Disconnected")
+    r = invoke(b, "roamer", "reboot")
+    assert r.status_code == 404 and r.json()["errorCode"] == 404103, r.text
+
+
+def test_disable_and_delete_on_one_node_drop_the_session_on_the_other_within_a_second(two_nodes):
+    a, b = two_nodes
+    keys = {d: sas_device(a, d) for d in ("to-disable", "to-delete")}
+    devices = {d: connect(a, d, k) for d, k in keys.items()}
+    try:
+        for d in devices:
+            wait_connected(b, d)
+        disable(b, "to-disable")
+        assert devices["to-disable"].dropped.wait(1.0), "disabled device still connected to the other node"
+        with svc(b) as c:
+            assert c.delete("/devices/to-delete").status_code == 204
+        assert devices["to-delete"].dropped.wait(1.0), "deleted device still connected to the other node"
+    finally:
+        for client in devices.values():
+            client.c.loop_stop()
+
+
+def test_a_new_connection_on_one_node_takes_over_from_the_other(two_nodes):
+    a, b = two_nodes
+    key = sas_device(a, "twice")
+    first = connect(a, "twice", key)
+    try:
+        wait_connected(b, "twice")
+        second = connect(b, "twice", key)
+        try:
+            assert first.dropped.wait(3), "the old session on node A was not closed"
+            assert not second.dropped.is_set()
+            answer_methods(second, "twice")
+            r = invoke(a, "twice", "where")  # A routes to B now
+            assert r.status_code == 200 and r.json()["payload"]["echo"] == "where", r.text
+        finally:
+            second.close()
+    finally:
+        first.c.loop_stop()
+
+
+def test_a_policy_made_on_one_node_is_trusted_by_the_other_nodes_hub_without_restart(two_nodes, tmp_path):
+    a, b = two_nodes
+    with svc(a) as c:
+        namespace(c, "late-ns", "late-p")
+        key = sym_key(c, "/enrollments/late-dev", {"attestation": {"type": "symmetricKey"},
+                                                    "credentialPolicyName": "late-p"})
+    from tests.test_device_api import device_sas
+
+    _, chain, op_key = provision_over_mqtt(b, "late-dev", tmp_path, password=device_sas(b.id_scope, "late-dev", key))
+    device = Client(b, "late-dev", hub_username("late-dev"), cert=chain, key=op_key)
+    try:
+        assert device.rc == 0  # B's hub trusts the issuing CA that A made after B started
+    finally:
+        device.close()
+
+
+def test_a_killed_node_loses_no_acknowledged_telemetry_and_its_devices_move_on(two_nodes):
+    """Last in the module: node A is killed with SIGKILL."""
+    a, b = two_nodes
+    keys = {d: sas_device(a, d) for d in ("survivor-1", "survivor-2")}
+    devices = {d: connect(a, d, k) for d, k in keys.items()}
+    for d, client in devices.items():
+        for n in range(20):
+            client.publish(f"devices/{d}/messages/events/", f"{d}-{n}")  # returns after the PUBACK
+    os.kill(a.proc.pid, signal.SIGKILL)
+    a.proc.wait(10)
+    for client in devices.values():
+        assert client.dropped.wait(10)
+        client.c.loop_stop()
+    moved = {d: connect(b, d, k) for d, k in keys.items()}
+    try:
+        for d, client in moved.items():
+            client.publish(f"devices/{d}/messages/events/", f"{d}-after")
+            bodies = [e["event"]["payload"] for e in events(b, d)]
+            assert bodies == [f"{d}-{n}" for n in range(20)] + [f"{d}-after"], bodies
+            answer_methods(client, d)
+            r = invoke(b, d, "hello")
+            assert r.status_code == 200, r.text
+        # A's row goes once its heartbeat is older than the node timeout; B stays
+        deadline = time.time() + 30
+        while len(nodes_of(b)) != 1 and time.time() < deadline:
+            time.sleep(0.5)
+        assert [n["endpoints"]["https"] for n in nodes_of(b)] == [int(b.url.rsplit(":", 1)[1])]
+    finally:
+        for client in moved.values():
+            client.close()
+
+
+# ---- --workers 2 ----
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def workers(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"workers-{request.param}")
+    with database(request.param, tmp) as db_url:
+        yield from _run_server(db_url, tmp, extra_args=("--workers", "2"))
+
+
+def _spread(node, count: int, prefix: str) -> tuple[dict[str, Client], dict[str, str]]:
+    """``count`` connected devices and where each is, until both workers hold at least one."""
+    keys = {f"{prefix}-{i}": sas_device(node, f"{prefix}-{i}") for i in range(count)}
+    clients = {d: connect(node, d, k) for d, k in keys.items()}
+    deadline = time.time() + 10
+    while True:
+        where = {d: n for d, (n, _) in presence(node).items() if d in clients}
+        if len(where) == count or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(where) == count, where
+    return clients, where
+
+
+def test_workers_share_the_ports_and_show_in_info(workers):
+    listed = nodes_of(workers)
+    assert len(listed) == 2 and sorted(n["worker"] for n in listed) == [0, 1]
+    assert len({n["pid"] for n in listed}) == 2 and workers.proc.pid not in {n["pid"] for n in listed}
+    log = (Path(workers.data_dir).parent / "server.log").read_text()
+    assert "workers:            2" in log and "listening as worker 0 of 2" in log and "listening as worker 1 of 2" in log
+
+
+def test_every_live_feature_works_whichever_worker_holds_the_device(workers):
+    clients, where = _spread(workers, 6, "spread")
+    try:
+        assert len(set(where.values())) == 2, f"six connections all landed on one worker: {where}"
+        for d, client in clients.items():
+            answer_methods(client, d)
+            client.subscribe(f"devices/{d}/messages/devicebound/#", "$iothub/twin/PATCH/properties/desired/#")
+        for d, client in clients.items():
+            # each HTTPS request lands on either worker: every feature is exercised both ways across the six
+            for attempt in range(2):
+                r = invoke(workers, d, "ping", attempt)
+                assert r.status_code == 200 and r.json()["payload"] == {"echo": "ping", "payload": attempt}, r.text
+            with svc(workers) as c:
+                assert c.post(f"/devices/{d}/messages/deviceBound", content=d.encode()).status_code == 202
+                assert c.patch(f"/twins/{d}", json={"properties": {"desired": {"v": d}}}).status_code == 200
+            got = receive(client, f"devices/{d}/messages/devicebound/", "$iothub/twin/PATCH/properties/desired/")
+            assert got[f"devices/{d}/messages/devicebound/"] == d.encode()
+            assert json.loads(got["$iothub/twin/PATCH/properties/desired/"])["v"] == d
+        for d in list(clients)[:3]:
+            disable(workers, d)
+            assert clients[d].dropped.wait(1.0), f"disabled {d} still connected"
+    finally:
+        for client in clients.values():
+            client.c.loop_stop()
+
+
+def test_a_second_connection_on_the_other_worker_takes_over(workers):
+    key = sas_device(workers, "hopper")
+    for _ in range(10):  # connections spread by the kernel's hash: try until the two land on different workers
+        first = connect(workers, "hopper", key)
+        wait_connected(workers, "hopper")
+        before = presence(workers)["hopper"]
+        second = connect(workers, "hopper", key)
+        deadline = time.time() + 5
+        while presence(workers).get("hopper", before)[1] == before[1] and time.time() < deadline:
+            time.sleep(0.05)
+        if presence(workers)["hopper"][0] != before[0]:
+            assert first.dropped.wait(3), "the old session on the other worker was not closed"
+            assert not second.dropped.is_set()
+            first.c.loop_stop()
+            second.close()
+            return
+        first.c.loop_stop()
+        second.close()
+    pytest.fail("ten pairs of connections all landed on one worker")
+
+
+def test_a_killed_worker_is_restarted(workers):
+    """Last in the module: one worker is killed with SIGKILL; the supervisor starts another, the service goes on."""
+    before = nodes_of(workers)
+    victim = before[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        now = nodes_of(workers)
+        pids = {n["pid"] for n in now}
+        if len(now) == 2 and victim["pid"] not in pids:
+            break
+        time.sleep(0.5)
+    assert len(now) == 2 and victim["pid"] not in pids, now
+    log = (Path(workers.data_dir).parent / "server.log").read_text()
+    assert f"worker {victim['worker']} (pid {victim['pid']}) exited with -9; restarting it" in log
+    key = sas_device(workers, "after-restart")
+    client = connect(workers, "after-restart", key)
+    client.close()

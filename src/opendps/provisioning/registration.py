@@ -140,8 +140,8 @@ class Provisioning:
         self.webhook_verify = webhook_verify
         self.mechanisms = attestation.mechanisms()
         self.context = attestation.Context(enrollments, ca_certificates)
-        self.throttle = PollThrottle()
-        self.registration_limit = RegistrationLimit()
+        self.throttle = PollThrottle(store)  # shared by every process on the database (request_limits)
+        self.registration_limit = RegistrationLimit(store)
         self.service_limit = ServiceLimit()
         self._last_sweep = datetime.min.replace(tzinfo=UTC)
 
@@ -304,7 +304,9 @@ class Provisioning:
         identity = self.attest(credentials, now=now)
         if isinstance(identity, Challenge):
             return identity
-        self.registration_limit.check(identity.registration_id)  # counted once the credential is proven
+        # counted once the credential is proven, in the write transaction (_issue_and_assign, _store_failure); here
+        # only a refusal this process has already seen, without a statement
+        self.registration_limit.check_known(identity.registration_id)
         issuer, checked = None, None
         if csr is not None:
             issuer, checked = self._check_csr(identity, csr, api_version)
@@ -355,6 +357,7 @@ class Provisioning:
                  "errorCode": exc.error_code, "errorMessage": exc.message, "lastUpdatedDateTimeUtc": iso8601(now),
                  "etag": new_etag()}
         with self.store.session() as s:
+            self.registration_limit.check(registration_id, connection=s.connection())  # a failed one counts too
             s.add(Operation(operation_id=operation_id, registration_key=registration_id.lower(), status="failed",
                             result={"operationId": operation_id, "status": "failed", "registrationState": state},
                             created_at=now))
@@ -381,6 +384,7 @@ class Provisioning:
             chain = None
             if decision.issuer is not None and decision.csr is not None:
                 chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
+            self.registration_limit.check(rid, connection=conn)  # one upsert in this transaction; 429 rolls it back
             credential = DeviceCredential("certificateAuthority") if chain else identity.hub_credential
             self.hubs.place_device(s, placement.hub, device_id, credential, initial_twin=twin, twin=placement.twin,
                                    previous=(previous, (reg.device_id if reg else None) or device_id) if previous else None)

@@ -304,6 +304,17 @@ class Operation(Base):
     created_at: Mapped[datetime] = _ts(index=True)  # the 24 h sweep deletes by age
 
 
+class RequestLimit(Base):
+    """One registration id's latest arrivals under one DPS request limit (``opendps.provisioning.throttle``), shared
+    by every process and node: the last ``limit + 1`` arrival times, so the limit is an exact sliding window."""
+
+    __tablename__ = "request_limits"
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)  # which limit: "poll" | "register"
+    registration_key: Mapped[str] = mapped_column(String(128), primary_key=True)  # lower-cased id
+    arrivals: Mapped[str] = mapped_column(Text, nullable=False)  # ms since the epoch, 13 digits each, in arrival order
+    expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False)  # ms: the newest arrival + the window (sweep)
+
+
 class TelemetryEvent(Base):
     """Device-to-cloud messages kept by the durable sink; ``id`` is the position consumers read from."""
 
@@ -434,6 +445,7 @@ OWNERS: dict[type[Base], str] = {
     Enrollment: "opendps.provisioning",
     Registration: "opendps.provisioning",
     Operation: "opendps.provisioning",
+    RequestLimit: "opendps.provisioning",
     LinkedHub: "opendps.hub",
     HubDevice: "opendps.hub",
     HubCertificate: "opendps.hub",

@@ -80,8 +80,9 @@ def test_a_csr_registration_is_one_transaction_of_few_statements(services, fleet
     finally:
         event.remove(services.store.engine, "before_cursor_execute", seen)
     first, second = rounds
-    assert sorted(first) == ["INSERT"] * 5 + ["SELECT"] * 3, first  # registration, identity, record; 5 rows
-    assert sorted(second) == ["INSERT"] * 2 + ["SELECT"] * 3 + ["UPDATE"] * 3, second  # certificate + operation new
+    # registration, identity, record; 5 rows, and the request limit's upsert (INSERT ... ON CONFLICT DO UPDATE)
+    assert sorted(first) == ["INSERT"] * 6 + ["SELECT"] * 3, first
+    assert sorted(second) == ["INSERT"] * 3 + ["SELECT"] * 3 + ["UPDATE"] * 3, second  # certificate + operation new
     assert _counts(services, rid) == (1, 1, 1, 2)
 
 

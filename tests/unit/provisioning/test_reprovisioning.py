@@ -37,7 +37,7 @@ def test_placement_rules(previous, policy, expected):
 
 @pytest.fixture
 def two_hubs(services):
-    services.provisioning.throttle = PollThrottle(limit=100)  # this test polls one id more than a device may
+    services.provisioning.throttle = PollThrottle(services.store, limit=100)  # this test polls one id more than a device may
     services.hubs.create("east", "east.hubs.test")
     services.hubs.create("west", "west.hubs.test")
     return services

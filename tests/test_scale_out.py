@@ -289,11 +289,33 @@ def test_a_killed_node_loses_no_acknowledged_telemetry_and_its_devices_move_on(t
 
 
 # ---- --workers 2 ----
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _nats_reachable() -> None:
+    """Skip locally, fail in CI, when no NATS server listens on 127.0.0.1:4222."""
+    import socket
+
+    from tests.conftest import service_missing
+
+    try:
+        socket.create_connection(("127.0.0.1", 4222), timeout=2).close()
+    except OSError as exc:
+        service_missing(f"NATS not reachable at {NATS_URL}: {exc}")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "sqlite+nats"])
 def workers(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"workers-{request.param}")
-    with database(request.param, tmp) as db_url:
-        yield from _run_server(db_url, tmp, extra_args=("--workers", "2"))
+    """``--workers 2``: on SQLite (the live_messages table), on PostgreSQL (LISTEN/NOTIFY), and on SQLite with the
+    live state carried by NATS (``--bus``)."""
+    kind, _, bus = request.param.partition("+")
+    extra: tuple[str, ...] = ("--workers", "2")
+    if bus:
+        _nats_reachable()
+        extra += ("--bus", NATS_URL)
+    tmp = tmp_path_factory.mktemp(f"workers-{kind}{'-' + bus if bus else ''}")
+    with database(kind, tmp) as db_url:
+        yield from _run_server(db_url, tmp, extra_args=extra)
 
 
 def _spread(node, count: int, prefix: str) -> tuple[dict[str, Client], dict[str, str]]:
@@ -312,10 +334,12 @@ def _spread(node, count: int, prefix: str) -> tuple[dict[str, Client], dict[str,
 
 def test_workers_share_the_ports_and_show_in_info(workers):
     listed = nodes_of(workers)
+    bus = "nats" if "--bus" in workers.proc.args else "postgresql" if workers.db_url.startswith("postgresql") else "sqlite"
     assert len(listed) == 2 and sorted(n["worker"] for n in listed) == [0, 1]
     assert len({n["pid"] for n in listed}) == 2 and workers.proc.pid not in {n["pid"] for n in listed}
     log = (Path(workers.data_dir).parent / "server.log").read_text()
     assert "workers:            2" in log and "listening as worker 0 of 2" in log and "listening as worker 1 of 2" in log
+    assert log.count(f"bus: {bus};") == 2, log
 
 
 def test_every_live_feature_works_whichever_worker_holds_the_device(workers):

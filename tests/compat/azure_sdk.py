@@ -95,7 +95,8 @@ class CompatServer:
 
 @pytest.fixture(scope="module")
 def compat_server(tmp_path_factory) -> CompatServer:
-    """``opendps serve`` on SQLite with MQTT on 8883 and, when they can be bound, HTTPS on 443 and AMQP on 5671."""
+    """``opendps serve --workers 2`` on SQLite with MQTT on 8883 and, when they can be bound, HTTPS on 443 and AMQP on
+    5671: the SDKs' connections, and their service calls, land on either worker (issue 15)."""
     from tests.conftest import _run_server, database, service_missing
     why = _bindable(8883)
     if why:
@@ -104,7 +105,7 @@ def compat_server(tmp_path_factory) -> CompatServer:
     tmp_path = tmp_path_factory.mktemp("compat")
     with database("sqlite", tmp_path) as db_url:
         for running in _run_server(db_url, tmp_path, https_port=None if ws_why else 443, mqtt_port=8883,
-                                   amqp_port=None if amqp_why else 5671):
+                                   amqp_port=None if amqp_why else 5671, extra_args=("--workers", "2")):
             out = running.cli("hub", "connection-string", "show", check=True)
             cs = json.loads(out.stdout)
             cs = cs["connectionString"] if isinstance(cs, dict) else cs

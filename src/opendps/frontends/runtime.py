@@ -76,9 +76,21 @@ class Runtime:
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
         self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run)
         cluster.on_rejoin = self.live.rejoin
-        await cluster.start(self.live.on_peer_message)
+        await cluster.start(self._on_peer_message)
         self.cluster = cluster
         return cluster
+
+    def _on_peer_message(self, message: dict[str, object]) -> None:
+        if message.get("op") == "access-policies-changed":
+            self.services.access_policies.forget()
+        else:
+            self.live.on_peer_message(message)
+
+    async def access_policies_changed(self) -> None:
+        """A shared access policy was created, changed or deleted here: every other process empties its token-check
+        cache now (without this message they would see it within the cache's 5 s)."""
+        if self.cluster is not None:
+            await self.cluster.send({"op": "access-policies-changed"})
 
     async def leave_cluster(self) -> None:
         if self.cluster is not None:

@@ -208,6 +208,10 @@ class AccessPolicies:
             primary, secondary = self._unwrap(row)
             return PolicyCredentials(row.name, effective_rights(_stored_rights(row.rights)), primary, secondary)
 
+    def forget(self) -> None:
+        """Empty the token-check cache: another process changed a policy (``frontends.runtime`` hears of it)."""
+        self._changed()
+
     def _changed(self) -> None:
         with self._lock:
             self._cache.clear()

@@ -9,7 +9,7 @@ from cryptography import x509
 from opendps.errors import InvalidInput
 from opendps.frontends.http import models as m
 from opendps.frontends.http.certificates import certificate_routes, pem
-from opendps.frontends.http.wire import if_match, json_body, run, send, services
+from opendps.frontends.http.wire import if_match, json_body, run, runtime, send, services
 from opendps.pki import CaCertificates, serial_hex, thumbprint
 from opendps.provisioning.access import AccessPolicyView
 from opendps.registry import NamespaceView, PolicyView
@@ -64,12 +64,14 @@ async def put_access_policy(request: web.Request) -> web.Response:
         exists = True
     v, created = await run(request, services(request).access_policies.put, request.match_info["name"], b.rights,
                            primary_key=b.primaryKey, secondary_key=b.secondaryKey, exists=exists)
+    await runtime(request).access_policies_changed()
     return send(access_policy_response(v), 201 if created else 200)
 
 
 @routes.delete("/accessPolicies/{name}")
 async def delete_access_policy(request: web.Request) -> web.Response:
     await run(request, services(request).access_policies.delete, request.match_info["name"])
+    await runtime(request).access_policies_changed()
     return web.Response(status=204)
 
 
@@ -84,6 +86,7 @@ async def renew_access_policy_key(request: web.Request) -> web.Response:
     """``{"renewKey": "primary" | "secondary" | "swap"}``; tokens signed with a replaced key stop working."""
     b = await json_body(request, m.RenewKeyBody)
     keys = await run(request, services(request).access_policies.renew_key, request.match_info["name"], b.renewKey)
+    await runtime(request).access_policies_changed()
     return await _access_policy_keys(request, keys)
 
 

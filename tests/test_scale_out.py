@@ -130,6 +130,36 @@ def disable(node, device_id: str) -> None:
         assert c.put(f"/devices/{device_id}", json=dev, headers={"If-Match": "*"}).status_code == 200
 
 
+# ---- the options, without a server ----
+def test_workers_and_bus_options_are_checked_and_saved_without_credentials(tmp_path):
+    from tests.conftest import invoke_cli
+
+    env = {**os.environ, "OPENDPS_DATA_DIR": str(tmp_path / "data")}
+    env.pop("OPENDPS_DB", None)
+    env.pop("OPENDPS_BUS", None)
+    bad_bus = invoke_cli(env, "serve", "--bus", "http://nats.example")
+    assert bad_bus.returncode == 1 and bad_bus.stderr.strip().splitlines() == [
+        "error: bus 'http://nats.example' is not a NATS server URL (nats://host:4222 or tls://host:4222)"]
+    too_many = invoke_cli(env, "serve", "--workers", "999")
+    assert too_many.returncode == 2 and "'--workers': 999 is not in the range 0<=x<=256" in too_many.stderr
+    assert not (tmp_path / "data").exists()  # nothing written by a refused start
+    done = invoke_cli(env, "init", "--workers", "3", "--bus", "nats://user:secret@127.0.0.1:4222")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "data" / "config.json").read_text())
+    assert saved["workers"] == 3 and saved["bus"] is None and "secret" not in json.dumps(saved)
+    assert "OPENDPS_BUS" in done.stderr
+    info = invoke_cli(env, "info", "-o", "table")
+    assert info.returncode == 0 and "no server process is running" in info.stdout
+    assert json.loads(invoke_cli(env, "info", "-o", "json").stdout)["nodes"] == []
+
+
+def test_default_workers_follow_the_database():
+    from opendps.workers import default_workers
+
+    assert default_workers("sqlite+pysqlite:////tmp/x.db") == 1
+    assert default_workers("postgresql+psycopg://u@h/db") == len(os.sched_getaffinity(0))
+
+
 # ---- two nodes on one PostgreSQL database ----
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):

@@ -498,6 +498,6 @@ def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> 
     return inst
 
 
-DB_PASSWORD_NOT_SAVED = ("the database password is not written to config.json: give it next time with PGPASSWORD, "
-                         "~/.pgpass, a libpq service file, or the whole URL in OPENDPS_DB (a NATS bus URL with "
-                         "credentials: in OPENDPS_BUS)")
+DB_PASSWORD_NOT_SAVED = ("credentials in a URL are not written to config.json: give the database password next time "
+                         "with PGPASSWORD, ~/.pgpass, a libpq service file or the whole URL in OPENDPS_DB, and a NATS "
+                         "bus URL with credentials in OPENDPS_BUS")

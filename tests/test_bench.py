@@ -42,7 +42,132 @@ def test_bench_quick_provision_https_reports_every_field(tmp_path: Path) -> None
         assert r["server_cpu_seconds"] > 0 and r["cpu_seconds_per_op"] > 0 and r["ops_per_cpu_second"] > 0
         assert r["peak_rss_bytes"] > 10 * 2**20
         assert r["ceiling_ratio"] is None and r["ratios"] == {}  # no ceiling or peer scenario in this run
+        assert r["workers"] == 1 and r["processes"] == 1  # the default: one server process, as before --workers
+    assert report["settings"]["workers"] == [1]
 
+
+def test_bench_workers_2_sums_cpu_and_memory_over_the_supervisor_and_its_workers(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "provision-https",
+                           "--count", "10", "--workers", "2", "-o", "json"], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settings"]["workers"] == [2]
+    rows = report["results"]
+    assert [(r["scenario"], r["system"], r["concurrency"], r["workers"]) for r in rows] == [
+        ("provision-https", "opendps", 32, 2)]
+    (r,) = rows
+    for name, kind in FIELDS.items():
+        assert isinstance(r[name], kind), (name, r[name])
+    assert r["ok"] == r["count"] == 10 and r["errors"] == 0
+    assert r["server_cpu_seconds"] > 0 and r["cpu_seconds_per_op"] > 0
+    # the supervisor and both workers (and multiprocessing's resource tracker): the bench checked that
+    # opendps info lists 2 nodes, both children of the supervisor, before it started the load
+    assert r["processes"] >= 3
+    assert r["peak_rss_bytes"] > 3 * 10 * 2**20  # a sum: three Python processes at least
+
+
+def test_run_bench_runs_server_scenarios_per_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serverless scenarios run once; the others once per count, their opendps rows tagged; a reused peer row once."""
+    import opendps.bench as bench
+    from opendps.bench import Options, Result
+
+    def row(scenario: str, system: str) -> Result:
+        return Result(scenario=scenario, transport="x", concurrency=1, count=1, ok=1, errors=0, wall_seconds=1.0,
+                      throughput=1.0, latency={"p50": 1.0, "p95": 1.0, "p99": 1.0}, server_cpu_seconds=0.1,
+                      cpu_seconds_per_op=0.1, peak_rss_bytes=1, ops_per_cpu_second=10.0, system=system)
+
+    calls: list[tuple[str, int]] = []
+
+    def fake(name: str) -> object:
+        def run(opts: Options) -> list[Result]:
+            calls.append((name, opts.workers))
+            if name == "crypto-ceiling":
+                return [row(name, "cryptography")]
+            peer = opts.peer_rows.setdefault(name, row(name, "mosquitto"))
+            return [row(name, "opendps"), row(name, "opendps+nats"), peer]
+        return run
+
+    monkeypatch.setattr(bench, "scenario", fake)
+    report = bench.run_bench(["crypto-ceiling", "hub-telemetry"],
+                             Options(quick=True, db_url=None, lint=True, worker_counts=(1, 2)))
+    assert calls == [("crypto-ceiling", 1), ("hub-telemetry", 1), ("hub-telemetry", 2)]
+    assert [(r["scenario"], r["system"], r["workers"]) for r in report["results"]] == [
+        ("crypto-ceiling", "cryptography", None), ("hub-telemetry", "opendps", 1), ("hub-telemetry", "opendps+nats", 1),
+        ("hub-telemetry", "mosquitto", None), ("hub-telemetry", "opendps", 2), ("hub-telemetry", "opendps+nats", 2)]
+    assert report["settings"]["workers"] == [1, 2]
+
+
+def test_top_costs_reads_stacks_of_every_worker(tmp_path: Path) -> None:
+    """py-spy --subprocesses roots each stack in process frames; a worker's command line holds a ';'."""
+    from opendps.bench._harness import top_costs
+
+    supervisor = 'process 10:"python -m opendps serve --workers 2"'
+    worker = 'process 11:"python -B -c from multiprocessing.spawn import spawn_main; spawn_main(pipe_handle=9)"'
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"{supervisor};{worker};register (opendps/provisioning/registration.py:10);sign (cryptography/x509.py:5) 3",
+        f"{supervisor};{worker};run (asyncio/base_events.py:1);select (selectors.py:468) 50",
+        f"{supervisor};{worker} 40",  # a thread without Python frames: idle, as without --subprocesses
+        f"{supervisor};execute (sqlalchemy/engine/base.py:1) 1"]) + "\n")
+    costs = top_costs(raw)
+    assert costs["busy_samples"] == 4
+    assert costs["components"] == {"cryptography (CSR verify, signing, HMAC)": 0.75, "store (SQLAlchemy + driver)": 0.25}
+    assert costs["functions"] == {"register (opendps/provisioning/registration.py)": 0.75}
+
+
+def test_process_tree_readings_and_wait_listening_waits_for_the_banner(tmp_path: Path) -> None:
+    """CPU and peak RSS of a process and its child are summed; a listening port alone is not enough with a banner."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import time
+
+    from opendps.bench._harness import (
+        CLK_TCK,
+        free_port,
+        proc_cpu_seconds,
+        proc_peak_rss,
+        proc_tree,
+        stop_process,
+        tree_cpu_seconds,
+        tree_peak_rss,
+        wait_listening,
+    )
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    script = (
+        "import socket, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nx = sum(range(3_000_000))\\ntime.sleep(60)'])\n"
+        f"s = socket.create_server(('127.0.0.1', {port}))\n"
+        "time.sleep(1.0)\n"
+        "print('opendps listening on https://127.0.0.1', flush=True)\n"
+        "time.sleep(60)\n")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while len(proc_tree(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.socket() as probe:  # the port accepts long before the banner ...
+            while probe.connect_ex(("127.0.0.1", port)) != 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "listening" not in log.read_text()
+        wait_listening(proc, (port,), log, timeout=20, banner="opendps listening on")  # ... and it waits for that
+        assert "opendps listening on" in log.read_text()
+        tree = proc_tree(proc.pid)
+        assert len(tree) == 2 and tree[0] == proc.pid
+        peak, count = tree_peak_rss(proc.pid)
+        assert count == 2 and peak == sum(proc_peak_rss(p) for p in tree)
+        ticks = [round(proc_cpu_seconds(p) * CLK_TCK) for p in tree]  # integers: no float sums to compare
+        assert round(tree_cpu_seconds(proc.pid) * CLK_TCK) >= sum(ticks) > ticks[0]  # read last: counters only grow
+    finally:
+        children = proc_tree(proc.pid)[1:]
+        stop_process(proc)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
 
 
 def test_bench_quick_x509_over_mqtt_is_related_to_the_crypto_ceiling(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """``opendps bench``: reproducible throughput, latency and server-cost numbers, as ratios in one run (issue 7).
 
 Each scenario is a function ``(Options) -> list[Result]`` in its own module, named in :data:`SCENARIOS`
-and imported only when it runs. :func:`run_bench` runs them in order and then relates rows across
+and imported only when it runs. :func:`run_bench` runs them in order — a scenario that starts an opendps
+server once per ``--workers`` count, its opendps rows saying the count — and then relates rows across
 scenarios: provisioning to the crypto ceiling and to cfssl, hub connects to the mTLS handshake ceiling.
 The shared machinery (fresh servers, the ready/go load process, /proc readings) is in ``_harness``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import platform
@@ -18,7 +20,7 @@ from typing import Any
 
 from opendps.bench._harness import BenchError, Options, Result, top_costs
 
-__all__ = ["SCENARIOS", "BenchError", "Options", "Result", "run_bench"]
+__all__ = ["SCENARIOS", "SERVERLESS", "BenchError", "Options", "Result", "run_bench"]
 
 #: name → "module:function" under opendps.bench, in the order a full run takes them
 SCENARIOS: dict[str, str] = {
@@ -34,6 +36,8 @@ SCENARIOS: dict[str, str] = {
     "hub-telemetry": "hub:telemetry",
     "store-scale": "store_scale:store_scale",
 }
+#: scenarios that start no opendps server (in-process, or a peer alone): run once whatever ``--workers`` says
+SERVERLESS = frozenset({"crypto-ceiling", "peer-cfssl"})
 
 
 def scenario(name: str) -> Callable[[Options], list[Result]]:
@@ -58,11 +62,25 @@ def _relate(rows: list[Result]) -> None:
 
 
 def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run the named scenarios in order; the report JSON (rows plus machine and settings)."""
+    """Run the named scenarios in order; the report JSON (rows plus machine and settings).
+
+    A scenario that starts a server runs once per ``opts.worker_counts`` (its servers started with
+    ``--workers N``) and its opendps rows get ``workers`` = N; a peer row a scenario reuses for a later count
+    (Mosquitto, measured once) is reported once.
+    """
     rows: list[Result] = []
+    seen: set[int] = set()
     for name in names:
-        log(f"running {name} ...")
-        rows.extend(scenario(name)(opts))
+        for workers in (None,) if name in SERVERLESS else opts.worker_counts:
+            log(f"running {name} ..." if workers is None or len(opts.worker_counts) == 1
+                else f"running {name} with --workers {workers} ...")
+            for row in scenario(name)(opts if workers is None else dataclasses.replace(opts, workers=workers)):
+                if id(row) in seen:
+                    continue
+                seen.add(id(row))
+                if workers is not None and row.system.startswith("opendps"):
+                    row.workers = workers
+                rows.append(row)
     _relate(rows)
     from importlib.metadata import version
 
@@ -71,7 +89,8 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "cpu_model": _cpu_model()},
         "settings": {"quick": opts.quick, "database": "postgresql" if opts.db_url else "sqlite", "lint": opts.lint,
-                     "count": opts.device_count, "concurrency": list(opts.concurrency_levels), "scenarios": names},
+                     "count": opts.device_count, "concurrency": list(opts.concurrency_levels),
+                     "workers": list(opts.worker_counts), "scenarios": names},
         "results": [asdict(r) for r in rows],
         **({"profiles": {f.stem: top_costs(f) for f in sorted(opts.profile_dir.glob("*.txt"))}}
            if opts.profile_dir else {}),

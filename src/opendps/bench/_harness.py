@@ -2,9 +2,11 @@
 
 Why it is built this way:
 
-* every scenario gets a fresh ``opendps serve`` subprocess (free ports, temporary data directory, a new
-  PostgreSQL schema with ``--db``), so one scenario's data never slows the next and the server's CPU
-  time can be read from its own ``/proc/<pid>/stat`` (utime + stime) and its peak RSS from ``VmHWM``;
+* every scenario gets a fresh ``opendps serve --workers N`` subprocess (free ports, temporary data directory,
+  a new PostgreSQL schema with ``--db``), so one scenario's data never slows the next and the server's CPU
+  time can be read from ``/proc/<pid>/stat`` (utime + stime) and its peak RSS from ``VmHWM``: of the one
+  process, or with ``--workers`` > 1 of the supervisor and every process below it (the workers and
+  multiprocessing's resource tracker), summed;
 * set-up (enrollments, keys, certificates, CSRs) happens before the clock starts;
 * the load runs in a separate spawned process that builds everything, says "ready", and starts on "go";
   the server's CPU counters are read around the load only.
@@ -17,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -58,9 +61,11 @@ class Result:
     latency: dict[str, float]  # p50/p95/p99 seconds per operation
     server_cpu_seconds: float | None
     cpu_seconds_per_op: float  # server CPU per operation (in-process CPU for the crypto ceiling)
-    peak_rss_bytes: int | None  # the server's VmHWM (the bench process's for in-process scenarios)
+    peak_rss_bytes: int | None  # the server's VmHWM, summed over its processes (the bench's for in-process scenarios)
     ops_per_cpu_second: float
     system: str = "opendps"
+    workers: int | None = None  # ``opendps serve --workers`` of an opendps row (None: a peer or in-process)
+    processes: int | None = None  # how many processes the server's CPU and peak RSS are summed over
     ceiling_ratio: float | None = None  # ops_per_cpu_second / the crypto ceiling's
     ratios: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,9 +80,15 @@ class Options:
     count: int | None = None
     levels: tuple[int, ...] | None = None
     profile_dir: Path | None = None  # py-spy samples of every opendps server, one collapsed-stack file each
+    worker_counts: tuple[int, ...] = (1,)  # ``--workers``: each scenario that starts a server runs once per count
+    workers: int = 1  # the count the scenario running now starts its servers with
+    #: peer rows (Mosquitto) by label, measured with the first worker count and reused by the next ones
+    peer_rows: dict[str, Result] = field(default_factory=dict)
 
     def profile(self, label: str) -> Path | None:
-        return None if self.profile_dir is None else self.profile_dir / f"{label}.txt"
+        if self.profile_dir is None:
+            return None
+        return self.profile_dir / (f"{label}-w{self.workers}.txt" if len(self.worker_counts) > 1 else f"{label}.txt")
 
     @property
     def device_count(self) -> int:
@@ -97,6 +108,14 @@ class Options:
         if self.count or self.quick:
             return self.device_count
         return max(20, min(FULL_COUNT, level * 15))
+
+
+def warm_up_count(single: int, workers: int) -> int:
+    """Unrecorded warm-up operations for a server of ``workers`` processes: ``single`` for one process (as before
+    ``--workers``), else at least 8 per worker. The kernel spreads connections over the workers by address hash,
+    and a worker's first operations pay its first-use imports (pkilint) and caches; with 8 per worker the chance
+    that one gets none before the clock starts is below 0.2 % (N ≤ 8) instead of 25 % (2 on 2 workers)."""
+    return single if workers <= 1 else max(single, 8) * workers
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -123,7 +142,9 @@ def load_row(scenario: str, transport: str | None, concurrency: int | None, coun
 
     CPU comes from /proc in clock ticks (10 ms): a load that cost the server less than one tick reads as 0 and is
     marked ``extra["cpu_below_resolution"]`` (its per-op figures are 0, not a measurement; use a larger --count).
+    Peak RSS is the sum of the VmHWM of ``pid`` and every process below it (:func:`tree_peak_rss`).
     """
+    peak, processes = tree_peak_rss(pid)
     ok, wall = len(outcome["latencies"]), outcome["wall"]
     if round(cpu * CLK_TCK) < 1:  # a difference of two tick counts read as floats: 0.53 - 0.52 may be 0.0099...
         extra = {**extra, "cpu_below_resolution": True}
@@ -132,8 +153,8 @@ def load_row(scenario: str, transport: str | None, concurrency: int | None, coun
                   errors=len(outcome["errors"]), wall_seconds=round(wall, 3),
                   throughput=round(ok / wall, 3) if wall > 0 else 0.0, latency=latency_summary(outcome["latencies"]),
                   server_cpu_seconds=round(cpu, 3), cpu_seconds_per_op=round(per_op, 6),
-                  peak_rss_bytes=proc_peak_rss(pid), ops_per_cpu_second=round(1 / per_op, 2) if per_op else 0.0,
-                  system=system, extra=extra, error_samples=error_samples(outcome["errors"]))
+                  peak_rss_bytes=peak, ops_per_cpu_second=round(1 / per_op, 2) if per_op else 0.0,
+                  system=system, processes=processes, extra=extra, error_samples=error_samples(outcome["errors"]))
 
 
 # ---------------------------------------------------------------- processes
@@ -150,6 +171,65 @@ def proc_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (of any of its threads), from ``/proc/<pid>/task/*/children``.
+
+    Kernels without that file (no CONFIG_PROC_CHILDREN): the processes whose parent (stat field 4) is ``pid``.
+    """
+    children: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    found_file = False
+    for task in tasks:
+        try:
+            children.extend(int(c) for c in (task / "children").read_text().split())
+            found_file = True
+        except (OSError, ValueError):
+            continue
+    if found_file or not tasks:
+        return sorted(set(children))
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it: ``opendps serve --workers N`` is a supervisor whose children are
+    the N workers (and multiprocessing's resource tracker); one worker is one process and the list is ``[pid]``."""
+    tree, queue = [pid], [pid]
+    while queue:
+        for child in proc_children(queue.pop(0)):
+            if child not in tree:
+                tree.append(child)
+                queue.append(child)
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """The CPU of ``pid`` and every process below it: each live one's utime + stime + cutime + cstime.
+
+    cutime/cstime (fields 16, 17) hold the CPU of children that exited and were reaped (a worker the supervisor
+    restarted), so the sum keeps growing as a process tree's total should; a live child's CPU is not in its
+    parent's cutime, so nothing is counted twice. A process that exits between two reads is skipped.
+    """
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += sum(int(f) for f in fields[11:15])
+    return total / CLK_TCK
 
 
 def postgres_cpu_seconds() -> float:
@@ -180,6 +260,31 @@ def proc_rss(pid: int) -> int:
     return _status_kib(pid, "VmRSS:") * 1024
 
 
+def tree_peak_rss(pid: int) -> tuple[int, int]:
+    """The sum of VmHWM over ``pid`` and every process below it, and how many processes that is.
+
+    A sum of each process's own peak: an upper bound of the tree's peak at any one moment (the processes need
+    not peak together), and shared pages (the interpreter, libraries) are counted once per process.
+    """
+    total = count = 0
+    for p in proc_tree(pid):
+        try:
+            total += proc_peak_rss(p)
+        except OSError:
+            continue
+        count += 1
+    return total, count
+
+
+def tree_rss(pid: int) -> int:
+    """The sum of VmRSS over ``pid`` and every process below it."""
+    total = 0
+    for p in proc_tree(pid):
+        with contextlib.suppress(OSError):
+            total += proc_rss(p)
+    return total
+
+
 def _status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key):
@@ -187,21 +292,35 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def wait_listening(proc: subprocess.Popen, ports: tuple[int, ...], log: Path, timeout: float = 120) -> None:
-    """Until every port accepts a TCP connection; a clear error if the process exits or time runs out."""
+def wait_listening(proc: subprocess.Popen, ports: tuple[int, ...], log: Path, timeout: float = 120,
+                   banner: str | None = None) -> None:
+    """Until every port accepts a TCP connection and, given ``banner``, the log holds it; a clear error if the
+    process exits or time runs out.
+
+    ``opendps serve --workers N`` prints its banner ("opendps listening on") only after all N workers said they
+    listen, while a port accepts as soon as the first one does: the banner is what says the whole server is up.
+    """
     deadline = time.monotonic() + timeout
     waiting = list(ports)
-    while waiting:
+    announced = banner is None
+    while waiting or not announced:
         if proc.poll() is not None:
             raise BenchError(f"{Path(str(proc.args[0])).name} exited {proc.returncode}: "
                              f"{log.read_text(errors='replace')[-2000:]}")
         if time.monotonic() > deadline:
-            raise BenchError(f"nothing listened on {waiting} within {timeout:g} s")
-        try:
-            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
-                waiting.pop(0)
-        except OSError:
-            time.sleep(0.1)
+            raise BenchError(f"nothing listened on {waiting} within {timeout:g} s" if waiting else
+                             f"{banner!r} was not logged within {timeout:g} s: {log.read_text(errors='replace')[-2000:]}")
+        if waiting:
+            try:
+                with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
+                    waiting.pop(0)
+                continue
+            except OSError:
+                pass
+        elif banner is not None and banner in log.read_text(errors="replace"):
+            announced = True
+            continue
+        time.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -248,23 +367,29 @@ class Server:
     env: dict[str, str]  # OPENDPS_DATA_DIR / OPENDPS_DB for ``opendps`` commands against the same instance
     workdir: Path
     postgres: bool = False
+    workers: int = 1
+    worker_pids: list[int] = field(default_factory=list)  # as ``opendps info`` listed the nodes at the start
 
     @property
     def pid(self) -> int:
+        """The ``opendps serve`` process: the server, or with several workers their supervisor."""
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        """The server's CPU, plus PostgreSQL's when the store is there (SQLite's work is in-process already)."""
-        return proc_cpu_seconds(self.pid) + (postgres_cpu_seconds() if self.postgres else 0.0)
+        """The CPU of the server's processes (supervisor + workers, :func:`tree_cpu_seconds`), plus PostgreSQL's
+        when the store is there (SQLite's work is in-process already)."""
+        return tree_cpu_seconds(self.pid) + (postgres_cpu_seconds() if self.postgres else 0.0)
 
 
 @contextlib.contextmanager
 def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[str, str]], None] | None = None,
-                   profile: Path | None = None) -> Iterator[Server]:
-    """Start ``opendps serve`` on free ports with a throw-away data directory; stop and remove it on exit.
+                   profile: Path | None = None, workers: int = 1) -> Iterator[Server]:
+    """Start ``opendps serve --workers <workers>`` on free ports with a throw-away data directory; stop and remove
+    it on exit.
 
+    ``--workers`` is always given (also 1): the server's own default is one worker per core on PostgreSQL.
     ``before_start(env)`` runs after ``opendps init`` and before the server starts (e.g. bulk seeding).
-    ``profile``: sample the server with py-spy for its whole life into this collapsed-stack file.
+    ``profile``: sample the server (and its workers) with py-spy for its whole life into this collapsed-stack file.
     """
     work = Path(tempfile.mkdtemp(prefix="opendps-bench-"))
     try:
@@ -281,19 +406,24 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                     raise BenchError(f"opendps init failed: {init.stderr.strip()[-500:]}")
                 before_start(env)
             with open(work / "server.log", "wb") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "opendps", "serve", *ports], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([sys.executable, "-m", "opendps", "serve", *ports, "--workers", str(workers)],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
-                wait_listening(proc, (https_port, mqtt_port), work / "server.log")
+                wait_listening(proc, (https_port, mqtt_port), work / "server.log", banner="opendps listening on")
                 info = subprocess.run([sys.executable, "-m", "opendps", "info", "-o", "json"], env=env,
                                       capture_output=True, text=True, check=False)
                 if info.returncode != 0:
                     raise BenchError(f"opendps info failed: {info.stderr.strip()}")
                 data = json.loads(info.stdout)
+                pids = sorted(n["pid"] for n in data.get("nodes", []))
+                expected = sorted(proc_children(proc.pid)) if workers > 1 else [proc.pid]
+                if len(pids) != workers or not set(pids) <= set(expected):
+                    raise BenchError(f"opendps serve --workers {workers} (pid {proc.pid}) runs nodes {pids}: "
+                                     f"{(work / 'server.log').read_text(errors='replace')[-2000:]}")
                 stack.enter_context(sampled(proc.pid, profile))
                 yield Server(proc, https_port, mqtt_port, data["idScope"], Path(data["serverCaCertificate"]),
                              data["endpoints"]["https"]["url"], data["connectionStrings"]["provisioningServiceOwner"],
-                             env, work, postgres=bool(db_url))
+                             env, work, postgres=bool(db_url), workers=workers, worker_pids=pids)
             finally:
                 stop_process(proc)
     finally:
@@ -310,8 +440,9 @@ def sampled(pid: int, output: Path | None) -> Iterator[None]:
     if not Path(spy).exists():
         raise BenchError("--profile needs py-spy (pip install py-spy)")
     output.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw",
-                             "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250", "--nonblocking",
+                             "--format", "raw", "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
     finally:
@@ -336,6 +467,9 @@ COMPONENTS = (
 )
 #: innermost frames that are waiting, not working: the selector, idle worker threads blocked on their queue
 IDLE = ("(selectors.py:", "(threading.py:", "_worker (concurrent/futures/thread.py:")
+#: the root frames py-spy --subprocesses adds, which process a stack was sampled in: ``process <pid>:"<command
+#: line>"`` (a worker's command line holds a ";", the frame separator, so they are cut off before splitting)
+PROCESS_FRAMES = re.compile(r'(?:process \d+:"[^"]*"(?:;|$))+')
 
 
 def top_costs(collapsed: Path, limit: int = 10) -> dict[str, Any]:
@@ -344,7 +478,9 @@ def top_costs(collapsed: Path, limit: int = 10) -> dict[str, Any]:
     ``components``: share of busy samples by where the innermost Python frame is (time in C and Rust
     extensions counts for the Python function that called them). ``functions``: opendps functions by
     inclusive share (them and everything below). Idle samples (the event loop waiting in ``select``,
-    idle worker threads) are left out, so shares are of busy time.
+    idle worker threads) are left out, so shares are of busy time. py-spy's ``--subprocesses`` puts
+    ``process <pid>:"<command line>"`` frames (the supervisor, the worker) at the root of each stack: they are
+    dropped, and a sample with nothing else (a thread without Python frames) counts as idle, as it did before.
     """
     components: dict[str, int] = {}
     functions: dict[str, int] = {}
@@ -353,8 +489,9 @@ def top_costs(collapsed: Path, limit: int = 10) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = stack.split(";")
-        if any(x in frames[-1] for x in IDLE):
+        python = stack[m.end():] if (m := PROCESS_FRAMES.match(stack)) else stack
+        frames = python.split(";") if python else []
+        if not frames or any(x in frames[-1] for x in IDLE):
             continue
         n = int(count)
         busy += n

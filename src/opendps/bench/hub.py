@@ -20,7 +20,9 @@ The load generator is one spawned process and one asyncio loop. Its device conne
 own TLS transport (Python 3.11) allocates and zero-fills a 256 KiB read buffer per connection, 2.5 GB for
 10k idle devices, and the SDK's client runs three tasks per connection. The server's CPU is read by the
 load generator itself from ``/proc`` (plus PostgreSQL's with ``--db``) around exactly the phase measured:
-connects, the set-up of the idle connections, or the publishing.
+connects, the set-up of the idle connections, or the publishing. With ``--workers`` > 1 the server's CPU and
+RSS are summed over the supervisor and its workers; Mosquitto is measured with the first worker count only and
+its row is related to every opendps row of the scenario.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ from opendps.bench._harness import (
     free_port,
     load_row,
     postgres_cpu_seconds,
-    proc_cpu_seconds,
-    proc_rss,
+    proc_children,
     run_load,
     running_server,
     service_client,
     stop_process,
+    tree_cpu_seconds,
+    tree_rss,
     wait_listening,
+    warm_up_count,
 )
 from opendps.hub import DEFAULT_HUB
 
@@ -71,7 +75,7 @@ QUICK_IDLE, FULL_IDLE = (200,), (1_000, 10_000)
 TELEMETRY_DEVICES = 100
 QUICK_MESSAGES, FULL_MESSAGES = 10, 100  # per device
 WINDOW = 4  # QoS 1 publishes in flight per device
-WARM_UP = 4  # devices that connect (and publish) once, unrecorded, before "ready"
+WARM_UP = 4  # devices that connect (and publish) once, unrecorded, before "ready" (more with workers: warm_up_count)
 SETTLE = 1.0  # seconds after the last CONNACK before the server's RSS is read
 KEEPALIVE = 240  # as the Azure SDKs; held connections send nothing for far less than 1.5 × this
 TIMEOUT = 60.0
@@ -111,23 +115,25 @@ def connects_at_scale(opts: Options) -> list[Result]:
     count = opts.count or (QUICK_CONNECTS if opts.quick else SCALE_CONNECTS)
     level = opts.levels[0] if opts.levels else CONCURRENCY
     rows: list[Result] = []
+    warm = warm_up_count(WARM_UP, opts.workers)
     for extra_devices, enrollments in (QUICK_FLEETS if opts.quick else FULL_FLEETS):
         with tempfile.TemporaryDirectory(prefix="opendps-bench-hub-") as tmp:
             fleet: dict[str, Any] = {}
 
             def seed_fleet(env: dict[str, str], n: int = extra_devices, e: int = enrollments,
                            out: dict[str, Any] = fleet, where: str = tmp) -> None:
-                out.update(seed(env, count + WARM_UP, Path(where), lint=opts.lint, extra_devices=n, enrollments=e))
+                out.update(seed(env, count + warm, Path(where), lint=opts.lint, extra_devices=n, enrollments=e))
 
             with running_server(opts.db_url, opts.lint, before_start=seed_fleet,
-                                profile=opts.profile(f"{CONNECT_SCALE}-{extra_devices}")) as server:
+                                profile=opts.profile(f"{CONNECT_SCALE}-{extra_devices}"),
+                                workers=opts.workers) as server:
                 spec = {"mode": "connect", "count": count, "concurrency": level, "host": "127.0.0.1",
                         "server_hostname": "localhost", "ca_file": str(server.ca_file), "hub_host": fleet["hub_host"],
-                        "devices": fleet["devices"], "warm_up": WARM_UP, "port": server.mqtt_port, "pid": server.pid,
+                        "devices": fleet["devices"], "warm_up": warm, "port": server.mqtt_port, "pid": server.pid,
                         "postgres": server.postgres}
                 outcome = _load(spec, server.pid)
                 rows.append(load_row(CONNECT_SCALE, "mqtt", level, count, outcome, outcome["server_cpu"], server.pid,
-                                     devices=count + WARM_UP + extra_devices, enrollments=enrollments + 1,
+                                     devices=count + warm + extra_devices, enrollments=enrollments + 1,
                                      seed_seconds=fleet["seed_seconds"]))
     small, large = rows[0], rows[-1]
     if small.ops_per_cpu_second and large.ops_per_cpu_second:
@@ -229,18 +235,24 @@ def _jetstream(action: Any) -> str | None:
 
 def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: Any,
           also: Any = None) -> list[Result]:
-    """One fresh opendps seeded with ``devices`` (+ warm-up) devices, the load against it, then against Mosquitto."""
+    """One fresh opendps seeded with ``devices`` (+ warm-up) devices, the load against it, then against Mosquitto.
+
+    Mosquitto runs once per ``label``: later worker counts reuse its row from ``opts.peer_rows`` (returned again
+    for the ratios; :func:`opendps.bench.run_bench` reports it once).
+    """
     _raise_nofile()  # the server and Mosquitto inherit it
     mosquitto = _mosquitto_binary()
+    warm = warm_up_count(WARM_UP, opts.workers)
     with tempfile.TemporaryDirectory(prefix="opendps-bench-hub-") as tmp:
         fleet: dict[str, Any] = {}
 
         def seed_fleet(env: dict[str, str]) -> None:
-            fleet.update(seed(env, devices + WARM_UP, Path(tmp), lint=opts.lint))
+            fleet.update(seed(env, devices + warm, Path(tmp), lint=opts.lint))
 
-        with running_server(opts.db_url, opts.lint, before_start=seed_fleet, profile=opts.profile(label)) as server:
+        with running_server(opts.db_url, opts.lint, before_start=seed_fleet, profile=opts.profile(label),
+                            workers=opts.workers) as server:
             base = {**spec, "host": "127.0.0.1", "server_hostname": "localhost", "ca_file": str(server.ca_file),
-                    "hub_host": fleet["hub_host"], "devices": fleet["devices"], "warm_up": WARM_UP}
+                    "hub_host": fleet["hub_host"], "devices": fleet["devices"], "warm_up": warm}
             outcome = _load({**base, "port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
                             server.pid)
             rows = [row("opendps", outcome, server.pid, {"seed_seconds": fleet["seed_seconds"]})]
@@ -249,9 +261,13 @@ def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: An
             if mosquitto is None:
                 rows[0].extra["mosquitto"] = MOSQUITTO_SKIPPED
                 return rows
+            if label in opts.peer_rows:
+                rows.append(opts.peer_rows[label])
+                return rows
             with running_mosquitto(mosquitto, Path(tmp), fleet["ca_chain"], server) as (proc, port, version):
                 outcome = _load({**base, "port": port, "pid": proc.pid, "postgres": False}, proc.pid)
                 rows.append(row("mosquitto", outcome, proc.pid, {"version": version}))
+                opts.peer_rows[label] = rows[-1]
     return rows
 
 
@@ -625,20 +641,21 @@ def _worker(conn: Any, spec: dict[str, Any]) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """The server's CPU: utime + stime, or for a single-threaded server (Mosquitto) its exact run time.
+    """The server's CPU: utime + stime of its processes (:func:`tree_cpu_seconds`: an opendps supervisor and its
+    workers), or for a single-threaded server without children (Mosquitto) its exact run time.
 
     Mosquitto spends about 20 µs per QoS 1 message, so a quick run is a few 10 ms clock ticks of
     utime + stime; ``/proc/<pid>/schedstat`` counts nanoseconds. It covers only the thread it names, so
     it is used only while the process has exactly one thread (then no exited thread's time is missing).
     """
     try:
-        if len(os.listdir(f"/proc/{pid}/task")) == 1:
+        if len(os.listdir(f"/proc/{pid}/task")) == 1 and not proc_children(pid):
             runtime = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
             if runtime > 0:
                 return runtime / 1e9
     except (OSError, ValueError, IndexError):
         pass
-    return proc_cpu_seconds(pid)
+    return tree_cpu_seconds(pid)
 
 
 async def _prepare(spec: dict[str, Any], devices: list[tuple[str, ssl.SSLContext]],
@@ -703,13 +720,13 @@ async def _connects(spec: dict[str, Any], devices: list[tuple[str, ssl.SSLContex
 async def _hold(spec: dict[str, Any], devices: list[tuple[str, ssl.SSLContext]], held: list[_Device],
                 server_cpu: Any) -> dict[str, Any]:
     """Connect every device and keep it; the server's RSS before and ``settle`` seconds after the last CONNACK."""
-    rss_before, cpu = proc_rss(spec["pid"]), server_cpu()
+    rss_before, cpu = tree_rss(spec["pid"]), server_cpu()
     begin = time.perf_counter()
     latencies, errors, kept = await _connect_all(spec, devices, spec["count"], keep=True)
     wall = time.perf_counter() - begin
     await asyncio.sleep(spec["settle"])
     outcome = {"wall": wall, "latencies": latencies, "errors": errors, "server_cpu": server_cpu() - cpu,
-               "rss_before": rss_before, "rss_after": proc_rss(spec["pid"]),
+               "rss_before": rss_before, "rss_after": tree_rss(spec["pid"]),
                "load_generator_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     held.extend(kept)  # closed by the worker after the outcome is sent
     return outcome

@@ -32,6 +32,7 @@ from opendps.bench._harness import (
     run_load,
     running_server,
     service_client,
+    warm_up_count,
 )
 
 NAMESPACE, POLICY = "bench", "bench-policy"
@@ -212,7 +213,8 @@ def provisioning(transport: str, attestation: str) -> Callable[[Options], list[R
         import tempfile
 
         rows: list[Result] = []
-        with running_server(opts.db_url, opts.lint, profile=opts.profile(name)) as server, tempfile.TemporaryDirectory() as tmp:
+        with running_server(opts.db_url, opts.lint, profile=opts.profile(name), workers=opts.workers) as server, \
+                tempfile.TemporaryDirectory() as tmp:
             credential: Any = create_symmetric_group(server) if attestation == "symmetric-key" else create_x509_group(
                 server)
             base = {"ca_file": str(server.ca_file), "id_scope": server.id_scope, "https_port": server.https_port,
@@ -224,9 +226,10 @@ def provisioning(transport: str, attestation: str) -> Callable[[Options], list[R
                 return load_row(name, transport, load.get("concurrency"), len(devices), outcome, cpu, server.pid,
                                 attestation=attestation, **({"offered_rate": load["rate"]} if "rate" in load else {}))
 
-            # warm-up, not recorded: first-use imports (pkilint), caches and the first operations sweep
-            run_load(_load_worker, {**base, "concurrency": 2,
-                                    "devices": prepare_devices(credential, f"{transport}-warm", 2, Path(tmp))},
+            # warm-up, not recorded: first-use imports (pkilint), caches and the first operations sweep (every worker's)
+            warm = warm_up_count(2, opts.workers)
+            run_load(_load_worker, {**base, "concurrency": min(warm, 2 * opts.workers),
+                                    "devices": prepare_devices(credential, f"{transport}-warm", warm, Path(tmp))},
                      server.pid)
             for level in opts.concurrency_levels:
                 rows.append(measure(f"c{level}", opts.count_at(level), concurrency=level))

@@ -22,14 +22,15 @@ def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
     table = Table(title=f"opendps bench ({s['database']}, lint {'on' if s['lint'] else 'off'}, "
                         f"{report['machine']['cpus']} CPUs)", title_justify="left")
-    for col in ("scenario", "system", "kind", "conc.", "ok/n", "err", "ops/s", "p50 ms", "p95 ms", "p99 ms",
+    for col in ("scenario", "system", "workers", "kind", "conc.", "ok/n", "err", "ops/s", "p50 ms", "p95 ms", "p99 ms",
                 "CPU ms/op", "ops/CPU-s", "ratios", "peak RSS MB"):
         table.add_column(col, justify="left" if col in ("scenario", "system", "kind", "ratios") else "right")
     for r in report["results"]:
         lat = r["latency"]
         conc = r["concurrency"] if r["concurrency"] else (f"{r['extra']['offered_rate']:g}/s" if "offered_rate" in
                                                            r["extra"] else "-")
-        table.add_row(r["scenario"], r["system"], r["transport"] or "-", str(conc), f"{r['ok']}/{r['count']}",
+        table.add_row(r["scenario"], r["system"], str(r.get("workers") or "-"), r["transport"] or "-", str(conc),
+                      f"{r['ok']}/{r['count']}",
                       str(r["errors"]), f"{r['throughput']:.1f}", *(_ms(lat[q]) for q in ("p50", "p95", "p99")),
                       f"{r['cpu_seconds_per_op'] * 1000:.2f}", f"{r['ops_per_cpu_second']:.0f}", _ratios(r),
                       "-" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f}")
@@ -45,7 +46,8 @@ def print_report(report: dict[str, Any]) -> None:
             console.print(line, highlight=False)
     console.print("Provisioning latency is register to issued chain (answered in the register response when the "
                   "registration completes within 1 s, else after a Retry-After: 2 s poll wait); "
-                  "CPU ms/op is the server process's own CPU per operation and does not depend on it. "
+                  "CPU ms/op is the server's own CPU per operation (all its processes: with workers, the supervisor's "
+                  "and every worker's; peak RSS is their sum) and does not depend on it. "
                   "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography).", highlight=False)
     for label, costs in report.get("profiles", {}).items():
         console.print(f"profile of {label} ({costs['busy_samples']} busy samples): "
@@ -54,5 +56,6 @@ def print_report(report: dict[str, Any]) -> None:
                       + "; ".join(f"{name} {share:.0%}" for name, share in costs["functions"].items()), highlight=False)
     for r in report["results"]:
         for e in r["error_samples"]:
-            console.print(f"[red]{r['scenario']} c={r['concurrency']}: {e['count']} ×[/red] {e['message']}",
+            workers = f" workers={r['workers']}" if r.get("workers") else ""
+            console.print(f"[red]{r['scenario']} c={r['concurrency']}{workers}: {e['count']} ×[/red] {e['message']}",
                           highlight=False)

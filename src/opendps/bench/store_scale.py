@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from opendps.bench._harness import Options, Result, load_row, run_load, running_server
+from opendps.bench._harness import Options, Result, load_row, run_load, running_server, warm_up_count
 from opendps.bench.provisioning import NAMESPACE, POLICY, SYMMETRIC_GROUP, _load_worker, prepare_devices
 
 SCENARIO = "store-scale"
@@ -60,12 +60,13 @@ def store_scale(opts: Options) -> list[Result]:
             out.update(seed(env, n, group_key, lint=opts.lint))
 
         with running_server(opts.db_url, opts.lint, before_start=before_start,
-                            profile=opts.profile(f"{SCENARIO}-{existing}")) as server, \
+                            profile=opts.profile(f"{SCENARIO}-{existing}"), workers=opts.workers) as server, \
                 tempfile.TemporaryDirectory() as tmp:
             base = {"ca_file": str(server.ca_file), "id_scope": server.id_scope, "https_port": server.https_port,
                     "mqtt_port": server.mqtt_port, "transport": "https", "concurrency": level}
-            # warm-up, not recorded: first-use imports (pkilint) and the first operations sweep land here
-            run_load(_load_worker, {**base, "devices": prepare_devices(group_key, f"warm{existing}", 2, Path(tmp))},
+            # warm-up, not recorded: first-use imports (pkilint) and the first operations sweep land here (every worker)
+            run_load(_load_worker, {**base, "devices": prepare_devices(group_key, f"warm{existing}",
+                                                                       warm_up_count(2, opts.workers), Path(tmp))},
                      server.pid)
             for kind, devices in (
                     ("new", prepare_devices(group_key, f"new{existing}", new, Path(tmp))),

@@ -2,7 +2,8 @@
 
 The store is the only source of truth: every message gets a position (its row id) when it is
 appended, and consumers read "everything after position N" — live consumers are woken by
-:class:`TelemetryBus` instead of polling, a consumer started later reads from any position.
+:class:`TelemetryBus` instead of polling, a consumer started later reads from any position. A hub's positions
+become visible in order, whatever the number of writing processes (see :meth:`TelemetrySink.append_many`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.store import LinkedHub, Store, TelemetryEvent, table_of
@@ -23,6 +24,12 @@ from opendps.transport.wire import iso8601, parse_json
 MAX_MESSAGE_BYTES = 256 * 1024
 _EVENTS = table_of(TelemetryEvent)
 _APPEND = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
+# PostgreSQL: a transaction appending to a hub holds the advisory lock (_LOCK_SPACE, hub id) until it ends. The
+# two-int4 key space, with a constant of our own first, is apart from any single-bigint advisory lock. ORDER BY:
+# locks are taken in hub order (a volatile function is evaluated after the sort), so two batches never deadlock.
+_LOCK_SPACE = 0x0DD5_7E1E
+_TAKE_TURNS = text("SELECT pg_advisory_xact_lock(:space, hub) FROM unnest(CAST(:hubs AS integer[])) AS hub "
+                   "ORDER BY hub")
 # system property names of the MQTT property bag ($.x) and their names in an event
 SYSTEM_PROPERTIES = {"$.mid": "message-id", "$.cid": "correlation-id", "$.uid": "user-id", "$.ct": "content-type",
                      "$.ce": "content-encoding", "$.exp": "absolute-expiry-time", "$.on": "output-name",
@@ -106,14 +113,28 @@ class TelemetrySink:
     def append_many(self, messages: list[tuple[int, str, dict[str, Any], dict[str, Any], bytes]]) -> list[int]:
         """Append (hub id, device id, system, application, body) messages in one transaction; their positions
         in the order given. Either all are stored or none. One multi-row INSERT ... RETURNING (SQLAlchemy Core's
-        insertmanyvalues on SQLite and PostgreSQL), no ORM object per message."""
+        insertmanyvalues on SQLite and PostgreSQL), no ORM object per message.
+
+        A hub's positions become visible in order, also with several processes or nodes writing, so a reader
+        that saw position N has seen every earlier one of that hub and "everything after N" skips nothing.
+        SQLite: one writer at a time — the INSERT takes the write lock before it picks the ids and holds it
+        until the commit, so ids already come in commit order. PostgreSQL: ids come from a sequence when the
+        INSERT runs and transactions commit in any order (N+1 visible while N is not), so appends to one hub
+        take turns: a transaction-level advisory lock per hub of the batch, before the INSERT, released after
+        the commit is visible. Cost: one statement per transaction (~0.2 ms, shared by a group commit's whole
+        batch); two nodes' appends to the same hub no longer overlap their INSERT and commit. Readers stopping before
+        the oldest in-flight position instead would need each row's transaction id against the snapshot's
+        xmin: subtler, and every reader held back by any long transaction in the database."""
         for message in messages:
             check_size(message[4])
         now = datetime.now(UTC)
         rows = [{"hub_id": hub_id, "device_id": device_id, "system_properties": system, "properties": application,
                  "body": body, "enqueued_at": now} for hub_id, device_id, system, application, body in messages]
         with self.store.session() as s:
-            return list(s.connection().execute(_APPEND, rows).scalars())
+            conn = s.connection()
+            if conn.dialect.name == "postgresql" and messages:
+                conn.execute(_TAKE_TURNS, {"space": _LOCK_SPACE, "hubs": sorted({message[0] for message in messages})})
+            return list(conn.execute(_APPEND, rows).scalars())
 
     def read(self, hub_name: str, *, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[Event]:
         with self.store.session() as s:

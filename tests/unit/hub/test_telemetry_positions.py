@@ -1,0 +1,101 @@
+"""Telemetry positions with several writers on one database (processes or nodes): a consumer that follows
+"everything after position N" must see every message exactly once, in position order (SQLite and PostgreSQL).
+
+Each writer thread has its own :class:`Store` (its own engine and connections, as another process would) and now
+and then holds a transaction open longer before its commit, so that a later position commits before an earlier
+one unless the sink prevents it (without the sink's per-hub lock, PostgreSQL fails this every time). Batches mix
+two hubs in any order: their locks must not deadlock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import event
+
+from opendps.hub.telemetry import TelemetrySink
+from opendps.store import LinkedHub, Store
+
+WRITERS = 4
+BATCHES = 25  # per writer
+SLOW = 0.025  # seconds: one commit in five
+HUBS = ("alpha", "beta")
+
+
+def _hubs(store: Store) -> dict[str, int]:
+    with store.session() as s:
+        hubs = [LinkedHub(name=name, host_name=f"{name}.example", etag="e", created_at=datetime.now(UTC))
+                for name in HUBS]
+        s.add_all(hubs)
+        s.flush()
+        return {hub.name: hub.id for hub in hubs}
+
+
+def test_a_reader_following_positions_sees_every_message_once_and_in_order(store):
+    hub_ids = _hubs(store)
+    appended: dict[str, dict[int, bytes]] = {name: {} for name in HUBS}  # hub → position → body
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write(n: int) -> None:
+        rnd = random.Random(n)
+        own = Store(store.url)
+        # inside the transaction, after the INSERT took its ids, now and then a slow commit (a busy disk, a far
+        # database): the other writers commit later positions meanwhile, unless the sink makes them wait
+        event.listen(own.engine, "commit", lambda _conn: time.sleep(SLOW) if rnd.random() < 0.2 else None)
+        sink = TelemetrySink(own)
+        try:
+            for b in range(BATCHES):
+                # a batch mixes both hubs in any order, as a group commit does
+                names = [rnd.choice(HUBS) for _ in range(rnd.randint(1, 4))]
+                messages = [(hub_ids[name], f"dev-{n}", {}, {}, f"{n}/{b}/{i}".encode()) for i, name in enumerate(names)]
+                for name, message, position in zip(names, messages, sink.append_many(messages), strict=True):
+                    appended[name][position] = message[4]
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+        finally:
+            own.dispose()
+
+    seen: dict[str, list[tuple[int, bytes]]] = {name: [] for name in HUBS}
+
+    def follow() -> None:
+        own = Store(store.url)
+        sink = TelemetrySink(own)
+        positions = dict.fromkeys(HUBS, 0)
+        try:
+            while True:
+                finished = done.is_set()  # the writers finished: everything is committed, read until the end
+                read = 0
+                for name in HUBS:
+                    for e in sink.read(name, after=positions[name], limit=7):
+                        seen[name].append((e.position, e.body))
+                        positions[name] = e.position
+                        read += 1
+                if finished and not read:
+                    return
+                time.sleep(0.0005)  # a tight loop would slow SQLite's writers down a lot
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            own.dispose()
+
+    reader = threading.Thread(target=follow)
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(30)
+    done.set()
+    reader.join(30)
+    assert not errors, errors
+
+    for name in HUBS:
+        positions = [p for p, _ in seen[name]]
+        assert positions == sorted(set(positions)), f"{name}: positions out of order or repeated"
+        missed = sorted(appended[name].keys() - set(positions))
+        assert not missed, f"{name}: the reader skipped {len(missed)} of {len(appended[name])} messages: {missed[:10]}"
+        assert dict(seen[name]) == appended[name]  # every message once, at the position its writer was given

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, tuple_
+from sqlalchemy import and_, bindparam, delete, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from opendps.hub.registry import Hubs
@@ -27,6 +27,9 @@ from opendps.store import HubConnection, Store, table_of
 
 log = logging.getLogger("opendps.hub")
 _CONNECTIONS = table_of(HubConnection)
+_DELETE = delete(_CONNECTIONS).where(
+    _CONNECTIONS.c.hub_id == bindparam("h"), _CONNECTIONS.c.device_key == bindparam("d"),
+    _CONNECTIONS.c.node_id == bindparam("n"), _CONNECTIONS.c.session == bindparam("s"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,36 +59,42 @@ class Presence:
         self.store = store
         self.hubs = hubs
         module = postgresql if store.dialect == "postgresql" else sqlite
-        self._insert: Any = module.insert(_CONNECTIONS)
+        insert: Any = module.insert(_CONNECTIONS)
+        self._upsert = insert.on_conflict_do_update(
+            index_elements=[_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key],
+            set_={"node_id": insert.excluded.node_id, "session": insert.excluded.session,
+                  "connected_at": insert.excluded.connected_at})
 
     def record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
         """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions of other nodes that the
-        attaches displaced."""
-        attached = [c for c in changes if c.attached]
+        attaches displaced. At most three statements whatever the batch size: the rows the attaches replace, one
+        executemany upsert, one executemany delete."""
         displaced: list[Displaced] = []
+        final: dict[tuple[int, str], Change] = {}  # per device, its last change in this batch
+        for c in changes:
+            final[(c.hub_id, c.device_key)] = c
         now = datetime.now(UTC)
         with self.store.session() as s:
             conn = s.connection()
+            attached = list(dict.fromkeys((c.hub_id, c.device_key) for c in changes if c.attached))
             if attached:
-                keys = list(dict.fromkeys((c.hub_id, c.device_key) for c in attached))
                 q = select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.node_id,
-                           _CONNECTIONS.c.session).where(tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key).in_(keys))
+                           _CONNECTIONS.c.session).where(tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key)
+                                                         .in_(attached))
                 if self.store.dialect == "postgresql":
                     q = q.with_for_update()  # a concurrent attach of the same device on another node waits
                 for hub_id, device_key, node, session in conn.execute(q):
                     if node != node_id:
                         displaced.append(Displaced(node, hub_id, device_key, session))
-            for c in changes:  # in order: a session may attach and detach within one batch
-                if c.attached:
-                    stmt = self._insert.values(hub_id=c.hub_id, device_key=c.device_key, node_id=node_id,
-                                               session=c.session, connected_at=now)
-                    conn.execute(stmt.on_conflict_do_update(
-                        index_elements=[_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key],
-                        set_={"node_id": node_id, "session": c.session, "connected_at": now}))
-                else:
-                    conn.execute(delete(_CONNECTIONS).where(
-                        _CONNECTIONS.c.hub_id == c.hub_id, _CONNECTIONS.c.device_key == c.device_key,
-                        _CONNECTIONS.c.node_id == node_id, _CONNECTIONS.c.session == c.session))
+            upserts = [{"hub_id": c.hub_id, "device_key": c.device_key, "node_id": node_id, "session": c.session,
+                        "connected_at": now} for c in final.values() if c.attached]
+            # a session that attached and detached within the batch was never written: only earlier ones are deleted
+            deletes = [{"h": c.hub_id, "d": c.device_key, "n": node_id, "s": c.session}
+                       for c in final.values() if not c.attached]
+            if upserts:
+                conn.execute(self._upsert, upserts)
+            if deletes:
+                conn.execute(_DELETE, deletes)
         return displaced
 
     def locate(self, hub_name: str, device_id: str) -> tuple[str, str] | None:

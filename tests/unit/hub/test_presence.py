@@ -1,0 +1,171 @@
+"""Presence and the routing of live hub state between nodes, in-process: two nodes (``Cluster`` + ``LiveSessions``)
+on one store — the real bus of that store (the live_messages table on SQLite, LISTEN/NOTIFY on PostgreSQL) — with a
+device link that records what the front end would have sent. The MQTT front end over real processes is
+tests/test_scale_out.py."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from opendps.cluster import Cluster, Nodes, choose_bus
+from opendps.hub import AuthenticatedDevice, DeviceOffline, LiveSessions, MethodTimeout, Presence
+from opendps.hub.live import C2D, DESIRED, METHODS
+from opendps.hub.presence import Change
+
+
+class Link:
+    """What a connected device's front end does with the calls, recorded."""
+
+    def __init__(self, live: LiveSessions, device: AuthenticatedDevice, answer: bool = True) -> None:
+        self.live, self.device, self.answer = live, device, answer
+        self.sent: list[tuple[str, Any]] = []
+        self.closed: str | None = None
+
+    def subscribed(self, feature: str) -> bool:
+        return feature in (METHODS, DESIRED, C2D)
+
+    async def send_method(self, method: str, request_id: str, payload: Any) -> None:
+        self.sent.append(("method", method))
+        if self.answer:
+            asyncio.get_running_loop().call_soon(self.live.method_answered, self, request_id, 200, {"m": method})
+
+    async def send_desired(self, desired: dict[str, Any], version: int) -> None:
+        self.sent.append(("desired", (desired, version)))
+
+    def wake_c2d(self) -> None:
+        self.sent.append(("c2d", None))
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+        self.live.detach(self)
+
+
+async def _until(check, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+def test_presence_records_in_order_and_reports_displaced_sessions(services):
+    store, hubs = services.store, services.hubs
+    hub = hubs.list()[0]
+    nodes = Nodes(store)
+    a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
+    nodes.join(a)
+    nodes.join(b)
+    presence = Presence(store, hubs)
+    # attach then detach in one batch: nothing is left; attach twice: the last session wins
+    assert presence.record(a.id, [Change(hub.id, "d1", "s1", True), Change(hub.id, "d1", "s1", False),
+                                  Change(hub.id, "d2", "s2", True), Change(hub.id, "d2", "s3", True)]) == []
+    assert presence.locate(hub.name, "D1") is None and presence.locate(hub.name, "d2") == (a.id, "s3")
+    # node b takes d2 over: a's session is reported, b's row replaces it; a's late detach of s3 changes nothing
+    [displaced] = presence.record(b.id, [Change(hub.id, "d2", "s4", True)])
+    assert (displaced.node_id, displaced.device_key, displaced.session) == (a.id, "d2", "s3")
+    presence.record(a.id, [Change(hub.id, "d2", "s3", False)])
+    assert presence.locate(hub.name, "d2") == (b.id, "s4")
+    assert presence.connected(hub.name) == {"d2"} and presence.connected(hub.name, ["D2", "x"]) == {"d2"}
+    assert presence.connected(hub.name, []) == frozenset()
+    # a node's rows go with its row (the sweep of a dead node)
+    nodes.leave(b.id)
+    assert presence.locate(hub.name, "d2") is None
+
+
+@pytest.fixture
+def two_nodes(services):
+    """Two nodes on the test's store, each with its own live sessions, started on one event loop."""
+    store = services.store
+    loop = asyncio.new_event_loop()
+    pool = ThreadPoolExecutor(4)
+
+    async def run(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args, **kwargs))
+
+    made: list[tuple[Cluster, LiveSessions]] = []
+
+    async def start() -> None:
+        for _ in range(2):
+            live = LiveSessions()
+            cluster = Cluster(store, choose_bus(store, run, "0neTEST"), run, heartbeat=0.2)
+            live.join(cluster, Presence(store, services.hubs), run)
+            await cluster.start(live.on_peer_message)
+            made.append((cluster, live))
+
+    loop.run_until_complete(start())
+    yield loop, made, services.hubs.list()[0]
+
+    async def stop() -> None:
+        for cluster, _ in made:
+            await cluster.stop()
+
+    loop.run_until_complete(stop())
+    loop.close()
+    pool.shutdown()
+
+
+def test_calls_reach_a_device_on_the_other_node(two_nodes):
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "Dev-1", "dev-1", "sas")
+        link = Link(live_a, device)
+        live_a.attach(link)
+        await live_a.flush()
+        assert await live_b.connected_anywhere(hub.name, ["dev-1"]) == {"dev-1"}
+        # a method through b runs on a and comes back
+        assert await live_b.invoke_method(hub.name, "DEV-1", "reboot", None, timeout=3) == (200, {"m": "reboot"})
+        # a desired push and a C2D wake-up reach the link on a
+        await live_b.push_desired(hub.name, "dev-1", {"fw": 2}, 7)
+        await live_b.notify_c2d(hub.name, "dev-1")
+        await _until(lambda: ("desired", ({"fw": 2}, 7)) in link.sent and ("c2d", None) in link.sent)
+        # a device that does not answer: 504 on b
+        link.answer = False
+        with pytest.raises(MethodTimeout):
+            await live_b.invoke_method(hub.name, "dev-1", "silent", None, timeout=0.3)
+        # a drop on b closes the session on a
+        await live_b.drop(hub.name, "dev-1", "device disabled by the service")
+        await _until(lambda: link.closed == "device disabled by the service")
+        await live_a.flush()
+        with pytest.raises(DeviceOffline):
+            await live_b.invoke_method(hub.name, "dev-1", "reboot", None, timeout=1)
+
+    loop.run_until_complete(scenario())
+
+
+def test_a_connection_on_one_node_displaces_the_session_on_the_other(two_nodes):
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "dev-2", "dev-2", "sas")
+        old, new = Link(live_a, device), Link(live_b, device)
+        live_a.attach(old)
+        await live_a.flush()
+        live_b.attach(new)
+        await live_b.flush()
+        await _until(lambda: old.closed is not None)
+        assert "another node" in old.closed and new.closed is None
+        assert await live_a.invoke_method(hub.name, "dev-2", "where", None, timeout=3) == (200, {"m": "where"})
+        assert ("method", "where") in new.sent and ("method", "where") not in old.sent
+
+    loop.run_until_complete(scenario())
+
+
+def test_a_dead_node_is_swept_with_its_presence(two_nodes):
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "dev-3", "dev-3", "sas")
+        live_a.attach(Link(live_a, device))
+        await live_a.flush()
+        a._task.cancel()  # a stops heartbeating (as a killed process would)
+        b.timeout = 0.5
+        await _until(lambda: a.node_id not in {n.id for n in Nodes(a.nodes.store).alive(60)}, timeout=10)
+        assert await live_b.connected_anywhere(hub.name) == frozenset()
+        with pytest.raises(DeviceOffline):
+            await live_b.invoke_method(hub.name, "dev-3", "reboot", None, timeout=1)
+
+    loop.run_until_complete(scenario())

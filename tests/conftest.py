@@ -256,6 +256,16 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     log.close()
 
 
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory) -> str:
+    """A software TPM 2.0 (swtpm on loopback) for the whole session: its TCTI string
+    ``swtpm:host=127.0.0.1,port=P``. Skips (fails in CI) without swtpm/tpm2-tools; see tests/swtpm.py."""
+    from tests.swtpm import running_swtpm
+
+    with running_swtpm(tmp_path_factory.mktemp("swtpm")) as tcti:
+        yield tcti
+
+
 # The Azure SDK compat suite's fixtures (tests/compat/azure_sdk.py). They are registered here, not in a
 # tests/compat/conftest.py: a second conftest module would shadow this one for `from conftest import ...`.
 from tests.compat.azure_sdk import azure_python, compat_server  # noqa: E402, F401

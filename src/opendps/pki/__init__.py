@@ -3,7 +3,9 @@ certificate helpers every package shares (reading, thumbprints, device chain val
 
 Public surface: :class:`KeyStore` / :class:`Signer` (custody), :class:`IssuanceEngine` + :class:`Issuer`
 (issue a leaf), :func:`validate_csr`, the profile builders :func:`root_ca` / :func:`issuing_ca`,
-:func:`lint_certificate`, :class:`CaCertificates` (uploaded CA certificates proven by proof of possession).
+:func:`lint_certificate`, :class:`CaCertificates` (uploaded CA certificates proven by proof of possession);
+TPM attestation's server side (:mod:`opendps.pki.tpm`): :class:`EndorsementKey` / :class:`StorageRootKey` (parsed TPM2B_PUBLICs),
+:func:`make_challenge` (the ``authenticationKey`` of Azure's TPM flow), :func:`registration_id_from_ek`.
 pki owns ``wrapped_keys`` and ``issued_certificates``.
 """
 
@@ -14,11 +16,13 @@ from opendps.pki.keys import KeyStore, Signer, SoftwareSigner, load_master_key
 from opendps.pki.lint import LintFinding, lint_certificate
 from opendps.pki.possession import CaCertificates, CaCertificateView
 from opendps.pki.profiles import IssuanceRefused, LintRefused, issuing_ca, root_ca, sign_builder
+from opendps.pki.tpm import EndorsementKey, StorageRootKey, TpmChallenge, make_challenge, registration_id_from_ek
 
 __all__ = [
     "CaCertificateView",
     "CaCertificates",
     "CsrRejected",
+    "EndorsementKey",
     "IssuanceEngine",
     "IssuanceRefused",
     "IssuedChain",
@@ -29,6 +33,8 @@ __all__ = [
     "LintRefused",
     "Signer",
     "SoftwareSigner",
+    "StorageRootKey",
+    "TpmChallenge",
     "ValidatedCsr",
     "decode_csr_text",
     "device_chain_verifier",
@@ -37,6 +43,8 @@ __all__ = [
     "lint_certificate",
     "load_certificate_text",
     "load_master_key",
+    "make_challenge",
+    "registration_id_from_ek",
     "root_ca",
     "serial_hex",
     "sign_builder",

@@ -34,6 +34,10 @@ but present).
   AES-128 inner wrapper key. Its EK template: RSA-2048, SHA-256, restricted|decrypt|fixedTPM|fixedParent|
   adminWithPolicy|sensitiveDataOrigin, the TCG EK policy, AES-128-CFB, **empty** ``unique``; SRK: the same
   RSA parameters, userWithAuth|noDA instead of adminWithPolicy, no policy.
+* Azure/azure-iot-sdk-c ``provisioning_client/src/prov_device_ll_client.c``: the same import
+  (``prov_auth_import_key`` -> ``hsm_client_tpm_import_key``) opens the 401's ``authenticationKey`` (the
+  registration SAS key) and, on ``assigned``, ``registrationState.tpm.authenticationKey`` (the hub SAS key;
+  missing is an error): both are :func:`make_challenge` blobs. The sixth structure is read and ignored.
 * Azure/azure-iot-sdk-c ``provisioning_client/src/prov_auth_client.c`` ``load_registration_id``: the
   registration id derived from the EK is SHA-256 over the marshalled TPM2B_PUBLIC (with its size), base32
   (``azure_base32.c``'s lower-case RFC 4648 alphabet) with the ``=`` padding removed.

@@ -1,10 +1,11 @@
-"""The device SDK's TPM (``opendps.device.tpm``) against swtpm, without the server.
+"""The device SDK's TPM (``opendps.device.tpm``) against swtpm, without a running server.
 
 EK and SRK made and found again, the EK-derived registration id, and DPS's challenge round trip: an
-``authenticationKey`` built here (MakeCredential to the EK bound to the SRK's name, an HMAC key duplicated under
-the SRK with the credential as inner wrapper — with tpm2-pytss' software utilities, and once with
-``tpm2_makecredential -T none`` for the credential) is activated in the TPM, and the TPM's HMAC-SHA256 equals
-Python's with the same key. A challenge made for another TPM, or malformed, fails with an error that says so.
+``authenticationKey`` (MakeCredential to the EK bound to the SRK's name, an HMAC key duplicated under the SRK
+with the credential as inner wrapper) built three ways — tpm2-pytss' software utilities, the same with
+``tpm2_makecredential -T none`` for the credential, and the server's own ``opendps.pki.tpm`` — is activated
+in the TPM, and the TPM's HMAC-SHA256 equals Python's with the same key. A challenge made for another TPM, or
+malformed, fails with an error that says so.
 """
 
 from __future__ import annotations
@@ -212,6 +213,25 @@ def test_key_persisted_at_a_handle(other_tcti):
     with open_tpm(other_tcti) as tpm:
         tpm.load_persistent_key(ID_KEY_HANDLE)
         assert tpm.sign(b"p") == python_hmac(second, b"p")
+
+
+def test_challenge_made_by_the_server(tcti, other_tcti):
+    """The server's own crypto (``opendps.pki.tpm``, cryptography only) and the device's TPM agree: its challenge
+    activates and signs here, its registration id is the device's, and its challenge for another TPM is refused."""
+    from opendps.device.tpm import TpmError
+    from opendps.pki.tpm import EndorsementKey, StorageRootKey, make_challenge, registration_id_from_ek
+
+    ek, srk = publics(tcti)
+    challenge = make_challenge(EndorsementKey.parse(ek), StorageRootKey.parse(srk), os.urandom(32))
+    with open_tpm(tcti) as tpm:
+        assert tpm.registration_id() == registration_id_from_ek(EndorsementKey.parse(ek))
+        tpm.activate(challenge.authentication_key)
+        token = tpm.sas_token(f"0ne00000001/registrations/{tpm.registration_id()}", 1_900_000_000, "registration")
+    sas.verify(sas.parse(token), base64.b64encode(challenge.hmac_key).decode(), now=1_800_000_000)
+    other_ek, _ = publics(other_tcti)
+    elsewhere = make_challenge(EndorsementKey.parse(other_ek), StorageRootKey.parse(srk), os.urandom(32))
+    with open_tpm(tcti) as tpm, pytest.raises(TpmError, match="not made for this TPM"):
+        tpm.activate(elsewhere.authentication_key)
 
 
 def test_challenge_for_another_tpm_is_refused(tcti, other_tcti):

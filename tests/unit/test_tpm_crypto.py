@@ -339,7 +339,8 @@ class Tpm:
 @pytest.fixture(scope="module")
 def device_tpm(swtpm, tmp_path_factory) -> Tpm:
     """An EK made by tpm2_createek (TCG default template, 256 zero bytes of unique), an EK made from the
-    Azure C SDK's template (empty unique), an RSA-2048 SRK and an ECC P-256 SRK, as context files."""
+    Azure C SDK's template (empty unique), RSA-2048 SRKs with AES-128-CFB and AES-256-CFB and an ECC P-256
+    SRK, as context files."""
     t = Tpm(swtpm, tmp_path_factory.mktemp("device-tpm"))
     t("createek", "-c", "ek_tcg.ctx", "-G", "rsa", "-u", "ek_tcg.pub")
     t.write("ek_policy.bin", EK_DEFAULT_POLICY)
@@ -348,6 +349,8 @@ def device_tpm(swtpm, tmp_path_factory) -> Tpm:
     t("readpublic", "-c", "ek_empty.ctx", "-o", "ek_empty.pub")
     t("createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048:null:aes128cfb", "-c", "srk_rsa.ctx")
     t("readpublic", "-c", "srk_rsa.ctx", "-o", "srk_rsa.pub", "-n", "srk_rsa.name")
+    t("createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048:null:aes256cfb", "-c", "srk_rsa256.ctx")
+    t("readpublic", "-c", "srk_rsa256.ctx", "-o", "srk_rsa256.pub", "-n", "srk_rsa256.name")
     t("createprimary", "-C", "o", "-g", "sha256", "-G", "ecc256:null:aes128cfb", "-c", "srk_ecc.ctx")
     t("readpublic", "-c", "srk_ecc.ctx", "-o", "srk_ecc.pub", "-n", "srk_ecc.name")
     return t
@@ -364,7 +367,7 @@ def _activate(t: Tpm, ek: str, srk: str, blob: str, out: str, check: bool = True
         t("flushcontext", "session.ctx", check=False)
 
 
-@pytest.mark.parametrize(("ek", "srk"), [("ek_tcg", "srk_rsa"), ("ek_empty", "srk_ecc")])
+@pytest.mark.parametrize(("ek", "srk"), [("ek_tcg", "srk_rsa"), ("ek_empty", "srk_ecc"), ("ek_empty", "srk_rsa256")])
 def test_swtpm_activates_imports_and_signs(device_tpm, ek, srk):
     t = device_tpm
     endorsement = EndorsementKey.parse(b64(t.read(f"{ek}.pub")))
@@ -377,21 +380,21 @@ def test_swtpm_activates_imports_and_signs(device_tpm, ek, srk):
     # TPM2_ActivateCredential(activateHandle=SRK, keyHandle=EK): tpm2-tools' credential file is a header
     # (magic 0xBADCC0DE, version 1) then the TPM2B_ID_OBJECT and the TPM2B_ENCRYPTED_SECRET
     credential_file = b"\xba\xdc\xc0\xde\x00\x00\x00\x01" + tpm2b(parts.id_object) + tpm2b(parts.identity_secret)
-    t.write(f"{ek}-cred.bin", credential_file)
-    _activate(t, ek, srk, f"{ek}-cred.bin", f"{ek}-activated.bin")
-    assert t.read(f"{ek}-activated.bin") == challenge.credential
+    t.write(f"{ek}-{srk}-cred.bin", credential_file)
+    _activate(t, ek, srk, f"{ek}-{srk}-cred.bin", f"{ek}-{srk}-activated.bin")
+    assert t.read(f"{ek}-{srk}-activated.bin") == challenge.credential
 
     # TPM2_Import under the SRK with the credential as the inner wrapper key (AES-128-CFB), then load and HMAC
-    t.write(f"{ek}-key.pub", parts.public.tpm2b_public)
-    t.write(f"{ek}-key.dup", tpm2b(parts.private))
-    t.write(f"{ek}-key.seed", tpm2b(parts.duplicate_secret))
-    t("import", "-C", f"{srk}.ctx", "-u", f"{ek}-key.pub", "-i", f"{ek}-key.dup", "-s", f"{ek}-key.seed",
-      "-k", f"{ek}-activated.bin", "-r", f"{ek}-key.priv")
-    t("load", "-C", f"{srk}.ctx", "-u", f"{ek}-key.pub", "-r", f"{ek}-key.priv", "-c", f"{ek}-key.ctx")
+    t.write(f"{ek}-{srk}-key.pub", parts.public.tpm2b_public)
+    t.write(f"{ek}-{srk}-key.dup", tpm2b(parts.private))
+    t.write(f"{ek}-{srk}-key.seed", tpm2b(parts.duplicate_secret))
+    t("import", "-C", f"{srk}.ctx", "-u", f"{ek}-{srk}-key.pub", "-i", f"{ek}-{srk}-key.dup", "-s", f"{ek}-{srk}-key.seed",
+      "-k", f"{ek}-{srk}-activated.bin", "-r", f"{ek}-{srk}-key.priv")
+    t("load", "-C", f"{srk}.ctx", "-u", f"{ek}-{srk}-key.pub", "-r", f"{ek}-{srk}-key.priv", "-c", f"{ek}-{srk}-key.ctx")
     message = b"0ne00TEST01%2Fregistrations%2Ftpm-device\n1700000000"
-    t.write(f"{ek}-msg.bin", message)
-    t("hmac", "-c", f"{ek}-key.ctx", "-g", "sha256", "-o", f"{ek}-mac.bin", f"{ek}-msg.bin")
-    assert t.read(f"{ek}-mac.bin") == hmac.new(hmac_key, message, "sha256").digest()
+    t.write(f"{ek}-{srk}-msg.bin", message)
+    t("hmac", "-c", f"{ek}-{srk}-key.ctx", "-g", "sha256", "-o", f"{ek}-{srk}-mac.bin", f"{ek}-{srk}-msg.bin")
+    assert t.read(f"{ek}-{srk}-mac.bin") == hmac.new(hmac_key, message, "sha256").digest()
 
 
 def test_swtpm_refuses_a_credential_bound_to_another_srk(device_tpm):

@@ -39,8 +39,12 @@ def tss():
 
 
 @pytest.fixture
-def tcti(tss, swtpm) -> str:
-    return swtpm
+def tcti(tss, swtpm):
+    """The session's swtpm, shared with other tests: each test must leave no object loaded (swtpm has three slots)."""
+    from tests.swtpm import tpm2
+
+    yield swtpm
+    assert tpm2(swtpm, "getcap", "handles-transient").stdout.strip() == b"", "a test left objects in the TPM"
 
 
 @pytest.fixture(scope="module")

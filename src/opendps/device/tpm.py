@@ -33,7 +33,6 @@ from opendps.transport import sas
 try:
     from tpm2_pytss import ESAPI, TSS2_Exception
     from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_SE, TPMA_OBJECT
-    from tpm2_pytss.internal.templates import ek_template
     from tpm2_pytss.types import (
         TPM2B_DATA,
         TPM2B_ENCRYPTED_SECRET,
@@ -51,7 +50,7 @@ try:
         TPMU_SYM_KEY_BITS,
         TPMU_SYM_MODE,
     )
-    from tpm2_pytss.utils import NVReadEK, create_ek_template
+    from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 except (ImportError, OSError) as _exc:  # tpm2-pytss absent, or present without the TSS2 shared libraries
     _IMPORT_ERROR: BaseException | None = _exc
 else:
@@ -186,7 +185,7 @@ class DeviceTpm:
         try:  # the TCG profile's template, or the one the maker left in NV (so that the EK matches its certificate)
             _, template = create_ek_template("EK-RSA2048", NVReadEK(self._esapi))
         except TSS2_Exception:  # an NV index this process may not read: the EK is then the default one
-            template = ek_template.lookup("EK-RSA2048").template
+            _, template = create_ek_template("EK-RSA2048", _no_nv_index)
         handle, public, _, _, _ = self._esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
         # only ActivateCredential needs it loaded: keep a saved context and free the slot (a TPM without a resource
         # manager has three, and the SRK, the HMAC key and an HMAC sequence need them)
@@ -363,6 +362,11 @@ class DeviceTpm:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _no_nv_index(index: int) -> bytes:
+    """An NV reader for :func:`create_ek_template` that finds nothing: the TCG default template."""
+    raise NoSuchIndex(index)
 
 
 def _flush_quietly(esapi: Any, handle: Any) -> None:

@@ -12,7 +12,8 @@ SYM = {"attestation": {"type": "symmetricKey"}}
 @pytest.mark.parametrize(("body", "words"), [
     ({**SYM, "namespaceName": "triple-ns", "certificatePolicyName": "triple-p"}, "partial reference"),
     ({**SYM, "credentialPolicyName": "nope"}, "credential policy 'nope' does not exist"),
-    ({"attestation": {"type": "tpm"}}, "attestation.type must be one of symmetricKey, x509 (got 'tpm')"),
+    ({"attestation": {"type": "none"}}, "attestation.type must be one of tpm, symmetricKey, x509 (got 'none')"),
+    ({"attestation": {"type": "tpm"}}, "attestation.tpm.endorsementKey is required"),
     ({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "short"}}}, "not valid base64"),
     ({**SYM, "allocationPolicy": "static"}, "exactly one hub"),
     ({**SYM, "iotHubs": ["nowhere.example"]}, "not a linked hub"),

@@ -37,11 +37,11 @@ def _enroll(services, rid: str) -> str:
 
 
 def test_the_registry_lists_the_built_in_mechanisms_in_matching_order():
-    assert list(attestation.mechanisms()) == ["symmetricKey", "x509"]
+    assert list(attestation.mechanisms()) == ["tpm", "symmetricKey", "x509"]
 
 
 def test_an_unregistered_type_is_refused_by_name(services):
-    with pytest.raises(InvalidInput, match="attestation.type must be one of symmetricKey, x509 .got 'demoChallenge'"):
+    with pytest.raises(InvalidInput, match="attestation.type must be one of tpm, symmetricKey, x509 .got 'demoChallenge'"):
         services.enrollments.put("individual", "d-1", {"attestation": {"type": demo.NAME, demo.NAME: {"secret": "x"}}})
 
 

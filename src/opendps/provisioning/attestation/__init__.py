@@ -24,6 +24,7 @@ from opendps.provisioning.attestation.mechanism import (
 
 #: one line per mechanism: its module in this package (or a full module path), in the order requests are matched
 MODULES: tuple[str, ...] = (
+    "tpm",  # before symmetric_key: a TPM's answer to its challenge carries a SAS too, and its tpm evidence
     "symmetric_key",
     "x509",
 )

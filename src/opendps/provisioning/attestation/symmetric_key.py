@@ -70,10 +70,16 @@ class SymmetricKeyAttestation:
         rid = credentials.registration_id
         individual = context.enrollments.lookup(INDIVIDUAL, rid)
         if individual is not None:
-            if individual.attestation_type != self.name or not individual.keys:
+            # a TPM device signs its later requests (the poll, the status lookup) with the key its TPM imported:
+            # the enrollment's key, so they verify here; over HTTPS only, as the TPM mechanism itself
+            tpm = individual.attestation_type == "tpm" and credentials.transport == HTTPS
+            if (individual.attestation_type != self.name and not tpm) or not individual.keys:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation")
             if not _matches(token, individual.keys):
                 raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
+            if tpm:
+                return AttestedIdentity(rid, "tpm", individual, DeviceCredential("sas", keys=individual.keys),
+                                        details={"tpm": {}})
             return AttestedIdentity(rid, self.name, individual, DeviceCredential("sas", keys=individual.keys),
                                     details={"symmetricKey": {}})
         for group in context.enrollments.lookup_all(GROUP, self.name):

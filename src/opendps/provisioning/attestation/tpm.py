@@ -1,0 +1,133 @@
+"""TPM 2.0 attestation (individual enrollments only, over HTTPS only — as Azure DPS).
+
+The enrollment holds the TPM's endorsement key (``attestation.tpm.endorsementKey``, a TPM2B_PUBLIC) and, like a
+symmetric-key enrollment, a key pair wrapped at rest (generated: 32 random bytes each). The round trip:
+
+1. The device sends ``tpm{endorsementKey, storageRootKey}`` without ``Authorization``. Its EK must be the
+   enrollment's (the whole public area: the EK template is the device maker's business, the server encrypts to
+   the one enrolled). The answer is a :class:`Challenge`: 401 with ``authenticationKey`` — the enrollment's primary
+   key duplicated to that TPM (``opendps.pki.tpm.make_challenge``: a credential only the EK can activate, bound to
+   the SRK's name, wrapping the key for import under the SRK) — and ``keyName: "registration"``.
+2. The device activates the credential, imports the key into its TPM (it never leaves it) and signs a
+   SharedAccessSignature over ``{idScope}/registrations/{registrationId}`` with it, and sends the register again
+   with that ``Authorization``: verified with the enrollment's keys as a symmetric-key signature is.
+3. ``registrationState.tpm.authenticationKey`` carries the same kind of blob (the SDKs import it as the hub key);
+   the hub identity authenticates with the same keys (SAS).
+
+Polls carry only the SAS: the symmetric-key mechanism verifies them with a TPM enrollment's keys (see there).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote
+
+from opendps.errors import InvalidInput
+from opendps.hub import DeviceCredential
+from opendps.pki.tpm import EndorsementKey, StorageRootKey, make_challenge
+from opendps.provisioning.attestation.mechanism import (
+    HTTPS,
+    AttestationFailed,
+    AttestedIdentity,
+    Challenge,
+    Context,
+    DeviceCredentials,
+    EnrollmentDisabled,
+)
+from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, json_object
+from opendps.transport import sas
+
+KEY_BYTES = 32  # the HMAC key imported into the TPM (a keyed-hash object's sensitive data)
+
+
+def _new_key() -> str:
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
+
+
+def _evidence(credentials: DeviceCredentials) -> tuple[EndorsementKey, StorageRootKey]:
+    tpm = credentials.evidence.get("tpm")
+    if not isinstance(tpm, dict):
+        raise InvalidInput("tpm must be a JSON object with endorsementKey and storageRootKey")
+    if not tpm.get("endorsementKey"):
+        raise InvalidInput("tpm.endorsementKey is required")
+    if not tpm.get("storageRootKey"):
+        raise InvalidInput("tpm.storageRootKey is required: the challenge is bound to the storage root key")
+    return (EndorsementKey.parse(tpm["endorsementKey"], "tpm.endorsementKey"),
+            StorageRootKey.parse(tpm["storageRootKey"], "tpm.storageRootKey"))
+
+
+def verify_sas(credentials: DeviceCredentials, keys: tuple[str, str], now: datetime, skew: int) -> None:
+    """The device's SAS over ``{idScope}/registrations/{registrationId}``, signed with one of ``keys``."""
+    try:
+        token = sas.parse(credentials.authorization or "")
+    except sas.SasError as exc:
+        raise AttestationFailed(f"invalid SharedAccessSignature: {exc}") from exc
+    expected = f"{credentials.id_scope}/registrations/{credentials.registration_id}"
+    if unquote(token.raw_resource).lower() != expected.lower():
+        raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
+    if token.expiry + skew < now.timestamp():
+        raise AttestationFailed("SharedAccessSignature has expired")
+    for key in keys:
+        try:
+            sas.verify(token, key, skew=10**9)  # expiry checked above
+            return
+        except sas.SasError:
+            continue
+    raise AttestationFailed("SharedAccessSignature signature does not verify with the key given to this TPM")
+
+
+class TpmAttestation:
+    name = "tpm"
+    transports = frozenset({HTTPS})  # Azure DPS has no TPM over MQTT
+
+    def __init__(self, *, skew_seconds: int = sas.DEFAULT_SKEW_SECONDS) -> None:
+        self.skew = skew_seconds
+
+    def enrollment(self, kind: str, enrollment_id: str, attestation: dict[str, Any],
+                   previous_keys: tuple[str, str] | None, context: Context) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        if kind == GROUP:
+            raise InvalidInput("TPM attestation is for individual enrollments only (as in Azure DPS)")
+        tpm = json_object(attestation.get("tpm"), "attestation.tpm")
+        if not tpm.get("endorsementKey"):
+            raise InvalidInput("attestation.tpm.endorsementKey is required (the TPM's EK as base64 TPM2B_PUBLIC)")
+        ek = EndorsementKey.parse(tpm["endorsementKey"], "attestation.tpm.endorsementKey")
+        document: dict[str, Any] = {"type": self.name, "tpm": {"endorsementKey": ek.base64}}
+        if tpm.get("storageRootKey"):
+            srk = StorageRootKey.parse(tpm["storageRootKey"], "attestation.tpm.storageRootKey")
+            document["tpm"]["storageRootKey"] = base64.b64encode(srk.tpm2b_public).decode()
+        return document, previous_keys or (_new_key(), _new_key())
+
+    def presented(self, credentials: DeviceCredentials) -> bool:
+        return "tpm" in credentials.evidence
+
+    def authenticate(self, credentials: DeviceCredentials, context: Context, *,
+                     now: datetime) -> AttestedIdentity | Challenge:
+        ek, srk = _evidence(credentials)
+        rid = credentials.registration_id
+        enrollment = context.enrollments.lookup(INDIVIDUAL, rid)
+        if enrollment is None:
+            raise AttestationFailed(f"no TPM enrollment for registration {rid!r}", error_code=401002)
+        if enrollment.attestation_type != self.name or not enrollment.keys:
+            raise AttestationFailed(f"enrollment {enrollment.enrollment_id!r} does not use TPM attestation")
+        enrolled = EndorsementKey.parse(enrollment.document["attestation"]["tpm"]["endorsementKey"])
+        if not enrolled.same_key(ek):
+            raise AttestationFailed(f"the endorsement key sent is not the one enrolled for {rid!r}")
+        if not enrollment.enabled:  # no key handed out for a disabled enrollment
+            raise EnrollmentDisabled(f"enrollment {enrollment.enrollment_id!r} is disabled: registration refused")
+        if credentials.authorization is None:
+            # the enrolled EK (the same key): whatever the device sent, the blob is made to what was enrolled
+            challenge = make_challenge(enrolled, srk, base64.b64decode(enrollment.keys[0]))
+            return Challenge({"message": "TPM attestation: activate the credential, import the key and sign a "
+                                         "SharedAccessSignature with it", "authenticationKey": challenge.authentication_key,
+                              "keyName": "registration"})
+        verify_sas(credentials, enrollment.keys, now, self.skew)
+        # registrationState.tpm.authenticationKey: the hub key for the SDKs to import (the same key, freshly wrapped)
+        hub_blob = make_challenge(enrolled, srk, base64.b64decode(enrollment.keys[0])).authentication_key
+        return AttestedIdentity(rid, self.name, enrollment, DeviceCredential("sas", keys=enrollment.keys),
+                                details={"tpm": {"authenticationKey": hub_blob}})
+
+
+MECHANISM = TpmAttestation()

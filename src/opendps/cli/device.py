@@ -204,6 +204,54 @@ def _provisioning_error(registration_id: str, exc: Exception) -> CliError:
     return CliError(f"registration of {registration_id!r} failed: {type(exc).__name__}: {_one_line(exc)}")
 
 
+# ---------------------------------------------------------------- TPM
+
+
+def tpm_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--tpm`` and ``--tcti`` (TPM attestation over HTTPS; the TCTI defaults to $TPM2TOOLS_TCTI, $TCTI, then the
+    kernel's resource manager /dev/tpmrm0)."""
+    f = click.option("--tcti", default=None, metavar="TCTI",
+                     help="TPM to use, e.g. swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0 (default "
+                          "$TPM2TOOLS_TCTI, else $TCTI, else device:/dev/tpmrm0).")(f)
+    return click.option("--tpm", "use_tpm", is_flag=True, default=False,
+                        help="Attest with the TPM (an individual enrollment holding its endorsement key; HTTPS only). "
+                             "Its DPS key stays in the TPM; the SRK-wrapped copy goes to <store-dir>/tpm-hmac.key.")(f)
+
+
+@contextlib.contextmanager
+def open_tpm(tcti: str | None) -> Any:
+    """The device's TPM (:class:`~opendps.device.tpm.DeviceTpm`), closed (its transient objects flushed) on exit;
+    a missing library or an unreachable TPM is a one-line CLI error."""
+    # the TSS libraries log their own multi-line account of a failure on stderr: the CLI says it in one line
+    os.environ.setdefault("TSS2_LOG", "all+none")
+    from opendps.device.tpm import DeviceTpm, TpmError
+
+    try:
+        tpm = DeviceTpm(tcti)
+    except TpmError as exc:
+        raise CliError(_one_line(exc)) from exc
+    except Exception as exc:  # a TSS error while reading the EK/SRK of a reachable but unusable TPM
+        raise CliError(f"cannot use the TPM at {tcti or 'the default TCTI'}: {type(exc).__name__}: "
+                       f"{_one_line(exc)}") from exc
+    try:
+        yield tpm
+    finally:
+        tpm.close()
+
+
+@click.command("tpm-info")
+@click.option("--tcti", default=None, metavar="TCTI",
+              help="TPM to read (default $TPM2TOOLS_TCTI, else $TCTI, else device:/dev/tpmrm0).")
+@OUTPUT_OPTION
+def tpm_info(tcti: str | None, output: str) -> None:
+    """Print the TPM's endorsement key, storage root key and EK-derived registration id (to create its enrollment:
+    'opendps dps enrollment create --attestation-type tpm --endorsement-key <endorsementKey> -e <id>')."""
+    with open_tpm(tcti) as tpm:
+        doc = {"registrationId": tpm.registration_id(), "endorsementKey": tpm.endorsement_key(),
+               "storageRootKey": tpm.storage_root_key(), "tcti": tpm.tcti}
+    emit(doc, output, ["registrationId", "tcti"])
+
+
 # ---------------------------------------------------------------- provision
 
 
@@ -212,8 +260,12 @@ def device() -> None:
     """Device side: onboard with DPS using the device SDK, simulate fleets."""
 
 
+device.add_command(tpm_info)
+
+
 @device.command("provision")
-@click.option("--registration-id", "--rid", "registration_id", required=True, help="The device's registration id.")
+@click.option("--registration-id", "--rid", "registration_id", default=None,
+              help="The device's registration id (with --tpm, default: the id derived from the TPM's EK).")
 @click.option("--certificate-file", "--cert", "certificate_file", type=click.Path(path_type=Path, dir_okay=False),
               default=None, help="X.509 bootstrap chain, leaf first (e.g. the seed's device-full-chain.pem).")
 @click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -221,6 +273,7 @@ def device() -> None:
 @click.option("--symmetric-key", "--key", "symmetric_key", default=None, help="Individual enrollment key (base64).")
 @click.option("--group-key", default=None,
               help="Symmetric-key enrollment group key (base64); the device key is derived for --registration-id.")
+@tpm_options
 @click.option("--store-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the operational key and chain go (default ./device-<registration-id>).")
 @click.option("--curve", type=click.Choice(["P-384", "P-256"]), default="P-384", show_default=True,
@@ -229,10 +282,31 @@ def device() -> None:
               help="Retries of throttled (429), failing (5xx) or unreachable requests, with backoff.")
 @endpoint_options(hub=False)
 @OUTPUT_OPTION
-def provision(endpoint: Endpoint, output: str, registration_id: str, certificate_file: Path | None,
-              key_file: Path | None, symmetric_key: str | None, group_key: str | None, store_dir: Path | None,
-              curve: str, retries: int) -> None:
+def provision(endpoint: Endpoint, output: str, registration_id: str | None, certificate_file: Path | None,
+              key_file: Path | None, symmetric_key: str | None, group_key: str | None, use_tpm: bool, tcti: str | None,
+              store_dir: Path | None, curve: str, retries: int) -> None:
     """Register once with a CSR for a key made here, and keep the issued operational chain in --store-dir."""
+    if tcti is not None and not use_tpm:
+        raise CliError("--tcti goes with --tpm")
+    if not use_tpm:
+        if registration_id is None:
+            raise CliError("--registration-id is required")
+        _provision(endpoint, output, registration_id, certificate_file, key_file, symmetric_key, group_key, None,
+                   store_dir, curve, retries)
+        return
+    if endpoint.transport != "https":
+        raise CliError("--tpm works over HTTPS only (Azure DPS has no TPM attestation over MQTT): drop --transport mqtt")
+    if any(v is not None for v in (certificate_file, key_file, symmetric_key, group_key)):
+        raise CliError("give exactly one onboarding credential: --tpm, --certificate-file/--key-file, --symmetric-key "
+                       "or --group-key")
+    with open_tpm(tcti) as tpm:
+        _provision(endpoint, output, registration_id or tpm.registration_id(), None, None, None, None, tpm, store_dir,
+                   curve, retries)
+
+
+def _provision(endpoint: Endpoint, output: str, registration_id: str, certificate_file: Path | None,
+               key_file: Path | None, symmetric_key: str | None, group_key: str | None, tpm: Any,
+               store_dir: Path | None, curve: str, retries: int) -> None:
     from opendps.device.keys import certificate_summary, new_key_and_csr
     from opendps.device.provisioning import ProvisioningClient, ProvisioningError
     from opendps.device.store import CertificateStore, StoreError
@@ -246,10 +320,14 @@ def provision(endpoint: Endpoint, output: str, registration_id: str, certificate
         credential["symmetric_key"] = _base64_key(symmetric_key, "--symmetric-key")
     if group_key is not None:
         credential["group_key"] = _base64_key(group_key, "--group-key")
-    if len(credential) != 1:
-        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key "
-                       "or --group-key")
     store_dir = store_dir or Path(f"device-{registration_id}")
+    if tpm is not None:
+        from opendps.device.agent import TPM_KEY_FILE
+
+        credential = {"tpm": tpm, "tpm_key_file": store_dir / TPM_KEY_FILE}
+    if len(credential) != (2 if tpm is not None else 1):
+        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key, "
+                       "--group-key or --tpm")
     try:
         client = ProvisioningClient(endpoint.host, endpoint.id_scope, registration_id, ca_file=endpoint.ca_file,
                                     max_retries=retries, **endpoint.client_options(), **credential)
@@ -257,13 +335,17 @@ def provision(endpoint: Endpoint, output: str, registration_id: str, certificate
         files = ", ".join(str(p) for p in (endpoint.ca_file, certificate_file, key_file) if p is not None)
         raise CliError(f"cannot load TLS files ({files}): {_one_line(getattr(exc, 'strerror', None) or exc)}") from exc
     key, csr = new_key_and_csr(registration_id, curve)  # type: ignore[arg-type]
+    from opendps.device.tpm import TpmError
+
     try:
         result = asyncio.run(client.register(csr))
-    except (ProvisioningError, OSError, ssl.SSLError) as exc:
+    except (ProvisioningError, OSError, ssl.SSLError, TpmError) as exc:
         raise _provisioning_error(registration_id, exc) from exc
     doc: dict[str, Any] = {"registrationId": registration_id, "status": result.status, "assignedHub": result.assigned_hub,
                            "deviceId": result.device_id, "substatus": result.substatus, "transport": endpoint.transport,
                            "certificate": None, "files": None}
+    if tpm is not None:
+        doc["tpm"] = {"registrationId": tpm.registration_id(), "keyFile": str(credential["tpm_key_file"])}
     if not result.issued_chain:
         click.echo(f"warning: {registration_id!r} was assigned but no operational certificate was issued "
                    "(the enrollment has no credential policy); nothing stored", err=True)
@@ -529,6 +611,7 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
               help="Private key of --certificate-file (e.g. the seed's device.key).")
 @click.option("--symmetric-key", "--key", "symmetric_key", default=None, help="Individual enrollment key (base64).")
 @click.option("--group-key", default=None, help="Symmetric-key group key (base64); the device key is derived.")
+@tpm_options
 @click.option("--store-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Operational key and chain (default ./device-<registration-id>); reused across restarts.")
 @click.option("--renewal", "renewal_method", type=click.Choice(["dps", "hub"]), default="dps", show_default=True,
@@ -540,21 +623,16 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
               help="Stop after this many seconds (0: run until interrupted).")
 @endpoint_options(hub=True)
 def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path | None, key_file: Path | None,
-              symmetric_key: str | None, group_key: str | None, store_dir: Path | None, renewal_method: str,
-              telemetry_interval: float, renew_now: bool, duration: float) -> None:
+              symmetric_key: str | None, group_key: str | None, use_tpm: bool, tcti: str | None, store_dir: Path | None,
+              renewal_method: str, telemetry_interval: float, renew_now: bool, duration: float) -> None:
     """The long-running device agent: provision if needed, connect, send telemetry, answer methods, renew in time.
 
     Reuses the set `device provision` stored in --store-dir. Answers the direct methods getStatus and
     renewCertificate (202: the renewal follows). Prints one JSON line per event: lifecycle events (provisioned,
     connected, switching, renewed, rolled-back, renewal-failed) with the agent's status, and traffic events
-    (method, c2d, desired, disconnected, reconnected) with what arrived.
+    (method, c2d, desired, disconnected, reconnected) with what arrived. With --tpm the agent onboards (and renews
+    through DPS) with TPM attestation and connects to its hub with the operational certificate.
     """
-    from opendps.device.agent import AgentConfig, AgentError, DeviceAgent
-    from opendps.device.hub import HubError
-    from opendps.device.mqtt import MqttError
-    from opendps.device.provisioning import ProvisioningError
-    from opendps.device.store import StoreError
-
     credential: dict[str, Any] = {}
     if certificate_file is not None or key_file is not None:
         if certificate_file is None or key_file is None:
@@ -564,9 +642,30 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
         credential["symmetric_key"] = _base64_key(symmetric_key, "--symmetric-key")
     if group_key is not None:
         credential["group_key"] = _base64_key(group_key, "--group-key")
+    if use_tpm:
+        credential["tpm"] = True
+    elif tcti is not None:
+        raise CliError("--tcti goes with --tpm")
     if len([k for k in credential if k != "x509_key_file"]) != 1:
-        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key "
-                       "or --group-key")
+        raise CliError("give exactly one onboarding credential: --certificate-file/--key-file, --symmetric-key, "
+                       "--group-key or --tpm")
+    if use_tpm and endpoint.transport != "https":
+        raise CliError("--tpm works over HTTPS only (Azure DPS has no TPM attestation over MQTT): drop --transport mqtt")
+    with contextlib.ExitStack() as stack:
+        if use_tpm:
+            credential["tpm"] = stack.enter_context(open_tpm(tcti))
+        _run_agent(endpoint, registration_id, credential, store_dir, renewal_method, telemetry_interval, renew_now,
+                   duration)
+
+
+def _run_agent(endpoint: Endpoint, registration_id: str, credential: dict[str, Any], store_dir: Path | None,
+               renewal_method: str, telemetry_interval: float, renew_now: bool, duration: float) -> None:
+    from opendps.device.agent import AgentConfig, AgentError, DeviceAgent
+    from opendps.device.hub import HubError
+    from opendps.device.mqtt import MqttError
+    from opendps.device.provisioning import ProvisioningError
+    from opendps.device.store import StoreError
+
     hub_options = {"address": endpoint.hub_address} if endpoint.hub_address else {}
     config = AgentConfig(dps_host=endpoint.host, id_scope=endpoint.id_scope, registration_id=registration_id,
                          store_dir=store_dir or Path(f"device-{registration_id}"), https_port=endpoint.https_port,

@@ -175,11 +175,37 @@ def _symmetric(flags: dict[str, Any]) -> dict[str, Any]:
     return {"type": "symmetricKey", "symmetricKey": keys}
 
 
+def _tpm(current: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, Any] | None:
+    """``--endorsement-key``: the TPM's EK, base64 TPM2B_PUBLIC (what ``opendps device tpm-info`` prints); the server
+    checks it. On update without it the enrolled EK stays."""
+    ek = flags["endorsement_key"]
+    current_type = (current or {}).get("type")
+    if ek is None:
+        if current_type == "tpm":
+            return None
+        raise CliError("--attestation-type tpm needs --endorsement-key (the TPM's EK, base64; see 'opendps device "
+                       "tpm-info')")
+    ek = "".join(ek.split())
+    try:
+        if not base64.b64decode(ek, validate=True):
+            raise ValueError("empty")
+    except (binascii.Error, ValueError) as exc:
+        raise CliError("--endorsement-key is not valid base64 (the TPM's EK as a base64 TPM2B_PUBLIC)") from exc
+    return {"type": "tpm", "tpm": {"endorsementKey": ek}}
+
+
 def individual_attestation(current: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, Any] | None:
     """The attestation to send, or None to keep ``current`` (update without attestation flags)."""
     current_type = (current or {}).get("type")
     target = flags["attestation_type"] or current_type
     certs_given = bool(flags["certificate_path"] or flags["secondary_certificate_path"])
+    if target == "tpm":
+        if _keys_given(flags) or certs_given:
+            raise CliError("--primary-key/--secondary-key and --certificate-path/--secondary-certificate-path do not "
+                           "apply to --attestation-type tpm (it takes --endorsement-key)")
+        return _tpm(current, flags)
+    if flags["endorsement_key"] is not None:
+        raise CliError("--endorsement-key applies only to --attestation-type tpm")
     if target == "x509" and _keys_given(flags):
         raise CliError("--primary-key/--secondary-key apply only to --attestation-type symmetricKey")
     if target == "symmetricKey" and certs_given:
@@ -351,7 +377,10 @@ COMMON_SETTINGS = _options(
 def _individual_flags(create: bool) -> Decorator:
     return _options(
         click.option("--attestation-type", "--at", "attestation_type", required=create, default=None,
-                     type=click.Choice(["x509", "symmetricKey"], case_sensitive=False), help="Attestation mechanism."),
+                     type=click.Choice(["x509", "symmetricKey", "tpm"], case_sensitive=False),
+                     help="Attestation mechanism."),
+        click.option("--endorsement-key", "--ek", "endorsement_key", default=None,
+                     help="The TPM's endorsement key, base64 TPM2B_PUBLIC (tpm; 'opendps device tpm-info' prints it)."),
         click.option("--certificate-path", "--cp", "certificate_path", default=None,
                      help="Primary device certificate file, PEM or DER (x509); its CN is the registration id."),
         click.option("--secondary-certificate-path", "--scp", "secondary_certificate_path", default=None,

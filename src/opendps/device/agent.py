@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509 as cx509
 
@@ -48,6 +48,9 @@ from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, pub
 from opendps.device.mqtt import ConnectRefused, MqttError
 from opendps.device.provisioning import ProvisioningClient
 from opendps.device.store import CertificateStore, StoredCredentials, StoreError
+
+if TYPE_CHECKING:
+    from opendps.device.tpm import DeviceTpm
 
 __all__ = [
     "AgentConfig",
@@ -58,6 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("opendps.device.agent")
+
+TPM_KEY_FILE = "tpm-hmac.key"  # in store_dir: the TPM-held DPS/hub key, wrapped by the TPM's SRK (useless elsewhere)
 
 RenewalMethod = Literal["dps", "hub"]
 EventCallback = Callable[[str, "AgentStatus", dict[str, Any]], None]
@@ -113,6 +118,7 @@ class AgentConfig:
     x509_key_file: str | Path | None = None
     symmetric_key: str | None = None
     group_key: str | None = None
+    tpm: DeviceTpm | None = None  # TPM attestation (HTTPS only); its DPS/hub key file goes to store_dir/tpm-hmac.key
     transport: Literal["https", "mqtt"] = "https"  # for DPS registration
     hub_port: int | None = None  # default: mqtt_port (opendps serves DPS and hub MQTT on one port)
     hub_address: str | None = None  # where to dial when the hub name does not resolve
@@ -133,10 +139,10 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if (self.x509_cert_file is None) != (self.x509_key_file is None):
             raise ValueError("give both x509_cert_file and x509_key_file, or neither")
-        given = sum(x is not None for x in (self.x509_cert_file, self.symmetric_key, self.group_key))
+        given = sum(x is not None for x in (self.x509_cert_file, self.symmetric_key, self.group_key, self.tpm))
         if given != 1:
-            raise ValueError("give exactly one onboarding credential: x509_cert_file/x509_key_file, symmetric_key or "
-                             "group_key")
+            raise ValueError("give exactly one onboarding credential: x509_cert_file/x509_key_file, symmetric_key, "
+                             "group_key or tpm")
         if self.renewal_method not in ("dps", "hub"):
             raise ValueError(f"renewal_method must be 'dps' or 'hub', got {self.renewal_method!r}")
         if self.transport not in ("https", "mqtt"):
@@ -389,6 +395,8 @@ class DeviceAgent:
             credential = {"x509": (c.x509_cert_file, c.x509_key_file)}
         elif c.symmetric_key is not None:
             credential = {"symmetric_key": c.symmetric_key}
+        elif c.tpm is not None:
+            credential = {"tpm": c.tpm, "tpm_key_file": Path(c.store_dir) / TPM_KEY_FILE}
         else:
             credential = {"group_key": c.group_key}
         return ProvisioningClient(c.dps_host, c.id_scope, c.registration_id, https_port=c.https_port,

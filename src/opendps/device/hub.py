@@ -2,7 +2,9 @@
 
 Built on :class:`opendps.device.mqtt.MqttClient`. CONNECT as the Azure SDKs do: client id = device
 id, username ``{hub}/{device}/?api-version=2021-04-12``, the operational chain in the TLS handshake
-(``x509=``) or a SAS password ``sr={hub}%2Fdevices%2F{device}`` (``symmetric_key=``).
+(``x509=``) or a SAS password ``sr={hub}%2Fdevices%2F{device}`` signed with a key in memory (``symmetric_key=``)
+or by another :class:`~opendps.device.provisioning.SasSigner` (``signer=``: a TPM-held key, a
+:class:`~opendps.device.tpm.DeviceTpm` that imported its hub key during provisioning).
 
 Telemetry goes through an outgoing queue that survives reconnects: a message leaves the queue only
 when its PUBACK arrived, so nothing is lost while the client reconnects after a network failure or
@@ -23,6 +25,7 @@ import json
 import logging
 import random
 import ssl
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,7 +38,7 @@ from cryptography import x509 as cx509
 
 from opendps.device.keys import certificate_summary, certificates_from_b64
 from opendps.device.mqtt import AckTimeout, ConnectionLost, MqttClient, MqttError, client_ssl_context
-from opendps.transport import sas
+from opendps.device.provisioning import KeySigner, SasSigner
 from opendps.transport.mqtt.codec import Publish
 
 __all__ = ["C2dMessage", "HubClient", "HubError", "encode_property_bag", "decode_property_bag"]
@@ -148,16 +151,25 @@ class _Outgoing:
     done: asyncio.Future
 
 
+def _one_credential(x509: Any, symmetric_key: str | None, signer: SasSigner | None) -> None:
+    if sum(x is not None for x in (x509, symmetric_key, signer)) != 1:
+        raise ValueError("give exactly one of x509=, symmetric_key= or signer=")
+
+
+def _signer(symmetric_key: str | None, signer: SasSigner | None) -> SasSigner | None:
+    return KeySigner(symmetric_key) if symmetric_key is not None else signer
+
+
 class HubClient:
     """One device's connection to its IoT hub (``hub_host`` is the ``assignedHub`` DPS returned)."""
 
     def __init__(self, hub_host: str, device_id: str, *, port: int = 8883, ca_file: str | Path | None = None,
                  x509: tuple[str | Path, str | Path] | None = None, symmetric_key: str | None = None,
+                 signer: SasSigner | None = None,
                  ssl_context: ssl.SSLContext | None = None, address: str | None = None, keepalive: int = 60,
                  reconnect: bool = True, backoff_base: float = 1.0, backoff_max: float = 60.0, timeout: float = 30.0,
                  renewal_timeout: float = 120.0, api_version: str = HUB_API_VERSION, sas_ttl: int = 3600) -> None:
-        if (x509 is None) == (symmetric_key is None):
-            raise ValueError("give exactly one of x509= or symmetric_key=")
+        _one_credential(x509, symmetric_key, signer)
         self.hub_host = hub_host
         self.device_id = device_id
         self.port = port
@@ -172,7 +184,7 @@ class HubClient:
         self.api_version = api_version
         self.sas_ttl = sas_ttl
         self._x509 = x509
-        self._symmetric_key = symmetric_key
+        self._signer = _signer(symmetric_key, signer)
         self._ssl_context = ssl_context or client_ssl_context(ca_file, *(x509 or (None, None)))
         self._client: MqttClient | None = None
         self._connected = asyncio.Event()
@@ -226,13 +238,13 @@ class HubClient:
         self._connected.clear()
 
     async def switch_credentials(self, *, x509: tuple[str | Path, str | Path] | None = None,
-                                 symmetric_key: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+                                 symmetric_key: str | None = None, signer: SasSigner | None = None,
+                                 ssl_context: ssl.SSLContext | None = None) -> None:
         """Reconnect with new credentials (a renewed certificate). If the hub refuses them, the old ones are
         reconnected and the error is raised, so the caller can roll its :class:`CertificateStore` back.
         Queued telemetry is kept and sent on whichever connection comes up."""
-        if (x509 is None) == (symmetric_key is None):
-            raise ValueError("give exactly one of x509= or symmetric_key=")
-        old = (self._x509, self._symmetric_key, self._ssl_context)
+        _one_credential(x509, symmetric_key, signer)
+        old = (self._x509, self._signer, self._ssl_context)
         self._switching = True
         try:
             if self._reconnect_task is not None:
@@ -240,12 +252,12 @@ class HubClient:
                 self._reconnect_task = None
             if self._client is not None:
                 await self._client.disconnect()
-            self._x509, self._symmetric_key = x509, symmetric_key
+            self._x509, self._signer = x509, _signer(symmetric_key, signer)
             self._ssl_context = ssl_context or client_ssl_context(self.ca_file, *(x509 or (None, None)))
             try:
                 await self._open()
             except Exception:
-                self._x509, self._symmetric_key, self._ssl_context = old
+                self._x509, self._signer, self._ssl_context = old
                 try:
                     await self._open()
                 except (MqttError, OSError, TimeoutError):
@@ -256,8 +268,8 @@ class HubClient:
 
     async def _open(self) -> None:
         password = None
-        if self._symmetric_key is not None:
-            password = sas.generate(f"{self.hub_host}/devices/{self.device_id}", self._symmetric_key, ttl=self.sas_ttl)
+        if self._signer is not None:  # a fresh token for every CONNECT (reconnects too)
+            password = self._signer.sas_token(f"{self.hub_host}/devices/{self.device_id}", int(time.time()) + self.sas_ttl)
         client = MqttClient(self.hub_host, self.port, self.device_id, username=self.username, password=password,
                             ssl_context=self._ssl_context, address=self.address, keepalive=self.keepalive,
                             clean_session=False, on_message=self._on_message, on_disconnect=self._on_disconnect,

@@ -3,7 +3,11 @@
 Attestation: ``x509=(chain file, key file)`` presents the bootstrap chain in the TLS handshake;
 ``symmetric_key=`` signs Azure's SAS (``sr={idScope}/registrations/{id}``, ``skn=registration``);
 ``group_key=`` derives the device key locally (base64(HMAC-SHA256(group key, registration id))), so
-the group key is the only secret a fleet image carries.
+the group key is the only secret a fleet image carries. ``tpm=`` (a :class:`~opendps.device.tpm.DeviceTpm`;
+HTTPS only, as Azure DPS) sends ``tpm{endorsementKey, storageRootKey}``; DPS answers 401 with an
+``authenticationKey`` that only this TPM can open, the key it carries is imported into the TPM (never leaving
+it) and the register is sent again with a SAS the TPM signs; polls are signed by the TPM too; on ``assigned``,
+``registrationState.tpm.authenticationKey`` (the hub key) is imported the same way — wire spec §3.4.
 
 Flow: register (``PUT .../register`` or ``$dps/registrations/PUT/iotdps-register/``), then poll the
 operation while it is ``assigning``, honouring the service's ``Retry-After`` (integer seconds,
@@ -19,11 +23,12 @@ import asyncio
 import json
 import random
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs, quote
 
 import httpx
@@ -34,12 +39,17 @@ from opendps.device.mqtt import ConnectionLost, ConnectRefused, MqttClient, Mqtt
 from opendps.transport import sas
 from opendps.transport.mqtt.codec import Publish
 
+if TYPE_CHECKING:
+    from opendps.device.tpm import DeviceTpm
+
 __all__ = [
     "DEFAULT_API_VERSION",
     "PREVIEW_API_VERSION",
+    "KeySigner",
     "ProvisioningClient",
     "ProvisioningError",
     "RegistrationResult",
+    "SasSigner",
 ]
 
 PREVIEW_API_VERSION = "2025-07-01-preview"  # needed for "csr" / issuedCertificateChain
@@ -47,6 +57,25 @@ DEFAULT_API_VERSION = "2021-06-01"
 USER_AGENT = "opendps-device/0.1"
 RESPONSE_PREFIX = "$dps/registrations/res/"
 T = TypeVar("T")
+
+
+class SasSigner(Protocol):
+    """Whatever signs the device's SAS tokens (DPS ``registration`` and hub ``devices/{id}``): a key in memory
+    (:class:`KeySigner`) or a TPM-held key (:class:`~opendps.device.tpm.DeviceTpm`)."""
+
+    def sas_token(self, resource_uri: str, expiry: int, key_name: str | None = None) -> str:
+        """A ``SharedAccessSignature`` for ``resource_uri`` (unencoded) valid until ``expiry`` (Unix seconds)."""
+        ...
+
+
+class KeySigner:
+    """A :class:`SasSigner` with a base64 symmetric key in memory."""
+
+    def __init__(self, key_b64: str) -> None:
+        self.key = key_b64
+
+    def sas_token(self, resource_uri: str, expiry: int, key_name: str | None = None) -> str:
+        return sas.token(resource_uri, sas.sign(self.key, f"{quote(resource_uri, safe='')}\n{expiry}"), expiry, key_name)
 
 
 class ProvisioningError(Exception):
@@ -110,14 +139,20 @@ class ProvisioningClient:
     def __init__(self, host: str, id_scope: str, registration_id: str, *, https_port: int = 443, mqtt_port: int = 8883,
                  ca_file: str | Path | None = None, transport: Literal["https", "mqtt"] = "https",
                  x509: tuple[str | Path, str | Path] | None = None, symmetric_key: str | None = None,
-                 group_key: str | None = None, ssl_context: ssl.SSLContext | None = None, api_version: str | None = None,
+                 group_key: str | None = None, tpm: DeviceTpm | None = None, tpm_key_file: str | Path | None = None,
+                 ssl_context: ssl.SSLContext | None = None, api_version: str | None = None,
                  max_retries: int = 5, backoff_base: float = 1.0, backoff_max: float = 30.0, min_wait: float = 1.0,
                  max_wait: float = 300.0, timeout: float = 30.0, poll_timeout: float = 300.0,
                  sas_ttl: int = 3600) -> None:
-        if sum(x is not None for x in (x509, symmetric_key, group_key)) != 1:
-            raise ValueError("give exactly one of x509=, symmetric_key= or group_key=")
+        if sum(x is not None for x in (x509, symmetric_key, group_key, tpm)) != 1:
+            raise ValueError("give exactly one of x509=, symmetric_key=, group_key= or tpm=")
         if transport not in ("https", "mqtt"):
             raise ValueError(f"transport must be 'https' or 'mqtt', got {transport!r}")
+        if tpm is not None and transport != "https":
+            raise ValueError("TPM attestation works over HTTPS only (Azure DPS has no TPM over MQTT): use "
+                             "transport='https'")
+        if tpm_key_file is not None and tpm is None:
+            raise ValueError("tpm_key_file= goes with tpm=")
         self.host = host
         self.id_scope = id_scope
         self.registration_id = registration_id
@@ -125,6 +160,9 @@ class ProvisioningClient:
         self.mqtt_port = mqtt_port
         self.transport = transport
         self.device_key = derive_device_key(group_key, registration_id) if group_key is not None else symmetric_key
+        self.tpm = tpm
+        self.tpm_key_file = Path(tpm_key_file) if tpm_key_file is not None else None
+        self._signer: SasSigner | None = KeySigner(self.device_key) if self.device_key is not None else None
         self.ssl_context = ssl_context or client_ssl_context(ca_file, *(x509 or (None, None)))
         self.api_version = api_version
         self.max_retries = max_retries
@@ -143,6 +181,9 @@ class ProvisioningClient:
         body: dict[str, Any] = {"registrationId": self.registration_id, "payload": payload}
         if csr_b64 is not None:
             body["csr"] = csr_b64
+        if self.tpm is not None:
+            body["tpm"] = {"endorsementKey": self.tpm.endorsement_key(), "storageRootKey": self.tpm.storage_root_key()}
+            self._signer = None  # until this registration's challenge is activated: the first request has no SAS
         if self.transport == "https":
             doc = await self._register_https(body, api_version)
         else:
@@ -151,10 +192,21 @@ class ProvisioningClient:
 
     # ---- shared ----
     def _sas(self) -> str | None:
-        if self.device_key is None:
+        if self._signer is None:
             return None
-        return sas.generate(f"{self.id_scope}/registrations/{self.registration_id}", self.device_key, "registration",
-                            ttl=self.sas_ttl)
+        return self._signer.sas_token(f"{self.id_scope}/registrations/{self.registration_id}",
+                                      int(time.time()) + self.sas_ttl, "registration")
+
+    def _activate(self, blob: str, what: str) -> None:
+        """Open a DPS ``authenticationKey`` in the TPM: its key stays there (and in ``tpm_key_file``, wrapped)."""
+        from opendps.device.tpm import TpmError
+
+        assert self.tpm is not None
+        try:
+            self.tpm.activate(blob, key_file=self.tpm_key_file)
+        except TpmError as exc:
+            raise ProvisioningError(401, None, f"the TPM cannot open the {what}: {exc}") from exc
+        self._signer = self.tpm
 
     def _clamp(self, seconds: float | None, default: float = 2.0) -> float:
         return min(self.max_wait, max(self.min_wait, default if seconds is None else seconds))
@@ -179,6 +231,12 @@ class ProvisioningClient:
         status = doc.get("status")
         state = doc.get("registrationState") or {}
         if status == "assigned":
+            if self.tpm is not None:
+                hub_key = (state.get("tpm") or {}).get("authenticationKey") if isinstance(state.get("tpm"), dict) else None
+                if not hub_key:  # as the Azure SDKs: without it the device has no key for its hub
+                    raise ProvisioningError(502, None, "DPS assigned the TPM device without "
+                                                       "registrationState.tpm.authenticationKey (the hub key)", doc)
+                self._activate(hub_key, "hub key (registrationState.tpm.authenticationKey)")
             return RegistrationResult(status, state.get("assignedHub"), state.get("deviceId"), state.get("substatus"),
                                       state.get("payload"), certificates_from_b64(state.get("issuedCertificateChain") or []),
                                       doc)
@@ -233,7 +291,14 @@ class ProvisioningClient:
 
                 return await self._with_retries(attempt)
 
-            first, retry_after = await request("PUT", "/register", body)
+            try:
+                first, retry_after = await request("PUT", "/register", body)
+            except ProvisioningError as exc:
+                challenge = exc.body.get("authenticationKey")
+                if self.tpm is None or exc.status != 401 or not challenge or self._signer is not None:
+                    raise
+                self._activate(str(challenge), "DPS challenge (authenticationKey)")
+                first, retry_after = await request("PUT", "/register", body)  # now with the TPM-signed SAS
             return await self._poll(first, retry_after,
                                     lambda op: request("GET", f"/operations/{quote(op, safe='')}"))
 

@@ -337,12 +337,8 @@ class DeviceTpm:
         """An Azure SAS for ``resource_uri`` (unencoded) signed in the TPM: the string-to-sign and encoding of
         :func:`opendps.transport.sas.generate` (``quote(safe='')``, ``sr + "\\n" + se``), with the signature
         coming from :meth:`sign` instead of a key in memory. DPS: ``{scope}/registrations/{id}``, ``registration``."""
-        sr = quote(resource_uri, safe="")
-        signature = base64.b64encode(self.sign(f"{sr}\n{expiry}".encode())).decode()
-        token = f"{sas.PREFIX}sr={sr}&sig={quote(signature, safe='')}&se={expiry}"
-        if key_name:
-            token += f"&skn={quote(key_name, safe='')}"
-        return token
+        signature = base64.b64encode(self.sign(f"{quote(resource_uri, safe='')}\n{expiry}".encode())).decode()
+        return sas.token(resource_uri, signature, expiry, key_name)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -58,13 +58,17 @@ def derive_device_key(group_key_b64: str, registration_id: str) -> str:
 def generate(resource: str, key_b64: str, key_name: str | None = None, ttl: int = 3600,
              now: float | None = None) -> str:
     """Make a token for ``resource`` (given unencoded; encoded here with ``quote(safe='')``)."""
-    sr = quote(resource, safe="")
     se = int((time.time() if now is None else now) + ttl)
-    sig = sign(key_b64, f"{sr}\n{se}")
-    token = f"{PREFIX}sr={sr}&sig={quote(sig, safe='')}&se={se}"
+    return token(resource, sign(key_b64, f"{quote(resource, safe='')}\n{se}"), se, key_name)
+
+
+def token(resource: str, signature: str, expiry: int, key_name: str | None = None) -> str:
+    """Assemble a token from a signature made elsewhere (e.g. in a TPM) over ``quote(resource, safe='') + "\\n" +
+    str(expiry)``: ``resource`` unencoded, ``signature`` base64; the encoding is :func:`generate`'s."""
+    result = f"{PREFIX}sr={quote(resource, safe='')}&sig={quote(signature, safe='')}&se={expiry}"
     if key_name:
-        token += f"&skn={quote(key_name, safe='')}"
-    return token
+        result += f"&skn={quote(key_name, safe='')}"
+    return result
 
 
 def parse(header: str) -> SasToken:

@@ -707,7 +707,7 @@ def test_hub_trust_follows_policy_links_and_rotation(server, tmp_path):
 def test_enrollment_errors_and_paging_over_the_api(server):
     """Validation itself is tested in-process (tests/unit/provisioning/test_enrollments.py); here: the wire."""
     with svc(server) as c:
-        assert_azure_error(c.put("/enrollments/invalid-one", json={"attestation": {"type": "tpm"}}), 400,
+        assert_azure_error(c.put("/enrollments/invalid-one", json={"attestation": {"type": "none"}}), 400,
                            "attestation.type must be one of")
         assert c.get("/enrollments/invalid-one").status_code == 404
         unverified = make_ca("never-verified")

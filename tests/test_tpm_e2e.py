@@ -179,11 +179,12 @@ def test_provision_with_csr_connect_with_certificate_and_tpm_sas_then_renew(serv
             await hub.disconnect()
 
     assert "reported" in asyncio.run(hub_session(x509=stored.tls_identity))
-    # (a device given an operational certificate becomes a certificateAuthority identity in the hub, without SAS
-    # keys — provisioning/registration.py — so its TPM-signed SAS is tested on a device without a CSR, below)
+    # a TPM device given an operational certificate is a certificateAuthority identity that keeps its TPM-held key:
+    # its TPM-signed SAS opens a hub session too (the key file loads into the same TPM in a later process)
     assert hub_device(server, rid).json()["authenticationType"] == "certificateAuthority"
-    with open_tpm(tcti) as tpm:  # the key file loads into the same TPM in a later process (and signs as DPS expects)
+    with open_tpm(tcti) as tpm:
         tpm.load_key_file(key_file)
+        assert "reported" in asyncio.run(hub_session(signer=tpm))
         token = tpm.sas_token(f"{server.id_scope}/registrations/{rid}", int(time.time()) + 600, "registration")
     with dps(server) as c:
         r = raw_register(server, c, rid, {"endorsementKey": info["endorsementKey"],

@@ -82,7 +82,8 @@ class HubAuthenticator:
     @staticmethod
     def _sas(device: AuthenticatedDevice, password: bytes, keys: tuple[str, str] | None,
              now: datetime) -> AuthenticatedDevice:
-        if device.auth_type != "sas" or not keys:
+        # SAS devices, and certificate devices that also hold a key (a TPM device given an operational certificate)
+        if device.auth_type not in ("sas", "certificateAuthority") or not keys:
             raise InvalidCredentials(f"device {device.device_id!r} does not use SAS authentication")
         try:
             token = sas.parse(password.decode("utf-8"))

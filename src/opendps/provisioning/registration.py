@@ -385,7 +385,12 @@ class Provisioning:
             if decision.issuer is not None and decision.csr is not None:
                 chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
             self.registration_limit.check(rid, connection=conn)  # one upsert in this transaction; 429 rolls it back
-            credential = DeviceCredential("certificateAuthority") if chain else identity.hub_credential
+            credential = identity.hub_credential
+            if chain:
+                # a TPM device keeps its TPM-held key for hub SAS beside the certificate (registrationState.tpm
+                # gives it the key for the hub); other devices use the certificate only
+                credential = DeviceCredential("certificateAuthority", keys=identity.hub_credential.keys
+                                              if identity.attestation_type == "tpm" else None)
             self.hubs.place_device(s, placement.hub, device_id, credential, initial_twin=twin, twin=placement.twin,
                                    previous=(previous, (reg.device_id if reg else None) or device_id) if previous else None)
             if e.policy_id is not None:

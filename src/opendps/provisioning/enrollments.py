@@ -87,7 +87,8 @@ class EnrollmentView:
 
     def to_wire(self, *, include_keys: bool = False) -> dict[str, Any]:
         doc = copy.deepcopy(self.document)
-        if include_keys and self.keys:
+        # a TPM enrollment's keys are never shown: only the TPM the challenge was made for ever holds one
+        if include_keys and self.keys and self.attestation_type == "symmetricKey":
             doc["attestation"]["symmetricKey"] = {"primaryKey": self.keys[0], "secondaryKey": self.keys[1]}
         doc["etag"] = self.etag
         doc["createdDateTimeUtc"] = iso8601(self.created_at)

@@ -63,6 +63,9 @@ def test_the_challenge_round_trip_registers_a_tpm_device(services, device_tpm):
     enroll(services, "tpm-dev", device_tpm.ek)
     view = services.enrollments.find("individual", "tpm-dev")
     assert view.attestation_type == "tpm" and len(base64.b64decode(view.keys[0])) == 32
+    # the key is the TPM's alone: no answer of the service API shows it
+    assert view.attestation_mechanism() == {"type": "tpm", "tpm": {"endorsementKey": device_tpm.ek}}
+    assert "symmetricKey" not in view.to_wire(include_keys=True)["attestation"]
     # 1. no Authorization: the challenge
     challenge = services.provisioning.register(creds("tpm-dev", evidence=device_tpm.evidence))
     assert isinstance(challenge, Challenge) and challenge.status == 401

@@ -5,6 +5,13 @@ intermediate, one device onboarded over MQTT with its X.509 bootstrap certificat
 with a symmetric key — both with CSRs — both connected to the hub with their operational certificates,
 telemetry flowing, certificate dates in the twin, and a forced renewal. Every step is checked from the
 service side; the command exits 0 only if all of them succeeded.
+
+When ``swtpm`` is on PATH and tpm2-pytss imports, a third device attests with a TPM (issue 16): a private swtpm
+(state in a temporary directory of the work area, loopback TCP on free ports, stopped and removed at the end
+whatever happens), an individual TPM enrollment for its endorsement key, provisioning over HTTPS with a P-384
+CSR (``ProvisioningClient(tpm=...)`` through the device agent), then the hub with its operational certificate,
+telemetry and twin like the others. Without them the run says why the TPM device was skipped and still exits 0;
+tpm2-pytss is only imported then, never when this module is.
 """
 
 from __future__ import annotations
@@ -12,7 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +52,7 @@ class Step:
     ok: bool
     detail: str
     seconds: float
+    skipped: bool = False  # an optional part left out (ok: it does not fail the run); detail says why
 
 
 DEFAULT_PREFIX = "quickstart"
@@ -66,6 +78,12 @@ class Run:
             click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", err=True)
         if not ok:
             raise _Stop
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record an optional part left out and say why (the run still succeeds)."""
+        self.steps.append(Step(name, True, reason, 0.0, skipped=True))
+        if not self.quiet:
+            click.echo(f"{name} skipped: {reason}", err=True)
 
     @property
     def ok(self) -> bool:
@@ -174,7 +192,7 @@ def _twin_certificate(client: Client, device_id: str, serial: str, timeout: floa
 def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: str, validity: int) -> None:
     from opendps.device.agent import AgentConfig, DeviceAgent
 
-    x509_id, sas_id = f"{prefix}-x509", f"{prefix}-symkey"
+    x509_id, sas_id, tpm_id = f"{prefix}-x509", f"{prefix}-symkey", f"{prefix}-tpm"
     # each prefix its own bootstrap chain (another prefix's files are never reused or in the way)
     cert_dir = work / "certs" if prefix == DEFAULT_PREFIX else work / f"certs-{prefix}"
     mqtt = info.get("endpoints", {}).get("mqtt", {})
@@ -183,18 +201,154 @@ def _flow(run: Run, client: Client, info: dict[str, Any], work: Path, prefix: st
     ca_file = info.get("serverCaCertificate")
     scope = info["idScope"]
 
-    sas_key = _service_side_steps(run, client, x509_id, sas_id, cert_dir, validity)
-
     common = {"dps_host": host, "id_scope": scope, "https_port": int(https.get("port", 8443)),
               "mqtt_port": int(mqtt.get("port", 8883)), "ca_file": ca_file, "retry_base": 1.0, "retry_max": 5.0}
-    agents = {
+    with contextlib.ExitStack() as stack:  # the TPM device's swtpm and TPM session: closed whatever happens
+        sas_key = _service_side_steps(run, client, x509_id, sas_id, cert_dir, validity)
+        tpm_agents = tpm_device(run, client, stack, work, tpm_id, common)
+        agents = {
         x509_id: DeviceAgent(AgentConfig(registration_id=x509_id, store_dir=work / "devices" / x509_id, transport="mqtt",
                                          x509_cert_file=cert_dir / "device" / "device-full-chain.pem",
                                          x509_key_file=cert_dir / "device" / "device.key", renewal_method="hub", **common)),
         sas_id: DeviceAgent(AgentConfig(registration_id=sas_id, store_dir=work / "devices" / sas_id, transport="https",
                                         symmetric_key=sas_key, renewal_method="dps", **common)),
-    }
-    _device_steps(run, client, agents, x509_id, sas_id)
+            **tpm_agents,
+        }
+        transports = {x509_id: "MQTT, X.509 bootstrap", sas_id: "HTTPS, symmetric key", tpm_id: "HTTPS, TPM (swtpm)"}
+        _device_steps(run, client, agents, {rid: transports[rid] for rid in agents}, x509_id)
+
+
+TPM_DEVICE = "TPM device"
+
+
+def tpm_missing() -> str | None:
+    """Why the quickstart cannot run a TPM device here (no swtpm, no usable tpm2-pytss), or None."""
+    reasons = []
+    if shutil.which("swtpm") is None:
+        reasons.append("swtpm not installed (apt install swtpm swtpm-tools)")
+    try:
+        import tpm2_pytss  # noqa: F401 - only whether it imports (with its TSS2 libraries)
+    except ImportError:
+        reasons.append("tpm2-pytss not installed (pip install 'opendps[tpm]'; it needs apt install libtss2-dev)")
+    except OSError as exc:  # installed, but the TSS2 shared libraries are not
+        reasons.append(f"tpm2-pytss not usable ({exc}; apt install libtss2-dev)")
+    return "; ".join(reasons) or None
+
+
+def _consecutive_free_ports() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1 (the swtpm TCTI finds the control port at P+1)."""
+    for _ in range(200):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        port = int(first.getsockname()[1])
+        second = socket.socket()
+        try:
+            second.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        finally:
+            first.close()
+            second.close()
+        return port
+    raise RuntimeError("no two consecutive free loopback ports for swtpm")
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_swtpm(work: Path) -> Iterator[str]:
+    """A private swtpm (TPM 2.0) on loopback, its state in a temporary directory under ``work``; yield its TCTI.
+
+    Stopped and its state removed on exit, whatever happened.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="swtpm-", dir=work))
+    log = state / "swtpm.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        port = 0
+        for _attempt in range(5):  # a port taken between choosing it and swtpm binding it: try others
+            port = _consecutive_free_ports()
+            proc = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2",
+                 "--server", f"type=tcp,bindaddr=127.0.0.1,port={port}",
+                 "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={port + 1}",
+                 "--tpmstate", f"dir={state}", "--flags", "startup-clear,not-need-init",
+                 "--log", f"file={log},level=1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+            if _swtpm_ready(port, proc, time.monotonic() + 15):
+                break
+            _stop_process(proc)
+            proc = None
+        if proc is None:
+            detail = log.read_text(errors="replace").strip()[-300:] if log.exists() else ""
+            raise RuntimeError(f"swtpm did not start{': ' + detail if detail else ''}")
+        yield f"swtpm:host=127.0.0.1,port={port}"
+    finally:
+        if proc is not None:
+            _stop_process(proc)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _swtpm_ready(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+            with socket.create_connection(("127.0.0.1", port + 1), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def tpm_device(run: Run, client: Client | None, stack: contextlib.ExitStack, work: Path, rid: str,
+               common: dict[str, Any]) -> dict[str, DeviceAgent]:
+    """The TPM device's service-side steps (a private swtpm, its EK enrolled); → its agent, or nothing when skipped.
+
+    The swtpm and the TPM session go on ``stack`` (closed by the caller whatever happens). Without swtpm or
+    tpm2-pytss it records one skipped step saying why and touches nothing else.
+    """
+    reason = tpm_missing()
+    if reason is not None:
+        run.skip(TPM_DEVICE, reason)
+        return {}
+    assert client is not None
+    from opendps.device.agent import AgentConfig, DeviceAgent
+    from opendps.device.tpm import DeviceTpm
+
+    box: dict[str, Any] = {}
+    store_dir = work / "devices" / rid
+
+    def software_tpm() -> str:
+        tcti = stack.enter_context(running_swtpm(work))
+        box["tpm"] = tpm = stack.enter_context(DeviceTpm(tcti))
+        box["ek"] = tpm.endorsement_key()
+        port = tcti.rsplit("=", 1)[1]
+        return f"a private swtpm on 127.0.0.1:{port} (TCTI {tcti}): RSA-2048 endorsement key and SRK created"
+
+    def tpm_enrollment() -> str:
+        client.request("PUT", api_path("enrollments", rid), json={
+            "registrationId": rid, "attestation": {"type": "tpm", "tpm": {"endorsementKey": box["ek"]}},
+            "credentialPolicyName": POLICY, "namespaceName": NAMESPACE})
+        # each run has a new TPM: an earlier run's certificate and SRK-wrapped key belong to a TPM that is gone
+        shutil.rmtree(store_dir, ignore_errors=True)
+        return f"individual TPM enrollment {rid!r} for this swtpm's endorsement key"
+
+    run.step("software TPM", software_tpm)
+    run.step("TPM enrollment", tpm_enrollment)
+    return {rid: DeviceAgent(AgentConfig(registration_id=rid, store_dir=store_dir, transport="https", tpm=box["tpm"],
+                                         renewal_method="dps", **common))}
 
 
 def _service_side_steps(run: Run, client: Client, x509_id: str, sas_id: str, cert_dir: Path, validity: int) -> str:
@@ -241,12 +395,14 @@ def _service_side_steps(run: Run, client: Client, x509_id: str, sas_id: str, cer
     return keys["sas"]
 
 
-def _device_steps(run: Run, client: Client, agents: dict[str, DeviceAgent], x509_id: str, sas_id: str) -> None:
-    """Both devices provisioned and connected, telemetry, twin reporting and a forced renewal, on one event loop."""
+def _device_steps(run: Run, client: Client, agents: dict[str, DeviceAgent], transports: dict[str, str],
+                  x509_id: str) -> None:
+    """Every device provisioned and connected, telemetry, twin reporting and a forced renewal (of ``x509_id``),
+    on one event loop."""
     loop = asyncio.new_event_loop()
     tasks = {rid: loop.create_task(a.run()) for rid, a in agents.items()}
     try:
-        for rid, transport in ((x509_id, "MQTT, X.509 bootstrap"), (sas_id, "HTTPS, symmetric key")):
+        for rid, transport in transports.items():
             def provisioned(rid: str = rid, transport: str = transport) -> str:
                 loop.run_until_complete(asyncio.wait_for(agents[rid].wait_ready(), 120))
                 st = agents[rid].status
@@ -273,7 +429,8 @@ def _device_steps(run: Run, client: Client, agents: dict[str, DeviceAgent], x509
         def twins() -> str:
             for rid, agent in agents.items():
                 blocking(_twin_certificate, client, rid, (agent.status.certificate or {}).get("serialNumber", ""))
-            return "both twins report their certificate's validFrom/validUntil/serialNumber/thumbprint"
+            every = "both twins report" if len(agents) == 2 else f"all {len(agents)} twins report"
+            return f"{every} their certificate's validFrom/validUntil/serialNumber/thumbprint"
 
         def renewal() -> str:
             before = (agents[x509_id].status.certificate or {}).get("serialNumber")
@@ -306,7 +463,7 @@ def register(main: click.Group) -> None:
 @click.option("--mqtt-port", type=int, default=None, help="MQTT port of the embedded server (default 8883).")
 @click.option("--amqp-port", type=int, default=None, help="AMQP port of the embedded server (default 5671; 0 = off).")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
-              help="Prefix of the two devices' registration ids.")
+              help="Prefix of the devices' registration ids.")
 @click.option("--cert-validity-days", "validity", type=click.IntRange(1, 90), default=30, show_default=True,
               help="Leaf validity of the quickstart policy.")
 @output_option(default="table")
@@ -328,7 +485,7 @@ def quickstart(data_dir: Path | None, https_port: int | None, mqtt_port: int | N
         for col in ("step", "result", "detail", "seconds"):
             table.add_column(col)
         for s in run.steps:
-            table.add_row(s.name, "ok" if s.ok else "FAILED", s.detail, f"{s.seconds:.1f}")
+            table.add_row(s.name, "skipped" if s.skipped else "ok" if s.ok else "FAILED", s.detail, f"{s.seconds:.1f}")
         Console().print(table)
     if not run.ok:
         sys.exit(1)

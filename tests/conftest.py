@@ -266,6 +266,35 @@ def swtpm(tmp_path_factory) -> str:
         yield tcti
 
 
+# the device side's TPM fixtures (tests/test_device_tpm.py, tests/test_tpm_e2e.py)
+@pytest.fixture(scope="session")
+def tss():
+    """tpm2-pytss, or skip (fail in CI): it is the optional extra ``opendps[tpm]``."""
+    try:
+        import tpm2_pytss
+    except (ImportError, OSError) as exc:
+        service_missing(f"tpm2-pytss not usable (pip install 'opendps[tpm]' after apt-get install libtss2-dev): {exc}")
+    return tpm2_pytss
+
+
+@pytest.fixture
+def tcti(tss, swtpm):
+    """The session's swtpm, shared: each test must leave no object loaded in it (swtpm has three slots)."""
+    from tests.swtpm import tpm2
+
+    yield swtpm
+    assert tpm2(swtpm, "getcap", "handles-transient").stdout.strip() == b"", "a test left objects in the TPM"
+
+
+@pytest.fixture(scope="module")
+def other_tcti(tss):
+    """A second TPM (its own seeds, so its own EK and SRK), also where a test persists objects."""
+    from tests.swtpm import running_swtpm
+
+    with running_swtpm() as tcti:
+        yield tcti
+
+
 # The Azure SDK compat suite's fixtures (tests/compat/azure_sdk.py). They are registered here, not in a
 # tests/compat/conftest.py: a second conftest module would shadow this one for `from conftest import ...`.
 from tests.compat.azure_sdk import azure_python, compat_server  # noqa: E402, F401

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,88 +31,29 @@ def tools_missing() -> str | None:
     return None
 
 
-def _consecutive_free_ports() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (held together while chosen)."""
-    for _ in range(200):
-        first = socket.socket()
-        first.bind(("127.0.0.1", 0))
-        port = first.getsockname()[1]
-        second = socket.socket()
-        try:
-            second.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        finally:
-            first.close()
-            second.close()
-        return port
-    raise RuntimeError("no two consecutive free loopback ports")
-
-
-def _wait_ready(port: int, proc: subprocess.Popen, deadline: float) -> bool:
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                pass
-            with socket.create_connection(("127.0.0.1", port + 1), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 @contextmanager
 def running_swtpm(state_dir: Path | None = None) -> Iterator[str]:
-    """Run a fresh swtpm; yield its TCTI string; stop it (and remove its state unless given) on exit."""
+    """:func:`opendps.device.swtpm.running_swtpm` for tests: skip (fail in CI) without the tools, fail the test
+    when it does not start."""
     reason = tools_missing()
     if reason:
         from tests.conftest import service_missing
 
         service_missing(reason)
-    own_dir = state_dir is None
-    directory = Path(tempfile.mkdtemp(prefix="swtpm-")) if state_dir is None else state_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "swtpm.log"
-    proc: subprocess.Popen | None = None
-    try:
-        for _attempt in range(5):  # a port taken between choosing it and swtpm binding it: try others
-            port = _consecutive_free_ports()
-            proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2",
-                 "--server", f"type=tcp,bindaddr=127.0.0.1,port={port}",
-                 "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={port + 1}",
-                 "--tpmstate", f"dir={directory}",
-                 "--flags", "startup-clear,not-need-init",
-                 "--log", f"file={log_path},level=1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-            if _wait_ready(port, proc, time.time() + 15):
-                break
-            _stop(proc)
-            proc = None
-        if proc is None:
-            import pytest
+    import pytest
 
-            log = log_path.read_text() if log_path.exists() else ""
-            pytest.fail(f"swtpm did not start: {log}")
-        yield f"swtpm:host=127.0.0.1,port={port}"
+    from opendps.device.swtpm import SwtpmError
+    from opendps.device.swtpm import running_swtpm as launch
+
+    try:
+        launcher = launch(state_dir)
+        tcti = launcher.__enter__()
+    except SwtpmError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield tcti
     finally:
-        if proc is not None:
-            _stop(proc)
-        if own_dir:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
+        launcher.__exit__(None, None, None)
 
 
 def tpm2(tcti: str, tool: str, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

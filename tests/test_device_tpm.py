@@ -26,36 +26,6 @@ from opendps.transport import sas
 pytestmark = pytest.mark.timeout(120, func_only=True)
 
 
-@pytest.fixture(scope="module")
-def tss():
-    """tpm2-pytss, or skip (fail in CI): it is the optional extra ``opendps[tpm]``."""
-    try:
-        import tpm2_pytss
-    except (ImportError, OSError) as exc:
-        from tests.conftest import service_missing
-
-        service_missing(f"tpm2-pytss not usable (pip install 'opendps[tpm]' after apt-get install libtss2-dev): {exc}")
-    return tpm2_pytss
-
-
-@pytest.fixture
-def tcti(tss, swtpm):
-    """The session's swtpm, shared with other tests: each test must leave no object loaded (swtpm has three slots)."""
-    from tests.swtpm import tpm2
-
-    yield swtpm
-    assert tpm2(swtpm, "getcap", "handles-transient").stdout.strip() == b"", "a test left objects in the TPM"
-
-
-@pytest.fixture(scope="module")
-def other_tcti(tss):
-    """A second TPM (its own seeds, so its own EK and SRK), also used where a test persists objects."""
-    from tests.swtpm import running_swtpm
-
-    with running_swtpm() as tcti:
-        yield tcti
-
-
 def open_tpm(tcti: str, **kwargs):
     from opendps.device.tpm import DeviceTpm
 

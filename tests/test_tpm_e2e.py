@@ -41,34 +41,6 @@ def server(tmp_path_factory):
         yield from _run_server(db_url, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def tss():
-    try:
-        import tpm2_pytss
-    except (ImportError, OSError) as exc:
-        from tests.conftest import service_missing
-
-        service_missing(f"tpm2-pytss not usable (pip install 'opendps[tpm]' after apt-get install libtss2-dev): {exc}")
-    return tpm2_pytss
-
-
-@pytest.fixture
-def tcti(tss, swtpm):
-    """The session's swtpm; each test must leave no object loaded in it."""
-    from tests.swtpm import tpm2
-
-    yield swtpm
-    assert tpm2(swtpm, "getcap", "handles-transient").stdout.strip() == b"", "a test left objects in the TPM"
-
-
-@pytest.fixture(scope="module")
-def other_tcti(tss):
-    """A second TPM: its own seeds, so its own EK and SRK."""
-    from tests.swtpm import running_swtpm
-
-    with running_swtpm() as tcti:
-        yield tcti
-
 
 @pytest.fixture(scope="module")
 def policy(server) -> str:

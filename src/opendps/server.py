@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from opendps.frontends import FrontEnds, build
-from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance
+from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
 from opendps.transport.tls import (
     ConnectionGate,
@@ -30,6 +30,14 @@ def front_ends(instance: Instance) -> FrontEnds:
     """The front ends of ``instance`` (service tokens are accepted for its host name, with or without port)."""
     st = instance.settings
     return build(instance.services, service_hosts={st.service_host, st.hostname}, client_timeout=st.client_timeout)
+
+
+def remember_settings(st: Settings) -> None:
+    """Listening: now the options that worked are worth remembering (a failed start wrote nothing)."""
+    if st.save():
+        log.warning("%s", DB_PASSWORD_NOT_SAVED)
+    for warning in st.warnings:
+        log.warning("%s", warning)
 
 
 def print_banner(instance: Instance) -> None:
@@ -77,13 +85,8 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # a node of the service from now on: live hub state reaches devices here from any process or node
     await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
         "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port})
-    # listening: now the options that worked are worth remembering (a failed start wrote nothing); a worker's
-    # supervisor does that once for all of them
-    if not shared:
-        if st.save():
-            log.warning("%s", DB_PASSWORD_NOT_SAVED)
-        for warning in st.warnings:
-            log.warning("%s", warning)
+    if not shared:  # a worker's supervisor does it once for all of them
+        remember_settings(st)
     if banner:
         print_banner(instance)
     log.info("listening%s (pid %d)", f" as worker {worker} of {workers}" if shared else "", os.getpid())

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from opendps.errors import ConfigurationError
-from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
+from opendps.instance import Instance, Settings
 
 log = logging.getLogger("opendps")
 START_TIMEOUT = 120.0
@@ -164,12 +164,10 @@ class Supervisor:
         except BaseException:
             self._stop_all()
             raise
-        if st.save():
-            log.warning("%s", DB_PASSWORD_NOT_SAVED)
-        for warning in st.warnings:
-            log.warning("%s", warning)
+        from opendps.server import print_banner, remember_settings
+
+        remember_settings(st)
         if banner:
-            from opendps.server import print_banner
 
             print_banner(instance)
             print(f"  workers:            {self.count} (pids {', '.join(map(str, pids))}; supervisor {os.getpid()})",

@@ -20,10 +20,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -224,8 +221,10 @@ TPM_DEVICE = "TPM device"
 def tpm_missing() -> str | None:
     """Why the quickstart cannot run a TPM device here (no swtpm, no usable tpm2-pytss), or None."""
     reasons = []
-    if shutil.which("swtpm") is None:
-        reasons.append("swtpm not installed (apt install swtpm swtpm-tools)")
+    from opendps.device.swtpm import swtpm_missing
+
+    if (missing := swtpm_missing()) is not None:
+        reasons.append(missing)
     try:
         import tpm2_pytss  # noqa: F401 - only whether it imports (with its TSS2 libraries)
     except ImportError:
@@ -233,83 +232,6 @@ def tpm_missing() -> str | None:
     except OSError as exc:  # installed, but the TSS2 shared libraries are not
         reasons.append(f"tpm2-pytss not usable ({exc}; apt install libtss2-dev)")
     return "; ".join(reasons) or None
-
-
-def _consecutive_free_ports() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (the swtpm TCTI finds the control port at P+1)."""
-    for _ in range(200):
-        first = socket.socket()
-        first.bind(("127.0.0.1", 0))
-        port = int(first.getsockname()[1])
-        second = socket.socket()
-        try:
-            second.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        finally:
-            first.close()
-            second.close()
-        return port
-    raise RuntimeError("no two consecutive free loopback ports for swtpm")
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def running_swtpm(work: Path) -> Iterator[str]:
-    """A private swtpm (TPM 2.0) on loopback, its state in a temporary directory under ``work``; yield its TCTI.
-
-    Stopped and its state removed on exit, whatever happened.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    state = Path(tempfile.mkdtemp(prefix="swtpm-", dir=work))
-    log = state / "swtpm.log"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        port = 0
-        for _attempt in range(5):  # a port taken between choosing it and swtpm binding it: try others
-            port = _consecutive_free_ports()
-            proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2",
-                 "--server", f"type=tcp,bindaddr=127.0.0.1,port={port}",
-                 "--ctrl", f"type=tcp,bindaddr=127.0.0.1,port={port + 1}",
-                 "--tpmstate", f"dir={state}", "--flags", "startup-clear,not-need-init",
-                 "--log", f"file={log},level=1"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
-            if _swtpm_ready(port, proc, time.monotonic() + 15):
-                break
-            _stop_process(proc)
-            proc = None
-        if proc is None:
-            detail = log.read_text(errors="replace").strip()[-300:] if log.exists() else ""
-            raise RuntimeError(f"swtpm did not start{': ' + detail if detail else ''}")
-        yield f"swtpm:host=127.0.0.1,port={port}"
-    finally:
-        if proc is not None:
-            _stop_process(proc)
-        shutil.rmtree(state, ignore_errors=True)
-
-
-def _swtpm_ready(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                pass
-            with socket.create_connection(("127.0.0.1", port + 1), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def tpm_device(run: Run, client: Client | None, stack: contextlib.ExitStack, work: Path, rid: str,
@@ -325,6 +247,7 @@ def tpm_device(run: Run, client: Client | None, stack: contextlib.ExitStack, wor
         return {}
     assert client is not None
     from opendps.device.agent import AgentConfig, DeviceAgent
+    from opendps.device.swtpm import running_swtpm
     from opendps.device.tpm import DeviceTpm
 
     box: dict[str, Any] = {}

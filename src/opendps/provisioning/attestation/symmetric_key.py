@@ -26,10 +26,26 @@ from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, check_key, json_
 from opendps.transport import sas
 
 
-def _matches(token: sas.SasToken, keys: tuple[str, str]) -> bool:
+def registration_token(credentials: DeviceCredentials, now: datetime, skew: int) -> sas.SasToken:
+    """The device's SAS, checked for form, ``sr`` = ``{idScope}/registrations/{registrationId}`` and expiry (the
+    signature is the caller's: which keys depends on the enrollment)."""
+    try:
+        token = sas.parse(credentials.authorization or "")
+    except sas.SasError as exc:
+        raise AttestationFailed(f"invalid SharedAccessSignature: {exc}") from exc
+    expected = f"{credentials.id_scope}/registrations/{credentials.registration_id}"
+    if unquote(token.raw_resource).lower() != expected.lower():
+        raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
+    if token.expiry + skew < now.timestamp():
+        raise AttestationFailed("SharedAccessSignature has expired")
+    return token
+
+
+def signed_with(token: sas.SasToken, keys: tuple[str, str]) -> bool:
+    """Whether one of ``keys`` made the token's signature (expiry is checked once, by :func:`registration_token`)."""
     for key in keys:
         try:
-            sas.verify(token, key, skew=10**9)  # expiry is checked once, by the caller
+            sas.verify(token, key, skew=10**9)
             return True
         except sas.SasError:
             continue
@@ -58,15 +74,7 @@ class SymmetricKeyAttestation:
         return credentials.authorization is not None
 
     def authenticate(self, credentials: DeviceCredentials, context: Context, *, now: datetime) -> AttestedIdentity:
-        try:
-            token = sas.parse(credentials.authorization or "")
-        except sas.SasError as exc:
-            raise AttestationFailed(f"invalid SharedAccessSignature: {exc}") from exc
-        expected = f"{credentials.id_scope}/registrations/{credentials.registration_id}"
-        if unquote(token.raw_resource).lower() != expected.lower():
-            raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
-        if token.expiry + self.skew < now.timestamp():
-            raise AttestationFailed("SharedAccessSignature has expired")
+        token = registration_token(credentials, now, self.skew)
         rid = credentials.registration_id
         individual = context.enrollments.lookup(INDIVIDUAL, rid)
         if individual is not None:
@@ -75,7 +83,7 @@ class SymmetricKeyAttestation:
             tpm = individual.attestation_type == "tpm" and credentials.transport == HTTPS
             if (individual.attestation_type != self.name and not tpm) or not individual.keys:
                 raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation")
-            if not _matches(token, individual.keys):
+            if not signed_with(token, individual.keys):
                 raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
             if tpm:
                 return AttestedIdentity(rid, "tpm", individual, DeviceCredential("sas", keys=individual.keys),
@@ -86,7 +94,7 @@ class SymmetricKeyAttestation:
             if not group.keys:
                 continue
             derived = (sas.derive_device_key(group.keys[0], rid), sas.derive_device_key(group.keys[1], rid))
-            if _matches(token, derived):
+            if signed_with(token, derived):
                 return AttestedIdentity(rid, self.name, group, DeviceCredential("sas", keys=derived),
                                         details={"symmetricKey": {"enrollmentGroupId": group.enrollment_id}})
         raise AttestationFailed(f"no symmetric-key enrollment or group accepts this signature for {rid!r}")

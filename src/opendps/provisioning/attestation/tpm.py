@@ -23,7 +23,6 @@ import base64
 import secrets
 from datetime import datetime
 from typing import Any
-from urllib.parse import unquote
 
 from opendps.errors import InvalidInput
 from opendps.hub import DeviceCredential
@@ -37,6 +36,7 @@ from opendps.provisioning.attestation.mechanism import (
     DeviceCredentials,
     EnrollmentDisabled,
 )
+from opendps.provisioning.attestation.symmetric_key import registration_token, signed_with
 from opendps.provisioning.enrollments import GROUP, INDIVIDUAL, json_object
 from opendps.transport import sas
 
@@ -57,26 +57,6 @@ def _evidence(credentials: DeviceCredentials) -> tuple[EndorsementKey, StorageRo
         raise InvalidInput("tpm.storageRootKey is required: the challenge is bound to the storage root key")
     return (EndorsementKey.parse(tpm["endorsementKey"], "tpm.endorsementKey"),
             StorageRootKey.parse(tpm["storageRootKey"], "tpm.storageRootKey"))
-
-
-def verify_sas(credentials: DeviceCredentials, keys: tuple[str, str], now: datetime, skew: int) -> None:
-    """The device's SAS over ``{idScope}/registrations/{registrationId}``, signed with one of ``keys``."""
-    try:
-        token = sas.parse(credentials.authorization or "")
-    except sas.SasError as exc:
-        raise AttestationFailed(f"invalid SharedAccessSignature: {exc}") from exc
-    expected = f"{credentials.id_scope}/registrations/{credentials.registration_id}"
-    if unquote(token.raw_resource).lower() != expected.lower():
-        raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
-    if token.expiry + skew < now.timestamp():
-        raise AttestationFailed("SharedAccessSignature has expired")
-    for key in keys:
-        try:
-            sas.verify(token, key, skew=10**9)  # expiry checked above
-            return
-        except sas.SasError:
-            continue
-    raise AttestationFailed("SharedAccessSignature signature does not verify with the key given to this TPM")
 
 
 class TpmAttestation:
@@ -123,7 +103,8 @@ class TpmAttestation:
             return Challenge({"message": "TPM attestation: activate the credential, import the key and sign a "
                                          "SharedAccessSignature with it", "authenticationKey": challenge.authentication_key,
                               "keyName": "registration"})
-        verify_sas(credentials, enrollment.keys, now, self.skew)
+        if not signed_with(registration_token(credentials, now, self.skew), enrollment.keys):
+            raise AttestationFailed("SharedAccessSignature signature does not verify with the key given to this TPM")
         # registrationState.tpm.authenticationKey: the hub key for the SDKs to import (the same key, freshly wrapped)
         hub_blob = make_challenge(enrolled, srk, base64.b64decode(enrollment.keys[0])).authentication_key
         return AttestedIdentity(rid, self.name, enrollment, DeviceCredential("sas", keys=enrollment.keys),

@@ -159,6 +159,7 @@ def register(main: click.Group) -> None:
     register_hub(main)
     register_bootstrap(main)
     register_device(main)
+    main.add_command(issued_certificate)
 
 
 # ---------------------------------------------------------------- adr
@@ -337,6 +338,63 @@ def ns_device_list(client: Client, output: str, namespace: str) -> None:
 def ns_device_show(client: Client, output: str, namespace: str, device_id: str) -> None:
     """Show one device record."""
     emit(client.request("GET", _ns_path(namespace, "devices", device_id)), output, DEVICE_RECORD_COLUMNS)
+
+
+# ---------------------------------------------------------------- certificate (issued certificates, revocation)
+ISSUED_COLUMNS = ["serialNumber", "registrationId", "notAfter", "revoked", "revocationReason"]
+REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                      "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise")
+
+
+@click.group("certificate")
+def issued_certificate() -> None:
+    """Operational certificates this service issued: list, show, revoke (the hub refuses a revoked certificate at
+    once and drops the sessions holding it)."""
+
+
+@issued_certificate.command("list")
+@click.option("--device-id", "-d", "device_id", default=None, help="Only this device's (device or registration id).")
+@click.option("--namespace", "--ns", "namespace", default=None, help="Only those issued under this namespace.")
+@api_command
+def issued_list(client: Client, output: str, device_id: str | None, namespace: str | None) -> None:
+    """List issued certificates, newest first."""
+    params = {k: v for k, v in (("deviceId", device_id), ("namespace", namespace)) if v}
+    body = client.exchange("GET", "/deviceCertificates", params=params)[0] or {}
+    emit(body.get("value", []), output, ISSUED_COLUMNS)
+
+
+@issued_certificate.command("show")
+@click.option("--serial-number", "-s", "serial", required=True,
+              help="Serial number as openssl prints it (hex), or the SHA-256 thumbprint.")
+@api_command
+def issued_show(client: Client, output: str, serial: str) -> None:
+    """Show one issued certificate."""
+    emit(client.request("GET", api_path("deviceCertificates", serial)), output, ISSUED_COLUMNS)
+
+
+@issued_certificate.command("revoke")
+@click.option("--serial-number", "-s", "serial", default=None,
+              help="Serial number as openssl prints it (hex), or the SHA-256 thumbprint.")
+@click.option("--device-id", "-d", "device_id", default=None,
+              help="Revoke every unrevoked certificate of this device (device or registration id).")
+@click.option("--namespace", "--ns", "namespace", default=None, help="With --device-id: only under this namespace.")
+@click.option("--reason", "-r", default=None, type=click.Choice(REVOCATION_REASONS, case_sensitive=False),
+              help="RFC 5280 reason (default unspecified).")
+@api_command
+def issued_revoke(client: Client, output: str, serial: str | None, device_id: str | None, namespace: str | None,
+                       reason: str | None) -> None:
+    """Revoke one certificate (--serial-number) or all of a device's (--device-id)."""
+    if (serial is None) == (device_id is None):
+        raise CliError("give exactly one of --serial-number and --device-id")
+    if serial is not None:
+        if namespace is not None:
+            raise CliError("--namespace goes with --device-id")
+        emit(client.request("POST", api_path("deviceCertificates", serial, "revoke"), {"reason": reason}), output,
+             ISSUED_COLUMNS)
+        return
+    body = client.request("POST", "/deviceCertificates/revoke",
+                          {"deviceId": device_id, "namespace": namespace, "reason": reason}) or {}
+    emit(body.get("value", []), output, ISSUED_COLUMNS)
 
 
 # ---------------------------------------------------------------- dps

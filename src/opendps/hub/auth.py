@@ -132,6 +132,8 @@ class HubAuthenticator:
         issued = self.issuance.find(leaf, session=s)
         if issued is None:
             raise Unauthorized("device certificate was not issued by this service")
+        if issued.revoked_at is not None:
+            raise Unauthorized(f"device certificate {issued.serial_number} is revoked ({issued.revocation_reason})")
         holder = self.devices.registration_id(issued.policy_id, device.device_id, session=s) if issued.policy_id else None
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "

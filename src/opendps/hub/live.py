@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from opendps.errors import GatewayTimeout, NotFound
 from opendps.hub.auth import AuthenticatedDevice
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
+from opendps.pki import serial_hex
 
 log = logging.getLogger("opendps.hub")
 METHODS = "methods"
@@ -253,6 +254,22 @@ class LiveSessions:
         if self.peers is not None:
             await self.peers.send({"op": "drop", "hub": hub_name, "device": device_id, "reason": reason})
 
+    async def revoke(self, serials: set[str]) -> None:
+        """Certificates were revoked: close every session that authenticated with one of them, here and — told to
+        every node — everywhere. ``serials`` as :func:`opendps.pki.serial_hex` writes them (any case)."""
+        wanted = {s.upper() for s in serials}
+        if not wanted:
+            return
+        self._revoke_here(wanted)
+        if self.peers is not None:
+            await self.peers.send({"op": "revoked", "serials": sorted(wanted)})
+
+    def _revoke_here(self, serials: set[str]) -> None:
+        for link, _session in list(self._links.values()):
+            certificate = link.device.certificate
+            if certificate is not None and (serial := serial_hex(certificate)) in serials:
+                link.close(f"certificate {serial} was revoked")
+
     def _drop_here(self, hub_name: str, device_id: str, reason: str, session: str | None) -> None:
         current = self._links.get(_key(hub_name, device_id))
         if current is not None and (session is None or current[1] == session):
@@ -274,6 +291,8 @@ class LiveSessions:
         op, hub, device = message.get("op"), str(message.get("hub", "")), str(message.get("device", ""))
         if op == "drop":
             self._drop_here(hub, device, str(message.get("reason") or "dropped by the service"), None)
+        elif op == "revoked":
+            self._revoke_here({str(s).upper() for s in message.get("serials") or ()})
         elif op == "displace":
             self._drop_here(hub, device, "taken over by a new connection of the same device on another node",
                             str(message.get("session")))

@@ -11,7 +11,15 @@ pki owns ``wrapped_keys`` and ``issued_certificates``.
 
 from opendps.pki.certificates import device_chain_verifier, issued_by, load_certificate_text, serial_hex, thumbprint
 from opendps.pki.csr import CsrRejected, ValidatedCsr, decode_csr_text, validate_csr
-from opendps.pki.issuance import IssuanceEngine, IssuedChain, IssuedRecord, Issuer
+from opendps.pki.issuance import (
+    REVOCATION_REASONS,
+    IssuanceEngine,
+    IssuedCertificateView,
+    IssuedChain,
+    IssuedRecord,
+    Issuer,
+    revocation_reason,
+)
 from opendps.pki.keys import KeyStore, Signer, SoftwareSigner, load_master_key
 from opendps.pki.lint import LintFinding, lint_certificate
 from opendps.pki.possession import CaCertificates, CaCertificateView
@@ -19,12 +27,14 @@ from opendps.pki.profiles import IssuanceRefused, LintRefused, issuing_ca, root_
 from opendps.pki.tpm import EndorsementKey, StorageRootKey, TpmChallenge, make_challenge, registration_id_from_ek
 
 __all__ = [
+    "REVOCATION_REASONS",
     "CaCertificateView",
     "CaCertificates",
     "CsrRejected",
     "EndorsementKey",
     "IssuanceEngine",
     "IssuanceRefused",
+    "IssuedCertificateView",
     "IssuedChain",
     "IssuedRecord",
     "Issuer",
@@ -45,6 +55,7 @@ __all__ = [
     "load_master_key",
     "make_challenge",
     "registration_id_from_ek",
+    "revocation_reason",
     "root_ca",
     "serial_hex",
     "sign_builder",

@@ -9,16 +9,21 @@ policy or CA rows itself: what to sign with is handed to it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from opendps.errors import Conflict, InvalidInput, NotFound
+from opendps.pki.certificates import serial_hex
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
@@ -26,8 +31,41 @@ from opendps.store import IssuedCertificate, Store, table_of
 
 _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
-_ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after).where(
+_ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after,
+                           _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason).where(
     _ISSUED.c.sha256 == bindparam("b_sha"))
+_VIEW_COLUMNS = (_ISSUED.c.id, _ISSUED.c.serial, _ISSUED.c.sha256, _ISSUED.c.policy_id, _ISSUED.c.issuing_ca_id,
+                 _ISSUED.c.registration_id, _ISSUED.c.not_before, _ISSUED.c.not_after, _ISSUED.c.created_at,
+                 _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason)
+
+# RFC 5280 5.3.1 CRLReason names that revoke (removeFromCRL (8) undoes a hold: it is not a revocation reason)
+REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                      "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise")
+_REASONS_BY_KEY = {r.lower(): r for r in REVOCATION_REASONS}
+
+
+def revocation_reason(value: str | None) -> str:
+    """The RFC 5280 reason name for ``value`` (any case; None: unspecified); InvalidInput for another."""
+    if value is None or value == "":
+        return "unspecified"
+    found = _REASONS_BY_KEY.get(value.strip().lower())
+    if found is None:
+        raise InvalidInput(f"revocation reason {value!r} is not one of: {', '.join(REVOCATION_REASONS)}")
+    return found
+
+
+def stored_serial(serial: str) -> str:
+    """A serial number as given (hex as openssl prints it, any case, with or without colons or leading zeros) in
+    the stored form: lower-case hex without leading zeros. InvalidInput for anything else."""
+    text = serial.strip().replace(":", "")
+    if text.lower().startswith("0x"):
+        text = text[2:]
+    if not text or len(text) > 40:  # RFC 5280: at most 20 octets
+        raise InvalidInput(f"serial number {serial!r} is not 1 to 20 octets of hex")
+    try:
+        return format(int(text, 16), "x")
+    except ValueError:
+        raise InvalidInput(f"serial number {serial!r} is not hex") from None
 
 
 @dataclass(frozen=True)
@@ -77,6 +115,38 @@ class IssuedRecord:
     policy_id: int | None
     registration_id: str
     not_after: datetime
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+    @property
+    def serial_number(self) -> str:
+        """As openssl prints it: upper-case hex of whole octets."""
+        return serial_hex(int(self.serial, 16))
+
+
+@dataclass(frozen=True)
+class IssuedCertificateView:
+    """An issued certificate as the management API shows it."""
+
+    serial_number: str  # upper-case hex of whole octets, as openssl prints it
+    sha256: str  # lower-case hex
+    policy_id: int | None
+    issuing_ca_id: int
+    registration_id: str
+    not_before: datetime
+    not_after: datetime
+    created_at: datetime
+    revoked_at: datetime | None
+    revocation_reason: str | None
+
+    @classmethod
+    def of(cls, row: Any) -> IssuedCertificateView:
+        return cls(serial_hex(int(row.serial, 16)), row.sha256, row.policy_id, row.issuing_ca_id, row.registration_id,
+                   row.not_before, row.not_after, row.created_at, row.revoked_at, row.revocation_reason)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
 
 class IssuanceEngine:
@@ -125,4 +195,80 @@ class IssuanceEngine:
         sha = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             row = s.connection().execute(_ISSUED_BY_SHA256, {"b_sha": sha}).first()
-        return IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after) if row else None
+        return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
+                             row.revocation_reason) if row else None)
+
+    # ---- certificate views and revocation (issue 17) ----
+    @staticmethod
+    def _where_one(serial_or_thumbprint: str) -> Any:
+        """A 64-hex-digit value is a SHA-256 thumbprint (colons allowed), anything else a serial (at most 40)."""
+        text = serial_or_thumbprint.strip().replace(":", "").lower()
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            return _ISSUED.c.sha256 == text
+        return _ISSUED.c.serial == stored_serial(serial_or_thumbprint)
+
+    def get(self, serial_or_thumbprint: str) -> IssuedCertificateView:
+        """One issued certificate by serial number or SHA-256 thumbprint; NotFound if this service did not issue it."""
+        where = self._where_one(serial_or_thumbprint)
+        with self.store.session() as s:
+            row = s.connection().execute(select(*_VIEW_COLUMNS).where(where)).first()
+        if row is None:
+            raise NotFound(f"no certificate with serial number or thumbprint {serial_or_thumbprint!r} was issued here")
+        return IssuedCertificateView.of(row)
+
+    def list(self, *, registration_ids: Collection[str] | None = None,
+             issuing_ca_ids: Collection[int] | None = None) -> list[IssuedCertificateView]:
+        """Issued certificates, newest first, filtered by registration ids (any case) and/or issuing CA ids (the
+        registry resolves a device id or a namespace to these)."""
+        q = select(*_VIEW_COLUMNS).order_by(_ISSUED.c.created_at.desc(), _ISSUED.c.id.desc())
+        if registration_ids is not None:
+            if not registration_ids:
+                return []
+            q = q.where(_ISSUED.c.registration_id.in_(sorted(set(registration_ids))))
+        if issuing_ca_ids is not None:
+            if not issuing_ca_ids:
+                return []
+            q = q.where(_ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids))))
+        with self.store.session() as s:
+            return [IssuedCertificateView.of(r) for r in s.connection().execute(q).all()]
+
+    def revoke(self, serial_or_thumbprint: str, reason: str | None = None, *,
+               now: datetime | None = None) -> IssuedCertificateView:
+        """Revoke one certificate. Revoking one already revoked is a Conflict (409) naming it, its date and its
+        first reason, which stays: a revocation is never rewritten."""
+        reason = revocation_reason(reason)
+        now = now or datetime.now(UTC)
+        where = self._where_one(serial_or_thumbprint)
+        with self.store.session() as s:
+            conn = s.connection()
+            row = conn.execute(select(*_VIEW_COLUMNS).where(where)).first()
+            if row is None:
+                raise NotFound(f"no certificate with serial number or thumbprint {serial_or_thumbprint!r} was issued "
+                               "here")
+            view = IssuedCertificateView.of(row)
+            if view.revoked:
+                raise Conflict(f"certificate {view.serial_number} is already revoked ({view.revocation_reason}, "
+                               f"{view.revoked_at:%Y-%m-%dT%H:%M:%SZ})")
+            done = conn.execute(update(_ISSUED).where(_ISSUED.c.id == row.id, _ISSUED.c.revoked_at.is_(None))
+                                .values(revoked_at=now, revocation_reason=reason))
+            if done.rowcount != 1:  # revoked by a concurrent call between the read and the update
+                raise Conflict(f"certificate {view.serial_number} is already revoked")
+        return replace(view, revoked_at=now, revocation_reason=reason)
+
+    def revoke_registrations(self, registration_ids: Collection[str], reason: str | None = None, *,
+                             now: datetime | None = None) -> builtins.list[IssuedCertificateView]:
+        """Revoke every unrevoked certificate issued to ``registration_ids``; returns those just revoked (none is
+        not an error: revoking a device twice revokes nothing the second time)."""
+        reason = revocation_reason(reason)
+        now = now or datetime.now(UTC)
+        if not registration_ids:
+            return []
+        pending = _ISSUED.c.registration_id.in_(sorted(set(registration_ids))) & _ISSUED.c.revoked_at.is_(None)
+        with self.store.session() as s:
+            conn = s.connection()
+            rows = conn.execute(select(*_VIEW_COLUMNS).where(pending)).all()
+            if rows:
+                conn.execute(update(_ISSUED).where(_ISSUED.c.id.in_([r.id for r in rows]),
+                                                   _ISSUED.c.revoked_at.is_(None))
+                             .values(revoked_at=now, revocation_reason=reason))
+        return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason=reason) for r in rows]

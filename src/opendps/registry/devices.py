@@ -6,6 +6,7 @@ the hub asks who a certificate's device is (:meth:`DeviceRegistry.registration_i
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from opendps.errors import NotFound
 from opendps.ids import new_etag
 from opendps.pki import serial_hex, thumbprint
-from opendps.store import ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
+from opendps.store import CertificateAuthority, ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
 from opendps.transport.wire import iso8601
 
 # every registration writes a record: prepared statements (compiled once), not the ORM's unit of work
@@ -121,3 +122,24 @@ class DeviceRegistry:
             if namespace_id is None:
                 return None
             return s.connection().execute(_REGISTRATION_OF, {"b_ns": namespace_id, "b_key": device_id.lower()}).scalar()
+
+    # ---- who a device's certificates were issued to (certificate list and revocation, issue 17) ----
+    def registration_ids(self, device_id: str, namespace: str | None = None) -> builtins.list[str]:
+        """The registration ids whose certificates are ``device_id``'s: the id itself (a registration id, or a
+        device id equal to it, as most are) and every registration id its device records name (in ``namespace``
+        only, when given)."""
+        with self.store.session() as s:
+            q = select(DeviceRecord.registration_id).where(DeviceRecord.device_key == device_id.lower())
+            if namespace is not None:
+                q = q.join(Namespace, DeviceRecord.namespace_id == Namespace.id).where(Namespace.name == namespace)
+            found = set(s.scalars(q).all())
+        return sorted(found | {device_id, device_id.lower()})
+
+    def issuing_ca_ids(self, namespace: str) -> builtins.list[int]:
+        """Every issuing CA of ``namespace``, active or retired (NotFound: no such namespace)."""
+        with self.store.session() as s:
+            ns = s.scalar(select(Namespace.id).where(Namespace.name == namespace))
+            if ns is None:
+                raise NotFound(f"namespace {namespace!r} does not exist")
+            return list(s.scalars(select(CertificateAuthority.id).where(CertificateAuthority.namespace_id == ns,
+                                                                        CertificateAuthority.kind == "issuing")))

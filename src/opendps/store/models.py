@@ -159,6 +159,9 @@ class IssuedCertificate(Base):
     not_before: Mapped[datetime] = _ts()
     not_after: Mapped[datetime] = _ts()
     created_at: Mapped[datetime] = _ts()
+    # revocation (issue 17): when and why (an RFC 5280 CRLReason name); read with the row on every hub CONNECT
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class ProvenCaCertificate:

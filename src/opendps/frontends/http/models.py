@@ -27,6 +27,33 @@ class CertificateBody(_In):
     certificate: StrictStr | None = None
 
 
+# ---- issued (operational) certificates and their revocation ----
+class RevokeBody(_In):
+    reason: StrictStr | None = None  # an RFC 5280 CRLReason name; default unspecified
+
+
+class RevokeDeviceBody(_In):
+    deviceId: StrictStr  # a device id or registration id: every unrevoked certificate issued to it
+    namespace: StrictStr | None = None
+    reason: StrictStr | None = None
+
+
+class IssuedCertificateResponse(_Out):
+    serialNumber: str  # upper-case hex of whole octets, as openssl prints it
+    sha256Thumbprint: str
+    registrationId: str
+    notBefore: str
+    notAfter: str
+    issuedAt: str
+    revoked: bool
+    revokedAt: str | None = None
+    revocationReason: str | None = None
+
+
+class IssuedCertificateList(_Out):
+    value: list[IssuedCertificateResponse]
+
+
 class VerificationBody(_In):
     certificate: StrictStr
 

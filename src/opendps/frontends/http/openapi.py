@@ -19,6 +19,8 @@ _IF_MATCH_REQUIRED = {**_IF_MATCH, "required": True}
 _IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
 _API_VERSION = {"name": "api-version", "in": "query", "required": False, "schema": {"type": "string"}}
 _MAX_ITEM_COUNT = {"name": "x-ms-max-item-count", "in": "header", "required": False, "schema": {"type": "integer"}}
+_DEVICE_ID_QUERY = {"name": "deviceId", "in": "query", "required": False, "schema": {"type": "string"}}
+_NAMESPACE_QUERY = {"name": "namespace", "in": "query", "required": False, "schema": {"type": "string"}}
 _CONTINUATION = {"name": "x-ms-continuation", "in": "header", "required": False, "schema": {"type": "string"}}
 
 # (method, path, summary, request model, response model, success status, extra parameters)
@@ -32,6 +34,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
     ("post", "/certificates/{name}/verify", "Verify possession with a certificate whose CN is the code",
      m.VerificationBody, m.CertificateResponse, 200, [_IF_MATCH_REQUIRED]),
+    ("get", "/deviceCertificates", "List issued operational certificates, newest first (query deviceId, namespace)",
+     None, m.IssuedCertificateList, 200, [_DEVICE_ID_QUERY, _NAMESPACE_QUERY]),
+    ("get", "/deviceCertificates/{serial}", "Show an issued certificate by serial number (hex) or SHA-256 thumbprint",
+     None, m.IssuedCertificateResponse, 200, []),
+    ("post", "/deviceCertificates/{serial}/revoke", "Revoke one certificate (409 if already revoked); live sessions "
+     "holding it are dropped", m.RevokeBody, m.IssuedCertificateResponse, 200, []),
+    ("post", "/deviceCertificates/revoke", "Revoke every unrevoked certificate of a device (by device or registration "
+     "id); live sessions holding them are dropped", m.RevokeDeviceBody, m.IssuedCertificateList, 200, []),
     ("get", "/accessPolicies", "List the shared access policies (without keys)", None, m.AccessPolicyList, 200, []),
     ("get", "/accessPolicies/{name}", "Show a shared access policy (without keys)", None, m.AccessPolicyResponse, 200,
      []),

@@ -10,9 +10,10 @@ from opendps.errors import InvalidInput
 from opendps.frontends.http import models as m
 from opendps.frontends.http.certificates import certificate_routes, pem
 from opendps.frontends.http.wire import if_match, json_body, run, runtime, send, services
-from opendps.pki import CaCertificates, serial_hex, thumbprint
+from opendps.pki import CaCertificates, IssuedCertificateView, revocation_reason, serial_hex, thumbprint
 from opendps.provisioning.access import AccessPolicyView
 from opendps.registry import NamespaceView, PolicyView
+from opendps.services import Services
 from opendps.transport.wire import iso8601
 
 routes = web.RouteTableDef()
@@ -189,3 +190,59 @@ async def delete_policy(request: web.Request) -> web.Response:
     await run(request, services(request).registry.delete_policy, request.match_info["ns"],
               request.match_info["policy"], if_match=if_match(request))
     return web.Response(status=204)
+
+
+# ---- issued (operational) certificates and their revocation (issue 17) ----
+def issued_certificate_response(v: IssuedCertificateView) -> m.IssuedCertificateResponse:
+    return m.IssuedCertificateResponse(
+        serialNumber=v.serial_number, sha256Thumbprint=v.sha256.upper(), registrationId=v.registration_id,
+        notBefore=iso8601(v.not_before), notAfter=iso8601(v.not_after), issuedAt=iso8601(v.created_at),
+        revoked=v.revoked, revokedAt=iso8601(v.revoked_at) if v.revoked_at else None,
+        revocationReason=v.revocation_reason)
+
+
+def _issued_certificates(s: Services, device_id: str | None, namespace: str | None) -> list[IssuedCertificateView]:
+    """The registry names whose certificates a device's (its registration ids) and a namespace's (its issuing CAs)
+    are; the CA lists them."""
+    rids = s.devices.registration_ids(device_id, namespace) if device_id else None
+    cas = s.devices.issuing_ca_ids(namespace) if namespace else None
+    return s.issuance.list(registration_ids=rids, issuing_ca_ids=cas)
+
+
+def _revoke_device(s: Services, device_id: str, namespace: str | None, reason: str | None) -> list[IssuedCertificateView]:
+    reason = revocation_reason(reason)  # a bad reason is refused before anything is looked up
+    if namespace:  # only the certificates issued under that namespace's CAs
+        mine = {v.serial_number for v in _issued_certificates(s, device_id, namespace) if not v.revoked}
+        return [s.issuance.revoke(serial, reason) for serial in sorted(mine)]
+    return s.issuance.revoke_registrations(s.devices.registration_ids(device_id), reason)
+
+
+@routes.get("/deviceCertificates")
+async def list_issued_certificates(request: web.Request) -> web.Response:
+    views = await run(request, _issued_certificates, services(request), request.query.get("deviceId") or None,
+                      request.query.get("namespace") or None)
+    return send(m.IssuedCertificateList(value=[issued_certificate_response(v) for v in views]))
+
+
+@routes.get("/deviceCertificates/{serial}")
+async def get_issued_certificate(request: web.Request) -> web.Response:
+    v = await run(request, services(request).issuance.get, request.match_info["serial"])
+    return send(issued_certificate_response(v))
+
+
+@routes.post("/deviceCertificates/{serial}/revoke")
+async def revoke_certificate(request: web.Request) -> web.Response:
+    """Revoke one certificate, then drop the live sessions holding it on every node."""
+    b = await json_body(request, m.RevokeBody, required=False)
+    v = await run(request, services(request).issuance.revoke, request.match_info["serial"], b.reason)
+    await runtime(request).live.revoke({v.serial_number})
+    return send(issued_certificate_response(v))
+
+
+@routes.post("/deviceCertificates/revoke")
+async def revoke_device_certificates(request: web.Request) -> web.Response:
+    """Revoke every unrevoked certificate of a device (none left: an empty list), then drop its live sessions."""
+    b = await json_body(request, m.RevokeDeviceBody)
+    views = await run(request, _revoke_device, services(request), b.deviceId, b.namespace, b.reason)
+    await runtime(request).live.revoke({v.serial_number for v in views})
+    return send(m.IssuedCertificateList(value=[issued_certificate_response(v) for v in views]))

@@ -1,0 +1,130 @@
+"""Revocation (issue 17) in-process: the CA's views and revoke verbs, the hub refusing a revoked certificate at the
+next CONNECT, and live sessions holding one dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import UTC, datetime
+
+import pytest
+from cryptography import x509
+from tests.unit.conftest import creds, register, symmetric_group
+from tests.x509_helpers import p384_csr
+
+from opendps.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from opendps.hub.auth import AuthenticatedDevice
+from opendps.hub.live import LiveSessions
+from opendps.pki import REVOCATION_REASONS, serial_hex, thumbprint
+from opendps.transport.sas import derive_device_key
+
+PREVIEW = "2025-07-01-preview"
+
+
+def _issue(services, key, rid):
+    state = register(services, creds(rid, key=derive_device_key(key, rid)), csr=base64.b64encode(p384_csr(rid)).decode(),
+                     api_version=PREVIEW)["registrationState"]
+    return [x509.load_der_x509_certificate(base64.b64decode(d)) for d in state["issuedCertificateChain"]]
+
+
+@pytest.fixture
+def fleet(services):
+    services.registry.create_namespace("rev-ns", "ops")
+    key = symmetric_group(services, "rev-group", credentialPolicyName="ops")
+    return key, {rid: _issue(services, key, rid) for rid in ("dev-r1", "dev-r2")}
+
+
+def _connect(services, device_id, chain):
+    return services.hub_auth.connect("default.hubs.test", device_id, device_id, None, list(chain[:2]),
+                                     datetime.now(UTC))
+
+
+def test_views_by_serial_thumbprint_device_and_namespace(services, fleet):
+    _, chains = fleet
+    leaf = chains["dev-r1"][0]
+    serial = serial_hex(leaf)
+    assert serial == serial.upper() and len(serial) % 2 == 0
+    for spelling in (serial, serial.lower(), ":".join(serial[i:i + 2] for i in range(0, len(serial), 2)),
+                     thumbprint(leaf), "00" + serial):
+        v = services.issuance.get(spelling)
+        assert (v.serial_number, v.registration_id, v.revoked) == (serial, "dev-r1", False)
+    assert {v.registration_id for v in services.issuance.list()} >= {"dev-r1", "dev-r2"}
+    rids = services.devices.registration_ids("dev-r1")
+    assert [v.serial_number for v in services.issuance.list(registration_ids=rids)] == [serial]
+    cas = services.devices.issuing_ca_ids("rev-ns")
+    assert len(services.issuance.list(issuing_ca_ids=cas)) == 2
+    with pytest.raises(NotFound):
+        services.devices.issuing_ca_ids("no-such-ns")
+    with pytest.raises(NotFound, match="no certificate"):
+        services.issuance.get("0102")
+    for bad in ("xyz", "", "ab" * 21):
+        with pytest.raises(InvalidInput):
+            services.issuance.get(bad)
+
+
+def test_revoke_one_then_connect_is_refused_and_the_first_reason_stays(services, fleet):
+    _, chains = fleet
+    assert _connect(services, "dev-r1", chains["dev-r1"]).device_id == "dev-r1"
+    serial = serial_hex(chains["dev-r1"][0])
+    with pytest.raises(InvalidInput, match="removeFromCRL"):
+        services.issuance.revoke(serial, "removeFromCRL")
+    v = services.issuance.revoke(serial, "keycompromise")
+    assert (v.revoked, v.revocation_reason) == (True, "keyCompromise")
+    with pytest.raises(Unauthorized, match=f"certificate {serial} is revoked \\(keyCompromise\\)"):
+        _connect(services, "dev-r1", chains["dev-r1"])
+    with pytest.raises(Conflict, match=f"certificate {serial} is already revoked \\(keyCompromise"):
+        services.issuance.revoke(serial, "superseded")
+    assert services.issuance.get(serial).revocation_reason == "keyCompromise"
+    assert _connect(services, "dev-r2", chains["dev-r2"]).device_id == "dev-r2"  # the other device is untouched
+
+
+def test_revoke_a_device_revokes_all_its_certificates_and_a_new_one_connects(services, fleet):
+    key, chains = fleet
+    older = chains["dev-r1"]
+    newer = _issue(services, key, "dev-r1")  # re-registration: a second certificate
+    revoked = services.issuance.revoke_registrations(services.devices.registration_ids("dev-r1"), "cessationOfOperation")
+    assert {v.serial_number for v in revoked} == {serial_hex(older[0]), serial_hex(newer[0])}
+    assert services.issuance.revoke_registrations(["dev-r1"]) == []  # nothing left to revoke
+    for chain in (older, newer):
+        with pytest.raises(Unauthorized, match="is revoked"):
+            _connect(services, "dev-r1", chain)
+    fresh = _issue(services, key, "dev-r1")
+    assert _connect(services, "dev-r1", fresh).device_id == "dev-r1"
+    with pytest.raises(InvalidInput, match="not one of"):
+        services.issuance.revoke_registrations(["dev-r2"], "stolen")
+    assert sorted(REVOCATION_REASONS)[0] == "aACompromise"
+
+
+class _Link:
+    def __init__(self, device: AuthenticatedDevice) -> None:
+        self.device = device
+        self.closed: str | None = None
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+class _Peers:
+    node_id = "here"
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send(self, message, to=None):
+        self.sent.append(message)
+
+
+def test_live_sessions_drop_links_of_revoked_certificates_here_and_tell_other_nodes(services, fleet):
+    _, chains = fleet
+    live = LiveSessions()
+    links = {rid: _Link(_connect(services, rid, chains[rid])) for rid in chains}
+    for link in links.values():
+        live.attach(link)  # type: ignore[arg-type]
+    peers = _Peers()
+    live.peers = peers  # type: ignore[assignment]
+    serial = serial_hex(chains["dev-r1"][0])
+    asyncio.run(live.revoke({serial.lower()}))
+    assert links["dev-r1"].closed == f"certificate {serial} was revoked" and links["dev-r2"].closed is None
+    assert peers.sent == [{"op": "revoked", "serials": [serial]}]
+    live.on_peer_message({"op": "revoked", "serials": [serial_hex(chains["dev-r2"][0])]})  # from another node
+    assert links["dev-r2"].closed is not None

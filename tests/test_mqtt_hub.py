@@ -44,6 +44,7 @@ from tests.test_device_api import (
     write_identity,
 )
 
+from opendps.pki import serial_hex
 from opendps.store import CloudToDeviceMessage, Store
 from opendps.transport import sas
 from opendps.transport.mqtt.codec import (
@@ -445,6 +446,40 @@ def test_renewal_through_the_hub_credentials_topic(server, tmp_path):
                key=tmp_path / "new" / "renew-hub-dev-op.key")
     assert d.rc == 0
     d.close()
+
+
+def test_a_revoked_certificate_is_dropped_live_refused_and_the_next_one_connects(server, tmp_path):
+    """Issue 17: `opendps certificate revoke` drops the live session at once, the certificate is refused at the next
+    CONNECT (CONNACK 5), and the device's next certificate (re-provisioned) connects."""
+    with svc(server) as c:
+        namespace(c, "revoke-ns", "revoke-p")
+        key = sym_key(c, "/enrollments/revoke-dev", {"attestation": {"type": "symmetricKey"},
+                                                      "credentialPolicyName": "revoke-p"})
+    password = device_sas(server.id_scope, "revoke-dev", key)
+    state, chain, op_key = provision_over_mqtt(server, "revoke-dev", tmp_path, password=password)
+    serial = serial_hex(x509.load_der_x509_certificate(base64.b64decode(state["issuedCertificateChain"][0])))
+    d = Client(server, "revoke-dev", hub_username("revoke-dev"), cert=chain, key=op_key)
+    assert d.rc == 0
+    dropped = threading.Event()
+    d.c.on_disconnect = lambda *a: dropped.set()
+    done = server.cli("certificate", "revoke", "--serial-number", serial, "--reason", "keyCompromise", "-o", "json",
+                      check=True)
+    revoked_at = time.monotonic()
+    assert json.loads(done.stdout)["revocationReason"] == "keyCompromise", done.stdout
+    assert dropped.wait(1), "the live session was not dropped within 1 s"
+    assert time.monotonic() - revoked_at < 1
+    d.c.loop_stop()
+    again = server.cli("certificate", "revoke", "--serial-number", serial)
+    assert again.returncode != 0 and "already revoked" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    refused = Client(server, "revoke-dev", hub_username("revoke-dev"), cert=chain, key=op_key)
+    assert refused.rc == 5
+    refused.close()
+    _, new_chain, new_key = provision_over_mqtt(server, "revoke-dev", tmp_path / "again", password=password)
+    d = Client(server, "revoke-dev", hub_username("revoke-dev"), cert=new_chain, key=new_key)
+    assert d.rc == 0
+    d.close()
+    listed = json.loads(server.cli("certificate", "list", "--device-id", "revoke-dev", "-o", "json", check=True).stdout)
+    assert [(x["serialNumber"] == serial, x["revoked"]) for x in listed] == [(False, False), (True, True)]
 
 
 def test_publishing_outside_own_topics_closes_the_session(server, tmp_path):

@@ -443,3 +443,30 @@ def test_a_killed_worker_is_restarted(workers):
     key = sas_device(workers, "after-restart")
     client = connect(workers, "after-restart", key)
     client.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(workers):
+    """Last in the module: the supervisor is killed with SIGKILL; its workers notice the pipe close and stop (no
+    orphan keeps the ports). Once, on SQLite: it does not depend on the store or the bus."""
+    if workers.db_url.startswith("postgresql") or "--bus" in workers.proc.args:
+        pytest.skip("checked once, on SQLite: the supervisor's pipe does not depend on the store or the bus")
+    pids = [n["pid"] for n in nodes_of(workers)]
+    os.kill(workers.proc.pid, signal.SIGKILL)
+    workers.proc.wait(10)
+    deadline = time.time() + 15
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in pids if _running(p)]
+        time.sleep(0.1)
+    assert alive == [], f"workers {alive} outlived their supervisor"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

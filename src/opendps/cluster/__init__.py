@@ -124,11 +124,6 @@ class Cluster:
             await self._refresh()
         return node_id in self._alive
 
-    @property
-    def others(self) -> int:
-        """How many other nodes are alive."""
-        return len(self._alive - {self.node_id})
-
     async def send(self, message: dict[str, Any], to: str | None = None) -> None:
         """Send to node ``to`` (None: every other node); a carrier failure is logged, not raised: live messages
         are hints whose loss the caller survives (timeouts, the store's state)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, tuple_
+from sqlalchemy import bindparam, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from opendps.hub.registry import Hubs
@@ -121,23 +121,6 @@ class Presence:
             q = q.where(_CONNECTIONS.c.device_key.in_(wanted))
         with self.store.session() as s:
             return frozenset(s.connection().execute(q).scalars())
-
-    def sessions_of(self, node_id: str) -> list[tuple[int, str, str]]:
-        """(hub id, device key, session) recorded for ``node_id``."""
-        with self.store.session() as s:
-            return [(h, d, ses) for h, d, ses in s.connection().execute(
-                select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.session)
-                .where(_CONNECTIONS.c.node_id == node_id))]
-
-    def forget(self, node_id: str, keep: Iterable[tuple[int, str, str]] = ()) -> None:
-        """Delete ``node_id``'s rows except the sessions in ``keep`` (a node that lost its rows re-records)."""
-        kept = list(keep)
-        with self.store.session() as s:
-            q = delete(_CONNECTIONS).where(_CONNECTIONS.c.node_id == node_id)
-            if kept:
-                q = q.where(~or_(*(and_(_CONNECTIONS.c.hub_id == h, _CONNECTIONS.c.device_key == d,
-                                        _CONNECTIONS.c.session == ses) for h, d, ses in kept)))
-            s.connection().execute(q)
 
     def _hub_id(self, hub_name: str) -> int | None:
         return next((h.id for h in self.hubs.list() if h.name == hub_name), None)

@@ -256,14 +256,18 @@ class IssuanceEngine:
         return replace(view, revoked_at=now, revocation_reason=reason)
 
     def revoke_registrations(self, registration_ids: Collection[str], reason: str | None = None, *,
+                             issuing_ca_ids: Collection[int] | None = None,
                              now: datetime | None = None) -> builtins.list[IssuedCertificateView]:
-        """Revoke every unrevoked certificate issued to ``registration_ids``; returns those just revoked (none is
-        not an error: revoking a device twice revokes nothing the second time)."""
+        """Revoke every unrevoked certificate issued to ``registration_ids`` (by ``issuing_ca_ids`` only, when given:
+        a namespace's), in one transaction; returns those just revoked (none is not an error: revoking a device
+        twice revokes nothing the second time)."""
         reason = revocation_reason(reason)
         now = now or datetime.now(UTC)
-        if not registration_ids:
+        if not registration_ids or (issuing_ca_ids is not None and not issuing_ca_ids):
             return []
         pending = _ISSUED.c.registration_id.in_(sorted(set(registration_ids))) & _ISSUED.c.revoked_at.is_(None)
+        if issuing_ca_ids is not None:
+            pending = pending & _ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids)))
         with self.store.session() as s:
             conn = s.connection()
             rows = conn.execute(select(*_VIEW_COLUMNS).where(pending)).all()

@@ -128,3 +128,18 @@ def test_live_sessions_drop_links_of_revoked_certificates_here_and_tell_other_no
     assert peers.sent == [{"op": "revoked", "serials": [serial]}]
     live.on_peer_message({"op": "revoked", "serials": [serial_hex(chains["dev-r2"][0])]})  # from another node
     assert links["dev-r2"].closed is not None
+
+
+def test_revoking_a_device_within_a_namespace_touches_only_that_namespaces_certificates(services, fleet):
+    _, chains = fleet
+    services.registry.create_namespace("other-ns", "other")
+    rids = services.devices.registration_ids("dev-r2")
+    # the device's certificates are under rev-ns's CA: scoped to another namespace, nothing is revoked
+    elsewhere = services.devices.issuing_ca_ids("other-ns")
+    assert services.issuance.revoke_registrations(rids, "superseded", issuing_ca_ids=elsewhere) == []
+    assert services.issuance.revoke_registrations(rids, "superseded", issuing_ca_ids=[]) == []
+    assert not services.issuance.get(serial_hex(chains["dev-r2"][0])).revoked
+    done = services.issuance.revoke_registrations(rids, "superseded",
+                                                  issuing_ca_ids=services.devices.issuing_ca_ids("rev-ns"))
+    assert [v.serial_number for v in done] == [serial_hex(chains["dev-r2"][0])]
+    assert services.issuance.get(serial_hex(chains["dev-r1"][0])).revoked is False  # the other device is untouched

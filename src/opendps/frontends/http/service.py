@@ -210,11 +210,10 @@ def _issued_certificates(s: Services, device_id: str | None, namespace: str | No
 
 
 def _revoke_device(s: Services, device_id: str, namespace: str | None, reason: str | None) -> list[IssuedCertificateView]:
+    """The registry names the device's registration ids (and the namespace's CAs); the CA revokes, in one transaction."""
     reason = revocation_reason(reason)  # a bad reason is refused before anything is looked up
-    if namespace:  # only the certificates issued under that namespace's CAs
-        mine = {v.serial_number for v in _issued_certificates(s, device_id, namespace) if not v.revoked}
-        return [s.issuance.revoke(serial, reason) for serial in sorted(mine)]
-    return s.issuance.revoke_registrations(s.devices.registration_ids(device_id), reason)
+    return s.issuance.revoke_registrations(s.devices.registration_ids(device_id, namespace), reason,
+                                           issuing_ca_ids=s.devices.issuing_ca_ids(namespace) if namespace else None)
 
 
 @routes.get("/deviceCertificates")

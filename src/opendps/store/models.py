@@ -126,6 +126,9 @@ class CertificateAuthority(Base):
     not_after: Mapped[datetime] = _ts()
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")  # active | retired
     created_at: Mapped[datetime] = _ts()
+    # an issuing CA revoked by its root (issue 17): listed on the root's CRL, no longer trusted by hubs
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Policy(Base):
@@ -138,6 +141,9 @@ class Policy(Base):
     name: Mapped[str] = mapped_column(String(64), nullable=False)
     validity_days: Mapped[int] = mapped_column(Integer, nullable=False)
     allow_p256: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # a renewed certificate's first CONNECT revokes the device's older ones as superseded (off: Azure's behaviour)
+    revoke_superseded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    crl_validity_hours: Mapped[int] = mapped_column(Integer, nullable=False, default=24)
     etag: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts()
@@ -162,6 +168,7 @@ class IssuedCertificate(Base):
     # revocation (issue 17): when and why (an RFC 5280 CRLReason name); read with the row on every hub CONNECT
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    first_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)  # first hub CONNECT
 
 
 class ProvenCaCertificate:

@@ -32,8 +32,8 @@ from opendps.store import IssuedCertificate, Store, table_of
 _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
 _ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after,
-                           _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason).where(
-    _ISSUED.c.sha256 == bindparam("b_sha"))
+                           _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason, _ISSUED.c.id,
+                           _ISSUED.c.first_used_at).where(_ISSUED.c.sha256 == bindparam("b_sha"))
 _VIEW_COLUMNS = (_ISSUED.c.id, _ISSUED.c.serial, _ISSUED.c.sha256, _ISSUED.c.policy_id, _ISSUED.c.issuing_ca_id,
                  _ISSUED.c.registration_id, _ISSUED.c.not_before, _ISSUED.c.not_after, _ISSUED.c.created_at,
                  _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason)
@@ -97,6 +97,8 @@ class Issuer:
     key_id: str
     certificate: x509.Certificate
     root: x509.Certificate
+    revoke_superseded: bool = True  # a renewed certificate's first CONNECT revokes the older ones
+    crl_validity_hours: int = 24  # how far ahead a CRL's (and an OCSP response's) nextUpdate lies
 
     @property
     def curves(self) -> set[str]:
@@ -117,6 +119,8 @@ class IssuedRecord:
     not_after: datetime
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
+    id: int = 0
+    first_used_at: datetime | None = None
 
     @property
     def serial_number(self) -> str:
@@ -196,7 +200,31 @@ class IssuanceEngine:
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             row = s.connection().execute(_ISSUED_BY_SHA256, {"b_sha": sha}).first()
         return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
-                             row.revocation_reason) if row else None)
+                             row.revocation_reason, row.id, row.first_used_at) if row else None)
+
+    def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None,
+                  session: Session | None = None) -> builtins.list[IssuedCertificateView]:
+        """``record``'s certificate opened its first hub session: note it and, with ``supersede`` (the policy's
+        ``revokeSuperseded``), revoke as ``superseded`` every unrevoked certificate issued to the same registration
+        before it. Returns those revoked. Runs once per certificate (``first_used_at`` is set in the same statement
+        that decides who does it), so only a renewed certificate's first CONNECT pays for it."""
+        if record.first_used_at is not None or not record.id:
+            return []
+        now = now or datetime.now(UTC)
+        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
+            conn = s.connection()
+            claimed = conn.execute(update(_ISSUED).where(_ISSUED.c.id == record.id, _ISSUED.c.first_used_at.is_(None))
+                                   .values(first_used_at=now))
+            if claimed.rowcount != 1 or not supersede:  # a concurrent first CONNECT of the same certificate did it
+                return []
+            older = ((_ISSUED.c.registration_id == record.registration_id) & (_ISSUED.c.id < record.id)
+                     & _ISSUED.c.revoked_at.is_(None))
+            rows = conn.execute(select(*_VIEW_COLUMNS).where(older)).all()
+            if rows:
+                conn.execute(update(_ISSUED).where(_ISSUED.c.id.in_([r.id for r in rows]),
+                                                   _ISSUED.c.revoked_at.is_(None))
+                             .values(revoked_at=now, revocation_reason="superseded"))
+        return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason="superseded") for r in rows]
 
     # ---- certificate views and revocation (issue 17) ----
     @staticmethod
@@ -261,13 +289,34 @@ class IssuanceEngine:
         """Revoke every unrevoked certificate issued to ``registration_ids`` (by ``issuing_ca_ids`` only, when given:
         a namespace's), in one transaction; returns those just revoked (none is not an error: revoking a device
         twice revokes nothing the second time)."""
-        reason = revocation_reason(reason)
-        now = now or datetime.now(UTC)
         if not registration_ids or (issuing_ca_ids is not None and not issuing_ca_ids):
+            revocation_reason(reason)
             return []
-        pending = _ISSUED.c.registration_id.in_(sorted(set(registration_ids))) & _ISSUED.c.revoked_at.is_(None)
+        pending = _ISSUED.c.registration_id.in_(sorted(set(registration_ids)))
         if issuing_ca_ids is not None:
             pending = pending & _ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids)))
+        return self._revoke_where(pending, reason, now)
+
+    def revoke_issued_by(self, issuing_ca_ids: Collection[int], reason: str | None = None, *,
+                         now: datetime | None = None, session: Session | None = None) -> int:
+        """Revoke every unrevoked certificate signed by ``issuing_ca_ids`` (a policy's, or one compromised issuing
+        CA's), in one statement (in ``session``'s transaction when given: the registry revokes the CA itself in the
+        same one). Returns how many; the hub drops live sessions by their certificates' issuer, not one by one."""
+        reason = revocation_reason(reason)
+        if not issuing_ca_ids:
+            return 0
+        now = now or datetime.now(UTC)
+        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
+            done = s.connection().execute(
+                update(_ISSUED).where(_ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids))),
+                                      _ISSUED.c.revoked_at.is_(None))
+                .values(revoked_at=now, revocation_reason=reason))
+        return int(done.rowcount or 0)
+
+    def _revoke_where(self, where: Any, reason: str | None, now: datetime | None) -> builtins.list[IssuedCertificateView]:
+        reason = revocation_reason(reason)
+        now = now or datetime.now(UTC)
+        pending = where & _ISSUED.c.revoked_at.is_(None)
         with self.store.session() as s:
             conn = s.connection()
             rows = conn.execute(select(*_VIEW_COLUMNS).where(pending)).all()

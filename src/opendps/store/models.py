@@ -441,6 +441,27 @@ class ConfigGeneration(Base):
     value: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+class AuditEntry(Base):
+    """One entry of the tamper-evident audit log (``opendps.audit``): what was done (``action``, e.g.
+    ``certificate.issued``), by whom (``actor``: the service token's access policy, None for a device's own
+    request), to what (``namespace``, ``device_id`` — the registration id, lower-cased — and ``subject``: a serial
+    number, thumbprint or enrollment id), with ``details`` as canonical JSON. Entries form a hash chain: ``hash`` is
+    SHA-256 over every other column and ``prev_hash``, the hash of entry ``seq - 1``. ``seq`` is given by the
+    appender (1, 2, 3...: no gaps, so a deleted entry shows), never by a sequence; never updated or deleted."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = _ts(index=True)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    actor: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    namespace: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    subject: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    details: Mapped[str] = mapped_column(Text, nullable=False)  # canonical JSON: the very text the hash covers
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
 OWNERS: dict[type[Base], str] = {
     InstanceSetting: "opendps.store",
     ConfigGeneration: "opendps.store",
@@ -465,6 +486,7 @@ OWNERS: dict[type[Base], str] = {
     HubConnection: "opendps.hub",
     ClusterNode: "opendps.cluster",
     LiveMessage: "opendps.cluster",
+    AuditEntry: "opendps.audit",
 }
 
 # What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.

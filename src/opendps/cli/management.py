@@ -121,10 +121,17 @@ def _policy_path(namespace: str, *rest: str) -> str:
     return _ns_path(namespace, "credentials", "default", "policies", *rest)
 
 
-def _policy_body(validity_days: int, allow_p256: bool) -> dict[str, Any]:
-    return {"properties": {"certificate": {
-        "certificateAuthorityConfiguration": {"keyType": "ECC"},
-        "leafCertificateConfiguration": {"validityPeriodInDays": validity_days, "allowP256": allow_p256}}}}
+def _policy_body(validity_days: int, allow_p256: bool, revoke_superseded: bool | None = None,
+                 crl_hours: int | None = None) -> dict[str, Any]:
+    """A policy PUT body; the settings left None are not sent, so the service keeps (or defaults) them."""
+    ca: dict[str, Any] = {"keyType": "ECC"}
+    leaf: dict[str, Any] = {"validityPeriodInDays": validity_days, "allowP256": allow_p256}
+    if crl_hours is not None:
+        ca["crlValidityInHours"] = crl_hours
+    if revoke_superseded is not None:
+        leaf["revokeSupersededCertificates"] = revoke_superseded
+    return {"properties": {"certificate": {"certificateAuthorityConfiguration": ca,
+                                           "leafCertificateConfiguration": leaf}}}
 
 
 NS_NAME = click.option("--name", "-n", "--ns", "--namespace", "name", required=True, help="Namespace name.")
@@ -138,6 +145,14 @@ VALIDITY_OPTION = click.option("--cert-validity-days", "validity", type=VALIDITY
                                help="Validity of issued leaf certificates in days (1-90).")
 ALLOW_P256 = click.option("--allow-p256/--no-allow-p256", "allow_p256", default=None,
                           help="Accept device CSRs with P-256 keys (default: P-384 only).")
+# RFC 5280 CRLReason names (the service checks them too: opendps.pki.REVOCATION_REASONS)
+REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                      "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise")
+SUPERSEDE = click.option("--revoke-superseded/--keep-superseded", "revoke_superseded", default=None,
+                         help="When a device connects with a renewed certificate, revoke its older ones as superseded "
+                              "(default), or keep them valid until they expire (Azure's behaviour).")
+CRL_HOURS = click.option("--crl-validity-hours", "crl_hours", type=click.IntRange(1, 168), default=None,
+                         help="How far ahead the issuing CA's CRL and OCSP responses are valid (1-168; default 24).")
 
 
 def etag_option(required: bool, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -243,14 +258,17 @@ def policy() -> None:
 @POLICY_NAME
 @VALIDITY_OPTION
 @ALLOW_P256
+@SUPERSEDE
+@CRL_HOURS
 @api_command
 def policy_create(client: Client, output: str, namespace: str, name: str, validity: int | None,
-                  allow_p256: bool | None) -> None:
+                  allow_p256: bool | None, revoke_superseded: bool | None, crl_hours: int | None) -> None:
     """Create a policy (a new issuing CA under the namespace root); fails if it exists."""
     path = _policy_path(namespace, name)
     if _exists(client, path) is not None:  # the API has no If-None-Match; PUT would silently update
         raise CliError(f"policy {name!r} already exists in namespace {namespace!r} (use 'policy update')")
-    body = _policy_body(DEFAULT_VALIDITY_DAYS if validity is None else validity, bool(allow_p256))
+    body = _policy_body(DEFAULT_VALIDITY_DAYS if validity is None else validity, bool(allow_p256), revoke_superseded,
+                        crl_hours)
     emit(client.request("PUT", path, json=body), output, POLICY_COLUMNS)
 
 
@@ -259,13 +277,18 @@ def policy_create(client: Client, output: str, namespace: str, name: str, validi
 @POLICY_NAME
 @VALIDITY_OPTION
 @ALLOW_P256
+@SUPERSEDE
+@CRL_HOURS
 @etag_option(False, "Only update if the policy still has this ETag.")
 @api_command
 def policy_update(client: Client, output: str, namespace: str, name: str, validity: int | None,
-                  allow_p256: bool | None, etag: str | None) -> None:
-    """Change leaf validity / P-256 acceptance for future issuance; fails if the policy does not exist."""
-    if validity is None and allow_p256 is None:
-        raise CliError("nothing to update: pass --cert-validity-days and/or --allow-p256/--no-allow-p256")
+                  allow_p256: bool | None, revoke_superseded: bool | None, crl_hours: int | None,
+                  etag: str | None) -> None:
+    """Change leaf validity, P-256 acceptance, superseded-certificate handling or CRL validity; fails if the
+    policy does not exist."""
+    if validity is None and allow_p256 is None and revoke_superseded is None and crl_hours is None:
+        raise CliError("nothing to update: pass --cert-validity-days, --allow-p256/--no-allow-p256, "
+                       "--revoke-superseded/--keep-superseded and/or --crl-validity-hours")
     path = _policy_path(namespace, name)
     current = _exists(client, path)
     if current is None:
@@ -276,7 +299,7 @@ def policy_update(client: Client, output: str, namespace: str, name: str, validi
         validity = leaf.get("validityPeriodInDays", DEFAULT_VALIDITY_DAYS)
     if allow_p256 is None:
         allow_p256 = bool(leaf.get("allowP256", False))
-    body = _policy_body(validity, allow_p256)
+    body = _policy_body(validity, allow_p256, revoke_superseded, crl_hours)
     emit(client.request("PUT", path, json=body, if_match=etag), output, POLICY_COLUMNS)
 
 
@@ -318,6 +341,37 @@ def policy_rotate(client: Client, output: str, namespace: str, name: str, etag: 
     emit(client.request("POST", _policy_path(namespace, name, "rotate"), if_match=etag), output, POLICY_COLUMNS)
 
 
+ISSUING_CA_COLUMNS = ["serialNumber", "status", "subject", "notAfter", "revocationReason"]
+
+
+@policy.group("issuing-ca")
+def policy_issuing_ca() -> None:
+    """A policy's issuing CAs, past and present; revoke a retired one (key compromise: rotate, then revoke)."""
+
+
+@policy_issuing_ca.command("list")
+@NAMESPACE
+@POLICY_NAME
+@api_command
+def issuing_ca_list(client: Client, output: str, namespace: str, name: str) -> None:
+    """List the policy's issuing CAs, newest first (active, retired, revoked)."""
+    emit(_list(client, _policy_path(namespace, name, "issuingCas")), output, ISSUING_CA_COLUMNS)
+
+
+@policy_issuing_ca.command("revoke")
+@NAMESPACE
+@POLICY_NAME
+@click.option("--ca", "ca", required=True, help="The issuing CA's serial number (hex) or SHA-256 thumbprint.")
+@click.option("--reason", "-r", default=None, type=click.Choice(REVOCATION_REASONS, case_sensitive=False),
+              help="RFC 5280 reason (default unspecified; keyCompromise revokes its leaves as cACompromise).")
+@api_command
+def issuing_ca_revoke(client: Client, output: str, namespace: str, name: str, ca: str, reason: str | None) -> None:
+    """Revoke a retired issuing CA and every certificate it signed; hubs stop trusting it at once. The active CA
+    cannot be revoked: rotate the policy first."""
+    emit(client.request("POST", _policy_path(namespace, name, "issuingCas", ca, "revoke"), {"reason": reason}),
+         output, ["issuingCa.serialNumber", "issuingCa.status", "revokedCertificateCount"])
+
+
 @ns.group("device")
 def ns_device() -> None:
     """The namespace's device registry: each provisioned device and its current operational certificate."""
@@ -342,8 +396,6 @@ def ns_device_show(client: Client, output: str, namespace: str, device_id: str) 
 
 # ---------------------------------------------------------------- certificate (issued certificates, revocation)
 ISSUED_COLUMNS = ["serialNumber", "registrationId", "notAfter", "revoked", "revocationReason"]
-REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
-                      "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise")
 
 
 @click.group("certificate")
@@ -377,18 +429,27 @@ def issued_show(client: Client, output: str, serial: str) -> None:
               help="Serial number as openssl prints it (hex), or the SHA-256 thumbprint.")
 @click.option("--device-id", "-d", "device_id", default=None,
               help="Revoke every unrevoked certificate of this device (device or registration id).")
-@click.option("--namespace", "--ns", "namespace", default=None, help="With --device-id: only under this namespace.")
+@click.option("--policy", "-p", "policy", default=None,
+              help="Revoke every unrevoked certificate issued under this policy (with --namespace).")
+@click.option("--namespace", "--ns", "namespace", default=None,
+              help="With --device-id: only under this namespace; with --policy: the policy's namespace.")
 @click.option("--reason", "-r", default=None, type=click.Choice(REVOCATION_REASONS, case_sensitive=False),
               help="RFC 5280 reason (default unspecified).")
 @api_command
-def issued_revoke(client: Client, output: str, serial: str | None, device_id: str | None, namespace: str | None,
-                       reason: str | None) -> None:
-    """Revoke one certificate (--serial-number) or all of a device's (--device-id)."""
-    if (serial is None) == (device_id is None):
-        raise CliError("give exactly one of --serial-number and --device-id")
+def issued_revoke(client: Client, output: str, serial: str | None, device_id: str | None, policy: str | None,
+                  namespace: str | None, reason: str | None) -> None:
+    """Revoke one certificate (--serial-number), all of a device's (--device-id) or all under a policy (--policy)."""
+    if sum(x is not None for x in (serial, device_id, policy)) != 1:
+        raise CliError("give exactly one of --serial-number, --device-id and --policy")
+    if policy is not None:
+        if namespace is None:
+            raise CliError("--policy needs --namespace")
+        emit(client.request("POST", _policy_path(namespace, policy, "revokeCertificates"), {"reason": reason}),
+             output, ["revokedCertificateCount"])
+        return
     if serial is not None:
         if namespace is not None:
-            raise CliError("--namespace goes with --device-id")
+            raise CliError("--namespace goes with --device-id or --policy")
         emit(client.request("POST", api_path("deviceCertificates", serial, "revoke"), {"reason": reason}), output,
              ISSUED_COLUMNS)
         return

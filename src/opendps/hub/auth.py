@@ -36,6 +36,9 @@ class AuthenticatedDevice:
     device_key: str
     auth_type: str
     certificate: x509.Certificate | None = None
+    # serial numbers this CONNECT revoked as superseded (the device's first session with a renewed certificate):
+    # the front end drops live sessions still holding them, on every node
+    superseded: tuple[str, ...] = ()
 
 
 class HubAuthenticator:
@@ -125,10 +128,15 @@ class HubAuthenticator:
         except VerificationError as exc:
             raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}") from exc
         if not trust.is_uploaded(verified.chain[-1]):  # an operational certificate of ours: it must be this device's
-            self._issued_for_device(s, device, leaf)
+            superseded = self._issued_for_device(s, device, leaf, now)
+            if superseded:
+                found = replace(found, superseded=superseded)
         return found
 
-    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, leaf: x509.Certificate) -> None:
+    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, leaf: x509.Certificate,
+                           now: datetime) -> tuple[str, ...]:
+        """Refuse a certificate we did not issue to this device or that is revoked; at its first CONNECT, revoke
+        the older ones it supersedes (when its policy says so) and return their serial numbers."""
         issued = self.issuance.find(leaf, session=s)
         if issued is None:
             raise Unauthorized("device certificate was not issued by this service")
@@ -138,3 +146,8 @@ class HubAuthenticator:
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "
                                f"{device.device_id!r}")
+        if issued.first_used_at is not None or issued.policy_id is None:  # every CONNECT after the first: no write
+            return ()
+        supersede = self.hubs.registry.issuer(issued.policy_id).revoke_superseded
+        revoked = self.issuance.first_use(issued, supersede=supersede, now=now, session=s)
+        return tuple(v.serial_number for v in revoked)

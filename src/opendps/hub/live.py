@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from cryptography import x509
+
 from opendps.errors import GatewayTimeout, NotFound
 from opendps.hub.auth import AuthenticatedDevice
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
@@ -254,20 +256,25 @@ class LiveSessions:
         if self.peers is not None:
             await self.peers.send({"op": "drop", "hub": hub_name, "device": device_id, "reason": reason})
 
-    async def revoke(self, serials: set[str]) -> None:
+    async def revoke(self, serials: set[str], *, issuers: set[str] | None = None) -> None:
         """Certificates were revoked: close every session that authenticated with one of them, here and — told to
-        every node — everywhere. ``serials`` as :func:`opendps.pki.serial_hex` writes them (any case)."""
+        every node — everywhere. ``serials`` as :func:`opendps.pki.serial_hex` writes them (any case); ``issuers``:
+        hex key identifiers of CAs all of whose certificates were revoked (a policy's, a revoked issuing CA's), so
+        a revocation of millions is one short message, matched on each session's Authority Key Identifier."""
         wanted = {s.upper() for s in serials}
-        if not wanted:
+        by = {i.lower() for i in issuers or ()}
+        if not wanted and not by:
             return
-        self._revoke_here(wanted)
+        self._revoke_here(wanted, by)
         if self.peers is not None:
-            await self.peers.send({"op": "revoked", "serials": sorted(wanted)})
+            await self.peers.send({"op": "revoked", "serials": sorted(wanted), "issuers": sorted(by)})
 
-    def _revoke_here(self, serials: set[str]) -> None:
+    def _revoke_here(self, serials: set[str], issuers: frozenset[str] | set[str] = frozenset()) -> None:
         for link, _session in list(self._links.values()):
             certificate = link.device.certificate
-            if certificate is not None and (serial := serial_hex(certificate)) in serials:
+            if certificate is None:
+                continue
+            if (serial := serial_hex(certificate)) in serials or (issuers and _authority_key_id(certificate) in issuers):
                 link.close(f"certificate {serial} was revoked")
 
     def _drop_here(self, hub_name: str, device_id: str, reason: str, session: str | None) -> None:
@@ -292,7 +299,8 @@ class LiveSessions:
         if op == "drop":
             self._drop_here(hub, device, str(message.get("reason") or "dropped by the service"), None)
         elif op == "revoked":
-            self._revoke_here({str(s).upper() for s in message.get("serials") or ()})
+            self._revoke_here({str(s).upper() for s in message.get("serials") or ()},
+                              {str(i).lower() for i in message.get("issuers") or ()})
         elif op == "displace":
             self._drop_here(hub, device, "taken over by a new connection of the same device on another node",
                             str(message.get("session")))
@@ -336,3 +344,12 @@ class LiveSessions:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _authority_key_id(certificate: x509.Certificate) -> str | None:
+    """The hex key identifier of the CA that signed ``certificate`` (None when it names none)."""
+    try:
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier.hex() if aki.key_identifier else None

@@ -21,12 +21,16 @@ from sqlalchemy.orm import Session, aliased
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki import IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, thumbprint
+from opendps.pki import IssuanceEngine, IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, thumbprint
+from opendps.pki.issuance import revocation_reason, stored_serial
 from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
 
 MIN_VALIDITY_DAYS = 1
 MAX_VALIDITY_DAYS = 90
 DEFAULT_VALIDITY_DAYS = 30
+MIN_CRL_HOURS = 1
+MAX_CRL_HOURS = 24 * 7  # a relying party caching a CRL longer than a week would miss a revocation for too long
+DEFAULT_CRL_HOURS = 24
 CREDENTIAL_NAME = "default"
 
 
@@ -48,6 +52,30 @@ class PolicyView:
     updated_at: datetime
     issuing_ca: x509.Certificate
     policy_id: int
+    revoke_superseded: bool = True
+    crl_validity_hours: int = DEFAULT_CRL_HOURS
+
+
+@dataclass(frozen=True)
+class IssuingCaView:
+    """One of a policy's issuing CAs, past or present, as the management API lists them."""
+
+    id: int
+    certificate: x509.Certificate
+    status: str  # active | retired | revoked
+    created_at: datetime
+    revoked_at: datetime | None
+    revocation_reason: str | None
+
+
+@dataclass(frozen=True)
+class IssuingCaRevocation:
+    """An issuing CA just revoked, and how many of its leaves were revoked with it."""
+
+    ca: IssuingCaView
+    namespace: str
+    policy: str
+    leaves_revoked: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,20 @@ class NamespaceView:
     created_at: datetime
     credential: x509.Certificate
     policies: list[str]
+
+
+def check_crl_validity_hours(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"crlValidityInHours must be an integer, got {value!r}")
+    if not MIN_CRL_HOURS <= value <= MAX_CRL_HOURS:
+        raise InvalidInput(f"crlValidityInHours {value} is out of range: must be {MIN_CRL_HOURS}-{MAX_CRL_HOURS} hours")
+    return value
+
+
+def _ca_view(ca: CertificateAuthority) -> IssuingCaView:
+    status = "revoked" if ca.revoked_at is not None else ca.status
+    return IssuingCaView(ca.id, x509.load_der_x509_certificate(ca.der), status, ca.created_at, ca.revoked_at,
+                         ca.revocation_reason)
 
 
 def check_validity_days(value: object) -> int:
@@ -155,7 +197,7 @@ class Registry:
         if ica is None:
             raise IssuanceRefused(f"policy {p.name!r} has no active issuing CA")
         return PolicyView(ns.name, p.name, p.validity_days, p.allow_p256, p.etag, p.created_at, p.updated_at,
-                          x509.load_der_x509_certificate(ica.der), p.id)
+                          x509.load_der_x509_certificate(ica.der), p.id, p.revoke_superseded, p.crl_validity_hours)
 
     def _add_policy(self, s: Session, ns: Namespace, root: CertificateAuthority, name: str, validity_days: int,
                     allow_p256: bool, now: datetime) -> Policy:
@@ -243,13 +285,18 @@ class Registry:
 
     # ---- policies ----
     def put_policy(self, namespace: str, name: str, *, validity_days: int | None = None,
-                   allow_p256: bool | None = None, if_match: str | None = None) -> tuple[PolicyView, bool]:
-        """Create a policy (new issuing CA) or update its leaf settings; returns (view, created)."""
+                   allow_p256: bool | None = None, revoke_superseded: bool | None = None,
+                   crl_validity_hours: int | None = None, if_match: str | None = None) -> tuple[PolicyView, bool]:
+        """Create a policy (new issuing CA) or update its settings; returns (view, created). A setting not given
+        keeps its value (its default for a new policy)."""
         check_resource_name("policy", name)
         if validity_days is not None:
             check_validity_days(validity_days)
-        if allow_p256 is not None and not isinstance(allow_p256, bool):
-            raise InvalidInput(f"allowP256 must be true or false, got {allow_p256!r}")
+        if crl_validity_hours is not None:
+            check_crl_validity_hours(crl_validity_hours)
+        for field, value in (("allowP256", allow_p256), ("revokeSupersededCertificates", revoke_superseded)):
+            if value is not None and not isinstance(value, bool):
+                raise InvalidInput(f"{field} must be true or false, got {value!r}")
         now = datetime.now(UTC)
         try:
             with self.store.session() as s:
@@ -263,6 +310,8 @@ class Registry:
                                               DEFAULT_VALIDITY_DAYS if validity_days is None else validity_days,
                                               bool(allow_p256), now)
                     created = True
+                    policy.revoke_superseded = True if revoke_superseded is None else revoke_superseded
+                    policy.crl_validity_hours = DEFAULT_CRL_HOURS if crl_validity_hours is None else crl_validity_hours
                 else:
                     if not etag_matches(if_match, existing.etag):
                         raise PreconditionFailed(
@@ -271,6 +320,10 @@ class Registry:
                         existing.validity_days = validity_days
                     if allow_p256 is not None:
                         existing.allow_p256 = allow_p256
+                    if revoke_superseded is not None:
+                        existing.revoke_superseded = revoke_superseded
+                    if crl_validity_hours is not None:
+                        existing.crl_validity_hours = crl_validity_hours
                     existing.etag = new_etag()
                     existing.updated_at = now
                     policy = existing
@@ -378,7 +431,8 @@ class Registry:
         if ica is None or root_ca_row is None:
             raise IssuanceRefused(f"policy {policy.name!r} has no active issuing CA")
         return Issuer(policy.id, policy.name, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
-                      x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root_ca_row.der))
+                      x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root_ca_row.der),
+                      policy.revoke_superseded, policy.crl_validity_hours)
 
     def namespace_of(self, policy_id: int) -> int | None:
         """The id of the namespace a policy belongs to (None once the policy is gone)."""
@@ -386,8 +440,8 @@ class Registry:
             return s.scalar(select(Policy.namespace_id).where(Policy.id == policy_id))
 
     def issuing_cas(self, policy_ids: Collection[int], *, now: datetime) -> list[IssuingCa]:
-        """Issuing CAs of ``policy_ids`` still valid at ``now``, active or retired (their certificates stay in use
-        until the devices renew), oldest first."""
+        """Issuing CAs of ``policy_ids`` still valid at ``now`` and not revoked, active or retired (their
+        certificates stay in use until the devices renew), oldest first."""
         if not policy_ids:
             return []
         with self.store.session() as s:
@@ -397,8 +451,60 @@ class Registry:
                 .join(Policy, CertificateAuthority.policy_id == Policy.id)
                 .join(Namespace, Policy.namespace_id == Namespace.id)
                 .where(CertificateAuthority.kind == "issuing", CertificateAuthority.policy_id.in_(list(policy_ids)),
-                       CertificateAuthority.not_after > now)
+                       CertificateAuthority.not_after > now, CertificateAuthority.revoked_at.is_(None))
                 .order_by(CertificateAuthority.id)
             ).all()
             return [IssuingCa(x509.load_der_x509_certificate(ca.der), ns, pol, policy_id, ca.status)
                     for ca, policy_id, pol, ns in rows]
+
+    # ---- a policy's issuing CAs, and revoking one (issue 17) ----
+    def list_issuing_cas(self, namespace: str, policy: str) -> list[IssuingCaView]:
+        """Every issuing CA the policy has had, newest first: the active one, retired ones, revoked ones."""
+        with self.store.session() as s:
+            p = self._policy(s, self._namespace(s, namespace), policy)
+            rows = s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == p.id)
+                             .order_by(CertificateAuthority.id.desc())).all()
+            return [_ca_view(ca) for ca in rows]
+
+    def policy_issuing_ca_ids(self, namespace: str, policy: str) -> tuple[list[int], list[x509.Certificate]]:
+        """Ids and certificates of every issuing CA the policy has had (the CA revokes "every certificate issued
+        under a policy" by these; the hub drops live sessions by their key identifiers)."""
+        with self.store.session() as s:
+            p = self._policy(s, self._namespace(s, namespace), policy)
+            rows = s.execute(select(CertificateAuthority.id, CertificateAuthority.der)
+                             .where(CertificateAuthority.policy_id == p.id)).all()
+        return [r.id for r in rows], [x509.load_der_x509_certificate(r.der) for r in rows]
+
+    def revoke_issuing_ca(self, namespace: str, policy: str, serial_or_thumbprint: str, reason: str | None,
+                          issuance: IssuanceEngine, *, now: datetime | None = None) -> IssuingCaRevocation:
+        """Revoke one of the policy's retired issuing CAs (key compromise: rotate the policy, then revoke the old
+        CA) and, in the same transaction, every unrevoked leaf it signed. Hubs stop trusting it at once (a
+        configuration change); the root's CRL lists it. The active CA cannot be revoked: a policy must always have
+        one that signs, so rotate first (409)."""
+        reason = revocation_reason(reason)
+        # leaves of a compromised CA: RFC 5280's cACompromise says why better than repeating the CA's keyCompromise
+        leaf_reason = "cACompromise" if reason in ("keyCompromise", "cACompromise") else reason
+        now = now or datetime.now(UTC)
+        text = serial_or_thumbprint.strip().replace(":", "").lower()
+        with self.store.session() as s:
+            ns = self._namespace(s, namespace)
+            p = self._policy(s, ns, policy)
+            q = select(CertificateAuthority).where(CertificateAuthority.policy_id == p.id)
+            if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+                q = q.where(CertificateAuthority.sha256 == text)
+            else:
+                q = q.where(CertificateAuthority.serial == stored_serial(serial_or_thumbprint))
+            ca = s.scalars(q).first()
+            if ca is None:
+                raise NotFound(f"policy {policy!r} has no issuing CA with serial number or thumbprint "
+                               f"{serial_or_thumbprint!r}")
+            if ca.revoked_at is not None:
+                raise Conflict(f"issuing CA {ca.subject} is already revoked ({ca.revocation_reason}, "
+                               f"{ca.revoked_at:%Y-%m-%dT%H:%M:%SZ})")
+            if ca.status == "active":
+                raise Conflict(f"issuing CA {ca.subject} is the policy's active one: rotate the policy first "
+                               "(opendps adr ns policy rotate), then revoke the old CA")
+            ca.revoked_at, ca.revocation_reason = now, reason
+            s.flush()  # a configuration change: every hub's trust drops the CA at its next CONNECT, on every node
+            leaves = issuance.revoke_issued_by([ca.id], leaf_reason, now=now, session=s)
+            return IssuingCaRevocation(_ca_view(ca), ns.name, p.name, leaves)

@@ -125,7 +125,7 @@ def test_live_sessions_drop_links_of_revoked_certificates_here_and_tell_other_no
     serial = serial_hex(chains["dev-r1"][0])
     asyncio.run(live.revoke({serial.lower()}))
     assert links["dev-r1"].closed == f"certificate {serial} was revoked" and links["dev-r2"].closed is None
-    assert peers.sent == [{"op": "revoked", "serials": [serial]}]
+    assert peers.sent == [{"op": "revoked", "serials": [serial], "issuers": []}]
     live.on_peer_message({"op": "revoked", "serials": [serial_hex(chains["dev-r2"][0])]})  # from another node
     assert links["dev-r2"].closed is not None
 
@@ -143,3 +143,98 @@ def test_revoking_a_device_within_a_namespace_touches_only_that_namespaces_certi
                                                   issuing_ca_ids=services.devices.issuing_ca_ids("rev-ns"))
     assert [v.serial_number for v in done] == [serial_hex(chains["dev-r2"][0])]
     assert services.issuance.get(serial_hex(chains["dev-r1"][0])).revoked is False  # the other device is untouched
+
+
+# ---- superseded certificates (issue 17.2) ----
+def test_a_renewed_certificates_first_connect_revokes_the_older_one_as_superseded(services, fleet):
+    key, chains = fleet
+    old = chains["dev-r1"]
+    assert _connect(services, "dev-r1", old).superseded == ()  # its own first CONNECT: nothing older
+    new = _issue(services, key, "dev-r1")  # re-registration: a new certificate; the old one still works until used
+    assert _connect(services, "dev-r1", old).device_id == "dev-r1"
+    first = _connect(services, "dev-r1", new)
+    assert first.superseded == (serial_hex(old[0]),)
+    assert _connect(services, "dev-r1", new).superseded == ()  # once per certificate: later CONNECTs write nothing
+    assert services.issuance.get(serial_hex(old[0])).revocation_reason == "superseded"
+    with pytest.raises(Unauthorized, match="revoked \\(superseded\\)"):
+        _connect(services, "dev-r1", old)
+    assert not services.issuance.get(serial_hex(chains["dev-r2"][0])).revoked  # another device is untouched
+
+
+def test_keep_superseded_is_azures_behaviour_old_certificates_work_until_they_expire(services, fleet):
+    key, chains = fleet
+    view, _ = services.registry.put_policy("rev-ns", "ops", revoke_superseded=False)
+    assert view.revoke_superseded is False
+    new = _issue(services, key, "dev-r2")
+    assert _connect(services, "dev-r2", new).superseded == ()
+    assert _connect(services, "dev-r2", chains["dev-r2"]).device_id == "dev-r2"
+    assert not services.issuance.get(serial_hex(chains["dev-r2"][0])).revoked
+    with pytest.raises(InvalidInput, match="revokeSupersededCertificates must be true or false"):
+        services.registry.put_policy("rev-ns", "ops", revoke_superseded="no")
+
+
+def test_crl_validity_hours_is_a_policy_setting_within_bounds(services, fleet):
+    assert services.registry.get_policy("rev-ns", "ops").crl_validity_hours == 24
+    assert services.registry.put_policy("rev-ns", "ops", crl_validity_hours=6)[0].crl_validity_hours == 6
+    assert services.registry.issuer(services.registry.get_policy("rev-ns", "ops").policy_id).crl_validity_hours == 6
+    for bad in (0, 169, "6", True):
+        with pytest.raises(InvalidInput, match="crlValidityInHours"):
+            services.registry.put_policy("rev-ns", "ops", crl_validity_hours=bad)
+
+
+# ---- revoking by policy and by issuing CA (issue 17.1) ----
+def test_revoking_a_policys_certificates_revokes_all_of_them_and_the_policy_goes_on(services, fleet):
+    key, chains = fleet
+    ids, cas = services.registry.policy_issuing_ca_ids("rev-ns", "ops")
+    assert services.issuance.revoke_issued_by(ids, "privilegeWithdrawn") == 2
+    assert services.issuance.revoke_issued_by(ids, "privilegeWithdrawn") == 0  # already revoked: untouched
+    for rid, chain in chains.items():
+        with pytest.raises(Unauthorized, match="revoked \\(privilegeWithdrawn\\)"):
+            _connect(services, rid, chain)
+    fresh = _issue(services, key, "dev-r1")  # the policy still issues
+    assert _connect(services, "dev-r1", fresh).device_id == "dev-r1"
+
+
+def test_revoking_an_issuing_ca_needs_a_rotation_first_then_revokes_it_and_its_leaves(services, fleet):
+    key, chains = fleet
+    [active] = services.registry.list_issuing_cas("rev-ns", "ops")
+    assert active.status == "active"
+    with pytest.raises(Conflict, match="rotate the policy first"):
+        services.registry.revoke_issuing_ca("rev-ns", "ops", serial_hex(active.certificate), "keyCompromise",
+                                            services.issuance)
+    services.registry.rotate_policy("rev-ns", "ops")
+    fresh = _issue(services, key, "dev-r2")  # from the new CA
+    new_ca, old_ca = services.registry.list_issuing_cas("rev-ns", "ops")
+    assert (new_ca.status, old_ca.status) == ("active", "retired")
+    assert _connect(services, "dev-r1", chains["dev-r1"]).device_id == "dev-r1"  # the retired CA is still trusted
+    done = services.registry.revoke_issuing_ca("rev-ns", "ops", thumbprint(old_ca.certificate), "keyCompromise",
+                                               services.issuance)
+    assert (done.ca.status, done.ca.revocation_reason, done.leaves_revoked) == ("revoked", "keyCompromise", 2)
+    assert services.issuance.get(serial_hex(chains["dev-r1"][0])).revocation_reason == "cACompromise"
+    with pytest.raises(Unauthorized, match="not issued by a CA this hub trusts"):  # trust dropped at once
+        _connect(services, "dev-r1", chains["dev-r1"])
+    assert _connect(services, "dev-r2", fresh).device_id == "dev-r2"  # the new CA's leaves connect
+    assert [c.certificate for c in services.hubs.trusted_cas("default")] == [new_ca.certificate]
+    with pytest.raises(Conflict, match="already revoked"):
+        services.registry.revoke_issuing_ca("rev-ns", "ops", serial_hex(old_ca.certificate), None, services.issuance)
+    with pytest.raises(NotFound, match="no issuing CA"):
+        services.registry.revoke_issuing_ca("rev-ns", "ops", "0102", None, services.issuance)
+    with pytest.raises(InvalidInput, match="reason"):
+        services.registry.revoke_issuing_ca("rev-ns", "ops", "0102", "because", services.issuance)
+
+
+def test_live_sessions_are_dropped_by_their_certificates_issuer(services, fleet):
+    _, chains = fleet
+    live = LiveSessions()
+    links = {rid: _Link(_connect(services, rid, chains[rid])) for rid in chains}
+    for link in links.values():
+        live.attach(link)  # type: ignore[arg-type]
+    peers = _Peers()
+    live.peers = peers  # type: ignore[assignment]
+    asyncio.run(live.revoke(set(), issuers={"00" * 20}))  # another CA's key id: nobody goes
+    assert all(link.closed is None for link in links.values())
+    ica = chains["dev-r1"][1]
+    ski = ica.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    live.on_peer_message({"op": "revoked", "serials": [], "issuers": [ski.upper()]})  # from another node
+    assert all(link.closed is not None for link in links.values())
+    assert peers.sent[0]["issuers"] == ["00" * 20]

@@ -54,6 +54,32 @@ class IssuedCertificateList(_Out):
     value: list[IssuedCertificateResponse]
 
 
+class RevokedCount(_Out):
+    revokedCertificateCount: int  # operational certificates revoked by this call (those already revoked stay as they are)
+
+
+class IssuingCaResponse(_Out):
+    serialNumber: str
+    thumbprint: str  # SHA-256, upper-case hex
+    subject: str
+    status: Literal["active", "retired", "revoked"]
+    notBefore: str
+    notAfter: str
+    createdAt: str
+    revokedAt: str | None = None
+    revocationReason: str | None = None
+    certificate: str  # PEM
+
+
+class IssuingCaList(_Out):
+    value: list[IssuingCaResponse]
+
+
+class IssuingCaRevocationResponse(_Out):
+    issuingCa: IssuingCaResponse
+    revokedCertificateCount: int
+
+
 class VerificationBody(_In):
     certificate: StrictStr
 
@@ -126,11 +152,15 @@ class CredentialResponse(_Out):
 
 class CaConfigurationIn(_In):
     keyType: Literal["ECC"] = "ECC"
+    crlValidityInHours: StrictInt | None = None  # nextUpdate of the issuing CA's CRL and OCSP responses (1-168)
 
 
 class LeafConfigurationIn(_In):
     validityPeriodInDays: StrictInt | None = None
     allowP256: StrictBool | None = None
+    # true (default): a renewed certificate's first hub CONNECT revokes the device's older ones as superseded;
+    # false: Azure's behaviour, an old certificate stays valid until it expires
+    revokeSupersededCertificates: StrictBool | None = None
 
 
 class PolicyCertificateIn(_In):
@@ -154,11 +184,13 @@ class CaConfigurationOut(_Out):
     notBefore: str
     notAfter: str
     certificate: str
+    crlValidityInHours: int
 
 
 class LeafConfigurationOut(_Out):
     validityPeriodInDays: int
     allowP256: bool
+    revokeSupersededCertificates: bool
 
 
 class PolicyCertificateOut(_Out):

@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from opendps import __version__
 from opendps.frontends.http import models as m
+from opendps.frontends.http.audit import AuditEntryList, AuditVerification
 
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
 _IF_MATCH_REQUIRED = {**_IF_MATCH, "required": True}
@@ -42,6 +43,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      "holding it are dropped", m.RevokeBody, m.IssuedCertificateResponse, 200, []),
     ("post", "/deviceCertificates/revoke", "Revoke every unrevoked certificate of a device (by device or registration "
      "id); live sessions holding them are dropped", m.RevokeDeviceBody, m.IssuedCertificateList, 200, []),
+    ("get", "/auditLog", "Audit log entries, newest first (query deviceId, namespace, action, since, until, top, "
+     "before)", None, AuditEntryList, 200, [_DEVICE_ID_QUERY, _NAMESPACE_QUERY] + [
+         {"name": n, "in": "query", "required": False, "schema": {"type": t}}
+         for n, t in (("action", "string"), ("since", "string"), ("until", "string"), ("top", "integer"),
+                      ("before", "integer"))]),
+    ("get", "/auditLog/verify", "Check the audit log's hash chain: intact, or the first bad entry (query expectHead="
+     "SEQ:HASH)", None, AuditVerification, 200,
+     [{"name": "expectHead", "in": "query", "required": False, "schema": {"type": "string"}}]),
     ("get", "/accessPolicies", "List the shared access policies (without keys)", None, m.AccessPolicyList, 200, []),
     ("get", "/accessPolicies/{name}", "Show a shared access policy (without keys)", None, m.AccessPolicyResponse, 200,
      []),
@@ -66,6 +75,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      200, []),
     ("delete", "/namespaces/{ns}/credentials/default/policies/{policy}", "Delete a policy", None, None, 204,
      [_IF_MATCH]),
+    ("get", "/namespaces/{ns}/credentials/default/policies/{policy}/issuingCas",
+     "List the policy's issuing CAs, newest first (active, retired, revoked)", None, m.IssuingCaList, 200, []),
+    ("post", "/namespaces/{ns}/credentials/default/policies/{policy}/issuingCas/{ca}/revoke",
+     "Revoke a retired issuing CA (by serial number or SHA-256 thumbprint) and every certificate it signed; 409 for "
+     "the active one (rotate first)", m.RevokeBody, m.IssuingCaRevocationResponse, 200, []),
+    ("post", "/namespaces/{ns}/credentials/default/policies/{policy}/revokeCertificates",
+     "Revoke every unrevoked certificate issued under the policy; live sessions holding them are dropped",
+     m.RevokeBody, m.RevokedCount, 200, []),
     ("post", "/namespaces/{ns}/credentials/default/policies/{policy}/rotate",
      "New issuing CA for the policy; the old one is retired (hubs trust it until it expires)", None, m.PolicyResponse,
      200, [_IF_MATCH]),

@@ -12,7 +12,7 @@ from opendps.frontends.http.certificates import certificate_routes, pem
 from opendps.frontends.http.wire import if_match, json_body, run, runtime, send, services
 from opendps.pki import CaCertificates, IssuedCertificateView, revocation_reason, serial_hex, thumbprint
 from opendps.provisioning.access import AccessPolicyView
-from opendps.registry import NamespaceView, PolicyView
+from opendps.registry import IssuingCaView, NamespaceView, PolicyView
 from opendps.services import Services
 from opendps.transport.wire import iso8601
 
@@ -112,9 +112,11 @@ def policy_response(v: PolicyView) -> m.PolicyResponse:
         createdAt=iso8601(v.created_at), updatedAt=iso8601(v.updated_at), certificate=m.PolicyCertificateOut(
             certificateAuthorityConfiguration=m.CaConfigurationOut(
                 curve=curve_name(ca), subject=ca.subject.rfc4514_string(), thumbprint=thumbprint(ca),
-                notBefore=iso8601(ca.not_valid_before_utc), notAfter=iso8601(ca.not_valid_after_utc), certificate=pem(ca)),
+                notBefore=iso8601(ca.not_valid_before_utc), notAfter=iso8601(ca.not_valid_after_utc), certificate=pem(ca),
+                crlValidityInHours=v.crl_validity_hours),
             leafCertificateConfiguration=m.LeafConfigurationOut(validityPeriodInDays=v.validity_days,
-                                                                allowP256=v.allow_p256))))
+                                                                allowP256=v.allow_p256,
+                                                                revokeSupersededCertificates=v.revoke_superseded))))
 
 
 @routes.put("/namespaces/{ns}")
@@ -158,10 +160,14 @@ async def put_policy(request: web.Request) -> web.Response:
     b = await json_body(request, m.PolicyBody, required=False)
     leaf = b.properties.certificate.leafCertificateConfiguration if (
         b.properties and b.properties.certificate) else None
+    ca = b.properties.certificate.certificateAuthorityConfiguration if (
+        b.properties and b.properties.certificate) else None
     v, created = await run(request, services(request).registry.put_policy, request.match_info["ns"],
                            request.match_info["policy"],
                            validity_days=leaf.validityPeriodInDays if leaf else None,
-                           allow_p256=leaf.allowP256 if leaf else None, if_match=if_match(request))
+                           allow_p256=leaf.allowP256 if leaf else None,
+                           revoke_superseded=leaf.revokeSupersededCertificates if leaf else None,
+                           crl_validity_hours=ca.crlValidityInHours if ca else None, if_match=if_match(request))
     return send(policy_response(v), 201 if created else 200, v.etag)
 
 
@@ -245,3 +251,56 @@ async def revoke_device_certificates(request: web.Request) -> web.Response:
     views = await run(request, _revoke_device, services(request), b.deviceId, b.namespace, b.reason)
     await runtime(request).live.revoke({v.serial_number for v in views})
     return send(m.IssuedCertificateList(value=[issued_certificate_response(v) for v in views]))
+
+
+# ---- a policy's issuing CAs; revoking one, or every certificate under a policy (issue 17) ----
+def issuing_ca_response(v: IssuingCaView) -> m.IssuingCaResponse:
+    c = v.certificate
+    return m.IssuingCaResponse(
+        serialNumber=serial_hex(c), thumbprint=thumbprint(c), subject=c.subject.rfc4514_string(), status=v.status,
+        notBefore=iso8601(c.not_valid_before_utc), notAfter=iso8601(c.not_valid_after_utc),
+        createdAt=iso8601(v.created_at), revokedAt=iso8601(v.revoked_at) if v.revoked_at else None,
+        revocationReason=v.revocation_reason, certificate=pem(c))
+
+
+def _key_ids(certificates: list[x509.Certificate]) -> set[str]:
+    """The subject key identifiers of CAs: live sessions are dropped by their certificates' issuer."""
+    return {c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex() for c in certificates}
+
+
+def _revoke_policy_certificates(s: Services, namespace: str, policy: str, reason: str | None) -> tuple[int, set[str]]:
+    """The registry names the policy's issuing CAs; the CA revokes everything they signed, in one statement."""
+    reason = revocation_reason(reason)
+    ids, certificates = s.registry.policy_issuing_ca_ids(namespace, policy)
+    return s.issuance.revoke_issued_by(ids, reason), _key_ids(certificates)
+
+
+@routes.get("/namespaces/{ns}/credentials/default/policies/{policy}/issuingCas")
+async def list_issuing_cas(request: web.Request) -> web.Response:
+    views = await run(request, services(request).registry.list_issuing_cas, request.match_info["ns"],
+                      request.match_info["policy"])
+    return send(m.IssuingCaList(value=[issuing_ca_response(v) for v in views]))
+
+
+@routes.post("/namespaces/{ns}/credentials/default/policies/{policy}/issuingCas/{ca}/revoke")
+async def revoke_issuing_ca(request: web.Request) -> web.Response:
+    """Revoke a retired issuing CA and every leaf it signed (409 for the active one: rotate first); hubs stop
+    trusting it at once and live sessions holding its leaves are dropped on every node."""
+    b = await json_body(request, m.RevokeBody, required=False)
+    s = services(request)
+    done = await run(request, s.registry.revoke_issuing_ca, request.match_info["ns"], request.match_info["policy"],
+                     request.match_info["ca"], b.reason, s.issuance)
+    await runtime(request).live.revoke(set(), issuers=_key_ids([done.ca.certificate]))
+    return send(m.IssuingCaRevocationResponse(issuingCa=issuing_ca_response(done.ca),
+                                              revokedCertificateCount=done.leaves_revoked))
+
+
+@routes.post("/namespaces/{ns}/credentials/default/policies/{policy}/revokeCertificates")
+async def revoke_policy_certificates(request: web.Request) -> web.Response:
+    """Revoke every unrevoked certificate issued under the policy (by any of its issuing CAs, past or present);
+    the policy goes on issuing. Live sessions holding them are dropped on every node."""
+    b = await json_body(request, m.RevokeBody, required=False)
+    count, issuers = await run(request, _revoke_policy_certificates, services(request), request.match_info["ns"],
+                               request.match_info["policy"], b.reason)
+    await runtime(request).live.revoke(set(), issuers=issuers)
+    return send(m.RevokedCount(revokedCertificateCount=count))

@@ -65,6 +65,9 @@ class HubSession:
         self.session = session
         self.runtime.live.attach(self)
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type)
+        if self.device.superseded:  # its renewed certificate's first session: older ones are revoked, drop their sessions
+            log.info("device %r: certificate(s) %s superseded", self.device.device_id, ", ".join(self.device.superseded))
+            await self.runtime.live.revoke(set(self.device.superseded))
 
     async def on_subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
         d = self.device.device_id

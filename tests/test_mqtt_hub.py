@@ -442,10 +442,20 @@ def test_renewal_through_the_hub_credentials_topic(server, tmp_path):
     run_openssl("verify", "-CAfile", str(tmp_path / "c2.pem"), "-untrusted", str(tmp_path / "c1.pem"),
                 str(tmp_path / "c0.pem"))
     renewed = write_pem(tmp_path / "renewed.pem", certs[:2])
+    old = Client(server, "renew-hub-dev", hub_username("renew-hub-dev"), cert=chain, key=op_key)
+    assert old.rc == 0  # renewed but not used yet: the old certificate still works (nothing is locked out)
+    old.close()
     d = Client(server, "renew-hub-dev", hub_username("renew-hub-dev"), cert=renewed,
                key=tmp_path / "new" / "renew-hub-dev-op.key")
     assert d.rc == 0
     d.close()
+    # issue 17.2: the renewed certificate's first session superseded the old one, which the hub now refuses
+    refused = Client(server, "renew-hub-dev", hub_username("renew-hub-dev"), cert=chain, key=op_key)
+    assert refused.rc == 5
+    refused.close()
+    shown = json.loads(server.cli("certificate", "show", "--serial-number", serial_hex(first), "-o", "json",
+                                  check=True).stdout)
+    assert (shown["revoked"], shown["revocationReason"]) == (True, "superseded"), shown
 
 
 def test_a_revoked_certificate_is_dropped_live_refused_and_the_next_one_connects(server, tmp_path):

@@ -492,3 +492,8 @@ OWNERS: dict[type[Base], str] = {
 # What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.
 CONFIG_MODELS: frozenset[type[Base]] = frozenset({Namespace, Policy, CertificateAuthority, DpsCertificate, Enrollment,
                                                    LinkedHub, HubCertificate, TelemetryRoute})
+
+# an issuing CA's revoked certificates (its CRL and revocation state, opendps.pki.status): revoked rows only, so
+# issuance never maintains it (migration 0013)
+Index("ix_issued_certificates_revoked", IssuedCertificate.issuing_ca_id, IssuedCertificate.revoked_at,
+      postgresql_where=IssuedCertificate.revoked_at.is_not(None), sqlite_where=IssuedCertificate.revoked_at.is_not(None))

@@ -1,7 +1,7 @@
 """audit log: every issuance, revocation, CA and enrollment change and registration outcome, as a hash chain
 
 Revision ID: 0014
-Revises: 0012
+Revises: 0013
 Create Date: 2026-12-06 10:00:00
 
 ``seq`` is the appender's (1, 2, 3... under a lock, see ``opendps.audit``), not a sequence or AUTOINCREMENT: a
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0012"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 

@@ -27,6 +27,7 @@ from opendps.pki.certificates import serial_hex
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
+from opendps.pki.status import Publication
 from opendps.store import IssuedCertificate, Store, table_of
 
 _ISSUED = table_of(IssuedCertificate)
@@ -154,11 +155,14 @@ class IssuedCertificateView:
 
 
 class IssuanceEngine:
-    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True) -> None:
+    def __init__(self, store: Store, keys: KeyStore, *, lint: bool = True,
+                 publication: Publication | None = None) -> None:
         self.store = store
         self.keys = keys
         self.lint = lint
         self.linted = LintedShapes()  # leaf shapes pkilint passed: the first leaf of each is linted in full
+        # where this installation serves CRLs and OCSP: named in every leaf (None: leaves name none)
+        self.publication = publication
 
     def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
               session: Session | None = None) -> IssuedChain:
@@ -180,8 +184,11 @@ class IssuanceEngine:
         if issuer.certificate.not_valid_after_utc <= now:
             raise IssuanceRefused(f"the issuing CA of policy {issuer.policy_name!r} has expired")
         signer = self.keys.signer(issuer.key_id)
+        # the issuing CA's CRL and OCSP URLs, when this installation publishes them
+        where = self.publication
+        urls = {"crl_url": where.crl_url(issuer.certificate), "ocsp_url": where.ocsp_url} if where is not None else {}
         builder = leaf_builder(checked.public_key, registration_id, issuer.certificate, signer.public_key(),
-                               issuer.validity_days, now=now)
+                               issuer.validity_days, now=now, **urls)
         leaf = sign_builder(builder, signer, lint=self.lint, shapes=self.linted)
         der = leaf.public_bytes(Encoding.DER)
         row = {"serial": format(leaf.serial_number, "x"), "sha256": hashlib.sha256(der).hexdigest(), "der": der,

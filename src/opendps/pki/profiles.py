@@ -26,17 +26,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from opendps.errors import InvalidInput
+from opendps.pki import der
 from opendps.pki.keys import Signer
 from opendps.pki.lint import LintFinding, lint_certificate
 
 ROOT_VALIDITY = timedelta(days=365 * 25)
 ISSUING_VALIDITY = timedelta(days=365 * 5)
 BACKDATE = timedelta(minutes=5)
-# DER AlgorithmIdentifier for ecdsa-with-SHA384 (1.2.840.10045.4.3.3), parameters absent
-_ECDSA_SHA384_ALGID = bytes.fromhex("300a06082a8648ce3d040303")
 
 
 class IssuanceRefused(InvalidInput):
@@ -54,7 +53,7 @@ class LintRefused(IssuanceRefused):
 
 
 @lru_cache(maxsize=1)
-def _throwaway_key() -> ec.EllipticCurvePrivateKey:
+def throwaway_key() -> ec.EllipticCurvePrivateKey:
     """Signs the to-be-signed copy that is linted; only its TBS bytes are kept. An EC key with SHA-384 gives the
     same TBS (signature algorithm ecdsa-with-SHA384) whatever its curve, and P-256 signs ~8x faster than P-384."""
     return ec.generate_private_key(ec.SECP256R1())
@@ -63,19 +62,6 @@ def _throwaway_key() -> ec.EllipticCurvePrivateKey:
 def random_serial() -> int:
     """A 128-bit random positive serial (top bit set, so always 16 significant octets)."""
     return secrets.randbits(128) | (1 << 127)
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _assemble(tbs: bytes, signature: bytes) -> bytes:
-    bitstring = b"\x03" + _der_len(len(signature) + 1) + b"\x00" + signature
-    body = tbs + _ECDSA_SHA384_ALGID + bitstring
-    return b"\x30" + _der_len(len(body)) + body
 
 
 def _time_encoding(when: datetime) -> bytes:
@@ -160,7 +146,7 @@ def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool
     With ``shapes``, pkilint runs once per :func:`skeleton` (the profile's first leaf of that shape) and every
     leaf gets :func:`_check_values`; without, every certificate is linted in full (CA certificates: rare).
     """
-    pre = builder.sign(_throwaway_key(), hashes.SHA384())
+    pre = builder.sign(throwaway_key(), hashes.SHA384())
     if lint:
         _check_values(pre)
         shape = skeleton(pre) if shapes is not None else None
@@ -171,7 +157,7 @@ def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool
             if shapes is not None and shape is not None:
                 shapes.add(shape)
     tbs = pre.tbs_certificate_bytes
-    cert = x509.load_der_x509_certificate(_assemble(tbs, signer.sign(tbs)))
+    cert = x509.load_der_x509_certificate(der.signed(tbs, signer.sign(tbs)))
     # a wrong key or a broken signer must never produce a certificate
     signer.public_key().verify(cert.signature, tbs, ec.ECDSA(hashes.SHA384()))
     return cert
@@ -212,9 +198,16 @@ def root_ca(signer: Signer, common_name: str, *, now: datetime | None = None, li
     return sign_builder(builder, signer, lint=lint)
 
 
+def _crl_distribution_point(url: str) -> x509.CRLDistributionPoints:
+    """One distribution point, a full name with one http URI (RFC 5280 4.2.1.13: no reasons, no cRLIssuer)."""
+    return x509.CRLDistributionPoints([x509.DistributionPoint(full_name=[x509.UniformResourceIdentifier(url)],
+                                                              relative_name=None, reasons=None, crl_issuer=None)])
+
+
 def issuing_ca(signer: Signer, parent: x509.Certificate, parent_signer: Signer, common_name: str, *,
-               now: datetime | None = None, lint: bool = True) -> x509.Certificate:
-    """Issuing CA under a namespace root: pathlen 0, ends no later than the root."""
+               now: datetime | None = None, lint: bool = True, crl_url: str | None = None) -> x509.Certificate:
+    """Issuing CA under a namespace root: pathlen 0, ends no later than the root. ``crl_url``: where the root's
+    CRL is published (the CRL Distribution Points extension; none when the installation publishes none)."""
     now = now or datetime.now(UTC)
     pub = signer.public_key()
     not_after = min(now + ISSUING_VALIDITY, parent.not_valid_after_utc)
@@ -229,17 +222,22 @@ def issuing_ca(signer: Signer, parent: x509.Certificate, parent_signer: Signer, 
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_signer.public_key()),
                        critical=False)
     )
+    if crl_url is not None:
+        builder = builder.add_extension(_crl_distribution_point(crl_url), critical=False)
     return sign_builder(builder, parent_signer, lint=lint)
 
 
 def leaf_builder(public_key: ec.EllipticCurvePublicKey, registration_id: str, issuer: x509.Certificate,
                  issuer_public_key: ec.EllipticCurvePublicKey, validity_days: int, *,
-                 now: datetime | None = None) -> x509.CertificateBuilder:
-    """Operational certificate profile (see docs/architecture.md, "Leaf profile")."""
+                 now: datetime | None = None, crl_url: str | None = None,
+                 ocsp_url: str | None = None) -> x509.CertificateBuilder:
+    """Operational certificate profile (see docs/architecture.md, "Leaf profile"). ``crl_url`` / ``ocsp_url``: the
+    issuing CA's CRL (CRL Distribution Points) and OCSP responder (Authority Information Access, OCSP only: a device
+    has its chain from DPS, so no caIssuers)."""
     now = now or datetime.now(UTC)
     not_before = now - BACKDATE
     not_after = min(not_before + timedelta(days=validity_days), issuer.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)]))
         .issuer_name(issuer.subject).public_key(public_key)
@@ -253,3 +251,9 @@ def leaf_builder(public_key: ec.EllipticCurvePublicKey, registration_id: str, is
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key), critical=False)
     )
+    if crl_url is not None:
+        builder = builder.add_extension(_crl_distribution_point(crl_url), critical=False)
+    if ocsp_url is not None:
+        builder = builder.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
+    return builder

@@ -82,6 +82,19 @@ def test_cluster_imports_only_the_store():
     assert wrong == []
 
 
+def test_audit_imports_only_the_store():
+    """Every domain package records into the audit log (``opendps.audit`` is in no layer's way: it is not above any
+    of them), so the log may depend on nothing but the store."""
+    wrong = sorted({f"{module} -> {imported}" for module, imports in SOURCES.items()
+                    if _within(module, "opendps.audit") for imported, _ in imports
+                    if imported.startswith("opendps") and not _within(imported, "opendps.audit")
+                    and not _within(imported, "opendps.store")})
+    assert wrong == []
+    assert not any(_within("opendps.audit", p) for p in (*DOMAIN, *OUTSIDE_THE_DOMAIN))
+    assert any(imported == "opendps.audit" for module, imports in SOURCES.items() if _within(module, "opendps.pki")
+               for imported, _ in imports)  # the domain does use it
+
+
 def test_only_the_owner_of_a_table_imports_its_model():
     wrong = []
     for module, imports in SOURCES.items():
@@ -115,7 +128,7 @@ def test_front_ends_do_not_import_each_others_routes():
 def test_http_route_modules_do_not_import_each_other():
     """Route modules share ``wire`` (plumbing) and ``certificates`` (routes for two owners), never each other."""
     routes = ("opendps.frontends.http.service", "opendps.frontends.http.enrollments",
-              "opendps.frontends.http.hub_service", "opendps.frontends.http.device")
+              "opendps.frontends.http.hub_service", "opendps.frontends.http.device", "opendps.frontends.http.audit")
     wrong = sorted({f"{module} -> {imported}" for module in routes for imported, _ in SOURCES[module]
                     if imported in routes and imported != module})
     assert wrong == []

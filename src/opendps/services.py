@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opendps.audit import AuditLog
 from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetryRoutes, TelemetrySink
 from opendps.pki import IssuanceEngine, KeyStore
 from opendps.provisioning import AccessPolicies, DpsCertificates
@@ -35,6 +36,7 @@ class Services:
     enrollments: Enrollments
     provisioning: Provisioning  # the RA
     access_policies: AccessPolicies  # who may call the service API (shared access policies and their rights)
+    audit: AuditLog  # the tamper-evident audit log: listing and checking it (domain calls append in their transactions)
 
     @property
     def id_scope(self) -> str:
@@ -57,4 +59,4 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
                     hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
                     routes=TelemetryRoutes(store),
                     c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,
-                    provisioning=provisioning, access_policies=AccessPolicies(store, keys))
+                    provisioning=provisioning, access_policies=AccessPolicies(store, keys), audit=AuditLog(store))

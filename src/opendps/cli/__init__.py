@@ -252,6 +252,9 @@ if _register_management is not None:
     from opendps.cli.bench import register as _register_bench
 
     _register_bench(main)
+    from opendps.cli.audit import register as _register_audit
+
+    _register_audit(main)
 
 
 def run() -> None:

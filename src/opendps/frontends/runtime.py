@@ -8,6 +8,7 @@ call from a front end goes through :class:`DomainRunner`, a bounded thread pool,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +26,19 @@ T = TypeVar("T")
 
 
 class DomainRunner:
-    """The one bridge from the event loop to synchronous domain code: a bounded thread pool."""
+    """The one bridge from the event loop to synchronous domain code: a bounded thread pool.
+
+    Each call runs in a copy of the caller's context (``run_in_executor`` alone does not carry context variables
+    into the thread): what the request set — who is acting, for the audit log (``opendps.audit.ACTOR``) — is what the
+    domain code sees, and nothing a call sets leaks into the thread's next call."""
 
     def __init__(self, workers: int = 8) -> None:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opendps-domain")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(context.run, fn, *args, **kwargs))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -616,7 +616,9 @@ class Hubs:
     # ---- trust ----
     def certificates(self, hub_name: str) -> CaCertificates:
         """The CA certificates the owner uploaded to this hub (``az iot hub certificate``), proof of possession."""
-        return CaCertificates(self.store, HubCertificate, {"hub_id": self.get(hub_name).id})
+        hub = self.get(hub_name)
+        return CaCertificates(self.store, HubCertificate, {"hub_id": hub.id},
+                              audit_scope={"service": "hub", "hub": hub.name})
 
     def uploaded_cas(self, hub: HubView, *, now: datetime | None = None) -> builtins.list[x509.Certificate]:
         """The owner's CA certificates uploaded to this hub, proven by proof of possession and still valid."""

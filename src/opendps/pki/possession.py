@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import etag_matches, new_etag
 from opendps.pki.certificates import load_certificate_text, thumbprint
@@ -73,12 +74,17 @@ class CaCertificates:
     provisioning) or one hub (``hub_certificates`` scoped by ``{"hub_id": n}``, owned by hub). Both follow
     the same proof-of-possession rules; only the table and its scoping column differ, and the owner
     package is the one that builds this object.
+
+    Uploads, proofs and deletions are recorded in the audit log (``ca-certificate.*``, subject: the SHA-256
+    thumbprint) with ``audit_scope`` in the details: ``{"service": "dps"}`` or ``{"service": "hub", "hub": name}``.
     """
 
-    def __init__(self, store: Store, model: type[ProvenCaCertificate], scope: dict[str, Any] | None = None) -> None:
+    def __init__(self, store: Store, model: type[ProvenCaCertificate], scope: dict[str, Any] | None = None, *,
+                 audit_scope: dict[str, str] | None = None) -> None:
         self.store = store
         self.model = model
         self.scope = dict(scope or {})
+        self.audit_scope = dict(audit_scope or {"service": "dps"})
         # the proven certificates, parsed: every X.509 registration asks for them (CA rows are configuration)
         self._verified: ConfigCache[str, builtins.list[CaCertificateView]] = ConfigCache(store, capacity=1)
 
@@ -126,7 +132,12 @@ class CaCertificates:
             row.etag = new_etag()
             row.updated_at = now
             s.flush()
+            self._audit(s, audit.CA_CERTIFICATE_UPLOADED, row, replaced=not created)
             return _view(row), created
+
+    def _audit(self, s: Session, action: str, row: ProvenCaCertificate, **details: Any) -> None:
+        audit.append(s, action, subject=row.sha256, details={**self.audit_scope, "name": row.name,
+                                                             "certificateSubject": row.subject, **details})
 
     def get(self, name: str) -> CaCertificateView:
         with self.store.session() as s:
@@ -158,6 +169,7 @@ class CaCertificates:
             if not etag_matches(if_match, row.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
             s.delete(row)
+            self._audit(s, audit.CA_CERTIFICATE_DELETED, row, wasVerified=row.is_verified)
 
     def generate_verification_code(self, name: str, *, if_match: str | None) -> CaCertificateView:
         """A fresh code (the previous one stops working); needs the current etag."""
@@ -207,4 +219,5 @@ class CaCertificates:
             row.etag = new_etag()
             row.updated_at = now
             s.flush()
+            self._audit(s, audit.CA_CERTIFICATE_VERIFIED, row)
             return _view(row)

@@ -26,6 +26,7 @@ from cryptography import x509
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import Hubs
 from opendps.ids import etag_matches, new_etag
@@ -286,6 +287,8 @@ class Enrollments:
             row.etag = new_etag()
             row.updated_at = now
             s.flush()
+            _audit(s, audit.ENROLLMENT_CREATED if created else audit.ENROLLMENT_UPDATED, kind, enrollment_id, doc,
+                   etag=row.etag)
             return self._view(row), created
 
     @staticmethod
@@ -346,6 +349,7 @@ class Enrollments:
                 s.execute(delete(Registration).where(Registration.registration_key == enrollment_id.lower(),
                                                      Registration.enrollment_kind == INDIVIDUAL))
             s.delete(row)
+            _audit(s, audit.ENROLLMENT_DELETED, kind, row.enrollment_id, row.document)
 
     # ---- validation ----
     def _normalise(self, kind: str, enrollment_id: str, body: dict[str, Any],
@@ -446,6 +450,20 @@ class Enrollments:
                 if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 60:
                     raise InvalidInput("customAllocationDefinition.timeoutInSeconds must be a number from 1 to 60")
                 doc["customAllocationDefinition"]["timeoutInSeconds"] = timeout
+
+
+def _audit(s: Session, action: str, kind: str, enrollment_id: str, doc: dict[str, Any], **extra: Any) -> None:
+    """An enrollment change in the audit log: what decides who may register and where to (attestation type, status,
+    policy, hubs, allocation) — not the document: no keys, and no webhook URL (it may carry a function key)."""
+    details: dict[str, Any] = {"kind": kind, "attestationType": (doc.get("attestation") or {}).get("type"),
+                               "provisioningStatus": doc.get("provisioningStatus"),
+                               "credentialPolicyName": doc.get("credentialPolicyName"),
+                               "allocationPolicy": doc.get("allocationPolicy"), "iotHubs": doc.get("iotHubs"),
+                               "caReferences": ca_names(doc) or None, **extra}
+    if doc.get("deviceId"):
+        details["deviceId"] = doc["deviceId"]
+    audit.append(s, action, namespace=doc.get("namespaceName"), device=enrollment_id if kind == INDIVIDUAL else None,
+                 subject=enrollment_id, details={k: v for k, v in details.items() if v is not None})
 
 
 def ca_names(document: dict[str, Any]) -> list[str]:

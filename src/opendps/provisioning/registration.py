@@ -25,10 +25,20 @@ from typing import Any, cast
 from sqlalchemy import Connection, CursorResult, Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import DeviceCredential, Hubs
 from opendps.ids import etag_matches, new_etag
-from opendps.pki import CaCertificates, IssuanceEngine, IssuedChain, Issuer, ValidatedCsr, decode_csr_text
+from opendps.pki import (
+    CaCertificates,
+    IssuanceEngine,
+    IssuedChain,
+    Issuer,
+    ValidatedCsr,
+    decode_csr_text,
+    serial_hex,
+    thumbprint,
+)
 from opendps.provisioning import allocation, attestation, reprovisioning
 from opendps.provisioning.attestation import (
     AttestationFailed,
@@ -260,6 +270,9 @@ class Provisioning:
             if reg is not None:
                 reg.certificate_serial = format(chain.leaf.serial_number, "x")
                 reg.updated_at = now
+            audit.append(s, audit.CERTIFICATE_ISSUED, **_issued(enrollment.document.get("namespaceName"),
+                                                                registration_id, device_id, issuer, chain,
+                                                                via="hub", hub=hub_host))
         log.info("device %r renewed its certificate through hub %s", device_id, hub_host)
         return chain
 
@@ -297,6 +310,9 @@ class Provisioning:
             if not etag_matches(if_match, reg.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match registration {registration_id!r}, as per RFC7232")
             s.delete(reg)
+            audit.append(s, audit.REGISTRATION_DELETED, device=reg.registration_id, subject=reg.enrollment_id,
+                         details=_present({"enrollmentKind": reg.enrollment_kind, "status": reg.status,
+                                           "assignedHub": reg.assigned_hub, "deviceId": reg.device_id}))
 
     # ---- decide ----
     def _decide(self, credentials: DeviceCredentials, payload: Any, csr: str | None, api_version: str | None,
@@ -361,6 +377,9 @@ class Provisioning:
             s.add(Operation(operation_id=operation_id, registration_key=registration_id.lower(), status="failed",
                             result={"operationId": operation_id, "status": "failed", "registrationState": state},
                             created_at=now))
+            audit.append(s, audit.REGISTRATION_FAILED, device=registration_id,
+                         details={"errorCode": exc.error_code, "message": exc.message[:256],
+                                  "operationId": operation_id})
 
     # ---- issue + assign: one transaction ----
     def _issue_and_assign(self, operation_id: str, decision: Decision, now: datetime) -> dict[str, Any]:
@@ -396,7 +415,10 @@ class Provisioning:
             if e.policy_id is not None:
                 self.devices.record(s, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
                                     hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
-            return self._record_assignment(conn, operation_id, decision, reg, device_id, placement, chain, now)
+            result = self._record_assignment(conn, operation_id, decision, reg, device_id, placement, chain, now)
+            # last: the audit chain is locked from this append to the commit
+            audit.append_all(conn, _assignment_events(decision, device_id, placement, chain, operation_id))
+            return result
 
     @staticmethod
     def _record_assignment(conn: Connection, operation_id: str, decision: Decision, reg: Row[Any] | None,
@@ -425,6 +447,40 @@ class Provisioning:
         conn.execute(_INSERT_OPERATION, {"operation_id": operation_id, "registration_key": key, "status": "assigned",
                                          "result": result, "created_at": now})
         return result
+
+
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _issued(namespace: str | None, registration_id: str, device_id: str, issuer: Issuer, chain: IssuedChain,
+            **via: Any) -> dict[str, Any]:
+    """The ``certificate.issued`` entry's fields: the serial number as openssl prints it, the thumbprints of the leaf
+    and of its issuing CA (as the ``ca.*`` entries name CAs), the policy and the validity end."""
+    details = {"sha256": thumbprint(chain.leaf), "policy": issuer.policy_name, "issuingCa": thumbprint(chain.issuing_ca),
+               "notAfter": iso8601(chain.leaf.not_valid_after_utc), **via}
+    if device_id.lower() != registration_id.lower():
+        details["deviceId"] = device_id
+    return {"namespace": namespace, "device": registration_id, "subject": serial_hex(chain.leaf), "details": details}
+
+
+def _assignment_events(decision: Decision, device_id: str, placement: reprovisioning.Placement,
+                       chain: IssuedChain | None, operation_id: str) -> list[audit.Event]:
+    """A registration's entries: the certificate issued (if a CSR came), then the assignment; subject of the
+    assignment: the enrollment it came through (as the ``enrollment.*`` entries name it)."""
+    identity, e = decision.identity, decision.identity.enrollment
+    rid, namespace = identity.registration_id, e.document.get("namespaceName")
+    events = []
+    if chain is not None and decision.issuer is not None:
+        events.append(audit.Event(audit.CERTIFICATE_ISSUED, **_issued(namespace, rid, device_id, decision.issuer, chain,
+                                                                       via="registration")))
+    details = _present({"enrollmentKind": e.kind, "attestationType": identity.attestation_type,
+                        "hub": placement.hub.host_name, "substatus": placement.substatus,
+                        "deviceId": device_id if device_id.lower() != rid.lower() else None,
+                        "serialNumber": serial_hex(chain.leaf) if chain is not None else None,
+                        "operationId": operation_id})
+    events.append(audit.Event(audit.REGISTRATION_ASSIGNED, namespace, rid, e.enrollment_id, details))
+    return events
 
 
 __all__ = ["Accepted", "Decision", "Provisioning", "csr_supported", "registration_state"]

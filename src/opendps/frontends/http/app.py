@@ -8,7 +8,9 @@ import json
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from opendps import audit
 from opendps.errors import Forbidden, Unauthorized
+from opendps.frontends.http.audit import routes as audit_routes
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
@@ -83,7 +85,12 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
         principal = await authenticator.authenticate(request.headers.get("Authorization"), permit)
         if principal.hub is not None:
             request[TOKEN_HUB] = principal.hub
-        return await handler(request)
+        # the audit log's actor: the access policy (a hub's iothubowner names its hub); DomainRunner carries it
+        token = audit.ACTOR.set(principal.policy if principal.hub is None else f"{principal.policy}@{principal.hub}")
+        try:
+            return await handler(request)
+        finally:
+            audit.ACTOR.reset(token)
 
     return middleware
 
@@ -128,6 +135,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(service_routes)
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
+    app.add_routes(audit_routes)
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
     _add_spellings(app)
     for n, path in enumerate(WEBSOCKET_ONLY_PATHS):  # after the spellings: "/" has none ("//" is no path)

@@ -1,0 +1,219 @@
+"""Appending to the audit log inside the caller's transaction, and reading and checking it.
+
+Why in the caller's transaction: an action and its entry commit together or not at all — a rolled-back
+registration leaves no entry, and no committed certificate lacks one.
+
+Why a lock: each entry names the hash of the one before, so appends must take turns, across threads, processes
+and hosts, or two would chain to the same head. PostgreSQL: a transaction-level advisory lock (released when the
+transaction ends, after its commit is visible), then the head is read — in READ COMMITTED each statement sees what
+committed before it, so the head read after the lock is the newest. SQLite: one writer at a time — a no-op UPDATE
+of ``audit_log`` takes the database's write lock (and waits for it) before the head is read, so the head cannot
+move until this transaction ends. Either way ``seq`` is the primary key, so a second appender on the same head
+would fail its INSERT rather than fork the chain. The cost: appends from concurrent transactions are serialised
+from their append to their commit, so hooks append as the last statement of their transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, insert, or_, select, text
+from sqlalchemy.orm import Session
+
+from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash
+from opendps.store import Store, table_of
+from opendps.store.models import AuditEntry
+
+# who is acting: the access policy of the management request being served (set by the HTTP front end, carried into
+# the domain thread pool by DomainRunner's context copy); None for a device's own request or a local command
+ACTOR: ContextVar[str | None] = ContextVar("opendps_audit_actor", default=None)
+_FROM_CONTEXT: Any = object()
+
+_TABLE = table_of(AuditEntry)
+_HEAD = select(_TABLE.c.seq, _TABLE.c.hash).order_by(_TABLE.c.seq.desc()).limit(1)
+_INSERT = insert(_TABLE)
+# PostgreSQL: (space, key) of the advisory lock appends take turns on; apart from telemetry's space (0x0DD57E1E)
+_LOCK_SPACE = 0x0A0D_17A0
+_TAKE_TURN_PG = text("SELECT pg_advisory_xact_lock(:space, 0)")
+_TAKE_TURN_SQLITE = text("UPDATE audit_log SET seq = seq WHERE 0 = 1")  # takes SQLite's write lock, changes nothing
+
+ACTION = re.compile(r"^[a-z][a-z0-9-]*(?:\.[a-z][a-z0-9-]*)+$")
+MAX_DETAILS = 4096  # characters of canonical JSON: entries describe, they do not carry documents
+# what an entry must never hold: a details member so named, or a value that looks like a credential
+_SECRET_NAME = re.compile(r"(?:key|keys|secret|secrets|token|tokens|password|passphrase|pin|sas|signature|sig)$",
+                          re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"SharedAccessSignature|PRIVATE KEY|SharedAccessKey=", re.IGNORECASE)
+_LIMITS = {"actor": 128, "namespace": 64, "device": 128, "subject": 256}
+
+
+@contextmanager
+def acting_as(actor: str | None) -> Iterator[None]:
+    """Attribute the entries appended inside to ``actor`` (in-process callers; front ends set :data:`ACTOR`)."""
+    token = ACTOR.set(actor)
+    try:
+        yield
+    finally:
+        ACTOR.reset(token)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing to record: ``action`` (``certificate.issued``...), the namespace, the device (its registration id;
+    stored lower-cased, as ids compare), the subject (a serial number, thumbprint, enrollment id...) and small
+    ``details`` (JSON values; never a key, token, PIN or other secret — refused with ValueError)."""
+
+    action: str
+    namespace: str | None = None
+    device: str | None = None
+    subject: str | None = None
+    details: Mapping[str, Any] | None = None
+
+
+def append(db: Session | Connection, action: str, *, namespace: str | None = None, device: str | None = None,
+           subject: str | None = None, details: Mapping[str, Any] | None = None,
+           actor: str | None = _FROM_CONTEXT) -> Record:
+    """Append one entry in ``db``'s transaction (a Session or its Connection); returns it as it will be stored.
+
+    ``actor`` defaults to the one acting now (:data:`ACTOR`). Call it as the last statement of the transaction (the
+    chain is locked from here to the commit)."""
+    return append_all(db, [Event(action, namespace, device, subject, details)], actor=actor)[0]
+
+
+def append_all(db: Session | Connection, events: Sequence[Event], *, actor: str | None = _FROM_CONTEXT) -> list[Record]:
+    """Append several entries in order with one turn of the lock, one head read and one INSERT (e.g. a registration's
+    ``certificate.issued`` and ``registration.assigned``, or a batch of revocations)."""
+    if not events:
+        return []
+    who = ACTOR.get() if actor is _FROM_CONTEXT else actor
+    prepared = [_prepared(event, who) for event in events]
+    conn = db.connection() if isinstance(db, Session) else db
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.execute(_TAKE_TURN_PG, {"space": _LOCK_SPACE})
+    elif dialect == "sqlite":
+        conn.execute(_TAKE_TURN_SQLITE)
+    head = conn.execute(_HEAD).first()
+    seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
+    now = datetime.now(UTC)  # taken under the lock: times never go back along the chain (on one clock)
+    records: list[Record] = []
+    for action, actor_, namespace, device, subject, details in prepared:
+        seq += 1
+        digest = entry_hash(seq, now, action, actor_, namespace, device, subject, details, prev)
+        records.append(Record(seq, now, action, actor_, namespace, device, subject, details, prev, digest))
+        prev = digest
+    conn.execute(_INSERT, [_row(r) for r in records])
+    return records
+
+
+def _prepared(event: Event, actor: str | None) -> tuple[str, str | None, str | None, str | None, str | None, str]:
+    if not isinstance(event.action, str) or len(event.action) > 64 or not ACTION.match(event.action):
+        raise ValueError(f"audit action {event.action!r} is not a dotted lower-case name like 'certificate.issued'")
+    device = event.device.lower() if event.device is not None else None
+    for name, value in (("actor", actor), ("namespace", event.namespace), ("device", device),
+                        ("subject", event.subject)):
+        if value is not None and (not isinstance(value, str) or len(value) > _LIMITS[name]):
+            raise ValueError(f"audit {name} must be a string of at most {_LIMITS[name]} characters")
+        if value is not None and _SECRET_VALUE.search(value):
+            raise ValueError(f"audit {name} looks like a credential: entries never hold secrets")
+    details = dict(event.details or {})
+    _refuse_secrets(details, "details")
+    encoded = canonical_json(details)
+    if len(encoded) > MAX_DETAILS:
+        raise ValueError(f"audit details of {event.action} are {len(encoded)} characters (at most {MAX_DETAILS})")
+    return event.action, actor, event.namespace, device, event.subject, encoded
+
+
+def _refuse_secrets(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for name, member in value.items():
+            if not isinstance(name, str):
+                raise ValueError(f"audit {where} has a non-string member name {name!r}")
+            if _SECRET_NAME.search(name):
+                raise ValueError(f"audit {where}.{name}: entries never hold keys, tokens, PINs or other secrets")
+            _refuse_secrets(member, f"{where}.{name}")
+    elif isinstance(value, list | tuple | set | frozenset):
+        for member in value:
+            _refuse_secrets(member, where)
+    elif isinstance(value, str) and _SECRET_VALUE.search(value):
+        raise ValueError(f"audit {where} looks like a credential: entries never hold secrets")
+
+
+def _row(record: Record) -> dict[str, Any]:
+    return {"seq": record.seq, "created_at": record.created_at, "action": record.action, "actor": record.actor,
+            "namespace": record.namespace, "device_id": record.device_id, "subject": record.subject,
+            "details": record.details, "prev_hash": record.prev_hash, "hash": record.hash}
+
+
+def _record(row: Row[Any]) -> Record:
+    return Record(int(row.seq), row.created_at, row.action, row.actor, row.namespace, row.device_id, row.subject,
+                  row.details, row.prev_hash, row.hash)
+
+
+class AuditLog:
+    """Reading the log (newest first, filtered) and checking the whole chain."""
+
+    MAX_TOP = 1000
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def list(self, *, device_id: str | None = None, namespace: str | None = None, action: str | None = None,
+             since: datetime | None = None, until: datetime | None = None, top: int = 100,
+             before: int | None = None) -> list[Record]:
+        """Entries newest first: of one device (registration id, any case), one namespace, one ``action`` or a
+        family of them (``certificate`` matches ``certificate.issued`` and ``certificate.revoked``), at or after
+        ``since`` and before ``until``, sequence numbers below ``before`` (the next page); at most ``top``
+        (1-:attr:`MAX_TOP`). ValueError for a value out of range."""
+        if not 1 <= top <= self.MAX_TOP:
+            raise ValueError(f"top must be from 1 to {self.MAX_TOP}")
+        q = select(_TABLE)
+        if device_id is not None:
+            q = q.where(_TABLE.c.device_id == device_id.lower())
+        if namespace is not None:
+            q = q.where(_TABLE.c.namespace == namespace)
+        if action is not None:
+            if not re.fullmatch(r"[a-z][a-z0-9.-]*", action):
+                raise ValueError(f"action {action!r} is not an audit action name (e.g. certificate.issued)")
+            q = q.where(or_(_TABLE.c.action == action, _TABLE.c.action.like(action.rstrip(".") + ".%")))
+        if since is not None:
+            q = q.where(_TABLE.c.created_at >= since)
+        if until is not None:
+            q = q.where(_TABLE.c.created_at < until)
+        if before is not None:
+            q = q.where(_TABLE.c.seq < before)
+        with self.store.session() as s:
+            return [_record(r) for r in s.execute(q.order_by(_TABLE.c.seq.desc()).limit(top))]
+
+    def verify(self, *, expect_head: tuple[int, str] | None = None, batch: int = 5000) -> Verification:
+        """Recompute every entry's hash in sequence order, and check the links and that no sequence number is
+        missing; stops at the first bad entry. ``expect_head`` = (seq, hash) an earlier check printed: that entry
+        must still be there, unchanged (catches entries cut from the end, or a chain rewritten wholesale).
+
+        Read in pages of ``batch`` entries by sequence number (a page per short transaction), so the log's size
+        does not matter to memory; entries appended meanwhile are checked as well."""
+        check = ChainCheck(expect_head)
+        after = 0
+        while True:
+            with self.store.session() as s:
+                rows = s.execute(select(_TABLE).where(_TABLE.c.seq > after).order_by(_TABLE.c.seq).limit(batch)).all()
+            for row in rows:
+                if not check.feed(_record(row)):
+                    return check.result()
+            if len(rows) < batch:
+                return check.result()
+            after = int(rows[-1].seq)
+
+    def head(self) -> tuple[int, str]:
+        """(sequence number, hash) of the newest entry; (0, 64 zeros) while the log is empty."""
+        with self.store.session() as s:
+            row = s.execute(_HEAD).first()
+        return (int(row.seq), str(row.hash)) if row is not None else (0, GENESIS)
+
+
+__all__ = ["ACTOR", "AuditLog", "Event", "acting_as", "append", "append_all"]

@@ -101,7 +101,7 @@ def test_namespace_policy_lifecycle(server, tmp_path):
 
         pol = c.get("/namespaces/api-ns/credentials/default/policies/pol-a").json()
         leaf_cfg = pol["properties"]["certificate"]["leafCertificateConfiguration"]
-        assert leaf_cfg == {"validityPeriodInDays": 3, "allowP256": False}
+        assert leaf_cfg == {"validityPeriodInDays": 3, "allowP256": False, "revokeSupersededCertificates": True}
         ica = tmp_path / "ica.pem"
         ica.write_text(pol["properties"]["certificate"]["certificateAuthorityConfiguration"]["certificate"])
         run_openssl("verify", "-CAfile", str(root), str(ica))
@@ -123,6 +123,38 @@ def test_namespace_policy_lifecycle(server, tmp_path):
         assert ica_b["thumbprint"] != pol["properties"]["certificate"]["certificateAuthorityConfiguration"]["thumbprint"]
         names = [p["name"] for p in c.get("/namespaces/api-ns/credentials/default/policies").json()["value"]]
         assert names == ["pol-a", "pol-b"]
+
+        # issue 17: revocation settings, the policy's issuing CAs, revoking a retired one
+        pol_a = "/namespaces/api-ns/credentials/default/policies/pol-a"
+        body = {"properties": {"certificate": {"certificateAuthorityConfiguration": {"crlValidityInHours": 6},
+                                               "leafCertificateConfiguration": {"revokeSupersededCertificates": False}}}}
+        r = c.put(pol_a, json=body)
+        assert r.status_code == 200, r.text
+        cert_cfg = r.json()["properties"]["certificate"]
+        assert cert_cfg["certificateAuthorityConfiguration"]["crlValidityInHours"] == 6
+        assert cert_cfg["leafCertificateConfiguration"] == {"validityPeriodInDays": 45, "allowP256": False,
+                                                           "revokeSupersededCertificates": False}
+        body["properties"]["certificate"]["certificateAuthorityConfiguration"]["crlValidityInHours"] = 0
+        _assert_error(c.put(pol_a, json=body), 400, words="crlValidityInHours")
+        [active] = c.get(f"{pol_a}/issuingCas").json()["value"]
+        assert active["status"] == "active" and active["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+        _assert_error(c.post(f"{pol_a}/issuingCas/{active['serialNumber']}/revoke", json={}), 409, words="rotate")
+        assert c.post(f"{pol_a}/rotate").status_code == 200
+        new, old = c.get(f"{pol_a}/issuingCas").json()["value"]
+        assert (new["status"], old["serialNumber"]) == ("active", active["serialNumber"])
+        _assert_error(c.post(f"{pol_a}/issuingCas/{old['thumbprint']}/revoke", json={"reason": "oops"}), 400,
+                      words="reason")
+        r = c.post(f"{pol_a}/issuingCas/{old['thumbprint']}/revoke", json={"reason": "keyCompromise"})
+        assert r.status_code == 200, r.text
+        assert r.json()["revokedCertificateCount"] == 0
+        assert (r.json()["issuingCa"]["status"], r.json()["issuingCa"]["revocationReason"]) == ("revoked",
+                                                                                                "keyCompromise")
+        _assert_error(c.post(f"{pol_a}/issuingCas/{old['serialNumber']}/revoke", json={}), 409, words="already")
+        _assert_error(c.post(f"{pol_a}/issuingCas/0102/revoke", json={}), 404, words="no issuing CA")
+        r = c.post(f"{pol_a}/revokeCertificates", json={"reason": "cessationOfOperation"})
+        assert (r.status_code, r.json()) == (200, {"revokedCertificateCount": 0})
+        _assert_error(c.post("/namespaces/api-ns/credentials/default/policies/nope/revokeCertificates", json={}),
+                      404, words="nope")
 
         assert c.delete("/namespaces/api-ns/credentials/default/policies/pol-b").status_code == 204
         _assert_error(c.get("/namespaces/api-ns/credentials/default/policies/pol-b"), 404, words="pol-b")

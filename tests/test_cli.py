@@ -169,6 +169,22 @@ def test_policy_rotate_and_namespace_devices(server):
     _one_error_line(server.cli("adr", "ns", "device", "show", "--namespace", "rot-ns", "-d", "ghost"), "ghost")
     _one_error_line(server.cli("adr", "ns", "device", "list", "--namespace", "no-such-ns"), "no-such-ns")
     assert ns["name"] == "rot-ns"
+    # issue 17: the policy's issuing CAs; the retired one revoked; settings; a policy's certificates revoked
+    listed = _json(server.cli("adr", "ns", "policy", "issuing-ca", "list", "--namespace", "rot-ns", "--name", "rot-p"))
+    assert [c["status"] for c in listed] == ["active", "retired"]
+    _one_error_line(server.cli("adr", "ns", "policy", "issuing-ca", "revoke", "--namespace", "rot-ns", "--name",
+                               "rot-p", "--ca", listed[0]["serialNumber"]), "rotate", "409")
+    done = _json(server.cli("adr", "ns", "policy", "issuing-ca", "revoke", "--namespace", "rot-ns", "--name", "rot-p",
+                            "--ca", listed[1]["serialNumber"], "--reason", "keyCompromise"))
+    assert (done["issuingCa"]["status"], done["revokedCertificateCount"]) == ("revoked", 0)
+    updated = _json(server.cli("adr", "ns", "policy", "update", "--namespace", "rot-ns", "--name", "rot-p",
+                               "--keep-superseded", "--crl-validity-hours", "12"))
+    assert updated["properties"]["certificate"]["leafCertificateConfiguration"]["revokeSupersededCertificates"] is False
+    assert updated["properties"]["certificate"]["certificateAuthorityConfiguration"]["crlValidityInHours"] == 12
+    assert _json(server.cli("certificate", "revoke", "--policy", "rot-p", "--namespace", "rot-ns")) == {
+        "revokedCertificateCount": 0}
+    _one_error_line(server.cli("certificate", "revoke", "--policy", "rot-p"), "--namespace")
+    _one_error_line(server.cli("certificate", "revoke", "--policy", "rot-p", "--device-id", "x"), "exactly one")
 
 
 def test_device_identity_connection_string_and_renew_key(server):

@@ -281,3 +281,36 @@ def test_dps_policy_verbs_as_az(server):
     assert server.cli("dps", "policy", "delete", "--pn", "cli-pol").returncode == 0
     _one_error_line(server.cli("dps", "enrollment", "list", "--login", fresh), "not an access policy", "HTTP 401")
     _one_error_line(server.cli("dps", "policy", "show", "--pn", "cli-pol"), "HTTP 404")
+
+
+def test_audit_list_and_verify_and_tampering_found_by_both(server):
+    """Issue 17.4 through the real CLI: an enrollment change is listed with its actor, ``audit verify`` passes (via the
+    server and on the database itself), an UPDATE done with raw SQL makes both fail naming the entry."""
+    from sqlalchemy import create_engine, text
+
+    group = _json(server.cli("dps", "enrollment-group", "create", "-e", "audit-cli-group"))
+    listed = _json(server.cli("audit", "list", "--action", "enrollment", "--since", "1h"))
+    [entry] = [e for e in listed if e["subject"] == "audit-cli-group"]
+    assert entry["action"] == "enrollment.created" and entry["actor"] == "provisioningserviceowner"
+    assert entry["details"]["etag"] == group["etag"] and "primaryKey" not in json.dumps(listed)
+    table = server.cli("audit", "list", "--action", "enrollment.created", "--top", "3", "-o", "table")
+    assert table.returncode == 0 and "audit-cli-group" in table.stdout
+    for args in (("audit", "verify"), ("audit", "verify", "--local")):
+        ok = server.cli(*args)
+        assert ok.returncode == 0 and ok.stdout.startswith("audit log intact: "), (args, ok.stderr)
+    seq = entry["sequenceNumber"]
+    engine = create_engine(server.db_url)
+    try:
+        with engine.begin() as c:
+            original = c.execute(text("SELECT details FROM audit_log WHERE seq = :s"), {"s": seq}).scalar_one()
+            c.execute(text("UPDATE audit_log SET details = :d WHERE seq = :s"),
+                      {"d": original.replace('"symmetricKey"', '"x509"'), "s": seq})
+        for args in (("audit", "verify"), ("audit", "verify", "--db", server.db_url)):
+            _one_error_line(server.cli(*args), f"audit log broken at entry {seq}:", "does not match its hash")
+        as_json = server.cli("audit", "verify", "-o", "json")
+        assert as_json.returncode == 1 and json.loads(as_json.stdout)["firstBadEntry"] == seq
+    finally:
+        with engine.begin() as c:
+            c.execute(text("UPDATE audit_log SET details = :d WHERE seq = :s"), {"d": original, "s": seq})
+        engine.dispose()
+    assert server.cli("audit", "verify").returncode == 0

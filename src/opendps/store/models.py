@@ -83,15 +83,20 @@ class AccessPolicy(Base):
 
 
 class WrappedKey(Base):
-    """A CA private key encrypted at rest (AES-256-GCM under a key derived from the master key)."""
+    """A CA private key: encrypted at rest (AES-256-GCM under a key derived from the master key), or, with backend
+    "pkcs11", a reference to a key that never leaves an HSM token (no private material here)."""
 
     __tablename__ = "wrapped_keys"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    backend: Mapped[str] = mapped_column(String(32), nullable=False)  # "software" (pkcs11 later)
+    backend: Mapped[str] = mapped_column(String(32), nullable=False)  # "software" | "pkcs11"
     algorithm: Mapped[str] = mapped_column(String(32), nullable=False)  # e.g. "EC-P384"
     blob: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # nonce || ciphertext+tag
     public_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # SubjectPublicKeyInfo DER
     created_at: Mapped[datetime] = _ts()
+    # backend "pkcs11": the key lives on a token and is only referenced here (blob empty, migration 0015)
+    pkcs11_token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the token label (CK_TOKEN_INFO)
+    pkcs11_label: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the key objects' CKA_LABEL
+    pkcs11_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # their CKA_ID, hex
 
 
 class Namespace(Base):

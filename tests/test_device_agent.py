@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from tests.conftest import free_ports
 from tests.test_device_api import make_ca, namespace, put, svc
 from tests.test_mqtt_hub import events
 
@@ -26,6 +27,7 @@ from opendps.device.hub import HubClient, HubError
 from opendps.device.keys import certificate_summary
 from opendps.device.mqtt import ConnectionLost
 from opendps.device.provisioning import ProvisioningClient
+from opendps.device.store import CertificateStore
 
 pytestmark = pytest.mark.timeout(120, func_only=True)
 HUB = "localhost"
@@ -472,3 +474,267 @@ def test_the_agent_answers_methods_and_reports_what_arrives(server, tmp_path):
         await task
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- a refused certificate (issue 17.5)
+def revoke(server, serial: int | None = None, *, device_id: str | None = None) -> dict:
+    """Revoke one certificate (by serial, reason keyCompromise) or all of a device's, through the REST API."""
+    with svc(server) as c:
+        if serial is not None:
+            r = c.post(f"/deviceCertificates/{serial:X}/revoke", json={"reason": "keyCompromise"})
+        else:
+            r = c.post("/deviceCertificates/revoke", json={"deviceId": device_id, "reason": "cessationOfOperation"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reported(server, device_id: str) -> dict:
+    with svc(server) as c:
+        return c.get(f"/twins/{device_id}").json()["properties"]["reported"]
+
+
+def counting(monkeypatch) -> tuple[list[str], list[str]]:
+    """DPS registrations and hub CONNECTs the agent makes (registration ids, device ids), in order."""
+    registrations: list[str] = []
+    connects: list[str] = []
+    real_register, real_open = ProvisioningClient.register, HubClient._open
+
+    async def register(self, csr_b64=None, payload=None):
+        registrations.append(self.registration_id)
+        return await real_register(self, csr_b64, payload)
+
+    async def open_(self):
+        connects.append(self.device_id)
+        return await real_open(self)
+
+    monkeypatch.setattr(ProvisioningClient, "register", register)
+    monkeypatch.setattr(HubClient, "_open", open_)
+    return registrations, connects
+
+
+def lifecycle(seen: list[tuple[str, dict]]) -> list[str]:
+    return [event for event, details in seen if not details]
+
+
+def test_a_revoked_certificate_is_replaced_through_dps_and_reported(server, tmp_path, monkeypatch):
+    """Revoked through the REST API while connected: the hub drops the session and refuses the reconnect (CONNACK 5);
+    the agent registers again with its onboarding key, connects with the new certificate, delivers what was queued
+    and reports the re-provisioning in its twin and as events."""
+    rid, doc = enroll(server, "agent-revoked")
+    registrations, _ = counting(monkeypatch)
+    clock = FakeClock(datetime.now(UTC))  # renewals stay far away; the backoffs would wait for the test
+    seen: list[tuple[str, dict]] = []
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc), clock=clock, sleep=clock.sleep, rng=random.Random(SEED),
+                            on_event=lambda event, status, details: seen.append((event, details)))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        first = agent.credentials.certificate
+        done = await asyncio.to_thread(revoke, server, first.serial_number)
+        assert done["revoked"] and done["revocationReason"] == "keyCompromise"
+        queued = agent.queue_telemetry("queued after the revocation", message_id="after-revoke")
+        await wait_for(lambda: agent.status.reprovisions == 1 and agent.status.state == "connected")
+        new = agent.credentials.certificate
+        assert new.serial_number != first.serial_number and public_key(new) != public_key(first)
+        assert agent.store.current().certificate == new and not agent.store.pending  # stored; the revoked set is gone
+        status = agent.status
+        assert (status.connected, status.failures, status.refused_certificates, status.next_retry) == (True, 0, 0, None)
+        assert status.last_reprovision == clock.now and status.certificate == certificate_summary(new)
+        assert f"refused certificate {first.serial_number:X} (CONNACK 5" in status.reprovision_reason
+        await asyncio.wait_for(queued, 10)  # kept across the re-provisioning, sent with the new certificate
+        twin = reported(server, rid)
+        assert twin["certificate"] == certificate_summary(new)
+        assert twin["reprovisioning"] == {"lastReprovisioned": clock.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                          "reason": "hubRefusedCertificate", "returnCode": 5,
+                                          "refusedSerialNumber": f"{first.serial_number:X}", "hub": status.assigned_hub}
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert registrations == [rid, rid]  # onboarding, then the one re-provisioning
+    assert lifecycle(seen) == ["provisioned", "connected", "certificate-refused", "provisioned", "reprovisioned"]
+    assert [d["reason"] for e, d in seen if e == "disconnected"] == ["connection closed by the server"]  # the drop
+    assert [e["event"]["payload"] for e in events(server, rid, 1)] == ["queued after the revocation"]
+
+
+def test_a_refused_reprovisioning_backs_off_and_says_why(server, tmp_path, monkeypatch):
+    """Enrollment disabled, then deleted, and the certificate revoked: DPS refuses (403, then 401/404); the agent does
+    not spin (one DPS attempt per backoff step, the step doubling), shows state "refused" with DPS's answer, keeps
+    its onboarding key, and re-provisions once the enrollment is back."""
+    rid, doc = enroll(server, "agent-revoked-off")
+    registrations, connects = counting(monkeypatch)
+    clock = FakeClock(datetime.now(UTC))
+    seen: list[tuple[str, dict]] = []
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc), clock=clock, sleep=clock.sleep, rng=random.Random(SEED),
+                            on_event=lambda event, status, details: seen.append((event, details)))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        expected_rng = random.Random(SEED)
+        expected_rng.random()  # the first certificate's renewal jitter
+        first = agent.credentials.certificate
+        update_enrollment(server, rid, doc, provisioningStatus="disabled")
+        revoked = await asyncio.to_thread(revoke, server, device_id=rid)
+        assert [int(c["serialNumber"], 16) for c in revoked["value"]] == [first.serial_number]
+        await wait_for(lambda: agent.status.state == "refused" and agent.status.next_retry is not None)
+        status = agent.status
+        assert status.last_error.startswith("re-provisioning refused by DPS: ProvisioningError: 403 403003")
+        assert (status.connected, status.failures, status.refused_certificates, status.reprovisions) == (False, 1, 1, 0)
+        assert status.next_retry == clock.now + timedelta(seconds=300 * (0.5 + 0.5 * expected_rng.random()))
+        assert status.certificate == certificate_summary(first)  # nothing better to hold: the revoked set stays
+        # no spinning: while real time passes and the device clock does not reach next_retry, nothing is attempted
+        attempts = (len(registrations), len(connects))
+        await asyncio.sleep(1.0)
+        assert (len(registrations), len(connects)) == attempts == (2, 2)  # onboarding + 1; first CONNECT + 1 reconnect
+        assert lifecycle(seen)[2:] == ["certificate-refused", "reprovision-failed"]
+
+        # deleted: the next attempt (after the backoff) tries the revoked set once, then DPS once, and waits twice as long
+        with svc(server) as c:
+            assert c.delete(f"/enrollments/{rid}").status_code == 204
+        retry_at = status.next_retry
+        await wait_for(lambda: retry_at in clock.deadlines())
+        clock.set(retry_at)
+        await wait_for(lambda: agent.status.failures == 2 and agent.status.next_retry is not None)
+        status = agent.status
+        assert status.state == "refused" and status.last_error.startswith("re-provisioning refused by DPS")
+        assert status.next_retry == retry_at + timedelta(seconds=600 * (0.5 + 0.5 * expected_rng.random()))
+        assert (len(registrations), len(connects)) == (3, 3)
+
+        # the operator enrolls the device again (same key): the next attempt re-provisions and connects
+        with svc(server) as c:
+            put(c, f"/enrollments/{rid}", {"attestation": doc["attestation"],
+                                           "credentialPolicyName": doc["credentialPolicyName"]})
+        clock.set(status.next_retry)
+        await wait_for(lambda: agent.status.reprovisions == 1 and agent.status.state == "connected")
+        new = agent.credentials.certificate
+        assert new.serial_number != first.serial_number
+        assert reported(server, rid)["reprovisioning"]["refusedSerialNumber"] == f"{first.serial_number:X}"
+        assert "refused by DPS" in agent.status.last_error  # the last error stays visible, with its time
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert len(registrations) == 4
+    assert lifecycle(seen)[2:] == ["certificate-refused", "reprovision-failed", "reprovision-failed", "provisioned",
+                                   "reprovisioned"]
+
+
+def test_fresh_certificates_refused_by_the_hub_stop_the_reprovisioning(server, tmp_path, monkeypatch):
+    """The hub identity is disabled: every certificate is refused (CONNACK 5), fresh ones too. After reprovision_limit
+    refused fresh certificates the agent stops asking DPS and only retries the connection with backoff; re-enabled,
+    the device connects with the newest certificate without another registration."""
+    rid, doc = enroll(server, "agent-hub-off")
+    registrations, connects = counting(monkeypatch)
+    clock = FakeClock(datetime.now(UTC))
+
+    def set_device(status: str) -> None:
+        with svc(server) as c:
+            dev = c.get(f"/devices/{rid}").json()
+            dev["status"] = status
+            assert c.put(f"/devices/{rid}", json=dev, headers={"If-Match": "*"}).status_code == 200
+
+    async def next_attempt(agent: DeviceAgent, failures: int) -> None:
+        retry_at = agent.status.next_retry
+        await wait_for(lambda: retry_at in clock.deadlines())
+        clock.set(retry_at)
+        await wait_for(lambda: agent.status.failures == failures and agent.status.next_retry is not None)
+
+    async def scenario() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, reprovision_limit=2), clock=clock, sleep=clock.sleep,
+                            rng=random.Random(SEED))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        first = agent.credentials.certificate
+        await asyncio.to_thread(set_device, "disabled")  # drops the live session; the reconnect is refused
+        await wait_for(lambda: agent.status.failures == 1 and agent.status.next_retry is not None)
+        assert agent.status.last_error.startswith(f"hub {agent.status.assigned_hub} refused the re-provisioned "
+                                                  "certificate")
+        assert (len(registrations), agent.status.refused_certificates, agent.status.state) == (2, 2, "reprovisioning")
+        assert not agent.store.pending  # the refused set is not kept to roll back to (a restart would try it first)
+        await next_attempt(agent, 2)  # the newest certificate again, refused, then the second (and last) registration
+        assert (len(registrations), agent.status.refused_certificates) == (3, 3)
+        newest = agent.credentials.certificate
+        await next_attempt(agent, 3)  # the limit: only the connection is retried
+        status = agent.status
+        assert status.state == "refused" and "refused 2 freshly issued certificates in a row" in status.last_error
+        assert len(registrations) == 3 and agent.credentials.certificate == newest
+        before = len(connects)
+        await next_attempt(agent, 4)
+        assert len(registrations) == 3 and len(connects) == before + 1  # one CONNECT per backoff step
+        await asyncio.to_thread(set_device, "enabled")
+        clock.set(agent.status.next_retry)
+        await wait_for(lambda: agent.status.state == "connected")
+        assert agent.credentials.certificate == newest != first and agent.status.reprovisions == 1
+        assert len(registrations) == 3 and agent.status.failures == 0 and agent.status.refused_certificates == 0
+        assert reported(server, rid)["certificate"] == certificate_summary(newest)
+        await agent.stop()
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_refusals_that_are_not_about_the_certificate_do_not_reprovision(server, tmp_path, monkeypatch):
+    """An unreachable hub (connection refused) and CONNACK 2 (identifier rejected), at start-up and on a reconnect, are
+    retried with backoff, with the stored certificate and no DPS registration; CONNACK 2 comes out as a connect-refused
+    event."""
+    rid, doc = enroll(server, "agent-unreachable")
+
+    async def provision() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc))
+        task = asyncio.create_task(agent.run())
+        await agent.wait_ready(30)
+        await agent.stop()
+        await task
+
+    asyncio.run(provision())
+    stored = CertificateStore(tmp_path / "creds").current().certificate
+    registrations, connects = counting(monkeypatch)
+    [closed_port] = free_ports(1)  # nothing listens there
+    clock = FakeClock(datetime.now(UTC))
+
+    async def unreachable() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, hub_port=closed_port), clock=clock, sleep=clock.sleep,
+                            rng=random.Random(SEED))
+        task = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.status.next_retry is not None)
+        await asyncio.sleep(0.3)
+        status = agent.status
+        assert status.state == "connecting" and status.last_error.startswith(f"cannot reach hub {HUB}: ")
+        assert (len(registrations), len(connects), status.failures, status.refused_certificates) == (0, 1, 1, 0)
+        await agent.stop()
+        await task
+
+    asyncio.run(unreachable())
+    seen: list[tuple[str, dict]] = []
+    real_username = HubClient.username
+    wrong_username = property(lambda self: f"{self.hub_host}/someone-else/?api-version=x")
+    monkeypatch.setattr(HubClient, "username", wrong_username)
+
+    async def identifier_rejected() -> None:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc), clock=clock, sleep=clock.sleep, rng=random.Random(SEED),
+                            on_event=lambda event, status, details: seen.append((event, details)))
+        task = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.status.next_retry is not None)
+        status = agent.status
+        assert "identifier rejected" in status.last_error and "not a certificate refusal" in status.last_error
+        assert status.refused_certificates == 0 and status.reprovisions == 0 and len(registrations) == 0
+        monkeypatch.setattr(HubClient, "username", real_username)  # fixed: the next attempt connects
+        clock.set(status.next_retry)
+        await agent.wait_ready(30)
+        assert agent.credentials.certificate == stored and len(registrations) == 0
+        # the same on a reconnect: the hub client keeps retrying with its backoff, the agent does not re-provision
+        monkeypatch.setattr(HubClient, "username", wrong_username)
+        await agent.hub._client.close(ConnectionLost("network cut (test)"))
+        await wait_for(lambda: len([e for e, _ in seen if e == "connect-refused"]) >= 3)
+        assert not agent.status.connected and agent.status.refused_certificates == 0 and len(registrations) == 0
+        monkeypatch.setattr(HubClient, "username", real_username)
+        await wait_for(lambda: agent.status.connected)
+        assert agent.credentials.certificate == stored and len(registrations) == 0 and agent.status.reprovisions == 0
+        await agent.stop()
+        await task
+
+    asyncio.run(identifier_rejected())
+    assert {d["returnCode"] for e, d in seen if e == "connect-refused"} == {2}
+    assert lifecycle(seen) == ["connected"] and [e for e, _ in seen][-1] == "reconnected"

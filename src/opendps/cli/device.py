@@ -629,9 +629,11 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
 
     Reuses the set `device provision` stored in --store-dir. Answers the direct methods getStatus and
     renewCertificate (202: the renewal follows). Prints one JSON line per event: lifecycle events (provisioned,
-    connected, switching, renewed, rolled-back, renewal-failed) with the agent's status, and traffic events
-    (method, c2d, desired, disconnected, reconnected) with what arrived. With --tpm the agent onboards (and renews
-    through DPS) with TPM attestation and connects to its hub with the operational certificate.
+    connected, switching, renewed, rolled-back, renewal-failed, and certificate-refused, reprovisioned,
+    reprovision-failed when the hub refuses the certificate, e.g. revoked, and the agent registers again) with the
+    agent's status, and traffic events (method, c2d, desired, disconnected, reconnected, connect-refused) with what
+    arrived. With --tpm the agent onboards (and renews through DPS) with TPM attestation and connects to its hub with
+    the operational certificate.
     """
     credential: dict[str, Any] = {}
     if certificate_file is not None or key_file is not None:

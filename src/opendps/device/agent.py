@@ -20,6 +20,20 @@ itself, the service sends no reminder). :class:`DeviceAgent` ties the SDK togeth
    (queued telemetry stays queued), then ``confirm`` — or ``rollback`` if the hub refuses the new
    certificate. Failures keep the old certificate and retry with exponential backoff and jitter;
    :attr:`DeviceAgent.status` says what happened (last renewal, next renewal, last error).
+4. **Re-provisioning** — when the hub refuses the certificate in use with CONNACK 5 (not authorized: revoked,
+   superseded, or the hub identity was disabled or deleted; a revocation also closes the live session, and
+   the reconnect is refused), the agent registers again with DPS with its onboarding credential (never
+   deleted) and a fresh key and CSR, stores the new set, connects with it and reports the re-provisioning in
+   the twin (``{"reprovisioning": {...}}``) and as events. Other refusals do not re-provision: an unreachable
+   hub (a network error), CONNACK 2 (identifier rejected: the client id and user name the agent builds from
+   the assignment disagree, which a new certificate does not change), 4 (bad user name or password: the
+   agent sends no password, so the hub did not get the certificate — TLS, not the certificate) and 3
+   (server unavailable) are retried with backoff and shown in the status. A DPS refusal (401/403/404: the
+   enrollment is disabled or deleted) puts the agent in state ``refused`` and backs off; every later attempt
+   waits the backoff and first tries the newest certificate again (a device re-enabled connects without a new
+   certificate). After ``reprovision_limit`` freshly issued certificates refused in a row the fault is not
+   the certificate: the agent stops asking DPS and only retries the connection, backing off (until the
+   certificate expires).
 
 Clocks: the schedule is kept in the issuer's time. Devices without a battery-backed clock boot in
 1970, and tests move a fake clock: when a certificate arrives and the local clock is not within
@@ -46,8 +60,9 @@ from cryptography import x509 as cx509
 from opendps.device.hub import C2dCallback, C2dMessage, DesiredCallback, HubClient, MethodHandler, _call
 from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, public_keys_match
 from opendps.device.mqtt import ConnectRefused, MqttError
-from opendps.device.provisioning import ProvisioningClient
+from opendps.device.provisioning import ProvisioningClient, ProvisioningError
 from opendps.device.store import CertificateStore, StoredCredentials, StoreError
+from opendps.transport.mqtt.codec import CONNACK_NOT_AUTHORIZED
 
 if TYPE_CHECKING:
     from opendps.device.tpm import DeviceTpm
@@ -67,8 +82,11 @@ TPM_KEY_FILE = "tpm-hmac.key"  # in store_dir: the TPM-held DPS/hub key, wrapped
 RenewalMethod = Literal["dps", "hub"]
 EventCallback = Callable[[str, "AgentStatus", dict[str, Any]], None]
 """``(event, status, details)``. Lifecycle events (provisioned, connected, switching, renewed, rolled-back,
-renewal-failed) have empty details; traffic events say what happened: ``method`` (method, request, status),
-``c2d`` (messageId, body, properties), ``desired`` (patch), ``disconnected`` (reason), ``reconnected`` (reconnects so far)."""
+renewal-failed, certificate-refused, reprovisioned, reprovision-failed) have empty details; traffic events say what
+happened: ``method`` (method, request, status), ``c2d`` (messageId, body, properties), ``desired`` (patch),
+``disconnected`` (reason), ``reconnected`` (reconnects so far), ``connect-refused`` (returnCode, reason: a refusal
+that is not about the certificate, retried)."""
+DPS_REFUSALS = (401, 403, 404)  # DPS will not register the device (enrollment disabled, deleted, credential refused)
 TelemetrySource = Callable[[int], Any]
 
 
@@ -128,6 +146,7 @@ class AgentConfig:
     jitter_fraction: float = 0.1  # renew up to this share of the lifetime before the due time
     retry_base: float = 60.0  # seconds; doubled per consecutive failure
     retry_max: float = 3600.0
+    reprovision_limit: int = 3  # fresh certificates the hub may refuse in a row before the agent stops asking DPS
     check_interval: float = 3600.0  # re-check the schedule at least this often (clock jumps)
     telemetry_interval: float | None = None  # seconds; None = no periodic telemetry
     curve: Curve = "P-384"
@@ -153,6 +172,8 @@ class AgentConfig:
             raise ValueError("jitter_fraction must be in [0, renew_at_fraction)")
         if self.retry_base <= 0 or self.retry_max < self.retry_base:
             raise ValueError("need 0 < retry_base <= retry_max")
+        if self.reprovision_limit < 1:
+            raise ValueError("reprovision_limit must be at least 1")
         if self.check_interval <= 0:
             raise ValueError("check_interval must be positive")
         if self.telemetry_interval is not None and self.telemetry_interval <= 0:
@@ -166,7 +187,9 @@ class AgentStatus:
 
     registration_id: str
     renewal_method: str
-    state: str = "stopped"  # starting | provisioning | connecting | connected | renewing | stopped
+    # starting | provisioning | connecting | connected | renewing | reprovisioning | refused (DPS or the hub refuses
+    # the device; waiting for next_retry) | stopped
+    state: str = "stopped"
     device_id: str | None = None
     assigned_hub: str | None = None
     certificate: dict[str, str] | None = None  # certificate_summary() of the certificate in use
@@ -174,15 +197,20 @@ class AgentStatus:
     last_renewal: datetime | None = None
     next_renewal: datetime | None = None
     renewals: int = 0
-    failures: int = 0  # consecutive failed renewal (or onboarding) attempts
+    failures: int = 0  # consecutive failed renewal (or onboarding, or re-provisioning) attempts
     last_error: str | None = None
     last_error_at: datetime | None = None
     last_check: datetime | None = None  # when the serving loop last looked at the schedule (liveness)
+    reprovisions: int = 0  # re-provisionings after the hub refused the certificate (since the agent started)
+    last_reprovision: datetime | None = None
+    reprovision_reason: str | None = None
+    refused_certificates: int = 0  # certificates the hub refused (CONNACK 5) since the last connection
+    next_retry: datetime | None = None  # when a backed-off provisioning or connection attempt comes next
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (ISO 8601 times) for ``-o json`` output."""
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("last_renewal", "next_renewal", "last_error_at", "last_check"):
+        for name in ("last_renewal", "next_renewal", "last_error_at", "last_check", "last_reprovision", "next_retry"):
             doc[name] = _iso(doc[name])
         return doc
 
@@ -226,6 +254,8 @@ class DeviceAgent:
         self._done = asyncio.Event()
         self._telemetry_seq = 0
         self._background: set[asyncio.Future[Any]] = set()  # renewals started by the renewCertificate method
+        self._refused: ConnectRefused | None = None  # the hub refused a reconnect with CONNACK 5: re-provision
+        self._reprovisioning: dict[str, Any] | None = None  # the twin's reported "reprovisioning", once there is one
 
     # ---------------------------------------------------------------- public API
     @property
@@ -321,20 +351,20 @@ class DeviceAgent:
                 await self._connect(creds, assignment)
                 return True
             except ConnectRefused as exc:
-                # the hub no longer takes this set: back to the confirmed one, else (after a pause) onboard again
-                self._record_error(f"hub {assignment[0]} refused the certificate (CONNACK {exc.return_code})")
-                if self.store.pending:
+                if self.store.pending:  # an unconfirmed renewal: back to the confirmed set first
+                    self._record_error(f"hub {assignment[0]} refused the certificate (CONNACK {exc.return_code})")
                     creds = self.store.rollback()
                     self._emit("rolled-back")
                     continue
-                await self._stoppable_sleep(self._backoff())
-                result = await self._onboard()
-                if result is None:
-                    return False
-                creds, assignment = result
+                if exc.return_code == CONNACK_NOT_AUTHORIZED:  # the hub no longer takes this set: re-provision
+                    return await self._recover(exc, creds, assignment)
+                self._record_error(f"hub {assignment[0]} refused the connection ({exc}); not a certificate refusal: "
+                                   "retrying")
+                self._emit("connect-refused", returnCode=exc.return_code, reason=str(exc))
+                await self._backoff_sleep()
             except (MqttError, OSError, TimeoutError) as exc:
                 self._record_error(f"cannot reach hub {assignment[0]}: {type(exc).__name__}: {exc}")
-                await self._stoppable_sleep(self._backoff())
+                await self._backoff_sleep()
         return False
 
     def _load(self) -> tuple[StoredCredentials | None, tuple[str, str] | None]:
@@ -367,8 +397,9 @@ class DeviceAgent:
                 creds, assignment = await self._register()
             except Exception as exc:  # noqa: BLE001 - a daemon keeps trying (the operator may fix the enrollment)
                 log.warning("%s: provisioning failed: %s", self.config.registration_id, exc)
-                self._record_error(f"provisioning failed: {type(exc).__name__}: {exc}")
-                await self._stoppable_sleep(self._backoff())
+                self._record_error(f"provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
+                await self._backoff_sleep()
+                self._set_state("provisioning")
                 continue
             self._emit("provisioned")
             return creds, assignment
@@ -415,6 +446,7 @@ class DeviceAgent:
         if self._on_c2d is not None or self._on_event is not None:
             hub.on_c2d(self._c2d_arrived)
         hub.on_connection(self._connection_changed)
+        hub.on_refused(self._hub_refused)
         return hub
 
     # ---------------------------------------------------------------- traffic (methods, desired, C2D)
@@ -478,16 +510,143 @@ class DeviceAgent:
         self.store.confirm()  # this set connected: it is the known-good one now
         self._credentials = creds
         self._status.device_id, self._status.assigned_hub = assignment[1], assignment[0]
-        self._status.failures = 0
+        self._status.failures = self._status.refused_certificates = 0
+        self._status.next_retry = None
         self._adopt(creds.certificate, fresh=False)
         self._report_pending = True
         await self._report()
         self._set_state("connected")
         self._emit("connected")
 
+    # ---------------------------------------------------------------- re-provisioning (refused certificate)
+    def _hub_refused(self, exc: ConnectRefused) -> bool:
+        """The hub client's reconnect was refused. CONNACK 5 is about the certificate: stop reconnecting and let the
+        serving loop re-provision. Other codes are not (see the module docstring): the client goes on reconnecting."""
+        if exc.return_code == CONNACK_NOT_AUTHORIZED:
+            self._refused = exc
+            self._wake.set()
+            return True
+        host = self.hub.hub_host if self.hub is not None else "?"
+        self._record_error(f"hub {host} refused the connection ({exc}); not a certificate refusal: reconnecting",
+                           count=False)
+        self._emit("connect-refused", returnCode=exc.return_code, reason=str(exc))
+        return False
+
+    async def _recover(self, refused: ConnectRefused, creds: StoredCredentials, assignment: tuple[str, str]) -> bool:
+        """The hub refused ``creds`` with CONNACK 5: register again with DPS (onboarding credential, fresh key and CSR),
+        store the new set, connect with it and report it. Retries as the module docstring says (backoff, the newest
+        certificate first, ``reprovision_limit``). False when the agent was stopped meanwhile."""
+        refused_serial = f"{creds.certificate.serial_number:X}"
+        cause = (f"hub {assignment[0]} refused certificate {refused_serial} (CONNACK {refused.return_code}, not "
+                 "authorized: revoked, superseded, or the device is disabled or deleted in the hub)")
+        reason = {"reason": "hubRefusedCertificate", "returnCode": refused.return_code,
+                  "refusedSerialNumber": refused_serial, "hub": assignment[0]}
+        log.warning("%s: %s; re-provisioning through DPS", self.config.registration_id, cause)
+        self._status.failures = 0  # a new episode: the first re-provisioning is immediate, the backoff starts over
+        self._status.refused_certificates += 1
+        self._record_error(cause, count=False)
+        self._set_state("reprovisioning")
+        self._emit("certificate-refused")
+        fresh_refused = 0  # re-provisioned certificates the hub refused too, in a row
+        first = True
+        while not self._stopping:
+            if not first:
+                if not await self._backoff_sleep():
+                    break
+                error = await self._try_connect(creds, assignment)  # the newest set first (a device re-enabled)
+                if error is None:
+                    return await self._recovered(creds, assignment, refused_serial, cause, reason)
+                if not self._refuses_certificate(error):
+                    self._record_error(f"cannot connect to hub {assignment[0]}: {type(error).__name__}: {error}")
+                    self._emit("reprovision-failed")
+                    continue
+            first = False
+            expired = self._issuer_now() >= creds.certificate.not_valid_after_utc
+            if fresh_refused >= self.config.reprovision_limit and not expired:
+                self._set_state("refused")
+                self._record_error(f"hub {assignment[0]} refused {fresh_refused} freshly issued certificates in a row: "
+                                   "not re-provisioning again, retrying the connection (is the device disabled or "
+                                   "deleted in the hub, or does the hub not trust the issuing CA?)")
+                self._emit("reprovision-failed")
+                continue
+            self._set_state("reprovisioning")
+            try:
+                creds, assignment = await self._register()
+            except Exception as exc:  # noqa: BLE001 - reported and retried with backoff, the credential is kept
+                log.warning("%s: re-provisioning failed: %s", self.config.registration_id, exc)
+                self._record_error(f"re-provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
+                self._emit("reprovision-failed")
+                continue
+            self.store.confirm()  # the refused set is of no use any more: nothing to roll back to
+            self._credentials = creds
+            self._emit("provisioned")
+            error = await self._try_connect(creds, assignment)
+            if error is None:
+                return await self._recovered(creds, assignment, refused_serial, cause, reason)
+            if self._refuses_certificate(error):
+                fresh_refused += 1
+                self._status.refused_certificates += 1
+                message = (f"hub {assignment[0]} refused the re-provisioned certificate "
+                           f"{creds.certificate.serial_number:X} too ({error})")
+            else:
+                message = f"cannot connect to hub {assignment[0]}: {type(error).__name__}: {error}"
+            self._set_state("reprovisioning")
+            self._record_error(message)
+            self._emit("reprovision-failed")
+        return False
+
+    @staticmethod
+    def _refuses_certificate(error: Exception) -> bool:
+        return isinstance(error, ConnectRefused) and error.return_code == CONNACK_NOT_AUTHORIZED
+
+    async def _try_connect(self, creds: StoredCredentials, assignment: tuple[str, str]) -> Exception | None:
+        """Connect with ``creds`` and never fall back to the refused set; the error, or None when connected."""
+        self._set_state("connecting")
+        hub = self.hub
+        try:
+            if hub is None or (hub.hub_host, hub.device_id) != assignment:
+                if hub is not None:
+                    if hub.pending_telemetry:
+                        log.warning("%s: %d queued messages were for device %r on %s and are dropped",
+                                    self.config.registration_id, hub.pending_telemetry, hub.device_id, hub.hub_host)
+                    await hub.disconnect()
+                hub = self.hub = self._new_hub(creds, assignment)
+            else:
+                await hub.switch_credentials(x509=creds.tls_identity, fallback=False)  # queued telemetry stays
+            await hub.connect()  # (re)starts the client's send and callback tasks
+        except (MqttError, OSError, TimeoutError) as exc:
+            return exc
+        return None
+
+    async def _recovered(self, creds: StoredCredentials, assignment: tuple[str, str], refused_serial: str, cause: str,
+                         reason: dict[str, Any]) -> bool:
+        self.store.confirm()
+        self._credentials = creds
+        self._refused = None
+        self._status.assigned_hub, self._status.device_id = assignment
+        self._status.failures = self._status.refused_certificates = 0
+        self._status.next_retry = None
+        self._adopt(creds.certificate, fresh=False)
+        reprovisioned = f"{creds.certificate.serial_number:X}" != refused_serial
+        if reprovisioned:
+            now = self._clock()
+            self._status.reprovisions += 1
+            self._status.last_reprovision, self._status.reprovision_reason = now, cause
+            self._reprovisioning = {"lastReprovisioned": _iso(now), **reason}
+        self._report_pending = True
+        await self._report()
+        self._set_state("connected")
+        self._emit("reprovisioned" if reprovisioned else "connected")
+        return True
+
     # ---------------------------------------------------------------- main loop
     async def _serve(self) -> None:
         while not self._stopping:
+            refused, self._refused = self._refused, None
+            if refused is not None and self.hub is not None and self._credentials is not None:
+                if not await self._recover(refused, self._credentials, (self.hub.hub_host, self.hub.device_id)):
+                    return
+                continue
             if self._report_pending:
                 await self._report()
             now = self._clock()
@@ -586,11 +745,16 @@ class DeviceAgent:
         self.hub = replacement
 
     async def _report(self) -> None:
-        """Twin reported ``certificate`` = the summary of the certificate in use; retried later if offline."""
+        """Twin reported ``certificate`` = the summary of the certificate in use, and ``reprovisioning`` (the last
+        re-provisioning after a refused certificate: when, why, the refused serial) once there was one; retried
+        later if offline."""
         if self.hub is None or self._credentials is None:
             return
+        patch: dict[str, Any] = {"certificate": certificate_summary(self._credentials.certificate)}
+        if self._reprovisioning is not None:
+            patch["reprovisioning"] = self._reprovisioning
         try:
-            await self.hub.report_certificate(self._credentials.certificate)
+            await self.hub.patch_reported(patch)
         except Exception as exc:  # noqa: BLE001 - retried on the next wake-up
             log.info("%s: could not report the certificate yet: %s", self.config.registration_id, exc)
             return
@@ -638,9 +802,18 @@ class DeviceAgent:
         ceiling = min(self.config.retry_max, self.config.retry_base * 2 ** max(self._status.failures - 1, 0))
         return ceiling * (0.5 + 0.5 * self._rng.random())
 
+    async def _backoff_sleep(self) -> bool:
+        """Wait :meth:`_backoff` (cut short by :meth:`stop`), with the time of the next attempt in the status;
+        False when the agent is stopping."""
+        delay = self._backoff()
+        self._status.next_retry = self._clock() + timedelta(seconds=delay)
+        await self._stoppable_sleep(delay)
+        self._status.next_retry = None
+        return not self._stopping
+
     async def _interruptible_sleep(self, seconds: float) -> None:
         """The injected sleep, cut short by :meth:`renew_now` and :meth:`stop` (the serving loop)."""
-        if self._stopping or self._forced:
+        if self._stopping or self._forced or self._refused is not None:
             return
         await self._sleep_until(seconds, self._wake)
 
@@ -666,10 +839,19 @@ class DeviceAgent:
     def _set_state(self, state: str) -> None:
         self._status.state = state
 
-    def _record_error(self, message: str) -> None:
-        self._status.failures += 1
+    def _record_error(self, message: str, *, count: bool = True) -> None:
+        """``count``: a failed attempt (the backoff grows); otherwise only what the status shows."""
+        if count:
+            self._status.failures += 1
         self._status.last_error = message
         self._status.last_error_at = self._clock()
+
+    def _dps_failure(self, exc: Exception) -> str:
+        """Sets the state for a failed registration and names it: refused by DPS, or failed (retried the same way)."""
+        if isinstance(exc, ProvisioningError) and exc.status in DPS_REFUSALS:
+            self._set_state("refused")
+            return "refused by DPS"
+        return "failed"
 
     def _emit(self, event: str, **details: Any) -> None:
         if details:

@@ -13,7 +13,9 @@ switches to a renewed certificate (:meth:`HubClient.switch_credentials`). Delive
 with :class:`~opendps.device.mqtt.ConnectionLost` when the connection drops, and the caller retries.
 
 Reconnection (on by default) uses exponential backoff with jitter, so a fleet cut off by one outage
-does not reconnect in lock-step.
+does not reconnect in lock-step. A reconnect the hub refuses (a CONNACK code, e.g. 5 for a revoked
+certificate) goes to the :meth:`HubClient.on_refused` callbacks, which may end the reconnecting (the
+device agent does, to re-provision through DPS); without one, it is retried like a network failure.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from urllib.parse import parse_qs, quote, unquote
 from cryptography import x509 as cx509
 
 from opendps.device.keys import certificate_summary, certificates_from_b64
-from opendps.device.mqtt import AckTimeout, ConnectionLost, MqttClient, MqttError, client_ssl_context
+from opendps.device.mqtt import AckTimeout, ConnectionLost, ConnectRefused, MqttClient, MqttError, client_ssl_context
 from opendps.device.provisioning import KeySigner, SasSigner
 from opendps.transport.mqtt.codec import Publish
 
@@ -55,6 +57,7 @@ MethodHandler = Callable[[str, Any], "tuple[int, Any] | Awaitable[tuple[int, Any
 DesiredCallback = Callable[[dict], "Awaitable[None] | None"]
 C2dCallback = Callable[["C2dMessage"], "Awaitable[None] | None"]
 ConnectionCallback = Callable[[bool, "str | None"], None]  # (connected, why it was lost)
+RefusedCallback = Callable[[ConnectRefused], "bool | None"]  # True: stop reconnecting (the owner takes over)
 
 
 class HubError(Exception):
@@ -201,6 +204,7 @@ class HubClient:
         self._methods: dict[str | None, MethodHandler] = {}
         self._c2d: C2dCallback | None = None
         self._connection: list[ConnectionCallback] = []
+        self._refused: list[RefusedCallback] = []
         self._jobs: asyncio.Queue = asyncio.Queue()
         self._worker_task: asyncio.Task | None = None
         self._filters: set[str] = {TWIN_RES + "#"}
@@ -239,10 +243,13 @@ class HubClient:
 
     async def switch_credentials(self, *, x509: tuple[str | Path, str | Path] | None = None,
                                  symmetric_key: str | None = None, signer: SasSigner | None = None,
-                                 ssl_context: ssl.SSLContext | None = None) -> None:
+                                 ssl_context: ssl.SSLContext | None = None, fallback: bool = True) -> None:
         """Reconnect with new credentials (a renewed certificate). If the hub refuses them, the old ones are
         reconnected and the error is raised, so the caller can roll its :class:`CertificateStore` back.
-        Queued telemetry is kept and sent on whichever connection comes up."""
+        Queued telemetry is kept and sent on whichever connection comes up.
+
+        ``fallback=False``: the old credentials are known to be refused (a revoked certificate): the client keeps
+        the new ones even if the hub refuses them, raises, and schedules no reconnect (the caller retries)."""
         _one_credential(x509, symmetric_key, signer)
         old = (self._x509, self._signer, self._ssl_context)
         self._switching = True
@@ -257,6 +264,8 @@ class HubClient:
             try:
                 await self._open()
             except Exception:
+                if not fallback:
+                    raise
                 self._x509, self._signer, self._ssl_context = old
                 try:
                     await self._open()
@@ -312,6 +321,15 @@ class HubClient:
             except Exception:
                 log.exception("%s: connection callback failed", self.device_id)
 
+    def _notify_refused(self, exc: ConnectRefused) -> bool:
+        stop = False
+        for callback in list(self._refused):
+            try:
+                stop = bool(callback(exc)) or stop
+            except Exception:
+                log.exception("%s: refused callback failed", self.device_id)
+        return stop
+
     def _schedule_reconnect(self) -> None:
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect_loop(),
@@ -327,6 +345,12 @@ class HubClient:
             await asyncio.sleep(self._backoff(attempt))
             try:
                 await self._open()
+            except ConnectRefused as exc:
+                log.info("%s: reconnect attempt %d refused: %s", self.device_id, attempt + 1, exc)
+                if self._notify_refused(exc):
+                    return  # an on_refused callback took over (e.g. re-provisioning a revoked certificate)
+                attempt += 1
+                continue
             except (MqttError, OSError, TimeoutError) as exc:
                 log.info("%s: reconnect attempt %d failed: %s", self.device_id, attempt + 1, exc)
                 attempt += 1
@@ -453,6 +477,13 @@ class HubClient:
         Only unplanned changes: :meth:`connect`, :meth:`disconnect` and :meth:`switch_credentials` say nothing.
         """
         self._connection.append(callback)
+
+    def on_refused(self, callback: RefusedCallback) -> None:
+        """Call ``callback(ConnectRefused)`` when the hub refuses a reconnect with a CONNACK code (not for a network
+        failure, nor for :meth:`connect` and :meth:`switch_credentials`, which raise it). A callback that returns
+        True ends the reconnecting: the client stays disconnected until :meth:`connect` or :meth:`switch_credentials`;
+        otherwise the client retries with its backoff."""
+        self._refused.append(callback)
 
     def on_c2d(self, callback: C2dCallback) -> None:
         """Receive cloud-to-device messages; a message is acknowledged (removed at the hub) after the callback."""

@@ -554,7 +554,7 @@ def test_a_revoked_certificate_is_replaced_through_dps_and_reported(server, tmp_
     asyncio.run(scenario())
     assert registrations == [rid, rid]  # onboarding, then the one re-provisioning
     assert lifecycle(seen) == ["provisioned", "connected", "certificate-refused", "provisioned", "reprovisioned"]
-    assert [d["reason"] for e, d in seen if e == "disconnected"] == ["connection closed by the server"]  # the drop
+    assert len([e for e, _ in seen if e == "disconnected"]) == 1  # the drop (EOF or a reset: how the socket closes)
     assert [e["event"]["payload"] for e in events(server, rid, 1)] == ["queued after the revocation"]
 
 

@@ -299,7 +299,7 @@ class IssuanceEngine:
         if not registration_ids or (issuing_ca_ids is not None and not issuing_ca_ids):
             revocation_reason(reason)
             return []
-        pending = _ISSUED.c.registration_id.in_(sorted(set(registration_ids)))
+        pending: Any = _ISSUED.c.registration_id.in_(sorted(set(registration_ids)))
         if issuing_ca_ids is not None:
             pending = pending & _ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids)))
         return self._revoke_where(pending, reason, now)

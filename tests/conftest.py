@@ -158,6 +158,7 @@ class RunningServer:
     id_scope: str = ""
     mqtt_port: int = 0
     amqp_port: int = 0
+    http_port: int = 0  # plain HTTP: CRLs and OCSP
 
     def cli(self, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the ``opendps`` command (in-process, see :func:`invoke_cli`) against this server."""
@@ -200,11 +201,11 @@ def server(request, tmp_path_factory) -> RunningServer:
 
 
 def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None,
-                amqp_port: int | None = None, extra_args: tuple[str, ...] = (), max_open_files: int | None = None,
-                data_dir: Path | None = None):
+                amqp_port: int | None = None, http_port: int | None = None, extra_args: tuple[str, ...] = (),
+                max_open_files: int | None = None, data_dir: Path | None = None):
     """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
     data_dir = data_dir or tmp_path / "data"
-    spare = free_ports(3)
+    spare = free_ports(4)
     port = https_port or spare[0]
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
     env.pop("OPENDPS_CONNECTION_STRING", None)
@@ -212,6 +213,7 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
     mqtt_port = mqtt_port or spare[1]
     amqp_port = amqp_port or spare[2]  # never the default 5671: servers of several tests run side by side
+    http_port = http_port or spare[3]  # nor the default 8080 (CRLs and OCSP); extra_args may say 0 (off)
 
     def limit_files() -> None:  # a lowered descriptor limit (soft and hard) for the connection-limit tests
         import resource
@@ -220,7 +222,8 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
-         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), *extra_args], env=env, stdout=log,
+         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), "--http-port", str(http_port), *extra_args],
+        env=env, stdout=log,
         stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None,
         start_new_session=True)  # its own process group: only this fixture's terminate() stops it
     deadline = time.time() + 180
@@ -247,7 +250,8 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     data = json.loads(info.stdout)
     yield RunningServer(db_url, data_dir, data["endpoints"]["https"]["url"],
                         data["connectionStrings"]["provisioningServiceOwner"], Path(data["serverCaCertificate"]),
-                        env, proc, data["idScope"], data["endpoints"]["mqtt"]["port"], data["endpoints"]["amqp"]["port"])
+                        env, proc, data["idScope"], data["endpoints"]["mqtt"]["port"], data["endpoints"]["amqp"]["port"],
+                        data["endpoints"]["http"]["port"])
     proc.terminate()
     try:
         proc.wait(timeout=15)

@@ -21,10 +21,10 @@ STEPS_NO_TPM = BEFORE_TPM + ["TPM device"] + DEVICES + AFTER  # skipped, saying 
 
 
 def quickstart(tmp_path, *extra: str) -> tuple[int, dict]:
-    ports = free_ports(3)
+    ports = free_ports(4)
     proc = subprocess.run([sys.executable, "-m", "opendps", "quickstart", "--data-dir", str(tmp_path / "data"),
                            "--https-port", str(ports[0]), "--mqtt-port", str(ports[1]),
-                           "--amqp-port", str(ports[2]), "-o", "json", *extra],
+                           "--amqp-port", str(ports[2]), "--http-port", str(ports[3]), "-o", "json", *extra],
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, json.loads(proc.stdout)
 

@@ -42,9 +42,10 @@ from sqlalchemy.exc import IntegrityError
 from opendps.errors import ConfigurationError, NotFound
 from opendps.files import replace_all, write_atomic
 from opendps.hub import DEFAULT_HUB
-from opendps.pki import KeyStore, load_master_key, root_ca, sign_builder
+from opendps.pki import KeyStore, Publication, load_master_key, root_ca, sign_builder
 from opendps.pki.keys import MASTER_KEY_CHECK, MASTER_KEY_ENV
 from opendps.pki.profiles import BACKDATE, random_serial
+from opendps.pki.status import CRL_PATH
 from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # each hub's own (Hubs.owner_keys)
 from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
@@ -76,6 +77,7 @@ class Settings:
     https_port: int = 8443
     mqtt_port: int = 8883
     amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
+    http_port: int = 8080  # plain HTTP: CRLs and OCSP for relying parties; 0 = off (then named on the HTTPS port)
     lint: bool = True
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
     workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
@@ -95,6 +97,20 @@ class Settings:
     def service_host(self) -> str:
         """HostName of the service API as used in connection strings and SAS ``sr``."""
         return self.hostname if self.https_port == 443 else f"{self.hostname}:{self.https_port}"
+
+    def publication(self) -> Publication | None:
+        """Where certificates say their CRL and OCSP are: the plain-HTTP listener on the public host name, or the
+        HTTPS listener when that is off. None (with a warning) for a host name a certificate's URL may not carry:
+        then certificates name none, rather than a URL this installation does not serve."""
+        scheme, port = ("http", self.http_port) if self.http_port else ("https", self.https_port)
+        try:
+            return Publication.at(scheme, self.hostname, port)
+        except ValueError as exc:
+            warning = (f"certificates will name no CRL or OCSP URL: {exc}; give --hostname a fully qualified name "
+                       "or an IP address")
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+            return None
 
     @classmethod
     def load(cls, data_dir: Path | None = None, **overrides: str | int | bool | None) -> Settings:
@@ -117,9 +133,9 @@ class Settings:
 
     def check(self) -> None:
         """Refuse what cannot work before anything is opened or written: ports, the database URL."""
-        for name in ("https_port", "mqtt_port", "amqp_port"):
+        for name in ("https_port", "mqtt_port", "amqp_port", "http_port"):
             port = getattr(self, name)
-            low = 0 if name == "amqp_port" else 1
+            low = 0 if name in ("amqp_port", "http_port") else 1
             if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
                 raise ConfigurationError(f"{name.replace('_', ' ')} {port!r} is out of range {low}-65535")
         if self.db is not None:
@@ -176,8 +192,9 @@ class Instance:
         self.store = store
         self.keys = keys
         self.id_scope = store.setting("id_scope") or ""
+        self.publication = settings.publication()  # the CRL and OCSP URLs every new certificate names
         self.services: Services = wire(store, keys, id_scope=self.id_scope, hub_domain=settings.hostname,
-                                       lint=settings.lint)
+                                       lint=settings.lint, publication=self.publication)
 
     # ---- paths ----
     @property
@@ -236,8 +253,12 @@ class Instance:
                           "url": f"https://{st.service_host}"},
                 "mqtt": {"hostName": st.hostname, "port": st.mqtt_port},
                 "amqp": {"hostName": st.hostname, "port": st.amqp_port},
+                "http": {"hostName": st.hostname, "port": st.http_port},
                 "deviceProvisioningHost": st.hostname,
             },
+            # where certificates say their status is (None: they name none); {ca} is in each certificate's URL
+            "certificateStatus": ({"crl": self.publication.base_url + CRL_PATH, "ocsp": self.publication.ocsp_url}
+                                  if self.publication is not None else None),
             "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
             "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.name)}
                      for h in self.services.hubs.list()],

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from opendps.frontends import FrontEnds, build
+from opendps.frontends.http.app import make_status_app
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
 from opendps.transport.tls import (
@@ -46,25 +47,31 @@ def print_banner(instance: Instance) -> None:
     print(f"opendps MQTT (DPS and hubs) on mqtts://{st.host}:{st.mqtt_port}", flush=True)
     if st.amqp_port:
         print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
+    if st.http_port:
+        print(f"opendps CRLs and OCSP (plain HTTP) on http://{st.host}:{st.http_port}", flush=True)
     print(f"  ID scope:           {instance.id_scope}", flush=True)
     print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
     # secrets never go to the console or the log: say where to get them
     print("  owner connection:   opendps dps connection-string show", flush=True)
     print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)
+    if instance.publication is not None:
+        print(f"  certificate status: {instance.publication.base_url}/crl/<ca>.crl and "
+              f"{instance.publication.ocsp_url} (as each certificate names them)", flush=True)
 
 
 async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True, worker: int = 0,
                 workers: int = 1, on_ready: Callable[[], None] | None = None,
                 stop_when: asyncio.Event | None = None) -> None:
-    """Run the HTTPS, MQTT and (unless ``amqp_port`` is 0) AMQP listeners until cancelled, signalled or
-    ``stop_when`` is set. As one of ``workers`` processes (``opendps.workers``) the listeners use SO_REUSEPORT.
-    The process is a node of the cluster (``opendps.cluster``) from the moment it listens."""
+    """Run the HTTPS, MQTT and (unless their port is 0) AMQP and plain-HTTP (CRLs and OCSP) listeners until
+    cancelled, signalled or ``stop_when`` is set. As one of ``workers`` processes (``opendps.workers``) the
+    listeners use SO_REUSEPORT. The process is a node of the cluster (``opendps.cluster``) from the moment it
+    listens."""
     st = instance.settings
     fe = front_ends(instance)
     shared = workers > 1
     # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
     raise_descriptor_limit()
-    budget = connection_budget(3 if st.amqp_port else 2)
+    budget = connection_budget(2 + bool(st.amqp_port) + bool(st.http_port))
     # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at
     # connect and after each response), so idle and slow-header connections are closed
     runner = web.AppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
@@ -82,9 +89,17 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
                                                     gate=ConnectionGate("AMQP", budget), reuse_port=shared))
+    # CRLs and OCSP over plain HTTP (relying parties fetch them without TLS); the same routes are on HTTPS; 0 = off
+    status_runner: web.AppRunner | None = None
+    if st.http_port:
+        status_runner = web.AppRunner(make_status_app(fe.runtime), access_log=None, handle_signals=False,
+                                      keepalive_timeout=st.client_timeout)
+        await status_runner.setup()
+        await GatedTCPSite(status_runner, st.host, st.http_port, gate=ConnectionGate("HTTP", budget),
+                           reuse_port=shared).start()
     # a node of the service from now on: live hub state reaches devices here from any process or node
     await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
-        "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port})
+        "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port, "http": st.http_port})
     if not shared:  # a worker's supervisor does it once for all of them
         remember_settings(st)
     if banner:
@@ -121,7 +136,65 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         if banner:
             print(f"opendps shutting down{f' ({received[0]})' if received else ''}", flush=True)
         await fe.runtime.leave_cluster()  # first: the others stop routing here
+        if status_runner is not None:
+            await status_runner.cleanup()  # before the HTTPS runner's, which closes the domain thread pool
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
+
+
+class _Gated(asyncio.Protocol):
+    """A plain TCP connection admitted by a :class:`ConnectionGate` (TLS listeners get theirs from
+    ``transport.tls``); over the cap it is closed at once, else ``inner`` (aiohttp's request handler) sees it all."""
+
+    def __init__(self, inner: asyncio.Protocol, gate: ConnectionGate) -> None:
+        self.inner, self.gate, self.admitted = inner, gate, False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.gate.admit():
+            transport.abort()
+            return
+        self.admitted = True
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.admitted:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def pause_writing(self) -> None:
+        if self.admitted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.admitted:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.gate.release()
+            self.inner.connection_lost(exc)
+
+
+class GatedTCPSite(web.TCPSite):
+    """aiohttp's plain TCP site with a connection cap (the plain-HTTP listener: certificate status)."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, gate: ConnectionGate,
+                 reuse_port: bool = False) -> None:
+        super().__init__(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None)
+        self._gate = gate
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would bind without the gate
+        handler = self._runner.server
+        assert handler is not None
+        gate = self._gate
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gated(handler(), gate), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
 
 
 def run(instance: Instance) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from opendps.audit import AuditLog
 from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetryRoutes, TelemetrySink
-from opendps.pki import IssuanceEngine, KeyStore
+from opendps.pki import IssuanceEngine, KeyStore, Publication, StatusResponder
 from opendps.provisioning import AccessPolicies, DpsCertificates
 from opendps.provisioning.enrollments import Enrollments
 from opendps.provisioning.registration import Provisioning
 from opendps.registry import DeviceRegistry, Registry
+from opendps.registry.publication import PublishedAuthorities
 from opendps.store import Store
 
 
@@ -25,6 +26,7 @@ class Services:
     store: Store
     keys: KeyStore
     issuance: IssuanceEngine  # pki: the CA
+    status: StatusResponder  # pki: each CA's CRL and the OCSP answers (the registry names the CAs)
     registry: Registry  # ADR: namespaces, credentials, policies
     devices: DeviceRegistry  # ADR: the namespaces' device registries
     hubs: Hubs
@@ -43,9 +45,13 @@ class Services:
         return self.provisioning.id_scope
 
 
-def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "localhost", lint: bool = True) -> Services:
-    """Build every domain service on ``store`` (``hub_domain``: the suffix of new hubs' default host names)."""
-    issuance = IssuanceEngine(store, keys, lint=lint)
+def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "localhost", lint: bool = True,
+         publication: Publication | None = None) -> Services:
+    """Build every domain service on ``store`` (``hub_domain``: the suffix of new hubs' default host names;
+    ``publication``: where CRLs and OCSP are served, named in new certificates — None: they name none)."""
+    issuance = IssuanceEngine(store, keys, lint=lint, publication=publication)
+    status = StatusResponder(store, keys, lint=lint)
+    status.authorities = PublishedAuthorities(store)  # the registry names the CAs whose status is published
     registry = Registry(store, keys, lint=lint)
     devices = DeviceRegistry(store)
     hubs = Hubs(store, keys, registry, domain=hub_domain)
@@ -55,7 +61,7 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
     hubs.enrollments = enrollments
     provisioning = Provisioning(store, enrollments=enrollments, ca_certificates=ca_certificates, registry=registry,
                                 devices=devices, hubs=hubs, issuance=issuance, id_scope=id_scope)
-    return Services(store=store, keys=keys, issuance=issuance, registry=registry, devices=devices, hubs=hubs,
+    return Services(store=store, keys=keys, issuance=issuance, status=status, registry=registry, devices=devices, hubs=hubs,
                     hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
                     routes=TelemetryRoutes(store),
                     c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,

@@ -57,7 +57,8 @@ def _log_format(worker: int | None) -> str:
 
 def probe_ports(st: Settings) -> None:
     """Bind each port once without SO_REUSEPORT: an OSError names a port that is taken (or a bad address)."""
-    ports = [("HTTPS", st.https_port), ("MQTT", st.mqtt_port)] + ([("AMQP", st.amqp_port)] if st.amqp_port else [])
+    ports = [("HTTPS", st.https_port), ("MQTT", st.mqtt_port)] + ([("AMQP", st.amqp_port)] if st.amqp_port else []) \
+        + ([("HTTP", st.http_port)] if st.http_port else [])
     for name, port in ports:
         infos = socket.getaddrinfo(st.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _name, address in infos:

@@ -398,7 +398,7 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
             env.update(OPENDPS_DATA_DIR=str(work / "data"), OPENDPS_DB=url)
             https_port, mqtt_port = free_port(), free_port()
             ports = ["--host", "127.0.0.1", "--https-port", str(https_port), "--mqtt-port", str(mqtt_port),
-                     "--amqp-port", "0", *([] if lint else ["--no-lint"])]
+                     "--amqp-port", "0", "--http-port", str(free_port()), *([] if lint else ["--no-lint"])]
             if before_start is not None:
                 init = subprocess.run([sys.executable, "-m", "opendps", "init", *ports], env=env, capture_output=True,
                                       text=True, check=False)

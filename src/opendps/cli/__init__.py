@@ -86,6 +86,9 @@ def server_options(f: _F) -> _F:
     f = click.option("--mqtt-port", type=click.IntRange(1, 65535), default=None, help="MQTT port (default 8883).")(f)
     f = click.option("--amqp-port", type=click.IntRange(0, 65535), default=None,
                      help="AMQP port for service-side C2D, as azure-iot-hub sends it (default 5671; 0 = off).")(f)
+    f = click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+                     help="Plain-HTTP port serving CRLs and OCSP to relying parties, named in every certificate "
+                          "(default 8080; 0 = off: certificates then name the HTTPS port).")(f)
     f = click.option("--client-timeout", type=click.FloatRange(1, 3600), default=None,
                      help="Seconds a client may stay silent: between HTTPS requests (or sending one's header), or "
                           "on a DPS MQTT session (default 60).")(f)
@@ -148,11 +151,11 @@ def main() -> None:
 @main.command()
 @server_options
 def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-         mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool,
-         workers: int | None, bus: str | None) -> None:
+         mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
+         no_lint: bool, workers: int | None, bus: str | None) -> None:
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
                          lint=False if no_lint else None, workers=workers, bus=bus)
     existed = settings.config_path.exists()
     inst = _open(settings)
@@ -166,21 +169,22 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
 @main.command()
 @server_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
-          mqtt_port: int | None, amqp_port: int | None, client_timeout: float | None, no_lint: bool,
-          workers: int | None, bus: str | None) -> None:
+          mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
+          no_lint: bool, workers: int | None, bus: str | None) -> None:
     """Start the server (initialising the data directory on first run); with several workers, this process
     supervises them."""
     from opendps.server import run
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
-                         mqtt_port=mqtt_port, amqp_port=amqp_port, client_timeout=client_timeout,
+                         mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
                          lint=False if no_lint else None, workers=workers, bus=bus)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.host} (HTTPS port {settings.https_port}, MQTT port "
-                       f"{settings.mqtt_port}, AMQP port {settings.amqp_port}): {exc.strerror or exc}") from exc
+                       f"{settings.mqtt_port}, AMQP port {settings.amqp_port}, HTTP port {settings.http_port}): "
+                       f"{exc.strerror or exc}") from exc
     finally:
         inst.close()
 
@@ -205,6 +209,8 @@ def info(data_dir: Path | None, output: str) -> None:
                 "mqtt": f'{data["endpoints"]["mqtt"]["hostName"]}:{data["endpoints"]["mqtt"]["port"]}',
                 "amqp": (f'{data["endpoints"]["amqp"]["hostName"]}:{data["endpoints"]["amqp"]["port"]}'
                          if data["endpoints"]["amqp"]["port"] else "off"),
+                "http": (f'{data["endpoints"]["http"]["hostName"]}:{data["endpoints"]["http"]["port"]}'
+                         if data["endpoints"]["http"]["port"] else "off"),
                 "serverCaCertificate": data["serverCaCertificate"], "database": data["database"],
                 "dataDir": data["dataDir"]}
         print_table([flat])

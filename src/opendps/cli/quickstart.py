@@ -139,12 +139,13 @@ class EmbeddedServer:
 
 @contextlib.contextmanager
 def _server(data_dir: Path | None, https_port: int | None, mqtt_port: int | None, amqp_port: int | None = None,
-            ) -> Iterator[tuple[Client, dict[str, Any]]]:
+            http_port: int | None = None) -> Iterator[tuple[Client, dict[str, Any]]]:
     """Start the embedded server; yield a management client of it and its ``info()`` (scope, ports, CA)."""
     from opendps.errors import ConfigurationError
     from opendps.instance import Settings, open_instance
 
-    settings = Settings.load(data_dir, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port)
+    settings = Settings.load(data_dir, https_port=https_port, mqtt_port=mqtt_port, amqp_port=amqp_port,
+                             http_port=http_port)
     try:
         instance = open_instance(settings)
     except ConfigurationError as exc:
@@ -385,16 +386,18 @@ def register(main: click.Group) -> None:
 @click.option("--https-port", type=int, default=None, help="HTTPS port of the embedded server (default 8443).")
 @click.option("--mqtt-port", type=int, default=None, help="MQTT port of the embedded server (default 8883).")
 @click.option("--amqp-port", type=int, default=None, help="AMQP port of the embedded server (default 5671; 0 = off).")
+@click.option("--http-port", type=int, default=None,
+              help="Plain-HTTP port (CRLs and OCSP) of the embedded server (default 8080; 0 = off).")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
               help="Prefix of the devices' registration ids.")
 @click.option("--cert-validity-days", "validity", type=click.IntRange(1, 90), default=30, show_default=True,
               help="Leaf validity of the quickstart policy.")
 @output_option(default="table")
 def quickstart(data_dir: Path | None, https_port: int | None, mqtt_port: int | None, amqp_port: int | None,
-               prefix: str, validity: int, output: str) -> None:
+               http_port: int | None, prefix: str, validity: int, output: str) -> None:
     """Run the seed end to end against an embedded server; exit 0 only if every step succeeded."""
     run = Run(quiet=output != "table")
-    with _server(data_dir, https_port, mqtt_port, amqp_port) as (client, info):
+    with _server(data_dir, https_port, mqtt_port, amqp_port, http_port) as (client, info):
         work = Path(info["dataDir"]) / "quickstart"
         with contextlib.suppress(_Stop):
             _flow(run, client, info, work, prefix, validity)

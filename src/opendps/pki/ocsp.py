@@ -78,7 +78,8 @@ def parse_request(data: bytes) -> OcspQuery:
     try:
         request = ocsp.load_der_ocsp_request(data)
         serial, name_hash, key_hash = request.serial_number, request.issuer_name_hash, request.issuer_key_hash
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted input: whatever the parser refuses (ValueError, and
+        # NotImplementedError for several requests) is a malformed request, never a server error
         raise MalformedOcspRequest(f"not an OCSP request with one certificate: {exc}") from None
     try:
         algorithm: str | None = request.hash_algorithm.name

@@ -1,5 +1,6 @@
 """The aiohttp application of the HTTPS listener: management API, hub service API, DPS device API, MQTT over
-WebSockets, ``/openapi.json`` and ``/healthz``."""
+WebSockets, certificate status (CRLs and OCSP), ``/openapi.json`` and ``/healthz``; and the plain-HTTP listener's,
+which serves certificate status only (:func:`make_status_app`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from opendps.frontends.http.errors import error_middleware, quiet_client_errors
 from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
+from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX
+from opendps.frontends.http.pki_status import routes as status_routes
 from opendps.frontends.http.service import routes as service_routes
 from opendps.frontends.http.wire import RUNTIME, TOKEN_HUB
 from opendps.frontends.runtime import Runtime
@@ -67,8 +70,8 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
         route_name = route.name or ""
         if request.match_info.http_exception is not None:
             return await handler(request)  # no such route (404/405): said before any credential is looked at
-        if request.path in OPEN_PATHS or route_name.startswith(DEVICE_ROUTE_PREFIX):
-            return await handler(request)  # open, or the device API (attestation authenticates it)
+        if request.path in OPEN_PATHS or route_name.startswith((DEVICE_ROUTE_PREFIX, PKI_ROUTE_PREFIX)):
+            return await handler(request)  # open (certificate status too), or the device API (attestation decides)
 
         def permit(principal: SasPrincipal) -> None:
             if route_name.startswith(HUB_ROUTE_PREFIX):
@@ -132,6 +135,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/healthz", health)
     app.router.add_get("/$iothub/websocket", mqtt_over_websocket, name=DEVICE_ROUTE_PREFIX + "mqtt-websocket")
+    app.add_routes(status_routes)  # CRLs and OCSP, open: the same handlers as the plain-HTTP listener's
     app.add_routes(service_routes)
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
@@ -144,6 +148,19 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     return app
 
 
+STATUS_MAX_BODY = 64 * 1024  # an OCSP request is ~100 octets
+
+
+def make_status_app(runtime: Runtime) -> web.Application:
+    """The plain-HTTP listener's application (``--http-port``): certificate status only — CRLs and OCSP, open, the
+    same routes as on HTTPS — with the same Azure error bodies (an unknown CA's CRL is a 404)."""
+    quiet_client_errors()
+    app = web.Application(middlewares=[error_middleware], client_max_size=STATUS_MAX_BODY)
+    app[RUNTIME] = runtime
+    app.add_routes(status_routes)
+    return app
+
+
 ALIAS = ".spelling"  # route names of the spellings below end with it and a number
 
 
@@ -152,7 +169,8 @@ def _add_spellings(app: web.Application) -> None:
     rely on it (Node sends ``/enrollmentgroups/...``; ``GET /devices/``): every route is also served with its
     static segments lower-cased and with a trailing slash, under the same route-name prefix."""
     for route in list(app.router.routes()):
-        if route.method == "HEAD" or route.resource is None or route.resource.canonical in OPEN_PATHS:
+        if route.method == "HEAD" or route.resource is None or route.resource.canonical in OPEN_PATHS \
+                or (route.name or "").startswith(PKI_ROUTE_PREFIX):  # relying parties use the URLs leaves name
             continue
         path = route.resource.canonical
         lowered = "/".join(part if part.startswith("{") else part.lower() for part in path.split("/"))

@@ -1,0 +1,98 @@
+"""Certificate status for relying parties: each CA's CRL and the issuing CAs' OCSP responder (issue 17.3).
+
+Served without credentials on the plain-HTTP listener (``--http-port``: relying parties fetch CRLs and OCSP over
+plain HTTP, as RFC 5280 and RFC 5019 expect; the documents are signed) and on the HTTPS one, by the same handlers:
+
+- ``GET /crl/{ca}.crl``: the CA's current CRL, DER, ``application/pkix-crl`` (404 with an Azure error body for a CA
+  not published here);
+- ``POST /ocsp`` (body: a DER ``application/ocsp-request``) and ``GET /ocsp/{base64 request}`` (RFC 5019 / RFC 6960
+  appendix A): ``application/ocsp-response``, always HTTP 200 — a request that is not one is answered with OCSP's
+  own ``malformedRequest``, an issuer not published here with ``unauthorized``.
+
+Caching (RFC 5019 6.2): a signed document says ``Last-Modified`` (its thisUpdate), ``Expires`` (its nextUpdate),
+``Cache-Control: max-age=<seconds left until nextUpdate>, public, no-transform, must-revalidate`` and an ``ETag``
+(``If-None-Match`` answers 304); unsigned OCSP errors are ``no-store``. The documents themselves are built and cached
+by :class:`opendps.pki.StatusResponder` in the domain thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from opendps.frontends.http.wire import run, services
+from opendps.pki import StatusDocument
+from opendps.pki.ocsp import MAX_REQUEST_BYTES
+
+PKI_ROUTE_PREFIX = "pki:"  # open routes: no service token (frontends.http.app's SAS middleware lets them pass)
+CRL_TYPE = "application/pkix-crl"
+OCSP_TYPE = "application/ocsp-response"
+
+routes = web.RouteTableDef()
+
+
+def _http_date(when: datetime) -> str:
+    return format_datetime(when.astimezone(UTC), usegmt=True)
+
+
+def _respond(request: web.Request, document: StatusDocument, content_type: str) -> web.Response:
+    if document.this_update is None or document.next_update is None:  # an unsigned OCSP error status
+        return web.Response(body=document.der, content_type=content_type, headers={"Cache-Control": "no-store"})
+    left = int((document.next_update - datetime.now(UTC)).total_seconds())
+    etag = f'"{document.etag}"'
+    headers = {
+        "Last-Modified": _http_date(document.this_update),
+        "Expires": _http_date(document.next_update),
+        "Cache-Control": f"max-age={max(0, left)}, public, no-transform, must-revalidate",
+        "ETag": etag,
+    }
+    if etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=document.der, content_type=content_type, headers=headers)
+
+
+@routes.get("/crl/{ca}.crl", name=PKI_ROUTE_PREFIX + "crl")
+async def get_crl(request: web.Request) -> web.Response:
+    """A CA's CRL (``{ca}``: the 16 hex digits its certificates' CRL Distribution Points name)."""
+    document = await run(request, services(request).status.crl, request.match_info["ca"])
+    return _respond(request, document, CRL_TYPE)
+
+
+@routes.post("/ocsp", name=PKI_ROUTE_PREFIX + "ocsp")
+async def post_ocsp(request: web.Request) -> web.Response:
+    """An OCSP request in the body (``application/ocsp-request``)."""
+    body = b""
+    if request.content_length is None or request.content_length <= MAX_REQUEST_BYTES:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = b""  # answered as malformed, like an oversized request
+    document = await run(request, services(request).status.ocsp, body[:MAX_REQUEST_BYTES + 1])
+    return _respond(request, document, OCSP_TYPE)
+
+
+def _decode_get(path_part: str) -> bytes:
+    """The request of ``GET /ocsp/{...}``: base64 of the DER, URL-encoded (RFC 6960 A.1); also accepted unencoded,
+    in the URL-safe alphabet and without padding, as clients send it. Empty when it is not base64."""
+    text = unquote(path_part).strip().replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+@routes.get("/ocsp/{request:.+}", name=PKI_ROUTE_PREFIX + "ocsp-get")
+async def get_ocsp(request: web.Request) -> web.Response:
+    """An OCSP request in the path (RFC 5019 5: what an HTTP cache can keep)."""
+    raw = request.raw_path.split("?", 1)[0][len("/ocsp/"):]  # undecoded: '+' and '%2F' are base64, not separators
+    document = await run(request, services(request).status.ocsp, _decode_get(raw))
+    return _respond(request, document, OCSP_TYPE)
+
+
+__all__ = ["PKI_ROUTE_PREFIX", "routes"]

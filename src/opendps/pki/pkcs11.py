@@ -1,0 +1,407 @@
+"""PKCS#11 key custody: CA keys generated on an HSM token, never leaving it, used through it for every signature.
+
+A key is made on the token (``C_GenerateKeyPair``, EC P-384) as a private object that is sensitive, never
+extractable and may only sign, with a public twin under the same CKA_LABEL and CKA_ID; the store keeps that
+reference and the public key, nothing private. A signature is ``CKM_ECDSA`` over the SHA-384 digest (raw r||s from
+the token, DER-encoded here), so what :class:`Signer` callers get is the same as from a software key.
+
+Process model: each process opens the PKCS#11 module itself (python-pkcs11's ``lib``, once per module path and
+process) and holds **one logged-in session per token**; every call to the module is made under the module's lock,
+because python-pkcs11 initialises it with ``C_Initialize(NULL)``, which lets a module assume one caller at a time.
+``opendps serve --workers N`` spawns its workers (no fork), and each opens its own module and session; should a
+process fork anyway, the child re-initialises the module before its first call and never uses the parent's session.
+The calls release the GIL, so the event loop runs while the token signs.
+
+A session lost mid-run (the session handle invalid, the device removed or re-inserted, the module re-initialised)
+is re-opened — token found again by label, logged in again, key found again — and the call retried once; a second
+failure, a key that is not on the token, or a token that does not answer is :class:`KeyUnavailable` (503: nothing
+that depends on the signature is written). There is no fallback to software keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from opendps.errors import ConfigurationError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from pkcs11.types import Session
+
+log = logging.getLogger("opendps.pkcs11")
+
+BACKEND = "pkcs11"
+PIN_ENV = "OPENDPS_PKCS11_PIN"
+LABEL_PREFIX = "opendps-"  # CKA_LABEL of a key: the prefix and the key id, so an operator sees whose keys these are
+INSTALL_HINT = "pip install 'opendps[hsm]' (python-pkcs11)"
+_T = TypeVar("_T")
+
+
+class KeyUnavailable(ServiceUnavailable):
+    """A CA key cannot sign now: its token does not answer, or the key is not on it (503: retry later; nothing that
+    needed the signature was written)."""
+
+    error_code = 503002
+
+
+def read_pin(pin_file: Path | str | None = None) -> str:
+    """The token's user PIN: the first line of ``pin_file`` when given, else ``OPENDPS_PKCS11_PIN``. Never logged,
+    never written to config.json."""
+    if pin_file:
+        try:
+            text = Path(pin_file).read_text()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the PKCS#11 PIN file {pin_file}: {exc.strerror or exc}") from exc
+        pin = text.splitlines()[0].strip() if text.strip() else ""
+        if not pin:
+            raise ConfigurationError(f"the PKCS#11 PIN file {pin_file} is empty")
+        return pin
+    pin = os.environ.get(PIN_ENV, "")
+    if not pin:
+        raise ConfigurationError(f"the PKCS#11 token's user PIN is needed: set {PIN_ENV} or give --pkcs11-pin-file")
+    return pin
+
+
+@dataclass(frozen=True)
+class Pkcs11Config:
+    """Where the token is: the module (shared library), the token's label, the user PIN (never in repr)."""
+
+    module: str
+    token_label: str
+    pin: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """A key pair on the token, as the store references it."""
+
+    token: str  # the token's label
+    label: str  # CKA_LABEL of the private and the public object
+    cka_id: bytes  # their CKA_ID
+    public_key: ec.EllipticCurvePublicKey
+
+
+def key_label(key_id: str) -> str:
+    return LABEL_PREFIX + key_id
+
+
+def _pkcs11() -> Any:
+    try:
+        import pkcs11
+    except ImportError as exc:
+        raise ConfigurationError(f"the pkcs11 key backend needs python-pkcs11: {INSTALL_HINT}") from exc
+    return pkcs11
+
+
+class _OpenFailed(Exception):
+    """The token could not be opened (message says why): a ConfigurationError at start, KeyUnavailable later."""
+
+
+class _Module:
+    """One PKCS#11 module (shared library) in this process: loaded and initialised once, one caller at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.generation = 0  # bumped when the module is (re-)initialised: sessions of an older one are gone
+        self._lib: Any = None  # pkcs11.lib (typed as a function in python-pkcs11's stubs)
+        self._forked = False
+
+    def lib(self) -> Any:
+        """The initialised module (call with :attr:`lock` held)."""
+        if self._lib is None:
+            pkcs11 = _pkcs11()
+            if not Path(self.path).is_file():
+                raise _OpenFailed(f"PKCS#11 module {self.path} does not exist (--pkcs11-module: the HSM vendor's "
+                                  "library, e.g. /usr/lib/softhsm/libsofthsm2.so)")
+            try:
+                self._lib = pkcs11.lib(self.path)
+            except pkcs11.PKCS11Error as exc:
+                raise _OpenFailed(f"cannot load PKCS#11 module {self.path}: {_describe(exc)}") from None
+            self.generation += 1
+        elif self._forked:  # a forked child: the parent's initialisation is not ours (PKCS#11 v2.40, 6.7.1)
+            self.reinitialize()
+        return self._lib
+
+    def reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: every session of this module in this process is gone afterwards."""
+        assert self._lib is not None
+        try:
+            self._lib.reinitialize()
+        except Exception as exc:  # noqa: BLE001 - C_Finalize of a module that lost its device: initialise anyway
+            log.warning("PKCS#11 module %s: re-initialising: %s", self.path, _describe(exc))
+            try:
+                self._lib.initialize()
+            except Exception as again:  # noqa: BLE001 - the next call says what is wrong, as KeyUnavailable
+                log.warning("PKCS#11 module %s: C_Initialize failed: %s", self.path, _describe(again))
+        self._forked = False
+        self.generation += 1
+
+    def after_fork(self) -> None:
+        self.lock = threading.RLock()  # the parent's may have been held by a thread the child does not have
+        self._forked = self._lib is not None
+        self.generation += 1
+
+
+_MODULES: dict[str, _Module] = {}
+_MODULES_LOCK = threading.Lock()
+
+
+def _module(path: str) -> _Module:
+    path = os.path.realpath(path)
+    with _MODULES_LOCK:
+        module = _MODULES.get(path)
+        if module is None:
+            module = _MODULES[path] = _Module(path)
+        return module
+
+
+def _after_fork_in_child() -> None:
+    global _MODULES_LOCK
+    _MODULES_LOCK = threading.Lock()
+    for module in _MODULES.values():
+        module.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _describe(exc: BaseException) -> str:
+    """A PKCS#11 error as words: python-pkcs11's class name (CKR_* as CamelCase) and its message, if any."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
+
+
+# errors after which a fresh session may work: the session or the device went away, or a handle went stale
+_RECOVERABLE = ("SessionHandleInvalid", "SessionClosed", "DeviceRemoved", "DeviceError", "TokenNotPresent",
+                "TokenNotRecognised", "UserNotLoggedIn", "ObjectHandleInvalid", "KeyHandleInvalid", "GeneralError",
+                "FunctionFailed", "DeviceMemory", "PKCS11Error")
+
+
+def _recoverable(exc: BaseException) -> bool:
+    return type(exc).__name__ in _RECOVERABLE
+
+
+class Pkcs11Token:
+    """This process's connection to one token: one logged-in session, re-opened when lost."""
+
+    backend = BACKEND
+
+    def __init__(self, config: Pkcs11Config) -> None:
+        self.config = config
+        self._module = _module(config.module)
+        self._session: Session | None = None
+        self._generation = -1  # the module generation the session belongs to
+        self._keys: dict[bytes, Any] = {}  # CKA_ID -> private key object of the current session
+
+    @property
+    def label(self) -> str:
+        return self.config.token_label
+
+    def __repr__(self) -> str:  # never the PIN
+        return f"Pkcs11Token(module={self.config.module!r}, token={self.label!r})"
+
+    # ---- opening ----
+    def open(self) -> None:
+        """Load the module, find the token, log in — or a one-line ConfigurationError naming what failed (for
+        ``init`` and ``serve`` to refuse to start)."""
+        with self._module.lock:
+            try:
+                self._session_here()
+            except _OpenFailed as exc:
+                raise ConfigurationError(str(exc)) from None
+
+    def _session_here(self) -> Session:
+        """The current session, opened (and logged in) if there is none in this process yet."""
+        lib = self._module.lib()
+        if self._session is not None and self._generation == self._module.generation:
+            return self._session
+        self._forget()
+        pkcs11 = _pkcs11()
+        try:
+            token = lib.get_token(token_label=self.label)
+        except pkcs11.NoSuchToken:
+            raise _OpenFailed(f"PKCS#11 token {self.label!r} is not present in module {self.config.module} "
+                              "(check the label: softhsm2-util --show-slots / pkcs11-tool -L)") from None
+        except pkcs11.MultipleTokensReturned:
+            raise _OpenFailed(f"several PKCS#11 tokens are labelled {self.label!r} in module "
+                              f"{self.config.module}: give each token its own label") from None
+        except pkcs11.PKCS11Error as exc:
+            raise _OpenFailed(f"PKCS#11 module {self.config.module}: cannot list tokens: {_describe(exc)}") from None
+        try:
+            try:
+                session = token.open(rw=True, user_pin=self.config.pin)
+            except pkcs11.UserAlreadyLoggedIn:  # login is per application: a session of ours still holds it
+                session = token.open(rw=True)
+        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
+            raise _OpenFailed(f"wrong user PIN for PKCS#11 token {self.label!r} (from {PIN_ENV} or the PIN "
+                              "file); the token locks itself after a few wrong PINs") from None
+        except pkcs11.PinLocked:
+            raise _OpenFailed(f"the user PIN of PKCS#11 token {self.label!r} is locked: the security officer "
+                              "must reset it") from None
+        except pkcs11.PKCS11Error as exc:
+            raise _OpenFailed(f"cannot open a session on PKCS#11 token {self.label!r}: {_describe(exc)}") from None
+        self._session = cast("Session", session)
+        self._generation = self._module.generation
+        return self._session
+
+    def _forget(self) -> None:
+        """Drop the session (closing it if it still belongs to this process's module) and the key handles."""
+        session, self._session, self._keys = self._session, None, {}
+        if session is not None and self._generation == self._module.generation:
+            try:
+                session.close()  # logs out too, so the next open logs in afresh
+            except Exception as exc:  # noqa: BLE001 - it is being dropped because it failed
+                log.debug("closing a lost PKCS#11 session: %s", _describe(exc))
+
+    def close(self) -> None:
+        with self._module.lock:
+            self._forget()
+
+    # ---- the one way every call is made ----
+    def _call(self, what: str, op: Callable[[Session], _T]) -> _T:
+        """``op`` on this process's session, under the module lock; a lost session is re-opened and ``op`` retried
+        once (a module that lost its state is re-initialised first); then :class:`KeyUnavailable`."""
+        pkcs11 = _pkcs11()
+        with self._module.lock:
+            try:
+                return op(self._session_here())
+            except _OpenFailed as exc:
+                cause = str(exc)
+            except pkcs11.PKCS11Error as exc:
+                if not _recoverable(exc):
+                    raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} answered {_describe(exc)}") from None
+                cause = _describe(exc)
+                if type(exc).__name__ in ("DeviceRemoved", "TokenNotPresent", "TokenNotRecognised", "GeneralError"):
+                    self._forget()
+                    self._module.reinitialize()  # a re-inserted device shows up after C_Initialize
+            log.warning("PKCS#11 token %r: %s (%s); re-opening the session and retrying once", self.label, cause, what)
+            self._forget()
+            try:
+                return op(self._session_here())
+            except _OpenFailed as exc:
+                raise KeyUnavailable(f"{what}: {exc}") from None
+            except pkcs11.PKCS11Error as exc:
+                self._forget()  # the next call starts afresh
+                raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} answered {_describe(exc)} after the "
+                                     "session was re-opened") from None
+
+    def _private_key(self, session: Session, label: str, cka_id: bytes) -> Any:
+        key = self._keys.get(cka_id)
+        if key is None:
+            pkcs11 = _pkcs11()
+            try:
+                key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, key_type=pkcs11.KeyType.EC,
+                                      label=label, id=cka_id)
+            except pkcs11.NoSuchKey:
+                raise KeyUnavailable(f"CA key {label!r} (CKA_ID {cka_id.hex()}) is not on PKCS#11 token "
+                                     f"{self.label!r}: it was deleted, or this is another token with the same "
+                                     "label") from None
+            except pkcs11.MultipleObjectsReturned:
+                raise KeyUnavailable(f"PKCS#11 token {self.label!r} holds several private keys labelled {label!r} "
+                                     f"with CKA_ID {cka_id.hex()}: remove the ones opendps did not make") from None
+            self._keys[cka_id] = key
+        return key
+
+    # ---- what the key store asks ----
+    def generate(self, key_id: str) -> TokenKey:
+        """A new EC P-384 key pair on the token: the private key sensitive, never extractable, private, sign only."""
+        pkcs11 = _pkcs11()
+        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+        label = key_label(key_id)
+        cka_id = bytes.fromhex(key_id.rpartition("-")[2]) if _is_hex(key_id.rpartition("-")[2]) else \
+            hashlib.sha256(key_id.encode()).digest()[:8]
+        a = pkcs11.Attribute
+
+        def make(session: Session) -> bytes:
+            params = session.create_domain_parameters(
+                pkcs11.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp384r1")}, local=True)
+            public, private = params.generate_keypair(
+                store=True, label=label, id=cka_id,
+                public_template={a.TOKEN: True, a.PRIVATE: False, a.VERIFY: True, a.ENCRYPT: False, a.WRAP: False,
+                                 a.DERIVE: False},
+                private_template={a.TOKEN: True, a.PRIVATE: True, a.SENSITIVE: True, a.EXTRACTABLE: False,
+                                  a.SIGN: True, a.DECRYPT: False, a.UNWRAP: False, a.DERIVE: False})
+            self._keys[cka_id] = private
+            return bytes(encode_ec_public_key(public))
+
+        spki = self._call(f"generating CA key {label!r}", make)
+        public_key = serialization.load_der_public_key(spki)
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp384r1":
+            raise KeyUnavailable(f"PKCS#11 token {self.label!r} made a key that is not EC P-384 for {label!r}")
+        return TokenKey(self.label, label, cka_id, public_key)
+
+    def sign_digest(self, label: str, cka_id: bytes, digest: bytes) -> bytes:
+        """The token's raw ECDSA signature (r||s) over ``digest``."""
+        pkcs11 = _pkcs11()
+
+        def sign(session: Session) -> bytes:
+            key = self._private_key(session, label, cka_id)
+            return bytes(key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
+
+        return self._call(f"signing with CA key {label!r}", sign)
+
+    def destroy(self, label: str, cka_id: bytes) -> int:
+        """Delete the key pair's objects from the token; how many were deleted."""
+        def delete(session: Session) -> int:
+            found = list(session.get_objects({_pkcs11().Attribute.LABEL: label, _pkcs11().Attribute.ID: cka_id}))
+            for obj in found:
+                obj.destroy()
+            self._keys.pop(cka_id, None)
+            return len(found)
+
+        return self._call(f"deleting CA key {label!r}", delete)
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) >= 2 and len(text) % 2 == 0 and all(c in "0123456789abcdef" for c in text)
+
+
+class Pkcs11Signer:
+    """A CA key on a token: the public key from the store, every signature from the token. The first signature
+    this process makes is verified against the stored public key, so a token holding another key under the same
+    label and id is caught before anything it signed is used."""
+
+    def __init__(self, key_id: str, public_key: ec.EllipticCurvePublicKey, token: Pkcs11Token, label: str,
+                 cka_id: bytes) -> None:
+        self.key_id = key_id
+        self._public_key = public_key
+        self.token = token
+        self.label = label
+        self.cka_id = cka_id
+        self._verified = False
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public_key
+
+    def sign(self, data: bytes) -> bytes:
+        raw = self.token.sign_digest(self.label, self.cka_id, hashlib.sha384(data).digest())
+        half = len(raw) // 2
+        if len(raw) != 96:
+            raise KeyUnavailable(f"PKCS#11 token {self.token.label!r} returned a {len(raw)}-byte signature for CA key "
+                                 f"{self.label!r}; a P-384 ECDSA signature is 96 bytes")
+        der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+        if not self._verified:
+            try:
+                self._public_key.verify(der, data, ec.ECDSA(hashes.SHA384()))
+            except InvalidSignature:
+                raise KeyUnavailable(f"CA key {self.label!r} on PKCS#11 token {self.token.label!r} does not match the "
+                                     "public key on record: the token holds another key under its label and id") from None
+            self._verified = True
+        return der
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Signer(key_id={self.key_id!r}, token={self.token.label!r}, label={self.label!r})"

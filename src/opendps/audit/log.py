@@ -80,8 +80,9 @@ def append(db: Session | Connection, action: str, *, namespace: str | None = Non
            actor: str | None = _FROM_CONTEXT) -> Record:
     """Append one entry in ``db``'s transaction (a Session or its Connection); returns it as it will be stored.
 
-    ``actor`` defaults to the one acting now (:data:`ACTOR`). Call it as the last statement of the transaction (the
-    chain is locked from here to the commit)."""
+    ``actor`` defaults to the one acting now (:data:`ACTOR`). Call it as the last statement of the transaction: the
+    chain is locked from here to the commit, so nothing that may wait for another transaction's row lock should come
+    after it (a Session's pending changes are flushed first for that reason)."""
     return append_all(db, [Event(action, namespace, device, subject, details)], actor=actor)[0]
 
 
@@ -92,7 +93,11 @@ def append_all(db: Session | Connection, events: Sequence[Event], *, actor: str 
         return []
     who = ACTOR.get() if actor is _FROM_CONTEXT else actor
     prepared = [_prepared(event, who) for event in events]
-    conn = db.connection() if isinstance(db, Session) else db
+    if isinstance(db, Session):
+        db.flush()  # the unit of work's pending writes first: no row lock is waited for while holding the chain
+        conn = db.connection()
+    else:
+        conn = db
     dialect = conn.dialect.name
     if dialect == "postgresql":
         conn.execute(_TAKE_TURN_PG, {"space": _LOCK_SPACE})

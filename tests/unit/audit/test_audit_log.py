@@ -209,6 +209,11 @@ def test_a_registration_leaves_its_assignment_and_certificate_and_no_secret(serv
     logged = _everything(services)
     for secret in (fleet, device_key, credentials.authorization, csr, "SharedAccessSignature"):
         assert secret not in logged
+    # renewal over the hub's $iothub/credentials topic: issued too, in the renewal's transaction
+    renewed = services.provisioning.renew_through_hub(state["assignedHub"], rid, p384_csr(rid)).leaf
+    latest = services.audit.list(device_id=rid, top=1)[0]
+    assert (latest.action, latest.subject, latest.namespace) == ("certificate.issued", serial_hex(renewed), "audit-ns")
+    assert latest.details_object()["via"] == "hub" and latest.details_object()["hub"] == state["assignedHub"]
     assert services.audit.verify().intact
 
 

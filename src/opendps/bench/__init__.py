@@ -25,6 +25,7 @@ __all__ = ["SCENARIOS", "SERVERLESS", "BenchError", "Options", "Result", "run_be
 #: name → "module:function" under opendps.bench, in the order a full run takes them
 SCENARIOS: dict[str, str] = {
     "crypto-ceiling": "ceiling:crypto_ceiling",
+    "hsm-issue": "hsm:hsm_issue",
     "provision-https": "provisioning:https_symmetric",
     "provision-mqtt": "provisioning:mqtt_symmetric",
     "provision-https-x509": "provisioning:https_x509",
@@ -37,7 +38,7 @@ SCENARIOS: dict[str, str] = {
     "store-scale": "store_scale:store_scale",
 }
 #: scenarios that start no opendps server (in-process, or a peer alone): run once whatever ``--workers`` says
-SERVERLESS = frozenset({"crypto-ceiling", "peer-cfssl"})
+SERVERLESS = frozenset({"crypto-ceiling", "hsm-issue", "peer-cfssl"})
 
 
 def scenario(name: str) -> Callable[[Options], list[Result]]:

@@ -417,7 +417,7 @@ class Provisioning:
                                     hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
             result = self._record_assignment(conn, operation_id, decision, reg, device_id, placement, chain, now)
             # last: the audit chain is locked from this append to the commit
-            audit.append_all(conn, _assignment_events(decision, device_id, placement, chain, operation_id))
+            audit.append_all(s, _assignment_events(decision, device_id, placement, chain, operation_id))
             return result
 
     @staticmethod

@@ -108,6 +108,17 @@ class _OpenFailed(Exception):
     """The token could not be opened (message says why): a ConfigurationError at start, KeyUnavailable later."""
 
 
+@dataclass
+class _TokenState:
+    """One token's session in this process, shared by every :class:`Pkcs11Token` naming it: a process holds one
+    session (and one login) per token."""
+
+    session: Session | None = None
+    generation: int = -1  # the module generation the session belongs to
+    pin_digest: bytes = b""  # SHA-256 of the PIN the session logged in with (a second login is not checked by C_Login)
+    keys: dict[bytes, Any] = field(default_factory=dict)  # CKA_ID -> private key object of the current session
+
+
 class _Module:
     """One PKCS#11 module (shared library) in this process: loaded and initialised once, one caller at a time."""
 
@@ -117,6 +128,14 @@ class _Module:
         self.generation = 0  # bumped when the module is (re-)initialised: sessions of an older one are gone
         self._lib: Any = None  # pkcs11.lib (typed as a function in python-pkcs11's stubs)
         self._forked = False
+        self.slots: dict[str, _TokenState] = {}  # token label -> this process's session on it
+
+    def slot(self, label: str) -> _TokenState:
+        """This process's state for the token labelled ``label`` (call with :attr:`lock` held)."""
+        state = self.slots.get(label)
+        if state is None:
+            state = self.slots[label] = _TokenState()
+        return state
 
     def lib(self) -> Any:
         """The initialised module (call with :attr:`lock` held)."""
@@ -202,13 +221,14 @@ class Pkcs11Token:
     def __init__(self, config: Pkcs11Config) -> None:
         self.config = config
         self._module = _module(config.module)
-        self._session: Session | None = None
-        self._generation = -1  # the module generation the session belongs to
-        self._keys: dict[bytes, Any] = {}  # CKA_ID -> private key object of the current session
 
     @property
     def label(self) -> str:
         return self.config.token_label
+
+    @property
+    def _state(self) -> _TokenState:
+        return self._module.slot(self.label)
 
     def __repr__(self) -> str:  # never the PIN
         return f"Pkcs11Token(module={self.config.module!r}, token={self.label!r})"
@@ -224,43 +244,62 @@ class Pkcs11Token:
                 raise ConfigurationError(str(exc)) from None
 
     def _session_here(self) -> Session:
-        """The current session, opened (and logged in) if there is none in this process yet."""
+        """This process's session on the token, opened (and logged in) if there is none yet."""
         lib = self._module.lib()
-        if self._session is not None and self._generation == self._module.generation:
-            return self._session
+        state = self._state
+        digest = hashlib.sha256(self.config.pin.encode()).digest()
+        if state.session is not None and state.generation == self._module.generation:
+            if state.pin_digest != digest:
+                raise _OpenFailed(self._wrong_pin())
+            return state.session
         self._forget()
         pkcs11 = _pkcs11()
-        try:
-            token = lib.get_token(token_label=self.label)
-        except pkcs11.NoSuchToken:
-            raise _OpenFailed(f"PKCS#11 token {self.label!r} is not present in module {self.config.module} "
-                              "(check the label: softhsm2-util --show-slots / pkcs11-tool -L)") from None
-        except pkcs11.MultipleTokensReturned:
-            raise _OpenFailed(f"several PKCS#11 tokens are labelled {self.label!r} in module "
-                              f"{self.config.module}: give each token its own label") from None
-        except pkcs11.PKCS11Error as exc:
-            raise _OpenFailed(f"PKCS#11 module {self.config.module}: cannot list tokens: {_describe(exc)}") from None
+        token = self._find(lib, pkcs11)
         try:
             try:
                 session = token.open(rw=True, user_pin=self.config.pin)
-            except pkcs11.UserAlreadyLoggedIn:  # login is per application: a session of ours still holds it
+            except pkcs11.UserAlreadyLoggedIn:  # a session of this process this module lost track of holds it
                 session = token.open(rw=True)
         except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
-            raise _OpenFailed(f"wrong user PIN for PKCS#11 token {self.label!r} (from {PIN_ENV} or the PIN "
-                              "file); the token locks itself after a few wrong PINs") from None
+            raise _OpenFailed(self._wrong_pin()) from None
         except pkcs11.PinLocked:
             raise _OpenFailed(f"the user PIN of PKCS#11 token {self.label!r} is locked: the security officer "
                               "must reset it") from None
         except pkcs11.PKCS11Error as exc:
             raise _OpenFailed(f"cannot open a session on PKCS#11 token {self.label!r}: {_describe(exc)}") from None
-        self._session = cast("Session", session)
-        self._generation = self._module.generation
-        return self._session
+        state.session = cast("Session", session)
+        state.generation = self._module.generation
+        state.pin_digest = digest
+        return state.session
+
+    def _find(self, lib: Any, pkcs11: Any) -> Any:
+        """The token by label; a token not in the slot list is looked for once more after re-initialising the
+        module (a device plugged in, or a token made, after the module was loaded)."""
+        for attempt in (1, 2):
+            try:
+                return lib.get_token(token_label=self.label)
+            except pkcs11.NoSuchToken:
+                if attempt == 2:
+                    raise _OpenFailed(f"PKCS#11 token {self.label!r} is not present in module {self.config.module} "
+                                      "(check the label: softhsm2-util --show-slots / pkcs11-tool -L)") from None
+                self._module.reinitialize()
+            except pkcs11.MultipleTokensReturned:
+                raise _OpenFailed(f"several PKCS#11 tokens are labelled {self.label!r} in module "
+                                  f"{self.config.module}: give each token its own label") from None
+            except pkcs11.PKCS11Error as exc:
+                raise _OpenFailed(f"PKCS#11 module {self.config.module}: cannot list tokens: "
+                                  f"{_describe(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _wrong_pin(self) -> str:
+        return (f"wrong user PIN for PKCS#11 token {self.label!r} (from {PIN_ENV} or the PIN file); the token locks "
+                "itself after a few wrong PINs")
 
     def _forget(self) -> None:
         """Drop the session (closing it if it still belongs to this process's module) and the key handles."""
-        session, self._session, self._keys = self._session, None, {}
-        if session is not None and self._generation == self._module.generation:
+        state = self._state
+        session, state.session, state.keys, state.pin_digest = state.session, None, {}, b""
+        if session is not None and state.generation == self._module.generation:
             try:
                 session.close()  # logs out too, so the next open logs in afresh
             except Exception as exc:  # noqa: BLE001 - it is being dropped because it failed
@@ -299,7 +338,8 @@ class Pkcs11Token:
                                      "session was re-opened") from None
 
     def _private_key(self, session: Session, label: str, cka_id: bytes) -> Any:
-        key = self._keys.get(cka_id)
+        keys = self._state.keys
+        key = keys.get(cka_id)
         if key is None:
             pkcs11 = _pkcs11()
             try:
@@ -312,7 +352,7 @@ class Pkcs11Token:
             except pkcs11.MultipleObjectsReturned:
                 raise KeyUnavailable(f"PKCS#11 token {self.label!r} holds several private keys labelled {label!r} "
                                      f"with CKA_ID {cka_id.hex()}: remove the ones opendps did not make") from None
-            self._keys[cka_id] = key
+            keys[cka_id] = key
         return key
 
     # ---- what the key store asks ----
@@ -335,7 +375,7 @@ class Pkcs11Token:
                                  a.DERIVE: False},
                 private_template={a.TOKEN: True, a.PRIVATE: True, a.SENSITIVE: True, a.EXTRACTABLE: False,
                                   a.SIGN: True, a.DECRYPT: False, a.UNWRAP: False, a.DERIVE: False})
-            self._keys[cka_id] = private
+            self._state.keys[cka_id] = private
             return bytes(encode_ec_public_key(public))
 
         spki = self._call(f"generating CA key {label!r}", make)
@@ -360,7 +400,7 @@ class Pkcs11Token:
             found = list(session.get_objects({_pkcs11().Attribute.LABEL: label, _pkcs11().Attribute.ID: cka_id}))
             for obj in found:
                 obj.destroy()
-            self._keys.pop(cka_id, None)
+            self._state.keys.pop(cka_id, None)
             return len(found)
 
         return self._call(f"deleting CA key {label!r}", delete)

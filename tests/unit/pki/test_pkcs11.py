@@ -157,6 +157,13 @@ def test_wrong_pin_missing_token_and_missing_module_are_one_line_configuration_e
         assert config.pin not in str(caught.value) and config.pin not in repr(Pkcs11Token(config))
 
 
+def test_a_wrong_pin_is_refused_while_the_process_is_logged_in(token, hsm):
+    """C_Login does not check a PIN when the application is logged in already: the process's one session does."""
+    with pytest.raises(ConfigurationError, match="wrong user PIN"):
+        Pkcs11Token(hsm.config(pin="0000")).open()
+    Pkcs11Token(hsm.config()).open()  # the right one shares the session
+
+
 def test_the_pin_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENDPS_PKCS11_PIN", raising=False)
     with pytest.raises(ConfigurationError, match="set OPENDPS_PKCS11_PIN or give --pkcs11-pin-file"):
@@ -173,7 +180,7 @@ def test_a_lost_session_is_reopened_and_the_signature_retried_once(hsm_keys, tok
     with store.session() as s:
         signer = hsm_keys.generate(s, "ica")
     _verify(signer, b"one", signer.sign(b"one"))
-    token._session.close()  # behind its back: the next call gets CKR_SESSION_HANDLE_INVALID
+    token._state.session.close()  # behind its back: the next call gets CKR_SESSION_HANDLE_INVALID
     with caplog.at_level(logging.WARNING, logger="opendps.pkcs11"):
         _verify(signer, b"two", signer.sign(b"two"))
     assert "re-opening the session and retrying once" in caplog.text and "SessionHandleInvalid" in caplog.text
@@ -185,7 +192,7 @@ def test_a_lost_session_is_reopened_and_the_signature_retried_once(hsm_keys, tok
 def test_a_session_that_cannot_be_reopened_is_a_clear_503(hsm_keys, token, store):
     with store.session() as s:
         signer = hsm_keys.generate(s, "ica")
-    token._session.close()
+    token._state.session.close()
     pin, token.config = token.config.pin, Pkcs11Config(token.config.module, token.config.token_label, "wrong-pin")
     try:
         with pytest.raises(KeyUnavailable, match="wrong user PIN") as caught:

@@ -28,6 +28,7 @@ PIN = "4711-user"
 SO_PIN = "0815-so"
 TOKEN = "opendps-test"  # the in-process tests' token
 SPARE_TOKEN = "opendps-spare"  # a second token, for tests that need one the others do not touch
+E2E_TOKEN = "opendps-e2e"  # the end-to-end server's (tests/test_hsm_e2e.py)
 
 
 def module_path() -> str | None:
@@ -116,8 +117,9 @@ def parse_objects(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def session_softhsm(tmp_path_factory) -> SoftHsm:
-    """The test process's SoftHSM2 (tokens ``TOKEN`` and ``SPARE_TOKEN``), SOFTHSM2_CONF set for the session."""
-    hsm = make_softhsm(tmp_path_factory.mktemp("softhsm"), TOKEN, SPARE_TOKEN)
+    """The test process's SoftHSM2 (tokens ``TOKEN``, ``SPARE_TOKEN`` and ``E2E_TOKEN``), SOFTHSM2_CONF set for the
+    session (a server subprocess inherits it)."""
+    hsm = make_softhsm(tmp_path_factory.mktemp("softhsm"), TOKEN, SPARE_TOKEN, E2E_TOKEN)
     saved = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
     yield hsm

@@ -110,6 +110,30 @@ def load_master_key(path: Path, *, create: bool = False) -> bytes:
     return decode_master_key(path.read_text(), str(path))
 
 
+DEFAULT_BACKEND_SETTING = "key_backend"  # instance_settings: where new CA keys go unless a request says
+TOKEN_SETTING = "pkcs11_token_label"  # instance_settings: the installation's PKCS#11 token
+
+
+def custody_settings(store: Store) -> tuple[str, str | None]:
+    """The installation's key custody, shared by every node: (default backend, token label or None)."""
+    return store.setting(DEFAULT_BACKEND_SETTING) or SOFTWARE, store.setting(TOKEN_SETTING)
+
+
+def remember_custody(store: Store, backend: str, token_label: str | None) -> None:
+    if backend not in BACKENDS:
+        raise ConfigurationError(f"key backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    store.put_setting(DEFAULT_BACKEND_SETTING, backend)
+    if token_label:
+        store.put_setting(TOKEN_SETTING, token_label)
+
+
+def tokens_in_use(store: Store) -> set[str]:
+    """The labels of the tokens that hold this installation's keys (empty: every key is in software)."""
+    with store.session() as s:
+        return {t for t in s.scalars(select(WrappedKey.pkcs11_token).where(WrappedKey.backend == PKCS11).distinct())
+                if t}
+
+
 @dataclass(frozen=True)
 class KeyCustody:
     """Where a CA key lives, as the management API shows it (no secret in it)."""
@@ -152,9 +176,7 @@ class KeyStore:
             raise ConfigurationError("master key must be 32 bytes")
         if default_backend not in BACKENDS:
             raise ConfigurationError(f"key backend {default_backend!r} is not one of {', '.join(BACKENDS)}")
-        if default_backend == PKCS11 and token is None:
-            raise ConfigurationError("the pkcs11 key backend needs a token: --pkcs11-module and --pkcs11-token-label")
-        self.token = token
+        self.token = token  # None with default pkcs11: a process without the PIN (opendps info); nothing is signed
         self.default_backend = default_backend
         kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"opendps key-wrap v1").derive(master_key)
         self._aead = AESGCM(kek)
@@ -194,12 +216,15 @@ class KeyStore:
         """The backend a new key goes to: ``backend``, or the installation's default; InvalidInput for a name that is
         none, or for pkcs11 where no token is configured."""
         if backend is None:
-            return self.default_backend
-        if backend not in BACKENDS:
+            backend = self.default_backend
+        elif backend not in BACKENDS:
             raise InvalidInput(f"keyBackend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == PKCS11 and self.token is None:
+            if backend == self.default_backend:  # never a software key instead
+                raise KeyUnavailable("new CA keys go to a PKCS#11 token, and this process has none open: start it "
+                                     "with --pkcs11-module and the token's PIN in OPENDPS_PKCS11_PIN")
             raise InvalidInput("keyBackend pkcs11: this installation has no PKCS#11 token configured (opendps init "
-                               "--key-backend pkcs11 --pkcs11-module PATH --pkcs11-token-label LABEL)")
+                               "--pkcs11-module PATH --pkcs11-token-label LABEL)")
         return backend
 
     def generate(self, session: Session, label: str, *, backend: str | None = None) -> Signer:
@@ -266,10 +291,7 @@ class KeyStore:
         return KeyCustody(row.backend, row.pkcs11_token, row.pkcs11_label)
 
     def tokens_in_use(self) -> set[str]:
-        """The labels of the tokens that hold this installation's keys (empty: every key is in software)."""
-        with self._store.session() as s:
-            return {t for t in s.scalars(select(WrappedKey.pkcs11_token).where(WrappedKey.backend == PKCS11)
-                                         .distinct()) if t}
+        return tokens_in_use(self._store)
 
     def signer(self, key_id: str) -> Signer:
         """The signer for a stored key (unwrapped, or found on the token, once; then cached)."""

@@ -228,6 +228,15 @@ class Store:
         assert stored is not None
         return stored
 
+    def put_setting(self, name: str, value: str) -> None:
+        """Insert or replace an instance setting (the installation's choices an operator may change)."""
+        with self.session() as s:
+            row = s.get(InstanceSetting, name)
+            if row is None:
+                add_setting(s, name, value)
+            else:
+                row.value = value
+
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to ``revision``."""
         from alembic import command

@@ -24,6 +24,7 @@ CERTIFICATE_REVOKED = "certificate.revoked"
 CA_CREATED = "ca.created"  # a namespace's root CA, or a policy's issuing CA
 CA_ROTATED = "ca.rotated"  # a policy's new issuing CA; the old one retired
 CA_REVOKED = "ca.revoked"  # an issuing CA revoked by its root
+POLICY_UPDATED = "policy.updated"  # a credential policy's settings changed (validity, curves, superseding, CRL)
 CA_CERTIFICATE_UPLOADED = "ca-certificate.uploaded"  # an owner's CA certificate, to DPS or a hub
 CA_CERTIFICATE_VERIFIED = "ca-certificate.verified"  # ... proven by proof of possession
 CA_CERTIFICATE_DELETED = "ca-certificate.deleted"
@@ -48,6 +49,7 @@ __all__ = [
     "ENROLLMENT_DELETED",
     "ENROLLMENT_UPDATED",
     "GENESIS",
+    "POLICY_UPDATED",
     "REGISTRATION_ASSIGNED",
     "REGISTRATION_DELETED",
     "REGISTRATION_FAILED",

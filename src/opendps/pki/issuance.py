@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound
 from opendps.pki.certificates import serial_hex
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
@@ -231,6 +232,7 @@ class IssuanceEngine:
                 conn.execute(update(_ISSUED).where(_ISSUED.c.id.in_([r.id for r in rows]),
                                                    _ISSUED.c.revoked_at.is_(None))
                              .values(revoked_at=now, revocation_reason="superseded"))
+                audit.append_all(s, [_revoked_event(r, "superseded", supersededBy=record.serial_number) for r in rows])
         return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason="superseded") for r in rows]
 
     # ---- certificate views and revocation (issue 17) ----
@@ -288,6 +290,7 @@ class IssuanceEngine:
                                 .values(revoked_at=now, revocation_reason=reason))
             if done.rowcount != 1:  # revoked by a concurrent call between the read and the update
                 raise Conflict(f"certificate {view.serial_number} is already revoked")
+            audit.append_all(s, [_revoked_event(row, reason)])
         return replace(view, revoked_at=now, revocation_reason=reason)
 
     def revoke_registrations(self, registration_ids: Collection[str], reason: str | None = None, *,
@@ -305,10 +308,13 @@ class IssuanceEngine:
         return self._revoke_where(pending, reason, now)
 
     def revoke_issued_by(self, issuing_ca_ids: Collection[int], reason: str | None = None, *,
-                         now: datetime | None = None, session: Session | None = None) -> int:
+                         now: datetime | None = None, session: Session | None = None,
+                         audit_scope: dict[str, Any] | None = None) -> int:
         """Revoke every unrevoked certificate signed by ``issuing_ca_ids`` (a policy's, or one compromised issuing
         CA's), in one statement (in ``session``'s transaction when given: the registry revokes the CA itself in the
-        same one). Returns how many; the hub drops live sessions by their certificates' issuer, not one by one."""
+        same one, and records it). Returns how many; the hub drops live sessions by their certificates' issuer, not
+        one by one. With ``audit_scope`` (e.g. the namespace and policy), one audit entry records the whole
+        revocation (there may be a million certificates)."""
         reason = revocation_reason(reason)
         if not issuing_ca_ids:
             return 0
@@ -318,7 +324,11 @@ class IssuanceEngine:
                 update(_ISSUED).where(_ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids))),
                                       _ISSUED.c.revoked_at.is_(None))
                 .values(revoked_at=now, revocation_reason=reason))
-        return int(done.rowcount or 0)
+            count = int(done.rowcount or 0)
+            if audit_scope is not None:
+                audit.append(s, audit.CERTIFICATE_REVOKED, namespace=audit_scope.get("namespace"),
+                             details={**audit_scope, "count": count, "reason": reason})
+        return count
 
     def _revoke_where(self, where: Any, reason: str | None, now: datetime | None) -> builtins.list[IssuedCertificateView]:
         reason = revocation_reason(reason)
@@ -331,4 +341,11 @@ class IssuanceEngine:
                 conn.execute(update(_ISSUED).where(_ISSUED.c.id.in_([r.id for r in rows]),
                                                    _ISSUED.c.revoked_at.is_(None))
                              .values(revoked_at=now, revocation_reason=reason))
+                audit.append_all(s, [_revoked_event(r, reason) for r in rows])
         return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason=reason) for r in rows]
+
+
+def _revoked_event(row: Any, reason: str, **details: Any) -> audit.Event:
+    """The audit entry of one certificate's revocation: serial as openssl prints it, thumbprint, reason."""
+    return audit.Event(audit.CERTIFICATE_REVOKED, device=row.registration_id, subject=serial_hex(int(row.serial, 16)),
+                       details={"sha256": row.sha256.upper(), "reason": reason, **details})

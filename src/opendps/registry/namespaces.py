@@ -19,9 +19,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki import IssuanceEngine, IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, thumbprint
+from opendps.pki import IssuanceEngine, IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, serial_hex, thumbprint
 from opendps.pki.issuance import revocation_reason, stored_serial
 from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
 
@@ -155,6 +156,13 @@ def _ca_row(namespace_id: int, kind: str, cert: x509.Certificate, key_id: str, *
     )
 
 
+def _ca_event(action: str, namespace: str, cert: x509.Certificate, **details: object) -> audit.Event:
+    """An audit entry about a CA certificate: its SHA-256 thumbprint as the subject (never its key)."""
+    return audit.Event(action, namespace=namespace, subject=thumbprint(cert), details={
+        "serialNumber": serial_hex(cert), "certificateSubject": cert.subject.rfc4514_string(),
+        "notAfter": cert.not_valid_after_utc, **details})
+
+
 def _active_issuing_ca(s: Session, policy_id: int) -> CertificateAuthority | None:
     return s.scalars(
         select(CertificateAuthority)
@@ -210,6 +218,8 @@ class Registry:
         cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), root_signer,
                           f"{ns.name} {name} Issuing CA", now=now, lint=self.lint)
         s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
+        audit.append_all(s, [_ca_event(audit.CA_CREATED, ns.name, cert, kind="issuing", policy=name,
+                                       validityDays=validity_days)])
         return policy
 
     # ---- namespaces ----
@@ -232,6 +242,7 @@ class Registry:
                 root = _ca_row(ns.id, "root", root_cert, root_signer.key_id, now=now)
                 s.add(root)
                 s.flush()
+                audit.append_all(s, [_ca_event(audit.CA_CREATED, name, root_cert, kind="root")])
                 self._add_policy(s, ns, root, policy_name, validity_days, False, now)
         except IntegrityError as exc:  # lost a race with a concurrent create of the same name
             with self.store.session() as s:
@@ -328,6 +339,10 @@ class Registry:
                     existing.updated_at = now
                     policy = existing
                     created = False
+                    changed = {k: v for k, v in (("validityDays", validity_days), ("allowP256", allow_p256),
+                                                 ("revokeSupersededCertificates", revoke_superseded),
+                                                 ("crlValidityInHours", crl_validity_hours)) if v is not None}
+                    audit.append(s, audit.POLICY_UPDATED, namespace=ns.name, subject=name, details=changed)
                 s.flush()
                 return self._policy_view(s, ns, policy), created
         except IntegrityError as exc:
@@ -344,9 +359,11 @@ class Registry:
                 raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
             generation = 1 + (s.scalar(select(func.count()).select_from(CertificateAuthority)
                                        .where(CertificateAuthority.policy_id == policy.id)) or 0)
+            retired = []
             for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
                                                                    CertificateAuthority.status == "active")):
                 ca.status = "retired"
+                retired.append(ca.sha256.upper())
             root = self._root(s, ns)
             signer = self.keys.generate(s, "ica")
             cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), self.keys.signer(root.key_id),
@@ -355,6 +372,7 @@ class Registry:
             policy.etag = new_etag()
             policy.updated_at = now
             s.flush()
+            audit.append_all(s, [_ca_event(audit.CA_ROTATED, ns.name, cert, policy=name, retired=retired)])
             return self._policy_view(s, ns, policy)
 
     def get_policy(self, namespace: str, name: str) -> PolicyView:
@@ -507,4 +525,8 @@ class Registry:
             ca.revoked_at, ca.revocation_reason = now, reason
             s.flush()  # a configuration change: every hub's trust drops the CA at its next CONNECT, on every node
             leaves = issuance.revoke_issued_by([ca.id], leaf_reason, now=now, session=s)
+            # one entry for the CA and all its leaves (there may be a million)
+            audit.append(s, audit.CA_REVOKED, namespace=ns.name, subject=ca.sha256.upper(), details={
+                "policy": p.name, "serialNumber": serial_hex(int(ca.serial, 16)), "reason": reason,
+                "leafReason": leaf_reason, "revokedCertificates": leaves})
             return IssuingCaRevocation(_ca_view(ca), ns.name, p.name, leaves)

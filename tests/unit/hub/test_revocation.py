@@ -238,3 +238,41 @@ def test_live_sessions_are_dropped_by_their_certificates_issuer(services, fleet)
     live.on_peer_message({"op": "revoked", "serials": [], "issuers": [ski.upper()]})  # from another node
     assert all(link.closed is not None for link in links.values())
     assert peers.sent[0]["issuers"] == ["00" * 20]
+
+
+# ---- the audit log records every revocation and CA change (issue 17.4) ----
+def _entries(services, action):
+    return [(r.subject, r.details_object()) for r in services.audit.list(action=action, top=1000)][::-1]
+
+
+def test_revocations_and_ca_changes_are_in_the_audit_chain(services, fleet):
+    key, chains = fleet
+    created = _entries(services, "ca.created")
+    assert [(d["kind"], d.get("policy")) for _s, d in created[-2:]] == [("root", None), ("issuing", "ops")]
+    root_subject, _ = created[-2]
+    assert root_subject == thumbprint(chains["dev-r1"][2])  # the root's thumbprint, never its key
+    one = serial_hex(chains["dev-r1"][0])
+    services.issuance.revoke(one, "keyCompromise")
+    assert _entries(services, "certificate.revoked")[-1] == (one, {"sha256": thumbprint(chains["dev-r1"][0]),
+                                                                   "reason": "keyCompromise"})
+    new = _issue(services, key, "dev-r2")
+    _connect(services, "dev-r2", new)  # supersedes dev-r2's first certificate
+    subject, details = _entries(services, "certificate.revoked")[-1]
+    assert (subject, details["reason"], details["supersededBy"]) == (serial_hex(chains["dev-r2"][0]), "superseded",
+                                                                      serial_hex(new[0]))
+    services.registry.put_policy("rev-ns", "ops", revoke_superseded=False)
+    assert _entries(services, "policy.updated")[-1] == ("ops", {"revokeSupersededCertificates": False})
+    services.registry.rotate_policy("rev-ns", "ops")
+    _new_ca, old_ca = services.registry.list_issuing_cas("rev-ns", "ops")
+    subject, details = _entries(services, "ca.rotated")[-1]
+    assert details["retired"] == [thumbprint(old_ca.certificate)] and details["policy"] == "ops"
+    services.registry.revoke_issuing_ca("rev-ns", "ops", serial_hex(old_ca.certificate), "keyCompromise",
+                                        services.issuance)
+    subject, details = _entries(services, "ca.revoked")[-1]
+    assert (subject, details["revokedCertificates"], details["leafReason"]) == (
+        thumbprint(old_ca.certificate), 1, "cACompromise")  # dev-r2's renewed one; the others were revoked before
+    ids, _ = services.registry.policy_issuing_ca_ids("rev-ns", "ops")
+    services.issuance.revoke_issued_by(ids, "cessationOfOperation", audit_scope={"namespace": "rev-ns", "policy": "ops"})
+    subject, details = _entries(services, "certificate.revoked")[-1]
+    assert details == {"namespace": "rev-ns", "policy": "ops", "count": 0, "reason": "cessationOfOperation"}
+    assert services.audit.verify().intact

@@ -272,7 +272,8 @@ def _revoke_policy_certificates(s: Services, namespace: str, policy: str, reason
     """The registry names the policy's issuing CAs; the CA revokes everything they signed, in one statement."""
     reason = revocation_reason(reason)
     ids, certificates = s.registry.policy_issuing_ca_ids(namespace, policy)
-    return s.issuance.revoke_issued_by(ids, reason), _key_ids(certificates)
+    return s.issuance.revoke_issued_by(ids, reason, audit_scope={"namespace": namespace, "policy": policy}), _key_ids(
+        certificates)
 
 
 @routes.get("/namespaces/{ns}/credentials/default/policies/{policy}/issuingCas")

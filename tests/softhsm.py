@@ -115,15 +115,18 @@ def parse_objects(text: str) -> list[dict[str, str]]:
     return objects
 
 
+_SESSION: list[SoftHsm] = []  # one per test process, whichever module asks first
+
+
 @pytest.fixture(scope="session")
 def session_softhsm(tmp_path_factory) -> SoftHsm:
     """The test process's SoftHSM2 (tokens ``TOKEN``, ``SPARE_TOKEN`` and ``E2E_TOKEN``), SOFTHSM2_CONF set for the
-    session (a server subprocess inherits it)."""
-    hsm = make_softhsm(tmp_path_factory.mktemp("softhsm"), TOKEN, SPARE_TOKEN, E2E_TOKEN)
-    saved = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
-    yield hsm
-    if saved is None:
-        os.environ.pop("SOFTHSM2_CONF", None)
-    else:
-        os.environ["SOFTHSM2_CONF"] = saved
+    rest of the session (a server subprocess inherits it). Modules import this fixture, and pytest makes one per
+    importing module even at session scope: they share the one made first, since the module reads its
+    configuration once per process."""
+    require_softhsm()
+    if not _SESSION:
+        hsm = make_softhsm(tmp_path_factory.mktemp("softhsm"), TOKEN, SPARE_TOKEN, E2E_TOKEN)
+        os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+        _SESSION.append(hsm)
+    return _SESSION[0]

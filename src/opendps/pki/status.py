@@ -58,7 +58,7 @@ log = logging.getLogger("opendps.pki")
 CRL_PATH = "/crl/{ca}.crl"
 OCSP_PATH = "/ocsp"
 STATE_TTL = 1.0  # seconds a CA's revocation state is used before the store is asked again
-MAX_CACHED_RESPONSES = 100_000  # signed OCSP answers kept per process (a few hundred bytes each)
+MAX_CACHED_RESPONSES = 20_000  # signed OCSP answers kept per process (~600 bytes each: ~15 MB at most)
 
 _ISSUED = table_of(IssuedCertificate)
 # both served by ix_issued_certificates_revoked (partial: revoked rows only), so neither grows with the fleet

@@ -1,7 +1,8 @@
 """The CA side: key custody, certificate profiles, CSR validation, pre-issuance lint, issuance, and the
 certificate helpers every package shares (reading, thumbprints, device chain validation, proof of possession).
 
-Public surface: :class:`KeyStore` / :class:`Signer` (custody), :class:`IssuanceEngine` + :class:`Issuer`
+Public surface: :class:`KeyStore` / :class:`Signer` / :class:`KeyCustody` (custody: software or a PKCS#11 token,
+:mod:`opendps.pki.pkcs11`), :class:`IssuanceEngine` + :class:`Issuer`
 (issue a leaf), :func:`validate_csr`, the profile builders :func:`root_ca` / :func:`issuing_ca`,
 :func:`lint_certificate` / :func:`lint_crl` / :func:`lint_ocsp_response`, :class:`CaCertificates` (uploaded CA
 certificates proven by proof of possession); certificate status: :class:`Publication` (where CRLs and OCSP are
@@ -24,7 +25,7 @@ from opendps.pki.issuance import (
     Issuer,
     revocation_reason,
 )
-from opendps.pki.keys import KeyStore, Signer, SoftwareSigner, load_master_key
+from opendps.pki.keys import KeyCustody, KeyStore, Signer, SoftwareSigner, load_master_key
 from opendps.pki.lint import LintFinding, lint_certificate, lint_crl, lint_ocsp_response
 from opendps.pki.possession import CaCertificates, CaCertificateView
 from opendps.pki.profiles import IssuanceRefused, LintRefused, issuing_ca, root_ca, sign_builder
@@ -43,6 +44,7 @@ __all__ = [
     "IssuedChain",
     "IssuedRecord",
     "Issuer",
+    "KeyCustody",
     "KeyStore",
     "LintFinding",
     "LintRefused",

@@ -281,11 +281,15 @@ class KeyStore:
 
             _after_transaction(session, on_commit=destroy_on_token)
 
-    def custody(self, key_id: str) -> KeyCustody:
-        """Where a stored key lives (for the management API)."""
-        with self._store.session() as s:
-            row = s.execute(select(WrappedKey.backend, WrappedKey.pkcs11_token, WrappedKey.pkcs11_label)
-                            .where(WrappedKey.id == key_id)).first()
+    def custody(self, key_id: str, *, session: Session | None = None) -> KeyCustody:
+        """Where a stored key lives (for the management API); in ``session``'s transaction when given (a key made in
+        it is not committed yet)."""
+        query = select(WrappedKey.backend, WrappedKey.pkcs11_token, WrappedKey.pkcs11_label).where(WrappedKey.id == key_id)
+        if session is not None:
+            row = session.execute(query).first()
+        else:
+            with self._store.session() as s:
+                row = s.execute(query).first()
         if row is None:
             raise ConfigurationError(f"CA key {key_id} is missing from the store")
         return KeyCustody(row.backend, row.pkcs11_token, row.pkcs11_label)

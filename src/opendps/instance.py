@@ -4,7 +4,8 @@ and local TLS material. ``opendps init`` creates it; ``serve``, ``info`` and the
 Data directory (default ``./.opendps``)::
 
     config.json      last-used endpoints and database URL (no secrets)
-    master.key       0600, base64 of 32 bytes; encrypts CA keys at rest (or OPENDPS_MASTER_KEY)
+    master.key       0600, base64 of 32 bytes; encrypts CA keys at rest (or OPENDPS_MASTER_KEY); CA keys on a
+                     PKCS#11 token (--key-backend pkcs11) are not in the database at all (opendps.pki.pkcs11)
     opendps.db       SQLite database (unless a PostgreSQL URL is given)
     tls/server-ca.pem  the local server CA clients must trust
     tls/server.pem, tls/server.key (0600)  this node's TLS server certificate (P-256)
@@ -43,7 +44,8 @@ from opendps.errors import ConfigurationError, NotFound
 from opendps.files import replace_all, write_atomic
 from opendps.hub import DEFAULT_HUB
 from opendps.pki import KeyStore, Publication, load_master_key, root_ca, sign_builder
-from opendps.pki.keys import MASTER_KEY_CHECK, MASTER_KEY_ENV
+from opendps.pki.keys import BACKENDS, MASTER_KEY_CHECK, MASTER_KEY_ENV, custody_settings, remember_custody, tokens_in_use
+from opendps.pki.pkcs11 import PIN_ENV, Pkcs11Config, Pkcs11Token, read_pin
 from opendps.pki.profiles import BACKDATE, random_serial
 from opendps.pki.status import CRL_PATH
 from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # each hub's own (Hubs.owner_keys)
@@ -82,6 +84,13 @@ class Settings:
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
     workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
     bus: str | None = None  # NATS server carrying live state between nodes (default: the store's own, opendps.cluster)
+    # CA keys on a PKCS#11 token (opendps.pki.pkcs11): the module and PIN file are this host's (config.json); the
+    # default backend and the token label are the installation's (instance_settings), given to init; the PIN never
+    # leaves the environment (OPENDPS_PKCS11_PIN) or its file
+    key_backend: str | None = None  # init: where new CA keys go (software | pkcs11); None keeps the installation's
+    pkcs11_module: str | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin_file: str | None = None
     # what opening found worth telling the operator (not errors); the CLI prints them, serve logs them
     warnings: list[str] = field(default_factory=list, compare=False)
 
@@ -148,10 +157,14 @@ class Settings:
                                      "PostgreSQL, one on SQLite)")
         if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
             raise ConfigurationError(f"bus {self.bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
+        if self.key_backend is not None and self.key_backend not in BACKENDS:
+            raise ConfigurationError(f"key backend {self.key_backend!r} is not one of {', '.join(BACKENDS)}")
 
     def save(self) -> bool:
         """Write config.json; returns whether a database password was left out of it (it is never written)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "lint", "warnings")}
+        # the key backend and token label are the installation's, in the database: not this host's config.json
+        data = {k: v for k, v in asdict(self).items()
+                if k not in ("data_dir", "lint", "warnings", "key_backend", "pkcs11_token_label")}
         stripped = False
         if data["db"]:
             url = make_url(data["db"])
@@ -263,8 +276,16 @@ class Instance:
             "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.name)}
                      for h in self.services.hubs.list()],
             "workers": st.workers or None,
+            "keyCustody": self.key_custody(),
             "nodes": self.nodes(),
         }
+
+    def key_custody(self) -> dict[str, object]:
+        """Where new CA keys go and which token holds this installation's keys (no PIN)."""
+        backend, token = custody_settings(self.store)
+        return {"defaultKeyBackend": backend, "pkcs11": None if not token and not self.settings.pkcs11_module else
+                {"tokenLabel": token, "module": self.settings.pkcs11_module,
+                 "tokensInUse": sorted(tokens_in_use(self.store))}}
 
     def nodes(self) -> list[dict[str, object]]:
         """The server processes alive now, on every host (``cluster_nodes``; empty before a migration)."""
@@ -499,11 +520,54 @@ def _master_key(settings: Settings, store: Store, *, create: bool) -> bytes:
     return key
 
 
+def _key_store(settings: Settings, store: Store, master_key: bytes, *, create: bool) -> tuple[KeyStore, str, str | None]:
+    """The key store with this process's token, if the installation has or gets one; (store, default backend, token
+    label). ``create`` (init, serve): the token is opened now, so a missing module or token or a wrong PIN stops the
+    start with one line; otherwise (workers, read-only verbs) it opens on first use, and without a PIN not at all."""
+    backend, label = custody_settings(store)
+    if create and settings.pkcs11_token_label:
+        label = settings.pkcs11_token_label
+    if create and settings.key_backend is not None:  # init --key-backend: the installation's choice from now on
+        backend = settings.key_backend
+        if backend == "pkcs11" and not label:
+            raise ConfigurationError("--key-backend pkcs11 needs --pkcs11-token-label (the token's label: "
+                                     "softhsm2-util --show-slots, pkcs11-tool -L)")
+    try:
+        in_use = tokens_in_use(store)
+    except Exception:  # a read-only verb on a database this version has not migrated (no such column)
+        if create:
+            raise
+        in_use = set()
+    if label and in_use - {label}:
+        raise ConfigurationError(f"this installation's CA keys are on PKCS#11 token(s) {', '.join(sorted(in_use))}, "
+                                 f"not {label!r}")
+    needed = backend == "pkcs11" or bool(in_use)
+    token = None
+    if settings.pkcs11_module and label:
+        try:
+            pin = read_pin(settings.pkcs11_pin_file)
+        except ConfigurationError:
+            if create:
+                raise
+            pin = None  # opendps info and the like sign nothing
+        if pin is not None:
+            token = Pkcs11Token(Pkcs11Config(settings.pkcs11_module, label, pin))
+            if create:
+                token.open()
+    elif create and needed:
+        raise ConfigurationError(f"this installation keeps CA keys on PKCS#11 token {label or '?'!r}: give "
+                                 "--pkcs11-module PATH (kept in config.json) and the user PIN in "
+                                 f"{PIN_ENV} or --pkcs11-pin-file")
+    return KeyStore(store, master_key, token=token, default_backend=backend), backend, label
+
+
 def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> Instance:
     store = _open_store(settings, create=create, migrate=migrate)
     try:
-        keys = KeyStore(store, _master_key(settings, store, create=create))
+        keys, backend, label = _key_store(settings, store, _master_key(settings, store, create=create), create=create)
         keys.check_master_key()
+        if create and (backend, label) != custody_settings(store):
+            remember_custody(store, backend, label)
         store.set_setting_if_absent("id_scope", "0ne" + secrets.token_hex(4).upper())
         _ensure_access_policy(store, keys, OWNER_POLICY, OWNER_RIGHTS)
         inst = Instance(settings, store, keys)

@@ -50,6 +50,11 @@ def print_banner(instance: Instance) -> None:
     if st.http_port:
         print(f"opendps CRLs and OCSP (plain HTTP) on http://{st.host}:{st.http_port}", flush=True)
     print(f"  ID scope:           {instance.id_scope}", flush=True)
+    custody = instance.key_custody()
+    pkcs11 = custody["pkcs11"]
+    if isinstance(pkcs11, dict) and pkcs11["tokenLabel"]:
+        where = f"on PKCS#11 token {pkcs11['tokenLabel']!r}" if custody["defaultKeyBackend"] == "pkcs11" else "in software"
+        print(f"  CA keys:            new ones {where} (token module {pkcs11['module']})", flush=True)
     print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
     # secrets never go to the console or the log: say where to get them
     print("  owner connection:   opendps dps connection-string show", flush=True)

@@ -99,7 +99,22 @@ def server_options(f: _F) -> _F:
                           "one on SQLite).")(f)
     f = click.option("--bus", default=None, help="NATS server carrying live hub state between processes and nodes, "
                      "e.g. nats://127.0.0.1:4222 (default: the database's own: LISTEN/NOTIFY on PostgreSQL; $OPENDPS_BUS).")(f)
-    return data_dir_option(f)
+    return key_options(data_dir_option(f))
+
+
+def key_options(f: _F) -> _F:
+    """Where CA keys are kept: in the database (software) or on a PKCS#11 token (opendps.pki.pkcs11)."""
+    f = click.option("--key-backend", type=click.Choice(["software", "pkcs11"]), default=None,
+                     help="Where new CA keys are generated: encrypted in the database (software, the default) or on "
+                          "a PKCS#11 token (pkcs11); kept by the installation, so given once (init).")(f)
+    f = click.option("--pkcs11-module", default=None, metavar="PATH",
+                     help="The HSM's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so (kept in config.json).")(f)
+    f = click.option("--pkcs11-token-label", default=None, metavar="LABEL",
+                     help="The token holding the CA keys (kept by the installation).")(f)
+    f = click.option("--pkcs11-pin-file", default=None, metavar="FILE",
+                     help="A file holding the token's user PIN (default: $OPENDPS_PKCS11_PIN); the PIN itself is "
+                          "never written to config.json.")(f)
+    return f
 
 
 def _open(settings: Settings, create: bool = True, persist: bool = True) -> Instance:
@@ -152,16 +167,25 @@ def main() -> None:
 @server_options
 def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
          mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
-         no_lint: bool, workers: int | None, bus: str | None) -> None:
-    """Initialise the data directory (database, master key, TLS, ID scope, owner credentials)."""
+         no_lint: bool, workers: int | None, bus: str | None, key_backend: str | None, pkcs11_module: str | None,
+         pkcs11_token_label: str | None, pkcs11_pin_file: str | None) -> None:
+    """Initialise the data directory (database, master key, TLS, ID scope, owner credentials); on an existing one,
+    change what was given (e.g. --key-backend pkcs11: new CA keys on an HSM token from now on)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
-                         lint=False if no_lint else None, workers=workers, bus=bus)
+                         lint=False if no_lint else None, workers=workers, bus=bus, key_backend=key_backend,
+                         pkcs11_module=pkcs11_module, pkcs11_token_label=pkcs11_token_label,
+                         pkcs11_pin_file=pkcs11_pin_file)
     existed = settings.config_path.exists()
     inst = _open(settings)
     click.echo(f"{'already initialised' if existed else 'initialised'} {settings.data_dir.resolve()}")
     click.echo(f"ID scope: {inst.id_scope}")
     click.echo(f"trust this server CA: {inst.server_ca_path.resolve()}")
+    custody = inst.key_custody()
+    pkcs11 = custody["pkcs11"]
+    if custody["defaultKeyBackend"] == "pkcs11" and isinstance(pkcs11, dict):
+        click.echo(f"new CA keys: on PKCS#11 token {pkcs11['tokenLabel']!r} ({pkcs11['module']}); "
+                   "serve needs its PIN (OPENDPS_PKCS11_PIN or --pkcs11-pin-file)")
     click.echo("owner connection string: opendps dps connection-string show  (a secret: it is never printed unasked)")
     inst.close()
 
@@ -170,14 +194,17 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
 @server_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
           mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
-          no_lint: bool, workers: int | None, bus: str | None) -> None:
+          no_lint: bool, workers: int | None, bus: str | None, key_backend: str | None, pkcs11_module: str | None,
+          pkcs11_token_label: str | None, pkcs11_pin_file: str | None) -> None:
     """Start the server (initialising the data directory on first run); with several workers, this process
     supervises them."""
     from opendps.server import run
 
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
-                         lint=False if no_lint else None, workers=workers, bus=bus)
+                         lint=False if no_lint else None, workers=workers, bus=bus, key_backend=key_backend,
+                         pkcs11_module=pkcs11_module, pkcs11_token_label=pkcs11_token_label,
+                         pkcs11_pin_file=pkcs11_pin_file)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)

@@ -21,11 +21,12 @@ from opendps.transport import sas
 CERT_COLUMNS = ["name", "properties.subject", "properties.isVerified", "properties.expiry", "etag"]
 NS_COLUMNS = ["name", "properties.credential.subject", "properties.policies"]
 POLICY_COLUMNS = ["name", "properties.certificate.leafCertificateConfiguration.validityPeriodInDays",
-                  "properties.certificate.certificateAuthorityConfiguration.subject", "etag"]
+                  "properties.certificate.certificateAuthorityConfiguration.subject",
+                  "properties.certificate.certificateAuthorityConfiguration.keyBackend", "etag"]
 DEVICE_RECORD_COLUMNS = ["name", "properties.registrationId", "properties.iotHubHostName", "properties.policy",
                          "properties.operationalCertificate.serialNumber", "properties.operationalCertificate.notAfter"]
 CREDENTIAL_COLUMNS = ["name", "properties.subject", "properties.thumbprint", "properties.notBefore",
-                      "properties.notAfter", "properties.curve"]
+                      "properties.notAfter", "properties.curve", "properties.keyBackend", "properties.keyLabel"]
 DEFAULT_VALIDITY_DAYS = 30
 
 VALIDITY = click.IntRange(1, 90)
@@ -122,12 +123,14 @@ def _policy_path(namespace: str, *rest: str) -> str:
 
 
 def _policy_body(validity_days: int, allow_p256: bool, revoke_superseded: bool | None = None,
-                 crl_hours: int | None = None) -> dict[str, Any]:
+                 crl_hours: int | None = None, key_backend: str | None = None) -> dict[str, Any]:
     """A policy PUT body; the settings left None are not sent, so the service keeps (or defaults) them."""
     ca: dict[str, Any] = {"keyType": "ECC"}
     leaf: dict[str, Any] = {"validityPeriodInDays": validity_days, "allowP256": allow_p256}
     if crl_hours is not None:
         ca["crlValidityInHours"] = crl_hours
+    if key_backend is not None:
+        ca["keyBackend"] = key_backend
     if revoke_superseded is not None:
         leaf["revokeSupersededCertificates"] = revoke_superseded
     return {"properties": {"certificate": {"certificateAuthorityConfiguration": ca,
@@ -151,6 +154,9 @@ REVOCATION_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliati
 SUPERSEDE = click.option("--revoke-superseded/--keep-superseded", "revoke_superseded", default=None,
                          help="When a device connects with a renewed certificate, revoke its older ones as superseded "
                               "(default), or keep them valid until they expire (Azure's behaviour).")
+KEY_BACKEND = click.option("--key-backend", type=click.Choice(["software", "pkcs11"]), default=None,
+                           help="Where the CA's private key is generated: encrypted in the database (software) or on "
+                                "the installation's PKCS#11 token (pkcs11); default: the installation's choice.")
 CRL_HOURS = click.option("--crl-validity-hours", "crl_hours", type=click.IntRange(1, 168), default=None,
                          help="How far ahead the issuing CA's CRL and OCSP responses are valid (1-168; default 24).")
 
@@ -195,12 +201,20 @@ def ns() -> None:
 @click.option("--policy-name", default="default", show_default=True,
               help="Name of the initial credential policy.")
 @VALIDITY_OPTION
+@KEY_BACKEND
+@click.option("--policy-key-backend", type=click.Choice(["software", "pkcs11"]), default=None,
+              help="Where the first policy's issuing CA key is generated, if not where the root's is.")
 @api_command
-def ns_create(client: Client, output: str, name: str, policy_name: str, validity: int | None) -> None:
+def ns_create(client: Client, output: str, name: str, policy_name: str, validity: int | None, key_backend: str | None,
+              policy_key_backend: str | None) -> None:
     """Create a namespace with its root CA and a first policy (issuing CA)."""
     props: dict[str, Any] = {"policyName": policy_name}
     if validity is not None:
         props["validityPeriodInDays"] = validity
+    if key_backend is not None:
+        props["keyBackend"] = key_backend
+    if policy_key_backend is not None:
+        props["policyKeyBackend"] = policy_key_backend
     emit(client.request("PUT", _ns_path(name), json={"properties": props}), output, NS_COLUMNS)
 
 
@@ -260,15 +274,17 @@ def policy() -> None:
 @ALLOW_P256
 @SUPERSEDE
 @CRL_HOURS
+@KEY_BACKEND
 @api_command
 def policy_create(client: Client, output: str, namespace: str, name: str, validity: int | None,
-                  allow_p256: bool | None, revoke_superseded: bool | None, crl_hours: int | None) -> None:
+                  allow_p256: bool | None, revoke_superseded: bool | None, crl_hours: int | None,
+                  key_backend: str | None) -> None:
     """Create a policy (a new issuing CA under the namespace root); fails if it exists."""
     path = _policy_path(namespace, name)
     if _exists(client, path) is not None:  # the API has no If-None-Match; PUT would silently update
         raise CliError(f"policy {name!r} already exists in namespace {namespace!r} (use 'policy update')")
     body = _policy_body(DEFAULT_VALIDITY_DAYS if validity is None else validity, bool(allow_p256), revoke_superseded,
-                        crl_hours)
+                        crl_hours, key_backend)
     emit(client.request("PUT", path, json=body), output, POLICY_COLUMNS)
 
 
@@ -334,11 +350,16 @@ def policy_delete(client: Client, output: str, namespace: str, name: str, etag: 
 @NAMESPACE
 @POLICY_NAME
 @etag_option(False, "Only rotate if the policy still has this ETag.")
+@click.option("--key-backend", type=click.Choice(["software", "pkcs11"]), default=None,
+              help="Where the new issuing CA's key is generated (default: where the current one's is).")
 @api_command
-def policy_rotate(client: Client, output: str, namespace: str, name: str, etag: str | None) -> None:
+def policy_rotate(client: Client, output: str, namespace: str, name: str, etag: str | None,
+                  key_backend: str | None) -> None:
     """Give the policy a new issuing CA: devices get certificates from it when they next renew; hubs keep
     trusting the old one until it expires, so devices that have not renewed yet still connect."""
-    emit(client.request("POST", _policy_path(namespace, name, "rotate"), if_match=etag), output, POLICY_COLUMNS)
+    body = {"keyBackend": key_backend} if key_backend is not None else None
+    emit(client.request("POST", _policy_path(namespace, name, "rotate"), json=body, if_match=etag), output,
+         POLICY_COLUMNS)
 
 
 ISSUING_CA_COLUMNS = ["serialNumber", "status", "subject", "notAfter", "revocationReason"]

@@ -22,7 +22,17 @@ from sqlalchemy.orm import Session, aliased
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from opendps.ids import check_resource_name, etag_matches, new_etag
-from opendps.pki import IssuanceEngine, IssuanceRefused, Issuer, KeyStore, issuing_ca, root_ca, serial_hex, thumbprint
+from opendps.pki import (
+    IssuanceEngine,
+    IssuanceRefused,
+    Issuer,
+    KeyCustody,
+    KeyStore,
+    issuing_ca,
+    root_ca,
+    serial_hex,
+    thumbprint,
+)
 from opendps.pki.issuance import revocation_reason, stored_serial
 from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
 
@@ -40,6 +50,7 @@ class CredentialView:
     namespace: str
     name: str
     certificate: x509.Certificate
+    key: KeyCustody | None = None  # where the root's private key is (software, or which token and label)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class PolicyView:
     policy_id: int
     revoke_superseded: bool = True
     crl_validity_hours: int = DEFAULT_CRL_HOURS
+    key: KeyCustody | None = None  # where the active issuing CA's private key is
 
 
 @dataclass(frozen=True)
@@ -205,30 +217,37 @@ class Registry:
         if ica is None:
             raise IssuanceRefused(f"policy {p.name!r} has no active issuing CA")
         return PolicyView(ns.name, p.name, p.validity_days, p.allow_p256, p.etag, p.created_at, p.updated_at,
-                          x509.load_der_x509_certificate(ica.der), p.id, p.revoke_superseded, p.crl_validity_hours)
+                          x509.load_der_x509_certificate(ica.der), p.id, p.revoke_superseded, p.crl_validity_hours,
+                          self.keys.custody(ica.key_id, session=s))
 
     def _add_policy(self, s: Session, ns: Namespace, root: CertificateAuthority, name: str, validity_days: int,
-                    allow_p256: bool, now: datetime) -> Policy:
+                    allow_p256: bool, now: datetime, key_backend: str | None = None) -> Policy:
+        backend = self.keys.backend_for(key_backend)  # an unknown or unavailable backend before anything is made
         policy = Policy(namespace_id=ns.id, name=name, validity_days=validity_days, allow_p256=allow_p256,
                         etag=new_etag(), created_at=now, updated_at=now)
         s.add(policy)
         s.flush()
         root_signer = self.keys.signer(root.key_id)
-        signer = self.keys.generate(s, "ica")
+        signer = self.keys.generate(s, "ica", backend=backend)
         cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), root_signer,
                           f"{ns.name} {name} Issuing CA", now=now, lint=self.lint)
         s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
         audit.append_all(s, [_ca_event(audit.CA_CREATED, ns.name, cert, kind="issuing", policy=name,
-                                       validityDays=validity_days)])
+                                       validityDays=validity_days, keyBackend=backend)])
         return policy
 
     # ---- namespaces ----
     def create_namespace(self, name: str, policy_name: str = "default",
-                         validity_days: int = DEFAULT_VALIDITY_DAYS) -> NamespaceView:
-        """Create a namespace with its root CA and a first policy (like ``az iot adr ns create --policy-name``)."""
+                         validity_days: int = DEFAULT_VALIDITY_DAYS, *, key_backend: str | None = None,
+                         policy_key_backend: str | None = None) -> NamespaceView:
+        """Create a namespace with its root CA and a first policy (like ``az iot adr ns create --policy-name``).
+        ``key_backend``: where the root's key is made (software | pkcs11; default: the installation's), and the first
+        policy's unless ``policy_key_backend`` says otherwise."""
         check_resource_name("namespace", name)
         check_resource_name("policy", policy_name)
         check_validity_days(validity_days)
+        root_backend = self.keys.backend_for(key_backend)
+        policy_backend = self.keys.backend_for(policy_key_backend if policy_key_backend is not None else key_backend)
         now = datetime.now(UTC)
         try:
             with self.store.session() as s:
@@ -237,13 +256,13 @@ class Registry:
                 ns = Namespace(name=name, etag=new_etag(), created_at=now)
                 s.add(ns)
                 s.flush()
-                root_signer = self.keys.generate(s, "root")
+                root_signer = self.keys.generate(s, "root", backend=root_backend)
                 root_cert = root_ca(root_signer, f"{name} Root CA", now=now, lint=self.lint)
                 root = _ca_row(ns.id, "root", root_cert, root_signer.key_id, now=now)
                 s.add(root)
                 s.flush()
-                audit.append_all(s, [_ca_event(audit.CA_CREATED, name, root_cert, kind="root")])
-                self._add_policy(s, ns, root, policy_name, validity_days, False, now)
+                audit.append_all(s, [_ca_event(audit.CA_CREATED, name, root_cert, kind="root", keyBackend=root_backend)])
+                self._add_policy(s, ns, root, policy_name, validity_days, False, now, policy_backend)
         except IntegrityError as exc:  # lost a race with a concurrent create of the same name
             with self.store.session() as s:
                 if s.scalars(select(Namespace.id).where(Namespace.name == name)).first() is None:
@@ -292,14 +311,17 @@ class Registry:
         with self.store.session() as s:
             ns = self._namespace(s, namespace)
             root = self._root(s, ns)
-            return CredentialView(ns.name, CREDENTIAL_NAME, x509.load_der_x509_certificate(root.der))
+            return CredentialView(ns.name, CREDENTIAL_NAME, x509.load_der_x509_certificate(root.der),
+                                  self.keys.custody(root.key_id, session=s))
 
     # ---- policies ----
     def put_policy(self, namespace: str, name: str, *, validity_days: int | None = None,
                    allow_p256: bool | None = None, revoke_superseded: bool | None = None,
-                   crl_validity_hours: int | None = None, if_match: str | None = None) -> tuple[PolicyView, bool]:
+                   crl_validity_hours: int | None = None, key_backend: str | None = None,
+                   if_match: str | None = None) -> tuple[PolicyView, bool]:
         """Create a policy (new issuing CA) or update its settings; returns (view, created). A setting not given
-        keeps its value (its default for a new policy)."""
+        keeps its value (its default for a new policy). ``key_backend`` says where a new policy's issuing CA key is
+        made (default: the installation's); an existing policy's changes only with a rotation."""
         check_resource_name("policy", name)
         if validity_days is not None:
             check_validity_days(validity_days)
@@ -319,7 +341,7 @@ class Registry:
                     root = self._root(s, ns)
                     policy = self._add_policy(s, ns, root, name,
                                               DEFAULT_VALIDITY_DAYS if validity_days is None else validity_days,
-                                              bool(allow_p256), now)
+                                              bool(allow_p256), now, key_backend)
                     created = True
                     policy.revoke_superseded = True if revoke_superseded is None else revoke_superseded
                     policy.crl_validity_hours = DEFAULT_CRL_HOURS if crl_validity_hours is None else crl_validity_hours
@@ -327,6 +349,12 @@ class Registry:
                     if not etag_matches(if_match, existing.etag):
                         raise PreconditionFailed(
                             f"ETag {if_match} does not match policy {name!r} (current {existing.etag}), as per RFC7232")
+                    active = _active_issuing_ca(s, existing.id)
+                    current = self.keys.custody(active.key_id, session=s).backend if active is not None else None
+                    if key_backend is not None and key_backend != current:
+                        raise InvalidInput(f"policy {name!r} keeps its issuing CA key in {current}: a key does not "
+                                           f"move; rotate the policy with keyBackend {key_backend!r} to get a new "
+                                           "issuing CA there")
                     if validity_days is not None:
                         existing.validity_days = validity_days
                     if allow_p256 is not None:
@@ -348,9 +376,13 @@ class Registry:
         except IntegrityError as exc:
             raise Conflict(f"policy {name!r} was created concurrently; retry") from exc
 
-    def rotate_policy(self, namespace: str, name: str, *, if_match: str | None = None) -> PolicyView:
+    def rotate_policy(self, namespace: str, name: str, *, if_match: str | None = None,
+                      key_backend: str | None = None) -> PolicyView:
         """New issuing CA for the policy; the old one is retired (still trusted by hubs until it expires,
-        so devices holding certificates from it keep connecting until they renew)."""
+        so devices holding certificates from it keep connecting until they renew). Its key is made where the
+        retired one's is, or in ``key_backend`` (software | pkcs11: moving the policy's issuing CA)."""
+        if key_backend is not None:
+            self.keys.backend_for(key_backend)
         now = datetime.now(UTC)
         with self.store.session() as s:
             ns = self._namespace(s, namespace)
@@ -364,15 +396,18 @@ class Registry:
                                                                    CertificateAuthority.status == "active")):
                 ca.status = "retired"
                 retired.append(ca.sha256.upper())
+                if key_backend is None:  # the policy's keys stay where they are
+                    key_backend = self.keys.custody(ca.key_id, session=s).backend
             root = self._root(s, ns)
-            signer = self.keys.generate(s, "ica")
+            signer = self.keys.generate(s, "ica", backend=key_backend)
             cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), self.keys.signer(root.key_id),
                               f"{ns.name} {name} Issuing CA G{generation}", now=now, lint=self.lint)
             s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
             policy.etag = new_etag()
             policy.updated_at = now
             s.flush()
-            audit.append_all(s, [_ca_event(audit.CA_ROTATED, ns.name, cert, policy=name, retired=retired)])
+            audit.append_all(s, [_ca_event(audit.CA_ROTATED, ns.name, cert, policy=name, retired=retired,
+                                           keyBackend=self.keys.backend_for(key_backend))])
             return self._policy_view(s, ns, policy)
 
     def get_policy(self, namespace: str, name: str) -> PolicyView:

@@ -107,6 +107,8 @@ class CertificateResponse(_Out):
 class NamespaceBodyProperties(_In):
     policyName: StrictStr = "default"
     validityPeriodInDays: StrictInt = 30
+    keyBackend: StrictStr | None = None  # software | pkcs11: where the root's (and first policy's) key is made
+    policyKeyBackend: StrictStr | None = None  # the first policy's issuing CA key, when not where the root's is
 
 
 class NamespaceBody(_In):
@@ -143,6 +145,9 @@ class CredentialProperties(_Out):
     keyType: Literal["ECC"] = "ECC"
     curve: str
     certificate: str
+    keyBackend: str  # software | pkcs11
+    tokenLabel: str | None = None  # pkcs11: the token holding the key
+    keyLabel: str | None = None  # pkcs11: the key's CKA_LABEL on it
 
 
 class CredentialResponse(_Out):
@@ -153,6 +158,7 @@ class CredentialResponse(_Out):
 class CaConfigurationIn(_In):
     keyType: Literal["ECC"] = "ECC"
     crlValidityInHours: StrictInt | None = None  # nextUpdate of the issuing CA's CRL and OCSP responses (1-168)
+    keyBackend: StrictStr | None = None  # software | pkcs11, for a new policy's issuing CA (a rotation moves one)
 
 
 class LeafConfigurationIn(_In):
@@ -185,6 +191,9 @@ class CaConfigurationOut(_Out):
     notAfter: str
     certificate: str
     crlValidityInHours: int
+    keyBackend: str  # software | pkcs11
+    tokenLabel: str | None = None  # pkcs11: the token holding the issuing CA's key
+    keyLabel: str | None = None  # pkcs11: the key's CKA_LABEL on it
 
 
 class LeafConfigurationOut(_Out):
@@ -202,6 +211,12 @@ class PolicyProperties(_Out):
     certificate: PolicyCertificateOut
     createdAt: str
     updatedAt: str
+
+
+class RotateBody(_In):
+    """``POST .../rotate``'s optional body: where the new issuing CA's key is made (default: where the old one's is)."""
+
+    keyBackend: StrictStr | None = None
 
 
 class PolicyResponse(_Out):

@@ -84,7 +84,8 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      "Revoke every unrevoked certificate issued under the policy; live sessions holding them are dropped",
      m.RevokeBody, m.RevokedCount, 200, []),
     ("post", "/namespaces/{ns}/credentials/default/policies/{policy}/rotate",
-     "New issuing CA for the policy; the old one is retired (hubs trust it until it expires)", None, m.PolicyResponse,
+     "New issuing CA for the policy; the old one is retired (hubs trust it until it expires); optional body "
+     "{keyBackend}: where its key is made", m.RotateBody, m.PolicyResponse,
      200, [_IF_MATCH]),
     ("get", "/namespaces/{ns}/devices", "List the namespace's device registry (ADR)", None, None, 200, []),
     ("get", "/namespaces/{ns}/devices/{deviceId}", "Show a device record (ADR)", None, None, 200, []),

@@ -10,7 +10,7 @@ from opendps.errors import InvalidInput
 from opendps.frontends.http import models as m
 from opendps.frontends.http.certificates import certificate_routes, pem
 from opendps.frontends.http.wire import if_match, json_body, run, runtime, send, services
-from opendps.pki import CaCertificates, IssuedCertificateView, revocation_reason, serial_hex, thumbprint
+from opendps.pki import CaCertificates, IssuedCertificateView, KeyCustody, revocation_reason, serial_hex, thumbprint
 from opendps.provisioning.access import AccessPolicyView
 from opendps.registry import IssuingCaView, NamespaceView, PolicyView
 from opendps.services import Services
@@ -106,6 +106,13 @@ def namespace_response(v: NamespaceView) -> m.NamespaceResponse:
             notBefore=iso8601(c.not_valid_before_utc), notAfter=iso8601(c.not_valid_after_utc))))
 
 
+def _custody(key: KeyCustody | None) -> dict[str, str | None]:
+    """keyBackend, tokenLabel, keyLabel: where a CA's private key is (never any key material)."""
+    if key is None:
+        return {"keyBackend": "software"}
+    return {"keyBackend": key.backend, "tokenLabel": key.token, "keyLabel": key.label}
+
+
 def policy_response(v: PolicyView) -> m.PolicyResponse:
     ca = v.issuing_ca
     return m.PolicyResponse(name=v.name, etag=v.etag, properties=m.PolicyProperties(
@@ -113,7 +120,7 @@ def policy_response(v: PolicyView) -> m.PolicyResponse:
             certificateAuthorityConfiguration=m.CaConfigurationOut(
                 curve=curve_name(ca), subject=ca.subject.rfc4514_string(), thumbprint=thumbprint(ca),
                 notBefore=iso8601(ca.not_valid_before_utc), notAfter=iso8601(ca.not_valid_after_utc), certificate=pem(ca),
-                crlValidityInHours=v.crl_validity_hours),
+                crlValidityInHours=v.crl_validity_hours, **_custody(v.key)),
             leafCertificateConfiguration=m.LeafConfigurationOut(validityPeriodInDays=v.validity_days,
                                                                 allowP256=v.allow_p256,
                                                                 revokeSupersededCertificates=v.revoke_superseded))))
@@ -123,7 +130,8 @@ def policy_response(v: PolicyView) -> m.PolicyResponse:
 async def put_namespace(request: web.Request) -> web.Response:
     b = await json_body(request, m.NamespaceBody, required=False)
     v = await run(request, services(request).registry.create_namespace, request.match_info["ns"],
-                  b.properties.policyName, b.properties.validityPeriodInDays)
+                  b.properties.policyName, b.properties.validityPeriodInDays, key_backend=b.properties.keyBackend,
+                  policy_key_backend=b.properties.policyKeyBackend)
     return send(namespace_response(v), 201, v.etag)
 
 
@@ -152,7 +160,7 @@ async def get_credential(request: web.Request) -> web.Response:
     return send(m.CredentialResponse(name=v.name, properties=m.CredentialProperties(
         subject=c.subject.rfc4514_string(), thumbprint=thumbprint(c), serialNumber=serial_hex(c),
         notBefore=iso8601(c.not_valid_before_utc), notAfter=iso8601(c.not_valid_after_utc), curve=curve_name(c),
-        certificate=pem(c))))
+        certificate=pem(c), **_custody(v.key))))
 
 
 @routes.put("/namespaces/{ns}/credentials/default/policies/{policy}")
@@ -167,14 +175,16 @@ async def put_policy(request: web.Request) -> web.Response:
                            validity_days=leaf.validityPeriodInDays if leaf else None,
                            allow_p256=leaf.allowP256 if leaf else None,
                            revoke_superseded=leaf.revokeSupersededCertificates if leaf else None,
-                           crl_validity_hours=ca.crlValidityInHours if ca else None, if_match=if_match(request))
+                           crl_validity_hours=ca.crlValidityInHours if ca else None,
+                           key_backend=ca.keyBackend if ca else None, if_match=if_match(request))
     return send(policy_response(v), 201 if created else 200, v.etag)
 
 
 @routes.post("/namespaces/{ns}/credentials/default/policies/{policy}/rotate")
 async def rotate_policy(request: web.Request) -> web.Response:
+    b = await json_body(request, m.RotateBody, required=False)
     v = await run(request, services(request).registry.rotate_policy, request.match_info["ns"],
-                  request.match_info["policy"], if_match=if_match(request))
+                  request.match_info["policy"], if_match=if_match(request), key_backend=b.keyBackend)
     return send(policy_response(v), etag=v.etag)
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 from sqlalchemy import func, select
 from tests.conftest import _run_server, database, free_ports, invoke_cli
@@ -34,7 +35,7 @@ GROUP_KEY = base64.b64encode(bytes(range(11, 75))).decode()
 
 @pytest.fixture(scope="module")
 def hsm_server(session_softhsm, tmp_path_factory):  # noqa: F811 - the fixture imported above
-    """``opendps init --key-backend pkcs11`` then ``opendps serve`` on the SoftHSM2 token ``E2E_TOKEN``."""
+    """``opendps init --key-backend pkcs11`` then ``opendps serve --workers 2`` on the SoftHSM2 token ``E2E_TOKEN``."""
     hsm = session_softhsm
     tmp = tmp_path_factory.mktemp("hsm-server")
     saved = os.environ.get(PIN_ENV)
@@ -45,7 +46,8 @@ def hsm_server(session_softhsm, tmp_path_factory):  # noqa: F811 - the fixture i
             init = invoke_cli(env, "init", "--key-backend", "pkcs11", "--pkcs11-module", hsm.module,
                               "--pkcs11-token-label", E2E_TOKEN)
             assert init.returncode == 0, init.stderr
-            for server in _run_server(db_url, tmp, data_dir=tmp / "data"):
+            # two workers: each opens the module and logs in itself (spawned processes, one session each)
+            for server in _run_server(db_url, tmp, data_dir=tmp / "data", extra_args=("--workers", "2")):
                 server.hsm = hsm
                 yield server
     finally:
@@ -139,6 +141,23 @@ def test_the_seed_flow_with_both_ca_keys_on_the_token(hsm_server, fleet, tmp_pat
     url = leaf.extensions.get_extension_for_oid(ExtensionOID.CRL_DISTRIBUTION_POINTS).value[0].full_name[0].value
     crl = x509.load_der_x509_crl(httpx.get(url.replace("localhost", "127.0.0.1"), timeout=30).content)
     assert crl.is_signature_valid(ica.public_key())
+    # the renewed certificate's first session superseded the first one: listed, and so says the OCSP answer, signed
+    # on the token too
+    assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+
+    ocsp_url = next(d.access_location.value for d in leaf.extensions.get_extension_for_class(
+        x509.AuthorityInformationAccess).value if d.access_method == x509.oid.AuthorityInformationAccessOID.OCSP)
+    request = ocsp.OCSPRequestBuilder().add_certificate(leaf, ica, hashes.SHA1()).build()
+    answer = ocsp.load_der_ocsp_response(httpx.post(
+        ocsp_url.replace("localhost", "127.0.0.1"), content=request.public_bytes(serialization.Encoding.DER),
+        headers={"Content-Type": "application/ocsp-request"}, timeout=30).content)
+    assert answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert answer.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert answer.revocation_reason == x509.ReasonFlags.superseded
+    ica.public_key().verify(answer.signature, answer.tbs_response_bytes,
+                            ec.ECDSA(answer.signature_hash_algorithm))
     # a rotation makes the new issuing CA's key on the token; the next device gets it
     rotated = _ca_config(_cli_json(server, "adr", "ns", "policy", "rotate", "--ns", NS, "-n", POLICY))
     assert rotated["keyBackend"] == "pkcs11" and rotated["keyLabel"] != ca["keyLabel"]

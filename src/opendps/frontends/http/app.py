@@ -16,12 +16,15 @@ from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
 from opendps.frontends.http.errors import error_middleware, quiet_client_errors
+from opendps.frontends.http.fleet import routes as fleet_routes
 from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
 from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX
 from opendps.frontends.http.pki_status import routes as status_routes
 from opendps.frontends.http.service import routes as service_routes
+from opendps.frontends.http.ui import UI_ROUTE_PREFIX
+from opendps.frontends.http.ui import routes as ui_routes
 from opendps.frontends.http.wire import RUNTIME, TOKEN_HUB
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator, SasPrincipal, hub_service_only
@@ -70,8 +73,8 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
         route_name = route.name or ""
         if request.match_info.http_exception is not None:
             return await handler(request)  # no such route (404/405): said before any credential is looked at
-        if request.path in OPEN_PATHS or route_name.startswith((DEVICE_ROUTE_PREFIX, PKI_ROUTE_PREFIX)):
-            return await handler(request)  # open (certificate status too), or the device API (attestation decides)
+        if request.path in OPEN_PATHS or route_name.startswith((DEVICE_ROUTE_PREFIX, PKI_ROUTE_PREFIX, UI_ROUTE_PREFIX)):
+            return await handler(request)  # open (certificate status, the dashboard's files), or the device API
 
         def permit(principal: SasPrincipal) -> None:
             if route_name.startswith(HUB_ROUTE_PREFIX):
@@ -140,6 +143,8 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
     app.add_routes(audit_routes)
+    app.add_routes(fleet_routes)  # the dashboard's aggregates (ServiceConfig)
+    app.add_routes(ui_routes)  # the dashboard's static files, open
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
     _add_spellings(app)
     for n, path in enumerate(WEBSOCKET_ONLY_PATHS):  # after the spellings: "/" has none ("//" is no path)
@@ -170,7 +175,7 @@ def _add_spellings(app: web.Application) -> None:
     static segments lower-cased and with a trailing slash, under the same route-name prefix."""
     for route in list(app.router.routes()):
         if route.method == "HEAD" or route.resource is None or route.resource.canonical in OPEN_PATHS \
-                or (route.name or "").startswith(PKI_ROUTE_PREFIX):  # relying parties use the URLs leaves name
+                or (route.name or "").startswith((PKI_ROUTE_PREFIX, UI_ROUTE_PREFIX)):  # URLs leaves name; /ui/
             continue
         path = route.resource.canonical
         lowered = "/".join(part if part.startswith("{") else part.lower() for part in path.split("/"))

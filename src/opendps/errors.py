@@ -17,21 +17,37 @@ from __future__ import annotations
 
 
 class OpenDPSError(Exception):
-    """Base of every error that is the caller's to fix (bad input, conflicts, authentication)."""
+    """Base of every error that is the caller's to fix (bad input, conflicts, authentication).
+
+    ``reason``: a short stable word for *why* (``revoked``, ``sas_expired``...) where the kind alone does not say it,
+    given by the domain code that decides; it is never sent on the wire, only counted (metrics label, refusal log).
+    Without one, the kind's own name (``unauthorized``, ``enrollment_disabled``): so the set of reasons stays bounded
+    by the code, never by what a caller sends."""
 
     error_code: int = 400004
 
-    def __init__(self, message: str, *, error_code: int | None = None, info: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, error_code: int | None = None, info: dict[str, str] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if error_code is not None:
             self.error_code = error_code
         self.info = info or {}
+        self._reason = reason
 
     @property
     def status(self) -> int:
         """HTTP status implied by the error code (first three digits)."""
         return self.error_code // 1000
+
+    @property
+    def reason(self) -> str:
+        """Why, as a bounded word: the one the domain gave, else the kind's name in snake case."""
+        return getattr(self, "_reason", None) or _snake(type(self).__name__)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
 class InvalidInput(OpenDPSError):

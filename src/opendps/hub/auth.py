@@ -61,72 +61,79 @@ class HubAuthenticator:
         with self.hubs.store.config_snapshot():
             hub = self.hubs.by_host(host)
             if hub is None:
-                raise Unauthorized(f"no linked hub has the host name {host!r}")
+                raise Unauthorized(f"no linked hub has the host name {host!r}", reason="unknown_hub")
             return self.authenticate(hub, device_id, client_id, password, chain, now)
 
     def authenticate(self, hub: HubView, device_id: str, client_id: str, password: bytes | None,
                      chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         if client_id != device_id:
-            raise InvalidInput(f"client id {client_id!r} is not the device id {device_id!r} of the username")
+            raise InvalidInput(f"client id {client_id!r} is not the device id {device_id!r} of the username",
+                               reason="client_id_mismatch")
         with self.hubs.store.session() as s:
             identity = self.hubs.connect_identity(s, hub, device_id)
             if identity is None:
-                raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}")
+                raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")
             if identity.status != "enabled":
-                raise Unauthorized(f"device {device_id!r} is disabled")
+                raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
             device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
                                          identity.device_id.lower(), identity.auth_type)
             if password is not None:
                 return self._sas(device, password, identity.keys, now)
             if chain:
                 return self._x509(s, hub, device, chain, identity.thumbprints, now)
-        raise InvalidCredentials("no credential: send a SAS token as the password or a client certificate")
+        raise InvalidCredentials("no credential: send a SAS token as the password or a client certificate",
+                                 reason="no_credential")
 
     @staticmethod
     def _sas(device: AuthenticatedDevice, password: bytes, keys: tuple[str, str] | None,
              now: datetime) -> AuthenticatedDevice:
         # SAS devices, and certificate devices that also hold a key (a TPM device given an operational certificate)
         if device.auth_type not in ("sas", "certificateAuthority") or not keys:
-            raise InvalidCredentials(f"device {device.device_id!r} does not use SAS authentication")
+            raise InvalidCredentials(f"device {device.device_id!r} does not use SAS authentication",
+                                     reason="wrong_auth_type")
         try:
             token = sas.parse(password.decode("utf-8"))
         except (UnicodeDecodeError, sas.SasError) as exc:
-            raise InvalidCredentials(f"invalid SharedAccessSignature: {exc}") from exc
+            raise InvalidCredentials(f"invalid SharedAccessSignature: {exc}", reason="sas_invalid") from exc
         expected = f"{device.hub_host}/devices/{device.device_id}"
         if unquote(token.raw_resource).lower() != expected.lower():
-            raise InvalidCredentials(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
+            raise InvalidCredentials(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}",
+                                     reason="sas_invalid")
         for key in keys:
             try:
                 sas.verify(token, key, now=now.timestamp())
                 return device
             except sas.SasError as exc:
                 if "expired" in str(exc):
-                    raise InvalidCredentials("SharedAccessSignature has expired") from exc
-        raise InvalidCredentials("SharedAccessSignature signature does not verify")
+                    raise InvalidCredentials("SharedAccessSignature has expired", reason="sas_expired") from exc
+        raise InvalidCredentials("SharedAccessSignature signature does not verify", reason="sas_invalid")
 
     def _x509(self, s: Session, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate],
               prints: frozenset[str], now: datetime) -> AuthenticatedDevice:
         leaf = chain[0]
         cns = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if cns != [device.device_id]:
-            raise Unauthorized(f"certificate CN {cns[0] if cns else None!r} is not the device id {device.device_id!r}")
+            raise Unauthorized(f"certificate CN {cns[0] if cns else None!r} is not the device id {device.device_id!r}",
+                               reason="certificate_mismatch")
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            raise Unauthorized("device certificate is expired or not yet valid")
+            raise Unauthorized("device certificate is expired or not yet valid", reason="certificate_expired")
         found = replace(device, certificate=leaf)
         if device.auth_type == "selfSigned":
             if not {thumbprint(leaf, "sha1"), thumbprint(leaf)} & prints:
-                raise Unauthorized("device certificate thumbprint does not match the device identity")
+                raise Unauthorized("device certificate thumbprint does not match the device identity",
+                                   reason="certificate_mismatch")
             return found
         if device.auth_type != "certificateAuthority":
-            raise Unauthorized(f"device {device.device_id!r} does not use X.509 authentication")
+            raise Unauthorized(f"device {device.device_id!r} does not use X.509 authentication", reason="wrong_auth_type")
         trust = self.hubs.trust(hub)
         verifier = trust.verifier(now)
         if verifier is None:
-            raise Unauthorized(f"hub {hub.name!r} trusts no CA")
+            raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
         try:
             verified = verifier.verify(leaf, chain[1:])
         except VerificationError as exc:
-            raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}") from exc
+            raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}",
+                               reason="untrusted_certificate") from exc
         if not trust.is_uploaded(verified.chain[-1]):  # an operational certificate of ours: it must be this device's
             superseded = self._issued_for_device(s, device, leaf, now)
             if superseded:
@@ -139,13 +146,14 @@ class HubAuthenticator:
         the older ones it supersedes (when its policy says so) and return their serial numbers."""
         issued = self.issuance.find(leaf, session=s)
         if issued is None:
-            raise Unauthorized("device certificate was not issued by this service")
+            raise Unauthorized("device certificate was not issued by this service", reason="untrusted_certificate")
         if issued.revoked_at is not None:
-            raise Unauthorized(f"device certificate {issued.serial_number} is revoked ({issued.revocation_reason})")
+            raise Unauthorized(f"device certificate {issued.serial_number} is revoked ({issued.revocation_reason})",
+                               reason="certificate_revoked")
         holder = self.devices.registration_id(issued.policy_id, device.device_id, session=s) if issued.policy_id else None
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "
-                               f"{device.device_id!r}")
+                               f"{device.device_id!r}", reason="certificate_mismatch")
         if issued.first_used_at is not None or issued.policy_id is None:  # every CONNECT after the first: no write
             return ()
         supersede = self.hubs.registry.issuer(issued.policy_id).revoke_superseded

@@ -29,6 +29,7 @@ from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import DeviceCredential, Hubs
 from opendps.ids import etag_matches, new_etag
+from opendps.logs import event
 from opendps.pki import (
     CaCertificates,
     IssuanceEngine,
@@ -91,6 +92,7 @@ class Accepted:
     operation_id: str
     retry_after: int = RETRY_AFTER_SECONDS
     result: dict[str, Any] | None = None  # RegistrationOperationStatus, status "assigned"
+    outcome: str = "assigned"  # or "failed": a failed allocation, stored as a failed operation (front ends count it)
 
     @property
     def status(self) -> int:
@@ -160,14 +162,15 @@ class Provisioning:
         """The enrollment the device proves it belongs to (enabled), or the challenge its mechanism asks it to answer."""
         now = now or datetime.now(UTC)
         if credentials.id_scope.lower() != self.id_scope.lower():
-            raise AttestationFailed(f"unknown ID scope {credentials.id_scope!r}")
+            raise AttestationFailed(f"unknown ID scope {credentials.id_scope!r}", reason="unknown_scope")
         check_registration_id(credentials.registration_id)
         for mechanism in self.mechanisms.values():
             if not mechanism.presented(credentials):
                 continue
             if credentials.transport not in mechanism.transports:
                 raise AttestationFailed(f"{mechanism.name} attestation is not supported over "
-                                        f"{credentials.transport.upper()}; use {' or '.join(sorted(mechanism.transports))}")
+                                        f"{credentials.transport.upper()}; use {' or '.join(sorted(mechanism.transports))}",
+                                        reason="wrong_transport")
             result = mechanism.authenticate(credentials, self.context, now=now)
             if isinstance(result, Challenge):
                 return result
@@ -179,7 +182,15 @@ class Provisioning:
             # lower-cased one; the mechanism checked the credential against the id as the device sent it
             return replace(result, registration_id=canonical_registration_id(result.registration_id))
         raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake or an "
-                                "Authorization: SharedAccessSignature header", error_code=401000)
+                                "Authorization: SharedAccessSignature header", error_code=401000, reason="no_credential")
+
+    def mechanism_presented(self, credentials: DeviceCredentials) -> str:
+        """The attestation type whose credential the request carries (the first in matching order), or ``none``:
+        what front ends count a registration under, whatever its outcome."""
+        for mechanism in self.mechanisms.values():
+            if mechanism.presented(credentials):
+                return mechanism.name
+        return "none"
 
     def authenticate_connection(self, credentials: DeviceCredentials) -> None:
         """A device opening a DPS connection (MQTT CONNECT) must prove its credential now, so that nobody can open,
@@ -206,11 +217,17 @@ class Provisioning:
                 self.service_limit.take()
                 decision = self._decide(credentials, payload, csr, api_version, now)
             except allocation.AllocationFailed as exc:
-                log.info("registration %r failed: %s", credentials.registration_id, exc.message)
+                log.info("registration %r failed: %s", credentials.registration_id, exc.message,
+                         extra=event("registration.failed", registration_id=credentials.registration_id,
+                                     outcome="failed", reason=exc.reason, error_code=exc.error_code,
+                                     transport=credentials.transport, operation_id=operation_id))
                 self._store_failure(operation_id, credentials.registration_id, exc, now)
-                return Accepted(operation_id)
+                return Accepted(operation_id, outcome="failed")
             except OpenDPSError as exc:
-                log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message)
+                log.info("registration %r refused (%s): %s", credentials.registration_id, exc.error_code, exc.message,
+                         extra=event("registration.refused", registration_id=credentials.registration_id,
+                                     outcome="refused", reason=exc.reason, error_code=exc.error_code,
+                                     transport=credentials.transport))
                 raise
             if isinstance(decision, Challenge):
                 return decision
@@ -224,7 +241,12 @@ class Provisioning:
                                        "(or its hub was unlinked meanwhile); retry", error_code=409005) from None
         e = decision.identity.enrollment
         log.info("registration %r assigned to %s via %s %r%s", credentials.registration_id,
-                 decision.allocation.hub.host_name, e.kind, e.enrollment_id, " with a new certificate" if decision.csr else "")
+                 decision.allocation.hub.host_name, e.kind, e.enrollment_id, " with a new certificate" if decision.csr else "",
+                 extra=event("registration.assigned", registration_id=decision.identity.registration_id,
+                             device_id=(result.get("registrationState") or {}).get("deviceId"),
+                             hub=decision.allocation.hub.host_name, outcome="assigned", enrollment_id=e.enrollment_id,
+                             transport=credentials.transport, operation_id=operation_id,
+                             policy=decision.issuer.policy_name if decision.issuer else None))
         return Accepted(operation_id, result=result if datetime.now(UTC) - now <= ANSWER_WITHIN else None)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:

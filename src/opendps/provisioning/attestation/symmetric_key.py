@@ -32,12 +32,13 @@ def registration_token(credentials: DeviceCredentials, now: datetime, skew: int)
     try:
         token = sas.parse(credentials.authorization or "")
     except sas.SasError as exc:
-        raise AttestationFailed(f"invalid SharedAccessSignature: {exc}") from exc
+        raise AttestationFailed(f"invalid SharedAccessSignature: {exc}", reason="sas_invalid") from exc
     expected = f"{credentials.id_scope}/registrations/{credentials.registration_id}"
     if unquote(token.raw_resource).lower() != expected.lower():
-        raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}")
+        raise AttestationFailed(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}",
+                                reason="sas_invalid")
     if token.expiry + skew < now.timestamp():
-        raise AttestationFailed("SharedAccessSignature has expired")
+        raise AttestationFailed("SharedAccessSignature has expired", reason="sas_expired")
     return token
 
 
@@ -82,9 +83,11 @@ class SymmetricKeyAttestation:
             # the enrollment's key, so they verify here; over HTTPS only, as the TPM mechanism itself
             tpm = individual.attestation_type == "tpm" and credentials.transport == HTTPS
             if (individual.attestation_type != self.name and not tpm) or not individual.keys:
-                raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation")
+                raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use symmetric-key attestation",
+                                        reason="wrong_attestation")
             if not signed_with(token, individual.keys):
-                raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys")
+                raise AttestationFailed("SharedAccessSignature signature does not verify with the enrollment's keys",
+                                        reason="sas_invalid")
             if tpm:
                 return AttestedIdentity(rid, "tpm", individual, DeviceCredential("sas", keys=individual.keys),
                                         details={"tpm": {}})
@@ -97,7 +100,8 @@ class SymmetricKeyAttestation:
             if signed_with(token, derived):
                 return AttestedIdentity(rid, self.name, group, DeviceCredential("sas", keys=derived),
                                         details={"symmetricKey": {"enrollmentGroupId": group.enrollment_id}})
-        raise AttestationFailed(f"no symmetric-key enrollment or group accepts this signature for {rid!r}")
+        raise AttestationFailed(f"no symmetric-key enrollment or group accepts this signature for {rid!r}",
+                                reason="no_enrollment")
 
 
 MECHANISM = SymmetricKeyAttestation()

@@ -89,12 +89,15 @@ class TpmAttestation:
         rid = credentials.registration_id
         enrollment = context.enrollments.lookup(INDIVIDUAL, rid)
         if enrollment is None:
-            raise AttestationFailed(f"no TPM enrollment for registration {rid!r}", error_code=401002)
+            raise AttestationFailed(f"no TPM enrollment for registration {rid!r}", error_code=401002,
+                                    reason="no_enrollment")
         if enrollment.attestation_type != self.name or not enrollment.keys:
-            raise AttestationFailed(f"enrollment {enrollment.enrollment_id!r} does not use TPM attestation")
+            raise AttestationFailed(f"enrollment {enrollment.enrollment_id!r} does not use TPM attestation",
+                                    reason="wrong_attestation")
         enrolled = EndorsementKey.parse(enrollment.document["attestation"]["tpm"]["endorsementKey"])
         if not enrolled.same_key(ek):
-            raise AttestationFailed(f"the endorsement key sent is not the one enrolled for {rid!r}")
+            raise AttestationFailed(f"the endorsement key sent is not the one enrolled for {rid!r}",
+                                    reason="tpm_mismatch")
         if not enrollment.enabled:  # no key handed out for a disabled enrollment
             raise EnrollmentDisabled(f"enrollment {enrollment.enrollment_id!r} is disabled: registration refused")
         if credentials.authorization is None:
@@ -104,7 +107,8 @@ class TpmAttestation:
                                          "SharedAccessSignature with it", "authenticationKey": challenge.authentication_key,
                               "keyName": "registration"})
         if not signed_with(registration_token(credentials, now, self.skew), enrollment.keys):
-            raise AttestationFailed("SharedAccessSignature signature does not verify with the key given to this TPM")
+            raise AttestationFailed("SharedAccessSignature signature does not verify with the key given to this TPM",
+                                    reason="sas_invalid")
         # registrationState.tpm.authenticationKey: the hub key for the SDKs to import (the same key, freshly wrapped)
         hub_blob = make_challenge(enrolled, srk, base64.b64decode(enrollment.keys[0])).authentication_key
         return AttestedIdentity(rid, self.name, enrollment, DeviceCredential("sas", keys=enrollment.keys),

@@ -43,15 +43,19 @@ def check_client_certificate(leaf: x509.Certificate, registration_id: str, now: 
     """The device certificate itself: identity, validity window and usage for TLS client auth."""
     cns = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if len(cns) != 1:
-        raise AttestationFailed("device certificate must have exactly one subject CN (the registration id)")
+        raise AttestationFailed("device certificate must have exactly one subject CN (the registration id)",
+                                reason="certificate_mismatch")
     if cns[0] != registration_id:
-        raise AttestationFailed(f"device certificate CN {cns[0]!r} does not match registration id {registration_id!r}")
+        raise AttestationFailed(f"device certificate CN {cns[0]!r} does not match registration id {registration_id!r}",
+                                reason="certificate_mismatch")
     if len(registration_id) > MAX_CN:
         raise AttestationFailed(f"registration id is longer than {MAX_CN} characters, the limit for X.509 attestation")
     if now < leaf.not_valid_before_utc:
-        raise AttestationFailed(f"device certificate is not yet valid (notBefore {leaf.not_valid_before_utc.isoformat()})")
+        raise AttestationFailed(f"device certificate is not yet valid (notBefore {leaf.not_valid_before_utc.isoformat()})",
+                                reason="certificate_expired")
     if now > leaf.not_valid_after_utc:
-        raise AttestationFailed(f"device certificate has expired (notAfter {leaf.not_valid_after_utc.isoformat()})")
+        raise AttestationFailed(f"device certificate has expired (notAfter {leaf.not_valid_after_utc.isoformat()})",
+                                reason="certificate_expired")
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -137,12 +141,14 @@ class X509Attestation:
         individual = context.enrollments.lookup(INDIVIDUAL, rid)
         if individual is not None:
             if individual.attestation_type != self.name:
-                raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use X.509 attestation")
+                raise AttestationFailed(f"enrollment {individual.enrollment_id!r} does not use X.509 attestation",
+                                        reason="wrong_attestation")
             pinned = individual.document["attestation"]["x509"]["clientCertificates"]
             prints = (pinned["primary"]["info"]["sha256Thumbprint"] if "primary" in pinned else None,
                       pinned["secondary"]["info"]["sha256Thumbprint"] if "secondary" in pinned else None)
             if info["sha256Thumbprint"] not in prints:
-                raise AttestationFailed(f"device certificate is not the one enrolled for {individual.enrollment_id!r}")
+                raise AttestationFailed(f"device certificate is not the one enrolled for {individual.enrollment_id!r}",
+                                        reason="certificate_mismatch")
             return AttestedIdentity(rid, self.name, individual, DeviceCredential("selfSigned", thumbprints=prints),
                                     details={"x509": {"certificateInfo": info}})
         return self._group(chain, rid, info, context, now)
@@ -172,7 +178,7 @@ class X509Attestation:
                     "certificateInfo": info, "enrollmentGroupId": group.enrollment_id,
                     "signingCertificateInfo": certificate_info(ca)}})
         raise AttestationFailed("device certificate does not chain to a verified CA certificate of any enrollment group, "
-                                "and no individual enrollment matches it")
+                                "and no individual enrollment matches it", reason="untrusted_certificate")
 
     @staticmethod
     def _verify_path(leaf: x509.Certificate, intermediates: list[x509.Certificate], anchor: x509.Certificate,
@@ -180,7 +186,8 @@ class X509Attestation:
         try:
             device_chain_verifier([anchor], now).verify(leaf, intermediates)
         except VerificationError as exc:
-            raise AttestationFailed(f"device certificate chain does not validate to CA certificate {name!r}: {exc}") from exc
+            raise AttestationFailed(f"device certificate chain does not validate to CA certificate {name!r}: {exc}",
+                                    reason="untrusted_certificate") from exc
 
 
 MECHANISM = X509Attestation()

@@ -262,6 +262,8 @@ class HubDevice(Base):
     reported_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = _ts()
+    # when a session of the device last began or ended (presence's batched write; None: never connected); issue 19
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class DeviceRecord(Base):
@@ -502,3 +504,8 @@ CONFIG_MODELS: frozenset[type[Base]] = frozenset({Namespace, Policy, Certificate
 # issuance never maintains it (migration 0013)
 Index("ix_issued_certificates_revoked", IssuedCertificate.issuing_ca_id, IssuedCertificate.revoked_at,
       postgresql_where=IssuedCertificate.revoked_at.is_not(None), sqlite_where=IssuedCertificate.revoked_at.is_not(None))
+
+# unrevoked certificates by expiry (the fleet dashboard's expiry timeline, IssuanceEngine.expiry_timeline): revoked and,
+# by the query's range, expired ones are not read (migration 0016)
+Index("ix_issued_certificates_expiry", IssuedCertificate.not_after,
+      postgresql_where=IssuedCertificate.revoked_at.is_(None), sqlite_where=IssuedCertificate.revoked_at.is_(None))

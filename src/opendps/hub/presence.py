@@ -19,17 +19,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, tuple_
+from sqlalchemy import bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from opendps.hub.registry import Hubs
-from opendps.store import HubConnection, Store, table_of
+from opendps.store import HubConnection, HubDevice, Store, table_of
 
 log = logging.getLogger("opendps.hub")
 _CONNECTIONS = table_of(HubConnection)
 _DELETE = delete(_CONNECTIONS).where(
     _CONNECTIONS.c.hub_id == bindparam("h"), _CONNECTIONS.c.device_key == bindparam("d"),
     _CONNECTIONS.c.node_id == bindparam("n"), _CONNECTIONS.c.session == bindparam("s"))
+_DEVICES = table_of(HubDevice)
+_SEEN = update(_DEVICES).where(_DEVICES.c.hub_id == bindparam("h"), _DEVICES.c.device_key == bindparam("d")).values(
+    last_seen_at=bindparam("t"))  # the dashboard's "last seen" (issue 19)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +70,9 @@ class Presence:
 
     def record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
         """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions of other nodes that the
-        attaches displaced. At most three statements whatever the batch size: the rows the attaches replace, one
-        executemany upsert, one executemany delete."""
+        attaches displaced. At most four statements whatever the batch size: the rows the attaches replace, one
+        executemany upsert, one executemany delete, and one executemany update of the devices' ``last_seen_at`` (when
+        a session of each last began or ended), in key order."""
         displaced: list[Displaced] = []
         final: dict[tuple[int, str], Change] = {}  # per device, its last change in this batch
         for c in changes:
@@ -95,6 +99,8 @@ class Presence:
                 conn.execute(self._upsert, upserts)
             if deletes:
                 conn.execute(_DELETE, deletes)
+            if final:  # in key order: two nodes' batches lock the same devices in the same order
+                conn.execute(_SEEN, [{"h": h, "d": d, "t": now} for h, d in sorted(final)])
         return displaced
 
     def locate(self, hub_name: str, device_id: str) -> tuple[str, str] | None:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import ClientVerifier
-from sqlalchemy import Row, bindparam, delete, insert, select, update
+from sqlalchemy import Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
@@ -107,6 +107,25 @@ class QueryPage:
     items: list[dict[str, Any]]
     continuation: str | None
     item_type: str
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    """A device identity as the fleet dashboard lists it (no twin, no keys)."""
+
+    hub_name: str
+    device_id: str
+    status: str
+    auth_type: str
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None  # when a session of it last began or ended (None: never connected)
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    items: builtins.list[DeviceSummary]
+    next_after: str | None  # the last device key of the page when more follow (the next page starts after it)
 
 
 @dataclass(frozen=True)
@@ -238,6 +257,7 @@ class Hubs:
         self.enrollments: EnrollmentLinks = _Unbound()  # bound by opendps.services.wire
         self._linked: ConfigCache[str, builtins.list[HubView]] = ConfigCache(store, capacity=1)
         self._trust: ConfigCache[int, HubTrust] = ConfigCache(store)  # hub id -> what it trusts (CONNECT)
+        self._byte_order: bool | None = None  # does the database order text by code point (device_page)
 
     # ---- hubs ----
     @staticmethod
@@ -438,6 +458,40 @@ class Hubs:
             hub = self._hub(s, hub_name)
             rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key))
             return [_identity(hub, r) for r in rows]
+
+    def device_page(self, hub_name: str, *, prefix: str = "", after: str = "", top: int = 100) -> DevicePage:
+        """One page of the hub's devices in device key order (ids compare case-insensitively), after the key
+        ``after``, whose ids start with ``prefix`` (any case): a keyset range on the unique index (hub_id,
+        device_key), never a scan of the hub, for the fleet dashboard. Where the database compares text by code point
+        (SQLite; PostgreSQL with the C collation) the prefix is a closed range; under a linguistic collation strings
+        with the prefix need not be contiguous, so the range is only bounded below and the prefix filters."""
+        if not 1 <= top <= 1000:
+            raise InvalidInput("top must be 1-1000")
+        key = prefix.lower()
+        columns = (_DEVICES.c.device_id, _DEVICES.c.device_key, _DEVICES.c.status, _DEVICES.c.auth_type,
+                   _DEVICES.c.created_at, _DEVICES.c.updated_at, _DEVICES.c.last_seen_at)
+        with self.store.session() as s:
+            hub = self._hub(s, hub_name)
+            q = select(*columns).where(_DEVICES.c.hub_id == hub.id)
+            if after:
+                q = q.where(_DEVICES.c.device_key > after.lower())
+            if key:
+                q = q.where(_DEVICES.c.device_key >= key, func.substr(_DEVICES.c.device_key, 1, len(key)) == key)
+                if self._code_point_order(s):
+                    q = q.where(_DEVICES.c.device_key < key + "\U0010ffff")
+            rows = s.connection().execute(q.order_by(_DEVICES.c.device_key).limit(top + 1)).all()
+            name = hub.name
+        items = [DeviceSummary(name, r.device_id, r.status, r.auth_type, r.created_at, r.updated_at, r.last_seen_at)
+                 for r in rows[:top]]
+        return DevicePage(items, rows[top - 1].device_key if len(rows) > top else None)
+
+    def _code_point_order(self, s: Session) -> bool:
+        """Whether the database orders text by code point (so strings with one prefix are contiguous): SQLite's
+        BINARY, PostgreSQL's C collation. Asked once: ``'B' < 'a'`` and ``'a-c' < 'ab'`` hold only there."""
+        if self._byte_order is None:
+            self._byte_order = self.store.dialect == "sqlite" or bool(
+                s.connection().exec_driver_sql("SELECT 'B' < 'a' AND 'a-c' < 'ab'").scalar())
+        return self._byte_order
 
     def connect_identity(self, session: Session, hub: HubView, device_id: str) -> ConnectIdentity | None:
         """The identity a CONNECT checks, in one prepared statement on the caller's transaction (None: no such

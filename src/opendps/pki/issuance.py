@@ -14,12 +14,12 @@ import contextlib
 import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps import audit
@@ -30,6 +30,7 @@ from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
 from opendps.pki.status import Publication
 from opendps.store import IssuedCertificate, Store, table_of
+from opendps.store.timebuckets import utc_day
 
 _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
@@ -344,6 +345,27 @@ class IssuanceEngine:
                 audit.append_all(s, [_revoked_event(r, reason) for r in rows])
         return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason=reason) for r in rows]
 
+
+    # ---- the fleet dashboard's aggregate (issue 19) ----
+    def expiry_timeline(self, days: int = 90, *, now: datetime | None = None,
+                        issuing_ca_ids: Collection[int] | None = None) -> builtins.list[tuple[date, int]]:
+        """How many unrevoked certificates expire on each UTC day from today to ``days - 1`` days ahead (those of
+        ``issuing_ca_ids`` only, when given: a namespace's), zeros included, today counting only those not yet
+        expired: one ``GROUP BY`` on the partial index ``ix_issued_certificates_expiry`` (unrevoked certificates by
+        notAfter), so expired history costs nothing."""
+        now = now or datetime.now(UTC)
+        first = now.astimezone(UTC).date()
+        end = datetime.combine(first + timedelta(days=days), time(), UTC)
+        day = utc_day(_ISSUED.c.not_after, self.store.dialect)
+        q = (select(day, func.count()).where(_ISSUED.c.revoked_at.is_(None), _ISSUED.c.not_after >= now,
+                                             _ISSUED.c.not_after < end).group_by(day))
+        if issuing_ca_ids is not None:
+            if not issuing_ca_ids:
+                return [(first + timedelta(days=n), 0) for n in range(days)]
+            q = q.where(_ISSUED.c.issuing_ca_id.in_(sorted(set(issuing_ca_ids))))
+        with self.store.session() as s:
+            counts = {str(d): int(c) for d, c in s.connection().execute(q).all()}
+        return [(first + timedelta(days=n), counts.get((first + timedelta(days=n)).isoformat(), 0)) for n in range(days)]
 
 def _revoked_event(row: Any, reason: str, **details: Any) -> audit.Event:
     """The audit entry of one certificate's revocation: serial as openssl prints it, thumbprint, reason."""

@@ -70,6 +70,32 @@ def certificate_info(cert: x509.Certificate) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class EnrollmentSummary:
+    """An enrollment as the fleet dashboard lists it: what it is and where it sends devices, never keys."""
+
+    kind: str
+    enrollment_id: str
+    attestation_type: str
+    document: dict[str, Any]  # normalised, without keys
+    created_at: datetime
+    updated_at: datetime
+
+    def to_wire(self) -> dict[str, Any]:
+        d = self.document
+        return {"id": self.enrollment_id, "kind": self.kind, "attestationType": self.attestation_type,
+                "provisioningStatus": d.get("provisioningStatus", "enabled"), "deviceId": d.get("deviceId"),
+                "allocationPolicy": d.get("allocationPolicy"), "iotHubs": d.get("iotHubs") or [],
+                "credentialPolicyName": d.get("credentialPolicyName"), "namespaceName": d.get("namespaceName"),
+                "createdDateTimeUtc": iso8601(self.created_at), "lastUpdatedDateTimeUtc": iso8601(self.updated_at)}
+
+
+@dataclass(frozen=True)
+class EnrollmentPage:
+    items: builtins.list[EnrollmentSummary]
+    next_after: str | None  # the last id of the page (lower-cased) when more follow
+
+
+@dataclass(frozen=True)
 class EnrollmentView:
     kind: str
     enrollment_id: str
@@ -201,6 +227,23 @@ class Enrollments:
             q = q.where(Enrollment.attestation_type == attestation_type)
         with self.store.session() as s:
             return [self._view(r) for r in s.scalars(q.order_by(Enrollment.id))]
+
+    def page(self, kind: str, *, after: str = "", top: int = 100) -> EnrollmentPage:
+        """One page of the enrollments of ``kind`` in id order (case-insensitive), after the id ``after``: a keyset
+        range on ``ix_enrollments_kind_lower_id``, no keys unwrapped (the fleet dashboard; the Azure query route
+        reads every enrollment)."""
+        if not 1 <= top <= 1000:
+            raise InvalidInput("top must be 1-1000")
+        key = func.lower(Enrollment.enrollment_id)
+        q = select(Enrollment.enrollment_id, Enrollment.attestation_type, Enrollment.document, Enrollment.created_at,
+                   Enrollment.updated_at, key.label("key")).where(Enrollment.kind == kind)
+        if after:
+            q = q.where(key > after.lower())
+        with self.store.session() as s:
+            rows = s.execute(q.order_by(key).limit(top + 1)).all()
+        items = [EnrollmentSummary(kind, r.enrollment_id, r.attestation_type, r.document, r.created_at, r.updated_at)
+                 for r in rows[:top]]
+        return EnrollmentPage(items, rows[top - 1].key if len(rows) > top else None)
 
     def lookup(self, kind: str, enrollment_id: str) -> EnrollmentView | None:
         """:meth:`find` for attestation, from the configuration cache (a change on any node is seen at once).

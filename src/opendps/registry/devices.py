@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -122,6 +123,24 @@ class DeviceRegistry:
             if namespace_id is None:
                 return None
             return s.connection().execute(_REGISTRATION_OF, {"b_ns": namespace_id, "b_key": device_id.lower()}).scalar()
+
+    def records_of(self, device_ids: Collection[str]) -> builtins.list[DeviceRecordView]:
+        """The records of these devices in every namespace (the fleet dashboard's page of devices: their current
+        certificates): one lookup per (namespace, device key) on the unique index, namespaces being few."""
+        keys = sorted({d.lower() for d in device_ids})
+        if not keys:
+            return []
+        with self.store.session() as s:
+            namespaces = {i: n for i, n in s.execute(select(Namespace.id, Namespace.name)).all()}
+            if not namespaces:
+                return []
+            q = (select(DeviceRecord, Policy.name).outerjoin(Policy, DeviceRecord.policy_id == Policy.id)
+                 .where(DeviceRecord.namespace_id.in_(sorted(namespaces)), DeviceRecord.device_key.in_(keys))
+                 .order_by(DeviceRecord.device_key, DeviceRecord.updated_at.desc()))
+            return [DeviceRecordView(namespaces[r.namespace_id], r.device_id, r.registration_id, r.hub_host_name, p,
+                                     r.certificate_serial, r.certificate_sha256, r.certificate_not_after, r.etag,
+                                     r.created_at, r.updated_at)
+                    for r, p in s.execute(q).all()]
 
     # ---- who a device's certificates were issued to (certificate list and revocation, issue 17) ----
     def registration_ids(self, device_id: str, namespace: str | None = None) -> builtins.list[str]:

@@ -24,6 +24,11 @@ _DEVICE_ID_QUERY = {"name": "deviceId", "in": "query", "required": False, "schem
 _NAMESPACE_QUERY = {"name": "namespace", "in": "query", "required": False, "schema": {"type": "string"}}
 _CONTINUATION = {"name": "x-ms-continuation", "in": "header", "required": False, "schema": {"type": "string"}}
 
+
+def _query(name: str, kind: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+
+
 # (method, path, summary, request model, response model, success status, extra parameters)
 OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list[dict[str, Any]]]] = [
     ("put", "/certificates/{name}", "Upload a CA certificate (If-Match to replace)", m.CertificateBody,
@@ -51,6 +56,17 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("get", "/auditLog/verify", "Check the audit log's hash chain: intact, or the first bad entry (query expectHead="
      "SEQ:HASH)", None, AuditVerification, 200,
      [{"name": "expectHead", "in": "query", "required": False, "schema": {"type": "string"}}]),
+    # the fleet dashboard's pages and aggregates (issue 19; docs/api.md "Fleet dashboard")
+    ("get", "/fleet/devices", "A page of a hub's devices by id: connected, last seen, current certificate (query hub, "
+     "prefix, top, continuationToken)", None, None, 200, [_query(n, t) for n, t in (
+         ("hub", "string"), ("prefix", "string"), ("top", "integer"), ("continuationToken", "string"))]),
+    ("get", "/fleet/enrollments", "A page of enrollments or groups by id, without keys (query kind, top, "
+     "continuationToken)", None, None, 200, [_query(n, t) for n, t in (
+         ("kind", "string"), ("top", "integer"), ("continuationToken", "string"))]),
+    ("get", "/fleet/expiryTimeline", "Unrevoked certificates expiring per UTC day, today first (query days, namespace)",
+     None, None, 200, [_query("days", "integer"), _NAMESPACE_QUERY]),
+    ("get", "/fleet/registrationsPerMinute", "Register operations per UTC minute by outcome (query minutes)", None,
+     None, 200, [_query("minutes", "integer")]),
     ("get", "/accessPolicies", "List the shared access policies (without keys)", None, m.AccessPolicyList, 200, []),
     ("get", "/accessPolicies/{name}", "Show a shared access policy (without keys)", None, m.AccessPolicyResponse, 200,
      []),

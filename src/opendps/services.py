@@ -11,14 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opendps.audit import AuditLog
+from opendps.audit.refusals import RefusalLog
 from opendps.hub import CloudToDevice, HubAuthenticator, Hubs, TelemetryRoutes, TelemetrySink
+from opendps.hub.inventory import HubInventory
 from opendps.pki import IssuanceEngine, KeyStore, Publication, StatusResponder
+from opendps.pki.inventory import CertificateInventory
 from opendps.provisioning import AccessPolicies, DpsCertificates
 from opendps.provisioning.enrollments import Enrollments
+from opendps.provisioning.inventory import ProvisioningInventory
 from opendps.provisioning.registration import Provisioning
 from opendps.registry import DeviceRegistry, Registry
+from opendps.registry.inventory import RegistryInventory
 from opendps.registry.publication import PublishedAuthorities
 from opendps.store import Store
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The read-only counts each package keeps of its own rows (``GET /status``, the metrics' store gauges), and the
+    refusal log: cheap aggregate queries, one owner each."""
+
+    certificates: CertificateInventory  # pki: valid certificates per policy and their expiry
+    registry: RegistryInventory  # namespaces, policies, their names
+    hubs: HubInventory  # linked hubs, identities, connected devices
+    provisioning: ProvisioningInventory  # enrollments, provisioned devices, recent operations
+    refusals: RefusalLog  # audit: device requests refused lately
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class Services:
     provisioning: Provisioning  # the RA
     access_policies: AccessPolicies  # who may call the service API (shared access policies and their rights)
     audit: AuditLog  # the tamper-evident audit log: listing and checking it (domain calls append in their transactions)
+    inventory: Inventory  # what each package counts of its rows (status, metrics)
 
     @property
     def id_scope(self) -> str:
@@ -65,4 +83,6 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
                     hub_auth=HubAuthenticator(hubs, issuance, devices), telemetry=TelemetrySink(store),
                     routes=TelemetryRoutes(store),
                     c2d=CloudToDevice(store), ca_certificates=ca_certificates, enrollments=enrollments,
-                    provisioning=provisioning, access_policies=AccessPolicies(store, keys), audit=AuditLog(store))
+                    provisioning=provisioning, access_policies=AccessPolicies(store, keys), audit=AuditLog(store),
+                    inventory=Inventory(CertificateInventory(store), RegistryInventory(store), HubInventory(store),
+                                        ProvisioningInventory(store), RefusalLog(store)))

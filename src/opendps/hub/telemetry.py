@@ -186,6 +186,11 @@ class GroupCommit:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    @property
+    def pending_messages(self) -> int:
+        """Messages queued for the next transaction (the metrics' queue depth)."""
+        return len(self._pending)
+
     async def append(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any], body: bytes) -> int:
         check_size(body)  # one oversized message must not fail the others' transaction
         size = len(body)

@@ -469,6 +469,24 @@ class AuditEntry(Base):
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
+class RefusalEntry(Base):
+    """A device request the service refused lately (``opendps.audit.refusals``): a DPS registration or a hub CONNECT,
+    the id it sent, the transport, a bounded ``reason`` word, the error code and message it was told. Not part of the
+    audit chain; kept 24 hours and at most 10,000 rows."""
+
+    __tablename__ = "refusals"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = _ts(index=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # registration | hubConnect
+    subject: Mapped[str] = mapped_column(String(128), nullable=False)  # the registration or device id as sent
+    hub: Mapped[str | None] = mapped_column(String(255), nullable=True)  # the hub host name (hub CONNECTs)
+    transport: Mapped[str] = mapped_column(String(8), nullable=False)
+    reason: Mapped[str] = mapped_column(String(32), nullable=False)
+    error_code: Mapped[int] = mapped_column(Integer, nullable=False)
+    message: Mapped[str] = mapped_column(String(512), nullable=False)
+
+
 OWNERS: dict[type[Base], str] = {
     InstanceSetting: "opendps.store",
     ConfigGeneration: "opendps.store",
@@ -494,6 +512,7 @@ OWNERS: dict[type[Base], str] = {
     ClusterNode: "opendps.cluster",
     LiveMessage: "opendps.cluster",
     AuditEntry: "opendps.audit",
+    RefusalEntry: "opendps.audit",
 }
 
 # What a registration reads but rarely changes: a write to any of these bumps ConfigGeneration.

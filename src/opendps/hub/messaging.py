@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,6 +64,8 @@ class PendingMessage:
 class CloudToDevice:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # told how many messages expired undelivered when a sweep deletes them (the wiring hands it the metrics)
+        self.on_expired: Callable[[int], None] | None = None
 
     def enqueue(self, hub_name: str, device_id: str, body: bytes, *, properties: dict[str, Any] | None = None,
                 system: dict[str, Any] | None = None, ttl: timedelta | None = None) -> PendingMessage:
@@ -82,7 +85,10 @@ class CloudToDevice:
                                                        HubDevice.device_key == device_id.lower())).first()
             if device is None:
                 raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
-            s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.expires_at <= now))
+            swept = s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.expires_at <= now))
+            expired = int(getattr(swept, "rowcount", 0) or 0)
+            if expired and self.on_expired is not None:
+                self.on_expired(expired)
             pending = s.scalar(select(func.count()).select_from(CloudToDeviceMessage).where(
                 CloudToDeviceMessage.hub_id == hub.id, CloudToDeviceMessage.device_key == device.device_key)) or 0
             if pending >= MAX_PENDING:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
-from collections.abc import Collection
+import logging
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
+from time import perf_counter
 from typing import Any
 
 from cryptography import x509
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound
+from opendps.logs import event
 from opendps.pki.certificates import serial_hex
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
@@ -32,6 +35,8 @@ from opendps.pki.status import Publication
 from opendps.store import IssuedCertificate, Store, table_of
 from opendps.store.timebuckets import utc_day
 
+log = logging.getLogger("opendps.pki")
+LOG_EACH = 20  # revocations logged one line each; more in one line with the count
 _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
 _ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after,
@@ -102,6 +107,12 @@ class Issuer:
     root: x509.Certificate
     revoke_superseded: bool = True  # a renewed certificate's first CONNECT revokes the older ones
     crl_validity_hours: int = 24  # how far ahead a CRL's (and an OCSP response's) nextUpdate lies
+    namespace: str = ""  # the policy's namespace (names in logs and metrics)
+
+    @property
+    def label(self) -> str:
+        """``namespace/policy``: the policy as logs and metrics name it."""
+        return f"{self.namespace}/{self.policy_name}" if self.namespace else self.policy_name
 
     @property
     def curves(self) -> set[str]:
@@ -165,6 +176,8 @@ class IssuanceEngine:
         self.linted = LintedShapes()  # leaf shapes pkilint passed: the first leaf of each is linted in full
         # where this installation serves CRLs and OCSP: named in every leaf (None: leaves name none)
         self.publication = publication
+        # told of every certificate signed and recorded (the issuer, seconds it took): the wiring hands it the metrics
+        self.observer: Callable[[Issuer, float], None] | None = None
 
     def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
               session: Session | None = None) -> IssuedChain:
@@ -176,6 +189,7 @@ class IssuanceEngine:
         the caller's transaction (provisioning commits it together with the device and registration, so a failure
         leaves none of them behind).
         """
+        started = perf_counter()
         now = now or datetime.now(UTC)
         if isinstance(csr, bytes):
             checked = issuer.validate(csr, registration_id)
@@ -200,6 +214,11 @@ class IssuanceEngine:
         # of work, which costs more than it gives for one insert on every registration
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             s.connection().execute(_INSERT_CERTIFICATE, row)
+        log.info("certificate %s issued to %r under policy %s", serial_hex(leaf.serial_number), registration_id,
+                 issuer.label, extra=event("certificate.issued", serial=serial_hex(leaf.serial_number),
+                                           registration_id=registration_id, policy=issuer.label))
+        if self.observer is not None:
+            self.observer(issuer, perf_counter() - started)
         return IssuedChain(leaf, issuer.certificate, issuer.root)
 
     def find(self, certificate: x509.Certificate, *, session: Session | None = None) -> IssuedRecord | None:
@@ -234,6 +253,7 @@ class IssuanceEngine:
                                                    _ISSUED.c.revoked_at.is_(None))
                              .values(revoked_at=now, revocation_reason="superseded"))
                 audit.append_all(s, [_revoked_event(r, "superseded", supersededBy=record.serial_number) for r in rows])
+        _log_revoked(rows, "superseded")
         return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason="superseded") for r in rows]
 
     # ---- certificate views and revocation (issue 17) ----
@@ -292,6 +312,7 @@ class IssuanceEngine:
             if done.rowcount != 1:  # revoked by a concurrent call between the read and the update
                 raise Conflict(f"certificate {view.serial_number} is already revoked")
             audit.append_all(s, [_revoked_event(row, reason)])
+        _log_revoked([row], reason)
         return replace(view, revoked_at=now, revocation_reason=reason)
 
     def revoke_registrations(self, registration_ids: Collection[str], reason: str | None = None, *,
@@ -329,6 +350,10 @@ class IssuanceEngine:
             if audit_scope is not None:
                 audit.append(s, audit.CERTIFICATE_REVOKED, namespace=audit_scope.get("namespace"),
                              details={**audit_scope, "count": count, "reason": reason})
+        if count:
+            log.info("%d certificate(s) of %d issuing CA(s) revoked (%s)", count, len(set(issuing_ca_ids)), reason,
+                     extra=event("certificate.revoked", count=count, reason=reason,
+                                 namespace=(audit_scope or {}).get("namespace")))
         return count
 
     def _revoke_where(self, where: Any, reason: str | None, now: datetime | None) -> builtins.list[IssuedCertificateView]:
@@ -343,6 +368,7 @@ class IssuanceEngine:
                                                    _ISSUED.c.revoked_at.is_(None))
                              .values(revoked_at=now, revocation_reason=reason))
                 audit.append_all(s, [_revoked_event(r, reason) for r in rows])
+        _log_revoked(rows, reason)
         return [replace(IssuedCertificateView.of(r), revoked_at=now, revocation_reason=reason) for r in rows]
 
 
@@ -366,6 +392,17 @@ class IssuanceEngine:
         with self.store.session() as s:
             counts = {str(d): int(c) for d, c in s.connection().execute(q).all()}
         return [(first + timedelta(days=n), counts.get((first + timedelta(days=n)).isoformat(), 0)) for n in range(days)]
+
+def _log_revoked(rows: Sequence[Any], reason: str) -> None:
+    """One log line per certificate revoked (the first :data:`LOG_EACH`; then one line with how many more)."""
+    for r in rows[:LOG_EACH]:
+        serial = serial_hex(int(r.serial, 16))
+        log.info("certificate %s of %r revoked (%s)", serial, r.registration_id, reason,
+                 extra=event("certificate.revoked", serial=serial, registration_id=r.registration_id, reason=reason))
+    if len(rows) > LOG_EACH:
+        log.info("%d more certificate(s) revoked (%s)", len(rows) - LOG_EACH, reason,
+                 extra=event("certificate.revoked", count=len(rows) - LOG_EACH, reason=reason))
+
 
 def _revoked_event(row: Any, reason: str, **details: Any) -> audit.Event:
     """The audit entry of one certificate's revocation: serial as openssl prints it, thumbprint, reason."""

@@ -473,19 +473,20 @@ class Registry:
         root = aliased(CertificateAuthority)
         with self.store.session() as s:
             row = s.execute(
-                select(Policy, CertificateAuthority, root)
+                select(Policy, CertificateAuthority, root, Namespace.name)
+                .join(Namespace, Namespace.id == Policy.namespace_id)
                 .outerjoin(CertificateAuthority, (CertificateAuthority.policy_id == Policy.id)
                            & (CertificateAuthority.status == "active"))
                 .outerjoin(root, root.id == CertificateAuthority.parent_id)
                 .where(Policy.id == policy_id).order_by(CertificateAuthority.id.desc()).limit(1)).first()
         if row is None:
             raise NotFound(f"policy {policy_id} does not exist")
-        policy, ica, root_ca_row = row
+        policy, ica, root_ca_row, namespace = row
         if ica is None or root_ca_row is None:
             raise IssuanceRefused(f"policy {policy.name!r} has no active issuing CA")
         return Issuer(policy.id, policy.name, policy.validity_days, policy.allow_p256, ica.id, ica.key_id,
                       x509.load_der_x509_certificate(ica.der), x509.load_der_x509_certificate(root_ca_row.der),
-                      policy.revoke_superseded, policy.crl_validity_hours)
+                      policy.revoke_superseded, policy.crl_validity_hours, namespace)
 
     def namespace_of(self, policy_id: int) -> int | None:
         """The id of the namespace a policy belongs to (None once the policy is gone)."""

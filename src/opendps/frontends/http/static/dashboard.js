@@ -416,7 +416,8 @@ async function followTelemetry(hub, id) {
   state.stream = controller;
   const query = new URLSearchParams({hub, deviceId: id, from: "latest", timeout: "0"});
   const list = $("device-telemetry");
-  list.replaceChildren(el("li", {class: "muted waiting"}, "waiting for messages…"));
+  list.replaceChildren();
+  $("device-telemetry-wait").hidden = false;
   let response;
   try {
     response = await api(`/events?${query}`, {raw: true, signal: controller.signal});
@@ -440,7 +441,7 @@ async function followTelemetry(hub, id) {
         const event = JSON.parse(line);
         const e = event.event || {};
         const when = ((e.properties || {}).system || {})["iothub-enqueuedtime"] || "";
-        list.querySelector(".waiting")?.remove();
+        $("device-telemetry-wait").hidden = true;
         list.prepend(el("li", {}, `${when ? utc(when) + " " : ""}#${event.position} `,
                         typeof e.payload === "string" ? e.payload : JSON.stringify(e.payload)));
         while (list.children.length > 200) list.lastChild.remove();

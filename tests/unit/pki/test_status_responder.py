@@ -163,6 +163,21 @@ def test_a_policy_crl_validity_and_a_rotation_are_followed(services, fresh):
     assert _ask(services, new_leaf, new_ica).certificate_status == x509_ocsp.OCSPCertStatus.GOOD
 
 
+@pytest.mark.xfail(strict=True, reason="the registry does not pass its root's CRL URL to issuing_ca() yet: the "
+                   "edits to registry/namespaces.py are in the issue 17.3 report (remove this mark with them)")
+def test_a_new_issuing_ca_names_its_roots_crl(services):
+    services.registry.create_namespace("cdp-ns")
+    root = services.registry.credential("cdp-ns").certificate
+    root_url = PUBLICATION.crl_url(root)
+
+    def cdp(ica: x509.Certificate) -> str:
+        return ica.extensions.get_extension_for_oid(ExtensionOID.CRL_DISTRIBUTION_POINTS).value[0].full_name[0].value
+
+    assert cdp(services.registry.get_policy("cdp-ns", "default").issuing_ca) == root_url
+    assert cdp(services.registry.rotate_policy("cdp-ns", "default").issuing_ca) == root_url
+    assert services.status.crl(ca_ref(root)).der  # served where it says
+
+
 def test_the_revocation_queries_use_their_index(store):
     from opendps.pki.status import _REVOCATION_STATE, _REVOKED_LEAVES
 

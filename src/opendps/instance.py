@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from opendps.errors import ConfigurationError, NotFound
 from opendps.files import replace_all, write_atomic
 from opendps.hub import DEFAULT_HUB
+from opendps.logs import FORMATS as LOG_FORMATS
 from opendps.pki import KeyStore, Publication, load_master_key, root_ca, sign_builder
 from opendps.pki.keys import BACKENDS, MASTER_KEY_CHECK, MASTER_KEY_ENV, custody_settings, remember_custody, tokens_in_use
 from opendps.pki.pkcs11 import PIN_ENV, Pkcs11Config, Pkcs11Token, read_pin
@@ -80,6 +81,9 @@ class Settings:
     mqtt_port: int = 8883
     amqp_port: int = 5671  # service-side C2D over AMQP 1.0 (azure-iot-hub's send_c2d_message); 0 = off
     http_port: int = 8080  # plain HTTP: CRLs and OCSP for relying parties; 0 = off (then named on the HTTPS port)
+    metrics_port: int = 0  # plain HTTP: GET /metrics only (Prometheus), on metrics_host; 0 = off (HTTPS /metrics stays)
+    metrics_host: str = "127.0.0.1"  # the metrics listener's bind address: loopback unless the operator opens it
+    log_format: str = "text"  # text | json (opendps.logs)
     lint: bool = True
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
     workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
@@ -142,9 +146,9 @@ class Settings:
 
     def check(self) -> None:
         """Refuse what cannot work before anything is opened or written: ports, the database URL."""
-        for name in ("https_port", "mqtt_port", "amqp_port", "http_port"):
+        for name in ("https_port", "mqtt_port", "amqp_port", "http_port", "metrics_port"):
             port = getattr(self, name)
-            low = 0 if name in ("amqp_port", "http_port") else 1
+            low = 0 if name in ("amqp_port", "http_port", "metrics_port") else 1
             if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
                 raise ConfigurationError(f"{name.replace('_', ' ')} {port!r} is out of range {low}-65535")
         if self.db is not None:
@@ -157,6 +161,8 @@ class Settings:
                                      "PostgreSQL, one on SQLite)")
         if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
             raise ConfigurationError(f"bus {self.bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(f"log format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if self.key_backend is not None and self.key_backend not in BACKENDS:
             raise ConfigurationError(f"key backend {self.key_backend!r} is not one of {', '.join(BACKENDS)}")
 
@@ -267,6 +273,8 @@ class Instance:
                 "mqtt": {"hostName": st.hostname, "port": st.mqtt_port},
                 "amqp": {"hostName": st.hostname, "port": st.amqp_port},
                 "http": {"hostName": st.hostname, "port": st.http_port},
+                # Prometheus: GET /metrics on HTTPS always; on this plain-HTTP listener too when port is not 0
+                "metrics": {"bindAddress": st.metrics_host, "port": st.metrics_port},
                 "deviceProvisioningHost": st.hostname,
             },
             # where certificates say their status is (None: they name none); {ca} is in each certificate's URL

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from opendps.frontends import FrontEnds, build
-from opendps.frontends.http.app import make_status_app
+from opendps import logs
+from opendps.frontends import FrontEnds, build, metrics
+from opendps.frontends.http.app import make_metrics_app, make_status_app
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
 from opendps.transport.tls import (
@@ -49,6 +50,8 @@ def print_banner(instance: Instance) -> None:
         print(f"opendps AMQP (hub service C2D) on amqps://{st.host}:{st.amqp_port}", flush=True)
     if st.http_port:
         print(f"opendps CRLs and OCSP (plain HTTP) on http://{st.host}:{st.http_port}", flush=True)
+    print(f"opendps metrics (Prometheus) on https://{st.service_host}/metrics (loopback without credentials)"
+          + (f" and http://{st.metrics_host}:{st.metrics_port}/metrics" if st.metrics_port else ""), flush=True)
     print(f"  ID scope:           {instance.id_scope}", flush=True)
     custody = instance.key_custody()
     pkcs11 = custody["pkcs11"]
@@ -76,7 +79,7 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     shared = workers > 1
     # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
     raise_descriptor_limit()
-    budget = connection_budget(2 + bool(st.amqp_port) + bool(st.http_port))
+    budget = connection_budget(2 + bool(st.amqp_port) + bool(st.http_port) + bool(st.metrics_port))
     # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at
     # connect and after each response), so idle and slow-header connections are closed
     runner = web.AppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
@@ -102,6 +105,14 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         await status_runner.setup()
         await GatedTCPSite(status_runner, st.host, st.http_port, gate=ConnectionGate("HTTP", budget),
                            reuse_port=shared).start()
+    # GET /metrics over plain HTTP for Prometheus (loopback by default: --metrics-host opens it); 0 = off
+    metrics_runner: web.AppRunner | None = None
+    if st.metrics_port:
+        metrics_runner = web.AppRunner(make_metrics_app(fe.runtime), access_log=None, handle_signals=False,
+                                       keepalive_timeout=st.client_timeout)
+        await metrics_runner.setup()
+        await GatedTCPSite(metrics_runner, st.metrics_host, st.metrics_port, gate=ConnectionGate("metrics", budget),
+                           reuse_port=shared).start()
     # a node of the service from now on: live hub state reaches devices here from any process or node
     await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
         "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port, "http": st.http_port})
@@ -125,6 +136,7 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # a hub linked or re-named while serving gets its host name into the certificate (docs/architecture.md, "TLS")
     tls_contexts = [ctx, mqtt_ctx, *([amqp_ctx] if st.amqp_port else [])]
     certificate_keeper = asyncio.create_task(keep_server_certificate(instance, tls_contexts))
+    sampler = asyncio.create_task(metrics.sample_forever(fe.runtime.sample))  # queue depths for the gauges
     orphan_watch = loop.create_task(stop_when.wait()) if stop_when is not None else None  # held: tasks are weak
     if orphan_watch is not None:
         orphan_watch.add_done_callback(lambda _t: stop.set())
@@ -136,13 +148,18 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         await stop.wait()
     finally:
         certificate_keeper.cancel()
+        sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await certificate_keeper
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
         if banner:
             print(f"opendps shutting down{f' ({received[0]})' if received else ''}", flush=True)
         await fe.runtime.leave_cluster()  # first: the others stop routing here
         if status_runner is not None:
             await status_runner.cleanup()  # before the HTTPS runner's, which closes the domain thread pool
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()  # the app's cleanup closes the MQTT and AMQP listeners and their connections too
 
 
@@ -210,5 +227,5 @@ def run(instance: Instance) -> None:
     if count > 1:
         run_workers(instance, count)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(instance.settings.log_format)
     asyncio.run(serve(instance))

@@ -30,7 +30,9 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from opendps import logs
 from opendps.errors import ConfigurationError
+from opendps.frontends import metrics
 from opendps.instance import Instance, Settings
 
 log = logging.getLogger("opendps")
@@ -50,17 +52,14 @@ def default_workers(db_url: str) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _log_format(worker: int | None) -> str:
-    who = "supervisor" if worker is None else f"worker {worker}"
-    return f"%(asctime)s %(levelname)s [{who} %(process)d] %(name)s: %(message)s"
-
-
 def probe_ports(st: Settings) -> None:
     """Bind each port once without SO_REUSEPORT: an OSError names a port that is taken (or a bad address)."""
-    ports = [("HTTPS", st.https_port), ("MQTT", st.mqtt_port)] + ([("AMQP", st.amqp_port)] if st.amqp_port else []) \
-        + ([("HTTP", st.http_port)] if st.http_port else [])
-    for name, port in ports:
-        infos = socket.getaddrinfo(st.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    ports = [("HTTPS", st.host, st.https_port), ("MQTT", st.host, st.mqtt_port)] \
+        + ([("AMQP", st.host, st.amqp_port)] if st.amqp_port else []) \
+        + ([("HTTP", st.host, st.http_port)] if st.http_port else []) \
+        + ([("metrics", st.metrics_host, st.metrics_port)] if st.metrics_port else [])
+    for name, host, port in ports:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _name, address in infos:
             with socket.socket(family, kind, proto) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,7 +76,7 @@ def _worker_main(settings: Settings, index: int, count: int, parent: Connection)
     from opendps.instance import open_instance
     from opendps.server import serve
 
-    logging.basicConfig(level=logging.INFO, format=_log_format(index))
+    logs.configure(settings.log_format, who=f"worker {index}", worker=index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     try:
         inst = open_instance(settings, create=False, migrate=False, persist=False)
@@ -195,6 +194,7 @@ class Supervisor:
                 self.deaths[i] = self.deaths.get(i, 0) + 1 if quick else 0
                 delay = min(30.0, 2 ** self.deaths[i] / 2) if quick else 0.0
                 log.warning("worker %d (pid %s) exited with %s; restarting it in %g s", i, proc.pid, proc.exitcode, delay)
+                metrics.worker_exited(proc.pid)  # its live gauges leave the sums; its counters stay
                 restart_at[i] = now + delay
             for i, at in list(restart_at.items()):
                 if now >= at and not self.stopping:
@@ -223,8 +223,19 @@ class Supervisor:
 
 
 def run_workers(instance: Instance, count: int) -> None:
-    """Serve with ``count`` worker processes until SIGTERM/SIGINT (the calling process supervises)."""
-    logging.basicConfig(level=logging.INFO, format=_log_format(None))
+    """Serve with ``count`` worker processes until SIGTERM/SIGINT (the calling process supervises).
+
+    Metrics: the workers record into prometheus_client's multiprocess files, in a directory set up here before any
+    worker is spawned (``PROMETHEUS_MULTIPROC_DIR``: the operator's, emptied, or a fresh one removed at exit), so a
+    scrape answered by any worker sums them all (``opendps.frontends.metrics``)."""
+    logs.configure(instance.settings.log_format, who="supervisor")
     probe_ports(instance.settings)
     settings = instance.settings
-    Supervisor(settings, count).run(instance)
+    given = bool(os.environ.get(metrics.MULTIPROC_ENV))
+    directory = metrics.prepare_multiprocess_dir()
+    try:
+        Supervisor(settings, count).run(instance)
+    finally:
+        metrics.remove_multiprocess_dir(directory, ours=not given)
+        if not given:
+            os.environ.pop(metrics.MULTIPROC_ENV, None)

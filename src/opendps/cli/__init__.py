@@ -190,12 +190,26 @@ def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str 
     inst.close()
 
 
+def observability_options(f: _F) -> _F:
+    """``serve`` only: where Prometheus scrapes besides HTTPS ``/metrics``, and the log format (opendps.logs)."""
+    f = click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                     help="Plain-HTTP port serving GET /metrics only, for Prometheus (default 0 = off; HTTPS "
+                          "/metrics answers loopback clients without credentials, others with a ServiceConfig SAS).")(f)
+    f = click.option("--metrics-host", default=None,
+                     help="Bind address of --metrics-port (default 127.0.0.1: open it to a network on purpose).")(f)
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+                     help="Log lines as text (the default) or one JSON object per line, with stable field names.")(f)
+    return f
+
+
 @main.command()
 @server_options
+@observability_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
           mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
           no_lint: bool, workers: int | None, bus: str | None, key_backend: str | None, pkcs11_module: str | None,
-          pkcs11_token_label: str | None, pkcs11_pin_file: str | None) -> None:
+          pkcs11_token_label: str | None, pkcs11_pin_file: str | None, metrics_port: int | None,
+          metrics_host: str | None, log_format: str | None) -> None:
     """Start the server (initialising the data directory on first run); with several workers, this process
     supervises them."""
     from opendps.server import run
@@ -204,13 +218,15 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
                          lint=False if no_lint else None, workers=workers, bus=bus, key_backend=key_backend,
                          pkcs11_module=pkcs11_module, pkcs11_token_label=pkcs11_token_label,
-                         pkcs11_pin_file=pkcs11_pin_file)
+                         pkcs11_pin_file=pkcs11_pin_file, metrics_port=metrics_port, metrics_host=metrics_host,
+                         log_format=log_format)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
     try:
         run(inst)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.host} (HTTPS port {settings.https_port}, MQTT port "
-                       f"{settings.mqtt_port}, AMQP port {settings.amqp_port}, HTTP port {settings.http_port}): "
+                       f"{settings.mqtt_port}, AMQP port {settings.amqp_port}, HTTP port {settings.http_port}"
+                       f"{f', metrics port {settings.metrics_port}' if settings.metrics_port else ''}): "
                        f"{exc.strerror or exc}") from exc
     finally:
         inst.close()

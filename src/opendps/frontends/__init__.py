@@ -5,7 +5,9 @@
 - :mod:`.amqp` — the hubs' AMQP listener (service-side cloud-to-device);
 - :mod:`.device_request` — the DPS registration request, parsed once for HTTPS and MQTT;
 - :mod:`.service_auth` — the service SAS check shared by HTTP and AMQP;
-- :mod:`.runtime` — what they share in one process: the services, the domain thread pool, live hub state.
+- :mod:`.runtime` — what they share in one process: the services, the domain thread pool, live hub state;
+- :mod:`.metrics` — the Prometheus metrics they record, and ``GET /metrics``'s rendering;
+- :mod:`.refusals` — the refusal log's writer (device requests refused, batched into ``audit.refusals``).
 
 No domain package imports this package (``tests/test_architecture.py``).
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from opendps.frontends import metrics
 from opendps.frontends.amqp import AmqpFrontEnd
 from opendps.frontends.http import make_app
 from opendps.frontends.mqtt.router import make_router
@@ -40,6 +43,9 @@ def build(services: Services, *, service_hosts: set[str], client_timeout: float 
     """The front ends of one process. ``service_hosts``: the names service tokens may be issued for;
     ``client_timeout``: see :class:`Runtime`."""
     runtime = Runtime(services, DomainRunner(), client_timeout=client_timeout)
+    # what only the domain sees, told to the metrics through plain callables (the domain imports no prometheus)
+    services.issuance.observer = lambda issuer, seconds: metrics.issued(issuer.label, seconds)
+    services.c2d.on_expired = metrics.c2d_expired
 
     async def policy(name: str) -> PolicyCredentials | None:
         """A fresh cached answer on the loop; a miss (every few seconds per name) in the domain thread pool."""
@@ -64,6 +70,7 @@ def build(services: Services, *, service_hosts: set[str], client_timeout: float 
         await amqp.close()
         await mqtt.close()
         await runtime.telemetry_router.close()
+        await runtime.refusals.flush()
         runtime.domain.close()
 
     http.on_cleanup.append(close)  # the HTTPS runner's cleanup closes the other listeners and the thread pool

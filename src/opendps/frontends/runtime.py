@@ -8,17 +8,24 @@ call from a front end goes through :class:`DomainRunner`, a bounded thread pool,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
-import functools
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+from opendps.audit.refusals import HUB_CONNECT, REGISTRATION
 from opendps.cluster import Cluster, choose_bus
+from opendps.errors import OpenDPSError
+from opendps.frontends import metrics
+from opendps.frontends.refusals import RefusalRecorder
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
 from opendps.hub.presence import Presence
+from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
 
 P = ParamSpec("P")
@@ -29,19 +36,68 @@ class DomainRunner:
     """The one bridge from the event loop to synchronous domain code: a bounded thread pool.
 
     Each call runs in a copy of the caller's context (``run_in_executor`` alone does not carry context variables
-    into the thread): what the request set — who is acting, for the audit log (``opendps.audit.ACTOR``) — is what the
-    domain code sees, and nothing a call sets leaks into the thread's next call."""
+    into the thread): what the request set — who is acting, for the audit log (``opendps.audit.ACTOR``), the request
+    id its log lines carry (``opendps.logs.REQUEST_ID``) — is what the domain code sees, and nothing a call sets leaks
+    into the thread's next call.
+
+    Every call is timed (``opendps_domain_queue_wait_seconds``: waiting for a thread; ``opendps_domain_call_duration_
+    seconds{call}``: running, store and signing included), and ``waiting`` counts the calls not yet started."""
 
     def __init__(self, workers: int = 8) -> None:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opendps-domain")
+        self.waiting = 0  # calls submitted, not yet started (read by the metrics sampler)
+        self._lock = threading.Lock()
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(context.run, fn, *args, **kwargs))
+        submitted = time.perf_counter()
+        state = ["queued"]  # -> running, or abandoned (the caller went away before a thread took it)
+        with self._lock:
+            self.waiting += 1
+
+        def timed() -> T:
+            started = time.perf_counter()
+            with self._lock:
+                if state[0] == "queued":
+                    self.waiting -= 1
+                state[0] = "running"
+            try:
+                return context.run(fn, *args, **kwargs)
+            finally:
+                metrics.domain_call(metrics.call_name(fn), started - submitted, time.perf_counter() - started)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        finally:
+            with self._lock:
+                if state[0] == "queued":
+                    self.waiting -= 1
+                    state[0] = "abandoned"
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def registration_counted(runtime: Runtime, credentials: DeviceCredentials) -> Iterator[Callable[[object], None]]:
+    """Around a register request (HTTPS or MQTT): counts it by outcome, the attestation type it presented and its
+    transport, times it, and hands a refusal to :meth:`Runtime.registration_refused`. The body calls the function it
+    is given with the answer (an ``Accepted`` or a ``Challenge``)."""
+    started = time.perf_counter()
+    outcome = ["error"]
+
+    def answered(result: object) -> None:
+        outcome[0] = "challenged" if isinstance(result, Challenge) else getattr(result, "outcome", "assigned")
+
+    try:
+        yield answered
+    except OpenDPSError as exc:
+        outcome[0] = "refused"
+        runtime.registration_refused(credentials.registration_id, credentials.transport, exc)
+        raise
+    finally:
+        attestation = runtime.services.provisioning.mechanism_presented(credentials)
+        metrics.registration(outcome[0], attestation, credentials.transport, time.perf_counter() - started)
 
 
 @dataclass
@@ -57,12 +113,33 @@ class Runtime:
     telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
     telemetry_writer: GroupCommit = field(init=False)
     telemetry_router: NatsRouter = field(init=False)
+    refusals: RefusalRecorder = field(init=False)  # device requests refused, to the refusal log (batched)
+    store_gauges: metrics.StoreGauges = field(init=False)  # /metrics' gauges read from the store (cached)
+    status_cache: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # GET /status, a few seconds
     cluster: Cluster | None = None  # this process as a node of the service (None: alone, e.g. in-process tests)
 
     def __post_init__(self) -> None:
         # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads
         self.telemetry_writer = GroupCommit(self.services.telemetry, self.domain.run)
         self.telemetry_router = NatsRouter(self.services.routes, self.domain.run)
+        self.refusals = RefusalRecorder(self.services.inventory.refusals, self.domain.run)
+        self.store_gauges = metrics.StoreGauges(self.services)
+
+    def registration_refused(self, registration_id: str, transport: str, exc: OpenDPSError) -> None:
+        """A DPS request (register, poll, status, a DPS MQTT CONNECT) was refused: counted by reason and logged in the
+        refusal log."""
+        metrics.registration_refused(exc, transport)
+        self.refusals.add(REGISTRATION, registration_id, transport, exc)
+
+    def hub_refused(self, host: str, device_id: str, exc: OpenDPSError) -> None:
+        """A hub CONNECT was refused: counted by reason and logged in the refusal log."""
+        metrics.hub_refused(exc.reason)
+        self.refusals.add(HUB_CONNECT, device_id, "mqtt", exc, hub=host)
+
+    def sample(self) -> dict[str, int]:
+        """The queue depths the metrics sampler publishes (``metrics.sample_forever``)."""
+        return {"telemetry_messages": self.telemetry_writer.pending_messages,
+                "telemetry_bytes": self.telemetry_writer.pending_bytes, "domain_waiting": self.domain.waiting}
 
     async def queue_c2d(self, hub: str, device_id: str, body: bytes, *, system: dict[str, str],
                         properties: dict[str, str | None], ttl: timedelta | None) -> PendingMessage:
@@ -71,6 +148,7 @@ class Runtime:
         ``user-id``, ``ack``, ``content-type``, ``content-encoding``)."""
         message = await self.domain.run(self.services.c2d.enqueue, hub, device_id, body, properties=properties,
                                         system=system, ttl=ttl)
+        metrics.c2d_queued(hub)
         await self.live.notify_c2d(hub, device_id)
         return message
 

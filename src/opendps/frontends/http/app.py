@@ -9,7 +9,7 @@ import json
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from opendps import audit
+from opendps import audit, logs
 from opendps.errors import Forbidden, Unauthorized
 from opendps.frontends.http.audit import routes as audit_routes
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
@@ -23,9 +23,12 @@ from opendps.frontends.http.openapi import build_openapi
 from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX
 from opendps.frontends.http.pki_status import routes as status_routes
 from opendps.frontends.http.service import routes as service_routes
+from opendps.frontends.http.status import METRICS_ROUTE_PREFIX, metrics_exposition
+from opendps.frontends.http.status import routes as service_status_routes
 from opendps.frontends.http.ui import UI_ROUTE_PREFIX
 from opendps.frontends.http.ui import routes as ui_routes
 from opendps.frontends.http.wire import RUNTIME, TOKEN_HUB
+from opendps.frontends.metrics import is_loopback
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import HUB_POLICY, SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.provisioning.access import (
@@ -75,6 +78,9 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
             return await handler(request)  # no such route (404/405): said before any credential is looked at
         if request.path in OPEN_PATHS or route_name.startswith((DEVICE_ROUTE_PREFIX, PKI_ROUTE_PREFIX, UI_ROUTE_PREFIX)):
             return await handler(request)  # open (certificate status, the dashboard's files), or the device API
+        if route_name.startswith(METRICS_ROUTE_PREFIX) and "Authorization" not in request.headers \
+                and is_loopback(_peer_host(request), request.headers):
+            return await handler(request)  # Prometheus on this machine scrapes without credentials; others: a SAS
 
         def permit(principal: SasPrincipal) -> None:
             if route_name.startswith(HUB_ROUTE_PREFIX):
@@ -101,6 +107,27 @@ def sas_middleware(authenticator: SasAuthenticator) -> web.Middleware:
     return middleware
 
 
+def _peer_host(request: web.Request) -> str | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request gets an id (the caller's ``x-ms-client-request-id`` when it is a plain token): its log lines,
+    the domain's included, carry it (``opendps.logs.REQUEST_ID``), and the answer names it in ``x-ms-request-id``."""
+    request_id = logs.accept_request_id(request.headers.get("x-ms-client-request-id")) or logs.new_request_id()
+    token = logs.REQUEST_ID.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        logs.REQUEST_ID.reset(token)
+    if not response.prepared:
+        response.headers["x-ms-request-id"] = request_id
+    return response
+
+
 # where the SDKs open MQTT over WebSockets besides /$iothub/websocket: C# DPS (``wss://host:443/``) and Java DPS
 # (Paho's default path) — served only to a WebSocket upgrade, so a plain GET there stays a 404
 WEBSOCKET_ONLY_PATHS = ("/", "/mqtt")
@@ -124,7 +151,8 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket``, ``/`` and ``/mqtt`` (the same server as the MQTT
     port)."""
     quiet_client_errors()
-    app = web.Application(middlewares=[error_middleware, sas_middleware(authenticator)], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, sas_middleware(authenticator)],
+                          client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
     app[MQTT_SERVER] = mqtt
     openapi = json.dumps(build_openapi())
@@ -143,6 +171,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
     app.add_routes(audit_routes)
+    app.add_routes(service_status_routes)  # GET /status, GET /metrics
     app.add_routes(fleet_routes)  # the dashboard's aggregates (ServiceConfig)
     app.add_routes(ui_routes)  # the dashboard's static files, open
     app.add_routes(device_routes)  # last: its paths start with a variable ID scope
@@ -163,6 +192,16 @@ def make_status_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=STATUS_MAX_BODY)
     app[RUNTIME] = runtime
     app.add_routes(status_routes)
+    return app
+
+
+def make_metrics_app(runtime: Runtime) -> web.Application:
+    """The ``--metrics-port`` listener's application: ``GET /metrics`` only, plain HTTP, no credentials (it binds
+    loopback unless the operator gives ``--metrics-host``)."""
+    quiet_client_errors()
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+    app[RUNTIME] = runtime
+    app.router.add_get("/metrics", metrics_exposition, name=METRICS_ROUTE_PREFIX + "exposition")
     return app
 
 

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.frontends.device_request import MAX_DEVICE_BODY, RegistrationBody, parse_registration_body
-from opendps.frontends.http.wire import run, send, services
+from opendps.frontends.http.wire import run, runtime, send, services
+from opendps.frontends.runtime import registration_counted
 from opendps.provisioning.attestation import HTTPS, Challenge, DeviceCredentials
 
 routes = web.RouteTableDef()
@@ -41,8 +42,11 @@ async def register(request: web.Request) -> web.Response:
     and polls only on ``assigning``/``unassigned``); otherwise the body is the operation to poll, with Retry-After.
     Or the mechanism's challenge."""
     body = await registration_body(request)
-    result = await run(request, services(request).provisioning.register, credentials(request, body),
-                       payload=body.payload, csr=body.csr, api_version=request.query.get("api-version"))
+    creds = credentials(request, body)
+    with registration_counted(runtime(request), creds) as counted:
+        result = await run(request, services(request).provisioning.register, creds,
+                           payload=body.payload, csr=body.csr, api_version=request.query.get("api-version"))
+        counted(result)
     if isinstance(result, Challenge):
         return send(result.body, result.status)
     wire = result.to_wire()

@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from opendps.errors import InvalidInput
+from opendps.errors import InvalidInput, OpenDPSError
+from opendps.frontends import metrics
 from opendps.frontends.http.wire import (
     TOKEN_HUB,
     if_match,
@@ -210,8 +211,13 @@ async def invoke_method(request: web.Request) -> web.Response:
     timeout = body.get("responseTimeoutInSeconds", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= MAX_METHOD_TIMEOUT:
         raise InvalidInput(f"responseTimeoutInSeconds must be 1-{MAX_METHOD_TIMEOUT}")
-    status, payload = await runtime(request).live.invoke_method(
-        hub_name(request), request.match_info["id"], body["methodName"], body.get("payload"), timeout=float(timeout))
+    try:
+        status, payload = await runtime(request).live.invoke_method(
+            hub_name(request), request.match_info["id"], body["methodName"], body.get("payload"), timeout=float(timeout))
+    except OpenDPSError as exc:
+        metrics.method_call(None, exc)
+        raise
+    metrics.method_call(status)
     return send({"status": status, "payload": payload})
 
 

@@ -56,6 +56,12 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("get", "/auditLog/verify", "Check the audit log's hash chain: intact, or the first bad entry (query expectHead="
      "SEQ:HASH)", None, AuditVerification, 200,
      [{"name": "expectHead", "in": "query", "required": False, "schema": {"type": "string"}}]),
+    # the service's own state (issue 19; docs/api.md "Service status", "Metrics")
+    ("get", "/status", "One-screen summary: namespaces, policies, enrollments, devices provisioned and connected, "
+     "certificates expiring, registrations and refusals of the last hour (query refusals: 0-100 recent ones)", None,
+     None, 200, [_query("refusals", "integer")]),
+    ("get", "/metrics", "Prometheus metrics (text format 0.0.4); a loopback client needs no credentials", None, None,
+     200, []),
     # the fleet dashboard's pages and aggregates (issue 19; docs/api.md "Fleet dashboard")
     ("get", "/fleet/devices", "A page of a hub's devices by id: connected, last seen, current certificate (query hub, "
      "prefix, top, continuationToken)", None, None, 200, [_query(n, t) for n, t in (

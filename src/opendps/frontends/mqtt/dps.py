@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from opendps.errors import OpenDPSError
 from opendps.frontends.device_request import parse_registration_body
 from opendps.frontends.mqtt import error_payload
-from opendps.frontends.runtime import Runtime
+from opendps.frontends.runtime import Runtime, registration_counted
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.transport.mqtt.server import Session, SessionClosed
 from opendps.transport.wire import topic_query
@@ -86,8 +86,10 @@ class DpsSession:
     async def _register(self, payload: bytes) -> Answer:
         body = parse_registration_body(payload, self.credentials.registration_id)
         credentials = replace(self.credentials, evidence=body.evidence)
-        result = await self.runtime.domain.run(self.runtime.services.provisioning.register, credentials,
-                                               payload=body.payload, csr=body.csr, api_version=self.api_version)
+        with registration_counted(self.runtime, credentials) as counted:
+            result = await self.runtime.domain.run(self.runtime.services.provisioning.register, credentials,
+                                                   payload=body.payload, csr=body.csr, api_version=self.api_version)
+            counted(result)
         if isinstance(result, Challenge):
             return result.status, json.dumps(result.body).encode(), None
         retry = str(result.retry_after) if result.status == 202 else None

@@ -21,11 +21,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from opendps.errors import Conflict, InvalidInput, OpenDPSError
+from opendps.frontends import metrics
 from opendps.frontends.mqtt import error_payload
 from opendps.frontends.runtime import Runtime
 from opendps.hub import AuthenticatedDevice, DeviceOffline
 from opendps.hub.live import C2D, DESIRED, METHODS
 from opendps.hub.telemetry import parse_property_bag
+from opendps.logs import event
 from opendps.pki import decode_csr_text
 from opendps.transport.mqtt.server import MqttRefused, Session, SessionClosed
 from opendps.transport.wire import iso8601, parse_json, topic_query
@@ -49,6 +51,7 @@ class HubSession:
     renewing: bool = False
     sent: set[int] = field(default_factory=set)  # C2D messages published on this connection, awaiting PUBACK
     delivering: bool = False
+    counted: bool = False  # in opendps_hub_connections (on_connected ran)
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
     persistent: ClassVar[bool] = False
@@ -64,7 +67,11 @@ class HubSession:
     async def on_connected(self, session: Session) -> None:
         self.session = session
         self.runtime.live.attach(self)
-        log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type)
+        metrics.hub_connected(self.device.auth_type)
+        self.counted = True
+        log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,
+                 extra=event("hub.connected", hub=self.device.hub_host, device_id=self.device.device_id,
+                             auth=self.device.auth_type, outcome="connected"))
         if self.device.superseded:  # its renewed certificate's first session: older ones are revoked, drop their sessions
             log.info("device %r: certificate(s) %s superseded", self.device.device_id, ", ".join(self.device.superseded))
             await self.runtime.live.revoke(set(self.device.superseded))
@@ -105,7 +112,11 @@ class HubSession:
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
         self.runtime.live.detach(self)
-        log.info("device %r disconnected from hub %s: %s", self.device.device_id, self.device.hub_host, reason)
+        if self.counted:
+            self.counted = False
+            metrics.hub_disconnected()
+        log.info("device %r disconnected from hub %s: %s", self.device.device_id, self.device.hub_host, reason,
+                 extra=event("hub.disconnected", hub=self.device.hub_host, device_id=self.device.device_id))
 
     # ---- device link (the service side, through the live sessions) ----
     def subscribed(self, feature: str) -> bool:
@@ -143,6 +154,7 @@ class HubSession:
             position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
                                                                   application, payload)
             self.runtime.telemetry_bus.notify()
+            metrics.telemetry(self.device.hub_name, len(payload))
             await self.runtime.telemetry_router.deliver(self.device.hub_id, self.device.device_id, system, application,
                                                         payload, position)
         except OpenDPSError as exc:  # not durable, so not acknowledged: the connection closes, as IoT Hub does
@@ -250,6 +262,7 @@ class HubSession:
     def _completer(self, pk: int) -> Callable[[], Awaitable[None]]:
         async def done() -> None:
             await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
+            metrics.c2d_delivered(self.device.hub_name)
             self.sent.discard(pk)
             self.wake_c2d()  # anything queued meanwhile goes out now
         return done

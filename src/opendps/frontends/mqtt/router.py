@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
 
-from opendps.errors import InvalidCredentials, InvalidInput, OpenDPSError
+from opendps.errors import InvalidCredentials, InvalidInput, OpenDPSError, Unauthorized
 from opendps.frontends.mqtt.dps import DpsSession
 from opendps.frontends.mqtt.hub import HubSession
 from opendps.frontends.runtime import Runtime
+from opendps.logs import REQUEST_ID, event, new_request_id
 from opendps.provisioning.attestation import MQTT, DeviceCredentials
 from opendps.transport.mqtt.server import ConnectRequest, SessionHandler
 
@@ -43,14 +44,23 @@ def make_router(runtime: Runtime) -> Authenticator:
     services = runtime.services
 
     async def route(request: ConnectRequest) -> SessionHandler | int:
+        # one id for the connection: the CONNECT's log lines and every domain call of its session carry it (this runs in
+        # the connection's task, whose context the session's handlers share)
+        REQUEST_ID.set(new_request_id("m-"))
         username = request.username or ""
         parts = username.split("/", 3)
         if len(parts) >= 3 and parts[1] == "registrations":
             scope, rid = parts[0], parts[2]
             if scope.lower() != services.id_scope.lower():
-                log.info("MQTT CONNECT for unknown ID scope %r refused", scope)
+                refused = Unauthorized(f"unknown ID scope {scope[:64]!r}", reason="unknown_scope")
+                log.info("MQTT CONNECT for unknown ID scope %r refused", scope,
+                         extra=event("registration.refused", registration_id=rid[:128], transport=MQTT,
+                                     outcome="refused", reason=refused.reason, error_code=refused.error_code))
+                runtime.registration_refused(rid, MQTT, refused)
                 return NOT_AUTHORIZED
             if request.client_id != rid:
+                runtime.registration_refused(rid, MQTT, InvalidInput(
+                    f"client id {request.client_id[:128]!r} is not the registration id", reason="client_id_mismatch"))
                 return IDENTIFIER_REJECTED
             versions = parse_qs(parts[3] if len(parts) > 3 else "").get("api-version")
             password = request.password.decode("utf-8", "replace") if request.password is not None else None
@@ -58,19 +68,28 @@ def make_router(runtime: Runtime) -> Authenticator:
             try:
                 await runtime.domain.run(services.provisioning.authenticate_connection, creds)
             except OpenDPSError as exc:
-                log.info("DPS refused the MQTT connection of %r: %s", rid, exc.message)
+                log.info("DPS refused the MQTT connection of %r: %s", rid, exc.message,
+                         extra=event("registration.refused", registration_id=rid[:128], transport=MQTT,
+                                     outcome="refused", reason=exc.reason, error_code=exc.error_code))
+                runtime.registration_refused(rid, MQTT, exc)
                 return connack_code(exc)
             return DpsSession(runtime, creds, versions[0] if versions else None)
         host, _, rest = username.partition("/")
         device_id = rest.split("/", 1)[0]
         if not host or not device_id:
-            log.info("MQTT CONNECT with a username that names no hub and device (%r) refused", username[:200])
+            refused = Unauthorized("the username names no hub and device", reason="bad_username")
+            log.info("MQTT CONNECT with a username that names no hub and device (%r) refused", username[:200],
+                     extra=event("hub.refused", outcome="refused", reason=refused.reason, error_code=refused.error_code))
+            runtime.hub_refused(host[:255], username[:128], refused)
             return NOT_AUTHORIZED
         try:  # one step in the domain: the hub by host, the device, its credential
             device = await runtime.domain.run(services.hub_auth.connect, host, device_id, request.client_id,
                                               request.password, list(request.peer_certificate_chain), datetime.now(UTC))
         except OpenDPSError as exc:
-            log.info("hub %s refused device %r: %s", host[:255], device_id[:128], exc.message)
+            log.info("hub %s refused device %r: %s", host[:255], device_id[:128], exc.message,
+                     extra=event("hub.refused", hub=host[:255], device_id=device_id[:128], outcome="refused",
+                                 reason=exc.reason, error_code=exc.error_code))
+            runtime.hub_refused(host[:255], device_id[:128], exc)
             return connack_code(exc)
         return HubSession(runtime, device)
 

@@ -224,7 +224,7 @@ async function loadStatus() {
     $("tiles").replaceChildren();
     $("tiles-note").hidden = false;
     $("tiles-note").textContent = `The service summary is not available here (GET /status: ${e.message}).`;
-    fill($("refusals").tBodies[0], [], "not available", 6);
+    fill($("refusals").tBodies[0], [], "not available", 5);
     return;
   }
   $("tiles-note").hidden = true;
@@ -240,20 +240,21 @@ async function loadStatus() {
     tile("registrations, last hour", `${n(r.lastHour)}`),
     tile("failed registrations, last hour", n(r.failedLastHour), r.failedLastHour ? "warn" : ""),
     tile("refusals, last hour", n(refusals.lastHour), refusals.lastHour ? "warn" : ""),
-    tile("enrollments / groups", `${n(e.individual)} / ${n(e.groups)}`),
-    tile("namespaces / policies / hubs", `${n(s.namespaces)} / ${n(s.policies)} / ${n(s.linkedHubs)}`),
+    tile("enrollments / groups", `${n(e.individual)}/${n(e.groups)}`),
+    tile("namespaces / policies / hubs", `${n(s.namespaces)}/${n(s.policies)}/${n(s.linkedHubs)}`),
   );
   const rows = (refusals.recent || []).map((x) => el("tr", {},
-    el("td", {}, utc(x.time)), el("td", {}, x.kind), el("td", {class: "mono"}, x.id),
-    el("td", {}, x.transport), el("td", {}, `${x.reason} (${x.errorCode})`), el("td", {}, x.message)));
-  fill($("refusals").tBodies[0], rows, "none lately", 6);
+    el("td", {class: "nowrap"}, utc(x.time)), el("td", {class: "mono nowrap"}, x.id),
+    el("td", {class: "nowrap"}, `${x.kind === "hubConnect" ? `hub CONNECT${x.hub ? ` (${x.hub})` : ""}` : "registration"}, ${x.transport}`),
+    el("td", {}, `${x.reason} (${x.errorCode})`), el("td", {}, x.message)));
+  fill($("refusals").tBodies[0], rows, "none lately", 5);
   $("refusals-note").textContent = "Device requests refused (registrations and hub CONNECTs), newest first.";
 }
 
 async function loadFailures() {
   const log = await api("/auditLog?action=registration.failed&top=10");
   const rows = (log.value || []).map((x) => el("tr", {},
-    el("td", {}, utc(x.time)), el("td", {class: "mono"}, x.deviceId || ""), el("td", {}, x.subject || ""),
+    el("td", {class: "nowrap"}, utc(x.time)), el("td", {class: "mono"}, x.deviceId || ""), el("td", {}, x.subject || ""),
     el("td", {}, JSON.stringify(x.details || {}))));
   fill($("failures").tBodies[0], rows, "none", 4);
 }

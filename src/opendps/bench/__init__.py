@@ -62,26 +62,32 @@ def _relate(rows: list[Result]) -> None:
             r.ceiling_ratio = round(r.ops_per_cpu_second / ceiling["mtls-handshake"], 4)
 
 
-def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lambda _m: None,
+              step: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run the named scenarios in order; the report JSON (rows plus machine and settings).
 
     A scenario that starts a server runs once per ``opts.worker_counts`` (its servers started with
     ``--workers N``) and its opendps rows get ``workers`` = N; a peer row a scenario reuses for a later count
-    (Mosquitto, measured once) is reported once.
+    (Mosquitto, measured once) is reported once. ``step(description, done, total)`` hears of each run as it starts
+    and once more when all are done (the CLI's progress bar).
     """
     rows: list[Result] = []
     seen: set[int] = set()
-    for name in names:
-        for workers in (None,) if name in SERVERLESS else opts.worker_counts:
-            log(f"running {name} ..." if workers is None or len(opts.worker_counts) == 1
-                else f"running {name} with --workers {workers} ...")
-            for row in scenario(name)(opts if workers is None else dataclasses.replace(opts, workers=workers)):
-                if id(row) in seen:
-                    continue
-                seen.add(id(row))
-                if workers is not None and row.system.startswith("opendps"):
-                    row.workers = workers
-                rows.append(row)
+    runs = [(name, workers) for name in names for workers in ((None,) if name in SERVERLESS else opts.worker_counts)]
+    for done, (name, workers) in enumerate(runs):
+        what = (f"{name}" if workers is None or len(opts.worker_counts) == 1 else f"{name} with --workers {workers}")
+        log(f"running {what} ...")
+        if step is not None:
+            step(what, done, len(runs))
+        for row in scenario(name)(opts if workers is None else dataclasses.replace(opts, workers=workers)):
+            if id(row) in seen:
+                continue
+            seen.add(id(row))
+            if workers is not None and row.system.startswith("opendps"):
+                row.workers = workers
+            rows.append(row)
+    if step is not None:
+        step("done", len(runs), len(runs))
     _relate(rows)
     from importlib.metadata import version
 

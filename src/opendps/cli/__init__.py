@@ -304,6 +304,9 @@ if _register_management is not None:
     from opendps.cli.audit import register as _register_audit
 
     _register_audit(main)
+    from opendps.cli.status import register as _register_status
+
+    _register_status(main)
 
 
 def run() -> None:

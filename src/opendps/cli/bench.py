@@ -40,10 +40,29 @@ def bench(quick: bool, json_path: Path | None, db_url: str | None, scenarios: tu
     counts = tuple(dict.fromkeys(worker_counts)) or (1,)  # in the order given, each once
     opts = Options(quick=quick, db_url=db_url, lint=not no_lint, count=count, levels=levels or None,
                    profile_dir=profile_dir, worker_counts=counts, workers=counts[0])
-    try:
-        report = run_bench(list(scenarios) or list(SCENARIOS), opts, log=lambda m: click.echo(m, err=True))
-    except BenchError as exc:
-        raise CliError(str(exc)) from exc
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    # a bar on a terminal only, and only for the table output (never with -o json/yaml/tsv, never when piped)
+    shown = console.is_terminal and output == "table"
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not shown, transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+
+        def step(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"bench: {what}", completed=done, total=total)
+
+        def log(message: str) -> None:
+            if shown:
+                bar.console.print(message, highlight=False)  # above the bar
+            else:
+                click.echo(message, err=True)
+
+        try:
+            report = run_bench(list(scenarios) or list(SCENARIOS), opts, log=log, step=step)
+        except BenchError as exc:
+            raise CliError(str(exc)) from exc
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     if output != "table":

@@ -572,7 +572,8 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
         console = Console(stderr=True)  # stdout carries only the summary; off a terminal stderr only the error
         bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                                           console=console, transient=output != "table", disable=not console.is_terminal))
+                                           console=console, transient=output != "table",
+                                           disable=not console.is_terminal or output != "table"))
         provisioning = bar.add_task("provisioned", total=count, failed=0)
         hub_task = bar.add_task("connected", total=count, failed=0) if connect else None
         failed = 0

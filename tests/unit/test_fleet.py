@@ -114,6 +114,12 @@ def test_the_device_page_pages_by_id_with_a_prefix_and_last_seen(services):
     assert [d.device_id for d in hubs.device_page("default", prefix="pump").items] == ["Pump-01", "pump-02", "pump-10",
                                                                                      "pumpkin"]
     assert hubs.device_page("default", prefix="zzz").items == []
+    # where the database orders text linguistically the prefix only starts the range: the same pages
+    hubs._byte_order = False
+    assert [d.device_id for d in hubs.device_page("default", prefix="pump-", after="pump-01").items] == ["pump-02",
+                                                                                                       "pump-10"]
+    assert [d.device_id for d in hubs.device_page("default", prefix="p", top=3).items] == ["p", "pu-mp", "Pump-01"]
+    hubs._byte_order = None
     # presence's batched write says when a session began or ended
     assert all(d.last_seen_at is None for d in hubs.device_page("default").items)
     nodes, node = Nodes(services.store), Cluster(services.store, None, None)._info()  # type: ignore[arg-type]

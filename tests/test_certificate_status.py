@@ -111,10 +111,11 @@ def test_crl_and_ocsp_follow_revocations_and_rotation_with_openssl(server, files
     _pem(files / "root.pem", root), _pem(files / "ica.pem", ica), _pem(files / "chain.pem", root, ica)
     _pem(files / "good.pem", leaf), _pem(files / "doomed.pem", doomed)
     base = f"http://127.0.0.1:{server.http_port}"
-    # the certificates name this installation's plain-HTTP listener; the root names nothing. (New issuing CAs name
-    # their root's CRL once the registry passes it: tests/unit/pki/test_status_responder.py, strict xfail till then.)
+    # the certificates name this installation's plain-HTTP listener: the leaf its issuing CA's CRL and the OCSP
+    # responder, the issuing CA its root's CRL; the root names nothing
     assert _crl_url(leaf) == f"{base}/crl/{ca_ref(ica)}.crl" and _ocsp_url(leaf) == f"{base}/ocsp"
     root_url = f"{base}/crl/{ca_ref(root)}.crl"
+    assert _crl_url(ica) == root_url
     with pytest.raises(x509.ExtensionNotFound):
         root.extensions.get_extension_for_oid(ExtensionOID.CRL_DISTRIBUTION_POINTS)
     for cert in (leaf, ica):

@@ -71,6 +71,7 @@ def wire(store: Store, keys: KeyStore, *, id_scope: str, hub_domain: str = "loca
     status = StatusResponder(store, keys, lint=lint)
     status.authorities = PublishedAuthorities(store)  # the registry names the CAs whose status is published
     registry = Registry(store, keys, lint=lint)
+    registry.publication = publication  # new issuing CAs name their root's CRL
     devices = DeviceRegistry(store)
     hubs = Hubs(store, keys, registry, domain=hub_domain)
     ca_certificates = DpsCertificates(store)

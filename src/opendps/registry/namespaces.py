@@ -28,6 +28,7 @@ from opendps.pki import (
     Issuer,
     KeyCustody,
     KeyStore,
+    Publication,
     issuing_ca,
     root_ca,
     serial_hex,
@@ -189,6 +190,8 @@ class Registry:
         self.keys = keys
         self.lint = lint
         self.referrers: PolicyReferrers = _Unbound()  # bound by opendps.services.wire
+        # where CRLs are served (bound by opendps.services.wire): a new issuing CA names its root's; None: no URL
+        self.publication: Publication | None = None
         self._issuers: ConfigCache[int, Issuer] = ConfigCache(store, capacity=1024)  # parsed, per policy
 
     # ---- helpers ----
@@ -212,6 +215,10 @@ class Registry:
             raise NotFound(f"policy {name!r} does not exist in namespace {ns.name!r}")
         return p
 
+    def _root_crl_url(self, root: x509.Certificate) -> str | None:
+        """The CRL Distribution Point of a new issuing CA: its root's CRL, where this installation serves it."""
+        return self.publication.crl_url(root) if self.publication is not None else None
+
     def _policy_view(self, s: Session, ns: Namespace, p: Policy) -> PolicyView:
         ica = _active_issuing_ca(s, p.id)
         if ica is None:
@@ -229,8 +236,9 @@ class Registry:
         s.flush()
         root_signer = self.keys.signer(root.key_id)
         signer = self.keys.generate(s, "ica", backend=backend)
-        cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), root_signer,
-                          f"{ns.name} {name} Issuing CA", now=now, lint=self.lint)
+        root_cert = x509.load_der_x509_certificate(root.der)
+        cert = issuing_ca(signer, root_cert, root_signer, f"{ns.name} {name} Issuing CA", now=now, lint=self.lint,
+                          crl_url=self._root_crl_url(root_cert))
         s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
         audit.append_all(s, [_ca_event(audit.CA_CREATED, ns.name, cert, kind="issuing", policy=name,
                                        validityDays=validity_days, keyBackend=backend)])
@@ -400,8 +408,10 @@ class Registry:
                     key_backend = self.keys.custody(ca.key_id, session=s).backend
             root = self._root(s, ns)
             signer = self.keys.generate(s, "ica", backend=key_backend)
-            cert = issuing_ca(signer, x509.load_der_x509_certificate(root.der), self.keys.signer(root.key_id),
-                              f"{ns.name} {name} Issuing CA G{generation}", now=now, lint=self.lint)
+            root_cert = x509.load_der_x509_certificate(root.der)
+            cert = issuing_ca(signer, root_cert, self.keys.signer(root.key_id),
+                              f"{ns.name} {name} Issuing CA G{generation}", now=now, lint=self.lint,
+                              crl_url=self._root_crl_url(root_cert))
             s.add(_ca_row(ns.id, "issuing", cert, signer.key_id, parent_id=root.id, policy_id=policy.id, now=now))
             policy.etag = new_etag()
             policy.updated_at = now

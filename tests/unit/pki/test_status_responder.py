@@ -163,8 +163,6 @@ def test_a_policy_crl_validity_and_a_rotation_are_followed(services, fresh):
     assert _ask(services, new_leaf, new_ica).certificate_status == x509_ocsp.OCSPCertStatus.GOOD
 
 
-@pytest.mark.xfail(strict=True, reason="the registry does not pass its root's CRL URL to issuing_ca() yet: the "
-                   "edits to registry/namespaces.py are in the issue 17.3 report (remove this mark with them)")
 def test_a_new_issuing_ca_names_its_roots_crl(services):
     services.registry.create_namespace("cdp-ns")
     root = services.registry.credential("cdp-ns").certificate

@@ -73,6 +73,11 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      None, None, 200, [_query("days", "integer"), _NAMESPACE_QUERY]),
     ("get", "/fleet/registrationsPerMinute", "Register operations per UTC minute by outcome (query minutes)", None,
      None, 200, [_query("minutes", "integer")]),
+    ("get", "/crl/{ca}.crl", "A CA's CRL (DER, application/pkix-crl; no token; also on the plain-HTTP listener)",
+     None, None, 200, []),
+    ("post", "/ocsp", "OCSP (RFC 6960/5019): body application/ocsp-request, answer application/ocsp-response (no "
+     "token; also on the plain-HTTP listener)", None, None, 200, []),
+    ("get", "/ocsp/{request}", "OCSP by GET: the base64 DER request in the path (RFC 5019)", None, None, 200, []),
     ("get", "/accessPolicies", "List the shared access policies (without keys)", None, m.AccessPolicyList, 200, []),
     ("get", "/accessPolicies/{name}", "Show a shared access policy (without keys)", None, m.AccessPolicyResponse, 200,
      []),

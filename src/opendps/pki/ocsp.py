@@ -54,6 +54,7 @@ def _error(status: ocsp.OCSPResponseStatus) -> bytes:
 MALFORMED_REQUEST = _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
 UNAUTHORIZED = _error(ocsp.OCSPResponseStatus.UNAUTHORIZED)
 INTERNAL_ERROR = _error(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+TRY_LATER = _error(ocsp.OCSPResponseStatus.TRY_LATER)  # the responder is busy (a flood of requests)
 
 
 class MalformedOcspRequest(InvalidInput):
@@ -172,5 +173,5 @@ def build_response(signer: Signer, issuer: x509.Certificate, query: OcspQuery, *
     return response
 
 
-__all__ = ["INTERNAL_ERROR", "MALFORMED_REQUEST", "UNAUTHORIZED", "MalformedOcspRequest", "OcspQuery",
+__all__ = ["INTERNAL_ERROR", "MALFORMED_REQUEST", "TRY_LATER", "UNAUTHORIZED", "MalformedOcspRequest", "OcspQuery",
            "build_response", "key_hash", "name_hash", "parse_request"]

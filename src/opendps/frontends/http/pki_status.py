@@ -17,23 +17,64 @@ by :class:`opendps.pki.StatusResponder` in the domain thread pool.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from opendps.errors import ServiceUnavailable
 from opendps.frontends.http.wire import run, services
 from opendps.pki import StatusDocument
-from opendps.pki.ocsp import MAX_REQUEST_BYTES
+from opendps.pki.ocsp import MAX_REQUEST_BYTES, TRY_LATER
 
 PKI_ROUTE_PREFIX = "pki:"  # open routes: no service token (frontends.http.app's SAS middleware lets them pass)
 CRL_TYPE = "application/pkix-crl"
 OCSP_TYPE = "application/ocsp-response"
 
 routes = web.RouteTableDef()
+
+# Anyone may ask, and an OCSP answer about a made-up serial still costs a signature: at most STATUS_SLOTS requests
+# are in the domain thread pool at once (the rest of the pool stays for registrations and the hub) and at most
+# STATUS_WAITING wait for a slot; beyond that OCSP answers tryLater and a CRL request 503 (RFC 6960 4.2.1).
+STATUS_SLOTS = 2
+STATUS_WAITING = 64
+T = TypeVar("T")
+
+
+class StatusGate:
+    """This process's budget for status requests (one per application, made on the loop that serves it)."""
+
+    def __init__(self, slots: int = STATUS_SLOTS, waiting: int = STATUS_WAITING) -> None:
+        self._slots = asyncio.Semaphore(slots)
+        self._room = waiting + slots
+        self.admitted = 0  # in a slot or waiting for one
+
+    async def admit(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()`` (a domain-pool call) within the budget; None when the budget is spent."""
+        if self.admitted >= self._room:
+            return None
+        self.admitted += 1
+        try:
+            async with self._slots:
+                return await call()
+        finally:
+            self.admitted -= 1
+
+
+STATUS_GATE = web.AppKey("opendps_status_gate", StatusGate)
+
+
+def _gate(request: web.Request) -> StatusGate:
+    gate = request.app.get(STATUS_GATE)
+    if gate is None:
+        gate = request.app[STATUS_GATE] = StatusGate()
+    return gate
 
 
 def _http_date(when: datetime) -> str:
@@ -59,7 +100,10 @@ def _respond(request: web.Request, document: StatusDocument, content_type: str) 
 @routes.get("/crl/{ca}.crl", name=PKI_ROUTE_PREFIX + "crl")
 async def get_crl(request: web.Request) -> web.Response:
     """A CA's CRL (``{ca}``: the 16 hex digits its certificates' CRL Distribution Points name)."""
-    document = await run(request, services(request).status.crl, request.match_info["ca"])
+    status = services(request).status
+    document = await _gate(request).admit(lambda: run(request, status.crl, request.match_info["ca"]))
+    if document is None:
+        raise ServiceUnavailable("too many certificate status requests at once; retry later")
     return _respond(request, document, CRL_TYPE)
 
 
@@ -72,8 +116,9 @@ async def post_ocsp(request: web.Request) -> web.Response:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             body = b""  # answered as malformed, like an oversized request
-    document = await run(request, services(request).status.ocsp, body[:MAX_REQUEST_BYTES + 1])
-    return _respond(request, document, OCSP_TYPE)
+    status = services(request).status
+    document = await _gate(request).admit(lambda: run(request, status.ocsp, body[:MAX_REQUEST_BYTES + 1]))
+    return _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
 
 
 def _decode_get(path_part: str) -> bytes:
@@ -91,8 +136,9 @@ def _decode_get(path_part: str) -> bytes:
 async def get_ocsp(request: web.Request) -> web.Response:
     """An OCSP request in the path (RFC 5019 5: what an HTTP cache can keep)."""
     raw = request.raw_path.split("?", 1)[0][len("/ocsp/"):]  # undecoded: '+' and '%2F' are base64, not separators
-    document = await run(request, services(request).status.ocsp, _decode_get(raw))
-    return _respond(request, document, OCSP_TYPE)
+    status, query = services(request).status, _decode_get(raw)
+    document = await _gate(request).admit(lambda: run(request, status.ocsp, query))
+    return _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
 
 
 __all__ = ["PKI_ROUTE_PREFIX", "routes"]

@@ -68,11 +68,24 @@ def print_status(data: dict[str, Any]) -> None:
     console.print(summary)
     recent = (data.get("refusals") or {}).get("recent") or []
     if recent:
-        table = Table(title="recent refusals", title_justify="left", show_header=True, header_style="bold")
-        for column in ("time", "kind", "id", "hub", "reason", "message"):
-            table.add_column(column, overflow="fold")
-        for row in recent:
-            table.add_row(str(row.get("time", ""))[:19].replace("T", " "), str(row.get("kind", "")),
-                          str(row.get("id", "")), str(row.get("hub") or ""), str(row.get("reason", "")),
-                          str(row.get("message", "")))
-        console.print(table)
+        console.print("[bold]recent refusals[/bold]")
+        for line in refusal_lines(recent, console.width):
+            console.print(line, markup=False)
+
+
+def refusal_lines(recent: list[dict[str, Any]], width: int = 80) -> list[str]:
+    """One line per refusal — time, who, reason in aligned columns, then the message shortened to the width."""
+    rows = []
+    for row in recent:
+        who = f"{row.get('id', '')}@{row['hub']}" if row.get("hub") else str(row.get("id", ""))
+        kind = "hub" if row.get("kind") == "hubConnect" else "dps"
+        rows.append((str(row.get("time", ""))[11:19], f"{kind} {who}", str(row.get("reason", "")),
+                     " ".join(str(row.get("message", "")).split())))
+    who_w = max(len(r[1]) for r in rows)
+    reason_w = max(len(r[2]) for r in rows)
+    lines = []
+    for when, who, reason, message in rows:
+        head = f"  {when}  {who:<{who_w}}  {reason:<{reason_w}}  "
+        room = max(20, width - len(head))
+        lines.append(head + (message if len(message) <= room else message[:room - 1] + "…"))
+    return lines

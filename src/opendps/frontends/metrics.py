@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("opendps.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-STORE_CACHE_SECONDS = 15.0  # store gauges are read at most this often per process
+STORE_CACHE_SECONDS = 5.0  # store gauges are read at most this often per process
 SAMPLE_EVERY = 1.0  # seconds between samples of queue depths (and, in multiprocess mode, this worker's process stats)
 
 

@@ -246,7 +246,7 @@ class Provisioning:
                              device_id=(result.get("registrationState") or {}).get("deviceId"),
                              hub=decision.allocation.hub.host_name, outcome="assigned", enrollment_id=e.enrollment_id,
                              transport=credentials.transport, operation_id=operation_id,
-                             policy=decision.issuer.policy_name if decision.issuer else None))
+                             policy=decision.issuer.label if decision.issuer else None))
         return Accepted(operation_id, result=result if datetime.now(UTC) - now <= ANSWER_WITHIN else None)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:

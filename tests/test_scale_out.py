@@ -14,6 +14,7 @@ import os
 import queue
 import shutil
 import signal
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.conftest import _run_server, database
 from tests.test_amqp import Amqp, c2d, hub_owner_token
 from tests.test_device_api import namespace, svc, sym_key
 from tests.test_mqtt_hub import HUB, Client, hub_username, provision_over_mqtt
+from tests.test_observability import samples, value
 
 from opendps.store import HubConnection, Store
 from opendps.transport import sas
@@ -420,6 +422,33 @@ def test_a_second_connection_on_the_other_worker_takes_over(workers):
         first.c.loop_stop()
         second.close()
     pytest.fail("ten pairs of connections all landed on one worker")
+
+
+def test_metrics_add_up_over_the_workers(workers):
+    """One scrape, whichever worker answers it, sums every worker's counters (prometheus_client's multiprocess mode,
+    issue 19): CONNECTs landed on both workers are all counted, in every scrape; each worker publishes its own process
+    gauges (a pid label) instead of the default collectors."""
+    if "--bus" in workers.proc.args:
+        pytest.skip("the metrics do not depend on the bus: checked on SQLite and PostgreSQL")
+    ca = ssl.create_default_context(cafile=workers.ca_file)
+
+    def scrape() -> dict:
+        r = httpx.get(f"{workers.url}/metrics", verify=ca, timeout=30)  # a new connection: either worker answers
+        assert r.status_code == 200, r.text
+        return samples(r.text)
+
+    before = value(scrape(), "opendps_hub_connects_total", auth="sas")
+    clients, where = _spread(workers, 2, "metrics")
+    try:
+        assert len(set(where.values())) == 2, where
+        for _ in range(4):
+            now = scrape()
+            assert value(now, "opendps_hub_connects_total", auth="sas") - before == len(clients), where
+        pids = {labels for (name, labels) in now if name == "opendps_worker_resident_memory_bytes"}
+        assert len(pids) >= 2 and not any(name.startswith("process_") for name, _ in now), sorted(pids)
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 def test_a_killed_worker_is_restarted(workers):

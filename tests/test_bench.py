@@ -88,9 +88,13 @@ def test_run_bench_runs_server_scenarios_per_worker_count(monkeypatch: pytest.Mo
         return run
 
     monkeypatch.setattr(bench, "scenario", fake)
+    steps: list[tuple[str, int, int]] = []  # what the CLI's progress bar hears (issue 19)
     report = bench.run_bench(["crypto-ceiling", "hub-telemetry"],
-                             Options(quick=True, db_url=None, lint=True, worker_counts=(1, 2)))
+                             Options(quick=True, db_url=None, lint=True, worker_counts=(1, 2)),
+                             step=lambda what, done, total: steps.append((what, done, total)))
     assert calls == [("crypto-ceiling", 1), ("hub-telemetry", 1), ("hub-telemetry", 2)]
+    assert steps == [("crypto-ceiling", 0, 3), ("hub-telemetry with --workers 1", 1, 3),
+                     ("hub-telemetry with --workers 2", 2, 3), ("done", 3, 3)]
     assert [(r["scenario"], r["system"], r["workers"]) for r in report["results"]] == [
         ("crypto-ceiling", "cryptography", None), ("hub-telemetry", "opendps", 1), ("hub-telemetry", "opendps+nats", 1),
         ("hub-telemetry", "mosquitto", None), ("hub-telemetry", "opendps", 2), ("hub-telemetry", "opendps+nats", 2)]

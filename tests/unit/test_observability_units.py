@@ -125,3 +125,29 @@ def test_metrics_over_the_https_app_without_credentials_only_from_loopback(servi
             fe.runtime.domain.close()
 
     assert asyncio.run(main()) == {"loopback": 200, "forwarded": 401, "reader": 401, "status": 401}
+
+
+def test_issuance_and_revocation_log_their_events(services, caplog):
+    """The CA's outcome lines (pki, in the domain): certificate.issued and certificate.revoked with serial and reason."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    services.registry.create_namespace("log-ns")
+    issuer = services.registry.issuer(services.registry.get_policy("log-ns", "default").policy_id)
+    key = ec.generate_private_key(ec.SECP384R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                                             "log-dev")]))
+           .sign(key, hashes.SHA384()).public_bytes(Encoding.DER))
+    seen: list[tuple[str, float]] = []
+    services.issuance.observer = lambda issuer, seconds: seen.append((issuer.label, seconds))
+    with caplog.at_level(logging.INFO, logger="opendps.pki"):
+        chain = services.issuance.issue(issuer, csr, "log-dev")
+        services.issuance.revoke(format(chain.leaf.serial_number, "x"), "keyCompromise")
+    events = {r.event: r for r in caplog.records if getattr(r, "event", None)}
+    issued, revoked = events["certificate.issued"], events["certificate.revoked"]
+    assert issued.policy == "log-ns/default" and issued.registration_id == "log-dev"
+    assert issued.serial == revoked.serial and revoked.reason == "keyCompromise"
+    assert [label for label, _ in seen] == ["log-ns/default"] and seen[0][1] > 0

@@ -384,3 +384,22 @@ def test_tables_print_lists_as_items(capsys):
     emit([{"name": "ns", "properties": {"policies": ["default", "extra"]}}], "table", ["name", "properties.policies"])
     out = capsys.readouterr().out
     assert "default, extra" in out and "['default'" not in out
+
+
+def test_a_configuration_error_while_serving_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path: Path) -> None:
+    """E.g. a worker that could not bind its port after the supervisor's probe (another program took it between)."""
+    import opendps.server
+    from opendps.cli import main
+    from opendps.errors import ConfigurationError
+
+    def refuse(_instance: object) -> None:
+        raise ConfigurationError("worker 0: cannot listen: error while attempting to bind on address "
+                                 "('127.0.0.1', 1): address already in use")
+
+    monkeypatch.setattr(opendps.server, "run", refuse)
+    with pytest.raises(SystemExit) as exited:
+        main.main(["serve", "--data-dir", str(tmp_path / "d"), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: worker 0: cannot listen") and "address already in use" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

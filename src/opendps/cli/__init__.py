@@ -152,6 +152,9 @@ class _OneLineErrors(click.Group):
         except OpenDPSError as exc:
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(1)
+        except ConfigurationError as exc:  # e.g. a worker that could not listen: the operator's to fix
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
+            sys.exit(1)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -24,7 +24,7 @@ import pytest
 from proton import Delivery
 from tests.conftest import _run_server, database
 from tests.test_amqp import Amqp, c2d, hub_owner_token
-from tests.test_device_api import namespace, svc, sym_key
+from tests.test_device_api import device_sas, namespace, svc, sym_key
 from tests.test_mqtt_hub import HUB, Client, hub_username, provision_over_mqtt
 from tests.test_observability import samples, value
 
@@ -398,6 +398,52 @@ def test_every_live_feature_works_whichever_worker_holds_the_device(workers):
         for d in list(clients)[:3]:
             disable(workers, d)
             assert clients[d].dropped.wait(1.0), f"disabled {d} still connected"
+    finally:
+        for client in clients.values():
+            client.c.loop_stop()
+
+
+def test_a_revocation_drops_certificate_sessions_on_every_worker_within_a_second(workers, tmp_path):
+    """Issue 17: devices holding certificates of one policy are connected to both workers; revoking the policy's
+    certificates through either worker drops every one of those sessions within 1 s (the `revoked` message names
+    their issuer, carried by the bus: NOTIFY, the table or NATS), and a reconnect is refused (CONNACK 5)."""
+    ns = "rv-ns"  # each variant of the fixture has its own database
+    with svc(workers) as c:
+        namespace(c, ns, "rv-p")
+    clients: dict[str, Client] = {}
+    files: dict[str, tuple[Path, Path]] = {}
+    where: dict[str, str] = {}
+    while len(clients) < 2 or len(set(where.values())) < 2:
+        assert len(clients) < 12, f"12 connections all landed on one worker: {where}"
+        d = f"{ns}-d{len(clients)}"
+        with svc(workers) as c:
+            key = sym_key(c, f"/enrollments/{d}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": "rv-p"})
+        _, chain, op_key = provision_over_mqtt(workers, d, tmp_path, password=device_sas(workers.id_scope, d, key))
+        files[d] = (chain, op_key)
+        client = Client(workers, d, hub_username(d), cert=chain, key=op_key)
+        assert client.rc == 0
+        client.c.reconnect_delay_set(min_delay=600, max_delay=600)
+        client.dropped = threading.Event()
+        client.c.on_disconnect = lambda *a, e=client.dropped: e.set()
+        clients[d] = client
+        deadline = time.time() + 10
+        while d not in where and time.time() < deadline:
+            where = {k: n for k, (n, _) in presence(workers).items() if k in clients}
+            time.sleep(0.02)
+        assert d in where, f"{d}'s presence was not recorded"
+    try:
+        with svc(workers) as c:
+            r = c.post(f"/namespaces/{ns}/credentials/default/policies/rv-p/revokeCertificates",
+                       json={"reason": "keyCompromise"})
+        revoked_at = time.monotonic()
+        assert r.status_code == 200 and r.json() == {"revokedCertificateCount": len(clients)}, r.text
+        for d, client in clients.items():
+            assert client.dropped.wait(max(0.0, revoked_at + 1.0 - time.monotonic())), \
+                f"{d} on {where[d]} still connected 1 s after the revocation"
+        first = next(iter(clients))
+        refused = Client(workers, first, hub_username(first), cert=files[first][0], key=files[first][1])
+        assert refused.rc == 5
+        refused.close()
     finally:
         for client in clients.values():
             client.c.loop_stop()

@@ -67,6 +67,15 @@ def print_banner(instance: Instance) -> None:
               f"{instance.publication.ocsp_url} (as each certificate names them)", flush=True)
 
 
+async def _plain_http(app: web.Application, host: str, port: int, name: str, budget: int, shared: bool,
+                      client_timeout: float) -> web.AppRunner:
+    """A plain-HTTP listener for ``app``, capped like the TLS ones (SO_REUSEPORT when shared by workers)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=client_timeout)
+    await runner.setup()
+    await GatedTCPSite(runner, host, port, gate=ConnectionGate(name, budget), reuse_port=shared).start()
+    return runner
+
+
 async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True, worker: int = 0,
                 workers: int = 1, on_ready: Callable[[], None] | None = None,
                 stop_when: asyncio.Event | None = None) -> None:
@@ -98,21 +107,11 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
                                                     gate=ConnectionGate("AMQP", budget), reuse_port=shared))
     # CRLs and OCSP over plain HTTP (relying parties fetch them without TLS); the same routes are on HTTPS; 0 = off
-    status_runner: web.AppRunner | None = None
-    if st.http_port:
-        status_runner = web.AppRunner(make_status_app(fe.runtime), access_log=None, handle_signals=False,
-                                      keepalive_timeout=st.client_timeout)
-        await status_runner.setup()
-        await GatedTCPSite(status_runner, st.host, st.http_port, gate=ConnectionGate("HTTP", budget),
-                           reuse_port=shared).start()
+    status_runner = await _plain_http(make_status_app(fe.runtime), st.host, st.http_port, "HTTP", budget, shared,
+                                      st.client_timeout) if st.http_port else None
     # GET /metrics over plain HTTP for Prometheus (loopback by default: --metrics-host opens it); 0 = off
-    metrics_runner: web.AppRunner | None = None
-    if st.metrics_port:
-        metrics_runner = web.AppRunner(make_metrics_app(fe.runtime), access_log=None, handle_signals=False,
-                                       keepalive_timeout=st.client_timeout)
-        await metrics_runner.setup()
-        await GatedTCPSite(metrics_runner, st.metrics_host, st.metrics_port, gate=ConnectionGate("metrics", budget),
-                           reuse_port=shared).start()
+    metrics_runner = await _plain_http(make_metrics_app(fe.runtime), st.metrics_host, st.metrics_port, "metrics",
+                                       budget, shared, st.client_timeout) if st.metrics_port else None
     # a node of the service from now on: live hub state reaches devices here from any process or node
     await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
         "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port, "http": st.http_port})

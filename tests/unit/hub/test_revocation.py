@@ -114,14 +114,20 @@ class _Peers:
         self.sent.append(message)
 
 
-def test_live_sessions_drop_links_of_revoked_certificates_here_and_tell_other_nodes(services, fleet):
-    _, chains = fleet
+def _attached(services, chains) -> tuple[LiveSessions, dict[str, _Link], _Peers]:
+    """Each device's session attached to live sessions that tell their messages to a recording peer list."""
     live = LiveSessions()
     links = {rid: _Link(_connect(services, rid, chains[rid])) for rid in chains}
     for link in links.values():
         live.attach(link)  # type: ignore[arg-type]
     peers = _Peers()
     live.peers = peers  # type: ignore[assignment]
+    return live, links, peers
+
+
+def test_live_sessions_drop_links_of_revoked_certificates_here_and_tell_other_nodes(services, fleet):
+    _, chains = fleet
+    live, links, peers = _attached(services, chains)
     serial = serial_hex(chains["dev-r1"][0])
     asyncio.run(live.revoke({serial.lower()}))
     assert links["dev-r1"].closed == f"certificate {serial} was revoked" and links["dev-r2"].closed is None
@@ -225,12 +231,7 @@ def test_revoking_an_issuing_ca_needs_a_rotation_first_then_revokes_it_and_its_l
 
 def test_live_sessions_are_dropped_by_their_certificates_issuer(services, fleet):
     _, chains = fleet
-    live = LiveSessions()
-    links = {rid: _Link(_connect(services, rid, chains[rid])) for rid in chains}
-    for link in links.values():
-        live.attach(link)  # type: ignore[arg-type]
-    peers = _Peers()
-    live.peers = peers  # type: ignore[assignment]
+    live, links, peers = _attached(services, chains)
     asyncio.run(live.revoke(set(), issuers={"00" * 20}))  # another CA's key id: nobody goes
     assert all(link.closed is None for link in links.values())
     ica = chains["dev-r1"][1]

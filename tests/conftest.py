@@ -189,6 +189,21 @@ def invoke_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["opendps", *args], result.exit_code, result.stdout, result.stderr)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """A module whose subject is the front end or the CLI, not the store, says ``SERVER_STORES = ("sqlite",)``: its
+    server runs on that store only (the domain behind it is tested on both stores in-process, tests/unit, and the
+    wire modules about the store — device API, MQTT hub, API, scale-out — keep both). Keeps the suite within its
+    time budget without losing a code path."""
+    kept, dropped = [], []
+    for item in items:
+        stores = getattr(item.module, "SERVER_STORES", None)
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("server")
+        (dropped if stores is not None and param is not None and param not in stores else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory) -> RunningServer:
     """``opendps serve`` in a subprocess on free ports, with its own data directory and database.

@@ -26,6 +26,8 @@ from tests.test_mqtt_hub import HUB, Client, hub_username, pending_c2d
 from opendps.store import CloudToDeviceMessage, Store
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(300, func_only=True)
 SAS_TYPE = "servicebus.windows.net:sastoken"
 

@@ -11,6 +11,8 @@ from tests.test_mqtt_hub import hub_username
 
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 
 def _json(proc) -> object:
     assert proc.returncode == 0, proc.stderr

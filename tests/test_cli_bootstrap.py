@@ -29,6 +29,8 @@ from tests.test_device_api import svc
 
 from opendps.cli import bootstrap as bootstrap_module
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(120, func_only=True)
 
 RID = "boot-skittlesorter"

@@ -25,6 +25,8 @@ from tests.test_device_api import namespace, put, svc, sym_key
 
 from opendps.cli.device import percentile
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
 NS, POLICY = "clidev-ns", "clidev-policy"

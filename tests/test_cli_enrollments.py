@@ -20,6 +20,8 @@ from opendps.cli._client import ApiError, Client, resolve_connection
 from opendps.cli.enrollments import query_all
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(100, 148))).decode()
 

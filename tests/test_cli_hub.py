@@ -26,6 +26,8 @@ from tests.test_mqtt_hub import Client as Device
 
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(300, func_only=True)
 THUMBPRINT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -29,6 +29,8 @@ from opendps.device.mqtt import ConnectionLost
 from opendps.device.provisioning import ProvisioningClient
 from opendps.device.store import CertificateStore
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(120, func_only=True)
 HUB = "localhost"
 FAST = {"min_wait": 0.0, "max_wait": 0.05}

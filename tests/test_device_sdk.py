@@ -34,6 +34,8 @@ from opendps.device.provisioning import ProvisioningClient, ProvisioningError, R
 from opendps.device.store import CertificateStore, StoreError
 from opendps.device.sync import SyncHubClient, provision
 
+SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(120, func_only=True)
 HUB = "localhost"
 FAST = {"min_wait": 0.0, "max_wait": 0.05}  # honour Retry-After, but shrunk for tests

@@ -12,6 +12,8 @@ from tests.conftest import run_openssl
 
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the wire is the subject; the domain runs on both stores in tests/unit (tests/conftest.py)
+
 
 def _trust(server) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=server.ca_file)

@@ -16,6 +16,8 @@ from tests.test_mqtt_hub import HUB, Client, events, hub_username
 
 from opendps.transport import sas
 
+SERVER_STORES = ("sqlite",)  # the wire is the subject; the domain runs on both stores in tests/unit (tests/conftest.py)
+
 NATS_URL = "nats://127.0.0.1:4222"
 
 

@@ -499,9 +499,10 @@ def test_metrics_add_up_over_the_workers(workers):
 
 def test_a_killed_worker_is_restarted(workers):
     """Last in the module: one worker is killed with SIGKILL; the supervisor starts another, the service goes on.
-    (Not again with the NATS bus: the supervisor does not depend on it, and a restart costs seconds.)"""
-    if "--bus" in workers.proc.args:
-        pytest.skip("the restart does not depend on the bus: checked on SQLite and PostgreSQL")
+    (Once, on SQLite: the supervisor depends on neither the store nor the bus, a restarted worker joins the cluster as
+    every worker does — on both stores at every start of this module — and a restart costs seconds.)"""
+    if "--bus" in workers.proc.args or workers.db_url.startswith("postgresql"):
+        pytest.skip("the restart depends on neither the store nor the bus: checked once, on SQLite")
     before = nodes_of(workers)
     victim = before[0]
     os.kill(victim["pid"], signal.SIGKILL)

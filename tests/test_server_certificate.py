@@ -34,6 +34,8 @@ from opendps.server_tls import keep_server_certificate
 from opendps.transport import sas
 from opendps.transport.tls import context_serving, device_tls_context, replace_context, start_tls_server
 
+SERVER_STORES = ("sqlite",)  # the wire is the subject; the domain runs on both stores in tests/unit (tests/conftest.py)
+
 pytestmark = pytest.mark.timeout(300, func_only=True)
 LIVE_HOST = "hub-live.example.test"
 

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from tests.conftest import run_openssl
 from tests.test_device_api import namespace, svc, sym_key
 
+SERVER_STORES = ("sqlite",)  # the wire is the subject; the domain runs on both stores in tests/unit (tests/conftest.py)
+
 API_VERSION = "2025-07-01-preview"
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from opendps.errors import InvalidCredentials, InvalidInput, Unauthorized
 from opendps.hub.registry import Hubs, HubView
 from opendps.pki import IssuanceEngine, thumbprint
-from opendps.pki.certificates import VerificationError
+from opendps.pki.certificates import VerificationError, authority_key_id, serial_hex
 from opendps.registry import DeviceRegistry
 from opendps.transport import sas
 
@@ -35,7 +35,10 @@ class AuthenticatedDevice:
     device_id: str
     device_key: str
     auth_type: str
-    certificate: x509.Certificate | None = None
+    # the X.509 certificate it connected with, as live sessions match revocations (serial upper-case hex, the
+    # issuer's key identifier lower-case hex); the parsed certificate itself is not kept: a session lives for days
+    certificate_serial: str | None = None
+    issuer_key_id: str | None = None
     # serial numbers this CONNECT revoked as superseded (the device's first session with a renewed certificate):
     # the front end drops live sessions still holding them, on every node
     superseded: tuple[str, ...] = ()
@@ -117,7 +120,7 @@ class HubAuthenticator:
                                reason="certificate_mismatch")
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             raise Unauthorized("device certificate is expired or not yet valid", reason="certificate_expired")
-        found = replace(device, certificate=leaf)
+        found = replace(device, certificate_serial=serial_hex(leaf), issuer_key_id=authority_key_id(leaf))
         if device.auth_type == "selfSigned":
             if not {thumbprint(leaf, "sha1"), thumbprint(leaf)} & prints:
                 raise Unauthorized("device certificate thumbprint does not match the device identity",

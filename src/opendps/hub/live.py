@@ -18,12 +18,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from cryptography import x509
-
 from opendps.errors import GatewayTimeout, NotFound
 from opendps.hub.auth import AuthenticatedDevice
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
-from opendps.pki import serial_hex
 
 log = logging.getLogger("opendps.hub")
 METHODS = "methods"
@@ -271,10 +268,10 @@ class LiveSessions:
 
     def _revoke_here(self, serials: set[str], issuers: frozenset[str] | set[str] = frozenset()) -> None:
         for link, _session in list(self._links.values()):
-            certificate = link.device.certificate
-            if certificate is None:
+            serial = link.device.certificate_serial
+            if serial is None:
                 continue
-            if (serial := serial_hex(certificate)) in serials or (issuers and _authority_key_id(certificate) in issuers):
+            if serial in serials or (issuers and link.device.issuer_key_id in issuers):
                 link.close(f"certificate {serial} was revoked")
 
     def _drop_here(self, hub_name: str, device_id: str, reason: str, session: str | None) -> None:
@@ -344,12 +341,3 @@ class LiveSessions:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _authority_key_id(certificate: x509.Certificate) -> str | None:
-    """The hex key identifier of the CA that signed ``certificate`` (None when it names none)."""
-    try:
-        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return None
-    return aki.key_identifier.hex() if aki.key_identifier else None

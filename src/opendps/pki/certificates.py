@@ -46,6 +46,15 @@ def serial_hex(serial: x509.Certificate | int) -> str:
     return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big").hex().upper()
 
 
+def authority_key_id(certificate: x509.Certificate) -> str | None:
+    """The lower-case hex key identifier of the CA that signed ``certificate`` (None when it names none)."""
+    try:
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier.hex() if aki.key_identifier else None
+
+
 def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:
     """A certificate given as PEM text, base64 DER, or raw DER bytes."""
     if isinstance(value, str):

@@ -427,7 +427,7 @@ class TlsProtocol(asyncio.Protocol):
         "_gate", "_admitted", "_inner", "_context", "_handshake_timeout", "_close_timeout", "_loop", "_raw",
         "_conn", "_app_transport", "_state", "_peer", "_timer", "_received_bytes", "_failure_logged",
         "_inner_connected", "_eof_delivered", "_reading_paused", "_raw_writing_paused", "_inner_writing_paused",
-        "_backlog", "_backlog_size", "_chain"
+        "_backlog", "_backlog_size"
     )
 
     def __init__(
@@ -463,7 +463,6 @@ class TlsProtocol(asyncio.Protocol):
         self._inner_writing_paused = False
         self._backlog: list[bytes] = []  # plaintext SSL_write could not take yet (WantRead)
         self._backlog_size = 0
-        self._chain: list[x509.Certificate] = []
 
     def __repr__(self) -> str:
         return f"<TlsProtocol {self._peer} {self._state.value}>"
@@ -560,7 +559,6 @@ class TlsProtocol(asyncio.Protocol):
         assert self._conn is not None
         self._cancel_timer()
         self._state = _State.OPEN
-        self._chain = _peer_chain(self._conn)
         self._inner_connected = True
         self._inner.connection_made(self._app_transport)
         if self._raw_writing_paused and self._inner_connected and not self._inner_writing_paused:
@@ -779,7 +777,9 @@ class TlsProtocol(asyncio.Protocol):
         conn = self._conn
         established = conn is not None and self._state is not _State.HANDSHAKE and self._state is not _State.NEW
         if name == "peer_certificate_chain":
-            return list(self._chain)
+            # parsed from the SSL object (which holds the peer's certificates anyway) on each call: a parsed copy
+            # kept for the connection's life would cost every idle device ~1.5 KB for a value read at its CONNECT
+            return _peer_chain(conn) if established and conn is not None else []
         if name == "ssl_object":
             return conn if conn is not None else default
         if name == "sslcontext":

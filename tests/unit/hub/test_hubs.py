@@ -12,7 +12,7 @@ from tests.unit.conftest import creds, register, symmetric_group
 from tests.x509_helpers import make_ca, make_leaf, p384_csr
 
 from opendps.errors import Conflict, InvalidCredentials, InvalidInput, Unauthorized
-from opendps.pki import thumbprint
+from opendps.pki import serial_hex, thumbprint
 from opendps.transport import sas
 from opendps.transport.sas import derive_device_key
 
@@ -74,8 +74,12 @@ def _auth(services, hub, device_id, *, password=None, chain=(), client_id=None, 
 def test_an_operational_certificate_opens_only_its_own_device(services, provisioned):
     hub, chains = provisioned
     device = _auth(services, hub, "dev-h1", chain=chains["dev-h1"][:2])
-    assert (device.device_id, device.auth_type, device.certificate) == ("dev-h1", "certificateAuthority",
-                                                                        chains["dev-h1"][0])
+    assert (device.device_id, device.auth_type, device.certificate_serial) == (
+        "dev-h1", "certificateAuthority", serial_hex(chains["dev-h1"][0]))
+    # what live sessions match a revocation of its issuing CA on: that CA's own key identifier
+    issuing_ca = chains["dev-h1"][1]
+    assert device.issuer_key_id == issuing_ca.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier).value.digest.hex()
     with pytest.raises(Unauthorized, match="certificate CN 'dev-h2' is not the device id 'dev-h1'"):
         _auth(services, hub, "dev-h1", chain=chains["dev-h2"][:2])
     with pytest.raises(Unauthorized, match="expired or not yet valid"):

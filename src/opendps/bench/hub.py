@@ -104,7 +104,7 @@ def connects(opts: Options) -> list[Result]:
 
 
 CONNECT_SCALE = "hub-connect-scale"
-QUICK_FLEETS, FULL_FLEETS = ((0, 0), (5_000, 500)), ((0, 0), (100_000, 10_000))  # (extra devices, enrollments)
+QUICK_FLEETS, FULL_FLEETS = ((0, 0), (2_000, 200)), ((0, 0), (100_000, 10_000))  # (extra devices, enrollments)
 SCALE_CONNECTS = 400
 
 

@@ -35,7 +35,7 @@ from opendps.bench._harness import Options, Result, load_row, run_load, running_
 from opendps.bench.provisioning import NAMESPACE, POLICY, SYMMETRIC_GROUP, _load_worker, prepare_devices
 
 SCENARIO = "store-scale"
-QUICK_SIZES, FULL_SIZES = (1_000, 5_000), (1_000, 1_000_000)  # quick: a smoke run (the tests)
+QUICK_SIZES, FULL_SIZES = (1_000, 3_000), (1_000, 1_000_000)  # quick: a smoke run (the tests)
 CONCURRENCY = 8
 QUICK_NEW, FULL_NEW = 16, 200  # new registrations per store
 QUICK_AGAIN, FULL_AGAIN = 8, 48  # re-registrations of seeded devices per store

@@ -18,7 +18,7 @@ from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
 from opendps.transport.tls import (
     ConnectionGate,
-    connection_budget,
+    connection_budgets,
     device_tls_context,
     raise_descriptor_limit,
     start_aiohttp_site,
@@ -88,7 +88,8 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     shared = workers > 1
     # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
     raise_descriptor_limit()
-    budget = connection_budget(2 + bool(st.amqp_port) + bool(st.http_port) + bool(st.metrics_port))
+    budget = connection_budgets(["HTTPS", "MQTT"] + ["AMQP"] * bool(st.amqp_port) + ["HTTP"] * bool(st.http_port)
+                                + ["metrics"] * bool(st.metrics_port))
     # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at
     # connect and after each response), so idle and slow-header connections are closed
     runner = web.AppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
@@ -96,22 +97,23 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
-    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget), reuse_port=shared)
+    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget["HTTPS"]),
+                             reuse_port=shared)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx,
-                                                gate=ConnectionGate("MQTT", budget), reuse_port=shared))
+                                                gate=ConnectionGate("MQTT", budget["MQTT"]), reuse_port=shared))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
-                                                    gate=ConnectionGate("AMQP", budget), reuse_port=shared))
+                                                    gate=ConnectionGate("AMQP", budget["AMQP"]), reuse_port=shared))
     # CRLs and OCSP over plain HTTP (relying parties fetch them without TLS); the same routes are on HTTPS; 0 = off
-    status_runner = await _plain_http(make_status_app(fe.runtime), st.host, st.http_port, "HTTP", budget, shared,
+    status_runner = await _plain_http(make_status_app(fe.runtime), st.host, st.http_port, "HTTP", budget["HTTP"], shared,
                                       st.client_timeout) if st.http_port else None
     # GET /metrics over plain HTTP for Prometheus (loopback by default: --metrics-host opens it); 0 = off
     metrics_runner = await _plain_http(make_metrics_app(fe.runtime), st.metrics_host, st.metrics_port, "metrics",
-                                       budget, shared, st.client_timeout) if st.metrics_port else None
+                                       budget["metrics"], shared, st.client_timeout) if st.metrics_port else None
     # a node of the service from now on: live hub state reaches devices here from any process or node
     await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
         "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port, "http": st.http_port})

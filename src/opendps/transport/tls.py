@@ -51,9 +51,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [
+    "LISTENER_WEIGHTS",
     "TlsProtocol",
     "TlsTransport",
     "client_context",
+    "connection_budgets",
     "context_serving",
     "device_tls_context",
     "replace_context",
@@ -398,14 +400,26 @@ def raise_descriptor_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def connection_budget(listeners: int, *, reserve: int = 128) -> int:
-    """Connections each of ``listeners`` may hold so that together they stay below the descriptor limit, with
-    ``reserve`` descriptors left for the database, files and the process itself."""
+# A listener's share of the descriptors. The MQTT listener holds the fleet all day (every hub device, DPS sessions);
+# HTTPS serves registrations, which are short, and the management API; AMQP a few service clients; the plain-HTTP
+# status and metrics listeners a few fetchers. An equal split left a hub with a 20,000-descriptor limit room for only
+# 6,624 devices next to three other listeners.
+LISTENER_WEIGHTS = {"MQTT": 8, "HTTPS": 4, "AMQP": 2, "HTTP": 1, "metrics": 1}
+
+
+def connection_budgets(listeners: Iterable[str], *, reserve: int = 128) -> dict[str, int]:
+    """Connections each of ``listeners`` (names of :data:`LISTENER_WEIGHTS`) may hold so that together they stay
+    below the descriptor limit, with ``reserve`` descriptors left for the database, files and the process itself;
+    the rest is shared by weight (at least one connection each)."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     soft = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    return max(1, (soft - reserve) // max(1, listeners))
+    names = list(listeners)
+    weights = {name: LISTENER_WEIGHTS[name] for name in names}
+    total = sum(weights.values()) or 1
+    room = max(0, soft - reserve)
+    return {name: max(1, room * weight // total) for name, weight in weights.items()}
 
 
 class TlsProtocol(asyncio.Protocol):

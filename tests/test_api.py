@@ -417,6 +417,25 @@ def test_what_other_sdks_send_to_the_service_api(server):
             assert r.status_code == 200 and isinstance(r.json(), list), (query, r.text)
         _assert_error(c.post("/enrollments/query", json={"query": "SELECT * FROM enrollments WHERE x = 1"}), 400,
                       400004, "without WHERE")
+        # paged as the SDKs page: x-ms-max-item-count in, x-ms-continuation out while more follow
+        for i in range(3):
+            assert c.put(f"/enrollments/sdk-page-{i}", json={**sym, "registrationId": f"sdk-page-{i}"}).status_code in (
+                200, 201)
+        everything = [e["registrationId"] for e in c.post("/enrollments/query", json={"query": "*"}).json()]
+        assert len(everything) >= 3
+        walked, token, pages = [], None, 0
+        while True:
+            r = c.post("/enrollments/query", json={"query": "*"},
+                       headers={"x-ms-max-item-count": "2", **({"x-ms-continuation": token} if token else {})})
+            assert r.status_code == 200 and r.headers["x-ms-item-type"] == "Enrollment" and len(r.json()) <= 2
+            walked += [e["registrationId"] for e in r.json()]
+            pages += 1
+            token = r.headers.get("x-ms-continuation")
+            if token is None:
+                break
+        assert walked == everything and pages == (len(everything) + 1) // 2
+        _assert_error(c.post("/enrollments/query", json={"query": "*"}, headers={"x-ms-continuation": "x"}), 400,
+                      400004, "must be integers")
 
         assert c.put("/devices/sdk-java-twin", json={"deviceId": "sdk-java-twin"}).status_code == 200
         r = c.post("/twins/sdk-java-twin", json={"tags": {"site": "lab"}}, headers={"X-HTTP-Method-Override": "PATCH"})

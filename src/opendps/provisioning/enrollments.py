@@ -228,10 +228,18 @@ class Enrollments:
         with self.store.session() as s:
             return [self._view(r) for r in s.scalars(q.order_by(Enrollment.id))]
 
+    def window(self, kind: str, start: int, count: int) -> tuple[tuple[EnrollmentView, ...], bool]:
+        """``count`` enrollments of ``kind`` from position ``start`` in creation order, and whether more follow (the
+        Azure query route's pages: an offset continuation). Only the page's keys are unwrapped, not the fleet's."""
+        q = select(Enrollment).where(Enrollment.kind == kind).order_by(Enrollment.id).offset(start).limit(count + 1)
+        with self.store.session() as s:
+            rows = list(s.scalars(q))
+        return tuple(self._view(r) for r in rows[:count]), len(rows) > count
+
     def page(self, kind: str, *, after: str = "", top: int = 100) -> EnrollmentPage:
         """One page of the enrollments of ``kind`` in id order (case-insensitive), after the id ``after``: a keyset
         range on ``ix_enrollments_kind_lower_id``, no keys unwrapped (the fleet dashboard; the Azure query route
-        reads every enrollment)."""
+        uses :meth:`window`)."""
         if not 1 <= top <= 1000:
             raise InvalidInput("top must be 1-1000")
         key = func.lower(Enrollment.enrollment_id)

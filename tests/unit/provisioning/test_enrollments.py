@@ -112,3 +112,23 @@ def test_bulk_operations_apply_each_item_on_its_own_and_report_the_refused(servi
                                ("create", [docs[0]] * 11, "at most 10"), ("delete", {"registrationId": "x"}, "array")]:
         with pytest.raises(InvalidInput, match=words):
             bulk("individual", mode, items)
+
+
+def test_a_query_window_unwraps_only_its_own_keys(services, monkeypatch):
+    """The Azure query route pages with an offset: a page of 2 out of 7 keyed enrollments unwraps 2 keys, not 7."""
+    for i in range(7):
+        services.enrollments.put("individual", f"win-{i}", SYM)
+    services.enrollments.put("group", "win-group", SYM)  # another kind: never in the window
+    unwrapped = []
+    unwrap = services.enrollments.keys.unwrap
+    monkeypatch.setattr(services.enrollments.keys, "unwrap", lambda blob, label: unwrapped.append(label) or
+                        unwrap(blob, label))
+    first, more = services.enrollments.window("individual", 0, 2)
+    assert [v.enrollment_id for v in first] == ["win-0", "win-1"] and more
+    assert len(unwrapped) == 2 and all(v.keys for v in first)
+    middle, more = services.enrollments.window("individual", 2, 4)
+    assert [v.enrollment_id for v in middle] == ["win-2", "win-3", "win-4", "win-5"] and more
+    last, more = services.enrollments.window("individual", 6, 4)
+    assert [v.enrollment_id for v in last] == ["win-6"] and not more
+    assert services.enrollments.window("individual", 7, 4) == ((), False)
+    assert len(unwrapped) == 2 + 4 + 1

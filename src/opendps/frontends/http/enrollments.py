@@ -14,7 +14,17 @@ from aiohttp import web
 
 from opendps.errors import InvalidInput
 from opendps.frontends.http.certificates import certificate_response, certificate_routes, pem
-from opendps.frontends.http.wire import if_match, json_body, json_object_body, page, run, send, services
+from opendps.frontends.http.wire import (
+    if_match,
+    json_body,
+    json_object_body,
+    page,
+    page_response,
+    page_window,
+    run,
+    send,
+    services,
+)
 from opendps.hub import HubView
 from opendps.pki import CaCertificates
 from opendps.provisioning.enrollments import GROUP, INDIVIDUAL
@@ -63,8 +73,10 @@ async def query_enrollments(request: web.Request) -> web.Response:
             raise InvalidInput(f"query {text!r} is not supported: only \"*\" or SELECT * FROM enrollments | "
                                "enrollmentGroups, without WHERE")
     kind = _kind(request)
-    views = await run(request, services(request).enrollments.list, kind)
-    return page(request, [v.to_wire() for v in views], "EnrollmentGroup" if kind == GROUP else "Enrollment")
+    start, size = page_window(request)
+    views, more = await run(request, services(request).enrollments.window, kind, start, size)
+    return page_response([v.to_wire() for v in views], "EnrollmentGroup" if kind == GROUP else "Enrollment", start,
+                         size, more=more)
 
 
 async def bulk_enrollments(request: web.Request) -> web.Response:

@@ -83,6 +83,12 @@ def send(data: BaseModel | Any, status: int = 200, etag: str | None = None,
 
 def page(request: web.Request, items: list[Any], item_type: str) -> web.Response:
     """Azure's query paging: x-ms-max-item-count in, x-ms-continuation in and out."""
+    start, size = page_window(request)
+    return page_response(items[start:start + size], item_type, start, size, more=start + size < len(items))
+
+
+def page_window(request: web.Request) -> tuple[int, int]:
+    """Where a query page starts and how many items it may hold (x-ms-continuation, x-ms-max-item-count)."""
     try:
         size = int(request.headers.get("x-ms-max-item-count") or MAX_PAGE)
         start = int(request.headers.get("x-ms-continuation") or 0)
@@ -90,9 +96,13 @@ def page(request: web.Request, items: list[Any], item_type: str) -> web.Response
         raise InvalidInput("x-ms-max-item-count and x-ms-continuation must be integers") from exc
     if not 1 <= size <= MAX_PAGE or start < 0:
         raise InvalidInput(f"x-ms-max-item-count must be 1-{MAX_PAGE} and x-ms-continuation >= 0")
-    chunk = items[start:start + size]
+    return start, size
+
+
+def page_response(chunk: list[Any], item_type: str, start: int, size: int, *, more: bool) -> web.Response:
+    """One query page; ``more``: a continuation to the next one."""
     headers = {"x-ms-item-type": item_type, "x-ms-max-item-count": str(size)}
-    if start + size < len(items):
+    if more:
         headers["x-ms-continuation"] = str(start + size)
     return send(chunk, headers=headers)
 

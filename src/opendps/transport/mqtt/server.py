@@ -189,7 +189,10 @@ def _short(value: str, limit: int = 96) -> str:
 
 
 class Session:
-    """One live client connection as handed to the application; a reconnect makes a new Session."""
+    """One live client connection as handed to the application; a reconnect makes a new Session.
+
+    ``request`` is the CONNECT without its credentials: the password and the certificate chain are the
+    authenticator's to read, and are not kept for the session's life."""
 
     __slots__ = ("client_id", "request", "subscriptions", "_conn")
 

@@ -174,6 +174,30 @@ def ca_certificates(services) -> CaCertificates:
     return services.ca_certificates
 
 
+def assert_uses_index(store: Store, queries: dict[str, object]) -> None:
+    """Each query (a SQLAlchemy statement with its parameters bound) is planned on the index that names it: SQLite's
+    plan, or PostgreSQL's with sequential scans discouraged (a test's tiny table would be scanned otherwise)."""
+    with store.engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if not sqlite:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        for index, query in queries.items():
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))  # type: ignore[attr-defined]
+            plan = " ".join(str(row) for row in conn.exec_driver_sql(
+                ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql))
+            assert index in plan, (index, plan)
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Poll ``predicate`` until it returns something true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free ports (all bound at once while chosen, so two never coincide)."""
     sockets = [socket.socket() for _ in range(count)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import ssl
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
-from tests.conftest import _run_server, database, run_openssl
+from tests.conftest import _run_server, database, run_openssl, wait_until
 from tests.test_device_api import assert_azure_error, csr_b64, device_sas, namespace, register, svc, sym_key
 
 from opendps.pki import lint_certificate, lint_crl, lint_ocsp_response
@@ -93,16 +92,6 @@ def _revoke(server, serial: str, reason: str) -> None:
         assert r.status_code == 200, r.text
 
 
-def _until(check, seconds: float = 2.0):
-    """A revocation reaches every process's CRL within the one-second state memo: poll, then fail."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
-
-
 def test_crl_and_ocsp_follow_revocations_and_rotation_with_openssl(server, files):
     with svc(server) as c:
         namespace(c, NS, POLICY)
@@ -150,7 +139,7 @@ def test_crl_and_ocsp_follow_revocations_and_rotation_with_openssl(server, files
         crl = x509.load_der_x509_crl(_fetch_crl(_crl_url(leaf), files / "ica.crl"))
         return crl.get_revoked_certificate_by_serial_number(doomed.serial_number) is not None
 
-    assert all(_until(listed) for _ in range(4)), "a worker's CRL does not list the revocation within 2 s"
+    assert all(wait_until(listed, 2.0, 0.1) for _ in range(4)), "a worker's CRL does not list the revocation within 2 s"
     code, text = verify("doomed.pem")
     assert code != 0 and "certificate revoked" in text, text
     assert verify("good.pem") == (0, "good.pem: OK\n")
@@ -165,8 +154,8 @@ def test_crl_and_ocsp_follow_revocations_and_rotation_with_openssl(server, files
     _revoke(server, format(leaf.serial_number, "X"), "superseded")
     said = _ocsp(files, files / "ica.pem", files / "good.pem", _ocsp_url(leaf))
     assert "good.pem: revoked" in said and "Reason: superseded" in said, said
-    assert _until(lambda: {e.serial_number for e in x509.load_der_x509_crl(_fetch_crl(_crl_url(leaf), files / "ica.crl"))}
-                  == {doomed.serial_number, leaf.serial_number})
+    assert wait_until(lambda: {e.serial_number for e in x509.load_der_x509_crl(
+        _fetch_crl(_crl_url(leaf), files / "ica.crl"))} == {doomed.serial_number, leaf.serial_number}, 2.0, 0.1)
     _pem(files / "new-ica.pem", new_ica), _pem(files / "fresh.pem", fresh)
     assert "fresh.pem: good" in _ocsp(files, files / "new-ica.pem", files / "fresh.pem", _ocsp_url(fresh))
 

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import service_missing
+from conftest import service_missing, wait_until
 from opendps.transport.mqtt.codec import (
     Connack,
     Connect,
@@ -331,15 +331,6 @@ def extra_server(env: Env, **kw: Any) -> Iterator[tuple[App, MqttServer, int]]:
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.01)
 
 
 def mqtt_records(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[logging.LogRecord]:

@@ -2,6 +2,7 @@
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from tests.conftest import assert_uses_index
 
 from opendps.store.models import Base
 
@@ -27,12 +28,4 @@ def test_hot_lookups_use_their_indexes(store):
                                                                   Registration.device_id == "dev-1"),
         "ix_operations_created_at": delete(Operation).where(Operation.created_at < now),
     }
-    with store.engine.connect() as conn:
-        sqlite = conn.dialect.name == "sqlite"
-        if not sqlite:
-            conn.exec_driver_sql("SET enable_seqscan = off")
-        for index, query in queries.items():
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            plan = " ".join(str(row) for row in conn.exec_driver_sql(
-                ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql))
-            assert index in plan, (index, plan)
+    assert_uses_index(store, queries)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import select
+from tests.conftest import assert_uses_index
 from tests.unit.conftest import creds, register, symmetric_group
 from tests.x509_helpers import p384_csr
 
@@ -165,15 +166,7 @@ def test_the_aggregates_read_their_indexes(services):
                                                                    t.not_after < now + timedelta(days=90)),
         "ix_operations_created_at": select(Operation.status).where(Operation.created_at >= now),
     }
-    with store.engine.connect() as conn:
-        sqlite = conn.dialect.name == "sqlite"
-        if not sqlite:
-            conn.exec_driver_sql("SET enable_seqscan = off")
-        for index, query in queries.items():
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            plan = " ".join(str(row) for row in conn.exec_driver_sql(
-                ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql))
-            assert index in plan, (index, plan)
+    assert_uses_index(store, queries)
 
 
 def _get(services, paths: list[str], token: str | None) -> list[tuple[int, dict, object]]:

@@ -20,8 +20,7 @@ from opendps.frontends.http.fleet import routes as fleet_routes
 from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
-from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX
-from opendps.frontends.http.pki_status import routes as status_routes
+from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX, add_status_routes
 from opendps.frontends.http.service import routes as service_routes
 from opendps.frontends.http.status import METRICS_ROUTE_PREFIX, metrics_exposition
 from opendps.frontends.http.status import routes as service_status_routes
@@ -166,7 +165,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/healthz", health)
     app.router.add_get("/$iothub/websocket", mqtt_over_websocket, name=DEVICE_ROUTE_PREFIX + "mqtt-websocket")
-    app.add_routes(status_routes)  # CRLs and OCSP, open: the same handlers as the plain-HTTP listener's
+    add_status_routes(app)  # CRLs and OCSP, open: the same handlers as the plain-HTTP listener's
     app.add_routes(service_routes)
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
@@ -191,7 +190,7 @@ def make_status_app(runtime: Runtime) -> web.Application:
     quiet_client_errors()
     app = web.Application(middlewares=[error_middleware], client_max_size=STATUS_MAX_BODY)
     app[RUNTIME] = runtime
-    app.add_routes(status_routes)
+    add_status_routes(app)
     return app
 
 

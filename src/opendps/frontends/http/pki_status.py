@@ -70,11 +70,14 @@ class StatusGate:
 STATUS_GATE = web.AppKey("opendps_status_gate", StatusGate)
 
 
+def add_status_routes(app: web.Application) -> None:
+    """The CRL and OCSP routes on ``app``, with that application's own :class:`StatusGate`."""
+    app[STATUS_GATE] = StatusGate()
+    app.add_routes(routes)
+
+
 def _gate(request: web.Request) -> StatusGate:
-    gate = request.app.get(STATUS_GATE)
-    if gate is None:
-        gate = request.app[STATUS_GATE] = StatusGate()
-    return gate
+    return request.app[STATUS_GATE]
 
 
 def _http_date(when: datetime) -> str:
@@ -141,4 +144,4 @@ async def get_ocsp(request: web.Request) -> web.Response:
     return _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
 
 
-__all__ = ["PKI_ROUTE_PREFIX", "routes"]
+__all__ = ["PKI_ROUTE_PREFIX", "add_status_routes"]

@@ -650,3 +650,89 @@ def test_raw_layer_flow_control_both_directions(pki):
     finally:
         loop_thread.call(_close_server(server))  # on its loop: asyncio.Server is not thread-safe
         loop_thread.close()
+
+
+class Echo(asyncio.Protocol):
+    """Answers ``big`` with 64 KB, anything else upper-cased."""
+
+    def __init__(self, done: threading.Event) -> None:
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(BIG_RESPONSE[:65536] if data == b"big" else data.upper())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set()
+
+
+def test_memory_bios_are_renewed_after_the_handshake_and_after_bursts(pki, monkeypatch):
+    """An idle connection keeps no handshake-sized BIO buffers (OpenSSL's memory BIOs never shrink): fresh BIOs
+    after the handshake and after a burst larger than the keep size, none for small records; data stays intact.
+    (That a renewal replaces the BIOs: the next test.)"""
+    import opendps.transport.tls as tls
+
+    renewals: list[tuple[bool, bool, bool]] = []
+    renew = tls._renew_bios
+    assert renew is not None
+
+    def spy(conn: SSL.Connection, inbound: bool, outbound: bool) -> bool:
+        done = renew(conn, inbound, outbound)
+        renewals.append((inbound, outbound, done))
+        return done
+
+    monkeypatch.setattr(tls, "_renew_bios", spy)
+    loop_thread = ServerThread()
+    done = threading.Event()
+    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    seen: list[list[tuple[bool, bool, bool]]] = []
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
+            for message, answer in ((b"a", b"A"), (b"b", b"B"), (b"big", BIG_RESPONSE[:65536]), (b"c", b"C"),
+                                    (BIG_REQUEST[:8192], BIG_REQUEST[:8192].upper())):
+                for sent, expected in ((message, answer), (b"sync", b"SYNC")):  # the server is done with message
+                    s.sendall(sent)
+                    got = b""
+                    while len(got) < len(expected):
+                        got += s.recv(1 << 20)
+                    assert got == expected
+                seen.append(list(renewals))
+                renewals.clear()
+        assert done.wait(5)
+    finally:
+        loop_thread.call(_close_server(server))
+        loop_thread.close()
+    after_a, after_b, after_big, after_c, after_upload = seen
+    assert after_a == [(True, True, True)]  # the handshake's buffers: both sides, once
+    assert after_b == [] and after_c == []  # small records: kept
+    assert after_big and all(r == (False, True, True) for r in after_big)  # 64 KB out (per 16 KB record)
+    assert (True, False, True) in after_upload and (False, True, True) in after_upload  # 8 KB in, 8 KB out
+
+
+def test_a_memory_bio_holding_bytes_is_not_renewed(pki):
+    from opendps.transport.tls import _renew_bios
+
+    assert _renew_bios is not None, "pyOpenSSL no longer exposes what BIO renewal needs"
+    conn = SSL.Connection(device_tls_context(pki.server_chain, pki.server_key), None)
+    before = (conn._into_ssl, conn._from_ssl)
+    assert _renew_bios(conn, True, True)  # empty: renewed
+    renewed = (conn._into_ssl, conn._from_ssl)
+    assert renewed[0] != before[0] and renewed[1] != before[1]
+    conn.bio_write(b"\x16\x03\x01\x00")  # the start of a record OpenSSL has not read
+    assert not _renew_bios(conn, True, False)
+    assert (conn._into_ssl, conn._from_ssl) == renewed
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        client.do_handshake()  # a ClientHello waits in the outgoing BIO
+    out = client._from_ssl
+    assert not _renew_bios(client, False, True)
+    assert client._from_ssl == out

@@ -74,8 +74,9 @@ def _worker_main(settings: Settings, index: int, count: int, parent: Connection)
     import asyncio
 
     from opendps.instance import open_instance
-    from opendps.server import serve
+    from opendps.server import limit_malloc_arenas, serve
 
+    limit_malloc_arenas()
     logs.configure(settings.log_format, who=f"worker {index}", worker=index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     try:

@@ -215,8 +215,9 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
           metrics_host: str | None, log_format: str | None) -> None:
     """Start the server (initialising the data directory on first run); with several workers, this process
     supervises them."""
-    from opendps.server import run
+    from opendps.server import limit_malloc_arenas, run
 
+    limit_malloc_arenas()
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
                          lint=False if no_lint else None, workers=workers, bus=bus, key_backend=key_backend,

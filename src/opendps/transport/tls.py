@@ -70,6 +70,9 @@ _RECV_SIZE = 65536  # plaintext per SSL_read call (a record holds at most 16 KiB
 _BIO_READ_SIZE = 262144  # ciphertext per read from the outgoing memory BIO
 _SEND_CHUNK = 262144  # plaintext per SSL_write; the BIO is flushed between chunks to bound memory
 _SESSION_ID_CONTEXT = b"opendps-device"
+# a memory BIO keeps the largest buffer it ever held (OpenSSL's BUF_MEM never shrinks): one that carried more than
+# this at once is replaced by a fresh one as soon as it is empty (see _renew_bios)
+_BIO_KEEP = 2048
 
 
 # --- stdlib contexts (management listener, clients) -------------------------------------------
@@ -422,6 +425,53 @@ def connection_budgets(listeners: Iterable[str], *, reserve: int = 128) -> dict[
     return {name: max(1, room * weight // total) for name, weight in weights.items()}
 
 
+def _bio_renewer() -> Callable[[SSL.Connection, bool, bool], bool] | None:
+    """``renew(conn, inbound, outbound)``: give ``conn`` fresh, empty memory BIOs on the chosen sides.
+
+    Why: pyOpenSSL's memory BIOs keep the largest buffer they ever held, so every idle device would carry its
+    handshake flights (2-4 KB each way: certificate chains) for the connection's life. OpenSSL lets a connection
+    change BIOs between records (``SSL_set_bio`` frees the old ones); pyOpenSSL has no public call for it, so this
+    uses its binding and its two BIO attributes, and returns None (nothing renewed, the connection works as
+    before) if a pyOpenSSL release changes them. tests/test_tls.py checks the renewal happens.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        new_bio, mem, set_bio, pending = lib.BIO_new, lib.BIO_s_mem, lib.SSL_set_bio, lib.BIO_get_mem_data
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    null = ffi.NULL
+
+    def renew(conn: SSL.Connection, inbound: bool, outbound: bool) -> bool:
+        try:
+            ssl_ptr, into, out = conn._ssl, conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - depends on the pyOpenSSL release
+            return False
+        if into is None or out is None:
+            return False
+        if inbound and pending(into, null) != 0 or outbound and pending(out, null) != 0:
+            return False  # bytes still wait in it: next time
+        if inbound:
+            into = new_bio(mem())
+            if into == null:
+                return False
+        if outbound:
+            fresh_out = new_bio(mem())
+            if fresh_out == null:
+                if inbound:
+                    lib.BIO_free(into)
+                return False
+            out = fresh_out
+        set_bio(ssl_ptr, into, out)  # frees the replaced BIOs
+        conn._into_ssl, conn._from_ssl = into, out  # type: ignore[attr-defined]
+        return True
+
+    return renew
+
+
+_renew_bios = _bio_renewer()
+
+
 class TlsProtocol(asyncio.Protocol):
     """Server-side TLS over memory BIOs between a socket transport and ``inner``.
 
@@ -508,6 +558,8 @@ class TlsProtocol(asyncio.Protocol):
                 self._do_handshake()
         elif self._state is _State.OPEN and self._feed(data):
             self._do_read()
+            if len(data) > _BIO_KEEP and _renew_bios is not None and self._state is _State.OPEN:
+                _renew_bios(self._conn, True, False)  # type: ignore[arg-type]
         # CLOSING/CLOSED: the socket is being closed; late bytes are irrelevant.
 
     def eof_received(self) -> bool | None:
@@ -580,6 +632,8 @@ class TlsProtocol(asyncio.Protocol):
             self._inner.pause_writing()
         # A TLS 1.3 client may send application data in the same flight as its Finished.
         self._do_read()
+        if _renew_bios is not None and self._conn is not None and self._state is _State.OPEN:
+            _renew_bios(self._conn, True, True)  # the handshake's flights: 4-8 KB an idle device need not keep
 
     def _handshake_failed(self, reason: str, level: int = logging.INFO) -> None:
         self._cancel_timer()
@@ -730,8 +784,13 @@ class TlsProtocol(asyncio.Protocol):
             if not data:
                 break
             out.append(data)
-        if out and not raw.is_closing():
-            raw.write(out[0] if len(out) == 1 else b"".join(out))
+        if not out:
+            return
+        payload = out[0] if len(out) == 1 else b"".join(out)
+        if not raw.is_closing():
+            raw.write(payload)
+        if len(payload) > _BIO_KEEP and _renew_bios is not None and self._state is _State.OPEN:
+            _renew_bios(conn, False, True)
 
     def _write_buffer_size(self) -> int:
         raw_size = self._raw.get_write_buffer_size() if self._raw is not None else 0

@@ -170,6 +170,7 @@ class App:
         self.max_buffer: dict[str, int] = {}
         self.burst_errors: dict[str, str] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.kept: dict[str, ConnectRequest] = {}  # what each session keeps of its CONNECT
 
     def of(self, kind: str, client_id: str) -> list[tuple]:
         return [e for e in self.events if e[0] == kind and e[1] == client_id]
@@ -185,6 +186,7 @@ class App:
 
     async def on_connected(self, session: Session) -> None:
         self.events.append(("connected", session.client_id, session.request.peername))
+        self.kept[session.client_id] = session.request
 
     async def on_subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
         self.events.append(("subscribe", session.client_id, topic_filter, qos))
@@ -514,6 +516,10 @@ def test_connect_request_carries_credentials_and_tls_chain(env: Env, pki: Pki) -
         ("hub/dev", b"SharedAccessSignature sr=x", 30, True)
     assert request.peername[0] == "127.0.0.1"
     assert "SharedAccessSignature" not in repr(request)
+    # the live session keeps no credentials (user name, SAS token, chain), only what the CONNECT asked for
+    kept = env.app.kept[cid]
+    assert (kept.username, kept.password, kept.peer_certificate_chain) == (None, None, [])
+    assert (kept.client_id, kept.keepalive, kept.clean_session, kept.peername) == (cid, 30, True, request.peername)
     client.stop()
 
     plain = Raw(env.tcp_port)
@@ -613,6 +619,32 @@ def test_publish_exact_packets_and_pipelining(env: Env) -> None:
     assert raw.recv() == Publish("reply/q0", b"y", 0)
     raw.send(Disconnect())
     assert raw.closed_within(2)
+
+
+def test_an_idle_connection_holds_no_consumer_task(env: Env) -> None:
+    """The consumer of a connection's packets runs while packets wait and ends when none do (an idle device holds no
+    task, coroutine or future); the next packets start another, still handled in order."""
+    cid = uid("idle")
+    raw = Raw(env.tcp_port)
+
+    def consumer() -> object:
+        conns = [c for c in env.server._connections if c._client_id == cid]
+        assert len(conns) == 1
+        return conns[0]._task
+
+    raw.connect(cid)
+    assert wait_until(lambda: env.loop.sync(consumer) is None)
+    for round_ in range(3):
+        raw.send(Subscribe(1, [(f"reply/{round_}", 1)]), Publish(f"echo/{round_}", b"x", 1, packet_id=9), Pingreq())
+        assert raw.recv() == Suback(1, [1])
+        assert raw.recv() == Publish(f"reply/{round_}", b"x", 1, False, False, round_ + 1)
+        assert raw.recv() == Puback(9)
+        assert raw.recv() == Pingresp()
+        raw.send(Puback(round_ + 1))
+        assert wait_until(lambda: env.loop.sync(consumer) is None)
+    raw.send(Disconnect())
+    assert raw.closed_within(2)
+    assert wait_until(lambda: not env.loop.sync(lambda: [c for c in env.server._connections if c._client_id == cid]))
 
 
 def test_on_ack_called_after_puback(env: Env) -> None:

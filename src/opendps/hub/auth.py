@@ -27,7 +27,7 @@ from opendps.registry import DeviceRegistry
 from opendps.transport import sas
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthenticatedDevice:
     hub_id: int
     hub_name: str

@@ -489,7 +489,7 @@ class TlsProtocol(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_gate", "_admitted", "_inner", "_context", "_handshake_timeout", "_close_timeout", "_loop", "_raw",
-        "_conn", "_app_transport", "_state", "_peer", "_timer", "_received_bytes", "_failure_logged",
+        "_conn", "_app_transport", "_state", "_timer", "_received_bytes", "_failure_logged",
         "_inner_connected", "_eof_delivered", "_reading_paused", "_raw_writing_paused", "_inner_writing_paused",
         "_backlog", "_backlog_size"
     )
@@ -516,7 +516,6 @@ class TlsProtocol(asyncio.Protocol):
         self._conn: SSL.Connection | None = None
         self._app_transport = TlsTransport(self)
         self._state = _State.NEW
-        self._peer = "unknown peer"
         self._timer: asyncio.TimerHandle | None = None
         self._received_bytes = False
         self._failure_logged = False
@@ -531,6 +530,11 @@ class TlsProtocol(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<TlsProtocol {self._peer} {self._state.value}>"
 
+    @property
+    def _peer(self) -> str:
+        """The client's address for log lines (formatted when one is written, not kept per connection)."""
+        return format_peer(self._raw.get_extra_info("peername")) if self._raw is not None else "unknown peer"
+
     # socket-transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -543,7 +547,6 @@ class TlsProtocol(asyncio.Protocol):
             self._admitted = True
         self._loop = asyncio.get_running_loop()
         self._raw = transport
-        self._peer = format_peer(transport.get_extra_info("peername"))
         self._context = current_context(self._context)  # a replaced server certificate (replace_context)
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()

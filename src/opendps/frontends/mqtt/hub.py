@@ -15,8 +15,8 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -47,9 +47,8 @@ class HubSession:
     runtime: Runtime
     device: AuthenticatedDevice
     session: Session | None = None
-    filters: set[str] = field(default_factory=set)
     renewing: bool = False
-    sent: set[int] = field(default_factory=set)  # C2D messages published on this connection, awaiting PUBACK
+    sent: set[int] | None = None  # C2D messages published on this connection, awaiting PUBACK (made by the first)
     delivering: bool = False
     counted: bool = False  # in opendps_hub_connections (on_connected ran)
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
@@ -57,6 +56,13 @@ class HubSession:
     persistent: ClassVar[bool] = False
     # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
     max_keepalive: ClassVar[int] = 1767
+
+    @property
+    def filters(self) -> Mapping[str, int]:
+        """The topic filters the device holds: the MQTT session's own (the core adds a filter once on_subscribe
+        granted it and removes one before the UNSUBACK: SDKs unsubscribe to turn a feature off, e.g. Node's
+        ``disableC2D``), not a second copy per connection."""
+        return self.session.subscriptions if self.session is not None else {}
 
     @property
     def session_key(self) -> str:
@@ -83,15 +89,9 @@ class HubSession:
         if topic_filter not in allowed or (topic_filter not in self.filters and len(self.filters) >= MAX_SUBSCRIPTIONS):
             log.info("device %r: subscription to %r refused", d, topic_filter)
             return REFUSE
-        self.filters.add(topic_filter)
         if topic_filter.startswith("devices/"):
             asyncio.get_running_loop().call_soon(self.wake_c2d)
         return min(qos, 1)
-
-    async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
-        """Forget the filter, so C2D, desired pushes and method calls stop (``subscribed`` reads ``filters``): SDKs
-        unsubscribe to turn a feature off (Node ``disableC2D``, ``disableTwinDesiredPropertiesUpdates``)."""
-        self.filters.discard(topic_filter)
 
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         d = self.device.device_id
@@ -247,7 +247,9 @@ class HubSession:
             if self.session is None or not self.subscribed(C2D):
                 return
             for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key):
-                if message.pk in self.sent:
+                if self.sent is None:
+                    self.sent = set()
+                elif message.pk in self.sent:
                     continue
                 self.sent.add(message.pk)
                 await self.session.publish(message.topic(self.device.device_id), message.body, qos=1,
@@ -263,6 +265,9 @@ class HubSession:
         async def done() -> None:
             await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
             metrics.c2d_delivered(self.device.hub_name)
-            self.sent.discard(pk)
+            if self.sent is not None:
+                self.sent.discard(pk)
+                if not self.sent:
+                    self.sent = None
             self.wake_c2d()  # anything queued meanwhile goes out now
         return done

@@ -115,7 +115,7 @@ class MqttRefused(Exception):
     """Raised by a handler to refuse a client's packet: the server logs one line and closes the connection."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectRequest:
     """What the application sees to authenticate a CONNECT (credentials as sent, TLS chain as presented)."""
 
@@ -191,8 +191,8 @@ def _short(value: str, limit: int = 96) -> str:
 class Session:
     """One live client connection as handed to the application; a reconnect makes a new Session.
 
-    ``request`` is the CONNECT without its credentials: the password and the certificate chain are the
-    authenticator's to read, and are not kept for the session's life."""
+    ``request`` is the CONNECT without its credentials: the user name, the password and the certificate chain
+    are the authenticator's to read, and are not kept for the session's life."""
 
     __slots__ = ("client_id", "request", "subscriptions", "_conn")
 
@@ -241,11 +241,11 @@ class _Connection(asyncio.Protocol):
     # thousands live at once (one per connection): no per-object __dict__
     __slots__ = (
         "__weakref__",
-        "_server", "_loop", "_transport", "_peername", "_peer", "_decoder", "_queue", "_queued_bytes", "_wakeup",
+        "_server", "_loop", "_transport", "_peername", "_decoder", "_queue", "_queued_bytes",
         "_task", "_connect_timer", "_keepalive_timer", "_close_timer", "_last_rx", "_keepalive", "_connect_seen",
         "_disconnect_seen", "_client_id", "_key", "_session", "_handler", "_clean", "_open", "_inflight",
         "_next_pid", "_publish_lock", "_slot_waiter", "_drain_waiters", "_write_paused", "_reading_paused",
-        "_close_reason", "_peer_closed", "_lost", "closed", "gone"
+        "_close_reason", "_peer_closed", "_lost", "_finished", "_closed_waiter", "_gone_waiter"
     )
 
     def __init__(self, server: MqttServer) -> None:
@@ -253,13 +253,13 @@ class _Connection(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in connection_made
         self._transport: asyncio.Transport | None = None
         self._peername: Any = None
-        self._peer = "unknown peer"
         self._decoder = Decoder(server.max_packet_size)
         # packets decoded and not yet handled; None while there are none (an empty deque still holds a 64-slot block:
         # ~0.6 KB per idle connection)
         self._queue: deque[tuple[Packet, int]] | None = None
         self._queued_bytes = 0
-        self._wakeup: asyncio.Future[None] | None = None
+        # the consumer of the queue: runs while packets wait or the connection ends, absent while the connection is
+        # idle (an idle device holds no task, coroutine or future: ~1 KB each of thousands; see _wake)
         self._task: asyncio.Task[None] | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
@@ -276,16 +276,39 @@ class _Connection(asyncio.Protocol):
         self._open = False  # CONNACK 0 written: the session exists (stays True after it ended)
         self._inflight: dict[int, _Outbound] = {}
         self._next_pid = 1
-        self._publish_lock = asyncio.Lock()
+        self._publish_lock: asyncio.Lock | None = None  # made by the first publish to the client
         self._slot_waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._write_paused = False
         self._reading_paused = False
         self._close_reason: str | None = None
         self._peer_closed = False  # the client ended the connection (vs. the server deciding to)
-        self._lost = False
-        self.closed: asyncio.Future[None] | None = None  # done after on_disconnected
-        self.gone: asyncio.Future[None] | None = None  # done when the transport is gone
+        self._lost = False  # the transport is gone
+        self._finished = False  # on_disconnected ran: the connection is over
+        # futures for those two states, made only when someone waits (takeover, shutdown, WebSocket route)
+        self._closed_waiter: asyncio.Future[None] | None = None
+        self._gone_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def _peer(self) -> str:
+        """The client's address for log lines (formatted when one is written, not kept per connection)."""
+        return format_peer(self._peername) if self._peername is not None else "unknown peer"
+
+    def wait_closed(self) -> asyncio.Future[None]:
+        """Done once the connection is over (``on_disconnected`` ran)."""
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
+            if self._finished:
+                self._closed_waiter.set_result(None)
+        return self._closed_waiter
+
+    def wait_gone(self) -> asyncio.Future[None]:
+        """Done once the transport is gone."""
+        if self._gone_waiter is None:
+            self._gone_waiter = self._loop.create_future()
+            if self._lost:
+                self._gone_waiter.set_result(None)
+        return self._gone_waiter
 
     # --- transport callbacks -------------------------------------------------------------------
 
@@ -294,20 +317,16 @@ class _Connection(asyncio.Protocol):
         self._loop = loop = asyncio.get_running_loop()
         self._transport = transport
         self._peername = transport.get_extra_info("peername")
-        self._peer = format_peer(self._peername)
-        self.closed = loop.create_future()
-        self.gone = loop.create_future()
         server = self._server
         if server._closing:
             self._close_reason = "server shutdown"
-            self.closed.set_result(None)
+            self._finished = True
             transport.abort()
             return
         with contextlib.suppress(NotImplementedError, AttributeError):
             transport.set_write_buffer_limits(high=server.write_high_water)
         server._connections.add(self)
         self._connect_timer = loop.call_later(server.connect_timeout, self._on_connect_timeout)
-        self._task = loop.create_task(self._run(), name=f"mqtt {self._peer}")
 
     def data_received(self, data: bytes) -> None:
         if self._close_reason is not None or self._disconnect_seen:
@@ -377,8 +396,8 @@ class _Connection(asyncio.Protocol):
                 self._close_reason = "connection lost" + (f": {exc}" if exc else "")
             log.debug("MQTT connection from %s%s ended: %s", self._peer, self._who(), self._close_reason)
             self._end()
-        if self.gone is not None and not self.gone.done():
-            self.gone.set_result(None)
+        if self._gone_waiter is not None and not self._gone_waiter.done():
+            self._gone_waiter.set_result(None)
         self._wake()
 
     def pause_writing(self) -> None:
@@ -391,8 +410,10 @@ class _Connection(asyncio.Protocol):
     # --- input ---------------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        """Input waits or the connection ends: start the consumer unless it runs (it takes all that waits, in order,
+        and ends when nothing does, so one runs at a time; the one that sees the end finishes the connection)."""
+        if self._task is None and not self._finished:
+            self._task = self._loop.create_task(self._run())
 
     def _update_reading(self) -> None:
         """Pause reading while too much input waits, except when a publish waits for a PUBACK."""
@@ -409,7 +430,8 @@ class _Connection(asyncio.Protocol):
             self._last_rx = max(self._last_rx, self._loop.time())  # we were deaf, not the client silent
             transport.resume_reading()
 
-    async def _next_packet(self) -> Packet | None:
+    def _next_packet(self) -> Packet | None:
+        """The next packet to handle; None when none waits (then the connection is idle, or ending if closed)."""
         while True:
             if self._close_reason is not None and not self._peer_closed:
                 return None
@@ -425,26 +447,24 @@ class _Connection(asyncio.Protocol):
                     continue
                 self._update_reading()
                 return packet
-            if self._close_reason is not None:
-                return None
-            self._wakeup = self._loop.create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
+            return None
 
     async def _run(self) -> None:
+        """The consumer (see :meth:`_wake`): handles the waiting packets in order; finishes an ended connection."""
         try:
-            while (packet := await self._next_packet()) is not None:
+            while (packet := self._next_packet()) is not None:
                 await self._dispatch(packet)
+            if self._close_reason is None:
+                self._task = None  # idle: the next input starts another (nothing runs between this and the return)
+                return
         except asyncio.CancelledError:
             self._terminate("cancelled", abort=True)
+            await self._finish()
             raise
         except Exception:
             log.exception("MQTT connection from %s%s: internal error", self._peer, self._who())
             self._terminate("internal error", abort=True)
-        finally:
-            await self._finish()
+        await self._finish()
 
     async def _dispatch(self, packet: Packet) -> None:
         kind = type(packet)
@@ -518,17 +538,17 @@ class _Connection(asyncio.Protocol):
             log.info("MQTT client %s connected from %s; dropping its connection from %s (taken over)",
                      _short(client_id), self._peer, old._peer)
             old._terminate("taken over", abort=True)
-            assert old.closed is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(old.closed), _TAKEOVER_WAIT)
+                await asyncio.wait_for(asyncio.shield(old.wait_closed()), _TAKEOVER_WAIT)
             if self._close_reason is not None:
                 return
 
         # From here to _open nothing awaits: the CONNACK, the redelivery and the state change are atomic.
         stored = self._take_stored(key)
-        # the session keeps the CONNECT's names, not its credentials: no password (a SAS token) in memory for the
-        # session's life, and no parsed certificate chain per idle connection (~1.5 KB; the TLS layer still has it)
-        session = Session(self, client_id, replace(request, password=None, peer_certificate_chain=[]))
+        # the session keeps the CONNECT's client id, flags and peer, not its credentials: no password (a SAS token)
+        # in memory for the session's life, no user name (for IoT Hub: the hub, device and SDK, ~150 bytes) and no
+        # parsed certificate chain per idle connection (~1.5 KB; the TLS layer still has it)
+        session = Session(self, client_id, replace(request, username=None, password=None, peer_certificate_chain=[]))
         self._session = session
         self._write(encode(Connack(stored is not None, 0)))
         if stored is not None:
@@ -712,6 +732,8 @@ class _Connection(asyncio.Protocol):
         if on_ack is not None and qos != 1:
             raise ValueError("on_ack needs qos=1 (QoS 0 is never acknowledged)")
         data = encode(Publish(topic, payload, qos, packet_id=1 if qos else None))  # validates topic and sizes
+        if self._publish_lock is None:
+            self._publish_lock = asyncio.Lock()
         async with self._publish_lock:
             if self._close_reason is not None or not self._open:
                 raise SessionClosed(f"session {self._client_id!r} is closed")
@@ -844,9 +866,11 @@ class _Connection(asyncio.Protocol):
                 except Exception:
                     log.exception("MQTT on_disconnected failed for client %s", _short(session.client_id))
         finally:
+            self._finished = True
+            self._task = None
             self._server._connections.discard(self)
-            if self.closed is not None and not self.closed.done():
-                self.closed.set_result(None)
+            if self._closed_waiter is not None and not self._closed_waiter.done():
+                self._closed_waiter.set_result(None)
 
 
 class _WebSocketTransport(asyncio.Transport):
@@ -1038,8 +1062,7 @@ class MqttServer:
         finally:
             transport.close()
             conn.connection_lost(error)
-            assert conn.closed is not None
-            await conn.closed
+            await conn.wait_closed()
             await transport.sender
 
     # --- sessions ------------------------------------------------------------------------------
@@ -1095,8 +1118,7 @@ class MqttServer:
         conns = list(self._connections)
         for conn in conns:
             conn._terminate("server shutdown", abort=False, after_handler=True)
-        waits: list[asyncio.Future[Any]] = [c.closed for c in conns if c.closed is not None]
-        waits += [c.gone for c in conns if c.gone is not None]
+        waits: list[asyncio.Future[Any]] = [c.wait_closed() for c in conns] + [c.wait_gone() for c in conns]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=timeout)
             if pending:

@@ -11,6 +11,7 @@ identifier rejected, InvalidCredentials: bad user name or password, other 4xx: n
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
 from urllib.parse import unquote
@@ -78,8 +79,11 @@ class HubAuthenticator:
                 raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")
             if identity.status != "enabled":
                 raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
+            key = identity.device_id.lower()
+            # a live session keeps these for days: one string for an id that is its own key, one auth type string
             device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
-                                         identity.device_id.lower(), identity.auth_type)
+                                         identity.device_id if key == identity.device_id else key,
+                                         sys.intern(identity.auth_type))
             if password is not None:
                 return self._sas(device, password, identity.keys, now)
             if chain:
@@ -120,7 +124,11 @@ class HubAuthenticator:
                                reason="certificate_mismatch")
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             raise Unauthorized("device certificate is expired or not yet valid", reason="certificate_expired")
-        found = replace(device, certificate_serial=serial_hex(leaf), issuer_key_id=authority_key_id(leaf))
+        issuer = authority_key_id(leaf)
+        # the issuer's key id is the same for a CA's whole fleet: one string (interned: it lives while a session
+        # holds it) per process, not per live session
+        found = replace(device, certificate_serial=serial_hex(leaf),
+                        issuer_key_id=sys.intern(issuer) if issuer is not None else None)
         if device.auth_type == "selfSigned":
             if not {thumbprint(leaf, "sha1"), thumbprint(leaf)} & prints:
                 raise Unauthorized("device certificate thumbprint does not match the device identity",

@@ -115,7 +115,7 @@ class LiveSessions:
     def attach(self, link: DeviceLink) -> None:
         """``link`` is the device's connection from now on; an older one of the same device is closed, here or on
         another node."""
-        key = _key(link.device.hub_name, link.device.device_id)
+        key = (link.device.hub_name, link.device.device_key)  # _key's, with the device's own lower-cased id
         old = self._links.get(key)
         session = uuid.uuid4().hex
         self._links[key] = (link, session)

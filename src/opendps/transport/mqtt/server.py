@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import secrets
@@ -98,6 +99,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("opendps.mqtt")
+# the context keepalive timers run in: one for all (a timer would otherwise keep a copy of the context it was armed
+# in, with the CONNECT's request id, for each idle connection's life)
+_TIMER_CONTEXT = contextvars.Context()
 
 _TAKEOVER_WAIT = 5.0  # how long a new connection waits for the old one's on_disconnected
 _CLOSE_FLUSH_TIMEOUT = 5.0  # graceful close: abort if the peer does not take our last bytes
@@ -764,7 +768,8 @@ class _Connection(asyncio.Protocol):
 
     def _arm_keepalive(self) -> None:
         if self._keepalive:
-            self._keepalive_timer = self._loop.call_at(self._last_rx + 1.5 * self._keepalive, self._check_keepalive)
+            self._keepalive_timer = self._loop.call_at(self._last_rx + 1.5 * self._keepalive, self._check_keepalive,
+                                                       context=_TIMER_CONTEXT)
 
     def _check_keepalive(self) -> None:
         self._keepalive_timer = None
@@ -773,11 +778,11 @@ class _Connection(asyncio.Protocol):
         now = self._loop.time()
         limit = 1.5 * self._keepalive
         if self._reading_paused:  # we are not listening; the client is not to blame
-            self._keepalive_timer = self._loop.call_at(now + limit, self._check_keepalive)
+            self._keepalive_timer = self._loop.call_at(now + limit, self._check_keepalive, context=_TIMER_CONTEXT)
             return
         deadline = self._last_rx + limit
         if now < deadline:
-            self._keepalive_timer = self._loop.call_at(deadline, self._check_keepalive)
+            self._keepalive_timer = self._loop.call_at(deadline, self._check_keepalive, context=_TIMER_CONTEXT)
             return
         log.info("MQTT client %s from %s closed: nothing received for %g s (keepalive %d s)",
                  _short(self._client_id or ""), self._peer, limit, self._keepalive)

@@ -9,6 +9,7 @@ paho hides: exact CONNACK codes, DUP flags, not acknowledging, not reading, malf
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import ipaddress
 import json
@@ -151,6 +152,8 @@ class LoopThread:
 # --- the test application -----------------------------------------------------------------------
 
 
+CONNECTION_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("connection_tag", default=None)
+
 class App:
     """Authenticator + SessionHandler: echo, fan-out (broker-like) and command topics.
 
@@ -171,6 +174,7 @@ class App:
         self.burst_errors: dict[str, str] = {}
         self.tasks: set[asyncio.Task] = set()
         self.kept: dict[str, ConnectRequest] = {}  # what each session keeps of its CONNECT
+        self.tags: dict[str, str | None] = {}  # CONNECTION_TAG as each client's last PUBLISH saw it
 
     def of(self, kind: str, client_id: str) -> list[tuple]:
         return [e for e in self.events if e[0] == kind and e[1] == client_id]
@@ -187,6 +191,7 @@ class App:
     async def on_connected(self, session: Session) -> None:
         self.events.append(("connected", session.client_id, session.request.peername))
         self.kept[session.client_id] = session.request
+        CONNECTION_TAG.set(session.client_id)  # as the hub sets a connection's request id for its log lines
 
     async def on_subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
         self.events.append(("subscribe", session.client_id, topic_filter, qos))
@@ -197,6 +202,7 @@ class App:
 
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.events.append(("publish", session.client_id, topic, payload, qos, retain))
+        self.tags[session.client_id] = CONNECTION_TAG.get()
         if topic.startswith("echo/"):
             await session.publish("reply/" + topic[5:], payload, qos)
         elif topic.startswith("fan/"):
@@ -642,6 +648,7 @@ def test_an_idle_connection_holds_no_consumer_task(env: Env) -> None:
         assert raw.recv() == Pingresp()
         raw.send(Puback(round_ + 1))
         assert wait_until(lambda: env.loop.sync(consumer) is None)
+        assert env.app.tags[cid] == cid  # what on_connected set in the context holds for every later consumer
     raw.send(Disconnect())
     assert raw.closed_within(2)
     assert wait_until(lambda: not env.loop.sync(lambda: [c for c in env.server._connections if c._client_id == cid]))

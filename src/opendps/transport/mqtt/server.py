@@ -246,7 +246,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_server", "_loop", "_transport", "_peername", "_decoder", "_queue", "_queued_bytes",
-        "_task", "_connect_timer", "_keepalive_timer", "_close_timer", "_last_rx", "_keepalive", "_connect_seen",
+        "_task", "_context", "_connect_timer", "_keepalive_timer", "_close_timer", "_last_rx", "_keepalive", "_connect_seen",
         "_disconnect_seen", "_client_id", "_key", "_session", "_handler", "_clean", "_open", "_inflight",
         "_next_pid", "_publish_lock", "_slot_waiter", "_drain_waiters", "_write_paused", "_reading_paused",
         "_close_reason", "_peer_closed", "_lost", "_finished", "_closed_waiter", "_gone_waiter"
@@ -265,6 +265,9 @@ class _Connection(asyncio.Protocol):
         # the consumer of the queue: runs while packets wait or the connection ends, absent while the connection is
         # idle (an idle device holds no task, coroutine or future: ~1 KB each of thousands; see _wake)
         self._task: asyncio.Task[None] | None = None
+        # the context every consumer of this connection runs in: what the handler set at CONNECT (the connection's
+        # request id for its log lines) holds for the connection's life, as it did in one long-lived task
+        self._context: contextvars.Context | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -417,7 +420,10 @@ class _Connection(asyncio.Protocol):
         """Input waits or the connection ends: start the consumer unless it runs (it takes all that waits, in order,
         and ends when nothing does, so one runs at a time; the one that sees the end finishes the connection)."""
         if self._task is None and not self._finished:
-            self._task = self._loop.create_task(self._run())
+            if self._context is None:
+                self._context = contextvars.copy_context()
+            # one consumer at a time, so the context is never entered twice at once
+            self._task = self._loop.create_task(self._run(), context=self._context)
 
     def _update_reading(self) -> None:
         """Pause reading while too much input waits, except when a publish waits for a PUBACK."""

@@ -807,8 +807,23 @@ def test_reading_pauses_while_the_session_is_busy(env: Env) -> None:
 # --- keepalive, take-over, application close ----------------------------------------------------
 
 
-def test_keepalive_expiry(env: Env) -> None:
+class _TagOfLine(logging.Handler):
+    """Records, for each keepalive-timeout line, the connection tag in the context the line was written in."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.tags: dict[str, str | None] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "keepalive" in record.getMessage():
+            self.tags[record.getMessage()] = CONNECTION_TAG.get()
+
+
+def test_keepalive_expiry(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     # silent: never sends anything; once: one PINGREQ at 0.8 s; pinging: every 0.4 s. keepalive=1 for all.
+    caplog.set_level(logging.INFO, logger="opendps.mqtt")
+    lines = _TagOfLine()
+    logging.getLogger("opendps.mqtt").addHandler(lines)
     silent, once, pinging = Raw(env.tcp_port), Raw(env.tcp_port), Raw(env.tcp_port)
     silent_id, once_id = uid("silent"), uid("once")
     silent.connect(silent_id, keepalive=1)
@@ -838,6 +853,10 @@ def test_keepalive_expiry(env: Env) -> None:
     for cid in (silent_id, once_id):
         assert wait_until(lambda cid=cid: env.app.of("disconnected", cid)) == [("disconnected", cid, "keepalive timeout")]
     pinging.close()
+    logging.getLogger("opendps.mqtt").removeHandler(lines)
+    # the timeout's line is written in the connection's context (for the hub: its request id), as its other lines
+    for cid in (silent_id, once_id):
+        assert [tag for line, tag in lines.tags.items() if cid in line] == [cid]
 
 
 def test_session_take_over(env: Env) -> None:

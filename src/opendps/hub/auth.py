@@ -28,6 +28,13 @@ from opendps.registry import DeviceRegistry
 from opendps.transport import sas
 
 
+def device_key(device_id: str) -> str:
+    """A device id as the hub keys it (lower-cased), as the same string object when it already is: a live session
+    keeps it for days, once."""
+    key = device_id.lower()
+    return device_id if key == device_id else key
+
+
 @dataclass(frozen=True, slots=True)
 class AuthenticatedDevice:
     hub_id: int
@@ -79,11 +86,8 @@ class HubAuthenticator:
                 raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")
             if identity.status != "enabled":
                 raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
-            key = identity.device_id.lower()
-            # a live session keeps these for days: one string for an id that is its own key, one auth type string
             device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
-                                         identity.device_id if key == identity.device_id else key,
-                                         sys.intern(identity.auth_type))
+                                         device_key(identity.device_id), sys.intern(identity.auth_type))
             if password is not None:
                 return self._sas(device, password, identity.keys, now)
             if chain:

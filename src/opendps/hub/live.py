@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from opendps.errors import GatewayTimeout, NotFound
-from opendps.hub.auth import AuthenticatedDevice
+from opendps.hub.auth import AuthenticatedDevice, device_key
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
 
 log = logging.getLogger("opendps.hub")
@@ -76,7 +76,7 @@ class Peers(Protocol):
 
 
 def _key(hub_name: str, device_id: str) -> tuple[str, str]:
-    return hub_name, device_id.lower()
+    return hub_name, device_key(device_id)
 
 
 class LiveSessions:
@@ -115,7 +115,7 @@ class LiveSessions:
     def attach(self, link: DeviceLink) -> None:
         """``link`` is the device's connection from now on; an older one of the same device is closed, here or on
         another node."""
-        key = (link.device.hub_name, link.device.device_key)  # _key's, with the device's own lower-cased id
+        key = _key(link.device.hub_name, link.device.device_key)  # the key the device holds: no second string
         old = self._links.get(key)
         session = uuid.uuid4().hex
         self._links[key] = (link, session)

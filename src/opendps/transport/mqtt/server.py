@@ -99,9 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("opendps.mqtt")
-# the context keepalive timers run in: one for all (a timer would otherwise keep a copy of the context it was armed
-# in, with the CONNECT's request id, for each idle connection's life)
-_TIMER_CONTEXT = contextvars.Context()
 
 _TAKEOVER_WAIT = 5.0  # how long a new connection waits for the old one's on_disconnected
 _CLOSE_FLUSH_TIMEOUT = 5.0  # graceful close: abort if the peer does not take our last bytes
@@ -265,8 +262,9 @@ class _Connection(asyncio.Protocol):
         # the consumer of the queue: runs while packets wait or the connection ends, absent while the connection is
         # idle (an idle device holds no task, coroutine or future: ~1 KB each of thousands; see _wake)
         self._task: asyncio.Task[None] | None = None
-        # the context every consumer of this connection runs in: what the handler set at CONNECT (the connection's
-        # request id for its log lines) holds for the connection's life, as it did in one long-lived task
+        # the context every consumer and keepalive check of this connection runs in: what the handler set at CONNECT
+        # (the connection's request id for its log lines) holds for the connection's life, as it did in one
+        # long-lived task; entered by one of them at a time (the loop runs one callback or task step at once)
         self._context: contextvars.Context | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
@@ -774,8 +772,9 @@ class _Connection(asyncio.Protocol):
 
     def _arm_keepalive(self) -> None:
         if self._keepalive:
+            # in the connection's context (its request id for the timeout's log line), not a copy per timer
             self._keepalive_timer = self._loop.call_at(self._last_rx + 1.5 * self._keepalive, self._check_keepalive,
-                                                       context=_TIMER_CONTEXT)
+                                                       context=self._context)
 
     def _check_keepalive(self) -> None:
         self._keepalive_timer = None
@@ -784,11 +783,11 @@ class _Connection(asyncio.Protocol):
         now = self._loop.time()
         limit = 1.5 * self._keepalive
         if self._reading_paused:  # we are not listening; the client is not to blame
-            self._keepalive_timer = self._loop.call_at(now + limit, self._check_keepalive, context=_TIMER_CONTEXT)
+            self._keepalive_timer = self._loop.call_at(now + limit, self._check_keepalive, context=self._context)
             return
         deadline = self._last_rx + limit
         if now < deadline:
-            self._keepalive_timer = self._loop.call_at(deadline, self._check_keepalive, context=_TIMER_CONTEXT)
+            self._keepalive_timer = self._loop.call_at(deadline, self._check_keepalive, context=self._context)
             return
         log.info("MQTT client %s from %s closed: nothing received for %g s (keepalive %d s)",
                  _short(self._client_id or ""), self._peer, limit, self._keepalive)

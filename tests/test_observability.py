@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import _run_server, database, free_port, invoke_cli, service_missing
+from tests.conftest import _run_server, database, free_ports, invoke_cli, service_missing
 from tests.test_device_api import PREVIEW, device_sas, namespace, svc, sym_key
 from tests.test_mqtt_hub import Client, hub_username, provision_over_mqtt
 
@@ -60,9 +60,11 @@ class Traffic:
 @pytest.fixture(scope="module")
 def obs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("observability")
-    port = free_port()
+    # the metrics port is chosen with the server's own ports: two separate picks can return the same free port
+    https, mqtt, amqp, http, port = free_ports(5)
     with database("sqlite", tmp) as db_url:
-        for server in _run_server(db_url, tmp, extra_args=("--log-format", "json", "--metrics-port", str(port))):
+        for server in _run_server(db_url, tmp, https_port=https, mqtt_port=mqtt, amqp_port=amqp, http_port=http,
+                                  extra_args=("--log-format", "json", "--metrics-port", str(port))):
             server.metrics_url = f"http://127.0.0.1:{port}/metrics"
             server.log_path = tmp / "server.log"
             yield server

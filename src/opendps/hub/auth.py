@@ -1,9 +1,10 @@
 """Device authentication at the hub (MQTT CONNECT): X.509 chain, self-signed thumbprint, or SAS.
 
-CA-signed devices: the chain must path-validate to a CA the hub trusts (the issuing CAs synced from
-linked policies, and CAs uploaded to the hub), the leaf CN must be the device id, and a leaf issued by
-opendps must have been issued for this device (its ADR record in the issuing policy's namespace) — so a
-certificate of another device or another namespace never opens a session, even when its CA is trusted.
+CA-signed devices: the leaf must be one opendps issued (its issuance record, by the DER's SHA-256) under an
+issuing CA the hub trusts (synced from linked policies), or its chain must path-validate to a CA the hub trusts
+(synced, or uploaded to the hub); the leaf CN must be the device id, and a leaf issued by opendps must have been
+issued for this device (its ADR record in the issuing policy's namespace) — so a certificate of another device
+or another namespace never opens a session, even when its CA is trusted.
 
 Refusals are :mod:`opendps.errors` kinds; the MQTT front end maps them to CONNACK codes (InvalidInput:
 identifier rejected, InvalidCredentials: bad user name or password, other 4xx: not authorized).
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from opendps.errors import InvalidCredentials, InvalidInput, Unauthorized
 from opendps.hub.registry import Hubs, HubView
-from opendps.pki import IssuanceEngine, thumbprint
+from opendps.pki import IssuanceEngine, IssuedRecord, thumbprint
 from opendps.pki.certificates import VerificationError, authority_key_id, serial_hex
 from opendps.registry import DeviceRegistry
 from opendps.transport import sas
@@ -141,25 +142,33 @@ class HubAuthenticator:
         if device.auth_type != "certificateAuthority":
             raise Unauthorized(f"device {device.device_id!r} does not use X.509 authentication", reason="wrong_auth_type")
         trust = self.hubs.trust(hub)
-        verifier = trust.verifier(now)
-        if verifier is None:
-            raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
-        try:
-            verified = verifier.verify(leaf, chain[1:])
-        except VerificationError as exc:
-            raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}",
-                               reason="untrusted_certificate") from exc
-        if not trust.is_uploaded(verified.chain[-1]):  # an operational certificate of ours: it must be this device's
-            superseded = self._issued_for_device(s, device, leaf, now)
-            if superseded:
-                found = replace(found, superseded=superseded)
-        return found
+        # One of our operational certificates is recognised by its issuance record (the same DER, by SHA-256) under
+        # an issuing CA this hub trusts: its signature needs no check (we made these very bytes, and the TLS
+        # handshake proved the device holds its key), so the chain is not path-validated again (a P-384 signature,
+        # the larger part of a CONNECT's own CPU). Everything else goes through the verifier.
+        looked_up = trust.issuing_ca(issuer, now) is not None
+        issued = self.issuance.find(leaf, session=s) if looked_up else None
+        if issued is None:
+            verifier = trust.verifier(now)
+            if verifier is None:
+                raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
+            try:
+                verified = verifier.verify(leaf, chain[1:])
+            except VerificationError as exc:
+                raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}",
+                                   reason="untrusted_certificate") from exc
+            if trust.is_uploaded(verified.chain[-1]):  # the owner's CA: no record of ours to check
+                return found
+            if not looked_up:
+                issued = self.issuance.find(leaf, session=s)
+        superseded = self._issued_for_device(s, device, issued, now)  # ours: it must be this device's
+        return replace(found, superseded=superseded) if superseded else found
 
-    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, leaf: x509.Certificate,
+    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, issued: IssuedRecord | None,
                            now: datetime) -> tuple[str, ...]:
-        """Refuse a certificate we did not issue to this device or that is revoked; at its first CONNECT, revoke
-        the older ones it supersedes (when its policy says so) and return their serial numbers."""
-        issued = self.issuance.find(leaf, session=s)
+        """Refuse a certificate we did not issue (no ``issued`` record) to this device or that is revoked; at its
+        first CONNECT, revoke the older ones it supersedes (when its policy says so) and return their serial
+        numbers."""
         if issued is None:
             raise Unauthorized("device certificate was not issued by this service", reason="untrusted_certificate")
         if issued.revoked_at is not None:

@@ -33,6 +33,7 @@ from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Pr
 from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
+from opendps.pki.certificates import subject_key_id
 from opendps.registry import Registry
 from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
 from opendps.transport.wire import json_depth
@@ -186,6 +187,11 @@ class HubTrust:
         self.synced = synced
         self.uploaded = uploaded
         self._uploaded_der = frozenset(c.public_bytes(Encoding.DER) for c in uploaded)
+        self._synced_by_key: dict[str, builtins.list[x509.Certificate]] = {}
+        for ca in synced:
+            key_id = subject_key_id(ca)
+            if key_id is not None:
+                self._synced_by_key.setdefault(key_id, []).append(ca)
         self._verifier: tuple[int, ClientVerifier | None] = (-1, None)
         self._lock = threading.Lock()
 
@@ -202,6 +208,14 @@ class HubTrust:
         with self._lock:
             self._verifier = (second, verifier)
         return verifier
+
+    def issuing_ca(self, key_id: str | None, now: datetime) -> x509.Certificate | None:
+        """The synced issuing CA (one of ours) with this key identifier, valid at ``now``, if the hub trusts one:
+        a certificate naming it as its authority may be one this service issued (its issuance record decides)."""
+        for ca in self._synced_by_key.get(key_id, ()) if key_id is not None else ():
+            if ca.not_valid_before_utc <= now < ca.not_valid_after_utc:
+                return ca
+        return None
 
     def is_uploaded(self, certificate: x509.Certificate) -> bool:
         return certificate.public_bytes(Encoding.DER) in self._uploaded_der

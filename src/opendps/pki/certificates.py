@@ -55,6 +55,15 @@ def authority_key_id(certificate: x509.Certificate) -> str | None:
     return aki.key_identifier.hex() if aki.key_identifier else None
 
 
+def subject_key_id(certificate: x509.Certificate) -> str | None:
+    """The lower-case hex key identifier a CA certificate gives its own key (None when it states none): what the
+    ``authority_key_id`` of the certificates it signs names."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return None
+
+
 def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:
     """A certificate given as PEM text, base64 DER, or raw DER bytes."""
     if isinstance(value, str):

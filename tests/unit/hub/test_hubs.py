@@ -94,6 +94,42 @@ def test_an_operational_certificate_opens_only_its_own_device(services, provisio
         _auth(services, hub, "dev-h1")
 
 
+def test_our_certificate_is_known_by_its_record_and_the_hub_trusting_its_issuer(services, provisioned, monkeypatch):
+    """A certificate opendps issued is recognised by its issuance record (the same DER) under an issuing CA the hub
+    trusts, without path-validating its chain again; anything else (a look-alike not signed by us, a certificate of
+    ours at a hub that does not trust its CA) still meets the verifier."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from opendps.hub.registry import HubTrust
+
+    hub, chains = provisioned
+    genuine, issuing_ca = chains["dev-h1"][:2]
+    # the same fields, our CA's name and key identifier, the genuine public key: signed by another key
+    impostor = ec.generate_private_key(ec.SECP384R1())
+    builder = (x509.CertificateBuilder().subject_name(genuine.subject).issuer_name(genuine.issuer)
+               .public_key(genuine.public_key()).serial_number(genuine.serial_number)
+               .not_valid_before(genuine.not_valid_before_utc).not_valid_after(genuine.not_valid_after_utc))
+    for ext in genuine.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    look_alike = builder.sign(impostor, hashes.SHA384())
+    with pytest.raises(Unauthorized, match="not issued by a CA this hub trusts") as info:
+        _auth(services, hub, "dev-h1", chain=[look_alike, issuing_ca])
+    assert info.value.reason == "untrusted_certificate"
+    # a hub that trusts no CA of this policy (no enrollment sends devices there): refused though the record exists
+    services.hubs.create("east", apply_allocation_policy=False)
+    services.hubs.create_device("east", "dev-h1", auth_type="certificateAuthority")
+    with pytest.raises(Unauthorized, match="hub 'east' trusts no CA"):
+        _connect(services, "dev-h1", chain=[genuine, issuing_ca], host="east.hubs.test")
+
+    def no_path_validation(self, now):
+        raise AssertionError("our own certificate was path-validated again")
+
+    monkeypatch.setattr(HubTrust, "verifier", no_path_validation)
+    assert _auth(services, hub, "dev-h1", chain=[genuine, issuing_ca]).device_id == "dev-h1"
+    assert _auth(services, hub, "dev-h1", chain=[genuine]).device_id == "dev-h1"  # no chain sent: the same
+
+
 def test_a_disabled_or_unknown_device_is_refused(services, provisioned):
     hub, chains = provisioned
     services.hubs.create_device("default", "dev-h1", auth_type="certificateAuthority", status="disabled")

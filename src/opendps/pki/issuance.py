@@ -21,7 +21,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from opendps import audit
@@ -39,9 +39,16 @@ log = logging.getLogger("opendps.pki")
 LOG_EACH = 20  # revocations logged one line each; more in one line with the count
 _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
+_OLDER = _ISSUED.alias("older")
+# before a certificate's first use, whether the registration holds older unrevoked ones (that use supersedes): a
+# first CONNECT with nothing to supersede then writes one statement, not two (evaluated only while unused)
+_HAS_OLDER = case((_ISSUED.c.first_used_at.is_(None),
+                   exists().where(_OLDER.c.registration_id == _ISSUED.c.registration_id, _OLDER.c.id < _ISSUED.c.id,
+                                  _OLDER.c.revoked_at.is_(None))), else_=False)
 _ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after,
                            _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason, _ISSUED.c.id,
-                           _ISSUED.c.first_used_at).where(_ISSUED.c.sha256 == bindparam("b_sha"))
+                           _ISSUED.c.first_used_at, _HAS_OLDER.label("has_older")).where(
+    _ISSUED.c.sha256 == bindparam("b_sha"))
 _VIEW_COLUMNS = (_ISSUED.c.id, _ISSUED.c.serial, _ISSUED.c.sha256, _ISSUED.c.policy_id, _ISSUED.c.issuing_ca_id,
                  _ISSUED.c.registration_id, _ISSUED.c.not_before, _ISSUED.c.not_after, _ISSUED.c.created_at,
                  _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason)
@@ -135,6 +142,8 @@ class IssuedRecord:
     revocation_reason: str | None = None
     id: int = 0
     first_used_at: datetime | None = None
+    # when read before its first use: whether older unrevoked certificates of the registration existed then
+    has_older: bool = True
 
     @property
     def serial_number(self) -> str:
@@ -228,7 +237,7 @@ class IssuanceEngine:
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             row = s.connection().execute(_ISSUED_BY_SHA256, {"b_sha": sha}).first()
         return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
-                             row.revocation_reason, row.id, row.first_used_at) if row else None)
+                             row.revocation_reason, row.id, row.first_used_at, bool(row.has_older)) if row else None)
 
     def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None,
                   session: Session | None = None) -> builtins.list[IssuedCertificateView]:
@@ -243,7 +252,9 @@ class IssuanceEngine:
             conn = s.connection()
             claimed = conn.execute(update(_ISSUED).where(_ISSUED.c.id == record.id, _ISSUED.c.first_used_at.is_(None))
                                    .values(first_used_at=now))
-            if claimed.rowcount != 1 or not supersede:  # a concurrent first CONNECT of the same certificate did it
+            # a concurrent first CONNECT of the same certificate did it; or none older when the record was read (in
+            # this transaction: older ones are never issued later, and are only ever revoked meanwhile)
+            if claimed.rowcount != 1 or not supersede or not record.has_older:
                 return []
             older = ((_ISSUED.c.registration_id == record.registration_id) & (_ISSUED.c.id < record.id)
                      & _ISSUED.c.revoked_at.is_(None))

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from cryptography import x509
 from tests.unit.conftest import creds, register, symmetric_group
+from tests.unit.hub.test_hubs import _statements
 from tests.x509_helpers import p384_csr
 
 from opendps.errors import Conflict, InvalidInput, NotFound, Unauthorized
@@ -155,7 +156,13 @@ def test_revoking_a_device_within_a_namespace_touches_only_that_namespaces_certi
 def test_a_renewed_certificates_first_connect_revokes_the_older_one_as_superseded(services, fleet):
     key, chains = fleet
     old = chains["dev-r1"]
-    assert _connect(services, "dev-r1", old).superseded == ()  # its own first CONNECT: nothing older
+    seen, stop = _statements(services)
+    try:
+        assert _connect(services, "dev-r1", old).superseded == ()  # its own first CONNECT: nothing older
+    finally:
+        stop()
+    # nothing older to look for (the record's read says so): the first use is one claiming UPDATE
+    assert [q.split()[0] for q in seen if " issued_certificates " in f" {q} "] == ["SELECT", "UPDATE"], seen
     new = _issue(services, key, "dev-r1")  # re-registration: a new certificate; the old one still works until used
     assert _connect(services, "dev-r1", old).device_id == "dev-r1"
     first = _connect(services, "dev-r1", new)

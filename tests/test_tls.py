@@ -736,3 +736,51 @@ def test_a_memory_bio_holding_bytes_is_not_renewed(pki):
     out = client._from_ssl
     assert not _renew_bios(client, False, True)
     assert client._from_ssl == out
+
+
+def test_records_are_read_and_flushed_without_waiting_for_want_read(pki, monkeypatch):
+    """After the handshake a record is read, and an answer flushed, by asking the memory BIOs what they hold: no
+    recv or bio_read that ends in WantReadError (pyOpenSSL's exception path, three per device message before),
+    and records arriving together (one TCP segment) are all delivered."""
+    from opendps.transport.tls import _bio_size
+
+    assert _bio_size is not None, "pyOpenSSL no longer exposes the memory BIOs"
+    wanted: list[str] = []
+    for name in ("recv", "bio_read"):
+        real = getattr(SSL.Connection, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            try:
+                return _real(self, *args, **kwargs)
+            except SSL.WantReadError:
+                wanted.append(_name)
+                raise
+
+        monkeypatch.setattr(SSL.Connection, name, spy)
+    loop_thread = ServerThread()
+    done = threading.Event()
+    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"first")
+            assert s.recv(100) == b"FIRST"
+            wanted.clear()  # the handshake's flights end in WantReadError by nature
+            for word in (b"one", b"two", b"three"):
+                s.sendall(word)
+                assert s.recv(100) == word.upper()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # three records, one segment
+            for word in (b"x", b"y", b"z"):
+                s.sendall(word)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            got = b""
+            while len(got) < 3:
+                got += s.recv(100)
+            assert got == b"XYZ"
+            assert wanted == []
+        assert done.wait(5)
+    finally:
+        loop_thread.call(_close_server(server))
+        loop_thread.close()

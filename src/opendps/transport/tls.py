@@ -472,6 +472,39 @@ def _bio_renewer() -> Callable[[SSL.Connection, bool, bool], bool] | None:
 _renew_bios = _bio_renewer()
 
 
+def _bio_sizes() -> Callable[[SSL.Connection, bool], int] | None:
+    """``sizes(conn, outgoing)``: the bytes waiting in ``conn``'s outgoing (or incoming) memory BIO.
+
+    Why: pyOpenSSL reports an empty BIO or a consumed record by raising WantReadError, and a device's message costs
+    three of them (the read after its record, and the BIO reads after it and after the answer). Asking the BIO
+    first makes each of those a C call. Same binding and attributes as :func:`_bio_renewer`; None (the loops
+    ask until WantReadError, as before) if a pyOpenSSL release changes them.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        pending = lib.BIO_get_mem_data
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    null = ffi.NULL
+
+    def sizes(conn: SSL.Connection, outgoing: bool) -> int:
+        bio = conn._from_ssl if outgoing else conn._into_ssl  # type: ignore[attr-defined]
+        return int(pending(bio, null)) if bio is not None else 0
+
+    try:
+        probe = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+        probe.bio_write(b"\x16")
+        if sizes(probe, False) != 1 or sizes(probe, True) != 0:  # pragma: no cover - a changed binding
+            return None
+    except (AttributeError, SSL.Error):  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    return sizes
+
+
+_bio_size = _bio_sizes()
+
+
 class TlsProtocol(asyncio.Protocol):
     """Server-side TLS over memory BIOs between a socket transport and ``inner``.
 
@@ -679,6 +712,7 @@ class TlsProtocol(asyncio.Protocol):
         chunks: list[bytes] = []
         eof = False
         failure: SSL.Error | None = None
+        sizes = _bio_size
         while True:
             try:
                 chunk = conn.recv(_RECV_SIZE)
@@ -693,6 +727,8 @@ class TlsProtocol(asyncio.Protocol):
             if not chunk:
                 break
             chunks.append(chunk)
+            if sizes is not None and not conn.pending() and not sizes(conn, False):
+                break  # no plaintext left in OpenSSL and no ciphertext to read: the next recv would want more
         self._flush()
         if chunks:
             self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -777,16 +813,23 @@ class TlsProtocol(asyncio.Protocol):
         if conn is None or raw is None:
             return
         out: list[bytes] = []
-        while True:
-            try:
-                data = conn.bio_read(_BIO_READ_SIZE)
-            except SSL.WantReadError:
-                break
-            except SSL.Error:
-                break
-            if not data:
-                break
-            out.append(data)
+        sizes = _bio_size
+        if sizes is not None:
+            size = sizes(conn, True)
+            if not size:
+                return
+            out.append(conn.bio_read(size))  # a memory BIO hands out all it holds
+        else:
+            while True:
+                try:
+                    data = conn.bio_read(_BIO_READ_SIZE)
+                except SSL.WantReadError:
+                    break
+                except SSL.Error:
+                    break
+                if not data:
+                    break
+                out.append(data)
         if not out:
             return
         payload = out[0] if len(out) == 1 else b"".join(out)

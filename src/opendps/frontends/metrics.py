@@ -175,8 +175,14 @@ def hub_refused(reason: str) -> None:
 
 
 def telemetry(hub: str, size: int) -> None:
-    TELEMETRY_MESSAGES.labels(hub).inc()
-    TELEMETRY_BYTES.labels(hub).inc(size)
+    counters = _TELEMETRY_BY_HUB.get(hub)
+    if counters is None:  # labels() takes a lock and builds a key: once per hub, not per message
+        counters = _TELEMETRY_BY_HUB[hub] = (TELEMETRY_MESSAGES.labels(hub), TELEMETRY_BYTES.labels(hub))
+    counters[0].inc()
+    counters[1].inc(size)
+
+
+_TELEMETRY_BY_HUB: dict[str, tuple[Any, Any]] = {}
 
 
 def c2d_queued(hub: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +38,26 @@ SYSTEM_PROPERTIES = {"$.mid": "message-id", "$.cid": "correlation-id", "$.uid": 
 
 
 def parse_property_bag(bag: str) -> tuple[dict[str, str], dict[str, str | None]]:
-    """``k=v&$.mid=..`` (keys and values URL-encoded; ``k`` alone means null) → (system, application)."""
+    """``k=v&$.mid=..`` (keys and values URL-encoded; ``k`` alone means null) → (system, application).
+
+    A fleet sends the same few bags (the SDK's ``%24.ct=application%2Fjson&%24.ce=utf-8``) with every message:
+    short ones are parsed once per process (fresh dicts each time: callers own them)."""
+    if len(bag) > _CACHED_BAG_CHARS:
+        return _parse_bag(bag)
+    system, application = _parsed_bag(bag)
+    return dict(system), dict(application)
+
+
+_CACHED_BAG_CHARS = 256  # at most 1,024 bags of at most this size are kept: a device cannot grow the cache
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_bag(bag: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str | None], ...]]:
+    system, application = _parse_bag(bag)
+    return tuple(system.items()), tuple(application.items())
+
+
+def _parse_bag(bag: str) -> tuple[dict[str, str], dict[str, str | None]]:
     system: dict[str, str] = {}
     application: dict[str, str | None] = {}
     for part in bag.split("&"):

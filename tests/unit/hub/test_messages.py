@@ -8,6 +8,7 @@ import pytest
 
 from opendps.errors import InvalidInput
 from opendps.hub.messaging import time_to_live
+from opendps.hub.telemetry import parse_property_bag
 
 
 def test_an_event_too_deep_to_decode_is_shown_as_text(services):
@@ -26,3 +27,16 @@ def test_a_time_to_live_out_of_range_is_refused_not_overflowed(seconds):
 
 def test_a_time_to_live_in_range():
     assert time_to_live(1).total_seconds() == 1 and time_to_live(172800).days == 2
+
+
+def test_property_bags_parse_alike_cached_or_not_and_each_caller_owns_its_dicts():
+    sdk = "%24.ct=application%2Fjson&%24.ce=utf-8&alert=high%20temp&flag"
+    expected = ({"content-type": "application/json", "content-encoding": "utf-8"}, {"alert": "high temp", "flag": None})
+    first = parse_property_bag(sdk)
+    assert first == expected
+    first[0]["content-type"] = "changed"  # a caller's change does not reach the next message with the same bag
+    first[1].clear()
+    assert parse_property_bag(sdk) == expected
+    long = sdk + "&" + "&".join(f"k{i}=v%20{i}" for i in range(60))  # past the cached size: parsed each time
+    system, application = parse_property_bag(long)
+    assert system == expected[0] and application["k59"] == "v 59" and len(application) == 62

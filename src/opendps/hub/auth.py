@@ -12,6 +12,7 @@ identifier rejected, InvalidCredentials: bad user name or password, other 4xx: n
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -70,18 +71,20 @@ class HubAuthenticator:
     def connect(self, host: str, device_id: str, client_id: str, password: bytes | None,
                 chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         """A CONNECT to the hub named by ``host`` (the user name's first part)."""
-        with self.hubs.store.config_snapshot():
+        store = self.hubs.store
+        with store.session() as s, store.config_snapshot(s):  # the counter and the statements: one connection
             hub = self.hubs.by_host(host)
             if hub is None:
                 raise Unauthorized(f"no linked hub has the host name {host!r}", reason="unknown_hub")
-            return self.authenticate(hub, device_id, client_id, password, chain, now)
+            return self.authenticate(hub, device_id, client_id, password, chain, now, session=s)
 
     def authenticate(self, hub: HubView, device_id: str, client_id: str, password: bytes | None,
-                     chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
+                     chain: list[x509.Certificate], now: datetime, *, session: Session | None = None
+                     ) -> AuthenticatedDevice:
         if client_id != device_id:
             raise InvalidInput(f"client id {client_id!r} is not the device id {device_id!r} of the username",
                                reason="client_id_mismatch")
-        with self.hubs.store.session() as s:
+        with contextlib.nullcontext(session) if session is not None else self.hubs.store.session() as s:
             identity = self.hubs.connect_identity(s, hub, device_id)
             if identity is None:
                 raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")

@@ -240,11 +240,17 @@ def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(s
         symmetric_group(services, f"more-{i}", credentialPolicyName="ops")
     _connect(services, "dev-h1", chain=chains["dev-h1"][:2])
     seen, stop = _statements(services)
+    from sqlalchemy import event
+    checkouts: list[object] = []
+    count = lambda *args: checkouts.append(args)  # noqa: E731
+    event.listen(services.store.engine, "checkout", count)
     try:
         assert _connect(services, "dev-h1", chain=chains["dev-h1"][:2]).device_id == "dev-h1"
     finally:
         stop()
+        event.remove(services.store.engine, "checkout", count)
     assert len(seen) == 3, seen
+    assert len(checkouts) == 1  # the configuration counter is read on the statements' connection
     assert [s.split(" FROM ")[1].split()[0] for s in seen] == ["hub_devices", "issued_certificates", "device_records"]
     with pytest.raises(Unauthorized, match="no linked hub has the host name 'nowhere.test'"):
         _connect(services, "dev-h1", chain=chains["dev-h1"][:2], host="nowhere.test")

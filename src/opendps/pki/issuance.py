@@ -45,6 +45,9 @@ _OLDER = _ISSUED.alias("older")
 _HAS_OLDER = case((_ISSUED.c.first_used_at.is_(None),
                    exists().where(_OLDER.c.registration_id == _ISSUED.c.registration_id, _OLDER.c.id < _ISSUED.c.id,
                                   _OLDER.c.revoked_at.is_(None))), else_=False)
+# a certificate's first hub session: prepared once (built per CONNECT it cost more than it ran)
+_CLAIM_FIRST_USE = update(_ISSUED).where(_ISSUED.c.id == bindparam("b_id"), _ISSUED.c.first_used_at.is_(None)).values(
+    first_used_at=bindparam("b_now"))
 _ISSUED_BY_SHA256 = select(_ISSUED.c.serial, _ISSUED.c.policy_id, _ISSUED.c.registration_id, _ISSUED.c.not_after,
                            _ISSUED.c.revoked_at, _ISSUED.c.revocation_reason, _ISSUED.c.id,
                            _ISSUED.c.first_used_at, _HAS_OLDER.label("has_older")).where(
@@ -250,8 +253,7 @@ class IssuanceEngine:
         now = now or datetime.now(UTC)
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             conn = s.connection()
-            claimed = conn.execute(update(_ISSUED).where(_ISSUED.c.id == record.id, _ISSUED.c.first_used_at.is_(None))
-                                   .values(first_used_at=now))
+            claimed = conn.execute(_CLAIM_FIRST_USE, {"b_id": record.id, "b_now": now})
             # a concurrent first CONNECT of the same certificate did it; or none older when the record was read (in
             # this transaction: older ones are never issued later, and are only ever revoked meanwhile)
             if claimed.rowcount != 1 or not supersede or not record.has_older:

@@ -26,6 +26,9 @@ from opendps.transport import sas
      "cHJpbWFyeQ=="),
     ("pin=123456 for token opendps", "123456"),
     ("postgresql+psycopg://opendps:hunter2@db.example/opendps", "hunter2"),
+    ("Endpoint=x;SharedAccessSignature=c2lnbmF0dXJl", "c2lnbmF0dXJl"),
+    ("password: hunter3", "hunter3"), ("PASSWD=hunter4", "hunter4"), ("'Secret': 's3cr3t'", "s3cr3t"),
+    ("apiKey=a1b2c3", "a1b2c3"), ("token=t0k3n", "t0k3n"),
     ("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----",
      "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg"),
 ])

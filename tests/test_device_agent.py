@@ -608,6 +608,9 @@ def test_a_refused_reprovisioning_backs_off_and_says_why(server, tmp_path, monke
         with svc(server) as c:
             put(c, f"/enrollments/{rid}", {"attestation": doc["attestation"],
                                            "credentialPolicyName": doc["credentialPolicyName"]})
+        # the agent shows next_retry before it starts sleeping: moved before that, the clock would put its wake-up
+        # (now + the delay) out of reach (seen once in CI)
+        await wait_for(lambda: status.next_retry in clock.deadlines())
         clock.set(status.next_retry)
         await wait_for(lambda: agent.status.reprovisions == 1 and agent.status.state == "connected")
         new = agent.credentials.certificate

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,8 +48,13 @@ class FakeClock:
     def __call__(self) -> datetime:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        deadline = self.now + timedelta(seconds=seconds)
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Not a coroutine function: the deadline is fixed when the agent calls it, as a real timer's would be (a
+        coroutine would compute it at its first step, and a test moving the clock in between put the wake-up out of
+        reach: a CI flake)."""
+        return self._until(self.now + timedelta(seconds=seconds))
+
+    async def _until(self, deadline: datetime) -> None:
         if deadline <= self.now:
             await asyncio.sleep(0)
             return
@@ -608,9 +613,6 @@ def test_a_refused_reprovisioning_backs_off_and_says_why(server, tmp_path, monke
         with svc(server) as c:
             put(c, f"/enrollments/{rid}", {"attestation": doc["attestation"],
                                            "credentialPolicyName": doc["credentialPolicyName"]})
-        # the agent shows next_retry before it starts sleeping: moved before that, the clock would put its wake-up
-        # (now + the delay) out of reach (seen once in CI)
-        await wait_for(lambda: status.next_retry in clock.deadlines())
         clock.set(status.next_retry)
         await wait_for(lambda: agent.status.reprovisions == 1 and agent.status.state == "connected")
         new = agent.credentials.certificate

@@ -101,8 +101,10 @@ class DomainRunner:
     async def _unless_stuck(self, job: Future[T], future: asyncio.Future[T], timed: Callable[[], T],
                             loop: asyncio.AbstractEventLoop) -> asyncio.Future[T]:
         """``future`` (the core's), or a spare thread's if the core threads stop finishing calls before ``job`` starts."""
+        wait = self.stall
         while not future.done():
-            await asyncio.wait({future}, timeout=self.stall)
+            await asyncio.wait({future}, timeout=wait)
+            wait = min(wait * 2, 8 * self.stall)  # a long queue behind busy core threads: fewer and fewer checks
             with self._lock:
                 stuck = time.monotonic() - self._core_progress > self.stall
             if not future.done() and stuck and job.cancel():

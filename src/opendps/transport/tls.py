@@ -425,60 +425,13 @@ def connection_budgets(listeners: Iterable[str], *, reserve: int = 128) -> dict[
     return {name: max(1, room * weight // total) for name, weight in weights.items()}
 
 
-def _bio_renewer() -> Callable[[SSL.Connection, bool, bool], bool] | None:
-    """``renew(conn, inbound, outbound)``: give ``conn`` fresh, empty memory BIOs on the chosen sides.
-
-    Why: pyOpenSSL's memory BIOs keep the largest buffer they ever held, so every idle device would carry its
-    handshake flights (2-4 KB each way: certificate chains) for the connection's life. OpenSSL lets a connection
-    change BIOs between records (``SSL_set_bio`` frees the old ones); pyOpenSSL has no public call for it, so this
-    uses its binding and its two BIO attributes, and returns None (nothing renewed, the connection works as
-    before) if a pyOpenSSL release changes them. tests/test_tls.py checks the renewal happens.
-    """
-    try:
-        from OpenSSL._util import ffi, lib
-
-        new_bio, mem, set_bio, pending = lib.BIO_new, lib.BIO_s_mem, lib.SSL_set_bio, lib.BIO_get_mem_data
-    except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
-        return None
-    null = ffi.NULL
-
-    def renew(conn: SSL.Connection, inbound: bool, outbound: bool) -> bool:
-        try:
-            ssl_ptr, into, out = conn._ssl, conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
-        except AttributeError:  # pragma: no cover - depends on the pyOpenSSL release
-            return False
-        if into is None or out is None:
-            return False
-        if inbound and pending(into, null) != 0 or outbound and pending(out, null) != 0:
-            return False  # bytes still wait in it: next time
-        if inbound:
-            into = new_bio(mem())
-            if into == null:
-                return False
-        if outbound:
-            fresh_out = new_bio(mem())
-            if fresh_out == null:
-                if inbound:
-                    lib.BIO_free(into)
-                return False
-            out = fresh_out
-        set_bio(ssl_ptr, into, out)  # frees the replaced BIOs
-        conn._into_ssl, conn._from_ssl = into, out  # type: ignore[attr-defined]
-        return True
-
-    return renew
-
-
-_renew_bios = _bio_renewer()
-
-
 def _bio_sizes() -> Callable[[SSL.Connection, bool], int] | None:
     """``sizes(conn, outgoing)``: the bytes waiting in ``conn``'s outgoing (or incoming) memory BIO.
 
     Why: pyOpenSSL reports an empty BIO or a consumed record by raising WantReadError, and a device's message costs
     three of them (the read after its record, and the BIO reads after it and after the answer). Asking the BIO
-    first makes each of those a C call. Same binding and attributes as :func:`_bio_renewer`; None (the loops
-    ask until WantReadError, as before) if a pyOpenSSL release changes them.
+    first makes each of those a C call. pyOpenSSL has no public call for it: this uses its binding and the
+    connection's two BIO attributes; None (the loops ask until WantReadError, as before) if a release changes them.
     """
     try:
         from OpenSSL._util import ffi, lib
@@ -503,6 +456,56 @@ def _bio_sizes() -> Callable[[SSL.Connection, bool], int] | None:
 
 
 _bio_size = _bio_sizes()
+
+
+def _bio_renewer() -> Callable[[SSL.Connection, bool, bool], bool] | None:
+    """``renew(conn, inbound, outbound)``: give ``conn`` fresh, empty memory BIOs on the chosen sides.
+
+    Why: pyOpenSSL's memory BIOs keep the largest buffer they ever held, so every idle device would carry its
+    handshake flights (2-4 KB each way: certificate chains) for the connection's life. OpenSSL lets a connection
+    change BIOs between records (``SSL_set_bio`` frees the old ones); pyOpenSSL has no public call for it, so this
+    uses its binding and its two BIO attributes (as :func:`_bio_sizes`), and returns None (nothing renewed, the
+    connection works as before) if a pyOpenSSL release changes them. tests/test_tls.py checks the renewal happens.
+    """
+    sizes = _bio_size
+    if sizes is None:  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    try:
+        from OpenSSL._util import ffi, lib
+
+        new_bio, mem, set_bio = lib.BIO_new, lib.BIO_s_mem, lib.SSL_set_bio
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    null = ffi.NULL
+
+    def renew(conn: SSL.Connection, inbound: bool, outbound: bool) -> bool:
+        try:
+            ssl_ptr, into, out = conn._ssl, conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - depends on the pyOpenSSL release
+            return False
+        if into is None or out is None:
+            return False
+        if inbound and sizes(conn, False) or outbound and sizes(conn, True):
+            return False  # bytes still wait in it: next time
+        if inbound:
+            into = new_bio(mem())
+            if into == null:
+                return False
+        if outbound:
+            fresh_out = new_bio(mem())
+            if fresh_out == null:
+                if inbound:
+                    lib.BIO_free(into)
+                return False
+            out = fresh_out
+        set_bio(ssl_ptr, into, out)  # frees the replaced BIOs
+        conn._into_ssl, conn._from_ssl = into, out  # type: ignore[attr-defined]
+        return True
+
+    return renew
+
+
+_renew_bios = _bio_renewer()
 
 
 class TlsProtocol(asyncio.Protocol):

@@ -301,19 +301,24 @@ class _Connection(asyncio.Protocol):
 
     def wait_closed(self) -> asyncio.Future[None]:
         """Done once the connection is over (``on_disconnected`` ran)."""
-        if self._closed_waiter is None:
-            self._closed_waiter = self._loop.create_future()
-            if self._finished:
-                self._closed_waiter.set_result(None)
+        self._closed_waiter = self._closed_waiter or self._waiter(self._finished)
         return self._closed_waiter
 
     def wait_gone(self) -> asyncio.Future[None]:
         """Done once the transport is gone."""
-        if self._gone_waiter is None:
-            self._gone_waiter = self._loop.create_future()
-            if self._lost:
-                self._gone_waiter.set_result(None)
+        self._gone_waiter = self._gone_waiter or self._waiter(self._lost)
         return self._gone_waiter
+
+    def _waiter(self, done: bool) -> asyncio.Future[None]:
+        waiter = self._loop.create_future()
+        if done:
+            waiter.set_result(None)
+        return waiter
+
+    @staticmethod
+    def _settle(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # --- transport callbacks -------------------------------------------------------------------
 
@@ -401,8 +406,7 @@ class _Connection(asyncio.Protocol):
                 self._close_reason = "connection lost" + (f": {exc}" if exc else "")
             log.debug("MQTT connection from %s%s ended: %s", self._peer, self._who(), self._close_reason)
             self._end()
-        if self._gone_waiter is not None and not self._gone_waiter.done():
-            self._gone_waiter.set_result(None)
+        self._settle(self._gone_waiter)
         self._wake()
 
     def pause_writing(self) -> None:
@@ -879,8 +883,7 @@ class _Connection(asyncio.Protocol):
             self._finished = True
             self._task = None
             self._server._connections.discard(self)
-            if self._closed_waiter is not None and not self._closed_waiter.done():
-                self._closed_waiter.set_result(None)
+            self._settle(self._closed_waiter)
 
 
 class _WebSocketTransport(asyncio.Transport):

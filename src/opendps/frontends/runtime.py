@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -34,7 +35,7 @@ T = TypeVar("T")
 
 
 class DomainRunner:
-    """The one bridge from the event loop to synchronous domain code: a bounded thread pool.
+    """The one bridge from the event loop to synchronous domain code: a few threads of its own.
 
     Each call runs in a copy of the caller's context (``run_in_executor`` alone does not carry context variables
     into the thread): what the request set — who is acting, for the audit log (``opendps.audit.ACTOR``), the request
@@ -44,84 +45,222 @@ class DomainRunner:
     Calls go to a few core threads (``core``; by default the CPU count, 2-4): a burst queues there rather than wake
     eight threads that take turns at the GIL, each hand-off a context switch (8 threads cost ~10 % more CPU per hub
     CONNECT than 2 on this project's 2-CPU machine). When the core threads are held by slow calls — a custom-allocation
-    webhook, a database lock wait — a call waiting behind them goes to a spare thread (``workers`` in all) once no
-    core call has finished for ``stall`` seconds, so a slow call never holds the others up for longer than that.
+    webhook, a database lock wait — a call waiting behind them is offered to the spare threads too (``workers`` in
+    all) once no core call has finished for ``stall`` seconds; whichever thread takes it first runs it, so a slow call
+    never holds the others up for longer than that.
+
+    Why not ``concurrent.futures``: every hub CONNECT and registration makes two or three domain calls, and a
+    ``ThreadPoolExecutor`` call (a ``Future`` with its ``Condition``, a work item, ``wrap_future``'s second future and
+    its callbacks, one wake-up of the loop per result) cost about as much Python as the CONNECT's own store work. Here a
+    call is one small object and one asyncio future; results that finish while the loop is busy come back with one
+    wake-up (:class:`_Inbox`).
 
     Every call is timed (``opendps_domain_queue_wait_seconds``: waiting for a thread; ``opendps_domain_call_duration_
     seconds{call}``: running, store and signing included), and ``waiting`` counts the calls not yet started."""
 
     def __init__(self, workers: int = 8, *, core: int | None = None, stall: float = 0.025) -> None:
         self.core_size = min(workers, core if core is not None else max(2, min(4, os.cpu_count() or 2)))
-        self.core = ThreadPoolExecutor(max_workers=self.core_size, thread_name_prefix="opendps-domain")
-        self.spare = (ThreadPoolExecutor(max_workers=workers - self.core_size, thread_name_prefix="opendps-domain-spare")
-                      if workers > self.core_size else None)
+        self.spare_size = workers - self.core_size
         self.stall = stall
         self.waiting = 0  # calls submitted, not yet started (read by the metrics sampler)
         self._lock = threading.Lock()
-        self._core_busy = 0  # calls given to the core threads, not finished
+        self._core: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._spare: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._spare_started = False
+        self._closed = False
+        self._core_busy = 0  # calls given to the core threads that no core thread has taken off its queue yet or ended
         self._core_progress = time.monotonic()  # when a core call last finished
+        self._inbox: _Inbox | None = None
+        # threads hold the queues, not the runner: a runner nobody closed (a test's) lets its threads end when collected
+        self._stop = weakref.finalize(self, _stop, self._core, self._spare, self._threads)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        context = contextvars.copy_context()
-        submitted = time.perf_counter()
-        state = ["queued"]  # -> running, or abandoned (the caller went away before a thread took it)
+        loop = asyncio.get_running_loop()
+        inbox = self._inbox
+        if inbox is None or inbox.loop is not loop:
+            inbox = self._inbox = _Inbox(loop)
+        call = _Call(self, fn, args, kwargs, inbox)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the domain runner is closed")
+            if not self._threads:
+                self._start(self._core, self.core_size, "opendps-domain")
             self.waiting += 1
             crowded = self._core_busy >= self.core_size
             self._core_busy += 1
-
-        def timed() -> T:
-            started = time.perf_counter()
-            with self._lock:
-                if state[0] == "queued":
-                    self.waiting -= 1
-                state[0] = "running"
-            try:
-                return context.run(fn, *args, **kwargs)
-            finally:
-                metrics.domain_call(metrics.call_name(fn), started - submitted, time.perf_counter() - started)
-
-        loop = asyncio.get_running_loop()
-        job = self.core.submit(timed)
-        job.add_done_callback(self._core_done)
+        self._core.put(call)
         try:
-            future = asyncio.wrap_future(job, loop=loop)
-            if crowded and self.spare is not None:
-                future = await self._unless_stuck(job, future, timed, loop)
-            return await future
-        except asyncio.CancelledError:
-            job.cancel()  # not started yet: it never will (as run_in_executor does)
+            if crowded and self.spare_size:
+                await self._unless_stuck(call)
+            result: T = await call.future
+            return result
+        except BaseException:
+            call.abandon()  # the caller left: if no thread took the call yet, none will (as run_in_executor does)
             raise
-        finally:
-            with self._lock:
-                if state[0] == "queued":
-                    self.waiting -= 1
-                    state[0] = "abandoned"
 
-    async def _unless_stuck(self, job: Future[T], future: asyncio.Future[T], timed: Callable[[], T],
-                            loop: asyncio.AbstractEventLoop) -> asyncio.Future[T]:
-        """``future`` (the core's), or a spare thread's if the core threads stop finishing calls before ``job`` starts."""
+    async def _unless_stuck(self, call: _Call) -> None:
+        """Wait while ``call`` waits behind core threads that still finish calls; if they stop, offer it to the spares."""
         wait = self.stall
-        while not future.done():
-            await asyncio.wait({future}, timeout=wait)
+        while not call.future.done():
+            await asyncio.wait({call.future}, timeout=wait)
             wait = min(wait * 2, 8 * self.stall)  # a long queue behind busy core threads: fewer and fewer checks
             with self._lock:
-                stuck = time.monotonic() - self._core_progress > self.stall
-            if not future.done() and stuck and job.cancel():
-                assert self.spare is not None
-                return asyncio.wrap_future(self.spare.submit(timed), loop=loop)
-        return future
+                stuck = call.state is _QUEUED and time.monotonic() - self._core_progress > self.stall
+                if stuck and not self._spare_started:
+                    self._spare_started = True
+                    self._start(self._spare, self.spare_size, "opendps-domain-spare")
+            if stuck:
+                self._spare.put(call)  # the first thread to take it runs it; the core's copy is then skipped
+                return
+            if call.state is not _QUEUED:
+                return
 
-    def _core_done(self, job: Future[Any]) -> None:
+    def _start(self, lane: queue.SimpleQueue[_Call | None], count: int, name: str) -> None:
+        for i in range(count):
+            thread = threading.Thread(target=_work, args=(lane, lane is self._core), name=f"{name}_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _taken(self, call: _Call, core: bool) -> bool:
+        """A thread took ``call`` off its queue: True if it is to run it (no other thread did, its caller still waits).
+        A core call counts as busy from its submission until a core thread ended it or skipped it."""
         with self._lock:
-            self._core_busy -= 1
-            if not job.cancelled():
+            if call.state is not _QUEUED:
+                if core:
+                    self._core_busy -= 1
+                return False
+            call.state = _RUNNING
+            self.waiting -= 1
+            return True
+
+    def _ended(self, core: bool) -> None:
+        if core:
+            with self._lock:
+                self._core_busy -= 1
                 self._core_progress = time.monotonic()
 
     def close(self) -> None:
-        for executor in (self.core, self.spare):
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+        """Stop taking calls; calls not started are cancelled; waits for the running ones to end."""
+        with self._lock:
+            self._closed = True
+        for lane in (self._core, self._spare):
+            while True:
+                try:
+                    call = lane.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    call.abandon(notify=True)
+        self._stop()
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join()
+
+
+_QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
+
+
+class _Call:
+    """One domain call on its way through a thread and back to its caller's loop."""
+
+    __slots__ = ("runner", "fn", "args", "kwargs", "context", "future", "inbox", "submitted", "state", "result", "error")
+
+    def __init__(self, runner: DomainRunner, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 inbox: _Inbox) -> None:
+        self.runner = runner
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.context = contextvars.copy_context()
+        self.future: asyncio.Future[Any] = inbox.loop.create_future()
+        self.inbox = inbox
+        self.submitted = time.perf_counter()
+        self.state = _QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def execute(self, core: bool) -> None:
+        """In a domain thread: run unless another thread did or the caller left, then send the outcome back."""
+        runner = self.runner
+        if not runner._taken(self, core):
+            return
+        started = time.perf_counter()
+        try:
+            self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+        except StopIteration as exc:  # a future cannot hold StopIteration (as asyncio's tasks say)
+            self.error = RuntimeError(f"domain call raised StopIteration: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, as concurrent.futures does
+            self.error = exc
+        finally:
+            runner._ended(core)
+            metrics.domain_call(metrics.call_name(self.fn), started - self.submitted, time.perf_counter() - started)
+        self.inbox.post(self)
+
+    def abandon(self, *, notify: bool = False) -> None:
+        """The caller left (or the runner closed) before a thread took the call: it never runs."""
+        runner = self.runner
+        with runner._lock:
+            if self.state is not _QUEUED:
+                return
+            self.state = _ABANDONED
+            runner.waiting -= 1
+        if notify:
+            self.error = asyncio.CancelledError()
+            self.inbox.post(self)
+
+    def settle(self) -> None:
+        """On the loop: hand the outcome to the caller, unless it left."""
+        future = self.future
+        if future.done():
+            return
+        if isinstance(self.error, asyncio.CancelledError):
+            future.cancel()
+        elif self.error is not None:
+            future.set_exception(self.error)
+        else:
+            future.set_result(self.result)
+
+
+class _Inbox:
+    """Calls that finished, on their way back to one event loop: whatever finishes while the loop is busy comes back
+    with one wake-up (one write to the loop's self-pipe), not one each."""
+
+    __slots__ = ("loop", "_done", "_lock", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: list[_Call] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, call: _Call) -> None:
+        with self._lock:
+            self._done.append(call)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._scheduled = False
+        for call in done:
+            call.settle()
+
+
+def _work(lane: queue.SimpleQueue[_Call | None], core: bool) -> None:
+    """A domain thread: takes calls off its lane's queue until told to stop (None)."""
+    while (call := lane.get()) is not None:
+        call.execute(core)
+        del call  # nothing of the last call (its arguments, result, error) stays alive while the thread waits
+
+
+def _stop(core: queue.SimpleQueue[_Call | None], spare: queue.SimpleQueue[_Call | None],
+          threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        (core if not thread.name.startswith("opendps-domain-spare") else spare).put(None)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """The bridge to domain code (``DomainRunner``): a burst runs on the few core threads; a slow call does not hold the
-others up; a call whose caller went away before it started never runs."""
+others up; a call whose caller went away before it started never runs; results and errors reach their callers,
+several with one wake-up of the loop."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -75,3 +77,73 @@ def test_a_call_whose_caller_left_before_it_started_never_runs():
 
     assert asyncio.run(main()) == 0
     assert ran == []
+
+
+def test_results_and_errors_reach_their_callers_and_closing_cancels_what_did_not_start():
+    release = threading.Event()
+
+    def fail() -> None:
+        raise KeyError("no such thing")
+
+    def stop() -> None:
+        raise StopIteration  # a future cannot hold it: the caller gets a RuntimeError that says so
+
+    async def main() -> tuple[list[object], bool]:
+        runner = DomainRunner(workers=1, core=1)
+        try:
+            answers = await asyncio.gather(runner.run(sum, [1, 2]), runner.run(fail), runner.run(stop),
+                                           runner.run(dict, a=1), return_exceptions=True)
+            stuck = asyncio.ensure_future(runner.run(release.wait, 30))
+            queued = asyncio.ensure_future(runner.run(time.sleep, 0))
+            await asyncio.sleep(0.05)
+        finally:
+            release.set()
+            runner.close()  # waits for the running call; the queued one never runs
+        await asyncio.gather(stuck, queued, return_exceptions=True)
+        return answers, queued.cancelled()
+
+    answers, cancelled = asyncio.run(main())
+    assert answers[0] == 3 and answers[3] == {"a": 1}
+    assert isinstance(answers[1], KeyError) and isinstance(answers[2], RuntimeError)
+    assert "StopIteration" in str(answers[2]) and cancelled
+
+
+def test_a_runner_nobody_closed_lets_its_threads_end_when_it_is_collected():
+    async def main() -> list[threading.Thread]:
+        runner = DomainRunner(workers=2, core=2)
+        await runner.run(time.sleep, 0)
+        return list(runner._threads)
+
+    threads = asyncio.run(main())
+    gc.collect()
+    for thread in threads:
+        thread.join(5)
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_calls_that_finish_together_come_back_with_one_wake_up_of_the_loop():
+    """The hand-off back to the loop is where a thread pool spent its Python: results that finish while the loop is
+    busy are delivered by one callback, not one each (here the loop is held busy while 16 calls finish)."""
+    async def main() -> int:
+        runner = DomainRunner(workers=4, core=4)
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counted(*args: object, **kwargs: object) -> object:
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        try:
+            calls = asyncio.gather(*(runner.run(time.sleep, 0.001) for _ in range(16)))
+            await asyncio.sleep(0)  # submitted
+            time.sleep(0.2)  # the loop is busy: every call finishes meanwhile
+            await calls
+            return wakeups
+        finally:
+            loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+            runner.close()
+
+    assert asyncio.run(main()) == 1

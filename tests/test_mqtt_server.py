@@ -747,6 +747,128 @@ def test_handler_refusal_and_crash_close_without_puback(env: Env, caplog: pytest
     assert line.levelno == logging.ERROR and line.exc_info is not None and "closing without PUBACK" in line.getMessage()
 
 
+class PipeApp(App):
+    """A ``PipeliningHandler``: ``pipe/...`` PUBLISHes are begun with a future the test settles itself, in any order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun: list[tuple[str, bytes, asyncio.Future[None]]] = []
+
+    def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
+                      retain: bool) -> asyncio.Future[None] | None:
+        if not topic.startswith("pipe/"):
+            return None  # on_publish handles it
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.begun.append((topic, payload, future))
+        return future
+
+
+@pytest.fixture()
+def piped(env: Env) -> Iterator[tuple[PipeApp, int]]:
+    app = PipeApp()
+
+    async def start() -> tuple[MqttServer, int]:
+        server = MqttServer(app.authenticate)
+        app.server = server
+        listener = await server.listen("127.0.0.1", 0)
+        return server, listener.sockets[0].getsockname()[1]
+
+    server, port = env.loop.call(start())
+    try:
+        yield app, port
+    finally:
+        for _, _, future in app.begun:  # the server's close waits for what a session began
+            env.loop.loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(None))
+        env.loop.call(server.close(), timeout=15)
+
+
+def _settle(env: Env, app: PipeApp, *indexes: int, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        for i in indexes:
+            future = app.begun[i][2]
+            future.set_exception(error) if error is not None else future.set_result(None)
+    env.loop.sync(settle)
+
+
+def _count_writes(env: Env, app: PipeApp, client_id: str) -> list[bytes]:
+    """Every write of the server's connection of ``client_id`` to its socket, from now on."""
+    writes: list[bytes] = []
+
+    def wrap() -> None:
+        assert app.server is not None
+        transport = app.server._live[client_id]._transport
+        assert transport is not None
+        original = transport.write
+
+        def write(data: Any) -> None:
+            writes.append(bytes(data))
+            original(data)
+        transport.write = write  # type: ignore[method-assign]
+    env.loop.sync(wrap)
+    return writes
+
+
+def test_pipelined_publishes_are_begun_at_once_and_acknowledged_in_order_together(env: Env, piped: tuple[PipeApp, int]) -> None:
+    """A PipeliningHandler's PUBLISHes are all begun before the first is accepted; the PUBACKs go out in the order of the
+    PUBLISHes whatever order the futures finish in, and those that finish together in one write."""
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(cid := uid("pipe"))
+    writes = _count_writes(env, app, cid)
+    raw.send(*(Publish(f"pipe/{i}", b"m%d" % i, 1, packet_id=10 + i) for i in range(5)), Publish("pipe/q0", b"z", 0))
+    assert wait_until(lambda: len(app.begun) == 6)  # all begun, none accepted yet
+    assert [t for t, _, _ in app.begun] == [f"pipe/{i}" for i in range(5)] + ["pipe/q0"]
+    _settle(env, app, 2, 3)
+    assert raw.nothing_for(0.2)  # the first two are not accepted: nothing may be acknowledged out of order
+    _settle(env, app, 0)
+    assert raw.recv() == Puback(10) and raw.nothing_for(0.1)
+    _settle(env, app, 1, 4, 5)  # finish together: 11, 12, 13, 14 in one write (the QoS 0 one has no PUBACK)
+    assert [raw.recv() for _ in range(4)] == [Puback(11), Puback(12), Puback(13), Puback(14)]
+    assert writes == [encode(Puback(10)), b"".join(encode(Puback(i)) for i in (11, 12, 13, 14))]
+    assert not app.of("publish", cid)  # on_publish saw none of them
+
+
+def test_a_packet_after_pipelined_publishes_takes_effect_after_them(env: Env, piped: tuple[PipeApp, int]) -> None:
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(cid := uid("order"))
+    raw.send(Publish("pipe/a", b"1", 1, packet_id=1), Publish("other/b", b"2", 1, packet_id=2),
+             Subscribe(3, [("reply/#", 1)]))
+    assert wait_until(lambda: len(app.begun) == 1)
+    assert raw.nothing_for(0.2) and not app.of("publish", cid) and not app.of("subscribe", cid)
+    _settle(env, app, 0)
+    assert [raw.recv() for _ in range(3)] == [Puback(1), Puback(2), Suback(3, [1])]
+    assert [e[2] for e in app.of("publish", cid)] == ["other/b"]
+
+
+def test_a_failed_pipelined_publish_closes_without_its_puback_or_later_ones(env: Env, piped: tuple[PipeApp, int],
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="opendps.mqtt")
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(cid := uid("fail"))
+    raw.send(*(Publish("pipe/x", b"%d" % i, 1, packet_id=i) for i in (1, 2, 3)))
+    assert wait_until(lambda: len(app.begun) == 3)
+    _settle(env, app, 0, 2)
+    _settle(env, app, 1, error=MqttRefused("the store said no"))
+    assert raw.recv() == Puback(1)
+    assert raw.closed_within(2)  # no PUBACK for 2, nor for 3 (accepted after it): the client sends both again
+    assert wait_until(lambda: app.of("disconnected", cid))
+    assert any("refused: the store said no" in r.getMessage() for r in mqtt_records(caplog))
+
+
+def test_a_connection_begins_at_most_a_bounded_number_of_publishes(env: Env, piped: tuple[PipeApp, int]) -> None:
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(uid("depth"))
+    raw.send(*(Publish("pipe/d", b"", 1, packet_id=i) for i in range(1, 41)))
+    assert wait_until(lambda: len(app.begun) == 32) and raw.nothing_for(0.2) and len(app.begun) == 32
+    _settle(env, app, *range(32))
+    assert wait_until(lambda: len(app.begun) == 40)
+    _settle(env, app, *range(32, 40))
+    assert [raw.recv() for _ in range(40)] == [Puback(i) for i in range(1, 41)]
+
+
 def test_max_packet_size(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="opendps.mqtt")
     client = Paho(uid("big"))

@@ -195,6 +195,12 @@ class NatsRouter:
         self._known[hub_id] = (time.monotonic() + ROUTE_REFRESH, found)
         return found
 
+    def unrouted(self, hub_id: int) -> bool:
+        """True when the hub is known, as of the last ``ROUTE_REFRESH`` s, to have no enabled route: its telemetry is
+        stored and nothing else (the hub session then pipelines it). False also when that is not known now."""
+        known = self._known.get(hub_id)
+        return known is not None and not known[1] and time.monotonic() < known[0]
+
     async def _connection(self, url: str) -> Any:
         nc = self._connections.get(url)
         if nc is not None and not nc.is_closed:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Connection, func, insert, select, text
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.store import LinkedHub, Store, TelemetryEvent, table_of
@@ -25,6 +25,9 @@ from opendps.transport.wire import iso8601, parse_json
 MAX_MESSAGE_BYTES = 256 * 1024
 _EVENTS = table_of(TelemetryEvent)
 _APPEND = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
+_SQLITE_APPEND = ("INSERT INTO telemetry_events (hub_id, device_id, system_properties, properties, body, enqueued_at) "
+                  "VALUES (?, ?, ?, ?, ?, ?)")
+_JSON_TEXTS_MAX = 1024  # distinct property sets kept serialised (a device cannot grow it: cleared when full)
 # PostgreSQL: a transaction appending to a hub holds the advisory lock (_LOCK_SPACE, hub id) until it ends. The
 # two-int4 key space, with a constant of our own first, is apart from any single-bigint advisory lock. ORDER BY:
 # locks are taken in hub order (a volatile function is evaluated after the sort), so two batches never deadlock.
@@ -129,6 +132,8 @@ def check_size(body: bytes) -> None:
 class TelemetrySink:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._processors: dict[Any, tuple[Any, Any]] = {}  # per dialect: the time's and the JSON columns' bind processing
+        self._json_texts: dict[tuple[tuple[str, Any], ...], Any] = {}  # property sets as their JSON column values
 
     def append_many(self, messages: list[tuple[int, str, dict[str, Any], dict[str, Any], bytes]]) -> list[int]:
         """Append (hub id, device id, system, application, body) messages in one transaction; their positions
@@ -148,13 +153,54 @@ class TelemetrySink:
         for message in messages:
             check_size(message[4])
         now = datetime.now(UTC)
-        rows = [{"hub_id": hub_id, "device_id": device_id, "system_properties": system, "properties": application,
-                 "body": body, "enqueued_at": now} for hub_id, device_id, system, application, body in messages]
         with self.store.session() as s:
             conn = s.connection()
+            if conn.dialect.name == "sqlite":
+                return self._append_sqlite(conn, messages, now)
+            rows = [{"hub_id": hub_id, "device_id": device_id, "system_properties": system, "properties": application,
+                     "body": body, "enqueued_at": now} for hub_id, device_id, system, application, body in messages]
             if conn.dialect.name == "postgresql" and messages:
                 conn.execute(_TAKE_TURNS, {"space": _LOCK_SPACE, "hubs": sorted({message[0] for message in messages})})
             return list(conn.execute(_APPEND, rows).scalars())
+
+    def _append_sqlite(self, conn: Connection, messages: list[tuple[int, str, dict[str, Any], dict[str, Any], bytes]],
+                       now: datetime) -> list[int]:
+        """SQLite: one ``executemany`` of the driver, the columns' own bind processing done once per batch (the time)
+        or once per distinct property set (a fleet sends a few), and the positions from the last row id.
+
+        Why not the Core statement: SQLAlchemy runs an INSERT ... RETURNING per row on SQLite (no sentinel to sort a
+        multi-row RETURNING by) and serialises both JSON columns of every row: most of a stored message's cost.
+        Why the ids are right: the transaction holds SQLite's one write lock from its first INSERT to its commit and
+        AUTOINCREMENT gives each new row the largest id ever used + 1, so the batch's ids are consecutive and end at
+        ``last_insert_rowid()``."""
+        if not messages:
+            return []
+        dialect = conn.dialect
+        processors = self._processors.get(dialect)
+        if processors is None:
+            processors = self._processors[dialect] = (_EVENTS.c.enqueued_at.type.bind_processor(dialect),
+                                                      _EVENTS.c.properties.type.bind_processor(dialect))
+        stamp_of, json_of = processors
+        stamp = stamp_of(now) if stamp_of is not None else now
+        texts = self._json_texts
+        if len(texts) > _JSON_TEXTS_MAX:
+            texts.clear()
+
+        def text_of(value: dict[str, Any]) -> Any:
+            try:
+                key = tuple(value.items())
+                found = texts.get(key)
+            except TypeError:  # an unhashable value (a list): serialised each time
+                return json_of(value) if json_of is not None else value
+            if found is None:
+                found = texts[key] = json_of(value) if json_of is not None else value
+            return found
+
+        rows = [(hub_id, device_id, text_of(system), text_of(application), body, stamp)
+                for hub_id, device_id, system, application, body in messages]
+        conn.exec_driver_sql(_SQLITE_APPEND, rows)
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        return list(range(last - len(rows) + 1, last + 1))
 
     def read(self, hub_name: str, *, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[Event]:
         with self.store.session() as s:
@@ -214,17 +260,30 @@ class GroupCommit:
     async def append(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any], body: bytes) -> int:
         check_size(body)  # one oversized message must not fail the others' transaction
         size = len(body)
-        if self._room is None:
-            self._room = asyncio.Condition()
         if self._pending_bytes + size > self.max_pending_bytes:
+            if self._room is None:
+                self._room = asyncio.Condition()
             async with self._room:
                 await self._room.wait_for(lambda: self._pending_bytes + size <= self.max_pending_bytes)
-        self._pending_bytes += size
+        return await self._queue(hub_id, device_id, system, application, body)
+
+    def submit(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
+               body: bytes) -> asyncio.Future[int] | None:
+        """:meth:`append` without waiting: the future of the message's position, or None when it cannot be queued at
+        once (the queue is full, or the message too large): the caller then uses :meth:`append`, which waits or says
+        why. Lets a session queue several messages of its own for the same transaction (the MQTT core's pipeline)."""
+        if len(body) > MAX_MESSAGE_BYTES or self._pending_bytes + len(body) > self.max_pending_bytes:
+            return None
+        return self._queue(hub_id, device_id, system, application, body)
+
+    def _queue(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
+               body: bytes) -> asyncio.Future[int]:
+        self._pending_bytes += len(body)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append(((hub_id, device_id, system, application, body), future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
-        return await future
+        return future
 
     async def _write(self) -> None:
         while self._pending:

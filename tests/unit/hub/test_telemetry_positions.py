@@ -99,3 +99,26 @@ def test_a_reader_following_positions_sees_every_message_once_and_in_order(store
         missed = sorted(appended[name].keys() - set(positions))
         assert not missed, f"{name}: the reader skipped {len(missed)} of {len(appended[name])} messages: {missed[:10]}"
         assert dict(seen[name]) == appended[name]  # every message once, at the position its writer was given
+
+
+def test_what_a_batch_stores_reads_back_as_it_was_given(store):
+    """Properties (a repeated set, a new one, one with a list value), bodies and the time come back as given; the
+    positions returned are the rows' (SQLite takes them from the last row id, PostgreSQL from RETURNING)."""
+    hub_ids = _hubs(store)
+    sink = TelemetrySink(store)
+    sdk = ({"content-type": "application/json", "content-encoding": "utf-8"}, {"unit": "C"})
+    messages = [(hub_ids["alpha"], "dev-a", dict(sdk[0]), dict(sdk[1]), b"1"),
+                (hub_ids["beta"], "dev-b", {}, {"k": None}, b"2"),
+                (hub_ids["alpha"], "dev-a", dict(sdk[0]), dict(sdk[1]), b"3"),
+                (hub_ids["alpha"], "dev-c", {}, {"tags": ["a", "b"]}, b"\x00\xff")]
+    before = datetime.now(UTC)
+    first = sink.append_many(messages)
+    second = sink.append_many(messages[:1])
+    assert first == sorted(first) and len(set(first)) == 4 and second[0] > first[-1]
+    alpha = {e.position: e for e in sink.read("alpha", limit=10)}
+    beta = {e.position: e for e in sink.read("beta", limit=10)}
+    assert set(alpha) == {first[0], first[2], first[3], second[0]} and set(beta) == {first[1]}
+    for position, (_, device, system, application, body) in zip(first, messages, strict=True):
+        e = alpha.get(position) or beta[position]
+        assert (e.device_id, e.system, e.application, e.body) == (device, system, application, body)
+        assert before <= e.enqueued_at <= datetime.now(UTC) and e.enqueued_at.tzinfo is not None

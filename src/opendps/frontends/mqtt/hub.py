@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -110,6 +111,33 @@ class HubSession:
             log.info("device %r published to %r, which is not one of its topics: connection closed", d, topic)
             session.close(f"publish to a topic outside the device's own: {topic!r}")
 
+    def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
+                      retain: bool) -> asyncio.Future[int] | None:
+        """Telemetry of a hub without routes, queued for the group commit at once (``PipeliningHandler``): the MQTT
+        core reads the device's next PUBLISH while this one waits for its transaction, so a device with several
+        messages in flight has them stored together and acknowledged in one write. Anything else (a twin request, a
+        routed hub's telemetry, a full queue): None, and ``on_publish`` handles it."""
+        rt, device = self.runtime, self.device
+        events = f"devices/{device.device_id}/messages/events/"
+        if not topic.startswith(events) and topic != events[:-1]:
+            return None
+        if not rt.telemetry_router.unrouted(device.hub_id):
+            return None  # routes (or not known yet): on_publish stores, then routes before the PUBACK
+        system, application = parse_property_bag(topic[len(events):].removesuffix("/"))
+        future = rt.telemetry_writer.submit(device.hub_id, device.device_id, system, application, payload)
+        if future is not None:
+            future.add_done_callback(functools.partial(self._stored, len(payload)))
+        return future
+
+    def _stored(self, size: int, future: asyncio.Future[int]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._counted(size)
+
+    def _counted(self, size: int) -> None:
+        """A telemetry message is stored: wake live consumers, count it."""
+        self.runtime.telemetry_bus.notify()
+        metrics.telemetry(self.device.hub_name, size)
+
     async def on_disconnected(self, session: Session, reason: str) -> None:
         self.runtime.live.detach(self)
         if self.counted:
@@ -153,8 +181,7 @@ class HubSession:
         try:  # stored, then routed (a durable route acknowledges before the PUBACK)
             position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
                                                                   application, payload)
-            self.runtime.telemetry_bus.notify()
-            metrics.telemetry(self.device.hub_name, len(payload))
+            self._counted(len(payload))
             await self.runtime.telemetry_router.deliver(self.device.hub_id, self.device.device_id, system, application,
                                                         payload, position)
         except OpenDPSError as exc:  # not durable, so not acknowledged: the connection closes, as IoT Hub does

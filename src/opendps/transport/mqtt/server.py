@@ -104,6 +104,7 @@ _TAKEOVER_WAIT = 5.0  # how long a new connection waits for the old one's on_dis
 _CLOSE_FLUSH_TIMEOUT = 5.0  # graceful close: abort if the peer does not take our last bytes
 _PACKET_COST = 64  # bookkeeping estimate per queued packet (bounds floods of tiny packets)
 _PINGRESP = b"\xd0\x00"
+_PIPELINE_DEPTH = 32  # PUBLISHes of one connection begun and not yet accepted (PipeliningHandler), at most
 _CONNACK_NAMES = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
                   4: "bad user name or password", 5: "not authorized"}
 
@@ -156,6 +157,22 @@ class SessionHandler(Protocol):
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
         """The last call for a session; ``reason`` e.g. "client disconnected", "connection lost", "taken over"."""
+
+
+class PipeliningHandler(SessionHandler, Protocol):
+    """A handler that can accept a PUBLISH without being awaited (optional; the hub's sessions do for telemetry).
+
+    ``begin_publish`` returns a future that is done once the message is accepted (stored): the core then goes on to the
+    connection's next PUBLISH at once, and writes the PUBACKs in order as their futures finish — those that finish
+    together in one write (one TLS record, one send). A failed future closes the connection without PUBACK for it
+    and for every later PUBLISH (``MqttRefused``: a deliberate refusal; anything else is logged). Returning None
+    hands that PUBLISH to ``on_publish`` instead, after the PUBLISHes begun before it are accepted; so does any
+    packet other than a PUBLISH: a device's effects stay in the order it sent them.
+    """
+
+    def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
+                      retain: bool) -> asyncio.Future[Any] | None:
+        """A future done when the PUBLISH is accepted, or None to have ``on_publish`` handle it."""
 
 
 Authenticator = Callable[[ConnectRequest], Awaitable[SessionHandler | int]]
@@ -246,7 +263,7 @@ class _Connection(asyncio.Protocol):
         "_task", "_context", "_connect_timer", "_keepalive_timer", "_close_timer", "_last_rx", "_keepalive", "_connect_seen",
         "_disconnect_seen", "_client_id", "_key", "_session", "_handler", "_clean", "_open", "_inflight",
         "_next_pid", "_publish_lock", "_slot_waiter", "_drain_waiters", "_write_paused", "_reading_paused",
-        "_close_reason", "_peer_closed", "_lost", "_finished", "_closed_waiter", "_gone_waiter"
+        "_close_reason", "_peer_closed", "_lost", "_finished", "_closed_waiter", "_gone_waiter", "_begin", "_pipeline"
     )
 
     def __init__(self, server: MqttServer) -> None:
@@ -293,6 +310,10 @@ class _Connection(asyncio.Protocol):
         # futures for those two states, made only when someone waits (takeover, shutdown, WebSocket route)
         self._closed_waiter: asyncio.Future[None] | None = None
         self._gone_waiter: asyncio.Future[None] | None = None
+        # the handler's begin_publish (PipeliningHandler), and the PUBLISHes begun with it and not yet acknowledged,
+        # in order: (packet id, or None for QoS 0; the handler's future; the topic); None while there are none
+        self._begin: Callable[[Session, str, bytes, int, bool], asyncio.Future[Any] | None] | None = None
+        self._pipeline: deque[tuple[int | None, asyncio.Future[Any], str]] | None = None
 
     @property
     def _peer(self) -> str:
@@ -465,6 +486,12 @@ class _Connection(asyncio.Protocol):
         """The consumer (see :meth:`_wake`): handles the waiting packets in order; finishes an ended connection."""
         try:
             while (packet := self._next_packet()) is not None:
+                if type(packet) is Publish and self._begin is not None and self._began(packet):  # type: ignore[arg-type]
+                    if len(self._pipeline or ()) >= _PIPELINE_DEPTH:
+                        await self._accepted(1)
+                    continue
+                if self._pipeline:
+                    await self._accepted(0)  # what the device sent before this packet takes effect first
                 await self._dispatch(packet)
             if self._close_reason is None:
                 self._task = None  # idle: the next input starts another (nothing runs between this and the return)
@@ -477,6 +504,54 @@ class _Connection(asyncio.Protocol):
             log.exception("MQTT connection from %s%s: internal error", self._peer, self._who())
             self._terminate("internal error", abort=True)
         await self._finish()
+
+    # --- pipelined PUBLISHes (PipeliningHandler) -----------------------------------------------
+
+    def _began(self, publish: Publish) -> bool:
+        """Offer a PUBLISH to the handler's ``begin_publish``: True if it took it (its PUBACK follows its future)."""
+        if publish.qos == 2 or self._write_paused or self._close_reason is not None:
+            return False  # _dispatch refuses QoS 2, waits for a client that does not read, or skips
+        assert self._begin is not None and self._session is not None
+        future = self._begin(self._session, publish.topic, publish.payload, publish.qos, publish.retain)
+        if future is None:
+            return False
+        if self._pipeline is None:
+            self._pipeline = deque()
+        self._pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
+        future.add_done_callback(self._pipeline_step)
+        return True
+
+    def _pipeline_step(self, _: asyncio.Future[Any]) -> None:
+        """A begun PUBLISH was accepted or failed: acknowledge, in order, every accepted one at the head, in one write."""
+        pipeline = self._pipeline
+        acks: list[bytes] = []
+        while pipeline and pipeline[0][1].done():
+            packet_id, future, topic = pipeline.popleft()
+            problem = future.exception() if not future.cancelled() else asyncio.CancelledError()
+            if problem is not None:
+                pipeline.clear()  # no PUBACK for this one or any later one: the client sends them again
+                if acks:
+                    self._write(b"".join(acks))
+                    acks = []
+                if isinstance(problem, MqttRefused):
+                    self._close_with_line(f"PUBLISH to {_short(topic)} refused: {problem}")
+                elif self._close_reason is None:
+                    log.warning("MQTT PUBLISH of client %s to %s not accepted (%s: %s); closing without PUBACK",
+                                _short(self._client_id or ""), _short(topic), type(problem).__name__, problem)
+                    self._terminate("publish not accepted", abort=False)
+                break
+            if packet_id is not None:
+                acks.append(b"\x40\x02" + packet_id.to_bytes(2, "big"))
+        if acks:
+            self._write(acks[0] if len(acks) == 1 else b"".join(acks))
+        if not pipeline:
+            self._pipeline = None
+
+    async def _accepted(self, leave: int) -> None:
+        """Wait until at most ``leave`` begun PUBLISHes are not yet accepted (acknowledged or failed)."""
+        while self._pipeline is not None and len(self._pipeline) > leave:
+            # our done callback was added first, so it has run (and acknowledged) when this wait returns
+            await asyncio.wait((self._pipeline[0][1],))
 
     async def _dispatch(self, packet: Packet) -> None:
         kind = type(packet)
@@ -534,6 +609,7 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             return
         self._handler = handler
+        self._begin = getattr(handler, "begin_publish", None)
         # A handler may key its sessions apart from others that share the client id (DPS and a hub do)
         # and may opt out of MQTT-level persistence when it keeps its own state (``persistent = False``).
         key = getattr(handler, "session_key", None) or client_id
@@ -874,6 +950,8 @@ class _Connection(asyncio.Protocol):
         self._close_transport()  # after a deferred (shutdown) close
         session, handler = self._session, self._handler
         try:
+            if self._pipeline:  # the session ends after what it began is settled (stored or failed), as before
+                await self._accepted(0)
             if self._open and session is not None and handler is not None:
                 try:
                     await handler.on_disconnected(session, self._close_reason or "")

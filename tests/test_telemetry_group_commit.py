@@ -28,16 +28,27 @@ def test_concurrent_publishes_share_transactions_and_keep_their_positions(store)
     commits = []
     event.listen(store.engine, "commit", lambda _conn: commits.append(1))
 
+    told: list[tuple[int, int]] = []  # on_stored: (messages in the batch, callers already answered)
+
     async def main() -> list[int | BaseException]:
         loop = asyncio.get_running_loop()
-        writer = GroupCommit(sink, lambda fn, *a: loop.run_in_executor(None, fn, *a), max_batch=64)
+        answered: list[int] = []
+        writer = GroupCommit(sink, lambda fn, *a: loop.run_in_executor(None, fn, *a), max_batch=64,
+                             on_stored=lambda batch: told.append((len(batch), len(answered))))
         bodies = [f"m{i}".encode() for i in range(300)]
         bodies[17] = b"x" * (MAX_MESSAGE_BYTES + 1)
-        return await asyncio.gather(*(writer.append(hub_id, f"dev-{i % 7}", {"message-id": str(i)}, {"i": str(i)}, b)
-                                      for i, b in enumerate(bodies)), return_exceptions=True)
+
+        async def append(i: int, body: bytes) -> int:
+            position = await writer.append(hub_id, f"dev-{i % 7}", {"message-id": str(i)}, {"i": str(i)}, body)
+            answered.append(i)
+            return position
+        return await asyncio.gather(*(append(i, b) for i, b in enumerate(bodies)), return_exceptions=True)
 
     results = asyncio.run(main())
     assert isinstance(results[17], PayloadTooLarge)
+    # told once per stored batch, of every message in it, before any of its callers heard
+    assert sum(n for n, _ in told) == 299 and len(told) == len(commits)
+    assert [before for _, before in told] == [sum(n for n, _ in told[:k]) for k in range(len(told))]
     positions = [r for i, r in enumerate(results) if i != 17]
     assert all(isinstance(p, int) for p in positions)
     assert positions == sorted(positions) and len(set(positions)) == 299  # publish order = position order

@@ -174,11 +174,12 @@ def hub_refused(reason: str) -> None:
     HUB_REFUSALS.labels(reason).inc()
 
 
-def telemetry(hub: str, size: int) -> None:
+def telemetry(hub: str, size: int, count: int = 1) -> None:
+    """``count`` messages of ``size`` bytes in all were stored for ``hub``."""
     counters = _TELEMETRY_BY_HUB.get(hub)
     if counters is None:  # labels() takes a lock and builds a key: once per hub, not per message
         counters = _TELEMETRY_BY_HUB[hub] = (TELEMETRY_MESSAGES.labels(hub), TELEMETRY_BYTES.labels(hub))
-    counters[0].inc()
+    counters[0].inc(count)
     counters[1].inc(size)
 
 

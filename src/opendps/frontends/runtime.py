@@ -27,6 +27,7 @@ from opendps.frontends import metrics
 from opendps.frontends.refusals import RefusalRecorder
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
 from opendps.hub.presence import Presence
+from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
 
@@ -302,13 +303,28 @@ class Runtime:
     store_gauges: metrics.StoreGauges = field(init=False)  # /metrics' gauges read from the store (cached)
     status_cache: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # GET /status, a few seconds
     cluster: Cluster | None = None  # this process as a node of the service (None: alone, e.g. in-process tests)
+    hub_names: dict[int, str] = field(default_factory=dict)  # hub id -> name, of hubs with a device session here
 
     def __post_init__(self) -> None:
         # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads
-        self.telemetry_writer = GroupCommit(self.services.telemetry, self.domain.run)
+        self.telemetry_writer = GroupCommit(self.services.telemetry, self.domain.run, on_stored=self._telemetry_stored)
         self.telemetry_router = NatsRouter(self.services.routes, self.domain.run)
         self.refusals = RefusalRecorder(self.services.inventory.refusals, self.domain.run)
         self.store_gauges = metrics.StoreGauges(self.services)
+
+    def _telemetry_stored(self, messages: list[Message]) -> None:
+        """A group commit stored a batch: live consumers are woken once, the counters counted per hub."""
+        self.telemetry_bus.notify()
+        by_hub: dict[int, list[int]] = {}
+        for hub_id, _, _, _, body in messages:
+            counted = by_hub.get(hub_id)
+            if counted is None:
+                by_hub[hub_id] = [1, len(body)]
+            else:
+                counted[0] += 1
+                counted[1] += len(body)
+        for hub_id, (count, size) in by_hub.items():
+            metrics.telemetry(self.hub_names.get(hub_id) or str(hub_id), size, count)
 
     def registration_refused(self, registration_id: str, transport: str, exc: OpenDPSError) -> None:
         """A DPS request (register, poll, status, a DPS MQTT CONNECT) was refused: counted by reason and logged in the

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,8 @@ from opendps.store import LinkedHub, Store, TelemetryEvent, table_of
 from opendps.transport.wire import iso8601, parse_json
 
 MAX_MESSAGE_BYTES = 256 * 1024
+Message = tuple[int, str, dict[str, Any], dict[str, Any], bytes]  # hub id, device id, system, application, body
+log = logging.getLogger("opendps.hub")
 _EVENTS = table_of(TelemetryEvent)
 _APPEND = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
 _SQLITE_APPEND = ("INSERT INTO telemetry_events (hub_id, device_id, system_properties, properties, body, enqueued_at) "
@@ -238,12 +242,15 @@ class GroupCommit:
     """
 
     def __init__(self, sink: TelemetrySink, run: Any, max_batch: int = 256,
-                 max_pending_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_pending_bytes: int = 16 * 1024 * 1024,
+                 on_stored: Callable[[list[Message]], None] | None = None) -> None:
         self.sink = sink
         self.run = run  # runs a blocking callable off the event loop (the domain's thread pool)
+        # told of each stored batch once, on the loop, before its callers hear of it (live consumers, counters)
+        self.on_stored = on_stored
         self.max_batch = max_batch
         self.max_pending_bytes = max(max_pending_bytes, MAX_MESSAGE_BYTES)  # one largest message always fits
-        self._pending: list[tuple[tuple[int, str, dict[str, Any], dict[str, Any], bytes], asyncio.Future[int]]] = []
+        self._pending: list[tuple[Message, asyncio.Future[int]]] = []
         self._pending_bytes = 0  # bodies queued or being written
         self._room: asyncio.Condition | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -299,6 +306,11 @@ class GroupCommit:
                 await self._release(sum(len(message[4]) for message, _ in batch))
             if positions is None:
                 continue
+            if self.on_stored is not None:
+                try:
+                    self.on_stored([message for message, _ in batch])
+                except Exception:  # the batch is stored: its callers get their positions regardless
+                    log.exception("telemetry: after a stored batch")
             for (_, future), position in zip(batch, positions, strict=True):
                 if not future.done():  # the session may have gone (cancelled) meanwhile
                     future.set_result(position)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -73,6 +72,7 @@ class HubSession:
     # ---- MQTT session handler ----
     async def on_connected(self, session: Session) -> None:
         self.session = session
+        self.runtime.hub_names[self.device.hub_id] = self.device.hub_name  # for the telemetry counters' label
         self.runtime.live.attach(self)
         metrics.hub_connected(self.device.auth_type)
         self.counted = True
@@ -124,19 +124,7 @@ class HubSession:
         if not rt.telemetry_router.unrouted(device.hub_id):
             return None  # routes (or not known yet): on_publish stores, then routes before the PUBACK
         system, application = parse_property_bag(topic[len(events):].removesuffix("/"))
-        future = rt.telemetry_writer.submit(device.hub_id, device.device_id, system, application, payload)
-        if future is not None:
-            future.add_done_callback(functools.partial(self._stored, len(payload)))
-        return future
-
-    def _stored(self, size: int, future: asyncio.Future[int]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._counted(size)
-
-    def _counted(self, size: int) -> None:
-        """A telemetry message is stored: wake live consumers, count it."""
-        self.runtime.telemetry_bus.notify()
-        metrics.telemetry(self.device.hub_name, size)
+        return rt.telemetry_writer.submit(device.hub_id, device.device_id, system, application, payload)
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
         self.runtime.live.detach(self)
@@ -181,7 +169,6 @@ class HubSession:
         try:  # stored, then routed (a durable route acknowledges before the PUBACK)
             position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
                                                                   application, payload)
-            self._counted(len(payload))
             await self.runtime.telemetry_router.deliver(self.device.hub_id, self.device.device_id, system, application,
                                                         payload, position)
         except OpenDPSError as exc:  # not durable, so not acknowledged: the connection closes, as IoT Hub does

@@ -140,6 +140,7 @@ async def _whoami(request: web.Request) -> web.Response:
     assert t is not None
     return web.json_response({
         "chain": _subjects(request),
+        "ca_objects": [id(c) for c in request.transport.get_extra_info("peer_certificate_chain")[1:]],  # type: ignore[union-attr]
         "tls_version": t.get_extra_info("tls_version"),
         "cipher": t.get_extra_info("cipher"),
         "alpn": t.get_extra_info("alpn_protocol"),
@@ -324,6 +325,27 @@ def test_any_client_chain_is_accepted_and_reported_as_sent(server, pki, label, v
 def test_chain_order_is_leaf_first(pki, server):
     got = _get_json(server.port, _client_ctx(pki, pki.ids["chained"], "1.3"))
     assert got["chain"] == ["CN=device-chained", "CN=Test Client ICA"]
+
+
+def test_connections_sending_the_same_ca_share_one_parsed_copy(pki, server):
+    """Each connection keeps its peer chain for its life; a fleet's devices send the same issuing CA, so the server keeps
+    one parsed copy of it, not one per device (both connections stay open: neither copy could have been freed)."""
+    ctx = _client_ctx(pki, pki.ids["chained"], "1.3")
+    first = http.client.HTTPSConnection("localhost", server.port, context=ctx, timeout=10)
+    second = http.client.HTTPSConnection("localhost", server.port, context=ctx, timeout=10)
+    try:
+        answers = []
+        for conn in (first, second, first):
+            conn.request("GET", "/whoami")
+            response = conn.getresponse()
+            assert response.status == 200
+            answers.append(json.loads(response.read()))
+    finally:
+        first.close()
+        second.close()
+    assert answers[0]["peer_port"] == answers[2]["peer_port"] != answers[1]["peer_port"]  # two connections, one reused
+    assert all(a["chain"] == pki.ids["chained"].subjects for a in answers)
+    assert answers[0]["ca_objects"] == answers[1]["ca_objects"] == answers[2]["ca_objects"]
 
 
 @pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])

@@ -32,6 +32,7 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("opendps_request_id", default=No
 # the event fields a JSON line may carry, besides time, level, logger, event, message, request_id (stable names)
 FIELDS = ("registration_id", "device_id", "hub", "outcome", "reason", "serial", "policy", "enrollment_id", "transport",
           "attestation", "error_code", "auth", "count", "namespace", "operation_id", "worker", "pid")
+_FIELD_SET = frozenset(FIELDS)
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -67,7 +68,7 @@ def redact(text: str) -> str:
 def event(name: str, **fields: Any) -> dict[str, Any]:
     """``extra=`` for a log line that tells of an outcome: ``event`` names it (``registration.assigned``,
     ``hub.refused``...), ``fields`` from :data:`FIELDS` (None values left out)."""
-    unknown = set(fields) - set(FIELDS)
+    unknown = fields.keys() - _FIELD_SET
     if unknown:
         raise ValueError(f"log fields {sorted(unknown)} are not in opendps.logs.FIELDS")
     return {"event": name, **{k: v for k, v in fields.items() if v is not None}}

@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from opendps.transport import format_peer
 
@@ -232,35 +231,30 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
     """The chain exactly as the client sent it, leaf first.
 
     Server side, OpenSSL's SSL_get_peer_cert_chain() leaves out the leaf; it comes from
-    SSL_get_peer_certificate().
+    SSL_get_peer_certificate(). The CA certificates after the leaf are looked up by their DER first: a fleet's devices
+    send the same issuing CA, parsed once per process (:func:`_interned`).
     """
-    try:
-        leaf = conn.get_peer_certificate(as_cryptography=True)
-        rest = conn.get_peer_cert_chain(as_cryptography=True) or []
-    except TypeError:  # pyOpenSSL without ``as_cryptography``
-        old_leaf = conn.get_peer_certificate()
-        leaf = old_leaf.to_cryptography() if old_leaf is not None else None
-        rest = [c.to_cryptography() for c in conn.get_peer_cert_chain() or []]
+    leaf = conn.get_peer_certificate(as_cryptography=True)
     if leaf is None:
         return []
+    rest = [_interned(crypto.dump_certificate(crypto.FILETYPE_ASN1, c)) for c in conn.get_peer_cert_chain() or []]
     if rest and rest[0] == leaf:  # some OpenSSL builds include it
         rest = rest[1:]
-    return [leaf, *(_interned(c) for c in rest)]
+    return [leaf, *rest]
 
 
 _CA_OBJECTS: OrderedDict[bytes, x509.Certificate] = OrderedDict()
 _CA_OBJECTS_MAX = 512
 
 
-def _interned(certificate: x509.Certificate) -> x509.Certificate:
+def _interned(der: bytes) -> x509.Certificate:
     """One object per distinct CA certificate: a fleet's devices send the same issuing CA, and each connection
     keeps its peer chain for its whole life (~1.5 KB per parsed copy). Event-loop thread only."""
-    der = certificate.public_bytes(Encoding.DER)
     known = _CA_OBJECTS.get(der)
     if known is not None:
         _CA_OBJECTS.move_to_end(der)
         return known
-    _CA_OBJECTS[der] = certificate
+    certificate = _CA_OBJECTS[der] = x509.load_der_x509_certificate(der)
     if len(_CA_OBJECTS) > _CA_OBJECTS_MAX:
         _CA_OBJECTS.popitem(last=False)
     return certificate

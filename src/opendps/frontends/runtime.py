@@ -248,7 +248,11 @@ class _Inbox:
             done, self._done = self._done, []
             self._scheduled = False
         for call in done:
-            call.settle()
+            try:
+                call.settle()
+            except Exception as exc:  # noqa: BLE001 - one outcome a future refuses must not strand the other callers
+                if not call.future.done():
+                    call.future.set_exception(RuntimeError(f"the domain call's outcome could not be handed over: {exc!r}"))
 
 
 def _work(lane: queue.SimpleQueue[_Call | None], core: bool) -> None:

@@ -521,8 +521,10 @@ class _Connection(asyncio.Protocol):
         future.add_done_callback(self._pipeline_step)
         return True
 
-    def _pipeline_step(self, _: asyncio.Future[Any]) -> None:
+    def _pipeline_step(self, done: asyncio.Future[Any]) -> None:
         """A begun PUBLISH was accepted or failed: acknowledge, in order, every accepted one at the head, in one write."""
+        if not done.cancelled():
+            done.exception()  # seen here, also when an earlier failure already emptied the pipeline (no "never retrieved")
         pipeline = self._pipeline
         acks: list[bytes] = []
         while pipeline and pipeline[0][1].done():

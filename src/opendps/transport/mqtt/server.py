@@ -486,10 +486,11 @@ class _Connection(asyncio.Protocol):
         """The consumer (see :meth:`_wake`): handles the waiting packets in order; finishes an ended connection."""
         try:
             while (packet := self._next_packet()) is not None:
-                if type(packet) is Publish and self._begin is not None and self._began(packet):  # type: ignore[arg-type]
+                if type(packet) is Publish and self._begin is not None:
                     if len(self._pipeline or ()) >= _PIPELINE_DEPTH:
-                        await self._accepted(1)
-                    continue
+                        await self._accepted(_PIPELINE_DEPTH - 1)  # room for one more
+                    if self._began(packet):  # type: ignore[arg-type]
+                        continue
                 if self._pipeline:
                     await self._accepted(0)  # what the device sent before this packet takes effect first
                 await self._dispatch(packet)
@@ -518,7 +519,7 @@ class _Connection(asyncio.Protocol):
         if self._pipeline is None:
             self._pipeline = deque()
         self._pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
-        future.add_done_callback(self._pipeline_step)
+        future.add_done_callback(self._pipeline_step, context=self._context)  # the connection's (its request id)
         return True
 
     def _pipeline_step(self, done: asyncio.Future[Any]) -> None:

@@ -268,6 +268,25 @@ def test_sdk_spellings_and_unmatched_paths(server):
         _assert_error(anonymous.get("/no/such/path"), 404, 404001)
 
 
+def test_device_list_is_bounded_by_top_as_in_iot_hub(server):
+    """GET /devices?top=N: at most N identities in device id order; absent or outside 1-1000 means 1000; a top that is
+    not a number is a 400 naming it."""
+    out = server.cli("hub", "connection-string", "show", check=True)
+    cs = out.stdout.strip()
+    cs = sas.parse_connection_string(json.loads(cs)["connectionString"] if cs.startswith("{") else cs)
+    hub_token = sas.generate(cs["HostName"], cs["SharedAccessKey"], "iothubowner")
+    with _client(server, token=hub_token) as hub:
+        for device_id in ("top-c", "top-a", "top-b"):
+            assert hub.put(f"/devices/{device_id}", json={"deviceId": device_id}).status_code in (200, 201)
+        everything = [d["deviceId"] for d in hub.get("/devices").json()]
+        assert {"top-a", "top-b", "top-c"} <= set(everything) and everything == sorted(everything, key=str.lower)
+        first_two = [d["deviceId"] for d in hub.get("/devices", params={"top": 2}).json()]
+        assert first_two == everything[:2]
+        for outside in (0, -5, 1001):
+            assert [d["deviceId"] for d in hub.get("/devices", params={"top": outside}).json()] == everything
+        _assert_error(hub.get("/devices", params={"top": "lots"}), 400, 400004, "top must be an integer")
+
+
 def test_malformed_http_is_one_info_line_not_an_error_traceback(server):
     """Issue 12.14: expected client behaviour (a bad header, an overlong line) logs one INFO line."""
     import socket

@@ -467,10 +467,12 @@ class Hubs:
             hub, row = self._device_row(s, hub_name, device_id)
             return _identity(hub, row), self._keys(hub.id, row)
 
-    def list_devices(self, hub_name: str) -> builtins.list[DeviceIdentity]:
+    def list_devices(self, hub_name: str, *, top: int | None = None) -> builtins.list[DeviceIdentity]:
+        """The hub's device identities in device key order; ``top``: at most that many (IoT Hub's ``GET /devices``)."""
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
-            rows = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key))
+            q = select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key)
+            rows = s.scalars(q.limit(top) if top is not None else q)
             return [_identity(hub, r) for r in rows]
 
     def device_page(self, hub_name: str, *, prefix: str = "", after: str = "", top: int = 100) -> DevicePage:

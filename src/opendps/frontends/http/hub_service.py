@@ -109,9 +109,25 @@ async def get_device(request: web.Request) -> web.Response:
     return await _device_reply(request, hub_name(request), request.match_info["id"])
 
 
+MAX_DEVICE_LIST = 1000  # IoT Hub's bound on GET /devices
+
+
+def device_list_top(request: web.Request) -> int:
+    """``GET /devices?top=N``: at most N identities; as in IoT Hub, absent or outside 1-1000 means 1000 (a hub of a
+    million devices is not one response)."""
+    raw = request.query.get("top")
+    if raw is None:
+        return MAX_DEVICE_LIST
+    try:
+        top = int(raw)
+    except ValueError:
+        raise InvalidInput(f"top must be an integer, not {raw[:32]!r}") from None
+    return top if 1 <= top <= MAX_DEVICE_LIST else MAX_DEVICE_LIST
+
+
 @routes.get("/devices", name=HUB_ROUTE_PREFIX + "device-list")
 async def list_devices(request: web.Request) -> web.Response:
-    devices = await run(request, services(request).hubs.list_devices, hub_name(request))
+    devices = await run(request, services(request).hubs.list_devices, hub_name(request), top=device_list_top(request))
     connected = await runtime(request).live.connected_anywhere(hub_name(request))
     return send([device_wire(d, None, d.device_id.lower() in connected) for d in devices])
 

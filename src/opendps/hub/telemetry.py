@@ -210,11 +210,11 @@ class TelemetrySink:
             texts.clear()
 
         def text_of(value: dict[str, Any]) -> Any:
-            try:
-                key = tuple(value.items())
-                found = texts.get(key)
-            except TypeError:  # an unhashable value (a list): serialised each time
+            key = tuple(value.items())
+            # only text (or null) values are cached: 1, 1.0 and True are equal keys but not the same JSON
+            if not all(type(v) is str or v is None for _, v in key):
                 return serialise(value) if serialise is not None else value
+            found = texts.get(key)
             if found is None:
                 found = texts[key] = serialise(value) if serialise is not None else value
             return found

@@ -110,15 +110,19 @@ def test_what_a_batch_stores_reads_back_as_it_was_given(store):
     messages = [(hub_ids["alpha"], "dev-a", dict(sdk[0]), dict(sdk[1]), b"1"),
                 (hub_ids["beta"], "dev-b", {}, {"k": None}, b"2"),
                 (hub_ids["alpha"], "dev-a", dict(sdk[0]), dict(sdk[1]), b"3"),
-                (hub_ids["alpha"], "dev-c", {}, {"tags": ["a", "b"]}, b"\x00\xff")]
+                (hub_ids["alpha"], "dev-c", {}, {"tags": ["a", "b"]}, b"\x00\xff"),
+                # equal as dict keys, not as JSON: each must be stored as given
+                (hub_ids["beta"], "dev-d", {}, {"n": 1}, b"4"), (hub_ids["beta"], "dev-d", {}, {"n": True}, b"5"),
+                (hub_ids["beta"], "dev-d", {}, {"n": 1.0}, b"6")]
     before = datetime.now(UTC)
     first = sink.append_many(messages)
     second = sink.append_many(messages[:1])
-    assert first == sorted(first) and len(set(first)) == 4 and second[0] > first[-1]
+    assert first == sorted(first) and len(set(first)) == 7 and second[0] > first[-1]
     alpha = {e.position: e for e in sink.read("alpha", limit=10)}
     beta = {e.position: e for e in sink.read("beta", limit=10)}
-    assert set(alpha) == {first[0], first[2], first[3], second[0]} and set(beta) == {first[1]}
+    assert set(alpha) == {first[0], first[2], first[3], second[0]} and set(beta) == {first[1], *first[4:]}
     for position, (_, device, system, application, body) in zip(first, messages, strict=True):
         e = alpha.get(position) or beta[position]
         assert (e.device_id, e.system, e.application, e.body) == (device, system, application, body)
+        assert [type(v) for v in e.application.values()] == [type(v) for v in application.values()]
         assert before <= e.enqueued_at <= datetime.now(UTC) and e.enqueued_at.tzinfo is not None

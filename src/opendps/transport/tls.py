@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
 from opendps.transport import format_peer
@@ -237,10 +238,10 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
     leaf = conn.get_peer_certificate(as_cryptography=True)
     if leaf is None:
         return []
-    rest = [_interned(crypto.dump_certificate(crypto.FILETYPE_ASN1, c)) for c in conn.get_peer_cert_chain() or []]
-    if rest and rest[0] == leaf:  # some OpenSSL builds include it
-        rest = rest[1:]
-    return [leaf, *rest]
+    ders = [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in conn.get_peer_cert_chain() or []]
+    if ders and ders[0] == leaf.public_bytes(Encoding.DER):  # some OpenSSL builds include it: not a CA to keep
+        ders = ders[1:]
+    return [leaf, *(_interned(der) for der in ders)]
 
 
 _CA_OBJECTS: OrderedDict[bytes, x509.Certificate] = OrderedDict()

@@ -94,11 +94,20 @@ class HubSession:
             asyncio.get_running_loop().call_soon(self.wake_c2d)
         return min(qos, 1)
 
+    def _telemetry_bag(self, topic: str) -> str | None:
+        """The property bag of a telemetry topic of this device (``devices/{id}/messages/events/{bag}``), else None.
+        The C# SDK ends the topic with '/' after a property bag (and Java module telemetry): not part of the last
+        value."""
+        events = f"devices/{self.device.device_id}/messages/events/"
+        if topic.startswith(events):
+            return topic[len(events):].removesuffix("/")
+        return "" if topic == events[:-1] else None
+
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         d = self.device.device_id
-        events = f"devices/{d}/messages/events/"
-        if topic.startswith(events) or topic == events.rstrip("/"):
-            await self._telemetry(topic[len(events):], payload)
+        bag = self._telemetry_bag(topic)
+        if bag is not None:
+            await self._telemetry(bag, payload)
         elif topic.startswith("$iothub/twin/GET/"):
             await self._twin_get(topic_query(topic).get("$rid"))
         elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
@@ -118,12 +127,10 @@ class HubSession:
         messages in flight has them stored together and acknowledged in one write. Anything else (a twin request, a
         routed hub's telemetry, a full queue): None, and ``on_publish`` handles it."""
         rt, device = self.runtime, self.device
-        events = f"devices/{device.device_id}/messages/events/"
-        if not topic.startswith(events) and topic != events[:-1]:
-            return None
-        if not rt.telemetry_router.unrouted(device.hub_id):
-            return None  # routes (or not known yet): on_publish stores, then routes before the PUBACK
-        system, application = parse_property_bag(topic[len(events):].removesuffix("/"))
+        bag = self._telemetry_bag(topic)
+        if bag is None or not rt.telemetry_router.unrouted(device.hub_id):
+            return None  # not telemetry; or routes (or not known yet): on_publish stores, then routes before the PUBACK
+        system, application = parse_property_bag(bag)
         return rt.telemetry_writer.submit(device.hub_id, device.device_id, system, application, payload)
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
@@ -164,8 +171,7 @@ class HubSession:
 
     # ---- device → cloud ----
     async def _telemetry(self, bag: str, payload: bytes) -> None:
-        # the C# SDK ends the topic with '/' after a property bag (and Java module telemetry): not part of the last value
-        system, application = parse_property_bag(bag.removesuffix("/"))
+        system, application = parse_property_bag(bag)
         try:  # stored, then routed (a durable route acknowledges before the PUBACK)
             position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
                                                                   application, payload)

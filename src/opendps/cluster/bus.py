@@ -4,7 +4,8 @@ our own.
 - :class:`PostgresBus` — PostgreSQL ``LISTEN``/``NOTIFY`` when the store is PostgreSQL: no extra service. A body
   larger than a NOTIFY payload (8,000 bytes) is put in ``live_messages`` and the NOTIFY carries its id.
 - :class:`TableBus` — SQLite with several workers on one host: messages are rows of ``live_messages``, and each
-  worker reads the new ones every 50 ms (one indexed SELECT). SQLite's single writer takes ids in commit order, so
+  worker reads the new ones every 50 ms (one indexed SELECT, on the event loop through a connection that never
+  waits: :class:`opendps.cluster.nodes.MessageReader`). SQLite's single writer takes ids in commit order, so
   "after the last id I read" misses nothing.
 - :class:`NatsBus` — NATS core subjects, for operators who already run NATS (``--bus nats://...``).
 
@@ -24,7 +25,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opendps.cluster.nodes import Nodes
+from opendps.cluster.nodes import MessageReader, Nodes
 
 log = logging.getLogger("opendps.cluster")
 Deliver = Callable[[dict[str, Any]], None]
@@ -73,18 +74,27 @@ class TableBus(Bus):
         self.run = run
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._reader: MessageReader | None = None
 
     async def start(self, node_id: str, deliver: Deliver) -> None:
         after = await self.run(self.nodes.last_message)
+        self._reader = MessageReader.open(self.nodes.store)
         self._task = asyncio.get_running_loop().create_task(self._read(node_id, after, deliver))
+
+    async def _fetch(self, node_id: str, after: int) -> list[tuple[int, str]] | None:
+        if self._reader is not None:
+            return self._reader.fetch(node_id, after)
+        return await self.run(self.nodes.fetch, node_id, after)  # not a database file: through the domain threads
 
     async def _read(self, node_id: str, after: int, deliver: Deliver) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                rows = await self.run(self.nodes.fetch, node_id, after)
+                rows = await self._fetch(node_id, after)
             except Exception as exc:  # noqa: BLE001 - the store is busy or away: try again at the next tick
                 log.warning("live messages not read: %s", exc)
+                continue
+            if rows is None:  # locked for a moment: the next tick reads them
                 continue
             for message_id, body in rows:
                 after = message_id
@@ -100,6 +110,9 @@ class TableBus(Bus):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def psycopg_conninfo(sqlalchemy_url: str) -> str:

@@ -454,6 +454,9 @@ def test_a_second_connection_on_the_other_worker_takes_over(workers):
     for _ in range(10):  # connections spread by the kernel's hash: try until the two land on different workers
         first = connect(workers, "hopper", key)
         wait_connected(workers, "hopper")
+        deadline = time.time() + 5  # the worker holding it says Connected at once; its presence row follows
+        while "hopper" not in presence(workers) and time.time() < deadline:
+            time.sleep(0.02)
         before = presence(workers)["hopper"]
         second = connect(workers, "hopper", key)
         deadline = time.time() + 5

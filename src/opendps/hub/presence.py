@@ -74,13 +74,17 @@ class Presence:
         executemany upsert, one executemany delete, and one executemany update of the devices' ``last_seen_at`` (when
         a session of each last began or ended), in key order."""
         displaced: list[Displaced] = []
-        final: dict[tuple[int, str], Change] = {}  # per device, its last change in this batch
+        # per session, not per device: a device's new session often attaches before its old one's detach arrives
+        # (the MQTT core closes the old one after the new CONNECT), and both can be in one batch
+        ended = {(c.hub_id, c.device_key, c.session) for c in changes if not c.attached}
+        newest: dict[tuple[int, str], Change] = {}  # per device, its last attach in this batch
         for c in changes:
-            final[(c.hub_id, c.device_key)] = c
+            if c.attached:
+                newest[(c.hub_id, c.device_key)] = c
         now = datetime.now(UTC)
         with self.store.session() as s:
             conn = s.connection()
-            attached = list(dict.fromkeys((c.hub_id, c.device_key) for c in changes if c.attached))
+            attached = list(newest)
             if attached:
                 q = select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.node_id,
                            _CONNECTIONS.c.session).where(tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key)
@@ -90,11 +94,12 @@ class Presence:
                 for hub_id, device_key, node, session in conn.execute(q):
                     if node != node_id:
                         displaced.append(Displaced(node, hub_id, device_key, session))
+            # a session that attached and ended within the batch is never written; every ended session's row is
+            # deleted if it is still there (the delete names the session, so a newer session's row stays)
             upserts = [{"hub_id": c.hub_id, "device_key": c.device_key, "node_id": node_id, "session": c.session,
-                        "connected_at": now} for c in final.values() if c.attached]
-            # a session that attached and detached within the batch was never written: only earlier ones are deleted
-            deletes = [{"h": c.hub_id, "d": c.device_key, "n": node_id, "s": c.session}
-                       for c in final.values() if not c.attached]
+                        "connected_at": now} for key, c in newest.items() if (*key, c.session) not in ended]
+            deletes = [{"h": h, "d": d, "n": node_id, "s": session} for h, d, session in sorted(ended)]
+            final = {(c.hub_id, c.device_key) for c in changes}
             if upserts:
                 conn.execute(self._upsert, upserts)
             if deletes:
@@ -133,20 +138,24 @@ class Presence:
 
 
 class PresenceWriter:
-    """Batches presence changes, like the telemetry group commit: the first change is written at once, what arrives
-    meanwhile goes in the next transaction. A CONNECT never waits for it; a failed write is retried with the next
-    batch (the changes are kept, in order), so presence catches up after a store outage.
+    """Batches presence changes, like the telemetry group commit: a transaction takes whatever changes arrived while
+    the one before it was written, and each waits ``linger`` seconds before it starts (20 ms: the live bus itself
+    polls every 50 ms), so a burst of connects shares transactions and a device that connects and leaves within it
+    costs no row at all. A CONNECT never waits for it; a failed write is retried with the next batch (the changes
+    are kept, in order), so presence catches up after a store outage.
 
     ``on_displaced`` hears of sessions on other nodes that a new connection here replaced.
     """
 
     def __init__(self, presence: Presence, node_id: str, run: Callable[..., Awaitable[Any]],
-                 on_displaced: Callable[[list[Displaced]], Awaitable[None]] | None = None, max_batch: int = 1000) -> None:
+                 on_displaced: Callable[[list[Displaced]], Awaitable[None]] | None = None, max_batch: int = 1000,
+                 linger: float = 0.02) -> None:
         self.presence = presence
         self.node_id = node_id
         self.run = run
         self.on_displaced = on_displaced
         self.max_batch = max_batch
+        self.linger = linger
         self._pending: list[Change] = []
         self._writer: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -166,6 +175,8 @@ class PresenceWriter:
         failures = 0
         try:
             while self._pending:
+                if self.linger > 0:
+                    await asyncio.sleep(self.linger)  # let a burst's other changes join this transaction
                 batch = self._pending[:self.max_batch]
                 try:
                     displaced = await self.run(self.presence.record, self.node_id, batch)

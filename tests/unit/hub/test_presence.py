@@ -14,7 +14,7 @@ import pytest
 from opendps.cluster import Cluster, Nodes, choose_bus
 from opendps.hub import AuthenticatedDevice, DeviceOffline, LiveSessions, MethodTimeout, Presence
 from opendps.hub.live import C2D, DESIRED, METHODS
-from opendps.hub.presence import Change
+from opendps.hub.presence import Change, PresenceWriter
 
 
 class Link:
@@ -73,6 +73,53 @@ def test_presence_records_in_order_and_reports_displaced_sessions(services):
     # a node's rows go with its row (the sweep of a dead node)
     nodes.leave(b.id)
     assert presence.locate(hub.name, "d2") is None
+
+
+def test_a_batch_keeps_the_newest_session_whatever_order_its_changes_came_in(services):
+    """A device's new session may attach before its old one's detach arrives, in one batch: the new one stays; an
+    old session that ended in a batch where a newer one came and went is gone too."""
+    store, hubs = services.store, services.hubs
+    hub = hubs.list()[0]
+    node = Cluster(store, None, None)._info()  # type: ignore[arg-type]
+    Nodes(store).join(node)
+    presence = Presence(store, hubs)
+    presence.record(node.id, [Change(hub.id, "d1", "s1", True), Change(hub.id, "d2", "t1", True)])
+    presence.record(node.id, [Change(hub.id, "d1", "s2", True), Change(hub.id, "d1", "s1", False),
+                              Change(hub.id, "d2", "t1", False), Change(hub.id, "d2", "t2", True),
+                              Change(hub.id, "d2", "t2", False)])
+    assert presence.locate(hub.name, "d1") == (node.id, "s2")
+    assert presence.locate(hub.name, "d2") is None
+    presence.record(node.id, [Change(hub.id, "d1", "s1", False)])  # a late detach of the old session
+    assert presence.locate(hub.name, "d1") == (node.id, "s2")
+
+
+def test_the_writer_lets_a_burst_share_one_transaction():
+    """Changes made while a transaction waits its ``linger`` join it (a connect burst: one write, not one per
+    connect); the next change after it gets a transaction of its own."""
+    batches: list[list[Change]] = []
+
+    class Recorder:
+        def record(self, node_id: str, changes: list[Change]) -> list:
+            batches.append(list(changes))
+            return []
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    async def main() -> None:
+        writer = PresenceWriter(Recorder(), "node-a", run, linger=0.05)  # type: ignore[arg-type]
+        writer.add(Change(1, "d1", "s1", True))
+        for _ in range(3):  # the loop turns: the writer has started and is waiting
+            await asyncio.sleep(0)
+        writer.add(Change(1, "d2", "s2", True))
+        writer.add(Change(1, "d1", "s1", False))
+        await writer.flush()
+        writer.add(Change(1, "d3", "s3", True))
+        await writer.flush()
+
+    asyncio.run(main())
+    assert [[(c.device_key, c.attached) for c in b] for b in batches] == [
+        [("d1", True), ("d2", True), ("d1", False)], [("d3", True)]]
 
 
 @pytest.fixture

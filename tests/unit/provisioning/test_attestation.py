@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -16,7 +16,9 @@ from tests.unit.conftest import creds, symmetric_group
 from tests.x509_helpers import Ca, make_ca, make_leaf
 
 from opendps.errors import Conflict
-from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity
+from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity, EnrollmentDisabled
+from opendps.provisioning.attestation import x509 as x509_attestation
+from opendps.provisioning.attestation.x509 import ValidatedPaths
 from opendps.transport.sas import derive_device_key
 
 
@@ -94,6 +96,51 @@ def test_a_chain_must_validate_to_the_group_ca(services, hierarchy):
     wrong_cn, _ = make_leaf("dev-x6", intermediate)
     with pytest.raises(AttestationFailed, match="does not match registration id 'dev-x5'"):
         services.provisioning.attest(creds("dev-x5", chain=(wrong_cn, intermediate.cert)))
+
+
+def test_a_path_is_validated_once_and_the_trust_decided_on_every_request(services, hierarchy, monkeypatch):
+    """The MQTT register after its CONNECT, a poll: the same chain again costs no signature check; which group
+    the CA backs, and whether it is enabled, is still decided each time."""
+    _, intermediate = hierarchy
+    validations = []
+    real = x509_attestation.device_chain_verifier
+
+    def counted(anchors, now):
+        validations.append([a.subject.rfc4514_string() for a in anchors])
+        return real(anchors, now)
+
+    monkeypatch.setattr(x509_attestation, "device_chain_verifier", counted)
+    leaf, _ = make_leaf("dev-cached", intermediate)
+    for _ in range(3):
+        assert _attest(services, "dev-cached", [leaf, intermediate.cert]).enrollment.enrollment_id == "on-intermediate"
+    assert validations == [["CN=test intermediate"]]
+    group = services.enrollments.get("group", "on-intermediate")
+    services.enrollments.put("group", "on-intermediate", {**group.to_wire(), "provisioningStatus": "disabled"},
+                             if_match=group.etag)
+    with pytest.raises(EnrollmentDisabled):
+        services.provisioning.attest(creds("dev-cached", chain=(leaf, intermediate.cert)))
+    services.enrollments.delete("group", "on-intermediate")
+    services.enrollments.delete("group", "on-root")
+    with pytest.raises(AttestationFailed, match="does not chain to a verified CA certificate of any enrollment group"):
+        services.provisioning.attest(creds("dev-cached", chain=(leaf, intermediate.cert)))
+    assert validations == [["CN=test intermediate"]]
+
+
+def test_a_validated_path_is_remembered_only_inside_its_validity_and_within_bounds(hierarchy):
+    root, intermediate = hierarchy
+    leaf, _ = make_leaf("dev-window", intermediate, not_after=timedelta(days=2))
+    paths = ValidatedPaths(capacity=2)
+    path = (leaf, intermediate.cert)
+    paths.add(path)
+    now = datetime.now(UTC)
+    assert paths.holds(path, now)
+    assert not paths.holds(path, leaf.not_valid_before_utc - timedelta(seconds=1))  # a clock set back
+    paths.add(path)
+    assert not paths.holds(path, leaf.not_valid_after_utc + timedelta(seconds=1)) and len(paths) == 0
+    others = [(make_leaf(f"dev-{i}", intermediate)[0], intermediate.cert) for i in range(3)]
+    for p in others:
+        paths.add(p)
+    assert len(paths) == 2 and not paths.holds(others[0], now) and paths.holds(others[2], now)
 
 
 def test_an_unverified_ca_cannot_back_a_group(services):

@@ -152,15 +152,14 @@ class HubAuthenticator:
         looked_up = trust.issuing_ca(issuer, now) is not None
         issued = self.issuance.find(leaf, session=s) if looked_up else None
         if issued is None:
-            verifier = trust.verifier(now)
-            if verifier is None:
-                raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
             try:
-                verified = verifier.verify(leaf, chain[1:])
+                anchor = trust.validate(leaf, chain[1:], now)
             except VerificationError as exc:
                 raise Unauthorized(f"device certificate is not issued by a CA this hub trusts: {exc}",
                                    reason="untrusted_certificate") from exc
-            if trust.is_uploaded(verified.chain[-1]):  # the owner's CA: no record of ours to check
+            if anchor is None:
+                raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
+            if trust.is_uploaded(anchor):  # the owner's CA: no record of ours to check
                 return found
             if not looked_up:
                 issued = self.issuance.find(leaf, session=s)

@@ -33,7 +33,7 @@ from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Pr
 from opendps.hub.query import continuation_token, parse_query, read_continuation
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
-from opendps.pki.certificates import subject_key_id
+from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
 from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
 from opendps.transport.wire import json_depth
@@ -181,7 +181,9 @@ class ConnectIdentity:
 
 class HubTrust:
     """The CAs one hub trusts (issuing CAs of the policies its enrollments use, and the owner's uploaded, proven
-    CAs), parsed once per configuration change, with a chain verifier rebuilt at most once a second."""
+    CAs), parsed once per configuration change, with a chain verifier rebuilt at most once a second and the paths
+    it validated remembered (:meth:`validate`): a new trust (a configuration change) is a new object, so nothing
+    validated under the old one is taken for validated under the new."""
 
     def __init__(self, synced: builtins.list[x509.Certificate], uploaded: builtins.list[x509.Certificate]) -> None:
         self.synced = synced
@@ -194,6 +196,7 @@ class HubTrust:
                 self._synced_by_key.setdefault(key_id, []).append(ca)
         self._verifier: tuple[int, ClientVerifier | None] = (-1, None)
         self._lock = threading.Lock()
+        self._validated = ValidatedPaths()
 
     def verifier(self, now: datetime) -> ClientVerifier | None:
         """A verifier over the CAs still valid at ``now`` (None: no CA at all), its time truncated to the second."""
@@ -208,6 +211,23 @@ class HubTrust:
         with self._lock:
             self._verifier = (second, verifier)
         return verifier
+
+    def validate(self, leaf: x509.Certificate, intermediates: builtins.list[x509.Certificate],
+                 now: datetime) -> x509.Certificate | None:
+        """The trust anchor ``leaf`` validates to through ``intermediates`` (None: the hub trusts no CA at all);
+        VerificationError when it does not. A device reconnecting with the same chain is answered from memory
+        (the path's validity window permitting): a P-384 path validation per owner-CA CONNECT saved."""
+        key = ValidatedPaths.key((leaf, *intermediates))
+        anchor: x509.Certificate | None = self._validated.get(key, now)
+        if anchor is not None:
+            return anchor
+        verifier = self.verifier(now)
+        if verifier is None:
+            return None
+        chain = verifier.verify(leaf, intermediates).chain
+        anchor = chain[-1]
+        self._validated.add(key, chain, anchor)
+        return anchor
 
     def issuing_ca(self, key_id: str | None, now: datetime) -> x509.Certificate | None:
         """The synced issuing CA (one of ours) with this key identifier, valid at ``now``, if the hub trusts one:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -98,6 +101,53 @@ def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         return True
     except (ValueError, TypeError, InvalidSignature):
         return False
+
+
+class ValidatedPaths:
+    """Certificate paths that validated, by the SHA-256 of each certificate given (:meth:`key`), with what the caller
+    kept of the result and the time window in which it stands: the overlap of the validated path's validity periods.
+
+    Why: a device proves the same chain again and again — over MQTT at CONNECT and then at its register, at every
+    poll, at every hub reconnect — each time two or three P-384 signatures (~0.6 ms each) over the same bytes. Path
+    validation is a function of those certificates, the trust anchors and the time (revocation is not part of it),
+    so inside the window it would say the same again. Callers keep the anchors fixed for a cache's life (the anchor
+    in the key, or one cache per trust store) and still decide on every request what the path means (which CA is
+    verified, which enrollment or hub trusts it, whether the device is enabled). Bounded (least recently used out
+    first), thread-safe, per process; 32-byte digests, not certificates, so it holds little."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._paths: OrderedDict[tuple[bytes, ...], tuple[datetime, datetime, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(certificates: Iterable[x509.Certificate]) -> tuple[bytes, ...]:
+        return tuple(hashlib.sha256(c.public_bytes(Encoding.DER)).digest() for c in certificates)
+
+    def get(self, key: tuple[bytes, ...], now: datetime) -> Any | None:
+        """What :meth:`add` kept for ``key`` if ``now`` is inside its window, else None."""
+        with self._lock:
+            entry = self._paths.get(key)
+            if entry is None:
+                return None
+            if not entry[0] <= now <= entry[1]:
+                del self._paths[key]
+                return None
+            self._paths.move_to_end(key)
+            return entry[2]
+
+    def add(self, key: tuple[bytes, ...], path: Sequence[x509.Certificate], result: Any = True) -> None:
+        """Remember that ``path`` (the certificates the validation used, leaf to anchor) validated: ``result`` for
+        ``key`` (not None)."""
+        window = (max(c.not_valid_before_utc for c in path), min(c.not_valid_after_utc for c in path))
+        with self._lock:
+            self._paths[key] = (*window, result)
+            self._paths.move_to_end(key)
+            while len(self._paths) > self.capacity:
+                self._paths.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
 
 def device_chain_verifier(anchors: Sequence[x509.Certificate], now: datetime) -> ClientVerifier:

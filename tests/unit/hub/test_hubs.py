@@ -12,6 +12,7 @@ from tests.unit.conftest import creds, register, symmetric_group
 from tests.x509_helpers import make_ca, make_leaf, p384_csr
 
 from opendps.errors import Conflict, InvalidCredentials, InvalidInput, Unauthorized
+from opendps.hub.registry import HubTrust
 from opendps.pki import serial_hex, thumbprint
 from opendps.transport import sas
 from opendps.transport.sas import derive_device_key
@@ -254,6 +255,46 @@ def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(s
     assert [s.split(" FROM ")[1].split()[0] for s in seen] == ["hub_devices", "issued_certificates", "device_records"]
     with pytest.raises(Unauthorized, match="no linked hub has the host name 'nowhere.test'"):
         _connect(services, "dev-h1", chain=chains["dev-h1"][:2], host="nowhere.test")
+
+
+def _owner_ca(services, hub: str, name: str):
+    """An owner CA uploaded to ``hub`` and proven; returns it and the view to delete it with."""
+    owner = make_ca(name)
+    certificates = services.hubs.certificates(hub)
+    view, _ = certificates.upload(name, owner.pem)
+    view = certificates.generate_verification_code(name, if_match=view.etag)
+    proof, _ = make_leaf(view.verification_code, owner)
+    return owner, certificates.verify(name, proof.public_bytes(Encoding.PEM), if_match=view.etag)
+
+
+def test_an_owner_ca_device_reconnecting_is_not_path_validated_again(services, monkeypatch):
+    """Its chain validated at the first CONNECT is remembered with the hub's trust; a trust change (the CA deleted)
+    makes a new trust that remembers nothing, and the device, disabled, is refused though its path is remembered."""
+    owner, view = _owner_ca(services, "default", "reconnect owner")
+    device, _ = make_leaf("owned-again", owner)
+    services.hubs.create_device("default", "owned-again", auth_type="certificateAuthority")
+    verified: list[str] = []
+    real = HubTrust.verifier
+
+    class Counting:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def verify(self, leaf, intermediates):
+            verified.append(leaf.subject.rfc4514_string())
+            return self.inner.verify(leaf, intermediates)
+
+    monkeypatch.setattr(HubTrust, "verifier", lambda self, now: (v := real(self, now)) and Counting(v))
+    for _ in range(3):
+        assert _connect(services, "owned-again", chain=[device, owner.cert]).device_id == "owned-again"
+    assert verified == ["CN=owned-again"]
+    services.hubs.create_device("default", "owned-again", auth_type="certificateAuthority", status="disabled")
+    with pytest.raises(Unauthorized, match="is disabled"):
+        _connect(services, "owned-again", chain=[device, owner.cert])
+    services.hubs.create_device("default", "owned-again", auth_type="certificateAuthority", status="enabled")
+    services.hubs.certificates("default").delete("reconnect owner", if_match=view.etag)
+    with pytest.raises(Unauthorized, match="hub 'default' trusts no CA"):  # its only CA is gone
+        _connect(services, "owned-again", chain=[device, owner.cert])
 
 
 def test_trust_changes_are_in_force_at_the_next_connect(services, provisioned):

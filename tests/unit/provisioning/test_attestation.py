@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -18,7 +18,6 @@ from tests.x509_helpers import Ca, make_ca, make_leaf
 from opendps.errors import Conflict
 from opendps.provisioning.attestation import AttestationFailed, AttestedIdentity, EnrollmentDisabled
 from opendps.provisioning.attestation import x509 as x509_attestation
-from opendps.provisioning.attestation.x509 import ValidatedPaths
 from opendps.transport.sas import derive_device_key
 
 
@@ -124,23 +123,6 @@ def test_a_path_is_validated_once_and_the_trust_decided_on_every_request(service
     with pytest.raises(AttestationFailed, match="does not chain to a verified CA certificate of any enrollment group"):
         services.provisioning.attest(creds("dev-cached", chain=(leaf, intermediate.cert)))
     assert validations == [["CN=test intermediate"]]
-
-
-def test_a_validated_path_is_remembered_only_inside_its_validity_and_within_bounds(hierarchy):
-    root, intermediate = hierarchy
-    leaf, _ = make_leaf("dev-window", intermediate, not_after=timedelta(days=2))
-    paths = ValidatedPaths(capacity=2)
-    path = (leaf, intermediate.cert)
-    paths.add(path)
-    now = datetime.now(UTC)
-    assert paths.holds(path, now)
-    assert not paths.holds(path, leaf.not_valid_before_utc - timedelta(seconds=1))  # a clock set back
-    paths.add(path)
-    assert not paths.holds(path, leaf.not_valid_after_utc + timedelta(seconds=1)) and len(paths) == 0
-    others = [(make_leaf(f"dev-{i}", intermediate)[0], intermediate.cert) for i in range(3)]
-    for p in others:
-        paths.add(p)
-    assert len(paths) == 2 and not paths.holds(others[0], now) and paths.holds(others[2], now)
 
 
 def test_an_unverified_ca_cannot_back_a_group(services):

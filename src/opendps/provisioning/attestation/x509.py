@@ -6,8 +6,8 @@ device certificate (primary or secondary, by SHA-256). Otherwise the enrollment 
 nearest CA first decides: the sent intermediates in order, then verified DPS CA certificates that
 issued the last one, up to a root. The chain is then path-validated (cryptography's verifier,
 RFC 5280) from the leaf to that group's CA as the only trust anchor. A path that validated is remembered
-(:class:`ValidatedPaths`): the device's next request on the same chain (the MQTT register after its CONNECT, a
-poll, a status lookup) re-decides everything but the signature arithmetic.
+(:class:`opendps.pki.certificates.ValidatedPaths`): the device's next request on the same chain (the MQTT register
+after its CONNECT, a poll, a status lookup) re-decides everything but the signature arithmetic.
 
 Enrollments: an individual one pins ``clientCertificates`` (CN = registration id); a group references
 verified DPS CA certificates by name (``caReferences``) or gives one inline (``signingCertificates``).
@@ -15,8 +15,6 @@ verified DPS CA certificates by name (``caReferences``) or gives one inline (``s
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from opendps.errors import InvalidInput, NotFound
 from opendps.hub import DeviceCredential
 from opendps.pki import device_chain_verifier, issued_by, load_certificate_text, thumbprint
-from opendps.pki.certificates import VerificationError
+from opendps.pki.certificates import ValidatedPaths, VerificationError
 from opendps.provisioning.attestation.mechanism import (
     HTTPS,
     MQTT,
@@ -43,45 +41,8 @@ MAX_DEPTH = 6
 CA_NOT_VERIFIED = 400012
 
 
-class ValidatedPaths:
-    """Certificate paths that validated (leaf, intermediates, trust anchor: the exact certificates), with the time
-    window in which they stay valid: the validity periods' overlap.
-
-    Why: a device over MQTT proves its chain at CONNECT and then registers on that connection, and every request
-    attests again, each time two or three P-384 signatures (~0.6 ms each): the same arithmetic on the same bytes.
-    What is remembered is only that result: path validation is a function of those certificates and the time (no
-    revocation is part of it), so inside the window it would say the same. Which CA is verified, which group
-    references it and whether the enrollment is enabled are decided afresh on every request, before the path is
-    looked up. Bounded (least recently used out first) and per process."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._paths: OrderedDict[tuple[x509.Certificate, ...], tuple[datetime, datetime]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def holds(self, path: tuple[x509.Certificate, ...], now: datetime) -> bool:
-        with self._lock:
-            window = self._paths.get(path)
-            if window is None:
-                return False
-            if not window[0] <= now <= window[1]:
-                del self._paths[path]
-                return False
-            self._paths.move_to_end(path)
-            return True
-
-    def add(self, path: tuple[x509.Certificate, ...]) -> None:
-        window = (max(c.not_valid_before_utc for c in path), min(c.not_valid_after_utc for c in path))
-        with self._lock:
-            self._paths[path] = window
-            self._paths.move_to_end(path)
-            while len(self._paths) > self.capacity:
-                self._paths.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-
+# paths validated to a group's CA, the anchor in the key: the MQTT register after its CONNECT, a poll, a status
+# lookup redo the trust decision but not the signature arithmetic
 VALIDATED = ValidatedPaths()
 
 
@@ -230,14 +191,15 @@ class X509Attestation:
     def _verify_path(leaf: x509.Certificate, intermediates: list[x509.Certificate], anchor: x509.Certificate,
                      name: str, now: datetime) -> None:
         path = (leaf, *intermediates, anchor)
-        if VALIDATED.holds(path, now):
+        key = VALIDATED.key(path)
+        if VALIDATED.get(key, now) is not None:
             return
         try:
             device_chain_verifier([anchor], now).verify(leaf, intermediates)
         except VerificationError as exc:
             raise AttestationFailed(f"device certificate chain does not validate to CA certificate {name!r}: {exc}",
                                     reason="untrusted_certificate") from exc
-        VALIDATED.add(path)
+        VALIDATED.add(key, path)
 
 
 MECHANISM = X509Attestation()

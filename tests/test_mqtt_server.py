@@ -524,7 +524,8 @@ def test_connect_request_carries_credentials_and_tls_chain(env: Env, pki: Pki) -
     assert request.peername[0] == "127.0.0.1"
     assert "SharedAccessSignature" not in repr(request)
     # the live session keeps no credentials (user name, SAS token, chain), only what the CONNECT asked for
-    kept = env.app.kept[cid]
+    # (on_connected runs after the CONNACK is written: the client may read it first)
+    kept = wait_until(lambda: env.app.kept.get(cid))
     assert (kept.username, kept.password, kept.peer_certificate_chain) == (None, None, [])
     assert (kept.client_id, kept.keepalive, kept.clean_session, kept.peername) == (cid, 30, True, request.peername)
     client.stop()

@@ -34,6 +34,7 @@ import enum
 import functools
 import logging
 import ssl
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -503,6 +504,52 @@ def _bio_renewer() -> Callable[[SSL.Connection, bool, bool], bool] | None:
 _renew_bios = _bio_renewer()
 
 
+def _plaintext_reader() -> Callable[[SSL.Connection], bytes] | None:
+    """``read(conn)``: the plaintext of the next record(s) OpenSSL can give, or b"" when it wants more ciphertext;
+    anything else (close_notify, an alert, a broken record) raises what pyOpenSSL's ``recv`` raises.
+
+    Why: ``recv`` allocates a 64 KiB buffer, reads, then asks OpenSSL for the error state on every call, even a
+    successful one: 3.3 µs per telemetry message against 1.2 µs for one SSL_read into a buffer kept per thread (an
+    event loop's thread: connections take turns, never at once). Errors keep pyOpenSSL's own mapping
+    (``_raise_ssl_error``, the method ``recv`` uses). None (the loops use ``recv``) if a pyOpenSSL release changes
+    what this relies on.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        ssl_read, get_error, want_read = lib.SSL_read, lib.SSL_get_error, lib.SSL_ERROR_WANT_READ
+        raise_error = SSL.Connection._raise_ssl_error  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
+        return None
+    local = threading.local()
+    as_buffer = ffi.buffer
+
+    def read(conn: SSL.Connection) -> bytes:
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = ffi.new("char[]", _RECV_SIZE)
+        ssl_ptr = conn._ssl  # type: ignore[attr-defined]
+        count = ssl_read(ssl_ptr, buffer, _RECV_SIZE)
+        if count > 0:
+            return as_buffer(buffer, count)[:]
+        if get_error(ssl_ptr, count) == want_read:
+            return b""
+        raise_error(conn, ssl_ptr, count)  # raises: ZeroReturnError for close_notify, SSL.Error for the rest
+        return b""  # pragma: no cover - _raise_ssl_error always raises for these codes
+
+    try:
+        probe = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+        probe.set_accept_state()
+        if read(probe) != b"":  # nothing received yet: it wants more  # pragma: no cover
+            return None
+    except (AttributeError, TypeError, SSL.Error):  # pragma: no cover - a changed binding
+        return None
+    return read
+
+
+_read_plaintext = _plaintext_reader()
+
+
 class TlsProtocol(asyncio.Protocol):
     """Server-side TLS over memory BIOs between a socket transport and ``inner``.
 
@@ -711,9 +758,10 @@ class TlsProtocol(asyncio.Protocol):
         eof = False
         failure: SSL.Error | None = None
         sizes = _bio_size
+        read = _read_plaintext
         while True:
             try:
-                chunk = conn.recv(_RECV_SIZE)
+                chunk = read(conn) if read is not None else conn.recv(_RECV_SIZE)
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:  # close_notify

@@ -810,3 +810,48 @@ def test_records_are_read_and_flushed_without_waiting_for_want_read(pki, monkeyp
     finally:
         loop_thread.call(_close_server(server))
         loop_thread.close()
+
+
+@pytest.mark.parametrize("reader", [True, False], ids=["plaintext-reader", "recv-fallback"])
+def test_records_are_read_by_one_ssl_read_and_recv_is_the_fallback(pki, monkeypatch, reader):
+    """Records are read with one SSL_read into a kept buffer (pyOpenSSL's recv allocates 64 KiB and queries the
+    error state on every call); recv is used only if a pyOpenSSL release changes the binding. Both deliver every
+    record, one at a time or several in one segment, and the peer's close_notify."""
+    import opendps.transport.tls as tls
+
+    assert tls._read_plaintext is not None, "pyOpenSSL's binding no longer offers SSL_read"
+    if not reader:
+        monkeypatch.setattr(tls, "_read_plaintext", None)
+    calls: list[int] = []
+    real = SSL.Connection.recv
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSL.Connection, "recv", counted)
+    loop_thread = ServerThread()
+    done = threading.Event()
+    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
+            for word in (b"one", b"two"):
+                s.sendall(word)
+                assert s.recv(100) == word.upper()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # three records, one segment
+            for word in (b"x", b"y", b"z"):
+                s.sendall(word)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            got = b""
+            while len(got) < 3:
+                got += s.recv(100)
+            assert got == b"XYZ"
+            s.unwrap()  # close_notify: the server side sees the end of the stream
+        assert done.wait(5)
+        assert (calls == []) is reader
+    finally:
+        loop_thread.call(_close_server(server))
+        loop_thread.close()

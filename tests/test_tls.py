@@ -7,6 +7,7 @@ The server runs in a background thread with its own event loop; clients are stdl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -17,7 +18,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -760,6 +761,40 @@ def test_a_memory_bio_holding_bytes_is_not_renewed(pki):
     assert client._from_ssl == out
 
 
+@contextlib.contextmanager
+def _echo_connection(pki) -> Iterator[ssl.SSLSocket]:
+    """A TLS 1.3 client connection to an :class:`Echo` server on a loop of its own; on leaving, the server's side of
+    the connection has ended too."""
+    loop_thread = ServerThread()
+    done = threading.Event()
+    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
+            yield s
+        assert done.wait(5)
+    finally:
+        loop_thread.call(_close_server(server))
+        loop_thread.close()
+
+
+def _echo_one_by_one_and_corked(s: ssl.SSLSocket) -> None:
+    """Against :class:`Echo`: three records answered one by one, then three sent in one TCP segment."""
+    for word in (b"one", b"two", b"three"):
+        s.sendall(word)
+        assert s.recv(100) == word.upper()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # three records, one segment
+    for word in (b"x", b"y", b"z"):
+        s.sendall(word)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    got = b""
+    while len(got) < 3:
+        got += s.recv(100)
+    assert got == b"XYZ"
+
+
 @pytest.mark.parametrize("bio_sizes", [True, False], ids=["bio-sizes", "fallback"])
 def test_records_are_read_and_flushed_without_waiting_for_want_read(pki, monkeypatch, bio_sizes):
     """After the handshake a record is read, and an answer flushed, by asking the memory BIOs what they hold: no
@@ -783,33 +818,12 @@ def test_records_are_read_and_flushed_without_waiting_for_want_read(pki, monkeyp
                 raise
 
         monkeypatch.setattr(SSL.Connection, name, spy)
-    loop_thread = ServerThread()
-    done = threading.Event()
-    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
-                                               device_tls_context(pki.server_chain, pki.server_key)))
-    try:
-        port = server.sockets[0].getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(b"first")
-            assert s.recv(100) == b"FIRST"
-            wanted.clear()  # the handshake's flights end in WantReadError by nature
-            for word in (b"one", b"two", b"three"):
-                s.sendall(word)
-                assert s.recv(100) == word.upper()
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # three records, one segment
-            for word in (b"x", b"y", b"z"):
-                s.sendall(word)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-            got = b""
-            while len(got) < 3:
-                got += s.recv(100)
-            assert got == b"XYZ"
-            assert (wanted == []) is bio_sizes
-        assert done.wait(5)
-    finally:
-        loop_thread.call(_close_server(server))
-        loop_thread.close()
+    with _echo_connection(pki) as s:
+        s.sendall(b"first")
+        assert s.recv(100) == b"FIRST"
+        wanted.clear()  # the handshake's flights end in WantReadError by nature
+        _echo_one_by_one_and_corked(s)
+        assert (wanted == []) is bio_sizes
 
 
 @pytest.mark.parametrize("reader", [True, False], ids=["plaintext-reader", "recv-fallback"])
@@ -830,28 +844,7 @@ def test_records_are_read_by_one_ssl_read_and_recv_is_the_fallback(pki, monkeypa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(SSL.Connection, "recv", counted)
-    loop_thread = ServerThread()
-    done = threading.Event()
-    server = loop_thread.call(start_tls_server(lambda: Echo(done), "127.0.0.1", 0,
-                                               device_tls_context(pki.server_chain, pki.server_key)))
-    try:
-        port = server.sockets[0].getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                _client_ctx(pki, pki.ids["selfsigned"], "1.3").wrap_socket(raw, server_hostname="localhost") as s:
-            for word in (b"one", b"two"):
-                s.sendall(word)
-                assert s.recv(100) == word.upper()
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # three records, one segment
-            for word in (b"x", b"y", b"z"):
-                s.sendall(word)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-            got = b""
-            while len(got) < 3:
-                got += s.recv(100)
-            assert got == b"XYZ"
-            s.unwrap()  # close_notify: the server side sees the end of the stream
-        assert done.wait(5)
-        assert (calls == []) is reader
-    finally:
-        loop_thread.call(_close_server(server))
-        loop_thread.close()
+    with _echo_connection(pki) as s:
+        _echo_one_by_one_and_corked(s)
+        s.unwrap()  # close_notify: the server side sees the end of the stream
+    assert (calls == []) is reader

@@ -77,7 +77,7 @@ def test_a_locked_database_is_skipped_at_once_not_waited_for(sqlite_store):
         reader.fetch("node-a", 0)
 
 
-def test_only_sqlite_files_get_a_reader(store, tmp_path):
+def test_only_sqlite_files_get_a_reader(store):
     memory = Store("sqlite://")
     try:
         assert MessageReader.open(memory) is None

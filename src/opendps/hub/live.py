@@ -16,7 +16,8 @@ import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Protocol
 
 from opendps.errors import GatewayTimeout, NotFound
 from opendps.hub.auth import AuthenticatedDevice, device_key
@@ -75,6 +76,17 @@ class Peers(Protocol):
         ...
 
 
+_TAKEN_OVER = "taken over by a new connection of the same device on another node"
+
+
+class _Live(NamedTuple):
+    """A device's connection to this process."""
+
+    link: DeviceLink
+    session: str  # its id in presence
+    since: datetime  # when it began: the newest connection wins across nodes
+
+
 def _key(hub_name: str, device_id: str) -> tuple[str, str]:
     return hub_name, device_key(device_id)
 
@@ -84,7 +96,7 @@ class LiveSessions:
     :meth:`join` it knows only this process (tests, a single embedded server)."""
 
     def __init__(self) -> None:
-        self._links: dict[tuple[str, str], tuple[DeviceLink, str]] = {}  # key -> (link, session id)
+        self._links: dict[tuple[str, str], _Live] = {}
         # pending direct methods: (device key, request id) -> (the answer, the link the request went out on)
         self._methods: dict[tuple[tuple[str, str], str], tuple[asyncio.Future[tuple[int, Any]], DeviceLink]] = {}
         self._request_ids = itertools.count(1)
@@ -108,8 +120,8 @@ class LiveSessions:
     async def rejoin(self) -> None:
         """Our node row was swept (a long stall): record every local session again."""
         if self._writer is not None:
-            for (_hub, _device), (link, session) in list(self._links.items()):
-                self._writer.add(Change(link.device.hub_id, link.device.device_key.lower(), session, True))
+            for link, session, since in list(self._links.values()):
+                self._writer.add(Change(link.device.hub_id, link.device.device_key.lower(), session, True, since))
 
     # ---- front end side ----
     def attach(self, link: DeviceLink) -> None:
@@ -117,12 +129,12 @@ class LiveSessions:
         another node."""
         key = _key(link.device.hub_name, link.device.device_key)  # the key the device holds: no second string
         old = self._links.get(key)
-        session = uuid.uuid4().hex
-        self._links[key] = (link, session)
+        session, since = uuid.uuid4().hex, datetime.now(UTC)
+        self._links[key] = _Live(link, session, since)
         if old is not None and old[0] is not link:
             old[0].close("taken over by a new connection of the same device")
         if self._writer is not None:
-            self._writer.add(Change(link.device.hub_id, key[1], session, True))
+            self._writer.add(Change(link.device.hub_id, key[1], session, True, since))
 
     def detach(self, link: DeviceLink) -> None:
         """The connection ended: forget it, and fail the method calls it will never answer."""
@@ -267,7 +279,7 @@ class LiveSessions:
             await self.peers.send({"op": "revoked", "serials": sorted(wanted), "issuers": sorted(by)})
 
     def _revoke_here(self, serials: set[str], issuers: frozenset[str] | set[str] = frozenset()) -> None:
-        for link, _session in list(self._links.values()):
+        for link, _session, _since in list(self._links.values()):
             serial = link.device.certificate_serial
             if serial is None:
                 continue
@@ -281,12 +293,16 @@ class LiveSessions:
 
     # ---- from other nodes ----
     async def _displaced(self, displaced: list[Displaced]) -> None:
-        """Sessions on other nodes that a connection here replaced: tell their nodes to close them."""
+        """Sessions that a newer connection replaced: ours (another node's newer one was recorded first) are closed
+        here; other nodes are told to close theirs."""
         if self.peers is None:
             return
-        names = {link.device.hub_id: link.device.hub_name for link, _ in self._links.values()}
+        names = {live.link.device.hub_id: live.link.device.hub_name for live in self._links.values()}
         for d in displaced:
-            if d.hub_id in names and await self.peers.alive(d.node_id):
+            if d.node_id == self.peers.node_id:
+                if d.hub_id in names:
+                    self._drop_here(names[d.hub_id], d.device_key, _TAKEN_OVER, d.session)
+            elif d.hub_id in names and await self.peers.alive(d.node_id):
                 await self.peers.send({"op": "displace", "hub": names[d.hub_id], "device": d.device_key,
                                        "session": d.session}, d.node_id)
 
@@ -299,8 +315,7 @@ class LiveSessions:
             self._revoke_here({str(s).upper() for s in message.get("serials") or ()},
                               {str(i).lower() for i in message.get("issuers") or ()})
         elif op == "displace":
-            self._drop_here(hub, device, "taken over by a new connection of the same device on another node",
-                            str(message.get("session")))
+            self._drop_here(hub, device, _TAKEN_OVER, str(message.get("session")))
         elif op == "c2d":
             link = self.link(hub, device)
             if link is not None:

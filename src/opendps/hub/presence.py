@@ -43,11 +43,13 @@ class Change:
     device_key: str  # lower-cased device id
     session: str
     attached: bool
+    since: datetime | None = None  # when the session began (an attach); None: when it is written
 
 
 @dataclass(frozen=True, slots=True)
 class Displaced:
-    """A session on another node that a newer connection of the same device replaced."""
+    """A session that a newer connection of the same device replaced: another node's, or this node's own when
+    another node's newer session was recorded first."""
 
     node_id: str
     hub_id: int
@@ -69,10 +71,14 @@ class Presence:
                   "connected_at": insert.excluded.connected_at})
 
     def record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
-        """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions of other nodes that the
-        attaches displaced. At most four statements whatever the batch size: the rows the attaches replace, one
-        executemany upsert, one executemany delete, and one executemany update of the devices' ``last_seen_at`` (when
-        a session of each last began or ended), in key order."""
+        """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions that the attaches displaced.
+
+        The newest session wins by when it began, not by when its row is written: two nodes write their batches in
+        any order, so a node whose attach is older than another node's recorded session gets its own session back
+        as displaced (its node closes it) and the row stays. The devices' ``last_seen_at`` update goes first, in
+        key order: it is the lock (SQLite's write lock; PostgreSQL's row locks) under which the recorded sessions
+        are read and replaced, so two nodes attaching one device are serialised. At most four statements whatever
+        the batch size."""
         displaced: list[Displaced] = []
         # per session, not per device: a device's new session often attaches before its old one's detach arrives
         # (the MQTT core closes the old one after the new CONNECT), and both can be in one batch
@@ -84,28 +90,37 @@ class Presence:
         now = datetime.now(UTC)
         with self.store.session() as s:
             conn = s.connection()
-            attached = list(newest)
-            if attached:
+            final = sorted({(c.hub_id, c.device_key) for c in changes})
+            if final:
+                conn.execute(_SEEN, [{"h": h, "d": d, "t": now} for h, d in final])
+            upserts: list[dict[str, Any]] = []
+            recorded: dict[tuple[int, str], tuple[str, str, datetime]] = {}
+            if newest:
                 q = select(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key, _CONNECTIONS.c.node_id,
-                           _CONNECTIONS.c.session).where(tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key)
-                                                         .in_(attached))
+                           _CONNECTIONS.c.session, _CONNECTIONS.c.connected_at).where(
+                    tuple_(_CONNECTIONS.c.hub_id, _CONNECTIONS.c.device_key).in_(list(newest)))
                 if self.store.dialect == "postgresql":
-                    q = q.with_for_update()  # a concurrent attach of the same device on another node waits
-                for hub_id, device_key, node, session in conn.execute(q):
-                    if node != node_id:
-                        displaced.append(Displaced(node, hub_id, device_key, session))
+                    q = q.with_for_update()  # a device without a hub_devices row has no lock above
+                recorded = {(h, d): (n, session, at) for h, d, n, session, at in conn.execute(q)}
             # a session that attached and ended within the batch is never written; every ended session's row is
             # deleted if it is still there (the delete names the session, so a newer session's row stays)
-            upserts = [{"hub_id": c.hub_id, "device_key": c.device_key, "node_id": node_id, "session": c.session,
-                        "connected_at": now} for key, c in newest.items() if (*key, c.session) not in ended]
+            for key, c in newest.items():
+                if (*key, c.session) in ended:
+                    continue
+                since = c.since or now
+                row = recorded.get(key)
+                if row is not None and row[0] != node_id:
+                    if row[2] > since:  # another node's newer session is recorded: ours is the one taken over
+                        displaced.append(Displaced(node_id, *key, c.session))
+                        continue
+                    displaced.append(Displaced(row[0], *key, row[1]))
+                upserts.append({"hub_id": key[0], "device_key": key[1], "node_id": node_id, "session": c.session,
+                                "connected_at": since})
             deletes = [{"h": h, "d": d, "n": node_id, "s": session} for h, d, session in sorted(ended)]
-            final = {(c.hub_id, c.device_key) for c in changes}
             if upserts:
                 conn.execute(self._upsert, upserts)
             if deletes:
                 conn.execute(_DELETE, deletes)
-            if final:  # in key order: two nodes' batches lock the same devices in the same order
-                conn.execute(_SEEN, [{"h": h, "d": d, "t": now} for h, d in sorted(final)])
         return displaced
 
     def locate(self, hub_name: str, device_id: str) -> tuple[str, str] | None:
@@ -144,7 +159,7 @@ class PresenceWriter:
     costs no row at all. A CONNECT never waits for it; a failed write is retried with the next batch (the changes
     are kept, in order), so presence catches up after a store outage.
 
-    ``on_displaced`` hears of sessions on other nodes that a new connection here replaced.
+    ``on_displaced`` hears of the sessions a newer connection replaced (see :meth:`Presence.record`).
     """
 
     def __init__(self, presence: Presence, node_id: str, run: Callable[..., Awaitable[Any]],

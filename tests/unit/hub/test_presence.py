@@ -6,7 +6,9 @@ tests/test_scale_out.py."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -91,6 +93,64 @@ def test_a_batch_keeps_the_newest_session_whatever_order_its_changes_came_in(ser
     assert presence.locate(hub.name, "d2") is None
     presence.record(node.id, [Change(hub.id, "d1", "s1", False)])  # a late detach of the old session
     assert presence.locate(hub.name, "d1") == (node.id, "s2")
+
+
+def test_the_newest_session_wins_by_when_it_began_not_by_when_it_was_written(services):
+    """Nodes write their batches in any order: an attach older than another node's recorded session comes back as
+    this node's own displaced session and leaves the row alone; a newer one displaces the other node's."""
+    store, hubs = services.store, services.hubs
+    hub = hubs.list()[0]
+    nodes = Nodes(store)
+    a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
+    nodes.join(a)
+    nodes.join(b)
+    presence = Presence(store, hubs)
+    t0 = datetime.now(UTC)
+    assert presence.record(a.id, [Change(hub.id, "d1", "new", True, t0 + timedelta(seconds=1))]) == []
+    [mine] = presence.record(b.id, [Change(hub.id, "d1", "old", True, t0)])
+    assert (mine.node_id, mine.device_key, mine.session) == (b.id, "d1", "old")
+    assert presence.locate(hub.name, "d1") == (a.id, "new")
+    presence.record(b.id, [Change(hub.id, "d1", "old", False)])  # b closed it: the row stays a's
+    assert presence.locate(hub.name, "d1") == (a.id, "new")
+    [theirs] = presence.record(b.id, [Change(hub.id, "d1", "newer", True, t0 + timedelta(seconds=2))])
+    assert (theirs.node_id, theirs.session) == (a.id, "new") and presence.locate(hub.name, "d1") == (b.id, "newer")
+
+
+def test_two_nodes_attaching_one_device_at_once_are_serialised(services):
+    """The recorded session is read under the write's lock: when both nodes attach a device at the same moment,
+    exactly one of the two sessions is reported displaced, and it is the one the row does not hold."""
+    store, hubs = services.store, services.hubs
+    hub = hubs.list()[0]
+    devices = [f"race-{i}" for i in range(40)]
+    for d in devices:
+        hubs.create_device(hub.name, d)
+    nodes = Nodes(store)
+    a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
+    nodes.join(a)
+    nodes.join(b)
+    presence = Presence(store, hubs)
+    t0 = datetime.now(UTC)
+    reported: list = []
+
+    def attach(start: threading.Barrier, node_id: str, device: str, session: str, since: datetime) -> None:
+        start.wait()
+        reported.extend(presence.record(node_id, [Change(hub.id, device, session, True, since)]))
+
+    for i, d in enumerate(devices):
+        start = threading.Barrier(2)
+        # a's session began first in even rounds, b's in odd ones
+        threads = [threading.Thread(target=attach, args=(start, a.id, d, f"a{i}", t0 + timedelta(seconds=i % 2))),
+                   threading.Thread(target=attach, args=(start, b.id, d, f"b{i}", t0 + timedelta(seconds=1 - i % 2)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    by_device = {d.device_key: d for d in reported}
+    assert len(reported) == len(by_device) == len(devices)
+    for i, d in enumerate(devices):
+        loser = by_device[d].session
+        assert loser == (f"b{i}" if i % 2 else f"a{i}")
+        assert presence.locate(hub.name, d)[1] == (f"a{i}" if i % 2 else f"b{i}")
 
 
 def test_the_writer_lets_a_burst_share_one_transaction():
@@ -197,6 +257,29 @@ def test_a_connection_on_one_node_displaces_the_session_on_the_other(two_nodes):
         assert "another node" in old.closed and new.closed is None
         assert await live_a.invoke_method(hub.name, "dev-2", "where", None, timeout=3) == (200, {"m": "where"})
         assert ("method", "where") in new.sent and ("method", "where") not in old.sent
+
+    loop.run_until_complete(scenario())
+
+
+def test_an_older_session_recorded_after_a_newer_one_on_the_other_node_is_closed(two_nodes):
+    """The device connects to a, then to b; b's presence write lands first. The session on a is closed (on a,
+    without a message), b's stays and is where calls go."""
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "dev-4", "dev-4", "sas")
+        old, new = Link(live_a, device), Link(live_b, device)
+        live_a._writer.linger = 0.5  # a's write waits until after b's
+        live_a.attach(old)
+        live_b.attach(new)
+        await live_b.flush()
+        await live_a.flush()
+        await _until(lambda: old.closed is not None)
+        assert "another node" in old.closed and new.closed is None
+        await live_a.flush()
+        assert live_a.presence.locate(hub.name, "dev-4") == (b.node_id, live_b._links[(hub.name, "dev-4")].session)
+        assert await live_a.invoke_method(hub.name, "dev-4", "where", None, timeout=3) == (200, {"m": "where"})
+        assert ("method", "where") in new.sent
 
     loop.run_until_complete(scenario())
 

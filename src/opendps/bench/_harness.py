@@ -130,6 +130,16 @@ def latency_summary(values: list[float]) -> dict[str, float]:
     return {name: round(percentile(values, q), 4) for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))}
 
 
+def skipped(scenario: str, system: str, reason: str, *, transport: str | None = None,
+            concurrency: int | None = None) -> Result:
+    """A zero row that says why a system was not measured: no ops, so no ratio is taken from it, and the report
+    shows the reason (with the same fields as a measured row, so every output format prints it)."""
+    return Result(scenario=scenario, transport=transport, concurrency=concurrency, count=0, ok=0, errors=0,
+                  wall_seconds=0.0, throughput=0.0, latency=latency_summary([]), server_cpu_seconds=None,
+                  cpu_seconds_per_op=0.0, peak_rss_bytes=None, ops_per_cpu_second=0.0, system=system,
+                  extra={"skipped": reason})
+
+
 def error_samples(errors: list[str]) -> list[dict[str, Any]]:
     from collections import Counter
 

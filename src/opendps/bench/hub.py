@@ -56,6 +56,7 @@ from opendps.bench._harness import (
     run_load,
     running_server,
     service_client,
+    skipped,
     stop_process,
     tree_cpu_seconds,
     tree_rss,
@@ -191,9 +192,7 @@ def telemetry(opts: Options) -> list[Result]:
         prefix = stream.lower()
         problem = _jetstream(lambda js: js.add_stream(name=stream, subjects=[f"{prefix}.>"]))
         if problem:
-            return [Result(scenario=TELEMETRY, transport="mqtt", concurrency=devices, count=0, ok=0, errors=0,
-                           wall_seconds=0.0, throughput=0.0, latency={}, server_cpu_seconds=None, cpu_seconds_per_op=0.0,
-                           peak_rss_bytes=0, ops_per_cpu_second=0.0, system=ROUTED, extra={"skipped": problem})]
+            return [skipped(TELEMETRY, ROUTED, problem, transport="mqtt", concurrency=devices)]
         try:
             with service_client(server) as c:
                 r = c.put(f"/linkedHubs/{DEFAULT_HUB}/routes/bench", json={"properties": {

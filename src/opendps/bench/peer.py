@@ -28,9 +28,9 @@ from opendps.bench._harness import (
     Options,
     Result,
     free_port,
-    latency_summary,
     load_row,
     run_load,
+    skipped,
     stop_process,
     wait_listening,
 )
@@ -76,9 +76,7 @@ def cfssl(opts: Options) -> list[Result]:
 
 def skipped_row() -> Result:
     """A zero row that says why: no ops, so :func:`opendps.bench._relate` ignores it and the report shows the note."""
-    return Result(scenario=SCENARIO, transport=None, concurrency=None, count=0, ok=0, errors=0, wall_seconds=0.0,
-                  throughput=0.0, latency=latency_summary([]), server_cpu_seconds=None, cpu_seconds_per_op=0.0,
-                  peak_rss_bytes=None, ops_per_cpu_second=0.0, system="cfssl", extra={"skipped": SKIPPED})
+    return skipped(SCENARIO, "cfssl", SKIPPED)
 
 
 def _version(binary: str) -> str:

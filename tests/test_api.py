@@ -285,6 +285,19 @@ def test_device_list_is_bounded_by_top_as_in_iot_hub(server):
         for outside in (0, -5, 1001):
             assert [d["deviceId"] for d in hub.get("/devices", params={"top": outside}).json()] == everything
         _assert_error(hub.get("/devices", params={"top": "lots"}), 400, 400004, "top must be an integer")
+        # opendps also says where the next page starts (x-ms-continuation), and the pages add up to the whole list
+        pages, token = [], None
+        while True:
+            r = hub.get("/devices", params={"top": 2}, headers={"x-ms-continuation": token} if token else {})
+            assert r.status_code == 200 and len(r.json()) <= 2
+            pages.append([d["deviceId"] for d in r.json()])
+            token = r.headers.get("x-ms-continuation")
+            if token is None:
+                break
+        assert [d for p in pages for d in p] == everything and all(pages)
+        assert "x-ms-continuation" not in hub.get("/devices").headers  # everything fits in one page of 1000
+        _assert_error(hub.get("/devices", headers={"x-ms-continuation": "%%%"}), 400, 400004,
+                      "x-ms-continuation is not one this service gave")
 
 
 def test_malformed_http_is_one_info_line_not_an_error_traceback(server):

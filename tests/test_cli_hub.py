@@ -536,3 +536,29 @@ def test_hub_query(server):
         _assert_error(c.post("/devices/query", content=b"SELECT * FROM devices"), 400, 400004, "not valid JSON")
     log = (server.data_dir.parent / "server.log").read_text()
     assert "Traceback" not in log
+
+
+def test_device_identity_list_follows_the_pages_past_a_thousand(server):
+    """GET /devices answers at most 1,000 identities, as IoT Hub does; the CLI lists all of them (or --top) by
+    following opendps' x-ms-continuation. 1,001 copies of one identity row are written straight to the store."""
+    from sqlalchemy import insert, select
+
+    from opendps.store import HubDevice, Store, table_of
+
+    ok(server.cli("hub", "device-identity", "create", "-d", "page-0000", "--am", "x509_ca"))
+    store = Store(server.db_url)
+    try:
+        table = table_of(HubDevice)
+        with store.session() as s:
+            conn = s.connection()
+            template = dict(conn.execute(select(table).where(table.c.device_key == "page-0000")).mappings().one())
+            template.pop("id")
+            conn.execute(insert(table), [{**template, "device_id": f"Page-{i:04}", "device_key": f"page-{i:04}"}
+                                         for i in range(1, 1002)])
+    finally:
+        store.dispose()
+    listed = [d["deviceId"] for d in ok(server.cli("hub", "device-identity", "list"))]
+    paged = [d for d in listed if d.lower().startswith("page-")]
+    assert paged == ["page-0000", *(f"Page-{i:04}" for i in range(1, 1002))]
+    assert len(listed) == len(set(listed))
+    assert [d["deviceId"] for d in ok(server.cli("hub", "device-identity", "list", "--top", "1001"))] == listed[:1001]

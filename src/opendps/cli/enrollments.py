@@ -268,9 +268,10 @@ def _writable(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def query_all(client: Client, path: str, top: int | None, body: Any = None, *, page_size: int = MAX_PAGE,
-              params: Mapping[str, str] | None = None) -> list[Any]:
+              params: Mapping[str, str] | None = None, method: str = "POST", size_param: str | None = None) -> list[Any]:
     """Every item of an Azure query, following ``x-ms-continuation`` until exhausted (or ``top`` items);
-    ``params``: query parameters sent with each page (the hub verbs' ``?hub=``)."""
+    ``params``: query parameters sent with each page (the hub verbs' ``?hub=``); ``size_param``: a query parameter
+    that carries the page size too (``GET /devices?top=``)."""
     items: list[Any] = []
     token: str | None = None
     seen: set[str] = set()
@@ -279,15 +280,16 @@ def query_all(client: Client, path: str, top: int | None, body: Any = None, *, p
         headers = {"x-ms-max-item-count": str(size)}
         if token is not None:
             headers["x-ms-continuation"] = token
-        page, answer = client.exchange("POST", path, json=body, headers=headers, params=params)
+        query = {**(params or {}), **({size_param: str(size)} if size_param else {})}
+        page, answer = client.exchange(method, path, json=body, headers=headers, params=query or None)
         if not isinstance(page, list):
-            raise CliError(f"POST {path} did not answer with a list")
+            raise CliError(f"{method} {path} did not answer with a list")
         items.extend(page)
         token = answer.get("x-ms-continuation")
         if not token:
             break
         if token in seen:
-            raise CliError(f"POST {path} repeated continuation token {token!r}")
+            raise CliError(f"{method} {path} repeated continuation token {token!r}")
         seen.add(token)
     return items if top is None else items[:top]
 

@@ -253,11 +253,9 @@ def identity_show(hub: HubClient, output: str, device_id: str) -> None:
               help="Maximum number of devices to list (-1 or omitted: all).")
 @hub_command
 def identity_list(hub: HubClient, output: str, top: int | None) -> None:
-    """List device identities (without keys)."""
-    devices = hub.request("GET", "/devices") or []
-    if not isinstance(devices, list):
-        raise CliError("GET /devices did not answer with a list")
-    emit(devices if top is None else devices[:top], output, DEVICE_COLUMNS)
+    """List device identities (without keys), in device id order, page by page (1,000 at a time)."""
+    emit(query_all(hub.client, "/devices", top, params=hub.params, method="GET", size_param="top"), output,
+         DEVICE_COLUMNS)
 
 
 @device_identity.command("update")

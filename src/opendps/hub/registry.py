@@ -487,11 +487,14 @@ class Hubs:
             hub, row = self._device_row(s, hub_name, device_id)
             return _identity(hub, row), self._keys(hub.id, row)
 
-    def list_devices(self, hub_name: str, *, top: int | None = None) -> builtins.list[DeviceIdentity]:
-        """The hub's device identities in device key order; ``top``: at most that many (IoT Hub's ``GET /devices``)."""
+    def list_devices(self, hub_name: str, *, top: int | None = None, after: str = "") -> builtins.list[DeviceIdentity]:
+        """The hub's device identities in device key order; ``top``: at most that many (IoT Hub's ``GET /devices``);
+        ``after``: those whose key comes after it (a keyset page on the unique index, never an offset)."""
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
             q = select(HubDevice).where(HubDevice.hub_id == hub.id).order_by(HubDevice.device_key)
+            if after:
+                q = q.where(HubDevice.device_key > after.lower())
             rows = s.scalars(q.limit(top) if top is not None else q)
             return [_identity(hub, r) for r in rows]
 

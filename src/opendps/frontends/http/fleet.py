@@ -10,15 +10,13 @@ for the next page (opaque).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from typing import Any
 
 from aiohttp import web
 
 from opendps.errors import InvalidInput
-from opendps.frontends.http.wire import run, runtime, send, services
+from opendps.frontends.http.wire import keyset_after, keyset_token, run, runtime, send, services
 from opendps.hub import DEFAULT_HUB
 from opendps.hub.registry import DevicePage, DeviceSummary
 from opendps.provisioning.activity import MAX_MINUTES, registrations_per_minute
@@ -43,22 +41,9 @@ def _int(request: web.Request, name: str, default: int, low: int, high: int) -> 
     return int(value)
 
 
-def _token(after: str | None) -> str | None:
-    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=") if after is not None else None
-
-
 def _after(request: web.Request) -> str:
     """The key a page starts after, from the previous page's ``continuationToken`` (absent: the first page)."""
-    token = request.query.get("continuationToken") or ""
-    if not token:
-        return ""
-    try:
-        after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInput("continuationToken is not one this service gave") from exc
-    if not after or len(after) > 256:
-        raise InvalidInput("continuationToken is not one this service gave")
-    return after
+    return keyset_after(request.query.get("continuationToken"), "continuationToken")
 
 
 def _certificate(records: list[DeviceRecordView], hub_host: str | None) -> dict[str, Any] | None:
@@ -106,7 +91,7 @@ async def fleet_devices(request: web.Request) -> web.Response:
         _device_wire(d, d.device_id.lower() in connected, _certificate(records.get(d.device_id.lower(), []), host))
         for d in page.items]}
     if page.next_after is not None:
-        body["continuationToken"] = _token(page.next_after)
+        body["continuationToken"] = keyset_token(page.next_after)
     return send(body)
 
 
@@ -121,7 +106,7 @@ async def fleet_enrollments(request: web.Request) -> web.Response:
     page = await run(request, services(request).enrollments.page, kind, after=_after(request), top=top)
     body: dict[str, Any] = {"kind": kind, "value": [e.to_wire() for e in page.items]}
     if page.next_after is not None:
-        body["continuationToken"] = _token(page.next_after)
+        body["continuationToken"] = keyset_token(page.next_after)
     return send(body)
 
 

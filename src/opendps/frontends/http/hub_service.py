@@ -23,6 +23,8 @@ from opendps.frontends.http.wire import (
     if_match,
     json_body,
     json_object_body,
+    keyset_after,
+    keyset_token,
     max_item_count,
     run,
     runtime,
@@ -127,9 +129,17 @@ def device_list_top(request: web.Request) -> int:
 
 @routes.get("/devices", name=HUB_ROUTE_PREFIX + "device-list")
 async def list_devices(request: web.Request) -> web.Response:
-    devices = await run(request, services(request).hubs.list_devices, hub_name(request), top=device_list_top(request))
-    connected = await runtime(request).live.connected_anywhere(hub_name(request))
-    return send([device_wire(d, None, d.device_id.lower() in connected) for d in devices])
+    """At most ``top`` identities in device id order, as IoT Hub answers. IoT Hub stops there; opendps also answers
+    ``x-ms-continuation`` when more follow, and a request carrying it lists the ones after (Azure's clients ignore
+    the header; ``opendps iot hub device-identity list`` follows it)."""
+    hub, top = hub_name(request), device_list_top(request)
+    after = keyset_after(request.headers.get("x-ms-continuation"), "x-ms-continuation")
+    devices = await run(request, services(request).hubs.list_devices, hub, top=top + 1, after=after)
+    page = devices[:top]
+    connected = await runtime(request).live.connected_anywhere(hub, [d.device_id for d in page]) if page \
+        else frozenset()
+    headers = {"x-ms-continuation": keyset_token(page[-1].device_id.lower())} if len(devices) > top else None
+    return send([device_wire(d, None, d.device_id.lower() in connected) for d in page], headers=headers)
 
 
 @routes.post("/devices/query", name=HUB_ROUTE_PREFIX + "query")

@@ -162,8 +162,9 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     # the hub service API (iothubowner of the hub its audience names, or provisioningserviceowner with ?hub=)
     ("put", "/devices/{id}", "Create or update a device identity (authentication, status)", None, None, 200, [_IF_MATCH]),
     ("get", "/devices/{id}", "Show a device identity with its keys", None, None, 200, []),
-    ("get", "/devices", "List device identities (device id order; top: at most that many, 1-1000, default 1000)", None,
-     None, 200, [_query("top", "integer")]),
+    ("get", "/devices", "List device identities (device id order; top: at most that many, 1-1000, default 1000; "
+     "x-ms-continuation in the answer when more follow, sent back for the next page)", None,
+     None, 200, [_query("top", "integer"), _CONTINUATION]),
     ("post", "/devices/query", "Query twins: {\"query\": \"SELECT ... FROM devices [WHERE ...]\"} (x-ms-continuation paging)",
      None, None, 200, [_MAX_ITEM_COUNT, _CONTINUATION]),
     ("delete", "/devices/{id}", "Delete a device identity (a connected device is dropped)", None, None, 204, [_IF_MATCH]),

@@ -6,6 +6,8 @@ call through :func:`run` (the domain thread pool).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
@@ -117,6 +119,25 @@ def max_item_count(request: web.Request, default: int = MAX_PAGE) -> int:
     if not 1 <= size <= MAX_PAGE:
         raise InvalidInput(f"x-ms-max-item-count must be an integer from 1 to {MAX_PAGE}")
     return size
+
+
+def keyset_token(after: str | None) -> str | None:
+    """The opaque continuation of a keyset page: the last key it held (None: it was the last page)."""
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=") if after is not None else None
+
+
+def keyset_after(token: str | None, name: str) -> str:
+    """The key a page starts after, from a token :func:`keyset_token` gave (``name``: where it came from, for the
+    error); "" for the first page."""
+    if not token:
+        return ""
+    try:
+        after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInput(f"{name} is not one this service gave") from exc
+    if not after or len(after) > 256:
+        raise InvalidInput(f"{name} is not one this service gave")
+    return after
 
 
 def if_match(request: web.Request) -> str | None:

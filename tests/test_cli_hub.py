@@ -562,3 +562,6 @@ def test_device_identity_list_follows_the_pages_past_a_thousand(server):
     assert paged == ["page-0000", *(f"Page-{i:04}" for i in range(1, 1002))]
     assert len(listed) == len(set(listed))
     assert [d["deviceId"] for d in ok(server.cli("hub", "device-identity", "list", "--top", "1001"))] == listed[:1001]
+    # the DPS side's list of the hub's twins is paged too (1,000 a page), and the CLI follows its continuationToken
+    twins = [d["deviceId"] for d in ok(server.cli("dps", "linked-hub", "device-list", "-n", "default"))]
+    assert twins == listed

@@ -752,6 +752,35 @@ def test_concurrent_registrations_of_one_device_leave_one_identity(server, tmp_p
     assert issued_count(server, "racer") == statuses.count(202)
 
 
+def test_hub_and_namespace_device_lists_are_pages(server):
+    """GET /linkedHubs/{name}/devices and /namespaces/{ns}/devices answer a page in device id order (top 1-1000,
+    default 1000) and a continuationToken while more follow; the pages add up to the whole list."""
+    with svc(server) as c:
+        for d in ("pg-b", "PG-a", "pg-c"):
+            assert c.put(f"/devices/{d}", params={"hub": "default"}, json={"deviceId": d}).status_code == 200
+        everything = c.get("/linkedHubs/default/devices").json()
+        assert "continuationToken" not in everything
+        ids = [d["deviceId"] for d in everything["value"]]
+        assert {"PG-a", "pg-b", "pg-c"} <= set(ids) and ids == sorted(ids, key=str.lower)
+        pages, token = [], None
+        while True:
+            more = {"continuationToken": token} if token else {}
+            body = c.get("/linkedHubs/default/devices", params={"top": 2, **more}).json()
+            pages.append([d["deviceId"] for d in body["value"]])
+            token = body.get("continuationToken")
+            if token is None:
+                break
+        assert [d for p in pages for d in p] == ids and all(len(p) == 2 for p in pages[:-1]) and pages[-1]
+        for path in ("/linkedHubs/default/devices", "/namespaces/race-ns/devices"):
+            for bad in ("0", "1001", "ten"):
+                r = c.get(path, params={"top": bad})
+                assert r.status_code == 400 and "top must be an integer from 1 to 1000" in r.text, r.text
+            r = c.get(path, params={"continuationToken": "%%%"})
+            assert r.status_code == 400 and "continuationToken is not one this service gave" in r.text, r.text
+        assert c.get("/namespaces/race-ns/devices", params={"top": 1}).json() == \
+            c.get("/namespaces/race-ns/devices").json()  # one record: one page, no token
+
+
 def test_old_operation_results_are_swept(tmp_path):
     from opendps.instance import Settings, open_instance
     from opendps.provisioning.registration import OPERATION_TTL

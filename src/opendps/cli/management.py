@@ -99,9 +99,22 @@ def lazy_api_command(f: Callable[..., Any] | None = None, *, output: Callable[..
 
 
 def _list(client: Client, path: str) -> list[Any]:
-    """List endpoints answer ``{"value": [...]}``; print just the list, as az does."""
-    body = client.request("GET", path) or {}
-    return body.get("value", []) if isinstance(body, dict) else body
+    """List endpoints answer ``{"value": [...]}``; print just the list, as az does. A paged one also answers a
+    ``continuationToken``: the pages are followed to the end."""
+    items: list[Any] = []
+    token: str | None = None
+    seen: set[str] = set()
+    while True:
+        body = client.exchange("GET", path, params={"continuationToken": token} if token else None)[0] or {}
+        if not isinstance(body, dict):
+            return body if isinstance(body, list) else items
+        items.extend(body.get("value", []))
+        token = body.get("continuationToken")
+        if not token:
+            return items
+        if token in seen:
+            raise CliError(f"GET {path} repeated continuation token {token!r}")
+        seen.add(token)
 
 
 def _exists(client: Client, path: str) -> dict[str, Any] | None:

@@ -69,7 +69,8 @@ class DeviceRegistry:
         return self._namespaces.get(policy_id, lambda: session.scalar(
             select(Policy.namespace_id).where(Policy.id == policy_id)))
 
-    def _rows(self, s: Session, namespace: str, device_id: str | None = None) -> list[DeviceRecordView]:
+    def _rows(self, s: Session, namespace: str, device_id: str | None = None, *, top: int | None = None,
+              after: str = "") -> list[DeviceRecordView]:
         ns = s.scalars(select(Namespace).where(Namespace.name == namespace)).first()
         if ns is None:
             raise NotFound(f"namespace {namespace!r} does not exist")
@@ -77,13 +78,19 @@ class DeviceRegistry:
              .where(DeviceRecord.namespace_id == ns.id).order_by(DeviceRecord.device_key))
         if device_id is not None:
             q = q.where(DeviceRecord.device_key == device_id.lower())
+        if after:
+            q = q.where(DeviceRecord.device_key > after.lower())
+        if top is not None:
+            q = q.limit(top)
         return [DeviceRecordView(namespace, r.device_id, r.registration_id, r.hub_host_name, p, r.certificate_serial,
                                  r.certificate_sha256, r.certificate_not_after, r.etag, r.created_at, r.updated_at)
                 for r, p in s.execute(q).all()]
 
-    def list(self, namespace: str) -> list[DeviceRecordView]:
+    def list(self, namespace: str, *, top: int | None = None, after: str = "") -> list[DeviceRecordView]:
+        """The namespace's records in device key order; ``top``: at most that many; ``after``: those whose key comes
+        after it (a keyset page on the (namespace, device key) index)."""
         with self.store.session() as s:
-            return self._rows(s, namespace)
+            return self._rows(s, namespace, top=top, after=after)
 
     def get(self, namespace: str, device_id: str) -> DeviceRecordView:
         with self.store.session() as s:

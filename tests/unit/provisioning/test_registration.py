@@ -255,3 +255,12 @@ def test_the_service_limit_is_a_token_bucket():
         limit.take(now=100.0)
     assert info.value.info["retryAfter"] == "1"
     limit.take(now=100.2)  # tokens come back at the rate (1/rate seconds each)
+
+
+def test_the_namespace_registry_lists_in_keyset_pages(services, fleet):
+    for rid in ("reg-b", "Reg-A", "reg-c"):
+        register(services, creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(p384_csr(rid)), api_version=PREVIEW)
+    assert [v.device_id for v in services.devices.list("fleet")] == ["reg-a", "reg-b", "reg-c"]
+    assert [v.device_id for v in services.devices.list("fleet", top=2)] == ["reg-a", "reg-b"]
+    assert [v.device_id for v in services.devices.list("fleet", top=2, after="REG-B")] == ["reg-c"]
+    assert services.devices.list("fleet", after="reg-c") == []

@@ -18,6 +18,8 @@ from opendps.frontends.http.wire import (
     if_match,
     json_body,
     json_object_body,
+    keyset_page,
+    keyset_request,
     page,
     page_response,
     page_window,
@@ -157,8 +159,13 @@ async def delete_linked_hub(request: web.Request) -> web.Response:
 
 @routes.get("/linkedHubs/{name}/devices")
 async def list_hub_devices(request: web.Request) -> web.Response:
-    devices = await run(request, services(request).hubs.list_devices, request.match_info["name"])
-    return send({"value": [d.twin() for d in devices]})
+    """A page of the hub's twins in device id order (``top``, ``continuationToken``)."""
+    top, after = keyset_request(request)
+    devices = await run(request, services(request).hubs.list_devices, request.match_info["name"], top=top + 1,
+                        after=after)
+    body = keyset_page(devices, top, lambda d: d.device_id.lower())
+    body["value"] = [d.twin() for d in body["value"]]
+    return send(body)
 
 
 @routes.get("/linkedHubs/{name}/devices/{deviceId}")
@@ -216,8 +223,12 @@ certificate_routes(routes, "/linkedHubs/{name}/certificates", hub_certificates, 
 # ---- ADR device registry ----
 @routes.get("/namespaces/{ns}/devices")
 async def list_namespace_devices(request: web.Request) -> web.Response:
-    views = await run(request, services(request).devices.list, request.match_info["ns"])
-    return send({"value": [v.to_wire() for v in views]})
+    """A page of the namespace's device records in device id order (``top``, ``continuationToken``)."""
+    top, after = keyset_request(request)
+    views = await run(request, services(request).devices.list, request.match_info["ns"], top=top + 1, after=after)
+    body = keyset_page(views, top, lambda v: v.device_id.lower())
+    body["value"] = [v.to_wire() for v in body["value"]]
+    return send(body)
 
 
 @routes.get("/namespaces/{ns}/devices/{deviceId}")

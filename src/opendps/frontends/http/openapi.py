@@ -29,6 +29,9 @@ def _query(name: str, kind: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
 
 
+_KEYSET = [_query("top", "integer"), _query("continuationToken", "string")]  # a keyset-paged list
+
+
 # (method, path, summary, request model, response model, success status, extra parameters)
 OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | None, int, list[dict[str, Any]]]] = [
     ("put", "/certificates/{name}", "Upload a CA certificate (If-Match to replace)", m.CertificateBody,
@@ -114,7 +117,8 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      "New issuing CA for the policy; the old one is retired (hubs trust it until it expires); optional body "
      "{keyBackend}: where its key is made", m.RotateBody, m.PolicyResponse,
      200, [_IF_MATCH]),
-    ("get", "/namespaces/{ns}/devices", "List the namespace's device registry (ADR)", None, None, 200, []),
+    ("get", "/namespaces/{ns}/devices", "A page of the namespace's device registry (ADR) in device id order "
+     "(top 1-1000, default 1000; continuationToken from the previous page)", None, None, 200, _KEYSET),
     ("get", "/namespaces/{ns}/devices/{deviceId}", "Show a device record (ADR)", None, None, 200, []),
     ("put", "/enrollments/{id}", "Create or replace an individual enrollment", None, None, 201, [_IF_MATCH]),
     ("get", "/enrollments/{id}", "Show an individual enrollment (without keys)", None, None, 200, []),
@@ -139,7 +143,8 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("get", "/linkedHubs", "List linked hubs", None, None, 200, []),
     ("get", "/linkedHubs/{name}", "Show a linked hub", None, None, 200, []),
     ("delete", "/linkedHubs/{name}", "Unlink a hub (refused while an enrollment names it)", None, None, 204, [_IF_MATCH]),
-    ("get", "/linkedHubs/{name}/devices", "List a hub's device identities with twins", None, None, 200, []),
+    ("get", "/linkedHubs/{name}/devices", "A page of a hub's device identities with twins in device id order "
+     "(top 1-1000, default 1000; continuationToken from the previous page)", None, None, 200, _KEYSET),
     ("get", "/linkedHubs/{name}/devices/{deviceId}", "Show a device identity and twin", None, None, 200, []),
     ("get", "/linkedHubs/{name}/certificates", "CAs the hub trusts: synced issuing CAs, then uploaded ones", None, None,
      200, []),

@@ -140,5 +140,22 @@ def keyset_after(token: str | None, name: str) -> str:
     return after
 
 
+def keyset_request(request: web.Request) -> tuple[int, str]:
+    """A keyset-paged list's ``?top=N`` (1-1000, default 1000) and the key its page starts after
+    (``?continuationToken=`` from the previous page)."""
+    raw = request.query.get("top") or ""
+    if raw and not (raw.isdigit() and 1 <= int(raw) <= MAX_PAGE):
+        raise InvalidInput(f"top must be an integer from 1 to {MAX_PAGE}, not {raw[:20]!r}")
+    return int(raw or MAX_PAGE), keyset_after(request.query.get("continuationToken"), "continuationToken")
+
+
+def keyset_page(items: list[Any], top: int, key: Callable[[Any], str]) -> dict[str, Any]:
+    """``{"value": [...], "continuationToken"?}`` from up to ``top + 1`` items read (the extra one says more follow)."""
+    body: dict[str, Any] = {"value": items[:top]}
+    if len(items) > top:
+        body["continuationToken"] = keyset_token(key(items[top - 1]))
+    return body
+
+
 def if_match(request: web.Request) -> str | None:
     return request.headers.get("If-Match")

@@ -106,6 +106,10 @@ def _worker_main(settings: Settings, index: int, count: int, parent: Connection)
         with contextlib.suppress(OSError):
             parent.send(("failed", index, f"cannot listen: {exc.strerror or exc}"))
         sys.exit(1)
+    except ConfigurationError as exc:  # e.g. the live bus is not reachable: the operator's to fix, one line
+        with contextlib.suppress(OSError):
+            parent.send(("failed", index, str(exc)))
+        sys.exit(1)
     finally:
         inst.close()
 

@@ -64,6 +64,8 @@ from opendps.bench._harness import (
     warm_up_count,
 )
 from opendps.hub import DEFAULT_HUB
+from opendps.transport import nats_client
+from opendps.transport.nats_client import NatsUnreachable
 
 if TYPE_CHECKING:
     from opendps.pki import Signer
@@ -222,11 +224,9 @@ def _jetstream(action: Any) -> str | None:
     """Run ``action(jetstream)`` on the local NATS server; a reason when there is none (or no JetStream)."""
     async def main() -> str | None:
         try:
-            import nats
-
-            nc = await nats.connect(NATS_URL, connect_timeout=3, allow_reconnect=False)
-        except Exception as exc:  # noqa: BLE001 - no NATS here: the routed row is skipped, with the reason
-            return f"no NATS server at {NATS_URL}: {exc}"
+            nc = await nats_client.connect(NATS_URL, name="opendps-bench", within=3)
+        except NatsUnreachable as exc:  # no NATS here: the routed row is skipped, with the reason
+            return str(exc)
         try:
             await action(nc.jetstream())
             return None

@@ -26,6 +26,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opendps.cluster.nodes import MessageReader, Nodes
+from opendps.errors import ConfigurationError
+from opendps.transport import nats_client
+from opendps.transport.nats_client import NatsUnreachable
 
 log = logging.getLogger("opendps.cluster")
 Deliver = Callable[[dict[str, Any]], None]
@@ -215,6 +218,7 @@ class NatsBus(Bus):
     """NATS core subjects: ``{prefix}.all`` for broadcasts, ``{prefix}.node.{id}`` for one node."""
 
     name = "nats"
+    connect_within = 10.0  # seconds the first connection may take (NATS starting beside opendps)
 
     def __init__(self, url: str, prefix: str) -> None:
         self.url = url
@@ -222,10 +226,15 @@ class NatsBus(Bus):
         self._nc: Any = None
 
     async def start(self, node_id: str, deliver: Deliver) -> None:
-        import nats
+        """Connect (the server does not start without its bus: a one-line error after ``connect_within`` s)."""
+        async def quiet(exc: Exception) -> None:
+            log.info("NATS bus %s: %s", self.url, exc)
 
-        self._nc = await nats.connect(self.url, name=f"opendps-{node_id}", max_reconnect_attempts=-1,
-                                      allow_reconnect=True, connect_timeout=5)
+        try:
+            self._nc = await nats_client.connect(self.url, name=f"opendps-{node_id}", within=self.connect_within,
+                                                 on_error=quiet)
+        except NatsUnreachable as exc:
+            raise ConfigurationError(f"the live bus (--bus): {exc}") from None
 
         async def on_message(msg: Any) -> None:
             message = _decode(msg.data.decode(), node_id)

@@ -32,6 +32,8 @@ from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed,
 from opendps.hub.registry import hub_row
 from opendps.ids import check_resource_name, etag_matches, new_etag
 from opendps.store import ConfigCache, LinkedHub, Store, TelemetryRoute
+from opendps.transport import nats_client
+from opendps.transport.nats_client import NatsUnreachable
 from opendps.transport.wire import iso8601
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 # NATS subject tokens: no whitespace, no '.', and the wildcards '*' and '>' only as whole tokens
 _SUBJECT = re.compile(r"^[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*$")
 ROUTE_REFRESH = 2.0  # seconds a process keeps a hub's routes before asking the store again
-PUBLISH_TIMEOUT = 5.0  # seconds a durable route waits for JetStream's acknowledgement
+PUBLISH_TIMEOUT = 5.0  # seconds a durable route waits for JetStream's acknowledgement (and a first connection)
+RETRY_AFTER = 5.0  # seconds messages fail at once after a connection to a route's NATS could not be made
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class NatsRouter:
         self._known: dict[int, tuple[float, builtins.list[RouteView]]] = {}
         self._connections: dict[str, Any] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why): its last connect failed
 
     async def _routes(self, hub_id: int) -> builtins.list[RouteView]:
         known = self._known.get(hub_id)
@@ -202,6 +206,8 @@ class NatsRouter:
         return known is not None and not known[1] and time.monotonic() < known[0]
 
     async def _connection(self, url: str) -> Any:
+        """The connection to ``url``: made on first use within ``PUBLISH_TIMEOUT``; after a failed attempt, messages
+        fail at once for ``RETRY_AFTER`` s (a route to a NATS that is down must not hold its hub's telemetry)."""
         nc = self._connections.get(url)
         if nc is not None and not nc.is_closed:
             return nc
@@ -210,14 +216,20 @@ class NatsRouter:
             nc = self._connections.get(url)
             if nc is not None and not nc.is_closed:
                 return nc
-            import nats  # imported on first use: only installations with a route need it
+            down = self._down.get(url)
+            if down is not None and time.monotonic() < down[0]:
+                raise NatsUnreachable(down[1])
 
             async def quiet(exc: Exception) -> None:
                 log.info("NATS connection to %s: %s", url, exc)
 
-            nc = await nats.connect(servers=[u.strip() for u in url.split(",")], connect_timeout=PUBLISH_TIMEOUT,
-                                    allow_reconnect=True, max_reconnect_attempts=-1, error_cb=quiet,
-                                    name="opendps")
+            try:
+                nc = await nats_client.connect(url, name="opendps", within=PUBLISH_TIMEOUT, on_error=quiet)
+            except NatsUnreachable as exc:
+                self._down[url] = (time.monotonic() + RETRY_AFTER, str(exc))
+                log.warning("telemetry routes to %s: %s; trying again in %g s", url, exc, RETRY_AFTER)
+                raise
+            self._down.pop(url, None)
             self._connections[url] = nc
             return nc
 

@@ -78,3 +78,57 @@ def test_hub_names_and_device_ids_become_single_subject_tokens():
     assert subject_token("dev-1_a") == "dev-1_a"
     assert subject_token("a.b*c>d e") == "a%2Eb%2Ac%3Ed%20e"
     assert "." not in subject_token("x.y.z")
+
+
+def test_a_route_to_a_nats_that_is_down_fails_in_bounded_time_then_at_once(services, monkeypatch):
+    """nats-py retries a first connection forever: a route whose NATS is down held its hub's telemetry. Now the
+    first attempt is bounded (PUBLISH_TIMEOUT), a durable route refuses (no PUBACK), a plain one drops, and for
+    RETRY_AFTER s after a failure messages fail without another attempt. A real closed port on loopback."""
+    import asyncio
+    import time
+
+    from tests.conftest import free_port
+
+    from opendps.errors import ServiceUnavailable
+    from opendps.hub import routing
+
+    monkeypatch.setattr(routing, "PUBLISH_TIMEOUT", 0.5)
+    dead = f"nats://127.0.0.1:{free_port()}"
+    services.routes.put("default", "durable", _body(url=dead))
+    hub_id = services.hubs.list()[0].id
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    async def scenario() -> None:
+        router = routing.NatsRouter(services.routes, run)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="did not acknowledge.*NatsUnreachable.*answered within 0.5 s"):
+            await router.deliver(hub_id, "d1", {}, {}, b"x", 1)
+        assert time.monotonic() - started < 3
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="answered within"):
+            await router.deliver(hub_id, "d1", {}, {}, b"x", 2)
+        assert time.monotonic() - started < 0.2  # remembered: no second attempt
+        services.routes.put("default", "durable", _body(url=dead, durable=False), if_match="*")
+        router._known.clear()
+        await router.deliver(hub_id, "d1", {}, {}, b"x", 3)  # a plain route drops the message, the PUBACK goes out
+        await router.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_nats_bus_refuses_to_start_when_its_server_does_not_answer():
+    """`opendps serve --bus` with no NATS there: a ConfigurationError (the one-line exit) after connect_within s, not
+    a start that waits forever."""
+    import asyncio
+
+    from tests.conftest import free_port
+
+    from opendps.cluster.bus import NatsBus
+    from opendps.errors import ConfigurationError
+
+    bus = NatsBus(f"nats://127.0.0.1:{free_port()}", "opendps-test")
+    bus.connect_within = 0.5
+    with pytest.raises(ConfigurationError, match=r"the live bus \(--bus\): no NATS server at .* answered within 0.5 s"):
+        asyncio.run(bus.start("node-1", lambda message: None))

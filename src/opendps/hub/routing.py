@@ -254,7 +254,8 @@ class NatsRouter:
                 if route.durable:
                     raise ServiceUnavailable(f"route {route.name!r} ({route.url}, {subject}) did not acknowledge: "
                                              f"{type(exc).__name__}: {exc}") from exc
-                log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)
+                if not isinstance(exc, NatsUnreachable):  # that one is logged once per attempt, not per message
+                    log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)
 
     async def close(self) -> None:
         for nc in list(self._connections.values()):

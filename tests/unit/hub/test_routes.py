@@ -80,11 +80,12 @@ def test_hub_names_and_device_ids_become_single_subject_tokens():
     assert "." not in subject_token("x.y.z")
 
 
-def test_a_route_to_a_nats_that_is_down_fails_in_bounded_time_then_at_once(services, monkeypatch):
+def test_a_route_to_a_nats_that_is_down_fails_in_bounded_time_then_at_once(services, monkeypatch, caplog):
     """nats-py retries a first connection forever: a route whose NATS is down held its hub's telemetry. Now the
     first attempt is bounded (PUBLISH_TIMEOUT), a durable route refuses (no PUBACK), a plain one drops, and for
     RETRY_AFTER s after a failure messages fail without another attempt. A real closed port on loopback."""
     import asyncio
+    import logging
     import time
 
     from tests.conftest import free_port
@@ -115,7 +116,10 @@ def test_a_route_to_a_nats_that_is_down_fails_in_bounded_time_then_at_once(servi
         await router.deliver(hub_id, "d1", {}, {}, b"x", 3)  # a plain route drops the message, the PUBACK goes out
         await router.close()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="opendps.hub.routing"):
+        asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if r.name == "opendps.hub.routing"]
+    assert len([m for m in said if "answered within" in m]) == 1, said  # once per attempt, not once per message
 
 
 def test_the_nats_bus_refuses_to_start_when_its_server_does_not_answer():

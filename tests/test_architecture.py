@@ -73,13 +73,18 @@ def test_store_imports_no_other_opendps_package():
     assert wrong == []
 
 
-def test_cluster_imports_only_the_store():
-    """The cluster carries messages between nodes; what they mean is the hub's (``hub.live``)."""
+def test_cluster_imports_only_the_store_and_the_transport():
+    """The cluster carries messages between nodes; what they mean is the hub's (``hub.live``). It stores in the store
+    and connects through the transport's plumbing (``transport.nats_client``), which means nothing either."""
     wrong = sorted({f"{module} -> {imported}" for module, imports in SOURCES.items()
                     if _within(module, "opendps.cluster") for imported, _ in imports
                     if imported.startswith("opendps") and not _within(imported, "opendps.cluster")
-                    and not _within(imported, "opendps.store")})
+                    and not _within(imported, "opendps.store") and not _within(imported, "opendps.transport")})
     assert wrong == []
+    transport = sorted({f"{module} -> {imported}" for module, imports in SOURCES.items()
+                        if _within(module, "opendps.transport") for imported, _ in imports
+                        if imported.startswith("opendps") and any(_within(imported, p) for p in DOMAIN)})
+    assert transport == []  # which holds as long as the transport knows no domain package
 
 
 def test_audit_imports_only_the_store():

@@ -73,7 +73,11 @@ class Cluster:
         """Join (the row exists before any presence refers to it), start hearing messages, and heartbeat."""
         self._deliver = deliver
         await self.run(self.nodes.join, self._info())
-        await self.bus.start(self.node_id, self._receive)
+        try:
+            await self.bus.start(self.node_id, self._receive)
+        except BaseException:
+            await self.run(self.nodes.leave, self.node_id)  # never joined: the others need not wait to sweep it
+            raise
         await self._refresh()
         self._task = asyncio.get_running_loop().create_task(self._beat())
         log.info("node %s (worker %d, pid %d) joined; bus: %s; %d node(s) alive", self.node_id, self.worker,

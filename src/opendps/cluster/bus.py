@@ -26,9 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opendps.cluster.nodes import MessageReader, Nodes
-from opendps.errors import ConfigurationError
 from opendps.transport import nats_client
-from opendps.transport.nats_client import NatsUnreachable
 
 log = logging.getLogger("opendps.cluster")
 Deliver = Callable[[dict[str, Any]], None]
@@ -226,15 +224,12 @@ class NatsBus(Bus):
         self._nc: Any = None
 
     async def start(self, node_id: str, deliver: Deliver) -> None:
-        """Connect (the server does not start without its bus: a one-line error after ``connect_within`` s)."""
+        """Connect: :class:`NatsUnreachable` after ``connect_within`` s (the server does not start without its bus)."""
         async def quiet(exc: Exception) -> None:
             log.info("NATS bus %s: %s", self.url, exc)
 
-        try:
-            self._nc = await nats_client.connect(self.url, name=f"opendps-{node_id}", within=self.connect_within,
-                                                 on_error=quiet)
-        except NatsUnreachable as exc:
-            raise ConfigurationError(f"the live bus (--bus): {exc}") from None
+        self._nc = await nats_client.connect(self.url, name=f"opendps-{node_id}", within=self.connect_within,
+                                             on_error=quiet)
 
         async def on_message(msg: Any) -> None:
             message = _decode(msg.data.decode(), node_id)

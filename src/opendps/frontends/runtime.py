@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from opendps.audit.refusals import HUB_CONNECT, REGISTRATION
 from opendps.cluster import Cluster, choose_bus
-from opendps.errors import OpenDPSError
+from opendps.errors import ConfigurationError, OpenDPSError
 from opendps.frontends import metrics
 from opendps.frontends.refusals import RefusalRecorder
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
@@ -30,6 +30,7 @@ from opendps.hub.presence import Presence
 from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
+from opendps.transport.nats_client import NatsUnreachable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -366,7 +367,10 @@ class Runtime:
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
         self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run)
         cluster.on_rejoin = self.live.rejoin
-        await cluster.start(self._on_peer_message)
+        try:
+            await cluster.start(self._on_peer_message)
+        except NatsUnreachable as exc:  # the operator's to fix: one line, and the server does not start
+            raise ConfigurationError(f"the live bus (--bus): {exc}") from None
         self.cluster = cluster
         return cluster
 

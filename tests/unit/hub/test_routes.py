@@ -122,17 +122,24 @@ def test_a_route_to_a_nats_that_is_down_fails_in_bounded_time_then_at_once(servi
     assert len([m for m in said if "answered within" in m]) == 1, said  # once per attempt, not once per message
 
 
-def test_the_nats_bus_refuses_to_start_when_its_server_does_not_answer():
+def test_the_nats_bus_refuses_to_start_when_its_server_does_not_answer(services, monkeypatch):
     """`opendps serve --bus` with no NATS there: a ConfigurationError (the one-line exit) after connect_within s, not
-    a start that waits forever."""
+    a start that waits forever; the node it joined as is gone again."""
     import asyncio
 
     from tests.conftest import free_port
 
+    from opendps.cluster import Nodes
     from opendps.cluster.bus import NatsBus
     from opendps.errors import ConfigurationError
+    from opendps.frontends.runtime import Runtime
 
-    bus = NatsBus(f"nats://127.0.0.1:{free_port()}", "opendps-test")
-    bus.connect_within = 0.5
-    with pytest.raises(ConfigurationError, match=r"the live bus \(--bus\): no NATS server at .* answered within 0.5 s"):
-        asyncio.run(bus.start("node-1", lambda message: None))
+    monkeypatch.setattr(NatsBus, "connect_within", 0.5)  # the class's: join_cluster makes its own bus
+    runtime = Runtime(services)
+    try:
+        with pytest.raises(ConfigurationError,
+                           match=r"the live bus \(--bus\): no NATS server at .* answered within 0.5 s"):
+            asyncio.run(runtime.join_cluster(bus_url=f"nats://127.0.0.1:{free_port()}"))
+    finally:
+        runtime.domain.close()
+    assert Nodes(services.store).alive(60) == []

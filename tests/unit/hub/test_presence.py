@@ -53,14 +53,18 @@ async def _until(check, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_presence_records_in_order_and_reports_displaced_sessions(services):
+def _nodes_and_presence(services):
+    """The default hub, two nodes' rows (a, b) joined on the test's store, and presence over it."""
     store, hubs = services.store, services.hubs
-    hub = hubs.list()[0]
     nodes = Nodes(store)
     a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
     nodes.join(a)
     nodes.join(b)
-    presence = Presence(store, hubs)
+    return hubs.list()[0], nodes, a, b, Presence(store, hubs)
+
+
+def test_presence_records_in_order_and_reports_displaced_sessions(services):
+    hub, nodes, a, b, presence = _nodes_and_presence(services)
     # attach then detach in one batch: nothing is left; attach twice: the last session wins
     assert presence.record(a.id, [Change(hub.id, "d1", "s1", True), Change(hub.id, "d1", "s1", False),
                                   Change(hub.id, "d2", "s2", True), Change(hub.id, "d2", "s3", True)]) == []
@@ -98,13 +102,7 @@ def test_a_batch_keeps_the_newest_session_whatever_order_its_changes_came_in(ser
 def test_the_newest_session_wins_by_when_it_began_not_by_when_it_was_written(services):
     """Nodes write their batches in any order: an attach older than another node's recorded session comes back as
     this node's own displaced session and leaves the row alone; a newer one displaces the other node's."""
-    store, hubs = services.store, services.hubs
-    hub = hubs.list()[0]
-    nodes = Nodes(store)
-    a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
-    nodes.join(a)
-    nodes.join(b)
-    presence = Presence(store, hubs)
+    hub, _nodes, a, b, presence = _nodes_and_presence(services)
     t0 = datetime.now(UTC)
     assert presence.record(a.id, [Change(hub.id, "d1", "new", True, t0 + timedelta(seconds=1))]) == []
     [mine] = presence.record(b.id, [Change(hub.id, "d1", "old", True, t0)])
@@ -119,16 +117,10 @@ def test_the_newest_session_wins_by_when_it_began_not_by_when_it_was_written(ser
 def test_two_nodes_attaching_one_device_at_once_are_serialised(services):
     """The recorded session is read under the write's lock: when both nodes attach a device at the same moment,
     exactly one of the two sessions is reported displaced, and it is the one the row does not hold."""
-    store, hubs = services.store, services.hubs
-    hub = hubs.list()[0]
+    hub, _nodes, a, b, presence = _nodes_and_presence(services)
     devices = [f"race-{i}" for i in range(40)]
     for d in devices:
-        hubs.create_device(hub.name, d)
-    nodes = Nodes(store)
-    a, b = (Cluster(store, None, None)._info() for _ in range(2))  # type: ignore[arg-type]
-    nodes.join(a)
-    nodes.join(b)
-    presence = Presence(store, hubs)
+        services.hubs.create_device(hub.name, d)
     t0 = datetime.now(UTC)
     reported: list = []
 

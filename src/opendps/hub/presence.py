@@ -186,6 +186,23 @@ class PresenceWriter:
         """Wait until every change made so far is written (or failed once)."""
         await self._idle.wait()
 
+    def _compact(self) -> None:
+        """While the store is away: a session that attached and ended since is folded as one batch folds it (no row;
+        its device's last detach is kept, for "last seen"), so what waits is bounded by the devices that came and
+        went, not by how often they did."""
+        began = {c.session for c in self._pending if c.attached}
+        gone = began & {c.session for c in self._pending if not c.attached}
+        if not gone:
+            return
+        last_detach: dict[tuple[int, str], Change] = {}
+        for c in self._pending:
+            if c.session in gone and not c.attached:
+                last_detach[(c.hub_id, c.device_key)] = c
+        kept = set(map(id, last_detach.values()))
+        before = len(self._pending)
+        self._pending = [c for c in self._pending if c.session not in gone or id(c) in kept]
+        log.info("presence: %d waiting change(s) folded to %d while the store is away", before, len(self._pending))
+
     async def _write(self) -> None:
         failures = 0
         try:
@@ -199,6 +216,8 @@ class PresenceWriter:
                     failures += 1
                     log.warning("presence of %d session(s) not recorded (%s); retrying", len(batch), exc)
                     await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                    if len(self._pending) > self.max_batch:
+                        self._compact()
                     continue
                 failures = 0
                 del self._pending[:len(batch)]

@@ -174,6 +174,41 @@ def test_the_writer_lets_a_burst_share_one_transaction():
         [("d1", True), ("d2", True), ("d1", False)], [("d3", True)]]
 
 
+def test_what_waits_for_the_store_is_folded_not_grown_by_churn():
+    """The store is away while three devices connect and leave 500 times each and two stay: after the failed write
+    the writer keeps the two attaches and each device's last detach (for "last seen"), in order, and writes them
+    when the store is back."""
+    written: list[list[Change]] = []
+    failing = [True]
+
+    class Recorder:
+        def record(self, node_id: str, changes: list[Change]) -> list:
+            if failing[0]:
+                failing[0] = False
+                raise OSError("the store is away")
+            written.append(list(changes))
+            return []
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    async def main() -> PresenceWriter:
+        writer = PresenceWriter(Recorder(), "node-a", run, max_batch=100, linger=0)  # type: ignore[arg-type]
+        for i in range(500):
+            for d in ("d1", "d2", "d3"):
+                writer.add(Change(1, d, f"{d}-{i}", True))
+                writer.add(Change(1, d, f"{d}-{i}", False))
+        writer.add(Change(1, "d1", "stays-1", True))
+        writer.add(Change(1, "d4", "stays-4", True))
+        await writer.flush()
+        return writer
+
+    asyncio.run(main())
+    assert [[(c.device_key, c.session, c.attached) for c in b] for b in written] == [[
+        ("d1", "d1-499", False), ("d2", "d2-499", False), ("d3", "d3-499", False),
+        ("d1", "stays-1", True), ("d4", "stays-4", True)]]
+
+
 @pytest.fixture
 def two_nodes(services):
     """Two nodes on the test's store, each with its own live sessions, started on one event loop."""

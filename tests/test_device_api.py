@@ -772,7 +772,7 @@ def test_hub_and_namespace_device_lists_are_pages(server):
                 break
         assert [d for p in pages for d in p] == ids and all(len(p) == 2 for p in pages[:-1]) and pages[-1]
         for path in ("/linkedHubs/default/devices", "/namespaces/race-ns/devices"):
-            for bad in ("0", "1001", "ten"):
+            for bad in ("0", "1001", "ten", "\u00b2", "9" * 5000):  # a superscript two, and past int()'s digit limit
                 r = c.get(path, params={"top": bad})
                 assert r.status_code == 400 and "top must be an integer from 1 to 1000" in r.text, r.text
             r = c.get(path, params={"continuationToken": "%%%"})

@@ -95,6 +95,16 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith("opendps"))))
         "opendps.transport.mqtt", "opendps.transport.mqtt.codec", "opendps.transport.sas"])
 
 
+def test_a_status_in_a_response_topic_that_is_not_a_number_is_no_status():
+    """A server's response topic names its status; what int() refuses ("²" passes str.isdigit) must not raise in
+    the client's receive callback."""
+    from opendps.device.hub import TWIN_RES, _status
+
+    assert _status(f"{TWIN_RES}204/?$rid=1", TWIN_RES) == 204
+    for bad in ("\u00b2", "9" * 5000, "abc", ""):
+        assert _status(f"{TWIN_RES}{bad}/?$rid=1", TWIN_RES) == 0
+
+
 def test_keys_csr_and_summary():
     key, csr = keys.new_key_and_csr("dev-1")
     parsed = x509.load_der_x509_csr(base64.b64decode(csr))

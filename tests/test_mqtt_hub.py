@@ -722,6 +722,22 @@ def test_dps_answers_at_the_granted_qos_and_a_puback_0_is_ignored(server):
             raw.close()
 
 
+def test_the_event_stream_refuses_what_is_not_a_position_or_a_number_with_a_400(server):
+    """GET /events: a position past a 64-bit column, "²" (str.isdigit says yes, int() says no), a negative or
+    infinite timeout and a count that is not a whole number are 400s naming the parameter, not 500s."""
+    with svc(server) as c:
+        for params, words in (({"from": "9" * 19}, "from must be earliest, latest or a position"),
+                              ({"from": "\u00b2"}, "from must be earliest, latest or a position"),
+                              ({"from": "-1"}, "from must be earliest, latest or a position"),
+                              ({"timeout": "-1"}, "timeout must be a number of seconds"),
+                              ({"timeout": "inf"}, "timeout must be a number of seconds"),
+                              ({"timeout": "nan"}, "timeout must be a number of seconds"),
+                              ({"count": "1.5"}, "count a whole number")):
+            r = c.get("/events", params={"timeout": "1", **params})
+            assert r.status_code == 400 and words in r.text, (params, r.status_code, r.text)
+        assert c.get("/events", params={"from": "9" * 18, "timeout": "0.1"}).status_code == 200
+
+
 def test_unsubscribe_stops_deliveries_and_a_trailing_slash_is_not_part_of_a_property(server):
     with svc(server) as c:
         assert c.put("/devices/unsub-dev", json={"deviceId": "unsub-dev"}).status_code == 200

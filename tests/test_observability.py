@@ -169,7 +169,9 @@ def test_status_summary_over_rest_and_cli(obs, traffic):
         r = c.get("/status", params={"refusals": "10"})
         assert r.status_code == 200, r.text
         status = r.json()
-        assert c.get("/status", params={"refusals": "101"}).status_code == 400
+        for bad in ("101", "\u00b2", "9" * 5000, "-1"):  # "²" passes str.isdigit, int() refuses it and 5,000 digits
+            r = c.get("/status", params={"refusals": bad})
+            assert r.status_code == 400 and "refusals must be an integer from 0 to 100" in r.text, (bad, r.text)
     assert httpx.get(f"{obs.url}/status", verify=ssl.create_default_context(cafile=obs.ca_file)).status_code == 401
     assert set(status) == {"time", "namespaces", "policies", "linkedHubs", "enrollments", "devices", "certificates",
                            "registrations", "refusals"}

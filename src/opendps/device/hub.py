@@ -126,7 +126,7 @@ def _query(topic: str) -> dict[str, str]:
 
 def _status(topic: str, prefix: str) -> int:
     text = topic[len(prefix):].split("/", 1)[0]
-    return int(text) if text.isdigit() else 0
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else 0  # not "²": int() refuses it
 
 
 def _error(status: int, payload: bytes) -> HubError:

@@ -313,7 +313,8 @@ class ProvisioningClient:
             fields = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
             future = waiting.get(fields.get("$rid", ""))
             if future is not None and not future.done():
-                future.set_result((int(status_text) if status_text.isdigit() else 0, fields, message.payload))
+                status = int(status_text) if status_text.isascii() and status_text.isdigit() and len(status_text) <= 3 else 0
+                future.set_result((status, fields, message.payload))
 
         username = (f"{self.id_scope}/registrations/{self.registration_id}/api-version={quote(api_version, safe='')}"
                     f"&ClientVersion={quote(USER_AGENT, safe='')}")

@@ -53,6 +53,15 @@ def topic_query(topic: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(qs, keep_blank_values=True).items()}
 
 
+def decimal(text: str, digits: int = 9) -> int | None:
+    """``text`` as a non-negative integer when it is 1 to ``digits`` ASCII digits, else None. ``str.isdigit`` alone
+    lets through what ``int`` refuses ("²") and lengths past its 4,300-digit limit: a ValueError where a clear
+    refusal was meant."""
+    if not 0 < len(text) <= digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def iso8601(dt: datetime) -> str:
     """``2026-12-05T10:00:00.123456Z``: how Azure's JSON documents write an instant (UTC, ``Z``)."""
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")

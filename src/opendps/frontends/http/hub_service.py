@@ -33,7 +33,7 @@ from opendps.frontends.http.wire import (
 )
 from opendps.hub import DEFAULT_HUB, DeviceIdentity
 from opendps.hub.messaging import time_to_live
-from opendps.transport.wire import iso8601
+from opendps.transport.wire import decimal, iso8601
 
 routes = web.RouteTableDef()
 HUB_ROUTE_PREFIX = "hub:"
@@ -273,11 +273,15 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     start = request.query.get("from", "latest")
     try:
         timeout = float(request.query.get("timeout", "0"))
-        count = int(request.query.get("count", "0"))
-        position = (0 if start == "earliest" else await run(request, sink.last_position, hub) if start == "latest"
-                    else int(start))
-    except ValueError as exc:
-        raise InvalidInput("from must be earliest, latest or a position; timeout and count numbers") from exc
+    except ValueError:
+        timeout = -1.0
+    count = decimal(request.query.get("count", "0"))
+    asked = None if start in ("earliest", "latest") else decimal(start, 18)  # a position fits a 64-bit column
+    if asked is None and start not in ("earliest", "latest"):
+        raise InvalidInput(f"from must be earliest, latest or a position (a number an event carried), not {start[:20]!r}")
+    if not 0 <= timeout < float("inf") or count is None:
+        raise InvalidInput("timeout must be a number of seconds (0: follow) and count a whole number (0: all)")
+    position = 0 if start == "earliest" else await run(request, sink.last_position, hub) if start == "latest" else asked
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     bus = runtime(request).telemetry_bus

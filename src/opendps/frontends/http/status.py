@@ -19,6 +19,7 @@ from opendps.errors import InvalidInput
 from opendps.frontends import metrics
 from opendps.frontends.http.wire import run, runtime, send
 from opendps.services import Services
+from opendps.transport.wire import decimal
 
 routes = web.RouteTableDef()
 METRICS_ROUTE_PREFIX = "metrics:"  # the SAS middleware lets a loopback client without credentials through
@@ -58,9 +59,10 @@ def _refusals_asked(request: web.Request) -> int:
     raw = request.query.get("refusals")
     if raw is None or raw == "":
         return DEFAULT_REFUSALS
-    if not raw.isdigit() or not 0 <= int(raw) <= MAX_REFUSALS:
-        raise InvalidInput(f"refusals must be an integer from 0 to {MAX_REFUSALS}, not {raw!r}")
-    return int(raw)
+    asked = decimal(raw, 6)
+    if asked is None or asked > MAX_REFUSALS:
+        raise InvalidInput(f"refusals must be an integer from 0 to {MAX_REFUSALS}, not {raw[:20]!r}")
+    return asked
 
 
 @routes.get("/status")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from opendps.errors import InvalidInput
 from opendps.frontends.runtime import Runtime
 from opendps.services import Services
-from opendps.transport.wire import parse_json
+from opendps.transport.wire import decimal, parse_json
 
 RUNTIME = web.AppKey("runtime", Runtime)
 TOKEN_HUB = web.RequestKey("sas_hub", str)  # the hub a verified iothubowner token is bound to (absent: any)
@@ -144,9 +144,10 @@ def keyset_request(request: web.Request) -> tuple[int, str]:
     """A keyset-paged list's ``?top=N`` (1-1000, default 1000) and the key its page starts after
     (``?continuationToken=`` from the previous page)."""
     raw = request.query.get("top") or ""
-    if raw and not (raw.isdigit() and 1 <= int(raw) <= MAX_PAGE):
+    top = decimal(raw, 4) if raw else MAX_PAGE
+    if top is None or not 1 <= top <= MAX_PAGE:
         raise InvalidInput(f"top must be an integer from 1 to {MAX_PAGE}, not {raw[:20]!r}")
-    return int(raw or MAX_PAGE), keyset_after(request.query.get("continuationToken"), "continuationToken")
+    return top, keyset_after(request.query.get("continuationToken"), "continuationToken")
 
 
 def keyset_page(items: list[Any], top: int, key: Callable[[Any], str]) -> dict[str, Any]:

@@ -154,3 +154,24 @@ def test_issuance_and_revocation_log_their_events(services, caplog):
     assert issued.policy == "log-ns/default" and issued.registration_id == "log-dev"
     assert issued.serial == revoked.serial and revoked.reason == "keyCompromise"
     assert [label for label, _ in seen] == ["log-ns/default"] and seen[0][1] > 0
+
+
+def test_a_killed_supervisors_metrics_directory_is_removed_at_the_next_start(tmp_path):
+    """A supervisor killed with SIGKILL leaves its multiprocess directory; the next one removes the directories
+    whose supervisor (named by pid) is gone, and keeps those of live processes and what is not one of them."""
+    import os
+    import subprocess
+
+    from opendps.frontends.metrics import remove_orphaned_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: no process has its pid now
+    orphan = tmp_path / f"opendps-metrics-{gone.pid}-abc"
+    alive = tmp_path / f"opendps-metrics-{os.getpid()}-def"
+    other = tmp_path / "opendps-metrics-notapid-ghi"
+    for d in (orphan, alive, other):
+        d.mkdir()
+        (d / "counter_1.db").write_bytes(b"x")
+    (tmp_path / f"opendps-metrics-{gone.pid}-file").write_text("not a directory")
+    assert remove_orphaned_dirs(tmp_path) == [orphan]
+    assert not orphan.exists() and alive.exists() and other.exists()

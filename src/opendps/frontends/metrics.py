@@ -339,13 +339,34 @@ def prepare_multiprocess_dir(path: Path | None = None) -> Path:
     import tempfile
 
     given = path or (Path(os.environ[MULTIPROC_ENV]) if os.environ.get(MULTIPROC_ENV) else None)
-    directory = given or Path(tempfile.mkdtemp(prefix="opendps-metrics-"))
+    if given is None:
+        remove_orphaned_dirs(Path(tempfile.gettempdir()))
+    directory = given or Path(tempfile.mkdtemp(prefix=f"opendps-metrics-{os.getpid()}-"))
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     os.environ[MULTIPROC_ENV] = str(directory)
     return directory
+
+
+def remove_orphaned_dirs(parent: Path) -> list[Path]:
+    """The directories of supervisors that are gone without removing theirs (SIGKILL, a crash): named with the
+    supervisor's pid, removed when no process has that pid (one that does, even another program, keeps its own)."""
+    removed = []
+    for directory in parent.glob("opendps-metrics-*-*"):
+        pid = directory.name.split("-")[2]
+        if not (pid.isascii() and pid.isdigit() and len(pid) <= 10) or not directory.is_dir() \
+                or directory.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        except OSError:  # a process of another user: alive
+            continue
+    return removed
 
 
 def worker_exited(pid: int | None) -> None:

@@ -76,7 +76,8 @@ class Cluster:
         try:
             await self.bus.start(self.node_id, self._receive)
         except BaseException:
-            await self.run(self.nodes.leave, self.node_id)  # never joined: the others need not wait to sweep it
+            with contextlib.suppress(Exception):  # the bus's error is the one to tell; the sweep removes the row
+                await self.run(self.nodes.leave, self.node_id)  # never joined: the others need not wait to sweep it
             raise
         await self._refresh()
         self._task = asyncio.get_running_loop().create_task(self._beat())

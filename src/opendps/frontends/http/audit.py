@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from opendps.audit import AuditLog
 from opendps.errors import InvalidInput
-from opendps.frontends.http.wire import run, send, services
+from opendps.frontends.http.wire import int_param, run, send, services
 
 routes = web.RouteTableDef()
 DEFAULT_TOP = 100
@@ -61,14 +61,6 @@ def parse_time(value: str | None, name: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def _int(value: str | None, name: str, low: int, high: int) -> int | None:
-    if value is None or value == "":
-        return None
-    if not re.fullmatch(r"\d{1,19}", value) or not low <= int(value) <= high:
-        raise InvalidInput(f"{name} must be an integer from {low} to {high}, not {value!r}")
-    return int(value)
-
-
 @routes.get("/auditLog")
 async def list_audit_log(request: web.Request) -> web.Response:
     """Query: ``deviceId``, ``namespace``, ``action`` (a name or a family: ``certificate``), ``since`` and ``until``
@@ -76,8 +68,8 @@ async def list_audit_log(request: web.Request) -> web.Response:
     next page is ``before`` = the last entry's)."""
     q = request.query
     since, until = parse_time(q.get("since"), "since"), parse_time(q.get("until"), "until")
-    top = _int(q.get("top"), "top", 1, AuditLog.MAX_TOP) or DEFAULT_TOP
-    before = _int(q.get("before"), "before", 1, 2**63 - 1)
+    top = int_param(request, "top", DEFAULT_TOP, 1, AuditLog.MAX_TOP)
+    before = int_param(request, "before", None, 1, 2**63 - 1)
     action = q.get("action") or None
     if action is not None and not re.fullmatch(r"[a-z][a-z0-9.-]{0,63}", action):
         raise InvalidInput(f"action must be an audit action or family such as certificate.issued, not {action!r}")

@@ -10,13 +10,12 @@ for the next page (opaque).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from aiohttp import web
 
 from opendps.errors import InvalidInput
-from opendps.frontends.http.wire import keyset_after, keyset_token, run, runtime, send, services
+from opendps.frontends.http.wire import int_param, keyset_after, keyset_token, run, runtime, send, services
 from opendps.hub import DEFAULT_HUB
 from opendps.hub.registry import DevicePage, DeviceSummary
 from opendps.provisioning.activity import MAX_MINUTES, registrations_per_minute
@@ -30,15 +29,6 @@ DEFAULT_TOP = 50
 MAX_TOP = 1000
 MAX_DAYS = 366
 MAX_PREFIX = 128  # a device id's length
-
-
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    value = request.query.get(name)
-    if value is None or value == "":
-        return default
-    if not re.fullmatch(r"\d{1,7}", value) or not low <= int(value) <= high:
-        raise InvalidInput(f"{name} must be an integer from {low} to {high}, not {value[:20]!r}")
-    return int(value)
 
 
 def _after(request: web.Request) -> str:
@@ -83,7 +73,7 @@ async def fleet_devices(request: web.Request) -> web.Response:
     prefix = request.query.get("prefix") or ""
     if len(prefix) > MAX_PREFIX:
         raise InvalidInput(f"prefix must be at most {MAX_PREFIX} characters")
-    top = _int(request, "top", DEFAULT_TOP, 1, MAX_TOP)
+    top = int_param(request, "top", DEFAULT_TOP, 1, MAX_TOP)
     page, records, host = await run(request, _device_page, services(request), hub, prefix, _after(request), top)
     connected = await runtime(request).live.connected_anywhere(hub, [d.device_id for d in page.items]) \
         if page.items else frozenset()
@@ -102,7 +92,7 @@ async def fleet_enrollments(request: web.Request) -> web.Response:
     kind = request.query.get("kind") or INDIVIDUAL
     if kind not in (INDIVIDUAL, GROUP):
         raise InvalidInput(f"kind must be {INDIVIDUAL} or {GROUP}")
-    top = _int(request, "top", DEFAULT_TOP, 1, MAX_TOP)
+    top = int_param(request, "top", DEFAULT_TOP, 1, MAX_TOP)
     page = await run(request, services(request).enrollments.page, kind, after=_after(request), top=top)
     body: dict[str, Any] = {"kind": kind, "value": [e.to_wire() for e in page.items]}
     if page.next_after is not None:
@@ -120,7 +110,7 @@ def _timeline(s: Services, days: int, namespace: str | None) -> list[tuple[Any, 
 async def expiry_timeline(request: web.Request) -> web.Response:
     """How many unrevoked operational certificates expire on each UTC day, today first (``days``: 1-366, default
     90; ``namespace``: that namespace's only)."""
-    days = _int(request, "days", 90, 1, MAX_DAYS)
+    days = int_param(request, "days", 90, 1, MAX_DAYS)
     namespace = request.query.get("namespace") or None
     series = await run(request, _timeline, services(request), days, namespace)
     return send({"from": series[0][0].isoformat(), "days": days, "namespace": namespace,
@@ -131,6 +121,6 @@ async def expiry_timeline(request: web.Request) -> web.Response:
 @routes.get("/fleet/registrationsPerMinute")
 async def registrations_by_minute(request: web.Request) -> web.Response:
     """Register operations per UTC minute over the last ``minutes`` (1-1440, default 60), oldest first, by outcome."""
-    minutes = _int(request, "minutes", 60, 1, MAX_MINUTES)
+    minutes = int_param(request, "minutes", 60, 1, MAX_MINUTES)
     series = await run(request, registrations_per_minute, services(request).store, minutes)
     return send({"minutes": minutes, "total": sum(m.total for m in series), "value": [m.to_wire() for m in series]})

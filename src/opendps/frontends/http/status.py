@@ -15,11 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from opendps.errors import InvalidInput
 from opendps.frontends import metrics
-from opendps.frontends.http.wire import run, runtime, send
+from opendps.frontends.http.wire import int_param, run, runtime, send
 from opendps.services import Services
-from opendps.transport.wire import decimal
 
 routes = web.RouteTableDef()
 METRICS_ROUTE_PREFIX = "metrics:"  # the SAS middleware lets a loopback client without credentials through
@@ -55,20 +53,10 @@ def summary(services: Services, refusals: int = DEFAULT_REFUSALS, *, now: dateti
     }
 
 
-def _refusals_asked(request: web.Request) -> int:
-    raw = request.query.get("refusals")
-    if raw is None or raw == "":
-        return DEFAULT_REFUSALS
-    asked = decimal(raw, 6)
-    if asked is None or asked > MAX_REFUSALS:
-        raise InvalidInput(f"refusals must be an integer from 0 to {MAX_REFUSALS}, not {raw[:20]!r}")
-    return asked
-
-
 @routes.get("/status")
 async def service_status(request: web.Request) -> web.Response:
     """The summary, at most :data:`CACHE_SECONDS` old (query ``refusals``: how many recent refusals, 0-100)."""
-    asked = _refusals_asked(request)
+    asked = int_param(request, "refusals", DEFAULT_REFUSALS, 0, MAX_REFUSALS)
     rt = runtime(request)
     hit = rt.status_cache.get(asked)
     if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:

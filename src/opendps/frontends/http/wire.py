@@ -140,14 +140,27 @@ def keyset_after(token: str | None, name: str) -> str:
     return after
 
 
+@overload
+def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def int_param(request: web.Request, name: str, default: None, low: int, high: int) -> int | None: ...
+def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    """Query parameter ``name`` as an integer from ``low`` to ``high`` (``default`` when absent or empty); else a 400
+    naming it. ASCII digits only (``str.isdigit`` also passes "²", which ``int`` refuses)."""
+    raw = request.query.get(name) or ""
+    if not raw:
+        return default
+    value = decimal(raw, len(str(high)))
+    if value is None or not low <= value <= high:
+        raise InvalidInput(f"{name} must be an integer from {low} to {high}, not {raw[:20]!r}")
+    return value
+
+
 def keyset_request(request: web.Request) -> tuple[int, str]:
     """A keyset-paged list's ``?top=N`` (1-1000, default 1000) and the key its page starts after
     (``?continuationToken=`` from the previous page)."""
-    raw = request.query.get("top") or ""
-    top = decimal(raw, 4) if raw else MAX_PAGE
-    if top is None or not 1 <= top <= MAX_PAGE:
-        raise InvalidInput(f"top must be an integer from 1 to {MAX_PAGE}, not {raw[:20]!r}")
-    return top, keyset_after(request.query.get("continuationToken"), "continuationToken")
+    return (int_param(request, "top", MAX_PAGE, 1, MAX_PAGE),
+            keyset_after(request.query.get("continuationToken"), "continuationToken"))
 
 
 def keyset_page(items: list[Any], top: int, key: Callable[[Any], str]) -> dict[str, Any]:

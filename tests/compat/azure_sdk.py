@@ -6,18 +6,25 @@ virtualenv (``tests/compat/.venv-azure``, created from PyPI once and reused) and
 WebSockets on 443 (the HTTPS listener), AMQP (service-side C2D) on 5671. Locally a missing venv or a taken port
 skips with the reason; under
 OPENDPS_REQUIRE_SERVICES=1 (CI) it fails.
+
+The suite runs its modules on two pytest-xdist workers (pyproject.toml): the modules here take a lock file, so only one
+of them at a time holds those fixed ports, and one builds the venv while the other waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +38,19 @@ HERE = Path(__file__).parent
 VENV = HERE / ".venv-azure"
 DRIVER = HERE / "azure_sdk_driver.py"
 REQUIREMENTS = ["azure-iot-device==2.14.0", "azure-iot-hub==2.7.0", "six"]
+LOCKS = Path(tempfile.gettempdir())  # machine-wide, as the ports are
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``lock_file`` (made if missing) until the block ends: other test processes wait."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _venv_python(venv: Path) -> Path:
@@ -43,22 +63,30 @@ def azure_python() -> Path:
     from tests.conftest import service_missing  # here: tests/conftest.py imports this module
     stamp, python = VENV / "opendps-requirements.txt", _venv_python(VENV)
     wanted = "\n".join(REQUIREMENTS)
-    if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
-        steps = [[sys.executable, "-m", "venv", "--clear", str(VENV)],
-                 [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *REQUIREMENTS]]
-        for cmd in steps:
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                service_missing(f"cannot build the Azure SDK venv ({' '.join(cmd[:4])}): {exc}")
-            if proc.returncode != 0:
-                service_missing(f"cannot build the Azure SDK venv ({' '.join(cmd[:4])}): {proc.stderr[-2000:]}")
-        stamp.write_text(wanted)
+    with _exclusive(LOCKS / "opendps-tests-azure-venv.lock"):
+        _build_venv(python, stamp, wanted)
     probe = "import importlib.metadata as m, azure.iot.device, azure.iot.hub; print(m.version('azure-iot-device'))"
     check = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120)
     if check.returncode != 0 or check.stdout.strip() != "2.14.0":
         service_missing(f"the Azure SDK venv at {VENV} is unusable: {check.stdout}{check.stderr[-2000:]}")
     return python
+
+
+def _build_venv(python: Path, stamp: Path, wanted: str) -> None:
+    """Make the compat venv unless its stamp says it holds ``wanted``."""
+    from tests.conftest import service_missing
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return
+    steps = [[sys.executable, "-m", "venv", "--clear", str(VENV)],
+             [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *REQUIREMENTS]]
+    for cmd in steps:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            service_missing(f"cannot build the Azure SDK venv ({' '.join(cmd[:4])}): {exc}")
+        if proc.returncode != 0:
+            service_missing(f"cannot build the Azure SDK venv ({' '.join(cmd[:4])}): {proc.stderr[-2000:]}")
+    stamp.write_text(wanted)
 
 
 def _bindable(port: int) -> str | None:
@@ -97,6 +125,11 @@ class CompatServer:
 def compat_server(tmp_path_factory) -> CompatServer:
     """``opendps serve --workers 2`` on SQLite with MQTT on 8883 and, when they can be bound, HTTPS on 443 and AMQP on
     5671: the SDKs' connections, and their service calls, land on either worker (issue 15)."""
+    with _exclusive(LOCKS / "opendps-tests-azure-ports.lock"):  # the other compat module, on the other worker, waits
+        yield from _compat_server(tmp_path_factory)
+
+
+def _compat_server(tmp_path_factory) -> Iterator[CompatServer]:
     from tests.conftest import _run_server, database, service_missing
     why = _bindable(8883)
     if why:

@@ -403,3 +403,19 @@ def test_a_configuration_error_while_serving_is_one_line_not_a_traceback(monkeyp
     err = capsys.readouterr().err
     assert err.startswith("error: worker 0: cannot listen") and "address already in use" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_command_tree_loads_without_the_server_s_libraries():
+    """Every management verb is an HTTPS client: building the command tree (what ``opendps --help`` or ``opendps
+    iot hub device-identity list`` pays before its request) loads neither the store (SQLAlchemy, Alembic) nor pkilint
+    nor the server's front ends: 0.4 s instead of 1 s a call, for scripts that run the CLI in a loop."""
+    import subprocess
+    import sys
+
+    heavy = ("sqlalchemy", "alembic", "pkilint", "aiohttp", "opendps.store", "opendps.pki", "opendps.frontends")
+    code = ("import sys; from click.testing import CliRunner; from opendps.cli import main; "
+            "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"loaded at start: {proc.stdout.strip()}"

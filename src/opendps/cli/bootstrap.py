@@ -51,7 +51,6 @@ from opendps.cli.management import (
 )
 from opendps.cli.output import emit
 from opendps.files import write_atomic
-from opendps.pki.certificates import thumbprint
 
 ROOT_DAYS, INTERMEDIATE_DAYS, DEVICE_DAYS, VERIFICATION_DAYS = 3650, 1825, 365, 1
 CA_KEY_BITS, DEVICE_KEY_BITS, VERIFICATION_KEY_BITS = 4096, 2048, 2048
@@ -291,6 +290,8 @@ def upload_and_verify(client: Client, name: str, cert: x509.Certificate, key: rs
 
     Idempotent: an identical, verified certificate is left alone.
     """
+    from opendps.pki.certificates import thumbprint  # here: the pki package loads the store (SQLAlchemy) for a CLI call
+
     path = api_path("certificates", name)
     current = _exists(client, path)
     pem = _pem(cert).decode("ascii")

@@ -83,6 +83,22 @@ def test_a_slow_request_header_is_cut_off(server):
     idle.close()
 
 
+def test_connecting_is_bounded_by_the_client_timeout_too(server):
+    """The deadline to connect (the TLS handshake, then the MQTT CONNECT or the AMQP SASL and open) is 10 s, or the
+    client timeout when that is shorter: a client that never finishes connecting is silent too."""
+    def closed_after(sock) -> float:
+        started = time.monotonic()
+        assert _closed_within(sock, 8)
+        return time.monotonic() - started
+
+    for port in (_https_port(server), server.mqtt_port, server.amqp_port):  # TCP, then no ClientHello
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            assert 1.5 <= closed_after(raw) <= 6, port
+    for port in (server.mqtt_port, server.amqp_port):  # a finished handshake, then no CONNECT / no AMQP header
+        with _tls(server, port) as s:
+            assert 1.5 <= closed_after(s) <= 6, port
+
+
 def test_a_dps_session_without_keepalive_is_bounded(server):
     """keepalive 0 on a DPS MQTT session is bounded by the client timeout: silence ends it (1.5 x 2 s)."""
     with svc(server) as c:

@@ -122,17 +122,20 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
+    deadline = fe.runtime.connect_deadline  # to finish the handshake (then the CONNECT, the AMQP open)
     await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget["HTTPS"]),
-                             reuse_port=shared)
+                             reuse_port=shared, handshake_timeout=deadline)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx,
-                                                gate=ConnectionGate("MQTT", budget["MQTT"]), reuse_port=shared))
+                                                gate=ConnectionGate("MQTT", budget["MQTT"]), reuse_port=shared,
+                                                handshake_timeout=deadline))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
-                                                    gate=ConnectionGate("AMQP", budget["AMQP"]), reuse_port=shared))
+                                                    gate=ConnectionGate("AMQP", budget["AMQP"]), reuse_port=shared,
+                                                    handshake_timeout=deadline))
     # CRLs and OCSP over plain HTTP (relying parties fetch them without TLS); the same routes are on HTTPS; 0 = off
     status_runner = await _plain_http(make_status_app(fe.runtime), st.host, st.http_port, "HTTP", budget["HTTP"], shared,
                                       st.client_timeout) if st.http_port else None

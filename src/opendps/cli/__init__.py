@@ -91,7 +91,8 @@ def server_options(f: _F) -> _F:
                           "(default 8080; 0 = off: certificates then name the HTTPS port).")(f)
     f = click.option("--client-timeout", type=click.FloatRange(1, 3600), default=None,
                      help="Seconds a client may stay silent: between HTTPS requests (or sending one's header), or "
-                          "on a DPS MQTT session (default 60).")(f)
+                          "on a DPS MQTT session (default 60); also the deadline to connect (TLS handshake, then MQTT "
+                          "CONNECT or AMQP open) when shorter than 10 s.")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
     f = click.option("--workers", type=click.IntRange(0, 256), default=None,

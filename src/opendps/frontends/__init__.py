@@ -26,6 +26,7 @@ from opendps.frontends.runtime import DomainRunner, Runtime
 from opendps.frontends.service_auth import SasAuthenticator
 from opendps.provisioning.access import PolicyCredentials
 from opendps.services import Services
+from opendps.transport.amqp import AmqpLimits
 from opendps.transport.mqtt.server import MqttServer
 
 
@@ -62,8 +63,8 @@ def build(services: Services, *, service_hosts: set[str], client_timeout: float 
         return await runtime.domain.run(services.hubs.owner_keys, hub)
 
     authenticator = SasAuthenticator(service_hosts, policy, hub_by_host, hub_keys)
-    mqtt = MqttServer(make_router(runtime))
-    amqp = AmqpFrontEnd(runtime, authenticator)
+    mqtt = MqttServer(make_router(runtime), connect_timeout=runtime.connect_deadline)
+    amqp = AmqpFrontEnd(runtime, authenticator, AmqpLimits(open_timeout=runtime.connect_deadline))
     http = make_app(runtime, authenticator, mqtt)
 
     async def close(_app: web.Application) -> None:

@@ -291,6 +291,9 @@ def registration_counted(runtime: Runtime, credentials: DeviceCredentials) -> It
         metrics.registration(outcome[0], attestation, credentials.transport, time.perf_counter() - started)
 
 
+CONNECT_DEADLINE = 10.0  # seconds to connect (TLS, then CONNECT or SASL and open); see Runtime.connect_deadline
+
+
 @dataclass
 class Runtime:
     """Built once per process by :func:`opendps.frontends.build`; every front end gets this, typed."""
@@ -298,7 +301,7 @@ class Runtime:
     services: Services
     domain: DomainRunner = field(default_factory=DomainRunner)
     # seconds a client may stay silent: an HTTPS connection between requests (or sending a request header), a DPS
-    # MQTT session (its keepalive is bounded by it, "none" included)
+    # MQTT session (its keepalive is bounded by it, "none" included); and at most CONNECT_DEADLINE to connect
     client_timeout: float = 60.0
     live: LiveSessions = field(default_factory=LiveSessions)
     telemetry_bus: TelemetryBus = field(default_factory=TelemetryBus)
@@ -309,6 +312,13 @@ class Runtime:
     status_cache: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # GET /status, a few seconds
     cluster: Cluster | None = None  # this process as a node of the service (None: alone, e.g. in-process tests)
     hub_names: dict[int, str] = field(default_factory=dict)  # hub id -> name, of hubs with a device session here
+
+    @property
+    def connect_deadline(self) -> float:
+        """Seconds a new connection gets to finish its TLS handshake, and then its MQTT CONNECT or its AMQP SASL and
+        open: :data:`CONNECT_DEADLINE`, or the client timeout when that is shorter (a client is silent while it does
+        not connect either: an operator who shortens the one to shed silent connections sooner shortens both)."""
+        return min(CONNECT_DEADLINE, self.client_timeout)
 
     def __post_init__(self) -> None:
         # telemetry from many sessions shares transactions (hub.telemetry.GroupCommit), in the domain's threads

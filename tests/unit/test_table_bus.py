@@ -87,3 +87,63 @@ def test_only_sqlite_files_get_a_reader(store):
     assert (reader is not None) == (store.dialect == "sqlite")
     if reader is not None:
         reader.close()
+
+
+def test_a_node_alone_reads_seldom_and_at_once_when_another_joins(sqlite_store):
+    """A single server (no other node alive) has nothing to read: it reads at the long interval instead of 20 times a
+    second (most of an idle server's CPU); a heartbeat that sees another node wakes the reader at once."""
+    nodes = Nodes(sqlite_store)
+
+    async def run(fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    async def delivered_within(got: list, count: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while len(got) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return len(got) >= count
+
+    async def main() -> None:
+        bus = TableBus(nodes, run, interval=0.01, alone_interval=30)
+        got: list[dict] = []
+        await bus.start("node-a", got.append)
+        try:
+            bus.peers(0)
+            await asyncio.sleep(0.05)  # the tick that was already due
+            nodes.post("node-a", '{"to":"node-a","m":{"n":1}}')
+            assert not await delivered_within(got, 1, 0.3)  # alone: the next read is 30 s away
+            bus.peers(1)
+            assert await delivered_within(got, 1, 1)  # woken at once
+            nodes.post("node-a", '{"to":"node-a","m":{"n":2}}')
+            assert await delivered_within(got, 2, 1)  # and reading at the short interval again
+        finally:
+            await bus.close()
+        assert got == [{"n": 1}, {"n": 2}]
+
+    asyncio.run(main())
+
+
+def test_the_heartbeat_tells_the_bus_how_many_other_nodes_are_alive(sqlite_store):
+    from opendps.cluster import Bus, Cluster
+
+    class Counting(Bus):
+        def __init__(self) -> None:
+            self.told: list[int] = []
+
+        def peers(self, count: int) -> None:
+            self.told.append(count)
+
+    async def run(fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    async def main() -> list[int]:
+        bus = Counting()
+        cluster = Cluster(sqlite_store, bus, run, heartbeat=60)
+        await cluster.start(lambda _m: None)
+        other = Cluster(sqlite_store, Counting(), run)
+        Nodes(sqlite_store).join(other._info())
+        assert await cluster.alive(other.node_id)  # a node not on the list: read again
+        await cluster.stop()
+        return bus.told
+
+    assert asyncio.run(main()) == [0, 1]

@@ -120,6 +120,7 @@ class Cluster:
 
     async def _refresh(self) -> None:
         self._alive = {n.id for n in await self.run(self.nodes.alive, self.timeout)} | {self.node_id}
+        self.bus.peers(len(self._alive) - 1)
 
     # ---- what the live sessions use ----
     async def alive(self, node_id: str) -> bool:

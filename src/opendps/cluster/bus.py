@@ -85,8 +85,8 @@ class TableBus(Bus):
         self._nap: asyncio.Future[None] | None = None
 
     def peers(self, count: int) -> None:
-        self._alone = count == 0
-        if not self._alone and self._nap is not None and not self._nap.done():
+        was_alone, self._alone = self._alone, count == 0
+        if was_alone and not self._alone and self._nap is not None and not self._nap.done():
             self._nap.set_result(None)  # a node joined: read now, then at the short interval
 
     async def _sleep(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -419,3 +420,36 @@ def test_the_command_tree_loads_without_the_server_s_libraries():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"loaded at start: {proc.stdout.strip()}"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("1e999", "1e999 is not a JSON number"),
+    ('{"delay": NaN}', "NaN is not a JSON number"),
+    ("[-Infinity]", "-Infinity is not a JSON number"),
+    ("9" * 5000, "Exceeds the limit"),
+])
+def test_json_on_the_command_line_that_is_not_json_is_one_line(text, says):
+    """Python's json accepts NaN, Infinity and 1e999 (→ inf), which no JSON body can carry: `--mp 1e999` failed with a
+    ValueError traceback when the request was encoded. Refused where it is parsed, with the flag named."""
+    from opendps.cli.enrollments import parse_json_object
+    from opendps.cli.hub import parse_json_value
+
+    with pytest.raises(CliError, match=f"--mp is not valid JSON: {re.escape(says)}"):
+        parse_json_value(text, "--mp")
+    with pytest.raises(CliError, match=f"--json is not valid JSON: {re.escape(says)}"):
+        parse_json_object(text if text.startswith("{") else "{\"a\": " + text + "}", "--json")
+    assert parse_json_value('{"delay": 1.5e3, "n": [1, -2]}', "--mp") == {"delay": 1500.0, "n": [1, -2]}
+
+
+def test_a_database_url_or_a_path_no_verb_can_use_is_one_line(tmp_path):
+    """`db upgrade --db <not a URL>` raised SQLAlchemy's ArgumentError; a --data-dir or --ca-file name longer than the
+    file system allows raised OSError: each is now one `error:` line and exit 1, as init and serve already were."""
+    for args, says in ((["db", "upgrade", "--data-dir", str(tmp_path), "--db", "garbage"], "'garbage' is not a database URL"),
+                       (["db", "upgrade", "--data-dir", str(tmp_path), "--db", "mysql://u@h/d"], "'mysql' is not supported"),
+                       (["info", "--data-dir", "x" * 3000], "File name too long"),
+                       (["adr", "ns", "list", "--login", LOGIN, "--ca-file", "y" * 3000], "File name too long")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args[:2], result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (args[:2], lines)
+        assert len(lines[0]) < 400  # the long name is cut

@@ -156,6 +156,11 @@ class _OneLineErrors(click.Group):
         except ConfigurationError as exc:  # e.g. a worker that could not listen: the operator's to fix
             click.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(1)
+        except OSError as exc:  # a path no verb could use (too long, not permitted, a directory): the file and why
+            name = str(exc.filename) if exc.filename is not None else ""
+            where = f"{name[:200]}{'...' if len(name) > 200 else ''}: " if name else ""
+            click.echo(f"error: {where}{exc.strerror or _one_line(str(exc))}", err=True)
+            sys.exit(1)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -281,9 +286,14 @@ def db() -> None:
 @click.option("--db", "db_url", default=None, help="Database URL (default from the data directory / $OPENDPS_DB).")
 def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
     """Apply database migrations."""
+    from opendps.instance import check_db_url
     from opendps.store import Store
 
     settings = _settings(data_dir, db=db_url)
+    try:
+        check_db_url(settings.db_url)  # as init and serve check it: one line, not SQLAlchemy's traceback
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
     store = Store(settings.db_url)
     try:
         store.upgrade()

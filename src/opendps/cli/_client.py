@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import ssl
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +33,25 @@ EXPECTED_FORMAT = "HostName=...;SharedAccessKeyName=...;SharedAccessKey=..."
 NO_CONNECTION = ("no connection: pass --login, set OPENDPS_CONNECTION_STRING, or run in a directory with an "
                  "opendps data directory (--data-dir)")
 
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` for JSON given on the command line. NaN, Infinity and numbers past a double (``1e999``) are not
+    JSON (RFC 8259) and could not be sent; an integer of thousands of digits is refused by Python: each is a
+    :class:`json.JSONDecodeError` here, so the verb says so in its one line (it was a traceback)."""
+    def refuse(token: str) -> Any:
+        raise json.JSONDecodeError(f"{token} is not a JSON number", text, max(0, text.find(token)))
+
+    def finite(token: str) -> float:
+        value = float(token)
+        return refuse(token) if math.isinf(value) else value
+
+    try:
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # int(): "Exceeds the limit (4300 digits)"
+        raise json.JSONDecodeError(str(exc), text, 0) from exc
 
 @dataclass(frozen=True)
 class Connection:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import click
 
 from opendps.cli import CliError
-from opendps.cli._client import Client, api_path, read_certificate_file
+from opendps.cli._client import Client, api_path, loads_json, read_certificate_file
 from opendps.cli.management import _exists, _list, api_command, lazy_api_command
 from opendps.cli.output import emit
 
@@ -82,7 +81,7 @@ def parse_json_object(value: str, flag: str) -> dict[str, Any]:
     """``--initial-twin-*``: inline JSON or, as az accepts, the path of a JSON file; must be an object."""
     text, source = value, ""
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except ValueError as exc:
         try:
             is_file = not value.lstrip().startswith(("{", "[")) and Path(value).is_file()
@@ -92,7 +91,7 @@ def parse_json_object(value: str, flag: str) -> dict[str, Any]:
             raise CliError(f"{flag} is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from exc
         source = f" (file {value})"
         try:
-            data = json.loads(Path(value).read_text(encoding="utf-8"))
+            data = loads_json(Path(value).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as file_exc:
             raise CliError(f"{flag}{source} is not a readable JSON file: {file_exc}") from file_exc
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from opendps.cli import OUTPUT_OPTION, CliError
-from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
+from opendps.cli._client import ApiError, Client, api_path, loads_json, read_certificate_file, resolve_connection
 from opendps.cli.enrollments import _top, parse_json_object, query_all
 from opendps.cli.management import CERT_COLUMNS, CERT_PATH, _connection_options, api_command, etag_option
 from opendps.cli.output import emit
@@ -128,7 +128,7 @@ def hub_stream_command(f: Callable[..., Any]) -> Callable[..., Any]:
 def parse_json_value(value: str, flag: str) -> Any:
     """``--method-payload``: any inline JSON value or, as az accepts, the path of a JSON file."""
     try:
-        return json.loads(value)
+        return loads_json(value)
     except ValueError as exc:
         try:
             is_file = Path(value).is_file()
@@ -137,7 +137,7 @@ def parse_json_value(value: str, flag: str) -> Any:
         if not is_file:
             raise CliError(f"{flag} is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from exc
     try:
-        return json.loads(Path(value).read_text(encoding="utf-8"))
+        return loads_json(Path(value).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CliError(f"{flag} (file {value}) is not a readable JSON file: {exc}") from exc
 

@@ -98,11 +98,15 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith("opendps"))))
 def test_a_status_in_a_response_topic_that_is_not_a_number_is_no_status():
     """A server's response topic names its status; what int() refuses ("²" passes str.isdigit) must not raise in
     the client's receive callback."""
-    from opendps.device.hub import TWIN_RES, _status
+    from opendps.device.hub import TWIN_RES
+    from opendps.device.mqtt import response_status, topic_query
+    from opendps.device.provisioning import RESPONSE_PREFIX
 
-    assert _status(f"{TWIN_RES}204/?$rid=1", TWIN_RES) == 204
-    for bad in ("\u00b2", "9" * 5000, "abc", ""):
-        assert _status(f"{TWIN_RES}{bad}/?$rid=1", TWIN_RES) == 0
+    for prefix in (TWIN_RES, RESPONSE_PREFIX):  # the hub's twin answers and DPS's answers share the parse
+        assert response_status(f"{prefix}204/?$rid=1", prefix) == 204
+        for bad in ("\u00b2", "9" * 5000, "abc", ""):
+            assert response_status(f"{prefix}{bad}/?$rid=1", prefix) == 0
+    assert topic_query(f"{RESPONSE_PREFIX}202/?$rid=7&retry-after=3") == {"$rid": "7", "retry-after": "3"}
 
 
 def test_keys_csr_and_summary():

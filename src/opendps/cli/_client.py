@@ -34,7 +34,6 @@ NO_CONNECTION = ("no connection: pass --login, set OPENDPS_CONNECTION_STRING, or
                  "opendps data directory (--data-dir)")
 
 
-
 def loads_json(text: str) -> Any:
     """``json.loads`` for JSON given on the command line. NaN, Infinity and numbers past a double (``1e999``) are not
     JSON (RFC 8259) and could not be sent; an integer of thousands of digits is refused by Python: each is a
@@ -52,6 +51,7 @@ def loads_json(text: str) -> Any:
         raise
     except ValueError as exc:  # int(): "Exceeds the limit (4300 digits)"
         raise json.JSONDecodeError(str(exc), text, 0) from exc
+
 
 @dataclass(frozen=True)
 class Connection:

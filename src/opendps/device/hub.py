@@ -34,12 +34,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import quote, unquote
 
 from cryptography import x509 as cx509
 
 from opendps.device.keys import certificate_summary, certificates_from_b64
-from opendps.device.mqtt import AckTimeout, ConnectionLost, ConnectRefused, MqttClient, MqttError, client_ssl_context
+from opendps.device.mqtt import (
+    AckTimeout,
+    ConnectionLost,
+    ConnectRefused,
+    MqttClient,
+    MqttError,
+    client_ssl_context,
+    response_status,
+    topic_query,
+)
 from opendps.device.provisioning import KeySigner, SasSigner
 from opendps.transport.mqtt.codec import Publish
 
@@ -117,16 +126,6 @@ def decode_property_bag(bag: str) -> tuple[dict[str, str | None], dict[str, str 
         else:
             application[key] = value
     return system, application
-
-
-def _query(topic: str) -> dict[str, str]:
-    _, _, qs = topic.partition("?")
-    return {k: v[0] for k, v in parse_qs(qs, keep_blank_values=True).items()}
-
-
-def _status(topic: str, prefix: str) -> int:
-    text = topic[len(prefix):].split("/", 1)[0]
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else 0  # not "²": int() refuses it
 
 
 def _error(status: int, payload: bytes) -> HubError:
@@ -543,13 +542,13 @@ class HubClient:
         if client is not None:
             await client.ack(message)
         if topic.startswith(TWIN_RES):
-            future = self._twin_waiting.get(_query(topic).get("$rid", ""))
+            future = self._twin_waiting.get(topic_query(topic).get("$rid", ""))
             if future is not None and not future.done():
-                future.set_result((_status(topic, TWIN_RES), _query(topic), message.payload))
+                future.set_result((response_status(topic, TWIN_RES), topic_query(topic), message.payload))
         elif topic.startswith(CREDENTIALS_RES):
-            queue = self._credential_waiting.get(_query(topic).get("$rid", ""))
+            queue = self._credential_waiting.get(topic_query(topic).get("$rid", ""))
             if queue is not None:
-                queue.put_nowait((_status(topic, CREDENTIALS_RES), message.payload))
+                queue.put_nowait((response_status(topic, CREDENTIALS_RES), message.payload))
         elif topic.startswith(DESIRED):
             try:
                 patch = json.loads(message.payload)
@@ -560,7 +559,7 @@ class HubClient:
                 self._jobs.put_nowait((callback, patch, None, None))
         elif topic.startswith(METHODS):
             name, _, _ = topic[len(METHODS):].partition("/")
-            self._spawn(self._answer_method(name, _query(topic).get("$rid", ""), message.payload))
+            self._spawn(self._answer_method(name, topic_query(topic).get("$rid", ""), message.payload))
         else:
             log.debug("%s: message on unexpected topic %r ignored", self.device_id, topic)
 

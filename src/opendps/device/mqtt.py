@@ -23,6 +23,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from opendps.transport.mqtt.codec import (
     Connack,
@@ -48,7 +49,23 @@ __all__ = [
     "MqttClient",
     "MqttError",
     "client_ssl_context",
+    "response_status",
+    "topic_query",
 ]
+
+
+def topic_query(topic: str) -> dict[str, str]:
+    """The ``?k=v&...`` part of an Azure response topic (``$rid``, ``$version``, ``retry-after``), URL-decoded."""
+    _, _, qs = topic.partition("?")
+    return {k: v[0] for k, v in parse_qs(qs, keep_blank_values=True).items()}
+
+
+def response_status(topic: str, prefix: str) -> int:
+    """The status in ``<prefix><status>/?...`` (a DPS, twin or credentials answer); 0 when it is not 1-3 ASCII digits
+    (``str.isdigit`` alone passes "²", which ``int`` refuses)."""
+    text = topic[len(prefix):].split("/", 1)[0]
+    return int(text) if 0 < len(text) <= 3 and text.isascii() and text.isdigit() else 0
+
 
 log = logging.getLogger("opendps.device.mqtt")
 

@@ -29,13 +29,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
 import httpx
 from cryptography import x509 as cx509
 
 from opendps.device.keys import certificates_from_b64, derive_device_key
-from opendps.device.mqtt import ConnectionLost, ConnectRefused, MqttClient, MqttError, client_ssl_context
+from opendps.device.mqtt import (
+    ConnectionLost,
+    ConnectRefused,
+    MqttClient,
+    MqttError,
+    client_ssl_context,
+    response_status,
+    topic_query,
+)
 from opendps.transport import sas
 from opendps.transport.mqtt.codec import Publish
 
@@ -309,12 +317,10 @@ class ProvisioningClient:
         def on_message(message: Publish) -> None:
             if not message.topic.startswith(RESPONSE_PREFIX):
                 return
-            status_text, _, query = message.topic[len(RESPONSE_PREFIX):].partition("/?")
-            fields = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+            fields = topic_query(message.topic)
             future = waiting.get(fields.get("$rid", ""))
             if future is not None and not future.done():
-                status = int(status_text) if status_text.isascii() and status_text.isdigit() and len(status_text) <= 3 else 0
-                future.set_result((status, fields, message.payload))
+                future.set_result((response_status(message.topic, RESPONSE_PREFIX), fields, message.payload))
 
         username = (f"{self.id_scope}/registrations/{self.registration_id}/api-version={quote(api_version, safe='')}"
                     f"&ClientVersion={quote(USER_AGENT, safe='')}")

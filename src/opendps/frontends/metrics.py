@@ -52,6 +52,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from opendps.errors import OpenDPSError
+from opendps.transport.wire import decimal
 
 if TYPE_CHECKING:
     from opendps.services import Services
@@ -355,12 +356,11 @@ def remove_orphaned_dirs(parent: Path) -> list[Path]:
     supervisor's pid, removed when no process has that pid (one that does, even another program, keeps its own)."""
     removed = []
     for directory in parent.glob("opendps-metrics-*-*"):
-        pid = directory.name.split("-")[2]
-        if not (pid.isascii() and pid.isdigit() and len(pid) <= 10) or not directory.is_dir() \
-                or directory.stat().st_uid != os.getuid():
+        pid = decimal(directory.name.split("-")[2], 10)
+        if pid is None or not directory.is_dir() or directory.stat().st_uid != os.getuid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory)

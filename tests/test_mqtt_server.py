@@ -755,11 +755,16 @@ class PipeApp(App):
     def __init__(self) -> None:
         super().__init__()
         self.begun: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        # per begun PUBLISH: the connection's CONNECTION_TAG as begin_publish saw it, and whether it ran in a task
+        self.begun_in: list[tuple[str | None, bool]] = []
 
     def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
                       retain: bool) -> asyncio.Future[None] | None:
         if not topic.startswith("pipe/"):
             return None  # on_publish handles it
+        self.begun_in.append((CONNECTION_TAG.get(None), asyncio.current_task() is not None))
+        if topic == "pipe/boom":
+            raise RuntimeError("a bug in begin_publish")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.begun.append((topic, payload, future))
         return future
@@ -828,6 +833,39 @@ def test_pipelined_publishes_are_begun_at_once_and_acknowledged_in_order_togethe
     assert [raw.recv() for _ in range(4)] == [Puback(11), Puback(12), Puback(13), Puback(14)]
     assert writes == [encode(Puback(10)), b"".join(encode(Puback(i)) for i in (11, 12, 13, 14))]
     assert not app.of("publish", cid)  # on_publish saw none of them
+
+
+def test_a_publish_arriving_alone_is_begun_at_once_in_the_connections_context(env: Env,
+                                                                             piped: tuple[PipeApp, int]) -> None:
+    """A PUBLISH with nothing of its connection waiting is begun where it was read, without a consumer task (one per
+    message was most of the event loop's cost per telemetry message), and in the context the connection's CONNECT
+    set, as the consumer would have run it."""
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(cid := uid("alone"))
+    for i in range(3):
+        raw.send(Publish(f"pipe/{i}", b"m", 1, packet_id=i + 1))
+        assert wait_until(lambda n=i + 1: len(app.begun) == n)
+        _settle(env, app, i)
+        assert raw.recv() == Puback(i + 1)
+    assert app.begun_in == [(cid, False)] * 3
+
+
+def test_a_bug_in_begin_publish_closes_only_its_connection(env: Env, piped: tuple[PipeApp, int],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="opendps.mqtt")
+    app, port = piped
+    raw, other = Raw(port), Raw(port)
+    raw.connect(cid := uid("boom"))
+    other.connect(uid("calm"))
+    raw.send(Publish("pipe/boom", b"", 1, packet_id=1))
+    assert raw.closed_within(2)
+    assert wait_until(lambda: app.of("disconnected", cid)) == [("disconnected", cid, "internal error")]
+    assert any(r.exc_info is not None and "internal error" in r.getMessage() for r in mqtt_records(caplog))
+    other.send(Publish("pipe/ok", b"", 1, packet_id=7))
+    assert wait_until(lambda: len(app.begun) == 1)
+    _settle(env, app, 0)
+    assert other.recv() == Puback(7)
 
 
 def test_a_packet_after_pipelined_publishes_takes_effect_after_them(env: Env, piped: tuple[PipeApp, int]) -> None:

@@ -392,6 +392,8 @@ class _Connection(asyncio.Protocol):
                 return
             elif kind is Disconnect:
                 self._disconnect_seen = True
+            elif kind is Publish and self._task is None and self._queue is None and self._begin_inline(packet):  # type: ignore[arg-type]
+                continue
             cost = _cost(packet)
             if self._queue is None:
                 self._queue = deque()
@@ -409,7 +411,8 @@ class _Connection(asyncio.Protocol):
             self._fail(f"more than {self._server._input_hard_limit} bytes of input waiting to be handled")
             return
         self._update_reading()
-        self._wake()
+        if self._queue is not None:
+            self._wake()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -521,6 +524,26 @@ class _Connection(asyncio.Protocol):
         self._pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
         future.add_done_callback(self._pipeline_step, context=self._context)  # the connection's (its request id)
         return True
+
+    def _begin_inline(self, publish: Publish) -> bool:
+        """A PUBLISH arriving while nothing of the connection waits or runs: begun here, without a consumer task.
+
+        Why: a device with a few messages in flight sends them one TLS record at a time, so each arrived alone and
+        cost a task (created, scheduled, stepped, finished) only to be handed to ``begin_publish``. Order holds: the
+        consumer is absent and the queue empty, so nothing sent before it is unhandled; what comes after it waits in
+        the queue, and the consumer lets this one take effect first (``_accepted``). The connection's context is
+        entered as the consumer would enter it (nothing else holds it while no consumer exists)."""
+        context = self._context
+        if (self._begin is None or self._session is None or context is None
+                or len(self._pipeline or ()) >= _PIPELINE_DEPTH):
+            return False
+        try:
+            return context.run(self._began, publish)
+        except Exception:
+            log.exception("MQTT connection from %s%s: internal error", self._peer, self._who())
+            self._terminate("internal error", abort=True)
+            self._wake()  # the consumer finishes the connection
+            return True
 
     def _pipeline_step(self, done: asyncio.Future[Any]) -> None:
         """A begun PUBLISH was accepted or failed: acknowledge, in order, every accepted one at the head, in one write."""

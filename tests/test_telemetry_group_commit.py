@@ -25,8 +25,8 @@ def _hub(store) -> int:
 def test_concurrent_publishes_share_transactions_and_keep_their_positions(store):
     hub_id = _hub(store)
     sink = TelemetrySink(store)
-    commits = []
-    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    commits = []  # transactions: each is a connection taken from the pool (the sink commits on the driver's own)
+    event.listen(store.engine, "checkout", lambda *_: commits.append(1))
 
     told: list[tuple[int, int]] = []  # on_stored: (messages in the batch, callers already answered)
 
@@ -125,3 +125,37 @@ def test_a_stalled_store_slows_publishers_instead_of_queueing_without_bound(stor
     asyncio.run(main())
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(TelemetryEvent)) == 20
+
+
+def test_a_lone_message_is_written_at_once_and_a_stream_lingers_into_larger_batches(store):
+    """The writer's first batch after it was idle goes at once; a batch that arrived while a write ran waits
+    ``linger`` for more, so a stream is stored in fewer, larger transactions."""
+    hub_id = _hub(store)
+    sink = TelemetrySink(store)
+
+    async def main() -> list[list[bytes]]:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+        batches: list[list[bytes]] = []
+
+        async def run(fn, messages):
+            batches.append([m[4] for m in messages])
+            if len(batches) == 1:
+                await gate.wait()  # the first write is still running while more arrive
+            return await loop.run_in_executor(None, fn, messages)
+
+        writer = GroupCommit(sink, run, linger=0.3)
+        first = asyncio.create_task(writer.append(hub_id, "d", {}, {}, b"1"))
+        await asyncio.sleep(0)  # the writer task starts
+        await asyncio.sleep(0)
+        assert batches == [[b"1"]]  # no wait before the first
+        later = [asyncio.create_task(writer.append(hub_id, "d", {}, {}, b)) for b in (b"2", b"3")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        await asyncio.sleep(0.1)  # within the linger: arrives in time for the next batch
+        later.append(asyncio.create_task(writer.append(hub_id, "d", {}, {}, b"4")))
+        await asyncio.gather(*later)
+        return batches
+
+    assert asyncio.run(main()) == [[b"1"], [b"2", b"3", b"4"]]

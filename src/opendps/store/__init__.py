@@ -213,6 +213,23 @@ class Store:
         finally:
             s.close()
 
+    @contextmanager
+    def driver_transaction(self) -> Iterator[DBAPIConnection]:
+        """One transaction on a pooled connection of the driver itself (sqlite3, psycopg): committed on success,
+        rolled back on any exception, the connection back in the pool either way.
+
+        Why: for a statement whose rows the caller has already built (a telemetry batch), a Session around it is
+        ~0.2 ms of SQLAlchemy per transaction: at 30 messages a batch, more than SQLite's own cost of storing them."""
+        conn = self.engine.raw_connection()
+        try:
+            yield conn
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            conn.close()
+
     # ---- instance settings: facts of the installation every node shares (ID scope, key check value...) ----
     def setting(self, name: str) -> str | None:
         with self.session() as s:

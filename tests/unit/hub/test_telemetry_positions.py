@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import event
 
 from opendps.hub.telemetry import TelemetrySink
@@ -126,3 +127,21 @@ def test_what_a_batch_stores_reads_back_as_it_was_given(store):
         assert (e.device_id, e.system, e.application, e.body) == (device, system, application, body)
         assert [type(v) for v in e.application.values()] == [type(v) for v in application.values()]
         assert before <= e.enqueued_at <= datetime.now(UTC) and e.enqueued_at.tzinfo is not None
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 77, 256])
+def test_batches_of_any_size_store_each_message_at_its_position(store, size):
+    """SQLite cuts a batch into multi-row statements of 64, 32 ... 1 rows (77 = 64 + 8 + 4 + 1): every message lands
+    once, at the position returned for it, in order."""
+    hub_ids = _hubs(store)
+    sink = TelemetrySink(store)
+    sink.append_many([(hub_ids["alpha"], "before", {}, {}, b"-")])
+    messages = [(hub_ids["alpha" if i % 3 else "beta"], f"dev-{i}", {"message-id": str(i)}, {"i": str(i)}, b"%d" % i)
+                for i in range(size)]
+    positions = sink.append_many(messages)
+    assert len(positions) == size and positions == sorted(positions) and len(set(positions)) == size
+    events = {e.position: e for hub in ("alpha", "beta") for e in sink.read(hub, limit=1000) if e.device_id != "before"}
+    assert sorted(events) == positions
+    for position, (_, device, system, application, body) in zip(positions, messages, strict=True):
+        e = events[position]
+        assert (e.device_id, e.system, e.application, e.body) == (device, system, application, body)

@@ -73,6 +73,12 @@ DEVICEBOUND = "/messages/devicebound"
 IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filenotifications")
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
+
+
+def _shown(value: object, limit: int = 96) -> str:
+    """A peer's value in a description we send back: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 ACK_PROPERTY = "iothub-ack"
 
 
@@ -211,9 +217,9 @@ class HubConnection:
         props = request.properties or {}
         operation, token_type = props.get("operation"), props.get("type")
         if operation != "put-token":
-            status, description = 400, f"unsupported CBS operation {operation!r}: only put-token"
-        elif token_type not in SAS_TOKEN_TYPES:
-            status, description = 400, f"unsupported token type {token_type!r}: a SharedAccessSignature is required"
+            status, description = 400, f"unsupported CBS operation {_shown(operation)}: only put-token"
+        elif not isinstance(token_type, str) or token_type not in SAS_TOKEN_TYPES:  # a map or list cannot be looked up
+            status, description = 400, f"unsupported token type {_shown(token_type)}: a SharedAccessSignature is required"
         else:
             token = _text(request.body)
             try:

@@ -7,8 +7,11 @@ Store-independent: one SQLite server for the module. Socket counts are bounded (
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import ssl
+import struct
 import time
 
 import httpx
@@ -141,6 +144,33 @@ def test_a_flood_is_capped_per_listener_and_the_others_keep_serving(server):
     log = _log(server)
     assert 1 <= log.count("HTTPS listener is at its limit of") <= 2, log[-3000:]
     assert "out of system resource" not in log and "Too many open files" not in log
+
+
+def test_a_websocket_message_larger_than_mqtt_holds_is_refused_as_it_arrives(server):
+    """MQTT over WebSockets: a message is read whole before MQTT sees it, and the route read messages of any size, so
+    one client without a CONNECT made the server hold a 300 MB message (RSS +580 MB). Now a message declaring more
+    than the core holds on any connection (4 MiB + 257 KiB) is refused with 1009 on its frame header, before its
+    payload is read; under that it is MQTT's to judge."""
+    sock = _tls(server, _https_port(server))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    declared = 8 << 20  # a binary frame of 8 MiB (a client's frames are masked); only its first KiB is sent
+    mask = os.urandom(4)
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x30" + b"B" * 1023))
+    sock.sendall(b"\x82\xff" + struct.pack(">Q", declared) + mask + payload)
+    sock.settimeout(10)
+    frame = head.split(b"\r\n\r\n", 1)[1]
+    while len(frame) < 4:
+        chunk = sock.recv(4096)
+        assert chunk, "closed without a close frame"
+        frame += chunk
+    assert frame[0] == 0x88 and struct.unpack(">H", frame[2:4])[0] == 1009, frame[:8]  # close: message too big
+    assert _closed_within(sock, 5)
 
 
 def test_the_server_log_stays_quiet(server):

@@ -137,12 +137,14 @@ async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
     with websockets=True; subprotocol ``mqtt`` or ``MQTT`` (the C SDK's spelling; aiohttp compares exactly)."""
     if request.path in WEBSOCKET_ONLY_PATHS and request.headers.get("Upgrade", "").lower() != "websocket":
         raise web.HTTPNotFound()
-    ws = web.WebSocketResponse(protocols=("mqtt", "MQTT"), max_msg_size=0)
+    mqtt = request.app[MQTT_SERVER]
+    # a message larger than the MQTT core would hold is closed with 1009 as it arrives (it is read whole first)
+    ws = web.WebSocketResponse(protocols=("mqtt", "MQTT"), max_msg_size=mqtt.max_websocket_message)
     await ws.prepare(request)
     transport = request.transport
     chain = (transport.get_extra_info("peer_certificate_chain") if transport is not None else None) or []
     peer = transport.get_extra_info("peername") if transport is not None else None
-    await request.app[MQTT_SERVER].serve_websocket(ws, peer_certificate_chain=list(chain), peername=peer)
+    await mqtt.serve_websocket(ws, peer_certificate_chain=list(chain), peername=peer)
     return ws
 
 

@@ -1147,6 +1147,13 @@ class MqttServer:
         self.add_listener(listener)
         return listener
 
+    @property
+    def max_websocket_message(self) -> int:
+        """The largest WebSocket message a client may send (give it to ``WebSocketResponse(max_msg_size=...)``): what
+        the core lets wait unhandled on any connection. Why: a message is read whole before the MQTT decoder sees it,
+        so without a bound one message of any size was held in memory, before any CONNECT."""
+        return self._input_hard_limit
+
     async def serve_websocket(self, ws: Any, *, peer_certificate_chain: list | None = None, peername: Any = None) -> None:
         """Run one MQTT connection over a prepared aiohttp ``WebSocketResponse``; returns when it ended.
 

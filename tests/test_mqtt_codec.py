@@ -205,6 +205,8 @@ MALFORMED = [
     ("PUBACK flags 1", b"\x41\x02\x00\x01", "PUBACK: reserved fixed-header flags must be 0b0000"),
     ("CONNECT flags", b"\x12\x00", "CONNECT: reserved fixed-header flags"),
     ("PINGREQ flags", b"\xc8\x00", "PINGREQ: reserved fixed-header flags"),
+    ("PUBLISH without a topic length", _frame(0x30, b"\x00"), "PUBLISH: truncated topic name length"),
+    ("PUBLISH topic past its end", _frame(0x30, b"\x00\x05ab"), "PUBLISH: truncated topic name"),
     ("invalid UTF-8 topic", _publish(b"\xff\xfe"), "PUBLISH: invalid UTF-8 in topic name"),
     ("UTF-16 surrogate in topic", _publish(b"a\xed\xa0\x80"), "PUBLISH: invalid UTF-8 in topic name"),
     ("overlong UTF-8", _publish(b"\xc0\xaf"), "invalid UTF-8"),

@@ -136,6 +136,11 @@ def configure(log_format: str = "text", *, who: str | None = None, worker: int |
     in the text format; ``worker``: the worker index a JSON line carries."""
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(FORMATS)}")
+    # what no line of either format shows is not gathered for every record (the logging HOWTO's "Optimization"): the
+    # caller's file and line (a walk up the stack), the thread's and the process's names; the pid is kept (workers)
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(worker) if log_format == "json" else RedactingFormatter(text_format(who)))
     root = logging.getLogger()

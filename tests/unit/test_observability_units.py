@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -75,6 +76,25 @@ def test_a_json_line_has_stable_fields_and_the_request_id():
     assert "c2VjcmV0" not in _formatted(logs.RedactingFormatter("%(message)s"), "token sig=c2VjcmV0&se=1")
     with pytest.raises(ValueError, match="not in opendps.logs.FIELDS"):
         logs.event("x", sas_token="nope")
+
+
+def test_a_configured_process_gathers_only_what_its_lines_show(monkeypatch, capsys):
+    """configure() turns off what neither format prints (the caller's file and line, a walk up the stack per record;
+    thread and process names): a third of a line's cost. The pid stays (``--workers`` lines show it)."""
+    for flag in ("_srcfile", "logThreads", "logMultiprocessing", "logProcesses"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))  # restored after the test
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    logs.configure("json", worker=2)
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("opendps.test-configured")
+    logger.addFilter(lambda r: records.append(r) or True)
+    logger.info("device %r connected", "d1", extra=logs.event("hub.connected", device_id="d1"))
+    (record,) = records
+    assert (record.funcName, record.lineno, record.threadName, record.processName) == ("(unknown function)", 0, None, None)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "device 'd1' connected" and line["pid"] == os.getpid() and line["worker"] == 2
 
 
 def test_the_request_id_reaches_the_domain_thread():

@@ -73,13 +73,13 @@ DEVICEBOUND = "/messages/devicebound"
 IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filenotifications")
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
+ACK_PROPERTY = "iothub-ack"
 
 
 def _shown(value: object, limit: int = 96) -> str:
     """A peer's value in a description we send back: its repr, cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-ACK_PROPERTY = "iothub-ack"
 
 
 def node(address: str | None) -> str:

@@ -129,10 +129,11 @@ def test_what_a_batch_stores_reads_back_as_it_was_given(store):
         assert before <= e.enqueued_at <= datetime.now(UTC) and e.enqueued_at.tzinfo is not None
 
 
-@pytest.mark.parametrize("size", [1, 3, 64, 77, 256])
+@pytest.mark.parametrize("size", [1, 3, 64, 77, 256, 300])
 def test_batches_of_any_size_store_each_message_at_its_position(store, size):
-    """SQLite cuts a batch into multi-row statements of 64, 32 ... 1 rows (77 = 64 + 8 + 4 + 1): every message lands
-    once, at the position returned for it, in order."""
+    """SQLite cuts a batch into multi-row statements of 64, 32 ... 1 rows (77 = 64 + 8 + 4 + 1), PostgreSQL into
+    statements of at most 256 rows (300 = 256 + 44): every message lands once, at the position returned for it, in
+    order."""
     hub_ids = _hubs(store)
     sink = TelemetrySink(store)
     sink.append_many([(hub_ids["alpha"], "before", {}, {}, b"-")])

@@ -167,6 +167,25 @@ def test_bad_options_are_one_line_errors_and_write_nothing(env, tmp_path, args, 
     assert not (tmp_path / "data").exists()
 
 
+def test_sqlite_synchronous_full_is_kept_and_used(tmp_path):
+    """init --sqlite-synchronous full: kept in config.json, and the instance's connections sync at every commit; a
+    level SQLite's WAL mode offers no durability with is refused in one line."""
+    from opendps.instance import Settings, open_instance
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENDPS_DB", "OPENDPS_MASTER_KEY")}
+    env["OPENDPS_DATA_DIR"] = str(tmp_path / "data")
+    _one_line(_cli(env, "init", "--sqlite-synchronous", "off"), "--sqlite-synchronous")
+    r = _cli(env, "init", "--sqlite-synchronous", "full")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "data" / "config.json").read_text())["sqlite_synchronous"] == "full"
+    inst = open_instance(Settings.load(tmp_path / "data"), create=False)
+    try:
+        with inst.store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    finally:
+        inst.close()
+
+
 def test_an_impossible_data_directory_is_one_line(env):
     _one_line(_cli(env, "init", "--data-dir", "/etc/passwd/x"), "cannot create data directory /etc/passwd/x")
 

@@ -1,9 +1,11 @@
 """The migrations build exactly the schema the models describe, on SQLite and PostgreSQL."""
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from tests.conftest import assert_uses_index
 
+from opendps.store import Store, sqlite_url
 from opendps.store.models import Base
 
 
@@ -29,3 +31,16 @@ def test_hot_lookups_use_their_indexes(store):
         "ix_operations_created_at": delete(Operation).where(Operation.created_at < now),
     }
     assert_uses_index(store, queries)
+
+
+def test_sqlite_synchronous_is_the_installations_choice(tmp_path):
+    """Every pooled SQLite connection runs with the level asked for: normal (1, the default) or full (2)."""
+    for level, code in ((None, 1), ("normal", 1), ("full", 2)):
+        store = Store(sqlite_url(tmp_path / f"{level}.db"), **({"sqlite_synchronous": level} if level else {}))
+        try:
+            with store.engine.connect() as first, store.engine.connect() as second:
+                assert [c.exec_driver_sql("PRAGMA synchronous").scalar() for c in (first, second)] == [code, code]
+        finally:
+            store.dispose()
+    with pytest.raises(ValueError, match="is not one of normal, full"):
+        Store(sqlite_url(tmp_path / "off.db"), sqlite_synchronous="off")

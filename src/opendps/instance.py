@@ -53,7 +53,7 @@ from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # 
 from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
-from opendps.store import Store, add_setting, sqlite_url
+from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url
 from opendps.transport import sas
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
@@ -86,6 +86,8 @@ class Settings:
     log_format: str = "text"  # text | json (opendps.logs)
     lint: bool = True
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
+    # SQLite: "normal" (a commit survives the process dying) or "full" (also a power cut: the WAL synced at every commit)
+    sqlite_synchronous: str = "normal"
     workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
     bus: str | None = None  # NATS server carrying live state between nodes (default: the store's own, opendps.cluster)
     # CA keys on a PKCS#11 token (opendps.pki.pkcs11): the module and PIN file are this host's (config.json); the
@@ -161,6 +163,9 @@ class Settings:
                                      "PostgreSQL, one on SQLite)")
         if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
             raise ConfigurationError(f"bus {self.bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
+        if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise ConfigurationError(f"SQLite synchronous {self.sqlite_synchronous!r} is not one of "
+                                     f"{', '.join(SQLITE_SYNCHRONOUS)}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigurationError(f"log format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if self.key_backend is not None and self.key_backend not in BACKENDS:
@@ -492,7 +497,7 @@ def _open_store(settings: Settings, *, create: bool, migrate: bool) -> Store:
         if not db_file.exists():  # SQLite gives its -wal and -shm files the database file's mode
             os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
-        store = Store(url)
+        store = Store(url, sqlite_synchronous=settings.sqlite_synchronous)
     except Exception as exc:
         raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {exc}") from exc
     try:

@@ -98,13 +98,20 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
 
-def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
+#: SQLite's ``synchronous`` levels an installation may choose (WAL mode): ``normal`` syncs the WAL at checkpoints, so
+#: a commit survives the process dying but not a power cut or an OS crash; ``full`` syncs it at every commit
+SQLITE_SYNCHRONOUS = ("normal", "full")
+
+
+def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
+    def on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cur.close()
+    return on_connect
 
 
 _CONFIG_TABLES = frozenset(model.__table__.name for model in CONFIG_MODELS)  # type: ignore[attr-defined]
@@ -147,7 +154,10 @@ def add_setting(session: Session, name: str, value: str) -> None:
 class Store:
     """Engine + session factory for one database URL."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, sqlite_synchronous: str = "normal") -> None:
+        """``sqlite_synchronous``: one of :data:`SQLITE_SYNCHRONOUS` (SQLite only)."""
+        if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"SQLite synchronous {sqlite_synchronous!r} is not one of {', '.join(SQLITE_SYNCHRONOUS)}")
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):
@@ -157,7 +167,7 @@ class Store:
             kwargs["pool_size"] = 10
         self.engine: Engine = create_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _bump_on_flush)
         event.listen(self._sessions, "do_orm_execute", _bump_on_bulk)

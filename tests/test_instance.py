@@ -184,6 +184,7 @@ def test_sqlite_synchronous_full_is_kept_and_used(tmp_path):
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
     finally:
         inst.close()
+    assert json.loads(_cli(env, "info", "-o", "json").stdout)["sqliteSynchronous"] == "full"  # the operator can see it
 
 
 def test_an_impossible_data_directory_is_one_line(env):

@@ -269,6 +269,8 @@ class Instance:
         return {
             "dataDir": str(st.data_dir.resolve()),
             "database": redacted_db_url(st.db_url),
+            # when a commit reaches the disk on SQLite (--sqlite-synchronous); PostgreSQL's is its own configuration's
+            "sqliteSynchronous": st.sqlite_synchronous if self.store.dialect == "sqlite" else None,
             "idScope": self.id_scope,
             "serverCaCertificate": str(self.server_ca_path.resolve()),
             "endpoints": {

@@ -185,6 +185,9 @@ def test_sqlite_synchronous_full_is_kept_and_used(tmp_path):
     finally:
         inst.close()
     assert json.loads(_cli(env, "info", "-o", "json").stdout)["sqliteSynchronous"] == "full"  # the operator can see it
+    config = tmp_path / "data" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sqlite_synchronous": "off"}))  # edited by hand
+    _one_line(_cli(env, "info"), "SQLite synchronous 'off' is not one of normal, full")
 
 
 def test_an_impossible_data_directory_is_one_line(env):

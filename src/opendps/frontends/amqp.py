@@ -48,7 +48,7 @@ from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_s
 from opendps.hub import DEFAULT_HUB, QueueFull
 from opendps.hub.messaging import time_to_live
 from opendps.hub.registry import check_device_id
-from opendps.transport import sas
+from opendps.transport import sas, shown
 from opendps.transport.amqp import (
     INTERNAL_ERROR,
     INVALID_FIELD,
@@ -74,12 +74,6 @@ IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filen
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
 ACK_PROPERTY = "iothub-ack"
-
-
-def _shown(value: object, limit: int = 96) -> str:
-    """A peer's value in a description we send back: its repr, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def node(address: str | None) -> str:
@@ -217,9 +211,9 @@ class HubConnection:
         props = request.properties or {}
         operation, token_type = props.get("operation"), props.get("type")
         if operation != "put-token":
-            status, description = 400, f"unsupported CBS operation {_shown(operation)}: only put-token"
+            status, description = 400, f"unsupported CBS operation {shown(operation)}: only put-token"
         elif not isinstance(token_type, str) or token_type not in SAS_TOKEN_TYPES:  # a map or list cannot be looked up
-            status, description = 400, f"unsupported token type {_shown(token_type)}: a SharedAccessSignature is required"
+            status, description = 400, f"unsupported token type {shown(token_type)}: a SharedAccessSignature is required"
         else:
             token = _text(request.body)
             try:

@@ -152,7 +152,8 @@ def check_size(body: bytes) -> None:
 class TelemetrySink:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._processors: dict[str, tuple[Any, Any]] = {}  # SQLite: the time's and the JSON columns' bind processing
+        # SQLite: the time's and the JSON columns' bind processing, made at the first batch
+        self._sqlite_binds: tuple[Callable[[datetime], Any], Callable[[Any], Any] | None] | None = None
         self._json_texts: dict[tuple[tuple[str, Any], ...], Any] = {}  # property sets as their JSON column values
         # (one cache for both backends: a sink writes to one store)
 
@@ -276,7 +277,7 @@ class TelemetrySink:
         """The time's and the JSON columns' values as SQLAlchemy would bind them on this SQLite store: the time
         through its column type and then the adapter sqlite3 itself would apply to every row (its default
         ``isoformat(" ")`` for a datetime), done here once per batch; the JSON columns' serialiser."""
-        found = self._processors.get("sqlite")
+        found = self._sqlite_binds
         if found is None:
             dialect = self.store.engine.dialect
             column = _EVENTS.c.enqueued_at.type.bind_processor(dialect)
@@ -286,7 +287,7 @@ class TelemetrySink:
                 adapt = getattr(sqlite3, "adapters", {}).get((type(bound), sqlite3.PrepareProtocol))
                 return adapt(bound) if adapt is not None else bound
 
-            found = self._processors["sqlite"] = (stamp_of, _EVENTS.c.properties.type.bind_processor(dialect))
+            found = self._sqlite_binds = (stamp_of, _EVENTS.c.properties.type.bind_processor(dialect))
         return found
 
     def read(self, hub_name: str, *, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[Event]:

@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from opendps.transport import format_peer
+from opendps.transport import format_peer, shown
 
 from .codec import (
     CONNACK_IDENTIFIER_REJECTED,
@@ -200,10 +200,6 @@ def _cost(packet: Packet) -> int:
     if type(packet) is Publish:
         return _PACKET_COST + len(packet.payload) + len(packet.topic)
     return _PACKET_COST
-
-
-def _short(value: str, limit: int = 96) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 class Session:
@@ -560,10 +556,10 @@ class _Connection(asyncio.Protocol):
                     self._write(b"".join(acks))
                     acks = []
                 if isinstance(problem, MqttRefused):
-                    self._close_with_line(f"PUBLISH to {_short(topic)} refused: {problem}")
+                    self._close_with_line(f"PUBLISH to {shown(topic)} refused: {problem}")
                 elif self._close_reason is None:
                     log.warning("MQTT PUBLISH of client %s to %s not accepted (%s: %s); closing without PUBACK",
-                                _short(self._client_id or ""), _short(topic), type(problem).__name__, problem)
+                                shown(self._client_id or ""), shown(topic), type(problem).__name__, problem)
                     self._terminate("publish not accepted", abort=False)
                 break
             if packet_id is not None:
@@ -595,7 +591,7 @@ class _Connection(asyncio.Protocol):
         elif kind is Pingreq:
             self._write(_PINGRESP)
         elif kind is Disconnect:
-            log.debug("MQTT client %s from %s disconnected", _short(self._client_id or ""), self._peer)
+            log.debug("MQTT client %s from %s disconnected", shown(self._client_id or ""), self._peer)
             self._terminate("client disconnected", abort=False)
 
     # --- CONNECT -------------------------------------------------------------------------------
@@ -626,7 +622,7 @@ class _Connection(asyncio.Protocol):
         try:
             result = await server._authenticate(request)
         except Exception:
-            log.exception("MQTT authenticator failed for client %s from %s", _short(client_id), self._peer)
+            log.exception("MQTT authenticator failed for client %s from %s", shown(client_id), self._peer)
             self._refuse(CONNACK_SERVER_UNAVAILABLE, "authenticator failed")
             return
         if self._close_reason is not None:
@@ -650,7 +646,7 @@ class _Connection(asyncio.Protocol):
         server._live[key] = self
         if old is not None and old is not self:
             log.info("MQTT client %s connected from %s; dropping its connection from %s (taken over)",
-                     _short(client_id), self._peer, old._peer)
+                     shown(client_id), self._peer, old._peer)
             old._terminate("taken over", abort=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(old.wait_closed()), _TAKEOVER_WAIT)
@@ -674,7 +670,7 @@ class _Connection(asyncio.Protocol):
         self._last_rx = self._loop.time()  # the keepalive clock starts with the session
         self._arm_keepalive()
         log.debug("MQTT client %s connected from %s (clean session %d, keepalive %d, session present %d)",
-                  _short(client_id), self._peer, connect.clean_session, connect.keepalive, stored is not None)
+                  shown(client_id), self._peer, connect.clean_session, connect.keepalive, stored is not None)
         try:
             await handler.on_connected(session)
         except MqttRefused as exc:
@@ -682,7 +678,7 @@ class _Connection(asyncio.Protocol):
         except SessionClosed:
             pass
         except Exception:
-            log.exception("MQTT on_connected failed for client %s", _short(client_id))
+            log.exception("MQTT on_connected failed for client %s", shown(client_id))
             self._terminate("on_connected failed", abort=False)
 
     def _take_stored(self, key: str) -> _StoredSession | None:
@@ -700,12 +696,12 @@ class _Connection(asyncio.Protocol):
             code = result
             if not 1 <= code <= 5:
                 log.error("MQTT authenticator returned CONNACK code %r for client %s; refusing with 5",
-                          code, _short(client_id))
+                          code, shown(client_id))
                 code = CONNACK_NOT_AUTHORIZED
             self._refuse(code, "refused by the authenticator")
             return None
         if result is None:
-            log.error("MQTT authenticator returned None for client %s; refusing with 3", _short(client_id))
+            log.error("MQTT authenticator returned None for client %s; refusing with 3", shown(client_id))
             self._refuse(CONNACK_SERVER_UNAVAILABLE, "no handler")
             return None
         return result
@@ -727,14 +723,14 @@ class _Connection(asyncio.Protocol):
         try:
             await handler.on_publish(session, publish.topic, publish.payload, publish.qos, publish.retain)
         except MqttRefused as exc:
-            self._close_with_line(f"PUBLISH to {_short(publish.topic)} refused: {exc}")
+            self._close_with_line(f"PUBLISH to {shown(publish.topic)} refused: {exc}")
             return
         except SessionClosed:  # the client left while we answered: routine, nothing to acknowledge
-            log.debug("MQTT client %s left while its PUBLISH was handled", _short(session.client_id))
+            log.debug("MQTT client %s left while its PUBLISH was handled", shown(session.client_id))
             return
         except Exception:
             log.exception("MQTT on_publish failed for client %s, topic %s; closing without PUBACK",
-                          _short(session.client_id), _short(publish.topic))
+                          shown(session.client_id), shown(publish.topic))
             self._terminate("on_publish failed", abort=False)
             return
         if publish.qos == 1:
@@ -754,16 +750,16 @@ class _Connection(asyncio.Protocol):
             try:
                 code = await handler.on_subscribe(session, topic_filter, qos)
             except MqttRefused as exc:
-                self._close_with_line(f"SUBSCRIBE to {_short(topic_filter)} refused: {exc}")
+                self._close_with_line(f"SUBSCRIBE to {shown(topic_filter)} refused: {exc}")
                 return
             except SessionClosed:
                 return
             except Exception:
                 log.exception("MQTT on_subscribe failed for client %s, filter %s; refusing it",
-                              _short(session.client_id), _short(topic_filter))
+                              shown(session.client_id), shown(topic_filter))
                 code = SUBACK_FAILURE
             if code not in (0, 1, SUBACK_FAILURE):
-                log.error("MQTT on_subscribe returned %r for filter %s; refusing it", code, _short(topic_filter))
+                log.error("MQTT on_subscribe returned %r for filter %s; refusing it", code, shown(topic_filter))
                 code = SUBACK_FAILURE
             if self._close_reason is not None:
                 return
@@ -783,24 +779,24 @@ class _Connection(asyncio.Protocol):
             try:
                 await hook(session, topic_filter)
             except MqttRefused as exc:
-                self._close_with_line(f"UNSUBSCRIBE from {_short(topic_filter)} refused: {exc}")
+                self._close_with_line(f"UNSUBSCRIBE from {shown(topic_filter)} refused: {exc}")
                 return
             except SessionClosed:
                 return
             except Exception:  # the filter is gone from the session either way; a bug, not the client's fault
                 log.exception("MQTT on_unsubscribe failed for client %s, filter %s",
-                              _short(session.client_id), _short(topic_filter))
+                              shown(session.client_id), shown(topic_filter))
             if self._close_reason is not None:
                 return
         self._write(encode(Unsuback(unsubscribe.packet_id)))
 
     def _on_puback(self, packet_id: int) -> None:
         if packet_id == 0:  # the C# DPS client acknowledges QoS 0 messages with id 0: nothing to release
-            log.debug("MQTT client %s sent PUBACK with packet id 0; ignored", _short(self._client_id or ""))
+            log.debug("MQTT client %s sent PUBACK with packet id 0; ignored", shown(self._client_id or ""))
             return
         out = self._inflight.pop(packet_id, None)
         if out is None:
-            log.debug("MQTT client %s acknowledged unknown packet id %d", _short(self._client_id or ""), packet_id)
+            log.debug("MQTT client %s acknowledged unknown packet id %d", shown(self._client_id or ""), packet_id)
             return
         if self._slot_waiter is not None and not self._slot_waiter.done():
             self._slot_waiter.set_result(None)
@@ -896,13 +892,13 @@ class _Connection(asyncio.Protocol):
             self._keepalive_timer = self._loop.call_at(deadline, self._check_keepalive, context=self._context)
             return
         log.info("MQTT client %s from %s closed: nothing received for %g s (keepalive %d s)",
-                 _short(self._client_id or ""), self._peer, limit, self._keepalive)
+                 shown(self._client_id or ""), self._peer, limit, self._keepalive)
         self._terminate("keepalive timeout", abort=True)
 
     # --- ending --------------------------------------------------------------------------------
 
     def _who(self) -> str:
-        return f" (client id {_short(self._client_id)})" if self._client_id is not None else ""
+        return f" (client id {shown(self._client_id)})" if self._client_id is not None else ""
 
     def _fail(self, problem: str) -> None:
         """Protocol violation: one INFO line, close this connection."""
@@ -920,7 +916,7 @@ class _Connection(asyncio.Protocol):
     def _close_by_application(self, reason: str) -> None:
         if self._close_reason is not None:
             return
-        log.info("MQTT session %s from %s closed by the application: %s", _short(self._client_id or ""), self._peer, reason)
+        log.info("MQTT session %s from %s closed by the application: %s", shown(self._client_id or ""), self._peer, reason)
         self._terminate(reason, abort=True)
 
     def _terminate(self, reason: str, *, abort: bool, after_handler: bool = False) -> None:
@@ -982,7 +978,7 @@ class _Connection(asyncio.Protocol):
                 try:
                     await handler.on_disconnected(session, self._close_reason or "")
                 except Exception:
-                    log.exception("MQTT on_disconnected failed for client %s", _short(session.client_id))
+                    log.exception("MQTT on_disconnected failed for client %s", shown(session.client_id))
         finally:
             self._finished = True
             self._task = None
@@ -1215,13 +1211,13 @@ class MqttServer:
         if self._stored.get(client_id) is stored:
             del self._stored[client_id]
             log.debug("MQTT session state of %s expired (%d unacknowledged messages dropped)",
-                      _short(client_id), len(stored.inflight))
+                      shown(client_id), len(stored.inflight))
 
     def _call_ack(self, callback: Callable[[], Any], client_id: str) -> None:
         try:
             result = callback()
         except Exception:
-            log.exception("MQTT on_ack callback failed for client %s", _short(client_id))
+            log.exception("MQTT on_ack callback failed for client %s", shown(client_id))
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(result)

@@ -159,3 +159,39 @@ def test_a_lone_message_is_written_at_once_and_a_stream_lingers_into_larger_batc
         return batches
 
     assert asyncio.run(main()) == [[b"1"], [b"2", b"3", b"4"]]
+
+
+def test_submitted_messages_share_one_future_done_when_all_of_them_are_stored(store):
+    """``submit`` (the MQTT pipeline's way in): the messages queued for one transaction share one future; one that a
+    larger queue spreads over several transactions is done only after the last of them; what is submitted after a
+    transaction was cut waits for the next one, under a new future; a failed transaction fails its future."""
+    hub_id = _hub(store)
+    sink = TelemetrySink(store)
+
+    async def main() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[int, bool]] = []  # per stored batch: its size, and whether the shared future was done
+        futures: list[asyncio.Future] = []
+        writer = GroupCommit(sink, lambda fn, *a: loop.run_in_executor(None, fn, *a), max_batch=4, linger=0,
+                             on_stored=lambda batch: seen.append((len(batch), futures[0].done())))
+        futures.extend(writer.submit(hub_id, "d", {}, {"i": str(i)}, b"%d" % i) for i in range(10))
+        await asyncio.sleep(0)  # the writer cuts its first transaction (4 of the 10)
+        late = writer.submit(hub_id, "d", {}, {}, b"late")
+        await asyncio.gather(futures[0], late)
+        stored_when_done = len(sink.read("default", limit=50))
+        bad = writer.submit(hub_id + 999, "d", {}, {}, b"no such hub")  # fails its whole transaction
+        problem = await asyncio.gather(bad, return_exceptions=True)
+        after = writer.submit(hub_id, "d", {}, {}, b"after")
+        await after
+        return {"same": len({id(f) for f in futures}) == 1 and late is not futures[0] and after is not bad,
+                "seen": seen, "stored_when_done": stored_when_done, "problem": problem[0]}
+
+    outcome = asyncio.run(main())
+    assert outcome["same"]
+    # three transactions for the first 10 (+ "late" in the last); the future was not done after the first two
+    assert outcome["seen"][:3] == [(4, False), (4, False), (3, False)] and len(outcome["seen"]) == 4
+    assert outcome["stored_when_done"] == 11
+    assert isinstance(outcome["problem"], Exception)
+    with store.session() as s:
+        assert s.scalars(select(TelemetryEvent.body).order_by(TelemetryEvent.id)).all() == [
+            *(b"%d" % i for i in range(10)), b"late", b"after"]

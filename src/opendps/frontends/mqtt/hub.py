@@ -98,10 +98,15 @@ class HubSession:
         """The property bag of a telemetry topic of this device (``devices/{id}/messages/events/{bag}``), else None.
         The C# SDK ends the topic with '/' after a property bag (and Java module telemetry): not part of the last
         value."""
-        events = f"devices/{self.device.device_id}/messages/events/"
-        if topic.startswith(events):
-            return topic[len(events):].removesuffix("/")
-        return "" if topic == events[:-1] else None
+        device_id = self.device.device_id
+        end = 8 + len(device_id) + 16  # "devices/" + id + "/messages/events", compared in place (no string built)
+        if topic.startswith("devices/") and topic.startswith(device_id, 8) and topic.startswith("/messages/events",
+                                                                                              end - 16):
+            if len(topic) == end:
+                return ""
+            if topic[end] == "/":
+                return topic[end + 1:].removesuffix("/")
+        return None
 
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         d = self.device.device_id
@@ -121,7 +126,7 @@ class HubSession:
             session.close(f"publish to a topic outside the device's own: {topic!r}")
 
     def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
-                      retain: bool) -> asyncio.Future[int] | None:
+                      retain: bool) -> asyncio.Future[None] | None:
         """Telemetry of a hub without routes, queued for the group commit at once (``PipeliningHandler``): the MQTT
         core reads the device's next PUBLISH while this one waits for its transaction, so a device with several
         messages in flight has them stored together and acknowledged in one write. Anything else (a twin request, a

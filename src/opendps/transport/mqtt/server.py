@@ -172,7 +172,8 @@ class PipeliningHandler(SessionHandler, Protocol):
 
     def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
                       retain: bool) -> asyncio.Future[Any] | None:
-        """A future done when the PUBLISH is accepted, or None to have ``on_publish`` handle it."""
+        """A future done when the PUBLISH is accepted, or None to have ``on_publish`` handle it. Several PUBLISHes may
+        share one future (accepted together); the core never cancels it."""
 
 
 Authenticator = Callable[[ConnectRequest], Awaitable[SessionHandler | int]]
@@ -515,9 +516,13 @@ class _Connection(asyncio.Protocol):
         future = self._begin(self._session, publish.topic, publish.payload, publish.qos, publish.retain)
         if future is None:
             return False
-        if self._pipeline is None:
-            self._pipeline = deque()
-        self._pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
+        pipeline = self._pipeline
+        if pipeline is None:
+            pipeline = self._pipeline = deque()
+        elif pipeline[-1][1] is future:  # one future for several PUBLISHes (a handler's batch): one callback
+            pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
+            return True
+        pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
         future.add_done_callback(self._pipeline_step, context=self._context)  # the connection's (its request id)
         return True
 

@@ -108,6 +108,9 @@ def _string(text: str, start: int) -> tuple[str, int]:
     raise _refuse("unterminated string", start + 1)
 
 
+_MAX_DIGITS = 309  # the digits of the largest double (1.8e308)
+
+
 def tokenize(text: str) -> list[Token]:
     """The query's tokens, ending with an ``end`` token."""
     tokens: list[Token] = []
@@ -133,6 +136,8 @@ def tokenize(text: str) -> list[Token]:
 
 def _number(text: str, pos: int) -> int | float:
     if re.fullmatch(r"\d+", text):
+        if len(text) > _MAX_DIGITS:  # beyond any double; also int()'s 4,300-digit limit (a ValueError, not a refusal)
+            raise _refuse(f"number {text[:16]}... ({len(text)} digits) is out of range", pos)
         return int(text)
     value = float(text)
     if math.isinf(value):

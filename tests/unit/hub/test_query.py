@@ -220,6 +220,10 @@ def test_top():
     ("SELECT * FROM devices WHERE tags.x = 'open", ["unterminated string", "position 38"]),
     ("SELECT * FROM devices WHERE tags.x = 'a\\q'", ["invalid escape"]),
     ("SELECT * FROM devices WHERE tags.x = 1e999", ["out of range"]),
+    # past int()'s 4,300-digit limit (it raised ValueError: a 500 on the service API)
+    ("SELECT * FROM devices WHERE tags.x = " + "9" * 5000, ["out of range", "(5000 digits)"]),
+    ("SELECT TOP " + "9" * 4400 + " * FROM devices", ["out of range", "(4400 digits)"]),
+    ("SELECT * FROM devices WHERE tags.x = " + "9" * 310, ["out of range", "(310 digits)"]),
     ("SELECT * FROM devices WHERE tags.x = 1 ; DROP TABLE hub_devices", ["unexpected character ';'", "position 40"]),
     ("SELECT * FROM devices WHERE AND = 1", ["expected a property path in the condition", "'AND'"]),
 ])
@@ -243,6 +247,8 @@ def test_long_and_deep_queries_are_refused_cleanly():
     assert f"nested more than {MAX_NESTING} levels" in refusal(nots)
     ok = "SELECT * FROM devices WHERE " + "(" * MAX_NESTING + "deviceId = 'a'" + ")" * MAX_NESTING
     assert [t["deviceId"] for t in TWINS if parse_query(ok).matches(t)] == ["a"]
+    largest = "SELECT * FROM devices WHERE tags.floor < " + "9" * 309  # the largest double's digits: a number
+    assert [t["deviceId"] for t in TWINS if parse_query(largest).matches(t)] == ["a", "b"]
     long_or = "SELECT * FROM devices WHERE " + " OR ".join(f"tags.floor = {n}" for n in range(300))
     assert [t["deviceId"] for t in TWINS if parse_query(long_or).matches(t)] == ["a", "b"]  # flat, not nested
 

@@ -169,6 +169,8 @@ def test_ek_structure_errors(ek_area, mutate, message):
     ({"bits": 1024}, "not RSA-2048"),
     ({"modulus": b"\x80" + b"\0" * 127}, "modulus .* 128 bytes"),
     ({"modulus": b"\x01" * 256}, "not a 2048-bit number"),
+    # an even n: cryptography builds the key, then encrypting the challenge to it raised ValueError (a 500)
+    ({"modulus": b"\xc1" * 255 + b"\x02"}, "modulus is even"),
     ({"exponent": 3}, "exponent 3"),
     ({"name_alg": ALG_SHA1}, "unsupported nameAlg SHA-1"),
     ({"attributes": EK_DEFAULT_ATTRIBUTES & ~RESTRICTED}, "not a restricted decryption key"),
@@ -218,6 +220,10 @@ def test_srk_errors(srk_private):
                               attributes=(SRK_ATTRIBUTES & ~DECRYPT) | SIGN_ENCRYPT)
     with pytest.raises(InvalidInput, match="storageRootKey is not a restricted decryption key"):
         StorageRootKey.parse(b64(tpm2b(signing)))
+    even = srk_private.public_key().public_numbers().n ^ 1  # a device's SRK with an even modulus
+    with pytest.raises(InvalidInput, match="storageRootKey: the modulus is even"):
+        StorageRootKey.parse(b64(tpm2b(rsa_public_area(srk_private.public_key(), attributes=SRK_ATTRIBUTES, policy=b"",
+                                                       modulus=even.to_bytes(256, "big")))))
     with pytest.raises(InvalidInput, match="storageRootKey is not RSA-2048"):
         StorageRootKey.parse(b64(tpm2b(rsa_public_area(rsa.generate_private_key(65537, 1024).public_key(),
                                                        attributes=SRK_ATTRIBUTES, bits=1024))))

@@ -306,6 +306,8 @@ def _rsa_public(key: TpmPublic, what: str) -> rsa.RSAPublicKey:
         raise InvalidInput(f"{what}: the RSA-2048 modulus (unique) is {len(key.unique)} bytes, 256 expected")
     if key.unique[0] & 0x80 == 0:
         raise InvalidInput(f"{what}: the modulus is not a 2048-bit number")
+    if key.unique[-1] & 1 == 0:  # cryptography takes an even n, and then encrypting to it fails (a ValueError)
+        raise InvalidInput(f"{what}: the modulus is even: not an RSA modulus")
     exponent = key.rsa_exponent or 65537
     if exponent != 65537:
         raise InvalidInput(f"{what}: RSA exponent {exponent} (only the default 65537 is supported)")

@@ -124,6 +124,11 @@ def corpus(tmp_path_factory) -> Corpus:
     assert not bad_csr.is_signature_valid  # ...but no longer proves possession
     csrs["bad_signature"] = bytes(bad)
     csrs["truncated"] = der[: len(der) // 2]
+    # parseable DER that cryptography refuses with its own exception types (not ValueError): these were a 500
+    version_at = der.index(b"\x02\x01\x00")  # CertificationRequestInfo's version INTEGER 0
+    csrs["bad_version"] = der[:version_at] + b"\x02\x01\x05" + der[version_at + 3:]
+    csrs["unknown_curve"] = der.replace(b"\x06\x05\x2b\x81\x04\x00\x22", b"\x06\x05\x2b\x81\x04\x00\x5d", 1)
+    csrs["unknown_key_type"] = der.replace(bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0202"), 1)
     csrs["garbage"] = b"\x13\x37 this is not a certificate signing request \xff\x00" * 4
 
     # oversize: a validly signed P-384 CSR just over 8 KiB of DER whose PEM is still under the
@@ -506,6 +511,9 @@ BAD_CSRS = [
     # (corpus entry, registration id, substrings the message must name)
     ("garbage", REG_ID, ["pars"]),
     ("truncated", REG_ID, ["pars"]),
+    ("bad_version", REG_ID, ["version 5"]),
+    ("unknown_curve", REG_ID, ["unsupported type", "1.3.132.0.93"]),
+    ("unknown_key_type", REG_ID, ["unsupported type", "1.2.840.10045.2.2"]),
     ("bad_signature", REG_ID, ["signature"]),
     ("cn_mismatch", REG_ID, ["CN", "dev-2", REG_ID]),
     ("p384", "dev-10", ["CN", "dev-10"]),

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
@@ -93,24 +94,31 @@ def check_curve(curve: str, *, allow_p256: bool) -> None:
         raise CsrRejected(f"CSR key curve {names.get(curve, curve)} is not allowed by the policy (needs {wanted})")
 
 
-def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False) -> ValidatedCsr:
-    """Parse and check a CSR (DER or PEM); raise CsrRejected naming the first problem found."""
-    if not 1 <= len(registration_id) <= MAX_CN_LENGTH:
-        raise CsrRejected(f"registration id is {len(registration_id)} characters; a certificate CN holds "
-                          f"1-{MAX_CN_LENGTH} (RFC 5280 ub-common-name)")
+def _load_csr(data: bytes) -> x509.CertificateSigningRequest:
     if len(data) > MAX_CSR_BYTES + (MAX_CSR_BYTES // 2 if data.lstrip().startswith(b"-----BEGIN") else 0):
         raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
     try:
         is_pem = data.lstrip().startswith(b"-----BEGIN")
         csr = x509.load_pem_x509_csr(data) if is_pem else x509.load_der_x509_csr(data)
+    except x509.InvalidVersion as exc:  # not a ValueError
+        raise CsrRejected(f"CSR version {exc.parsed_version} is not PKCS#10's v1 (0)") from exc
     except ValueError as exc:
         raise CsrRejected("CSR cannot be parsed as PKCS#10 (DER or PEM)") from exc
     if len(csr.public_bytes(Encoding.DER)) > MAX_CSR_BYTES:
         raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
+    return csr
+
+
+def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False) -> ValidatedCsr:
+    """Parse and check a CSR (DER or PEM); raise CsrRejected naming the first problem found."""
+    if not 1 <= len(registration_id) <= MAX_CN_LENGTH:
+        raise CsrRejected(f"registration id is {len(registration_id)} characters; a certificate CN holds "
+                          f"1-{MAX_CN_LENGTH} (RFC 5280 ub-common-name)")
+    csr = _load_csr(data)
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as exc:
-        raise CsrRejected("CSR public key is of an unsupported type") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # an unknown key type or curve: UnsupportedAlgorithm
+        raise CsrRejected(f"CSR public key is of an unsupported type: {str(exc)[:120]}") from exc
     if isinstance(key, rsa.RSAPublicKey):
         raise CsrRejected(f"CSR key is RSA-{key.key_size}; operational certificates need an EC P-384 key")
     if not isinstance(key, ec.EllipticCurvePublicKey):

@@ -323,6 +323,33 @@ def test_any_client_chain_is_accepted_and_reported_as_sent(server, pki, label, v
     assert proto == f"TLSv{version}" and bits >= 128 and name
 
 
+def _version_4(cert: x509.Certificate) -> bytes:
+    """``cert`` as PEM with its version field set to 3 (v4): OpenSSL takes it, cryptography cannot load it."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT Version v3 (2)
+    patched = der[:at] + b"\xa0\x03\x02\x01\x03" + der[at + 5:]
+    with pytest.raises(x509.InvalidVersion):
+        x509.load_der_x509_certificate(patched)
+    return b"-----BEGIN CERTIFICATE-----\n" + __import__("base64").encodebytes(patched) + b"-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("bad", ["leaf", "ca"])
+def test_a_client_certificate_cryptography_cannot_load_is_left_out_not_a_crash(server, pki, bad, tmp_path, caplog):
+    """A leaf cryptography cannot load leaves the chain empty (no credential to check: the domain refuses as if none
+    was sent); such a CA certificate after the leaf is left out. Both were an exception out of
+    ``get_extra_info`` (InvalidVersion is not a ValueError): a 500, or an internal error at a hub CONNECT."""
+    identity = pki.ids["chained"]
+    leaf, ica = x509.load_pem_x509_certificates(identity.bundle.read_bytes())
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(_version_4(leaf) + _pem(ica) if bad == "leaf" else _pem(leaf) + _version_4(ica))
+    ctx = ssl.create_default_context(cafile=str(pki.server_root))
+    ctx.load_cert_chain(str(bundle), str(identity.key))
+    with caplog.at_level(logging.INFO, logger="opendps.tls"):
+        got = _get_json(server.port, ctx)
+    assert got["chain"] == ([] if bad == "leaf" else ["CN=device-chained"])
+    assert "cannot be read" in caplog.text
+
+
 def test_chain_order_is_leaf_first(pki, server):
     got = _get_json(server.port, _client_ctx(pki, pki.ids["chained"], "1.3"))
     assert got["chain"] == ["CN=device-chained", "CN=Test Client ICA"]

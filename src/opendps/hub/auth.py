@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from opendps.errors import InvalidCredentials, InvalidInput, Unauthorized
 from opendps.hub.registry import Hubs, HubView
 from opendps.pki import IssuanceEngine, IssuedRecord, thumbprint
-from opendps.pki.certificates import VerificationError, authority_key_id, serial_hex
+from opendps.pki.certificates import VerificationError, authority_key_id, serial_hex, unreadable
 from opendps.registry import DeviceRegistry
 from opendps.transport import sas
 
@@ -126,6 +126,9 @@ class HubAuthenticator:
     def _x509(self, s: Session, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate],
               prints: frozenset[str], now: datetime) -> AuthenticatedDevice:
         leaf = chain[0]
+        why = unreadable(leaf, key=False)  # the CA certificates after it only meet the verifier (its own errors)
+        if why is not None:
+            raise Unauthorized(f"device certificate cannot be read: {why}", reason="untrusted_certificate")
         cns = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if cns != [device.device_id]:
             raise Unauthorized(f"certificate CN {cns[0] if cns else None!r} is not the device id {device.device_id!r}",

@@ -13,7 +13,14 @@ TPM attestation's server side (:mod:`opendps.pki.tpm`): :class:`EndorsementKey` 
 pki owns ``wrapped_keys`` and ``issued_certificates``.
 """
 
-from opendps.pki.certificates import device_chain_verifier, issued_by, load_certificate_text, serial_hex, thumbprint
+from opendps.pki.certificates import (
+    device_chain_verifier,
+    issued_by,
+    load_certificate_text,
+    serial_hex,
+    thumbprint,
+    unreadable,
+)
 from opendps.pki.crl import RevokedEntry, build_crl
 from opendps.pki.csr import CsrRejected, ValidatedCsr, decode_csr_text, validate_csr
 from opendps.pki.issuance import (
@@ -75,5 +82,6 @@ __all__ = [
     "serial_hex",
     "sign_builder",
     "thumbprint",
+    "unreadable",
     "validate_csr",
 ]

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import (
     ClientVerifier,
@@ -32,7 +32,7 @@ _DEVICE_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.Sub
                                                                          Criticality.AGNOSTIC, None)
 
 __all__ = ["MAX_CERTIFICATE_TEXT", "VerificationError", "device_chain_verifier", "issued_by", "load_certificate_text",
-           "serial_hex", "thumbprint"]
+           "serial_hex", "thumbprint", "unreadable"]
 
 
 def thumbprint(cert: x509.Certificate, algorithm: str = "sha256") -> str:
@@ -85,11 +85,41 @@ def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509
     else:
         data = value
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+        cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN")
+                else x509.load_der_x509_certificate(data))
+    except x509.InvalidVersion as exc:  # not a ValueError
+        raise InvalidInput(f"{what} has X.509 version number {exc.parsed_version}, not 0-2 (v1-v3)") from exc
     except ValueError as exc:
         raise InvalidInput(f"{what} cannot be parsed as an X.509 certificate") from exc
+    why = unreadable(cert)
+    if why is not None:
+        raise InvalidInput(f"{what} cannot be read: {why}")
+    return cert
+
+
+def unreadable(cert: x509.Certificate, *, key: bool = True) -> str | None:
+    """Why ``cert`` cannot be read whole, or None when it can (``key=False``: all but the public key, for a leaf
+    whose key OpenSSL has just used in a handshake, where loading it again would be ~40 µs of nothing).
+
+    Why: cryptography parses a certificate's parts when they are first asked for, and a malformed part raises what
+    its parser raises (ValueError, TypeError, UnsupportedAlgorithm, DuplicateExtension...) wherever that happens to be:
+    a 500 on an API or a traceback at a CONNECT. OpenSSL, which took the certificate in the TLS handshake, is more
+    lenient (a negative serial number, a broken SAN). A certificate from a peer or a request is read whole here
+    once, before anything uses it."""
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        cert.extensions  # noqa: B018 - every extension, parsed
+        if key:
+            cert.public_key()
+        serial = cert.serial_number
+        cert.not_valid_before_utc  # noqa: B018
+        cert.not_valid_after_utc  # noqa: B018
+    except Exception as exc:  # noqa: BLE001 - only cryptography's parsers run here
+        return " ".join(str(exc).split())[:160] or type(exc).__name__
+    if serial <= 0:
+        return "its serial number is not a positive integer (RFC 5280, 4.1.2.2)"
+    return None
 
 
 def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -99,7 +129,7 @@ def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
         return True
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):  # an unknown signature algorithm: not ours
         return False
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Select, select
@@ -210,7 +210,7 @@ class CaCertificates:
             ca = x509.load_der_x509_certificate(row.der)
             try:
                 proof.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature) as exc:
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
                 raise InvalidInput(
                     f"verification certificate is not signed by the private key of certificate {name!r}",
                     error_code=VERIFICATION_FAILED) from exc

@@ -235,14 +235,32 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
     Server side, OpenSSL's SSL_get_peer_cert_chain() leaves out the leaf; it comes from
     SSL_get_peer_certificate(). The CA certificates after the leaf are looked up by their DER first: a fleet's devices
     send the same issuing CA, parsed once per process (:func:`_interned`).
+
+    OpenSSL takes certificates that cryptography cannot load (an X.509 version number past v3, say): such a leaf
+    makes the chain empty, as if the client sent none (it is no credential the domain could check), and such a CA
+    certificate is left out (a path through it cannot validate); one line at INFO says so.
     """
-    leaf = conn.get_peer_certificate(as_cryptography=True)
+    try:
+        leaf = conn.get_peer_certificate(as_cryptography=True)
+    except Exception as exc:  # noqa: BLE001 - cryptography's parser: InvalidVersion is not a ValueError
+        log.info("TLS client certificate cannot be read (%s): taken as no certificate", _why(exc))
+        return []
     if leaf is None:
         return []
     ders = [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in conn.get_peer_cert_chain() or []]
     if ders and ders[0] == leaf.public_bytes(Encoding.DER):  # some OpenSSL builds include it: not a CA to keep
         ders = ders[1:]
-    return [leaf, *(_interned(der) for der in ders)]
+    chain = [leaf]
+    for der in ders:
+        try:
+            chain.append(_interned(der))
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.info("TLS client chain: a CA certificate cannot be read (%s): left out", _why(exc))
+    return chain
+
+
+def _why(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
 
 
 _CA_OBJECTS: OrderedDict[bytes, x509.Certificate] = OrderedDict()

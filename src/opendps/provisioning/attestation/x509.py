@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from opendps.errors import InvalidInput, NotFound
 from opendps.hub import DeviceCredential
-from opendps.pki import device_chain_verifier, issued_by, load_certificate_text, thumbprint
+from opendps.pki import device_chain_verifier, issued_by, load_certificate_text, thumbprint, unreadable
 from opendps.pki.certificates import ValidatedPaths, VerificationError
 from opendps.provisioning.attestation.mechanism import (
     HTTPS,
@@ -141,6 +141,11 @@ class X509Attestation:
 
     def authenticate(self, credentials: DeviceCredentials, context: Context, *, now: datetime) -> AttestedIdentity:
         chain = list(credentials.client_chain)
+        for position, cert in enumerate(chain):
+            why = unreadable(cert)
+            if why is not None:
+                raise AttestationFailed(f"{'device certificate' if position == 0 else f'client chain certificate {position}'}"
+                                        f" cannot be read: {why}", reason="untrusted_certificate")
         leaf = chain[0]
         rid = credentials.registration_id
         check_client_certificate(leaf, rid, now)

@@ -57,3 +57,14 @@ def test_a_disabled_enrollment_still_connects_and_is_answered_per_request(servic
                                                      "provisioningStatus": "disabled"})
     session = _connect(services, "dev-m4", device_sas("dev-m4", derive_device_key(group_key, "dev-m4")))
     assert isinstance(session, DpsSession)
+
+
+def test_refusal_lines_show_the_peers_values_cut(services, group_key, caplog):
+    """A CONNECT's user name is the peer's (up to 64 KiB): the refusal lines show its parts cut, not whole."""
+    long = "x" * 20_000
+    with caplog.at_level("INFO"):
+        assert _connect(services, "dev-m5", None, scope=long) == NOT_AUTHORIZED  # unknown ID scope
+        assert _connect(services, long[:120] + "y", "not a token", client_id=long[:120] + "y") == NOT_AUTHORIZED
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("opendps")]
+    assert lines and all(len(line) < 600 for line in lines), [len(line) for line in lines]
+    assert any("unknown ID scope 'xxx" in line for line in lines)

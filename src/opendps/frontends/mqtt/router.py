@@ -19,6 +19,7 @@ from opendps.frontends.mqtt.hub import HubSession
 from opendps.frontends.runtime import Runtime
 from opendps.logs import REQUEST_ID, event, new_request_id
 from opendps.provisioning.attestation import MQTT, DeviceCredentials
+from opendps.transport import shown
 from opendps.transport.mqtt.server import ConnectRequest, SessionHandler
 
 log = logging.getLogger("opendps.mqtt")
@@ -53,7 +54,7 @@ def make_router(runtime: Runtime) -> Authenticator:
             scope, rid = parts[0], parts[2]
             if scope.lower() != services.id_scope.lower():
                 refused = Unauthorized(f"unknown ID scope {scope[:64]!r}", reason="unknown_scope")
-                log.info("MQTT CONNECT for unknown ID scope %r refused", scope,
+                log.info("MQTT CONNECT for unknown ID scope %s refused", shown(scope),
                          extra=event("registration.refused", registration_id=rid[:128], transport=MQTT,
                                      outcome="refused", reason=refused.reason, error_code=refused.error_code))
                 runtime.registration_refused(rid, MQTT, refused)
@@ -68,7 +69,7 @@ def make_router(runtime: Runtime) -> Authenticator:
             try:
                 await runtime.domain.run(services.provisioning.authenticate_connection, creds)
             except OpenDPSError as exc:
-                log.info("DPS refused the MQTT connection of %r: %s", rid, exc.message,
+                log.info("DPS refused the MQTT connection of %s: %s", shown(rid, 128), exc.message,
                          extra=event("registration.refused", registration_id=rid[:128], transport=MQTT,
                                      outcome="refused", reason=exc.reason, error_code=exc.error_code))
                 runtime.registration_refused(rid, MQTT, exc)
@@ -78,7 +79,7 @@ def make_router(runtime: Runtime) -> Authenticator:
         device_id = rest.split("/", 1)[0]
         if not host or not device_id:
             refused = Unauthorized("the username names no hub and device", reason="bad_username")
-            log.info("MQTT CONNECT with a username that names no hub and device (%r) refused", username[:200],
+            log.info("MQTT CONNECT with a username that names no hub and device (%s) refused", shown(username, 200),
                      extra=event("hub.refused", outcome="refused", reason=refused.reason, error_code=refused.error_code))
             runtime.hub_refused(host[:255], username[:128], refused)
             return NOT_AUTHORIZED
@@ -86,7 +87,7 @@ def make_router(runtime: Runtime) -> Authenticator:
             device = await runtime.domain.run(services.hub_auth.connect, host, device_id, request.client_id,
                                               request.password, list(request.peer_certificate_chain), datetime.now(UTC))
         except OpenDPSError as exc:
-            log.info("hub %s refused device %r: %s", host[:255], device_id[:128], exc.message,
+            log.info("hub %s refused device %s: %s", host[:255], shown(device_id, 128), exc.message,
                      extra=event("hub.refused", hub=host[:255], device_id=device_id[:128], outcome="refused",
                                  reason=exc.reason, error_code=exc.error_code))
             runtime.hub_refused(host[:255], device_id[:128], exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,20 +55,31 @@ def hashed(registration_id: str, hubs: list[HubView]) -> HubView:
 
 
 def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeout: float, verify: Any = True) -> Allocation:
-    """POST Azure's AllocationRequest to the webhook; validate its answer."""
+    """POST Azure's AllocationRequest to the webhook; validate its answer.
+
+    The body is read as it arrives, at most :data:`MAX_WEBHOOK_RESPONSE` bytes, and given up once ``timeout`` has
+    passed since the request began (httpx's timeout bounds each read, not the whole): a webhook that sends without
+    end, or a byte at a time, holds a domain thread about ``timeout`` and no more memory than the bound."""
+    deadline = time.monotonic() + timeout
     try:
-        with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client:
-            resp = client.post(url, json=request_body)
+        with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client, \
+                client.stream("POST", url, json=request_body, headers={"Accept-Encoding": "identity"}) as resp:
+            if not 200 <= resp.status_code < 300:
+                raise AllocationFailed(f"custom allocation webhook returned HTTP {resp.status_code}")
+            body = bytearray()
+            for chunk in resp.iter_bytes():  # decoded, should a webhook compress anyway
+                body += chunk
+                if len(body) > MAX_WEBHOOK_RESPONSE:
+                    raise AllocationFailed(
+                        f"custom allocation webhook response is larger than {MAX_WEBHOOK_RESPONSE} bytes")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the whole answer took too long")
     except httpx.TimeoutException as exc:
         raise AllocationFailed(f"custom allocation webhook did not answer within {timeout:g} s") from exc
     except httpx.HTTPError as exc:
         raise AllocationFailed(f"custom allocation webhook could not be reached: {exc}") from exc
-    if not 200 <= resp.status_code < 300:
-        raise AllocationFailed(f"custom allocation webhook returned HTTP {resp.status_code}")
-    if len(resp.content) > MAX_WEBHOOK_RESPONSE:
-        raise AllocationFailed(f"custom allocation webhook response is larger than {MAX_WEBHOOK_RESPONSE} bytes")
     try:
-        answer = parse_json(resp.content, "custom allocation webhook's answer")
+        answer = parse_json(bytes(body), "custom allocation webhook's answer")
     except InvalidInput as exc:
         raise AllocationFailed(exc.message) from exc
     if not isinstance(answer, dict):

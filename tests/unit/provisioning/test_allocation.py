@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,3 +124,59 @@ def test_no_available_hub_fails_the_operation(services):
     services.hubs.delete("default")
     result = register(services, creds("dev-w3", key=derive_device_key(key, "dev-w3")))
     assert result["status"] == "failed" and "no linked hub" in result["registrationState"]["errorMessage"]
+
+
+@contextlib.contextmanager
+def raw_webhook(send) -> Iterator[str]:
+    """A webhook speaking raw HTTP: ``send(connection)`` writes whatever answer the test needs."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)  # the request (small)
+                with contextlib.suppress(OSError):
+                    send(conn, stop)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/allocate"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _endless(conn, stop) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"[" * 8192
+    while not stop.is_set():
+        conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+
+def _dribble(conn, stop) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    while not stop.is_set():
+        conn.sendall(b" ")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("send", "words"), [(_endless, "larger than 65536 bytes"), (_dribble, "did not answer within 2 s")])
+def test_a_webhook_that_answers_without_end_is_cut_off_by_size_and_time(services, send, words):
+    """A webhook sending without end is stopped at the size bound as it reads (it was read whole into memory first),
+    and one sending a byte at a time at the timeout measured from the request (each read was bounded, not the
+    whole: 1,000 bytes at 0.2 s apart held a domain thread 200 s)."""
+    with raw_webhook(send) as url:
+        key = _custom_group(services, url)
+        started = time.monotonic()
+        result = register(services, creds("dev-w3", key=derive_device_key(key, "dev-w3")))
+        took = time.monotonic() - started
+    assert result["status"] == "failed" and words in result["registrationState"]["errorMessage"], result
+    assert took < 6, took

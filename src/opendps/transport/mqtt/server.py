@@ -519,7 +519,7 @@ class _Connection(asyncio.Protocol):
         pipeline = self._pipeline
         if pipeline is None:
             pipeline = self._pipeline = deque()
-        elif pipeline[-1][1] is future:  # one future for several PUBLISHes (a handler's batch): one callback
+        elif pipeline and pipeline[-1][1] is future:  # one future for several PUBLISHes (a handler's batch): one callback
             pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
             return True
         pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))

@@ -765,7 +765,11 @@ class PipeApp(App):
         self.begun_in.append((CONNECTION_TAG.get(None), asyncio.current_task() is not None))
         if topic == "pipe/boom":
             raise RuntimeError("a bug in begin_publish")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if topic.startswith("pipe/shared/") and self.begun and self.begun[-1][0].startswith("pipe/shared/") \
+                and not self.begun[-1][2].done():  # a handler's batch: one future for several PUBLISHes
+            future = self.begun[-1][2]
+        else:
+            future = asyncio.get_running_loop().create_future()
         self.begun.append((topic, payload, future))
         return future
 
@@ -833,6 +837,24 @@ def test_pipelined_publishes_are_begun_at_once_and_acknowledged_in_order_togethe
     assert [raw.recv() for _ in range(4)] == [Puback(11), Puback(12), Puback(13), Puback(14)]
     assert writes == [encode(Puback(10)), b"".join(encode(Puback(i)) for i in (11, 12, 13, 14))]
     assert not app.of("publish", cid)  # on_publish saw none of them
+
+
+def test_publishes_sharing_one_future_are_acknowledged_together_in_order(env: Env, piped: tuple[PipeApp, int]) -> None:
+    """A handler may answer several PUBLISHes with one future (the hub's group commit: one per transaction): the
+    core waits on it once, and its PUBLISHes are acknowledged together, in order, after what was begun before them."""
+    app, port = piped
+    raw = Raw(port)
+    raw.connect(cid := uid("shared"))
+    writes = _count_writes(env, app, cid)
+    raw.send(Publish("pipe/first", b"", 1, packet_id=1),
+             *(Publish(f"pipe/shared/{i}", b"", 1, packet_id=2 + i) for i in range(3)))
+    assert wait_until(lambda: len(app.begun) == 4)
+    assert len({id(f) for _, _, f in app.begun[1:]}) == 1
+    _settle(env, app, 1)  # the shared one first: nothing may go before PUBLISH 1's
+    assert raw.nothing_for(0.2)
+    _settle(env, app, 0)
+    assert [raw.recv() for _ in range(4)] == [Puback(1), Puback(2), Puback(3), Puback(4)]
+    assert writes == [b"".join(encode(Puback(i)) for i in (1, 2, 3, 4))]
 
 
 def test_a_publish_arriving_alone_is_begun_at_once_in_the_connections_context(env: Env,

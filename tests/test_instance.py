@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -273,3 +274,35 @@ def test_hubs_made_before_per_hub_keys_get_their_own_and_the_default_keeps_the_o
         assert set(inst.services.hubs.owner_keys("east")).isdisjoint(shared)
     finally:
         inst.close()
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("hostname", None, "hostname None is not a DNS name or an IPv4 address"),
+    ("hostname", 5, "hostname 5 is not"),
+    ("hostname", "9" * 300, "hostname '9999"),
+    ("hostname", "a\x00b", "is not a DNS name"),
+    ("hostname", "::1", "hostname '::1' is not a DNS name or an IPv4 address"),  # it goes into URLs as it is
+    ("host", [], "host [] is not a host name or an IP address"),
+    ("metrics_host", "", "metrics host '' is not"),
+    ("pkcs11_module", 3, "pkcs11 module 3 is not a file path"),
+])
+def test_a_hand_edited_config_value_of_the_wrong_kind_is_named(tmp_path, field, value, words):
+    """config.json may be edited by hand: a host or path of the wrong kind was a traceback wherever it was first
+    used (``hostname.lower()`` in ``info``, an IDNA error in ``audit verify``); now the check names it."""
+    from opendps.instance import ConfigurationError, Settings
+
+    (tmp_path / "config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ConfigurationError, match=re.escape(words)):
+        Settings.load(tmp_path).check()
+    for fine in ("dps.example.com", "10.0.0.5", "localhost", "edge_1.factory.local."):
+        (tmp_path / "config.json").write_text(json.dumps({"hostname": fine, "host": "::"}))
+        Settings.load(tmp_path).check()
+
+
+@pytest.mark.parametrize("text", ["[]", "5", "null", '"x"'])
+def test_a_config_file_that_is_not_an_object_is_named(tmp_path, text):
+    from opendps.instance import ConfigurationError, Settings
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigurationError, match="does not hold a JSON object"):
+        Settings.load(tmp_path)

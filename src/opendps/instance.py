@@ -24,6 +24,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -67,6 +68,22 @@ SERVER_CERT_RENEW_BEFORE = timedelta(days=30)  # re-issued when it expires withi
 
 def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _is_host(value: object) -> bool:
+    """A DNS name (labels of 1-63 letters, digits, '-' or '_'; at most 253 characters) or an IP address."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 @dataclass
@@ -138,6 +155,8 @@ class Settings:
                 values = json.loads(cfg.read_text())
             except (OSError, ValueError) as exc:
                 raise ConfigurationError(f"cannot read {cfg}: {exc}") from exc
+            if not isinstance(values, dict):
+                raise ConfigurationError(f"{cfg} does not hold a JSON object")
         if os.environ.get(DB_ENV):
             values["db"] = os.environ[DB_ENV]
         if os.environ.get(BUS_ENV):
@@ -147,7 +166,19 @@ class Settings:
         return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
 
     def check(self) -> None:
-        """Refuse what cannot work before anything is opened or written: ports, the database URL."""
+        """Refuse what cannot work before anything is opened or written: ports, names, the database URL (config.json
+        may have been edited by hand: every value's type too)."""
+        for name in ("host", "hostname", "metrics_host"):
+            value = getattr(self, name)
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+            if name == "hostname" and not (_is_host(value) and ":" not in value):  # in devices' URLs as it is
+                raise ConfigurationError(f"hostname {shown} is not a DNS name or an IPv4 address")
+            if not _is_host(value):
+                raise ConfigurationError(f"{name.replace('_', ' ')} {shown} is not a host name or an IP address")
+        for name in ("pkcs11_module", "pkcs11_pin_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigurationError(f"{name.replace('_', ' ')} {value!r} is not a file path")
         for name in ("https_port", "mqtt_port", "amqp_port", "http_port", "metrics_port"):
             port = getattr(self, name)
             low = 0 if name in ("amqp_port", "http_port", "metrics_port") else 1

@@ -55,7 +55,7 @@ from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
 from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url
-from opendps.transport import sas
+from opendps.transport import sas, shown
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
@@ -170,11 +170,12 @@ class Settings:
         may have been edited by hand: every value's type too)."""
         for name in ("host", "hostname", "metrics_host"):
             value = getattr(self, name)
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
-            if name == "hostname" and not (_is_host(value) and ":" not in value):  # in devices' URLs as it is
-                raise ConfigurationError(f"hostname {shown} is not a DNS name or an IPv4 address")
-            if not _is_host(value):
-                raise ConfigurationError(f"{name.replace('_', ' ')} {shown} is not a host name or an IP address")
+            if name == "hostname":  # it goes into devices' URLs as it is: no IPv6 literal
+                ok, kind = _is_host(value) and ":" not in value, "a DNS name or an IPv4 address"
+            else:
+                ok, kind = _is_host(value), "a host name or an IP address"
+            if not ok:
+                raise ConfigurationError(f"{name.replace('_', ' ')} {shown(value, 80)} is not {kind}")
         for name in ("pkcs11_module", "pkcs11_pin_file"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -384,10 +384,7 @@ class GroupCommit:
             return None
         future = self._shared
         if future is None:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            future = self._shared = loop.create_future()
+            future = self._shared = self._running_loop().create_future()
             self._shared_left[future] = 0
         self._shared_left[future] += 1
         self._enqueue((hub_id, device_id, system, application, body), future)
@@ -395,12 +392,16 @@ class GroupCommit:
 
     def _queue(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
                body: bytes) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = self._running_loop().create_future()
+        self._enqueue((hub_id, device_id, system, application, body), future)
+        return future
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, asked once per stream: on Python 3.11 ``get_running_loop`` is a getpid system call each time."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._enqueue((hub_id, device_id, system, application, body), future)
-        return future
+        return loop
 
     def _enqueue(self, message: Message, future: asyncio.Future[Any]) -> None:
         self._pending_bytes += len(message[4])

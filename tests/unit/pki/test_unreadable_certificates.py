@@ -72,6 +72,17 @@ def test_a_certificate_of_an_unknown_version_is_refused_not_raised():
         load_certificate_text(base64.b64encode(v4).decode())
 
 
+def test_a_key_on_a_curve_nobody_knows_is_named():
+    """The service API's certificate inputs read the public key too (UnsupportedAlgorithm, not a ValueError)."""
+    good, _ = make_leaf("dev-u4", None)
+    p256 = bytes.fromhex("06082a8648ce3d030107")  # prime256v1, in the SubjectPublicKeyInfo
+    unknown = x509.load_der_x509_certificate(_der(good).replace(p256, bytes.fromhex("06082a8648ce3d030109"), 1))
+    assert "not supported" in (unreadable(unknown) or "")
+    assert unreadable(unknown, key=False) is None  # a handshake's leaf: OpenSSL has used its key already
+    with pytest.raises(InvalidInput, match="cannot be read: .*not supported"):
+        load_certificate_text(base64.b64encode(_der(unknown)).decode())
+
+
 def test_a_signature_algorithm_nobody_knows_is_not_issued_by():
     ca, _ = make_leaf("ca-u", None)
     child, _ = make_leaf("ca-u", None)  # the same subject, so only the signature decides

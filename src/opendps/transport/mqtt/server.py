@@ -519,11 +519,10 @@ class _Connection(asyncio.Protocol):
         pipeline = self._pipeline
         if pipeline is None:
             pipeline = self._pipeline = deque()
-        elif pipeline and pipeline[-1][1] is future:  # one future for several PUBLISHes (a handler's batch): one callback
-            pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
-            return True
+        watched = bool(pipeline) and pipeline[-1][1] is future  # one future for several PUBLISHes: one callback
         pipeline.append((publish.packet_id if publish.qos == 1 else None, future, publish.topic))
-        future.add_done_callback(self._pipeline_step, context=self._context)  # the connection's (its request id)
+        if not watched:
+            future.add_done_callback(self._pipeline_step, context=self._context)  # the connection's (its request id)
         return True
 
     def _begin_inline(self, publish: Publish) -> bool:

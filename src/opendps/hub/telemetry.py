@@ -32,12 +32,13 @@ Message = tuple[int, str, dict[str, Any], dict[str, Any], bytes]  # hub id, devi
 log = logging.getLogger("opendps.hub")
 _EVENTS = table_of(TelemetryEvent)
 _APPEND = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
-# SQLite: multi-row INSERTs of 1, 2, 4 ... 64 rows (a batch is cut into those sizes: a few statements, 7 texts for
-# the driver's statement cache); 64 rows are 384 parameters, under SQLite's smallest limit (999)
-_SQLITE_ROWS_MAX = 64
+# SQLite: a batch is one or two multi-row INSERTs: its multiple of 16 rows (at most 160), then the rest (1-15 rows):
+# 25 statement texts for the driver's statement cache; 160 rows are 960 parameters, under SQLite's smallest limit (999)
+_SQLITE_ROWS_STEP, _SQLITE_ROWS_MAX = 16, 160
 _SQLITE_APPEND = {size: "INSERT INTO telemetry_events (hub_id, device_id, system_properties, properties, body, "
                         "enqueued_at) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * size)
-                  for size in (1 << k for k in range(_SQLITE_ROWS_MAX.bit_length()))}
+                  for size in (*range(1, _SQLITE_ROWS_STEP), *range(_SQLITE_ROWS_STEP, _SQLITE_ROWS_MAX + 1,
+                                                                     _SQLITE_ROWS_STEP))}
 _PG_ROWS_MAX = 256  # rows per PostgreSQL statement: a whole group-commit batch (1,281 parameters of 65,535)
 _JSON_TEXTS_MAX = 1024  # distinct property sets kept serialised (a device cannot grow it: cleared when full)
 # PostgreSQL: a transaction appending to a hub holds the advisory lock (_LOCK_SPACE, hub id) until it ends. The
@@ -230,17 +231,21 @@ class TelemetrySink:
 
         def text_of(value: dict[str, Any]) -> Any:
             key = tuple(value.items())
+            try:
+                found = texts.get(key)
+            except TypeError:  # an unhashable value (a list): not cached
+                found = None
+            if found is not None:  # only text-or-null sets are stored, and no other value equals a str or None
+                return found
+            found = serialise(value) if serialise is not None else value
             # only text (or null) values are cached: 1, 1.0 and True are equal keys but not the same JSON
-            if not all(type(v) is str or v is None for _, v in key):
-                return serialise(value) if serialise is not None else value
-            found = texts.get(key)
-            if found is None:
-                found = texts[key] = serialise(value) if serialise is not None else value
+            if all(type(v) is str or v is None for _, v in key):
+                texts[key] = found
             return found
         return text_of
 
     def _append_sqlite(self, conn: DBAPIConnection, messages: list[Message], now: datetime) -> list[int]:
-        """SQLite: multi-row INSERTs of the driver (a batch of 30 is 16 + 8 + 4 + 2 rows), the columns' own bind
+        """SQLite: multi-row INSERTs of the driver (a batch of 45 is 32 + 13 rows), the columns' own bind
         processing done once per batch (the time) or once per distinct property set (a fleet sends a few), and the
         positions from the last row id.
 
@@ -248,7 +253,9 @@ class TelemetrySink:
         multi-row RETURNING by) and serialises both JSON columns of every row: most of a stored message's cost.
         Why not ``executemany``: sqlite3 lets go of the GIL around every row it steps, and the event loop's thread
         takes it each time, so a batch of 30 was 30 hand-overs between the threads (in a microbenchmark against a
-        busy thread, 4 times the CPU of a multi-row statement per message and 8 times the time).
+        busy thread, 4 times the CPU of a multi-row statement per message and 8 times the time). For the same reason
+        a batch is one or two statements (not one per power of two) and the last row id is the cursor's (sqlite3 reads
+        it after every execute, letting go of the GIL for that too), not one more statement.
         Why the ids are right: the transaction holds SQLite's one write lock from its first INSERT to its commit and
         AUTOINCREMENT gives each new row the largest id ever used + 1, so the batch's ids are consecutive and end at
         ``last_insert_rowid()``."""
@@ -264,13 +271,15 @@ class TelemetrySink:
         try:
             done, total = 0, len(messages)
             while done < total:
-                size = 1 << (min(total - done, _SQLITE_ROWS_MAX).bit_length() - 1)
+                left = total - done
+                size = left if left < _SQLITE_ROWS_STEP else min(left - left % _SQLITE_ROWS_STEP, _SQLITE_ROWS_MAX)
                 cursor.execute(_SQLITE_APPEND[size], values[done * 6:(done + size) * 6])
                 done += size
-            cursor.execute("SELECT last_insert_rowid()")
-            last = cursor.fetchone()[0]  # type: ignore[index]  # one row, always
+            last = cursor.lastrowid  # sqlite3 reads last_insert_rowid() after each execute
         finally:
             cursor.close()
+        if last is None:
+            raise RuntimeError(f"telemetry batch of {total} rows: the driver gave no last row id")
         return list(range(last - total + 1, last + 1))
 
     def _sqlite_processors(self) -> tuple[Callable[[datetime], Any], Callable[[Any], Any] | None]:

@@ -129,9 +129,10 @@ def test_what_a_batch_stores_reads_back_as_it_was_given(store):
         assert before <= e.enqueued_at <= datetime.now(UTC) and e.enqueued_at.tzinfo is not None
 
 
-@pytest.mark.parametrize("size", [1, 3, 64, 77, 256, 300])
+@pytest.mark.parametrize("size", [1, 3, 15, 16, 45, 77, 160, 161, 175, 256, 300])
 def test_batches_of_any_size_store_each_message_at_its_position(store, size):
-    """SQLite cuts a batch into multi-row statements of 64, 32 ... 1 rows (77 = 64 + 8 + 4 + 1), PostgreSQL into
+    """SQLite cuts a batch into multi-row statements of a multiple of 16 rows up to 160 and the rest (77 = 64 + 13,
+    175 = 160 + 15, 300 = 160 + 128 + 12), PostgreSQL into
     statements of at most 256 rows (300 = 256 + 44): every message lands once, at the position returned for it, in
     order."""
     hub_ids = _hubs(store)

@@ -722,6 +722,80 @@ def test_dps_answers_at_the_granted_qos_and_a_puback_0_is_ignored(server):
             raw.close()
 
 
+def _closed_by_server(raw: RawMqtt) -> bool:
+    """The server ended the connection (no PUBACK, no answer first)."""
+    try:
+        return raw.sock.recv(1) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_a_request_id_no_answer_topic_can_carry_closes_the_connection_before_anything_is_done(server):
+    """``$rid`` is URL-decoded and echoed in the answer's topic: ``%23`` ('#'), ``%2B`` ('+'), ``%00`` or an id longer
+    than a topic name can hold made the answer fail in the MQTT core after the work was done: a traceback, a reported
+    patch stored without a reply, a registration assigned without one. Now the connection closes first, with one line."""
+    with svc(server) as c:
+        assert c.put("/devices/rid-dev", json={"deviceId": "rid-dev"}).status_code == 200
+        dkey = c.get("/devices/rid-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+        key = sym_key(c, "/enrollments/rid-dps-dev", {"attestation": {"type": "symmetricKey"}})
+    requests = [("rid-dev", "$iothub/twin/PATCH/properties/reported/?$rid=%23", b'{"written": 1}'),
+                ("rid-dev", "$iothub/twin/GET/?$rid=%2B", b""),
+                ("rid-dev", "$iothub/twin/GET/?$rid=a%00", b""),
+                ("rid-dev", "$iothub/twin/GET/?$rid=" + "r" * 65_512, b""),  # its answer's topic: 65,539 bytes
+                ("rid-dev", "$iothub/credentials/POST/issueCertificate/?$rid=%23", b"{}"),
+                ("rid-dps-dev", "$dps/registrations/PUT/iotdps-register/?$rid=%23", b'{"registrationId": "rid-dps-dev"}'),
+                ("rid-dps-dev", "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=%00&operationId=x", b"")]
+    for client, topic, payload in requests:
+        raw = RawMqtt(server)
+        try:
+            if client == "rid-dev":
+                raw.send(Connect(client, True, 60, hub_username(client),
+                                 sas.generate(f"{HUB}/devices/{client}", dkey).encode()))
+                filters = ["$iothub/twin/res/#", "$iothub/credentials/res/#"]
+            else:
+                raw.send(Connect(client, True, 60, dps_username(server, client),
+                                 device_sas(server.id_scope, client, key).encode()))
+                filters = ["$dps/registrations/res/#"]
+            assert raw.recv() == Connack(False, 0)
+            raw.send(Subscribe(1, [(f, 1) for f in filters]))
+            assert raw.recv() == Suback(1, [1] * len(filters))
+            raw.send(Publish(topic, payload, 1, packet_id=2))
+            assert _closed_by_server(raw), topic[:80]
+        finally:
+            raw.close()
+    with svc(server) as c:
+        assert "written" not in c.get("/twins/rid-dev").json()["properties"]["reported"]
+        assert c.get("/registrations/rid-dps-dev").status_code == 404
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert "Traceback" not in log and "on_publish failed" not in log
+    assert "refused: request id '#' holds '+', '#' or U+0000" in log and "request id is longer than 4096 bytes" in log
+
+
+def test_nan_infinity_and_numbers_past_a_double_are_not_json_and_get_a_400(server):
+    """Python's parser reads NaN, Infinity and 1e309 (inf): a reported patch holding one was stored and read back as
+    ``NaN`` (a twin no JSON client can parse), and PostgreSQL's json column refused it (a traceback, no answer)."""
+    with svc(server) as c:
+        assert c.put("/devices/nan-dev", json={"deviceId": "nan-dev"}).status_code == 200
+        dkey = c.get("/devices/nan-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+    d = Client(server, "nan-dev", hub_username("nan-dev"), password=sas.generate(f"{HUB}/devices/nan-dev", dkey))
+    assert d.rc == 0
+    try:
+        d.subscribe("$iothub/twin/res/#")
+        for i, (text, words) in enumerate((("NaN", "NaN is not a JSON number"), ("-Infinity", "-Infinity is not a JSON"),
+                                           ("1e309", "number 1e309 is out of range"), ("[1, -1E400]", "out of range"))):
+            d.publish(f"$iothub/twin/PATCH/properties/reported/?$rid=n{i}", f'{{"v": {text}}}')
+            topic, payload = d.expect("$iothub/twin/res/")
+            assert topic == f"$iothub/twin/res/400/?$rid=n{i}" and words in json.loads(payload)["message"], payload
+        d.publish("$iothub/twin/PATCH/properties/reported/?$rid=ok", '{"v": 1.5e308, "w": 1e-400}')
+        assert d.expect("$iothub/twin/res/")[0].startswith("$iothub/twin/res/204/?$rid=ok")
+        d.publish("$iothub/twin/GET/?$rid=get", b"")
+        _, payload = d.expect("$iothub/twin/res/")
+        assert json.loads(payload)["reported"] == {"v": 1.5e308, "w": 0.0, "$version": 2}
+    finally:
+        d.close()
+    assert "Traceback" not in (server.data_dir.parent / "server.log").read_text()
+
+
 def test_the_event_stream_refuses_what_is_not_a_position_or_a_number_with_a_400(server):
     """GET /events: a position past a 64-bit column, "²" (str.isdigit says yes, int() says no), a negative or
     infinite timeout and a count that is not a whole number are 400s naming the parameter, not 500s."""

@@ -71,6 +71,8 @@ def decode_csr_text(value: str) -> bytes:
     """The wire form: base64 DER without PEM armour (PEM text accepted too)."""
     value = value.strip()
     if value.startswith("-----BEGIN"):
+        if not value.isascii():  # PEM is ASCII (RFC 7468); a lone surrogate could not even be encoded
+            raise CsrRejected("PEM CSR text must be ASCII")
         return value.encode()
     if len(value) > MAX_CSR_BYTES * 2:
         raise PayloadTooLarge(f"CSR is larger than {MAX_CSR_BYTES} bytes")

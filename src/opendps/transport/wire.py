@@ -4,6 +4,7 @@ queries and timestamps."""
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -33,11 +34,24 @@ def json_depth(value: Any) -> int:
     return depth
 
 
+def _not_a_number(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite(token: str) -> float:
+    value = float(token)
+    if math.isinf(value):
+        raise ValueError(f"number {token[:40]} is out of range")
+    return value
+
+
 def parse_json(data: bytes | str, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse untrusted JSON: invalid text or nesting deeper than ``max_depth`` raise InvalidInput naming ``what``
-    (never RecursionError, which the standard parser raises for deep input)."""
+    (never RecursionError, which the standard parser raises for deep input). NaN, Infinity and numbers past a double
+    (``1e309``) are not JSON (RFC 8259) although Python reads them: kept, they were written back as ``NaN`` (a twin no
+    client could parse) or refused by PostgreSQL's json column (a traceback), so they are refused here."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
     except RecursionError:
         raise InvalidInput(f"{what} is nested more than {max_depth} levels deep") from None
     except ValueError as exc:

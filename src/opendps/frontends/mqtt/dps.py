@@ -15,9 +15,10 @@ from dataclasses import dataclass, replace
 
 from opendps.errors import OpenDPSError
 from opendps.frontends.device_request import parse_registration_body
-from opendps.frontends.mqtt import error_payload
+from opendps.frontends.mqtt import error_payload, request_id
 from opendps.frontends.runtime import Runtime, registration_counted
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
+from opendps.transport import shown
 from opendps.transport.mqtt.server import Session, SessionClosed
 from opendps.transport.wire import topic_query
 
@@ -56,14 +57,13 @@ class DpsSession:
 
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         query = topic_query(topic)
-        rid = query.get("$rid")
         if topic.startswith("$dps/registrations/PUT/iotdps-register/"):
-            await self._answer(rid, lambda: self._register(payload))
+            await self._answer(request_id(query), lambda: self._register(payload))
         elif topic.startswith("$dps/registrations/GET/iotdps-get-operationstatus/"):
-            await self._answer(rid, lambda: self._poll(query.get("operationId") or ""))
+            await self._answer(request_id(query), lambda: self._poll(query.get("operationId") or ""))
         else:
-            log.info("DPS client %r published to %r: connection closed", self.credentials.registration_id, topic)
-            session.close(f"publish to an unknown DPS topic: {topic!r}")
+            log.info("DPS client %r published to %s: connection closed", self.credentials.registration_id, shown(topic))
+            session.close(f"publish to an unknown DPS topic: {shown(topic)}")
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
         self.session = None

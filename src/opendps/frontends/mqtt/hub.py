@@ -22,13 +22,14 @@ from typing import Any, ClassVar
 
 from opendps.errors import Conflict, InvalidInput, OpenDPSError
 from opendps.frontends import metrics
-from opendps.frontends.mqtt import error_payload
+from opendps.frontends.mqtt import error_payload, request_id
 from opendps.frontends.runtime import Runtime
 from opendps.hub import AuthenticatedDevice, DeviceOffline
 from opendps.hub.live import C2D, DESIRED, METHODS
 from opendps.hub.telemetry import parse_property_bag
 from opendps.logs import event
 from opendps.pki import decode_csr_text
+from opendps.transport import shown
 from opendps.transport.mqtt.server import MqttRefused, Session, SessionClosed
 from opendps.transport.wire import iso8601, parse_json, topic_query
 
@@ -88,7 +89,7 @@ class HubSession:
         allowed = {f"devices/{d}/messages/devicebound/#", "$iothub/methods/POST/#", "$iothub/twin/res/#",
                    "$iothub/twin/PATCH/properties/desired/#", f"{CREDENTIALS_RESPONSE}/#", f"devices/{d}/messages/devicebound"}
         if topic_filter not in allowed or (topic_filter not in self.filters and len(self.filters) >= MAX_SUBSCRIPTIONS):
-            log.info("device %r: subscription to %r refused", d, topic_filter)
+            log.info("device %r: subscription to %s refused", d, shown(topic_filter))
             return REFUSE
         if topic_filter.startswith("devices/"):
             asyncio.get_running_loop().call_soon(self.wake_c2d)
@@ -114,16 +115,16 @@ class HubSession:
         if bag is not None:
             await self._telemetry(bag, payload)
         elif topic.startswith("$iothub/twin/GET/"):
-            await self._twin_get(topic_query(topic).get("$rid"))
+            await self._twin_get(request_id(topic_query(topic)))
         elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
-            await self._twin_reported(topic_query(topic).get("$rid"), payload)
+            await self._twin_reported(request_id(topic_query(topic)), payload)
         elif topic.startswith("$iothub/methods/res/"):
             self._method_answered(topic, payload)
         elif topic.startswith("$iothub/credentials/POST/issueCertificate/"):
-            await self._issue_certificate(topic_query(topic).get("$rid"), payload)
+            await self._issue_certificate(request_id(topic_query(topic)), payload)
         else:
-            log.info("device %r published to %r, which is not one of its topics: connection closed", d, topic)
-            session.close(f"publish to a topic outside the device's own: {topic!r}")
+            log.info("device %r published to %s, which is not one of its topics: connection closed", d, shown(topic))
+            session.close(f"publish to a topic outside the device's own: {shown(topic)}")
 
     def begin_publish(self, session: Session, topic: str, payload: bytes, qos: int,
                       retain: bool) -> asyncio.Future[None] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import ssl
 import time
@@ -477,3 +478,141 @@ def test_what_other_sdks_send_to_the_service_api(server):
         _assert_error(c.post("/twins/sdk-java-twin", json={"tags": {}}), 405, 405001, "method POST is not allowed")
         page = c.post("/devices/query", json={"query": "SELECT * FROM devices WHERE tags.line = 'b'"})
         assert page.headers["x-ms-item-type"] == "Twin" and [t["deviceId"] for t in page.json()] == ["sdk-java-twin"]
+
+
+def _settled_log(server, marker: str, count: int) -> str:
+    """The server log once ``marker`` appears ``count`` times (aiohttp logs about a request after answering it)."""
+    deadline = time.time() + 5
+    while True:
+        log = (server.data_dir.parent / "server.log").read_text()
+        if log.count(marker) >= count or time.time() > deadline:
+            return log
+        time.sleep(0.1)
+
+
+def test_bodies_that_do_not_decode_are_400s_not_500s(server):
+    """A body whose Content-Encoding does not decode (gzip or deflate that is not) is a 400 naming it, on a connection
+    closed after the answer (aiohttp's parser gave up on the stream), on every kind of route: never a 500, an ERROR
+    traceback in the log, or a second, plain-text answer on the same connection."""
+    garbage = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    with _client(server) as c:
+        for method, path in (("PUT", "/accessPolicies/gzip-garbage"), ("PUT", "/devices/gzip-garbage"),
+                             ("PATCH", "/twins/gzip-garbage"), ("POST", "/enrollments/query")):
+            for encoding in ("gzip", "deflate"):
+                r = c.request(method, path, content=b"not compressed", headers={**garbage, "Content-Encoding": encoding})
+                _assert_error(r, 400, 400004, f"request body cannot be read: Can not decode content-encoding: {encoding}")
+                assert r.headers["Connection"] == "close"
+        _assert_error(c.get("/accessPolicies/gzip-garbage"), 404)  # nothing written, and the client goes on
+        assert c.put("/accessPolicies/gzip-fine", content=gzip.compress(b'{"rights": "EnrollmentRead"}'),
+                     headers=garbage).status_code == 201  # what does decode is served as before
+    with httpx.Client(base_url=server.url, verify=_trust(server), timeout=60) as d:  # the device API reads its own way
+        _assert_error(d.put(f"/{server.id_scope}/registrations/gzip-dev/register", content=b"not compressed",
+                            headers=garbage), 400, 400004, "content-encoding")
+    log = _settled_log(server, "Unhandled exception: malformed request, answered 400", 9)
+    assert log.count("malformed request body in") >= 9
+    assert "Traceback" not in log and "ERROR aiohttp.server" not in log and "internal error" not in log
+
+
+def test_body_members_of_the_wrong_type_are_400s_not_500s(server):
+    """Members a route reads into must be JSON objects: anything else is a 400 naming the member, not an
+    AttributeError (a 500); and a thumbprint must be a string."""
+    with _client(server) as c:
+        for body, words in (({"authentication": True}, "authentication must be a JSON object"),
+                            ({"authentication": {"symmetricKey": "k"}}, "authentication.symmetricKey must be a JSON"),
+                            ({"authentication": {"x509Thumbprint": [1]}}, "authentication.x509Thumbprint must be a JSON"),
+                            ({"authentication": {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": 5}}},
+                             "x509Thumbprint.primaryThumbprint must be 40")):
+            _assert_error(c.put("/devices/wrong-types", json=body), 400, 400004, words)
+        _assert_error(c.get("/devices/wrong-types"), 404)
+        _assert_error(c.put("/linkedHubs/wrong-types", json={"properties": "x"}), 400, 400004,
+                      "properties must be a JSON object")
+        _assert_error(c.get("/linkedHubs/wrong-types"), 404)
+
+
+def test_names_ending_in_a_newline_are_refused_not_written(server):
+    """The name rules are regular expressions ending in ``$``, which also matches before a final newline: ``nl-ns\\n``
+    and its kin used to be created (a namespace's name goes into its CA certificates' subjects)."""
+    sym = {"attestation": {"type": "symmetricKey"}}
+    nats = {"url": "nats://127.0.0.1:4222", "isEnabled": False}
+    with _client(server) as c:
+        for path, body, words in (
+                ("/namespaces/nl-ns%0A", {}, "namespace name"),
+                ("/namespaces/nl-ns/credentials/default/policies/nl-policy%0A", {}, "name"),
+                ("/accessPolicies/nl-policy%0A", {"rights": "EnrollmentRead"}, "access policy name"),
+                ("/enrollments/nl-enrollment%0A", sym, "registration id"),
+                ("/enrollmentGroups/nl-group%0A", sym, "enrollment group id"),
+                ("/devices/nl-device%0A", {}, "device id"),
+                ("/devices/nl-thumb", {"authentication": {"type": "selfSigned", "x509Thumbprint": {
+                    "primaryThumbprint": "AB" * 20 + "\n"}}}, "primaryThumbprint must be 40"),
+                ("/linkedHubs/default/routes/nl-route%0A", {"properties": nats}, "route name"),
+                ("/linkedHubs/default/routes/nl-subject", {"properties": {**nats, "subject": "a.b\n"}}, "subject"),
+                ("/linkedHubs/nl-host", {"properties": {"hostName": "nl-host.localhost\n"}}, "host name")):
+            _assert_error(c.put(path, json=body), 400, 400004, words)
+        assert c.put("/namespaces/nl-ns", json={}).status_code == 201  # the names without the newline are fine
+        assert [n["name"] for n in c.get("/namespaces").json()["value"] if n["name"].startswith("nl-")] == ["nl-ns"]
+        assert not [p for p in c.get("/accessPolicies").json()["value"] if p["keyName"].startswith("nl-")]
+        assert not [r for r in c.get("/linkedHubs/default/routes").json()["value"] if r["name"].startswith("nl-")]
+        assert not [h for h in c.get("/linkedHubs").json()["value"] if h["name"].startswith("nl-")]
+        assert not [d for d in c.get("/devices").json() if d["deviceId"].startswith("nl-")]
+        assert c.delete("/namespaces/nl-ns").status_code == 204
+
+
+def test_text_no_database_can_hold_is_a_400(server):
+    """A lone UTF-16 surrogate escape in a JSON body is not text (RFC 7493), and a NUL cannot be a device id: a 400
+    naming the problem, where the database's encoder used to fail (a 500)."""
+    lone = '{"deviceId": "a\\ud800", "namespace": "x"}'
+    with _client(server) as c:
+        for path, text in (("/deviceCertificates/revoke", lone),
+                           ("/deviceCertificates/revoke", '{"deviceId": "a", "namespace": "\\udfff"}'),
+                           ("/namespaces/lone-surrogate", '{"properties": {"policyName": "p\\ud800"}}')):
+            _assert_error(c.request("POST" if "revoke" in path else "PUT", path, content=text.encode(),
+                                    headers={"Content-Type": "application/json"}), 400, 400004, "lone UTF-16 surrogate")
+        _assert_error(c.post("/deviceCertificates/revoke", json={"deviceId": "a\u0000b"}), 400, 400004, "device id")
+        _assert_error(c.post("/deviceCertificates/revoke", json={"deviceId": "a", "namespace": "a\u0000b"}), 400,
+                      400004, "namespace name")
+        _assert_error(c.get("/deviceCertificates", params={"deviceId": "a\u0000b"}), 400, 400004, "NUL character")
+        pair = '{"tags": {"smile": "\\ud83d\\ude00"}}'  # a surrogate pair is one character, and welcome
+        assert c.put("/devices/surrogate-pair", json={}).status_code == 200
+        r = c.patch("/twins/surrogate-pair", content=pair.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["tags"] == {"smile": "\U0001f600"}, r.text
+
+
+def test_values_the_domain_parses_or_binds_are_checked_first(server):
+    """Body values that reached a parser or a SQL statement unchecked, each a 500: a namespaceName that is not a
+    string, a certificate that is a number, URLs with an unbalanced IPv6 bracket (``urlsplit`` raises), and an
+    x-ms-continuation past what SQLite binds as an integer."""
+    sym = {"attestation": {"type": "symmetricKey"}}
+    with _client(server) as c:
+        assert c.put("/namespaces/bind-ns", json={"properties": {"policyName": "bind-p"}}).status_code == 201
+        for bad in (10**30, [], {}, 5):
+            _assert_error(c.put("/enrollments/bind-enrollment", json={**sym, "credentialPolicyName": "bind-p",
+                                                                      "namespaceName": bad}), 400, 400004,
+                          "namespace name")
+        _assert_error(c.put("/enrollments/bind-enrollment", json={"attestation": {"type": "x509", "x509": {
+            "clientCertificates": {"primary": {"certificate": 5}}}}}), 400, 400004, "must be a PEM or base64 DER string")
+        _assert_error(c.put("/enrollments/bind-enrollment", json={**sym, "allocationPolicy": "custom",
+                                                                  "customAllocationDefinition": {
+                                                                      "webhookUrl": "https://[::1/allocate"}}),
+                      400, 400004, "webhookUrl")
+        _assert_error(c.get("/enrollments/bind-enrollment"), 404)
+        _assert_error(c.put("/linkedHubs/default/routes/bind-route", json={"properties": {
+            "url": "nats://[::1", "isEnabled": False}}), 400, 400004, "is not a NATS server URL")
+        _assert_error(c.post("/enrollments/query", json={"query": "*"}, headers={"x-ms-continuation": "9" * 30}), 400,
+                      400004, "x-ms-continuation 0-")
+        r = c.put("/enrollments/bind-enrollment", json={**sym, "credentialPolicyName": "bind-p", "namespaceName": "bind-ns"})
+        assert r.status_code == 201, r.text
+        assert c.delete("/enrollments/bind-enrollment").status_code == 204
+
+
+def test_a_nul_in_the_path_or_query_is_a_400_before_any_lookup(server):
+    """``%00`` decodes to U+0000, which no name or id holds and PostgreSQL cannot even compare: every lookup by a path
+    segment or ``?hub=`` was its DataError there (a 500). Refused by name on every route, before credentials too."""
+    with _client(server) as c:
+        for method, path in (("DELETE", "/namespaces/a%00b"), ("DELETE", "/enrollments/%00"),
+                             ("POST", "/enrollments/a%00b/attestationmechanism"), ("DELETE", "/registrations/%00"),
+                             ("DELETE", "/linkedHubs/default/routes/a%00"), ("PATCH", "/twins/a%00b"),
+                             ("POST", "/twins/a%00b/methods"), ("POST", "/devices/a%00b/messages/deviceBound"),
+                             ("PUT", "/devices/nul-hub?hub=%00"), ("DELETE", "/certificates/a%00b")):
+            _assert_error(c.request(method, path, json={}), 400, 400004, "NUL character")
+    with httpx.Client(base_url=server.url, verify=_trust(server), timeout=60) as d:
+        _assert_error(d.post(f"/{server.id_scope}/registrations/a%00b", json={}), 400, 400004, "NUL character")

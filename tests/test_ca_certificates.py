@@ -377,7 +377,8 @@ def test_refused_replacement_leaves_verified_certificate_untouched(ca_certificat
 
 
 def test_upload_checks_names(ca_certificates, pki, subtests):
-    for name in ("", " leading", "trailing ", "a/b", "a\\b", "a?b", "a#b", "x" * 257):
+    # a NUL, a newline, a lone surrogate: no name (PostgreSQL cannot hold a NUL: its DataError was a 500)
+    for name in ("", " leading", "trailing ", "a/b", "a\\b", "a?b", "a#b", "x" * 257, "a\x00b", "a\nb", "a\ud800"):
         with subtests.test(name=name):
             with pytest.raises(InvalidInput) as excinfo:
                 ca_certificates.upload(name, pki.root_pem.read_text())
@@ -594,6 +595,8 @@ def test_unknown_certificate_name_is_404(ca_certificates, pki, workdir, subtests
             with pytest.raises(NotFound) as excinfo:
                 call()
             _assert_refused(excinfo, NotFound, 404, 404001, "'nope'", "does not exist")
+    with pytest.raises(NotFound):  # no certificate holds a NUL: not looked up (PostgreSQL's DataError, a 500)
+        cas.get("no\x00pe")
     assert [v.name for v in cas.list()] == [ROOT_NAME]
 
 

@@ -202,9 +202,12 @@ def test_the_status_endpoints_speak_http_as_rfc_5019_says(server, files):
             assert again.status_code in (200, 304)  # 304 from the worker that built it, 200 (its own) from another
             head = client.head(f"/crl/{ca_ref(ica)}.crl")
             assert head.status_code == 200 and head.content == b""
-            # malformed: OCSP's own status, never an HTTP error
+            # malformed: OCSP's own status, never an HTTP error (a body whose Content-Encoding does not decode too,
+            # on a connection closed after the answer: aiohttp's parser gave up on it)
+            undecodable = client.post("/ocsp", content=b"not gzip", headers={"Content-Encoding": "gzip"})
+            assert undecodable.headers.get("Connection") == "close", undecodable.text
             for r in (client.post("/ocsp", content=b"not DER"), client.get("/ocsp/not%20base64!"),
-                      client.post("/ocsp", content=request + b"\x00")):
+                      client.post("/ocsp", content=request + b"\x00"), undecodable):
                 assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store", r.text
                 status = x509_ocsp.load_der_ocsp_response(r.content).response_status
                 assert status == x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST

@@ -17,7 +17,7 @@ def new_etag() -> str:
 
 
 def check_resource_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _RESOURCE_NAME.match(name):
+    if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
         raise InvalidInput(
             f"{kind} name {name!r} is invalid: use 1-63 letters, digits and '-', starting with a letter or digit"
         )

@@ -21,6 +21,7 @@ from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store
 
 MAX_C2D_BYTES = 64 * 1024
 MAX_PENDING = 50
+MAX_MESSAGE_ID = 128  # IoT Hub's limit, and the column's
 DEFAULT_TTL = timedelta(hours=1)
 MAX_TTL = timedelta(days=2)
 MIN_TTL = timedelta(seconds=1)
@@ -76,6 +77,9 @@ class CloudToDevice:
             raise InvalidInput("message time-to-live must be 1 second to 2 days")
         props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
         sysprops = {str(k): str(v) for k, v in (system or {}).items() if v is not None}
+        given = sysprops.get("message-id")
+        if given is not None and not (len(given) <= MAX_MESSAGE_ID and given.isascii() and given.isprintable()):
+            raise InvalidInput(f"message id must be at most {MAX_MESSAGE_ID} printable ASCII characters")
         now = datetime.now(UTC)
         with self.store.session() as s:
             hub = s.scalars(select(LinkedHub).where(LinkedHub.name == hub_name)).first()

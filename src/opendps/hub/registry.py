@@ -251,14 +251,14 @@ def hub_row(s: Session, name: str) -> LinkedHub:
 
 def check_device_id(value: object) -> str:
     """A device id IoT Hub would accept (ids are matched case-insensitively here)."""
-    if not isinstance(value, str) or not _DEVICE_ID.match(value):
+    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
         raise InvalidInput(f"device id {value!r} is invalid: use 1-128 ASCII letters, digits and "
                            "- : . + % _ # * ? ! ( ) , = @ ; $ '")
     return value
 
 
 def check_host_name(value: str) -> str:
-    if not isinstance(value, str) or not _HOST.match(value):
+    if not isinstance(value, str) or not _HOST.fullmatch(value):
         raise InvalidInput(f"hub host name {value!r} is not a valid DNS name")
     return value.lower()
 
@@ -677,7 +677,7 @@ class Hubs:
         if auth_type == "selfSigned" and not thumbprints[0]:
             raise InvalidInput("a selfSigned device needs x509Thumbprint.primaryThumbprint")
         for name, value in zip(("primaryThumbprint", "secondaryThumbprint"), thumbprints, strict=True):
-            if value and not _THUMBPRINT.match(value.replace(":", "")):
+            if not isinstance(value, str | None) or (value and not _THUMBPRINT.fullmatch(value.replace(":", ""))):
                 raise InvalidInput(f"x509Thumbprint.{name} must be 40 (SHA-1) or 64 (SHA-256) hex digits")
         if keys is not None:
             for name, value in zip(("primaryKey", "secondaryKey"), keys, strict=True):

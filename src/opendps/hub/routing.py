@@ -73,10 +73,13 @@ def _view(hub: LinkedHub, r: TelemetryRoute) -> RouteView:
 
 def check_nats_url(value: object) -> str:
     """``nats://host:port`` or ``tls://host:port`` (several servers comma-separated, as nats-py takes them)."""
-    if not isinstance(value, str) or not value or len(value) > 512:
+    if not isinstance(value, str) or not value or len(value) > 512 or not value.isprintable():
         raise InvalidInput("url must be a NATS server URL such as nats://127.0.0.1:4222")
     for server in value.split(","):
-        parts = urlsplit(server.strip())
+        try:
+            parts = urlsplit(server.strip())  # raises for an unbalanced IPv6 bracket ("nats://[::1")
+        except ValueError as exc:
+            raise InvalidInput(f"url {server.strip()!r} is not a NATS server URL: {exc}") from exc
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
             raise InvalidInput(f"url {server.strip()!r} is not a NATS server URL (nats://host:port or tls://host:port)")
         try:
@@ -87,7 +90,7 @@ def check_nats_url(value: object) -> str:
 
 
 def check_subject(value: object) -> str:
-    if not isinstance(value, str) or len(value) > 200 or not _SUBJECT.match(value):
+    if not isinstance(value, str) or len(value) > 200 or not _SUBJECT.fullmatch(value):
         raise InvalidInput("subject must be a NATS subject prefix of letters, digits, '-', '_' and '$' tokens "
                            "separated by '.', without wildcards (e.g. opendps.telemetry)")
     return value

@@ -67,8 +67,8 @@ def subject_key_id(certificate: x509.Certificate) -> str | None:
         return None
 
 
-def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509.Certificate:
-    """A certificate given as PEM text, base64 DER, or raw DER bytes."""
+def load_certificate_text(value: object, what: str = "certificate") -> x509.Certificate:
+    """A certificate given as PEM text, base64 DER, or raw DER bytes (anything else: InvalidInput)."""
     if isinstance(value, str):
         if len(value) > MAX_CERTIFICATE_TEXT:
             raise InvalidInput(f"{what} is larger than {MAX_CERTIFICATE_TEXT} bytes")
@@ -82,8 +82,10 @@ def load_certificate_text(value: str | bytes, what: str = "certificate") -> x509
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise InvalidInput(f"{what} is neither PEM nor base64 DER") from exc
-    else:
+    elif isinstance(value, bytes):
         data = value
+    else:  # a JSON number, list or object where a certificate was expected
+        raise InvalidInput(f"{what} must be a PEM or base64 DER string")
     try:
         cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN")
                 else x509.load_der_x509_certificate(data))

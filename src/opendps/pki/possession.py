@@ -64,8 +64,10 @@ def _check_ca(cert: x509.Certificate, now: datetime) -> None:
 
 
 def _check_name(name: str) -> str:
-    if not name or len(name) > 256 or any(c in name for c in "/\\?#") or name.strip() != name:
-        raise InvalidInput(f"certificate name {name!r} is invalid: 1-256 characters, no '/', '\\\\', '?', '#'")
+    if not name or len(name) > 256 or any(c in name for c in "/\\?#") or name.strip() != name \
+            or not name.isprintable():  # no control character (a NUL, a newline), no lone surrogate
+        raise InvalidInput(f"certificate name {name!r} is invalid: 1-256 printable characters, no '/', '\\\\', "
+                           "'?', '#'")
     return name
 
 
@@ -95,6 +97,8 @@ class CaCertificates:
         return q
 
     def _find(self, s: Session, name: str) -> ProvenCaCertificate | None:
+        if "\x00" in name:
+            return None  # no certificate is so named, and PostgreSQL cannot even compare a NUL
         return s.scalars(self._select().where(self.model.name == name)).first()
 
     def _get(self, s: Session, name: str) -> ProvenCaCertificate:

@@ -98,7 +98,7 @@ def _stored_rights(value: str) -> tuple[str, ...]:
 
 
 def check_policy_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidInput(f"access policy name {name!r} is invalid: use 1-64 letters, digits, '.', '_' and '-'")
     if name.lower() == HUB_OWNER_POLICY:
         raise InvalidInput(f"{HUB_OWNER_POLICY!r} is reserved for linked hubs' own keys (opendps hub policy)")
@@ -192,7 +192,7 @@ class AccessPolicies:
 
     def cached_credentials(self, name: str) -> tuple[bool, PolicyCredentials | None]:
         """(found in the cache, value) without touching the database: front ends ask this on the event loop first."""
-        if not isinstance(name, str) or not _NAME.match(name) or name == HUB_OWNER_POLICY:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name == HUB_OWNER_POLICY:
             return True, None  # no such policy can exist: nothing to look up
         with self._lock:
             entry = self._cache.get(name)

@@ -49,7 +49,7 @@ ID_INDEX_LIMIT = 200_000  # enrollment ids held in memory per process for attest
 
 
 def check_registration_id(value: object, what: str = "registration id") -> str:
-    if not isinstance(value, str) or not REGISTRATION_ID.match(value):
+    if not isinstance(value, str) or not REGISTRATION_ID.fullmatch(value):
         raise InvalidInput(f"{what} {value!r} is invalid: use 1-128 characters from a-z, A-Z, 0-9, '-', '.', '_', ':' "
                            "ending with a letter, digit or '-'")
     return value
@@ -367,6 +367,7 @@ class Enrollments:
             try:
                 if not isinstance(document, dict) or not isinstance(enrollment_id, str):
                     raise InvalidInput(f"each item must be a JSON object with a string {id_field}")
+                check_registration_id(enrollment_id, id_field)  # before it is looked up (or deleted)
                 self._bulk_one(kind, mode, enrollment_id, document)
             except OpenDPSError as exc:
                 errors.append(BulkError(enrollment_id if isinstance(enrollment_id, str) else "", exc.error_code,
@@ -491,7 +492,10 @@ class Enrollments:
         if policy == "custom":
             cad = json_object(body.get("customAllocationDefinition"), "customAllocationDefinition")
             url = cad.get("webhookUrl")
-            parsed = urlparse(url) if isinstance(url, str) else None
+            try:  # urlparse raises for an unbalanced IPv6 bracket ("https://[::1")
+                parsed = urlparse(url) if isinstance(url, str) else None
+            except ValueError:
+                parsed = None
             if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
                 raise InvalidInput("allocationPolicy 'custom' needs customAllocationDefinition.webhookUrl (an http(s) URL)")
             api_version = cad.get("apiVersion") or "2019-03-31"

@@ -64,6 +64,7 @@ SWEEP_EVERY = timedelta(minutes=10)
 CSR_API_VERSION = "2025-07-01-preview"
 REGISTRATION_NOT_FOUND = 404201
 OPERATION_NOT_FOUND = 404203
+MAX_OPERATION_ID = 96  # the operations table's key column
 
 
 def csr_supported(api_version: str | None) -> bool:
@@ -250,11 +251,15 @@ class Provisioning:
         return Accepted(operation_id, result=result if datetime.now(UTC) - now <= ANSWER_WITHIN else None)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:
+        check_registration_id(credentials.registration_id)  # before the throttle keys a row by it
         self.throttle.check(credentials.registration_id)
         with self.store.config_snapshot():
             self._identity(credentials)
         with self.store.session() as s:
-            op = s.get(Operation, operation_id)
+            # ours are printable ASCII that fits the column: anything else names no operation, and sent to the
+            # database as a key (a U+0000 from '%00') it was PostgreSQL's DataError, a traceback, not a 404
+            known = 0 < len(operation_id) <= MAX_OPERATION_ID and operation_id.isascii() and operation_id.isprintable()
+            op = s.get(Operation, operation_id) if known else None
             if op is None or op.registration_key != credentials.registration_id.lower():
                 raise NotFound(f"operation {operation_id!r} does not exist for registration "
                                f"{credentials.registration_id!r}", error_code=OPERATION_NOT_FOUND)
@@ -262,6 +267,7 @@ class Provisioning:
 
     def status(self, credentials: DeviceCredentials) -> dict[str, Any]:
         """Registration status lookup (POST /{idScope}/registrations/{id}): no certificate chain."""
+        check_registration_id(credentials.registration_id)  # before the throttle keys a row by it
         self.throttle.check(credentials.registration_id)
         with self.store.config_snapshot():
             self._identity(credentials)

@@ -17,8 +17,8 @@ from cryptography import x509
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from opendps.errors import NotFound
-from opendps.ids import new_etag
+from opendps.errors import InvalidInput, NotFound
+from opendps.ids import check_resource_name, new_etag
 from opendps.pki import serial_hex, thumbprint
 from opendps.store import CertificateAuthority, ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
 from opendps.transport.wire import iso8601
@@ -31,6 +31,17 @@ _INSERT_RECORD = insert(_RECORDS)
 _REGISTRATION_OF = select(_RECORDS.c.registration_id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
                                                              _RECORDS.c.device_key == bindparam("b_key"))
 _UPDATE_RECORD = update(_RECORDS).where(_RECORDS.c.id == bindparam("b_id"))
+
+
+def check_lookup_id(device_id: object) -> str:
+    """A device or registration id that certificates are looked up by: 1-128 printable ASCII characters (what IoT Hub's
+    device ids and DPS' registration ids have in common), so a NUL or a lone surrogate is refused by name, not handed
+    to the database (which cannot hold them)."""
+    if not isinstance(device_id, str) or not 1 <= len(device_id) <= 128 or not device_id.isascii() \
+            or not device_id.isprintable():
+        raise InvalidInput(f"device id {device_id!r} is invalid: a device or registration id is 1-128 printable "
+                           "ASCII characters")
+    return device_id
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,9 @@ class DeviceRegistry:
         """The registration ids whose certificates are ``device_id``'s: the id itself (a registration id, or a
         device id equal to it, as most are) and every registration id its device records name (in ``namespace``
         only, when given)."""
+        check_lookup_id(device_id)
+        if namespace is not None:
+            check_resource_name("namespace", namespace)
         with self.store.session() as s:
             q = select(DeviceRecord.registration_id).where(DeviceRecord.device_key == device_id.lower())
             if namespace is not None:
@@ -163,6 +177,7 @@ class DeviceRegistry:
 
     def issuing_ca_ids(self, namespace: str) -> builtins.list[int]:
         """Every issuing CA of ``namespace``, active or retired (NotFound: no such namespace)."""
+        check_resource_name("namespace", namespace)
         with self.store.session() as s:
             ns = s.scalar(select(Namespace.id).where(Namespace.name == namespace))
             if ns is None:

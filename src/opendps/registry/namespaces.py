@@ -458,6 +458,9 @@ class Registry:
         """A credential policy by name (in ``namespace``, or the only one so named); InvalidInput otherwise."""
         if not isinstance(name, str) or not name:
             raise InvalidInput("credentialPolicyName must be a policy name")
+        check_resource_name("policy", name)  # what no policy can be named is refused here, not bound into SQL
+        if namespace is not None:
+            check_resource_name("namespace", namespace)
         with self.store.session() as s:
             q = select(Policy.id, Namespace.name).join(Namespace, Policy.namespace_id == Namespace.id)
             q = q.where(Policy.name == name)

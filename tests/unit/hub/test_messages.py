@@ -25,6 +25,16 @@ def test_a_time_to_live_out_of_range_is_refused_not_overflowed(seconds):
         time_to_live(seconds)
 
 
+def test_a_message_id_the_column_cannot_hold_is_refused(services):
+    """``iothub-messageid`` is at most 128 printable ASCII characters (IoT Hub's limit and the column's): longer was
+    stored on SQLite and PostgreSQL's DataError (a 500) there."""
+    services.hubs.create_device("default", "c2d-id")
+    for bad in ("m" * 129, "a\x00b", "caf\u00e9"):
+        with pytest.raises(InvalidInput, match="message id must be at most 128"):
+            services.c2d.enqueue("default", "c2d-id", b"x", system={"message-id": bad})
+    assert services.c2d.enqueue("default", "c2d-id", b"x", system={"message-id": "m" * 128}).message_id == "m" * 128
+
+
 def test_a_time_to_live_in_range():
     assert time_to_live(1).total_seconds() == 1 and time_to_live(172800).days == 2
 

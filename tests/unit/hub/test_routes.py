@@ -42,6 +42,10 @@ def test_a_route_is_created_replaced_listed_and_deleted(services):
     ({"isEnabled": 1}, "isEnabled must be true or false"),
     ({"url": "nats://a:4222,ftp://b:21"}, "'ftp://b:21' is not a NATS server URL"),
     ({"url": 4222}, "must be a NATS server URL"),
+    ({"url": "nats://[::1"}, "is not a NATS server URL: Invalid IPv6 URL"),  # urlsplit raises: it was a 500
+    ({"url": "nats://127.0.0.1:4222\n"}, "must be a NATS server URL"),  # urlsplit drops the newline; it was stored
+    ({"url": "nats://127.0.0.1:4222/\x00"}, "must be a NATS server URL"),  # PostgreSQL cannot hold it: a 500
+    ({"subject": "fleet.x\n"}, "NATS subject prefix"),  # '$' matches before a final newline: it was stored
 ])
 def test_bad_routes_are_refused_naming_the_problem(services, props, words):
     with pytest.raises(InvalidInput, match=words):

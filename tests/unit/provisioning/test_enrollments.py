@@ -114,6 +114,18 @@ def test_bulk_operations_apply_each_item_on_its_own_and_report_the_refused(servi
             bulk("individual", mode, items)
 
 
+def test_bulk_items_with_an_id_no_enrollment_can_have_are_refused_before_any_lookup(services):
+    """An item's id is checked before it is looked up or deleted: a NUL in it was PostgreSQL's DataError (the whole
+    bulk operation a 500), and on SQLite a 404 instead of naming the id as invalid."""
+    for mode in ("create", "update", "delete"):
+        refused = services.enrollments.bulk("individual", mode, [{**SYM, "registrationId": "bad\x00id"},
+                                                                 {**SYM, "registrationId": "bad-id\n"}])
+        assert [(e.enrollment_id, e.error_code // 1000) for e in refused] == [("bad\x00id", 400), ("bad-id\n", 400)]
+        assert all("registrationId" in e.error_status for e in refused)
+    refused = services.enrollments.bulk("group", "delete", [{"enrollmentGroupId": "bad\x00id"}])
+    assert [(e.error_code, "enrollmentGroupId" in e.error_status) for e in refused] == [(400004, True)]
+
+
 def test_a_query_window_unwraps_only_its_own_keys(services, monkeypatch):
     """The Azure query route pages with an offset: a page of 2 out of 7 keyed enrollments unwraps 2 keys, not 7."""
     for i in range(7):

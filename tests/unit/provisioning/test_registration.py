@@ -114,6 +114,16 @@ def test_a_refused_registration_writes_nothing(services, fleet, csr, api_version
     assert _counts(services, rid) == (0, 0, 0, 0)
 
 
+def test_a_pem_csr_that_is_not_ascii_is_a_csr_refusal_not_a_traceback(services, fleet):
+    """JSON can carry a lone surrogate (``"-----BEGIN\\ud800"``): encoding that PEM text raised UnicodeEncodeError, a
+    traceback on DPS and on the hub's issueCertificate alike, instead of refusing the CSR."""
+    rid = "dev-003"
+    for text in ("-----BEGIN CERTIFICATE REQUEST-----\ud800", "-----BEGIN CERTIFICATE REQUEST-----\n\u00e9"):
+        with pytest.raises(CsrRejected, match="PEM CSR text must be ASCII"):
+            services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)), csr=text, api_version=PREVIEW)
+    assert _counts(services, rid) == (0, 0, 0, 0)
+
+
 def test_a_hub_unlinked_after_the_decision_fails_the_write_and_leaves_nothing(services, fleet, monkeypatch):
     """The write transaction does not re-read the allocated hub: its foreign key refuses the identity instead."""
     gone = services.hubs.create("gone", "gone.hubs.test")
@@ -157,6 +167,29 @@ def test_a_poll_is_answered_only_for_its_own_registration(services, fleet):
         services.provisioning.operation(b, accepted.operation_id)
     with pytest.raises(AttestationFailed):
         services.provisioning.operation(creds("dev-006", key=fleet), accepted.operation_id)  # the group key itself
+
+
+def test_a_poll_for_an_operation_id_no_operation_can_have_is_a_404(services, fleet):
+    """An MQTT poll's operationId is URL-decoded: ``%00`` reached PostgreSQL as a key holding U+0000, a DataError (a
+    traceback, the device's connection dropped) instead of the 404 any unknown operation gets."""
+    device = creds("dev-012", key=derive_device_key(fleet, "dev-012"))
+    accepted = services.provisioning.register(device)
+    for operation_id in ("\x00", accepted.operation_id + "\x00", "x" * 97):  # polls are limited to 5 per 10 s
+        with pytest.raises(NotFound, match="does not exist for registration") as info:
+            services.provisioning.operation(device, operation_id)
+        assert info.value.error_code == 404203
+    assert services.provisioning.operation(device, accepted.operation_id)["status"] == "assigned"
+
+
+def test_a_status_lookup_or_poll_for_a_registration_id_no_device_can_have_is_refused_first(services, fleet):
+    """The registration id (the URL's, as sent) is checked before the request limit keys a row by it: 200 characters
+    were too long for PostgreSQL's column and a NUL one it cannot hold, both a DataError (a 500)."""
+    for rid in ("x" * 200, "a\x00b", "dev-013\n"):
+        device = creds(rid, key=derive_device_key(fleet, "dev-013"))
+        with pytest.raises(InvalidInput, match="registration id .* is invalid"):
+            services.provisioning.status(device)
+        with pytest.raises(InvalidInput, match="registration id .* is invalid"):
+            services.provisioning.operation(device, "0" * 32)
 
 
 def test_renewal_through_the_hub_issues_under_the_same_policy_and_updates_the_records(services, fleet):

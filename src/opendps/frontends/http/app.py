@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from opendps import audit, logs
-from opendps.errors import Forbidden, Unauthorized
+from opendps.errors import Forbidden, InvalidInput, Unauthorized
 from opendps.frontends.http.audit import routes as audit_routes
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
@@ -113,6 +113,15 @@ def _peer_host(request: web.Request) -> str | None:
 
 
 @web.middleware
+async def nul_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No name, id or query value of this API holds a NUL (``%00``), and PostgreSQL cannot even compare one: a 400
+    naming it here, before any lookup binds it (it was the database driver's DataError, a 500)."""
+    if "\x00" in request.path or "\x00" in request.query_string:  # both as decoded (%00 is a NUL there)
+        raise InvalidInput("the request's path or query holds a NUL character (%00), which no name or id has")
+    return await handler(request)
+
+
+@web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request gets an id (the caller's ``x-ms-client-request-id`` when it is a plain token): its log lines,
     the domain's included, carry it (``opendps.logs.REQUEST_ID``), and the answer names it in ``x-ms-request-id``."""
@@ -152,8 +161,8 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket``, ``/`` and ``/mqtt`` (the same server as the MQTT
     port)."""
     quiet_client_errors()
-    app = web.Application(middlewares=[request_id_middleware, error_middleware, sas_middleware(authenticator)],
-                          client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, nul_middleware,
+                                       sas_middleware(authenticator)], client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
     app[MQTT_SERVER] = mqtt
     openapi = json.dumps(build_openapi())

@@ -20,6 +20,7 @@ from opendps.frontends.http.wire import (
     json_object_body,
     keyset_page,
     keyset_request,
+    object_member,
     page,
     page_response,
     page_window,
@@ -131,7 +132,7 @@ def hub_wire(h: HubView) -> dict[str, Any]:
 @routes.put("/linkedHubs/{name}")
 async def put_linked_hub(request: web.Request) -> web.Response:
     body = await json_object_body(request, required=False)
-    props = body.get("properties") or {}
+    props = object_member(body, "properties", "properties")
     h = await run(request, services(request).hubs.create, request.match_info["name"], props.get("hostName") or None,
                   allocation_weight=props.get("allocationWeight", 1),
                   apply_allocation_policy=props.get("applyAllocationPolicy", True))

@@ -19,8 +19,11 @@ log = logging.getLogger("opendps.api")
 
 
 def error_response(status: int, error_code: int, message: str, info: dict[str, str] | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, tracking_id: str | None = None) -> web.Response:
+    """An Azure error body; ``tracking_id``: the one the log names (else a fresh one)."""
     body = error_body(error_code, message, info)
+    if tracking_id is not None:
+        body["trackingId"] = tracking_id
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
                         headers={"x-ms-error-code": str(error_code), **(headers or {})})
 
@@ -39,6 +42,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:  # the client went away mid-request (aiohttp's ClientConnectionResetError is one)
         log.info("client went away during %s %s", request.method, request.path)
         raise  # aiohttp drops the response quietly
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # the body: a Content-Encoding that does not decode
+        problem = _client_error_detail(exc)
+        log.info("malformed request body in %s %s, answered 400: %s", request.method, request.path, problem)
+        response = error_response(400, 400004, f"request body cannot be read: {problem}")
+        response.force_close()  # aiohttp's parser gave up on the stream: this connection serves no further request
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -50,19 +59,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         tracking = str(uuid.uuid4())
         log.exception("internal error handling %s %s (trackingId %s)", request.method, request.path, tracking)
-        return error_response(500, 500000, f"internal server error (trackingId {tracking})")
+        return error_response(500, 500000, f"internal server error (trackingId {tracking})", tracking_id=tracking)
+
+
+def _client_error_detail(exc: BaseException) -> str:
+    """What aiohttp found wrong with a request, on one line: a :class:`~aiohttp.web.RequestPayloadError` (what reading
+    a body that does not decode raises) carries its parser error as its cause."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
+    text = (cause.message if isinstance(cause, HttpProcessingError) else str(exc)) or type(exc).__name__
+    return " ".join(text.split())[:200]
 
 
 class ClientErrorsAreNotServerErrors(logging.Filter):
-    """aiohttp logs a malformed request (bad header, line too long, garbage) at ERROR with a traceback, as if the
-    server had failed. It is expected client behaviour: one INFO line naming the problem."""
+    """aiohttp logs a malformed request (bad header, line too long, garbage, a body that does not decode) at ERROR with
+    a traceback, as if the server had failed. It is expected client behaviour: one INFO line naming the problem."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
             record.levelno, record.levelname = logging.INFO, "INFO"
-            detail = " ".join(str(exc.message or type(exc).__name__).split())[:200]
-            record.msg = f"{record.getMessage()}: malformed request, answered {exc.code}: {detail}"
+            detail = _client_error_detail(exc)
+            code = exc.code if isinstance(exc, HttpProcessingError) else 400  # a body: error_middleware answered 400
+            record.msg = f"{record.getMessage()}: malformed request, answered {code}: {detail}"
             record.args = ()
             record.exc_info, record.exc_text = None, None
         return True

@@ -26,6 +26,7 @@ from opendps.frontends.http.wire import (
     keyset_after,
     keyset_token,
     max_item_count,
+    object_member,
     run,
     runtime,
     send,
@@ -85,9 +86,9 @@ async def put_device(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     if body.get("deviceId") not in (None, device_id):
         raise InvalidInput(f"deviceId {body.get('deviceId')!r} in the body does not match {device_id!r} in the path")
-    auth = body.get("authentication") or {}
-    sym = auth.get("symmetricKey") or {}
-    thumbs = auth.get("x509Thumbprint") or {}
+    auth = object_member(body, "authentication", "authentication")
+    sym = object_member(auth, "symmetricKey", "authentication.symmetricKey")
+    thumbs = object_member(auth, "x509Thumbprint", "authentication.x509Thumbprint")
     if bool(sym.get("primaryKey")) != bool(sym.get("secondaryKey")):
         raise InvalidInput("authentication.symmetricKey needs both primaryKey and secondaryKey, or neither (generated)")
     keys = (sym["primaryKey"], sym["secondaryKey"]) if sym.get("primaryKey") else None

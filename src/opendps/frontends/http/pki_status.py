@@ -113,15 +113,20 @@ async def get_crl(request: web.Request) -> web.Response:
 @routes.post("/ocsp", name=PKI_ROUTE_PREFIX + "ocsp")
 async def post_ocsp(request: web.Request) -> web.Response:
     """An OCSP request in the body (``application/ocsp-request``)."""
-    body = b""
+    body, unreadable = b"", False
     if request.content_length is None or request.content_length <= MAX_REQUEST_BYTES:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             body = b""  # answered as malformed, like an oversized request
+        except web.RequestPayloadError:  # a Content-Encoding that does not decode: malformed too
+            unreadable = True
     status = services(request).status
     document = await _gate(request).admit(lambda: run(request, status.ocsp, body[:MAX_REQUEST_BYTES + 1]))
-    return _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
+    response = _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
+    if unreadable:
+        response.force_close()  # aiohttp's parser gave up on the stream: this connection serves no further request
+    return response
 
 
 def _decode_get(path_part: str) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -21,8 +22,10 @@ from opendps.services import Services
 from opendps.transport.wire import decimal, parse_json
 
 RUNTIME = web.AppKey("runtime", Runtime)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how JSON text spells half of a UTF-16 surrogate pair
 TOKEN_HUB = web.RequestKey("sas_hub", str)  # the hub a verified iothubowner token is bound to (absent: any)
 MAX_PAGE = 1000
+MAX_OFFSET = 2**31 - 1  # the largest x-ms-continuation: past any page given, and an integer every database binds
 P = ParamSpec("P")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -53,6 +56,12 @@ async def json_body(request: web.Request, model: type[M] | None = None, *, requi
             raise InvalidInput(f"request body is required{f' ({model.__name__})' if model else ''}")
         return model()
     data = parse_json(raw, "request body")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:  # a pair decodes to one character; a lone surrogate stays one, and no database can store it
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidInput("request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text "
+                               "(RFC 7493)") from exc
     if model is None:
         return data
     try:
@@ -71,6 +80,17 @@ async def json_object_body(request: web.Request, what: str = "request body", *, 
     if not isinstance(data, dict):
         raise InvalidInput(f"{what} must be a JSON object")
     return data
+
+
+def object_member(parent: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    """Member ``name`` of a JSON object that must itself be an object (absent or null: ``{}``): anything else is a 400
+    naming ``where``, not an AttributeError (a 500) when the route reads into it."""
+    value = parent.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    return value
 
 
 def send(data: BaseModel | Any, status: int = 200, etag: str | None = None,
@@ -96,8 +116,8 @@ def page_window(request: web.Request) -> tuple[int, int]:
         start = int(request.headers.get("x-ms-continuation") or 0)
     except ValueError as exc:
         raise InvalidInput("x-ms-max-item-count and x-ms-continuation must be integers") from exc
-    if not 1 <= size <= MAX_PAGE or start < 0:
-        raise InvalidInput(f"x-ms-max-item-count must be 1-{MAX_PAGE} and x-ms-continuation >= 0")
+    if not 1 <= size <= MAX_PAGE or not 0 <= start <= MAX_OFFSET:
+        raise InvalidInput(f"x-ms-max-item-count must be 1-{MAX_PAGE} and x-ms-continuation 0-{MAX_OFFSET}")
     return start, size
 
 
@@ -135,7 +155,7 @@ def keyset_after(token: str | None, name: str) -> str:
         after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"{name} is not one this service gave") from exc
-    if not after or len(after) > 256:
+    if not after or len(after) > 256 or not after.isprintable():  # a NUL in it: PostgreSQL's DataError, a 500
         raise InvalidInput(f"{name} is not one this service gave")
     return after
 

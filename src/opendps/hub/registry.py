@@ -36,6 +36,7 @@ from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
 from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
+from opendps.transport import shown
 from opendps.transport.wire import json_depth
 
 # the registration path reads and writes identities with prepared SQL statements (bound parameters: SQLAlchemy
@@ -750,8 +751,9 @@ def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int 
     def merge(base: dict[str, Any], change: dict[Any, Any]) -> dict[str, Any]:
         out = dict(base)
         for key, value in change.items():
-            if not isinstance(key, str) or key.startswith("$"):
-                raise InvalidInput(f"{what}: property name {key!r} is reserved or invalid")
+            _check_twin_key(key, what)
+            if isinstance(value, str) and not _is_text(value):
+                raise InvalidInput(f"{what}: the value of {shown(key)} holds a lone UTF-16 surrogate: not text")
             if value is None:
                 out.pop(key, None)
             elif isinstance(value, dict):
@@ -765,6 +767,29 @@ def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int 
     if len(json.dumps(result)) > limit:
         raise PayloadTooLarge(f"{what} would exceed {limit} bytes")
     return result
+
+
+MAX_TWIN_KEY_BYTES = 1024
+_TWIN_KEY_REFUSED = frozenset(".$ ") | frozenset(map(chr, (*range(0x20), *range(0x7F, 0xA0))))
+
+
+def _check_twin_key(key: object, what: str) -> None:
+    """IoT Hub's rule for twin property names (tags, desired, reported): up to 1 KB of UTF-8, no '.', '$', space or
+    C0/C1 control character. Why here: a name Azure refuses is one no Azure SDK sends and no service SDK can address
+    (its queries split names at '.'); a lone surrogate cannot even be stored."""
+    if (not isinstance(key, str) or not key or not _TWIN_KEY_REFUSED.isdisjoint(key) or not _is_text(key)
+            or len(key.encode()) > MAX_TWIN_KEY_BYTES):
+        raise InvalidInput(f"{what}: property name {shown(key) if isinstance(key, str) else repr(key)} is reserved or "
+                           f"invalid: 1-{MAX_TWIN_KEY_BYTES} bytes of UTF-8 without '.', '$', spaces or control characters")
+
+
+def _is_text(value: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate (JSON's \\ud800 escape): no database stores it as text."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _twin_object(value: object, what: str) -> dict[str, Any]:

@@ -436,6 +436,11 @@ def test_renewal_through_the_hub_credentials_topic(server, tmp_path):
     d.publish("$iothub/credentials/POST/issueCertificate/?$rid=req-0002", json.dumps({"id": "not-me", "csr": new_csr}))
     topic, payload = d.expect("$iothub/credentials/res/")
     assert topic == "$iothub/credentials/res/400/?$rid=req-0002" and json.loads(payload)["errorCode"] == 400006
+    for n, odd in enumerate((5, None, ["x"], {"pem": new_csr})):  # refused at once: no 202 first
+        d.publish(f"$iothub/credentials/POST/issueCertificate/?$rid=req-odd{n}",
+                  json.dumps({"id": "renew-hub-dev", "csr": odd}))
+        topic, payload = d.expect("$iothub/credentials/res/")
+        assert topic == f"$iothub/credentials/res/400/?$rid=req-odd{n}" and "csr must be a string" in payload.decode()
     d.close()
     for n, cert in enumerate(certs):
         (tmp_path / f"c{n}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

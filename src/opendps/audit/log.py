@@ -117,7 +117,7 @@ def append_all(db: Session | Connection, events: Sequence[Event], *, actor: str 
 
 
 def _prepared(event: Event, actor: str | None) -> tuple[str, str | None, str | None, str | None, str | None, str]:
-    if not isinstance(event.action, str) or len(event.action) > 64 or not ACTION.match(event.action):
+    if not isinstance(event.action, str) or len(event.action) > 64 or not ACTION.fullmatch(event.action):
         raise ValueError(f"audit action {event.action!r} is not a dotted lower-case name like 'certificate.issued'")
     device = event.device.lower() if event.device is not None else None
     for name, value in (("actor", actor), ("namespace", event.namespace), ("device", device),

@@ -152,7 +152,7 @@ def parse_properties(value: str) -> dict[str, str]:
         name = name.strip()
         if not sep or not name:
             raise CliError(f"--props entry {part!r} is not name=value (expected e.g. 'a=1;b=2')")
-        if not PROPERTY_NAME.match(name):
+        if not PROPERTY_NAME.fullmatch(name):
             raise CliError(f"--props name {name!r} may only contain letters, digits and !#$%&'*+.^_`|~-")
         if not (prop.isascii() and prop.isprintable()):
             raise CliError(f"--props value of {name!r} must be printable ASCII")

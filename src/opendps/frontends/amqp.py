@@ -81,7 +81,10 @@ def node(address: str | None) -> str:
     if not address:
         return ""
     if "://" in address:
-        address = urlsplit(address).path
+        try:
+            address = urlsplit(address).path
+        except ValueError:  # an unbalanced IPv6 bracket ("amqps://[x/y"): no node of ours, refused as not served
+            return address
     return address.rstrip("/").lower() if address != CBS_NODE else address
 
 

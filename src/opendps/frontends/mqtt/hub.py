@@ -36,6 +36,16 @@ from opendps.transport.wire import iso8601, parse_json, topic_query
 log = logging.getLogger("opendps.hub")
 REFUSE = 0x80
 MAX_SUBSCRIPTIONS = 5
+_METHOD_STATUS = re.compile(r"-?[0-9]{1,9}")  # ASCII digits that fit the 32-bit int a service SDK holds it in
+
+
+def method_status(text: str) -> int:
+    """A direct method's status from its response topic (``$iothub/methods/res/{status}/``); 500 for anything that is
+    not a plain decimal of at most 9 digits. Why not ``int``: it also reads ``1_000``, `` 5``, Arabic-Indic digits and
+    numbers no service SDK can hold."""
+    return int(text) if _METHOD_STATUS.fullmatch(text) else 500
+
+
 _RID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{2,34}[A-Za-z0-9])?$")
 CREDENTIALS_RESPONSE = "$iothub/credentials/res"
 FEATURES = {METHODS: "$iothub/methods/POST/#", DESIRED: "$iothub/twin/PATCH/properties/desired/#"}
@@ -192,11 +202,7 @@ class HubSession:
             answer: Any = parse_json(payload, "method response") if payload.strip() else None
         except InvalidInput:
             answer = payload.decode("utf-8", "replace")
-        try:
-            code = int(status)
-        except ValueError:
-            code = 500
-        self.runtime.live.method_answered(self, topic_query(topic).get("$rid"), code, answer)
+        self.runtime.live.method_answered(self, topic_query(topic).get("$rid"), method_status(status), answer)
 
     # ---- twin ----
     async def _reply(self, topic: str, body: bytes = b"") -> None:
@@ -231,7 +237,7 @@ class HubSession:
     # ---- certificate renewal through the hub (preview, wire spec §6.6) ----
     def _renewal_request(self, rid: str, payload: bytes) -> bytes:
         """The CSR of an ``issueCertificate`` request, or the refusal the device gets instead."""
-        if not _RID.match(rid):
+        if not _RID.fullmatch(rid):
             raise InvalidInput("request id must be 4-36 letters, digits or '-', not starting or ending with '-'")
         body = parse_json(payload, "issueCertificate body")
         if not isinstance(body, dict) or set(body) - {"id", "csr", "replace"} or not {"id", "csr"} <= set(body):
@@ -241,7 +247,9 @@ class HubSession:
         if self.renewing:
             raise Conflict("another certificate request of this device is active", error_code=409004,
                            info={"requestId": rid})
-        return decode_csr_text(body["csr"]) if isinstance(body["csr"], str) else b""
+        if not isinstance(body["csr"], str):  # refused now, not after a 202 (the CA would only say "cannot be parsed")
+            raise InvalidInput("csr must be a string: base64 DER or PEM")
+        return decode_csr_text(body["csr"])
 
     async def _issue_certificate(self, rid: str | None, payload: bytes) -> None:
         if rid is None or f"{CREDENTIALS_RESPONSE}/#" not in self.filters:

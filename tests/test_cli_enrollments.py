@@ -331,6 +331,17 @@ def test_symmetric_group_device_key_and_registrations(server):
     _fails(server.cli("dps", "registration", "list", "-e", "no-such-group"), "'no-such-group' does not exist")
 
 
+def test_an_empty_group_key_is_refused_offline():
+    """`--key ''` is valid base64 of no bytes: a device key was derived from an empty HMAC key and printed, exit 0."""
+    from click.testing import CliRunner
+
+    from opendps.cli import main
+
+    result = CliRunner().invoke(main, ["dps", "enrollment-group", "compute-device-key", "--rid", "d1", "--key", ""])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "error: --key must not be empty: give the group's base64 key\n"
+
+
 def test_registration_show_unknown(server):
     _fails(server.cli("dps", "registration", "show", "--registration-id", "never-registered"),
            "registration 'never-registered' does not exist", "404")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def test_trust_order(tmp_path: Path) -> None:
 def test_missing_ca_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(CliError, match="CA file .*nope.pem does not exist"):
         resolve_connection(LOGIN, tmp_path, tmp_path / "nope.pem", env={})
+    with pytest.raises(CliError, match=f"CA file {re.escape(str(tmp_path))} is not a file"):  # it said "does not exist"
+        resolve_connection(LOGIN, tmp_path, tmp_path, env={})
+
+
+def test_an_empty_login_is_refused_not_replaced_by_the_local_owner_key(tmp_path: Path) -> None:
+    """`--login "$UNSET"` used the data directory's owner connection string: another installation than was meant."""
+    def local(_: Path) -> tuple[str, Path]:
+        raise AssertionError("an empty --login must not fall back to the data directory")
+
+    for value in ("", "  "):
+        with pytest.raises(CliError, match="--login is empty"):
+            resolve_connection(value, tmp_path, env={"OPENDPS_CONNECTION_STRING": OTHER}, load_local=local)
 
 
 def test_local_data_dir_end_to_end(tmp_path: Path) -> None:
@@ -192,6 +205,20 @@ def test_read_certificate_file(tmp_path: Path) -> None:
 def test_api_path_encodes_segments() -> None:
     assert api_path("namespaces", "ns1", "credentials", "default") == "/namespaces/ns1/credentials/default"
     assert api_path("certificates", "../x?y") == "/certificates/..%2Fx%3Fy"
+
+
+def test_an_empty_or_dot_name_cannot_change_the_route() -> None:
+    """`--name ''` made /namespaces/ (the list) and `--name ..` made /namespaces/ns1/credentials/default (httpx removes
+    dot segments): `show` printed another resource and exited 0. Empty is refused; dots reach the server as a name."""
+    with pytest.raises(CliError, match=re.escape("a name or id must not be empty (in /namespaces/...)")):
+        api_path("namespaces", "")
+    with pytest.raises(CliError, match=re.escape("(in /namespaces/ns1/credentials/default/policies/...)")):
+        api_path("namespaces", "ns1", "credentials", "default", "policies", "")
+    assert api_path("devices", ".") == "/devices/%2E"
+    assert api_path("namespaces", "ns1", "policies", "..") == "/namespaces/ns1/policies/%2E%2E"
+    assert api_path("devices", "a..b") == "/devices/a..b"
+    url = httpx.Client(base_url="https://h").build_request("GET", api_path("namespaces", "ns1", "policies", "..")).url
+    assert url.raw_path == b"/namespaces/ns1/policies/%2E%2E"
 
 
 # ---------------------------------------------------------------- the client against a mock transport
@@ -313,6 +340,51 @@ def test_policy_update_keeps_unchanged_settings(run) -> None:
         "validityPeriodInDays": 10, "allowP256": True}
 
 
+def test_show_with_an_empty_or_dot_name_shows_nothing_else(run) -> None:
+    credential = {"name": "default", "properties": {"subject": "CN=ns1 Root CA"}}
+    server = FakeServer({("GET", "/namespaces/"): httpx.Response(200, json={"value": [{"name": "ns1"}]}),
+                         ("GET", "/namespaces/ns1/credentials/default"): httpx.Response(200, json=credential)})
+    empty = run(server, "adr", "ns", "show", "--name", "")
+    assert empty.exit_code == 1 and server.requests == []
+    assert empty.stderr == "error: a name or id must not be empty (in /namespaces/...)\n"
+    dots = run(server, "adr", "ns", "policy", "show", "--ns", "ns1", "-n", "..")
+    assert dots.exit_code == 1 and "default" not in dots.stdout
+    assert server.requests[-1].url.raw_path.startswith(b"/namespaces/ns1/credentials/default/policies/%2E%2E")
+
+
+def test_an_empty_hub_name_is_refused_not_sent_as_the_default_hub(run) -> None:
+    """`--hub-name ''` was sent as ?hub= and the server answered for the default hub."""
+    server = FakeServer({("GET", "/twins/d1"): httpx.Response(200, json={"deviceId": "d1"})})
+    result = run(server, "hub", "device-twin", "show", "-d", "d1", "--hub-name", "")
+    assert result.exit_code == 1 and server.requests == []
+    assert result.stderr == "error: --hub-name must not be empty (leave it out for the default hub)\n"
+
+
+def test_a_non_utf8_argument_is_one_line_naming_its_option(run, tmp_path: Path, monkeypatch) -> None:
+    """argv bytes that are not UTF-8 arrive as lone surrogates; a name sent in a URL or a JSON body, or a data directory
+    put in the SQLite URL, failed with a UnicodeEncodeError traceback."""
+    bad = os.fsdecode(b"ab\xff\xfe")
+    server = FakeServer({})
+    for args, option in ((["adr", "ns", "show", "--name", bad], "--name"),
+                         (["adr", "ns", "show", f"--name={bad}"], "--name"),
+                         (["hub", "query", "-q", f"SELECT {bad}"], "-q")):
+        result = run(server, *args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.exception)
+        assert result.stderr.startswith(f"error: {option} '") and result.stderr.endswith(" is not valid UTF-8 text\n")
+        assert "\\xff\\xfe" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert server.requests == []
+    monkeypatch.delenv("OPENDPS_CONNECTION_STRING", raising=False)
+    data_dir = tmp_path / bad  # exists, not initialised: its SQLite URL could not be written
+    data_dir.mkdir()
+    result = CliRunner().invoke(main, ["certificate", "list", "--data-dir", str(data_dir)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.startswith("error: --data-dir '") and "is not valid UTF-8 text" in result.stderr
+    from opendps.cli import _not_utf8  # a non-UTF-8 file name is fine: it is named only when it is what failed
+
+    assert _not_utf8(["--path", bad], "some other text \udcc3") is None
+    assert _not_utf8(["--path", bad], f"/x/{bad}") == "--path 'ab\\xff\\xfe'"
+
+
 def test_policy_update_missing(run) -> None:
     result = run(FakeServer({}), "adr", "ns", "policy", "update", "--ns", "ns1", "-n", "p1",
                  "--no-allow-p256")
@@ -427,6 +499,7 @@ def test_the_command_tree_loads_without_the_server_s_libraries():
     ('{"delay": NaN}', "NaN is not a JSON number"),
     ("[-Infinity]", "-Infinity is not a JSON number"),
     ("9" * 5000, "Exceeds the limit"),
+    ("[" * 100_000, "nested too deeply"),  # RecursionError traceback
 ])
 def test_json_on_the_command_line_that_is_not_json_is_one_line(text, says):
     """Python's json accepts NaN, Infinity and 1e999 (→ inf), which no JSON body can carry: `--mp 1e999` failed with a
@@ -446,6 +519,9 @@ def test_a_database_url_or_a_path_no_verb_can_use_is_one_line(tmp_path):
     file system allows raised OSError: each is now one `error:` line and exit 1, as init and serve already were."""
     for args, says in ((["db", "upgrade", "--data-dir", str(tmp_path), "--db", "garbage"], "'garbage' is not a database URL"),
                        (["db", "upgrade", "--data-dir", str(tmp_path), "--db", "mysql://u@h/d"], "'mysql' is not supported"),
+                       # --db '' migrated (and created) the data directory's SQLite file and exited 0
+                       (["db", "upgrade", "--data-dir", str(tmp_path), "--db", ""], "'' is not a database URL"),
+                       (["audit", "verify", "--data-dir", str(tmp_path), "--db", ""], "'' is not a database URL"),
                        (["info", "--data-dir", "x" * 3000], "File name too long"),
                        (["adr", "ns", "list", "--login", LOGIN, "--ca-file", "y" * 3000], "File name too long")):
         result = CliRunner().invoke(main, args)
@@ -453,3 +529,4 @@ def test_a_database_url_or_a_path_no_verb_can_use_is_one_line(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (args[:2], lines)
         assert len(lines[0]) < 400  # the long name is cut
+    assert not (tmp_path / "opendps.db").exists()

@@ -6,8 +6,9 @@ the data directory directly.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -135,15 +136,36 @@ def _open(settings: Settings, create: bool = True, persist: bool = True) -> Inst
     return inst
 
 
+def _not_utf8(args: Sequence[str], failed: str) -> str | None:
+    """The argument that is not UTF-8 (Python decodes such argv bytes to lone surrogates) and is part of ``failed``,
+    the text whose encoding failed, with its option.
+
+    A file name may be any bytes, but a name, id or JSON sent to the service, or a value stored in the database,
+    must be UTF-8 text: encoding it fails deep in httpx or SQLite, so the error names the argument instead."""
+    for i, arg in enumerate(args):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            if arg[exc.start:exc.end] not in failed:
+                continue
+            option, _, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+            if not option and i > 0 and args[i - 1].startswith("-"):
+                option = args[i - 1]
+            shown = repr(os.fsencode(value)[:80])[1:]  # the bytes as given: b'\xff...' less its b
+            return f"{option} {shown}" if option else shown
+    return None
+
+
 class _OneLineErrors(click.Group):
     """Every failure, usage errors included, is one ``error: ...`` line on stderr and a non-zero exit.
 
     Scripts and the tests read stderr; click's default multi-line usage banner hides the cause.
     """
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, *rest: Any, standalone_mode: bool = True,
+             **kwargs: Any) -> Any:
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
@@ -164,6 +186,12 @@ class _OneLineErrors(click.Group):
             name = str(exc.filename) if exc.filename is not None else ""
             where = f"{name[:200]}{'...' if len(name) > 200 else ''}: " if name else ""
             click.echo(f"error: {where}{exc.strerror or _one_line(str(exc))}", err=True)
+            sys.exit(1)
+        except UnicodeEncodeError as exc:
+            bad = _not_utf8(sys.argv[1:] if args is None else list(args), str(exc.object))
+            if bad is None:  # not the command line's fault: a bug to see in full
+                raise
+            click.echo(f"error: {bad} is not valid UTF-8 text", err=True)
             sys.exit(1)
         if not standalone_mode:
             return rv
@@ -299,7 +327,9 @@ def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
 
     settings = _settings(data_dir, db=db_url)
     try:
-        check_db_url(settings.db_url)  # as init and serve check it: one line, not SQLAlchemy's traceback
+        # as init and serve check it: one line, not SQLAlchemy's traceback; --db '' too (db_url would fall back to
+        # the data directory's SQLite file and migrate that instead)
+        check_db_url(settings.db_url if db_url is None else db_url)
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
     store = Store(settings.db_url)

@@ -36,8 +36,9 @@ NO_CONNECTION = ("no connection: pass --login, set OPENDPS_CONNECTION_STRING, or
 
 def loads_json(text: str) -> Any:
     """``json.loads`` for JSON given on the command line. NaN, Infinity and numbers past a double (``1e999``) are not
-    JSON (RFC 8259) and could not be sent; an integer of thousands of digits is refused by Python: each is a
-    :class:`json.JSONDecodeError` here, so the verb says so in its one line (it was a traceback)."""
+    JSON (RFC 8259) and could not be sent; an integer of thousands of digits is refused by Python, and so is nesting
+    deeper than its recursion limit: each is a :class:`json.JSONDecodeError` here, so the verb says so in its one
+    line (it was a traceback)."""
     def refuse(token: str) -> Any:
         raise json.JSONDecodeError(f"{token} is not a JSON number", text, max(0, text.find(token)))
 
@@ -51,6 +52,8 @@ def loads_json(text: str) -> Any:
         raise
     except ValueError as exc:  # int(): "Exceeds the limit (4300 digits)"
         raise json.JSONDecodeError(str(exc), text, 0) from exc
+    except RecursionError as exc:  # thousands of nested [ or {: Python's decoder recurses once per level
+        raise json.JSONDecodeError("nested too deeply", text, 0) from exc
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ def resolve_connection(login: str | None = None, data_dir: Path | None = None, c
     env = os.environ if env is None else env
     directory = Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
     local_ca: Path | None = None
+    if login is not None and not login.strip():  # e.g. --login "$UNSET": the local owner key is not what was meant
+        raise CliError("--login is empty: give a connection string (HostName=...;SharedAccessKeyName=...;"
+                       "SharedAccessKey=...) or leave the option out")
     if login:
         value, source = login, "--login"
     elif env.get(CONNECTION_ENV):
@@ -140,7 +146,7 @@ def resolve_trust(ca_file: Path | None, data_dir: Path, local_ca: Path | None,
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise CliError(f"CA file {path} does not exist")
+            raise CliError(f"CA file {path} {'is not a file' if path.exists() else 'does not exist'}")
         return path
     for candidate in (local_ca, data_dir / "tls" / "server-ca.pem"):
         if candidate is not None and candidate.is_file():
@@ -199,8 +205,15 @@ def read_certificate_file(path: str | Path) -> str:
 
 
 def api_path(*segments: str) -> str:
-    """``/a/b`` with each user-supplied segment percent-encoded (a name can never change the route)."""
-    return "".join("/" + quote(s, safe="") for s in segments)
+    """``/a/b`` with each user-supplied segment percent-encoded (a name can never change the route).
+
+    An empty segment would drop a level (``/namespaces/`` lists them all, so ``show --name ''`` printed the list and
+    exited 0): it is refused. ``.`` and ``..`` are sent as ``%2E``, else the URL's dot segments would be removed
+    (``policies/..`` is the credential) and the server could not judge them as names."""
+    encoded = ["/" + (s.replace(".", "%2E") if s in (".", "..") else quote(s, safe="")) for s in segments]
+    if "" in segments:
+        raise CliError(f"a name or id must not be empty (in {''.join(encoded[:segments.index('')])}/...)")
+    return "".join(encoded)
 
 
 class ApiError(CliError):

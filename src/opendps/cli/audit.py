@@ -96,7 +96,7 @@ def audit_verify(local: bool, db_url: str | None, expect_head: str | None, login
 
     With -o json (or table, yaml, tsv) the whole result is printed as well."""
     head = _head(expect_head)
-    if local or db_url:
+    if local or db_url is not None:  # --db '' is a bad URL to refuse, not "ask the server"
         result = _verify_locally(data_dir, db_url, head)
     else:
         client = Client(resolve_connection(login, data_dir, ca_file))

@@ -538,6 +538,8 @@ def group_compute_device_key(connect: Callable[[], Client], output: str, registr
                            "not symmetricKey: it has no group key")
         key = str(mech["symmetricKey"]["primaryKey"])
     else:
+        if not key:  # valid base64 of no bytes: an HMAC key no group has, printed as if it were a device's key
+            raise CliError("--key must not be empty: give the group's base64 key")
         try:
             base64.b64decode(key, validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -53,6 +53,8 @@ class HubClient:
     """
 
     def __init__(self, client: Client, hub_name: str | None) -> None:
+        if hub_name is not None and not hub_name.strip():  # it was sent as ?hub= and served the default hub
+            raise CliError("--hub-name must not be empty (leave it out for the default hub)")
         self.client = client
         if hub_name is None and client.connection.key_name != HUB_OWNER_POLICY:
             hub_name = DEFAULT_HUB

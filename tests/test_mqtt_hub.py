@@ -851,3 +851,26 @@ def test_unsubscribe_stops_deliveries_and_a_trailing_slash_is_not_part_of_a_prop
         assert d.expect("devices/unsub-dev/messages/devicebound/")[1] == b"second"
     finally:
         d.close()
+
+
+def test_refused_subscriptions_write_one_log_line_per_connection(server):
+    """Found by fuzzing: every refused filter was an INFO line, and one SUBSCRIBE may carry tens of thousands of them
+    (a 256 KB packet of 60,000 made 60,000 lines; a client looping wrote 265 MB of log a minute). Now the first refusal
+    of a connection names the device and filter at INFO, the rest go to DEBUG; the SUBACK still refuses each."""
+    with svc(server) as c:
+        assert c.put("/devices/subflood-dev", json={"deviceId": "subflood-dev"}).status_code == 200
+        dkey = c.get("/devices/subflood-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+    raw = RawMqtt(server)
+    try:
+        raw.send(Connect("subflood-dev", True, 60, hub_username("subflood-dev"),
+                         sas.generate(f"{HUB}/devices/subflood-dev", dkey).encode()))
+        assert raw.recv() == Connack(False, 0)
+        raw.send(Subscribe(1, [(f"not/allowed/{i}", 1) for i in range(2000)] + [("$iothub/twin/res/#", 1)]))
+        assert raw.recv() == Suback(1, [0x80] * 2000 + [1])
+        raw.send(Pingreq())  # the session stays up
+        assert raw.recv() == Pingresp()
+    finally:
+        raw.close()
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert log.count("device 'subflood-dev': subscription to") == 1, log.count("device 'subflood-dev': subscription to")
+    assert "device 'subflood-dev': subscription to 'not/allowed/0' refused" in log

@@ -994,6 +994,36 @@ def test_reading_pauses_while_the_session_is_busy(env: Env) -> None:
     raw.close()
 
 
+@pytest.mark.parametrize("kind", [Subscribe, Unsubscribe])
+def test_the_filters_of_waiting_subscribes_count_against_the_input_bound(env: Env, kind: type) -> None:
+    """Found by fuzzing: a SUBSCRIBE or UNSUBSCRIBE of 240 KB (25,000 short filters) decodes to ~3 MB of objects but
+    counted as 64 bytes of waiting input, so reading never paused behind a busy session: a client sending such packets
+    held the server at 2.5 GB after 581 of them. Now each filter counts and reading pauses after the first one."""
+    cid = uid("filters")
+    raw = Raw(env.tcp_port)
+    raw.connect(cid)
+    session = env.session(cid)
+    assert session is not None
+    conn = session._conn
+    names = [f"f/{i}" for i in range(25000)]
+    packet = Subscribe(1, [(f, 0) for f in names]) if kind is Subscribe else Unsubscribe(1, names)
+    assert len(encode(packet)) < MAX_PACKET
+    sender = threading.Thread(target=raw.send, args=[Publish("cmd/slow", b"1.0"), *[packet] * 10])  # 2.4 MB
+    sender.start()
+    assert wait_until(lambda: env.loop.sync(lambda: conn._reading_paused), timeout=0.8)
+    time.sleep(0.1)
+    waiting, queued = env.loop.sync(lambda: (len(conn._queue or ()), conn._queued_bytes))
+    assert waiting <= 3 and queued <= env.server._input_hard_limit, (waiting, queued)
+    for _ in range(10):
+        answer = raw.recv()
+        assert type(answer) is (Suback if kind is Subscribe else Unsuback), answer
+    sender.join(5)
+    raw.send(Pingreq())
+    assert raw.recv() == Pingresp()
+    assert env.loop.sync(lambda: (conn._reading_paused, conn._queued_bytes)) == (False, 0)
+    raw.close()
+
+
 # --- keepalive, take-over, application close ----------------------------------------------------
 
 

@@ -62,6 +62,7 @@ class HubSession:
     sent: set[int] | None = None  # C2D messages published on this connection, awaiting PUBACK (made by the first)
     delivering: bool = False
     counted: bool = False  # in opendps_hub_connections (on_connected ran)
+    refusal_logged: bool = False  # a refused subscription was logged at INFO: later ones go to DEBUG
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
     persistent: ClassVar[bool] = False
@@ -99,7 +100,10 @@ class HubSession:
         allowed = {f"devices/{d}/messages/devicebound/#", "$iothub/methods/POST/#", "$iothub/twin/res/#",
                    "$iothub/twin/PATCH/properties/desired/#", f"{CREDENTIALS_RESPONSE}/#", f"devices/{d}/messages/devicebound"}
         if topic_filter not in allowed or (topic_filter not in self.filters and len(self.filters) >= MAX_SUBSCRIPTIONS):
-            log.info("device %r: subscription to %s refused", d, shown(topic_filter))
+            # one INFO line per connection: a single SUBSCRIBE may carry 60,000 filters, each refused (60,000 lines)
+            log.log(logging.DEBUG if self.refusal_logged else logging.INFO, "device %r: subscription to %s refused", d,
+                    shown(topic_filter))
+            self.refusal_logged = True
             return REFUSE
         if topic_filter.startswith("devices/"):
             asyncio.get_running_loop().call_soon(self.wake_c2d)

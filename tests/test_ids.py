@@ -1,6 +1,13 @@
-"""Etag matching (RFC 7232 If-Match) over opendps' base64 etags."""
+"""Etag matching (RFC 7232 If-Match) over opendps' base64 etags; how a refused name is named."""
 
-from opendps.ids import etag_matches
+import pytest
+
+from opendps.errors import InvalidInput
+from opendps.hub.registry import check_device_id, check_host_name
+from opendps.ids import check_resource_name, etag_matches
+from opendps.provisioning.access import check_policy_name
+from opendps.provisioning.enrollments import check_registration_id
+from opendps.registry.devices import check_lookup_id
 
 
 def test_etags_match_quoted_weak_listed_and_star():
@@ -24,3 +31,15 @@ def test_a_base64_etag_that_begins_with_w_slash_matches_itself():
     assert etag_matches('"W/x9k8AB3="', "W/x9k8AB3=")
     assert etag_matches('W/"W/x9k8AB3="', "W/x9k8AB3=")
     assert not etag_matches("W/x9k8AB3=", "x9k8AB3=")
+
+
+@pytest.mark.parametrize("check", [
+    lambda v: check_resource_name("namespace", v), check_device_id, check_host_name, check_registration_id,
+    check_policy_name, check_lookup_id,
+])
+def test_a_refused_name_is_named_cut_short(check):
+    """A peer chooses the length of what it sends (a URL path of 8 KB, an MQTT client id of 64 KB): the 400's message
+    and the log line name its start, not all of it."""
+    with pytest.raises(InvalidInput) as info:
+        check("x" * 9000 + "\n")
+    assert len(info.value.message) < 400 and "'xxxx" in info.value.message and "..." in info.value.message

@@ -7,6 +7,7 @@ import re
 import secrets
 
 from opendps.errors import InvalidInput
+from opendps.transport import shown
 
 _RESOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
@@ -19,7 +20,7 @@ def new_etag() -> str:
 def check_resource_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
         raise InvalidInput(
-            f"{kind} name {name!r} is invalid: use 1-63 letters, digits and '-', starting with a letter or digit"
+            f"{kind} name {shown(name)} is invalid: use 1-63 letters, digits and '-', starting with a letter or digit"
         )
     return name
 

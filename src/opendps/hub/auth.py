@@ -27,7 +27,7 @@ from opendps.hub.registry import Hubs, HubView
 from opendps.pki import IssuanceEngine, IssuedRecord, thumbprint
 from opendps.pki.certificates import VerificationError, authority_key_id, serial_hex, unreadable
 from opendps.registry import DeviceRegistry
-from opendps.transport import sas
+from opendps.transport import sas, shown
 
 
 def device_key(device_id: str) -> str:
@@ -82,7 +82,7 @@ class HubAuthenticator:
                      chain: list[x509.Certificate], now: datetime, *, session: Session | None = None
                      ) -> AuthenticatedDevice:
         if client_id != device_id:
-            raise InvalidInput(f"client id {client_id!r} is not the device id {device_id!r} of the username",
+            raise InvalidInput(f"client id {shown(client_id)} is not the device id {shown(device_id)} of the username",
                                reason="client_id_mismatch")
         with contextlib.nullcontext(session) if session is not None else self.hubs.store.session() as s:
             identity = self.hubs.connect_identity(s, hub, device_id)

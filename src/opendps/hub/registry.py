@@ -253,14 +253,14 @@ def hub_row(s: Session, name: str) -> LinkedHub:
 def check_device_id(value: object) -> str:
     """A device id IoT Hub would accept (ids are matched case-insensitively here)."""
     if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
-        raise InvalidInput(f"device id {value!r} is invalid: use 1-128 ASCII letters, digits and "
+        raise InvalidInput(f"device id {shown(value)} is invalid: use 1-128 ASCII letters, digits and "
                            "- : . + % _ # * ? ! ( ) , = @ ; $ '")
     return value
 
 
 def check_host_name(value: str) -> str:
     if not isinstance(value, str) or not _HOST.fullmatch(value):
-        raise InvalidInput(f"hub host name {value!r} is not a valid DNS name")
+        raise InvalidInput(f"hub host name {shown(value)} is not a valid DNS name")
     return value.lower()
 
 

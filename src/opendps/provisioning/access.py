@@ -41,6 +41,7 @@ from opendps.errors import Conflict, InvalidInput, NotFound
 from opendps.pki import KeyStore
 from opendps.provisioning.enrollments import check_key
 from opendps.store import AccessPolicy, Store
+from opendps.transport import shown
 
 OWNER_POLICY = "provisioningserviceowner"
 OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"  # as Azure makes it (and every installation has)
@@ -99,7 +100,7 @@ def _stored_rights(value: str) -> tuple[str, ...]:
 
 def check_policy_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidInput(f"access policy name {name!r} is invalid: use 1-64 letters, digits, '.', '_' and '-'")
+        raise InvalidInput(f"access policy name {shown(name)} is invalid: use 1-64 letters, digits, '.', '_' and '-'")
     if name.lower() == HUB_OWNER_POLICY:
         raise InvalidInput(f"{HUB_OWNER_POLICY!r} is reserved for linked hubs' own keys (opendps hub policy)")
     return name

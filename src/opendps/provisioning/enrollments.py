@@ -34,6 +34,7 @@ from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
 from opendps.store import ConfigCache, Enrollment, Registration, Store
+from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
 INDIVIDUAL = "individual"
@@ -50,7 +51,7 @@ ID_INDEX_LIMIT = 200_000  # enrollment ids held in memory per process for attest
 
 def check_registration_id(value: object, what: str = "registration id") -> str:
     if not isinstance(value, str) or not REGISTRATION_ID.fullmatch(value):
-        raise InvalidInput(f"{what} {value!r} is invalid: use 1-128 characters from a-z, A-Z, 0-9, '-', '.', '_', ':' "
+        raise InvalidInput(f"{what} {shown(value)} is invalid: use 1-128 characters from a-z, A-Z, 0-9, '-', '.', '_', ':' "
                            "ending with a letter, digit or '-'")
     return value
 

@@ -21,6 +21,7 @@ from opendps.errors import InvalidInput, NotFound
 from opendps.ids import check_resource_name, new_etag
 from opendps.pki import serial_hex, thumbprint
 from opendps.store import CertificateAuthority, ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
+from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
 # every registration writes a record: prepared statements (compiled once), not the ORM's unit of work
@@ -39,7 +40,7 @@ def check_lookup_id(device_id: object) -> str:
     to the database (which cannot hold them)."""
     if not isinstance(device_id, str) or not 1 <= len(device_id) <= 128 or not device_id.isascii() \
             or not device_id.isprintable():
-        raise InvalidInput(f"device id {device_id!r} is invalid: a device or registration id is 1-128 printable "
+        raise InvalidInput(f"device id {shown(device_id)} is invalid: a device or registration id is 1-128 printable "
                            "ASCII characters")
     return device_id
 

@@ -136,6 +136,18 @@ def hub_username(device_id: str) -> str:
     return f"{HUB}/{device_id}/?api-version=2021-04-12"
 
 
+def sas_device(server, device_id: str) -> str:
+    """A SAS device made in the hub through the service API: its primary key."""
+    with svc(server) as c:
+        assert c.put(f"/devices/{device_id}", json={"deviceId": device_id}).status_code == 200
+        return c.get(f"/devices/{device_id}").json()["authentication"]["symmetricKey"]["primaryKey"]
+
+
+def sas_client(server, device_id: str, key: str) -> Client:
+    """The device connected to the hub with a SAS token of ``key``."""
+    return Client(server, device_id, hub_username(device_id), password=sas.generate(f"{HUB}/devices/{device_id}", key))
+
+
 def provision_over_mqtt(server, rid: str, tmp_path: Path, **auth) -> tuple[dict, Path, Path]:
     """Register with a CSR over MQTT; return (registrationState, chain file, operational key file)."""
     c = Client(server, rid, dps_username(server, rid), **auth)
@@ -312,11 +324,7 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
     assert ok.rc == 0
     ok.close()
     # deleting a connected device drops its session within a second
-    with svc(server) as c:
-        assert c.put("/devices/deleted-dev", json={"deviceId": "deleted-dev"}).status_code == 200
-        dkey = c.get("/devices/deleted-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
-    doomed = Client(server, "deleted-dev", hub_username("deleted-dev"),
-                    password=sas.generate(f"{HUB}/devices/deleted-dev", dkey))
+    doomed = sas_client(server, "deleted-dev", sas_device(server, "deleted-dev"))
     assert doomed.rc == 0
     dropped = threading.Event()
     doomed.c.on_disconnect = lambda *a: dropped.set()
@@ -739,9 +747,8 @@ def test_a_request_id_no_answer_topic_can_carry_closes_the_connection_before_any
     """``$rid`` is URL-decoded and echoed in the answer's topic: ``%23`` ('#'), ``%2B`` ('+'), ``%00`` or an id longer
     than a topic name can hold made the answer fail in the MQTT core after the work was done: a traceback, a reported
     patch stored without a reply, a registration assigned without one. Now the connection closes first, with one line."""
+    dkey = sas_device(server, "rid-dev")
     with svc(server) as c:
-        assert c.put("/devices/rid-dev", json={"deviceId": "rid-dev"}).status_code == 200
-        dkey = c.get("/devices/rid-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
         key = sym_key(c, "/enrollments/rid-dps-dev", {"attestation": {"type": "symmetricKey"}})
     requests = [("rid-dev", "$iothub/twin/PATCH/properties/reported/?$rid=%23", b'{"written": 1}'),
                 ("rid-dev", "$iothub/twin/GET/?$rid=%2B", b""),
@@ -779,10 +786,7 @@ def test_a_request_id_no_answer_topic_can_carry_closes_the_connection_before_any
 def test_nan_infinity_and_numbers_past_a_double_are_not_json_and_get_a_400(server):
     """Python's parser reads NaN, Infinity and 1e309 (inf): a reported patch holding one was stored and read back as
     ``NaN`` (a twin no JSON client can parse), and PostgreSQL's json column refused it (a traceback, no answer)."""
-    with svc(server) as c:
-        assert c.put("/devices/nan-dev", json={"deviceId": "nan-dev"}).status_code == 200
-        dkey = c.get("/devices/nan-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
-    d = Client(server, "nan-dev", hub_username("nan-dev"), password=sas.generate(f"{HUB}/devices/nan-dev", dkey))
+    d = sas_client(server, "nan-dev", sas_device(server, "nan-dev"))
     assert d.rc == 0
     try:
         d.subscribe("$iothub/twin/res/#")
@@ -818,10 +822,7 @@ def test_the_event_stream_refuses_what_is_not_a_position_or_a_number_with_a_400(
 
 
 def test_unsubscribe_stops_deliveries_and_a_trailing_slash_is_not_part_of_a_property(server):
-    with svc(server) as c:
-        assert c.put("/devices/unsub-dev", json={"deviceId": "unsub-dev"}).status_code == 200
-        dkey = c.get("/devices/unsub-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
-    d = Client(server, "unsub-dev", hub_username("unsub-dev"), password=sas.generate(f"{HUB}/devices/unsub-dev", dkey))
+    d = sas_client(server, "unsub-dev", sas_device(server, "unsub-dev"))
     assert d.rc == 0
     try:
         # the C# SDK ends the telemetry topic with '/' after a property bag
@@ -857,9 +858,7 @@ def test_refused_subscriptions_write_one_log_line_per_connection(server):
     """Found by fuzzing: every refused filter was an INFO line, and one SUBSCRIBE may carry tens of thousands of them
     (a 256 KB packet of 60,000 made 60,000 lines; a client looping wrote 265 MB of log a minute). Now the first refusal
     of a connection names the device and filter at INFO, the rest go to DEBUG; the SUBACK still refuses each."""
-    with svc(server) as c:
-        assert c.put("/devices/subflood-dev", json={"deviceId": "subflood-dev"}).status_code == 200
-        dkey = c.get("/devices/subflood-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+    dkey = sas_device(server, "subflood-dev")
     raw = RawMqtt(server)
     try:
         raw.send(Connect("subflood-dev", True, 60, hub_username("subflood-dev"),

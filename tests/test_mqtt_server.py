@@ -969,13 +969,18 @@ def test_publishes_sent_before_leaving_are_still_handled(env: Env, caplog: pytes
     assert mqtt_records(caplog) == []  # the echo's SessionClosed is routine, not an error
 
 
-def test_reading_pauses_while_the_session_is_busy(env: Env) -> None:
-    cid = uid("flood")
+def _connected(env: Env, prefix: str) -> tuple[str, Raw, Any]:
+    """A raw client connected under a fresh client id: the id, the client, the server's connection object for it."""
+    cid = uid(prefix)
     raw = Raw(env.tcp_port)
     raw.connect(cid)
     session = env.session(cid)
     assert session is not None
-    conn = session._conn
+    return cid, raw, session._conn
+
+
+def test_reading_pauses_while_the_session_is_busy(env: Env) -> None:
+    cid, raw, conn = _connected(env, "flood")
     body = b"f" * 60000
     flood = [Publish("cmd/slow", b"1.0"), *(Publish(f"sink/{i}", body) for i in range(40))]  # 2.4 MB behind a slow handler
     sender = threading.Thread(target=raw.send, args=flood)
@@ -999,12 +1004,7 @@ def test_the_filters_of_waiting_subscribes_count_against_the_input_bound(env: En
     """Found by fuzzing: a SUBSCRIBE or UNSUBSCRIBE of 240 KB (25,000 short filters) decodes to ~3 MB of objects but
     counted as 64 bytes of waiting input, so reading never paused behind a busy session: a client sending such packets
     held the server at 2.5 GB after 581 of them. Now each filter counts and reading pauses after the first one."""
-    cid = uid("filters")
-    raw = Raw(env.tcp_port)
-    raw.connect(cid)
-    session = env.session(cid)
-    assert session is not None
-    conn = session._conn
+    _, raw, conn = _connected(env, "filters")
     names = [f"f/{i}" for i in range(25000)]
     packet = Subscribe(1, [(f, 0) for f in names]) if kind is Subscribe else Unsubscribe(1, names)
     assert len(encode(packet)) < MAX_PACKET

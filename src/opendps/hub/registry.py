@@ -751,9 +751,7 @@ def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int 
     def merge(base: dict[str, Any], change: dict[Any, Any]) -> dict[str, Any]:
         out = dict(base)
         for key, value in change.items():
-            _check_twin_key(key, what)
-            if isinstance(value, str) and not _is_text(value):
-                raise InvalidInput(f"{what}: the value of {shown(key)} holds a lone UTF-16 surrogate: not text")
+            _check_twin_key(key, what)  # values arrive through parse_json, which refuses what is not text
             if value is None:
                 out.pop(key, None)
             elif isinstance(value, dict):
@@ -776,20 +774,14 @@ _TWIN_KEY_REFUSED = frozenset(".$ ") | frozenset(map(chr, (*range(0x20), *range(
 def _check_twin_key(key: object, what: str) -> None:
     """IoT Hub's rule for twin property names (tags, desired, reported): up to 1 KB of UTF-8, no '.', '$', space or
     C0/C1 control character. Why here: a name Azure refuses is one no Azure SDK sends and no service SDK can address
-    (its queries split names at '.'); a lone surrogate cannot even be stored."""
-    if (not isinstance(key, str) or not key or not _TWIN_KEY_REFUSED.isdisjoint(key) or not _is_text(key)
-            or len(key.encode()) > MAX_TWIN_KEY_BYTES):
-        raise InvalidInput(f"{what}: property name {shown(key) if isinstance(key, str) else repr(key)} is reserved or "
-                           f"invalid: 1-{MAX_TWIN_KEY_BYTES} bytes of UTF-8 without '.', '$', spaces or control characters")
-
-
-def _is_text(value: str) -> bool:
-    """False for a string holding a lone UTF-16 surrogate (JSON's \\ud800 escape): no database stores it as text."""
+    (its queries split names at '.'); a lone surrogate is no UTF-8 at all and cannot even be stored."""
     try:
-        value.encode()
+        size = len(key.encode()) if isinstance(key, str) else 0
     except UnicodeEncodeError:
-        return False
-    return True
+        size = 0
+    if not 0 < size <= MAX_TWIN_KEY_BYTES or not _TWIN_KEY_REFUSED.isdisjoint(key):  # type: ignore[arg-type]
+        raise InvalidInput(f"{what}: property name {shown(key)} is reserved or invalid: 1-{MAX_TWIN_KEY_BYTES} bytes "
+                           "of UTF-8 without '.', '$', spaces or control characters")
 
 
 def _twin_object(value: object, what: str) -> dict[str, Any]:

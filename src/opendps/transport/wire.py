@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -45,11 +46,19 @@ def _finite(token: str) -> float:
     return value
 
 
+# where a lone UTF-16 surrogate can come from: a \\ud800-\\udfff escape, or (bytes) a surrogate encoded as UTF-8,
+# which json.loads decodes with "surrogatepass"; (text) one already in the string
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE_TEXT = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
 def parse_json(data: bytes | str, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse untrusted JSON: invalid text or nesting deeper than ``max_depth`` raise InvalidInput naming ``what``
     (never RecursionError, which the standard parser raises for deep input). NaN, Infinity and numbers past a double
     (``1e309``) are not JSON (RFC 8259) although Python reads them: kept, they were written back as ``NaN`` (a twin no
-    client could parse) or refused by PostgreSQL's json column (a traceback), so they are refused here."""
+    client could parse) or refused by PostgreSQL's json column (a traceback), so they are refused here. So is a string
+    holding a lone UTF-16 surrogate (not text, RFC 7493): no database's encoder takes it (a 500). A surrogate pair's
+    escapes are one character and welcome; the whole value is checked only when the text holds a hint of one."""
     try:
         value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
     except RecursionError:
@@ -58,6 +67,11 @@ def parse_json(data: bytes | str, what: str, *, max_depth: int = MAX_JSON_DEPTH)
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
     if json_depth(value) > max_depth:
         raise InvalidInput(f"{what} is nested more than {max_depth} levels deep")
+    if (_SURROGATE_BYTES if isinstance(data, bytes | bytearray) else _SURROGATE_TEXT).search(data):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff): not text (RFC 7493)") from None
     return value
 
 

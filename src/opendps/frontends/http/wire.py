@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -22,7 +21,6 @@ from opendps.services import Services
 from opendps.transport.wire import decimal, parse_json
 
 RUNTIME = web.AppKey("runtime", Runtime)
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how JSON text spells half of a UTF-16 surrogate pair
 TOKEN_HUB = web.RequestKey("sas_hub", str)  # the hub a verified iothubowner token is bound to (absent: any)
 MAX_PAGE = 1000
 MAX_OFFSET = 2**31 - 1  # the largest x-ms-continuation: past any page given, and an integer every database binds
@@ -56,12 +54,6 @@ async def json_body(request: web.Request, model: type[M] | None = None, *, requi
             raise InvalidInput(f"request body is required{f' ({model.__name__})' if model else ''}")
         return model()
     data = parse_json(raw, "request body")
-    if _SURROGATE_ESCAPE.search(raw):
-        try:  # a pair decodes to one character; a lone surrogate stays one, and no database can store it
-            json.dumps(data, ensure_ascii=False).encode()
-        except UnicodeEncodeError as exc:
-            raise InvalidInput("request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text "
-                               "(RFC 7493)") from exc
     if model is None:
         return data
     try:

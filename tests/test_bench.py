@@ -246,6 +246,7 @@ def test_bench_quick_peer_cfssl_and_store_scale(tmp_path: Path) -> None:
         assert hi["extra"]["p50_ratio"] == round(hi["latency"]["p50"] / lo["latency"]["p50"], 4)
 
 
+@pytest.mark.timeout(170, func_only=True)
 def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
     import shutil
 
@@ -253,8 +254,8 @@ def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
 
     mosquitto = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
     proc = subprocess.run([sys.executable, "-m", "opendps", "bench", "--quick", "--scenario", "hub-connect",
-                           "--scenario", "hub-idle", "--scenario", "hub-telemetry", "--count", "40", "-o", "json"],
-                          capture_output=True, text=True, timeout=110)
+                           "--scenario", "hub-idle", "--scenario", "hub-telemetry", "--count", "40", "--rounds", "2",
+                           "-o", "json"], capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["results"]
     systems = ["opendps", "mosquitto"] if mosquitto else ["opendps"]
@@ -269,7 +270,9 @@ def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
         for name, kind in FIELDS.items():
             assert isinstance(r[name], kind), (r["scenario"], r["system"], name, r[name])
         assert r["transport"] == "mqtt"
-        assert r["errors"] == 0 and r["ok"] == r["count"] == 40 and r["error_samples"] == [], r
+        # connects and telemetry: two rounds of 40 per system, taking turns (the NATS-route row: one load after them)
+        turns = 2 if r["scenario"] != "hub-idle" and r["system"] != "opendps+nats" else 1
+        assert r["errors"] == 0 and r["ok"] == r["count"] == 40 * turns and r["error_samples"] == [], r
         # a load that cost the server less than one clock tick (40 QoS 1 messages) is flagged instead of measured
         measured = not r["extra"].get("cpu_below_resolution")
         assert measured == (r["server_cpu_seconds"] * CLK_TCK >= 1), r
@@ -293,6 +296,9 @@ def test_bench_quick_hub_scenarios_against_mosquitto() -> None:
             continue
         # the ratio is what the two rows say, not a constant
         assert ours["ratios"]["mosquitto"] == round(ours["ops_per_cpu_second"] / peer["ops_per_cpu_second"], 4)
+        if system == "opendps":  # each round's ratio, from that round's loads alone
+            assert len(ours["extra"]["round_ratios"]) == len(ours["extra"]["round_ops_per_cpu_second"]) == 2
+            assert len(peer["extra"]["round_ops_per_cpu_second"]) == 2
     peer = by["hub-idle", "mosquitto"]
     assert peer["extra"]["bytes_per_connection"] > 0
     # memory is inverted so that below 1 still means opendps is worse
@@ -314,3 +320,56 @@ def test_bench_hub_connect_at_scale_compares_a_small_and_a_large_store() -> None
     assert large["extra"]["devices"] == 20 + warm + 2_000 and large["extra"]["enrollments"] == 201
     if small["ops_per_cpu_second"] and large["ops_per_cpu_second"]:
         assert large["ratios"]["small store"] == round(large["ops_per_cpu_second"] / small["ops_per_cpu_second"], 4)
+
+
+def test_hub_rounds_take_turns_with_their_own_devices_and_pool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Rounds against opendps and Mosquitto alternate (opendps first, then Mosquitto first, ...), a connect round
+    uses its own devices (each CONNECT a device's first) plus the warm-up ones, and each row pools its rounds."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from opendps.bench import Options
+
+    warm = bench_hub.WARM_UP
+    devices = [(f"d{i}", f"d{i}.pem") for i in range(3 * 4 + warm)]
+    seeded: list[int] = []
+
+    def seed(env: dict[str, str], count: int, directory: Path, *, lint: bool) -> dict[str, object]:
+        seeded.append(count)
+        return {"hub_host": "hub", "devices": devices[:count], "ca_chain": b"", "seed_seconds": 0.0}
+
+    @contextlib.contextmanager
+    def server(db_url: object, lint: bool, before_start: object, profile: object, workers: int):
+        before_start({})  # type: ignore[operator]
+        yield SimpleNamespace(mqtt_port=1, pid=11, postgres=False, ca_file=tmp_path / "ca.pem")
+
+    @contextlib.contextmanager
+    def mosquitto(binary: str, directory: Path, ca_chain: bytes, srv: object):
+        yield SimpleNamespace(pid=22), 2, "2.0.11"
+
+    loads: list[tuple[int, list[str]]] = []
+    cpu = iter([0.4, 0.2, 0.1, 0.5, 0.4, 0.2])  # seconds per load, in the order the loads run
+
+    def load(spec: dict[str, object], pid: int) -> dict[str, object]:
+        loads.append((spec["port"], [d for d, _ in spec["devices"]]))  # type: ignore[misc,union-attr]
+        return {"wall": 1.0, "server_cpu": next(cpu), "latencies": [0.01] * 4, "errors": []}
+
+    monkeypatch.setattr(bench_hub, "seed", seed)
+    monkeypatch.setattr(bench_hub, "running_server", server)
+    monkeypatch.setattr(bench_hub, "running_mosquitto", mosquitto)
+    monkeypatch.setattr(bench_hub, "_mosquitto_binary", lambda: "/usr/sbin/mosquitto")
+    monkeypatch.setattr(bench_hub, "_load", load)
+    rows = bench_hub.connects(Options(quick=True, db_url=None, lint=True, count=4, rounds=3))
+    assert seeded == [3 * 4 + warm]
+    warm_ids = [d for d, _ in devices[12:]]
+    own = [[f"d{i}" for i in range(r * 4, r * 4 + 4)] for r in range(3)]
+    assert loads == [(1, own[0] + warm_ids), (2, own[0] + warm_ids), (2, own[1] + warm_ids), (1, own[1] + warm_ids),
+                     (1, own[2] + warm_ids), (2, own[2] + warm_ids)]
+    ours, peer = rows
+    assert (ours.system, peer.system) == ("opendps", "mosquitto")
+    assert ours.count == ours.ok == peer.count == peer.ok == 12
+    assert ours.server_cpu_seconds == 1.3 and peer.server_cpu_seconds == 0.5  # 0.4 + 0.5 + 0.4; 0.2 + 0.1 + 0.2
+    assert ours.extra["round_ops_per_cpu_second"] == [10.0, 8.0, 10.0]
+    assert peer.extra["round_ops_per_cpu_second"] == [20.0, 40.0, 20.0]
+    assert ours.extra["round_ratios"] == [0.5, 0.2, 0.5]
+    assert ours.ratios["mosquitto"] == round(ours.ops_per_cpu_second / peer.ops_per_cpu_second, 4)

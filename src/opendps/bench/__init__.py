@@ -97,7 +97,7 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
                     "cpu_model": _cpu_model()},
         "settings": {"quick": opts.quick, "database": "postgresql" if opts.db_url else "sqlite", "lint": opts.lint,
                      "count": opts.device_count, "concurrency": list(opts.concurrency_levels),
-                     "workers": list(opts.worker_counts), "scenarios": names},
+                     "workers": list(opts.worker_counts), "rounds": opts.round_count, "scenarios": names},
         "results": [asdict(r) for r in rows],
         **({"profiles": {f.stem: top_costs(f) for f in sorted(opts.profile_dir.glob("*.txt"))}}
            if opts.profile_dir else {}),

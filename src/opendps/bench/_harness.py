@@ -35,6 +35,7 @@ from typing import Any
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUICK_LEVELS, FULL_LEVELS = (32,), (1, 8, 32, 128)
 QUICK_COUNT, FULL_COUNT = 64, 1000
+QUICK_ROUNDS, FULL_ROUNDS = 3, 5
 
 
 class BenchError(Exception):
@@ -84,6 +85,14 @@ class Options:
     workers: int = 1  # the count the scenario running now starts its servers with
     #: peer rows (Mosquitto) by label, measured with the first worker count and reused by the next ones
     peer_rows: dict[str, Result] = field(default_factory=dict)
+    rounds: int | None = None  # ``--rounds``: loads per system in the scenarios measured against a peer, taking turns
+
+    @property
+    def round_count(self) -> int:
+        """Rounds per system where opendps and a peer take turns (hub connects and telemetry): ``--rounds``, else
+        3 quick and 5 full. Why turns: this machine's speed drifts by ±20 % within minutes, and one load of each
+        system one after the other put that drift into the ratio; alternated rounds put it into both."""
+        return self.rounds or (QUICK_ROUNDS if self.quick else FULL_ROUNDS)
 
     def profile(self, label: str) -> Path | None:
         if self.profile_dir is None:

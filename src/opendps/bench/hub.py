@@ -5,7 +5,9 @@ reference MQTT broker, so the same devices, certificates and packets are sent to
 the benchmark on a free port (mTLS listener, ``require_certificate``, CA = the instance's issuing CA + root)
 and every row pair is reported as a ratio oriented so that below 1 means opendps is worse:
 connects and telemetry ``opendps ops/CPU-s ÷ mosquitto ops/CPU-s``; memory ``mosquitto bytes per
-connection ÷ opendps bytes per connection``.
+connection ÷ opendps bytes per connection``. Connects and telemetry run in rounds (``--rounds``), the two servers
+taking turns while both run, and each row pools its rounds (:func:`_pair`): one load of each, minutes apart, put
+the machine's drift (±20 % here) into the ratio.
 
 Set-up outside the timing, before the opendps server starts (``running_server(before_start=...)``): the
 namespace, policy and a group linking the policy to the default hub through the domain code (so the hub
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opendps.bench._harness import (
+    CLK_TCK,
     BenchError,
     Options,
     Result,
@@ -98,16 +101,18 @@ MEMORY_RATIO = "ratios.mosquitto = mosquitto bytes per connection ÷ opendps' (b
 
 
 def connects(opts: Options) -> list[Result]:
-    """Closed loop at ``CONCURRENCY``: fresh mTLS connect + CONNECT/CONNACK + DISCONNECT per device."""
+    """Closed loop at ``CONCURRENCY``: fresh mTLS connect + CONNECT/CONNACK + DISCONNECT per device, in rounds that
+    take turns with Mosquitto (each round its own devices: every CONNECT is a device's first, as in round one)."""
     count = opts.count or (QUICK_CONNECTS if opts.quick else FULL_CONNECTS)
     level = opts.levels[0] if opts.levels else CONCURRENCY
     spec = {"mode": "connect", "count": count, "concurrency": level}
+    rounds = opts.round_count
 
     def row(system: str, outcome: dict[str, Any], pid: int, extra: dict[str, Any]) -> Result:
-        return load_row(CONNECT, "mqtt", level, count, outcome, outcome["server_cpu"], pid, system=system,
-                        certificate="P-384 operational, chain leaf + issuing CA", **extra)
+        return load_row(CONNECT, "mqtt", level, count * outcome["rounds"], outcome, outcome["server_cpu"], pid,
+                        system=system, certificate="P-384 operational, chain leaf + issuing CA", **extra)
 
-    rows = _pair(opts, CONNECT, count, spec, row)
+    rows = _pair(opts, CONNECT, count, spec, row, rounds=rounds, fresh_devices=True)
     _ratio(rows, lambda r: r.ops_per_cpu_second, higher_is_better=True)
     return rows
 
@@ -185,7 +190,8 @@ def telemetry(opts: Options) -> list[Result]:
     def row(system: str, outcome: dict[str, Any], pid: int, extra: dict[str, Any]) -> Result:
         store = ("every message appended to the store (telemetry_events) before its PUBACK" if system == "opendps"
                  else "no subscriber, persistence off: PUBACK without storing")
-        return load_row(TELEMETRY, "mqtt", devices, devices * per_device, outcome, outcome["server_cpu"], pid,
+        return load_row(TELEMETRY, "mqtt", devices, devices * per_device * outcome["rounds"], outcome,
+                        outcome["server_cpu"], pid,
                         system=system, devices=devices, messages_per_device=per_device, qos=1, window=WINDOW,
                         payload_bytes=len(PAYLOAD % 0), durability=store, **extra)
 
@@ -204,13 +210,14 @@ def telemetry(opts: Options) -> list[Result]:
                     raise BenchError(f"route create failed: {r.status_code} {r.text[:200]}")
             outcome = _load({**base, "port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
                             server.pid)
+            outcome["rounds"] = 1
             result = row(ROUTED, outcome, server.pid, {"route": f"JetStream stream {stream}, acknowledged before PUBACK"})
             result.extra["durability"] += "; then published to NATS JetStream and acknowledged by the stream before the PUBACK"
             return [result]
         finally:
             _jetstream(lambda js: js.delete_stream(stream))
 
-    rows = _pair(opts, TELEMETRY, devices, spec, row, also=routed)
+    rows = _pair(opts, TELEMETRY, devices, spec, row, also=routed, rounds=opts.round_count)
     _ratio(rows, lambda r: r.ops_per_cpu_second, higher_is_better=True)
     _ratio(rows, lambda r: r.ops_per_cpu_second, higher_is_better=True, ours_system=ROUTED)
     return rows
@@ -238,42 +245,83 @@ def _jetstream(action: Any) -> str | None:
     return asyncio.run(main())
 
 
-def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: Any,
-          also: Any = None) -> list[Result]:
-    """One fresh opendps seeded with ``devices`` (+ warm-up) devices, the load against it, then against Mosquitto.
+def _pair(opts: Options, label: str, devices: int, spec: dict[str, Any], row: Any, also: Any = None, *,
+          rounds: int = 1, fresh_devices: bool = False) -> list[Result]:
+    """One fresh opendps seeded with ``devices`` (+ warm-up) devices and a Mosquitto beside it; the load against
+    each, ``rounds`` times, taking turns (opendps first in even rounds, Mosquitto first in odd ones), so that the
+    machine's drift over the minutes of a run falls on both; a row per system pooled over its rounds (operations
+    ÷ CPU seconds of all of them), with each round's figure in ``extra["round_ops_per_cpu_second"]`` and the
+    rounds' ratios in the opendps row's ``extra["round_ratios"]``. ``fresh_devices``: each
+    round its own devices (seeded ``rounds`` times as many; a CONNECT costs more the first time a device makes it).
 
     Mosquitto runs once per ``label``: later worker counts reuse its row from ``opts.peer_rows`` (returned again
-    for the ratios; :func:`opendps.bench.run_bench` reports it once).
+    for the ratios; :func:`opendps.bench.run_bench` reports it once), and their opendps rounds run alone.
+    ``also(server, base)``: more rows from the same server and fleet after the rounds (the NATS route).
     """
     _raise_nofile()  # the server and Mosquitto inherit it
     mosquitto = _mosquitto_binary()
     warm = warm_up_count(WARM_UP, opts.workers)
     with tempfile.TemporaryDirectory(prefix="opendps-bench-hub-") as tmp:
         fleet: dict[str, Any] = {}
+        seeded = devices * (rounds if fresh_devices else 1)
 
         def seed_fleet(env: dict[str, str]) -> None:
-            fleet.update(seed(env, devices + warm, Path(tmp), lint=opts.lint))
+            fleet.update(seed(env, seeded + warm, Path(tmp), lint=opts.lint))
 
         with running_server(opts.db_url, opts.lint, before_start=seed_fleet, profile=opts.profile(label),
-                            workers=opts.workers) as server:
+                            workers=opts.workers) as server, contextlib.ExitStack() as peer_stack:
             base = {**spec, "host": "127.0.0.1", "server_hostname": "localhost", "ca_file": str(server.ca_file),
-                    "hub_host": fleet["hub_host"], "devices": fleet["devices"], "warm_up": warm}
-            outcome = _load({**base, "port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
-                            server.pid)
-            rows = [row("opendps", outcome, server.pid, {"seed_seconds": fleet["seed_seconds"]})]
+                    "hub_host": fleet["hub_host"], "devices": fleet["devices"][:devices] + fleet["devices"][seeded:],
+                    "warm_up": warm}
+            targets: dict[str, dict[str, Any] | None] = {
+                "opendps": {"port": server.mqtt_port, "pid": server.pid, "postgres": server.postgres},
+                "mosquitto": None}
+            version = ""
+            if mosquitto is not None and label not in opts.peer_rows:
+                proc, port, version = peer_stack.enter_context(running_mosquitto(mosquitto, Path(tmp),
+                                                                                 fleet["ca_chain"], server))
+                targets["mosquitto"] = {"port": port, "pid": proc.pid, "postgres": False}
+            outcomes: dict[str, list[dict[str, Any]]] = {"opendps": [], "mosquitto": []}
+            for turn in range(rounds):
+                mine = fleet["devices"][turn * devices:(turn + 1) * devices] if fresh_devices else base["devices"][:devices]
+                round_spec = {**base, "devices": mine + fleet["devices"][seeded:]}
+                for system in ("opendps", "mosquitto") if turn % 2 == 0 else ("mosquitto", "opendps"):
+                    if (target := targets[system]) is not None:
+                        outcomes[system].append(_load({**round_spec, **target}, target["pid"]))
+            peer = targets["mosquitto"]
+            rows = [row("opendps", _pooled(outcomes["opendps"]), server.pid, {"seed_seconds": fleet["seed_seconds"]})]
             if also is not None:  # another opendps configuration on the same server and fleet
                 rows.extend(also(server, base))
             if mosquitto is None:
                 rows[0].extra["mosquitto"] = MOSQUITTO_SKIPPED
-                return rows
-            if label in opts.peer_rows:
+            elif peer is None:
                 rows.append(opts.peer_rows[label])
-                return rows
-            with running_mosquitto(mosquitto, Path(tmp), fleet["ca_chain"], server) as (proc, port, version):
-                outcome = _load({**base, "port": port, "pid": proc.pid, "postgres": False}, proc.pid)
-                rows.append(row("mosquitto", outcome, proc.pid, {"version": version}))
+            else:
+                rows.append(row("mosquitto", _pooled(outcomes["mosquitto"]), peer["pid"], {"version": version}))
                 opts.peer_rows[label] = rows[-1]
+            if rounds > 1:
+                for result in (rows[0], rows[-1]) if peer is not None else (rows[0],):
+                    result.extra["round_ops_per_cpu_second"] = [round(_rate(o), 2) for o in outcomes[result.system]]
+                if peer is not None:  # the spread of the pooled ratio
+                    rows[0].extra["round_ratios"] = [round(_rate(a) / _rate(b), 4) if _rate(a) and _rate(b) else None
+                                                     for a, b in zip(outcomes["opendps"], outcomes["mosquitto"],
+                                                                     strict=True)]
     return rows
+
+
+def _pooled(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One outcome from a system's rounds: their walls, server CPU, latencies and errors together; ``rounds``: how
+    many. Pooled, not a median of rounds: the row's operations ÷ CPU seconds stays what its own figures say."""
+    return {"wall": sum(o["wall"] for o in outcomes), "server_cpu": sum(o["server_cpu"] for o in outcomes),
+            "latencies": [x for o in outcomes for x in o["latencies"]],
+            "errors": [e for o in outcomes for e in o["errors"]], "rounds": len(outcomes),
+            **{k: v for k, v in outcomes[-1].items() if k.startswith(("rss_", "load_generator"))}}
+
+
+def _rate(outcome: dict[str, Any]) -> float:
+    """One round's operations per server CPU second; 0 where the CPU read below one clock tick."""
+    cpu = outcome["server_cpu"]
+    return len(outcome["latencies"]) / cpu if round(cpu * CLK_TCK) >= 1 else 0.0
 
 
 def _load(spec: dict[str, Any], pid: int) -> dict[str, Any]:

@@ -48,7 +48,9 @@ def print_report(report: dict[str, Any]) -> None:
                   "registration completes within 1 s, else after a Retry-After: 2 s poll wait); "
                   "CPU ms/op is the server's own CPU per operation (all its processes: with workers, the supervisor's "
                   "and every worker's; peak RSS is their sum) and does not depend on it. "
-                  "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography).", highlight=False)
+                  "Ratios: opendps ops per CPU second ÷ the peer's (ceiling = in-process cryptography); hub-connect "
+                  f"and hub-telemetry rows pool {s.get('rounds', 1)} loads per system, opendps and Mosquitto taking "
+                  "turns (round_ratios: each round's).", highlight=False)
     for label, costs in report.get("profiles", {}).items():
         console.print(f"profile of {label} ({costs['busy_samples']} busy samples): "
                       + "; ".join(f"{name} {share:.0%}" for name, share in costs["components"].items()), highlight=False)

@@ -27,19 +27,22 @@ from opendps.cli.output import emit
 @click.option("--workers", "worker_counts", multiple=True, type=click.IntRange(1, 256),
               help="Start the servers with opendps serve --workers N and run each scenario that starts one once per "
               "N (repeatable; default 1). CPU and peak RSS are summed over the supervisor and its workers.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=None,
+              help="Loads per system where opendps and Mosquitto take turns (hub-connect, hub-telemetry; default 3 "
+              "with --quick, else 5): rows pool their rounds, the opendps row lists each round's ratio.")
 @click.option("--no-lint", is_flag=True, default=False, help="Start the servers with --no-lint (pre-issuance checks off).")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Sample every opendps server with py-spy into this directory and report its top costs.")
 @output_option(default="table")
 def bench(quick: bool, json_path: Path | None, db_url: str | None, scenarios: tuple[str, ...], count: int | None,
-          levels: tuple[int, ...], worker_counts: tuple[int, ...], no_lint: bool, profile_dir: Path | None,
+          levels: tuple[int, ...], worker_counts: tuple[int, ...], rounds: int | None, no_lint: bool, profile_dir: Path | None,
           output: str) -> None:
     """Benchmark opendps against fresh local servers and peers; exit 1 if any operation failed."""
     if not Path("/proc/self/stat").exists():
         raise CliError("opendps bench reads server CPU from /proc and needs Linux")
     counts = tuple(dict.fromkeys(worker_counts)) or (1,)  # in the order given, each once
     opts = Options(quick=quick, db_url=db_url, lint=not no_lint, count=count, levels=levels or None,
-                   profile_dir=profile_dir, worker_counts=counts, workers=counts[0])
+                   profile_dir=profile_dir, worker_counts=counts, workers=counts[0], rounds=rounds)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -168,11 +168,20 @@ def _dribble(conn, stop) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize(("send", "words"), [(_endless, "larger than 65536 bytes"), (_dribble, "did not answer within 2 s")])
+def _dribble_headers(conn, stop) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    while not stop.is_set():
+        conn.sendall(b"a")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("send", "words"), [(_endless, "larger than 65536 bytes"), (_dribble, "did not answer within 2 s"),
+                                             (_dribble_headers, "did not answer within 2 s")])
 def test_a_webhook_that_answers_without_end_is_cut_off_by_size_and_time(services, send, words):
     """A webhook sending without end is stopped at the size bound as it reads (it was read whole into memory first),
-    and one sending a byte at a time at the timeout measured from the request (each read was bounded, not the
-    whole: 1,000 bytes at 0.2 s apart held a domain thread 200 s)."""
+    and one sending a byte at a time, in its body or its headers, at the timeout measured from the request (each read
+    was bounded, not the whole: 1,000 bytes at 0.2 s apart held a domain thread 200 s; a header line 0.2 s a byte,
+    up to the 64 KiB httpx reads of headers, hours)."""
     with raw_webhook(send) as url:
         key = _custom_group(services, url)
         started = time.monotonic()

@@ -427,6 +427,57 @@ def test_symmetric_key_refusals(server, tmp_path):
     assert_nothing_left(server, "sas-disabled")
 
 
+def _raw_request(server, method: str, path: str, headers: dict, parts: list[bytes]) -> tuple[int, dict]:
+    """One HTTPS request whose body is sent in ``parts``, a pause between them (as a slow link or TLS records split
+    it); the status and the JSON answer."""
+    import socket
+
+    host, port = server.url.rsplit("//", 1)[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=server.ca_file)
+    with socket.create_connection((host, int(port)), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host, "Connection": "close", **headers}.items())
+        tls.sendall(f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode())
+        for n, part in enumerate(parts):
+            if n:
+                time.sleep(0.3)
+            tls.sendall(part)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_body_arriving_in_parts_is_read_whole(server):
+    """The device API read what had arrived of a body, up to its bound: a valid 20 KB registration body sent in two
+    parts (longer than one TLS record, or a slow link) was parsed cut short, a 400 "not valid JSON"."""
+    with svc(server) as c:
+        key = sym_key(c, "/enrollments/split-body", {"attestation": {"type": "symmetricKey"}})
+    base = f"/{server.id_scope}/registrations/split-body"
+    auth = {"Authorization": device_sas(server.id_scope, "split-body", key), "Content-Type": "application/json"}
+    body = json.dumps({"registrationId": "split-body", "payload": {"blob": "x" * 20_000}}).encode()
+    halves = [body[:1000], body[1000:]]
+    status, answer = _raw_request(server, "PUT", f"{base}/register?api-version={PREVIEW}",
+                                  {**auth, "Content-Length": str(len(body))}, halves)
+    assert (status, answer.get("status")) == (202, "assigned"), answer
+    status, answer = _raw_request(server, "POST", f"{base}?api-version={PREVIEW}",
+                                  {**auth, "Content-Length": str(len(body))}, halves)
+    assert (status, answer.get("status")) == (200, "assigned"), answer
+    # the bound still holds for a body of no announced length (chunked), whatever its parts
+    chunk = b"{" + b" " * 20_000
+    chunked = [b"%x\r\n%s\r\n" % (len(chunk), chunk), b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk)]
+    status, answer = _raw_request(server, "PUT", f"{base}/register?api-version={PREVIEW}",
+                                  {**auth, "Transfer-Encoding": "chunked"}, chunked)
+    assert (status, answer["errorCode"]) == (413, 413001), answer
+    # a registrationId that does not match is named cut short (the peer chose its length)
+    with device(server) as d:
+        r = d.put(f"{base}/register", params={"api-version": PREVIEW}, json={"registrationId": "y" * 30_000},
+                  headers=auth)
+    assert_azure_error(r, 400, "does not match")
+    assert len(r.json()["message"]) < 400
+
+
 def test_bad_csr_corpus_leaves_nothing(server, tmp_path):
     with svc(server) as c:
         namespace(c, "csr-ns", "csr-p")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opendps.errors import InvalidInput, PayloadTooLarge
+from opendps.transport import shown
 from opendps.transport.wire import parse_json
 
 MAX_DEVICE_BODY = 32 * 1024
@@ -35,6 +36,7 @@ def parse_registration_body(raw: bytes, registration_id: str) -> RegistrationBod
         raise InvalidInput("registration body must be a JSON object (DeviceRegistration)")
     given = body.get("registrationId")
     if given is not None and str(given).lower() != registration_id.lower():
-        raise InvalidInput(f"registrationId {given!r} in the body does not match the request's {registration_id!r}")
+        raise InvalidInput(f"registrationId {shown(given)} in the body does not match the request's "
+                           f"{shown(registration_id)}")
     evidence = {k: v for k, v in body.items() if k not in _OWN_MEMBERS and v is not None}
     return RegistrationBody(body.get("payload"), body.get("csr"), evidence)

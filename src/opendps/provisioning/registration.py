@@ -52,6 +52,7 @@ from opendps.provisioning.enrollments import GROUP, Enrollments, check_registrat
 from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
 from opendps.store import Operation, Registration, Store, table_of
+from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
 log = logging.getLogger("opendps.provisioning")
@@ -251,27 +252,32 @@ class Provisioning:
         return Accepted(operation_id, result=result if datetime.now(UTC) - now <= ANSWER_WITHIN else None)
 
     def operation(self, credentials: DeviceCredentials, operation_id: str) -> dict[str, Any]:
-        check_registration_id(credentials.registration_id)  # before the throttle keys a row by it
-        self.throttle.check(credentials.registration_id)
-        with self.store.config_snapshot():
-            self._identity(credentials)
+        self._attest_and_count(credentials)
         with self.store.session() as s:
             # ours are printable ASCII that fits the column: anything else names no operation, and sent to the
             # database as a key (a U+0000 from '%00') it was PostgreSQL's DataError, a traceback, not a 404
             known = 0 < len(operation_id) <= MAX_OPERATION_ID and operation_id.isascii() and operation_id.isprintable()
             op = s.get(Operation, operation_id) if known else None
             if op is None or op.registration_key != credentials.registration_id.lower():
-                raise NotFound(f"operation {operation_id!r} does not exist for registration "
+                raise NotFound(f"operation {shown(operation_id)} does not exist for registration "
                                f"{credentials.registration_id!r}", error_code=OPERATION_NOT_FOUND)
             return op.result
 
     def status(self, credentials: DeviceCredentials) -> dict[str, Any]:
         """Registration status lookup (POST /{idScope}/registrations/{id}): no certificate chain."""
+        self._attest_and_count(credentials)
+        return self.get_registration(credentials.registration_id)
+
+    def _attest_and_count(self, credentials: DeviceCredentials) -> None:
+        """A poll or status lookup: attested, then counted against the device's limit — as registrations are, so that
+        nobody can use up a device's allowance without its credential (counted first, 5 requests without any
+        credential kept the device itself from polling, 429, for as long as they went on). A refusal this process has
+        already seen answers at once, before the attestation."""
         check_registration_id(credentials.registration_id)  # before the throttle keys a row by it
-        self.throttle.check(credentials.registration_id)
+        self.throttle.check_known(credentials.registration_id)
         with self.store.config_snapshot():
             self._identity(credentials)
-        return self.get_registration(credentials.registration_id)
+        self.throttle.check(credentials.registration_id)
 
     def renew_through_hub(self, hub_host: str, device_id: str, csr: bytes) -> IssuedChain:
         """Renewal over the hub's ``$iothub/credentials`` topic: same policy, same checks, same records."""

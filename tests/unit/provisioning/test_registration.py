@@ -192,6 +192,40 @@ def test_a_status_lookup_or_poll_for_a_registration_id_no_device_can_have_is_ref
             services.provisioning.operation(device, "0" * 32)
 
 
+def test_polls_and_status_lookups_without_the_credential_do_not_use_up_the_devices_allowance(services, fleet):
+    """Counted before the attestation, 5 requests without any credential (or with a wrong one) kept the device itself
+    from polling and looking up its status (429) for as long as they went on; now only proven requests count, as
+    registrations do."""
+    from opendps.errors import Throttled
+
+    rid = "dev-starved"
+    device, nobody, forger = creds(rid, key=derive_device_key(fleet, rid)), creds(rid), creds(rid, key=new_key())
+    accepted = services.provisioning.register(device)
+    for _ in range(8):
+        for stranger in (nobody, forger):
+            with pytest.raises(AttestationFailed):
+                services.provisioning.operation(stranger, accepted.operation_id)
+            with pytest.raises(AttestationFailed):
+                services.provisioning.status(stranger)
+    assert services.provisioning.operation(device, accepted.operation_id)["status"] == "assigned"
+    assert services.provisioning.status(device)["status"] == "assigned"
+    for _ in range(3):
+        services.provisioning.status(device)
+    with pytest.raises(Throttled):  # the device's own requests still count: 5 per 10 s
+        services.provisioning.operation(device, accepted.operation_id)
+    with pytest.raises(Throttled):  # and a refusal seen is answered before any attestation, even to strangers
+        services.provisioning.status(nobody)
+
+
+def test_an_unknown_operation_id_is_named_cut_short(services, fleet):
+    """The poll's operation id is the peer's (up to 64 KB in an MQTT topic): the 404 named it whole."""
+    device = creds("dev-014", key=derive_device_key(fleet, "dev-014"))
+    services.provisioning.register(device)
+    with pytest.raises(NotFound, match="does not exist for registration") as info:
+        services.provisioning.operation(device, "a" * 60_000)
+    assert len(info.value.message) < 300
+
+
 def test_renewal_through_the_hub_issues_under_the_same_policy_and_updates_the_records(services, fleet):
     rid = "dev-008"
     state = register(services, creds(rid, key=derive_device_key(fleet, rid)), csr=_b64(p384_csr(rid)),

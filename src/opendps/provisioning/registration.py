@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -68,11 +69,14 @@ OPERATION_NOT_FOUND = 404203
 MAX_OPERATION_ID = 96  # the operations table's key column
 
 
+_API_VERSION = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})(-preview)?")
+
+
 def csr_supported(api_version: str | None) -> bool:
-    """``csr`` is a 2025-07-01-preview field; later dated versions keep it (e.g. 2026-11-01)."""
-    if not api_version:
-        return False
-    return api_version[:10] >= CSR_API_VERSION[:10]
+    """``csr`` is a 2025-07-01-preview field; later dated versions keep it (e.g. 2026-11-01). Only a dated version
+    counts: compared as text, ``abc`` or ``é`` sorted after every date."""
+    match = _API_VERSION.fullmatch(api_version or "")
+    return match is not None and match[1] >= CSR_API_VERSION[:10]
 
 
 def canonical_registration_id(registration_id: str) -> str:
@@ -365,7 +369,7 @@ class Provisioning:
     def _check_csr(self, identity: AttestedIdentity, csr: str, api_version: str | None) -> tuple[Issuer, ValidatedCsr]:
         enrollment = identity.enrollment
         if not csr_supported(api_version):
-            raise InvalidInput(f"'csr' needs api-version {CSR_API_VERSION} or later (got {api_version!r})")
+            raise InvalidInput(f"'csr' needs api-version {CSR_API_VERSION} or later (got {shown(api_version or '')})")
         if not isinstance(csr, str):
             raise InvalidInput("csr must be a base64 DER PKCS#10 string")
         if enrollment.policy_id is None:

@@ -105,6 +105,9 @@ def test_without_a_csr_the_device_keeps_its_attestation_credential_at_the_hub(se
     (lambda rid: p384_csr("someone-else"), PREVIEW, CsrRejected, "does not match the registration id"),
     (lambda rid: b"not a csr", PREVIEW, CsrRejected, "cannot be parsed"),
     (lambda rid: p384_csr(rid), "2021-06-01", InvalidInput, "needs api-version 2025-07-01-preview"),
+    # not a dated version: compared as text, these sorted after every date and the CSR was taken
+    *((lambda rid: p384_csr(rid), odd, InvalidInput, "needs api-version") for odd in ("abc", "\u00e9", "x" * 5000,
+                                                                                      "2025-07-01x", "")),
 ])
 def test_a_refused_registration_writes_nothing(services, fleet, csr, api_version, error, words):
     rid = "dev-003"

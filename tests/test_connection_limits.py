@@ -20,7 +20,7 @@ from tests.conftest import _run_server, database
 from tests.test_device_api import svc, sym_key
 
 from opendps.transport import sas
-from opendps.transport.mqtt.codec import Connack, Connect, Decoder, encode
+from opendps.transport.mqtt.codec import Connack, Connect, Decoder, Publish, Subscribe, encode
 
 LIMIT = (256 - 128) * 4 // 14  # the HTTPS listener's share
 pytestmark = pytest.mark.timeout(120, func_only=True)
@@ -171,6 +171,111 @@ def test_a_websocket_message_larger_than_mqtt_holds_is_refused_as_it_arrives(ser
         frame += chunk
     assert frame[0] == 0x88 and struct.unpack(">H", frame[2:4])[0] == 1009, frame[:8]  # close: message too big
     assert _closed_within(sock, 5)
+
+
+def _cut_off_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server ended the connection (our side left ESTABLISHED: its RST or FIN arrived) within
+    ``seconds``, found without reading a byte (Linux's TCP_INFO: the state is its first byte)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 1:  # 1: TCP_ESTABLISHED
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _unread_pipeline(sock: socket.socket, request: bytes, count: int) -> None:
+    """Send ``count`` pipelined copies of ``request`` (as many as the server takes within 5 s) and read nothing."""
+    sock.setblocking(False)
+    payload, sent, until = request * count, 0, time.monotonic() + 5
+    while sent < len(payload) and time.monotonic() < until:
+        try:
+            sent += sock.send(payload[sent:sent + 65536])
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            time.sleep(0.01)
+
+
+def _small_receive_buffer_tls(server, port: int) -> ssl.SSLSocket:
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    return ssl.create_default_context(cafile=server.ca_file).wrap_socket(raw, server_hostname="localhost")
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off(server):
+    """Answers asked for and never read (the dashboard's script, pipelined): the handler waits for the socket to
+    drain and no keep-alive timer runs meanwhile, so the connection (its slot and megabytes of buffers) was held for
+    as long as the client liked. Now a client that reads nothing we send for the client timeout (2 s) is cut off."""
+    s = _small_receive_buffer_tls(server, _https_port(server))
+    _unread_pipeline(s, b"GET /ui/dashboard.js HTTP/1.1\r\nHost: localhost\r\n\r\n", 3000)
+    assert _cut_off_within(s, 15), "a client that reads nothing is held open"
+    s.close()
+    assert "read nothing we sent for 2 s" in _log(server)
+
+
+def test_a_device_that_never_reads_does_not_hold_up_the_service(server):
+    """A hub device subscribed to desired-property updates that reads nothing (its twin answers pile up unread): a
+    service's twin update waits for the push to go out, so it hung for as long as the device stayed connected (and
+    a server being stopped waited for it). Now the device is cut off after the client timeout and the update ends."""
+    with svc(server) as c:
+        assert c.put("/devices/stalled-dev", json={"deviceId": "stalled-dev"}).status_code == 200
+        key = c.get("/devices/stalled-dev").json()["authentication"]["symmetricKey"]["primaryKey"]
+        assert c.patch("/twins/stalled-dev", json={"properties": {"desired": {"blob": "x" * 6000}}}).status_code == 200
+    s = _small_receive_buffer_tls(server, server.mqtt_port)
+    s.sendall(encode(Connect(client_id="stalled-dev", username="localhost/stalled-dev/?api-version=2021-04-12",
+                             keepalive=60, password=sas.generate("localhost/devices/stalled-dev", key).encode())))
+    s.sendall(encode(Subscribe(packet_id=1, topics=[("$iothub/twin/PATCH/properties/desired/#", 0),
+                                                    ("$iothub/twin/res/#", 0)])))
+    # ~3,000 full twins (6 KB each) asked for and never read: the server's buffers fill, its writes to it wait
+    _unread_pipeline(s, b"".join(encode(Publish(f"$iothub/twin/GET/?$rid={i}", b"", 0)) for i in range(100)), 30)
+    time.sleep(1.5)  # they are answered
+    with svc(server) as c:
+        c.timeout = httpx.Timeout(30)
+        started = time.monotonic()
+        for i in range(5):  # a few pushes: one past a full buffer waits
+            r = c.patch("/twins/stalled-dev", json={"properties": {"desired": {"i": i}}})
+            assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 15
+    assert _cut_off_within(s, 5)
+    s.close()
+
+
+def test_a_plain_http_client_that_never_reads_is_cut_off():
+    """The plain-HTTP listeners (CRLs and OCSP, metrics) are aiohttp's own TCP transport behind the gate: the same
+    deadline for a client that leaves its answers unread."""
+    import asyncio
+
+    from aiohttp import web
+
+    from opendps.server import GatedTCPSite
+    from opendps.transport.tls import ConnectionGate
+
+    async def big(_request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 1_000_000)
+
+    async def main() -> bool:
+        app = web.Application()
+        app.router.add_get("/big", big)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = GatedTCPSite(runner, "127.0.0.1", 0, gate=ConnectionGate("HTTP", 4), write_timeout=1)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+
+        def client() -> bool:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                _unread_pipeline(s, b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n", 50)
+                return _cut_off_within(s, 10)
+
+        try:
+            return await asyncio.to_thread(client)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(main()), "a plain-HTTP client that reads nothing is held open"
 
 
 def test_the_server_log_stays_quiet(server):

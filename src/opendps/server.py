@@ -19,10 +19,12 @@ from opendps.frontends import FrontEnds, build, metrics
 from opendps.frontends.http.app import make_metrics_app, make_status_app
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
+from opendps.transport import format_peer
 from opendps.transport.tls import (
     ConnectionGate,
     connection_budgets,
     device_tls_context,
+    discard_unsent,
     raise_descriptor_limit,
     start_aiohttp_site,
     start_tls_server,
@@ -97,7 +99,8 @@ async def _plain_http(app: web.Application, host: str, port: int, name: str, bud
     """A plain-HTTP listener for ``app``, capped like the TLS ones (SO_REUSEPORT when shared by workers)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=client_timeout)
     await runner.setup()
-    await GatedTCPSite(runner, host, port, gate=ConnectionGate(name, budget), reuse_port=shared).start()
+    await GatedTCPSite(runner, host, port, gate=ConnectionGate(name, budget), reuse_port=shared,
+                       write_timeout=client_timeout).start()
     return runner
 
 
@@ -123,19 +126,21 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")
     ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"http/1.1"])
     deadline = fe.runtime.connect_deadline  # to finish the handshake (then the CONNECT, the AMQP open)
+    # write_timeout: a client that leaves our answers unread (a big one asked for and never read) for the client
+    # timeout is cut off, on every listener: else it holds its slot, its buffers and whoever waits to write to it
     await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget["HTTPS"]),
-                             reuse_port=shared, handshake_timeout=deadline)
+                             reuse_port=shared, handshake_timeout=deadline, write_timeout=st.client_timeout)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])
     fe.mqtt.add_listener(await start_tls_server(fe.mqtt.protocol_factory, st.host, st.mqtt_port, mqtt_ctx,
                                                 gate=ConnectionGate("MQTT", budget["MQTT"]), reuse_port=shared,
-                                                handshake_timeout=deadline))
+                                                handshake_timeout=deadline, write_timeout=st.client_timeout))
     # AMQP 1.0 (service-side C2D, as azure-iot-hub sends it) on its own port, same TLS layer; 0 = off
     if st.amqp_port:
         amqp_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"amqp"])
         fe.amqp.add_listener(await start_tls_server(fe.amqp.protocol_factory, st.host, st.amqp_port, amqp_ctx,
                                                     gate=ConnectionGate("AMQP", budget["AMQP"]), reuse_port=shared,
-                                                    handshake_timeout=deadline))
+                                                    handshake_timeout=deadline, write_timeout=st.client_timeout))
     # CRLs and OCSP over plain HTTP (relying parties fetch them without TLS); the same routes are on HTTPS; 0 = off
     status_runner = await _plain_http(make_status_app(fe.runtime), st.host, st.http_port, "HTTP", budget["HTTP"], shared,
                                       st.client_timeout) if st.http_port else None
@@ -195,16 +200,21 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
 
 class _Gated(asyncio.Protocol):
     """A plain TCP connection admitted by a :class:`ConnectionGate` (TLS listeners get theirs from
-    ``transport.tls``); over the cap it is closed at once, else ``inner`` (aiohttp's request handler) sees it all."""
+    ``transport.tls``); over the cap it is closed at once, else ``inner`` (aiohttp's request handler) sees it all.
+    With ``write_timeout``, a client that leaves our answers unread that long is cut off (as ``transport.tls`` does)."""
 
-    def __init__(self, inner: asyncio.Protocol, gate: ConnectionGate) -> None:
+    def __init__(self, inner: asyncio.Protocol, gate: ConnectionGate, write_timeout: float | None = None) -> None:
         self.inner, self.gate, self.admitted = inner, gate, False
+        self.write_timeout = write_timeout
+        self.transport: asyncio.BaseTransport | None = None
+        self.stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.gate.admit():
             transport.abort()
             return
         self.admitted = True
+        self.transport = transport
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -216,13 +226,30 @@ class _Gated(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.admitted:
+            if self.write_timeout is not None and self.stalled is None:
+                self.stalled = asyncio.get_running_loop().call_later(self.write_timeout, self._cut_off)
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
         if self.admitted:
+            self._cancel_stalled()
             self.inner.resume_writing()
 
+    def _cut_off(self) -> None:
+        self.stalled = None
+        if self.admitted and self.transport is not None:
+            log.info("HTTP connection from %s closed: it read nothing we sent for %g s",
+                     format_peer(self.transport.get_extra_info("peername")), self.write_timeout)
+            discard_unsent(self.transport)
+            self.transport.abort()
+
+    def _cancel_stalled(self) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stalled()
         if self.admitted:
             self.admitted = False
             self.gate.release()
@@ -232,20 +259,21 @@ class _Gated(asyncio.Protocol):
 class GatedTCPSite(web.TCPSite):
     """aiohttp's plain TCP site with a connection cap (the plain-HTTP listener: certificate status)."""
 
-    __slots__ = ("_gate",)
+    __slots__ = ("_gate", "_write_timeout")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, gate: ConnectionGate,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, write_timeout: float | None = None) -> None:
         super().__init__(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None)
         self._gate = gate
+        self._write_timeout = write_timeout
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site; TCPSite.start would bind without the gate
         handler = self._runner.server
         assert handler is not None
-        gate = self._gate
+        gate, write_timeout = self._gate, self._write_timeout
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Gated(handler(), gate), self._host, self._port, backlog=self._backlog,
+            lambda: _Gated(handler(), gate, write_timeout), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
 
 

@@ -33,7 +33,9 @@ import contextlib
 import enum
 import functools
 import logging
+import socket
 import ssl
+import struct
 import threading
 import time
 import weakref
@@ -59,6 +61,7 @@ __all__ = [
     "connection_budgets",
     "context_serving",
     "device_tls_context",
+    "discard_unsent",
     "replace_context",
     "server_context",
     "start_aiohttp_site",
@@ -417,6 +420,15 @@ def raise_descriptor_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def discard_unsent(transport: asyncio.BaseTransport) -> None:
+    """Make closing ``transport``'s socket a reset that drops what the peer never took (SO_LINGER 0): a plain close
+    leaves the kernel trying to deliver it, megabytes per connection, for minutes after the descriptor is gone."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 # A listener's share of the descriptors. The MQTT listener holds the fleet all day (every hub device, DPS sessions);
 # HTTPS serves registrations, which are short, and the management API; AMQP a few service clients; the plain-HTTP
 # status and metrics listeners a few fetchers. An equal split left a hub with a 20,000-descriptor limit room for only
@@ -586,7 +598,8 @@ class TlsProtocol(asyncio.Protocol):
     outgoing BIO (handshake flights, TLS 1.3 post-handshake messages, alerts, close_notify).
 
     A failed or timed-out handshake closes this connection only and logs one line on
-    ``opendps.tls``.
+    ``opendps.tls``. With ``write_timeout``, a peer that leaves what we send unread (the socket's buffer above its
+    high-water mark, so the inner protocol is paused) for that long is cut off: one INFO line, the socket aborted.
     """
 
     # thousands live at once (one per connection): no per-object __dict__
@@ -595,7 +608,7 @@ class TlsProtocol(asyncio.Protocol):
         "_gate", "_admitted", "_inner", "_context", "_handshake_timeout", "_close_timeout", "_loop", "_raw",
         "_conn", "_app_transport", "_state", "_timer", "_received_bytes", "_failure_logged",
         "_inner_connected", "_eof_delivered", "_reading_paused", "_raw_writing_paused", "_inner_writing_paused",
-        "_backlog", "_backlog_size"
+        "_backlog", "_backlog_size", "_write_timeout"
     )
 
     def __init__(
@@ -606,10 +619,12 @@ class TlsProtocol(asyncio.Protocol):
         handshake_timeout: float = 10.0,
         close_timeout: float = 10.0,
         gate: ConnectionGate | None = None,
+        write_timeout: float | None = None,
     ) -> None:
-        if handshake_timeout <= 0 or close_timeout <= 0:
+        if handshake_timeout <= 0 or close_timeout <= 0 or write_timeout is not None and write_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self._gate = gate
+        self._write_timeout = write_timeout
         self._admitted = False
         self._inner = inner
         self._context = context
@@ -703,15 +718,37 @@ class TlsProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._raw_writing_paused = True
+        self._arm_write_timer()
         if self._inner_connected and not self._inner_writing_paused:
             self._inner_writing_paused = True
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         self._raw_writing_paused = False
+        if self._state is _State.OPEN:
+            self._cancel_timer()  # in OPEN the timer is only ever the write deadline
         if self._inner_connected and self._inner_writing_paused:
             self._inner_writing_paused = False
             self._inner.resume_writing()
+
+    def _arm_write_timer(self) -> None:
+        """The peer stopped reading: it has ``write_timeout`` to take our bytes again (an answer it asked for and
+        never reads, MQTT publishes to a client that only sends) before the connection is cut, else its slot, its
+        buffers and whoever waits to write to it (a request handler, a twin update) are held for as long as it
+        likes. OPEN only: the handshake has its own deadline, a closing connection its close timer."""
+        if self._write_timeout is None or self._state is not _State.OPEN or self._timer is not None:
+            return
+        assert self._loop is not None
+        self._timer = self._loop.call_later(self._write_timeout, self._on_write_timeout)
+
+    def _on_write_timeout(self) -> None:
+        self._timer = None
+        if self._state is not _State.OPEN or not self._raw_writing_paused:
+            return
+        log.info("TLS connection from %s closed: it read nothing we sent for %g s", self._peer, self._write_timeout)
+        assert self._raw is not None
+        discard_unsent(self._raw)
+        self._abort()
 
     # handshake
 
@@ -734,6 +771,8 @@ class TlsProtocol(asyncio.Protocol):
         self._state = _State.OPEN
         self._inner_connected = True
         self._inner.connection_made(self._app_transport)
+        if self._raw_writing_paused:
+            self._arm_write_timer()
         if self._raw_writing_paused and self._inner_connected and not self._inner_writing_paused:
             self._inner_writing_paused = True
             self._inner.pause_writing()
@@ -1013,12 +1052,14 @@ async def start_tls_server(
     backlog: int = 1024,
     gate: ConnectionGate | None = None,
     reuse_port: bool = False,
+    write_timeout: float | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; every connection gets a :class:`TlsProtocol` around a new inner protocol
     (at most ``gate.limit`` at a time when a gate is given). ``reuse_port``: SO_REUSEPORT, so that each of
-    several worker processes has its own listening socket on the port and the kernel spreads connections."""
+    several worker processes has its own listening socket on the port and the kernel spreads connections.
+    ``write_timeout``: how long a peer may leave what we send unread before its connection is cut (None: forever)."""
     return await _listen(protocol_factory, host, port, context, handshake_timeout, close_timeout, backlog, None, gate,
-                         reuse_port)
+                         reuse_port, write_timeout)
 
 
 async def _listen(
@@ -1032,12 +1073,13 @@ async def _listen(
     track: weakref.WeakSet[TlsProtocol] | None,
     gate: ConnectionGate | None = None,
     reuse_port: bool = False,
+    write_timeout: float | None = None,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
     def factory() -> TlsProtocol:
         proto = TlsProtocol(protocol_factory(), context, handshake_timeout=handshake_timeout, close_timeout=close_timeout,
-                            gate=gate)
+                            gate=gate, write_timeout=write_timeout)
         if track is not None:
             track.add(proto)
         return proto
@@ -1060,7 +1102,7 @@ def _aiohttp_site_class() -> type:
         """
 
         __slots__ = ("_host", "_port", "_context", "_handshake_timeout", "_close_timeout", "_protocols", "_gate",
-                     "_reuse_port")
+                     "_reuse_port", "_write_timeout")
 
         def __init__(
             self,
@@ -1074,9 +1116,11 @@ def _aiohttp_site_class() -> type:
             backlog: int = 1024,
             gate: ConnectionGate | None = None,
             reuse_port: bool = False,
+            write_timeout: float | None = None,
         ) -> None:
             super().__init__(runner, backlog=backlog)
             self._gate = gate
+            self._write_timeout = write_timeout
             self._reuse_port = reuse_port
             self._host, self._port, self._context = host, port, context
             self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
@@ -1092,7 +1136,7 @@ def _aiohttp_site_class() -> type:
             assert server is not None
             self._server = await _listen(server, self._host, self._port, self._context, self._handshake_timeout,
                                          self._close_timeout, self._backlog, self._protocols, self._gate,
-                                         self._reuse_port)
+                                         self._reuse_port, self._write_timeout)
 
         async def stop(self) -> None:
             await super().stop()
@@ -1115,7 +1159,7 @@ async def start_aiohttp_site(
 
     The listener is registered as a site of ``runner``, so ``runner.cleanup()`` stops it and closes
     open keep-alive connections (sending close_notify); closing the returned server afterwards is
-    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog``, ``gate``, ``reuse_port`` as for
+    harmless. ``kw``: ``handshake_timeout``, ``close_timeout``, ``backlog``, ``gate``, ``reuse_port``, ``write_timeout`` as for
     :func:`start_tls_server`. Calls ``runner.setup()`` if that has not happened yet.
     """
     if runner.server is None:

@@ -538,6 +538,36 @@ def test_silent_client_is_closed_after_handshake_timeout(pki, caplog):
         srv.stop()
 
 
+def test_a_full_listener_closes_a_silent_connection_for_a_new_one_but_never_an_answered_one(pki):
+    """The gate's "answered" is the TLS layer's first write: connections served a response stay when the listener
+    is full (a new one is refused), one that never sent a byte makes room for a new one (it was refused instead)."""
+    from opendps.transport.tls import ConnectionGate
+
+    srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key), gate=ConnectionGate("HTTPS", 3))
+    ctx = _client_ctx(pki, pki.ids["chained"])
+    served: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(3):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5), server_hostname="localhost")
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert _read_response(s)[0].startswith(b"HTTP/1.1 200")
+            served.append(s)
+        with pytest.raises((ConnectionError, ssl.SSLError, TimeoutError)):  # full of answered ones: refused
+            _get_json(srv.port, ctx)
+        served.pop().close()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as silent:
+            time.sleep(0.2)  # admitted: the listener is full again, with one that never sent a byte
+            assert _get_json(srv.port, ctx)["chain"] == pki.ids["chained"].subjects  # it made room
+            assert _wait_closed(silent) < 1
+        for s in served:  # the answered ones are still served
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert _read_response(s)[0].startswith(b"HTTP/1.1 200")
+    finally:
+        for s in served:
+            s.close()
+        srv.stop()
+
+
 def _read_response(s: ssl.SSLSocket) -> tuple[bytes, bytes]:
     """One HTTP/1.1 response with Content-Length from a keep-alive connection."""
     data = b""

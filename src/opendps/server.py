@@ -201,21 +201,30 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
 class _Gated(asyncio.Protocol):
     """A plain TCP connection admitted by a :class:`ConnectionGate` (TLS listeners get theirs from
     ``transport.tls``); over the cap it is closed at once, else ``inner`` (aiohttp's request handler) sees it all.
-    With ``write_timeout``, a client that leaves our answers unread that long is cut off (as ``transport.tls`` does)."""
+    With ``write_timeout``, a client that leaves our answers unread that long is cut off (as ``transport.tls`` does).
+    Never "answered" (aiohttp writes to the socket's transport itself): when the listener is full, its oldest
+    connection makes room — certificate-status and metrics fetches are short, and HTTP lets a server close a
+    keep-alive connection at any time."""
 
     def __init__(self, inner: asyncio.Protocol, gate: ConnectionGate, write_timeout: float | None = None) -> None:
         self.inner, self.gate, self.admitted = inner, gate, False
+        self.holds_slot = False  # until released, or evicted (the slot went to a newer connection)
         self.write_timeout = write_timeout
         self.transport: asyncio.BaseTransport | None = None
         self.stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.gate.admit():
+        if not self.gate.admit(self):
             transport.abort()
             return
-        self.admitted = True
+        self.admitted = self.holds_slot = True
         self.transport = transport
         self.inner.connection_made(transport)
+
+    def evict(self) -> None:
+        self.holds_slot = False
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.admitted:
@@ -250,9 +259,11 @@ class _Gated(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_stalled()
+        if self.holds_slot:
+            self.holds_slot = False
+            self.gate.release(self)
         if self.admitted:
             self.admitted = False
-            self.gate.release()
             self.inner.connection_lost(exc)
 
 

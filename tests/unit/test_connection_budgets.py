@@ -46,3 +46,38 @@ def test_a_tiny_limit_still_admits_one_connection_each(soft_limit):
 def test_an_unknown_listener_name_is_a_programming_error():
     with pytest.raises(KeyError):
         connection_budgets(["SMTP"])
+
+
+class _Conn:
+    def __init__(self, name: str, closed: list[str]) -> None:
+        self.name, self.closed = name, closed
+
+    def evict(self) -> None:
+        self.closed.append(self.name)
+
+
+def test_a_full_listener_closes_its_oldest_unanswered_connection_to_make_room(caplog):
+    """Refusing the newest let one peer hold a listener full with connections that never send a byte (each replaced
+    as its handshake deadline closed it); now the oldest connection nothing was written to goes, and a connection
+    that was answered (a device past its CONNACK) is never closed to make room."""
+    from opendps.transport.tls import ConnectionGate
+
+    closed: list[str] = []
+    gate = ConnectionGate("MQTT", 3)
+    a, b, c, d, e, f = (_Conn(n, closed) for n in "abcdef")
+    assert gate.admit(a) and gate.admit(b) and gate.admit(c) and gate.active == 3
+    gate.answered(a)  # a device that got its CONNACK
+    assert gate.admit(d) and closed == ["b"]  # the oldest unanswered, not a
+    assert gate.admit(e) and closed == ["b", "c"]
+    gate.answered(d)
+    gate.answered(e)
+    assert not gate.admit(f) and closed == ["b", "c"]  # all answered: the new one is refused
+    assert gate.active == 3 and gate.evicted == 1 and gate.refused == 1  # counted since the one report a minute:
+    assert caplog.text.count("MQTT listener is at its limit of 3") == 1  # at the first eviction
+    assert "closed 1 that had not been answered to make room and refused 0 new ones" in caplog.text
+    gate.release(a)
+    assert gate.admit(f) and gate.active == 3 and closed == ["b", "c"]
+    gate.release(f)  # released before it was answered: no longer a candidate
+    assert gate.admit(_Conn("g", closed)) and gate.active == 3
+    assert gate.admit(_Conn("h", closed)) and closed == ["b", "c", "g"]
+    assert not gate.admit()  # a connection that cannot be closed to make room is only admitted below the cap

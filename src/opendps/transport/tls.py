@@ -42,7 +42,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LISTENER_WEIGHTS",
+    "Evictable",
     "TlsProtocol",
     "TlsTransport",
     "client_context",
@@ -374,12 +375,25 @@ class TlsTransport(asyncio.Transport):
 # --- protocol on the socket -------------------------------------------------------------------
 
 
-class ConnectionGate:
-    """At most ``limit`` connections on one listener. Over it, a new connection is closed at once — accepted and
-    aborted, so its descriptor is free again — and counted; one log line a minute says how many were refused.
+class Evictable(Protocol):
+    """A connection a :class:`ConnectionGate` may close to make room (see there)."""
 
-    Why: every connection holds a file descriptor; a listener without a cap lets idle or slow clients use them
-    all, and then every listener of the process fails to accept (and asyncio logs each failed accept()).
+    def evict(self) -> None:
+        """Close at once; the slot now belongs to a newer connection, so do not release it."""
+
+
+class ConnectionGate:
+    """At most ``limit`` connections on one listener. Over it, the oldest connection that has not been answered yet
+    (:meth:`answered`: nothing written to it, e.g. still in its TLS handshake or before its MQTT CONNECT) is closed
+    to make room; when every one has been answered, the new connection is closed at once — accepted and aborted, so
+    its descriptor is free again. One log line a minute says how many were closed and refused.
+
+    Why a cap: every connection holds a file descriptor; a listener without one lets idle or slow clients use them
+    all, and then every listener of the process fails to accept (and asyncio logs each failed accept()). Why the
+    oldest unanswered one goes: refusing the newest let one peer hold a listener full for as long as it liked with
+    connections that never send a byte, each replaced as its handshake deadline closed it (a few thousand a second
+    are nothing to a client); a real client's handshake and first request take milliseconds, so a flood now closes
+    its own connections, not theirs. Not by address: behind a TCP load balancer every client has the same one.
     """
 
     REPORT_EVERY = 60.0
@@ -390,22 +404,45 @@ class ConnectionGate:
         self.name, self.limit = name, limit
         self.active = 0
         self.refused = 0  # since the last report
+        self.evicted = 0  # since the last report
         self._reported_at = -self.REPORT_EVERY
+        self._unanswered: dict[Evictable, None] = {}  # admitted, nothing written to them yet: oldest first
 
-    def admit(self) -> bool:
+    def admit(self, connection: Evictable | None = None) -> bool:
+        """Room for one more (``connection``, evictable until :meth:`answered`), made if need be (see the class)."""
         if self.active < self.limit:
             self.active += 1
+            if connection is not None:
+                self._unanswered[connection] = None
+            return True
+        if connection is not None and self._unanswered:
+            oldest = next(iter(self._unanswered))
+            del self._unanswered[oldest]
+            oldest.evict()  # its slot is the new connection's
+            self._unanswered[connection] = None
+            self.evicted += 1
+            self._report()
             return True
         self.refused += 1
-        now = time.monotonic()
-        if now - self._reported_at >= self.REPORT_EVERY:
-            log.warning("%s listener is at its limit of %d connections: refused %d new ones since the last report",
-                        self.name, self.limit, self.refused)
-            self._reported_at, self.refused = now, 0
+        self._report()
         return False
 
-    def release(self) -> None:
+    def answered(self, connection: Evictable) -> None:
+        """``connection`` was written to: it is past connecting and no longer closed to make room."""
+        self._unanswered.pop(connection, None)
+
+    def release(self, connection: Evictable | None = None) -> None:
         self.active -= 1
+        if connection is not None:
+            self._unanswered.pop(connection, None)
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported_at >= self.REPORT_EVERY:
+            log.warning("%s listener is at its limit of %d connections: since the last report, closed %d that had "
+                        "not been answered to make room and refused %d new ones", self.name, self.limit,
+                        self.evicted, self.refused)
+            self._reported_at, self.refused, self.evicted = now, 0, 0
 
 
 def raise_descriptor_limit() -> int:
@@ -608,7 +645,7 @@ class TlsProtocol(asyncio.Protocol):
         "_gate", "_admitted", "_inner", "_context", "_handshake_timeout", "_close_timeout", "_loop", "_raw",
         "_conn", "_app_transport", "_state", "_timer", "_received_bytes", "_failure_logged",
         "_inner_connected", "_eof_delivered", "_reading_paused", "_raw_writing_paused", "_inner_writing_paused",
-        "_backlog", "_backlog_size", "_write_timeout"
+        "_backlog", "_backlog_size", "_write_timeout", "_answered"
     )
 
     def __init__(
@@ -645,6 +682,7 @@ class TlsProtocol(asyncio.Protocol):
         self._inner_writing_paused = False
         self._backlog: list[bytes] = []  # plaintext SSL_write could not take yet (WantRead)
         self._backlog_size = 0
+        self._answered = False  # something written to the connection (the gate's "answered")
 
     def __repr__(self) -> str:
         return f"<TlsProtocol {self._peer} {self._state.value}>"
@@ -659,7 +697,7 @@ class TlsProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         if self._gate is not None:
-            if not self._gate.admit():
+            if not self._gate.admit(self):
                 self._state = _State.CLOSED
                 transport.abort()
                 return
@@ -702,7 +740,7 @@ class TlsProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._admitted and self._gate is not None:
             self._admitted = False
-            self._gate.release()
+            self._gate.release(self)
         previous = self._state
         self._state = _State.CLOSED
         self._cancel_timer()
@@ -886,9 +924,22 @@ class TlsProtocol(asyncio.Protocol):
 
     # writing
 
+    def evict(self) -> None:
+        """The listener is full and this connection is its oldest not yet answered (:class:`ConnectionGate`)."""
+        self._admitted = False  # the slot went to the newer connection
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.debug("connection from %s closed to make room: the listener is full and nothing was sent to it yet",
+                      self._peer)
+        self._abort()
+
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         if self._state is not _State.OPEN or not data:
             return  # like asyncio's transports: writes after close are dropped
+        if not self._answered:
+            self._answered = True
+            if self._gate is not None:
+                self._gate.answered(self)
         if self._backlog:
             chunk = bytes(data)
             self._backlog.append(chunk)

@@ -212,6 +212,15 @@ class AiohttpServer(ServerThread):
         return elapsed
 
 
+@pytest.fixture(autouse=True)
+def _fresh_line_budget(monkeypatch):
+    """Each test sees its own lines: the TLS layer's per-minute budget of them is the process's (see
+    test_lines_about_single_connections_are_bounded_per_minute)."""
+    from opendps.transport import tls
+
+    monkeypatch.setattr(tls, "_connection_line", tls._LineBudget())
+
+
 @pytest.fixture(scope="module")
 def server(pki) -> AiohttpServer:
     ctx = device_tls_context(pki.server_chain, pki.server_key, alpn=[b"http/1.1"])
@@ -536,6 +545,28 @@ def test_silent_client_is_closed_after_handshake_timeout(pki, caplog):
         assert _get_json(srv.port, _client_ctx(pki, pki.ids["expired"]))["chain"] == pki.ids["expired"].subjects
     finally:
         srv.stop()
+
+
+def test_lines_about_single_connections_are_bounded_per_minute(monkeypatch, caplog):
+    """A flood of silent connections wrote a line per timed-out handshake (7,900 in 35 s under a live flood): now at
+    most the budget a minute, and the next minute's first line says how many were left out."""
+    from opendps.transport import tls
+
+    caplog.set_level(logging.INFO, logger="opendps.tls")
+    clock = [1000.0]
+    monkeypatch.setattr(tls.time, "monotonic", lambda: clock[0])
+    budget = tls._LineBudget(per_minute=5)
+    for i in range(12):
+        budget(logging.INFO, "TLS handshake with %s failed: timed out", f"peer-{i}")
+    assert [r.getMessage() for r in caplog.records] == [f"TLS handshake with peer-{i} failed: timed out" for i in range(5)]
+    clock[0] += 61
+    budget(logging.INFO, "TLS handshake with %s failed: timed out", "peer-next")
+    assert [r.getMessage() for r in caplog.records[5:]] == [
+        "7 more lines about single TLS connections (failed handshakes, connections cut) were not written in the last "
+        "minute", "TLS handshake with peer-next failed: timed out"]
+    caplog.clear()
+    budget(logging.DEBUG, "not enabled: %s", "x")  # a level not logged costs nothing and counts nothing
+    assert caplog.records == [] and budget._written == 1
 
 
 def test_a_full_listener_closes_a_silent_connection_for_a_new_one_but_never_an_answered_one(pki):

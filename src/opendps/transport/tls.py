@@ -71,6 +71,36 @@ __all__ = [
 
 log = logging.getLogger("opendps.tls")
 
+
+class _LineBudget:
+    """At most ``per_minute`` of the TLS layer's per-connection lines (a failed handshake, an unreadable certificate,
+    a cut connection) a minute; the rest are counted, and the first line of the next minute says how many. Why: each
+    is one line for one peer's connection, and a flood of connections (thousands a second cost a client nothing) made
+    as many lines, megabytes a minute on disk."""
+
+    def __init__(self, per_minute: int = 120) -> None:
+        self.per_minute = per_minute
+        self._window = -60.0
+        self._written = self._skipped = 0
+
+    def __call__(self, level: int, message: str, *args: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        if now - self._window >= 60.0:
+            if self._skipped:
+                log.warning("%d more lines about single TLS connections (failed handshakes, connections cut) were "
+                            "not written in the last minute", self._skipped)
+            self._window, self._written, self._skipped = now, 0, 0
+        if self._written >= self.per_minute:
+            self._skipped += 1
+            return
+        self._written += 1
+        log.log(level, message, *args)
+
+
+_connection_line = _LineBudget()
+
 _RECV_SIZE = 65536  # plaintext per SSL_read call (a record holds at most 16 KiB)
 _BIO_READ_SIZE = 262144  # ciphertext per read from the outgoing memory BIO
 _SEND_CHUNK = 262144  # plaintext per SSL_write; the BIO is flushed between chunks to bound memory
@@ -247,7 +277,7 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
     try:
         leaf = conn.get_peer_certificate(as_cryptography=True)
     except Exception as exc:  # noqa: BLE001 - cryptography's parser: InvalidVersion is not a ValueError
-        log.info("TLS client certificate cannot be read (%s): taken as no certificate", _why(exc))
+        _connection_line(logging.INFO, "TLS client certificate cannot be read (%s): taken as no certificate", _why(exc))
         return []
     if leaf is None:
         return []
@@ -259,7 +289,7 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
         try:
             chain.append(_interned(der))
         except Exception as exc:  # noqa: BLE001 - as above
-            log.info("TLS client chain: a CA certificate cannot be read (%s): left out", _why(exc))
+            _connection_line(logging.INFO, "TLS client chain: a CA certificate cannot be read (%s): left out", _why(exc))
     return chain
 
 
@@ -749,7 +779,7 @@ class TlsProtocol(asyncio.Protocol):
         if previous is _State.HANDSHAKE and not self._failure_logged:
             self._failure_logged = True
             reason = _describe(exc) if exc is not None else "connection closed"
-            log.info("TLS handshake with %s failed: %s", self._peer, reason)
+            _connection_line(logging.INFO, "TLS handshake with %s failed: %s", self._peer, reason)
         if self._inner_connected:
             self._inner_connected = False
             self._inner.connection_lost(exc)
@@ -783,7 +813,8 @@ class TlsProtocol(asyncio.Protocol):
         self._timer = None
         if self._state is not _State.OPEN or not self._raw_writing_paused:
             return
-        log.info("TLS connection from %s closed: it read nothing we sent for %g s", self._peer, self._write_timeout)
+        _connection_line(logging.INFO, "TLS connection from %s closed: it read nothing we sent for %g s", self._peer,
+                         self._write_timeout)
         assert self._raw is not None
         discard_unsent(self._raw)
         self._abort()
@@ -824,7 +855,7 @@ class TlsProtocol(asyncio.Protocol):
         self._state = _State.CLOSING
         if not self._failure_logged:
             self._failure_logged = True
-            log.log(level, "TLS handshake with %s failed: %s", self._peer, reason)
+            _connection_line(level, "TLS handshake with %s failed: %s", self._peer, reason)
         self._flush()  # the alert, if OpenSSL produced one
         assert self._raw is not None
         self._raw.close()
@@ -837,7 +868,8 @@ class TlsProtocol(asyncio.Protocol):
         self._state = _State.CLOSING
         if not self._failure_logged:
             self._failure_logged = True
-            log.info("TLS handshake with %s failed: timed out after %g s", self._peer, self._handshake_timeout)
+            _connection_line(logging.INFO, "TLS handshake with %s failed: timed out after %g s", self._peer,
+                             self._handshake_timeout)
         assert self._raw is not None
         self._raw.abort()
 
@@ -1039,7 +1071,7 @@ class TlsProtocol(asyncio.Protocol):
         self._state = _State.CLOSING
         if not self._failure_logged:
             self._failure_logged = True
-            log.info("TLS error on connection from %s: %s", self._peer, _describe(exc))
+            _connection_line(logging.INFO, "TLS error on connection from %s: %s", self._peer, _describe(exc))
         self._flush()
         assert self._raw is not None
         self._raw.close()

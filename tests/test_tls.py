@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -330,6 +331,39 @@ def test_any_client_chain_is_accepted_and_reported_as_sent(server, pki, label, v
     assert got["tls_version"] == f"TLSv{version}"
     name, proto, bits = got["cipher"]
     assert proto == f"TLSv{version}" and bits >= 128 and name
+
+
+def test_openssl_checks_no_more_of_a_long_client_chain_than_the_leaf_and_its_issuer(pki, monkeypatch, tmp_path):
+    """OpenSSL's verdict on the client chain is never used, yet it walked and checked up to 100 certificates of it in
+    the handshake (a replayed chain of CA certificates: 10-70x a normal handshake's CPU, on the event loop). It now
+    looks at the leaf and its issuer only; the whole chain still reaches the application as sent."""
+    from tests.x509_helpers import make_ca, make_leaf
+
+    import opendps.transport.tls as tls
+
+    depths: list[int] = []
+
+    def record(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+        depths.append(depth)
+        return True
+
+    monkeypatch.setattr(tls, "_accept_any_chain", record)
+    cas = [make_ca("chain-root")]
+    for i in range(1, 21):
+        cas.append(make_ca(f"chain-ca-{i}", cas[-1]))
+    leaf, key = make_leaf("chain-device", cas[-1])
+    sent = [leaf, *(ca.cert for ca in reversed(cas))]
+    (tmp_path / "chain.pem").write_bytes(_pem(*sent))
+    (tmp_path / "key.pem").write_bytes(_key_pem(key))
+    ctx = _client_ctx(pki)
+    ctx.load_cert_chain(str(tmp_path / "chain.pem"), str(tmp_path / "key.pem"))
+    srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key))
+    try:
+        got = _get_json(srv.port, ctx)
+    finally:
+        srv.stop()
+    assert got["chain"] == [c.subject.rfc4514_string() for c in sent]
+    assert depths and max(depths) <= 1, sorted(set(depths))
 
 
 def _version_4(cert: x509.Certificate) -> bytes:
@@ -760,6 +794,73 @@ def test_raw_layer_flow_control_both_directions(pki):
                           ("resume_reading", True), ("lost", None)]
     finally:
         loop_thread.call(_close_server(server))  # on its loop: asyncio.Server is not thread-safe
+        loop_thread.close()
+
+
+class Silent(asyncio.Protocol):
+    """Inner protocol that never writes; shrinks the server socket's send buffer so that output backs up at once."""
+
+    def __init__(self, made: list) -> None:
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.made.append(transport)
+
+
+def _libssl() -> Any:
+    """The libssl the stdlib ``ssl`` module links (its ``SSL_key_update``, which neither ``ssl`` nor pyOpenSSL offers)."""
+    import _ssl
+    import ctypes
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    if not hasattr(lib, "SSL_key_update"):
+        pytest.skip("the stdlib's libssl has no SSL_key_update")
+    lib.TLS_client_method.restype = lib.SSL_CTX_new.restype = lib.SSL_new.restype = ctypes.c_void_p
+    lib.SSL_CTX_new.argtypes = lib.SSL_new.argtypes = [ctypes.c_void_p]
+    lib.SSL_set_fd.argtypes = lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.SSL_connect.argtypes = lib.SSL_do_handshake.argtypes = lib.SSL_free.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def test_a_key_update_storm_from_a_peer_that_reads_nothing_is_not_buffered(pki):
+    """TLS 1.3 KeyUpdates asking for ours are answered by OpenSSL itself, out of the inner protocol's flow control:
+    a peer sending them and reading nothing had every answer buffered (22 bytes per 22 received, 26 MB a minute at a
+    core's pace). The layer stops reading from a peer that does not read what it is sent, so the sender is held back
+    and the buffer stays near the transport's high-water mark."""
+    lib = _libssl()
+    loop_thread = ServerThread()
+    made: list = []
+    server = loop_thread.call(start_tls_server(lambda: Silent(made), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    ctx = lib.SSL_CTX_new(lib.TLS_client_method())
+    conn = None
+    try:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing: the server's answers back up
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        raw.connect(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        conn = lib.SSL_new(ctx)
+        lib.SSL_set_fd(conn, raw.fileno())
+        assert lib.SSL_connect(conn) == 1
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 500_000))  # held back: 0.5 s, stop
+        sent = 0
+        while sent < 40_000 and lib.SSL_key_update(conn, 1) == 1 and lib.SSL_do_handshake(conn) == 1:
+            sent += 1
+
+        async def buffered() -> int:
+            await asyncio.sleep(0.2)  # what arrived is read
+            return made[0].get_write_buffer_size()
+
+        assert sent < 40_000, "the server kept reading from a peer that reads nothing"
+        assert loop_thread.call(buffered()) < 256 * 1024
+    finally:
+        if conn is not None:
+            lib.SSL_free(conn)
+        lib.SSL_CTX_free(ctx)
+        raw.close()
+        loop_thread.call(_close_server(server))
         loop_thread.close()
 
 

@@ -538,3 +538,170 @@ def test_a_client_without_sasl_is_served_and_cbs_still_decides(server):
         assert state == Delivery.ACCEPTED, (cond, description)
     finally:
         client.close()
+
+
+def test_c2d_without_content_type_or_encoding_stores_neither(server):
+    """Found by fuzzing: proton reads an absent content-type as the text 'None', which was queued and sent to the device
+    as ``$.ct=None&$.ce=None``."""
+    sas_device(server, "amqp-no-ct-dev")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        assert client.send(client.devicebound(), c2d("amqp-no-ct-dev", id="no-ct"))[:2] == (Delivery.ACCEPTED, None)
+    finally:
+        client.close()
+    [row] = queued(server, "amqp-no-ct-dev")
+    assert row.system_properties == {}
+
+
+def test_c2d_whose_properties_cannot_fit_an_mqtt_topic_is_refused(server):
+    """Found by fuzzing: AMQP takes 256 KB of application properties, but the device receives them in the PUBLISH topic
+    (at most 65,535 bytes); such a message was queued, then failed every delivery with a traceback and held back every
+    message queued after it."""
+    sas_device(server, "amqp-big-props-dev")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        sender = client.devicebound()
+        state, cond, description = client.send(sender, c2d("amqp-big-props-dev", properties={"k": "v" * 70000}))
+        assert (state, cond) == (Delivery.REJECTED, "amqp:link:message-size-exceeded"), description
+        assert "properties" in description
+        assert client.send(sender, c2d("amqp-big-props-dev", properties={"k": "v" * 60000}))[:2] == (
+            Delivery.ACCEPTED, None)
+    finally:
+        client.close()
+    assert [len(r.properties["k"]) for r in queued(server, "amqp-big-props-dev")] == [60000]
+
+
+def _encode(data: Data, value) -> None:
+    """A performative's fields: ("described", code, value) tuples, lists, else proton's own mapping of the value."""
+    if isinstance(value, tuple) and value[:1] == ("described",):
+        data.put_described()
+        data.enter()
+        data.put_ulong(value[1])
+        _encode(data, value[2])
+        data.exit()
+    elif isinstance(value, list):
+        data.put_list()
+        data.enter()
+        for item in value:
+            _encode(data, item)
+        data.exit()
+    else:
+        data.put_object(value)
+
+
+def _perf(code: int, fields: list, payload: bytes = b"", channel: int = 0) -> bytes:
+    """An AMQP frame (type 0) carrying the performative ``code`` and, for a transfer, the message bytes."""
+    data = Data()
+    _encode(data, ("described", code, fields))
+    body = bytes(data.encode()) + payload
+    return (8 + len(body)).to_bytes(4, "big") + b"\x02\x00" + channel.to_bytes(2, "big") + body
+
+
+OPEN, BEGIN, ATTACH, FLOW, TRANSFER = 0x10, 0x11, 0x12, 0x13, 0x14
+
+
+def _attach(name: str, handle: int, receiver: bool, source: str, target: str) -> bytes:
+    from proton import ubyte, uint
+    return _perf(ATTACH, [name, uint(handle), receiver, ubyte(0), ubyte(0), ("described", 0x28, [source]),
+                          ("described", 0x29, [target])])
+
+
+def _transfer(handle: int, delivery_id: int, payload: bytes, *, more: bool = False, aborted: bool = False) -> bytes:
+    from proton import uint
+    fields = [uint(handle), uint(delivery_id), str(delivery_id).encode(), uint(0), False, more]
+    return _perf(TRANSFER, fields + ([None, None, None, True] if aborted else []), payload)
+
+
+def _frames(sock: ssl.SSLSocket, seconds: float = 2.0) -> list[tuple[int, list]]:
+    """The performatives the server sends within ``seconds``: (code, fields)."""
+    out = b""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        sock.settimeout(max(0.05, deadline - time.time()))
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ssl.SSLError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    frames = []
+    while len(out) >= 8:
+        if out.startswith(b"AMQP"):
+            out = out[8:]
+            continue
+        size = int.from_bytes(out[:4], "big")
+        body, out = out[out[4] * 4:size], out[size:]
+        if body:
+            data = Data()
+            data.decode(body)
+            data.rewind()
+            data.next()
+            performative = data.get_object()
+            frames.append((int(performative.descriptor), list(performative.value)))
+    return frames
+
+
+def _raw_amqp(server, idle_timeout_ms: int = 0) -> ssl.SSLSocket:
+    """TLS, SASL ANONYMOUS, the AMQP header and an open; the server's answers so far are read."""
+    from proton import uint, ushort
+    sock = _tls(server)
+    sock.sendall(SASL_HEADER_BYTES + _sasl_frame(0x41, lambda d: d.put_symbol(symbol("ANONYMOUS"))) + AMQP_HEADER_BYTES
+                 + _perf(OPEN, ["fuzz", "localhost", uint(65536), ushort(7)] + ([uint(idle_timeout_ms)] if idle_timeout_ms
+                                                                                  else [])))
+    return sock
+
+
+SASL_HEADER_BYTES, AMQP_HEADER_BYTES = b"AMQP\x03\x01\x00\x00", b"AMQP\x00\x01\x00\x00"
+
+
+def test_a_tiny_idle_timeout_is_refused(server):
+    """Found by fuzzing: an open with idle-timeout 1 ms made the server send an empty frame every 0.5 ms (23,000 a
+    second, half a core per connection). Now the open is answered with close(amqp:invalid-field)."""
+    with _raw_amqp(server, idle_timeout_ms=1) as s:
+        frames = _frames(s, 3)
+    closes = [f for code, f in frames if code == 0x18]
+    assert closes and "amqp:invalid-field" in str(closes[0]) and "idle-timeout" in str(closes[0]), frames
+    assert len(frames) < 10, len(frames)
+
+
+def test_malformed_attaches_and_transfers_are_refused_by_amqp_errors(server):
+    """Found by fuzzing, each a traceback in the server log: a link address that is not UTF-8 (the connection was
+    dropped), a message whose 'to' is not UTF-8 or whose application-properties are a list (internal-error), an
+    aborted transfer (the connection was dropped). Also: transfers past the link credit were all taken (each a queued
+    handler call), now the link is detached with amqp:link:transfer-limit-exceeded."""
+    from proton import uint, ulong
+    sas_device(server, "amqp-raw-dev")
+    before = len(_server_log(server))
+    good = Message(address="/devices/amqp-raw-dev/messages/devicebound", body=b"ok").encode()
+    put_token = Message(id=ulong(1), body=hub_owner_token(server), properties={
+        "operation": "put-token", "type": SAS_TYPE, "name": "x"}).encode()
+    with _raw_amqp(server) as s:
+        s.sendall(_perf(BEGIN, [None, uint(0), uint(1000), uint(1000)]) + _attach("cs", 0, False, "me", "$cbs")
+                  + _attach("cr", 1, True, "$cbs", "me")
+                  + _perf(FLOW, [uint(0), uint(1000), uint(0), uint(1000), uint(1), uint(0), uint(10)]))
+        _frames(s, 1)
+        s.sendall(_transfer(0, 0, put_token) + _attach("d", 2, False, "me", "/messages/devicebound")
+                  # a target address that is not UTF-8
+                  + _attach("bad", 3, False, "me", "/messages/XX").replace(b"/messages/XX", b"/messages/\xed\xa0"))
+        frames = _frames(s, 1.5)
+        detached = [f for code, f in frames if code == 0x16]
+        assert len(detached) == 1 and detached[0][0] == 3 and "amqp:decode-error" in str(detached[0]), frames
+        bad_to = Message(address="/devices/XX/messages/devicebound", body=b"x").encode().replace(b"XX", b"\xed\xa0")
+        props_list = Message(address="/devices/amqp-raw-dev/messages/devicebound", body=b"x").encode()
+        props_list = props_list.replace(b"\x00Sw", b"\x00St\xc0\x03\x02\x41\x42\x00Sw", 1)  # a list [true, false]
+        s.sendall(_transfer(2, 1, bad_to) + _transfer(2, 2, props_list)
+                  + _transfer(2, 3, good[:5], more=True) + _transfer(2, 3, b"", aborted=True) + _transfer(2, 4, good))
+        frames = _frames(s, 2)
+        outcomes = {f[1]: str(f) for code, f in frames if code == 0x15}
+        assert "amqp:decode-error" in outcomes[1] and "amqp:decode-error" in outcomes[2], frames
+        assert 3 not in outcomes and "ulong(36)" in outcomes[4], frames  # aborted: no outcome; the next is accepted
+        # 10 deliveries of credit; an 11th without waiting for more
+        s.sendall(b"".join(_transfer(2, 5 + n, good) for n in range(11)))
+        frames = _frames(s, 3)
+        assert any(code == 0x16 and "amqp:link:transfer-limit-exceeded" in str(f) for code, f in frames), frames
+    assert [r.body for r in queued(server, "amqp-raw-dev")][:1] == [b"ok"]
+    log = _server_log(server)[before:]
+    assert "Traceback" not in log and "internal" not in log, log[-3000:]

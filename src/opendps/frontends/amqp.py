@@ -62,6 +62,7 @@ from opendps.transport.amqp import (
     AmqpLink,
     Message,
     PlainCredentials,
+    content_type,
     int32,
 )
 
@@ -121,9 +122,9 @@ def c2d_fields(message: Message) -> tuple[bytes, dict[str, str], dict[str, str |
     else:
         raise InvalidInput("the message body must be binary data or a string")
     system: dict[str, str] = {}
+    mime, encoding = content_type(message)  # None when absent (message.content_type would be the text 'None')
     for name, value in (("message-id", message.id), ("correlation-id", message.correlation_id),
-                        ("user-id", message.user_id or None), ("content-type", message.content_type),
-                        ("content-encoding", message.content_encoding)):
+                        ("user-id", message.user_id or None), ("content-type", mime), ("content-encoding", encoding)):
         text = _text(value)
         if text:
             system[name] = text

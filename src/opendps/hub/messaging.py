@@ -22,6 +22,7 @@ from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store
 MAX_C2D_BYTES = 64 * 1024
 MAX_PENDING = 50
 MAX_MESSAGE_ID = 128  # IoT Hub's limit, and the column's
+MAX_TOPIC_BYTES = 65535  # an MQTT topic name (2-byte length): the properties travel in it
 DEFAULT_TTL = timedelta(hours=1)
 MAX_TTL = timedelta(days=2)
 MIN_TTL = timedelta(seconds=1)
@@ -98,6 +99,15 @@ class CloudToDevice:
             if pending >= MAX_PENDING:
                 raise QueueFull(f"device {device_id!r} already has {MAX_PENDING} pending cloud-to-device messages")
             message_id = sysprops.pop("message-id", None) or str(uuid.uuid4())
+            # the device receives the properties in the PUBLISH topic: one that cannot be sent would stay queued,
+            # failing each delivery and holding back every message behind it (AMQP takes 256 KB of properties)
+            try:
+                size = len(PendingMessage(0, message_id, sysprops, props, body).topic(device.device_id).encode())
+            except UnicodeEncodeError:  # a lone surrogate (an HTTP header's undecodable byte) cannot be quoted
+                raise InvalidInput("cloud-to-device message properties must be Unicode text") from None
+            if size > MAX_TOPIC_BYTES:
+                raise PayloadTooLarge(f"cloud-to-device message properties too large: {size} bytes encoded, at most "
+                                      f"{MAX_TOPIC_BYTES} with the device id")
             row = CloudToDeviceMessage(hub_id=hub.id, device_key=device.device_key, message_id=message_id,
                                        system_properties=sysprops, properties=props, body=body,
                                        expires_at=now + ttl, created_at=now)

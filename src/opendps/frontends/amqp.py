@@ -172,6 +172,9 @@ class HubConnection:
     # --- AmqpHandler --------------------------------------------------------------------------------
 
     def attach(self, link: AmqpLink) -> AmqpError | None:
+        # links the peer detached leave here (no handler call says so): attached and detached in a loop, even $cbs
+        # without any token, they piled up for the connection's life
+        self.links = [lk for lk in self.links if lk.open]
         target = node(link.address)
         if target == CBS_NODE:
             self.links.append(link)

@@ -92,8 +92,9 @@ def server_options(f: _F) -> _F:
                           "(default 8080; 0 = off: certificates then name the HTTPS port).")(f)
     f = click.option("--client-timeout", type=click.FloatRange(1, 3600), default=None,
                      help="Seconds a client may stay silent: between HTTPS requests (or sending one's header), or "
-                          "on a DPS MQTT session (default 60); also the deadline to connect (TLS handshake, then MQTT "
-                          "CONNECT or AMQP open) when shorter than 10 s.")(f)
+                          "on a DPS MQTT session (default 60); how long any client may leave what it is sent unread; "
+                          "also the deadline to connect (TLS handshake, then MQTT CONNECT or AMQP open) when shorter "
+                          "than 10 s.")(f)
     f = click.option("--sqlite-synchronous", type=click.Choice(["normal", "full"]), default=None,
                      help="SQLite only: when a commit reaches the disk. normal (the default): at checkpoints, so what "
                           "was answered survives the process dying but not a power cut; full: at every commit (a "

@@ -25,6 +25,11 @@ def check_resource_name(kind: str, name: str) -> str:
     return name
 
 
+def any_etag(if_match: str | None) -> bool:
+    """No ``If-Match``, or one that any etag matches (``*``)."""
+    return if_match is None or any(c.strip() in ("*", '"*"') for c in if_match.split(","))
+
+
 def etag_matches(if_match: str | None, etag: str) -> bool:
     """RFC 7232 If-Match: ``*`` or the etag, quoted or not (several may be listed).
 

@@ -27,15 +27,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import ClientVerifier
 from sqlalchemy import Row, bindparam, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.hub.query import continuation_token, parse_query, read_continuation
-from opendps.ids import check_resource_name, etag_matches, new_etag
+from opendps.ids import any_etag, check_resource_name, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
-from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
+from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, lock_row, table_of
 from opendps.transport import shown
 from opendps.transport.wire import json_depth
 
@@ -308,18 +309,21 @@ class Hubs:
             raise InvalidInput("allocationWeight must be an integer from 0 to 1000")
         if not isinstance(apply_allocation_policy, bool):
             raise InvalidInput("applyAllocationPolicy must be true or false")
-        with self.store.session() as s:
-            if s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first() is not None:
-                raise Conflict(f"linked hub {name!r} already exists")
-            if s.scalars(select(LinkedHub).where(LinkedHub.host_name == host)).first() is not None:
-                raise Conflict(f"a linked hub with host name {host!r} already exists")
-            row = LinkedHub(name=name, host_name=host, allocation_weight=allocation_weight,
-                            apply_allocation_policy=apply_allocation_policy, etag=new_etag(),
-                            created_at=datetime.now(UTC))
-            s.add(row)
-            s.flush()
-            self._new_owner_keys(row)  # wrapped with the row's id as associated data
-            return _view(row)
+        try:
+            with self.store.session() as s:
+                if s.scalars(select(LinkedHub).where(LinkedHub.name == name)).first() is not None:
+                    raise Conflict(f"linked hub {name!r} already exists")
+                if s.scalars(select(LinkedHub).where(LinkedHub.host_name == host)).first() is not None:
+                    raise Conflict(f"a linked hub with host name {host!r} already exists")
+                row = LinkedHub(name=name, host_name=host, allocation_weight=allocation_weight,
+                                apply_allocation_policy=apply_allocation_policy, etag=new_etag(),
+                                created_at=datetime.now(UTC))
+                s.add(row)
+                s.flush()
+                self._new_owner_keys(row)  # wrapped with the row's id as associated data
+                return _view(row)
+        except IntegrityError as exc:  # a concurrent link of the same name or host name won the insert
+            raise Conflict(f"linked hub {name!r} (host name {host!r}) already exists") from exc
 
     # ---- the hub's own owner keys (iothubowner) ----
     @staticmethod
@@ -572,11 +576,10 @@ class Hubs:
         with self.store.session() as s:
             row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
                                                     HubDevice.device_key == device_id.lower())).first()
-            if row is None:
+            if row is None or not lock_row(s, row, new_etag()):  # a service change of the twin may be under way
                 raise NotFound(f"device {device_id!r} no longer exists")
             row.twin_reported = merge_patch(row.twin_reported, patch, "reported properties")
             row.reported_version += 1
-            row.etag = new_etag()
             row.updated_at = datetime.now(UTC)
             return row.reported_version
 
@@ -584,18 +587,28 @@ class Hubs:
                     if_match: str | None = None) -> DeviceIdentity:
         """Service side: merge-patch desired properties and/or tags (twin PATCH)."""
         with self.store.session() as s:
-            hub, row = self._device_row(s, hub_name, device_id)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match the twin of {device_id!r}, as per RFC7232")
+            hub, row = self._claim(s, hub_name, device_id, if_match)
             if tags is not None:
                 row.twin_tags = merge_patch(row.twin_tags, tags, "tags", limit=MAX_TAGS_BYTES)
             if desired is not None:
                 row.twin_desired = merge_patch(row.twin_desired, desired, "desired properties")
                 row.desired_version += 1
-            row.etag = new_etag()
             row.updated_at = datetime.now(UTC)
             s.flush()
             return _identity(hub, row)
+
+    def _claim(self, s: Session, hub_name: str, device_id: str, if_match: str | None,
+               what: str = "the twin of") -> tuple[LinkedHub, HubDevice]:
+        """The device's row, checked against ``If-Match`` and held to the end of the transaction with a new etag
+        (:func:`~opendps.store.lock_row`): concurrent changes of one twin take turns, none lost."""
+        hub, row = self._device_row(s, hub_name, device_id)
+        if not etag_matches(if_match, row.etag):
+            raise PreconditionFailed(f"ETag {if_match} does not match {what} {device_id!r}, as per RFC7232")
+        if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
+            if any_etag(if_match):
+                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
+            raise PreconditionFailed(f"ETag {if_match} does not match {what} {device_id!r}, as per RFC7232")
+        return hub, row
 
     def replace_twin(self, hub_name: str, device_id: str, *, tags: object = None, desired: object = None,
                      if_match: str | None = None) -> tuple[DeviceIdentity, dict[str, Any]]:
@@ -607,13 +620,10 @@ class Hubs:
         new_tags = replacement(tags, "tags", limit=MAX_TAGS_BYTES)
         new_desired = replacement(desired, "desired properties")
         with self.store.session() as s:
-            hub, row = self._device_row(s, hub_name, device_id)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match the twin of {device_id!r}, as per RFC7232")
+            hub, row = self._claim(s, hub_name, device_id, if_match)
             change = merge_diff(row.twin_desired, new_desired)
             row.twin_tags, row.twin_desired = new_tags, new_desired
             row.desired_version += 1
-            row.etag = new_etag()
             row.updated_at = datetime.now(UTC)
             s.flush()
             return _identity(hub, row), change
@@ -686,8 +696,8 @@ class Hubs:
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
             existing = self._find(s, hub.id, device_id)
-            if existing is not None and not etag_matches(if_match, existing.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match device {device_id!r}, as per RFC7232")
+            if existing is not None:
+                existing = self._claim(s, hub_name, device_id, if_match, "device")[1]
             if existing is None and if_match not in (None, "*"):
                 raise PreconditionFailed(f"device {device_id!r} does not exist, so If-Match cannot match")
             if auth_type == "sas" and keys is None:
@@ -695,16 +705,17 @@ class Hubs:
                 keys = keys or (_new_device_key(), _new_device_key())
             credential = DeviceCredential(auth_type, keys if auth_type == "sas" else None,
                                           (_thumb(thumbprints[0]), _thumb(thumbprints[1])))
-            row_id = self._put_device(s, hub.id, device_id, credential, status=status)
+            try:
+                row_id = self._put_device(s, hub.id, device_id, credential, status=status)
+            except IntegrityError as exc:  # a concurrent create of the same id won the insert
+                raise Conflict(f"device {device_id!r} was created concurrently; retry") from exc
             row = s.get(HubDevice, row_id, populate_existing=True)  # the row as written (the update bypassed the ORM)
             assert row is not None
             return _identity(hub, row), existing is None
 
     def delete_device(self, hub_name: str, device_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
-            _, row = self._device_row(s, hub_name, device_id)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match device {device_id!r}, as per RFC7232")
+            _, row = self._claim(s, hub_name, device_id, if_match, "device")
             s.delete(row)
 
     # ---- trust ----

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import false, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -293,6 +293,7 @@ class AccessPolicies:
             raise InvalidInput(f"renewKey must be primary, secondary or swap (got {which!r})")
         try:
             with self.store.session() as s:
+                self._lock_all(s)
                 row = self._row(s, name, lock=True)
                 primary, secondary = self._unwrap(row)
                 renewed = {"primary": (new_key(), secondary), "secondary": (primary, new_key()),
@@ -312,7 +313,13 @@ class AccessPolicies:
 
     @staticmethod
     def _lock_all(s: Session) -> dict[str, AccessPolicy]:
-        """Every policy, locked (PostgreSQL; SQLite writes one at a time): the ServiceConfig rule sees them all."""
+        """Every policy, locked: the ServiceConfig rule sees them all, and changes take turns. PostgreSQL locks the
+        rows; SQLite has no FOR UPDATE and pysqlite begins a transaction at its first write, so reads alone left two
+        deletes (both 204) or two renewals (one answered a key already replaced) racing: a write that changes
+        nothing takes its write lock first."""
+        if s.get_bind().dialect.name == "sqlite":
+            s.execute(update(AccessPolicy).where(false()).values(rights=AccessPolicy.rights)
+                      .execution_options(synchronize_session=False))
         return {r.name: r for r in s.scalars(select(AccessPolicy).with_for_update()).all()}
 
     @staticmethod

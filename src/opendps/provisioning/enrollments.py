@@ -24,16 +24,17 @@ from urllib.parse import urlparse
 
 from cryptography import x509
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import Hubs
-from opendps.ids import etag_matches, new_etag
+from opendps.ids import any_etag, etag_matches, new_etag
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
-from opendps.store import ConfigCache, Enrollment, Registration, Store
+from opendps.store import ConfigCache, Enrollment, Registration, Store, count_change_first, lock_row
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -267,6 +268,15 @@ class Enrollments:
         view: EnrollmentView | None = self._lookups.get(("one", kind, key), lambda: self.find(kind, enrollment_id))
         return view
 
+    @staticmethod
+    def hold(session: Session, kind: str, enrollment_id: str) -> bool:
+        """In a registration's transaction, after its first write: whether the enrollment still exists, kept so to
+        the commit — PostgreSQL: FOR SHARE, which a delete's first write (:meth:`delete` takes the row) waits on;
+        SQLite: the write lock the transaction already holds, so this read sees the last committed delete."""
+        return session.execute(select(Enrollment.id).where(
+            Enrollment.kind == kind, func.lower(Enrollment.enrollment_id) == enrollment_id.lower())
+            .with_for_update(read=True)).first() is not None
+
     def _ids(self, kind: str) -> frozenset[str] | None:
         """Lower-cased ids of every enrollment of ``kind``; None when there are more than the index holds."""
         with self.store.session() as s:
@@ -323,25 +333,38 @@ class Enrollments:
         doc, att_type, keys, policy_id = self._normalise(kind, enrollment_id, document,
                                                          previous.keys if previous else None)
         now = datetime.now(UTC)
-        with self.store.session() as s:
-            row = self._row(s, kind, enrollment_id)
-            if (row.etag if row else None) != (previous.etag if previous else None):
-                raise Conflict(f"enrollment {enrollment_id!r} was changed concurrently; retry")
-            created = row is None
-            if row is None:
-                row = Enrollment(kind=kind, enrollment_id=enrollment_id, created_at=now)
-                s.add(row)
-            row.attestation_type = att_type
-            row.policy_id = policy_id
-            row.provisioning_status = doc["provisioningStatus"]
-            row.document = doc
-            row.secret = self.keys.wrap(json.dumps(list(keys)).encode(), self._label(kind, enrollment_id)) if keys else None
-            row.etag = new_etag()
-            row.updated_at = now
-            s.flush()
-            _audit(s, audit.ENROLLMENT_CREATED if created else audit.ENROLLMENT_UPDATED, kind, enrollment_id, doc,
-                   etag=row.etag)
-            return self._view(row), created
+        changed = f"enrollment {enrollment_id!r} was changed concurrently; retry"
+        try:
+            with self.store.session() as s:
+                count_change_first(s)  # ids are unique ignoring case, which the (kind, id) constraint is not
+                row = self._row(s, kind, enrollment_id)
+                # the row as validated, held to the commit: of two writers that read one etag, one writes
+                if (row is None) != (previous is None) or (
+                        row is not None and previous is not None and not lock_row(s, row, new_etag(),
+                                                                                  expected=previous.etag)):
+                    if not any_etag(if_match):
+                        raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, "
+                                                 "as per RFC7232")
+                    raise Conflict(changed)
+                created = row is None
+                if row is None:
+                    row = Enrollment(kind=kind, enrollment_id=enrollment_id, created_at=now)
+                    s.add(row)
+                row.attestation_type = att_type
+                row.policy_id = policy_id
+                row.provisioning_status = doc["provisioningStatus"]
+                row.document = doc
+                row.secret = self.keys.wrap(json.dumps(list(keys)).encode(),
+                                            self._label(kind, enrollment_id)) if keys else None
+                row.etag = new_etag()
+                row.updated_at = now
+                s.flush()
+                _audit(s, audit.ENROLLMENT_CREATED if created else audit.ENROLLMENT_UPDATED, kind, enrollment_id, doc,
+                       etag=row.etag)
+                view = self._view(row)
+        except IntegrityError as exc:  # created meanwhile (its id is unique), or its policy deleted (foreign key)
+            raise Conflict(changed) from exc
+        return view, created
 
     @staticmethod
     def _check_if_match(previous: EnrollmentView | None, enrollment_id: str, if_match: str | None) -> None:
@@ -394,10 +417,14 @@ class Enrollments:
     def delete(self, kind: str, enrollment_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             row = self._row(s, kind, enrollment_id)
-            if row is None:
-                raise NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
-            if not etag_matches(if_match, row.etag):
+            if row is not None and not etag_matches(if_match, row.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
+            # held to the commit: a concurrent delete (or change, with If-Match) finds it gone (moved on)
+            if row is None or not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
+                if row is not None and not any_etag(if_match):
+                    raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, "
+                                             "as per RFC7232")
+                raise NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
             if kind == INDIVIDUAL:  # its registration state goes with it, as in Azure
                 s.execute(delete(Registration).where(Registration.registration_key == enrollment_id.lower(),
                                                      Registration.enrollment_kind == INDIVIDUAL))

@@ -442,6 +442,11 @@ class Provisioning:
             if decision.issuer is not None and decision.csr is not None:
                 chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
             self.registration_limit.check(rid, connection=conn)  # one upsert in this transaction; 429 rolls it back
+            # an individual enrollment's delete takes its registration state with it: one deleted since the decision
+            # would leave this registration behind, of an enrollment that no longer exists
+            if e.kind != GROUP and not self.enrollments.hold(s, e.kind, e.enrollment_id):
+                raise AttestationFailed(f"enrollment {e.enrollment_id!r} was deleted while {rid!r} registered",
+                                        reason="no_enrollment")
             credential = identity.hub_credential
             if chain:
                 # a TPM device keeps its TPM-held key for hub SAS beside the certificate (registrationState.tpm

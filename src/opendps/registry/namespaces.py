@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from opendps.ids import check_resource_name, etag_matches, new_etag
+from opendps.ids import any_etag, check_resource_name, etag_matches, new_etag
 from opendps.pki import (
     IssuanceEngine,
     IssuanceRefused,
@@ -35,7 +35,7 @@ from opendps.pki import (
     thumbprint,
 )
 from opendps.pki.issuance import revocation_reason, stored_serial
-from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
+from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store, lock_row
 
 MIN_VALIDITY_DAYS = 1
 MAX_VALIDITY_DAYS = 90
@@ -174,6 +174,15 @@ def _ca_event(action: str, namespace: str, cert: x509.Certificate, **details: ob
     return audit.Event(action, namespace=namespace, subject=thumbprint(cert), details={
         "serialNumber": serial_hex(cert), "certificateSubject": cert.subject.rfc4514_string(),
         "notAfter": cert.not_valid_after_utc, **details})
+
+
+def _hold(s: Session, policy: Policy, if_match: str | None, name: str) -> None:
+    """Hold the policy's row to the end of the transaction (:func:`~opendps.store.lock_row`), as read: with an
+    ``If-Match``, only while its etag is still the one matched (412 otherwise); gone meanwhile, 404."""
+    if not lock_row(s, policy, new_etag(), expected=None if any_etag(if_match) else policy.etag):
+        if not any_etag(if_match):
+            raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
+        raise NotFound(f"policy {name!r} does not exist")
 
 
 def _active_issuing_ca(s: Session, policy_id: int) -> CertificateAuthority | None:
@@ -357,6 +366,7 @@ class Registry:
                     if not etag_matches(if_match, existing.etag):
                         raise PreconditionFailed(
                             f"ETag {if_match} does not match policy {name!r} (current {existing.etag}), as per RFC7232")
+                    _hold(s, existing, if_match, name)
                     active = _active_issuing_ca(s, existing.id)
                     current = self.keys.custody(active.key_id, session=s).backend if active is not None else None
                     if key_backend is not None and key_backend != current:
@@ -397,6 +407,7 @@ class Registry:
             policy = self._policy(s, ns, name)
             if not etag_matches(if_match, policy.etag):
                 raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
+            _hold(s, policy, if_match, name)  # rotations take turns: each retires the CA the one before made active
             generation = 1 + (s.scalar(select(func.count()).select_from(CertificateAuthority)
                                        .where(CertificateAuthority.policy_id == policy.id)) or 0)
             retired = []
@@ -444,6 +455,7 @@ class Registry:
         try:
             with self.store.session() as s:
                 policy = self._policy(s, self._namespace(s, namespace), name)
+                _hold(s, policy, if_match, name)  # a concurrent delete finds it gone: one 204, the other 404
                 # the issuing CA is retired, not deleted: issued certificates keep their issuer on record
                 for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)):
                     ca.status = "retired"

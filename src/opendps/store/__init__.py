@@ -82,6 +82,8 @@ __all__ = [
     "TelemetryRoute",
     "WrappedKey",
     "add_setting",
+    "count_change_first",
+    "lock_row",
     "sqlite_url",
     "table_of",
 ]
@@ -144,6 +146,32 @@ def _bump_on_bulk(state: ORMExecuteState) -> None:
 
 def _transaction_ended(session: Session, _transaction: Any) -> None:
     session.info.pop(_BUMPED, None)
+
+
+def lock_row(session: Session, row: Any, etag: str, *, expected: str | None = None) -> bool:
+    """Give ``row`` (a model with ``id`` and ``etag``, read in ``session``) the new ``etag`` and hold it until the
+    transaction ends (SQLite's write lock, PostgreSQL's row lock), then read it again as it is now; ``expected``: only
+    while its etag is still that one (an ``If-Match``). False: the row is gone or its etag moved on; nothing written.
+
+    Why: a session's reads run before its transaction begins on SQLite (pysqlite opens it at the first write) and
+    each at its own snapshot on PostgreSQL (READ COMMITTED), so two writers that read a row, then change it, both
+    write: the last one wins and the other's change is lost (two If-Match writers with one etag both succeeding).
+    Taking the row first makes a read-modify-write take turns."""
+    model = type(row)
+    where = [model.id == row.id] if expected is None else [model.id == row.id, model.etag == expected]
+    done = session.execute(update(model).where(*where).values(etag=etag).execution_options(synchronize_session=False))
+    if cast(Any, done).rowcount != 1:
+        return False
+    session.refresh(row)
+    return True
+
+
+def count_change_first(session: Session) -> None:
+    """Count this transaction's configuration change now, before its reads: the counter's one row is then held to the
+    commit (SQLite's write lock, PostgreSQL's row lock), so configuration changes that do this take turns with every
+    other, and what they read is what the last one committed — a check-then-insert that no constraint backs (a name
+    unique ignoring case) cannot insert twice."""
+    _bump(session)
 
 
 def add_setting(session: Session, name: str, value: str) -> None:

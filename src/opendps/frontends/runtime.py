@@ -375,7 +375,7 @@ class Runtime:
         store = self.services.store
         bus = choose_bus(store, self.domain.run, self.services.id_scope, bus_url)
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
-        self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run)
+        self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run, self.services.c2d.waiting)
         cluster.on_rejoin = self.live.rejoin
         try:
             await cluster.start(self._on_peer_message)

@@ -106,11 +106,16 @@ class LiveSessions:
         self._run: Callable[..., Awaitable[Any]] | None = None
         self._remote: dict[str, asyncio.Future[tuple[int, Any]]] = {}  # our method calls out on other nodes
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None
+        self._hub_names: dict[int, str] = {}  # hub id -> name, of the hubs whose devices attached here
 
-    def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]]) -> None:
-        """Take part in the cluster: record presence, reach devices on other nodes through ``peers``."""
+    def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]],
+             c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None) -> None:
+        """Take part in the cluster: record presence, reach devices on other nodes through ``peers``.
+        ``c2d_waiting`` (``CloudToDevice.waiting``) names the devices with cloud-to-device messages queued."""
         self.peers, self.presence, self._run = peers, presence, run
-        self._writer = PresenceWriter(presence, peers.node_id, run, self._displaced)
+        self._c2d_waiting = c2d_waiting
+        self._writer = PresenceWriter(presence, peers.node_id, run, self._displaced, on_recorded=self._recorded)
 
     async def flush(self) -> None:
         """Presence recorded so far is in the store (tests; a clean stop)."""
@@ -131,6 +136,7 @@ class LiveSessions:
         old = self._links.get(key)
         session, since = uuid.uuid4().hex, datetime.now(UTC)
         self._links[key] = _Live(link, session, since)
+        self._hub_names[link.device.hub_id] = link.device.hub_name
         if old is not None and old[0] is not link:
             old[0].close("taken over by a new connection of the same device")
         if self._writer is not None:
@@ -290,6 +296,37 @@ class LiveSessions:
         current = self._links.get(_key(hub_name, device_id))
         if current is not None and (session is None or current[1] == session):
             current[0].close(reason)
+
+    async def _recorded(self, batch: list[Change]) -> None:
+        """Presence of ``batch`` is written. A C2D message queued on another node meanwhile found no row naming this
+        node (or an older session's node), so nothing woke the device's session: the ones still here that have
+        messages waiting are woken now (one read for the batch). Later messages find the row."""
+        if self._c2d_waiting is None or self._run is None:
+            return
+        attached: dict[tuple[int, str], str] = {}
+        for c in batch:
+            if c.attached:
+                attached[(c.hub_id, c.device_key)] = c.session
+            else:
+                attached.pop((c.hub_id, c.device_key), None)
+        live = {k: s for k, s in attached.items() if self._current(k, s) is not None}
+        if not live:
+            return
+        try:
+            waiting = await self._run(self._c2d_waiting, list(live))
+        except Exception as exc:  # noqa: BLE001 - the store is away: the next message or connect wakes them
+            log.warning("cloud-to-device messages of %d new session(s) not looked up: %s", len(live), exc)
+            return
+        for key in waiting:
+            current = self._current(key, live.get(key))
+            if current is not None:
+                current.link.wake_c2d()
+
+    def _current(self, key: tuple[int, str], session: str | None) -> _Live | None:
+        """The device's live session here, if it is still ``session``."""
+        name = self._hub_names.get(key[0])
+        current = self._links.get((name, key[1])) if name is not None else None
+        return current if current is not None and current.session == session else None
 
     # ---- from other nodes ----
     async def _displaced(self, displaced: list[Displaced]) -> None:

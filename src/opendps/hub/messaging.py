@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, tuple_
 
 from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge
 from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store
@@ -122,6 +122,17 @@ class CloudToDevice:
                 CloudToDeviceMessage.hub_id == hub_id, CloudToDeviceMessage.device_key == device_key,
                 CloudToDeviceMessage.expires_at > now).order_by(CloudToDeviceMessage.id)).all()
             return [PendingMessage(r.id, r.message_id, r.system_properties, r.properties, r.body) for r in rows]
+
+    def waiting(self, devices: list[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Of ``devices`` ((hub id, lower-cased device id)), those with messages waiting: one statement for a batch."""
+        if not devices:
+            return set()
+        now = datetime.now(UTC)
+        with self.store.session() as s:
+            rows = s.execute(select(CloudToDeviceMessage.hub_id, CloudToDeviceMessage.device_key).where(
+                tuple_(CloudToDeviceMessage.hub_id, CloudToDeviceMessage.device_key).in_(sorted(set(devices))),
+                CloudToDeviceMessage.expires_at > now).distinct())
+            return {(h, d) for h, d in rows}
 
     def complete(self, pk: int) -> None:
         with self.store.session() as s:

@@ -159,16 +159,18 @@ class PresenceWriter:
     costs no row at all. A CONNECT never waits for it; a failed write is retried with the next batch (the changes
     are kept, in order), so presence catches up after a store outage.
 
-    ``on_displaced`` hears of the sessions a newer connection replaced (see :meth:`Presence.record`).
+    ``on_displaced`` hears of the sessions a newer connection replaced (see :meth:`Presence.record`), and
+    ``on_recorded`` of each batch once it is written.
     """
 
     def __init__(self, presence: Presence, node_id: str, run: Callable[..., Awaitable[Any]],
                  on_displaced: Callable[[list[Displaced]], Awaitable[None]] | None = None, max_batch: int = 1000,
-                 linger: float = 0.02) -> None:
+                 linger: float = 0.02, on_recorded: Callable[[list[Change]], Awaitable[None]] | None = None) -> None:
         self.presence = presence
         self.node_id = node_id
         self.run = run
         self.on_displaced = on_displaced
+        self.on_recorded = on_recorded
         self.max_batch = max_batch
         self.linger = linger
         self._pending: list[Change] = []
@@ -223,6 +225,8 @@ class PresenceWriter:
                 del self._pending[:len(batch)]
                 if displaced and self.on_displaced is not None:
                     await self.on_displaced(displaced)
+                if self.on_recorded is not None:
+                    await self.on_recorded(batch)
         finally:
             if not self._pending:
                 self._idle.set()

@@ -225,7 +225,7 @@ def two_nodes(services):
         for _ in range(2):
             live = LiveSessions()
             cluster = Cluster(store, choose_bus(store, run, "0neTEST"), run, heartbeat=0.2)
-            live.join(cluster, Presence(store, services.hubs), run)
+            live.join(cluster, Presence(store, services.hubs), run, services.c2d.waiting)  # as Runtime.join_cluster
             await cluster.start(live.on_peer_message)
             made.append((cluster, live))
 
@@ -266,6 +266,32 @@ def test_calls_reach_a_device_on_the_other_node(two_nodes):
         await live_a.flush()
         with pytest.raises(DeviceOffline):
             await live_b.invoke_method(hub.name, "dev-1", "reboot", None, timeout=1)
+
+    loop.run_until_complete(scenario())
+
+
+def test_a_message_queued_before_the_session_is_recorded_wakes_it_once_it_is(two_nodes, services):
+    """Found by a reconnect storm: a C2D message queued on b between a device's CONNECT on a and its presence write
+    (the writer's linger, ~20 ms) found no row naming a, so nothing woke the session: the message stayed queued for
+    as long as the device stayed connected (~1 in 3 sends right after a connect, over two workers)."""
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+    for d in ("late-dev", "quiet-dev"):
+        services.hubs.create_device(hub.name, d)
+
+    async def scenario() -> None:
+        assert live_a._writer is not None
+        live_a._writer.linger = 0.3  # the window, made wide enough to queue a message in it every time
+        link = Link(live_a, AuthenticatedDevice(hub.id, hub.name, hub.host_name, "Late-Dev", "late-dev", "sas"))
+        quiet = Link(live_a, AuthenticatedDevice(hub.id, hub.name, hub.host_name, "quiet-dev", "quiet-dev", "sas"))
+        live_a.attach(link)
+        live_a.attach(quiet)
+        services.c2d.enqueue(hub.name, "late-dev", b"queued in the window")
+        await live_b.notify_c2d(hub.name, "late-dev")  # b finds no row yet: nothing to wake
+        assert link.sent == []
+        await live_a.flush()
+        await _until(lambda: ("c2d", None) in link.sent)
+        await asyncio.sleep(0.1)
+        assert quiet.sent == []  # nothing waits for it: not woken
 
     loop.run_until_complete(scenario())
 

@@ -60,6 +60,9 @@ class HubSession:
     session: Session | None = None
     renewing: bool = False
     sent: set[int] | None = None  # C2D messages published on this connection, awaiting PUBACK (made by the first)
+    # C2D messages acknowledged (deleted from the store) while a delivery was under way: its read of the queue may have
+    # begun before the delete and still hold them; the next read begins after it, so it forgets them
+    acked: set[int] | None = None
     delivering: bool = False
     counted: bool = False  # in opendps_hub_connections (on_connected ran)
     refusal_logged: bool = False  # a refused subscription was logged at INFO: later ones go to DEBUG
@@ -284,7 +287,10 @@ class HubSession:
         try:
             if self.session is None or not self.subscribed(C2D):
                 return
+            self.acked = None  # acknowledged before this read begins: it cannot return them
             for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key):
+                if self.acked is not None and message.pk in self.acked:
+                    continue  # read before its PUBACK was completed: the device has it
                 if self.sent is None:
                     self.sent = set()
                 elif message.pk in self.sent:
@@ -303,6 +309,10 @@ class HubSession:
         async def done() -> None:
             await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
             metrics.c2d_delivered(self.device.hub_name)
+            if self.delivering:  # that delivery's read may predate the delete: it must not send this one again
+                if self.acked is None:
+                    self.acked = set()
+                self.acked.add(pk)
             if self.sent is not None:
                 self.sent.discard(pk)
                 if not self.sent:

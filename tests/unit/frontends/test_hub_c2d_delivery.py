@@ -1,0 +1,72 @@
+"""The hub session's C2D delivery (``HubSession._deliver_c2d``), in-process on both backends: a message the device
+acknowledged is not sent again on the same connection, whatever the order of the store reads and the PUBACKs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from opendps.frontends.mqtt.hub import HubSession
+from opendps.frontends.runtime import Runtime
+from opendps.hub import AuthenticatedDevice
+
+
+class _Session:
+    """The MQTT session as the hub session uses it for C2D: its subscriptions and QoS 1 publishes."""
+
+    def __init__(self, device_id: str) -> None:
+        self.subscriptions = {f"devices/{device_id}/messages/devicebound/#": 1}
+        self.published: list[tuple[str, Any]] = []
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, *, on_ack: Any = None) -> None:
+        self.published.append((topic, on_ack))
+
+
+def test_a_message_acknowledged_while_the_queue_is_read_is_not_sent_again(services):
+    """Found by a reconnect storm: a delivery's read of the queue began before the PUBACK of a message sent earlier on
+    the connection was completed, so it returned that message, which was no longer "awaiting PUBACK", and it went out
+    a second time after the device had acknowledged it."""
+    services.hubs.create_device("default", "c2d-race")
+    hub = services.hubs.get("default")
+    runtime = Runtime(services)
+    session = HubSession(runtime, AuthenticatedDevice(hub.id, hub.name, hub.host_name, "c2d-race", "c2d-race", "sas"))
+    wire = _Session("c2d-race")
+    session.session = wire  # type: ignore[assignment]
+    real_pending = services.c2d.pending
+    read, release = threading.Event(), threading.Event()
+
+    def slow_pending(hub_id: int, device_key: str) -> list:
+        rows = real_pending(hub_id, device_key)
+        read.set()
+        release.wait(5)  # the store read is done; its answer comes back after the PUBACK below
+        return rows
+
+    async def main() -> list[str]:
+        services.c2d.enqueue("default", "c2d-race", b"one", system={"message-id": "m1"})
+        session.wake_c2d()
+        while session.delivering:
+            await asyncio.sleep(0.01)
+        assert len(wire.published) == 1 and "%24.mid=m1&" in wire.published[0][0]
+        services.c2d.enqueue("default", "c2d-race", b"two", system={"message-id": "m2"})
+        services.c2d.pending = slow_pending  # type: ignore[method-assign]
+        session.wake_c2d()  # a second message was queued: read the queue (m1 still in it, m2)
+        await asyncio.get_running_loop().run_in_executor(None, read.wait, 5)
+        await wire.published[0][1]()  # m1's PUBACK: completed (deleted from the store)
+        release.set()
+        while session.delivering:
+            await asyncio.sleep(0.01)
+        services.c2d.pending = real_pending  # type: ignore[method-assign]
+        for _, ack in wire.published[1:]:
+            await ack()
+        while session.delivering:
+            await asyncio.sleep(0.01)
+        return [t.split("%24.mid=")[1].split("&")[0] for t, _ in wire.published]
+
+    try:
+        sent = asyncio.run(main())
+    finally:
+        runtime.domain.close()
+    assert sent == ["m1", "m2"]  # m1 once: it was acknowledged before the second read's answer came back
+    assert services.c2d.pending(hub.id, "c2d-race") == []
+    assert session.sent is None and session.acked is None  # nothing kept once all is acknowledged and read past

@@ -153,6 +153,14 @@ def test_workers_and_bus_options_are_checked_and_saved_without_credentials(tmp_p
     info = invoke_cli(env, "info", "-o", "table")
     assert info.returncode == 0 and "no server process is running" in info.stdout
     assert json.loads(invoke_cli(env, "info", "-o", "json").stdout)["nodes"] == []
+    # a NATS URL given once is saved for the next start; --bus store goes back to the database's own carrier
+    from opendps.instance import Settings
+
+    Settings.load(tmp_path / "data", bus="nats://127.0.0.1:4222").save()
+    assert Settings.load(tmp_path / "data").bus == "nats://127.0.0.1:4222"
+    Settings.load(tmp_path / "data", bus="store").save()
+    assert json.loads((tmp_path / "data" / "config.json").read_text())["bus"] is None
+    assert Settings.load(tmp_path / "data").bus is None
 
 
 def test_default_workers_follow_the_database():

@@ -60,6 +60,7 @@ from opendps.transport import sas, shown
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
 BUS_ENV = "OPENDPS_BUS"
+STORE_BUS = "store"  # --bus store: back to the database's own carrier (a NATS URL, once given, is saved)
 MAX_WORKERS = 256
 DEFAULT_DATA_DIR = ".opendps"
 SERVER_CERT_DAYS = 365
@@ -162,6 +163,8 @@ class Settings:
         if os.environ.get(BUS_ENV):
             values["bus"] = os.environ[BUS_ENV]
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("bus") == STORE_BUS:
+            values["bus"] = None
         known = {f for f in cls.__dataclass_fields__ if f not in ("data_dir", "warnings")}
         return cls(data_dir=data_dir, **{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
 

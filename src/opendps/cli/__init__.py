@@ -105,7 +105,8 @@ def server_options(f: _F) -> _F:
                      help="Server processes on this host, on the same ports (default 0: one per core on PostgreSQL, "
                           "one on SQLite).")(f)
     f = click.option("--bus", default=None, help="NATS server carrying live hub state between processes and nodes, "
-                     "e.g. nats://127.0.0.1:4222 (default: the database's own: LISTEN/NOTIFY on PostgreSQL; $OPENDPS_BUS).")(f)
+                     "e.g. nats://127.0.0.1:4222 (default: the database's own: LISTEN/NOTIFY on PostgreSQL; $OPENDPS_BUS); saved "
+                     "for the next start; 'store' goes back to the database's own.")(f)
     return key_options(data_dir_option(f))
 
 

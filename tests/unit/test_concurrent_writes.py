@@ -179,3 +179,27 @@ def test_a_route_deleted_twice_at_once_is_deleted_once(services, monkeypatch):
                    lambda: routes.delete("default", "twice", if_match=etag),
                    lambda: routes.delete("default", "twice", if_match=etag))
     assert kinds(results) in (["NotFound", "ok"], ["PreconditionFailed", "ok"]), results
+
+
+def test_two_owner_key_renewals_at_once_both_take_effect(services, monkeypatch):
+    """Each renewal read the pair, then wrote its own: of a primary and a secondary renewal at once, the later write put
+    back the primary the other had just replaced, so that caller was handed a key that never worked."""
+    hubs = services.hubs
+    hubs.create("keys-race")
+    results = race(monkeypatch, hubs, "owner_keys",
+                   lambda: hubs.renew_owner_key("keys-race", "primary"),
+                   lambda: hubs.renew_owner_key("keys-race", "secondary"))
+    assert kinds(results) == ["ok", "ok"], results
+    stored = hubs.owner_keys("keys-race")
+    by_which = dict(zip(("primary", "secondary"), results, strict=True))
+    assert stored[0] == by_which["primary"][0] and stored[1] == by_which["secondary"][1]
+    assert stored in results  # the one that went last was handed what is stored
+
+
+def test_a_linked_hub_deleted_twice_at_once_is_deleted_once(services, monkeypatch):
+    """Both deletes read the hub, then each deleted it: the second one's ORM delete matched no row (StaleDataError,
+    a 500); now one is deleted and the other finds it gone (404)."""
+    hubs = services.hubs
+    hubs.create("gone-race")
+    results = race(monkeypatch, hubs, "get", lambda: hubs.delete("gone-race"), lambda: hubs.delete("gone-race"))
+    assert kinds(results) == ["NotFound", "ok"], results

@@ -349,13 +349,16 @@ class Hubs:
         """``az iot hub policy renew-key``: a new ``primary`` or ``secondary`` key, or ``swap`` the two."""
         if which not in ("primary", "secondary", "swap"):
             raise InvalidInput(f"renewKey must be primary, secondary or swap (got {which!r})")
-        primary, secondary = self.owner_keys(hub_name)
-        renewed = {"primary": (_new_device_key(), secondary), "secondary": (primary, _new_device_key()),
-                   "swap": (secondary, primary)}[which]
+        self.owner_keys(hub_name)  # a hub made before hubs had their own keys gets its pair first
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
+            # the keys as they are once the row is held (two renewals at once: each renews what the other left)
+            if not lock_row(s, hub, new_etag()) or hub.owner_keys is None:
+                raise NotFound(f"linked hub {hub_name!r} does not exist")
+            primary, secondary = json.loads(self.keys.unwrap(hub.owner_keys, self._owner_label(hub.id)))
+            renewed = {"primary": (_new_device_key(), secondary), "secondary": (primary, _new_device_key()),
+                       "swap": (secondary, primary)}[which]
             self._new_owner_keys(hub, renewed)
-            hub.etag = new_etag()
         return renewed
 
     def ensure(self, name: str, host_name: str | None = None) -> HubView:
@@ -400,7 +403,12 @@ class Hubs:
             raise Conflict(f"linked hub {name!r} is used by enrollment(s) {', '.join(sorted(users)[:5])}; "
                            "remove it from their iotHubs first", error_code=409002)
         with self.store.session() as s:
-            s.delete(self._hub(s, name))
+            row = self._hub(s, name)
+            if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else hub.etag):
+                if not any_etag(if_match):
+                    raise PreconditionFailed(f"ETag {if_match} does not match linked hub {name!r}, as per RFC7232")
+                raise NotFound(f"linked hub {name!r} does not exist")
+            s.delete(row)
 
     # ---- device identities (provisioning places devices inside its own transaction) ----
     def place_device(self, session: Session, hub: HubView, device_id: str, credential: DeviceCredential, *,

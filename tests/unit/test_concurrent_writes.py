@@ -203,3 +203,12 @@ def test_a_linked_hub_deleted_twice_at_once_is_deleted_once(services, monkeypatc
     hubs.create("gone-race")
     results = race(monkeypatch, hubs, "get", lambda: hubs.delete("gone-race"), lambda: hubs.delete("gone-race"))
     assert kinds(results) == ["NotFound", "ok"], results
+
+
+def test_a_namespace_deleted_twice_at_once_is_deleted_once(services, monkeypatch):
+    """The second delete's ORM delete matched no row (StaleDataError, a 500); now it finds the namespace gone (404)."""
+    registry = services.registry
+    registry.create_namespace("ns-race", "ns-race-p", 30)
+    results = race(monkeypatch, registry.referrers, "enrollments_using_policies",
+                   lambda: registry.delete_namespace("ns-race"), lambda: registry.delete_namespace("ns-race"))
+    assert kinds(results) == ["NotFound", "ok"], results

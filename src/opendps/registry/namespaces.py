@@ -311,6 +311,8 @@ class Registry:
         try:
             with self.store.session() as s:
                 ns = self._namespace(s, name)
+                if not lock_row(s, ns, new_etag()):  # deleted meanwhile: the other delete did it (one 204, one 404)
+                    raise NotFound(f"namespace {name!r} does not exist")
                 # the namespace's PKI goes with it: CA certificates (their issued-certificate records cascade), keys
                 cas = s.scalars(select(CertificateAuthority).where(CertificateAuthority.namespace_id == ns.id)).all()
                 ca_ids = [ca.id for ca in cas]

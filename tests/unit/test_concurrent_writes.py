@@ -212,3 +212,18 @@ def test_a_namespace_deleted_twice_at_once_is_deleted_once(services, monkeypatch
     results = race(monkeypatch, registry.referrers, "enrollments_using_policies",
                    lambda: registry.delete_namespace("ns-race"), lambda: registry.delete_namespace("ns-race"))
     assert kinds(results) == ["NotFound", "ok"], results
+
+
+def test_one_etag_generates_one_verification_code(services, monkeypatch):
+    """Two code generations with one etag both answered a code and only the last one worked (the other caller's proof
+    then failed); now one gets the code and the other 412. Two deletes at once: one 204, one 404 (was a 500)."""
+    from tests.x509_helpers import make_ca
+
+    certs = services.ca_certificates
+    view, _ = certs.upload("pop-race", make_ca("pop-race").pem)
+    results = race(monkeypatch, certs, "_get",
+                   lambda: certs.generate_verification_code("pop-race", if_match=view.etag),
+                   lambda: certs.generate_verification_code("pop-race", if_match=view.etag))
+    assert kinds(results) == ["PreconditionFailed", "ok"], results
+    results = race(monkeypatch, certs, "_get", lambda: certs.delete("pop-race"), lambda: certs.delete("pop-race"))
+    assert kinds(results) == ["NotFound", "ok"], results

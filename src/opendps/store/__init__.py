@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Table, create_engine, event, text, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
@@ -149,7 +150,7 @@ def _transaction_ended(session: Session, _transaction: Any) -> None:
 
 
 def lock_row(session: Session, row: Any, etag: str, *, expected: str | None = None) -> bool:
-    """Give ``row`` (a model with ``id`` and ``etag``, read in ``session``) the new ``etag`` and hold it until the
+    """Give ``row`` (a model with an ``etag``, read in ``session``) the new ``etag`` and hold it until the
     transaction ends (SQLite's write lock, PostgreSQL's row lock), then read it again as it is now; ``expected``: only
     while its etag is still that one (an ``If-Match``). False: the row is gone or its etag moved on; nothing written.
 
@@ -158,7 +159,11 @@ def lock_row(session: Session, row: Any, etag: str, *, expected: str | None = No
     write: the last one wins and the other's change is lost (two If-Match writers with one etag both succeeding).
     Taking the row first makes a read-modify-write take turns."""
     model = type(row)
-    where = [model.id == row.id] if expected is None else [model.id == row.id, model.etag == expected]
+    mapper = sa_inspect(model)
+    where = [column == value for column, value in zip(mapper.primary_key, mapper.primary_key_from_instance(row),
+                                                      strict=True)]
+    if expected is not None:
+        where.append(model.etag == expected)
     done = session.execute(update(model).where(*where).values(etag=etag).execution_options(synchronize_session=False))
     if cast(Any, done).rowcount != 1:
         return False

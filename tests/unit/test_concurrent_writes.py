@@ -227,3 +227,19 @@ def test_one_etag_generates_one_verification_code(services, monkeypatch):
     assert kinds(results) == ["PreconditionFailed", "ok"], results
     results = race(monkeypatch, certs, "_get", lambda: certs.delete("pop-race"), lambda: certs.delete("pop-race"))
     assert kinds(results) == ["NotFound", "ok"], results
+
+
+def test_a_registration_deleted_twice_at_once_is_deleted_once(services, monkeypatch):
+    """The second delete's ORM delete matched no row (StaleDataError, a 500); now it finds the registration gone."""
+    from opendps.provisioning import registration as registration_module
+
+    view, _ = services.enrollments.put("individual", "reg-race", {"attestation": {"type": "symmetricKey"}})
+    assert view.keys is not None
+    services.provisioning.register(creds("reg-race", key=view.keys[0]))
+    provisioning = services.provisioning
+    results = race(monkeypatch, registration_module, "etag_matches",
+                   lambda: provisioning.delete_registration("reg-race"),
+                   lambda: provisioning.delete_registration("reg-race"))
+    assert kinds(results) == ["NotFound", "ok"], results
+    deleted = [e for e in audit.AuditLog(services.store).list() if e.action == audit.REGISTRATION_DELETED]
+    assert len(deleted) == 1  # one audit entry for the one delete

@@ -27,16 +27,21 @@ from opendps.provisioning.attestation import AttestationFailed
 from opendps.store import CertificateAuthority, Registration
 
 
-def race(monkeypatch, owner: object, method: str, *calls: Callable[[], Any]) -> list[Any]:
-    """Run ``calls`` at once, each pausing after ``owner.method`` returns until every one got there (or 1 s: a
-    writer that holds the row keeps the others from getting there). Returns results, or the exceptions raised."""
+def race(monkeypatch, owner: object, method: str, *calls: Callable[[], Any], before: bool = False) -> list[Any]:
+    """Run ``calls`` at once, each pausing after ``owner.method`` returns (``before``: before it is called) until every
+    one got there (or 1 s: a writer that holds the row keeps the others from getting there). Returns results, or the
+    exceptions raised."""
     original = getattr(owner, method)
     barrier = threading.Barrier(len(calls))
 
     def paused(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=1)
         result = original(*args, **kwargs)
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=1)
+        if not before:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=1)
         return result
 
     monkeypatch.setattr(owner, method, paused)
@@ -237,9 +242,9 @@ def test_a_registration_deleted_twice_at_once_is_deleted_once(services, monkeypa
     assert view.keys is not None
     services.provisioning.register(creds("reg-race", key=view.keys[0]))
     provisioning = services.provisioning
-    results = race(monkeypatch, registration_module, "etag_matches",
+    results = race(monkeypatch, registration_module, "take_row",  # both have read it, neither has taken it
                    lambda: provisioning.delete_registration("reg-race"),
-                   lambda: provisioning.delete_registration("reg-race"))
+                   lambda: provisioning.delete_registration("reg-race"), before=True)
     assert kinds(results) == ["NotFound", "ok"], results
     deleted = [e for e in audit.AuditLog(services.store).list() if e.action == audit.REGISTRATION_DELETED]
     assert len(deleted) == 1  # one audit entry for the one delete

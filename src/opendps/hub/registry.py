@@ -32,11 +32,11 @@ from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
 from opendps.hub.query import continuation_token, parse_query, read_continuation
-from opendps.ids import any_etag, check_resource_name, etag_matches, new_etag
+from opendps.ids import check_resource_name, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
-from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, lock_row, table_of
+from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
 from opendps.transport import shown
 from opendps.transport.wire import json_depth
 
@@ -353,7 +353,8 @@ class Hubs:
         with self.store.session() as s:
             hub = self._hub(s, hub_name)
             # the keys as they are once the row is held (two renewals at once: each renews what the other left)
-            if not lock_row(s, hub, new_etag()) or hub.owner_keys is None:
+            take_row(s, hub, None, f"linked hub {hub_name!r}")
+            if hub.owner_keys is None:
                 raise NotFound(f"linked hub {hub_name!r} does not exist")
             primary, secondary = json.loads(self.keys.unwrap(hub.owner_keys, self._owner_label(hub.id)))
             renewed = {"primary": (_new_device_key(), secondary), "secondary": (primary, _new_device_key()),
@@ -404,10 +405,7 @@ class Hubs:
                            "remove it from their iotHubs first", error_code=409002)
         with self.store.session() as s:
             row = self._hub(s, name)
-            if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else hub.etag):
-                if not any_etag(if_match):
-                    raise PreconditionFailed(f"ETag {if_match} does not match linked hub {name!r}, as per RFC7232")
-                raise NotFound(f"linked hub {name!r} does not exist")
+            take_row(s, row, if_match, f"linked hub {name!r}")  # of two deletes at once: one 204, the other 404
             s.delete(row)
 
     # ---- device identities (provisioning places devices inside its own transaction) ----
@@ -584,8 +582,10 @@ class Hubs:
         with self.store.session() as s:
             row = s.scalars(select(HubDevice).where(HubDevice.hub_id == hub_id,
                                                     HubDevice.device_key == device_id.lower())).first()
-            if row is None or not lock_row(s, row, new_etag()):  # a service change of the twin may be under way
-                raise NotFound(f"device {device_id!r} no longer exists")
+            gone = NotFound(f"device {device_id!r} no longer exists")
+            if row is None:
+                raise gone
+            take_row(s, row, None, f"device {device_id!r}", gone=gone)  # a service change of the twin may be under way
             row.twin_reported = merge_patch(row.twin_reported, patch, "reported properties")
             row.reported_version += 1
             row.updated_at = datetime.now(UTC)
@@ -608,14 +608,10 @@ class Hubs:
     def _claim(self, s: Session, hub_name: str, device_id: str, if_match: str | None,
                what: str = "the twin of") -> tuple[LinkedHub, HubDevice]:
         """The device's row, checked against ``If-Match`` and held to the end of the transaction with a new etag
-        (:func:`~opendps.store.lock_row`): concurrent changes of one twin take turns, none lost."""
+        (:func:`~opendps.ids.take_row`): concurrent changes of one twin take turns, none lost."""
         hub, row = self._device_row(s, hub_name, device_id)
-        if not etag_matches(if_match, row.etag):
-            raise PreconditionFailed(f"ETag {if_match} does not match {what} {device_id!r}, as per RFC7232")
-        if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
-            if any_etag(if_match):
-                raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
-            raise PreconditionFailed(f"ETag {if_match} does not match {what} {device_id!r}, as per RFC7232")
+        take_row(s, row, if_match, f"{what} {device_id!r}",
+                 gone=NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}"))
         return hub, row
 
     def replace_twin(self, hub_name: str, device_id: str, *, tags: object = None, desired: object = None,

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed, ServiceUnavailable
 from opendps.hub.registry import hub_row
-from opendps.ids import any_etag, check_resource_name, etag_matches, new_etag
-from opendps.store import ConfigCache, LinkedHub, Store, TelemetryRoute, lock_row
+from opendps.ids import check_resource_name, new_etag, take_row
+from opendps.store import ConfigCache, LinkedHub, Store, TelemetryRoute
 from opendps.transport import nats_client
 from opendps.transport.nats_client import NatsUnreachable
 from opendps.transport.wire import iso8601
@@ -138,12 +138,10 @@ class TelemetryRoutes:
                 hub = hub_row(s, hub_name)
                 row = s.scalars(select(TelemetryRoute).where(TelemetryRoute.hub_id == hub.id,
                                                              TelemetryRoute.name == name)).first()
-                if row is not None and not etag_matches(if_match, row.etag):
-                    raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
                 if row is None and if_match not in (None, "*"):
                     raise PreconditionFailed(f"route {name!r} does not exist, so If-Match cannot match")
                 if row is not None:
-                    self._hold(s, row, if_match, name)
+                    take_row(s, row, if_match, f"route {name!r}")
                 created = row is None
                 if row is None:
                     row = TelemetryRoute(hub_id=hub.id, name=name, created_at=now)
@@ -168,19 +166,8 @@ class TelemetryRoutes:
     def delete(self, hub_name: str, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             _, row = self._route(s, hub_name, name)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
-            self._hold(s, row, if_match, name)
+            take_row(s, row, if_match, f"route {name!r}")
             s.delete(row)
-
-    @staticmethod
-    def _hold(s: Session, row: TelemetryRoute, if_match: str | None, name: str) -> None:
-        """The route's row as read, held to the commit (:func:`~opendps.store.lock_row`): of two writers that read
-        one etag, one writes; the other gets 412 (with ``If-Match``) or 404 (deleted meanwhile)."""
-        if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
-            if not any_etag(if_match):
-                raise PreconditionFailed(f"ETag {if_match} does not match route {name!r}, as per RFC7232")
-            raise NotFound(f"route {name!r} does not exist")
 
     def enabled(self, hub_id: int) -> builtins.list[RouteView]:
         """The hub's enabled routes, from the configuration cache."""

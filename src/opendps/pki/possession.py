@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from opendps.ids import any_etag, etag_matches, new_etag
+from opendps.ids import etag_matches, new_etag, take_row
 from opendps.pki.certificates import load_certificate_text, thumbprint
-from opendps.store import ConfigCache, ProvenCaCertificate, Store, lock_row
+from opendps.store import ConfigCache, ProvenCaCertificate, Store
 
 # Azure-style codes: 400004 invalid argument, 400011 bad verification certificate (unconfirmed numbering)
 VERIFICATION_FAILED = 400011
@@ -170,21 +170,9 @@ class CaCertificates:
     def delete(self, name: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             row = self._get(s, name)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
-            self._take(s, row, if_match, name)
+            take_row(s, row, if_match, f"certificate {name!r}")  # of two writers with one etag, one goes on
             s.delete(row)
             self._audit(s, audit.CA_CERTIFICATE_DELETED, row, wasVerified=row.is_verified)
-
-    @staticmethod
-    def _take(s: Session, row: ProvenCaCertificate, if_match: str | None, name: str) -> None:
-        """The row as checked, held to the commit (:func:`~opendps.store.lock_row`): of two requests with one etag
-        one goes on, the other gets 412 (two code generations both answered a code, and only the last one worked);
-        deleted meanwhile, 404."""
-        if not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
-            if not any_etag(if_match):
-                raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
-            raise NotFound(f"certificate {name!r} does not exist")
 
     def generate_verification_code(self, name: str, *, if_match: str | None) -> CaCertificateView:
         """A fresh code (the previous one stops working); needs the current etag."""
@@ -192,9 +180,7 @@ class CaCertificates:
             raise PreconditionFailed("generating a verification code needs the certificate's etag (If-Match)")
         with self.store.session() as s:
             row = self._get(s, name)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
-            self._take(s, row, if_match, name)
+            take_row(s, row, if_match, f"certificate {name!r}")  # of two writers with one etag, one goes on
             code = secrets.token_hex(24).upper()
             row.verification_code = code
             row.etag = new_etag()
@@ -210,9 +196,7 @@ class CaCertificates:
         now = datetime.now(UTC)
         with self.store.session() as s:
             row = self._get(s, name)
-            if not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match certificate {name!r}, as per RFC7232")
-            self._take(s, row, if_match, name)
+            take_row(s, row, if_match, f"certificate {name!r}")  # of two writers with one etag, one goes on
             if row.verification_code is None:
                 raise InvalidInput(f"certificate {name!r} has no pending verification code: generate one first",
                                    error_code=VERIFICATION_FAILED)

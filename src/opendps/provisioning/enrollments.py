@@ -30,11 +30,11 @@ from sqlalchemy.orm import Session
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
 from opendps.hub import Hubs
-from opendps.ids import any_etag, etag_matches, new_etag
+from opendps.ids import any_etag, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
-from opendps.store import ConfigCache, Enrollment, Registration, Store, count_change_first, lock_row
+from opendps.store import ConfigCache, Enrollment, Registration, Store, count_change_first
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -336,12 +336,12 @@ class Enrollments:
         changed = f"enrollment {enrollment_id!r} was changed concurrently; retry"
         try:
             with self.store.session() as s:
-                count_change_first(s)  # ids are unique ignoring case, which the (kind, id) constraint is not
+                # enrollment changes take turns from here (the counter's row, held to the commit), so what is read
+                # next is the last committed: of two writers that validated one state, one writes; and ids are unique
+                # ignoring case, which the (kind, id) constraint is not
+                count_change_first(s)
                 row = self._row(s, kind, enrollment_id)
-                # the row as validated, held to the commit: of two writers that read one etag, one writes
-                if (row is None) != (previous is None) or (
-                        row is not None and previous is not None and not lock_row(s, row, new_etag(),
-                                                                                  expected=previous.etag)):
+                if (row.etag if row else None) != (previous.etag if previous else None):
                     if not any_etag(if_match):
                         raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, "
                                                  "as per RFC7232")
@@ -417,14 +417,10 @@ class Enrollments:
     def delete(self, kind: str, enrollment_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             row = self._row(s, kind, enrollment_id)
-            if row is not None and not etag_matches(if_match, row.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, as per RFC7232")
-            # held to the commit: a concurrent delete (or change, with If-Match) finds it gone (moved on)
-            if row is None or not lock_row(s, row, new_etag(), expected=None if any_etag(if_match) else row.etag):
-                if row is not None and not any_etag(if_match):
-                    raise PreconditionFailed(f"ETag {if_match} does not match enrollment {enrollment_id!r}, "
-                                             "as per RFC7232")
-                raise NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
+            gone = NotFound(f"enrollment {enrollment_id!r} does not exist", error_code=ENROLLMENT_NOT_FOUND)
+            if row is None:
+                raise gone
+            take_row(s, row, if_match, f"enrollment {enrollment_id!r}", gone=gone)  # of two deletes at once: one 204
             if kind == INDIVIDUAL:  # its registration state goes with it, as in Azure
                 s.execute(delete(Registration).where(Registration.registration_key == enrollment_id.lower(),
                                                      Registration.enrollment_kind == INDIVIDUAL))

@@ -27,9 +27,9 @@ from sqlalchemy import Connection, CursorResult, Row, bindparam, delete, insert,
 from sqlalchemy.exc import IntegrityError
 
 from opendps import audit
-from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
+from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError
 from opendps.hub import DeviceCredential, Hubs
-from opendps.ids import any_etag, etag_matches, new_etag
+from opendps.ids import new_etag, take_row
 from opendps.logs import event
 from opendps.pki import (
     CaCertificates,
@@ -52,7 +52,7 @@ from opendps.provisioning.attestation import (
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
 from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
-from opendps.store import Operation, Registration, Store, lock_row, table_of
+from opendps.store import Operation, Registration, Store, table_of
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -345,14 +345,9 @@ class Provisioning:
             reg = s.get(Registration, registration_id.lower())
             if reg is None:
                 raise NotFound(f"registration {registration_id!r} does not exist", error_code=REGISTRATION_NOT_FOUND)
-            if not etag_matches(if_match, reg.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match registration {registration_id!r}, as per RFC7232")
-            # held to the commit: of two deletes one goes on (the other's ORM delete matched no row: a 500)
-            if not lock_row(s, reg, new_etag(), expected=None if any_etag(if_match) else reg.etag):
-                if not any_etag(if_match):
-                    raise PreconditionFailed(f"ETag {if_match} does not match registration {registration_id!r}, "
-                                             "as per RFC7232")
-                raise NotFound(f"registration {registration_id!r} does not exist", error_code=REGISTRATION_NOT_FOUND)
+            # of two deletes at once one goes on (the other's ORM delete matched no row: a 500)
+            take_row(s, reg, if_match, f"registration {registration_id!r}", gone=NotFound(
+                f"registration {registration_id!r} does not exist", error_code=REGISTRATION_NOT_FOUND))
             s.delete(reg)
             audit.append(s, audit.REGISTRATION_DELETED, device=reg.registration_id, subject=reg.enrollment_id,
                          details=_present({"enrollmentKind": reg.enrollment_kind, "status": reg.status,

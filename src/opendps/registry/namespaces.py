@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from opendps.ids import any_etag, check_resource_name, etag_matches, new_etag
+from opendps.ids import check_resource_name, etag_matches, new_etag, take_row
 from opendps.pki import (
     IssuanceEngine,
     IssuanceRefused,
@@ -35,7 +35,7 @@ from opendps.pki import (
     thumbprint,
 )
 from opendps.pki.issuance import revocation_reason, stored_serial
-from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store, lock_row
+from opendps.store import CertificateAuthority, ConfigCache, Namespace, Policy, Store
 
 MIN_VALIDITY_DAYS = 1
 MAX_VALIDITY_DAYS = 90
@@ -176,15 +176,6 @@ def _ca_event(action: str, namespace: str, cert: x509.Certificate, **details: ob
         "notAfter": cert.not_valid_after_utc, **details})
 
 
-def _hold(s: Session, policy: Policy, if_match: str | None, name: str) -> None:
-    """Hold the policy's row to the end of the transaction (:func:`~opendps.store.lock_row`), as read: with an
-    ``If-Match``, only while its etag is still the one matched (412 otherwise); gone meanwhile, 404."""
-    if not lock_row(s, policy, new_etag(), expected=None if any_etag(if_match) else policy.etag):
-        if not any_etag(if_match):
-            raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
-        raise NotFound(f"policy {name!r} does not exist")
-
-
 def _active_issuing_ca(s: Session, policy_id: int) -> CertificateAuthority | None:
     return s.scalars(
         select(CertificateAuthority)
@@ -311,8 +302,7 @@ class Registry:
         try:
             with self.store.session() as s:
                 ns = self._namespace(s, name)
-                if not lock_row(s, ns, new_etag()):  # deleted meanwhile: the other delete did it (one 204, one 404)
-                    raise NotFound(f"namespace {name!r} does not exist")
+                take_row(s, ns, None, f"namespace {name!r}")  # of two deletes at once: one 204, the other 404
                 # the namespace's PKI goes with it: CA certificates (their issued-certificate records cascade), keys
                 cas = s.scalars(select(CertificateAuthority).where(CertificateAuthority.namespace_id == ns.id)).all()
                 ca_ids = [ca.id for ca in cas]
@@ -365,10 +355,7 @@ class Registry:
                     policy.revoke_superseded = True if revoke_superseded is None else revoke_superseded
                     policy.crl_validity_hours = DEFAULT_CRL_HOURS if crl_validity_hours is None else crl_validity_hours
                 else:
-                    if not etag_matches(if_match, existing.etag):
-                        raise PreconditionFailed(
-                            f"ETag {if_match} does not match policy {name!r} (current {existing.etag}), as per RFC7232")
-                    _hold(s, existing, if_match, name)
+                    take_row(s, existing, if_match, f"policy {name!r}")
                     active = _active_issuing_ca(s, existing.id)
                     current = self.keys.custody(active.key_id, session=s).backend if active is not None else None
                     if key_backend is not None and key_backend != current:
@@ -407,9 +394,7 @@ class Registry:
         with self.store.session() as s:
             ns = self._namespace(s, namespace)
             policy = self._policy(s, ns, name)
-            if not etag_matches(if_match, policy.etag):
-                raise PreconditionFailed(f"ETag {if_match} does not match policy {name!r}, as per RFC7232")
-            _hold(s, policy, if_match, name)  # rotations take turns: each retires the CA the one before made active
+            take_row(s, policy, if_match, f"policy {name!r}")  # rotations take turns: each retires the CA made before
             generation = 1 + (s.scalar(select(func.count()).select_from(CertificateAuthority)
                                        .where(CertificateAuthority.policy_id == policy.id)) or 0)
             retired = []
@@ -457,7 +442,7 @@ class Registry:
         try:
             with self.store.session() as s:
                 policy = self._policy(s, self._namespace(s, namespace), name)
-                _hold(s, policy, if_match, name)  # a concurrent delete finds it gone: one 204, the other 404
+                take_row(s, policy, if_match, f"policy {name!r}")  # of two deletes at once: one 204, the other 404
                 # the issuing CA is retired, not deleted: issued certificates keep their issuer on record
                 for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)):
                     ca.status = "retired"

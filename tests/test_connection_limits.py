@@ -272,6 +272,48 @@ def test_a_plain_http_client_that_never_reads_is_cut_off():
     assert asyncio.run(main()), "a plain-HTTP client that reads nothing is held open"
 
 
+def test_a_full_plain_http_listener_closes_its_oldest_connection_for_a_new_one():
+    """The plain-HTTP listeners never mark a connection answered (aiohttp writes to the socket's transport): when
+    full, the oldest connection makes room, so silent connections cannot hold it (they were refused new ones)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from opendps.server import GatedTCPSite
+    from opendps.transport.tls import ConnectionGate
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> tuple[str, bool, bool]:
+        app = web.Application()
+        app.router.add_get("/ok", ok)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = GatedTCPSite(runner, "127.0.0.1", 0, gate=ConnectionGate("HTTP", 2))
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+
+        def client() -> tuple[str, bool, bool]:
+            with socket.create_connection(("127.0.0.1", port)) as oldest, \
+                    socket.create_connection(("127.0.0.1", port)) as newer:
+                time.sleep(0.2)  # both admitted, silent: the listener is full
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as real:
+                    real.sendall(b"GET /ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := real.recv(4096):
+                        answer += chunk
+                return answer.decode().split("\r\n", 1)[0], _cut_off_within(oldest, 2), _cut_off_within(newer, 0.3)
+
+        try:
+            return await asyncio.to_thread(client)
+        finally:
+            await runner.cleanup()
+
+    status, oldest_closed, newer_closed = asyncio.run(main())
+    assert status == "HTTP/1.1 200 OK" and oldest_closed and not newer_closed
+
+
 def test_the_server_log_stays_quiet(server):
     log = _log(server)
     assert "Traceback" not in log

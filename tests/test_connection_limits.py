@@ -136,8 +136,36 @@ def test_a_flood_is_capped_per_listener_and_the_others_keep_serving(server):
             sock.close()
     log = _log(server)
     assert 1 <= log.count("HTTPS listener is at its limit of") <= 2, log[-3000:]
-    assert "closed 1 that had not been answered to make room" in log
+    assert "closed 1 that had not been answered or were idle to make room" in log
     assert "out of system resource" not in log and "Too many open files" not in log
+
+
+def test_a_listener_full_of_idle_keep_alive_connections_makes_room_for_a_new_client(server):
+    """One peer completing handshakes and sending one request each (then nothing) held the HTTPS listener full for
+    the keep-alive timeout, as answered connections were never closed to make room: real clients were refused. The
+    server's HTTPS gate now closes the oldest idle keep-alive connection (cleanly: close_notify, then FIN)."""
+    https = _https_port(server)
+    held: list[ssl.SSLSocket] = []
+    try:
+        started = time.monotonic()
+        for _ in range(LIMIT):
+            ctx = ssl.create_default_context(cafile=server.ca_file)
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", https), timeout=5), server_hostname="localhost",
+                                suppress_ragged_eofs=False)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        with httpx.Client(verify=ssl.create_default_context(cafile=server.ca_file), timeout=5) as c:
+            assert c.get(f"{server.url}/healthz").status_code == 200  # before: refused (reset at once)
+        held[0].settimeout(2)
+        assert held[0].recv(4096) == b""  # the oldest, closed cleanly (an SSLEOFError if it were a bare FIN)
+        # within the 2 s keep-alive timeout, or the timer (not the gate) could have closed it
+        assert time.monotonic() - started < 2, "filling the listener took longer than its keep-alive timeout"
+        held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # the others are kept
+        assert held[-1].recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_a_websocket_message_larger_than_mqtt_holds_is_refused_as_it_arrives(server):

@@ -633,6 +633,48 @@ def test_a_full_listener_closes_a_silent_connection_for_a_new_one_but_never_an_a
         srv.stop()
 
 
+def test_a_full_https_listener_closes_its_oldest_idle_keep_alive_connection_cleanly(pki):
+    """With the HTTPS gate's idle check (as the server's): answered keep-alive connections between requests make room
+    for a new one, the oldest first, closed as a keep-alive timeout closes them (close_notify, then FIN); one whose
+    request is still arriving (an upload's body) is kept and finishes; the others are still served."""
+    from opendps.transport.tls import ConnectionGate, http_keepalive_idle
+
+    srv = AiohttpServer(device_tls_context(pki.server_chain, pki.server_key),
+                        gate=ConnectionGate("HTTPS", 3, idle=http_keepalive_idle))
+    ctx = _client_ctx(pki, pki.ids["chained"])
+    opened: list[ssl.SSLSocket] = []
+
+    def connect() -> ssl.SSLSocket:
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5), server_hostname="localhost",
+                            suppress_ragged_eofs=False)
+        opened.append(s)
+        return s
+
+    def served(s: ssl.SSLSocket) -> bool:
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        return _read_response(s)[0].startswith(b"HTTP/1.1 200")
+
+    try:
+        uploading = connect()
+        uploading.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")  # answered first: the oldest
+        _read_response(uploading)
+        uploading.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n12345")
+        idle_one, idle_two = connect(), connect()
+        assert served(idle_one) and served(idle_two)
+        time.sleep(0.3)  # the upload's handler waits for the rest of its body
+        newcomer = connect()
+        assert served(newcomer)  # admitted: the oldest idle one made room
+        assert idle_one.recv(65536) == b""  # close_notify then FIN (a bare FIN or a reset would raise here)
+        uploading.sendall(b"67890")
+        head, body = _read_response(uploading)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["length"] == 10
+        assert served(idle_two) and served(newcomer)
+    finally:
+        for s in opened:
+            s.close()
+        srv.stop()
+
+
 def _read_response(s: ssl.SSLSocket) -> tuple[bytes, bytes]:
     """One HTTP/1.1 response with Content-Length from a keep-alive connection."""
     data = b""

@@ -25,6 +25,7 @@ from opendps.transport.tls import (
     connection_budgets,
     device_tls_context,
     discard_unsent,
+    http_keepalive_idle,
     raise_descriptor_limit,
     start_aiohttp_site,
     start_tls_server,
@@ -128,7 +129,9 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     deadline = fe.runtime.connect_deadline  # to finish the handshake (then the CONNECT, the AMQP open)
     # write_timeout: a client that leaves our answers unread (a big one asked for and never read) for the client
     # timeout is cut off, on every listener: else it holds its slot, its buffers and whoever waits to write to it
-    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=ConnectionGate("HTTPS", budget["HTTPS"]),
+    # idle: when it is full, a keep-alive connection waiting between requests is closed for a new one
+    https_gate = ConnectionGate("HTTPS", budget["HTTPS"], idle=http_keepalive_idle)
+    await start_aiohttp_site(runner, st.host, st.https_port, ctx, gate=https_gate,
                              reuse_port=shared, handshake_timeout=deadline, write_timeout=st.client_timeout)
     # MQTT (DPS and every hub) on its own port, same TLS layer: the CONNECT username routes the session
     mqtt_ctx = device_tls_context(instance.server_cert_path, instance.server_key_path, alpn=[b"mqtt"])

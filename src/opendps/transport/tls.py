@@ -63,6 +63,7 @@ __all__ = [
     "context_serving",
     "device_tls_context",
     "discard_unsent",
+    "http_keepalive_idle",
     "replace_context",
     "server_context",
     "start_aiohttp_site",
@@ -421,8 +422,10 @@ class Evictable(Protocol):
 class ConnectionGate:
     """At most ``limit`` connections on one listener. Over it, the oldest connection that has not been answered yet
     (:meth:`answered`: nothing written to it, e.g. still in its TLS handshake or before its MQTT CONNECT) is closed
-    to make room; when every one has been answered, the new connection is closed at once — accepted and aborted, so
-    its descriptor is free again. One log line a minute says how many were closed and refused.
+    to make room; with ``idle`` (HTTPS: :func:`http_keepalive_idle`), else the oldest answered one that ``idle``
+    says waits for nothing (a keep-alive connection between requests, as nginx reuses them when it runs out);
+    when there is none, the new connection is closed at once — accepted and aborted, so its descriptor is free
+    again. One log line a minute says how many were closed and refused.
 
     Why a cap: every connection holds a file descriptor; a listener without one lets idle or slow clients use them
     all, and then every listener of the process fails to accept (and asyncio logs each failed accept()). Why the
@@ -430,14 +433,21 @@ class ConnectionGate:
     connections that never send a byte, each replaced as its handshake deadline closed it (a few thousand a second
     are nothing to a client); a real client's handshake and first request take milliseconds, so a flood now closes
     its own connections, not theirs. Not by address: behind a TCP load balancer every client has the same one.
+    Why idle keep-alive connections go too: a peer that completes each handshake and sends one request held the
+    HTTPS listener full for the keep-alive timeout (~90 handshakes a second for 5,000 slots at 60 s); an HTTP client
+    expects a pooled connection to be closed between requests and opens another.
     """
+
+    IDLE_SCAN = 32  # answered connections asked per admission at most (busy ones move to the back)
 
     REPORT_EVERY = 60.0
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, *, idle: Callable[[Any], bool] | None = None) -> None:
         if limit < 1:
             raise ValueError("a listener needs room for one connection at least")
         self.name, self.limit = name, limit
+        self._idle = idle
+        self._answered: dict[Evictable, None] = {}  # with ``idle``: answered ones, oldest first
         self.active = 0
         self.refused = 0  # since the last report
         self.evicted = 0  # since the last report
@@ -459,24 +469,48 @@ class ConnectionGate:
             self.evicted += 1
             self._report()
             return True
+        if connection is not None and self._idle is not None and self._evict_idle():
+            self._unanswered[connection] = None
+            self.evicted += 1
+            self._report()
+            return True
         self.refused += 1
         self._report()
         return False
 
     def answered(self, connection: Evictable) -> None:
-        """``connection`` was written to: it is past connecting and no longer closed to make room."""
-        self._unanswered.pop(connection, None)
+        """``connection`` was written to: it is past connecting, closed to make room only when ``idle`` says so."""
+        if connection in self._unanswered:
+            del self._unanswered[connection]
+            if self._idle is not None:
+                self._answered[connection] = None
 
     def release(self, connection: Evictable | None = None) -> None:
         self.active -= 1
         if connection is not None:
             self._unanswered.pop(connection, None)
+            self._answered.pop(connection, None)
+
+    def _evict_idle(self) -> bool:
+        """Close the oldest answered connection that is idle, asking at most :attr:`IDLE_SCAN` of them (each busy one
+        asked goes to the back, so a listener full of long requests costs a bounded scan per new connection)."""
+        assert self._idle is not None
+        answered = self._answered
+        for _ in range(min(self.IDLE_SCAN, len(answered))):
+            oldest = next(iter(answered))
+            del answered[oldest]
+            if self._idle(oldest):
+                oldest.evict()
+                return True
+            answered[oldest] = None
+        return False
 
     def _report(self) -> None:
         now = time.monotonic()
         if now - self._reported_at >= self.REPORT_EVERY:
             log.warning("%s listener is at its limit of %d connections: since the last report, closed %d that had "
-                        "not been answered to make room and refused %d new ones", self.name, self.limit,
+                        "not been answered or were idle to make room and refused %d new ones",
+                        self.name, self.limit,
                         self.evicted, self.refused)
             self._reported_at, self.refused, self.evicted = now, 0, 0
 
@@ -971,13 +1005,26 @@ class TlsProtocol(asyncio.Protocol):
     # writing
 
     def evict(self) -> None:
-        """The listener is full and this connection is its oldest not yet answered (:class:`ConnectionGate`)."""
+        """The listener is full and this connection is its oldest not yet answered, or its oldest idle one
+        (:class:`ConnectionGate`). An idle one is closed as a keep-alive timeout closes it (close_notify, FIN), at once:
+        its descriptor is the new connection's."""
         self._admitted = False  # the slot went to the newer connection
         if not self._failure_logged:
             self._failure_logged = True
-            log.debug("connection from %s closed to make room: the listener is full and nothing was sent to it yet",
-                      self._peer)
+            log.debug("connection from %s closed to make room: the listener is full and it %s", self._peer,
+                      "was idle" if self._answered else "was sent nothing yet")
+        if self._answered and self._state is _State.OPEN:
+            self._start_close()
+            if self._raw is not None and self._raw.get_write_buffer_size():  # the peer reads nothing: not waited for
+                self._abort()
+            return
         self._abort()
+
+    def idle(self, inner_idle: Callable[[asyncio.Protocol], bool]) -> bool:
+        """Open, everything sent taken by the socket, and ``inner_idle`` of the inner protocol (see
+        :func:`http_keepalive_idle`)."""
+        return (self._state is _State.OPEN and not self._backlog and not self._reading_paused
+                and self._raw is not None and not self._raw.get_write_buffer_size() and inner_idle(self._inner))
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         if self._state is not _State.OPEN or not data:
@@ -1183,6 +1230,23 @@ async def _listen(
 
     return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
                                     reuse_port=reuse_port or None)
+
+
+def _aiohttp_waiting(handler: asyncio.Protocol) -> bool:
+    """An aiohttp connection between requests: no request in progress and its loop waiting for the next one —
+    aiohttp's own test before its keep-alive timer closes a connection (``RequestHandler._process_keepalive``).
+    A connection whose next request header is still arriving counts as idle too (aiohttp waits for whole headers;
+    the keep-alive timer would cut it as well). Private attributes, hence read with defaults: a release without
+    them makes no connection idle (never closed to make room; tests/test_tls.py fails), not a wrong one."""
+    waiter = getattr(handler, "_waiter", None)
+    return (isinstance(waiter, asyncio.Future) and not waiter.done()
+            and getattr(handler, "_request_in_progress", True) is False)
+
+
+def http_keepalive_idle(connection: object) -> bool:
+    """For an HTTPS :class:`ConnectionGate`: ``connection`` is a :class:`TlsProtocol` whose aiohttp handler waits
+    for its next request with nothing left to send."""
+    return isinstance(connection, TlsProtocol) and connection.idle(_aiohttp_waiting)
 
 
 @functools.cache

@@ -77,6 +77,9 @@ class Peers(Protocol):
 
 
 _TAKEN_OVER = "taken over by a new connection of the same device on another node"
+# desired-property pushes to one device not yet taken by its connection: past this it is cut off (it reconnects
+# and reads the whole twin, as Azure's SDKs do), instead of queueing without bound
+DESIRED_BACKLOG = 32
 
 
 class _Live(NamedTuple):
@@ -108,6 +111,8 @@ class LiveSessions:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None
         self._hub_names: dict[int, str] = {}  # hub id -> name, of the hubs whose devices attached here
+        # pushes on their way to a link, by id(link) (links need not be hashable; a task holds each one counted)
+        self._desired_waiting: dict[int, int] = {}
 
     def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]],
              c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None) -> None:
@@ -251,8 +256,30 @@ class LiveSessions:
                 await self.peers.send({"op": "desired", "hub": hub_name, "device": device_id, "desired": desired,
                                        "version": version}, node)
             return
-        if link.subscribed(DESIRED):
+        self._push_desired(link, desired, version)
+
+    def _push_desired(self, link: DeviceLink, desired: dict[str, Any], version: int) -> None:
+        """Hand a desired patch to ``link`` in the background, in order. Why not awaited: a device that reads
+        nothing held the service's twin update until the write deadline cut it off; its pushes now wait here,
+        at most :data:`DESIRED_BACKLOG` of them, then the device is cut off."""
+        if not link.subscribed(DESIRED):
+            return
+        waiting = self._desired_waiting.get(id(link), 0)
+        if waiting >= DESIRED_BACKLOG:
+            link.close(f"does not read its desired property updates ({waiting} waiting)")
+            return
+        self._desired_waiting[id(link)] = waiting + 1
+        self._spawn(self._send_desired(link, desired, version))
+
+    async def _send_desired(self, link: DeviceLink, desired: dict[str, Any], version: int) -> None:
+        try:
             await link.send_desired(desired, version)
+        except Exception as exc:  # noqa: BLE001 - best effort, as the link's own contract says: one line, no traceback
+            log.debug("desired properties push to %s failed: %s", link.device.device_id, exc)
+        finally:
+            left = self._desired_waiting.pop(id(link), 1) - 1
+            if left:
+                self._desired_waiting[id(link)] = left
 
     async def notify_c2d(self, hub_name: str, device_id: str) -> None:
         """A cloud-to-device message was queued: a connected device gets it now, others at their next connect."""
@@ -359,8 +386,8 @@ class LiveSessions:
                 link.wake_c2d()
         elif op == "desired":
             link = self.link(hub, device)
-            if link is not None and link.subscribed(DESIRED) and isinstance(message.get("desired"), dict):
-                self._spawn(link.send_desired(message["desired"], int(message.get("version") or 0)))
+            if link is not None and isinstance(message.get("desired"), dict):
+                self._push_desired(link, message["desired"], int(message.get("version") or 0))
         elif op == "method":
             self._spawn(self._serve_method(message))
         elif op == "method-result":

@@ -862,8 +862,6 @@ class TlsProtocol(asyncio.Protocol):
             return
         _connection_line(logging.INFO, "TLS connection from %s closed: it read nothing we sent for %g s", self._peer,
                          self._write_timeout)
-        assert self._raw is not None
-        discard_unsent(self._raw)
         self._abort()
 
     # handshake
@@ -1119,10 +1117,14 @@ class TlsProtocol(asyncio.Protocol):
         self._arm_close_timer()
 
     def _abort(self) -> None:
+        """Close at once, dropping what the peer has not taken: ours and the kernel's (:func:`discard_unsent`; a
+        device cut off by the application with megabytes queued kept receiving them, then a FIN, for as long as it
+        read slowly)."""
         if self._state is _State.CLOSED or self._raw is None:
             return
         self._state = _State.CLOSING
         self._cancel_timer()
+        discard_unsent(self._raw)
         self._raw.abort()
 
     def _fail(self, exc: BaseException) -> None:
@@ -1143,7 +1145,14 @@ class TlsProtocol(asyncio.Protocol):
         self._cancel_timer()
         raw = self._raw
         if raw is not None and self._loop is not None and raw.get_write_buffer_size():
-            self._timer = self._loop.call_later(self._close_timeout, raw.abort)
+            self._timer = self._loop.call_later(self._close_timeout, self._abort_closing)
+
+    def _abort_closing(self) -> None:
+        """The close timer: the peer did not take our last bytes in time."""
+        self._timer = None
+        if self._raw is not None:
+            discard_unsent(self._raw)
+            self._raw.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

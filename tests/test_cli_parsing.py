@@ -189,6 +189,25 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("command", [
+    ["init"], ["serve"], ["info"], ["hub", "connection-string", "show"], ["audit", "verify"], ["device", "provision"],
+    ["dps", "enrollment", "list"],
+])
+def test_an_empty_data_dir_is_refused_not_read_as_the_current_directory(command: list[str], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--data-dir "$UNSET"`` was Path(''), the current directory: an instance made (init) or used wherever the
+    command ran. Every command's --data-dir refuses it in one line; "." still names the current directory."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*command, "--data-dir", ""], prog_name="opendps")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: Invalid value for '--data-dir': must name a directory (it is empty) (see 'opendps {' '.join(command)} "
+        "--help')"]
+    assert not any(tmp_path.iterdir())  # nothing made here
+    assert CliRunner().invoke(main, ["init", "--data-dir", "."]).exit_code == 0
+    assert (tmp_path / "config.json").exists()
+
+
 def test_read_certificate_file(tmp_path: Path) -> None:
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     (tmp_path / "c.pem").write_text(pem)

@@ -63,8 +63,18 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def non_empty_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Path | None:
+    """Why: an empty --data-dir was read as the current directory (Path('') is '.'), so a blank variable in a
+    script made or used an instance wherever it stood; "." still names it on purpose."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("must name a directory (it is empty)")
+    return Path(value)
+
+
 def data_dir_option(f: _F) -> _F:
-    return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+    return click.option("--data-dir", type=click.Path(), default=None, callback=non_empty_path,
                         help="Data directory (default ./.opendps or $OPENDPS_DATA_DIR).")(f)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from opendps.cli import CliError, output_option
+from opendps.cli import CliError, non_empty_path, output_option
 from opendps.cli._client import Client, resolve_connection
 from opendps.cli.management import api_command
 from opendps.cli.output import emit
@@ -84,7 +84,7 @@ def audit_list(client: Client, output: str, device_id: str | None, namespace: st
                    "(catches entries cut from the end of the log).")
 @click.option("--login", "-l", default=None, metavar="CONNECTION_STRING",
               help="Service connection string (default $OPENDPS_CONNECTION_STRING, else the local data directory).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--data-dir", type=click.Path(), default=None, callback=non_empty_path,
               help="Data directory (default $OPENDPS_DATA_DIR or ./.opendps): its database with --local, else its "
                    "connection.")
 @click.option("--ca-file", type=click.Path(path_type=Path), default=None,

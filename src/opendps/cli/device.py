@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from opendps.cli import OUTPUT_OPTION, CliError, output_option
+from opendps.cli import OUTPUT_OPTION, CliError, non_empty_path, output_option
 from opendps.cli.output import emit
 
 DEFAULT_HOST = "localhost"
@@ -158,7 +158,7 @@ def endpoint_options(*, hub: bool) -> Decorator:
                           "else the system store)."),
         click.option("--transport", type=click.Choice(["https", "mqtt"]), default="https", show_default=True,
                      help="Provisioning protocol."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+        click.option("--data-dir", type=click.Path(), default=None, callback=non_empty_path,
                      help="Local data directory to take defaults from (default $OPENDPS_DATA_DIR or ./.opendps)."),
     ]
     if hub:

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from opendps.cli import OUTPUT_OPTION, CliError
+from opendps.cli import OUTPUT_OPTION, CliError, non_empty_path
 from opendps.cli._client import ApiError, Client, api_path, loads_json, read_certificate_file, resolve_connection
 from opendps.cli.enrollments import _top, parse_json_object, query_all
 from opendps.cli.management import CERT_COLUMNS, CERT_PATH, _connection_options, api_command, etag_option
@@ -722,7 +722,7 @@ def connection_string() -> None:
               help="Shared access policy.")
 @click.option("--key-type", "--kt", "key_type", type=click.Choice(["primary", "secondary"]), default="primary",
               show_default=True, help="Which of the policy's keys to use.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--data-dir", type=click.Path(), default=None, callback=non_empty_path,
               help="Data directory of the installation (default $OPENDPS_DATA_DIR or ./.opendps).")
 @OUTPUT_OPTION
 def connection_string_show(hub_name: str, policy_name: str, key_type: str, data_dir: Path | None,

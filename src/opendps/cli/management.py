@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from opendps.cli import OUTPUT_OPTION, CliError
+from opendps.cli import OUTPUT_OPTION, CliError, non_empty_path
 from opendps.cli._client import ApiError, Client, api_path, read_certificate_file, resolve_connection
 from opendps.cli.output import emit
 from opendps.transport import sas
@@ -39,7 +39,7 @@ def _connection_options() -> list[Callable[[Callable[..., Any]], Callable[..., A
                      help="Service connection string 'HostName=...;SharedAccessKeyName=...;"
                           "SharedAccessKey=...' (default $OPENDPS_CONNECTION_STRING, else the local "
                           "data directory)."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+        click.option("--data-dir", type=click.Path(), default=None, callback=non_empty_path,
                      help="Data directory to take the connection from "
                           "(default $OPENDPS_DATA_DIR or ./.opendps)."),
         click.option("--ca-file", type=click.Path(path_type=Path), default=None,

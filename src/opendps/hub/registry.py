@@ -449,28 +449,30 @@ class Hubs:
             "etag": new_etag(), "updated_at": now}
         if status is not None:
             values["status"] = status
-        if found is None:
-            tags, desired = _initial(initial_twin)
-            values.update(hub_id=hub_id, device_key=key, generation_id=secrets.token_hex(8), created_at=now,
-                          twin_tags=tags, twin_desired=desired, twin_reported={}, desired_version=1,
-                          reported_version=1)
-            values.setdefault("status", "enabled")
-            if migrate_from is not None:
-                values.update(twin_tags=copy.deepcopy(migrate_from.twin_tags),
-                              twin_desired=copy.deepcopy(migrate_from.twin_desired),
-                              twin_reported=copy.deepcopy(migrate_from.twin_reported),
-                              desired_version=migrate_from.desired_version,
-                              reported_version=migrate_from.reported_version)
-            inserted = conn.execute(_INSERT_DEVICE, values).inserted_primary_key
-            assert inserted is not None
-            return int(inserted[0])
-        if reset_twin:  # rare (a reprovisioning policy that resets the twin): its own statement
-            tags, desired = _initial(initial_twin)
-            conn.execute(update(_DEVICES).where(_DEVICES.c.id == found.id).values(
-                twin_tags=tags, twin_desired=desired, twin_reported={}, desired_version=_DEVICES.c.desired_version + 1,
-                reported_version=_DEVICES.c.reported_version + 1))
-        conn.execute(_UPDATE_DEVICE, {"b_id": found.id, **values})
-        return int(found.id)
+        if found is not None:
+            if reset_twin:  # rare (a reprovisioning policy that resets the twin): its own statement
+                tags, desired = _initial(initial_twin)
+                conn.execute(update(_DEVICES).where(_DEVICES.c.id == found.id).values(
+                    twin_tags=tags, twin_desired=desired, twin_reported={},
+                    desired_version=_DEVICES.c.desired_version + 1, reported_version=_DEVICES.c.reported_version + 1))
+            if conn.execute(_UPDATE_DEVICE, {"b_id": found.id, **values}).rowcount == 1:
+                return int(found.id)
+            # deleted since the read (on PostgreSQL a delete can commit in between): created anew, as if the delete
+            # had come first — updating nothing left a registration assigned to a hub without its device
+        tags, desired = _initial(initial_twin)
+        values.update(hub_id=hub_id, device_key=key, generation_id=secrets.token_hex(8), created_at=now,
+                      twin_tags=tags, twin_desired=desired, twin_reported={}, desired_version=1,
+                      reported_version=1)
+        values.setdefault("status", "enabled")
+        if migrate_from is not None:
+            values.update(twin_tags=copy.deepcopy(migrate_from.twin_tags),
+                          twin_desired=copy.deepcopy(migrate_from.twin_desired),
+                          twin_reported=copy.deepcopy(migrate_from.twin_reported),
+                          desired_version=migrate_from.desired_version,
+                          reported_version=migrate_from.reported_version)
+        inserted = conn.execute(_INSERT_DEVICE, values).inserted_primary_key
+        assert inserted is not None
+        return int(inserted[0])
 
     @staticmethod
     def _find(s: Session, hub_id: int, device_id: str) -> HubDevice | None:

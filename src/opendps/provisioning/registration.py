@@ -133,6 +133,10 @@ _UPDATE_REGISTRATION = update(_REGISTRATIONS).where(_REGISTRATIONS.c.registratio
 _INSERT_OPERATION = insert(table_of(Operation))
 
 
+class _RegistrationGone(Exception):
+    """The registration state read in this transaction was deleted before it was written: roll back, go again."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the RA decided for one register request, before anything is written."""
@@ -237,11 +241,11 @@ class Provisioning:
                 raise
             if isinstance(decision, Challenge):
                 return decision
-            for attempt in range(3):  # a concurrent registration of the same id may win the insert race
+            for attempt in range(3):  # changed since read: a hub unlinked, a device id taken, the state deleted
                 try:
                     result = self._issue_and_assign(operation_id, decision, now)
                     break
-                except IntegrityError:
+                except (IntegrityError, _RegistrationGone):
                     if attempt == 2:
                         raise Conflict(f"registration {credentials.registration_id!r} is being processed concurrently "
                                        "(or its hub was unlinked meanwhile); retry", error_code=409005) from None
@@ -304,10 +308,10 @@ class Provisioning:
             chain = self.issuance.issue(issuer, checked, registration_id, now=now, session=s)
             self.devices.record(s, policy_id=issuer.policy_id, device_id=device_id, registration_id=registration_id,
                                 hub_host=hub_host, certificate=chain.leaf, now=now)
-            reg = s.get(Registration, registration_id.lower())
-            if reg is not None:
-                reg.certificate_serial = format(chain.leaf.serial_number, "x")
-                reg.updated_at = now
+            # one statement, not the ORM's read-then-update: a delete of the registration state committed in between
+            # made that update match no row (StaleDataError, a 500); now the renewal stands as if it came first
+            s.execute(update(Registration).where(Registration.registration_key == registration_id.lower())
+                      .values(certificate_serial=format(chain.leaf.serial_number, "x"), updated_at=now))
             audit.append(s, audit.CERTIFICATE_ISSUED, **_issued(enrollment.document.get("namespaceName"),
                                                                 registration_id, device_id, issuer, chain,
                                                                 via="hub", hub=hub_host))
@@ -431,23 +435,27 @@ class Provisioning:
             twin = e.document.get("initialTwin")
         # SQL statements on one transaction's connection: the ORM's unit of work costs more than it gives here, on
         # every registration (the rows' owners write them: hubs the identity, devices the record, the CA its
-        # certificate). Reads first, then the writes; a failure rolls all of them back.
+        # certificate). A failure rolls all of them back.
         with self.store.session() as s:
             conn = s.connection()
-            reg = conn.execute(_REGISTRATION_BY_KEY, {"b_key": rid.lower()}).first()
-            previous = None
-            if reg is not None and reg.status == "assigned" and reg.assigned_hub:
-                previous = self.hubs.by_host(reg.assigned_hub)  # from the configuration snapshot
-            placement = reprovisioning.place(decision.allocation.hub, previous, e.document.get("reprovisionPolicy") or {})
             chain = None
             if decision.issuer is not None and decision.csr is not None:
                 chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
-            self.registration_limit.check(rid, connection=conn)  # one upsert in this transaction; 429 rolls it back
+            # one upsert in this transaction (429 rolls it back); it also holds this id's row to the commit (SQLite:
+            # the write lock), so registrations of one id take turns from here and each reads what the last wrote
+            self.registration_limit.check(rid, connection=conn)
             # an individual enrollment's delete takes its registration state with it: one deleted since the decision
             # would leave this registration behind, of an enrollment that no longer exists
             if e.kind != GROUP and not self.enrollments.hold(s, e.kind, e.enrollment_id):
                 raise AttestationFailed(f"enrollment {e.enrollment_id!r} was deleted while {rid!r} registered",
                                         reason="no_enrollment")
+            # read after the turn is taken: read before it, a registration of the same id (a device retrying) that
+            # moved the device meanwhile was undone from a stale previous hub, its hub identity left behind
+            reg = conn.execute(_REGISTRATION_BY_KEY, {"b_key": rid.lower()}).first()
+            previous = None
+            if reg is not None and reg.status == "assigned" and reg.assigned_hub:
+                previous = self.hubs.by_host(reg.assigned_hub)  # from the configuration snapshot
+            placement = reprovisioning.place(decision.allocation.hub, previous, e.document.get("reprovisionPolicy") or {})
             credential = identity.hub_credential
             if chain:
                 # a TPM device keeps its TPM-held key for hub SAS beside the certificate (registrationState.tpm
@@ -481,7 +489,10 @@ class Provisioning:
             values.update(registration_key=key, created_at=now)
             conn.execute(_INSERT_REGISTRATION, values)
         else:
-            conn.execute(_UPDATE_REGISTRATION, {"b_key": key, **values})
+            # a delete of the registration state may commit between the read and this (PostgreSQL reads what is
+            # committed; a delete does not take the limit's row): nothing updated — go again, as after the delete
+            if conn.execute(_UPDATE_REGISTRATION, {"b_key": key, **values}).rowcount != 1:
+                raise _RegistrationGone(key)
             values["created_at"] = reg.created_at
         state = registration_state(values)
         state.update(identity.details)

@@ -44,3 +44,49 @@ def test_sqlite_synchronous_is_the_installations_choice(tmp_path):
             store.dispose()
     with pytest.raises(ValueError, match="is not one of normal, full"):
         Store(sqlite_url(tmp_path / "off.db"), sqlite_synchronous="off")
+
+
+def test_unavailable_tells_a_database_away_from_a_wrong_statement(tmp_path):
+    """What the front ends refuse as retryable (503, CONNACK 3): a connection lost, refused or cut by a server shutting
+    down or starting up, SQLite locked past its busy timeout — not a statement's or the data's own error."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from opendps.store import unavailable
+
+    def wrapped(orig: Exception, invalidated: bool = False) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig, connection_invalidated=invalidated)
+
+    away = [psycopg.OperationalError("connection failed: Connection refused"),
+            wrapped(psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")),
+            wrapped(psycopg.errors.AdminShutdown("terminating connection due to administrator command")),
+            wrapped(psycopg.errors.CannotConnectNow("the database system is starting up")),
+            wrapped(psycopg.errors.SerializationFailure("x"), invalidated=True)]  # SQLAlchemy saw the connection die
+    chained = RuntimeError("while storing")
+    chained.__cause__ = away[1]
+    for exc in [*away, chained]:
+        assert unavailable(exc), exc
+    wrong = [wrapped(psycopg.errors.SerializationFailure("could not serialize")),
+             wrapped(psycopg.errors.DeadlockDetected("deadlock")), wrapped(psycopg.errors.QueryCanceled("timeout")),
+             IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("duplicate")), ValueError("no")]
+    for exc in wrong:
+        assert not unavailable(exc), exc
+
+    # SQLite: a writer holding the file past the busy timeout
+    store = Store(sqlite_url(tmp_path / "locked.db"))
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    try:
+        with store.session() as s:
+            s.execute(text("CREATE TABLE t (x INTEGER)"))
+        holder.execute("BEGIN IMMEDIATE")
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=1")
+            with pytest.raises(OperationalError) as caught:
+                conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert unavailable(caught.value)
+    finally:
+        holder.close()
+        store.dispose()

@@ -97,7 +97,7 @@ class Cluster:
             log.warning("node %s could not leave cleanly: %s", self.node_id, exc)
 
     async def _beat(self) -> None:
-        beats = 0
+        beats = failures = 0
         while True:
             await asyncio.sleep(self.heartbeat)
             beats += 1
@@ -113,10 +113,14 @@ class Cluster:
                     if swept:
                         log.info("%d silent node(s) removed, with their devices' presence", swept)
                 await self._refresh()
+                if failures:
+                    log.info("node %s heartbeat resumed after %d failed", self.node_id, failures)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the store is busy or away: beat again next time
-                log.warning("node %s heartbeat failed: %s", self.node_id, exc)
+                failures += 1  # said once, not every heartbeat while the store is away
+                (log.warning if failures == 1 else log.debug)("node %s heartbeat failed: %s", self.node_id, exc)
 
     async def _refresh(self) -> None:
         self._alive = {n.id for n in await self.run(self.nodes.alive, self.timeout)} | {self.node_id}

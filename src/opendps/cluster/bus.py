@@ -195,8 +195,9 @@ class PostgresBus(Bus):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - connection lost: reconnect with backoff, messages meanwhile are lost
-                failures += 1
-                log.warning("live messages: the listening connection failed (%s); reconnecting", exc)
+                failures += 1  # said once; the reconnection attempts while the database is away are not
+                (log.warning if failures == 1 else log.debug)(
+                    "live messages: the listening connection failed (%s); reconnecting", exc)
                 with contextlib.suppress(Exception):
                     await self._listen.close()
                 self._listen = None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opendps.audit.refusals import Refusal, RefusalLog
-from opendps.errors import OpenDPSError
+from opendps.errors import OpenDPSError, ServiceUnavailable
 from opendps.frontends import metrics
 
 log = logging.getLogger("opendps.refusals")
@@ -60,9 +60,10 @@ class RefusalRecorder:
             try:
                 await self.run(self.log.record, batch)
                 self._failed = False
-            except Exception:  # the refusal was answered; its log row is what is lost (logged once)
-                if not self._failed:
-                    log.warning("cannot write %d refusal(s) to the refusal log", len(batch), exc_info=True)
+            except Exception as exc:  # the refusal was answered; its log row is what is lost (logged once)
+                if not self._failed:  # a database outage is told by the domain runner: no traceback for it here
+                    log.warning("cannot write %d refusal(s) to the refusal log: %s", len(batch), exc,
+                                exc_info=not isinstance(exc, ServiceUnavailable))
                 self._failed = True
 
     async def flush(self) -> None:

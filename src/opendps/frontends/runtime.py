@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import os
 import queue
 import threading
@@ -22,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from opendps.audit.refusals import HUB_CONNECT, REGISTRATION
 from opendps.cluster import Cluster, choose_bus
-from opendps.errors import ConfigurationError, OpenDPSError
+from opendps.errors import ConfigurationError, OpenDPSError, ServiceUnavailable
 from opendps.frontends import metrics
 from opendps.frontends.refusals import RefusalRecorder
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
@@ -30,10 +31,61 @@ from opendps.hub.presence import Presence
 from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
+from opendps.store import unavailable
 from opendps.transport.nats_client import NatsUnreachable
 
 P = ParamSpec("P")
 T = TypeVar("T")
+store_log = logging.getLogger("opendps.store")
+STORE_RETRY_AFTER = 5  # seconds a client refused for a database outage is told to wait (Retry-After)
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The database cannot be reached for now (:func:`opendps.store.unavailable`: a lost or refused connection, a server
+    restarting, SQLite locked past its busy timeout): a retryable refusal — HTTP 503 with Retry-After, MQTT CONNACK 3,
+    a DPS MQTT ``res/503`` — instead of a 500 and a traceback per request."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable for now; retry later", info={"retryAfter": str(STORE_RETRY_AFTER)},
+                         reason="store_unavailable")
+
+
+class StoreOutage:
+    """Says once that the database went away and once that it answers again, however many calls failed meanwhile
+    (every request and background loop of a busy node fails within the same second)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None  # when the first call failed, while the outage lasts
+        self.refused = 0
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.monotonic()
+            self.refused += 1
+        if first:
+            store_log.warning("the database is unavailable (%s): requests are refused as retryable (HTTP 503, MQTT "
+                              "CONNACK 3) until it answers again", _first_line(exc))
+
+    def answered(self) -> None:
+        """A domain call succeeded: if an outage was on, it is over."""
+        if self.since is None:  # the usual case: one attribute read per call
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            took, refused = time.monotonic() - self.since, self.refused
+            self.since, self.refused = None, 0
+        store_log.info("the database answers again after %.1f s (%d call(s) refused meanwhile)", took, refused)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, first line (SQLAlchemy's wrapper adds the statement and its parameters)."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"[:300]
 
 
 class DomainRunner:
@@ -65,6 +117,7 @@ class DomainRunner:
         self.spare_size = workers - self.core_size
         self.stall = stall
         self.waiting = 0  # calls submitted, not yet started (read by the metrics sampler)
+        self.outage = StoreOutage()  # database errors become StoreUnavailable here, for every front end at once
         self._lock = threading.Lock()
         self._core: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._spare: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
@@ -193,6 +246,12 @@ class _Call:
             self.error = RuntimeError(f"domain call raised StopIteration: {exc}")
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, as concurrent.futures does
             self.error = exc
+            if isinstance(exc, Exception) and not isinstance(exc, OpenDPSError) and unavailable(exc):
+                runner.outage.failed(exc)
+                self.error = StoreUnavailable()
+                self.error.__cause__ = exc
+        else:
+            runner.outage.answered()
         finally:
             runner._ended(core)
             metrics.domain_call(metrics.call_name(self.fn), started - self.submitted, time.perf_counter() - started)

@@ -216,11 +216,15 @@ class PresenceWriter:
                     displaced = await self.run(self.presence.record, self.node_id, batch)
                 except Exception as exc:  # noqa: BLE001 - kept and retried: presence must catch up
                     failures += 1
-                    log.warning("presence of %d session(s) not recorded (%s); retrying", len(batch), exc)
+                    # said once per outage (a retry every few seconds would repeat it until the store is back)
+                    (log.warning if failures == 1 else log.debug)(
+                        "presence of %d session(s) not recorded (%s); retrying", len(batch), exc)
                     await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
                     if len(self._pending) > self.max_batch:
                         self._compact()
                     continue
+                if failures:
+                    log.info("presence recorded again after %d failed attempt(s)", failures)
                 failures = 0
                 del self._pending[:len(batch)]
                 if displaced and self.on_displaced is not None:

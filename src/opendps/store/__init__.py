@@ -11,6 +11,7 @@ change made on any node is seen by the next request on every node, for the price
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -23,7 +24,7 @@ from sqlalchemy import Table, create_engine, event, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -87,6 +88,7 @@ __all__ = [
     "lock_row",
     "sqlite_url",
     "table_of",
+    "unavailable",
 ]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -147,6 +149,44 @@ def _bump_on_bulk(state: ORMExecuteState) -> None:
 
 def _transaction_ended(session: Session, _transaction: Any) -> None:
     session.info.pop(_BUMPED, None)
+
+
+# PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
+# shutting down (57P01 admin_shutdown, 57P02 crash_shutdown) or starting up (57P03 cannot_connect_now)
+_PG_AWAY = ("57P01", "57P02", "57P03")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the database cannot be reached for now — a lost or refused
+    connection, a server shutting down or starting up, SQLite's file locked past the busy timeout — rather than
+    that the statement or the data is wrong: the caller may retry the same request later.
+
+    Why here: only the store knows its drivers' errors; the front ends map this to one retryable refusal (HTTP 503,
+    CONNACK 3) instead of a 500 and a traceback per request."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        seen += 1
+        if isinstance(current, DBAPIError):
+            if current.connection_invalidated:
+                return True
+            if current.orig is not None and _driver_unavailable(current.orig):
+                return True
+        elif _driver_unavailable(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _driver_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    state = getattr(exc, "sqlstate", None)
+    if state is None:  # libpq's own: the connection failed or was lost (no server message to carry a SQLSTATE)
+        return type(exc).__name__ in ("OperationalError", "InterfaceError")
+    return state.startswith("08") or state in _PG_AWAY
 
 
 def lock_row(session: Session, row: Any, etag: str, *, expected: str | None = None) -> bool:

@@ -147,3 +147,46 @@ def test_calls_that_finish_together_come_back_with_one_wake_up_of_the_loop():
             runner.close()
 
     assert asyncio.run(main()) == 1
+
+
+def _lost_connection() -> None:
+    """What SQLAlchemy raises when the PostgreSQL server went away mid-statement (psycopg's own error, wrapped)."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("SELECT 1", {}, psycopg.OperationalError("consuming input failed: server closed the "
+                                                                    "connection unexpectedly"))
+
+
+def _integrity() -> None:
+    import psycopg
+    from sqlalchemy.exc import IntegrityError
+
+    raise IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("duplicate key"))
+
+
+def test_a_lost_database_is_a_retryable_refusal_told_once(caplog):
+    """Every front end's domain calls go through the runner: a database outage reaches them as ServiceUnavailable (503
+    with Retry-After, CONNACK 3), not as a driver error each turns into a 500 and a traceback; the log says once that
+    the database went away and once that it is back, however many calls failed meanwhile."""
+    from opendps.errors import ServiceUnavailable
+
+    async def main() -> list[BaseException | str]:
+        runner = DomainRunner(workers=2, core=2)
+        try:
+            failed = await asyncio.gather(*(runner.run(_lost_connection) for _ in range(20)), return_exceptions=True)
+            answered = await runner.run(lambda: "ok")
+            other = await asyncio.gather(runner.run(_integrity), return_exceptions=True)
+            return [*failed, answered, *other]
+        finally:
+            runner.close()
+
+    with caplog.at_level("INFO", logger="opendps.store"):
+        outcomes = asyncio.run(main())
+    refused, answered, other = outcomes[:20], outcomes[20], outcomes[21]
+    assert all(isinstance(e, ServiceUnavailable) and e.status == 503 and e.info["retryAfter"] for e in refused), refused
+    assert answered == "ok"
+    assert type(other).__name__ == "IntegrityError"  # a statement's own error is the caller's to handle, as before
+    lines = [r.getMessage() for r in caplog.records if r.name == "opendps.store"]
+    assert len(lines) == 2 and "unavailable" in lines[0] and "server closed the connection" in lines[0], lines
+    assert "answers again" in lines[1] and "20 call(s) refused" in lines[1], lines

@@ -68,3 +68,11 @@ def test_refusal_lines_show_the_peers_values_cut(services, group_key, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("opendps")]
     assert lines and all(len(line) < 600 for line in lines), [len(line) for line in lines]
     assert any("unknown ID scope 'xxx" in line for line in lines)
+
+
+def test_a_service_away_is_connack_server_unavailable():
+    """The database (or an HSM) away: CONNACK 3, which devices retry, not 5 (not authorized), which they may not."""
+    from opendps.errors import ServiceUnavailable
+    from opendps.frontends.mqtt.router import connack_code
+
+    assert connack_code(ServiceUnavailable("the database is unavailable for now; retry later")) == 3

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
 
-from opendps.errors import InvalidCredentials, InvalidInput, OpenDPSError, Unauthorized
+from opendps.errors import InvalidCredentials, InvalidInput, OpenDPSError, ServiceUnavailable, Unauthorized
 from opendps.frontends.mqtt.dps import DpsSession
 from opendps.frontends.mqtt.hub import HubSession
 from opendps.frontends.runtime import Runtime
@@ -25,6 +25,7 @@ from opendps.transport.mqtt.server import ConnectRequest, SessionHandler
 log = logging.getLogger("opendps.mqtt")
 # CONNACK return codes (MQTT 3.1.1 §3.2.2.3)
 IDENTIFIER_REJECTED = 2
+SERVER_UNAVAILABLE = 3
 BAD_CREDENTIALS = 4
 NOT_AUTHORIZED = 5
 
@@ -37,6 +38,8 @@ def connack_code(exc: OpenDPSError) -> int:
         return IDENTIFIER_REJECTED
     if isinstance(exc, InvalidCredentials):
         return BAD_CREDENTIALS
+    if isinstance(exc, ServiceUnavailable):  # the database or an HSM away: the device is to retry, not to give up
+        return SERVER_UNAVAILABLE
     return NOT_AUTHORIZED
 
 

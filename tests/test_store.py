@@ -90,3 +90,54 @@ def test_unavailable_tells_a_database_away_from_a_wrong_statement(tmp_path):
     finally:
         holder.close()
         store.dispose()
+
+
+@pytest.mark.timeout(60)  # without the timeouts it hangs: fail in a minute, not at the suite's 15
+def test_postgresql_connections_give_up_on_a_database_that_stops_answering(monkeypatch):
+    """A database host that accepts and then says nothing (down behind a load balancer, a partition) held a domain
+    thread for as long as the kernel liked (a connect waits for the server's first message without end); libpq's
+    connect timeout, keepalives and TCP user timeout are now set unless the URL sets them, on the store's engine and
+    on the live-message bus's connections alike, and the failure is one the front ends refuse as retryable."""
+    import socket
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from opendps import store as store_module
+    from opendps.cluster.bus import psycopg_conninfo
+    from opendps.store import PG_CONNECTION_DEFAULTS, unavailable, with_connection_defaults
+
+    url = with_connection_defaults("postgresql+psycopg://postgres:s%40cret@127.0.0.1:5432/test?connect_timeout=3")
+    assert url.query["connect_timeout"] == "3" and url.password == "s@cret"  # the operator's value wins, kept whole
+    assert {k: url.query[k] for k in PG_CONNECTION_DEFAULTS if k != "connect_timeout"} == {
+        k: v for k, v in PG_CONNECTION_DEFAULTS.items() if k != "connect_timeout"}
+    assert "connect_timeout=10" in psycopg_conninfo("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    assert "tcp_user_timeout=30000" in psycopg_conninfo("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    assert str(with_connection_defaults("sqlite:////tmp/x.db")) == "sqlite:////tmp/x.db"
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setitem(store_module.PG_CONNECTION_DEFAULTS, "connect_timeout", "1")  # the default, made short
+    store = Store(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test")
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception) as caught, store.session() as s:
+            s.execute(text("SELECT 1"))
+        assert time.monotonic() - started < 10  # without a connect timeout: never
+        assert unavailable(caught.value)
+        assert held  # it did connect: the server said nothing
+    finally:
+        store.engine.dispose()
+        silent.close()
+        for sock in held:
+            sock.close()

@@ -139,10 +139,12 @@ class TableBus(Bus):
 
 
 def psycopg_conninfo(sqlalchemy_url: str) -> str:
-    """A libpq connection string from the store's SQLAlchemy URL (``postgresql+psycopg://...``)."""
-    from sqlalchemy.engine import make_url
+    """A libpq connection string from the store's SQLAlchemy URL (``postgresql+psycopg://...``), with the store's
+    timeouts for a database that stops answering (:data:`opendps.store.PG_CONNECTION_DEFAULTS`)."""
+    from opendps.store import with_connection_defaults
 
-    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = with_connection_defaults(sqlalchemy_url)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class PostgresBus(Bus):

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Table, create_engine, event, text, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
@@ -89,6 +89,7 @@ __all__ = [
     "sqlite_url",
     "table_of",
     "unavailable",
+    "with_connection_defaults",
 ]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -156,6 +157,24 @@ def _transaction_ended(session: Session, _transaction: Any) -> None:
 _PG_AWAY = ("57P01", "57P02", "57P03")
 
 
+# libpq settings for a database that stops answering rather than refusing (its host down, a network partition):
+# without them a connect waits for the kernel (~2 min) and a statement sent to a dead server for TCP's retransmissions
+# (~15 min), each holding a domain thread; with them such a call fails in seconds and is refused as retryable
+# (:func:`unavailable`). ``tcp_user_timeout`` bounds data the server does not acknowledge, not a slow query.
+PG_CONNECTION_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "30",
+                          "keepalives_interval": "10", "keepalives_count": "3", "tcp_user_timeout": "30000"}
+
+
+def with_connection_defaults(url: str | URL) -> URL:
+    """``url`` with :data:`PG_CONNECTION_DEFAULTS` for what its query does not set (PostgreSQL only; the operator's
+    own values win)."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql"):
+        return parsed
+    missing = {k: v for k, v in PG_CONNECTION_DEFAULTS.items() if k not in parsed.query}
+    return parsed.update_query_dict(missing) if missing else parsed
+
+
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) says the database cannot be reached for now — a lost or refused
     connection, a server shutting down or starting up, SQLite's file locked past the busy timeout — rather than
@@ -184,8 +203,8 @@ def _driver_unavailable(exc: BaseException) -> bool:
     if not type(exc).__module__.startswith("psycopg"):
         return False
     state = getattr(exc, "sqlstate", None)
-    if state is None:  # libpq's own: the connection failed or was lost (no server message to carry a SQLSTATE)
-        return type(exc).__name__ in ("OperationalError", "InterfaceError")
+    if state is None:  # libpq's own: the connection failed, timed out or was lost (no server message, no SQLSTATE)
+        return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(exc).__mro__)
     return state.startswith("08") or state in _PG_AWAY
 
 
@@ -238,7 +257,7 @@ class Store:
         else:
             kwargs["pool_pre_ping"] = True
             kwargs["pool_size"] = 10
-        self.engine: Engine = create_engine(url, **kwargs)
+        self.engine: Engine = create_engine(with_connection_defaults(url), **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -141,3 +141,41 @@ def test_postgresql_connections_give_up_on_a_database_that_stops_answering(monke
         silent.close()
         for sock in held:
             sock.close()
+
+
+def test_a_pooled_connection_lost_in_an_outage_is_one_warning_line_not_a_traceback(tmp_path, caplog):
+    """SQLAlchemy's pool logs a connection that died while checked out ("Exception during reset or similar") at
+    ERROR with a whole traceback, once per connection of the pool, each time the database restarts; the domain runner
+    already tells the outage once. Now such a line is one WARNING naming the driver's error; other pool errors are
+    left as they are."""
+    import logging
+    import time
+
+    from sqlalchemy import text
+    from tests.conftest import database
+
+    with database("postgresql", tmp_path) as url:
+        store = Store(url)
+        try:
+            raw = store.engine.raw_connection()
+            cursor = raw.cursor()
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+            with store.engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                other.commit()
+            time.sleep(0.2)
+            with caplog.at_level(logging.INFO, logger="sqlalchemy.pool"):
+                raw.close()  # returned to the pool: its reset fails on the dead connection
+        finally:
+            store.engine.dispose()
+    lines = [r for r in caplog.records if r.name.startswith("sqlalchemy.pool") and r.levelno >= logging.WARNING]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [
+        ("WARNING", "Exception during reset or similar: AdminShutdown: terminating connection due to administrator "
+                    "command")]
+    assert all(r.exc_info is None and not r.exc_text for r in lines)
+
+    other_error = logging.LogRecord("sqlalchemy.pool.impl.QueuePool", logging.ERROR, __file__, 1, "boom", None,
+                                    (ValueError, ValueError("not an outage"), None))
+    logging.getLogger("sqlalchemy.pool.impl.QueuePool").filter(other_error)
+    assert other_error.levelno == logging.ERROR and other_error.exc_info is not None

@@ -11,6 +11,7 @@ change made on any node is seen by the next request on every node, for the price
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 from opendps.store.models import (
     CONFIG_MODELS,
@@ -206,6 +207,27 @@ def _driver_unavailable(exc: BaseException) -> bool:
     if state is None:  # libpq's own: the connection failed, timed out or was lost (no server message, no SQLSTATE)
         return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(exc).__mro__)
     return state.startswith("08") or state in _PG_AWAY
+
+
+class _PoolOutageLines(logging.Filter):
+    """SQLAlchemy's pool logs a connection that died in use ("Exception during reset or similar") at ERROR with a
+    traceback, one per connection of the pool: during a database outage (:func:`unavailable`) that is the outage the
+    domain runner already tells once, so such a line is kept as one WARNING line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and unavailable(exc):
+            first = (str(exc).strip().splitlines() or [""])[0]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first}"[:400]
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_POOL_OUTAGE_LINES = _PoolOutageLines()
+for _pool in (QueuePool, NullPool, SingletonThreadPool, StaticPool):  # a logger's filter does not see its children's
+    logging.getLogger(f"{_pool.__module__}.{_pool.__name__}").addFilter(_POOL_OUTAGE_LINES)
 
 
 def lock_row(session: Session, row: Any, etag: str, *, expected: str | None = None) -> bool:

@@ -499,6 +499,36 @@ def test_connack_return_codes(env: Env) -> None:
         c.close()
 
 
+def test_lines_about_refused_connections_are_bounded_per_minute(env: Env, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each refused CONNECT (and each connection closed or taken over) wrote its own line: a fleet retrying with a
+    wrong credential, or one peer's garbage after cheap handshakes, wrote as many lines as it made connections. Now
+    at most the budget a minute on ``opendps.mqtt`` (the refusal log keeps every refusal), and the next minute's
+    first line says how many were left out."""
+    from opendps.logs import LineBudget
+    from opendps.transport.mqtt import server as mqtt_server
+
+    caplog.set_level(logging.INFO, logger="opendps.mqtt")
+    clock = [5000.0]
+    monkeypatch.setattr(mqtt_server, "_connection_line", LineBudget(mqtt_server.log, mqtt_server.CONNECTION_LINES,
+                                                                    per_minute=3))
+    monkeypatch.setattr("opendps.logs.time.monotonic", lambda: clock[0])
+    for _ in range(8):
+        denied = Raw(env.tcp_port)
+        assert denied.connect(uid("deny")) == Connack(False, 5)  # every one refused, as before
+        assert denied.closed_within(2)
+    refused = [r for r in mqtt_records(caplog) if "refused with CONNACK 5" in r.getMessage()]
+    assert len(refused) == 3
+    clock[0] += 61
+    denied = Raw(env.tcp_port)
+    assert denied.connect(uid("deny")) == Connack(False, 5)
+    assert denied.closed_within(2)
+    later = [r.getMessage() for r in mqtt_records(caplog)][-2:]
+    assert later[0] == ("5 more lines about single MQTT connections (refused, closed, taken over) were not written "
+                        "in the last minute")
+    assert "refused with CONNACK 5" in later[1]
+
+
 def test_connack_codes_with_paho(env: Env) -> None:
     ok = Paho(uid("paho"))
     assert ok.connect(env.tcp_port) == (False, "Success")

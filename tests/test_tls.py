@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from opendps.logs import LineBudget
 from opendps.transport.tls import TlsTransport, device_tls_context, start_aiohttp_site, start_tls_server
 
 BIG_RESPONSE = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)  # 5 MiB, not compressible to zero
@@ -219,7 +220,7 @@ def _fresh_line_budget(monkeypatch):
     test_lines_about_single_connections_are_bounded_per_minute)."""
     from opendps.transport import tls
 
-    monkeypatch.setattr(tls, "_connection_line", tls._LineBudget())
+    monkeypatch.setattr(tls, "_connection_line", LineBudget(tls.log, tls.CONNECTION_LINES))
 
 
 @pytest.fixture(scope="module")
@@ -589,7 +590,7 @@ def test_lines_about_single_connections_are_bounded_per_minute(monkeypatch, capl
     caplog.set_level(logging.INFO, logger="opendps.tls")
     clock = [1000.0]
     monkeypatch.setattr(tls.time, "monotonic", lambda: clock[0])
-    budget = tls._LineBudget(per_minute=5)
+    budget = LineBudget(tls.log, tls.CONNECTION_LINES, per_minute=5)
     for i in range(12):
         budget(logging.INFO, "TLS handshake with %s failed: timed out", f"peer-{i}")
     assert [r.getMessage() for r in caplog.records] == [f"TLS handshake with peer-{i} failed: timed out" for i in range(5)]

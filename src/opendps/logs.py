@@ -22,6 +22,7 @@ import logging
 import re
 import secrets
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -63,6 +64,33 @@ def redact(text: str) -> str:
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+class LineBudget:
+    """At most ``per_minute`` lines of one kind on ``logger`` a minute; the rest are counted, and the first line of the
+    next minute says how many were left out. For lines about one peer's connection (a failed handshake, a refused
+    CONNECT, a connection cut): there is one per connection, connections cost a client next to nothing, and a
+    flood of them made megabytes of log a minute."""
+
+    def __init__(self, logger: logging.Logger, about: str, per_minute: int = 120) -> None:
+        self.logger, self.about, self.per_minute = logger, about, per_minute
+        self._window = -60.0
+        self._written = self._skipped = 0
+
+    def __call__(self, level: int, message: str, *args: Any) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        if now - self._window >= 60.0:
+            if self._skipped:
+                self.logger.warning("%d more lines about %s were not written in the last minute", self._skipped,
+                                    self.about)
+            self._window, self._written, self._skipped = now, 0, 0
+        if self._written >= self.per_minute:
+            self._skipped += 1
+            return
+        self._written += 1
+        self.logger.log(level, message, *args)
 
 
 def event(name: str, **fields: Any) -> dict[str, Any]:

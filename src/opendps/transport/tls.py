@@ -48,6 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
+from opendps.logs import LineBudget
 from opendps.transport import format_peer
 
 if TYPE_CHECKING:
@@ -73,34 +74,9 @@ __all__ = [
 log = logging.getLogger("opendps.tls")
 
 
-class _LineBudget:
-    """At most ``per_minute`` of the TLS layer's per-connection lines (a failed handshake, an unreadable certificate,
-    a cut connection) a minute; the rest are counted, and the first line of the next minute says how many. Why: each
-    is one line for one peer's connection, and a flood of connections (thousands a second cost a client nothing) made
-    as many lines, megabytes a minute on disk."""
-
-    def __init__(self, per_minute: int = 120) -> None:
-        self.per_minute = per_minute
-        self._window = -60.0
-        self._written = self._skipped = 0
-
-    def __call__(self, level: int, message: str, *args: Any) -> None:
-        if not log.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        if now - self._window >= 60.0:
-            if self._skipped:
-                log.warning("%d more lines about single TLS connections (failed handshakes, connections cut) were "
-                            "not written in the last minute", self._skipped)
-            self._window, self._written, self._skipped = now, 0, 0
-        if self._written >= self.per_minute:
-            self._skipped += 1
-            return
-        self._written += 1
-        log.log(level, message, *args)
-
-
-_connection_line = _LineBudget()
+# lines about single connections (failed handshakes, unreadable certificates, connections cut): at most 120 a minute
+CONNECTION_LINES = "single TLS connections (failed handshakes, connections cut)"
+_connection_line = LineBudget(log, CONNECTION_LINES)
 
 _RECV_SIZE = 65536  # plaintext per SSL_read call (a record holds at most 16 KiB)
 _BIO_READ_SIZE = 262144  # ciphertext per read from the outgoing memory BIO

@@ -61,6 +61,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opendps.logs import LineBudget
 from opendps.transport import format_peer, shown
 
 from .codec import (
@@ -99,6 +100,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("opendps.mqtt")
+# a peer's connections cost it next to nothing after the handshake: lines about single ones are budgeted
+CONNECTION_LINES = "single MQTT connections (refused, closed, taken over)"
+_connection_line = LineBudget(log, CONNECTION_LINES, per_minute=300)
 
 _TAKEOVER_WAIT = 5.0  # how long a new connection waits for the old one's on_disconnected
 _CLOSE_FLUSH_TIMEOUT = 5.0  # graceful close: abort if the peer does not take our last bytes
@@ -568,8 +572,9 @@ class _Connection(asyncio.Protocol):
                 if isinstance(problem, MqttRefused):
                     self._close_with_line(f"PUBLISH to {shown(topic)} refused: {problem}")
                 elif self._close_reason is None:
-                    log.warning("MQTT PUBLISH of client %s to %s not accepted (%s: %s); closing without PUBACK",
-                                shown(self._client_id or ""), shown(topic), type(problem).__name__, problem)
+                    _connection_line(logging.WARNING,
+                                     "MQTT PUBLISH of client %s to %s not accepted (%s: %s); closing without PUBACK",
+                                     shown(self._client_id or ""), shown(topic), type(problem).__name__, problem)
                     self._terminate("publish not accepted", abort=False)
                 break
             if packet_id is not None:
@@ -655,8 +660,8 @@ class _Connection(asyncio.Protocol):
         old = server._live.get(key)
         server._live[key] = self
         if old is not None and old is not self:
-            log.info("MQTT client %s connected from %s; dropping its connection from %s (taken over)",
-                     shown(client_id), self._peer, old._peer)
+            _connection_line(logging.INFO, "MQTT client %s connected from %s; dropping its connection from %s (taken over)",
+                             shown(client_id), self._peer, old._peer)
             old._terminate("taken over", abort=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(old.wait_closed()), _TAKEOVER_WAIT)
@@ -717,8 +722,8 @@ class _Connection(asyncio.Protocol):
         return result
 
     def _refuse(self, code: int, why: str) -> None:
-        log.info("MQTT connection from %s%s refused with CONNACK %d (%s): %s",
-                 self._peer, self._who(), code, _CONNACK_NAMES.get(code, "?"), why)
+        _connection_line(logging.INFO, "MQTT connection from %s%s refused with CONNACK %d (%s): %s",
+                         self._peer, self._who(), code, _CONNACK_NAMES.get(code, "?"), why)
         self._write(encode(Connack(False, code)))
         self._terminate(f"CONNACK {code}", abort=False)
 
@@ -920,13 +925,14 @@ class _Connection(asyncio.Protocol):
     def _close_with_line(self, why: str) -> None:
         if self._close_reason is not None:
             return
-        log.info("MQTT connection from %s%s closed: %s", self._peer, self._who(), why)
+        _connection_line(logging.INFO, "MQTT connection from %s%s closed: %s", self._peer, self._who(), why)
         self._terminate(why, abort=False)
 
     def _close_by_application(self, reason: str) -> None:
         if self._close_reason is not None:
             return
-        log.info("MQTT session %s from %s closed by the application: %s", shown(self._client_id or ""), self._peer, reason)
+        _connection_line(logging.INFO, "MQTT session %s from %s closed by the application: %s",
+                         shown(self._client_id or ""), self._peer, reason)
         self._terminate(reason, abort=True)
 
     def _terminate(self, reason: str, *, abort: bool, after_handler: bool = False) -> None:

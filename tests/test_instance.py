@@ -306,3 +306,21 @@ def test_a_config_file_that_is_not_an_object_is_named(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigurationError, match="does not hold a JSON object"):
         Settings.load(tmp_path)
+
+
+def test_a_master_key_that_cannot_be_written_whole_leaves_no_file(tmp_path):
+    """master.key was opened, then written, without a temporary file or fsync: on a full disk (here a file-size limit
+    of 10 bytes in a child process: the write stops part-way, as ENOSPC does) a truncated or empty key stayed, and every
+    later init or serve stopped on "must be 32 bytes" until an operator deleted it. Now it appears whole or not at all."""
+    path = tmp_path / "master.key"
+    script = ("import resource, sys; from pathlib import Path; from opendps.pki.keys import load_master_key\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))\n"
+              "try:\n    load_master_key(Path(sys.argv[1]), create=True)\nexcept OSError as exc:\n    print(exc.errno)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENDPS_MASTER_KEY"}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "27", (done.stdout, done.stderr)  # EFBIG
+    assert list(tmp_path.iterdir()) == []  # neither master.key nor a temporary file
+    done = subprocess.run([sys.executable, "-c", script.replace("10, ", "resource.RLIM_INFINITY, "), str(path)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert len(path.read_text().strip()) == 44 and stat.S_IMODE(path.stat().st_mode) == 0o600

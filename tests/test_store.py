@@ -179,3 +179,69 @@ def test_a_pooled_connection_lost_in_an_outage_is_one_warning_line_not_a_traceba
                                     (ValueError, ValueError("not an outage"), None))
     logging.getLogger("sqlalchemy.pool.impl.QueuePool").filter(other_error)
     assert other_error.levelno == logging.ERROR and other_error.exc_info is not None
+
+
+def test_a_full_disk_is_a_retryable_refusal_not_a_wrong_statement(tmp_path):
+    """SQLite's FULL (ENOSPC) and IOERR (EFBIG past a file-size limit, EIO) and PostgreSQL's class 53 (53100 disk_full)
+    say the database cannot store for now, not that the request is wrong: refused as retryable (503, CONNACK 3) like
+    an outage, not a 500 and a traceback per request. FULL is made for real by ``PRAGMA max_page_count`` (the same
+    result code SQLite returns when a write finds no room on the disk); IOERR as SQLite reports a failed write."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from opendps.store import short_of_room, unavailable
+
+    store = Store(sqlite_url(tmp_path / "full.db"))
+    try:
+        with store.session() as s:
+            s.execute(text("CREATE TABLE t (x BLOB)"))
+        with store.engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+            conn.exec_driver_sql(f"PRAGMA max_page_count={pages}")
+            with pytest.raises(OperationalError) as caught:
+                conn.exec_driver_sql("INSERT INTO t VALUES (zeroblob(100000))")
+        assert "full" in str(caught.value) and unavailable(caught.value) and short_of_room(caught.value)
+    finally:
+        store.dispose()
+
+    io_error = sqlite3.OperationalError("disk I/O error")
+    io_error.sqlite_errorcode = 778  # SQLITE_IOERR_WRITE
+    disk_full = psycopg.errors.DiskFull("could not extend file: No space left on device")
+    for exc in (OperationalError("COMMIT", {}, io_error), OperationalError("INSERT", {}, disk_full)):
+        assert unavailable(exc) and short_of_room(exc), exc
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    for exc in (OperationalError("INSERT", {}, locked), lost):  # away, not short of room: a read shows it is back
+        assert unavailable(exc) and not short_of_room(exc), exc
+
+
+def test_a_migration_that_fails_part_way_leaves_the_schema_as_it_was(tmp_path):
+    """An upgrade is one transaction on SQLite too: pysqlite committed each CREATE TABLE at once, so an upgrade that
+    ran out of room part-way (``opendps init`` or ``db upgrade`` on a full disk) left tables without their version,
+    and every later upgrade failed on "table ... already exists" even once there was room again."""
+    from sqlalchemy import event, inspect
+    from sqlalchemy.exc import OperationalError
+
+    store = Store(sqlite_url(tmp_path / "upgrade.db"))
+
+    def little_room(dbapi_conn, _record) -> None:
+        dbapi_conn.execute("PRAGMA max_page_count=12")  # room for a few tables of the first migration, not all
+
+    event.listen(store.engine, "connect", little_room)
+    try:
+        with pytest.raises(OperationalError, match="full"):
+            store.upgrade()
+        event.remove(store.engine, "connect", little_room)
+        store.engine.dispose()
+        with store.engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []  # nothing of the failed upgrade stayed
+        store.upgrade()  # with room again, the upgrade runs whole
+        assert store.current_revision() is not None
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        store.dispose()

@@ -8,6 +8,7 @@ the new one, never a partial one, and a key is never readable by others, even fo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -57,3 +58,23 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` by ``data`` atomically (its directory is created if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_all(path.parent, {path.name: (data, mode)})
+
+
+def create_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` holding ``data`` unless it exists (``FileExistsError``, as ``O_EXCL``), atomically: the name
+    appears only once the whole content is on disk, so a full disk or a crash leaves no file rather than an empty or
+    truncated one (an empty master.key stopped every later start until an operator deleted it)."""
+    tmp = write_temp(path.parent, path.name, data, mode)
+    try:
+        try:
+            os.link(tmp, path)  # refuses an existing name, as O_EXCL does
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # a file system without hard links: reserve the name, then put the whole file in its place
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)

@@ -54,7 +54,7 @@ from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # 
 from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
-from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url
+from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url, unavailable
 from opendps.transport import sas, shown
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
@@ -563,7 +563,10 @@ def _master_key(settings: Settings, store: Store, *, create: bool) -> bytes:
         raise ConfigurationError(f"{path} is missing and {MASTER_KEY_ENV} is not set, but this database's CA keys "
                                  "are encrypted with a master key: restore master.key (a new key could not decrypt "
                                  "them; nothing was written)")
-    key = load_master_key(path, create=create)
+    try:
+        key = load_master_key(path, create=create)
+    except OSError as exc:  # a full disk: say which file (nothing is left behind: it is created whole or not at all)
+        raise ConfigurationError(f"master key {path}: {exc.strerror or exc}") from exc
     if path.exists() and path.stat().st_mode & 0o077:
         settings.warnings.append(f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}): "
                                  f"chmod 600 {path}")
@@ -627,8 +630,12 @@ def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> 
             ensure_server_certificate(inst, [h.host_name for h in inst.services.hubs.list()])
             if persist and settings.save():
                 settings.warnings.append(DB_PASSWORD_NOT_SAVED)
-    except BaseException:
+    except BaseException as exc:
         store.dispose()
+        if isinstance(exc, Exception) and not isinstance(exc, ConfigurationError) and unavailable(exc):
+            # a full disk, a database gone: one line naming it, not a traceback (the steps so far are idempotent)
+            raise ConfigurationError(f"cannot write to database {redacted_db_url(settings.db_url)}: "
+                                     f"{_one_line(exc)}") from exc
         raise
     return inst
 

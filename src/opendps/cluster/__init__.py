@@ -63,6 +63,9 @@ class Cluster:
         self._task: asyncio.Task[None] | None = None
         self._deliver: Callable[[dict[str, Any]], None] = lambda _m: None
         self.on_rejoin: Callable[[], Awaitable[None]] | None = None  # the row was swept: presence must be re-recorded
+        # the bus works again after an outage: what its lost messages would have done is caught up
+        self.on_resumed: Callable[[], Awaitable[None]] | None = None
+        self._unsent = 0  # live messages not sent since the last one that was (an outage is told once)
 
     # ---- lifecycle ----
     def _info(self) -> NodeInfo:
@@ -72,6 +75,7 @@ class Cluster:
     async def start(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         """Join (the row exists before any presence refers to it), start hearing messages, and heartbeat."""
         self._deliver = deliver
+        self.bus.on_resumed = self._resumed
         await self.run(self.nodes.join, self._info())
         try:
             await self.bus.start(self.node_id, self._receive)
@@ -143,7 +147,16 @@ class Cluster:
         try:
             await self.bus.publish({**message, "from": self.node_id}, to)
         except Exception as exc:  # noqa: BLE001 - see above
-            log.warning("live message %r not sent: %s", message.get("op"), exc)
+            self._unsent += 1  # said once, not for every message while the carrier is away
+            (log.warning if self._unsent == 1 else log.debug)("live message %r not sent: %s", message.get("op"), exc)
+            return
+        if self._unsent:
+            log.info("live messages sent again (%d were not)", self._unsent)
+            self._unsent = 0
+
+    async def _resumed(self) -> None:
+        if self.on_resumed is not None:
+            await self.on_resumed()
 
     def _receive(self, message: dict[str, Any]) -> None:
         if message.get("from") == self.node_id:

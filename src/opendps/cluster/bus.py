@@ -52,6 +52,16 @@ class Bus:
     def peers(self, count: int) -> None:
         """How many other nodes are alive, as each heartbeat reads it: a carrier that polls may poll less while alone."""
 
+    # called when the carrier works again after an outage (messages sent meanwhile were lost): set by the Cluster
+    on_resumed: Callable[[], Awaitable[None]] | None = None
+
+    async def _resumed(self) -> None:
+        if self.on_resumed is not None:
+            try:
+                await self.on_resumed()
+            except Exception:  # a failed catch-up must not stop the carrier
+                log.exception("live messages: the catch-up after the outage failed")
+
 
 def _encode(message: dict[str, Any], to: str | None) -> str:
     return json.dumps({"to": to, "m": message}, separators=(",", ":"))
@@ -186,6 +196,7 @@ class PostgresBus(Bus):
                     self._listen = await self._connect()
                     await self._listen.execute(f"LISTEN {self.channel}")
                     log.info("live messages: listening again")
+                    await self._resumed()
                 failures = 0
                 async for notice in self._listen.notifies():
                     text = notice.payload
@@ -238,37 +249,68 @@ class PostgresBus(Bus):
 
 
 class NatsBus(Bus):
-    """NATS core subjects: ``{prefix}.all`` for broadcasts, ``{prefix}.node.{id}`` for one node."""
+    """NATS core subjects: ``{prefix}.all`` for broadcasts, ``{prefix}.node.{id}`` for one node.
+
+    NATS away never stops the server: it starts without it (the messages wait for nothing: they are lost until it
+    answers, as they are hints) and connects in the background; while the connection is down a publish fails at
+    once instead of waiting in nats-py's buffer, which sent it whenever NATS came back — a direct method whose caller
+    had its 504 long before ran on the device after all. When the connection is back, :attr:`on_resumed` catches up
+    (the sessions here look for the cloud-to-device messages whose wake-up was lost)."""
 
     name = "nats"
-    connect_within = 10.0  # seconds the first connection may take (NATS starting beside opendps)
+    connect_within = 10.0  # seconds each connection attempt may take (NATS starting beside opendps)
 
     def __init__(self, url: str, prefix: str) -> None:
         self.url = url
         self.prefix = prefix
         self._nc: Any = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, node_id: str, deliver: Deliver) -> None:
-        """Connect: :class:`NatsUnreachable` after ``connect_within`` s (the server does not start without its bus)."""
-        async def quiet(exc: Exception) -> None:
-            log.info("NATS bus %s: %s", self.url, exc)
+        """Connect within ``connect_within`` s; NATS not there: one warning, and the attempts go on in the background."""
+        try:
+            await self._connect(node_id, deliver)
+        except nats_client.NatsUnreachable as exc:
+            log.warning("live bus: %s; serving without it (live messages between nodes are lost) and connecting in "
+                        "the background", exc)
+            self._task = asyncio.get_running_loop().create_task(self._keep_trying(node_id, deliver))
 
-        self._nc = await nats_client.connect(self.url, name=f"opendps-{node_id}", within=self.connect_within,
-                                             on_error=quiet)
+    async def _keep_trying(self, node_id: str, deliver: Deliver) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._connect(node_id, deliver)
+            except nats_client.NatsUnreachable as exc:
+                log.debug("live bus: %s", exc)
+                continue
+            log.info("live bus: connected to NATS %s", self.url)
+            await self._resumed()
+            return
+
+    async def _connect(self, node_id: str, deliver: Deliver) -> None:
+        nc = await nats_client.connect(self.url, name=f"opendps-{node_id}", within=self.connect_within, log=log,
+                                       what="live bus", on_reconnected=self._resumed)
 
         async def on_message(msg: Any) -> None:
             message = _decode(msg.data.decode(), node_id)
             if message is not None:
                 deliver(message)
 
-        await self._nc.subscribe(f"{self.prefix}.all", cb=on_message)
-        await self._nc.subscribe(f"{self.prefix}.node.{node_id}", cb=on_message)
+        await nc.subscribe(f"{self.prefix}.all", cb=on_message)
+        await nc.subscribe(f"{self.prefix}.node.{node_id}", cb=on_message)
+        self._nc = nc
 
     async def publish(self, message: dict[str, Any], to: str | None = None) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            raise nats_client.NatsUnreachable(f"the live bus's connection to NATS {self.url} is down")
         subject = f"{self.prefix}.all" if to is None else f"{self.prefix}.node.{to}"
         await self._nc.publish(subject, _encode(message, to).encode())
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from opendps.audit.refusals import HUB_CONNECT, REGISTRATION
 from opendps.cluster import Cluster, choose_bus
-from opendps.errors import ConfigurationError, OpenDPSError, ServiceUnavailable
+from opendps.errors import OpenDPSError, ServiceUnavailable
 from opendps.frontends import metrics
 from opendps.frontends.refusals import RefusalRecorder
 from opendps.hub import GroupCommit, LiveSessions, NatsRouter, PendingMessage, TelemetryBus
@@ -31,13 +31,13 @@ from opendps.hub.presence import Presence
 from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
-from opendps.store import unavailable
-from opendps.transport.nats_client import NatsUnreachable
+from opendps.store import short_of_room, unavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
 store_log = logging.getLogger("opendps.store")
 STORE_RETRY_AFTER = 5  # seconds a client refused for a database outage is told to wait (Retry-After)
+STORE_QUIET = 10.0  # seconds without a refused call before a database short of room is told to store again
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -52,33 +52,54 @@ class StoreUnavailable(ServiceUnavailable):
 
 class StoreOutage:
     """Says once that the database went away and once that it answers again, however many calls failed meanwhile
-    (every request and background loop of a busy node fails within the same second)."""
+    (every request and background loop of a busy node fails within the same second).
 
-    def __init__(self) -> None:
+    A database short of room (:func:`opendps.store.short_of_room`: its disk full) still answers reads, and even some
+    writes (SQLite reuses a checkpointed WAL's room): such an outage is over only once no call has been refused for
+    ``quiet`` seconds (the heartbeat writes every 2 s), not at the first read that succeeds — else each read and the
+    next refused write told the outage's end and start again, two lines per request."""
+
+    def __init__(self, quiet: float = STORE_QUIET) -> None:
         self._lock = threading.Lock()
+        self.quiet = quiet
         self.since: float | None = None  # when the first call failed, while the outage lasts
         self.refused = 0
+        self.short = False  # the outage is the database's want of room, not its absence
+        self.last_refused = 0.0
 
     def failed(self, exc: BaseException) -> None:
+        short = short_of_room(exc)
         with self._lock:
+            now = time.monotonic()
             first = self.since is None
             if first:
-                self.since = time.monotonic()
+                self.since = now
             self.refused += 1
-        if first:
+            self.last_refused = now
+            self.short = self.short or short
+        if first and short:
+            store_log.warning("the database cannot store for now (%s): is its disk full? Writes are refused as retryable "
+                              "(HTTP 503, MQTT CONNACK 3 or no PUBACK) until it stores again", _first_line(exc))
+        elif first:
             store_log.warning("the database is unavailable (%s): requests are refused as retryable (HTTP 503, MQTT "
                               "CONNACK 3) until it answers again", _first_line(exc))
 
     def answered(self) -> None:
-        """A domain call succeeded: if an outage was on, it is over."""
+        """A domain call succeeded: if an outage was on, it is over (one of want of room: if none failed lately)."""
         if self.since is None:  # the usual case: one attribute read per call
             return
         with self._lock:
             if self.since is None:
                 return
-            took, refused = time.monotonic() - self.since, self.refused
-            self.since, self.refused = None, 0
-        store_log.info("the database answers again after %.1f s (%d call(s) refused meanwhile)", took, refused)
+            now = time.monotonic()
+            if self.short and now - self.last_refused < self.quiet:
+                return
+            took, refused, short = now - self.since, self.refused, self.short
+            self.since, self.refused, self.short = None, 0, False
+        if short:
+            store_log.info("the database stores again after %.1f s (%d call(s) refused meanwhile)", took, refused)
+        else:
+            store_log.info("the database answers again after %.1f s (%d call(s) refused meanwhile)", took, refused)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -436,10 +457,8 @@ class Runtime:
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
         self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run, self.services.c2d.waiting)
         cluster.on_rejoin = self.live.rejoin
-        try:
-            await cluster.start(self._on_peer_message)
-        except NatsUnreachable as exc:  # the operator's to fix: one line, and the server does not start
-            raise ConfigurationError(f"the live bus (--bus): {exc}") from None
+        cluster.on_resumed = self.live.resumed
+        await cluster.start(self._on_peer_message)  # a NATS bus that is not there yet connects in the background
         self.cluster = cluster
         return cluster
 

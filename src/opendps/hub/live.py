@@ -133,6 +133,17 @@ class LiveSessions:
             for link, session, since in list(self._links.values()):
                 self._writer.add(Change(link.device.hub_id, link.device.device_key.lower(), session, True, since))
 
+    async def resumed(self) -> None:
+        """The bus works again after an outage: the C2D wake-ups it lost meanwhile are made up for (the sessions here
+        with messages waiting are woken, one read per 500). Lost desired pushes are not: a device reads its twin
+        when it reconnects, as with IoT Hub."""
+        if self._writer is None:
+            return
+        sessions = [Change(link.device.hub_id, link.device.device_key.lower(), session, True, since)
+                    for link, session, since in list(self._links.values())]
+        for start in range(0, len(sessions), 500):
+            await self._recorded(sessions[start:start + 500])
+
     # ---- front end side ----
     def attach(self, link: DeviceLink) -> None:
         """``link`` is the device's connection from now on; an older one of the same device is closed, here or on

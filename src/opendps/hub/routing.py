@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import re
 import time
@@ -192,6 +193,8 @@ class NatsRouter:
         self._connections: dict[str, Any] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why): its last connect failed
+        self._failed: set[str] = set()  # urls whose last first-connection attempt failed (told once, not each time)
+        self._up: dict[str, asyncio.Event] = {}  # url -> set while its connection is up (clear while reconnecting)
 
     async def _routes(self, hub_id: int) -> builtins.list[RouteView]:
         known = self._known.get(hub_id)
@@ -222,18 +225,42 @@ class NatsRouter:
             if down is not None and time.monotonic() < down[0]:
                 raise NatsUnreachable(down[1])
 
-            async def quiet(exc: Exception) -> None:
-                log.info("NATS connection to %s: %s", url, exc)
-
+            up = self._up.setdefault(url, asyncio.Event())
             try:
-                nc = await nats_client.connect(url, name="opendps", within=PUBLISH_TIMEOUT, on_error=quiet)
+                nc = await nats_client.connect(url, name="opendps", within=PUBLISH_TIMEOUT, log=log,
+                                               what="telemetry routes", on_disconnected=up.clear,
+                                               on_reconnected=up.set)
             except NatsUnreachable as exc:
                 self._down[url] = (time.monotonic() + RETRY_AFTER, str(exc))
-                log.warning("telemetry routes to %s: %s; trying again in %g s", url, exc, RETRY_AFTER)
+                # once when the attempts begin to fail, not every RETRY_AFTER s while NATS stays away
+                (log.debug if url in self._failed else log.warning)(
+                    "telemetry routes to %s: %s; trying again every %g s meanwhile", url, exc, RETRY_AFTER)
+                self._failed.add(url)
                 raise
+            if url in self._failed:
+                self._failed.discard(url)
+                log.info("telemetry routes to %s: connected", url)
             self._down.pop(url, None)
+            up.set()
             self._connections[url] = nc
             return nc
+
+    async def _connected(self, url: str, wait: bool) -> Any:
+        """The connection to ``url`` while it is up. While nats-py reconnects, a publish would sit in its buffer and
+        go out whenever NATS is back: a durable route's message refused to the device meanwhile would reach the
+        stream anyway (then again with the device's retry), and a bus of buffered messages grows. So: with
+        ``wait``, wait up to ``PUBLISH_TIMEOUT`` for the connection to come back; either way, NatsUnreachable if it
+        is not back."""
+        nc = await self._connection(url)
+        if nc.is_connected:
+            return nc
+        up = self._up.setdefault(url, asyncio.Event())
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(up.wait(), PUBLISH_TIMEOUT)
+        if not nc.is_connected:
+            raise NatsUnreachable(f"the connection to NATS {url} is down; reconnecting")
+        return nc
 
     async def deliver(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
                       body: bytes, position: int) -> None:
@@ -247,7 +274,7 @@ class NatsRouter:
                             "iothub-message-source": "Telemetry", "iothub-enqueuedtime": iso8601(datetime.now(UTC)),
                             "opendps-position": str(position)})
             try:
-                nc = await self._connection(route.url)
+                nc = await self._connected(route.url, wait=route.durable)
                 if route.durable:
                     await nc.jetstream().publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT)
                 else:
@@ -256,7 +283,7 @@ class NatsRouter:
                 if route.durable:
                     raise ServiceUnavailable(f"route {route.name!r} ({route.url}, {subject}) did not acknowledge: "
                                              f"{type(exc).__name__}: {exc}") from exc
-                if not isinstance(exc, NatsUnreachable):  # that one is logged once per attempt, not per message
+                if not isinstance(exc, NatsUnreachable):  # an outage is logged when it begins and ends, not per message
                     log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
 from opendps.errors import ConfigurationError, InvalidInput
+from opendps.files import create_atomic
 from opendps.pki.pkcs11 import BACKEND as PKCS11
 from opendps.pki.pkcs11 import KeyUnavailable, Pkcs11Signer, Pkcs11Token
 from opendps.store import Store, WrappedKey
@@ -103,9 +104,7 @@ def load_master_key(path: Path, *, create: bool = False) -> bytes:
         if not create:
             raise ConfigurationError(f"master key file {path} does not exist and {MASTER_KEY_ENV} is not set")
         key = generate_master_key()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(encode_master_key(key) + "\n")
+        create_atomic(path, (encode_master_key(key) + "\n").encode(), 0o600)  # whole and fsynced, or not there
         return key
     return decode_master_key(path.read_text(), str(path))
 

@@ -87,6 +87,7 @@ __all__ = [
     "add_setting",
     "count_change_first",
     "lock_row",
+    "short_of_room",
     "sqlite_url",
     "table_of",
     "unavailable",
@@ -156,7 +157,14 @@ def _transaction_ended(session: Session, _transaction: Any) -> None:
 # PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
 # shutting down (57P01 admin_shutdown, 57P02 crash_shutdown) or starting up (57P03 cannot_connect_now)
 _PG_AWAY = ("57P01", "57P02", "57P03")
-
+# ... or "it cannot take this for now": class 53, insufficient resources (53100 disk_full, 53200 out_of_memory, 53300
+# too_many_connections)
+_PG_SHORT = "53"
+# SQLite's primary result codes for "the file is locked past the busy timeout" (BUSY, LOCKED) and for "its disk is
+# full or fails a write" (FULL: ENOSPC; IOERR: any other failed write, e.g. EFBIG past a file-size limit, or EIO): the
+# statement is fine and the same request succeeds once the lock or the room is there again
+_SQLITE_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_SQLITE_SHORT = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 # libpq settings for a database that stops answering rather than refusing (its host down, a network partition):
 # without them a connect waits for the kernel (~2 min) and a statement sent to a dead server for TCP's retransmissions
@@ -178,35 +186,53 @@ def with_connection_defaults(url: str | URL) -> URL:
 
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) says the database cannot be reached for now — a lost or refused
-    connection, a server shutting down or starting up, SQLite's file locked past the busy timeout — rather than
-    that the statement or the data is wrong: the caller may retry the same request later.
+    connection, a server shutting down or starting up, SQLite's file locked past the busy timeout — or cannot store
+    for now (:func:`short_of_room`) rather than that the statement or the data is wrong: the caller may retry the same
+    request later (a transaction that failed wrote nothing).
 
     Why here: only the store knows its drivers' errors; the front ends map this to one retryable refusal (HTTP 503,
     CONNACK 3) instead of a 500 and a traceback per request."""
+    return any(invalidated or _driver_unavailable(driver) for invalidated, driver in _driver_errors(exc))
+
+
+def short_of_room(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot store for now — its disk is full or fails writes (SQLite's FULL and
+    IOERR, PostgreSQL's class 53, insufficient resources) — while it may still answer reads: one of
+    :func:`unavailable`'s outages, which a read that succeeds does not show to be over."""
+    return any(driver is not None and _driver_short(driver) for _, driver in _driver_errors(exc))
+
+
+def _driver_errors(exc: BaseException) -> Iterator[tuple[bool, BaseException | None]]:
+    """(whether SQLAlchemy saw the connection die, the driver's own error) for ``exc`` and what it was raised from."""
     seen = 0
     current: BaseException | None = exc
     while current is not None and seen < 8:
         seen += 1
         if isinstance(current, DBAPIError):
-            if current.connection_invalidated:
-                return True
-            if current.orig is not None and _driver_unavailable(current.orig):
-                return True
-        elif _driver_unavailable(current):
-            return True
+            yield current.connection_invalidated, current.orig
+        else:
+            yield False, current
         current = current.__cause__ or current.__context__
-    return False
 
 
-def _driver_unavailable(exc: BaseException) -> bool:
+def _driver_unavailable(exc: BaseException | None) -> bool:
+    if exc is None:
+        return False
     if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_LOCKED or _driver_short(exc)
     if not type(exc).__module__.startswith("psycopg"):
         return False
     state = getattr(exc, "sqlstate", None)
     if state is None:  # libpq's own: the connection failed, timed out or was lost (no server message, no SQLSTATE)
         return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(exc).__mro__)
-    return state.startswith("08") or state in _PG_AWAY
+    return state.startswith("08") or state in _PG_AWAY or _driver_short(exc)
+
+
+def _driver_short(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_SHORT
+    state = getattr(exc, "sqlstate", None) if type(exc).__module__.startswith("psycopg") else None
+    return isinstance(state, str) and state.startswith(_PG_SHORT)
 
 
 class _PoolOutageLines(logging.Filter):
@@ -382,15 +408,36 @@ class Store:
                 row.value = value
 
     def upgrade(self, revision: str = "head") -> None:
-        """Apply Alembic migrations up to ``revision``."""
+        """Apply Alembic migrations up to ``revision``, all in one transaction: a failure part-way (a full disk, an
+        interrupted upgrade) leaves the schema as it was, and the next upgrade starts again from there.
+
+        Why the SQLite case: pysqlite begins a transaction only before an INSERT/UPDATE/DELETE, so every CREATE, ALTER
+        and DROP committed at once; a migration that failed part-way left tables behind without its version, and
+        every later upgrade stopped at "table ... already exists". Here the driver is told to leave transactions to
+        us and the transaction is begun by hand, so SQLite's transactional DDL covers the whole upgrade."""
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        if self.dialect != "sqlite":
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+            return
+        with self.engine.connect() as conn:
+            driver = cast(sqlite3.Connection, conn.connection.driver_connection)
+            driver.isolation_level = None  # no implicit BEGIN/COMMIT around statements: ours covers them all
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock first: no other writer between our steps
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                conn.commit()  # sqlite3 commits what BEGIN opened even without an isolation level
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                conn.invalidate()  # not back to the pool with the changed isolation level
 
     def current_revision(self) -> str | None:
         with self.engine.connect() as conn:

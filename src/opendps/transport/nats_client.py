@@ -4,39 +4,96 @@ nats-py retries a first connection forever when reconnects are allowed, and its 
 as well (nats.py issue 645): a server started with an unreachable ``--bus`` never listened, logging a traceback every
 two seconds, and a route whose NATS was down held its hub's telemetry without end. Here the first connection must
 succeed within a deadline; once connected, the client reconnects by itself, forever.
+
+An outage is told twice, when the connection is lost and when it is back (with how long it lasted), not once per
+reconnection attempt: nats-py tries every two seconds, and each attempt was a log line per connection per process.
+A NATS that stops answering without closing the socket (a host down, a partition) is found by PINGs every
+``PING_INTERVAL`` s (nats-py's default, two minutes with two outstanding, took up to four minutes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+PING_INTERVAL = 5  # seconds between PINGs; MAX_OUTSTANDING_PINGS unanswered ones mean the server is gone
+MAX_OUTSTANDING_PINGS = 2
+
 
 class NatsUnreachable(ConnectionError):
-    """No NATS server of the URL list answered within the deadline."""
+    """No NATS server of the URL list answered within the deadline (or the connection is down for now)."""
 
 
 async def connect(url: str, *, name: str, within: float,
-                  on_error: Callable[[Exception], Awaitable[None]] | None = None) -> Any:
+                  on_error: Callable[[Exception], Awaitable[None]] | None = None,
+                  log: logging.Logger | None = None, what: str = "NATS",
+                  on_disconnected: Callable[[], Awaitable[None] | None] | None = None,
+                  on_reconnected: Callable[[], Awaitable[None] | None] | None = None) -> Any:
     """A connected ``nats.aio.client.Client`` for ``url`` (servers separated by commas), or :class:`NatsUnreachable`
     naming the last error after ``within`` seconds. ``on_error`` hears every connection error (nats-py logs each
-    with a traceback without one)."""
-    import nats  # imported on first use: only installations with a NATS bus or route need it
+    with a traceback without one). With ``log``, a lost connection is one warning and its return one info line,
+    both naming ``what``; the attempts between are debug lines. ``on_disconnected`` / ``on_reconnected`` are called
+    at those two moments (the connection closed for good by :meth:`close` or ``drain`` is neither)."""
+    from nats.aio.client import Client  # imported on first use: only installations with a NATS bus or route need it
 
     last: list[BaseException] = []
+    lost_at: list[float] = []  # when the current outage began; empty while connected
+    nc = Client()
+
+    async def call(hook: Callable[[], Awaitable[None] | None] | None) -> None:
+        if hook is not None:
+            result = hook()
+            if result is not None:
+                await result
 
     async def noted(exc: Exception) -> None:
+        from nats import errors
+
         last[:] = [exc]
+        lost = isinstance(exc, OSError | TimeoutError | errors.UnexpectedEOF | errors.StaleConnectionError
+                          | errors.ConnectionClosedError | errors.NoServersError)  # told by disconnected()
+        if log is not None and not lost and not lost_at:
+            log.warning("%s (%s): %s: %s", what, url, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
+        elif log is not None:
+            log.debug("%s (%s): %s: %s", what, url, type(exc).__name__, exc)
         if on_error is not None:
             await on_error(exc)
 
+    async def disconnected() -> None:
+        if nc.is_closed or nc.is_draining or lost_at or not connected:
+            return  # closed on purpose, already told, or still the first connection (the caller hears of that)
+        lost_at.append(time.monotonic())
+        if log is not None:
+            reason = f" ({type(last[0]).__name__}: {last[0]})" if last else ""
+            log.warning("%s: the connection to NATS %s was lost%s; reconnecting (said again when it is back)",
+                        what, url, reason)
+        await call(on_disconnected)
+
+    async def reconnected() -> None:
+        began = lost_at.pop() if lost_at else None
+        lost_at.clear()
+        if log is not None:
+            lasted = f" after {time.monotonic() - began:.1f} s" if began is not None else ""
+            log.info("%s: connected to NATS %s again%s", what, url, lasted)
+        await call(on_reconnected)
+
+    connected = False
     servers = [u.strip() for u in url.split(",")]
     try:
-        return await asyncio.wait_for(
-            nats.connect(servers=servers, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
-                         connect_timeout=min(within, 5.0), error_cb=noted), within)
+        await asyncio.wait_for(
+            nc.connect(servers=servers, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
+                       connect_timeout=min(within, 5.0), error_cb=noted, disconnected_cb=disconnected,
+                       reconnected_cb=reconnected, reconnect_time_wait=1, ping_interval=PING_INTERVAL,
+                       max_outstanding_pings=MAX_OUTSTANDING_PINGS), within)
     except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds; the caller gets one, with the reason
         reason = last[0] if last else exc
+        with contextlib.suppress(Exception):  # it never connected: nothing to close cleanly
+            await nc.close()  # a first attempt given up on must not go on reconnecting in the background
         raise NatsUnreachable(f"no NATS server at {url} answered within {within:g} s "
                               f"({type(reason).__name__}: {reason})") from None
+    connected = True
+    return nc

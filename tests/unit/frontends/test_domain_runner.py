@@ -190,3 +190,45 @@ def test_a_lost_database_is_a_retryable_refusal_told_once(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "opendps.store"]
     assert len(lines) == 2 and "unavailable" in lines[0] and "server closed the connection" in lines[0], lines
     assert "answers again" in lines[1] and "20 call(s) refused" in lines[1], lines
+
+
+def _disk_full() -> None:
+    """What SQLAlchemy raises when SQLite finds no room for a write (SQLITE_FULL)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    orig = sqlite3.OperationalError("database or disk is full")
+    orig.sqlite_errorcode = sqlite3.SQLITE_FULL
+    raise OperationalError("COMMIT", {}, orig)
+
+
+def test_a_full_disk_is_a_retryable_refusal_told_once_though_reads_still_answer(caplog):
+    """A full disk refuses writes while reads (and writes that fit in a reused WAL) still succeed: each such success
+    told the outage over and the next refused write told it again, two lines per request. The outage is now over only
+    once nothing was refused for ``quiet`` seconds; writes are refused as retryable (503) meanwhile, not as 500s."""
+    from opendps.errors import ServiceUnavailable
+
+    async def main(runner: DomainRunner) -> list[object]:
+        outcomes: list[object] = []
+        for _ in range(5):  # a write refused, a read answered, over and over
+            outcomes += await asyncio.gather(runner.run(_disk_full), return_exceptions=True)
+            outcomes.append(await runner.run(lambda: "read"))
+        runner.outage.quiet = 0.0  # room again: nothing refused for the quiet time (not waited for here)
+        outcomes.append(await runner.run(lambda: "write"))
+        return outcomes
+
+    runner = DomainRunner(workers=2, core=2)
+    runner.outage.quiet = 3600.0
+    try:
+        with caplog.at_level("INFO", logger="opendps.store"):
+            outcomes = asyncio.run(main(runner))
+    finally:
+        runner.close()
+    refused = outcomes[0:10:2]
+    assert all(isinstance(e, ServiceUnavailable) and e.status == 503 and e.info["retryAfter"] for e in refused), refused
+    assert outcomes[1:10:2] == ["read"] * 5 and outcomes[-1] == "write"
+    lines = [r.getMessage() for r in caplog.records if r.name == "opendps.store"]
+    assert len(lines) == 2, lines
+    assert "cannot store" in lines[0] and "database or disk is full" in lines[0], lines
+    assert "stores again" in lines[1] and "5 call(s) refused" in lines[1], lines

@@ -144,10 +144,12 @@ def test_a_durable_route_refused_while_nats_is_away_never_reaches_the_stream_and
 def test_the_live_bus_drops_what_it_cannot_send_and_catches_up_when_nats_returns(nats, services):
     """Two nodes on a NATS bus; NATS killed. A direct method sent meanwhile waited in nats-py's buffer and ran on the
     device when NATS came back, long after its caller's 504; a C2D wake-up lost meanwhile left the message queued
-    until the device reconnected. Now a send fails at once (one warning), and when the bus is back each node wakes its
-    sessions that have messages waiting."""
+    until the device reconnected; a device disabled meanwhile stayed connected on the other node. Now a send fails at
+    once (one warning), and when the bus is back each node wakes its sessions that have messages waiting and closes
+    those CONNECT would refuse now."""
     store, hub = services.store, services.hubs.list()[0]
     services.hubs.create_device(hub.name, "outage-dev")
+    services.hubs.create_device(hub.name, "disabled-dev")
     pool = ThreadPoolExecutor(4)
 
     async def run(fn, *args, **kwargs):
@@ -158,13 +160,17 @@ def test_the_live_bus_drops_what_it_cannot_send_and_catches_up_when_nats_returns
         for _ in range(2):
             live = LiveSessions()
             cluster = Cluster(store, NatsBus(nats.url, "opendps.outage.live"), run, heartbeat=0.2)
-            live.join(cluster, Presence(store, services.hubs), run, services.c2d.waiting)  # as Runtime.join_cluster
+            live.join(cluster, Presence(store, services.hubs), run, services.c2d.waiting,  # as Runtime.join_cluster
+                      recheck=services.hub_auth.no_longer_allowed)
             cluster.on_resumed = live.resumed
             await cluster.start(live.on_peer_message)
             made.append((cluster, live))
         [(_, live_a), (b, live_b)] = made
         link = Link(live_a, AuthenticatedDevice(hub.id, hub.name, hub.host_name, "outage-dev", "outage-dev", "sas"))
         live_a.attach(link)
+        disabled = Link(live_a, AuthenticatedDevice(hub.id, hub.name, hub.host_name, "disabled-dev", "disabled-dev",
+                                                    "sas"))
+        live_a.attach(disabled)
         await live_a.flush()
         try:
             nats.kill()
@@ -174,11 +180,15 @@ def test_the_live_bus_drops_what_it_cannot_send_and_catches_up_when_nats_returns
                                      "method": "stale", "payload": None, "timeout": 1}, None)
             services.c2d.enqueue(hub.name, "outage-dev", b"queued while NATS was away")
             await live_b.notify_c2d(hub.name, "outage-dev")  # its wake-up is lost
-            assert link.sent == []
+            services.hubs.create_device(hub.name, "disabled-dev", status="disabled")
+            await live_b.drop(hub.name, "disabled-dev", "device disabled by the service")  # lost too
+            assert link.sent == [] and disabled.closed is None
             nats.start()
             await _until(lambda: ("c2d", None) in link.sent, timeout=10)
+            await _until(lambda: disabled.closed is not None, timeout=5)
+            assert disabled.closed == "disabled or deleted by the service while the live bus was away"
             await asyncio.sleep(0.3)
-            assert ("method", "stale") not in link.sent
+            assert ("method", "stale") not in link.sent and link.closed is None
         finally:
             for cluster, _ in made:
                 await cluster.stop()

@@ -455,7 +455,8 @@ class Runtime:
         store = self.services.store
         bus = choose_bus(store, self.domain.run, self.services.id_scope, bus_url)
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
-        self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run, self.services.c2d.waiting)
+        self.live.join(cluster, Presence(store, self.services.hubs), self.domain.run, self.services.c2d.waiting,
+                       recheck=self.services.hub_auth.no_longer_allowed)
         cluster.on_rejoin = self.live.rejoin
         cluster.on_resumed = self.live.resumed
         await cluster.start(self._on_peer_message)  # a NATS bus that is not there yet connects in the background

@@ -169,6 +169,20 @@ class HubAuthenticator:
         superseded = self._issued_for_device(s, device, issued, now)  # ours: it must be this device's
         return replace(found, superseded=superseded) if superseded else found
 
+    def no_longer_allowed(self, sessions: list[AuthenticatedDevice]) -> list[tuple[AuthenticatedDevice, str]]:
+        """Of live ``sessions``, those CONNECT would refuse now, with why: the device deleted or disabled, or its
+        certificate (one of ours) revoked. Why: the drop or revocation told to every node is a live message, lost
+        when the bus was away; the bus back, each node asks this of its sessions (two statements per hub)."""
+        enabled = self.hubs.enabled([(d.hub_id, d.device_key.lower()) for d in sessions])
+        revoked = self.issuance.revoked_among([d.certificate_serial for d in sessions if d.certificate_serial])
+        refused: list[tuple[AuthenticatedDevice, str]] = []
+        for d in sessions:
+            if (d.hub_id, d.device_key.lower()) not in enabled:
+                refused.append((d, "disabled or deleted by the service while the live bus was away"))
+            elif d.certificate_serial in revoked:
+                refused.append((d, f"certificate {d.certificate_serial} was revoked while the live bus was away"))
+        return refused
+
     def _issued_for_device(self, s: Session, device: AuthenticatedDevice, issued: IssuedRecord | None,
                            now: datetime) -> tuple[str, ...]:
         """Refuse a certificate we did not issue (no ``issued`` record) to this device or that is revoked; at its

@@ -110,16 +110,21 @@ class LiveSessions:
         self._remote: dict[str, asyncio.Future[tuple[int, Any]]] = {}  # our method calls out on other nodes
         self._tasks: set[asyncio.Task[Any]] = set()
         self._c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None
+        self._recheck: Callable[[list[AuthenticatedDevice]], list[tuple[AuthenticatedDevice, str]]] | None = None
         self._hub_names: dict[int, str] = {}  # hub id -> name, of the hubs whose devices attached here
         # pushes on their way to a link, by id(link) (links need not be hashable; a task holds each one counted)
         self._desired_waiting: dict[int, int] = {}
 
     def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]],
-             c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None) -> None:
+             c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None, *,
+             recheck: Callable[[list[AuthenticatedDevice]], list[tuple[AuthenticatedDevice, str]]] | None = None,
+             ) -> None:
         """Take part in the cluster: record presence, reach devices on other nodes through ``peers``.
-        ``c2d_waiting`` (``CloudToDevice.waiting``) names the devices with cloud-to-device messages queued."""
+        ``c2d_waiting`` (``CloudToDevice.waiting``) names the devices with cloud-to-device messages queued;
+        ``recheck`` (``HubAuthenticator.no_longer_allowed``) the sessions CONNECT would refuse now."""
         self.peers, self.presence, self._run = peers, presence, run
         self._c2d_waiting = c2d_waiting
+        self._recheck = recheck
         self._writer = PresenceWriter(presence, peers.node_id, run, self._displaced, on_recorded=self._recorded)
 
     async def flush(self) -> None:
@@ -134,15 +139,26 @@ class LiveSessions:
                 self._writer.add(Change(link.device.hub_id, link.device.device_key.lower(), session, True, since))
 
     async def resumed(self) -> None:
-        """The bus works again after an outage: the C2D wake-ups it lost meanwhile are made up for (the sessions here
-        with messages waiting are woken, one read per 500). Lost desired pushes are not: a device reads its twin
-        when it reconnects, as with IoT Hub."""
+        """The bus works again after an outage: what its lost messages would have done is caught up. Drops and
+        revocations: the sessions here that CONNECT would refuse now (the device disabled or deleted, its certificate
+        revoked meanwhile) are closed — else a disabled device stayed connected until it reconnected. C2D wake-ups:
+        the sessions here with messages waiting are woken. One read of each kind per 500 sessions. Lost desired
+        pushes are not made up: a device reads its twin when it reconnects, as with IoT Hub."""
         if self._writer is None:
             return
-        sessions = [Change(link.device.hub_id, link.device.device_key.lower(), session, True, since)
-                    for link, session, since in list(self._links.values())]
-        for start in range(0, len(sessions), 500):
-            await self._recorded(sessions[start:start + 500])
+        live = list(self._links.values())
+        for start in range(0, len(live), 500):
+            chunk = live[start:start + 500]
+            if self._recheck is not None and self._run is not None:
+                try:
+                    refused = await self._run(self._recheck, [link.device for link, _, _ in chunk])
+                except Exception as exc:  # noqa: BLE001 - the store is away too: the next outage's end checks again
+                    log.warning("sessions not re-checked after the live bus came back: %s", exc)
+                    refused = []
+                for device, reason in refused:
+                    self._drop_here(device.hub_name, device.device_key, reason, None)
+            await self._recorded([Change(link.device.hub_id, link.device.device_key.lower(), session, True, since)
+                                  for link, session, since in chunk])
 
     # ---- front end side ----
     def attach(self, link: DeviceLink) -> None:

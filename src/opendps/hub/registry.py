@@ -554,6 +554,21 @@ class Hubs:
         prints = frozenset(p for p in (row.primary_thumbprint, row.secondary_thumbprint) if p)
         return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, self._keys(hub.id, row))
 
+    def enabled(self, devices: builtins.list[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Of ``devices`` (hub id, lower-cased device id), those whose identity exists and is enabled: one statement
+        per hub among them (a bus catching up after an outage re-checks a node's sessions)."""
+        found: set[tuple[int, str]] = set()
+        by_hub: dict[int, builtins.list[str]] = {}
+        for hub_id, key in devices:
+            by_hub.setdefault(hub_id, []).append(key)
+        with self.store.session() as s:
+            conn = s.connection()
+            for hub_id, keys in by_hub.items():
+                rows = conn.execute(select(_DEVICES.c.device_key).where(
+                    _DEVICES.c.hub_id == hub_id, _DEVICES.c.device_key.in_(keys), _DEVICES.c.status == "enabled"))
+                found.update((hub_id, row.device_key) for row in rows)
+        return found
+
     def trust(self, hub: HubView) -> HubTrust:
         """What ``hub`` trusts for CA-signed devices, from the configuration cache: a CA synced, rotated, uploaded or
         removed on any node is in force at the next CONNECT everywhere."""

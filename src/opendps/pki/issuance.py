@@ -242,6 +242,17 @@ class IssuanceEngine:
         return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
                              row.revocation_reason, row.id, row.first_used_at, bool(row.has_older)) if row else None)
 
+    def revoked_among(self, serials: builtins.list[str]) -> set[str]:
+        """Of ``serials`` (as :func:`serial_hex` writes them), those of certificates issued here and revoked: one
+        statement (a bus catching up after an outage re-checks a node's certificate sessions)."""
+        stored = {format(int(serial, 16), "x"): serial for serial in serials}
+        if not stored:
+            return set()
+        with self.store.session() as s:
+            rows = s.connection().execute(select(_ISSUED.c.serial).where(
+                _ISSUED.c.serial.in_(list(stored)), _ISSUED.c.revoked_at.is_not(None)))
+            return {stored[row.serial] for row in rows}
+
     def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None,
                   session: Session | None = None) -> builtins.list[IssuedCertificateView]:
         """``record``'s certificate opened its first hub session: note it and, with ``supersede`` (the policy's

@@ -284,3 +284,25 @@ def test_revocations_and_ca_changes_are_in_the_audit_chain(services, fleet):
     subject, details = _entries(services, "certificate.revoked")[-1]
     assert details == {"namespace": "rev-ns", "policy": "ops", "count": 0, "reason": "cessationOfOperation"}
     assert services.audit.verify().intact
+
+
+def test_sessions_connect_would_refuse_now_are_named_for_the_catch_up_after_a_bus_outage(services, fleet):
+    """A drop (device disabled or deleted) or a revocation reaches the other nodes' sessions as a live message, lost
+    while the bus is away: a disabled device stayed connected there until it reconnected. When the bus is back each
+    node asks ``no_longer_allowed`` of its sessions: these are what CONNECT would refuse now, with why."""
+    _, chains = fleet
+    r1, r2 = (_connect(services, rid, chains[rid]) for rid in ("dev-r1", "dev-r2"))
+    hub = services.hubs.get("default")
+    services.hubs.create_device("default", "sas-ok")
+    services.hubs.create_device("default", "sas-off")
+    ok, off, gone = (AuthenticatedDevice(hub.id, hub.name, hub.host_name, d, d, "sas")
+                     for d in ("sas-ok", "sas-off", "sas-gone"))
+    assert services.hub_auth.no_longer_allowed([r1, r2, ok, off]) == []
+    services.issuance.revoke(r1.certificate_serial, "keyCompromise")
+    services.hubs.create_device("default", "sas-off", status="disabled")
+    refused = services.hub_auth.no_longer_allowed([r1, r2, ok, off, gone])
+    assert [(d.device_id, why) for d, why in refused] == [
+        ("dev-r1", f"certificate {r1.certificate_serial} was revoked while the live bus was away"),
+        ("sas-off", "disabled or deleted by the service while the live bus was away"),
+        ("sas-gone", "disabled or deleted by the service while the live bus was away")]
+    assert services.hub_auth.no_longer_allowed([]) == []

@@ -245,3 +245,25 @@ def test_a_migration_that_fails_part_way_leaves_the_schema_as_it_was(tmp_path):
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     finally:
         store.dispose()
+
+
+def test_after_commit_runs_once_its_transaction_commits_and_never_after_a_rollback(tmp_path):
+    from sqlalchemy import text
+
+    from opendps.store import after_commit
+
+    store = Store(sqlite_url(tmp_path / "a.db"))
+    ran: list[str] = []
+    with store.session() as s:
+        after_commit(s, lambda: ran.append("committed"))
+        with s.begin_nested():  # a savepoint ending is not the transaction's end
+            s.execute(text("SELECT 1"))
+        assert ran == []
+    assert ran == ["committed"]
+    with pytest.raises(RuntimeError), store.session() as s:
+        after_commit(s, lambda: ran.append("rolled back"))
+        raise RuntimeError("the transaction fails")
+    with store.session() as s:  # nothing left over from the rolled-back one
+        s.execute(text("SELECT 1"))
+    assert ran == ["committed"]
+    store.dispose()

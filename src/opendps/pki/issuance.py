@@ -32,7 +32,7 @@ from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
 from opendps.pki.status import Publication
-from opendps.store import IssuedCertificate, Store, table_of
+from opendps.store import IssuedCertificate, Store, after_commit, table_of
 from opendps.store.timebuckets import utc_day
 
 log = logging.getLogger("opendps.pki")
@@ -224,11 +224,19 @@ class IssuanceEngine:
                "not_before": leaf.not_valid_before_utc, "not_after": leaf.not_valid_after_utc, "created_at": now}
         # in the caller's transaction when given (a duplicate serial fails it); an SQL statement, not the ORM's unit
         # of work, which costs more than it gives for one insert on every registration
+        serial = serial_hex(leaf.serial_number)
+
+        def issued_line() -> None:
+            log.info("certificate %s issued to %r under policy %s", serial, registration_id, issuer.label,
+                     extra=event("certificate.issued", serial=serial, registration_id=registration_id,
+                                 policy=issuer.label))
+
         with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
             s.connection().execute(_INSERT_CERTIFICATE, row)
-        log.info("certificate %s issued to %r under policy %s", serial_hex(leaf.serial_number), registration_id,
-                 issuer.label, extra=event("certificate.issued", serial=serial_hex(leaf.serial_number),
-                                           registration_id=registration_id, policy=issuer.label))
+            if session is not None:  # said once the caller's transaction holding the record has committed
+                after_commit(session, issued_line)
+        if session is None:
+            issued_line()
         if self.observer is not None:
             self.observer(issuer, perf_counter() - started)
         return IssuedChain(leaf, issuer.certificate, issuer.root)

@@ -85,6 +85,7 @@ __all__ = [
     "TelemetryRoute",
     "WrappedKey",
     "add_setting",
+    "after_commit",
     "count_change_first",
     "lock_row",
     "short_of_room",
@@ -152,6 +153,17 @@ def _bump_on_bulk(state: ORMExecuteState) -> None:
 
 def _transaction_ended(session: Session, _transaction: Any) -> None:
     session.info.pop(_BUMPED, None)
+
+
+_AFTER_COMMIT = "opendps.after_commit"
+_log = logging.getLogger("opendps.store")
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once the :meth:`Store.session` holding ``session`` has committed, never if it rolls back. Why:
+    a log line saying something happened ("certificate ... issued") was written inside the transaction, so also for
+    one whose commit then failed (a full disk) and that left nothing behind."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
 # PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
@@ -361,7 +373,13 @@ class Store:
             s.rollback()
             raise
         finally:
+            actions = s.info.pop(_AFTER_COMMIT, ())
             s.close()
+        for action in actions:  # committed (see after_commit)
+            try:
+                action()
+            except Exception:  # noqa: BLE001 - committed: an action's failure must not look like the commit's
+                _log.exception("after a commit")
 
     @contextmanager
     def driver_transaction(self) -> Iterator[DBAPIConnection]:

@@ -334,3 +334,34 @@ def test_the_namespace_registry_lists_in_keyset_pages(services, fleet):
     assert [v.device_id for v in services.devices.list("fleet", top=2)] == ["reg-a", "reg-b"]
     assert [v.device_id for v in services.devices.list("fleet", top=2, after="REG-B")] == ["reg-c"]
     assert services.devices.list("fleet", after="reg-c") == []
+
+
+def test_the_certificate_issued_line_is_written_only_once_the_registration_commits(services, caplog, monkeypatch):
+    """"certificate ... issued" was logged inside the registration's transaction, so also when it then failed (a full
+    disk at the commit, any later step) and nothing was issued after all."""
+    import base64
+    import logging
+
+    from tests.unit.conftest import creds, register, symmetric_group
+    from tests.x509_helpers import p384_csr
+
+    from opendps.transport.sas import derive_device_key
+
+    services.registry.create_namespace("line-ns", "ops")
+    key = symmetric_group(services, "line-g", credentialPolicyName="ops")
+    caplog.set_level(logging.INFO, logger="opendps")
+
+    def attempt(rid: str) -> dict:
+        return register(services, creds(rid, key=derive_device_key(key, rid)),
+                        csr=base64.b64encode(p384_csr(rid)).decode(), api_version="2025-07-01-preview")
+
+    def place_fails(*_a, **_k):
+        raise RuntimeError("a later step of the registration fails")
+
+    with monkeypatch.context() as m:
+        m.setattr(services.hubs, "place_device", place_fails)
+        with pytest.raises(RuntimeError):
+            attempt("line-dev-1")
+    assert not [r for r in caplog.records if "issued to 'line-dev-1'" in r.getMessage()]
+    assert attempt("line-dev-2")["status"] == "assigned"
+    assert len([r for r in caplog.records if "issued to 'line-dev-2'" in r.getMessage()]) == 1

@@ -527,11 +527,21 @@ def open_instance(settings: Settings, *, create: bool = True, migrate: bool = Tr
         raise
 
 
+# room a new SQLite database needs to be made: its schema (~300 KB), its WAL and its -shm index, with a margin.
+# Why checked first: with a few dozen KB free, SQLite crashed the process (SIGBUS) setting up its -shm file, and a
+# failure part-way left files behind; a full disk is better named before anything is written.
+NEW_DATABASE_ROOM = 2 * 1024 * 1024
+
+
 def _open_store(settings: Settings, *, create: bool, migrate: bool) -> Store:
     url = settings.db_url
     if create and url.startswith("sqlite"):
         db_file = settings.data_dir / "opendps.db"
         if not db_file.exists():  # SQLite gives its -wal and -shm files the database file's mode
+            free = shutil.disk_usage(settings.data_dir).free
+            if free < NEW_DATABASE_ROOM:
+                raise ConfigurationError(f"the file system of {settings.data_dir} has {free // 1024} KB free; a new "
+                                         f"database needs {NEW_DATABASE_ROOM // (1024 * 1024)} MB: make room first")
             os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         store = Store(url, sqlite_synchronous=settings.sqlite_synchronous)

@@ -239,10 +239,8 @@ def test_a_client_that_never_reads_its_answers_is_cut_off(server):
 def test_a_device_that_never_reads_does_not_hold_up_the_service(server):
     """A hub device subscribed to desired-property updates that reads nothing (its twin answers pile up unread): a
     service's twin update waited for the push to go out, so it hung for as long as the device stayed connected (and
-    a server being stopped waited for it), then until the client timeout cut the device off. Now the update is
-    answered at once (the push waits in the background, in order); past DESIRED_BACKLOG waiting pushes the device is
-    cut off with a reason, else after the client timeout as before."""
-    from opendps.hub.live import DESIRED_BACKLOG
+    a server being stopped waited for it). Now the device is cut off after the client timeout, and the updates are
+    answered (the pushes wait in the background: tests/unit/hub/test_presence.py, with their bound)."""
 
     with svc(server) as c:
         assert c.put("/devices/stalled-dev", json={"deviceId": "stalled-dev"}).status_code == 200
@@ -258,16 +256,13 @@ def test_a_device_that_never_reads_does_not_hold_up_the_service(server):
     time.sleep(1.5)  # they are answered
     with svc(server) as c:
         c.timeout = httpx.Timeout(30)
-        for i in range(5):  # a few pushes: the first past a full buffer waited until the device was cut off
+        started = time.monotonic()
+        for i in range(5):  # a few pushes past a full buffer
             r = c.patch("/twins/stalled-dev", json={"properties": {"desired": {"i": i}}})
             assert r.status_code == 200, r.text
-        # answered while the device is still connected (its 2 s write deadline has not cut it yet)
-        assert c.get("/devices/stalled-dev").json()["connectionState"] == "Connected"
-        for i in range(DESIRED_BACKLOG):  # more waiting pushes than one device may have: it is cut off
-            assert c.patch("/twins/stalled-dev", json={"properties": {"desired": {"j": i}}}).status_code == 200
+        assert time.monotonic() - started < 15
     assert _cut_off_within(s, 5)
     s.close()
-    assert "does not read its desired property updates (32 waiting)" in _log(server)
 
 
 def test_a_plain_http_client_that_never_reads_is_cut_off():

@@ -1038,9 +1038,10 @@ def test_the_filters_of_waiting_subscribes_count_against_the_input_bound(env: En
     names = [f"f/{i}" for i in range(25000)]
     packet = Subscribe(1, [(f, 0) for f in names]) if kind is Subscribe else Unsubscribe(1, names)
     assert len(encode(packet)) < MAX_PACKET
-    sender = threading.Thread(target=raw.send, args=[Publish("cmd/slow", b"1.0"), *[packet] * 10])  # 2.4 MB
+    sender = threading.Thread(target=raw.send, args=[Publish("cmd/slow", b"2.0"), *[packet] * 10])  # 2.4 MB
     sender.start()
-    assert wait_until(lambda: env.loop.sync(lambda: conn._reading_paused), timeout=0.8)
+    # within the slow command's 2 s (it was 1 s, with 0.8 s to pause: too little on a loaded 2-core machine)
+    assert wait_until(lambda: env.loop.sync(lambda: conn._reading_paused), timeout=1.8)
     time.sleep(0.1)
     waiting, queued = env.loop.sync(lambda: (len(conn._queue or ()), conn._queued_bytes))
     assert waiting <= 3 and queued <= env.server._input_hard_limit, (waiting, queued)

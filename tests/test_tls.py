@@ -907,6 +907,41 @@ def test_a_key_update_storm_from_a_peer_that_reads_nothing_is_not_buffered(pki):
         loop_thread.close()
 
 
+def test_an_aborted_connection_drops_what_the_kernel_still_holds_for_the_peer(pki):
+    """``abort()`` (an MQTT session closed by the application: a device disabled, taken over, past its desired-push
+    bound) dropped our buffer but closed the socket plainly: the kernel went on sending what it held, then a FIN, to a
+    peer that may read slowly for minutes. Now the peer gets a reset at once (SO_LINGER 0), as after the write
+    deadline."""
+    loop_thread = ServerThread()
+    made: list = []
+    server = loop_thread.call(start_tls_server(lambda: Silent(made), "127.0.0.1", 0,
+                                               device_tls_context(pki.server_chain, pki.server_key)))
+    raw = socket.socket()
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        client = _client_ctx(pki).wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
+
+        async def flood_then_abort() -> None:
+            await asyncio.sleep(0.1)
+            made[0].write(b"x" * 4_000_000)  # unread: our buffer and the kernel's fill
+            await asyncio.sleep(0.3)
+            made[0].abort()
+            await asyncio.sleep(0.1)
+
+        loop_thread.call(flood_then_abort())
+        with socket.socket(fileno=os.dup(client.fileno())) as tcp:  # TCP itself: a reset, not the TLS layer's EOF
+            tcp.settimeout(5)
+            with pytest.raises(ConnectionResetError):  # a plain close: the kernel's bytes, then a FIN (b"")
+                while tcp.recv(65536):
+                    pass
+        client.close()
+    finally:
+        raw.close()
+        loop_thread.call(_close_server(server))
+        loop_thread.close()
+
+
 class Echo(asyncio.Protocol):
     """Answers ``big`` with 64 KB, anything else upper-cased."""
 

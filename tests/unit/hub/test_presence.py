@@ -352,3 +352,38 @@ def test_a_dead_node_is_swept_with_its_presence(two_nodes):
             await live_b.invoke_method(hub.name, "dev-3", "reboot", None, timeout=1)
 
     loop.run_until_complete(scenario())
+
+
+def test_a_desired_push_to_a_device_that_reads_nothing_waits_in_the_background_and_is_bounded():
+    """A twin update awaited its desired push, so a device that reads nothing held the service's PATCH until the
+    write deadline cut the device off. Now push_desired returns at once; the pushes go out in the order given; past
+    DESIRED_BACKLOG waiting ones the device is cut off with a reason (its pushes fail, nothing more is queued)."""
+    from opendps.hub.live import DESIRED_BACKLOG
+
+    class Stalled(Link):
+        def __init__(self, live: LiveSessions, device: AuthenticatedDevice) -> None:
+            super().__init__(live, device)
+            self.gate = asyncio.Event()
+
+        async def send_desired(self, desired, version) -> None:
+            await self.gate.wait()  # the connection's buffer is full: the publish waits for the peer to read
+            self.sent.append(("desired", version))
+
+    async def main() -> None:
+        live = LiveSessions()
+        device = AuthenticatedDevice(1, "hub", "hub.example", "stalled", "stalled", "sas")
+        link = Stalled(live, device)
+        live.attach(link)
+        for version in range(1, DESIRED_BACKLOG + 1):
+            await asyncio.wait_for(live.push_desired("hub", "stalled", {"v": version}, version), 1)  # not waiting
+        await asyncio.sleep(0)
+        assert link.closed is None and link.sent == []
+        link.gate.set()  # the device reads again: every push goes out, in order
+        await _until(lambda: len(link.sent) == DESIRED_BACKLOG)
+        assert link.sent == [("desired", v) for v in range(1, DESIRED_BACKLOG + 1)]
+        link.gate.clear()
+        for version in range(100, 100 + DESIRED_BACKLOG + 5):
+            await asyncio.wait_for(live.push_desired("hub", "stalled", {"v": version}, version), 1)
+        assert link.closed == f"does not read its desired property updates ({DESIRED_BACKLOG} waiting)"
+
+    asyncio.run(main())

@@ -21,6 +21,7 @@ from tests.unit.hub.test_presence import Link, _until
 
 from opendps.cluster import Cluster, NatsBus
 from opendps.hub import AuthenticatedDevice, LiveSessions, Presence
+from opendps.hub.live import NodeUnreachable
 
 NATS_BINARY = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
 
@@ -178,6 +179,10 @@ def test_the_live_bus_drops_what_it_cannot_send_and_catches_up_when_nats_returns
             with pytest.raises(ConnectionError, match="down"):  # not buffered for later
                 await b.bus.publish({"op": "method", "call": "x", "hub": hub.name, "device": "outage-dev",
                                      "method": "stale", "payload": None, "timeout": 1}, None)
+            started = time.monotonic()  # a method for a device on the other node: refused at once, not a 504 later
+            with pytest.raises(NodeUnreachable, match="live bus to it is down"):
+                await live_b.invoke_method(hub.name, "outage-dev", "during", None, timeout=5)
+            assert time.monotonic() - started < 3
             services.c2d.enqueue(hub.name, "outage-dev", b"queued while NATS was away")
             await live_b.notify_c2d(hub.name, "outage-dev")  # its wake-up is lost
             services.hubs.create_device(hub.name, "disabled-dev", status="disabled")

@@ -138,21 +138,23 @@ class Cluster:
             await self._refresh()
         return node_id in self._alive
 
-    async def send(self, message: dict[str, Any], to: str | None = None) -> None:
+    async def send(self, message: dict[str, Any], to: str | None = None) -> bool:
         """Send to node ``to`` (None: every other node); a carrier failure is logged, not raised: live messages
-        are hints whose loss the caller survives (timeouts, the store's state)."""
+        are hints whose loss the caller survives (timeouts, the store's state). False: not sent (a caller waiting for
+        an answer says so at once)."""
         if to == self.node_id:
             self._deliver(message)
-            return
+            return True
         try:
             await self.bus.publish({**message, "from": self.node_id}, to)
         except Exception as exc:  # noqa: BLE001 - see above
             self._unsent += 1  # said once, not for every message while the carrier is away
             (log.warning if self._unsent == 1 else log.debug)("live message %r not sent: %s", message.get("op"), exc)
-            return
+            return False
         if self._unsent:
             log.info("live messages sent again (%d were not)", self._unsent)
             self._unsent = 0
+        return True
 
     async def _resumed(self) -> None:
         if self.on_resumed is not None:

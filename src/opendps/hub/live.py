@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-from opendps.errors import GatewayTimeout, NotFound
+from opendps.errors import GatewayTimeout, NotFound, ServiceUnavailable
 from opendps.hub.auth import AuthenticatedDevice, device_key
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
 
@@ -35,6 +35,10 @@ class DeviceOffline(NotFound):
 
 class MethodTimeout(GatewayTimeout):
     """The device did not answer a direct method in time."""
+
+
+class NodeUnreachable(ServiceUnavailable):
+    """The device is connected to another node and the live bus to it is down: a call cannot reach it for now."""
 
 
 class DeviceLink(Protocol):
@@ -71,8 +75,8 @@ class Peers(Protocol):
     async def alive(self, node_id: str) -> bool:
         ...
 
-    async def send(self, message: dict[str, Any], to: str | None = None) -> None:
-        """To node ``to``, or to every other node (None); never raises."""
+    async def send(self, message: dict[str, Any], to: str | None = None) -> bool:
+        """To node ``to``, or to every other node (None); never raises: False when the carrier is down."""
         ...
 
 
@@ -265,8 +269,12 @@ class LiveSessions:
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._remote[call] = future
         try:
-            await self.peers.send({"op": "method", "call": call, "reply": self.peers.node_id, "hub": hub_name,
-                                   "device": device_id, "method": method, "payload": payload, "timeout": timeout}, node)
+            sent = await self.peers.send({"op": "method", "call": call, "reply": self.peers.node_id, "hub": hub_name,
+                                          "device": device_id, "method": method, "payload": payload,
+                                          "timeout": timeout}, node)
+            if sent is False:  # said now, not as a 504 after the whole timeout
+                raise NodeUnreachable(f"device {device_id!r} is connected to another node and the live bus to it is "
+                                      "down; retry")
             # the other node times the device out; the margin covers the bus, and a node that died meanwhile
             return await asyncio.wait_for(future, timeout + 2.0)
         except TimeoutError as exc:

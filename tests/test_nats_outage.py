@@ -23,6 +23,9 @@ from opendps.cluster import Cluster, NatsBus
 from opendps.hub import AuthenticatedDevice, LiveSessions, Presence
 from opendps.hub.live import NodeUnreachable
 
+# NATS going away does not depend on the store: each test once, on SQLite (the suite's time is kept for what does)
+pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
 NATS_BINARY = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
 
 

@@ -31,7 +31,7 @@ from opendps.hub.presence import Presence
 from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
-from opendps.store import short_of_room, unavailable
+from opendps.store import driver_message, short_of_room, unavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,10 +79,10 @@ class StoreOutage:
             self.short = self.short or short
         if first and short:
             store_log.warning("the database cannot store for now (%s): is its disk full? Writes are refused as retryable "
-                              "(HTTP 503, MQTT CONNACK 3 or no PUBACK) until it stores again", _first_line(exc))
+                              "(HTTP 503, MQTT CONNACK 3 or no PUBACK) until it stores again", driver_message(exc))
         elif first:
             store_log.warning("the database is unavailable (%s): requests are refused as retryable (HTTP 503, MQTT "
-                              "CONNACK 3) until it answers again", _first_line(exc))
+                              "CONNACK 3) until it answers again", driver_message(exc))
 
     def answered(self) -> None:
         """A domain call succeeded: if an outage was on, it is over (one of want of room: if none failed lately)."""
@@ -96,17 +96,9 @@ class StoreOutage:
                 return
             took, refused, short = now - self.since, self.refused, self.short
             self.since, self.refused, self.short = None, 0, False
-        if short:
-            store_log.info("the database stores again after %.1f s (%d call(s) refused meanwhile)", took, refused)
-        else:
-            store_log.info("the database answers again after %.1f s (%d call(s) refused meanwhile)", took, refused)
+        store_log.info("the database %s again after %.1f s (%d call(s) refused meanwhile)",
+                       "stores" if short else "answers", took, refused)
 
-
-def _first_line(exc: BaseException) -> str:
-    """The driver's own message, first line (SQLAlchemy's wrapper adds the statement and its parameters)."""
-    inner = getattr(exc, "orig", None) or exc
-    text = str(inner).strip().splitlines()
-    return f"{type(inner).__name__}: {text[0] if text else ''}"[:300]
 
 
 class DomainRunner:

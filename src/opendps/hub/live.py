@@ -159,8 +159,9 @@ class LiveSessions:
                 except Exception as exc:  # noqa: BLE001 - the store is away too: the next outage's end checks again
                     log.warning("sessions not re-checked after the live bus came back: %s", exc)
                     refused = []
-                for device, reason in refused:
-                    self._drop_here(device.hub_name, device.device_key, reason, None)
+                sessions = {id(link.device): session for link, session, _ in chunk}
+                for device, reason in refused:  # the session checked only: the device may have reconnected meanwhile
+                    self._drop_here(device.hub_name, device.device_key, reason, sessions[id(device)])
             await self._recorded([Change(link.device.hub_id, link.device.device_key.lower(), session, True, since)
                                   for link, session, since in chunk])
 

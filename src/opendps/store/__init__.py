@@ -87,6 +87,7 @@ __all__ = [
     "add_setting",
     "after_commit",
     "count_change_first",
+    "driver_message",
     "lock_row",
     "short_of_room",
     "sqlite_url",
@@ -247,6 +248,14 @@ def _driver_short(exc: BaseException) -> bool:
     return isinstance(state, str) and state.startswith(_PG_SHORT)
 
 
+def driver_message(exc: BaseException) -> str:
+    """The driver's own error, first line, with its type (SQLAlchemy's wrapper adds the statement, its parameters and
+    a link): what a log line about an outage names."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"[:300]
+
+
 class _PoolOutageLines(logging.Filter):
     """SQLAlchemy's pool logs a connection that died in use ("Exception during reset or similar") at ERROR with a
     traceback, one per connection of the pool: during a database outage (:func:`unavailable`) that is the outage the
@@ -255,8 +264,7 @@ class _PoolOutageLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and unavailable(exc):
-            first = (str(exc).strip().splitlines() or [""])[0]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first}"[:400]
+            record.msg = f"{record.getMessage()}: {driver_message(exc)}"
             record.args = None
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -29,13 +29,12 @@ class NatsUnreachable(ConnectionError):
 
 
 async def connect(url: str, *, name: str, within: float,
-                  on_error: Callable[[Exception], Awaitable[None]] | None = None,
                   log: logging.Logger | None = None, what: str = "NATS",
                   on_disconnected: Callable[[], Awaitable[None] | None] | None = None,
                   on_reconnected: Callable[[], Awaitable[None] | None] | None = None) -> Any:
     """A connected ``nats.aio.client.Client`` for ``url`` (servers separated by commas), or :class:`NatsUnreachable`
-    naming the last error after ``within`` seconds. ``on_error`` hears every connection error (nats-py logs each
-    with a traceback without one). With ``log``, a lost connection is one warning and its return one info line,
+    naming the last error after ``within`` seconds. Every connection error is heard here (nats-py logs each with a
+    traceback without an error callback). With ``log``, a lost connection is one warning and its return one info line,
     both naming ``what``; the attempts between are debug lines. ``on_disconnected`` / ``on_reconnected`` are called
     at those two moments (the connection closed for good by :meth:`close` or ``drain`` is neither)."""
     from nats.aio.client import Client  # imported on first use: only installations with a NATS bus or route need it
@@ -60,8 +59,6 @@ async def connect(url: str, *, name: str, within: float,
             log.warning("%s (%s): %s: %s", what, url, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
         elif log is not None:
             log.debug("%s (%s): %s: %s", what, url, type(exc).__name__, exc)
-        if on_error is not None:
-            await on_error(exc)
 
     async def disconnected() -> None:
         if nc.is_closed or nc.is_draining or lost_at or not connected:

@@ -1121,14 +1121,7 @@ class TlsProtocol(asyncio.Protocol):
         self._cancel_timer()
         raw = self._raw
         if raw is not None and self._loop is not None and raw.get_write_buffer_size():
-            self._timer = self._loop.call_later(self._close_timeout, self._abort_closing)
-
-    def _abort_closing(self) -> None:
-        """The close timer: the peer did not take our last bytes in time."""
-        self._timer = None
-        if self._raw is not None:
-            discard_unsent(self._raw)
-            self._raw.abort()
+            self._timer = self._loop.call_later(self._close_timeout, self._abort)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -387,3 +387,46 @@ def test_a_desired_push_to_a_device_that_reads_nothing_waits_in_the_background_a
         assert link.closed == f"does not read its desired property updates ({DESIRED_BACKLOG} waiting)"
 
     asyncio.run(main())
+
+
+def test_the_catch_up_after_a_bus_outage_closes_the_session_it_checked_not_a_newer_one():
+    """When the bus is back, sessions CONNECT would refuse now are closed; the check runs in a domain thread, and a
+    device that reconnected meanwhile (a renewed certificate replacing a revoked one) has a new session then: it is
+    the one checked that goes, not whichever holds the device's key."""
+    class Peers:
+        node_id = "node-a"
+
+        async def alive(self, node_id: str) -> bool:
+            return True
+
+        async def send(self, message, to=None) -> bool:
+            return True
+
+    class Recorder:
+        def record(self, node_id: str, changes: list[Change]) -> list:
+            return []
+
+    async def main() -> None:
+        live = LiveSessions()
+        hub = (1, "hub", "hub.example")
+        old = Link(live, AuthenticatedDevice(*hub, "dev", "dev", "certificateAuthority", certificate_serial="01"))
+        new = Link(live, AuthenticatedDevice(*hub, "dev", "dev", "certificateAuthority", certificate_serial="02"))
+        other = Link(live, AuthenticatedDevice(*hub, "off", "off", "sas"))
+
+        async def run(fn, *args):
+            result = fn(*args)
+            live.attach(new)  # the device reconnects while the check runs
+            return result
+
+        def recheck(devices):
+            return [(d, "no longer allowed") for d in devices]  # everything checked: the old certificate, "off"
+
+        live.join(Peers(), Recorder(), run, recheck=recheck)  # type: ignore[arg-type]
+        live.attach(old)
+        live.attach(other)
+        await live.resumed()
+        assert other.closed == "no longer allowed"
+        assert new.closed is None and live.link("hub", "dev") is new
+        assert old.closed == "taken over by a new connection of the same device"
+
+    asyncio.run(main())

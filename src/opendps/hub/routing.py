@@ -193,7 +193,6 @@ class NatsRouter:
         self._connections: dict[str, Any] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why): its last connect failed
-        self._failed: set[str] = set()  # urls whose last first-connection attempt failed (told once, not each time)
         self._up: dict[str, asyncio.Event] = {}  # url -> set while its connection is up (clear while reconnecting)
 
     async def _routes(self, hub_id: int) -> builtins.list[RouteView]:
@@ -231,16 +230,13 @@ class NatsRouter:
                                                what="telemetry routes", on_disconnected=up.clear,
                                                on_reconnected=up.set)
             except NatsUnreachable as exc:
-                self._down[url] = (time.monotonic() + RETRY_AFTER, str(exc))
                 # once when the attempts begin to fail, not every RETRY_AFTER s while NATS stays away
-                (log.debug if url in self._failed else log.warning)(
+                (log.debug if url in self._down else log.warning)(
                     "telemetry routes to %s: %s; trying again every %g s meanwhile", url, exc, RETRY_AFTER)
-                self._failed.add(url)
+                self._down[url] = (time.monotonic() + RETRY_AFTER, str(exc))
                 raise
-            if url in self._failed:
-                self._failed.discard(url)
+            if self._down.pop(url, None) is not None:
                 log.info("telemetry routes to %s: connected", url)
-            self._down.pop(url, None)
             up.set()
             self._connections[url] = nc
             return nc

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
-from opendps.store import ClusterNode, LiveMessage, Store, table_of
+from opendps.store import ClusterNode, LiveMessage, Prepared, Store, table_of
 
 _NODES = table_of(ClusterNode)
 _MESSAGES = table_of(LiveMessage)
@@ -121,10 +121,7 @@ class MessageReader:
     """
 
     def __init__(self, path: str, dialect: Any) -> None:
-        compiled = _FOR_NODE.compile(dialect=dialect)
-        self._sql = str(compiled)
-        self._order = tuple(compiled.positiontup or ())
-        self._defaults = dict(compiled.params)  # what the statement fixes itself (SQLite's OFFSET 0)
+        self._for_node = Prepared(_FOR_NODE, dialect)
         # autocommit (isolation_level None): the SELECT is its own transaction; timeout 0: no busy waiting
         self._conn: sqlite3.Connection | None = sqlite3.connect(path, timeout=0, isolation_level=None)
         self._conn.execute("PRAGMA query_only=ON")
@@ -141,11 +138,10 @@ class MessageReader:
         """What :meth:`Nodes.fetch` returns, read now; None when the database is locked (read again later)."""
         if self._conn is None:
             raise RuntimeError("the message reader is closed")
-        values = {**self._defaults, "after": after, "node": node_id, "limit": limit}
         try:
-            cursor = self._conn.execute(self._sql, tuple(values[name] for name in self._order))
+            cursor = self._conn.cursor()
             try:
-                return [(int(i), str(b)) for i, b in cursor.fetchall()]
+                return [(int(i), str(b)) for i, b in self._for_node.all(cursor, after=after, node=node_id, limit=limit)]
             finally:
                 cursor.close()
         except sqlite3.OperationalError as exc:

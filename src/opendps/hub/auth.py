@@ -12,15 +12,14 @@ identifier rejected, InvalidCredentials: bad user name or password, other 4xx: n
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from sqlalchemy.orm import Session
 
 from opendps.errors import InvalidCredentials, InvalidInput, Unauthorized
 from opendps.hub.registry import Hubs, HubView
@@ -58,9 +57,10 @@ class HubAuthenticator:
     """Decides whether a CONNECT may open a device session; the front end only translates.
 
     One step per CONNECT (:meth:`connect`): the hub and what it trusts come from the configuration cache (one read
-    of the configuration counter), then at most three prepared statements in one transaction: the identity, and
-    for one of our certificates, its issuance record and the device's ADR record. Nothing it does grows with the
-    number of enrollments, devices or hubs.
+    of the configuration counter), then at most three prepared statements in one transaction on the driver itself:
+    the identity, and for one of our certificates, its issuance record and the device's ADR record (and at its
+    first CONNECT, the note that it was used). Nothing it does grows with the number of enrollments, devices or
+    hubs.
     """
 
     def __init__(self, hubs: Hubs, issuance: IssuanceEngine, devices: DeviceRegistry) -> None:
@@ -72,32 +72,48 @@ class HubAuthenticator:
                 chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         """A CONNECT to the hub named by ``host`` (the user name's first part)."""
         store = self.hubs.store
-        with store.session() as s, store.config_snapshot(s):  # the counter and the statements: one connection
+        # the counter and the statements: one connection, the driver's own (see opendps.store.prepared)
+        with store.driver_transaction() as conn, store.config_snapshot(conn):
             hub = self.hubs.by_host(host)
             if hub is None:
                 raise Unauthorized(f"no linked hub has the host name {host!r}", reason="unknown_hub")
-            return self.authenticate(hub, device_id, client_id, password, chain, now, session=s)
+            device, superseding = self._check(conn.cursor(), hub, device_id, client_id, password, chain, now)
+        return self._first_use(device, superseding, now)
 
     def authenticate(self, hub: HubView, device_id: str, client_id: str, password: bytes | None,
-                     chain: list[x509.Certificate], now: datetime, *, session: Session | None = None
-                     ) -> AuthenticatedDevice:
+                     chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
+        """A CONNECT to ``hub``, found already."""
+        with self.hubs.store.driver_transaction() as conn:
+            device, superseding = self._check(conn.cursor(), hub, device_id, client_id, password, chain, now)
+        return self._first_use(device, superseding, now)
+
+    def _check(self, cursor: Any, hub: HubView, device_id: str, client_id: str, password: bytes | None,
+               chain: list[x509.Certificate], now: datetime) -> tuple[AuthenticatedDevice, IssuedRecord | None]:
+        """The device, and the record of its certificate when its first use may revoke older ones (after this
+        transaction, in one of its own: :meth:`IssuanceEngine.first_use`)."""
         if client_id != device_id:
             raise InvalidInput(f"client id {shown(client_id)} is not the device id {shown(device_id)} of the username",
                                reason="client_id_mismatch")
-        with contextlib.nullcontext(session) if session is not None else self.hubs.store.session() as s:
-            identity = self.hubs.connect_identity(s, hub, device_id)
-            if identity is None:
-                raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")
-            if identity.status != "enabled":
-                raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
-            device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
-                                         device_key(identity.device_id), sys.intern(identity.auth_type))
-            if password is not None:
-                return self._sas(device, password, identity.keys, now)
-            if chain:
-                return self._x509(s, hub, device, chain, identity.thumbprints, now)
+        identity = self.hubs.connect_identity(cursor, hub, device_id)
+        if identity is None:
+            raise Unauthorized(f"device {device_id!r} does not exist in hub {hub.name!r}", reason="unknown_device")
+        if identity.status != "enabled":
+            raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
+                                     device_key(identity.device_id), sys.intern(identity.auth_type))
+        if password is not None:
+            return self._sas(device, password, identity.keys, now), None
+        if chain:
+            return self._x509(cursor, hub, device, chain, identity.thumbprints, now)
         raise InvalidCredentials("no credential: send a SAS token as the password or a client certificate",
                                  reason="no_credential")
+
+    def _first_use(self, device: AuthenticatedDevice, superseding: IssuedRecord | None,
+                   now: datetime) -> AuthenticatedDevice:
+        if superseding is None:
+            return device
+        revoked = self.issuance.first_use(superseding, supersede=True, now=now)
+        return replace(device, superseded=tuple(v.serial_number for v in revoked)) if revoked else device
 
     @staticmethod
     def _sas(device: AuthenticatedDevice, password: bytes, keys: tuple[str, str] | None,
@@ -123,8 +139,8 @@ class HubAuthenticator:
                     raise InvalidCredentials("SharedAccessSignature has expired", reason="sas_expired") from exc
         raise InvalidCredentials("SharedAccessSignature signature does not verify", reason="sas_invalid")
 
-    def _x509(self, s: Session, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate],
-              prints: frozenset[str], now: datetime) -> AuthenticatedDevice:
+    def _x509(self, cursor: Any, hub: HubView, device: AuthenticatedDevice, chain: list[x509.Certificate],
+              prints: frozenset[str], now: datetime) -> tuple[AuthenticatedDevice, IssuedRecord | None]:
         leaf = chain[0]
         why = unreadable(leaf, key=False)  # the CA certificates after it only meet the verifier (its own errors)
         if why is not None:
@@ -144,7 +160,7 @@ class HubAuthenticator:
             if not {thumbprint(leaf, "sha1"), thumbprint(leaf)} & prints:
                 raise Unauthorized("device certificate thumbprint does not match the device identity",
                                    reason="certificate_mismatch")
-            return found
+            return found, None
         if device.auth_type != "certificateAuthority":
             raise Unauthorized(f"device {device.device_id!r} does not use X.509 authentication", reason="wrong_auth_type")
         trust = self.hubs.trust(hub)
@@ -153,7 +169,7 @@ class HubAuthenticator:
         # handshake proved the device holds its key), so the chain is not path-validated again (a P-384 signature,
         # the larger part of a CONNECT's own CPU). Everything else goes through the verifier.
         looked_up = trust.issuing_ca(issuer, now) is not None
-        issued = self.issuance.find(leaf, session=s) if looked_up else None
+        issued = self.issuance.find(leaf, cursor=cursor) if looked_up else None
         if issued is None:
             try:
                 anchor = trust.validate(leaf, chain[1:], now)
@@ -163,11 +179,10 @@ class HubAuthenticator:
             if anchor is None:
                 raise Unauthorized(f"hub {hub.name!r} trusts no CA", reason="untrusted_certificate")
             if trust.is_uploaded(anchor):  # the owner's CA: no record of ours to check
-                return found
+                return found, None
             if not looked_up:
-                issued = self.issuance.find(leaf, session=s)
-        superseded = self._issued_for_device(s, device, issued, now)  # ours: it must be this device's
-        return replace(found, superseded=superseded) if superseded else found
+                issued = self.issuance.find(leaf, cursor=cursor)
+        return found, self._issued_for_device(cursor, device, issued, now)  # ours: it must be this device's
 
     def no_longer_allowed(self, sessions: list[AuthenticatedDevice]) -> list[tuple[AuthenticatedDevice, str]]:
         """Of live ``sessions``, those CONNECT would refuse now, with why: the device deleted or disabled, or its
@@ -183,22 +198,26 @@ class HubAuthenticator:
                 refused.append((d, f"certificate {d.certificate_serial} was revoked while the live bus was away"))
         return refused
 
-    def _issued_for_device(self, s: Session, device: AuthenticatedDevice, issued: IssuedRecord | None,
-                           now: datetime) -> tuple[str, ...]:
-        """Refuse a certificate we did not issue (no ``issued`` record) to this device or that is revoked; at its
-        first CONNECT, revoke the older ones it supersedes (when its policy says so) and return their serial
-        numbers."""
+    def _issued_for_device(self, cursor: Any, device: AuthenticatedDevice, issued: IssuedRecord | None,
+                           now: datetime) -> IssuedRecord | None:
+        """Refuse a certificate we did not issue (no ``issued`` record) to this device or that is revoked. At the first
+        CONNECT of a renewed certificate (older unrevoked ones of its registration exist), return its record when the
+        policy revokes those it supersedes (the caller does it in a transaction of its own), else note the use."""
         if issued is None:
             raise Unauthorized("device certificate was not issued by this service", reason="untrusted_certificate")
         if issued.revoked_at is not None:
             raise Unauthorized(f"device certificate {issued.serial_number} is revoked ({issued.revocation_reason})",
                                reason="certificate_revoked")
-        holder = self.devices.registration_id(issued.policy_id, device.device_id, session=s) if issued.policy_id else None
+        holder = self.devices.registration_id(issued.policy_id, device.device_id, cursor=cursor) \
+            if issued.policy_id else None
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "
                                f"{device.device_id!r}", reason="certificate_mismatch")
-        if issued.first_used_at is not None or issued.policy_id is None:  # every CONNECT after the first: no write
-            return ()
-        supersede = self.hubs.registry.issuer(issued.policy_id).revoke_superseded
-        revoked = self.issuance.first_use(issued, supersede=supersede, now=now, session=s)
-        return tuple(v.serial_number for v in revoked)
+        # no write: every CONNECT after the first, and every one of a certificate with nothing older to supersede
+        # (the record's read says so; none can appear: one issued later is newer, and a revocation is never undone)
+        if issued.first_used_at is not None or issued.policy_id is None or not issued.has_older:
+            return None
+        if self.hubs.registry.issuer(issued.policy_id).revoke_superseded:
+            return issued  # revoked in a transaction of its own, after this one
+        self.issuance.claim_first_use(cursor, issued, now)  # kept: turning revokeSuperseded on later revokes nothing
+        return None

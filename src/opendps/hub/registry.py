@@ -294,6 +294,7 @@ class Hubs:
         self._linked: ConfigCache[str, builtins.list[HubView]] = ConfigCache(store, capacity=1)
         self._trust: ConfigCache[int, HubTrust] = ConfigCache(store)  # hub id -> what it trusts (CONNECT)
         self._byte_order: bool | None = None  # does the database order text by code point (device_page)
+        self._connect_identity = store.prepare(_CONNECT_IDENTITY)
 
     # ---- hubs ----
     @staticmethod
@@ -545,10 +546,11 @@ class Hubs:
                 s.connection().exec_driver_sql("SELECT 'B' < 'a' AND 'a-c' < 'ab'").scalar())
         return self._byte_order
 
-    def connect_identity(self, session: Session, hub: HubView, device_id: str) -> ConnectIdentity | None:
-        """The identity a CONNECT checks, in one prepared statement on the caller's transaction (None: no such
-        device); read on every CONNECT, so a disabled or deleted device is refused at once."""
-        row = session.connection().execute(_CONNECT_IDENTITY, {"b_hub": hub.id, "b_key": device_id.lower()}).first()
+    def connect_identity(self, cursor: Any, hub: HubView, device_id: str) -> ConnectIdentity | None:
+        """The identity a CONNECT checks, in one prepared statement on the cursor of the caller's
+        :meth:`~opendps.store.Store.driver_transaction` (None: no such device); read on every CONNECT, so a disabled
+        or deleted device is refused at once."""
+        row = self._connect_identity.first(cursor, b_hub=hub.id, b_key=device_id.lower())
         if row is None:
             return None
         prints = frozenset(p for p in (row.primary_thumbprint, row.secondary_thumbprint) if p)

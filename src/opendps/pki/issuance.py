@@ -41,7 +41,7 @@ _ISSUED = table_of(IssuedCertificate)
 _INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
 _OLDER = _ISSUED.alias("older")
 # before a certificate's first use, whether the registration holds older unrevoked ones (that use supersedes): a
-# first CONNECT with nothing to supersede then writes one statement, not two (evaluated only while unused)
+# CONNECT of a certificate with nothing to supersede writes nothing (evaluated only while unused)
 _HAS_OLDER = case((_ISSUED.c.first_used_at.is_(None),
                    exists().where(_OLDER.c.registration_id == _ISSUED.c.registration_id, _OLDER.c.id < _ISSUED.c.id,
                                   _OLDER.c.revoked_at.is_(None))), else_=False)
@@ -190,6 +190,8 @@ class IssuanceEngine:
         self.publication = publication
         # told of every certificate signed and recorded (the issuer, seconds it took): the wiring hands it the metrics
         self.observer: Callable[[Issuer, float], None] | None = None
+        self._issued_by_sha256 = store.prepare(_ISSUED_BY_SHA256)
+        self._claim_first_use = store.prepare(_CLAIM_FIRST_USE)
 
     def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
               session: Session | None = None) -> IssuedChain:
@@ -241,12 +243,14 @@ class IssuanceEngine:
             self.observer(issuer, perf_counter() - started)
         return IssuedChain(leaf, issuer.certificate, issuer.root)
 
-    def find(self, certificate: x509.Certificate, *, session: Session | None = None) -> IssuedRecord | None:
+    def find(self, certificate: x509.Certificate, *, cursor: Any = None) -> IssuedRecord | None:
         """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case); one prepared
-        statement, in ``session``'s transaction when given (the hub asks on every CONNECT)."""
+        statement, on the cursor of the caller's driver transaction when given (the hub asks on every CONNECT)."""
+        if cursor is None:
+            with self.store.driver_transaction() as conn:
+                return self.find(certificate, cursor=conn.cursor())
         sha = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
-        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
-            row = s.connection().execute(_ISSUED_BY_SHA256, {"b_sha": sha}).first()
+        row = self._issued_by_sha256.first(cursor, b_sha=sha)
         return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
                              row.revocation_reason, row.id, row.first_used_at, bool(row.has_older)) if row else None)
 
@@ -261,16 +265,23 @@ class IssuanceEngine:
                 _ISSUED.c.serial.in_(list(stored)), _ISSUED.c.revoked_at.is_not(None)))
             return {stored[row.serial] for row in rows}
 
-    def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None,
-                  session: Session | None = None) -> builtins.list[IssuedCertificateView]:
+    def claim_first_use(self, cursor: Any, record: IssuedRecord, now: datetime) -> None:
+        """Note ``record``'s first hub session on the cursor of the caller's driver transaction (a CONNECT's), when
+        it supersedes nothing: older certificates that its policy keeps (:meth:`first_use` revokes them)."""
+        if record.first_used_at is None and record.id:
+            self._claim_first_use.run(cursor, b_id=record.id, b_now=now)
+
+    def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None
+                  ) -> builtins.list[IssuedCertificateView]:
         """``record``'s certificate opened its first hub session: note it and, with ``supersede`` (the policy's
         ``revokeSuperseded``), revoke as ``superseded`` every unrevoked certificate issued to the same registration
-        before it. Returns those revoked. Runs once per certificate (``first_used_at`` is set in the same statement
-        that decides who does it), so only a renewed certificate's first CONNECT pays for it."""
+        before it, in a transaction of its own. Returns those revoked. Runs once per certificate (``first_used_at``
+        is set in the same statement that decides who does it), so only a renewed certificate's first CONNECT pays
+        for it."""
         if record.first_used_at is not None or not record.id:
             return []
         now = now or datetime.now(UTC)
-        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
+        with self.store.session() as s:
             conn = s.connection()
             claimed = conn.execute(_CLAIM_FIRST_USE, {"b_id": record.id, "b_now": now})
             # a concurrent first CONNECT of the same certificate did it; or none older when the record was read (in

@@ -7,7 +7,6 @@ the hub asks who a certificate's device is (:meth:`DeviceRegistry.registration_i
 from __future__ import annotations
 
 import builtins
-import contextlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +31,7 @@ _INSERT_RECORD = insert(_RECORDS)
 _REGISTRATION_OF = select(_RECORDS.c.registration_id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
                                                              _RECORDS.c.device_key == bindparam("b_key"))
 _UPDATE_RECORD = update(_RECORDS).where(_RECORDS.c.id == bindparam("b_id"))
+_POLICY_NAMESPACE = select(table_of(Policy).c.namespace_id).where(table_of(Policy).c.id == bindparam("b_id"))
 
 
 def check_lookup_id(device_id: object) -> str:
@@ -75,6 +75,8 @@ class DeviceRegistry:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._namespaces: ConfigCache[int, int | None] = ConfigCache(store)  # policy id -> its namespace's id
+        self._registration_of = store.prepare(_REGISTRATION_OF)
+        self._policy_namespace = store.prepare(_POLICY_NAMESPACE)
 
     def _namespace_of(self, session: Session, policy_id: int) -> int | None:
         """From the configuration cache: every registration records a device and policies change rarely."""
@@ -134,14 +136,19 @@ class DeviceRegistry:
         else:
             conn.execute(_UPDATE_RECORD, {"b_id": found.id, **values})
 
-    def registration_id(self, policy_id: int, device_id: str, *, session: Session | None = None) -> str | None:
+    def registration_id(self, policy_id: int, device_id: str, *, cursor: Any = None) -> str | None:
         """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record); one
-        prepared statement, in ``session``'s transaction when given (the hub asks on every CONNECT)."""
-        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
-            namespace_id = self._namespace_of(s, policy_id)
-            if namespace_id is None:
-                return None
-            return s.connection().execute(_REGISTRATION_OF, {"b_ns": namespace_id, "b_key": device_id.lower()}).scalar()
+        prepared statement, on the cursor of the caller's driver transaction when given (the hub asks on every
+        CONNECT)."""
+        if cursor is None:
+            with self.store.driver_transaction() as conn:
+                return self.registration_id(policy_id, device_id, cursor=conn.cursor())
+        namespace_id = self._namespaces.get(policy_id, lambda: getattr(
+            self._policy_namespace.first(cursor, b_id=policy_id), "namespace_id", None))
+        if namespace_id is None:
+            return None
+        row = self._registration_of.first(cursor, b_ns=namespace_id, b_key=device_id.lower())
+        return row.registration_id if row is not None else None
 
     def records_of(self, device_ids: Collection[str]) -> builtins.list[DeviceRecordView]:
         """The records of these devices in every namespace (the fleet dashboard's page of devices: their current

@@ -28,6 +28,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.sql import ClauseElement
 
 from opendps.store.models import (
     CONFIG_MODELS,
@@ -56,6 +57,7 @@ from opendps.store.models import (
     TelemetryRoute,
     WrappedKey,
 )
+from opendps.store.prepared import Prepared
 
 __all__ = [
     "AccessPolicy",
@@ -78,6 +80,7 @@ __all__ = [
     "Namespace",
     "Operation",
     "Policy",
+    "Prepared",
     "ProvenCaCertificate",
     "Registration",
     "Store",
@@ -333,14 +336,16 @@ class Store:
         event.listen(self._sessions, "do_orm_execute", _bump_on_bulk)
         event.listen(self._sessions, "after_transaction_end", _transaction_ended)
 
-    def config_generation(self, session: Session | None = None) -> int:
+    def config_generation(self, on: Session | DBAPIConnection | None = None) -> int:
         """The configuration counter: as read once for the current request inside :meth:`config_snapshot`, else
-        read now (on ``session``'s connection when given, else on one of its own)."""
+        read now (on the connection of ``on``, a session or a :meth:`driver_transaction`'s, when given, else on one
+        of its own)."""
         memo = _GENERATION.get()
         if memo is not None:
             return memo
         # the driver directly: ~10 us instead of ~110 us through Core
-        conn = session.connection().connection if session is not None else self.engine.raw_connection()
+        conn = (on.connection().connection if isinstance(on, Session) else on) if on is not None \
+            else self.engine.raw_connection()
         try:
             cursor = conn.cursor()
             try:
@@ -349,18 +354,19 @@ class Store:
             finally:
                 cursor.close()
         finally:
-            if session is None:
+            if on is None:
                 conn.close()
         return int(row[0]) if row else 0
 
     @contextmanager
-    def config_snapshot(self, session: Session | None = None) -> Iterator[int]:
-        """Read the counter once for a whole request (a registration makes several cached lookups); with ``session``,
-        on its connection (a CONNECT: one pool checkout, on PostgreSQL one ping, instead of two)."""
+    def config_snapshot(self, on: Session | DBAPIConnection | None = None) -> Iterator[int]:
+        """Read the counter once for a whole request (a registration makes several cached lookups); with ``on`` (a
+        session or a driver transaction's connection), on its connection (a CONNECT: one pool checkout, on
+        PostgreSQL one ping, instead of two)."""
         if _GENERATION.get() is not None:
             yield self.config_generation()
             return
-        token = _GENERATION.set(self.config_generation(session))
+        token = _GENERATION.set(self.config_generation(on))
         try:
             yield self.config_generation()
         finally:
@@ -401,10 +407,18 @@ class Store:
             yield conn
             conn.commit()
         except BaseException:
-            conn.rollback()
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001 - the connection is broken (the server went away): not back to the pool
+                conn.invalidate()
             raise
         finally:
             conn.close()
+
+    def prepare(self, statement: ClauseElement) -> Prepared:
+        """``statement`` compiled for this store's dialect, to run on a :meth:`driver_transaction`'s cursor: for the
+        few fixed statements a hot path runs on every call."""
+        return Prepared(statement, self.engine.dialect)
 
     # ---- instance settings: facts of the installation every node shares (ID scope, key check value...) ----
     def setting(self, name: str) -> str | None:

@@ -173,7 +173,9 @@ class IssuedCertificate(Base):
     # revocation (issue 17): when and why (an RFC 5280 CRLReason name); read with the row on every hub CONNECT
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    first_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)  # first hub CONNECT
+    # the first hub CONNECT of a renewed certificate (older unrevoked ones of its registration existed then): the
+    # superseding decision, made once; a certificate with nothing older is never written to on CONNECT
+    first_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class ProvenCaCertificate:

@@ -221,15 +221,31 @@ def _connect(services, device_id, *, chain=(), password=None, host="default.hubs
     return services.hub_auth.connect(host, device_id, device_id, password, list(chain), datetime.now(UTC))
 
 
-def _statements(services):
+def _statements(services, *, prepared: bool = True):
+    """The SQL statements run from now until the returned ``stop()``: through SQLAlchemy and, with ``prepared``, on
+    the driver's cursor (opendps.store.Prepared, which SQLAlchemy's events do not see)."""
     from sqlalchemy import event
+
+    from opendps.store import Prepared
     seen: list[str] = []
 
     def record(conn, cursor, sql, *args) -> None:
         seen.append(" ".join(sql.split()))
 
+    originals = {method: getattr(Prepared, method) for method in ("first", "all", "run")} if prepared else {}
+    for method, run in originals.items():
+        def recorded(self, cursor, _run=run, **values):
+            seen.append(" ".join(self.sql.split()))
+            return _run(self, cursor, **values)
+        setattr(Prepared, method, recorded)
+
+    def stop() -> None:
+        event.remove(services.store.engine, "before_cursor_execute", record)
+        for method, run in originals.items():
+            setattr(Prepared, method, run)
+
     event.listen(services.store.engine, "before_cursor_execute", record)
-    return seen, lambda: event.remove(services.store.engine, "before_cursor_execute", record)
+    return seen, stop
 
 
 def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(services, provisioned):
@@ -240,7 +256,8 @@ def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(s
     for i in range(30):  # more enrollments do not add work to a CONNECT
         symmetric_group(services, f"more-{i}", credentialPolicyName="ops")
     _connect(services, "dev-h1", chain=chains["dev-h1"][:2])
-    seen, stop = _statements(services)
+    through_sqlalchemy, stop_sqlalchemy = _statements(services, prepared=False)
+    prepared, stop = _statements(services)
     from sqlalchemy import event
     checkouts: list[object] = []
     count = lambda *args: checkouts.append(args)  # noqa: E731
@@ -249,10 +266,13 @@ def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(s
         assert _connect(services, "dev-h1", chain=chains["dev-h1"][:2]).device_id == "dev-h1"
     finally:
         stop()
+        stop_sqlalchemy()
         event.remove(services.store.engine, "checkout", count)
-    assert len(seen) == 3, seen
+    assert through_sqlalchemy == []  # every statement on the driver's cursor (opendps.store.prepared)
+    assert len(prepared) == 3, prepared
     assert len(checkouts) == 1  # the configuration counter is read on the statements' connection
-    assert [s.split(" FROM ")[1].split()[0] for s in seen] == ["hub_devices", "issued_certificates", "device_records"]
+    assert [s.split(" FROM ")[1].split()[0] for s in prepared] == ["hub_devices", "issued_certificates",
+                                                                   "device_records"]
     with pytest.raises(Unauthorized, match="no linked hub has the host name 'nowhere.test'"):
         _connect(services, "dev-h1", chain=chains["dev-h1"][:2], host="nowhere.test")
 

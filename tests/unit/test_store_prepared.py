@@ -1,0 +1,81 @@
+"""opendps.store.Prepared: Core statements run on the driver's own cursor, on both stores, giving what SQLAlchemy gives.
+
+Why a test of its own: the hub's CONNECT runs through it, and what SQLAlchemy's execution did for us (a datetime
+as SQLite's text and back, a boolean, a literal the statement fixes, the driver's parameter style) is now its job.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import bindparam, case, exists, select, update
+from tests.unit.conftest import symmetric_group
+from tests.unit.hub.test_revocation import _issue
+
+from opendps.store import IssuedCertificate, Store, table_of
+
+_ISSUED = table_of(IssuedCertificate)
+_OLDER = _ISSUED.alias("older")
+_ROW = select(_ISSUED.c.id, _ISSUED.c.serial, _ISSUED.c.not_after, _ISSUED.c.first_used_at,
+              case((_ISSUED.c.first_used_at.is_(None),
+                    exists().where(_OLDER.c.registration_id == _ISSUED.c.registration_id, _OLDER.c.id < _ISSUED.c.id)),
+                   else_=False).label("has_older")).where(_ISSUED.c.sha256 == bindparam("b_sha"))
+_USE = update(_ISSUED).where(_ISSUED.c.id == bindparam("b_id"), _ISSUED.c.first_used_at.is_(None)).values(
+    first_used_at=bindparam("b_now"))
+
+
+def _certificates(store: Store, services, count: int) -> list[str]:
+    """``count`` certificates issued to one registration (the oldest first, by its registrations); their SHA-256s."""
+    services.registry.create_namespace("prep-ns", "prep")
+    key = symmetric_group(services, "prep-group", credentialPolicyName="prep")
+    for _ in range(count):
+        _issue(services, key, "prep-dev")
+    with store.session() as s:
+        return [r.sha256 for r in s.execute(select(_ISSUED.c.sha256).order_by(_ISSUED.c.id))]
+
+
+def test_rows_parameters_and_changes_are_what_sqlalchemy_gives(store, services):
+    first, second = _certificates(store, services, 2)
+    prepared, use = store.prepare(_ROW), store.prepare(_USE)
+    with store.session() as s:  # what SQLAlchemy itself reads, to compare with
+        expected = s.connection().execute(_ROW, {"b_sha": second}).one()
+    with store.driver_transaction() as conn:
+        row = prepared.first(conn.cursor(), b_sha=second)
+    assert row == tuple(expected) and row.serial == expected.serial
+    assert isinstance(row.not_after, datetime) and row.not_after == expected.not_after  # SQLite's text, read back
+    assert row.has_older is True and row.first_used_at is None  # a boolean, and the literal False not taken
+    with store.driver_transaction() as conn:
+        assert prepared.first(conn.cursor(), b_sha=first).has_older is False
+        assert prepared.first(conn.cursor(), b_sha="0" * 64) is None
+        assert prepared.all(conn.cursor(), b_sha=first) == [prepared.first(conn.cursor(), b_sha=first)]
+    with pytest.raises(ValueError, match="naive datetime"), store.driver_transaction() as conn:  # the column type's rule
+        use.run(conn.cursor(), b_id=row.id, b_now=datetime(2026, 12, 7, 12, 30))
+    when = datetime(2026, 12, 7, 14, 30, 1, 250000, tzinfo=timezone(timedelta(hours=2)))
+    with store.driver_transaction() as conn:
+        assert use.run(conn.cursor(), b_id=row.id, b_now=when) == 1  # a datetime written as the store writes one
+        assert use.run(conn.cursor(), b_id=row.id, b_now=when + timedelta(days=1)) == 0
+    with store.session() as s:
+        stored = s.get(IssuedCertificate, row.id)
+        assert stored.first_used_at == when and stored.first_used_at.utcoffset() == timedelta(0)  # as UTC: 12:30:01
+    with store.driver_transaction() as conn:
+        assert prepared.first(conn.cursor(), b_sha=second).first_used_at == when
+    with store.driver_transaction() as conn:  # the CASE's ELSE: the statement's own literal False, as a boolean
+        assert prepared.first(conn.cursor(), b_sha=second).has_older is False
+
+
+def test_a_failed_driver_transaction_writes_nothing(store, services):
+    (sha,) = _certificates(store, services, 1)
+    prepared, use = store.prepare(_ROW), store.prepare(_USE)
+    with store.driver_transaction() as conn:
+        row = prepared.first(conn.cursor(), b_sha=sha)
+    with pytest.raises(RuntimeError), store.driver_transaction() as conn:
+        assert use.run(conn.cursor(), b_id=row.id, b_now=datetime.now(UTC)) == 1
+        raise RuntimeError("refused after the write")
+    with store.driver_transaction() as conn:
+        assert prepared.first(conn.cursor(), b_sha=sha).first_used_at is None
+
+
+def test_statements_a_fixed_shape_cannot_hold_are_refused(store):
+    with pytest.raises(ValueError, match="no IN lists"):
+        store.prepare(select(_ISSUED.c.id).where(_ISSUED.c.serial.in_(bindparam("serials", expanding=True))))

@@ -58,9 +58,9 @@ class HubAuthenticator:
 
     One step per CONNECT (:meth:`connect`): the hub and what it trusts come from the configuration cache (one read
     of the configuration counter), then at most three prepared statements in one transaction on the driver itself:
-    the identity, and for one of our certificates, its issuance record and the device's ADR record (and at its
-    first CONNECT, the note that it was used). Nothing it does grows with the number of enrollments, devices or
-    hubs.
+    the identity, and for one of our certificates, its issuance record and the device's ADR record; it writes
+    nothing but at a renewed certificate's first CONNECT. Nothing it does grows with the number of enrollments,
+    devices or hubs.
     """
 
     def __init__(self, hubs: Hubs, issuance: IssuanceEngine, devices: DeviceRegistry) -> None:

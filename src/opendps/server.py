@@ -106,12 +106,12 @@ async def _plain_http(app: web.Application, host: str, port: int, name: str, bud
 
 
 async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banner: bool = True, worker: int = 0,
-                workers: int = 1, on_ready: Callable[[], None] | None = None,
-                stop_when: asyncio.Event | None = None) -> None:
+                workers: int = 1, on_ready: Callable[[str], None] | None = None,
+                stop_when: asyncio.Event | None = None, replaces: str | None = None) -> None:
     """Run the HTTPS, MQTT and (unless their port is 0) AMQP and plain-HTTP (CRLs and OCSP) listeners until
     cancelled, signalled or ``stop_when`` is set. As one of ``workers`` processes (``opendps.workers``) the
     listeners use SO_REUSEPORT. The process is a node of the cluster (``opendps.cluster``) from the moment it
-    listens."""
+    listens; ``on_ready`` is told its node id, ``replaces`` names the node of the dead worker this one restarts."""
     st = instance.settings
     fe = front_ends(instance)
     shared = workers > 1
@@ -151,7 +151,7 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     metrics_runner = await _plain_http(make_metrics_app(fe.runtime), st.metrics_host, st.metrics_port, "metrics",
                                        budget["metrics"], shared, st.client_timeout) if st.metrics_port else None
     # a node of the service from now on: live hub state reaches devices here from any process or node
-    await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, endpoints={
+    cluster = await fe.runtime.join_cluster(bus_url=st.bus, worker=worker, replaces=replaces, endpoints={
         "bind": st.host, "https": st.https_port, "mqtt": st.mqtt_port, "amqp": st.amqp_port, "http": st.http_port})
     if not shared:  # a worker's supervisor does it once for all of them
         remember_settings(st)
@@ -181,7 +181,7 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     if ready is not None:
         ready.set()
     if on_ready is not None:
-        on_ready()
+        on_ready(cluster.node_id)
     try:
         await stop.wait()
     finally:

@@ -14,7 +14,11 @@ refused and the clients retry.
 
 The supervisor opens the installation first (migrations, the server certificate), so workers only open it. It
 restarts a worker that exits unexpectedly (after 1 s, doubling up to 30 s while it keeps dying within 10 s of
-its start), and on SIGTERM or SIGINT stops them all (SIGTERM, then SIGKILL after 15 s).
+its start; one that does not say it listens within the start timeout is killed and restarted the same way), and on
+SIGTERM or SIGINT stops them all (SIGTERM, then SIGKILL after 15 s). A restarted worker is told its predecessor's
+node id, and removes that node at once (``Cluster.start``): the devices the dead process held are not shown as
+connected, nor routed to it, until the node timeout. Once the workers are stopped, further SIGTERM/SIGINT are
+ignored: a second one (systemd, an impatient operator) must not kill the exiting supervisor (exit status -15).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def probe_ports(st: Settings) -> None:
                     raise OSError(exc.errno, f"{name} port {port}: {exc.strerror}") from exc
 
 
-def _worker_main(settings: Settings, index: int, count: int, parent: Connection) -> None:
+def _worker_main(settings: Settings, index: int, count: int, parent: Connection, replaces: str | None = None) -> None:
     """A worker process: open the installation, serve until SIGTERM or until the supervisor is gone."""
     import asyncio
 
@@ -95,10 +99,12 @@ def _worker_main(settings: Settings, index: int, count: int, parent: Connection)
 
         loop.add_reader(parent.fileno(), parent_gone)  # the pipe ends when the supervisor dies (even by kill -9)
 
-        def ready() -> None:
-            parent.send(("ready", index, os.getpid()))
+        def ready(node_id: str) -> None:
+            with contextlib.suppress(OSError):  # the supervisor died meanwhile: the orphan watch stops us cleanly
+                parent.send(("ready", index, os.getpid(), node_id))
 
-        await serve(inst, banner=False, worker=index, workers=count, on_ready=ready, stop_when=orphaned)
+        await serve(inst, banner=False, worker=index, workers=count, on_ready=ready, stop_when=orphaned,
+                    replaces=replaces)
 
     try:
         asyncio.run(main())
@@ -125,11 +131,16 @@ class Supervisor:
         self.pipes: dict[int, Connection] = {}
         self.started: dict[int, float] = {}
         self.deaths: dict[int, int] = {}
+        self.nodes: dict[int, str] = {}  # each worker's cluster node id, as it said when ready
+        self.failure: dict[int, str] = {}  # why a worker's last start failed, told once while it repeats
         self.stopping: str | None = None
+        self.start_timeout = START_TIMEOUT
 
     def _start(self, index: int) -> None:
         ours, theirs = self.context.Pipe(duplex=False)
-        proc = self.context.Process(target=_worker_main, args=(self.settings, index, self.count, theirs),
+        # the node of the slot's last process, which is dead (reaped) by now; kept until a successor is ready
+        replaces = self.nodes.get(index)
+        proc = self.context.Process(target=_worker_main, args=(self.settings, index, self.count, theirs, replaces),
                                     name=f"opendps-worker-{index}", daemon=False)
         proc.start()
         theirs.close()
@@ -138,12 +149,12 @@ class Supervisor:
     def _await_ready(self, indexes: list[int]) -> list[int]:
         """Wait until the workers say they listen; their pids. ConfigurationError when one cannot start."""
         pids: dict[int, int] = {}
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while len(pids) < len(indexes):
             pending = [self.pipes[i] for i in indexes if i not in pids]
             if self.stopping or time.monotonic() > deadline:
                 raise ConfigurationError("the workers did not start within "
-                                         f"{START_TIMEOUT:g} s" if not self.stopping else "stopped while starting")
+                                         f"{self.start_timeout:g} s" if not self.stopping else "stopped while starting")
             for conn in wait(pending, timeout=0.5):
                 try:
                     message = conn.recv()
@@ -153,6 +164,7 @@ class Supervisor:
                 if message[0] == "failed":
                     raise ConfigurationError(f"worker {message[1]}: {message[2]}")
                 pids[message[1]] = message[2]
+                self.nodes[message[1]] = message[3]
         return [pids[i] for i in indexes]
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -183,6 +195,10 @@ class Supervisor:
             if banner:
                 print(f"opendps shutting down{f' ({self.stopping})' if self.stopping else ''}", flush=True)
             self._stop_all()
+            # stopped: from here to the exit (the interpreter's teardown resets our handlers to the default, and
+            # takes ~0.5 s) a second SIGTERM or Ctrl-C would end the process with -15 instead of 0
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _watch(self) -> None:
         """Restart a worker that exits while we are not stopping."""
@@ -195,10 +211,15 @@ class Supervisor:
                 if i in restart_at or proc.is_alive() or self.stopping:
                     continue
                 self.pipes[i].close()
-                quick = now - self.started[i] < QUICK_DEATH
+                quick = now - self.started[i] < QUICK_DEATH or i in self.failure  # never listened: backs off too
                 self.deaths[i] = self.deaths.get(i, 0) + 1 if quick else 0
                 delay = min(30.0, 2 ** self.deaths[i] / 2) if quick else 0.0
-                log.warning("worker %d (pid %s) exited with %s; restarting it in %g s", i, proc.pid, proc.exitcode, delay)
+                if i in self.failure:  # it could not start, and said why (once while the reason stays the same)
+                    log.debug("worker %d (pid %s) exited with %s; trying again in %g s", i, proc.pid, proc.exitcode,
+                              delay)
+                else:
+                    log.warning("worker %d (pid %s) exited with %s; restarting it in %g s", i, proc.pid,
+                                proc.exitcode, delay)
                 metrics.worker_exited(proc.pid)  # its live gauges leave the sums; its counters stay
                 restart_at[i] = now + delay
             for i, at in list(restart_at.items()):
@@ -207,9 +228,26 @@ class Supervisor:
                     self._start(i)
                     try:
                         pid = self._await_ready([i])[0]
-                        log.info("worker %d restarted (pid %d)", i, pid)
                     except ConfigurationError as exc:
-                        log.warning("worker %d did not restart: %s", i, exc)
+                        self._failed_start(i, str(exc))
+                    else:
+                        failed = self.failure.pop(i, None) is not None
+                        log.info("worker %d restarted (pid %d)%s", i, pid, " after failed starts" if failed else "")
+
+    def _failed_start(self, index: int, reason: str) -> None:
+        """A restart that did not reach "listening": said once per reason (a crash loop is told once, then backs
+        off quietly); a worker still running (hung past the start timeout, stopped) is killed, so that the watch
+        restarts it with the growing delay instead of leaving the slot empty for good."""
+        if self.stopping:
+            return
+        reason = reason.removeprefix(f"worker {index}: ")
+        if self.failure.get(index) != reason:
+            log.warning("worker %d could not start: %s; retrying with a growing delay (at most 30 s)", index, reason)
+        self.failure[index] = reason
+        proc = self.procs[index]
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():

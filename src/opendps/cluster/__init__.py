@@ -72,11 +72,22 @@ class Cluster:
         now = datetime.now(UTC)
         return NodeInfo(self.node_id, socket.gethostname(), os.getpid(), self.worker, self.endpoints, now, now)
 
-    async def start(self, deliver: Callable[[dict[str, Any]], None]) -> None:
-        """Join (the row exists before any presence refers to it), start hearing messages, and heartbeat."""
+    async def start(self, deliver: Callable[[dict[str, Any]], None], *, replaces: str | None = None) -> None:
+        """Join (the row exists before any presence refers to it), start hearing messages, and heartbeat.
+
+        ``replaces``: the node of the process this one restarts (``opendps.workers`` knows it died: it reaped it).
+        Its row goes now, with its devices' presence, instead of after the node timeout: until then the devices it
+        held looked connected, and a direct method for one went to the dead node and was a 504 after the whole
+        timeout instead of a 404 at once."""
         self._deliver = deliver
         self.bus.on_resumed = self._resumed
         await self.run(self.nodes.join, self._info())
+        if replaces is not None and replaces != self.node_id:
+            try:
+                await self.run(self.nodes.leave, replaces)
+                log.info("node %s (this worker's previous process) removed, with its devices' presence", replaces)
+            except Exception as exc:  # noqa: BLE001 - the sweep removes it after the node timeout
+                log.warning("node %s of this worker's previous process not removed (%s); the sweep will", replaces, exc)
         try:
             await self.bus.start(self.node_id, self._receive)
         except BaseException:

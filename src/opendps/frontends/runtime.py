@@ -441,9 +441,10 @@ class Runtime:
         return message
 
     async def join_cluster(self, *, bus_url: str | None = None, worker: int = 0,
-                           endpoints: dict[str, object] | None = None) -> Cluster:
+                           endpoints: dict[str, object] | None = None, replaces: str | None = None) -> Cluster:
         """Become a node: recorded in ``cluster_nodes``, heartbeating, live sessions routed over the store's bus (or
-        NATS at ``bus_url``) to and from the other processes and nodes."""
+        NATS at ``bus_url``) to and from the other processes and nodes. ``replaces``: the node of the dead process
+        this one restarts (see :meth:`Cluster.start`)."""
         store = self.services.store
         bus = choose_bus(store, self.domain.run, self.services.id_scope, bus_url)
         cluster = Cluster(store, bus, self.domain.run, worker=worker, endpoints=dict(endpoints or {}))
@@ -451,7 +452,8 @@ class Runtime:
                        recheck=self.services.hub_auth.no_longer_allowed)
         cluster.on_rejoin = self.live.rejoin
         cluster.on_resumed = self.live.resumed
-        await cluster.start(self._on_peer_message)  # a NATS bus that is not there yet connects in the background
+        # a NATS bus that is not there yet connects in the background
+        await cluster.start(self._on_peer_message, replaces=replaces)
         self.cluster = cluster
         return cluster
 

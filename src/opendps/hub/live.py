@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -270,9 +271,11 @@ class LiveSessions:
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._remote[call] = future
         try:
+            # "expires" (wall clock, as presence's connected_at trusts the nodes' clocks): a node that reads the call
+            # after it (stalled: SIGSTOP, a long GC or swap) must not run it, its caller was answered 504 already
             sent = await self.peers.send({"op": "method", "call": call, "reply": self.peers.node_id, "hub": hub_name,
                                           "device": device_id, "method": method, "payload": payload,
-                                          "timeout": timeout}, node)
+                                          "timeout": timeout, "expires": time.time() + timeout}, node)
             if sent is False:  # said now, not as a 504 after the whole timeout
                 raise NodeUnreachable(f"device {device_id!r} is connected to another node and the live bus to it is "
                                       "down; retry")
@@ -440,10 +443,17 @@ class LiveSessions:
     async def _serve_method(self, message: dict[str, Any]) -> None:
         """Another node's direct-method call for a device connected here."""
         reply: dict[str, Any] = {"op": "method-result", "call": message.get("call")}
+        timeout = float(message.get("timeout") or 30.0)
+        expires = message.get("expires")
+        if isinstance(expires, (int, float)):  # a node without it (an older version) keeps the whole timeout
+            timeout = min(timeout, float(expires) - time.time())
         try:
+            if timeout <= 0:  # read late (this process was stalled): the caller has its 504, the device gets nothing
+                raise MethodTimeout(f"method {str(message.get('method'))!r} for device {str(message.get('device'))!r} "
+                                    "reached this node after its timeout: not run")
             status, payload = await self._invoke_here(
                 str(message.get("hub")), str(message.get("device")), str(message.get("method")),
-                message.get("payload"), float(message.get("timeout") or 30.0))
+                message.get("payload"), timeout)
             reply.update(status=status, payload=payload)
         except MethodTimeout as exc:
             reply.update(error="timeout", message=exc.message)

@@ -22,7 +22,9 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    spell it ``deviceBound``; Node and C# URL-encode the id). It is accepted once it is in the durable C2D queue
    (:meth:`opendps.frontends.runtime.Runtime.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
    ``amqp:not-found`` (unknown device), ``amqp:resource-limit-exceeded`` (50 pending),
-   ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``.
+   ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``,
+   ``com.microsoft:timeout`` (the database away for now: the condition the SDKs retry). A put-token or a SASL PLAIN
+   credential that cannot be judged for now gets status 503 or the SASL outcome ``sys-temp``.
 
 4. Receiver links on ``/messages/servicebound/feedback`` (C#'s ``ServiceClient.OpenAsync`` and C's
    ``IoTHubMessaging_LL_Open`` always attach it) and ``/messages/servicebound/filenotifications`` are accepted
@@ -42,7 +44,16 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge, Unauthorized
+from opendps.errors import (
+    GatewayTimeout,
+    InvalidInput,
+    NotFound,
+    OpenDPSError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Throttled,
+    Unauthorized,
+)
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.hub import DEFAULT_HUB, QueueFull
@@ -55,6 +66,9 @@ from opendps.transport.amqp import (
     MESSAGE_SIZE_EXCEEDED,
     NOT_FOUND,
     RESOURCE_LIMIT,
+    SASL_AUTH,
+    SASL_OK,
+    SASL_SYS_TEMP,
     UNAUTHORIZED,
     AmqpConnection,
     AmqpError,
@@ -75,6 +89,13 @@ IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filen
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
 ACK_PROPERTY = "iothub-ack"
+# IoT Hub's vendor conditions for a refusal worth retrying. The service SDKs map ``com.microsoft:timeout`` to an error
+# their retry policies retry (Node azure-iothub: ServiceUnavailableError; C#: a TimeoutException, in v2 a transient
+# 408; uamqp retries any vendor condition), and ``device-container-throttled`` to their throttling error (retried with
+# back-off). ``amqp:internal-error`` is not retried by Node's or C#'s service client; ``com.microsoft:server-busy`` is
+# Event Hubs' and Service Bus', which the IoT Hub SDKs do not know (a generic, permanent error).
+TIMEOUT = "com.microsoft:timeout"
+THROTTLED = "com.microsoft:device-container-throttled"
 
 
 def node(address: str | None) -> str:
@@ -153,6 +174,10 @@ def amqp_error(exc: OpenDPSError) -> AmqpError:
         condition = INVALID_FIELD
     elif exc.status in (401, 403):
         condition = UNAUTHORIZED
+    elif isinstance(exc, Throttled):
+        condition = THROTTLED
+    elif isinstance(exc, ServiceUnavailable | GatewayTimeout):  # the database away for now (StoreUnavailable) included
+        condition = TIMEOUT
     else:
         condition = INTERNAL_ERROR
     return AmqpError(condition, f"{exc.message} ({exc.error_code})")
@@ -193,16 +218,21 @@ class HubConnection:
             return None
         return await self._c2d(message)
 
-    async def sasl_plain(self, credentials: PlainCredentials) -> bool:
+    async def sasl_plain(self, credentials: PlainCredentials) -> int:
         """SASL PLAIN (the C service SDK): the password is judged as a CBS put-token's body is, so both ways in
-        grant the same thing. Only the check's own reason is logged, never the password."""
+        grant the same thing. Only the check's own reason is logged, never the password. A token that cannot be
+        judged for now (the database away) gets the transient outcome ``sys-temp``, not ``auth``: the credential may
+        well be good."""
         try:
             principal = await self.front.authenticator.authenticate(credentials.password, hub_service_only)
         except Unauthorized as exc:
             log.info("AMQP SASL PLAIN from %s refused: %s", self.conn.peer, exc.message)
-            return False
+            return SASL_AUTH
+        except OpenDPSError as exc:
+            log.info("AMQP SASL PLAIN from %s not judged: %s", self.conn.peer, exc.message)
+            return SASL_SYS_TEMP
         self._grant(principal)
-        return True
+        return SASL_OK
 
     def closed(self) -> None:
         if self._expiry is not None:
@@ -228,6 +258,9 @@ class HubConnection:
             except Unauthorized as exc:
                 status, description = 401, exc.message
                 log.info("AMQP put-token from %s refused: %s", self.conn.peer, exc.message)
+            except OpenDPSError as exc:  # not judged for now (the database away: 503), answered as AMQP management does
+                status, description = exc.status, exc.message
+                log.info("AMQP put-token from %s not judged: %s", self.conn.peer, exc.message)
             else:
                 status, description = 200, "OK"
                 self._grant(principal)

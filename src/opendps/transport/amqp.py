@@ -78,7 +78,9 @@ SASL_MECHANISMS = ("MSSBCBS", "PLAIN", "ANONYMOUS")
 PLAIN = "PLAIN"
 _MAX_SASL_FRAME = 4096
 _SASL_INIT, _SASL_MECHANISMS_CODE, _SASL_OUTCOME = 0x41, 0x40, 0x44
-SASL_OK, SASL_AUTH = 0, 1  # sasl-outcome codes (AMQP 1.0 part 5.3.3.6)
+# sasl-outcome codes (AMQP 1.0 part 5.3.3.6): ok, authentication failed, and a transient system error (the credential
+# could not be judged for now, e.g. the database is away: the client retries, where ``auth`` would make it give up)
+SASL_OK, SASL_AUTH, SASL_SYS_TEMP = 0, 1, 4
 
 
 def _sasl_frame(code: int, fields: Callable[[Data], None]) -> bytes:
@@ -208,7 +210,8 @@ class AmqpLimits:
     open_timeout: float = 10.0  # seconds to finish SASL and the AMQP open after the TLS handshake
     max_frame_size: int = 65536
     channel_max: int = 7  # at most 8 sessions per connection
-    max_links: int = 32
+    max_links: int = 32  # links accepted at once; as many again refused and not yet detached by the peer, then it closes
+    max_outbox: int = 64  # messages an outgoing link holds while the peer grants no credit (CBS answers)
     max_message_size: int = 256 * 1024  # one message, all its transfer frames together
     session_capacity: int = 1024 * 1024  # bytes one session may buffer (sets the incoming window)
     link_credit: int = 10  # deliveries one incoming link may have in flight
@@ -244,6 +247,9 @@ class AmqpLink:
         """Queue a message on an outgoing link; it leaves as the peer grants credit."""
         if self.incoming:
             raise ValueError("cannot send on an incoming link")
+        if len(self._outbox) >= self._conn.limits.max_outbox:  # a peer that asks (put-token) but grants no credit
+            self.close(AmqpError(RESOURCE_LIMIT, f"{len(self._outbox)} messages wait for link credit on this link"))
+            return
         self._outbox.append(message.encode())
         # sent on the next loop turn: after the delivery being handled is settled (a CBS client wants the
         # disposition of its request before the response)
@@ -266,9 +272,10 @@ class AmqpHandler(Protocol):
     async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:
         """A complete message on an incoming link: accept (None) or reject with an error."""
 
-    async def sasl_plain(self, credentials: PlainCredentials) -> bool:
-        """SASL PLAIN: True authorises the connection (sasl-outcome ok), False refuses it (outcome auth, then the
-        connection closes). Runs before any AMQP frame, in the same one-at-a-time order as the other calls."""
+    async def sasl_plain(self, credentials: PlainCredentials) -> int:
+        """SASL PLAIN: the sasl-outcome code. ``SASL_OK`` authorises the connection, ``SASL_AUTH`` refuses the
+        credential, ``SASL_SYS_TEMP`` says it cannot be judged for now (a client retries later); after either refusal
+        the connection closes. Runs before any AMQP frame, in the same one-at-a-time order as the other calls."""
 
     def closed(self) -> None:
         """The connection is gone (called once)."""
@@ -326,6 +333,9 @@ class AmqpConnection(asyncio.Protocol):
         self._connection.collect(self._collector)
         self._transport.bind(self._connection)
         self._links: dict[Link, AmqpLink] = {}  # attached links (proton wrappers compare by the C object)
+        # every link the peer attached and has not detached, refused ones and those waiting for the handler included:
+        # proton keeps each until the peer's detach (or a second attach on a handle in use orphans one for good)
+        self._held: set[Link] = set()
         self._work: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._tick_timer: asyncio.TimerHandle | None = None
@@ -492,6 +502,12 @@ class AmqpConnection(asyncio.Protocol):
                 self._connection.close()  # written by the _pump that follows every _process
         elif t == Event.SESSION_REMOTE_OPEN:
             session = event.session
+            if self._sessions_held() > self.limits.channel_max + 1:
+                # proton takes a begin on a channel in use as one more session (each one kept, unreachable): 10,000
+                # begins on channel 0 held 36 MB and wedged the connection once its own channels ran out
+                self._protocol_close(AmqpError(NOT_ALLOWED, f"more than {self.limits.channel_max + 1} sessions at "
+                                                            "once: a begin on a channel already in use"))
+                return
             if session.state & Endpoint.LOCAL_UNINIT:
                 session.incoming_capacity = self.limits.session_capacity
                 session.open()
@@ -506,6 +522,7 @@ class AmqpConnection(asyncio.Protocol):
         elif t == Event.LINK_REMOTE_CLOSE:
             link = event.link
             self._links.pop(link, None)
+            self._held.discard(link)
             if not link.state & Endpoint.LOCAL_CLOSED:
                 link.close()
         elif t == Event.SESSION_REMOTE_CLOSE:
@@ -513,6 +530,7 @@ class AmqpConnection(asyncio.Protocol):
             for key, link in list(self._links.items()):
                 if link.session == hash(session):
                     del self._links[key]
+            self._held = {lk for lk in self._held if hash(lk.session) != hash(session)}
             if not session.state & Endpoint.LOCAL_CLOSED:
                 session.close()
         elif t == Event.CONNECTION_REMOTE_CLOSE:
@@ -528,8 +546,36 @@ class AmqpConnection(asyncio.Protocol):
             level = logging.DEBUG if cond is not None and cond.description == "connection aborted" else logging.INFO
             log.log(level, "AMQP connection from %s failed: %s", self._peer, self.close_reason)
 
+    def _sessions_held(self) -> int:
+        """Sessions the peer began and has not ended."""
+        count, session = 0, self._connection.session_head(Endpoint.REMOTE_ACTIVE)
+        while session is not None:
+            count += 1
+            session = session.next(Endpoint.REMOTE_ACTIVE)
+        return count
+
+    def _protocol_close(self, error: AmqpError) -> None:
+        """Close the connection for what the peer did (one log line), from within event dispatch; a peer that does
+        not answer the close within a few seconds is cut off."""
+        if self._connection.state & Endpoint.LOCAL_CLOSED:
+            return
+        if self.close_reason is None:
+            self.close_reason = error.description
+        log.info("AMQP connection from %s closed: %s: %s", self._peer, error.condition, error.description)
+        self._connection.condition = _condition(error)
+        self._connection.close()  # written by the _pump that follows every _process
+        if self._loop is not None and self._socket is not None:
+            self._loop.call_later(5.0, self.abort)
+
     def _remote_attach(self, link: Link) -> None:
-        if not link.state & Endpoint.LOCAL_UNINIT:
+        if not link.state & Endpoint.LOCAL_UNINIT or self._connection.state & Endpoint.LOCAL_CLOSED:
+            return
+        self._held.add(link)
+        if len(self._held) > 2 * self.limits.max_links:
+            # refused links the peer never detaches (or attaches on a handle in use) piled up without bound: 10,000
+            # held 29 MB and wrote 10,000 log lines on one connection
+            self._protocol_close(AmqpError(RESOURCE_LIMIT, f"more than {2 * self.limits.max_links} links attached and "
+                                                           f"not detached (at most {self.limits.max_links} are served)"))
             return
         if len(self._links) >= self.limits.max_links:
             self._refuse(link, AmqpError(RESOURCE_LIMIT, f"at most {self.limits.max_links} links per connection"))
@@ -674,14 +720,14 @@ class AmqpConnection(asyncio.Protocol):
         """Ask the handler about a PLAIN credential, send the outcome, then let the held bytes through."""
         assert self._handler is not None
         try:
-            ok = await self._handler.sasl_plain(credentials)
+            outcome = await self._handler.sasl_plain(credentials)
         except Exception:  # a refusal, not a broken server (logged with its traceback, which holds no password)
             log.exception("AMQP SASL PLAIN check failed for %s", self._peer)
-            ok = False
+            outcome = SASL_SYS_TEMP
         if self._gone or self._socket is None or self._sasl is None:
             return
-        self._socket.write(sasl_outcome(SASL_OK if ok else SASL_AUTH))
-        if not ok:
+        self._socket.write(sasl_outcome(outcome))
+        if outcome != SASL_OK:
             self._sasl_refused()
             return
         held, self._sasl, self._sasl_held = bytes(self._sasl_held or b""), None, None

@@ -14,8 +14,16 @@ The calls release the GIL, so the event loop runs while the token signs.
 
 A session lost mid-run (the session handle invalid, the device removed or re-inserted, the module re-initialised)
 is re-opened — token found again by label, logged in again, key found again — and the call retried once; a second
-failure, a key that is not on the token, or a token that does not answer is :class:`KeyUnavailable` (503: nothing
-that depends on the signature is written). There is no fallback to software keys.
+failure, a key that is not on the token, or a token that does not answer is :class:`KeyUnavailable` (503 with
+Retry-After: nothing that depends on the signature is written). There is no fallback to software keys.
+
+A token that does not answer (its device or token directory gone, the module unable to initialise) is an outage of
+that token, told once when it begins and once when the token answers again, like the database's: meanwhile calls are
+refused at once, and at most one call per :data:`PROBE_INTERVAL` tries the token again (re-initialising the module,
+which is what brings a device or token directory back), so a busy node neither logs a line per request nor holds its
+domain threads on a token that is away. A call that hangs in the module holds its own thread only: the calls behind
+it are refused once it has run :data:`STUCK_AFTER` seconds. A PIN the token refused is never tried again by this
+process (a token locks itself after a few wrong PINs): its calls are refused until it is restarted with the right one.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -45,14 +55,21 @@ BACKEND = "pkcs11"
 PIN_ENV = "OPENDPS_PKCS11_PIN"
 LABEL_PREFIX = "opendps-"  # CKA_LABEL of a key: the prefix and the key id, so an operator sees whose keys these are
 INSTALL_HINT = "pip install 'opendps[hsm]' (python-pkcs11)"
+RETRY_AFTER = 5  # seconds a client refused because a CA key cannot sign now is told to wait (Retry-After)
+PROBE_INTERVAL = 1.0  # seconds between two attempts to re-open a token that is away; calls meanwhile are refused at once
+STUCK_AFTER = 5.0  # seconds a call may hold the module before the token counts as hung: the calls after it are refused
 _T = TypeVar("_T")
 
 
 class KeyUnavailable(ServiceUnavailable):
-    """A CA key cannot sign now: its token does not answer, or the key is not on it (503: retry later; nothing that
-    needed the signature was written)."""
+    """A CA key cannot sign now: its token does not answer, or the key is not on it (503 with Retry-After: retry later;
+    nothing that needed the signature was written)."""
 
     error_code = 503002
+
+    def __init__(self, message: str, *, info: dict[str, str] | None = None, reason: str | None = None) -> None:
+        super().__init__(message, info={"retryAfter": str(RETRY_AFTER), **(info or {})},
+                         reason=reason or "key_unavailable")
 
 
 def read_pin(pin_file: Path | str | None = None) -> str:
@@ -108,6 +125,14 @@ class _OpenFailed(Exception):
     """The token could not be opened (message says why): a ConfigurationError at start, KeyUnavailable later."""
 
 
+class _PinRefused(_OpenFailed):
+    """The token refused the PIN (wrong, or locked): never tried again by this process."""
+
+
+class _TokenDown(Exception):
+    """The token does not answer, even after the session was re-opened (message says why): an outage of the token."""
+
+
 @dataclass
 class _TokenState:
     """One token's session in this process, shared by every :class:`Pkcs11Token` naming it: a process holds one
@@ -117,6 +142,12 @@ class _TokenState:
     generation: int = -1  # the module generation the session belongs to
     pin_digest: bytes = b""  # SHA-256 of the PIN the session logged in with (a second login is not checked by C_Login)
     keys: dict[bytes, Any] = field(default_factory=dict)  # CKA_ID -> private key object of the current session
+    refused_pin: bytes = b""  # SHA-256 of a PIN the token refused: not tried again (each try counts toward a lock)
+    refused_why: str = ""  # what the token said about it
+    down_since: float | None = None  # monotonic time the token stopped answering, while it does not
+    down_cause: str = ""  # why, as first seen
+    next_try: float = 0.0  # while down: before this, calls are refused without touching the module
+    refused: int = 0  # calls refused during the current outage
 
 
 class _Module:
@@ -128,7 +159,45 @@ class _Module:
         self.generation = 0  # bumped when the module is (re-)initialised: sessions of an older one are gone
         self._lib: Any = None  # pkcs11.lib (typed as a function in python-pkcs11's stubs)
         self._forked = False
+        self._failing = False  # the last C_Initialize failed (the device or token directory away): told already
+        self.busy_since: float | None = None  # when the call holding :attr:`lock` began (monotonic), while one does
+        self._hung_told = False  # a call was found hung, and said so: its return is said too
         self.slots: dict[str, _TokenState] = {}  # token label -> this process's session on it
+
+    @contextmanager
+    def turn(self, label: str, what: str) -> Iterator[None]:
+        """:attr:`lock` for one call — or :class:`KeyUnavailable` at once when the call holding it has run for
+        :data:`STUCK_AFTER` seconds: a token that hangs (a network HSM unreachable, SoftHSM blocked on its files) holds
+        the one thread inside it, not every domain thread of the process behind it (no HTTP answer, no hub CONNECT,
+        no registration on a software key)."""
+        while True:
+            since = self.busy_since
+            wait = STUCK_AFTER if since is None else STUCK_AFTER - (time.monotonic() - since)
+            if self.lock.acquire(timeout=wait) if wait > 0 else self.lock.acquire(blocking=False):
+                break
+            since = self.busy_since
+            held = 0.0 if since is None else time.monotonic() - since
+            if held >= STUCK_AFTER:
+                if not self._hung_told:
+                    self._hung_told = True
+                    log.warning("PKCS#11 token %r: a call to module %s has not returned for %.0f s (the token or the "
+                                "way to it hangs): its calls are refused as retryable (HTTP 503) until it returns",
+                                label, self.path, held)
+                raise KeyUnavailable(f"{what}: PKCS#11 token {label!r} has not answered a call for {held:.0f} s; "
+                                     "retry later")
+            # else another call took the module meanwhile: wait for that one, as long
+        outer = self.busy_since is None  # not a call of this thread's own within its call (the lock is re-entrant)
+        if outer:
+            self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            if outer:
+                took, self.busy_since = time.monotonic() - (self.busy_since or 0.0), None
+                if self._hung_told and took >= STUCK_AFTER:
+                    self._hung_told = False
+                    log.info("PKCS#11 token %r: the call that hung returned after %.1f s", label, took)
+            self.lock.release()
 
     def slot(self, label: str) -> _TokenState:
         """This process's state for the token labelled ``label`` (call with :attr:`lock` held)."""
@@ -154,21 +223,31 @@ class _Module:
         return self._lib
 
     def reinitialize(self) -> None:
-        """C_Finalize + C_Initialize: every session of this module in this process is gone afterwards."""
+        """C_Finalize + C_Initialize: every session of this module in this process is gone afterwards. A failure is
+        told once, not at each of the tries made while the token is away (the token's outage line says the rest)."""
         assert self._lib is not None
         try:
             self._lib.reinitialize()
         except Exception as exc:  # noqa: BLE001 - C_Finalize of a module that lost its device: initialise anyway
-            log.warning("PKCS#11 module %s: re-initialising: %s", self.path, _describe(exc))
+            self._tell("re-initialising: %s", _describe(exc))
             try:
                 self._lib.initialize()
             except Exception as again:  # noqa: BLE001 - the next call says what is wrong, as KeyUnavailable
-                log.warning("PKCS#11 module %s: C_Initialize failed: %s", self.path, _describe(again))
+                self._tell("C_Initialize failed: %s", _describe(again))
+                self._failing = True
+            else:
+                self._failing = False
+        else:
+            self._failing = False
         self._forked = False
         self.generation += 1
 
+    def _tell(self, message: str, detail: str) -> None:
+        log.log(logging.DEBUG if self._failing else logging.WARNING, "PKCS#11 module %s: " + message, self.path, detail)
+
     def after_fork(self) -> None:
         self.lock = threading.RLock()  # the parent's may have been held by a thread the child does not have
+        self.busy_since, self._hung_told = None, False
         self._forked = self._lib is not None
         self.generation += 1
 
@@ -261,9 +340,9 @@ class Pkcs11Token:
             except pkcs11.UserAlreadyLoggedIn:  # a session of this process this module lost track of holds it
                 session = token.open(rw=True)
         except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
-            raise _OpenFailed(self._wrong_pin()) from None
+            raise _PinRefused(self._wrong_pin()) from None
         except pkcs11.PinLocked:
-            raise _OpenFailed(f"the user PIN of PKCS#11 token {self.label!r} is locked: the security officer "
+            raise _PinRefused(f"the user PIN of PKCS#11 token {self.label!r} is locked: the security officer "
                               "must reset it") from None
         except pkcs11.PKCS11Error as exc:
             raise _OpenFailed(f"cannot open a session on PKCS#11 token {self.label!r}: {_describe(exc)}") from None
@@ -287,8 +366,12 @@ class Pkcs11Token:
                 raise _OpenFailed(f"several PKCS#11 tokens are labelled {self.label!r} in module "
                                   f"{self.config.module}: give each token its own label") from None
             except pkcs11.PKCS11Error as exc:
-                raise _OpenFailed(f"PKCS#11 module {self.config.module}: cannot list tokens: "
-                                  f"{_describe(exc)}") from None
+                # e.g. SoftHSM's token directory gone (GeneralError), or a module whose C_Initialize failed meanwhile
+                # (CKR_CRYPTOKI_NOT_INITIALIZED): only a re-initialised module sees the token again once it is back
+                if attempt == 2:
+                    raise _OpenFailed(f"PKCS#11 token {self.label!r} cannot be reached: module {self.config.module} "
+                                      f"cannot list its tokens: {_describe(exc)}") from None
+                self._module.reinitialize()
         raise AssertionError("unreachable")
 
     def _wrong_pin(self) -> str:
@@ -312,30 +395,90 @@ class Pkcs11Token:
     # ---- the one way every call is made ----
     def _call(self, what: str, op: Callable[[Session], _T]) -> _T:
         """``op`` on this process's session, under the module lock; a lost session is re-opened and ``op`` retried
-        once (a module that lost its state is re-initialised first); then :class:`KeyUnavailable`."""
-        pkcs11 = _pkcs11()
-        with self._module.lock:
+        once (a module that lost its state is re-initialised first); then :class:`KeyUnavailable`. While the token is
+        away, calls are refused at once but for one every :data:`PROBE_INTERVAL`, which tries the token again; while a
+        call hangs, the others are refused after :data:`STUCK_AFTER` (:meth:`_Module.turn`)."""
+        with self._module.turn(self.label, what):
+            state = self._state
+            digest = hashlib.sha256(self.config.pin.encode()).digest()
+            if state.refused_pin == digest:  # never a second wrong PIN: the token counts them and locks itself
+                raise KeyUnavailable(f"{what}: {state.refused_why}; restart opendps with the token's right PIN")
+            if state.down_since is not None and time.monotonic() < state.next_try:
+                state.refused += 1
+                raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} is unavailable ({state.down_cause}); "
+                                     "retry later")
             try:
-                return op(self._session_here())
-            except _OpenFailed as exc:
-                cause = str(exc)
-            except pkcs11.PKCS11Error as exc:
-                if not _recoverable(exc):
-                    raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} answered {_describe(exc)}") from None
-                cause = _describe(exc)
-                if type(exc).__name__ in ("DeviceRemoved", "TokenNotPresent", "TokenNotRecognised", "GeneralError"):
-                    self._forget()
-                    self._module.reinitialize()  # a re-inserted device shows up after C_Initialize
-            log.warning("PKCS#11 token %r: %s (%s); re-opening the session and retrying once", self.label, cause, what)
-            self._forget()
-            try:
-                return op(self._session_here())
-            except _OpenFailed as exc:
+                result = self._attempt(what, op)
+            except _PinRefused as exc:
+                state.refused_pin, state.refused_why = digest, str(exc)
+                log.error("PKCS#11 token %r does not take this process's PIN any more (%s). It is not tried again: "
+                          "the token's keys cannot sign until opendps is restarted with the right PIN", self.label, exc)
                 raise KeyUnavailable(f"{what}: {exc}") from None
-            except pkcs11.PKCS11Error as exc:
-                self._forget()  # the next call starts afresh
-                raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} answered {_describe(exc)} after the "
-                                     "session was re-opened") from None
+            except _TokenDown as exc:
+                self._down(str(exc))
+                raise KeyUnavailable(f"{what}: {exc}") from None
+            except KeyUnavailable:  # the token answered (the key is not on it...): not an outage of the token
+                self._answered()
+                raise
+            self._answered()
+            return result
+
+    def _attempt(self, what: str, op: Callable[[Session], _T]) -> _T:
+        """``op``, and once more on a re-opened session if the session or the device went away; :class:`_TokenDown`
+        if the token still does not answer, :class:`KeyUnavailable` for what the token answered."""
+        pkcs11 = _pkcs11()
+        try:
+            return op(self._session_here())
+        except _PinRefused:
+            raise
+        except _OpenFailed as exc:
+            cause = str(exc)
+        except pkcs11.PKCS11Error as exc:
+            if not _recoverable(exc):
+                raise KeyUnavailable(f"{what}: PKCS#11 token {self.label!r} answered {_describe(exc)}") from None
+            cause = _describe(exc)
+            if type(exc).__name__ in ("DeviceRemoved", "TokenNotPresent", "TokenNotRecognised", "GeneralError"):
+                self._forget()
+                self._module.reinitialize()  # a re-inserted device shows up after C_Initialize
+        if self._state.down_since is not None:  # a probe while the token is away: once is enough, and not news
+            self._forget()
+            raise _TokenDown(cause)
+        log.warning("PKCS#11 token %r: %s (%s); re-opening the session and retrying once", self.label, cause, what)
+        self._forget()
+        try:
+            return op(self._session_here())
+        except _PinRefused:
+            raise
+        except _OpenFailed as exc:
+            raise _TokenDown(str(exc)) from None
+        except pkcs11.PKCS11Error as exc:
+            self._forget()  # the next call starts afresh
+            message = f"PKCS#11 token {self.label!r} answered {_describe(exc)} after the session was re-opened"
+            if not _recoverable(exc):
+                raise KeyUnavailable(f"{what}: {message}") from None
+            raise _TokenDown(message) from None
+
+    def _down(self, cause: str) -> None:
+        """A call found the token away (module lock held): said once per outage; the next try in a while."""
+        state = self._state
+        now = time.monotonic()
+        state.next_try = now + PROBE_INTERVAL
+        state.refused += 1
+        if state.down_since is None:
+            state.down_since, state.down_cause = now, cause
+            log.warning("PKCS#11 token %r is unavailable (%s): its keys' signatures are refused as retryable (HTTP "
+                        "503, MQTT res/503) and the token is tried again every %.0f s until it answers", self.label,
+                        cause, PROBE_INTERVAL)
+
+    def _answered(self) -> None:
+        """The token answered a call (module lock held): if it was away, the outage is over."""
+        state = self._state
+        if state.down_since is None:
+            return
+        took, refused = time.monotonic() - state.down_since, state.refused
+        state.down_since, state.down_cause, state.refused = None, "", 0
+        log.info("PKCS#11 token %r answers again after %.1f s (%d call(s) refused meanwhile)", self.label, took,
+                 refused)
 
     def _private_key(self, session: Session, label: str, cka_id: bytes) -> Any:
         keys = self._state.keys

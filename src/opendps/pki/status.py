@@ -35,13 +35,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import bindparam, func, select
 
-from opendps.errors import NotFound
+from opendps.errors import NotFound, ServiceUnavailable
 from opendps.pki.crl import RevokedEntry, build_crl
 from opendps.pki.keys import KeyStore
 from opendps.pki.ocsp import (
     HASHES,
     INTERNAL_ERROR,
     MALFORMED_REQUEST,
+    TRY_LATER,
     UNAUTHORIZED,
     MalformedOcspRequest,
     OcspQuery,
@@ -248,6 +249,11 @@ class StatusResponder:
                             next_update=next_update, lint=self.lint)
         except IssuanceRefused as exc:  # our CRL failed our checks: a server fault, not the relying party's
             raise RuntimeError(f"the CRL of {ca.certificate.subject.rfc4514_string()} was refused: {exc}") from exc
+        except ServiceUnavailable:  # the CA key cannot sign now (its token away): the last CRL while it is valid
+            if cached is not None and cached[0] == state and cached[1].next_update is not None \
+                    and now < cached[1].next_update:
+                return cached[1]
+            raise  # 503 with Retry-After
         document = StatusDocument.signed(crl.public_bytes(Encoding.DER), crl.last_update_utc, crl.next_update_utc
                                          or next_update)
         with self._lock:
@@ -258,13 +264,16 @@ class StatusResponder:
     def ocsp(self, request: bytes, *, now: datetime | None = None) -> StatusDocument:
         """The answer to a DER OCSPRequest: signed good / revoked / unknown from the issuing CA, ``unauthorized``
         for an issuer not published here, ``malformedRequest`` for anything that is not one request, and
-        ``internalError`` (logged) if signing fails. Never raises."""
+        ``tryLater`` while the CA key cannot sign (its token away: retryable, and said once by the token, not per
+        request) and ``internalError`` (logged) if signing fails otherwise. Never raises."""
         try:
             query = parse_request(request)
         except MalformedOcspRequest:
             return StatusDocument(MALFORMED_REQUEST)
         try:
             return self._answer(query, now or datetime.now(UTC))
+        except ServiceUnavailable:
+            return StatusDocument(TRY_LATER)
         except Exception:  # RFC 6960 internalError, with the traceback in the log
             log.exception("OCSP: cannot answer for serial %x", query.serial)
             return StatusDocument(INTERNAL_ERROR)
@@ -289,8 +298,14 @@ class StatusResponder:
                 self._answers.move_to_end(key)
                 return cached[1]
         next_update = min(now + ca.validity, ca.certificate.not_valid_after_utc)
-        der = build_response(self.keys.signer(ca.key_id), ca.certificate, query, known=known, revoked=revoked,
-                             this_update=now, next_update=next_update, lint=self.lint, shapes=self.linted)
+        try:
+            der = build_response(self.keys.signer(ca.key_id), ca.certificate, query, known=known, revoked=revoked,
+                                 this_update=now, next_update=next_update, lint=self.lint, shapes=self.linted)
+        except ServiceUnavailable:  # the CA key cannot sign now: the last answer while it is valid, else tryLater
+            if cached is not None and cached[0] == state and cached[1].next_update is not None \
+                    and now < cached[1].next_update:
+                return cached[1]
+            raise
         # the times as encoded (whole seconds), so the HTTP caching headers say what the response says
         document = StatusDocument.signed(der, now.replace(microsecond=0), next_update.replace(microsecond=0))
         with self._lock:

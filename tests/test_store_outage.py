@@ -18,9 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp as x509_ocsp
 from tests.conftest import _run_server, free_port, service_missing
 from tests.test_device_api import device, device_sas, svc, sym_key
 from tests.test_mqtt_hub import HUB, Client, hub_username, sas_device
+from tests.x509_helpers import make_ca, make_leaf
 
 from opendps.transport import sas
 
@@ -101,6 +105,17 @@ def _hub_connack(server, device_id: str, key: str) -> int | None:
     return client.rc
 
 
+def _ocsp_status(server) -> x509_ocsp.OCSPResponseStatus:
+    """The response status of an OCSP request (for a CA this server does not publish) to the plain-HTTP port."""
+    ca = make_ca("outage-ocsp-ca")
+    leaf, _ = make_leaf("outage-ocsp-leaf", ca)
+    request = x509_ocsp.OCSPRequestBuilder().add_certificate(leaf, ca.cert, hashes.SHA1()).build()
+    r = httpx.post(f"http://127.0.0.1:{server.http_port}/ocsp", content=request.public_bytes(Encoding.DER),
+                   headers={"Content-Type": "application/ocsp-request"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return x509_ocsp.load_der_ocsp_response(r.content).response_status
+
+
 def test_a_database_outage_is_a_retryable_refusal_and_ends_by_itself(server, cluster):
     device_key = sas_device(server, "outage-dev")
     with svc(server) as c:
@@ -120,6 +135,8 @@ def test_a_database_outage_is_a_retryable_refusal_and_ends_by_itself(server, clu
         assert r.status_code == 503 and r.json()["errorCode"] == 503001, r.text
         # MQTT 3.1.1: "server unavailable", which a device retries (5, not authorized, it may give up on)
         assert _hub_connack(server, "outage-dev", device_key) == 3
+        # RFC 6960's retryable answer, not internalError with a traceback per request
+        assert _ocsp_status(server) == x509_ocsp.OCSPResponseStatus.TRY_LATER
     finally:
         cluster.start()
 
@@ -133,6 +150,7 @@ def test_a_database_outage_is_a_retryable_refusal_and_ends_by_itself(server, clu
     assert r.status_code == 200, r.text
     assert _register(server, "outage-reg", enrollment_key).status_code == 202
     assert _hub_connack(server, "outage-dev", device_key) == 0
+    assert _ocsp_status(server) == x509_ocsp.OCSPResponseStatus.UNAUTHORIZED  # answered again (a CA not published here)
 
     told = log.read_text()[before:]
     assert "Traceback" not in told and "internal error" not in told, told

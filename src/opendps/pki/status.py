@@ -52,7 +52,7 @@ from opendps.pki.ocsp import (
     parse_request,
 )
 from opendps.pki.profiles import IssuanceRefused, LintedShapes
-from opendps.store import IssuedCertificate, Store, table_of
+from opendps.store import IssuedCertificate, Store, driver_message, table_of, unavailable
 
 log = logging.getLogger("opendps.pki")
 
@@ -274,8 +274,12 @@ class StatusResponder:
             return self._answer(query, now or datetime.now(UTC))
         except ServiceUnavailable:
             return StatusDocument(TRY_LATER)
-        except Exception:  # RFC 6960 internalError, with the traceback in the log
-            log.exception("OCSP: cannot answer for serial %x", query.serial)
+        except Exception as exc:
+            if unavailable(exc):  # the database away for now: retryable, and no traceback per request meanwhile
+                log.debug("OCSP: no answer for serial %x while the database is away: %s", query.serial,
+                          driver_message(exc))
+                return StatusDocument(TRY_LATER)
+            log.exception("OCSP: cannot answer for serial %x", query.serial)  # RFC 6960 internalError, traceback logged
             return StatusDocument(INTERNAL_ERROR)
 
     def _answer(self, query: OcspQuery, now: datetime) -> StatusDocument:

@@ -102,6 +102,11 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _retry_after(exc: BaseException) -> float | None:
+    """The Retry-After a DPS failure carried (503 for a database outage, 429), or None."""
+    return exc.retry_after if isinstance(exc, ProvisioningError) else None
+
+
 def renewal_due_time(cert: cx509.Certificate, renew_before: timedelta = timedelta(days=7),
                      at_fraction: float = 0.8) -> datetime:
     """When a certificate is due for renewal, in the issuer's time (before any jitter).
@@ -256,6 +261,7 @@ class DeviceAgent:
         self._background: set[asyncio.Future[Any]] = set()  # renewals started by the renewCertificate method
         self._refused: ConnectRefused | None = None  # the hub refused a reconnect with CONNACK 5: re-provision
         self._reprovisioning: dict[str, Any] | None = None  # the twin's reported "reprovisioning", once there is one
+        self._at_least: float | None = None  # DPS's Retry-After from a failed re-provisioning, for the next backoff
 
     # ---------------------------------------------------------------- public API
     @property
@@ -369,6 +375,8 @@ class DeviceAgent:
 
     def _load(self) -> tuple[StoredCredentials | None, tuple[str, str] | None]:
         """The stored set and assignment if usable: complete, matching, and not expired."""
+        for tmp in self.store.sweep():  # a kill -9 mid-write: its temporary copies (a private key among them) go
+            log.info("%s: removed %s, left by an interrupted write", self.config.registration_id, tmp.name)
         try:
             creds = self.store.current()
         except StoreError as exc:
@@ -398,7 +406,7 @@ class DeviceAgent:
             except Exception as exc:  # noqa: BLE001 - a daemon keeps trying (the operator may fix the enrollment)
                 log.warning("%s: provisioning failed: %s", self.config.registration_id, exc)
                 self._record_error(f"provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
-                await self._backoff_sleep()
+                await self._backoff_sleep(_retry_after(exc))
                 self._set_state("provisioning")
                 continue
             self._emit("provisioned")
@@ -551,7 +559,8 @@ class DeviceAgent:
         first = True
         while not self._stopping:
             if not first:
-                if not await self._backoff_sleep():
+                at_least, self._at_least = self._at_least, None
+                if not await self._backoff_sleep(at_least):
                     break
                 error = await self._try_connect(creds, assignment)  # the newest set first (a device re-enabled)
                 if error is None:
@@ -576,6 +585,7 @@ class DeviceAgent:
                 log.warning("%s: re-provisioning failed: %s", self.config.registration_id, exc)
                 self._record_error(f"re-provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
                 self._emit("reprovision-failed")
+                self._at_least = _retry_after(exc)  # the next backoff waits at least what DPS asked for
                 continue
             self.store.confirm()  # the refused set is of no use any more: nothing to roll back to
             self._credentials = creds
@@ -668,7 +678,8 @@ class DeviceAgent:
             log.warning("%s: certificate renewal failed: %s", self.config.registration_id, exc)
             self._record_error(f"{self._method()} renewal failed: {type(exc).__name__}: {exc}")
             if due or self._status.failures > 1:
-                self._renew_at = self._clock() + timedelta(seconds=self._backoff())
+                delay = max(self._backoff(), _retry_after(exc) or 0.0)  # never sooner than DPS's Retry-After
+                self._renew_at = self._clock() + timedelta(seconds=delay)
                 self._status.next_renewal = self._renew_at
             self._set_state("connected")
             self._emit("renewal-failed")
@@ -798,14 +809,18 @@ class DeviceAgent:
         self._status.certificate = certificate_summary(cert)
 
     def _backoff(self) -> float:
-        """Exponential in the consecutive failures, with jitter: a fleet refused at once retries spread out."""
-        ceiling = min(self.config.retry_max, self.config.retry_base * 2 ** max(self._status.failures - 1, 0))
+        """Exponential in the consecutive failures, with jitter: a fleet refused at once retries spread out.
+
+        The exponent is capped: ``2 ** 1024`` does not fit a float, and an agent whose hub stays away long enough
+        must go on retrying at ``retry_max``, not die of an OverflowError."""
+        exponent = min(max(self._status.failures - 1, 0), 64)
+        ceiling = min(self.config.retry_max, self.config.retry_base * 2.0 ** exponent)
         return ceiling * (0.5 + 0.5 * self._rng.random())
 
-    async def _backoff_sleep(self) -> bool:
-        """Wait :meth:`_backoff` (cut short by :meth:`stop`), with the time of the next attempt in the status;
-        False when the agent is stopping."""
-        delay = self._backoff()
+    async def _backoff_sleep(self, at_least: float | None = None) -> bool:
+        """Wait :meth:`_backoff`, or ``at_least`` (the service's Retry-After) if longer (cut short by :meth:`stop`),
+        with the time of the next attempt in the status; False when the agent is stopping."""
+        delay = max(self._backoff(), at_least or 0.0)
         self._status.next_retry = self._clock() + timedelta(seconds=delay)
         await self._stoppable_sleep(delay)
         self._status.next_retry = None

@@ -335,7 +335,10 @@ class HubClient:
                                                                           name=f"hub-reconnect:{self.device_id}")
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.backoff_max, self.backoff_base * 2 ** attempt)
+        """Exponential with jitter; the exponent is capped (``2 ** 1024`` overflows a float: after ~1000 refused
+        reconnects, some 17 hours of an outage at the default 60 s ceiling, the reconnect task died and the client
+        never came back)."""
+        ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** min(attempt, 64))
         return random.uniform(ceiling / 2, ceiling)
 
     async def _reconnect_loop(self) -> None:

@@ -13,8 +13,11 @@ Flow: register (``PUT .../register`` or ``$dps/registrations/PUT/iotdps-register
 operation while it is ``assigning``, honouring the service's ``Retry-After`` (integer seconds,
 clamped to ``[min_wait, max_wait]``: at least 1 s by default, smaller in tests). 429, 5xx and
 connection errors are retried ``max_retries`` times with exponential backoff and jitter, so a fleet
-that reboots at once does not hammer the service in lock-step. A refusal (400/401/403/404...) or a
-``failed`` operation raises :class:`ProvisioningError` with the service's error code and message.
+that reboots at once does not hammer the service in lock-step; a 429 or 5xx with ``Retry-After`` (a 503
+for a database outage says 5 s) is retried no sooner than it says, plus up to a fifth more of jitter, and
+when the retries run out :attr:`ProvisioningError.retry_after` keeps it for the caller's own backoff.
+A refusal (400/401/403/404...) or a ``failed`` operation raises :class:`ProvisioningError` with the
+service's error code and message.
 """
 
 from __future__ import annotations
@@ -90,14 +93,17 @@ class ProvisioningError(Exception):
     """DPS refused or failed the registration.
 
     ``status`` is the HTTP (or MQTT response topic) status; for a ``failed`` operation it is the
-    first three digits of ``error_code`` (Azure's six-digit codes start with the HTTP status).
+    first three digits of ``error_code`` (Azure's six-digit codes start with the HTTP status). ``retry_after``:
+    the seconds the service asked for in its last retryable answer, when the retries ran out (None otherwise).
     """
 
-    def __init__(self, status: int, error_code: int | None, message: str, body: dict | None = None) -> None:
+    def __init__(self, status: int, error_code: int | None, message: str, body: dict | None = None,
+                 retry_after: float | None = None) -> None:
         self.status = status
         self.error_code = error_code
         self.message = message
         self.body = body or {}
+        self.retry_after = retry_after
         super().__init__(f"{status} {error_code}: {message}" if error_code else f"{status}: {message}")
 
 
@@ -220,8 +226,16 @@ class ProvisioningClient:
         return min(self.max_wait, max(self.min_wait, default if seconds is None else seconds))
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.backoff_max, self.backoff_base * 2 ** attempt)
+        ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** min(attempt, 64))  # 2 ** 1024 overflows a float
         return random.uniform(ceiling / 2, ceiling)
+
+    def _retry_wait(self, attempt: int, retry_after: int | None) -> float:
+        """The backoff, but never sooner than the service's Retry-After (with jitter: a fleet told "5 s" at once
+        must not come back in the same instant)."""
+        backoff = self._backoff(attempt)
+        if retry_after is None:
+            return backoff
+        return max(backoff, self._clamp(retry_after) * random.uniform(1.0, 1.2))
 
     async def _with_retries(self, attempt_fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt_fn`` until it returns or raises a non-retryable error; bounded, with backoff + jitter."""
@@ -230,9 +244,9 @@ class ProvisioningClient:
                 return await attempt_fn()
             except _Retryable as exc:
                 if attempt == self.max_retries:
-                    raise ProvisioningError(exc.status, None, f"giving up after {attempt + 1} attempts: {exc}") from exc
-                wait = self._clamp(exc.retry_after) if exc.retry_after is not None else self._backoff(attempt)
-                await asyncio.sleep(wait)
+                    raise ProvisioningError(exc.status, None, f"giving up after {attempt + 1} attempts: {exc}",
+                                            retry_after=exc.retry_after) from exc
+                await asyncio.sleep(self._retry_wait(attempt, exc.retry_after))
         raise AssertionError("unreachable")
 
     def _result(self, doc: dict) -> RegistrationResult:
@@ -291,8 +305,7 @@ class ProvisioningClient:
                     except ValueError:
                         doc = None
                     if r.status_code == 429 or r.status_code >= 500:
-                        raise _Retryable(f"HTTP {r.status_code}", retry_after if r.status_code == 429 else None,
-                                         r.status_code)
+                        raise _Retryable(f"HTTP {r.status_code}", retry_after, r.status_code)
                     if r.status_code not in (200, 202) or not isinstance(doc, dict):
                         raise _error_from(r.status_code, doc, r.text[:200] or r.reason_phrase)
                     return doc, retry_after
@@ -355,7 +368,7 @@ class ProvisioningClient:
                     doc = None
                 retry_after = _retry_after(fields.get("retry-after"))
                 if status == 429 or status >= 500:
-                    raise _Retryable(f"status {status}", retry_after if status == 429 else None, status)
+                    raise _Retryable(f"status {status}", retry_after, status)
                 if status not in (200, 202) or not isinstance(doc, dict):
                     raise _error_from(status, doc, raw[:200].decode("utf-8", "replace"))
                 return doc, retry_after

@@ -19,10 +19,15 @@ window in which key and certificate disagree to a few renames; :meth:`current` r
 ``previous/`` always holds the last *confirmed* set: saving twice before a confirmation (a retried
 renewal) keeps the known-good one, and :meth:`rollback` restores it when the new certificate cannot
 connect.
+
+A process killed in the middle of a write leaves its temporary files (``.device.key.XXXX.tmp``: a private key
+among them); :meth:`CertificateStore.sweep` removes them, which the agent does when it starts (never while another
+process may be writing the set).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -132,6 +137,17 @@ class CertificateStore:
         result = self.current()
         assert result is not None
         return result
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary files an interrupted write left (here and in ``previous/``); the removed paths."""
+        removed: list[Path] = []
+        for directory in (self.directory, self.previous_dir):
+            for name in (*FILES, ASSIGNMENT):
+                for tmp in directory.glob(f".{name}.*.tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                        removed.append(tmp)
+        return removed
 
     @property
     def assignment_file(self) -> Path:

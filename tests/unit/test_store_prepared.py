@@ -79,3 +79,13 @@ def test_a_failed_driver_transaction_writes_nothing(store, services):
 def test_statements_a_fixed_shape_cannot_hold_are_refused(store):
     with pytest.raises(ValueError, match="no IN lists"):
         store.prepare(select(_ISSUED.c.id).where(_ISSUED.c.serial.in_(bindparam("serials", expanding=True))))
+
+
+def test_a_misspelt_or_missing_parameter_is_an_error_not_a_null(store):
+    prepared, use = store.prepare(_ROW), store.prepare(_USE)
+    with store.driver_transaction() as conn:
+        with pytest.raises(TypeError, match="b_sha"):
+            prepared.first(conn.cursor(), b_sah="0" * 64)
+        with pytest.raises(TypeError, match="b_now"):
+            use.run(conn.cursor(), b_id=1)
+        assert prepared.first(conn.cursor(), b_sha="0" * 64) is None  # the statement's own literal is not asked for

@@ -24,7 +24,7 @@ class Prepared:
     driver's values (a datetime as SQLite's text) and its rows' back (that text as a datetime), worked out once.
     Rows come back as named tuples (``row.device_id``), as SQLAlchemy's do."""
 
-    __slots__ = ("sql", "_names", "_defaults", "_binds", "_results", "_row")
+    __slots__ = ("sql", "_names", "_defaults", "_required", "_binds", "_results", "_row")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
@@ -35,6 +35,7 @@ class Prepared:
         # positional drivers (sqlite3's ?) take a sequence in this order; named ones (psycopg's %(name)s) a mapping
         self._names: tuple[str, ...] | None = tuple(compiled.positiontup or ()) if compiled.positional else None
         self._defaults = dict(compiled.params)  # values the statement fixes itself (a literal False, SQLite's OFFSET 0)
+        self._required = frozenset(name for bind, name in binds.items() if bind.required)  # the caller's to give
         self._binds: dict[str, Callable[[Any], Any]] = {}
         for bind, name in binds.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
@@ -47,6 +48,8 @@ class Prepared:
         self._row: Any = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None
 
     def _parameters(self, values: dict[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        if values.keys() != self._required:  # a misspelt or forgotten parameter would be a silent NULL
+            raise TypeError(f"parameters {sorted(values)} given, {sorted(self._required)} expected")
         merged = {**self._defaults, **values}
         for name, process in self._binds.items():
             merged[name] = process(merged[name])

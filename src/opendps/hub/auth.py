@@ -112,7 +112,7 @@ class HubAuthenticator:
                    now: datetime) -> AuthenticatedDevice:
         if superseding is None:
             return device
-        revoked = self.issuance.first_use(superseding, supersede=True, now=now)
+        revoked = self.issuance.first_use(superseding, now=now)
         return replace(device, superseded=tuple(v.serial_number for v in revoked)) if revoked else device
 
     @staticmethod
@@ -169,7 +169,7 @@ class HubAuthenticator:
         # handshake proved the device holds its key), so the chain is not path-validated again (a P-384 signature,
         # the larger part of a CONNECT's own CPU). Everything else goes through the verifier.
         looked_up = trust.issuing_ca(issuer, now) is not None
-        issued = self.issuance.find(leaf, cursor=cursor) if looked_up else None
+        issued = self.issuance.find(cursor, leaf) if looked_up else None
         if issued is None:
             try:
                 anchor = trust.validate(leaf, chain[1:], now)
@@ -181,7 +181,7 @@ class HubAuthenticator:
             if trust.is_uploaded(anchor):  # the owner's CA: no record of ours to check
                 return found, None
             if not looked_up:
-                issued = self.issuance.find(leaf, cursor=cursor)
+                issued = self.issuance.find(cursor, leaf)
         return found, self._issued_for_device(cursor, device, issued, now)  # ours: it must be this device's
 
     def no_longer_allowed(self, sessions: list[AuthenticatedDevice]) -> list[tuple[AuthenticatedDevice, str]]:
@@ -208,8 +208,8 @@ class HubAuthenticator:
         if issued.revoked_at is not None:
             raise Unauthorized(f"device certificate {issued.serial_number} is revoked ({issued.revocation_reason})",
                                reason="certificate_revoked")
-        holder = self.devices.registration_id(issued.policy_id, device.device_id, cursor=cursor) \
-            if issued.policy_id else None
+        holder = self.devices.registration_id(cursor, issued.policy_id, device.device_id) if issued.policy_id \
+            else None
         if holder is None or holder.lower() != issued.registration_id.lower():
             raise Unauthorized(f"device certificate was issued for {issued.registration_id!r}, not for device "
                                f"{device.device_id!r}", reason="certificate_mismatch")

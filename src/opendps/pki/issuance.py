@@ -243,12 +243,9 @@ class IssuanceEngine:
             self.observer(issuer, perf_counter() - started)
         return IssuedChain(leaf, issuer.certificate, issuer.root)
 
-    def find(self, certificate: x509.Certificate, *, cursor: Any = None) -> IssuedRecord | None:
+    def find(self, cursor: Any, certificate: x509.Certificate) -> IssuedRecord | None:
         """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case); one prepared
-        statement, on the cursor of the caller's driver transaction when given (the hub asks on every CONNECT)."""
-        if cursor is None:
-            with self.store.driver_transaction() as conn:
-                return self.find(certificate, cursor=conn.cursor())
+        statement, on the cursor of the caller's driver transaction (the hub asks on every CONNECT)."""
         sha = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
         row = self._issued_by_sha256.first(cursor, b_sha=sha)
         return (IssuedRecord(row.serial, row.policy_id, row.registration_id, row.not_after, row.revoked_at,
@@ -271,13 +268,11 @@ class IssuanceEngine:
         if record.first_used_at is None and record.id:
             self._claim_first_use.run(cursor, b_id=record.id, b_now=now)
 
-    def first_use(self, record: IssuedRecord, *, supersede: bool, now: datetime | None = None
-                  ) -> builtins.list[IssuedCertificateView]:
-        """``record``'s certificate opened its first hub session: note it and, with ``supersede`` (the policy's
-        ``revokeSuperseded``), revoke as ``superseded`` every unrevoked certificate issued to the same registration
-        before it, in a transaction of its own. Returns those revoked. Runs once per certificate (``first_used_at``
-        is set in the same statement that decides who does it), so only a renewed certificate's first CONNECT pays
-        for it."""
+    def first_use(self, record: IssuedRecord, *, now: datetime | None = None) -> builtins.list[IssuedCertificateView]:
+        """``record``'s certificate, under a policy that revokes superseded ones, opened its first hub session: note
+        it and revoke as ``superseded`` every unrevoked certificate issued to the same registration before it, in a
+        transaction of its own. Returns those revoked. Runs once per certificate (``first_used_at`` is set in the same
+        statement that decides who does it), so only a renewed certificate's first CONNECT pays for it."""
         if record.first_used_at is not None or not record.id:
             return []
         now = now or datetime.now(UTC)
@@ -286,7 +281,7 @@ class IssuanceEngine:
             claimed = conn.execute(_CLAIM_FIRST_USE, {"b_id": record.id, "b_now": now})
             # a concurrent first CONNECT of the same certificate did it; or none older when the record was read (in
             # this transaction: older ones are never issued later, and are only ever revoked meanwhile)
-            if claimed.rowcount != 1 or not supersede or not record.has_older:
+            if claimed.rowcount != 1 or not record.has_older:
                 return []
             older = ((_ISSUED.c.registration_id == record.registration_id) & (_ISSUED.c.id < record.id)
                      & _ISSUED.c.revoked_at.is_(None))

@@ -7,7 +7,7 @@ the hub asks who a certificate's device is (:meth:`DeviceRegistry.registration_i
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -78,10 +78,11 @@ class DeviceRegistry:
         self._registration_of = store.prepare(_REGISTRATION_OF)
         self._policy_namespace = store.prepare(_POLICY_NAMESPACE)
 
-    def _namespace_of(self, session: Session, policy_id: int) -> int | None:
-        """From the configuration cache: every registration records a device and policies change rarely."""
-        return self._namespaces.get(policy_id, lambda: session.scalar(
-            select(Policy.namespace_id).where(Policy.id == policy_id)))
+    def _namespace_of(self, policy_id: int, cursor: Callable[[], Any]) -> int | None:
+        """From the configuration cache: every registration records a device and policies change rarely; ``cursor``
+        gives one of the caller's transaction to read it on when it is not cached."""
+        return self._namespaces.get(policy_id, lambda: getattr(
+            self._policy_namespace.first(cursor(), b_id=policy_id), "namespace_id", None))
 
     def _rows(self, s: Session, namespace: str, device_id: str | None = None, *, top: int | None = None,
               after: str = "") -> list[DeviceRecordView]:
@@ -117,7 +118,7 @@ class DeviceRegistry:
                certificate: x509.Certificate | None, now: datetime) -> None:
         """Create or update the device's record in the namespace of ``policy_id``, in the caller's transaction;
         ``certificate`` (when one was issued) becomes the device's current operational certificate."""
-        namespace_id = self._namespace_of(session, policy_id)
+        namespace_id = self._namespace_of(policy_id, lambda: session.connection().connection.cursor())
         if namespace_id is None:
             return  # the policy was deleted meanwhile: nothing to record it in
         # SQL statements on the transaction's connection, not the ORM unit of work: this runs in every registration
@@ -136,15 +137,10 @@ class DeviceRegistry:
         else:
             conn.execute(_UPDATE_RECORD, {"b_id": found.id, **values})
 
-    def registration_id(self, policy_id: int, device_id: str, *, cursor: Any = None) -> str | None:
+    def registration_id(self, cursor: Any, policy_id: int, device_id: str) -> str | None:
         """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record); one
-        prepared statement, on the cursor of the caller's driver transaction when given (the hub asks on every
-        CONNECT)."""
-        if cursor is None:
-            with self.store.driver_transaction() as conn:
-                return self.registration_id(policy_id, device_id, cursor=conn.cursor())
-        namespace_id = self._namespaces.get(policy_id, lambda: getattr(
-            self._policy_namespace.first(cursor, b_id=policy_id), "namespace_id", None))
+        prepared statement, on the cursor of the caller's driver transaction (the hub asks on every CONNECT)."""
+        namespace_id = self._namespace_of(policy_id, lambda: cursor)
         if namespace_id is None:
             return None
         row = self._registration_of.first(cursor, b_ns=namespace_id, b_key=device_id.lower())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import TEST_ID_SCOPE
@@ -15,6 +16,7 @@ from tests.conftest import TEST_ID_SCOPE
 from opendps.provisioning.attestation import HTTPS, DeviceCredentials
 from opendps.provisioning.registration import Accepted
 from opendps.services import Services
+from opendps.store import Store
 from opendps.transport import sas
 
 
@@ -44,3 +46,30 @@ def symmetric_group(services: Services, group_id: str, **doc: Any) -> str:
     view, _ = services.enrollments.put("group", group_id, {"attestation": {"type": "symmetricKey"}, **doc})
     assert view.keys is not None
     return view.keys[0]
+
+
+def statements_run(store: Store, *, prepared: bool = True) -> tuple[list[str], Callable[[], None]]:
+    """The SQL statements run from now until the returned ``stop()``: through SQLAlchemy and, with ``prepared``, on
+    the driver's cursor (opendps.store.Prepared, which SQLAlchemy's events do not see)."""
+    from sqlalchemy import event
+
+    from opendps.store import Prepared
+    seen: list[str] = []
+
+    def record(conn, cursor, sql, *args) -> None:
+        seen.append(" ".join(sql.split()))
+
+    originals = {method: getattr(Prepared, method) for method in ("first", "all", "run", "many")} if prepared else {}
+    for method, run in originals.items():
+        def recorded(self, cursor, *args, _run=run, **values):
+            seen.append(" ".join(self.sql.split()))
+            return _run(self, cursor, *args, **values)
+        setattr(Prepared, method, recorded)
+
+    def stop() -> None:
+        event.remove(store.engine, "before_cursor_execute", record)
+        for method, run in originals.items():
+            setattr(Prepared, method, run)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    return seen, stop

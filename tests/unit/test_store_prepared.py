@@ -9,11 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import bindparam, case, exists, select, update
+from sqlalchemy import bindparam, case, exists, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from tests.unit.conftest import symmetric_group
 from tests.unit.hub.test_revocation import _issue
 
-from opendps.store import IssuedCertificate, Store, table_of
+from opendps.store import HubDevice, IssuedCertificate, Store, joined, table_of
 
 _ISSUED = table_of(IssuedCertificate)
 _OLDER = _ISSUED.alias("older")
@@ -21,6 +22,11 @@ _ROW = select(_ISSUED.c.id, _ISSUED.c.serial, _ISSUED.c.not_after, _ISSUED.c.fir
               case((_ISSUED.c.first_used_at.is_(None),
                     exists().where(_OLDER.c.registration_id == _ISSUED.c.registration_id, _OLDER.c.id < _ISSUED.c.id)),
                    else_=False).label("has_older")).where(_ISSUED.c.sha256 == bindparam("b_sha"))
+_DEVICES = table_of(HubDevice)
+# an INSERT without values(): it writes the columns given (the others take their defaults) and returns two of them
+_INSERT_DEVICE = insert(_DEVICES).returning(_DEVICES.c.id, _DEVICES.c.desired_version)
+_DEVICE_BY_KEY = select(_DEVICES.c.id, _DEVICES.c.twin_tags, _DEVICES.c.status).where(
+    _DEVICES.c.device_key == bindparam("b_key"))
 _USE = update(_ISSUED).where(_ISSUED.c.id == bindparam("b_id"), _ISSUED.c.first_used_at.is_(None)).values(
     first_used_at=bindparam("b_now"))
 
@@ -89,3 +95,65 @@ def test_a_misspelt_or_missing_parameter_is_an_error_not_a_null(store):
         with pytest.raises(TypeError, match="b_now"):
             use.run(conn.cursor(), b_id=1)
         assert prepared.first(conn.cursor(), b_sha="0" * 64) is None  # the statement's own literal is not asked for
+
+
+def _device(hub_id: int, key: str) -> dict[str, object]:
+    now = datetime.now(UTC)
+    return {"hub_id": hub_id, "device_id": key.upper(), "device_key": key, "auth_type": "sas", "generation_id": "g",
+            "etag": "e", "twin_tags": {"site": key, "n": [1, 2]}, "twin_desired": {}, "twin_reported": {},
+            "created_at": now, "updated_at": now}
+
+
+def test_a_transaction_writes_the_columns_given_and_the_defaults_of_the_others(store, services):
+    """The registration's writes: an INSERT compiled for the columns each call gives, the others' defaults as
+    SQLAlchemy's execution would fill them, RETURNING rows, JSON both ways; a misspelt column is refused."""
+    hub_id = services.hubs.get("default").id
+    with store.transaction() as tx:
+        row = tx.first(_INSERT_DEVICE, **_device(hub_id, "tx-one"))
+        assert row.desired_version == 1  # not given: the column's default, not a NULL the NOT NULL refuses
+        with pytest.raises(TypeError, match="desired_verison"):
+            tx.first(_INSERT_DEVICE, **_device(hub_id, "tx-two"), desired_verison=5)
+        again = tx.first(_INSERT_DEVICE, **_device(hub_id, "tx-two"), desired_version=5)  # another set of columns
+        assert again.desired_version == 5 and again.id != row.id
+        assert tx.first(_DEVICE_BY_KEY, b_key="tx-one") == (row.id, {"site": "tx-one", "n": [1, 2]}, "enabled")
+    with store.session() as s:
+        stored = s.get(HubDevice, row.id)
+        assert (stored.status, stored.reported_version, stored.twin_tags) == ("enabled", 1, {"site": "tx-one", "n": [1, 2]})
+
+
+def test_a_driver_error_is_sqlalchemys_and_the_transaction_writes_nothing(store, services):
+    """Callers keep one ``except IntegrityError`` (a registration retries on it) whichever way they write."""
+    hub_id = services.hubs.get("default").id
+    with pytest.raises(IntegrityError) as caught, store.transaction() as tx:
+        tx.first(_INSERT_DEVICE, **_device(hub_id, "tx-dup"))
+        tx.first(_INSERT_DEVICE, **_device(hub_id, "tx-dup"))  # (hub, key) is unique
+    assert isinstance(caught.value.orig, store.engine.dialect.loaded_dbapi.IntegrityError)
+    assert '"site"' not in str(caught.value)  # the parameters (a wrapped key, a twin) are not shown
+    with store.transaction() as tx:
+        assert tx.first(_DEVICE_BY_KEY, b_key="tx-dup") is None
+
+
+def test_after_commit_actions_run_once_committed_and_never_after_a_rollback(store, services):
+    done: list[str] = []
+    with store.transaction() as tx:
+        tx.after_commit(lambda: done.append("own"))
+        assert done == []
+    assert done == ["own"]
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.after_commit(lambda: done.append("rolled back"))
+        raise RuntimeError("refused")
+    with store.session() as s:
+        joined(s).after_commit(lambda: done.append("session"))
+        assert done == ["own"]
+    assert done == ["own", "session"]
+
+
+def test_joined_runs_after_the_sessions_pending_changes_in_its_transaction(store, services):
+    hub_id = services.hubs.get("default").id
+    with pytest.raises(RuntimeError), store.session() as s:
+        s.add(HubDevice(**_device(hub_id, "tx-pending")))  # not flushed yet
+        tx = joined(s)
+        assert tx.first(_DEVICE_BY_KEY, b_key="tx-pending") is not None
+        raise RuntimeError("rolled back with the session")
+    with store.transaction() as tx:
+        assert tx.first(_DEVICE_BY_KEY, b_key="tx-pending") is None

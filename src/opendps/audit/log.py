@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Row, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash
-from opendps.store import Store, table_of
+from opendps.store import Store, Transaction, joined, table_of
 from opendps.store.models import AuditEntry
 
 # who is acting: the access policy of the management request being served (set by the HTTP front end, carried into
@@ -75,7 +75,7 @@ class Event:
     details: Mapping[str, Any] | None = None
 
 
-def append(db: Session | Connection, action: str, *, namespace: str | None = None, device: str | None = None,
+def append(db: Session | Connection | Transaction, action: str, *, namespace: str | None = None, device: str | None = None,
            subject: str | None = None, details: Mapping[str, Any] | None = None,
            actor: str | None = _FROM_CONTEXT) -> Record:
     """Append one entry in ``db``'s transaction (a Session or its Connection); returns it as it will be stored.
@@ -86,24 +86,22 @@ def append(db: Session | Connection, action: str, *, namespace: str | None = Non
     return append_all(db, [Event(action, namespace, device, subject, details)], actor=actor)[0]
 
 
-def append_all(db: Session | Connection, events: Sequence[Event], *, actor: str | None = _FROM_CONTEXT) -> list[Record]:
+def append_all(db: Session | Connection | Transaction, events: Sequence[Event], *,
+               actor: str | None = _FROM_CONTEXT) -> list[Record]:
     """Append several entries in order with one turn of the lock, one head read and one INSERT (e.g. a registration's
     ``certificate.issued`` and ``registration.assigned``, or a batch of revocations)."""
     if not events:
         return []
     who = ACTOR.get() if actor is _FROM_CONTEXT else actor
     prepared = [_prepared(event, who) for event in events]
-    if isinstance(db, Session):
-        db.flush()  # the unit of work's pending writes first: no row lock is waited for while holding the chain
-        conn = db.connection()
-    else:
-        conn = db
-    dialect = conn.dialect.name
+    # a Session's pending writes are flushed first: no row lock is waited for while holding the chain
+    tx = joined(db)
+    dialect = tx.dialect.name
     if dialect == "postgresql":
-        conn.execute(_TAKE_TURN_PG, {"space": _LOCK_SPACE})
+        tx.run(_TAKE_TURN_PG, space=_LOCK_SPACE)
     elif dialect == "sqlite":
-        conn.execute(_TAKE_TURN_SQLITE)
-    head = conn.execute(_HEAD).first()
+        tx.run(_TAKE_TURN_SQLITE)
+    head = tx.first(_HEAD)
     seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
     now = datetime.now(UTC)  # taken under the lock: times never go back along the chain (on one clock)
     records: list[Record] = []
@@ -112,7 +110,7 @@ def append_all(db: Session | Connection, events: Sequence[Event], *, actor: str 
         digest = entry_hash(seq, now, action, actor_, namespace, device, subject, details, prev)
         records.append(Record(seq, now, action, actor_, namespace, device, subject, details, prev, digest))
         prev = digest
-    conn.execute(_INSERT, [_row(r) for r in records])
+    tx.many(_INSERT, [_row(r) for r in records])
     return records
 
 

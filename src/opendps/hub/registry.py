@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import ClientVerifier
-from sqlalchemy import Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,7 +36,7 @@ from opendps.ids import check_resource_name, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
-from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, table_of
+from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, Transaction, joined, table_of
 from opendps.transport import shown
 from opendps.transport.wire import json_depth
 
@@ -47,7 +47,12 @@ _DEVICE_BY_KEY = select(_DEVICES).where(_DEVICES.c.hub_id == bindparam("b_hub"),
                                         _DEVICES.c.device_key == bindparam("b_key"))
 _DEVICE_ID_BY_KEY = select(_DEVICES.c.id).where(_DEVICES.c.hub_id == bindparam("b_hub"),
                                                 _DEVICES.c.device_key == bindparam("b_key"))
-_INSERT_DEVICE = insert(_DEVICES)
+_INSERT_DEVICE = insert(_DEVICES).returning(_DEVICES.c.id)
+_DELETE_DEVICE = delete(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"))
+_RESET_TWIN = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id")).values(
+    twin_tags=bindparam("b_tags", type_=_DEVICES.c.twin_tags.type),
+    twin_desired=bindparam("b_desired", type_=_DEVICES.c.twin_desired.type), twin_reported={},
+    desired_version=_DEVICES.c.desired_version + 1, reported_version=_DEVICES.c.reported_version + 1)
 _CONNECT_IDENTITY = select(_DEVICES.c.device_id, _DEVICES.c.device_key, _DEVICES.c.status, _DEVICES.c.auth_type,
                            _DEVICES.c.primary_thumbprint, _DEVICES.c.secondary_thumbprint, _DEVICES.c.secret).where(
     _DEVICES.c.hub_id == bindparam("b_hub"), _DEVICES.c.device_key == bindparam("b_key"))
@@ -410,7 +415,7 @@ class Hubs:
             s.delete(row)
 
     # ---- device identities (provisioning places devices inside its own transaction) ----
-    def place_device(self, session: Session, hub: HubView, device_id: str, credential: DeviceCredential, *,
+    def place_device(self, db: Session | Transaction, hub: HubView, device_id: str, credential: DeviceCredential, *,
                      initial_twin: dict[str, Any] | None = None, twin: TwinAction = "keep",
                      previous: tuple[HubView, str] | None = None) -> None:
         """Create or update ``device_id`` in ``hub`` within the caller's transaction, as a registration decided.
@@ -420,27 +425,27 @@ class Hubs:
         initial one. When the device moved to another hub, its previous identity is deleted.
         """
         check_device_id(device_id)
-        # SQL statements on the transaction's connection, not the ORM unit of work: this runs in every registration.
-        # No read of the hub row: a hub unlinked meanwhile fails the insert on its foreign key (IntegrityError), and
-        # the caller's transaction rolls back.
-        conn = session.connection()
+        # prepared statements on the transaction's driver cursor, not the ORM unit of work: this runs in every
+        # registration. No read of the hub row: a hub unlinked meanwhile fails the insert on its foreign key
+        # (IntegrityError), and the caller's transaction rolls back.
+        tx = joined(db)
         old = None
         if previous is not None and (previous[0].id, previous[1].lower()) != (hub.id, device_id.lower()):
-            old = conn.execute(_DEVICE_BY_KEY, {"b_hub": previous[0].id, "b_key": previous[1].lower()}).first()
-        row_id = self._put_device(session, hub.id, device_id, credential, initial_twin=initial_twin,
+            old = tx.first(_DEVICE_BY_KEY, b_hub=previous[0].id, b_key=previous[1].lower())
+        row_id = self._put_device(tx, hub.id, device_id, credential, initial_twin=initial_twin,
                                   reset_twin=twin == "reset", migrate_from=old if twin == "migrate" else None)
         if old is not None and previous is not None and previous[0].id != hub.id and old.id != row_id:
-            conn.execute(delete(_DEVICES).where(_DEVICES.c.id == old.id))
+            tx.run(_DELETE_DEVICE, b_id=old.id)
 
-    def _put_device(self, s: Session, hub_id: int, device_id: str, credential: DeviceCredential, *,
+    def _put_device(self, db: Session | Transaction, hub_id: int, device_id: str, credential: DeviceCredential, *,
                     initial_twin: dict[str, Any] | None = None, reset_twin: bool = False,
-                    migrate_from: Row[Any] | None = None, status: str | None = None) -> int:
+                    migrate_from: Any = None, status: str | None = None) -> int:
         """Create or update the identity in the caller's transaction; its row id. ``status``: set it (a new
         identity is enabled unless told otherwise)."""
-        conn = s.connection()
+        tx = joined(db)
         now = datetime.now(UTC)
         key = device_id.lower()
-        found = conn.execute(_DEVICE_ID_BY_KEY, {"b_hub": hub_id, "b_key": key}).first()
+        found = tx.first(_DEVICE_ID_BY_KEY, b_hub=hub_id, b_key=key)
         keys = credential.keys
         values: dict[str, Any] = {
             # ids match case-insensitively: the identity takes the spelling it is given now
@@ -453,10 +458,8 @@ class Hubs:
         if found is not None:
             if reset_twin:  # rare (a reprovisioning policy that resets the twin): its own statement
                 tags, desired = _initial(initial_twin)
-                conn.execute(update(_DEVICES).where(_DEVICES.c.id == found.id).values(
-                    twin_tags=tags, twin_desired=desired, twin_reported={},
-                    desired_version=_DEVICES.c.desired_version + 1, reported_version=_DEVICES.c.reported_version + 1))
-            if conn.execute(_UPDATE_DEVICE, {"b_id": found.id, **values}).rowcount == 1:
+                tx.run(_RESET_TWIN, b_id=found.id, b_tags=tags, b_desired=desired)
+            if tx.run(_UPDATE_DEVICE, b_id=found.id, **values) == 1:
                 return int(found.id)
             # deleted since the read (on PostgreSQL a delete can commit in between): created anew, as if the delete
             # had come first — updating nothing left a registration assigned to a hub without its device
@@ -471,9 +474,9 @@ class Hubs:
                           twin_reported=copy.deepcopy(migrate_from.twin_reported),
                           desired_version=migrate_from.desired_version,
                           reported_version=migrate_from.reported_version)
-        inserted = conn.execute(_INSERT_DEVICE, values).inserted_primary_key
+        inserted = tx.first(_INSERT_DEVICE, **values)
         assert inserted is not None
-        return int(inserted[0])
+        return int(inserted.id)
 
     @staticmethod
     def _find(s: Session, hub_id: int, device_id: str) -> HubDevice | None:

@@ -32,13 +32,13 @@ from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_
 from opendps.pki.keys import KeyStore
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
 from opendps.pki.status import Publication
-from opendps.store import IssuedCertificate, Store, after_commit, table_of
+from opendps.store import IssuedCertificate, Store, Transaction, joined, table_of
 from opendps.store.timebuckets import utc_day
 
 log = logging.getLogger("opendps.pki")
 LOG_EACH = 20  # revocations logged one line each; more in one line with the count
 _ISSUED = table_of(IssuedCertificate)
-_INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once: one row per issuance
+_INSERT_CERTIFICATE = insert(_ISSUED)  # prepared once per set of columns: one row per issuance
 _OLDER = _ISSUED.alias("older")
 # before a certificate's first use, whether the registration holds older unrevoked ones (that use supersedes): a
 # CONNECT of a certificate with nothing to supersede writes nothing (evaluated only while unused)
@@ -194,7 +194,7 @@ class IssuanceEngine:
         self._claim_first_use = store.prepare(_CLAIM_FIRST_USE)
 
     def issue(self, issuer: Issuer, csr: ValidatedCsr | bytes, registration_id: str, *, now: datetime | None = None,
-              session: Session | None = None) -> IssuedChain:
+              session: Session | Transaction | None = None) -> IssuedChain:
         """Sign a leaf for ``registration_id`` under ``issuer``, record it, return the chain.
 
         ``csr``: DER/PEM bytes (validated here), or what :meth:`Issuer.validate` returned for this registration
@@ -224,8 +224,8 @@ class IssuanceEngine:
         row = {"serial": format(leaf.serial_number, "x"), "sha256": hashlib.sha256(der).hexdigest(), "der": der,
                "policy_id": issuer.policy_id, "issuing_ca_id": issuer.ca_id, "registration_id": registration_id,
                "not_before": leaf.not_valid_before_utc, "not_after": leaf.not_valid_after_utc, "created_at": now}
-        # in the caller's transaction when given (a duplicate serial fails it); an SQL statement, not the ORM's unit
-        # of work, which costs more than it gives for one insert on every registration
+        # in the caller's transaction when given (a duplicate serial fails it); a prepared statement on the driver's
+        # cursor, not the ORM's unit of work, which costs more than it gives for one insert on every registration
         serial = serial_hex(leaf.serial_number)
 
         def issued_line() -> None:
@@ -233,12 +233,9 @@ class IssuanceEngine:
                      extra=event("certificate.issued", serial=serial, registration_id=registration_id,
                                  policy=issuer.label))
 
-        with contextlib.nullcontext(session) if session is not None else self.store.session() as s:
-            s.connection().execute(_INSERT_CERTIFICATE, row)
-            if session is not None:  # said once the caller's transaction holding the record has committed
-                after_commit(session, issued_line)
-        if session is None:
-            issued_line()
+        with contextlib.nullcontext(joined(session)) if session is not None else self.store.transaction() as tx:
+            tx.run(_INSERT_CERTIFICATE, **row)
+            tx.after_commit(issued_line)  # said once the transaction holding the record has committed
         if self.observer is not None:
             self.observer(issuer, perf_counter() - started)
         return IssuedChain(leaf, issuer.certificate, issuer.root)

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cryptography import x509
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,7 @@ from opendps.ids import any_etag, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
-from opendps.store import ConfigCache, Enrollment, Registration, Store, count_change_first
+from opendps.store import ConfigCache, Enrollment, Registration, Store, Transaction, count_change_first, joined
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -48,6 +48,10 @@ MAX_KEY_BYTES = 64
 BULK_MODES = ("create", "update", "updateIfMatchETag", "delete")
 MAX_BULK = 10  # Azure's limit per bulk operation
 ID_INDEX_LIMIT = 200_000  # enrollment ids held in memory per process for attestation's "has it one?" question
+# an enrollment read in a registration's transaction, kept to its commit (hold)
+_HOLD = (select(Enrollment.id).where(Enrollment.kind == bindparam("b_kind"),
+                                     func.lower(Enrollment.enrollment_id) == bindparam("b_id"))
+         .with_for_update(read=True))
 
 
 def check_registration_id(value: object, what: str = "registration id") -> str:
@@ -269,13 +273,11 @@ class Enrollments:
         return view
 
     @staticmethod
-    def hold(session: Session, kind: str, enrollment_id: str) -> bool:
+    def hold(db: Session | Transaction, kind: str, enrollment_id: str) -> bool:
         """In a registration's transaction, after its first write: whether the enrollment still exists, kept so to
         the commit — PostgreSQL: FOR SHARE, which a delete's first write (:meth:`delete` takes the row) waits on;
         SQLite: the write lock the transaction already holds, so this read sees the last committed delete."""
-        return session.execute(select(Enrollment.id).where(
-            Enrollment.kind == kind, func.lower(Enrollment.enrollment_id) == enrollment_id.lower())
-            .with_for_update(read=True)).first() is not None
+        return joined(db).first(_HOLD, b_kind=kind, b_id=enrollment_id.lower()) is not None
 
     def _ids(self, kind: str) -> frozenset[str] | None:
         """Lower-cased ids of every enrollment of ``kind``; None when there are more than the index holds."""

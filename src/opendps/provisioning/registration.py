@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Row, bindparam, delete, insert, select, update
+from sqlalchemy import CursorResult, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from opendps import audit
@@ -52,7 +52,7 @@ from opendps.provisioning.attestation import (
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
 from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
-from opendps.store import Operation, Registration, Store, table_of
+from opendps.store import Operation, Registration, Store, Transaction, table_of
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -416,7 +416,7 @@ class Provisioning:
                  "errorCode": exc.error_code, "errorMessage": exc.message, "lastUpdatedDateTimeUtc": iso8601(now),
                  "etag": new_etag()}
         with self.store.session() as s:
-            self.registration_limit.check(registration_id, connection=s.connection())  # a failed one counts too
+            self.registration_limit.check(registration_id, within=s)  # a failed one counts too
             s.add(Operation(operation_id=operation_id, registration_key=registration_id.lower(), status="failed",
                             result={"operationId": operation_id, "status": "failed", "registrationState": state},
                             created_at=now))
@@ -433,25 +433,24 @@ class Provisioning:
         twin = decision.allocation.initial_twin
         if twin is None:
             twin = e.document.get("initialTwin")
-        # SQL statements on one transaction's connection: the ORM's unit of work costs more than it gives here, on
-        # every registration (the rows' owners write them: hubs the identity, devices the record, the CA its
-        # certificate). A failure rolls all of them back.
-        with self.store.session() as s:
-            conn = s.connection()
+        # prepared statements on one driver transaction (store.Transaction): through a Session and Core each of its
+        # ~11 statements cost ~50-100 us of SQLAlchemy's Python, on every registration; the rows' owners still write
+        # them (hubs the identity, devices the record, the CA its certificate). A failure rolls all of them back.
+        with self.store.transaction() as tx:
             chain = None
             if decision.issuer is not None and decision.csr is not None:
-                chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=s)
+                chain = self.issuance.issue(decision.issuer, decision.csr, rid, now=now, session=tx)
             # one upsert in this transaction (429 rolls it back); it also holds this id's row to the commit (SQLite:
             # the write lock), so registrations of one id take turns from here and each reads what the last wrote
-            self.registration_limit.check(rid, connection=conn)
+            self.registration_limit.check(rid, within=tx)
             # an individual enrollment's delete takes its registration state with it: one deleted since the decision
             # would leave this registration behind, of an enrollment that no longer exists
-            if e.kind != GROUP and not self.enrollments.hold(s, e.kind, e.enrollment_id):
+            if e.kind != GROUP and not self.enrollments.hold(tx, e.kind, e.enrollment_id):
                 raise AttestationFailed(f"enrollment {e.enrollment_id!r} was deleted while {rid!r} registered",
                                         reason="no_enrollment")
             # read after the turn is taken: read before it, a registration of the same id (a device retrying) that
             # moved the device meanwhile was undone from a stale previous hub, its hub identity left behind
-            reg = conn.execute(_REGISTRATION_BY_KEY, {"b_key": rid.lower()}).first()
+            reg = tx.first(_REGISTRATION_BY_KEY, b_key=rid.lower())
             previous = None
             if reg is not None and reg.status == "assigned" and reg.assigned_hub:
                 previous = self.hubs.by_host(reg.assigned_hub)  # from the configuration snapshot
@@ -462,18 +461,18 @@ class Provisioning:
                 # gives it the key for the hub); other devices use the certificate only
                 credential = DeviceCredential("certificateAuthority", keys=identity.hub_credential.keys
                                               if identity.attestation_type == "tpm" else None)
-            self.hubs.place_device(s, placement.hub, device_id, credential, initial_twin=twin, twin=placement.twin,
+            self.hubs.place_device(tx, placement.hub, device_id, credential, initial_twin=twin, twin=placement.twin,
                                    previous=(previous, (reg.device_id if reg else None) or device_id) if previous else None)
             if e.policy_id is not None:
-                self.devices.record(s, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
+                self.devices.record(tx, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
                                     hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
-            result = self._record_assignment(conn, operation_id, decision, reg, device_id, placement, chain, now)
+            result = self._record_assignment(tx, operation_id, decision, reg, device_id, placement, chain, now)
             # last: the audit chain is locked from this append to the commit
-            audit.append_all(s, _assignment_events(decision, device_id, placement, chain, operation_id))
+            audit.append_all(tx, _assignment_events(decision, device_id, placement, chain, operation_id))
             return result
 
     @staticmethod
-    def _record_assignment(conn: Connection, operation_id: str, decision: Decision, reg: Row[Any] | None,
+    def _record_assignment(tx: Transaction, operation_id: str, decision: Decision, reg: Any | None,
                            device_id: str, placement: reprovisioning.Placement, chain: IssuedChain | None,
                            now: datetime) -> dict[str, Any]:
         identity, e = decision.identity, decision.identity.enrollment
@@ -487,11 +486,11 @@ class Provisioning:
             "updated_at": now}
         if reg is None:
             values.update(registration_key=key, created_at=now)
-            conn.execute(_INSERT_REGISTRATION, values)
+            tx.run(_INSERT_REGISTRATION, **values)
         else:
             # a delete of the registration state may commit between the read and this (PostgreSQL reads what is
             # committed; a delete does not take the limit's row): nothing updated — go again, as after the delete
-            if conn.execute(_UPDATE_REGISTRATION, {"b_key": key, **values}).rowcount != 1:
+            if tx.run(_UPDATE_REGISTRATION, b_key=key, **values) != 1:
                 raise _RegistrationGone(key)
             values["created_at"] = reg.created_at
         state = registration_state(values)
@@ -499,8 +498,8 @@ class Provisioning:
         if chain is not None:
             state["issuedCertificateChain"] = [base64.b64encode(d).decode() for d in chain.der_chain()]
         result = {"operationId": operation_id, "status": "assigned", "registrationState": state}
-        conn.execute(_INSERT_OPERATION, {"operation_id": operation_id, "registration_key": key, "status": "assigned",
-                                         "result": result, "created_at": now})
+        tx.run(_INSERT_OPERATION, operation_id=operation_id, registration_key=key, status="assigned", result=result,
+               created_at=now)
         return result
 
 

@@ -34,13 +34,14 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Integer, bindparam, case, delete, func
+from sqlalchemy import Integer, bindparam, case, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
 from opendps.errors import Throttled
-from opendps.store import Store, table_of
+from opendps.store import Store, Transaction, joined, table_of
 from opendps.store.models import RequestLimit
 
 log = logging.getLogger("opendps.provisioning")
@@ -98,19 +99,21 @@ class PollThrottle:
         self._lock = threading.Lock()
         self._last_sweep = time.monotonic()
 
-    def check(self, registration_id: str, now: float | None = None, *, connection: Connection | None = None) -> None:
-        """Count one; Throttled (with ``info["retryAfter"]``) when the window is full. With ``connection``, one
+    def check(self, registration_id: str, now: float | None = None, *,
+              within: Session | Transaction | None = None) -> None:
+        """Count one; Throttled (with ``info["retryAfter"]``) when the window is full. With ``within``, one
         statement in the caller's transaction, which must end with the exception (it does when it propagates out
-        of :meth:`Store.session`); without it, one statement in a transaction of its own. ``now``: epoch seconds."""
+        of :meth:`Store.session` or :meth:`Store.transaction`); without it, one statement in a transaction of its
+        own. ``now``: epoch seconds."""
         key = registration_id.lower()
         now = time.time() if now is None else now
         self._known(key, registration_id, now)
-        if connection is not None:
-            self._count(connection, key, registration_id, now)
+        if within is not None:
+            self._count(joined(within), key, registration_id, now)
             return
         self._maybe_sweep(now)
-        with self.store.engine.begin() as conn:
-            self._count(conn, key, registration_id, now)
+        with self.store.transaction() as tx:
+            self._count(tx, key, registration_id, now)
 
     def check_known(self, registration_id: str, now: float | None = None) -> None:
         """Throttled if this process has seen the id refused and the refusal still holds — no statement; then the
@@ -126,11 +129,12 @@ class PollThrottle:
             return conn.execute(_SWEEP, {"b_now": int(now * 1000)}).rowcount or 0
 
     # ---- internals ----
-    def _count(self, conn: Connection, key: str, registration_id: str, now: float) -> None:
+    def _count(self, tx: Transaction, key: str, registration_id: str, now: float) -> None:
         now_ms = int(now * 1000)
-        arrivals: str = conn.execute(_UPSERTS[conn.dialect.name], {
-            "b_name": self.name, "b_key": key, "b_stamp": f"{now_ms:0{_STAMP}d}",
-            "b_expires": now_ms + self._window_ms, "b_keep": self.limit * _STAMP}).scalar_one()
+        row = tx.first(_UPSERTS[tx.dialect.name], b_name=self.name, b_key=key, b_stamp=f"{now_ms:0{_STAMP}d}",
+                       b_expires=now_ms + self._window_ms, b_keep=self.limit * _STAMP)
+        assert row is not None, "an upsert ... RETURNING gives its row"
+        arrivals: str = row.arrivals
         before = [int(arrivals[i:i + _STAMP]) for i in range(0, len(arrivals) - _STAMP, _STAMP)]  # all but this one
         if len(before) < self.limit:
             return

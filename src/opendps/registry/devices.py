@@ -19,7 +19,17 @@ from sqlalchemy.orm import Session
 from opendps.errors import InvalidInput, NotFound
 from opendps.ids import check_resource_name, new_etag
 from opendps.pki import serial_hex, thumbprint
-from opendps.store import CertificateAuthority, ConfigCache, DeviceRecord, Namespace, Policy, Store, table_of
+from opendps.store import (
+    CertificateAuthority,
+    ConfigCache,
+    DeviceRecord,
+    Namespace,
+    Policy,
+    Store,
+    Transaction,
+    joined,
+    table_of,
+)
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -114,17 +124,18 @@ class DeviceRegistry:
                 raise NotFound(f"device {device_id!r} is not in the device registry of namespace {namespace!r}")
             return rows[0]
 
-    def record(self, session: Session, *, policy_id: int, device_id: str, registration_id: str, hub_host: str,
-               certificate: x509.Certificate | None, now: datetime) -> None:
+    def record(self, db: Session | Transaction, *, policy_id: int, device_id: str, registration_id: str,
+               hub_host: str, certificate: x509.Certificate | None, now: datetime) -> None:
         """Create or update the device's record in the namespace of ``policy_id``, in the caller's transaction;
         ``certificate`` (when one was issued) becomes the device's current operational certificate."""
-        namespace_id = self._namespace_of(policy_id, lambda: session.connection().connection.cursor())
+        # prepared statements on the transaction's driver cursor, not the ORM unit of work: this runs in every
+        # registration
+        tx = joined(db)
+        namespace_id = self._namespace_of(policy_id, lambda: tx.cursor)
         if namespace_id is None:
             return  # the policy was deleted meanwhile: nothing to record it in
-        # SQL statements on the transaction's connection, not the ORM unit of work: this runs in every registration
-        conn = session.connection()
         key = device_id.lower()
-        found = conn.execute(_RECORD_ID_BY_KEY, {"b_ns": namespace_id, "b_key": key}).first()
+        found = tx.first(_RECORD_ID_BY_KEY, b_ns=namespace_id, b_key=key)
         values: dict[str, Any] = {"registration_id": registration_id, "hub_host_name": hub_host, "policy_id": policy_id,
                                   "etag": new_etag(), "updated_at": now}
         if certificate is not None:
@@ -132,10 +143,10 @@ class DeviceRegistry:
                           certificate_sha256=thumbprint(certificate).lower(),
                           certificate_not_after=certificate.not_valid_after_utc)
         if found is None:
-            conn.execute(_INSERT_RECORD, {"namespace_id": namespace_id, "device_id": device_id, "device_key": key,
-                                          "created_at": now, **values})
+            tx.run(_INSERT_RECORD, namespace_id=namespace_id, device_id=device_id, device_key=key, created_at=now,
+                   **values)
         else:
-            conn.execute(_UPDATE_RECORD, {"b_id": found.id, **values})
+            tx.run(_UPDATE_RECORD, b_id=found.id, **values)
 
     def registration_id(self, cursor: Any, policy_id: int, device_id: str) -> str | None:
         """The registration id recorded for ``device_id`` in the namespace of ``policy_id`` (None: no record); one

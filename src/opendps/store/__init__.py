@@ -15,13 +15,13 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Table, create_engine, event, text, update
+from sqlalchemy import Connection, Table, create_engine, event, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -57,7 +57,7 @@ from opendps.store.models import (
     TelemetryRoute,
     WrappedKey,
 )
-from opendps.store.prepared import Prepared
+from opendps.store.prepared import Prepared, Transaction
 
 __all__ = [
     "AccessPolicy",
@@ -86,11 +86,13 @@ __all__ = [
     "Store",
     "TelemetryEvent",
     "TelemetryRoute",
+    "Transaction",
     "WrappedKey",
     "add_setting",
     "after_commit",
     "count_change_first",
     "driver_message",
+    "joined",
     "lock_row",
     "short_of_room",
     "sqlite_url",
@@ -168,6 +170,27 @@ def after_commit(session: Session, action: Callable[[], None]) -> None:
     a log line saying something happened ("certificate ... issued") was written inside the transaction, so also for
     one whose commit then failed (a full disk) and that left nothing behind."""
     session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+def joined(db: Session | Connection | Transaction) -> Transaction:
+    """``db``'s transaction as a :class:`Transaction`: its driver cursor, for the domain functions hot paths run on
+    one (a Session's pending changes are flushed first, so statements stay in the order they were made)."""
+    if isinstance(db, Transaction):
+        return db
+    if isinstance(db, Session):
+        db.flush()
+        session = db
+
+        def later(action: Callable[[], None]) -> None:
+            after_commit(session, action)
+
+        conn = db.connection()
+    else:
+        def later(action: Callable[[], None]) -> None:
+            raise TypeError("a Connection's transaction has no after-commit actions: use a Session's")
+
+        conn = db
+    return Transaction(conn.connection.cursor(), conn.dialect, later)
 
 
 # PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
@@ -389,11 +412,7 @@ class Store:
         finally:
             actions = s.info.pop(_AFTER_COMMIT, ())
             s.close()
-        for action in actions:  # committed (see after_commit)
-            try:
-                action()
-            except Exception:  # noqa: BLE001 - committed: an action's failure must not look like the commit's
-                _log.exception("after a commit")
+        _run_after_commit(actions)
 
     @contextmanager
     def driver_transaction(self) -> Iterator[DBAPIConnection]:
@@ -414,6 +433,19 @@ class Store:
             raise
         finally:
             conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A :meth:`driver_transaction` as a :class:`Transaction` (prepared statements on its cursor), whose
+        after-commit actions run once it has committed: the registration's write transaction."""
+        actions: list[Callable[[], None]] = []
+        with self.driver_transaction() as conn:
+            cursor = conn.cursor()
+            try:
+                yield Transaction(cursor, self.engine.dialect, actions.append)
+            finally:
+                cursor.close()
+        _run_after_commit(actions)
 
     def prepare(self, statement: ClauseElement) -> Prepared:
         """``statement`` compiled for this store's dialect, to run on a :meth:`driver_transaction`'s cursor: for the
@@ -488,6 +520,14 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _run_after_commit(actions: Iterable[Callable[[], None]]) -> None:
+    for action in actions:  # committed (see after_commit)
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - committed: an action's failure must not look like the commit's
+            _log.exception("after a commit")
 
 
 class ConfigCache(Generic[K, V]):

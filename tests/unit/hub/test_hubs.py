@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from tests.unit.conftest import creds, register, symmetric_group
+from tests.unit.conftest import creds, register, statements_run, symmetric_group
 from tests.x509_helpers import make_ca, make_leaf, p384_csr
 
 from opendps.errors import Conflict, InvalidCredentials, InvalidInput, Unauthorized
@@ -221,33 +221,6 @@ def _connect(services, device_id, *, chain=(), password=None, host="default.hubs
     return services.hub_auth.connect(host, device_id, device_id, password, list(chain), datetime.now(UTC))
 
 
-def _statements(services, *, prepared: bool = True):
-    """The SQL statements run from now until the returned ``stop()``: through SQLAlchemy and, with ``prepared``, on
-    the driver's cursor (opendps.store.Prepared, which SQLAlchemy's events do not see)."""
-    from sqlalchemy import event
-
-    from opendps.store import Prepared
-    seen: list[str] = []
-
-    def record(conn, cursor, sql, *args) -> None:
-        seen.append(" ".join(sql.split()))
-
-    originals = {method: getattr(Prepared, method) for method in ("first", "all", "run")} if prepared else {}
-    for method, run in originals.items():
-        def recorded(self, cursor, _run=run, **values):
-            seen.append(" ".join(self.sql.split()))
-            return _run(self, cursor, **values)
-        setattr(Prepared, method, recorded)
-
-    def stop() -> None:
-        event.remove(services.store.engine, "before_cursor_execute", record)
-        for method, run in originals.items():
-            setattr(Prepared, method, run)
-
-    event.listen(services.store.engine, "before_cursor_execute", record)
-    return seen, stop
-
-
 def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(services, provisioned):
     """Issue 14: the hub and its trust from the configuration cache; the identity, the issuance record and the
     ADR record in three prepared statements; no enrollment, policy, CA or hub row read."""
@@ -256,8 +229,8 @@ def test_a_connect_is_one_step_whose_cost_does_not_grow_with_the_configuration(s
     for i in range(30):  # more enrollments do not add work to a CONNECT
         symmetric_group(services, f"more-{i}", credentialPolicyName="ops")
     _connect(services, "dev-h1", chain=chains["dev-h1"][:2])
-    through_sqlalchemy, stop_sqlalchemy = _statements(services, prepared=False)
-    prepared, stop = _statements(services)
+    through_sqlalchemy, stop_sqlalchemy = statements_run(services.store, prepared=False)
+    prepared, stop = statements_run(services.store)
     from sqlalchemy import event
     checkouts: list[object] = []
     count = lambda *args: checkouts.append(args)  # noqa: E731

@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from cryptography import x509
-from tests.unit.conftest import creds, register, symmetric_group
-from tests.unit.hub.test_hubs import _statements
+from tests.unit.conftest import creds, register, statements_run, symmetric_group
 from tests.x509_helpers import p384_csr
 
 from opendps.errors import Conflict, InvalidInput, NotFound, Unauthorized
@@ -156,7 +155,7 @@ def test_revoking_a_device_within_a_namespace_touches_only_that_namespaces_certi
 def test_a_renewed_certificates_first_connect_revokes_the_older_one_as_superseded(services, fleet):
     key, chains = fleet
     old = chains["dev-r1"]
-    seen, stop = _statements(services)
+    seen, stop = statements_run(services.store)
     try:
         assert _connect(services, "dev-r1", old).superseded == ()  # its own first CONNECT: nothing older
     finally:

@@ -7,7 +7,7 @@ import base64
 import pytest
 from cryptography import x509
 from sqlalchemy import event, func, select
-from tests.unit.conftest import creds, new_key, register, symmetric_group
+from tests.unit.conftest import creds, new_key, register, statements_run, symmetric_group
 from tests.x509_helpers import p384_csr
 
 from opendps.errors import Conflict, InvalidInput, NotFound
@@ -59,26 +59,31 @@ def test_a_csr_registration_issues_once_and_records_everything(services, fleet):
 
 
 def test_a_csr_registration_is_one_transaction_of_few_statements(services, fleet):
-    """Issue 13: reads first, then one row per table; the configuration comes from the per-process cache."""
+    """Issue 13: reads first, then one row per table, every statement prepared on one driver transaction (none
+    through SQLAlchemy's execution, one pooled connection besides the configuration counter's); the configuration
+    comes from the per-process cache."""
     rid = "dev-lean"
     services.provisioning.register(creds("warm-up", key=derive_device_key(fleet, "warm-up")),
                                    csr=_b64(p384_csr("warm-up")), api_version=PREVIEW)
-    statements: list[str] = []
-
-    def seen(conn, cursor, sql, *args) -> None:
-        statements.append(sql.split()[0].upper())
-
-    event.listen(services.store.engine, "before_cursor_execute", seen)
+    through_sqlalchemy, stop_sqlalchemy = statements_run(services.store, prepared=False)
+    statements, stop = statements_run(services.store)
+    checkouts: list[object] = []
+    count = lambda *args: checkouts.append(args)  # noqa: E731
+    event.listen(services.store.engine, "checkout", count)
     try:
         rounds = []
         for _ in range(2):  # a new device, then the same device re-registering (updates instead of inserts)
             accepted = services.provisioning.register(creds(rid, key=derive_device_key(fleet, rid)),
                                                       csr=_b64(p384_csr(rid)), api_version=PREVIEW)
             assert accepted.result is not None and accepted.result["status"] == "assigned"
-            rounds.append(statements[:])
+            rounds.append([sql.split()[0].upper() for sql in statements])
             statements.clear()
     finally:
-        event.remove(services.store.engine, "before_cursor_execute", seen)
+        stop()
+        stop_sqlalchemy()
+        event.remove(services.store.engine, "checkout", count)
+    assert through_sqlalchemy == []
+    assert len(checkouts) == 2 * 2  # per registration: the configuration counter's read, the write transaction
     first, second = rounds
     # the audit log's append, last (issue 17.4): its turn on the chain (PostgreSQL: an advisory lock, a SELECT;
     # SQLite: a no-op UPDATE taking the write lock), the head, one INSERT of both entries

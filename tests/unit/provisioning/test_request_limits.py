@@ -8,7 +8,7 @@ import threading
 import pytest
 from sqlalchemy import text
 from tests.conftest import installation
-from tests.unit.conftest import creds, new_key, symmetric_group
+from tests.unit.conftest import creds, new_key, statements_run, symmetric_group
 from tests.unit.provisioning.test_allocation import webhook
 
 from opendps.errors import Throttled
@@ -87,13 +87,7 @@ def test_a_refusal_is_answered_from_memory_while_it_holds(store):
     limit = PollThrottle(store, limit=1, window=10)
     limit.check("known", now=1000.0)
     _refused(limit.check, "known", now=1001.0)
-    statements: list[str] = []
-    from sqlalchemy import event
-
-    def seen(conn, cursor, sql, *args) -> None:
-        statements.append(sql)
-
-    event.listen(store.engine, "before_cursor_execute", seen)
+    statements, stop = statements_run(store)
     try:
         assert _refused(limit.check, "known", now=1002.0).info == {"retryAfter": "8"}
         assert _refused(limit.check_known, "known", now=1009.5).info == {"retryAfter": "1"}
@@ -102,7 +96,7 @@ def test_a_refusal_is_answered_from_memory_while_it_holds(store):
         limit.check("known", now=1010.0)
         assert len(statements) == 1
     finally:
-        event.remove(store.engine, "before_cursor_execute", seen)
+        stop()
 
 
 @pytest.mark.parametrize("limit_class", [PollThrottle, RegistrationLimit])
@@ -126,7 +120,7 @@ def test_concurrent_checks_never_let_more_than_the_limit_through(store, second_s
                         limit.check("contended")
                     else:
                         with st.session() as s:
-                            limit.check("contended", connection=s.connection())
+                            limit.check("contended", within=s)
                     admitted.append(n)
                 except Throttled:
                     refused.append(n)

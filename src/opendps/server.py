@@ -17,6 +17,7 @@ from aiohttp import web
 from opendps import logs
 from opendps.frontends import FrontEnds, build, metrics
 from opendps.frontends.http.app import make_metrics_app, make_status_app
+from opendps.frontends.http.errors import AzureAppRunner
 from opendps.instance import DB_PASSWORD_NOT_SAVED, Instance, Settings
 from opendps.server_tls import keep_server_certificate
 from opendps.transport import format_peer
@@ -98,7 +99,7 @@ def print_banner(instance: Instance) -> None:
 async def _plain_http(app: web.Application, host: str, port: int, name: str, budget: int, shared: bool,
                       client_timeout: float) -> web.AppRunner:
     """A plain-HTTP listener for ``app``, capped like the TLS ones (SO_REUSEPORT when shared by workers)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=client_timeout)
+    runner = AzureAppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=client_timeout)
     await runner.setup()
     await GatedTCPSite(runner, host, port, gate=ConnectionGate(name, budget), reuse_port=shared,
                        write_timeout=client_timeout).start()
@@ -121,7 +122,8 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
                                 + ["metrics"] * bool(st.metrics_port))
     # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at
     # connect and after each response), so idle and slow-header connections are closed
-    runner = web.AppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
+    # AzureAppRunner: what aiohttp's parser refuses is answered with an Azure error body too
+    runner = AzureAppRunner(fe.http, access_log=None, handle_signals=False, keepalive_timeout=st.client_timeout)
     await runner.setup()
     # one HTTPS listener for the management and device APIs: the device TLS layer requests (never
     # requires) a client certificate and hands the sent chain to attestation (docs/architecture.md, "TLS")

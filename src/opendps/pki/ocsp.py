@@ -73,7 +73,8 @@ class OcspQuery:
 
 def parse_request(data: bytes) -> OcspQuery:
     """The CertID of a DER OCSPRequest; :class:`MalformedOcspRequest` for anything else (empty, too large, not DER,
-    trailing bytes, several requests)."""
+    trailing bytes, several requests, a negative serial: RFC 5280 4.1.2.2 serials are positive, so no certificate
+    has one — it was answered ``unauthorized``, as if the CA were not this responder's)."""
     if not data or len(data) > MAX_REQUEST_BYTES:
         raise MalformedOcspRequest(f"an OCSP request is 1 to {MAX_REQUEST_BYTES} octets of DER, got {len(data)}")
     try:
@@ -82,6 +83,8 @@ def parse_request(data: bytes) -> OcspQuery:
     except Exception as exc:  # noqa: BLE001 - untrusted input: whatever the parser refuses (ValueError, and
         # NotImplementedError for several requests) is a malformed request, never a server error
         raise MalformedOcspRequest(f"not an OCSP request with one certificate: {exc}") from None
+    if serial < 0:
+        raise MalformedOcspRequest(f"the request's serial number {serial} is negative: certificate serials are positive")
     try:
         algorithm: str | None = request.hash_algorithm.name
     except UnsupportedAlgorithm:

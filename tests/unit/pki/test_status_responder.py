@@ -15,9 +15,10 @@ from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import ExtensionOID, NameOID
 from tests.conftest import TEST_ID_SCOPE, assert_uses_index
 
+import opendps.pki.ocsp as ocsp_module
 import opendps.pki.status as status_module
 from opendps.errors import NotFound
-from opendps.pki import Publication, lint_crl
+from opendps.pki import Publication, der, lint_crl
 from opendps.pki.crl import crl_number
 from opendps.pki.ocsp import MALFORMED_REQUEST, UNAUTHORIZED
 from opendps.pki.status import ca_ref
@@ -182,3 +183,21 @@ def test_the_revocation_queries_use_their_index(store):
     now = datetime.now(UTC)
     assert_uses_index(store, {"ix_issued_certificates_revoked": _REVOCATION_STATE.params(b_ca=1)})
     assert_uses_index(store, {"ix_issued_certificates_revoked": _REVOKED_LEAVES.params(b_ca=1, b_now=now)})
+
+
+def test_an_ocsp_request_for_a_negative_serial_is_malformed(services):
+    """A CertID naming this CA with a negative serial (a DER INTEGER is signed; RFC 5280 serials are positive, so no
+    certificate has one): ``malformedRequest``, as the request cannot name a certificate — it was ``unauthorized``,
+    which tells a client this responder does not answer for the CA."""
+    services.registry.create_namespace("negative-ns")
+    leaf, ica = _issue(services, "negative-ns", "dev-neg")
+    name_hash, key_hash = ocsp_module.name_hash(ica), ocsp_module.key_hash(ica)
+    sha1 = der.tlv(der.SEQUENCE, der.tlv(der.OBJECT_IDENTIFIER, bytes.fromhex("2b0e03021a")) + b"\x05\x00")
+    for serial in (-1, -leaf.serial_number):
+        octets = serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)
+        cert_id = der.tlv(der.SEQUENCE, sha1 + der.tlv(der.OCTET_STRING, name_hash)
+                          + der.tlv(der.OCTET_STRING, key_hash) + der.tlv(0x02, octets))  # INTEGER
+        request = der.tlv(der.SEQUENCE, der.tlv(der.SEQUENCE, der.tlv(der.SEQUENCE, der.tlv(der.SEQUENCE, cert_id))))
+        assert x509_ocsp.load_der_ocsp_request(request).serial_number == serial
+        assert services.status.ocsp(request).der == MALFORMED_REQUEST
+    assert _ask(services, leaf, ica).certificate_status == x509_ocsp.OCSPCertStatus.GOOD  # the CA is answered for

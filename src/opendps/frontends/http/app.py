@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 
 from opendps import audit, logs
 from opendps.errors import Forbidden, InvalidInput, Unauthorized
@@ -15,12 +17,12 @@ from opendps.frontends.http.audit import routes as audit_routes
 from opendps.frontends.http.device import DEVICE_ROUTE_PREFIX
 from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
-from opendps.frontends.http.errors import error_middleware, quiet_client_errors
+from opendps.frontends.http.errors import error_middleware, error_response, quiet_client_errors
 from opendps.frontends.http.fleet import routes as fleet_routes
 from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
-from opendps.frontends.http.pki_status import PKI_ROUTE_PREFIX, add_status_routes
+from opendps.frontends.http.pki_status import OCSP_GET_ROUTE, PKI_ROUTE_PREFIX, add_status_routes
 from opendps.frontends.http.service import routes as service_routes
 from opendps.frontends.http.status import METRICS_ROUTE_PREFIX, metrics_exposition
 from opendps.frontends.http.status import routes as service_status_routes
@@ -37,6 +39,7 @@ from opendps.provisioning.access import (
     REGISTRATION_STATUS_WRITE,
     SERVICE_CONFIG,
 )
+from opendps.transport import shown
 from opendps.transport.mqtt.server import MqttServer
 
 MAX_BODY = 1024 * 1024
@@ -115,8 +118,10 @@ def _peer_host(request: web.Request) -> str | None:
 @web.middleware
 async def nul_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """No name, id or query value of this API holds a NUL (``%00``), and PostgreSQL cannot even compare one: a 400
-    naming it here, before any lookup binds it (it was the database driver's DataError, a 500)."""
-    if "\x00" in request.path or "\x00" in request.query_string:  # both as decoded (%00 is a NUL there)
+    naming it here, before any lookup binds it (it was the database driver's DataError, a 500). Not on ``GET
+    /ocsp/...``: an OCSP request is answered in OCSP's own terms (``malformedRequest``), never an HTTP error."""
+    if ("\x00" in request.path or "\x00" in request.query_string) \
+            and request.match_info.route.name != OCSP_GET_ROUTE:  # both as decoded (%00 is a NUL there)
         raise InvalidInput("the request's path or query holds a NUL character (%00), which no name or id has")
     return await handler(request)
 
@@ -141,15 +146,50 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 WEBSOCKET_ONLY_PATHS = ("/", "/mqtt")
 
 
-async def mqtt_over_websocket(request: web.Request) -> web.WebSocketResponse:
+# Sec-WebSocket-Version values aiohttp's framing speaks: 13 (RFC 6455) and the two drafts before it
+WEBSOCKET_VERSIONS = ("13", "8", "7")
+
+
+def _websocket_refusal(request: web.Request) -> web.Response | None:
+    """What RFC 6455 refuses before aiohttp's handshake would accept it: an upgrade needs HTTP/1.1 or later (4.1;
+    aiohttp answered HTTP/1.0 with 101), and a version this server does not speak is a 426 naming the one it does
+    (4.2.2; aiohttp said a bare 400). A request that asks no WebSocket upgrade is aiohttp's to refuse."""
+    if request.headers.get(hdrs.UPGRADE, "").lower().strip() != "websocket":
+        return None
+    if request.version < HttpVersion11:
+        raise InvalidInput(f"a WebSocket upgrade needs HTTP/1.1 or later (RFC 6455 4.1), not HTTP/"
+                           f"{request.version.major}.{request.version.minor}")
+    version = request.headers.get(hdrs.SEC_WEBSOCKET_VERSION, "")
+    if version not in WEBSOCKET_VERSIONS:
+        return error_response(426, 426001, f"Sec-WebSocket-Version {shown(version, 16)} is not supported: this server "
+                              "speaks version 13 (RFC 6455)", headers={hdrs.SEC_WEBSOCKET_VERSION: "13"})
+    return None
+
+
+def _one_protocol_line(request: web.Request) -> web.Request:
+    """The subprotocols a client offers on several ``Sec-WebSocket-Protocol`` lines are one list (RFC 7230 3.2.2),
+    but aiohttp's handshake reads only the first line (``mqtt`` on a second one was answered with no subprotocol):
+    the lines are joined into one for it. A request with one line (every SDK's) is used as it is."""
+    offered = request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+    if len(offered) < 2:
+        return request
+    headers = CIMultiDict(request.headers)
+    headers[hdrs.SEC_WEBSOCKET_PROTOCOL] = ", ".join(offered)  # replaces every line with the one list
+    return request.clone(headers=headers)
+
+
+async def mqtt_over_websocket(request: web.Request) -> web.StreamResponse:
     """MQTT over WebSockets (``/$iothub/websocket``, and ``/`` or ``/mqtt`` for an upgrade), as the Azure SDKs use
     with websockets=True; subprotocol ``mqtt`` or ``MQTT`` (the C SDK's spelling; aiohttp compares exactly)."""
     if request.path in WEBSOCKET_ONLY_PATHS and request.headers.get("Upgrade", "").lower() != "websocket":
         raise web.HTTPNotFound()
+    refusal = _websocket_refusal(request)
+    if refusal is not None:
+        return refusal
     mqtt = request.app[MQTT_SERVER]
     # a message larger than the MQTT core would hold is closed with 1009 as it arrives (it is read whole first)
     ws = web.WebSocketResponse(protocols=("mqtt", "MQTT"), max_msg_size=mqtt.max_websocket_message)
-    await ws.prepare(request)
+    await ws.prepare(_one_protocol_line(request))
     transport = request.transport
     chain = (transport.get_extra_info("peer_certificate_chain") if transport is not None else None) or []
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -199,7 +239,8 @@ def make_status_app(runtime: Runtime) -> web.Application:
     """The plain-HTTP listener's application (``--http-port``): certificate status only — CRLs and OCSP, open, the
     same routes as on HTTPS — with the same Azure error bodies (an unknown CA's CRL is a 404)."""
     quiet_client_errors()
-    app = web.Application(middlewares=[error_middleware], client_max_size=STATUS_MAX_BODY)
+    # nul_middleware: a NUL in the path is a 400 here too (it was the CRL lookup's 404 "no CA publishes '\x00'")
+    app = web.Application(middlewares=[error_middleware, nul_middleware], client_max_size=STATUS_MAX_BODY)
     app[RUNTIME] = runtime
     add_status_routes(app)
     return app

@@ -34,6 +34,7 @@ from opendps.pki import StatusDocument
 from opendps.pki.ocsp import MAX_REQUEST_BYTES, TRY_LATER
 
 PKI_ROUTE_PREFIX = "pki:"  # open routes: no service token (frontends.http.app's SAS middleware lets them pass)
+OCSP_GET_ROUTE = PKI_ROUTE_PREFIX + "ocsp-get"
 CRL_TYPE = "application/pkix-crl"
 OCSP_TYPE = "application/ocsp-response"
 
@@ -140,7 +141,7 @@ def _decode_get(path_part: str) -> bytes:
         return b""
 
 
-@routes.get("/ocsp/{request:.+}", name=PKI_ROUTE_PREFIX + "ocsp-get")
+@routes.get("/ocsp/{request:.+}", name=OCSP_GET_ROUTE)
 async def get_ocsp(request: web.Request) -> web.Response:
     """An OCSP request in the path (RFC 5019 5: what an HTTP cache can keep)."""
     raw = request.raw_path.split("?", 1)[0][len("/ocsp/"):]  # undecoded: '+' and '%2F' are base64, not separators
@@ -149,4 +150,4 @@ async def get_ocsp(request: web.Request) -> web.Response:
     return _respond(request, document or StatusDocument(TRY_LATER), OCSP_TYPE)
 
 
-__all__ = ["PKI_ROUTE_PREFIX", "add_status_routes"]
+__all__ = ["OCSP_GET_ROUTE", "PKI_ROUTE_PREFIX", "add_status_routes"]

@@ -85,6 +85,9 @@ _TAKEN_OVER = "taken over by a new connection of the same device on another node
 # desired-property pushes to one device not yet taken by its connection: past this it is cut off (it reconnects
 # and reads the whole twin, as Azure's SDKs do), instead of queueing without bound
 DESIRED_BACKLOG = 32
+# how long a drop or revocation is remembered for the CONNECTs that were being checked when it was heard (seconds): a
+# CONNECT checks in well under this; one that took longer is closed at its attach (it cannot be told safe)
+HEARD_FOR = 300.0
 
 
 class _Live(NamedTuple):
@@ -119,6 +122,10 @@ class LiveSessions:
         self._hub_names: dict[int, str] = {}  # hub id -> name, of the hubs whose devices attached here
         # pushes on their way to a link, by id(link) (links need not be hashable; a task holds each one counted)
         self._desired_waiting: dict[int, int] = {}
+        # drops and revocations heard lately (monotonic time, oldest first), for :meth:`attach`: a CONNECT checked
+        # before one was made attaches after it was carried out, and would stay connected
+        self._heard: dict[Any, float] = {}
+        self._revocations: list[tuple[float, frozenset[str], frozenset[str]]] = []
 
     def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]],
              c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None, *,
@@ -167,9 +174,12 @@ class LiveSessions:
                                   for link, session, since in chunk])
 
     # ---- front end side ----
-    def attach(self, link: DeviceLink) -> None:
+    def attach(self, link: DeviceLink, *, checked_since: float | None = None) -> None:
         """``link`` is the device's connection from now on; an older one of the same device is closed, here or on
-        another node."""
+        another node. ``checked_since``: when (``time.monotonic()``) its CONNECT began to be checked. A drop or
+        revocation heard since then may have been made after the check read the store and carried out before this
+        attach found the link (a device disabled, deleted, its hub unlinked or its certificate revoked while it
+        connected): the link is closed at once instead of staying connected."""
         key = _key(link.device.hub_name, link.device.device_key)  # the key the device holds: no second string
         old = self._links.get(key)
         session, since = uuid.uuid4().hex, datetime.now(UTC)
@@ -179,6 +189,49 @@ class LiveSessions:
             old[0].close("taken over by a new connection of the same device")
         if self._writer is not None:
             self._writer.add(Change(link.device.hub_id, key[1], session, True, since))
+        if checked_since is not None:
+            missed = self._missed(link.device, checked_since)
+            if missed is not None:
+                link.close(missed)
+
+    def _hear(self, what: Any) -> None:
+        """Remember a drop (``what``: ("device", hub name, key) or ("hub", hub id)) for :meth:`attach`."""
+        now = time.monotonic()
+        self._heard.pop(what, None)
+        self._heard[what] = now  # newest last
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - HEARD_FOR
+        while self._heard:
+            oldest = next(iter(self._heard))
+            if self._heard[oldest] >= horizon:
+                break
+            del self._heard[oldest]
+        while self._revocations and self._revocations[0][0] < horizon:
+            self._revocations.pop(0)
+
+    def _missed(self, device: AuthenticatedDevice, checked_since: float) -> str | None:
+        """Why a session whose CONNECT was checked from ``checked_since`` on must not stay: a drop or revocation of
+        it heard since then, or a check older than what is remembered; else None."""
+        now = time.monotonic()
+        self._forget(now)
+        if checked_since < now - HEARD_FOR:
+            return "its CONNECT was checked too long ago"
+        heard = self._heard.get(("hub", device.hub_id))
+        if heard is not None and heard >= checked_since:
+            return f"hub {device.hub_name} was unlinked while the device connected"
+        heard = self._heard.get(("device", device.hub_name, device.device_key))
+        if heard is not None and heard >= checked_since:
+            return "disabled or deleted by the service while the device connected"
+        serial = device.certificate_serial
+        if serial is not None:
+            for at, serials, issuers in reversed(self._revocations):
+                if at < checked_since:
+                    break
+                if serial in serials or device.issuer_key_id in issuers:
+                    return f"certificate {serial} was revoked while the device connected"
+        return None
 
     def detach(self, link: DeviceLink) -> None:
         """The connection ended: forget it, and fail the method calls it will never answer."""
@@ -337,6 +390,19 @@ class LiveSessions:
         if self.peers is not None:
             await self.peers.send({"op": "drop", "hub": hub_name, "device": device_id, "reason": reason})
 
+    async def drop_hub(self, hub_id: int, hub_name: str, reason: str) -> None:
+        """A hub was unlinked: every session of it closes, here and on every node. Its identities went with it, so
+        no CONNECT would let them in, and their telemetry and presence rows name a hub that is gone."""
+        self._drop_hub_here(hub_id, reason)
+        if self.peers is not None:
+            await self.peers.send({"op": "drop-hub", "hub": hub_name, "hubId": hub_id, "reason": reason})
+
+    def _drop_hub_here(self, hub_id: int, reason: str) -> None:
+        self._hear(("hub", hub_id))
+        for link, _session, _since in list(self._links.values()):
+            if link.device.hub_id == hub_id:
+                link.close(reason)
+
     async def revoke(self, serials: set[str], *, issuers: set[str] | None = None) -> None:
         """Certificates were revoked: close every session that authenticated with one of them, here and — told to
         every node — everywhere. ``serials`` as :func:`opendps.pki.serial_hex` writes them (any case); ``issuers``:
@@ -351,6 +417,9 @@ class LiveSessions:
             await self.peers.send({"op": "revoked", "serials": sorted(wanted), "issuers": sorted(by)})
 
     def _revoke_here(self, serials: set[str], issuers: frozenset[str] | set[str] = frozenset()) -> None:
+        now = time.monotonic()
+        self._revocations.append((now, frozenset(serials), frozenset(issuers)))
+        self._forget(now)
         for link, _session, _since in list(self._links.values()):
             serial = link.device.certificate_serial
             if serial is None:
@@ -359,7 +428,10 @@ class LiveSessions:
                 link.close(f"certificate {serial} was revoked")
 
     def _drop_here(self, hub_name: str, device_id: str, reason: str, session: str | None) -> None:
-        current = self._links.get(_key(hub_name, device_id))
+        key = _key(hub_name, device_id)
+        if session is None:  # the device's every session, also one attaching later whose CONNECT was checked before
+            self._hear(("device", *key))
+        current = self._links.get(key)
         if current is not None and (session is None or current[1] == session):
             current[0].close(reason)
 
@@ -414,6 +486,10 @@ class LiveSessions:
         op, hub, device = message.get("op"), str(message.get("hub", "")), str(message.get("device", ""))
         if op == "drop":
             self._drop_here(hub, device, str(message.get("reason") or "dropped by the service"), None)
+        elif op == "drop-hub":
+            hub_id = message.get("hubId")
+            if isinstance(hub_id, int):
+                self._drop_hub_here(hub_id, str(message.get("reason") or f"hub {hub} was unlinked"))
         elif op == "revoked":
             self._revoke_here({str(s).upper() for s in message.get("serials") or ()},
                               {str(i).lower() for i in message.get("issuers") or ()})

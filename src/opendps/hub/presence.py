@@ -21,9 +21,10 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from opendps.hub.registry import Hubs
-from opendps.store import HubConnection, HubDevice, Store, table_of
+from opendps.store import HubConnection, HubDevice, LinkedHub, Store, table_of
 
 log = logging.getLogger("opendps.hub")
 _CONNECTIONS = table_of(HubConnection)
@@ -71,6 +72,20 @@ class Presence:
                   "connected_at": insert.excluded.connected_at})
 
     def record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
+        """:meth:`_record`; a batch refused because it names a hub unlinked meanwhile (its sessions are being dropped;
+        their rows would have gone with the hub) is written without that hub's changes, so one unlinked hub does not
+        hold up every other device's presence."""
+        try:
+            return self._record(node_id, changes)
+        except IntegrityError:
+            named = {c.hub_id for c in changes}
+            with self.store.session() as s:
+                linked = set(s.scalars(select(LinkedHub.id).where(LinkedHub.id.in_(sorted(named)))))
+            if named <= linked:
+                raise  # not a hub's doing (this node's row swept?): kept and retried by the writer
+            return self._record(node_id, [c for c in changes if c.hub_id in linked])
+
+    def _record(self, node_id: str, changes: list[Change]) -> list[Displaced]:
         """Apply ``changes`` (in order) for ``node_id`` in one transaction; the sessions that the attaches displaced.
 
         The newest session wins by when it began, not by when its row is written: two nodes write their batches in

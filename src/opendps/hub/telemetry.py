@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine.interfaces import DBAPIConnection
 
-from opendps.errors import InvalidInput, PayloadTooLarge
+from opendps.errors import InvalidInput, NotFound, PayloadTooLarge
 from opendps.store import LinkedHub, Store, TelemetryEvent, table_of
 from opendps.transport.wire import iso8601, parse_json
 
@@ -150,6 +150,15 @@ def check_size(body: bytes) -> None:
         raise PayloadTooLarge(f"telemetry message is larger than {MAX_MESSAGE_BYTES} bytes")
 
 
+class HubsGone(NotFound):
+    """A batch named hubs unlinked meanwhile (their foreign key refused it, so nothing of it was stored): its other
+    hubs' messages are written without them."""
+
+    def __init__(self, hub_ids: frozenset[int]) -> None:
+        super().__init__(f"hub {', '.join(map(str, sorted(hub_ids)))} is no longer linked", reason="hub_unlinked")
+        self.hub_ids = hub_ids
+
+
 class TelemetrySink:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -179,14 +188,27 @@ class TelemetrySink:
         now = datetime.now(UTC)
         dialect = self.store.engine.dialect
         if dialect.name == "sqlite" or dialect.name == "postgresql" and dialect.driver == "psycopg":
-            with self.store.driver_transaction() as conn:
-                if dialect.name == "sqlite":
-                    return self._append_sqlite(conn, messages, now)
-                return self._append_postgresql(conn, messages, now)
+            try:
+                with self.store.driver_transaction() as conn:
+                    if dialect.name == "sqlite":
+                        return self._append_sqlite(conn, messages, now)
+                    return self._append_postgresql(conn, messages, now)
+            except dialect.loaded_dbapi.IntegrityError:
+                self._hubs_gone(messages)
+                raise
         with self.store.session() as s:
             rows = [{"hub_id": hub_id, "device_id": device_id, "system_properties": system, "properties": application,
                      "body": body, "enqueued_at": now} for hub_id, device_id, system, application, body in messages]
             return list(s.connection().execute(_APPEND, rows).scalars())
+
+    def _hubs_gone(self, messages: list[Message]) -> None:
+        """After a batch was refused on its foreign key: raise :class:`HubsGone` naming the batch's hubs that are no
+        longer linked (a hub unlinked while its devices sent), else return (the caller re-raises what it got)."""
+        wanted = {message[0] for message in messages}
+        with self.store.session() as s:
+            linked = set(s.scalars(select(LinkedHub.id).where(LinkedHub.id.in_(sorted(wanted)))))
+        if wanted - linked:
+            raise HubsGone(frozenset(wanted - linked))
 
     def _append_postgresql(self, conn: DBAPIConnection, messages: list[Message], now: datetime) -> list[int]:
         """PostgreSQL (psycopg 3): the per-hub turn (see :meth:`append_many`), then one INSERT ... SELECT FROM
@@ -426,6 +448,11 @@ class GroupCommit:
             self._shared = None  # what is submitted from now on waits for a later transaction
             try:
                 positions = await self.run(self.sink.append_many, [message for message, _ in batch])
+            except HubsGone as gone:  # a hub unlinked meanwhile: the others' messages go in the next transaction
+                kept = self._without(batch, gone)
+                self._pending = kept + self._pending
+                self._pending_bytes += sum([len(message[4]) for message, _ in kept])  # still waiting: counted again
+                positions = None
             except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
                 for _, future in batch:
                     self._shared_left.pop(future, None)  # a shared one fails with its first failed part
@@ -454,6 +481,28 @@ class GroupCommit:
                     if not future.done():
                         future.set_result(None)
         self._loop = None  # asked again with the next message: the writer may outlive a loop (tests run several)
+
+    def _without(self, batch: list[tuple[Message, asyncio.Future[Any]]],
+                 gone: HubsGone) -> list[tuple[Message, asyncio.Future[Any]]]:
+        """The batch's messages of hubs still linked. The others end here: an ``append`` caller gets ``gone`` (its
+        device's connection closes without PUBACK), and so does a pipelined future none of whose messages is left to
+        store; one shared with messages that are stored is done when they are (the gone hub's count as stored, as an
+        instant earlier they would have been, and then deleted with their hub): failing it would cut off every
+        device of the transaction."""
+        kept = []
+        shared = self._shared_left
+        for message, future in batch:
+            if message[0] not in gone.hub_ids:
+                kept.append((message, future))
+                continue
+            left = shared.get(future)
+            if left is not None and left > 1:
+                shared[future] = left - 1
+                continue
+            shared.pop(future, None)
+            if not future.done():
+                future.set_exception(gone)
+        return kept
 
     async def _release(self, size: int) -> None:
         self._pending_bytes -= size

@@ -25,6 +25,7 @@ from opendps.frontends.http.wire import (
     page_response,
     page_window,
     run,
+    runtime,
     send,
     services,
 )
@@ -153,8 +154,12 @@ async def get_linked_hub(request: web.Request) -> web.Response:
 
 @routes.delete("/linkedHubs/{name}")
 async def delete_linked_hub(request: web.Request) -> web.Response:
-    await run(request, services(request).hubs.delete, request.match_info["name"],
-              if_match=if_match(request))
+    """Unlink a hub, then close its devices' sessions on every node: their identities went with it (a session left
+    open had its telemetry refused and no presence row)."""
+    name = request.match_info["name"]
+    hub = await run(request, services(request).hubs.get, name)
+    await run(request, services(request).hubs.delete, name, if_match=if_match(request))
+    await runtime(request).live.drop_hub(hub.id, hub.name, f"hub {hub.name} was unlinked")
     return web.Response(status=204)
 
 

@@ -67,6 +67,8 @@ class HubSession:
     counted: bool = False  # in opendps_hub_connections (on_connected ran)
     refusal_logged: bool = False  # a refused subscription was logged at INFO: later ones go to DEBUG
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
+    # when its CONNECT began to be checked (time.monotonic()): a drop or revocation heard since closes it at its attach
+    checked_since: float | None = None
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
     persistent: ClassVar[bool] = False
     # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
@@ -88,7 +90,7 @@ class HubSession:
     async def on_connected(self, session: Session) -> None:
         self.session = session
         self.runtime.hub_names[self.device.hub_id] = self.device.hub_name  # for the telemetry counters' label
-        self.runtime.live.attach(self)
+        self.runtime.live.attach(self, checked_since=self.checked_since)
         metrics.hub_connected(self.device.auth_type)
         self.counted = True
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,

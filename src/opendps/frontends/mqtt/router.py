@@ -9,6 +9,7 @@ over the registration's), ``{hubHost}/{deviceId}/?api-version=...`` to that hub,
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
@@ -86,6 +87,7 @@ def make_router(runtime: Runtime) -> Authenticator:
                      extra=event("hub.refused", outcome="refused", reason=refused.reason, error_code=refused.error_code))
             runtime.hub_refused(host[:255], username[:128], refused)
             return NOT_AUTHORIZED
+        checked_since = time.monotonic()  # a drop heard after this may have missed the check (LiveSessions.attach)
         try:  # one step in the domain: the hub by host, the device, its credential
             device = await runtime.domain.run(services.hub_auth.connect, host, device_id, request.client_id,
                                               request.password, list(request.peer_certificate_chain), datetime.now(UTC))
@@ -95,6 +97,6 @@ def make_router(runtime: Runtime) -> Authenticator:
                                  reason=exc.reason, error_code=exc.error_code))
             runtime.hub_refused(host[:255], device_id[:128], exc)
             return connack_code(exc)
-        return HubSession(runtime, device)
+        return HubSession(runtime, device, checked_since=checked_since)
 
     return route

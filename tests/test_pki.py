@@ -466,43 +466,60 @@ def test_pkilint_runs_once_per_leaf_shape_and_again_when_the_profile_changes(eng
 
 
 def test_every_leaf_gets_the_value_checks_its_shape_cannot_vouch_for(engine, registry, store, ns, monkeypatch):
-    """A leaf whose shape is known but whose validity is empty is refused, though pkilint is not asked again."""
+    """A leaf whose shape has a template but whose validity is empty is refused, though pkilint is not asked."""
     issuer = registry.issuer(ns.policy_id)
-    engine.issue(issuer, _csr("dev-1"), "dev-1")
-    real_builder = issuance_module.leaf_builder
-
-    def empty_validity(public_key, registration_id, issuer_cert, issuer_key, days, *, now=None):
-        good = real_builder(public_key, registration_id, issuer_cert, issuer_key, days, now=now)
-        pre = good.sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384())
-        builder = (x509.CertificateBuilder().subject_name(pre.subject).issuer_name(pre.issuer).public_key(public_key)
-                   .serial_number(pre.serial_number).not_valid_before(pre.not_valid_before_utc)
-                   .not_valid_after(pre.not_valid_before_utc))  # the builder refuses reversed dates, not equal ones
-        for extension in pre.extensions:
-            builder = builder.add_extension(extension.value, extension.critical)
-        return builder
-
-    monkeypatch.setattr(issuance_module, "leaf_builder", empty_validity)
+    engine.issue(issuer, _csr("dev-1"), "dev-1")  # the shape's template
+    linted: list[bytes] = []
+    monkeypatch.setattr(profiles_module, "lint_certificate", lambda der, **kw: linted.append(der) or [])
+    monkeypatch.setattr(profiles_module, "leaf_validity", lambda now, days, ca: (now, now))
     with pytest.raises(IssuanceRefused, match="notAfter is not after notBefore"):
         engine.issue(issuer, _csr("dev-2"), "dev-2")
-    assert _issued_count(store) == 1
+    assert _issued_count(store) == 1 and linted == []
 
 
-def test_a_skeleton_blanks_only_the_per_leaf_values(engine, registry, ns):
+def _leaf_tbs(ca, ca_key, rid: str, key, now: datetime, serial: int, **urls) -> tuple[bytes, tuple[bytes, ...]]:
+    """What the builder makes for these values (the TBS of the leaf) and the values as a template takes them."""
+    built = profiles_module.leaf_builder(key, rid, ca, ca_key, 7, now=now, serial=serial, **urls)
+    tbs = built.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA384()).tbs_certificate_bytes
+    return tbs, profiles_module.leaf_values(serial, *profiles_module.leaf_validity(now, 7, ca), rid, key)
+
+
+@pytest.mark.parametrize("variant", ["p384", "p256", "urls", "generalized-time"])
+def test_a_template_filled_in_is_byte_for_byte_what_the_builder_makes(engine, registry, ns, variant):
+    """Issue 13.3: a later leaf of a shape is its template with the leaf's own values written in; for other serials,
+    dates, CNs (of the same length) and keys it is exactly the TBS the profile's builder makes."""
     issuer = registry.issuer(ns.policy_id)
-    later = datetime.now(UTC) + timedelta(days=3)
+    ca, now = issuer.certificate, datetime.now(UTC)
+    curve = ec.SECP256R1() if variant == "p256" else ec.SECP384R1()
+    urls = {"crl_url": "http://pki.test/crl/ica.crl", "ocsp_url": "http://pki.test/ocsp"} if variant == "urls" else {}
+    if variant == "generalized-time":  # notAfter from 2050 on is a GeneralizedTime (the root lives long enough)
+        ca, now = issuer.root, datetime(2049, 12, 30, tzinfo=UTC)
+    first_key = ec.generate_private_key(curve).public_key()
+    tbs, values = _leaf_tbs(ca, ca.public_key(), "dev-0001", first_key, now, profiles_module.random_serial(), **urls)
+    template = profiles_module.LeafTemplate.of(tbs, values)
+    assert template is not None and template.fill(values) == tbs
+    for i, rid in enumerate(("DEV-0002", "abc.xyz9", "a" * 8)):
+        key = ec.generate_private_key(curve).public_key()
+        expected, values = _leaf_tbs(ca, ca.public_key(), rid, key, now + timedelta(minutes=7 * i + 1),
+                                     profiles_module.random_serial(), **urls)
+        assert template.fill(values) == expected
+    longer = _leaf_tbs(ca, ca.public_key(), "dev-00010", first_key, now, profiles_module.random_serial(), **urls)[1]
+    with pytest.raises(ValueError, match="another shape"):  # another CN length is another template
+        template.fill(longer)
 
-    def shape(rid: str, ca=issuer.certificate, **kw) -> bytes:
-        key = ec.generate_private_key(ec.SECP384R1()).public_key()
-        builder = profiles_module.leaf_builder(key, rid, ca, ca.public_key(), 7, **kw)
-        shaped = profiles_module.skeleton(builder.sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()))
-        assert shaped is not None
-        return shaped
 
-    assert shape("dev-1") == shape("dev-9") == shape("DEV-7", now=later)  # other serial, key, dates, CN
-    assert shape("dev-1") != shape("dev-10")  # another CN length
-    assert shape("dev-1", ca=issuer.root) != shape("dev-1", ca=issuer.root, now=datetime(2049, 12, 30, tzinfo=UTC))
-    # ^ notAfter in 2050 is a GeneralizedTime (the root lives 25 years, long enough to issue under it then)
-    assert shape("dev-1") != profiles_module.skeleton(issuer.certificate)  # another profile altogether
+def test_leaves_made_from_a_template_are_whole_certificates_pkilint_passes(engine, registry, ns):
+    issuer = registry.issuer(ns.policy_id)
+    chains = [engine.issue(issuer, _csr(rid), rid) for rid in ("dev-1", "dev-2", "dev-3")]
+    assert len(engine.templates) == 1  # one shape: the first leaf built and linted, the others filled in
+    assert len({c.leaf.serial_number for c in chains}) == 3
+    for chain, rid in zip(chains, ("dev-1", "dev-2", "dev-3"), strict=True):
+        leaf = chain.leaf
+        leaf.verify_directly_issued_by(chain.issuing_ca)
+        assert leaf.subject.rfc4514_string() == f"CN={rid}"
+        assert lint_certificate(leaf.public_bytes(Encoding.DER)) == []
+        ski = leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        assert ski == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
 
 
 # ---------------------------------------------------------------- 4. bad CSRs

@@ -30,7 +30,7 @@ from opendps.logs import event
 from opendps.pki.certificates import serial_hex
 from opendps.pki.csr import ValidatedCsr, allowed_curves, check_curve, validate_csr
 from opendps.pki.keys import KeyStore
-from opendps.pki.profiles import IssuanceRefused, LintedShapes, leaf_builder, sign_builder
+from opendps.pki.profiles import IssuanceRefused, LeafTemplates, leaf_builder, sign_leaf
 from opendps.pki.status import Publication
 from opendps.store import IssuedCertificate, Store, Transaction, joined, table_of
 from opendps.store.timebuckets import utc_day
@@ -185,7 +185,7 @@ class IssuanceEngine:
         self.store = store
         self.keys = keys
         self.lint = lint
-        self.linted = LintedShapes()  # leaf shapes pkilint passed: the first leaf of each is linted in full
+        self.templates = LeafTemplates()  # linted leaves' TBS by shape: the first leaf of each is linted in full
         # where this installation serves CRLs and OCSP: named in every leaf (None: leaves name none)
         self.publication = publication
         # told of every certificate signed and recorded (the issuer, seconds it took): the wiring hands it the metrics
@@ -217,9 +217,10 @@ class IssuanceEngine:
         # the issuing CA's CRL and OCSP URLs, when this installation publishes them
         where = self.publication
         urls = {"crl_url": where.crl_url(issuer.certificate), "ocsp_url": where.ocsp_url} if where is not None else {}
-        builder = leaf_builder(checked.public_key, registration_id, issuer.certificate, signer.public_key(),
-                               issuer.validity_days, now=now, **urls)
-        leaf = sign_builder(builder, signer, lint=self.lint, shapes=self.linted)
+        # the leaf's shape: what its TBS holds besides its own values (the profile is the builder function)
+        shape = (leaf_builder, issuer.ca_id, issuer.key_id, issuer.certificate, *urls.values())
+        leaf = sign_leaf(self.templates, shape, leaf_builder, checked.public_key, registration_id, issuer.certificate,
+                         signer, issuer.validity_days, now=now, lint=self.lint, **urls)
         der = leaf.public_bytes(Encoding.DER)
         row = {"serial": format(leaf.serial_number, "x"), "sha256": hashlib.sha256(der).hexdigest(), "der": der,
                "policy_id": issuer.policy_id, "issuing_ca_id": issuer.ca_id, "registration_id": registration_id,

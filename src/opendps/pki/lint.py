@@ -3,7 +3,7 @@ for OCSP responses.
 
 The TBS is signed with a throw-away key first; that "pre-certificate" (pre-CRL, pre-response) is linted, and only a
 clean one is signed by the CA key. pkilint costs ~2 ms per certificate, so leaves are linted once per shape
-(:func:`opendps.pki.profiles.skeleton`); CRLs are linted each time they are built (a few a day per CA), OCSP
+(:class:`opendps.pki.profiles.LeafTemplates`); CRLs are linted each time they are built (a few a day per CA), OCSP
 responses once per shape (:mod:`opendps.pki.ocsp`). It can be switched off per engine.
 """
 

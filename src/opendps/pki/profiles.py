@@ -7,10 +7,12 @@ signature into the final DER. The CA key is never handed to ``cryptography``'s b
 what lets an HSM-backed signer slot in.
 
 Lint at the right cost: leaves of one profile differ only in their serial, dates, CN, key and key
-identifier. :func:`skeleton` blanks exactly those values in the TBS; pkilint runs on the first leaf of
-each skeleton (a profile change, another issuer, another CN length or time encoding is a new one) and
-:class:`LintedShapes` remembers the clean ones. Every leaf still gets the cheap checks pkilint's verdict
-on its skeleton cannot cover (the values themselves: dates in order, inside the issuer's, CN bounds).
+identifier. The first leaf of each shape (its profile, issuer, URLs and the lengths of those values) is
+built as above and linted in full; :class:`LeafTemplates` keeps its TBS with the places of the values,
+and a later leaf of the shape is that TBS with its own values written in — no builder, no throw-away
+signature, no pkilint: byte for byte what the builder makes (tests/test_pki.py holds them equal). Every
+leaf still gets the cheap checks pkilint's verdict on its shape cannot cover (the values themselves:
+dates in order, serial and CN bounds), and its signature is verified with the issuer's key.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -69,35 +72,75 @@ def _time_encoding(when: datetime) -> bytes:
     return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ").encode()
 
 
-def skeleton(pre: x509.Certificate) -> bytes | None:
-    """SHA-256 of ``pre``'s TBS with its per-leaf values blanked (serial, dates, CN, public key, key identifier).
+def leaf_validity(now: datetime, validity_days: int, issuer: x509.Certificate) -> tuple[datetime, datetime]:
+    """A leaf's notBefore and notAfter: backdated a little for clocks behind ours, never past the issuer's end."""
+    not_before = now - BACKDATE
+    return not_before, min(not_before + timedelta(days=validity_days), issuer.not_valid_after_utc)
 
-    Values are found in TBS order, each after the previous one, so a blank lands in its own field; their
-    lengths and tags stay, so a skeleton covers one CN length and one time encoding. None when a value is
-    not where the profile puts it (then the leaf is linted in full).
-    """
-    tbs = bytearray(pre.tbs_certificate_bytes)
-    key = pre.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return None
-    try:
-        ski = pre.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        cns = pre.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except x509.ExtensionNotFound:
-        return None
-    if len(cns) != 1:
-        return None
-    serial = pre.serial_number.to_bytes((pre.serial_number.bit_length() + 7) // 8, "big")
-    values = [serial, _time_encoding(pre.not_valid_before_utc), _time_encoding(pre.not_valid_after_utc),
-              str(cns[0].value).encode(), key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint), ski]
-    position = 0
-    for value in values:
-        at = tbs.find(value, position)
-        if at < 0:
-            return None
-        tbs[at:at + len(value)] = bytes(len(value))
-        position = at + len(value)
-    return hashlib.sha256(bytes(tbs)).digest()
+
+def leaf_values(serial: int, not_before: datetime, not_after: datetime, common_name: str,
+                public_key: ec.EllipticCurvePublicKey) -> tuple[bytes, ...]:
+    """A leaf's own values as they stand in its TBS, in TBS order: serial, notBefore, notAfter, CN, public key,
+    subject key identifier (the rest of a leaf is its shape's)."""
+    point = public_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return (serial.to_bytes((serial.bit_length() + 7) // 8, "big"), _time_encoding(not_before),
+            _time_encoding(not_after), common_name.encode(), point, hashlib.sha1(point).digest())  # noqa: S324 - RFC 5280 4.2.1.2 (1)
+
+
+class LeafTemplate:
+    """A linted leaf's TBS and where its own values stand in it (offset, length), found in TBS order, each after
+    the one before, so each lands in its own field."""
+
+    __slots__ = ("tbs", "places")
+
+    def __init__(self, tbs: bytes, places: tuple[tuple[int, int], ...]) -> None:
+        self.tbs, self.places = tbs, places
+
+    @classmethod
+    def of(cls, tbs: bytes, values: tuple[bytes, ...]) -> LeafTemplate | None:
+        """The template of ``tbs``, a leaf holding ``values``; None when a value is not where the profile puts it."""
+        places, position = [], 0
+        for value in values:
+            at = tbs.find(value, position)
+            if at < 0:
+                return None
+            places.append((at, len(value)))
+            position = at + len(value)
+        return cls(tbs, tuple(places))
+
+    def fill(self, values: tuple[bytes, ...]) -> bytes:
+        """The TBS of the leaf holding ``values`` (of the template's lengths: they are part of its shape)."""
+        tbs = bytearray(self.tbs)
+        for (at, size), value in zip(self.places, values, strict=True):
+            if len(value) != size:
+                raise ValueError("a leaf value of another length is another shape")
+            tbs[at:at + size] = value
+        return bytes(tbs)
+
+
+class LeafTemplates:
+    """Templates of linted leaves by shape (bounded, per process; thread-safe: issuance runs in worker threads)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._templates: OrderedDict[Hashable, LeafTemplate] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, shape: Hashable) -> LeafTemplate | None:
+        with self._lock:
+            template = self._templates.get(shape)
+            if template is not None:
+                self._templates.move_to_end(shape)
+            return template
+
+    def add(self, shape: Hashable, template: LeafTemplate) -> None:
+        with self._lock:
+            self._templates[shape] = template
+            while len(self._templates) > self.capacity:
+                self._templates.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._templates)
 
 
 class LintedShapes:
@@ -125,44 +168,81 @@ class LintedShapes:
         return len(self._clean)
 
 
-def _check_values(pre: x509.Certificate) -> None:
-    """What a skeleton cannot vouch for: the values pkilint would have judged in this very certificate."""
+def check_leaf_values(serial: int, not_before: datetime, not_after: datetime, common_names: Sequence[str]) -> None:
+    """What a shape cannot vouch for: the values pkilint would have judged in this very certificate."""
     problems = []
-    if not pre.not_valid_before_utc < pre.not_valid_after_utc:
+    if not not_before < not_after:
         problems.append("notAfter is not after notBefore")
-    if not 0 < pre.serial_number < 1 << 159:
+    if not 0 < serial < 1 << 159:
         problems.append("serial number is not a positive integer of at most 20 octets")
-    for cn in pre.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        if not 1 <= len(str(cn.value)) <= 64:
-            problems.append("subject CN is empty or longer than 64 characters (ub-common-name)")
+    if any(not 1 <= len(cn) <= 64 for cn in common_names):
+        problems.append("subject CN is empty or longer than 64 characters (ub-common-name)")
     if problems:
         raise IssuanceRefused("pre-issuance check refused the certificate: " + "; ".join(problems))
 
 
-def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool = True,
-                 shapes: LintedShapes | None = None) -> x509.Certificate:
-    """Lint the builder's certificate, then sign it with ``signer`` and verify the result.
+def _check_values(pre: x509.Certificate) -> None:
+    check_leaf_values(pre.serial_number, pre.not_valid_before_utc, pre.not_valid_after_utc,
+                      [str(cn.value) for cn in pre.subject.get_attributes_for_oid(NameOID.COMMON_NAME)])
 
-    With ``shapes``, pkilint runs once per :func:`skeleton` (the profile's first leaf of that shape) and every
-    leaf gets :func:`_check_values`; without, every certificate is linted in full (CA certificates: rare).
-    """
+
+def sign_builder(builder: x509.CertificateBuilder, signer: Signer, *, lint: bool = True) -> x509.Certificate:
+    """Lint the builder's certificate in full, then sign it with ``signer`` and verify the result (CA certificates,
+    and the first leaf of each shape: :func:`sign_leaf`)."""
+    return sign_tbs(linted_tbs(builder, lint=lint), signer)
+
+
+def linted_tbs(builder: x509.CertificateBuilder, *, lint: bool = True) -> bytes:
+    """The TBS of the builder's certificate, signed with the throw-away key and linted in full (with ``lint``)."""
     pre = builder.sign(throwaway_key(), hashes.SHA384())
     if lint:
         _check_values(pre)
-        shape = skeleton(pre) if shapes is not None else None
-        if shapes is None or shape is None or shape not in shapes:
-            findings = lint_certificate(pre.public_bytes(Encoding.DER))
-            if findings:
-                raise LintRefused(findings)
-            if shapes is not None and shape is not None:
-                shapes.add(shape)
-    tbs = pre.tbs_certificate_bytes
+        findings = lint_certificate(pre.public_bytes(Encoding.DER))
+        if findings:
+            raise LintRefused(findings)
+    return pre.tbs_certificate_bytes
+
+
+def sign_tbs(tbs: bytes, signer: Signer) -> x509.Certificate:
+    """The certificate of ``tbs`` signed by ``signer``, verified with its public key."""
     cert = x509.load_der_x509_certificate(der.signed(tbs, signer.sign(tbs)))
     # a wrong key or a broken signer must never produce a certificate
     signer.public_key().verify(cert.signature, tbs, ec.ECDSA(hashes.SHA384()))
     return cert
 
 
+def sign_leaf(templates: LeafTemplates, shape: Hashable, build: Callable[..., x509.CertificateBuilder],
+              public_key: ec.EllipticCurvePublicKey, registration_id: str, issuer: x509.Certificate, signer: Signer,
+              validity_days: int, *, now: datetime, lint: bool = True, **urls: str | None) -> x509.Certificate:
+    """An operational certificate of the profile ``build`` (:func:`leaf_builder`'s signature) for ``public_key``,
+    signed by ``signer`` under ``issuer``.
+
+    ``shape``: what the leaf's TBS depends on besides its own values (:func:`leaf_values`), as the caller knows it
+    (the issuing CA and its key, the URLs, ``build`` itself): with the values' lengths, the key of its template.
+    The first leaf of a shape is built and linted in full and gives the template (checked against a second leaf
+    built with other values); the others are the template filled in."""
+    serial = random_serial()
+    not_before, not_after = leaf_validity(now, validity_days, issuer)
+    values = leaf_values(serial, not_before, not_after, registration_id, public_key)
+    check_leaf_values(serial, not_before, not_after, [registration_id])
+    key = (shape, lint, tuple(len(v) for v in values))
+    template = templates.get(key)
+    if template is not None:
+        return sign_tbs(template.fill(values), signer)
+    tbs = linted_tbs(build(public_key, registration_id, issuer, signer.public_key(), validity_days, now=now,
+                           serial=serial, **urls), lint=lint)
+    template = LeafTemplate.of(tbs, values)
+    if template is not None and template.fill(values) == tbs:
+        # a second leaf of the shape built by the profile, with another serial, dates and CN of the same length: the
+        # places hold exactly the values
+        probe_serial, probe_now = random_serial(), now + timedelta(seconds=1)
+        probe_cn = ("1" if registration_id[:1] == "0" else "0") * len(registration_id)
+        probe_tbs = build(public_key, probe_cn, issuer, signer.public_key(), validity_days, now=probe_now,
+                          serial=probe_serial, **urls).sign(throwaway_key(), hashes.SHA384()).tbs_certificate_bytes
+        probe = leaf_values(probe_serial, *leaf_validity(probe_now, validity_days, issuer), probe_cn, public_key)
+        if tuple(map(len, probe)) == key[2] and template.fill(probe) == probe_tbs:
+            templates.add(key, template)
+    return sign_tbs(tbs, signer)
 
 
 def _name(common_name: str, organization: str | None = "opendps") -> x509.Name:
@@ -230,18 +310,16 @@ def issuing_ca(signer: Signer, parent: x509.Certificate, parent_signer: Signer, 
 def leaf_builder(public_key: ec.EllipticCurvePublicKey, registration_id: str, issuer: x509.Certificate,
                  issuer_public_key: ec.EllipticCurvePublicKey, validity_days: int, *,
                  now: datetime | None = None, crl_url: str | None = None,
-                 ocsp_url: str | None = None) -> x509.CertificateBuilder:
+                 ocsp_url: str | None = None, serial: int | None = None) -> x509.CertificateBuilder:
     """Operational certificate profile (see docs/architecture.md, "Leaf profile"). ``crl_url`` / ``ocsp_url``: the
     issuing CA's CRL (CRL Distribution Points) and OCSP responder (Authority Information Access, OCSP only: a device
-    has its chain from DPS, so no caIssuers)."""
-    now = now or datetime.now(UTC)
-    not_before = now - BACKDATE
-    not_after = min(not_before + timedelta(days=validity_days), issuer.not_valid_after_utc)
+    has its chain from DPS, so no caIssuers). ``serial``: a new random one unless given."""
+    not_before, not_after = leaf_validity(now or datetime.now(UTC), validity_days, issuer)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, registration_id)]))
         .issuer_name(issuer.subject).public_key(public_key)
-        .serial_number(random_serial())
+        .serial_number(serial if serial is not None else random_serial())
         .not_valid_before(not_before).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,

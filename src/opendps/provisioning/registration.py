@@ -191,8 +191,9 @@ class Provisioning:
             # registration ids are case-insensitive: from here on (state, device id, certificate CN) the canonical,
             # lower-cased one; the mechanism checked the credential against the id as the device sent it
             return replace(result, registration_id=canonical_registration_id(result.registration_id))
-        raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake or an "
-                                "Authorization: SharedAccessSignature header", error_code=401000, reason="no_credential")
+        raise AttestationFailed("no credential presented: send a client certificate chain in the TLS handshake, an "
+                                "Authorization: SharedAccessSignature header, or (TPM) the body's tpm member "
+                                "{endorsementKey, storageRootKey}", error_code=401000, reason="no_credential")
 
     def mechanism_presented(self, credentials: DeviceCredentials) -> str:
         """The attestation type whose credential the request carries (the first in matching order), or ``none``:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import free_ports
 from tests.test_device_agent import config, enroll
+from tests.test_device_api import svc
 
 from opendps.device.agent import DeviceAgent
 from opendps.frontends.runtime import STORE_RETRY_AFTER
@@ -310,3 +311,118 @@ def test_a_hub_that_never_answers_the_handshake_is_retried_with_bounded_waits(se
         assert min(gaps[:3]) >= 0.5, gaps  # each attempt waited out its timeout (0.5 s) before the next began
 
     asyncio.run(scenario())
+
+
+def issued_serials(server, device_id: str) -> dict[str, str | None]:
+    """The device's certificates DPS issued, by serial: None while valid, else the revocation reason."""
+    with svc(server) as c:
+        r = c.get("/deviceCertificates", params={"deviceId": device_id})
+    assert r.status_code == 200, r.text
+    return {v["serialNumber"]: v.get("revocationReason") for v in r.json()["value"]}
+
+
+def test_a_certificate_renewed_while_the_hub_is_down_is_kept_and_used_when_it_is_back(server, tmp_path):
+    """The hub goes away (a real forwarder in front of it stops listening) and renewals through DPS go on: the first
+    one gets a new certificate and cannot switch to it (neither it nor the old one reaches the hub); that set is kept as
+    the store's pending one (what a restart finds) and every later attempt tries it again instead of asking DPS for yet
+    another one. When the hub is back, the hub client reconnects with the old certificate and the agent switches to the
+    kept one at once (not after its backoff, 300 s here); its first CONNECT revokes the old one as superseded: one
+    certificate issued for the whole outage. Before: each attempt issued a certificate and threw it away (rolled back),
+    so an outage of a day at the hourly retry ceiling left DPS with 24 certificates for one device."""
+    rid, doc = enroll(server, "faults-kept")
+    port = free_ports(1)[0]
+
+    async def scenario() -> None:
+        forwarder = Forwarder(port, server.mqtt_port)
+        await forwarder.start()
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, hub_port=port, hub_address="127.0.0.1"))
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: agent.status.state == "connected", 30, "connected", task)
+            assert agent.credentials is not None and agent.hub is not None
+            first = f"{agent.credentials.certificate.serial_number:X}"
+            await forwarder.stop()
+            await wait_for(lambda: agent.hub is not None and not agent.hub.connected, 10, "the hub is away", task)
+            for _ in range(3):
+                with pytest.raises(Exception) as refused:  # what it says is checked below
+                    await asyncio.wait_for(agent.renew_now(), 30)
+                assert len(issued_serials(server, rid)) == 2, "a certificate was issued per attempt"
+                current = agent.store.current()
+                assert agent.store.pending and current is not None  # on disk for a restart
+                kept = {f"{current.certificate.serial_number:X}"}
+                assert f"the new certificate {min(kept)} is kept and used once the hub is back" in str(refused.value)
+            assert issued_serials(server, rid).keys() == {first, *kept}
+            assert agent.status.renewals == 0 and agent.status.certificate["serialNumber"] == first
+
+            await forwarder.start()
+            await wait_for(lambda: agent.status.certificate["serialNumber"] in kept and agent.hub is not None
+                           and agent.hub.connected, 30, "switched to the kept certificate", task)
+            assert agent.status.renewals == 1 and agent.status.failures == 0 and not agent.store.pending
+            assert issued_serials(server, rid) == {first: "superseded", **dict.fromkeys(kept)}
+        finally:
+            await agent.stop()
+            await task
+            with contextlib.suppress(AssertionError):
+                await forwarder.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_tpm_key_write_interrupted_by_a_kill_is_swept_at_start(tmp_path):
+    """``tpm-hmac.key`` (the TPM-wrapped DPS/hub key) is written atomically into the store directory like the
+    credential set; the temporary file a kill -9 leaves mid-write is removed when the agent starts, as the set's are.
+    Another program's temporary file in that directory is left alone. Before: only the set's and agent.json's were."""
+    from opendps.device.agent import TPM_KEY_FILE, AgentConfig
+    from opendps.files import write_temp
+
+    store_dir = tmp_path / "creds"
+    store_dir.mkdir()
+    left = [write_temp(store_dir, TPM_KEY_FILE, b"wrapped key", 0o600) for _ in range(2)]  # what a killed write leaves
+    foreign = write_temp(store_dir, "notes.txt", b"not ours", 0o600)
+    agent = DeviceAgent(AgentConfig(dps_host="dps.invalid", id_scope="0ne", registration_id="dev", store_dir=store_dir,
+                                    symmetric_key="a2V5"))
+    assert agent._load() == (None, None)
+    assert not any(p.exists() for p in left)
+    assert foreign.exists()
+
+
+FULL_DISK_CHILD = r"""
+import asyncio, json, resource, sys
+from opendps.device.agent import AgentConfig, DeviceAgent
+
+options = json.loads(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # no file may grow: EFBIG, as ENOSPC would
+
+async def main():
+    agent = DeviceAgent(AgentConfig(**options, retry_base=0.05, retry_max=0.1))
+    task = asyncio.create_task(agent.run())
+    await asyncio.sleep(2)
+    print(json.dumps({"state": agent.status.state, "failures": agent.status.failures, "error": agent.status.last_error}))
+    task.cancel()  # not stop(): that waits for a registration, whose client may be waiting out a 429's Retry-After
+    await asyncio.gather(task, return_exceptions=True)
+
+asyncio.run(main())
+"""
+
+
+def test_no_certificate_is_asked_for_while_the_store_cannot_hold_it(server, tmp_path):
+    """The device's disk is full (the agent runs with a file size limit of 0, so every write fails as on a full disk):
+    onboarding backs off saying why, and DPS issues nothing. Before: DPS issued a certificate per attempt (ten in
+    two seconds at this backoff; one an hour at the default ceiling), each lost when the store refused it, until the
+    device's own registrations got it throttled (429)."""
+    import json
+    import subprocess
+    import sys
+
+    rid, doc = enroll(server, "faults-full")
+    options = {"dps_host": "localhost", "id_scope": server.id_scope, "registration_id": rid,
+               "store_dir": str(tmp_path / "creds"), "https_port": int(server.url.rsplit(":", 1)[1]),
+               "mqtt_port": server.mqtt_port, "ca_file": str(server.ca_file),
+               "symmetric_key": doc["attestation"]["symmetricKey"]["primaryKey"]}
+    child = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, json.dumps(options)], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == 0, child.stderr
+    status = json.loads(child.stdout.strip().splitlines()[-1])
+    assert issued_serials(server, rid) == {}
+    assert status["state"] == "provisioning" and status["failures"] >= 2
+    assert "cannot store credentials (File too large)" in status["error"]

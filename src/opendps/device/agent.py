@@ -19,7 +19,10 @@ itself, the service sends no reminder). :class:`DeviceAgent` ties the SDK togeth
    (``"hub"``), ``save`` (the previous set is kept), ``switch_credentials`` on the live hub client
    (queued telemetry stays queued), then ``confirm`` — or ``rollback`` if the hub refuses the new
    certificate. Failures keep the old certificate and retry with exponential backoff and jitter;
-   :attr:`DeviceAgent.status` says what happened (last renewal, next renewal, last error).
+   :attr:`DeviceAgent.status` says what happened (last renewal, next renewal, last error). A certificate issued
+   while the hub cannot be reached (neither it nor the old one connects) is kept, as the store's pending set (a
+   restart tries it first), and switched to as soon as the hub client reconnects, rather than asking for another
+   one at every attempt; nothing is asked for while the store cannot be written (a full or read-only disk).
 4. **Re-provisioning** — when the hub refuses the certificate in use with CONNACK 5 (not authorized: revoked,
    superseded, or the hub identity was disabled or deleted; a revocation also closes the live session, and
    the reconnect is refused), the agent registers again with DPS with its onboarding credential (never
@@ -61,8 +64,8 @@ from opendps.device.hub import C2dCallback, C2dMessage, DesiredCallback, HubClie
 from opendps.device.keys import Curve, certificate_summary, new_key_and_csr, public_keys_match
 from opendps.device.mqtt import ConnectRefused, MqttError
 from opendps.device.provisioning import ProvisioningClient, ProvisioningError
-from opendps.device.store import CertificateStore, StoredCredentials, StoreError
-from opendps.transport.mqtt.codec import CONNACK_NOT_AUTHORIZED
+from opendps.device.store import TPM_KEY, CertificateStore, StoredCredentials, StoreError
+from opendps.transport.mqtt.codec import CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
 
 if TYPE_CHECKING:
     from opendps.device.tpm import DeviceTpm
@@ -77,7 +80,7 @@ __all__ = [
 
 log = logging.getLogger("opendps.device.agent")
 
-TPM_KEY_FILE = "tpm-hmac.key"  # in store_dir: the TPM-held DPS/hub key, wrapped by the TPM's SRK (useless elsewhere)
+TPM_KEY_FILE = TPM_KEY  # in store_dir: the TPM-held DPS/hub key, wrapped by the TPM's SRK (useless elsewhere)
 
 RenewalMethod = Literal["dps", "hub"]
 EventCallback = Callable[[str, "AgentStatus", dict[str, Any]], None]
@@ -92,6 +95,15 @@ TelemetrySource = Callable[[int], Any]
 
 class AgentError(Exception):
     """The agent cannot go on as configured (e.g. DPS assigned no certificate chain)."""
+
+
+@dataclass(frozen=True)
+class _Unused:
+    """A renewed set stored (the store's pending set) but not used yet: the hub was away when it arrived."""
+
+    credentials: StoredCredentials
+    assignment: tuple[str, str]
+    offset: timedelta  # the device/issuer clock offset measured when it arrived
 
 
 def _utcnow() -> datetime:
@@ -262,6 +274,7 @@ class DeviceAgent:
         self._refused: ConnectRefused | None = None  # the hub refused a reconnect with CONNACK 5: re-provision
         self._reprovisioning: dict[str, Any] | None = None  # the twin's reported "reprovisioning", once there is one
         self._at_least: float | None = None  # DPS's Retry-After from a failed re-provisioning, for the next backoff
+        self._unused: _Unused | None = None  # a renewed set the hub was away for: switched to once it is back
 
     # ---------------------------------------------------------------- public API
     @property
@@ -414,6 +427,7 @@ class DeviceAgent:
         return None
 
     async def _register(self) -> tuple[StoredCredentials, tuple[str, str]]:
+        self.store.check_writable()
         key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
         result = await self._provisioning_client().register(csr, self.config.payload)
         if not result.issued_chain or not result.assigned_hub or not result.device_id:
@@ -506,6 +520,9 @@ class DeviceAgent:
     def _connection_changed(self, connected: bool, reason: str | None) -> None:
         if connected:
             self._emit("reconnected", reconnects=self.hub.reconnects if self.hub is not None else 0)
+            if self._unused is not None:  # the hub is back: switch to the certificate issued while it was away, now
+                self._renew_at = self._status.next_renewal = self._clock()
+                self._wake.set()
         else:
             self._emit("disconnected", reason=reason)
 
@@ -550,6 +567,8 @@ class DeviceAgent:
         reason = {"reason": "hubRefusedCertificate", "returnCode": refused.return_code,
                   "refusedSerialNumber": refused_serial, "hub": assignment[0]}
         log.warning("%s: %s; re-provisioning through DPS", self.config.registration_id, cause)
+        if self._take_unused() is not None:  # issued before the refusal (revoked with it, or for the same device): gone
+            self.store.rollback()
         self._status.failures = 0  # a new episode: the first re-provisioning is immediate, the backoff starts over
         self._status.refused_certificates += 1
         self._record_error(cause, count=False)
@@ -701,24 +720,34 @@ class DeviceAgent:
     async def _renew(self) -> dict[str, str]:
         assert self.hub is not None and self._credentials is not None
         self._set_state("renewing")
-        method = self._method()
-        key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
-        assignment = (self.hub.hub_host, self.hub.device_id)
-        if method == "dps":
-            result = await self._provisioning_client().register(csr, self.config.payload)
-            if not result.issued_chain or not result.assigned_hub or not result.device_id:
-                raise AgentError("DPS answered without an operational certificate chain")
-            chain = result.issued_chain
-            assignment = (result.assigned_hub, result.device_id)
+        unused = self._take_unused()
+        if unused is not None:  # issued while the hub was away: switch to it rather than ask for yet another one
+            new, assignment, offset = unused.credentials, unused.assignment, unused.offset
         else:
-            chain = await self.hub.renew_certificate(csr)
-        if not public_keys_match(key, chain[0]):
-            raise AgentError(f"{'DPS' if method == 'dps' else 'the hub'} returned a certificate for another key")
-        new = self.store.save(key, chain)  # the confirmed set moves to previous/
+            method = self._method()
+            self.store.check_writable()
+            key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
+            assignment = (self.hub.hub_host, self.hub.device_id)
+            if method == "dps":
+                result = await self._provisioning_client().register(csr, self.config.payload)
+                if not result.issued_chain or not result.assigned_hub or not result.device_id:
+                    raise AgentError("DPS answered without an operational certificate chain")
+                chain = result.issued_chain
+                assignment = (result.assigned_hub, result.device_id)
+            else:
+                chain = await self.hub.renew_certificate(csr)
+            if not public_keys_match(key, chain[0]):
+                raise AgentError(f"{'DPS' if method == 'dps' else 'the hub'} returned a certificate for another key")
+            offset = self._arrival_offset(chain[0])
+            new = self.store.save(key, chain)  # the confirmed set moves to previous/
         self._emit("switching")
         try:
             await self._switch(new, assignment)
         except BaseException as exc:
+            if self._hub_away(exc):
+                self._unused = _Unused(new, assignment, offset)
+                raise AgentError(f"cannot reach hub {assignment[0]} ({type(exc).__name__}: {exc}); the new certificate "
+                                 f"{new.certificate.serial_number:X} is kept and used once the hub is back") from exc
             self.store.rollback()
             self._emit("rolled-back")
             if isinstance(exc, ConnectRefused):
@@ -729,7 +758,7 @@ class DeviceAgent:
         self._credentials = new
         if assignment != (self._status.assigned_hub, self._status.device_id):
             self._status.assigned_hub, self._status.device_id = assignment
-        self._adopt(new.certificate)
+        self._adopt(new.certificate, offset=offset)
         self.store.save_assignment(*assignment)
         self._status.renewals += 1
         self._status.last_renewal = self._clock()
@@ -739,6 +768,32 @@ class DeviceAgent:
         self._set_state("connected")
         self._emit("renewed")
         return certificate_summary(new.certificate)
+
+    def _hub_away(self, exc: BaseException) -> bool:
+        """Whether a failed switch says nothing about the new certificate: the hub answered neither it nor the old one
+        (a network failure, no CONNACK, or CONNACK 3, server unavailable), so the new set is worth keeping. When the old
+        certificate still connects, the hub is there and did not take the new one, however it said so (a CONNACK code,
+        or a TLS alert that reads like a lost connection): that set goes."""
+        if isinstance(exc, ConnectRefused):
+            return exc.return_code == CONNACK_SERVER_UNAVAILABLE and not (self.hub is not None and self.hub.connected)
+        return isinstance(exc, MqttError | OSError | TimeoutError) and not (self.hub is not None and self.hub.connected)
+
+    def _take_unused(self) -> _Unused | None:
+        """The set a renewal stored but could not switch to (the hub was away), if it is still the store's pending set
+        and not expired; an expired one is rolled back (the confirmed set is what a restart should find)."""
+        unused, self._unused = self._unused, None
+        if unused is None or not self.store.pending:
+            return None
+        try:
+            current = self.store.current()
+        except StoreError:
+            return None
+        if current is None or current.certificate != unused.credentials.certificate:
+            return None  # something else replaced it meanwhile (a re-provisioning)
+        if self._clock() - unused.offset >= unused.credentials.certificate.not_valid_after_utc:
+            self.store.rollback()
+            return None
+        return unused
 
     async def _switch(self, new: StoredCredentials, assignment: tuple[str, str]) -> None:
         """Move the live connection to the new set; a changed hub or device id gets a new client."""
@@ -791,13 +846,19 @@ class DeviceAgent:
     def _issuer_now(self) -> datetime:
         return self._clock() - self._offset
 
-    def _adopt(self, cert: cx509.Certificate, *, fresh: bool = True) -> None:
-        """Schedule the renewal of ``cert``; a fresh one also measures the device/issuer clock offset."""
-        now = self._clock()
-        if fresh:
-            issued = cert.not_valid_before_utc
-            inside = issued <= now <= issued + self.config.clock_tolerance
-            self._offset = timedelta(0) if inside else now - issued
+    def _arrival_offset(self, cert: cx509.Certificate) -> timedelta:
+        """The device/issuer clock offset a certificate that arrives now says: zero while the device clock is within
+        ``clock_tolerance`` after its notBefore (the issuer's "now"), else the difference."""
+        now, issued = self._clock(), cert.not_valid_before_utc
+        return timedelta(0) if issued <= now <= issued + self.config.clock_tolerance else now - issued
+
+    def _adopt(self, cert: cx509.Certificate, *, fresh: bool = True, offset: timedelta | None = None) -> None:
+        """Schedule the renewal of ``cert``; a fresh one also measures the device/issuer clock offset (``offset``: as
+        measured when it arrived, for a certificate used later than that)."""
+        if offset is not None:
+            self._offset = offset
+        elif fresh:
+            self._offset = self._arrival_offset(cert)
         if self._credentials is not None and self._renew_at is not None and not fresh \
                 and self._status.certificate == certificate_summary(cert):
             return  # the same certificate, already scheduled (a reconnect)

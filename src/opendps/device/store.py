@@ -9,6 +9,7 @@ Layout of ``directory``::
     previous/       the last set that connected, kept until :meth:`CertificateStore.confirm`
     agent.json      the assignment (hub, device id) the set was issued for: ``device provision`` writes
                     it, so a later ``device run`` connects with the set instead of registering again
+    tpm-hmac.key    with TPM attestation: the DPS/hub key, wrapped by the TPM (written by the TPM client)
 
 Every file is written atomically (temporary file in the same directory, fsync, ``os.replace``, then
 the directory is fsynced), so a crash or power cut leaves either the old or the new file, never a
@@ -20,9 +21,9 @@ window in which key and certificate disagree to a few renames; :meth:`current` r
 renewal) keeps the known-good one, and :meth:`rollback` restores it when the new certificate cannot
 connect.
 
-A process killed in the middle of a write leaves its temporary files (``.device.key.XXXX.tmp``: a private key
-among them); :meth:`CertificateStore.sweep` removes them, which the agent does when it starts (never while another
-process may be writing the set).
+A process killed in the middle of a write leaves its temporary files (``.device.key.XXXX.tmp``,
+``.tpm-hmac.key.XXXX.tmp``: keys among them); :meth:`CertificateStore.sweep` removes them, which the agent does when
+it starts (never while another process may be writing the set).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from opendps.device.keys import key_to_pem, load_private_key, public_keys_match
-from opendps.files import fsync_dir, replace_all, write_atomic
+from opendps.files import fsync_dir, replace_all, write_atomic, write_temp
 
 __all__ = ["CertificateStore", "StoreError", "StoredCredentials"]
 
@@ -46,6 +47,8 @@ KEY, LEAF, CHAIN, FULLCHAIN = "device.key", "device.pem", "chain.pem", "fullchai
 FILES = (KEY, LEAF, CHAIN, FULLCHAIN)
 PREVIOUS = "previous"
 ASSIGNMENT = "agent.json"
+TPM_KEY = "tpm-hmac.key"  # the TPM-held DPS/hub key, wrapped by the TPM's SRK (useless elsewhere)
+PROBE, PROBE_SIZE = "write-check", 16384  # more than a set and its previous/ copy take (some 5 KB each)
 
 
 class StoreError(Exception):
@@ -138,11 +141,20 @@ class CertificateStore:
         assert result is not None
         return result
 
+    def check_writable(self) -> None:
+        """StoreError unless a set can be written here now (the disk is full or read-only): checked before asking for a
+        certificate, so that one which could not be stored is not issued (each retry would have issued another)."""
+        try:
+            write_temp(self.directory, PROBE, bytes(PROBE_SIZE), 0o600).unlink()
+        except OSError as exc:
+            raise StoreError(f"{self.directory}: cannot store credentials ({exc.strerror or exc}); not asking for a "
+                             "certificate until it can") from exc
+
     def sweep(self) -> list[Path]:
         """Remove the temporary files an interrupted write left (here and in ``previous/``); the removed paths."""
         removed: list[Path] = []
         for directory in (self.directory, self.previous_dir):
-            for name in (*FILES, ASSIGNMENT):
+            for name in (*FILES, ASSIGNMENT, TPM_KEY, PROBE):
                 for tmp in directory.glob(f".{name}.*.tmp"):
                     with contextlib.suppress(FileNotFoundError):
                         tmp.unlink()

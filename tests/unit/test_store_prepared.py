@@ -157,3 +157,15 @@ def test_joined_runs_after_the_sessions_pending_changes_in_its_transaction(store
         raise RuntimeError("rolled back with the session")
     with store.transaction() as tx:
         assert tx.first(_DEVICE_BY_KEY, b_key="tx-pending") is None
+
+
+def test_statements_built_per_call_do_not_grow_the_compiled_cache_without_bound(store, monkeypatch):
+    from opendps.store import prepared as prepared_module
+
+    monkeypatch.setattr(prepared_module, "_COMPILED", {})
+    monkeypatch.setattr(prepared_module, "MAX_COMPILED", 3)
+    with store.transaction() as tx:
+        for n in range(10):  # a new statement object each time: compiled anew, correct, kept only up to the bound
+            row = tx.first(select(_ISSUED.c.id).where(_ISSUED.c.serial == bindparam("b_serial")), b_serial=f"{n:x}")
+            assert row is None
+    assert len(prepared_module._COMPILED) == 3

@@ -94,19 +94,24 @@ class Prepared:
 
 
 _COMPILED: dict[tuple[int, str, str, frozenset[str] | None], tuple[ClauseElement, Prepared]] = {}
+MAX_COMPILED = 4096  # far more than the module-level statements there are: past it, statements are compiled per call
 
 
 def prepared(statement: ClauseElement, dialect: Dialect, columns: Collection[str] | None = None) -> Prepared:
     """``statement`` compiled for ``dialect`` (and, for an INSERT/UPDATE without ``values()``, these columns), once.
 
     Keyed by the statement object: for module-level statements, built once. The entry holds the statement, so its
-    id is never another object's; a statement built per call would still be correct, only compiled (and kept) anew.
+    id is never another object's; a statement built per call is still correct, only compiled anew each time (and,
+    once :data:`MAX_COMPILED` entries are kept, not kept: no growth without bound).
     """
     key = (id(statement), dialect.name, dialect.driver, frozenset(columns) if columns is not None else None)
     hit = _COMPILED.get(key)
-    if hit is None:
-        hit = _COMPILED.setdefault(key, (statement, Prepared(statement, dialect, columns)))
-    return hit[1]
+    if hit is not None:
+        return hit[1]
+    compiled = Prepared(statement, dialect, columns)
+    if len(_COMPILED) < MAX_COMPILED:
+        _COMPILED.setdefault(key, (statement, compiled))
+    return compiled
 
 
 class Transaction:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from sqlalchemy import Connection, Table, create_engine, event, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, QueuePool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import ClauseElement
@@ -111,6 +112,44 @@ def table_of(model: type[Base]) -> Table:
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
+
+
+#: how long a pooled PostgreSQL connection may have sat unused and still be handed out without a ping (HikariCP's
+#: aliveBypassWindowMs): under load a connection is back in use within milliseconds, and a round trip to check it on
+#: every checkout (``pool_pre_ping``) was about a tenth of a registration's or a CONNECT's time in the database
+PING_IDLE_AFTER = 0.5
+_IDLE_SINCE = "opendps.idle_since"
+
+
+class _PingWhenIdle:
+    """``pool_pre_ping`` without its round trip on every checkout: a connection is pinged when it has sat in the pool
+    for :data:`PING_IDLE_AFTER` seconds, or since a connection was found broken (:meth:`broken`: a server restart
+    breaks them all); a failed ping discards it and the pool hands out another (SQLAlchemy retries the checkout). A
+    connection that broke within the window fails its first statement: that request is a retryable refusal
+    (:func:`unavailable`), and SQLAlchemy (for Sessions) or :meth:`broken` (for driver transactions) makes every older
+    connection pinged before its next use."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.broken_at = 0.0
+        event.listen(engine, "checkin", self._checkin)
+        event.listen(engine, "checkout", self._checkout)
+
+    def broken(self) -> None:
+        self.broken_at = time.monotonic()
+
+    @staticmethod
+    def _checkin(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def _checkout(self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        if since is None or (since > self.broken_at and time.monotonic() - since < PING_IDLE_AFTER):
+            return  # a connection just made, or used a moment ago
+        try:
+            self.engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # any failure: this connection is not to be used
+            raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
 
 
 #: SQLite's ``synchronous`` levels an installation may choose (WAL mode): ``normal`` syncs the WAL at checkpoints, so
@@ -349,11 +388,13 @@ class Store:
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:
-            kwargs["pool_pre_ping"] = True
             kwargs["pool_size"] = 10
         self.engine: Engine = create_engine(with_connection_defaults(url), **kwargs)
+        self._pings: _PingWhenIdle | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
+        else:
+            self._pings = _PingWhenIdle(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _bump_on_flush)
         event.listen(self._sessions, "do_orm_execute", _bump_on_bulk)
@@ -367,18 +408,19 @@ class Store:
         if memo is not None:
             return memo
         # the driver directly: ~10 us instead of ~110 us through Core
-        conn = (on.connection().connection if isinstance(on, Session) else on) if on is not None \
-            else self.engine.raw_connection()
+        if on is None:
+            with self.driver_transaction() as conn:  # a broken connection is not pooled again
+                return self._read_generation(conn)
+        return self._read_generation(on.connection().connection if isinstance(on, Session) else on)
+
+    @staticmethod
+    def _read_generation(conn: Any) -> int:
+        cursor = conn.cursor()
         try:
-            cursor = conn.cursor()
-            try:
-                cursor.execute(_GENERATION_SQL)
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            cursor.execute(_GENERATION_SQL)
+            row = cursor.fetchone()
         finally:
-            if on is None:
-                conn.close()
+            cursor.close()
         return int(row[0]) if row else 0
 
     @contextmanager
@@ -430,6 +472,8 @@ class Store:
                 conn.rollback()
             except Exception:  # noqa: BLE001 - the connection is broken (the server went away): not back to the pool
                 conn.invalidate()
+                if self._pings is not None:
+                    self._pings.broken()  # the others may be too: each is pinged before its next use
             raise
         finally:
             conn.close()

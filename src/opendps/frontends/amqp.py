@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -184,13 +185,20 @@ def amqp_error(exc: OpenDPSError) -> AmqpError:
 
 
 class HubConnection:
-    """One AMQP connection's state: its CBS authorisation and its links (an :class:`AmqpHandler`)."""
+    """One AMQP connection's state: its CBS authorisation and its links (an :class:`AmqpHandler`).
+
+    A token's expiry is wall-clock time and the timer that closes its links is the loop's (monotonic): the timer
+    looks at the wall clock at least every :attr:`expiry_check` seconds, so a clock stepped forward closes them
+    within that, and one stepped back is waited for (the timer firing early re-arms instead of giving up)."""
+
+    expiry_check = 60.0  # seconds: at most this long between looks at a token's expiry
 
     def __init__(self, front: AmqpFrontEnd, conn: AmqpConnection) -> None:
         self.front = front
         self.conn = conn
         self.principal: SasPrincipal | None = None
-        self.valid_until = 0.0  # unix time
+        self.valid_until: float = 0.0  # unix time; an int as exact as the token's se (any integer)
+        self.clock: Callable[[], float] = time.time  # the wall clock se is read against
         self.links: list[AmqpLink] = []
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -242,7 +250,7 @@ class HubConnection:
     # --- CBS -------------------------------------------------------------------------------------
 
     def authorised(self) -> bool:
-        return self.principal is not None and time.time() < self.valid_until
+        return self.principal is not None and self.clock() < self.valid_until
 
     async def _cbs(self, link: AmqpLink, request: Message) -> None:
         props = request.properties or {}
@@ -269,15 +277,22 @@ class HubConnection:
     def _grant(self, principal: SasPrincipal) -> None:
         self.principal = principal
         self.valid_until = principal.expiry + sas.DEFAULT_SKEW_SECONDS  # the HTTP check's tolerance too
+        self._arm()
+
+    def _arm(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        delay = max(0.0, self.valid_until - time.time())
+        now = self.clock()
+        # compared before subtracting: se may be any integer, and 10**400 - a float overflows (was a traceback)
+        delay = self.expiry_check if self.valid_until > now + self.expiry_check else max(0.0, self.valid_until - now)
         self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:
-        """The token lapsed: every link it authorised goes; $cbs stays open for a new put-token."""
+        """The token lapsed: every link it authorised goes; $cbs stays open for a new put-token. Still valid by the
+        wall clock (a later look, or the clock stepped back): look again."""
         self._expiry = None
         if self.authorised():
+            self._arm()
             return
         for link in [lk for lk in self.links if node(lk.address) != CBS_NODE]:
             self.links.remove(link)

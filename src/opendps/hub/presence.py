@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, tuple_, update
@@ -27,6 +27,9 @@ from opendps.hub.registry import Hubs
 from opendps.store import HubConnection, HubDevice, LinkedHub, Store, table_of
 
 log = logging.getLogger("opendps.hub")
+# a recorded session said to begin later than this past our clock did not: the wall clock was stepped back since
+# it was recorded (NTP), or that node's clock runs ahead; its time says nothing about which session is newer
+CLOCK_TOLERANCE = timedelta(seconds=5)
 _CONNECTIONS = table_of(HubConnection)
 _DELETE = delete(_CONNECTIONS).where(
     _CONNECTIONS.c.hub_id == bindparam("h"), _CONNECTIONS.c.device_key == bindparam("d"),
@@ -125,7 +128,10 @@ class Presence:
                 since = c.since or now
                 row = recorded.get(key)
                 if row is not None and row[0] != node_id:
-                    if row[2] > since:  # another node's newer session is recorded: ours is the one taken over
+                    # another node's newer session is recorded: ours is the one taken over; unless its time is in
+                    # our future, where the row being written now is the newer (else, after a clock stepped back
+                    # by an hour, each reconnect to another worker lost to the stale session for that hour)
+                    if since < row[2] <= now + CLOCK_TOLERANCE:
                         displaced.append(Displaced(node_id, *key, c.session))
                         continue
                     displaced.append(Displaced(row[0], *key, row[1]))

@@ -157,6 +157,18 @@ class StatusDocument:
         assert self.this_update is not None and self.next_update is not None
         return self.this_update + (self.next_update - self.this_update) / 2
 
+    def reusable(self, now: datetime) -> bool:
+        """Whether to serve it again at ``now``: made at or before ``now`` and half its validity not passed. A
+        document made before the wall clock was stepped back has a thisUpdate in the future, which relying parties
+        refuse as not yet valid (OpenSSL: CRL not yet valid), for as long as the step."""
+        assert self.this_update is not None
+        return self.this_update <= now < self.refresh_at
+
+    def valid_at(self, now: datetime) -> bool:
+        """Whether a relying party takes it at ``now`` (the last one served while the CA key cannot sign)."""
+        return self.this_update is not None and self.next_update is not None and \
+            self.this_update <= now < self.next_update
+
 
 def _unbound() -> Sequence[PublishedCa]:
     raise RuntimeError("StatusResponder.authorities is not bound: build the services with opendps.services.wire")
@@ -234,7 +246,7 @@ class StatusResponder:
                  ca.revoked if ca.kind == "root" else self._leaf_state(ca.ca_id))
         with self._lock:
             cached = self._crls.get(ca.ca_id)
-        if cached is not None and cached[0] == state and now < cached[1].refresh_at:
+        if cached is not None and cached[0] == state and cached[1].reusable(now):
             return cached[1]
         if ca.kind == "root":
             entries: Sequence[RevokedEntry] = ca.revoked
@@ -250,8 +262,7 @@ class StatusResponder:
         except IssuanceRefused as exc:  # our CRL failed our checks: a server fault, not the relying party's
             raise RuntimeError(f"the CRL of {ca.certificate.subject.rfc4514_string()} was refused: {exc}") from exc
         except ServiceUnavailable:  # the CA key cannot sign now (its token away): the last CRL while it is valid
-            if cached is not None and cached[0] == state and cached[1].next_update is not None \
-                    and now < cached[1].next_update:
+            if cached is not None and cached[0] == state and cached[1].valid_at(now):
                 return cached[1]
             raise  # 503 with Retry-After
         document = StatusDocument.signed(crl.public_bytes(Encoding.DER), crl.last_update_utc, crl.next_update_utc
@@ -298,7 +309,7 @@ class StatusResponder:
         state = (ca.certificate, ca.crl_validity_hours, known, revoked)
         with self._lock:
             cached = self._answers.get(key)
-            if cached is not None and cached[0] == state and now < cached[1].refresh_at:
+            if cached is not None and cached[0] == state and cached[1].reusable(now):
                 self._answers.move_to_end(key)
                 return cached[1]
         next_update = min(now + ca.validity, ca.certificate.not_valid_after_utc)
@@ -306,8 +317,7 @@ class StatusResponder:
             der = build_response(self.keys.signer(ca.key_id), ca.certificate, query, known=known, revoked=revoked,
                                  this_update=now, next_update=next_update, lint=self.lint, shapes=self.linted)
         except ServiceUnavailable:  # the CA key cannot sign now: the last answer while it is valid, else tryLater
-            if cached is not None and cached[0] == state and cached[1].next_update is not None \
-                    and now < cached[1].next_update:
+            if cached is not None and cached[0] == state and cached[1].valid_at(now):
                 return cached[1]
             raise
         # the times as encoded (whole seconds), so the HTTP caching headers say what the response says

@@ -114,6 +114,18 @@ def test_the_newest_session_wins_by_when_it_began_not_by_when_it_was_written(ser
     assert (theirs.node_id, theirs.session) == (a.id, "new") and presence.locate(hub.name, "d1") == (b.id, "newer")
 
 
+def test_a_session_recorded_before_the_clock_stepped_back_does_not_outrank_a_new_one(services):
+    """NTP steps the host's clock back an hour: the row of a session recorded before the step (worker a) begins an
+    hour in the future. The device's reconnect to worker b is the newer one: it takes the row and a's session is
+    displaced (b's own session was closed instead, at every reconnect to b, for the hour)."""
+    hub, _nodes, a, b, presence = _nodes_and_presence(services)
+    before_step = datetime.now(UTC) + timedelta(hours=1)  # the clock then, as the clock now reads it
+    assert presence.record(a.id, [Change(hub.id, "d1", "stale", True, before_step)]) == []
+    [displaced] = presence.record(b.id, [Change(hub.id, "d1", "reconnect", True, datetime.now(UTC))])
+    assert (displaced.node_id, displaced.session) == (a.id, "stale")
+    assert presence.locate(hub.name, "d1") == (b.id, "reconnect")
+
+
 def test_two_nodes_attaching_one_device_at_once_are_serialised(services):
     """The recorded session is read under the write's lock: when both nodes attach a device at the same moment,
     exactly one of the two sessions is reported displaced, and it is the one the row does not hold."""

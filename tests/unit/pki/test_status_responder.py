@@ -135,6 +135,22 @@ def test_ocsp_answers_follow_revocations_at_once(services):
     assert _ask(services, foreign, foreign_ica, now=later).this_update_utc == later.replace(microsecond=0)
 
 
+def test_after_the_clock_steps_back_no_document_from_the_future_is_served(services, fresh):
+    """NTP steps the clock back an hour: the CRL and the OCSP answer cached before the step have a thisUpdate an
+    hour ahead, which relying parties refuse as not yet valid; they are made again, dated by the clock now."""
+    services.registry.create_namespace("step-ns")
+    leaf, ica = _issue(services, "step-ns", "dev-1")
+    ref, now = ca_ref(ica), datetime.now(UTC)
+    before = services.status.crl(ref, now=now)
+    answer = _ask(services, leaf, ica, now=now)
+    back = now - timedelta(hours=1)
+    after = services.status.crl(ref, now=back)
+    assert after is not before and after.this_update is not None and after.this_update <= back
+    assert x509.load_der_x509_crl(after.der).last_update_utc <= back
+    assert answer.this_update_utc > back >= _ask(services, leaf, ica, now=back).this_update_utc
+    assert services.status.crl(ref, now=back) is after  # then reused as before
+
+
 def test_a_policy_crl_validity_and_a_rotation_are_followed(services, fresh):
     services.registry.create_namespace("rot-ns")
     leaf, old_ica = _issue(services, "rot-ns", "dev-1")

@@ -103,7 +103,10 @@ def append_all(db: Session | Connection | Transaction, events: Sequence[Event], 
         tx.run(_TAKE_TURN_SQLITE)
     head = tx.first(_HEAD)
     seq, prev = (int(head.seq), str(head.hash)) if head is not None else (0, GENESIS)
-    now = datetime.now(UTC)  # taken under the lock: times never go back along the chain (on one clock)
+    # taken under the lock, so times follow the chain's order on one clock; a wall clock stepped back (NTP) shows as
+    # a time going back, kept as it is: an entry says when it was made by the clock of the time (verify checks no
+    # times), rather than the head's time repeated for the step's length
+    now = datetime.now(UTC)
     records: list[Record] = []
     for action, actor_, namespace, device, subject, details in prepared:
         seq += 1

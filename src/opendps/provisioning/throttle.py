@@ -136,6 +136,11 @@ class PollThrottle:
         assert row is not None, "an upsert ... RETURNING gives its row"
         arrivals: str = row.arrivals
         before = [int(arrivals[i:i + _STAMP]) for i in range(0, len(arrivals) - _STAMP, _STAMP)]  # all but this one
+        # an arrival more than a window after now was stamped before the wall clock was stepped back (NTP): when it
+        # came is unknown, and counting it refused the device until the clock caught up (the step's length, e.g. an
+        # hour); it counts for nothing (a step back gives at most one window's allowance more); a node whose clock
+        # runs a little ahead still counts
+        before = [stamp for stamp in before if stamp <= now_ms + self._window_ms]
         if len(before) < self.limit:
             return
         oldest = min(before[-self.limit:])
@@ -150,7 +155,7 @@ class PollThrottle:
             until = self._refused.get(key)
             if until is None:
                 return
-            if until <= now:
+            if until <= now or until > now + 2 * self.window:  # over, or seen before the clock was stepped back
                 del self._refused[key]
                 return
         raise self._throttled(registration_id, until - now)

@@ -188,3 +188,19 @@ def test_a_failed_allocation_counts_and_a_known_refusal_spares_the_webhook(servi
         _refused(services.provisioning.register, device)  # the 11th: the webhook was asked, then the store refused
         _refused(services.provisioning.register, device)  # this process knows now: no webhook call, no statement
     assert len(seen) == 11
+
+
+@pytest.mark.parametrize("limit_class", [PollThrottle, RegistrationLimit])
+def test_a_clock_stepped_back_does_not_lock_a_device_out_for_the_step(store, limit_class):
+    """NTP steps the clock back an hour after a device used its allowance: its arrivals lie an hour in the future and
+    each request was refused with Retry-After 3610 until the clock caught up (this process remembered the refusal
+    too). Now arrivals a step left more than a window ahead count for nothing: the device is answered as if new."""
+    limit = limit_class(store)
+    for i in range(limit.limit):
+        limit.check("dev-step", now=10_000.0 + i * 0.1)
+    assert int(_refused(limit.check, "dev-step", now=10_000.9).info["retryAfter"]) <= limit.window  # holds before
+    stepped = 10_000.0 - 3600
+    limit.check_known("dev-step", now=stepped)  # the refusal remembered before the step is forgotten
+    for i in range(limit.limit):
+        limit.check("dev-step", now=stepped + i * 0.1)
+    _refused(limit.check, "dev-step", now=stepped + 1)  # and the limit holds again on the new clock

@@ -4,14 +4,12 @@ by the next registration on every process — two wirings on one database stand 
 from __future__ import annotations
 
 import base64
-import sys
 from datetime import UTC, datetime
 
 import pytest
 from cryptography import x509
-from sqlalchemy import event
 from tests.conftest import installation
-from tests.unit.conftest import creds, register, symmetric_group
+from tests.unit.conftest import creds, register, statements_run, symmetric_group
 from tests.x509_helpers import p384_csr
 
 from opendps.pki import KeyStore
@@ -98,28 +96,23 @@ def test_a_registration_reads_the_counter_once_and_no_configuration_rows(service
     key = symmetric_group(services, "quiet-group")
     register(services, creds("quiet-0", key=derive_device_key(key, "quiet-0")))  # fills the caches
     counter_reads: list[int] = []
-    raw = services.store.engine.raw_connection
+    read = Store._read_generation
 
-    def counting():  # the counter is read on the driver directly, below SQLAlchemy's statement events
-        if sys._getframe(1).f_code.co_name == "config_generation":
-            counter_reads.append(1)
-        return raw()
+    def counting(conn):  # the counter is read on the driver directly, below SQLAlchemy's statement events
+        counter_reads.append(1)
+        return read(conn)
 
-    monkeypatch.setattr(services.store.engine, "raw_connection", counting)
-    statements: list[str] = []
-
-    def seen(conn, cursor, sql, *args) -> None:
-        statements.append(" ".join(sql.split()))
-
-    event.listen(services.store.engine, "before_cursor_execute", seen)
+    monkeypatch.setattr(Store, "_read_generation", staticmethod(counting))
+    statements, stop = statements_run(services.store)  # SQLAlchemy's and the prepared ones
     try:
         services.provisioning.register(creds("quiet-1", key=derive_device_key(key, "quiet-1")))
     finally:
-        event.remove(services.store.engine, "before_cursor_execute", seen)
+        stop()
     reads = [s for s in statements if s.upper().startswith("SELECT")]
     assert len(counter_reads) == 1 and not [s for s in reads if "config_generation" in s]
     assert not [s for s in reads if "FROM enrollments" in s or "FROM policies" in s], reads
     assert not [s for s in reads if "FROM linked_hubs" in s], reads  # an unlinked hub fails the insert instead
+    assert any("FROM registrations" in s for s in reads), reads  # the recorder sees the registration's own reads
 
 
 def test_the_cache_is_bounded_and_reloads_after_a_change(services):

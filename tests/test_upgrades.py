@@ -281,3 +281,20 @@ def test_a_database_a_newer_version_upgraded_is_refused_naming_why(db_url, tmp_p
         assert store.current_revision() == "0099"  # nothing changed
     finally:
         store.dispose()
+
+
+def test_a_migration_that_fails_on_the_database_is_one_line_without_sqlalchemys_wrapper(tmp_path):
+    """``db upgrade`` printed SQLAlchemy's whole message: the statement, its parameters and a help link."""
+    from click.testing import CliRunner
+
+    from opendps.cli import main
+
+    url = f"sqlite+pysqlite:///{tmp_path / 'taken.db'}"
+    store = Store(url)
+    with store.engine.begin() as conn:  # a table of that name already there: the first migration cannot create it
+        conn.execute(text("CREATE TABLE instance_settings (other TEXT)"))
+    store.dispose()
+    result = CliRunner().invoke(main, ["db", "upgrade", "--data-dir", str(tmp_path / "dd"), "--db", url])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0] == "error: migration failed: table instance_settings already exists", lines

@@ -557,11 +557,11 @@ def _open_store(settings: Settings, *, create: bool, migrate: bool) -> Store:
         raise
     except Exception as exc:
         store.dispose()
-        raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {_one_line(exc)}") from exc
+        raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {one_line(exc)}") from exc
     return store
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """A driver's error as one line: the driver's own message (not SQLAlchemy's wrapper and link)."""
     text = str(getattr(exc, "orig", None) or exc)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -645,7 +645,7 @@ def _open(settings: Settings, *, create: bool, migrate: bool, persist: bool) -> 
         if isinstance(exc, Exception) and not isinstance(exc, ConfigurationError) and unavailable(exc):
             # a full disk, a database gone: one line naming it, not a traceback (the steps so far are idempotent)
             raise ConfigurationError(f"cannot write to database {redacted_db_url(settings.db_url)}: "
-                                     f"{_one_line(exc)}") from exc
+                                     f"{one_line(exc)}") from exc
         raise
     return inst
 

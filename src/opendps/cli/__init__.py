@@ -334,7 +334,7 @@ def db() -> None:
 @click.option("--db", "db_url", default=None, help="Database URL (default from the data directory / $OPENDPS_DB).")
 def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
     """Apply database migrations."""
-    from opendps.instance import check_db_url
+    from opendps.instance import check_db_url, one_line
     from opendps.store import Store
 
     settings = _settings(data_dir, db=db_url)
@@ -349,7 +349,7 @@ def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
         store.upgrade()
         click.echo(f"database at revision {store.current_revision()}")
     except Exception as exc:  # re-raised as one line: alembic and the drivers raise many kinds
-        raise CliError(f"migration failed: {exc}") from exc
+        raise CliError(f"migration failed: {one_line(exc)}") from exc
     finally:
         store.dispose()
 

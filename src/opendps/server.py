@@ -26,6 +26,7 @@ from opendps.transport.tls import (
     connection_budgets,
     device_tls_context,
     discard_unsent,
+    guard_accepts,
     http_keepalive_idle,
     raise_descriptor_limit,
     start_aiohttp_site,
@@ -118,6 +119,9 @@ async def serve(instance: Instance, *, ready: asyncio.Event | None = None, banne
     shared = workers > 1
     # every connection holds a descriptor: raise the soft limit, and cap each listener below it together
     raise_descriptor_limit()
+    # ... and a listener that hits the limit anyway (a burst is accepted before the caps close its excess) pauses
+    # for a second instead of spinning and logging each failed accept()
+    guard_accepts(asyncio.get_running_loop())
     budget = connection_budgets(["HTTPS", "MQTT"] + ["AMQP"] * bool(st.amqp_port) + ["HTTP"] * bool(st.http_port)
                                 + ["metrics"] * bool(st.metrics_port))
     # keepalive_timeout: an HTTPS connection must send a whole request header within it (aiohttp arms it at

@@ -9,17 +9,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from opendps.errors import InvalidInput
+from opendps.errors import InvalidInput, ServiceUnavailable
 from opendps.hub import HubView
 from opendps.transport.wire import parse_json
 
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 MAX_WEBHOOK_RESPONSE = 64 * 1024
+# webhook calls one process makes at once: half the domain runner's 8 threads (frontends.runtime.DomainRunner), so a
+# webhook slow to answer (up to its 60 s timeout) cannot hold every thread while hub CONNECTs and the service API wait
+WEBHOOK_CALLS_AT_ONCE = 4
+# how long a registration waits for one of those slots: a burst against a webhook that answers in milliseconds takes
+# turns (each wait holds a domain thread, briefly); only when the slots stay taken (a slow webhook) is it refused
+WEBHOOK_SLOT_WAIT = 1.0
+WEBHOOK_BUSY_RETRY_AFTER = 5  # seconds a registration refused for want of a webhook slot is told to wait
+_webhook_slots = threading.BoundedSemaphore(WEBHOOK_CALLS_AT_ONCE)
 
 
 class AllocationFailed(InvalidInput):
@@ -27,6 +36,17 @@ class AllocationFailed(InvalidInput):
     carrying this code and message, which the device reads when it polls."""
 
     error_code = 400208
+
+
+class WebhookBusy(ServiceUnavailable):
+    """This process has waited on :data:`WEBHOOK_CALLS_AT_ONCE` custom-allocation webhook answers for
+    :data:`WEBHOOK_SLOT_WAIT`: the registration is refused as retryable (503 with Retry-After, DPS MQTT ``res/503``)
+    before anything is sent or written, rather than hold one more domain thread for as long as the webhook takes."""
+
+    def __init__(self) -> None:
+        super().__init__(f"custom allocation webhooks are slow to answer: this server already waits on "
+                         f"{WEBHOOK_CALLS_AT_ONCE} of their answers; retry later",
+                         info={"retryAfter": str(WEBHOOK_BUSY_RETRY_AFTER)}, reason="webhook_busy")
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,11 @@ def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeo
     passed since the request began, and the body is read as it arrives, at most :data:`MAX_WEBHOOK_RESPONSE`
     bytes: a webhook that sends without end, or a byte at a time (headers included), holds a domain thread about
     ``timeout`` and no more memory than the bound. Why on a loop of its own (this runs in a domain thread): httpx's
-    timeouts bound each read, not the whole, and only a cancelled coroutine stops a read that keeps getting bytes."""
+    timeouts bound each read, not the whole, and only a cancelled coroutine stops a read that keeps getting bytes.
+    At most :data:`WEBHOOK_CALLS_AT_ONCE` calls at once per process; a call that finds no slot free within
+    :data:`WEBHOOK_SLOT_WAIT` is :class:`WebhookBusy`."""
+    if not _webhook_slots.acquire(timeout=WEBHOOK_SLOT_WAIT):
+        raise WebhookBusy()
     try:
         body = asyncio.run(_answer(url, request_body, timeout, verify))
     except TimeoutError as exc:
@@ -70,6 +94,8 @@ def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeo
         raise AllocationFailed(f"custom allocation webhook did not answer within {timeout:g} s") from exc
     except httpx.HTTPError as exc:
         raise AllocationFailed(f"custom allocation webhook could not be reached: {exc}") from exc
+    finally:
+        _webhook_slots.release()
     try:
         answer = parse_json(body, "custom allocation webhook's answer")
     except InvalidInput as exc:

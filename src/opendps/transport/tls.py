@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import functools
 import logging
 import socket
@@ -64,6 +65,7 @@ __all__ = [
     "context_serving",
     "device_tls_context",
     "discard_unsent",
+    "guard_accepts",
     "http_keepalive_idle",
     "replace_context",
     "server_context",
@@ -532,6 +534,89 @@ def connection_budgets(listeners: Iterable[str], *, reserve: int = 128) -> dict[
     total = sum(weights.values()) or 1
     room = max(0, soft - reserve)
     return {name: max(1, room * weight // total) for name, weight in weights.items()}
+
+
+# accept() errors that say the process or the host is out of something (descriptors, buffers, memory), not the peer
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"  # asyncio's message for one of them
+DESCRIPTOR_LINES = "listeners out of file descriptors"
+_descriptor_line = LineBudget(log, DESCRIPTOR_LINES, per_minute=1)
+
+
+class _AcceptOnce:
+    """A listening socket as one wake-up of asyncio's accept loop sees it: once an ``accept()`` has failed for want
+    of descriptors or memory, the rest of that wake-up finds nothing waiting (``BlockingIOError``, which ends the
+    loop) instead of failing again.
+
+    Why: asyncio (CPython before gh-151615) answers such a failure by pausing the listener for a second and
+    scheduling its return, but goes on calling ``accept()`` up to ``backlog`` (1,024) times in the same wake-up:
+    each failure logged with a traceback and each scheduling one more return, so a process at its descriptor limit
+    spun a core and wrote ~35,000 log lines a second. With this, each listener tries once a second."""
+
+    __slots__ = ("sock", "failed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.failed = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failed:
+            raise BlockingIOError
+        try:
+            return self.sock.accept()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                self.failed = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # fileno, getsockname...: the socket's own
+        return getattr(self.sock, name)
+
+
+def guard_accepts(loop: asyncio.AbstractEventLoop) -> bool:
+    """Make ``loop``'s listeners, started after this, stop for a second at the first ``accept()`` that fails for
+    want of resources (:class:`_AcceptOnce`), and say so in at most one line a minute (:func:`_loop_exception`),
+    without a traceback; every other exception the loop reports goes to the handler it had. False where the loop
+    is not asyncio's selector loop (another loop accepts its own way)."""
+    original = getattr(loop, "_accept_connection", None)
+    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop) or not callable(original):
+        return False
+    if getattr(original, "_guarded", False):
+        return True
+
+    def accept(protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        # a listener's return after a pause hands back the wrapper it was paused with: wrap the socket anew
+        raw = sock.sock if isinstance(sock, _AcceptOnce) else sock
+        return original(protocol_factory, _AcceptOnce(raw), *args, **kwargs)
+
+    accept._guarded = True  # type: ignore[attr-defined]
+    loop._accept_connection = accept  # type: ignore[attr-defined]
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(functools.partial(_loop_exception, previous))
+    return True
+
+
+def _loop_exception(previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+                    loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    if context.get("message") == _ACCEPT_EXHAUSTED and isinstance(exc, OSError):
+        import resource
+
+        sock = context.get("socket")
+        try:
+            where = format_peer(sock.getsockname()) if sock is not None else "a listener"
+        except OSError:
+            where = "a listener"
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        _descriptor_line(logging.WARNING, "cannot accept connections on %s: %s (descriptor limit %s); new connections "
+                         "wait in the listen queue, and each listener tries again every second until descriptors are "
+                         "free (raise the limit, e.g. LimitNOFILE=, if this lasts)", where,
+                         exc.strerror or exc, "unlimited" if soft == resource.RLIM_INFINITY else soft)
+        return
+    if previous is not None:
+        previous(loop, context)
+    else:
+        loop.default_exception_handler(context)
 
 
 def _bio_sizes() -> Callable[[SSL.Connection, bool], int] | None:

@@ -52,13 +52,14 @@ def test_candidates_are_the_listed_hubs_or_those_that_apply_allocation_policy():
 
 
 @contextmanager
-def webhook(answer: object, status: int = 200) -> Iterator[tuple[str, list[dict]]]:
-    """A real webhook on loopback that records the AllocationRequests it receives."""
+def webhook(answer: object, status: int = 200, delay: float = 0.0) -> Iterator[tuple[str, list[dict]]]:
+    """A real webhook on loopback that records the AllocationRequests it receives (answering after ``delay`` s)."""
     seen: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(delay)
             body = (answer if isinstance(answer, bytes) else json.dumps(answer).encode())
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -189,3 +190,23 @@ def test_a_webhook_that_answers_without_end_is_cut_off_by_size_and_time(services
         took = time.monotonic() - started
     assert result["status"] == "failed" and words in result["registrationState"]["errorMessage"], result
     assert took < 6, took
+
+
+def test_a_burst_against_a_quick_webhook_takes_turns_for_its_slots_and_is_not_refused():
+    """At most WEBHOOK_CALLS_AT_ONCE calls wait on webhooks at once; a burst of twice that against a webhook that
+    answers in 0.2 s waits its turn for a slot (WebhookBusy only when the slots stay taken: tests/test_exhaustion.py)."""
+    hubs = [_hub(1), _hub(2)]
+    results: list[object] = []
+    with webhook({"iotHubHostName": "hub2.test"}, delay=0.2) as (url, seen):
+        def one() -> None:
+            try:
+                results.append(allocation.custom(url, {"deviceRuntimeContext": {}}, hubs, timeout=5).hub.host_name)
+            except Exception as exc:  # noqa: BLE001 - recorded: the assertion names it
+                results.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(2 * allocation.WEBHOOK_CALLS_AT_ONCE)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert results == ["hub2.test"] * 2 * allocation.WEBHOOK_CALLS_AT_ONCE and len(seen) == len(results)

@@ -75,6 +75,15 @@ def test_unavailable_tells_a_database_away_from_a_wrong_statement(tmp_path):
     for exc in wrong:
         assert not unavailable(exc), exc
 
+    # every pooled connection in use past the pool's timeout; SQLite unable to open the file for now (a process out
+    # of descriptors opening a new pooled connection)
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    cantopen = sqlite3.OperationalError("unable to open database file")
+    cantopen.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+    for exc in (PoolTimeout("QueuePool limit of size 10 overflow 10 reached"), wrapped(cantopen)):
+        assert unavailable(exc), exc
+
     # SQLite: a writer holding the file past the busy timeout
     store = Store(sqlite_url(tmp_path / "locked.db"))
     holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)

@@ -27,6 +27,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, QueuePool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql import ClauseElement
@@ -241,7 +242,10 @@ _PG_SHORT = "53"
 # SQLite's primary result codes for "the file is locked past the busy timeout" (BUSY, LOCKED) and for "its disk is
 # full or fails a write" (FULL: ENOSPC; IOERR: any other failed write, e.g. EFBIG past a file-size limit, or EIO): the
 # statement is fine and the same request succeeds once the lock or the room is there again
-_SQLITE_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_SQLITE_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                  # ... and "the file cannot be opened": a process out of descriptors opening a new pooled connection
+                  # to the file it opened at start (it is there; the descriptors are not, for now)
+                  sqlite3.SQLITE_CANTOPEN)
 _SQLITE_SHORT = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 # libpq settings for a database that stops answering rather than refusing (its host down, a network partition):
@@ -296,6 +300,8 @@ def _driver_errors(exc: BaseException) -> Iterator[tuple[bool, BaseException | N
 def _driver_unavailable(exc: BaseException | None) -> bool:
     if exc is None:
         return False
+    if isinstance(exc, PoolTimeout):  # every pooled connection in use past the pool's timeout: busy for now
+        return True
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_LOCKED or _driver_short(exc)
     if not type(exc).__module__.startswith("psycopg"):

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -36,6 +37,8 @@ from opendps.pki import der
 from opendps.pki.keys import Signer
 from opendps.pki.lint import LintFinding, lint_certificate
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 ROOT_VALIDITY = timedelta(days=365 * 25)
 ISSUING_VALIDITY = timedelta(days=365 * 5)
 BACKDATE = timedelta(minutes=5)
@@ -118,54 +121,50 @@ class LeafTemplate:
         return bytes(tbs)
 
 
-class LeafTemplates:
-    """Templates of linted leaves by shape (bounded, per process; thread-safe: issuance runs in worker threads)."""
+class Bounded(Generic[K, V]):
+    """A map of at most ``capacity`` entries, the least recently used out first (per process; thread-safe: issuance
+    and status answers run in the domain threads)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def add(self, key: K, value: V) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class LeafTemplates(Bounded[Hashable, LeafTemplate]):
+    """Templates of linted leaves by shape."""
 
     def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._templates: OrderedDict[Hashable, LeafTemplate] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, shape: Hashable) -> LeafTemplate | None:
-        with self._lock:
-            template = self._templates.get(shape)
-            if template is not None:
-                self._templates.move_to_end(shape)
-            return template
-
-    def add(self, shape: Hashable, template: LeafTemplate) -> None:
-        with self._lock:
-            self._templates[shape] = template
-            while len(self._templates) > self.capacity:
-                self._templates.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._templates)
+        super().__init__(capacity)
 
 
-class LintedShapes:
-    """Skeletons whose leaf pkilint passed (bounded, per process; thread-safe: issuance runs in worker threads)."""
+class LintedShapes(Bounded[bytes, bool]):
+    """Skeletons of OCSP responses pkilint passed (:mod:`opendps.pki.ocsp`)."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._clean: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(capacity)
 
     def __contains__(self, shape: object) -> bool:
-        with self._lock:
-            if shape not in self._clean:
-                return False
-            self._clean.move_to_end(shape)  # type: ignore[arg-type]
-            return True
+        return isinstance(shape, bytes) and self.get(shape) is not None
 
-    def add(self, shape: bytes) -> None:
-        with self._lock:
-            self._clean[shape] = None
-            while len(self._clean) > self.capacity:
-                self._clean.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._clean)
+    def add(self, key: bytes, value: bool = True) -> None:
+        super().add(key, value)
 
 
 def check_leaf_values(serial: int, not_before: datetime, not_after: datetime, common_names: Sequence[str]) -> None:

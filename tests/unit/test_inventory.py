@@ -4,6 +4,7 @@ PostgreSQL: each package's aggregate of its own rows, and the refusal log's boun
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -115,3 +116,29 @@ def test_the_refusal_log_keeps_the_newest_and_sweeps(services, monkeypatch):
     with services.store.session() as s:
         left = s.execute(select(refusal_module._TABLE.c.subject)).scalars().all()
     assert sorted(left) == ["dev-0", "dev-1", "dev-2"]
+
+
+def test_the_refusal_log_sweeps_by_the_monotonic_clock_not_the_wall_clock(services, monkeypatch):
+    """A wall clock stepped back (NTP) paused the sweeps for the step's length (their last time lay in the future);
+    one stepped forward could not make them run each batch either: the sweep interval is a monotonic one."""
+    log = services.inventory.refusals
+    swept: list[datetime] = []
+    real_sweep = log.sweep
+    monkeypatch.setattr(log, "sweep", lambda now=None: swept.append(now) or real_sweep(now))
+    exc = Unauthorized("device certificate is revoked", reason="certificate_revoked")
+
+    def batch(now: datetime) -> None:
+        log.record([Refusal(now, HUB_CONNECT, "dev", "mqtt", exc.reason, exc.error_code, exc.message)], now=now)
+
+    clock = [1000.0]
+    monkeypatch.setattr(refusal_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    now = datetime.now(UTC)
+    batch(now)
+    assert len(swept) == 1  # a process's first write sweeps
+    batch(now - timedelta(hours=1))  # the wall clock stepped back an hour; a monotonic second passed
+    clock[0] += 1
+    batch(now - timedelta(hours=1))
+    assert len(swept) == 1
+    clock[0] += refusal_module.SWEEP_EVERY.total_seconds()  # a minute later, whatever the wall clock says
+    batch(now - timedelta(hours=1))
+    assert len(swept) == 2

@@ -12,6 +12,7 @@ it sent (truncated) — never its credential.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,7 +55,7 @@ class Refusal:
 class RefusalLog:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._last_sweep = datetime.min.replace(tzinfo=UTC)
+        self._swept_at: float | None = None  # time.monotonic(): a wall-clock step does not pause the sweeps
 
     def record(self, refusals: Sequence[Refusal], *, now: datetime | None = None) -> None:
         """Store a batch (one executemany insert); sweep old rows when a minute has passed."""
@@ -66,13 +67,13 @@ class RefusalLog:
                  "message": r.message[:512]} for r in refusals]
         with self.store.session() as s:
             s.connection().execute(_INSERT, rows)
-        if now - self._last_sweep >= SWEEP_EVERY:
+        if self._swept_at is None or time.monotonic() - self._swept_at >= SWEEP_EVERY.total_seconds():
             self.sweep(now)
 
     def sweep(self, now: datetime | None = None) -> int:
         """Delete rows older than :data:`KEEP` and beyond the newest :data:`MAX_ROWS`; how many went."""
         now = now or datetime.now(UTC)
-        self._last_sweep = now
+        self._swept_at = time.monotonic()
         with self.store.session() as s:
             conn = s.connection()
             gone = conn.execute(delete(_TABLE).where(_TABLE.c.created_at < now - KEEP)).rowcount or 0

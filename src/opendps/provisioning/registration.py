@@ -17,6 +17,7 @@ import contextlib
 import logging
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -165,7 +166,8 @@ class Provisioning:
         self.throttle = PollThrottle(store)  # shared by every process on the database (request_limits)
         self.registration_limit = RegistrationLimit(store)
         self.service_limit = ServiceLimit()
-        self._last_sweep = datetime.min.replace(tzinfo=UTC)
+        self._swept_at: float | None = None  # time.monotonic() of the last sweep: a wall-clock step neither
+        # pauses the sweeps for its length nor runs one per request
 
     # ---- device side ----
     def attest(self, credentials: DeviceCredentials, *, now: datetime | None = None) -> AttestedIdentity | Challenge:
@@ -220,7 +222,7 @@ class Provisioning:
     def register(self, credentials: DeviceCredentials, *, payload: Any = None, csr: str | None = None,
                  api_version: str | None = None) -> Accepted | Challenge:
         now = datetime.now(UTC)
-        if now - self._last_sweep > SWEEP_EVERY:
+        if self._swept_at is None or time.monotonic() - self._swept_at > SWEEP_EVERY.total_seconds():
             self.sweep_operations(now)
         operation_id = new_operation_id()
         with self.store.config_snapshot():  # enrollments, issuer, hubs: one read of the configuration counter
@@ -322,7 +324,7 @@ class Provisioning:
     def sweep_operations(self, now: datetime | None = None) -> int:
         """Forget operation results older than OPERATION_TTL (the table would otherwise grow forever)."""
         now = now or datetime.now(UTC)
-        self._last_sweep = now
+        self._swept_at = time.monotonic()
         with self.store.session() as s:
             # a DML statement's result is a CursorResult (Session.execute is typed with the general Result)
             result = cast(CursorResult[Any], s.execute(delete(Operation).where(Operation.created_at < now - OPERATION_TTL)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -370,3 +371,22 @@ def test_the_certificate_issued_line_is_written_only_once_the_registration_commi
     assert not [r for r in caplog.records if "issued to 'line-dev-1'" in r.getMessage()]
     assert attempt("line-dev-2")["status"] == "assigned"
     assert len([r for r in caplog.records if "issued to 'line-dev-2'" in r.getMessage()]) == 1
+
+
+def test_operation_sweeps_follow_the_monotonic_clock(services, fleet, monkeypatch):
+    """A wall clock stepped back paused the 10-minute operation sweep for the step's length (its last time lay in the
+    future): the interval is a monotonic one now."""
+    import opendps.provisioning.registration as registration_module
+
+    swept: list[object] = []
+    real = services.provisioning.sweep_operations
+    monkeypatch.setattr(services.provisioning, "sweep_operations", lambda now=None: swept.append(now) or real(now))
+    clock = [5000.0]
+    monkeypatch.setattr(registration_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    services.provisioning._swept_at = None
+    for i in range(2):
+        register(services, creds(f"sweep-{i}", key=derive_device_key(fleet, f"sweep-{i}")))
+    assert len(swept) == 1  # the first registration sweeps, the next not
+    clock[0] += registration_module.SWEEP_EVERY.total_seconds() + 1
+    register(services, creds("sweep-2", key=derive_device_key(fleet, "sweep-2")))
+    assert len(swept) == 2

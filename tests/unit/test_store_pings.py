@@ -89,3 +89,26 @@ def test_after_a_broken_connection_the_others_are_pinged_before_their_next_use(p
     assert unavailable(failed.value), failed.value
     assert pg_store.config_generation() >= 0  # the other dropped connection was pinged and replaced
     assert pings, "the connection pooled before the failure was used without a ping"
+
+
+def test_autocommitted_reads_run_without_begin_and_commit_and_leave_pooled_connections_as_they_were(pg_store):
+    """A hub CONNECT's reads and the configuration counter's need no transaction (READ COMMITTED gives each statement
+    what committed before it): on PostgreSQL they run in autocommit, two round trips fewer a CONNECT."""
+    with pg_store.autocommitted() as conn:
+        cursor = conn.cursor()
+        cursor.execute("SELECT 1")
+        assert conn.driver_connection.info.transaction_status.name == "IDLE"  # no transaction was opened
+    with pg_store.driver_transaction() as conn:  # the same pooled connection, back to transactions
+        assert conn.driver_connection.autocommit is False
+        conn.cursor().execute("SELECT 1")
+        assert conn.driver_connection.info.transaction_status.name == "INTRANS"
+
+
+def test_a_broken_connection_in_autocommit_is_not_pooled_again(pg_store, monkeypatch):
+    monkeypatch.setattr(store_module, "PING_IDLE_AFTER", 60.0)
+    _terminate(_backend(pg_store))
+    with pytest.raises(Exception) as failed, pg_store.autocommitted() as conn:
+        conn.cursor().execute("SELECT 1")
+    assert unavailable(failed.value), failed.value
+    with pg_store.autocommitted() as conn:  # another connection: the broken one went, the pool pings the rest
+        conn.cursor().execute("SELECT 1")

@@ -72,8 +72,9 @@ class HubAuthenticator:
                 chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         """A CONNECT to the hub named by ``host`` (the user name's first part)."""
         store = self.hubs.store
-        # the counter and the statements: one connection, the driver's own (see opendps.store.prepared)
-        with store.driver_transaction() as conn, store.config_snapshot(conn):
+        # the counter and the statements: one connection, the driver's own (see opendps.store.prepared), each statement
+        # committing on its own (reads, and at most the one UPDATE of claim_first_use: no BEGIN/COMMIT round trips)
+        with store.autocommitted() as conn, store.config_snapshot(conn):
             hub = self.hubs.by_host(host)
             if hub is None:
                 raise Unauthorized(f"no linked hub has the host name {host!r}", reason="unknown_hub")
@@ -83,7 +84,7 @@ class HubAuthenticator:
     def authenticate(self, hub: HubView, device_id: str, client_id: str, password: bytes | None,
                      chain: list[x509.Certificate], now: datetime) -> AuthenticatedDevice:
         """A CONNECT to ``hub``, found already."""
-        with self.hubs.store.driver_transaction() as conn:
+        with self.hubs.store.autocommitted() as conn:
             device, superseding = self._check(conn.cursor(), hub, device_id, client_id, password, chain, now)
         return self._first_use(device, superseding, now)
 

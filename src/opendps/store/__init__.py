@@ -415,7 +415,7 @@ class Store:
             return memo
         # the driver directly: ~10 us instead of ~110 us through Core
         if on is None:
-            with self.driver_transaction() as conn:  # a broken connection is not pooled again
+            with self.autocommitted() as conn:  # one round trip on PostgreSQL; a broken connection is not pooled again
                 return self._read_generation(conn)
         return self._read_generation(on.connection().connection if isinstance(on, Session) else on)
 
@@ -461,6 +461,33 @@ class Store:
             actions = s.info.pop(_AFTER_COMMIT, ())
             s.close()
         _run_after_commit(actions)
+
+    @contextmanager
+    def autocommitted(self) -> Iterator[DBAPIConnection]:
+        """A pooled connection of the driver whose statements each commit on their own: on PostgreSQL in autocommit,
+        so no BEGIN and COMMIT round trips around them (two of a hub CONNECT's six); elsewhere a
+        :meth:`driver_transaction`. For reads that need no snapshot across statements — in READ COMMITTED each
+        statement sees what committed before it, inside a transaction or not — and single-statement writes."""
+        if self.dialect != "postgresql":
+            with self.driver_transaction() as conn:
+                yield conn
+            return
+        conn = self.engine.raw_connection()
+        driver = cast(Any, conn.driver_connection)
+        try:
+            driver.autocommit = True
+            yield conn
+            driver.autocommit = False  # as the pool hands connections out
+        except BaseException:
+            try:
+                driver.autocommit = False
+            except Exception:  # noqa: BLE001 - the connection is broken (the server went away): not back to the pool
+                conn.invalidate()
+                if self._pings is not None:
+                    self._pings.broken()  # the others may be too: each is pinged before its next use
+            raise
+        finally:
+            conn.close()
 
     @contextmanager
     def driver_transaction(self) -> Iterator[DBAPIConnection]:

@@ -197,6 +197,16 @@ async def mqtt_over_websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def private_answers(request: web.Request, response: web.StreamResponse) -> None:
+    """What a credential was shown for is kept by no cache (``Cache-Control: no-store``, unless the route set its
+    own): twins, enrollments, certificates and audit rows are the caller's alone, and a shared cache that stores
+    an authorized answer against the spec's advice (RFC 9111 3.5) would give them to the next caller. ``nosniff``
+    on every answer, so no browser reads a JSON body that echoes an id as markup."""
+    if "Authorization" in request.headers and hdrs.CACHE_CONTROL not in response.headers:
+        response.headers[hdrs.CACHE_CONTROL] = "no-store"
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer) -> web.Application:
     """The HTTPS application; ``mqtt`` serves ``/$iothub/websocket``, ``/`` and ``/mqtt`` (the same server as the MQTT
     port)."""
@@ -205,6 +215,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
                                        sas_middleware(authenticator)], client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
     app[MQTT_SERVER] = mqtt
+    app.on_response_prepare.append(private_answers)
     openapi = json.dumps(build_openapi())
 
     async def openapi_handler(_request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ const STORE_KEY = "opendps.credential";
 const TOKEN_TTL = 600; // seconds a signed token lives
 const REFRESH_MS = 30000;
 const DAY_MS = 86400000;
+const POLICY_NAMESPACES = 20; // namespaces whose policies the overview lists: one request each, so a bounded number
 
 const state = {
   credential: null, // {host, name, key: CryptoKey} or {token, expiry}
@@ -118,18 +119,31 @@ class ApiError extends Error {
 }
 
 async function api(path, options = {}) {
+  if (!state.credential) throw new ApiError(401, {message: "signed out"}); // a call still under way at sign-out
   const headers = {Authorization: await authorization(), ...(options.headers || {})};
   const response = await fetch(path, {...options, headers, cache: "no-store"});
-  if (options.raw) {
-    if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
-    return response;
-  }
+  if (options.raw && response.ok) return response;
   const body = response.status === 204 ? null : await response.json().catch(() => null);
   if (!response.ok) {
-    if (response.status === 401 && !options.quiet) signOut(`not authorized: ${(body && body.message) || ""}`);
-    throw new ApiError(response.status, body);
+    const error = new ApiError(response.status, body);
+    // a 401 is either this credential refused (expired token, key renewed: sign out) or one route it has no right to
+    // (the hub service API for a policy other than the owner): only the first ends the session
+    if (response.status === 401 && !options.quiet && !(await credentialAccepted())) {
+      signOut(`not authorized: ${error.message}`);
+    }
+    throw error;
   }
-  return body;
+  return options.raw ? response : body;
+}
+
+async function credentialAccepted() {
+  // the sign-in's own proof, asked again: does the server still take this credential at all?
+  try {
+    await api("/namespaces", {quiet: true});
+    return true;
+  } catch (e) {
+    return !(e instanceof ApiError && e.status === 401);
+  }
 }
 
 async function clockSkew() {
@@ -180,9 +194,15 @@ async function route() {
   showError("");
   if (!state.credential) { show("login"); return; }
   const m = /^#\/device\/([^/]+)\/(.+)$/.exec(location.hash);
-  if (m) {
+  let device = null;
+  try {
+    device = m && [decodeURIComponent(m[1]), decodeURIComponent(m[2])];
+  } catch (e) { // a hand-made link with a broken %-escape: the overview and why, not a stale device page
+    showError(`the link names no device (${e.message}): ${location.hash.slice(0, 80)}`);
+  }
+  if (device) {
     show("device");
-    await loadDevice(decodeURIComponent(m[1]), decodeURIComponent(m[2]));
+    await loadDevice(...device);
   } else {
     show("overview");
     await loadOverview();
@@ -191,7 +211,7 @@ async function route() {
 }
 
 function report(error) {
-  if (error instanceof ApiError && error.status === 401) return;
+  if (!state.credential) return; // signed out meanwhile: the sign-in form says why
   showError(String(error.message || error));
 }
 
@@ -324,16 +344,22 @@ async function loadNamespaces() {
   const current = select.value;
   select.replaceChildren(el("option", {value: ""}, "all"),
                          ...names.map((n) => el("option", {value: n, selected: n === current}, n)));
+  const all = list.value || [], shown = all.slice(0, POLICY_NAMESPACES);
+  const policies = await Promise.all(shown.map(
+    (ns) => api(`/namespaces/${encodeURIComponent(ns.name)}/credentials/default/policies`)));
   const rows = [];
-  for (const ns of list.value || []) {
-    const policies = await api(`/namespaces/${encodeURIComponent(ns.name)}/credentials/default/policies`);
-    for (const p of policies.value || []) {
+  shown.forEach((ns, i) => {
+    for (const p of policies[i].value || []) {
       const cert = (p.properties || {}).certificate || {};
       const ca = cert.certificateAuthorityConfiguration || {}, leaf = cert.leafCertificateConfiguration || {};
       rows.push(el("tr", {}, el("td", {}, ns.name), el("td", {}, p.name),
                    el("td", {class: "num"}, `${leaf.validityPeriodInDays} days`), el("td", {}, utc(ca.notAfter, false)),
                    el("td", {}, ca.keyBackend || "")));
     }
+  });
+  if (all.length > shown.length) {
+    rows.push(el("tr", {id: "namespaces-more"}, el("td", {colspan: 5, class: "muted"},
+      `and ${all.length - shown.length} more namespaces (opendps adr ns list)`)));
   }
   fill($("namespaces").tBodies[0], rows, "no namespace yet", 5);
 }

@@ -283,7 +283,7 @@ class NatsBus(Bus):
             except nats_client.NatsUnreachable as exc:
                 log.debug("live bus: %s", exc)
                 continue
-            log.info("live bus: connected to NATS %s", self.url)
+            log.info("live bus: connected to NATS %s", nats_client.shown_url(self.url))
             await self._resumed()
             return
 
@@ -302,7 +302,8 @@ class NatsBus(Bus):
 
     async def publish(self, message: dict[str, Any], to: str | None = None) -> None:
         if self._nc is None or not self._nc.is_connected:
-            raise nats_client.NatsUnreachable(f"the live bus's connection to NATS {self.url} is down")
+            raise nats_client.NatsUnreachable(f"the live bus's connection to NATS {nats_client.shown_url(self.url)} is "
+                                              "down")
         subject = f"{self.prefix}.all" if to is None else f"{self.prefix}.node.{to}"
         await self._nc.publish(subject, _encode(message, to).encode())
 

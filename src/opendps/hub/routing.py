@@ -77,16 +77,17 @@ def check_nats_url(value: object) -> str:
     if not isinstance(value, str) or not value or len(value) > 512 or not value.isprintable():
         raise InvalidInput("url must be a NATS server URL such as nats://127.0.0.1:4222")
     for server in value.split(","):
+        shown = nats_client.shown_url(server.strip())  # the answer names the server, not its password or token
         try:
             parts = urlsplit(server.strip())  # raises for an unbalanced IPv6 bracket ("nats://[::1")
         except ValueError as exc:
-            raise InvalidInput(f"url {server.strip()!r} is not a NATS server URL: {exc}") from exc
+            raise InvalidInput(f"url {shown!r} is not a NATS server URL: {exc}") from exc
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
-            raise InvalidInput(f"url {server.strip()!r} is not a NATS server URL (nats://host:port or tls://host:port)")
+            raise InvalidInput(f"url {shown!r} is not a NATS server URL (nats://host:port or tls://host:port)")
         try:
             parts.port  # noqa: B018 - raises for a port out of range
         except ValueError as exc:
-            raise InvalidInput(f"url {server.strip()!r} has an invalid port") from exc
+            raise InvalidInput(f"url {shown!r} has an invalid port") from exc
     return value
 
 
@@ -232,11 +233,12 @@ class NatsRouter:
             except NatsUnreachable as exc:
                 # once when the attempts begin to fail, not every RETRY_AFTER s while NATS stays away
                 (log.debug if url in self._down else log.warning)(
-                    "telemetry routes to %s: %s; trying again every %g s meanwhile", url, exc, RETRY_AFTER)
+                    "telemetry routes to %s: %s; trying again every %g s meanwhile", nats_client.shown_url(url), exc,
+                    RETRY_AFTER)
                 self._down[url] = (time.monotonic() + RETRY_AFTER, str(exc))
                 raise
             if self._down.pop(url, None) is not None:
-                log.info("telemetry routes to %s: connected", url)
+                log.info("telemetry routes to %s: connected", nats_client.shown_url(url))
             up.set()
             self._connections[url] = nc
             return nc
@@ -255,7 +257,7 @@ class NatsRouter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(up.wait(), PUBLISH_TIMEOUT)
         if not nc.is_connected:
-            raise NatsUnreachable(f"the connection to NATS {url} is down; reconnecting")
+            raise NatsUnreachable(f"the connection to NATS {nats_client.shown_url(url)} is down; reconnecting")
         return nc
 
     async def deliver(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
@@ -277,7 +279,8 @@ class NatsRouter:
                     await nc.publish(subject, body, headers=headers)
             except Exception as exc:
                 if route.durable:
-                    raise ServiceUnavailable(f"route {route.name!r} ({route.url}, {subject}) did not acknowledge: "
+                    raise ServiceUnavailable(f"route {route.name!r} ({nats_client.shown_url(route.url)}, {subject}) did "
+                                             f"not acknowledge: "
                                              f"{type(exc).__name__}: {exc}") from exc
                 if not isinstance(exc, NatsUnreachable):  # an outage is logged when it begins and ends, not per message
                     log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)

@@ -7,6 +7,9 @@ succeed within a deadline; once connected, the client reconnects by itself, fore
 
 An outage is told twice, when the connection is lost and when it is back (with how long it lasted), not once per
 reconnection attempt: nats-py tries every two seconds, and each attempt was a log line per connection per process.
+A URL's credentials (``nats://user:password@host``, ``nats://token@host``) are for nats-py only: every log line and
+error names the servers by :func:`shown_url`, which leaves them out.
+
 A NATS that stops answering without closing the socket (a host down, a partition) is found by PINGs every
 ``PING_INTERVAL`` s (nats-py's default, two minutes with two outstanding, took up to four minutes).
 """
@@ -16,12 +19,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 PING_INTERVAL = 5  # seconds between PINGs; MAX_OUTSTANDING_PINGS unanswered ones mean the server is gone
 MAX_OUTSTANDING_PINGS = 2
+_USERINFO = re.compile(r"(://)([^/@\s]*)@")  # a server URL's user:password@ or token@
+
+
+def shown_url(url: str) -> str:
+    """``url`` (servers separated by commas) as log lines and errors may show it: each server's password or token
+    replaced by ``***`` (``nats://user:***@host``, ``nats://***@host``), so that no line or answer carries it."""
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+    return _USERINFO.sub(hide, url)
 
 
 class NatsUnreachable(ConnectionError):
@@ -38,6 +53,8 @@ async def connect(url: str, *, name: str, within: float,
     both naming ``what``; the attempts between are debug lines. ``on_disconnected`` / ``on_reconnected`` are called
     at those two moments (the connection closed for good by :meth:`close` or ``drain`` is neither)."""
     from nats.aio.client import Client  # imported on first use: only installations with a NATS bus or route need it
+
+    shown = shown_url(url)  # what the lines and errors below name: never the URL's credentials
 
     last: list[BaseException] = []
     lost_at: list[float] = []  # when the current outage began; empty while connected
@@ -56,9 +73,9 @@ async def connect(url: str, *, name: str, within: float,
         lost = isinstance(exc, OSError | TimeoutError | errors.UnexpectedEOF | errors.StaleConnectionError
                           | errors.ConnectionClosedError | errors.NoServersError)  # told by disconnected()
         if log is not None and not lost and not lost_at:
-            log.warning("%s (%s): %s: %s", what, url, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
+            log.warning("%s (%s): %s: %s", what, shown, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
         elif log is not None:
-            log.debug("%s (%s): %s: %s", what, url, type(exc).__name__, exc)
+            log.debug("%s (%s): %s: %s", what, shown, type(exc).__name__, exc)
 
     async def disconnected() -> None:
         if nc.is_closed or nc.is_draining or lost_at or not connected:
@@ -67,7 +84,7 @@ async def connect(url: str, *, name: str, within: float,
         if log is not None:
             reason = f" ({type(last[0]).__name__}: {last[0]})" if last else ""
             log.warning("%s: the connection to NATS %s was lost%s; reconnecting (said again when it is back)",
-                        what, url, reason)
+                        what, shown, reason)
         await call(on_disconnected)
 
     async def reconnected() -> None:
@@ -75,7 +92,7 @@ async def connect(url: str, *, name: str, within: float,
         lost_at.clear()
         if log is not None:
             lasted = f" after {time.monotonic() - began:.1f} s" if began is not None else ""
-            log.info("%s: connected to NATS %s again%s", what, url, lasted)
+            log.info("%s: connected to NATS %s again%s", what, shown, lasted)
         await call(on_reconnected)
 
     connected = False
@@ -90,7 +107,7 @@ async def connect(url: str, *, name: str, within: float,
         reason = last[0] if last else exc
         with contextlib.suppress(Exception):  # it never connected: nothing to close cleanly
             await nc.close()  # a first attempt given up on must not go on reconnecting in the background
-        raise NatsUnreachable(f"no NATS server at {url} answered within {within:g} s "
+        raise NatsUnreachable(f"no NATS server at {shown} answered within {within:g} s "
                               f"({type(reason).__name__}: {reason})") from None
     connected = True
     return nc

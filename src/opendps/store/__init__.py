@@ -481,10 +481,8 @@ class Store:
         except BaseException:
             try:
                 driver.autocommit = False
-            except Exception:  # noqa: BLE001 - the connection is broken (the server went away): not back to the pool
-                conn.invalidate()
-                if self._pings is not None:
-                    self._pings.broken()  # the others may be too: each is pinged before its next use
+            except Exception:  # noqa: BLE001 - the connection is broken (the server went away)
+                self._discard(conn)
             raise
         finally:
             conn.close()
@@ -503,13 +501,18 @@ class Store:
         except BaseException:
             try:
                 conn.rollback()
-            except Exception:  # noqa: BLE001 - the connection is broken (the server went away): not back to the pool
-                conn.invalidate()
-                if self._pings is not None:
-                    self._pings.broken()  # the others may be too: each is pinged before its next use
+            except Exception:  # noqa: BLE001 - the connection is broken (the server went away)
+                self._discard(conn)
             raise
         finally:
             conn.close()
+
+    def _discard(self, conn: Any) -> None:
+        """A connection found broken: not back to the pool; the others may be too, so each is pinged before its next
+        use (PostgreSQL)."""
+        conn.invalidate()
+        if self._pings is not None:
+            self._pings.broken()
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

@@ -91,6 +91,7 @@ class HubSession:
         self.session = session
         self.runtime.hub_names[self.device.hub_id] = self.device.hub_name  # for the telemetry counters' label
         self.runtime.live.attach(self, checked_since=self.checked_since)
+        self.checked_since = None  # only the attach needs it: an idle session holds no float for it
         metrics.hub_connected(self.device.auth_type)
         self.counted = True
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,

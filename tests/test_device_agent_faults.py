@@ -75,6 +75,15 @@ def sqlite_file(server) -> Path:
     return Path(server.db_url.split("///", 1)[1])
 
 
+
+async def _stop_all(agent, task, forwarder) -> None:
+    """A scenario's teardown: the agent and its run task, then the forwarder (already stopped if the scenario failed
+    while the hub was away)."""
+    await agent.stop()
+    await task
+    with contextlib.suppress(AssertionError):
+        await forwarder.stop()
+
 def test_dps_503_retry_after_is_honoured_by_client_and_agent_which_recover(server, tmp_path):
     """The store is locked: DPS answers 503 with Retry-After (5 s) once the server's busy timeout passed. The
     provisioning client's own retry and the agent's next attempt (after the client gave up) each wait at least
@@ -189,10 +198,7 @@ def test_a_long_hub_outage_does_not_end_the_retries(server, tmp_path):
                 assert agent.hub is not None
                 await wait_for(lambda: agent.hub is not None and agent.hub.connected, 30, "reconnected", task)
         finally:
-            await agent.stop()
-            await task
-            with contextlib.suppress(AssertionError):
-                await forwarder.stop()
+            await _stop_all(agent, task, forwarder)
 
     asyncio.run(scenario())
 
@@ -303,10 +309,7 @@ def test_a_hub_that_never_answers_the_handshake_is_retried_with_bounded_waits(se
             await forwarder.start()
             await wait_for(lambda: agent.status.state == "connected", 30, "connected to the real hub", task)
         finally:
-            await agent.stop()
-            await task
-            with contextlib.suppress(AssertionError):
-                await forwarder.stop()
+            await _stop_all(agent, task, forwarder)
         gaps = [b - a for a, b in zip(accepted, accepted[1:], strict=False)]
         assert min(gaps[:3]) >= 0.5, gaps  # each attempt waited out its timeout (0.5 s) before the next began
 
@@ -360,10 +363,7 @@ def test_a_certificate_renewed_while_the_hub_is_down_is_kept_and_used_when_it_is
             assert agent.status.renewals == 1 and agent.status.failures == 0 and not agent.store.pending
             assert issued_serials(server, rid) == {first: "superseded", **dict.fromkeys(kept)}
         finally:
-            await agent.stop()
-            await task
-            with contextlib.suppress(AssertionError):
-                await forwarder.stop()
+            await _stop_all(agent, task, forwarder)
 
     asyncio.run(scenario())
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, insert, or_, select, text
+from sqlalchemy import Row, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash
@@ -75,10 +75,10 @@ class Event:
     details: Mapping[str, Any] | None = None
 
 
-def append(db: Session | Connection | Transaction, action: str, *, namespace: str | None = None, device: str | None = None,
+def append(db: Session | Transaction, action: str, *, namespace: str | None = None, device: str | None = None,
            subject: str | None = None, details: Mapping[str, Any] | None = None,
            actor: str | None = _FROM_CONTEXT) -> Record:
-    """Append one entry in ``db``'s transaction (a Session or its Connection); returns it as it will be stored.
+    """Append one entry in ``db``'s transaction (a Session or a store.Transaction); returns it as it will be stored.
 
     ``actor`` defaults to the one acting now (:data:`ACTOR`). Call it as the last statement of the transaction: the
     chain is locked from here to the commit, so nothing that may wait for another transaction's row lock should come
@@ -86,7 +86,7 @@ def append(db: Session | Connection | Transaction, action: str, *, namespace: st
     return append_all(db, [Event(action, namespace, device, subject, details)], actor=actor)[0]
 
 
-def append_all(db: Session | Connection | Transaction, events: Sequence[Event], *,
+def append_all(db: Session | Transaction, events: Sequence[Event], *,
                actor: str | None = _FROM_CONTEXT) -> list[Record]:
     """Append several entries in order with one turn of the lock, one head read and one INSERT (e.g. a registration's
     ``certificate.issued`` and ``registration.assigned``, or a batch of revocations)."""

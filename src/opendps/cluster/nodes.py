@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
-from opendps.store import ClusterNode, LiveMessage, Prepared, Store, table_of
+from opendps.store import ClusterNode, LiveMessage, Store, table_of
+from opendps.store.prepared import prepared
 
 _NODES = table_of(ClusterNode)
 _MESSAGES = table_of(LiveMessage)
@@ -121,7 +122,7 @@ class MessageReader:
     """
 
     def __init__(self, path: str, dialect: Any) -> None:
-        self._for_node = Prepared(_FOR_NODE, dialect)
+        self._for_node = prepared(_FOR_NODE, dialect)
         # autocommit (isolation_level None): the SELECT is its own transaction; timeout 0: no busy waiting
         self._conn: sqlite3.Connection | None = sqlite3.connect(path, timeout=0, isolation_level=None)
         self._conn.execute("PRAGMA query_only=ON")

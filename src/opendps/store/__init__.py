@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Connection, Table, create_engine, event, text, update
+from sqlalchemy import Table, create_engine, event, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -60,6 +60,7 @@ from opendps.store.models import (
     WrappedKey,
 )
 from opendps.store.prepared import Prepared, Transaction
+from opendps.store.prepared import prepared as _compiled_once
 
 __all__ = [
     "AccessPolicy",
@@ -212,25 +213,14 @@ def after_commit(session: Session, action: Callable[[], None]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
-def joined(db: Session | Connection | Transaction) -> Transaction:
+def joined(db: Session | Transaction) -> Transaction:
     """``db``'s transaction as a :class:`Transaction`: its driver cursor, for the domain functions hot paths run on
     one (a Session's pending changes are flushed first, so statements stay in the order they were made)."""
     if isinstance(db, Transaction):
         return db
-    if isinstance(db, Session):
-        db.flush()
-        session = db
-
-        def later(action: Callable[[], None]) -> None:
-            after_commit(session, action)
-
-        conn = db.connection()
-    else:
-        def later(action: Callable[[], None]) -> None:
-            raise TypeError("a Connection's transaction has no after-commit actions: use a Session's")
-
-        conn = db
-    return Transaction(conn.connection.cursor(), conn.dialect, later)
+    db.flush()
+    conn = db.connection()
+    return Transaction(conn.connection.cursor(), conn.dialect, lambda action: after_commit(db, action))
 
 
 # PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
@@ -528,9 +518,9 @@ class Store:
         _run_after_commit(actions)
 
     def prepare(self, statement: ClauseElement) -> Prepared:
-        """``statement`` compiled for this store's dialect, to run on a :meth:`driver_transaction`'s cursor: for the
-        few fixed statements a hot path runs on every call."""
-        return Prepared(statement, self.engine.dialect)
+        """``statement`` compiled for this store's dialect (once: :func:`opendps.store.prepared.prepared`), to run on a
+        :meth:`driver_transaction`'s cursor: for the few fixed statements a hot path runs on every call."""
+        return _compiled_once(statement, self.engine.dialect)
 
     # ---- instance settings: facts of the installation every node shares (ID scope, key check value...) ----
     def setting(self, name: str) -> str | None:

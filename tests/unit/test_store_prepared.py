@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from tests.unit.conftest import symmetric_group
 from tests.unit.hub.test_revocation import _issue
 
-from opendps.store import HubDevice, IssuedCertificate, Store, joined, table_of
+from opendps.store import HubDevice, IssuedCertificate, Prepared, Store, joined, table_of
 
 _ISSUED = table_of(IssuedCertificate)
 _OLDER = _ISSUED.alias("older")
@@ -169,3 +169,15 @@ def test_statements_built_per_call_do_not_grow_the_compiled_cache_without_bound(
             row = tx.first(select(_ISSUED.c.id).where(_ISSUED.c.serial == bindparam("b_serial")), b_serial=f"{n:x}")
             assert row is None
     assert len(prepared_module._COMPILED) == 3
+
+
+def test_a_column_whose_default_is_computed_per_row_must_be_given(store):
+    """A scalar default is filled in as SQLAlchemy's execution would; one computed per row (a callable) cannot be
+    compiled once, so leaving it out is refused when the statement is prepared, not written as a NULL."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+
+    table = Table("per_row", MetaData(), Column("id", Integer, primary_key=True),
+                  Column("label", String(8), default=lambda: "made"), Column("kind", String(8), default="fixed"))
+    with pytest.raises(ValueError, match="'label' has a default computed per row"):
+        Prepared(insert(table), store.engine.dialect, ["id", "kind"])
+    Prepared(insert(table), store.engine.dialect, ["id", "label"])  # given: the scalar default of kind fills in

@@ -128,6 +128,40 @@ def test_dps_503_retry_after_is_honoured_by_client_and_agent_which_recover(serve
     assert agent_retry - refused[1] >= STORE_RETRY_AFTER, "the agent retried before Retry-After"
 
 
+def test_stop_abandons_a_request_waiting_out_a_retry_after(server, tmp_path):
+    """The store is locked, so DPS answers 503 with Retry-After while the agent onboards; stop() then returns at once,
+    abandoning the request, and the agent ends stopped. Before: stop() waited for the provisioning client to wait out
+    the Retry-After and its next attempt (a device shutting down, or a service manager's stop timeout, waited with it)."""
+    rid, doc = enroll(server, "faults-stop")
+    lock = sqlite3.connect(sqlite_file(server), isolation_level=None, timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    refused: list[float] = []
+
+    def watch(entry: tuple[float, str, str]) -> None:
+        at, name, message = entry
+        if name == "httpx" and "/register" in message and " 503 " in message:
+            refused.append(at)
+
+    async def scenario() -> tuple[float, str]:
+        agent = DeviceAgent(config(server, tmp_path, rid, doc, provisioning_options={
+            "max_retries": 5, "backoff_base": 0.05, "backoff_max": 0.1, "min_wait": 0.0, "max_wait": 60.0}))
+        task = asyncio.create_task(agent.run())
+        await wait_for(lambda: bool(refused), 60, "a 503", task)
+        began = time.monotonic()
+        await agent.stop()
+        await task
+        return time.monotonic() - began, agent.status.state
+
+    try:
+        with Recorder("httpx", on_record=watch):
+            took, state = asyncio.run(scenario())
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert state == "stopped"
+    assert took < STORE_RETRY_AFTER / 2, f"stop() took {took:.1f} s: it waited for the Retry-After"
+
+
 class Forwarder:
     """A TCP forwarder to the hub's port that can stop listening (the hub is down: connection refused) and listen
     again on the same port."""
@@ -398,7 +432,7 @@ async def main():
     task = asyncio.create_task(agent.run())
     await asyncio.sleep(2)
     print(json.dumps({"state": agent.status.state, "failures": agent.status.failures, "error": agent.status.last_error}))
-    task.cancel()  # not stop(): that waits for a registration, whose client may be waiting out a 429's Retry-After
+    task.cancel()  # the status is all this child reports
     await asyncio.gather(task, return_exceptions=True)
 
 asyncio.run(main())

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from cryptography import x509 as cx509
 
@@ -95,6 +95,13 @@ TelemetrySource = Callable[[int], Any]
 
 class AgentError(Exception):
     """The agent cannot go on as configured (e.g. DPS assigned no certificate chain)."""
+
+
+_T = TypeVar("_T")
+
+
+class _Stopped(AgentError):
+    """:meth:`DeviceAgent.stop` was called while a request was under way: the request was abandoned."""
 
 
 @dataclass(frozen=True)
@@ -416,6 +423,8 @@ class DeviceAgent:
         while not self._stopping:
             try:
                 creds, assignment = await self._register()
+            except _Stopped:
+                return None
             except Exception as exc:  # noqa: BLE001 - a daemon keeps trying (the operator may fix the enrollment)
                 log.warning("%s: provisioning failed: %s", self.config.registration_id, exc)
                 self._record_error(f"provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
@@ -429,7 +438,7 @@ class DeviceAgent:
     async def _register(self) -> tuple[StoredCredentials, tuple[str, str]]:
         self.store.check_writable()
         key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
-        result = await self._provisioning_client().register(csr, self.config.payload)
+        result = await self._unless_stopped(self._provisioning_client().register(csr, self.config.payload))
         if not result.issued_chain or not result.assigned_hub or not result.device_id:
             raise AgentError("DPS assigned the device without an operational certificate chain (does the enrollment "
                              "have a credentialPolicyName?)")
@@ -600,6 +609,8 @@ class DeviceAgent:
             self._set_state("reprovisioning")
             try:
                 creds, assignment = await self._register()
+            except _Stopped:
+                break
             except Exception as exc:  # noqa: BLE001 - reported and retried with backoff, the credential is kept
                 log.warning("%s: re-provisioning failed: %s", self.config.registration_id, exc)
                 self._record_error(f"re-provisioning {self._dps_failure(exc)}: {type(exc).__name__}: {exc}")
@@ -693,6 +704,11 @@ class DeviceAgent:
     async def _renew_and_record(self, forced: list[asyncio.Future], due: bool) -> None:
         try:
             summary = await self._renew()
+        except _Stopped as exc:  # nothing was stored: the next start renews if it is still due
+            for future in forced:
+                if not future.done():
+                    future.set_exception(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - every failure is reported and retried, the agent goes on
             log.warning("%s: certificate renewal failed: %s", self.config.registration_id, exc)
             self._record_error(f"{self._method()} renewal failed: {type(exc).__name__}: {exc}")
@@ -729,13 +745,13 @@ class DeviceAgent:
             key, csr = new_key_and_csr(self.config.registration_id, self.config.curve)
             assignment = (self.hub.hub_host, self.hub.device_id)
             if method == "dps":
-                result = await self._provisioning_client().register(csr, self.config.payload)
+                result = await self._unless_stopped(self._provisioning_client().register(csr, self.config.payload))
                 if not result.issued_chain or not result.assigned_hub or not result.device_id:
                     raise AgentError("DPS answered without an operational certificate chain")
                 chain = result.issued_chain
                 assignment = (result.assigned_hub, result.device_id)
             else:
-                chain = await self.hub.renew_certificate(csr)
+                chain = await self._unless_stopped(self.hub.renew_certificate(csr))
             if not public_keys_match(key, chain[0]):
                 raise AgentError(f"{'DPS' if method == 'dps' else 'the hub'} returned a certificate for another key")
             offset = self._arrival_offset(chain[0])
@@ -897,6 +913,28 @@ class DeviceAgent:
         """The injected sleep, cut short only by :meth:`stop` (start-up retries)."""
         if not self._stopping:
             await self._sleep_until(seconds, self._stop_event)
+
+    async def _unless_stopped(self, work: Awaitable[_T]) -> _T:
+        """``work``, abandoned (cancelled) when :meth:`stop` is called meanwhile: raises :class:`_Stopped` then.
+
+        Why: a DPS request may wait out a Retry-After of minutes (a 429, a 503 while the service's store is away) and a
+        renewal through the hub waits for its operation; ``stop`` must not wait for them (a device shutting down, a
+        service manager's stop timeout)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # stopped, or this wait itself was cancelled
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            stopped.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopped
+        if task.cancelled():
+            raise _Stopped("the agent stopped during the request")
+        return task.result()
 
     async def _sleep_until(self, seconds: float, event: asyncio.Event) -> None:
         sleeper = asyncio.ensure_future(self._sleep(max(seconds, 0.0)))

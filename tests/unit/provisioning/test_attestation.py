@@ -179,3 +179,34 @@ def test_proven_cas_are_read_from_the_configuration_cache_and_a_deletion_is_seen
     services.ca_certificates.delete("intermediate")
     # the next registration sees the deletion: the device now proves the root's group through its chain
     assert _attest(services, "dev-cached", [leaf, intermediate.cert]).enrollment.enrollment_id == "on-root"
+
+
+def test_the_issuing_ca_found_in_dps_costs_no_signature_check_of_its_own(services, hierarchy, monkeypatch):
+    """A device sending only its leaf: its issuer is found among the verified DPS CAs by name and the path validation
+    checks the signatures (once per chain, then cached); no separate signature check per request. Before: each
+    request (over MQTT the CONNECT and the register) verified the leaf's and the intermediate's signatures again."""
+    _, intermediate = hierarchy
+    checks = []
+    real = x509_attestation.issued_by
+    monkeypatch.setattr(x509_attestation, "issued_by", lambda child, parent: checks.append(1) or real(child, parent))
+    leaf, _ = make_leaf("dev-leaf-only", intermediate)
+    for _ in range(3):
+        assert _attest(services, "dev-leaf-only", [leaf]).enrollment.enrollment_id == "on-intermediate"
+    assert checks == []
+    namesake = make_ca("test intermediate")  # not in DPS: its leaf names the verified intermediate as issuer
+    forged, _ = make_leaf("dev-forged", namesake)
+    with pytest.raises(AttestationFailed, match="does not validate to CA certificate 'intermediate'"):
+        services.provisioning.attest(creds("dev-forged", chain=(forged,)))
+
+
+def test_of_two_verified_cas_with_one_name_the_one_that_signed_is_the_issuer(services, hierarchy):
+    """A CA renewed with a new key under the same name, both verified: each device is matched to the one whose key
+    signed its certificate, and each chain validates."""
+    root, intermediate = hierarchy
+    renewed = make_ca("test intermediate", root)  # same name, new key
+    _verified(services, "intermediate-2", renewed)
+    _x509_group(services, "on-intermediate-2", "intermediate-2")
+    old_leaf, _ = make_leaf("dev-old-key", intermediate)
+    new_leaf, _ = make_leaf("dev-new-key", renewed)
+    assert _attest(services, "dev-old-key", [old_leaf]).enrollment.enrollment_id == "on-intermediate"
+    assert _attest(services, "dev-new-key", [new_leaf]).enrollment.enrollment_id == "on-intermediate-2"

@@ -21,6 +21,7 @@ from opendps.hub.registry import (
     QueryPage,
     TrustedCa,
     TwinAction,
+    initial_twin,
 )
 from opendps.hub.routing import NatsRouter, RouteView, TelemetryRoutes
 from opendps.hub.telemetry import GroupCommit, TelemetryBus, TelemetrySink
@@ -52,4 +53,5 @@ __all__ = [
     "TelemetrySink",
     "TrustedCa",
     "TwinAction",
+    "initial_twin",
 ]

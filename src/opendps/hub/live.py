@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-from opendps.errors import GatewayTimeout, NotFound, ServiceUnavailable
+from opendps.errors import GatewayTimeout, InvalidInput, NotFound, ServiceUnavailable
 from opendps.hub.auth import AuthenticatedDevice, device_key
 from opendps.hub.presence import Change, Displaced, Presence, PresenceWriter
 
@@ -28,6 +29,22 @@ log = logging.getLogger("opendps.hub")
 METHODS = "methods"
 DESIRED = "desired"
 C2D = "c2d"
+MAX_METHOD_NAME = 1024
+# a direct method's name travels in the device's topic, $iothub/methods/POST/{name}/?$rid=..: IoT Hub's rule (US-ASCII
+# printable, none of $ ( ) < > @ , ; : \ " / [ ] ? = { }, no space or tab), without # and + (MQTT's wildcards,
+# which no PUBLISH topic may hold): RFC 7230's token characters but $ # +
+_METHOD_NAME = re.compile(r"[!%&'*.0-9A-Z^_`a-z|~-]+")
+
+
+def check_method_name(value: object) -> str:
+    """A direct method's name, or InvalidInput naming what is wrong with it: checked before any device is looked for, so
+    a name that cannot be a topic level is a 400, never a malformed PUBLISH (a NUL, a wildcard, past 64 KiB: a 500)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("methodName is required: the name of the device's method")
+    if len(value) > MAX_METHOD_NAME or not _METHOD_NAME.fullmatch(value):
+        raise InvalidInput(f"methodName {value[:40]!r}{'...' if len(value) > 40 else ''} is invalid: use 1-"
+                           f"{MAX_METHOD_NAME} US-ASCII letters, digits and ! % & ' * - . ^ _ ` | ~")
+    return value
 
 
 class DeviceOffline(NotFound):
@@ -294,6 +311,7 @@ class LiveSessions:
                             timeout: float = 30.0) -> tuple[int, Any]:
         """Direct method: (status, payload) from the device, wherever it is connected; DeviceOffline (404) or
         MethodTimeout (504)."""
+        check_method_name(method)
         if self.link(hub_name, device_id) is None:
             node = await self._locate(hub_name, device_id)
             if node is not None:

@@ -41,10 +41,12 @@ from enum import Enum
 from typing import Any
 
 from opendps.errors import InvalidInput
+from opendps.transport.wire import parse_json
 
 MAX_QUERY_LENGTH = 8192
 MAX_NESTING = 32  # parentheses and NOTs: deeper is refused, never a RecursionError
 COUNT_DEFAULT_NAME = "$1"
+MAX_KEY_LENGTH = 128  # a device key (a device id, lower-cased) in a continuation token
 
 
 class _Undefined(Enum):
@@ -508,7 +510,10 @@ class _Parser:
         name = token.text
         while self.is_symbol("."):
             self.next()
-            name += "." + self.next().text
+            part = self.next()
+            if part.kind != "ident":  # a quoted name here was echoed raw, NULs and all, into the refusal
+                raise _refuse(f"expected a collection name after '{name}.', found {part.describe()}", part.pos)
+            name += "." + part.text
         if name.lower() != "devices":
             raise _refuse(f"FROM {name} is not supported; only FROM devices", token.pos)
 
@@ -680,13 +685,15 @@ def continuation_token(query: Query, after: str, returned: int) -> str:
 
 def read_continuation(query: Query, token: str) -> tuple[str, int]:
     """(device key to continue after, rows already returned) from a token :func:`continuation_token` made."""
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    try:  # parse_json: a made-up token nested deep is a refusal, not json's RecursionError (a 500)
+        data = parse_json(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)), "x-ms-continuation")
+    except (InvalidInput, ValueError, binascii.Error):
         data = None
-    if (not isinstance(data, dict) or not isinstance(data.get("a"), str) or not isinstance(data.get("n"), int)
-            or isinstance(data.get("n"), bool) or data["n"] < 0):
+    after = data.get("a") if isinstance(data, dict) else None
+    # the key is bound in a comparison: a NUL in it is PostgreSQL's DataError (a 500), so it is a device key or nothing
+    if (not isinstance(after, str) or len(after) > MAX_KEY_LENGTH or not after.isprintable()
+            or not isinstance(data.get("n"), int) or isinstance(data.get("n"), bool) or data["n"] < 0):
         raise InvalidInput("x-ms-continuation is not a continuation token this service gave")
     if data.get("q") != query.fingerprint:
         raise InvalidInput("x-ms-continuation belongs to another query: send it with the same query text")
-    return data["a"], data["n"]
+    return after, data["n"]

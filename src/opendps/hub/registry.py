@@ -839,6 +839,22 @@ def replacement(value: object, what: str, *, limit: int = MAX_TWIN_BYTES) -> dic
     return merge_patch({}, given, what, limit=limit)
 
 
+def initial_twin(value: object, what: str = "initialTwin") -> dict[str, Any]:
+    """An initial twin (an enrollment's, a custom allocation webhook's) ``{"tags", "properties": {"desired"}}``, held to
+    the rules of a twin the service API writes (:func:`replacement`: property names, depth, the tags' and desired
+    properties' sizes) and normalised: a device is never placed with a twin its hub refuses to change (every later
+    PATCH was a 413) or whose names no query can address. InvalidInput or PayloadTooLarge naming ``what``."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    properties = value.get("properties")
+    if properties is not None and not isinstance(properties, dict):
+        raise InvalidInput(f"{what}.properties must be a JSON object")
+    return {"tags": replacement(value.get("tags"), f"{what}.tags", limit=MAX_TAGS_BYTES),
+            "properties": {"desired": replacement((properties or {}).get("desired"), f"{what}.properties.desired")}}
+
+
 def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The JSON merge patch (RFC 7396) that turns ``old`` into ``new``: changed and added members, removed ones
     as ``null``, nested objects diffed member by member."""

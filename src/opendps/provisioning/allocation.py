@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from opendps.errors import InvalidInput, ServiceUnavailable
-from opendps.hub import HubView
+from opendps.errors import InvalidInput, OpenDPSError, ServiceUnavailable
+from opendps.hub import HubView, initial_twin
 from opendps.transport.wire import parse_json
 
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
@@ -109,8 +109,11 @@ def custom(url: str, request_body: dict[str, Any], hubs: list[HubView], *, timeo
     if hub is None:
         raise AllocationFailed(f"custom allocation webhook chose {host!r}, which is not one of the enrollment's linked hubs")
     twin = answer.get("initialTwin")
-    if twin is not None and not isinstance(twin, dict):
-        raise AllocationFailed("custom allocation webhook returned an initialTwin that is not an object")
+    if twin is not None:  # held to the hub's twin rules, as an enrollment's initial twin is
+        try:
+            twin = initial_twin(twin, "custom allocation webhook's initialTwin")
+        except OpenDPSError as exc:  # InvalidInput, PayloadTooLarge
+            raise AllocationFailed(exc.message) from exc
     return Allocation(hub, twin, answer.get("payload"))
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from opendps import audit
 from opendps.errors import Conflict, InvalidInput, NotFound, OpenDPSError, PreconditionFailed
-from opendps.hub import Hubs
+from opendps.hub import Hubs, initial_twin
 from opendps.ids import any_etag, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
@@ -459,11 +459,8 @@ class Enrollments:
             "updateHubAssignment": json_bool(rp.get("updateHubAssignment"), "reprovisionPolicy.updateHubAssignment", True),
             "migrateDeviceData": json_bool(rp.get("migrateDeviceData"), "reprovisionPolicy.migrateDeviceData", True)}
         twin = json_object(body.get("initialTwin"), "initialTwin")
-        if twin:
-            tags = json_object(twin.get("tags"), "initialTwin.tags")
-            desired = json_object(json_object(twin.get("properties"), "initialTwin.properties").get("desired"),
-                                  "initialTwin.properties.desired")
-            doc["initialTwin"] = {"tags": tags, "properties": {"desired": desired}}
+        if twin:  # the hub's twin rules (names, depth, sizes): the device starts with a twin its hub would take
+            doc["initialTwin"] = initial_twin(twin)
         caps = json_object(body.get("capabilities"), "capabilities")
         doc["capabilities"] = {"iotEdge": json_bool(caps.get("iotEdge"), "capabilities.iotEdge", False)}
         if kind == INDIVIDUAL and body.get("optionalDeviceInformation") is not None:

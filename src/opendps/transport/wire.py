@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -46,6 +47,16 @@ def _finite(token: str) -> float:
     return value
 
 
+def _whole(token: str) -> int:
+    """A JSON integer within a double's range (json.loads reads any length up to int()'s 4,300-digit limit)."""
+    if len(token) > _MAX_INT_TEXT or abs(value := int(token)) > sys.float_info.max:
+        raise ValueError(f"number {token[:40]}{'...' if len(token) > 40 else ''} is out of range")
+    return value
+
+
+_MAX_INT_TEXT = 310  # a sign and the 309 digits of the largest double (1.8e308)
+
+
 # where a lone UTF-16 surrogate can come from: a \\ud800-\\udfff escape, or (bytes) a surrogate encoded as UTF-8,
 # which json.loads decodes with "surrogatepass"; (text) one already in the string
 _SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -56,11 +67,12 @@ def parse_json(data: bytes | str, what: str, *, max_depth: int = MAX_JSON_DEPTH)
     """Parse untrusted JSON: invalid text or nesting deeper than ``max_depth`` raise InvalidInput naming ``what``
     (never RecursionError, which the standard parser raises for deep input). NaN, Infinity and numbers past a double
     (``1e309``) are not JSON (RFC 8259) although Python reads them: kept, they were written back as ``NaN`` (a twin no
-    client could parse) or refused by PostgreSQL's json column (a traceback), so they are refused here. So is a string
+    client could parse) or refused by PostgreSQL's json column (a traceback), so they are refused here; so is an
+    integer past a double written out in digits (stored and given back, no JavaScript or C SDK reads it). So is a string
     holding a lone UTF-16 surrogate (not text, RFC 7493): no database's encoder takes it (a 500). A surrogate pair's
     escapes are one character and welcome; the whole value is checked only when the text holds a hint of one."""
     try:
-        value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
+        value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite, parse_int=_whole)
     except RecursionError:
         raise InvalidInput(f"{what} is nested more than {max_depth} levels deep") from None
     except ValueError as exc:

@@ -19,7 +19,7 @@ from opendps.frontends.http.device import routes as device_routes
 from opendps.frontends.http.enrollments import routes as enrollment_routes
 from opendps.frontends.http.errors import error_middleware, error_response, quiet_client_errors
 from opendps.frontends.http.fleet import routes as fleet_routes
-from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX
+from opendps.frontends.http.hub_service import HUB_ROUTE_PREFIX, end_event_streams_at_shutdown
 from opendps.frontends.http.hub_service import routes as hub_routes
 from opendps.frontends.http.openapi import build_openapi
 from opendps.frontends.http.pki_status import OCSP_GET_ROUTE, PKI_ROUTE_PREFIX, add_status_routes
@@ -231,6 +231,7 @@ def make_app(runtime: Runtime, authenticator: SasAuthenticator, mqtt: MqttServer
     app.add_routes(service_routes)
     app.add_routes(enrollment_routes)
     app.add_routes(hub_routes)
+    end_event_streams_at_shutdown(app)  # a follower of /events does not hold a stopping server
     app.add_routes(audit_routes)
     app.add_routes(service_status_routes)  # GET /status, GET /metrics
     app.add_routes(fleet_routes)  # the dashboard's aggregates (ServiceConfig)

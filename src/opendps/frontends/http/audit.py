@@ -58,7 +58,12 @@ def parse_time(value: str | None, name: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
     except ValueError as exc:
         raise InvalidInput(f"{name} must be an ISO 8601 time such as 2026-12-06T10:00:00Z, not {value!r}") from exc
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:  # in UTC here: 0001-01-01T00:00+01:00 has none (the store's conversion raised OverflowError, a 500)
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidInput(f"{name} {value!r} is out of range: in UTC it falls outside the years 1-9999") from exc
 
 
 @routes.get("/auditLog")

@@ -264,6 +264,20 @@ async def send_c2d(request: web.Request) -> web.Response:
     return send({"messageId": message.message_id}, 202)
 
 
+EVENT_STREAMS_END = web.AppKey("event-streams-end", asyncio.Event)
+
+
+def end_event_streams_at_shutdown(app: web.Application) -> None:
+    """A stopping server ends its ``/events`` streams within a second: a follower (``timeout=0``) held the stop for
+    aiohttp's whole shutdown timeout and more (SIGTERM answered after 90 s), and a supervisor's worker restart with it."""
+    app[EVENT_STREAMS_END] = asyncio.Event()
+
+    async def end(app: web.Application) -> None:
+        app[EVENT_STREAMS_END].set()
+
+    app.on_shutdown.append(end)
+
+
 @routes.get("/events", name=HUB_ROUTE_PREFIX + "events")
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """Telemetry as NDJSON, from a position (``from=<n>``, ``earliest`` or ``latest`` = only new), live until
@@ -286,11 +300,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     bus = runtime(request).telemetry_bus
+    ending = request.app.get(EVENT_STREAMS_END)
     sent = 0
     idle_since = last_write = asyncio.get_running_loop().time()
     while True:
         if request.transport is None or request.transport.is_closing():
             return response  # the consumer went away
+        if ending is not None and ending.is_set():
+            return response  # the server is stopping
         events = await run(request, sink.read, hub, after=position, device_id=device_id, limit=200)
         for event in events:
             await response.write((json.dumps(event.to_wire()) + "\n").encode())

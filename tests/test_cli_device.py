@@ -158,6 +158,23 @@ def test_provision_errors_are_one_line(server, setup, tmp_path):
                       str(server.mqtt_port), "--retries", "0"), f"registration of {rid!r} failed")
 
 
+def test_a_store_dir_that_cannot_be_written_is_refused_before_dps_issues_a_certificate(server, setup, tmp_path):
+    """The certificate was issued first and its new key lost when --store-dir could not be written."""
+    rid = "clidev-nostore"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a directory")
+    _fails(server.cli("device", "provision", "--rid", rid, "--symmetric-key", key, "--store-dir",
+                      str(in_the_way / "store")), f"cannot store credentials in {in_the_way / 'store'}",
+           "nothing was asked of DPS")
+    issued = server.cli("certificate", "list", "--device-id", rid, "-o", "json")
+    assert issued.returncode == 0, issued.stderr
+    assert json.loads(issued.stdout) == []
+    with svc(server) as c:
+        assert c.get(f"/registrations/{rid}").status_code == 404  # never registered
+
+
 def _simulate(server, transport: str, prefix: str) -> tuple[dict, float]:
     started = time.monotonic()
     proc = server.cli("device", "simulate", "--count", str(FLEET), "--group-key", GROUP_KEY, "--prefix", prefix,

@@ -168,6 +168,22 @@ def _not_utf8(args: Sequence[str], failed: str) -> str | None:
     return None
 
 
+_ANSWERS: list[str] = []  # "METHOD URL" of each successful answer the running command read from a server
+
+
+def note_answer(where: str) -> None:
+    """Called by the REST client for every 2xx answer: a shape error after one is the server's, not the user's."""
+    _ANSWERS.append(where)
+
+
+def _unexpected_answer(exc: Exception) -> str:
+    """Why: a server answering with JSON of another shape (a proxy, another version, a foreign service: ``[]`` where
+    an object was expected, ``"value": 5`` where a list) made the verbs' ``answer["x"].get(...)`` a traceback."""
+    detail = _one_line(f"{type(exc).__name__}: {exc}")
+    return (f"{_ANSWERS[-1]} answered with JSON this opendps cannot read ({detail[:200]}): is it an opendps server of "
+            "this version?")
+
+
 class _OneLineErrors(click.Group):
     """Every failure, usage errors included, is one ``error: ...`` line on stderr and a non-zero exit.
 
@@ -176,6 +192,7 @@ class _OneLineErrors(click.Group):
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, standalone_mode: bool = True,
              **kwargs: Any) -> Any:
+        _ANSWERS.clear()
         try:
             rv = super().main(args, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
@@ -204,6 +221,11 @@ class _OneLineErrors(click.Group):
             if bad is None:  # not the command line's fault: a bug to see in full
                 raise
             click.echo(f"error: {bad} is not valid UTF-8 text", err=True)
+            sys.exit(1)
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            if not _ANSWERS:  # nothing was read from a server: a bug to see in full
+                raise
+            click.echo(f"error: {_unexpected_answer(exc)}", err=True)
             sys.exit(1)
         if not standalone_mode:
             return rv
@@ -279,13 +301,14 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
                          pkcs11_pin_file=pkcs11_pin_file, metrics_port=metrics_port, metrics_host=metrics_host,
                          log_format=log_format)
     inst = _open(settings, persist=False)  # config.json is written once the listeners are up, not before
+    # the metrics listener has its own bind address: named, or a bad --metrics-host was blamed on --host
+    metrics = f", metrics port {settings.metrics_port} on {settings.metrics_host}" if settings.metrics_port else ""
     try:
         run(inst)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.host} (HTTPS port {settings.https_port}, MQTT port "
                        f"{settings.mqtt_port}, AMQP port {settings.amqp_port}, HTTP port {settings.http_port}"
-                       f"{f', metrics port {settings.metrics_port}' if settings.metrics_port else ''}): "
-                       f"{exc.strerror or exc}") from exc
+                       f"{metrics}): {exc.strerror or exc}") from exc
     finally:
         inst.close()
 
@@ -344,6 +367,8 @@ def db_upgrade(data_dir: Path | None, db_url: str | None) -> None:
         check_db_url(settings.db_url if db_url is None else db_url)
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
+    if settings.db is None and not settings.data_dir.is_dir():  # its SQLite file: "unable to open database file" said
+        raise CliError(f"data directory {settings.data_dir} does not exist: run 'opendps init' first, or give --db")
     store = Store(settings.db_url)
     try:
         store.upgrade()

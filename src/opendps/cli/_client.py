@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
-from opendps.cli import CliError
+from opendps.cli import CliError, note_answer
 from opendps.transport import sas
 
 API_VERSION = "2025-07-01-preview"
@@ -187,12 +187,25 @@ def format_error(status: int, content: bytes, error_code_header: str | None = No
     return f"{message} (HTTP {status}, code {code})" if code else f"{message} (HTTP {status})"
 
 
+MAX_FILE_BYTES = 1024 * 1024  # the service takes no request body larger than this (frontends/http/app.py MAX_BODY)
+
+
+def read_limited(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a file to send, refused past ``limit``: the service could not take more, and a device file such as
+    /dev/zero (or a multi-GB file named by mistake) was read until memory ran out."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise CliError(f"{what} {path} is larger than {limit // 1024} KB: the service takes no more")
+    return data
+
+
 def read_certificate_file(path: str | Path) -> str:
     """The --path file as the API wants it: PEM text as is, anything else (DER) base64-encoded."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read certificate file {path}: {exc.strerror or exc}") from exc
+    data = read_limited(path, "certificate file")
     if not data.strip():
         raise CliError(f"certificate file {path} is empty")
     try:
@@ -274,6 +287,7 @@ class Client:
             raise _unreachable(url, exc) from exc
         if not resp.is_success:
             raise _api_error(resp)
+        note_answer(f"{method} {url}")
         if not resp.content.strip():
             return None, resp.headers
         try:
@@ -297,6 +311,7 @@ class Client:
                 if not resp.is_success:
                     resp.read()
                     raise _api_error(resp)
+                note_answer(f"{method} {url}")
                 yield resp
         except httpx.TransportError as exc:
             raise _unreachable(url, exc) from exc

@@ -129,7 +129,7 @@ def _verify_locally(data_dir: Path | None, db_url: str | None, head: tuple[int, 
 
     from opendps.audit import AuditLog
     from opendps.errors import ConfigurationError
-    from opendps.instance import Settings, redacted_db_url
+    from opendps.instance import Settings, one_line, redacted_db_url
     from opendps.store import Store
 
     try:
@@ -146,7 +146,9 @@ def _verify_locally(data_dir: Path | None, db_url: str | None, head: tuple[int, 
         try:
             has_log = inspect(store.engine).has_table("audit_log")
         except Exception as exc:  # the drivers raise many kinds; one line
-            raise CliError(f"cannot read the database {redacted_db_url(url)}: {' '.join(str(exc).split())}") from exc
+            # the driver's own message, without SQLAlchemy's "(psycopg.OperationalError) ... (Background on this
+            # error at: https://sqlalche.me/...)" wrapper around it
+            raise CliError(f"cannot read the database {redacted_db_url(url)}: {one_line(exc)}") from exc
         if not has_log:
             raise CliError(f"the database {redacted_db_url(url)} has no audit log: run 'opendps db upgrade'")
         return AuditLog(store).verify(expect_head=head).to_wire()

@@ -55,6 +55,7 @@ from opendps.files import write_atomic
 ROOT_DAYS, INTERMEDIATE_DAYS, DEVICE_DAYS, VERIFICATION_DAYS = 3650, 1825, 365, 1
 CA_KEY_BITS, DEVICE_KEY_BITS, VERIFICATION_KEY_BITS = 4096, 2048, 2048
 PUBLIC_MODE, KEY_MODE = 0o644, 0o600
+MAX_CN = 64  # RFC 5280 ub-common-name
 
 # role -> path relative to --cert-dir (the seed's layout, step 1)
 LAYOUT = {
@@ -442,6 +443,11 @@ def bootstrap(connect: Callable[[], Client], registration_id: str, group_name: s
         check_registration_id(rid, "--registration-id")
     except InvalidInput as exc:
         raise CliError(exc.message) from exc
+    longest = f"{rid}-intermediate"  # the CA names are CNs too, which RFC 5280 limits to 64 characters
+    if len(longest) > MAX_CN:  # why: a longer id was a ValueError traceback from cryptography
+        raise CliError(f"--registration-id is {len(rid)} characters: the intermediate CA's CN {longest[:20]!r}... "
+                       f"would be {len(longest)}, and a CN holds at most {MAX_CN} (RFC 5280); use at most "
+                       f"{MAX_CN - len('-intermediate')}")
     group_name = group_name or f"{rid}-group"
     summary: dict[str, Any] = {"registrationId": rid, "certDir": str(cert_dir), "created": [], "files": [],
                                "certificates": [], "credentialPolicy": None, "enrollmentGroup": None}

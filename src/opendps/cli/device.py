@@ -127,15 +127,42 @@ def resolve_endpoint(*, id_scope: str | None, host: str | None, https_port: int 
     explicit_ca = ca_file or (Path(os.environ[CA_FILE_ENV]) if os.environ.get(CA_FILE_ENV) else None)
     if explicit_ca is not None and not explicit_ca.is_file():
         raise CliError(f"CA file {explicit_ca} does not exist")
+    trusted = explicit_ca or (local.server_ca if local else None)
+    if trusted is not None:
+        _check_ca_file(trusted)
     return Endpoint(
         host=host or (local.hostname if local else DEFAULT_HOST),
         id_scope=id_scope,
         https_port=https_port or (local.https_port if local else DEFAULT_HTTPS_PORT),
         mqtt_port=mqtt_port or (local.mqtt_port if local else DEFAULT_MQTT_PORT),
-        ca_file=explicit_ca or (local.server_ca if local else None),
+        ca_file=trusted,
         transport=transport,
         hub_address=hub_address,
     )
+
+
+def _check_ca_file(path: Path) -> None:
+    """Why: a CA file that is not PEM certificates (a key, binary, empty) was found out per connection: ``device run``
+    retried it forever (exit 0 after --duration), ``simulate`` said "no certificate or crl found" without the file."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise CliError(f"CA file {path} cannot be used: {_one_line(reason)} (it must hold PEM certificates)") from exc
+
+
+def _check_csr_id(registration_id: str, flag: str = "--registration-id") -> None:
+    """The id goes into the CSR as its CN, which RFC 5280 (and the service) limit to 1-64 characters; why checked here:
+    ``provision`` failed with a ValueError traceback and ``run`` retried it forever."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        x509.NameAttribute(NameOID.COMMON_NAME, registration_id)
+    except ValueError as exc:
+        shown = registration_id if len(registration_id) <= 80 else registration_id[:80] + "..."
+        raise CliError(f"{flag} {shown!r} cannot be a CSR's common name: it has {len(registration_id)} characters, "
+                       "a CN holds 1-64 (RFC 5280)") from exc
 
 
 def endpoint_options(*, hub: bool) -> Decorator:
@@ -320,6 +347,7 @@ def _provision(endpoint: Endpoint, output: str, registration_id: str, certificat
         credential["symmetric_key"] = _base64_key(symmetric_key, "--symmetric-key")
     if group_key is not None:
         credential["group_key"] = _base64_key(group_key, "--group-key")
+    _check_csr_id(registration_id)
     store_dir = store_dir or Path(f"device-{registration_id}")
     if tpm is not None:
         from opendps.device.agent import TPM_KEY_FILE
@@ -337,16 +365,31 @@ def _provision(endpoint: Endpoint, output: str, registration_id: str, certificat
     key, csr = new_key_and_csr(registration_id, curve)  # type: ignore[arg-type]
     from opendps.device.tpm import TpmError
 
+    # Why before registering: a --store-dir that cannot be written (read-only, full, a file in the way) was found out
+    # only after DPS had issued the certificate, whose new key was then lost (and with --revoke-superseded the
+    # device's previous certificate revoked). A directory made here and left unused is removed again.
+    made = not store_dir.exists()
+    try:
+        CertificateStore(store_dir).check_writable()
+    except (OSError, StoreError) as exc:
+        _remove_if_made(store_dir, made)
+        raise CliError(f"cannot store credentials in {store_dir}: {_one_line(getattr(exc, 'strerror', None) or exc)}; "
+                       "nothing was asked of DPS") from exc
     try:
         result = asyncio.run(client.register(csr))
     except (ProvisioningError, OSError, ssl.SSLError, TpmError) as exc:
+        _remove_if_made(store_dir, made)
         raise _provisioning_error(registration_id, exc) from exc
+    except BaseException:
+        _remove_if_made(store_dir, made)
+        raise
     doc: dict[str, Any] = {"registrationId": registration_id, "status": result.status, "assignedHub": result.assigned_hub,
                            "deviceId": result.device_id, "substatus": result.substatus, "transport": endpoint.transport,
                            "certificate": None, "files": None}
     if tpm is not None:
         doc["tpm"] = {"registrationId": tpm.registration_id(), "keyFile": str(credential["tpm_key_file"])}
     if not result.issued_chain:
+        _remove_if_made(store_dir, made)
         click.echo(f"warning: {registration_id!r} was assigned but no operational certificate was issued "
                    "(the enrollment has no credential policy); nothing stored", err=True)
     else:
@@ -365,6 +408,13 @@ def _provision(endpoint: Endpoint, output: str, registration_id: str, certificat
     from opendps.cli.output import emit
 
     emit(doc, output, PROVISION_COLUMNS)
+
+
+def _remove_if_made(directory: Path, made: bool) -> None:
+    """Remove ``directory`` if this command made it and it is still empty (never anything a user keeps there)."""
+    if made:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 # ---------------------------------------------------------------- simulate
@@ -563,6 +613,7 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
     key = _base64_key(group_key, "--group-key")
     assert key is not None
     ids = [f"{prefix}-{i}" for i in range(count)]
+    _check_csr_id(ids[-1], "registration id (from --prefix)")
     with contextlib.ExitStack() as stack:
         if store_dir is None:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="opendps-simulate-")))
@@ -654,6 +705,7 @@ def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path |
                        "--group-key or --tpm")
     if use_tpm and endpoint.transport != "https":
         raise CliError("--tpm works over HTTPS only (Azure DPS has no TPM attestation over MQTT): drop --transport mqtt")
+    _check_csr_id(registration_id)
     with contextlib.ExitStack() as stack:
         if use_tpm:
             credential["tpm"] = stack.enter_context(open_tpm(tcti))

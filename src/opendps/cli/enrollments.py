@@ -527,10 +527,16 @@ def group_delete(client: Client, output: str, enrollment_id: str, etag: str | No
 def group_compute_device_key(connect: Callable[[], Client], output: str, registration_id: str, key: str | None,
                              enrollment_id: str | None) -> None:
     """Print a member device's key: base64(HMAC-SHA256(group key, registration id))."""
+    from opendps.errors import InvalidInput
+    from opendps.provisioning.enrollments import check_registration_id
     from opendps.transport.sas import derive_device_key
 
     if (key is None) == (enrollment_id is None):
         raise CliError("give exactly one of --key (the group key) or --enrollment-id (fetch the group's key)")
+    try:  # why: --rid '' printed a key (exit 0) for an id no device can register with
+        check_registration_id(registration_id, "--registration-id")
+    except InvalidInput as exc:
+        raise CliError(exc.message) from exc
     if key is None:
         mech = connect().request("POST", GROUP.path(str(enrollment_id), "attestationmechanism")) or {}
         if mech.get("type") != "symmetricKey":

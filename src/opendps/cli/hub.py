@@ -23,7 +23,15 @@ from typing import Any
 import click
 
 from opendps.cli import OUTPUT_OPTION, CliError, non_empty_path
-from opendps.cli._client import ApiError, Client, api_path, loads_json, read_certificate_file, resolve_connection
+from opendps.cli._client import (
+    ApiError,
+    Client,
+    api_path,
+    loads_json,
+    read_certificate_file,
+    read_limited,
+    resolve_connection,
+)
 from opendps.cli.enrollments import _top, parse_json_object, query_all
 from opendps.cli.management import CERT_COLUMNS, CERT_PATH, _connection_options, api_command, etag_option
 from opendps.cli.output import emit
@@ -477,10 +485,7 @@ def c2d_send(hub: HubClient, output: str, device_id: str, data: str | None, data
     if data is not None and data_file is not None:
         raise CliError("give --data or --data-file-path, not both")
     if data_file is not None:
-        try:
-            body = data_file.read_bytes()
-        except OSError as exc:
-            raise CliError(f"cannot read {data_file}: {exc.strerror or exc}") from exc
+        body = read_limited(data_file, "--data-file-path")
     else:
         body = (DEFAULT_C2D_DATA if data is None else data).encode("utf-8")
     headers: dict[str, str] = {}

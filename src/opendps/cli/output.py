@@ -42,7 +42,9 @@ def _query(data: Any) -> tuple[Any, bool]:
     except JMESPathError as exc:  # e.g. a function applied to the wrong type
         from opendps.cli import CliError
 
-        raise CliError(f"--query failed on this result: {' '.join(str(exc).split())}") from exc
+        # jmespath quotes the whole value it could not use (a list's item: a twin, an enrollment): cut to a line
+        message = " ".join(str(exc).split())
+        raise CliError(f"--query failed on this result: {message[:300]}{'...' if len(message) > 300 else ''}") from exc
 
 
 def emit(data: Any, output: str, columns: list[str] | None = None) -> None:

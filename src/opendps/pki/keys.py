@@ -106,7 +106,9 @@ def load_master_key(path: Path, *, create: bool = False) -> bytes:
         key = generate_master_key()
         create_atomic(path, (encode_master_key(key) + "\n").encode(), 0o600)  # whole and fsynced, or not there
         return key
-    return decode_master_key(path.read_text(), str(path))
+    # bytes, not read_text(): a file of random bytes (a binary key written by mistake) is "not valid base64" in one
+    # line, not a UnicodeDecodeError traceback (b64decode refuses the replacement character as it refuses non-ASCII)
+    return decode_master_key(path.read_bytes().decode("ascii", "replace"), str(path))
 
 
 DEFAULT_BACKEND_SETTING = "key_backend"  # instance_settings: where new CA keys go unless a request says

@@ -35,7 +35,9 @@ def parse_registration_body(raw: bytes, registration_id: str) -> RegistrationBod
     if not isinstance(body, dict):
         raise InvalidInput("registration body must be a JSON object (DeviceRegistration)")
     given = body.get("registrationId")
-    if given is not None and str(given).lower() != registration_id.lower():
+    if given is not None and not isinstance(given, str):  # str(true) was "True": it matched registration id "true"
+        raise InvalidInput(f"registrationId in the body must be a JSON string, got {shown(given)}")
+    if given is not None and given.lower() != registration_id.lower():
         raise InvalidInput(f"registrationId {shown(given)} in the body does not match the request's "
                            f"{shown(registration_id)}")
     evidence = {k: v for k, v in body.items() if k not in _OWN_MEMBERS and v is not None}

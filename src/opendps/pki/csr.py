@@ -99,8 +99,11 @@ def check_curve(curve: str, *, allow_p256: bool) -> None:
 def _load_csr(data: bytes) -> x509.CertificateSigningRequest:
     if len(data) > MAX_CSR_BYTES + (MAX_CSR_BYTES // 2 if data.lstrip().startswith(b"-----BEGIN") else 0):
         raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
+    is_pem = data.lstrip().startswith(b"-----BEGIN")
+    if is_pem and (data.count(b"-----BEGIN") != 1 or not data.rstrip().endswith(b"-----")):
+        # as DER with bytes after it is refused: one PEM block and nothing after it, not the first block of several
+        raise CsrRejected("PEM CSR text must be exactly one CERTIFICATE REQUEST block, with nothing after it")
     try:
-        is_pem = data.lstrip().startswith(b"-----BEGIN")
         csr = x509.load_pem_x509_csr(data) if is_pem else x509.load_der_x509_csr(data)
     except x509.InvalidVersion as exc:  # not a ValueError
         raise CsrRejected(f"CSR version {exc.parsed_version} is not PKCS#10's v1 (0)") from exc
@@ -133,16 +136,25 @@ def validate_csr(data: bytes, registration_id: str, *, allow_p256: bool = False)
         signature_ok = False
     if not signature_ok:
         raise CsrRejected("CSR signature does not verify (no proof of possession of the private key)")
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:  # cryptography parses the subject when first asked for it
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:  # an attribute value not of its type (a CN that is an INTEGER, UTF8String not UTF-8)
+        raise CsrRejected("CSR subject cannot be parsed (an attribute value is not of its type)") from exc
     if len(cns) != 1:
         raise CsrRejected(f"CSR subject must have exactly one CN, found {len(cns)}")
-    cn = cns[0].value
-    if cn.lower() != registration_id.lower():  # registration ids are case-insensitive; the leaf gets the canonical one
-        raise CsrRejected(f"CSR subject CN {cn!r} does not match the registration id {registration_id!r}")
-    try:
+    cn = str(cns[0].value)
+    # registration ids are case-insensitive ASCII; the leaf gets the canonical one. ASCII only on the CN's side too:
+    # str.lower() folds some other letters onto ASCII ones (U+212A KELVIN SIGN is "k"), which no id holds
+    if not cn.isascii() or cn.lower() != registration_id.lower():
+        raise CsrRejected(f"CSR subject CN {ascii(cn)} does not match the registration id {registration_id!r}")
+    try:  # parsed when first asked for too: each requested extension's value, by its type
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints)
     except x509.ExtensionNotFound:
         bc = None
+    except x509.DuplicateExtension as exc:
+        raise CsrRejected(f"CSR requests extension {exc.oid.dotted_string} more than once (RFC 5280 4.2)") from exc
+    except x509.UnsupportedGeneralNameType as exc:
+        raise CsrRejected(f"CSR extension request names a general name of an unsupported type ({exc})") from exc
     except ValueError as exc:
         raise CsrRejected("CSR extension request cannot be parsed") from exc
     if bc is not None and bc.value.ca:

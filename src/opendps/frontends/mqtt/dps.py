@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -20,7 +21,7 @@ from opendps.frontends.runtime import Runtime, registration_counted
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.transport import shown
 from opendps.transport.mqtt.server import Session, SessionClosed
-from opendps.transport.wire import topic_query
+from opendps.transport.wire import error_body, topic_query
 
 log = logging.getLogger("opendps.dps")
 REFUSE = 0x80
@@ -75,6 +76,12 @@ class DpsSession:
             status, body, retry = await step()
         except OpenDPSError as exc:
             status, body, retry = exc.status, error_payload(exc), exc.info.get("retryAfter")
+        except Exception:  # a bug: answered as the HTTPS device API answers it (500 + tracking id, traceback logged),
+            # not by closing the connection unacknowledged, which only had the device send the same request again
+            tracking = str(uuid.uuid4())
+            log.exception("DPS request of %r failed (trackingId %s)", self.credentials.registration_id, tracking)
+            wire = {**error_body(500000, f"internal server error (trackingId {tracking})"), "trackingId": tracking}
+            status, body, retry = 500, json.dumps(wire).encode(), None
         topic = f"{RESPONSE}/{status}/?$rid={rid}" + (f"&retry-after={retry}" if retry else "")
         if self.session is not None:
             # at the QoS granted for the response filter (1 for every SDK, as Azure answers): the C# SDK PUBACKs every

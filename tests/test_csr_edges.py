@@ -198,6 +198,47 @@ def test_a_dps_request_that_fails_unexpectedly_is_answered_500_over_mqtt(service
     assert any(body["trackingId"] in r.getMessage() and r.exc_info for r in caplog.records)
 
 
+
+def test_a_hub_certificate_request_that_fails_unexpectedly_gets_a_final_500(services, monkeypatch, caplog):
+    """The hub's renewal (``$iothub/credentials``) answers 202 first; a bug after it left the device waiting for an
+    answer that never came (no final status, the request held until the operation expired); it is answered res/500
+    with a tracking id, the traceback in the log, as the DPS session answers."""
+    from tests.x509_helpers import p384_csr
+
+    from opendps.frontends.mqtt.hub import CREDENTIALS_RESPONSE, HubSession
+    from opendps.frontends.runtime import Runtime
+    from opendps.hub import AuthenticatedDevice
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(services.provisioning, "renew_through_hub", broken)
+    sent: list[tuple[str, bytes]] = []
+
+    class Session:
+        subscriptions = {f"{CREDENTIALS_RESPONSE}/#": 1}
+
+        async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+            sent.append((topic, payload))
+
+    runtime = Runtime(services)
+    device = AuthenticatedDevice(1, "default", "default.hubs.test", "dev-renew-bug", "dev-renew-bug", "x509")
+    hub = HubSession(runtime, device, session=Session())  # type: ignore[arg-type]
+    body = json.dumps({"id": "dev-renew-bug", "csr": base64.b64encode(p384_csr("dev-renew-bug")).decode()}).encode()
+    try:
+        with caplog.at_level("ERROR"):
+            asyncio.run(hub.on_publish(hub.session, "$iothub/credentials/POST/issueCertificate/?$rid=req-1", body, 1,
+                                       False))
+    finally:
+        runtime.domain.close()
+    assert [topic for topic, _ in sent] == [f"{CREDENTIALS_RESPONSE}/202/?$rid=req-1",
+                                            f"{CREDENTIALS_RESPONSE}/500/?$rid=req-1"]
+    answer = json.loads(sent[1][1])
+    assert answer["errorCode"] == 500000 and answer["trackingId"] in answer["message"]
+    assert any(answer["trackingId"] in r.getMessage() and r.exc_info for r in caplog.records)
+    assert not hub.renewing
+
+
 # ---------------------------------------------------------------- over real sockets
 NS, POLICY, SYM_GROUP, X509_GROUP, ROOT = "csr-edges", "csr-edges-p", "csr-edges-sym", "csr-edges-x509", "csr-edges-root"
 

@@ -31,7 +31,7 @@ from opendps.logs import event
 from opendps.pki import decode_csr_text
 from opendps.transport import shown
 from opendps.transport.mqtt.server import MqttRefused, Session, SessionClosed
-from opendps.transport.wire import iso8601, parse_json, topic_query
+from opendps.transport.wire import error_body, iso8601, parse_json, topic_query
 
 log = logging.getLogger("opendps.hub")
 REFUSE = 0x80
@@ -281,6 +281,11 @@ class HubSession:
                               "certificates": [base64.b64encode(d).decode() for d in chain.der_chain()]}).encode())
         except OpenDPSError as exc:
             await self._reply(f"{CREDENTIALS_RESPONSE}/{exc.status}/?$rid={rid}", error_payload(exc))
+        except Exception:  # a bug: the device holds a 202, so it gets a final answer (as the DPS session answers 500)
+            tracking = str(uuid.uuid4())
+            log.exception("certificate request %s of %r failed (trackingId %s)", rid, self.device.device_id, tracking)
+            await self._reply(f"{CREDENTIALS_RESPONSE}/500/?$rid={rid}", json.dumps({
+                **error_body(500000, f"internal server error (trackingId {tracking})"), "trackingId": tracking}).encode())
         finally:
             self.renewing = False
 

@@ -1115,3 +1115,80 @@ def test_records_are_read_by_one_ssl_read_and_recv_is_the_fallback(pki, monkeypa
         _echo_one_by_one_and_corked(s)
         s.unwrap()  # close_notify: the server side sees the end of the stream
     assert (calls == []) is reader
+
+
+def _handshaken_in_memory(pki) -> tuple[SSL.Connection, SSL.Connection]:
+    """A device-context server connection and a client one, handshaken over their memory BIOs (no sockets)."""
+    server = SSL.Connection(device_tls_context(pki.server_chain, pki.server_key), None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        for conn in (client, server):
+            with contextlib.suppress(SSL.WantReadError):
+                conn.do_handshake()
+        for source, sink in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                sink.bio_write(source.bio_read(1 << 20))
+    return server, client
+
+
+@pytest.mark.parametrize("writers", [True, False], ids=["c-calls", "pyopenssl-fallback"])
+def test_records_are_written_by_the_c_calls_and_pyopenssl_is_the_fallback(pki, monkeypatch, writers):
+    """Ciphertext goes into the BIO and plaintext is encrypted with one C call each (pyOpenSSL's bio_write and send
+    check, convert and query the error state on every call); pyOpenSSL's methods only if a release changes its
+    binding. Both deliver records one by one, several in one segment, and a write larger than one chunk."""
+    import opendps.transport.tls as tls
+
+    assert tls._write_records is not None, "pyOpenSSL's binding no longer offers BIO_write and SSL_write"
+    if not writers:
+        monkeypatch.setattr(tls, "_write_records", None)
+    monkeypatch.setattr(tls, "_SEND_CHUNK", 1000)  # the 64 KB answer to "big" goes in 66 chunks
+    calls: list[str] = []
+    for name in ("send", "bio_write"):
+        real = getattr(SSL.Connection, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(SSL.Connection, name, counted)
+    with _echo_connection(pki) as s:
+        _echo_one_by_one_and_corked(s)
+        s.sendall(b"big")
+        got = b""
+        while len(got) < 65536:
+            got += s.recv(65536)
+        assert got == BIG_RESPONSE[:65536]
+    assert (calls == []) is writers
+
+
+def test_the_c_record_writers_take_any_buffer_and_fail_as_pyopenssl_does(pki):
+    """``send`` takes bytes, bytearray and memoryviews (what a transport's write is given) and the client reads what
+    was sent; on a connection OpenSSL gave up on, ``feed``/``send`` raise what pyOpenSSL's methods raise."""
+    import opendps.transport.tls as tls
+
+    assert tls._write_records is not None
+    feed, send = tls._write_records
+    server, client = _handshaken_in_memory(pki)
+    for data in (b"bytes", bytearray(b"bytearray"), memoryview(b"--memoryview--")[2:-2]):
+        assert send(server, data) == len(data)
+        client.bio_write(server.bio_read(65536))
+        assert client.recv(100) == bytes(data)
+    client.send(b"from the client")
+    feed(server, client.bio_read(65536))
+    assert server.recv(100) == b"from the client"
+
+    errors = []
+    for write in (send, SSL.Connection.send):  # a server fed a broken first flight: the handshake fails in SSL_write
+        conn = SSL.Connection(device_tls_context(pki.server_chain, pki.server_key), None)
+        conn.set_accept_state()
+        feed(conn, b"\x16\x03\x01\x00\x08not a hello at all")
+        with pytest.raises(SSL.Error) as failed:
+            write(conn, b"x")
+        errors.append((type(failed.value), str(failed.value)))
+    assert errors[0] == errors[1]
+    fresh = SSL.Connection(device_tls_context(pki.server_chain, pki.server_key), None)
+    fresh.set_accept_state()
+    with pytest.raises(SSL.WantReadError):  # nothing from the client yet: as pyOpenSSL's send
+        send(fresh, b"x")

@@ -22,7 +22,8 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    spell it ``deviceBound``; Node and C# URL-encode the id). It is accepted once it is in the durable C2D queue
    (:meth:`opendps.frontends.runtime.Runtime.queue_c2d`, the REST route's path too), else rejected with an AMQP error:
    ``amqp:not-found`` (unknown device), ``amqp:resource-limit-exceeded`` (50 pending),
-   ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry), ``amqp:decode-error``,
+   ``amqp:link:message-size-exceeded``, ``amqp:invalid-field`` (bad ``to``, expiry, an application property without a
+   faithful text form: :func:`property_text`), ``amqp:decode-error``,
    ``com.microsoft:timeout`` (the database away for now: the condition the SDKs retry). A put-token or a SASL PLAIN
    credential that cannot be judged for now gets status 503 or the SASL outcome ``sys-temp``.
 
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from uuid import UUID
 
 from opendps.errors import (
     GatewayTimeout,
@@ -78,6 +80,9 @@ from opendps.transport.amqp import (
     Message,
     PlainCredentials,
     content_type,
+    decimal32,
+    decimal64,
+    decimal128,
     int32,
 )
 
@@ -132,6 +137,33 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def property_text(key: str, value: Any) -> str | None:
+    """An application property's value as the text the device receives. AMQP 1.0 (3.2.5) allows simple types only;
+    proton decodes its typed numbers as ``int32``, ``uint``, ``timestamp``... whose ``str`` is their repr: a Node
+    client's ``count: 5`` reached the device as ``count=int32(5)``, a list as ``[1, 2]``. Binary must be UTF-8 (it
+    was decoded with replacement characters); a value without a faithful text form is InvalidInput."""
+    if value is None or isinstance(value, str):  # str: also symbol and char
+        return None if value is None else str(value)
+    if isinstance(value, decimal32 | decimal64 | decimal128):
+        raise InvalidInput(f"application property {shown(key)} is an AMQP decimal, which has no text form here")
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(float(value))
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"application property {shown(key)} is binary that is not UTF-8") from None
+    kind = {list: "list", dict: "map"}.get(type(value), "described value or array")
+    raise InvalidInput(f"application property {shown(key)} is a {kind}: values must be of a simple type (string, "
+                       "number, boolean, uuid, binary)")
+
+
 def c2d_fields(message: Message) -> tuple[bytes, dict[str, str], dict[str, str | None], timedelta | None]:
     """AMQP message → (body, system properties in the queue's names, application properties, ttl)."""
     body = message.body
@@ -152,11 +184,14 @@ def c2d_fields(message: Message) -> tuple[bytes, dict[str, str], dict[str, str |
             system[name] = text
     properties: dict[str, str | None] = {}
     for key, value in (message.properties or {}).items():
-        if str(key).lower() == ACK_PROPERTY:
-            if value is not None:
-                system["ack"] = str(value)
+        if not isinstance(key, str):  # AMQP 1.0 3.2.5: the keys are strings (a null key was queued as "None")
+            raise InvalidInput(f"application property key {shown(key)} is not a string")
+        text = property_text(key, value)
+        if key.lower() == ACK_PROPERTY:
+            if text is not None:
+                system["ack"] = text
         else:
-            properties[str(key)] = _text(value)
+            properties[str(key)] = text  # a symbol key as plain text
     ttl = None
     if message.expiry_time:  # absolute-expiry-time, seconds since the epoch
         ttl = time_to_live(message.expiry_time - time.time())
@@ -217,7 +252,8 @@ class HubConnection:
                 return AmqpError(UNAUTHORIZED, "no valid token: put a SharedAccessSignature on $cbs first")
             self.links.append(link)
             return None
-        return AmqpError(NOT_FOUND, f"node {link.address!r} is not served: opendps takes $cbs, {DEVICEBOUND} "
+        # the address cut short (shown): the peer's, up to a frame long, and the detach must fit its max-frame-size
+        return AmqpError(NOT_FOUND, f"node {shown(link.address)} is not served: opendps takes $cbs, {DEVICEBOUND} "
                                     f"(to send) and {', '.join(IDLE_SOURCES)} (to receive)")
 
     async def message(self, link: AmqpLink, message: Message) -> AmqpError | None:

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from opendps.errors import NotFound, Unauthorized
 from opendps.provisioning.access import HUB_OWNER_POLICY, OWNER_POLICY, SERVICE_CONFIG, PolicyCredentials
-from opendps.transport import sas
+from opendps.transport import sas, shown
 
 SERVICE_POLICY = OWNER_POLICY
 HUB_POLICY = HUB_OWNER_POLICY
@@ -92,21 +92,21 @@ class SasAuthenticator:
         if token.key_name == HUB_POLICY:
             hub = await self.hub_by_host(audience)
             if hub is None:
-                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not a hub of this service")
+                raise Unauthorized(f"SharedAccessSignature audience {shown(token.resource)} is not a hub of this service")
             try:
                 primary, secondary = await self.hub_keys(hub)
             except (KeyError, NotFound) as exc:  # unlinked meanwhile
-                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not a hub of this "
+                raise Unauthorized(f"SharedAccessSignature audience {shown(token.resource)} is not a hub of this "
                                    "service") from exc
             principal = SasPrincipal(HUB_POLICY, hub, token.expiry)
         else:
             if audience not in self.hosts:
-                raise Unauthorized(f"SharedAccessSignature audience {token.resource!r} is not this service")
+                raise Unauthorized(f"SharedAccessSignature audience {shown(token.resource)} is not this service")
             if not token.key_name:
                 raise Unauthorized("SharedAccessSignature lacks 'skn' (the access policy name)")
             credentials = await self.policy(token.key_name)
             if credentials is None:
-                raise Unauthorized(f"SharedAccessSignature policy {token.key_name!r} is not an access policy of "
+                raise Unauthorized(f"SharedAccessSignature policy {shown(token.key_name)} is not an access policy of "
                                    "this service")
             primary, secondary = credentials.primary_key, credentials.secondary_key
             principal = SasPrincipal(credentials.name, None, token.expiry, credentials.rights)

@@ -36,6 +36,9 @@ from proton import (
     Link,
     Message,
     Transport,
+    decimal32,
+    decimal64,
+    decimal128,
     int32,
     symbol,
     ulong,
@@ -52,6 +55,9 @@ __all__ = [
     "AmqpLimits",
     "AmqpLink",
     "Message",
+    "decimal32",
+    "decimal64",
+    "decimal128",
     "int32",
     "symbol",
     "ulong",
@@ -300,6 +306,69 @@ def _check_decoded(message: Message) -> None:
         getattr(message, name)
     if message.properties is not None and not isinstance(message.properties, dict):
         raise ValueError("application-properties is not a map")
+
+
+# message sections (AMQP 1.0 part 3.2): header ... application-properties, the body (data, amqp-sequence, amqp-value), footer
+_SECTIONS = {0x70: "header", 0x71: "delivery-annotations", 0x72: "message-annotations", 0x73: "properties",
+             0x74: "application-properties", 0x75: "data", 0x76: "amqp-sequence", 0x77: "amqp-value", 0x78: "footer"}
+_BODY = (0x75, 0x76, 0x77)
+_FIXED_WIDTH = {0x4: 0, 0x5: 1, 0x6: 2, 0x7: 4, 0x8: 8, 0x9: 16}  # by a constructor's high nibble
+
+
+def _skip(data: bytes, pos: int) -> int:
+    """The end of the AMQP value encoded at ``pos``. Iterative (a described value is a descriptor and a value: one more
+    to skip), so no nesting depth costs a stack frame; compound values are skipped whole by their size."""
+    pending = 1
+    while pending:
+        if pos >= len(data):
+            raise ValueError("a value is cut short")
+        code = data[pos]
+        pos += 1
+        if code == 0x00:
+            pending += 1
+            continue
+        pending -= 1
+        width = _FIXED_WIDTH.get(code >> 4)
+        if width is not None:
+            pos += width
+        elif code >> 4 in (0xA, 0xC, 0xE):
+            pos += 1 + (data[pos] if pos < len(data) else 0)
+        elif code >> 4 in (0xB, 0xD, 0xF):
+            pos += 4 + int.from_bytes(data[pos:pos + 4], "big")
+        else:
+            raise ValueError(f"0x{code:02x} is not an AMQP type")
+    if pos > len(data):
+        raise ValueError("a value is cut short")
+    return pos
+
+
+def _check_sections(data: bytes, message: Message) -> None:
+    """Raise ValueError unless the encoded message is what proton's ``Message`` holds whole. Proton keeps the last of
+    several body sections (two data sections ``ab`` and ``cd`` decoded as ``cd``), ignores a section it does not know
+    or whose descriptor is a symbol (``amqp:data:binary``: the body read as absent) and reads a body value it cannot
+    convert as absent: each was accepted as a message missing some or all of what was sent."""
+    seen: set[int] = set()
+    pos = 0
+    while pos < len(data):
+        start = pos
+        if data[pos] != 0x00 or pos + 1 >= len(data):
+            raise ValueError(f"byte {pos} does not start a message section")
+        if data[pos + 1] == 0x53 and pos + 2 < len(data):
+            code, value = data[pos + 2], pos + 3
+        elif data[pos + 1] == 0x80 and pos + 9 < len(data):
+            code, value = int.from_bytes(data[pos + 2:pos + 10], "big"), pos + 10
+        else:
+            raise ValueError(f"the section at byte {pos} has no numeric descriptor (symbolic ones are not supported)")
+        if code not in _SECTIONS:
+            raise ValueError(f"0x{code:x} is not a message section")
+        name = _SECTIONS[code]
+        if code in seen or (code in _BODY and seen.intersection(_BODY)):
+            raise ValueError("more than one body section: one data, amqp-sequence or amqp-value section is taken"
+                             if code in _BODY else f"more than one {name} section")
+        seen.add(code)
+        pos = _skip(data, start)
+        if code in _BODY and message.body is None and data[value:value + 1] != b"\x40":  # not an amqp-value null
+            raise ValueError(f"the {name} body is of a type that cannot be read")
 
 
 class AmqpConnection(asyncio.Protocol):
@@ -644,6 +713,7 @@ class AmqpConnection(asyncio.Protocol):
         try:
             message.decode(data or b"")
             _check_decoded(message)
+            _check_sections(bytes(data or b""), message)
         except Exception as exc:  # noqa: BLE001 - proton raises its own MessageException and others
             self._settle(delivery, AmqpError(DECODE_ERROR, f"message does not decode: {exc}"))
             link.flow(1)

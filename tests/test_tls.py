@@ -1135,8 +1135,9 @@ def _handshaken_in_memory(pki) -> tuple[SSL.Connection, SSL.Connection]:
 
 @pytest.mark.parametrize("writers", [True, False], ids=["c-calls", "pyopenssl-fallback"])
 def test_records_are_written_by_the_c_calls_and_pyopenssl_is_the_fallback(pki, monkeypatch, writers):
-    """Ciphertext goes into the BIO and plaintext is encrypted with one C call each (pyOpenSSL's bio_write and send
-    check, convert and query the error state on every call); pyOpenSSL's methods only if a release changes its
+    """Ciphertext goes into the BIO, plaintext is encrypted and the outgoing BIO emptied with one C call each
+    (pyOpenSSL's bio_write, send and bio_read check, convert, allocate or query the error state on every call);
+    pyOpenSSL's methods only if a release changes its
     binding. Both deliver records one by one, several in one segment, and a write larger than one chunk."""
     import opendps.transport.tls as tls
 
@@ -1145,7 +1146,7 @@ def test_records_are_written_by_the_c_calls_and_pyopenssl_is_the_fallback(pki, m
         monkeypatch.setattr(tls, "_write_records", None)
     monkeypatch.setattr(tls, "_SEND_CHUNK", 1000)  # the 64 KB answer to "big" goes in 66 chunks
     calls: list[str] = []
-    for name in ("send", "bio_write"):
+    for name in ("send", "bio_write", "bio_read"):
         real = getattr(SSL.Connection, name)
 
         def counted(self, *args, _real=real, _name=name, **kwargs):
@@ -1169,12 +1170,25 @@ def test_the_c_record_writers_take_any_buffer_and_fail_as_pyopenssl_does(pki):
     import opendps.transport.tls as tls
 
     assert tls._write_records is not None
-    feed, send = tls._write_records
+    feed, send, take = tls._write_records
     server, client = _handshaken_in_memory(pki)
     for data in (b"bytes", bytearray(b"bytearray"), memoryview(b"--memoryview--")[2:-2]):
         assert send(server, data) == len(data)
-        client.bio_write(server.bio_read(65536))
+        size = tls._bio_size(server, True)
+        client.bio_write(take(server, size))  # all the outgoing BIO held: the whole record
+        assert tls._bio_size(server, True) == 0
         assert client.recv(100) == bytes(data)
+    big = b"B" * (tls._TAKE_BUFFER + 1000)  # more than the kept buffer: pyOpenSSL's bio_read takes it
+    sent = 0
+    while sent < len(big):  # a record per call (pyOpenSSL's contexts enable partial writes)
+        sent += send(server, big[sent:])
+    received = b""
+    client.bio_write(take(server, tls._bio_size(server, True)))
+    while len(received) < len(big):
+        received += client.recv(len(big))
+    assert received == big
+    with pytest.raises(SSL.WantReadError):  # nothing to take: as pyOpenSSL's bio_read
+        take(server, 10)
     client.send(b"from the client")
     feed(server, client.bio_read(65536))
     assert server.recv(100) == b"from the client"

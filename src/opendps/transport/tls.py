@@ -756,24 +756,28 @@ def _plaintext_reader() -> Callable[[SSL.Connection, list[bytes]], None] | None:
 _read_plaintext = _plaintext_reader()
 
 
-def _record_writers() -> tuple[Callable[[SSL.Connection, bytes], None], Callable[[SSL.Connection, Any], int]] | None:
-    """``(feed, send)``: ``feed(conn, ciphertext)`` puts what the socket brought into ``conn``'s incoming memory BIO;
-    ``send(conn, plaintext)`` encrypts it into the outgoing one and returns the bytes taken. Each fails as pyOpenSSL's
-    ``bio_write`` and ``send`` do (``send`` raises WantReadError, or the error ``_raise_ssl_error`` maps).
+def _record_writers() -> tuple[Callable[[SSL.Connection, bytes], None], Callable[[SSL.Connection, Any], int],
+                               Callable[[SSL.Connection, int], bytes]] | None:
+    """``(feed, send, take)``: ``feed(conn, ciphertext)`` puts what the socket brought into ``conn``'s incoming memory
+    BIO; ``send(conn, plaintext)`` encrypts it into the outgoing one and returns the bytes taken; ``take(conn, size)``
+    returns the ``size`` bytes the outgoing one holds (as :func:`_bio_sizes` reports them). Each fails as pyOpenSSL's
+    ``bio_write``, ``send`` and ``bio_read`` do (``send`` raises WantReadError, or the error ``_raise_ssl_error`` maps).
 
-    Why: pyOpenSSL's two methods check and convert their argument, wrap it in a buffer and, for ``send``, ask OpenSSL
-    for the error state even on success: 0.4 and 0.8 µs more than the C call each, once for every segment a device
-    sends and for every answer (a telemetry PUBACK). Uses pyOpenSSL's binding as :func:`_plaintext_reader` does; None
-    (the methods are used) if a release changes what this relies on."""
+    Why: pyOpenSSL's methods check and convert their argument, wrap it in a buffer (``bio_read`` allocates one per
+    call) and, for ``send``, ask OpenSSL for the error state even on success: 0.3-0.8 µs more than the C call each,
+    once for every segment a device sends and for every answer (a telemetry PUBACK). Uses pyOpenSSL's binding as
+    :func:`_plaintext_reader` does (a buffer kept per thread for ``take``); None (the methods are used) if a release
+    changes what this relies on."""
     try:
         from OpenSSL._util import ffi, lib
 
-        bio_write, ssl_write, get_error = lib.BIO_write, lib.SSL_write, lib.SSL_get_error
+        bio_write, ssl_write, get_error, bio_read = lib.BIO_write, lib.SSL_write, lib.SSL_get_error, lib.BIO_read
         want_read = lib.SSL_ERROR_WANT_READ
         raise_error = SSL.Connection._raise_ssl_error  # type: ignore[attr-defined]
     except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL release
         return None
-    from_buffer = ffi.from_buffer
+    from_buffer, as_buffer = ffi.from_buffer, ffi.buffer
+    local = threading.local()
 
     def feed(conn: SSL.Connection, data: bytes) -> None:
         count = len(data)
@@ -789,6 +793,17 @@ def _record_writers() -> tuple[Callable[[SSL.Connection, bytes], None], Callable
             raise_error(conn, ssl_ptr, count)  # raises the mapped error
         return int(count)
 
+    def take(conn: SSL.Connection, size: int) -> bytes:
+        if size > _TAKE_BUFFER:  # a large answer: pyOpenSSL's own buffer of its size
+            return conn.bio_read(size)
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = ffi.new("char[]", _TAKE_BUFFER)
+        count = bio_read(conn._from_ssl, buffer, size)  # type: ignore[attr-defined]
+        if count <= 0:
+            raise SSL.WantReadError()  # nothing there after all: as pyOpenSSL's bio_read says it
+        return as_buffer(buffer, count)[:]
+
     try:
         probe = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
         probe.set_accept_state()
@@ -803,9 +818,10 @@ def _record_writers() -> tuple[Callable[[SSL.Connection, bytes], None], Callable
             return None
     except (AttributeError, TypeError, SSL.Error):  # pragma: no cover - a changed binding
         return None
-    return feed, send
+    return feed, send, take
 
 
+_TAKE_BUFFER = 32768  # outgoing ciphertext taken through the per-thread buffer (a record and its header fit twice)
 _write_records = _record_writers()
 
 
@@ -1199,7 +1215,8 @@ class TlsProtocol(asyncio.Protocol):
             size = sizes(conn, True)
             if not size:
                 return
-            out.append(conn.bio_read(size))  # a memory BIO hands out all it holds
+            # a memory BIO hands out all it holds
+            out.append(_write_records[2](conn, size) if _write_records is not None else conn.bio_read(size))
         else:
             while True:
                 try:

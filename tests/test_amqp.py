@@ -614,10 +614,9 @@ def _transfer(handle: int, delivery_id: int, payload: bytes, *, more: bool = Fal
     return _perf(TRANSFER, fields + ([None, None, None, True] if aborted else []), payload)
 
 
-def _frames(sock: ssl.SSLSocket, seconds: float = 2.0) -> list[tuple[int, list]]:
-    """The performatives the server sends within ``seconds``: (code, fields)."""
-    out = b""
-    deadline = time.time() + seconds
+def _read_all(sock: ssl.SSLSocket, seconds: float) -> bytes:
+    """What the server sends within ``seconds`` (less if it closes)."""
+    out, deadline = b"", time.time() + seconds
     while time.time() < deadline:
         sock.settimeout(max(0.05, deadline - time.time()))
         try:
@@ -627,6 +626,12 @@ def _frames(sock: ssl.SSLSocket, seconds: float = 2.0) -> list[tuple[int, list]]
         if not chunk:
             break
         out += chunk
+    return out
+
+
+def _frames(sock: ssl.SSLSocket, seconds: float = 2.0) -> list[tuple[int, list]]:
+    """The performatives the server sends within ``seconds``: (code, fields)."""
+    out = _read_all(sock, seconds)
     frames = []
     while len(out) >= 8:
         if out.startswith(b"AMQP"):

@@ -9,7 +9,6 @@ with proton's ``Message``: neither is opendps code. One server for the module (S
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
@@ -24,8 +23,10 @@ from tests.test_amqp import (
     TRANSFER,
     Amqp,
     _attach,
+    _closed_within,
     _frames,
     _perf,
+    _read_all,
     _sasl_frame,
     _server_log,
     _tls,
@@ -183,20 +184,6 @@ def _frame_sizes(raw: bytes) -> list[int]:
     return sizes
 
 
-def _read_all(sock: ssl.SSLSocket, seconds: float) -> bytes:
-    out, deadline = b"", time.time() + seconds
-    while time.time() < deadline:
-        sock.settimeout(max(0.05, deadline - time.time()))
-        try:
-            chunk = sock.recv(65536)
-        except (TimeoutError, ssl.SSLError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
 def test_peer_chosen_strings_are_cut_short_in_answers_and_log_lines(server):
     """A refused attach's detach quoted the peer's whole address: with the 512-byte max-frame-size the peer asked for,
     a 3,000-character address made the server send a 3 KB frame (above the negotiated maximum). A put-token whose
@@ -288,16 +275,3 @@ def test_hostile_clients_do_not_hold_up_a_good_one(server):
     log = _server_log(server)[before:]
     assert "Traceback" not in log, log[-3000:]
 
-
-def _closed_within(sock: socket.socket, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        sock.settimeout(max(0.1, deadline - time.time()))
-        try:
-            if not sock.recv(65536):
-                return True
-        except TimeoutError:
-            return False
-        except (ConnectionResetError, ssl.SSLError):
-            return True
-    return False

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from tests.unit.provisioning.test_allocation import webhook
 
 from opendps.errors import InvalidInput, PayloadTooLarge
 from opendps.frontends import build
@@ -175,38 +172,13 @@ def test_an_enrollments_initial_twin_follows_the_hubs_twin_rules(services):
     assert view.document["initialTwin"] == {"tags": {"site": {"floor": 2}}, "properties": {"desired": {"interval": 30}}}
 
 
-@contextlib.contextmanager
-def _webhook(answer: object) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            body = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/allocate"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_custom_allocation_webhooks_initial_twin_follows_the_same_rules():
     hub = HubView(1, "east", "east.hubs.test", 1, True, "etag", datetime.now(UTC))
-    with _webhook({"iotHubHostName": "east.hubs.test", "initialTwin": {"tags": {"a.b": 1}}}) as url, \
+    with webhook({"iotHubHostName": "east.hubs.test", "initialTwin": {"tags": {"a.b": 1}}}) as (url, _), \
             pytest.raises(allocation.AllocationFailed, match="webhook's initialTwin.tags: property name 'a.b'"):
         allocation.custom(url, {}, [hub], timeout=5)
     twin = {"tags": {"by": "webhook", "gone": None}, "properties": {"desired": {"fw": "1.2"}}}
-    with _webhook({"iotHubHostName": "east.hubs.test", "initialTwin": twin}) as url:
+    with webhook({"iotHubHostName": "east.hubs.test", "initialTwin": twin}) as (url, _):
         assert allocation.custom(url, {}, [hub], timeout=5).initial_twin == {
             "tags": {"by": "webhook"}, "properties": {"desired": {"fw": "1.2"}}}
 

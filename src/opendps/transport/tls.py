@@ -1178,12 +1178,18 @@ class TlsProtocol(asyncio.Protocol):
         assert conn is not None
         offset, total = 0, len(data)
         send = _write_records[1] if _write_records is not None else SSL.Connection.send
-        view = data if total <= _SEND_CHUNK else memoryview(data).cast("B")  # whole (the usual), or in chunks
+        view: memoryview | None = None  # made only when the data goes in several calls (no copies of the rest)
         while offset < total:
+            if not offset and total <= _SEND_CHUNK:
+                piece: bytes | memoryview = data  # the usual: the whole of it in one call
+            else:
+                if view is None:
+                    view = memoryview(data).cast("B")
+                piece = view[offset : offset + _SEND_CHUNK]
             try:
-                offset += send(conn, view if total <= _SEND_CHUNK and not offset else view[offset : offset + _SEND_CHUNK])
+                offset += send(conn, piece)
             except SSL.WantReadError:  # not expected without renegotiation; retried on next read
-                rest = bytes(view[offset:])
+                rest = bytes(data[offset:])
                 self._backlog.append(rest)
                 self._backlog_size += len(rest)
                 return

@@ -332,8 +332,7 @@ class Enrollments:
         previous = self.find(kind, enrollment_id)
         self._check_if_match(previous, enrollment_id, if_match)
         # validated before the write transaction opens: it asks the registry, the hubs and the mechanisms
-        doc, att_type, keys, policy_id = self._normalise(kind, enrollment_id, document,
-                                                         previous.keys if previous else None)
+        doc, att_type, keys, policy_id = self._normalise(kind, enrollment_id, document, previous)
         now = datetime.now(UTC)
         changed = f"enrollment {enrollment_id!r} was changed concurrently; retry"
         try:
@@ -431,7 +430,7 @@ class Enrollments:
 
     # ---- validation ----
     def _normalise(self, kind: str, enrollment_id: str, body: dict[str, Any],
-                   old_keys: tuple[str, str] | None) -> tuple[dict[str, Any], str, tuple[str, str] | None, int | None]:
+                   previous: EnrollmentView | None) -> tuple[dict[str, Any], str, tuple[str, str] | None, int | None]:
         id_field = "enrollmentGroupId" if kind == GROUP else "registrationId"
         given = body.get(id_field)
         if given is not None and str(given).lower() != enrollment_id.lower():
@@ -446,6 +445,9 @@ class Enrollments:
         mechanisms = attestation.mechanisms()
         if not isinstance(att_type, str) or (mechanism := mechanisms.get(att_type)) is None:
             raise InvalidInput(f"attestation.type must be one of {', '.join(mechanisms)} (got {att_type!r})")
+        # keys are kept only by a PUT that keeps the attestation type: a symmetric-key enrollment's keys (shown to the
+        # service API, maybe chosen by the operator) never become a TPM's, nor a TPM's key a symmetric key to show
+        old_keys = previous.keys if previous is not None and previous.attestation_type == att_type else None
         doc["attestation"], keys = mechanism.enrollment(kind, enrollment_id, att, old_keys,
                                                         attestation.Context(self, self.ca_certificates))
         status = body.get("provisioningStatus", "enabled")

@@ -135,3 +135,86 @@ def test_enrollment_checks(services, device_tpm):
     services.enrollments.put("individual", "tpm-keep", {"attestation": {"type": "tpm", "tpm": {
         "endorsementKey": device_tpm.ek}}}, if_match="*")
     assert services.enrollments.find("individual", "tpm-keep").keys == before
+
+
+# ---------------------------------------------------------------- edges (hostile or changed inputs)
+def _tpm_round_trip(services, rid: str, tpm: ModelTpm) -> str:
+    """Challenge, open it in ``tpm``, register with the key; the key (base64)."""
+    challenge = services.provisioning.register(creds(rid, evidence=tpm.evidence))
+    assert isinstance(challenge, Challenge), challenge
+    key = tpm.open(challenge.body["authenticationKey"])
+    assert register(services, creds(rid, key=key, evidence=tpm.evidence))["status"] == "assigned"
+    return key
+
+
+def test_a_replaced_tpm_keeps_no_key_that_registers(services, device_tpm):
+    """A PUT naming another EK makes new keys: the old TPM's imported key registered (with or without its tpm
+    member), and the new TPM was handed the very key the old one still held."""
+    rid, new_tpm = "tpm-replaced", ModelTpm()
+    enroll(services, rid, device_tpm.ek)
+    old_key = _tpm_round_trip(services, rid, device_tpm)
+    services.enrollments.put("individual", rid, {"attestation": {"type": "tpm", "tpm": {
+        "endorsementKey": new_tpm.ek}}}, if_match="*")
+    assert old_key not in services.enrollments.find("individual", rid).keys
+    for evidence in ({}, new_tpm.evidence):
+        with pytest.raises(AttestationFailed, match="does not verify"):
+            services.provisioning.register(creds(rid, key=old_key, evidence=evidence))
+    new_key = _tpm_round_trip(services, rid, new_tpm)
+    assert new_key != old_key
+    _, hub_keys = services.hubs.device_credentials("default", rid)
+    assert hub_keys is not None and old_key not in hub_keys  # the re-registration replaced the hub identity's keys
+    # a PUT that keeps the EK (any other change) keeps the TPM's key
+    services.enrollments.put("individual", rid, {"attestation": {"type": "tpm", "tpm": {
+        "endorsementKey": new_tpm.ek}}, "provisioningStatus": "enabled"}, if_match="*")
+    assert register(services, creds(rid, key=new_key, evidence=new_tpm.evidence))["status"] == "assigned"
+
+
+def test_keys_do_not_cross_attestation_types(services, device_tpm):
+    """symmetricKey -> tpm: the (operator-chosen, shown) symmetric key became the TPM's key; tpm -> symmetricKey: the
+    TPM's key became a symmetric key shown to the service API."""
+    chosen = base64.b64encode(b"s" * 32).decode()
+    services.enrollments.put("individual", "sym-then-tpm", {"attestation": {"type": "symmetricKey", "symmetricKey": {
+        "primaryKey": chosen, "secondaryKey": chosen}}})
+    services.enrollments.put("individual", "sym-then-tpm", {"attestation": {"type": "tpm", "tpm": {
+        "endorsementKey": device_tpm.ek}}}, if_match="*")
+    assert chosen not in services.enrollments.find("individual", "sym-then-tpm").keys
+    with pytest.raises(AttestationFailed):
+        services.provisioning.register(creds("sym-then-tpm", key=chosen))
+
+    enroll(services, "tpm-then-sym", device_tpm.ek)
+    tpm_keys = services.enrollments.find("individual", "tpm-then-sym").keys
+    services.enrollments.put("individual", "tpm-then-sym", {"attestation": {"type": "symmetricKey"}}, if_match="*")
+    shown = services.enrollments.find("individual", "tpm-then-sym").to_wire(include_keys=True)
+    assert not set(tpm_keys) & set(shown["attestation"]["symmetricKey"].values())
+
+
+def test_an_enrolled_storage_root_key_is_enforced(services, device_tpm):
+    """The enrollment's storageRootKey was stored and then ignored: any SRK got a challenge and registered."""
+    other = ModelTpm()
+    services.enrollments.put("individual", "tpm-pinned-srk", {"attestation": {"type": "tpm", "tpm": {
+        "endorsementKey": device_tpm.ek, "storageRootKey": device_tpm.srk}}})
+    moved = {"tpm": {"endorsementKey": device_tpm.ek, "storageRootKey": other.srk}}
+    with pytest.raises(AttestationFailed, match="storage root key sent is not the one enrolled"):
+        services.provisioning.register(creds("tpm-pinned-srk", evidence=moved))
+    key = _tpm_round_trip(services, "tpm-pinned-srk", device_tpm)  # the enrolled SRK works
+    with pytest.raises(AttestationFailed, match="storage root key"):  # and the SAS answer is held to it too
+        services.provisioning.register(creds("tpm-pinned-srk", key=key, evidence=moved))
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (5, "not a JSON number"), (True, "not a JSON boolean"), (["x"], "not a JSON array"),
+    ({"a": 1}, "not a JSON object"), (1.5, "not a JSON number"), (0, "JSON number"), ([], "JSON array"),
+])
+def test_tpm_members_of_another_json_type_are_named(services, device_tpm, value, words):
+    """A number, array, object or boolean was "missing" (or, when falsy, "required"; in an enrollment a falsy
+    storageRootKey was dropped silently)."""
+    enroll(services, "tpm-json-types", device_tpm.ek)
+    for member, evidence in (("tpm.endorsementKey", {"endorsementKey": value, "storageRootKey": device_tpm.srk}),
+                             ("tpm.storageRootKey", {"endorsementKey": device_tpm.ek, "storageRootKey": value})):
+        with pytest.raises(InvalidInput, match=f"{member} must be a JSON string.*{words}"):
+            services.provisioning.register(creds("tpm-json-types", evidence={"tpm": evidence}))
+    for member, doc in (("attestation.tpm.endorsementKey", {"endorsementKey": value}),
+                        ("attestation.tpm.storageRootKey", {"endorsementKey": device_tpm.ek, "storageRootKey": value})):
+        with pytest.raises(InvalidInput, match=f"{member} must be a JSON string.*{words}"):
+            services.enrollments.put("individual", "tpm-json-types", {"attestation": {"type": "tpm", "tpm": doc}},
+                                     if_match="*")

@@ -149,6 +149,10 @@ class Cluster:
             await self._refresh()
         return node_id in self._alive
 
+    def alone(self) -> bool:
+        """No other node was alive at the last heartbeat's read (:meth:`alive` reads again for a node not seen)."""
+        return self._alive <= {self.node_id}
+
     async def send(self, message: dict[str, Any], to: str | None = None) -> bool:
         """Send to node ``to`` (None: every other node); a carrier failure is logged, not raised: live messages
         are hints whose loss the caller survives (timeouts, the store's state). False: not sent (a caller waiting for

@@ -97,6 +97,10 @@ class Peers(Protocol):
         """To node ``to``, or to every other node (None); never raises: False when the carrier is down."""
         ...
 
+    def alone(self) -> bool:
+        """No other node was alive at the last heartbeat (a node seen since is found through presence)."""
+        ...
+
 
 _TAKEN_OVER = "taken over by a new connection of the same device on another node"
 # desired-property pushes to one device not yet taken by its connection: past this it is cut off (it reconnects
@@ -358,15 +362,27 @@ class LiveSessions:
             self._remote.pop(call, None)
 
     async def push_desired(self, hub_name: str, device_id: str, desired: dict[str, Any], version: int) -> None:
-        """Desired properties changed: a connected, subscribed device hears of it now (others read the twin)."""
+        """Desired properties changed: a connected, subscribed device hears of it now (others read the twin).
+
+        With other nodes alive the patch is told to every one of them, not to the node presence names: a device
+        moving between nodes has its new session attached (and its twin read) on another node before that node's
+        presence write lands (the writer's linger), while the row still names its old session's node — this one,
+        where it may still look connected, or none. A push routed by presence then reached only the old session, and
+        the device never heard of that change while it stayed connected. Each node pushes to the session it holds
+        (on PostgreSQL and SQLite a message for one node is read by every node anyway); a node that attaches the
+        device after the message reads the twin after the change."""
         link = self.link(hub_name, device_id)
-        if link is None:
-            node = await self._locate(hub_name, device_id)
-            if node is not None and self.peers is not None:
-                await self.peers.send({"op": "desired", "hub": hub_name, "device": device_id, "desired": desired,
-                                       "version": version}, node)
+        if link is not None:
+            self._push_desired(link, desired, version)
+        if self.peers is None:
             return
-        self._push_desired(link, desired, version)
+        message = {"op": "desired", "hub": hub_name, "device": device_id, "desired": desired, "version": version}
+        if not self.peers.alone():
+            await self.peers.send(message)
+        elif link is None:  # alone as last seen: a node that joined since holds the device only if presence says so
+            node = await self._locate(hub_name, device_id)
+            if node is not None:
+                await self.peers.send(message, node)
 
     def _push_desired(self, link: DeviceLink, desired: dict[str, Any], version: int) -> None:
         """Hand a desired patch to ``link`` in the background, in order. Why not awaited: a device that reads

@@ -308,6 +308,37 @@ def test_a_message_queued_before_the_session_is_recorded_wakes_it_once_it_is(two
     loop.run_until_complete(scenario())
 
 
+def test_a_desired_change_made_while_the_device_moves_to_the_other_node_reaches_its_new_session(two_nodes):
+    """Found by a reconnect loop over two nodes (a device hopping between them, desired changes made on one): the
+    device leaves b for a, reads its twin on a, and a desired change is made on b before a's presence write lands (the
+    writer's linger). Presence still named b (or nothing), so b pushed the patch to its old session or to no one: the
+    new session on a never heard of the change (~1 reconnect in 2 lost one). Each case: the old session on b closed
+    (its detach not written yet) and still open (a half-open connection, closed only once a's write displaces it)."""
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        assert live_a._writer is not None and live_b._writer is not None
+        await _until(lambda: not a.alone() and not b.alone())
+        for n, old_closes in enumerate((True, False)):
+            device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, f"Mover-{n}", f"mover-{n}", "sas")
+            old, new = Link(live_b, device), Link(live_a, device)
+            live_b.attach(old)
+            await live_b.flush()
+            live_a._writer.linger = live_b._writer.linger = 0.3  # the window, made wide enough to patch in it
+            if old_closes:
+                live_b.detach(old)
+            live_a.attach(new)
+            await live_b.push_desired(hub.name, f"mover-{n}", {"fw": n}, 7 + n)
+            pushed = ("desired", ({"fw": n}, 7 + n))
+            await _until(lambda link=new, pushed=pushed: pushed in link.sent)
+            await live_a.flush()
+            await live_b.flush()
+            live_a._writer.linger = live_b._writer.linger = 0.02
+            assert new.closed is None
+
+    loop.run_until_complete(scenario())
+
+
 def test_a_connection_on_one_node_displaces_the_session_on_the_other(two_nodes):
     loop, [(a, live_a), (b, live_b)], hub = two_nodes
 

@@ -39,6 +39,12 @@ from opendps.pki.lint import lint_ocsp_response
 from opendps.pki.profiles import IssuanceRefused, LintedShapes, LintRefused, throwaway_key
 
 MAX_REQUEST_BYTES = 16 * 1024  # one CertID and a nonce take ~100 octets; RFC 5019 keeps GET requests under 255
+MAX_NONCE_BYTES = 128  # RFC 9654 2.1: a nonce is 1 to 128 octets; a request with another must be malformedRequest
+# request extensions this responder understands (and ignores, RFC 5019): the nonce (RFC 9654), acceptable response
+# types and preferred signature algorithms (RFC 6960 4.4.3, 4.4.7). Another one marked critical is refused (4.4).
+_UNDERSTOOD_EXTENSIONS = frozenset({"1.3.6.1.5.5.7.48.1.2", "1.3.6.1.5.5.7.48.1.4", "1.3.6.1.5.5.7.48.1.8"})
+# and of the one Request's singleRequestExtensions: the service locator (RFC 6960 4.4.6), as its OID's DER content
+_SERVICE_LOCATOR = bytes.fromhex("2b0601050507300107")
 # id-pkix-ocsp-basic (1.3.6.1.5.5.7.48.1.1)
 _ID_PKIX_OCSP_BASIC = der.tlv(der.OBJECT_IDENTIFIER, bytes.fromhex("2b0601050507300101"))
 # CertID hash algorithms answered: SHA-1 (what RFC 5019 and every client send) and the SHA-2 family
@@ -73,8 +79,9 @@ class OcspQuery:
 
 def parse_request(data: bytes) -> OcspQuery:
     """The CertID of a DER OCSPRequest; :class:`MalformedOcspRequest` for anything else (empty, too large, not DER,
-    trailing bytes, several requests, a negative serial: RFC 5280 4.1.2.2 serials are positive, so no certificate
-    has one — it was answered ``unauthorized``, as if the CA were not this responder's)."""
+    trailing bytes, several requests, a nonce of a size RFC 9654 refuses, an unknown critical extension, a negative
+    serial: RFC 5280 4.1.2.2 serials are positive, so no certificate has one — it was answered ``unauthorized``, as
+    if the CA were not this responder's)."""
     if not data or len(data) > MAX_REQUEST_BYTES:
         raise MalformedOcspRequest(f"an OCSP request is 1 to {MAX_REQUEST_BYTES} octets of DER, got {len(data)}")
     try:
@@ -85,6 +92,11 @@ def parse_request(data: bytes) -> OcspQuery:
         raise MalformedOcspRequest(f"not an OCSP request with one certificate: {exc}") from None
     if serial < 0:
         raise MalformedOcspRequest(f"the request's serial number {serial} is negative: certificate serials are positive")
+    _check_extensions(request)
+    try:
+        _check_single_request_extensions(data)
+    except (IndexError, ValueError, StopIteration) as exc:  # a shape the walk did not expect: not one request
+        raise MalformedOcspRequest(f"not an OCSP request with one certificate: {exc!r}") from None
     try:
         algorithm: str | None = request.hash_algorithm.name
     except UnsupportedAlgorithm:
@@ -92,6 +104,58 @@ def parse_request(data: bytes) -> OcspQuery:
     if algorithm not in HASHES:
         algorithm = None
     return OcspQuery(algorithm, name_hash, key_hash, serial)
+
+
+def _check_extensions(request: ocsp.OCSPRequest) -> None:
+    """Its requestExtensions, which answers ignore, may still make it malformed: a nonce of 0 or more than
+    :data:`MAX_NONCE_BYTES` octets (RFC 9654 2.1), an extension this responder does not understand marked critical
+    (RFC 6960 4.4), or extensions that do not parse (a duplicate one, RFC 5280 4.2)."""
+    try:
+        extensions = list(request.extensions)
+    except Exception as exc:  # noqa: BLE001 - untrusted input, as above
+        raise MalformedOcspRequest(f"the request's extensions do not parse: {exc}") from None
+    for extension in extensions:
+        if isinstance(extension.value, x509.OCSPNonce):
+            if not 1 <= len(extension.value.nonce) <= MAX_NONCE_BYTES:
+                raise MalformedOcspRequest(f"the request's nonce is {len(extension.value.nonce)} octets, not 1 to "
+                                           f"{MAX_NONCE_BYTES}")
+        elif extension.critical and extension.oid.dotted_string not in _UNDERSTOOD_EXTENSIONS:
+            raise MalformedOcspRequest(f"the request has a critical extension {extension.oid.dotted_string} this "
+                                       "responder does not understand")
+
+
+def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(tag, content start, content end) of each DER element in ``data[start:end]`` (already parsed as DER)."""
+    found, at = [], start
+    while at < end:
+        size, header = data[at + 1], 2
+        if size & 0x80:
+            header += size & 0x7F
+            size = int.from_bytes(data[at + 2:at + header], "big")
+        found.append((data[at], at + header, at + header + size))
+        at += header + size
+    return found
+
+
+def _check_single_request_extensions(data: bytes) -> None:
+    """The one Request's singleRequestExtensions (which ``cryptography`` does not expose): one this responder does
+    not understand marked critical makes the request malformed (RFC 6960 4.4). ``data`` parsed as an OCSPRequest
+    with one Request already, so its structure is known."""
+    (_, start, end), = _children(data, 0, len(data))  # OCSPRequest
+    tbs = _children(data, *_children(data, start, end)[0][1:])  # TBSRequest: [0] version, [1] name, requestList
+    _, start, end = next(child for child in tbs if child[0] == der.SEQUENCE)
+    (_, start, end), = _children(data, start, end)  # the one Request: CertID, [0] EXPLICIT Extensions
+    for tag, inner_start, inner_end in _children(data, start, end)[1:]:
+        if tag != 0xA0:
+            continue
+        (_, list_start, list_end), = _children(data, inner_start, inner_end)  # Extensions
+        for _, extension_start, extension_end in _children(data, list_start, list_end):
+            parts = _children(data, extension_start, extension_end)  # extnID, critical DEFAULT FALSE, extnValue
+            oid = data[parts[0][1]:parts[0][2]]
+            critical = parts[1][0] == 0x01 and data[parts[1][1]:parts[1][2]] != b"\x00"
+            if critical and oid != _SERVICE_LOCATOR:
+                raise MalformedOcspRequest("the request's certificate has a critical extension this responder does "
+                                           "not understand")
 
 
 def key_hash(certificate: x509.Certificate, algorithm: str = "sha1") -> bytes:

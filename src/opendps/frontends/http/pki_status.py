@@ -11,8 +11,9 @@ plain HTTP, as RFC 5280 and RFC 5019 expect; the documents are signed) and on th
 
 Caching (RFC 5019 6.2): a signed document says ``Last-Modified`` (its thisUpdate), ``Expires`` (its nextUpdate),
 ``Cache-Control: max-age=<seconds left until nextUpdate>, public, no-transform, must-revalidate`` and an ``ETag``
-(``If-None-Match`` answers 304); unsigned OCSP errors are ``no-store``. The documents themselves are built and cached
-by :class:`opendps.pki.StatusResponder` in the domain thread pool.
+(``If-None-Match`` answers 304; without it, on a GET or HEAD, so does an ``If-Modified-Since`` in a later second
+than the document's thisUpdate); unsigned OCSP errors are ``no-store``. The documents themselves are built and cached by
+:class:`opendps.pki.StatusResponder` in the domain thread pool.
 """
 
 from __future__ import annotations
@@ -96,7 +97,14 @@ def _respond(request: web.Request, document: StatusDocument, content_type: str) 
         "Cache-Control": f"max-age={max(0, left)}, public, no-transform, must-revalidate",
         "ETag": etag,
     }
-    if etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
+    if "If-None-Match" in request.headers:  # RFC 9110 13.1.3: If-Modified-Since is ignored when it is present
+        if etag in {t.strip() for t in request.headers["If-None-Match"].split(",")}:
+            return web.Response(status=304, headers=headers)
+    # without an ETag to match, a client's copy (from any process) made in a later second than this one is fresh.
+    # Not the same second: HTTP dates and a CRL's thisUpdate have whole seconds, and a revocation can be followed by a
+    # new CRL within the second of the copy the client holds; it must get that one (200), not a 304
+    elif request.method in ("GET", "HEAD") and request.if_modified_since is not None \
+            and document.this_update.replace(microsecond=0) < request.if_modified_since:
         return web.Response(status=304, headers=headers)
     return web.Response(body=document.der, content_type=content_type, headers=headers)
 

@@ -41,7 +41,7 @@ from enum import Enum
 from typing import Any
 
 from opendps.errors import InvalidInput
-from opendps.transport.wire import parse_json
+from opendps.transport.wire import json_kind, parse_json
 
 MAX_QUERY_LENGTH = 8192
 MAX_NESTING = 32  # parentheses and NOTs: deeper is refused, never a RecursionError
@@ -150,18 +150,6 @@ def _number(text: str, pos: int) -> int | float:
 # ---------------------------------------------------------------- values
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict | list):  # JSON equality: True is not 1 inside objects either
         return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -174,13 +162,13 @@ _ORDER: dict[str, Callable[[Any, Any], bool]] = {"<": lambda a, b: a < b, "<=": 
 
 def compare(op: str, a: Any, b: Any) -> Truth:
     """``a op b`` in three-valued logic: undefined (None) for a missing side or values of different types."""
-    if a is UNDEFINED or b is UNDEFINED or _kind(a) != _kind(b):
+    if a is UNDEFINED or b is UNDEFINED or json_kind(a) != json_kind(b):
         return None
     if op == "=":
         return _equal(a, b)
     if op == "!=":
         return not _equal(a, b)
-    if _kind(a) not in ("number", "string"):
+    if json_kind(a) not in ("number", "string"):
         return None
     return _ORDER[op](a, b)
 

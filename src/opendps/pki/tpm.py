@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from opendps.errors import InvalidInput
+from opendps.transport.wire import json_kind
 
 try:  # CFB moved to "decrepit" (cryptography 47+); the TPM's protections are defined with it
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
@@ -281,21 +282,11 @@ def _decode_b64(text: str | bytes, what: str) -> bytes:
         raise InvalidInput(f"{what} is missing (base64 of a TPM2B_PUBLIC expected)")
     if not isinstance(text, str):  # a JSON number, array, object or boolean: "missing" named the wrong problem
         raise InvalidInput(f"{what} must be a JSON string (base64 of a TPM2B_PUBLIC), not a JSON "
-                           f"{_json_type(text)}")
+                           f"{json_kind(text)}")
     try:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput(f"{what} is not valid base64: {exc}") from None
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
 
 
 def _check_storage_parameters(key: TpmPublic, what: str) -> None:

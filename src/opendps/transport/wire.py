@@ -22,6 +22,20 @@ def error_body(error_code: int, message: str, info: dict | None = None) -> dict[
             "timestampUtc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "info": info or {}}
 
 
+def json_kind(value: object) -> str:
+    """A parsed JSON value's type as JSON names it (``null``, ``boolean``, ``number``, ``string``, ``array``,
+    ``object``): for refusals that say what was sent, and for comparisons that must not mix types."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
 MAX_JSON_DEPTH = 32  # nesting levels of any JSON document opendps reads (Azure's own limits are lower)
 
 

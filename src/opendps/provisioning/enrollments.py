@@ -19,11 +19,11 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 from cryptography import x509
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import CursorResult, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,7 @@ from opendps.ids import any_etag, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, serial_hex, thumbprint
 from opendps.provisioning import attestation
 from opendps.registry import Registry
-from opendps.store import ConfigCache, Enrollment, Registration, Store, Transaction, count_change_first, joined
+from opendps.store import ConfigCache, Enrollment, Operation, Registration, Store, Transaction, count_change_first, joined
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
 
@@ -423,8 +423,11 @@ class Enrollments:
                 raise gone
             take_row(s, row, if_match, f"enrollment {enrollment_id!r}", gone=gone)  # of two deletes at once: one 204
             if kind == INDIVIDUAL:  # its registration state goes with it, as in Azure
-                s.execute(delete(Registration).where(Registration.registration_key == enrollment_id.lower(),
-                                                     Registration.enrollment_kind == INDIVIDUAL))
+                key = enrollment_id.lower()
+                gone_state = cast(CursorResult[Any], s.execute(delete(Registration).where(
+                    Registration.registration_key == key, Registration.enrollment_kind == INDIVIDUAL)))
+                if gone_state.rowcount:  # and that state's operations (see Provisioning.delete_registration)
+                    s.execute(delete(Operation).where(Operation.registration_key == key))
             s.delete(row)
             _audit(s, audit.ENROLLMENT_DELETED, kind, row.enrollment_id, row.document)
 

@@ -356,6 +356,9 @@ class Provisioning:
             take_row(s, reg, if_match, f"registration {registration_id!r}", gone=NotFound(
                 f"registration {registration_id!r} does not exist", error_code=REGISTRATION_NOT_FOUND))
             s.delete(reg)
+            # its operations go with it: a poll of one answered the forgotten state (hub, device, certificate chain),
+            # also to whoever holds the credential of an enrollment made again under the same registration id
+            s.execute(delete(Operation).where(Operation.registration_key == reg.registration_key))
             audit.append(s, audit.REGISTRATION_DELETED, device=reg.registration_id, subject=reg.enrollment_id,
                          details=_present({"enrollmentKind": reg.enrollment_kind, "status": reg.status,
                                            "assignedHub": reg.assigned_hub, "deviceId": reg.device_id}))

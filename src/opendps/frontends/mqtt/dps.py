@@ -13,8 +13,9 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from urllib.parse import parse_qs
 
-from opendps.errors import OpenDPSError
+from opendps.errors import InvalidInput, OpenDPSError
 from opendps.frontends.device_request import parse_registration_body
 from opendps.frontends.mqtt import error_payload, request_id
 from opendps.frontends.runtime import Runtime, registration_counted
@@ -28,6 +29,18 @@ REFUSE = 0x80
 RESPONSE = "$dps/registrations/res"
 
 Answer = tuple[int, bytes, str | None]  # status, body, retry-after
+
+
+def operation_id(topic: str) -> str:
+    """The one ``operationId`` of a poll topic. Missing or empty it was looked up as '' (a 404 naming no operation);
+    given twice the last one was polled: both are the device's mistake, answered 400 saying so."""
+    values = parse_qs(topic.partition("?")[2], keep_blank_values=True).get("operationId", [])
+    if len(values) > 1:
+        raise InvalidInput(f"operationId is given {len(values)} times in the operation status request; give it once")
+    if not values or not values[0]:
+        raise InvalidInput("operationId is missing from the operation status request "
+                           "($dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id})")
+    return values[0]
 
 
 @dataclass
@@ -61,7 +74,7 @@ class DpsSession:
         if topic.startswith("$dps/registrations/PUT/iotdps-register/"):
             await self._answer(request_id(query), lambda: self._register(payload))
         elif topic.startswith("$dps/registrations/GET/iotdps-get-operationstatus/"):
-            await self._answer(request_id(query), lambda: self._poll(query.get("operationId") or ""))
+            await self._answer(request_id(query), lambda: self._poll(operation_id(topic)))
         else:
             log.info("DPS client %r published to %s: connection closed", self.credentials.registration_id, shown(topic))
             session.close(f"publish to an unknown DPS topic: {shown(topic)}")

@@ -31,7 +31,7 @@ from opendps.hub.presence import Presence
 from opendps.hub.telemetry import Message
 from opendps.provisioning.attestation import Challenge, DeviceCredentials
 from opendps.services import Services
-from opendps.store import driver_message, short_of_room, unavailable
+from opendps.store import conflicted, driver_message, short_of_room, unavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -48,6 +48,16 @@ class StoreUnavailable(ServiceUnavailable):
     def __init__(self) -> None:
         super().__init__("the database is unavailable for now; retry later", info={"retryAfter": str(STORE_RETRY_AFTER)},
                          reason="store_unavailable")
+
+
+class StoreConflict(ServiceUnavailable):
+    """The database aborted the call's transaction in a conflict with a concurrent one (:func:`opendps.store.
+    conflicted`: a deadlock): it wrote nothing; a retryable refusal (HTTP 503 with Retry-After 1) instead of a 500 and
+    a traceback. Domain code retries where one transaction is the whole call (e.g. unlinking a hub)."""
+
+    def __init__(self) -> None:
+        super().__init__("the database aborted this request in a conflict with a concurrent one (a deadlock); retry",
+                         info={"retryAfter": "1"}, reason="store_conflict")
 
 
 class StoreOutage:
@@ -262,6 +272,11 @@ class _Call:
             if isinstance(exc, Exception) and not isinstance(exc, OpenDPSError) and unavailable(exc):
                 runner.outage.failed(exc)
                 self.error = StoreUnavailable()
+                self.error.__cause__ = exc
+            elif isinstance(exc, Exception) and not isinstance(exc, OpenDPSError) and conflicted(exc):
+                store_log.info("a database transaction was aborted in a conflict with a concurrent one (%s): "
+                               "refused as retryable", driver_message(exc))
+                self.error = StoreConflict()
                 self.error.__cause__ = exc
         else:
             runner.outage.answered()

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import ClientVerifier
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
@@ -36,7 +36,17 @@ from opendps.ids import check_resource_name, etag_matches, new_etag, take_row
 from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
-from opendps.store import ConfigCache, HubCertificate, HubDevice, LinkedHub, Store, Transaction, joined, table_of
+from opendps.store import (
+    ConfigCache,
+    HubCertificate,
+    HubDevice,
+    LinkedHub,
+    Store,
+    Transaction,
+    conflicted,
+    joined,
+    table_of,
+)
 from opendps.transport import shown
 from opendps.transport.wire import json_depth
 
@@ -409,10 +419,19 @@ class Hubs:
         if users:
             raise Conflict(f"linked hub {name!r} is used by enrollment(s) {', '.join(sorted(users)[:5])}; "
                            "remove it from their iotHubs first", error_code=409002)
-        with self.store.session() as s:
-            row = self._hub(s, name)
-            take_row(s, row, if_match, f"linked hub {name!r}")  # of two deletes at once: one 204, the other 404
-            s.delete(row)
+        for attempt in range(3):
+            try:
+                with self.store.session() as s:
+                    row = self._hub(s, name)
+                    take_row(s, row, if_match, f"linked hub {name!r}")  # of two deletes at once: one 204, one 404
+                    s.delete(row)
+                return
+            except DBAPIError as exc:
+                # PostgreSQL: the cascade over the hub's devices can deadlock with a device's session writing its
+                # connection state (its row, then the hub's key), and the database aborts one of them; this one
+                # wrote nothing and runs again
+                if attempt == 2 or not conflicted(exc):
+                    raise
 
     # ---- device identities (provisioning places devices inside its own transaction) ----
     def place_device(self, db: Session | Transaction, hub: HubView, device_id: str, credential: DeviceCredential, *,

@@ -63,6 +63,7 @@ from opendps.store.prepared import Prepared, Transaction
 from opendps.store.prepared import prepared as _compiled_once
 
 __all__ = [
+    "conflicted",
     "AccessPolicy",
     "Base",
     "CertificateAuthority",
@@ -226,6 +227,7 @@ def joined(db: Session | Transaction) -> Transaction:
 # PostgreSQL SQLSTATEs that mean "the server is not there for now": class 08 (connection exception), and the server
 # shutting down (57P01 admin_shutdown, 57P02 crash_shutdown) or starting up (57P03 cannot_connect_now)
 _PG_AWAY = ("57P01", "57P02", "57P03")
+_PG_CONFLICT = ("40P01", "40001")  # deadlock_detected, serialization_failure: run the transaction again
 # ... or "it cannot take this for now": class 53, insufficient resources (53100 disk_full, 53200 out_of_memory, 53300
 # too_many_connections)
 _PG_SHORT = "53"
@@ -265,6 +267,14 @@ def unavailable(exc: BaseException) -> bool:
     Why here: only the store knows its drivers' errors; the front ends map this to one retryable refusal (HTTP 503,
     CONNACK 3) instead of a 500 and a traceback per request."""
     return any(invalidated or _driver_unavailable(driver) for invalidated, driver in _driver_errors(exc))
+
+
+def conflicted(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database aborted the transaction in a conflict with a concurrent one — PostgreSQL's
+    ``deadlock_detected`` (40P01) or ``serialization_failure`` (40001) —: it wrote nothing, and the same transaction
+    may run again at once. Not an outage: the database answers."""
+    return any(driver is not None and type(driver).__module__.startswith("psycopg")
+               and getattr(driver, "sqlstate", None) in _PG_CONFLICT for _, driver in _driver_errors(exc))
 
 
 def short_of_room(exc: BaseException) -> bool:

@@ -11,7 +11,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import TEST_ID_SCOPE
+import pytest
+from tests.conftest import TEST_ID_SCOPE, database, migrated_store
 
 from opendps.provisioning.attestation import HTTPS, DeviceCredentials
 from opendps.provisioning.registration import Accepted
@@ -73,3 +74,12 @@ def statements_run(store: Store, *, prepared: bool = True) -> tuple[list[str], C
 
     event.listen(store.engine, "before_cursor_execute", record)
     return seen, stop
+
+
+@pytest.fixture
+def pg_store(tmp_path):
+    """A migrated store on a PostgreSQL database of its own (the test skips without PostgreSQL, fails in CI)."""
+    with database("postgresql", tmp_path) as url:
+        s = migrated_store(url)
+        yield s
+        s.dispose()

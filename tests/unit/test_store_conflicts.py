@@ -12,21 +12,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from tests.conftest import database, migrated_store
 
 from opendps.frontends.runtime import DomainRunner, StoreConflict
 from opendps.store import Store, conflicted, unavailable
-
-
-@pytest.fixture
-def pg_store(tmp_path):
-    with database("postgresql", tmp_path) as url:
-        s = migrated_store(url)
-        yield s
-        s.dispose()
 
 
 def _deadlock(store: Store) -> BaseException:

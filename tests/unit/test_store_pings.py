@@ -10,18 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from tests.conftest import _pg_admin, database, migrated_store
+from tests.conftest import _pg_admin
 
 from opendps import store as store_module
 from opendps.store import Store, unavailable
-
-
-@pytest.fixture
-def pg_store(tmp_path):
-    with database("postgresql", tmp_path) as url:
-        s = migrated_store(url)
-        yield s
-        s.dispose()
 
 
 def _pings(monkeypatch, store: Store) -> list[object]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -520,6 +521,66 @@ def test_leaves_made_from_a_template_are_whole_certificates_pkilint_passes(engin
         assert lint_certificate(leaf.public_bytes(Encoding.DER)) == []
         ski = leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         assert ski == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
+
+
+def test_a_ca_key_that_is_not_its_certificates_issues_nothing(engine, registry, store, ns, keys):
+    """The first leaf of a shape is verified with the issuing certificate's key, not the signer's own: a key mixed
+    up with another CA's (here a fresh software key under the policy's issuer) signs nothing, and leaves no
+    template behind for later leaves to skip the check with."""
+    issuer = registry.issuer(ns.policy_id)
+    with store.session() as s:
+        stray = keys.generate(s, "stray-key")
+        s.commit()
+    mixed_up = replace(issuer, key_id=stray.key_id)
+    for rid in ("dev-1", "dev-2"):
+        with pytest.raises(InvalidSignature):
+            engine.issue(mixed_up, _csr(rid), rid)
+    assert len(engine.templates) == 0 and _issued_count(store) == 0
+    engine.issue(issuer, _csr("dev-3"), "dev-3")  # the right key still issues
+    assert _issued_count(store) == 1
+
+
+class _FaultySigner:
+    """An external signer (as a PKCS#11 token is) whose signatures go bad after its first."""
+
+    def __init__(self, inner) -> None:
+        self.key_id, self.inner, self.calls = inner.key_id, inner, 0
+
+    def public_key(self):
+        return self.inner.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        self.calls += 1
+        good = self.inner.sign(data)
+        return good if self.calls == 1 else self.inner.sign(data + b"fault")
+
+
+def test_each_leaf_from_an_external_signer_is_verified_and_in_process_keys_per_shape(engine, registry, store, ns,
+                                                                                     monkeypatch):
+    """Issue 13: a CA key in process memory (OpenSSL's ECDSA) has its first leaf of each shape verified against the
+    issuing certificate; a signer outside the process (a PKCS#11 token) has every leaf verified, so a token that
+    starts to return bad signatures issues nothing more."""
+    issuer = registry.issuer(ns.policy_id)
+    verified: list[bytes] = []
+    real_sign_tbs = profiles_module.sign_tbs
+
+    def spy(tbs, signer, **kw):
+        if kw.get("verify", True):
+            verified.append(tbs)
+        return real_sign_tbs(tbs, signer, **kw)
+
+    monkeypatch.setattr(profiles_module, "sign_tbs", spy)
+    for rid in ("dev-1", "dev-2", "dev-3"):  # one shape
+        engine.issue(issuer, _csr(rid), rid).leaf.verify_directly_issued_by(issuer.certificate)
+    assert len(verified) == 1
+
+    faulty = _FaultySigner(engine.keys.signer(issuer.key_id))
+    monkeypatch.setattr(engine.keys, "signer", lambda key_id: faulty)
+    engine.issue(issuer, _csr("dev-4"), "dev-4")  # the template exists: a good signature, verified all the same
+    assert len(verified) == 2 and _issued_count(store) == 4
+    with pytest.raises(InvalidSignature):
+        engine.issue(issuer, _csr("dev-5"), "dev-5")
+    assert _issued_count(store) == 4
 
 
 # ---------------------------------------------------------------- 4. bad CSRs

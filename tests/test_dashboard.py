@@ -269,3 +269,45 @@ def test_many_namespaces_cost_a_bounded_number_of_requests(one_server, fleet, ch
     sent = [json.loads(e["message"])["message"] for e in chrome.get_log("performance")]
     asked = [m["params"]["request"]["url"] for m in sent if m.get("method") == "Network.requestWillBeSent"]
     assert sum("/credentials/default/policies" in url for url in asked) == 20, asked
+
+
+def test_markup_a_device_or_an_operator_chose_is_shown_as_text_and_never_runs(one_server, fleet, chrome):
+    """Stored XSS: the refusal log keeps the id a refused device sent, whatever it is, and twin tags hold any
+    string; both reach the page. They must show as the text they are: no element made of them, no script of theirs
+    run, and no Content-Security-Policy violation in the browser's log (one would mean markup was parsed and only
+    the policy stopped it)."""
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+
+    payload = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+    with httpx.Client(base_url=one_server.url, verify=ssl.create_default_context(cafile=one_server.ca_file)) as d:
+        r = d.put(f"/{one_server.id_scope}/registrations/{quote(payload, safe='')}/register",
+                  params={"api-version": PREVIEW}, json={"registrationId": payload})
+        assert r.status_code == 400, r.text  # refused (no such id can exist), and logged as sent
+    with _service(one_server) as c:
+        assert c.patch("/twins/sensor-0003", json={"tags": {"note": payload}}).status_code == 200
+    chrome.get(f"{one_server.url}/ui/")
+    chrome.execute_script("sessionStorage.clear()")
+    chrome.refresh()
+    _until(chrome, lambda: chrome.find_element(By.ID, "login").is_displayed(), "the sign-in form")
+    chrome.get_log("browser")  # drained: what follows is this page's
+    chrome.find_element(By.CSS_SELECTOR, "#credential").send_keys(one_server.connection_string)
+    chrome.find_element(By.ID, "sign-in").click()
+    asked = [0.0]
+
+    def refusal_shown() -> bool:  # GET /status is cached a few seconds per process: asked again, once a second
+        if payload in chrome.find_element(By.ID, "refusals").text:
+            return True
+        if time.time() - asked[0] > 1:
+            asked[0] = time.time()
+            chrome.find_element(By.ID, "refresh").click()
+        return False
+
+    _until(chrome, refusal_shown, "the refused id, as text")
+    chrome.execute_script("location.hash = '#/device/default/sensor-0003'")
+    _until(chrome, lambda: json.dumps(payload) in chrome.find_element(By.ID, "device-twin").text,
+           "the tag, as text (in the twin's JSON)")
+    assert chrome.execute_script("return window.__xss") is None
+    assert not chrome.find_elements(By.CSS_SELECTOR, "main img, main script")
+    assert not [e["message"] for e in chrome.get_log("browser") if "Content Security Policy" in e["message"]]

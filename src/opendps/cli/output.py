@@ -16,8 +16,9 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["compile_query", "emit", "print_table", "tsv_lines"]
+__all__ = ["compile_query", "emit", "print_table", "terminal_safe", "tsv_lines"]
 
 
 def compile_query(expression: str) -> ParsedResult:
@@ -103,6 +104,16 @@ def _flatten(row: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` as a terminal may be handed it: each character that is not printable (an ESC starting a control
+    sequence, a bell, a bidi override, a lone surrogate) written as its escape (``\\x1b``), line breaks kept. What a
+    table shows can come from a device (a refusal's id, a reported property), and a raw ESC would let it clear the
+    screen, retitle the window or plant a hyperlink in the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _cell(value: Any) -> str:
     """A table cell: nothing for None, lists as comma-separated items (not Python's ['a', 'b'])."""
     if value is None:
@@ -113,11 +124,13 @@ def _cell(value: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """The rows as a table; headers and cells are plain text (``Text``), never rich markup: ``[link=...]`` or
+    ``[/]`` in a value (a device picks its reported properties) is shown as written, not obeyed or an error."""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     table = Table(show_header=True, header_style="bold")
     for c in columns:
-        table.add_column(c.split(".")[-1] if c.count(".") > 1 else c, overflow="fold")
+        table.add_column(Text(terminal_safe(c.split(".")[-1] if c.count(".") > 1 else c)), overflow="fold")
     for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in columns])
+        table.add_row(*[Text(terminal_safe(_cell(r.get(c)))) for c in columns])
     Console(width=200).print(table)

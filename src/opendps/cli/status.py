@@ -11,7 +11,7 @@ import click
 from opendps.cli import output_option
 from opendps.cli._client import Client
 from opendps.cli.management import lazy_api_command
-from opendps.cli.output import emit
+from opendps.cli.output import emit, terminal_safe
 
 
 def register(main: click.Group) -> None:
@@ -74,13 +74,15 @@ def print_status(data: dict[str, Any]) -> None:
 
 
 def refusal_lines(recent: list[dict[str, Any]], width: int = 80) -> list[str]:
-    """One line per refusal — time, who, reason in aligned columns, then the message shortened to the width."""
+    """One line per refusal — time, who, reason in aligned columns, then the message shortened to the width. The id
+    is the one the refused device sent, whatever it was (an ESC, a bell): shown escaped (:func:`terminal_safe`)."""
     rows = []
     for row in recent:
         who = f"{row.get('id', '')}@{row['hub']}" if row.get("hub") else str(row.get("id", ""))
         kind = "hub" if row.get("kind") == "hubConnect" else "dps"
-        rows.append((str(row.get("time", ""))[11:19], f"{kind} {who}", str(row.get("reason", "")),
-                     " ".join(str(row.get("message", "")).split())))
+        rows.append((str(row.get("time", ""))[11:19], terminal_safe(f"{kind} {who}"),
+                     terminal_safe(str(row.get("reason", ""))),
+                     terminal_safe(" ".join(str(row.get("message", "")).split()))))
     who_w = max(len(r[1]) for r in rows)
     reason_w = max(len(r[2]) for r in rows)
     lines = []

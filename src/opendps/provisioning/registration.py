@@ -310,7 +310,7 @@ class Provisioning:
         with self.store.session() as s:
             chain = self.issuance.issue(issuer, checked, registration_id, now=now, session=s)
             self.devices.record(s, policy_id=issuer.policy_id, device_id=device_id, registration_id=registration_id,
-                                hub_host=hub_host, certificate=chain.leaf, now=now)
+                                hub_host=hub_host, certificate=chain.leaf, issuing_ca_id=issuer.ca_id, now=now)
             # one statement, not the ORM's read-then-update: a delete of the registration state committed in between
             # made that update match no row (StaleDataError, a 500); now the renewal stands as if it came first
             s.execute(update(Registration).where(Registration.registration_key == registration_id.lower())
@@ -471,7 +471,8 @@ class Provisioning:
                                    previous=(previous, (reg.device_id if reg else None) or device_id) if previous else None)
             if e.policy_id is not None:
                 self.devices.record(tx, policy_id=e.policy_id, device_id=device_id, registration_id=rid,
-                                    hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None, now=now)
+                                    hub_host=placement.hub.host_name, certificate=chain.leaf if chain else None,
+                                    issuing_ca_id=decision.issuer.ca_id if decision.issuer else None, now=now)
             result = self._record_assignment(tx, operation_id, decision, reg, device_id, placement, chain, now)
             # last: the audit chain is locked from this append to the commit
             audit.append_all(tx, _assignment_events(decision, device_id, placement, chain, operation_id))

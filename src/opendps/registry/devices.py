@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session
 
-from opendps.errors import InvalidInput, NotFound
+from opendps.errors import InvalidInput, NotFound, ServiceUnavailable
 from opendps.ids import check_resource_name, new_etag
 from opendps.pki import serial_hex, thumbprint
 from opendps.store import (
@@ -41,7 +41,26 @@ _INSERT_RECORD = insert(_RECORDS)
 _REGISTRATION_OF = select(_RECORDS.c.registration_id).where(_RECORDS.c.namespace_id == bindparam("b_ns"),
                                                              _RECORDS.c.device_key == bindparam("b_key"))
 _UPDATE_RECORD = update(_RECORDS).where(_RECORDS.c.id == bindparam("b_id"))
+_POLICY_NAME = (select(table_of(Policy).c.name, table_of(Namespace).c.name.label("namespace"))
+                .join(table_of(Namespace), table_of(Namespace).c.id == table_of(Policy).c.namespace_id)
+                .where(table_of(Policy).c.id == bindparam("b_id")))
+_CAS = table_of(CertificateAuthority)
+# with an issued certificate: the record's id and whether the certificate's issuing CA is still its policy's active,
+# unrevoked one, in one statement (read after the certificate's row was inserted: see DeviceRegistry.record)
+_RECORD_ID_AND_ISSUER = select(_RECORD_ID_BY_KEY.scalar_subquery().label("id"), exists().where(
+    _CAS.c.id == bindparam("b_ca"), _CAS.c.policy_id == bindparam("b_policy"), _CAS.c.status == "active",
+    _CAS.c.revoked_at.is_(None)).label("issuer_active"))
 _POLICY_NAMESPACE = select(table_of(Policy).c.namespace_id).where(table_of(Policy).c.id == bindparam("b_id"))
+
+
+class IssuerRetired(ServiceUnavailable):
+    """A certificate was signed by an issuing CA that its policy rotated away (or revoked) while the registration or
+    renewal was being decided: nothing is kept, and the device asks again (503 with Retry-After: SDKs retry it) and
+    gets one of the new CA."""
+
+    def __init__(self, policy: str) -> None:
+        super().__init__(f"the issuing CA of credential policy {policy!r} was rotated or revoked while this request "
+                         "was processed; nothing was issued: retry", info={"retryAfter": "1"}, reason="issuer_rotated")
 
 
 def check_lookup_id(device_id: object) -> str:
@@ -125,9 +144,19 @@ class DeviceRegistry:
             return rows[0]
 
     def record(self, db: Session | Transaction, *, policy_id: int, device_id: str, registration_id: str,
-               hub_host: str, certificate: x509.Certificate | None, now: datetime) -> None:
+               hub_host: str, certificate: x509.Certificate | None, issuing_ca_id: int | None = None,
+               now: datetime) -> None:
         """Create or update the device's record in the namespace of ``policy_id``, in the caller's transaction;
-        ``certificate`` (when one was issued) becomes the device's current operational certificate."""
+        ``certificate`` (when one was issued, by the CA ``issuing_ca_id``) becomes the device's current operational
+        certificate — only while that CA is still the policy's active, unrevoked one (else :class:`IssuerRetired`
+        rolls the transaction back).
+
+        Why: the caller decided what to sign with before this transaction (a custom allocation webhook may take
+        seconds), so a rotation, or a rotation and the old CA's revocation, could commit meanwhile, and the device got
+        a certificate of a retired or revoked CA (unrevoked, its CA no longer trusted by hubs). The certificate's row
+        is inserted before this runs: on PostgreSQL its foreign key holds the CA row (KEY SHARE), which a rotation or
+        revocation locks FOR UPDATE first, so either this reads the CA as they left it, or they wait for this commit.
+        """
         # prepared statements on the transaction's driver cursor, not the ORM unit of work: this runs in every
         # registration
         tx = joined(db)
@@ -135,7 +164,16 @@ class DeviceRegistry:
         if namespace_id is None:
             return  # the policy was deleted meanwhile: nothing to record it in
         key = device_id.lower()
-        found = tx.first(_RECORD_ID_BY_KEY, b_ns=namespace_id, b_key=key)
+        if certificate is None:
+            found = tx.first(_RECORD_ID_BY_KEY, b_ns=namespace_id, b_key=key)
+        else:
+            if issuing_ca_id is None:
+                raise ValueError("a certificate is recorded with the id of the CA that issued it")
+            row = tx.first(_RECORD_ID_AND_ISSUER, b_ns=namespace_id, b_key=key, b_policy=policy_id, b_ca=issuing_ca_id)
+            if row is None or not row.issuer_active:
+                named = tx.first(_POLICY_NAME, b_id=policy_id)
+                raise IssuerRetired(f"{named.namespace}/{named.name}" if named is not None else str(policy_id))
+            found = row if row.id is not None else None
         values: dict[str, Any] = {"registration_id": registration_id, "hub_host_name": hub_host, "policy_id": policy_id,
                                   "etag": new_etag(), "updated_at": now}
         if certificate is not None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -398,8 +398,11 @@ class Registry:
             generation = 1 + (s.scalar(select(func.count()).select_from(CertificateAuthority)
                                        .where(CertificateAuthority.policy_id == policy.id)) or 0)
             retired = []
+            # FOR UPDATE: waits for registrations still signing with it (their certificate's foreign key holds the
+            # row), and they then read it retired (DeviceRegistry.record): none ends with the old CA after this commit
             for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id,
-                                                                   CertificateAuthority.status == "active")):
+                                                                   CertificateAuthority.status == "active")
+                                .with_for_update()):
                 ca.status = "retired"
                 retired.append(ca.sha256.upper())
                 if key_backend is None:  # the policy's keys stay where they are
@@ -444,7 +447,8 @@ class Registry:
                 policy = self._policy(s, self._namespace(s, namespace), name)
                 take_row(s, policy, if_match, f"policy {name!r}")  # of two deletes at once: one 204, the other 404
                 # the issuing CA is retired, not deleted: issued certificates keep their issuer on record
-                for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)):
+                for ca in s.scalars(select(CertificateAuthority).where(CertificateAuthority.policy_id == policy.id)
+                                    .with_for_update()):
                     ca.status = "retired"
                 s.flush()
                 s.delete(policy)
@@ -560,7 +564,7 @@ class Registry:
                 q = q.where(CertificateAuthority.sha256 == text)
             else:
                 q = q.where(CertificateAuthority.serial == stored_serial(serial_or_thumbprint))
-            ca = s.scalars(q).first()
+            ca = s.scalars(q.with_for_update()).first()  # as rotate_policy: its in-flight leaves are committed first
             if ca is None:
                 raise NotFound(f"policy {policy!r} has no issuing CA with serial number or thumbprint "
                                f"{serial_or_thumbprint!r}")
@@ -570,8 +574,16 @@ class Registry:
             if ca.status == "active":
                 raise Conflict(f"issuing CA {ca.subject} is the policy's active one: rotate the policy first "
                                "(opendps adr ns policy rotate), then revoke the old CA")
-            ca.revoked_at, ca.revocation_reason = now, reason
-            s.flush()  # a configuration change: every hub's trust drops the CA at its next CONNECT, on every node
+            # only while still unrevoked: on SQLite the read above is outside the write transaction, so two revokes
+            # at once both read it unrevoked; the second must be refused, not rewrite the first's date and reason
+            # (a configuration change: every hub's trust drops the CA at its next CONNECT, on every node)
+            done = s.execute(update(CertificateAuthority)
+                             .where(CertificateAuthority.id == ca.id, CertificateAuthority.revoked_at.is_(None))
+                             .values(revoked_at=now, revocation_reason=reason)
+                             .execution_options(synchronize_session=False))
+            if cast(CursorResult[Any], done).rowcount != 1:
+                raise Conflict(f"issuing CA {ca.subject} was revoked by a concurrent call")
+            s.refresh(ca)
             leaves = issuance.revoke_issued_by([ca.id], leaf_reason, now=now, session=s)
             # one entry for the CA and all its leaves (there may be a million)
             audit.append(s, audit.CA_REVOKED, namespace=ns.name, subject=ca.sha256.upper(), details={

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
+from opendps.bench._harness import free_port, free_ports  # noqa: F401 - test modules import them from here
 from opendps.pki import CaCertificates, IssuanceEngine, KeyStore
 from opendps.registry import Registry
 from opendps.services import Services, wire
@@ -196,22 +197,6 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all bound at once while chosen, so two never coincide)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def run_openssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

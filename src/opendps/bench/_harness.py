@@ -180,9 +180,20 @@ def load_row(scenario: str, transport: str | None, concurrency: int | None, coun
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports, all bound at once while chosen: asked one by one, the kernel may hand out one
+    just released again (a full run failed when a server's MQTT and HTTP ports came out the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -415,9 +426,9 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
         with fresh_database(db_url, work) as url, contextlib.ExitStack() as stack:
             env = {k: v for k, v in os.environ.items() if not k.startswith("OPENDPS_")}
             env.update(OPENDPS_DATA_DIR=str(work / "data"), OPENDPS_DB=url)
-            https_port, mqtt_port = free_port(), free_port()
+            https_port, mqtt_port, http_port = free_ports(3)
             ports = ["--host", "127.0.0.1", "--https-port", str(https_port), "--mqtt-port", str(mqtt_port),
-                     "--amqp-port", "0", "--http-port", str(free_port()), *([] if lint else ["--no-lint"])]
+                     "--amqp-port", "0", "--http-port", str(http_port), *([] if lint else ["--no-lint"])]
             if before_start is not None:
                 init = subprocess.run([sys.executable, "-m", "opendps", "init", *ports], env=env, capture_output=True,
                                       text=True, check=False)

@@ -53,6 +53,7 @@ from opendps.provisioning.attestation import (
 from opendps.provisioning.enrollments import GROUP, Enrollments, check_registration_id
 from opendps.provisioning.throttle import PollThrottle, RegistrationLimit, ServiceLimit
 from opendps.registry import DeviceRegistry, Registry
+from opendps.registry.devices import IssuerRetired
 from opendps.store import Operation, Registration, Store, Transaction, table_of
 from opendps.transport import shown
 from opendps.transport.wire import iso8601
@@ -225,6 +226,18 @@ class Provisioning:
         if self._swept_at is None or time.monotonic() - self._swept_at > SWEEP_EVERY.total_seconds():
             self.sweep_operations(now)
         operation_id = new_operation_id()
+        try:
+            return self._register(credentials, payload, csr, api_version, operation_id, now)
+        except IssuerRetired:
+            # the policy's issuing CA was rotated (or revoked) after this registration chose it (a custom allocation
+            # webhook took its time): nothing was kept; decided again on the configuration as it is now, the device
+            # gets a certificate of the new CA in this answer rather than a 503 to retry
+            log.info("registration %r: the issuing CA it was to be signed by was rotated or revoked meanwhile; "
+                     "deciding again", credentials.registration_id)
+            return self._register(credentials, payload, csr, api_version, operation_id, now)
+
+    def _register(self, credentials: DeviceCredentials, payload: Any, csr: str | None, api_version: str | None,
+                  operation_id: str, now: datetime) -> Accepted | Challenge:
         with self.store.config_snapshot():  # enrollments, issuer, hubs: one read of the configuration counter
             try:
                 self.service_limit.take()

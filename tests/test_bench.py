@@ -55,6 +55,10 @@ def test_bench_quick_provisioning_reports_every_field_and_relates_to_the_crypto_
         assert r["ceiling_ratio"] == round(r["ops_per_cpu_second"] / ceiling["ops_per_cpu_second"], 4)
     assert x509["extra"]["attestation"] == "x509"
     assert report["settings"]["workers"] == [1]
+    # where the run's time went, per scenario (setup included): no more than the whole run took
+    assert list(report["seconds"]) == ["crypto-ceiling", "provision-https", "provision-mqtt-x509"]
+    assert all(t > 0 for t in report["seconds"].values()) and sum(report["seconds"].values()) < 110
+    assert "provision-https took" in proc.stderr
 
 
 def test_bench_workers_2_sums_cpu_and_memory_over_the_supervisor_and_its_workers(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -73,12 +74,14 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
     """
     rows: list[Result] = []
     seen: set[int] = set()
+    took: dict[str, float] = {}  # wall seconds per run, setup and peers included: where a run's time goes
     runs = [(name, workers) for name in names for workers in ((None,) if name in SERVERLESS else opts.worker_counts)]
     for done, (name, workers) in enumerate(runs):
         what = (f"{name}" if workers is None or len(opts.worker_counts) == 1 else f"{name} with --workers {workers}")
         log(f"running {what} ...")
         if step is not None:
             step(what, done, len(runs))
+        started = time.monotonic()
         for row in scenario(name)(opts if workers is None else dataclasses.replace(opts, workers=workers)):
             if id(row) in seen:
                 continue
@@ -86,6 +89,8 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
             if workers is not None and row.system.startswith("opendps"):
                 row.workers = workers
             rows.append(row)
+        took[what] = round(time.monotonic() - started, 1)
+        log(f"{what} took {took[what]:.0f} s")
     if step is not None:
         step("done", len(runs), len(runs))
     _relate(rows)
@@ -99,6 +104,7 @@ def run_bench(names: list[str], opts: Options, log: Callable[[str], None] = lamb
                      "count": opts.device_count, "concurrency": list(opts.concurrency_levels),
                      "workers": list(opts.worker_counts), "rounds": opts.round_count, "scenarios": names},
         "results": [asdict(r) for r in rows],
+        "seconds": took,
         **({"profiles": {f.stem: top_costs(f) for f in sorted(opts.profile_dir.glob("*.txt"))}}
            if opts.profile_dir else {}),
     }

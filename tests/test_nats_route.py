@@ -8,6 +8,7 @@ import json
 import secrets
 import ssl
 import threading
+import time
 
 import httpx
 from tests.conftest import service_missing
@@ -106,6 +107,31 @@ def test_a_durable_route_without_a_stream_withholds_the_puback(server):
         assert [r["name"] for r in listed] == ["nowhere"]
     finally:
         server.cli("hub", "route", "delete", "--route-name", "nowhere", check=True)
+
+
+def test_telemetry_refused_while_a_durable_routes_nats_is_unreachable_is_not_stored(server):
+    """A durable route whose NATS does not answer: the device is refused (no PUBACK) and the message is not stored
+    either — it was stored before the route was tried, so each of a device's retries during an outage left a row."""
+    from tests.conftest import free_port
+    from tests.test_mqtt_hub import events
+
+    from opendps.hub.routing import ROUTE_REFRESH
+
+    nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    server.cli("hub", "route", "create", "--route-name", "away", "--nats-url", nowhere, "--subject", "odaway", check=True)
+    try:
+        time.sleep(ROUTE_REFRESH)  # a process sees route changes within ROUTE_REFRESH (the earlier tests' routes)
+        device = _device(server, "away-dev")
+        gone, acked = threading.Event(), threading.Event()
+        device.c.on_disconnect = lambda *a: gone.set()
+        device.c.on_publish = lambda *a: acked.set()
+        device.c.publish("devices/away-dev/messages/events/", b"not now", qos=1)
+        assert gone.wait(20)
+        device.c.loop_stop()
+        assert not acked.is_set()
+        assert events(server, "away-dev", 1, timeout=1) == []
+    finally:
+        server.cli("hub", "route", "delete", "--route-name", "away", check=True)
 
 
 def test_route_refusals_are_one_line_cli_errors(server):

@@ -44,6 +44,7 @@ _SUBJECT = re.compile(r"^[A-Za-z0-9_\-$]+(\.[A-Za-z0-9_\-$]+)*$")
 ROUTE_REFRESH = 2.0  # seconds a process keeps a hub's routes before asking the store again
 PUBLISH_TIMEOUT = 5.0  # seconds a durable route waits for JetStream's acknowledgement (and a first connection)
 RETRY_AFTER = 5.0  # seconds messages fail at once after a connection to a route's NATS could not be made
+DROPS_TOLD_EVERY = 60.0  # seconds between two lines about a plain route's dropped messages (not a line per message)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ class NatsRouter:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why): its last connect failed
         self._up: dict[str, asyncio.Event] = {}  # url -> set while its connection is up (clear while reconnecting)
+        self._closing: set[asyncio.Task[None]] = set()  # connections of URLs no route uses any more, being closed
+        self._drops: dict[tuple[int, str], tuple[float, int]] = {}  # (hub, route) -> (next line due, drops untold)
 
     async def _routes(self, hub_id: int) -> builtins.list[RouteView]:
         known = self._known.get(hub_id)
@@ -202,7 +205,23 @@ class NatsRouter:
             return known[1]
         found: builtins.list[RouteView] = await self.run(self.routes.enabled, hub_id)
         self._known[hub_id] = (time.monotonic() + ROUTE_REFRESH, found)
+        if known is not None and {r.url for r in known[1]} - {r.url for r in found}:
+            self._let_go()
         return found
+
+    def _let_go(self) -> None:
+        """Close the connections of URLs no route known here uses any more: a route deleted or moved to another NATS
+        left its connection open for the life of the process, reconnecting every second (and saying so) to a server
+        that may have been retired with it."""
+        used = {r.url for _, views in self._known.values() for r in views}
+        for url in [u for u in self._connections if u not in used]:
+            nc = self._connections.pop(url)
+            self._up.pop(url, None)
+            task = asyncio.get_running_loop().create_task(nc.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        for url in [u for u in self._down if u not in used]:
+            del self._down[url]
 
     def unrouted(self, hub_id: int) -> bool:
         """True when the hub is known, as of the last ``ROUTE_REFRESH`` s, to have no enabled route: its telemetry is
@@ -260,6 +279,18 @@ class NatsRouter:
             raise NatsUnreachable(f"the connection to NATS {nats_client.shown_url(url)} is down; reconnecting")
         return nc
 
+    async def ready(self, hub_id: int) -> None:
+        """Raise ServiceUnavailable while a durable route of the hub cannot take a message (its NATS unreachable):
+        asked before the message is stored, so that a device's every retry during an outage is not stored again (a
+        15 s outage stored 9 rows for 7 messages; a refusal after storing cannot be helped, e.g. a late ack)."""
+        for route in await self._routes(hub_id):
+            if route.durable:
+                try:
+                    await self._connected(route.url, wait=True)
+                except NatsUnreachable as exc:
+                    raise ServiceUnavailable(f"route {route.name!r} ({nats_client.shown_url(route.url)}) cannot take "
+                                             f"messages now: {exc}") from exc
+
     async def deliver(self, hub_id: int, device_id: str, system: dict[str, Any], application: dict[str, Any],
                       body: bytes, position: int) -> None:
         """Send one stored message along every enabled route of its hub; raises ServiceUnavailable when a durable
@@ -274,7 +305,7 @@ class NatsRouter:
             try:
                 nc = await self._connected(route.url, wait=route.durable)
                 if route.durable:
-                    await nc.jetstream().publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT)
+                    await _acknowledged(nc, subject, body, headers)
                 else:
                     await nc.publish(subject, body, headers=headers)
             except Exception as exc:
@@ -283,12 +314,46 @@ class NatsRouter:
                                              f"not acknowledge: "
                                              f"{type(exc).__name__}: {exc}") from exc
                 if not isinstance(exc, NatsUnreachable):  # an outage is logged when it begins and ends, not per message
-                    log.info("route %r of hub %s dropped a message: %s", route.name, route.hub, exc)
+                    self._dropped(route, exc)
+
+    def _dropped(self, route: RouteView, exc: Exception) -> None:
+        """Tell of a plain route's dropped message: the first at once, then at most one line per ``DROPS_TOLD_EVERY``
+        s with the count (a device's every message too large for the server's max_payload, or a NATS too slow to
+        take them, was a line per message)."""
+        key, now = (route.hub_id, route.name), time.monotonic()
+        due, untold = self._drops.get(key, (0.0, 0))
+        if now < due:
+            self._drops[key] = (due, untold + 1)
+            return
+        self._drops[key] = (now + DROPS_TOLD_EVERY, 0)
+        what = "a message" if not untold else f"{untold + 1} messages since its last such line (the last"
+        log.info("route %r of hub %s dropped %s: %s%s; told again in %g s at most", route.name, route.hub, what, exc,
+                 ")" if untold else "", DROPS_TOLD_EVERY)
 
     async def close(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for nc in list(self._connections.values()):
             try:
                 await nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
                 await nc.close()
         self._connections.clear()
+
+
+class NotAcknowledged(Exception):
+    """What answered a durable route's publish was not a JetStream acknowledgement of it."""
+
+
+async def _acknowledged(nc: Any, subject: str, body: bytes, headers: dict[str, str]) -> None:
+    """Publish through JetStream and return once a stream has acknowledged the message. Something else answering
+    the subject (a core NATS responder, a server answering garbage) is no acknowledgement: nats-py took
+    ``{"stream": null, "seq": null}`` for one, and named other answers only by the parse error they raised."""
+    try:
+        ack = await nc.jetstream().publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT)
+    except (ValueError, TypeError, AttributeError) as exc:  # json.loads, PubAck(**answer) of an answer of another shape
+        raise NotAcknowledged(f"the answer to {subject} is not a JetStream acknowledgement ({exc}); is something "
+                              f"other than a stream answering the subject?") from exc
+    if not (isinstance(ack.stream, str) and ack.stream and isinstance(ack.seq, int) and ack.seq > 0):
+        raise NotAcknowledged(f"the answer to {subject} is not a JetStream acknowledgement (stream {ack.stream!r}, "
+                              f"sequence {ack.seq!r})")

@@ -12,12 +12,17 @@ error names the servers by :func:`shown_url`, which leaves them out.
 
 A NATS that stops answering without closing the socket (a host down, a partition) is found by PINGs every
 ``PING_INTERVAL`` s (nats-py's default, two minutes with two outstanding, took up to four minutes).
+
+A ``tls://`` server is spoken to over TLS or not at all: nats-py upgrades only when the server's INFO says
+``tls_required``, so a plain server (or anyone in the path rewriting INFO) got the route's CONNECT, credentials and
+telemetry in the clear.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import time
@@ -43,6 +48,32 @@ class NatsUnreachable(ConnectionError):
     """No NATS server of the URL list answered within the deadline (or the connection is down for now)."""
 
 
+def _client() -> Any:
+    """A nats-py ``Client`` that holds a ``tls://`` server to TLS (imported on first use: only installations with a
+    NATS bus or route need nats-py)."""
+    from nats import errors
+    from nats.aio.client import Client
+
+    # a private method of nats-py (tested with 2.16): a release that renamed it would skip the check below silently
+    if "initial_connection" not in inspect.signature(Client._process_info).parameters:  # pragma: no cover
+        raise RuntimeError("this nats-py release has no Client._process_info(info, initial_connection): opendps "
+                           "cannot hold tls:// NATS servers to TLS with it; install the nats-py release pyproject names")
+
+    class TlsHeldClient(Client):  # type: ignore[misc]
+        async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+            # the INFO a connection begins with, before nats-py decides on TLS and sends CONNECT: a tls:// URL
+            # upgrades whatever the server says (tls_available: a server taking both), or stops here
+            if initial_connection and self._current_server is not None and self._current_server.uri.scheme == "tls" \
+                    and not info.get("tls_required"):
+                if not info.get("tls_available"):
+                    raise errors.Error("nats: secure connection not available: the URL asks for tls:// and the "
+                                       "server offers no TLS")
+                info["tls_required"] = True
+            await super()._process_info(info, initial_connection)
+
+    return TlsHeldClient()
+
+
 async def connect(url: str, *, name: str, within: float,
                   log: logging.Logger | None = None, what: str = "NATS",
                   on_disconnected: Callable[[], Awaitable[None] | None] | None = None,
@@ -52,13 +83,11 @@ async def connect(url: str, *, name: str, within: float,
     traceback without an error callback). With ``log``, a lost connection is one warning and its return one info line,
     both naming ``what``; the attempts between are debug lines. ``on_disconnected`` / ``on_reconnected`` are called
     at those two moments (the connection closed for good by :meth:`close` or ``drain`` is neither)."""
-    from nats.aio.client import Client  # imported on first use: only installations with a NATS bus or route need it
-
     shown = shown_url(url)  # what the lines and errors below name: never the URL's credentials
 
     last: list[BaseException] = []
     lost_at: list[float] = []  # when the current outage began; empty while connected
-    nc = Client()
+    nc = _client()
 
     async def call(hook: Callable[[], Awaitable[None] | None] | None) -> None:
         if hook is not None:
@@ -72,7 +101,7 @@ async def connect(url: str, *, name: str, within: float,
         last[:] = [exc]
         lost = isinstance(exc, OSError | TimeoutError | errors.UnexpectedEOF | errors.StaleConnectionError
                           | errors.ConnectionClosedError | errors.NoServersError)  # told by disconnected()
-        if log is not None and not lost and not lost_at:
+        if log is not None and connected and not lost and not lost_at:  # a first attempt's: the caller's error names it
             log.warning("%s (%s): %s: %s", what, shown, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
         elif log is not None:
             log.debug("%s (%s): %s: %s", what, shown, type(exc).__name__, exc)

@@ -198,7 +198,8 @@ class HubSession:
     # ---- device → cloud ----
     async def _telemetry(self, bag: str, payload: bytes) -> None:
         system, application = parse_property_bag(bag)
-        try:  # stored, then routed (a durable route acknowledges before the PUBACK)
+        try:  # stored, then routed (a durable route acknowledges before the PUBACK); not stored while it cannot
+            await self.runtime.telemetry_router.ready(self.device.hub_id)
             position = await self.runtime.telemetry_writer.append(self.device.hub_id, self.device.device_id, system,
                                                                   application, payload)
             await self.runtime.telemetry_router.deliver(self.device.hub_id, self.device.device_id, system, application,

@@ -88,6 +88,19 @@ def test_audit_verify_local_on_a_broken_database_is_the_driver_s_line(cli, tmp_p
     assert "sqlalche.me" not in line and "(sqlite3." not in line
 
 
+def test_audit_verify_local_on_an_audit_log_not_as_opendps_made_it_is_one_line(cli, tmp_path: Path) -> None:
+    """A column dropped or renamed (by hand, or a tamperer) was a traceback: "no such column: audit_log.created_at"."""
+    import sqlite3
+
+    db = tmp_path / "odd.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE audit_log (seq INTEGER PRIMARY KEY, hash TEXT)")
+        c.execute("INSERT INTO audit_log VALUES (1, 'x')")
+    c.close()
+    _one_error_line(cli("audit", "verify", "--db", f"sqlite:///{db}"),
+                    f"cannot check the audit log in sqlite:///{db}", "no such column: audit_log.")
+
+
 def test_a_metrics_host_that_cannot_be_bound_is_named(monkeypatch, capsys, tmp_path: Path) -> None:
     """The line blamed --host (127.0.0.1) for the metrics listener's own bind address."""
     import opendps.server

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from opendps import logs
+from opendps.audit.chain import printable
 from opendps.frontends import FrontEnds, build, metrics
 from opendps.frontends.http.app import make_metrics_app, make_status_app
 from opendps.frontends.http.errors import AzureAppRunner
@@ -89,6 +90,10 @@ def print_banner(instance: Instance) -> None:
         where = f"on PKCS#11 token {pkcs11['tokenLabel']!r}" if custody["defaultKeyBackend"] == "pkcs11" else "in software"
         print(f"  CA keys:            new ones {where} (token module {pkcs11['module']})", flush=True)
     print(f"  trust this CA:      {instance.server_ca_path.resolve()}", flush=True)
+    # the chain cannot show its newest entries cut (nothing in the database anchors the head): the head at each start,
+    # in a log the database does not hold, is one an operator can check later with audit verify --expect-head
+    seq, head = instance.services.audit.head()
+    print(f"  audit log head:     {f'{seq}:{printable(head)}' if seq else 'no entries yet'}", flush=True)
     # secrets never go to the console or the log: say where to get them
     print("  owner connection:   opendps dps connection-string show", flush=True)
     print(f"  OpenAPI document:   https://{st.service_host}/openapi.json", flush=True)

@@ -16,7 +16,7 @@ Imports only ``opendps.store`` (like ``opendps.cluster``), so every domain packa
 from __future__ import annotations
 
 from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash, timestamp
-from opendps.audit.log import ACTOR, AuditLog, Event, acting_as, append, append_all
+from opendps.audit.log import ACTOR, AuditLog, Event, UnreadableEntry, acting_as, append, append_all
 
 # the actions (stable names: scripts filter on them; a family is the part before the dot)
 CERTIFICATE_ISSUED = "certificate.issued"
@@ -57,6 +57,7 @@ __all__ = [
     "ChainCheck",
     "Event",
     "Record",
+    "UnreadableEntry",
     "Verification",
     "acting_as",
     "append",

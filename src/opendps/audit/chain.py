@@ -44,6 +44,17 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"audit details must be JSON values, not {type(value).__name__}")
 
 
+def printable(text: str, limit: int | None = 80, *, keep: str = "") -> str:
+    """``text`` for a one-line message, at most ``limit`` characters of it (None: all), each character that is not
+    printable escaped (``\\x1b``, ``\\n``) but those in ``keep``: messages quote what is stored, and an edited entry
+    may hold an ESC sequence or a line break meant for the terminal or log of whoever checks the chain (the CLI's
+    tables show a device's text through it too: ``cli.output.terminal_safe``)."""
+    shown = text if limit is None or len(text) <= limit else text[:limit] + "..."
+    if shown.isprintable():
+        return shown
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in shown)
+
+
 def timestamp(at: datetime) -> str:
     """An entry's time as hashed and shown: UTC, microseconds (what both backends store exactly)."""
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -82,7 +93,7 @@ class Record:
             return self.details  # an edited row: shown as stored (verify names it)
 
     def label(self) -> str:
-        return f"entry {self.seq} ({self.action} at {timestamp(self.created_at)})"
+        return f"entry {self.seq} ({printable(str(self.action))} at {timestamp(self.created_at)})"
 
     def to_wire(self) -> dict[str, Any]:
         return {"sequenceNumber": self.seq, "time": timestamp(self.created_at), "action": self.action,
@@ -134,16 +145,7 @@ class ChainCheck:
         self.expect_head = expect_head
 
     def feed(self, record: Record) -> bool:
-        if self.bad is not None:
-            return False
-        if record.seq != self.expected:
-            if record.seq > self.expected:
-                gone = (f"entry {self.expected} is missing" if record.seq == self.expected + 1
-                        else f"entries {self.expected} to {record.seq - 1} are missing")
-                after = f"after entry {self.expected - 1}" if self.expected > 1 else "at the start of the log"
-                self.bad = (self.expected, f"{gone}: entry {record.seq} comes {after} (deleted)")
-            else:  # cannot come from a table keyed by seq, but a caller may feed anything
-                self.bad = (record.seq, f"{record.label()} is out of sequence order (expected entry {self.expected})")
+        if not self._in_order(record.seq, record.label()):
             return False
         if record.computed_hash() != record.hash:
             self.bad = (record.seq, f"{record.label()} does not match its hash: edited, or moved from another "
@@ -163,6 +165,26 @@ class ChainCheck:
         self.count += 1
         self.expected += 1
         return True
+
+    def unreadable(self, seq: int, why: str) -> bool:
+        """The entry numbered ``seq`` is there but cannot be read as an appender writes it (a time that is no time,
+        bytes or a number in a text column: put there by hand); it is the bad one unless an earlier one is."""
+        if self._in_order(seq, f"entry {seq}"):
+            self.bad = (seq, f"entry {seq} cannot be read: {printable(why, 200)} (no appender writes that: edited)")
+        return False
+
+    def _in_order(self, seq: int, label: str) -> bool:
+        if self.bad is not None:
+            return False
+        if seq > self.expected:
+            gone = (f"entry {self.expected} is missing" if seq == self.expected + 1
+                    else f"entries {self.expected} to {seq - 1} are missing")
+            after = f"after entry {self.expected - 1}" if self.expected > 1 else "at the start of the log"
+            self.bad = (self.expected, f"{gone}: entry {seq} comes {after} (deleted)")
+        elif seq < self.expected:  # a row numbered 0 or less (inserted by hand), or a caller feeding anything
+            self.bad = (seq, f"{label} is out of sequence order (expected entry {self.expected}): entries are "
+                             "numbered from 1 (inserted)")
+        return self.bad is None
 
     def result(self) -> Verification:
         last_seq, last_hash = self.expected - 1, self.prev

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, or_, select, text
+from sqlalchemy import Row, Select, insert, or_, select, text
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
-from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash
+from opendps.audit.chain import GENESIS, ChainCheck, Record, Verification, canonical_json, entry_hash, printable
 from opendps.store import Store, Transaction, joined, table_of
 from opendps.store.models import AuditEntry
 
@@ -156,9 +157,81 @@ def _row(record: Record) -> dict[str, Any]:
             "details": record.details, "prev_hash": record.prev_hash, "hash": record.hash}
 
 
+class UnreadableEntry(Exception):
+    """An entry that cannot be read as an appender writes it (edited outside opendps): ``seq`` and ``why``."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"audit entry {seq} cannot be read: {why} (edited outside opendps; 'opendps audit verify' "
+                         "names the first bad entry)")
+        self.seq, self.why = seq, why
+
+
+_TEXT = ("action", "details", "prev_hash", "hash")
+_OPTIONAL_TEXT = ("actor", "namespace", "device_id", "subject")
+
+
 def _record(row: Row[Any]) -> Record:
+    """A row as a Record; UnreadableEntry for a value of a type no appender writes (SQLite keeps whatever it is
+    given: bytes or a number in a text column would fail the hash's encoder or the answer's model later)."""
+    for name in (*_TEXT, *_OPTIONAL_TEXT):
+        value = getattr(row, name)
+        if not isinstance(value, str) and (value is not None or name in _TEXT):
+            raise UnreadableEntry(int(row.seq), f"its {name} is {_shown(value)}, not text")
     return Record(int(row.seq), row.created_at, row.action, row.actor, row.namespace, row.device_id, row.subject,
                   row.details, row.prev_hash, row.hash)
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {repr(value)[:40]}"
+
+
+def _unreadable(exc: BaseException) -> str | None:
+    """Why a row could not be loaded, when the row's value is the cause (not the database): a time no time type
+    takes (SQLite text 'garbage' or a number: the DateTime processor; PostgreSQL 'infinity' or a year past 9999:
+    psycopg's loader), or text that is no UTF-8 (sqlite3). None for anything else (e.g. the database is gone)."""
+    driver = getattr(exc, "orig", None)
+    if isinstance(exc, ValueError | TypeError | OverflowError | DataError):
+        why = str(driver or exc)
+    elif isinstance(exc, OperationalError) and "could not decode" in str(driver).lower():
+        why = str(driver)
+    else:
+        return None
+    return printable(" ".join(why.split()), 200)
+
+
+def _records(store: Store, query: Select[Any]) -> tuple[list[Record], UnreadableEntry | None]:
+    """The rows of ``query`` as Records in its order. A row that cannot be read fails the whole fetch, so then the
+    rows are read one by one: the records before the first unreadable one, and that one's UnreadableEntry."""
+    records: list[Record] = []
+    try:
+        with store.session() as s:
+            rows = s.execute(query).all()
+    except Exception as exc:
+        if _unreadable(exc) is None:
+            raise
+    else:
+        for row in rows:
+            try:
+                records.append(_record(row))
+            except UnreadableEntry as exc:
+                return records, exc
+        return records, None
+    with store.session() as s:
+        seqs = list(s.scalars(query.with_only_columns(_TABLE.c.seq)))
+    for seq in seqs:
+        try:
+            with store.session() as s:
+                one = s.execute(select(_TABLE).where(_TABLE.c.seq == seq)).first()
+            if one is not None:  # (deleted meanwhile)
+                records.append(_record(one))
+        except UnreadableEntry as exc:
+            return records, exc
+        except Exception as exc:
+            why = _unreadable(exc)
+            if why is None:
+                raise
+            return records, UnreadableEntry(seq, why)
+    return records, None
 
 
 class AuditLog:
@@ -193,8 +266,10 @@ class AuditLog:
             q = q.where(_TABLE.c.created_at < until)
         if before is not None:
             q = q.where(_TABLE.c.seq < before)
-        with self.store.session() as s:
-            return [_record(r) for r in s.execute(q.order_by(_TABLE.c.seq.desc()).limit(top))]
+        records, unreadable = _records(self.store, q.order_by(_TABLE.c.seq.desc()).limit(top))
+        if unreadable is not None:
+            raise unreadable
+        return records
 
     def verify(self, *, expect_head: tuple[int, str] | None = None, batch: int = 5000) -> Verification:
         """Recompute every entry's hash in sequence order, and check the links and that no sequence number is
@@ -204,16 +279,19 @@ class AuditLog:
         Read in pages of ``batch`` entries by sequence number (a page per short transaction), so the log's size
         does not matter to memory; entries appended meanwhile are checked as well."""
         check = ChainCheck(expect_head)
-        after = 0
+        page = select(_TABLE).order_by(_TABLE.c.seq).limit(batch)
+        query = page  # the first page from the lowest number, whatever it is: a row numbered 0 or less is listed too
         while True:
-            with self.store.session() as s:
-                rows = s.execute(select(_TABLE).where(_TABLE.c.seq > after).order_by(_TABLE.c.seq).limit(batch)).all()
-            for row in rows:
-                if not check.feed(_record(row)):
+            records, unreadable = _records(self.store, query)
+            for record in records:
+                if not check.feed(record):
                     return check.result()
-            if len(rows) < batch:
+            if unreadable is not None:
+                check.unreadable(unreadable.seq, unreadable.why)
                 return check.result()
-            after = int(rows[-1].seq)
+            if len(records) < batch:
+                return check.result()
+            query = page.where(_TABLE.c.seq > records[-1].seq)
 
     def head(self) -> tuple[int, str]:
         """(sequence number, hash) of the newest entry; (0, 64 zeros) while the log is empty."""
@@ -222,4 +300,4 @@ class AuditLog:
         return (int(row.seq), str(row.hash)) if row is not None else (0, GENESIS)
 
 
-__all__ = ["ACTOR", "AuditLog", "Event", "acting_as", "append", "append_all"]
+__all__ = ["ACTOR", "AuditLog", "Event", "UnreadableEntry", "acting_as", "append", "append_all"]

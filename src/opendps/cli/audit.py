@@ -126,6 +126,7 @@ def _verify_locally(data_dir: Path | None, db_url: str | None, head: tuple[int, 
     """The check on the database itself: read only (no migration, no file created)."""
     from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
     from opendps.audit import AuditLog
     from opendps.errors import ConfigurationError
@@ -151,6 +152,10 @@ def _verify_locally(data_dir: Path | None, db_url: str | None, head: tuple[int, 
             raise CliError(f"cannot read the database {redacted_db_url(url)}: {one_line(exc)}") from exc
         if not has_log:
             raise CliError(f"the database {redacted_db_url(url)} has no audit log: run 'opendps db upgrade'")
-        return AuditLog(store).verify(expect_head=head).to_wire()
+        try:
+            return AuditLog(store).verify(expect_head=head).to_wire()
+        except SQLAlchemyError as exc:  # a table not as opendps made it (a column dropped or renamed), the database
+            # gone meanwhile, no right to read it: one line, not a traceback
+            raise CliError(f"cannot check the audit log in {redacted_db_url(url)}: {one_line(exc)}") from exc
     finally:
         store.dispose()

@@ -109,9 +109,9 @@ def terminal_safe(text: str) -> str:
     sequence, a bell, a bidi override, a lone surrogate) written as its escape (``\\x1b``), line breaks kept. What a
     table shows can come from a device (a refusal's id, a reported property), and a raw ESC would let it clear the
     screen, retitle the window or plant a hyperlink in the operator's terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)
+    from opendps.audit.chain import printable
+
+    return printable(text, None, keep="\n")
 
 
 def _cell(value: Any) -> str:

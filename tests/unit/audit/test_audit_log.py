@@ -333,3 +333,91 @@ def test_the_management_caller_is_the_actor_and_reading_the_log_needs_service_co
     assert entry["action"] == "enrollment.created" and entry["actor"] == "enroller"
     assert entry["subject"] == "http-audited" and entry["details"]["kind"] == "group"
     assert answers[3][1]["intact"] is True and answers[3][1]["lastSequenceNumber"] == entry["sequenceNumber"]
+
+
+# ---- rows no appender writes (helper round): named by verify and list, never a traceback or a 500 ----
+def test_a_row_numbered_zero_or_less_is_named_by_verify(store):
+    """verify read from seq > 0, so a row inserted by hand as entry 0 (or -1) — which list shows like any other —
+    passed unseen: the log said intact."""
+    log = audit.AuditLog(store)
+    for seq in (0, -1):
+        _fill(store)
+        _sql(store, (f"INSERT INTO audit_log (seq, {COLUMNS}) SELECT :s, {COLUMNS} FROM audit_log WHERE seq = 1",
+                     {"s": seq}))
+        assert seq in {e.seq for e in log.list()}
+        for batch in (5000, 2):
+            result = log.verify(batch=batch)
+            assert not result.intact and result.bad_seq == seq, result
+            assert "out of sequence order (expected entry 1)" in result.problem
+
+
+def _unreadable_rows(store) -> list[tuple[str, dict, str]]:
+    """Values a tamperer can store that no appender writes: the driver or the time type cannot even load them."""
+    if store.engine.dialect.name == "sqlite":
+        return [("UPDATE audit_log SET created_at = 'garbage' WHERE seq = 3", {}, "Invalid isoformat string"),
+                ("UPDATE audit_log SET created_at = 12345 WHERE seq = 3", {}, "argument must be str"),
+                ("UPDATE audit_log SET device_id = x'c3' WHERE seq = 3", {}, "its device_id is bytes"),
+                ("UPDATE audit_log SET details = x'7b7d' WHERE seq = 3", {}, "its details is bytes"),
+                ("UPDATE audit_log SET details = CAST(x'ff' AS TEXT) WHERE seq = 3", {}, "Could not decode to UTF-8")]
+    return [("UPDATE audit_log SET created_at = 'infinity' WHERE seq = 3", {}, "timestamp too large"),
+            ("UPDATE audit_log SET created_at = '12000-01-01' WHERE seq = 3", {}, "after year 10K"),
+            ("UPDATE audit_log SET created_at = '0100-01-01 BC' WHERE seq = 3", {}, "before year 1")]
+
+
+def test_a_row_that_cannot_be_loaded_is_named_as_the_first_bad_entry(store):
+    """They raised from the driver (ValueError, psycopg's DataError, sqlite3's decode error) or from the hash's encoder
+    (bytes): a traceback from audit verify --local and a 500 from the server, naming nothing."""
+    log = audit.AuditLog(store)
+    for statement, params, words in _unreadable_rows(store):
+        _fill(store)
+        _sql(store, (statement, params))
+        for batch in (5000, 2):
+            result = log.verify(batch=batch)
+            assert not result.intact and result.bad_seq == 3 and result.entries == 2, (statement, result)
+            assert result.problem.startswith("entry 3 cannot be read: ") and words in result.problem, result.problem
+        with pytest.raises(audit.UnreadableEntry, match=f"audit entry 3 cannot be read: .*{words}"):
+            log.list()
+        assert [e.seq for e in log.list(top=2)] == [5, 4] and [e.seq for e in log.list(before=3)] == [2, 1]
+        _sql(store, ("DELETE FROM audit_log WHERE seq = 2", {}))  # an earlier bad entry is still the one named
+        assert log.verify().bad_seq == 2
+
+
+def test_a_stored_escape_sequence_is_escaped_in_the_one_line_message(store):
+    """An edited action holding an ESC sequence and a line break went raw into the message audit verify prints: it
+    could clear or retitle the checker's terminal and split the one line."""
+    _fill(store)
+    _sql(store, ("UPDATE audit_log SET action = :a WHERE seq = 3", {"a": "x\x1b[2J\x1b]0;owned\x07\nsecond line"}))
+    message = audit.AuditLog(store).verify().message()
+    assert message.startswith("audit log broken at entry 3: entry 3 (x\\x1b[2J\\x1b]0;owned\\x07\\nsecond line at ")
+    assert message.isprintable()
+
+
+def test_the_server_names_an_unreadable_entry_instead_of_a_500(services):
+    services.access_policies.ensure(OWNER_POLICY, OWNER_RIGHTS)
+    owner = sas.generate("localhost", services.access_policies.keys_of(OWNER_POLICY)[0], OWNER_POLICY)
+    _fill(services.store)
+    statement, params, words = _unreadable_rows(services.store)[0]
+    _sql(services.store, (statement, params))
+    (listed, body), (verified, result) = _call(services, [("GET", "/auditLog", owner, None),
+                                                          ("GET", "/auditLog/verify", owner, None)])
+    assert listed == 409 and body["message"].startswith("audit entry 3 cannot be read: ") and words in body["message"]
+    assert verified == 200 and result["intact"] is False and result["firstBadEntry"] == 3, result
+
+
+def test_the_server_banner_shows_the_audit_head_to_keep(tmp_path, monkeypatch, capsys):
+    """Nothing in the database anchors the head (entries cut from the end leave an intact chain): the head printed at
+    each start goes to a log the database does not hold, for audit verify --expect-head later."""
+    from opendps.instance import Settings, open_instance
+    from opendps.server import print_banner
+
+    for name in ("OPENDPS_DB", "OPENDPS_MASTER_KEY", "OPENDPS_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    inst = open_instance(Settings.load(tmp_path / "data", lint=False))
+    try:
+        with inst.store.session() as s:
+            audit.append(s, "test.appended")
+        print_banner(inst)
+        seq, head = inst.services.audit.head()
+        assert seq >= 1 and f"\n  audit log head:     {seq}:{head}\n" in capsys.readouterr().out
+    finally:
+        inst.close()

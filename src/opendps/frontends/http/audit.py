@@ -11,8 +11,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from opendps.audit import AuditLog
-from opendps.errors import InvalidInput
+from opendps.audit import AuditLog, UnreadableEntry
+from opendps.errors import Conflict, InvalidInput
 from opendps.frontends.http.wire import int_param, run, send, services
 
 routes = web.RouteTableDef()
@@ -78,9 +78,12 @@ async def list_audit_log(request: web.Request) -> web.Response:
     action = q.get("action") or None
     if action is not None and not re.fullmatch(r"[a-z][a-z0-9.-]{0,63}", action):
         raise InvalidInput(f"action must be an audit action or family such as certificate.issued, not {action!r}")
-    entries = await run(request, services(request).audit.list, device_id=q.get("deviceId") or None,
-                        namespace=q.get("namespace") or None, action=action, since=since, until=until, top=top,
-                        before=before)
+    try:
+        entries = await run(request, services(request).audit.list, device_id=q.get("deviceId") or None,
+                            namespace=q.get("namespace") or None, action=action, since=since, until=until, top=top,
+                            before=before)
+    except UnreadableEntry as exc:  # a row edited by hand into something no entry is: named (409), not a 500
+        raise Conflict(str(exc)) from exc
     return send(AuditEntryList(value=[AuditEntryResponse(**e.to_wire()) for e in entries]))
 
 

@@ -41,7 +41,13 @@ _HEAD = select(_TABLE.c.seq, _TABLE.c.hash).order_by(_TABLE.c.seq.desc()).limit(
 _INSERT = insert(_TABLE)
 # PostgreSQL: (space, key) of the advisory lock appends take turns on; apart from telemetry's space (0x0DD57E1E)
 _LOCK_SPACE = 0x0A0D_17A0
-_TAKE_TURN_PG = text("SELECT pg_advisory_xact_lock(:space, 0)")
+# ... and the holder's transaction may sit idle at most HOLD_LIMIT: a process frozen while holding the turn (SIGSTOP, a
+# paused VM, swapping) kept its connection open, so every append of the cluster waited for as long as it stayed
+# frozen; PostgreSQL ends such a session, and the turn with it. Transaction-local (set_config's is_local), so no
+# startup option a connection pooler such as PgBouncer would refuse. Appends are their transaction's last statement.
+HOLD_LIMIT = "60s"
+_TAKE_TURN_PG = text("SELECT set_config('idle_in_transaction_session_timeout', :hold, true), "
+                     "pg_advisory_xact_lock(:space, 0)")
 _TAKE_TURN_SQLITE = text("UPDATE audit_log SET seq = seq WHERE 0 = 1")  # takes SQLite's write lock, changes nothing
 
 ACTION = re.compile(r"^[a-z][a-z0-9-]*(?:\.[a-z][a-z0-9-]*)+$")
@@ -99,7 +105,7 @@ def append_all(db: Session | Transaction, events: Sequence[Event], *,
     tx = joined(db)
     dialect = tx.dialect.name
     if dialect == "postgresql":
-        tx.run(_TAKE_TURN_PG, space=_LOCK_SPACE)
+        tx.run(_TAKE_TURN_PG, hold=HOLD_LIMIT, space=_LOCK_SPACE)
     elif dialect == "sqlite":
         tx.run(_TAKE_TURN_SQLITE)
     head = tx.first(_HEAD)
@@ -114,7 +120,14 @@ def append_all(db: Session | Transaction, events: Sequence[Event], *,
         digest = entry_hash(seq, now, action, actor_, namespace, device, subject, details, prev)
         records.append(Record(seq, now, action, actor_, namespace, device, subject, details, prev, digest))
         prev = digest
-    tx.many(_INSERT, [_row(r) for r in records])
+    if dialect == "postgresql":
+        # one statement per entry (a registration's two), not psycopg's executemany: that runs in pipeline mode,
+        # after which PostgreSQL never armed HOLD_LIMIT, so a process frozen between this and its commit held the
+        # turn again for as long as it stayed frozen
+        for record in records:
+            tx.run(_INSERT, **_row(record))
+    else:
+        tx.many(_INSERT, [_row(r) for r in records])
     return records
 
 

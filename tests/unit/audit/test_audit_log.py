@@ -157,6 +157,44 @@ def test_concurrent_appends_from_many_threads_make_one_linear_chain(store):
     assert subjects == {f"{t}-{i}" for t in range(threads) for i in range(per_thread)}
 
 
+def test_a_holder_of_the_turn_that_freezes_holds_the_others_up_only_until_its_hold_limit(store, monkeypatch):
+    """PostgreSQL: a process frozen after taking the turn (SIGSTOP, a paused VM) keeps its connection, so every
+    other append of the cluster waited for as long as it stayed frozen. Its idle transaction is now ended by the
+    server after HOLD_LIMIT (made 1 s here), and the others go on; the frozen one's entry is not kept."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite: one process's threads; a frozen process there holds the file's write lock (busy timeout)")
+    from opendps.audit import log as log_module
+
+    monkeypatch.setattr(log_module, "HOLD_LIMIT", "1s")
+    _fill(store, 1)
+    frozen, thawed, outcome = threading.Event(), threading.Event(), []
+
+    def freezer() -> None:
+        try:
+            with store.session() as s:
+                audit.append_all(s, [audit.Event("test.frozen", subject="frozen-1"),  # two, as a registration's
+                                     audit.Event("test.frozen", subject="frozen-2")])
+                frozen.set()
+                assert thawed.wait(30)  # "frozen": holds its transaction, idle, and the turn
+        except Exception as exc:  # noqa: BLE001 - the server ended the session
+            outcome.append(exc)
+
+    thread = threading.Thread(target=freezer)
+    thread.start()
+    try:
+        assert frozen.wait(10)
+        started = time.monotonic()
+        with store.session() as s:
+            audit.append(s, "test.after", subject="after")
+        assert time.monotonic() - started < 15  # without the limit: until the frozen one thaws (30 s here)
+    finally:
+        thawed.set()
+        thread.join()
+    assert outcome, "the frozen transaction committed after its session was ended"
+    assert [e.subject for e in audit.AuditLog(store).list(top=10)][:2] == ["after", "s-1"]
+    assert audit.AuditLog(store).verify().intact
+
+
 def test_a_rolled_back_transaction_leaves_no_entry(store):
     log = audit.AuditLog(store)
     _fill(store, 2)

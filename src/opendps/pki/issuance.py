@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Collection, Sequence
@@ -91,12 +92,16 @@ class IssuedChain:
     leaf: x509.Certificate
     issuing_ca: x509.Certificate
     root: x509.Certificate
+    # the three as DER when the CA had them at hand (a registration encoded each of them again, twice for the leaf)
+    ders: tuple[bytes, bytes, bytes] | None = None
 
     @property
     def certificates(self) -> list[x509.Certificate]:
         return [self.leaf, self.issuing_ca, self.root]
 
     def der_chain(self) -> list[bytes]:
+        if self.ders is not None:
+            return list(self.ders)
         return [c.public_bytes(Encoding.DER) for c in self.certificates]
 
     def pem_chain(self) -> str:
@@ -131,6 +136,12 @@ class Issuer:
     def validate(self, csr: bytes, registration_id: str) -> ValidatedCsr:
         """The RA's check of a CSR against this policy (no signature is made)."""
         return validate_csr(csr, registration_id, allow_p256=self.allow_p256)
+
+    @functools.cached_property
+    def ders(self) -> tuple[bytes, bytes]:
+        """The issuing CA's and the root's DER, encoded once per issuer (the registry keeps an Issuer per
+        configuration): every issued chain carries them."""
+        return self.certificate.public_bytes(Encoding.DER), self.root.public_bytes(Encoding.DER)
 
 
 @dataclass(frozen=True)
@@ -239,7 +250,7 @@ class IssuanceEngine:
             tx.after_commit(issued_line)  # said once the transaction holding the record has committed
         if self.observer is not None:
             self.observer(issuer, perf_counter() - started)
-        return IssuedChain(leaf, issuer.certificate, issuer.root)
+        return IssuedChain(leaf, issuer.certificate, issuer.root, (der, *issuer.ders))
 
     def find(self, cursor: Any, certificate: x509.Certificate) -> IssuedRecord | None:
         """The record of ``certificate`` if this service issued it (by its SHA-256, stored lower-case); one prepared

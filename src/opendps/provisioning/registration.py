@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -40,7 +41,6 @@ from opendps.pki import (
     ValidatedCsr,
     decode_csr_text,
     serial_hex,
-    thumbprint,
 )
 from opendps.provisioning import allocation, attestation, reprovisioning
 from opendps.provisioning.attestation import (
@@ -531,7 +531,9 @@ def _issued(namespace: str | None, registration_id: str, device_id: str, issuer:
             **via: Any) -> dict[str, Any]:
     """The ``certificate.issued`` entry's fields: the serial number as openssl prints it, the thumbprints of the leaf
     and of its issuing CA (as the ``ca.*`` entries name CAs), the policy and the validity end."""
-    details = {"sha256": thumbprint(chain.leaf), "policy": issuer.policy_name, "issuingCa": thumbprint(chain.issuing_ca),
+    leaf_der, ca_der, _ = chain.der_chain()
+    details = {"sha256": hashlib.sha256(leaf_der).hexdigest().upper(), "policy": issuer.policy_name,
+               "issuingCa": hashlib.sha256(ca_der).hexdigest().upper(),
                "notAfter": iso8601(chain.leaf.not_valid_after_utc), **via}
     if device_id.lower() != registration_id.lower():
         details["deviceId"] = device_id

@@ -175,8 +175,12 @@ class SdkProcess:
 
 
 def start_sdk(python: Path, command: str, args: dict) -> SdkProcess:
-    proc = subprocess.Popen([str(python), str(DRIVER), command, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=_sdk_env(args))
+    return start_driver([str(python), str(DRIVER), command, json.dumps(args)], _sdk_env(args))
+
+
+def start_driver(argv: list[str], env: dict) -> SdkProcess:
+    """Start a driver (Python's or tests/compat/node/driver.js) whose JSON lines the test reads."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
     lines: queue.Queue = queue.Queue()
 
     def pump() -> None:
@@ -199,7 +203,11 @@ def _sdk_env(args: dict) -> dict:
 
 def run_sdk(python: Path, command: str, args: dict, timeout: float = 90) -> dict:
     """Run one driver command to completion; its result line."""
-    p = start_sdk(python, command, args)
+    return finish(start_sdk(python, command, args), timeout)
+
+
+def finish(p: SdkProcess, timeout: float = 90) -> dict:
+    """Wait for a started driver's result line and its exit."""
     try:
         result = p.result(timeout)
     finally:

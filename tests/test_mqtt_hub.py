@@ -553,12 +553,47 @@ def test_dps_and_hub_sessions_with_one_client_id_coexist_and_keep_no_mqtt_state(
     hub.subscribe("$iothub/twin/res/#")
     hub.close()
     again = Client(server, "cohab-dev", hub_username("cohab-dev"), password=sas.generate(f"{HUB}/devices/cohab-dev", key))
-    assert again.rc == 0 and again.session_present is False  # clean_session=0, but hubs keep state in the store
+    assert again.rc == 0 and again.session_present is True  # clean session 0: its subscriptions kept (in the store)
     # the DPS session was not taken over by the hub sessions of the same client id
     dps.publish("$dps/registrations/PUT/iotdps-register/?$rid=2", json.dumps({"registrationId": "cohab-dev"}))
     assert dps.expect("$dps/registrations/res/")[0].startswith("$dps/registrations/res/200/?$rid=2")
     again.close()
     dps.close()
+
+
+def test_a_clean_session_0_reconnect_keeps_the_subscriptions_and_a_clean_session_ends_them(server):
+    """As IoT Hub: a clean-session-0 reconnect holds the subscriptions of the device's last such session (session
+    present 1) without subscribing again — Microsoft's Node.js SDK renews its SAS token so and relies on it — and the
+    C2D message that waited meanwhile goes out; a clean-session-1 CONNECT ends them."""
+    key = sas_device(server, "kept-dev")
+
+    def connect(clean: bool) -> Client:
+        return Client(server, "kept-dev", hub_username("kept-dev"), clean_session=clean,
+                      password=sas.generate(f"{HUB}/devices/kept-dev", key))
+
+    first = connect(False)
+    assert first.session_present is False
+    first.subscribe("devices/kept-dev/messages/devicebound/#", "$iothub/twin/PATCH/properties/desired/#")
+    first.close()
+    with svc(server) as c:
+        assert c.post("/devices/kept-dev/messages/deviceBound", content=b"while away").status_code == 202
+    again = connect(False)  # subscribes to nothing
+    assert again.session_present is True
+    assert again.expect("devices/kept-dev/messages/devicebound/")[1] == b"while away"
+    with svc(server) as c:
+        assert c.patch("/twins/kept-dev", json={"properties": {"desired": {"interval": 7}}}).status_code == 200
+    assert json.loads(again.expect("$iothub/twin/PATCH/properties/desired/")[1])["interval"] == 7
+    again.close()
+    clean = connect(True)
+    assert clean.session_present is False
+    clean.close()
+    after = connect(False)
+    assert after.session_present is False  # the clean session ended what was kept
+    with svc(server) as c:
+        assert c.post("/devices/kept-dev/messages/deviceBound", content=b"not subscribed").status_code == 202
+    with pytest.raises(pytest.fail.Exception):  # held by nothing: it waits in the store
+        after.expect("devices/kept-dev/messages/devicebound/", timeout=1)
+    after.close()
 
 
 def test_mqtt_over_websockets_on_the_https_listener(server, tmp_path):

@@ -312,12 +312,10 @@ def test_x509_device_uses_the_hub(azure_node, compat_server, tmp_path, transport
     exercise(azure_node, compat_server, rid, websockets=transport == "websockets", **auth)
 
 
-@pytest.mark.xfail(strict=True, reason="hub sessions are never persistent (frontends/mqtt/hub.py: persistent = False): "
-                   "after the SDK's SAS renewal (a reconnect with clean session 0 that does not subscribe again) the "
-                   "device gets no desired patches, direct methods or C2D")
 def test_sas_renewal_keeps_the_subscriptions(azure_node, compat_server):
     """45 minutes into every SAS connection the Node SDK renews its token by reconnecting with clean session 0 and
-    relies on the session's subscriptions, as IoT Hub keeps them (CONNACK session present 1)."""
+    relies on the session's subscriptions, as IoT Hub keeps them (CONNACK session present 1): they were lost (hub
+    sessions were never persistent), and with them desired patches, direct methods and C2D."""
     rid = "node-hub-renewal"
     with svc(compat_server) as c:
         key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"},

@@ -51,6 +51,8 @@ class AuthenticatedDevice:
     # serial numbers this CONNECT revoked as superseded (the device's first session with a renewed certificate):
     # the front end drops live sessions still holding them, on every node
     superseded: tuple[str, ...] = ()
+    # the filters its last clean-session-0 session held (frontends.mqtt.hub.KEPT_FILTERS), as read at this CONNECT
+    subscriptions: int = 0
 
 
 class HubAuthenticator:
@@ -101,7 +103,8 @@ class HubAuthenticator:
         if identity.status != "enabled":
             raise Unauthorized(f"device {device_id!r} is disabled", reason="device_disabled")
         device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, identity.device_id,
-                                     device_key(identity.device_id), sys.intern(identity.auth_type))
+                                     device_key(identity.device_id), sys.intern(identity.auth_type),
+                                     subscriptions=identity.subscriptions)
         if password is not None:
             return self._sas(device, password, identity.keys, now), None
         if chain:

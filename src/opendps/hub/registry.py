@@ -64,8 +64,11 @@ _RESET_TWIN = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id")).values(
     twin_desired=bindparam("b_desired", type_=_DEVICES.c.twin_desired.type), twin_reported={},
     desired_version=_DEVICES.c.desired_version + 1, reported_version=_DEVICES.c.reported_version + 1)
 _CONNECT_IDENTITY = select(_DEVICES.c.device_id, _DEVICES.c.device_key, _DEVICES.c.status, _DEVICES.c.auth_type,
-                           _DEVICES.c.primary_thumbprint, _DEVICES.c.secondary_thumbprint, _DEVICES.c.secret).where(
+                           _DEVICES.c.primary_thumbprint, _DEVICES.c.secondary_thumbprint, _DEVICES.c.secret,
+                           _DEVICES.c.subscriptions).where(
     _DEVICES.c.hub_id == bindparam("b_hub"), _DEVICES.c.device_key == bindparam("b_key"))
+_KEEP_SUBSCRIPTIONS = update(_DEVICES).where(_DEVICES.c.hub_id == bindparam("b_hub"),
+                                             _DEVICES.c.device_key == bindparam("b_key"))
 _UPDATE_DEVICE = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"))
 
 DEFAULT_HUB = "default"
@@ -194,6 +197,7 @@ class ConnectIdentity:
     auth_type: str
     thumbprints: frozenset[str]
     keys: tuple[str, str] | None
+    subscriptions: int = 0  # what its last clean-session-0 session subscribed to (frontends.mqtt.hub.KEPT_FILTERS)
 
 
 class HubTrust:
@@ -576,7 +580,15 @@ class Hubs:
         if row is None:
             return None
         prints = frozenset(p for p in (row.primary_thumbprint, row.secondary_thumbprint) if p)
-        return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, self._keys(hub.id, row))
+        return ConnectIdentity(row.device_id, row.status, row.auth_type, prints, self._keys(hub.id, row),
+                               row.subscriptions)
+
+    def keep_subscriptions(self, hub_id: int, device_id: str, mask: int) -> None:
+        """Record what the device's MQTT session subscribes to (a bit mask the hub front end makes), for its next
+        clean-session-0 connection, on whichever process or node that lands; one statement (a device that is gone
+        meanwhile: nothing)."""
+        with self.store.transaction() as tx:
+            tx.run(_KEEP_SUBSCRIPTIONS, b_hub=hub_id, b_key=device_id.lower(), subscriptions=mask)
 
     def enabled(self, devices: builtins.list[tuple[int, str]]) -> set[tuple[int, str]]:
         """Of ``devices`` (hub id, lower-cased device id), those whose identity exists and is enabled: one statement

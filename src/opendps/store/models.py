@@ -266,6 +266,9 @@ class HubDevice(Base):
     updated_at: Mapped[datetime] = _ts()
     # when a session of the device last began or ended (presence's batched write; None: never connected); issue 19
     last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # the filters its last clean-session-0 MQTT session held (a bit mask: frontends.mqtt.hub.KEPT_FILTERS), restored
+    # when it reconnects with clean session 0 (as IoT Hub does; the Node.js SDK's SAS renewal relies on it)
+    subscriptions: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
 class DeviceRecord(Base):

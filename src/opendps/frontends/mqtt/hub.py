@@ -49,6 +49,26 @@ def method_status(text: str) -> int:
 _RID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{2,34}[A-Za-z0-9])?$")
 CREDENTIALS_RESPONSE = "$iothub/credentials/res"
 FEATURES = {METHODS: "$iothub/methods/POST/#", DESIRED: "$iothub/twin/PATCH/properties/desired/#"}
+# the filters a device may hold, in the order of their bits in hub_devices.subscriptions (bit 8 + i: granted QoS 1);
+# "{d}" is the device id
+KEPT_FILTERS = ("devices/{d}/messages/devicebound/#", "devices/{d}/messages/devicebound", "$iothub/methods/POST/#",
+                "$iothub/twin/res/#", "$iothub/twin/PATCH/properties/desired/#", f"{CREDENTIALS_RESPONSE}/#")
+
+
+def subscription_mask(device_id: str, filters: Mapping[str, int]) -> int:
+    """``filters`` (filter -> granted QoS) as the bit mask a device's row keeps; filters not allowed are left out."""
+    mask = 0
+    for i, pattern in enumerate(KEPT_FILTERS):
+        qos = filters.get(pattern.replace("{d}", device_id))
+        if qos is not None:
+            mask |= 1 << i | (1 << (8 + i) if qos else 0)
+    return mask
+
+
+def subscriptions_of(device_id: str, mask: int) -> dict[str, int]:
+    """The filters (-> granted QoS) of a kept bit mask."""
+    return {pattern.replace("{d}", device_id): 1 if mask >> (8 + i) & 1 else 0
+            for i, pattern in enumerate(KEPT_FILTERS) if mask >> i & 1}
 
 
 @dataclass(slots=True)
@@ -69,7 +89,10 @@ class HubSession:
     _delivery: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to tasks
     # when its CONNECT began to be checked (time.monotonic()): a drop or revocation heard since closes it at its attach
     checked_since: float | None = None
-    # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy
+    # the subscriptions kept in the device's row (subscription_mask): read at CONNECT, rewritten when they change
+    kept: int = 0
+    # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy; the
+    # subscriptions are kept in the store (kept_subscriptions), as IoT Hub keeps a clean-session-0 session's
     persistent: ClassVar[bool] = False
     # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
     max_keepalive: ClassVar[int] = 1767
@@ -80,6 +103,14 @@ class HubSession:
         granted it and removes one before the UNSUBACK: SDKs unsubscribe to turn a feature off, e.g. Node's
         ``disableC2D``), not a second copy per connection."""
         return self.session.subscriptions if self.session is not None else {}
+
+    @property
+    def kept_subscriptions(self) -> dict[str, int]:
+        """What the device's last clean-session-0 session subscribed to, restored by the MQTT core (session present
+        1) when this CONNECT asks for clean session 0: as IoT Hub does, and Microsoft's Node.js SDK relies on it (its
+        SAS renewal reconnects with clean session 0 and does not subscribe again: desired patches, methods and C2D
+        were lost from then on). Kept in the store, so the reconnect may reach any process or node."""
+        return subscriptions_of(self.device.device_id, self.kept)
 
     @property
     def session_key(self) -> str:
@@ -97,6 +128,10 @@ class HubSession:
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,
                  extra=event("hub.connected", hub=self.device.hub_host, device_id=self.device.device_id,
                              auth=self.device.auth_type, outcome="connected"))
+        if session.request.clean_session:
+            await self._keep({})  # a clean session: nothing kept for the next one
+        elif self.filters:
+            asyncio.get_running_loop().call_soon(self.wake_c2d)  # subscriptions restored: C2D waiting goes out
         if self.device.superseded:  # its renewed certificate's first session: older ones are revoked, drop their sessions
             log.info("device %r: certificate(s) %s superseded", self.device.device_id, ", ".join(self.device.superseded))
             await self.runtime.live.revoke(set(self.device.superseded))
@@ -111,9 +146,32 @@ class HubSession:
                     shown(topic_filter))
             self.refusal_logged = True
             return REFUSE
-        if topic_filter.startswith("devices/"):
+        granted = min(qos, 1)
+        if not session.request.clean_session:  # a clean session's subscriptions end with it
+            await self._keep({**self.filters, topic_filter: granted})
+        if topic_filter.startswith("devices/"):  # after any await: the core holds the filter before this runs
             asyncio.get_running_loop().call_soon(self.wake_c2d)
-        return min(qos, 1)
+        return granted
+
+    async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        if not session.request.clean_session:
+            await self._keep(self.filters)  # the core removed the filter before this
+
+    async def _keep(self, filters: Mapping[str, int]) -> None:
+        """Keep ``filters`` in the device's row for its next clean-session-0 connection, when they differ from what
+        it holds (a device's first SUBSCRIBE writes; the same subscriptions on later connections write nothing).
+        Awaited before the SUBACK (the UNSUBACK, the session's first packet): a reconnect right after it reads it."""
+        mask = subscription_mask(self.device.device_id, filters)
+        if mask == self.kept:
+            return
+        try:
+            await self.runtime.domain.run(self.runtime.services.hubs.keep_subscriptions, self.device.hub_id,
+                                          self.device.device_id, mask)
+        except Exception as exc:  # noqa: BLE001 - the session goes on; only a later clean-session-0 reconnect loses
+            log.warning("device %r: its subscriptions could not be kept for its next connection: %s",
+                        self.device.device_id, exc)
+            return
+        self.kept = mask
 
     def _telemetry_bag(self, topic: str) -> str | None:
         """The property bag of a telemetry topic of this device (``devices/{id}/messages/events/{bag}``), else None.

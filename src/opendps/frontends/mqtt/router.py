@@ -97,6 +97,6 @@ def make_router(runtime: Runtime) -> Authenticator:
                                  reason=exc.reason, error_code=exc.error_code))
             runtime.hub_refused(host[:255], device_id[:128], exc)
             return connack_code(exc)
-        return HubSession(runtime, device, checked_since=checked_since)
+        return HubSession(runtime, device, checked_since=checked_since, kept=device.subscriptions)
 
     return route

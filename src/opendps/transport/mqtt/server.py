@@ -140,6 +140,9 @@ class SessionHandler(Protocol):
     Optional attributes: ``session_key`` (str) keys the session instead of the client id, so that two
     applications on one listener (DPS and a hub) can see the same client id without taking each other
     over; ``persistent = False`` treats every connection as clean (the application keeps its own state);
+    ``kept_subscriptions`` (a mapping of filter to QoS, with ``persistent = False``): the subscriptions the
+    application kept for this client from an earlier session, restored with ``session_present=1`` when the CONNECT
+    asks for clean session 0 (the application keeps them where another process or node can read them);
     ``max_keepalive`` (seconds) bounds the client's keepalive, 0 ("none") included;
     ``async on_unsubscribe(session, topic_filter)`` hears of each filter of an UNSUBSCRIBE once it left
     ``session.subscriptions`` (also one that was not subscribed), before the UNSUBACK, so that an application
@@ -675,7 +678,10 @@ class _Connection(asyncio.Protocol):
         # parsed certificate chain per idle connection (~1.5 KB; the TLS layer still has it)
         session = Session(self, client_id, replace(request, username=None, password=None, peer_certificate_chain=[]))
         self._session = session
-        self._write(encode(Connack(stored is not None, 0)))
+        kept = None if stored is not None or connect.clean_session else getattr(handler, "kept_subscriptions", None)
+        self._write(encode(Connack(stored is not None or bool(kept), 0)))
+        if kept:
+            session.subscriptions.update(kept)
         if stored is not None:
             session.subscriptions.update(stored.subscriptions)
             for pid, out in stored.inflight.items():

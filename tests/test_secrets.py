@@ -1,19 +1,28 @@
-"""No NATS credential in a log line or an error: a route's or the live bus's URL may carry a password or a token
-(``nats://user:pw@host``, ``nats://token@host``); the lines and errors name the server without them. Checked at the
-source (the log records' own messages and the exceptions), not through the formatter's catch-all redaction."""
+"""No credential in a log line or an error: a route's or the live bus's URL may carry a password or a token
+(``nats://user:pw@host``, ``nats://token@host``), a database URL a password, a custom allocation webhook's URL a
+password and a key in its query (an Azure Functions ``?code=``); the lines and errors name the server without them.
+Checked at the source (the log records' own messages and the exceptions), not through the formatter's catch-all
+redaction."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from tests.conftest import invoke_cli
+from tests.unit.provisioning.test_allocation import webhook
 
+from opendps import logs
 from opendps.errors import InvalidInput, ServiceUnavailable
+from opendps.hub.registry import HubView
 from opendps.hub.routing import NatsRouter, check_nats_url
 from opendps.instance import Settings, open_instance
+from opendps.provisioning import allocation
 from opendps.transport import nats_client
 
 PASSWORD, TOKEN = "NatsPassw0rdSecret", "NatsTokenSecret12345"
@@ -78,3 +87,49 @@ def test_a_route_refusal_names_its_nats_without_credentials(tmp_path: Path, capl
             _no_secret(record.getMessage())
     finally:
         inst.close()
+
+
+def test_a_custom_allocation_webhooks_url_is_in_no_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx logged every webhook call at INFO with its whole URL: an Azure Functions key (``?code=``) reached the
+    server's log at every registration of a custom-allocation enrollment (the formatter hid only the password)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # configure() replaces them: restored after the test
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logging.getLogger("httpx"), "level", logging.NOTSET)
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    logs.configure("json")
+    messages: list[str] = []
+    catch_all = logging.Handler(logging.DEBUG)
+    catch_all.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    root.addHandler(catch_all)
+    hub = HubView(1, "east", "east.hubs.test", 1, True, "etag", datetime.now(UTC))
+    with webhook({"iotHubHostName": "east.hubs.test"}) as (url, seen):
+        secret_url = url.replace("http://", f"http://alice:{PASSWORD}@") + f"?code={TOKEN}"
+        assert allocation.custom(secret_url, {}, [hub], timeout=5).hub == hub
+    assert seen  # the webhook was called, through the logging configured as serve configures it
+    for message in messages:
+        _no_secret(message)
+    _no_secret(stream.getvalue())
+
+
+def test_a_webhook_key_in_a_url_query_is_redacted_by_the_formatter_too() -> None:
+    line = logs.redact(f"POST https://f.example/api/alloc?code={TOKEN}&x=1 and https://h/p?key={PASSWORD}")
+    _no_secret(line)
+    assert "&x=1" in line
+
+
+@pytest.mark.parametrize("option, value, shown", [
+    ("--db", f"postgresql+psycopg://alice:{PASSWORD}@127.0.0.1:notaport/db", "alice:***@127.0.0.1:notaport"),
+    ("--bus", f"http://alice:{PASSWORD}@127.0.0.1:4222", "alice:***@127.0.0.1:4222"),
+    ("--bus", f"http://{TOKEN}@127.0.0.1:4222", "http://***@127.0.0.1:4222"),
+])
+def test_a_mistyped_database_or_bus_url_is_refused_without_its_password(tmp_path: Path, option: str, value: str,
+                                                                       shown: str) -> None:
+    """The refusal of a URL that is not a database or NATS URL quoted it whole, password and all, on the terminal."""
+    proc = invoke_cli({"OPENDPS_DATA_DIR": str(tmp_path / "data")}, "serve", "--https-port", "1", "--mqtt-port", "1",
+                      option, value)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is not a" in proc.stderr and shown in proc.stderr, proc.stderr
+    _no_secret(proc.stdout + proc.stderr)
+    assert not (tmp_path / "data").exists()  # refused before anything was written

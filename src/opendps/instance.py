@@ -55,7 +55,7 @@ from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
 from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url, unavailable
-from opendps.transport import sas, shown
+from opendps.transport import nats_client, sas, shown
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
 DB_ENV = "OPENDPS_DB"
@@ -197,7 +197,8 @@ class Settings:
             raise ConfigurationError(f"workers {self.workers!r} is out of range 0-{MAX_WORKERS} (0: one per core on "
                                      "PostgreSQL, one on SQLite)")
         if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
-            raise ConfigurationError(f"bus {self.bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
+            bus = nats_client.shown_url(self.bus) if isinstance(self.bus, str) else self.bus  # without its password
+            raise ConfigurationError(f"bus {bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
         if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
             raise ConfigurationError(f"SQLite synchronous {self.sqlite_synchronous!r} is not one of "
                                      f"{', '.join(SQLITE_SYNCHRONOUS)}")
@@ -232,11 +233,21 @@ def check_db_url(url: str) -> None:
     try:
         backend = make_url(url).get_backend_name()
     except Exception as exc:
-        raise ConfigurationError(f"{url!r} is not a database URL: use postgresql+psycopg://user@host/db "
+        raise ConfigurationError(f"{_shown_db_url(url)!r} is not a database URL: use postgresql+psycopg://user@host/db "
                                  "(or nothing, for SQLite in the data directory)") from exc
     if backend not in SUPPORTED_DATABASES:
         raise ConfigurationError(f"database {backend!r} is not supported: opendps runs on SQLite (the default) or "
                                  "PostgreSQL (postgresql+psycopg://user@host/db)")
+
+
+# a database URL's user:password@ as SQLAlchemy reads it (user up to ':' or '/', password up to '@')
+_DB_PASSWORD = re.compile(r"^([\w+]+://[^:/]*):[^@]*@")
+
+
+def _shown_db_url(url: str) -> str:
+    """A URL SQLAlchemy could not parse, as an error may show it: its password as ``***`` (a mistyped port must not
+    put the password on the terminal or in a log)."""
+    return _DB_PASSWORD.sub(r"\1:***@", url, count=1)
 
 
 def redacted_db_url(url: str) -> str:

@@ -8,9 +8,10 @@ its threads carry the id of the request they serve. Log lines that tell of an ou
 from :data:`FIELDS` (stable names operators filter on); a JSON line holds them as members, a text line only its
 message, as before.
 
-Secrets never reach a line: nothing logs a key, token, PIN, password or connection string on purpose, and
-:func:`redact` removes what would look like one anyway (a SAS ``sig=``, ``SharedAccessKey=``, a key or password
-member, a PEM private key) from every message and traceback, in both formats.
+Secrets never reach a line: nothing logs a key, token, PIN, password or connection string on purpose (nor do the
+libraries: httpx's request lines, which name a webhook's whole URL, are off), and :func:`redact` removes what would
+look like one anyway (a SAS ``sig=``, ``SharedAccessKey=``, a key or password member, a URL's password or query key,
+a PEM private key) from every message and traceback, in both formats.
 
 Imports only the standard library: any package may log events with :func:`event`.
 """
@@ -46,6 +47,8 @@ _SECRETS = [
     # key, password and PIN members of JSON bodies or key=value text
     (re.compile(r"(?i)([\"']?(?:primaryKey|secondaryKey|symmetricKey|password|passwd|pin|secret|apiKey|token)[\"']?"
                 r"\s*[:=]\s*[\"']?)[^\"',;\s}&]+"), r"\1<redacted>"),
+    # a URL query's key (an Azure Functions webhook's ?code=, an API key)
+    (re.compile(r"(?i)([?&](?:code|key|api[-_]?key|access_token)=)[^&\s\"',;]+"), r"\1<redacted>"),
     # a URL's user:password@
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@/\s]+(@)"), r"\1<redacted>\2"),
     (re.compile(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.S),
@@ -54,7 +57,7 @@ _SECRETS = [
 
 
 # what every pattern above needs in the text (a superset): a line with none of it, as most are, is one search
-_MAYBE_SECRET = re.compile(r"(?i)sig=|sharedaccess|key|passw|pin|secret|token|://")
+_MAYBE_SECRET = re.compile(r"(?i)sig=|sharedaccess|key|passw|pin|secret|token|code=|://")
 
 
 def redact(text: str) -> str:
@@ -176,3 +179,6 @@ def configure(log_format: str = "text", *, who: str | None = None, worker: int |
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx writes a line per request it sends (INFO) with the whole URL: a custom allocation webhook's, whose query
+    # may hold its key (an Azure Functions ?code=); the domain tells the webhook's outcome, without its URL
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -133,3 +133,20 @@ def test_a_mistyped_database_or_bus_url_is_refused_without_its_password(tmp_path
     assert "is not a" in proc.stderr and shown in proc.stderr, proc.stderr
     _no_secret(proc.stdout + proc.stderr)
     assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def test_a_database_error_names_its_statement_but_not_the_values_bound_to_it(tmp_path):
+    """SQLAlchemy puts a failed statement's parameters into its error message ("[parameters: ...]"), which
+    tracebacks and log lines then carry: a route's or webhook's URL with its password, telemetry, a wrapped key."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from opendps.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with pytest.raises(OperationalError) as caught, store.engine.begin() as conn:
+            conn.execute(text("SELECT :v FROM no_such_table"), {"v": "nats://user:TopSecretPw@nats:4222"})
+        assert "no_such_table" in str(caught.value) and "TopSecretPw" not in str(caught.value)
+    finally:
+        store.dispose()

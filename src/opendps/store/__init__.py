@@ -390,7 +390,9 @@ class Store:
         if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
             raise ValueError(f"SQLite synchronous {sqlite_synchronous!r} is not one of {', '.join(SQLITE_SYNCHRONOUS)}")
         self.url = url
-        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # hide_parameters: a database error names its statement but not the values bound to it (a route or webhook
+        # URL with its password, telemetry, a wrapped key), which tracebacks and log lines would carry
+        kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:

@@ -43,7 +43,13 @@ class FrontEnds:
 def build(services: Services, *, service_hosts: set[str], client_timeout: float = 60.0) -> FrontEnds:
     """The front ends of one process. ``service_hosts``: the names service tokens may be issued for;
     ``client_timeout``: see :class:`Runtime`."""
-    runtime = Runtime(services, DomainRunner(), client_timeout=client_timeout)
+    # SQLite: one core domain thread. Its writers take turns at the file's lock and its calls are CPU under the GIL
+    # (no network round trips to overlap), so a second thread only contended for both: one thread took ~20 % less
+    # CPU per registration and answered more of them per second (docs/benchmarks.md, session 23); a call that blocks
+    # (a webhook, a lock held by another process) still hands the queue to the spare threads after the stall bound.
+    # PostgreSQL: the default (2-4, by CPUs), whose threads overlap their round trips.
+    runtime = Runtime(services, DomainRunner(core=1 if services.store.dialect == "sqlite" else None),
+                      client_timeout=client_timeout)
     # what only the domain sees, told to the metrics through plain callables (the domain imports no prometheus)
     services.issuance.observer = lambda issuer, seconds: metrics.issued(issuer.label, seconds)
     services.c2d.on_expired = metrics.c2d_expired

@@ -119,7 +119,8 @@ class DomainRunner:
     id its log lines carry (``opendps.logs.REQUEST_ID``) — is what the domain code sees, and nothing a call sets leaks
     into the thread's next call.
 
-    Calls go to a few core threads (``core``; by default the CPU count, 2-4): a burst queues there rather than wake
+    Calls go to a few core threads (``core``; by default the CPU count, 2-4; ``build`` asks for one on SQLite, where
+    writers take turns at the file anyway and a second thread only contended for the GIL): a burst queues there rather than wake
     eight threads that take turns at the GIL, each hand-off a context switch (8 threads cost ~10 % more CPU per hub
     CONNECT than 2 on this project's 2-CPU machine). When the core threads are held by slow calls — a custom-allocation
     webhook, a database lock wait — a call waiting behind them is offered to the spare threads too (``workers`` in

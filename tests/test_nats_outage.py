@@ -38,11 +38,14 @@ class Nats:
         self.directory = directory
         self.proc: subprocess.Popen | None = None
 
+    def arguments(self) -> list[str]:
+        """nats-server's command line after the binary (subclasses: other servers)."""
+        return ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory)]
+
     def start(self) -> None:
         assert NATS_BINARY is not None
-        self.proc = subprocess.Popen([NATS_BINARY, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
-                                      str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen([NATS_BINARY, *self.arguments()], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while True:
             try:

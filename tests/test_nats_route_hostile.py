@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import subprocess
-import time
 
 import pytest
 from tests.conftest import service_missing
@@ -168,22 +165,8 @@ def test_a_route_moved_to_another_nats_lets_go_of_the_old_connection(services, m
 class PasswordNats(Nats):
     """This module's nats-server, with a user and password."""
 
-    def start(self) -> None:
-        assert NATS_BINARY is not None
-        self.proc = subprocess.Popen([NATS_BINARY, "-a", "127.0.0.1", "-p", str(self.port), "--user", "opendps",
-                                      "--pass", "right"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        self.wait()
-
-    def wait(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "nats-server did not listen within 10 s"
-                time.sleep(0.02)
+    def arguments(self) -> list[str]:
+        return ["-a", "127.0.0.1", "-p", str(self.port), "--user", "opendps", "--pass", "right"]
 
 
 def test_a_route_with_bad_credentials_is_one_line_not_one_per_attempt(services, monkeypatch, caplog, tmp_path):
@@ -243,15 +226,12 @@ class MixedTlsNats(PasswordNats):
     """This module's nats-server taking TLS and plain clients alike (``allow_non_tls``: its INFO says tls_available,
     not tls_required)."""
 
-    def start(self) -> None:
+    def arguments(self) -> list[str]:
         cert, key = _self_signed(self.directory)
         config = self.directory / "nats.conf"
         config.write_text(f'listen: "127.0.0.1:{self.port}"\nallow_non_tls: true\n'
                           f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n')
-        assert NATS_BINARY is not None
-        self.proc = subprocess.Popen([NATS_BINARY, "-c", str(config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        self.wait()
+        return ["-c", str(config)]
 
 
 def test_a_tls_route_to_a_server_taking_both_speaks_tls(services, monkeypatch, tmp_path):

@@ -274,6 +274,21 @@ def test_device_run_with_a_refused_renewal_is_one_line(server, setup, tmp_path):
     assert "disabled" in line and "Traceback" not in out.stderr
 
 
+def test_device_run_renew_now_ends_within_its_duration_when_the_device_never_connects(server, setup, tmp_path):
+    """`device run --renew-now --duration N` waited for a first connection without bound: a device refused (a wrong
+    key: 401, retried) ran until killed. It ends after N seconds, non-zero, saying the renewal was not done."""
+    rid = "clidev-never"
+    with svc(server) as c:
+        sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
+    wrong = base64.b64encode(bytes(32)).decode()
+    started = time.monotonic()
+    out = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", wrong, "--store-dir",
+                     str(tmp_path / "s"), "--renew-now", "--duration", "2")
+    assert time.monotonic() - started < 30  # was: until killed
+    line = _fails(out, f"renewal of {rid!r} was not done within --duration 2 s")
+    assert "did not connect" in line and "Traceback" not in out.stderr
+
+
 def test_device_run_reuses_what_provision_stored_and_prints_traffic(server, setup, tmp_path):
     """Issue 12.15: `device provision` then `device run` connects with the stored set (no second certificate), and
     the running agent answers direct methods and prints one line for each method call and C2D message."""

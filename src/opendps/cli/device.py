@@ -739,17 +739,30 @@ def _run_agent(endpoint: Endpoint, registration_id: str, credential: dict[str, A
     async def main() -> None:
         agent = DeviceAgent(config, on_event=on_event)
         task = asyncio.create_task(agent.run())
-        try:
+        renewed = False
+
+        async def session() -> None:
+            nonlocal renewed
             if renew_now:
                 await agent.wait_ready()
                 try:
                     await agent.renew_now()
                 except (AgentError, ProvisioningError, HubError, MqttError, StoreError, OSError) as exc:
                     raise CliError(f"renewal of {registration_id!r} failed: {exc}") from exc
-            if duration:
-                await asyncio.wait({task}, timeout=duration)
+                renewed = True
+            await asyncio.shield(task)  # the duration's end stops the agent below, it does not cancel it
+
+        try:
+            if not duration:
+                await session()
             else:
-                await task
+                # the whole run within --duration, the wait for a first connection of --renew-now included (a device
+                # that never connected, e.g. refused with 401, made it run until killed)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session(), duration)
+                if renew_now and not renewed:
+                    raise CliError(f"renewal of {registration_id!r} was not done within --duration {duration:g} s: "
+                                   "the device did not connect (see the lines above)")
         finally:
             await agent.stop()
             task.cancel()

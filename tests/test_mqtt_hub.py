@@ -112,6 +112,16 @@ class Client:
     def publish(self, topic: str, payload: bytes | str = b"", qos: int = 1) -> None:
         self.c.publish(topic, payload, qos=qos).wait_for_publish(30)
 
+    def publish_refused(self, topic: str, payload: bytes | str, timeout: float = 20) -> None:
+        """A QoS 1 PUBLISH the hub does not accept: the connection closes and no PUBACK came for it."""
+        gone, acked = threading.Event(), threading.Event()
+        self.c.on_disconnect = lambda *a: gone.set()
+        self.c.on_publish = lambda *a: acked.set()
+        self.c.publish(topic, payload, qos=1)
+        assert gone.wait(timeout), "the connection stayed open"
+        self.c.loop_stop()
+        assert not acked.is_set(), "the refused message was acknowledged"
+
     def expect(self, prefix: str, timeout: float = 30) -> tuple[str, bytes]:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -530,13 +540,7 @@ def test_telemetry_that_is_not_stored_is_not_acknowledged(server, tmp_path):
         assert d.put(f"/{server.id_scope}/registrations/big-dev/register", params={"api-version": PREVIEW}, json={},
                      headers={"Authorization": device_sas(server.id_scope, "big-dev", key)}).status_code == 202
     c = Client(server, "big-dev", hub_username("big-dev"), password=sas.generate(f"{HUB}/devices/big-dev", key))
-    gone, acked = threading.Event(), threading.Event()
-    c.c.on_disconnect = lambda *a: gone.set()
-    c.c.on_publish = lambda *a: acked.set()
-    c.c.publish("devices/big-dev/messages/events/", b"x" * (256 * 1024 + 1), qos=1)
-    assert gone.wait(10)
-    c.c.loop_stop()
-    assert not acked.is_set()
+    c.publish_refused("devices/big-dev/messages/events/", b"x" * (256 * 1024 + 1), timeout=10)
     assert events(server, "big-dev", 1, timeout=1) == []
 
 
@@ -583,15 +587,22 @@ def test_a_clean_session_0_reconnect_keeps_the_subscriptions_and_a_clean_session
     with svc(server) as c:
         assert c.patch("/twins/kept-dev", json={"properties": {"desired": {"interval": 7}}}).status_code == 200
     assert json.loads(again.expect("$iothub/twin/PATCH/properties/desired/")[1])["interval"] == 7
+    again.unsubscribe("devices/kept-dev/messages/devicebound/#")  # Node's disableC2D: kept without it from now on
     again.close()
+    fewer = connect(False)
+    assert fewer.session_present is True
+    with svc(server) as c:
+        assert c.post("/devices/kept-dev/messages/deviceBound", content=b"unsubscribed").status_code == 202
+        assert c.patch("/twins/kept-dev", json={"properties": {"desired": {"interval": 8}}}).status_code == 200
+    assert json.loads(fewer.expect("$iothub/twin/PATCH/properties/desired/")[1])["interval"] == 8
+    assert fewer.messages.empty(), fewer.messages.get_nowait()  # the C2D message waits in the store
+    fewer.close()
     clean = connect(True)
     assert clean.session_present is False
     clean.close()
     after = connect(False)
     assert after.session_present is False  # the clean session ended what was kept
-    with svc(server) as c:
-        assert c.post("/devices/kept-dev/messages/deviceBound", content=b"not subscribed").status_code == 202
-    with pytest.raises(pytest.fail.Exception):  # held by nothing: it waits in the store
+    with pytest.raises(pytest.fail.Exception):  # held by nothing: the waiting message stays in the store
         after.expect("devices/kept-dev/messages/devicebound/", timeout=1)
     after.close()
 

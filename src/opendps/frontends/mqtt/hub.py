@@ -128,10 +128,8 @@ class HubSession:
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,
                  extra=event("hub.connected", hub=self.device.hub_host, device_id=self.device.device_id,
                              auth=self.device.auth_type, outcome="connected"))
-        if session.request.clean_session:
-            await self._keep({})  # a clean session: nothing kept for the next one
-        elif self.filters:
-            asyncio.get_running_loop().call_soon(self.wake_c2d)  # subscriptions restored: C2D waiting goes out
+        if self.filters:  # subscriptions restored (kept_subscriptions): C2D waiting goes out
+            asyncio.get_running_loop().call_soon(self.wake_c2d)
         if self.device.superseded:  # its renewed certificate's first session: older ones are revoked, drop their sessions
             log.info("device %r: certificate(s) %s superseded", self.device.device_id, ", ".join(self.device.superseded))
             await self.runtime.live.revoke(set(self.device.superseded))
@@ -148,19 +146,20 @@ class HubSession:
             return REFUSE
         granted = min(qos, 1)
         if not session.request.clean_session:  # a clean session's subscriptions end with it
-            await self._keep({**self.filters, topic_filter: granted})
+            await self.keep({**self.filters, topic_filter: granted})
         if topic_filter.startswith("devices/"):  # after any await: the core holds the filter before this runs
             asyncio.get_running_loop().call_soon(self.wake_c2d)
         return granted
 
     async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
         if not session.request.clean_session:
-            await self._keep(self.filters)  # the core removed the filter before this
+            await self.keep(self.filters)  # the core removed the filter before this
 
-    async def _keep(self, filters: Mapping[str, int]) -> None:
+    async def keep(self, filters: Mapping[str, int]) -> None:
         """Keep ``filters`` in the device's row for its next clean-session-0 connection, when they differ from what
         it holds (a device's first SUBSCRIBE writes; the same subscriptions on later connections write nothing).
-        Awaited before the SUBACK (the UNSUBACK, the session's first packet): a reconnect right after it reads it."""
+        Awaited before the SUBACK or UNSUBACK, and for a clean-session CONNECT (``{}``: nothing kept) before its
+        CONNACK (the router): a reconnect right after any of them reads what it wrote."""
         mask = subscription_mask(self.device.device_id, filters)
         if mask == self.kept:
             return

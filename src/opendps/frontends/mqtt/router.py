@@ -97,6 +97,9 @@ def make_router(runtime: Runtime) -> Authenticator:
                                  reason=exc.reason, error_code=exc.error_code))
             runtime.hub_refused(host[:255], device_id[:128], exc)
             return connack_code(exc)
-        return HubSession(runtime, device, checked_since=checked_since, kept=device.subscriptions)
+        session = HubSession(runtime, device, checked_since=checked_since, kept=device.subscriptions)
+        if request.clean_session:
+            await session.keep({})  # a clean session: what an earlier one kept ends, before the CONNACK
+        return session
 
     return route

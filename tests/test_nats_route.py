@@ -7,7 +7,6 @@ import asyncio
 import json
 import secrets
 import ssl
-import threading
 import time
 
 import httpx
@@ -96,13 +95,7 @@ def test_a_durable_route_without_a_stream_withholds_the_puback(server):
     server.cli("hub", "route", "create", "--route-name", "nowhere", "--nats-url", NATS_URL, "--subject", prefix, check=True)
     try:
         device = _device(server, "unrouted-dev")
-        gone, acked = threading.Event(), threading.Event()
-        device.c.on_disconnect = lambda *a: gone.set()
-        device.c.on_publish = lambda *a: acked.set()
-        device.c.publish("devices/unrouted-dev/messages/events/", b"lost?", qos=1)
-        assert gone.wait(20)
-        device.c.loop_stop()
-        assert not acked.is_set()
+        device.publish_refused("devices/unrouted-dev/messages/events/", b"lost?")
         listed = json.loads(server.cli("hub", "route", "list", "-o", "json", check=True).stdout)
         assert [r["name"] for r in listed] == ["nowhere"]
     finally:
@@ -122,13 +115,7 @@ def test_telemetry_refused_while_a_durable_routes_nats_is_unreachable_is_not_sto
     try:
         time.sleep(ROUTE_REFRESH)  # a process sees route changes within ROUTE_REFRESH (the earlier tests' routes)
         device = _device(server, "away-dev")
-        gone, acked = threading.Event(), threading.Event()
-        device.c.on_disconnect = lambda *a: gone.set()
-        device.c.on_publish = lambda *a: acked.set()
-        device.c.publish("devices/away-dev/messages/events/", b"not now", qos=1)
-        assert gone.wait(20)
-        device.c.loop_stop()
-        assert not acked.is_set()
+        device.publish_refused("devices/away-dev/messages/events/", b"not now")
         assert events(server, "away-dev", 1, timeout=1) == []
     finally:
         server.cli("hub", "route", "delete", "--route-name", "away", check=True)

@@ -92,17 +92,15 @@ class IssuedChain:
     leaf: x509.Certificate
     issuing_ca: x509.Certificate
     root: x509.Certificate
-    # the three as DER when the CA had them at hand (a registration encoded each of them again, twice for the leaf)
-    ders: tuple[bytes, bytes, bytes] | None = None
+    # the three as DER, as the CA had them at hand (a registration encoded each of them again, twice for the leaf)
+    ders: tuple[bytes, bytes, bytes]
 
     @property
     def certificates(self) -> list[x509.Certificate]:
         return [self.leaf, self.issuing_ca, self.root]
 
     def der_chain(self) -> list[bytes]:
-        if self.ders is not None:
-            return list(self.ders)
-        return [c.public_bytes(Encoding.DER) for c in self.certificates]
+        return list(self.ders)
 
     def pem_chain(self) -> str:
         return "".join(c.public_bytes(Encoding.PEM).decode() for c in self.certificates)

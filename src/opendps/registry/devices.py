@@ -55,8 +55,8 @@ _POLICY_NAMESPACE = select(table_of(Policy).c.namespace_id).where(table_of(Polic
 
 class IssuerRetired(ServiceUnavailable):
     """A certificate was signed by an issuing CA that its policy rotated away (or revoked) while the registration or
-    renewal was being decided: nothing is kept, and the device asks again (503 with Retry-After: SDKs retry it) and
-    gets one of the new CA."""
+    renewal was being decided: nothing is kept. A registration is decided again at once
+    (``Provisioning.register``); a hub renewal answers this (503 with Retry-After: devices retry it)."""
 
     def __init__(self, policy: str) -> None:
         super().__init__(f"the issuing CA of credential policy {policy!r} was rotated or revoked while this request "

@@ -269,11 +269,12 @@ def pytest_collection_modifyitems(config, items) -> None:
 def server(request, tmp_path_factory) -> RunningServer:
     """``opendps serve`` in a subprocess on free ports, with its own data directory and database.
 
-    Module-scoped (startup costs seconds): tests sharing it use distinct resource names.
+    Module-scoped (startup costs seconds): tests sharing it use distinct resource names. A module's ``SERVER_ARGS``
+    (a tuple) are added to ``opendps serve``'s arguments.
     """
     tmp_path = tmp_path_factory.mktemp(f"server-{request.param}")
     with database(request.param, tmp_path) as db_url:
-        yield from _run_server(db_url, tmp_path)
+        yield from _run_server(db_url, tmp_path, extra_args=getattr(request.module, "SERVER_ARGS", ()))
 
 
 def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, mqtt_port: int | None = None,

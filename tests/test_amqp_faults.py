@@ -34,6 +34,7 @@ from tests.test_amqp import (
 )
 
 SERVER_STORES = ("sqlite",)  # the listener is the subject; the SQLite file is what a test can lock
+SERVER_ARGS = ("--sqlite-busy-timeout", "2")  # a locked file is an outage after 2 s, not the default 10
 
 pytestmark = pytest.mark.timeout(300, func_only=True)
 DETACH, CLOSE = 0x16, 0x18

@@ -25,6 +25,7 @@ from opendps.device.agent import DeviceAgent
 from opendps.frontends.runtime import STORE_RETRY_AFTER
 
 SERVER_STORES = ("sqlite",)  # the agent is the subject; SQLite is the store whose lock makes the 503 here
+SERVER_ARGS = ("--sqlite-busy-timeout", "2")  # a locked file is an outage after 2 s, not the default 10
 
 pytestmark = pytest.mark.timeout(120, func_only=True)
 
@@ -122,6 +123,7 @@ def test_dps_503_retry_after_is_honoured_by_client_and_agent_which_recover(serve
             lock.execute("ROLLBACK")
         lock.close()
     assert len(refused) == 2
+    assert refused[0] - sent[0] < 8, "the server's --sqlite-busy-timeout 2 did not bound its wait for the lock (10 s)"
     client_retry = min(t for t in sent if t > refused[0])  # the provisioning client's own retry
     agent_retry = min(t for t in sent if t > refused[1])  # the agent's next registration, after the client gave up
     assert client_retry - refused[0] >= STORE_RETRY_AFTER, "the client retried before Retry-After"

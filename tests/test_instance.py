@@ -191,6 +191,28 @@ def test_sqlite_synchronous_full_is_kept_and_used(tmp_path):
     _one_line(_cli(env, "info"), "SQLite synchronous 'off' is not one of normal, full")
 
 
+def test_sqlite_busy_timeout_is_kept_and_used(tmp_path):
+    """init --sqlite-busy-timeout: kept in config.json, used by the instance's connections, shown by info; a value
+    out of range, on the command line or edited into config.json, is one line."""
+    from opendps.instance import Settings, open_instance
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENDPS_DB", "OPENDPS_MASTER_KEY")}
+    env["OPENDPS_DATA_DIR"] = str(tmp_path / "data")
+    _one_line(_cli(env, "init", "--sqlite-busy-timeout", "0"), "--sqlite-busy-timeout")
+    r = _cli(env, "init", "--sqlite-busy-timeout", "2.5")
+    assert r.returncode == 0, r.stderr
+    inst = open_instance(Settings.load(tmp_path / "data"), create=False)
+    try:
+        with inst.store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2500
+    finally:
+        inst.close()
+    assert json.loads(_cli(env, "info", "-o", "json").stdout)["sqliteBusyTimeout"] == 2.5
+    config = tmp_path / "data" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sqlite_busy_timeout": "soon"}))
+    _one_line(_cli(env, "info"), "SQLite busy timeout 'soon' is out of range 0.1-3600 seconds")
+
+
 def test_an_impossible_data_directory_is_one_line(env):
     _one_line(_cli(env, "init", "--data-dir", "/etc/passwd/x"), "cannot create data directory /etc/passwd/x")
 

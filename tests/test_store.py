@@ -46,6 +46,19 @@ def test_sqlite_synchronous_is_the_installations_choice(tmp_path):
         Store(sqlite_url(tmp_path / "off.db"), sqlite_synchronous="off")
 
 
+def test_sqlite_busy_timeout_is_the_installations_choice(tmp_path):
+    """How long a write waits for another process's lock: 10 s unless asked otherwise, on every pooled connection."""
+    for timeout, ms in ((None, 10000), (2.5, 2500)):
+        store = Store(sqlite_url(tmp_path / f"{timeout}.db"), **({"sqlite_busy_timeout": timeout} if timeout else {}))
+        try:
+            with store.engine.connect() as first, store.engine.connect() as second:
+                assert [c.exec_driver_sql("PRAGMA busy_timeout").scalar() for c in (first, second)] == [ms, ms]
+        finally:
+            store.dispose()
+    with pytest.raises(ValueError, match="busy timeout 0 is out of range"):
+        Store(sqlite_url(tmp_path / "zero.db"), sqlite_busy_timeout=0)
+
+
 def test_unavailable_tells_a_database_away_from_a_wrong_statement(tmp_path):
     """What the front ends refuse as retryable (503, CONNACK 3): a connection lost, refused or cut by a server shutting
     down or starting up, SQLite locked past its busy timeout — not a statement's or the data's own error."""

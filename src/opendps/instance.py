@@ -54,7 +54,7 @@ from opendps.provisioning.access import HUB_OWNER_POLICY as HUB_OWNER_POLICY  # 
 from opendps.provisioning.access import OWNER_POLICY as OWNER_POLICY
 from opendps.provisioning.access import OWNER_RIGHTS, AccessPolicies
 from opendps.services import Services, wire
-from opendps.store import SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url, unavailable
+from opendps.store import SQLITE_BUSY_TIMEOUT, SQLITE_SYNCHRONOUS, Store, add_setting, sqlite_url, unavailable
 from opendps.transport import nats_client, sas, shown
 
 DATA_DIR_ENV = "OPENDPS_DATA_DIR"
@@ -87,6 +87,12 @@ def _is_host(value: object) -> bool:
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
+def _seconds(name: str, value: object, low: float, high: float = 3600) -> None:
+    """A duration setting (config.json may hold anything): a number of seconds within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigurationError(f"{name} {value!r} is out of range {low:g}-{high:g} seconds")
+
+
 @dataclass
 class Settings:
     """Where the instance lives and how it is reached; persisted in config.json minus overrides."""
@@ -106,6 +112,8 @@ class Settings:
     client_timeout: float = 60.0  # seconds a client may stay silent (see frontends.runtime.Runtime)
     # SQLite: "normal" (a commit survives the process dying) or "full" (also a power cut: the WAL synced at every commit)
     sqlite_synchronous: str = "normal"
+    # SQLite: seconds a write waits for another process's lock (a backup, the sqlite3 shell) before a 503 + Retry-After
+    sqlite_busy_timeout: float = SQLITE_BUSY_TIMEOUT
     workers: int = 0  # server processes on this host; 0 = one per core on PostgreSQL, one on SQLite (opendps.workers)
     bus: str | None = None  # NATS server carrying live state between nodes (default: the store's own, opendps.cluster)
     # CA keys on a PKCS#11 token (opendps.pki.pkcs11): the module and PIN file are this host's (config.json); the
@@ -190,15 +198,14 @@ class Settings:
                 raise ConfigurationError(f"{name.replace('_', ' ')} {port!r} is out of range {low}-65535")
         if self.db is not None:
             check_db_url(self.db)
-        if isinstance(self.client_timeout, bool) or not isinstance(self.client_timeout, int | float) \
-                or not 1 <= self.client_timeout <= 3600:
-            raise ConfigurationError(f"client timeout {self.client_timeout!r} is out of range 1-3600 seconds")
+        _seconds("client timeout", self.client_timeout, 1)
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 0 <= self.workers <= MAX_WORKERS:
             raise ConfigurationError(f"workers {self.workers!r} is out of range 0-{MAX_WORKERS} (0: one per core on "
                                      "PostgreSQL, one on SQLite)")
         if self.bus is not None and not (isinstance(self.bus, str) and self.bus.startswith(("nats://", "tls://"))):
             bus = nats_client.shown_url(self.bus) if isinstance(self.bus, str) else self.bus  # without its password
             raise ConfigurationError(f"bus {bus!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)")
+        _seconds("SQLite busy timeout", self.sqlite_busy_timeout, 0.1)
         if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
             raise ConfigurationError(f"SQLite synchronous {self.sqlite_synchronous!r} is not one of "
                                      f"{', '.join(SQLITE_SYNCHRONOUS)}")
@@ -317,6 +324,7 @@ class Instance:
             "database": redacted_db_url(st.db_url),
             # when a commit reaches the disk on SQLite (--sqlite-synchronous); PostgreSQL's is its own configuration's
             "sqliteSynchronous": st.sqlite_synchronous if self.store.dialect == "sqlite" else None,
+            "sqliteBusyTimeout": st.sqlite_busy_timeout if self.store.dialect == "sqlite" else None,
             "idScope": self.id_scope,
             "serverCaCertificate": str(self.server_ca_path.resolve()),
             "endpoints": {
@@ -555,7 +563,8 @@ def _open_store(settings: Settings, *, create: bool, migrate: bool) -> Store:
                                          f"database needs {NEW_DATABASE_ROOM // (1024 * 1024)} MB: make room first")
             os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
-        store = Store(url, sqlite_synchronous=settings.sqlite_synchronous)
+        store = Store(url, sqlite_synchronous=settings.sqlite_synchronous,
+                      sqlite_busy_timeout=settings.sqlite_busy_timeout)
     except Exception as exc:
         raise ConfigurationError(f"cannot open database {redacted_db_url(url)}: {exc}") from exc
     try:

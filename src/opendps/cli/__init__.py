@@ -109,6 +109,9 @@ def server_options(f: _F) -> _F:
                      help="SQLite only: when a commit reaches the disk. normal (the default): at checkpoints, so what "
                           "was answered survives the process dying but not a power cut; full: at every commit (a "
                           "PUBACK or an issued certificate survives a power cut too; slower writes).")(f)
+    f = click.option("--sqlite-busy-timeout", type=click.FloatRange(0.1, 3600), default=None,
+                     help="SQLite only: seconds a write waits for another process's lock on the database file (a "
+                          "backup, the sqlite3 shell) before a device is answered 503 with Retry-After (default 10).")(f)
     f = click.option("--no-lint", is_flag=True, default=False,
                      help="Skip pre-issuance pkilint checks (faster; not recommended).")(f)
     f = click.option("--workers", type=click.IntRange(0, 256), default=None,
@@ -242,14 +245,16 @@ def main() -> None:
 @server_options
 def init(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
          mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
-         sqlite_synchronous: str | None, no_lint: bool, workers: int | None, bus: str | None,
+         sqlite_synchronous: str | None, sqlite_busy_timeout: float | None, no_lint: bool, workers: int | None,
+         bus: str | None,
          key_backend: str | None, pkcs11_module: str | None, pkcs11_token_label: str | None,
          pkcs11_pin_file: str | None) -> None:
     """Initialise the data directory (database, master key, TLS, ID scope, owner credentials); on an existing one,
     change what was given (e.g. --key-backend pkcs11: new CA keys on an HSM token from now on)."""
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
-                         sqlite_synchronous=sqlite_synchronous, lint=False if no_lint else None, workers=workers,
+                         sqlite_synchronous=sqlite_synchronous, sqlite_busy_timeout=sqlite_busy_timeout,
+                         lint=False if no_lint else None, workers=workers,
                          bus=bus, key_backend=key_backend,
                          pkcs11_module=pkcs11_module, pkcs11_token_label=pkcs11_token_label,
                          pkcs11_pin_file=pkcs11_pin_file)
@@ -284,7 +289,8 @@ def observability_options(f: _F) -> _F:
 @observability_options
 def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str | None, https_port: int | None,
           mqtt_port: int | None, amqp_port: int | None, http_port: int | None, client_timeout: float | None,
-          sqlite_synchronous: str | None, no_lint: bool, workers: int | None, bus: str | None,
+          sqlite_synchronous: str | None, sqlite_busy_timeout: float | None, no_lint: bool, workers: int | None,
+         bus: str | None,
           key_backend: str | None, pkcs11_module: str | None, pkcs11_token_label: str | None,
           pkcs11_pin_file: str | None, metrics_port: int | None,
           metrics_host: str | None, log_format: str | None) -> None:
@@ -295,7 +301,8 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
     limit_malloc_arenas()
     settings = _settings(data_dir, db=db, host=host, hostname=hostname, https_port=https_port,
                          mqtt_port=mqtt_port, amqp_port=amqp_port, http_port=http_port, client_timeout=client_timeout,
-                         sqlite_synchronous=sqlite_synchronous, lint=False if no_lint else None, workers=workers,
+                         sqlite_synchronous=sqlite_synchronous, sqlite_busy_timeout=sqlite_busy_timeout,
+                         lint=False if no_lint else None, workers=workers,
                          bus=bus, key_backend=key_backend,
                          pkcs11_module=pkcs11_module, pkcs11_token_label=pkcs11_token_label,
                          pkcs11_pin_file=pkcs11_pin_file, metrics_port=metrics_port, metrics_host=metrics_host,

@@ -160,12 +160,17 @@ class _PingWhenIdle:
 SQLITE_SYNCHRONOUS = ("normal", "full")
 
 
-def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
+#: seconds a SQLite writer waits for another process's write lock (a backup, the sqlite3 shell, another opendps
+#: command) before its call fails as a store outage (a device is answered 503 with Retry-After)
+SQLITE_BUSY_TIMEOUT = 10.0
+
+
+def _sqlite_pragmas(synchronous: str, busy_timeout: float) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
     def on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.close()
     return on_connect
@@ -385,22 +390,26 @@ def add_setting(session: Session, name: str, value: str) -> None:
 class Store:
     """Engine + session factory for one database URL."""
 
-    def __init__(self, url: str, *, echo: bool = False, sqlite_synchronous: str = "normal") -> None:
-        """``sqlite_synchronous``: one of :data:`SQLITE_SYNCHRONOUS` (SQLite only)."""
+    def __init__(self, url: str, *, echo: bool = False, sqlite_synchronous: str = "normal",
+                 sqlite_busy_timeout: float = SQLITE_BUSY_TIMEOUT) -> None:
+        """``sqlite_synchronous``: one of :data:`SQLITE_SYNCHRONOUS`; ``sqlite_busy_timeout``: see
+        :data:`SQLITE_BUSY_TIMEOUT` (SQLite only)."""
         if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
             raise ValueError(f"SQLite synchronous {sqlite_synchronous!r} is not one of {', '.join(SQLITE_SYNCHRONOUS)}")
+        if not 0 < sqlite_busy_timeout <= 3600:
+            raise ValueError(f"SQLite busy timeout {sqlite_busy_timeout!r} is out of range (0, 3600] seconds")
         self.url = url
         # hide_parameters: a database error names its statement but not the values bound to it (a route or webhook
         # URL with its password, telemetry, a wrapped key), which tracebacks and log lines would carry
         kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": sqlite_busy_timeout}
         else:
             kwargs["pool_size"] = 10
         self.engine: Engine = create_engine(with_connection_defaults(url), **kwargs)
         self._pings: _PingWhenIdle | None = None
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
+            event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous, sqlite_busy_timeout))
         else:
             self._pings = _PingWhenIdle(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

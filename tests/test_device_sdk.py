@@ -437,6 +437,43 @@ def test_hub_client_end_to_end_with_renewal_and_certificate_switch(server, tmp_p
     assert int(record["serialNumber"], 16) == store.current().certificate.serial_number
 
 
+def test_a_sas_hub_client_renews_its_token_before_it_expires(server):
+    """The hub closes a SAS session when its token lapses, as IoT Hub does: the client reconnects with a fresh token
+    before that (a fifth of its lifetime ahead, at most 120 s), as a planned change (no on_connection call), and
+    keeps its subscriptions and queued telemetry. Before: a token was signed per CONNECT only, so every expiry was a
+    dropped connection and a gap."""
+    rid = "sdk-sas-renewal"
+    with svc(server) as c:
+        key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}})
+    assert asyncio.run(client(server, rid, symmetric_key=key).register()).status == "assigned"
+
+    async def scenario() -> tuple[bool, list, dict, int]:
+        hub = HubClient(HUB, rid, port=server.mqtt_port, ca_file=server.ca_file, symmetric_key=key, sas_ttl=2)
+        desired: asyncio.Queue = asyncio.Queue()
+        hub.on_desired(desired.put_nowait)
+        changes: list = []
+        hub.on_connection(lambda up, reason: changes.append((up, reason)))
+        await hub.connect()
+        try:
+            deadline = asyncio.get_running_loop().time() + 15
+            while getattr(hub, "token_renewals", 0) < 2 and asyncio.get_running_loop().time() < deadline:  # 1.6 s each
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(hub.queue_telemetry({"after": "renewals"}), 10)
+            with svc(server) as c:
+                assert c.patch(f"/twins/{rid}", json={"properties": {"desired": {"rate": 3}}}).status_code == 200
+            patch = await asyncio.wait_for(desired.get(), 10)
+            return hub.connected, changes, patch, getattr(hub, "token_renewals", 0)
+        finally:
+            await hub.disconnect()
+
+    connected, changes, patch, renewals = asyncio.run(scenario())
+    assert connected and changes == [] and patch["rate"] == 3 and renewals >= 2
+    log = (server.data_dir.parent / "server.log").read_text()
+    assert log.count(f"device {rid!r} connected to hub") >= 3  # the first CONNECT and one per renewal
+    [event] = events(server, rid, 1)
+    assert event["event"]["payload"] == {"after": "renewals"}
+
+
 def test_hub_refuses_a_wrong_key_and_sync_wrappers(server, tmp_path):
     rid = "sdk-sync-dev"
     with svc(server) as c:

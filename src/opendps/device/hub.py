@@ -162,6 +162,11 @@ def _signer(symmetric_key: str | None, signer: SasSigner | None) -> SasSigner | 
     return KeySigner(symmetric_key) if symmetric_key is not None else signer
 
 
+#: seconds before a SAS token's expiry that the client reconnects with a fresh one (at most a fifth of its lifetime);
+#: Microsoft's Python SDK renews 120 s before
+TOKEN_RENEWAL_MARGIN = 120.0
+
+
 class HubClient:
     """One device's connection to its IoT hub (``hub_host`` is the ``assignedHub`` DPS returned)."""
 
@@ -207,7 +212,9 @@ class HubClient:
         self._jobs: asyncio.Queue = asyncio.Queue()
         self._worker_task: asyncio.Task | None = None
         self._filters: set[str] = {TWIN_RES + "#"}
+        self._token_renewal: asyncio.TimerHandle | None = None
         self.reconnects = 0
+        self.token_renewals = 0  # reconnects made to present a fresh SAS token before the last one expired
 
     # ---- connection ----
     @property
@@ -236,6 +243,7 @@ class HubClient:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         self._reconnect_task = self._sender_task = self._worker_task = None
+        self._cancel_token_renewal()
         if self._client is not None:
             await self._client.disconnect()
         self._connected.clear()
@@ -276,6 +284,7 @@ class HubClient:
 
     async def _open(self) -> None:
         password = None
+        self._cancel_token_renewal()
         if self._signer is not None:  # a fresh token for every CONNECT (reconnects too)
             password = self._signer.sas_token(f"{self.hub_host}/devices/{self.device_id}", int(time.time()) + self.sas_ttl)
         client = MqttClient(self.hub_host, self.port, self.device_id, username=self.username, password=password,
@@ -290,6 +299,41 @@ class HubClient:
             await client.disconnect()
             raise
         self._connected.set()
+        if password is not None:
+            self._token_renewal = asyncio.get_running_loop().call_later(
+                self.sas_ttl - min(TOKEN_RENEWAL_MARGIN, self.sas_ttl / 5), self._renew_token)
+
+    def _cancel_token_renewal(self) -> None:
+        if self._token_renewal is not None:
+            self._token_renewal.cancel()
+            self._token_renewal = None
+
+    def _renew_token(self) -> None:
+        """The SAS token nears its expiry: reconnect with a fresh one, as Microsoft's SDKs do (IoT Hub closes a
+        connection whose token expired, and opendps' hub does too). Subscriptions are made again; queued telemetry
+        stays queued and goes out on the new connection; a twin request in flight fails with ConnectionLost."""
+        self._token_renewal = None
+        if self._closing or self._switching or not self.connected:
+            return  # disconnected meanwhile: the next CONNECT signs a fresh token anyway
+        self._spawn(self._reconnect_for_token())
+
+    async def _reconnect_for_token(self) -> None:
+        self._switching = True  # the DISCONNECT below is ours: no reconnect loop, no "connection lost" callback
+        try:
+            if self._client is not None:
+                await self._client.disconnect()
+            await self._open()
+            self.token_renewals += 1
+        except ConnectRefused as exc:
+            log.info("%s: reconnect with a renewed SAS token refused: %s", self.device_id, exc)
+            if not self._notify_refused(exc) and self.reconnect:
+                self._schedule_reconnect()
+        except (MqttError, OSError, TimeoutError) as exc:
+            log.info("%s: reconnect with a renewed SAS token failed: %s; retrying", self.device_id, exc)
+            if self.reconnect:
+                self._schedule_reconnect()
+        finally:
+            self._switching = False
 
     async def _subscribe(self, filters: list[str]) -> None:
         if not filters or self._client is None:

@@ -320,7 +320,7 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
     if waiting or proc.poll() is not None:
         proc.kill()
         pytest.fail(f"server did not start listening within 180 s: {(tmp_path / 'server.log').read_text()}")
-    info = invoke_cli(env, "info", "-o", "json")
+    info = invoke_cli(env, "info", "--show-secrets", "-o", "json")
     assert info.returncode == 0, info.stderr
     import json
 

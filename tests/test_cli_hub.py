@@ -302,7 +302,7 @@ def test_invoke_device_method_and_desired_push(server):
 
 
 def test_hub_connection_string_and_login(server):
-    info = ok(server.cli("info", "-o", "json"))
+    info = ok(server.cli("info", "--show-secrets", "-o", "json"))
     [default] = [h for h in info["hubs"] if h["name"] == "default"]
     shown = ok(server.cli("hub", "connection-string", "show"))
     port = urlsplit(server.url).port

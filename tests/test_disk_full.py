@@ -55,7 +55,7 @@ def server(tmp_path_factory):
         if proc.poll() is not None or time.time() >= deadline:
             proc.kill()
             pytest.fail("server did not start: " + "".join(lines))
-        info = json.loads(invoke_cli(env, "info", "-o", "json").stdout)
+        info = json.loads(invoke_cli(env, "info", "--show-secrets", "-o", "json").stdout)
         try:
             yield Server(db_url=db_url, data_dir=tmp_path / "data", url=info["endpoints"]["https"]["url"],
                          connection_string=info["connectionStrings"]["provisioningServiceOwner"],

@@ -47,9 +47,13 @@ def test_init_creates_data_directory_and_info_reports_it(env, tmp_path):
     assert len(base64.b64decode(key_file.read_text())) == 32
     assert stat.S_IMODE((data / "tls" / "server.key").stat().st_mode) == 0o600
 
-    info = _cli(env, "info", "-o", "json")
+    quiet = _cli(env, "info", "-o", "json")  # no key unless asked for
+    assert quiet.returncode == 0 and "SharedAccessKey" not in quiet.stdout and "connectionString" not in quiet.stdout
+    assert [h["name"] for h in json.loads(quiet.stdout)["hubs"]] == ["default"]
+    info = _cli(env, "info", "--show-secrets", "-o", "json")
     assert info.returncode == 0, info.stderr
     doc = json.loads(info.stdout)
+    assert doc["hubs"][0]["connectionString"].startswith("HostName=dps.example.test:9443;SharedAccessKeyName=iothubowner;")
     assert doc["endpoints"]["https"] == {"hostName": "dps.example.test", "port": 9443,
                                          "url": "https://dps.example.test:9443"}
     assert doc["endpoints"]["mqtt"] == {"hostName": "dps.example.test", "port": 9883}
@@ -69,7 +73,8 @@ def test_init_creates_data_directory_and_info_reports_it(env, tmp_path):
     # init is idempotent: same scope and owner key the second time
     assert _cli(env, "init").returncode == 0
     assert json.loads(_cli(env, "info", "-o", "json").stdout)["idScope"] == doc["idScope"]
-    assert json.loads(_cli(env, "info", "-o", "json").stdout)["connectionStrings"] == doc["connectionStrings"]
+    assert json.loads(_cli(env, "info", "--show-secrets", "-o", "json").stdout)["connectionStrings"] == \
+        doc["connectionStrings"]
     table = _cli(env, "info", "-o", "table")
     assert table.returncode == 0 and doc["idScope"] in table.stdout
 

@@ -317,7 +317,9 @@ class Instance:
         host = hub.host_name if port == 443 else f"{hub.host_name}:{port}"
         return sas.connection_string(host, HUB_OWNER_POLICY, second if secondary else primary)
 
-    def info(self) -> dict[str, object]:
+    def info(self, *, secrets: bool = False) -> dict[str, object]:
+        """What an operator or a script needs to reach this installation; ``secrets``: also the owner connection
+        strings (keys that own the service and every hub: printed only when asked, as ``connection-string show``)."""
         st = self.settings
         return {
             "dataDir": str(st.data_dir.resolve()),
@@ -341,8 +343,9 @@ class Instance:
             # where certificates say their status is (None: they name none); {ca} is in each certificate's URL
             "certificateStatus": ({"crl": self.publication.base_url + CRL_PATH, "ocsp": self.publication.ocsp_url}
                                   if self.publication is not None else None),
-            "connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()},
-            "hubs": [{"name": h.name, "hostName": h.host_name, "connectionString": self.hub_connection_string(h.name)}
+            **({"connectionStrings": {"provisioningServiceOwner": self.owner_connection_string()}} if secrets else {}),
+            "hubs": [{"name": h.name, "hostName": h.host_name,
+                      **({"connectionString": self.hub_connection_string(h.name)} if secrets else {})}
                      for h in self.services.hubs.list()],
             "workers": st.workers or None,
             "keyCustody": self.key_custody(),

@@ -440,7 +440,7 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 wait_listening(proc, (https_port, mqtt_port), work / "server.log", banner="opendps listening on")
-                info = subprocess.run([sys.executable, "-m", "opendps", "info", "-o", "json"], env=env,
+                info = subprocess.run([sys.executable, "-m", "opendps", "info", "--show-secrets", "-o", "json"], env=env,
                                       capture_output=True, text=True, check=False)
                 if info.returncode != 0:
                     raise BenchError(f"opendps info failed: {info.stderr.strip()}")

@@ -322,12 +322,15 @@ def serve(data_dir: Path | None, db: str | None, host: str | None, hostname: str
 
 @main.command()
 @data_dir_option
+@click.option("--show-secrets", is_flag=True, default=False,
+              help="Also print the owner connection strings of the service and its hubs (their keys own them).")
 @OUTPUT_OPTION
-def info(data_dir: Path | None, output: str) -> None:
-    """Endpoints, ID scope, server CA path and owner connection strings (for scripts: -o json)."""
+def info(data_dir: Path | None, show_secrets: bool, output: str) -> None:
+    """Endpoints, ID scope, server CA path, nodes; the owner connection strings with --show-secrets (for scripts:
+    -o json)."""
     settings = _settings(data_dir)
     inst = _open(settings, create=False)
-    data = inst.info()
+    data = inst.info(secrets=show_secrets)
     inst.close()
     if output != "table":
         from opendps.cli.output import emit

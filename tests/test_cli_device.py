@@ -262,9 +262,7 @@ def test_device_run_with_a_refused_renewal_is_one_line(server, setup, tmp_path):
     with svc(server) as c:
         key = sym_key(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY})
     store = str(tmp_path / "s")
-    first = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", key, "--store-dir", store,
-                       "--duration", "0.5")
-    assert first.returncode == 0, first.stderr
+    _json(server.cli("device", "provision", "--rid", rid, "--symmetric-key", key, "--store-dir", store))
     with svc(server) as c:
         put(c, f"/enrollments/{rid}", {"attestation": {"type": "symmetricKey"}, "credentialPolicyName": POLICY,
                                        "provisioningStatus": "disabled"}, status=200)
@@ -287,6 +285,10 @@ def test_device_run_renew_now_ends_within_its_duration_when_the_device_never_con
     assert time.monotonic() - started < 30  # was: until killed
     line = _fails(out, f"renewal of {rid!r} was not done within --duration 2 s")
     assert "did not connect" in line and "Traceback" not in out.stderr
+    # without --renew-now too: a bounded run that never reached the hub did not succeed (it exited 0)
+    out = server.cli("device", "run", "--registration-id", rid, "--symmetric-key", wrong, "--store-dir",
+                     str(tmp_path / "s"), "--duration", "1")
+    line = _fails(out, f"{rid!r} did not connect to its hub within --duration 1 s")
 
 
 def test_device_run_reuses_what_provision_stored_and_prints_traffic(server, setup, tmp_path):

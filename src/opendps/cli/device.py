@@ -672,7 +672,8 @@ def simulate(endpoint: Endpoint, output: str, count: int, group_key: str, prefix
               help="Seconds between telemetry messages.")
 @click.option("--renew-now", is_flag=True, default=False, help="Renew once right after connecting (e.g. to test it).")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, show_default=True,
-              help="Stop after this many seconds (0: run until interrupted).")
+              help="Stop after this many seconds (0: run until interrupted); exit non-zero if the device did not "
+                   "connect to its hub meanwhile.")
 @endpoint_options(hub=True)
 def run_agent(endpoint: Endpoint, registration_id: str, certificate_file: Path | None, key_file: Path | None,
               symmetric_key: str | None, group_key: str | None, use_tpm: bool, tcti: str | None, store_dir: Path | None,
@@ -728,7 +729,11 @@ def _run_agent(endpoint: Endpoint, registration_id: str, credential: dict[str, A
                          renewal_method=renewal_method, telemetry_interval=telemetry_interval, hub_options=hub_options,
                          **credential)
 
+    connected = False  # whether the device reached its hub at all during the run
+
     def on_event(name: str, status: Any, details: dict[str, Any]) -> None:
+        nonlocal connected
+        connected = connected or name in ("connected", "reprovisioned", "renewed")
         if details:  # a traffic event
             line = {"event": name, "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                     "deviceId": status.device_id, **details}
@@ -763,6 +768,9 @@ def _run_agent(endpoint: Endpoint, registration_id: str, credential: dict[str, A
                 if renew_now and not renewed:
                     raise CliError(f"renewal of {registration_id!r} was not done within --duration {duration:g} s: "
                                    "the device did not connect (see the lines above)")
+                if not connected:  # a bounded run (a smoke test, firmware CI) that never got there did not succeed
+                    raise CliError(f"{registration_id!r} did not connect to its hub within --duration {duration:g} s "
+                                   "(see the lines above)")
         finally:
             await agent.stop()
             task.cancel()

@@ -14,7 +14,7 @@ from tests.x509_helpers import p384_csr
 from opendps.errors import Conflict, InvalidInput, NotFound
 from opendps.pki import CsrRejected
 from opendps.provisioning.attestation import AttestationFailed, EnrollmentDisabled
-from opendps.store import DeviceRecord, HubDevice, IssuedCertificate, Registration
+from opendps.store import DeviceRecord, HubDevice, IssuedCertificate, Registration, Store
 from opendps.transport.sas import derive_device_key
 
 PREVIEW = "2025-07-01-preview"
@@ -57,6 +57,20 @@ def test_a_csr_registration_issues_once_and_records_everything(services, fleet):
     record = services.devices.get("fleet", rid)
     assert record.certificate_serial == format(leaf.serial_number, "x") and record.hub_host_name == state["assignedHub"]
     assert services.provisioning.get_registration(rid)["etag"] == state["etag"]
+
+
+def test_a_dps_connect_reads_the_configuration_counter_once(services, fleet, monkeypatch):
+    """An MQTT CONNECT's attestation makes several cached lookups (the individual enrollment, the group; an X.509
+    device's verified CAs too): one read of the configuration counter serves them all, as in a registration. Before:
+    each lookup read it again, a SQL statement each."""
+    rid = "dev-connect"
+    credentials = creds(rid, key=derive_device_key(fleet, rid))
+    services.provisioning.authenticate_connection(credentials)  # the caches filled
+    reads: list[object] = []
+    original = Store._read_generation
+    monkeypatch.setattr(Store, "_read_generation", staticmethod(lambda conn: reads.append(conn) or original(conn)))
+    services.provisioning.authenticate_connection(credentials)
+    assert len(reads) == 1
 
 
 def test_a_csr_registration_is_one_transaction_of_few_statements(services, fleet):

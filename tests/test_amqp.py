@@ -17,7 +17,8 @@ import time
 from urllib.parse import quote, unquote
 
 import pytest
-from proton import ConnectionException, Data, Delivery, Message, SSLDomain, Timeout, int32, symbol, ulong
+from cproton import ffi, lib
+from proton import ConnectionException, Data, Delivery, Endpoint, Message, SSLDomain, Timeout, int32, symbol, ulong
 from proton.utils import BlockingConnection, LinkDetached
 from sqlalchemy import select
 from tests.test_device_api import svc
@@ -286,9 +287,11 @@ def test_every_sdks_to_address_reaches_the_device(server):
         client.close()
 
 
-def test_feedback_and_file_notification_receivers_attach_once_authorised_and_stay_idle(server):
+def test_feedback_and_file_notification_receivers_attach_once_authorised(server):
     """Bug 5: C#'s ServiceClient.OpenAsync and C's IoTHubMessaging_LL_Open attach the feedback receiver before
-    sending; refusing it broke both. Served idle (no feedback is recorded); other nodes are still refused."""
+    sending; refusing it broke both. File notifications stay idle (no file upload); other nodes are still refused.
+    A message the device has not acknowledged has no feedback yet (the feedback itself:
+    test_c2d_feedback_reaches_a_receiver_that_completes_it)."""
     sas_device(server, "amqp-feedback-dev")
     port = server.url.rsplit(":", 1)[1]
     client = Amqp(server)
@@ -302,9 +305,9 @@ def test_feedback_and_file_notification_receivers_attach_once_authorised_and_sta
         notifications = client.conn.create_receiver("/messages/serviceBound/filenotifications")  # Java
         state, cond, _ = client.send(client.devicebound(), c2d("amqp-feedback-dev", properties={"iothub-ack": "full"}))
         assert (state, cond) == (Delivery.ACCEPTED, None)
-        for receiver in (feedback, c_feedback, notifications):
-            with pytest.raises(Timeout):
-                receiver.receive(timeout=0.5)
+        assert feedback.link.state & c_feedback.link.state & Endpoint.REMOTE_ACTIVE
+        with pytest.raises(Timeout):
+            notifications.receive(timeout=0.5)
         for attach, address in ((client.conn.create_receiver, "/messages/serviceBound/other"),
                                 (client.conn.create_receiver, "/messages/devicebound"),
                                 (client.conn.create_sender, "/messages/serviceBound/feedback")):
@@ -313,6 +316,79 @@ def test_feedback_and_file_notification_receivers_attach_once_authorised_and_sta
             assert "amqp:not-found" in str(refused.value), address
     finally:
         client.close()
+
+
+def _feedback_for(receiver, message_id: str, timeout: float = 20):
+    """The next feedback message holding ``message_id``'s record, accepting (completing) any other batch on the way
+    (earlier tests' outcomes); (message, its delivery tag, its records)."""
+    deadline = time.time() + timeout
+    while True:
+        message = receiver.receive(timeout=max(0.1, deadline - time.time()))
+        records = json.loads(bytes(message.body))
+        if any(r["originalMessageId"] == message_id for r in records):
+            delivery = receiver.fetcher.unsettled[-1]._impl  # its tag raw: proton's Delivery.tag decodes UTF-8
+            return message, ffi.unpack(lib.pn_delivery_tag(delivery).start, lib.pn_delivery_tag(delivery).size), records
+        receiver.accept()
+
+
+def test_c2d_feedback_reaches_a_receiver_that_completes_it(server):
+    """IoT Hub's message feedback (C#'s FeedbackReceiver, Node's getFeedbackReceiver): a message sent with
+    ``iothub-ack: full`` that the device acknowledges gets a Success record on ``/messages/servicebound/feedback``,
+    in IoT Hub's shape (content type, user-id, ``iothub-enqueuedtime``, a GUID-sized delivery tag, JSON records); one
+    sent without an ack gets none. Released it comes again; accepted it is gone; left unsettled when its connection
+    ends it goes to the next receiver. Before, the link was served idle: every feedback receive timed out."""
+    key = sas_device(server, "amqp-fb-dev")
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        sender = client.devicebound()
+        for mid, ack in (("fb-full", "full"), ("fb-quiet", None), ("fb-again", "positive")):
+            props = {"iothub-ack": ack} if ack else {}
+            assert client.send(sender, c2d("amqp-fb-dev", id=mid, properties=props))[0] == Delivery.ACCEPTED
+        device = Client(server, "amqp-fb-dev", hub_username("amqp-fb-dev"),
+                        password=sas.generate(f"{HUB}/devices/amqp-fb-dev", key))
+        try:
+            device.subscribe("devices/amqp-fb-dev/messages/devicebound/#")
+            for _ in range(3):  # paho acknowledges each (PUBACK): the device completed them
+                device.expect("devices/amqp-fb-dev/messages/devicebound/")
+        finally:
+            device.close()
+        receiver = client.conn.create_receiver("/messages/serviceBound/feedback")
+        message, tag, records = _feedback_for(receiver, "fb-full")
+        assert message.content_type == "application/vnd.microsoft.iothub.feedback.json"
+        assert bytes(message.user_id) == b"default" and len(tag) == 16
+        assert abs(message.annotations[symbol("iothub-enqueuedtime")] / 1000 - time.time()) < 60
+        mine = {r["originalMessageId"]: r for r in records if r["deviceId"] == "amqp-fb-dev"}
+        assert set(mine) == {"fb-full", "fb-again"}  # not the one sent without an ack
+        assert mine["fb-full"]["statusCode"] == "Success" and mine["fb-full"]["description"] == "Success"
+        assert mine["fb-full"]["deviceGenerationId"] and mine["fb-full"]["enqueuedTimeUtc"].endswith("Z")
+        receiver.release()  # abandoned: delivered again
+        again, _, records = _feedback_for(receiver, "fb-full")
+        assert {r["originalMessageId"] for r in records} >= {"fb-full", "fb-again"}
+        receiver.accept()  # completed: gone
+        with pytest.raises(Timeout):
+            receiver.receive(timeout=2.5)
+        assert client.send(sender, c2d("amqp-fb-dev", id="fb-unsettled", properties={"iothub-ack": "full"}))[0] \
+            == Delivery.ACCEPTED
+        device = Client(server, "amqp-fb-dev", hub_username("amqp-fb-dev"),
+                        password=sas.generate(f"{HUB}/devices/amqp-fb-dev", key))
+        try:
+            device.subscribe("devices/amqp-fb-dev/messages/devicebound/#")
+            device.expect("devices/amqp-fb-dev/messages/devicebound/")
+        finally:
+            device.close()
+        _feedback_for(receiver, "fb-unsettled")  # received, never settled: the connection ends
+    finally:
+        client.close()
+    later = Amqp(server)
+    try:
+        assert later.put_token(hub_owner_token(server))[0] == 200
+        receiver = later.conn.create_receiver("/messages/serviceBound/feedback")
+        _, _, records = _feedback_for(receiver, "fb-unsettled")
+        assert [r["statusCode"] for r in records if r["originalMessageId"] == "fb-unsettled"] == ["Success"]
+        receiver.accept()
+    finally:
+        later.close()
 
 
 # the C service SDK's SASL PLAIN authcid: {keyName}@sas.root.{hubName} (the host name's first label)

@@ -182,6 +182,11 @@ def test_c2d_message_send(server):
             "'cli-c2d-none' does not exist", "HTTP 404")
     refused(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d", "--props", "novalue"), "name=value")
     refused(server.cli("hub", "c2d-message", "send", "-d", "cli-c2d", "--ttl", "0"), "--ttl")
+    # az iot device c2d-message purge: the offline message above goes
+    purged = ok(server.cli("hub", "c2d-message", "purge", "-d", "cli-c2d"))
+    assert purged["deviceId"] == "cli-c2d" and purged["totalMessagesPurged"] == 1, purged
+    assert ok(server.cli("hub", "c2d-message", "purge", "-d", "cli-c2d"))["totalMessagesPurged"] == 0
+    refused(server.cli("hub", "c2d-message", "purge", "-d", "cli-c2d-none"), "'cli-c2d-none' does not exist", "HTTP 404")
 
 
 def test_consecutive_c2d_messages_reach_a_connected_device(server):
@@ -297,6 +302,9 @@ def test_invoke_device_method_and_desired_push(server):
     wait_connection_state(server, "cli-method", "Disconnected")
     refused(server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "reboot", "--to", "5"),
             "not connected", "HTTP 404")
+    # az's --method-connect-timeout: the call waits that long for the device to connect, then says why it gave up
+    refused(server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "reboot", "--mct", "1"),
+            "timed out waiting for device 'cli-method' to connect", "HTTP 404")
     refused(server.cli("hub", "invoke-device-method", "-d", "cli-method", "--mn", "x", "--mp", "{bad"),
             "--method-payload is not valid JSON")
 
@@ -426,7 +434,7 @@ def test_device_twin_replace(server, tmp_path):
             "reserved or invalid", "HTTP 400")
 
     deep: dict = {"leaf": 1}
-    for _ in range(10):
+    for _ in range(11):  # eleven levels of objects under desired
         deep = {"n": deep}
     with svc(server) as c:
         for body, words in (({"tags": [1]}, "tags must be a JSON object"),

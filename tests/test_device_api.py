@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import ssl
 import subprocess
 import threading
@@ -401,6 +402,9 @@ def test_symmetric_key_refusals(server, tmp_path):
     now = int(time.time())
     expired = sas.generate(f"{server.id_scope}/registrations/sas-refusals", key, ttl=-3600, now=now)
     tampered = device_sas(server.id_scope, "sas-refusals", key).replace("&se=", "&se=1")
+
+    def with_se(text: str) -> str:
+        return re.sub(r"&se=[0-9]+", f"&se={text}", device_sas(server.id_scope, "sas-refusals", key))
     cases = [
         (device_sas(server.id_scope, "sas-refusals", wrong), 401, "does not verify"),
         (expired, 401, "expired"),
@@ -408,6 +412,17 @@ def test_symmetric_key_refusals(server, tmp_path):
         (device_sas(server.id_scope, "someone-else", key), 401, "does not name"),
         (device_sas("0ne00000000", "sas-refusals", key), 401, "does not name"),
         ("SharedAccessSignature garbage", 401, "invalid"),
+        # the audience of another service or shape, and se in forms no SDK sends: each a named 401, never a 500
+        (sas.generate("localhost/devices/sas-refusals", key), 401, "does not name"),
+        (sas.generate(f"{server.id_scope}/registrations/sas-refusals/", key), 401, "does not name"),
+        (sas.generate(f"{server.id_scope}/registrations", key), 401, "does not name"),
+        (with_se("soon"), 401, "not an integer"),
+        (with_se("9" * 5000), 401, "not an integer"),
+        (device_sas(server.id_scope, "sas-refusals", key) + f"&se={now + 3600}", 401, "given twice"),
+        (re.sub(r"&sig=[^&]*", "&sig=%%%ZZ", device_sas(server.id_scope, "sas-refusals", key)), 401, "does not verify"),
+        (sas.generate(f"{server.id_scope}/registrations/sas-refusals",
+                      sas.parse_connection_string(server.connection_string)["SharedAccessKey"],
+                      key_name="provisioningserviceowner"), 401, "does not verify"),  # a service policy's key
     ]
     with device(server) as d:
         for token, status, words in cases:

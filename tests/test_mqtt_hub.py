@@ -19,8 +19,10 @@ import subprocess
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import httpx
@@ -396,6 +398,99 @@ def test_sas_device_and_hub_refusals(server, tmp_path):
     again.close()
 
 
+def test_a_sas_session_closes_when_its_token_expires(server):
+    """IoT Hub disconnects a device when its SAS token expires (its 401003 troubleshooting page; some SDKs renew only
+    then). Before, the token was checked at CONNECT only: the session lived on for as long as the device stayed, also
+    after its key was regenerated. The CONNECT check allows se + 300 s of clock skew, so the session lasts as long."""
+    device_id = "sas-expiring"
+    key = sas_device(server, device_id)
+    skew = sas.DEFAULT_SKEW_SECONDS
+    lapsing = sas.generate(f"{HUB}/devices/{device_id}", key, ttl=-skew + 2)  # still accepted, for 2 s more
+    c = Client(server, device_id, hub_username(device_id), password=lapsing)
+    assert c.rc == 0
+    gone = threading.Event()
+    c.c.on_disconnect = lambda *a: gone.set()
+    c.subscribe("$iothub/methods/POST/#")
+    assert gone.wait(10), "the session outlived its SharedAccessSignature"
+    c.c.loop_stop()
+    again = Client(server, device_id, hub_username(device_id), password=lapsing)
+    assert again.rc == 4, again.rc  # and the token opens nothing any more
+    again.close()
+    # a token far in the future (any integer se) keeps its session: the timer does not overflow or fire early
+    lasting = Client(server, device_id, hub_username(device_id),
+                     password=sas.token(f"{HUB}/devices/{device_id}",
+                                        sas.sign(key, f"{HUB}%2Fdevices%2F{device_id}\n{10**30}"), 10**30))
+    assert lasting.rc == 0
+    lasting.subscribe("$iothub/methods/POST/#")
+    lasting.close()
+
+
+def test_hub_sas_edge_cases_and_policy_tokens(server):
+    """Device tokens at the hub: what IoT Hub takes (any case of the host and id, either key — also once they are
+    swapped — and a token of the hub's iothubowner policy, which has DeviceConnect: its token services mint such
+    tokens) and what it refuses with CONNACK 4 (bad user name or password). Before, ``skn`` was ignored: a token of
+    the hub's policy was refused, and a device-key token naming any policy was taken."""
+    device_id = "sas-edges"
+    key = sas_device(server, device_id)
+    with svc(server) as c:
+        secondary = c.get(f"/devices/{device_id}").json()["authentication"]["symmetricKey"]["secondaryKey"]
+        owner = c.get("/linkedHubs/default/keys").json()
+    resource = f"{HUB}/devices/{device_id}"
+    se = int(time.time()) + 3600
+
+    def signed(sr: str, with_key: str, expiry: object = se, extra: str = "") -> str:
+        """A token over ``sr`` exactly as given (its encoding, its case) and ``se`` as given (any text)."""
+        signature = quote(sas.sign(with_key, f"{sr}\n{expiry}"), safe="")
+        return f"SharedAccessSignature sr={sr}&sig={signature}&se={expiry}{extra}"
+
+    encoded = quote(resource, safe="")
+    cases = [
+        ("device key", sas.generate(resource, key), 0),
+        ("secondary key", sas.generate(resource, secondary), 0),
+        ("upper-case host, lower-case hex (the C SDK)", signed(f"{HUB.upper()}%2fdevices%2f{device_id}", key), 0),
+        ("policy token", sas.generate(resource, owner["primaryKey"], "iothubowner"), 0),
+        ("policy token, secondary key", sas.generate(resource, owner["secondaryKey"], "iothubowner"), 0),
+        ("device key naming the policy", sas.generate(resource, key, "iothubowner"), 4),
+        ("device key naming another policy", sas.generate(resource, key, "device"), 4),
+        ("policy key without skn", sas.generate(resource, owner["primaryKey"]), 4),
+        ("policy of another name", sas.generate(resource, owner["primaryKey"], "service"), 4),
+        ("expired", sas.generate(resource, key, ttl=-sas.DEFAULT_SKEW_SECONDS - 5), 4),
+        ("se not a number", signed(encoded, key, "soon"), 4),
+        ("se past any clock", signed(encoded, key, "9" * 5000), 4),
+        ("se negative", signed(encoded, key, -1), 4),
+        ("se given twice", signed(encoded, key, extra=f"&se={se}"), 4),
+        ("sig not base64", f"SharedAccessSignature sr={encoded}&sig=%%%ZZ&se={se}", 4),
+        ("trailing slash", sas.generate(resource + "/", key), 4),
+        ("the hub only", sas.generate(HUB, key), 4),
+        ("another device", sas.generate(f"{HUB}/devices/sas-edges-other", key), 4),
+        ("another hub", sas.generate(f"elsewhere.example/devices/{device_id}", key), 4),
+        ("the DPS audience", sas.generate(f"{server.id_scope}/registrations/{device_id}", key), 4),
+        ("not a token", "hunter2", 4),
+    ]
+    for case, password, code in cases:
+        c = Client(server, device_id, hub_username(device_id), password=password)
+        assert c.rc == code, (case, c.rc)
+        c.close()
+    # keys swapped (Azure's key regeneration flow: the old primary is the secondary now) still sign; new keys do not
+    with svc(server) as c:
+        r = c.put(f"/devices/{device_id}", headers={"If-Match": "*"}, json={
+            "deviceId": device_id, "authentication": {"type": "sas", "symmetricKey": {
+                "primaryKey": secondary, "secondaryKey": key}}})
+        assert r.status_code == 200, r.text
+    for password, code in [(sas.generate(resource, key), 0), (sas.generate(resource, secondary), 0)]:
+        c = Client(server, device_id, hub_username(device_id), password=password)
+        assert c.rc == code
+        c.close()
+    with svc(server) as c:
+        r = c.put(f"/devices/{device_id}", headers={"If-Match": "*"}, json={
+            "deviceId": device_id, "authentication": {"type": "sas", "symmetricKey": {
+                "primaryKey": base64.b64encode(b"n" * 32).decode(), "secondaryKey": base64.b64encode(b"m" * 32).decode()}}})
+        assert r.status_code == 200, r.text
+    c = Client(server, device_id, hub_username(device_id), password=sas.generate(resource, key))
+    assert c.rc == 4
+    c.close()
+
+
 def write_pem(path: Path, certs: list[x509.Certificate]) -> Path:
     path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
     return path
@@ -707,7 +802,7 @@ def test_deep_json_over_mqtt_is_answered_not_logged_as_a_traceback(server):
     d.publish("$iothub/twin/PATCH/properties/reported/?$rid=deep1", deep)
     topic, payload = d.expect("$iothub/twin/res/")
     assert topic == "$iothub/twin/res/400/?$rid=deep1" and "nested more than" in json.loads(payload)["message"]
-    eleven = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": {"k": 1}}}}}}}}}}}
+    eleven = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": {"k": {"l": 1}}}}}}}}}}}}  # 11 below
     d.publish("$iothub/twin/PATCH/properties/reported/?$rid=deep2", json.dumps(eleven))
     topic, payload = d.expect("$iothub/twin/res/")
     assert topic == "$iothub/twin/res/400/?$rid=deep2" and "more than 10 levels" in json.loads(payload)["message"]
@@ -717,6 +812,85 @@ def test_deep_json_over_mqtt_is_answered_not_logged_as_a_traceback(server):
     d.close()
     log = (server.data_dir.parent / "server.log").read_text()
     assert "Traceback" not in log and "RecursionError" not in log
+
+
+def test_direct_method_timeouts_limits_and_a_device_that_subscribes_after_the_call(server):
+    """IoT Hub's Invoke Device Method: connectTimeoutInSeconds (0-300, default 0) waits for a device that is not
+    listening yet — it was ignored (and not even checked): a device subscribing a moment after the call was a 404; a
+    device that does not exist is 404001 DeviceNotFound, not 404103 "not connected"; a payload over IoT Hub's 128 KB
+    is refused (it was handed to the device, up to the 1 MB body limit)."""
+    key = sas_device(server, "late-sub")
+    with svc(server) as c:
+        def invoke(device: str, **body):
+            return c.post(f"/twins/{device}/methods", json={"methodName": "ping", **body})
+
+        r = invoke("nobody-at-all", connectTimeoutInSeconds=5)
+        assert (r.status_code, r.json()["errorCode"]) == (404, 404001), r.text
+        assert invoke("nobody-at-all").json()["errorCode"] == 404001
+        assert invoke("late-sub").json()["errorCode"] == 404103  # exists, not connected
+        for bad in (301, -1, "5", True):
+            r = invoke("late-sub", connectTimeoutInSeconds=bad)
+            assert r.status_code == 400 and "connectTimeoutInSeconds must be within [0; 300]" in r.text, r.text
+        r = invoke("late-sub", payload="x" * (128 * 1024))
+        assert r.status_code == 400 and "'payload' must be at most 131072 bytes" in r.text, r.text
+        started = time.monotonic()
+        r = invoke("late-sub", connectTimeoutInSeconds=1, responseTimeoutInSeconds=5)
+        assert r.json()["errorCode"] == 404103 and "timed out waiting for device 'late-sub'" in r.text, r.text
+        assert 1 <= time.monotonic() - started < 4
+        d = sas_client(server, "late-sub", key)  # connected, not subscribed yet
+
+        def subscribe_and_answer() -> None:
+            time.sleep(0.5)
+            d.subscribe("$iothub/methods/POST/#")
+            topic, payload = d.expect("$iothub/methods/POST/")
+            d.publish(f"$iothub/methods/res/200/?$rid={topic.partition('$rid=')[2]}", payload)
+
+        t = threading.Thread(target=subscribe_and_answer)
+        t.start()
+        try:
+            r = invoke("late-sub", payload={"big": "y" * 100_000}, connectTimeoutInSeconds=20, responseTimeoutInSeconds=20)
+        finally:
+            t.join(30)
+            d.close()
+        assert r.status_code == 200 and r.json() == {"status": 200, "payload": {"big": "y" * 100_000}}, r.text[:300]
+
+
+def test_twin_rules_as_iot_hub_documents_them_and_concurrent_patches_reach_the_device_in_order(server):
+    """IoT Hub's documented deepest valid twin (tags.one...ten holding a property) was refused, and so were reported
+    properties of 12,000 CJK characters (their JSON escapes were counted); concurrent desired PATCHes reached the
+    device out of version order now and then (a later value overwritten on the device by an earlier one)."""
+    documented: dict = {"property": "value"}
+    for name in ("ten", "nine", "eight", "seven", "six", "five", "four", "three", "two", "one"):
+        documented = {name: documented}
+    key = sas_device(server, "order-dev")
+    d = sas_client(server, "order-dev", key)
+    try:
+        d.subscribe("$iothub/twin/res/#", "$iothub/twin/PATCH/properties/desired/#")
+        d.publish("$iothub/twin/PATCH/properties/reported/?$rid=big", json.dumps({"text": "漢" * 12_000, **documented}))
+        assert d.expect("$iothub/twin/res/")[0].startswith("$iothub/twin/res/204/?$rid=big&$version="), "refused"
+        with svc(server) as c:
+            r = c.patch("/twins/order-dev", json={"tags": documented, "properties": {"desired": {"start": 0}}})
+            assert r.status_code == 200, r.text
+            first = r.json()["properties"]["desired"]["$version"]
+
+            def patch(i: int) -> int:
+                with svc(server) as each:
+                    answer = each.patch("/twins/order-dev", json={"properties": {"desired": {"same": i}}})
+                    assert answer.status_code == 200, answer.text
+                    return answer.json()["properties"]["desired"]["$version"]
+
+            with ThreadPoolExecutor(16) as pool:
+                versions = sorted(pool.map(patch, range(48)))
+            assert versions == list(range(first + 1, first + 49))
+            last = c.get("/twins/order-dev").json()["properties"]["desired"]["same"]
+        pushed = []
+        while len(pushed) < 49:
+            topic, payload = d.expect("$iothub/twin/PATCH/properties/desired/")
+            pushed.append((int(topic.rpartition("=")[2]), json.loads(payload)))
+        assert [v for v, _ in pushed] == list(range(first, first + 49)), [v for v, _ in pushed]
+        assert pushed[-1][1] == {"same": last, "$version": first + 48}  # the device ends with the twin's value
+    finally:
+        d.close()
 
 
 class RawMqtt:
@@ -919,3 +1093,28 @@ def test_refused_subscriptions_write_one_log_line_per_connection(server):
     log = (server.data_dir.parent / "server.log").read_text()
     assert log.count("device 'subflood-dev': subscription to") == 1, log.count("device 'subflood-dev': subscription to")
     assert "device 'subflood-dev': subscription to 'not/allowed/0' refused" in log
+
+
+def test_c2d_purge_and_a_deleted_device_take_its_queue_with_them(server):
+    """``DELETE /devices/{id}/commands`` (IoT Hub's purge, C#'s ``PurgeMessageQueueAsync``) empties one device's queue;
+    deleting a device deletes its queue, so a device created again with the id is not handed the old one's messages
+    (it was: no foreign key ties the queue to the identity)."""
+    sas_device(server, "purge-dev")
+    with svc(server) as c:
+        for body in (b"old-1", b"old-2"):
+            assert c.post("/devices/purge-dev/messages/deviceBound", content=body).status_code == 202
+        r = c.delete("/devices/Purge-Dev/commands")
+        assert r.status_code == 200 and r.json()["totalMessagesPurged"] == 2, r.text
+        r = c.delete("/devices/nobody-dev/commands")
+        assert r.status_code == 404 and r.json()["errorCode"] // 1000 == 404, r.text
+        assert c.post("/devices/purge-dev/messages/deviceBound", content=b"before-delete").status_code == 202
+        assert c.delete("/devices/purge-dev").status_code == 204
+    key = sas_device(server, "purge-dev")
+    with svc(server) as c:
+        assert c.post("/devices/purge-dev/messages/deviceBound", content=b"fresh").status_code == 202
+    d = sas_client(server, "purge-dev", key)
+    try:
+        d.subscribe("devices/purge-dev/messages/devicebound/#")
+        assert d.expect("devices/purge-dev/messages/devicebound/")[1] == b"fresh"  # first: nothing purged or deleted
+    finally:
+        d.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ssl
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tests.conftest import _run_server, database
 from tests.test_device_api import PREVIEW, assert_nothing_left, device_sas, svc
+from tests.test_mqtt_hub import Client, hub_username
 from tests.unit.provisioning.test_tpm_attestation import ModelTpm
 from tests.unit.test_tpm_crypto import SRK_ATTRIBUTES, b64, ecc_public_area, rsa_public_area
 
@@ -32,6 +34,7 @@ from opendps.pki.tpm import (
     hmac_key_public,
     tpm2b,
 )
+from opendps.transport import sas as sas_module
 
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
@@ -178,10 +181,28 @@ def test_a_replaced_tpm_cannot_register_with_the_key_it_imported(server, dps, de
     refused(register(server, dps, rid, None, sas), 401, 401002, "does not verify")
     refused(register(server, dps, rid, new_tpm.evidence["tpm"], sas), 401, 401002, "does not verify")
     refused(register(server, dps, rid, device_tpm.evidence["tpm"], sas), 401, 401002, "not the one enrolled")
+    # the hub identity is DPS's last assignment until the device registers again, as in Azure (an enrollment change
+    # does not touch the hub: deprovisioning is disabling the device there too): the old TPM still connects with a
+    # token its key signs, for the token's life (a SAS session closes when its token expires)
+    old_hub_token = sas_module.generate(f"localhost/devices/{rid}", old_key, ttl=-sas_module.DEFAULT_SKEW_SECONDS + 2)
+    old_session = Client(server, rid, hub_username(rid), password=old_hub_token)
+    assert old_session.rc == 0
+    gone = threading.Event()
+    old_session.c.on_disconnect = lambda *a: gone.set()
     new_key = answer(server, dps, rid, new_tpm)
     assert new_key != old_key
     r = register(server, dps, rid, new_tpm.evidence["tpm"], device_sas(server.id_scope, rid, new_key))
     assert r.status_code == 202 and r.json()["status"] == "assigned", r.text
+    # the new TPM's registration gave the identity the new TPM's key: the old one's no longer opens a session, and
+    # its open one ends with its token (checked before the new TPM connects, which would displace it)
+    c = Client(server, rid, hub_username(rid), password=sas_module.generate(f"localhost/devices/{rid}", old_key))
+    assert c.rc == 4
+    c.close()
+    assert gone.wait(10), "the old TPM's session outlived its token"
+    old_session.c.loop_stop()
+    c = Client(server, rid, hub_username(rid), password=sas_module.generate(f"localhost/devices/{rid}", new_key))
+    assert c.rc == 0
+    c.close()
 
 
 def test_an_enrolled_storage_root_key_is_held_to(server, dps, device_tpm):

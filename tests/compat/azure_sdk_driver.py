@@ -6,6 +6,8 @@ the result. Commands:
 * ``provision`` — ProvisioningDeviceClient.register() (symmetric key or X.509).
 * ``device`` — IoTHubDeviceClient: telemetry, twin get + reported patch, then prints ``ready`` and waits for the
   desired patches, direct methods and C2D messages named in ``expect`` (the test sends them from the service side).
+  ``sastoken_ttl`` is passed to the client (its SAS renewal reconnects 120 s before the token expires); each change of
+  the client's connection state is printed as ``connection`` with ``connected``.
 * ``registry`` — IoTHubRegistryManager: a list of ``[method name, kwargs]`` calls, each result as a dict
   (``send_c2d_message`` over AMQP on 5671, trusting ``ca_file`` as its root).
 """
@@ -71,10 +73,15 @@ def device(args: dict) -> dict:
     common = {"hostname": args["hostname"], "device_id": args["device_id"], "server_verification_cert": args["ca"],
               "websockets": args.get("websockets", False)}
     if "key" in args:
+        if "sastoken_ttl" in args:
+            common["sastoken_ttl"] = args["sastoken_ttl"]
         client = IoTHubDeviceClient.create_from_symmetric_key(symmetric_key=args["key"], **common)
     else:
         client = IoTHubDeviceClient.create_from_x509_certificate(x509=x509_of(args), **common)
     received: queue.Queue = queue.Queue()
+
+    def on_connection() -> None:
+        received.put(("connection", {"connected": client.connected, "at": time.time()}))
 
     def on_desired(patch: dict) -> None:
         received.put(("desired", {"patch": patch}))
@@ -93,6 +100,7 @@ def device(args: dict) -> dict:
     client.on_twin_desired_properties_patch_received = on_desired
     client.on_method_request_received = on_method
     client.on_message_received = on_message
+    client.on_connection_state_change = on_connection
     try:
         client.connect()
         emit(event="connected")
@@ -149,7 +157,7 @@ def registry(args: dict) -> dict:
             spec = kwargs.pop("method")
             kwargs["direct_method_request"] = CloudToDeviceMethod(
                 method_name=spec["name"], payload=spec.get("payload"),
-                response_timeout_in_seconds=spec.get("timeout", 30))
+                response_timeout_in_seconds=spec.get("timeout", 30), connect_timeout_in_seconds=spec.get("connect_timeout"))
         try:
             value = getattr(manager, name)(**kwargs)
         except Exception as exc:  # noqa: BLE001

@@ -165,11 +165,16 @@ def test_registry_manager_devices_twins_and_methods(azure_python, compat_server)
     key = provision_sas(azure_python, compat_server, "az-rm-method")
     sdk = start_sdk(azure_python, "device", {"hostname": "localhost", "device_id": "az-rm-method", "ca": compat_server.ca_pem,
                                              "key": key, "expect": ["method"]})
-    assert sdk.next("ready").get("event") == "ready", sdk.seen
+    # invoked while the device SDK may still be connecting and subscribing: connect_timeout_in_seconds waits for it,
+    # as IoT Hub does; a device that does not exist is DeviceNotFound (404001) at once
     out = run_sdk(azure_python, "registry", {"connection_string": cs, "ca_file": ca_file, "calls": [
-        ["invoke_device_method", {"device_id": "az-rm-method", "method": {"name": "blink", "payload": {"times": 3}}}]]})
-    assert out["ok"], out
-    assert out["results"][0]["value"] == {"status": 200, "payload": {"method": "blink", "got": {"times": 3}}}
+        ["invoke_device_method", {"device_id": "az-rm-method", "method": {"name": "blink", "payload": {"times": 3},
+                                                                         "connect_timeout": 60}}],
+        ["invoke_device_method", {"device_id": "az-rm-nobody", "method": {"name": "blink", "connect_timeout": 30}}]]})
+    assert sdk.next("ready").get("event") == "ready", sdk.seen
+    assert out["results"][0]["value"] == {"status": 200, "payload": {"method": "blink", "got": {"times": 3}}}, out
+    missing = out["results"][1]
+    assert not missing["ok"] and missing["status_code"] == 404 and "404001" in missing["body"], out
     got = sdk.next("method")
     assert (got.get("name"), got.get("payload")) == ("blink", {"times": 3}), sdk.seen
     assert sdk.result().get("ok"), sdk.seen
@@ -202,3 +207,48 @@ def test_registry_manager_sends_c2d_over_amqp(azure_python, compat_server):
     while pending_c2d(compat_server) and time.time() < deadline:  # the device's PUBACK deletes it
         time.sleep(0.1)
     assert pending_c2d(compat_server) == 0
+
+
+def test_sas_renewal_keeps_desired_patches_methods_and_c2d(azure_python, compat_server):
+    """azure-iot-device renews its hub SAS token 120 s before it expires by reconnecting (clean session 0, no new
+    SUBSCRIBE) with the new token. With sastoken_ttl=125 (the SDK has no minimum; below 120 s it would renew in a
+    loop) that is 5 s after connecting, then every 5 s: desired patches, methods and C2D must reach it across each
+    renewal, as IoT Hub keeps the session's subscriptions (the Node SDK's renewal lost them before they were kept)."""
+    device_id = "az-hub-sas-renewal"
+    key = provision_sas(azure_python, compat_server, device_id)
+    sdk = start_sdk(azure_python, "device", {
+        "hostname": "localhost", "device_id": device_id, "ca": compat_server.ca_pem, "key": key, "sastoken_ttl": 125,
+        "expect": ["desired", "desired", "method", "c2d", "desired"], "timeout": 120})
+    try:
+        assert sdk.next("ready").get("event") == "ready", sdk.seen
+        assert sdk.next("desired").get("patch") == {"interval": 60, "$version": 1}, sdk.seen
+
+        def renewed() -> float:
+            """Wait for a reconnect (a disconnect, then a connect): its time."""
+            while sdk.next("connection", timeout=30).get("connected", True):
+                pass
+            back = sdk.next("connection", timeout=30)
+            assert back.get("connected") is True, sdk.seen
+            return back["at"]
+
+        renewed()
+        with svc(compat_server) as c:
+            r = c.patch(f"/twins/{device_id}", json={"properties": {"desired": {"interval": 7}}})
+            assert r.status_code == 200, r.text
+            assert sdk.next("desired", timeout=10).get("patch", {}).get("interval") == 7, sdk.seen
+            r = c.post(f"/twins/{device_id}/methods", json={"methodName": "reboot", "payload": {"n": 1},
+                                                            "responseTimeoutInSeconds": 10})
+            assert r.status_code == 200 and r.json()["payload"]["got"] == {"n": 1}, r.text
+            r = c.post(f"/devices/{device_id}/messages/deviceBound", content=b"across the renewal")
+            assert r.status_code == 202, r.text
+            assert sdk.next("c2d", timeout=10).get("data") == "across the renewal", sdk.seen
+        renewed()  # and the next renewal too
+        with svc(compat_server) as c:
+            r = c.patch(f"/twins/{device_id}", json={"properties": {"desired": {"interval": 8}}})
+            assert r.status_code == 200, r.text
+        assert sdk.next("desired", timeout=10).get("patch", {}).get("interval") == 8, sdk.seen
+        result = sdk.result()
+        assert result.get("ok"), (result, sdk.seen)
+    finally:
+        if sdk.proc.poll() is None:
+            sdk.proc.kill()

@@ -443,13 +443,17 @@ def hub_query(hub: HubClient, output: str, query_command: str, top: int | None) 
 @click.option("--timeout", "--to", "--method-response-timeout", "--mrt", "timeout",
               type=click.IntRange(1, MAX_METHOD_TIMEOUT), default=30, show_default=True,
               help="Seconds to wait for the device's answer (1-300).")
+@click.option("--method-connect-timeout", "--mct", "connect_timeout", type=click.IntRange(0, MAX_METHOD_TIMEOUT),
+              default=0, show_default=True,
+              help="Seconds to wait for a device that is not connected (or not listening for methods) to be (0-300).")
 @hub_command
 def invoke_device_method(hub: HubClient, output: str, device_id: str, method_name: str, method_payload: str,
-                         timeout: int) -> None:
+                         timeout: int, connect_timeout: int) -> None:
     """Call a direct method on a connected device and print its answer (status and payload)."""
     body = {"methodName": method_name, "payload": parse_json_value(method_payload, "--method-payload"),
-            "responseTimeoutInSeconds": timeout}
-    answer = hub.request("POST", api_path("twins", device_id, "methods"), json=body, timeout=timeout + HTTP_MARGIN)
+            "responseTimeoutInSeconds": timeout, "connectTimeoutInSeconds": connect_timeout}
+    answer = hub.request("POST", api_path("twins", device_id, "methods"), json=body,
+                         timeout=connect_timeout + timeout + HTTP_MARGIN)
     emit(answer, output, ["status", "payload"])
 
 
@@ -503,6 +507,15 @@ def c2d_send(hub: HubClient, output: str, device_id: str, data: str | None, data
         headers[f"iothub-app-{name}"] = value
     answer = hub.request("POST", _device_path(device_id, "messages", "deviceBound"), content=body, headers=headers)
     emit(answer, output, ["messageId"])
+
+
+@c2d_message.command("purge")
+@DEVICE_ID
+@hub_command
+def c2d_purge(hub: HubClient, output: str, device_id: str) -> None:
+    """Delete every message waiting for a device (as ``az iot device c2d-message purge``); print how many."""
+    answer = hub.request("DELETE", _device_path(device_id, "commands"))
+    emit(answer, output, ["deviceId", "totalMessagesPurged"])
 
 
 # ---------------------------------------------------------------- monitor-events

@@ -27,10 +27,17 @@ What azure-iot-hub's ``IoTHubRegistryManager.send_c2d_message`` (uamqp) does, an
    ``com.microsoft:timeout`` (the database away for now: the condition the SDKs retry). A put-token or a SASL PLAIN
    credential that cannot be judged for now gets status 503 or the SASL outcome ``sys-temp``.
 
-4. Receiver links on ``/messages/servicebound/feedback`` (C#'s ``ServiceClient.OpenAsync`` and C's
-   ``IoTHubMessaging_LL_Open`` always attach it) and ``/messages/servicebound/filenotifications`` are accepted
-   once authorised and stay idle: the queue deletes a message on the device's PUBACK and keeps no delivery
-   outcome to report, and there is no file upload. A feedback receive therefore times out empty.
+4. A receiver link on ``/messages/servicebound/feedback`` (C#'s ``ServiceClient.OpenAsync`` and C's
+   ``IoTHubMessaging_LL_Open`` always attach it; C#'s ``GetFeedbackReceiver``, Node's ``getFeedbackReceiver``
+   read it) gets the hub's C2D feedback (:mod:`opendps.hub.feedback`): while the peer grants credit, the hub's
+   oldest records are claimed (locked) and sent as one message — content type
+   ``application/vnd.microsoft.iothub.feedback.json``, ``user-id`` the hub's name, the message annotation
+   ``iothub-enqueuedtime`` (C# casts it to a DateTime, so it must be there), a 16-byte delivery tag (C# reads it as
+   the batch's lock token GUID) — one batch at a time. Accepted completes (deletes) the records; released, rejected,
+   modified or the link ending first abandons them (sent again); a receiver that never settles holds them until the
+   lock lapses. The store is polled (``feedback_poll``) because the records are written wherever the device is
+   connected, on any worker or node. ``/messages/servicebound/filenotifications`` is accepted and stays idle: there
+   is no file upload.
 
 Not served: AMQP over WebSockets and device AMQP — attaches to other nodes are refused with ``amqp:not-found``.
 """
@@ -60,10 +67,13 @@ from opendps.errors import (
 from opendps.frontends.runtime import Runtime
 from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.hub import DEFAULT_HUB, QueueFull
+from opendps.hub.feedback import CONTENT_TYPE as FEEDBACK_CONTENT_TYPE
+from opendps.hub.feedback import FeedbackBatch
 from opendps.hub.messaging import time_to_live
 from opendps.hub.registry import check_device_id
 from opendps.transport import sas, shown
 from opendps.transport.amqp import (
+    ACCEPTED,
     INTERNAL_ERROR,
     INVALID_FIELD,
     MESSAGE_SIZE_EXCEEDED,
@@ -84,14 +94,18 @@ from opendps.transport.amqp import (
     decimal64,
     decimal128,
     int32,
+    symbol,
+    timestamp,
 )
 
 log = logging.getLogger("opendps.amqp")
 
 CBS_NODE = "$cbs"
 DEVICEBOUND = "/messages/devicebound"
-# receivers the SDKs open alongside C2D sends; served idle (no feedback is recorded, no file upload exists)
-IDLE_SOURCES = ("/messages/servicebound/feedback", "/messages/servicebound/filenotifications")
+FEEDBACK = "/messages/servicebound/feedback"
+# receivers the SDKs open alongside C2D sends: feedback is served, file notifications idle (no file upload exists)
+IDLE_SOURCES = (FEEDBACK, "/messages/servicebound/filenotifications")
+ENQUEUED_TIME = symbol("iothub-enqueuedtime")
 FORCED = "amqp:connection:forced"
 SAS_TOKEN_TYPES = {"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"}
 ACK_PROPERTY = "iothub-ack"
@@ -227,6 +241,7 @@ class HubConnection:
     within that, and one stepped back is waited for (the timer firing early re-arms instead of giving up)."""
 
     expiry_check = 60.0  # seconds: at most this long between looks at a token's expiry
+    feedback_poll = 1.0  # seconds between looks for feedback records while a feedback link has credit
 
     def __init__(self, front: AmqpFrontEnd, conn: AmqpConnection) -> None:
         self.front = front
@@ -236,6 +251,8 @@ class HubConnection:
         self.clock: Callable[[], float] = time.time  # the wall clock se is read against
         self.links: list[AmqpLink] = []
         self._expiry: asyncio.TimerHandle | None = None
+        self._feeders: set[asyncio.Task[None]] = set()  # one per feedback link; each ends with its link
+        self._closed = asyncio.Event()
 
     # --- AmqpHandler --------------------------------------------------------------------------------
 
@@ -251,6 +268,10 @@ class HubConnection:
             if not self.authorised():
                 return AmqpError(UNAUTHORIZED, "no valid token: put a SharedAccessSignature on $cbs first")
             self.links.append(link)
+            if target == FEEDBACK:  # starts once the attach is answered (this call returns first)
+                feeder = asyncio.get_running_loop().create_task(self._feed(link))
+                self._feeders.add(feeder)
+                feeder.add_done_callback(self._feeders.discard)
             return None
         # the address cut short (shown): the peer's, up to a frame long, and the detach must fit its max-frame-size
         return AmqpError(NOT_FOUND, f"node {shown(link.address)} is not served: opendps takes $cbs, {DEVICEBOUND} "
@@ -282,6 +303,55 @@ class HubConnection:
         if self._expiry is not None:
             self._expiry.cancel()
         self.links.clear()
+        self._closed.set()  # feeders stop (not cancelled: a batch's abandon still runs)
+
+    # --- feedback ----------------------------------------------------------------------------------
+
+    async def _feed(self, link: AmqpLink) -> None:
+        """Serve one feedback link: while it is open and the peer grants credit, claim the hub's oldest records,
+        send them as one message and wait for its outcome before the next (C#'s receiver settles one at a time).
+        Each look also sweeps expired C2D messages when due, so their Expired records appear without a new send."""
+        runtime = self.front.runtime
+        c2d = runtime.services.c2d
+        loop = asyncio.get_running_loop()
+
+        def claim(hub: str) -> FeedbackBatch | None:
+            c2d.sweep_expired()
+            return c2d.feedback.claim(hub)
+
+        while link.open and not self._closed.is_set():
+            batch = None
+            if link.credit > 0 and self.authorised():
+                assert self.principal is not None
+                hub = self.principal.hub or DEFAULT_HUB
+                try:
+                    batch = await runtime.domain.run(claim, hub)
+                except OpenDPSError as exc:  # the database away for now: look again later
+                    log.info("AMQP feedback for %s not read: %s", self.conn.peer, exc.message)
+                except Exception:
+                    log.exception("AMQP feedback for %s failed", self.conn.peer)
+            if batch is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), self.feedback_poll)
+                continue
+            outcome: asyncio.Future[int | None] = loop.create_future()
+            if link.open:
+                link.send(feedback_message(batch, hub), tag=batch.tag,
+                          on_outcome=lambda state, f=outcome: f.done() or f.set_result(state))
+            else:
+                outcome.set_result(None)
+            state = await outcome
+            try:
+                if state == ACCEPTED:
+                    await runtime.domain.run(c2d.feedback.complete, batch.lock_token)
+                else:  # released, rejected, modified or never settled: delivered again
+                    await runtime.domain.run(c2d.feedback.abandon, batch.lock_token)
+            except OpenDPSError as exc:  # the lock lapses on its own: the batch is delivered again then
+                log.info("AMQP feedback batch %s from %s not settled in the store: %s", batch.lock_token,
+                         self.conn.peer, exc.message)
+            except Exception:
+                log.exception("AMQP feedback batch %s from %s not settled in the store", batch.lock_token,
+                              self.conn.peer)
 
     # --- CBS -------------------------------------------------------------------------------------
 
@@ -365,6 +435,14 @@ class HubConnection:
             return AmqpError(INTERNAL_ERROR, "the message could not be queued")
         log.debug("AMQP C2D message %s queued for %s/%s", queued.message_id, hub, device_id)
         return None
+
+
+def feedback_message(batch: FeedbackBatch, hub: str) -> Message:
+    """A feedback batch as IoT Hub sends it: the JSON records in a data section, the content type the SDKs check,
+    the hub as ``user-id`` (C#'s ``FeedbackBatch.UserId``) and ``iothub-enqueuedtime`` (its ``EnqueuedTime``)."""
+    return Message(id=batch.lock_token, body=batch.body(), inferred=True, content_type=FEEDBACK_CONTENT_TYPE,
+                   user_id=hub.encode(), annotations={
+                       ENQUEUED_TIME: timestamp(int(batch.enqueued_at.timestamp() * 1000))})
 
 
 class AmqpFrontEnd:

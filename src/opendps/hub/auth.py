@@ -6,6 +6,10 @@ issuing CA the hub trusts (synced from linked policies), or its chain must path-
 issued for this device (its ADR record in the issuing policy's namespace) — so a certificate of another device
 or another namespace never opens a session, even when its CA is trusted.
 
+SAS devices: a token over ``{hubHost}/devices/{deviceId}`` signed with one of the identity's keys and no ``skn``, or
+(IoT Hub's token services) with one of the hub's ``iothubowner`` keys and ``skn=iothubowner``; se + 300 s of clock skew
+bounds the CONNECT and, through :attr:`AuthenticatedDevice.sas_expiry`, the session (the front end closes it then).
+
 Refusals are :mod:`opendps.errors` kinds; the MQTT front end maps them to CONNACK codes (InvalidInput:
 identifier rejected, InvalidCredentials: bad user name or password, other 4xx: not authorized).
 """
@@ -53,6 +57,16 @@ class AuthenticatedDevice:
     superseded: tuple[str, ...] = ()
     # the filters its last clean-session-0 session held (frontends.mqtt.hub.KEPT_FILTERS), as read at this CONNECT
     subscriptions: int = 0
+    # a SAS session: its token's ``se`` (unix seconds, any integer). IoT Hub closes the connection when the token
+    # expires ("401003 IoTHubUnauthorized", and some SDKs renew only then); the front end does so at se + the skew the
+    # CONNECT check allows (:meth:`HubAuthenticator.valid_until`)
+    sas_expiry: int | None = None
+
+
+# the hub's shared access policy whose tokens may connect any of its devices (IoT Hub: a policy with DeviceConnect; its
+# iothubowner has every permission). Its name, as opendps.provisioning.access.HUB_OWNER_POLICY (hub imports no
+# provisioning module)
+OWNER_POLICY = "iothubowner"
 
 
 class HubAuthenticator:
@@ -106,7 +120,7 @@ class HubAuthenticator:
                                      device_key(identity.device_id), sys.intern(identity.auth_type),
                                      subscriptions=identity.subscriptions)
         if password is not None:
-            return self._sas(device, password, identity.keys, now), None
+            return self._sas(hub, device, password, identity.keys, now), None
         if chain:
             return self._x509(cursor, hub, device, chain, identity.thumbprints, now)
         raise InvalidCredentials("no credential: send a SAS token as the password or a client certificate",
@@ -120,16 +134,31 @@ class HubAuthenticator:
         return replace(device, superseded=tuple(v.serial_number for v in revoked)) if revoked else device
 
     @staticmethod
-    def _sas(device: AuthenticatedDevice, password: bytes, keys: tuple[str, str] | None,
+    def valid_until(device: AuthenticatedDevice) -> int | None:
+        """Until when (unix seconds) a SAS session's token stands: its ``se`` plus the clock skew the CONNECT check
+        allows, so a session lasts exactly as long as its password would still open one. None: not a SAS session."""
+        return None if device.sas_expiry is None else device.sas_expiry + sas.DEFAULT_SKEW_SECONDS
+
+    def _sas(self, hub: HubView, device: AuthenticatedDevice, password: bytes, keys: tuple[str, str] | None,
              now: datetime) -> AuthenticatedDevice:
-        # SAS devices, and certificate devices that also hold a key (a TPM device given an operational certificate)
-        if device.auth_type not in ("sas", "certificateAuthority") or not keys:
-            raise InvalidCredentials(f"device {device.device_id!r} does not use SAS authentication",
-                                     reason="wrong_auth_type")
+        """A SAS password: a device token (no ``skn``: signed with one of the identity's keys) or, as IoT Hub's token
+        services mint them, a token of the hub's shared access policy (``skn=iothubowner``, signed with one of its
+        keys: the DeviceConnect permission). Any other ``skn`` names a policy the hub does not have: refused, as IoT
+        Hub refuses it, rather than checked against the device's keys."""
         try:
             token = sas.parse(password.decode("utf-8"))
         except (UnicodeDecodeError, sas.SasError) as exc:
             raise InvalidCredentials(f"invalid SharedAccessSignature: {exc}", reason="sas_invalid") from exc
+        if token.key_name:
+            if token.key_name != OWNER_POLICY:
+                raise InvalidCredentials(f"SharedAccessSignature skn {shown(token.key_name)} is not a shared access "
+                                         f"policy of hub {hub.name!r} with DeviceConnect: a device token has no skn, "
+                                         f"a policy token names {OWNER_POLICY}", reason="sas_invalid")
+            keys = self.hubs.owner_keys(hub.name)
+        elif device.auth_type not in ("sas", "certificateAuthority") or not keys:
+            # SAS devices, and certificate devices that also hold a key (a TPM device given an operational certificate)
+            raise InvalidCredentials(f"device {device.device_id!r} does not use SAS authentication",
+                                     reason="wrong_auth_type")
         expected = f"{device.hub_host}/devices/{device.device_id}"
         if unquote(token.raw_resource).lower() != expected.lower():
             raise InvalidCredentials(f"SharedAccessSignature sr {token.resource!r} does not name {expected!r}",
@@ -137,7 +166,7 @@ class HubAuthenticator:
         for key in keys:
             try:
                 sas.verify(token, key, now=now.timestamp())
-                return device
+                return replace(device, sas_expiry=token.expiry)
             except sas.SasError as exc:
                 if "expired" in str(exc):
                     raise InvalidCredentials("SharedAccessSignature has expired", reason="sas_expired") from exc

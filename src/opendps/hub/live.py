@@ -12,12 +12,15 @@ presence names, over the cluster's bus (``opendps.cluster``), and comes back the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -47,8 +50,28 @@ def check_method_name(value: object) -> str:
     return value
 
 
+# IoT Hub's bound on a direct method's request (and response) payload: a JSON document up to 128 KB
+MAX_METHOD_PAYLOAD = 128 * 1024
+# how often a call waiting for its device to connect (connectTimeoutInSeconds) looks for it on other nodes (seconds);
+# a device that connects or subscribes here wakes it at once
+DEVICE_LOOKUP_INTERVAL = 1.0
+
+
+def check_method_payload(payload: object) -> None:
+    """InvalidInput when a direct method's payload is over IoT Hub's 128 KB (its JSON text as UTF-8, compact): checked
+    before any device is looked for, as IoT Hub refuses it, instead of handing the device what no hub would send."""
+    size = len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METHOD_PAYLOAD:
+        raise InvalidInput(f"'payload' must be at most {MAX_METHOD_PAYLOAD} bytes of JSON (IoT Hub's limit); it is {size}")
+
+
 class DeviceOffline(NotFound):
     error_code = 404103
+
+
+class NotListening(DeviceOffline):
+    """The device is not connected, or not subscribed to methods: the call was not handed to it, so a caller willing
+    to wait for it (``connectTimeoutInSeconds``) may try again."""
 
 
 class MethodTimeout(GatewayTimeout):
@@ -111,6 +134,20 @@ DESIRED_BACKLOG = 32
 HEARD_FOR = 300.0
 
 
+# how long a desired push waits for the versions before it (seconds): their writes were made by other processes or
+# nodes and are crossing the bus (milliseconds; SQLite's table bus is read every 50 ms)
+DESIRED_REORDER_WAIT = 0.5
+
+
+@dataclass(slots=True)
+class _DesiredOrder:
+    """A link's desired pushes in version order: the last version handed out, later ones held for a missing one."""
+
+    last: int
+    held: dict[int, dict[str, Any]] | None = None  # made when a push waits: a link holds one of these for its life
+    timer: asyncio.TimerHandle | None = None
+
+
 class _Live(NamedTuple):
     """A device's connection to this process."""
 
@@ -143,10 +180,18 @@ class LiveSessions:
         self._hub_names: dict[int, str] = {}  # hub id -> name, of the hubs whose devices attached here
         # pushes on their way to a link, by id(link) (links need not be hashable; a task holds each one counted)
         self._desired_waiting: dict[int, int] = {}
+        # the desired version each link was handed last and the pushes held for earlier ones (by id(link), until detach)
+        self._desired_order: dict[int, _DesiredOrder] = {}
         # drops and revocations heard lately (monotonic time, oldest first), for :meth:`attach`: a CONNECT checked
         # before one was made attaches after it was carried out, and would stay connected
         self._heard: dict[Any, float] = {}
         self._revocations: list[tuple[float, frozenset[str], frozenset[str]]] = []
+        # direct-method calls waiting for their device to connect and subscribe here (connectTimeoutInSeconds), by
+        # device key: woken by attach and :meth:`listening`; a key goes with its last waiter
+        self._awaited: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        # twin writes of a device under way in this process, each with its desired push (:meth:`twin_turn`): the
+        # lock and how many hold or wait for it; a key goes with its last writer
+        self._twin_turns: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     def join(self, peers: Peers, presence: Presence, run: Callable[..., Awaitable[Any]],
              c2d_waiting: Callable[[list[tuple[int, str]]], set[tuple[int, str]]] | None = None, *,
@@ -214,6 +259,18 @@ class LiveSessions:
             missed = self._missed(link.device, checked_since)
             if missed is not None:
                 link.close(missed)
+                return
+        self._wake(key)
+
+    def listening(self, link: DeviceLink) -> None:
+        """The front end granted ``link`` a subscription: a direct-method call waiting for the device to subscribe
+        (``connectTimeoutInSeconds``) looks again now."""
+        self._wake(_key(link.device.hub_name, link.device.device_key))
+
+    def _wake(self, key: tuple[str, str]) -> None:
+        for waiter in self._awaited.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _hear(self, what: Any) -> None:
         """Remember a drop (``what``: ("device", hub name, key) or ("hub", hub id)) for :meth:`attach`."""
@@ -257,6 +314,9 @@ class LiveSessions:
     def detach(self, link: DeviceLink) -> None:
         """The connection ended: forget it, and fail the method calls it will never answer."""
         key = _key(link.device.hub_name, link.device.device_id)
+        order = self._desired_order.pop(id(link), None)
+        if order is not None and order.timer is not None:
+            order.timer.cancel()
         current = self._links.get(key)
         if current is not None and current[0] is link:
             del self._links[key]
@@ -312,28 +372,69 @@ class LiveSessions:
         return str(found[0])
 
     async def invoke_method(self, hub_name: str, device_id: str, method: str, payload: Any, *,
-                            timeout: float = 30.0) -> tuple[int, Any]:
+                            timeout: float = 30.0, connect_timeout: float = 0.0) -> tuple[int, Any]:
         """Direct method: (status, payload) from the device, wherever it is connected; DeviceOffline (404) or
-        MethodTimeout (504)."""
+        MethodTimeout (504). ``connect_timeout`` (IoT Hub's ``connectTimeoutInSeconds``, 0: the device must be
+        listening already): how long to wait for a device that is not connected, or not subscribed to methods, to be
+        so — then ``timeout`` runs from when the call is handed to it."""
         check_method_name(method)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + connect_timeout
+        while True:
+            try:
+                return await self._invoke_once(hub_name, device_id, method, payload, timeout)
+            except NotListening as exc:
+                left = give_up - loop.time()
+                if left <= 0:
+                    if connect_timeout > 0:
+                        raise DeviceOffline(f"timed out waiting for device {device_id!r} to connect and subscribe to "
+                                            f"methods within {connect_timeout:g} s",
+                                            info={"timeout": f"{connect_timeout:g}"}) from exc
+                    raise
+                await self._await_device(_key(hub_name, device_id), min(left, DEVICE_LOOKUP_INTERVAL))
+
+    async def _invoke_once(self, hub_name: str, device_id: str, method: str, payload: Any,
+                           timeout: float) -> tuple[int, Any]:
         if self.link(hub_name, device_id) is None:
             node = await self._locate(hub_name, device_id)
             if node is not None:
                 return await self._invoke_remote(node, hub_name, device_id, method, payload, timeout)
         return await self._invoke_here(hub_name, device_id, method, payload, timeout)
 
+    async def _await_device(self, key: tuple[str, str], wait: float) -> None:
+        """Until the device attaches or subscribes here, or ``wait`` seconds (it may connect to another node)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaited.setdefault(key, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, wait)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._awaited.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._awaited[key]
+
     async def _invoke_here(self, hub_name: str, device_id: str, method: str, payload: Any,
                            timeout: float) -> tuple[int, Any]:
         link = self.link(hub_name, device_id)
         if link is None or not link.subscribed(METHODS):
-            raise DeviceOffline(f"device {device_id!r} is not connected and subscribed to methods")
+            raise NotListening(f"device {device_id!r} is not connected and subscribed to methods")
         key = _key(hub_name, device_id)
         rid = str(next(self._request_ids))
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._methods[(key, rid)] = (future, link)
-        try:
+
+        async def call() -> tuple[int, Any]:
             await link.send_method(method, rid, payload)
-            return await asyncio.wait_for(future, timeout)
+            return await future
+
+        try:
+            # the send is within the timeout too: a device that reads nothing has its connection's buffer full, and
+            # the publish waits for it — the caller was held until the write deadline cut the device off, then
+            # answered 404; a request not sent in time is not sent at all
+            return await asyncio.wait_for(call(), timeout)
         except TimeoutError as exc:
             raise MethodTimeout(f"device {device_id!r} did not answer method {method!r} within {timeout:g} s") from exc
         finally:
@@ -361,6 +462,26 @@ class LiveSessions:
         finally:
             self._remote.pop(call, None)
 
+    @contextlib.asynccontextmanager
+    async def twin_turn(self, hub_name: str, device_id: str) -> AsyncIterator[None]:
+        """One service write of a device's twin at a time in this process, from before its transaction to its
+        desired push (:meth:`push_desired`, made inside the turn). Why: concurrent writes of one twin take turns at
+        its row, but each returns to the loop from its own domain thread, and a later version's push went out before
+        an earlier one's about 1 in 80 concurrent PATCHes — a device applying patches in the order received ended
+        with the older value of a property both set. The row's lock serialises the writes anyway: nothing is lost."""
+        key = _key(hub_name, device_id)
+        turn = self._twin_turns.get(key)
+        if turn is None:
+            turn = self._twin_turns[key] = (asyncio.Lock(), [0])
+        turn[1][0] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1][0] -= 1
+            if not turn[1][0]:
+                del self._twin_turns[key]
+
     async def push_desired(self, hub_name: str, device_id: str, desired: dict[str, Any], version: int) -> None:
         """Desired properties changed: a connected, subscribed device hears of it now (others read the twin).
 
@@ -385,11 +506,58 @@ class LiveSessions:
                 await self.peers.send(message, node)
 
     def _push_desired(self, link: DeviceLink, desired: dict[str, Any], version: int) -> None:
-        """Hand a desired patch to ``link`` in the background, in order. Why not awaited: a device that reads
-        nothing held the service's twin update until the write deadline cut it off; its pushes now wait here,
-        at most :data:`DESIRED_BACKLOG` of them, then the device is cut off."""
+        """Hand a desired patch to ``link`` in version order. A patch whose version is past the next one the link
+        expects waits (at most :data:`DESIRED_REORDER_WAIT` s) for the versions before it: writes made by other
+        processes or nodes reach this one over the bus, in no set order (one PATCH in ~30 went out of order with
+        two workers), and a device applying patches as they come kept an older value. An older version than one
+        already handed out (after that wait, or right after the device connected) goes out as it comes."""
         if not link.subscribed(DESIRED):
             return
+        order = self._desired_order.get(id(link))
+        if order is not None and version > order.last + 1:
+            if order.held is None:
+                order.held = {}
+            if len(order.held) >= DESIRED_BACKLOG:
+                link.close(f"does not read its desired property updates ({len(order.held)} waiting)")
+                return
+            order.held[version] = desired
+            if order.timer is None:
+                order.timer = asyncio.get_running_loop().call_later(DESIRED_REORDER_WAIT, self._release_held, link)
+            return
+        if order is None:
+            order = self._desired_order[id(link)] = _DesiredOrder(version)
+        order.last = max(order.last, version)
+        self._hand_desired(link, desired, version)
+        held = order.held
+        if held is None:
+            return
+        while order.last + 1 in held and self._desired_order.get(id(link)) is order:
+            order.last += 1
+            self._hand_desired(link, held.pop(order.last), order.last)
+        if not held:
+            order.held = None
+            if order.timer is not None:
+                order.timer.cancel()
+                order.timer = None
+
+    def _release_held(self, link: DeviceLink) -> None:
+        """The versions a held push waited for did not come (a change that pushes nothing, such as a reprovisioning's
+        twin reset, or a message lost): what waits goes out, in version order."""
+        order = self._desired_order.get(id(link))
+        if order is None:
+            return
+        order.timer = None
+        held, order.held = order.held or {}, None
+        for version in sorted(held):
+            if self._desired_order.get(id(link)) is not order:  # cut off meanwhile
+                return
+            order.last = max(order.last, version)
+            self._hand_desired(link, held[version], version)
+
+    def _hand_desired(self, link: DeviceLink, desired: dict[str, Any], version: int) -> None:
+        """Send in the background, in call order. Why not awaited: a device that reads nothing held the service's twin
+        update until the write deadline cut it off; its pushes now wait here, at most :data:`DESIRED_BACKLOG` of
+        them, then the device is cut off."""
         waiting = self._desired_waiting.get(id(link), 0)
         if waiting >= DESIRED_BACKLOG:
             link.close(f"does not read its desired property updates ({waiting} waiting)")
@@ -544,7 +712,8 @@ class LiveSessions:
             if future is not None and not future.done():
                 error = message.get("error")
                 if error == "offline":
-                    future.set_exception(DeviceOffline(str(message.get("message"))))
+                    offline = NotListening if message.get("reached") is False else DeviceOffline
+                    future.set_exception(offline(str(message.get("message"))))
                 elif error == "timeout":
                     future.set_exception(MethodTimeout(str(message.get("message"))))
                 else:
@@ -567,8 +736,8 @@ class LiveSessions:
             reply.update(status=status, payload=payload)
         except MethodTimeout as exc:
             reply.update(error="timeout", message=exc.message)
-        except DeviceOffline as exc:
-            reply.update(error="offline", message=exc.message)
+        except DeviceOffline as exc:  # "reached": whether the call was handed to the device (a caller may retry if not)
+            reply.update(error="offline", message=exc.message, reached=not isinstance(exc, NotListening))
         if self.peers is not None:
             await self.peers.send(reply, str(message.get("reply")))
 

@@ -37,6 +37,7 @@ from opendps.pki import CaCertificates, KeyStore, device_chain_verifier
 from opendps.pki.certificates import ValidatedPaths, subject_key_id
 from opendps.registry import Registry
 from opendps.store import (
+    CloudToDeviceMessage,
     ConfigCache,
     HubCertificate,
     HubDevice,
@@ -59,6 +60,10 @@ _DEVICE_ID_BY_KEY = select(_DEVICES.c.id).where(_DEVICES.c.hub_id == bindparam("
                                                 _DEVICES.c.device_key == bindparam("b_key"))
 _INSERT_DEVICE = insert(_DEVICES).returning(_DEVICES.c.id)
 _DELETE_DEVICE = delete(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"))
+# a deleted identity's cloud-to-device queue goes with it (no foreign key ties them): a device created again with the
+# id is a new device (a new generation id), and IoT Hub does not hand it the old one's messages
+_C2D = table_of(CloudToDeviceMessage)
+_DELETE_DEVICE_C2D = delete(_C2D).where(_C2D.c.hub_id == bindparam("b_hub"), _C2D.c.device_key == bindparam("b_key"))
 _RESET_TWIN = update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id")).values(
     twin_tags=bindparam("b_tags", type_=_DEVICES.c.twin_tags.type),
     twin_desired=bindparam("b_desired", type_=_DEVICES.c.twin_desired.type), twin_reported={},
@@ -459,6 +464,7 @@ class Hubs:
                                   reset_twin=twin == "reset", migrate_from=old if twin == "migrate" else None)
         if old is not None and previous is not None and previous[0].id != hub.id and old.id != row_id:
             tx.run(_DELETE_DEVICE, b_id=old.id)
+            tx.run(_DELETE_DEVICE_C2D, b_hub=previous[0].id, b_key=previous[1].lower())
 
     def _put_device(self, db: Session | Transaction, hub_id: int, device_id: str, credential: DeviceCredential, *,
                     initial_twin: dict[str, Any] | None = None, reset_twin: bool = False,
@@ -773,6 +779,8 @@ class Hubs:
     def delete_device(self, hub_name: str, device_id: str, *, if_match: str | None = None) -> None:
         with self.store.session() as s:
             _, row = self._claim(s, hub_name, device_id, if_match, "device")
+            s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.hub_id == row.hub_id,
+                                                         CloudToDeviceMessage.device_key == row.device_key))
             s.delete(row)
 
     # ---- trust ----
@@ -798,7 +806,9 @@ class Hubs:
 
 _THUMBPRINT = re.compile(r"^(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})$")
 MAX_TWIN_BYTES = 32 * 1024
-MAX_TWIN_DEPTH = 10  # IoT Hub's limit for tags, desired and reported properties
+# IoT Hub's limit for tags, desired and reported properties: levels of objects below the section itself (its twin page's
+# valid example: tags.one.two...ten holds {"property": "value"}, ten levels of objects under tags)
+MAX_TWIN_DEPTH = 10
 
 
 def _check_device_key(value: object, where: str) -> None:
@@ -830,9 +840,36 @@ def merge_patch(target: dict[str, Any], patch: object, what: str, *, limit: int 
         return out
 
     result = merge(target or {}, patch)
-    if len(json.dumps(result)) > limit:
+    if twin_size(result) > limit:
         raise PayloadTooLarge(f"{what} would exceed {limit} bytes")
     return result
+
+
+def twin_size(value: object) -> int:
+    """The size IoT Hub holds tags and desired or reported properties to (its device twin page, "Device twin size"):
+    every property's name and value, names and strings by their characters, a number 8, true or false 4, objects and
+    arrays what they hold. Why not the JSON text's length: ``json.dumps`` writes each non-ASCII character as an escape
+    (``é`` 6 bytes, an emoji 12), so a twin in any language but English was refused at a fraction of what IoT Hub
+    takes. Two departures keep what is stored bounded by the measure: control characters count (IoT Hub leaves them
+    out, and each is a 6-byte escape in the stored JSON), and null, ``""``, ``[]`` and ``{}`` count 1."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            total += sum(len(key) for key in node) if node else 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            total += 0 if node else 1
+            stack.extend(node)
+        elif isinstance(node, str):
+            total += len(node) or 1
+        elif isinstance(node, bool):
+            total += 4
+        elif isinstance(node, int | float):
+            total += 8
+        else:
+            total += 1
+    return total
 
 
 MAX_TWIN_KEY_BYTES = 1024
@@ -855,7 +892,7 @@ def _check_twin_key(key: object, what: str) -> None:
 def _twin_object(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object")
-    if json_depth(value) > MAX_TWIN_DEPTH:
+    if json_depth(value) > MAX_TWIN_DEPTH + 1:  # the section's own object is not one of its levels
         raise InvalidInput(f"{what} is nested more than {MAX_TWIN_DEPTH} levels deep")
     return value
 

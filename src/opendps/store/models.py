@@ -368,6 +368,26 @@ class CloudToDeviceMessage(Base):
     created_at: Mapped[datetime] = _ts()
 
 
+class CloudToDeviceFeedback(Base):
+    """A cloud-to-device message's outcome (Success, Expired, DeliveryCountExceeded, Purged) that its sender asked
+    for (``iothub-ack``), waiting for a service's feedback receiver to complete it. Kept here, not in a process: any
+    worker or node may serve the receiver. ``lock_token``/``locked_until``: claimed by one delivery until it is
+    settled or the lock lapses (then delivered again)."""
+
+    __tablename__ = "c2d_feedback"
+    __table_args__ = (Index("ix_c2d_feedback_hub", "hub_id", "id"), {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("linked_hubs.id", ondelete="CASCADE"), nullable=False)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    generation_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    message_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    enqueued_at: Mapped[datetime] = _ts()  # when the outcome happened
+    expires_at: Mapped[datetime] = _ts()
+    lock_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
 class HubCertificate(ProvenCaCertificate, Base):
     """A CA certificate uploaded to one hub (``az iot hub certificate``), verified by proof of possession.
 
@@ -510,6 +530,7 @@ OWNERS: dict[type[Base], str] = {
     LinkedHub: "opendps.hub",
     HubDevice: "opendps.hub",
     HubCertificate: "opendps.hub",
+    CloudToDeviceFeedback: "opendps.hub",
     TelemetryEvent: "opendps.hub",
     CloudToDeviceMessage: "opendps.hub",
     TelemetryRoute: "opendps.hub",

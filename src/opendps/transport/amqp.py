@@ -41,6 +41,7 @@ from proton import (
     decimal128,
     int32,
     symbol,
+    timestamp,
     ulong,
 )
 from proton import SessionException as _SessionException
@@ -60,10 +61,13 @@ __all__ = [
     "decimal128",
     "int32",
     "symbol",
+    "timestamp",
     "ulong",
 ]
 
 log = logging.getLogger("opendps.amqp")
+
+ACCEPTED = Delivery.ACCEPTED  # the peer's outcome that completes a delivery (AmqpLink.send's on_outcome)
 
 # AMQP 1.0 error conditions used by applications (spec part 2.8.15 and 2.8.16)
 UNAUTHORIZED = "amqp:unauthorized-access"
@@ -224,6 +228,9 @@ class AmqpLimits:
     min_peer_idle_timeout: float = 1.0  # a shorter idle-timeout in the peer's open (heartbeats we owe) is refused
 
 
+Outcome = Callable[[int | None], None]  # told a delivery's outcome (AmqpLink.send)
+
+
 class AmqpLink:
     """One attached link as the application sees it.
 
@@ -232,12 +239,16 @@ class AmqpLink:
     names). ``session`` identifies the session, so a request/response pair of links can be matched.
     """
 
-    __slots__ = ("_conn", "_link", "_outbox", "name", "incoming", "address", "source", "target", "session")
+    __slots__ = ("_conn", "_link", "_outbox", "_unsettled", "name", "incoming", "address", "source", "target",
+                 "session")
 
     def __init__(self, conn: AmqpConnection, link: Link) -> None:
         self._conn = conn
         self._link = link
-        self._outbox: deque[bytes] = deque()
+        self._outbox: deque[tuple[bytes, bytes | None, Outcome | None]] = deque()
+        # sent, not settled here yet -> told the peer's outcome; keyed by the delivery (proton's wrappers hash by the C
+        # object), not its tag: proton decodes a tag as UTF-8 when read, and a binary one (a GUID's bytes) would raise
+        self._unsettled: dict[Delivery, Outcome | None] = {}
         self.name: str = link.name
         self.incoming = link.is_receiver
         self.source: str | None = link.remote_source.address
@@ -249,14 +260,24 @@ class AmqpLink:
     def open(self) -> bool:
         return not (self._link.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED))
 
-    def send(self, message: Message) -> None:
-        """Queue a message on an outgoing link; it leaves as the peer grants credit."""
+    @property
+    def credit(self) -> int:
+        """Deliveries the peer will take now (its link credit, less what waits here)."""
+        return self._link.credit - len(self._outbox) if self.open else 0
+
+    def send(self, message: Message, *, tag: bytes | None = None, on_outcome: Outcome | None = None) -> None:
+        """Queue a message on an outgoing link; it leaves as the peer grants credit. ``on_outcome`` (with the
+        delivery ``tag``, else a counter's) is called once, in the loop: with the peer's outcome
+        (``Delivery.ACCEPTED``, ``RELEASED``...; 0 when it settled without one; ``ACCEPTED`` at once when the link is
+        pre-settled: the peer chose at-most-once) or None when the link or connection ends first."""
         if self.incoming:
             raise ValueError("cannot send on an incoming link")
         if len(self._outbox) >= self._conn.limits.max_outbox:  # a peer that asks (put-token) but grants no credit
             self.close(AmqpError(RESOURCE_LIMIT, f"{len(self._outbox)} messages wait for link credit on this link"))
+            if on_outcome is not None:
+                _tell(on_outcome, None)
             return
-        self._outbox.append(message.encode())
+        self._outbox.append((message.encode(), tag, on_outcome))
         # sent on the next loop turn: after the delivery being handled is settled (a CBS client wants the
         # disposition of its request before the response)
         self._conn._schedule_drain(self)
@@ -265,6 +286,22 @@ class AmqpLink:
         """Detach (closing) this link, with an error when given."""
         self._conn._close_link(self._link, error)
         self._conn._pump()
+
+    def _ended(self) -> None:
+        """The link is gone: deliveries without an outcome, and those never sent, are told None."""
+        waiting = [cb for _, _, cb in self._outbox] + list(self._unsettled.values())
+        self._outbox.clear()
+        self._unsettled.clear()
+        for callback in waiting:
+            if callback is not None:
+                _tell(callback, None)
+
+
+def _tell(callback: Outcome, outcome: int | None) -> None:
+    try:
+        callback(outcome)
+    except Exception:  # an application's bug must not break the connection's event handling
+        log.exception("AMQP delivery outcome handler failed")
 
 
 class AmqpHandler(Protocol):
@@ -530,6 +567,8 @@ class AmqpConnection(asyncio.Protocol):
             self._transport.close_tail()
         with contextlib.suppress(_TransportException):
             self._transport.close_head()
+        for gone in self._links.values():
+            gone._ended()
         self._links.clear()
         if self._handler is not None:
             try:
@@ -590,7 +629,9 @@ class AmqpConnection(asyncio.Protocol):
             self._delivery(event.delivery)
         elif t == Event.LINK_REMOTE_CLOSE:
             link = event.link
-            self._links.pop(link, None)
+            gone = self._links.pop(link, None)
+            if gone is not None:
+                gone._ended()
             self._held.discard(link)
             if not link.state & Endpoint.LOCAL_CLOSED:
                 link.close()
@@ -599,6 +640,7 @@ class AmqpConnection(asyncio.Protocol):
             for key, link in list(self._links.items()):
                 if link.session == hash(session):
                     del self._links[key]
+                    link._ended()
             self._held = {lk for lk in self._held if hash(lk.session) != hash(session)}
             if not session.state & Endpoint.LOCAL_CLOSED:
                 session.close()
@@ -661,7 +703,9 @@ class AmqpConnection(asyncio.Protocol):
         self._close_link(link, error)
 
     def _close_link(self, link: Link, error: AmqpError | None) -> None:
-        self._links.pop(link, None)
+        gone = self._links.pop(link, None)
+        if gone is not None:
+            gone._ended()
         if link.state & Endpoint.LOCAL_CLOSED:
             return
         if error is not None:
@@ -685,8 +729,15 @@ class AmqpConnection(asyncio.Protocol):
         link = delivery.link
         wrapped = self._links.get(link)
         if link.is_sender:
-            if delivery.updated and not delivery.settled:
-                delivery.settle()  # the peer settled or set its outcome: we are done with it
+            if wrapped is not None and delivery in wrapped._unsettled:  # one of ours, not settled here yet
+                if delivery.updated or delivery.settled:  # the peer set its outcome or settled: done with it
+                    callback = wrapped._unsettled.pop(delivery)
+                    outcome = delivery.remote_state or 0
+                    delivery.settle()
+                    if callback is not None:
+                        _tell(callback, outcome)
+            elif delivery.updated and not delivery.settled:
+                delivery.settle()  # the link is gone: we are done with it
             return
         if wrapped is None or link.state & Endpoint.LOCAL_CLOSED:
             delivery.settle()
@@ -735,12 +786,17 @@ class AmqpConnection(asyncio.Protocol):
         """Send queued messages of an outgoing link while the peer gives credit."""
         sender = link._link
         while link._outbox and sender.credit > 0 and link.open:
-            data = link._outbox.popleft()
-            delivery = sender.delivery(str(next(self._tags)).encode())
+            data, tag, callback = link._outbox.popleft()
+            tag = tag or str(next(self._tags)).encode()
+            delivery = sender.delivery(tag)
             sender.send(data)
             sender.advance()
             if sender.snd_settle_mode == Link.SND_SETTLED:
                 delivery.settle()
+                if callback is not None:
+                    _tell(callback, Delivery.ACCEPTED)
+            else:
+                link._unsettled[delivery] = callback
 
     # --- handler calls, one at a time ------------------------------------------------------------
 

@@ -36,8 +36,8 @@ def test_a_message_acknowledged_while_the_queue_is_read_is_not_sent_again(servic
     real_pending = services.c2d.pending
     read, release = threading.Event(), threading.Event()
 
-    def slow_pending(hub_id: int, device_key: str) -> list:
-        rows = real_pending(hub_id, device_key)
+    def slow_pending(hub_id: int, device_key: str, **kwargs: Any) -> list:
+        rows = real_pending(hub_id, device_key, **kwargs)
         read.set()
         release.wait(5)  # the store read is done; its answer comes back after the PUBACK below
         return rows
@@ -70,3 +70,48 @@ def test_a_message_acknowledged_while_the_queue_is_read_is_not_sent_again(servic
     assert sent == ["m1", "m2"]  # m1 once: it was acknowledged before the second read's answer came back
     assert services.c2d.pending(hub.id, "c2d-race") == []
     assert session.sent is None and session.acked is None  # nothing kept once all is acknowledged and read past
+
+
+def test_a_reconnect_right_after_a_puback_does_not_get_the_message_again(services):
+    """A device that acknowledges a message and reconnects at once: the PUBACK's DELETE runs in the thread pool, and the
+    new connection's first read of the queue ran before it, so the message went out again on the new connection
+    within milliseconds. The new session now waits for this process's completions of the device under way."""
+    services.hubs.create_device("default", "c2d-quick")
+    hub = services.hubs.get("default")
+    runtime = Runtime(services)
+    device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "c2d-quick", "c2d-quick", "sas")
+    old, new = HubSession(runtime, device), HubSession(runtime, device)
+    old_wire, new_wire = _Session("c2d-quick"), _Session("c2d-quick")
+    old.session, new.session = old_wire, new_wire  # type: ignore[assignment]
+    real_complete = services.c2d.complete
+    deleting, release = threading.Event(), threading.Event()
+
+    def slow_complete(pk: int) -> None:
+        deleting.set()
+        release.wait(5)  # the DELETE is slow (a busy pool, a slow disk): the device has already reconnected
+        real_complete(pk)
+
+    async def main() -> list[str]:
+        services.c2d.enqueue("default", "c2d-quick", b"once", system={"message-id": "q1"})
+        old.wake_c2d()
+        while old.delivering:
+            await asyncio.sleep(0.01)
+        assert len(old_wire.published) == 1
+        services.c2d.complete = slow_complete  # type: ignore[method-assign]
+        acknowledged = asyncio.ensure_future(old_wire.published[0][1]())  # the PUBACK, as the MQTT core runs it
+        await asyncio.get_running_loop().run_in_executor(None, deleting.wait, 5)
+        new.wake_c2d()  # the reconnect subscribed: its first read of the queue
+        await asyncio.sleep(0.2)
+        release.set()
+        await acknowledged
+        while new.delivering:
+            await asyncio.sleep(0.01)
+        return [t.split("%24.mid=")[1].split("&")[0] for t, _ in new_wire.published]
+
+    try:
+        again = asyncio.run(main())
+    finally:
+        services.c2d.complete = real_complete  # type: ignore[method-assign]
+        runtime.domain.close()
+    assert again == []
+    assert services.c2d.pending(hub.id, "c2d-quick") == [] and HubSession.completing == {}

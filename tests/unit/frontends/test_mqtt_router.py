@@ -76,3 +76,45 @@ def test_a_service_away_is_connack_server_unavailable():
     from opendps.frontends.mqtt.router import connack_code
 
     assert connack_code(ServiceUnavailable("the database is unavailable for now; retry later")) == 3
+
+
+def test_a_sas_session_closes_when_its_token_lapses_by_the_wall_clock(monkeypatch):
+    """A hub SAS session is closed at its token's se + the CONNECT check's skew (as IoT Hub disconnects at expiry);
+    the timer is the loop's, so a wall clock stepped back is waited for and any integer se is armed without overflow.
+    (The real server closes one: tests/test_mqtt_hub.py.)"""
+    from opendps.frontends.mqtt import hub as hub_module
+    from opendps.hub import AuthenticatedDevice
+    from opendps.transport.sas import DEFAULT_SKEW_SECONDS
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(hub_module.time, "time", lambda: clock[0])
+    monkeypatch.setattr(hub_module.HubSession, "expiry_check", 0.05)
+    closed: list[str] = []
+
+    class Connection:
+        def close(self, reason: str) -> None:
+            closed.append(reason)
+
+    def session(se: int | None) -> hub_module.HubSession:
+        device = AuthenticatedDevice(1, "default", "localhost", "d", "d", "sas", sas_expiry=se)
+        return hub_module.HubSession(None, device, session=Connection())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        far = session(10**400)  # se is any integer: armed for a later look, no OverflowError
+        far._arm_expiry()
+        assert far._expiry is not None
+        far._expiry.cancel()
+        x509 = session(None)  # no token, no timer
+        x509._arm_expiry()
+        assert x509._expiry is None
+        lapsing = session(int(clock[0]) - DEFAULT_SKEW_SECONDS + 1)  # stands for 1 s more
+        lapsing._arm_expiry()
+        clock[0] -= 3600  # the wall clock stepped back an hour: the timer fires and looks again
+        await asyncio.sleep(1.2)
+        assert closed == [] and lapsing._expiry is not None
+        clock[0] += 3600 + 1.5  # past se + skew by the wall clock
+        await asyncio.sleep(0.2)
+        assert closed == ["SharedAccessSignature expired: reconnect with a renewed token"]
+        assert lapsing._expiry is None
+
+    asyncio.run(scenario())

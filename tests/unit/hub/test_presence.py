@@ -425,7 +425,7 @@ def test_a_desired_push_to_a_device_that_reads_nothing_waits_in_the_background_a
         await _until(lambda: len(link.sent) == DESIRED_BACKLOG)
         assert link.sent == [("desired", v) for v in range(1, DESIRED_BACKLOG + 1)]
         link.gate.clear()
-        for version in range(100, 100 + DESIRED_BACKLOG + 5):
+        for version in range(DESIRED_BACKLOG + 1, 2 * DESIRED_BACKLOG + 6):  # the next versions: none held back
             await asyncio.wait_for(live.push_desired("hub", "stalled", {"v": version}, version), 1)
         assert link.closed == f"does not read its desired property updates ({DESIRED_BACKLOG} waiting)"
 
@@ -471,5 +471,164 @@ def test_the_catch_up_after_a_bus_outage_closes_the_session_it_checked_not_a_new
         assert other.closed == "no longer allowed"
         assert new.closed is None and live.link("hub", "dev") is new
         assert old.closed == "taken over by a new connection of the same device"
+
+    asyncio.run(main())
+
+
+class Listening(Link):
+    """A link that listens for methods only once told to (``methods``), and whose sends wait at ``gate`` (a connection
+    whose buffer is full: the device reads nothing) when one is given."""
+
+    def __init__(self, live: LiveSessions, device: AuthenticatedDevice, *, methods: bool = True,
+                 gate: asyncio.Event | None = None) -> None:
+        super().__init__(live, device)
+        self.methods, self.gate = methods, gate
+
+    def subscribed(self, feature: str) -> bool:
+        return self.methods if feature == METHODS else super().subscribed(feature)
+
+    async def send_method(self, method: str, request_id: str, payload: Any) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        await super().send_method(method, request_id, payload)
+
+
+def test_a_method_for_a_device_that_reads_nothing_times_out_in_its_time_and_leaves_nothing_behind():
+    """Found with a paho device that stopped reading and 60 calls of 120 KB: the request's publish waited for room in
+    the device's buffer outside the response timeout, so callers asking for 5 s waited until the write deadline cut
+    the device off (44 s) and were then told 404 (device offline) instead of 504."""
+    async def main() -> None:
+        live = LiveSessions()
+        device = AuthenticatedDevice(1, "hub", "hub.example", "mute", "mute", "sas")
+        link = Listening(live, device, gate=asyncio.Event())
+        live.attach(link)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(MethodTimeout, match="did not answer method 'reboot' within 0.3 s"):
+            await asyncio.wait_for(live.invoke_method("hub", "mute", "reboot", None, timeout=0.3), 3)
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert live._methods == {} and link.sent == []  # nothing pending; the request never went out
+        link.gate.set()  # it reads again: a later call is answered
+        assert await live.invoke_method("hub", "mute", "reboot", None, timeout=1) == (200, {"m": "reboot"})
+
+    asyncio.run(main())
+
+
+def test_a_method_waits_up_to_its_connect_timeout_for_the_device_to_connect_and_subscribe():
+    """IoT Hub's connectTimeoutInSeconds: a device that is not connected, or not subscribed to methods, when the call
+    is made gets it once it is (a subscription wakes the call at once); one that does not come in time is a 404103
+    saying so; 0 (the default) does not wait."""
+    from opendps.hub.live import NotListening
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        live = LiveSessions()
+        device = AuthenticatedDevice(1, "hub", "hub.example", "Late", "late", "sas")
+        with pytest.raises(NotListening, match="not connected"):
+            await live.invoke_method("hub", "late", "ping", None, timeout=1)
+        call = asyncio.ensure_future(live.invoke_method("hub", "LATE", "ping", None, timeout=1, connect_timeout=5))
+        await asyncio.sleep(0.1)
+        link = Listening(live, device, methods=False)
+        live.attach(link)  # connected, not subscribed yet: the call waits on
+        await asyncio.sleep(0.1)
+        assert not call.done() and link.sent == []
+        started = loop.time()
+        link.methods = True
+        live.listening(link)
+        assert await asyncio.wait_for(call, 0.5) == (200, {"m": "ping"})
+        assert loop.time() - started < 0.5  # woken by the subscription, not by the next look
+        assert link.sent == [("method", "ping")] and live._awaited == {}
+        started = loop.time()
+        with pytest.raises(DeviceOffline, match="timed out waiting for device 'ghost' to connect") as refused:
+            await live.invoke_method("hub", "ghost", "ping", None, timeout=1, connect_timeout=0.3)
+        assert refused.value.error_code == 404103 and 0.3 <= loop.time() - started < 1.5
+        assert live._awaited == {}
+
+    asyncio.run(main())
+
+
+def test_a_method_through_another_node_waits_for_the_device_to_subscribe_there_and_is_sent_once(two_nodes):
+    loop, [(a, live_a), (b, live_b)], hub = two_nodes
+
+    async def scenario() -> None:
+        device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "sub-late", "sub-late", "sas")
+        link = Listening(live_a, device, methods=False)
+        live_a.attach(link)
+        await live_a.flush()
+        call = asyncio.ensure_future(live_b.invoke_method(hub.name, "sub-late", "ping", None, timeout=2,
+                                                          connect_timeout=10))
+        await asyncio.sleep(0.3)
+        assert not call.done()
+        link.methods = True  # subscribes on a: b looks again within DEVICE_LOOKUP_INTERVAL
+        assert await asyncio.wait_for(call, 5) == (200, {"m": "ping"})
+        assert link.sent == [("method", "ping")]
+
+    loop.run_until_complete(scenario())
+
+
+def test_writes_of_one_twin_take_turns_with_their_pushes_and_other_twins_do_not_wait():
+    """Concurrent PATCHes of one twin commit one after the other, but each came back to the loop from its own domain
+    thread: a later version's desired push went out before an earlier one's (about 1 in 80 with 80 concurrent
+    PATCHes), and a device applying patches in the order received kept the older value. Each write and its push now
+    take the device's turn."""
+    async def main() -> None:
+        live = LiveSessions()
+        order: list[str] = []
+        first_in = asyncio.Event()
+        release = asyncio.Event()
+
+        async def write(device: str, name: str, hold: bool = False) -> None:
+            async with live.twin_turn("hub", device):
+                order.append(f"{name} in")
+                if hold:
+                    first_in.set()
+                    await release.wait()
+                order.append(f"{name} out")
+
+        first = asyncio.ensure_future(write("Dev", "first", hold=True))
+        await asyncio.wait_for(first_in.wait(), 2)
+        second = asyncio.ensure_future(write("dev", "second"))  # the same device (ids are case-insensitive)
+        await write("other", "other")  # another device does not wait
+        await asyncio.sleep(0.05)
+        assert order == ["first in", "other in", "other out"]
+        release.set()
+        await asyncio.gather(first, second)
+        assert order[3:] == ["first out", "second in", "second out"]
+        assert live._twin_turns == {}
+
+    asyncio.run(main())
+
+
+def test_desired_pushes_from_other_processes_go_to_the_device_in_version_order():
+    """Writes made by other processes or nodes reach the device's process over the bus in no set order: with two
+    workers about one concurrent PATCH in 30 was pushed after a later version. A push past the next version waits
+    for the ones before it; one whose predecessor never comes (a twin reset pushes nothing) goes out after
+    DESIRED_REORDER_WAIT; an older version than one handed out goes out as it comes, never dropped."""
+    from opendps.hub.live import DESIRED_REORDER_WAIT
+
+    async def main() -> None:
+        live = LiveSessions()
+        link = Link(live, AuthenticatedDevice(1, "hub", "hub.example", "ord", "ord", "sas"))
+        live.attach(link)
+
+        def pushed() -> list[int]:
+            return [version for kind, (_, version) in link.sent if kind == "desired"]
+
+        for version in (5, 7, 8, 6):  # 7 and 8 arrive before 6
+            live.on_peer_message({"op": "desired", "hub": "hub", "device": "ord", "desired": {"v": version},
+                                  "version": version})
+        await _until(lambda: len(pushed()) == 4)
+        assert pushed() == [5, 6, 7, 8]
+        started = asyncio.get_running_loop().time()
+        await live.push_desired("hub", "ord", {"v": 11}, 11)  # 9 and 10 never come
+        await asyncio.sleep(0.05)
+        await live.push_desired("hub", "ord", {"v": 12}, 12)
+        await _until(lambda: len(pushed()) == 6)
+        assert pushed()[4:] == [11, 12] and asyncio.get_running_loop().time() - started >= DESIRED_REORDER_WAIT * 0.9
+        await live.push_desired("hub", "ord", {"v": 10}, 10)  # too late to be in order: still handed over
+        await live.push_desired("hub", "ord", {"v": 13}, 13)
+        await _until(lambda: len(pushed()) == 8)
+        assert pushed()[6:] == [10, 13]
+        live.detach(link)
+        assert live._desired_order == {} and live._desired_waiting == {}
 
     asyncio.run(main())

@@ -71,15 +71,60 @@ def test_replace_twin_refusals(services):
                           ({"desired": "x"}, "desired properties must be a JSON object"),
                           ({"desired": {"$own": 1}}, "reserved or invalid"),
                           ({"tags": {"a": {"$b": 1}}}, "reserved or invalid"),
-                          ({"desired": _nested(11)}, "nested more than 10 levels")):
+                          ({"desired": _nested(12)}, "nested more than 10 levels")):
         with pytest.raises(InvalidInput, match=words):
             hubs.replace_twin("default", "rep-2", **kwargs)
-    hubs.replace_twin("default", "rep-2", desired=_nested(10))  # ten levels are allowed
+    hubs.replace_twin("default", "rep-2", desired=_nested(11))  # ten levels under desired are allowed
     with pytest.raises(PayloadTooLarge, match="tags would exceed"):
         hubs.replace_twin("default", "rep-2", tags={"big": "x" * 9000})
     with pytest.raises(NotFound, match="does not exist"):
         hubs.replace_twin("default", "rep-none", tags={})
-    assert hubs.get_device("default", "rep-2").desired == _nested(10)  # the refusals changed nothing
+    assert hubs.get_device("default", "rep-2").desired == _nested(11)  # the refusals changed nothing
+
+
+def test_twin_depth_is_counted_below_the_section_as_iot_hub_documents(services):
+    """IoT Hub's device twin page gives tags.one.two...ten = {"property": "value"} as valid (ten levels of objects
+    under tags); it was refused as "nested more than 10 levels", because the section's own object was counted."""
+    hubs = services.hubs
+    hubs.create_device("default", "deep-1")
+    hub_id = hubs.get("default").id
+    documented: dict = {"property": "value"}
+    for name in ("ten", "nine", "eight", "seven", "six", "five", "four", "three", "two", "one"):
+        documented = {name: documented}
+    ident = hubs.update_twin("default", "deep-1", tags=documented, desired=documented)
+    assert ident.tags == documented and ident.desired == documented
+    hubs.patch_reported(hub_id, "deep-1", documented)
+    for kwargs in ({"tags": {"eleven": documented}}, {"desired": {"eleven": documented}}):
+        with pytest.raises(InvalidInput, match="nested more than 10 levels"):
+            hubs.update_twin("default", "deep-1", **kwargs)
+    with pytest.raises(InvalidInput, match="nested more than 10 levels"):
+        hubs.patch_reported(hub_id, "deep-1", {"eleven": documented})
+
+
+def test_twin_size_is_iot_hubs_measure_not_the_length_of_escaped_json(services):
+    """IoT Hub counts names and strings by their characters, numbers 8 and booleans 4 (its "Device twin size"). The
+    size was the length of json.dumps, which writes every non-ASCII character as a 6-byte escape (an emoji 12): a
+    device reporting 12,000 CJK characters (36 KB of JSON text as the wire sent it, 72 KB escaped) was refused
+    413 where IoT Hub takes it."""
+    from opendps.hub.registry import twin_size
+
+    assert twin_size({"ab": "héllo", "n": 1.5, "i": 7, "b": True, "o": {"x": [1, "é"]}}) == 2 + 5 + 1 + 8 + 1 + 8 + 1 + 4 \
+        + 1 + 1 + 8 + 1
+    assert twin_size({"e": {}, "l": [], "s": "", "z": [None]}) == 4 + 4  # what holds nothing still counts
+    hubs = services.hubs
+    hubs.create_device("default", "size-1")
+    hub_id = hubs.get("default").id
+    text = "漢" * 12_000
+    hubs.patch_reported(hub_id, "size-1", {"text": text})
+    hubs.update_twin("default", "size-1", desired={"emoji": "\U0001f600" * 30_000}, tags={"ort": "Zürich" * 1300})
+    assert hubs.get_device("default", "size-1").reported == {"text": text}
+    with pytest.raises(PayloadTooLarge, match="reported properties would exceed 32768 bytes"):
+        hubs.patch_reported(hub_id, "size-1", {"more": "漢" * 21_000})
+    with pytest.raises(PayloadTooLarge, match="desired properties would exceed 32768 bytes"):  # 4,096 numbers: 32 KB+
+        hubs.update_twin("default", "size-1", desired={f"n{i:04}": i for i in range(4_096)})
+    with pytest.raises(PayloadTooLarge, match="tags would exceed 8192 bytes"):
+        hubs.update_twin("default", "size-1", tags={"ort": None, "more": "x" * 8_200})
+    assert hubs.get_device("default", "size-1").reported == {"text": text}  # the refusals changed nothing
 
 
 def _nested(levels: int) -> dict:

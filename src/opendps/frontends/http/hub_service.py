@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,8 @@ from opendps.frontends.http.wire import (
     send,
     services,
 )
-from opendps.hub import DEFAULT_HUB, DeviceIdentity
+from opendps.hub import DEFAULT_HUB, DeviceIdentity, DeviceOffline
+from opendps.hub.live import check_method_payload
 from opendps.hub.messaging import time_to_live
 from opendps.transport.wire import decimal, iso8601
 
@@ -189,20 +191,30 @@ def _desired(body: dict[str, Any]) -> Any:
     return properties.get("desired")
 
 
-async def _twin_written(request: web.Request, ident: DeviceIdentity, desired_change: dict[str, Any] | None) -> web.Response:
-    """The answer to a twin write (PATCH or PUT); a desired change goes to the device now if it is connected."""
-    if desired_change is not None:
-        await runtime(request).live.push_desired(ident.hub_name, ident.device_id, desired_change, ident.desired_version)
+async def _write_twin(request: web.Request, device_id: str,
+                      write: Callable[[], Awaitable[tuple[DeviceIdentity, dict[str, Any] | None]]]) -> web.Response:
+    """A twin write (PATCH or PUT) and its answer; a desired change goes to the device now if it is connected. The
+    write and its push take the device's turn (``LiveSessions.twin_turn``), so the device gets its desired patches in
+    the order of their versions."""
+    live = runtime(request).live
+    async with live.twin_turn(hub_name(request), device_id):
+        ident, desired_change = await write()
+        if desired_change is not None:
+            await live.push_desired(ident.hub_name, ident.device_id, desired_change, ident.desired_version)
     return send(twin_wire(ident, await _connected(request, ident)), etag=ident.etag)
 
 
 @routes.patch("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-patch")
 async def patch_twin(request: web.Request) -> web.Response:
     body = await json_object_body(request, "request body (a twin patch)")
-    desired = _desired(body)
-    ident = await run(request, services(request).hubs.update_twin, hub_name(request), request.match_info["id"],
-                      desired=desired, tags=body.get("tags"), if_match=if_match(request))
-    return await _twin_written(request, ident, desired)
+    desired, device_id = _desired(body), request.match_info["id"]
+
+    async def write() -> tuple[DeviceIdentity, dict[str, Any] | None]:
+        ident = await run(request, services(request).hubs.update_twin, hub_name(request), device_id,
+                          desired=desired, tags=body.get("tags"), if_match=if_match(request))
+        return ident, desired
+
+    return await _write_twin(request, device_id, write)
 
 
 @routes.put("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-replace")
@@ -213,9 +225,14 @@ async def replace_twin(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     if body.get("deviceId") not in (None, device_id):
         raise InvalidInput(f"deviceId {body.get('deviceId')!r} in the body does not match {device_id!r} in the path")
-    ident, change = await run(request, services(request).hubs.replace_twin, hub_name(request), device_id,
-                              tags=body.get("tags"), desired=_desired(body), if_match=if_match(request))
-    return await _twin_written(request, ident, change)
+    desired = _desired(body)
+
+    async def write() -> tuple[DeviceIdentity, dict[str, Any] | None]:
+        ident, change = await run(request, services(request).hubs.replace_twin, hub_name(request), device_id,
+                                  tags=body.get("tags"), desired=desired, if_match=if_match(request))
+        return ident, change
+
+    return await _write_twin(request, device_id, write)
 
 
 @routes.post("/twins/{id}", name=HUB_ROUTE_PREFIX + "twin-override")
@@ -230,17 +247,38 @@ async def overridden_twin_method(request: web.Request) -> web.Response:
     raise web.HTTPMethodNotAllowed("POST", ["GET", "PATCH", "PUT"])
 
 
+def _seconds(body: dict[str, Any], name: str, default: int, low: int) -> float:
+    """A direct method's timeout member: a number of seconds within ``low``-300 (absent or null: ``default``)."""
+    value = body.get(name)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= MAX_METHOD_TIMEOUT:
+        raise InvalidInput(f"{name} must be within [{low}; {MAX_METHOD_TIMEOUT}]")
+    return float(value)
+
+
 @routes.post("/twins/{id}/methods", name=HUB_ROUTE_PREFIX + "method")
 async def invoke_method(request: web.Request) -> web.Response:
+    """Azure's Invoke Device Method: ``responseTimeoutInSeconds`` (default 30) counts from when the device is handed
+    the call; ``connectTimeoutInSeconds`` (default 0: it must be listening already, up to 300) is how long to wait for
+    a device that is not connected or not subscribed to methods. 404 404001 for a device that does not exist, 404103
+    for one that is not listening (in time), 504 504101 for one that does not answer in time."""
     body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("methodName"), str) or not body["methodName"]:
         raise InvalidInput("request body needs methodName")
-    timeout = body.get("responseTimeoutInSeconds", 30)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= MAX_METHOD_TIMEOUT:
-        raise InvalidInput(f"responseTimeoutInSeconds must be 1-{MAX_METHOD_TIMEOUT}")
+    timeout = _seconds(body, "responseTimeoutInSeconds", 30, 1)
+    connect_timeout = _seconds(body, "connectTimeoutInSeconds", 0, 0)
+    check_method_payload(body.get("payload"))
+    hub, device_id = hub_name(request), request.match_info["id"]
     try:
-        status, payload = await runtime(request).live.invoke_method(
-            hub_name(request), request.match_info["id"], body["methodName"], body.get("payload"), timeout=float(timeout))
+        if connect_timeout:  # no waiting for a device that does not exist
+            await run(request, services(request).hubs.get_device, hub, device_id)
+        try:
+            status, payload = await runtime(request).live.invoke_method(
+                hub, device_id, body["methodName"], body.get("payload"), timeout=timeout, connect_timeout=connect_timeout)
+        except DeviceOffline:  # one that does not exist is told so (404001), as IoT Hub does
+            await run(request, services(request).hubs.get_device, hub, device_id)
+            raise
     except OpenDPSError as exc:
         metrics.method_call(None, exc)
         raise
@@ -262,6 +300,15 @@ async def send_c2d(request: web.Request) -> web.Response:
     ttl = time_to_live(seconds)
     message = await runtime(request).queue_c2d(hub, device_id, data, system=system, properties=props, ttl=ttl)
     return send({"messageId": message.message_id}, 202)
+
+
+@routes.delete("/devices/{id}/commands", name=HUB_ROUTE_PREFIX + "c2d-purge")
+async def purge_c2d(request: web.Request) -> web.Response:
+    """IoT Hub's purge of a device's cloud-to-device queue (C#'s ``ServiceClient.PurgeMessageQueueAsync``, az's
+    ``c2d-message purge``): 200 ``{"deviceId", "totalMessagesPurged"}``, 404 for a device that does not exist."""
+    hub, device_id = hub_name(request), request.match_info["id"]
+    purged = await run(request, services(request).c2d.purge, hub, device_id)
+    return send({"deviceId": device_id, "moduleId": None, "totalMessagesPurged": purged})
 
 
 EVENT_STREAMS_END = web.AppKey("event-streams-end", asyncio.Event)

@@ -180,10 +180,12 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      None, 200, [_IF_MATCH]),
     ("post", "/twins/{id}", "PATCH or PUT as POST with X-HTTP-Method-Override (Java's service SDK); else 405", None,
      None, 200, [_IF_MATCH]),
-    ("post", "/twins/{id}/methods", "Invoke a direct method (methodName, payload, responseTimeoutInSeconds)", None,
-     None, 200, []),
+    ("post", "/twins/{id}/methods", "Invoke a direct method (methodName, payload, responseTimeoutInSeconds, "
+     "connectTimeoutInSeconds)", None, None, 200, []),
     ("post", "/devices/{id}/messages/deviceBound", "Send a cloud-to-device message (iothub-* headers)", None, None, 202,
      []),
+    ("delete", "/devices/{id}/commands", "Purge the device's cloud-to-device queue (totalMessagesPurged)", None, None,
+     200, []),
     ("get", "/events", "Telemetry as NDJSON from a position (from, deviceId, timeout, count)", None, None, 200, []),
     # the DPS device API (attestation authenticates: the TLS client chain or a device SAS token)
     ("put", "/{idScope}/registrations/{registrationId}/register", "Register a device (DeviceRegistration, csr)", None,

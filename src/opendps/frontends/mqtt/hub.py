@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from opendps.errors import Conflict, InvalidInput, OpenDPSError
 from opendps.frontends import metrics
 from opendps.frontends.mqtt import error_payload, request_id
 from opendps.frontends.runtime import Runtime
-from opendps.hub import AuthenticatedDevice, DeviceOffline
+from opendps.hub import AuthenticatedDevice, DeviceOffline, HubAuthenticator
 from opendps.hub.live import C2D, DESIRED, METHODS
 from opendps.hub.telemetry import parse_property_bag
 from opendps.logs import event
@@ -91,11 +92,21 @@ class HubSession:
     checked_since: float | None = None
     # the subscriptions kept in the device's row (subscription_mask): read at CONNECT, rewritten when they change
     kept: int = 0
+    # a SAS session's timer: the connection closes when its token expires (token_expired); None for X.509 sessions
+    _expiry: asyncio.TimerHandle | None = None
     # C2D lives in the store until PUBACK, so a reconnect redelivers from there; the MQTT core keeps no copy; the
     # subscriptions are kept in the store (kept_subscriptions), as IoT Hub keeps a clean-session-0 session's
     persistent: ClassVar[bool] = False
     # IoT Hub's bound (keepalive 0 included): a silent device is dropped after 1.5x that
     max_keepalive: ClassVar[int] = 1767
+    # at most this long (seconds) between looks at the wall clock while a SAS token stands: the timer is the loop's
+    # (monotonic) and se is wall-clock time, so a clock stepped back is waited for; a day keeps a ten-year token's
+    # timer to one wake-up a day
+    expiry_check: ClassVar[float] = 86400.0
+    # this process's C2D completions under way ((hub id, device key) -> each one's end): a PUBACK's DELETE runs in the
+    # thread pool, and a device that acknowledges and reconnects at once had its new session read the message before
+    # the delete and get it again; the new session's first read waits for them (another node's is not seen here)
+    completing: ClassVar[dict[tuple[int, str], set[asyncio.Future[None]]]] = {}
 
     @property
     def filters(self) -> Mapping[str, int]:
@@ -123,6 +134,7 @@ class HubSession:
         self.runtime.hub_names[self.device.hub_id] = self.device.hub_name  # for the telemetry counters' label
         self.runtime.live.attach(self, checked_since=self.checked_since)
         self.checked_since = None  # only the attach needs it: an idle session holds no float for it
+        self._arm_expiry()
         metrics.hub_connected(self.device.auth_type)
         self.counted = True
         log.info("device %r connected to hub %s (%s)", self.device.device_id, self.device.hub_host, self.device.auth_type,
@@ -149,6 +161,8 @@ class HubSession:
             await self.keep({**self.filters, topic_filter: granted})
         if topic_filter.startswith("devices/"):  # after any await: the core holds the filter before this runs
             asyncio.get_running_loop().call_soon(self.wake_c2d)
+        elif topic_filter == FEATURES[METHODS]:  # a call waiting for the device to subscribe (connectTimeoutInSeconds)
+            asyncio.get_running_loop().call_soon(self.runtime.live.listening, self)
         return granted
 
     async def on_unsubscribe(self, session: Session, topic_filter: str) -> None:
@@ -217,12 +231,39 @@ class HubSession:
         return rt.telemetry_writer.submit(device.hub_id, device.device_id, system, application, payload)
 
     async def on_disconnected(self, session: Session, reason: str) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.runtime.live.detach(self)
         if self.counted:
             self.counted = False
             metrics.hub_disconnected()
         log.info("device %r disconnected from hub %s: %s", self.device.device_id, self.device.hub_host, reason,
                  extra=event("hub.disconnected", hub=self.device.hub_host, device_id=self.device.device_id))
+
+    # ---- SAS token lifetime ----
+    def _arm_expiry(self) -> None:
+        """Close the session when its SAS token lapses, as IoT Hub does (its 401003 troubleshooting page: "IoT Hub
+        notices the expiration, and disconnects the device"; some SDKs renew their token only then). The token was
+        checked at CONNECT only: a session used to outlive it for as long as the device stayed connected — days after
+        its key was regenerated, or after its TPM was replaced."""
+        until = HubAuthenticator.valid_until(self.device)
+        if until is None or self.session is None:
+            return
+        now = time.time()
+        # compared before subtracting: se may be any integer, and 10**400 - a float overflows
+        delay = self.expiry_check if until > now + self.expiry_check else max(0.0, until - now)
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        """The timer fired: closed if the token has lapsed by the wall clock, else (a long token, a clock stepped
+        back) looked at again later."""
+        self._expiry = None
+        until = HubAuthenticator.valid_until(self.device)
+        if until is not None and time.time() < until:
+            self._arm_expiry()
+            return
+        self.close("SharedAccessSignature expired: reconnect with a renewed token")
 
     # ---- device link (the service side, through the live sessions) ----
     def subscribed(self, feature: str) -> bool:
@@ -353,8 +394,13 @@ class HubSession:
         try:
             if self.session is None or not self.subscribed(C2D):
                 return
+            key = (self.device.hub_id, self.device.device_key)
+            while key in HubSession.completing:  # acknowledged on this or an older connection, not yet deleted
+                await asyncio.wait(set(HubSession.completing[key]))
             self.acked = None  # acknowledged before this read begins: it cannot return them
-            for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key):
+            out = frozenset(self.sent or ())  # out on this connection already: neither sent nor counted again
+            for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key,
+                                               skip=out):
                 if self.acked is not None and message.pk in self.acked:
                     continue  # read before its PUBACK was completed: the device has it
                 if self.sent is None:
@@ -372,8 +418,25 @@ class HubSession:
             self.delivering = False
 
     def _completer(self, pk: int) -> Callable[[], Awaitable[None]]:
-        async def done() -> None:
-            await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
+        def acknowledged() -> Awaitable[None]:
+            """Called as the PUBACK is read: the completion is known to be under way before anything else runs, so a
+            reconnect's delivery waits for it (``completing``) rather than reading the message before it is deleted
+            and sending it again within milliseconds."""
+            key = (self.device.hub_id, self.device.device_key)
+            finished = asyncio.get_running_loop().create_future()
+            HubSession.completing.setdefault(key, set()).add(finished)
+            return done(key, finished)
+
+        async def done(key: tuple[int, str], finished: asyncio.Future[None]) -> None:
+            try:
+                await self.runtime.domain.run(self.runtime.services.c2d.complete, pk)
+            finally:
+                finished.set_result(None)
+                waiting = HubSession.completing.get(key)
+                if waiting is not None:
+                    waiting.discard(finished)
+                    if not waiting:
+                        del HubSession.completing[key]
             metrics.c2d_delivered(self.device.hub_name)
             if self.delivering:  # that delivery's read may predate the delete: it must not send this one again
                 if self.acked is None:
@@ -384,4 +447,4 @@ class HubSession:
                 if not self.sent:
                     self.sent = None
             self.wake_c2d()  # anything queued meanwhile goes out now
-        return done
+        return acknowledged

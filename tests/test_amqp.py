@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, unquote
 
 import pytest
@@ -24,7 +25,8 @@ from sqlalchemy import select
 from tests.test_device_api import svc
 from tests.test_mqtt_hub import HUB, Client, hub_username, pending_c2d
 
-from opendps.store import CloudToDeviceMessage, Store
+from opendps.store import CloudToDeviceMessage, LinkedHub, Store
+from opendps.store.models import CloudToDeviceFeedback
 from opendps.transport import sas
 
 SERVER_STORES = ("sqlite",)  # the CLI/SDK/front end is the subject, not the store (tests/conftest.py)
@@ -389,6 +391,39 @@ def test_c2d_feedback_reaches_a_receiver_that_completes_it(server):
         receiver.accept()
     finally:
         later.close()
+
+
+def test_a_receiver_that_releases_every_feedback_batch_does_not_spin_the_server(server):
+    """A receiver that answers each feedback batch with released (C#'s AbandonAsync in a loop, Node's abandon or
+    reject) got the same batch back at once, forever: every turn a claim and an abandon written to the store, as
+    fast as the connection went — hundreds a second of write-lock traffic on SQLite from one client, taken from the
+    devices. A batch it did not complete now comes again no sooner than the feedback poll (1 s) on that link."""
+    store = Store(server.db_url)
+    try:
+        with store.session() as s:
+            hub_id = s.scalar(select(LinkedHub.id).where(LinkedHub.name == "default"))
+            now = datetime.now(UTC)
+            s.add(CloudToDeviceFeedback(hub_id=hub_id, device_id="fb-spin", generation_id="g", message_id="fb-spin",
+                                        status="Success", enqueued_at=now, expires_at=now + timedelta(hours=1)))
+    finally:
+        store.dispose()
+    client = Amqp(server)
+    try:
+        assert client.put_token(hub_owner_token(server))[0] == 200
+        receiver = client.conn.create_receiver("/messages/serviceBound/feedback")
+        _feedback_for(receiver, "fb-spin")
+        deliveries, deadline = 1, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            receiver.release()
+            try:
+                receiver.receive(timeout=max(0.05, deadline - time.monotonic()))
+            except Timeout:
+                receiver.receive(timeout=5)  # it does come again
+            deliveries += 1
+        assert deliveries <= 4, f"{deliveries} deliveries of a released batch in 1.5 s"
+        receiver.accept()  # completed: gone, and later tests' receivers do not see it
+    finally:
+        client.close()
 
 
 # the C service SDK's SASL PLAIN authcid: {keyName}@sas.root.{hubName} (the host name's first label)

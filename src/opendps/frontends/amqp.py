@@ -352,6 +352,10 @@ class HubConnection:
             except Exception:
                 log.exception("AMQP feedback batch %s from %s not settled in the store", batch.lock_token,
                               self.conn.peer)
+            if state != ACCEPTED:  # not again at once: a receiver that releases each batch had it back in a tight
+                # loop (a claim and an abandon written per turn, hundreds a second from one client)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), self.feedback_poll)
 
     # --- CBS -------------------------------------------------------------------------------------
 

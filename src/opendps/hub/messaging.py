@@ -26,13 +26,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from opendps.errors import InvalidInput, NotFound, OpenDPSError, PayloadTooLarge
 from opendps.hub import feedback
 from opendps.hub.feedback import FeedbackQueue
-from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store
+from opendps.store import CloudToDeviceMessage, HubDevice, LinkedHub, Store, table_of
 
 MAX_C2D_BYTES = 64 * 1024
 MAX_PENDING = 50
@@ -48,6 +48,11 @@ log = logging.getLogger("opendps.hub")
 # what a delete returns for the feedback it may owe (opendps.hub.feedback.record)
 _ENDED = (CloudToDeviceMessage.hub_id, CloudToDeviceMessage.device_key, CloudToDeviceMessage.message_id,
           CloudToDeviceMessage.system_properties)
+# a delivery's count, by primary key for a batch (executemany). A Core statement, not the ORM's bulk UPDATE: that one
+# raises StaleDataError when a row is gone, and one read by ``pending`` may be deleted before it is counted
+_MESSAGES = table_of(CloudToDeviceMessage)
+_COUNT_DELIVERY = update(_MESSAGES).where(_MESSAGES.c.id == bindparam("b_id")).values(
+    system_properties=bindparam("b_system", type_=_MESSAGES.c.system_properties.type))
 
 
 def time_to_live(seconds: float) -> timedelta:
@@ -192,10 +197,14 @@ class CloudToDevice:
                     log.info("cloud-to-device message %s for %r dead-lettered: delivered %d times without an "
                              "acknowledgement", message_id, device_key, count)
                     continue
-                counted.append({"id": pk, "system_properties": {**system, DELIVERY_COUNT: count + 1}})
+                counted.append({"b_id": pk, "b_system": {**system, DELIVERY_COUNT: count + 1}})
                 out.append(PendingMessage(pk, message_id, system, properties, body, count + 1))
-            if counted:  # by primary key, one statement for the batch; a row acknowledged meanwhile is not there
-                s.execute(update(CloudToDeviceMessage), counted)
+            if counted:  # by primary key, one statement for the batch
+                matched = getattr(s.execute(_COUNT_DELIVERY, counted), "rowcount", -1)  # -1: the driver cannot say
+                if matched != len(counted):  # deleted since the read (purged, acknowledged elsewhere, swept): not sent
+                    there = set(s.scalars(select(CloudToDeviceMessage.id).where(
+                        CloudToDeviceMessage.id.in_([c["b_id"] for c in counted]))))
+                    out = [m for m in out if m.pk in there]
             if dead:
                 ended = s.execute(delete(CloudToDeviceMessage).where(CloudToDeviceMessage.id.in_(dead))
                                   .returning(*_ENDED)).all()

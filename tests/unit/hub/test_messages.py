@@ -9,7 +9,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from opendps.errors import InvalidInput, NotFound
 from opendps.hub import feedback, messaging
@@ -235,3 +235,31 @@ def test_feedback_is_bounded_by_its_time_to_live_and_a_cap_per_hub(services, mon
     batch = services.c2d.feedback.claim("default")
     assert batch is not None and [r["originalMessageId"] for r in batch.records] == ["cap-3", "cap-4"]
     assert [r.message_id for r in _feedback_rows(services)] == ["cap-3", "cap-4"]  # the expired one deleted
+
+
+def test_a_delivery_read_survives_messages_deleted_before_it_counts_them(services):
+    """``pending`` reads the queue, then counts the delivery of what it read by primary key (ORM bulk UPDATE). A
+    message deleted in between — purged, acknowledged on the device's other connection, expired by a sweep — made
+    that UPDATE match fewer rows: StaleDataError, so the delivery failed and nothing at all went out to the device.
+    Now the read goes on without them (and does not send what was purged)."""
+    services.hubs.create_device("default", "c2d-stale")
+    hub = services.hubs.get("default")
+    for n in range(3):
+        services.c2d.enqueue("default", "c2d-stale", f"m{n}".encode())
+    armed = [True]
+
+    def purge_after_the_read(conn, cursor, statement, parameters, context, executemany) -> None:
+        if armed[0] and statement.lstrip().upper().startswith("SELECT") and "FROM c2d_messages" in statement \
+                and "ORDER BY" in statement:
+            armed[0] = False
+            assert services.c2d.purge("default", "c2d-stale") == 3  # another connection, committed
+            services.c2d.enqueue("default", "c2d-stale", b"after the purge")
+
+    event.listen(services.store.engine, "after_cursor_execute", purge_after_the_read)
+    try:
+        got = services.c2d.pending(hub.id, "c2d-stale")
+    finally:
+        event.remove(services.store.engine, "after_cursor_execute", purge_after_the_read)
+    assert not armed[0] and got == []  # what was read is gone: nothing purged is sent
+    [later] = services.c2d.pending(hub.id, "c2d-stale")
+    assert later.body == b"after the purge" and later.delivery_count == 1

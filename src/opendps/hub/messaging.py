@@ -211,6 +211,15 @@ class CloudToDevice:
                 feedback.record(s, ended, feedback.DELIVERY_COUNT_EXCEEDED, now)
             return out
 
+    def not_delivered(self, messages: list[PendingMessage]) -> None:
+        """Messages :meth:`pending` counted that were never sent (the connection ended first: a device that reads
+        slowly, on a link that keeps dropping): their count goes back, so they are not dead-lettered for deliveries
+        the device never got. A row gone meanwhile (acknowledged, purged) is left alone."""
+        if messages:
+            with self.store.session() as s:
+                s.execute(_COUNT_DELIVERY, [{"b_id": m.pk, "b_system": {**m.system, DELIVERY_COUNT: m.delivery_count - 1}}
+                                            for m in messages])
+
     def purge(self, hub_name: str, device_id: str) -> int:
         """Delete every message waiting for the device (IoT Hub's purge of its command queue); how many there were
         (expired ones not counted)."""

@@ -115,3 +115,44 @@ def test_a_reconnect_right_after_a_puback_does_not_get_the_message_again(service
         runtime.domain.close()
     assert again == []
     assert services.c2d.pending(hub.id, "c2d-quick") == [] and HubSession.completing == {}
+
+
+def test_messages_read_but_never_sent_before_the_connection_ended_are_not_counted_as_deliveries(services):
+    """A delivery read counts every message it returns (maxDeliveryCount), but a connection that ends while they go
+    out (a device that reads slowly, on a link that keeps dropping) sent only the first: after ten such reconnects the
+    messages behind it were dead-lettered without ever reaching the device. What was not sent is given its count
+    back; what was sent keeps it."""
+    from opendps.hub import messaging
+    from opendps.transport.mqtt.server import SessionClosed
+
+    services.hubs.create_device("default", "c2d-drops")
+    hub = services.hubs.get("default")
+    runtime = Runtime(services)
+    device = AuthenticatedDevice(hub.id, hub.name, hub.host_name, "c2d-drops", "c2d-drops", "sas")
+
+    class _Dropping(_Session):
+        async def publish(self, topic: str, payload: bytes, qos: int = 0, *, on_ack: Any = None) -> None:
+            if self.published:
+                raise SessionClosed("connection lost")  # the first went out, then the link dropped
+            await super().publish(topic, payload, qos, on_ack=on_ack)
+
+    async def reconnect() -> None:
+        session = HubSession(runtime, device)
+        session.session = _Dropping("c2d-drops")  # type: ignore[assignment]
+        session.wake_c2d()
+        while session.delivering:
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        for n in range(3):
+            services.c2d.enqueue("default", "c2d-drops", f"m{n}".encode(), system={"message-id": f"m{n}"})
+        for _ in range(messaging.MAX_DELIVERY_COUNT + 2):
+            await reconnect()
+
+    try:
+        asyncio.run(main())
+    finally:
+        runtime.domain.close()
+    # the first went out on every connection: dead-lettered after ten; the others never went out and are still there
+    left = services.c2d.pending(hub.id, "c2d-drops")  # this read counts too
+    assert [(m.message_id, m.delivery_count) for m in left] == [("m1", 3), ("m2", 1)]

@@ -27,6 +27,7 @@ from opendps.frontends.mqtt import error_payload, request_id
 from opendps.frontends.runtime import Runtime
 from opendps.hub import AuthenticatedDevice, DeviceOffline, HubAuthenticator
 from opendps.hub.live import C2D, DESIRED, METHODS
+from opendps.hub.messaging import PendingMessage
 from opendps.hub.telemetry import parse_property_bag
 from opendps.logs import event
 from opendps.pki import decode_csr_text
@@ -391,6 +392,7 @@ class HubSession:
     # ---- cloud → device ----
     async def _deliver_c2d(self) -> None:
         rt = self.runtime
+        unsent: list[PendingMessage] = []
         try:
             if self.session is None or not self.subscribed(C2D):
                 return
@@ -399,8 +401,9 @@ class HubSession:
                 await asyncio.wait(set(HubSession.completing[key]))
             self.acked = None  # acknowledged before this read begins: it cannot return them
             out = frozenset(self.sent or ())  # out on this connection already: neither sent nor counted again
-            for message in await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key,
-                                               skip=out):
+            read = await rt.domain.run(rt.services.c2d.pending, self.device.hub_id, self.device.device_key, skip=out)
+            for position, message in enumerate(read):
+                unsent = read[position:]  # counted by the read, not (yet) handed to the connection
                 if self.acked is not None and message.pk in self.acked:
                     continue  # read before its PUBACK was completed: the device has it
                 if self.sent is None:
@@ -410,8 +413,11 @@ class HubSession:
                 self.sent.add(message.pk)
                 await self.session.publish(message.topic(self.device.device_id), message.body, qos=1,
                                            on_ack=self._completer(message.pk))
+            unsent = []
         except SessionClosed:
-            pass
+            if unsent:  # the connection ended before these went out: not deliveries (maxDeliveryCount)
+                with contextlib.suppress(OpenDPSError):
+                    await rt.domain.run(rt.services.c2d.not_delivered, unsent)
         except Exception:  # a delivery failure must not kill the loop; the message stays queued
             log.exception("cloud-to-device delivery to %r failed", self.device.device_id)
         finally:

@@ -140,8 +140,9 @@ class FeedbackQueue:
                 "enqueuedTimeUtc": _utc(r.enqueued_at), "statusCode": r.status} for r in rows], now)
 
     def complete(self, lock_token: str) -> int:
-        """The receiver accepted the batch: its records are deleted (also if the lock lapsed meanwhile: they reached a
-        receiver); how many."""
+        """The receiver accepted the batch: its records are deleted, also if the lock lapsed meanwhile; records another
+        receiver claimed after that lapse carry its token, so they stay and arrive there too (at least once); how
+        many."""
         with self.store.session() as s:
             done = s.execute(delete(CloudToDeviceFeedback).where(CloudToDeviceFeedback.lock_token == lock_token))
             return int(getattr(done, "rowcount", 0) or 0)

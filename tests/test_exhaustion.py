@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -173,9 +174,11 @@ def test_a_slow_allocation_webhook_cannot_hold_every_domain_thread(server):
         while _HeldWebhook.received < WEBHOOK_CALLS_AT_ONCE and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _HeldWebhook.received == WEBHOOK_CALLS_AT_ONCE
-        # as many again: refused at once, retryable, without reaching the webhook
-        for i in range(WEBHOOK_CALLS_AT_ONCE):
-            r = register(f"turned-away-{i}", 10)
+        # as many again, side by side (each waits WEBHOOK_SLOT_WAIT for a slot): refused, retryable, without
+        # reaching the webhook
+        with ThreadPoolExecutor(WEBHOOK_CALLS_AT_ONCE) as pool:
+            refused = list(pool.map(lambda i: register(f"turned-away-{i}", 10), range(WEBHOOK_CALLS_AT_ONCE)))
+        for r in refused:
             assert_azure_error(r, 503, "webhook")
             assert r.headers["Retry-After"] == "5"
         assert _HeldWebhook.received == WEBHOOK_CALLS_AT_ONCE

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from tests.conftest import _run_server
 from tests.test_device_api import svc
-from tests.test_scale_out import _running, _spread, connect, nodes_of, presence, receive
+from tests.test_scale_out import _running, _spread, connect, nodes_of, presence, receive, stop_loops
 
 from opendps.cluster import NODE_TIMEOUT
 
@@ -31,7 +31,17 @@ pytestmark = pytest.mark.timeout(240, func_only=True)
 
 @pytest.fixture
 def server(tmp_path) -> Iterator:
-    """A fresh ``--workers 2`` server on SQLite, for one test."""
+    """A fresh ``--workers 2`` server on SQLite, for one test (one that ends the supervisor)."""
+    with contextlib.contextmanager(_run_server)(f"sqlite+pysqlite:///{tmp_path / 'opendps.db'}", tmp_path,
+                                                extra_args=("--workers", "2")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def survivor(tmp_path_factory) -> Iterator:
+    """A ``--workers 2`` server on SQLite shared by the tests after which it still serves with two workers (a worker
+    killed and restarted, one stopped and resumed): each uses its own devices and looks only at them."""
+    tmp_path = tmp_path_factory.mktemp("survivor")
     with contextlib.contextmanager(_run_server)(f"sqlite+pysqlite:///{tmp_path / 'opendps.db'}", tmp_path,
                                                 extra_args=("--workers", "2")) as running:
         yield running
@@ -76,20 +86,20 @@ def test_sigterm_repeated_while_stopping_still_exits_0_and_leaves_no_worker(serv
                 server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.01)
     finally:
-        for client in clients.values():
-            client.c.loop_stop()
+        stop_loops(clients.values())
     assert server.proc.returncode == 0, _log(server)
     _until(lambda: not any(_running(p) for p in pids), 5, f"workers {pids} gone")
     log = _log(server)
     assert "Traceback" not in log and "opendps shutting down (SIGTERM)" in log, log
 
 
-def test_a_restarted_worker_removes_its_dead_predecessor_and_the_devices_are_served(server):
+def test_a_restarted_worker_removes_its_dead_predecessor_and_the_devices_are_served(survivor):
     """A worker is killed with SIGKILL while devices are connected to both. Its restarted successor removes the dead
     node before it says it listens: a device that was on it and has not come back is Disconnected and a direct
     method to it a 404 at once (before: its presence row named the dead node until the 10 s node timeout, and the
     method waited its whole timeout for a 504). The devices that come back are served at once — methods, C2D and
     desired pushes — whichever worker they land on; the survivor's devices never noticed."""
+    server = survivor
     clients, where = _spread(server, 4, "kill")
     victim_node = where["kill-0"]
     victim = next(n for n in nodes_of(server) if n["id"] == victim_node)
@@ -100,7 +110,7 @@ def test_a_restarted_worker_removes_its_dead_predecessor_and_the_devices_are_ser
     try:
         for d in gone:
             assert clients[d].dropped.wait(10), f"{d} not dropped by the kill"
-            clients[d].c.loop_stop()
+        stop_loops(clients[d] for d in gone)
         line = f"worker {victim['worker']} restarted (pid "
         _until(lambda: line in _log(server), 60, "the supervisor restarted the worker")
         # checked at once: the successor removed its predecessor before it said it listens
@@ -130,8 +140,7 @@ def test_a_restarted_worker_removes_its_dead_predecessor_and_the_devices_are_ser
             assert json.loads(got["$iothub/twin/PATCH/properties/desired/"])["v"] == d
         assert not any(clients[d].dropped.is_set() for d in stay)
     finally:
-        for client in clients.values():
-            client.c.loop_stop()
+        stop_loops(clients.values())
 
 
 def _serve_methods(client, seen: list[str] | None = None) -> None:
@@ -151,11 +160,12 @@ def _serve_methods(client, seen: list[str] | None = None) -> None:
     client.c.on_message = on_message
 
 
-def test_a_stalled_worker_does_not_run_methods_whose_callers_timed_out(server):
+def test_a_stalled_worker_does_not_run_methods_whose_callers_timed_out(survivor):
     """The worker holding a device is stopped (SIGSTOP: a hung process); direct methods for the device through the
     other worker time out (504), as they must. When the stalled worker resumes (SIGCONT) it reads those calls from
     the bus: it must not run them now — their callers were told they failed and may have retried. Before, the device
     received every one of them when its worker woke."""
+    server = survivor
     clients, where = _spread(server, 2, "stall")
     device = "stall-0"
     stalled = next(n for n in nodes_of(server) if n["id"] == where[device])
@@ -194,8 +204,7 @@ def test_a_stalled_worker_does_not_run_methods_whose_callers_timed_out(server):
     _until(lambda: _method(server, device, "after", timeout=5, client_timeout=30).status_code == 200, 60,
            "a method reaches the device after SIGCONT")
     assert "after" in seen and not set(answered) & set(seen), (answered, seen)
-    for client in clients.values():
-        client.c.loop_stop()
+    stop_loops(clients.values())
 
 
 def test_workers_outlive_nothing_after_sigkill_of_the_supervisor(server):
@@ -211,8 +220,7 @@ def test_workers_outlive_nothing_after_sigkill_of_the_supervisor(server):
         out = subprocess.run(["ss", "-ltnH", f"sport = :{server.mqtt_port}"], capture_output=True, text=True)
         assert out.returncode != 0 or out.stdout.strip() == "", out.stdout
     finally:
-        for client in clients.values():
-            client.c.loop_stop()
+        stop_loops(clients.values())
 
 
 def test_a_worker_hung_while_restarting_is_killed_and_started_again(tmp_path, monkeypatch, caplog):
@@ -249,10 +257,13 @@ def test_a_worker_hung_while_restarting_is_killed_and_started_again(tmp_path, mo
     sup._start(0)
     try:
         first = sup._await_ready([0])[0]
+        sup.start_timeout = 3.0  # what the hung start is given (and waits out): read as each start begins
         thread.start()
         os.kill(first, signal.SIGKILL)
         hung = _until(lambda: sup.procs[0].pid != first and sup.procs[0].pid, 30, "a replacement was spawned")
         os.kill(hung, signal.SIGSTOP)  # before it listens: spawning and importing take far longer than this poll
+        _until(lambda: "could not start" in caplog.text, 30, f"the hung start was given up: {caplog.text}")
+        sup.start_timeout = 60.0  # the next start (after the crash-loop delay, 2 s) gets a loaded machine's time
         _until(lambda: "restarted (pid" in caplog.text, 60, f"a worker replaced the hung one: {caplog.text}")
         assert sup.procs[0].pid != hung and sup.procs[0].is_alive() and not _running(hung)
         assert caplog.text.count("could not start") == 1, caplog.text

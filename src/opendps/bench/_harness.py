@@ -15,7 +15,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import multiprocessing
 import os
@@ -418,7 +417,8 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
     it on exit.
 
     ``--workers`` is always given (also 1): the server's own default is one worker per core on PostgreSQL.
-    ``before_start(env)`` runs after ``opendps init`` and before the server starts (e.g. bulk seeding).
+    ``before_start(env)`` runs after ``opendps init`` (done in this process) and before the server starts (e.g. bulk
+    seeding). ``opendps info`` is read in this process too, once the server says it listens.
     ``profile``: sample the server (and its workers) with py-spy for its whole life into this collapsed-stack file.
     """
     work = Path(tempfile.mkdtemp(prefix="opendps-bench-"))
@@ -430,21 +430,15 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
             ports = ["--host", "127.0.0.1", "--https-port", str(https_port), "--mqtt-port", str(mqtt_port),
                      "--amqp-port", "0", "--http-port", str(http_port), *([] if lint else ["--no-lint"])]
             if before_start is not None:
-                init = subprocess.run([sys.executable, "-m", "opendps", "init", *ports], env=env, capture_output=True,
-                                      text=True, check=False)
-                if init.returncode != 0:
-                    raise BenchError(f"opendps init failed: {init.stderr.strip()[-500:]}")
+                _init(env, host="127.0.0.1", https_port=https_port, mqtt_port=mqtt_port, amqp_port=0,
+                      http_port=http_port, lint=None if lint else False)
                 before_start(env)
             with open(work / "server.log", "wb") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "opendps", "serve", *ports, "--workers", str(workers)],
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 wait_listening(proc, (https_port, mqtt_port), work / "server.log", banner="opendps listening on")
-                info = subprocess.run([sys.executable, "-m", "opendps", "info", "--show-secrets", "-o", "json"], env=env,
-                                      capture_output=True, text=True, check=False)
-                if info.returncode != 0:
-                    raise BenchError(f"opendps info failed: {info.stderr.strip()}")
-                data = json.loads(info.stdout)
+                data = _info(env)
                 pids = sorted(n["pid"] for n in data.get("nodes", []))
                 expected = sorted(proc_children(proc.pid)) if workers > 1 else [proc.pid]
                 if len(pids) != workers or not set(pids) <= set(expected):
@@ -458,6 +452,35 @@ def running_server(db_url: str | None, lint: bool, before_start: Callable[[dict[
                 stop_process(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _init(env: dict[str, str], **settings: Any) -> None:
+    """What ``opendps init <settings>`` does, in this process (as the seeding after it): an interpreter start and the
+    imports (~1 s a server) saved. Same code: the settings, then the instance opened with ``create``."""
+    from opendps.errors import ConfigurationError
+    from opendps.instance import Settings, open_instance
+
+    try:
+        open_instance(Settings.load(Path(env["OPENDPS_DATA_DIR"]), db=env["OPENDPS_DB"], **settings)).close()
+    except ConfigurationError as exc:
+        raise BenchError(f"opendps init failed: {exc}") from exc
+
+
+def _info(env: dict[str, str]) -> dict[str, Any]:
+    """What ``opendps info --show-secrets -o json`` prints, in this process (read-only, as that command: no
+    migration): endpoints, ID scope, server CA, owner connection string, the live nodes."""
+    from opendps.errors import ConfigurationError
+    from opendps.instance import Settings, open_instance
+
+    try:
+        inst = open_instance(Settings.load(Path(env["OPENDPS_DATA_DIR"]), db=env["OPENDPS_DB"]), create=False,
+                             migrate=False)
+    except ConfigurationError as exc:
+        raise BenchError(f"opendps info failed: {exc}") from exc
+    try:
+        return dict(inst.info(secrets=True))  # JSON types already: the command prints it as it is
+    finally:
+        inst.close()
 
 
 @contextlib.contextmanager

@@ -688,7 +688,8 @@ def _worker(conn: Any, spec: dict[str, Any]) -> None:
         conn.send(outcome)
         for device in held:
             device.close()
-        loop.run_until_complete(asyncio.sleep(0.2))
+        if held:  # their closes go out before the process ends (the parent waits for it: nothing to wait for else)
+            loop.run_until_complete(asyncio.sleep(0.2))
     conn.close()
     loop.close()
 

@@ -416,8 +416,11 @@ class HubSession:
             unsent = []
         except SessionClosed:
             if unsent:  # the connection ended before these went out: not deliveries (maxDeliveryCount)
-                with contextlib.suppress(OpenDPSError):
+                try:
                     await rt.domain.run(rt.services.c2d.not_delivered, unsent)
+                except Exception as exc:  # noqa: BLE001 - the counts stay as read: at worst an earlier dead-letter
+                    log.warning("cloud-to-device messages for %r not sent before the connection ended keep their "
+                                "delivery count (%s: %s)", self.device.device_id, type(exc).__name__, exc)
         except Exception:  # a delivery failure must not kill the loop; the message stays queued
             log.exception("cloud-to-device delivery to %r failed", self.device.device_id)
         finally:

@@ -150,3 +150,44 @@ def test_a_database_error_names_its_statement_but_not_the_values_bound_to_it(tmp
         assert "no_such_table" in str(caught.value) and "TopSecretPw" not in str(caught.value)
     finally:
         store.dispose()
+
+
+def test_a_first_connection_refused_then_reset_names_the_refusal():
+    """A NATS server closes the socket after refusing a client's credentials (-ERR 'Authorization Violation'), and a
+    server may reset a later attempt outright: the error named after the first connection's deadline was the last
+    one heard, so the refusal that explains it was lost behind "Connection reset by peer" now and then (a flaky CI
+    run). A refusal by the server is named in preference to the transport errors around it."""
+    import socket
+    import struct
+
+    from opendps.transport import nats_client
+
+    attempts: list[int] = []
+
+    async def fake_nats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(1)
+        if len(attempts) > 1:  # every later attempt: reset at once
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            return
+        writer.write(b'INFO {"server_id":"fake","version":"2.10.0","proto":1,"max_payload":1048576,'
+                     b'"auth_required":true}\r\n')
+        await writer.drain()
+        await reader.readline()  # CONNECT
+        writer.write(b"-ERR 'Authorization Violation'\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> str:
+        server = await asyncio.start_server(fake_nats, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(nats_client.NatsUnreachable) as info:
+                await nats_client.connect(f"nats://opendps:wrong@127.0.0.1:{port}", name="t", within=2.5)
+            return str(info.value)
+        finally:
+            server.close()
+
+    message = asyncio.run(scenario())
+    assert len(attempts) >= 2, attempts  # the refusal, then at least one reset attempt
+    assert "Authorization Violation" in message and "wrong" not in message, message

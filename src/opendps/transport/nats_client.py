@@ -86,6 +86,9 @@ async def connect(url: str, *, name: str, within: float,
     shown = shown_url(url)  # what the lines and errors below name: never the URL's credentials
 
     last: list[BaseException] = []
+    # the last refusal the server itself gave (an authorization violation...): what a first connection that fails
+    # names, rather than the connection reset that follows it — the server closes the socket after its -ERR
+    refused: list[BaseException] = []
     lost_at: list[float] = []  # when the current outage began; empty while connected
     nc = _client()
 
@@ -101,6 +104,8 @@ async def connect(url: str, *, name: str, within: float,
         last[:] = [exc]
         lost = isinstance(exc, OSError | TimeoutError | errors.UnexpectedEOF | errors.StaleConnectionError
                           | errors.ConnectionClosedError | errors.NoServersError)  # told by disconnected()
+        if not lost:
+            refused[:] = [exc]
         if log is not None and connected and not lost and not lost_at:  # a first attempt's: the caller's error names it
             log.warning("%s (%s): %s: %s", what, shown, type(exc).__name__, exc)  # e.g. a slow consumer, a permission
         elif log is not None:
@@ -133,7 +138,7 @@ async def connect(url: str, *, name: str, within: float,
                        reconnected_cb=reconnected, reconnect_time_wait=1, ping_interval=PING_INTERVAL,
                        max_outstanding_pings=MAX_OUTSTANDING_PINGS), within)
     except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds; the caller gets one, with the reason
-        reason = last[0] if last else exc
+        reason = refused[0] if refused else last[0] if last else exc
         with contextlib.suppress(Exception):  # it never connected: nothing to close cleanly
             await nc.close()  # a first attempt given up on must not go on reconnecting in the background
         raise NatsUnreachable(f"no NATS server at {shown} answered within {within:g} s "

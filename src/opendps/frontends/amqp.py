@@ -64,7 +64,7 @@ from opendps.errors import (
     Throttled,
     Unauthorized,
 )
-from opendps.frontends.runtime import Runtime
+from opendps.frontends.runtime import Runtime, wall_clock_timer
 from opendps.frontends.service_auth import SasAuthenticator, SasPrincipal, hub_service_only
 from opendps.hub import DEFAULT_HUB, QueueFull
 from opendps.hub.feedback import CONTENT_TYPE as FEEDBACK_CONTENT_TYPE
@@ -392,10 +392,7 @@ class HubConnection:
     def _arm(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        now = self.clock()
-        # compared before subtracting: se may be any integer, and 10**400 - a float overflows (was a traceback)
-        delay = self.expiry_check if self.valid_until > now + self.expiry_check else max(0.0, self.valid_until - now)
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+        self._expiry = wall_clock_timer(self.valid_until, self._expire, check=self.expiry_check, clock=self.clock)
 
     def _expire(self) -> None:
         """The token lapsed: every link it authorised goes; $cbs stays open for a new put-token. Still valid by the

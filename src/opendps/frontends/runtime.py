@@ -379,6 +379,17 @@ def registration_counted(runtime: Runtime, credentials: DeviceCredentials) -> It
         metrics.registration(outcome[0], attestation, credentials.transport, time.perf_counter() - started)
 
 
+def wall_clock_timer(until: float, callback: Callable[[], None], *, check: float,
+                     clock: Callable[[], float] = time.time) -> asyncio.TimerHandle:
+    """Call ``callback`` when the wall clock reaches ``until`` (unix seconds: a SAS token's expiry), or after ``check``
+    seconds at the latest, for the callback to look at the clock again and re-arm: the loop's timers run on the
+    monotonic clock, so a wall clock stepped back is waited for and one stepped forward is seen at the next look.
+    ``until`` may be any number: compared before subtracting (10**400 minus a float overflows)."""
+    now = clock()
+    delay = check if until > now + check else max(0.0, until - now)
+    return asyncio.get_running_loop().call_later(delay, callback)
+
+
 CONNECT_DEADLINE = 10.0  # seconds to connect (TLS, then CONNECT or SASL and open); see Runtime.connect_deadline
 
 

@@ -63,9 +63,8 @@ class AuthenticatedDevice:
     sas_expiry: int | None = None
 
 
-# the hub's shared access policy whose tokens may connect any of its devices (IoT Hub: a policy with DeviceConnect; its
-# iothubowner has every permission). Its name, as opendps.provisioning.access.HUB_OWNER_POLICY (hub imports no
-# provisioning module)
+# each hub's shared access policy (Hubs.owner_keys): its tokens may connect any of its devices (IoT Hub: a policy with
+# DeviceConnect; its iothubowner has every permission); the name is reserved among the DPS access policies too
 OWNER_POLICY = "iothubowner"
 
 

@@ -232,11 +232,9 @@ class CloudToDevice:
                                                               HubDevice.device_key == device_id.lower()))
             if key is None:
                 raise NotFound(f"device {device_id!r} does not exist in hub {hub_name!r}")
-            mine = (CloudToDeviceMessage.hub_id == hub.id, CloudToDeviceMessage.device_key == key)
-            expired = s.execute(delete(CloudToDeviceMessage).where(*mine, CloudToDeviceMessage.expires_at <= now)
-                                .returning(*_ENDED)).all()
-            feedback.record(s, expired, feedback.EXPIRED, now)
-            purged = s.execute(delete(CloudToDeviceMessage).where(*mine).returning(*_ENDED)).all()
+            self._sweep(s, now, (hub.id, key))  # expired ones are Expired (and counted so), not purged
+            purged = s.execute(delete(CloudToDeviceMessage).where(
+                CloudToDeviceMessage.hub_id == hub.id, CloudToDeviceMessage.device_key == key).returning(*_ENDED)).all()
             feedback.record(s, purged, feedback.PURGED, now)
             return len(purged)
 

@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from opendps.errors import Conflict, InvalidInput, NotFound
+from opendps.hub.auth import OWNER_POLICY as HUB_POLICY_NAME
 from opendps.pki import KeyStore
 from opendps.provisioning.enrollments import check_key
 from opendps.store import AccessPolicy, Store
@@ -45,7 +46,7 @@ from opendps.transport import shown
 
 OWNER_POLICY = "provisioningserviceowner"
 OWNER_RIGHTS = "ServiceConfig, DeviceConnect, EnrollmentWrite"  # as Azure makes it (and every installation has)
-HUB_OWNER_POLICY = "iothubowner"  # reserved: hub tokens
+HUB_OWNER_POLICY = HUB_POLICY_NAME  # reserved: hub tokens (the hub's own policy, Hubs.owner_keys)
 
 SERVICE_CONFIG = "ServiceConfig"
 ENROLLMENT_READ = "EnrollmentRead"

@@ -24,10 +24,9 @@ from typing import Any, ClassVar
 from opendps.errors import Conflict, InvalidInput, OpenDPSError
 from opendps.frontends import metrics
 from opendps.frontends.mqtt import error_payload, request_id
-from opendps.frontends.runtime import Runtime
-from opendps.hub import AuthenticatedDevice, DeviceOffline, HubAuthenticator
+from opendps.frontends.runtime import Runtime, wall_clock_timer
+from opendps.hub import AuthenticatedDevice, DeviceOffline, HubAuthenticator, PendingMessage
 from opendps.hub.live import C2D, DESIRED, METHODS
-from opendps.hub.messaging import PendingMessage
 from opendps.hub.telemetry import parse_property_bag
 from opendps.logs import event
 from opendps.pki import decode_csr_text
@@ -249,12 +248,8 @@ class HubSession:
         checked at CONNECT only: a session used to outlive it for as long as the device stayed connected — days after
         its key was regenerated, or after its TPM was replaced."""
         until = HubAuthenticator.valid_until(self.device)
-        if until is None or self.session is None:
-            return
-        now = time.time()
-        # compared before subtracting: se may be any integer, and 10**400 - a float overflows
-        delay = self.expiry_check if until > now + self.expiry_check else max(0.0, until - now)
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+        if until is not None and self.session is not None:
+            self._expiry = wall_clock_timer(until, self._token_expired, check=self.expiry_check)
 
     def _token_expired(self) -> None:
         """The timer fired: closed if the token has lapsed by the wall clock, else (a long token, a clock stepped

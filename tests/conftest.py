@@ -282,37 +282,45 @@ def _run_server(db_url: str, tmp_path: Path, *, https_port: int | None = None, m
                 max_open_files: int | None = None, data_dir: Path | None = None):
     """Start ``opendps serve``; ports default to free ones (the Azure SDK compat suite needs 8883, 443 and 5671)."""
     data_dir = data_dir or tmp_path / "data"
-    spare = free_ports(4)
-    port = https_port or spare[0]
     env = {**os.environ, "OPENDPS_DATA_DIR": str(data_dir), "OPENDPS_DB": db_url}
     env.pop("OPENDPS_CONNECTION_STRING", None)
     env.pop("OPENDPS_MASTER_KEY", None)
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    mqtt_port = mqtt_port or spare[1]
-    amqp_port = amqp_port or spare[2]  # never the default 5671: servers of several tests run side by side
-    http_port = http_port or spare[3]  # nor the default 8080 (CRLs and OCSP); extra_args may say 0 (off)
+    chosen = (https_port, mqtt_port, amqp_port, http_port)
 
     def limit_files() -> None:  # a lowered descriptor limit (soft and hard) for the connection-limit tests
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
-         "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), "--http-port", str(http_port), *extra_args],
-        env=env, stdout=log,
-        stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None,
-        start_new_session=True)  # its own process group: only this fixture's terminate() stops it
-    deadline = time.time() + 180
-    waiting = [port, mqtt_port, amqp_port]
-    while waiting and time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
-                waiting.pop(0)
-        except OSError:
-            time.sleep(0.1)
+    # free ports are free when looked at: another worker's connection may take one before the server binds it (a CI
+    # run lost a module's server so), so a server refused its port is started again on others, twice at most
+    for attempt in range(3):
+        spare = free_ports(4)
+        port = chosen[0] or spare[0]
+        mqtt_port = chosen[1] or spare[1]
+        amqp_port = chosen[2] or spare[2]  # never the default 5671: servers of several tests run side by side
+        http_port = chosen[3] or spare[3]  # nor the default 8080 (CRLs and OCSP); extra_args may say 0 (off)
+        log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opendps", "serve", "--host", "127.0.0.1", "--https-port", str(port),
+             "--mqtt-port", str(mqtt_port), "--amqp-port", str(amqp_port), "--http-port", str(http_port), *extra_args],
+            env=env, stdout=log,
+            stderr=subprocess.STDOUT, preexec_fn=limit_files if max_open_files else None,
+            start_new_session=True)  # its own process group: only this fixture's terminate() stops it
+        deadline = time.time() + 180
+        waiting = [port, mqtt_port, amqp_port]
+        while waiting and time.time() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5):
+                    waiting.pop(0)
+            except OSError:
+                time.sleep(0.1)
+        refused_port = proc.poll() is not None and "address already in use" in (tmp_path / "server.log").read_text()
+        if not refused_port or attempt == 2 or all(chosen[:3]):
+            break
+        log.close()
+    if proc.poll() is not None:
+        pytest.fail(f"server exited {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
     # the banner comes after config.json is written (a copied data directory holds another node's ports until then)
     while waiting == [] and "opendps listening on" not in (tmp_path / "server.log").read_text() \
             and time.time() < deadline and proc.poll() is None:
